@@ -1,0 +1,44 @@
+# make demo   - set up, then crash real programs in containers and show where the cores went
+# make test   - set up, then lint, check the import layering and run the whole test suite
+# make bench  - capture benchmarks (ratios against baselines measured in the same run)
+
+PYTHON ?= python3
+VENV   := .venv
+PY     := $(VENV)/bin/python
+APT_PACKAGES := runc busybox-static gdb elfutils zstd gcc g++ libc6-dev
+
+.PHONY: setup apt venv demo test lint bench clean
+
+setup: apt venv
+
+apt:
+	@missing=$$(for p in $(APT_PACKAGES); do dpkg-query -W -f='$${Status}\n' $$p 2>/dev/null | grep -q '^install ok installed' || echo $$p; done); \
+	if [ -n "$$missing" ]; then \
+		echo "installing Debian packages:" $$missing; \
+		apt-get update -qq && DEBIAN_FRONTEND=noninteractive apt-get install -y -qq $$missing >/dev/null; \
+	fi
+
+venv: $(VENV)/.installed
+
+$(VENV)/.installed: pyproject.toml
+	@$(PYTHON) -c 'import sys; assert sys.version_info >= (3, 11), "corevault needs Python 3.11 or newer"'
+	$(PYTHON) -m venv --clear $(VENV)
+	$(PY) -m pip install -q --upgrade pip
+	$(PY) -m pip install -q -e '.[dev]'
+	@touch $@
+
+lint: venv
+	$(VENV)/bin/ruff check src tests testbed bench
+	$(VENV)/bin/lint-imports --no-cache
+
+test: setup lint
+	$(PY) -m pytest -q
+
+demo: setup
+	$(PY) -m testbed.demo
+
+bench: setup
+	$(PY) -m bench.capture
+
+clean:
+	rm -rf $(VENV) .pytest_cache build

@@ -1,0 +1,369 @@
+"""The capture handler: one short-lived process per crash, started by the kernel.
+
+It runs as root in the host's initial namespaces with the core on fd 0 and nothing else
+but the pidfd open, so it first points fds 1 and 2 at /dev/null (a file opened later must
+not become "stdout"), never dumps core itself and arms a timeout so a crashing process is
+never held forever. Then, in this order, because /proc/%P is only guaranteed while the
+core has not been read to the end:
+
+1. open /proc/%P, prove with the pidfd it is the crashed task, read its facts;
+2. find its container and pod (:mod:`.cgroup`, :mod:`.lookup`) and decide (:mod:`.policy`);
+3. open the targets: the directory of the expanded pattern inside the container's root
+   (:mod:`.safefs`) and a new spool entry; open the mapped ELF objects (:mod:`.buildid`);
+4. stream the core once into every target (:mod:`.stream`);
+5. publish the plain core, finish the spool entry, copy new binaries into the build-id store.
+
+It never talks to the network, the catalog or the API server. Everything that is dropped,
+cut or refused is written to the spool's journal with the reason; a crash that did not opt
+in is journaled as skipped and nothing else is written.
+"""
+
+from __future__ import annotations
+
+import json
+import os
+import resource
+import shutil
+import signal
+import sys
+import time
+
+from corevault import config, spool
+from corevault.capture import buildid, cgroup, lookup, policy, process, safefs, stream
+
+META_VERSION = 1
+
+
+class HandlerTimeout(Exception):
+    pass
+
+
+def _on_alarm(signum: int, frame: object) -> None:
+    raise HandlerTimeout
+
+
+def _quiet_stdio() -> None:
+    for fd in (1, 2):
+        try:
+            os.fstat(fd)
+        except OSError:
+            null = os.open(os.devnull, os.O_RDWR)
+            if null != fd:
+                os.dup2(null, fd)
+                os.close(null)
+
+
+def main(argv: list[str] | None = None) -> int:
+    _quiet_stdio()
+    os.umask(0o077)
+    resource.setrlimit(resource.RLIMIT_CORE, (0, 0))  # a crash in here must not recurse
+    args = sys.argv[1:] if argv is None else argv
+    path = None
+    if len(args) >= 2 and args[0] in ("-c", "--config"):
+        path, args = args[1], args[2:]
+    warnings: list[str] = []
+    try:
+        settings = config.load(path)
+    except config.ConfigError as e:
+        settings = config.Settings()
+        warnings.append(f"{e}; using built-in defaults")
+    signal.signal(signal.SIGALRM, _on_alarm)
+    signal.setitimer(signal.ITIMER_REAL, settings.timeout)
+    try:
+        return capture(settings, args, 0, warnings)
+    except Exception as e:  # a bug: say so in the journal rather than vanish
+        _journal(settings, {"event": "error", "reason": f"handler failed: {type(e).__name__}: {e}"})
+        return 1
+    finally:
+        signal.setitimer(signal.ITIMER_REAL, 0)
+
+
+def _journal(settings: config.Settings, record: dict) -> None:
+    try:
+        spool.ensure(settings.spool_dir)
+        spool.journal(settings.spool_dir, record)
+    except OSError:
+        pass  # nowhere left to say it; the crash must still be released
+
+
+def _core_uses_pid(settings: config.Settings) -> bool:
+    if settings.core_uses_pid is not None:
+        return settings.core_uses_pid
+    try:
+        with open("/proc/sys/kernel/core_uses_pid", "rb") as f:
+            return f.read().strip() not in (b"", b"0")
+    except OSError:
+        return False
+
+
+def signal_name(number: int) -> str | None:
+    try:
+        return signal.Signals(number).name
+    except ValueError:
+        return None
+
+
+def capture(settings: config.Settings, args: list[str], core_fd: int, warnings: list[str]) -> int:
+    started = time.monotonic()
+    try:
+        crash = process.Crash(process.parse_args(args))
+    except ValueError as e:
+        _journal(settings, {"event": "error", "reason": f"bad handler arguments: {e}"})
+        return 2
+    pidfd_arg = crash.values.get("F", "")
+    record: dict = {
+        "pid": crash.global_pid,
+        "ns_pid": crash.pid,
+        "signal": crash.signal,
+        "crash_time": crash.time,
+        "node": settings.node_name,
+    }
+    try:
+        process.open_process(crash, int(pidfd_arg) if pidfd_arg.isdigit() else None)
+    except process.ProcessGone as e:
+        _journal(settings, {**record, "event": "refused", "reason": str(e), "exe": crash.exe})
+        return 0
+    process.read_facts(crash)
+    record.update(exe=crash.exe, comm=crash.comm)
+    cg = cgroup.parse(crash.cgroup)
+    owner = lookup.find_owner(settings, cg, crash.exe, crash.comm, crash.uid)
+    record["pod"] = owner.as_dict()
+    plan = policy.plan(crash, owner, settings, _core_uses_pid(settings))
+    warnings += plan.warnings
+    if warnings:
+        record["warnings"] = warnings
+    if plan.refused:
+        event = "skipped" if plan.pattern is None and "not opted in" in plan.refused else "refused"
+        _journal(settings, {**record, "event": event, "reason": plan.refused})
+        return 0
+    kept, seen = policy.admit(
+        settings.state_dir,
+        policy.storm_key(owner, crash),
+        settings.storm_max,
+        settings.storm_window,
+        time.time(),
+    )
+    if not kept:
+        reason = (
+            f"crash storm: {seen} crashes of this container in {settings.storm_window:g}s, "
+            f"at most {settings.storm_max} cores kept"
+        )
+        _journal(settings, {**record, "event": "dropped", "reason": reason})
+        return 0
+    job = _Job(settings, crash, owner, plan, record)
+    try:
+        job.open_targets()
+        if not job.sinks:
+            _journal(settings, {**record, "event": "dropped", "reason": "; ".join(job.problems)})
+            return 0
+        # The mapped binaries are opened while the process still exists, copied later.
+        job.modules = buildid.open_modules(crash.proc_fd, crash.maps)
+        stream.enlarge_pipe(core_fd)
+        try:
+            job.size, job.truncated = stream.pump(core_fd, job.sinks, plan.limit)
+        except HandlerTimeout:
+            reason = f"handler timeout after {settings.timeout:g}s; raise [capture] timeout for larger cores"
+            _journal(settings, {**record, "event": "dropped", "reason": reason})
+            return 0
+        job.problems += [f"{s.name}: {s.failed}" for s in job.sinks if s.failed]
+        job.publish_volume()
+        buildid.store_modules(settings.buildid_dir, job.modules)
+        job.finish_entry(_meta(job, cg, started))
+        job.report()
+        return 0
+    finally:
+        job.close()
+
+
+class _Job:
+    """The targets of one admitted crash, from opening them to cleaning up after a failure."""
+
+    def __init__(
+        self,
+        settings: config.Settings,
+        crash: process.Crash,
+        owner: lookup.Owner,
+        plan: policy.Plan,
+        record: dict,
+    ) -> None:
+        self.settings = settings
+        self.crash = crash
+        self.owner = owner
+        self.plan = plan
+        self.record = record
+        self.sinks: list = []
+        self.problems: list[str] = []
+        self.modules: list[buildid.Module] = []
+        self.volume: dict = {"pattern": plan.pattern, "path": plan.volume_path, "written": False}
+        self.volume_dir = -1
+        self.volume_file: safefs.NewFile | None = None
+        self.volume_sink: stream.SparseSink | None = None
+        self.vault: stream.ZstdSink | None = None
+        self.entry_id: str | None = None
+        self.entry_tmp: str | None = None
+        self.size = 0
+        self.truncated = False
+
+    def open_targets(self) -> None:
+        if self.plan.volume_path is not None:
+            directory = self.plan.volume_path.rpartition("/")[0] or "/"
+            try:
+                self.volume_dir = safefs.open_dir(self.crash.root_fd, directory)
+                self.volume_file = safefs.NewFile(self.volume_dir)
+                self.volume_sink = stream.SparseSink(self.volume_file.fd)
+                self.sinks.append(self.volume_sink)
+            except (safefs.UnsafePath, OSError) as e:
+                self._volume_failed(e)
+        if self.plan.vault:
+            s = self.settings
+            try:
+                spool.ensure(s.spool_dir)
+                budget = spool.room(s.spool_dir, s.spool_max_size, s.spool_keep_free)
+                if budget <= 0:
+                    raise stream.SinkFailed("spool is full (its max_size or keep_free is reached)")
+                self.entry_id = spool.new_id(time.time(), self.crash.global_pid)
+                self.entry_tmp = os.path.join(spool.tmp_dir(s.spool_dir), self.entry_id)
+                os.mkdir(self.entry_tmp, 0o700)
+                fd = os.open(
+                    os.path.join(self.entry_tmp, spool.CORE_NAME),
+                    os.O_WRONLY | os.O_CREAT | os.O_EXCL | os.O_CLOEXEC,
+                    0o600,
+                )
+                self.vault = stream.ZstdSink(fd, s.compression_level, s.compression_threads, budget)
+                self.sinks.append(self.vault)
+            except (OSError, stream.SinkFailed) as e:
+                self.problems.append(f"vault: {_reason(e)}")
+
+    def _volume_failed(self, e: BaseException) -> None:
+        self.volume["error"] = _reason(e)
+        self.problems.append(f"volume: {self.volume['error']}")
+
+    def publish_volume(self) -> None:
+        """Give the plain core its kernel-exact name, owned as the kernel would own it."""
+        if self.volume_file is None or self.volume_sink is None or self.volume_sink.failed:
+            return
+        directory, _, name = (self.plan.volume_path or "").rpartition("/")
+        # Dump mode 2 (a process that changed credentials): root-only, like the kernel.
+        uid, gid = (0, 0) if self.crash.dump_mode == 2 else (self.crash.fsuid, self.crash.fsgid)
+        try:
+            self.volume_sink.finish()
+            published = self.volume_file.publish(name, uid, gid)
+        except (OSError, safefs.UnsafePath) as e:
+            self._volume_failed(e)
+            return
+        self.volume.update(written=True, path=f"{directory}/{published}", uid=uid, gid=gid, mode="0600")
+
+    def finish_entry(self, meta: dict) -> None:
+        vault = self.vault
+        if vault is None or vault.failed or self.entry_tmp is None or self.entry_id is None:
+            return
+        vault.finish()
+        meta["core"].update(
+            sha256=vault.sha256, stored_size=vault.stored, compression="zstd", file=spool.CORE_NAME
+        )
+        self.vault = None
+        _finish_entry(self.settings.spool_dir, self.entry_id, self.entry_tmp, vault.fd, meta)
+        self.entry_tmp = None
+
+    def report(self) -> None:
+        """Journal the outcome: what was cut, what was dropped, and where the core went."""
+        event = {
+            **self.record,
+            "pattern": self.plan.pattern,
+            "size": self.size,
+            "volume": self.volume["path"] if self.volume["written"] else None,
+            "entry": self.entry_id if self.entry_tmp is None and self.plan.vault else None,
+        }
+        if self.truncated:
+            reason = f"cut at {self.plan.limit} bytes by {self.plan.limit_source}"
+            _journal(self.settings, {**event, "event": "truncated", "reason": reason})
+        for problem in self.problems:
+            _journal(self.settings, {**event, "event": "dropped", "reason": problem})
+        if self.volume["written"] or event["entry"]:
+            _journal(self.settings, {**event, "event": "captured"})
+
+    def close(self) -> None:
+        if self.volume_file is not None:
+            self.volume_file.discard()
+        if self.volume_dir >= 0:
+            os.close(self.volume_dir)
+        if self.vault is not None:
+            os.close(self.vault.fd)
+        if self.entry_tmp is not None:
+            shutil.rmtree(self.entry_tmp, ignore_errors=True)
+        for m in self.modules:
+            if m.fd >= 0:
+                os.close(m.fd)
+
+
+def _meta(job: _Job, cg: cgroup.CgroupInfo | None, started: float) -> dict:
+    """The spool entry's metadata: everything the vault and the analysis need to know."""
+    crash = job.crash
+    return {
+        "version": META_VERSION,
+        "id": job.entry_id,
+        "node": job.settings.node_name,
+        "time": crash.time,
+        "captured_at": time.time(),
+        "handler_seconds": round(time.monotonic() - started, 4),
+        "signal": {"number": crash.signal, "name": signal_name(crash.signal)},
+        "process": {
+            "pid": crash.global_pid,
+            "ns_pid": crash.pid,
+            "tid": crash.global_tid,
+            "ns_tid": crash.tid,
+            "uid": crash.uid,
+            "gid": crash.gid,
+            "fsuid": crash.fsuid,
+            "fsgid": crash.fsgid,
+            "comm": crash.comm,
+            "exe": crash.exe,
+            "cmdline": crash.cmdline,
+            "hostname": crash.hostname,
+            "dump_mode": crash.dump_mode,
+            "rlimit_core": crash.rlimit_core,
+            "cpu": crash.cpu,
+        },
+        "pod": job.owner.as_dict(),
+        "cgroup": cg.path if cg else None,
+        "core": {
+            "size": job.size,
+            "truncated": job.truncated,
+            "limit": job.plan.limit,
+            "limit_source": job.plan.limit_source,
+        },
+        "volume": job.volume,
+        "modules": [m.as_dict() for m in job.modules],
+        "warnings": job.record.get("warnings", []),
+        "problems": job.problems,
+    }
+
+
+def _finish_entry(spool_dir: str, entry_id: str, entry_tmp: str, core_fd: int, meta: dict) -> None:
+    """fsync the core and its metadata, then move the entry into ready/ in one rename."""
+    try:
+        os.fsync(core_fd)
+    finally:
+        os.close(core_fd)
+    meta_path = os.path.join(entry_tmp, spool.META_NAME)
+    fd = os.open(meta_path, os.O_WRONLY | os.O_CREAT | os.O_EXCL | os.O_CLOEXEC, 0o600)
+    try:
+        data = json.dumps(meta, indent=1, sort_keys=True).encode()
+        view = memoryview(data)
+        while view:
+            view = view[os.write(fd, view) :]
+        os.fsync(fd)
+    finally:
+        os.close(fd)
+    os.rename(entry_tmp, os.path.join(spool.ready_dir(spool_dir), entry_id))
+    ready = os.open(spool.ready_dir(spool_dir), os.O_RDONLY | os.O_DIRECTORY | os.O_CLOEXEC)
+    try:
+        os.fsync(ready)
+    finally:
+        os.close(ready)
+
+
+def _reason(e: BaseException) -> str:
+    if isinstance(e, OSError) and e.strerror:
+        return f"{e.strerror}" + (f": {e.filename}" if e.filename else "")
+    return str(e)

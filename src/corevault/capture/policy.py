@@ -1,0 +1,135 @@
+"""What to do with one crash: opt-in, targets, size limits and the crash-storm limit.
+
+A process opts in when its pod (or a host rule) carries a core pattern in
+``corevault.io/core-pattern`` or ``alibabacloud.com/core-pattern``. Its targets are the
+pod's volume (the plain core at the expanded pattern, inside the container) and the node
+spool (for the vault); ``corevault.io/targets`` narrows them per pod, the node's settings
+for all pods. The core is cut at the smaller of the soft RLIMIT_CORE (``%c``, which the
+kernel ignores for pipes) and ``corevault.io/max-core-size``, and marked truncated.
+
+A bad annotation never costs the crash its core: an unusable targets or size value is
+reported as a warning and the node's defaults apply. Only the pattern itself is refused
+when invalid, because guessing where to write would be worse.
+"""
+
+from __future__ import annotations
+
+import fcntl
+import json
+import os
+
+from corevault import pattern
+from corevault.capture.lookup import Owner
+from corevault.capture.process import Crash
+from corevault.config import (
+    ANNOTATION_MAX_SIZE,
+    ANNOTATION_PATTERN,
+    ANNOTATION_PATTERN_ACS,
+    ANNOTATION_TARGETS,
+    ConfigError,
+    Settings,
+    parse_size,
+    parse_targets,
+)
+
+
+class Plan:
+    __slots__ = ("limit", "limit_source", "pattern", "refused", "vault", "volume_path", "warnings")
+
+    def __init__(self) -> None:
+        self.pattern: str | None = None
+        #: absolute path inside the container's root for the plain core, or None
+        self.volume_path: str | None = None
+        #: whether the node spool gets a compressed copy
+        self.vault = False
+        #: at most this many bytes of core are kept, or None
+        self.limit: int | None = None
+        self.limit_source: str | None = None
+        #: why nothing is written at all, or None
+        self.refused: str | None = None
+        self.warnings: list[str] = []
+
+
+def plan(crash: Crash, owner: Owner, settings: Settings, core_uses_pid: bool) -> Plan:
+    p = Plan()
+    ann = owner.annotations
+    key = ANNOTATION_PATTERN if ANNOTATION_PATTERN in ann else ANNOTATION_PATTERN_ACS
+    pat = ann.get(key)
+    if pat is None:
+        p.refused = "not opted in (no core-pattern annotation or host rule)"
+        return p
+    found = pattern.problems(pat)
+    if found:
+        p.refused = f"invalid {key} {pat!r}: " + "; ".join(found)
+        return p
+    p.pattern = pat
+
+    targets = settings.targets
+    if ANNOTATION_TARGETS in ann:
+        names = [t.strip() for t in ann[ANNOTATION_TARGETS].split(",") if t.strip()]
+        try:
+            targets = targets & parse_targets(names, ANNOTATION_TARGETS)
+        except ConfigError as e:
+            p.warnings.append(f"{e}; using the node's targets")
+    if not targets:
+        p.refused = "every target is turned off for this process"
+        return p
+
+    if crash.rlimit_core == 0:
+        p.refused = "RLIMIT_CORE is 0 in the process (ulimit -c); raise it to get cores"
+        return p
+    if crash.rlimit_core is not None:
+        p.limit, p.limit_source = crash.rlimit_core, "RLIMIT_CORE"
+    if ANNOTATION_MAX_SIZE in ann:
+        try:
+            cap = parse_size(ann[ANNOTATION_MAX_SIZE], ANNOTATION_MAX_SIZE)
+        except ConfigError as e:
+            p.warnings.append(f"{e}; no per-pod size cap applied")
+        else:
+            if p.limit is None or cap < p.limit:
+                p.limit, p.limit_source = cap, ANNOTATION_MAX_SIZE
+
+    if "volume" in targets:
+        p.volume_path = pattern.expand(pat, crash.values, core_uses_pid=core_uses_pid)
+    p.vault = "vault" in targets
+    return p
+
+
+def storm_key(owner: Owner, crash: Crash) -> str:
+    """One storm budget per container, or per executable for processes outside containers."""
+    if owner.container_id:
+        return "c-" + owner.container_id
+    return "e-" + "".join(c if c.isalnum() or c in "-_." else "_" for c in crash.exe)[-100:]
+
+
+def admit(state_dir: str, key: str, limit: int, window: float, now: float) -> tuple[bool, int]:
+    """Count a crash against its storm budget; ``(kept, crashes in the window)``.
+
+    The budget is a file of recent crash times per key, updated under ``flock`` because
+    crashes of one container arrive in parallel handlers.
+    """
+    d = os.path.join(state_dir, "storm")
+    os.makedirs(d, mode=0o700, exist_ok=True)
+    fd = os.open(os.path.join(d, key), os.O_RDWR | os.O_CREAT | os.O_CLOEXEC | os.O_NOFOLLOW, 0o600)
+    try:
+        fcntl.flock(fd, fcntl.LOCK_EX)
+        raw = b""
+        while chunk := os.read(fd, 65536):
+            raw += chunk
+        try:
+            doc = json.loads(raw) if raw else {}
+        except ValueError:
+            doc = {}
+        recent = [t for t in doc.get("seen", []) if isinstance(t, int | float) and now - t < window]
+        kept = [t for t in doc.get("kept", []) if isinstance(t, int | float) and now - t < window]
+        admitted = len(kept) < limit
+        if admitted:
+            kept.append(now)
+        recent = [*recent[-9999:], now]
+        doc = {"kept": kept, "seen": recent}
+        os.lseek(fd, 0, os.SEEK_SET)
+        os.ftruncate(fd, 0)
+        os.write(fd, json.dumps(doc).encode())
+        return admitted, len(recent)
+    finally:
+        os.close(fd)

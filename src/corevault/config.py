@@ -1,0 +1,286 @@
+"""Node settings: where corevault keeps its state and how the capture handler behaves.
+
+Settings come from a TOML file (default ``/etc/corevault/config.toml``) with sane defaults
+under ``/var/lib/corevault``; every consumer gets them passed down explicitly. The capture
+handler runs once per crash and imports this module, so it stays cheap: plain classes with
+``__slots__`` instead of dataclasses, and ``tomllib`` only when a file is actually read.
+
+Example::
+
+    state_dir = "/var/lib/corevault"
+
+    [capture]
+    targets = ["volume", "vault"]   # turn either off for the whole node
+    timeout = 300                   # seconds a crashing process may be held at most
+    storm_max = 5                   # cores kept per container per window; the rest are counted
+    storm_window = 600
+
+    [spool]
+    max_size = "10G"                # the spool never grows past this
+    keep_free = "1G"                # and never leaves less free on its filesystem
+    compression_level = 3
+    compression_threads = 1
+
+    [[rules]]                       # hosts without Kubernetes: who opts in
+    exe = "/usr/local/bin/my-server*"
+    pattern = "/var/crash/core-%e-%p-%t"
+"""
+
+from __future__ import annotations
+
+import os
+
+DEFAULT_CONFIG = "/etc/corevault/config.toml"
+DEFAULT_STATE_DIR = "/var/lib/corevault"
+TARGETS = frozenset({"volume", "vault"})
+
+_SUFFIXES = {"": 1, "K": 1 << 10, "M": 1 << 20, "G": 1 << 30, "T": 1 << 40}
+
+
+class ConfigError(ValueError):
+    """A settings file or value that cannot be used; the message says which and why."""
+
+
+def parse_size(value: object, what: str = "size") -> int:
+    """Parse ``123``, ``"64K"``, ``"512M"``, ``"10G"`` or ``"1Ti"`` into bytes."""
+    if isinstance(value, bool):
+        raise ConfigError(f"{what}: expected a size such as 512M, got {value!r}")
+    if isinstance(value, int):
+        if value < 0:
+            raise ConfigError(f"{what}: a size cannot be negative, got {value}")
+        return value
+    if not isinstance(value, str):
+        raise ConfigError(f"{what}: expected a size such as 512M, got {value!r}")
+    text = value.strip().upper().removesuffix("B").removesuffix("I")
+    unit = text[-1:] if text[-1:] in _SUFFIXES else ""
+    number = text[: len(text) - len(unit)].strip()
+    if not number.isdigit():
+        raise ConfigError(f"{what}: {value!r} is not a size; use bytes or a K/M/G/T suffix, e.g. 512M")
+    return int(number) * _SUFFIXES[unit]
+
+
+class Rule:
+    """One host rule: processes it matches opt in as if their pod carried ``annotations``."""
+
+    __slots__ = ("annotations", "comm", "exe", "uid")
+
+    def __init__(self, exe: str | None, comm: str | None, uid: int | None, annotations: dict[str, str]):
+        self.exe = exe
+        self.comm = comm
+        self.uid = uid
+        self.annotations = annotations
+
+    def matches(self, exe: str, comm: str, uid: int) -> bool:
+        from fnmatch import fnmatchcase
+
+        if self.exe is not None and not fnmatchcase(exe, self.exe):
+            return False
+        if self.comm is not None and not fnmatchcase(comm, self.comm):
+            return False
+        return self.uid is None or self.uid == uid
+
+
+class Settings:
+    """Everything a node's corevault needs to know; built by :func:`load`."""
+
+    __slots__ = (
+        "buildid_dir",
+        "compression_level",
+        "compression_threads",
+        "core_uses_pid",
+        "node_name",
+        "podindex_dir",
+        "rules",
+        "runtime_dirs",
+        "source",
+        "spool_dir",
+        "spool_keep_free",
+        "spool_max_size",
+        "state_dir",
+        "storm_max",
+        "storm_window",
+        "targets",
+        "timeout",
+    )
+
+    def __init__(self, state_dir: str = DEFAULT_STATE_DIR) -> None:
+        #: the file these settings were read from, or None for the built-in defaults
+        self.source: str | None = None
+        self.state_dir = state_dir
+        #: finished and in-progress spool entries, the journal of dropped dumps
+        self.spool_dir = os.path.join(state_dir, "spool")
+        #: binaries by build-id in the debuginfod layout (``buildid/<id>/executable``)
+        self.buildid_dir = os.path.join(state_dir, "store")
+        #: the node-local pod index the agent keeps (see :mod:`corevault.podindex`)
+        self.podindex_dir = os.path.join(state_dir, "pods")
+        #: where container runtimes keep their state (OCI bundles, runc state.json)
+        self.runtime_dirs: tuple[str, ...] = (
+            "/run/containerd/io.containerd.runtime.v2.task/k8s.io",
+            "/run/containerd/runc/k8s.io",
+            "/run/runc",
+            "/var/lib/containers/storage/overlay-containers",
+        )
+        #: which copies a crash gets: the pod's own volume and/or the node spool for the vault
+        self.targets: frozenset[str] = TARGETS
+        #: seconds after which the handler gives up on a dump so the process can finish dying
+        self.timeout = 300.0
+        #: at most this many cores per container within ``storm_window`` seconds
+        self.storm_max = 5
+        self.storm_window = 600.0
+        self.spool_max_size = 10 << 30
+        self.spool_keep_free = 1 << 30
+        self.compression_level = 3
+        self.compression_threads = 1
+        #: name recorded as the crash's node (the host's own name by default)
+        self.node_name = os.uname().nodename
+        #: follow the kernel's core_uses_pid when expanding pod patterns (None: read the sysctl)
+        self.core_uses_pid: bool | None = None
+        self.rules: list[Rule] = []
+
+
+def load(path: str | None = None) -> Settings:
+    """Read settings from ``path`` (default: ``$COREVAULT_CONFIG`` or /etc/corevault/config.toml).
+
+    A missing default file means built-in defaults; a missing explicit file is an error.
+    """
+    explicit = path is not None or "COREVAULT_CONFIG" in os.environ
+    path = path or os.environ.get("COREVAULT_CONFIG") or DEFAULT_CONFIG
+    try:
+        with open(path, "rb") as f:
+            raw = f.read()
+    except FileNotFoundError:
+        if explicit:
+            raise ConfigError(f"config file {path} does not exist; create it or drop --config") from None
+        return Settings()
+    except OSError as e:
+        raise ConfigError(f"cannot read config file {path}: {e.strerror}") from None
+    import tomllib
+
+    try:
+        doc = tomllib.loads(raw.decode())
+    except (tomllib.TOMLDecodeError, UnicodeDecodeError) as e:
+        raise ConfigError(f"config file {path} is not valid TOML: {e}") from None
+    settings = from_dict(doc, where=path)
+    settings.source = path
+    return settings
+
+
+def from_dict(doc: dict, where: str = "config") -> Settings:
+    """Build settings from a parsed document, rejecting unknown keys and wrong types."""
+    _known(doc, {"state_dir", "node_name", "capture", "spool", "paths", "rules"}, where)
+    s = Settings(_str(doc, "state_dir", where, DEFAULT_STATE_DIR))
+    s.node_name = _str(doc, "node_name", where, s.node_name)
+
+    paths = _table(doc, "paths", where)
+    _known(paths, {"spool", "buildid_store", "pod_index", "runtime_dirs"}, f"{where} [paths]")
+    s.spool_dir = _str(paths, "spool", where, s.spool_dir)
+    s.buildid_dir = _str(paths, "buildid_store", where, s.buildid_dir)
+    s.podindex_dir = _str(paths, "pod_index", where, s.podindex_dir)
+    if "runtime_dirs" in paths:
+        s.runtime_dirs = tuple(_strlist(paths, "runtime_dirs", where))
+
+    cap = _table(doc, "capture", where)
+    _known(cap, {"targets", "timeout", "storm_max", "storm_window", "core_uses_pid"}, f"{where} [capture]")
+    if "targets" in cap:
+        s.targets = parse_targets(_strlist(cap, "targets", where), f"{where} [capture] targets")
+    s.timeout = _number(cap, "timeout", where, s.timeout)
+    s.storm_max = int(_number(cap, "storm_max", where, s.storm_max))
+    s.storm_window = _number(cap, "storm_window", where, s.storm_window)
+    if "core_uses_pid" in cap:
+        if not isinstance(cap["core_uses_pid"], bool):
+            raise ConfigError(f"{where} [capture] core_uses_pid: expected true or false")
+        s.core_uses_pid = cap["core_uses_pid"]
+
+    spool = _table(doc, "spool", where)
+    _known(spool, {"max_size", "keep_free", "compression_level", "compression_threads"}, f"{where} [spool]")
+    if "max_size" in spool:
+        s.spool_max_size = parse_size(spool["max_size"], f"{where} [spool] max_size")
+    if "keep_free" in spool:
+        s.spool_keep_free = parse_size(spool["keep_free"], f"{where} [spool] keep_free")
+    s.compression_level = int(_number(spool, "compression_level", where, s.compression_level))
+    if not 1 <= s.compression_level <= 19:
+        raise ConfigError(f"{where} [spool] compression_level: use 1 to 19, got {s.compression_level}")
+    s.compression_threads = int(_number(spool, "compression_threads", where, s.compression_threads))
+
+    rules = doc.get("rules", [])
+    if not isinstance(rules, list):
+        raise ConfigError(f"{where}: 'rules' must be an array of tables ([[rules]])")
+    s.rules = [_rule(r, f"{where} rule {n + 1}") for n, r in enumerate(rules)]
+    return s
+
+
+def parse_targets(names: list[str], what: str) -> frozenset[str]:
+    unknown = set(names) - TARGETS
+    if unknown:
+        raise ConfigError(f"{what}: unknown target {sorted(unknown)[0]!r}; use 'volume' and/or 'vault'")
+    return frozenset(names)
+
+
+def _rule(raw: object, where: str) -> Rule:
+    if not isinstance(raw, dict):
+        raise ConfigError(f"{where}: expected a table")
+    _known(raw, {"exe", "comm", "uid", "pattern", "targets", "max_core_size"}, where)
+    if "pattern" not in raw:
+        raise ConfigError(f"{where}: needs a 'pattern', e.g. pattern = \"/var/crash/core-%e-%p-%t\"")
+    if not any(k in raw for k in ("exe", "comm", "uid")):
+        raise ConfigError(f"{where}: needs at least one of 'exe', 'comm' or 'uid' to match processes")
+    from corevault import pattern
+
+    pat = _str(raw, "pattern", where, "")
+    try:
+        pattern.check(pat)
+    except pattern.PatternError as e:
+        raise ConfigError(f"{where}: {e}") from None
+    annotations = {ANNOTATION_PATTERN: pat}
+    if "targets" in raw:
+        annotations[ANNOTATION_TARGETS] = ",".join(
+            sorted(parse_targets(_strlist(raw, "targets", where), f"{where} targets"))
+        )
+    if "max_core_size" in raw:
+        annotations[ANNOTATION_MAX_SIZE] = str(parse_size(raw["max_core_size"], f"{where} max_core_size"))
+    uid = raw.get("uid")
+    if uid is not None and (not isinstance(uid, int) or isinstance(uid, bool)):
+        raise ConfigError(f"{where}: 'uid' must be a number")
+    return Rule(raw.get("exe"), raw.get("comm"), uid, annotations)
+
+
+# The pod annotations corevault reads. The Alibaba Cloud name is accepted so that the
+# manifests of ACS's core dump guide work unchanged.
+ANNOTATION_PATTERN = "corevault.io/core-pattern"
+ANNOTATION_PATTERN_ACS = "alibabacloud.com/core-pattern"
+ANNOTATION_TARGETS = "corevault.io/targets"
+ANNOTATION_MAX_SIZE = "corevault.io/max-core-size"
+
+
+def _known(table: dict, keys: set[str], where: str) -> None:
+    for key in table:
+        if key not in keys:
+            raise ConfigError(f"{where}: unknown key {key!r} (known: {', '.join(sorted(keys))})")
+
+
+def _table(doc: dict, key: str, where: str) -> dict:
+    value = doc.get(key, {})
+    if not isinstance(value, dict):
+        raise ConfigError(f"{where}: [{key}] must be a table")
+    return value
+
+
+def _str(table: dict, key: str, where: str, default: str) -> str:
+    value = table.get(key, default)
+    if not isinstance(value, str) or not value:
+        raise ConfigError(f"{where}: {key!r} must be a non-empty string")
+    return value
+
+
+def _strlist(table: dict, key: str, where: str) -> list[str]:
+    value = table[key]
+    if not isinstance(value, list) or not all(isinstance(v, str) for v in value):
+        raise ConfigError(f"{where}: {key!r} must be a list of strings")
+    return value
+
+
+def _number(table: dict, key: str, where: str, default: float) -> float:
+    value = table.get(key, default)
+    if isinstance(value, bool) or not isinstance(value, int | float) or value < 0:
+        raise ConfigError(f"{where}: {key!r} must be a non-negative number, got {value!r}")
+    return float(value)

@@ -1,0 +1,107 @@
+"""The node-local pod index: what the capture handler knows about the pods of its node.
+
+The agent watches the API server for the pods of its node and keeps this index; the
+capture handler only reads it, so a crash never waits on the network. Layout (one small
+JSON file each, replaced atomically with a temporary name and ``rename``)::
+
+    <dir>/pods/<pod-uid>.json          {"uid", "namespace", "name", "node", "labels",
+                                        "annotations", "containers": {name: {"id", "image"}},
+                                        "deleted_at": null | epoch seconds}
+    <dir>/containers/<container-id>.json
+                                       {"id", "pod_uid", "name", "image"}
+
+Deleted pods stay (with ``deleted_at`` set) for a while so that a crash that the kernel
+reports late still resolves. Keys are checked before they become file names: a container
+id or pod uid from a crashing process's cgroup never walks out of the index.
+"""
+
+from __future__ import annotations
+
+import json
+import os
+from contextlib import suppress
+
+FORMAT_VERSION = 1
+
+
+def _safe_key(key: str) -> bool:
+    return (
+        0 < len(key) <= 128
+        and not key.startswith(".")
+        and all(c.isascii() and (c.isalnum() or c in "-_.") for c in key)
+    )
+
+
+def _read(path: str) -> dict | None:
+    try:
+        with open(path, "rb") as f:
+            doc = json.loads(f.read())
+    except (OSError, ValueError):
+        return None
+    return doc if isinstance(doc, dict) else None
+
+
+def read_pod(index_dir: str, uid: str) -> dict | None:
+    """The pod with this uid, or None when the index does not know it."""
+    if not _safe_key(uid):
+        return None
+    return _read(os.path.join(index_dir, "pods", uid + ".json"))
+
+
+def read_container(index_dir: str, container_id: str) -> dict | None:
+    """The container with this runtime id, or None when the index does not know it."""
+    if not _safe_key(container_id):
+        return None
+    return _read(os.path.join(index_dir, "containers", container_id + ".json"))
+
+
+def _write_atomic(path: str, doc: dict) -> None:
+    os.makedirs(os.path.dirname(path), mode=0o755, exist_ok=True)
+    tmp = f"{path}.{os.getpid()}.tmp"
+    with open(tmp, "w") as f:
+        json.dump(doc, f, sort_keys=True)
+    os.replace(tmp, path)
+
+
+def write_pod(index_dir: str, pod: dict) -> None:
+    """Record a pod and each of its containers that has an id.
+
+    ``pod`` holds ``uid``, ``namespace``, ``name`` and optionally ``node``, ``labels``,
+    ``annotations``, ``containers`` ({name: {"id": ..., "image": ...}}) and ``deleted_at``.
+    """
+    uid = pod["uid"]
+    if not _safe_key(uid):
+        raise ValueError(f"pod uid {uid!r} cannot be used as a file name")
+    doc = {
+        "version": FORMAT_VERSION,
+        "uid": uid,
+        "namespace": pod["namespace"],
+        "name": pod["name"],
+        "node": pod.get("node"),
+        "labels": dict(pod.get("labels") or {}),
+        "annotations": dict(pod.get("annotations") or {}),
+        "containers": dict(pod.get("containers") or {}),
+        "deleted_at": pod.get("deleted_at"),
+    }
+    for name, c in doc["containers"].items():
+        cid = c.get("id")
+        if cid and _safe_key(cid):
+            _write_atomic(
+                os.path.join(index_dir, "containers", cid + ".json"),
+                {"version": FORMAT_VERSION, "id": cid, "pod_uid": uid, "name": name, "image": c.get("image")},
+            )
+    _write_atomic(os.path.join(index_dir, "pods", uid + ".json"), doc)
+
+
+def remove_pod(index_dir: str, uid: str) -> None:
+    """Forget a pod and its containers (after its grace period)."""
+    pod = read_pod(index_dir, uid)
+    if pod is None:
+        return
+    for c in pod.get("containers", {}).values():
+        cid = c.get("id")
+        if cid and _safe_key(cid):
+            with suppress(FileNotFoundError):
+                os.unlink(os.path.join(index_dir, "containers", cid + ".json"))
+    with suppress(FileNotFoundError):
+        os.unlink(os.path.join(index_dir, "pods", uid + ".json"))
