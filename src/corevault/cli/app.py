@@ -1,0 +1,74 @@
+"""Entry point of ``corevault``: the Typer app and the one place errors become exit codes.
+
+Exit codes: 0 success, 1 the operation failed (a check found problems), 2 bad usage or
+input (a user error with a one-line message), 3 an environment problem (not root, a
+missing file).
+"""
+
+from __future__ import annotations
+
+import sys
+
+import click
+import typer
+
+from corevault import config, hostsetup, pattern
+from corevault.cli import host, patterns
+
+EXIT_FAILED = 1
+EXIT_USAGE = 2
+EXIT_ENVIRONMENT = 3
+
+app = typer.Typer(
+    name="corevault",
+    help="Capture, keep and explain core dumps of crashing processes in pods and on hosts.",
+    no_args_is_help=True,
+    rich_markup_mode="rich",
+    context_settings={"help_option_names": ["-h", "--help"]},
+)
+
+
+@app.callback()
+def _root(
+    ctx: typer.Context,
+    config_file: str | None = typer.Option(
+        None,
+        "--config",
+        "-c",
+        envvar="COREVAULT_CONFIG",
+        help="Settings file \\[default: /etc/corevault/config.toml].",
+    ),
+) -> None:
+    ctx.obj = {"config": config_file}
+
+
+host.register(app)
+patterns.register(app)
+
+
+def main(argv: list[str] | None = None) -> int:
+    try:
+        result = app(args=argv, standalone_mode=False)
+    except click.exceptions.Exit as e:
+        return e.exit_code
+    except click.ClickException as e:
+        e.show()
+        return EXIT_USAGE
+    except click.exceptions.Abort:
+        return EXIT_FAILED
+    except (config.ConfigError, pattern.PatternError) as e:
+        return _error(str(e), EXIT_USAGE)
+    except hostsetup.SetupError as e:
+        return _error(str(e), EXIT_FAILED)
+    except PermissionError as e:
+        return _error(f"{e.filename or 'operation'}: permission denied; run as root", EXIT_ENVIRONMENT)
+    return result if isinstance(result, int) else 0
+
+
+def _error(message: str, code: int) -> int:
+    print(f"corevault: error: {message}", file=sys.stderr)
+    return code
+
+
+if __name__ == "__main__":
+    sys.exit(main())

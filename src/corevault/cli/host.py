@@ -1,0 +1,87 @@
+"""``corevault install | uninstall | status``: the handler on this host's kernel."""
+
+from __future__ import annotations
+
+import json
+import os
+
+import typer
+from rich.console import Console
+from rich.table import Table
+
+from corevault import config, hostsetup
+
+
+def _settings(ctx: typer.Context) -> config.Settings:
+    return config.load(ctx.obj["config"])
+
+
+def state_file(settings: config.Settings) -> str:
+    return os.path.join(settings.state_dir, "installed.json")
+
+
+def register(app: typer.Typer) -> None:
+    app.command(epilog="Example: corevault install --pipe-limit 16")(install)
+    app.command(epilog="Example: corevault uninstall")(uninstall)
+    app.command(epilog="Example: corevault status --json")(status)
+
+
+def install(
+    ctx: typer.Context,
+    handler: str = typer.Option(
+        None, help="Handler executable \\[default: corevault-capture next to corevault]."
+    ),
+    pipe_limit: int = typer.Option(16, help="kernel.core_pipe_limit: crashes handled at once."),
+    suid_dumpable: int = typer.Option(
+        2, help="fs.suid_dumpable: 2 keeps cores of processes that dropped privileges."
+    ),
+    force: bool = typer.Option(False, "--force", help="Replace another tool's pipe handler."),
+) -> None:
+    """Point the kernel's core_pattern at the corevault handler, saving the host's settings."""
+    settings = _settings(ctx)
+    state = hostsetup.install(
+        state_file(settings),
+        handler or hostsetup.default_handler(),
+        config=ctx.obj["config"],
+        pipe_limit=pipe_limit,
+        suid_dumpable=suid_dumpable,
+        force=force,
+    )
+    print(f"installed: core_pattern = {state['installed']['core_pattern']}")
+    print(f"saved the host's settings in {state_file(settings)}; 'corevault uninstall' restores them")
+
+
+def uninstall(ctx: typer.Context) -> None:
+    """Restore the core_pattern, core_pipe_limit and suid_dumpable saved by install."""
+    state = hostsetup.uninstall(state_file(_settings(ctx)))
+    if state is None:
+        print("corevault is not installed here; nothing to restore")
+        return
+    saved = state["saved"]
+    print(
+        f"restored: core_pattern = {saved['core_pattern']}, core_pipe_limit = {saved['core_pipe_limit']}, "
+        f"suid_dumpable = {saved['suid_dumpable']}"
+    )
+
+
+def status(ctx: typer.Context, as_json: bool = typer.Option(False, "--json", help="Print JSON.")) -> None:
+    """Say what is installed, what was saved, and whether crashes on this host are lost."""
+    settings = _settings(ctx)
+    st = hostsetup.status(state_file(settings))
+    st["spool"] = settings.spool_dir
+    if as_json:
+        print(json.dumps(st, indent=2))
+    else:
+        table = Table(show_header=False, box=None)
+        table.add_row("installed", "yes (pipe mode)" if st["installed"] else "no")
+        for key, value in st["current"].items():
+            saved = st["saved"][key] if st["saved"] else None
+            table.add_row(
+                key, value + (f"   [dim](saved: {saved})[/dim]" if saved not in (None, value) else "")
+            )
+        table.add_row("spool", st["spool"])
+        Console().print(table)
+        for problem in st["problems"]:
+            Console(stderr=True).print(f"[red]problem:[/red] {problem}")
+    if st["problems"]:
+        raise typer.Exit(1)

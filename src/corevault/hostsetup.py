@@ -1,0 +1,178 @@
+"""Installing the capture handler on a host, and leaving the host exactly as it was.
+
+``install`` saves ``kernel.core_pattern``, ``kernel.core_pipe_limit`` and
+``fs.suid_dumpable`` into a state file, then sets ours: a pipe pattern that passes every
+specifier to the handler, a pipe limit so ``/proc/%P`` stays valid while the handler
+works, and ``suid_dumpable=2`` so servers that drop privileges still dump (as root-only
+cores). ``uninstall`` writes the saved values back. A pattern left pointing at a missing
+handler silently loses every crash on the host, so ``status`` says when that is the case,
+and ``install`` refuses to replace another tool's pipe handler unless forced.
+"""
+
+from __future__ import annotations
+
+import json
+import os
+import shutil
+import sys
+import time
+
+from corevault.pattern import MAX_PATTERN_LEN, SPECIFIERS
+
+SYSCTLS = {
+    "core_pattern": "/proc/sys/kernel/core_pattern",
+    "core_pipe_limit": "/proc/sys/kernel/core_pipe_limit",
+    "suid_dumpable": "/proc/sys/fs/suid_dumpable",
+}
+HANDLER_NAME = "corevault-capture"
+
+
+class SetupError(Exception):
+    """Installing or uninstalling cannot go ahead; the message says what to do."""
+
+
+def read_sysctls(paths: dict[str, str] = SYSCTLS) -> dict[str, str]:
+    values = {}
+    for key, path in paths.items():
+        with open(path) as f:
+            values[key] = f.read().rstrip("\n")
+    return values
+
+
+def write_sysctl(path: str, value: str) -> None:
+    with open(path, "w") as f:
+        f.write(value + "\n")
+
+
+def default_handler() -> str:
+    """The handler installed next to this interpreter (the venv's or the system's)."""
+    beside = os.path.join(os.path.dirname(sys.executable), HANDLER_NAME)
+    return beside if os.path.exists(beside) else shutil.which(HANDLER_NAME) or beside
+
+
+def pipe_pattern(handler: str, config: str | None = None) -> str:
+    """``|HANDLER [-c CONFIG] %P %p …``: every specifier, in the handler's argument order."""
+    if not os.path.isabs(handler):
+        raise SetupError(f"the handler path {handler!r} must be absolute: the kernel runs it from /")
+    words = [handler] + (["-c", config] if config else []) + ["%" + s for s in SPECIFIERS]
+    if any(" " in w for w in words[: 3 if config else 1]):
+        raise SetupError("the handler and config paths must not contain spaces (the kernel splits on them)")
+    pattern = "|" + " ".join(words)
+    if len(pattern.encode()) > MAX_PATTERN_LEN:
+        raise SetupError(
+            f"the core_pattern would be {len(pattern.encode())} bytes, the kernel takes {MAX_PATTERN_LEN}: "
+            f"link the handler (and config) to shorter paths, e.g. /usr/local/sbin/{HANDLER_NAME}"
+        )
+    return pattern
+
+
+def is_ours(pattern: str) -> bool:
+    return pattern.startswith("|") and os.path.basename(pattern[1:].split(" ", 1)[0]) == HANDLER_NAME
+
+
+def install(
+    state_file: str,
+    handler: str,
+    *,
+    config: str | None = None,
+    pipe_limit: int = 16,
+    suid_dumpable: int = 2,
+    force: bool = False,
+    paths: dict[str, str] = SYSCTLS,
+) -> dict:
+    """Set our sysctls, saving the host's first; returns the state that ``uninstall`` uses.
+
+    Installing again over our own installation keeps the originally saved values.
+    """
+    if not os.access(handler, os.X_OK):
+        raise SetupError(f"handler {handler} is not an executable file; install corevault first")
+    if suid_dumpable not in (0, 1, 2):
+        raise SetupError(f"suid_dumpable must be 0, 1 or 2, not {suid_dumpable}")
+    if pipe_limit < 0:
+        raise SetupError(f"core_pipe_limit must be 0 or more, not {pipe_limit}")
+    pattern = pipe_pattern(handler, config)
+    current = read_sysctls(paths)
+    previous = load_state(state_file)
+    if previous is not None and is_ours(current["core_pattern"]):
+        saved = previous["saved"]
+    else:
+        if current["core_pattern"].startswith("|") and not is_ours(current["core_pattern"]) and not force:
+            other = current["core_pattern"].split(" ")[0][1:]
+            raise SetupError(
+                f"core_pattern already pipes to another handler ({other}); "
+                "use --force to replace it (uninstall will put it back)"
+            )
+        saved = current
+    ours = {"core_pattern": pattern, "core_pipe_limit": str(pipe_limit), "suid_dumpable": str(suid_dumpable)}
+    state = {"saved": saved, "installed": ours, "handler": handler, "config": config, "time": time.time()}
+    _save_state(state_file, state)
+    try:
+        for key, value in ours.items():
+            write_sysctl(paths[key], value)
+    except OSError as e:
+        _restore(saved, paths)
+        os.unlink(state_file)
+        raise SetupError(f"cannot set {key}: {e.strerror}; run as root on the host") from None
+    return state
+
+
+def uninstall(state_file: str, paths: dict[str, str] = SYSCTLS) -> dict | None:
+    """Put the saved sysctls back; None when corevault was not installed."""
+    state = load_state(state_file)
+    if state is None:
+        return None
+    current = read_sysctls(paths)
+    if not is_ours(current["core_pattern"]) and current["core_pattern"] != state["installed"]["core_pattern"]:
+        # Someone else took over since: leave their pattern, restore only what is still ours.
+        saved = {k: v for k, v in state["saved"].items() if current[k] == state["installed"][k]}
+    else:
+        saved = state["saved"]
+    _restore(saved, paths)
+    os.unlink(state_file)
+    return state
+
+
+def _restore(saved: dict[str, str], paths: dict[str, str]) -> None:
+    for key in ("core_pattern", "core_pipe_limit", "suid_dumpable"):
+        if key in saved:
+            write_sysctl(paths[key], saved[key])
+
+
+def status(state_file: str, paths: dict[str, str] = SYSCTLS) -> dict:
+    """What is installed now, what was saved, and whether the host loses crashes."""
+    current = read_sysctls(paths)
+    state = load_state(state_file)
+    pattern = current["core_pattern"]
+    problems = []
+    if pattern.startswith("|"):
+        handler = pattern[1:].split(" ", 1)[0]
+        if not os.access(handler, os.X_OK):
+            problems.append(f"core_pattern pipes to {handler}, which is missing: every crash is lost")
+    if state is not None and not is_ours(pattern):
+        problems.append("corevault's state says installed, but core_pattern is no longer ours")
+    return {
+        "installed": is_ours(pattern),
+        "mode": "pipe" if is_ours(pattern) else None,
+        "current": current,
+        "saved": state["saved"] if state else None,
+        "config": state.get("config") if state else None,
+        "problems": problems,
+    }
+
+
+def load_state(state_file: str) -> dict | None:
+    try:
+        with open(state_file) as f:
+            return json.load(f)
+    except FileNotFoundError:
+        return None
+
+
+def _save_state(state_file: str, state: dict) -> None:
+    os.makedirs(os.path.dirname(state_file) or ".", mode=0o700, exist_ok=True)
+    tmp = state_file + ".tmp"
+    with open(tmp, "w") as f:
+        json.dump(state, f, indent=1)
+        f.flush()
+        os.fsync(f.fileno())
+    os.replace(tmp, state_file)

@@ -1,0 +1,161 @@
+"""Real containers on one machine: runc, a busybox rootfs and kubepods-style cgroups.
+
+A crashing process in one of these containers has exactly a Kubernetes node's
+``/proc/PID/cgroup`` (the cgroup path is the kubelet's, for either cgroup driver), its own
+PID, mount, UTS and IPC namespaces, a read-only root and a host directory bind-mounted as
+the pod's volume. Pod annotations go into the OCI bundle's ``annotations`` (as runc, CRI-O
+and containerd with ``pod_annotations`` carry them). Every container is deleted after it
+ran, also when the run fails.
+"""
+
+from __future__ import annotations
+
+import json
+import os
+import shutil
+import subprocess
+import uuid
+from dataclasses import dataclass, field
+
+WORK = "/tmp/corevault-testbed"
+BUSYBOX = "/bin/busybox"
+APPLETS = ("sh", "ln", "mkfifo", "mknod", "mkdir", "sleep", "cat", "ls", "touch", "echo", "chmod", "rm")
+# Docker's default capability set: what an ordinary container process has.
+CAPS = [
+    "CAP_CHOWN", "CAP_DAC_OVERRIDE", "CAP_FSETID", "CAP_FOWNER", "CAP_MKNOD", "CAP_NET_RAW", "CAP_SETGID",
+    "CAP_SETUID", "CAP_SETFCAP", "CAP_SETPCAP", "CAP_NET_BIND_SERVICE", "CAP_SYS_CHROOT", "CAP_KILL",
+    "CAP_AUDIT_WRITE",
+]  # fmt: skip
+VOLUME_PATH = "/data/dump-a"
+
+
+def new_pod_uid() -> str:
+    return str(uuid.uuid4())
+
+
+def new_container_id() -> str:
+    return os.urandom(32).hex()
+
+
+def cgroups_path(pod_uid: str, container_id: str, driver: str = "cgroupfs", qos: str = "burstable") -> str:
+    """The cgroup the kubelet gives a container, for the cgroupfs or the systemd driver."""
+    if driver == "cgroupfs":
+        return f"/kubepods/{qos}/pod{pod_uid}/{container_id}"
+    if driver == "systemd":
+        slice_uid = pod_uid.replace("-", "_")
+        return (
+            f"/kubepods.slice/kubepods-{qos}.slice/kubepods-{qos}-pod{slice_uid}.slice/"
+            f"cri-containerd-{container_id}.scope"
+        )
+    raise ValueError(f"unknown cgroup driver {driver!r}")
+
+
+def _libraries(binary: str) -> list[str]:
+    out = subprocess.run(["ldd", binary], capture_output=True, text=True, check=False).stdout
+    libs = []
+    for line in out.splitlines():
+        parts = line.split()
+        if "=>" in parts and len(parts) >= 3 and parts[2].startswith("/"):
+            libs.append(parts[2])
+        elif parts and parts[0].startswith("/"):
+            libs.append(parts[0])
+    return libs
+
+
+def build_rootfs(path: str, programs: dict[str, str]) -> str:
+    """A busybox-static root with ``programs`` at /app/<name> and the libraries they need."""
+    if os.path.exists(path):
+        shutil.rmtree(path)
+    for d in ("bin", "app", "proc", "dev", "sys", "tmp", "etc", VOLUME_PATH.lstrip("/")):
+        os.makedirs(os.path.join(path, d), exist_ok=True)
+    shutil.copy2(BUSYBOX, os.path.join(path, "bin/busybox"))
+    for applet in APPLETS:
+        os.symlink("busybox", os.path.join(path, "bin", applet))
+    with open(os.path.join(path, "etc/passwd"), "w") as f:
+        f.write("root:x:0:0:root:/:/bin/sh\nwww-data:x:33:33:www-data:/:/bin/sh\n")
+    for name, src in programs.items():
+        shutil.copy2(src, os.path.join(path, "app", name))
+        for lib in _libraries(src):
+            dest = os.path.join(path, lib.lstrip("/"))
+            if not os.path.exists(dest):
+                os.makedirs(os.path.dirname(dest), exist_ok=True)
+                shutil.copy2(os.path.realpath(lib), dest)
+    return path
+
+
+@dataclass
+class Container:
+    """One container run: ``run()`` creates the bundle, runs the process, deletes the container."""
+
+    rootfs: str
+    args: list[str]
+    volume: str | None = None
+    volume_path: str = VOLUME_PATH
+    annotations: dict[str, str] = field(default_factory=dict)
+    pod_uid: str = field(default_factory=new_pod_uid)
+    id: str = field(default_factory=new_container_id)
+    driver: str = "cgroupfs"
+    hostname: str = "pod-0"
+    rlimit_core: tuple[int, int] | None = ((1 << 64) - 1, (1 << 64) - 1)
+    uid: int = 0
+    bundle: str = ""
+
+    @property
+    def cgroups_path(self) -> str:
+        return cgroups_path(self.pod_uid, self.id, self.driver)
+
+    def spec(self) -> dict:
+        out = subprocess.run(
+            ["runc", "spec", "--bundle", self.bundle], capture_output=True, text=True, check=False
+        )
+        if out.returncode != 0:
+            raise RuntimeError(f"runc spec failed: {out.stderr.strip()}")
+        with open(os.path.join(self.bundle, "config.json")) as f:
+            spec = json.load(f)
+        proc = spec["process"]
+        proc.update(terminal=False, args=self.args, cwd="/")
+        proc["user"] = {"uid": self.uid, "gid": self.uid}
+        proc["env"] = ["PATH=/bin:/app", "HOME=/"]
+        for kind in ("bounding", "effective", "permitted"):
+            proc["capabilities"][kind] = CAPS
+        proc["capabilities"].pop("inheritable", None)
+        proc["capabilities"].pop("ambient", None)
+        rlimits = [r for r in proc.get("rlimits", []) if r["type"] != "RLIMIT_CORE"]
+        if self.rlimit_core is not None:
+            soft, hard = self.rlimit_core
+            rlimits.append({"type": "RLIMIT_CORE", "soft": soft, "hard": hard})
+        proc["rlimits"] = rlimits
+        spec["root"] = {"path": self.rootfs, "readonly": True}
+        spec["hostname"] = self.hostname
+        if self.volume is not None:
+            spec["mounts"].append(
+                {
+                    "destination": self.volume_path,
+                    "type": "bind",
+                    "source": self.volume,
+                    "options": ["rbind", "rw"],
+                }
+            )
+        spec["linux"]["cgroupsPath"] = self.cgroups_path
+        spec["annotations"] = dict(self.annotations)
+        return spec
+
+    def run(self, timeout: float = 60) -> subprocess.CompletedProcess:
+        os.makedirs(WORK, exist_ok=True)
+        self.bundle = os.path.join(WORK, "bundle-" + self.id[:12])
+        os.makedirs(self.bundle, exist_ok=True)
+        try:
+            spec = self.spec()
+            with open(os.path.join(self.bundle, "config.json"), "w") as f:
+                json.dump(spec, f)
+            return subprocess.run(
+                ["runc", "run", "--bundle", self.bundle, self.id],
+                stdin=subprocess.DEVNULL,
+                capture_output=True,
+                text=True,
+                timeout=timeout,
+                check=False,
+            )
+        finally:
+            subprocess.run(["runc", "delete", "--force", self.id], capture_output=True, check=False)
+            shutil.rmtree(self.bundle, ignore_errors=True)
