@@ -257,12 +257,16 @@ class _Job:
         vault = self.vault
         if vault is None or vault.failed or self.entry_tmp is None or self.entry_id is None:
             return
-        vault.finish()
-        meta["core"].update(
-            sha256=vault.sha256, stored_size=vault.stored, compression="zstd", file=spool.CORE_NAME
-        )
-        self.vault = None
-        _finish_entry(self.settings.spool_dir, self.entry_id, self.entry_tmp, vault.fd, meta)
+        try:
+            vault.finish()
+            self.vault = None
+            meta["core"].update(
+                sha256=vault.sha256, stored_size=vault.stored, compression="zstd", file=spool.CORE_NAME
+            )
+            _finish_entry(self.settings.spool_dir, self.entry_id, self.entry_tmp, vault.fd, meta)
+        except (OSError, stream.SinkFailed) as e:
+            self.problems.append(f"vault: {_reason(e)}")
+            return
         self.entry_tmp = None
 
     def report(self) -> None:

@@ -103,7 +103,7 @@ class ZstdSink:
             return
         self.stored += len(data)
         if self.stored > self.budget:
-            raise SinkFailed(f"spool quota reached after {self.stored} compressed bytes")
+            raise SinkFailed(f"spool is full (its quota was reached after {self.stored} compressed bytes)")
         view = memoryview(data)
         while view:
             view = view[os.write(self.fd, view) :]
