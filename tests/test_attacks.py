@@ -59,7 +59,9 @@ def test_symlink_to_a_missing_host_path_creates_nothing(capture: Capture, rootfs
 def test_symlinked_directory_on_the_way_is_refused(capture: Capture, rootfs: str, link: str) -> None:
     hostdir = os.path.join(capture.dir, "hostdir")
     os.mkdir(hostdir)
-    crash_with_trap(capture, rootfs, f"ln -s {link.format(hostdir=hostdir)} /data/dump-a/sub", "/data/dump-a/sub/core")
+    crash_with_trap(
+        capture, rootfs, f"ln -s {link.format(hostdir=hostdir)} /data/dump-a/sub", "/data/dump-a/sub/core"
+    )
     assert os.listdir(hostdir) == []
     dropped = [r for r in capture.journal() if r["event"] == "dropped"]
     assert any("/data/dump-a/sub is a symbolic link" in r["reason"] for r in dropped), dropped

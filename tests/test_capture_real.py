@@ -6,6 +6,7 @@ import hashlib
 import os
 import re
 import stat
+from pathlib import Path
 
 import pytest
 import zstandard
@@ -31,7 +32,7 @@ def kernel_file_mode_name(capture: Capture, rootfs: str, pattern: str, args: lis
     """Let the kernel itself write a core with ``pattern`` (file mode) and return its name."""
     volume = tmp_path / "kernel-volume"
     volume.mkdir()
-    ours = open("/proc/sys/kernel/core_pattern").read().rstrip("\n")
+    ours = Path("/proc/sys/kernel/core_pattern").read_text().rstrip("\n")
     write_sysctl(SYSCTLS["core_pattern"], pattern)
     try:
         runc.Container(rootfs, args, volume=str(volume)).run()
@@ -65,7 +66,7 @@ def test_seed_annotation_puts_the_kernels_core_in_the_volume(capture: Capture, r
     assert meta["core"]["truncated"] is False and meta["core"]["sha256"] == sha256(core)
     entry = os.path.join(spool.ready_dir(capture.spool), meta["id"])
     with open(os.path.join(entry, spool.CORE_NAME), "rb") as f:
-        assert zstandard.ZstdDecompressor().stream_reader(f).read() == open(core, "rb").read()
+        assert zstandard.ZstdDecompressor().stream_reader(f).read() == Path(core).read_bytes()
 
     by_path = {m["path"]: m for m in meta["modules"]}
     for path in ("/app/crasher", "/lib/x86_64-linux-gnu/libc.so.6"):

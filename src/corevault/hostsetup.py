@@ -66,7 +66,10 @@ def pipe_pattern(handler: str, config: str | None = None) -> str:
     return pattern
 
 
-def is_ours(pattern: str) -> bool:
+def is_ours(pattern: str, state: dict | None = None) -> bool:
+    """Whether ``pattern`` pipes to corevault: the one we installed, or any corevault-capture."""
+    if state is not None and pattern == state["installed"]["core_pattern"]:
+        return True
     return pattern.startswith("|") and os.path.basename(pattern[1:].split(" ", 1)[0]) == HANDLER_NAME
 
 
@@ -93,7 +96,7 @@ def install(
     pattern = pipe_pattern(handler, config)
     current = read_sysctls(paths)
     previous = load_state(state_file)
-    if previous is not None and is_ours(current["core_pattern"]):
+    if previous is not None and is_ours(current["core_pattern"], previous):
         saved = previous["saved"]
     else:
         if current["core_pattern"].startswith("|") and not is_ours(current["core_pattern"]) and not force:
@@ -122,7 +125,7 @@ def uninstall(state_file: str, paths: dict[str, str] = SYSCTLS) -> dict | None:
     if state is None:
         return None
     current = read_sysctls(paths)
-    if not is_ours(current["core_pattern"]) and current["core_pattern"] != state["installed"]["core_pattern"]:
+    if not is_ours(current["core_pattern"], state):
         # Someone else took over since: leave their pattern, restore only what is still ours.
         saved = {k: v for k, v in state["saved"].items() if current[k] == state["installed"][k]}
     else:
@@ -148,11 +151,12 @@ def status(state_file: str, paths: dict[str, str] = SYSCTLS) -> dict:
         handler = pattern[1:].split(" ", 1)[0]
         if not os.access(handler, os.X_OK):
             problems.append(f"core_pattern pipes to {handler}, which is missing: every crash is lost")
-    if state is not None and not is_ours(pattern):
+    ours = is_ours(pattern, state)
+    if state is not None and not ours:
         problems.append("corevault's state says installed, but core_pattern is no longer ours")
     return {
-        "installed": is_ours(pattern),
-        "mode": "pipe" if is_ours(pattern) else None,
+        "installed": ours,
+        "mode": "pipe" if ours else None,
         "current": current,
         "saved": state["saved"] if state else None,
         "config": state.get("config") if state else None,

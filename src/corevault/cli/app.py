@@ -9,7 +9,6 @@ from __future__ import annotations
 
 import sys
 
-import click
 import typer
 
 from corevault import config, hostsetup, pattern
@@ -47,22 +46,18 @@ patterns.register(app)
 
 
 def main(argv: list[str] | None = None) -> int:
+    """Run the app; the errors a user can cause become one line and an exit code here."""
     try:
-        result = app(args=argv, standalone_mode=False)
-    except click.exceptions.Exit as e:
-        return e.exit_code
-    except click.ClickException as e:
-        e.show()
-        return EXIT_USAGE
-    except click.exceptions.Abort:
-        return EXIT_FAILED
+        app(args=argv, prog_name="corevault")  # usage errors: click prints them, exits 2
+    except SystemExit as e:
+        return e.code if isinstance(e.code, int) else EXIT_FAILED
     except (config.ConfigError, pattern.PatternError) as e:
         return _error(str(e), EXIT_USAGE)
     except hostsetup.SetupError as e:
         return _error(str(e), EXIT_FAILED)
     except PermissionError as e:
         return _error(f"{e.filename or 'operation'}: permission denied; run as root", EXIT_ENVIRONMENT)
-    return result if isinstance(result, int) else 0
+    return 0
 
 
 def _error(message: str, code: int) -> int:

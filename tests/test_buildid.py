@@ -1,0 +1,82 @@
+"""Build-ids of mapped ELF objects, read from the files the process really mapped."""
+
+from __future__ import annotations
+
+import os
+import subprocess
+import time
+from pathlib import Path
+
+import pytest
+
+from corevault.capture import buildid
+
+
+def readelf_build_id(path: str) -> str:
+    out = subprocess.run(["eu-readelf", "-n", path], capture_output=True, text=True, check=True).stdout
+    return next(line.split()[-1] for line in out.splitlines() if "Build ID" in line)
+
+
+@pytest.mark.parametrize(
+    "path", ["/bin/sleep", "/lib/x86_64-linux-gnu/libc.so.6", "/lib64/ld-linux-x86-64.so.2"]
+)
+def test_build_id_matches_elfutils(path: str) -> None:
+    fd = os.open(path, os.O_RDONLY)
+    try:
+        assert buildid.read_build_id(fd) == readelf_build_id(path)
+    finally:
+        os.close(fd)
+
+
+@pytest.mark.parametrize(
+    "content", [b"", b"\x7fELF", b"not an elf at all" * 10, b"\x7fELF\x02\x01" + b"\xff" * 58]
+)
+def test_non_elf_and_broken_headers_have_no_build_id(tmp_path, content: bytes) -> None:
+    (tmp_path / "f").write_bytes(content)
+    fd = os.open(tmp_path / "f", os.O_RDONLY)
+    try:
+        assert buildid.read_build_id(fd) is None
+    finally:
+        os.close(fd)
+
+
+def test_mapped_objects_of_a_live_process_are_opened_and_stored(tmp_path) -> None:
+    proc = subprocess.Popen(["sleep", "30"])
+    try:
+        proc_fd = os.open(f"/proc/{proc.pid}", os.O_RDONLY | os.O_DIRECTORY)
+        while Path(f"/proc/{proc.pid}/stat").read_text().split()[2] != "S":
+            time.sleep(0.01)  # right after exec the dynamic loader is still mapping libraries
+        with open(f"/proc/{proc.pid}/maps") as f:
+            maps = f.read()
+        modules = buildid.open_modules(proc_fd, maps)
+        os.close(proc_fd)
+    finally:
+        proc.kill()
+        proc.wait()
+    paths = {m.path for m in modules}
+    assert "/usr/bin/sleep" in paths and "/usr/lib/x86_64-linux-gnu/libc.so.6" in paths
+    buildid.store_modules(str(tmp_path), modules)  # the process is gone: the fds still work
+    for m in modules:
+        assert m.stored == "new" and m.fd == -1
+        held = tmp_path / "buildid" / m.build_id / "executable"
+        assert held.read_bytes() == Path(m.path).read_bytes()
+    self_fd = os.open("/proc/self", os.O_RDONLY | os.O_DIRECTORY)
+    again = buildid.open_modules(self_fd, Path("/proc/self/maps").read_text())
+    os.close(self_fd)
+    buildid.store_modules(str(tmp_path), again)
+    libc = next(m for m in again if m.path.endswith("libc.so.6"))
+    assert libc.stored == "held"
+
+
+def test_maps_parsing_takes_offset_zero_mappings_once() -> None:
+    maps = (
+        "55d0a0000000-55d0a0002000 r--p 00000000 fd:00 100 /app/x\n"
+        "55d0a0002000-55d0a0005000 r-xp 00002000 fd:00 100 /app/x\n"
+        "7f0000000000-7f0000001000 rw-p 00000000 00:00 0 \n"
+        "7f0000001000-7f0000002000 r--p 00000000 fd:00 200 /lib/with space.so (deleted)\n"
+        "7ffd00000000-7ffd00021000 rw-p 00000000 00:00 0 [stack]\n"
+    )
+    assert buildid.mapped_objects(maps) == [
+        ("/app/x", "55d0a0000000-55d0a0002000", 0x55D0A0000000, 0x55D0A0005000),
+        ("/lib/with space.so (deleted)", "7f0000001000-7f0000002000", 0x7F0000001000, 0x7F0000002000),
+    ]
