@@ -64,13 +64,22 @@ class Capture:
         return os.path.join(self.state_dir, "store")
 
     @property
+    def snapshot(self) -> str:
+        return os.path.join(self.state_dir, "capture.json")
+
+    @property
     def podindex(self) -> str:
         return os.path.join(self.state_dir, "pods")
 
     def configure(self, text: str) -> None:
-        """Replace the settings file (state_dir is always this capture's own)."""
+        """Replace the settings file (state_dir is always this capture's own) and apply it.
+
+        Applying is installing again, as a user does: it rewrites the handler's snapshot.
+        """
         with open(self.config, "w") as f:
             f.write(f'state_dir = "{self.state_dir}"\n' + text)
+        if os.path.exists(os.path.join(self.state_dir, hostsetup.STATE_NAME)):
+            hostsetup.install(self.handler, config_path=self.config)
 
     def journal(self, pid: int | None = None) -> list[dict]:
         records = spool.read_journal(self.spool)
@@ -114,11 +123,11 @@ def capture() -> Iterator[Capture]:
     cap.configure("")
     try:
         with sysctl.core_settings() as saved:
-            hostsetup.install(os.path.join(cap.state_dir, "installed.json"), handler, config=cap.config)
+            hostsetup.install(handler, config_path=cap.config)
             try:
                 yield cap
             finally:
-                hostsetup.uninstall(os.path.join(cap.state_dir, "installed.json"))
+                hostsetup.uninstall(os.path.join(cap.state_dir, hostsetup.STATE_NAME))
                 assert hostsetup.read_sysctls() == saved, "uninstall did not restore the host's sysctls"
     finally:
         shutil.rmtree(d, ignore_errors=True)
@@ -158,7 +167,7 @@ def run_handler(
 ) -> subprocess.CompletedProcess:
     """Start the handler as the kernel does: the core on fd 0, the pidfd open (its number in %F), cwd /."""
     return subprocess.run(
-        [cap.handler, "-c", cap.config, *args],
+        [cap.handler, "-c", cap.snapshot, *args],
         input=stdin if isinstance(stdin, bytes) else None,
         stdin=stdin if isinstance(stdin, int) else None,
         capture_output=True,

@@ -70,10 +70,10 @@ def test_bad_arguments_are_journaled(capture: Capture) -> None:
     assert record["event"] == "error" and "expected 16 arguments" in record["reason"]
 
 
-def test_broken_config_falls_back_to_defaults_and_says_so(capture: Capture, sleeper, tmp_path) -> None:
+def test_broken_settings_fall_back_to_defaults_and_say_so(capture: Capture, sleeper) -> None:
     pid, pidfd = sleeper
-    with open(capture.config, "w") as f:
-        f.write("[capture\n")
+    with open(capture.snapshot, "w") as f:
+        f.write("{half a snapshot")
     # With built-in defaults the journal is /var/lib/corevault's; remove what this test adds there.
     existed = os.path.exists("/var/lib/corevault")
     try:
@@ -84,7 +84,7 @@ def test_broken_config_falls_back_to_defaults_and_says_so(capture: Capture, slee
             shutil.rmtree("/var/lib/corevault", ignore_errors=True)
     assert result.returncode == 0
     mine = [r for r in default_journal if r.get("pid") == pid]
-    assert mine and "not valid TOML" in mine[-1]["warnings"][0]
+    assert mine and "run 'corevault install' again" in mine[-1]["warnings"][0]
 
 
 def test_handler_starts_with_stdout_and_stderr_closed(capture: Capture, sleeper) -> None:
@@ -93,7 +93,7 @@ def test_handler_starts_with_stdout_and_stderr_closed(capture: Capture, sleeper)
     target = host_rule(capture)
     data = os.urandom(10000)
     result = subprocess.run(
-        ["sh", "-c", 'exec "$0" "$@" >&- 2>&-', capture.handler, "-c", capture.config, *kernel_args(pid, pidfd_fd=pidfd)],
+        ["sh", "-c", 'exec "$0" "$@" >&- 2>&-', capture.handler, "-c", capture.snapshot, *kernel_args(pid, pidfd_fd=pidfd)],
         input=data, pass_fds=(pidfd,), cwd="/", check=False,
     )  # fmt: skip
     assert result.returncode == 0

@@ -5,6 +5,7 @@ from __future__ import annotations
 import os
 import shutil
 import tempfile
+from dataclasses import dataclass
 
 import pytest
 
@@ -23,15 +24,31 @@ def host(tmp_path):
     with open(handler, "w") as f:
         f.write("#!/bin/sh\n")
     os.chmod(handler, 0o755)
-    yield paths, handler, str(tmp_path / "state" / "installed.json")
+    config = os.path.join(short, "c.toml")
+    with open(config, "w") as f:
+        f.write(f'state_dir = "{short}/s"\n')
+    yield Host(paths, handler, config, os.path.join(short, "s", hostsetup.STATE_NAME))
     shutil.rmtree(short)
 
 
+@dataclass
+class Host:
+    paths: dict[str, str]
+    handler: str
+    config: str
+    state: str
+
+    def install(self, **kw: object) -> dict:
+        return hostsetup.install(self.handler, config_path=self.config, paths=self.paths, **kw)  # type: ignore[arg-type]
+
+
 def test_install_then_uninstall_restores_everything(host) -> None:
-    paths, handler, state = host
-    hostsetup.install(state, handler, paths=paths)
+    paths, handler, state = host.paths, host.handler, host.state
+    host.install()
     now = hostsetup.read_sysctls(paths)
-    assert now["core_pattern"] == f"|{handler} %P %p %i %I %s %t %d %u %g %c %C %h %e %f %E %F"
+    snapshot = os.path.join(os.path.dirname(state), "capture.json")
+    assert now["core_pattern"] == f"|{handler} -c {snapshot} %P %p %i %I %s %t %d %u %g %c %C %h %e %f %E %F"
+    assert os.path.exists(snapshot)
     assert (now["core_pipe_limit"], now["suid_dumpable"]) == ("16", "2")
     assert hostsetup.status(state, paths)["installed"]
     hostsetup.uninstall(state, paths)
@@ -40,32 +57,32 @@ def test_install_then_uninstall_restores_everything(host) -> None:
         "core_pipe_limit": "0",
         "suid_dumpable": "0",
     }
-    assert not os.path.exists(state)
+    assert not os.path.exists(state) and not os.path.exists(snapshot)
 
 
 def test_reinstall_keeps_the_hosts_original_values(host) -> None:
-    paths, handler, state = host
-    hostsetup.install(state, handler, paths=paths)
-    hostsetup.install(state, handler, pipe_limit=4, paths=paths)
+    paths, state = host.paths, host.state
+    host.install()
+    host.install(pipe_limit=4)
     assert hostsetup.read_sysctls(paths)["core_pipe_limit"] == "4"
     hostsetup.uninstall(state, paths)
     assert hostsetup.read_sysctls(paths)["core_pattern"] == "core"
 
 
 def test_foreign_handler_is_kept_unless_forced(host) -> None:
-    paths, handler, state = host
+    paths, state = host.paths, host.state
     hostsetup.write_sysctl(paths["core_pattern"], "|/lib/systemd/systemd-coredump %P %u %g %s %t %c %h")
     with pytest.raises(hostsetup.SetupError, match="another handler .*systemd-coredump.*--force"):
-        hostsetup.install(state, handler, paths=paths)
+        host.install()
     assert hostsetup.read_sysctls(paths)["core_pattern"].startswith("|/lib/systemd/systemd-coredump")
-    hostsetup.install(state, handler, force=True, paths=paths)
+    host.install(force=True)
     hostsetup.uninstall(state, paths)
     assert hostsetup.read_sysctls(paths)["core_pattern"].startswith("|/lib/systemd/systemd-coredump")
 
 
 def test_uninstall_leaves_a_pattern_someone_set_since(host) -> None:
-    paths, handler, state = host
-    hostsetup.install(state, handler, paths=paths)
+    paths, state = host.paths, host.state
+    host.install()
     hostsetup.write_sysctl(paths["core_pattern"], "/var/crash/core.%p")
     hostsetup.uninstall(state, paths)
     now = hostsetup.read_sysctls(paths)
@@ -73,10 +90,22 @@ def test_uninstall_leaves_a_pattern_someone_set_since(host) -> None:
 
 
 def test_status_says_when_crashes_are_lost(host, tmp_path) -> None:
-    paths, _, state = host
-    hostsetup.write_sysctl(paths["core_pattern"], f"|{tmp_path}/gone/corevault-capture %P")
-    st = hostsetup.status(state, paths)
+    hostsetup.write_sysctl(host.paths["core_pattern"], f"|{tmp_path}/gone/corevault-capture %P")
+    st = hostsetup.status(host.state, host.paths)
     assert any("every crash is lost" in p for p in st["problems"])
+
+
+def test_status_says_when_the_settings_changed_since_install(host) -> None:
+    host.install()
+    assert hostsetup.status(host.state, host.paths)["problems"] == []
+    with open(host.config, "a") as f:
+        f.write("[capture]\nstorm_max = 9\n")
+    os.utime(host.config, ns=(1, 1))
+    assert any(
+        "run 'corevault install' again" in p for p in hostsetup.status(host.state, host.paths)["problems"]
+    )
+    host.install()
+    assert hostsetup.status(host.state, host.paths)["problems"] == []
 
 
 @pytest.mark.parametrize(
@@ -92,7 +121,6 @@ def test_unusable_patterns(handler: str, config: str | None, message: str) -> No
 
 
 def test_missing_handler_is_refused(host) -> None:
-    paths, _, state = host
     with pytest.raises(hostsetup.SetupError, match="not an executable"):
-        hostsetup.install(state, "/nonexistent/corevault-capture", paths=paths)
-    assert hostsetup.read_sysctls(paths)["core_pattern"] == "core"
+        hostsetup.install("/nonexistent/corevault-capture", config_path=host.config, paths=host.paths)
+    assert hostsetup.read_sysctls(host.paths)["core_pattern"] == "core"

@@ -142,7 +142,18 @@ def load(path: str | None = None) -> Settings:
     """Read settings from ``path`` (default: ``$COREVAULT_CONFIG`` or /etc/corevault/config.toml).
 
     A missing default file means built-in defaults; a missing explicit file is an error.
+    A ``.json`` path is a capture snapshot written by :func:`write_snapshot`.
     """
+    if path is not None and path.endswith(".json"):
+        return _load_snapshot(path)
+    doc, source = read_document(path)
+    settings = from_dict(doc, where=source or "built-in defaults")
+    settings.source = source
+    return settings
+
+
+def read_document(path: str | None = None) -> tuple[dict, str | None]:
+    """The parsed TOML settings document and its path; ``({}, None)`` for built-in defaults."""
     explicit = path is not None or "COREVAULT_CONFIG" in os.environ
     path = path or os.environ.get("COREVAULT_CONFIG") or DEFAULT_CONFIG
     try:
@@ -151,17 +162,81 @@ def load(path: str | None = None) -> Settings:
     except FileNotFoundError:
         if explicit:
             raise ConfigError(f"config file {path} does not exist; create it or drop --config") from None
-        return Settings()
+        return {}, None
     except OSError as e:
         raise ConfigError(f"cannot read config file {path}: {e.strerror}") from None
     import tomllib
 
     try:
-        doc = tomllib.loads(raw.decode())
+        return tomllib.loads(raw.decode()), path
     except (tomllib.TOMLDecodeError, UnicodeDecodeError) as e:
         raise ConfigError(f"config file {path} is not valid TOML: {e}") from None
-    settings = from_dict(doc, where=path)
-    settings.source = path
+
+
+# The capture handler runs once per crash and must start fast; parsing TOML costs it more
+# than everything else it imports together (tomllib pulls in re, typing and datetime). So
+# ``corevault install`` writes the validated settings as JSON into the state directory and
+# the handler reads that snapshot. ``snapshot_state`` tells when the TOML changed since.
+SNAPSHOT_NAME = "capture.json"
+DEFAULT_SNAPSHOT = os.path.join(DEFAULT_STATE_DIR, SNAPSHOT_NAME)
+
+
+def write_snapshot(path: str | None = None) -> tuple[Settings, str]:
+    """Validate the settings at ``path`` and write their capture snapshot; returns both."""
+    doc, source = read_document(path)
+    settings = from_dict(doc, where=source or "built-in defaults")
+    settings.source = source
+    snap = {"version": 1, "source": source, "source_mtime_ns": _mtime_ns(source), "settings": doc}
+    dest = os.path.join(settings.state_dir, SNAPSHOT_NAME)
+    os.makedirs(settings.state_dir, mode=0o700, exist_ok=True)
+    import json
+
+    tmp = f"{dest}.{os.getpid()}.tmp"
+    with open(tmp, "w") as f:
+        json.dump(snap, f, indent=1, default=str)
+    os.replace(tmp, dest)
+    return settings, dest
+
+
+def snapshot_is_stale(snapshot_path: str) -> bool:
+    """Whether the TOML file behind a snapshot changed after the snapshot was written."""
+    try:
+        snap = _read_snapshot(snapshot_path)
+    except ConfigError:
+        return True
+    return snap.get("source_mtime_ns") != _mtime_ns(snap.get("source"))
+
+
+def _mtime_ns(path: str | None) -> int | None:
+    try:
+        return os.stat(path).st_mtime_ns if path else None
+    except OSError:
+        return None
+
+
+def _read_snapshot(path: str) -> dict:
+    import json
+
+    try:
+        with open(path, "rb") as f:
+            snap = json.loads(f.read())
+    except FileNotFoundError:
+        raise ConfigError(f"settings snapshot {path} does not exist; run 'corevault install' again") from None
+    except (OSError, ValueError) as e:
+        raise ConfigError(
+            f"settings snapshot {path} is unreadable ({e}); run 'corevault install' again"
+        ) from None
+    if not isinstance(snap, dict) or not isinstance(snap.get("settings"), dict):
+        raise ConfigError(
+            f"settings snapshot {path} is not one corevault wrote; run 'corevault install' again"
+        )
+    return snap
+
+
+def _load_snapshot(path: str) -> Settings:
+    snap = _read_snapshot(path)
+    settings = from_dict(snap["settings"], where=snap.get("source") or "built-in defaults")
+    settings.source = snap.get("source")
     return settings
 
 

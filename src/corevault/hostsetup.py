@@ -16,7 +16,9 @@ import os
 import shutil
 import sys
 import time
+from contextlib import suppress
 
+from corevault import config
 from corevault.pattern import MAX_PATTERN_LEN, SPECIFIERS
 
 SYSCTLS = {
@@ -25,6 +27,7 @@ SYSCTLS = {
     "suid_dumpable": "/proc/sys/fs/suid_dumpable",
 }
 HANDLER_NAME = "corevault-capture"
+STATE_NAME = "installed.json"
 
 
 class SetupError(Exception):
@@ -50,12 +53,12 @@ def default_handler() -> str:
     return beside if os.path.exists(beside) else shutil.which(HANDLER_NAME) or beside
 
 
-def pipe_pattern(handler: str, config: str | None = None) -> str:
+def pipe_pattern(handler: str, settings_file: str | None = None) -> str:
     """``|HANDLER [-c CONFIG] %P %p …``: every specifier, in the handler's argument order."""
     if not os.path.isabs(handler):
         raise SetupError(f"the handler path {handler!r} must be absolute: the kernel runs it from /")
-    words = [handler] + (["-c", config] if config else []) + ["%" + s for s in SPECIFIERS]
-    if any(" " in w for w in words[: 3 if config else 1]):
+    words = [handler] + (["-c", settings_file] if settings_file else []) + ["%" + s for s in SPECIFIERS]
+    if any(" " in w for w in words[: 3 if settings_file else 1]):
         raise SetupError("the handler and config paths must not contain spaces (the kernel splits on them)")
     pattern = "|" + " ".join(words)
     if len(pattern.encode()) > MAX_PATTERN_LEN:
@@ -73,11 +76,15 @@ def is_ours(pattern: str, state: dict | None = None) -> bool:
     return pattern.startswith("|") and os.path.basename(pattern[1:].split(" ", 1)[0]) == HANDLER_NAME
 
 
+def state_path(settings: config.Settings) -> str:
+    """Where an installation records what it saved and set."""
+    return os.path.join(settings.state_dir, STATE_NAME)
+
+
 def install(
-    state_file: str,
     handler: str,
     *,
-    config: str | None = None,
+    config_path: str | None = None,
     pipe_limit: int = 16,
     suid_dumpable: int = 2,
     force: bool = False,
@@ -85,7 +92,9 @@ def install(
 ) -> dict:
     """Set our sysctls, saving the host's first; returns the state that ``uninstall`` uses.
 
-    Installing again over our own installation keeps the originally saved values.
+    The settings at ``config_path`` are validated and written as the handler's snapshot.
+    Installing again over our own installation keeps the originally saved values, and is
+    how changed settings reach the handler.
     """
     if not os.access(handler, os.X_OK):
         raise SetupError(f"handler {handler} is not an executable file; install corevault first")
@@ -93,7 +102,9 @@ def install(
         raise SetupError(f"suid_dumpable must be 0, 1 or 2, not {suid_dumpable}")
     if pipe_limit < 0:
         raise SetupError(f"core_pipe_limit must be 0 or more, not {pipe_limit}")
-    pattern = pipe_pattern(handler, config)
+    settings, snapshot = config.write_snapshot(config_path)
+    pattern = pipe_pattern(handler, None if snapshot == config.DEFAULT_SNAPSHOT else snapshot)
+    state_file = state_path(settings)
     current = read_sysctls(paths)
     previous = load_state(state_file)
     if previous is not None and is_ours(current["core_pattern"], previous):
@@ -107,7 +118,7 @@ def install(
             )
         saved = current
     ours = {"core_pattern": pattern, "core_pipe_limit": str(pipe_limit), "suid_dumpable": str(suid_dumpable)}
-    state = {"saved": saved, "installed": ours, "handler": handler, "config": config, "time": time.time()}
+    state = {"saved": saved, "installed": ours, "handler": handler, "snapshot": snapshot, "time": time.time()}
     _save_state(state_file, state)
     try:
         for key, value in ours.items():
@@ -132,6 +143,9 @@ def uninstall(state_file: str, paths: dict[str, str] = SYSCTLS) -> dict | None:
         saved = state["saved"]
     _restore(saved, paths)
     os.unlink(state_file)
+    if state.get("snapshot"):
+        with suppress(FileNotFoundError):
+            os.unlink(state["snapshot"])
     return state
 
 
@@ -154,12 +168,14 @@ def status(state_file: str, paths: dict[str, str] = SYSCTLS) -> dict:
     ours = is_ours(pattern, state)
     if state is not None and not ours:
         problems.append("corevault's state says installed, but core_pattern is no longer ours")
+    if state is not None and ours and config.snapshot_is_stale(state["snapshot"]):
+        problems.append("the settings file changed since install; run 'corevault install' again to apply it")
     return {
         "installed": ours,
         "mode": "pipe" if ours else None,
         "current": current,
         "saved": state["saved"] if state else None,
-        "config": state.get("config") if state else None,
+        "snapshot": state.get("snapshot") if state else None,
         "problems": problems,
     }
 

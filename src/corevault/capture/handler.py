@@ -23,7 +23,6 @@ from __future__ import annotations
 import json
 import os
 import resource
-import shutil
 import signal
 import sys
 import time
@@ -62,6 +61,8 @@ def main(argv: list[str] | None = None) -> int:
     if len(args) >= 2 and args[0] in ("-c", "--config"):
         path, args = args[1], args[2:]
     warnings: list[str] = []
+    if path is None and os.path.exists(config.DEFAULT_SNAPSHOT):
+        path = config.DEFAULT_SNAPSHOT
     try:
         settings = config.load(path)
     except config.ConfigError as e:
@@ -294,6 +295,8 @@ class _Job:
         if self.vault is not None:
             os.close(self.vault.fd)
         if self.entry_tmp is not None:
+            import shutil
+
             shutil.rmtree(self.entry_tmp, ignore_errors=True)
         for m in self.modules:
             if m.fd >= 0:

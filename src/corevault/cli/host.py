@@ -3,7 +3,6 @@
 from __future__ import annotations
 
 import json
-import os
 
 import typer
 from rich.console import Console
@@ -14,10 +13,6 @@ from corevault import config, hostsetup
 
 def _settings(ctx: typer.Context) -> config.Settings:
     return config.load(ctx.obj["config"])
-
-
-def state_file(settings: config.Settings) -> str:
-    return os.path.join(settings.state_dir, "installed.json")
 
 
 def register(app: typer.Typer) -> None:
@@ -38,22 +33,21 @@ def install(
     force: bool = typer.Option(False, "--force", help="Replace another tool's pipe handler."),
 ) -> None:
     """Point the kernel's core_pattern at the corevault handler, saving the host's settings."""
-    settings = _settings(ctx)
     state = hostsetup.install(
-        state_file(settings),
         handler or hostsetup.default_handler(),
-        config=ctx.obj["config"],
+        config_path=ctx.obj["config"],
         pipe_limit=pipe_limit,
         suid_dumpable=suid_dumpable,
         force=force,
     )
     print(f"installed: core_pattern = {state['installed']['core_pattern']}")
-    print(f"saved the host's settings in {state_file(settings)}; 'corevault uninstall' restores them")
+    print(f"handler settings: {state['snapshot']} (run install again after changing the settings file)")
+    print("saved the host's own core settings; 'corevault uninstall' restores them")
 
 
 def uninstall(ctx: typer.Context) -> None:
     """Restore the core_pattern, core_pipe_limit and suid_dumpable saved by install."""
-    state = hostsetup.uninstall(state_file(_settings(ctx)))
+    state = hostsetup.uninstall(hostsetup.state_path(_settings(ctx)))
     if state is None:
         print("corevault is not installed here; nothing to restore")
         return
@@ -67,7 +61,7 @@ def uninstall(ctx: typer.Context) -> None:
 def status(ctx: typer.Context, as_json: bool = typer.Option(False, "--json", help="Print JSON.")) -> None:
     """Say what is installed, what was saved, and whether crashes on this host are lost."""
     settings = _settings(ctx)
-    st = hostsetup.status(state_file(settings))
+    st = hostsetup.status(hostsetup.state_path(settings))
     st["spool"] = settings.spool_dir
     if as_json:
         print(json.dumps(st, indent=2))

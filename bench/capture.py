@@ -1,0 +1,242 @@
+"""Capture benchmark: the handler against the baselines it must beat, measured in one run.
+
+    python -m bench.capture [--size-mib 1024] [--runs 3] [--big-gib 4]
+
+Every number is a median over ``--runs`` runs, baseline and subject interleaved, the core
+fed through a pipe as the kernel does (``cat core | …``), so both sides pay the same feeder:
+
+- plain capture (volume target only) ÷ ``cat > file``                  goal ≤ 1.0
+- compressed capture (vault target only) ÷ ``zstd -LEVEL -TTHREADS``    goal ≤ 1.0
+- fixed cost of the whole handler on a 4 KiB core (both targets)      goal ≤ 30 ms
+- peak RSS of the handler with a 1 GiB and a 4 GiB core               goal ≤ 64 MiB, flat
+
+The handler runs for real: the installed ``corevault-capture`` with a live process standing
+in for the crashed one (its pidfd passed as the kernel does), a host rule opting it in.
+The core is synthetic but shaped like one: 64 KiB blocks of untouched (zero) pages,
+pointer-rich heap, text and incompressible data, so zstd gets a realistic ratio.
+"""
+
+from __future__ import annotations
+
+import argparse
+import os
+import random
+import shutil
+import statistics
+import subprocess
+import sys
+import time
+
+from corevault import config, hostsetup, spool
+
+WORK = "/tmp/corevault-bench"
+BLOCK = 64 << 10
+KERNEL_ENV = {"HOME": "/", "PATH": "/sbin:/bin:/usr/sbin:/usr/bin", "TERM": "linux"}
+
+
+def _block(rng: random.Random) -> bytes:
+    kind = rng.random()
+    if kind < 0.45:
+        return bytes(BLOCK)  # untouched pages
+    if kind < 0.75:  # heap full of pointers: two random bytes in every eight
+        b = bytearray(os.urandom(BLOCK))
+        for i, v in enumerate((0x4C, 0x5F, 0x7F, 0, 0, 0)):
+            b[i + 2 :: 8] = bytes([v]) * (BLOCK // 8)
+        return bytes(b)
+    if kind < 0.90:  # strings and logs
+        words = [
+            f"request id={rng.randrange(10**6)} path=/api/v1/items/{rng.randrange(999)} " for _ in range(64)
+        ]
+        text = "".join(rng.choice(words) for _ in range(2000)).encode()
+        return text[:BLOCK].ljust(BLOCK, b"\0")
+    return os.urandom(BLOCK)  # compressed or encrypted data
+
+
+def core_like(path: str, mib: int) -> str:
+    """A ``mib`` MiB core-like file, made once and kept."""
+    if os.path.exists(path) and os.path.getsize(path) == mib << 20:
+        return path
+    rng = random.Random(42)
+    chunks = [b"".join(_block(rng) for _ in range(16)) for _ in range(64)]
+    with open(path + ".tmp", "wb") as f:
+        for _ in range(mib):
+            f.write(rng.choice(chunks))
+    os.replace(path + ".tmp", path)
+    return path
+
+
+class Stage:
+    """A live stand-in for the crashed process, and a handler configuration opting it in."""
+
+    def __init__(self, targets: list[str], level: int, threads: int) -> None:
+        self.dir = os.path.join(WORK, "stage")
+        shutil.rmtree(self.dir, ignore_errors=True)
+        self.out = os.path.join(self.dir, "vol")
+        os.makedirs(self.out)
+        self.config = os.path.join(self.dir, "c.toml")
+        with open(self.config, "w") as f:
+            f.write(
+                f'state_dir = "{self.dir}/state"\n'
+                f"[capture]\ntargets = {targets!r}\nstorm_max = 1000000\ntimeout = 3600\n"
+                f'[spool]\nmax_size = "64G"\nkeep_free = "1G"\ncompression_level = {level}\n'
+                f"compression_threads = {threads}\n"
+                f'[[rules]]\nexe = "*/sleep"\npattern = "{self.out}/core"\n'
+            )
+        self.settings, self.snapshot = config.write_snapshot(self.config)
+        self.proc = subprocess.Popen(["sleep", "100000"])
+        self.pidfd = os.pidfd_open(self.proc.pid)
+
+    def args(self) -> list[str]:
+        pid = str(self.proc.pid)
+        values = {
+            "P": pid, "p": pid, "i": pid, "I": pid, "s": "11", "t": str(int(time.time())), "d": "1",
+            "u": "0", "g": "0", "c": str((1 << 64) - 1), "C": "0", "h": "bench", "e": "sleep",
+            "f": "sleep", "E": "!usr!bin!sleep", "F": str(self.pidfd),
+        }  # fmt: skip
+        from corevault.pattern import SPECIFIERS
+
+        return [hostsetup.default_handler(), "-c", self.snapshot, *(values[s] for s in SPECIFIERS)]
+
+    def clean(self) -> None:
+        for name in os.listdir(self.out):
+            os.unlink(os.path.join(self.out, name))
+        for entry in spool.entries(self.settings.spool_dir):
+            shutil.rmtree(os.path.join(spool.ready_dir(self.settings.spool_dir), entry))
+
+    def close(self) -> None:
+        os.close(self.pidfd)
+        self.proc.kill()
+        self.proc.wait()
+        shutil.rmtree(self.dir, ignore_errors=True)
+
+
+def timed(
+    feed: list[str], cmd: list[str], stdout: str | None = None, pass_fds: tuple = ()
+) -> tuple[float, int]:
+    """Run ``feed | cmd``; wall seconds and the peak RSS (KiB) of ``cmd``."""
+    out = open(stdout, "wb") if stdout else subprocess.DEVNULL  # noqa: SIM115
+    started = time.perf_counter()
+    feeder = subprocess.Popen(feed, stdout=subprocess.PIPE)
+    # The kernel starts the handler with a minimal environment and cwd /.
+    sink = subprocess.Popen(cmd, stdin=feeder.stdout, stdout=out, pass_fds=pass_fds, cwd="/", env=KERNEL_ENV)
+    assert feeder.stdout is not None
+    feeder.stdout.close()
+    _, status, usage = os.wait4(sink.pid, 0)
+    feeder.wait()
+    elapsed = time.perf_counter() - started
+    sink.returncode = os.waitstatus_to_exitcode(status)
+    if stdout:
+        out.close()  # type: ignore[union-attr]
+    if sink.returncode != 0:
+        raise SystemExit(f"{cmd[0]} failed with {sink.returncode}")
+    return elapsed, usage.ru_maxrss
+
+
+def median(xs: list[float]) -> float:
+    return statistics.median(xs)
+
+
+def bench_plain(data: str, runs: int) -> tuple[float, float, float]:
+    stage = Stage(["volume"], 3, 1)
+    cat, cat_sync, ours = [], [], []
+    try:
+        for _ in range(runs):
+            target = os.path.join(stage.out, "cat-copy")
+            cat.append(timed(["cat", data], ["cat"], stdout=target)[0])
+            os.unlink(target)
+            # The handler fsyncs the core before naming it; cat then sync(1) is the fair pair.
+            cat_sync.append(timed(["cat", data], ["sh", "-c", f"cat > {target} && sync {target}"])[0])
+            os.unlink(target)
+            ours.append(timed(["cat", data], stage.args(), pass_fds=(stage.pidfd,))[0])
+            with open(os.path.join(stage.out, "core"), "rb") as f:
+                f.seek(0, 2)
+                assert f.tell() == os.path.getsize(data)
+            stage.clean()
+    finally:
+        stage.close()
+    return median(cat), median(cat_sync), median(ours)
+
+
+def bench_compressed(data: str, runs: int, level: int, threads: int) -> tuple[float, float, int]:
+    stage = Stage(["vault"], level, threads)
+    cli, ours = [], []
+    try:
+        for _ in range(runs):
+            target = os.path.join(stage.out, "cli.zst")
+            cli.append(
+                timed(["cat", data], ["zstd", f"-{level}", f"-T{threads}", "-q", "-c"], stdout=target)[0]
+            )
+            os.unlink(target)
+            ours.append(timed(["cat", data], stage.args(), pass_fds=(stage.pidfd,))[0])
+            [entry] = spool.entries(stage.settings.spool_dir)
+            stored = spool.read_meta(stage.settings.spool_dir, entry)["core"]["stored_size"]
+            stage.clean()
+    finally:
+        stage.close()
+    return median(cli), median(ours), stored
+
+
+def bench_fixed(runs: int) -> tuple[float, float]:
+    tiny = os.path.join(WORK, "tiny-core")
+    with open(tiny, "wb") as f:
+        f.write(b"\x7fELF" + os.urandom(4092))
+    stage = Stage(["volume", "vault"], 3, 1)
+    python, ours = [], []
+    try:
+        for _ in range(runs):
+            python.append(timed(["cat", tiny], [sys.executable, "-c", "pass"])[0])
+            ours.append(timed(["cat", tiny], stage.args(), pass_fds=(stage.pidfd,))[0])
+            stage.clean()
+    finally:
+        stage.close()
+    return median(python), median(ours)
+
+
+def bench_rss(data: str, copies: int) -> int:
+    stage = Stage(["volume", "vault"], 3, 1)
+    try:
+        _, rss = timed(["cat", *[data] * copies], stage.args(), pass_fds=(stage.pidfd,))
+        stage.clean()
+    finally:
+        stage.close()
+    return rss
+
+
+def main() -> int:
+    ap = argparse.ArgumentParser(description=__doc__.splitlines()[0])
+    ap.add_argument("--size-mib", type=int, default=1024, help="core size for the throughput runs")
+    ap.add_argument("--runs", type=int, default=3, help="runs per measurement (median)")
+    ap.add_argument("--fixed-runs", type=int, default=30, help="runs for the fixed cost")
+    ap.add_argument("--big-gib", type=int, default=4, help="the larger core of the RSS check, in GiB")
+    ap.add_argument("--level", type=int, default=3)
+    ap.add_argument("--threads", type=int, default=1)
+    a = ap.parse_args()
+    os.makedirs(WORK, exist_ok=True)
+    data = core_like(os.path.join(WORK, f"core-like-{a.size_mib}m"), a.size_mib)
+    size = os.path.getsize(data)
+    print(f"core-like input: {size >> 20} MiB, fed through a pipe; medians of {a.runs} runs\n")
+
+    cat, cat_sync, plain = bench_plain(data, a.runs)
+    print(f"plain capture        {plain:7.3f} s   cat > file          {cat:7.3f} s   ratio {plain / cat:5.2f}  (goal <= 1.0)")
+    print(f"                                 cat > file; sync    {cat_sync:7.3f} s   ratio {plain / cat_sync:5.2f}  (both durable)")
+    cli, comp, stored = bench_compressed(data, a.runs, a.level, a.threads)
+    print(
+        f"compressed capture   {comp:7.3f} s   zstd -{a.level} -T{a.threads}        {cli:7.3f} s   "
+        f"ratio {comp / cli:5.2f}  (goal <= 1.0; compression ratio {size / stored:.1f})"
+    )
+    python, fixed = bench_fixed(a.fixed_runs)
+    print(
+        f"fixed cost, 4 KiB    {fixed * 1000:7.1f} ms  python -c pass      {python * 1000:7.1f} ms  "
+        f"(goal <= 30 ms; medians of {a.fixed_runs})"
+    )
+    rss1 = bench_rss(data, 1)
+    rss4 = bench_rss(data, a.big_gib * 1024 // a.size_mib)
+    print(
+        f"peak RSS             {rss1 / 1024:7.1f} MiB with {size >> 20} MiB, "
+        f"{rss4 / 1024:.1f} MiB with {a.big_gib} GiB   (goal <= 64 MiB, flat)"
+    )
+    return 0
+
+
+if __name__ == "__main__":
+    sys.exit(main())
