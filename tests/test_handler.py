@@ -4,6 +4,7 @@ from __future__ import annotations
 
 import os
 import shutil
+import signal
 import subprocess
 import time
 from collections.abc import Iterator
@@ -99,3 +100,21 @@ def test_handler_starts_with_stdout_and_stderr_closed(capture: Capture, sleeper)
     assert result.returncode == 0
     with open(os.path.join(target, f"core-sleep-{pid}"), "rb") as f:
         assert f.read() == data
+
+
+def test_a_crash_of_the_handler_itself_does_not_call_the_handler_again(capture: Capture, sleeper) -> None:
+    pid, pidfd = sleeper
+    host_rule(capture, '[[rules]]\nexe = "*python*"\npattern = "/tmp/never/core-%p"\n')
+    read_end, write_end = os.pipe()
+    os.write(write_end, b"\x7fELF" + bytes(1000))
+    handler = subprocess.Popen(
+        [capture.handler, "-c", capture.snapshot, *kernel_args(pid, pidfd_fd=pidfd)],
+        stdin=read_end, pass_fds=(pidfd,), cwd="/",
+    )  # fmt: skip
+    os.close(read_end)
+    time.sleep(1)  # well into its read loop
+    handler.send_signal(signal.SIGSEGV)
+    assert handler.wait(timeout=30) == -signal.SIGSEGV
+    os.close(write_end)
+    time.sleep(1)
+    assert [r for r in capture.journal() if r.get("pid") == handler.pid] == []

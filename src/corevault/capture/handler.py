@@ -55,7 +55,9 @@ def _quiet_stdio() -> None:
 def main(argv: list[str] | None = None) -> int:
     _quiet_stdio()
     os.umask(0o077)
-    resource.setrlimit(resource.RLIMIT_CORE, (0, 0))  # a crash in here must not recurse
+    # A crash in here must not recurse: the kernel starts pipe helpers with RLIMIT_CORE 1, the
+    # one value it honours for pipes ("aborting core"); 0 would be ignored and call us again.
+    resource.setrlimit(resource.RLIMIT_CORE, (1, 1))
     args = sys.argv[1:] if argv is None else argv
     path = None
     if len(args) >= 2 and args[0] in ("-c", "--config"):
