@@ -12,14 +12,10 @@ drgn and eu-stack can point at it with ``DEBUGINFOD_URLS=file://<store>``.
 from __future__ import annotations
 
 import os
-import struct
 
+from corevault import elf
 from corevault.capture.safefs import NewFile
 
-PT_NOTE = 4
-NT_GNU_BUILD_ID = 3
-MAX_PHNUM = 512
-MAX_NOTES = 1 << 16
 MAX_STORED_SIZE = 2 << 30
 
 
@@ -65,45 +61,7 @@ def mapped_objects(maps: str) -> list[tuple[str, str, int, int]]:
 
 def read_build_id(fd: int) -> str | None:
     """The GNU build-id of the ELF file open on ``fd``, or None."""
-    head = os.pread(fd, 64, 0)
-    if len(head) < 52 or head[:4] != b"\x7fELF" or head[4] not in (1, 2) or head[5] not in (1, 2):
-        return None
-    e = "<" if head[5] == 1 else ">"
-    if head[4] == 2:
-        (phoff,) = struct.unpack_from(e + "Q", head, 32)
-        phentsize, phnum = struct.unpack_from(e + "HH", head, 54)
-        ph_fmt = e + "I4xQ8x8xQ8xQ"  # p_type, p_offset, p_filesz, p_align
-    else:
-        (phoff,) = struct.unpack_from(e + "I", head, 28)
-        phentsize, phnum = struct.unpack_from(e + "HH", head, 42)
-        ph_fmt = e + "II8xI8xI"
-    if not 0 < phnum <= MAX_PHNUM or phentsize < struct.calcsize(ph_fmt):
-        return None
-    table = os.pread(fd, phentsize * phnum, phoff)
-    for i in range(len(table) // phentsize):
-        p_type, p_offset, p_filesz, p_align = struct.unpack_from(ph_fmt, table, i * phentsize)
-        if p_type != PT_NOTE:
-            continue
-        notes = os.pread(fd, min(p_filesz, MAX_NOTES), p_offset)
-        found = _find_build_id(notes, e, 8 if p_align == 8 else 4)
-        if found:
-            return found
-    return None
-
-
-def _find_build_id(notes: bytes, e: str, align: int) -> str | None:
-    off = 0
-    pad = align - 1
-    while off + 12 <= len(notes):
-        namesz, descsz, ntype = struct.unpack_from(e + "III", notes, off)
-        name_at = off + 12
-        desc_at = name_at + ((namesz + pad) & ~pad)
-        off = desc_at + ((descsz + pad) & ~pad)
-        if off > len(notes) + pad:
-            return None
-        if ntype == NT_GNU_BUILD_ID and notes[name_at : name_at + namesz] == b"GNU\0" and descsz:
-            return notes[desc_at : desc_at + descsz].hex()
-    return None
+    return elf.build_id(lambda offset, size: os.pread(fd, size, offset))
 
 
 def open_modules(proc_fd: int, maps: str) -> list[Module]:

@@ -12,7 +12,8 @@ import sys
 import typer
 
 from corevault import config, hostsetup, pattern
-from corevault.cli import host, patterns
+from corevault.analysis.runner import AnalysisError
+from corevault.cli import analyze, host, patterns
 
 EXIT_FAILED = 1
 EXIT_USAGE = 2
@@ -43,6 +44,7 @@ def _root(
 
 host.register(app)
 patterns.register(app)
+analyze.register(app)
 
 
 def main(argv: list[str] | None = None) -> int:
@@ -53,7 +55,7 @@ def main(argv: list[str] | None = None) -> int:
         return e.code if isinstance(e.code, int) else EXIT_FAILED
     except (config.ConfigError, pattern.PatternError) as e:
         return _error(str(e), EXIT_USAGE)
-    except hostsetup.SetupError as e:
+    except (hostsetup.SetupError, AnalysisError) as e:
         return _error(str(e), EXIT_FAILED)
     except PermissionError as e:
         return _error(f"{e.filename or 'operation'}: permission denied; run as root", EXIT_ENVIRONMENT)

@@ -1,0 +1,1 @@
+"""Explaining a captured core: what crashed, where, in which thread, and which bug it is."""

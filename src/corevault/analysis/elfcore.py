@@ -1,0 +1,232 @@
+"""Reading an ELF core file without a debugger: threads, signal, mappings and build-ids.
+
+The kernel writes a core as an ELF file of type ET_CORE: a PT_NOTE segment, then one
+PT_LOAD per memory mapping (empty where it dumped nothing). The notes hold what matters
+for triage and for finding the right binaries:
+
+- NT_PRSTATUS, one per thread, the thread that took the signal first: tid, signal and
+  general registers;
+- NT_PRPSINFO: pid, uid, command name and arguments;
+- NT_SIGINFO: signal number, code and the faulting address;
+- NT_FILE: every file-backed mapping with its path and file offset;
+- NT_AUXV: the auxiliary vector (AT_ENTRY, AT_PHDR, AT_EXECFN…).
+
+The build-id of each mapped ELF object is read from the core itself: the kernel dumps the
+first page of every ELF mapping (coredump_filter bit 4), which holds its program headers
+and, nearly always, its build-id note.
+
+pyelftools parses the ELF and program headers; the notes are parsed here with ``struct``
+and hard bounds, because a core is untrusted input: a truncated, bit-flipped or
+hand-made file gives a :class:`CoreError` with a reason, never an exception from deep
+inside a parser and never an allocation the size of a lying length field.
+"""
+
+from __future__ import annotations
+
+import os
+import struct
+from dataclasses import dataclass, field
+
+from corevault import elf
+
+NT_PRSTATUS = 1
+NT_PRPSINFO = 3
+NT_AUXV = 6
+NT_SIGINFO = 0x53494749
+NT_FILE = 0x46494C45
+MAX_NOTE_BYTES = 256 << 20
+MAX_SEGMENTS = 1 << 20
+
+# user_regs_struct, in the order the kernel stores it in NT_PRSTATUS.
+X86_64_REGS = (
+    "r15 r14 r13 r12 rbp rbx r11 r10 r9 r8 rax rcx rdx rsi rdi orig_rax rip cs eflags rsp ss "
+    "fs_base gs_base ds es fs gs"
+).split()
+AARCH64_REGS = [f"x{i}" for i in range(31)] + ["sp", "pc", "pstate"]
+_MACHINES = {"EM_X86_64": ("x86_64", X86_64_REGS, "rip"), "EM_AARCH64": ("aarch64", AARCH64_REGS, "pc")}
+_PRSTATUS_REG_OFFSET = 112  # 64-bit: siginfo, cursig, sigpend, sighold, pids, four timevals
+
+
+class CoreError(Exception):
+    """The file cannot be read as a core; the message says why."""
+
+
+@dataclass(frozen=True, slots=True)
+class Mapping:
+    start: int
+    end: int
+    offset: int
+    path: str
+
+
+@dataclass(frozen=True, slots=True)
+class ThreadState:
+    tid: int
+    signal: int
+    registers: dict[str, int]
+
+    def pc(self, machine: str) -> int | None:
+        return self.registers.get("rip" if machine == "x86_64" else "pc")
+
+
+@dataclass
+class Core:
+    path: str
+    machine: str
+    size: int
+    #: bytes the core's headers promise; more than ``size`` means the file was cut
+    expected_size: int
+    threads: list[ThreadState] = field(default_factory=list)
+    signal: int | None = None
+    signal_code: int | None = None
+    fault_address: int | None = None
+    pid: int | None = None
+    uid: int | None = None
+    gid: int | None = None
+    command: str | None = None
+    args: str | None = None
+    mappings: list[Mapping] = field(default_factory=list)
+    auxv: dict[int, int] = field(default_factory=dict)
+    #: build-id of each mapped ELF object (by path), read from the core's own memory
+    build_ids: dict[str, str] = field(default_factory=dict)
+    warnings: list[str] = field(default_factory=list)
+    _segments: list[tuple[int, int, int, int]] = field(default_factory=list, repr=False)
+
+    @property
+    def truncated(self) -> bool:
+        return self.size < self.expected_size
+
+    def objects(self) -> list[Mapping]:
+        """The first mapping (file offset 0) of each mapped file, in address order."""
+        seen: dict[str, Mapping] = {}
+        for m in sorted(self.mappings, key=lambda m: m.start):
+            if m.offset == 0 and m.path not in seen:
+                seen[m.path] = m
+        return list(seen.values())
+
+    def extent(self, path: str) -> tuple[int, int]:
+        """Lowest and highest address mapped from ``path``."""
+        spans = [(m.start, m.end) for m in self.mappings if m.path == path]
+        return min(s for s, _ in spans), max(e for _, e in spans)
+
+    def module_at(self, pc: int) -> tuple[str, int] | tuple[None, None]:
+        """The mapped file ``pc`` falls in and its offset from that file's load address."""
+        for m in self.mappings:
+            if m.start <= pc < m.end:
+                return m.path, pc - self.extent(m.path)[0]
+        return None, None
+
+    def read_memory(self, address: int, size: int) -> bytes | None:
+        """Bytes of the process's memory as dumped, or None where the core holds none."""
+        for vaddr, memsz, offset, filesz in self._segments:
+            if vaddr <= address < vaddr + memsz:
+                inside = address - vaddr
+                if inside >= filesz:
+                    return None
+                size = min(size, filesz - inside, 1 << 20)
+                with open(self.path, "rb") as f:
+                    f.seek(offset + inside)
+                    return f.read(size)
+        return None
+
+
+def read(path: str) -> Core:
+    """Read a core's notes and layout; raises :class:`CoreError` for anything unreadable."""
+    try:
+        return _read(path)
+    except CoreError:
+        raise
+    except OSError as e:
+        raise CoreError(f"cannot read {path}: {e.strerror}") from None
+    except Exception as e:  # a parser's error on hostile input: report it, don't escape
+        raise CoreError(f"malformed ELF: {type(e).__name__}: {e}") from None
+
+
+def _read(path: str) -> Core:
+    from elftools.elf.elffile import ELFFile
+
+    size = os.path.getsize(path)
+    with open(path, "rb") as f:
+        if f.read(4) != b"\x7fELF":
+            raise CoreError("not an ELF file")
+        f.seek(0)
+        ef = ELFFile(f)
+        if ef.header.e_type != "ET_CORE":
+            raise CoreError(f"an ELF file of type {ef.header.e_type}, not a core")
+        if ef.num_segments() > MAX_SEGMENTS:
+            raise CoreError(f"{ef.num_segments()} segments is more than a core can have")
+        machine, reg_names, _ = _MACHINES.get(ef.header.e_machine, (str(ef.header.e_machine), [], ""))
+        endian = "<" if ef.little_endian else ">"
+        segments = [s.header for s in ef.iter_segments()]
+        expected = max([s.p_offset + s.p_filesz for s in segments] + [ef.header.e_phoff])
+        core = Core(path, machine, size, expected)
+        core._segments = [
+            (s.p_vaddr, s.p_memsz, s.p_offset, s.p_filesz) for s in segments if s.p_type == "PT_LOAD"
+        ]
+        word = "Q" if ef.elfclass == 64 else "I"
+        for s in segments:
+            if s.p_type != "PT_NOTE":
+                continue
+            if s.p_filesz > MAX_NOTE_BYTES:
+                raise CoreError(f"a note segment of {s.p_filesz} bytes is more than a core has")
+            f.seek(s.p_offset)
+            data = f.read(s.p_filesz)
+            if len(data) < s.p_filesz:
+                core.warnings.append("the notes are cut short: the core is truncated")
+            for name, ntype, desc in elf.parse_notes(data, endian, 4):
+                _note(core, name, ntype, desc, endian, word, reg_names)
+    if not core.threads:
+        raise CoreError("no thread status (NT_PRSTATUS) in the core")
+    for m in core.objects():
+        try:
+            bid = elf.build_id(lambda off, n, base=m.start: core.read_memory(base + off, n), in_memory=True)
+        except (struct.error, OSError):
+            bid = None
+        if bid:
+            core.build_ids[m.path] = bid
+    return core
+
+
+def _note(core: Core, name: bytes, ntype: int, desc: bytes, e: str, word: str, reg_names: list[str]) -> None:  # noqa: PLR0917
+    if name not in (b"CORE\0", b"LINUX\0"):
+        return
+    if ntype == NT_PRSTATUS and name == b"CORE\0" and len(desc) >= _PRSTATUS_REG_OFFSET:
+        signo, _code, _errno, cursig = struct.unpack_from(e + "iiih", desc, 0)
+        (pid,) = struct.unpack_from(e + "i", desc, 32)
+        n = min(len(reg_names), (len(desc) - _PRSTATUS_REG_OFFSET) // 8)
+        values = struct.unpack_from(e + f"{n}Q", desc, _PRSTATUS_REG_OFFSET) if n else ()
+        core.threads.append(ThreadState(pid, cursig or signo, dict(zip(reg_names, values, strict=False))))
+    elif ntype == NT_PRPSINFO and name == b"CORE\0" and len(desc) >= 136:
+        uid, gid, pid = struct.unpack_from(e + "IIi", desc, 16)
+        core.uid, core.gid, core.pid = uid, gid, pid
+        core.command = desc[40:56].split(b"\0", 1)[0].decode(errors="replace")
+        core.args = desc[56:136].split(b"\0", 1)[0].decode(errors="replace").strip()
+    elif ntype == NT_SIGINFO and len(desc) >= 12:
+        core.signal, _, core.signal_code = struct.unpack_from(e + "iii", desc, 0)
+        if core.signal in (4, 5, 7, 8, 11) and len(desc) >= 24:  # SIGILL SIGTRAP SIGBUS SIGFPE SIGSEGV
+            (core.fault_address,) = struct.unpack_from(e + "Q", desc, 16)
+    elif ntype == NT_AUXV:
+        size = struct.calcsize(e + word)
+        for i in range(0, len(desc) - 2 * size + 1, 2 * size):
+            key, value = struct.unpack_from(e + word + word, desc, i)
+            if key == 0:
+                break
+            core.auxv[key] = value
+    elif ntype == NT_FILE:
+        _nt_file(core, desc, e, word)
+
+
+def _nt_file(core: Core, desc: bytes, e: str, word: str) -> None:
+    size = struct.calcsize(e + word)
+    if len(desc) < 2 * size:
+        return
+    count, page_size = struct.unpack_from(e + word + word, desc, 0)
+    table_end = 2 * size + count * 3 * size
+    if count > len(desc) // (3 * size) or table_end > len(desc):
+        core.warnings.append("the file mapping note (NT_FILE) is malformed; mapped files are unknown")
+        return
+    names = desc[table_end:].split(b"\0")
+    for i in range(count):
+        start, end, page = struct.unpack_from(e + word * 3, desc, 2 * size + i * 3 * size)
+        path = names[i].decode(errors="replace") if i < len(names) else "?"
+        core.mappings.append(Mapping(start, end, page * page_size, path))

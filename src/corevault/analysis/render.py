@@ -1,0 +1,61 @@
+"""A report for people, in the spirit of ``coredumpctl info``."""
+
+from __future__ import annotations
+
+import os
+
+from corevault.model import Frame, Report
+
+MAX_OTHER_FRAMES = 8
+
+
+def frame_line(f: Frame) -> str:
+    where = f"{f.file}:{f.line}" if f.file and f.line else ""
+    name = f.function or "??"
+    module = f" ({os.path.basename(f.module)}+0x{f.offset:x})" if f.module and f.offset is not None else ""
+    inline = " [inlined]" if f.inline else ""
+    return f"#{f.index:<3} 0x{f.pc:016x} {name}{inline}" + (f" at {where}" if where else module)
+
+
+def text(report: Report, all_threads: bool = True) -> str:
+    s = report.signal
+    lines = [
+        f"       Title: {report.title or '?'}",
+        f"   Signature: {report.signature or '?'}",
+        f"      Signal: {s.number} ({s.name or '?'})"
+        + (f", code {s.code} ({s.code_name})" if s.code_name else ""),
+    ]
+    if s.description:
+        lines.append(f"        What: {s.description}")
+    if s.fault_address is not None:
+        lines.append(f"       Fault: address 0x{s.fault_address:x}")
+    lines += [
+        f"  Executable: {report.exe or '?'}",
+        f"Command line: {report.args or '?'}",
+        f"         PID: {report.pid}    crashed thread: {report.crashed_tid}"
+        f"    threads: {len(report.threads)}",
+        f"        Core: {report.core_size} bytes" + ("  (TRUNCATED)" if report.truncated else ""),
+        f"    Analysed: by {report.backend}",
+        "",
+    ]
+    crashed = report.crashed_thread
+    if crashed is not None:
+        lines.append(f"Stack trace of thread {crashed.tid} (crashed):")
+        lines += ["  " + frame_line(f) for f in crashed.frames]
+        if crashed.incomplete:
+            lines.append("  … (more frames not shown)")
+    if all_threads:
+        for t in report.threads:
+            if t.crashed:
+                continue
+            lines.append(f"\nStack trace of thread {t.tid}:")
+            lines += ["  " + frame_line(f) for f in t.frames[:MAX_OTHER_FRAMES]]
+            if len(t.frames) > MAX_OTHER_FRAMES or t.incomplete:
+                lines.append("  …")
+    lines.append("\nModules:")
+    for m in report.modules:
+        state = "debug info" if m.debuginfo else ("symbols only" if m.found else "MISSING")
+        lines.append(f"  0x{m.start:x} {m.path}  build-id {m.build_id}  [{state}]")
+    for w in report.warnings:
+        lines.append(f"warning: {w}")
+    return "\n".join(lines)

@@ -1,0 +1,97 @@
+"""Crash signatures: the same bug gets one, different bugs never share one.
+
+The algorithm, the way ABRT/satyr, Socorro and Sentry do it:
+
+1. Take the crashing thread's frames, inline frames included, innermost first.
+2. Name each frame: its function name without parameters, return type, ``const``,
+   clone suffixes (``.isra.0``, ``.constprop.1``, ``.part.2``, ``.cold``, ``.lto_priv.0``),
+   symbol versions (``@@GLIBC_2.2.5``) and glibc's internal ``__GI_`` prefix. A frame with no
+   name is ``module+0xOFFSET`` from the module's load address, which does not move with ASLR.
+3. Drop the frames that say how the process died rather than why: raise, abort,
+   ``__pthread_kill*``, assert and fortify failure paths, ``std::terminate``, ``__cxa_throw``
+   and the unwinder, and the thread and process entry points.
+4. Keep the top three frames of the program itself (not libc, libstdc++, libgcc, the dynamic
+   loader or the vDSO); if there are none (a crash deep in libc with no program frames),
+   the top three of what is left.
+5. The signature is the signal name (an abort seen as SIGSEGV in a container's PID 1 counts
+   as SIGABRT) and those frames; its id is the first 16 hex digits of their SHA-256.
+
+Computed from one back-end's frames only (the report says which), so a report never
+mixes naming conventions.
+"""
+
+from __future__ import annotations
+
+import hashlib
+import os
+import re
+
+from corevault.model import Frame, Report
+
+DEPTH = 3
+
+SKIP = frozenset(
+    """
+    raise abort gsignal pthread_kill __pthread_kill __pthread_kill_implementation __pthread_kill_internal
+    __assert_fail __assert_fail_base __assert_perror_fail __libc_message __libc_fatal __fortify_fail
+    __chk_fail __stack_chk_fail malloc_printerr __malloc_assert
+    std::terminate std::__terminate __cxa_throw __cxa_rethrow __cxa_call_terminate __cxa_call_unexpected
+    __cxxabiv1::__terminate __cxxabiv1::__unexpected __gnu_cxx::__verbose_terminate_handler
+    std::rethrow_exception std::__throw_logic_error std::__throw_out_of_range std::__throw_bad_alloc
+    _Unwind_RaiseException _Unwind_Resume _Unwind_Resume_or_Rethrow __restore_rt
+    __libc_start_main __libc_start_main_impl __libc_start_call_main _start start_thread clone clone3
+    """.split()
+)
+SYSTEM_LIBRARIES = re.compile(
+    r"^(libc|libm|libpthread|libdl|librt|libresolv|ld-linux[\w.-]*|ld-musl[\w.-]*|libstdc\+\+|libgcc_s|"
+    r"libc\+\+|libc\+\+abi|libunwind|linux-vdso|linux-gate)(\.so|[.-]|$)"
+)
+_CLONE_SUFFIX = re.compile(r"(\.(isra|constprop|part|cold|lto_priv|llvm|localalias)(\.\d+)?)+$")
+
+
+def _strip_parameters(name: str) -> str:
+    name = name.removesuffix(" const")
+    if not name.endswith(")"):
+        return name
+    depth = 0
+    for i in range(len(name) - 1, -1, -1):
+        depth += {")": 1, "(": -1}.get(name[i], 0)
+        if depth == 0:
+            return name[:i].rstrip()
+    return name
+
+
+def normalize(frame: Frame) -> str:
+    """The name a frame contributes to a signature."""
+    name = frame.function
+    if not name:
+        if frame.module and frame.offset is not None:
+            return f"{os.path.basename(frame.module)}+0x{frame.offset:x}"
+        return "?"
+    name = name.split("@", 1)[0]
+    name = _strip_parameters(name)
+    name = _CLONE_SUFFIX.sub("", name)
+    # a C++ return type in front ("void ns::f"): keep the qualified name only
+    if " " in name and "operator" not in name and "<" not in name:
+        name = name.rsplit(" ", 1)[-1]
+    return name.removeprefix("__GI_").removeprefix("*")
+
+
+def in_app(frame: Frame) -> bool:
+    return bool(frame.module) and not SYSTEM_LIBRARIES.match(os.path.basename(frame.module or ""))
+
+
+def compute(report: Report) -> tuple[str | None, tuple[str, ...], str | None]:
+    """``(signature id, the frames it was made of, a title for people)``."""
+    thread = report.crashed_thread
+    if thread is None or not thread.frames:
+        return None, (), None
+    kept = [(normalize(f), f) for f in thread.frames]
+    kept = [(n, f) for n, f in kept if n not in SKIP]
+    app = [n for n, f in kept if in_app(f)]
+    top = tuple((app or [n for n, _ in kept])[:DEPTH])
+    aborted = report.signal.description is not None and report.signal.description.startswith("abort")
+    signal = "SIGABRT" if aborted else (report.signal.name or f"signal {report.signal.number}")
+    text = signal + ":" + "|".join(top)
+    title = f"{signal} in {top[0]}" + (f" ← {top[1]}" if len(top) > 1 else "") if top else signal
+    return hashlib.sha256(text.encode()).hexdigest()[:16], top, title

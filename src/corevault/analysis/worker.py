@@ -1,0 +1,139 @@
+"""The analysis of one core, as run inside the sandboxed worker process.
+
+``python -m corevault.analysis.worker CORE --store DIR [--backend drgn|gdb]`` prints one
+JSON document: the report, or ``{"error": "..."}`` when the core is unreadable. It parses
+untrusted input, so :mod:`corevault.analysis.runner` starts it with a timeout and a memory
+cap and never imports it into a long-lived process.
+"""
+
+from __future__ import annotations
+
+import argparse
+import dataclasses
+import json
+import os
+import subprocess
+import sys
+
+from corevault.analysis import binaries, elfcore, signals, signature, unwind_drgn, unwind_gdb
+from corevault.model import Module, Report, Thread
+
+AT_ENTRY = 9
+BACKENDS = ("drgn", "gdb")
+
+
+def analyze(core_path: str, stores: list[str], backend: str = "drgn", max_frames: int = 256) -> Report:
+    core = elfcore.read(core_path)
+    warnings = list(core.warnings)
+    if core.truncated:
+        warnings.append(f"the core is truncated: {core.size} of {core.expected_size} bytes")
+    found = {bid: binaries.locate(bid, stores) for bid in set(core.build_ids.values())}
+    exe_path = core.module_at(core.auxv[AT_ENTRY])[0] if AT_ENTRY in core.auxv else None
+    exe_found = found.get(core.build_ids.get(exe_path or "", ""))
+    executable = exe_found.executable if exe_found else None
+
+    threads: list[Thread] = []
+    debug: dict[str, bool] = {}
+    used = backend
+    if backend == "drgn":
+        try:
+            threads, debug, more = unwind_drgn.unwind(core, found, max_frames)
+            warnings += more
+        except Exception as e:
+            warnings.append(f"drgn failed ({type(e).__name__}: {e}); used gdb instead")
+            used = "gdb"
+    if used == "gdb":
+        threads, more = unwind_gdb.unwind(core, found, executable, max_frames)
+        warnings += more
+    threads = _demangle(threads)
+
+    modules = []
+    for obj in core.objects():
+        bid = core.build_ids.get(obj.path)
+        if bid is None:
+            continue
+        where = found[bid]
+        start, end = core.extent(obj.path)
+        modules.append(
+            Module(
+                path=obj.path, start=start, end=end, build_id=bid, file=where.executable,
+                debuginfo=debug.get(obj.path, where.debuginfo is not None),
+            )
+        )  # fmt: skip
+        if where.executable is None and not obj.path.startswith("[vdso"):
+            warnings.append(
+                f"missing: {obj.path} (build-id {bid}) is not in the build-id store; "
+                "its frames show as module+offset"
+            )
+    crashed = next((t for t in threads if t.crashed), None) or (threads[0] if threads else None)
+    state = core.threads[0]
+    pc = state.pc(core.machine)
+    sig = signals.describe(
+        core.signal if core.signal is not None else state.signal,
+        core.signal_code,
+        core.fault_address,
+        core.read_memory(pc, 1) if pc is not None else None,
+        [f.function or "" for f in (crashed.frames if crashed else ())],
+    )
+    report = Report(
+        signal=sig,
+        crashed_tid=crashed.tid if crashed else state.tid,
+        threads=tuple(threads),
+        modules=tuple(modules),
+        backend=used,
+        core_size=core.size,
+        truncated=core.truncated,
+        pid=core.pid,
+        exe=exe_path,
+        args=core.args,
+        registers=dict(state.registers),
+        warnings=tuple(warnings),
+    )
+    sig_id, frames, title = signature.compute(report)
+    return dataclasses.replace(report, signature=sig_id, signature_frames=frames, title=title)
+
+
+def _demangle(threads: list[Thread]) -> list[Thread]:
+    """Demangle C++ symbol names (frames named from ELF symbols rather than DWARF)."""
+    mangled = sorted(
+        {f.function for t in threads for f in t.frames if f.function and f.function.startswith("_Z")}
+    )
+    if not mangled:
+        return threads
+    try:
+        out = subprocess.run(
+            ["c++filt"], input="\n".join(mangled), capture_output=True, text=True, timeout=30, check=False
+        )
+        names = dict(zip(mangled, out.stdout.splitlines(), strict=False))
+    except (OSError, subprocess.SubprocessError):
+        return threads
+    return [
+        dataclasses.replace(
+            t,
+            frames=tuple(
+                dataclasses.replace(f, function=names.get(f.function, f.function)) for f in t.frames
+            ),
+        )
+        for t in threads
+    ]
+
+
+def main(argv: list[str] | None = None) -> int:
+    ap = argparse.ArgumentParser(prog="corevault.analysis.worker")
+    ap.add_argument("core")
+    ap.add_argument("--store", action="append", default=[])
+    ap.add_argument("--backend", choices=BACKENDS, default="drgn")
+    ap.add_argument("--max-frames", type=int, default=256)
+    a = ap.parse_args(argv)
+    try:
+        doc = analyze(a.core, a.store, a.backend, a.max_frames).to_dict()
+    except elfcore.CoreError as e:
+        doc = {"error": f"unreadable: {e}"}
+    sys.stdout.write(json.dumps(doc))
+    sys.stdout.flush()
+    return 0
+
+
+if __name__ == "__main__":
+    os.environ.pop("DEBUGINFOD_URLS", None)
+    sys.exit(main())

@@ -1,0 +1,46 @@
+"""``corevault analyze FILE|ID``: explain one core."""
+
+from __future__ import annotations
+
+import json
+import os
+
+import typer
+
+from corevault import config, spool
+from corevault.analysis import render, runner
+
+
+def register(app: typer.Typer) -> None:
+    app.command(
+        epilog="Examples: corevault analyze /data/dump-a/core-!app!server-1-1700000000 · "
+        "corevault analyze 20261128T060502Z-4502-7bf6460b --json"
+    )(analyze)
+
+
+def resolve(settings: config.Settings, what: str) -> str:
+    """A core file path, or the core of a spool entry with that id."""
+    if os.path.exists(what):
+        return what
+    entry = os.path.join(spool.ready_dir(settings.spool_dir), what, spool.CORE_NAME)
+    if "/" not in what and os.path.exists(entry):
+        return entry
+    raise runner.AnalysisError(
+        f"{what} is neither a core file nor a crash id in {spool.ready_dir(settings.spool_dir)}"
+    )
+
+
+def analyze(
+    ctx: typer.Context,
+    what: str = typer.Argument(..., metavar="FILE|ID", help="A core file (plain or .zst) or a crash id."),
+    as_json: bool = typer.Option(False, "--json", help="Print the report as JSON."),
+    backend: str = typer.Option("drgn", help="Unwinder: drgn (default) or gdb."),
+    store: list[str] = typer.Option([], help="More build-id stores to look in (debuginfod layout)."),  # noqa: B008
+    timeout: float = typer.Option(runner.DEFAULT_TIMEOUT, help="Seconds before the analysis is stopped."),
+) -> None:
+    """Symbolized backtraces of every thread, the signal, and the crash's signature."""
+    if backend not in ("drgn", "gdb"):
+        raise runner.AnalysisError(f"unknown backend {backend!r}; use drgn or gdb")
+    settings = config.load(ctx.obj["config"])
+    report = runner.analyze(resolve(settings, what), [*store, settings.buildid_dir], backend, timeout=timeout)
+    print(json.dumps(report.to_dict(), indent=2) if as_json else render.text(report))

@@ -1,0 +1,76 @@
+"""Just enough ELF to find a GNU build-id, in a file or in a core's copy of memory.
+
+Used by the capture handler (which must not import an ELF library: it runs per crash) and
+by the core reader, which reads the same notes from the first page of each mapped object
+as the kernel dumped it. Every length read from the input is bounded, so a hostile file
+costs at most a few reads of a few KiB.
+"""
+
+from __future__ import annotations
+
+import struct
+from collections.abc import Callable, Iterator
+
+PT_LOAD = 1
+PT_NOTE = 4
+NT_GNU_BUILD_ID = 3
+MAX_PHNUM = 512
+MAX_NOTES = 1 << 16
+
+#: read(offset, size) -> bytes (possibly short) or None when nothing is there
+Reader = Callable[[int, int], bytes | None]
+
+
+def parse_notes(data: bytes, endian: str, align: int = 4) -> Iterator[tuple[bytes, int, bytes]]:
+    """``(name, type, desc)`` of each well-formed note in ``data``; stops at the first broken one."""
+    off = 0
+    pad = align - 1
+    while off + 12 <= len(data):
+        namesz, descsz, ntype = struct.unpack_from(endian + "III", data, off)
+        name_at = off + 12
+        desc_at = name_at + ((namesz + pad) & ~pad)
+        end = desc_at + ((descsz + pad) & ~pad)
+        if desc_at + descsz > len(data):
+            return
+        yield data[name_at : name_at + namesz], ntype, data[desc_at : desc_at + descsz]
+        off = end
+
+
+def build_id(read: Reader, *, in_memory: bool = False) -> str | None:
+    """The GNU build-id of the ELF object that ``read`` sees at offset 0, or None.
+
+    With ``in_memory`` the reader is a process image based at the object's load address,
+    so notes are found by virtual address rather than by file offset.
+    """
+    head = read(0, 64)
+    if not head or len(head) < 52 or head[:4] != b"\x7fELF" or head[4] not in (1, 2) or head[5] not in (1, 2):
+        return None
+    e = "<" if head[5] == 1 else ">"
+    if head[4] == 2:
+        if len(head) < 64:
+            return None
+        (phoff,) = struct.unpack_from(e + "Q", head, 32)
+        phentsize, phnum = struct.unpack_from(e + "HH", head, 54)
+        ph_fmt = e + "I4xQQ8xQ8xQ"  # p_type, p_offset, p_vaddr, p_filesz, p_align
+    else:
+        (phoff,) = struct.unpack_from(e + "I", head, 28)
+        phentsize, phnum = struct.unpack_from(e + "HH", head, 42)
+        ph_fmt = e + "III4xI8xI"
+    if not 0 < phnum <= MAX_PHNUM or phentsize < struct.calcsize(ph_fmt):
+        return None
+    table = read(phoff, phentsize * phnum) or b""
+    headers = [
+        struct.unpack_from(ph_fmt, table, i * phentsize)
+        for i in range(phnum)
+        if (i + 1) * phentsize <= len(table)
+    ]
+    loads = [vaddr for p_type, offset, vaddr, _, _ in headers if p_type == PT_LOAD and offset == 0]
+    base = (loads[0] & ~0xFFF) if loads else 0
+    for p_type, offset, vaddr, filesz, align in headers:
+        if p_type != PT_NOTE:
+            continue
+        notes = read(vaddr - base if in_memory else offset, min(filesz, MAX_NOTES)) or b""
+        for name, ntype, desc in parse_notes(notes, e, 8 if align == 8 else 4):
+            if ntype == NT_GNU_BUILD_ID and name == b"GNU\0" and desc:
+                return desc.hex()
+    return None

@@ -1,0 +1,108 @@
+"""The values corevault passes between its stages: one crash's analysis report and its parts.
+
+Frozen dataclasses with plain JSON forms (``to_dict``/``from_dict``), so a report written
+by the analysis worker reads back identically in the vault, the CLI and the server.
+"""
+
+from __future__ import annotations
+
+from dataclasses import asdict, dataclass, field, fields
+
+REPORT_VERSION = 1
+
+
+@dataclass(frozen=True, slots=True)
+class Frame:
+    index: int
+    pc: int
+    #: function name as the back-end reports it (demangled, with parameters for C++), or None
+    function: str | None = None
+    file: str | None = None
+    line: int | None = None
+    column: int | None = None
+    inline: bool = False
+    #: the mapped object the pc falls in, and the pc's offset from that object's load address
+    module: str | None = None
+    offset: int | None = None
+
+
+@dataclass(frozen=True, slots=True)
+class Thread:
+    tid: int
+    crashed: bool
+    frames: tuple[Frame, ...] = ()
+    #: the unwinder stopped early (frame limit, or a stack it could not follow)
+    incomplete: bool = False
+
+
+@dataclass(frozen=True, slots=True)
+class Module:
+    path: str
+    start: int
+    end: int
+    build_id: str | None = None
+    #: the file used for it, matched by build-id, or None when none was found
+    file: str | None = None
+    #: whether DWARF debug info was found for it (file:line and inline frames)
+    debuginfo: bool = False
+
+    @property
+    def found(self) -> bool:
+        return self.file is not None
+
+
+@dataclass(frozen=True, slots=True)
+class Signal:
+    number: int
+    name: str | None
+    code: int | None = None
+    code_name: str | None = None
+    #: faulting address for SIGSEGV, SIGBUS, SIGILL, SIGFPE and SIGTRAP
+    fault_address: int | None = None
+    #: what happened, in words ("abort", "address not mapped", ...)
+    description: str | None = None
+
+
+@dataclass(frozen=True, slots=True)
+class Report:
+    signal: Signal
+    crashed_tid: int | None
+    threads: tuple[Thread, ...]
+    modules: tuple[Module, ...]
+    backend: str
+    core_size: int
+    truncated: bool = False
+    pid: int | None = None
+    exe: str | None = None
+    args: str | None = None
+    registers: dict[str, int] = field(default_factory=dict)
+    warnings: tuple[str, ...] = ()
+    signature: str | None = None
+    #: the normalised frames the signature was computed from, for people to read
+    signature_frames: tuple[str, ...] = ()
+    title: str | None = None
+    version: int = REPORT_VERSION
+
+    @property
+    def crashed_thread(self) -> Thread | None:
+        return next((t for t in self.threads if t.crashed), None)
+
+    @property
+    def missing_modules(self) -> tuple[Module, ...]:
+        return tuple(m for m in self.modules if not m.found)
+
+    def to_dict(self) -> dict:
+        return asdict(self)
+
+    @classmethod
+    def from_dict(cls, doc: dict) -> Report:
+        doc = dict(doc)
+        doc["signal"] = Signal(**doc["signal"])
+        doc["threads"] = tuple(
+            Thread(**{**t, "frames": tuple(Frame(**f) for f in t["frames"])}) for t in doc["threads"]
+        )
+        doc["modules"] = tuple(Module(**m) for m in doc["modules"])
+        for key in ("warnings", "signature_frames"):
+            doc[key] = tuple(doc.get(key, ()))
+        known = {f.name for f in fields(cls)}
+        return cls(**{k: v for k, v in doc.items() if k in known})
