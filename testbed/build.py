@@ -1,4 +1,7 @@
-"""Compile the crash corpus (cached by source content) with the host's gcc and g++."""
+"""Compile the crash corpus (cached by source content and flags) with the host's gcc and g++.
+
+Programs land in the rootfs at /app/<name>; ``libuser`` finds ``libcrashy.so`` there too.
+"""
 
 from __future__ import annotations
 
@@ -9,25 +12,80 @@ import subprocess
 from testbed.runc import WORK
 
 HERE = os.path.join(os.path.dirname(os.path.abspath(__file__)), "programs")
+# name: (source, compiler and flags)
 PROGRAMS = {
     "crasher": ("crasher.c", ["gcc", "-g", "-O1", "-pthread"]),
     "thrower": ("thrower.cc", ["g++", "-g", "-O1"]),
+    "libcrashy.so": ("libcrashy.c", ["gcc", "-g", "-O1", "-shared", "-fPIC", "-Wl,-soname,libcrashy.so"]),
+    "libuser": ("libuser.c", ["gcc", "-g", "-O1", "-Wl,-rpath,/app"]),
 }
 
 
-def build(name: str, extra: tuple[str, ...] = ()) -> str:
+def _out(name: str, parts: bytes) -> str:
+    return os.path.join(WORK, "bin", f"{hashlib.sha256(parts).hexdigest()[:12]}-{name}")
+
+
+def build(name: str) -> str:
     """Path of the compiled program ``name`` (rebuilt when its source or flags change)."""
+    if name == "crasher-stripped":
+        # Built apart (its own build-id, so no unstripped twin in a store names its frames).
+        src = os.path.join(HERE, "crasher.c")
+        with open(src, "rb") as f:
+            out = _out(name, f.read() + b"stripped")
+        if not os.path.exists(out):
+            subprocess.run(["gcc", "-O1", "-pthread", "-DSTRIPPED", "-o", out + ".tmp", src], check=True)
+            subprocess.run(["strip", "--strip-all", out + ".tmp"], check=True)
+            os.replace(out + ".tmp", out)
+        return out
     source, cmd = PROGRAMS[name]
     src = os.path.join(HERE, source)
+    extra: list[str] = []
+    if name == "libuser":
+        lib = build("libcrashy.so")
+        extra = [lib]
     with open(src, "rb") as f:
-        digest = hashlib.sha256(f.read() + repr((cmd, extra)).encode()).hexdigest()[:12]
-    out = os.path.join(WORK, "bin", f"{name}-{digest}")
+        out = _out(name, f.read() + repr((cmd, extra)).encode())
     if not os.path.exists(out):
         os.makedirs(os.path.dirname(out), exist_ok=True)
-        subprocess.run([*cmd, *extra, "-o", out + ".tmp", src], check=True)
+        subprocess.run([*cmd, "-o", out + ".tmp", src, *extra], check=True)
         os.replace(out + ".tmp", out)
     return out
 
 
 def build_all() -> dict[str, str]:
-    return {name: build(name) for name in PROGRAMS}
+    return {name: build(name) for name in [*PROGRAMS, "crasher-stripped"]}
+
+
+def other_glibc() -> str | None:
+    """A Debian glibc build other than the host's, unpacked; None when the archive has none.
+
+    A container image's libc is rarely the node's: this one has the same paths and the same
+    version but different code and build-id, the case where a debugger using the host's
+    files silently shows wrong frames.
+    """
+    installed = subprocess.run(
+        ["dpkg-query", "-W", "-f=${Version}", "libc6"], capture_output=True, text=True, check=False
+    ).stdout.strip()
+    versions = [
+        line.split("|")[1].strip()
+        for line in subprocess.run(["apt-cache", "madison", "libc6"], capture_output=True, text=True, check=False)
+        .stdout.splitlines()
+        if line.count("|") >= 2
+    ]
+    other = next((v for v in versions if v != installed), None)
+    if other is None:
+        return None
+    target = os.path.join(WORK, f"glibc-{other}")
+    if os.path.exists(os.path.join(target, "lib/x86_64-linux-gnu/libc.so.6")):
+        return target
+    debs = os.path.join(WORK, "debs")
+    os.makedirs(debs, exist_ok=True)
+    cmd = ["apt-get", "download", "-q", f"libc6={other}"]
+    if subprocess.run(cmd, cwd=debs, capture_output=True, check=False).returncode != 0:
+        subprocess.run(["apt-get", "update", "-qq"], capture_output=True, check=False)
+        if subprocess.run(cmd, cwd=debs, capture_output=True, check=False).returncode != 0:
+            return None
+    deb = next(os.path.join(debs, f) for f in os.listdir(debs) if f.startswith("libc6_") and f.endswith(".deb"))
+    subprocess.run(["dpkg-deb", "-x", deb, target + ".tmp"], check=True)
+    os.replace(target + ".tmp", target)
+    return target

@@ -15,6 +15,7 @@ import os
 import shutil
 import subprocess
 import uuid
+from contextlib import suppress
 from dataclasses import dataclass, field
 
 WORK = "/tmp/corevault-testbed"
@@ -62,8 +63,11 @@ def _libraries(binary: str) -> list[str]:
     return libs
 
 
-def build_rootfs(path: str, programs: dict[str, str]) -> str:
-    """A busybox-static root with ``programs`` at /app/<name> and the libraries they need."""
+def build_rootfs(path: str, programs: dict[str, str], glibc: str | None = None) -> str:
+    """A busybox-static root with ``programs`` at /app/<name> and the libraries they need.
+
+    ``glibc``, an unpacked libc6 package, replaces the host's libc and dynamic loader.
+    """
     if os.path.exists(path):
         shutil.rmtree(path)
     for d in ("bin", "app", "proc", "dev", "sys", "tmp", "etc", VOLUME_PATH.lstrip("/")):
@@ -80,6 +84,17 @@ def build_rootfs(path: str, programs: dict[str, str]) -> str:
             if not os.path.exists(dest):
                 os.makedirs(os.path.dirname(dest), exist_ok=True)
                 shutil.copy2(os.path.realpath(lib), dest)
+    if glibc is not None:
+        for name in ("libc.so.6", "ld-linux-x86-64.so.2"):
+            src = os.path.join(glibc, "lib/x86_64-linux-gnu", name)
+            dest = os.path.join(path, "lib/x86_64-linux-gnu", name)
+            os.makedirs(os.path.dirname(dest), exist_ok=True)
+            shutil.copy2(src, dest)
+        loader = os.path.join(path, "lib64/ld-linux-x86-64.so.2")
+        os.makedirs(os.path.dirname(loader), exist_ok=True)
+        with suppress(FileNotFoundError):
+            os.unlink(loader)
+        shutil.copy2(os.path.join(glibc, "lib/x86_64-linux-gnu/ld-linux-x86-64.so.2"), loader)
     return path
 
 

@@ -14,6 +14,7 @@ import subprocess
 import tempfile
 import time
 from collections.abc import Iterator
+from contextlib import contextmanager
 from dataclasses import dataclass, field
 
 import pytest
@@ -111,8 +112,8 @@ class Capture:
         return self.journal()
 
 
-@pytest.fixture
-def capture() -> Iterator[Capture]:
+@contextmanager
+def installed_capture() -> Iterator[Capture]:
     """Install the handler (pipe mode, every specifier) with a fresh state dir; restore after."""
     d = tempfile.mkdtemp(prefix="cv-", dir="/tmp")  # short: the whole pattern must fit 127 bytes
     handler = os.path.join(d, "h")
@@ -131,6 +132,12 @@ def capture() -> Iterator[Capture]:
                 assert hostsetup.read_sysctls() == saved, "uninstall did not restore the host's sysctls"
     finally:
         shutil.rmtree(d, ignore_errors=True)
+
+
+@pytest.fixture
+def capture() -> Iterator[Capture]:
+    with installed_capture() as cap:
+        yield cap
 
 
 def gdb_backtrace(exe: str, core: str, sysroot: str) -> str:

@@ -6,12 +6,23 @@
  *   crasher dumpable UID      the same, but PR_SET_DUMPABLE 1 like nginx (dump mode 1, as UID)
  *   crasher comm NAME         set comm to NAME, then SIGSEGV
  *   crasher alloc MIB         touch MIB MiB (every other page zero), then SIGSEGV
+ *   crasher threads N         N threads wait, one more crashes in worker_crash()
+ *   crasher stack             unbounded recursion in recurse(): stack overflow
+ *   crasher fpe               integer division by zero in divide()
+ *   crasher ill               ud2 in illegal_instruction(): SIGILL
+ *   crasher bus               touch a page of a truncated mmap in read_truncated(): SIGBUS
+ *   crasher assert            a failed assert() in check_config()
+ *   crasher libc              a crash inside libc: insque() on a NULL element, from enqueue()
  */
+#include <assert.h>
+#include <fcntl.h>
 #include <pthread.h>
+#include <search.h>
 #include <signal.h>
 #include <stdio.h>
 #include <stdlib.h>
 #include <string.h>
+#include <sys/mman.h>
 #include <sys/prctl.h>
 #include <unistd.h>
 
@@ -29,13 +40,57 @@ __attribute__((noinline)) static void *worker_crash(void *arg) {
 
 static void *waiter(void *arg) { (void)arg; pause(); return NULL; }
 
+__attribute__((noinline)) int recurse(int depth) {
+    volatile char frame[256];
+    frame[0] = (char)depth;
+    return recurse(depth + 1) + frame[0];
+}
+
+volatile int zero = 0;
+__attribute__((noinline)) int divide(int a) { return a / zero; }
+
+__attribute__((noinline)) void illegal_instruction(void) { __builtin_trap(); }
+
+__attribute__((noinline)) int read_truncated(void) {
+    char path[] = "/dev/shm/corevault-bus-XXXXXX";
+    int fd = mkstemp(path);
+    if (fd < 0 || ftruncate(fd, 8192)) { perror("mkstemp"); exit(2); }
+    volatile char *map = mmap(NULL, 8192, PROT_READ | PROT_WRITE, MAP_SHARED, fd, 0);
+    unlink(path);
+    if (ftruncate(fd, 0)) exit(2);
+    return map[4096];
+}
+
+struct config { const char *name; };
+__attribute__((noinline)) void check_config(const struct config *c) { assert(c != NULL && "config must be loaded"); }
+
+__attribute__((noinline)) void enqueue(void *elem) { insque(elem, NULL); }
+
+static void run_threads(int n) {
+    pthread_t t;
+    for (int i = 0; i < n; i++) pthread_create(&t, NULL, waiter, NULL);
+    pthread_create(&t, NULL, worker_crash, NULL);
+    pthread_join(t, NULL);
+}
+
 int main(int argc, char **argv) {
     const char *mode = argc > 1 ? argv[1] : "segv";
     if (!strcmp(mode, "thread")) {
-        pthread_t t[5];
-        for (int i = 0; i < 4; i++) pthread_create(&t[i], NULL, waiter, NULL);
-        pthread_create(&t[4], NULL, worker_crash, NULL);
-        pthread_join(t[4], NULL);
+        run_threads(4);
+    } else if (!strcmp(mode, "threads")) {
+        run_threads(argc > 2 ? atoi(argv[2]) : 199);
+    } else if (!strcmp(mode, "stack")) {
+        return recurse(0);
+    } else if (!strcmp(mode, "fpe")) {
+        return divide(42);
+    } else if (!strcmp(mode, "ill")) {
+        illegal_instruction();
+    } else if (!strcmp(mode, "bus")) {
+        return read_truncated();
+    } else if (!strcmp(mode, "assert")) {
+        check_config(NULL);
+    } else if (!strcmp(mode, "libc")) {
+        enqueue((void *)nowhere);
     } else if (!strcmp(mode, "abort")) {
         abort();
     } else if (!strcmp(mode, "dropuid") || !strcmp(mode, "dumpable")) {
