@@ -68,8 +68,9 @@ def other_glibc() -> str | None:
     ).stdout.strip()
     versions = [
         line.split("|")[1].strip()
-        for line in subprocess.run(["apt-cache", "madison", "libc6"], capture_output=True, text=True, check=False)
-        .stdout.splitlines()
+        for line in subprocess.run(
+            ["apt-cache", "madison", "libc6"], capture_output=True, text=True, check=False
+        ).stdout.splitlines()
         if line.count("|") >= 2
     ]
     other = next((v for v in versions if v != installed), None)
@@ -85,7 +86,9 @@ def other_glibc() -> str | None:
         subprocess.run(["apt-get", "update", "-qq"], capture_output=True, check=False)
         if subprocess.run(cmd, cwd=debs, capture_output=True, check=False).returncode != 0:
             return None
-    deb = next(os.path.join(debs, f) for f in os.listdir(debs) if f.startswith("libc6_") and f.endswith(".deb"))
+    deb = next(
+        os.path.join(debs, f) for f in os.listdir(debs) if f.startswith("libc6_") and f.endswith(".deb")
+    )
     subprocess.run(["dpkg-deb", "-x", deb, target + ".tmp"], check=True)
     os.replace(target + ".tmp", target)
     return target

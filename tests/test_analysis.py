@@ -103,7 +103,9 @@ def test_fault_details(corpus: dict) -> None:
     c = corpus["crashes"]
     assert c["segv"].report.signal.code_name == "SEGV_MAPERR" and c["segv"].report.signal.fault_address == 0
     assert c["fpe"].report.signal.code_name == "FPE_INTDIV"
-    assert c["ill"].report.signal.code_name == "ILL_ILLOPN" or c["ill"].report.signal.code_name == "ILL_ILLOPC"
+    assert (
+        c["ill"].report.signal.code_name == "ILL_ILLOPN" or c["ill"].report.signal.code_name == "ILL_ILLOPC"
+    )
     assert c["bus"].report.signal.code_name == "BUS_ADRERR"
     segv = c["segv"].report.crashed_thread
     assert segv is not None and segv.frames[0].file.endswith("crasher.c") and segv.frames[0].line
@@ -128,7 +130,19 @@ def test_two_crashes_of_one_bug_share_a_signature(corpus: dict) -> None:
 
 
 def test_different_bugs_never_share_a_signature(corpus: dict) -> None:
-    distinct = ["segv", "stack", "fpe", "ill", "bus", "cxx", "assert", "threads", "stripped", "library", "foreign-libc"]
+    distinct = [
+        "segv",
+        "stack",
+        "fpe",
+        "ill",
+        "bus",
+        "cxx",
+        "assert",
+        "threads",
+        "stripped",
+        "library",
+        "foreign-libc",
+    ]
     signatures = [corpus["crashes"][n].report.signature for n in distinct]
     assert None not in signatures
     assert len(set(signatures)) == len(distinct), dict(zip(distinct, signatures, strict=True))
@@ -165,7 +179,9 @@ def test_foreign_libc_frames_come_from_the_containers_libc(corpus: dict) -> None
         capture_output=True, text=True, check=True,
     ).stdout.split("Build ID: ")[1].split()[0]  # fmt: skip
     assert libc.build_id == expected and libc.found
-    host = subprocess.run(["eu-readelf", "-n", "/lib/x86_64-linux-gnu/libc.so.6"], capture_output=True, text=True, check=True)
+    host = subprocess.run(
+        ["eu-readelf", "-n", "/lib/x86_64-linux-gnu/libc.so.6"], capture_output=True, text=True, check=True
+    )
     assert expected not in host.stdout
     top = r.crashed_thread.frames[0]  # type: ignore[union-attr]
     assert top.function == "insque" and top.module == "/lib/x86_64-linux-gnu/libc.so.6"
@@ -247,12 +263,18 @@ def test_cli_analyze_by_crash_id_and_json(corpus: dict) -> None:
     crash = corpus["crashes"]["cxx"]
     cli = os.path.join(os.path.dirname(sys.executable), "corevault")
     out = subprocess.run(
-        [cli, "-c", corpus["capture"].config, "analyze", crash.meta["id"]], capture_output=True, text=True, check=False
+        [cli, "-c", corpus["capture"].config, "analyze", crash.meta["id"]],
+        capture_output=True,
+        text=True,
+        check=False,
     )
     assert out.returncode == 0, out.stderr
     assert "SIGABRT in parse_config" in out.stdout and "thrower.cc" in out.stdout
     js = subprocess.run(
-        [cli, "-c", corpus["capture"].config, "analyze", "--json", crash.volume_core], capture_output=True, text=True, check=False
+        [cli, "-c", corpus["capture"].config, "analyze", "--json", crash.volume_core],
+        capture_output=True,
+        text=True,
+        check=False,
     )
     assert json.loads(js.stdout)["signature"] == crash.report.signature
     bad = subprocess.run([cli, "analyze", "no-such-crash"], capture_output=True, text=True, check=False)

@@ -158,7 +158,11 @@ def _read(path: str) -> Core:
         machine, reg_names, _ = _MACHINES.get(ef.header.e_machine, (str(ef.header.e_machine), [], ""))
         endian = "<" if ef.little_endian else ">"
         segments = [s.header for s in ef.iter_segments()]
-        expected = max([s.p_offset + s.p_filesz for s in segments] + [ef.header.e_phoff])
+        h = ef.header
+        expected = max(
+            [s.p_offset + s.p_filesz for s in segments]
+            + [h.e_phoff + h.e_phnum * h.e_phentsize, h.e_shoff + h.e_shnum * h.e_shentsize]
+        )
         core = Core(path, machine, size, expected)
         core._segments = [
             (s.p_vaddr, s.p_memsz, s.p_offset, s.p_filesz) for s in segments if s.p_type == "PT_LOAD"
