@@ -220,8 +220,12 @@ def main() -> int:
     print(f"core-like input: {size >> 20} MiB, fed through a pipe; medians of {a.runs} runs\n")
 
     cat, cat_sync, plain = bench_plain(data, a.runs)
-    print(f"plain capture        {plain:7.3f} s   cat > file          {cat:7.3f} s   ratio {plain / cat:5.2f}  (goal <= 1.0)")
-    print(f"                                 cat > file; sync    {cat_sync:7.3f} s   ratio {plain / cat_sync:5.2f}  (both durable)")
+    print(
+        f"plain capture        {plain:7.3f} s   cat > file          {cat:7.3f} s   ratio {plain / cat:5.2f}  (goal <= 1.0)"
+    )
+    print(
+        f"                                 cat > file; sync    {cat_sync:7.3f} s   ratio {plain / cat_sync:5.2f}  (both durable)"
+    )
     cli, comp, stored = bench_compressed(data, a.runs, a.level, a.threads)
     print(
         f"compressed capture   {comp:7.3f} s   zstd -{a.level} -T{a.threads}        {cli:7.3f} s   "

@@ -19,7 +19,7 @@ from corevault import spool
 from corevault.analysis import runner
 from corevault.model import Report
 from testbed import build, runc
-from tests.conftest import Capture, installed_capture
+from tests.conftest import installed_capture
 
 pytestmark = pytest.mark.crash
 

@@ -23,12 +23,15 @@ inside a parser and never an allocation the size of a lying length field.
 
 from __future__ import annotations
 
+import bisect
 import os
 import struct
 from dataclasses import dataclass, field
 
 from corevault import elf
 
+PT_LOAD = 1
+PT_NOTE = 4
 NT_PRSTATUS = 1
 NT_PRPSINFO = 3
 NT_AUXV = 6
@@ -91,6 +94,7 @@ class Core:
     build_ids: dict[str, str] = field(default_factory=dict)
     warnings: list[str] = field(default_factory=list)
     _segments: list[tuple[int, int, int, int]] = field(default_factory=list, repr=False)
+    _by_address: tuple | None = field(default=None, repr=False)
 
     @property
     def truncated(self) -> bool:
@@ -106,15 +110,26 @@ class Core:
 
     def extent(self, path: str) -> tuple[int, int]:
         """Lowest and highest address mapped from ``path``."""
-        spans = [(m.start, m.end) for m in self.mappings if m.path == path]
-        return min(s for s, _ in spans), max(e for _, e in spans)
+        return self._index()[1][path]
 
     def module_at(self, pc: int) -> tuple[str, int] | tuple[None, None]:
         """The mapped file ``pc`` falls in and its offset from that file's load address."""
-        for m in self.mappings:
-            if m.start <= pc < m.end:
-                return m.path, pc - self.extent(m.path)[0]
+        starts, extents, ordered = self._index()
+        i = bisect.bisect_right(starts, pc) - 1
+        if i >= 0 and pc < ordered[i].end:
+            path = ordered[i].path
+            return path, pc - extents[path][0]
         return None, None
+
+    def _index(self) -> tuple[list[int], dict[str, tuple[int, int]], list[Mapping]]:
+        if self._by_address is None:
+            ordered = sorted(self.mappings, key=lambda m: m.start)
+            extents: dict[str, tuple[int, int]] = {}
+            for m in ordered:
+                lo, hi = extents.get(m.path, (m.start, m.end))
+                extents[m.path] = (min(lo, m.start), max(hi, m.end))
+            self._by_address = ([m.start for m in ordered], extents, ordered)
+        return self._by_address
 
     def read_memory(self, address: int, size: int) -> bytes | None:
         """Bytes of the process's memory as dumped, or None where the core holds none."""
@@ -156,26 +171,41 @@ def _read(path: str) -> Core:
         if ef.num_segments() > MAX_SEGMENTS:
             raise CoreError(f"{ef.num_segments()} segments is more than a core can have")
         machine, reg_names, _ = _MACHINES.get(ef.header.e_machine, (str(ef.header.e_machine), [], ""))
-        endian = "<" if ef.little_endian else ">"
-        segments = [s.header for s in ef.iter_segments()]
+        e = endian = "<" if ef.little_endian else ">"
         h = ef.header
+        # The program header table is read with struct: pyelftools' per-segment parsing
+        # costs 0.14 s for the 2000 segments of a 1000-thread core.
+        fmt, fields = (
+            (e + "IIQQQQQQ", (0, 2, 3, 5, 6)) if ef.elfclass == 64 else (e + "IIIIIIII", (0, 1, 2, 4, 5))
+        )
+        count = ef.num_segments()
+        if h.e_phentsize < struct.calcsize(fmt):
+            raise CoreError(f"program headers of {h.e_phentsize} bytes are too small")
+        f.seek(h.e_phoff)
+        table = f.read(count * h.e_phentsize)
+        if len(table) < count * h.e_phentsize:
+            raise CoreError("the program header table is cut short")
+        segments = []  # (type, offset, vaddr, filesz, memsz)
+        for i in range(count):
+            values = struct.unpack_from(fmt, table, i * h.e_phentsize)
+            segments.append(tuple(values[k] for k in fields))
         expected = max(
-            [s.p_offset + s.p_filesz for s in segments]
-            + [h.e_phoff + h.e_phnum * h.e_phentsize, h.e_shoff + h.e_shnum * h.e_shentsize]
+            [offset + filesz for _, offset, _, filesz, _ in segments]
+            + [h.e_phoff + count * h.e_phentsize, h.e_shoff + h.e_shnum * h.e_shentsize]
         )
         core = Core(path, machine, size, expected)
         core._segments = [
-            (s.p_vaddr, s.p_memsz, s.p_offset, s.p_filesz) for s in segments if s.p_type == "PT_LOAD"
+            (vaddr, memsz, offset, filesz) for t, offset, vaddr, filesz, memsz in segments if t == PT_LOAD
         ]
         word = "Q" if ef.elfclass == 64 else "I"
-        for s in segments:
-            if s.p_type != "PT_NOTE":
+        for p_type, offset, _, filesz, _ in segments:
+            if p_type != PT_NOTE:
                 continue
-            if s.p_filesz > MAX_NOTE_BYTES:
-                raise CoreError(f"a note segment of {s.p_filesz} bytes is more than a core has")
-            f.seek(s.p_offset)
-            data = f.read(s.p_filesz)
-            if len(data) < s.p_filesz:
+            if filesz > MAX_NOTE_BYTES:
+                raise CoreError(f"a note segment of {filesz} bytes is more than a core has")
+            f.seek(offset)
+            data = f.read(filesz)
+            if len(data) < filesz:
                 core.warnings.append("the notes are cut short: the core is truncated")
             for name, ntype, desc in elf.parse_notes(data, endian, 4):
                 _note(core, name, ntype, desc, endian, word, reg_names)

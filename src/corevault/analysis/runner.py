@@ -57,6 +57,7 @@ def analyze(
     timeout: float = DEFAULT_TIMEOUT,
     memory: int = DEFAULT_MEMORY,
     max_frames: int = 256,
+    system_debuginfo: bool = False,
 ) -> Report:
     """Analyse ``core`` (plain or zstd) in a worker; raises :class:`AnalysisError`."""
     with tempfile.TemporaryDirectory(prefix="corevault-analysis-") as tmp:
@@ -70,7 +71,7 @@ def analyze(
             decompress(core, plain)
             core = plain
         cmd = [sys.executable, "-m", "corevault.analysis.worker", core, "--backend", backend]
-        cmd += ["--max-frames", str(max_frames)]
+        cmd += ["--max-frames", str(max_frames)] + (["--system-debuginfo"] if system_debuginfo else [])
         for store in stores:
             cmd += ["--store", store]
 

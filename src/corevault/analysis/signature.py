@@ -77,8 +77,13 @@ def normalize(frame: Frame) -> str:
     return name.removeprefix("__GI_").removeprefix("*")
 
 
+def is_system(path: str) -> bool:
+    """Whether a mapped file is a system runtime library (libc, libstdc++, the loader…)."""
+    return bool(SYSTEM_LIBRARIES.match(os.path.basename(path)))
+
+
 def in_app(frame: Frame) -> bool:
-    return bool(frame.module) and not SYSTEM_LIBRARIES.match(os.path.basename(frame.module or ""))
+    return bool(frame.module) and not is_system(frame.module or "")
 
 
 def compute(report: Report) -> tuple[str | None, tuple[str, ...], str | None]:

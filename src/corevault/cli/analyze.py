@@ -37,10 +37,19 @@ def analyze(
     backend: str = typer.Option("drgn", help="Unwinder: drgn (default) or gdb."),
     store: list[str] = typer.Option([], help="More build-id stores to look in (debuginfod layout)."),  # noqa: B008
     timeout: float = typer.Option(runner.DEFAULT_TIMEOUT, help="Seconds before the analysis is stopped."),
+    system_debuginfo: bool = typer.Option(
+        False, "--system-debuginfo", help="Also load libc's and other system libraries' DWARF (slower)."
+    ),
 ) -> None:
     """Symbolized backtraces of every thread, the signal, and the crash's signature."""
     if backend not in ("drgn", "gdb"):
         raise runner.AnalysisError(f"unknown backend {backend!r}; use drgn or gdb")
     settings = config.load(ctx.obj["config"])
-    report = runner.analyze(resolve(settings, what), [*store, settings.buildid_dir], backend, timeout=timeout)
+    report = runner.analyze(
+        resolve(settings, what),
+        [*store, settings.buildid_dir],
+        backend,
+        timeout=timeout,
+        system_debuginfo=system_debuginfo,
+    )
     print(json.dumps(report.to_dict(), indent=2) if as_json else render.text(report))
