@@ -279,3 +279,15 @@ def test_cli_analyze_by_crash_id_and_json(corpus: dict) -> None:
     assert json.loads(js.stdout)["signature"] == crash.report.signature
     bad = subprocess.run([cli, "analyze", "no-such-crash"], capture_output=True, text=True, check=False)
     assert bad.returncode == 1 and "neither a core file nor a crash id" in bad.stderr
+
+
+def test_system_debuginfo_on_request_names_libc_internals(corpus: dict) -> None:
+    crash = corpus["crashes"]["cxx"]
+    quick = crash.report.crashed_thread
+    deep = runner.analyze(crash.volume_core, [corpus["capture"].store], system_debuginfo=True)
+    libc = next(m for m in deep.modules if m.path.endswith("libc.so.6"))
+    assert libc.debuginfo  # the host's libc6-dbg, matched by build-id
+    assert quick is not None and quick.frames[0].function is None  # __pthread_kill_implementation is local
+    assert deep.crashed_thread.frames[0].function == "__pthread_kill_implementation"  # type: ignore[union-attr]
+    assert deep.crashed_thread.frames[0].file.endswith("pthread_kill.c")  # type: ignore[union-attr]
+    assert deep.signature == crash.report.signature
