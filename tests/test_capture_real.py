@@ -124,28 +124,28 @@ def test_systemd_cgroup_driver_and_pod_index_name_the_pod(capture: Capture, root
     }  # fmt: skip
 
 
-def test_worker_that_kept_dumpable_gets_its_core_as_its_own_user(capture: Capture, rootfs: str) -> None:
+@pytest.mark.parametrize(
+    ("mode", "dump_mode", "owner"),
+    [
+        (
+            "dumpable",
+            1,
+            33,
+        ),  # a worker that dropped to www-data but stayed dumpable, like nginx: its own core
+        ("dropuid", 2, 0),  # a process that changed credentials: root-only, never readable by the user
+    ],
+)
+def test_core_owner_follows_the_dump_mode(
+    capture: Capture, rootfs: str, mode: str, dump_mode: int, owner: int
+) -> None:
+    uid = 33 if mode == "dumpable" else 1000
     capture.crash(
-        rootfs,
-        ["/app/crasher", "dumpable", "33"],
-        annotations={"corevault.io/core-pattern": "/data/dump-a/c"},
+        rootfs, ["/app/crasher", mode, str(uid)], annotations={"corevault.io/core-pattern": "/data/dump-a/c"}
     )
     st = os.stat(os.path.join(capture.volume, "c"))
-    assert (st.st_uid, st.st_gid, stat.S_IMODE(st.st_mode)) == (33, 33, 0o600)
+    assert (st.st_uid, st.st_gid, stat.S_IMODE(st.st_mode)) == (owner, owner, 0o600)
     [meta] = capture.entries()
-    assert meta["process"]["dump_mode"] == 1 and meta["process"]["uid"] == 33
-
-
-def test_process_that_changed_credentials_gets_a_root_only_core(capture: Capture, rootfs: str) -> None:
-    capture.crash(
-        rootfs,
-        ["/app/crasher", "dropuid", "1000"],
-        annotations={"corevault.io/core-pattern": "/data/dump-a/c"},
-    )
-    st = os.stat(os.path.join(capture.volume, "c"))
-    assert (st.st_uid, st.st_gid, stat.S_IMODE(st.st_mode)) == (0, 0, 0o600)
-    [meta] = capture.entries()
-    assert meta["process"]["dump_mode"] == 2 and meta["process"]["uid"] == 1000
+    assert meta["process"]["dump_mode"] == dump_mode and meta["process"]["uid"] == uid
 
 
 def test_crash_in_a_worker_thread_records_the_thread(capture: Capture, rootfs: str, tmp_path) -> None:
