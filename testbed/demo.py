@@ -18,6 +18,7 @@ from rich.console import Console
 from rich.table import Table
 
 from corevault import config, hostsetup, spool
+from corevault.analysis import runner
 from testbed import build, runc, sysctl
 
 DEMO_DIR = "/tmp/corevault-demo"
@@ -26,7 +27,6 @@ PODS = [
     ("checkout-7d9f4", ["/app/crasher", "segv"], "a NULL dereference in C"),
     (
         "pricing-5c6b8",
-        "pricing",
         ["/bin/sh", "-c", "/app/thrower /etc/pricing.yaml; exit 1"],
         "an uncaught C++ exception",
     ),
@@ -67,8 +67,18 @@ def main() -> int:
 
     with sysctl.core_settings() as saved:
         console.print(f"\nThe host's settings now: core_pattern=[cyan]{saved['core_pattern']}[/cyan]")
-        console.print("$ corevault install")
-        console.print(corevault("install"))
+        handler = hostsetup.default_handler()
+        try:
+            hostsetup.pipe_pattern(
+                handler, None if settings.state_dir == config.DEFAULT_STATE_DIR else "x" * 40
+            )
+            install = ["install"]
+        except hostsetup.SetupError:  # a checkout deep in the filesystem: the kernel takes 127 bytes
+            short = os.path.join(DEMO_DIR, "corevault-capture")
+            os.symlink(handler, short)
+            install = ["install", "--handler", short]
+        console.print("$ corevault " + " ".join(install))
+        console.print(corevault(*install))
         results = []
         for pod, args, what in PODS:
             annotations = {} if pod.startswith("batch") else {"alibabacloud.com/core-pattern": SEED_PATTERN}
@@ -120,6 +130,31 @@ def main() -> int:
             f"    binaries kept by build-id: {', '.join(os.path.basename(m['path']) for m in held)}",
             style="dim",
         )
+
+    console.rule(
+        "[bold]corevault analyze: every crash explained, from the spool copy and the stored binaries"
+    )
+    table = Table("pod", "what happened", "signature", "grouped by these frames of the program")
+    for pod, c in results:
+        meta = by_container.get(c.id)
+        if meta is None:
+            continue
+        entry = os.path.join(spool.ready_dir(settings.spool_dir), meta["id"], spool.CORE_NAME)
+        report = runner.analyze(entry, [settings.buildid_dir])
+        crashed = report.crashed_thread
+        where = {f.function: f for f in (crashed.frames if crashed else ()) if f.function}
+        lines = []
+        for name in report.signature_frames:
+            f = where.get(name)
+            lines.append(name + (f" [dim]{os.path.basename(f.file)}:{f.line}[/dim]" if f and f.file else ""))
+        table.add_row(
+            pod,
+            f"{report.title}\n[dim]{report.signal.description or ''}[/dim]",
+            report.signature or "",
+            "\n".join(lines),
+        )
+    console.print(table)
+    console.print("$ corevault analyze <crash id>   shows every thread, the registers and the modules\n")
 
     console.rule("[bold]On this node")
     console.print(f"spool (waiting for the vault): {spool.ready_dir(settings.spool_dir)}")

@@ -27,18 +27,20 @@ SEED = {"corevault.io/core-pattern": "/data/dump-a/core-%e-%p-%t"}
 CORPUS = {
     # name: (args, via a shell so the program is not the container's PID 1)
     "segv": (["/app/crasher", "segv"], False),
-    "segv-again": (["/app/crasher", "segv"], True),
+    "segv-again": (["/app/crasher segv; exit 1"], True),
     "stack": (["/app/crasher", "stack"], False),
     "fpe": (["/app/crasher", "fpe"], False),
     "ill": (["/app/crasher", "ill"], False),
     "bus": (["/app/crasher", "bus"], False),
-    "cxx": (["/app/thrower"], True),
-    "assert": (["/app/crasher", "assert"], True),
+    "cxx": (["/app/thrower; exit 1"], True),
+    "assert": (["/app/crasher assert; exit 1"], True),
     "assert-pid1": (["/app/crasher", "assert"], False),
     "threads": (["/app/crasher", "threads", "199"], False),
     "stripped": (["/app/crasher-stripped", "segv"], False),
-    "stripped-again": (["/app/crasher-stripped", "segv"], True),
+    "stripped-again": (["/app/crasher-stripped segv; exit 1"], True),
     "library": (["/app/libuser"], False),
+    # copied into the (writable) volume and run from there, so it can delete itself
+    "deleted-exe": (["cp /app/crasher /data/dump-a/gone && exec /data/dump-a/gone unlink"], True),
 }
 
 
@@ -61,7 +63,7 @@ def corpus(programs: dict[str, str], rootfs: str, tmp_path_factory: pytest.TempP
         cap.configure("[capture]\nstorm_max = 100\n")
         crashes = {}
         for name, (root, args, shell) in runs.items():
-            argv = ["/bin/sh", "-c", " ".join(args) + "; exit 1"] if shell else args
+            argv = ["/bin/sh", "-c", " ".join(args)] if shell else args
             c = cap.crash(root, argv, annotations=SEED)
             [meta] = [m for m in cap.entries() if m["pod"]["container_id"] == c.id]
             spool_core = os.path.join(spool.ready_dir(cap.spool), meta["id"], spool.CORE_NAME)
@@ -161,6 +163,15 @@ def test_stack_overflow_is_cut_at_the_frame_limit(corpus: dict) -> None:
     crashed = corpus["crashes"]["stack"].report.crashed_thread
     assert crashed is not None and crashed.incomplete and len(crashed.frames) == 256
     assert {f.function for f in crashed.frames} == {"recurse"}
+
+
+def test_deleted_executable_is_found_by_build_id(corpus: dict) -> None:
+    crash = corpus["crashes"]["deleted-exe"]
+    assert crash.meta["process"]["exe"].endswith("(deleted)")
+    r = crash.report
+    assert r.exe == "/data/dump-a/gone (deleted)"
+    assert r.missing_modules == () and r.signature_frames[0] == "crash_here"
+    assert r.signature == corpus["crashes"]["segv"].report.signature  # the same bug, the same binary
 
 
 def test_frames_in_a_shared_library_name_it(corpus: dict) -> None:

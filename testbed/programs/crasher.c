@@ -13,6 +13,7 @@
  *   crasher bus               touch a page of a truncated mmap in read_truncated(): SIGBUS
  *   crasher assert            a failed assert() in check_config()
  *   crasher libc              a crash inside libc: insque() on a NULL element, from enqueue()
+ *   crasher unlink            delete its own executable, then SIGSEGV (a "(deleted)" executable)
  */
 #include <assert.h>
 #include <fcntl.h>
@@ -89,6 +90,8 @@ int main(int argc, char **argv) {
         return read_truncated();
     } else if (!strcmp(mode, "assert")) {
         check_config(NULL);
+    } else if (!strcmp(mode, "unlink")) {
+        if (unlink(argv[0])) { perror("unlink"); return 2; }
     } else if (!strcmp(mode, "libc")) {
         enqueue((void *)nowhere);
     } else if (!strcmp(mode, "abort")) {

@@ -136,7 +136,7 @@ def capture(settings: config.Settings, args: list[str], core_fd: int, warnings: 
     if warnings:
         record["warnings"] = warnings
     if plan.refused:
-        event = "skipped" if plan.pattern is None and "not opted in" in plan.refused else "refused"
+        event = "skipped" if not plan.opted_in else "refused"
         _journal(settings, {**record, "event": event, "reason": plan.refused})
         return 0
     kept, seen = policy.admit(

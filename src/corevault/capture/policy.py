@@ -34,9 +34,20 @@ from corevault.config import (
 
 
 class Plan:
-    __slots__ = ("limit", "limit_source", "pattern", "refused", "vault", "volume_path", "warnings")
+    __slots__ = (
+        "limit",
+        "limit_source",
+        "opted_in",
+        "pattern",
+        "refused",
+        "vault",
+        "volume_path",
+        "warnings",
+    )
 
     def __init__(self) -> None:
+        #: whether the pod (or a host rule) asked for cores at all
+        self.opted_in = False
         self.pattern: str | None = None
         #: absolute path inside the container's root for the plain core, or None
         self.volume_path: str | None = None
@@ -58,6 +69,7 @@ def plan(crash: Crash, owner: Owner, settings: Settings, core_uses_pid: bool) ->
     if pat is None:
         p.refused = "not opted in (no core-pattern annotation or host rule)"
         return p
+    p.opted_in = True
     found = pattern.problems(pat)
     if found:
         p.refused = f"invalid {key} {pat!r}: " + "; ".join(found)
