@@ -84,14 +84,23 @@ class Settings:
     """Everything a node's corevault needs to know; built by :func:`load`."""
 
     __slots__ = (
+        "agent_analyze",
+        "agent_metrics",
+        "agent_poll",
+        "analysis_timeout",
         "buildid_dir",
+        "catalog_url",
         "compression_level",
         "compression_threads",
         "core_uses_pid",
         "node_name",
         "podindex_dir",
+        "retention_max_age_days",
+        "retention_max_size",
+        "retention_namespace_max_size",
         "rules",
         "runtime_dirs",
+        "s3",
         "source",
         "spool_dir",
         "spool_keep_free",
@@ -101,6 +110,7 @@ class Settings:
         "storm_window",
         "targets",
         "timeout",
+        "vault_store",
     )
 
     def __init__(self, state_dir: str = DEFAULT_STATE_DIR) -> None:
@@ -136,6 +146,49 @@ class Settings:
         #: follow the kernel's core_uses_pid when expanding pod patterns (None: read the sysctl)
         self.core_uses_pid: bool | None = None
         self.rules: list[Rule] = []
+        #: where the vault keeps blobs: file:///path (local disk, NAS) or s3://bucket/prefix
+        self.vault_store = "file://" + os.path.join(state_dir, "vault")
+        #: the catalog: SQLite by default, PostgreSQL (postgresql+psycopg://…) when nodes share one
+        self.catalog_url = "sqlite:///" + os.path.join(state_dir, "catalog.db")
+        self.s3 = S3Settings()
+        #: seconds between the agent's looks at the spool
+        self.agent_poll = 2.0
+        #: host:port for the agent's Prometheus metrics, or "" for none
+        self.agent_metrics = "127.0.0.1:9464"
+        #: whether the agent analyses each crash before it leaves the spool
+        self.agent_analyze = True
+        self.analysis_timeout = 300.0
+        self.retention_max_age_days: float | None = None
+        self.retention_max_size: int | None = None
+        self.retention_namespace_max_size: int | None = None
+
+
+class S3Settings:
+    """How to reach an S3-compatible store (AWS S3, Alibaba OSS, MinIO, SeaweedFS)."""
+
+    __slots__ = (
+        "addressing",
+        "checksums",
+        "concurrency",
+        "credentials_file",
+        "endpoint",
+        "part_size",
+        "region",
+    )
+
+    def __init__(self) -> None:
+        #: e.g. https://s3.oss-cn-hangzhou.aliyuncs.com for Alibaba OSS; None for AWS
+        self.endpoint: str | None = None
+        self.region: str | None = None
+        #: "auto", "path" or "virtual" (OSS needs virtual-hosted addressing)
+        self.addressing = "auto"
+        #: parts of a multipart upload; 16 MiB lets one object reach 156 GiB (10,000 parts)
+        self.part_size = 16 << 20
+        self.concurrency = 4
+        #: "when_supported" (CRC per part, checked by the server) or "when_required" (OSS)
+        self.checksums = "when_supported"
+        #: an AWS-style credentials file; otherwise the usual AWS_* variables and profiles
+        self.credentials_file: str | None = None
 
 
 def load(path: str | None = None) -> Settings:
@@ -242,7 +295,11 @@ def _load_snapshot(path: str) -> Settings:
 
 def from_dict(doc: dict, where: str = "config") -> Settings:
     """Build settings from a parsed document, rejecting unknown keys and wrong types."""
-    _known(doc, {"state_dir", "node_name", "capture", "spool", "paths", "rules"}, where)
+    _known(
+        doc,
+        {"state_dir", "node_name", "capture", "spool", "paths", "rules", "vault", "agent", "retention"},
+        where,
+    )
     s = Settings(_str(doc, "state_dir", where, DEFAULT_STATE_DIR))
     s.node_name = _str(doc, "node_name", where, s.node_name)
 
@@ -276,6 +333,56 @@ def from_dict(doc: dict, where: str = "config") -> Settings:
     if not 1 <= s.compression_level <= 19:
         raise ConfigError(f"{where} [spool] compression_level: use 1 to 19, got {s.compression_level}")
     s.compression_threads = int(_number(spool, "compression_threads", where, s.compression_threads))
+
+    vault = _table(doc, "vault", where)
+    _known(vault, {"store", "catalog", "s3"}, f"{where} [vault]")
+    s.vault_store = _str(vault, "store", where, s.vault_store)
+    if not s.vault_store.startswith(("file:///", "s3://")):
+        raise ConfigError(
+            f"{where} [vault] store: use file:///path or s3://bucket/prefix, not {s.vault_store!r}"
+        )
+    s.catalog_url = _str(vault, "catalog", where, s.catalog_url)
+    s3 = _table(vault, "s3", where)
+    s3_keys = {
+        "endpoint",
+        "region",
+        "addressing",
+        "part_size",
+        "concurrency",
+        "checksums",
+        "credentials_file",
+    }
+    _known(s3, s3_keys, f"{where} [vault.s3]")
+    s.s3.endpoint = s3.get("endpoint") or None
+    s.s3.region = s3.get("region") or None
+    s.s3.addressing = _choice(s3, "addressing", where, ("auto", "path", "virtual"), s.s3.addressing)
+    s.s3.checksums = _choice(s3, "checksums", where, ("when_supported", "when_required"), s.s3.checksums)
+    if "part_size" in s3:
+        s.s3.part_size = parse_size(s3["part_size"], f"{where} [vault.s3] part_size")
+        if s.s3.part_size < 5 << 20:
+            raise ConfigError(f"{where} [vault.s3] part_size: S3 needs at least 5M")
+    s.s3.concurrency = max(1, int(_number(s3, "concurrency", where, s.s3.concurrency)))
+    s.s3.credentials_file = s3.get("credentials_file") or None
+
+    agent = _table(doc, "agent", where)
+    _known(agent, {"poll_interval", "metrics", "analyze", "analysis_timeout"}, f"{where} [agent]")
+    s.agent_poll = _number(agent, "poll_interval", where, s.agent_poll)
+    s.agent_metrics = agent.get("metrics", s.agent_metrics)
+    if not isinstance(s.agent_metrics, str):
+        raise ConfigError(f'{where} [agent] metrics: a host:port such as 127.0.0.1:9464, or "" for none')
+    s.agent_analyze = bool(agent.get("analyze", s.agent_analyze))
+    s.analysis_timeout = _number(agent, "analysis_timeout", where, s.analysis_timeout)
+
+    retention = _table(doc, "retention", where)
+    _known(retention, {"max_age_days", "max_size", "namespace_max_size"}, f"{where} [retention]")
+    if "max_age_days" in retention:
+        s.retention_max_age_days = _number(retention, "max_age_days", where, 0)
+    if "max_size" in retention:
+        s.retention_max_size = parse_size(retention["max_size"], f"{where} [retention] max_size")
+    if "namespace_max_size" in retention:
+        s.retention_namespace_max_size = parse_size(
+            retention["namespace_max_size"], f"{where} [retention] namespace_max_size"
+        )
 
     rules = doc.get("rules", [])
     if not isinstance(rules, list):
@@ -344,6 +451,13 @@ def _str(table: dict, key: str, where: str, default: str) -> str:
     value = table.get(key, default)
     if not isinstance(value, str) or not value:
         raise ConfigError(f"{where}: {key!r} must be a non-empty string")
+    return value
+
+
+def _choice(table: dict, key: str, where: str, choices: tuple[str, ...], default: str) -> str:
+    value = table.get(key, default)
+    if value not in choices:
+        raise ConfigError(f"{where}: {key!r} must be one of {', '.join(choices)}, not {value!r}")
     return value
 
 
