@@ -1,0 +1,310 @@
+"""Blob stores: where the vault keeps cores, metadata, reports and binaries.
+
+Two back-ends behind one small interface:
+
+- ``file:///path``: a local disk or a NAS/NFS mount. Writes go to a temporary name, are
+  fsynced (NFS reports ENOSPC/EDQUOT at fsync or close), renamed and the directory fsynced.
+- ``s3://bucket/prefix``: any S3-compatible store through boto3 (AWS S3, Alibaba OSS's
+  S3 endpoint, MinIO, SeaweedFS), with multipart uploads of ``part_size`` parts.
+
+Uploads stream from a file through a reader that hashes as it goes: MD5 per part (so the
+store's multipart ETag can be compared with ours) and SHA-256 of the whole object. With
+``checksums = when_supported`` boto3 also sends a CRC32 per part that the server checks.
+``put_file`` returns only once the store holds an object of the right size and ETag.
+
+Key layout (the same in both back-ends; ``buildid/`` is the debuginfod layout, so a
+``file://`` vault can serve gdb and drgn directly)::
+
+    crashes/<id>/core.zst    crashes/<id>/meta.json    crashes/<id>/report.json
+    buildid/<build-id>/executable
+"""
+
+from __future__ import annotations
+
+import hashlib
+import io
+import os
+import shutil
+from collections.abc import Iterator
+from contextlib import suppress
+from dataclasses import dataclass
+from typing import BinaryIO, Protocol
+from urllib.parse import urlparse
+
+from corevault.config import S3Settings
+
+
+class StoreError(Exception):
+    """The store cannot be reached or refused an operation; the message says which."""
+
+
+def core_key(crash_id: str) -> str:
+    return f"crashes/{crash_id}/core.zst"
+
+
+def meta_key(crash_id: str) -> str:
+    return f"crashes/{crash_id}/meta.json"
+
+
+def report_key(crash_id: str) -> str:
+    return f"crashes/{crash_id}/report.json"
+
+
+def buildid_key(build_id: str) -> str:
+    return f"buildid/{build_id}/executable"
+
+
+@dataclass(frozen=True, slots=True)
+class Stored:
+    key: str
+    size: int
+    sha256: str
+
+
+class BlobStore(Protocol):
+    url: str
+
+    def put_file(self, key: str, path: str) -> Stored: ...
+    def put_bytes(self, key: str, data: bytes) -> Stored: ...
+    def size(self, key: str) -> int | None: ...
+    def open(self, key: str) -> BinaryIO: ...
+    def delete(self, key: str) -> None: ...
+    def keys(self, prefix: str) -> Iterator[tuple[str, int]]: ...
+
+
+class _HashingReader(io.RawIOBase):
+    """Reads a file sequentially, hashing every byte and each ``part_size`` part."""
+
+    def __init__(self, f: BinaryIO, part_size: int) -> None:
+        self.f = f
+        self.part_size = part_size
+        self.sha = hashlib.sha256()
+        self.parts: list[bytes] = []
+        self._part = hashlib.md5()  # noqa: S324 - the S3 ETag's algorithm, not security
+        self._in_part = 0
+        self.total = 0
+
+    def readable(self) -> bool:
+        return True
+
+    def readinto(self, b: bytearray | memoryview) -> int:  # type: ignore[override]
+        n = self.f.readinto(b)  # type: ignore[attr-defined]
+        if not n:
+            return 0
+        view = memoryview(b)[:n]
+        self.sha.update(view)
+        self.total += n
+        done = 0
+        while done < n:
+            take = min(n - done, self.part_size - self._in_part)
+            self._part.update(view[done : done + take])
+            self._in_part += take
+            done += take
+            if self._in_part == self.part_size:
+                self.parts.append(self._part.digest())
+                self._part = hashlib.md5()  # noqa: S324
+                self._in_part = 0
+        return n
+
+    def etag(self) -> str:
+        parts = self.parts + ([self._part.digest()] if self._in_part or not self.parts else [])
+        if len(parts) == 1 and self.total < self.part_size:
+            return parts[0].hex()
+        return hashlib.md5(b"".join(parts)).hexdigest() + f"-{len(parts)}"  # noqa: S324
+
+
+class FsStore:
+    """Blobs as files under a directory (local disk or a NAS mount)."""
+
+    def __init__(self, root: str) -> None:
+        self.root = root
+        self.url = "file://" + root
+
+    def _path(self, key: str) -> str:
+        if key.startswith("/") or ".." in key.split("/"):
+            raise StoreError(f"refusing key {key!r}")
+        return os.path.join(self.root, key)
+
+    def put_file(self, key: str, path: str) -> Stored:
+        with open(path, "rb") as src:
+            return self._write(key, src)
+
+    def put_bytes(self, key: str, data: bytes) -> Stored:
+        return self._write(key, io.BytesIO(data))
+
+    def _write(self, key: str, src: BinaryIO) -> Stored:
+        dest = self._path(key)
+        os.makedirs(os.path.dirname(dest), exist_ok=True)
+        tmp = f"{dest}.{os.getpid()}.tmp"
+        sha = hashlib.sha256()
+        size = 0
+        try:
+            with open(tmp, "wb") as out:
+                while chunk := src.read(1 << 20):
+                    sha.update(chunk)
+                    out.write(chunk)
+                    size += len(chunk)
+                out.flush()
+                os.fsync(out.fileno())
+            os.replace(tmp, dest)
+        except OSError as e:
+            with suppress(OSError):
+                os.unlink(tmp)
+            raise StoreError(f"cannot write {dest}: {e.strerror}") from None
+        dir_fd = os.open(os.path.dirname(dest), os.O_RDONLY | os.O_DIRECTORY)
+        try:
+            os.fsync(dir_fd)
+        finally:
+            os.close(dir_fd)
+        if os.path.getsize(dest) != size:
+            raise StoreError(f"{dest} holds {os.path.getsize(dest)} bytes after writing {size}")
+        return Stored(key, size, sha.hexdigest())
+
+    def size(self, key: str) -> int | None:
+        try:
+            return os.path.getsize(self._path(key))
+        except FileNotFoundError:
+            return None
+
+    def open(self, key: str) -> BinaryIO:
+        try:
+            return open(self._path(key), "rb")
+        except FileNotFoundError:
+            raise StoreError(f"{key} is not in {self.url}") from None
+
+    def delete(self, key: str) -> None:
+        with suppress(OSError):
+            os.unlink(self._path(key))
+        with suppress(OSError):
+            os.rmdir(os.path.dirname(self._path(key)))
+
+    def keys(self, prefix: str) -> Iterator[tuple[str, int]]:
+        base = self._path(prefix.rstrip("/")) if prefix else self.root
+        for dirpath, _, files in os.walk(base):
+            for name in files:
+                if name.endswith(".tmp"):
+                    continue
+                full = os.path.join(dirpath, name)
+                yield os.path.relpath(full, self.root), os.path.getsize(full)
+
+
+class S3Store:
+    """Blobs as objects in an S3-compatible bucket, under an optional prefix."""
+
+    def __init__(self, bucket: str, prefix: str, settings: S3Settings) -> None:
+        import boto3
+        from boto3.s3.transfer import TransferConfig
+        from botocore.config import Config
+
+        self.bucket = bucket
+        self.prefix = prefix.strip("/")
+        self.url = f"s3://{bucket}/{self.prefix}".rstrip("/")
+        self.part_size = settings.part_size
+        session = boto3.session.Session()
+        if settings.credentials_file:
+            os.environ["AWS_SHARED_CREDENTIALS_FILE"] = settings.credentials_file
+            session = boto3.session.Session()
+        self.client = session.client(
+            "s3",
+            endpoint_url=settings.endpoint,
+            region_name=settings.region or "us-east-1",
+            config=Config(
+                s3={"addressing_style": settings.addressing},
+                request_checksum_calculation=settings.checksums,
+                response_checksum_validation="when_required",
+                retries={"max_attempts": 3, "mode": "standard"},
+                max_pool_connections=max(10, settings.concurrency * 2),
+            ),
+        )
+        # Parts are read from a sequential (hashing) stream and held in memory: at most
+        # part_size x (concurrency + 1) at once.
+        self.transfer = TransferConfig(
+            multipart_threshold=self.part_size,
+            multipart_chunksize=self.part_size,
+            max_concurrency=settings.concurrency,
+            max_io_queue=settings.concurrency,
+        )
+
+    def _key(self, key: str) -> str:
+        return f"{self.prefix}/{key}" if self.prefix else key
+
+    def put_file(self, key: str, path: str) -> Stored:
+        with open(path, "rb") as f:
+            return self._upload(key, f)
+
+    def put_bytes(self, key: str, data: bytes) -> Stored:
+        return self._upload(key, io.BytesIO(data))
+
+    def _upload(self, key: str, f: BinaryIO) -> Stored:
+        from botocore.exceptions import BotoCoreError, ClientError
+
+        reader = _HashingReader(f, self.part_size)
+        stream = io.BufferedReader(reader, buffer_size=1 << 20)
+        try:
+            self.client.upload_fileobj(stream, self.bucket, self._key(key), Config=self.transfer)
+            head = self.client.head_object(Bucket=self.bucket, Key=self._key(key))
+        except (BotoCoreError, ClientError) as e:
+            raise StoreError(f"cannot upload {key} to {self.url}: {e}") from None
+        if head["ContentLength"] != reader.total:
+            raise StoreError(
+                f"{self.url}/{key} holds {head['ContentLength']} bytes after uploading {reader.total}"
+            )
+        etag = head.get("ETag", "").strip('"')
+        md5_like = "-" in etag or len(etag) == 32  # a plain or multipart MD5 ETag (not SSE-KMS or the like)
+        if md5_like and etag != reader.etag():
+            raise StoreError(
+                f"{self.url}/{key}: stored ETag {etag} differs from the uploaded bytes' {reader.etag()}"
+            )
+        return Stored(key, reader.total, reader.sha.hexdigest())
+
+    def size(self, key: str) -> int | None:
+        from botocore.exceptions import BotoCoreError, ClientError
+
+        try:
+            return self.client.head_object(Bucket=self.bucket, Key=self._key(key))["ContentLength"]
+        except ClientError as e:
+            if e.response.get("Error", {}).get("Code") in ("404", "NoSuchKey", "NotFound"):
+                return None
+            raise StoreError(f"cannot look at {key} in {self.url}: {e}") from None
+        except BotoCoreError as e:
+            raise StoreError(f"cannot reach {self.url}: {e}") from None
+
+    def open(self, key: str) -> BinaryIO:
+        from botocore.exceptions import BotoCoreError, ClientError
+
+        try:
+            return self.client.get_object(Bucket=self.bucket, Key=self._key(key))["Body"]
+        except (BotoCoreError, ClientError) as e:
+            raise StoreError(f"cannot read {key} from {self.url}: {e}") from None
+
+    def delete(self, key: str) -> None:
+        from botocore.exceptions import BotoCoreError, ClientError
+
+        try:
+            self.client.delete_object(Bucket=self.bucket, Key=self._key(key))
+        except (BotoCoreError, ClientError) as e:
+            raise StoreError(f"cannot delete {key} from {self.url}: {e}") from None
+
+    def keys(self, prefix: str) -> Iterator[tuple[str, int]]:
+        paginator = self.client.get_paginator("list_objects_v2")
+        cut = len(self.prefix) + 1 if self.prefix else 0
+        for page in paginator.paginate(Bucket=self.bucket, Prefix=self._key(prefix)):
+            for obj in page.get("Contents", []):
+                yield obj["Key"][cut:], obj["Size"]
+
+
+def open_store(url: str, s3: S3Settings | None = None) -> BlobStore:
+    """The store named by ``file:///path`` or ``s3://bucket/prefix``."""
+    parsed = urlparse(url)
+    if parsed.scheme == "file" and parsed.path:
+        return FsStore(parsed.path)
+    if parsed.scheme == "s3" and parsed.netloc:
+        return S3Store(parsed.netloc, parsed.path, s3 or S3Settings())
+    raise StoreError(f"unknown store {url!r}; use file:///path or s3://bucket/prefix")
+
+
+def copy_to_file(store: BlobStore, key: str, dest: str) -> int:
+    """Stream one blob into a local file; returns its size."""
+    with store.open(key) as src, open(dest, "wb") as out:
+        shutil.copyfileobj(src, out, 1 << 20)
+        return out.tell()

@@ -1,0 +1,194 @@
+"""Real servers for the vault's tests and benchmarks: SeaweedFS (S3) and PostgreSQL.
+
+Both listen on 127.0.0.1 only, on free ports, with their data in a temporary directory,
+and are stopped (and their leftovers removed) by the context managers that start them.
+"""
+
+from __future__ import annotations
+
+import glob
+import json
+import os
+import shutil
+import signal
+import socket
+import subprocess
+import sys
+import tempfile
+import time
+from collections.abc import Iterator
+from contextlib import contextmanager, suppress
+from dataclasses import dataclass
+
+# The one identity of the throwaway SeaweedFS that the tests start on 127.0.0.1.
+KEY, SECRET = "corevault", "corevault-test-secret"
+
+
+def free_port() -> int:
+    with socket.socket() as s:
+        s.bind(("127.0.0.1", 0))
+        return s.getsockname()[1]
+
+
+def wait_port(port: int, timeout: float = 30) -> None:
+    deadline = time.monotonic() + timeout
+    while time.monotonic() < deadline:
+        with socket.socket() as s:
+            if s.connect_ex(("127.0.0.1", port)) == 0:
+                return
+        time.sleep(0.05)
+    raise RuntimeError(f"nothing listens on 127.0.0.1:{port} after {timeout}s")
+
+
+@dataclass
+class Seaweed:
+    """``weed mini``: master, volume, filer and S3 gateway in one process."""
+
+    dir: str
+    s3_port: int
+    bucket: str = "corevault"
+    proc: subprocess.Popen | None = None
+
+    @property
+    def endpoint(self) -> str:
+        return f"http://127.0.0.1:{self.s3_port}"
+
+    @property
+    def ports(self) -> list[int]:
+        return [self.s3_port + i for i in range(0, 5)]
+
+    def start(self) -> None:
+        weed = os.path.join(os.path.dirname(sys.executable), "weed")
+        master, volume, filer = self.s3_port + 1, self.s3_port + 2, self.s3_port + 3
+        os.makedirs(os.path.join(self.dir, "data"), exist_ok=True)
+        os.makedirs(os.path.join(self.dir, "logs"), exist_ok=True)
+        env = {k: v for k, v in os.environ.items() if not k.startswith(("AWS_", "S3_"))} | {
+            "GOMEMLIMIT": "1GiB"
+        }
+        identities = os.path.join(self.dir, "s3.json")
+        with open(identities, "w") as f:
+            json.dump({"identities": [{
+                "name": "corevault",
+                "credentials": [{"accessKey": KEY, "secretKey": SECRET}],
+                "actions": ["Admin", "Read", "Write", "List", "Tagging"],
+            }]}, f)  # fmt: skip
+        self.proc = subprocess.Popen(
+            [
+                weed, f"-logdir={self.dir}/logs", "mini", f"-dir={self.dir}/data", "-ip=127.0.0.1",
+                "-ip.bind=127.0.0.1", f"-s3.port={self.s3_port}", f"-master.port={master}",
+                f"-volume.port={volume}", f"-filer.port={filer}", "-admin.ui=false",
+                f"-s3.config={identities}", "-master.telemetry=false",
+            ],
+            stdout=open(os.path.join(self.dir, "out.log"), "ab"),  # noqa: SIM115
+            stderr=subprocess.STDOUT,
+            env=env,
+            start_new_session=True,
+        )  # fmt: skip
+        wait_port(self.s3_port)
+        self._wait_bucket()
+
+    def _wait_bucket(self, timeout: float = 30) -> None:
+        import boto3
+        from botocore.config import Config
+
+        s3 = boto3.client(
+            "s3", endpoint_url=self.endpoint, aws_access_key_id=KEY, aws_secret_access_key=SECRET,
+            region_name="us-east-1",
+            config=Config(s3={"addressing_style": "path"}, retries={"max_attempts": 1}),
+        )  # fmt: skip
+        deadline = time.monotonic() + timeout
+        while True:
+            try:
+                s3.create_bucket(Bucket=self.bucket)
+                return
+            except Exception:
+                if time.monotonic() > deadline:
+                    raise
+                time.sleep(0.2)
+
+    def stop(self) -> None:
+        if self.proc is None:
+            return
+        with suppress(OSError):
+            os.killpg(self.proc.pid, signal.SIGINT)
+        try:
+            self.proc.wait(timeout=20)
+        except subprocess.TimeoutExpired:
+            os.killpg(self.proc.pid, signal.SIGKILL)
+            self.proc.wait()
+        self.proc = None
+        for port in (*self.ports, *(p + 10000 for p in self.ports)):
+            for sock in glob.glob(f"/tmp/seaweedfs-*-{port}.sock"):
+                with suppress(OSError):
+                    os.unlink(sock)
+
+
+@contextmanager
+def seaweed() -> Iterator[Seaweed]:
+    d = tempfile.mkdtemp(prefix="cv-weed-")
+    # weed mini derives its gRPC ports as HTTP port + 10000: keep room above.
+    base = 20000 + free_port() % 20000
+    server = Seaweed(d, base)
+    try:
+        server.start()
+        yield server
+    finally:
+        server.stop()
+        shutil.rmtree(d, ignore_errors=True)
+
+
+@dataclass
+class Postgres:
+    dir: str
+    port: int
+
+    @property
+    def url(self) -> str:
+        return f"postgresql+psycopg://corevault@127.0.0.1:{self.port}/corevault"
+
+    def _pg(self, *args: str, check: bool = True) -> subprocess.CompletedProcess:
+        bindir = sorted(glob.glob("/usr/lib/postgresql/*/bin"))[-1]
+        return subprocess.run(
+            ["runuser", "-u", "postgres", "--", os.path.join(bindir, args[0]), *args[1:]],
+            capture_output=True, text=True, check=check, timeout=120,
+        )  # fmt: skip
+
+    def init(self) -> None:
+        os.makedirs(self.dir, exist_ok=True)
+        shutil.chown(self.dir, "postgres", "postgres")
+        self._pg("initdb", "-D", f"{self.dir}/data", "-U", "postgres", "--auth=trust", "-E", "UTF8")
+        self.start()
+        self._pg("createuser", "-h", "127.0.0.1", "-p", str(self.port), "-U", "postgres", "corevault")
+        self._pg(
+            "createdb",
+            "-h",
+            "127.0.0.1",
+            "-p",
+            str(self.port),
+            "-U",
+            "postgres",
+            "-O",
+            "corevault",
+            "corevault",
+        )
+
+    def start(self) -> None:
+        opts = (
+            f"-c listen_addresses=127.0.0.1 -p {self.port} -k {self.dir} -c fsync=off -c max_connections=100"
+        )
+        self._pg("pg_ctl", "-D", f"{self.dir}/data", "-o", opts, "-l", f"{self.dir}/log", "-w", "start")
+
+    def stop(self, mode: str = "fast") -> None:
+        self._pg("pg_ctl", "-D", f"{self.dir}/data", "-m", mode, "-w", "stop", check=False)
+
+
+@contextmanager
+def postgres() -> Iterator[Postgres]:
+    d = tempfile.mkdtemp(prefix="cv-pg-")
+    server = Postgres(d, free_port())
+    try:
+        server.init()
+        yield server
+    finally:
+        server.stop("immediate")
+        shutil.rmtree(d, ignore_errors=True)
