@@ -19,6 +19,7 @@ import time
 from contextlib import suppress
 
 from corevault import config
+from corevault.errors import UserError
 from corevault.pattern import MAX_PATTERN_LEN, SPECIFIERS
 
 SYSCTLS = {
@@ -30,7 +31,7 @@ HANDLER_NAME = "corevault-capture"
 STATE_NAME = "installed.json"
 
 
-class SetupError(Exception):
+class SetupError(UserError):
     """Installing or uninstalling cannot go ahead; the message says what to do."""
 
 

@@ -18,6 +18,7 @@ import sys
 import tempfile
 
 from corevault.capture.stream import CHUNK, SparseSink
+from corevault.errors import UserError
 from corevault.model import Report
 
 ZSTD_MAGIC = b"\x28\xb5\x2f\xfd"
@@ -25,7 +26,7 @@ DEFAULT_TIMEOUT = 300.0
 DEFAULT_MEMORY = 4 << 30
 
 
-class AnalysisError(Exception):
+class AnalysisError(UserError):
     """The core could not be analysed; the message says why."""
 
 

@@ -11,9 +11,9 @@ import sys
 
 import typer
 
-from corevault import config, hostsetup, pattern
-from corevault.analysis.runner import AnalysisError
-from corevault.cli import analyze, host, patterns
+from corevault import config, pattern
+from corevault.cli import analyze, host, patterns, vault
+from corevault.errors import UserError
 
 EXIT_FAILED = 1
 EXIT_USAGE = 2
@@ -45,6 +45,7 @@ def _root(
 host.register(app)
 patterns.register(app)
 analyze.register(app)
+vault.register(app)
 
 
 def main(argv: list[str] | None = None) -> int:
@@ -55,7 +56,7 @@ def main(argv: list[str] | None = None) -> int:
         return e.code if isinstance(e.code, int) else EXIT_FAILED
     except (config.ConfigError, pattern.PatternError) as e:
         return _error(str(e), EXIT_USAGE)
-    except (hostsetup.SetupError, AnalysisError) as e:
+    except UserError as e:
         return _error(str(e), EXIT_FAILED)
     except PermissionError as e:
         return _error(f"{e.filename or 'operation'}: permission denied; run as root", EXIT_ENVIRONMENT)

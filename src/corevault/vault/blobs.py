@@ -32,9 +32,10 @@ from typing import BinaryIO, Protocol
 from urllib.parse import urlparse
 
 from corevault.config import S3Settings
+from corevault.errors import UserError
 
 
-class StoreError(Exception):
+class StoreError(UserError):
     """The store cannot be reached or refused an operation; the message says which."""
 
 

@@ -1,0 +1,118 @@
+"""The agent's loop: ship what the spool holds, retry what fails, never lose an entry.
+
+Every ``poll_interval`` seconds it removes abandoned partial entries, ships the journal,
+and ships each finished entry. A failed entry (store or catalog unreachable, disk full)
+stays in the spool and is retried with exponential backoff (1 s doubling to 5 min), per
+entry, so one bad entry never blocks the others. Retention runs every ten minutes when
+configured. SIGTERM and SIGINT stop it after the entry in hand.
+"""
+
+from __future__ import annotations
+
+import logging
+import signal
+import threading
+import time
+
+import sqlalchemy as sa
+
+from corevault import config, spool
+from corevault.agent.metrics import Metrics
+from corevault.vault import blobs, catalog, retention, ship
+
+log = logging.getLogger("corevault.agent")
+RETRYABLE = (blobs.StoreError, catalog.CatalogError, sa.exc.OperationalError, sa.exc.DBAPIError, OSError)
+MAX_BACKOFF = 300.0
+VACUUM_EVERY = 600.0
+
+
+class Agent:
+    def __init__(self, settings: config.Settings, metrics: Metrics | None = None) -> None:
+        self.settings = settings
+        self.metrics = metrics or Metrics()
+        self.stop = threading.Event()
+        self.vault: ship.Vault | None = None
+        self.backoff: dict[str, tuple[float, float]] = {}
+        self.last_vacuum = 0.0
+
+    def connect(self) -> ship.Vault:
+        if self.vault is None:
+            self.vault = ship.open_vault(self.settings)
+        return self.vault
+
+    def pass_once(self) -> int:
+        """One look at the spool; returns how many entries are still waiting."""
+        s = self.settings
+        spool.ensure(s.spool_dir)
+        ship.clean_abandoned(s)
+        try:
+            vault = self.connect()
+            for event, n in ship.ship_journal(vault, s).items():
+                if event == "captured":
+                    self.metrics.captured.inc(n)
+                elif event in ship.DROPPED_EVENTS:
+                    self.metrics.dropped.labels(event).inc(n)
+        except RETRYABLE as e:
+            log.warning("cannot ship the journal: %s", e)
+            return len(spool.entries(s.spool_dir))
+        now = time.monotonic()
+        for entry in spool.entries(s.spool_dir):
+            if self.stop.is_set():
+                break
+            due, delay = self.backoff.get(entry, (0.0, 0.5))
+            if now < due:
+                continue
+            try:
+                done = ship.ship_entry(vault, s, entry)
+            except ship.Busy:
+                continue
+            except RETRYABLE as e:
+                delay = min(delay * 2, MAX_BACKOFF)
+                self.backoff[entry] = (time.monotonic() + delay, delay)
+                self.metrics.failures.inc()
+                log.warning("cannot ship %s (retry in %.0fs): %s", entry, delay, e)
+                continue
+            self.backoff.pop(entry, None)
+            self.metrics.shipped.inc()
+            self.metrics.upload_bytes.inc(done.bytes)
+            self.metrics.upload_seconds.observe(done.seconds)
+            log.info("shipped %s (%d bytes, analysis %s)", done.crash_id, done.bytes, done.analysis)
+        if self._retention_on() and time.monotonic() - self.last_vacuum > VACUUM_EVERY:
+            self.last_vacuum = time.monotonic()
+            try:
+                gone = retention.vacuum(vault, s)
+                if gone["crashes"]:
+                    log.info("retention removed %d crashes", len(gone["crashes"]))
+            except RETRYABLE as e:
+                log.warning("retention failed: %s", e)
+        waiting = len(spool.entries(s.spool_dir))
+        self.metrics.queue.set(waiting)
+        return waiting
+
+    def _retention_on(self) -> bool:
+        s = self.settings
+        return any(
+            v is not None
+            for v in (s.retention_max_age_days, s.retention_max_size, s.retention_namespace_max_size)
+        )
+
+    def run(self, once: bool = False) -> int:
+        """Loop until stopped; with ``once``, until the spool is empty or nothing more can be done."""
+        for sig in (signal.SIGTERM, signal.SIGINT):
+            if threading.current_thread() is threading.main_thread():
+                signal.signal(sig, lambda *_: self.stop.set())
+        while not self.stop.is_set():
+            try:
+                waiting = self.pass_once()
+            except RETRYABLE as e:
+                log.warning("the vault is unreachable: %s", e)
+                self.vault = None
+                waiting = -1
+            if once and (waiting == 0 or not self._anything_due()):
+                return waiting
+            self.stop.wait(self.settings.agent_poll)
+        return 0
+
+    def _anything_due(self) -> bool:
+        now = time.monotonic()
+        return any(due <= now for due, _ in self.backoff.values()) or not self.backoff

@@ -1,0 +1,43 @@
+"""``corevault agent`` and ``corevault vacuum``: the node agent and retention by hand."""
+
+from __future__ import annotations
+
+import json
+import logging
+
+import typer
+
+from corevault import config
+
+
+def register(app: typer.Typer) -> None:
+    app.command(epilog="Example: corevault agent --once")(agent)
+    app.command(epilog="Example: corevault vacuum --dry-run")(vacuum)
+
+
+def agent(
+    ctx: typer.Context,
+    once: bool = typer.Option(False, "--once", help="Ship what the spool holds now, then exit."),
+) -> None:
+    """Ship the node spool into the vault, analyse each crash, keep retention, serve metrics."""
+    from corevault.agent.loop import Agent
+
+    logging.basicConfig(level=logging.INFO, format="%(asctime)s %(levelname)s %(message)s")
+    settings = config.load(ctx.obj["config"])
+    a = Agent(settings)
+    a.metrics.serve(settings.agent_metrics)
+    waiting = a.run(once=once)
+    if once and waiting:
+        raise typer.Exit(1)
+
+
+def vacuum(
+    ctx: typer.Context,
+    dry_run: bool = typer.Option(False, "--dry-run", help="Say what would be removed; remove nothing."),
+) -> None:
+    """Apply the retention rules of [retention] to the vault now."""
+    from corevault.vault import retention, ship
+
+    settings = config.load(ctx.obj["config"])
+    gone = retention.vacuum(ship.open_vault(settings), settings, dry_run=dry_run)
+    print(json.dumps({"dry_run": dry_run, **gone}, indent=2))

@@ -1,0 +1,393 @@
+"""The catalog: one row per crash, one per crash group, the reports and what was dropped.
+
+SQLAlchemy Core over SQLite (WAL; the default for one machine) or PostgreSQL (by URL, when
+many nodes' agents share one catalog). Every write is idempotent, because an agent may be
+killed at any point and do its work again:
+
+- a crash row is inserted with ON CONFLICT DO NOTHING (its id is unique per capture);
+- a crash's analysis is recorded only while the row is still ``pending``, and the crash's
+  group is counted in the same transaction, so a group counts each crash exactly once;
+- dropped-dump records are keyed by a hash of the journal line.
+
+Schema changes are numbered migrations applied at connect time under a lock
+(``pg_advisory_xact_lock`` on PostgreSQL, an immediate transaction on SQLite), so agents
+starting together migrate once.
+"""
+
+from __future__ import annotations
+
+import hashlib
+import json
+import time
+from collections.abc import Callable, Iterable
+from dataclasses import dataclass
+
+import sqlalchemy as sa
+from sqlalchemy.engine import Connection, Engine
+
+from corevault.errors import UserError
+
+metadata = sa.MetaData()
+
+crashes = sa.Table(
+    "crashes",
+    metadata,
+    sa.Column("id", sa.String(80), primary_key=True),
+    sa.Column("time", sa.BigInteger, nullable=False),
+    sa.Column("captured_at", sa.Float),
+    sa.Column("node", sa.String(255)),
+    sa.Column("namespace", sa.String(255)),
+    sa.Column("pod", sa.String(255)),
+    sa.Column("pod_uid", sa.String(64)),
+    sa.Column("container", sa.String(255)),
+    sa.Column("container_id", sa.String(128)),
+    sa.Column("image", sa.String(512)),
+    sa.Column("signal", sa.Integer),
+    sa.Column("signal_name", sa.String(16)),
+    sa.Column("exe", sa.String(1024)),
+    sa.Column("comm", sa.String(64)),
+    sa.Column("pid", sa.Integer),
+    sa.Column("size", sa.BigInteger),
+    sa.Column("stored_size", sa.BigInteger),
+    sa.Column("truncated", sa.Boolean),
+    sa.Column("sha256", sa.String(64)),
+    sa.Column("signature", sa.String(32)),
+    sa.Column("title", sa.Text),
+    #: pending, done, failed or off
+    sa.Column("analysis", sa.String(16), nullable=False),
+    sa.Column("analysis_error", sa.Text),
+    sa.Column("meta", sa.Text, nullable=False),
+)
+for _col in ("namespace", "pod", "container", "image", "node", "signal", "exe", "signature"):
+    sa.Index(f"crashes_{_col}_time", crashes.c[_col], crashes.c.time)
+sa.Index("crashes_time", crashes.c.time)
+
+groups = sa.Table(
+    "crash_groups",
+    metadata,
+    sa.Column("signature", sa.String(32), primary_key=True),
+    sa.Column("title", sa.Text),
+    sa.Column("signal_name", sa.String(16)),
+    sa.Column("first_seen", sa.BigInteger, nullable=False),
+    sa.Column("last_seen", sa.BigInteger, nullable=False),
+    sa.Column("count", sa.Integer, nullable=False),
+)
+sa.Index("crash_groups_last_seen", groups.c.last_seen)
+
+reports = sa.Table(
+    "reports",
+    metadata,
+    sa.Column("crash_id", sa.String(80), sa.ForeignKey("crashes.id", ondelete="CASCADE"), primary_key=True),
+    sa.Column("backend", sa.String(16)),
+    sa.Column("report", sa.Text, nullable=False),
+)
+
+crash_buildids = sa.Table(
+    "crash_buildids",
+    metadata,
+    sa.Column("crash_id", sa.String(80), sa.ForeignKey("crashes.id", ondelete="CASCADE"), primary_key=True),
+    sa.Column("build_id", sa.String(80), primary_key=True),
+    sa.Column("path", sa.String(1024)),
+)
+sa.Index("crash_buildids_build_id", crash_buildids.c.build_id)
+
+buildids = sa.Table(
+    "buildids",
+    metadata,
+    sa.Column("build_id", sa.String(80), primary_key=True),
+    sa.Column("size", sa.BigInteger),
+    sa.Column("stored_at", sa.Float),
+)
+
+dropped = sa.Table(
+    "dropped",
+    metadata,
+    sa.Column("id", sa.String(64), primary_key=True),
+    sa.Column("time", sa.Float, nullable=False),
+    sa.Column("node", sa.String(255)),
+    sa.Column("event", sa.String(16), nullable=False),
+    sa.Column("reason", sa.Text),
+    sa.Column("pid", sa.Integer),
+    sa.Column("exe", sa.String(1024)),
+    sa.Column("namespace", sa.String(255)),
+    sa.Column("pod", sa.String(255)),
+    sa.Column("container", sa.String(255)),
+    sa.Column("record", sa.Text, nullable=False),
+)
+sa.Index("dropped_time", dropped.c.time)
+
+schema = sa.Table("corevault_schema", metadata, sa.Column("version", sa.Integer, nullable=False))
+
+
+def _v1(conn: Connection) -> None:
+    metadata.create_all(conn, tables=[crashes, groups, reports, crash_buildids, buildids, dropped])
+
+
+#: Numbered schema migrations; a new one is appended, never edited.
+MIGRATIONS: list[Callable[[Connection], None]] = [_v1]
+
+
+class CatalogError(UserError):
+    """The catalog cannot be reached or used; the message says which and how."""
+
+
+def connect(url: str) -> Engine:
+    """An engine for ``url`` with the schema brought up to date."""
+    if url.startswith("sqlite:///"):
+        import os
+
+        path = url[len("sqlite:///") :]
+        if path and path != ":memory:":
+            os.makedirs(os.path.dirname(path) or ".", exist_ok=True)
+        engine = sa.create_engine(url, connect_args={"timeout": 30})
+
+        @sa.event.listens_for(engine, "connect")
+        def _pragmas(dbapi: object, _record: object) -> None:
+            cur = dbapi.cursor()  # type: ignore[attr-defined]
+            cur.execute("PRAGMA journal_mode=WAL")
+            cur.execute("PRAGMA synchronous=NORMAL")
+            cur.execute("PRAGMA foreign_keys=ON")
+            cur.close()
+
+    else:
+        engine = sa.create_engine(url, pool_pre_ping=True)
+    try:
+        migrate(engine)
+    except sa.exc.OperationalError as e:
+        raise CatalogError(f"cannot open the catalog at {engine.url!r}: {e.orig}") from None
+    return engine
+
+
+def migrate(engine: Engine) -> int:
+    """Apply the migrations the catalog lacks; returns the schema version."""
+    if engine.dialect.name == "sqlite" and engine.url.database not in (None, "", ":memory:"):
+        import fcntl
+
+        with open(f"{engine.url.database}.migrate.lock", "w") as lock:
+            fcntl.flock(lock, fcntl.LOCK_EX)
+            return _migrate(engine)
+    return _migrate(engine)
+
+
+def _migrate(engine: Engine) -> int:
+    with engine.begin() as conn:
+        if engine.dialect.name == "postgresql":
+            conn.execute(sa.text("SELECT pg_advisory_xact_lock(7301952)"))
+        schema.create(conn, checkfirst=True)
+        current = conn.execute(sa.select(sa.func.max(schema.c.version))).scalar() or 0
+        for version, step in enumerate(MIGRATIONS, start=1):
+            if version > current:
+                step(conn)
+                conn.execute(schema.insert().values(version=version))
+        return len(MIGRATIONS)
+
+
+def _insert(conn: Connection, table: sa.Table):  # -> the dialect's Insert
+    if conn.dialect.name == "postgresql":
+        from sqlalchemy.dialects.postgresql import insert
+    else:
+        from sqlalchemy.dialects.sqlite import insert
+    return insert(table)
+
+
+def add_crash(conn: Connection, meta: dict, analysis: str) -> bool:
+    """Record a crash from its spool metadata; False when it was already there."""
+    pod = meta.get("pod") or {}
+    proc = meta.get("process") or {}
+    core = meta.get("core") or {}
+    row = {
+        "id": meta["id"],
+        "time": int(meta.get("time") or time.time()),
+        "captured_at": meta.get("captured_at"),
+        "node": meta.get("node"),
+        "namespace": pod.get("namespace"),
+        "pod": pod.get("name"),
+        "pod_uid": pod.get("uid"),
+        "container": pod.get("container"),
+        "container_id": pod.get("container_id"),
+        "image": pod.get("image"),
+        "signal": (meta.get("signal") or {}).get("number"),
+        "signal_name": (meta.get("signal") or {}).get("name"),
+        "exe": proc.get("exe"),
+        "comm": proc.get("comm"),
+        "pid": proc.get("ns_pid"),
+        "size": core.get("size"),
+        "stored_size": core.get("stored_size"),
+        "truncated": bool(core.get("truncated")),
+        "sha256": core.get("sha256"),
+        "analysis": analysis,
+        "meta": json.dumps(meta, sort_keys=True),
+    }
+    inserted = conn.execute(_insert(conn, crashes).values(**row).on_conflict_do_nothing()).rowcount == 1
+    modules = [m for m in meta.get("modules", []) if m.get("build_id")]
+    if modules:
+        rows = [{"crash_id": meta["id"], "build_id": m["build_id"], "path": m["path"]} for m in modules]
+        conn.execute(_insert(conn, crash_buildids).values(rows).on_conflict_do_nothing())
+    return inserted
+
+
+def record_analysis(conn: Connection, crash_id: str, report: dict) -> bool:
+    """Store a crash's report and count it in its group, once; False if already recorded."""
+    signature, title = report.get("signature"), report.get("title")
+    done = conn.execute(
+        crashes.update()
+        .where(crashes.c.id == crash_id, crashes.c.analysis == "pending")
+        .values(analysis="done", signature=signature, title=title, analysis_error=None)
+    ).rowcount
+    if done != 1:
+        return False
+    conn.execute(
+        _insert(conn, reports)
+        .values(crash_id=crash_id, backend=report.get("backend"), report=json.dumps(report))
+        .on_conflict_do_nothing()
+    )
+    if signature:
+        when = conn.execute(sa.select(crashes.c.time).where(crashes.c.id == crash_id)).scalar_one()
+        signal_name = (report.get("signal") or {}).get("name")
+        ins = _insert(conn, groups).values(
+            signature=signature,
+            title=title,
+            signal_name=signal_name,
+            first_seen=when,
+            last_seen=when,
+            count=1,
+        )
+        conn.execute(
+            ins.on_conflict_do_update(
+                index_elements=[groups.c.signature],
+                set_={
+                    "count": groups.c.count + 1,
+                    "first_seen": sa.func.min(groups.c.first_seen, ins.excluded.first_seen)
+                    if conn.dialect.name == "sqlite"
+                    else sa.func.least(groups.c.first_seen, ins.excluded.first_seen),
+                    "last_seen": sa.func.max(groups.c.last_seen, ins.excluded.last_seen)
+                    if conn.dialect.name == "sqlite"
+                    else sa.func.greatest(groups.c.last_seen, ins.excluded.last_seen),
+                },
+            )
+        )
+    return True
+
+
+def record_analysis_failure(conn: Connection, crash_id: str, error: str) -> None:
+    conn.execute(
+        crashes.update()
+        .where(crashes.c.id == crash_id, crashes.c.analysis == "pending")
+        .values(analysis="failed", analysis_error=error[:2000])
+    )
+
+
+def add_buildid(conn: Connection, build_id: str, size: int) -> None:
+    conn.execute(
+        _insert(conn, buildids)
+        .values(build_id=build_id, size=size, stored_at=time.time())
+        .on_conflict_do_nothing()
+    )
+
+
+def known_buildids(conn: Connection, ids: Iterable[str]) -> set[str]:
+    ids = list(ids)
+    if not ids:
+        return set()
+    return set(conn.execute(sa.select(buildids.c.build_id).where(buildids.c.build_id.in_(ids))).scalars())
+
+
+def add_dropped(conn: Connection, records: list[dict]) -> int:
+    """Record journal lines about dropped, cut or refused dumps; duplicates are ignored."""
+    rows = []
+    for r in records:
+        line = json.dumps(r, sort_keys=True)
+        pod = r.get("pod") or {}
+        rows.append(
+            {
+                "id": hashlib.sha256(line.encode()).hexdigest(),
+                "time": float(r.get("time") or 0),
+                "node": r.get("node"),
+                "event": r.get("event", "?"),
+                "reason": r.get("reason"),
+                "pid": r.get("pid"),
+                "exe": r.get("exe"),
+                "namespace": pod.get("namespace"),
+                "pod": pod.get("name"),
+                "container": pod.get("container"),
+                "record": line,
+            }
+        )
+    if not rows:
+        return 0
+    return conn.execute(_insert(conn, dropped).values(rows).on_conflict_do_nothing()).rowcount
+
+
+@dataclass(frozen=True, slots=True)
+class Filters:
+    namespace: str | None = None
+    pod: str | None = None
+    container: str | None = None
+    image: str | None = None
+    node: str | None = None
+    signal: str | None = None
+    exe: str | None = None
+    group: str | None = None
+    since: int | None = None
+    until: int | None = None
+
+
+def _where(query: sa.Select, f: Filters) -> sa.Select:
+    c = crashes.c
+    for column, value in (
+        (c.namespace, f.namespace), (c.pod, f.pod), (c.container, f.container), (c.image, f.image),
+        (c.node, f.node), (c.exe, f.exe), (c.signature, f.group),
+    ):  # fmt: skip
+        if value is not None:
+            query = query.where(column == value)
+    if f.signal is not None:
+        sig = f.signal.upper()
+        if sig.isdigit():
+            query = query.where(c.signal == int(sig))
+        else:
+            query = query.where(c.signal_name == (sig if sig.startswith("SIG") else "SIG" + sig))
+    if f.since is not None:
+        query = query.where(c.time >= f.since)
+    if f.until is not None:
+        query = query.where(c.time < f.until)
+    return query
+
+
+LIST_COLUMNS = (
+    "id", "time", "node", "namespace", "pod", "container", "image", "signal", "signal_name", "exe", "size",
+    "truncated", "signature", "title", "analysis",
+)  # fmt: skip
+
+
+def list_crashes(
+    conn: Connection, filters: Filters = Filters(), limit: int = 50, before: tuple | None = None
+) -> list[dict]:
+    """Crashes newest first; ``before`` is the (time, id) of the last row of the previous page."""
+    query = sa.select(*(crashes.c[n] for n in LIST_COLUMNS))
+    query = _where(query, filters)
+    if before is not None:
+        t, i = before
+        query = query.where(sa.or_(crashes.c.time < t, sa.and_(crashes.c.time == t, crashes.c.id < i)))
+    query = query.order_by(crashes.c.time.desc(), crashes.c.id.desc()).limit(limit)
+    return [dict(r._mapping) for r in conn.execute(query)]
+
+
+def get_crash(conn: Connection, crash_id: str) -> dict | None:
+    row = conn.execute(sa.select(crashes).where(crashes.c.id == crash_id)).first()
+    if row is None:
+        return None
+    doc = dict(row._mapping)
+    doc["meta"] = json.loads(doc["meta"])
+    report = conn.execute(sa.select(reports.c.report).where(reports.c.crash_id == crash_id)).scalar()
+    doc["report"] = json.loads(report) if report else None
+    return doc
+
+
+def list_groups(conn: Connection, limit: int = 100) -> list[dict]:
+    query = sa.select(groups).order_by(groups.c.last_seen.desc()).limit(limit)
+    return [dict(r._mapping) for r in conn.execute(query)]
+
+
+def list_dropped(conn: Connection, limit: int = 100) -> list[dict]:
+    query = sa.select(dropped).order_by(dropped.c.time.desc()).limit(limit)
+    return [dict(r._mapping) for r in conn.execute(query)]

@@ -1,0 +1,180 @@
+"""Shipping the node spool into the vault, with nothing lost and nothing counted twice.
+
+One spool entry goes through these steps, each safe to repeat after a crash of the agent
+at any point (a SIGKILL included):
+
+1. upload ``core.zst`` and ``meta.json`` (the store checks size and ETag of what it holds);
+2. upload the crash's binaries that the vault does not hold yet (``buildid/<id>/executable``,
+   stored once for every crash that needs them);
+3. insert the crash row (ignored if it is there);
+4. analyse the core, store ``report.json``, record signature and group (once);
+5. only then remove the entry from the spool.
+
+Entries are locked with ``flock`` while shipped, so several agents (or a restarted one)
+can share a spool. The journal is shipped by renaming it first (handlers then start a
+new one), loading its lines into the catalog (each line once: its hash is the key), and
+deleting the renamed file.
+"""
+
+from __future__ import annotations
+
+import fcntl
+import glob
+import json
+import logging
+import os
+import shutil
+import time
+from dataclasses import dataclass
+
+from sqlalchemy.engine import Engine
+
+from corevault import config, spool
+from corevault.vault import blobs, catalog
+
+log = logging.getLogger("corevault.agent")
+
+DROPPED_EVENTS = frozenset({"dropped", "refused", "truncated", "error"})
+
+
+class Busy(Exception):
+    """Another agent is shipping this entry right now."""
+
+
+@dataclass
+class Vault:
+    store: blobs.BlobStore
+    engine: Engine
+
+
+def open_vault(settings: config.Settings) -> Vault:
+    return Vault(blobs.open_store(settings.vault_store, settings.s3), catalog.connect(settings.catalog_url))
+
+
+@dataclass
+class Shipped:
+    crash_id: str
+    new: bool
+    bytes: int
+    seconds: float
+    analysis: str
+
+
+def ship_entry(vault: Vault, settings: config.Settings, entry_id: str) -> Shipped:
+    """Ship one finished spool entry; raises on any failure and leaves the entry in place."""
+    entry = os.path.join(spool.ready_dir(settings.spool_dir), entry_id)
+    fd = os.open(entry, os.O_RDONLY | os.O_DIRECTORY | os.O_CLOEXEC)
+    try:
+        try:
+            fcntl.flock(fd, fcntl.LOCK_EX | fcntl.LOCK_NB)
+        except BlockingIOError:
+            raise Busy(entry_id) from None
+        if not os.path.exists(os.path.join(entry, spool.META_NAME)):
+            raise Busy(entry_id)  # shipped and removed by another agent a moment ago
+        return _ship_locked(vault, settings, entry_id, entry)
+    finally:
+        os.close(fd)
+
+
+def _ship_locked(vault: Vault, settings: config.Settings, entry_id: str, entry: str) -> Shipped:
+    started = time.monotonic()
+    meta = spool.read_meta(settings.spool_dir, entry_id)
+    crash_id = meta.get("id") or entry_id
+    core_path = os.path.join(entry, spool.CORE_NAME)
+    stored = vault.store.put_file(blobs.core_key(crash_id), core_path)
+    expected = (meta.get("core") or {}).get("stored_size")
+    if expected is not None and stored.size != expected:
+        raise blobs.StoreError(
+            f"{entry_id}: the spool holds {stored.size} bytes of core, its metadata says {expected}"
+        )
+    vault.store.put_bytes(blobs.meta_key(crash_id), json.dumps(meta, indent=1, sort_keys=True).encode())
+    _ship_buildids(vault, settings, meta)
+
+    analysis = "pending" if settings.agent_analyze else "off"
+    with vault.engine.begin() as conn:
+        new = catalog.add_crash(conn, meta, analysis)
+        state = conn.execute(
+            catalog.crashes.select()
+            .with_only_columns(catalog.crashes.c.analysis)
+            .where(catalog.crashes.c.id == crash_id)
+        ).scalar_one()
+    if state == "pending":
+        state = _analyse(vault, settings, crash_id, core_path)
+    shutil.rmtree(entry)
+    return Shipped(crash_id, new, stored.size, time.monotonic() - started, state)
+
+
+def _ship_buildids(vault: Vault, settings: config.Settings, meta: dict) -> None:
+    wanted = {m["build_id"]: m for m in meta.get("modules", []) if m.get("build_id")}
+    with vault.engine.connect() as conn:
+        known = catalog.known_buildids(conn, wanted)
+    for build_id in wanted.keys() - known:
+        local = os.path.join(settings.buildid_dir, "buildid", build_id, "executable")
+        if not os.path.exists(local):
+            continue  # the handler could not copy it (too large, unreadable): the report says so
+        key = blobs.buildid_key(build_id)
+        size = vault.store.size(key)
+        if size is None:
+            size = vault.store.put_file(key, local).size
+        with vault.engine.begin() as conn:
+            catalog.add_buildid(conn, build_id, size)
+
+
+def _analyse(vault: Vault, settings: config.Settings, crash_id: str, core_path: str) -> str:
+    from corevault.analysis import runner
+
+    try:
+        report = runner.analyze(core_path, [settings.buildid_dir], timeout=settings.analysis_timeout)
+    except runner.AnalysisError as e:
+        log.warning("crash %s: analysis failed: %s", crash_id, e)
+        with vault.engine.begin() as conn:
+            catalog.record_analysis_failure(conn, crash_id, str(e))
+        return "failed"
+    doc = report.to_dict()
+    vault.store.put_bytes(blobs.report_key(crash_id), json.dumps(doc).encode())
+    with vault.engine.begin() as conn:
+        catalog.record_analysis(conn, crash_id, doc)
+    return "done"
+
+
+def ship_journal(vault: Vault, settings: config.Settings) -> dict[str, int]:
+    """Move the journal's records of dropped, cut and refused dumps into the catalog.
+
+    Returns how many records of each event were shipped (for metrics).
+    """
+    current = os.path.join(settings.spool_dir, spool.JOURNAL_NAME)
+    if os.path.exists(current) and os.path.getsize(current) > 0:
+        os.rename(current, os.path.join(settings.spool_dir, f"journal-{time.time_ns()}.shipping"))
+    counts: dict[str, int] = {}
+    for path in sorted(glob.glob(os.path.join(settings.spool_dir, "journal-*.shipping"))):
+        records = []
+        with open(path, "rb") as f:
+            for line in f:
+                try:
+                    record = json.loads(line)
+                except ValueError:
+                    continue  # a line cut by a full disk: nothing to keep
+                counts[record.get("event", "?")] = counts.get(record.get("event", "?"), 0) + 1
+                if record.get("event") in DROPPED_EVENTS:
+                    records.append(record)
+        with vault.engine.begin() as conn:
+            for i in range(0, len(records), 500):
+                catalog.add_dropped(conn, records[i : i + 500])
+        os.unlink(path)
+    return counts
+
+
+def clean_abandoned(settings: config.Settings, now: float | None = None) -> list[str]:
+    """Remove spool entries a handler left half-written (it was killed or the node rebooted)."""
+    now = now or time.time()
+    removed = []
+    tmp = spool.tmp_dir(settings.spool_dir)
+    for name in os.listdir(tmp) if os.path.isdir(tmp) else []:
+        path = os.path.join(tmp, name)
+        if now - os.path.getmtime(path) > settings.timeout + 60:
+            shutil.rmtree(path, ignore_errors=True)
+            spool.journal(
+                settings.spool_dir, {"event": "dropped", "reason": f"abandoned partial entry {name}"}
+            )
+            removed.append(name)
+    return removed
