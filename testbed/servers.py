@@ -101,6 +101,8 @@ class Seaweed:
             try:
                 s3.create_bucket(Bucket=self.bucket)
                 return
+            except (s3.exceptions.BucketAlreadyOwnedByYou, s3.exceptions.BucketAlreadyExists):
+                return  # a restart over the same data
             except Exception:
                 if time.monotonic() > deadline:
                     raise
@@ -171,6 +173,13 @@ class Postgres:
             "corevault",
             "corevault",
         )
+
+    def database(self, name: str) -> str:
+        """A new empty database owned by corevault; returns its URL."""
+        self._pg(
+            "createdb", "-h", "127.0.0.1", "-p", str(self.port), "-U", "postgres", "-O", "corevault", name
+        )
+        return f"postgresql+psycopg://corevault@127.0.0.1:{self.port}/{name}"
 
     def start(self) -> None:
         opts = (

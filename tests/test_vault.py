@@ -1,0 +1,375 @@
+"""The vault against real servers: SeaweedFS (S3) and PostgreSQL, and the faults that matter.
+
+Spool entries are real: three crashes (two of one bug) captured once per module by the
+installed handler, copied into each test's own node state. Every fault test ends with
+every accepted core in the vault byte-identical, exactly once, or recorded as dropped.
+"""
+
+from __future__ import annotations
+
+import hashlib
+import json
+import os
+import shutil
+import signal
+import subprocess
+import sys
+import tempfile
+import time
+import urllib.request
+from collections.abc import Iterator
+from dataclasses import dataclass
+
+import pytest
+import sqlalchemy as sa
+
+from corevault import config, spool
+from corevault.agent.loop import Agent
+from corevault.vault import blobs, catalog, retention, ship
+from testbed import servers
+from tests.conftest import installed_capture
+
+pytestmark = pytest.mark.crash
+CLI = os.path.join(os.path.dirname(sys.executable), "corevault")
+
+
+@pytest.fixture(scope="module")
+def material(rootfs: str) -> Iterator[dict]:
+    """Three real spool entries (segv twice, an uncaught C++ exception) and their binaries."""
+    keep = tempfile.mkdtemp(prefix="cv-material-")
+    with installed_capture() as cap:
+        for args in (
+            ["/app/crasher", "segv"],
+            ["/app/crasher", "segv"],
+            ["/bin/sh", "-c", "/app/thrower; exit 1"],
+        ):
+            cap.crash(rootfs, args, annotations={"corevault.io/core-pattern": "/data/dump-a/core-%p-%t"})
+        shutil.copytree(spool.ready_dir(cap.spool), os.path.join(keep, "ready"))
+        shutil.copytree(cap.store, os.path.join(keep, "store"))
+    yield {"dir": keep, "ids": sorted(os.listdir(os.path.join(keep, "ready")))}
+    shutil.rmtree(keep, ignore_errors=True)
+
+
+@pytest.fixture(scope="module")
+def s3(tmp_path_factory: pytest.TempPathFactory) -> Iterator[servers.Seaweed]:
+    old = {k: os.environ.get(k) for k in ("AWS_ACCESS_KEY_ID", "AWS_SECRET_ACCESS_KEY")}
+    os.environ["AWS_ACCESS_KEY_ID"], os.environ["AWS_SECRET_ACCESS_KEY"] = servers.KEY, servers.SECRET
+    with servers.seaweed() as w:
+        yield w
+    for k, v in old.items():
+        if v is None:
+            os.environ.pop(k, None)
+        else:
+            os.environ[k] = v
+
+
+@pytest.fixture(scope="module")
+def pg() -> Iterator[servers.Postgres]:
+    with servers.postgres() as p:
+        yield p
+
+
+@dataclass
+class Node:
+    dir: str
+    config: str
+    settings: config.Settings
+
+    @property
+    def spool(self) -> str:
+        return self.settings.spool_dir
+
+    def vault(self) -> ship.Vault:
+        return ship.open_vault(self.settings)
+
+    def crashes(self) -> list[dict]:
+        with self.vault().engine.connect() as conn:
+            return catalog.list_crashes(conn, limit=1000)
+
+    def agent(self, *args: str, **kw: object) -> subprocess.Popen:
+        return subprocess.Popen(
+            [CLI, "-c", self.config, "agent", *args], stderr=subprocess.PIPE, text=True, **kw
+        )  # type: ignore[call-overload]
+
+
+_counter = iter(range(1_000_000))
+
+
+def make_node(material: dict, vault: str = "", extra: str = "") -> Node:
+    d = tempfile.mkdtemp(prefix="cv-node-")
+    cfg = os.path.join(d, "c.toml")
+    with open(cfg, "w") as f:
+        f.write(f'state_dir = "{d}/state"\nnode_name = "node-{next(_counter)}"\n{vault}\n'
+                f'[agent]\npoll_interval = 0.2\nmetrics = ""\n{extra}')  # fmt: skip
+    settings = config.load(cfg)
+    spool.ensure(settings.spool_dir)
+    for entry in material["ids"]:
+        shutil.copytree(
+            os.path.join(material["dir"], "ready", entry),
+            os.path.join(spool.ready_dir(settings.spool_dir), entry),
+        )
+    shutil.copytree(os.path.join(material["dir"], "store"), settings.buildid_dir, dirs_exist_ok=True)
+    return Node(d, cfg, settings)
+
+
+def s3_vault(s3: servers.Seaweed, pg: servers.Postgres | None, prefix: str) -> str:
+    """Settings for a vault of its own: a prefix in the bucket, a database of the server."""
+    catalog_line = f'catalog = "{pg.database(prefix)}"\n' if pg else ""
+    return (
+        f'[vault]\nstore = "s3://{s3.bucket}/{prefix}"\n{catalog_line}'
+        f'[vault.s3]\nendpoint = "{s3.endpoint}"\naddressing = "path"\npart_size = "5M"\n'
+    )
+
+
+def sha(data: bytes) -> str:
+    return hashlib.sha256(data).hexdigest()
+
+
+def assert_vault_holds_spool_copies(node: Node, material: dict) -> None:
+    store = node.vault().store
+    for entry in material["ids"]:
+        with open(os.path.join(material["dir"], "ready", entry, spool.CORE_NAME), "rb") as f:
+            local = f.read()
+        with store.open(blobs.core_key(entry)) as remote:
+            assert sha(remote.read()) == sha(local), entry
+
+
+def test_agent_ships_analyses_groups_and_empties_the_spool(material: dict) -> None:
+    node = make_node(material)
+    assert Agent(node.settings).run(once=True) == 0
+    assert spool.entries(node.spool) == []
+    rows = node.crashes()
+    assert sorted(r["id"] for r in rows) == material["ids"]
+    assert all(r["analysis"] == "done" and r["signature"] for r in rows)
+    assert_vault_holds_spool_copies(node, material)
+    with node.vault().engine.connect() as conn:
+        groups = {g["title"]: g["count"] for g in catalog.list_groups(conn)}
+        report = catalog.get_crash(conn, rows[0]["id"])["report"]
+        held = conn.execute(sa.select(catalog.buildids.c.build_id)).scalars().all()
+    assert groups == {"SIGSEGV in crash_here ← main": 2, "SIGABRT in parse_config ← main": 1}
+    assert report["signature"] == rows[0]["signature"]
+    store = node.vault().store
+    assert len(held) == len(set(held)) and all(store.size(blobs.buildid_key(b)) for b in held)
+    # The vault's build-id tree is a debuginfod tree: the stored binary is the captured one.
+    meta = json.loads(store.open(blobs.meta_key(rows[0]["id"])).read())
+    exe = next(m for m in meta["modules"] if m["path"] == "/app/crasher" or m["path"] == "/app/thrower")
+    with open(os.path.join(material["dir"], "store", "buildid", exe["build_id"], "executable"), "rb") as f:
+        assert sha(store.open(blobs.buildid_key(exe["build_id"])).read()) == sha(f.read())
+
+
+def test_agent_ships_to_s3_and_postgres(material: dict, s3: servers.Seaweed, pg: servers.Postgres) -> None:
+    node = make_node(material, s3_vault(s3, pg, "plain"))
+    assert Agent(node.settings).run(once=True) == 0
+    assert sorted(r["id"] for r in node.crashes()) == material["ids"]
+    assert_vault_holds_spool_copies(node, material)
+
+
+def test_shipping_again_changes_nothing(material: dict) -> None:
+    node = make_node(material)
+    vault = node.vault()
+    for entry in material["ids"]:
+        first = os.path.join(node.dir, "again", entry)
+        shutil.copytree(os.path.join(spool.ready_dir(node.spool), entry), first)
+    Agent(node.settings).run(once=True)
+    for entry in material["ids"]:  # the same entries again, as after a kill before the spool removal
+        shutil.copytree(
+            os.path.join(node.dir, "again", entry), os.path.join(spool.ready_dir(node.spool), entry)
+        )
+    Agent(node.settings).run(once=True)
+    assert len(node.crashes()) == 3
+    with vault.engine.connect() as conn:
+        assert sum(g["count"] for g in catalog.list_groups(conn)) == 3
+
+
+def big_entry(node: Node, mib: int) -> str:
+    """A spool entry whose stored core takes a while to upload (incompressible bytes)."""
+    src = os.path.join(spool.ready_dir(node.spool), sorted(os.listdir(spool.ready_dir(node.spool)))[0])
+    entry = spool.new_id(time.time(), 4242)
+    dest = os.path.join(spool.ready_dir(node.spool), entry)
+    os.makedirs(dest)
+    with open(os.path.join(dest, spool.CORE_NAME), "wb") as f:
+        for _ in range(mib):
+            f.write(os.urandom(1 << 20))
+    meta = json.load(open(os.path.join(src, spool.META_NAME)))  # noqa: SIM115
+    meta["id"] = entry
+    meta["core"]["stored_size"] = mib << 20
+    with open(os.path.join(dest, spool.META_NAME), "w") as f:
+        json.dump(meta, f)
+    return entry
+
+
+def test_agent_killed_mid_upload_resumes_without_duplicates(
+    material: dict, s3: servers.Seaweed, pg: servers.Postgres
+) -> None:
+    node = make_node(material, s3_vault(s3, pg, "killed"), "analyze = false\n")
+    entry = big_entry(node, 160)
+    agent = node.agent()
+    deadline = time.monotonic() + 60
+    while not node.crashes() and time.monotonic() < deadline:
+        time.sleep(0.05)  # the first small entries are in: the big one is on its way
+    time.sleep(0.3)
+    agent.send_signal(signal.SIGKILL)
+    agent.wait()
+    assert entry in spool.entries(node.spool)
+    again = node.agent("--once")
+    assert again.wait(timeout=240) == 0, again.stderr.read()
+    ids = [r["id"] for r in node.crashes()]
+    assert sorted(ids) == sorted([*material["ids"], entry]) and len(ids) == len(set(ids))
+    with open(os.path.join(node.dir, "x"), "wb"):
+        pass
+    with node.vault().store.open(blobs.core_key(entry)) as remote:
+        assert sum(len(c) for c in iter(lambda: remote.read(1 << 20), b"")) == 160 << 20
+
+
+def test_s3_down_mid_upload_then_back(material: dict, s3: servers.Seaweed, pg: servers.Postgres) -> None:
+    node = make_node(material, s3_vault(s3, pg, "outage"), "analyze = false\n")
+    entry = big_entry(node, 120)
+    agent = node.agent()
+    try:
+        time.sleep(1.0)
+        s3.stop()  # the S3 server goes away in the middle of the uploads
+        time.sleep(3)  # an outage of "minutes", scaled down
+        assert entry in spool.entries(node.spool) or len(node.crashes()) == 4
+        s3.start()
+        deadline = time.monotonic() + 180
+        while spool.entries(node.spool) and time.monotonic() < deadline:
+            time.sleep(0.5)
+    finally:
+        agent.send_signal(signal.SIGTERM)
+        agent.wait(timeout=60)
+    assert spool.entries(node.spool) == []
+    ids = [r["id"] for r in node.crashes()]
+    assert sorted(ids) == sorted([*material["ids"], entry])
+    assert_vault_holds_spool_copies(node, material)
+
+
+def test_postgres_restart_under_load(material: dict, s3: servers.Seaweed, pg: servers.Postgres) -> None:
+    node = make_node(material, s3_vault(s3, pg, "pgrestart"), "analyze = false\n")
+    extra = [big_entry(node, 8) for _ in range(12)]
+    agent = node.agent()
+    try:
+        time.sleep(0.5)
+        pg.stop("fast")
+        time.sleep(2)
+        pg.start()
+        deadline = time.monotonic() + 180
+        while spool.entries(node.spool) and time.monotonic() < deadline:
+            time.sleep(0.5)
+    finally:
+        agent.send_signal(signal.SIGTERM)
+        agent.wait(timeout=60)
+    ids = [r["id"] for r in node.crashes()]
+    assert sorted(ids) == sorted(material["ids"] + extra) and len(ids) == len(set(ids))
+
+
+def test_two_agents_race_on_one_spool_and_one_catalog(
+    material: dict, s3: servers.Seaweed, pg: servers.Postgres
+) -> None:
+    node = make_node(material, s3_vault(s3, pg, "race"))
+    extra = [big_entry(node, 2) for _ in range(10)]
+    agents = [node.agent("--once") for _ in range(2)]
+    for a in agents:
+        a.wait(timeout=300)
+    assert spool.entries(node.spool) == []
+    ids = [r["id"] for r in node.crashes()]
+    assert sorted(ids) == sorted(material["ids"] + extra) and len(ids) == len(set(ids))
+    with node.vault().engine.connect() as conn:
+        groups = {g["title"]: g["count"] for g in catalog.list_groups(conn)}
+    assert groups["SIGSEGV in crash_here ← main"] == 2
+
+
+def test_full_spool_disk_is_recorded_as_dropped(rootfs: str, tmp_path) -> None:
+    """A crash whose spool copy cannot be written ends in the catalog as dropped, with why."""
+    with installed_capture() as cap:
+        mount = os.path.join(cap.dir, "tiny")
+        os.makedirs(mount)
+        subprocess.run(["mount", "-t", "tmpfs", "-o", "size=256k", "tmpfs", mount], check=True)
+        try:
+            cap.configure(f'[paths]\nspool = "{mount}"\n[spool]\nkeep_free = "0"\n')
+            free = os.statvfs(mount).f_bavail * os.statvfs(mount).f_frsize
+            with open(os.path.join(mount, "filler"), "wb") as f:  # the disk fills up, but for 12 KiB
+                f.write(b"x" * (free - (12 << 10)))
+            cap.crash(
+                rootfs,
+                ["/app/crasher", "alloc", "4"],
+                annotations={"corevault.io/core-pattern": "/data/dump-a/c"},
+            )
+            assert os.listdir(cap.volume) == ["c"]  # the pod's copy is not affected
+            settings = config.load(cap.config)
+            Agent(settings).run(once=True)
+            with ship.open_vault(settings).engine.connect() as conn:
+                dropped = catalog.list_dropped(conn)
+        finally:
+            subprocess.run(["umount", "-l", mount], check=False)
+    assert any(d["event"] == "dropped" and "vault:" in (d["reason"] or "") for d in dropped), dropped
+
+
+def test_retention_by_age_size_and_namespace_keeps_needed_binaries(material: dict) -> None:
+    node = make_node(material)
+    Agent(node.settings).run(once=True)
+    vault = node.vault()
+    rows = sorted(node.crashes(), key=lambda r: (r["time"], r["id"]))
+    node.settings.retention_max_size = sum(r["size"] for r in rows) * 10  # nothing by size
+    node.settings.retention_max_age_days = 1
+    assert retention.vacuum(vault, node.settings, now=rows[-1]["time"] + 3600)["crashes"] == []
+    gone = retention.vacuum(vault, node.settings, now=rows[-1]["time"] + 2 * 86400, dry_run=True)
+    assert sorted(gone["crashes"]) == sorted(r["id"] for r in rows) and len(node.crashes()) == 3
+    node.settings.retention_max_age_days = None
+    with vault.engine.connect() as conn:
+        stored = {
+            r.id: r.stored_size
+            for r in conn.execute(sa.select(catalog.crashes.c.id, catalog.crashes.c.stored_size))
+        }
+    newest = rows[-1]["id"]
+    node.settings.retention_max_size = stored[newest]
+    gone = retention.vacuum(vault, node.settings)
+    assert sorted(gone["crashes"]) == sorted(r["id"] for r in rows[:-1])
+    assert [r["id"] for r in node.crashes()] == [newest]
+    assert vault.store.size(blobs.core_key(rows[0]["id"])) is None
+    meta = json.loads(vault.store.open(blobs.meta_key(newest)).read())
+    for m in meta["modules"]:  # the kept crash's binaries are all still there
+        if m.get("build_id"):
+            assert vault.store.size(blobs.buildid_key(m["build_id"])) is not None
+    assert gone["buildids"]  # the other program's binary went with its crash
+
+
+def test_agent_metrics(material: dict) -> None:
+    node = make_node(material)
+    port = servers.free_port()
+    node.settings.agent_metrics = f"127.0.0.1:{port}"
+    agent = Agent(node.settings)
+    agent.metrics.serve(node.settings.agent_metrics)
+    agent.run(once=True)
+    body = urllib.request.urlopen(f"http://127.0.0.1:{port}/metrics", timeout=10).read().decode()
+    assert "corevault_crashes_shipped_total 3.0" in body
+    assert "corevault_spool_entries 0.0" in body
+    assert "corevault_upload_bytes_total" in body
+
+
+def test_catalog_filters_and_pages(material: dict) -> None:
+    node = make_node(material)
+    Agent(node.settings).run(once=True)
+    with node.vault().engine.connect() as conn:
+        everything = catalog.list_crashes(conn)
+        assert [r["time"] for r in everything] == sorted((r["time"] for r in everything), reverse=True)
+        first = catalog.list_crashes(conn, limit=2)
+        rest = catalog.list_crashes(conn, limit=2, before=(first[-1]["time"], first[-1]["id"]))
+        assert [r["id"] for r in first + rest] == [r["id"] for r in everything]
+        assert {r["signal_name"] for r in catalog.list_crashes(conn, catalog.Filters(signal="abrt"))} == {
+            "SIGABRT"
+        }
+        assert len(catalog.list_crashes(conn, catalog.Filters(signal="11"))) == 2
+        assert len(catalog.list_crashes(conn, catalog.Filters(exe="/app/thrower"))) == 1
+        group = catalog.list_groups(conn)[0]["signature"]
+        assert all(r["signature"] == group for r in catalog.list_crashes(conn, catalog.Filters(group=group)))
+        assert catalog.list_crashes(conn, catalog.Filters(namespace="nope")) == []
+
+
+def test_unreachable_vault_is_one_clear_error(tmp_path) -> None:
+    cfg = tmp_path / "c.toml"
+    cfg.write_text(
+        f'state_dir = "{tmp_path}/s"\n[vault]\ncatalog = "postgresql+psycopg://x@127.0.0.1:1/none"\n'
+    )
+    out = subprocess.run([CLI, "-c", str(cfg), "vacuum"], capture_output=True, text=True, check=False)
+    assert out.returncode == 1 and out.stderr.startswith("corevault: error: cannot open the catalog")
+    assert "Traceback" not in out.stderr
