@@ -184,7 +184,7 @@ class S3Settings:
         self.addressing = "auto"
         #: parts of a multipart upload; 16 MiB lets one object reach 156 GiB (10,000 parts)
         self.part_size = 16 << 20
-        self.concurrency = 4
+        self.concurrency = 2
         #: "when_supported" (CRC per part, checked by the server) or "when_required" (OSS)
         self.checksums = "when_supported"
         #: an AWS-style credentials file; otherwise the usual AWS_* variables and profiles

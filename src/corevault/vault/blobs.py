@@ -7,10 +7,11 @@ Two back-ends behind one small interface:
 - ``s3://bucket/prefix``: any S3-compatible store through boto3 (AWS S3, Alibaba OSS's
   S3 endpoint, MinIO, SeaweedFS), with multipart uploads of ``part_size`` parts.
 
-Uploads stream from a file through a reader that hashes as it goes: MD5 per part (so the
-store's multipart ETag can be compared with ours) and SHA-256 of the whole object. With
-``checksums = when_supported`` boto3 also sends a CRC32 per part that the server checks.
-``put_file`` returns only once the store holds an object of the right size and ETag.
+Uploads stream from a file through a reader that checksums each part as it goes: CRC32
+(``checksums = when_supported``: boto3 sends a CRC32 per part, the server checks it, and
+reports the composite that we compare) or MD5 (stores without flexible checksums: the
+multipart ETag). ``put_file`` returns only once the store holds an object of the right
+size and checksum.
 
 Key layout (the same in both back-ends; ``buildid/`` is the debuginfod layout, so a
 ``file://`` vault can serve gdb and drgn directly)::
@@ -21,10 +22,12 @@ Key layout (the same in both back-ends; ``buildid/`` is the debuginfod layout, s
 
 from __future__ import annotations
 
+import base64
 import hashlib
 import io
 import os
 import shutil
+import zlib
 from collections.abc import Iterator
 from contextlib import suppress
 from dataclasses import dataclass
@@ -59,7 +62,6 @@ def buildid_key(build_id: str) -> str:
 class Stored:
     key: str
     size: int
-    sha256: str
 
 
 class BlobStore(Protocol):
@@ -74,16 +76,36 @@ class BlobStore(Protocol):
 
 
 class _HashingReader(io.RawIOBase):
-    """Reads a file sequentially, hashing every byte and each ``part_size`` part."""
+    """Reads a file sequentially, checksumming each ``part_size`` part as it goes.
 
-    def __init__(self, f: BinaryIO, part_size: int) -> None:
+    With ``crc32`` (when boto3 sends CRC32 checksums the server checks) the parts' CRC32s
+    give the composite checksum the store reports; with ``md5`` (stores that take no
+    flexible checksums, such as OSS) the parts' MD5s give the multipart ETag. CRC32 runs at
+    2.3 GB/s here against MD5's 0.5 GB/s, which matters on a 2-core node uploading a core.
+    """
+
+    def __init__(self, f: BinaryIO, part_size: int, algorithm: str) -> None:
         self.f = f
         self.part_size = part_size
-        self.sha = hashlib.sha256()
+        self.algorithm = algorithm
         self.parts: list[bytes] = []
-        self._part = hashlib.md5()  # noqa: S324 - the S3 ETag's algorithm, not security
+        self._state = self._new()
         self._in_part = 0
         self.total = 0
+
+    def _new(self) -> object:
+        return 0 if self.algorithm == "crc32" else hashlib.md5()  # noqa: S324 - S3's ETag, not security
+
+    def _update(self, data: memoryview) -> None:
+        if self.algorithm == "crc32":
+            self._state = zlib.crc32(data, self._state)  # type: ignore[arg-type]
+        else:
+            self._state.update(data)  # type: ignore[attr-defined]
+
+    def _digest(self) -> bytes:
+        if self.algorithm == "crc32":
+            return self._state.to_bytes(4, "big")  # type: ignore[attr-defined]
+        return self._state.digest()  # type: ignore[attr-defined]
 
     def readable(self) -> bool:
         return True
@@ -93,23 +115,32 @@ class _HashingReader(io.RawIOBase):
         if not n:
             return 0
         view = memoryview(b)[:n]
-        self.sha.update(view)
         self.total += n
         done = 0
         while done < n:
             take = min(n - done, self.part_size - self._in_part)
-            self._part.update(view[done : done + take])
+            self._update(view[done : done + take])
             self._in_part += take
             done += take
             if self._in_part == self.part_size:
-                self.parts.append(self._part.digest())
-                self._part = hashlib.md5()  # noqa: S324
+                self.parts.append(self._digest())
+                self._state = self._new()
                 self._in_part = 0
         return n
 
-    def etag(self) -> str:
-        parts = self.parts + ([self._part.digest()] if self._in_part or not self.parts else [])
-        if len(parts) == 1 and self.total < self.part_size:
+    def _all_parts(self) -> list[bytes]:
+        return self.parts + ([self._digest()] if self._in_part or not self.parts else [])
+
+    def expected(self) -> str:
+        """What the store reports for these bytes: ETag (md5) or ChecksumCRC32 (crc32)."""
+        parts = self._all_parts()
+        single = len(parts) == 1 and self.total < self.part_size
+        if self.algorithm == "crc32":
+            if single:
+                return base64.b64encode(parts[0]).decode()
+            combined = zlib.crc32(b"".join(parts)).to_bytes(4, "big")
+            return base64.b64encode(combined).decode() + f"-{len(parts)}"
+        if single:
             return parts[0].hex()
         return hashlib.md5(b"".join(parts)).hexdigest() + f"-{len(parts)}"  # noqa: S324
 
@@ -137,12 +168,10 @@ class FsStore:
         dest = self._path(key)
         os.makedirs(os.path.dirname(dest), exist_ok=True)
         tmp = f"{dest}.{os.getpid()}.tmp"
-        sha = hashlib.sha256()
         size = 0
         try:
             with open(tmp, "wb") as out:
                 while chunk := src.read(1 << 20):
-                    sha.update(chunk)
                     out.write(chunk)
                     size += len(chunk)
                 out.flush()
@@ -159,7 +188,7 @@ class FsStore:
             os.close(dir_fd)
         if os.path.getsize(dest) != size:
             raise StoreError(f"{dest} holds {os.path.getsize(dest)} bytes after writing {size}")
-        return Stored(key, size, sha.hexdigest())
+        return Stored(key, size)
 
     def size(self, key: str) -> int | None:
         try:
@@ -201,6 +230,7 @@ class S3Store:
         self.prefix = prefix.strip("/")
         self.url = f"s3://{bucket}/{self.prefix}".rstrip("/")
         self.part_size = settings.part_size
+        self.checksums = settings.checksums
         session = boto3.session.Session()
         if settings.credentials_file:
             os.environ["AWS_SHARED_CREDENTIALS_FILE"] = settings.credentials_file
@@ -217,14 +247,15 @@ class S3Store:
                 max_pool_connections=max(10, settings.concurrency * 2),
             ),
         )
-        # Parts are read from a sequential (hashing) stream and held in memory: at most
-        # part_size x (concurrency + 1) at once.
+        # Parts are read from a sequential (hashing) stream and held in memory until sent:
+        # at most part_size x concurrency at once (s3transfer would hold ten by default).
         self.transfer = TransferConfig(
             multipart_threshold=self.part_size,
             multipart_chunksize=self.part_size,
             max_concurrency=settings.concurrency,
             max_io_queue=settings.concurrency,
         )
+        self.transfer.max_in_memory_upload_chunks = settings.concurrency
 
     def _key(self, key: str) -> str:
         return f"{self.prefix}/{key}" if self.prefix else key
@@ -239,24 +270,30 @@ class S3Store:
     def _upload(self, key: str, f: BinaryIO) -> Stored:
         from botocore.exceptions import BotoCoreError, ClientError
 
-        reader = _HashingReader(f, self.part_size)
+        reader = _HashingReader(f, self.part_size, "crc32" if self.checksums == "when_supported" else "md5")
         stream = io.BufferedReader(reader, buffer_size=1 << 20)
         try:
             self.client.upload_fileobj(stream, self.bucket, self._key(key), Config=self.transfer)
-            head = self.client.head_object(Bucket=self.bucket, Key=self._key(key))
+            head = self.client.head_object(Bucket=self.bucket, Key=self._key(key), ChecksumMode="ENABLED")
         except (BotoCoreError, ClientError) as e:
             raise StoreError(f"cannot upload {key} to {self.url}: {e}") from None
         if head["ContentLength"] != reader.total:
             raise StoreError(
                 f"{self.url}/{key} holds {head['ContentLength']} bytes after uploading {reader.total}"
             )
-        etag = head.get("ETag", "").strip('"')
-        md5_like = "-" in etag or len(etag) == 32  # a plain or multipart MD5 ETag (not SSE-KMS or the like)
-        if md5_like and etag != reader.etag():
+        if reader.algorithm == "crc32":
+            stored = head.get("ChecksumCRC32")
+        else:
+            etag = head.get("ETag", "").strip('"')
+            stored = (
+                etag if "-" in etag or len(etag) == 32 else None
+            )  # not an MD5 ETag under SSE-KMS and the like
+        expected = reader.expected()
+        if stored is not None and stored != expected:
             raise StoreError(
-                f"{self.url}/{key}: stored ETag {etag} differs from the uploaded bytes' {reader.etag()}"
+                f"{self.url}/{key}: the store's checksum {stored} is not the uploaded bytes' {expected}"
             )
-        return Stored(key, reader.total, reader.sha.hexdigest())
+        return Stored(key, reader.total)
 
     def size(self, key: str) -> int | None:
         from botocore.exceptions import BotoCoreError, ClientError
