@@ -13,12 +13,13 @@ import os
 import shutil
 import subprocess
 import sys
+import time
 
 from rich.console import Console
 from rich.table import Table
 
-from corevault import config, hostsetup, spool
-from corevault.analysis import runner
+from corevault import config, hostsetup, podindex, spool
+from corevault.vault import catalog
 from testbed import build, runc, sysctl
 
 DEMO_DIR = "/tmp/corevault-demo"
@@ -83,6 +84,16 @@ def main() -> int:
         for pod, args, what in PODS:
             annotations = {} if pod.startswith("batch") else {"alibabacloud.com/core-pattern": SEED_PATTERN}
             c = runc.Container(rootfs, args, volume=nas, annotations=annotations, hostname=pod)
+            # What the node agent's pod watch would have written for this pod.
+            app = pod.rsplit("-", 1)[0]
+            podindex.write_pod(
+                settings.podindex_dir,
+                {
+                    "uid": c.pod_uid, "namespace": "shop", "name": pod, "node": settings.node_name,
+                    "annotations": annotations,
+                    "containers": {app: {"id": c.id, "image": f"registry.example/shop/{app}:1.4.2"}},
+                },
+            )  # fmt: skip
             console.print(f"\n[bold]pod {pod}[/bold] ({what}) in container {c.id[:12]}…")
             console.print(f"  cgroup {c.cgroups_path}", style="dim")
             result = c.run()
@@ -131,35 +142,41 @@ def main() -> int:
             style="dim",
         )
 
-    console.rule(
-        "[bold]corevault analyze: every crash explained, from the spool copy and the stored binaries"
-    )
-    table = Table("pod", "what happened", "signature", "grouped by these frames of the program")
-    for pod, c in results:
-        meta = by_container.get(c.id)
-        if meta is None:
-            continue
-        entry = os.path.join(spool.ready_dir(settings.spool_dir), meta["id"], spool.CORE_NAME)
-        report = runner.analyze(entry, [settings.buildid_dir])
-        crashed = report.crashed_thread
-        where = {f.function: f for f in (crashed.frames if crashed else ()) if f.function}
-        lines = []
-        for name in report.signature_frames:
-            f = where.get(name)
-            lines.append(name + (f" [dim]{os.path.basename(f.file)}:{f.line}[/dim]" if f and f.file else ""))
+    console.rule("[bold]The node agent ships the spool into the vault and explains each crash")
+    console.print("$ corevault agent --once")
+    out = subprocess.run(
+        [os.path.join(os.path.dirname(sys.executable), "corevault"), "agent", "--once"],
+        capture_output=True, text=True, check=False,
+    )  # fmt: skip
+    for line in out.stderr.splitlines():
+        if " INFO shipped" in line:
+            console.print("  " + line.split(" INFO ", 1)[1], style="dim")
+    if out.returncode != 0:
+        console.print(f"[red]the agent could not ship everything:[/red] {out.stderr.strip()[-500:]}")
+    engine = catalog.connect(settings.catalog_url)
+    ours = {by_container[c.id]["id"] for _, c in results if c.id in by_container}
+    with engine.connect() as conn:
+        rows = [r for r in catalog.list_crashes(conn, limit=500) if r["id"] in ours]
+        groups = catalog.list_groups(conn)
+    table = Table("namespace/pod", "container · image", "signal", "what happened", "signature")
+    for r in rows:
         table.add_row(
-            pod,
-            f"{report.title}\n[dim]{report.signal.description or ''}[/dim]",
-            report.signature or "",
-            "\n".join(lines),
-        )
+            f"{r['namespace']}/{r['pod']}", f"{r['container']} · {r['image']}", r["signal_name"],
+            r["title"] or r["analysis"], r["signature"] or "",
+        )  # fmt: skip
+    console.print(table)
+    table = Table("crash groups in the catalog", "signature", "crashes", "last seen (UTC)")
+    for g in groups[:8]:
+        seen = time.strftime("%Y-%m-%d %H:%M:%S", time.gmtime(g["last_seen"]))
+        table.add_row(g["title"], g["signature"], str(g["count"]), seen)
     console.print(table)
     console.print("$ corevault analyze <crash id>   shows every thread, the registers and the modules\n")
 
     console.rule("[bold]On this node")
     console.print(f"spool (waiting for the vault): {spool.ready_dir(settings.spool_dir)}")
     console.print(f"binaries by build-id:          {settings.buildid_dir}/buildid/<id>/executable")
-    console.print(f"journal of every decision:     {os.path.join(settings.spool_dir, spool.JOURNAL_NAME)}")
+    console.print(f"the vault (blobs):             {settings.vault_store}")
+    console.print(f"the catalog:                   {settings.catalog_url}")
     console.print(f"the pods' volume:              {nas}")
     return 0
 

@@ -182,8 +182,8 @@ class S3Settings:
         self.region: str | None = None
         #: "auto", "path" or "virtual" (OSS needs virtual-hosted addressing)
         self.addressing = "auto"
-        #: parts of a multipart upload; 16 MiB lets one object reach 156 GiB (10,000 parts)
-        self.part_size = 16 << 20
+        #: parts of a multipart upload (larger objects get larger parts: S3 allows 10,000)
+        self.part_size = 8 << 20
         self.concurrency = 2
         #: "when_supported" (CRC per part, checked by the server) or "when_required" (OSS)
         self.checksums = "when_supported"

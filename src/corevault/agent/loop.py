@@ -26,6 +26,24 @@ MAX_BACKOFF = 300.0
 VACUUM_EVERY = 600.0
 
 
+def bound_heap() -> None:
+    """Keep upload buffers from pinning memory after they are freed.
+
+    glibc raises its mmap threshold after each freed large block, so multi-MiB parts end up
+    on per-thread heaps that are not given back: the agent's RSS grew to 156 MiB shipping a
+    1 GiB entry (140 MiB with this). A fixed threshold keeps every part in its own mapping.
+    """
+    import ctypes
+    import ctypes.util
+
+    m_mmap_threshold = -3
+    try:
+        libc = ctypes.CDLL(ctypes.util.find_library("c") or "libc.so.6")
+        libc.mallopt(m_mmap_threshold, 256 << 10)
+    except (OSError, AttributeError):
+        pass  # not glibc: nothing to tune
+
+
 class Agent:
     def __init__(self, settings: config.Settings, metrics: Metrics | None = None) -> None:
         self.settings = settings
@@ -98,6 +116,7 @@ class Agent:
 
     def run(self, once: bool = False) -> int:
         """Loop until stopped; with ``once``, until the spool is empty or nothing more can be done."""
+        bound_heap()
         for sig in (signal.SIGTERM, signal.SIGINT):
             if threading.current_thread() is threading.main_thread():
                 signal.signal(sig, lambda *_: self.stop.set())

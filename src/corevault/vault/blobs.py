@@ -37,6 +37,9 @@ from urllib.parse import urlparse
 from corevault.config import S3Settings
 from corevault.errors import UserError
 
+MAX_PARTS = 9_500  # S3's limit is 10,000; a little room for rounding
+MIB = 1 << 20
+
 
 class StoreError(UserError):
     """The store cannot be reached or refused an operation; the message says which."""
@@ -223,7 +226,6 @@ class S3Store:
 
     def __init__(self, bucket: str, prefix: str, settings: S3Settings) -> None:
         import boto3
-        from boto3.s3.transfer import TransferConfig
         from botocore.config import Config
 
         self.bucket = bucket
@@ -247,33 +249,35 @@ class S3Store:
                 max_pool_connections=max(10, settings.concurrency * 2),
             ),
         )
-        # Parts are read from a sequential (hashing) stream and held in memory until sent:
-        # at most part_size x concurrency at once (s3transfer would hold ten by default).
-        self.transfer = TransferConfig(
-            multipart_threshold=self.part_size,
-            multipart_chunksize=self.part_size,
-            max_concurrency=settings.concurrency,
-            max_io_queue=settings.concurrency,
-        )
-        self.transfer.max_in_memory_upload_chunks = settings.concurrency
+        self.concurrency = settings.concurrency
 
     def _key(self, key: str) -> str:
         return f"{self.prefix}/{key}" if self.prefix else key
 
     def put_file(self, key: str, path: str) -> Stored:
         with open(path, "rb") as f:
-            return self._upload(key, f)
+            return self._upload(key, f, os.fstat(f.fileno()).st_size)
 
     def put_bytes(self, key: str, data: bytes) -> Stored:
-        return self._upload(key, io.BytesIO(data))
+        return self._upload(key, io.BytesIO(data), len(data))
 
-    def _upload(self, key: str, f: BinaryIO) -> Stored:
+    def _upload(self, key: str, f: BinaryIO, size: int) -> Stored:
+        from boto3.s3.transfer import TransferConfig
         from botocore.exceptions import BotoCoreError, ClientError
 
-        reader = _HashingReader(f, self.part_size, "crc32" if self.checksums == "when_supported" else "md5")
+        # S3 takes at most 10,000 parts: a larger object gets larger parts.
+        needed = -(-size // MAX_PARTS)  # bytes per part, rounded up
+        part = max(self.part_size, -(-needed // MIB) * MIB)
+        config = TransferConfig(
+            multipart_threshold=part, multipart_chunksize=part, max_concurrency=self.concurrency
+        )
+        # Parts are read from a sequential (checksumming) stream and held in memory until
+        # sent: at most part x concurrency at once (s3transfer would hold ten by default).
+        config.max_in_memory_upload_chunks = self.concurrency
+        reader = _HashingReader(f, part, "crc32" if self.checksums == "when_supported" else "md5")
         stream = io.BufferedReader(reader, buffer_size=1 << 20)
         try:
-            self.client.upload_fileobj(stream, self.bucket, self._key(key), Config=self.transfer)
+            self.client.upload_fileobj(stream, self.bucket, self._key(key), Config=config)
             head = self.client.head_object(Bucket=self.bucket, Key=self._key(key), ChecksumMode="ENABLED")
         except (BotoCoreError, ClientError) as e:
             raise StoreError(f"cannot upload {key} to {self.url}: {e}") from None
