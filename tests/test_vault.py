@@ -373,3 +373,17 @@ def test_unreachable_vault_is_one_clear_error(tmp_path) -> None:
     out = subprocess.run([CLI, "-c", str(cfg), "vacuum"], capture_output=True, text=True, check=False)
     assert out.returncode == 1 and out.stderr.startswith("corevault: error: cannot open the catalog")
     assert "Traceback" not in out.stderr
+
+
+def test_analyze_a_crash_that_left_the_spool(material: dict) -> None:
+    node = make_node(material)
+    Agent(node.settings).run(once=True)
+    crash = node.crashes()[0]
+    out = subprocess.run(
+        [CLI, "-c", node.config, "analyze", "--json", crash["id"]],
+        capture_output=True,
+        text=True,
+        check=False,
+    )
+    assert out.returncode == 0, out.stderr
+    assert json.loads(out.stdout)["signature"] == crash["signature"]

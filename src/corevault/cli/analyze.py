@@ -4,6 +4,7 @@ from __future__ import annotations
 
 import json
 import os
+import tempfile
 
 import typer
 
@@ -18,16 +19,26 @@ def register(app: typer.Typer) -> None:
     )(analyze)
 
 
-def resolve(settings: config.Settings, what: str) -> str:
-    """A core file path, or the core of a spool entry with that id."""
+def resolve(settings: config.Settings, what: str, tmp: str) -> tuple[str, list[str]]:
+    """The core to analyse and the build-id stores to use: a file, a spool entry or a vault crash."""
+    stores = [settings.buildid_dir]
     if os.path.exists(what):
-        return what
-    entry = os.path.join(spool.ready_dir(settings.spool_dir), what, spool.CORE_NAME)
-    if "/" not in what and os.path.exists(entry):
-        return entry
-    raise runner.AnalysisError(
-        f"{what} is neither a core file nor a crash id in {spool.ready_dir(settings.spool_dir)}"
-    )
+        return what, stores
+    if "/" not in what:
+        entry = os.path.join(spool.ready_dir(settings.spool_dir), what, spool.CORE_NAME)
+        if os.path.exists(entry):
+            return entry, stores
+        from corevault.vault import blobs
+
+        vault = blobs.open_store(settings.vault_store, settings.s3)
+        if isinstance(vault, blobs.FsStore):
+            stores.append(vault.root)  # the vault's buildid/ tree is a debuginfod tree
+        if vault.size(blobs.core_key(what)) is not None:
+            path = os.path.join(tmp, spool.CORE_NAME)
+            blobs.copy_to_file(vault, blobs.core_key(what), path)
+            return path, stores
+    where = f"the spool ({settings.spool_dir}) or the vault ({settings.vault_store})"
+    raise runner.AnalysisError(f"{what} is not a core file, nor a crash in {where}")
 
 
 def analyze(
@@ -45,11 +56,13 @@ def analyze(
     if backend not in ("drgn", "gdb"):
         raise runner.AnalysisError(f"unknown backend {backend!r}; use drgn or gdb")
     settings = config.load(ctx.obj["config"])
-    report = runner.analyze(
-        resolve(settings, what),
-        [*store, settings.buildid_dir],
-        backend,
-        timeout=timeout,
-        system_debuginfo=system_debuginfo,
-    )
+    with tempfile.TemporaryDirectory(prefix="corevault-") as tmp:
+        core, stores = resolve(settings, what, tmp)
+        report = runner.analyze(
+            core,
+            [*store, *stores],
+            backend,
+            timeout=timeout,
+            system_debuginfo=system_debuginfo,
+        )
     print(json.dumps(report.to_dict(), indent=2) if as_json else render.text(report))
