@@ -1,11 +1,11 @@
 # make demo   - set up, then crash real programs in containers and show where the cores went
 # make test   - set up, then lint, check the import layering and run the whole test suite
-# make bench  - capture and analysis benchmarks (ratios against baselines measured in the same run)
+# make bench  - capture, analysis and vault benchmarks (against baselines measured in the same run)
 
 PYTHON ?= python3
 VENV   := .venv
 PY     := $(VENV)/bin/python
-APT_PACKAGES := runc busybox-static gdb elfutils zstd gcc g++ libc6-dev binutils libc6-dbg
+APT_PACKAGES := runc busybox-static gdb elfutils zstd gcc g++ libc6-dev binutils libc6-dbg postgresql
 
 .PHONY: setup apt venv demo test lint bench clean
 
@@ -40,6 +40,7 @@ demo: setup
 bench: setup
 	$(PY) -m bench.capture
 	$(PY) -m bench.analysis
+	$(PY) -m bench.vault
 
 clean:
 	rm -rf $(VENV) .pytest_cache build
