@@ -22,7 +22,9 @@ from corevault.model import Frame, Thread
 SCRIPT = os.path.join(os.path.dirname(os.path.abspath(__file__)), "gdb_script.py")
 
 
-def gdb_command(core: Core, found: dict[str, Found], root: str, executable: str | None) -> list[str]:
+def gdb_command(
+    core: Core, found: dict[str, Found], root: str, executable: str | None, batch: bool = True
+) -> list[str]:
     """The gdb command line for ``core``, after laying out a sysroot and debug dir under ``root``."""
     sysroot = os.path.join(root, "sysroot")
     debugdir = os.path.join(root, "debug")
@@ -42,7 +44,8 @@ def gdb_command(core: Core, found: dict[str, Found], root: str, executable: str 
                 os.symlink(where.debuginfo, link)
     os.makedirs(sysroot, exist_ok=True)
     return [
-        "gdb", "-batch", "-nx", "-iex", "set auto-load off", "-iex", "set debuginfod enabled off",
+        "gdb", *(["-batch"] if batch else ["-q"]), "-nx",
+        "-iex", "set auto-load off", "-iex", "set debuginfod enabled off",
         "-iex", f"set sysroot {sysroot}", "-iex", f"set debug-file-directory {debugdir}",
         "-iex", "set print thread-events off", "-iex", "set pagination off",
         *([executable] if executable else []), "-c", core.path,

@@ -46,7 +46,7 @@ def analyze(
     what: str = typer.Argument(..., metavar="FILE|ID", help="A core file (plain or .zst) or a crash id."),
     as_json: bool = typer.Option(False, "--json", help="Print the report as JSON."),
     backend: str = typer.Option("drgn", help="Unwinder: drgn (default) or gdb."),
-    store: list[str] = typer.Option([], help="More build-id stores to look in (debuginfod layout)."),  # noqa: B008
+    store: list[str] = typer.Option([], help="More build-id stores to look in (debuginfod layout)."),
     timeout: float = typer.Option(runner.DEFAULT_TIMEOUT, help="Seconds before the analysis is stopped."),
     system_debuginfo: bool = typer.Option(
         False, "--system-debuginfo", help="Also load libc's and other system libraries' DWARF (slower)."

@@ -1,8 +1,8 @@
 """Entry point of ``corevault``: the Typer app and the one place errors become exit codes.
 
-Exit codes: 0 success, 1 the operation failed (a check found problems), 2 bad usage or
-input (a user error with a one-line message), 3 an environment problem (not root, a
-missing file).
+Exit codes: 0 success, 1 the operation failed (a check found problems, a store could not
+be reached), 2 bad usage or input (a user error with a one-line message), 3 an
+environment problem (not root), 4 no such crash.
 """
 
 from __future__ import annotations
@@ -12,12 +12,13 @@ import sys
 import typer
 
 from corevault import config, pattern
-from corevault.cli import analyze, host, patterns, vault
+from corevault.cli import analyze, crashes, host, patterns, vault
 from corevault.errors import UserError
 
 EXIT_FAILED = 1
 EXIT_USAGE = 2
 EXIT_ENVIRONMENT = 3
+EXIT_NOT_FOUND = 4
 
 app = typer.Typer(
     name="corevault",
@@ -44,6 +45,7 @@ def _root(
 
 host.register(app)
 patterns.register(app)
+crashes.register(app)
 analyze.register(app)
 vault.register(app)
 
@@ -57,7 +59,9 @@ def main(argv: list[str] | None = None) -> int:
     except (config.ConfigError, pattern.PatternError) as e:
         return _error(str(e), EXIT_USAGE)
     except UserError as e:
-        return _error(str(e), EXIT_FAILED)
+        from corevault.vault.crashes import NotFound
+
+        return _error(str(e), EXIT_NOT_FOUND if isinstance(e, NotFound) else EXIT_FAILED)
     except PermissionError as e:
         return _error(f"{e.filename or 'operation'}: permission denied; run as root", EXIT_ENVIRONMENT)
     return 0

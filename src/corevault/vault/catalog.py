@@ -388,6 +388,13 @@ def list_groups(conn: Connection, limit: int = 100) -> list[dict]:
     return [dict(r._mapping) for r in conn.execute(query)]
 
 
+def forget(conn: Connection, crash_id: str) -> None:
+    """Remove a crash's rows (its report and build-id references with it)."""
+    conn.execute(reports.delete().where(reports.c.crash_id == crash_id))
+    conn.execute(crash_buildids.delete().where(crash_buildids.c.crash_id == crash_id))
+    conn.execute(crashes.delete().where(crashes.c.id == crash_id))
+
+
 def list_dropped(conn: Connection, limit: int = 100) -> list[dict]:
     query = sa.select(dropped).order_by(dropped.c.time.desc()).limit(limit)
     return [dict(r._mapping) for r in conn.execute(query)]

@@ -55,11 +55,7 @@ def vacuum(vault: Vault, settings: config.Settings, now: float | None = None, dr
             for key in (blobs.core_key(crash_id), blobs.meta_key(crash_id), blobs.report_key(crash_id)):
                 vault.store.delete(key)
             with vault.engine.begin() as conn:
-                conn.execute(catalog.reports.delete().where(catalog.reports.c.crash_id == crash_id))
-                conn.execute(
-                    catalog.crash_buildids.delete().where(catalog.crash_buildids.c.crash_id == crash_id)
-                )
-                conn.execute(catalog.crashes.delete().where(catalog.crashes.c.id == crash_id))
+                catalog.forget(conn, crash_id)
     orphans = _orphan_buildids(vault)
     if not dry_run:
         for build_id in orphans:

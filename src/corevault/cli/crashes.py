@@ -1,0 +1,264 @@
+"""``corevault list | info | dump | groups | rm | gdb``: the crashes in the vault.
+
+Modelled on ``coredumpctl``: filters that narrow the list, ``--json`` on every read
+command, one line and a distinct exit code for a missing id (4), a bad filter (2) or an
+unreachable store (1).
+"""
+
+from __future__ import annotations
+
+import json
+import os
+import shutil
+import subprocess
+import sys
+import tempfile
+import time
+from datetime import UTC, datetime
+
+import typer
+
+from corevault import config
+from corevault.errors import UserError
+from corevault.vault.catalog import Filters
+
+UNITS = {"s": 1, "m": 60, "h": 3600, "d": 86400, "w": 604800}
+
+
+def register(app: typer.Typer) -> None:
+    app.command(
+        "list",
+        epilog="Examples: corevault list -n 20 · corevault list --namespace shop --signal SEGV --since 2d",
+    )(list_)
+    app.command(epilog="Example: corevault info 20261128T060502Z-4502-7bf6460b")(info)
+    app.command(epilog="Example: corevault dump 20261128T060502Z-4502-7bf6460b -o core")(dump)
+    app.command(epilog="Example: corevault groups --json")(groups)
+    app.command(epilog="Example: corevault rm 20261128T060502Z-4502-7bf6460b")(rm)
+    app.command(
+        context_settings={"allow_extra_args": True, "ignore_unknown_options": True},
+        epilog="Examples: corevault gdb ID · corevault gdb ID --batch -- -ex 'thread apply all bt'",
+    )(gdb)
+
+
+def source(ctx: typer.Context):  # -> CrashSource
+    from corevault.vault.crashes import LocalVault
+
+    return LocalVault(config.load(ctx.obj["config"]))
+
+
+def parse_time(value: str | None, what: str, now: float | None = None) -> int | None:
+    """``2h``/``3d`` ago, epoch seconds, or an ISO date/time (UTC unless it says otherwise)."""
+    if value is None:
+        return None
+    now = time.time() if now is None else now
+    v = value.strip()
+    if v[:-1].isdigit() and v[-1:] in UNITS:
+        return int(now - int(v[:-1]) * UNITS[v[-1]])
+    if v.isdigit():
+        return int(v)
+    try:
+        parsed = datetime.fromisoformat(v)
+    except ValueError:
+        raise typer.BadParameter(
+            f"{value!r}: use 30m, 2h, 7d, epoch seconds or 2026-11-28T06:00", param_hint=what
+        ) from None
+    if parsed.tzinfo is None:
+        parsed = parsed.replace(tzinfo=UTC)
+    return int(parsed.timestamp())
+
+
+def _console():  # -> rich Console, wide enough for ids and titles when not on a terminal
+    from rich.console import Console
+
+    return Console(highlight=False, width=None if sys.stdout.isatty() else 200)
+
+
+def _when(t: int) -> str:
+    return time.strftime("%Y-%m-%d %H:%M:%S", time.gmtime(t))
+
+
+def list_(
+    ctx: typer.Context,
+    namespace: str = typer.Option(None, help="Only this namespace."),
+    pod: str = typer.Option(None, help="Only this pod."),
+    container: str = typer.Option(None, help="Only this container."),
+    image: str = typer.Option(None, help="Only this image."),
+    node: str = typer.Option(None, help="Only this node."),
+    signal: str = typer.Option(None, help="Only this signal: SEGV, SIGABRT or 11."),
+    exe: str = typer.Option(None, help="Only this executable path."),
+    group: str = typer.Option(None, help="Only this crash group (signature)."),
+    since: str = typer.Option(None, help="Newer than: 2h, 7d, epoch seconds or an ISO time."),
+    until: str = typer.Option(None, help="Older than: the same forms."),
+    limit: int = typer.Option(50, "-n", "--limit", min=1, max=10000, help="At most this many, newest first."),
+    as_json: bool = typer.Option(False, "--json", help="Print JSON lines."),
+) -> None:
+    """List crashes, newest first."""
+    filters = Filters(
+        namespace=namespace, pod=pod, container=container, image=image, node=node, signal=signal, exe=exe,
+        group=group, since=parse_time(since, "--since"), until=parse_time(until, "--until"),
+    )  # fmt: skip
+    rows = source(ctx).list(filters, limit)
+    if as_json:
+        for r in rows:
+            print(json.dumps(r))
+        return
+    from rich.table import Table
+
+    table = Table("TIME (UTC)", "ID", "NAMESPACE/POD", "CONTAINER", "SIG", "EXE", "SIZE", "WHAT", box=None)
+    for r in rows:
+        where = f"{r['namespace']}/{r['pod']}" if r["namespace"] else "-"
+        size = f"{r['size'] / 1048576:.1f}M" + ("!" if r["truncated"] else "")
+        table.add_row(
+            _when(r["time"]), r["id"], where, r["container"] or "-", (r["signal_name"] or "?").removeprefix("SIG"),
+            r["exe"] or "?", size, r["title"] or r["analysis"],
+        )  # fmt: skip
+    _console().print(table)
+    if not rows:
+        print("no crashes match", file=sys.stderr)
+
+
+def info(
+    ctx: typer.Context,
+    crash_id: str = typer.Argument(..., metavar="ID"),
+    as_json: bool = typer.Option(False, "--json"),
+) -> None:
+    """Everything known about one crash: where it happened, and its analysis."""
+    crash = source(ctx).get(crash_id)
+    if as_json:
+        print(json.dumps(crash, indent=2, default=str))
+        return
+    meta = crash["meta"]
+    pod = meta.get("pod") or {}
+    proc = meta.get("process") or {}
+    lines = [
+        f"          ID: {crash['id']}",
+        f"        Time: {_when(crash['time'])} UTC    node {crash['node']}",
+        f"         Pod: {pod.get('namespace') or '-'}/{pod.get('name') or '-'} (uid {pod.get('uid') or '-'})",
+        f"   Container: {pod.get('container') or '-'} ({(pod.get('container_id') or '-')[:12]})  image {pod.get('image') or '-'}",
+        f"     Process: pid {proc.get('ns_pid')} (host {proc.get('pid')})  uid {proc.get('uid')}  {' '.join(proc.get('cmdline') or [])}",
+        f"        Core: {crash['size']} bytes, {crash['stored_size']} stored" + ("  TRUNCATED" if crash["truncated"] else ""),
+        f"      Volume: {(meta.get('volume') or {}).get('path') or '-'}",
+    ]  # fmt: skip
+    print("\n".join(lines))
+    if crash["report"]:
+        from corevault.analysis import render
+        from corevault.model import Report
+
+        print(render.text(Report.from_dict(crash["report"])))
+    else:
+        print(
+            f"    Analysis: {crash['analysis']}"
+            + (f" ({crash['analysis_error']})" if crash["analysis_error"] else "")
+        )
+
+
+def dump(
+    ctx: typer.Context,
+    crash_id: str = typer.Argument(..., metavar="ID"),
+    output: str = typer.Option(
+        ..., "-o", "--output", help="Where to write the plain core (- for standard output)."
+    ),
+    force: bool = typer.Option(False, "--force", help="Replace an existing file."),
+) -> None:
+    """Write a crash's plain core (decompressed, streamed) to a file."""
+    import zstandard
+
+    from corevault.capture.stream import CHUNK, SparseSink
+
+    src = source(ctx)
+    size = src.get(crash_id)["size"]
+    if output != "-" and os.path.exists(output) and not force:
+        raise UserError(f"{output} exists; use --force to replace it")
+    fd = 1 if output == "-" else os.open(output + ".part", os.O_WRONLY | os.O_CREAT | os.O_TRUNC, 0o600)
+    from rich.progress import BarColumn, DownloadColumn, Progress, TransferSpeedColumn
+
+    with src.open_core(crash_id) as raw, zstandard.ZstdDecompressor().stream_reader(raw) as reader, Progress(
+        BarColumn(), DownloadColumn(), TransferSpeedColumn(), transient=True, disable=output == "-" or not sys.stderr.isatty()
+    ) as bar:  # fmt: skip
+        task = bar.add_task("dump", total=size)
+        buf = bytearray(CHUNK)
+        view = memoryview(buf)
+        sink = SparseSink(fd) if output != "-" else None
+        while n := reader.readinto(buf):
+            if sink is not None:
+                sink.write(buf, view, n)
+            else:
+                sys.stdout.buffer.write(view[:n])
+            bar.advance(task, n)
+        if sink is not None:
+            sink.finish()
+            os.fsync(fd)
+            os.close(fd)
+            os.replace(output + ".part", output)
+    if output != "-":
+        print(f"wrote {size} bytes to {output}", file=sys.stderr)
+
+
+def groups(
+    ctx: typer.Context,
+    limit: int = typer.Option(100, "-n", "--limit", min=1),
+    as_json: bool = typer.Option(False, "--json"),
+) -> None:
+    """Crash groups (signatures) with their counts, most recently seen first."""
+    rows = source(ctx).groups(limit)
+    if as_json:
+        print(json.dumps(rows, indent=2))
+        return
+    from rich.table import Table
+
+    table = Table("SIGNATURE", "COUNT", "FIRST SEEN", "LAST SEEN", "TITLE", box=None)
+    for g in rows:
+        table.add_row(
+            g["signature"], str(g["count"]), _when(g["first_seen"]), _when(g["last_seen"]), g["title"] or ""
+        )
+    _console().print(table)
+
+
+def rm(ctx: typer.Context, crash_ids: list[str] = typer.Argument(..., metavar="ID...")) -> None:
+    """Remove crashes from the vault (their core, metadata, report and catalog rows)."""
+    src = source(ctx)
+    for crash_id in crash_ids:
+        src.forget(crash_id)
+        print(f"removed {crash_id}")
+
+
+def gdb(
+    ctx: typer.Context,
+    crash_id: str = typer.Argument(..., metavar="ID"),
+    batch: bool = typer.Option(False, "--batch", help="Run gdb in batch mode (add commands after --)."),
+) -> None:
+    """Open a crash in gdb with its own binaries (by build-id), after its pod and image are gone."""
+    from corevault.analysis import binaries, elfcore, runner, unwind_gdb
+
+    src = source(ctx)
+    crash = src.get(crash_id)
+    tmp = tempfile.mkdtemp(prefix="corevault-gdb-")
+    try:
+        core = os.path.join(tmp, "core")
+        with src.open_core(crash_id) as raw, open(os.path.join(tmp, "core.zst"), "wb") as out:
+            shutil.copyfileobj(raw, out, 1 << 20)
+        runner.decompress(os.path.join(tmp, "core.zst"), core)
+        os.unlink(os.path.join(tmp, "core.zst"))
+        parsed = elfcore.read(core)
+        found = {}
+        for path, build_id in parsed.build_ids.items():
+            dest = os.path.join(tmp, f"bin-{build_id}")
+            if src.binary(build_id, dest):
+                host_debug = binaries.locate(build_id, []).debuginfo  # the host's debug packages, by build-id
+                found[build_id] = binaries.Found(
+                    dest, host_debug or (dest if binaries.has_dwarf(dest) else None)
+                )
+            else:
+                print(
+                    f"warning: no binary for {path} (build-id {build_id}): gdb will show its frames without symbols",
+                    file=sys.stderr,
+                )
+        exe_path = parsed.module_at(parsed.auxv.get(9, 0))[0]  # AT_ENTRY
+        exe = found.get(parsed.build_ids.get(exe_path or "", ""))
+        cmd = unwind_gdb.gdb_command(parsed, found, tmp, exe.executable if exe else None, batch=batch)
+        if not batch:
+            print(f"corevault: {crash['title'] or crash['id']}", file=sys.stderr)
+        code = subprocess.run([*cmd, *ctx.args], check=False).returncode
+    finally:
+        shutil.rmtree(tmp, ignore_errors=True)
+    raise typer.Exit(code)

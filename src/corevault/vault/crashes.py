@@ -1,0 +1,78 @@
+"""Crashes in the vault, as the command line (and later the server) uses them.
+
+:class:`LocalVault` works on this machine's catalog and blob store; a remote client over
+the corevault server's API offers the same methods, so every command works either way.
+Forgetting a crash removes its blobs first and its rows last: a crash interrupted halfway
+is still listed and can be forgotten again; a crash's binaries stay until no crash needs
+them (:func:`corevault.vault.retention.vacuum`).
+"""
+
+from __future__ import annotations
+
+import os
+from typing import BinaryIO, Protocol
+
+from corevault import config
+from corevault.errors import UserError
+from corevault.vault import blobs, catalog
+from corevault.vault.catalog import Filters
+
+
+class NotFound(UserError):
+    """No crash, report or binary with that id."""
+
+
+class CrashSource(Protocol):
+    def list(self, filters: Filters, limit: int, before: tuple | None = None) -> list[dict]: ...
+    def get(self, crash_id: str) -> dict: ...
+    def groups(self, limit: int) -> list[dict]: ...
+    def open_core(self, crash_id: str) -> BinaryIO: ...
+    def binary(self, build_id: str, dest: str) -> bool: ...
+    def forget(self, crash_id: str) -> None: ...
+
+
+class LocalVault:
+    """The vault configured in this machine's settings."""
+
+    def __init__(self, settings: config.Settings) -> None:
+        self.settings = settings
+        self.engine = catalog.connect(settings.catalog_url)
+        self.store = blobs.open_store(settings.vault_store, settings.s3)
+
+    def list(self, filters: Filters, limit: int, before: tuple | None = None) -> list[dict]:
+        with self.engine.connect() as conn:
+            return catalog.list_crashes(conn, filters, limit, before)
+
+    def get(self, crash_id: str) -> dict:
+        with self.engine.connect() as conn:
+            crash = catalog.get_crash(conn, crash_id)
+        if crash is None:
+            raise NotFound(f"no crash {crash_id!r} in the catalog; 'corevault list' shows the ids")
+        return crash
+
+    def groups(self, limit: int) -> list[dict]:
+        with self.engine.connect() as conn:
+            return catalog.list_groups(conn, limit)
+
+    def open_core(self, crash_id: str) -> BinaryIO:
+        """The crash's core as stored: zstd-compressed."""
+        self.get(crash_id)
+        return self.store.open(blobs.core_key(crash_id))
+
+    def binary(self, build_id: str, dest: str) -> bool:
+        """Copy the binary with this build-id to ``dest``; False when neither vault nor node holds it."""
+        local = os.path.join(self.settings.buildid_dir, "buildid", build_id, "executable")
+        if os.path.exists(local):
+            os.symlink(local, dest)
+            return True
+        if self.store.size(blobs.buildid_key(build_id)) is None:
+            return False
+        blobs.copy_to_file(self.store, blobs.buildid_key(build_id), dest)
+        return True
+
+    def forget(self, crash_id: str) -> None:
+        self.get(crash_id)
+        for key in (blobs.core_key(crash_id), blobs.meta_key(crash_id), blobs.report_key(crash_id)):
+            self.store.delete(key)
+        with self.engine.begin() as conn:
+            catalog.forget(conn, crash_id)
