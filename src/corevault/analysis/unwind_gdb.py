@@ -5,7 +5,8 @@ will happily use whatever file sits there, a host's libc for a container's. So g
 private sysroot in which every path holds only the file whose build-id matches the core
 (symlinks into the build-id store), a debug-file directory built the same way, and no
 way to reach anything else: ``-nx``, ``set auto-load off`` (a container's libthread_db is
-untrusted code), ``set debuginfod enabled off``.
+untrusted code; gdb would even load the host's for a container's process, so the thread
+library search path points nowhere), ``set debuginfod enabled off``.
 """
 
 from __future__ import annotations
@@ -46,6 +47,7 @@ def gdb_command(
     return [
         "gdb", *(["-batch"] if batch else ["-q"]), "-nx",
         "-iex", "set auto-load off", "-iex", "set debuginfod enabled off",
+        "-iex", f"set libthread-db-search-path {root}/no-thread-db",
         "-iex", f"set sysroot {sysroot}", "-iex", f"set debug-file-directory {debugdir}",
         "-iex", "set print thread-events off", "-iex", "set pagination off",
         *([executable] if executable else []), "-c", core.path,
