@@ -99,3 +99,19 @@ def test_rm_forgets_a_crash(node: Node, material: dict) -> None:  # noqa: F811
     assert cli(node, "rm", victim).returncode == 0
     assert cli(node, "info", victim).returncode == 4
     assert victim not in cli(node, "list", "--json").stdout
+
+
+@pytest.mark.parametrize(
+    ("setting", "words"),
+    [
+        ('catalog = "mysql://x/y"', "is not usable"),
+        ('catalog = "notaurl"', "is not usable"),
+        ('store = "ftp://x"', "use file:///path or s3://bucket/prefix"),
+    ],
+)
+def test_bad_vault_settings_are_one_line(tmp_path, setting: str, words: str) -> None:
+    cfg = tmp_path / "c.toml"
+    cfg.write_text(f'state_dir = "{tmp_path}/s"\n[vault]\n{setting}\n')
+    out = subprocess.run([CLI, "-c", str(cfg), "list"], capture_output=True, text=True, check=False)
+    assert out.returncode in (1, 2) and words in out.stderr
+    assert len(out.stderr.strip().splitlines()) == 1, out.stderr

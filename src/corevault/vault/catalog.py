@@ -150,7 +150,12 @@ def connect(url: str) -> Engine:
             cur.close()
 
     else:
-        engine = sa.create_engine(url, pool_pre_ping=True)
+        try:
+            engine = sa.create_engine(url, pool_pre_ping=True)
+        except (sa.exc.ArgumentError, sa.exc.NoSuchModuleError, ImportError) as e:
+            raise CatalogError(
+                f"catalog URL {url!r} is not usable ({e}); use sqlite:///PATH or postgresql+psycopg://USER@HOST/DB"
+            ) from None
     try:
         migrate(engine)
     except sa.exc.OperationalError as e:
