@@ -1,0 +1,165 @@
+"""``kubectl corevault``: the kubectl plugin (an executable named kubectl-corevault on PATH).
+
+It talks to the cluster of the current kubectl context with the official Python client;
+``kubectl exec`` does the attaching. ``list`` and ``info`` are corevault's own, scoped to
+the context's namespace.
+"""
+
+from __future__ import annotations
+
+import json
+import os
+import shlex
+import sys
+
+import typer
+
+from corevault.cli import app as corevault_app
+from corevault.errors import UserError
+from corevault.pattern import PatternError
+
+STRATEGIC = "application/strategic-merge-patch+json"
+
+app = typer.Typer(
+    name="kubectl corevault",
+    help="Core dumps of your pods: reach them in an ephemeral container, enable them on a workload.",
+    no_args_is_help=True,
+    context_settings={"help_option_names": ["-h", "--help"]},
+)
+
+
+def _client(context: str | None):  # -> (CoreV1Api, AppsV1Api, namespace)
+    from kubernetes import client, config
+    from kubernetes.config.config_exception import ConfigException
+
+    try:
+        config.load_kube_config(context=context)
+        _, active = config.list_kube_config_contexts()
+    except (ConfigException, OSError) as e:
+        raise UserError(
+            f"no usable kubeconfig ({e}); set KUBECONFIG or run 'kubectl config use-context'"
+        ) from None
+    namespace = (active or {}).get("context", {}).get("namespace") or "default"
+    return client.CoreV1Api(), client.AppsV1Api(), namespace
+
+
+def _call(fn, verb: str, resource: str, namespace: str, *args: object, **kw: object) -> dict:
+    from kubernetes.client.exceptions import ApiException
+    from urllib3.exceptions import HTTPError
+
+    from corevault.kube.debug import explain
+
+    try:
+        response = fn(*args, _preload_content=False, **kw)
+    except ApiException as e:
+        raise explain(e.status, e.reason or "", verb, resource, namespace) from None
+    except HTTPError as e:
+        raise UserError(f"cannot reach the API server: {e}") from None
+    return json.loads(response.data or b"{}")
+
+
+@app.command(epilog="Example: kubectl corevault debug coredump-emptydir-volume-test-7c9d8 -c nginx")
+def debug(
+    pod: str = typer.Argument(..., help="The pod whose cores to reach."),
+    container: str = typer.Option(
+        None, "-c", "--container", help="The pod's container [default: its first]."
+    ),
+    namespace: str = typer.Option(None, "-n", "--namespace", help="Namespace [default: the context's]."),
+    image: str = typer.Option(None, help="Image of the debug container [default: the target container's]."),
+    command: list[str] = typer.Option(None, "--command", help="Command of the debug container."),
+    gdb: bool = typer.Option(False, "--gdb", help="Start gdb on the newest core instead of a shell."),
+    attach: bool = typer.Option(True, "--attach/--no-attach", help="Attach once it runs, or print how to."),
+    timeout: float = typer.Option(120, help="Seconds to wait for the debug container to run."),
+    context: str = typer.Option(None, help="kubeconfig context [default: the current one]."),
+) -> None:
+    """Add an ephemeral container that mounts the pod's core volume, then open a shell there."""
+    from corevault.kube import debug as dbg
+
+    core, _, current = _client(context)
+    ns = namespace or current
+    found = _call(core.read_namespaced_pod, "get", "pods", ns, pod, ns)
+    target = dbg.find_target(found, container)
+    chosen = next(c for c in found["spec"]["containers"] if c["name"] == target.container)
+    spec = dbg.ephemeral_container(target, image or chosen.get("image", "busybox"), command)
+    body = {"spec": {"ephemeralContainers": [spec]}}
+    _call(
+        core.patch_namespaced_pod_ephemeralcontainers, "patch", "pods/ephemeralcontainers", ns, pod, ns, body,
+        _content_type=STRATEGIC,
+    )  # fmt: skip
+    print(
+        f"added debug container {spec['name']} mounting {target.volume} at {target.directory}",
+        file=sys.stderr,
+    )
+    dbg.wait_running(
+        lambda: _call(core.read_namespaced_pod, "get", "pods", ns, pod, ns), spec["name"], timeout
+    )
+    cmd = dbg.shell_command(target, spec["name"], gdb)
+    if not attach:
+        print(shlex.join(cmd))
+        return
+    os.execvp(cmd[0], cmd)  # noqa: S606 - hands the terminal to kubectl exec
+
+
+@app.command(
+    epilog="Example: kubectl corevault enable deployment/checkout --pattern '/data/dump-a/core-%E-%p-%t'"
+)
+def enable(
+    workload: str = typer.Argument(
+        ..., help="deployment/NAME, statefulset/NAME or daemonset/NAME (NAME: a deployment)."
+    ),
+    pattern_: str = typer.Option(..., "--pattern", help="Where cores go in the pod, a core(5) pattern."),
+    volume: str = typer.Option("emptydir", help="emptydir, pvc:CLAIM or nfs:SERVER:/PATH"),
+    namespace: str = typer.Option(None, "-n", "--namespace", help="Namespace [default: the context's]."),
+    dry_run: bool = typer.Option(False, "--dry-run", help="Print the patch; change nothing."),
+    context: str = typer.Option(None, help="kubeconfig context [default: the current one]."),
+) -> None:
+    """Add the core-pattern annotation and a volume at the pattern's directory to a workload."""
+    from corevault.kube import debug as dbg
+
+    kind, _, name = workload.partition("/") if "/" in workload else ("deployment", "", workload)
+    kind = kind.lower().removesuffix("s")
+    if kind not in dbg.KINDS or not name:
+        raise typer.BadParameter(f"{workload!r}: use deployment/NAME, statefulset/NAME or daemonset/NAME")
+    _, apps, current = _client(context)
+    ns = namespace or current
+    read = getattr(apps, f"read_namespaced_{kind}")
+    patch_fn = getattr(apps, f"patch_namespaced_{kind}")
+    resource = dbg.KINDS[kind]
+    current_obj = _call(read, "get", resource, ns, name, ns)
+    patch = dbg.enable_patch(kind, current_obj["spec"]["template"], pattern_, volume)
+    if dry_run:
+        print(json.dumps(patch, indent=2))
+        return
+    _call(patch_fn, "patch", resource, ns, name, ns, patch, _content_type=STRATEGIC)
+    print(f"{kind}/{name}: cores now go to {pattern_} on a {volume} volume")
+
+
+@app.command("list", context_settings={"allow_extra_args": True, "ignore_unknown_options": True})
+def list_(ctx: typer.Context, namespace: str = typer.Option(None, "-n", "--namespace")) -> None:
+    """corevault list, for the namespace of the current context (other options pass through)."""
+    ns = namespace or _client(None)[2]
+    raise typer.Exit(corevault_app.main(["list", "--namespace", ns, *ctx.args]))
+
+
+@app.command(context_settings={"allow_extra_args": True, "ignore_unknown_options": True})
+def info(ctx: typer.Context) -> None:
+    """corevault info ID."""
+    raise typer.Exit(corevault_app.main(["info", *ctx.args]))
+
+
+def main(argv: list[str] | None = None) -> int:
+    try:
+        app(args=argv, prog_name="kubectl corevault")
+    except SystemExit as e:
+        return e.code if isinstance(e.code, int) else 1
+    except UserError as e:
+        print(f"kubectl corevault: error: {e}", file=sys.stderr)
+        return 1
+    except PatternError as e:
+        print(f"kubectl corevault: error: {e}", file=sys.stderr)
+        return 2
+    return 0
+
+
+if __name__ == "__main__":
+    sys.exit(main())
