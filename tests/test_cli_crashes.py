@@ -91,7 +91,9 @@ def test_gdb_batch_after_the_image_is_gone(node: Node) -> None:
     assert out.returncode == 0, out.stderr
     frames = [line for line in out.stdout.splitlines() if line.startswith("#")]
     assert any(" parse_config (" in f for f in frames) and any(" main (" in f for f in frames), frames
-    assert "Using host libthread_db" not in out.stdout + out.stderr  # no thread library is loaded, not even the host's
+    assert (
+        "Using host libthread_db" not in out.stdout + out.stderr
+    )  # no thread library is loaded, not even the host's
 
 
 def test_rm_forgets_a_crash(node: Node, material: dict) -> None:  # noqa: F811

@@ -1,0 +1,222 @@
+"""An in-process Kubernetes API server over HTTP, for what corevault's kubectl side uses.
+
+It behaves like the real one where corevault depends on it:
+- GET and PATCH of pods, deployments, statefulsets and daemonsets, as JSON;
+- the ``pods/{name}/ephemeralcontainers`` subresource with all three PATCH content types
+  (strategic merge merges ephemeral containers by name, JSON merge replaces the list, JSON
+  patch applies its operations), refusing a rename or removal as the real server does;
+- ephemeral container status: ``waiting`` when added, ``running`` a moment later;
+- strategic merge for pod templates: annotations merged, volumes and containers by name,
+  volume mounts by mount path;
+- ``403 Forbidden`` Status objects for the requests a test forbids; 404 for what is missing.
+
+It does not emulate: authentication, watches, admission, exec/attach/port-forward streams
+(``kubectl exec`` cannot connect to it), discovery beyond what kubectl's plugin dispatch
+needs (none), or server-side validation of container specs.
+"""
+
+from __future__ import annotations
+
+import copy
+import json
+import os
+import re
+import threading
+from dataclasses import dataclass, field
+from http.server import BaseHTTPRequestHandler, ThreadingHTTPServer
+
+
+@dataclass
+class Request:
+    method: str
+    path: str
+    content_type: str | None
+    body: object
+
+
+@dataclass
+class FakeKube:
+    objects: dict[tuple[str, str, str], dict] = field(default_factory=dict)  # (resource, ns, name)
+    requests: list[Request] = field(default_factory=list)
+    forbidden: set[tuple[str, str]] = field(default_factory=set)  # (method, path regex)
+    running_after: int = 1  # GETs of the pod before an added ephemeral container runs
+    ephemeral_supported: bool = True  # False: a cluster older than Kubernetes 1.23
+    server: ThreadingHTTPServer | None = None
+
+    @property
+    def url(self) -> str:
+        assert self.server is not None
+        return f"http://127.0.0.1:{self.server.server_address[1]}"
+
+    def add(self, resource: str, obj: dict) -> dict:
+        meta = obj.setdefault("metadata", {})
+        meta.setdefault("namespace", "default")
+        meta.setdefault("uid", os.urandom(16).hex())
+        self.objects[(resource, meta["namespace"], meta["name"])] = obj
+        return obj
+
+    def get(self, resource: str, namespace: str, name: str) -> dict:
+        return self.objects[(resource, namespace, name)]
+
+    def forbid(self, method: str, path_regex: str) -> None:
+        self.forbidden.add((method, path_regex))
+
+    def kubeconfig(self, path: str, namespace: str = "default") -> str:
+        with open(path, "w") as f:
+            json.dump(
+                {
+                    "apiVersion": "v1", "kind": "Config", "current-context": "fake",
+                    "clusters": [{"name": "fake", "cluster": {"server": self.url}}],
+                    "users": [{"name": "tester", "user": {"token": "fake-token"}}],
+                    "contexts": [
+                        {"name": "fake", "context": {"cluster": "fake", "user": "tester", "namespace": namespace}}
+                    ],
+                },
+                f,
+            )  # fmt: skip
+        return path
+
+    def start(self) -> FakeKube:
+        fake = self
+
+        class Handler(BaseHTTPRequestHandler):
+            def log_message(self, *args: object) -> None:
+                pass
+
+            def _send(self, code: int, doc: dict) -> None:
+                data = json.dumps(doc).encode()
+                self.send_response(code)
+                self.send_header("Content-Type", "application/json")
+                self.send_header("Content-Length", str(len(data)))
+                self.end_headers()
+                self.wfile.write(data)
+
+            def do_GET(self) -> None:
+                fake._handle(self, "GET")
+
+            def do_PATCH(self) -> None:
+                fake._handle(self, "PATCH")
+
+        self.server = ThreadingHTTPServer(("127.0.0.1", 0), Handler)
+        threading.Thread(target=self.server.serve_forever, daemon=True).start()
+        return self
+
+    def stop(self) -> None:
+        if self.server is not None:
+            self.server.shutdown()
+            self.server.server_close()
+
+    # -- the API ------------------------------------------------------------------------------
+
+    ROUTE = re.compile(
+        r"^/(?:api/v1|apis/apps/v1)/namespaces/(?P<ns>[^/]+)/(?P<res>pods|deployments|statefulsets|daemonsets)"
+        r"/(?P<name>[^/?]+)(?:/(?P<sub>[a-z]+))?$"
+    )
+
+    def _handle(self, h: BaseHTTPRequestHandler, method: str) -> None:
+        path = h.path.split("?", 1)[0]
+        length = int(h.headers.get("Content-Length") or 0)
+        raw = h.rfile.read(length) if length else b""
+        body = json.loads(raw) if raw else None
+        self.requests.append(Request(method, path, h.headers.get("Content-Type"), body))
+        if any(m == method and re.search(rx, path) for m, rx in self.forbidden):
+            h._send(403, _status(403, "Forbidden", f"{method.lower()} {path} is forbidden"))  # type: ignore[attr-defined]
+            return
+        m = self.ROUTE.match(path)
+        if m is None:
+            h._send(404, _status(404, "NotFound", f"{path} not found"))  # type: ignore[attr-defined]
+            return
+        key = (m["res"], m["ns"], m["name"])
+        obj = self.objects.get(key)
+        if obj is None:
+            h._send(404, _status(404, "NotFound", f'{m["res"]} "{m["name"]}" not found'))  # type: ignore[attr-defined]
+            return
+        if method == "GET":
+            if m["res"] == "pods":
+                self._progress(obj)
+            h._send(200, obj)  # type: ignore[attr-defined]
+            return
+        ctype = (h.headers.get("Content-Type") or "").split(";")[0]
+        if m["sub"] == "ephemeralcontainers" and not self.ephemeral_supported:
+            h._send(404, _status(404, "NotFound", "the server could not find the requested resource"))  # type: ignore[attr-defined]
+            return
+        try:
+            if m["res"] == "pods" and m["sub"] == "ephemeralcontainers":
+                self._patch_ephemeral(obj, ctype, body)
+            elif m["sub"] is None and m["res"] != "pods":
+                if ctype != "application/strategic-merge-patch+json":
+                    raise ValueError(f"this fake takes strategic merge patches of {m['res']}, not {ctype}")
+                _strategic(obj, body)
+            else:
+                raise ValueError(f"PATCH {path} is not supported by this fake")
+        except ValueError as e:
+            h._send(422, _status(422, "Invalid", str(e)))  # type: ignore[attr-defined]
+            return
+        h._send(200, obj)  # type: ignore[attr-defined]
+
+    def _patch_ephemeral(self, pod: dict, ctype: str, body: object) -> None:
+        spec = pod.setdefault("spec", {})
+        before = copy.deepcopy(spec.get("ephemeralContainers") or [])
+        if ctype == "application/strategic-merge-patch+json":
+            merged = {c["name"]: c for c in before}
+            for c in (body or {}).get("spec", {}).get("ephemeralContainers", []):  # type: ignore[union-attr]
+                merged[c["name"]] = {**merged.get(c["name"], {}), **c}
+            after = list(merged.values())
+        elif ctype == "application/merge-patch+json":
+            after = (body or {}).get("spec", {}).get("ephemeralContainers", before)  # type: ignore[union-attr]
+        elif ctype == "application/json-patch+json":
+            after = copy.deepcopy(before)
+            for op in body or []:  # type: ignore[union-attr]
+                if op["op"] == "add" and op["path"] in (
+                    "/spec/ephemeralContainers/-",
+                    "/spec/ephemeralContainers",
+                ):
+                    after += op["value"] if isinstance(op["value"], list) else [op["value"]]
+                else:
+                    raise ValueError(f"unsupported JSON patch operation {op}")
+        else:
+            raise ValueError(f"unsupported content type {ctype!r}")
+        names_before = [c["name"] for c in before]
+        if [c["name"] for c in after][: len(before)] != names_before:
+            raise ValueError("existing ephemeral containers may not be changed or removed")
+        spec["ephemeralContainers"] = after
+        statuses = pod.setdefault("status", {}).setdefault("ephemeralContainerStatuses", [])
+        for c in after[len(before) :]:
+            statuses.append(
+                {"name": c["name"], "state": {"waiting": {"reason": "ContainerCreating"}}, "_gets": 0}
+            )
+
+    def _progress(self, pod: dict) -> None:
+        for st in (pod.get("status") or {}).get("ephemeralContainerStatuses") or []:
+            if "waiting" in st.get("state", {}) and st.get("_gets", 0) >= self.running_after:
+                st["state"] = {"running": {"startedAt": "2026-11-28T00:00:00Z"}}
+            st["_gets"] = st.get("_gets", 0) + 1
+
+
+def _status(code: int, reason: str, message: str) -> dict:
+    return {
+        "kind": "Status",
+        "apiVersion": "v1",
+        "status": "Failure",
+        "message": message,
+        "reason": reason,
+        "code": code,
+    }
+
+
+def _strategic(obj: dict, patch: dict) -> None:
+    """Strategic merge of the parts of a pod template corevault patches."""
+    for key, value in patch.items():
+        if key in ("containers", "volumes", "volumeMounts") and isinstance(value, list):
+            merge_key = "mountPath" if key == "volumeMounts" else "name"
+            current = obj.setdefault(key, [])
+            for item in value:
+                existing = next((c for c in current if c.get(merge_key) == item.get(merge_key)), None)
+                if existing is None:
+                    current.append(copy.deepcopy(item))
+                else:
+                    _strategic(existing, item)
+        elif isinstance(value, dict) and isinstance(obj.get(key), dict):
+            _strategic(obj[key], value)
+        else:
+            obj[key] = copy.deepcopy(value)

@@ -1,0 +1,185 @@
+"""``kubectl corevault`` through the real kubectl's plugin dispatch, against a fake API server.
+
+The fake (testbed/fakekube.py) says what it does not emulate; in particular no exec
+stream, so attaching is checked as the exact ``kubectl exec`` command (``--no-attach``).
+"""
+
+from __future__ import annotations
+
+import json
+import os
+import subprocess
+import sys
+from collections.abc import Iterator
+
+import pytest
+
+from testbed.fakekube import FakeKube
+
+SEED_POD = "coredump-emptydir-volume-test-xxxxx"
+NGINX = "registry.cn-hangzhou.aliyuncs.com/acs-sample/nginx:latest"
+
+
+def seed_pod(
+    name: str = SEED_POD,
+    annotations: dict | None = None,
+    mount: str = "/data/dump-a/",
+    phase: str = "Running",
+) -> dict:
+    """The pod of ACS's emptyDir example, as the API server returns it."""
+    return {
+        "apiVersion": "v1", "kind": "Pod",
+        "metadata": {"name": name, "namespace": "default", "annotations": {"alibabacloud.com/core-pattern": "/data/dump-a/core-%E-%p-%t"} if annotations is None else annotations},
+        "spec": {
+            "containers": [{"name": "nginx", "image": NGINX, "volumeMounts": [{"name": "emptydir-volume", "mountPath": mount}]}],
+            "volumes": [{"name": "emptydir-volume", "emptyDir": {}}],
+        },
+        "status": {"phase": phase},
+    }  # fmt: skip
+
+
+@pytest.fixture
+def kube(tmp_path) -> Iterator[tuple[FakeKube, dict]]:
+    fake = FakeKube().start()
+    env = {
+        **os.environ,
+        "KUBECONFIG": fake.kubeconfig(str(tmp_path / "kubeconfig")),
+        "PATH": os.path.dirname(sys.executable) + ":" + os.environ["PATH"],
+    }
+    yield fake, env
+    fake.stop()
+
+
+def kubectl(env: dict, *args: str) -> subprocess.CompletedProcess:
+    return subprocess.run(
+        ["kubectl", "corevault", *args], capture_output=True, text=True, env=env, timeout=120, check=False
+    )
+
+
+def test_seed_emptydir_scenario_builds_the_guides_ephemeral_container(kube) -> None:
+    fake, env = kube
+    fake.add("pods", seed_pod())
+    out = kubectl(env, "debug", SEED_POD, "--no-attach")
+    assert out.returncode == 0, out.stderr
+    [patch] = [r for r in fake.requests if r.method == "PATCH"]
+    assert patch.path == f"/api/v1/namespaces/default/pods/{SEED_POD}/ephemeralcontainers"
+    assert patch.content_type == "application/strategic-merge-patch+json"
+    [container] = patch.body["spec"]["ephemeralContainers"]
+    assert container["name"].startswith("corevault-debug-")
+    assert container["volumeMounts"] == [{"name": "emptydir-volume", "mountPath": "/data/dump-a/"}]
+    assert container["targetContainerName"] == "nginx" and container["image"] == NGINX
+    assert container["stdin"] is True and container["tty"] is True
+    assert out.stdout.strip() == (
+        f"kubectl exec -it -n default {SEED_POD} -c {container['name']} -- sh -c 'cd /data/dump-a && exec sh'"
+    )
+    status = fake.get("pods", "default", SEED_POD)["status"]["ephemeralContainerStatuses"]
+    assert "running" in status[0]["state"]
+
+
+def test_every_attempt_gets_a_new_container_name(kube) -> None:
+    fake, env = kube
+    fake.add("pods", seed_pod())
+    for _ in range(2):
+        assert kubectl(env, "debug", SEED_POD, "--no-attach", "--gdb").returncode == 0
+    names = [c["name"] for c in fake.get("pods", "default", SEED_POD)["spec"]["ephemeralContainers"]]
+    assert len(names) == 2 and len(set(names)) == 2
+
+
+def test_gdb_on_the_newest_core(kube) -> None:
+    fake, env = kube
+    fake.add("pods", seed_pod())
+    out = kubectl(env, "debug", SEED_POD, "--no-attach", "--gdb", "--image", "gdb-tools:1")
+    assert "exec gdb -q -c" in out.stdout and "ls -t" in out.stdout
+    patch = next(r for r in fake.requests if r.method == "PATCH")
+    assert patch.body["spec"]["ephemeralContainers"][0]["image"] == "gdb-tools:1"
+
+
+@pytest.mark.parametrize(
+    ("setup", "words"),
+    [
+        (lambda f: f.add("pods", seed_pod(annotations={})), "has no corevault.io/core-pattern"),
+        (lambda f: f.add("pods", seed_pod(mount="/var/log")), "no volume is mounted at /data/dump-a"),
+        (lambda f: f.add("pods", seed_pod(phase="Succeeded")), "has terminated"),
+        (
+            lambda f: (f.add("pods", seed_pod()), f.forbid("PATCH", "/ephemeralcontainers$")),
+            "verbs [patch] on resources [pods/ephemeralcontainers]",
+        ),
+        (
+            lambda f: (f.add("pods", seed_pod()), setattr(f, "ephemeral_supported", False)),
+            "Kubernetes 1.23 or newer",
+        ),
+        (lambda f: f.forbid("GET", "/pods/"), "verbs [get] on resources [pods]"),
+        (lambda f: None, "refused to get pods: 404"),
+    ],
+)
+def test_debug_errors_say_what_to_do(kube, setup, words: str) -> None:
+    fake, env = kube
+    setup(fake)
+    out = kubectl(env, "debug", SEED_POD, "--no-attach")
+    assert out.returncode == 1, out.stdout
+    assert words in out.stderr and "Traceback" not in out.stderr
+    assert len(out.stderr.strip().splitlines()) == 1, out.stderr
+
+
+def web_deployment() -> dict:
+    return {
+        "apiVersion": "apps/v1", "kind": "Deployment", "metadata": {"name": "web", "namespace": "default"},
+        "spec": {"template": {"metadata": {"labels": {"app": "web"}}, "spec": {"containers": [
+            {"name": "nginx", "image": NGINX}, {"name": "sidecar", "image": "envoy:1"}]}}},
+    }  # fmt: skip
+
+
+def test_enable_adds_annotation_volume_and_mounts_once(kube) -> None:
+    fake, env = kube
+    fake.add("deployments", web_deployment())
+    dry = kubectl(env, "enable", "deployment/web", "--pattern", "/data/dump-a/core-%e-%p", "--dry-run")
+    assert dry.returncode == 0, dry.stderr
+    assert not [r for r in fake.requests if r.method == "PATCH"]
+    assert json.loads(dry.stdout)["spec"]["template"]["metadata"]["annotations"] == {
+        "corevault.io/core-pattern": "/data/dump-a/core-%e-%p"
+    }
+    for _ in range(2):
+        assert (
+            kubectl(env, "enable", "deployment/web", "--pattern", "/data/dump-a/core-%e-%p").returncode == 0
+        )
+    template = fake.get("deployments", "default", "web")["spec"]["template"]
+    assert template["metadata"]["annotations"]["corevault.io/core-pattern"] == "/data/dump-a/core-%e-%p"
+    assert template["spec"]["volumes"] == [{"name": "corevault-cores", "emptyDir": {"sizeLimit": "10Gi"}}]
+    for c in template["spec"]["containers"]:
+        assert c["volumeMounts"] == [{"name": "corevault-cores", "mountPath": "/data/dump-a"}]
+
+
+@pytest.mark.parametrize(
+    ("volume", "source"),
+    [
+        ("pvc:cores", {"persistentVolumeClaim": {"claimName": "cores"}}),
+        ("nfs:nas.example:/export/cores", {"nfs": {"server": "nas.example", "path": "/export/cores"}}),
+    ],
+)
+def test_enable_with_a_claim_or_nfs(kube, volume: str, source: dict) -> None:
+    fake, env = kube
+    fake.add("deployments", web_deployment())
+    assert kubectl(env, "enable", "web", "--pattern", "/cores/core-%p", "--volume", volume).returncode == 0
+    assert fake.get("deployments", "default", "web")["spec"]["template"]["spec"]["volumes"] == [
+        {"name": "corevault-cores", **source}
+    ]
+
+
+@pytest.mark.parametrize(
+    ("args", "code", "words"),
+    [
+        (["enable", "deployment/web", "--pattern", "relative/core"], 2, "not an absolute path"),
+        (
+            ["enable", "deployment/web", "--pattern", "/d/core", "--volume", "tmpfs"],
+            1,
+            "use emptydir, pvc:CLAIM or nfs:SERVER:/PATH",
+        ),
+        (["enable", "cronjob/web", "--pattern", "/d/core"], 2, "use deployment/NAME"),
+    ],
+)
+def test_enable_must_fail(kube, args: list[str], code: int, words: str) -> None:
+    fake, env = kube
+    fake.add("deployments", web_deployment())
+    out = kubectl(env, *args)
+    assert out.returncode == code and words in out.stderr, out.stderr
+    assert not [r for r in fake.requests if r.method == "PATCH"]
