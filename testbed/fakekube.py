@@ -62,15 +62,14 @@ class FakeKube:
         self.forbidden.add((method, path_regex))
 
     def kubeconfig(self, path: str, namespace: str = "default") -> str:
+        context = {"cluster": "fake", "user": "tester", "namespace": namespace}
         with open(path, "w") as f:
             json.dump(
                 {
                     "apiVersion": "v1", "kind": "Config", "current-context": "fake",
                     "clusters": [{"name": "fake", "cluster": {"server": self.url}}],
                     "users": [{"name": "tester", "user": {"token": "fake-token"}}],
-                    "contexts": [
-                        {"name": "fake", "context": {"cluster": "fake", "user": "tester", "namespace": namespace}}
-                    ],
+                    "contexts": [{"name": "fake", "context": context}],
                 },
                 f,
             )  # fmt: skip
