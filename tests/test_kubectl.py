@@ -183,3 +183,27 @@ def test_enable_must_fail(kube, args: list[str], code: int, words: str) -> None:
     out = kubectl(env, *args)
     assert out.returncode == code and words in out.stderr, out.stderr
     assert not [r for r in fake.requests if r.method == "PATCH"]
+
+
+def test_list_and_info_use_the_contexts_namespace(kube, tmp_path) -> None:
+    from corevault import config
+    from corevault.vault import catalog
+
+    fake, env = kube
+    cfg = tmp_path / "c.toml"
+    cfg.write_text(f'state_dir = "{tmp_path}/s"\n')
+    engine = catalog.connect(config.load(str(cfg)).catalog_url)
+    with engine.begin() as conn:
+        for i, ns in enumerate(("shop", "billing")):
+            meta = {"id": f"crash-{ns}", "time": 1700000000 + i, "pod": {"namespace": ns, "name": f"{ns}-0"}}
+            catalog.add_crash(conn, meta, "off")
+    env = {**env, "COREVAULT_CONFIG": str(cfg)}
+    fake.kubeconfig(env["KUBECONFIG"], namespace="shop")
+    listed = kubectl(env, "list", "--json")
+    assert listed.returncode == 0, listed.stderr
+    assert [json.loads(line)["id"] for line in listed.stdout.splitlines()] == ["crash-shop"]
+    other = kubectl(env, "list", "--json", "-n", "billing")
+    assert [json.loads(line)["id"] for line in other.stdout.splitlines()] == ["crash-billing"]
+    assert "crash-shop" in kubectl(env, "info", "crash-shop").stdout
+    missing = kubectl(env, "info", "no-such-crash")
+    assert missing.returncode == 4 and "no crash 'no-such-crash'" in missing.stderr
