@@ -7,7 +7,6 @@ suid_dumpable are written back when they end, also when they fail.
 
 from __future__ import annotations
 
-import json
 import os
 import shutil
 import subprocess
@@ -101,16 +100,6 @@ class Capture:
         self.containers.append(c)
         return c
 
-    def wait_for_journal(self, count: int = 1, timeout: float = 10) -> list[dict]:
-        """With core_pipe_limit > 0 the crash ends after the handler; this only guards slow disks."""
-        deadline = time.monotonic() + timeout
-        while time.monotonic() < deadline:
-            records = self.journal()
-            if len(records) >= count:
-                return records
-            time.sleep(0.05)
-        return self.journal()
-
 
 @contextmanager
 def installed_capture() -> Iterator[Capture]:
@@ -149,11 +138,6 @@ def gdb_backtrace(exe: str, core: str, sysroot: str) -> str:
         capture_output=True, text=True, timeout=60, check=False,
     )  # fmt: skip
     return out.stdout
-
-
-def load_json(path: str) -> dict:
-    with open(path) as f:
-        return json.load(f)
 
 
 def kernel_args(pid: int, *, signal: int = 11, exe: str = "/usr/bin/sleep", pidfd_fd: int = 3) -> list[str]:

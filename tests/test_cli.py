@@ -74,3 +74,10 @@ def test_install_status_uninstall_on_this_host() -> None:
         assert "not installed" in run("-c", config, "uninstall").stdout
         st = json.loads(run("-c", config, "status", "--json").stdout)
         assert not st["installed"] and st["saved"] is None
+
+
+def test_pattern_specifiers_lists_every_one() -> None:
+    from corevault.pattern import SPECIFIERS
+
+    out = run("pattern", "specifiers").stdout
+    assert all(f"%{s}  " in out for s in "%" + SPECIFIERS)

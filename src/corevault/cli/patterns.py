@@ -42,3 +42,10 @@ def expand(
         "E": exe, "f": base, "c": str((1 << 64) - 1), "C": "0",
     }  # fmt: skip
     print(pattern.expand(value, values))
+
+
+@pattern_app.command(epilog="Example: corevault pattern specifiers")
+def specifiers() -> None:
+    """List the specifiers a core pattern may use."""
+    for spec, meaning in pattern.describe().items():
+        print(f"{spec}  {meaning}")
