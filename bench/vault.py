@@ -109,8 +109,56 @@ def bench_ship(w: servers.Seaweed, pg_url: str, mib: int, runs: int) -> None:
         o, p = statistics.median(ours), statistics.median(plain)
         print(f"ship {mib} MiB: agent {o:.2f} s ({mib / o:.0f} MiB/s), plain upload_fileobj {p:.2f} s "
               f"({mib / p:.0f} MiB/s): throughput ratio {p / o:.2f} (goal >= 0.9); agent peak RSS {rss / 1024:.0f} MiB (goal <= 128)")  # fmt: skip
+        warm_ours, warm_plain = in_process(w, pg_url, work, blob, mib, runs)
+        print(f"  inside running processes (no start-up on either side): ship_entry {warm_ours:.2f} s, "
+              f"upload_fileobj {warm_plain:.2f} s: throughput ratio {warm_plain / warm_ours:.2f}")  # fmt: skip
     finally:
         shutil.rmtree(work, ignore_errors=True)
+
+
+def in_process(
+    w: servers.Seaweed, pg_url: str, work: str, blob: str, mib: int, runs: int
+) -> tuple[float, float]:
+    """Median seconds of one ship_entry and of one upload_fileobj, both in this warm process."""
+    import boto3
+    from boto3.s3.transfer import TransferConfig
+    from botocore.config import Config
+
+    from corevault import config
+    from corevault.vault import ship
+
+    os.environ["AWS_ACCESS_KEY_ID"], os.environ["AWS_SECRET_ACCESS_KEY"] = servers.KEY, servers.SECRET
+    s3 = boto3.client(
+        "s3", endpoint_url=w.endpoint, region_name="us-east-1", config=Config(s3={"addressing_style": "path"})
+    )
+    plain_cfg = TransferConfig(
+        multipart_threshold=16 << 20, multipart_chunksize=16 << 20, max_concurrency=CONCURRENCY
+    )
+    cfg = os.path.join(work, "warm.toml")
+    with open(cfg, "w") as f:
+        f.write(
+            f'state_dir = "{work}/warm"\n[vault]\nstore = "s3://{w.bucket}/warm"\ncatalog = "{pg_url}"\n'
+            f'[vault.s3]\nendpoint = "{w.endpoint}"\naddressing = "path"\npart_size = "16M"\nconcurrency = {CONCURRENCY}\n'
+            "[agent]\nanalyze = false\n"
+        )
+    settings = config.load(cfg)
+    vault = ship.open_vault(settings)
+    ours, plain = [], []
+    for run in range(runs):
+        t = time.perf_counter()
+        with open(blob, "rb") as f:
+            s3.upload_fileobj(f, w.bucket, f"warm-plain/{run}", Config=plain_cfg)
+        plain.append(time.perf_counter() - t)
+        entry_id = f"20260102T000000Z-{run}-warm"
+        entry = os.path.join(spool.ready_dir(settings.spool_dir), entry_id)
+        os.makedirs(entry)
+        os.link(blob, os.path.join(entry, spool.CORE_NAME))
+        with open(os.path.join(entry, spool.META_NAME), "w") as f:
+            json.dump({"id": entry_id, "time": 1, "core": {"stored_size": mib << 20}, "modules": []}, f)
+        t = time.perf_counter()
+        ship.ship_entry(vault, settings, entry_id)
+        ours.append(time.perf_counter() - t)
+    return statistics.median(ours), statistics.median(plain)
 
 
 def fill(url: str, rows: int) -> sa.Engine:
