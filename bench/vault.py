@@ -56,6 +56,18 @@ with open(path, "rb") as f:
 """
 
 
+def agent_config(w: servers.Seaweed, pg_url: str, work: str, name: str) -> str:
+    """Settings for an agent shipping to the bucket (16 MiB parts, as the plain upload) without analysis."""
+    cfg = os.path.join(work, f"{name}.toml")
+    with open(cfg, "w") as f:
+        f.write(
+            f'state_dir = "{work}/{name}"\n[vault]\nstore = "s3://{w.bucket}/{name}"\ncatalog = "{pg_url}"\n'
+            f'[vault.s3]\nendpoint = "{w.endpoint}"\naddressing = "path"\npart_size = "16M"\nconcurrency = {CONCURRENCY}\n'
+            '[agent]\nanalyze = false\nmetrics = ""\n'
+        )
+    return cfg
+
+
 def bench_ship(w: servers.Seaweed, pg_url: str, mib: int, runs: int) -> None:
     env = {**os.environ, "AWS_ACCESS_KEY_ID": servers.KEY, "AWS_SECRET_ACCESS_KEY": servers.SECRET}
     work = tempfile.mkdtemp(prefix="cv-bench-ship-")
@@ -83,13 +95,7 @@ def bench_ship(w: servers.Seaweed, pg_url: str, mib: int, runs: int) -> None:
                     env,
                 )[0]
             )
-            cfg = os.path.join(work, "c.toml")
-            with open(cfg, "w") as f:
-                f.write(
-                    f'state_dir = "{work}/s{run}"\n[vault]\nstore = "s3://{w.bucket}/ship{run}"\ncatalog = "{pg_url}"\n'
-                    f'[vault.s3]\nendpoint = "{w.endpoint}"\naddressing = "path"\npart_size = "16M"\nconcurrency = {CONCURRENCY}\n'
-                    '[agent]\nanalyze = false\nmetrics = ""\n'
-                )
+            cfg = agent_config(w, pg_url, work, f"s{run}")
             entry = os.path.join(work, f"s{run}", "spool", "ready", f"20260101T000000Z-{run}-bench")
             os.makedirs(entry)
             os.link(blob, os.path.join(entry, spool.CORE_NAME))
@@ -134,14 +140,7 @@ def in_process(
     plain_cfg = TransferConfig(
         multipart_threshold=16 << 20, multipart_chunksize=16 << 20, max_concurrency=CONCURRENCY
     )
-    cfg = os.path.join(work, "warm.toml")
-    with open(cfg, "w") as f:
-        f.write(
-            f'state_dir = "{work}/warm"\n[vault]\nstore = "s3://{w.bucket}/warm"\ncatalog = "{pg_url}"\n'
-            f'[vault.s3]\nendpoint = "{w.endpoint}"\naddressing = "path"\npart_size = "16M"\nconcurrency = {CONCURRENCY}\n'
-            "[agent]\nanalyze = false\n"
-        )
-    settings = config.load(cfg)
+    settings = config.load(agent_config(w, pg_url, work, "warm"))
     vault = ship.open_vault(settings)
     ours, plain = [], []
     for run in range(runs):
