@@ -12,7 +12,7 @@ import sys
 import typer
 
 from corevault import config, pattern
-from corevault.cli import analyze, crashes, host, patterns, vault
+from corevault.cli import analyze, crashes, host, patterns, vault, webhook
 from corevault.errors import UserError
 
 EXIT_FAILED = 1
@@ -48,6 +48,7 @@ patterns.register(app)
 crashes.register(app)
 analyze.register(app)
 vault.register(app)
+webhook.register(app)
 
 
 def main(argv: list[str] | None = None) -> int:

@@ -14,15 +14,15 @@ workload's pod template.
 from __future__ import annotations
 
 import os
-import posixpath
 import time
 from dataclasses import dataclass
 
 from corevault import pattern
 from corevault.config import ANNOTATION_PATTERN, ANNOTATION_PATTERN_ACS
 from corevault.errors import UserError
+from corevault.kube import volumes
+from corevault.kube.volumes import mount_for
 
-VOLUME_NAME = "corevault-cores"
 KINDS = {"deployment": "deployments", "statefulset": "statefulsets", "daemonset": "daemonsets"}
 
 
@@ -76,24 +76,13 @@ def find_target(pod: dict, container: str | None) -> Target:
             names = ", ".join(c.get("name", "?") for c in containers)
             raise KubeError(f"pod {namespace}/{name} has no container {container!r} (it has: {names})")
     directory = pattern.directory(pat)
-    mount = _mount_for(chosen, directory)
+    mount = mount_for(chosen, directory)
     if mount is None:
         raise KubeError(
             f"no volume is mounted at {directory} in container {chosen['name']} of {namespace}/{name}: "
             f"cores written there stay in the container's root; mount a volume at {directory}"
         )
     return Target(namespace, name, chosen["name"], pat, directory, mount)
-
-
-def _mount_for(container: dict, directory: str) -> str | None:
-    """The volume whose mount holds ``directory`` (the deepest mount that contains it)."""
-    best = None
-    for m in container.get("volumeMounts") or []:
-        path = posixpath.normpath(m.get("mountPath", ""))
-        inside = directory == path or directory.startswith(path.rstrip("/") + "/")
-        if inside and (best is None or len(path) > len(best[0])):
-            best = (path, m["name"])
-    return best[1] if best else None
 
 
 def ephemeral_container(target: Target, image: str, command: list[str] | None) -> dict:
@@ -147,28 +136,14 @@ def enable_patch(kind: str, template: dict, pat: str, volume: str) -> dict:
         raise KubeError(f"the {kind} has no containers in its pod template")
     patch_containers = []
     for c in containers:
-        if _mount_for(c, directory) is None:
+        if mount_for(c, directory) is None:
             patch_containers.append(
-                {"name": c["name"], "volumeMounts": [{"name": VOLUME_NAME, "mountPath": directory}]}
+                {"name": c["name"], "volumeMounts": [{"name": volumes.VOLUME_NAME, "mountPath": directory}]}
             )
     patch: dict = {"spec": {"template": {"metadata": {"annotations": {ANNOTATION_PATTERN: pat}}}}}
     if patch_containers:
         patch["spec"]["template"]["spec"] = {
             "containers": patch_containers,
-            "volumes": [volume_source(volume)],
+            "volumes": [volumes.volume_source(volume)],
         }
     return patch
-
-
-def volume_source(spec: str) -> dict:
-    """``emptydir`` (with a 10Gi size limit), ``pvc:CLAIM`` or ``nfs:SERVER:/PATH`` as a pod volume."""
-    if spec == "emptydir":
-        return {"name": VOLUME_NAME, "emptyDir": {"sizeLimit": "10Gi"}}
-    kind, _, rest = spec.partition(":")
-    if kind == "pvc" and rest:
-        return {"name": VOLUME_NAME, "persistentVolumeClaim": {"claimName": rest}}
-    if kind == "nfs" and ":" in rest:
-        server, _, path = rest.partition(":")
-        if server and path.startswith("/"):
-            return {"name": VOLUME_NAME, "nfs": {"server": server, "path": path}}
-    raise KubeError(f"volume {spec!r}: use emptydir, pvc:CLAIM or nfs:SERVER:/PATH")
