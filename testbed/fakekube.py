@@ -8,9 +8,12 @@ It behaves like the real one where corevault depends on it:
 - ephemeral container status: ``waiting`` when added, ``running`` a moment later;
 - strategic merge for pod templates: annotations merged, volumes and containers by name,
   volume mounts by mount path;
-- ``403 Forbidden`` Status objects for the requests a test forbids; 404 for what is missing.
+- ``403 Forbidden`` Status objects for the requests a test forbids; 404 for what is missing;
+- listing pods across namespaces with a ``spec.nodeName`` field selector, and watching them
+  from a resourceVersion (events streamed as JSON lines; a version older than the server
+  keeps gives the ERROR event with 410 Gone); creating Events.
 
-It does not emulate: authentication, watches, admission, exec/attach/port-forward streams
+It does not emulate: authentication, watches of anything but pods, admission, exec/attach/port-forward streams
 (``kubectl exec`` cannot connect to it), discovery beyond what kubectl's plugin dispatch
 needs (none), or server-side validation of container specs.
 """
@@ -22,6 +25,7 @@ import json
 import os
 import re
 import threading
+import time
 from dataclasses import dataclass, field
 from http.server import BaseHTTPRequestHandler, ThreadingHTTPServer
 
@@ -41,6 +45,11 @@ class FakeKube:
     forbidden: set[tuple[str, str]] = field(default_factory=set)  # (method, path regex)
     running_after: int = 1  # GETs of the pod before an added ephemeral container runs
     ephemeral_supported: bool = True  # False: a cluster older than Kubernetes 1.23
+    version: int = 100
+    history: list[tuple[int, str, dict]] = field(default_factory=list)  # (rv, type, pod)
+    compacted: int = 0  # watches from versions before this get 410 Gone
+    events: list[dict] = field(default_factory=list)
+    changed: threading.Condition = field(default_factory=threading.Condition)
     server: ThreadingHTTPServer | None = None
 
     @property
@@ -48,12 +57,36 @@ class FakeKube:
         assert self.server is not None
         return f"http://127.0.0.1:{self.server.server_address[1]}"
 
-    def add(self, resource: str, obj: dict) -> dict:
+    def add(self, resource: str, obj: dict, kind: str = "ADDED") -> dict:
         meta = obj.setdefault("metadata", {})
         meta.setdefault("namespace", "default")
         meta.setdefault("uid", os.urandom(16).hex())
-        self.objects[(resource, meta["namespace"], meta["name"])] = obj
+        with self.changed:
+            self.version += 1
+            meta["resourceVersion"] = str(self.version)
+            self.objects[(resource, meta["namespace"], meta["name"])] = obj
+            if resource == "pods":
+                self.history.append((self.version, kind, copy.deepcopy(obj)))
+            self.changed.notify_all()
         return obj
+
+    def update(self, resource: str, obj: dict) -> dict:
+        return self.add(resource, obj, "MODIFIED")
+
+    def delete(self, resource: str, namespace: str, name: str) -> None:
+        with self.changed:
+            obj = self.objects.pop((resource, namespace, name))
+            self.version += 1
+            obj["metadata"]["resourceVersion"] = str(self.version)
+            if resource == "pods":
+                self.history.append((self.version, "DELETED", copy.deepcopy(obj)))
+            self.changed.notify_all()
+
+    def compact(self) -> None:
+        """Forget the change history, as etcd compaction does: older watches get 410 Gone."""
+        with self.changed:
+            self.compacted = self.version
+            self.history.clear()
 
     def get(self, resource: str, namespace: str, name: str) -> dict:
         return self.objects[(resource, namespace, name)]
@@ -96,6 +129,9 @@ class FakeKube:
             def do_PATCH(self) -> None:
                 fake._handle(self, "PATCH")
 
+            def do_POST(self) -> None:
+                fake._handle(self, "POST")
+
         self.server = ThreadingHTTPServer(("127.0.0.1", 0), Handler)
         threading.Thread(target=self.server.serve_forever, daemon=True).start()
         return self
@@ -120,6 +156,14 @@ class FakeKube:
         self.requests.append(Request(method, path, h.headers.get("Content-Type"), body))
         if any(m == method and re.search(rx, path) for m, rx in self.forbidden):
             h._send(403, _status(403, "Forbidden", f"{method.lower()} {path} is forbidden"))  # type: ignore[attr-defined]
+            return
+        if method == "GET" and path == "/api/v1/pods":
+            self._list_or_watch(h)
+            return
+        ev = re.match(r"^/api/v1/namespaces/([^/]+)/events$", path)
+        if method == "POST" and ev:
+            self.events.append(body)  # type: ignore[arg-type]
+            h._send(201, body)  # type: ignore[attr-defined,arg-type]
             return
         m = self.ROUTE.match(path)
         if m is None:
@@ -152,6 +196,55 @@ class FakeKube:
             h._send(422, _status(422, "Invalid", str(e)))  # type: ignore[attr-defined]
             return
         h._send(200, obj)  # type: ignore[attr-defined]
+
+    def _list_or_watch(self, h: BaseHTTPRequestHandler) -> None:
+        from urllib.parse import parse_qs, urlparse
+
+        q = {k: v[0] for k, v in parse_qs(urlparse(h.path).query).items()}
+        node = q.get("fieldSelector", "").removeprefix("spec.nodeName=") or None
+
+        def selected(pod: dict) -> bool:
+            return node is None or pod.get("spec", {}).get("nodeName") == node
+
+        if q.get("watch") not in ("true", "1"):
+            with self.changed:
+                items = [
+                    copy.deepcopy(o) for (r, _, _), o in self.objects.items() if r == "pods" and selected(o)
+                ]
+                doc = {
+                    "kind": "PodList",
+                    "apiVersion": "v1",
+                    "metadata": {"resourceVersion": str(self.version)},
+                    "items": items,
+                }
+            h._send(200, doc)  # type: ignore[attr-defined]
+            return
+        since = int(q.get("resourceVersion") or 0)
+        deadline = time.monotonic() + min(float(q.get("timeoutSeconds") or 5), 5)
+        h.send_response(200)
+        h.send_header("Content-Type", "application/json")
+        h.end_headers()
+        if since < self.compacted:
+            gone = {
+                "type": "ERROR",
+                "object": _status(410, "Expired", f"too old resource version: {since} ({self.compacted})"),
+            }
+            h.wfile.write(json.dumps(gone).encode() + b"\n")
+            return
+        sent = since
+        while time.monotonic() < deadline:
+            with self.changed:
+                fresh = [(rv, t, o) for rv, t, o in self.history if rv > sent and selected(o)]
+                if not fresh:
+                    self.changed.wait(0.1)
+                    continue
+            for rv, kind, obj in fresh:
+                try:
+                    h.wfile.write(json.dumps({"type": kind, "object": obj}).encode() + b"\n")
+                    h.wfile.flush()
+                except OSError:
+                    return
+                sent = rv
 
     def _patch_ephemeral(self, pod: dict, ctype: str, body: object) -> None:
         spec = pod.setdefault("spec", {})

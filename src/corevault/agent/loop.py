@@ -13,6 +13,7 @@ import logging
 import signal
 import threading
 import time
+from collections.abc import Callable
 
 import sqlalchemy as sa
 
@@ -45,8 +46,15 @@ def bound_heap() -> None:
 
 
 class Agent:
-    def __init__(self, settings: config.Settings, metrics: Metrics | None = None) -> None:
+    def __init__(
+        self,
+        settings: config.Settings,
+        metrics: Metrics | None = None,
+        on_record: Callable[[dict], object] | None = None,
+    ) -> None:
         self.settings = settings
+        #: sees every journal record (the Kubernetes Event poster, when running in a cluster)
+        self.on_record = on_record
         self.metrics = metrics or Metrics()
         self.stop = threading.Event()
         self.vault: ship.Vault | None = None
@@ -65,7 +73,7 @@ class Agent:
         ship.clean_abandoned(s)
         try:
             vault = self.connect()
-            for event, n in ship.ship_journal(vault, s).items():
+            for event, n in ship.ship_journal(vault, s, self.on_record).items():
                 if event == "captured":
                     self.metrics.captured.inc(n)
                 elif event in ship.DROPPED_EVENTS:

@@ -25,6 +25,7 @@ import logging
 import os
 import shutil
 import time
+from collections.abc import Callable
 from dataclasses import dataclass
 
 from sqlalchemy.engine import Engine
@@ -137,10 +138,13 @@ def _analyse(vault: Vault, settings: config.Settings, crash_id: str, core_path: 
     return "done"
 
 
-def ship_journal(vault: Vault, settings: config.Settings) -> dict[str, int]:
+def ship_journal(
+    vault: Vault, settings: config.Settings, on_record: Callable[[dict], object] | None = None
+) -> dict[str, int]:
     """Move the journal's records of dropped, cut and refused dumps into the catalog.
 
-    Returns how many records of each event were shipped (for metrics).
+    ``on_record`` sees every record (for Kubernetes Events). Returns how many records of
+    each event were shipped (for metrics).
     """
     current = os.path.join(settings.spool_dir, spool.JOURNAL_NAME)
     if os.path.exists(current) and os.path.getsize(current) > 0:
@@ -157,6 +161,8 @@ def ship_journal(vault: Vault, settings: config.Settings) -> dict[str, int]:
                 counts[record.get("event", "?")] = counts.get(record.get("event", "?"), 0) + 1
                 if record.get("event") in DROPPED_EVENTS:
                     records.append(record)
+                if on_record is not None:
+                    on_record(record)
         with vault.engine.begin() as conn:
             for i in range(0, len(records), 500):
                 catalog.add_dropped(conn, records[i : i + 500])
