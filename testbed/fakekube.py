@@ -57,7 +57,8 @@ class FakeKube:
         assert self.server is not None
         return f"http://127.0.0.1:{self.server.server_address[1]}"
 
-    def add(self, resource: str, obj: dict, kind: str = "ADDED") -> dict:
+    def add(self, resource: str, obj: dict, kind: str = "ADDED", missed: bool = False) -> dict:
+        """Store an object; ``missed``: a change that running watches never see (they must list)."""
         meta = obj.setdefault("metadata", {})
         meta.setdefault("namespace", "default")
         meta.setdefault("uid", os.urandom(16).hex())
@@ -65,7 +66,7 @@ class FakeKube:
             self.version += 1
             meta["resourceVersion"] = str(self.version)
             self.objects[(resource, meta["namespace"], meta["name"])] = obj
-            if resource == "pods":
+            if resource == "pods" and not missed:
                 self.history.append((self.version, kind, copy.deepcopy(obj)))
             self.changed.notify_all()
         return obj
@@ -206,7 +207,7 @@ class FakeKube:
         def selected(pod: dict) -> bool:
             return node is None or pod.get("spec", {}).get("nodeName") == node
 
-        if q.get("watch") not in ("true", "1"):
+        if q.get("watch", "").lower() not in ("true", "1"):  # the Python client sends "True"
             with self.changed:
                 items = [
                     copy.deepcopy(o) for (r, _, _), o in self.objects.items() if r == "pods" and selected(o)
