@@ -181,3 +181,27 @@ def test_seed_emptydir_pod_end_to_end(api, rootfs: str) -> None:
     [event] = [e for e in fake.events if e["reason"] == "CoreDumped"]
     assert event["involvedObject"]["name"] == "coredump-emptydir-volume-test-7c9d8"
     assert f"core at /data/dump-a/{name}" in event["message"]
+
+
+def test_agent_kubernetes_mode_indexes_pods_and_posts_events(api, tmp_path) -> None:
+    """``corevault agent --kubernetes --once`` as a process: pod index from the API, Events for the journal."""
+    import json
+    import subprocess
+    import sys
+
+    fake, _ = api
+    fake.add("pods", pod("web-0", "node-a", "d" * 64, uid="uid-web-0"))
+    cfg = tmp_path / "c.toml"
+    cfg.write_text(f'state_dir = "{tmp_path}/s"\n[agent]\nmetrics = ""\n')
+    settings = config.load(str(cfg))
+    os.makedirs(settings.spool_dir)
+    with open(os.path.join(settings.spool_dir, "journal.jsonl"), "w") as f:
+        f.write(json.dumps(record("dropped", reason="spool is full")) + "\n")
+    env = {**os.environ, "KUBECONFIG": str(tmp_path / "kubeconfig"), "NODE_NAME": "node-a"}
+    out = subprocess.run(
+        [os.path.join(os.path.dirname(sys.executable), "corevault"), "-c", str(cfg), "agent", "--kubernetes", "--once"],
+        capture_output=True, text=True, env=env, timeout=120, check=False,
+    )  # fmt: skip
+    assert out.returncode == 0, out.stderr
+    assert podindex.read_container(settings.podindex_dir, "d" * 64)["name"] == "app"
+    assert [e["reason"] for e in fake.events] == ["CoreDumpDropped"]

@@ -18,13 +18,33 @@ def register(app: typer.Typer) -> None:
 def agent(
     ctx: typer.Context,
     once: bool = typer.Option(False, "--once", help="Ship what the spool holds now, then exit."),
+    kubernetes: bool = typer.Option(
+        False, "--kubernetes", help="Keep the pod index from the API server and post Events (in a cluster)."
+    ),
+    node: str = typer.Option(
+        None, envvar="NODE_NAME", help="This node's name in the cluster [default: node_name]."
+    ),
 ) -> None:
     """Ship the node spool into the vault, analyse each crash, keep retention, serve metrics."""
+    import threading
+
     from corevault.agent.loop import Agent
 
     logging.basicConfig(level=logging.INFO, format="%(asctime)s %(levelname)s %(message)s")
     settings = config.load(ctx.obj["config"])
-    a = Agent(settings)
+    on_record = None
+    if kubernetes:
+        from corevault.kube import cluster
+        from corevault.kube.events import EventPoster
+        from corevault.kube.podwatch import PodWatch
+
+        core = cluster.core_api()
+        name = node or settings.node_name
+        watch = PodWatch(core, name, settings.podindex_dir)
+        watch.relist()  # the index is current before the first entry is shipped
+        threading.Thread(target=watch.run, daemon=True, name="pod-watch").start()
+        on_record = EventPoster(core, name)
+    a = Agent(settings, on_record=on_record)
     a.metrics.serve(settings.agent_metrics)
     waiting = a.run(once=once)
     if once and waiting:
