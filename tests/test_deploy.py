@@ -1,0 +1,75 @@
+"""deploy/ renders with kustomize, and every object validates against Kubernetes' own schemas."""
+
+from __future__ import annotations
+
+import glob
+import os
+import subprocess
+
+import pytest
+import yaml
+
+ROOT = os.path.dirname(os.path.dirname(os.path.abspath(__file__)))
+    os.path.dirname(os.path.realpath(__import__("sys").executable)), "kubernetes-validate"
+)
+KUBERNETES = "1.37.0"
+
+
+def rendered() -> list[dict]:
+    out = subprocess.run(
+        ["kubectl", "kustomize", os.path.join(ROOT, "deploy")], capture_output=True, text=True, check=True
+    )
+    return [d for d in yaml.safe_load_all(out.stdout) if d]
+
+
+def validate(docs: list[dict], tmp_path) -> subprocess.CompletedProcess:
+    paths = []
+    for i, doc in enumerate(docs):
+        path = tmp_path / f"{i}.yaml"
+        path.write_text(yaml.safe_dump(doc))
+        paths.append(str(path))
+    validator = os.path.join(os.path.dirname(__import__("sys").executable), "kubernetes-validate")
+    return subprocess.run(
+        [validator, "--strict", "-k", KUBERNETES, *paths], capture_output=True, text=True, check=False
+    )
+
+
+def test_kustomize_renders_and_every_object_validates(tmp_path) -> None:
+    docs = rendered()
+    kinds = sorted(d["kind"] for d in docs)
+    assert (
+        kinds.count("DaemonSet") == 1 and "MutatingWebhookConfiguration" in kinds and "ClusterRole" in kinds
+    )
+    assert all(
+        d["metadata"].get("namespace") == "corevault"
+        for d in docs
+        if d["kind"] not in ("Namespace", "ClusterRole", "ClusterRoleBinding", "MutatingWebhookConfiguration")
+    )
+    result = validate(docs, tmp_path)
+    assert result.returncode == 0, result.stdout + result.stderr
+    assert result.stdout.count("passed") == len(docs)
+
+
+@pytest.mark.parametrize(
+    "example", sorted(glob.glob(os.path.join(ROOT, "deploy", "examples", "*.yaml"))), ids=os.path.basename
+)
+def test_the_seeds_examples_validate(example: str, tmp_path) -> None:
+    with open(example) as f:
+        docs = [d for d in yaml.safe_load_all(f) if d]
+    result = validate(docs, tmp_path)
+    assert result.returncode == 0, result.stdout + result.stderr
+    pod = next(d for d in docs if d["kind"] == "Deployment")["spec"]["template"]
+    assert pod["metadata"]["annotations"]["alibabacloud.com/core-pattern"] == "/data/dump-a/core-%E-%p-%t"
+
+
+def test_least_privilege_for_the_agent_and_a_webhook_that_never_blocks_pods() -> None:
+    docs = {(d["kind"], d["metadata"]["name"]): d for d in rendered()}
+    rules = docs[("ClusterRole", "corevault-agent")]["rules"]
+    assert rules == [
+        {"apiGroups": [""], "resources": ["pods"], "verbs": ["get", "list", "watch"]},
+        {"apiGroups": [""], "resources": ["events"], "verbs": ["create"]},
+    ]
+    [hook] = docs[("MutatingWebhookConfiguration", "corevault")]["webhooks"]
+    assert hook["failurePolicy"] == "Ignore" and hook["clientConfig"]["service"]["path"] == "/mutate"
+    expression = hook["matchConditions"][0]["expression"]
+    assert "corevault.io/core-pattern" in expression and "alibabacloud.com/core-pattern" in expression
