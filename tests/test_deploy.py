@@ -5,13 +5,12 @@ from __future__ import annotations
 import glob
 import os
 import subprocess
+import sys
 
 import pytest
 import yaml
 
 ROOT = os.path.dirname(os.path.dirname(os.path.abspath(__file__)))
-    os.path.dirname(os.path.realpath(__import__("sys").executable)), "kubernetes-validate"
-)
 KUBERNETES = "1.37.0"
 
 
@@ -28,7 +27,7 @@ def validate(docs: list[dict], tmp_path) -> subprocess.CompletedProcess:
         path = tmp_path / f"{i}.yaml"
         path.write_text(yaml.safe_dump(doc))
         paths.append(str(path))
-    validator = os.path.join(os.path.dirname(__import__("sys").executable), "kubernetes-validate")
+    validator = os.path.join(os.path.dirname(sys.executable), "kubernetes-validate")
     return subprocess.run(
         [validator, "--strict", "-k", KUBERNETES, *paths], capture_output=True, text=True, check=False
     )
