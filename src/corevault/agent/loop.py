@@ -59,6 +59,8 @@ class Agent:
         self.stop = threading.Event()
         self.vault: ship.Vault | None = None
         self.backoff: dict[str, tuple[float, float]] = {}
+        #: why the vault could not be reached on the last pass, or None
+        self.unreachable: str | None = None
         self.last_vacuum = 0.0
 
     def connect(self) -> ship.Vault:
@@ -79,8 +81,11 @@ class Agent:
                 elif event in ship.DROPPED_EVENTS:
                     self.metrics.dropped.labels(event).inc(n)
         except RETRYABLE as e:
-            log.warning("cannot ship the journal: %s", e)
+            log.warning("cannot reach the vault: %s", e)
+            self.vault = None
+            self.unreachable = str(e)
             return len(spool.entries(s.spool_dir))
+        self.unreachable = None
         now = time.monotonic()
         for entry in spool.entries(s.spool_dir):
             if self.stop.is_set():
@@ -134,8 +139,9 @@ class Agent:
             except RETRYABLE as e:
                 log.warning("the vault is unreachable: %s", e)
                 self.vault = None
-                waiting = -1
-            if once and (waiting == 0 or not self._anything_due()):
+                self.unreachable = str(e)
+                waiting = len(spool.entries(self.settings.spool_dir))
+            if once and (waiting == 0 or self.unreachable or not self._anything_due()):
                 return waiting
             self.stop.wait(self.settings.agent_poll)
         return 0

@@ -4,6 +4,7 @@ from __future__ import annotations
 
 import json
 import logging
+import sys
 
 import typer
 
@@ -48,6 +49,8 @@ def agent(
     a.metrics.serve(settings.agent_metrics)
     waiting = a.run(once=once)
     if once and waiting:
+        why = f"the vault is unreachable ({a.unreachable})" if a.unreachable else "shipping failed, see above"
+        print(f"corevault: error: {waiting} entries left in the spool: {why}", file=sys.stderr)
         raise typer.Exit(1)
 
 
