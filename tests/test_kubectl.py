@@ -207,3 +207,12 @@ def test_list_and_info_use_the_contexts_namespace(kube, tmp_path) -> None:
     assert "crash-shop" in kubectl(env, "info", "crash-shop").stdout
     missing = kubectl(env, "info", "no-such-crash")
     assert missing.returncode == 4 and "no crash 'no-such-crash'" in missing.stderr
+
+
+def test_a_hostile_directory_is_quoted_not_run(kube) -> None:
+    fake, env = kube
+    evil = "/data/x;touch${IFS}pwned"
+    fake.add("pods", seed_pod(annotations={"corevault.io/core-pattern": evil + "/core"}, mount=evil))
+    out = kubectl(env, "debug", SEED_POD, "--no-attach")
+    assert out.returncode == 0, out.stderr
+    assert "sh -c 'cd '\"'\"'/data/x;touch${IFS}pwned'\"'\"' && exec sh'" in out.stdout

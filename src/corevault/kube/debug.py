@@ -14,6 +14,7 @@ workload's pod template.
 from __future__ import annotations
 
 import os
+import shlex
 import time
 from dataclasses import dataclass
 
@@ -119,10 +120,14 @@ def wait_running(read_pod, name: str, timeout: float = 120) -> None:
 
 
 def shell_command(target: Target, name: str, gdb: bool) -> list[str]:
-    """The kubectl command that lands in the cores' directory (or gdb on the newest core)."""
-    inner = f"cd {target.directory} && exec sh"
+    """The kubectl command that lands in the cores' directory (or gdb on the newest core).
+
+    The directory comes from a pod annotation: it is quoted, never interpreted by the shell.
+    """
+    where = shlex.quote(target.directory)
+    inner = f"cd {where} && exec sh"
     if gdb:
-        inner = f'cd {target.directory} && core=$(ls -t | head -n 1) && exec gdb -q -c "$core"'
+        inner = f'cd {where} && core=$(ls -t | head -n 1) && exec gdb -q -c "$core"'
     return ["kubectl", "exec", "-it", "-n", target.namespace, target.pod, "-c", name, "--", "sh", "-c", inner]
 
 
