@@ -83,6 +83,8 @@ def serve(host: str, port: int, cert: str, key: str) -> ThreadingHTTPServer:
     """An HTTPS server answering AdmissionReviews on any path (the configuration names /mutate)."""
 
     class Handler(BaseHTTPRequestHandler):
+        timeout = 10  # a client that stalls loses its connection, not the server's time
+
         def log_message(self, *args: object) -> None:
             pass
 
@@ -113,5 +115,6 @@ def serve(host: str, port: int, cert: str, key: str) -> ThreadingHTTPServer:
     context = ssl.SSLContext(ssl.PROTOCOL_TLS_SERVER)
     context.minimum_version = ssl.TLSVersion.TLSv1_2
     context.load_cert_chain(cert, key)
-    server.socket = context.wrap_socket(server.socket, server_side=True)
+    # The TLS handshake happens in each connection's thread, so a slow client cannot stall accept().
+    server.socket = context.wrap_socket(server.socket, server_side=True, do_handshake_on_connect=False)
     return server
