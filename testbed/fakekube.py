@@ -133,6 +133,9 @@ class FakeKube:
             def do_POST(self) -> None:
                 fake._handle(self, "POST")
 
+            def do_PUT(self) -> None:
+                fake._handle(self, "PUT")
+
         self.server = ThreadingHTTPServer(("127.0.0.1", 0), Handler)
         threading.Thread(target=self.server.serve_forever, daemon=True).start()
         return self
@@ -166,6 +169,8 @@ class FakeKube:
             self.events.append(body)  # type: ignore[arg-type]
             h._send(201, body)  # type: ignore[attr-defined,arg-type]
             return
+        if self._cluster_object(h, method, path, body):
+            return
         m = self.ROUTE.match(path)
         if m is None:
             h._send(404, _status(404, "NotFound", f"{path} not found"))  # type: ignore[attr-defined]
@@ -197,6 +202,48 @@ class FakeKube:
             h._send(422, _status(422, "Invalid", str(e)))  # type: ignore[attr-defined]
             return
         h._send(200, obj)  # type: ignore[attr-defined]
+
+    SECRETS = re.compile(r"^/api/v1/namespaces/(?P<ns>[^/]+)/secrets(?:/(?P<name>[^/]+))?$")
+    MWC = re.compile(r"^/apis/admissionregistration.k8s.io/v1/mutatingwebhookconfigurations/(?P<name>[^/]+)$")
+
+    def _cluster_object(self, h: BaseHTTPRequestHandler, method: str, path: str, body: object) -> bool:
+        """Secrets (create, read, replace by resourceVersion); webhook configurations (read, JSON patch)."""
+        import jsonpatch
+
+        send = h._send  # type: ignore[attr-defined]
+        if m := self.SECRETS.match(path):
+            ns = m["ns"]
+            if method == "POST":
+                name = body["metadata"]["name"]  # type: ignore[index]
+                if ("secrets", ns, name) in self.objects:
+                    send(409, _status(409, "AlreadyExists", f'secrets "{name}" already exists'))
+                else:
+                    send(201, self.add("secrets", copy.deepcopy(body)))  # type: ignore[arg-type]
+                return True
+            key = ("secrets", ns, m["name"])
+            if key not in self.objects:
+                send(404, _status(404, "NotFound", f'secrets "{m["name"]}" not found'))
+            elif method == "GET":
+                send(200, self.objects[key])
+            elif method == "PUT":
+                have = self.objects[key]["metadata"]["resourceVersion"]
+                if body["metadata"].get("resourceVersion") != have:  # type: ignore[index]
+                    send(409, _status(409, "Conflict", "the object has been modified"))
+                else:
+                    send(200, self.add("secrets", copy.deepcopy(body), "MODIFIED"))  # type: ignore[arg-type]
+            return True
+        if m := self.MWC.match(path):
+            key = ("mutatingwebhookconfigurations", "", m["name"])
+            if key not in self.objects:
+                send(404, _status(404, "NotFound", f'mutatingwebhookconfigurations "{m["name"]}" not found'))
+            elif method == "GET":
+                send(200, self.objects[key])
+            elif method == "PATCH":
+                patched = jsonpatch.apply_patch(self.objects[key], body)
+                self.objects[key] = patched
+                send(200, patched)
+            return True
+        return False
 
     def _list_or_watch(self, h: BaseHTTPRequestHandler) -> None:
         from urllib.parse import parse_qs, urlparse

@@ -68,6 +68,14 @@ def test_least_privilege_for_the_agent_and_a_webhook_that_never_blocks_pods() ->
         {"apiGroups": [""], "resources": ["pods"], "verbs": ["get", "list", "watch"]},
         {"apiGroups": [""], "resources": ["events"], "verbs": ["create"]},
     ]
+    assert docs[("ClusterRole", "corevault-webhook")]["rules"] == [
+        {"apiGroups": ["admissionregistration.k8s.io"], "resources": ["mutatingwebhookconfigurations"],
+         "resourceNames": ["corevault"], "verbs": ["get", "patch"]},
+    ]  # fmt: skip
+    assert {tuple(r["verbs"]) for r in docs[("Role", "corevault-webhook")]["rules"]} == {
+        ("create",),
+        ("get", "update"),
+    }
     [hook] = docs[("MutatingWebhookConfiguration", "corevault")]["webhooks"]
     assert hook["failurePolicy"] == "Ignore" and hook["clientConfig"]["service"]["path"] == "/mutate"
     expression = hook["matchConditions"][0]["expression"]

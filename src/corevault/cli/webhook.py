@@ -15,17 +15,61 @@ def register(app: typer.Typer) -> None:
 def webhook(
     host: str = typer.Option("0.0.0.0", help="Address to listen on."),  # noqa: S104 - a cluster service
     port: int = typer.Option(8443, help="Port to listen on."),
-    cert: str = typer.Option(..., help="PEM certificate (chain) for TLS."),
-    key: str = typer.Option(..., help="PEM private key for TLS."),
+    cert: str = typer.Option(
+        "/tls/tls.crt", help="PEM certificate (chain) for TLS (written there with --manage-tls)."
+    ),
+    key: str = typer.Option(
+        "/tls/tls.key", help="PEM private key for TLS (written there with --manage-tls)."
+    ),
+    manage_tls: bool = typer.Option(
+        False, "--manage-tls", help="Keep a CA and certificate in a Secret, rotate them, set caBundle."
+    ),
+    namespace: str = typer.Option(
+        "corevault", envvar="POD_NAMESPACE", help="Namespace of the Secret and Service."
+    ),
+    secret: str = typer.Option("corevault-webhook-tls", help="Secret that holds the CA and certificate."),
+    service: str = typer.Option("corevault-webhook", help="Service the API server calls."),
+    configuration: str = typer.Option("corevault", help="MutatingWebhookConfiguration to put the CA into."),
 ) -> None:
     """Serve the admission webhook over HTTPS until stopped."""
+    import os
+    import threading
+
     from corevault.kube.webhook import serve
 
+    def refresh() -> None:
+        from kubernetes import client
+
+        from corevault.kube import certs, cluster
+
+        bundle = certs.ensure(
+            cluster.core_api(), client.AdmissionregistrationV1Api(), namespace, secret, service, configuration
+        )
+        for path, data in ((cert, bundle.cert), (key, bundle.key)):
+            os.makedirs(os.path.dirname(path) or ".", exist_ok=True)
+            with open(path + ".tmp", "wb") as f:
+                f.write(data)
+            os.replace(path + ".tmp", path)
+
+    if manage_tls:
+        refresh()
     try:
         server = serve(host, port, cert, key)
     except (OSError, ValueError) as e:
         print(f"corevault: error: cannot serve on {host}:{port} with {cert}: {e}", file=sys.stderr)
         raise typer.Exit(1) from None
     print(f"admission webhook on https://{host}:{port}/", file=sys.stderr)
+    if manage_tls:
+
+        def rotate() -> None:
+            while True:
+                threading.Event().wait(12 * 3600)
+                try:
+                    refresh()
+                    server.tls.load_cert_chain(cert, key)  # type: ignore[attr-defined]
+                except Exception as e:  # keep serving with the certificate in hand
+                    print(f"corevault: warning: cannot refresh the TLS certificate: {e}", file=sys.stderr)
+
+        threading.Thread(target=rotate, daemon=True, name="tls-rotation").start()
     with suppress(KeyboardInterrupt):
         server.serve_forever()

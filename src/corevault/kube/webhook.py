@@ -115,6 +115,7 @@ def serve(host: str, port: int, cert: str, key: str) -> ThreadingHTTPServer:
     context = ssl.SSLContext(ssl.PROTOCOL_TLS_SERVER)
     context.minimum_version = ssl.TLSVersion.TLSv1_2
     context.load_cert_chain(cert, key)
+    server.tls = context  # type: ignore[attr-defined]  # load_cert_chain again to rotate
     # The TLS handshake happens in each connection's thread, so a slow client cannot stall accept().
     server.socket = context.wrap_socket(server.socket, server_side=True, do_handshake_on_connect=False)
     return server
