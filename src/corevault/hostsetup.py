@@ -28,6 +28,7 @@ SYSCTLS = {
     "suid_dumpable": "/proc/sys/fs/suid_dumpable",
 }
 HANDLER_NAME = "corevault-capture"
+FORWARDER_NAME = "corevault-forward"
 STATE_NAME = "installed.json"
 
 
@@ -54,12 +55,18 @@ def default_handler() -> str:
     return beside if os.path.exists(beside) else shutil.which(HANDLER_NAME) or beside
 
 
-def pipe_pattern(handler: str, settings_file: str | None = None) -> str:
-    """``|HANDLER [-c CONFIG] %P %p …``: every specifier, in the handler's argument order."""
+def pipe_pattern(handler: str, settings_file: str | None = None, forward_to: str | None = None) -> str:
+    """``|HANDLER [-c CONFIG] %P %p …``: every specifier, in the handler's argument order.
+
+    With ``forward_to``, the handler is corevault-forward and its first argument the agent's socket.
+    """
     if not os.path.isabs(handler):
         raise SetupError(f"the handler path {handler!r} must be absolute: the kernel runs it from /")
-    words = [handler] + (["-c", settings_file] if settings_file else []) + ["%" + s for s in SPECIFIERS]
-    if any(" " in w for w in words[: 3 if settings_file else 1]):
+    head = (
+        [handler, forward_to] if forward_to else [handler] + (["-c", settings_file] if settings_file else [])
+    )
+    words = head + ["%" + s for s in SPECIFIERS]
+    if any(" " in w for w in head):
         raise SetupError("the handler and config paths must not contain spaces (the kernel splits on them)")
     pattern = "|" + " ".join(words)
     if len(pattern.encode()) > MAX_PATTERN_LEN:
@@ -74,7 +81,10 @@ def is_ours(pattern: str, state: dict | None = None) -> bool:
     """Whether ``pattern`` pipes to corevault: the one we installed, or any corevault-capture."""
     if state is not None and pattern == state["installed"]["core_pattern"]:
         return True
-    return pattern.startswith("|") and os.path.basename(pattern[1:].split(" ", 1)[0]) == HANDLER_NAME
+    return pattern.startswith("|") and os.path.basename(pattern[1:].split(" ", 1)[0]) in (
+        HANDLER_NAME,
+        FORWARDER_NAME,
+    )
 
 
 def state_path(settings: config.Settings) -> str:
@@ -89,9 +99,12 @@ def install(
     pipe_limit: int = 16,
     suid_dumpable: int = 2,
     force: bool = False,
+    forward_to: str | None = None,
     paths: dict[str, str] = SYSCTLS,
 ) -> dict:
     """Set our sysctls, saving the host's first; returns the state that ``uninstall`` uses.
+
+    With ``forward_to`` (an agent's socket) the handler is corevault-forward.
 
     The settings at ``config_path`` are validated and written as the handler's snapshot.
     Installing again over our own installation keeps the originally saved values, and is
@@ -104,7 +117,7 @@ def install(
     if pipe_limit < 0:
         raise SetupError(f"core_pipe_limit must be 0 or more, not {pipe_limit}")
     settings, snapshot = config.write_snapshot(config_path)
-    pattern = pipe_pattern(handler, None if snapshot == config.DEFAULT_SNAPSHOT else snapshot)
+    pattern = pipe_pattern(handler, None if snapshot == config.DEFAULT_SNAPSHOT else snapshot, forward_to)
     state_file = state_path(settings)
     current = read_sysctls(paths)
     previous = load_state(state_file)

@@ -1,0 +1,97 @@
+"""The agent's end of corevault-forward: crashes handed over a Unix socket, captured warm.
+
+On nodes without a Python for the kernel's pipe handler, the kernel runs the static
+``corevault-forward`` (capture/forward.c), which passes the core's pipe, the crashed task's
+pidfd and the kernel's arguments here. The capture itself is the pipe handler's own code
+(:func:`corevault.capture.handler.capture`): one implementation, two ways in. Crashes are
+handled in parallel, at most ``parallel`` at once; the forwarder is answered when the core
+has been read, so the kernel keeps /proc/%P for exactly as long as it is needed.
+"""
+
+from __future__ import annotations
+
+import logging
+import os
+import socket
+import struct
+import threading
+from contextlib import suppress
+
+from corevault import config
+from corevault.capture import handler
+from corevault.pattern import SPECIFIERS
+
+log = logging.getLogger("corevault.agent")
+MAX_MESSAGE = 65536
+
+
+class Receiver:
+    def __init__(self, settings: config.Settings, path: str, parallel: int = 8) -> None:
+        self.settings = settings
+        self.path = path
+        self.slots = threading.BoundedSemaphore(parallel)
+        self.stop = threading.Event()
+        self.sock: socket.socket | None = None
+
+    def listen(self) -> None:
+        os.makedirs(os.path.dirname(self.path), mode=0o700, exist_ok=True)
+        if os.path.exists(self.path):
+            os.unlink(self.path)  # left by an agent that was killed
+        sock = socket.socket(socket.AF_UNIX, socket.SOCK_STREAM)
+        old = os.umask(0o077)  # root only: whoever can connect can make the agent write files
+        try:
+            sock.bind(self.path)
+        finally:
+            os.umask(old)
+        sock.listen(64)
+        self.sock = sock
+
+    def serve(self) -> None:
+        """Accept crashes until stopped (call :meth:`listen` first)."""
+        assert self.sock is not None
+        self.sock.settimeout(0.5)
+        while not self.stop.is_set():
+            try:
+                conn, _ = self.sock.accept()
+            except TimeoutError:
+                continue
+            except OSError:
+                break
+            self.slots.acquire()
+            threading.Thread(target=self._handle, args=(conn,), daemon=True).start()
+
+    def close(self) -> None:
+        self.stop.set()
+        if self.sock is not None:
+            self.sock.close()
+        if os.path.exists(self.path):
+            os.unlink(self.path)
+
+    def _handle(self, conn: socket.socket) -> None:
+        fds: list[int] = []
+        try:
+            conn.settimeout(10)
+            data, fds, _, _ = socket.recv_fds(conn, MAX_MESSAGE + 4, 2)
+            if len(data) < 4 or not fds:
+                return
+            (length,) = struct.unpack("=I", data[:4])
+            while len(data) < 4 + length:
+                more = conn.recv(4 + length - len(data))
+                if not more:
+                    return
+                data += more
+            args = [a.decode(errors="surrogateescape") for a in data[4 : 4 + length].split(b"\0")[:-1]]
+            if len(args) != len(SPECIFIERS):
+                log.warning("forwarded crash with %d arguments, not %d; ignored", len(args), len(SPECIFIERS))
+                return
+            args[-1] = str(fds[1]) if len(fds) > 1 else ""  # %F: the pidfd as it is numbered here
+            handler.capture(self.settings, args, fds[0], [])
+        except Exception:
+            log.exception("capturing a forwarded crash failed")
+        finally:
+            for fd in fds:
+                os.close(fd)
+            with suppress(OSError):  # the forwarder may be gone already
+                conn.sendall(b"\1")
+            conn.close()
+            self.slots.release()
