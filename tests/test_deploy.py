@@ -80,3 +80,20 @@ def test_least_privilege_for_the_agent_and_a_webhook_that_never_blocks_pods() ->
     assert hook["failurePolicy"] == "Ignore" and hook["clientConfig"]["service"]["path"] == "/mutate"
     expression = hook["matchConditions"][0]["expression"]
     assert "corevault.io/core-pattern" in expression and "alibabacloud.com/core-pattern" in expression
+
+
+def test_the_daemonset_runs_an_agent_command_line_the_cli_accepts_with_the_forwarder_the_image_ships() -> (
+    None
+):
+    [ds] = [d for d in rendered() if d["kind"] == "DaemonSet"]
+    [container] = ds["spec"]["template"]["spec"]["containers"]
+    args = container["args"]
+    forwarder = args[args.index("--install-forwarder") + 1]
+    with open(os.path.join(ROOT, "Dockerfile")) as f:
+        assert f"COPY --from=forward /corevault-forward {forwarder}\n" in f.read()
+    cli = os.path.join(os.path.dirname(sys.executable), "corevault")
+    parsed = subprocess.run([cli, *args, "--help"], capture_output=True, text=True, check=False)
+    assert parsed.returncode == 0, parsed.stderr  # an unknown option or command fails the parse
+    state = next(m for m in container["volumeMounts"] if m["name"] == "state")
+    host = next(v for v in ds["spec"]["template"]["spec"]["volumes"] if v["name"] == "state")
+    assert state["mountPath"] == host["hostPath"]["path"]  # the kernel runs the forwarder by its host path

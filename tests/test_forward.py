@@ -10,6 +10,7 @@ import time
 from collections.abc import Iterator
 
 import pytest
+from elftools.elf.elffile import ELFFile
 
 from corevault import config, hostsetup, spool
 from corevault.agent.receiver import Receiver
@@ -25,11 +26,8 @@ SOURCE = os.path.join(
 def forwarder(tmp_path_factory: pytest.TempPathFactory) -> str:
     out = str(tmp_path_factory.mktemp("fwd") / "corevault-forward")
     subprocess.run(["gcc", "-O2", "-static", "-Wall", "-Werror", "-o", out, SOURCE], check=True)
-    assert (
-        "statically linked"
-        in subprocess.run(["file", out], capture_output=True, text=True, check=False).stdout
-        or True
-    )
+    with open(out, "rb") as f:  # static: no program interpreter, nothing needed from the host
+        assert not [s for s in ELFFile(f).iter_segments() if s["p_type"] == "PT_INTERP"]
     return out
 
 
@@ -70,16 +68,109 @@ def test_a_forwarded_crash_is_captured_by_the_agent(node: dict, rootfs: str) -> 
     meta = spool.read_meta(node["settings"].spool_dir, entry)
     assert name == f"core-!app!crasher-1-{meta['time']}"
     assert meta["pod"]["container_id"] == c.id and meta["signal"]["name"] == "SIGSEGV"
-    assert meta["handler_seconds"] < 5
 
 
 def test_with_the_agent_away_the_crash_is_not_held(node: dict, rootfs: str) -> None:
     from testbed import runc
 
     node["receiver"].close()
-    started = time.monotonic()
     c = runc.Container(rootfs, ["/app/crasher", "segv"], volume=node["volume"],
                        annotations={"alibabacloud.com/core-pattern": "/data/dump-a/core-%E-%p-%t"})  # fmt: skip
-    assert c.run().returncode != 0
-    assert time.monotonic() - started < 30
+    assert c.run(timeout=60).returncode != 0  # raises TimeoutExpired if the forwarder held the crash
     assert os.listdir(node["volume"]) == []
+
+
+def test_the_agent_installs_the_forwarder_captures_and_restores_the_host(forwarder: str, rootfs: str) -> None:
+    """``corevault agent --install-forwarder``: what the DaemonSet runs, for one crash, then SIGTERM."""
+    import signal
+    import sys
+
+    from testbed import runc
+
+    d = tempfile.mkdtemp(prefix="cv-", dir="/tmp")
+    os.mkdir(os.path.join(d, "vol"))
+    cfg = os.path.join(d, "c.toml")
+    with open(cfg, "w") as f:
+        f.write(f'state_dir = "{d}/s"\n[agent]\nmetrics = ""\npoll_interval = 0.2\n')
+    cli = os.path.join(os.path.dirname(sys.executable), "corevault")
+
+    def start_agent() -> subprocess.Popen:
+        agent = subprocess.Popen(
+            [cli, "-c", cfg, "agent", "--install-forwarder", forwarder], stderr=subprocess.PIPE, text=True
+        )
+        assert agent.stderr is not None
+        watchdog = threading.Timer(60, agent.kill)  # an agent that neither installs nor exits
+        watchdog.start()
+        for line in agent.stderr:  # EOF if the agent dies first
+            if "installed: core_pattern" in line:
+                break
+        watchdog.cancel()
+        assert agent.poll() is None, "the agent exited before installing the forwarder"
+        return agent
+
+    with sysctl.core_settings() as saved:
+        killed = start_agent()  # an agent that dies without cleaning up leaves the forwarder installed
+        killed.kill()
+        killed.wait(timeout=60)
+        assert "corevault-forward" in open("/proc/sys/kernel/core_pattern").read()  # noqa: SIM115
+        agent = start_agent()  # the next one takes over
+        try:
+            c = runc.Container(rootfs, ["/app/crasher", "segv"], volume=os.path.join(d, "vol"),
+                               annotations={"corevault.io/core-pattern": "/data/dump-a/core-%e"})  # fmt: skip
+            assert c.run().returncode != 0
+            assert os.listdir(os.path.join(d, "vol")) == ["core-crasher"]
+            deadline = time.monotonic() + 60  # the agent ships what it captured
+            while spool.entries(os.path.join(d, "s", "spool")) and time.monotonic() < deadline:
+                time.sleep(0.2)
+        finally:
+            agent.send_signal(signal.SIGTERM)
+            agent.wait(timeout=60)
+        # the host's own values come back, not the ones the killed agent left behind
+        assert hostsetup.read_sysctls() == saved
+    assert os.path.exists(os.path.join(d, "s", "catalog.db"))
+    assert spool.entries(os.path.join(d, "s", "spool")) == []
+    assert not os.path.exists(os.path.join(d, "s", "agent.sock"))
+
+
+def test_only_root_can_hand_the_agent_a_crash(caplog: pytest.LogCaptureFixture) -> None:
+    """The socket is root-only; should its directory be opened up, the agent still checks the peer."""
+    import shutil
+    import socket
+    import struct
+
+    from corevault.pattern import SPECIFIERS
+
+    d = tempfile.mkdtemp(prefix="cv-", dir="/tmp")
+    os.chmod(d, 0o755)  # reachable by the attacker, like a host path someone opened up
+    settings = config.Settings(os.path.join(d, "s"))
+    receiver = Receiver(settings, os.path.join(d, "run", "a.sock"))
+    receiver.listen()
+    assert os.stat(receiver.path).st_mode & 0o077 == 0  # nobody but root
+    os.chmod(os.path.dirname(receiver.path), 0o777)
+    os.chmod(receiver.path, 0o666)  # the attack: a misconfigured host path
+    threading.Thread(target=receiver.serve, daemon=True).start()
+    args = b"\0".join(a.encode() for a in ["1"] * len(SPECIFIERS)) + b"\0"
+    caplog.set_level("WARNING", logger="corevault.agent")
+    r, w = os.pipe()
+    pid = os.fork()
+    if pid == 0:  # the unprivileged attacker
+        try:
+            os.setgid(65534)
+            os.setuid(65534)
+            s = socket.socket(socket.AF_UNIX, socket.SOCK_STREAM)
+            s.connect(receiver.path)
+            socket.send_fds(s, [struct.pack("=I", len(args)) + args], [r])
+            s.recv(1)
+            os._exit(0)
+        except BaseException:
+            os._exit(1)
+    os.close(r)
+    os.write(w, b"not a core")
+    os.close(w)
+    try:
+        assert os.waitpid(pid, 0)[1] == 0  # it connected, and was answered
+        assert "uid 65534: not root" in caplog.text
+        assert [f for _, _, files in os.walk(settings.state_dir) for f in files] == []
+    finally:
+        receiver.close()
+        shutil.rmtree(d)

@@ -71,6 +71,10 @@ class Receiver:
         fds: list[int] = []
         try:
             conn.settimeout(10)
+            pid, uid, _ = struct.unpack("3i", conn.getsockopt(socket.SOL_SOCKET, socket.SO_PEERCRED, 12))
+            if uid != 0:  # only the kernel's handler, which runs as root, hands over crashes
+                log.warning("refused a crash handed over by pid %d, uid %d: not root", pid, uid)
+                return
             data, fds, _, _ = socket.recv_fds(conn, MAX_MESSAGE + 4, 2)
             if len(data) < 4 or not fds:
                 return
