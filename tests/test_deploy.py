@@ -10,6 +10,8 @@ import sys
 import pytest
 import yaml
 
+from corevault import hostsetup
+
 ROOT = os.path.dirname(os.path.dirname(os.path.abspath(__file__)))
 KUBERNETES = "1.37.0"
 
@@ -97,3 +99,7 @@ def test_the_daemonset_runs_an_agent_command_line_the_cli_accepts_with_the_forwa
     state = next(m for m in container["volumeMounts"] if m["name"] == "state")
     host = next(v for v in ds["spec"]["template"]["spec"]["volumes"] if v["name"] == "state")
     assert state["mountPath"] == host["hostPath"]["path"]  # the kernel runs the forwarder by its host path
+    forwarder_path, socket_path = hostsetup.forwarder_paths(host["hostPath"]["path"])
+    hostsetup.pipe_pattern(
+        forwarder_path, forward_to=socket_path
+    )  # raises if the kernel's 127 bytes overflow

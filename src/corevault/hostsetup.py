@@ -92,6 +92,11 @@ def state_path(settings: config.Settings) -> str:
     return os.path.join(settings.state_dir, STATE_NAME)
 
 
+def forwarder_paths(state_dir: str) -> tuple[str, str]:
+    """Where an agent puts corevault-forward and the socket it listens on, under its state hostPath."""
+    return os.path.join(state_dir, "bin", FORWARDER_NAME), os.path.join(state_dir, "agent.sock")
+
+
 def install(
     handler: str,
     *,

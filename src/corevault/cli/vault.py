@@ -97,12 +97,12 @@ def _install_forwarder(settings: config.Settings, config_path: str | None, binar
     from corevault import hostsetup
     from corevault.agent.receiver import Receiver
 
-    target = os.path.join(settings.state_dir, "bin", hostsetup.FORWARDER_NAME)
+    target, socket_path = hostsetup.forwarder_paths(settings.state_dir)
     os.makedirs(os.path.dirname(target), exist_ok=True)
     shutil.copy2(binary, target + ".tmp")
     os.chmod(target + ".tmp", 0o700)  # the kernel runs it as root
     os.replace(target + ".tmp", target)
-    receiver = Receiver(settings, os.path.join(settings.state_dir, "agent.sock"))
+    receiver = Receiver(settings, socket_path)
     receiver.listen()
     threading.Thread(target=receiver.serve, daemon=True, name="capture-receiver").start()
     try:
