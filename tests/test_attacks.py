@@ -10,7 +10,6 @@ from __future__ import annotations
 import os
 import stat
 import subprocess
-import time
 
 import pytest
 
@@ -79,9 +78,9 @@ def test_hard_link_at_the_core_name_is_not_written_through(capture: Capture, roo
 
 
 def test_fifo_at_the_core_name_is_never_opened(capture: Capture, rootfs: str) -> None:
-    started = time.monotonic()
+    # a handler that opened the FIFO would block there: the crash would not finish in runc's timeout
     crash_with_trap(capture, rootfs, "mkfifo /data/dump-a/core", "/data/dump-a/core")
-    assert time.monotonic() - started < 30  # a handler that opened the FIFO would hang until its timeout
+    assert not any("timeout" in r.get("reason", "") for r in capture.journal())
     assert stat.S_ISFIFO(os.lstat(os.path.join(capture.volume, "core")).st_mode)
     assert os.path.getsize(os.path.join(capture.volume, "core.1")) > 0
 

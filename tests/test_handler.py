@@ -51,13 +51,13 @@ def test_timeout_releases_the_process_and_leaves_nothing_half_written(capture: C
     target = host_rule(capture, "[capture]\ntimeout = 1\n")
     read_end, write_end = os.pipe()
     os.write(write_end, b"\x7fELF" + bytes(60000))  # the kernel stalls mid-core and never closes the pipe
-    started = time.monotonic()
     try:
         result = run_handler(capture, kernel_args(pid, pidfd_fd=pidfd), read_end, pidfd)
     finally:
         os.close(read_end)
         os.close(write_end)
-    assert result.returncode == 0 and time.monotonic() - started < 15
+    assert result.returncode == 0
+    assert any("handler timeout after 1s" in r.get("reason", "") for r in capture.journal())  # its own timer
     assert os.listdir(target) == []
     assert os.listdir(spool.tmp_dir(capture.spool)) == [] and capture.entries() == []
     [record] = capture.journal()

@@ -403,10 +403,9 @@ def test_analyze_a_crash_that_left_the_spool(material: dict) -> None:
 
 def test_agent_once_gives_up_on_an_unreachable_catalog_and_keeps_the_entries(material: dict) -> None:
     node = make_node(material, '[vault]\ncatalog = "postgresql+psycopg://corevault@127.0.0.1:1/none"\n')
-    started = time.monotonic()
-    out = subprocess.run(
-        [CLI, "-c", node.config, "agent", "--once"], capture_output=True, text=True, timeout=120, check=False
+    out = subprocess.run(  # an agent that kept retrying would raise TimeoutExpired
+        [CLI, "-c", node.config, "agent", "--once"], capture_output=True, text=True, timeout=60, check=False
     )
-    assert out.returncode == 1 and time.monotonic() - started < 60
+    assert out.returncode == 1
     assert "3 entries left in the spool: the vault is unreachable" in out.stderr
     assert spool.entries(node.spool) == material["ids"]

@@ -12,12 +12,13 @@ from __future__ import annotations
 
 import logging
 import os
+import shutil
 import socket
 import struct
 import threading
 from contextlib import suppress
 
-from corevault import config
+from corevault import config, hostsetup
 from corevault.capture import handler
 from corevault.pattern import SPECIFIERS
 
@@ -99,3 +100,32 @@ class Receiver:
                 conn.sendall(b"\1")
             conn.close()
             self.slots.release()
+
+
+def install_forwarder(settings: config.Settings, config_path: str | None, binary: str) -> Receiver:
+    """Copy the forwarder into the agent's state (a hostPath), listen, point the kernel at it.
+
+    Installing over an installation left by an agent that died keeps the host's original
+    settings, so the next start repairs the host.
+    """
+    target, socket_path = hostsetup.forwarder_paths(settings.state_dir)
+    os.makedirs(os.path.dirname(target), exist_ok=True)
+    shutil.copy2(binary, target + ".tmp")
+    os.chmod(target + ".tmp", 0o700)  # the kernel runs it as root
+    os.replace(target + ".tmp", target)
+    receiver = Receiver(settings, socket_path)
+    receiver.listen()
+    threading.Thread(target=receiver.serve, daemon=True, name="capture-receiver").start()
+    try:
+        state = hostsetup.install(target, config_path=config_path, forward_to=receiver.path, force=True)
+    except BaseException:
+        receiver.close()
+        raise
+    log.info("installed: core_pattern = %s", state["installed"]["core_pattern"])
+    return receiver
+
+
+def uninstall_forwarder(receiver: Receiver) -> None:
+    """Give the host its saved settings back, then stop listening."""
+    hostsetup.uninstall(hostsetup.state_path(receiver.settings))
+    receiver.close()

@@ -5,14 +5,10 @@ from __future__ import annotations
 import json
 import logging
 import sys
-from typing import TYPE_CHECKING
 
 import typer
 
 from corevault import config
-
-if TYPE_CHECKING:
-    from corevault.agent.receiver import Receiver
 
 
 def register(app: typer.Typer) -> None:
@@ -44,9 +40,6 @@ def agent(
 
     logging.basicConfig(level=logging.INFO, format="%(asctime)s %(levelname)s %(message)s")
     settings = config.load(ctx.obj["config"])
-    receiver = (
-        _install_forwarder(settings, ctx.obj["config"], install_forwarder) if install_forwarder else None
-    )
     on_record = None
     if kubernetes:
         from corevault.kube import cluster
@@ -61,11 +54,16 @@ def agent(
         on_record = EventPoster(core, name)
     a = Agent(settings, on_record=on_record)
     a.metrics.serve(settings.agent_metrics)
+    receiver = None
     try:
+        if install_forwarder:  # last: the pod index is current when the first crash comes in
+            from corevault.agent import receiver as forwarding
+
+            receiver = forwarding.install_forwarder(settings, ctx.obj["config"], install_forwarder)
         waiting = a.run(once=once)
     finally:
         if receiver is not None:
-            _uninstall_forwarder(settings, receiver)
+            forwarding.uninstall_forwarder(receiver)
     if once and waiting:
         why = f"the vault is unreachable ({a.unreachable})" if a.unreachable else "shipping failed, see above"
         print(f"corevault: error: {waiting} entries left in the spool: {why}", file=sys.stderr)
@@ -82,42 +80,3 @@ def vacuum(
     settings = config.load(ctx.obj["config"])
     gone = retention.vacuum(ship.open_vault(settings), settings, dry_run=dry_run)
     print(json.dumps({"dry_run": dry_run, **gone}, indent=2))
-
-
-def _install_forwarder(settings: config.Settings, config_path: str | None, binary: str) -> Receiver:
-    """Copy the forwarder next to the agent's state (a hostPath), listen, point the kernel at it.
-
-    Installing over an installation left by an agent that died keeps the host's original
-    settings, so the next start repairs the host.
-    """
-    import os
-    import shutil
-    import threading
-
-    from corevault import hostsetup
-    from corevault.agent.receiver import Receiver
-
-    target, socket_path = hostsetup.forwarder_paths(settings.state_dir)
-    os.makedirs(os.path.dirname(target), exist_ok=True)
-    shutil.copy2(binary, target + ".tmp")
-    os.chmod(target + ".tmp", 0o700)  # the kernel runs it as root
-    os.replace(target + ".tmp", target)
-    receiver = Receiver(settings, socket_path)
-    receiver.listen()
-    threading.Thread(target=receiver.serve, daemon=True, name="capture-receiver").start()
-    try:
-        state = hostsetup.install(target, config_path=config_path, forward_to=receiver.path, force=True)
-    except BaseException:
-        receiver.close()
-        raise
-    logging.getLogger("corevault.agent").info(
-        "installed: core_pattern = %s", state["installed"]["core_pattern"]
-    )
-    return receiver
-
-
-def _uninstall_forwarder(settings: config.Settings, receiver: Receiver) -> None:
-    from corevault import hostsetup
-
-    hostsetup.uninstall(hostsetup.state_path(settings))
-    receiver.close()
