@@ -11,9 +11,13 @@ It behaves like the real one where corevault depends on it:
 - ``403 Forbidden`` Status objects for the requests a test forbids; 404 for what is missing;
 - listing pods across namespaces with a ``spec.nodeName`` field selector, and watching them
   from a resourceVersion (events streamed as JSON lines; a version older than the server
-  keeps gives the ERROR event with 410 Gone); creating Events.
+  keeps gives the ERROR event with 410 Gone); creating Events;
+- TokenReview (``authentication.k8s.io/v1``) from a table of tokens and their users, and
+  SubjectAccessReview (``authorization.k8s.io/v1``) from explicit grants of a verb on a
+  resource in a namespace (``*``: cluster-wide), for a user or one of its groups.
 
-It does not emulate: authentication, watches of anything but pods, admission, exec/attach/port-forward streams
+It does not emulate: authentication of its own callers, RBAC objects (Roles, bindings,
+aggregation), watches of anything but pods, admission, exec/attach/port-forward streams
 (``kubectl exec`` cannot connect to it), discovery beyond what kubectl's plugin dispatch
 needs (none), or server-side validation of container specs.
 """
@@ -49,6 +53,10 @@ class FakeKube:
     history: list[tuple[int, str, dict]] = field(default_factory=list)  # (rv, type, pod)
     compacted: int = 0  # watches from versions before this get 410 Gone
     events: list[dict] = field(default_factory=list)
+    users: dict[str, tuple[str, list[str]]] = field(default_factory=dict)  # token -> (user, groups)
+    grants: set[tuple[str, str, str, str]] = field(
+        default_factory=set
+    )  # (user or group, verb, resource, ns|*)
     changed: threading.Condition = field(default_factory=threading.Condition)
     server: ThreadingHTTPServer | None = None
 
@@ -171,6 +179,8 @@ class FakeKube:
             return
         if self._cluster_object(h, method, path, body):
             return
+        if method == "POST" and self._review(h, path, body):
+            return
         m = self.ROUTE.match(path)
         if m is None:
             h._send(404, _status(404, "NotFound", f"{path} not found"))  # type: ignore[attr-defined]
@@ -242,6 +252,32 @@ class FakeKube:
                 patched = jsonpatch.apply_patch(self.objects[key], body)
                 self.objects[key] = patched
                 send(200, patched)
+            return True
+        return False
+
+    def _review(self, h: BaseHTTPRequestHandler, path: str, body: dict) -> bool:  # type: ignore[type-arg]
+        send = h._send  # type: ignore[attr-defined]
+        if path == "/apis/authentication.k8s.io/v1/tokenreviews":
+            user = self.users.get(body["spec"].get("token", ""))
+            status = {"authenticated": False, "error": "invalid bearer token"}
+            if user:
+                status = {
+                    "authenticated": True,
+                    "user": {"username": user[0], "groups": user[1], "uid": user[0]},
+                }
+            send(201, {**body, "status": status})
+            return True
+        if path == "/apis/authorization.k8s.io/v1/subjectaccessreviews":
+            spec = body["spec"]
+            attrs = spec.get("resourceAttributes") or {}
+            who = [spec.get("user", ""), *(spec.get("groups") or [])]
+            ns = attrs.get("namespace") or ""
+            allowed = any(
+                (w, attrs.get("verb"), attrs.get("resource"), scope) in self.grants
+                for w in who
+                for scope in ({"*", ns} if ns else {"*"})
+            )
+            send(201, {**body, "status": {"allowed": allowed}})
             return True
         return False
 

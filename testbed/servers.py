@@ -201,3 +201,28 @@ def postgres() -> Iterator[Postgres]:
     finally:
         server.stop("immediate")
         shutil.rmtree(d, ignore_errors=True)
+
+
+@contextmanager
+def asgi(app: object) -> Iterator[str]:
+    """A real uvicorn serving ``app`` on 127.0.0.1 in a thread of this process; yields its URL."""
+    import threading
+
+    import uvicorn
+
+    server = uvicorn.Server(
+        uvicorn.Config(app, host="127.0.0.1", port=0, log_level="warning", lifespan="off")  # type: ignore[arg-type]
+    )
+    thread = threading.Thread(target=server.run, name="uvicorn", daemon=True)
+    thread.start()
+    deadline = time.monotonic() + 30
+    while not server.started:
+        if not thread.is_alive() or time.monotonic() > deadline:
+            raise RuntimeError("uvicorn did not start")
+        time.sleep(0.02)
+    port = server.servers[0].sockets[0].getsockname()[1]
+    try:
+        yield f"http://127.0.0.1:{port}"
+    finally:
+        server.should_exit = True
+        thread.join(10)

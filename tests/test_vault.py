@@ -41,7 +41,7 @@ def material(rootfs: str) -> Iterator[dict]:
         for args in (
             ["/app/crasher", "segv"],
             ["/app/crasher", "segv"],
-            ["/bin/sh", "-c", "/app/thrower; exit 1"],
+            ["/bin/sh", "-c", "DB_PASSWORD=hunter2-secret-value /app/thrower; exit 1"],
         ):
             cap.crash(rootfs, args, annotations={"corevault.io/core-pattern": "/data/dump-a/core-%p-%t"})
         shutil.copytree(spool.ready_dir(cap.spool), os.path.join(keep, "ready"))

@@ -328,6 +328,7 @@ def _meta(job: _Job, cg: cgroup.CgroupInfo | None, started: float) -> dict:
             "comm": crash.comm,
             "exe": crash.exe,
             "cmdline": crash.cmdline,
+            "environ": crash.environ,
             "hostname": crash.hostname,
             "dump_mode": crash.dump_mode,
             "rlimit_core": crash.rlimit_core,

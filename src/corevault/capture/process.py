@@ -14,6 +14,7 @@ from __future__ import annotations
 import os
 from contextlib import suppress
 
+from corevault import redact
 from corevault.pattern import SPECIFIERS
 
 ULONG_MAX = (1 << 64) - 1
@@ -27,9 +28,9 @@ class Crash:
     """One crash as the kernel described it, plus what /proc said while the task existed."""
 
     __slots__ = (
-        "cgroup", "cmdline", "comm", "cpu", "dump_mode", "exe", "fsgid", "fsuid", "gid", "global_pid",
-        "global_tid", "hostname", "maps", "pid", "proc_fd", "rlimit_core", "root_fd", "signal", "tid",
-        "time", "uid", "values",
+        "cgroup", "cmdline", "comm", "cpu", "dump_mode", "environ", "exe", "fsgid", "fsuid", "gid",
+        "global_pid", "global_tid", "hostname", "maps", "pid", "proc_fd", "rlimit_core", "root_fd", "signal",
+        "tid", "time", "uid", "values",
     )  # fmt: skip
 
     def __init__(self, values: dict[str, str]) -> None:
@@ -54,6 +55,8 @@ class Crash:
         self.fsuid = self.uid
         self.fsgid = self.gid
         self.cmdline: list[str] = []
+        #: the environment at exec (as /proc shows it), secret-looking values redacted
+        self.environ: dict[str, str] = {}
         self.cgroup = ""
         self.maps = ""
         self.proc_fd = -1
@@ -126,7 +129,10 @@ def read_facts(crash: Crash) -> None:
         elif key == "Gid" and len(fields) == 4:
             crash.fsgid = int(fields[3])
     crash.cgroup = _read(fd, "cgroup")
-    crash.cmdline = [a for a in _read(fd, "cmdline").split("\0") if a][:256]
+    crash.cmdline = redact.cmdline([a for a in _read(fd, "cmdline").split("\0") if a][:256])
+    crash.environ = redact.environ(
+        dict(v.partition("=")[::2] for v in _read(fd, "environ", 1 << 16).split("\0")[:512] if "=" in v)
+    )
     comm = _read(fd, "comm").rstrip("\n")
     if comm:
         crash.comm = comm

@@ -12,7 +12,7 @@ import sys
 import typer
 
 from corevault import config, pattern
-from corevault.cli import analyze, crashes, host, patterns, vault, webhook
+from corevault.cli import analyze, crashes, host, patterns, serve, vault, webhook
 from corevault.errors import UserError
 
 EXIT_FAILED = 1
@@ -39,8 +39,17 @@ def _root(
         envvar="COREVAULT_CONFIG",
         help="Settings file \\[default: /etc/corevault/config.toml].",
     ),
+    server: str | None = typer.Option(
+        None,
+        "--server",
+        envvar="COREVAULT_SERVER",
+        help="Work against this corevault server's API (http(s)://HOST:PORT) instead of the local vault.",
+    ),
+    token_file: str | None = typer.Option(
+        None, "--token-file", help="File holding the server's bearer token \\[default: $COREVAULT_TOKEN]."
+    ),
 ) -> None:
-    ctx.obj = {"config": config_file}
+    ctx.obj = {"config": config_file, "server": server, "token_file": token_file}
 
 
 host.register(app)
@@ -49,6 +58,7 @@ crashes.register(app)
 analyze.register(app)
 vault.register(app)
 webhook.register(app)
+serve.register(app)
 
 
 def main(argv: list[str] | None = None) -> int:

@@ -41,6 +41,18 @@ def register(app: typer.Typer) -> None:
 
 
 def source(ctx: typer.Context):  # -> CrashSource
+    """The vault the crash commands work on: a server's (``--server``) or this machine's."""
+    if ctx.obj.get("server"):
+        from corevault.vault.remote import RemoteVault
+
+        token = os.environ.get("COREVAULT_TOKEN")
+        if ctx.obj.get("token_file"):
+            try:
+                with open(ctx.obj["token_file"]) as f:
+                    token = f.read().strip()
+            except OSError as e:
+                raise UserError(f"token file {ctx.obj['token_file']}: {e.strerror}") from None
+        return RemoteVault(ctx.obj["server"], token)
     from corevault.vault.crashes import LocalVault
 
     return LocalVault(config.load(ctx.obj["config"]))
@@ -161,37 +173,43 @@ def dump(
     force: bool = typer.Option(False, "--force", help="Replace an existing file."),
 ) -> None:
     """Write a crash's plain core (decompressed, streamed) to a file."""
-    import zstandard
-
-    from corevault.capture.stream import CHUNK, SparseSink
-
     src = source(ctx)
     size = src.get(crash_id)["size"]
     if output != "-" and os.path.exists(output) and not force:
         raise UserError(f"{output} exists; use --force to replace it")
-    fd = 1 if output == "-" else os.open(output + ".part", os.O_WRONLY | os.O_CREAT | os.O_TRUNC, 0o600)
+    if output == "-":
+        with src.open_core(crash_id) as reader:
+            shutil.copyfileobj(reader, sys.stdout.buffer, 1 << 20)
+        return
     from rich.progress import BarColumn, DownloadColumn, Progress, TransferSpeedColumn
 
-    with src.open_core(crash_id) as raw, zstandard.ZstdDecompressor().stream_reader(raw) as reader, Progress(
-        BarColumn(), DownloadColumn(), TransferSpeedColumn(), transient=True, disable=output == "-" or not sys.stderr.isatty()
-    ) as bar:  # fmt: skip
+    with Progress(
+        BarColumn(), DownloadColumn(), TransferSpeedColumn(), transient=True, disable=not sys.stderr.isatty()
+    ) as bar:
         task = bar.add_task("dump", total=size)
-        buf = bytearray(CHUNK)
-        view = memoryview(buf)
-        sink = SparseSink(fd) if output != "-" else None
-        while n := reader.readinto(buf):
-            if sink is not None:
+        write_core(src, crash_id, output, lambda n: bar.advance(task, n))
+    print(f"wrote {size} bytes to {output}", file=sys.stderr)
+
+
+def write_core(src, crash_id: str, path: str, progress=None) -> None:  # src: CrashSource
+    """Write a crash's plain core to ``path`` as a sparse file, atomically."""
+    from corevault.capture.stream import CHUNK, SparseSink
+
+    fd = os.open(path + ".part", os.O_WRONLY | os.O_CREAT | os.O_TRUNC, 0o600)
+    try:
+        with src.open_core(crash_id) as reader:
+            buf = bytearray(CHUNK)
+            view = memoryview(buf)
+            sink = SparseSink(fd)
+            while n := reader.readinto(buf):
                 sink.write(buf, view, n)
-            else:
-                sys.stdout.buffer.write(view[:n])
-            bar.advance(task, n)
-        if sink is not None:
+                if progress is not None:
+                    progress(n)
             sink.finish()
-            os.fsync(fd)
-            os.close(fd)
-            os.replace(output + ".part", output)
-    if output != "-":
-        print(f"wrote {size} bytes to {output}", file=sys.stderr)
+        os.fsync(fd)
+    finally:
+        os.close(fd)
+    os.replace(path + ".part", path)
 
 
 def groups(
@@ -228,17 +246,14 @@ def gdb(
     batch: bool = typer.Option(False, "--batch", help="Run gdb in batch mode (add commands after --)."),
 ) -> None:
     """Open a crash in gdb with its own binaries (by build-id), after its pod and image are gone."""
-    from corevault.analysis import binaries, elfcore, runner, unwind_gdb
+    from corevault.analysis import binaries, elfcore, unwind_gdb
 
     src = source(ctx)
     crash = src.get(crash_id)
     tmp = tempfile.mkdtemp(prefix="corevault-gdb-")
     try:
         core = os.path.join(tmp, "core")
-        with src.open_core(crash_id) as raw, open(os.path.join(tmp, "core.zst"), "wb") as out:
-            shutil.copyfileobj(raw, out, 1 << 20)
-        runner.decompress(os.path.join(tmp, "core.zst"), core)
-        os.unlink(os.path.join(tmp, "core.zst"))
+        write_core(src, crash_id, core)
         parsed = elfcore.read(core)
         found = {}
         for path, build_id in parsed.build_ids.items():

@@ -9,6 +9,12 @@ killed at any point and do its work again:
   group is counted in the same transaction, so a group counts each crash exactly once;
 - dropped-dump records are keyed by a hash of the journal line.
 
+Groups are counted per namespace and image (``group_namespaces``) and per day
+(``group_days``) as well, so that a reader allowed only some namespaces sees counts, trends
+and first/last-seen times made of those namespaces' crashes alone, at the cost of reading a
+few thousand rows rather than the crashes themselves. Forgetting an analysed crash takes it
+out of those counts again.
+
 Schema changes are numbered migrations applied at connect time under a lock
 (``pg_advisory_xact_lock`` on PostgreSQL, an immediate transaction on SQLite), so agents
 starting together migrate once.
@@ -19,7 +25,7 @@ from __future__ import annotations
 import hashlib
 import json
 import time
-from collections.abc import Callable, Iterable
+from collections.abc import Callable, Collection, Iterable
 from dataclasses import dataclass
 
 import sqlalchemy as sa
@@ -97,7 +103,34 @@ buildids = sa.Table(
     sa.Column("build_id", sa.String(80), primary_key=True),
     sa.Column("size", sa.BigInteger),
     sa.Column("stored_at", sa.Float),
+    #: whether the stored file carries DWARF, so it can be served as debuginfo (schema v2)
+    sa.Column("debuginfo", sa.Boolean),
 )
+
+#: "" stands for "none" in these keys: a host's crash has no namespace, a process no image
+group_ns = sa.Table(
+    "group_namespaces",
+    metadata,
+    sa.Column("signature", sa.String(32), primary_key=True),
+    sa.Column("namespace", sa.String(255), primary_key=True),
+    sa.Column("image", sa.String(512), primary_key=True),
+    sa.Column("count", sa.Integer, nullable=False),
+    sa.Column("first_seen", sa.BigInteger, nullable=False),
+    sa.Column("last_seen", sa.BigInteger, nullable=False),
+)
+
+group_days = sa.Table(
+    "group_days",
+    metadata,
+    sa.Column("signature", sa.String(32), primary_key=True),
+    #: days since the epoch (UTC)
+    sa.Column("day", sa.Integer, primary_key=True),
+    sa.Column("namespace", sa.String(255), primary_key=True),
+    sa.Column("count", sa.Integer, nullable=False),
+)
+
+#: every namespace that ever had a crash: what a per-namespace access check walks
+namespaces = sa.Table("namespaces", metadata, sa.Column("name", sa.String(255), primary_key=True))
 
 dropped = sa.Table(
     "dropped",
@@ -123,8 +156,38 @@ def _v1(conn: Connection) -> None:
     metadata.create_all(conn, tables=[crashes, groups, reports, crash_buildids, buildids, dropped])
 
 
+def _v2(conn: Connection) -> None:
+    """Per-namespace and per-day group counts, the namespaces seen, and buildids.debuginfo."""
+    if "debuginfo" not in {c["name"] for c in sa.inspect(conn).get_columns("buildids")}:
+        conn.execute(sa.text("ALTER TABLE buildids ADD COLUMN debuginfo BOOLEAN"))
+    metadata.create_all(conn, tables=[group_ns, group_days, namespaces])
+    c = crashes.c
+    counted = sa.and_(c.analysis == "done", c.signature.is_not(None))
+    ns, image = sa.func.coalesce(c.namespace, ""), sa.func.coalesce(c.image, "")
+    conn.execute(
+        group_ns.insert().from_select(
+            ["signature", "namespace", "image", "count", "first_seen", "last_seen"],
+            sa.select(c.signature, ns, image, sa.func.count(), sa.func.min(c.time), sa.func.max(c.time))
+            .where(counted)
+            .group_by(c.signature, ns, image),
+        )
+    )
+    day = sa.cast(c.time / 86400, sa.Integer)
+    conn.execute(
+        group_days.insert().from_select(
+            ["signature", "day", "namespace", "count"],
+            sa.select(c.signature, day, ns, sa.func.count()).where(counted).group_by(c.signature, day, ns),
+        )
+    )
+    conn.execute(
+        namespaces.insert().from_select(
+            ["name"], sa.select(c.namespace).where(c.namespace.is_not(None)).distinct()
+        )
+    )
+
+
 #: Numbered schema migrations; a new one is appended, never edited.
-MIGRATIONS: list[Callable[[Connection], None]] = [_v1]
+MIGRATIONS: list[Callable[[Connection], None]] = [_v1, _v2]
 
 
 class CatalogError(UserError):
@@ -224,6 +287,8 @@ def add_crash(conn: Connection, meta: dict, analysis: str) -> bool:
         "meta": json.dumps(meta, sort_keys=True),
     }
     inserted = conn.execute(_insert(conn, crashes).values(**row).on_conflict_do_nothing()).rowcount == 1
+    if inserted and row["namespace"]:
+        conn.execute(_insert(conn, namespaces).values(name=row["namespace"]).on_conflict_do_nothing())
     modules = [m for m in meta.get("modules", []) if m.get("build_id")]
     if modules:
         rows = [{"crash_id": meta["id"], "build_id": m["build_id"], "path": m["path"]} for m in modules]
@@ -247,7 +312,11 @@ def record_analysis(conn: Connection, crash_id: str, report: dict) -> bool:
         .on_conflict_do_nothing()
     )
     if signature:
-        when = conn.execute(sa.select(crashes.c.time).where(crashes.c.id == crash_id)).scalar_one()
+        crash = conn.execute(
+            sa.select(crashes.c.time, crashes.c.namespace, crashes.c.image).where(crashes.c.id == crash_id)
+        ).one()
+        when = crash.time
+        _count(conn, signature, crash, +1)
         signal_name = (report.get("signal") or {}).get("name")
         ins = _insert(conn, groups).values(
             signature=signature,
@@ -257,21 +326,56 @@ def record_analysis(conn: Connection, crash_id: str, report: dict) -> bool:
             last_seen=when,
             count=1,
         )
+        least, greatest = _least_greatest(conn)
         conn.execute(
             ins.on_conflict_do_update(
                 index_elements=[groups.c.signature],
                 set_={
                     "count": groups.c.count + 1,
-                    "first_seen": sa.func.min(groups.c.first_seen, ins.excluded.first_seen)
-                    if conn.dialect.name == "sqlite"
-                    else sa.func.least(groups.c.first_seen, ins.excluded.first_seen),
-                    "last_seen": sa.func.max(groups.c.last_seen, ins.excluded.last_seen)
-                    if conn.dialect.name == "sqlite"
-                    else sa.func.greatest(groups.c.last_seen, ins.excluded.last_seen),
+                    "first_seen": least(groups.c.first_seen, ins.excluded.first_seen),
+                    "last_seen": greatest(groups.c.last_seen, ins.excluded.last_seen),
                 },
             )
         )
     return True
+
+
+def _least_greatest(conn: Connection):  # -> the dialect's two-argument min and max
+    return (sa.func.min, sa.func.max) if conn.dialect.name == "sqlite" else (sa.func.least, sa.func.greatest)
+
+
+def _count(conn: Connection, signature: str, crash: sa.Row, n: int) -> None:
+    """Add ``n`` (1 or -1) crashes like ``crash`` (its namespace, image, time) to a group's counts."""
+    ns, image, when = crash.namespace or "", crash.image or "", crash.time
+    key_ns = (group_ns.c.signature == signature, group_ns.c.namespace == ns, group_ns.c.image == image)
+    day = when // 86400
+    key_day = (group_days.c.signature == signature, group_days.c.day == day, group_days.c.namespace == ns)
+    if n > 0:
+        least, greatest = _least_greatest(conn)
+        ins = _insert(conn, group_ns).values(
+            signature=signature, namespace=ns, image=image, count=n, first_seen=when, last_seen=when
+        )
+        conn.execute(
+            ins.on_conflict_do_update(
+                index_elements=[group_ns.c.signature, group_ns.c.namespace, group_ns.c.image],
+                set_={
+                    "count": group_ns.c.count + n,
+                    "first_seen": least(group_ns.c.first_seen, ins.excluded.first_seen),
+                    "last_seen": greatest(group_ns.c.last_seen, ins.excluded.last_seen),
+                },
+            )
+        )
+        ins = _insert(conn, group_days).values(signature=signature, day=day, namespace=ns, count=n)
+        conn.execute(
+            ins.on_conflict_do_update(
+                index_elements=[group_days.c.signature, group_days.c.day, group_days.c.namespace],
+                set_={"count": group_days.c.count + n},
+            )
+        )
+        return
+    for table, key in ((group_ns, key_ns), (group_days, key_day)):
+        conn.execute(table.update().where(*key).values(count=table.c.count + n))
+        conn.execute(table.delete().where(*key, table.c.count <= 0))
 
 
 def record_analysis_failure(conn: Connection, crash_id: str, error: str) -> None:
@@ -282,12 +386,29 @@ def record_analysis_failure(conn: Connection, crash_id: str, error: str) -> None
     )
 
 
-def add_buildid(conn: Connection, build_id: str, size: int) -> None:
+def add_buildid(conn: Connection, build_id: str, size: int, debuginfo: bool | None = None) -> None:
     conn.execute(
         _insert(conn, buildids)
-        .values(build_id=build_id, size=size, stored_at=time.time())
+        .values(build_id=build_id, size=size, stored_at=time.time(), debuginfo=debuginfo)
         .on_conflict_do_nothing()
     )
+
+
+def buildid_row(conn: Connection, build_id: str, visible: Collection[str] | None = None) -> dict | None:
+    """A stored binary's row, if some crash that ``visible`` namespaces may see (None: all) uses it."""
+    row = conn.execute(sa.select(buildids).where(buildids.c.build_id == build_id)).first()
+    if row is None:
+        return None
+    if visible is not None:
+        used = (
+            sa.select(sa.literal(1))
+            .select_from(crash_buildids.join(crashes, crashes.c.id == crash_buildids.c.crash_id))
+            .where(crash_buildids.c.build_id == build_id, crashes.c.namespace.in_(list(visible)))
+            .limit(1)
+        )
+        if conn.execute(used).first() is None:
+            return None
+    return dict(row._mapping)
 
 
 def known_buildids(conn: Connection, ids: Iterable[str]) -> set[str]:
@@ -335,6 +456,8 @@ class Filters:
     group: str | None = None
     since: int | None = None
     until: int | None = None
+    #: the namespaces the reader may see; None: every crash, the hosts' own included
+    visible: frozenset[str] | None = None
 
 
 def _where(query: sa.Select, f: Filters) -> sa.Select:
@@ -346,11 +469,12 @@ def _where(query: sa.Select, f: Filters) -> sa.Select:
         if value is not None:
             query = query.where(column == value)
     if f.signal is not None:
-        sig = f.signal.upper()
-        if sig.isdigit():
-            query = query.where(c.signal == int(sig))
+        if f.signal.isdigit():
+            query = query.where(c.signal == int(f.signal))
         else:
-            query = query.where(c.signal_name == (sig if sig.startswith("SIG") else "SIG" + sig))
+            query = query.where(c.signal_name == _signal_name(f.signal))
+    if f.visible is not None:
+        query = query.where(c.namespace.in_(sorted(f.visible)) if f.visible else sa.false())
     if f.since is not None:
         query = query.where(c.time >= f.since)
     if f.until is not None:
@@ -388,13 +512,100 @@ def get_crash(conn: Connection, crash_id: str) -> dict | None:
     return doc
 
 
-def list_groups(conn: Connection, limit: int = 100) -> list[dict]:
-    query = sa.select(groups).order_by(groups.c.last_seen.desc()).limit(limit)
-    return [dict(r._mapping) for r in conn.execute(query)]
+def _signal_name(value: str) -> str:
+    sig = value.upper()
+    return sig if sig.startswith("SIG") else "SIG" + sig
+
+
+def list_groups(
+    conn: Connection,
+    limit: int = 100,
+    *,
+    visible: Collection[str] | None = None,
+    namespace: str | None = None,
+    image: str | None = None,
+    signal: str | None = None,
+    signature: str | None = None,
+    since: int | None = None,
+    before: tuple[int, str] | None = None,
+    days: int = 14,
+    now: float | None = None,
+) -> list[dict]:
+    """Crash groups, most recently seen first, counted over the ``visible`` namespaces only.
+
+    Each has its signature, title, signal, count, first and last seen, the namespaces and
+    images it was seen in, and ``daily``: its crashes on each of the last ``days`` days
+    (UTC), oldest first. ``before`` is the (last_seen, signature) of the previous page's
+    last group.
+    """
+    gn = group_ns.c
+    agg = sa.select(
+        gn.signature,
+        sa.func.sum(gn.count).label("count"),
+        sa.func.min(gn.first_seen).label("first_seen"),
+        sa.func.max(gn.last_seen).label("last_seen"),
+    ).group_by(gn.signature)
+    scope = []
+    if visible is not None:
+        scope.append(gn.namespace.in_(sorted(visible)))
+    if namespace is not None:
+        scope.append(gn.namespace == namespace)
+    if image is not None:
+        scope.append(gn.image == image)
+    if signature is not None:
+        scope.append(gn.signature == signature)
+    sub = agg.where(*scope).subquery()
+    query = sa.select(sub, groups.c.title, groups.c.signal_name).join(
+        groups, groups.c.signature == sub.c.signature
+    )
+    if signal is not None:
+        query = query.where(groups.c.signal_name == _signal_name(signal))
+    if since is not None:
+        query = query.where(sub.c.last_seen >= since)
+    if before is not None:
+        t, sig = before
+        query = query.where(sa.or_(sub.c.last_seen < t, sa.and_(sub.c.last_seen == t, sub.c.signature < sig)))
+    query = query.order_by(sub.c.last_seen.desc(), sub.c.signature.desc()).limit(limit)
+    found = [dict(r._mapping) for r in conn.execute(query)]
+    if not found:
+        return found
+    by_sig = {g["signature"]: g for g in found}
+    today = int((time.time() if now is None else now) // 86400)
+    for g in found:
+        g["count"] = int(g["count"])
+        g["namespaces"], g["images"], g["daily"] = set(), set(), [0] * days
+    where = [gn.signature.in_(list(by_sig)), *scope]
+    for sig, ns, img in conn.execute(sa.select(gn.signature, gn.namespace, gn.image).where(*where)):
+        by_sig[sig]["namespaces"].add(ns)
+        by_sig[sig]["images"].add(img)
+    gd = group_days.c
+    daily = sa.select(gd.signature, gd.day, sa.func.sum(gd.count)).where(
+        gd.signature.in_(list(by_sig)), gd.day > today - days
+    )
+    if visible is not None:
+        daily = daily.where(gd.namespace.in_(sorted(visible)))
+    if namespace is not None:
+        daily = daily.where(gd.namespace == namespace)
+    for sig, day, n in conn.execute(daily.group_by(gd.signature, gd.day)):
+        by_sig[sig]["daily"][day - today + days - 1] = int(n)
+    for g in found:
+        g["namespaces"] = sorted(n for n in g["namespaces"] if n)
+        g["images"] = sorted(i for i in g["images"] if i)
+    return found
+
+
+def list_namespaces(conn: Connection) -> list[str]:
+    return list(conn.execute(sa.select(namespaces.c.name).order_by(namespaces.c.name)).scalars())
 
 
 def forget(conn: Connection, crash_id: str) -> None:
-    """Remove a crash's rows (its report and build-id references with it)."""
+    """Remove a crash's rows (its report and build-id references with it), and its group counts."""
+    c = crashes.c
+    row = conn.execute(
+        sa.select(c.signature, c.namespace, c.image, c.time, c.analysis).where(c.id == crash_id)
+    ).first()
+    if row is not None and row.analysis == "done" and row.signature:
+        _count(conn, row.signature, row, -1)
     conn.execute(reports.delete().where(reports.c.crash_id == crash_id))
     conn.execute(crash_buildids.delete().where(crash_buildids.c.crash_id == crash_id))
     conn.execute(crashes.delete().where(crashes.c.id == crash_id))

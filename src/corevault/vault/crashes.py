@@ -22,6 +22,29 @@ class NotFound(UserError):
     """No crash, report or binary with that id."""
 
 
+def encode_cursor(values: tuple) -> str:
+    """An opaque page cursor for the server's API: the sort key of a page's last row."""
+    import base64
+    import json
+
+    return base64.urlsafe_b64encode(json.dumps(list(values)).encode()).decode().rstrip("=")
+
+
+def decode_cursor(cursor: str) -> tuple[int, str]:
+    """The sort key in a cursor; ValueError for anything :func:`encode_cursor` did not make."""
+    import base64
+    import binascii
+    import json
+
+    try:
+        t, key = json.loads(base64.urlsafe_b64decode(cursor + "=" * (-len(cursor) % 4)))
+    except (ValueError, TypeError, binascii.Error):
+        raise ValueError(cursor) from None
+    if isinstance(t, int) and not isinstance(t, bool) and isinstance(key, str):
+        return t, key
+    raise ValueError(cursor)
+
+
 class CrashSource(Protocol):
     def list(self, filters: Filters, limit: int, before: tuple | None = None) -> list[dict]: ...
     def get(self, crash_id: str) -> dict: ...
@@ -29,6 +52,13 @@ class CrashSource(Protocol):
     def open_core(self, crash_id: str) -> BinaryIO: ...
     def binary(self, build_id: str, dest: str) -> bool: ...
     def forget(self, crash_id: str) -> None: ...
+
+
+def plain(stored: BinaryIO) -> BinaryIO:
+    """A reader of the plain core over a stored (zstd) one; closing it closes both."""
+    import zstandard
+
+    return zstandard.ZstdDecompressor().stream_reader(stored, read_size=1 << 20, closefd=True)  # type: ignore[return-value]
 
 
 class LocalVault:
@@ -55,9 +85,9 @@ class LocalVault:
             return catalog.list_groups(conn, limit)
 
     def open_core(self, crash_id: str) -> BinaryIO:
-        """The crash's core as stored: zstd-compressed."""
+        """The crash's plain core, decompressed as it is read (forward seeks skip ahead)."""
         self.get(crash_id)
-        return self.store.open(blobs.core_key(crash_id))
+        return plain(self.store.open(blobs.core_key(crash_id)))
 
     def binary(self, build_id: str, dest: str) -> bool:
         """Copy the binary with this build-id to ``dest``; False when neither vault nor node holds it."""

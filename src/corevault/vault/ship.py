@@ -117,8 +117,10 @@ def _ship_buildids(vault: Vault, settings: config.Settings, meta: dict) -> None:
         size = vault.store.size(key)
         if size is None:
             size = vault.store.put_file(key, local).size
+        from corevault.analysis.binaries import has_dwarf
+
         with vault.engine.begin() as conn:
-            catalog.add_buildid(conn, build_id, size)
+            catalog.add_buildid(conn, build_id, size, debuginfo=has_dwarf(local))
 
 
 def _analyse(vault: Vault, settings: config.Settings, crash_id: str, core_path: str) -> str:

@@ -1,0 +1,314 @@
+"""The JSON API under ``/api/v1`` and the debuginfod endpoints.
+
+A crash the reader may not see answers exactly as a crash that does not exist (404), and
+lists and counts are made of visible crashes only, so nothing tells a reader that another
+namespace had a crash. Asking for a namespace one may not see is a 403: that says nothing
+about its crashes. Pages are cursor-paginated: ``next`` is an opaque cursor for the
+following page, absent on the last.
+"""
+
+from __future__ import annotations
+
+import json
+import re
+from typing import Annotated, Any, Literal
+
+from fastapi import APIRouter, Depends, HTTPException, Query, Request, Response
+from pydantic import BaseModel
+
+from corevault import redact
+from corevault.server.access import Principal
+from corevault.server.ranges import serve
+from corevault.vault import blobs, catalog, crashes
+from corevault.vault.crashes import encode_cursor, plain
+
+
+class Problem(BaseModel):
+    detail: str
+
+
+_ERRORS: dict = {
+    400: {"model": Problem, "description": "A parameter this server cannot use (a stale cursor)"},
+    401: {"model": Problem, "description": "No token, or one the server does not accept"},
+    403: {"model": Problem, "description": "A namespace you may not read, or an action you may not take"},
+}
+router = APIRouter(prefix="/api/v1", tags=["crashes"], responses=_ERRORS)
+debuginfod = APIRouter(tags=["debuginfod"], responses=_ERRORS)
+
+BUILD_ID = re.compile(r"^[0-9a-f]{8,80}$")
+
+
+def server(request: Request):  # -> corevault.server.app.Server
+    return request.app.state.server
+
+
+def principal(request: Request) -> Principal:
+    return server(request).principal(request)
+
+
+Reader = Annotated[Principal, Depends(principal)]
+
+
+class CrashSummary(BaseModel):
+    id: str
+    time: int
+    node: str | None = None
+    namespace: str | None = None
+    pod: str | None = None
+    container: str | None = None
+    image: str | None = None
+    signal: int | None = None
+    signal_name: str | None = None
+    exe: str | None = None
+    size: int | None = None
+    truncated: bool | None = None
+    signature: str | None = None
+    title: str | None = None
+    #: pending, done, failed or off
+    analysis: str
+
+
+class CrashPage(BaseModel):
+    items: list[CrashSummary]
+    next: str | None = None
+
+
+class Crash(CrashSummary):
+    captured_at: float | None = None
+    pod_uid: str | None = None
+    container_id: str | None = None
+    comm: str | None = None
+    pid: int | None = None
+    stored_size: int | None = None
+    sha256: str | None = None
+    analysis_error: str | None = None
+    #: everything the capture handler recorded (secret-looking values redacted)
+    meta: dict[str, Any]
+    #: the analysis report (signal, threads and frames, modules, signature), once analysed
+    report: dict[str, Any] | None = None
+
+
+class Group(BaseModel):
+    signature: str
+    title: str | None = None
+    signal_name: str | None = None
+    count: int
+    first_seen: int
+    last_seen: int
+    namespaces: list[str]
+    images: list[str]
+    #: crashes on each of the last ``days`` days (UTC), oldest first
+    daily: list[int]
+
+
+class GroupPage(BaseModel):
+    items: list[Group]
+    next: str | None = None
+
+
+def decode_cursor(cursor: str | None) -> tuple[int, str] | None:
+    if cursor is None:
+        return None
+    try:
+        return crashes.decode_cursor(cursor)
+    except ValueError:
+        raise HTTPException(400, "cursor: not one this server gave out; start again without it") from None
+
+
+def _scope(reader: Principal, namespace: str | None) -> frozenset[str] | None:
+    if namespace is not None and not reader.sees(namespace):
+        raise HTTPException(403, f"you may not read namespace {namespace!r}")
+    return reader.visible
+
+
+Limit = Annotated[int, Query(ge=1, le=1000)]
+Epoch = Annotated[int | None, Query(ge=0, le=1 << 40, description="Seconds since the epoch.")]
+
+
+@router.get("/crashes", response_model=CrashPage)
+def list_crashes(
+    request: Request,
+    reader: Reader,
+    namespace: str | None = None,
+    pod: str | None = None,
+    container: str | None = None,
+    image: str | None = None,
+    node: str | None = None,
+    signal: Annotated[str | None, Query(description="SEGV, SIGSEGV or 11.")] = None,
+    exe: str | None = None,
+    group: Annotated[str | None, Query(description="A crash group's signature.")] = None,
+    since: Epoch = None,
+    until: Epoch = None,
+    limit: Limit = 50,
+    cursor: str | None = None,
+) -> dict:
+    """Crashes, newest first."""
+    filters = catalog.Filters(
+        namespace=namespace, pod=pod, container=container, image=image, node=node, signal=signal, exe=exe,
+        group=group, since=since, until=until, visible=_scope(reader, namespace),
+    )  # fmt: skip
+    with server(request).vault.engine.connect() as conn:
+        rows = catalog.list_crashes(conn, filters, limit + 1, decode_cursor(cursor))
+    more = len(rows) > limit
+    rows = rows[:limit]
+    return {"items": rows, "next": encode_cursor((rows[-1]["time"], rows[-1]["id"])) if more else None}
+
+
+def visible_crash(request: Request, reader: Principal, crash_id: str) -> dict:
+    """The crash, if it exists and ``reader`` may see it; a 404 that says the same either way."""
+    with server(request).vault.engine.connect() as conn:
+        crash = catalog.get_crash(conn, crash_id)
+    if crash is None or not reader.sees(crash["namespace"]):
+        raise HTTPException(404, f"no crash {crash_id!r}")
+    crash["meta"] = redact.meta(crash["meta"])
+    return crash
+
+
+@router.get(
+    "/crashes/{crash_id}",
+    response_model=Crash,
+    responses={404: {"model": Problem, "description": "No such crash"}},
+)
+def get_crash(request: Request, reader: Reader, crash_id: str) -> dict:
+    """One crash: where it happened, what the capture handler recorded, and its analysis."""
+    return visible_crash(request, reader, crash_id)
+
+
+@router.head("/crashes/{crash_id}/core", include_in_schema=False)
+@router.get(
+    "/crashes/{crash_id}/core",
+    response_class=Response,
+    responses={
+        200: {"content": {"application/octet-stream": {}}, "description": "The plain core"},
+        206: {"content": {"application/octet-stream": {}}, "description": "One byte range of it"},
+        404: {"model": Problem, "description": "No such crash"},
+        416: {"description": "The range starts past the end"},
+    },
+)
+def download_core(request: Request, reader: Reader, crash_id: str) -> Response:
+    """The plain core (decompressed as it is sent); supports a single HTTP Range."""
+    crash = visible_crash(request, reader, crash_id)
+    srv = server(request)
+    return serve(
+        request,
+        lambda: plain(srv.vault.store.open(blobs.core_key(crash_id))),
+        crash["size"] or 0,
+        filename=f"core-{crash_id}",
+        etag=crash["sha256"],
+        counted=srv.metrics.bytes.labels("core").inc,
+    )
+
+
+@router.get(
+    "/crashes/{crash_id}/report",
+    responses={
+        200: {"content": {"application/json": {}, "text/plain": {}}, "description": "The analysis report"},
+        404: {"model": Problem, "description": "No such crash, or not analysed"},
+    },
+)
+def download_report(
+    request: Request, reader: Reader, crash_id: str, format: Literal["json", "text"] = "json"
+) -> Response:
+    """The analysis report, as JSON or as the text ``corevault info`` prints."""
+    crash = visible_crash(request, reader, crash_id)
+    if crash["report"] is None:
+        raise HTTPException(404, f"crash {crash_id!r} has no report (analysis {crash['analysis']})")
+    if format == "text":
+        from corevault.analysis import render
+        from corevault.model import Report
+
+        body, media = render.text(Report.from_dict(crash["report"])) + "\n", "text/plain; charset=utf-8"
+    else:
+        body, media = json.dumps(crash["report"], indent=1), "application/json"
+    disposition = f'attachment; filename="report-{crash_id}.{"txt" if format == "text" else "json"}"'
+    return Response(body, media_type=media, headers={"Content-Disposition": disposition})
+
+
+@router.delete(
+    "/crashes/{crash_id}",
+    status_code=204,
+    responses={404: {"model": Problem, "description": "No such crash"}},
+)
+def delete_crash(request: Request, reader: Reader, crash_id: str) -> Response:
+    """Remove a crash: its core, metadata, report and catalog rows."""
+    crash = visible_crash(request, reader, crash_id)
+    if not reader.allowed("delete", crash["namespace"]):
+        raise HTTPException(403, f"you may read but not remove crashes of namespace {crash['namespace']!r}")
+    server(request).vault.forget(crash_id)
+    return Response(status_code=204)
+
+
+@router.get("/groups", response_model=GroupPage)
+def list_groups(
+    request: Request,
+    reader: Reader,
+    namespace: str | None = None,
+    image: str | None = None,
+    signal: str | None = None,
+    since: Annotated[
+        int | None, Query(ge=0, le=1 << 40, description="Last seen at or after (epoch).")
+    ] = None,
+    days: Annotated[int, Query(ge=1, le=365, description="Days of daily counts.")] = 14,
+    limit: Limit = 50,
+    cursor: str | None = None,
+) -> dict:
+    """Crash groups (signatures), most recently seen first, counted over the namespaces you may read."""
+    visible = _scope(reader, namespace)
+    with server(request).vault.engine.connect() as conn:
+        rows = catalog.list_groups(
+            conn, limit + 1, visible=visible, namespace=namespace, image=image, signal=signal, since=since,
+            before=decode_cursor(cursor), days=days,
+        )  # fmt: skip
+    more = len(rows) > limit
+    rows = rows[:limit]
+    return {
+        "items": rows,
+        "next": encode_cursor((rows[-1]["last_seen"], rows[-1]["signature"])) if more else None,
+    }
+
+
+@router.get("/namespaces", response_model=list[str])
+def list_namespaces(request: Request, reader: Reader) -> list[str]:
+    """The namespaces with crashes that you may read."""
+    return [ns for ns in server(request).namespaces() if reader.sees(ns)]
+
+
+_BINARY: dict = {
+    200: {"content": {"application/octet-stream": {}}, "description": "The ELF file"},
+    206: {"content": {"application/octet-stream": {}}, "description": "One byte range of it"},
+    404: {"model": Problem, "description": "Not held, or used by no crash you may read"},
+}
+
+
+def _binary(request: Request, reader: Principal, build_id: str, debuginfo: bool) -> Response:
+    if not BUILD_ID.match(build_id):
+        raise HTTPException(404, "not a build-id")
+    srv = server(request)
+    with srv.vault.engine.connect() as conn:
+        row = catalog.buildid_row(conn, build_id, reader.visible)
+    if row is None or (debuginfo and not row["debuginfo"]):
+        raise HTTPException(404, f"no {'debuginfo' if debuginfo else 'executable'} for build-id {build_id}")
+    key = blobs.buildid_key(build_id)
+    size = row["size"]
+    return serve(
+        request,
+        lambda: srv.vault.store.open(key),
+        size,
+        filename=build_id + (".debug" if debuginfo else ""),
+        headers={"X-Debuginfod-Size": str(size)},
+        counted=srv.metrics.bytes.labels("debuginfod").inc,
+    )
+
+
+@debuginfod.head("/buildid/{build_id}/executable", include_in_schema=False)
+@debuginfod.get("/buildid/{build_id}/executable", response_class=Response, responses=_BINARY)
+def executable(request: Request, reader: Reader, build_id: str) -> Response:
+    """The executable or shared library with this build-id, as the crashing process mapped it."""
+    return _binary(request, reader, build_id, debuginfo=False)
+
+
+@debuginfod.head("/buildid/{build_id}/debuginfo", include_in_schema=False)
+@debuginfod.get("/buildid/{build_id}/debuginfo", response_class=Response, responses=_BINARY)
+def debuginfo(request: Request, reader: Reader, build_id: str) -> Response:
+    """The same file, when it carries DWARF (built with -g and not stripped)."""
+    return _binary(request, reader, build_id, debuginfo=True)

@@ -1,0 +1,160 @@
+"""``corevault serve``: the vault over HTTP, for people (web UI), programs (JSON API) and debuggers.
+
+One ASGI application (FastAPI) over the catalog and blob store the agents fill:
+
+- ``/api/v1/…``: crashes, groups, core and report downloads (see :mod:`corevault.server.api`);
+- ``/buildid/<id>/executable|debuginfo``: a debuginfod server for the binaries the capture
+  handler kept, so ``DEBUGINFOD_URLS`` makes gdb, eu-stack and drgn fetch a crash's binaries;
+- ``/``, ``/groups/…``, ``/crashes/…``: server-rendered pages (see :mod:`corevault.server.ui`);
+- ``/metrics`` (Prometheus) and ``/healthz``, without credentials: neither tells anything about
+  a crash.
+
+Every other request names its reader with a bearer token (or, for pages, the cookie the
+login page sets) and sees only the namespaces :mod:`corevault.server.access` allows.
+Handlers are plain functions: FastAPI runs them in its thread pool, where the catalog's
+and the store's blocking calls belong.
+"""
+
+from __future__ import annotations
+
+import time
+from collections.abc import Callable
+from typing import Any
+
+from fastapi import FastAPI, HTTPException, Request
+from fastapi.exception_handlers import http_exception_handler
+from prometheus_client import CollectorRegistry, Counter, Histogram
+from starlette.exceptions import HTTPException as StarletteHTTPException
+
+from corevault import config
+from corevault.server.access import Access, Denied, Principal
+from corevault.vault import catalog
+from corevault.vault.crashes import LocalVault
+
+COOKIE = "corevault_token"
+
+
+class Metrics:
+    def __init__(self) -> None:
+        self.registry = CollectorRegistry()
+        self.requests = Counter(
+            "corevault_http_requests",
+            "HTTP requests served",
+            ["route", "method", "status"],
+            registry=self.registry,
+        )
+        self.seconds = Histogram(
+            "corevault_http_request_seconds",
+            "Time to the end of the response",
+            ["route"],
+            registry=self.registry,
+        )
+        self.bytes = Counter(
+            "corevault_served_bytes", "Bytes of cores and binaries sent", ["what"], registry=self.registry
+        )
+
+
+class _Measure:
+    """ASGI middleware counting requests by route template (never by crash id)."""
+
+    def __init__(self, app: Callable, metrics: Metrics) -> None:
+        self.app = app
+        self.metrics = metrics
+
+    async def __call__(self, scope: dict, receive: Callable, send: Callable) -> None:
+        if scope["type"] != "http":
+            await self.app(scope, receive, send)
+            return
+        started = time.perf_counter()
+        status = [500]
+
+        async def sending(message: dict) -> None:
+            if message["type"] == "http.response.start":
+                status[0] = message["status"]
+            await send(message)
+
+        try:
+            await self.app(scope, receive, sending)
+        finally:
+            route = getattr(scope.get("route"), "path", "unmatched")
+            self.metrics.requests.labels(route, scope["method"], str(status[0])).inc()
+            self.metrics.seconds.labels(route).observe(time.perf_counter() - started)
+
+
+class Server:
+    """What every handler needs: the vault, the access rules and the metrics."""
+
+    def __init__(self, settings: config.Settings, access: Access) -> None:
+        self.settings = settings
+        self.vault = LocalVault(settings)
+        self.access = access
+        self.metrics = Metrics()
+
+    def namespaces(self) -> list[str]:
+        with self.vault.engine.connect() as conn:
+            return catalog.list_namespaces(conn)
+
+    def principal(self, request: Request) -> Principal:
+        """The reader, from ``Authorization: Bearer`` or (reads only) the login cookie; else 401."""
+        header = request.headers.get("authorization", "")
+        scheme, _, token = header.partition(" ")
+        if scheme.lower() != "bearer":
+            token = ""
+        if not token and request.method in ("GET", "HEAD"):
+            token = request.cookies.get(COOKIE, "")
+        return self.access.principal(token.strip() or None, self.namespaces)
+
+
+def create_app(settings: config.Settings, access: Access) -> FastAPI:
+    from corevault.server import api, ui
+
+    server = Server(settings, access)
+    app = FastAPI(
+        title="corevault",
+        version="1",
+        summary="Core dumps of crashed pods and processes: lists, groups, reports, downloads, debuginfod.",
+        docs_url=None,
+        redoc_url=None,
+        swagger_ui_oauth2_redirect_url=None,
+        openapi_url="/api/v1/openapi.json",
+    )
+    app.state.server = server
+
+    @app.exception_handler(Denied)
+    def _denied(request: Request, exc: Denied) -> Any:
+        if ui.wants_page(request):
+            return ui.to_login(request)
+        from fastapi.responses import JSONResponse
+
+        return JSONResponse(
+            {"detail": f"not authenticated: {exc}"},
+            status_code=401,
+            headers={"WWW-Authenticate": 'Bearer realm="corevault"'},
+        )
+
+    @app.exception_handler(StarletteHTTPException)
+    async def _http_error(request: Request, exc: StarletteHTTPException) -> Any:
+        if ui.wants_page(request) and exc.status_code in (400, 403, 404):
+            return ui.error_page(request, exc.status_code, str(exc.detail))
+        return await http_exception_handler(request, exc)
+
+    @app.get("/healthz", include_in_schema=False)
+    def healthz() -> dict:
+        try:
+            server.namespaces()
+        except Exception as e:  # the catalog is the one thing the server cannot work without
+            raise HTTPException(503, f"catalog unreachable: {e}") from None
+        return {"status": "ok"}
+
+    @app.get("/metrics", include_in_schema=False)
+    def metrics() -> Any:
+        from fastapi.responses import Response
+        from prometheus_client import CONTENT_TYPE_LATEST, generate_latest
+
+        return Response(generate_latest(server.metrics.registry), media_type=CONTENT_TYPE_LATEST)
+
+    app.include_router(api.router)
+    app.include_router(api.debuginfod)
+    ui.mount(app)
+    app.add_middleware(_Measure, metrics=server.metrics)
+    return app

@@ -1,0 +1,109 @@
+"""Streaming a stored object over HTTP, whole or one byte range of it (RFC 9110, section 14).
+
+Cores are stored compressed and served plain, so a range is served by decompressing up to
+its start and discarding that part: resuming a download of a 4 GiB core at 3 GiB costs
+the server the 3 GiB of decompression, not the client the 3 GiB of transfer. One range per
+request; a request for several gets the whole object (which RFC 9110 allows).
+"""
+
+from __future__ import annotations
+
+from collections.abc import Callable, Iterator
+from typing import BinaryIO
+
+from starlette.requests import Request
+from starlette.responses import Response, StreamingResponse
+
+CHUNK = 1 << 20
+
+
+class Unsatisfiable(Exception):
+    """The range starts at or after the end (416)."""
+
+
+def parse_range(header: str | None, size: int) -> tuple[int, int] | None:
+    """``(start, end)`` inclusive for a single ``bytes=`` range, or None to send everything."""
+    if not header or not header.startswith("bytes=") or "," in header:
+        return None
+    first, dash, last = header[len("bytes=") :].strip().partition("-")
+    if not dash:
+        return None
+    try:
+        if not first:  # the last N bytes
+            n = int(last)
+            if n <= 0:
+                raise Unsatisfiable
+            return max(0, size - n), size - 1
+        start = int(first)
+        end = int(last) if last else size - 1
+    except ValueError:
+        return None
+    if start >= size:
+        raise Unsatisfiable
+    if start < 0 or end < start:
+        return None
+    return start, min(end, size - 1)
+
+
+def skip(f: BinaryIO, n: int) -> None:
+    """Move ``n`` bytes forward in a stream that may not seek."""
+    if n and getattr(f, "seekable", lambda: False)():
+        f.seek(n, 1)
+        return
+    while n > 0:
+        got = f.read(min(n, CHUNK))
+        if not got:
+            return
+        n -= len(got)
+
+
+def serve(
+    request: Request,
+    opener: Callable[[], BinaryIO],
+    size: int,
+    *,
+    filename: str,
+    etag: str | None = None,
+    media_type: str = "application/octet-stream",
+    headers: dict[str, str] | None = None,
+    counted: Callable[[int], None] | None = None,
+) -> Response:
+    """The object ``opener`` opens, of ``size`` bytes, as a 200 or a 206 for a Range request."""
+    base = {
+        "Accept-Ranges": "bytes",
+        "Content-Disposition": f'attachment; filename="{filename}"',
+        **(headers or {}),
+    }
+    if etag:
+        base["ETag"] = f'"{etag}"'
+    span = None
+    if_range = request.headers.get("if-range")
+    if not if_range or (etag and if_range.strip('"') == etag):
+        try:
+            span = parse_range(request.headers.get("range"), size)
+        except Unsatisfiable:
+            return Response(status_code=416, headers={**base, "Content-Range": f"bytes */{size}"})
+    start, end = span if span else (0, size - 1)
+    length = end - start + 1 if size else 0
+    base["Content-Length"] = str(length)
+    status = 200
+    if span:
+        status = 206
+        base["Content-Range"] = f"bytes {start}-{end}/{size}"
+    if request.method == "HEAD":
+        return Response(status_code=status, headers=base, media_type=media_type)
+
+    def body() -> Iterator[bytes]:
+        with opener() as f:
+            skip(f, start)
+            left = length
+            while left > 0:
+                chunk = f.read(min(CHUNK, left))
+                if not chunk:
+                    return  # the object is shorter than its record: the client sees a short body
+                left -= len(chunk)
+                if counted is not None:
+                    counted(len(chunk))
+                yield chunk
+
+    return StreamingResponse(body(), status_code=status, headers=base, media_type=media_type)

@@ -1,0 +1,224 @@
+"""The web UI: server-rendered pages over the same functions as the JSON API.
+
+Crash groups first, the way Sentry shows issues (signature, count, a trend of the last two
+weeks, the namespaces and images hit), one click to a group's crashes and one more to a
+crash's stack. No script or style comes from elsewhere: everything is in ``static/``, so
+the UI works on a cluster without internet access. The only script copies commands to the
+clipboard.
+
+Pages take the reader's token from a cookie the login page sets (HttpOnly, SameSite
+Strict); the cookie is honoured for reads only, so a page on another site cannot make a
+browser remove a crash.
+"""
+
+from __future__ import annotations
+
+import shlex
+import time
+from pathlib import Path
+from typing import Annotated
+from urllib.parse import quote, urlencode
+
+from fastapi import APIRouter, FastAPI, Form, Query, Request
+from fastapi.responses import HTMLResponse, RedirectResponse, Response
+from fastapi.staticfiles import StaticFiles
+from fastapi.templating import Jinja2Templates
+
+from corevault.server import api
+from corevault.server.access import Denied
+from corevault.server.app import COOKIE
+
+HERE = Path(__file__).parent
+templates = Jinja2Templates(directory=HERE / "templates")
+pages = APIRouter(include_in_schema=False, default_response_class=HTMLResponse)
+
+SINCE = {"1h": 3600, "24h": 86400, "7d": 7 * 86400, "30d": 30 * 86400}
+SIGNALS = ("SIGSEGV", "SIGABRT", "SIGBUS", "SIGFPE", "SIGILL", "SIGTRAP", "SIGSYS")
+
+
+def wants_page(request: Request) -> bool:
+    return not request.url.path.startswith(("/api/", "/buildid/", "/metrics", "/healthz", "/static/"))
+
+
+def to_login(request: Request) -> Response:
+    target = request.url.path + (f"?{request.url.query}" if request.url.query else "")
+    return RedirectResponse(f"/login?next={quote(target)}", status_code=303)
+
+
+def error_page(request: Request, status: int, detail: str) -> Response:
+    response = _render(request, "error.html", status=status, detail=detail)
+    response.status_code = status
+    return response
+
+
+def _when(t: float | None) -> str:
+    return time.strftime("%Y-%m-%d %H:%M", time.gmtime(t)) if t else "-"
+
+
+def _ago(t: float | None) -> str:
+    if not t:
+        return "-"
+    s = max(0, int(time.time() - t))
+    for unit, n in (("d", 86400), ("h", 3600), ("m", 60)):
+        if s >= n:
+            return f"{s // n}{unit} ago"
+    return f"{s}s ago"
+
+
+def _size(n: int | None) -> str:
+    if n is None:
+        return "?"
+    for unit in ("B", "KiB", "MiB", "GiB"):
+        if n < 1024 or unit == "GiB":
+            return f"{n:.0f} {unit}" if unit == "B" else f"{n:.1f} {unit}"
+        n /= 1024  # type: ignore[assignment]
+    return str(n)
+
+
+templates.env.filters.update(
+    when=_when, ago=_ago, size=_size, hex=lambda v: f"0x{v:x}" if v is not None else ""
+)
+templates.env.globals.update(quote=quote, basename=lambda p: (p or "").rsplit("/", 1)[-1])
+
+
+def _render(request: Request, name: str, **context: object) -> Response:
+    srv = api.server(request)
+    return templates.TemplateResponse(request, name, {"open_access": srv.access.open, **context})
+
+
+def _since(value: str | None) -> int | None:
+    return int(time.time()) - SINCE[value] if value in SINCE else None
+
+
+Text = Annotated[str | None, Query(max_length=512)]
+
+
+@pages.get("/")
+def groups_page(
+    request: Request,
+    namespace: Text = None,
+    image: Text = None,
+    signal: Text = None,
+    since: Text = None,
+    cursor: Text = None,
+) -> Response:
+    reader = api.principal(request)
+    namespace, image, signal = namespace or None, image or None, signal or None
+    page = api.list_groups(
+        request, reader, namespace=namespace, image=image, signal=signal, since=_since(since), days=14,
+        limit=50, cursor=cursor or None,
+    )  # fmt: skip
+    query = {
+        k: v
+        for k, v in {"namespace": namespace, "image": image, "signal": signal, "since": since}.items()
+        if v
+    }
+    return _render(
+        request, "groups.html", groups=page["items"], next=page["next"], query=query, urlencode=urlencode,
+        namespaces=api.list_namespaces(request, reader), signals=SIGNALS, since_choices=list(SINCE),
+        peak=max([max(g["daily"]) for g in page["items"]] + [1]),
+    )  # fmt: skip
+
+
+@pages.get("/crashes")
+def crashes_page(
+    request: Request,
+    namespace: Text = None,
+    pod: Text = None,
+    image: Text = None,
+    signal: Text = None,
+    group: Text = None,
+    since: Text = None,
+    cursor: Text = None,
+) -> Response:
+    reader = api.principal(request)
+    values = {"namespace": namespace, "pod": pod, "image": image, "signal": signal, "group": group}
+    values = {k: v or None for k, v in values.items()}
+    page = api.list_crashes(request, reader, **values, since=_since(since), limit=50, cursor=cursor or None)
+    group_row = None
+    if values["group"]:
+        with api.server(request).vault.engine.connect() as conn:
+            from corevault.vault import catalog
+
+            found = catalog.list_groups(conn, 1, visible=reader.visible, signature=values["group"])
+        group_row = found[0] if found else None
+    query = {k: v for k, v in {**values, "since": since}.items() if v}
+    return _render(
+        request, "crashes.html", crashes=page["items"], next=page["next"], query=query, urlencode=urlencode,
+        group=group_row, namespaces=api.list_namespaces(request, reader), signals=SIGNALS,
+        since_choices=list(SINCE), peak=max((group_row or {}).get("daily") or [1]),
+    )  # fmt: skip
+
+
+@pages.get("/crashes/{crash_id}")
+def crash_page(request: Request, crash_id: str) -> Response:
+    reader = api.principal(request)
+    crash = api.visible_crash(request, reader, crash_id)
+    report = crash["report"]
+    crashed, others = None, []
+    if report:
+        for t in report["threads"]:
+            if t["crashed"] and crashed is None:
+                crashed = t
+            else:
+                others.append(t)
+    commands = [
+        shlex.join(["corevault", "gdb", crash_id]),
+        shlex.join(["corevault", "dump", crash_id, "-o", "core"]),
+    ]
+    if crash["pod"]:
+        debug = ["kubectl", "corevault", "debug", crash["pod"], "-n", crash["namespace"]]
+        if crash["container"]:
+            debug += ["-c", crash["container"]]
+        commands.insert(0, shlex.join(debug))
+    env = (crash["meta"].get("process") or {}).get("environ") or {}
+    return _render(
+        request, "crash.html", crash=crash, report=report, crashed=crashed, others=others, commands=commands,
+        environ=sorted(env.items()), meta=crash["meta"],
+    )  # fmt: skip
+
+
+@pages.get("/login")
+def login_form(request: Request, next: Text = "/") -> Response:
+    return _render(request, "login.html", next=_local(next), error=None)
+
+
+@pages.post("/login")
+def login(
+    request: Request, token: Annotated[str, Form(max_length=8192)], next: Annotated[str, Form()] = "/"
+) -> Response:
+    srv = api.server(request)
+    try:
+        who = srv.access.principal(token.strip() or None, srv.namespaces)
+    except Denied as e:
+        return _render(request, "login.html", next=_local(next), error=str(e))
+    response = RedirectResponse(_local(next), status_code=303)
+    response.set_cookie(
+        COOKIE,
+        token.strip(),
+        httponly=True,
+        samesite="strict",
+        secure=request.url.scheme == "https",
+        max_age=8 * 3600,
+    )
+    response.headers["X-Corevault-User"] = who.name
+    return response
+
+
+@pages.post("/logout")
+def logout() -> Response:
+    response = RedirectResponse("/login", status_code=303)
+    response.delete_cookie(COOKIE)
+    return response
+
+
+def _local(target: str | None) -> str:
+    """Only paths of this server: a login link must not send the token's owner elsewhere."""
+    if not target or not target.startswith("/") or target.startswith("//") or "\\" in target:
+        return "/"
+    return target
+
+
+def mount(app: FastAPI) -> None:
+    app.mount("/static", StaticFiles(directory=HERE / "static"), name="static")
+    app.include_router(pages)

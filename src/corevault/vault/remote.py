@@ -1,0 +1,115 @@
+"""The vault of a corevault server, through its HTTP API: the command line's remote mode.
+
+:class:`RemoteVault` has the methods of :class:`corevault.vault.crashes.LocalVault`, so
+``corevault list | info | dump | groups | rm | gdb`` work the same against a server
+(``--server URL`` or ``$COREVAULT_SERVER``, with the token in ``$COREVAULT_TOKEN`` or a
+file). The server decides what the token may see; its answers become the same one-line
+errors and exit codes as local ones.
+"""
+
+from __future__ import annotations
+
+import io
+from collections.abc import Iterator
+from typing import BinaryIO
+
+import httpx
+
+from corevault.errors import UserError
+from corevault.vault.catalog import Filters
+from corevault.vault.crashes import NotFound, encode_cursor
+
+
+class _Body(io.RawIOBase):
+    """A streamed response body as a readable file."""
+
+    def __init__(self, response: httpx.Response) -> None:
+        self.response = response
+        self.chunks: Iterator[bytes] = response.iter_bytes(1 << 20)
+        self.pending = b""
+
+    def readable(self) -> bool:
+        return True
+
+    def readinto(self, b: bytearray | memoryview) -> int:  # type: ignore[override]
+        if not self.pending:
+            self.pending = next(self.chunks, b"")
+        n = min(len(b), len(self.pending))
+        b[:n] = self.pending[:n]
+        self.pending = self.pending[n:]
+        return n
+
+    def close(self) -> None:
+        self.response.close()
+        super().close()
+
+
+class RemoteVault:
+    def __init__(self, url: str, token: str | None, timeout: float = 60.0) -> None:
+        headers = {"Authorization": f"Bearer {token}"} if token else {}
+        self.url = url.rstrip("/")
+        self.http = httpx.Client(base_url=self.url, headers=headers, timeout=timeout)
+
+    def _send(self, method: str, path: str, *, stream: bool = False, **params: object) -> httpx.Response:
+        request = self.http.build_request(
+            method, path, params={k: v for k, v in params.items() if v is not None}
+        )
+        try:
+            response = self.http.send(request, stream=stream)
+        except httpx.HTTPError as e:
+            raise UserError(f"cannot reach the corevault server at {self.url}: {e}") from None
+        if response.status_code < 400:
+            return response
+        if stream:
+            response.read()
+        try:
+            detail = response.json().get("detail", response.text)
+        except ValueError:
+            detail = response.text.strip()[:200]
+        if response.status_code == 404:
+            raise NotFound(f"{detail} (on {self.url})")
+        if response.status_code == 401:
+            raise UserError(f"{self.url} did not accept the token ({detail}); set COREVAULT_TOKEN")
+        raise UserError(f"{self.url}: {response.status_code} {detail}")
+
+    def _pages(self, path: str, limit: int, cursor: str | None = None, **params: object) -> list[dict]:
+        """Up to ``limit`` items of a paginated list, following its cursors."""
+        rows: list[dict] = []
+        while len(rows) < limit:
+            page = self._send("GET", path, **params, limit=min(1000, limit - len(rows)), cursor=cursor).json()
+            rows += page["items"]
+            cursor = page.get("next")
+            if not cursor:
+                break
+        return rows
+
+    def list(self, filters: Filters, limit: int, before: tuple | None = None) -> list[dict]:
+        params = {k: getattr(filters, k) for k in Filters.__dataclass_fields__ if k != "visible"}
+        return self._pages("/api/v1/crashes", limit, encode_cursor(before) if before else None, **params)
+
+    def get(self, crash_id: str) -> dict:
+        return self._send("GET", f"/api/v1/crashes/{crash_id}").json()
+
+    def groups(self, limit: int) -> list[dict]:
+        return self._pages("/api/v1/groups", limit)
+
+    def open_core(self, crash_id: str) -> BinaryIO:
+        """The plain core, streamed from the server."""
+        return _Body(self._send("GET", f"/api/v1/crashes/{crash_id}/core", stream=True))  # type: ignore[return-value]
+
+    def binary(self, build_id: str, dest: str) -> bool:
+        """Fetch a binary by build-id from the server's debuginfod endpoint."""
+        try:
+            response = self._send("GET", f"/buildid/{build_id}/executable", stream=True)
+        except NotFound:
+            return False
+        try:
+            with open(dest, "wb") as f:
+                for chunk in response.iter_bytes(1 << 20):
+                    f.write(chunk)
+        finally:
+            response.close()
+        return True
+
+    def forget(self, crash_id: str) -> None:
+        self._send("DELETE", f"/api/v1/crashes/{crash_id}")

@@ -1,0 +1,455 @@
+"""``corevault serve``: the JSON API, debuginfod, metrics and namespace-scoped access.
+
+A real uvicorn on 127.0.0.1 serves a vault the agent filled from real crashes, relabelled
+into two namespaces (``a``: one SIGSEGV; ``b``: one SIGSEGV of the same bug and an uncaught
+C++ exception) and a host process. Tokens for ``a`` must learn nothing of ``b`` on any
+endpoint.
+"""
+
+from __future__ import annotations
+
+import hashlib
+import json
+import os
+import shutil
+import subprocess
+import sys
+from collections.abc import Iterator
+from dataclasses import dataclass
+
+import httpx
+import pytest
+import zstandard
+
+from corevault import spool
+from corevault.agent.loop import Agent
+from corevault.server.access import StaticTokens
+from corevault.server.app import create_app
+from corevault.vault import blobs
+from testbed import servers
+from tests.test_vault import Node, make_node, material  # noqa: F401 - material is a fixture
+
+pytestmark = pytest.mark.crash
+CLI = os.path.join(os.path.dirname(sys.executable), "corevault")
+
+TOKENS = {
+    "admin": "admin-token-0123456789",
+    "a": "a-reader-token-0123456789",
+    "b": "b-reader-token-0123456789",
+    "a-admin": "a-admin-token-0123456789",
+}
+
+
+@dataclass
+class Served:
+    url: str
+    node: Node
+    app: object
+    ids: dict[str, str]  # a, b-segv, b-abrt, host -> crash id
+    build_ids: dict[str, str]  # crasher, thrower -> build-id
+
+    def get(self, path: str, who: str | None = "admin", **kw: object) -> httpx.Response:
+        headers = {"Authorization": f"Bearer {TOKENS[who]}"} if who else {}
+        return httpx.get(self.url + path, headers={**headers, **kw.pop("headers", {})}, **kw)  # type: ignore[arg-type]
+
+
+def _relabel(ready: str, entry: str, pod: dict, new_id: str | None = None) -> str:
+    """Give a spool entry another pod (or none), optionally as a copy under a new id."""
+    if new_id:
+        shutil.copytree(os.path.join(ready, entry), os.path.join(ready, new_id))
+        entry = new_id
+    path = os.path.join(ready, entry, spool.META_NAME)
+    with open(path) as f:
+        meta = json.load(f)
+    meta["id"], meta["pod"] = entry, pod
+    with open(path, "w") as f:
+        json.dump(meta, f)
+    return entry
+
+
+def _pod(ns: str, name: str, container: str, image: str) -> dict:
+    return {"namespace": ns, "name": name, "uid": f"uid-{name}", "container": container, "image": image,
+            "container_id": hashlib.sha256(name.encode()).hexdigest()}  # fmt: skip
+
+
+@pytest.fixture(scope="module")
+def served(material: dict, tmp_path_factory: pytest.TempPathFactory) -> Iterator[Served]:  # noqa: F811
+    node = make_node(material)
+    ready = spool.ready_dir(node.spool)
+    by_exe: dict[str, list[str]] = {}
+    build_ids = {}
+    for entry in material["ids"]:
+        meta = spool.read_meta(node.spool, entry)
+        exe = meta["process"]["exe"]
+        by_exe.setdefault(exe, []).append(entry)
+        build_ids[os.path.basename(exe)] = next(m["build_id"] for m in meta["modules"] if m["path"] == exe)
+    segv_a, segv_b = by_exe["/app/crasher"]
+    (abrt_b,) = by_exe["/app/thrower"]
+    host = _relabel(ready, segv_a, {}, new_id=segv_a[:-8] + "0a0a0a0a")
+    _relabel(ready, segv_a, _pod("a", "web-a-1", "web", "registry.example/web:1"))
+    _relabel(ready, segv_b, _pod("b", "web-b-1", "web", "registry.example/web:1"))
+    _relabel(ready, abrt_b, _pod("b", "api-b-1", "api", "registry.example/api:2"))
+    Agent(node.settings).run(once=True)
+    tokens = tmp_path_factory.mktemp("tokens") / "tokens.toml"
+    tokens.write_text(
+        f'[[token]]\nname = "root"\ntoken = "{TOKENS["admin"]}"\nnamespaces = ["*"]\ndelete = true\n'
+        f'[[token]]\nname = "alice"\nsha256 = "{hashlib.sha256(TOKENS["a"].encode()).hexdigest()}"\nnamespaces = ["a"]\n'
+        f'[[token]]\nname = "bob"\ntoken = "{TOKENS["b"]}"\nnamespaces = ["b"]\n'
+        f'[[token]]\nname = "carol"\ntoken = "{TOKENS["a-admin"]}"\nnamespaces = ["a"]\ndelete = true\n'
+    )
+    tokens.chmod(0o600)
+    app = create_app(node.settings, StaticTokens(str(tokens)))
+    with servers.asgi(app) as url:
+        yield Served(
+            url, node, app, {"a": segv_a, "b-segv": segv_b, "b-abrt": abrt_b, "host": host}, build_ids
+        )
+
+
+def test_crashes_are_listed_newest_first_and_paged(served: Served) -> None:
+    everything = served.get("/api/v1/crashes").json()
+    assert {c["id"] for c in everything["items"]} == set(served.ids.values()) and everything["next"] is None
+    times = [c["time"] for c in everything["items"]]
+    assert times == sorted(times, reverse=True)
+    seen, cursor = [], None
+    while True:
+        page = served.get(
+            "/api/v1/crashes", params={"limit": 1, **({"cursor": cursor} if cursor else {})}
+        ).json()
+        seen += [c["id"] for c in page["items"]]
+        cursor = page["next"]
+        if not cursor:
+            break
+    assert seen == [c["id"] for c in everything["items"]]
+    assert [c["id"] for c in served.get("/api/v1/crashes", params={"signal": "ABRT"}).json()["items"]] == [
+        served.ids["b-abrt"]
+    ]
+    bad = served.get("/api/v1/crashes", params={"cursor": "not-a-cursor"})
+    assert bad.status_code == 400 and "cursor" in bad.json()["detail"]
+
+
+def test_groups_are_counted_over_the_readers_namespaces_only(served: Served) -> None:
+    def groups(who: str) -> dict[str, dict]:
+        return {g["signal_name"]: g for g in served.get("/api/v1/groups", who).json()["items"]}
+
+    everyone = groups("admin")
+    assert everyone["SIGSEGV"]["count"] == 3 and everyone["SIGABRT"]["count"] == 1
+    assert everyone["SIGSEGV"]["namespaces"] == ["a", "b"] and everyone["SIGSEGV"]["images"] == [
+        "registry.example/web:1"
+    ]
+    assert sum(everyone["SIGSEGV"]["daily"]) == 3 and len(everyone["SIGSEGV"]["daily"]) == 14
+    only_a = groups("a")
+    assert (
+        list(only_a) == ["SIGSEGV"]
+        and only_a["SIGSEGV"]["count"] == 1
+        and only_a["SIGSEGV"]["namespaces"] == ["a"]
+    )
+    assert sum(only_a["SIGSEGV"]["daily"]) == 1
+    only_b = groups("b")
+    assert only_b["SIGSEGV"]["count"] == 1 and only_b["SIGABRT"]["count"] == 1
+    assert only_b["SIGABRT"]["title"] == "SIGABRT in parse_config ← main"
+    assert served.get("/api/v1/namespaces", "a").json() == ["a"]
+    assert served.get("/api/v1/namespaces", "admin").json() == ["a", "b"]
+
+
+def _requests_for_b(served: Served) -> list[tuple[str, str]]:
+    """Every route of the app and method, filled in with namespace b's crash and binary, or filtered to b."""
+    b, thrower = served.ids["b-abrt"], served.build_ids["thrower"]
+    out = []
+    for top in served.app.routes:  # type: ignore[attr-defined]
+        for route in (
+            getattr(top, "original_router", top).routes if hasattr(top, "original_router") else [top]
+        ):
+            path, methods = route.path, getattr(route, "methods", None) or set()
+            if path in ("/healthz", "/metrics", "/login", "/logout", "/static", "/api/v1/openapi.json"):
+                continue  # nothing about any crash behind these
+            for method in methods:
+                url = path.format(crash_id=b, build_id=thrower)
+                if "{" in path or path == "/api/v1/namespaces":
+                    out.append((method, url))
+                else:  # a list: asked for b by name, and unfiltered
+                    out += [(method, url + "?namespace=b"), (method, url)]
+    return out
+
+
+def test_a_reader_of_a_learns_nothing_of_b_on_any_endpoint(served: Served) -> None:
+    b_words = [
+        served.ids["b-segv"],
+        "web-b-1",
+        "api-b-1",
+        "parse_config",
+        "registry.example/api",
+    ]
+    walk = _requests_for_b(served)
+    assert len({url.split("?")[0] for _, url in walk}) == 11, walk  # every API, debuginfod and page route
+    for method, url in walk:
+        r = httpx.request(method, served.url + url, headers={"Authorization": f"Bearer {TOKENS['a']}"})
+        if "namespace=b" in url or served.ids["b-abrt"] in url or "/buildid/" in url:
+            assert r.status_code in (403, 404), (method, url, r.status_code)
+        else:
+            assert r.status_code == 200, (method, url, r.status_code)
+        body = r.text.replace(served.ids["b-abrt"], "ID")  # the id it asked for, echoed in "no crash 'ID'"
+        for word in b_words:
+            assert word not in body, (method, url, word)
+        if r.status_code == 404 and served.ids["b-abrt"] in url:  # just as if there were no such crash
+            ghost = httpx.request(
+                method,
+                served.url + url.replace(served.ids["b-abrt"], "ID"),
+                headers={"Authorization": f"Bearer {TOKENS['a']}"},
+            )
+            assert (ghost.status_code, ghost.text) == (r.status_code, body)
+    # and the same objects are there for b
+    assert served.get(f"/api/v1/crashes/{served.ids['b-abrt']}", "b").status_code == 200
+    assert served.get(f"/buildid/{served.build_ids['thrower']}/executable", "b").status_code == 200
+    assert served.get(f"/buildid/{served.build_ids['crasher']}/executable", "a").status_code == 200
+    # a host process's crash is for readers of every namespace only
+    assert served.get(f"/api/v1/crashes/{served.ids['host']}", "a").status_code == 404
+    assert served.get(f"/api/v1/crashes/{served.ids['host']}", "admin").status_code == 200
+
+
+def test_requests_without_a_good_token_are_refused(served: Served) -> None:
+    r = served.get("/api/v1/crashes", None)
+    assert r.status_code == 401 and r.headers["www-authenticate"].startswith("Bearer")
+    r = httpx.get(served.url + "/api/v1/crashes", headers={"Authorization": "Bearer wrong-token-000000000"})
+    assert r.status_code == 401 and "unknown token" in r.json()["detail"]
+    r = served.get(f"/buildid/{served.build_ids['crasher']}/executable", None)
+    assert r.status_code == 401
+    page = served.get("/crashes", None, follow_redirects=False)
+    assert page.status_code == 303 and page.headers["location"] == "/login?next=/crashes"
+    # the login cookie is a read credential only: it cannot remove a crash
+    login = httpx.post(served.url + "/login", data={"token": TOKENS["admin"], "next": "//evil.example/"})
+    assert login.status_code == 303 and login.headers["location"] == "/"
+    cookie = login.cookies
+    assert httpx.get(served.url + "/api/v1/crashes", cookies=cookie).status_code == 200
+    r = httpx.delete(served.url + f"/api/v1/crashes/{served.ids['host']}", cookies=cookie)
+    assert r.status_code == 401
+    bad = httpx.post(served.url + "/login", data={"token": "nope-nope-nope-nope"})
+    assert bad.status_code == 200 and "Not accepted" in bad.text
+
+
+def _plain_core(served: Served, crash_id: str) -> bytes:
+    with served.node.vault().store.open(blobs.core_key(crash_id)) as f:
+        return zstandard.ZstdDecompressor().stream_reader(f).read()
+
+
+def test_core_download_streams_the_plain_core_with_ranges(served: Served) -> None:
+    crash_id = served.ids["b-abrt"]
+    plain = _plain_core(served, crash_id)
+    url = f"/api/v1/crashes/{crash_id}/core"
+    whole = served.get(url)
+    assert whole.status_code == 200 and whole.content == plain
+    assert whole.headers["content-length"] == str(len(plain)) and whole.headers["accept-ranges"] == "bytes"
+    part = served.get(url, headers={"Range": "bytes=4096-8191"})
+    assert part.status_code == 206 and part.content == plain[4096:8192]
+    assert part.headers["content-range"] == f"bytes 4096-8191/{len(plain)}"
+    tail = served.get(url, headers={"Range": "bytes=-100"})
+    assert tail.status_code == 206 and tail.content == plain[-100:]
+    resume = served.get(url, headers={"Range": f"bytes={len(plain) - 10}-"})
+    assert resume.content == plain[-10:]
+    past = served.get(url, headers={"Range": f"bytes={len(plain)}-"})
+    assert past.status_code == 416 and past.headers["content-range"] == f"bytes */{len(plain)}"
+    changed = served.get(url, headers={"Range": "bytes=0-9", "If-Range": '"another-etag"'})
+    assert changed.status_code == 200 and changed.content == plain
+    head = httpx.head(served.url + url, headers={"Authorization": f"Bearer {TOKENS['admin']}"})
+    assert (
+        head.status_code == 200 and head.headers["content-length"] == str(len(plain)) and head.content == b""
+    )
+
+
+def test_report_download(served: Served) -> None:
+    crash_id = served.ids["b-abrt"]
+    crash = served.get(f"/api/v1/crashes/{crash_id}").json()
+    report = served.get(f"/api/v1/crashes/{crash_id}/report")
+    assert report.json() == crash["report"] and "attachment" in report.headers["content-disposition"]
+    text = served.get(f"/api/v1/crashes/{crash_id}/report", params={"format": "text"}).text
+    assert "Stack trace of thread" in text and "parse_config" in text
+
+
+def test_secret_looking_environment_is_not_stored(served: Served) -> None:
+    crash = served.get(f"/api/v1/crashes/{served.ids['b-abrt']}").json()
+    env = crash["meta"]["process"]["environ"]
+    assert env["DB_PASSWORD"] == "REDACTED" and env["PATH"] == "/bin:/app"
+    store = served.node.vault().store
+    with store.open(blobs.meta_key(served.ids["b-abrt"])) as f:
+        assert b"hunter2" not in f.read()
+    assert "hunter2" not in served.get(f"/crashes/{served.ids['b-abrt']}").text
+
+
+def test_metrics_and_health(served: Served) -> None:
+    assert httpx.get(served.url + "/healthz").json() == {"status": "ok"}
+    served.get("/api/v1/crashes")
+    text = httpx.get(served.url + "/metrics").text
+    assert 'corevault_http_requests_total{method="GET",route="/api/v1/crashes",status="200"}' in text
+    assert "corevault_served_bytes_total" in text
+    assert served.ids["a"] not in text  # routes are counted by template, never by crash id
+
+
+def test_gdb_and_eu_stack_fetch_binaries_through_debuginfod(served: Served, tmp_path) -> None:
+    """With no binary on disk, real gdb and eu-stack symbolize the crash from the server alone."""
+    crash_id = served.ids["b-abrt"]
+    core = tmp_path / "core"
+    core.write_bytes(_plain_core(served, crash_id))
+    headers = tmp_path / "headers"
+    headers.write_text(f"Authorization: Bearer {TOKENS['b']}\n")
+    env = {
+        **os.environ, "DEBUGINFOD_URLS": served.url, "DEBUGINFOD_HEADERS_FILE": str(headers),
+        "DEBUGINFOD_CACHE_PATH": str(tmp_path / "cache"), "DEBUGINFOD_TIMEOUT": "30",
+    }  # fmt: skip
+    gdb = subprocess.run(
+        ["gdb", "-batch", "-nx", "-iex", "set debuginfod enabled on", "-ex", "bt", "-c", str(core)],
+        capture_output=True, text=True, env=env, timeout=300, check=False, cwd=tmp_path,
+    )  # fmt: skip
+    frames = [line for line in gdb.stdout.splitlines() if line.startswith("#")]
+    assert any(" parse_config (" in f for f in frames) and any(" main (" in f for f in frames), (
+        gdb.stdout + gdb.stderr
+    )
+    thrower = served.build_ids["thrower"]
+    assert (tmp_path / "cache" / thrower / "executable").exists()
+    shutil.rmtree(tmp_path / "cache")
+    stack = subprocess.run(
+        ["eu-stack", "--core", str(core)], capture_output=True, text=True, env=env, timeout=300, check=False
+    )
+    assert "parse_config" in stack.stdout and " main" in stack.stdout, stack.stdout + stack.stderr
+    # a reader of another namespace gets nothing from debuginfod either
+    headers.write_text(f"Authorization: Bearer {TOKENS['a']}\n")
+    shutil.rmtree(tmp_path / "cache")
+    blind = subprocess.run(
+        ["eu-stack", "--core", str(core)], capture_output=True, text=True, env=env, timeout=300, check=False
+    )
+    assert "parse_config" not in blind.stdout
+
+
+def test_debuginfo_is_served_only_for_binaries_with_dwarf(served: Served) -> None:
+    thrower = served.build_ids["thrower"]  # built with -g
+    r = served.get(f"/buildid/{thrower}/debuginfo")
+    assert r.status_code == 200 and r.content[:4] == b"\x7fELF"
+    assert r.content == served.get(f"/buildid/{thrower}/executable").content
+    crash = served.get(f"/api/v1/crashes/{served.ids['b-abrt']}").json()
+    libc = next(m["build_id"] for m in crash["meta"]["modules"] if "libc.so" in m["path"])
+    assert served.get(f"/buildid/{libc}/executable").status_code == 200
+    assert served.get(f"/buildid/{libc}/debuginfo").status_code == 404  # the captured libc is stripped
+    assert served.get("/buildid/..%2f..%2fetc%2fpasswd/executable").status_code == 404
+
+
+def _cli(served: Served, who: str, *args: str) -> subprocess.CompletedProcess:
+    env = {**os.environ, "COREVAULT_SERVER": served.url, "COREVAULT_TOKEN": TOKENS[who]}
+    env.pop("COREVAULT_CONFIG", None)
+    return subprocess.run([CLI, *args], capture_output=True, text=True, env=env, timeout=300, check=False)
+
+
+def test_cli_remote_mode(served: Served, tmp_path) -> None:
+    rows = [json.loads(line) for line in _cli(served, "b", "list", "--json").stdout.splitlines()]
+    assert {r["id"] for r in rows} == {served.ids["b-segv"], served.ids["b-abrt"]}
+    info = _cli(served, "b", "info", served.ids["b-abrt"])
+    assert "SIGABRT in parse_config ← main" in info.stdout and "api-b-1" in info.stdout
+    missing = _cli(served, "a", "info", served.ids["b-abrt"])
+    assert missing.returncode == 4 and "no crash" in missing.stderr
+    out = tmp_path / "core"
+    assert _cli(served, "b", "dump", served.ids["b-abrt"], "-o", str(out)).returncode == 0
+    assert out.read_bytes() == _plain_core(served, served.ids["b-abrt"])
+    groups = json.loads(_cli(served, "a", "groups", "--json").stdout)
+    assert [(g["signal_name"], g["count"]) for g in groups] == [("SIGSEGV", 1)]
+    gdb = _cli(served, "b", "gdb", served.ids["b-abrt"], "--batch", "--", "-ex", "bt")
+    assert " parse_config (" in gdb.stdout, gdb.stdout + gdb.stderr
+    denied = _cli(served, "a", "rm", served.ids["a"])
+    assert denied.returncode == 1 and "may read but not remove" in denied.stderr
+    unreachable = subprocess.run(
+        [CLI, "--server", "http://127.0.0.1:9", "list"],
+        capture_output=True,
+        text=True,
+        check=False,
+        timeout=60,
+    )
+    assert unreachable.returncode == 1 and "cannot reach the corevault server" in unreachable.stderr
+
+
+def test_removing_a_crash_takes_it_out_of_the_counts(served: Served) -> None:
+    """Last in this module: it removes crashes from the shared vault."""
+    r = httpx.delete(
+        served.url + f"/api/v1/crashes/{served.ids['a']}", headers={"Authorization": f"Bearer {TOKENS['b']}"}
+    )
+    assert r.status_code == 404  # b cannot even tell that a's crash exists
+    r = httpx.delete(
+        served.url + f"/api/v1/crashes/{served.ids['a']}",
+        headers={"Authorization": f"Bearer {TOKENS['a-admin']}"},
+    )
+    assert r.status_code == 204
+    assert served.get(f"/api/v1/crashes/{served.ids['a']}").status_code == 404
+    assert served.get("/api/v1/groups", "a").json()["items"] == []
+    segv = next(g for g in served.get("/api/v1/groups").json()["items"] if g["signal_name"] == "SIGSEGV")
+    assert segv["count"] == 2 and segv["namespaces"] == ["b"]
+    assert _cli(served, "admin", "rm", served.ids["host"]).returncode == 0
+    segv = next(g for g in served.get("/api/v1/groups").json()["items"] if g["signal_name"] == "SIGSEGV")
+    assert segv["count"] == 1
+
+
+def test_kubernetes_mode_asks_the_api_server_who_may_read_what(served: Served, tmp_path) -> None:
+    """TokenReview for the caller's token, then SubjectAccessReview of "get pods" per namespace."""
+    from corevault.kube import cluster
+    from corevault.server.access import KubeAccess
+    from testbed.fakekube import FakeKube
+
+    fake = FakeKube().start()
+    try:
+        fake.users = {
+            "alice-token": ("alice", ["dev"]),
+            "ops-token": ("olga", ["system:authenticated", "sre"]),
+        }
+        fake.grants = {("alice", "get", "pods", "b"), ("sre", "get", "pods", "*")}
+        api = cluster.api_client(fake.kubeconfig(str(tmp_path / "kubeconfig")))
+        app = create_app(served.node.settings, KubeAccess(api))
+        with servers.asgi(app) as url:
+
+            def get(path: str, token: str | None) -> httpx.Response:
+                return httpx.get(url + path, headers={"Authorization": f"Bearer {token}"} if token else {})
+
+            alice = {c["id"] for c in get("/api/v1/crashes", "alice-token").json()["items"]}
+            assert alice == {served.ids["b-segv"], served.ids["b-abrt"]}
+            assert get("/api/v1/crashes?namespace=a", "alice-token").status_code == 403
+            assert get(f"/api/v1/crashes/{served.ids['b-abrt']}/core", "alice-token").status_code == 200
+            assert [g["count"] for g in get("/api/v1/groups", "alice-token").json()["items"]] == [1, 1]
+            everything = {c["id"] for c in get("/api/v1/crashes", "ops-token").json()["items"]}
+            assert {served.ids["b-segv"], served.ids["b-abrt"]} <= everything  # cluster-wide: all of them
+            nobody = get("/api/v1/crashes", "stolen-token")
+            assert nobody.status_code == 401 and "does not accept this token" in nobody.json()["detail"]
+            assert get("/api/v1/crashes", None).status_code == 401
+            r = httpx.delete(
+                url + f"/api/v1/crashes/{served.ids['b-abrt']}",
+                headers={"Authorization": "Bearer alice-token"},
+            )
+            assert r.status_code == 403  # may get pods in b, not delete them
+    finally:
+        fake.stop()
+    reviews = [r.body for r in fake.requests if r.path.endswith("subjectaccessreviews")]
+    asked = {
+        (
+            r["spec"]["user"],
+            r["spec"]["resourceAttributes"].get("namespace"),
+            r["spec"]["resourceAttributes"]["verb"],
+        )
+        for r in reviews
+    }  # type: ignore[index]
+    assert (
+        ("alice", "b", "get") in asked
+        and ("alice", None, "get") in asked
+        and ("alice", "b", "delete") in asked
+    )
+    assert all(r["spec"]["resourceAttributes"]["resource"] == "pods" for r in reviews)  # type: ignore[index]
+    tokens = [r.body["spec"]["token"] for r in fake.requests if r.path.endswith("tokenreviews")]  # type: ignore[index]
+    assert tokens.count("alice-token") == 1  # reviewed once, then cached
+
+
+def test_serve_refuses_to_open_everything_beyond_loopback(tmp_path) -> None:
+    for args, words in (
+        (["serve", "--no-auth", "--listen", "0.0.0.0:8080"], "allowed on 127.0.0.1 only"),
+        (["serve"], "say how readers are checked"),
+        (["serve", "--tokens", str(tmp_path / "none.toml")], "none.toml"),
+        (["serve", "--no-auth", "--listen", "nonsense"], "use HOST:PORT"),
+    ):
+        out = subprocess.run([CLI, *args], capture_output=True, text=True, check=False, timeout=60)
+        assert out.returncode == 1 and words in out.stderr, out.stderr
+        assert len(out.stderr.strip().splitlines()) == 1, out.stderr
+    loose = tmp_path / "tokens.toml"
+    loose.write_text('[[token]]\nname = "x"\ntoken = "0123456789abcdef"\nnamespaces = ["*"]\n')
+    loose.chmod(0o644)
+    out = subprocess.run([CLI, "serve", "--tokens", str(loose)], capture_output=True, text=True, check=False)
+    assert out.returncode == 1 and "readable by others" in out.stderr
