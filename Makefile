@@ -5,7 +5,7 @@
 PYTHON ?= python3
 VENV   := .venv
 PY     := $(VENV)/bin/python
-APT_PACKAGES := runc busybox-static gdb elfutils zstd gcc g++ libc6-dev binutils libc6-dbg postgresql
+APT_PACKAGES := runc busybox-static gdb elfutils zstd gcc g++ libc6-dev binutils libc6-dbg postgresql chromium
 
 .PHONY: setup apt venv demo test lint bench clean
 

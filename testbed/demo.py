@@ -178,7 +178,37 @@ def main() -> int:
     console.print(f"the vault (blobs):             {settings.vault_store}")
     console.print(f"the catalog:                   {settings.catalog_url}")
     console.print(f"the pods' volume:              {nas}")
+    serve(settings)
     return 0
+
+
+def serve(settings: config.Settings) -> None:
+    """End with the server: the web UI, the API and debuginfod over the vault, on loopback."""
+    import socket
+
+    import uvicorn
+
+    from corevault.server.access import Open
+    from corevault.server.app import create_app
+
+    port = int(os.environ.get("COREVAULT_DEMO_PORT", "8080"))
+    with socket.socket() as s:
+        s.setsockopt(socket.SOL_SOCKET, socket.SO_REUSEADDR, 1)
+        try:
+            s.bind(("127.0.0.1", port))
+        except OSError:
+            s.bind(("127.0.0.1", 0))
+            console.print(f"(port {port} is taken; using {s.getsockname()[1]})", style="dim")
+        port = s.getsockname()[1]
+    url = f"http://127.0.0.1:{port}"
+    console.rule("[bold]The corevault server")
+    console.print("Crash groups, each crash's stack, downloads and a debuginfod server, here without")
+    console.print("login because it listens on 127.0.0.1 only (elsewhere: --tokens FILE or --kubernetes).")
+    console.print(f"  $ corevault --server {url} list")
+    console.print(f"  $ DEBUGINFOD_URLS={url} gdb -c core")
+    console.print(f"\nServing [bold]{url}/[/bold]  (Ctrl-C stops)", soft_wrap=True)
+    sys.stdout.flush()
+    uvicorn.run(create_app(settings, Open()), host="127.0.0.1", port=port, log_level="warning")
 
 
 if __name__ == "__main__":

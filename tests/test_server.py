@@ -362,6 +362,70 @@ def test_cli_remote_mode(served: Served, tmp_path) -> None:
     assert unreachable.returncode == 1 and "cannot reach the corevault server" in unreachable.stderr
 
 
+CHROMIUM_ARGS = [
+    "--no-sandbox", "--disable-gpu", "--disable-quic", "--no-first-run", "--disable-background-networking",
+    "--disable-component-update", "--disable-sync",
+]  # fmt: skip
+SCREENSHOTS = os.environ.get(
+    "COREVAULT_SCREENSHOTS", os.path.join(os.path.dirname(__file__), "..", "build", "screenshots")
+)
+
+
+def test_browser_from_the_group_list_to_a_crash_and_its_core(served: Served, tmp_path) -> None:
+    """Headless Chromium logs in, clicks a group, then a crash, and downloads its core."""
+    from playwright.sync_api import sync_playwright
+
+    os.makedirs(SCREENSHOTS, exist_ok=True)
+    with sync_playwright() as p:
+        browser = p.chromium.launch(executable_path="/usr/bin/chromium", args=CHROMIUM_ARGS)
+        try:
+            page = browser.new_page(viewport={"width": 1366, "height": 768}, accept_downloads=True)
+            page.goto(served.url + "/")
+            assert page.url.endswith("/login?next=/")
+            page.fill("input[name=token]", TOKENS["admin"])
+            page.click("form[action='/login'] button")
+            page.wait_for_url(served.url + "/")
+            assert page.locator("table.groups tbody tr").count() == 2
+            assert "SIGABRT in parse_config ← main" in page.inner_text("table.groups")
+            page.screenshot(path=os.path.join(SCREENSHOTS, "groups.png"), full_page=True)
+
+            page.click("text=SIGABRT in parse_config ← main")
+            page.wait_for_url("**/crashes?group=*")
+            assert page.locator("table.crashes tbody tr").count() == 1 and "api-b-1" in page.inner_text(
+                "table.crashes"
+            )
+            page.screenshot(path=os.path.join(SCREENSHOTS, "group.png"), full_page=True)
+
+            page.click("a.crash-link")
+            page.wait_for_url(f"**/crashes/{served.ids['b-abrt']}")
+            stack = page.inner_text("#crashed-stack")
+            assert "parse_config" in stack and "thrower.cc:" in stack and "main" in stack
+            assert "kubectl corevault debug api-b-1 -n b -c api" in page.inner_text(".actions")
+            assert f"corevault gdb {served.ids['b-abrt']}" in page.inner_text(".actions")
+            page.screenshot(path=os.path.join(SCREENSHOTS, "crash.png"), full_page=True)
+
+            with page.expect_download() as download:
+                page.click("#download-core")
+            saved = tmp_path / "core"
+            download.value.save_as(saved)
+            assert saved.read_bytes() == _plain_core(served, served.ids["b-abrt"])
+            assert download.value.suggested_filename == f"core-{served.ids['b-abrt']}"
+
+            # another reader, in a fresh browser context: namespace a only
+            other = browser.new_page(viewport={"width": 1366, "height": 768})
+            other.goto(served.url + "/login")
+            other.fill("input[name=token]", TOKENS["a"])
+            other.click("form[action='/login'] button")
+            other.wait_for_url(served.url + "/")
+            assert (
+                "parse_config" not in other.content() and other.locator("table.groups tbody tr").count() == 1
+            )
+            response = other.goto(f"{served.url}/crashes/{served.ids['b-abrt']}")
+            assert response is not None and response.status == 404 and "Not found" in other.inner_text("h1")
+        finally:
+            browser.close()
+
+
 def test_removing_a_crash_takes_it_out_of_the_counts(served: Served) -> None:
     """Last in this module: it removes crashes from the shared vault."""
     r = httpx.delete(
