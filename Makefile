@@ -5,7 +5,7 @@
 PYTHON ?= python3
 VENV   := .venv
 PY     := $(VENV)/bin/python
-APT_PACKAGES := runc busybox-static gdb elfutils zstd gcc g++ libc6-dev binutils libc6-dbg postgresql chromium
+APT_PACKAGES := runc busybox-static gdb elfutils zstd gcc g++ libc6-dev binutils libc6-dbg postgresql chromium curl
 
 .PHONY: setup apt venv demo test lint bench clean
 
@@ -41,6 +41,7 @@ bench: setup
 	$(PY) -m bench.capture
 	$(PY) -m bench.analysis
 	$(PY) -m bench.vault
+	$(PY) -m bench.server
 
 clean:
 	rm -rf $(VENV) .pytest_cache build

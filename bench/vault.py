@@ -24,6 +24,7 @@ import subprocess
 import sys
 import tempfile
 import time
+from collections.abc import Iterable
 
 import sqlalchemy as sa
 
@@ -160,6 +161,18 @@ def in_process(
     return statistics.median(ours), statistics.median(plain)
 
 
+def insert_crashes(conn: sa.Connection, rows: Iterable[dict], batch: int = 20000) -> None:
+    """Bulk-insert crash rows, ``batch`` at a time."""
+    pending: list[dict] = []
+    for row in rows:
+        pending.append(row)
+        if len(pending) == batch:
+            conn.execute(catalog.crashes.insert(), pending)
+            pending = []
+    if pending:
+        conn.execute(catalog.crashes.insert(), pending)
+
+
 def fill(url: str, rows: int) -> sa.Engine:
     engine = catalog.connect(url)
     rng = random.Random(7)
@@ -167,23 +180,21 @@ def fill(url: str, rows: int) -> sa.Engine:
     signatures = [f"{i:016x}" for i in range(2000)]
     signals = [(11, "SIGSEGV"), (6, "SIGABRT"), (8, "SIGFPE"), (7, "SIGBUS")]
     now = 1_790_000_000
-    batch = []
-    with engine.begin() as conn:
+
+    def crashes():  # -> Iterator[dict]
         for i in range(rows):
             ns = rng.choice(namespaces)
             sig = rng.choice(signals)
-            batch.append({
+            yield {
                 "id": f"c{i:09d}", "time": now - rng.randrange(90 * 86400), "node": f"node-{i % 200}",
                 "namespace": ns, "pod": f"{ns}-pod-{rng.randrange(500)}", "container": "app", "image": f"img:{i % 30}",
                 "signal": sig[0], "signal_name": sig[1], "exe": f"/usr/bin/svc{i % 40}", "size": 1 << 20,
                 "stored_size": 1 << 18, "truncated": False, "signature": rng.choice(signatures),
                 "analysis": "done", "meta": "{}",
-            })  # fmt: skip
-            if len(batch) == 20000:
-                conn.execute(catalog.crashes.insert(), batch)
-                batch = []
-        if batch:
-            conn.execute(catalog.crashes.insert(), batch)
+            }  # fmt: skip
+
+    with engine.begin() as conn:
+        insert_crashes(conn, crashes())
     with engine.begin() as conn:
         if engine.dialect.name == "postgresql":
             conn.execute(sa.text("ANALYZE crashes"))

@@ -103,3 +103,20 @@ def test_the_daemonset_runs_an_agent_command_line_the_cli_accepts_with_the_forwa
     hostsetup.pipe_pattern(
         forwarder_path, forward_to=socket_path
     )  # raises if the kernel's 127 bytes overflow
+
+
+def test_the_server_checks_callers_with_the_cluster_and_nothing_more() -> None:
+    docs = {(d["kind"], d["metadata"]["name"]): d for d in rendered()}
+    assert docs[("ClusterRole", "corevault-server")]["rules"] == [
+        {"apiGroups": ["authentication.k8s.io"], "resources": ["tokenreviews"], "verbs": ["create"]},
+        {"apiGroups": ["authorization.k8s.io"], "resources": ["subjectaccessreviews"], "verbs": ["create"]},
+    ]
+    deployment = docs[("Deployment", "corevault-server")]
+    [container] = deployment["spec"]["template"]["spec"]["containers"]
+    args = container["args"]
+    assert "--kubernetes" in args and "--no-auth" not in args
+    cli = os.path.join(os.path.dirname(sys.executable), "corevault")
+    parsed = subprocess.run([cli, *args, "--help"], capture_output=True, text=True, check=False)
+    assert parsed.returncode == 0, parsed.stderr
+    service = docs[("Service", "corevault-server")]
+    assert service["spec"]["selector"] == deployment["spec"]["selector"]["matchLabels"]

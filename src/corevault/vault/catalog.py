@@ -161,6 +161,13 @@ def _v2(conn: Connection) -> None:
     if "debuginfo" not in {c["name"] for c in sa.inspect(conn).get_columns("buildids")}:
         conn.execute(sa.text("ALTER TABLE buildids ADD COLUMN debuginfo BOOLEAN"))
     metadata.create_all(conn, tables=[group_ns, group_days, namespaces])
+    rebuild_group_counts(conn)
+
+
+def rebuild_group_counts(conn: Connection) -> None:
+    """Count every analysed crash into the per-namespace and per-day group tables, from scratch."""
+    for table in (group_ns, group_days, namespaces):
+        conn.execute(table.delete())
     c = crashes.c
     counted = sa.and_(c.analysis == "done", c.signature.is_not(None))
     ns, image = sa.func.coalesce(c.namespace, ""), sa.func.coalesce(c.image, "")

@@ -1,0 +1,223 @@
+"""Server benchmark: page latency at 1,000,000 crashes, and debuginfod throughput.
+
+    python -m bench.server [--rows 1000000] [--binary-mib 256] [--runs 25]
+
+``corevault serve`` runs as its own process on 127.0.0.1 over a SQLite catalog of
+``--rows`` crashes (2,000 crash groups of very different sizes, each in one of 50
+namespaces, over 90 days) and a file:// vault. Measured over HTTP with one keep-alive
+client, in one run:
+
+- p50 latency of the group list page, a crash page, and their JSON forms, for a reader of
+  every namespace and for a reader of one namespace (goal ≤ 100 ms), each also as a ratio
+  to the p50 of ``/healthz`` (the server's fixed cost per request);
+- debuginfod: throughput of ``curl`` fetching ``/buildid/<id>/executable``, a ``--binary-mib``
+  MiB file, ÷ ``cat`` of the same stored file from the page cache, both into /dev/null.
+"""
+
+from __future__ import annotations
+
+import argparse
+import json
+import os
+import random
+import shutil
+import statistics
+import subprocess
+import sys
+import tempfile
+import time
+
+import httpx
+
+from bench.vault import insert_crashes
+from corevault import config
+from corevault.vault import blobs, catalog
+from testbed import servers
+
+CLI = os.path.join(os.path.dirname(sys.executable), "corevault")
+ADMIN, TEAM = "bench-admin-token-0123456789", "bench-team7-token-0123456789"
+NOW = int(time.time())
+
+
+def report(threads: int = 8, frames: int = 24) -> dict:
+    """A report shaped like a real one (a C++ service, eight threads)."""
+
+    def frame(i: int, n: int) -> dict:
+        return {"index": i, "pc": 0x5555_0000 + 16 * i + n, "function": f"ns::Service::handler_{i}(Request const&)",
+                "file": f"/src/service/handler_{i}.cc", "line": 40 + i, "column": None, "inline": i % 5 == 0,
+                "module": "/usr/bin/service", "offset": 0x1000 + 16 * i}  # fmt: skip
+
+    return {
+        "signal": {"number": 11, "name": "SIGSEGV", "code": 1, "code_name": "SEGV_MAPERR", "fault_address": 0,
+                   "description": "address not mapped"},
+        "crashed_tid": 100, "backend": "drgn", "core_size": 1 << 26, "truncated": False, "pid": 1,
+        "exe": "/usr/bin/service", "args": "/usr/bin/service --port 8080", "registers": {"rip": 0x5555_1000},
+        "threads": [{"tid": 100 + t, "crashed": t == 0, "incomplete": False,
+                     "frames": [frame(i, t) for i in range(frames)]} for t in range(threads)],
+        "modules": [{"path": f"/usr/lib/lib{m}.so", "start": m << 20, "end": (m + 1) << 20, "build_id": f"{m:040x}",
+                     "file": None if m == 3 else f"/store/{m}", "debuginfo": m == 0} for m in range(12)],
+        "warnings": [], "signature": "0" * 16, "signature_frames": ["handler_0"], "title": "SIGSEGV in handler_0",
+        "version": 1,
+    }  # fmt: skip
+
+
+def fill(state: str, rows: int, binary_mib: int) -> tuple[str, str]:
+    """The catalog and vault; returns one crash id of namespace team-7 and the binary's build-id."""
+    settings = config.from_dict({"state_dir": state})
+    engine = catalog.connect(settings.catalog_url)
+    rng = random.Random(7)
+    sigs = [f"{i:016x}" for i in range(2000)]
+    weights = [1 / (i + 1) for i in range(len(sigs))]  # a few groups hold most crashes, as in life
+    home = {
+        s: (f"team-{i % 50}", f"registry.example/team-{i % 50}/svc-{i % 7}:1.{i % 3}")
+        for i, s in enumerate(sigs)
+    }
+    t = time.perf_counter()
+    with engine.begin() as conn:
+        conn.execute(
+            catalog.groups.insert(),
+            [{"signature": s, "title": f"SIGSEGV in ns::Service::handler_{i} ← main", "signal_name": "SIGSEGV",
+              "first_seen": NOW - 90 * 86400, "last_seen": NOW, "count": 0} for i, s in enumerate(sigs)],
+        )  # fmt: skip
+
+        def crashes():  # -> Iterator[dict]
+            for i in range(rows):
+                sig = rng.choices(sigs, weights)[0]
+                ns, image = home[sig]
+                yield {
+                    "id": f"c{i:09d}", "time": NOW - rng.randrange(90 * 86400), "node": f"node-{i % 200}", "namespace": ns,
+                    "pod": f"{ns}-pod-{rng.randrange(500)}", "container": "app", "image": image, "signal": 11,
+                    "signal_name": "SIGSEGV", "exe": "/usr/bin/service", "size": 1 << 26, "stored_size": 1 << 22,
+                    "truncated": False, "signature": sig, "title": "SIGSEGV in handler_0", "analysis": "done", "meta": "{}",
+                }  # fmt: skip
+
+        insert_crashes(conn, crashes())
+        catalog.rebuild_group_counts(conn)
+        crash_id = conn.execute(
+            catalog.crashes.select()
+            .with_only_columns(catalog.crashes.c.id)
+            .where(catalog.crashes.c.namespace == "team-7")
+            .limit(1)
+        ).scalar_one()
+        meta = {
+            "id": crash_id,
+            "process": {"cmdline": ["/usr/bin/service", "--port", "8080"], "environ": {"PATH": "/bin"}},
+        }
+        conn.execute(
+            catalog.crashes.update().where(catalog.crashes.c.id == crash_id).values(meta=json.dumps(meta))
+        )
+        conn.execute(
+            catalog.reports.insert().values(crash_id=crash_id, backend="drgn", report=json.dumps(report()))
+        )
+        build_id = "ab" * 20
+        conn.execute(
+            catalog.buildids.insert().values(build_id=build_id, size=binary_mib << 20, debuginfo=True)
+        )
+        conn.execute(
+            catalog.crash_buildids.insert().values(
+                crash_id=crash_id, build_id=build_id, path="/usr/bin/service"
+            )
+        )
+        conn.exec_driver_sql("ANALYZE")
+    print(f"{rows} crashes in {len(sigs)} groups loaded in {time.perf_counter() - t:.0f} s")
+    store = blobs.open_store(settings.vault_store)
+    path = os.path.join(state, "binary")
+    with open(path, "wb") as f:
+        chunk = random.Random(1).randbytes(1 << 20)
+        for _ in range(binary_mib):
+            f.write(chunk)
+    store.put_file(blobs.buildid_key(build_id), path)
+    os.unlink(path)
+    return crash_id, build_id
+
+
+def p50(client: httpx.Client, path: str, token: str, runs: int) -> float:
+    times = []
+    headers = {"Authorization": f"Bearer {token}"}
+    client.get(path, headers=headers).raise_for_status()  # warm: the first request of a path builds caches
+    for _ in range(runs):
+        t = time.perf_counter()
+        r = client.get(path, headers=headers)
+        times.append(time.perf_counter() - t)
+        r.raise_for_status()
+    return statistics.median(times) * 1000
+
+
+def throughput(url: str, token: str, plain_path: str, runs: int) -> tuple[float, float]:
+    """Median bytes/s of ``curl URL > /dev/null`` and of ``cat FILE > /dev/null`` of the same file."""
+
+    def timed(cmd: list[str]) -> float:
+        t = time.perf_counter()
+        subprocess.run(cmd, stdout=subprocess.DEVNULL, check=True)
+        return os.path.getsize(plain_path) / (time.perf_counter() - t)
+
+    curl = ["curl", "-sf", "-H", f"Authorization: Bearer {token}", url]
+    cat = ["cat", plain_path]
+    timed(cat)  # into the page cache
+    ours, base = [], []
+    for _ in range(runs):
+        ours.append(timed(curl))
+        base.append(timed(cat))
+    return statistics.median(ours), statistics.median(base)
+
+
+def main() -> int:
+    ap = argparse.ArgumentParser(description=__doc__.splitlines()[0])
+    ap.add_argument("--rows", type=int, default=1_000_000)
+    ap.add_argument("--binary-mib", type=int, default=256)
+    ap.add_argument("--runs", type=int, default=25)
+    a = ap.parse_args()
+    state = tempfile.mkdtemp(prefix="cv-bench-server-")
+    try:
+        crash_id, build_id = fill(state, a.rows, a.binary_mib)
+        cfg = os.path.join(state, "c.toml")
+        with open(cfg, "w") as f:
+            f.write(f'state_dir = "{state}"\n')
+        tokens = os.path.join(state, "tokens.toml")
+        with open(tokens, "w") as f:
+            f.write(f'[[token]]\nname = "admin"\ntoken = "{ADMIN}"\nnamespaces = ["*"]\n'
+                    f'[[token]]\nname = "team-7"\ntoken = "{TEAM}"\nnamespaces = ["team-7"]\n')  # fmt: skip
+        os.chmod(tokens, 0o600)
+        port = servers.free_port()
+        server = subprocess.Popen(
+            [CLI, "-c", cfg, "serve", "--listen", f"127.0.0.1:{port}", "--tokens", tokens],
+            stderr=subprocess.DEVNULL,
+        )
+        try:
+            servers.wait_port(port)
+            with httpx.Client(base_url=f"http://127.0.0.1:{port}", timeout=120) as client:
+                base = p50(client, "/healthz", ADMIN, a.runs)
+                print(
+                    f"\np50 of {a.runs} requests over HTTP; /healthz (the fixed cost per request) {base:.1f} ms"
+                )
+                cases = [
+                    ("group list page, every namespace", "/", ADMIN),
+                    ("group list page, one namespace", "/", TEAM),
+                    ("group list JSON, every namespace", "/api/v1/groups", ADMIN),
+                    ("crash list page, every namespace", "/crashes", ADMIN),
+                    ("crash list page, one namespace", "/crashes", TEAM),
+                    ("crash page (8 threads x 24 frames)", f"/crashes/{crash_id}", TEAM),
+                    ("crash JSON", f"/api/v1/crashes/{crash_id}", TEAM),
+                ]
+                for label, path, token in cases:
+                    ms = p50(client, path, token, a.runs)
+                    goal = "" if ms <= 100 else "  (goal <= 100 ms NOT met)"
+                    print(f"  {label:<38} {ms:7.1f} ms  {ms / base:5.1f} x /healthz{goal}")
+                plain_path = os.path.join(state, "vault", blobs.buildid_key(build_id))
+                for who, token in (("every namespace", ADMIN), ("one namespace", TEAM)):
+                    url = f"http://127.0.0.1:{port}/buildid/{build_id}/executable"
+                    ours, plain = throughput(url, token, plain_path, 5)
+                    print(
+                        f"debuginfod, {a.binary_mib} MiB, reader of {who}: curl {ours / 2**20:.0f} MiB/s, "
+                        f"cat of the stored file {plain / 2**20:.0f} MiB/s: {ours / plain:.2f}"
+                    )
+        finally:
+            server.terminate()
+            server.wait(30)
+    finally:
+        shutil.rmtree(state, ignore_errors=True)
+    return 0
+
+
+if __name__ == "__main__":
+    sys.exit(main())
