@@ -283,8 +283,25 @@ def test_metrics_and_health(served: Served) -> None:
     assert served.ids["a"] not in text  # routes are counted by template, never by crash id
 
 
-def test_gdb_and_eu_stack_fetch_binaries_through_debuginfod(served: Served, tmp_path) -> None:
-    """With no binary on disk, real gdb and eu-stack symbolize the crash from the server alone."""
+DRGN_BT = """
+import sys, drgn
+prog = drgn.Program()
+prog.set_core_dump(sys.argv[1])
+prog.set_enabled_debug_info_finders(["debuginfod"])
+try:
+    prog.load_default_debug_info()
+except drgn.MissingDebugInfoError:
+    pass  # the system libraries' DWARF: not held
+for frame in prog.crashed_thread().stack_trace():
+    try:
+        print(frame.name, "at", "%s:%s:%s" % frame.source())
+    except LookupError:
+        print(frame.name)
+"""
+
+
+def test_gdb_eu_stack_and_drgn_fetch_binaries_through_debuginfod(served: Served, tmp_path) -> None:
+    """With no binary on disk, real gdb, eu-stack and drgn symbolize the crash from the server alone."""
     crash_id = served.ids["b-abrt"]
     core = tmp_path / "core"
     core.write_bytes(_plain_core(served, crash_id))
@@ -309,6 +326,16 @@ def test_gdb_and_eu_stack_fetch_binaries_through_debuginfod(served: Served, tmp_
         ["eu-stack", "--core", str(core)], capture_output=True, text=True, env=env, timeout=300, check=False
     )
     assert "parse_config" in stack.stdout and " main" in stack.stdout, stack.stdout + stack.stderr
+    shutil.rmtree(tmp_path / "cache")
+    drgn = subprocess.run(
+        [sys.executable, "-c", DRGN_BT, str(core)],
+        capture_output=True,
+        text=True,
+        env=env,
+        timeout=300,
+        check=False,
+    )
+    assert "parse_config at " in drgn.stdout and "thrower.cc:" in drgn.stdout, drgn.stdout + drgn.stderr
     # a reader of another namespace gets nothing from debuginfod either
     headers.write_text(f"Authorization: Bearer {TOKENS['a']}\n")
     shutil.rmtree(tmp_path / "cache")
