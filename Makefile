@@ -42,6 +42,7 @@ bench: setup
 	$(PY) -m bench.analysis
 	$(PY) -m bench.vault
 	$(PY) -m bench.server
+	$(PY) -m bench.socketmode
 
 clean:
 	rm -rf $(VENV) .pytest_cache build

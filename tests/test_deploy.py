@@ -90,7 +90,8 @@ def test_the_daemonset_runs_an_agent_command_line_the_cli_accepts_with_the_forwa
     [ds] = [d for d in rendered() if d["kind"] == "DaemonSet"]
     [container] = ds["spec"]["template"]["spec"]["containers"]
     args = container["args"]
-    forwarder = args[args.index("--install-forwarder") + 1]
+    assert args[args.index("--install") + 1] == "auto"  # the socket where the kernel has it, else the pipe
+    forwarder = args[args.index("--forwarder") + 1]
     with open(os.path.join(ROOT, "Dockerfile")) as f:
         assert f"COPY --from=forward /corevault-forward {forwarder}\n" in f.read()
     cli = os.path.join(os.path.dirname(sys.executable), "corevault")
@@ -103,6 +104,7 @@ def test_the_daemonset_runs_an_agent_command_line_the_cli_accepts_with_the_forwa
     hostsetup.pipe_pattern(
         forwarder_path, forward_to=socket_path
     )  # raises if the kernel's 127 bytes overflow
+    assert len(("@@" + hostsetup.socket_path(host["hostPath"]["path"])).encode()) <= 127
 
 
 def test_the_server_checks_callers_with_the_cluster_and_nothing_more() -> None:

@@ -80,12 +80,21 @@ def test_with_the_agent_away_the_crash_is_not_held(node: dict, rootfs: str) -> N
     assert os.listdir(node["volume"]) == []
 
 
-def test_the_agent_installs_the_forwarder_captures_and_restores_the_host(forwarder: str, rootfs: str) -> None:
-    """``corevault agent --install-forwarder``: what the DaemonSet runs, for one crash, then SIGTERM."""
+@pytest.mark.parametrize("mode", ["pipe", "socket"])
+def test_the_agent_installs_captures_and_restores_the_host(forwarder: str, rootfs: str, mode: str) -> None:
+    """``corevault agent --install MODE``: what the DaemonSet runs, for one crash, then SIGTERM.
+
+    In pipe mode the kernel runs the static forwarder, which hands the crash to the agent; in
+    socket mode the kernel connects to the agent itself.
+    """
     import signal
     import sys
 
     from testbed import runc
+
+    if mode == "socket" and hostsetup.kernel_socket_mode() != "@@":
+        pytest.skip("the coredump socket with requests needs Linux 6.17+")
+    install = ["--install", "pipe", "--forwarder", forwarder] if mode == "pipe" else ["--install", "socket"]
 
     d = tempfile.mkdtemp(prefix="cv-", dir="/tmp")
     os.mkdir(os.path.join(d, "vol"))
@@ -95,9 +104,7 @@ def test_the_agent_installs_the_forwarder_captures_and_restores_the_host(forward
     cli = os.path.join(os.path.dirname(sys.executable), "corevault")
 
     def start_agent() -> subprocess.Popen:
-        agent = subprocess.Popen(
-            [cli, "-c", cfg, "agent", "--install-forwarder", forwarder], stderr=subprocess.PIPE, text=True
-        )
+        agent = subprocess.Popen([cli, "-c", cfg, "agent", *install], stderr=subprocess.PIPE, text=True)
         assert agent.stderr is not None
         watchdog = threading.Timer(60, agent.kill)  # an agent that neither installs nor exits
         watchdog.start()
@@ -105,14 +112,17 @@ def test_the_agent_installs_the_forwarder_captures_and_restores_the_host(forward
             if "installed: core_pattern" in line:
                 break
         watchdog.cancel()
-        assert agent.poll() is None, "the agent exited before installing the forwarder"
+        assert agent.poll() is None, "the agent exited before installing"
         return agent
 
     with sysctl.core_settings() as saved:
         killed = start_agent()  # an agent that dies without cleaning up leaves the forwarder installed
         killed.kill()
         killed.wait(timeout=60)
-        assert "corevault-forward" in open("/proc/sys/kernel/core_pattern").read()  # noqa: SIM115
+        left = hostsetup.read_sysctls()["core_pattern"]
+        assert (
+            left.startswith("|") and "corevault-forward" in left if mode == "pipe" else left.startswith("@@")
+        )
         agent = start_agent()  # the next one takes over
         try:
             c = runc.Container(rootfs, ["/app/crasher", "segv"], volume=os.path.join(d, "vol"),

@@ -7,6 +7,11 @@ works, and ``suid_dumpable=2`` so servers that drop privileges still dump (as ro
 cores). ``uninstall`` writes the saved values back. A pattern left pointing at a missing
 handler silently loses every crash on the host, so ``status`` says when that is the case,
 and ``install`` refuses to replace another tool's pipe handler unless forced.
+
+Two modes: ``pipe`` (``|corevault-capture …``, a process per crash, any kernel) and
+``socket`` (``@@<state>/coredump.sock``, Linux 6.17+: the kernel connects to the agent's
+listener, which may refuse a dump before a byte of it is written). In socket mode nothing
+captures while no agent listens, so ``status`` checks the listener too.
 """
 
 from __future__ import annotations
@@ -30,6 +35,8 @@ SYSCTLS = {
 HANDLER_NAME = "corevault-capture"
 FORWARDER_NAME = "corevault-forward"
 STATE_NAME = "installed.json"
+SOCKET_NAME = "coredump.sock"
+MODES = ("auto", "socket", "pipe")
 
 
 class SetupError(UserError):
@@ -78,13 +85,74 @@ def pipe_pattern(handler: str, settings_file: str | None = None, forward_to: str
 
 
 def is_ours(pattern: str, state: dict | None = None) -> bool:
-    """Whether ``pattern`` pipes to corevault: the one we installed, or any corevault-capture."""
+    """Whether ``pattern`` is corevault's: the one we installed, any corevault-capture, our socket."""
     if state is not None and pattern == state["installed"]["core_pattern"]:
         return True
+    if pattern.startswith("@"):
+        return os.path.basename(pattern.lstrip("@")) == SOCKET_NAME
     return pattern.startswith("|") and os.path.basename(pattern[1:].split(" ", 1)[0]) in (
         HANDLER_NAME,
         FORWARDER_NAME,
     )
+
+
+def mode_of(pattern: str) -> str | None:
+    return "socket" if pattern.startswith("@") else "pipe" if pattern.startswith("|") else None
+
+
+def socket_path(state_dir: str) -> str:
+    """Where the agent listens for the kernel in socket mode."""
+    return os.path.join(state_dir, SOCKET_NAME)
+
+
+def kernel_socket_mode(release: str | None = None) -> str | None:
+    """``@@`` on kernels with the request protocol (6.17+), ``@`` on 6.16, else None."""
+    release = release or os.uname().release
+    try:
+        major, minor = (int(x) for x in release.split("-")[0].split(".")[:2])
+    except ValueError:
+        return None
+    if (major, minor) >= (6, 17):
+        return "@@"
+    return "@" if (major, minor) >= (6, 16) else None
+
+
+def listening(path: str) -> bool:
+    """Whether a Unix socket bound at ``path`` is listening (read from /proc/net/unix)."""
+    try:
+        with open("/proc/net/unix") as f:
+            next(f)
+            for line in f:
+                fields = line.split()
+                # Num RefCount Protocol Flags Type St Inode Path; Flags has __SO_ACCEPTCON when listening
+                if len(fields) >= 8 and fields[7] == path and int(fields[3], 16) & 0x10000:
+                    return True
+    except (OSError, StopIteration, ValueError):
+        return False
+    return False
+
+
+def choose_mode(mode: str, state_dir: str) -> str:
+    """The mode ``install --mode`` means on this host now; an error says why not when it cannot."""
+    if mode not in MODES:
+        raise SetupError(f"--mode {mode!r}: use auto, socket or pipe")
+    if mode == "pipe":
+        return "pipe"
+    kernel = kernel_socket_mode()
+    listener = listening(socket_path(state_dir))
+    if mode == "auto":
+        return "socket" if kernel == "@@" and listener else "pipe"
+    if kernel != "@@":
+        raise SetupError(
+            f"this kernel ({os.uname().release}) has no coredump socket with requests (Linux 6.17+); "
+            "use --mode pipe"
+        )
+    if not listener:
+        raise SetupError(
+            f"nothing listens on {socket_path(state_dir)}: start 'corevault agent' first "
+            "(it listens for the kernel), or use --mode pipe"
+        )
+    return "socket"
 
 
 def state_path(settings: config.Settings) -> str:
@@ -98,31 +166,39 @@ def forwarder_paths(state_dir: str) -> tuple[str, str]:
 
 
 def install(
-    handler: str,
+    handler: str | None,
     *,
     config_path: str | None = None,
     pipe_limit: int = 16,
     suid_dumpable: int = 2,
     force: bool = False,
     forward_to: str | None = None,
+    socket: str | None = None,
     paths: dict[str, str] = SYSCTLS,
 ) -> dict:
     """Set our sysctls, saving the host's first; returns the state that ``uninstall`` uses.
 
-    With ``forward_to`` (an agent's socket) the handler is corevault-forward.
+    With ``forward_to`` (an agent's socket) the handler is corevault-forward. With
+    ``socket`` the pattern is ``@@SOCKET`` (socket mode) and there is no handler.
 
     The settings at ``config_path`` are validated and written as the handler's snapshot.
     Installing again over our own installation keeps the originally saved values, and is
     how changed settings reach the handler.
     """
-    if not os.access(handler, os.X_OK):
+    if socket is None and (handler is None or not os.access(handler, os.X_OK)):
         raise SetupError(f"handler {handler} is not an executable file; install corevault first")
     if suid_dumpable not in (0, 1, 2):
         raise SetupError(f"suid_dumpable must be 0, 1 or 2, not {suid_dumpable}")
     if pipe_limit < 0:
         raise SetupError(f"core_pipe_limit must be 0 or more, not {pipe_limit}")
     settings, snapshot = config.write_snapshot(config_path)
-    pattern = pipe_pattern(handler, None if snapshot == config.DEFAULT_SNAPSHOT else snapshot, forward_to)
+    if socket is not None:
+        pattern = "@@" + socket
+        if len(pattern.encode()) > MAX_PATTERN_LEN or " " in socket:
+            raise SetupError(f"the socket path {socket!r} is too long for core_pattern or has spaces")
+    else:
+        assert handler is not None
+        pattern = pipe_pattern(handler, None if snapshot == config.DEFAULT_SNAPSHOT else snapshot, forward_to)
     state_file = state_path(settings)
     current = read_sysctls(paths)
     previous = load_state(state_file)
@@ -184,6 +260,11 @@ def status(state_file: str, paths: dict[str, str] = SYSCTLS) -> dict:
         handler = pattern[1:].split(" ", 1)[0]
         if not os.access(handler, os.X_OK):
             problems.append(f"core_pattern pipes to {handler}, which is missing: every crash is lost")
+    elif pattern.startswith("@") and not listening(pattern.lstrip("@")):
+        problems.append(
+            f"core_pattern sends cores to {pattern.lstrip('@')}, where nothing listens: every crash is lost "
+            "until the agent runs again"
+        )
     ours = is_ours(pattern, state)
     if state is not None and not ours:
         problems.append("corevault's state says installed, but core_pattern is no longer ours")
@@ -191,7 +272,7 @@ def status(state_file: str, paths: dict[str, str] = SYSCTLS) -> dict:
         problems.append("the settings file changed since install; run 'corevault install' again to apply it")
     return {
         "installed": ours,
-        "mode": "pipe" if ours else None,
+        "mode": mode_of(pattern) if ours else None,
         "current": current,
         "saved": state["saved"] if state else None,
         "snapshot": state.get("snapshot") if state else None,

@@ -16,6 +16,7 @@ import shutil
 import socket
 import struct
 import threading
+from collections.abc import Callable
 from contextlib import suppress
 
 from corevault import config, hostsetup
@@ -24,6 +25,37 @@ from corevault.pattern import SPECIFIERS
 
 log = logging.getLogger("corevault.agent")
 MAX_MESSAGE = 65536
+
+
+def listen_root_only(path: str, backlog: int = 64) -> socket.socket:
+    """A Unix stream socket at ``path`` that only root can connect to (a stale one is replaced)."""
+    os.makedirs(os.path.dirname(path), mode=0o700, exist_ok=True)
+    if os.path.exists(path):
+        os.unlink(path)  # left by an agent that was killed
+    sock = socket.socket(socket.AF_UNIX, socket.SOCK_STREAM)
+    old = os.umask(0o077)  # root only: whoever can connect can make the agent write files
+    try:
+        sock.bind(path)
+    finally:
+        os.umask(old)
+    sock.listen(backlog)
+    return sock
+
+
+def accept_until(
+    sock: socket.socket, stop: threading.Event, dispatch: Callable[[socket.socket], None]
+) -> None:
+    """Hand each connection to ``dispatch`` until ``stop`` is set or the socket is closed."""
+    sock.settimeout(0.5)
+    while not stop.is_set():
+        try:
+            conn, _ = sock.accept()
+        except TimeoutError:
+            continue
+        except OSError:
+            break
+        conn.settimeout(None)
+        dispatch(conn)
 
 
 class Receiver:
@@ -35,31 +67,16 @@ class Receiver:
         self.sock: socket.socket | None = None
 
     def listen(self) -> None:
-        os.makedirs(os.path.dirname(self.path), mode=0o700, exist_ok=True)
-        if os.path.exists(self.path):
-            os.unlink(self.path)  # left by an agent that was killed
-        sock = socket.socket(socket.AF_UNIX, socket.SOCK_STREAM)
-        old = os.umask(0o077)  # root only: whoever can connect can make the agent write files
-        try:
-            sock.bind(self.path)
-        finally:
-            os.umask(old)
-        sock.listen(64)
-        self.sock = sock
+        self.sock = listen_root_only(self.path)
 
     def serve(self) -> None:
         """Accept crashes until stopped (call :meth:`listen` first)."""
         assert self.sock is not None
-        self.sock.settimeout(0.5)
-        while not self.stop.is_set():
-            try:
-                conn, _ = self.sock.accept()
-            except TimeoutError:
-                continue
-            except OSError:
-                break
-            self.slots.acquire()
-            threading.Thread(target=self._handle, args=(conn,), daemon=True).start()
+        accept_until(self.sock, self.stop, self._dispatch)
+
+    def _dispatch(self, conn: socket.socket) -> None:
+        self.slots.acquire()
+        threading.Thread(target=self._handle, args=(conn,), daemon=True).start()
 
     def close(self) -> None:
         self.stop.set()
@@ -116,16 +133,21 @@ def install_forwarder(settings: config.Settings, config_path: str | None, binary
     receiver = Receiver(settings, socket_path)
     receiver.listen()
     threading.Thread(target=receiver.serve, daemon=True, name="capture-receiver").start()
+    return take_over(receiver, target, config_path, forward_to=receiver.path)
+
+
+def take_over(server, handler: str | None, config_path: str | None, **where: str):  # -> server
+    """Point core_pattern at a listening ``server`` (its ``path``); stop it if that fails."""
     try:
-        state = hostsetup.install(target, config_path=config_path, forward_to=receiver.path, force=True)
+        state = hostsetup.install(handler, config_path=config_path, force=True, **where)  # type: ignore[arg-type]
     except BaseException:
-        receiver.close()
+        server.close()
         raise
     log.info("installed: core_pattern = %s", state["installed"]["core_pattern"])
-    return receiver
+    return server
 
 
-def uninstall_forwarder(receiver: Receiver) -> None:
+def give_back(server) -> None:
     """Give the host its saved settings back, then stop listening."""
-    hostsetup.uninstall(hostsetup.state_path(receiver.settings))
-    receiver.close()
+    hostsetup.uninstall(hostsetup.state_path(server.settings))
+    server.close()

@@ -107,6 +107,7 @@ def signal_name(number: int) -> str | None:
 
 
 def capture(settings: config.Settings, args: list[str], core_fd: int, warnings: list[str]) -> int:
+    """The pipe transport: the kernel's arguments, the core on ``core_fd``."""
     started = time.monotonic()
     try:
         crash = process.Crash(process.parse_args(args))
@@ -114,19 +115,62 @@ def capture(settings: config.Settings, args: list[str], core_fd: int, warnings: 
         _journal(settings, {"event": "error", "reason": f"bad handler arguments: {e}"})
         return 2
     pidfd_arg = crash.values.get("F", "")
-    record: dict = {
+    record = new_record(settings, crash)
+    try:
+        process.open_process(crash, int(pidfd_arg) if pidfd_arg.isdigit() else None)
+    except process.ProcessGone as e:
+        _journal(settings, {**record, "event": "refused", "reason": str(e), "exe": crash.exe})
+        return 0
+    try:
+        process.read_facts(crash)
+        admitted = admit(settings, crash, record, warnings)
+        if admitted is None:
+            return 0
+        stream.enlarge_pipe(core_fd)
+        deliver(admitted, core_fd, started)
+        return 0
+    finally:
+        crash.close()
+
+
+def new_record(settings: config.Settings, crash: process.Crash) -> dict:
+    """The journal record of a crash, as far as the kernel's values tell."""
+    return {
         "pid": crash.global_pid,
         "ns_pid": crash.pid,
         "signal": crash.signal,
         "crash_time": crash.time,
         "node": settings.node_name,
     }
-    try:
-        process.open_process(crash, int(pidfd_arg) if pidfd_arg.isdigit() else None)
-    except process.ProcessGone as e:
-        _journal(settings, {**record, "event": "refused", "reason": str(e), "exe": crash.exe})
-        return 0
-    process.read_facts(crash)
+
+
+class Admitted:
+    """A crash that opted in and passed the storm limit: what :func:`deliver` needs."""
+
+    __slots__ = ("cg", "crash", "owner", "plan", "record", "settings")
+
+    def __init__(self, settings: config.Settings, crash: process.Crash, *, cg: cgroup.CgroupInfo | None,
+                 owner: lookup.Owner, plan: policy.Plan, record: dict) -> None:  # fmt: skip
+        self.settings = settings
+        self.crash = crash
+        self.cg = cg
+        self.owner = owner
+        self.plan = plan
+        self.record = record
+
+    def replan(self) -> None:
+        """Expand the pattern again, once values that were unknown at admission are known."""
+        self.plan = policy.plan(self.crash, self.owner, self.settings, _core_uses_pid(self.settings))
+        self.record.update(signal=self.crash.signal)
+
+
+def admit(
+    settings: config.Settings, crash: process.Crash, record: dict, warnings: list[str]
+) -> Admitted | None:
+    """Decide whether this crash gets a core: its pod opted in, and the storm limit allows it.
+
+    Everything refused is journaled here with the reason; None means no core.
+    """
     record.update(exe=crash.exe, comm=crash.comm)
     cg = cgroup.parse(crash.cgroup)
     owner = lookup.find_owner(settings, cg, crash.exe, crash.comm, crash.uid)
@@ -138,7 +182,7 @@ def capture(settings: config.Settings, args: list[str], core_fd: int, warnings: 
     if plan.refused:
         event = "skipped" if not plan.opted_in else "refused"
         _journal(settings, {**record, "event": event, "reason": plan.refused})
-        return 0
+        return None
     kept, seen = policy.admit(
         settings.state_dir,
         policy.storm_key(owner, crash),
@@ -152,28 +196,43 @@ def capture(settings: config.Settings, args: list[str], core_fd: int, warnings: 
             f"at most {settings.storm_max} cores kept"
         )
         _journal(settings, {**record, "event": "dropped", "reason": reason})
-        return 0
-    job = _Job(settings, crash, owner, plan, record)
+        return None
+    return Admitted(settings, crash, cg=cg, owner=owner, plan=plan, record=record)
+
+
+def spool_full(settings: config.Settings) -> str | None:
+    """Why no spool entry can be made now, if it cannot (the vault target only)."""
+    try:
+        spool.ensure(settings.spool_dir)
+        if spool.room(settings.spool_dir, settings.spool_max_size, settings.spool_keep_free) <= 0:
+            return "spool is full (its max_size or keep_free is reached)"
+    except OSError as e:
+        return _reason(e)
+    return None
+
+
+def deliver(admitted: Admitted, core_fd: int, started: float, head: bytes = b"") -> None:
+    """Stream the core (``head``, then ``core_fd``) into the crash's targets and publish them."""
+    settings, crash, record = admitted.settings, admitted.crash, admitted.record
+    job = _Job(settings, crash, admitted.owner, admitted.plan, record)
     try:
         job.open_targets()
         if not job.sinks:
             _journal(settings, {**record, "event": "dropped", "reason": "; ".join(job.problems)})
-            return 0
+            return
         # The mapped binaries are opened while the process still exists, copied later.
         job.modules = buildid.open_modules(crash.proc_fd, crash.maps)
-        stream.enlarge_pipe(core_fd)
         try:
-            job.size, job.truncated = stream.pump(core_fd, job.sinks, plan.limit)
+            job.size, job.truncated = stream.pump(core_fd, job.sinks, admitted.plan.limit, head)
         except HandlerTimeout:
             reason = f"handler timeout after {settings.timeout:g}s; raise [capture] timeout for larger cores"
             _journal(settings, {**record, "event": "dropped", "reason": reason})
-            return 0
+            return
         job.problems += [f"{s.name}: {s.failed}" for s in job.sinks if s.failed]
         job.publish_volume()
         buildid.store_modules(settings.buildid_dir, job.modules)
-        job.finish_entry(_meta(job, cg, started))
+        job.finish_entry(_meta(job, admitted.cg, started))
         job.report()
-        return 0
     finally:
         job.close()
 

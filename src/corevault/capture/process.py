@@ -62,6 +62,13 @@ class Crash:
         self.proc_fd = -1
         self.root_fd = -1
 
+    def close(self) -> None:
+        """Close /proc/PID and the root (a long-running agent captures many crashes)."""
+        for fd in (self.proc_fd, self.root_fd):
+            if fd >= 0:
+                os.close(fd)
+        self.proc_fd = self.root_fd = -1
+
 
 def _int(values: dict[str, str], key: str, default: int = -1) -> int:
     try:
@@ -160,3 +167,108 @@ def _read(dir_fd: int, name: str, limit: int = 1 << 22) -> str:
         return ""
     finally:
         os.close(fd)
+
+
+# struct pidfd_info (include/uapi/linux/pidfd.h), up to coredump_mask: PIDFD_INFO_SIZE_VER1.
+_PIDFD_INFO_SIZE = 72
+PIDFD_GET_INFO = (3 << 30) | (_PIDFD_INFO_SIZE << 16) | (0xFF << 8) | 11  # _IOWR(0xFF, 11, ...)
+PIDFD_INFO_PID, PIDFD_INFO_CREDS, PIDFD_INFO_COREDUMP = 1 << 0, 1 << 1, 1 << 4
+PIDFD_COREDUMPED, PIDFD_COREDUMP_USER, PIDFD_COREDUMP_ROOT = 1 << 0, 1 << 2, 1 << 3
+
+
+class PidfdInfo:
+    __slots__ = ("coredump_mask", "pid", "rgid", "ruid")
+
+    def __init__(self, pid: int, ruid: int, rgid: int, coredump_mask: int) -> None:
+        self.pid = pid
+        self.ruid = ruid
+        self.rgid = rgid
+        self.coredump_mask = coredump_mask
+
+    @property
+    def dumping(self) -> bool:
+        """Whether the kernel is dumping this task's core (a real coredump connection, not a user)."""
+        return bool(self.coredump_mask & PIDFD_COREDUMPED)
+
+    @property
+    def dump_mode(self) -> int:
+        """%d: 2 when the core must be root's only, 1 when it is the owner's."""
+        if self.coredump_mask & PIDFD_COREDUMP_ROOT:
+            return 2
+        return 1 if self.coredump_mask & PIDFD_COREDUMP_USER else 0
+
+
+def pidfd_info(pidfd: int) -> PidfdInfo:
+    """PIDFD_GET_INFO (Linux 6.13; the coredump mask since 6.16)."""
+    import fcntl
+    import struct
+
+    buf = bytearray(_PIDFD_INFO_SIZE)
+    struct.pack_into("=Q", buf, 0, PIDFD_INFO_PID | PIDFD_INFO_CREDS | PIDFD_INFO_COREDUMP)
+    try:
+        fcntl.ioctl(pidfd, PIDFD_GET_INFO, buf)
+    except OSError as e:
+        raise ProcessGone(f"cannot read the crashed task's pidfd: {e.strerror}") from None
+    mask = struct.unpack_from("=Q", buf, 0)[0]
+    pid, _, _, ruid, rgid = struct.unpack_from("=IIIII", buf, 16)
+    coredump = struct.unpack_from("=I", buf, 64)[0] if mask & PIDFD_INFO_COREDUMP else 0
+    return PidfdInfo(pid, ruid, rgid, coredump)
+
+
+def values_from_pidfd(pidfd: int, info: PidfdInfo, when: float) -> dict[str, str]:
+    """The specifier values the kernel would pass a pipe handler, from the task and /proc.
+
+    The coredump socket passes none of them. ``%s`` and ``%i``/``%I`` are not known until
+    the core's notes are read (:mod:`corevault.capture.corehead`); until then they stay
+    empty. ``%h`` is read inside the task's UTS namespace.
+    """
+    base = f"/proc/{info.pid}"
+    values = {
+        "P": str(info.pid), "p": str(info.pid), "t": str(int(when)), "d": str(info.dump_mode),
+        "u": str(info.ruid), "g": str(info.rgid), "F": str(pidfd), "s": "", "i": "", "I": "",
+    }  # fmt: skip
+    with suppress(OSError), open(f"/proc/self/fdinfo/{pidfd}", "rb") as f:
+        for line in f:
+            if line.startswith(b"NSpid:"):
+                values["p"] = line.split()[-1].decode()
+    with suppress(OSError), open(f"{base}/comm", "rb") as f:
+        values["e"] = f.read().decode(errors="replace").rstrip("\n")
+    with suppress(OSError):
+        exe = os.readlink(f"{base}/exe")
+        values["E"] = exe.removesuffix(" (deleted)")
+        values["f"] = values["E"].rpartition("/")[2]
+    with suppress(OSError, ValueError, IndexError), open(f"{base}/stat", "rb") as f:
+        values["C"] = f.read().rpartition(b")")[2].split()[36].decode()  # field 39: processor
+    values["c"] = str(ULONG_MAX)
+    with suppress(OSError), open(f"{base}/limits", "rb") as f:
+        for line in f:
+            if line.startswith(b"Max core file size"):
+                soft = line.split()[4]
+                values["c"] = str(ULONG_MAX) if soft == b"unlimited" else soft.decode()
+    values["h"] = uts_hostname(info.pid) or ""
+    return values
+
+
+def uts_hostname(pid: int) -> str | None:
+    """The hostname in a task's UTS namespace, read by a thread that joins it for a moment."""
+    import ctypes
+    import threading
+
+    libc = ctypes.CDLL(None, use_errno=True)
+    result: list[str] = []
+
+    def visit() -> None:
+        try:
+            theirs = os.open(f"/proc/{pid}/ns/uts", os.O_RDONLY | os.O_CLOEXEC)
+        except OSError:
+            return
+        try:
+            if libc.setns(theirs, 0x04000000) == 0:  # CLONE_NEWUTS, for this thread only
+                result.append(os.uname().nodename)
+        finally:
+            os.close(theirs)
+
+    thread = threading.Thread(target=visit, name="uts")  # it ends in their namespace, then is gone
+    thread.start()
+    thread.join()
+    return result[0] if result else None

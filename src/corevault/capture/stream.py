@@ -173,12 +173,34 @@ def enlarge_pipe(fd: int, size: int = CHUNK) -> None:
         fcntl.fcntl(fd, _F_SETPIPE_SZ, size)
 
 
-def pump(src_fd: int, sinks: list, limit: int | None) -> tuple[int, bool]:
-    """Copy ``src_fd`` into every sink until EOF or ``limit`` bytes; ``(bytes, truncated)``.
+class _Prefixed:
+    """Reads ``head`` first, then the file descriptor."""
+
+    __slots__ = ("fd", "head")
+
+    def __init__(self, head: bytes, fd: int) -> None:
+        self.head = memoryview(head)
+        self.fd = fd
+
+    def readinto(self, view: memoryview) -> int:
+        if self.head:
+            n = min(len(view), len(self.head))
+            view[:n] = self.head[:n]
+            self.head = self.head[n:]
+            return n
+        return os.readv(self.fd, [view])
+
+    def read(self, n: int) -> bytes:
+        buf = bytearray(n)
+        return bytes(buf[: self.readinto(memoryview(buf))])
+
+
+def pump(src_fd: int, sinks: list, limit: int | None, head: bytes = b"") -> tuple[int, bool]:
+    """Copy ``head`` then ``src_fd`` into every sink until EOF or ``limit`` bytes; ``(bytes, truncated)``.
 
     A sink that raises is marked ``failed`` with the reason and left out from then on.
     """
-    src = open(src_fd, "rb", buffering=0, closefd=False)  # noqa: SIM115 - fd owned by caller
+    src = _Prefixed(head, src_fd)
     buf = bytearray(CHUNK)
     view = memoryview(buf)
     total = 0

@@ -16,7 +16,7 @@ def _settings(ctx: typer.Context) -> config.Settings:
 
 
 def register(app: typer.Typer) -> None:
-    app.command(epilog="Example: corevault install --pipe-limit 16")(install)
+    app.command(epilog="Examples: corevault install · corevault install --mode pipe --pipe-limit 16")(install)
     app.command(epilog="Example: corevault uninstall")(uninstall)
     app.command(epilog="Example: corevault status --json")(status)
 
@@ -31,16 +31,25 @@ def install(
         2, help="fs.suid_dumpable: 2 keeps cores of processes that dropped privileges."
     ),
     force: bool = typer.Option(False, "--force", help="Replace another tool's pipe handler."),
+    mode: str = typer.Option(
+        "auto",
+        help="socket: the kernel streams cores to the running agent, which can refuse them before they are "
+        "written (Linux 6.17+); pipe: a handler process per crash; auto: socket when the kernel has it and "
+        "an agent listens, else pipe.",
+    ),
 ) -> None:
-    """Point the kernel's core_pattern at the corevault handler, saving the host's settings."""
+    """Point the kernel's core_pattern at corevault, saving the host's settings."""
+    settings = _settings(ctx)
+    chosen = hostsetup.choose_mode(mode, settings.state_dir)
     state = hostsetup.install(
-        handler or hostsetup.default_handler(),
+        None if chosen == "socket" else handler or hostsetup.default_handler(),
         config_path=ctx.obj["config"],
         pipe_limit=pipe_limit,
         suid_dumpable=suid_dumpable,
         force=force,
+        socket=hostsetup.socket_path(settings.state_dir) if chosen == "socket" else None,
     )
-    print(f"installed: core_pattern = {state['installed']['core_pattern']}")
+    print(f"installed ({chosen} mode): core_pattern = {state['installed']['core_pattern']}")
     print(f"handler settings: {state['snapshot']} (run install again after changing the settings file)")
     print("saved the host's own core settings; 'corevault uninstall' restores them")
 
@@ -67,7 +76,7 @@ def status(ctx: typer.Context, as_json: bool = typer.Option(False, "--json", hel
         print(json.dumps(st, indent=2))
     else:
         table = Table(show_header=False, box=None)
-        table.add_row("installed", "yes (pipe mode)" if st["installed"] else "no")
+        table.add_row("installed", f"yes ({st['mode']} mode)" if st["installed"] else "no")
         for key, value in st["current"].items():
             saved = st["saved"][key] if st["saved"] else None
             table.add_row(
@@ -76,6 +85,6 @@ def status(ctx: typer.Context, as_json: bool = typer.Option(False, "--json", hel
         table.add_row("spool", st["spool"])
         Console().print(table)
         for problem in st["problems"]:
-            Console(stderr=True).print(f"[red]problem:[/red] {problem}")
+            Console(stderr=True, soft_wrap=True).print(f"[red]problem:[/red] {problem}")
     if st["problems"]:
         raise typer.Exit(1)

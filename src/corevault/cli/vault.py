@@ -4,6 +4,7 @@ from __future__ import annotations
 
 import json
 import logging
+import os
 import sys
 
 import typer
@@ -25,18 +26,43 @@ def agent(
     node: str = typer.Option(
         None, envvar="NODE_NAME", help="This node's name in the cluster [default: node_name]."
     ),
-    install_forwarder: str = typer.Option(
+    install: str = typer.Option(
         None,
-        "--install-forwarder",
+        "--install",
+        metavar="MODE",
+        help="Capture on this host while the agent runs, restoring the host's settings on exit: socket (the "
+        "kernel streams cores to the agent, Linux 6.17+), pipe (the kernel runs --forwarder), or auto.",
+    ),
+    forwarder: str = typer.Option(
+        None,
+        "--forwarder",
         metavar="BINARY",
-        help="Install this static corevault-forward as the host's pipe handler, capture what it hands over, "
-        "and restore the host's settings on exit.",
+        help="The static corevault-forward to install as the pipe handler in pipe mode.",
     ),
 ) -> None:
-    """Ship the node spool into the vault, analyse each crash, keep retention, serve metrics."""
+    """Ship the node spool into the vault, analyse each crash, keep retention, serve metrics.
+
+    Running (not --once) on a kernel with the coredump socket, it also listens there, so that
+    'corevault install --mode socket' can send the kernel's cores to it.
+    """
     import threading
 
+    from corevault import hostsetup
     from corevault.agent.loop import Agent
+    from corevault.errors import UserError
+
+    mode = None
+    if install is not None:
+        if install not in hostsetup.MODES:
+            raise UserError(f"--install {install!r}: use socket, pipe or auto")
+        socket_ok = hostsetup.kernel_socket_mode() == "@@"
+        mode = "socket" if install == "socket" or (install == "auto" and socket_ok) else "pipe"
+        if mode == "socket" and not socket_ok:
+            raise UserError(
+                f"this kernel ({os.uname().release}) has no coredump socket (6.17+); use --install pipe"
+            )
+        if mode == "pipe" and not forwarder:
+            raise UserError("pipe mode needs --forwarder BINARY (the static corevault-forward)")
 
     logging.basicConfig(level=logging.INFO, format="%(asctime)s %(levelname)s %(message)s")
     settings = config.load(ctx.obj["config"])
@@ -54,16 +80,28 @@ def agent(
         on_record = EventPoster(core, name)
     a = Agent(settings, on_record=on_record)
     a.metrics.serve(settings.agent_metrics)
-    receiver = None
-    try:
-        if install_forwarder:  # last: the pod index is current when the first crash comes in
-            from corevault.agent import receiver as forwarding
+    receiver = listener = None
+    from corevault.agent import coredumps
+    from corevault.agent import receiver as forwarding
 
-            receiver = forwarding.install_forwarder(settings, ctx.obj["config"], install_forwarder)
+    try:
+        # last: the pod index is current when the first crash comes in
+        if mode == "pipe":
+            receiver = forwarding.install_forwarder(settings, ctx.obj["config"], forwarder)
+        elif mode == "socket":
+            listener = coredumps.install(settings, ctx.obj["config"])
+        elif not once and hostsetup.kernel_socket_mode() == "@@":
+            listener = coredumps.CoredumpListener(settings, hostsetup.socket_path(settings.state_dir))
+            listener.listen().start()
         waiting = a.run(once=once)
     finally:
         if receiver is not None:
-            forwarding.uninstall_forwarder(receiver)
+            forwarding.give_back(receiver)
+        if listener is not None:
+            if mode == "socket":
+                forwarding.give_back(listener)
+            else:
+                listener.close()
     if once and waiting:
         why = f"the vault is unreachable ({a.unreachable})" if a.unreachable else "shipping failed, see above"
         print(f"corevault: error: {waiting} entries left in the spool: {why}", file=sys.stderr)

@@ -1,0 +1,102 @@
+"""The agent's coredump socket: where the kernel itself connects in socket mode.
+
+Each connection is served on a thread of its own (:func:`corevault.capture.coresocket.serve`),
+at most ``parallel`` at once, so a slow or huge dump never holds up another crash. A
+connection beyond that bound is rejected at once (before the kernel writes anything) and
+journaled as dropped: under a flood, the node stays responsive and loses cores rather than
+memory or disk. The socket is root-only; the kernel connects with its own credentials.
+
+While the listener is down, a ``@@`` core_pattern makes the kernel dump nothing (the
+connection fails and the process simply dies); docs/capture.md, "Socket mode", says how
+the window is kept short.
+"""
+
+from __future__ import annotations
+
+import logging
+import os
+import socket
+import threading
+from contextlib import suppress
+
+from corevault import config, hostsetup
+from corevault.agent.receiver import accept_until, listen_root_only, take_over
+from corevault.capture import coresocket, handler
+
+log = logging.getLogger("corevault.agent")
+
+
+class CoredumpListener:
+    def __init__(
+        self, settings: config.Settings, path: str, request_mode: bool = True, parallel: int = 8
+    ) -> None:
+        self.settings = settings
+        self.path = path
+        self.request_mode = request_mode
+        self.parallel = parallel
+        self.slots = threading.BoundedSemaphore(parallel)
+        self.stop = threading.Event()
+        self.sock: socket.socket | None = None
+        #: outcomes by kind ("captured", "rejected", ...), for logs and tests
+        self.outcomes: dict[str, int] = {}
+        self._lock = threading.Lock()
+
+    def listen(self) -> CoredumpListener:
+        self.sock = listen_root_only(self.path, backlog=256)
+        return self
+
+    def start(self) -> CoredumpListener:
+        threading.Thread(target=self.serve, daemon=True, name="coredump-socket").start()
+        return self
+
+    def serve(self) -> None:
+        assert self.sock is not None
+        accept_until(self.sock, self.stop, self._dispatch)
+
+    def _dispatch(self, conn: socket.socket) -> None:
+        if self.slots.acquire(blocking=False):
+            threading.Thread(target=self._handle, args=(conn,), daemon=True, name="coredump").start()
+        else:
+            threading.Thread(target=self._overflow, args=(conn,), daemon=True, name="coredump-full").start()
+
+    def _count(self, outcome: str) -> None:
+        with self._lock:
+            self.outcomes[outcome] = self.outcomes.get(outcome, 0) + 1
+
+    def _handle(self, conn: socket.socket) -> None:
+        try:
+            self._count(coresocket.serve(self.settings, conn, self.request_mode))
+        except Exception as e:
+            log.exception("serving a kernel coredump connection failed")
+            handler._journal(
+                self.settings, {"event": "error", "reason": f"coredump socket: {type(e).__name__}: {e}"}
+            )
+            self._count("error")
+        finally:
+            conn.close()
+            self.slots.release()
+
+    def _overflow(self, conn: socket.socket) -> None:
+        try:
+            conn.settimeout(10)
+            reason = f"{self.parallel} dumps are being captured already; refused before it was written"
+            handler._journal(self.settings, {"event": "dropped", "reason": reason, "transport": "socket"})
+            self._count("overflow")
+            coresocket.reject(conn, self.request_mode)
+        except (OSError, coresocket.ProtocolError):
+            self._count("error")
+        finally:
+            conn.close()
+
+    def close(self) -> None:
+        self.stop.set()
+        if self.sock is not None:
+            self.sock.close()
+        with suppress(FileNotFoundError):
+            os.unlink(self.path)
+
+
+def install(settings: config.Settings, config_path: str | None) -> CoredumpListener:
+    """Listen on the state directory's coredump socket, then point core_pattern at it."""
+    listener = CoredumpListener(settings, hostsetup.socket_path(settings.state_dir)).listen().start()
+    return take_over(listener, None, config_path, socket=listener.path)

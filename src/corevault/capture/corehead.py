@@ -1,0 +1,79 @@
+"""What the first bytes of a core say: the signal and the crashing thread.
+
+Through the coredump socket the kernel passes no ``%s`` or ``%i``: the server learns the
+process from its pidfd, and on kernels before 6.19 the pidfd does not tell the signal. The
+core itself does, early: its ELF header, program headers and PT_NOTE segment come before
+any memory, and the first NT_PRSTATUS note is the crashing thread's (the kernel writes it
+first), with its tid and signal. So the socket transport reads the core up to the end of
+its notes into memory (bounded), learns those values, and only then opens the targets,
+whose names may depend on them; the bytes read are written to the targets first.
+"""
+
+from __future__ import annotations
+
+import os
+import struct
+
+from corevault import elf
+
+NT_PRSTATUS = 1
+NT_SIGINFO = 0x53494749
+#: the notes of a core with thousands of threads and mappings fit well within this
+MAX_HEAD = 64 << 20
+
+
+class Head:
+    __slots__ = ("data", "signal", "tid")
+
+    def __init__(self, data: bytes, signal: int | None, tid: int | None) -> None:
+        #: every byte read so far, to be written to the targets before the rest of the stream
+        self.data = data
+        self.signal = signal
+        self.tid = tid
+
+
+def _read_until(fd: int, buf: bytearray, size: int) -> None:
+    while len(buf) < size:
+        chunk = os.read(fd, min(size - len(buf), 1 << 20))
+        if not chunk:
+            return
+        buf += chunk
+
+
+def read_head(fd: int) -> Head:
+    """Read the core from ``fd`` through its notes; values it cannot find are None."""
+    buf = bytearray()
+    _read_until(fd, buf, 64)
+    if len(buf) < 64 or buf[:4] != b"\x7fELF" or buf[4] != 2 or buf[5] not in (1, 2):
+        return Head(bytes(buf), None, None)  # not a 64-bit ELF core: stream it as it is
+    e = "<" if buf[5] == 1 else ">"
+    (phoff,) = struct.unpack_from(e + "Q", buf, 32)
+    phentsize, phnum = struct.unpack_from(e + "HH", buf, 54)
+    if not 0 < phnum <= elf.MAX_PHNUM or phentsize < 56 or phoff + phentsize * phnum > MAX_HEAD:
+        return Head(bytes(buf), None, None)
+    _read_until(fd, buf, phoff + phentsize * phnum)
+    notes = None
+    for i in range(phnum):
+        at = phoff + i * phentsize
+        if at + 56 > len(buf):
+            break
+        p_type, _, offset, _, _, filesz = struct.unpack_from(e + "IIQQQQ", buf, at)
+        if p_type == elf.PT_NOTE:
+            notes = (offset, filesz)
+            break
+    if notes is None or notes[0] + notes[1] > MAX_HEAD:
+        return Head(bytes(buf), None, None)
+    offset, size = notes
+    _read_until(fd, buf, offset + size)
+    signal = tid = None
+    for name, ntype, desc in elf.parse_notes(bytes(buf[offset : offset + size]), e):
+        if name != b"CORE\0":
+            continue
+        if ntype == NT_PRSTATUS and tid is None and len(desc) >= 36:
+            # struct elf_prstatus: elf_siginfo (12), pr_cursig (2), pad, two sigsets (16), pr_pid
+            cursig = struct.unpack_from(e + "h", desc, 12)[0]
+            tid = struct.unpack_from(e + "i", desc, 32)[0]
+            signal = signal or cursig or None
+        elif ntype == NT_SIGINFO and len(desc) >= 4:
+            signal = struct.unpack_from(e + "i", desc, 0)[0] or signal
+    return Head(bytes(buf), signal, tid)
