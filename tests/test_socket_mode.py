@@ -222,3 +222,61 @@ def test_install_mode_auto_and_status(socketed: Socketed) -> None:
     refused = cli("install", "--mode", "socket")
     assert refused.returncode == 1 and "nothing listens on" in refused.stderr
     assert "installed (pipe mode)" in cli("install").stdout  # auto falls back to the pipe
+
+
+def test_a_host_agent_hands_over_to_the_pipe_while_it_is_away(programs: dict[str, str]) -> None:
+    """``corevault install --mode socket`` on a host: stopping the agent leaves the pipe handler in its
+    place (a crash then is still captured), starting it again takes the socket back."""
+    import signal
+
+    d = tempfile.mkdtemp(prefix="cv-", dir="/tmp")
+    os.mkdir(os.path.join(d, "vol"))
+    handler = os.path.join(d, "h")
+    os.symlink(hostsetup.default_handler(), handler)
+    cfg = os.path.join(d, "c.toml")
+    with open(cfg, "w") as f:
+        f.write(f'state_dir = "{d}/s"\n[agent]\nmetrics = ""\nanalyze = false\n'
+                f'[[rules]]\nexe = "*-crasher"\npattern = "{d}/vol/core-%p"\n')  # fmt: skip
+    socket_pattern = "@@" + hostsetup.socket_path(f"{d}/s")
+
+    def start_agent() -> subprocess.Popen:
+        agent = subprocess.Popen([CLI, "-c", cfg, "agent", "--handler", handler], stderr=subprocess.DEVNULL)
+        deadline = time.monotonic() + 60
+        while not hostsetup.listening(hostsetup.socket_path(f"{d}/s")):
+            assert agent.poll() is None and time.monotonic() < deadline, "the agent did not start listening"
+            time.sleep(0.05)
+        return agent
+
+    def stop(agent: subprocess.Popen) -> None:
+        agent.send_signal(signal.SIGTERM)
+        assert agent.wait(timeout=60) == 0
+
+    try:
+        with sysctl.core_settings() as saved:
+            agent = start_agent()
+            try:
+                out = subprocess.run(
+                    [CLI, "-c", cfg, "install", "--mode", "socket"],
+                    capture_output=True,
+                    text=True,
+                    check=False,
+                )
+                assert out.returncode == 0, out.stderr
+                assert hostsetup.read_sysctls()["core_pattern"] == socket_pattern
+            finally:
+                stop(agent)
+            assert hostsetup.read_sysctls()["core_pattern"].startswith(f"|{handler} ")
+            pid, dumped, _ = host_crash([programs["crasher"], "segv"])  # the agent is away
+            assert dumped and os.listdir(os.path.join(d, "vol")) == [f"core-{pid}"]
+            agent = start_agent()
+            try:
+                deadline = time.monotonic() + 60
+                while hostsetup.read_sysctls()["core_pattern"] != socket_pattern:
+                    assert time.monotonic() < deadline, "the agent did not take the socket back"
+                    time.sleep(0.05)
+            finally:
+                stop(agent)
+            hostsetup.uninstall(os.path.join(d, "s", hostsetup.STATE_NAME))
+            assert hostsetup.read_sysctls() == saved  # the host's own values, kept through both hand-overs
+    finally:
+        shutil.rmtree(d, ignore_errors=True)

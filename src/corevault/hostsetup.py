@@ -174,12 +174,14 @@ def install(
     force: bool = False,
     forward_to: str | None = None,
     socket: str | None = None,
+    resume_socket: str | None = None,
     paths: dict[str, str] = SYSCTLS,
 ) -> dict:
     """Set our sysctls, saving the host's first; returns the state that ``uninstall`` uses.
 
     With ``forward_to`` (an agent's socket) the handler is corevault-forward. With
     ``socket`` the pattern is ``@@SOCKET`` (socket mode) and there is no handler.
+    ``resume_socket`` records a socket mode that a pipe stands in for (:func:`hand_over`).
 
     The settings at ``config_path`` are validated and written as the handler's snapshot.
     Installing again over our own installation keeps the originally saved values, and is
@@ -214,6 +216,8 @@ def install(
         saved = current
     ours = {"core_pattern": pattern, "core_pipe_limit": str(pipe_limit), "suid_dumpable": str(suid_dumpable)}
     state = {"saved": saved, "installed": ours, "handler": handler, "snapshot": snapshot, "time": time.time()}
+    if resume_socket:
+        state["resume_socket"] = resume_socket
     _save_state(state_file, state)
     try:
         for key, value in ours.items():
@@ -223,6 +227,34 @@ def install(
         os.unlink(state_file)
         raise SetupError(f"cannot set {key}: {e.strerror}; run as root on the host") from None
     return state
+
+
+def hand_over(state_dir: str, config_path: str | None, handler: str) -> bool:
+    """Socket mode, while its listener stops: let the pipe handler capture until it is back.
+
+    Only when core_pattern is our socket and the standalone handler is installed (a host, not
+    a node that has only the agent's forwarder); returns whether it handed over.
+    """
+    state_file = os.path.join(state_dir, STATE_NAME)
+    state = load_state(state_file)
+    socket = socket_path(state_dir)
+    if state is None or read_sysctls()["core_pattern"] != "@@" + socket or not os.access(handler, os.X_OK):
+        return False
+    install(handler, config_path=config_path, resume_socket=socket)
+    return True
+
+
+def take_back(state_dir: str, config_path: str | None) -> bool:
+    """The listener is back: socket mode again, if :func:`hand_over` had put the pipe in its place."""
+    state = load_state(os.path.join(state_dir, STATE_NAME))
+    if (
+        state is None
+        or not state.get("resume_socket")
+        or read_sysctls()["core_pattern"] != state["installed"]["core_pattern"]
+    ):
+        return False
+    install(None, config_path=config_path, socket=state["resume_socket"])
+    return True
 
 
 def uninstall(state_file: str, paths: dict[str, str] = SYSCTLS) -> dict | None:

@@ -39,6 +39,11 @@ def agent(
         metavar="BINARY",
         help="The static corevault-forward to install as the pipe handler in pipe mode.",
     ),
+    handler: str = typer.Option(
+        None,
+        help="In socket mode set by 'corevault install': the pipe handler that captures while the agent is "
+        "stopped \\[default: corevault-capture next to corevault].",
+    ),
 ) -> None:
     """Ship the node spool into the vault, analyse each crash, keep retention, serve metrics.
 
@@ -91,8 +96,11 @@ def agent(
         elif mode == "socket":
             listener = coredumps.install(settings, ctx.obj["config"])
         elif not once and hostsetup.kernel_socket_mode() == "@@":
+            # for 'corevault install --mode socket'; back from the pipe it stood in for while we were away
             listener = coredumps.CoredumpListener(settings, hostsetup.socket_path(settings.state_dir))
             listener.listen().start()
+            if hostsetup.take_back(settings.state_dir, ctx.obj["config"]):
+                logging.info("socket mode again: core_pattern = @@%s", listener.path)
         waiting = a.run(once=once)
     finally:
         if receiver is not None:
@@ -101,6 +109,16 @@ def agent(
             if mode == "socket":
                 forwarding.give_back(listener)
             else:
+                try:
+                    if hostsetup.hand_over(
+                        settings.state_dir, ctx.obj["config"], handler or hostsetup.default_handler()
+                    ):
+                        logging.info("the pipe handler captures until the agent is back")
+                except UserError as e:
+                    logging.warning(
+                        "cannot hand over to the pipe handler (crashes are lost until the agent is back): %s",
+                        e,
+                    )
                 listener.close()
     if once and waiting:
         why = f"the vault is unreachable ({a.unreachable})" if a.unreachable else "shipping failed, see above"
