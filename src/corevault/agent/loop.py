@@ -17,7 +17,7 @@ from collections.abc import Callable
 
 import sqlalchemy as sa
 
-from corevault import config, spool
+from corevault import config, hostsetup, spool
 from corevault.agent.metrics import Metrics
 from corevault.vault import blobs, catalog, retention, ship
 
@@ -62,15 +62,39 @@ class Agent:
         #: why the vault could not be reached on the last pass, or None
         self.unreachable: str | None = None
         self.last_vacuum = 0.0
+        #: whether core_pattern was corevault's at the last look (None: not looked, or not installed)
+        self.installed: bool | None = None
 
     def connect(self) -> ship.Vault:
         if self.vault is None:
             self.vault = ship.open_vault(self.settings)
         return self.vault
 
+    def check_installed(self) -> bool | None:
+        """Whether core_pattern is still the one corevault installed (None: nothing is installed).
+
+        corevault does not fight an administrator who points core_pattern elsewhere; it says so,
+        once in the log and for as long as it lasts in ``corevault_capture_installed``.
+        """
+        state = hostsetup.load_state(hostsetup.state_path(self.settings))
+        if state is None:
+            return None
+        current = hostsetup.read_sysctls()["core_pattern"]
+        ours = hostsetup.is_ours(current, state)
+        self.metrics.installed.set(1 if ours else 0)
+        if not ours and self.installed is not False:
+            log.warning(
+                "core_pattern is now %r, no longer corevault's: crashes are not captured; "
+                "run 'corevault install' again (or restart the agent) to capture them",
+                current,
+            )
+        self.installed = ours
+        return ours
+
     def pass_once(self) -> int:
         """One look at the spool; returns how many entries are still waiting."""
         s = self.settings
+        self.check_installed()
         spool.ensure(s.spool_dir)
         ship.clean_abandoned(s)
         try:

@@ -18,6 +18,11 @@ class Metrics:
             "corevault_ship_failures", "Attempts to ship an entry that failed", registry=r
         )
         self.queue = Gauge("corevault_spool_entries", "Finished entries waiting in the spool", registry=r)
+        self.installed = Gauge(
+            "corevault_capture_installed",
+            "1 while core_pattern is corevault's, 0 when something else replaced it after install",
+            registry=r,
+        )
         self.upload_bytes = Counter("corevault_upload_bytes", "Core bytes uploaded to the vault", registry=r)
         self.upload_seconds = Histogram(
             "corevault_ship_seconds", "Time to ship one entry, analysis included", registry=r,
