@@ -159,6 +159,18 @@ def test_a_crash_storm_costs_at_most_the_configured_cores(
     )
 
 
+def test_a_pod_that_did_not_opt_in_is_rejected(socketed: Socketed, rootfs: str) -> None:
+    from testbed import runc
+
+    c = runc.Container(rootfs, ["/app/crasher", "segv"], volume=socketed.volume)  # no annotation
+    assert c.run().returncode != 0
+    socketed.settle()
+    assert socketed.listener.outcomes == {"rejected": 1}
+    assert socketed.entries() == [] and os.listdir(socketed.volume) == []
+    [skipped] = socketed.journal()
+    assert skipped["event"] == "skipped" and skipped["pod"]["container_id"] == c.id
+
+
 def test_several_crashes_at_once_are_served_in_parallel_within_a_bound(
     socketed: Socketed, programs: dict[str, str]
 ) -> None:

@@ -5,6 +5,7 @@ from __future__ import annotations
 import json
 import logging
 import os
+import signal
 import sys
 
 import typer
@@ -84,6 +85,8 @@ def agent(
         threading.Thread(target=watch.run, daemon=True, name="pod-watch").start()
         on_record = EventPoster(core, name)
     a = Agent(settings, on_record=on_record)
+    for sig in (signal.SIGTERM, signal.SIGINT):  # from here on a stop request still restores the host
+        signal.signal(sig, lambda *_: a.stop.set())
     a.metrics.serve(settings.agent_metrics)
     receiver = listener = None
     from corevault.agent import coredumps

@@ -34,6 +34,7 @@ import threading
 import time
 import tomllib
 from collections.abc import Callable, Iterable
+from concurrent.futures import ThreadPoolExecutor
 from dataclasses import dataclass
 
 from corevault.errors import UserError
@@ -271,6 +272,12 @@ class KubeAccess(Access):
         def scope(verb: str) -> frozenset[str] | None:
             if allows(verb, ""):
                 return None
-            return frozenset(ns for ns in namespaces() if allows(verb, ns))
+            names = list(namespaces())
+            with ThreadPoolExecutor(max_workers=max(1, min(8, len(names)))) as pool:  # reviews in parallel
+                return frozenset(
+                    ns
+                    for ns, ok in zip(names, pool.map(lambda ns: allows(verb, ns), names), strict=True)
+                    if ok
+                )
 
         return Principal(user[0], scope, allows)
