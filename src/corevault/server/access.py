@@ -27,6 +27,7 @@ may see, or None for all of them.
 
 from __future__ import annotations
 
+import abc
 import hashlib
 import hmac
 import os
@@ -96,14 +97,15 @@ class Principal:
         return self.allowed("get", namespace)
 
 
-class Access:
+class Access(abc.ABC):
     """Turns a request's bearer token into a :class:`Principal` or raises :class:`Denied`."""
 
     #: whether requests without a token are let in (the loopback demo only)
     open = False
 
+    @abc.abstractmethod
     def principal(self, token: str | None, namespaces: Callable[[], Iterable[str]]) -> Principal:
-        raise NotImplementedError
+        """``namespaces`` lists the namespaces that have crashes, for readers scoped per namespace."""
 
 
 class Open(Access):

@@ -14,7 +14,7 @@ from typing import BinaryIO
 from starlette.requests import Request
 from starlette.responses import Response, StreamingResponse
 
-CHUNK = 1 << 20
+CHUNK = 4 << 20
 
 
 class Unsatisfiable(Exception):
