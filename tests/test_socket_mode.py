@@ -16,6 +16,7 @@ import sys
 import tempfile
 import time
 from collections.abc import Iterator
+from contextlib import contextmanager
 from dataclasses import dataclass
 
 import pytest
@@ -57,8 +58,9 @@ class Socketed:
             self.listener.slots.release()
 
 
-@pytest.fixture
-def socketed(programs: dict[str, str]) -> Iterator[Socketed]:
+@contextmanager
+def socket_capture(requests: bool = True) -> Iterator[Socketed]:
+    """corevault in socket mode (``@@``, or plain ``@`` without ``requests``) with its own state; restored after."""
     d = tempfile.mkdtemp(prefix="cv-", dir="/tmp")
     volume = os.path.join(d, "vol")
     os.mkdir(volume)
@@ -71,8 +73,9 @@ def socketed(programs: dict[str, str]) -> Iterator[Socketed]:
     settings = config.load(cfg)
     try:
         with sysctl.core_settings() as saved:
-            listener = CoredumpListener(settings, hostsetup.socket_path(settings.state_dir)).listen().start()
-            hostsetup.install(None, config_path=cfg, socket=listener.path)
+            path = hostsetup.socket_path(settings.state_dir)
+            listener = CoredumpListener(settings, path, request_mode=requests).listen().start()
+            hostsetup.install(None, config_path=cfg, socket=listener.path, requests=requests)
             try:
                 yield Socketed(d, cfg, settings, listener, volume)
             finally:
@@ -81,6 +84,12 @@ def socketed(programs: dict[str, str]) -> Iterator[Socketed]:
                 assert hostsetup.read_sysctls() == saved
     finally:
         shutil.rmtree(d, ignore_errors=True)
+
+
+@pytest.fixture
+def socketed(programs: dict[str, str]) -> Iterator[Socketed]:
+    with socket_capture() as s:
+        yield s
 
 
 def _unlimited() -> None:
@@ -292,3 +301,20 @@ def test_a_host_agent_hands_over_to_the_pipe_while_it_is_away(programs: dict[str
             assert hostsetup.read_sysctls() == saved  # the host's own values, kept through both hand-overs
     finally:
         shutil.rmtree(d, ignore_errors=True)
+
+
+def test_plain_socket_mode_of_linux_6_16(programs: dict[str, str]) -> None:
+    """``@SOCKET``: no request, the kernel writes at once; a crash that did not opt in is cut off by
+    closing the connection, and nothing of it is kept."""
+    with socket_capture(requests=False) as s:
+        assert hostsetup.read_sysctls()["core_pattern"] == "@" + s.listener.path
+        pid, dumped, _ = host_crash([programs["crasher"], "segv"])
+        s.settle()
+        assert dumped
+        [entry] = s.entries()
+        assert entry["signal"]["number"] == 11 and entry["process"]["pid"] == pid
+        shutil.copy(programs["crasher"], os.path.join(s.dir, "not-opted-in"))
+        host_crash([os.path.join(s.dir, "not-opted-in"), "segv"])
+        s.settle()
+        assert len(s.entries()) == 1 and len(os.listdir(s.volume)) == 1
+        assert s.listener.outcomes == {"captured": 1, "rejected": 1}

@@ -141,11 +141,10 @@ def choose_mode(mode: str, state_dir: str) -> str:
     kernel = kernel_socket_mode()
     listener = listening(socket_path(state_dir))
     if mode == "auto":
-        return "socket" if kernel == "@@" and listener else "pipe"
-    if kernel != "@@":
+        return "socket" if kernel and listener else "pipe"
+    if kernel is None:
         raise SetupError(
-            f"this kernel ({os.uname().release}) has no coredump socket with requests (Linux 6.17+); "
-            "use --mode pipe"
+            f"this kernel ({os.uname().release}) has no coredump socket (Linux 6.16+); use --mode pipe"
         )
     if not listener:
         raise SetupError(
@@ -174,14 +173,16 @@ def install(
     force: bool = False,
     forward_to: str | None = None,
     socket: str | None = None,
+    requests: bool = True,
     resume_socket: str | None = None,
     paths: dict[str, str] = SYSCTLS,
 ) -> dict:
     """Set our sysctls, saving the host's first; returns the state that ``uninstall`` uses.
 
     With ``forward_to`` (an agent's socket) the handler is corevault-forward. With
-    ``socket`` the pattern is ``@@SOCKET`` (socket mode) and there is no handler.
-    ``resume_socket`` records a socket mode that a pipe stands in for (:func:`hand_over`).
+    ``socket`` the pattern is ``@@SOCKET`` (socket mode; ``@SOCKET`` without ``requests``, for
+    Linux 6.16) and there is no handler.
+    ``resume_socket`` records the socket pattern that a pipe stands in for (:func:`hand_over`).
 
     The settings at ``config_path`` are validated and written as the handler's snapshot.
     Installing again over our own installation keeps the originally saved values, and is
@@ -195,7 +196,7 @@ def install(
         raise SetupError(f"core_pipe_limit must be 0 or more, not {pipe_limit}")
     settings, snapshot = config.write_snapshot(config_path)
     if socket is not None:
-        pattern = "@@" + socket
+        pattern = ("@@" if requests else "@") + socket
         if len(pattern.encode()) > MAX_PATTERN_LEN or " " in socket:
             raise SetupError(f"the socket path {socket!r} is too long for core_pattern or has spaces")
     else:
@@ -237,10 +238,11 @@ def hand_over(state_dir: str, config_path: str | None, handler: str) -> bool:
     """
     state_file = os.path.join(state_dir, STATE_NAME)
     state = load_state(state_file)
-    socket = socket_path(state_dir)
-    if state is None or read_sysctls()["core_pattern"] != "@@" + socket or not os.access(handler, os.X_OK):
+    current = read_sysctls()["core_pattern"]
+    ours = current.startswith("@") and current.lstrip("@") == socket_path(state_dir)
+    if state is None or not ours or not os.access(handler, os.X_OK):
         return False
-    install(handler, config_path=config_path, resume_socket=socket)
+    install(handler, config_path=config_path, resume_socket=current)
     return True
 
 
@@ -253,7 +255,8 @@ def take_back(state_dir: str, config_path: str | None) -> bool:
         or read_sysctls()["core_pattern"] != state["installed"]["core_pattern"]
     ):
         return False
-    install(None, config_path=config_path, socket=state["resume_socket"])
+    pattern = state["resume_socket"]
+    install(None, config_path=config_path, socket=pattern.lstrip("@"), requests=pattern.startswith("@@"))
     return True
 
 

@@ -37,6 +37,7 @@ class CoredumpListener:
         self.slots = threading.BoundedSemaphore(parallel)
         self.stop = threading.Event()
         self.sock: socket.socket | None = None
+        self.thread: threading.Thread | None = None
         #: outcomes by kind ("captured", "rejected", ...), for logs and tests
         self.outcomes: dict[str, int] = {}
         self._lock = threading.Lock()
@@ -46,7 +47,8 @@ class CoredumpListener:
         return self
 
     def start(self) -> CoredumpListener:
-        threading.Thread(target=self.serve, daemon=True, name="coredump-socket").start()
+        self.thread = threading.Thread(target=self.serve, daemon=True, name="coredump-socket")
+        self.thread.start()
         return self
 
     def serve(self) -> None:
@@ -89,14 +91,25 @@ class CoredumpListener:
             conn.close()
 
     def close(self) -> None:
+        """Stop accepting; when this returns, nothing listens on the path any more."""
         self.stop.set()
         if self.sock is not None:
+            with suppress(OSError):
+                self.sock.shutdown(socket.SHUT_RDWR)  # wakes the accept() in progress
+            if self.thread is not None:
+                self.thread.join(5)
             self.sock.close()
         with suppress(FileNotFoundError):
             os.unlink(self.path)
 
 
+def for_this_kernel(settings: config.Settings) -> CoredumpListener:
+    """A listener on the state directory's socket, speaking the request protocol where the kernel has it."""
+    requests = hostsetup.kernel_socket_mode() == "@@"
+    return CoredumpListener(settings, hostsetup.socket_path(settings.state_dir), request_mode=requests)
+
+
 def install(settings: config.Settings, config_path: str | None) -> CoredumpListener:
     """Listen on the state directory's coredump socket, then point core_pattern at it."""
-    listener = CoredumpListener(settings, hostsetup.socket_path(settings.state_dir)).listen().start()
-    return take_over(listener, None, config_path, socket=listener.path)
+    listener = for_this_kernel(settings).listen().start()
+    return take_over(listener, None, config_path, socket=listener.path, requests=listener.request_mode)

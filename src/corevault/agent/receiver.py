@@ -136,7 +136,7 @@ def install_forwarder(settings: config.Settings, config_path: str | None, binary
     return take_over(receiver, target, config_path, forward_to=receiver.path)
 
 
-def take_over(server, handler: str | None, config_path: str | None, **where: str):  # -> server
+def take_over(server, handler: str | None, config_path: str | None, **where: object):  # -> server
     """Point core_pattern at a listening ``server`` (its ``path``); stop it if that fails."""
     try:
         state = hostsetup.install(handler, config_path=config_path, force=True, **where)  # type: ignore[arg-type]

@@ -34,7 +34,7 @@ def install(
     mode: str = typer.Option(
         "auto",
         help="socket: the kernel streams cores to the running agent, which can refuse them before they are "
-        "written (Linux 6.17+); pipe: a handler process per crash; auto: socket when the kernel has it and "
+        "written (Linux 6.17+; 6.16 streams without asking); pipe: a handler process per crash; auto: socket when the kernel has it and "
         "an agent listens, else pipe.",
     ),
 ) -> None:
@@ -48,6 +48,7 @@ def install(
         suid_dumpable=suid_dumpable,
         force=force,
         socket=hostsetup.socket_path(settings.state_dir) if chosen == "socket" else None,
+        requests=hostsetup.kernel_socket_mode() == "@@",
     )
     print(f"installed ({chosen} mode): core_pattern = {state['installed']['core_pattern']}")
     print(f"handler settings: {state['snapshot']} (run install again after changing the settings file)")

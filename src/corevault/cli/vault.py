@@ -61,7 +61,7 @@ def agent(
     if install is not None:
         if install not in hostsetup.MODES:
             raise UserError(f"--install {install!r}: use socket, pipe or auto")
-        socket_ok = hostsetup.kernel_socket_mode() == "@@"
+        socket_ok = hostsetup.kernel_socket_mode() is not None
         mode = "socket" if install == "socket" or (install == "auto" and socket_ok) else "pipe"
         if mode == "socket" and not socket_ok:
             raise UserError(
@@ -98,10 +98,9 @@ def agent(
             receiver = forwarding.install_forwarder(settings, ctx.obj["config"], forwarder)
         elif mode == "socket":
             listener = coredumps.install(settings, ctx.obj["config"])
-        elif not once and hostsetup.kernel_socket_mode() == "@@":
+        elif not once and hostsetup.kernel_socket_mode() is not None:
             # for 'corevault install --mode socket'; back from the pipe it stood in for while we were away
-            listener = coredumps.CoredumpListener(settings, hostsetup.socket_path(settings.state_dir))
-            listener.listen().start()
+            listener = coredumps.for_this_kernel(settings).listen().start()
             if hostsetup.take_back(settings.state_dir, ctx.obj["config"]):
                 logging.info("socket mode again: core_pattern = @@%s", listener.path)
         waiting = a.run(once=once)
