@@ -9,7 +9,7 @@ handler silently loses every crash on the host, so ``status`` says when that is 
 and ``install`` refuses to replace another tool's pipe handler unless forced.
 
 Two modes: ``pipe`` (``|corevault-capture …``, a process per crash, any kernel) and
-``socket`` (``@@<state>/coredump.sock``, Linux 6.17+: the kernel connects to the agent's
+``socket`` (``@@<state>/coredump.sock``, Linux 6.17+, or ``@…`` on 6.16: the kernel connects to the agent's
 listener, which may refuse a dump before a byte of it is written). In socket mode nothing
 captures while no agent listens, so ``status`` checks the listener too.
 """

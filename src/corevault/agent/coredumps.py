@@ -22,6 +22,7 @@ from contextlib import suppress
 from corevault import config, hostsetup
 from corevault.agent.receiver import accept_until, listen_root_only, take_over
 from corevault.capture import coresocket, handler
+from corevault.errors import UserError
 
 log = logging.getLogger("corevault.agent")
 
@@ -70,7 +71,7 @@ class CoredumpListener:
             self._count(coresocket.serve(self.settings, conn, self.request_mode))
         except Exception as e:
             log.exception("serving a kernel coredump connection failed")
-            handler._journal(
+            handler.journal(
                 self.settings, {"event": "error", "reason": f"coredump socket: {type(e).__name__}: {e}"}
             )
             self._count("error")
@@ -82,7 +83,7 @@ class CoredumpListener:
         try:
             conn.settimeout(10)
             reason = f"{self.parallel} dumps are being captured already; refused before it was written"
-            handler._journal(self.settings, {"event": "dropped", "reason": reason, "transport": "socket"})
+            handler.journal(self.settings, {"event": "dropped", "reason": reason, "transport": "socket"})
             self._count("overflow")
             coresocket.reject(conn, self.request_mode)
         except (OSError, coresocket.ProtocolError):
@@ -113,3 +114,21 @@ def install(settings: config.Settings, config_path: str | None) -> CoredumpListe
     """Listen on the state directory's coredump socket, then point core_pattern at it."""
     listener = for_this_kernel(settings).listen().start()
     return take_over(listener, None, config_path, socket=listener.path, requests=listener.request_mode)
+
+
+def attend(settings: config.Settings, config_path: str | None) -> CoredumpListener:
+    """Listen for a socket mode set by 'corevault install', taking it back from the pipe that stood in."""
+    listener = for_this_kernel(settings).listen().start()
+    if hostsetup.take_back(settings.state_dir, config_path):
+        log.info("socket mode again: core_pattern = %s", hostsetup.read_sysctls()["core_pattern"])
+    return listener
+
+
+def step_aside(listener: CoredumpListener, config_path: str | None, handler: str) -> None:
+    """Stop listening, first handing a socket-mode host over to the pipe handler (see :func:`attend`)."""
+    try:
+        if hostsetup.hand_over(listener.settings.state_dir, config_path, handler):
+            log.info("the pipe handler captures until the agent is back")
+    except UserError as e:
+        log.warning("cannot hand over to the pipe handler (crashes are lost until the agent is back): %s", e)
+    listener.close()

@@ -85,7 +85,7 @@ def serve(settings: config.Settings, conn: socket.socket, request_mode: bool) ->
     try:
         pidfd = conn.getsockopt(socket.SOL_SOCKET, SO_PEERPIDFD)
     except OSError as e:
-        handler._journal(
+        handler.journal(
             settings, {"event": "error", "reason": f"coredump socket: no peer pidfd ({e.strerror})"}
         )
         return "error"
@@ -103,10 +103,10 @@ def _serve(
     try:
         info = process.pidfd_info(pidfd)
     except process.ProcessGone as e:
-        handler._journal(settings, {**record, "event": "refused", "reason": str(e)})
+        handler.journal(settings, {**record, "event": "refused", "reason": str(e)})
         return "refused"
     if not info.dumping:  # a process that connected by itself, not the kernel dumping one
-        handler._journal(
+        handler.journal(
             settings,
             {**record, "pid": info.pid, "event": "refused", "reason": "not a kernel coredump connection"},
         )
@@ -117,7 +117,7 @@ def _serve(
     try:
         process.open_process(crash, pidfd)
     except process.ProcessGone as e:
-        handler._journal(settings, {**record, "event": "refused", "reason": str(e), "exe": crash.exe})
+        handler.journal(settings, {**record, "event": "refused", "reason": str(e), "exe": crash.exe})
         if request_mode:
             answer(conn, offered, accept=False)
         return "refused"
@@ -127,7 +127,7 @@ def _serve(
         if admitted is not None and admitted.plan.vault and admitted.plan.volume_path is None:
             full = handler.spool_full(settings)
             if full:
-                handler._journal(settings, {**record, "event": "dropped", "reason": full})
+                handler.journal(settings, {**record, "event": "dropped", "reason": full})
                 admitted = None
         if request_mode:
             answer(conn, offered, accept=admitted is not None)
@@ -142,7 +142,7 @@ def _serve(
         try:
             handler.deliver(admitted, conn.fileno(), started, head.data)
         except OSError as e:  # the receive timeout, or the kernel gave up
-            handler._journal(
+            handler.journal(
                 settings, {**record, "event": "dropped", "reason": f"coredump socket: {e.strerror}"}
             )
             return "dropped"

@@ -75,13 +75,13 @@ def main(argv: list[str] | None = None) -> int:
     try:
         return capture(settings, args, 0, warnings)
     except Exception as e:  # a bug: say so in the journal rather than vanish
-        _journal(settings, {"event": "error", "reason": f"handler failed: {type(e).__name__}: {e}"})
+        journal(settings, {"event": "error", "reason": f"handler failed: {type(e).__name__}: {e}"})
         return 1
     finally:
         signal.setitimer(signal.ITIMER_REAL, 0)
 
 
-def _journal(settings: config.Settings, record: dict) -> None:
+def journal(settings: config.Settings, record: dict) -> None:
     try:
         spool.ensure(settings.spool_dir)
         spool.journal(settings.spool_dir, record)
@@ -112,14 +112,14 @@ def capture(settings: config.Settings, args: list[str], core_fd: int, warnings: 
     try:
         crash = process.Crash(process.parse_args(args))
     except ValueError as e:
-        _journal(settings, {"event": "error", "reason": f"bad handler arguments: {e}"})
+        journal(settings, {"event": "error", "reason": f"bad handler arguments: {e}"})
         return 2
     pidfd_arg = crash.values.get("F", "")
     record = new_record(settings, crash)
     try:
         process.open_process(crash, int(pidfd_arg) if pidfd_arg.isdigit() else None)
     except process.ProcessGone as e:
-        _journal(settings, {**record, "event": "refused", "reason": str(e), "exe": crash.exe})
+        journal(settings, {**record, "event": "refused", "reason": str(e), "exe": crash.exe})
         return 0
     try:
         process.read_facts(crash)
@@ -181,7 +181,7 @@ def admit(
         record["warnings"] = warnings
     if plan.refused:
         event = "skipped" if not plan.opted_in else "refused"
-        _journal(settings, {**record, "event": event, "reason": plan.refused})
+        journal(settings, {**record, "event": event, "reason": plan.refused})
         return None
     kept, seen = policy.admit(
         settings.state_dir,
@@ -195,18 +195,25 @@ def admit(
             f"crash storm: {seen} crashes of this container in {settings.storm_window:g}s, "
             f"at most {settings.storm_max} cores kept"
         )
-        _journal(settings, {**record, "event": "dropped", "reason": reason})
+        journal(settings, {**record, "event": "dropped", "reason": reason})
         return None
     return Admitted(settings, crash, cg=cg, owner=owner, plan=plan, record=record)
+
+
+def spool_budget(settings: config.Settings) -> int:
+    """Bytes a new spool entry may take; SinkFailed when the spool has no room at all."""
+    spool.ensure(settings.spool_dir)
+    budget = spool.room(settings.spool_dir, settings.spool_max_size, settings.spool_keep_free)
+    if budget <= 0:
+        raise stream.SinkFailed("spool is full (its max_size or keep_free is reached)")
+    return budget
 
 
 def spool_full(settings: config.Settings) -> str | None:
     """Why no spool entry can be made now, if it cannot (the vault target only)."""
     try:
-        spool.ensure(settings.spool_dir)
-        if spool.room(settings.spool_dir, settings.spool_max_size, settings.spool_keep_free) <= 0:
-            return "spool is full (its max_size or keep_free is reached)"
-    except OSError as e:
+        spool_budget(settings)
+    except (OSError, stream.SinkFailed) as e:
         return _reason(e)
     return None
 
@@ -218,7 +225,7 @@ def deliver(admitted: Admitted, core_fd: int, started: float, head: bytes = b"")
     try:
         job.open_targets()
         if not job.sinks:
-            _journal(settings, {**record, "event": "dropped", "reason": "; ".join(job.problems)})
+            journal(settings, {**record, "event": "dropped", "reason": "; ".join(job.problems)})
             return
         # The mapped binaries are opened while the process still exists, copied later.
         job.modules = buildid.open_modules(crash.proc_fd, crash.maps)
@@ -226,7 +233,7 @@ def deliver(admitted: Admitted, core_fd: int, started: float, head: bytes = b"")
             job.size, job.truncated = stream.pump(core_fd, job.sinks, admitted.plan.limit, head)
         except HandlerTimeout:
             reason = f"handler timeout after {settings.timeout:g}s; raise [capture] timeout for larger cores"
-            _journal(settings, {**record, "event": "dropped", "reason": reason})
+            journal(settings, {**record, "event": "dropped", "reason": reason})
             return
         job.problems += [f"{s.name}: {s.failed}" for s in job.sinks if s.failed]
         job.publish_volume()
@@ -279,10 +286,7 @@ class _Job:
         if self.plan.vault:
             s = self.settings
             try:
-                spool.ensure(s.spool_dir)
-                budget = spool.room(s.spool_dir, s.spool_max_size, s.spool_keep_free)
-                if budget <= 0:
-                    raise stream.SinkFailed("spool is full (its max_size or keep_free is reached)")
+                budget = spool_budget(s)
                 self.entry_id = spool.new_id(time.time(), self.crash.global_pid)
                 self.entry_tmp = os.path.join(spool.tmp_dir(s.spool_dir), self.entry_id)
                 os.mkdir(self.entry_tmp, 0o700)
@@ -342,11 +346,11 @@ class _Job:
         }
         if self.truncated:
             reason = f"cut at {self.plan.limit} bytes by {self.plan.limit_source}"
-            _journal(self.settings, {**event, "event": "truncated", "reason": reason})
+            journal(self.settings, {**event, "event": "truncated", "reason": reason})
         for problem in self.problems:
-            _journal(self.settings, {**event, "event": "dropped", "reason": problem})
+            journal(self.settings, {**event, "event": "dropped", "reason": problem})
         if self.volume["written"] or event["entry"]:
-            _journal(self.settings, {**event, "event": "captured"})
+            journal(self.settings, {**event, "event": "captured"})
 
     def close(self) -> None:
         if self.volume_file is not None:

@@ -32,7 +32,7 @@ def agent(
         "--install",
         metavar="MODE",
         help="Capture on this host while the agent runs, restoring the host's settings on exit: socket (the "
-        "kernel streams cores to the agent, Linux 6.17+), pipe (the kernel runs --forwarder), or auto.",
+        "kernel streams cores to the agent, Linux 6.16+), pipe (the kernel runs --forwarder), or auto.",
     ),
     forwarder: str = typer.Option(
         None,
@@ -65,7 +65,7 @@ def agent(
         mode = "socket" if install == "socket" or (install == "auto" and socket_ok) else "pipe"
         if mode == "socket" and not socket_ok:
             raise UserError(
-                f"this kernel ({os.uname().release}) has no coredump socket (6.17+); use --install pipe"
+                f"this kernel ({os.uname().release}) has no coredump socket (6.16+); use --install pipe"
             )
         if mode == "pipe" and not forwarder:
             raise UserError("pipe mode needs --forwarder BINARY (the static corevault-forward)")
@@ -99,29 +99,15 @@ def agent(
         elif mode == "socket":
             listener = coredumps.install(settings, ctx.obj["config"])
         elif not once and hostsetup.kernel_socket_mode() is not None:
-            # for 'corevault install --mode socket'; back from the pipe it stood in for while we were away
-            listener = coredumps.for_this_kernel(settings).listen().start()
-            if hostsetup.take_back(settings.state_dir, ctx.obj["config"]):
-                logging.info("socket mode again: core_pattern = @@%s", listener.path)
+            listener = coredumps.attend(settings, ctx.obj["config"])  # for 'corevault install --mode socket'
         waiting = a.run(once=once)
     finally:
         if receiver is not None:
             forwarding.give_back(receiver)
-        if listener is not None:
-            if mode == "socket":
-                forwarding.give_back(listener)
-            else:
-                try:
-                    if hostsetup.hand_over(
-                        settings.state_dir, ctx.obj["config"], handler or hostsetup.default_handler()
-                    ):
-                        logging.info("the pipe handler captures until the agent is back")
-                except UserError as e:
-                    logging.warning(
-                        "cannot hand over to the pipe handler (crashes are lost until the agent is back): %s",
-                        e,
-                    )
-                listener.close()
+        if listener is not None and mode == "socket":
+            forwarding.give_back(listener)
+        elif listener is not None:
+            coredumps.step_aside(listener, ctx.obj["config"], handler or hostsetup.default_handler())
     if once and waiting:
         why = f"the vault is unreachable ({a.unreachable})" if a.unreachable else "shipping failed, see above"
         print(f"corevault: error: {waiting} entries left in the spool: {why}", file=sys.stderr)

@@ -115,6 +115,13 @@ def decode_cursor(cursor: str | None) -> tuple[int, str] | None:
         raise HTTPException(400, "cursor: not one this server gave out; start again without it") from None
 
 
+def _page(rows: list[dict], limit: int, key: tuple[str, str]) -> dict:
+    """One page of ``rows`` (fetched with one more than ``limit``) and the cursor to the next, if any."""
+    more = len(rows) > limit
+    rows = rows[:limit]
+    return {"items": rows, "next": encode_cursor(tuple(rows[-1][k] for k in key)) if more else None}
+
+
 def _scope(reader: Principal, namespace: str | None) -> frozenset[str] | None:
     if namespace is not None and not reader.sees(namespace):
         raise HTTPException(403, f"you may not read namespace {namespace!r}")
@@ -149,9 +156,7 @@ def list_crashes(
     )  # fmt: skip
     with server(request).vault.engine.connect() as conn:
         rows = catalog.list_crashes(conn, filters, limit + 1, decode_cursor(cursor))
-    more = len(rows) > limit
-    rows = rows[:limit]
-    return {"items": rows, "next": encode_cursor((rows[-1]["time"], rows[-1]["id"])) if more else None}
+    return _page(rows, limit, ("time", "id"))
 
 
 def visible_crash(request: Request, reader: Principal, crash_id: str) -> dict:
@@ -259,12 +264,7 @@ def list_groups(
             conn, limit + 1, visible=visible, namespace=namespace, image=image, signal=signal, since=since,
             before=decode_cursor(cursor), days=days,
         )  # fmt: skip
-    more = len(rows) > limit
-    rows = rows[:limit]
-    return {
-        "items": rows,
-        "next": encode_cursor((rows[-1]["last_seen"], rows[-1]["signature"])) if more else None,
-    }
+    return _page(rows, limit, ("last_seen", "signature"))
 
 
 @router.get("/namespaces", response_model=list[str])

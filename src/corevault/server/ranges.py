@@ -84,7 +84,7 @@ def serve(
         except Unsatisfiable:
             return Response(status_code=416, headers={**base, "Content-Range": f"bytes */{size}"})
     start, end = span if span else (0, size - 1)
-    length = end - start + 1 if size else 0
+    length = end - start + 1
     base["Content-Length"] = str(length)
     status = 200
     if span:

@@ -542,8 +542,9 @@ def list_groups(
 
     Each has its signature, title, signal, count, first and last seen, the namespaces and
     images it was seen in, and ``daily``: its crashes on each of the last ``days`` days
-    (UTC), oldest first. ``before`` is the (last_seen, signature) of the previous page's
-    last group.
+    (UTC), oldest first, counted over the namespaces but not per image (``group_days`` has
+    no image), so with ``image`` the daily counts are those of every image of the group.
+    ``before`` is the (last_seen, signature) of the previous page's last group.
     """
     gn = group_ns.c
     agg = sa.select(
