@@ -5,7 +5,9 @@
 PYTHON ?= python3
 VENV   := .venv
 PY     := $(VENV)/bin/python
-APT_PACKAGES := runc busybox-static gdb elfutils zstd gcc g++ libc6-dev binutils libc6-dbg postgresql chromium curl
+APT_PACKAGES := runc busybox-static gdb elfutils zstd gcc g++ libc6-dev binutils libc6-dbg postgresql chromium curl \
+	golang-go rustc debuginfod s3fs rclone fuse3 podman buildah mmdebstrap umoci skopeo containerd \
+	prometheus prometheus-alertmanager
 
 .PHONY: setup apt venv demo test lint bench clean
 
