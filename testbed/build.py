@@ -18,6 +18,9 @@ PROGRAMS = {
     "thrower": ("thrower.cc", ["g++", "-g", "-O1"]),
     "libcrashy.so": ("libcrashy.c", ["gcc", "-g", "-O1", "-shared", "-fPIC", "-Wl,-soname,libcrashy.so"]),
     "libuser": ("libuser.c", ["gcc", "-g", "-O1", "-Wl,-rpath,/app"]),
+    # not position-independent: mapped at 0x400000, as Go, Node and Debian's python3.11 are
+    "crasher-static": ("crasher.c", ["gcc", "-g", "-O1", "-pthread", "-static"]),
+    "crasher-nopie": ("crasher.c", ["gcc", "-g", "-O1", "-pthread", "-no-pie"]),
 }
 
 

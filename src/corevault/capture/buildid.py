@@ -55,7 +55,10 @@ def mapped_objects(maps: str) -> list[tuple[str, str, int, int]]:
         lo, _, hi = fields[0].partition("-")
         ends[path] = max(ends.get(path, 0), int(hi, 16))
         if path not in seen and int(fields[2], 16) == 0:
-            seen[path] = (path, fields[0], int(lo, 16), int(hi, 16))
+            # maps pads addresses to 8 digits (00400000), map_files names have no leading
+            # zeros (400000): a non-PIE executable is only found under the unpadded name.
+            name = f"{int(lo, 16):x}-{int(hi, 16):x}"
+            seen[path] = (path, name, int(lo, 16), int(hi, 16))
     return [(p, name, lo, ends[p]) for p, name, lo, _ in seen.values()]
 
 
