@@ -51,7 +51,7 @@ def cgroups_path(pod_uid: str, container_id: str, driver: str = "cgroupfs", qos:
     raise ValueError(f"unknown cgroup driver {driver!r}")
 
 
-def _libraries(binary: str) -> list[str]:
+def libraries(binary: str) -> list[str]:
     out = subprocess.run(["ldd", binary], capture_output=True, text=True, check=False).stdout
     libs = []
     for line in out.splitlines():
@@ -79,7 +79,7 @@ def build_rootfs(path: str, programs: dict[str, str], glibc: str | None = None) 
         f.write("root:x:0:0:root:/:/bin/sh\nwww-data:x:33:33:www-data:/:/bin/sh\n")
     for name, src in programs.items():
         shutil.copy2(src, os.path.join(path, "app", name))
-        for lib in _libraries(src):
+        for lib in libraries(src):
             dest = os.path.join(path, lib.lstrip("/"))
             if not os.path.exists(dest):
                 os.makedirs(os.path.dirname(dest), exist_ok=True)

@@ -1,0 +1,24 @@
+// An uncaught C++ exception thrown in a worker thread: std::terminate, then abort().
+#include <chrono>
+#include <stdexcept>
+#include <string>
+#include <thread>
+#include <vector>
+
+__attribute__((noinline)) void validate_order(int id) {
+    if (id < 0) throw std::invalid_argument("order id must not be negative: " + std::to_string(id));
+}
+
+__attribute__((noinline)) void process_orders() {
+    std::this_thread::sleep_for(std::chrono::milliseconds(20));
+    validate_order(-7);
+}
+
+int main() {
+    std::vector<std::thread> idle;
+    for (int i = 0; i < 3; i++) idle.emplace_back([] { std::this_thread::sleep_for(std::chrono::seconds(10)); });
+    std::thread worker(process_orders);
+    worker.join();
+    for (auto &t : idle) t.join();
+    return 0;
+}
