@@ -1,6 +1,7 @@
 """The programs people actually run, built from Debian's toolchains and cached under build/corpus.
 
-``build.py`` compiles the C corpus (a static and a non-PIE crasher among it); this module adds the other runtimes a node sees:
+``build.py`` compiles the C corpus (a static and a non-PIE crasher among it); this module
+adds the other runtimes a node sees:
 
 - ``goservice``: Go (Debian's golang-go), a static non-PIE binary without a GNU build-id,
   forty idle goroutines and two bugs (``nilmap``, ``nilptr``); run it with ``GOTRACEBACK=crash``.
