@@ -86,6 +86,9 @@ class Report:
     #: the normalised frames the signature was computed from, for people to read
     signature_frames: tuple[str, ...] = ()
     title: str | None = None
+    #: why it died in the program's own runtime's words (an assert's message, an uncaught
+    #: exception, a panic), read from the core; untrusted text, never markup
+    last_words: str | None = None
     version: int = REPORT_VERSION
 
     @property

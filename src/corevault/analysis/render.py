@@ -17,6 +17,10 @@ def frame_line(f: Frame) -> str:
     return f"#{f.index:<3} 0x{f.pc:016x} {name}{inline}" + (f" at {where}" if where else module)
 
 
+def _indent(words: str) -> str:
+    return words.replace("\n", "\n              ")
+
+
 def text(report: Report, all_threads: bool = True) -> str:
     s = report.signal
     lines = [
@@ -29,6 +33,8 @@ def text(report: Report, all_threads: bool = True) -> str:
         lines.append(f"        What: {s.description}")
     if s.fault_address is not None:
         lines.append(f"       Fault: address 0x{s.fault_address:x}")
+    if report.last_words:
+        lines.append(f"  Last words: {_indent(report.last_words)}")
     lines += [
         f"  Executable: {report.exe or '?'}",
         f"Command line: {report.args or '?'}",

@@ -7,12 +7,19 @@ The algorithm, the way ABRT/satyr, Socorro and Sentry do it:
    clone suffixes (``.isra.0``, ``.constprop.1``, ``.part.2``, ``.cold``, ``.lto_priv.0``),
    symbol versions (``@@GLIBC_2.2.5``) and glibc's internal ``__GI_`` prefix. A frame with no
    name is ``module+0xOFFSET`` from the module's load address, which does not move with ASLR.
-3. Drop the frames that say how the process died rather than why: raise, abort,
-   ``__pthread_kill*``, assert and fortify failure paths, ``std::terminate``, ``__cxa_throw``
-   and the unwinder, and the thread and process entry points.
+3. Drop the frames that say how the process died rather than why, for every runtime:
+   glibc (raise, abort, ``__pthread_kill*``, assert, fortify and malloc failure paths),
+   C++ (``std::terminate``, ``__cxa_throw``, the verbose terminate handler, ``std::__throw_*``,
+   the unwinder), Rust (``panic_abort::…``, ``__rust_start_panic``, ``rust_panic``,
+   ``core::panicking::…``, ``std::panicking::…``, the failure paths of ``unwrap``/``expect``
+   and of slice indexing), Go (``runtime.raise``, ``dieFromSignal``, ``sigfwdgo``,
+   ``fatalpanic``, ``gopanic``, ``sigpanic``, ``panicmem``, ``throw``…), and the thread and
+   process entry points of each.
 4. Keep the top three frames of the program itself (not libc, libstdc++, libgcc, the dynamic
-   loader or the vDSO); if there are none (a crash deep in libc with no program frames),
-   the top three of what is left.
+   loader, the vDSO or Go's ``runtime`` package, which is linked into every Go binary); if
+   there are none (a crash deep in libc with no program frames), the top three of what is
+   left. A Go panic raised inside the runtime (``runtime.mapassign_faststr`` for a write to
+   a nil map) is so attributed to the goroutine's own function that called it.
 5. The signature is the signal name (an abort seen as SIGSEGV in a container's PID 1 counts
    as SIGABRT) and those frames; its id is the first 16 hex digits of their SHA-256.
 
@@ -40,8 +47,30 @@ SKIP = frozenset(
     std::rethrow_exception std::__throw_logic_error std::__throw_out_of_range std::__throw_bad_alloc
     _Unwind_RaiseException _Unwind_Resume _Unwind_Resume_or_Rethrow __restore_rt
     __libc_start_main __libc_start_main_impl __libc_start_call_main _start start_thread clone clone3
+    __libc_message_impl __fortify_fail_abort __stack_chk_fail_local __libc_start_main_alias_2
+    __cxa_pure_virtual __cxa_deleted_virtual __cxa_bad_cast __cxa_bad_typeid __cxa_throw_bad_array_new_length
+    __cxa_rethrow std::__glibcxx_assert_fail std::__replacement_assert execute_native_thread_routine
+    std::thread::_State_impl::_M_run std::thread::_Invoker::_M_invoke std::__invoke std::__invoke_impl
+    _M_run _M_invoke __invoke __invoke_impl
+    rust_panic rust_begin_unwind __rust_start_panic __rust_end_short_backtrace __rust_begin_short_backtrace
+    __rust_alloc_error_handler __rg_oom __rdl_oom std::process::abort std::sys::unix::abort_internal
+    alloc::alloc::handle_alloc_error
     """.split()
 )
+# Prefixes and patterns of the same kind (template arguments removed before matching).
+SKIP_PATTERN = re.compile(
+    r"^(std::__throw_|__gnu_cxx::__throw_"
+    r"|core::panicking::|std::panicking::|panic_abort::|panic_unwind::|std::sys_common::backtrace::|std::rt::"
+    r"|core::ops::function::|std::alloc::"
+    r"|(core|alloc|std)::.*(_fail|_failed)$"
+    r"|core::(option|result)::\w+::(unwrap|expect)\w*$"
+    r"|runtime\.(raise\w*|dieFromSignal|sigfwd\w*|\w*sigtramp\w*|sighandler|crash|fatal\w*|throw|gopanic|sigpanic"
+    r"|panic\w*|goPanic\w*|systemstack\w*|mcall|morestack\w*|abort|startpanic_m|dopanic_m|goexit\w*|main"
+    r"|mstart\w*|rt0_go|asmcgocall\w*)(\.func\d+)*$)"
+)
+# Go's runtime is linked into the program's own binary, but it is no more the program than libc is.
+GO_RUNTIME = re.compile(r"^runtime(/internal/\w+)?\.")
+_TEMPLATE_ARGS = re.compile(r"<[^<>]*>")
 SYSTEM_LIBRARIES = re.compile(
     r"^(libc|libm|libpthread|libdl|librt|libresolv|ld-linux[\w.-]*|ld-musl[\w.-]*|libstdc\+\+|libgcc_s|"
     r"libc\+\+|libc\+\+abi|libunwind|linux-vdso|linux-gate)(\.so|[.-]|$)"
@@ -83,7 +112,27 @@ def is_system(path: str) -> bool:
 
 
 def in_app(frame: Frame) -> bool:
-    return bool(frame.module) and not is_system(frame.module or "")
+    if not frame.module or is_system(frame.module):
+        return False
+    return not GO_RUNTIME.match(frame.function or "")
+
+
+def _bare(name: str) -> str:
+    """``name`` without template arguments, however nested (bounded: names are untrusted)."""
+    for _ in range(8):
+        stripped = _TEMPLATE_ARGS.sub("", name)
+        if stripped == name:
+            break
+        name = stripped
+    return name
+
+
+def is_noise(name: str) -> bool:
+    """Whether a normalised frame name says how the process died rather than why."""
+    if name in SKIP:
+        return True
+    bare = _bare(name)
+    return bare in SKIP or bool(SKIP_PATTERN.match(bare))
 
 
 def compute(report: Report) -> tuple[str | None, tuple[str, ...], str | None]:
@@ -92,7 +141,7 @@ def compute(report: Report) -> tuple[str | None, tuple[str, ...], str | None]:
     if thread is None or not thread.frames:
         return None, (), None
     kept = [(normalize(f), f) for f in thread.frames]
-    kept = [(n, f) for n, f in kept if n not in SKIP]
+    kept = [(n, f) for n, f in kept if not is_noise(n)]
     app = [n for n, f in kept if in_app(f)]
     top = tuple((app or [n for n, _ in kept])[:DEPTH])
     aborted = report.signal.description is not None and report.signal.description.startswith("abort")

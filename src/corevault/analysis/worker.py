@@ -12,11 +12,19 @@ import argparse
 import dataclasses
 import json
 import os
-import subprocess
 import sys
 
-from corevault.analysis import binaries, elfcore, signals, signature, unwind_drgn, unwind_gdb
-from corevault.model import Module, Report, Thread
+from corevault.analysis import (
+    binaries,
+    demangle,
+    elfcore,
+    lastwords,
+    signals,
+    signature,
+    unwind_drgn,
+    unwind_gdb,
+)
+from corevault.model import Frame, Module, Report, Thread
 
 AT_ENTRY = 9
 BACKENDS = ("drgn", "gdb")
@@ -40,7 +48,7 @@ def analyze(
     warnings = list(core.warnings)
     if core.truncated:
         warnings.append(f"the core is truncated: {core.size} of {core.expected_size} bytes")
-    found = {bid: binaries.locate(bid, stores) for bid in set(core.build_ids.values())}
+    found = found_all = {bid: binaries.locate(bid, stores) for bid in set(core.build_ids.values())}
     if not system_debuginfo:
         system = {bid for path, bid in core.build_ids.items() if signature.is_system(path)}
         found = {bid: binaries.Found(f.executable, None) if bid in system else f for bid, f in found.items()}
@@ -106,32 +114,21 @@ def analyze(
         warnings=tuple(warnings),
     )
     sig_id, frames, title = signature.compute(report)
-    return dataclasses.replace(report, signature=sig_id, signature_frames=frames, title=title)
+    words = lastwords.read(core, found_all, exe_path, report.crashed_tid)
+    return dataclasses.replace(
+        report, signature=sig_id, signature_frames=frames, title=title, last_words=words
+    )
 
 
 def _demangle(threads: list[Thread]) -> list[Thread]:
-    """Demangle C++ symbol names (frames named from ELF symbols rather than DWARF)."""
-    mangled = sorted(
-        {f.function for t in threads for f in t.frames if f.function and f.function.startswith("_Z")}
-    )
-    if not mangled:
-        return threads
-    try:
-        out = subprocess.run(
-            ["c++filt"], input="\n".join(mangled), capture_output=True, text=True, timeout=30, check=False
-        )
-        names = dict(zip(mangled, out.stdout.splitlines(), strict=False))
-    except (OSError, subprocess.SubprocessError):
-        return threads
-    return [
-        dataclasses.replace(
-            t,
-            frames=tuple(
-                dataclasses.replace(f, function=names.get(f.function, f.function)) for f in t.frames
-            ),
-        )
-        for t in threads
-    ]
+    """Frames named from ELF symbols rather than DWARF carry linker names: make them readable."""
+    table = demangle.demangle_all(f.function for t in threads for f in t.frames if f.function)
+
+    def frames(t: Thread) -> tuple[Frame, ...]:
+        named = [(f, demangle.readable(f.function, table)) for f in t.frames]
+        return tuple(f if name == f.function else dataclasses.replace(f, function=name) for f, name in named)
+
+    return [dataclasses.replace(t, frames=frames(t)) for t in threads]
 
 
 def main(argv: list[str] | None = None) -> int:

@@ -1,0 +1,271 @@
+"""A program's last words, read from its core: why it died, as its runtime said it.
+
+Each runtime leaves the reason for a deliberate death in its own memory, in a place its
+ABI fixes; this module reads it from the core at those places and nowhere else:
+
+- **glibc** keeps the message of a failed ``assert``, a fortify or a malloc check in
+  ``__abort_msg`` (a pointer to ``{uint32 size; char msg[]}``), an exported symbol of libc
+  (or of a static executable).
+- **C++** (libstdc++): ``std::terminate`` for an uncaught exception runs after
+  ``__cxa_begin_catch``, so the exception heads the crashing thread's ``caughtExceptions``
+  list in its ``__cxa_eh_globals``. That thread-local block is found the way
+  ``__cxa_get_globals`` finds it (its two instructions are decoded: a general-dynamic
+  ``__tls_get_addr`` call, or an initial-exec ``%fs`` offset), from the thread's ``fs_base``.
+  The header's ``exception_class`` must read ``GNUCC++\\0`` and the type's name comes from its
+  ``std::type_info``; ``what()`` is read only for types derived (by single inheritance) from
+  ``std::logic_error`` or ``std::runtime_error``, whose message is their first member.
+- **Go**: the panicking goroutine's ``g`` sits at ``%fs:-8`` (``g`` must own the crashing
+  thread's stack); ``g._panic.arg`` is the panic value. It is put in words only when its type
+  is one whose text is its own bytes: ``string``, ``runtime.plainError`` and
+  ``runtime.errorString`` (which Go prints after ``runtime error:``), each recognised by the
+  address of its type descriptor in the executable's symbol table.
+
+Everything read here is the crashed program's data, and a hostile one can forge any of it:
+reads are bounded (:data:`MAX_TEXT`), every pointer is followed at most a fixed number of
+times, text has its control characters replaced, and the result is plain text, never
+markup. Where a structure does not validate, the answer is None: nothing rather than a guess.
+"""
+
+from __future__ import annotations
+
+import os
+import re
+import struct
+from dataclasses import dataclass
+
+from elftools.common.exceptions import ELFError
+from elftools.elf.elffile import ELFFile
+from elftools.elf.sections import SymbolTableSection
+
+from corevault.analysis import demangle
+from corevault.analysis.binaries import Found
+from corevault.analysis.elfcore import Core
+
+MAX_TEXT = 1024
+MAX_SYMBOLS = 1 << 21
+_CONTROL = re.compile(r"[\x00-\x08\x0b-\x1f\x7f-\x9f\u2028\u2029\u202a-\u202e\u2066-\u2069]")
+_GXX_CLASS = b"\x00++CCUNG"  # "GNUCC++\0" as a little-endian uint64
+_STD_MESSAGE_BASES = ("St11logic_error", "St13runtime_error")
+# lea tls_index(%rip),%rdi; call __tls_get_addr; add $8,%rsp; [add $imm32,%rax]
+_TLS_GD = re.compile(rb"\x48\x8d\x3d(.{4})\xe8.{4}\x48\x83\xc4\x08(?:\x48\x05(.{4}))?", re.DOTALL)
+# mov x@gottpoff(%rip),%rax; add %fs:0,%rax
+_TLS_IE = re.compile(rb"\x48\x8b\x05(.{4})\x64\x48\x03\x04\x25\x00\x00\x00\x00", re.DOTALL)
+
+
+@dataclass(frozen=True, slots=True)
+class Image:
+    """A mapped ELF object: its path in the core, its build-id-checked file and load bias."""
+
+    path: str
+    file: str
+    bias: int
+
+
+def clean(raw: bytes) -> str | None:
+    """Untrusted bytes as one bounded line of text (newlines kept, control characters not)."""
+    text = raw[:MAX_TEXT].decode("utf-8", errors="replace").strip()
+    text = _CONTROL.sub("\ufffd", text.replace("\r", ""))
+    return text or None
+
+
+def images(core: Core, found: dict[str, Found]) -> list[Image]:
+    out = []
+    for path, bid in core.build_ids.items():
+        where = found.get(bid)
+        if where is None or where.executable is None:
+            continue
+        try:
+            with open(where.executable, "rb") as f:
+                loads = [s["p_vaddr"] for s in ELFFile(f).iter_segments() if s["p_type"] == "PT_LOAD"]
+        except (OSError, ELFError, struct.error, ValueError):
+            continue
+        if loads:
+            out.append(Image(path, where.executable, core.extent(path)[0] - (min(loads) & ~0xFFF)))
+    return out
+
+
+def symbols(file: str, wanted: set[str]) -> dict[str, int]:
+    """The values of the ``wanted`` symbols (versions ignored) in ``file``'s symbol tables."""
+    out: dict[str, int] = {}
+    try:
+        with open(file, "rb") as f:
+            elf = ELFFile(f)
+            seen = 0
+            for section in elf.iter_sections():
+                if not isinstance(section, SymbolTableSection):
+                    continue
+                for sym in section.iter_symbols():
+                    seen += 1
+                    if seen > MAX_SYMBOLS or len(out) == len(wanted):
+                        return out
+                    name = sym.name.split("@", 1)[0]
+                    if name in wanted and sym["st_value"] and name not in out:
+                        out[name] = sym["st_value"]
+    except (OSError, ELFError, struct.error, ValueError, UnicodeDecodeError):
+        return out
+    return out
+
+
+def _file_bytes(file: str, value: int, size: int) -> bytes | None:
+    """``size`` bytes at virtual address ``value`` of an ELF file, from its loadable segments."""
+    try:
+        with open(file, "rb") as f:
+            elf = ELFFile(f)
+            for seg in elf.iter_segments():
+                if seg["p_type"] == "PT_LOAD" and seg["p_vaddr"] <= value < seg["p_vaddr"] + seg["p_filesz"]:
+                    f.seek(seg["p_offset"] + value - seg["p_vaddr"])
+                    return f.read(min(size, seg["p_vaddr"] + seg["p_filesz"] - value))
+    except (OSError, ELFError, struct.error, ValueError):
+        return None
+    return None
+
+
+class Memory:
+    """The crashed process's memory: the core's pages, and read-only pages from the mapped files.
+
+    The kernel dumps only the first page of a file-backed read-only mapping (rodata, code),
+    so those are read from the build-id-checked file that was mapped there.
+    """
+
+    def __init__(self, core: Core, imgs: list[Image]) -> None:
+        self.core = core
+        self.images = imgs
+
+    def read(self, address: int, size: int) -> bytes | None:
+        if not 0 < address < 1 << 64:
+            return None
+        data = self.core.read_memory(address, size)
+        if data:
+            return data
+        path, _ = self.core.module_at(address)
+        img = next((i for i in self.images if i.path == path), None)
+        return _file_bytes(img.file, address - img.bias, size) if img else None
+
+    def word(self, address: int | None) -> int | None:
+        data = self.read(address, 8) if address else None
+        return struct.unpack("<Q", data)[0] if data and len(data) == 8 else None
+
+    def cstring(self, address: int | None) -> bytes | None:
+        data = self.read(address, MAX_TEXT + 1) if address else None
+        if not data:
+            return None
+        end = data.find(b"\0")
+        return data if end < 0 else data[:end]
+
+
+def abort_message(mem: Memory, exe_path: str | None) -> str | None:
+    """glibc's ``__abort_msg``: an assert, fortify or malloc check's message."""
+    for img in mem.images:
+        name = os.path.basename(img.path)
+        if not (name.startswith("libc.so") or img.path == exe_path):
+            continue
+        value = symbols(img.file, {"__abort_msg"}).get("__abort_msg")
+        msg = mem.word(img.bias + value) if value else None
+        if msg:
+            size_bytes = mem.read(msg, 4)
+            if not size_bytes or len(size_bytes) != 4:
+                return None
+            (size,) = struct.unpack("<I", size_bytes)
+            data = mem.read(msg + 4, min(max(size - 4, 0), MAX_TEXT))
+            return clean(data.split(b"\0", 1)[0]) if data else None
+    return None
+
+
+def _eh_globals(mem: Memory, img: Image, fs_base: int) -> int | None:
+    value = symbols(img.file, {"__cxa_get_globals"}).get("__cxa_get_globals")
+    code = _file_bytes(img.file, value, 48) if value else None
+    if not code or value is None:
+        return None
+    if m := _TLS_GD.search(code):
+        (disp,) = struct.unpack("<i", m.group(1))
+        index = img.bias + value + m.end(1) + disp  # rip-relative: from the end of the lea
+        module, offset = mem.word(index), mem.word(index + 8)
+        dtv = mem.word(fs_base + 8)  # tcbhead_t: {tcb, dtv, ...}
+        if module is None or offset is None or dtv is None or not 0 < module < 1 << 16:
+            return None
+        block = mem.word(dtv + 16 * module)  # dtv_t is {void *val; void *to_free}
+        if not block or block == (1 << 64) - 1:  # TLS_DTV_UNALLOCATED
+            return None
+        extra = struct.unpack("<i", m.group(2))[0] if m.group(2) else 0
+        return (block + offset + extra) % (1 << 64)
+    if m := _TLS_IE.search(code):
+        (disp,) = struct.unpack("<i", m.group(1))
+        tpoff = mem.word(img.bias + value + m.end(1) + disp)
+        return None if tpoff is None else (fs_base + tpoff) % (1 << 64)
+    return None
+
+
+def cxx_exception(mem: Memory, fs_base: int | None) -> str | None:
+    """An uncaught C++ exception's type and, for the standard's message-carrying ones, ``what()``."""
+    lib = next((i for i in mem.images if os.path.basename(i.path).startswith("libstdc++.so")), None)
+    if lib is None or not fs_base:
+        return None
+    globals_at = _eh_globals(mem, lib, fs_base)
+    header = mem.word(globals_at) if globals_at else None  # caughtExceptions
+    if not header or mem.read(header + 80, 8) != _GXX_CLASS:
+        return None
+    type_info = mem.word(header)
+    name = mem.cstring(mem.word(type_info + 8)) if type_info else None
+    if not name:
+        return None
+    mangled = name.lstrip(b"*").decode("ascii", errors="replace")
+    readable = demangle.demangle_type(mangled) or mangled
+    vtables = symbols(lib.file, {"_ZTVN10__cxxabiv120__si_class_type_infoE"})
+    si_vptr = lib.bias + vtables["_ZTVN10__cxxabiv120__si_class_type_infoE"] + 16 if vtables else None
+    what = None
+    ti, names = type_info, [mangled]
+    for _ in range(16):  # walk single-inheritance bases, bounded
+        if ti is None or mem.word(ti) != si_vptr:
+            break
+        ti = mem.word(ti + 16)
+        base = mem.cstring(mem.word(ti + 8)) if ti else None
+        if base is None:
+            break
+        names.append(base.decode("ascii", errors="replace"))
+    if any(n in _STD_MESSAGE_BASES for n in names):
+        message = mem.cstring(mem.word(header + 112 + 8))  # the object follows its header
+        what = clean(message) if message is not None else None
+    return f"uncaught {clean(readable.encode())}" + (f": {what}" if what else "")
+
+
+def go_panic(mem: Memory, exe_path: str | None, fs_base: int | None, sp: int | None) -> str | None:
+    """The value of a Go panic, when its type is one whose text is its own bytes."""
+    exe = next((i for i in mem.images if i.path == exe_path), None)
+    if exe is None or not fs_base or sp is None:
+        return None
+    kinds = {
+        f"type{sep}{name}": prefix
+        for sep in (".", ":")  # Go 1.20 renamed type.X to type:X
+        for name, prefix in (
+            ("string", ""),
+            ("runtime.plainError", ""),
+            ("runtime.errorString", "runtime error: "),
+        )
+    }
+    types = {exe.bias + v: kinds[n] for n, v in symbols(exe.file, set(kinds)).items()}
+    g = mem.word(fs_base - 8)
+    lo, hi = (mem.word(g), mem.word(g + 8)) if g else (None, None)
+    if not types or lo is None or hi is None or not lo <= sp < hi:
+        return None
+    panic = mem.word(g + 32)  # g._panic
+    kind, data = (mem.word(panic + 8), mem.word(panic + 16)) if panic else (None, None)
+    if kind not in types or not data:
+        return None
+    ptr, length = mem.word(data), mem.word(data + 8)
+    if ptr is None or length is None:
+        return None
+    text = mem.read(ptr, min(length, MAX_TEXT)) if length else b""
+    if text is None:
+        return None
+    return "panic: " + types[kind] + (clean(text) or "")
+
+
+def read(core: Core, found: dict[str, Found], exe_path: str | None, crashed_tid: int | None) -> str | None:
+    """The crashed program's last words, or None where its runtime left none that validate."""
+    state = next((t for t in core.threads if t.tid == crashed_tid), core.threads[0] if core.threads else None)
+    fs_base = state.registers.get("fs_base") if state else None
+    sp = state.registers.get("rsp") if state else None
+    if core.machine != "x86_64":
+        return None
+    mem = Memory(core, images(core, found))
+    return go_panic(mem, exe_path, fs_base, sp) or cxx_exception(mem, fs_base) or abort_message(mem, exe_path)
