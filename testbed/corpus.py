@@ -8,6 +8,7 @@ adds the other runtimes a node sees:
 - ``rustcrash`` and ``rustcrash-v0``: Rust (Debian's rustc) with ``-C panic=abort``, legacy and
   v0 symbol mangling, two bugs (``index``, ``unwrap``).
 - ``workerthrow``: C++, an uncaught exception thrown in a worker thread among idle ones.
+- ``lastwords``: C, fails an assert whose message is 64 KiB of markup and terminal escapes.
 - ``/usr/bin/python3.11``: Debian's own non-PIE interpreter binary (not built here), running
   ``pyctypes.py`` which reads address 0 through ctypes or calls ``os.abort()``.
 
@@ -37,6 +38,7 @@ PROGRAMS = {
     "rustcrash": ("rustcrash.rs", RUSTC, RUST_FLAGS),
     "rustcrash-v0": ("rustcrash.rs", RUSTC, [*RUST_FLAGS, "-C", "symbol-mangling-version=v0"]),
     "workerthrow": ("workerthrow.cc", "g++", ["-g", "-O1", "-pthread"]),
+    "lastwords": ("lastwords.c", "gcc", ["-g", "-O1"]),
 }
 
 

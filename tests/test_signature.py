@@ -89,3 +89,68 @@ def test_crash_only_in_libc_falls_back_to_library_frames() -> None:
 def test_report_json_round_trip() -> None:
     r = report([f("crash_here"), f("main")])
     assert Report.from_dict(r.to_dict()) == r
+
+
+def _abort() -> Signal:
+    return Signal(6, "SIGABRT", -6, "SI_TKILL", None, "abort")
+
+
+LIBC = "/lib/x86_64-linux-gnu/libc.so.6"
+
+
+def test_rust_panic_machinery_is_not_the_bug() -> None:
+    def panic(bug: str) -> list[Frame]:
+        frames = [
+            f("__pthread_kill_implementation", LIBC), f("raise", LIBC), f("abort", LIBC),
+            f("panic_abort::__rust_start_panic::abort"), f("__rust_start_panic"), f("rust_panic"),
+            f("std::panicking::rust_panic_with_hook"), f("std::panicking::begin_panic_handler::{{closure}}"),
+            f("std::sys_common::backtrace::__rust_end_short_backtrace"), f("rust_begin_unwind"),
+            f("core::panicking::panic_fmt"), f("core::panicking::panic"), f("core::option::Option<T>::unwrap"),
+            f(bug), f("app::main"), f("std::rt::lang_start::{{closure}}"), f("std::rt::lang_start_internal"),
+            f("main"),
+        ]  # fmt: skip
+        return frames
+
+    _, top, title = signature.compute(report(panic("app::lookup_user"), _abort()))
+    assert top == ("app::lookup_user", "app::main", "main")
+    assert title == "SIGABRT in app::lookup_user ← app::main"
+    assert (
+        signature.compute(report(panic("app::parse_port"), _abort()))[0]
+        != signature.compute(report(panic("app::lookup_user"), _abort()))[0]
+    )
+
+
+def test_go_runtime_frames_are_not_the_bug() -> None:
+    def crash(*bug: str) -> list[Frame]:
+        frames = [
+            f("runtime.raise"), f("runtime.dieFromSignal"), f("runtime.sigfwdgo"), f("runtime.crash"),
+            f("runtime.fatalpanic.func1"), f("runtime.systemstack"), f("runtime.fatalpanic"), f("runtime.gopanic"),
+            *[f(b) for b in bug], f("main.handle"), f("runtime.goexit"),
+        ]  # fmt: skip
+        return frames
+
+    nilmap = report(crash("runtime.mapassign_faststr", "main.recordHit"), _abort())
+    nilptr = report(crash("runtime.panicmem", "runtime.sigpanic", "main.sessionUser"), _abort())
+    assert signature.compute(nilmap)[1] == ("main.recordHit", "main.handle")
+    assert signature.compute(nilptr)[1] == ("main.sessionUser", "main.handle")
+    # a crash wholly inside the runtime still gets a signature, from the runtime's frames
+    inside = report([f("runtime.raise"), f("runtime.throw"), f("runtime.mallocgc"), f("runtime.newobject")])
+    assert signature.compute(inside)[1] == ("runtime.mallocgc", "runtime.newobject")
+
+
+def test_cxx_terminate_and_thread_entry_frames_are_not_the_bug() -> None:
+    std = "/lib/x86_64-linux-gnu/libstdc++.so.6"
+    frames = [
+        f("raise", LIBC), f("abort", LIBC), f("__gnu_cxx::__verbose_terminate_handler()", std),
+        f("__cxxabiv1::__terminate(void (*)())", std), f("std::terminate()", std), f("__cxa_throw", std),
+        f("validate_order(int)"), f("process_orders()"), f("__invoke_impl<void, void (*)()>"),
+        f("std::thread::_State_impl<std::thread::_Invoker<std::tuple<void (*)()> > >::_M_run()"),
+        f("execute_native_thread_routine", std), f("start_thread", LIBC), f("clone3", LIBC),
+    ]  # fmt: skip
+    assert signature.compute(report(frames, _abort()))[1] == ("validate_order", "process_orders")
+
+
+def test_a_program_function_named_like_a_runtime_prefix_still_counts() -> None:
+    # only the runtimes' own namespaces are noise, not every name that resembles one
+    frames = [f("runtime_config_load"), f("panic_button"), f("std_parse"), f("main")]
+    assert signature.compute(report(frames))[1] == ("runtime_config_load", "panic_button", "std_parse")

@@ -14,11 +14,12 @@ ABI fixes; this module reads it from the core at those places and nowhere else:
   The header's ``exception_class`` must read ``GNUCC++\\0`` and the type's name comes from its
   ``std::type_info``; ``what()`` is read only for types derived (by single inheritance) from
   ``std::logic_error`` or ``std::runtime_error``, whose message is their first member.
-- **Go**: the panicking goroutine's ``g`` sits at ``%fs:-8`` (``g`` must own the crashing
-  thread's stack); ``g._panic.arg`` is the panic value. It is put in words only when its type
-  is one whose text is its own bytes: ``string``, ``runtime.plainError`` and
-  ``runtime.errorString`` (which Go prints after ``runtime error:``), each recognised by the
-  address of its type descriptor in the executable's symbol table.
+- **Go** (1.17 and later): the panicking goroutine's ``g`` sits at ``%fs:-8``;
+  ``g._panic`` (which must lie on that goroutine's own stack) holds the panic value. It is
+  put in words only when its type is one whose text is its own bytes: ``string``,
+  ``runtime.plainError`` and ``runtime.errorString`` (which Go prints after ``runtime
+  error:``), named by its type descriptor, which must lie between the executable's
+  ``runtime.types`` and ``runtime.etypes`` and be of kind string.
 
 Everything read here is the crashed program's data, and a hostile one can forge any of it:
 reads are bounded (:data:`MAX_TEXT`), every pointer is followed at most a fixed number of
@@ -228,28 +229,57 @@ def cxx_exception(mem: Memory, fs_base: int | None) -> str | None:
     return f"uncaught {clean(readable.encode())}" + (f": {what}" if what else "")
 
 
-def go_panic(mem: Memory, exe_path: str | None, fs_base: int | None, sp: int | None) -> str | None:
+_GO_VERSION = re.compile(rb"^go1\.(\d+)")
+_GO_KIND_STRING = 24
+# the types whose value is a string Go prints as is, with the prefix Go's runtime prints
+_GO_STRING_TYPES = {"string": "", "runtime.plainError": "", "runtime.errorString": "runtime error: "}
+
+
+def _go_type_name(mem: Memory, types: int, etypes: int, typ: int) -> str | None:
+    """The name of a Go type descriptor of kind string (``abi.Type.Str``, a name offset at +40)."""
+    if not types <= typ < etypes:
+        return None
+    head = mem.read(typ, 48)
+    if not head or len(head) < 48:
+        return None
+    tflag, kind = head[20], head[23] & 0x1F
+    (name_off,) = struct.unpack_from("<i", head, 40)
+    if kind != _GO_KIND_STRING or not 0 <= name_off < etypes - types:
+        return None
+    raw = mem.read(types + name_off, 1 + 2 + 256)  # a flags byte, a varint length, the bytes
+    if not raw or len(raw) < 3:
+        return None
+    length, at = raw[1] & 0x7F, 2
+    if raw[1] & 0x80:
+        length, at = length | (raw[2] & 0x7F) << 7, 3
+    name = raw[at : at + length]
+    if len(name) != length or length == 0:
+        return None
+    text = name.decode("utf-8", errors="replace")
+    return text[1:] if tflag & 2 and text.startswith("*") else text  # tflagExtraStar
+
+
+def go_panic(mem: Memory, exe_path: str | None, fs_base: int | None) -> str | None:
     """The value of a Go panic, when its type is one whose text is its own bytes."""
     exe = next((i for i in mem.images if i.path == exe_path), None)
-    if exe is None or not fs_base or sp is None:
+    if exe is None or not fs_base:
         return None
-    kinds = {
-        f"type{sep}{name}": prefix
-        for sep in (".", ":")  # Go 1.20 renamed type.X to type:X
-        for name, prefix in (
-            ("string", ""),
-            ("runtime.plainError", ""),
-            ("runtime.errorString", "runtime error: "),
-        )
-    }
-    types = {exe.bias + v: kinds[n] for n, v in symbols(exe.file, set(kinds)).items()}
-    g = mem.word(fs_base - 8)
-    lo, hi = (mem.word(g), mem.word(g + 8)) if g else (None, None)
-    if not types or lo is None or hi is None or not lo <= sp < hi:
+    syms = symbols(exe.file, {"runtime.types", "runtime.etypes", "runtime.buildVersion"})
+    if len(syms) != 3:
         return None
-    panic = mem.word(g + 32)  # g._panic
-    kind, data = (mem.word(panic + 8), mem.word(panic + 16)) if panic else (None, None)
-    if kind not in types or not data:
+    version = mem.read(mem.word(exe.bias + syms["runtime.buildVersion"]) or 0, 16)
+    m = _GO_VERSION.match(version or b"")
+    if not m or int(m.group(1)) < 17:  # type names are varint-prefixed since Go 1.17
+        return None
+    g = mem.word(fs_base - 8)  # Go keeps the running goroutine's g at -8(%fs)
+    lo, hi, panic = (mem.word(g), mem.word(g + 8), mem.word(g + 32)) if g else (None, None, None)
+    # g._panic is gopanic's local, on the goroutine's own stack: a real g passes this
+    if lo is None or hi is None or panic is None or not lo <= panic < hi or hi - lo > 1 << 30:
+        return None
+    typ, data = mem.word(panic + 8), mem.word(panic + 16)  # _panic.arg, an interface value
+    types, etypes = exe.bias + syms["runtime.types"], exe.bias + syms["runtime.etypes"]
+    name = _go_type_name(mem, types, etypes, typ) if typ and data else None
+    if name not in _GO_STRING_TYPES:
         return None
     ptr, length = mem.word(data), mem.word(data + 8)
     if ptr is None or length is None:
@@ -257,15 +287,14 @@ def go_panic(mem: Memory, exe_path: str | None, fs_base: int | None, sp: int | N
     text = mem.read(ptr, min(length, MAX_TEXT)) if length else b""
     if text is None:
         return None
-    return "panic: " + types[kind] + (clean(text) or "")
+    return "panic: " + _GO_STRING_TYPES[name] + (clean(text) or "")
 
 
 def read(core: Core, found: dict[str, Found], exe_path: str | None, crashed_tid: int | None) -> str | None:
     """The crashed program's last words, or None where its runtime left none that validate."""
     state = next((t for t in core.threads if t.tid == crashed_tid), core.threads[0] if core.threads else None)
     fs_base = state.registers.get("fs_base") if state else None
-    sp = state.registers.get("rsp") if state else None
     if core.machine != "x86_64":
         return None
     mem = Memory(core, images(core, found))
-    return go_panic(mem, exe_path, fs_base, sp) or cxx_exception(mem, fs_base) or abort_message(mem, exe_path)
+    return go_panic(mem, exe_path, fs_base) or cxx_exception(mem, fs_base) or abort_message(mem, exe_path)

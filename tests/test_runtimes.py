@@ -1,0 +1,174 @@
+"""Real programs of every runtime, crashed for real in runc pods and explained from their cores.
+
+Go, Rust (legacy and v0 mangling), C++ with an exception in a worker thread, a static
+non-PIE C program, Debian's own non-PIE python3.11 crashing through ctypes, and a program
+whose last words attack their reader. Each crash is captured by the installed handler
+(so the binaries are kept by build-id while the process exists); the rootfs holding the
+binaries is deleted before any analysis, as an image is gone by the time someone looks.
+"""
+
+from __future__ import annotations
+
+import os
+import shutil
+from collections.abc import Iterator
+from dataclasses import dataclass
+
+import pytest
+
+from corevault import spool
+from corevault.analysis import lastwords, render, runner
+from corevault.model import Report
+from corevault.server import ui
+from testbed import corpus
+from tests.conftest import installed_capture
+
+pytestmark = pytest.mark.crash
+
+SEED = {"corevault.io/core-pattern": "/data/dump-a/core-%e-%p-%t"}
+# name: shell command (never the container's PID 1, which ignores the SIGABRT it raises)
+RUNS = {
+    "rust-index": "/app/rustcrash index",
+    "rust-index-again": "/app/rustcrash index",
+    "rust-unwrap": "/app/rustcrash unwrap",
+    "rust-v0-unwrap": "/app/rustcrash-v0 unwrap",
+    "cxx-thread": "/app/workerthrow",
+    "cxx-thread-again": "/app/workerthrow",
+    "static-assert": "/app/crasher-static assert",
+    "python-ctypes": "/usr/bin/python3.11 -S /app/pyctypes.py",
+    "python-abort": "/usr/bin/python3.11 -S /app/pyctypes.py abort",
+    "hostile": "/app/lastwords",
+}
+
+
+@dataclass
+class Crash:
+    meta: dict
+    report: Report
+
+
+@pytest.fixture(scope="module")
+def crashes(tmp_path_factory: pytest.TempPathFactory) -> Iterator[dict[str, Crash]]:
+    root = corpus.build_rootfs(str(tmp_path_factory.mktemp("runtimes") / "root"))
+    with installed_capture() as cap:
+        cap.configure("[capture]\nstorm_max = 100\n")
+        metas = {}
+        for name, command in RUNS.items():
+            c = cap.crash(root, ["/bin/sh", "-c", f"{command}; exit 1"], annotations=SEED)
+            [metas[name]] = [m for m in cap.entries() if m["pod"]["container_id"] == c.id]
+        shutil.rmtree(root)  # the image is gone: only what capture kept can explain the crashes
+        out = {}
+        for name, meta in metas.items():
+            core = os.path.join(spool.ready_dir(cap.spool), meta["id"], spool.CORE_NAME)
+            out[name] = Crash(meta, runner.analyze(core, [cap.store]))
+        yield out
+
+
+def crashed_thread_is_the_one_the_kernel_named(crash: Crash) -> bool:
+    tids = (crash.meta["process"]["ns_tid"], crash.meta["process"]["tid"])
+    return crash.report.crashed_tid in tids
+
+
+@pytest.mark.parametrize(
+    ("name", "signal", "function", "frames"),
+    [
+        ("rust-index", "SIGABRT", "rustcrash::parse_port", ["rustcrash::load_config", "rustcrash::main"]),
+        ("rust-unwrap", "SIGABRT", "rustcrash::lookup_user", ["rustcrash::main"]),
+        ("rust-v0-unwrap", "SIGABRT", "rustcrash::lookup_user", ["rustcrash::main"]),
+        ("cxx-thread", "SIGABRT", "validate_order", ["process_orders"]),
+        ("static-assert", "SIGABRT", "check_config", ["main"]),
+    ],
+)
+def test_signal_thread_and_top_program_function(
+    crashes: dict[str, Crash], name: str, signal: str, function: str, frames: list[str]
+) -> None:
+    crash = crashes[name]
+    r = crash.report
+    assert r.signal.name == signal
+    assert crashed_thread_is_the_one_the_kernel_named(crash)
+    assert r.signature_frames[0] == function, r.signature_frames
+    assert list(r.signature_frames[1 : 1 + len(frames)]) == frames
+    assert r.missing_modules == (), [m.path for m in r.missing_modules]
+
+
+def test_a_worker_threads_exception_is_the_worker_threads_crash(crashes: dict[str, Crash]) -> None:
+    crash = crashes["cxx-thread"]
+    assert crash.report.crashed_tid != crash.meta["process"]["ns_pid"]
+    assert len(crash.report.threads) == 5
+
+
+def test_rust_names_carry_no_build_hash(crashes: dict[str, Crash]) -> None:
+    for name in ("rust-index", "rust-v0-unwrap"):
+        crashed = crashes[name].report.crashed_thread
+        assert crashed is not None
+        names = [f.function or "" for f in crashed.frames]
+        assert "std::panicking::rust_panic_with_hook" in names
+        assert not any(n.startswith(("_ZN", "_R")) or "::h" in n or "[" in n for n in names), names
+
+
+def test_runtime_frames_are_not_the_signature(crashes: dict[str, Crash]) -> None:
+    noise = ("panic", "rust_", "__rust", "core::", "std::", "runtime.", "__cxa", "abort", "raise")
+    for name in ("rust-index", "rust-unwrap", "cxx-thread", "static-assert"):
+        top = crashes[name].report.signature_frames
+        assert top and not any(f.startswith(noise) for f in top), (name, top)
+
+
+def test_the_same_bug_in_two_pods_is_one_group_and_different_bugs_are_not(crashes: dict[str, Crash]) -> None:
+    def sig(name: str) -> str | None:
+        return crashes[name].report.signature
+
+    for name in ("rust-index", "cxx-thread"):
+        again = crashes[f"{name}-again"]
+        assert again.meta["pod"]["uid"] != crashes[name].meta["pod"]["uid"]
+        assert sig(name) == sig(f"{name}-again")
+    # a rebuild with the other Rust mangling scheme is the same bug
+    assert sig("rust-unwrap") == sig("rust-v0-unwrap")
+    distinct = ["rust-index", "rust-unwrap", "cxx-thread", "static-assert",
+                "python-ctypes", "python-abort"]  # fmt: skip
+    signatures = [sig(n) for n in distinct]
+    assert None not in signatures and len(set(signatures)) == len(distinct), dict(zip(distinct, signatures, strict=True))
+
+
+@pytest.mark.parametrize(
+    ("name", "words"),
+    [
+        ("cxx-thread", "uncaught std::invalid_argument: order id must not be negative: -7"),
+        ("static-assert", 'check_config: Assertion `c != NULL && "config must be loaded"\' failed.'),
+    ],
+)
+def test_last_words_are_read_from_the_core(crashes: dict[str, Crash], name: str, words: str) -> None:
+    r = crashes[name].report
+    assert r.last_words is not None and r.last_words.endswith(words), r.last_words
+    assert f"Last words: {r.last_words}" in render.text(r)
+
+
+def test_no_last_words_where_the_runtime_left_none(crashes: dict[str, Crash]) -> None:
+    # os.abort() and a SIGSEGV leave no message anywhere: nothing is made up
+    assert crashes["python-abort"].report.last_words is None
+    assert crashes["python-ctypes"].report.last_words is None
+
+
+def test_the_interpreter_crash_is_in_the_interpreters_own_files(crashes: dict[str, Crash]) -> None:
+    r = crashes["python-ctypes"].report
+    assert r.signal.name == "SIGSEGV" and r.signal.fault_address == 0
+    assert r.exe == "/usr/bin/python3.11"
+    python = next(m for m in r.modules if m.path == "/usr/bin/python3.11")
+    assert python.start == 0x400000 and python.found  # not position-independent, still kept
+    crashed = r.crashed_thread
+    assert crashed is not None and crashed.frames[0].module is not None
+    assert os.path.basename(crashed.frames[0].module).startswith("_ctypes")
+
+
+def test_hostile_last_words_are_bounded_plain_text(crashes: dict[str, Crash]) -> None:
+    words = crashes["hostile"].report.last_words
+    assert words is not None and words.startswith(
+        "lastwords: <i>evil.c</i>:1: say_goodbye: Assertion `<script>"
+    )
+    assert len(words) <= lastwords.MAX_TEXT
+    assert "\x1b" not in words and "\x07" not in words
+    page = ui.templates.env.get_template("crash.html").render(
+        crash={"id": "x", "signal_name": "SIGABRT", "signal": 6, "time": 0, "size": 1, "stored_size": 1},
+        report={**crashes["hostile"].report.to_dict(), "threads": []},
+        crashed=None, others=[], commands=[], environ=[], meta={}, open_access=True,
+    )  # fmt: skip
+    assert "&lt;script&gt;alert(" in page and "<script>alert(" not in page
