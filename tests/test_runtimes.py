@@ -75,7 +75,7 @@ def crashed_thread_is_the_one_the_kernel_named(crash: Crash) -> bool:
         ("rust-index", "SIGABRT", "rustcrash::parse_port", ["rustcrash::load_config", "rustcrash::main"]),
         ("rust-unwrap", "SIGABRT", "rustcrash::lookup_user", ["rustcrash::main"]),
         ("rust-v0-unwrap", "SIGABRT", "rustcrash::lookup_user", ["rustcrash::main"]),
-        ("cxx-thread", "SIGABRT", "validate_order", ["process_orders"]),
+        ("cxx-thread", "SIGABRT", "check_id", ["validate_order", "process_orders"]),
         ("static-assert", "SIGABRT", "check_config", ["main"]),
     ],
 )
@@ -95,6 +95,12 @@ def test_a_worker_threads_exception_is_the_worker_threads_crash(crashes: dict[st
     crash = crashes["cxx-thread"]
     assert crash.report.crashed_tid != crash.meta["process"]["ns_pid"]
     assert len(crash.report.threads) == 5
+    crashed = crash.report.crashed_thread
+    assert crashed is not None
+    program = [f for f in crashed.frames if f.module == "/app/workerthrow"]
+    # check_id was inlined into validate_order: one pc, two frames, the inner one marked inline
+    assert [(f.function, f.inline) for f in program[:2]] == [("check_id", True), ("validate_order", False)]
+    assert program[0].pc == program[1].pc and program[0].file.endswith("workerthrow.cc")
 
 
 def test_rust_names_carry_no_build_hash(crashes: dict[str, Crash]) -> None:
