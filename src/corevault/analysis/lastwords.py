@@ -39,7 +39,6 @@ from elftools.elf.elffile import ELFFile
 from elftools.elf.sections import SymbolTableSection
 
 from corevault.analysis import demangle
-from corevault.analysis.binaries import Found
 from corevault.analysis.elfcore import Core
 
 MAX_TEXT = 1024
@@ -69,19 +68,19 @@ def clean(raw: bytes) -> str | None:
     return text or None
 
 
-def images(core: Core, found: dict[str, Found]) -> list[Image]:
+def images(core: Core, files: dict[str, str | None]) -> list[Image]:
+    """The mapped objects whose files were found (``files``: path in the core -> checked file)."""
     out = []
-    for path, bid in core.build_ids.items():
-        where = found.get(bid)
-        if where is None or where.executable is None:
+    for path, file in files.items():
+        if file is None:
             continue
         try:
-            with open(where.executable, "rb") as f:
+            with open(file, "rb") as f:
                 loads = [s["p_vaddr"] for s in ELFFile(f).iter_segments() if s["p_type"] == "PT_LOAD"]
         except (OSError, ELFError, struct.error, ValueError):
             continue
         if loads:
-            out.append(Image(path, where.executable, core.extent(path)[0] - (min(loads) & ~0xFFF)))
+            out.append(Image(path, file, core.extent(path)[0] - (min(loads) & ~0xFFF)))
     return out
 
 
@@ -290,11 +289,16 @@ def go_panic(mem: Memory, exe_path: str | None, fs_base: int | None) -> str | No
     return "panic: " + _GO_STRING_TYPES[name] + (clean(text) or "")
 
 
-def read(core: Core, found: dict[str, Found], exe_path: str | None, crashed_tid: int | None) -> str | None:
-    """The crashed program's last words, or None where its runtime left none that validate."""
+def read(
+    core: Core, files: dict[str, str | None], exe_path: str | None, crashed_tid: int | None
+) -> str | None:
+    """The crashed program's last words, or None where its runtime left none that validate.
+
+    ``files`` maps each mapped object's path in the core to its identity-checked file.
+    """
     state = next((t for t in core.threads if t.tid == crashed_tid), core.threads[0] if core.threads else None)
     fs_base = state.registers.get("fs_base") if state else None
     if core.machine != "x86_64":
         return None
-    mem = Memory(core, images(core, found))
+    mem = Memory(core, images(core, files))
     return go_panic(mem, exe_path, fs_base) or cxx_exception(mem, fs_base) or abort_message(mem, exe_path)

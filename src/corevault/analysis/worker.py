@@ -48,7 +48,7 @@ def analyze(
     warnings = list(core.warnings)
     if core.truncated:
         warnings.append(f"the core is truncated: {core.size} of {core.expected_size} bytes")
-    found = found_all = {bid: binaries.locate(bid, stores) for bid in set(core.build_ids.values())}
+    found = {bid: binaries.locate(bid, stores) for bid in set(core.build_ids.values())}
     if not system_debuginfo:
         system = {bid for path, bid in core.build_ids.items() if signature.is_system(path)}
         found = {bid: binaries.Found(f.executable, None) if bid in system else f for bid, f in found.items()}
@@ -114,7 +114,8 @@ def analyze(
         warnings=tuple(warnings),
     )
     sig_id, frames, title = signature.compute(report)
-    words = lastwords.read(core, found_all, exe_path, report.crashed_tid)
+    files = {path: found[bid].executable for path, bid in core.build_ids.items()}
+    words = lastwords.read(core, files, exe_path, report.crashed_tid)
     return dataclasses.replace(
         report, signature=sig_id, signature_frames=frames, title=title, last_words=words
     )
