@@ -34,6 +34,7 @@ RUNS = {
     "rust-v0-unwrap": "/app/rustcrash-v0 unwrap",
     "cxx-thread": "/app/workerthrow",
     "cxx-thread-again": "/app/workerthrow",
+    "cxx-custom": "/app/workerthrow custom",
     "static-assert": "/app/crasher-static assert",
     "python-ctypes": "/usr/bin/python3.11 -S /app/pyctypes.py",
     "python-abort": "/usr/bin/python3.11 -S /app/pyctypes.py abort",
@@ -76,6 +77,7 @@ def crashed_thread_is_the_one_the_kernel_named(crash: Crash) -> bool:
         ("rust-unwrap", "SIGABRT", "rustcrash::lookup_user", ["rustcrash::main"]),
         ("rust-v0-unwrap", "SIGABRT", "rustcrash::lookup_user", ["rustcrash::main"]),
         ("cxx-thread", "SIGABRT", "check_id", ["validate_order", "process_orders"]),
+        ("cxx-custom", "SIGABRT", "reject_order", ["process_orders"]),
         ("static-assert", "SIGABRT", "check_config", ["main"]),
     ],
 )
@@ -129,16 +131,20 @@ def test_the_same_bug_in_two_pods_is_one_group_and_different_bugs_are_not(crashe
         assert sig(name) == sig(f"{name}-again")
     # a rebuild with the other Rust mangling scheme is the same bug
     assert sig("rust-unwrap") == sig("rust-v0-unwrap")
-    distinct = ["rust-index", "rust-unwrap", "cxx-thread", "static-assert",
+    distinct = ["rust-index", "rust-unwrap", "cxx-thread", "cxx-custom", "static-assert",
                 "python-ctypes", "python-abort"]  # fmt: skip
     signatures = [sig(n) for n in distinct]
-    assert None not in signatures and len(set(signatures)) == len(distinct), dict(zip(distinct, signatures, strict=True))
+    assert None not in signatures and len(set(signatures)) == len(distinct), dict(
+        zip(distinct, signatures, strict=True)
+    )
 
 
 @pytest.mark.parametrize(
     ("name", "words"),
     [
         ("cxx-thread", "uncaught std::invalid_argument: order id must not be negative: -7"),
+        # a type of the program's own: its name, and no what() (its layout is unknown)
+        ("cxx-custom", "uncaught shop::OrderRejected"),
         ("static-assert", 'check_config: Assertion `c != NULL && "config must be loaded"\' failed.'),
     ],
 )
