@@ -21,6 +21,7 @@ PROGRAMS = {
     # not position-independent: mapped at 0x400000, as Go, Node and Debian's python3.11 are
     "crasher-static": ("crasher.c", ["gcc", "-g", "-O1", "-pthread", "-static"]),
     "crasher-nopie": ("crasher.c", ["gcc", "-g", "-O1", "-pthread", "-no-pie"]),
+    "markup": ("markup.c", ["gcc", "-O1"]),
 }
 
 

@@ -22,7 +22,7 @@ from dataclasses import dataclass
 import pytest
 
 from corevault import config, hostsetup, spool
-from corevault.agent.coredumps import CoredumpListener
+from corevault.agent.coredumps import DECIDING, CoredumpListener
 from testbed import sysctl
 from tests.conftest import gdb_backtrace
 
@@ -52,9 +52,9 @@ class Socketed:
 
     def settle(self) -> None:
         """Wait until the listener has finished every connection it accepted."""
-        for _ in range(self.listener.parallel):
+        for _ in range(self.listener.parallel * DECIDING):
             self.listener.slots.acquire()
-        for _ in range(self.listener.parallel):
+        for _ in range(self.listener.parallel * DECIDING):
             self.listener.slots.release()
 
 
@@ -188,16 +188,26 @@ def test_several_crashes_at_once_are_served_in_parallel_within_a_bound(
     socketed.settle()
     assert all(os.WCOREDUMP(s) for s in statuses)
     assert len(socketed.entries()) == 4 and len(os.listdir(socketed.volume)) == 4
-    # Every worker busy: the next crash is rejected at once instead of waiting for one.
+    # Every core reader busy: the next crash is rejected at once instead of waiting for one.
     for _ in range(socketed.listener.parallel):
-        socketed.listener.slots.acquire()
+        socketed.listener.dumps.acquire()
     try:
         _, dumped, _ = host_crash([programs["crasher"], "segv"])
     finally:
         for _ in range(socketed.listener.parallel):
+            socketed.listener.dumps.release()
+    assert not dumped
+    assert any("reads as many dumps as it may at once" in r.get("reason", "") for r in socketed.journal())
+    # Every connection busy: the same, before the crash is even looked at.
+    for _ in range(socketed.listener.parallel * DECIDING):
+        socketed.listener.slots.acquire()
+    try:
+        _, dumped, _ = host_crash([programs["crasher"], "segv"])
+    finally:
+        for _ in range(socketed.listener.parallel * DECIDING):
             socketed.listener.slots.release()
     assert not dumped
-    assert any("dumps are being captured already" in r.get("reason", "") for r in socketed.journal())
+    assert any("connections are being served already" in r.get("reason", "") for r in socketed.journal())
 
 
 def test_only_the_kernel_is_served(socketed: Socketed) -> None:

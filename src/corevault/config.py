@@ -14,10 +14,14 @@ Example::
     timeout = 300                   # seconds a crashing process may be held at most
     storm_max = 5                   # cores kept per container per window; the rest are counted
     storm_window = 600
+    pod_dumps = 2                   # dumps of one pod read at once; more are refused at once
+    namespace_dumps = 4             # the same for one namespace
 
     [spool]
     max_size = "10G"                # the spool never grows past this
     keep_free = "1G"                # and never leaves less free on its filesystem
+    pod_share = 0.25                # one pod's entries take at most this part of it
+    namespace_share = 0.5           # one namespace's at most this part
     compression_level = 3
     compression_threads = 1
 
@@ -93,7 +97,11 @@ class Settings:
         "compression_level",
         "compression_threads",
         "core_uses_pid",
+        "namespace_dumps",
+        "namespace_share",
         "node_name",
+        "pod_dumps",
+        "pod_share",
         "podindex_dir",
         "retention_max_age_days",
         "retention_max_size",
@@ -137,8 +145,14 @@ class Settings:
         #: at most this many cores per container within ``storm_window`` seconds
         self.storm_max = 5
         self.storm_window = 600.0
+        #: dumps of one pod (one namespace) read at once; the kernel's core_pipe_limit is shared
+        self.pod_dumps = 2
+        self.namespace_dumps = 4
         self.spool_max_size = 10 << 30
         self.spool_keep_free = 1 << 30
+        #: the part of the spool one pod's (one namespace's) entries may take
+        self.pod_share = 0.25
+        self.namespace_share = 0.5
         self.compression_level = 3
         self.compression_threads = 1
         #: name recorded as the crash's node (the host's own name by default)
@@ -312,19 +326,32 @@ def from_dict(doc: dict, where: str = "config") -> Settings:
         s.runtime_dirs = tuple(_strlist(paths, "runtime_dirs", where))
 
     cap = _table(doc, "capture", where)
-    _known(cap, {"targets", "timeout", "storm_max", "storm_window", "core_uses_pid"}, f"{where} [capture]")
+    _known(
+        cap,
+        {"targets", "timeout", "storm_max", "storm_window", "core_uses_pid", "pod_dumps", "namespace_dumps"},
+        f"{where} [capture]",
+    )
     if "targets" in cap:
         s.targets = parse_targets(_strlist(cap, "targets", where), f"{where} [capture] targets")
     s.timeout = _number(cap, "timeout", where, s.timeout)
     s.storm_max = int(_number(cap, "storm_max", where, s.storm_max))
     s.storm_window = _number(cap, "storm_window", where, s.storm_window)
+    for key in ("pod_dumps", "namespace_dumps"):
+        value = _number(cap, key, where, getattr(s, key))
+        if value != int(value) or not 1 <= value <= 1024:
+            raise ConfigError(f"{where} [capture] {key}: use a whole number from 1 to 1024, got {value}")
+        setattr(s, key, int(value))
     if "core_uses_pid" in cap:
         if not isinstance(cap["core_uses_pid"], bool):
             raise ConfigError(f"{where} [capture] core_uses_pid: expected true or false")
         s.core_uses_pid = cap["core_uses_pid"]
 
     spool = _table(doc, "spool", where)
-    _known(spool, {"max_size", "keep_free", "compression_level", "compression_threads"}, f"{where} [spool]")
+    _known(
+        spool,
+        {"max_size", "keep_free", "compression_level", "compression_threads", "pod_share", "namespace_share"},
+        f"{where} [spool]",
+    )
     if "max_size" in spool:
         s.spool_max_size = parse_size(spool["max_size"], f"{where} [spool] max_size")
     if "keep_free" in spool:
@@ -333,6 +360,13 @@ def from_dict(doc: dict, where: str = "config") -> Settings:
     if not 1 <= s.compression_level <= 19:
         raise ConfigError(f"{where} [spool] compression_level: use 1 to 19, got {s.compression_level}")
     s.compression_threads = int(_number(spool, "compression_threads", where, s.compression_threads))
+    for key in ("pod_share", "namespace_share"):
+        value = _number(spool, key, where, getattr(s, key))
+        if not 0 < value <= 1:
+            raise ConfigError(
+                f"{where} [spool] {key}: use a part of the spool above 0 and at most 1, got {value}"
+            )
+        setattr(s, key, float(value))
 
     vault = _table(doc, "vault", where)
     _known(vault, {"store", "catalog", "s3"}, f"{where} [vault]")

@@ -4,12 +4,19 @@ Layout, maildir-style, so a half-written entry never looks finished::
 
     <spool>/tmp/<id>/            being written by a capture handler
     <spool>/ready/<id>/          complete: core.zst (zstd, with frame checksum) + meta.json
+                                 (+ owner: the tenants whose share the entry counts against)
     <spool>/journal.jsonl        one JSON line per dump that was dropped, cut, refused or skipped
 
 A handler builds its entry under ``tmp/``, fsyncs the files, then renames the directory
 into ``ready/`` and fsyncs ``ready/``. The agent only ever looks at ``ready/`` and removes an
 entry once the vault holds the same bytes; what is left in ``tmp/`` belongs to a handler
 that died and is cleaned up by the agent.
+
+Tenants share the spool: an entry names its pod and namespace in a small ``owner`` file
+written before its core, and :func:`room` gives a new entry no more than what is left of
+each of its tenants' parts of the spool, so one pod's flood of cores never costs another
+pod its copy. A part is a fraction of what the spool may hold (``max_size``, or less when
+the filesystem's free space above ``keep_free`` is smaller).
 """
 
 from __future__ import annotations
@@ -20,6 +27,7 @@ import time
 
 CORE_NAME = "core.zst"
 META_NAME = "meta.json"
+OWNER_NAME = "owner"
 JOURNAL_NAME = "journal.jsonl"
 
 
@@ -43,9 +51,29 @@ def ensure(spool: str) -> None:
         os.makedirs(d, mode=0o700, exist_ok=True)
 
 
-def usage(spool: str) -> int:
-    """Bytes held by the spool's entries, finished or in progress."""
+def write_owner(entry_dir: str, keys: list[str]) -> None:
+    """Name the tenants an entry counts against (one key per line)."""
+    fd = os.open(
+        os.path.join(entry_dir, OWNER_NAME), os.O_WRONLY | os.O_CREAT | os.O_EXCL | os.O_CLOEXEC, 0o600
+    )
+    try:
+        os.write(fd, "".join(k + "\n" for k in keys).encode())
+    finally:
+        os.close(fd)
+
+
+def _owners(entry_dir: str) -> list[str]:
+    try:
+        with open(os.path.join(entry_dir, OWNER_NAME), "rb") as f:
+            return f.read(4096).decode(errors="replace").split()
+    except OSError:
+        return []  # an entry of an older handler, or one being created this moment
+
+
+def usage_by_owner(spool: str) -> tuple[int, dict[str, int]]:
+    """Bytes held by the spool's entries, finished or in progress: in all, and per owner key."""
     total = 0
+    owned: dict[str, int] = {}
     for parent in (tmp_dir(spool), ready_dir(spool)):
         try:
             entries = os.scandir(parent)
@@ -55,17 +83,38 @@ def usage(spool: str) -> int:
             for entry in entries:
                 try:
                     with os.scandir(entry.path) as files:
-                        total += sum(f.stat(follow_symlinks=False).st_blocks * 512 for f in files)
+                        size = sum(f.stat(follow_symlinks=False).st_blocks * 512 for f in files)
                 except (NotADirectoryError, FileNotFoundError):
                     continue
-    return total
+                total += size
+                for key in _owners(entry.path):
+                    owned[key] = owned.get(key, 0) + size
+    return total, owned
 
 
-def room(spool: str, max_size: int, keep_free: int) -> int:
-    """How many more bytes the spool may take under its quota and free-space floor."""
+def usage(spool: str) -> int:
+    """Bytes held by the spool's entries, finished or in progress."""
+    return usage_by_owner(spool)[0]
+
+
+def room(
+    spool: str, max_size: int, keep_free: int, shares: dict[str, float] | None = None
+) -> tuple[int, str | None]:
+    """How many more bytes a new entry may take, and the owner key whose share binds.
+
+    ``shares`` maps owner keys to their part of the spool; the key is None when the spool's
+    own limits (``max_size``, ``keep_free``) bind.
+    """
     st = os.statvfs(spool)
     free = st.f_bavail * st.f_frsize
-    return max(0, min(max_size - usage(spool), free - keep_free))
+    total, owned = usage_by_owner(spool)
+    left, binding = min(max_size - total, free - keep_free), None
+    capacity = min(max_size, total + free - keep_free)
+    for key, part in (shares or {}).items():
+        mine = int(capacity * part) - owned.get(key, 0)
+        if mine < left:
+            left, binding = mine, key
+    return max(0, left), binding
 
 
 def entries(spool: str) -> list[str]:

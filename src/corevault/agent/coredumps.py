@@ -1,10 +1,14 @@
 """The agent's coredump socket: where the kernel itself connects in socket mode.
 
 Each connection is served on a thread of its own (:func:`corevault.capture.coresocket.serve`),
-at most ``parallel`` at once, so a slow or huge dump never holds up another crash. A
-connection beyond that bound is rejected at once (before the kernel writes anything) and
-journaled as dropped: under a flood, the node stays responsive and loses cores rather than
-memory or disk. The socket is root-only; the kernel connects with its own credentials.
+so a slow or huge dump never holds up another crash. Two bounds, so one tenant's flood never
+costs another tenant its crash: deciding about a connection (whose crash, opted in, its
+pod's and namespace's shares) is cheap, and up to ``DECIDING`` times ``parallel`` connections
+are decided at once; reading a core is not, and at most ``parallel`` cores are read at once,
+of which one pod holds at most ``pod_dumps``. A connection beyond either bound is rejected
+at once (before the kernel writes anything) and journaled as dropped: under a flood, the
+node stays responsive and loses the flood's cores rather than memory, disk or other pods'
+cores. The socket is root-only; the kernel connects with its own credentials.
 
 While the listener is down, a ``@@`` core_pattern makes the kernel dump nothing (the
 connection fails and the process simply dies); docs/capture.md, "Socket mode", says how
@@ -25,6 +29,8 @@ from corevault.capture import coresocket, handler
 from corevault.errors import UserError
 
 log = logging.getLogger("corevault.agent")
+#: connections decided at once, per core read at once
+DECIDING = 8
 
 
 class CoredumpListener:
@@ -35,7 +41,10 @@ class CoredumpListener:
         self.path = path
         self.request_mode = request_mode
         self.parallel = parallel
-        self.slots = threading.BoundedSemaphore(parallel)
+        #: connections being decided or served
+        self.slots = threading.BoundedSemaphore(parallel * DECIDING)
+        #: cores being read
+        self.dumps = threading.BoundedSemaphore(parallel)
         self.stop = threading.Event()
         self.sock: socket.socket | None = None
         self.thread: threading.Thread | None = None
@@ -68,7 +77,7 @@ class CoredumpListener:
 
     def _handle(self, conn: socket.socket) -> None:
         try:
-            self._count(coresocket.serve(self.settings, conn, self.request_mode))
+            self._count(coresocket.serve(self.settings, conn, self.request_mode, self.dumps))
         except Exception as e:
             log.exception("serving a kernel coredump connection failed")
             handler.journal(
@@ -82,7 +91,10 @@ class CoredumpListener:
     def _overflow(self, conn: socket.socket) -> None:
         try:
             conn.settimeout(10)
-            reason = f"{self.parallel} dumps are being captured already; refused before it was written"
+            reason = (
+                f"{self.parallel * DECIDING} coredump connections are being served already; "
+                "refused before it was written"
+            )
             handler.journal(self.settings, {"event": "dropped", "reason": reason, "transport": "socket"})
             self._count("overflow")
             coresocket.reject(conn, self.request_mode)

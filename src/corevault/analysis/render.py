@@ -1,9 +1,13 @@
-"""A report for people, in the spirit of ``coredumpctl info``."""
+"""A report for people, in the spirit of ``coredumpctl info``.
+
+Every line is made printable (:mod:`corevault.printable`): names come from the crashed process.
+"""
 
 from __future__ import annotations
 
 import os
 
+from corevault import printable
 from corevault.model import Frame, Report
 
 MAX_OTHER_FRAMES = 8
@@ -64,4 +68,5 @@ def text(report: Report, all_threads: bool = True) -> str:
         lines.append(f"  0x{m.start:x} {m.path}  build-id {m.build_id}  [{state}]")
     for w in report.warnings:
         lines.append(f"warning: {w}")
-    return "\n".join(lines)
+    # Symbol names, paths and arguments are the crashed process's: shown, never obeyed.
+    return printable.lines("\n".join(lines))

@@ -7,6 +7,11 @@ any memory, and the first NT_PRSTATUS note is the crashing thread's (the kernel 
 first), with its tid and signal. So the socket transport reads the core up to the end of
 its notes into memory (bounded), learns those values, and only then opens the targets,
 whose names may depend on them; the bytes read are written to the targets first.
+
+The program headers also say how long the core is: the kernel writes every segment in
+full (zero pages as zeros, into a pipe or a socket), so a stream that ends before the last
+segment does was cut short by the kernel, which stops dumping when the process is killed
+meanwhile. Both transports read the head for that reason.
 """
 
 from __future__ import annotations
@@ -17,19 +22,22 @@ import struct
 from corevault import elf
 
 NT_PRSTATUS = 1
+PN_XNUM = 0xFFFF
 NT_SIGINFO = 0x53494749
 #: the notes of a core with thousands of threads and mappings fit well within this
 MAX_HEAD = 64 << 20
 
 
 class Head:
-    __slots__ = ("data", "signal", "tid")
+    __slots__ = ("data", "signal", "size", "tid")
 
-    def __init__(self, data: bytes, signal: int | None, tid: int | None) -> None:
+    def __init__(self, data: bytes, signal: int | None, tid: int | None, size: int | None = None) -> None:
         #: every byte read so far, to be written to the targets before the rest of the stream
         self.data = data
         self.signal = signal
         self.tid = tid
+        #: the size the program headers promise (the end of the last segment), or None
+        self.size = size
 
 
 def _read_until(fd: int, buf: bytearray, size: int) -> None:
@@ -49,20 +57,24 @@ def read_head(fd: int) -> Head:
     e = "<" if buf[5] == 1 else ">"
     (phoff,) = struct.unpack_from(e + "Q", buf, 32)
     phentsize, phnum = struct.unpack_from(e + "HH", buf, 54)
-    if not 0 < phnum <= elf.MAX_PHNUM or phentsize < 56 or phoff + phentsize * phnum > MAX_HEAD:
+    # Up to PN_XNUM (a process with more mappings keeps its count in a section header at the
+    # end): a core's program headers are as many as its mappings, often more than elf.MAX_PHNUM.
+    if not 0 < phnum < PN_XNUM or phentsize < 56 or phoff + phentsize * phnum > MAX_HEAD:
         return Head(bytes(buf), None, None)
     _read_until(fd, buf, phoff + phentsize * phnum)
     notes = None
+    end = 0 if len(buf) >= phoff + phentsize * phnum else None
     for i in range(phnum):
         at = phoff + i * phentsize
         if at + 56 > len(buf):
             break
         p_type, _, offset, _, _, filesz = struct.unpack_from(e + "IIQQQQ", buf, at)
-        if p_type == elf.PT_NOTE:
+        if end is not None:
+            end = max(end, offset + filesz)
+        if p_type == elf.PT_NOTE and notes is None:
             notes = (offset, filesz)
-            break
     if notes is None or notes[0] + notes[1] > MAX_HEAD:
-        return Head(bytes(buf), None, None)
+        return Head(bytes(buf), None, None, end)
     offset, size = notes
     _read_until(fd, buf, offset + size)
     signal = tid = None
@@ -76,4 +88,4 @@ def read_head(fd: int) -> Head:
             signal = signal or cursig or None
         elif ntype == NT_SIGINFO and len(desc) >= 4:
             signal = struct.unpack_from(e + "i", desc, 0)[0] or signal
-    return Head(bytes(buf), signal, tid)
+    return Head(bytes(buf), signal, tid, end)

@@ -25,6 +25,7 @@ import socket
 import struct
 import time
 from contextlib import suppress
+from typing import Protocol
 
 from corevault import config
 from corevault.capture import corehead, handler, process
@@ -79,8 +80,22 @@ def reject(conn: socket.socket, request_mode: bool) -> None:
         answer(conn, read_request(conn), accept=False)
 
 
-def serve(settings: config.Settings, conn: socket.socket, request_mode: bool) -> str:
-    """Handle one kernel connection; returns what happened, for logs and tests."""
+class Gate(Protocol):
+    """The listener's bound on dumps read at once (a semaphore)."""
+
+    def acquire(self, blocking: bool = ...) -> bool: ...
+    def release(self) -> None: ...
+
+
+def serve(
+    settings: config.Settings, conn: socket.socket, request_mode: bool, gate: Gate | None = None
+) -> str:
+    """Handle one kernel connection; returns what happened, for logs and tests.
+
+    ``gate`` bounds the dumps read at once across tenants; it is asked only once the crash
+    is admitted (its pod's and namespace's own shares are taken in :func:`handler.admit`), so
+    the cheap decisions of a flood never crowd out another tenant's crash.
+    """
     started, when = time.monotonic(), time.time()
     try:
         pidfd = conn.getsockopt(socket.SOL_SOCKET, SO_PEERPIDFD)
@@ -90,13 +105,19 @@ def serve(settings: config.Settings, conn: socket.socket, request_mode: bool) ->
         )
         return "error"
     try:
-        return _serve(settings, conn, request_mode, pidfd, (started, when))
+        return _serve(settings, conn, request_mode, pidfd, (started, when), gate=gate)
     finally:
         os.close(pidfd)
 
 
 def _serve(
-    settings: config.Settings, conn: socket.socket, request_mode: bool, pidfd: int, clock: tuple[float, float]
+    settings: config.Settings,
+    conn: socket.socket,
+    request_mode: bool,
+    pidfd: int,
+    clock: tuple[float, float],
+    *,
+    gate: Gate | None,
 ) -> str:
     started, when = clock
     record: dict = {"node": settings.node_name, "crash_time": int(when), "transport": "socket"}
@@ -121,13 +142,25 @@ def _serve(
         if request_mode:
             answer(conn, offered, accept=False)
         return "refused"
+    admitted = None
+    gated = False
     try:
         process.read_facts(crash)
         admitted = handler.admit(settings, crash, record, [])
         if admitted is not None and admitted.plan.vault and admitted.plan.volume_path is None:
-            full = handler.spool_full(settings)
+            full = handler.spool_full(settings, admitted.tenants)
             if full:
                 handler.journal(settings, {**record, "event": "dropped", "reason": full})
+                admitted.release()
+                admitted = None
+        if admitted is not None and gate is not None:
+            gated = gate.acquire(False)
+            if not gated:
+                reason = (
+                    "the node reads as many dumps as it may at once already; refused before it was written"
+                )
+                handler.journal(settings, {**record, "event": "dropped", "reason": reason})
+                admitted.release()
                 admitted = None
         if request_mode:
             answer(conn, offered, accept=admitted is not None)
@@ -140,7 +173,7 @@ def _serve(
         admitted.replan()
         conn.setsockopt(socket.SOL_SOCKET, socket.SO_RCVTIMEO, struct.pack("ll", int(settings.timeout), 0))
         try:
-            handler.deliver(admitted, conn.fileno(), started, head.data)
+            handler.deliver(admitted, conn.fileno(), started, head)
         except OSError as e:  # the receive timeout, or the kernel gave up
             handler.journal(
                 settings, {**record, "event": "dropped", "reason": f"coredump socket: {e.strerror}"}
@@ -148,6 +181,10 @@ def _serve(
             return "dropped"
         return "captured"
     finally:
+        if admitted is not None:
+            admitted.release()
+        if gated and gate is not None:
+            gate.release()
         crash.close()
 
 

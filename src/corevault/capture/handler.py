@@ -28,7 +28,7 @@ import sys
 import time
 
 from corevault import config, spool
-from corevault.capture import buildid, cgroup, lookup, policy, process, safefs, stream
+from corevault.capture import buildid, cgroup, corehead, lookup, policy, process, safefs, stream
 
 META_VERSION = 1
 
@@ -121,6 +121,7 @@ def capture(settings: config.Settings, args: list[str], core_fd: int, warnings: 
     except process.ProcessGone as e:
         journal(settings, {**record, "event": "refused", "reason": str(e), "exe": crash.exe})
         return 0
+    admitted = None
     try:
         process.read_facts(crash)
         admitted = admit(settings, crash, record, warnings)
@@ -130,6 +131,8 @@ def capture(settings: config.Settings, args: list[str], core_fd: int, warnings: 
         deliver(admitted, core_fd, started)
         return 0
     finally:
+        if admitted is not None:
+            admitted.release()
         crash.close()
 
 
@@ -145,23 +148,33 @@ def new_record(settings: config.Settings, crash: process.Crash) -> dict:
 
 
 class Admitted:
-    """A crash that opted in and passed the storm limit: what :func:`deliver` needs."""
+    """A crash that opted in, holds its tenants' dump slots and passed the storm limit."""
 
-    __slots__ = ("cg", "crash", "owner", "plan", "record", "settings")
+    __slots__ = ("cg", "crash", "owner", "plan", "record", "settings", "slots", "tenants")
 
     def __init__(self, settings: config.Settings, crash: process.Crash, *, cg: cgroup.CgroupInfo | None,
-                 owner: lookup.Owner, plan: policy.Plan, record: dict) -> None:  # fmt: skip
+                 owner: lookup.Owner, plan: policy.Plan, record: dict, slots: list[int]) -> None:  # fmt: skip
         self.settings = settings
         self.crash = crash
         self.cg = cg
         self.owner = owner
         self.plan = plan
         self.record = record
+        #: the pod's and the namespace's share keys (see :func:`policy.tenant_keys`)
+        self.tenants = policy.tenant_keys(owner)
+        #: the locked slot files; closing them gives the slots back
+        self.slots = slots
 
     def replan(self) -> None:
         """Expand the pattern again, once values that were unknown at admission are known."""
         self.plan = policy.plan(self.crash, self.owner, self.settings, _core_uses_pid(self.settings))
         self.record.update(signal=self.crash.signal)
+
+    def release(self) -> None:
+        """Give the tenants' dump slots back (a pipe handler's exit does it too)."""
+        for fd in self.slots:
+            os.close(fd)
+        self.slots = []
 
 
 def admit(
@@ -183,6 +196,9 @@ def admit(
         event = "skipped" if not plan.opted_in else "refused"
         journal(settings, {**record, "event": event, "reason": plan.refused})
         return None
+    slots = _take_slots(settings, policy.tenant_keys(owner), record)
+    if slots is None:
+        return None
     kept, seen = policy.admit(
         settings.state_dir,
         policy.storm_key(owner, crash),
@@ -196,32 +212,80 @@ def admit(
             f"at most {settings.storm_max} cores kept"
         )
         journal(settings, {**record, "event": "dropped", "reason": reason})
+        for fd in slots:
+            os.close(fd)
         return None
-    return Admitted(settings, crash, cg=cg, owner=owner, plan=plan, record=record)
+    return Admitted(settings, crash, cg=cg, owner=owner, plan=plan, record=record, slots=slots)
 
 
-def spool_budget(settings: config.Settings) -> int:
-    """Bytes a new spool entry may take; SinkFailed when the spool has no room at all."""
+def _take_slots(
+    settings: config.Settings, tenants: tuple[str | None, str | None], record: dict
+) -> list[int] | None:
+    """One of the pod's and one of the namespace's dump slots; None (journaled) when either is full.
+
+    Refusing here, before a byte of the core is read, is what keeps one tenant from holding
+    the kernel's core_pipe_limit: the handler exits at once and the kernel frees the slot.
+    """
+    pod, namespace = tenants
+    held: list[int] = []
+    for key, share, whose in (
+        (pod, settings.pod_dumps, "pod"),
+        (namespace, settings.namespace_dumps, "namespace"),
+    ):
+        if key is None:
+            continue
+        fd = policy.take_slot(settings.state_dir, key, share)
+        if fd is None:
+            for h in held:
+                os.close(h)
+            reason = (
+                f"{share} dumps of this {whose} are being read already (its share, [capture] {whose}_dumps); "
+                "refused before the core was read"
+            )
+            journal(settings, {**record, "event": "dropped", "reason": reason})
+            return None
+        held.append(fd)
+    return held
+
+
+def spool_budget(settings: config.Settings, tenants: tuple[str | None, str | None]) -> tuple[int, str]:
+    """Bytes a new spool entry of ``tenants`` may take, and what limits it; SinkFailed when none."""
     spool.ensure(settings.spool_dir)
-    budget = spool.room(settings.spool_dir, settings.spool_max_size, settings.spool_keep_free)
+    pod, namespace = tenants
+    shares = {k: part for k, part in ((pod, settings.pod_share), (namespace, settings.namespace_share)) if k}
+    budget, binding = spool.room(
+        settings.spool_dir, settings.spool_max_size, settings.spool_keep_free, shares
+    )
+    if binding is None:
+        what = "spool is full (its max_size or keep_free is reached)"
+    else:
+        whose, part = (
+            ("pod", settings.pod_share) if binding == pod else ("namespace", settings.namespace_share)
+        )
+        what = f"spool is full for this {whose}: its share ([spool] {whose}_share = {part:g}) is used up"
     if budget <= 0:
-        raise stream.SinkFailed("spool is full (its max_size or keep_free is reached)")
-    return budget
+        raise stream.SinkFailed(what)
+    return budget, what
 
 
-def spool_full(settings: config.Settings) -> str | None:
+def spool_full(settings: config.Settings, tenants: tuple[str | None, str | None]) -> str | None:
     """Why no spool entry can be made now, if it cannot (the vault target only)."""
     try:
-        spool_budget(settings)
+        spool_budget(settings, tenants)
     except (OSError, stream.SinkFailed) as e:
         return _reason(e)
     return None
 
 
-def deliver(admitted: Admitted, core_fd: int, started: float, head: bytes = b"") -> None:
-    """Stream the core (``head``, then ``core_fd``) into the crash's targets and publish them."""
+def deliver(admitted: Admitted, core_fd: int, started: float, head: corehead.Head | None = None) -> None:
+    """Stream the core (``head``'s bytes, then ``core_fd``) into the crash's targets and publish them.
+
+    Without ``head`` (the pipe), the core's headers are read here first: they say how long the
+    core should be (:mod:`.corehead`).
+    """
     settings, crash, record = admitted.settings, admitted.crash, admitted.record
     job = _Job(settings, crash, admitted.owner, admitted.plan, record)
+    job.tenants = admitted.tenants
     try:
         job.open_targets()
         if not job.sinks:
@@ -230,12 +294,17 @@ def deliver(admitted: Admitted, core_fd: int, started: float, head: bytes = b"")
         # The mapped binaries are opened while the process still exists, copied later.
         job.modules = buildid.open_modules(crash.proc_fd, crash.maps)
         try:
-            job.size, job.truncated = stream.pump(core_fd, job.sinks, admitted.plan.limit, head)
+            head = head if head is not None else corehead.read_head(core_fd)
+            job.size, job.truncated = stream.pump(core_fd, job.sinks, admitted.plan.limit, head.data)
         except HandlerTimeout:
             reason = f"handler timeout after {settings.timeout:g}s; raise [capture] timeout for larger cores"
             journal(settings, {**record, "event": "dropped", "reason": reason})
             return
         job.problems += [f"{s.name}: {s.failed}" for s in job.sinks if s.failed]
+        if head.size is not None and not job.truncated and job.size < head.size:
+            # The kernel stops writing when the dumping process gets a fatal signal (a
+            # SIGKILL meanwhile, or the OOM killer); the stream then simply ends early.
+            job.truncated, job.expected = True, head.size
         job.publish_volume()
         buildid.store_modules(settings.buildid_dir, job.modules)
         job.finish_entry(_meta(job, admitted.cg, started))
@@ -268,10 +337,13 @@ class _Job:
         self.volume_file: safefs.NewFile | None = None
         self.volume_sink: stream.SparseSink | None = None
         self.vault: stream.ZstdSink | None = None
+        self.tenants: tuple[str | None, str | None] = policy.tenant_keys(owner)
         self.entry_id: str | None = None
         self.entry_tmp: str | None = None
         self.size = 0
         self.truncated = False
+        #: the size the core's program headers promised, when the kernel stopped short of it
+        self.expected: int | None = None
 
     def open_targets(self) -> None:
         if self.plan.volume_path is not None:
@@ -286,16 +358,18 @@ class _Job:
         if self.plan.vault:
             s = self.settings
             try:
-                budget = spool_budget(s)
+                budget, what = spool_budget(s, self.tenants)
                 self.entry_id = spool.new_id(time.time(), self.crash.global_pid)
                 self.entry_tmp = os.path.join(spool.tmp_dir(s.spool_dir), self.entry_id)
                 os.mkdir(self.entry_tmp, 0o700)
+                spool.write_owner(self.entry_tmp, [k for k in self.tenants if k])
                 fd = os.open(
                     os.path.join(self.entry_tmp, spool.CORE_NAME),
                     os.O_WRONLY | os.O_CREAT | os.O_EXCL | os.O_CLOEXEC,
                     0o600,
                 )
-                self.vault = stream.ZstdSink(fd, s.compression_level, s.compression_threads, budget)
+                level, threads = s.compression_level, s.compression_threads
+                self.vault = stream.ZstdSink(fd, level, threads, budget, over=what)
                 self.sinks.append(self.vault)
             except (OSError, stream.SinkFailed) as e:
                 self.problems.append(f"vault: {_reason(e)}")
@@ -345,7 +419,7 @@ class _Job:
             "entry": self.entry_id if self.entry_tmp is None and self.plan.vault else None,
         }
         if self.truncated:
-            reason = f"cut at {self.plan.limit} bytes by {self.plan.limit_source}"
+            reason = _truncation(self.size, self.expected, self.plan)
             journal(self.settings, {**event, "event": "truncated", "reason": reason})
         for problem in self.problems:
             journal(self.settings, {**event, "event": "dropped", "reason": problem})
@@ -404,6 +478,7 @@ def _meta(job: _Job, cg: cgroup.CgroupInfo | None, started: float) -> dict:
             "truncated": job.truncated,
             "limit": job.plan.limit,
             "limit_source": job.plan.limit_source,
+            **({"expected_size": job.expected, "cut_by": "kernel"} if job.expected is not None else {}),
         },
         "volume": job.volume,
         "modules": [m.as_dict() for m in job.modules],
@@ -434,6 +509,15 @@ def _finish_entry(spool_dir: str, entry_id: str, entry_tmp: str, core_fd: int, m
         os.fsync(ready)
     finally:
         os.close(ready)
+
+
+def _truncation(size: int, expected: int | None, plan: policy.Plan) -> str:
+    if expected is not None:
+        return (
+            f"the kernel stopped the dump after {size} of {expected} bytes "
+            "(the process was killed while it was being dumped)"
+        )
+    return f"cut at {plan.limit} bytes by {plan.limit_source}"
 
 
 def _reason(e: BaseException) -> str:

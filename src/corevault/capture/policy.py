@@ -7,6 +7,11 @@ spool (for the vault); ``corevault.io/targets`` narrows them per pod, the node's
 for all pods. The core is cut at the smaller of the soft RLIMIT_CORE (``%c``, which the
 kernel ignores for pipes) and ``corevault.io/max-core-size``, and marked truncated.
 
+Tenants get fixed shares of what the node has for dumps (:func:`take_slot`): at most
+``pod_dumps`` dumps of one pod and ``namespace_dumps`` of one namespace are read at once,
+and a dump beyond that is refused before a byte of its core is read, so its handler exits
+at once and gives the kernel's ``core_pipe_limit`` slot back to other tenants' crashes.
+
 A bad annotation never costs the crash its core: an unusable targets or size value is
 reported as a warning and the node's defaults apply. Only the pattern itself is refused
 when invalid, because guessing where to write would be worse.
@@ -107,11 +112,49 @@ def plan(crash: Crash, owner: Owner, settings: Settings, core_uses_pid: bool) ->
     return p
 
 
+def _key(prefix: str, value: str) -> str:
+    """A file name from a value a pod controls: only safe characters, bounded length."""
+    return prefix + "".join(c if c.isascii() and (c.isalnum() or c in "-_.") else "_" for c in value)[-100:]
+
+
 def storm_key(owner: Owner, crash: Crash) -> str:
     """One storm budget per container, or per executable for processes outside containers."""
     if owner.container_id:
-        return "c-" + owner.container_id
-    return "e-" + "".join(c if c.isalnum() or c in "-_." else "_" for c in crash.exe)[-100:]
+        return _key("c-", owner.container_id)
+    return _key("e-", crash.exe)
+
+
+def tenant_keys(owner: Owner) -> tuple[str | None, str | None]:
+    """Whose shares a dump counts against: its pod (or container), its namespace.
+
+    Processes outside containers are the node's own and count against no tenant's share.
+    """
+    pod = (
+        _key("p-", owner.uid) if owner.uid else _key("c-", owner.container_id) if owner.container_id else None
+    )
+    return pod, (_key("n-", owner.namespace) if owner.namespace else None)
+
+
+def take_slot(state_dir: str, key: str, share: int) -> int | None:
+    """Hold one of ``key``'s ``share`` dump slots: the locked fd, or None when all are taken.
+
+    A slot is an ``flock`` on one of ``share`` files: the kernel releases it when the holder
+    closes it or dies (a killed handler never leaks a slot), and locks on separate opens
+    exclude each other within one process too (the socket listener's threads).
+    """
+    d = os.path.join(state_dir, "dumps")
+    os.makedirs(d, mode=0o700, exist_ok=True)
+    for i in range(share):
+        fd = os.open(
+            os.path.join(d, f"{key}.{i}"), os.O_RDWR | os.O_CREAT | os.O_CLOEXEC | os.O_NOFOLLOW, 0o600
+        )
+        try:
+            fcntl.flock(fd, fcntl.LOCK_EX | fcntl.LOCK_NB)
+        except BlockingIOError:
+            os.close(fd)
+            continue
+        return fd
+    return None
 
 
 def admit(state_dir: str, key: str, limit: int, window: float, now: float) -> tuple[bool, int]:

@@ -119,15 +119,26 @@ def _pwrite_all(fd: int, data: memoryview, offset: int) -> None:
 class ZstdSink:
     """A zstd-compressed copy with the SHA-256 of what went in, within a byte budget."""
 
-    __slots__ = ("budget", "compressor", "failed", "fd", "hasher", "name", "size", "stored", "zstd")
+    __slots__ = ("budget", "compressor", "failed", "fd", "hasher", "name", "over", "size", "stored", "zstd")
 
-    def __init__(self, fd: int, level: int, threads: int, budget: int, name: str = "vault") -> None:
+    def __init__(
+        self,
+        fd: int,
+        level: int,
+        threads: int,
+        budget: int,
+        *,
+        over: str = "spool is full (its quota was reached)",
+        name: str = "vault",
+    ) -> None:
         import hashlib
 
         self.zstd = zstandard = _zstd()
         self.fd = fd
         self.name = name
         self.budget = budget
+        #: what the budget is (said when it is exceeded)
+        self.over = over
         self.size = 0
         self.stored = 0
         self.failed: str | None = None
@@ -154,7 +165,7 @@ class ZstdSink:
             return
         self.stored += len(data)
         if self.stored > self.budget:
-            raise SinkFailed(f"spool is full (its quota was reached after {self.stored} compressed bytes)")
+            raise SinkFailed(f"{self.over}; stopped after {self.stored} compressed bytes")
         view = memoryview(data)
         while view:
             view = view[os.write(self.fd, view) :]

@@ -20,6 +20,8 @@ import typer
 
 from corevault import config
 from corevault.errors import UserError
+from corevault.printable import lines as printable_lines
+from corevault.printable import printable
 from corevault.vault.catalog import Filters
 
 UNITS = {"s": 1, "m": 60, "h": 3600, "d": 86400, "w": 604800}
@@ -80,9 +82,16 @@ def parse_time(value: str | None, what: str, now: float | None = None) -> int | 
 
 
 def _console():  # -> rich Console, wide enough for ids and titles when not on a terminal
+    """A console that prints strings as they are: crashed processes name their executables and
+    symbols, so a ``[/red]`` or ``:skull:`` in them is data, never markup or an emoji code."""
     from rich.console import Console
 
-    return Console(highlight=False, width=None if sys.stdout.isatty() else 200)
+    return Console(highlight=False, markup=False, emoji=False, width=None if sys.stdout.isatty() else 200)
+
+
+def _row(*cells: str) -> list[str]:
+    """Table cells with every control character escaped (see :mod:`corevault.printable`)."""
+    return [printable(c) for c in cells]
 
 
 def _when(t: int) -> str:
@@ -120,10 +129,10 @@ def list_(
     for r in rows:
         where = f"{r['namespace']}/{r['pod']}" if r["namespace"] else "-"
         size = f"{r['size'] / 1048576:.1f}M" + ("!" if r["truncated"] else "")
-        table.add_row(
+        table.add_row(*_row(
             _when(r["time"]), r["id"], where, r["container"] or "-", (r["signal_name"] or "?").removeprefix("SIG"),
             r["exe"] or "?", size, r["title"] or r["analysis"],
-        )  # fmt: skip
+        ))  # fmt: skip
     _console().print(table)
     if not rows:
         print("no crashes match", file=sys.stderr)
@@ -151,17 +160,17 @@ def info(
         f"        Core: {crash['size']} bytes, {crash['stored_size']} stored" + ("  TRUNCATED" if crash["truncated"] else ""),
         f"      Volume: {(meta.get('volume') or {}).get('path') or '-'}",
     ]  # fmt: skip
-    print("\n".join(lines))
+    print(printable_lines("\n".join(lines)))
     if crash["report"]:
         from corevault.analysis import render
         from corevault.model import Report
 
         print(render.text(Report.from_dict(crash["report"])))
     else:
-        print(
+        print(printable(
             f"    Analysis: {crash['analysis']}"
             + (f" ({crash['analysis_error']})" if crash["analysis_error"] else "")
-        )
+        ))  # fmt: skip
 
 
 def dump(
@@ -227,7 +236,13 @@ def groups(
     table = Table("SIGNATURE", "COUNT", "FIRST SEEN", "LAST SEEN", "TITLE", box=None)
     for g in rows:
         table.add_row(
-            g["signature"], str(g["count"]), _when(g["first_seen"]), _when(g["last_seen"]), g["title"] or ""
+            *_row(
+                g["signature"],
+                str(g["count"]),
+                _when(g["first_seen"]),
+                _when(g["last_seen"]),
+                g["title"] or "",
+            )
         )
     _console().print(table)
 
@@ -265,14 +280,16 @@ def gdb(
                 )
             else:
                 print(
-                    f"warning: no binary for {path} (build-id {build_id}): gdb will show its frames without symbols",
+                    printable(
+                        f"warning: no binary for {path} (build-id {build_id}): gdb will show its frames without symbols"
+                    ),
                     file=sys.stderr,
                 )
         exe_path = parsed.module_at(parsed.auxv.get(9, 0))[0]  # AT_ENTRY
         exe = found.get(parsed.build_ids.get(exe_path or "", ""))
         cmd = unwind_gdb.gdb_command(parsed, found, tmp, exe.executable if exe else None, batch=batch)
         if not batch:
-            print(f"corevault: {crash['title'] or crash['id']}", file=sys.stderr)
+            print(printable(f"corevault: {crash['title'] or crash['id']}"), file=sys.stderr)
         code = subprocess.run([*cmd, *ctx.args], check=False).returncode
     finally:
         shutil.rmtree(tmp, ignore_errors=True)

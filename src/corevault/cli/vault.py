@@ -10,7 +10,7 @@ import sys
 
 import typer
 
-from corevault import config
+from corevault import config, printable
 
 
 def register(app: typer.Typer) -> None:
@@ -71,6 +71,8 @@ def agent(
             raise UserError("pipe mode needs --forwarder BINARY (the static corevault-forward)")
 
     logging.basicConfig(level=logging.INFO, format="%(asctime)s %(levelname)s %(message)s")
+    for h in logging.getLogger().handlers:  # a crashed process's names are data, never escapes
+        h.setFormatter(printable.Formatter("%(asctime)s %(levelname)s %(message)s"))
     settings = config.load(ctx.obj["config"])
     on_record = None
     if kubernetes:

@@ -14,6 +14,8 @@ import signal as _signal
 import time
 from datetime import UTC, datetime
 
+from corevault.printable import printable
+
 log = logging.getLogger("corevault.agent")
 REASONS = {
     "captured": "CoreDumped",
@@ -31,6 +33,11 @@ def _signal_name(number: object) -> str:
 
 
 def message(record: dict) -> str:
+    """The Event's text; the executable and reasons are the crashed process's, so made printable."""
+    return printable(_message(record))
+
+
+def _message(record: dict) -> str:
     pod = record.get("pod") or {}
     who = f"container {pod.get('container') or '?'}: {_signal_name(record.get('signal'))} in {record.get('exe') or '?'}"
     if record.get("event") == "captured":

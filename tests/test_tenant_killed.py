@@ -1,0 +1,150 @@
+"""A dump cut short because its process was killed meanwhile is journaled as truncated.
+
+Tenant A's process (256 MiB of memory) crashes; while the kernel writes its core, whoever
+reads the core (the pipe handler, or the agent's coredump listener) is stopped so the kernel
+blocks on a full pipe or socket, A's process gets a SIGKILL (the kernel then stops dumping),
+and the reader goes on. Tenant B's pod (another namespace) crashes next: its core is whole.
+"""
+
+from __future__ import annotations
+
+import os
+import signal
+import subprocess
+import sys
+import tempfile
+import threading
+import time
+from collections.abc import Callable, Iterator
+from contextlib import contextmanager
+
+import pytest
+
+from corevault import config, hostsetup, spool
+from testbed import runc, sysctl
+from tests.conftest import Capture
+
+pytestmark = pytest.mark.crash
+SIZE = "257"  # MiB; an unusual number, so that /proc finds this test's process only
+ARGS = ["/app/crasher", "alloc", SIZE]
+
+
+def pod(namespace: str, name: str) -> dict[str, str]:
+    return {
+        "corevault.io/core-pattern": "/data/dump-a/core-%p",
+        "io.kubernetes.pod.namespace": namespace,
+        "io.kubernetes.pod.name": name,
+    }
+
+
+def processes(needle: bytes) -> list[int]:
+    found = []
+    for entry in os.listdir("/proc"):
+        if entry.isdigit():
+            try:
+                with open(f"/proc/{entry}/cmdline", "rb") as f:
+                    if needle in f.read():
+                        found.append(int(entry))
+            except OSError:
+                continue
+    return found
+
+
+def wait_for(what: Callable[[], object], timeout: float = 60) -> object:
+    deadline = time.monotonic() + timeout
+    while time.monotonic() < deadline:
+        found = what()
+        if found:
+            return found
+        time.sleep(0.01)
+    raise AssertionError(f"timed out waiting for {what}")
+
+
+def kill_while_dumping(rootfs: str, volume: str, spool_dir: str, reader: Callable[[], int]) -> None:
+    """Crash tenant A and SIGKILL it in the middle of its dump, with the core's reader held still."""
+    a = runc.Container(rootfs, ARGS, volume=volume, annotations=pod("tenant-a", "a-0"))
+    run = threading.Thread(target=a.run)
+    run.start()
+    try:
+        tmp = spool.tmp_dir(spool_dir)
+        wait_for(lambda: os.path.isdir(tmp) and os.listdir(tmp))  # the reader is streaming the core
+        held = reader()
+        os.kill(held, signal.SIGSTOP)
+        try:
+            time.sleep(0.3)  # the kernel fills the pipe or socket and waits
+            [crashed] = processes(b"\0".join(a.encode() for a in ARGS) + b"\0")
+            os.kill(crashed, signal.SIGKILL)
+            time.sleep(0.2)
+        finally:
+            os.kill(held, signal.SIGCONT)
+    finally:
+        run.join(120)
+
+
+def check_journal(records: list[dict]) -> None:
+    a = [r for r in records if (r.get("pod") or {}).get("namespace") == "tenant-a"]
+    b = [r for r in records if (r.get("pod") or {}).get("namespace") == "tenant-b"]
+    [cut] = [r for r in a if r["event"] == "truncated"]
+    assert "the kernel stopped the dump" in cut["reason"] and "killed" in cut["reason"], cut
+    assert cut["size"] < int(SIZE) << 20
+    assert [r["event"] for r in b] == ["captured"], b
+
+
+def test_a_killed_dump_is_truncated_not_captured_pipe(capture: Capture, rootfs: str) -> None:
+    def handler() -> int:
+        [pid] = processes(capture.handler.encode())
+        return pid
+
+    kill_while_dumping(rootfs, capture.volume, capture.spool, handler)
+    capture.crash(rootfs, ["/app/crasher", "segv"], annotations=pod("tenant-b", "b-0"))
+    check_journal(capture.journal())
+    metas = {m["pod"]["namespace"]: m["core"] for m in capture.entries()}
+    assert metas["tenant-a"]["truncated"] and metas["tenant-a"]["expected_size"] > metas["tenant-a"]["size"]
+    assert metas["tenant-b"]["truncated"] is False
+
+
+LISTENER = """
+import sys, time
+from corevault import config
+from corevault.agent.coredumps import for_this_kernel
+for_this_kernel(config.load(sys.argv[1])).listen().start()
+print("ready", flush=True)
+time.sleep(3600)
+"""
+
+
+@contextmanager
+def listener_process(volume: str) -> Iterator[tuple[config.Settings, subprocess.Popen]]:
+    """The agent's coredump listener in a process of its own (so it can be stopped), installed."""
+    d = tempfile.mkdtemp(prefix="cv-", dir="/tmp")
+    cfg = os.path.join(d, "c.toml")
+    with open(cfg, "w") as f:
+        f.write(f'state_dir = "{d}/state"\n')
+    settings = config.load(cfg)
+    with sysctl.core_settings():
+        proc = subprocess.Popen([sys.executable, "-c", LISTENER, cfg], stdout=subprocess.PIPE, text=True)
+        try:
+            assert proc.stdout is not None and proc.stdout.readline() == "ready\n"
+            hostsetup.install(None, config_path=cfg, socket=hostsetup.socket_path(settings.state_dir),
+                              requests=hostsetup.kernel_socket_mode() == "@@")  # fmt: skip
+            try:
+                yield settings, proc
+            finally:
+                hostsetup.uninstall(hostsetup.state_path(settings))
+        finally:
+            proc.kill()
+            proc.wait()
+            subprocess.run(["rm", "-rf", d], check=False)
+
+
+@pytest.mark.skipif(hostsetup.kernel_socket_mode() is None, reason="the coredump socket needs Linux 6.16+")
+def test_a_killed_dump_is_truncated_not_captured_socket(rootfs: str, tmp_path) -> None:
+    volume = str(tmp_path)
+    with listener_process(volume) as (settings, proc):
+        kill_while_dumping(rootfs, volume, settings.spool_dir, lambda: proc.pid)
+        runc.Container(
+            rootfs, ["/app/crasher", "segv"], volume=volume, annotations=pod("tenant-b", "b-0")
+        ).run()
+        wait_for(lambda: any((r.get("pod") or {}).get("namespace") == "tenant-b"
+                             for r in spool.read_journal(settings.spool_dir)), 30)  # fmt: skip
+        check_journal(spool.read_journal(settings.spool_dir))
