@@ -14,6 +14,8 @@ ABI fixes; this module reads it from the core at those places and nowhere else:
   The header's ``exception_class`` must read ``GNUCC++\\0`` and the type's name comes from its
   ``std::type_info``; ``what()`` is read only for types derived (by single inheritance) from
   ``std::logic_error`` or ``std::runtime_error``, whose message is their first member.
+- **Rust** (``panic=abort``): the ``PanicInfo`` on the panicking thread's stack, see
+  :mod:`corevault.analysis.rustpanic`.
 - **Go** (1.17 and later): the panicking goroutine's ``g`` sits at ``%fs:-8``;
   ``g._panic`` (which must lie on that goroutine's own stack) holds the panic value. It is
   put in words only when its type is one whose text is its own bytes: ``string``,
@@ -32,125 +34,18 @@ from __future__ import annotations
 import os
 import re
 import struct
-from dataclasses import dataclass
 
-from elftools.common.exceptions import ELFError
-from elftools.elf.elffile import ELFFile
-from elftools.elf.sections import SymbolTableSection
-
-from corevault.analysis import demangle
+from corevault.analysis import demangle, rustpanic
 from corevault.analysis.elfcore import Core
+from corevault.analysis.procmem import MAX_TEXT, Image, Memory, clean, file_bytes, images, symbols
+from corevault.model import Thread
 
-MAX_TEXT = 1024
-MAX_SYMBOLS = 1 << 21
-_CONTROL = re.compile(r"[\x00-\x08\x0b-\x1f\x7f-\x9f\u2028\u2029\u202a-\u202e\u2066-\u2069]")
 _GXX_CLASS = b"\x00++CCUNG"  # "GNUCC++\0" as a little-endian uint64
 _STD_MESSAGE_BASES = ("St11logic_error", "St13runtime_error")
 # lea tls_index(%rip),%rdi; call __tls_get_addr; add $8,%rsp; [add $imm32,%rax]
 _TLS_GD = re.compile(rb"\x48\x8d\x3d(.{4})\xe8.{4}\x48\x83\xc4\x08(?:\x48\x05(.{4}))?", re.DOTALL)
 # mov x@gottpoff(%rip),%rax; add %fs:0,%rax
 _TLS_IE = re.compile(rb"\x48\x8b\x05(.{4})\x64\x48\x03\x04\x25\x00\x00\x00\x00", re.DOTALL)
-
-
-@dataclass(frozen=True, slots=True)
-class Image:
-    """A mapped ELF object: its path in the core, its build-id-checked file and load bias."""
-
-    path: str
-    file: str
-    bias: int
-
-
-def clean(raw: bytes) -> str | None:
-    """Untrusted bytes as one bounded line of text (newlines kept, control characters not)."""
-    text = raw[:MAX_TEXT].decode("utf-8", errors="replace").strip()
-    text = _CONTROL.sub("\ufffd", text.replace("\r", ""))
-    return text or None
-
-
-def images(core: Core, files: dict[str, str | None]) -> list[Image]:
-    """The mapped objects whose files were found (``files``: path in the core -> checked file)."""
-    out = []
-    for path, file in files.items():
-        if file is None:
-            continue
-        try:
-            with open(file, "rb") as f:
-                loads = [s["p_vaddr"] for s in ELFFile(f).iter_segments() if s["p_type"] == "PT_LOAD"]
-        except (OSError, ELFError, struct.error, ValueError):
-            continue
-        if loads:
-            out.append(Image(path, file, core.extent(path)[0] - (min(loads) & ~0xFFF)))
-    return out
-
-
-def symbols(file: str, wanted: set[str]) -> dict[str, int]:
-    """The values of the ``wanted`` symbols (versions ignored) in ``file``'s symbol tables."""
-    out: dict[str, int] = {}
-    try:
-        with open(file, "rb") as f:
-            elf = ELFFile(f)
-            seen = 0
-            for section in elf.iter_sections():
-                if not isinstance(section, SymbolTableSection):
-                    continue
-                for sym in section.iter_symbols():
-                    seen += 1
-                    if seen > MAX_SYMBOLS or len(out) == len(wanted):
-                        return out
-                    name = sym.name.split("@", 1)[0]
-                    if name in wanted and sym["st_value"] and name not in out:
-                        out[name] = sym["st_value"]
-    except (OSError, ELFError, struct.error, ValueError, UnicodeDecodeError):
-        return out
-    return out
-
-
-def _file_bytes(file: str, value: int, size: int) -> bytes | None:
-    """``size`` bytes at virtual address ``value`` of an ELF file, from its loadable segments."""
-    try:
-        with open(file, "rb") as f:
-            elf = ELFFile(f)
-            for seg in elf.iter_segments():
-                if seg["p_type"] == "PT_LOAD" and seg["p_vaddr"] <= value < seg["p_vaddr"] + seg["p_filesz"]:
-                    f.seek(seg["p_offset"] + value - seg["p_vaddr"])
-                    return f.read(min(size, seg["p_vaddr"] + seg["p_filesz"] - value))
-    except (OSError, ELFError, struct.error, ValueError):
-        return None
-    return None
-
-
-class Memory:
-    """The crashed process's memory: the core's pages, and read-only pages from the mapped files.
-
-    The kernel dumps only the first page of a file-backed read-only mapping (rodata, code),
-    so those are read from the build-id-checked file that was mapped there.
-    """
-
-    def __init__(self, core: Core, imgs: list[Image]) -> None:
-        self.core = core
-        self.images = imgs
-
-    def read(self, address: int, size: int) -> bytes | None:
-        if not 0 < address < 1 << 64:
-            return None
-        data = self.core.read_memory(address, size)
-        if data:
-            return data
-        path, _ = self.core.module_at(address)
-        img = next((i for i in self.images if i.path == path), None)
-        return _file_bytes(img.file, address - img.bias, size) if img else None
-
-    def word(self, address: int | None) -> int | None:
-        data = self.read(address, 8) if address else None
-        return struct.unpack("<Q", data)[0] if data and len(data) == 8 else None
-
-    def cstring(self, address: int | None) -> bytes | None:
-        data = self.read(address, MAX_TEXT + 1) if address else None
-        if not data:
-            return None
-        end = data.find(b"\0")
-        return data if end < 0 else data[:end]
 
 
 def abort_message(mem: Memory, exe_path: str | None) -> str | None:
@@ -173,7 +68,7 @@ def abort_message(mem: Memory, exe_path: str | None) -> str | None:
 
 def _eh_globals(mem: Memory, img: Image, fs_base: int) -> int | None:
     value = symbols(img.file, {"__cxa_get_globals"}).get("__cxa_get_globals")
-    code = _file_bytes(img.file, value, 48) if value else None
+    code = file_bytes(img.file, value, 48) if value else None
     if not code or value is None:
         return None
     if m := _TLS_GD.search(code):
@@ -258,9 +153,8 @@ def _go_type_name(mem: Memory, types: int, etypes: int, typ: int) -> str | None:
     return text[1:] if tflag & 2 and text.startswith("*") else text  # tflagExtraStar
 
 
-def go_panic(mem: Memory, exe_path: str | None, fs_base: int | None) -> str | None:
+def go_panic(mem: Memory, exe: Image | None, fs_base: int | None) -> str | None:
     """The value of a Go panic, when its type is one whose text is its own bytes."""
-    exe = next((i for i in mem.images if i.path == exe_path), None)
     if exe is None or not fs_base:
         return None
     syms = symbols(exe.file, {"runtime.types", "runtime.etypes", "runtime.buildVersion"})
@@ -290,15 +184,28 @@ def go_panic(mem: Memory, exe_path: str | None, fs_base: int | None) -> str | No
 
 
 def read(
-    core: Core, files: dict[str, str | None], exe_path: str | None, crashed_tid: int | None
+    core: Core,
+    files: dict[str, str | None],
+    exe_path: str | None,
+    crashed: Thread | None,
 ) -> str | None:
     """The crashed program's last words, or None where its runtime left none that validate.
 
-    ``files`` maps each mapped object's path in the core to its identity-checked file.
+    ``files`` maps each mapped object's path in the core to its identity-checked file;
+    ``crashed`` is the crashing thread as unwound, with its frames named.
     """
-    state = next((t for t in core.threads if t.tid == crashed_tid), core.threads[0] if core.threads else None)
-    fs_base = state.registers.get("fs_base") if state else None
     if core.machine != "x86_64":
         return None
+    tid = crashed.tid if crashed else None
+    state = next((t for t in core.threads if t.tid == tid), core.threads[0] if core.threads else None)
+    fs_base = state.registers.get("fs_base") if state else None
+    sp = state.registers.get("rsp") if state else None
     mem = Memory(core, images(core, files))
-    return go_panic(mem, exe_path, fs_base) or cxx_exception(mem, fs_base) or abort_message(mem, exe_path)
+    exe = next((i for i in mem.images if i.path == exe_path), None)
+    frames = [(f.function, f.pc) for f in crashed.frames] if crashed else []
+    return (
+        go_panic(mem, exe, fs_base)
+        or rustpanic.read(mem, exe, frames, sp)
+        or cxx_exception(mem, fs_base)
+        or abort_message(mem, exe_path)
+    )

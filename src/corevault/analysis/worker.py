@@ -115,7 +115,7 @@ def analyze(
     )
     sig_id, frames, title = signature.compute(report)
     files = {path: found[bid].executable for path, bid in core.build_ids.items()}
-    words = lastwords.read(core, files, exe_path, report.crashed_tid)
+    words = lastwords.read(core, files, exe_path, report.crashed_thread)
     return dataclasses.replace(
         report, signature=sig_id, signature_frames=frames, title=title, last_words=words
     )
