@@ -12,16 +12,26 @@ from corevault.hostsetup import SYSCTLS, read_sysctls, write_sysctl
 LOCK = "/run/lock/corevault-core-settings.lock"
 
 
+_depth = [0]  # how deep this process is inside core_settings(): the lock is taken once
+
+
 @contextmanager
 def core_settings() -> Iterator[dict[str, str]]:
-    """Hold the host-wide lock, yield the saved values, and write them back on the way out."""
+    """Hold the host-wide lock, yield the saved values, and write them back on the way out.
+
+    Nested uses in one process share the lock (a second flock on a new open file would
+    wait for ourselves forever) and each restores what it saved.
+    """
     os.makedirs(os.path.dirname(LOCK), exist_ok=True)
     with open(LOCK, "w") as lock:
-        fcntl.flock(lock, fcntl.LOCK_EX)
+        if _depth[0] == 0:
+            fcntl.flock(lock, fcntl.LOCK_EX)
+        _depth[0] += 1
         saved = read_sysctls()
         try:
             yield saved
         finally:
+            _depth[0] -= 1
             for key, path in SYSCTLS.items():
                 write_sysctl(path, saved[key])
 
