@@ -152,8 +152,9 @@ def test_groups_are_counted_over_the_readers_namespaces_only(served: Served) -> 
 
 
 def _requests_for_b(served: Served) -> list[tuple[str, str]]:
-    """Every route of the app and method, filled in with namespace b's crash and binary, or filtered to b."""
+    """Every route of the app and method, filled in with namespace b's crash, group and binary, or filtered to b."""
     b, thrower = served.ids["b-abrt"], served.build_ids["thrower"]
+    group = served.get(f"/api/v1/crashes/{b}").json()["signature"]
     out = []
     for top in served.app.routes:  # type: ignore[attr-defined]
         for route in (
@@ -163,7 +164,7 @@ def _requests_for_b(served: Served) -> list[tuple[str, str]]:
             if path in ("/healthz", "/metrics", "/login", "/logout", "/static", "/api/v1/openapi.json"):
                 continue  # nothing about any crash behind these
             for method in methods:
-                url = path.format(crash_id=b, build_id=thrower)
+                url = path.format(crash_id=b, build_id=thrower, signature=group)
                 if "{" in path or path == "/api/v1/namespaces":
                     out.append((method, url))
                 else:  # a list: asked for b by name, and unfiltered
@@ -180,10 +181,16 @@ def test_a_reader_of_a_learns_nothing_of_b_on_any_endpoint(served: Served) -> No
         "registry.example/api",
     ]
     walk = _requests_for_b(served)
-    assert len({url.split("?")[0] for _, url in walk}) == 11, walk  # every API, debuginfod and page route
+    assert len({url.split("?")[0] for _, url in walk}) == 15, walk  # every API, debuginfod and page route
+    b_group = served.get(f"/api/v1/crashes/{served.ids['b-abrt']}").json()["signature"]
     for method, url in walk:
-        r = httpx.request(method, served.url + url, headers={"Authorization": f"Bearer {TOKENS['a']}"})
-        if "namespace=b" in url or served.ids["b-abrt"] in url or "/buildid/" in url:
+        r = httpx.request(
+            method, served.url + url, headers={"Authorization": f"Bearer {TOKENS['a']}"},
+            json={"state": "resolved"} if url.startswith("/api/") and url.endswith("/state") else None,
+            data={"state": "resolved", "form_token": "0" * 64} if url.startswith("/groups/") and method == "POST" else None,
+            cookies={"corevault_token": TOKENS["a"]} if url.startswith("/groups/") and method == "POST" else None,
+        )  # fmt: skip
+        if "namespace=b" in url or served.ids["b-abrt"] in url or "/buildid/" in url or b_group in url:
             assert r.status_code in (403, 404), (method, url, r.status_code)
         else:
             assert r.status_code == 200, (method, url, r.status_code)
@@ -417,6 +424,9 @@ def test_browser_from_the_group_list_to_a_crash_and_its_core(served: Served, tmp
             page.screenshot(path=os.path.join(SCREENSHOTS, "groups.png"), full_page=True)
 
             page.click("text=SIGABRT in parse_config ← main")
+            page.wait_for_url("**/groups/*")
+            assert "registry.example/api:2" in page.inner_text("#per-image")
+            page.click("text=all crashes of this group")
             page.wait_for_url("**/crashes?group=*")
             assert page.locator("table.crashes tbody tr").count() == 1 and "api-b-1" in page.inner_text(
                 "table.crashes"

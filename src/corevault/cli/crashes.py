@@ -1,4 +1,4 @@
-"""``corevault list | info | dump | groups | rm | gdb``: the crashes in the vault.
+"""``corevault list | info | dump | rm | gdb``: the crashes in the vault (groups: :mod:`corevault.cli.groups`).
 
 Modelled on ``coredumpctl``: filters that narrow the list, ``--json`` on every read
 command, one line and a distinct exit code for a missing id (4), a bad filter (2) or an
@@ -34,7 +34,6 @@ def register(app: typer.Typer) -> None:
     )(list_)
     app.command(epilog="Example: corevault info 20261128T060502Z-4502-7bf6460b")(info)
     app.command(epilog="Example: corevault dump 20261128T060502Z-4502-7bf6460b -o core")(dump)
-    app.command(epilog="Example: corevault groups --json")(groups)
     app.command(epilog="Example: corevault rm 20261128T060502Z-4502-7bf6460b")(rm)
     app.command(
         context_settings={"allow_extra_args": True, "ignore_unknown_options": True},
@@ -108,6 +107,9 @@ def list_(
     signal: str = typer.Option(None, help="Only this signal: SEGV, SIGABRT or 11."),
     exe: str = typer.Option(None, help="Only this executable path."),
     group: str = typer.Option(None, help="Only this crash group (signature)."),
+    search: str = typer.Option(
+        None, "--search", help="Words that must all appear in the title, frames, executable, pod or image."
+    ),
     since: str = typer.Option(None, help="Newer than: 2h, 7d, epoch seconds or an ISO time."),
     until: str = typer.Option(None, help="Older than: the same forms."),
     limit: int = typer.Option(50, "-n", "--limit", min=1, max=10000, help="At most this many, newest first."),
@@ -116,7 +118,7 @@ def list_(
     """List crashes, newest first."""
     filters = Filters(
         namespace=namespace, pod=pod, container=container, image=image, node=node, signal=signal, exe=exe,
-        group=group, since=parse_time(since, "--since"), until=parse_time(until, "--until"),
+        group=group, since=parse_time(since, "--since"), until=parse_time(until, "--until"), search=search,
     )  # fmt: skip
     rows = source(ctx).list(filters, limit)
     if as_json:
@@ -219,32 +221,6 @@ def write_core(src, crash_id: str, path: str, progress=None) -> None:  # src: Cr
     finally:
         os.close(fd)
     os.replace(path + ".part", path)
-
-
-def groups(
-    ctx: typer.Context,
-    limit: int = typer.Option(100, "-n", "--limit", min=1),
-    as_json: bool = typer.Option(False, "--json"),
-) -> None:
-    """Crash groups (signatures) with their counts, most recently seen first."""
-    rows = source(ctx).groups(limit)
-    if as_json:
-        print(json.dumps(rows, indent=2))
-        return
-    from rich.table import Table
-
-    table = Table("SIGNATURE", "COUNT", "FIRST SEEN", "LAST SEEN", "TITLE", box=None)
-    for g in rows:
-        table.add_row(
-            *_row(
-                g["signature"],
-                str(g["count"]),
-                _when(g["first_seen"]),
-                _when(g["last_seen"]),
-                g["title"] or "",
-            )
-        )
-    _console().print(table)
 
 
 def rm(ctx: typer.Context, crash_ids: list[str] = typer.Argument(..., metavar="ID...")) -> None:

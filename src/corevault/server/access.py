@@ -13,12 +13,13 @@ exists, not even through a count. Three ways to decide:
       sha256 = "9f86d0…"          # of the token; or token = "…" in the clear
       namespaces = ["shop"]       # or ["*"]: every namespace and the hosts' own crashes
       delete = false              # may remove crashes
+      update = false              # may resolve, ignore and reopen crash groups
 
   The file is read again when it changes; tokens are compared by their SHA-256 in
   constant time.
 - :class:`KubeAccess`: the caller's own Kubernetes token, checked with a TokenReview;
   each namespace with a SubjectAccessReview of ``get pods`` (``delete pods`` to remove a
-  crash) for that user and groups. Anyone allowed cluster-wide sees every namespace and the
+  crash, ``update pods`` to change a crash group's state) for that user and groups. Anyone allowed cluster-wide sees every namespace and the
   hosts' crashes. Answers are cached for ``ttl`` seconds per token, namespace and verb.
 
 A :class:`Principal` is the answer for one request: ``visible`` is the set of namespaces it
@@ -73,8 +74,15 @@ class Principal:
         self._memo: dict[tuple[str, str | None], object] = {}
 
     @classmethod
-    def fixed(cls, name: str, visible: frozenset[str] | None, deletable: frozenset[str] | None) -> Principal:
-        return cls(name, lambda verb: visible if verb == "get" else deletable)
+    def fixed(
+        cls,
+        name: str,
+        visible: frozenset[str] | None,
+        deletable: frozenset[str] | None,
+        updatable: frozenset[str] | None = frozenset(),
+    ) -> Principal:
+        scopes = {"get": visible, "delete": deletable, "update": updatable}
+        return cls(name, lambda verb: scopes.get(verb, frozenset()))
 
     def scope(self, verb: str = "get") -> frozenset[str] | None:
         if (verb, None) not in self._memo:
@@ -112,7 +120,7 @@ class Open(Access):
     open = True
 
     def principal(self, token: str | None, namespaces: Callable[[], Iterable[str]]) -> Principal:
-        return Principal.fixed("anyone", None, None)
+        return Principal.fixed("anyone", None, None, None)
 
 
 LOOPBACK = ("127.0.0.1", "::1", "localhost")
@@ -136,6 +144,7 @@ class _Token:
     sha256: str
     namespaces: frozenset[str] | None
     delete: bool
+    update: bool
 
 
 class StaticTokens(Access):
@@ -180,7 +189,9 @@ class StaticTokens(Access):
                     f"{where}: needs sha256 = the token's SHA-256, or a token of 16 characters or more"
                 )
             ns = None if ALL in t["namespaces"] else frozenset(t["namespaces"])
-            tokens.append(_Token(t["name"], digest, ns, bool(t.get("delete", False))))
+            tokens.append(
+                _Token(t["name"], digest, ns, bool(t.get("delete", False)), bool(t.get("update", False)))
+            )
         self._tokens, self._mtime = tokens, st.st_mtime_ns
 
     def principal(self, token: str | None, namespaces: Callable[[], Iterable[str]]) -> Principal:
@@ -197,7 +208,10 @@ class StaticTokens(Access):
         if match is None:
             raise Denied("unknown token")
         return Principal.fixed(
-            match.name, match.namespaces, match.namespaces if match.delete else frozenset()
+            match.name,
+            match.namespaces,
+            match.namespaces if match.delete else frozenset(),
+            match.namespaces if match.update else frozenset(),
         )
 
 

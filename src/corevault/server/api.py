@@ -9,17 +9,19 @@ following page, absent on the last.
 
 from __future__ import annotations
 
+import contextlib
 import json
 import re
+from collections.abc import Iterator
 from typing import Annotated, Any, Literal
 
 from fastapi import APIRouter, Depends, HTTPException, Query, Request, Response
-from pydantic import BaseModel
+from pydantic import BaseModel, ConfigDict, Field, TypeAdapter
 
 from corevault import redact
 from corevault.server.access import Principal
 from corevault.server.ranges import serve
-from corevault.vault import blobs, catalog, crashes
+from corevault.vault import blobs, catalog, crashes, lifecycle, search
 from corevault.vault.crashes import encode_cursor, plain
 
 
@@ -88,6 +90,14 @@ class Crash(CrashSummary):
     report: dict[str, Any] | None = None
 
 
+class ImageCount(BaseModel):
+    #: null: crashes of processes outside any image (host processes)
+    image: str | None = None
+    count: int
+    first_seen: int
+    last_seen: int
+
+
 class Group(BaseModel):
     signature: str
     title: str | None = None
@@ -99,6 +109,72 @@ class Group(BaseModel):
     images: list[str]
     #: crashes on each of the last ``days`` days (UTC), oldest first
     daily: list[int]
+    #: open, resolved, ignored or regressed
+    state: str = "open"
+    #: the images it crashed in, oldest first, with their counts
+    per_image: list[ImageCount] = []
+    first_image: str | None = None
+    last_image: str | None = None
+    #: the image it first crashed in, when that image's repository crashed earlier in another image
+    new_in: str | None = None
+
+
+class _Change(BaseModel):
+    model_config = ConfigDict(extra="forbid")
+    comment: str | None = Field(None, max_length=2000)
+
+
+class Reopen(_Change):
+    state: Literal["open"]
+
+
+class Resolve(_Change):
+    state: Literal["resolved"]
+    #: only crashes of this image, or of images not seen before, regress it
+    resolved_in: str | None = Field(None, max_length=512)
+
+
+class Ignore(_Change):
+    state: Literal["ignored"]
+    #: until this time (epoch seconds)
+    until: int | None = Field(None, ge=0, le=1 << 40)
+    #: until this many more crashes
+    crashes: int | None = Field(None, ge=1, le=1_000_000_000)
+
+
+#: A new state for a crash group and its conditions.
+StateChange = Annotated[Reopen | Resolve | Ignore, Field(discriminator="state")]
+
+
+class HistoryEntry(BaseModel):
+    time: float
+    #: the reader who changed it, or "corevault"
+    actor: str
+    state: str
+    resolved_in: str | None = None
+    until: int | None = None
+    crashes: int | None = None
+    comment: str | None = None
+    #: the crash that regressed or reopened it
+    crash: str | None = None
+
+
+class GroupState(BaseModel):
+    state: str
+    since: float | None = None
+    actor: str | None = None
+    resolved_in: str | None = None
+    ignore_until: int | None = None
+    ignore_until_count: int | None = None
+
+
+class GroupDetail(Group):
+    status: GroupState
+    history: list[HistoryEntry]
+    #: whether you may change its state (update pods in every namespace it crashed in)
+    may_change: bool
+    #: its newest crashes, newest first
+    recent: list[CrashSummary]
 
 
 class GroupPage(BaseModel):
@@ -129,6 +205,25 @@ def _scope(reader: Principal, namespace: str | None) -> frozenset[str] | None:
 
 
 Limit = Annotated[int, Query(ge=1, le=1000)]
+Search = Annotated[
+    str | None,
+    Query(
+        max_length=search.MAX_QUERY,
+        pattern=search.PATTERN,
+        description="Words (3 or more characters each, at most 8) that must all appear.",
+    ),
+]
+_STATE = "(open|resolved|ignored|regressed)"
+
+
+@contextlib.contextmanager
+def _bad_search() -> Iterator[None]:
+    try:
+        yield
+    except (search.SearchError, lifecycle.StateError) as e:
+        raise HTTPException(400, str(e)) from None
+
+
 Epoch = Annotated[int | None, Query(ge=0, le=1 << 40, description="Seconds since the epoch.")]
 
 
@@ -146,17 +241,18 @@ def list_crashes(
     group: Annotated[str | None, Query(description="A crash group's signature.")] = None,
     since: Epoch = None,
     until: Epoch = None,
+    q: Search = None,
     limit: Limit = 50,
     cursor: str | None = None,
 ) -> dict:
-    """Crashes, newest first."""
+    """Crashes, newest first; ``q`` keeps those whose title, frames, executable, pod or image hold every word."""
     filters = catalog.Filters(
         namespace=namespace, pod=pod, container=container, image=image, node=node, signal=signal, exe=exe,
-        group=group, since=since, until=until, visible=_scope(reader, namespace),
+        group=group, since=since, until=until, search=q or None, visible=_scope(reader, namespace),
     )  # fmt: skip
-    with server(request).vault.engine.connect() as conn:
+    with server(request).vault.engine.connect() as conn, _bad_search():
         rows = catalog.list_crashes(conn, filters, limit + 1, decode_cursor(cursor))
-    return _page(rows, limit, ("time", "id"))
+    return _page(rows, limit, ("search_key", "id") if q else ("time", "id"))
 
 
 def visible_crash(request: Request, reader: Principal, crash_id: str) -> dict:
@@ -254,17 +350,70 @@ def list_groups(
         int | None, Query(ge=0, le=1 << 40, description="Last seen at or after (epoch).")
     ] = None,
     days: Annotated[int, Query(ge=1, le=365, description="Days of daily counts.")] = 14,
+    state: Annotated[
+        str | None,
+        Query(
+            pattern=rf"^(all|{_STATE}(,{_STATE})*)$",
+            description="Comma-separated states, or all; by default open,regressed (what needs attention).",
+        ),
+    ] = None,
+    q: Search = None,
+    new_in: Annotated[str | None, Query(description="Only groups new in this image.")] = None,
     limit: Limit = 50,
     cursor: str | None = None,
 ) -> dict:
     """Crash groups (signatures), most recently seen first, counted over the namespaces you may read."""
     visible = _scope(reader, namespace)
-    with server(request).vault.engine.connect() as conn:
+    with server(request).vault.engine.connect() as conn, _bad_search():
+        states = lifecycle.parse_states(state)
         rows = catalog.list_groups(
             conn, limit + 1, visible=visible, namespace=namespace, image=image, signal=signal, since=since,
-            before=decode_cursor(cursor), days=days,
+            before=decode_cursor(cursor), days=days, states=states, search=q or None, new_in=new_in,
         )  # fmt: skip
     return _page(rows, limit, ("last_seen", "signature"))
+
+
+state_change = TypeAdapter(StateChange)
+_NO_GROUP = {404: {"model": Problem, "description": "No such group, or none of its crashes visible to you"}}
+
+
+def group_detail(request: Request, reader: Principal, signature: str) -> dict:
+    """The group as ``reader`` sees it; a 404 when it may see none of its crashes."""
+    with server(request).vault.engine.connect() as conn:
+        group = lifecycle.detail(conn, signature, reader.visible)
+        if group is None:
+            raise HTTPException(404, f"no crash group {signature!r}")
+        crashed_in = lifecycle.group_namespaces(conn, signature)
+    group["may_change"] = all(reader.allowed("update", ns or None) for ns in crashed_in)
+    return group
+
+
+@router.get("/groups/{signature}", response_model=GroupDetail, responses=_NO_GROUP)
+def get_group(request: Request, reader: Reader, signature: str) -> dict:
+    """One crash group: counts, per-image table, state and its history, its newest crashes."""
+    return group_detail(request, reader, signature)
+
+
+def change_state(
+    request: Request, reader: Principal, signature: str, change: Reopen | Resolve | Ignore
+) -> dict:
+    group = group_detail(request, reader, signature)
+    if not group["may_change"]:
+        raise HTTPException(
+            403,
+            "you may not change this group's state: that needs update on pods in every namespace "
+            "it crashed in (or a token with update = true for all of them)",
+        )
+    want = lifecycle.Change(**change.model_dump())
+    with server(request).vault.engine.begin() as conn, _bad_search():
+        lifecycle.change(conn, signature, want, reader.name)
+    return group_detail(request, reader, signature)
+
+
+@router.post("/groups/{signature}/state", response_model=GroupDetail, responses=_NO_GROUP)
+def set_state(request: Request, reader: Reader, signature: str, change: StateChange) -> dict:
+    """Resolve, ignore or reopen a crash group; who did it and when is kept in its history."""
+    return change_state(request, reader, signature, change)
 
 
 @router.get("/namespaces", response_model=list[str])

@@ -17,6 +17,7 @@ and the store's blocking calls belong.
 
 from __future__ import annotations
 
+import os
 import time
 from collections.abc import Callable
 from typing import Any
@@ -89,6 +90,8 @@ class Server:
         self.vault = LocalVault(settings)
         self.access = access
         self.metrics = Metrics()
+        #: signs the group page's state forms (see corevault.server.ui); new with every process
+        self.form_key = os.urandom(32)
 
     def namespaces(self) -> list[str]:
         with self.vault.engine.connect() as conn:

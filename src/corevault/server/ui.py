@@ -6,23 +6,32 @@ crash's stack. No script or style comes from elsewhere: everything is in ``stati
 the UI works on a cluster without internet access. The only script copies commands to the
 clipboard.
 
+A group's page shows its state with the buttons that change it, its history, its images,
+its trend and its newest crashes side by side. Its buttons post a form with the login
+cookie and a token derived from it under a key only this server process holds, so a page
+elsewhere cannot post one.
+
 Pages take the reader's token from a cookie the login page sets (HttpOnly, SameSite
-Strict); the cookie is honoured for reads only, so a page on another site cannot make a
-browser remove a crash.
+Strict); the cookie is honoured for reads and the group page's own state forms only, so a
+page on another site cannot make a browser remove a crash or change a group.
 """
 
 from __future__ import annotations
 
+import calendar
+import hashlib
+import hmac
 import shlex
 import time
 from pathlib import Path
 from typing import Annotated
 from urllib.parse import quote, urlencode
 
-from fastapi import APIRouter, FastAPI, Form, Query, Request
+from fastapi import APIRouter, FastAPI, Form, HTTPException, Query, Request
 from fastapi.responses import HTMLResponse, RedirectResponse, Response
 from fastapi.staticfiles import StaticFiles
 from fastapi.templating import Jinja2Templates
+from pydantic import ValidationError
 
 from corevault.server import api
 from corevault.server.access import Denied
@@ -101,24 +110,112 @@ def groups_page(
     image: Text = None,
     signal: Text = None,
     since: Text = None,
+    state: Text = None,
+    q: Text = None,
+    new_in: Text = None,
     cursor: Text = None,
 ) -> Response:
     reader = api.principal(request)
     namespace, image, signal = namespace or None, image or None, signal or None
     page = api.list_groups(
         request, reader, namespace=namespace, image=image, signal=signal, since=_since(since), days=14,
-        limit=50, cursor=cursor or None,
+        state=state or None, q=q or None, new_in=new_in or None, limit=50, cursor=cursor or None,
     )  # fmt: skip
-    query = {
-        k: v
-        for k, v in {"namespace": namespace, "image": image, "signal": signal, "since": since}.items()
-        if v
-    }
+    values = {"namespace": namespace, "image": image, "signal": signal, "since": since, "state": state, "q": q,
+              "new_in": new_in}  # fmt: skip
+    query = {k: v for k, v in values.items() if v}
     return _render(
         request, "groups.html", groups=page["items"], next=page["next"], query=query, urlencode=urlencode,
         namespaces=api.list_namespaces(request, reader), signals=SIGNALS, since_choices=list(SINCE),
-        peak=max([max(g["daily"]) for g in page["items"]] + [1]),
+        peak=max([max(g["daily"]) for g in page["items"]] + [1]), states=STATE_CHOICES,
     )  # fmt: skip
+
+
+STATE_CHOICES = {"": "needs attention", "open": "open", "regressed": "regressed", "resolved": "resolved",
+                 "ignored": "ignored", "all": "all"}  # fmt: skip
+
+
+def _form_token(request: Request, token: str) -> str:
+    """What a state form must send back: the login token's HMAC under this server's key (no CSRF)."""
+    return hmac.new(api.server(request).form_key, token.encode(), hashlib.sha256).hexdigest()
+
+
+def _compare(crashes: list[dict]) -> list[dict]:
+    """The facts of crashes side by side, each row saying whether the crashes differ in it."""
+
+    def others(crash: dict) -> str:
+        threads = (crash.get("report") or {}).get("threads") or []
+        tops = [(t.get("frames") or [{}])[0].get("function") or "??" for t in threads if not t.get("crashed")]
+        return ", ".join(sorted(set(tops))) or "-"
+
+    facts = (
+        ("Time (UTC)", lambda c: _when(c["time"])),
+        ("Pod", lambda c: f"{c['namespace']}/{c['pod']}" if c["namespace"] else "host"),
+        ("Container", lambda c: c["container"] or "-"),
+        ("Node", lambda c: c["node"] or "-"),
+        ("Image", lambda c: c["image"] or "-"),
+        ("Executable", lambda c: c["exe"] or "-"),
+        ("Signal", lambda c: c["signal_name"] or "-"),
+        ("Other threads' top frames", others),
+    )
+    rows = []
+    for label, value in facts:
+        values = [value(c) for c in crashes]
+        rows.append({"label": label, "values": values, "differs": len(set(values)) > 1})
+    return rows
+
+
+@pages.get("/groups/{signature}")
+def group_page(request: Request, signature: str) -> Response:
+    reader = api.principal(request)
+    group = api.group_detail(request, reader, signature)
+    side = []
+    for c in group["recent"][:4]:
+        side.append(api.visible_crash(request, reader, c["id"]))
+    token = request.cookies.get(COOKIE, "")
+    return _render(
+        request, "group.html", group=group, compare=_compare(side), side=side,
+        form_token=_form_token(request, token) if token else "", peak=max(group["daily"] + [1]),
+    )  # fmt: skip
+
+
+@pages.post("/groups/{signature}/state")
+def group_state_form(
+    request: Request,
+    signature: str,
+    state: Annotated[str, Form(max_length=16)],
+    form_token: Annotated[str, Form(max_length=128)],
+    resolved_in: Annotated[str, Form(max_length=512)] = "",
+    until: Annotated[str, Form(max_length=32)] = "",
+    crashes: Annotated[str, Form(max_length=12)] = "",
+    comment: Annotated[str, Form(max_length=2000)] = "",
+) -> Response:
+    """The group page's buttons: the login cookie plus a token only this server's page can know."""
+    srv = api.server(request)
+    token = request.cookies.get(COOKIE, "")
+    if not token:
+        raise Denied("log in to change a group")
+    if not hmac.compare_digest(form_token, _form_token(request, token)):
+        raise HTTPException(403, "this form is stale or did not come from this server: reload the page")
+    reader = srv.access.principal(token, srv.namespaces)
+    try:
+        fields = {"state": state, "comment": comment.strip() or None}
+        if state == "resolved":
+            fields["resolved_in"] = resolved_in.strip() or None
+        if state == "ignored":
+            fields |= {"until": _form_date(until), "crashes": int(crashes) if crashes.strip() else None}
+        change = api.state_change.validate_python(fields)
+    except (ValueError, ValidationError) as e:
+        raise HTTPException(400, f"cannot change the state as asked: {str(e).splitlines()[0]}") from None
+    api.change_state(request, reader, signature, change)
+    return RedirectResponse(f"/groups/{quote(signature)}", status_code=303)
+
+
+def _form_date(value: str) -> int | None:
+    """A date input's ``YYYY-MM-DD`` (midnight UTC), or nothing."""
+    if not value.strip():
+        return None
+    return int(calendar.timegm(time.strptime(value.strip(), "%Y-%m-%d")))
 
 
 @pages.get("/crashes")

@@ -193,8 +193,17 @@ def rebuild_group_counts(conn: Connection) -> None:
     )
 
 
+def _v3(conn: Connection) -> None:
+    """Groups' lifecycle (states, history, events) and the crash search index."""
+    from corevault.vault import lifecycle, search
+
+    metadata.create_all(conn, tables=lifecycle.TABLES)
+    search.create(conn)
+    search.rebuild(conn)
+
+
 #: Numbered schema migrations; a new one is appended, never edited.
-MIGRATIONS: list[Callable[[Connection], None]] = [_v1, _v2]
+MIGRATIONS: list[Callable[[Connection], None]] = [_v1, _v2, _v3]
 
 
 class CatalogError(UserError):
@@ -294,6 +303,10 @@ def add_crash(conn: Connection, meta: dict, analysis: str) -> bool:
         "meta": json.dumps(meta, sort_keys=True),
     }
     inserted = conn.execute(_insert(conn, crashes).values(**row).on_conflict_do_nothing()).rowcount == 1
+    if inserted:
+        from corevault.vault import search
+
+        search.index(conn, row)
     if inserted and row["namespace"]:
         conn.execute(_insert(conn, namespaces).values(name=row["namespace"]).on_conflict_do_nothing())
     modules = [m for m in meta.get("modules", []) if m.get("build_id")]
@@ -319,12 +332,16 @@ def record_analysis(conn: Connection, crash_id: str, report: dict) -> bool:
         .on_conflict_do_nothing()
     )
     if signature:
+        from corevault.vault import lifecycle, search
+
         crash = conn.execute(
-            sa.select(crashes.c.time, crashes.c.namespace, crashes.c.image).where(crashes.c.id == crash_id)
+            sa.select(*(crashes.c[n] for n in ("id", "time", "namespace", "image", "exe", "pod"))).where(
+                crashes.c.id == crash_id
+            )
         ).one()
         when = crash.time
-        _count(conn, signature, crash, +1)
         signal_name = (report.get("signal") or {}).get("name")
+        known = conn.execute(sa.select(groups.c.count).where(groups.c.signature == signature)).first()
         ins = _insert(conn, groups).values(
             signature=signature,
             title=title,
@@ -344,6 +361,10 @@ def record_analysis(conn: Connection, crash_id: str, report: dict) -> bool:
                 },
             )
         )
+        lifecycle.on_crash(conn, signature, crash, created=known is None)
+        _count(conn, signature, crash, +1)
+        row = {**crash._mapping, "title": title, "signature": signature}
+        search.index(conn, row, search.frames_of(report))
     return True
 
 
@@ -463,6 +484,8 @@ class Filters:
     group: str | None = None
     since: int | None = None
     until: int | None = None
+    #: words that must all appear in the title, frames, executable, pod or image
+    search: str | None = None
     #: the namespaces the reader may see; None: every crash, the hosts' own included
     visible: frozenset[str] | None = None
 
@@ -498,9 +521,29 @@ LIST_COLUMNS = (
 def list_crashes(
     conn: Connection, filters: Filters = Filters(), limit: int = 50, before: tuple | None = None
 ) -> list[dict]:
-    """Crashes newest first; ``before`` is the (time, id) of the last row of the previous page."""
-    query = sa.select(*(crashes.c[n] for n in LIST_COLUMNS))
-    query = _where(query, filters)
+    """Crashes newest first; ``before`` is the (time, id) of the last row of the previous page.
+
+    With ``filters.search`` each row also has ``search_key`` and ``before`` is the
+    (search_key, id) of the previous page's last row: the search index's own order.
+    """
+    columns = [crashes.c[n] for n in LIST_COLUMNS]
+    if filters.search:
+        from corevault.vault import search
+
+        found, crash_id, key = search.matching(conn, filters.search)
+        query = sa.select(*columns, key.label("search_key")).select_from(
+            found.join(crashes, crashes.c.id == crash_id)
+        )
+        query = _where(query, filters)
+        if before is not None:
+            k, i = before
+            tie = sa.false() if conn.dialect.name == "sqlite" else sa.and_(key == k, crash_id < i)
+            query = query.where(sa.or_(key < k, tie))
+        # SQLite's key is unique, and ordering by it alone lets FTS5 walk its rowids backwards
+        order = [key.desc()] if conn.dialect.name == "sqlite" else [key.desc(), crash_id.desc()]
+        query = query.order_by(*order).limit(limit)
+        return [dict(r._mapping) for r in conn.execute(query)]
+    query = _where(sa.select(*columns), filters)
     if before is not None:
         t, i = before
         query = query.where(sa.or_(crashes.c.time < t, sa.and_(crashes.c.time == t, crashes.c.id < i)))
@@ -524,6 +567,13 @@ def _signal_name(value: str) -> str:
     return sig if sig.startswith("SIG") else "SIG" + sig
 
 
+def repository(image: str) -> str:
+    """An image reference without its tag or digest: ``registry/app:1.2`` → ``registry/app``."""
+    name = image.split("@", 1)[0]
+    head, sep, tag = name.rpartition(":")
+    return head if sep and "/" not in tag else name
+
+
 def list_groups(
     conn: Connection,
     limit: int = 100,
@@ -537,6 +587,9 @@ def list_groups(
     before: tuple[int, str] | None = None,
     days: int = 14,
     now: float | None = None,
+    states: Collection[str] | None = None,
+    search: str | None = None,
+    new_in: str | None = None,
 ) -> list[dict]:
     """Crash groups, most recently seen first, counted over the ``visible`` namespaces only.
 
@@ -545,7 +598,16 @@ def list_groups(
     (UTC), oldest first, counted over the namespaces but not per image (``group_days`` has
     no image), so with ``image`` the daily counts are those of every image of the group.
     ``before`` is the (last_seen, signature) of the previous page's last group.
+
+    Each also has its ``state`` (see :mod:`corevault.vault.lifecycle`; ``states`` keeps
+    only those), ``per_image`` (count, first and last seen per image), ``first_image``,
+    ``last_image`` and ``new_in``: the first image, when that image's repository had
+    crashed in another image before the group first did (the group came with a rollout).
+    ``search`` keeps groups with a crash matching it; ``new_in`` keeps groups new in it.
+    All of it is made of the ``visible`` namespaces only.
     """
+    from corevault.vault import lifecycle
+
     gn = group_ns.c
     agg = sa.select(
         gn.signature,
@@ -562,14 +624,25 @@ def list_groups(
         scope.append(gn.image == image)
     if signature is not None:
         scope.append(gn.signature == signature)
+    if search:
+        from corevault.vault import search as fts
+
+        scope.append(gn.signature.in_(fts.signatures(conn, search, visible, namespace)))
+    if new_in is not None:
+        scope.append(gn.signature.in_(_new_in(conn, new_in, visible, namespace)))
     sub = agg.where(*scope).subquery()
-    query = sa.select(sub, groups.c.title, groups.c.signal_name).join(
-        groups, groups.c.signature == sub.c.signature
+    state = lifecycle.effective_state(now).label("state")
+    query = (
+        sa.select(sub, groups.c.title, groups.c.signal_name, state)
+        .join(groups, groups.c.signature == sub.c.signature)
+        .outerjoin(lifecycle.group_states, lifecycle.group_states.c.signature == sub.c.signature)
     )
     if signal is not None:
         query = query.where(groups.c.signal_name == _signal_name(signal))
     if since is not None:
         query = query.where(sub.c.last_seen >= since)
+    if states is not None:
+        query = query.where(state.in_(list(states)))
     if before is not None:
         t, sig = before
         query = query.where(sa.or_(sub.c.last_seen < t, sa.and_(sub.c.last_seen == t, sub.c.signature < sig)))
@@ -581,11 +654,16 @@ def list_groups(
     today = int((time.time() if now is None else now) // 86400)
     for g in found:
         g["count"] = int(g["count"])
-        g["namespaces"], g["images"], g["daily"] = set(), set(), [0] * days
+        g["namespaces"], g["per_image"], g["daily"] = set(), {}, [0] * days
     where = [gn.signature.in_(list(by_sig)), *scope]
-    for sig, ns, img in conn.execute(sa.select(gn.signature, gn.namespace, gn.image).where(*where)):
+    for sig, ns, img, n, first, last in conn.execute(
+        sa.select(gn.signature, gn.namespace, gn.image, gn.count, gn.first_seen, gn.last_seen).where(*where)
+    ):
         by_sig[sig]["namespaces"].add(ns)
-        by_sig[sig]["images"].add(img)
+        blank = {"image": img or None, "count": 0, "first_seen": first, "last_seen": last}
+        seen = by_sig[sig]["per_image"].setdefault(img, blank)
+        seen["count"] += n
+        seen["first_seen"], seen["last_seen"] = min(seen["first_seen"], first), max(seen["last_seen"], last)
     gd = group_days.c
     daily = sa.select(gd.signature, gd.day, sa.func.sum(gd.count)).where(
         gd.signature.in_(list(by_sig)), gd.day > today - days
@@ -596,10 +674,60 @@ def list_groups(
         daily = daily.where(gd.namespace == namespace)
     for sig, day, n in conn.execute(daily.group_by(gd.signature, gd.day)):
         by_sig[sig]["daily"][day - today + days - 1] = int(n)
+    firsts = _image_first_seen(conn, visible, namespace)
     for g in found:
         g["namespaces"] = sorted(n for n in g["namespaces"] if n)
-        g["images"] = sorted(i for i in g["images"] if i)
+        per_image = sorted(g["per_image"].values(), key=lambda i: (i["first_seen"], i["image"] or ""))
+        g["per_image"] = per_image
+        g["images"] = sorted(i["image"] for i in per_image if i["image"])
+        g["first_image"] = per_image[0]["image"] if per_image else None
+        g["last_image"] = max(per_image, key=lambda i: i["last_seen"])["image"] if per_image else None
+        g["new_in"] = _is_new_in(g["first_image"], g["first_seen"], firsts)
     return found
+
+
+def _image_first_seen(
+    conn: Connection, visible: Collection[str] | None, namespace: str | None
+) -> dict[str, int]:
+    """When each image first crashed, over the namespaces in scope."""
+    gn = group_ns.c
+    query = sa.select(gn.image, sa.func.min(gn.first_seen)).where(gn.image != "").group_by(gn.image)
+    if visible is not None:
+        query = query.where(gn.namespace.in_(sorted(visible)))
+    if namespace is not None:
+        query = query.where(gn.namespace == namespace)
+    return {img: int(t) for img, t in conn.execute(query)}
+
+
+def _is_new_in(image: str | None, first_seen: int, firsts: dict[str, int]) -> str | None:
+    if not image:
+        return None
+    repo = repository(image)
+    earlier = any(t < first_seen and i != image and repository(i) == repo for i, t in firsts.items())
+    return image if earlier else None
+
+
+def _new_in(
+    conn: Connection, image: str, visible: Collection[str] | None, namespace: str | None
+) -> list[str]:
+    """The signatures of groups new in ``image`` over the namespaces in scope."""
+    gn = group_ns.c
+    scope = []
+    if visible is not None:
+        scope.append(gn.namespace.in_(sorted(visible)))
+    if namespace is not None:
+        scope.append(gn.namespace == namespace)
+    in_image = sa.select(gn.signature).where(gn.image == image, *scope).distinct()
+    candidates = list(conn.execute(in_image).scalars())
+    if not candidates:
+        return []
+    firsts = _image_first_seen(conn, visible, namespace)
+    query = sa.select(gn.signature, gn.image, gn.first_seen).where(gn.signature.in_(candidates), *scope)
+    first: dict[str, tuple[int, str]] = {}
+    for sig, img, t in conn.execute(query):
+        if sig not in first or (t, img) < first[sig]:
+            first[sig] = (t, img)
+    return [sig for sig, (t, img) in first.items() if img == image and _is_new_in(img, t, firsts)]
 
 
 def list_namespaces(conn: Connection) -> list[str]:
@@ -614,6 +742,9 @@ def forget(conn: Connection, crash_id: str) -> None:
     ).first()
     if row is not None and row.analysis == "done" and row.signature:
         _count(conn, row.signature, row, -1)
+    from corevault.vault import search
+
+    search.forget(conn, crash_id)
     conn.execute(reports.delete().where(reports.c.crash_id == crash_id))
     conn.execute(crash_buildids.delete().where(crash_buildids.c.crash_id == crash_id))
     conn.execute(crashes.delete().where(crashes.c.id == crash_id))

@@ -48,7 +48,11 @@ def decode_cursor(cursor: str) -> tuple[int, str]:
 class CrashSource(Protocol):
     def list(self, filters: Filters, limit: int, before: tuple | None = None) -> list[dict]: ...
     def get(self, crash_id: str) -> dict: ...
-    def groups(self, limit: int) -> list[dict]: ...
+    def groups(
+        self, limit: int, *, state: str | None = None, search: str | None = None, new_in: str | None = None
+    ) -> list[dict]: ...
+    def group(self, signature: str) -> dict: ...
+    def set_state(self, signature: str, change: dict, actor: str) -> dict: ...
     def open_core(self, crash_id: str) -> BinaryIO: ...
     def binary(self, build_id: str, dest: str) -> bool: ...
     def forget(self, crash_id: str) -> None: ...
@@ -80,9 +84,35 @@ class LocalVault:
             raise NotFound(f"no crash {crash_id!r} in the catalog; 'corevault list' shows the ids")
         return crash
 
-    def groups(self, limit: int) -> list[dict]:
+    def groups(
+        self, limit: int, *, state: str | None = None, search: str | None = None, new_in: str | None = None
+    ) -> list[dict]:
+        """Groups in the given states (default: open and regressed), matching ``search``."""
+        from corevault.vault import lifecycle
+
         with self.engine.connect() as conn:
-            return catalog.list_groups(conn, limit)
+            return catalog.list_groups(
+                conn, limit, states=lifecycle.parse_states(state), search=search, new_in=new_in
+            )
+
+    def group(self, signature: str) -> dict:
+        """One group with its state, history and newest crashes (what the server's API returns)."""
+        from corevault.vault import lifecycle
+
+        with self.engine.connect() as conn:
+            group = lifecycle.detail(conn, signature)
+        if group is None:
+            raise NotFound(f"no crash group {signature!r}; 'corevault groups --state all' lists them")
+        return group
+
+    def set_state(self, signature: str, change: dict, actor: str) -> dict:
+        """Move a group to a new state (``change``: state, resolved_in, until, crashes, comment)."""
+        from corevault.vault import lifecycle
+
+        self.group(signature)
+        with self.engine.begin() as conn:
+            lifecycle.change(conn, signature, lifecycle.Change(**change), actor)
+        return self.group(signature)
 
     def open_core(self, crash_id: str) -> BinaryIO:
         """The crash's plain core, decompressed as it is read (forward seeks skip ahead)."""

@@ -50,9 +50,11 @@ class RemoteVault:
         self.url = url.rstrip("/")
         self.http = httpx.Client(base_url=self.url, headers=headers, timeout=timeout)
 
-    def _send(self, method: str, path: str, *, stream: bool = False, **params: object) -> httpx.Response:
+    def _send(
+        self, method: str, path: str, *, stream: bool = False, json: dict | None = None, **params: object
+    ) -> httpx.Response:
         request = self.http.build_request(
-            method, path, params={k: v for k, v in params.items() if v is not None}
+            method, path, params={k: v for k, v in params.items() if v is not None}, json=json
         )
         try:
             response = self.http.send(request, stream=stream)
@@ -66,6 +68,8 @@ class RemoteVault:
             detail = response.json().get("detail", response.text)
         except ValueError:
             detail = response.text.strip()[:200]
+        if isinstance(detail, list):  # FastAPI's validation errors: name each bad field
+            detail = "; ".join(f"{'.'.join(map(str, d.get('loc', [])[1:]))}: {d.get('msg')}" for d in detail)
         if response.status_code == 404:
             raise NotFound(f"{detail} (on {self.url})")
         if response.status_code == 401:
@@ -84,14 +88,26 @@ class RemoteVault:
         return rows
 
     def list(self, filters: Filters, limit: int, before: tuple | None = None) -> list[dict]:
-        params = {k: getattr(filters, k) for k in Filters.__dataclass_fields__ if k != "visible"}
+        skip = ("visible", "search")
+        params = {k: getattr(filters, k) for k in Filters.__dataclass_fields__ if k not in skip}
+        params["q"] = filters.search
         return self._pages("/api/v1/crashes", limit, encode_cursor(before) if before else None, **params)
 
     def get(self, crash_id: str) -> dict:
         return self._send("GET", f"/api/v1/crashes/{crash_id}").json()
 
-    def groups(self, limit: int) -> list[dict]:
-        return self._pages("/api/v1/groups", limit)
+    def groups(
+        self, limit: int, *, state: str | None = None, search: str | None = None, new_in: str | None = None
+    ) -> list[dict]:
+        return self._pages("/api/v1/groups", limit, state=state, q=search, new_in=new_in)
+
+    def group(self, signature: str) -> dict:
+        return self._send("GET", f"/api/v1/groups/{signature}").json()
+
+    def set_state(self, signature: str, change: dict, actor: str) -> dict:
+        """The server records its own name for the token as the actor, not ``actor``."""
+        body = {k: v for k, v in change.items() if v is not None}
+        return self._send("POST", f"/api/v1/groups/{signature}/state", json=body).json()
 
     def open_core(self, crash_id: str) -> BinaryIO:
         """The plain core, streamed from the server."""

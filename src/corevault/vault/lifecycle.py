@@ -1,0 +1,293 @@
+"""Crash groups' lifecycle (open, resolved, ignored, regressed), its history, and the events of alerts.
+
+A group without a row in ``group_states`` is ``open``. People move it:
+
+- ``resolved``: fixed. Optionally "resolved in image X": then only a crash from X, or from
+  an image corevault had never seen crash before the group was resolved, counts as a
+  regression; a crash from an image already known then is an old replica still running.
+- ``ignored``: until a time (``until``), or until ``crashes`` more crashes, or for good.
+  Once the time passes or the count is reached the group is ``open`` again: reads see the
+  time at once, the next crash writes it down.
+- ``regressed``: set by corevault when a resolved group crashes again (a crash that
+  happened after it was resolved; one analysed late that happened before does not count).
+
+Every change, by a person or by corevault, is a row of ``group_history``. The catalog
+also writes ``group_events`` (``new``: a group's first crash; ``regressed``; ``spike``,
+written by the alert dispatcher), each with the namespace and image of the crash behind
+it: alerts and metrics are made from those rows, so an event is never lost between the
+transaction that counted the crash and a notifier that restarts.
+"""
+
+from __future__ import annotations
+
+import json
+import time
+from collections.abc import Collection
+from dataclasses import dataclass
+
+import sqlalchemy as sa
+from sqlalchemy.engine import Connection
+
+from corevault.errors import UserError
+from corevault.vault.catalog import _insert, group_ns, groups, metadata
+
+STATES = ("open", "resolved", "ignored", "regressed")
+#: what the default list shows: the groups that need someone's attention
+ATTENTION = ("open", "regressed")
+EVENTS = ("new", "regressed", "spike")
+
+group_states = sa.Table(
+    "group_states",
+    metadata,
+    sa.Column("signature", sa.String(32), primary_key=True),
+    sa.Column("state", sa.String(16), nullable=False),
+    sa.Column("since", sa.Float, nullable=False),
+    sa.Column("actor", sa.String(255)),
+    #: "resolved in image X"
+    sa.Column("resolved_in", sa.String(512)),
+    #: ignored until this time (epoch seconds)
+    sa.Column("ignore_until", sa.BigInteger),
+    #: ignored until the group's total count reaches this
+    sa.Column("ignore_until_count", sa.Integer),
+)
+
+group_history = sa.Table(
+    "group_history",
+    metadata,
+    sa.Column("id", sa.Integer, primary_key=True, autoincrement=True),
+    sa.Column("signature", sa.String(32), nullable=False),
+    sa.Column("time", sa.Float, nullable=False),
+    #: a reader's name, or "corevault" for what the catalog decided itself
+    sa.Column("actor", sa.String(255), nullable=False),
+    sa.Column("state", sa.String(16), nullable=False),
+    #: JSON: resolved_in, until, crashes, comment, crash (the one that regressed it)
+    sa.Column("detail", sa.Text, nullable=False),
+)
+sa.Index("group_history_signature", group_history.c.signature, group_history.c.id)
+
+group_events = sa.Table(
+    "group_events",
+    metadata,
+    sa.Column("id", sa.Integer, primary_key=True, autoincrement=True),
+    sa.Column("signature", sa.String(32), nullable=False),
+    sa.Column("kind", sa.String(16), nullable=False),
+    sa.Column("time", sa.Float, nullable=False),
+    #: "" for a host process's crash
+    sa.Column("namespace", sa.String(255), nullable=False),
+    sa.Column("image", sa.String(512)),
+    sa.Column("crash_id", sa.String(80)),
+    #: spikes are written once per group, namespace and window: this is the window's start
+    sa.Column("window", sa.BigInteger),
+    sa.Column("count", sa.Integer),
+    sa.UniqueConstraint("signature", "namespace", "kind", "window", name="group_events_once"),
+)
+sa.Index("group_events_kind_namespace", group_events.c.kind, group_events.c.namespace)
+
+TABLES = [group_states, group_history, group_events]
+
+CORVAULT = "corevault"
+
+
+class StateError(UserError):
+    """A state change that cannot be made as asked; the message says how to ask."""
+
+
+@dataclass(frozen=True, slots=True)
+class Change:
+    """What a person asks for: a new state and its conditions."""
+
+    state: str
+    resolved_in: str | None = None
+    until: int | None = None
+    crashes: int | None = None
+    comment: str | None = None
+
+    def check(self) -> None:
+        if self.state not in ("open", "resolved", "ignored"):
+            raise StateError(f"state {self.state!r}: use open, resolved or ignored")
+        if self.resolved_in is not None and self.state != "resolved":
+            raise StateError("resolved_in goes with state resolved only")
+        if (self.until is not None or self.crashes is not None) and self.state != "ignored":
+            raise StateError("until and crashes go with state ignored only")
+        if self.crashes is not None and not 1 <= self.crashes <= 1_000_000_000:
+            raise StateError(f"crashes {self.crashes}: ignore until 1 to 1000000000 more crashes")
+        if self.comment is not None and len(self.comment) > 2000:
+            raise StateError("comment: at most 2000 characters")
+
+
+def parse_states(text: str | None) -> list[str] | None:
+    """``open,regressed`` → those states; ``all`` → None (no filter); None → what needs attention."""
+    if text is None:
+        return list(ATTENTION)
+    if text.strip() == "all":
+        return None
+    wanted = [s.strip() for s in text.split(",") if s.strip()]
+    unknown = [s for s in wanted if s not in STATES]
+    if unknown or not wanted:
+        raise StateError(f"state {text!r}: use all, or some of {', '.join(STATES)} separated by commas")
+    return wanted
+
+
+def effective_state(now: float | None = None) -> sa.ColumnElement:
+    """The state column as readers see it at ``now``: an ignore whose time has passed is open."""
+    s = group_states.c
+    now = time.time() if now is None else now
+    return sa.case(
+        (sa.and_(s.state == "ignored", s.ignore_until.is_not(None), s.ignore_until <= int(now)), "open"),
+        else_=sa.func.coalesce(s.state, "open"),
+    )
+
+
+def group_namespaces(conn: Connection, signature: str) -> list[str]:
+    """Every namespace the group crashed in, whoever may see them ("" for host processes)."""
+    gn = group_ns.c
+    query = sa.select(gn.namespace).where(gn.signature == signature).distinct().order_by(gn.namespace)
+    return list(conn.execute(query).scalars())
+
+
+def state_of(conn: Connection, signature: str, now: float | None = None) -> dict:
+    row = conn.execute(sa.select(group_states).where(group_states.c.signature == signature)).first()
+    if row is None:
+        return {"state": "open", "since": None, "actor": None, "resolved_in": None, "ignore_until": None,
+                "ignore_until_count": None}  # fmt: skip
+    doc = dict(row._mapping)
+    doc.pop("signature")
+    now = time.time() if now is None else now
+    if doc["state"] == "ignored" and doc["ignore_until"] is not None and doc["ignore_until"] <= now:
+        doc.update(state="open", since=float(doc["ignore_until"]), actor=CORVAULT)
+    return doc
+
+
+def detail(conn: Connection, signature: str, visible: Collection[str] | None = None) -> dict | None:
+    """A group as ``visible`` namespaces see it, with state, history and newest crashes; None if unseen."""
+    from corevault.vault import catalog
+
+    found = catalog.list_groups(conn, 1, visible=visible, signature=signature, days=30)
+    if not found:
+        return None
+    group = found[0]
+    group["status"] = state_of(conn, signature)
+    group["history"] = history(conn, signature)
+    scope = frozenset(visible) if visible is not None else None
+    group["recent"] = catalog.list_crashes(conn, catalog.Filters(group=signature, visible=scope), 5)
+    return group
+
+
+def history(conn: Connection, signature: str, limit: int = 100) -> list[dict]:
+    h = group_history.c
+    query = sa.select(h.time, h.actor, h.state, h.detail).where(h.signature == signature)
+    rows = conn.execute(query.order_by(h.id.desc()).limit(limit))
+    return [{"time": r.time, "actor": r.actor, "state": r.state, **json.loads(r.detail)} for r in rows]
+
+
+def _write(conn: Connection, signature: str, state: str, actor: str, now: float, **fields: object) -> None:
+    values = {"state": state, "since": now, "actor": actor, "resolved_in": None, "ignore_until": None,
+              "ignore_until_count": None}  # fmt: skip
+    values.update({k: v for k, v in fields.items() if k in values})
+    ins = _insert(conn, group_states).values(signature=signature, **values)
+    conn.execute(ins.on_conflict_do_update(index_elements=[group_states.c.signature], set_=values))
+    detail = {k: v for k, v in fields.items() if v is not None}
+    conn.execute(
+        group_history.insert().values(
+            signature=signature, time=now, actor=actor, state=state, detail=json.dumps(detail)
+        )
+    )
+
+
+def change(conn: Connection, signature: str, want: Change, actor: str, now: float | None = None) -> dict:
+    """Move a group to the state a person asked for and record it; returns the new state."""
+    want.check()
+    now = time.time() if now is None else now
+    count = conn.execute(sa.select(groups.c.count).where(groups.c.signature == signature)).scalar()
+    if count is None:
+        raise StateError(f"no crash group {signature!r}")
+    until_count = count + want.crashes if want.crashes is not None else None
+    _write(
+        conn, signature, want.state, actor, now, resolved_in=want.resolved_in, ignore_until=want.until,
+        ignore_until_count=until_count, until=want.until, crashes=want.crashes, comment=want.comment,
+    )  # fmt: skip
+    return state_of(conn, signature, now)
+
+
+def _image_known_before(conn: Connection, image: str, before: float) -> bool:
+    """Whether any group's crash came from ``image`` before ``before``."""
+    gn = group_ns.c
+    query = sa.select(sa.func.min(gn.first_seen)).where(gn.image == image)
+    first = conn.execute(query).scalar()
+    return first is not None and first < before
+
+
+def on_crash(conn: Connection, signature: str, crash: sa.Row, *, created: bool) -> str | None:
+    """Called in the transaction that counts an analysed crash into its group, before it is counted.
+
+    ``crash`` has id, time, namespace and image. Writes the group's ``new`` or
+    ``regressed`` event and state changes; returns the event's kind, if any.
+    """
+    ns, image = crash.namespace or "", crash.image or None
+    event = None
+    if created:
+        event = "new"
+    else:
+        current = conn.execute(sa.select(group_states).where(group_states.c.signature == signature)).first()
+        if current is not None:
+            event = _follow_up(conn, signature, current, crash)
+    if event is not None:
+        conn.execute(
+            _insert(conn, group_events)
+            .values(signature=signature, kind=event, time=time.time(), namespace=ns, image=image,
+                    crash_id=crash.id, window=None, count=1)
+            .on_conflict_do_nothing()
+        )  # fmt: skip
+    return event
+
+
+def _follow_up(conn: Connection, signature: str, current: sa.Row, crash: sa.Row) -> str | None:
+    now = time.time()
+    if current.state == "resolved":
+        if crash.time < current.since:
+            return None  # it happened before the fix was declared; analysed late
+        older = crash.image and _image_known_before(conn, crash.image, current.since)
+        if current.resolved_in and crash.image != current.resolved_in and older:
+            return None  # an older image, still running somewhere: not a regression
+        _write(conn, signature, "regressed", CORVAULT, now, crash=crash.id, image=crash.image,
+               resolved_in=current.resolved_in)  # fmt: skip
+        return "regressed"
+    if current.state == "ignored":
+        count = conn.execute(sa.select(groups.c.count).where(groups.c.signature == signature)).scalar_one()
+        expired_time = current.ignore_until is not None and current.ignore_until <= now
+        expired_count = current.ignore_until_count is not None and count >= current.ignore_until_count
+        if expired_time or expired_count:
+            why = "the ignore time passed" if expired_time else "the ignored number of crashes was reached"
+            _write(conn, signature, "open", CORVAULT, now, comment=why, crash=crash.id)
+    return None
+
+
+def record_spike(
+    conn: Connection, signature: str, namespace: str, *, window: int, count: int, image: str | None
+) -> bool:
+    """Write a spike event once per group, namespace and window; False when it was there already."""
+    ins = _insert(conn, group_events).values(
+        signature=signature, kind="spike", time=time.time(), namespace=namespace, image=image,
+        window=window, count=count,
+    )  # fmt: skip
+    return conn.execute(ins.on_conflict_do_nothing()).rowcount == 1
+
+
+def event_counts(conn: Connection) -> list[tuple[str, str, int]]:
+    """(namespace, kind, events) over every event ever written: the metrics' counters."""
+    e = group_events.c
+    query = sa.select(e.namespace, e.kind, sa.func.count()).group_by(e.namespace, e.kind)
+    return [(ns, kind, int(n)) for ns, kind, n in conn.execute(query)]
+
+
+def state_counts(conn: Connection, now: float | None = None) -> list[tuple[str, str, int]]:
+    """(namespace, state, groups): each group counted once in every namespace it crashed in."""
+    gn = group_ns.c
+    state = effective_state(now).label("state")
+    pairs = sa.select(gn.signature, gn.namespace).distinct().subquery()
+    query = (
+        sa.select(pairs.c.namespace, state, sa.func.count())
+        .select_from(pairs.outerjoin(group_states, group_states.c.signature == pairs.c.signature))
+        .group_by(pairs.c.namespace, state)
+    )
+    return [(ns, st, int(n)) for ns, st, n in conn.execute(query)]

@@ -1,0 +1,158 @@
+"""Group lifecycle, per-image counts, events and search in the catalog, on SQLite and a real PostgreSQL."""
+
+from __future__ import annotations
+
+import time
+from collections.abc import Iterator
+
+import pytest
+import sqlalchemy as sa
+
+from corevault.vault import catalog, lifecycle, search
+from testbed import servers
+from tests.triage_data import add
+
+NOW = int(time.time())
+HOUR = 3600
+
+
+@pytest.fixture(scope="module")
+def pg() -> Iterator[servers.Postgres]:
+    with servers.postgres() as p:
+        yield p
+
+
+_n = iter(range(1000))
+
+
+@pytest.fixture(params=["sqlite", "postgresql"])
+def engine(request: pytest.FixtureRequest, tmp_path) -> sa.Engine:
+    if request.param == "sqlite":
+        return catalog.connect(f"sqlite:///{tmp_path}/catalog.db")
+    pg = request.getfixturevalue("pg")
+    return catalog.connect(pg.database(f"triage{next(_n)}"))
+
+
+def _groups(engine: sa.Engine, **kw: object) -> dict[str, dict]:
+    with engine.connect() as conn:
+        return {g["signature"]: g for g in catalog.list_groups(conn, 100, **kw)}  # type: ignore[arg-type]
+
+
+def _events(engine: sa.Engine) -> list[tuple[str, str, str]]:
+    e = lifecycle.group_events.c
+    with engine.connect() as conn:
+        return [tuple(r) for r in conn.execute(sa.select(e.signature, e.kind, e.namespace).order_by(e.id))]
+
+
+def test_resolved_group_regresses_on_a_new_crash_and_history_is_kept(engine: sa.Engine) -> None:
+    add(engine, signature="g1", frames=["parse", "main"], namespace="shop", when=NOW - 5 * HOUR)
+    assert _groups(engine)["g1"]["state"] == "open"
+    with engine.begin() as conn:
+        lifecycle.change(conn, "g1", lifecycle.Change("resolved", comment="fixed in 1.2"), "alice", NOW - 4 * HOUR)
+    assert _groups(engine)["g1"]["state"] == "resolved"
+    assert _groups(engine, states=lifecycle.ATTENTION) == {}
+    # analysed late, but it crashed before the fix was declared: no regression
+    add(engine, signature="g1", frames=["parse", "main"], namespace="shop", when=NOW - 4 * HOUR - 60)
+    assert _groups(engine)["g1"]["state"] == "resolved"
+    add(engine, signature="g1", frames=["parse", "main"], namespace="shop", when=NOW - HOUR)
+    assert _groups(engine)["g1"]["state"] == "regressed"
+    with engine.connect() as conn:
+        hist = lifecycle.history(conn, "g1")
+    assert [(h["state"], h["actor"]) for h in hist] == [("regressed", "corevault"), ("resolved", "alice")]
+    assert hist[1]["comment"] == "fixed in 1.2" and hist[0]["crash"]
+    assert _events(engine) == [("g1", "new", "shop"), ("g1", "regressed", "shop")]
+
+
+def test_resolved_in_an_image_ignores_crashes_of_older_images(engine: sa.Engine) -> None:
+    old, fixed, later = "registry.example/web:1", "registry.example/web:2", "registry.example/web:3"
+    add(engine, signature="g2", frames=["f"], namespace="shop", image=old, when=NOW - 5 * HOUR)
+    with engine.begin() as conn:
+        lifecycle.change(conn, "g2", lifecycle.Change("resolved", resolved_in=fixed), "alice", NOW - 4 * HOUR)
+    add(engine, signature="g2", frames=["f"], namespace="shop", image=old, when=NOW - 3 * HOUR)
+    assert _groups(engine)["g2"]["state"] == "resolved"  # an old replica still running
+    add(engine, signature="g2", frames=["f"], namespace="shop", image=later, when=NOW - 2 * HOUR)
+    assert _groups(engine)["g2"]["state"] == "regressed"  # an image never seen before the fix
+
+
+def test_ignore_until_a_time_or_a_number_of_crashes(engine: sa.Engine) -> None:
+    add(engine, signature="g3", frames=["f"], namespace="shop", when=NOW - 5 * HOUR)
+    add(engine, signature="g4", frames=["g"], namespace="shop", when=NOW - 5 * HOUR)
+    with engine.begin() as conn:
+        lifecycle.change(conn, "g3", lifecycle.Change("ignored", until=NOW + HOUR), "bob")
+        lifecycle.change(conn, "g4", lifecycle.Change("ignored", crashes=2), "bob")
+    assert _groups(engine)["g3"]["state"] == "ignored"
+    assert _groups(engine, now=NOW + 2 * HOUR)["g3"]["state"] == "open"  # the time passed
+    assert "g3" in _groups(engine, states=lifecycle.ATTENTION, now=NOW + 2 * HOUR)
+    add(engine, signature="g4", frames=["g"], namespace="shop", when=NOW - 4 * HOUR)
+    assert _groups(engine)["g4"]["state"] == "ignored"
+    add(engine, signature="g4", frames=["g"], namespace="shop", when=NOW - 3 * HOUR)
+    assert _groups(engine)["g4"]["state"] == "open"
+    with engine.connect() as conn:
+        assert lifecycle.history(conn, "g4")[0]["actor"] == "corevault"
+    with pytest.raises(lifecycle.StateError, match="until and crashes go with state ignored"):
+        lifecycle.Change("resolved", crashes=3).check()
+    with engine.begin() as conn, pytest.raises(lifecycle.StateError, match="no crash group"):
+        lifecycle.change(conn, "nope", lifecycle.Change("resolved"), "bob")
+
+
+def test_per_image_counts_and_new_in_an_image_per_reader(engine: sa.Engine) -> None:
+    v1, v2 = "registry.example/shop/api:1.0", "registry.example/shop/api:1.1"
+    add(engine, signature="old", frames=["a"], namespace="shop", image=v1, when=NOW - 10 * HOUR)
+    add(engine, signature="old", frames=["a"], namespace="shop", image=v2, when=NOW - 2 * HOUR)
+    add(engine, signature="fresh", frames=["b"], namespace="shop", image=v2, when=NOW - 2 * HOUR)
+    add(engine, signature="fresh", frames=["b"], namespace="shop", image=v2, when=NOW - HOUR)
+    add(engine, signature="fresh", frames=["b"], namespace="team", image="other/app:7", when=NOW - 20 * HOUR)
+    shop = _groups(engine, visible={"shop"})
+    assert shop["old"]["first_image"] == v1 and shop["old"]["last_image"] == v2 and shop["old"]["new_in"] is None
+    assert [(i["image"], i["count"]) for i in shop["old"]["per_image"]] == [(v1, 1), (v2, 1)]
+    assert shop["fresh"]["new_in"] == v2 and shop["fresh"]["first_image"] == v2
+    assert list(_groups(engine, visible={"shop"}, new_in=v2)) == ["fresh"]
+    # over every namespace the group first crashed in team's image: not new in shop's rollout
+    everyone = _groups(engine)
+    assert everyone["fresh"]["first_image"] == "other/app:7" and everyone["fresh"]["new_in"] is None
+    assert "other/app:7" not in str(shop)  # nothing of team in what shop sees
+
+
+def test_search_finds_title_frames_exe_pod_and_image_newest_first(engine: sa.Engine) -> None:
+    a = add(engine, signature="s1", frames=["ns::Parser::readHeader", "main"], namespace="shop",
+            pod="checkout-7f9c", image="registry.example/shop/checkout:4.2", when=NOW - 3 * HOUR)  # fmt: skip
+    b = add(engine, signature="s2", frames=["compress_block", "main"], namespace="team", pod="zip-1",
+            image="registry.example/team/zipper:1", when=NOW - 2 * HOUR)  # fmt: skip
+    c = add(engine, signature="s1", frames=["ns::Parser::readHeader", "main"], namespace="shop",
+            pod="checkout-8aa1", image="registry.example/shop/checkout:4.3", when=NOW - HOUR)  # fmt: skip
+
+    def found(q: str, **kw: object) -> list[str]:
+        with engine.connect() as conn:
+            return [r["id"] for r in catalog.list_crashes(conn, catalog.Filters(search=q, **kw), 50)]  # type: ignore[arg-type]
+
+    assert found("readheader") == [c, a]  # frames, any case, newest first
+    assert found("CHECKOUT-7f9") == [a]  # part of a pod name
+    assert found("zipper") == [b]  # image
+    assert found("svc") == [c, b, a]  # executable
+    assert found("readHeader 4.3") == [c]  # every word must match
+    assert found("compress", visible=frozenset({"shop"})) == []  # another namespace's crash
+    assert found("%%%") == [] and found('"""') == []  # no wildcard, no syntax
+    with pytest.raises(search.SearchError, match="three characters"):
+        found("ab")
+    with engine.connect() as conn:  # pages follow the index's order
+        first = catalog.list_crashes(conn, catalog.Filters(search="main"), 2)
+        rest = catalog.list_crashes(conn, catalog.Filters(search="main"), 2, (first[-1]["search_key"], first[-1]["id"]))
+    assert [r["id"] for r in first + rest] == [c, b, a]
+    assert list(_groups(engine, search="compress_block")) == ["s2"]
+    assert _groups(engine, search="compress_block", visible={"shop"}) == {}
+    with engine.begin() as conn:
+        catalog.forget(conn, b)
+    assert found("zipper") == []
+
+
+def test_metrics_counts_per_namespace_and_state(engine: sa.Engine) -> None:
+    add(engine, signature="m1", frames=["f"], namespace="shop", when=NOW - HOUR)
+    add(engine, signature="m1", frames=["f"], namespace="team", when=NOW - HOUR)
+    add(engine, signature="m2", frames=["g"], namespace="shop", when=NOW - HOUR)
+    with engine.begin() as conn:
+        lifecycle.change(conn, "m2", lifecycle.Change("resolved"), "alice")
+    with engine.connect() as conn:
+        states = set(lifecycle.state_counts(conn))
+        events = set(lifecycle.event_counts(conn))
+    assert states == {("shop", "open", 1), ("shop", "resolved", 1), ("team", "open", 1)}
+    assert events == {("shop", "new", 2)}  # m1's first crash was shop's
