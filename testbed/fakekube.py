@@ -214,10 +214,13 @@ class FakeKube:
         h._send(200, obj)  # type: ignore[attr-defined]
 
     SECRETS = re.compile(r"^/api/v1/namespaces/(?P<ns>[^/]+)/secrets(?:/(?P<name>[^/]+))?$")
+    VOLUMES = re.compile(
+        r"^/api/v1/(?:namespaces/(?P<ns>[^/]+)/)?(?P<res>persistentvolumes|persistentvolumeclaims)(?:/(?P<name>[^/]+))?$"
+    )
     MWC = re.compile(r"^/apis/admissionregistration.k8s.io/v1/mutatingwebhookconfigurations/(?P<name>[^/]+)$")
 
     def _cluster_object(self, h: BaseHTTPRequestHandler, method: str, path: str, body: object) -> bool:
-        """Secrets (create, read, replace by resourceVersion); webhook configurations (read, JSON patch)."""
+        """Secrets (create, read, replace); volumes and claims (create, read); webhook configurations."""
         import jsonpatch
 
         send = h._send  # type: ignore[attr-defined]
@@ -241,6 +244,21 @@ class FakeKube:
                     send(409, _status(409, "Conflict", "the object has been modified"))
                 else:
                     send(200, self.add("secrets", copy.deepcopy(body), "MODIFIED"))  # type: ignore[arg-type]
+            return True
+        if (m := self.VOLUMES.match(path)) and (m["res"] == "persistentvolumes") == (m["ns"] is None):
+            ns = m["ns"] or ""  # persistent volumes belong to no namespace
+            if method == "POST":
+                obj = copy.deepcopy(body)
+                obj["metadata"]["namespace"] = ns  # type: ignore[index]
+                name = obj["metadata"]["name"]  # type: ignore[index]
+                if (m["res"], ns, name) in self.objects:
+                    send(409, _status(409, "AlreadyExists", f'{m["res"]} "{name}" already exists'))
+                else:
+                    send(201, self.add(m["res"], obj))  # type: ignore[arg-type]
+            elif method == "GET" and (m["res"], ns, m["name"]) in self.objects:
+                send(200, self.objects[(m["res"], ns, m["name"])])
+            else:
+                send(404, _status(404, "NotFound", f'{m["res"]} "{m["name"]}" not found'))
             return True
         if m := self.MWC.match(path):
             key = ("mutatingwebhookconfigurations", "", m["name"])

@@ -13,6 +13,7 @@ import sys
 from collections.abc import Iterator
 
 import pytest
+import yaml
 
 from testbed.fakekube import FakeKube
 
@@ -172,7 +173,17 @@ def test_enable_with_a_claim_or_nfs(kube, volume: str, source: dict) -> None:
         (
             ["enable", "deployment/web", "--pattern", "/d/core", "--volume", "tmpfs"],
             1,
-            "use emptydir, pvc:CLAIM or nfs:SERVER:/PATH",
+            "use emptydir, pvc:CLAIM, nfs:SERVER:/PATH, oss:BUCKET[:/PATH] or s3fs:BUCKET[:/PATH]",
+        ),
+        (
+            ["enable", "deployment/web", "--pattern", "/d/core", "--volume", "oss:oss-test"],
+            1,
+            "oss volumes need the bucket's endpoint: pass --endpoint",
+        ),
+        (
+            ["enable", "deployment/web", "--pattern", "/d/core", "--volume", "oss:Bad_Bucket"],
+            1,
+            "use oss:BUCKET",
         ),
         (["enable", "cronjob/web", "--pattern", "/d/core"], 2, "use deployment/NAME"),
     ],
@@ -183,6 +194,76 @@ def test_enable_must_fail(kube, args: list[str], code: int, words: str) -> None:
     out = kubectl(env, *args)
     assert out.returncode == code and words in out.stderr, out.stderr
     assert not [r for r in fake.requests if r.method == "PATCH"]
+
+
+def seed_oss_volume() -> tuple[dict, dict]:
+    """The PersistentVolume and the pod's mount of deploy/examples/oss.yaml."""
+    with open(os.path.join(os.path.dirname(__file__), "..", "deploy", "examples", "oss.yaml")) as f:
+        docs = {d["kind"]: d for d in yaml.safe_load_all(f)}
+    [container] = docs["Deployment"]["spec"]["template"]["spec"]["containers"]
+    return docs["PersistentVolume"], container["volumeMounts"][0]
+
+
+def test_enable_with_an_oss_bucket_makes_the_seeds_volume_and_claim(kube) -> None:
+    fake, env = kube
+    fake.add("deployments", web_deployment())
+    seed_pv, seed_mount = seed_oss_volume()
+    seed_csi = seed_pv["spec"]["csi"]
+    attrs = seed_csi["volumeAttributes"]
+    args = [
+        "enable",
+        "web",
+        "--pattern",
+        "/data/dump-a/core-%E-%p-%t",
+        "--volume",
+        f"oss:{attrs['bucket']}:/cores",
+    ]
+    args += ["--endpoint", attrs["url"], "--secret", "oss-keys"]
+    for _ in range(2):  # a second run finds the volume and its claim and keeps them
+        out = kubectl(env, *args)
+        assert out.returncode == 0, out.stderr
+    [pv] = [o for (res, _, _), o in fake.objects.items() if res == "persistentvolumes"]
+    [pvc] = [o for (res, _, _), o in fake.objects.items() if res == "persistentvolumeclaims"]
+    csi = pv["spec"]["csi"]
+    assert csi["driver"] == seed_csi["driver"] == "ossplugin.csi.alibabacloud.com"
+    assert csi["volumeAttributes"] == {
+        "bucket": attrs["bucket"], "url": attrs["url"], "otherOpts": attrs["otherOpts"], "path": "/cores",
+    }  # fmt: skip
+    assert csi["nodePublishSecretRef"] == {"name": "oss-keys", "namespace": "default"}
+    assert pv["spec"]["accessModes"] == seed_pv["spec"]["accessModes"] == ["ReadWriteMany"]
+    assert pvc["spec"]["selector"]["matchLabels"].items() <= pv["metadata"]["labels"].items()
+    assert pv["spec"]["claimRef"] == {"namespace": "default", "name": pvc["metadata"]["name"]}
+    template = fake.get("deployments", "default", "web")["spec"]["template"]
+    assert template["spec"]["volumes"] == [
+        {"name": "corevault-cores", "persistentVolumeClaim": {"claimName": pvc["metadata"]["name"]}}
+    ]
+    for c in template["spec"]["containers"]:
+        assert c["volumeMounts"] == [
+            {"name": "corevault-cores", "mountPath": seed_mount["mountPath"].rstrip("/")}
+        ]
+    posts = [r.path for r in fake.requests if r.method == "POST"]
+    assert posts == ["/api/v1/persistentvolumes", "/api/v1/namespaces/default/persistentvolumeclaims"]
+
+
+def test_enable_with_an_s3fs_bucket_dry_run_prints_volume_claim_and_patch(kube) -> None:
+    fake, env = kube
+    fake.add("deployments", web_deployment())
+    out = kubectl(
+        env, "enable", "web", "--pattern", "/cores/core-%p", "--volume", "s3fs:crash-cores:/prod", "--dry-run"
+    )
+    assert out.returncode == 0, out.stderr
+    decoder = json.JSONDecoder()
+    listing, end = decoder.raw_decode(out.stdout)
+    patch, _ = decoder.raw_decode(out.stdout[end:].lstrip())
+    pv, pvc = listing["items"]
+    assert pv["spec"]["csi"]["driver"] == "ru.yandex.s3.csi"
+    assert pv["spec"]["csi"]["volumeHandle"] == "crash-cores/prod"
+    assert pv["spec"]["csi"]["volumeAttributes"]["mounter"] == "s3fs"
+    assert (
+        patch["spec"]["template"]["spec"]["volumes"][0]["persistentVolumeClaim"]["claimName"]
+        == (pvc["metadata"]["name"])
+    )
+    assert not [r for r in fake.requests if r.method in ("POST", "PATCH")]
 
 
 def test_list_and_info_use_the_contexts_namespace(kube, tmp_path) -> None:

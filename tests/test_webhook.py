@@ -120,6 +120,15 @@ def test_bad_patterns_are_denied_with_the_validators_message(webhook, bad: str, 
     )
 
 
+def test_a_bucket_volume_annotation_mounts_the_buckets_claim(webhook) -> None:
+    pod = seed_pod_without_a_volume()
+    pod["metadata"]["annotations"]["corevault.io/volume"] = "oss:oss-test"
+    result = patched(pod, admit(webhook, pod))
+    assert result["spec"]["volumes"] == [
+        {"name": "corevault-cores", "persistentVolumeClaim": {"claimName": "corevault-oss-oss-test"}}
+    ]
+
+
 def test_a_bad_volume_annotation_is_denied(webhook) -> None:
     pod = seed_pod_without_a_volume()
     pod["metadata"]["annotations"]["corevault.io/volume"] = "tmpfs"

@@ -108,30 +108,76 @@ def enable(
         ..., help="deployment/NAME, statefulset/NAME or daemonset/NAME (NAME: a deployment)."
     ),
     pattern_: str = typer.Option(..., "--pattern", help="Where cores go in the pod, a core(5) pattern."),
-    volume: str = typer.Option("emptydir", help="emptydir, pvc:CLAIM or nfs:SERVER:/PATH"),
+    volume: str = typer.Option(
+        "emptydir",
+        help="emptydir, pvc:CLAIM, nfs:SERVER:/PATH, or a bucket: oss:BUCKET[:/PATH], s3fs:BUCKET[:/PATH].",
+    ),
+    endpoint: str = typer.Option(
+        None, help="The bucket's endpoint (oss), e.g. oss-cn-hangzhou-internal.aliyuncs.com."
+    ),
+    secret: str = typer.Option(
+        None, help="Secret with the bucket's credentials [default: the CSI driver's usual]."
+    ),
     namespace: str = typer.Option(None, "-n", "--namespace", help="Namespace [default: the context's]."),
     dry_run: bool = typer.Option(False, "--dry-run", help="Print the patch; change nothing."),
     context: str = typer.Option(None, help="kubeconfig context [default: the current one]."),
 ) -> None:
-    """Add the core-pattern annotation and a volume at the pattern's directory to a workload."""
+    """Add the core-pattern annotation and a volume at the pattern's directory to a workload.
+
+    A bucket volume is a PersistentVolume of the bucket's FUSE CSI driver and its claim, as
+    in the OSS example of ACS; both are created when missing.
+    """
+    from corevault.kube import buckets
     from corevault.kube import debug as dbg
 
     kind, _, name = workload.partition("/") if "/" in workload else ("deployment", "", workload)
     kind = kind.lower().removesuffix("s")
     if kind not in dbg.KINDS or not name:
         raise typer.BadParameter(f"{workload!r}: use deployment/NAME, statefulset/NAME or daemonset/NAME")
-    _, apps, current = _client(context)
+    bucket = buckets.parse(volume)
+    core, apps, current = _client(context)
     ns = namespace or current
+    claim = buckets.objects(bucket, ns, endpoint=endpoint, secret=secret) if bucket else []
     read = getattr(apps, f"read_namespaced_{kind}")
     patch_fn = getattr(apps, f"patch_namespaced_{kind}")
     resource = dbg.KINDS[kind]
     current_obj = _call(read, "get", resource, ns, name, ns)
     patch = dbg.enable_patch(kind, current_obj["spec"]["template"], pattern_, volume)
     if dry_run:
+        if claim:
+            print(json.dumps({"apiVersion": "v1", "kind": "List", "items": claim}, indent=2))
         print(json.dumps(patch, indent=2))
         return
+    for obj in claim:
+        _create_missing(core, obj)
     _call(patch_fn, "patch", resource, ns, name, ns, patch, _content_type=STRATEGIC)
     print(f"{kind}/{name}: cores now go to {pattern_} on a {volume} volume")
+
+
+def _create_missing(core, obj: dict) -> None:
+    """Create a PersistentVolume or PersistentVolumeClaim unless one of that name exists."""
+    from kubernetes.client.exceptions import ApiException
+
+    from corevault.kube.debug import explain
+
+    name, ns = obj["metadata"]["name"], obj["metadata"].get("namespace")
+    if ns is None:
+        read, create, resource, args = (
+            core.read_persistent_volume, core.create_persistent_volume, "persistentvolumes", (),
+        )  # fmt: skip
+    else:
+        read, create, resource, args = (
+            core.read_namespaced_persistent_volume_claim, core.create_namespaced_persistent_volume_claim,
+            "persistentvolumeclaims", (ns,),
+        )  # fmt: skip
+    where = ns or "(the cluster)"
+    try:
+        read(name, *args, _preload_content=False)
+        return
+    except ApiException as e:
+        if e.status != 404:
+            raise explain(e.status, e.reason or "", "get", resource, where) from None
+    _call(create, "create", resource, where, *args, obj)
 
 
 @app.command("list", context_settings={"allow_extra_args": True, "ignore_unknown_options": True})

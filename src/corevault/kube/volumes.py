@@ -5,6 +5,7 @@ from __future__ import annotations
 import posixpath
 
 from corevault.errors import UserError
+from corevault.kube import buckets
 
 VOLUME_NAME = "corevault-cores"
 DEFAULT_SIZE = "10Gi"
@@ -21,8 +22,18 @@ def mount_for(container: dict, directory: str) -> str | None:
     return best[1] if best else None
 
 
+USAGE = f"emptydir, pvc:CLAIM, nfs:SERVER:/PATH, {buckets.USAGE}"
+
+
 def volume_source(spec: str) -> dict:
-    """``emptydir`` (with a 10Gi size limit), ``pvc:CLAIM`` or ``nfs:SERVER:/PATH`` as a pod volume."""
+    """``emptydir`` (with a 10Gi size limit), ``pvc:CLAIM``, ``nfs:SERVER:/PATH`` or a bucket as a pod volume.
+
+    A bucket (``oss:BUCKET[:/PATH]``, ``s3fs:…``) is the claim of :mod:`.buckets`, which
+    must exist in the pod's namespace (``kubectl corevault enable`` creates it).
+    """
+    bucket = buckets.parse(spec)
+    if bucket is not None:
+        return bucket.pod_volume(VOLUME_NAME)
     if spec == "emptydir":
         return {"name": VOLUME_NAME, "emptyDir": {"sizeLimit": DEFAULT_SIZE}}
     kind, _, rest = spec.partition(":")
@@ -32,4 +43,4 @@ def volume_source(spec: str) -> dict:
         server, _, path = rest.partition(":")
         if server and path.startswith("/"):
             return {"name": VOLUME_NAME, "nfs": {"server": server, "path": path}}
-    raise UserError(f"volume {spec!r}: use emptydir, pvc:CLAIM or nfs:SERVER:/PATH")
+    raise UserError(f"volume {spec!r}: use {USAGE}")

@@ -6,9 +6,9 @@ For a pod carrying ``corevault.io/core-pattern`` or ``alibabacloud.com/core-patt
   not usable (a relative path, ``..``, a pipe, an unknown specifier…);
 - every container without a volume at the pattern's directory gets one mounted there: an
   emptyDir with a size limit, or what ``corevault.io/volume`` names (``pvc:CLAIM``,
-  ``nfs:SERVER:/PATH``). Without it, cores would land in the container's writable layer
-  and fill the node's disk. The patch is computed from what the pod already has, so a pod
-  admitted twice is left as it is.
+  ``nfs:SERVER:/PATH``, or a bucket's claim: ``oss:BUCKET``, ``s3fs:BUCKET``). Without
+  it, cores would land in the container's writable layer and fill the node's disk. The
+  patch is computed from what the pod already has, so a pod admitted twice is left as it is.
 
 Pods without the annotation are allowed untouched. Responses are AdmissionReview v1.
 The server is plain ``http.server`` over TLS: one small JSON endpoint needs nothing more.
