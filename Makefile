@@ -1,6 +1,7 @@
 # make demo   - set up, then crash real programs in containers and show where the cores went
 # make test   - set up, then lint, check the import layering and run the whole test suite
 # make bench  - capture, analysis and vault benchmarks (against baselines measured in the same run)
+# make image  - build the container image with podman, offline from any registry, and corevault.oci.tar
 
 PYTHON ?= python3
 VENV   := .venv
@@ -9,7 +10,7 @@ APT_PACKAGES := runc busybox-static gdb elfutils zstd gcc g++ libc6-dev binutils
 	golang-go rustc debuginfod s3fs rclone fuse3 podman buildah mmdebstrap umoci skopeo containerd \
 	prometheus prometheus-alertmanager
 
-.PHONY: setup apt venv demo test lint bench clean
+.PHONY: setup apt venv demo test lint bench image clean
 
 setup: apt venv
 
@@ -46,5 +47,8 @@ bench: setup
 	$(PY) -m bench.server
 	$(PY) -m bench.socketmode
 
+image: setup
+	$(PY) -m testbed.image
+
 clean:
-	rm -rf $(VENV) .pytest_cache build
+	rm -rf $(VENV) .pytest_cache build corevault.oci.tar
