@@ -64,6 +64,10 @@ class Agent:
         self.last_vacuum = 0.0
         #: whether core_pattern was corevault's at the last look (None: not looked, or not installed)
         self.installed: bool | None = None
+        #: when the loop last took a step (a pass, or an entry within one), for the liveness probe
+        self.heartbeat = time.monotonic()
+        #: the socket the kernel or the forwarder connects to, once the agent installed the capture
+        self.capture_socket: str | None = None
 
     def connect(self) -> ship.Vault:
         if self.vault is None:
@@ -94,6 +98,7 @@ class Agent:
     def pass_once(self) -> int:
         """One look at the spool; returns how many entries are still waiting."""
         s = self.settings
+        self.heartbeat = time.monotonic()
         self.check_installed()
         spool.ensure(s.spool_dir)
         ship.clean_abandoned(s)
@@ -117,6 +122,7 @@ class Agent:
             due, delay = self.backoff.get(entry, (0.0, 0.5))
             if now < due:
                 continue
+            self.heartbeat = time.monotonic()
             try:
                 done = ship.ship_entry(vault, s, entry)
             except ship.Busy:

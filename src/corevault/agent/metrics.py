@@ -1,8 +1,16 @@
-"""The agent's Prometheus metrics, on their own registry."""
+"""The agent's Prometheus metrics, on their own registry, served with the health probes."""
 
 from __future__ import annotations
 
-from prometheus_client import CollectorRegistry, Counter, Gauge, Histogram, start_http_server
+import json
+import threading
+from collections.abc import Callable
+from wsgiref.simple_server import WSGIRequestHandler, make_server
+
+from prometheus_client import CollectorRegistry, Counter, Gauge, Histogram, make_wsgi_app
+from prometheus_client.exposition import ThreadingWSGIServer
+
+HEALTH_PATHS = {"/healthz": "live", "/readyz": "ready"}
 
 
 class Metrics:
@@ -29,9 +37,31 @@ class Metrics:
             buckets=(0.1, 0.25, 0.5, 1, 2.5, 5, 10, 30, 60, 120, 300),
         )  # fmt: skip
 
-    def serve(self, address: str) -> None:
-        """Serve /metrics on ``host:port`` (nothing for an empty address)."""
+    def serve(self, address: str, health: Callable[[], dict] | None = None) -> None:
+        """Serve /metrics on ``host:port`` (nothing for an empty address), and with ``health``
+        (returning :func:`corevault.agent.health.check`'s dict) /healthz and /readyz."""
         if not address:
             return
         host, _, port = address.rpartition(":")
-        start_http_server(int(port), addr=host or "127.0.0.1", registry=self.registry)
+        metrics = make_wsgi_app(self.registry)
+
+        def app(environ: dict, start_response: Callable) -> list[bytes]:
+            key = HEALTH_PATHS.get(environ.get("PATH_INFO", ""))
+            if key is None or health is None:
+                return metrics(environ, start_response)
+            try:
+                state = health()
+            except Exception as e:  # a probe that cannot look says so rather than crash the server
+                state = {"live": False, "ready": False, "problems": [f"{type(e).__name__}: {e}"]}
+            body = json.dumps(state).encode()
+            status = "200 OK" if state[key] else "503 Service Unavailable"
+            start_response(status, [("Content-Type", "application/json"), ("Content-Length", str(len(body)))])
+            return [body]
+
+        server = make_server(host or "127.0.0.1", int(port), app, ThreadingWSGIServer, _Quiet)
+        threading.Thread(target=server.serve_forever, daemon=True, name="metrics").start()
+
+
+class _Quiet(WSGIRequestHandler):
+    def log_message(self, format: str, *args: object) -> None:
+        pass  # the kubelet probes every few seconds: no line per request

@@ -89,7 +89,15 @@ def agent(
     a = Agent(settings, on_record=on_record)
     for sig in (signal.SIGTERM, signal.SIGINT):  # from here on a stop request still restores the host
         signal.signal(sig, lambda *_: a.stop.set())
-    a.metrics.serve(settings.agent_metrics)
+    from corevault.agent import health
+
+    if mode is not None:  # not ready until the kernel's (or the forwarder's) way in listens
+        a.capture_socket = (
+            hostsetup.socket_path(settings.state_dir)
+            if mode == "socket"
+            else hostsetup.forwarder_paths(settings.state_dir)[1]
+        )
+    a.metrics.serve(settings.agent_metrics, lambda: health.check(a))
     receiver = listener = None
     from corevault.agent import coredumps
     from corevault.agent import receiver as forwarding
