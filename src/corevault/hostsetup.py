@@ -19,6 +19,7 @@ from __future__ import annotations
 import json
 import os
 import shutil
+import subprocess
 import sys
 import time
 from contextlib import suppress
@@ -52,8 +53,47 @@ def read_sysctls(paths: dict[str, str] = SYSCTLS) -> dict[str, str]:
 
 
 def write_sysctl(path: str, value: str) -> None:
+    if value.startswith("@") and path == SYSCTLS["core_pattern"] and not _in_host_mount_namespace():
+        _write_from_host_mount_namespace(path, value)
+        return
     with open(path, "w") as f:
         f.write(value + "\n")
+
+
+# The kernel takes a coredump socket pattern only from a task in its initial mount namespace
+# (where it resolves the socket's path): written from a container it is EINVAL. An agent in a
+# privileged hostPID pod writes it from a short-lived child that joined the mount namespace of
+# kthreadd, PID 2 of the host, which is always the initial one (PID 1 is an init that may have
+# moved, and whose namespace files may be closed even to root); a child, because a process with
+# threads cannot change its mount namespace.
+_HOST_MOUNT_NS_WRITE = """
+import ctypes, os, sys
+try:
+    fd = os.open("/proc/2/ns/mnt", os.O_RDONLY)
+    if ctypes.CDLL(None, use_errno=True).setns(fd, 0x00020000) != 0:  # CLONE_NEWNS
+        raise OSError(ctypes.get_errno(), "setns")
+    with open(sys.argv[1], "w") as f:
+        f.write(sys.stdin.read())
+except OSError as e:
+    sys.exit(e.errno or 1)
+"""
+
+
+def _in_host_mount_namespace() -> bool:
+    try:
+        return os.stat("/proc/self/ns/mnt").st_ino == os.stat("/proc/2/ns/mnt").st_ino
+    except OSError:
+        return True  # not ours to see: write here and let the kernel judge
+
+
+def _write_from_host_mount_namespace(path: str, value: str) -> None:
+    done = subprocess.run(
+        [sys.executable, "-I", "-c", _HOST_MOUNT_NS_WRITE, path],
+        input=value + "\n", capture_output=True, text=True, check=False,
+    )  # fmt: skip
+    if done.returncode != 0:
+        why = os.strerror(done.returncode)
+        raise OSError(done.returncode, f"{why} (written from the host's mount namespace)")
 
 
 def default_handler() -> str:
