@@ -17,7 +17,9 @@ RUN gcc -O2 -static -Wall -Werror -o /corevault-forward /forward.c
 # The virtual environment, built against Debian's python3 (3.11 on bookworm), which the final
 # stage has at the same path. Dependencies first: their layer stays cached while only corevault changes.
 # Extension modules are stripped of their symbols (50 MB); the libraries auditwheel vendored into
-# *.libs are left as they are, since strip can break what patchelf rewrote.
+# *.libs are left as they are, since strip can break what patchelf rewrote. Never imported, so
+# removed (61 MB together): kubernetes.aio, an asyncio copy of the client, and botocore's models
+# of services other than S3 and the STS/SSO ones that web-identity and SSO credentials use.
 FROM debian:bookworm-slim AS venv
 RUN apt-get update \
  && apt-get install -y --no-install-recommends python3-venv binutils \
@@ -26,7 +28,11 @@ COPY build/wheels/deps /wheels/deps
 RUN python3 -m venv /opt/corevault \
  && /opt/corevault/bin/pip install --no-cache-dir --no-index --find-links /wheels/deps \
       -r /wheels/deps/requirements.txt \
- && find /opt/corevault -name '*.so' -not -path '*.libs/*' -exec strip --strip-unneeded {} +
+ && find /opt/corevault -name '*.so' -not -path '*.libs/*' -exec strip --strip-unneeded {} + \
+ && cd /opt/corevault/lib/python3.11/site-packages \
+ && rm -rf kubernetes/aio \
+ && find botocore/data -mindepth 1 -maxdepth 1 -type d \
+      ! -name s3 ! -name sts ! -name sso ! -name sso-oidc -exec rm -rf {} +
 COPY build/wheels/corevault /wheels/corevault
 RUN /opt/corevault/bin/pip install --no-cache-dir --no-index --no-deps /wheels/corevault/*.whl \
  && /opt/corevault/bin/pip uninstall -y -q pip setuptools \

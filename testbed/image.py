@@ -142,11 +142,20 @@ def build(root: str = ROOT, oci_archive: str | None = None) -> str:
                 "-t", tag, "-t", f"{REPO}:latest", "-f", os.path.join(root, "Dockerfile"), root,
                 capture=False,
             )  # fmt: skip
+            _forget_older(tag)
         if oci_archive:
             if os.path.exists(oci_archive):
                 os.unlink(oci_archive)
             podman("save", "--format", "oci-archive", "-o", oci_archive, tag)
     return tag
+
+
+def _forget_older(tag: str) -> None:
+    """Untag the images built from older inputs, so that every edit does not keep 500 MB more."""
+    listed = podman("images", "--format", "{{.Repository}}:{{.Tag}}", "--filter", f"reference={REPO}")
+    older = [t for t in listed.stdout.split() if t not in (tag, f"{REPO}:latest")]
+    if older:
+        podman("rmi", *older, check=False)
 
 
 def size(tag: str) -> int:
