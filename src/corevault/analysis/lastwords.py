@@ -200,12 +200,20 @@ def read(
     state = next((t for t in core.threads if t.tid == tid), core.threads[0] if core.threads else None)
     fs_base = state.registers.get("fs_base") if state else None
     sp = state.registers.get("rsp") if state else None
+    frames = [(f.function, f.pc) for f in crashed.frames] if crashed else []
+    names = {name for name, _ in frames}
+    # Each reader runs only where its runtime's death path is in the crashed thread's stack:
+    # reading symbol tables costs more than the rest of a small report.
+    go = names & {"runtime.fatalpanic", "runtime.gopanic"}
+    rust = rustpanic.PANIC_FMT in names
+    aborted = bool(names & {"abort", "__GI_abort"})
+    if not (go or rust or aborted):
+        return None
     mem = Memory(core, images(core, files))
     exe = next((i for i in mem.images if i.path == exe_path), None)
-    frames = [(f.function, f.pc) for f in crashed.frames] if crashed else []
     return (
-        go_panic(mem, exe, fs_base)
-        or rustpanic.read(mem, exe, frames, sp)
-        or cxx_exception(mem, fs_base)
-        or abort_message(mem, exe_path)
+        (go_panic(mem, exe, fs_base) if go else None)
+        or (rustpanic.read(mem, exe, frames, sp) if rust else None)
+        or (cxx_exception(mem, fs_base) if aborted else None)
+        or (abort_message(mem, exe_path) if aborted else None)
     )

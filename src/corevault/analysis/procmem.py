@@ -14,6 +14,7 @@ from dataclasses import dataclass
 
 from elftools.common.exceptions import ELFError
 from elftools.elf.elffile import ELFFile
+from elftools.elf.hash import ELFHashSection, GNUHashSection
 from elftools.elf.sections import SymbolTableSection
 
 from corevault.analysis.elfcore import Core
@@ -56,22 +57,34 @@ def images(core: Core, files: dict[str, str | None]) -> list[Image]:
 
 
 def symbols(file: str, wanted: set[str]) -> dict[str, int]:
-    """The values of the ``wanted`` symbols (versions ignored) in ``file``'s symbol tables."""
+    """The values of the ``wanted`` symbols (versions ignored) in ``file``'s symbol tables.
+
+    Exported symbols are looked up through the dynamic symbol hash table (libc has
+    thousands: scanning them in Python costs tens of milliseconds per report); the rest,
+    and files without one (static and Go executables), by a bounded scan of ``.symtab``.
+    """
     out: dict[str, int] = {}
     try:
         with open(file, "rb") as f:
             elf = ELFFile(f)
-            seen = 0
             for section in elf.iter_sections():
-                if not isinstance(section, SymbolTableSection):
-                    continue
-                for sym in section.iter_symbols():
-                    seen += 1
-                    if seen > MAX_SYMBOLS or len(out) == len(wanted):
-                        return out
-                    name = sym.name.split("@", 1)[0]
-                    if name in wanted and sym["st_value"] and name not in out:
-                        out[name] = sym["st_value"]
+                if isinstance(section, (GNUHashSection, ELFHashSection)):
+                    for name in wanted - set(out):
+                        sym = section.get_symbol(name)
+                        if sym is not None and sym["st_value"] and sym["st_shndx"] != "SHN_UNDEF":
+                            out[name] = sym["st_value"]
+                    break
+            if len(out) == len(wanted):
+                return out
+            table = elf.get_section_by_name(".symtab")
+            if not isinstance(table, SymbolTableSection):
+                return out
+            for seen, sym in enumerate(table.iter_symbols()):
+                if seen > MAX_SYMBOLS or len(out) == len(wanted):
+                    break
+                name = sym.name.split("@", 1)[0]
+                if name in wanted and sym["st_value"] and name not in out:
+                    out[name] = sym["st_value"]
     except (OSError, ELFError, struct.error, ValueError, UnicodeDecodeError):
         return out
     return out
