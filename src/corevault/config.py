@@ -25,6 +25,10 @@ Example::
     compression_level = 3
     compression_threads = 1
 
+    [analysis]
+    debuginfod_urls = "https://debuginfod.debian.net"  # like DEBUGINFOD_URLS: debug files by build-id
+    debug_dirs = ["/usr/lib/debug"]  # separate debug files under .build-id/ on this host
+
     [[rules]]                       # hosts without Kubernetes: who opts in
     exe = "/usr/local/bin/my-server*"
     pattern = "/var/crash/core-%e-%p-%t"
@@ -97,6 +101,11 @@ class Settings:
         "compression_level",
         "compression_threads",
         "core_uses_pid",
+        "debug_dirs",
+        "debuginfo_dir",
+        "debuginfod_max_size",
+        "debuginfod_timeout",
+        "debuginfod_urls",
         "namespace_dumps",
         "namespace_share",
         "node_name",
@@ -172,6 +181,15 @@ class Settings:
         #: whether the agent analyses each crash before it leaves the spool
         self.agent_analyze = True
         self.analysis_timeout = 300.0
+        #: upstream debuginfod servers asked for the debug files of system libraries (none by default)
+        self.debuginfod_urls: tuple[str, ...] = ()
+        #: seconds and bytes one upstream fetch may take at most
+        self.debuginfod_timeout = 30.0
+        self.debuginfod_max_size = 1 << 30
+        #: debug files fetched from upstream, by build-id (``buildid/<id>/debuginfo``)
+        self.debuginfo_dir = os.path.join(state_dir, "debuginfo")
+        #: trees of separate debug files keyed by build-id (``<dir>/.build-id/xx/rest.debug``)
+        self.debug_dirs: tuple[str, ...] = ("/usr/lib/debug",)
         self.retention_max_age_days: float | None = None
         self.retention_max_size: int | None = None
         self.retention_namespace_max_size: int | None = None
@@ -311,7 +329,8 @@ def from_dict(doc: dict, where: str = "config") -> Settings:
     """Build settings from a parsed document, rejecting unknown keys and wrong types."""
     _known(
         doc,
-        {"state_dir", "node_name", "capture", "spool", "paths", "rules", "vault", "agent", "retention"},
+        {"state_dir", "node_name", "capture", "spool", "paths", "rules", "vault", "agent", "retention"}
+        | {"analysis"},
         where,
     )
     s = Settings(_str(doc, "state_dir", where, DEFAULT_STATE_DIR))
@@ -406,6 +425,23 @@ def from_dict(doc: dict, where: str = "config") -> Settings:
         raise ConfigError(f'{where} [agent] metrics: a host:port such as 127.0.0.1:9464, or "" for none')
     s.agent_analyze = bool(agent.get("analyze", s.agent_analyze))
     s.analysis_timeout = _number(agent, "analysis_timeout", where, s.analysis_timeout)
+
+    analysis = _table(doc, "analysis", where)
+    keys = {"debuginfod_urls", "debuginfod_timeout", "debuginfod_max_size", "debug_dirs"}
+    _known(analysis, keys, f"{where} [analysis]")
+    if isinstance(analysis.get("debuginfod_urls"), str):  # elfutils' DEBUGINFOD_URLS form
+        s.debuginfod_urls = tuple(analysis["debuginfod_urls"].split())
+    elif "debuginfod_urls" in analysis:
+        s.debuginfod_urls = tuple(_strlist(analysis, "debuginfod_urls", where))
+    for url in s.debuginfod_urls:
+        if not url.startswith(("http://", "https://")):
+            raise ConfigError(f"{where} [analysis] debuginfod_urls: use http(s):// URLs, not {url!r}")
+    s.debuginfod_timeout = _number(analysis, "debuginfod_timeout", where, s.debuginfod_timeout)
+    if "debuginfod_max_size" in analysis:
+        what = f"{where} [analysis] debuginfod_max_size"
+        s.debuginfod_max_size = parse_size(analysis["debuginfod_max_size"], what)
+    if "debug_dirs" in analysis:
+        s.debug_dirs = tuple(_strlist(analysis, "debug_dirs", where))
 
     retention = _table(doc, "retention", where)
     _known(retention, {"max_age_days", "max_size", "namespace_max_size"}, f"{where} [retention]")

@@ -13,6 +13,7 @@
  *   crasher bus               touch a page of a truncated mmap in read_truncated(): SIGBUS
  *   crasher assert            a failed assert() in check_config()
  *   crasher libc              a crash inside libc: insque() on a NULL element, from enqueue()
+ *   crasher strlen            a NULL read inside libc's strlen(), from measure()
  *   crasher unlink            delete its own executable, then SIGSEGV (a "(deleted)" executable)
  */
 #include <assert.h>
@@ -67,6 +68,8 @@ __attribute__((noinline)) void check_config(const struct config *c) { assert(c !
 
 __attribute__((noinline)) void enqueue(void *elem) { insque(elem, NULL); }
 
+__attribute__((noinline)) size_t measure(const char *s) { return strlen(s); }
+
 static void run_threads(int n) {
     pthread_t t;
     for (int i = 0; i < n; i++) pthread_create(&t, NULL, waiter, NULL);
@@ -94,6 +97,8 @@ int main(int argc, char **argv) {
         if (unlink(argv[0])) { perror("unlink"); return 2; }
     } else if (!strcmp(mode, "libc")) {
         enqueue((void *)nowhere);
+    } else if (!strcmp(mode, "strlen")) {
+        printf("%zu\n", measure((const char *)nowhere));
     } else if (!strcmp(mode, "abort")) {
         abort();
     } else if (!strcmp(mode, "dropuid") || !strcmp(mode, "dumpable")) {

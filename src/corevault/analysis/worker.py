@@ -21,6 +21,7 @@ from corevault.analysis import (
     lastwords,
     signals,
     signature,
+    symtab,
     unwind_drgn,
     unwind_gdb,
 )
@@ -35,23 +36,28 @@ def analyze(
     stores: list[str],
     backend: str = "drgn",
     max_frames: int = 256,
+    *,
     system_debuginfo: bool = False,
+    debug_dirs: tuple[str, ...] = binaries.DEBUG_DIRS,
 ) -> Report:
     """The report for one core.
 
     Without ``system_debuginfo``, the separate DWARF of system libraries (libc, libstdc++,
-    the loader…) is not loaded: their frames are named from ELF symbols. Indexing libc's
-    debug info is most of the cost of a report (0.28 s of 0.31 s at 1001 threads, measured
-    with bench/analysis.py), and the program's own frames keep their file:line either way.
+    the loader…) is not loaded: indexing libc's debug info is most of the cost of a report
+    (0.28 s of 0.31 s at 1001 threads, measured with bench/analysis.py), and the program's
+    own frames keep their file:line either way. Their frames are named from the symbol
+    table of the same debug file instead (:mod:`corevault.analysis.symtab`), so
+    ``__pthread_kill_implementation`` or ``start_thread`` keep their names, not their lines.
     """
     core = elfcore.read(core_path)
     warnings = list(core.warnings)
     if core.truncated:
         warnings.append(f"the core is truncated: {core.size} of {core.expected_size} bytes")
-    found = {bid: binaries.locate(bid, stores) for bid in set(core.build_ids.values())}
+    found = {bid: binaries.locate(bid, stores, debug_dirs) for bid in set(core.build_ids.values())}
+    dwarf = found
     if not system_debuginfo:
         system = {bid for path, bid in core.build_ids.items() if signature.is_system(path)}
-        found = {bid: binaries.Found(f.executable, None) if bid in system else f for bid, f in found.items()}
+        dwarf = {bid: binaries.Found(f.executable, None) if bid in system else f for bid, f in found.items()}
     exe_path = core.module_at(core.auxv[AT_ENTRY])[0] if AT_ENTRY in core.auxv else None
     exe_found = found.get(core.build_ids.get(exe_path or "", ""))
     executable = exe_found.executable if exe_found else None
@@ -61,15 +67,15 @@ def analyze(
     used = backend
     if backend == "drgn":
         try:
-            threads, debug, more = unwind_drgn.unwind(core, found, max_frames)
+            threads, debug, more = unwind_drgn.unwind(core, dwarf, max_frames)
             warnings += more
         except Exception as e:
             warnings.append(f"drgn failed ({type(e).__name__}: {e}); used gdb instead")
             used = "gdb"
     if used == "gdb":
-        threads, more = unwind_gdb.unwind(core, found, executable, max_frames)
+        threads, more = unwind_gdb.unwind(core, dwarf, executable, max_frames)
         warnings += more
-    threads = _demangle(threads)
+    threads = _demangle(_name_from_symtabs(threads, core, found))
 
     modules = []
     for obj in core.objects():
@@ -81,7 +87,7 @@ def analyze(
         modules.append(
             Module(
                 path=obj.path, start=start, end=end, build_id=bid, file=where.executable,
-                debuginfo=debug.get(obj.path, where.debuginfo is not None),
+                debuginfo=debug.get(obj.path, False) or where.debuginfo is not None,
             )
         )  # fmt: skip
         if where.executable is None and not obj.path.startswith("[vdso"):
@@ -121,6 +127,34 @@ def analyze(
     )
 
 
+def _name_from_symtabs(
+    threads: list[Thread], core: elfcore.Core, found: dict[str, binaries.Found]
+) -> list[Thread]:
+    """Name the frames the unwinder left unnamed from the ``.symtab`` of their module's files.
+
+    The debug file's table first (a stripped library's local functions are only there),
+    then the binary's own. A table is read only for a module that has an unnamed frame.
+    """
+    files = {}
+    for path, bid in core.build_ids.items():
+        where = found.get(bid)
+        if where is not None:
+            files[path] = [p for p in dict.fromkeys((where.debuginfo, where.executable)) if p]
+    tables: dict[str, list[symtab.Symbols]] = {}
+
+    def named(f: Frame) -> Frame:
+        if f.function is not None or f.module is None or f.offset is None:
+            return f
+        if f.module not in tables:
+            tables[f.module] = [t for p in files.get(f.module, ()) if (t := symtab.read(p)) is not None]
+        # A caller's pc is a return address, which may lie just past a call at a function's end.
+        offset = f.offset - 1 if f.index else f.offset
+        name = next((n for t in tables[f.module] if (n := t.name_at(offset)) is not None), None)
+        return f if name is None else dataclasses.replace(f, function=name)
+
+    return [dataclasses.replace(t, frames=tuple(named(f) for f in t.frames)) for t in threads]
+
+
 def _demangle(threads: list[Thread]) -> list[Thread]:
     """Frames named from ELF symbols rather than DWARF carry linker names: make them readable."""
     table = demangle.demangle_all(f.function for t in threads for f in t.frames if f.function)
@@ -139,9 +173,18 @@ def main(argv: list[str] | None = None) -> int:
     ap.add_argument("--backend", choices=BACKENDS, default="drgn")
     ap.add_argument("--max-frames", type=int, default=256)
     ap.add_argument("--system-debuginfo", action="store_true")
+    ap.add_argument("--debug-dirs", default=os.pathsep.join(binaries.DEBUG_DIRS), help="colon-separated")
     a = ap.parse_args(argv)
+    debug_dirs = tuple(d for d in a.debug_dirs.split(os.pathsep) if d)
     try:
-        doc = analyze(a.core, a.store, a.backend, a.max_frames, a.system_debuginfo).to_dict()
+        doc = analyze(
+            a.core,
+            a.store,
+            a.backend,
+            a.max_frames,
+            system_debuginfo=a.system_debuginfo,
+            debug_dirs=debug_dirs,
+        ).to_dict()
     except elfcore.CoreError as e:
         doc = {"error": f"unreadable: {e}"}
     sys.stdout.write(json.dumps(doc))

@@ -9,7 +9,7 @@ import tempfile
 import typer
 
 from corevault import config, spool
-from corevault.analysis import render, runner
+from corevault.analysis import render, runner, upstream
 
 
 def register(app: typer.Typer) -> None:
@@ -64,5 +64,7 @@ def analyze(
             backend,
             timeout=timeout,
             system_debuginfo=system_debuginfo,
+            debug_dirs=settings.debug_dirs,
+            fetch=upstream.from_settings(settings),
         )
     print(json.dumps(report.to_dict(), indent=2) if as_json else render.text(report))

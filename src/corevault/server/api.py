@@ -435,10 +435,15 @@ def _binary(request: Request, reader: Principal, build_id: str, debuginfo: bool)
     srv = server(request)
     with srv.vault.engine.connect() as conn:
         row = catalog.buildid_row(conn, build_id, reader.visible)
-    if row is None or (debuginfo and not row["debuginfo"]):
+    key, size = blobs.buildid_key(build_id), row["size"] if row else 0
+    if row is not None and debuginfo:
+        fetched = srv.vault.store.size(blobs.debuginfo_key(build_id))  # a separate debug file, if held
+        if fetched is not None:
+            key, size = blobs.debuginfo_key(build_id), fetched
+        elif not row["debuginfo"]:
+            row = None
+    if row is None:
         raise HTTPException(404, f"no {'debuginfo' if debuginfo else 'executable'} for build-id {build_id}")
-    key = blobs.buildid_key(build_id)
-    size = row["size"]
     return serve(
         request,
         lambda: srv.vault.store.open(key),
@@ -459,5 +464,6 @@ def executable(request: Request, reader: Reader, build_id: str) -> Response:
 @debuginfod.head("/buildid/{build_id}/debuginfo", include_in_schema=False)
 @debuginfod.get("/buildid/{build_id}/debuginfo", response_class=Response, responses=_BINARY)
 def debuginfo(request: Request, reader: Reader, build_id: str) -> Response:
-    """The same file, when it carries DWARF (built with -g and not stripped)."""
+    """The separate debug file fetched from an upstream debuginfod, or the executable itself when it
+    carries DWARF (built with -g and not stripped)."""
     return _binary(request, reader, build_id, debuginfo=True)

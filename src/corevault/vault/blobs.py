@@ -18,6 +18,7 @@ Key layout (the same in both back-ends; ``buildid/`` is the debuginfod layout, s
 
     crashes/<id>/core.zst    crashes/<id>/meta.json    crashes/<id>/report.json
     buildid/<build-id>/executable
+    buildid/<build-id>/debuginfo    (a separate debug file fetched from an upstream debuginfod)
 """
 
 from __future__ import annotations
@@ -59,6 +60,10 @@ def report_key(crash_id: str) -> str:
 
 def buildid_key(build_id: str) -> str:
     return f"buildid/{build_id}/executable"
+
+
+def debuginfo_key(build_id: str) -> str:
+    return f"buildid/{build_id}/debuginfo"
 
 
 @dataclass(frozen=True, slots=True)

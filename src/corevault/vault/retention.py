@@ -67,6 +67,7 @@ def vacuum(vault: Vault, settings: config.Settings, now: float | None = None, dr
                     continue  # a crash shipped meanwhile needs it
                 conn.execute(catalog.buildids.delete().where(catalog.buildids.c.build_id == build_id))
             vault.store.delete(blobs.buildid_key(build_id))
+            vault.store.delete(blobs.debuginfo_key(build_id))
     return {"crashes": doomed, "buildids": orphans}
 
 

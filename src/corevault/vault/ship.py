@@ -7,7 +7,9 @@ at any point (a SIGKILL included):
 2. upload the crash's binaries that the vault does not hold yet (``buildid/<id>/executable``,
    stored once for every crash that needs them);
 3. insert the crash row (ignored if it is there);
-4. analyse the core, store ``report.json``, record signature and group (once);
+4. analyse the core, store ``report.json``, record signature and group (once); debug
+   files the analysis fetched from upstream debuginfod servers go to the vault too
+   (``buildid/<id>/debuginfo``), so corevault's own debuginfod serves them again;
 5. only then remove the entry from the spool.
 
 Entries are locked with ``flock`` while shipped, so several agents (or a restarted one)
@@ -101,6 +103,7 @@ def _ship_locked(vault: Vault, settings: config.Settings, entry_id: str, entry: 
         ).scalar_one()
     if state == "pending":
         state = _analyse(vault, settings, crash_id, core_path)
+    _ship_debuginfo(vault, settings, meta)
     shutil.rmtree(entry)
     return Shipped(crash_id, new, stored.size, time.monotonic() - started, state)
 
@@ -123,11 +126,30 @@ def _ship_buildids(vault: Vault, settings: config.Settings, meta: dict) -> None:
             catalog.add_buildid(conn, build_id, size, debuginfo=has_dwarf(local))
 
 
+def _ship_debuginfo(vault: Vault, settings: config.Settings, meta: dict) -> None:
+    """Keep in the vault the upstream debug files this node holds for the crash's modules."""
+    if not settings.debuginfod_urls:
+        return
+    from corevault.analysis import upstream
+
+    for build_id in {m["build_id"] for m in meta.get("modules", []) if m.get("build_id")}:
+        local = upstream.debuginfo_path(settings.debuginfo_dir, build_id)
+        key = blobs.debuginfo_key(build_id)
+        if os.path.exists(local) and vault.store.size(key) is None:
+            vault.store.put_file(key, local)
+
+
 def _analyse(vault: Vault, settings: config.Settings, crash_id: str, core_path: str) -> str:
-    from corevault.analysis import runner
+    from corevault.analysis import runner, upstream
 
     try:
-        report = runner.analyze(core_path, [settings.buildid_dir], timeout=settings.analysis_timeout)
+        report = runner.analyze(
+            core_path,
+            [settings.buildid_dir],
+            timeout=settings.analysis_timeout,
+            debug_dirs=settings.debug_dirs,
+            fetch=upstream.from_settings(settings),
+        )
     except runner.AnalysisError as e:
         log.warning("crash %s: analysis failed: %s", crash_id, e)
         with vault.engine.begin() as conn:

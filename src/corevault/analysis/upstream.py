@@ -1,0 +1,142 @@
+"""Debug files from upstream debuginfod servers: fetched once per build-id, verified, kept.
+
+In a cluster a pod's libc is its image's, not the host's, so the host's
+``/usr/lib/debug`` rarely has its debug file; the distribution's debuginfod server does
+(``[analysis] debuginfod_urls``, read like elfutils' ``DEBUGINFOD_URLS``). The sandboxed
+worker has no business on the network, so the analysis driver
+(:mod:`corevault.analysis.runner`) asks here, between two runs of the worker, for the
+modules the first run found no debug file for.
+
+- Once per build-id: a fetched file is kept as ``<cache>/buildid/<id>/debuginfo``, the
+  layout :func:`corevault.analysis.binaries.locate` reads; a miss on every server is
+  remembered for :data:`RETRY_AFTER` seconds, so a storm of crashes of a program nobody
+  has debug info for costs one round of requests, not one per crash.
+- Checked: a download goes to a temporary name, may take at most ``timeout`` seconds and
+  ``max_size`` bytes, and is kept only when its own build-id is the one asked for (a
+  server or a proxy can be wrong: an error page, another version of the library).
+- Bounded: one analysis asks for at most :data:`MAX_PER_ANALYSIS` build-ids, so a process
+  that maps thousands of made-up objects cannot keep the agent busy for other tenants.
+"""
+
+from __future__ import annotations
+
+import contextlib
+import logging
+import os
+import re
+import tempfile
+import time
+from dataclasses import dataclass
+from typing import TYPE_CHECKING
+
+from corevault.analysis.binaries import file_build_id
+
+if TYPE_CHECKING:
+    from corevault.config import Settings
+
+log = logging.getLogger("corevault.analysis")
+
+BUILD_ID = re.compile(r"[0-9a-f]{2,128}")
+MAX_PER_ANALYSIS = 16
+RETRY_AFTER = 24 * 3600.0
+MISSING = "missing"
+
+
+@dataclass(frozen=True, slots=True)
+class Upstream:
+    urls: tuple[str, ...]
+    #: where fetched files are kept, in the debuginfod layout
+    cache: str
+    timeout: float = 30.0
+    max_size: int = 1 << 30
+
+
+def from_settings(settings: Settings) -> Upstream | None:
+    """The upstream servers a node's settings name, or None when there are none."""
+    if not settings.debuginfod_urls:
+        return None
+    return Upstream(
+        settings.debuginfod_urls,
+        settings.debuginfo_dir,
+        settings.debuginfod_timeout,
+        settings.debuginfod_max_size,
+    )
+
+
+def debuginfo_path(cache: str, build_id: str) -> str:
+    return os.path.join(cache, "buildid", build_id, "debuginfo")
+
+
+def fetch(upstream: Upstream, build_id: str) -> str | None:
+    """The verified debug file for ``build_id``, fetched if it is not kept yet; None if no server has it."""
+    if not BUILD_ID.fullmatch(build_id):
+        return None
+    dest = debuginfo_path(upstream.cache, build_id)
+    if os.path.exists(dest):
+        return dest
+    missing = os.path.join(os.path.dirname(dest), MISSING)
+    with contextlib.suppress(OSError):
+        if time.time() - os.stat(missing).st_mtime < RETRY_AFTER:
+            return None
+    os.makedirs(os.path.dirname(dest), mode=0o755, exist_ok=True)
+    for url in upstream.urls:
+        if _download(upstream, f"{url.rstrip('/')}/buildid/{build_id}/debuginfo", build_id, dest):
+            with contextlib.suppress(FileNotFoundError):
+                os.unlink(missing)
+            return dest
+    with open(missing, "w"):
+        pass  # its mtime says when every server was last asked
+    return None
+
+
+def _download(upstream: Upstream, url: str, build_id: str, dest: str) -> bool:
+    import httpx  # only when a server is asked: the runner that imports this module stays light
+
+    fd, tmp = tempfile.mkstemp(prefix=".fetch-", dir=os.path.dirname(dest))
+    deadline = time.monotonic() + upstream.timeout
+    try:
+        with os.fdopen(fd, "wb") as f, httpx.stream("GET", url, timeout=upstream.timeout) as response:
+            if response.status_code != 200:
+                if response.status_code != 404:
+                    log.warning("debuginfod %s: HTTP %d", url, response.status_code)
+                return False
+            declared = response.headers.get("content-length", "")
+            if declared.isdigit() and int(declared) > upstream.max_size:
+                log.warning("debuginfod %s: %s bytes, over the limit of %d", url, declared, upstream.max_size)
+                return False
+            size = 0
+            for chunk in response.iter_bytes(1 << 20):
+                size += len(chunk)
+                if size > upstream.max_size:
+                    log.warning("debuginfod %s: more than the limit of %d bytes", url, upstream.max_size)
+                    return False
+                if time.monotonic() > deadline:
+                    log.warning("debuginfod %s: slower than %gs, given up", url, upstream.timeout)
+                    return False
+                f.write(chunk)
+            f.flush()
+            os.fsync(f.fileno())
+        found = file_build_id(tmp)
+        if found != build_id:
+            log.warning("debuginfod %s: the file's build-id is %s, not the one asked for", url, found)
+            return False
+        os.chmod(tmp, 0o644)
+        os.replace(tmp, dest)
+        return True
+    except (httpx.HTTPError, OSError) as e:
+        log.warning("debuginfod %s: %s", url, e)
+        return False
+    finally:
+        with contextlib.suppress(FileNotFoundError):
+            os.unlink(tmp)
+
+
+def fetch_missing(upstream: Upstream, build_ids: list[str]) -> list[str]:
+    """Fetch what is not kept yet of the first :data:`MAX_PER_ANALYSIS` ``build_ids``; the ones kept now."""
+    new = []
+    for build_id in build_ids[:MAX_PER_ANALYSIS]:
+        if os.path.exists(debuginfo_path(upstream.cache, build_id)):
+            continue
+        if fetch(upstream, build_id) is not None:
+            new.append(build_id)
+    return new

@@ -1,0 +1,202 @@
+"""System frames named by default and cheaply, from debug files found by build-id.
+
+Real crashes in runc pods (a NULL read inside libc's strlen, an abort, threads): libc's
+frames are named from the symbol table of its separate debug file, found in the host's
+``/usr/lib/debug`` or fetched from an upstream debuginfod server (a real elfutils
+``debuginfod`` on 127.0.0.1 serving libc6-dbg's files, standing in for a distribution's),
+kept once, put in the vault and served again by corevault's own debuginfod.
+"""
+
+from __future__ import annotations
+
+import hashlib
+import http.server
+import os
+import shutil
+import threading
+from collections.abc import Iterator
+from contextlib import contextmanager
+from functools import partial
+
+import httpx
+import pytest
+
+from corevault import spool
+from corevault.agent.loop import Agent
+from corevault.analysis import binaries, runner, upstream
+from corevault.model import Report
+from corevault.server.access import StaticTokens
+from corevault.server.app import create_app
+from corevault.vault import blobs
+from testbed import debuginfod, servers
+from tests.conftest import installed_capture
+from tests.test_vault import make_node
+
+pytestmark = pytest.mark.crash
+
+SEED = {"corevault.io/core-pattern": "/data/dump-a/core-%e-%p-%t"}
+CASES = {
+    "strlen": ["/app/crasher", "strlen"],
+    "abort": ["/bin/sh", "-c", "/app/crasher abort; exit 1"],
+    "threads": ["/app/crasher", "threads", "3"],
+}
+LIBC = "/lib/x86_64-linux-gnu/libc.so.6"
+LOADER = "/lib64/ld-linux-x86-64.so.2"
+TOKEN = "sysframes-admin-token-0123456789"
+
+
+def host_debug_file(path: str) -> tuple[str, str]:
+    """The build-id of a host library and its debug file from the installed -dbg package."""
+    build_id = binaries.file_build_id(path)
+    assert build_id is not None, path
+    debug = f"/usr/lib/debug/.build-id/{build_id[:2]}/{build_id[2:]}.debug"
+    assert binaries.file_build_id(debug) == build_id, f"libc6-dbg does not match {path}"
+    return build_id, debug
+
+
+@pytest.fixture(scope="module")
+def material(rootfs: str, tmp_path_factory: pytest.TempPathFactory) -> dict:
+    """Spool entries and the build-id store of the crashes above, kept after the capture is gone."""
+    keep = tmp_path_factory.mktemp("sysframes")
+    cores = {}
+    with installed_capture() as cap:
+        cap.configure("[capture]\nstorm_max = 100\n")
+        for name, args in CASES.items():
+            c = cap.crash(rootfs, args, annotations=SEED)
+            [meta] = [m for m in cap.entries() if m["pod"]["container_id"] == c.id]
+            cores[name] = meta["id"]
+        shutil.copytree(spool.ready_dir(cap.spool), keep / "ready")
+        shutil.copytree(cap.store, keep / "store")
+    paths = {name: str(keep / "ready" / entry / spool.CORE_NAME) for name, entry in cores.items()}
+    return {"dir": str(keep), "ids": sorted(cores.values()), "store": str(keep / "store"), **paths}
+
+
+def frames(report: Report) -> list[str | None]:
+    assert report.crashed_thread is not None
+    return [f.function for f in report.crashed_thread.frames]
+
+
+def test_a_fault_inside_libc_names_libcs_function_without_its_dwarf(material: dict) -> None:
+    r = runner.analyze(material["strlen"], [material["store"]])
+    assert r.crashed_thread is not None
+    top = r.crashed_thread.frames[0]
+    assert top.module == LIBC and top.function and top.function.startswith("__strlen_"), top
+    assert top.file is None  # from the debug file's symbol table: libc's DWARF was not indexed
+    assert frames(r)[1:3] == ["measure", "main"]
+    assert next(m for m in r.modules if m.path == LIBC).debuginfo
+    assert r.title == "SIGSEGV in measure ← main"
+
+
+def test_aborts_and_threads_start_where_gdb_says(material: dict) -> None:
+    abort = runner.analyze(material["abort"], [material["store"]])
+    assert frames(abort)[:4] == ["__pthread_kill_implementation", "raise", "abort", "main"]
+    threads = runner.analyze(material["threads"], [material["store"]])
+    workers = [t for t in threads.threads if t.tid != threads.threads[-1].tid or t.crashed]
+    starts = [[f.function for f in t.frames[-2:]] for t in threads.threads if len(t.frames) > 2]
+    assert starts.count(["start_thread", "__clone3"]) == 4, starts  # three waiters and the crashing worker
+    assert len(workers) >= 4
+
+
+def test_the_gdb_backend_names_them_the_same_way(material: dict) -> None:
+    r = runner.analyze(material["strlen"], [material["store"]], backend="gdb")
+    assert r.backend == "gdb"
+    top = r.crashed_thread.frames[0]  # type: ignore[union-attr]
+    assert top.function and top.function.startswith("__strlen_") and frames(r)[1] == "measure"
+
+
+def test_without_a_debug_file_libcs_internals_stay_unnamed(material: dict) -> None:
+    r = runner.analyze(material["abort"], [material["store"]], debug_dirs=())
+    assert frames(r)[0] is None and frames(r)[3] == "main"
+    assert not next(m for m in r.modules if m.path == LIBC).debuginfo
+
+
+@pytest.fixture(scope="module")
+def distribution() -> Iterator[str]:
+    """A real debuginfod serving libc6-dbg's debug files of libc and the loader."""
+    libc, libc_debug = host_debug_file(LIBC)
+    _, loader_debug = host_debug_file(LOADER)
+    with debuginfod.serve([libc_debug, loader_debug], ready_build_id=libc) as url:
+        yield url
+
+
+def test_upstream_debuginfod_names_them_once_fetched_and_kept(material: dict, distribution: str, tmp_path) -> None:
+    up = upstream.Upstream((distribution,), str(tmp_path / "cache"))
+    r = runner.analyze(material["abort"], [material["store"]], debug_dirs=(), fetch=up)
+    assert frames(r)[:4] == ["__pthread_kill_implementation", "raise", "abort", "main"]
+    libc, debug = host_debug_file(LIBC)
+    kept = upstream.debuginfo_path(up.cache, libc)
+    assert _sha(kept) == _sha(debug)
+    crasher = next(m.build_id for m in r.modules if m.path == "/app/crasher")
+    assert not os.path.exists(os.path.join(up.cache, "buildid", crasher))  # has its own DWARF: not asked for
+    # Later crashes use the kept file, with no server at all.
+    offline = upstream.Upstream(("http://127.0.0.1:9",), up.cache, timeout=2)
+    again = runner.analyze(material["strlen"], [material["store"]], debug_dirs=(), fetch=offline)
+    assert frames(again)[0].startswith("__strlen_")  # type: ignore[union-attr]
+
+
+def test_an_upstream_file_over_the_size_limit_is_not_kept(material: dict, distribution: str, tmp_path) -> None:
+    up = upstream.Upstream((distribution,), str(tmp_path / "cache"), max_size=1 << 20)  # libc's is 4 MiB
+    r = runner.analyze(material["abort"], [material["store"]], debug_dirs=(), fetch=up)
+    assert frames(r)[0] is None
+    assert not os.path.exists(upstream.debuginfo_path(up.cache, host_debug_file(LIBC)[0]))
+
+
+@contextmanager
+def http_directory(root: str) -> Iterator[str]:
+    handler = partial(http.server.SimpleHTTPRequestHandler, directory=root)
+    handler.log_message = lambda *a: None  # type: ignore[attr-defined]
+    srv = http.server.ThreadingHTTPServer(("127.0.0.1", 0), handler)
+    thread = threading.Thread(target=srv.serve_forever, daemon=True)
+    thread.start()
+    try:
+        yield f"http://127.0.0.1:{srv.server_address[1]}"
+    finally:
+        srv.shutdown()
+        srv.server_close()
+        thread.join()
+
+
+def test_a_file_from_upstream_with_another_build_id_is_never_used(material: dict, tmp_path) -> None:
+    libc, _ = host_debug_file(LIBC)
+    _, loader_debug = host_debug_file(LOADER)
+    wrong = tmp_path / "server" / "buildid" / libc / "debuginfo"
+    wrong.parent.mkdir(parents=True)
+    shutil.copy(loader_debug, wrong)  # a real debug file, of another object
+    with http_directory(str(tmp_path / "server")) as url:
+        up = upstream.Upstream((url,), str(tmp_path / "cache"))
+        assert httpx.get(f"{url}/buildid/{libc}/debuginfo").status_code == 200
+        r = runner.analyze(material["abort"], [material["store"]], debug_dirs=(), fetch=up)
+    assert frames(r)[0] is None  # the loader's symbols would have named libc's frames wrongly
+    assert not os.path.exists(upstream.debuginfo_path(up.cache, libc))
+    assert os.listdir(os.path.dirname(upstream.debuginfo_path(up.cache, libc))) == [upstream.MISSING]
+
+
+def test_fetched_debug_files_go_to_the_vault_and_are_served_again(
+    material: dict, distribution: str, tmp_path
+) -> None:
+    node = make_node(material, extra=f'[analysis]\ndebuginfod_urls = "{distribution}"\ndebug_dirs = []\n')
+    try:
+        Agent(node.settings).run(once=True)
+        vault = node.vault()
+        libc, debug = host_debug_file(LIBC)
+        assert vault.store.size(blobs.debuginfo_key(libc)) == os.path.getsize(debug)
+        reports = [
+            vault.store.open(blobs.report_key(entry)).read().decode() for entry in material["ids"]
+        ]
+        named = ("__strlen_", "__pthread_kill_implementation", "start_thread")  # one in each crash
+        assert all(any(n in r for n in named) for r in reports)
+        tokens = tmp_path / "tokens.toml"
+        tokens.write_text(f'[[token]]\nname = "root"\ntoken = "{TOKEN}"\nnamespaces = ["*"]\n')
+        tokens.chmod(0o600)
+        with servers.asgi(create_app(node.settings, StaticTokens(str(tokens)))) as url:
+            auth = {"Authorization": f"Bearer {TOKEN}"}
+            served = httpx.get(f"{url}/buildid/{libc}/debuginfo", headers=auth)
+            assert served.status_code == 200 and hashlib.sha256(served.content).hexdigest() == _sha(debug)
+            assert httpx.get(f"{url}/buildid/{libc}/debuginfo").status_code == 401
+    finally:
+        shutil.rmtree(node.dir, ignore_errors=True)
+
+
+def _sha(path: str) -> str:
+    with open(path, "rb") as f:
+        return hashlib.sha256(f.read()).hexdigest()
