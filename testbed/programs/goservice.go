@@ -2,6 +2,8 @@
 //
 //	goservice nilmap   a handler writes to a nil map in recordHit()
 //	goservice nilptr   a handler dereferences a nil *Session in sessionUser()
+//	goservice overflow a handler recurses without end in walkTree(): "fatal error: stack overflow",
+//	                   thrown by the runtime on the thread's system stack, not the goroutine's
 //
 // Forty goroutines wait on a channel, so the crash happens among many goroutines and threads.
 package main
@@ -9,6 +11,7 @@ package main
 import (
 	"fmt"
 	"os"
+	"runtime/debug"
 	"sync"
 	"time"
 )
@@ -31,6 +34,17 @@ func sessionUser(s *Session) string {
 	return s.User
 }
 
+type Node struct {
+	Children []*Node
+}
+
+//go:noinline
+func walkTree(n *Node, depth int) int {
+	var pad [64]byte
+	pad[depth%64] = 1
+	return walkTree(n, depth+1) + int(pad[0])
+}
+
 //go:noinline
 func handle(mode string, done chan<- string) {
 	switch mode {
@@ -39,12 +53,15 @@ func handle(mode string, done chan<- string) {
 	case "nilptr":
 		var s *Session
 		done <- sessionUser(s)
+	case "overflow":
+		debug.SetMaxStack(1 << 20)
+		done <- fmt.Sprint(walkTree(&Node{}, 0))
 	}
 }
 
 func main() {
 	if len(os.Args) < 2 {
-		fmt.Fprintln(os.Stderr, "usage: goservice nilmap|nilptr")
+		fmt.Fprintln(os.Stderr, "usage: goservice nilmap|nilptr|overflow")
 		os.Exit(2)
 	}
 	var wg sync.WaitGroup

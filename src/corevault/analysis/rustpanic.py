@@ -26,10 +26,9 @@ import struct
 from elftools.common.exceptions import DWARFError, ELFError
 from elftools.dwarf.die import DIE
 from elftools.elf.elffile import ELFFile
-from elftools.elf.sections import SymbolTableSection
 
-from corevault.analysis import demangle
-from corevault.analysis.procmem import MAX_SYMBOLS, Image, Memory, clean
+from corevault.analysis import demangle, symtab
+from corevault.analysis.procmem import Image, Memory, clean
 
 PANIC_FMT = "core::panicking::panic_fmt"
 MAX_PIECES = 16
@@ -125,23 +124,13 @@ def _panic_info_layout(file: str, vaddr: int) -> dict[str, int] | None:
         return None
 
 
-def _functions(file: str) -> dict[int, str]:
-    out: dict[int, str] = {}
-    try:
-        with open(file, "rb") as f:
-            seen = 0
-            for section in ELFFile(f).iter_sections():
-                if not isinstance(section, SymbolTableSection):
-                    continue
-                for sym in section.iter_symbols():
-                    seen += 1
-                    if seen > MAX_SYMBOLS:
-                        return out
-                    if sym["st_info"]["type"] == "STT_FUNC" and sym["st_value"]:
-                        out.setdefault(sym["st_value"], sym.name)
-    except (OSError, ELFError, struct.error, ValueError, UnicodeDecodeError):
-        return out
-    return out
+def _formatter_name(mem: Memory, exe: Image, functions: symtab.Symbols | None, address: int | None) -> str:
+    """The readable name of the function a formatter pointer points at (its entry), or ""."""
+    path, offset = mem.core.module_at(address or 0)
+    if functions is None or path != exe.path or offset is None:
+        return ""
+    name = functions.name_at(offset)
+    return (demangle.readable(name, demangle.demangle_all([name])) or "") if name else ""
 
 
 def _str(mem: Memory, at: int) -> bytes | None:
@@ -159,11 +148,9 @@ def _message(mem: Memory, exe: Image, arguments: int, layout: dict[str, int]) ->
         return None
     if not 0 < count <= MAX_PIECES or nargs not in (count, count - 1) or mem.word(arguments + layout["fmt"]):
         return None
-    formatters: dict[int, str] = {}
-    if nargs:
-        names = _functions(exe.file)
-        table = demangle.demangle_all(names.values())
-        formatters = {exe.bias + v: demangle.readable(n, table) or n for v, n in names.items()}
+    functions = symtab.read(exe.file) if nargs else None
+    if nargs and functions is None:
+        return None
     out = b""
     for i in range(count):
         piece = _str(mem, pieces_at + 16 * i)
@@ -172,7 +159,7 @@ def _message(mem: Memory, exe: Image, arguments: int, layout: dict[str, int]) ->
         out += piece
         if i < nargs:
             value, formatter = mem.word(args_at + 16 * i), mem.word(args_at + 16 * i + 8)
-            m = _INT_DISPLAY.match(formatters.get(formatter or 0, ""))
+            m = _INT_DISPLAY.match(_formatter_name(mem, exe, functions, formatter))
             if value is None or m is None:
                 return None
             kind = m.group(1)

@@ -18,6 +18,7 @@ from corevault.analysis import (
     binaries,
     demangle,
     elfcore,
+    goroutine,
     lastwords,
     signals,
     signature,
@@ -76,6 +77,8 @@ def analyze(
         threads, more = unwind_gdb.unwind(core, dwarf, executable, max_frames)
         warnings += more
     threads = _demangle(_name_from_symtabs(threads, core, found))
+    files = {path: found[bid].executable for path, bid in core.build_ids.items()}
+    threads = goroutine.attribute(core, files, exe_path, threads, max_frames)
 
     modules = []
     for obj in core.objects():
@@ -120,7 +123,6 @@ def analyze(
         warnings=tuple(warnings),
     )
     sig_id, frames, title = signature.compute(report)
-    files = {path: found[bid].executable for path, bid in core.build_ids.items()}
     words = lastwords.read(core, files, exe_path, report.crashed_thread)
     return dataclasses.replace(
         report, signature=sig_id, signature_frames=frames, title=title, last_words=words
