@@ -15,7 +15,8 @@ import os
 import shutil
 import subprocess
 import uuid
-from contextlib import suppress
+from collections.abc import Iterator
+from contextlib import contextmanager, suppress
 from dataclasses import dataclass, field
 
 WORK = "/tmp/corevault-testbed"
@@ -155,14 +156,21 @@ class Container:
         spec["annotations"] = dict(self.annotations)
         return spec
 
-    def run(self, timeout: float = 60) -> subprocess.CompletedProcess:
+    def _write_bundle(self) -> None:
         os.makedirs(WORK, exist_ok=True)
         self.bundle = os.path.join(WORK, "bundle-" + self.id[:12])
         os.makedirs(self.bundle, exist_ok=True)
+        spec = self.spec()
+        with open(os.path.join(self.bundle, "config.json"), "w") as f:
+            json.dump(spec, f)
+
+    def _delete(self) -> None:
+        subprocess.run(["runc", "delete", "--force", self.id], capture_output=True, check=False)
+        shutil.rmtree(self.bundle, ignore_errors=True)
+
+    def run(self, timeout: float = 60) -> subprocess.CompletedProcess:
         try:
-            spec = self.spec()
-            with open(os.path.join(self.bundle, "config.json"), "w") as f:
-                json.dump(spec, f)
+            self._write_bundle()
             return subprocess.run(
                 ["runc", "run", "--bundle", self.bundle, self.id],
                 stdin=subprocess.DEVNULL,
@@ -172,5 +180,35 @@ class Container:
                 check=False,
             )
         finally:
-            subprocess.run(["runc", "delete", "--force", self.id], capture_output=True, check=False)
-            shutil.rmtree(self.bundle, ignore_errors=True)
+            self._delete()
+
+    @contextmanager
+    def running(self) -> Iterator[subprocess.Popen]:
+        """Run the process in the background; when the block ends it is killed and the container deleted.
+
+        The block starts once the process has printed its first line (its "ready").
+        """
+        try:
+            self._write_bundle()
+            proc = subprocess.Popen(
+                ["runc", "run", "--bundle", self.bundle, self.id],
+                stdin=subprocess.DEVNULL,
+                stdout=subprocess.PIPE,
+                stderr=subprocess.PIPE,
+                text=True,
+            )
+            try:
+                assert proc.stdout is not None
+                proc.stdout.readline()
+                yield proc
+            finally:
+                if proc.poll() is None:
+                    subprocess.run(["runc", "kill", self.id, "KILL"], capture_output=True, check=False)
+                    proc.wait(timeout=30)
+        finally:
+            self._delete()
+
+    def pid(self) -> int:
+        """The host PID of the container's first process."""
+        out = subprocess.run(["runc", "state", self.id], capture_output=True, text=True, check=True)
+        return int(json.loads(out.stdout)["pid"])

@@ -97,6 +97,11 @@ class Core:
     _by_address: tuple | None = field(default=None, repr=False)
 
     @property
+    def is_snapshot(self) -> bool:
+        """A core of a live process (gdb's gcore): no thread took a signal, which a kernel dump never is."""
+        return bool(self.threads) and all(t.signal == 0 for t in self.threads)
+
+    @property
     def truncated(self) -> bool:
         return self.size < self.expected_size
 

@@ -31,9 +31,11 @@ def text(report: Report, all_threads: bool = True) -> str:
         f"       Title: {report.title or '?'}",
         f"   Signature: {report.signature or '?'}",
         f"      Signal: {s.number} ({s.name or '?'})"
-        + (f", code {s.code} ({s.code_name})" if s.code_name else ""),
+        + (f", code {s.code} ({s.code_name})" if s.code_name else "")
+        if s.number
+        else "      Signal: none: a snapshot of a live process",
     ]
-    if s.description:
+    if s.description and s.number:
         lines.append(f"        What: {s.description}")
     if s.fault_address is not None:
         lines.append(f"       Fault: address 0x{s.fault_address:x}")
@@ -42,8 +44,9 @@ def text(report: Report, all_threads: bool = True) -> str:
     lines += [
         f"  Executable: {report.exe or '?'}",
         f"Command line: {report.args or '?'}",
-        f"         PID: {report.pid}    crashed thread: {report.crashed_tid}"
-        f"    threads: {len(report.threads)}",
+        f"         PID: {report.pid}"
+        + (f"    crashed thread: {report.crashed_tid}" if s.number else "")
+        + f"    threads: {len(report.threads)}",
         f"        Core: {report.core_size} bytes" + ("  (TRUNCATED)" if report.truncated else ""),
         f"    Analysed: by {report.backend}",
         "",
@@ -58,7 +61,7 @@ def text(report: Report, all_threads: bool = True) -> str:
         for t in report.threads:
             if t.crashed:
                 continue
-            lines.append(f"\nStack trace of thread {t.tid}:")
+            lines.append(("\n" if lines[-1] else "") + f"Stack trace of thread {t.tid}:")
             lines += ["  " + frame_line(f) for f in t.frames[:MAX_OTHER_FRAMES]]
             if len(t.frames) > MAX_OTHER_FRAMES or t.incomplete:
                 lines.append("  …")

@@ -59,6 +59,14 @@ def name(number: int) -> str | None:
         return None
 
 
+SNAPSHOT = "snapshot of a live process"
+
+
+def snapshot() -> Signal:
+    """What a snapshot's report says instead of a signal: the process did not crash."""
+    return Signal(number=0, name=None, description=SNAPSHOT)
+
+
 def describe(
     number: int, code: int | None, fault_address: int | None, pc_bytes: bytes | None, top_functions: list[str]
 ) -> Signal:

@@ -23,6 +23,10 @@ The algorithm, the way ABRT/satyr, Socorro and Sentry do it:
 5. The signature is the signal name (an abort seen as SIGSEGV in a container's PID 1 counts
    as SIGABRT) and those frames; its id is the first 16 hex digits of their SHA-256.
 
+A snapshot of a live process has no crashing thread: its signature is the set of distinct
+thread stacks (each one's top frames, as above), so the same deadlock seen twice is one
+group however many idle threads the pools had.
+
 Computed from one back-end's frames only (the report says which), so a report never
 mixes naming conventions.
 """
@@ -135,15 +139,32 @@ def is_noise(name: str) -> bool:
     return bare in SKIP or bool(SKIP_PATTERN.match(bare))
 
 
+def _top(frames: tuple[Frame, ...]) -> tuple[str, ...]:
+    kept = [(normalize(f), f) for f in frames]
+    kept = [(n, f) for n, f in kept if not is_noise(n)]
+    app = [n for n, f in kept if in_app(f)]
+    return tuple((app or [n for n, _ in kept])[:DEPTH])
+
+
+def _snapshot(report: Report) -> tuple[str | None, tuple[str, ...], str | None]:
+    stacks = sorted({"|".join(top) for t in report.threads if (top := _top(t.frames))})
+    if not stacks:
+        return None, (), "snapshot"
+    text = "SNAPSHOT:" + ";".join(stacks)
+    firsts = sorted({s.split("|", 1)[0] for s in stacks})
+    title = f"snapshot: {len(report.threads)} threads in " + ", ".join(firsts[:3])
+    title += " …" if len(firsts) > 3 else ""
+    return hashlib.sha256(text.encode()).hexdigest()[:16], tuple(stacks), title
+
+
 def compute(report: Report) -> tuple[str | None, tuple[str, ...], str | None]:
     """``(signature id, the frames it was made of, a title for people)``."""
+    if report.signal.number == 0:
+        return _snapshot(report)
     thread = report.crashed_thread
     if thread is None or not thread.frames:
         return None, (), None
-    kept = [(normalize(f), f) for f in thread.frames]
-    kept = [(n, f) for n, f in kept if not is_noise(n)]
-    app = [n for n, f in kept if in_app(f)]
-    top = tuple((app or [n for n, _ in kept])[:DEPTH])
+    top = _top(thread.frames)
     aborted = report.signal.description is not None and report.signal.description.startswith("abort")
     signal = "SIGABRT" if aborted else (report.signal.name or f"signal {report.signal.number}")
     text = signal + ":" + "|".join(top)

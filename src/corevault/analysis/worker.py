@@ -98,16 +98,21 @@ def analyze(
                 f"missing: {obj.path} (build-id {bid}) is not in the build-id store; "
                 "its frames show as module+offset"
             )
+    if core.is_snapshot:  # no thread crashed: each is shown alike
+        threads = [dataclasses.replace(t, crashed=False) for t in threads]
     crashed = next((t for t in threads if t.crashed), None) or (threads[0] if threads else None)
     state = core.threads[0]
     pc = state.pc(core.machine)
-    sig = signals.describe(
-        core.signal if core.signal is not None else state.signal,
-        core.signal_code,
-        core.fault_address,
-        core.read_memory(pc, 1) if pc is not None else None,
-        [f.function or "" for f in (crashed.frames if crashed else ())],
-    )
+    if core.is_snapshot:
+        sig = signals.snapshot()
+    else:
+        sig = signals.describe(
+            core.signal if core.signal is not None else state.signal,
+            core.signal_code,
+            core.fault_address,
+            core.read_memory(pc, 1) if pc is not None else None,
+            [f.function or "" for f in (crashed.frames if crashed else ())],
+        )
     report = Report(
         signal=sig,
         crashed_tid=crashed.tid if crashed else state.tid,

@@ -178,11 +178,13 @@ class Admitted:
 
 
 def admit(
-    settings: config.Settings, crash: process.Crash, record: dict, warnings: list[str]
+    settings: config.Settings, crash: process.Crash, record: dict, warnings: list[str], *, limits: bool = True
 ) -> Admitted | None:
     """Decide whether this crash gets a core: its pod opted in, and the storm limit allows it.
 
-    Everything refused is journaled here with the reason; None means no core.
+    Everything refused is journaled here with the reason (also left in ``record["reason"]``);
+    None means no core. ``limits=False`` (no dump slots, no storm limit) is for snapshots: a
+    person asked for them, and they hold none of the kernel's dump slots.
     """
     record.update(exe=crash.exe, comm=crash.comm)
     cg = cgroup.parse(crash.cgroup)
@@ -194,8 +196,11 @@ def admit(
         record["warnings"] = warnings
     if plan.refused:
         event = "skipped" if not plan.opted_in else "refused"
-        journal(settings, {**record, "event": event, "reason": plan.refused})
+        record["reason"] = plan.refused
+        journal(settings, {**record, "event": event})
         return None
+    if not limits:
+        return Admitted(settings, crash, cg=cg, owner=owner, plan=plan, record=record, slots=[])
     slots = _take_slots(settings, policy.tenant_keys(owner), record)
     if slots is None:
         return None
@@ -211,7 +216,8 @@ def admit(
             f"crash storm: {seen} crashes of this container in {settings.storm_window:g}s, "
             f"at most {settings.storm_max} cores kept"
         )
-        journal(settings, {**record, "event": "dropped", "reason": reason})
+        record["reason"] = reason
+        journal(settings, {**record, "event": "dropped"})
         for fd in slots:
             os.close(fd)
         return None
@@ -242,7 +248,8 @@ def _take_slots(
                 f"{share} dumps of this {whose} are being read already (its share, [capture] {whose}_dumps); "
                 "refused before the core was read"
             )
-            journal(settings, {**record, "event": "dropped", "reason": reason})
+            record["reason"] = reason
+            journal(settings, {**record, "event": "dropped"})
             return None
         held.append(fd)
     return held
@@ -277,11 +284,26 @@ def spool_full(settings: config.Settings, tenants: tuple[str | None, str | None]
     return None
 
 
-def deliver(admitted: Admitted, core_fd: int, started: float, head: corehead.Head | None = None) -> None:
+class Delivered:
+    """Where one core went: the spool entry, the path in the pod's volume, its size, what failed."""
+
+    __slots__ = ("entry", "problems", "size", "volume")
+
+    def __init__(self, entry: str | None, volume: str | None, size: int, problems: list[str]) -> None:
+        self.entry = entry
+        self.volume = volume
+        self.size = size
+        self.problems = problems
+
+
+def deliver(
+    admitted: Admitted, core_fd: int, started: float, head: corehead.Head | None = None
+) -> Delivered | None:
     """Stream the core (``head``'s bytes, then ``core_fd``) into the crash's targets and publish them.
 
     Without ``head`` (the pipe), the core's headers are read here first: they say how long the
-    core should be (:mod:`.corehead`).
+    core should be (:mod:`.corehead`). Returns where the core went, or None when nothing could
+    be written (journaled with why).
     """
     settings, crash, record = admitted.settings, admitted.crash, admitted.record
     job = _Job(settings, crash, admitted.owner, admitted.plan, record)
@@ -308,7 +330,7 @@ def deliver(admitted: Admitted, core_fd: int, started: float, head: corehead.Hea
         job.publish_volume()
         buildid.store_modules(settings.buildid_dir, job.modules)
         job.finish_entry(_meta(job, admitted.cg, started))
-        job.report()
+        return job.report()
     finally:
         job.close()
 
@@ -409,7 +431,7 @@ class _Job:
             return
         self.entry_tmp = None
 
-    def report(self) -> None:
+    def report(self) -> Delivered | None:
         """Journal the outcome: what was cut, what was dropped, and where the core went."""
         event = {
             **self.record,
@@ -425,6 +447,8 @@ class _Job:
             journal(self.settings, {**event, "event": "dropped", "reason": problem})
         if self.volume["written"] or event["entry"]:
             journal(self.settings, {**event, "event": "captured"})
+            return Delivered(event["entry"], event["volume"], self.size, self.problems)
+        return None
 
     def close(self) -> None:
         if self.volume_file is not None:
@@ -484,6 +508,7 @@ def _meta(job: _Job, cg: cgroup.CgroupInfo | None, started: float) -> dict:
         "modules": [m.as_dict() for m in job.modules],
         "warnings": job.record.get("warnings", []),
         "problems": job.problems,
+        **({"snapshot": job.record["snapshot"]} if "snapshot" in job.record else {}),
     }
 
 

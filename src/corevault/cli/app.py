@@ -12,7 +12,7 @@ import sys
 import typer
 
 from corevault import config, pattern
-from corevault.cli import analyze, crashes, groups, host, patterns, serve, vault, webhook
+from corevault.cli import analyze, crashes, groups, host, patterns, serve, snapshot, vault, webhook
 from corevault.errors import UserError
 
 EXIT_FAILED = 1
@@ -57,6 +57,7 @@ patterns.register(app)
 crashes.register(app)
 groups.register(app)
 analyze.register(app)
+snapshot.register(app)
 vault.register(app)
 webhook.register(app)
 serve.register(app)

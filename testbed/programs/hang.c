@@ -1,0 +1,72 @@
+/* Live processes to snapshot: they hang or spin until a file appears in their volume, then exit 0.
+ *
+ *   hang deadlock   two threads each hold one mutex and wait for the other's
+ *   hang spin       a thread spins; on exit it prints the longest pause it saw (in µs),
+ *                   which is how long the process was stopped from its own point of view
+ *   hang alloc N    N MiB touched, then idle
+ */
+#include <pthread.h>
+#include <stdio.h>
+#include <stdlib.h>
+#include <string.h>
+#include <time.h>
+#include <unistd.h>
+
+static pthread_mutex_t first = PTHREAD_MUTEX_INITIALIZER, second = PTHREAD_MUTEX_INITIALIZER;
+static pthread_barrier_t both_locked;
+static volatile long longest_pause_us;
+
+__attribute__((noinline)) void take_first_then_second(void) {
+    pthread_mutex_lock(&first);
+    pthread_barrier_wait(&both_locked);
+    pthread_mutex_lock(&second);
+}
+
+__attribute__((noinline)) void take_second_then_first(void) {
+    pthread_mutex_lock(&second);
+    pthread_barrier_wait(&both_locked);
+    pthread_mutex_lock(&first);
+}
+
+static void *left(void *p) { take_first_then_second(); return p; }
+static void *right(void *p) { take_second_then_first(); return p; }
+
+static long now_us(void) {
+    struct timespec ts;
+    clock_gettime(CLOCK_MONOTONIC, &ts);
+    return ts.tv_sec * 1000000L + ts.tv_nsec / 1000;
+}
+
+__attribute__((noinline)) void spin_forever(void) {
+    long last = now_us();
+    for (;;) {
+        long t = now_us();
+        if (t - last > longest_pause_us) longest_pause_us = t - last;
+        last = t;
+    }
+}
+
+static void *spinner(void *p) { spin_forever(); return p; }
+
+int main(int argc, char **argv) {
+    const char *mode = argc > 1 ? argv[1] : "deadlock";
+    const char *release = argc > 3 ? argv[3] : "/data/dump-a/release";
+    pthread_t a, b;
+    if (!strcmp(mode, "deadlock")) {
+        pthread_barrier_init(&both_locked, NULL, 2);
+        pthread_create(&a, NULL, left, NULL);
+        pthread_create(&b, NULL, right, NULL);
+    } else if (!strcmp(mode, "spin")) {
+        pthread_create(&a, NULL, spinner, NULL);
+    } else if (!strcmp(mode, "alloc")) {
+        size_t size = (size_t)(argc > 2 ? strtoul(argv[2], NULL, 10) : 100) << 20;
+        unsigned char *mem = malloc(size);
+        for (size_t off = 0; off < size; off += 4096) mem[off] = (unsigned char)(off >> 12) | 1;
+    }
+    printf("ready\n");
+    fflush(stdout);
+    while (access(release, F_OK) != 0) usleep(20000);
+    printf("longest pause %ld us\n", longest_pause_us);
+    fflush(stdout);
+    _exit(0);
+}
