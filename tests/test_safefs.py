@@ -123,3 +123,40 @@ def test_swapped_temporary_file_is_not_published(root, no_tmpfile) -> None:
     finally:
         os.close(d)
     assert not (path / "data/dump/core").exists()
+
+
+@pytest.fixture
+def no_links(monkeypatch: pytest.MonkeyPatch, no_tmpfile) -> None:
+    """A filesystem without hard links either, like every bucket mounted through FUSE."""
+
+    def refuse(*args, **kw):
+        raise OSError(errno.EOPNOTSUPP, "Operation not supported")
+
+    monkeypatch.setattr(os, "link", refuse)
+
+
+def test_without_links_the_name_is_reserved_and_nothing_is_replaced(root, no_links) -> None:
+    path, fd = root
+    (path / "data/dump/core").write_text("old")
+    d = safefs.open_dir(fd, "/data/dump")
+    try:
+        assert [write_file(d, "core", b"new") for _ in range(2)] == ["core.1", "core.2"]
+    finally:
+        os.close(d)
+    assert (path / "data/dump/core").read_text() == "old"
+    assert (path / "data/dump/core.1").read_bytes() == (path / "data/dump/core.2").read_bytes() == b"new"
+    assert sorted(os.listdir(path / "data/dump")) == ["core", "core.1", "core.2"]
+
+
+def test_without_links_a_swapped_temporary_file_is_not_published(root, no_links) -> None:
+    path, fd = root
+    d = safefs.open_dir(fd, "/data/dump")
+    try:
+        f = safefs.NewFile(d)
+        (path / "data/dump/planted").write_text("attacker")
+        os.rename(path / "data/dump/planted", path / "data/dump" / f.tmp_name)
+        with pytest.raises(safefs.UnsafePath, match="replaced"):
+            f.publish("core", os.getuid(), os.getgid())
+    finally:
+        os.close(d)
+    assert not (path / "data/dump/core").exists()

@@ -16,6 +16,19 @@ closed here by construction rather than by checking first:
   name; a taken name gets a ``.1``, ``.2``… suffix instead;
 - owner and mode are set on the fd before the file gets its name, so it never exists
   under its name with the wrong owner; the directory is fsynced after the link.
+
+Filesystems that mount a bucket through FUSE (s3fs/ossfs, rclone, gcsfuse, blobfuse2)
+have neither ``O_TMPFILE`` nor hard links, make ``rename`` a copy and a delete, and
+upload at ``fsync``/``close``, where quota and network errors surface. The way to publish
+is chosen by what the directory does when tried, never by its filesystem's name:
+
+1. ``O_TMPFILE`` + ``link()`` (local disks);
+2. a temporary name + ``link()`` (NFS and others without ``O_TMPFILE``);
+3. where ``link()`` is refused: the temporary name is fsynced and closed first (so an
+   upload error is reported before any final name exists), the final name is then
+   reserved with ``O_CREAT | O_EXCL | O_NOFOLLOW`` (an empty file, which never replaces
+   a name and is recognisably incomplete) and the temporary file renamed over that
+   reservation. A rename does not follow a link at its target either.
 """
 
 from __future__ import annotations
@@ -26,6 +39,7 @@ import stat
 from contextlib import suppress
 
 _DIR_FLAGS = os.O_RDONLY | os.O_DIRECTORY | os.O_NOFOLLOW | os.O_CLOEXEC
+_NEW_FLAGS = os.O_WRONLY | os.O_CREAT | os.O_EXCL | os.O_NOFOLLOW | os.O_CLOEXEC
 MAX_SUFFIX = 99
 
 
@@ -67,6 +81,19 @@ def _why(dir_fd: int, name: str, walked: str, err: OSError) -> str:
     return f"{walked}: {err.strerror}"
 
 
+class PublishFailed(OSError):
+    """The file could not be given its name; nothing is left under that name.
+
+    An OSError with the original errno, whose message names the step that failed.
+    """
+
+
+# What link() fails with where a filesystem has no hard links: EPERM (vfat, and Linux for
+# some FUSE filesystems), EOPNOTSUPP (s3fs), ENOSYS, EIO (rclone mount answers every
+# unimplemented operation so; a real I/O error shows again at the next step).
+_NO_LINKS = (errno.EPERM, errno.EOPNOTSUPP, errno.ENOSYS, errno.EIO, errno.EMLINK, errno.EXDEV)
+
+
 class NewFile:
     """A file being written in a directory, invisible until :meth:`publish`."""
 
@@ -81,61 +108,132 @@ class NewFile:
             if e.errno not in (errno.EOPNOTSUPP, errno.EISDIR, errno.EINVAL):
                 raise
             self.tmp_name = f".corevault-{os.urandom(8).hex()}.tmp"
-            flags = os.O_WRONLY | os.O_CREAT | os.O_EXCL | os.O_NOFOLLOW | os.O_CLOEXEC
-            self.fd = os.open(self.tmp_name, flags, 0o600, dir_fd=dir_fd)
+            self.fd = os.open(self.tmp_name, _NEW_FLAGS, 0o600, dir_fd=dir_fd)
 
     def publish(self, name: str, uid: int, gid: int, mode: int = 0o600, max_suffix: int = MAX_SUFFIX) -> str:
-        """Give the file its owner, mode and ``name`` (or ``name.N`` if taken); return the name."""
+        """Give the file its owner, mode and ``name`` (or ``name.N`` if taken); return the name.
+
+        Raises :class:`PublishFailed` (or :class:`UnsafePath`) with the step that failed;
+        the file is then gone and nothing was left under ``name``.
+        """
         fd = self.fd
         try:
-            os.fchown(fd, uid, gid)
-            os.fchmod(fd, mode)
-            os.fsync(fd)
+            _step(f"setting the owner of the file for {name}", os.fchown, fd, uid, gid)
+            _step(f"setting the mode of the file for {name}", os.fchmod, fd, mode)
+            _step(f"fsync of the file for {name}", os.fsync, fd)
             mine = os.fstat(fd)
-            published = self._link(name, mine, max_suffix)
-            # NFS may report ENOSPC/EDQUOT only at close: a file that failed there is withdrawn.
-            self.fd = -1
-            try:
-                os.close(fd)
-            except OSError:
-                os.unlink(published, dir_fd=self.dir_fd)
-                raise
-            os.fsync(self.dir_fd)
+            if self.tmp_name is None:
+                published = self._link(name, max_suffix, mine)
+                self._close(name, published)
+            else:
+                # Close before any final name exists: write-back filesystems (NFS, every
+                # FUSE bucket) report ENOSPC, EDQUOT and upload errors only here.
+                self._close(name, None)
+                self._check_mine(name, mine)
+                published = self._link(name, max_suffix, mine)
+            with suppress(OSError):  # a FUSE directory may not take fsync; the data already did
+                os.fsync(self.dir_fd)
             return published
         finally:
             self.discard()
 
-    def _link(self, name: str, mine: os.stat_result, max_suffix: int) -> str:
+    def _close(self, name: str, published: str | None) -> None:
+        fd, self.fd = self.fd, -1
+        try:
+            os.close(fd)
+        except OSError as e:
+            if published is not None:
+                with suppress(OSError):
+                    os.unlink(published, dir_fd=self.dir_fd)
+            raise PublishFailed(
+                e.errno, f"close of the file for {name} failed, nothing was published: {e.strerror}"
+            ) from e
+
+    def _check_mine(self, name: str, mine: os.stat_result) -> None:
+        """The directory is the container's: its temporary name may have been swapped."""
+        assert self.tmp_name is not None
+        try:
+            st = os.stat(self.tmp_name, dir_fd=self.dir_fd, follow_symlinks=False)
+        except OSError as e:
+            raise UnsafePath(f"the temporary file for {name} was removed while it was written") from e
+        if (st.st_dev, st.st_ino) != (mine.st_dev, mine.st_ino) or not stat.S_ISREG(st.st_mode):
+            raise UnsafePath(f"the temporary file for {name} was replaced while it was written")
+
+    def _link(self, name: str, max_suffix: int, mine: os.stat_result) -> str:
+        renaming = False  # the filesystem refused a hard link: reserve and rename from then on
         for n in range(max_suffix + 1):
             candidate = name if n == 0 else f"{name}.{n}"
             try:
-                if self.tmp_name is None:
-                    os.link(f"/proc/self/fd/{self.fd}", candidate, dst_dir_fd=self.dir_fd)
-                else:
-                    os.link(
-                        self.tmp_name,
-                        candidate,
-                        src_dir_fd=self.dir_fd,
-                        dst_dir_fd=self.dir_fd,
-                        follow_symlinks=False,
-                    )
+                if not renaming:
+                    renaming = not self._try_link(candidate, mine)
+                if renaming:
+                    self._reserve_and_rename(candidate)
             except FileExistsError:
                 continue
-            if self.tmp_name is not None:
-                # The directory is the container's: its temporary name may have been swapped.
-                st = os.stat(candidate, dir_fd=self.dir_fd, follow_symlinks=False)
-                if (st.st_dev, st.st_ino) != (mine.st_dev, mine.st_ino):
-                    os.unlink(candidate, dir_fd=self.dir_fd)
-                    raise UnsafePath(f"the temporary file for {name} was replaced while it was written")
             return candidate
         raise FileExistsError(errno.EEXIST, f"{name} and {max_suffix} suffixed names are taken")
+
+    def _try_link(self, candidate: str, mine: os.stat_result) -> bool:
+        """Link the file as ``candidate``; False when the filesystem has no hard links."""
+        try:
+            if self.tmp_name is None:
+                os.link(f"/proc/self/fd/{self.fd}", candidate, dst_dir_fd=self.dir_fd)
+                return True
+            os.link(
+                self.tmp_name,
+                candidate,
+                src_dir_fd=self.dir_fd,
+                dst_dir_fd=self.dir_fd,
+                follow_symlinks=False,
+            )
+        except FileExistsError:
+            raise
+        except OSError as e:
+            if self.tmp_name is None or e.errno not in _NO_LINKS:
+                raise PublishFailed(e.errno, f"link to {candidate} failed: {e.strerror}") from e
+            return False
+        # Checked again after the link: the temporary name may have been swapped just before it.
+        st = os.stat(candidate, dir_fd=self.dir_fd, follow_symlinks=False)
+        if (st.st_dev, st.st_ino) != (mine.st_dev, mine.st_ino):
+            os.unlink(candidate, dir_fd=self.dir_fd)
+            raise UnsafePath(f"the temporary file for {candidate} was replaced while it was written")
+        return True
+
+    def _reserve_and_rename(self, candidate: str) -> None:
+        """Claim ``candidate`` with an empty file of our own, then rename the core over it."""
+        assert self.tmp_name is not None
+        reserved = _step(f"creating {candidate}", os.open, candidate, _NEW_FLAGS, 0o600, dir_fd=self.dir_fd)
+        try:
+            os.close(reserved)  # a bucket mounted through FUSE uploads the empty reservation here
+            os.rename(self.tmp_name, candidate, src_dir_fd=self.dir_fd, dst_dir_fd=self.dir_fd)
+        except OSError as e:
+            with suppress(OSError):
+                os.unlink(candidate, dir_fd=self.dir_fd)
+            raise PublishFailed(
+                e.errno, f"renaming the file to {candidate} failed, nothing was published: {e.strerror}"
+            ) from e
+        self.tmp_name = None
 
     def discard(self) -> None:
         """Drop the file: the anonymous one vanishes, a temporary name is removed."""
         if self.fd >= 0:
-            os.close(self.fd)
-            self.fd = -1
+            fd, self.fd = self.fd, -1
+            # Dropped anyway: a FUSE bucket's failing upload at close must not hide the first error.
+            with suppress(OSError):
+                os.close(fd)
         if self.tmp_name is not None:
-            with suppress(FileNotFoundError):
+            # Best effort: on a bucket whose endpoint is gone this fails too, and what is
+            # left is a hidden .corevault-*.tmp name, recognisably not a core.
+            with suppress(OSError):
                 os.unlink(self.tmp_name, dir_fd=self.dir_fd)
             self.tmp_name = None
+
+
+def _step(what: str, fn, *args, **kwargs):  # -> fn's result
+    """Call ``fn``; an OSError other than EEXIST becomes PublishFailed naming ``what``."""
+    try:
+        return fn(*args, **kwargs)
+    except FileExistsError:
+        raise
+    except OSError as e:
+        raise PublishFailed(e.errno, f"{what} failed, nothing was published: {e.strerror}") from e

@@ -16,6 +16,7 @@ go on; when none is left, reading stops so the crashed process can finish dying.
 
 from __future__ import annotations
 
+import errno
 import fcntl
 import os
 from contextlib import suppress
@@ -65,37 +66,80 @@ def _zstd():  # -> the zstandard C backend module
 
 
 class SparseSink:
-    """The plain core, written at explicit offsets with holes for zero blocks."""
+    """The plain core, written at explicit offsets with holes for zero blocks.
 
-    __slots__ = ("failed", "fd", "name", "size")
+    Where the filesystem refuses a write past what was written so far (``rclone mount``
+    without its cache answers ESPIPE: it uploads as it goes), the rest is written densely,
+    zeros included: tried, not guessed from the filesystem's name.
+    """
+
+    __slots__ = ("dense", "end", "failed", "fd", "name", "size")
 
     def __init__(self, fd: int, name: str = "volume") -> None:
         self.fd = fd
         self.name = name
         self.size = 0
+        self.end = 0  # where the data written so far ends
+        self.dense = False
         self.failed: str | None = None
 
     def write(self, buf: bytearray, view: memoryview, n: int) -> None:
         pos = self.size
         self.size += n
-        if n == CHUNK and buf == _ZERO_CHUNK:
+        if self.dense:
+            self._put(view[:n], pos)
+        elif n == CHUNK and buf == _ZERO_CHUNK:
             return
-        start = -1  # first block of the current run of data
-        for off in range(0, n, BLOCK):
-            end = off + BLOCK
-            zero = buf[off:end] == _ZERO_BLOCK if end <= n else buf[off:n] == bytes(n - off)
-            if zero and start >= 0:
-                _pwrite_all(self.fd, view[start:off], pos + start)
-                start = -1
-            elif not zero and start < 0:
-                start = off
-        if start >= 0:
-            _pwrite_all(self.fd, view[start:n], pos + start)
+        else:
+            start = -1  # first block of the current run of data
+            for off in range(0, n, BLOCK):
+                end = off + BLOCK
+                zero = buf[off:end] == _ZERO_BLOCK if end <= n else buf[off:n] == bytes(n - off)
+                if zero and start >= 0:
+                    self._put(view[start:off], pos + start)
+                    start = -1
+                elif not zero and start < 0:
+                    start = off
+            if start >= 0:
+                self._put(view[start:n], pos + start)
         if self.size // FLUSH_EVERY != pos // FLUSH_EVERY:
             _flush_behind(self.fd, self.size)
 
+    def _put(self, data: memoryview, offset: int) -> None:
+        if offset > self.end and not self.dense:
+            try:
+                _pwrite_all(self.fd, data, offset)
+                self.end = offset + len(data)
+                return
+            except OSError as e:
+                if e.errno != errno.ESPIPE:
+                    raise
+                self.dense = True
+        self._zeros_upto(offset)
+        _pwrite_all(self.fd, data, offset)
+        self.end = offset + len(data)
+
+    def _zeros_upto(self, offset: int) -> None:
+        while self.end < offset:
+            n = min(CHUNK, offset - self.end)
+            _pwrite_all(self.fd, memoryview(_ZERO_CHUNK)[:n], self.end)
+            self.end += n
+
     def finish(self) -> None:
-        os.ftruncate(self.fd, self.size)  # the trailing hole, if the core ends in zeros
+        """Give the file the core's size: a trailing hole, or zeros where holes are refused.
+
+        Only when the core ends in zeros: s3fs uploads the whole file at every ftruncate.
+        """
+        if self.end >= self.size:
+            return
+        if not self.dense:
+            try:
+                os.ftruncate(self.fd, self.size)
+                return
+            except OSError as e:
+                if e.errno not in (errno.ESPIPE, errno.EINVAL, errno.EOPNOTSUPP):
+                    raise OSError(e.errno, f"setting the core's size failed: {e.strerror}") from e
+        self._zeros_upto(self.size)
 
 
 def _flush_behind(fd: int, upto: int) -> None:
