@@ -14,7 +14,8 @@ It behaves like the real one where corevault depends on it:
   keeps gives the ERROR event with 410 Gone); creating Events;
 - TokenReview (``authentication.k8s.io/v1``) from a table of tokens and their users, and
   SubjectAccessReview (``authorization.k8s.io/v1``) from explicit grants of a verb on a
-  resource in a namespace (``*``: cluster-wide), for a user or one of its groups.
+  resource or subresource (``pods/exec``) in a namespace, or on one object of it (``ns/name``;
+  ``*``: cluster-wide), for a user or one of its groups.
 
 It does not emulate: authentication of its own callers, RBAC objects (Roles, bindings,
 aggregation), watches of anything but pods, admission, exec/attach/port-forward streams
@@ -56,7 +57,7 @@ class FakeKube:
     users: dict[str, tuple[str, list[str]]] = field(default_factory=dict)  # token -> (user, groups)
     grants: set[tuple[str, str, str, str]] = field(
         default_factory=set
-    )  # (user or group, verb, resource, ns|*)
+    )  # (user or group, verb, resource[/subresource], ns|ns/name|*)
     changed: threading.Condition = field(default_factory=threading.Condition)
     server: ThreadingHTTPServer | None = None
 
@@ -103,14 +104,14 @@ class FakeKube:
     def forbid(self, method: str, path_regex: str) -> None:
         self.forbidden.add((method, path_regex))
 
-    def kubeconfig(self, path: str, namespace: str = "default") -> str:
+    def kubeconfig(self, path: str, namespace: str = "default", token: str = "fake-token") -> str:  # noqa: S107
         context = {"cluster": "fake", "user": "tester", "namespace": namespace}
         with open(path, "w") as f:
             json.dump(
                 {
                     "apiVersion": "v1", "kind": "Config", "current-context": "fake",
                     "clusters": [{"name": "fake", "cluster": {"server": self.url}}],
-                    "users": [{"name": "tester", "user": {"token": "fake-token"}}],
+                    "users": [{"name": "tester", "user": {"token": token}}],
                     "contexts": [{"name": "fake", "context": context}],
                 },
                 f,
@@ -290,10 +291,11 @@ class FakeKube:
             attrs = spec.get("resourceAttributes") or {}
             who = [spec.get("user", ""), *(spec.get("groups") or [])]
             ns = attrs.get("namespace") or ""
+            sub, name = attrs.get("subresource"), attrs.get("name")
+            resource = attrs.get("resource", "") + (f"/{sub}" if sub else "")
+            scopes = {"*", ns, f"{ns}/{name}"} if ns and name else {"*", ns} if ns else {"*"}
             allowed = any(
-                (w, attrs.get("verb"), attrs.get("resource"), scope) in self.grants
-                for w in who
-                for scope in ({"*", ns} if ns else {"*"})
+                (w, attrs.get("verb"), resource, scope) in self.grants for w in who for scope in scopes
             )
             send(201, {**body, "status": {"allowed": allowed}})
             return True

@@ -204,3 +204,85 @@ def test_a_snapshot_over_its_time_or_size_resumes_the_process(live, node: Node) 
     time.sleep(0.2)
     assert proc.poll() is None
     assert release(node, proc)[0] == 0, "the process was resumed after each refusal"
+
+
+def test_kubectl_snapshot_asks_the_pods_node_through_the_server_for_readers_who_may_exec(
+    live, node: Node, tmp_path
+) -> None:
+    """kubectl → corevault server (SubjectAccessReview of create pods/exec) → the agent of the pod's node."""
+    import httpx
+
+    from corevault import config
+    from corevault.kube import cluster
+    from corevault.server.access import KubeAccess
+    from corevault.server.app import create_app
+    from corevault.vault import snapshots
+    from testbed import servers
+    from testbed.fakekube import FakeKube
+
+    with open(node.config, "a") as f:
+        f.write(f'[vault]\nstore = "file://{node.state}/vault"\ncatalog = "sqlite:///{node.state}/catalog.db"\n'
+                '[agent]\npoll_interval = 0.2\nmetrics = ""\n')  # fmt: skip
+    settings = config.load(node.config)
+    fake = FakeKube().start()
+    agent = subprocess.Popen(
+        [CLI, "-c", node.config, "agent"], stdout=subprocess.DEVNULL, stderr=subprocess.PIPE
+    )
+    try:
+        fake.users = {"alice-token": ("alice", ["dev"]), "bob-token": ("bob", ["dev"])}
+        fake.grants = {("dev", "get", "pods", "shop"), ("alice", "create", "pods/exec", "shop/stuck-0")}
+        fake.add("pods", {"apiVersion": "v1", "kind": "Pod", "metadata": {"name": "stuck-0", "namespace": "shop"},
+                          "spec": {"containers": [{"name": "app", "image": "hang"}]}, "status": {"phase": "Running"}})  # fmt: skip
+        _, proc = live("deadlock")
+        app = create_app(settings, KubeAccess(cluster.api_client(fake.kubeconfig(str(tmp_path / "admin")))))
+        with servers.asgi(app) as url:
+
+            def kubectl(token: str, *args: str) -> subprocess.CompletedProcess:
+                env = {**os.environ, "KUBECONFIG": fake.kubeconfig(str(tmp_path / token), "shop", token),
+                       "PATH": os.path.dirname(sys.executable) + ":" + os.environ["PATH"]}  # fmt: skip
+                env.pop("COREVAULT_TOKEN", None)
+                return subprocess.run(["kubectl", "corevault", "snapshot", *args, "--server", url],
+                                      capture_output=True, text=True, env=env, timeout=120, check=False)  # fmt: skip
+
+            denied = kubectl("bob-token", "stuck-0", "--reason", "curious")
+            assert denied.returncode == 1
+            assert (
+                "may not exec into pod shop/stuck-0" in denied.stderr and len(denied.stderr.splitlines()) == 1
+            )
+
+            out = kubectl("alice-token", "stuck-0", "--reason", "requests hang")
+            assert out.returncode == 0, out.stderr
+            assert f"taken on node {settings.node_name}" in out.stdout
+            assert "core in the pod: /data/dump-a/core-hang-1-" in out.stdout
+            crash_id = out.stdout.split("crash ")[1].split(":")[0]
+            assert proc.poll() is None, "the process goes on"
+
+            headers = {"Authorization": "Bearer alice-token"}
+            deadline = time.monotonic() + 120
+            while time.monotonic() < deadline:  # the agent ships and analyses it like a crash
+                r = httpx.get(f"{url}/api/v1/crashes/{crash_id}", headers=headers)
+                if r.status_code == 200 and r.json().get("analysis") == "done":
+                    break
+                time.sleep(0.3)
+            crash = r.json()
+            assert crash["analysis"] == "done" and crash["title"].startswith("snapshot: 3 threads in ")
+            report = httpx.get(f"{url}/api/v1/crashes/{crash_id}/report", headers=headers).json()
+            assert any("take_second_then_first" in names for names in thread_functions(report))
+    finally:
+        agent.terminate()
+        agent.wait(timeout=30)
+        fake.stop()
+    engine = __import__("corevault.vault.catalog", fromlist=["connect"]).connect(settings.catalog_url)
+    with engine.connect() as conn:
+        rows = [dict(r) for r in conn.execute(snapshots.snapshot_requests.select()).mappings()]
+    assert [(r["requested_by"], r["state"], r["reason"]) for r in rows] == [
+        ("alice", "done", "requests hang")
+    ]
+    exec_reviews = [
+        r.body["spec"]["resourceAttributes"] for r in fake.requests  # type: ignore[index]
+        if r.path.endswith("subjectaccessreviews") and r.body["spec"]["resourceAttributes"].get("subresource")  # type: ignore[index]
+    ]  # fmt: skip
+    assert {(a["verb"], a["subresource"], a["namespace"], a["name"]) for a in exec_reviews} == {
+        ("create", "exec", "shop", "stuck-0")
+    }
+    assert release(node, proc)[0] == 0

@@ -48,6 +48,10 @@ class SnapshotError(Exception):
     """No snapshot was taken; the message says why (and the journal has a record of it)."""
 
 
+class NotHere(SnapshotError):
+    """The pod (or its container) has no process on this node."""
+
+
 @dataclass(frozen=True, slots=True)
 class Outcome:
     pid: int
@@ -239,8 +243,8 @@ def pod_processes(
 ) -> list[int]:
     """Host PIDs of a pod's processes on this node: each container's first process, or ``every`` one.
 
-    Raises :class:`SnapshotError` when the pod has no process here, or several containers and
-    none was chosen.
+    Raises :class:`NotHere` when the pod has no process here, :class:`SnapshotError` when it has
+    several containers and none was chosen.
     """
     found: dict[str, list[tuple[int, int]]] = {}
     for entry in os.listdir("/proc"):
@@ -263,7 +267,7 @@ def pod_processes(
     what = f"pod {namespace}/{name}"
     if not found:
         missing = f"container {container}" if container else "process"
-        raise SnapshotError(f"{what} has no {missing} on this node")
+        raise NotHere(f"{what} has no {missing} on this node")
     if len(found) > 1 and container is None and not every:
         raise SnapshotError(f"{what} has containers {', '.join(sorted(found))}: choose one with -c, or --all")
     pids = []

@@ -180,6 +180,60 @@ def _create_missing(core, obj: dict) -> None:
     _call(create, "create", resource, where, *args, obj)
 
 
+@app.command(
+    epilog="Example: kubectl corevault snapshot checkout-7d9f -c app --reason 'requests hang since 03:10'"
+)
+def snapshot(
+    pod: str = typer.Argument(..., help="The pod whose live process to snapshot."),
+    container: str = typer.Option(None, "-c", "--container", help="The pod's container."),
+    namespace: str = typer.Option(None, "-n", "--namespace", help="Namespace [default: the context's]."),
+    kill: bool = typer.Option(False, "--kill", help="Kill the process once its core is kept."),
+    reason: str = typer.Option("", "--reason", help="Why, for the report."),
+    server: str = typer.Option(
+        None, "--server", envvar="COREVAULT_SERVER", help="The corevault server's URL."
+    ),
+    wait: float = typer.Option(120, help="Seconds to wait for the node to answer."),
+    context: str = typer.Option(None, help="kubeconfig context [default: the current one]."),
+) -> None:
+    """A core of a pod's running process, taken on its node and kept like a crash; the process goes on.
+
+    Allowed to whoever may exec into the pod: the corevault server asks the API server.
+    """
+    import time
+
+    from corevault.vault.remote import RemoteVault
+
+    if not server:
+        raise UserError("set COREVAULT_SERVER (or --server) to the corevault server's URL")
+    core, _, current = _client(context)
+    ns = namespace or current
+    _call(core.read_namespaced_pod, "get", "pods", ns, pod, ns)  # a clear error for a pod that is not there
+    token = os.environ.get("COREVAULT_TOKEN") or _kube_token()
+    remote = RemoteVault(server, token)
+    status = remote.request_snapshot(ns, pod, container, kill=kill, reason=reason)
+    deadline = time.monotonic() + wait
+    while status["state"] in ("pending", "running") and time.monotonic() < deadline:
+        time.sleep(0.5)
+        status = remote.snapshot_status(status["id"])
+    if status["state"] in ("pending", "running"):
+        raise UserError(f"no answer from the node within {wait:g}s; ask again later: {status['id']}")
+    if status["state"] != "done":
+        raise UserError(f"snapshot of {ns}/{pod} {status['state']}: {status['error']}")
+    print(f"snapshot of {ns}/{pod} taken on node {status['node']}" + (", then killed" if kill else ""))
+    if status["volume"]:
+        print(f"  core in the pod: {status['volume']}  (kubectl corevault debug {pod} -n {ns} to reach it)")
+    print(f"  crash {status['crash_id']}: kubectl corevault info {status['crash_id']} once it is analysed")
+
+
+def _kube_token() -> str | None:
+    """The bearer token of the kubeconfig's user, which the corevault server reviews with the API server."""
+    from kubernetes import client
+
+    keys = client.Configuration.get_default_copy().api_key
+    auth = keys.get("BearerToken") or keys.get("authorization") or ""
+    return auth.removeprefix("Bearer ").strip() or None
+
+
 @app.command("list", context_settings={"allow_extra_args": True, "ignore_unknown_options": True})
 def list_(ctx: typer.Context, namespace: str = typer.Option(None, "-n", "--namespace")) -> None:
     """corevault list, for the namespace of the current context (other options pass through)."""

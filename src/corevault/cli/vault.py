@@ -87,6 +87,11 @@ def agent(
         threading.Thread(target=watch.run, daemon=True, name="pod-watch").start()
         on_record = EventPoster(core, name)
     a = Agent(settings, on_record=on_record)
+    if not once:  # snapshots asked for through the server, of this node's pods
+        from corevault.agent.snapshots import SnapshotRequests
+
+        requests = SnapshotRequests(settings, node or settings.node_name, a.stop)
+        threading.Thread(target=requests.run, daemon=True, name="snapshots").start()
     for sig in (signal.SIGTERM, signal.SIGINT):  # from here on a stop request still restores the host
         signal.signal(sig, lambda *_: a.stop.set())
     from corevault.agent import health

@@ -58,19 +58,23 @@ class Principal:
     ``scope(verb)`` gives the namespaces where ``verb`` ("get" or "delete") is allowed, or
     None for all of them and the hosts' crashes; ``allows(verb, namespace)`` answers for
     one namespace without listing the others. Both are asked at most once per request.
+    ``may_exec(namespace, pod)``: whether it may exec into that pod, which a snapshot of the
+    pod's processes needs.
     """
 
-    __slots__ = ("_allows", "_memo", "_scope", "name")
+    __slots__ = ("_allows", "_execs", "_memo", "_scope", "name")
 
     def __init__(
         self,
         name: str,
         scope: Callable[[str], frozenset[str] | None],
         allows: Callable[[str, str], bool] | None = None,
+        execs: Callable[[str, str], bool] | None = None,
     ) -> None:
         self.name = name
         self._scope = scope
         self._allows = allows
+        self._execs = execs
         self._memo: dict[tuple[str, str | None], object] = {}
 
     @classmethod
@@ -80,9 +84,17 @@ class Principal:
         visible: frozenset[str] | None,
         deletable: frozenset[str] | None,
         updatable: frozenset[str] | None = frozenset(),
+        execable: frozenset[str] | None = frozenset(),
     ) -> Principal:
         scopes = {"get": visible, "delete": deletable, "update": updatable}
-        return cls(name, lambda verb: scopes.get(verb, frozenset()))
+        return cls(
+            name,
+            lambda verb: scopes.get(verb, frozenset()),
+            execs=lambda namespace, _pod: execable is None or namespace in execable,
+        )
+
+    def may_exec(self, namespace: str, pod: str) -> bool:
+        return self._execs is not None and self._execs(namespace, pod)
 
     def scope(self, verb: str = "get") -> frozenset[str] | None:
         if (verb, None) not in self._memo:
@@ -120,7 +132,7 @@ class Open(Access):
     open = True
 
     def principal(self, token: str | None, namespaces: Callable[[], Iterable[str]]) -> Principal:
-        return Principal.fixed("anyone", None, None, None)
+        return Principal.fixed("anyone", None, None, None, None)
 
 
 LOOPBACK = ("127.0.0.1", "::1", "localhost")
@@ -145,6 +157,7 @@ class _Token:
     namespaces: frozenset[str] | None
     delete: bool
     update: bool
+    exec: bool
 
 
 class StaticTokens(Access):
@@ -190,7 +203,14 @@ class StaticTokens(Access):
                 )
             ns = None if ALL in t["namespaces"] else frozenset(t["namespaces"])
             tokens.append(
-                _Token(t["name"], digest, ns, bool(t.get("delete", False)), bool(t.get("update", False)))
+                _Token(
+                    t["name"],
+                    digest,
+                    ns,
+                    bool(t.get("delete", False)),
+                    bool(t.get("update", False)),
+                    bool(t.get("exec", False)),
+                )
             )
         self._tokens, self._mtime = tokens, st.st_mtime_ns
 
@@ -212,6 +232,7 @@ class StaticTokens(Access):
             match.namespaces,
             match.namespaces if match.delete else frozenset(),
             match.namespaces if match.update else frozenset(),
+            match.namespaces if match.exec else frozenset(),
         )
 
 
@@ -256,18 +277,21 @@ class KubeAccess(Access):
             raise Denied("the cluster does not accept this token")
         return status.user.username, tuple(status.user.groups or ()), status.user.uid or ""
 
-    def _allowed(self, user: tuple[str, tuple[str, ...], str], namespace: str, verb: str) -> bool:
+    def _allowed(
+        self, user: tuple[str, tuple[str, ...], str], namespace: str, verb: str, pod: str | None = None
+    ) -> bool:
+        """A SubjectAccessReview of ``verb`` on pods in ``namespace``; with ``pod``, of exec into it."""
         from kubernetes import client
         from kubernetes.client.exceptions import ApiException
 
+        attributes = client.V1ResourceAttributes(
+            namespace=namespace or None, verb=verb, resource=self.resource
+        )
+        if pod is not None:
+            attributes.subresource, attributes.name = "exec", pod
         review = client.V1SubjectAccessReview(
             spec=client.V1SubjectAccessReviewSpec(
-                user=user[0],
-                groups=list(user[1]),
-                uid=user[2] or None,
-                resource_attributes=client.V1ResourceAttributes(
-                    namespace=namespace or None, verb=verb, resource=self.resource
-                ),
+                user=user[0], groups=list(user[1]), uid=user[2] or None, resource_attributes=attributes
             )
         )
         try:
@@ -296,4 +320,7 @@ class KubeAccess(Access):
                     if ok
                 )
 
-        return Principal(user[0], scope, allows)
+        def execs(ns: str, pod: str) -> bool:
+            return bool(self._cached(("exec", key, ns, pod), lambda: self._allowed(user, ns, "create", pod)))
+
+        return Principal(user[0], scope, allows, execs)

@@ -21,7 +21,7 @@ from pydantic import BaseModel, ConfigDict, Field, TypeAdapter
 from corevault import redact
 from corevault.server.access import Principal
 from corevault.server.ranges import serve
-from corevault.vault import blobs, catalog, crashes, lifecycle, search
+from corevault.vault import blobs, catalog, crashes, lifecycle, search, snapshots
 from corevault.vault.crashes import encode_cursor, plain
 
 
@@ -414,6 +414,71 @@ def change_state(
 def set_state(request: Request, reader: Reader, signature: str, change: StateChange) -> dict:
     """Resolve, ignore or reopen a crash group; who did it and when is kept in its history."""
     return change_state(request, reader, signature, change)
+
+
+#: a Kubernetes object name (RFC 1123 subdomain)
+_NAME = r"^[a-z0-9]([-a-z0-9.]{0,251}[a-z0-9])?$"
+
+
+class SnapshotRequest(BaseModel):
+    model_config = ConfigDict(extra="forbid")
+    namespace: str = Field(pattern=_NAME, max_length=253)
+    pod: str = Field(pattern=_NAME, max_length=253)
+    #: the container whose first process is snapshotted; needed when the pod has several
+    container: str | None = Field(None, pattern=_NAME, max_length=253)
+    #: kill the process once its core is kept
+    kill: bool = False
+    reason: str = Field("", max_length=2000)
+
+
+class SnapshotStatus(BaseModel):
+    id: str
+    time: float
+    namespace: str
+    pod: str
+    container: str | None = None
+    kill: bool
+    reason: str
+    requested_by: str
+    #: pending (no node took it yet), running, done, failed, or expired (no node claimed it)
+    state: Literal["pending", "running", "done", "failed", "expired"]
+    node: str | None = None
+    #: the crash id of the snapshot in this vault (its report is there once analysed)
+    crash_id: str | None = None
+    #: where the plain core went in the pod's volume
+    volume: str | None = None
+    error: str | None = None
+    finished: float | None = None
+
+
+_NO_SNAPSHOT = {404: {"model": Problem, "description": "No such snapshot request"}}
+
+
+@router.post("/snapshots", response_model=SnapshotStatus, status_code=202, tags=["snapshots"])
+def request_snapshot(request: Request, reader: Reader, want: SnapshotRequest) -> dict:
+    """Ask the node that runs a pod for a core of its live process; poll the answer's id.
+
+    Allowed to readers who may ``create pods/exec`` on that pod (a static token with ``exec = true``).
+    """
+    if not reader.may_exec(want.namespace, want.pod):
+        raise HTTPException(
+            403, f"you may not exec into pod {want.namespace}/{want.pod}, so you may not snapshot it"
+        )
+    with server(request).vault.engine.begin() as conn:
+        rid = snapshots.request(
+            conn, want.namespace, want.pod, want.container, kill=want.kill, reason=want.reason, by=reader.name
+        )
+        return snapshots.get(conn, rid) or {}
+
+
+@router.get("/snapshots/{rid}", response_model=SnapshotStatus, responses=_NO_SNAPSHOT, tags=["snapshots"])
+def snapshot_status(request: Request, reader: Reader, rid: str) -> dict:
+    """Where a snapshot request stands, and where its core and report are once it is done."""
+    with server(request).vault.engine.connect() as conn:
+        doc = snapshots.get(conn, rid)
+    if doc is None or not (reader.sees(doc["namespace"]) or reader.may_exec(doc["namespace"], doc["pod"])):
+        raise HTTPException(404, f"no snapshot request {rid!r}")
+    return doc
 
 
 @router.get("/namespaces", response_model=list[str])

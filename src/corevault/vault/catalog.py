@@ -202,8 +202,15 @@ def _v3(conn: Connection) -> None:
     search.rebuild(conn)
 
 
+def _v4(conn: Connection) -> None:
+    """Snapshot requests, taken by the agent of the node that runs the pod."""
+    from corevault.vault import snapshots
+
+    metadata.create_all(conn, tables=snapshots.TABLES)
+
+
 #: Numbered schema migrations; a new one is appended, never edited.
-MIGRATIONS: list[Callable[[Connection], None]] = [_v1, _v2, _v3]
+MIGRATIONS: list[Callable[[Connection], None]] = [_v1, _v2, _v3, _v4]
 
 
 class CatalogError(UserError):

@@ -127,5 +127,14 @@ class RemoteVault:
             response.close()
         return True
 
+    def request_snapshot(
+        self, namespace: str, pod: str, container: str | None, *, kill: bool, reason: str
+    ) -> dict:
+        body = {"namespace": namespace, "pod": pod, "container": container, "kill": kill, "reason": reason}
+        return self._send("POST", "/api/v1/snapshots", json=body).json()
+
+    def snapshot_status(self, request_id: str) -> dict:
+        return self._send("GET", f"/api/v1/snapshots/{request_id}").json()
+
     def forget(self, crash_id: str) -> None:
         self._send("DELETE", f"/api/v1/crashes/{crash_id}")
