@@ -46,6 +46,7 @@ bench: setup
 	$(PY) -m bench.vault
 	$(PY) -m bench.server
 	$(PY) -m bench.socketmode
+	$(PY) -m bench.snapshot
 
 image: setup
 	$(PY) -m testbed.image

@@ -3,7 +3,7 @@
  *   hang deadlock   two threads each hold one mutex and wait for the other's
  *   hang spin       a thread spins; on exit it prints the longest pause it saw (in µs),
  *                   which is how long the process was stopped from its own point of view
- *   hang alloc N    N MiB touched, then idle
+ *   hang alloc N    N MiB touched, and a spinner as above
  */
 #include <pthread.h>
 #include <stdio.h>
@@ -59,6 +59,7 @@ int main(int argc, char **argv) {
     } else if (!strcmp(mode, "spin")) {
         pthread_create(&a, NULL, spinner, NULL);
     } else if (!strcmp(mode, "alloc")) {
+        pthread_create(&a, NULL, spinner, NULL);
         size_t size = (size_t)(argc > 2 ? strtoul(argv[2], NULL, 10) : 100) << 20;
         unsigned char *mem = malloc(size);
         for (size_t off = 0; off < size; off += 4096) mem[off] = (unsigned char)(off >> 12) | 1;
