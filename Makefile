@@ -47,6 +47,7 @@ bench: setup
 	$(PY) -m bench.server
 	$(PY) -m bench.socketmode
 	$(PY) -m bench.snapshot
+	$(PY) -m bench.fuse
 
 image: setup
 	$(PY) -m testbed.image
