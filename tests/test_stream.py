@@ -87,4 +87,4 @@ def test_a_failing_sink_does_not_stop_the_others(tmp_path) -> None:
 def test_disk_full_is_a_sink_failure(tmp_path) -> None:
     sink = stream.SparseSink(os.open("/dev/full", os.O_WRONLY))
     stream.pump(pipe_with(os.urandom(100000), tmp_path), [sink], None)
-    assert sink.failed == "No space left on device"
+    assert sink.failed == "writing the core failed after 0 bytes: No space left on device"

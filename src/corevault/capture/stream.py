@@ -84,6 +84,12 @@ class SparseSink:
         self.failed: str | None = None
 
     def write(self, buf: bytearray, view: memoryview, n: int) -> None:
+        try:
+            self._write(buf, view, n)
+        except OSError as e:  # said with where: a bucket mounted through FUSE may fail mid-upload
+            raise OSError(e.errno, f"writing the core failed after {self.end} bytes: {e.strerror}") from e
+
+    def _write(self, buf: bytearray, view: memoryview, n: int) -> None:
         pos = self.size
         self.size += n
         if self.dense:
