@@ -28,7 +28,7 @@ from corevault.model import Report
 from corevault.server.access import StaticTokens
 from corevault.server.app import create_app
 from corevault.vault import blobs
-from testbed import debuginfod, servers
+from testbed import corpus, debuginfod, servers
 from tests.conftest import installed_capture
 from tests.test_vault import make_node
 
@@ -119,7 +119,9 @@ def distribution() -> Iterator[str]:
         yield url
 
 
-def test_upstream_debuginfod_names_them_once_fetched_and_kept(material: dict, distribution: str, tmp_path) -> None:
+def test_upstream_debuginfod_names_them_once_fetched_and_kept(
+    material: dict, distribution: str, tmp_path
+) -> None:
     up = upstream.Upstream((distribution,), str(tmp_path / "cache"))
     r = runner.analyze(material["abort"], [material["store"]], debug_dirs=(), fetch=up)
     assert frames(r)[:4] == ["__pthread_kill_implementation", "raise", "abort", "main"]
@@ -134,7 +136,9 @@ def test_upstream_debuginfod_names_them_once_fetched_and_kept(material: dict, di
     assert frames(again)[0].startswith("__strlen_")  # type: ignore[union-attr]
 
 
-def test_an_upstream_file_over_the_size_limit_is_not_kept(material: dict, distribution: str, tmp_path) -> None:
+def test_an_upstream_file_over_the_size_limit_is_not_kept(
+    material: dict, distribution: str, tmp_path
+) -> None:
     up = upstream.Upstream((distribution,), str(tmp_path / "cache"), max_size=1 << 20)  # libc's is 4 MiB
     r = runner.analyze(material["abort"], [material["store"]], debug_dirs=(), fetch=up)
     assert frames(r)[0] is None
@@ -180,9 +184,7 @@ def test_fetched_debug_files_go_to_the_vault_and_are_served_again(
         vault = node.vault()
         libc, debug = host_debug_file(LIBC)
         assert vault.store.size(blobs.debuginfo_key(libc)) == os.path.getsize(debug)
-        reports = [
-            vault.store.open(blobs.report_key(entry)).read().decode() for entry in material["ids"]
-        ]
+        reports = [vault.store.open(blobs.report_key(entry)).read().decode() for entry in material["ids"]]
         named = ("__strlen_", "__pthread_kill_implementation", "start_thread")  # one in each crash
         assert all(any(n in r for n in named) for r in reports)
         tokens = tmp_path / "tokens.toml"
@@ -200,3 +202,51 @@ def test_fetched_debug_files_go_to_the_vault_and_are_served_again(
 def _sha(path: str) -> str:
     with open(path, "rb") as f:
         return hashlib.sha256(f.read()).hexdigest()
+
+
+def merge_usr(root: str) -> None:
+    """Make a root look like a Debian image since bookworm: /lib and /lib64 link into /usr."""
+    for d in ("lib", "lib64"):
+        top, usr = os.path.join(root, d), os.path.join(root, "usr", d)
+        if os.path.isdir(top) and not os.path.islink(top):
+            shutil.copytree(top, usr, symlinks=True, dirs_exist_ok=True)
+            shutil.rmtree(top)
+            os.symlink(f"usr/{d}", top)
+
+
+@pytest.fixture(scope="module")
+def rust(tmp_path_factory: pytest.TempPathFactory) -> dict:
+    """A Rust panic (panic=abort, an unwrap on None) in a pod of a merged-/usr image, with its store."""
+    keep = tmp_path_factory.mktemp("rust")
+    root = corpus.build_rootfs(str(keep / "root"))
+    merge_usr(root)
+    with installed_capture() as cap:
+        c = cap.crash(root, ["/bin/sh", "-c", "/app/rustcrash unwrap; exit 1"], annotations=SEED)
+        [meta] = [m for m in cap.entries() if m["pod"]["container_id"] == c.id]
+        shutil.copy(os.path.join(spool.ready_dir(cap.spool), meta["id"], spool.CORE_NAME), keep / "core.zst")
+        shutil.copytree(cap.store, keep / "store")
+    shutil.rmtree(keep / "root")
+    return {"core": str(keep / "core.zst"), "store": str(keep / "store")}
+
+
+def lookup_user_chain(report: Report) -> list[tuple[str, bool]]:
+    """The functions at lookup_user's pc, innermost first, and whether each is inlined."""
+    assert report.crashed_thread is not None
+    frames = report.crashed_thread.frames
+    at = next(f.pc for f in frames if f.function == "rustcrash::lookup_user")
+    return [(f.function or "", f.inline) for f in frames if f.pc == at]
+
+
+def test_drgn_shows_the_inline_frames_rusts_dwarf_describes(rust: dict) -> None:
+    ours = lookup_user_chain(runner.analyze(rust["core"], [rust["store"]]))
+    gdb = lookup_user_chain(runner.analyze(rust["core"], [rust["store"]], backend="gdb"))
+    # Option::unwrap is inlined into lookup_user: gdb has always shown it, drgn alone did not
+    assert ours[-1] == ("rustcrash::lookup_user", False) and len(ours) == len(gdb) >= 2, (ours, gdb)
+    assert all(inline for _, inline in ours[:-1]) and "unwrap" in ours[-2][0], ours
+
+
+def test_the_gdb_backend_unwinds_a_rust_abort_in_a_merged_usr_image(rust: dict) -> None:
+    # The core names /usr/lib/x86_64-linux-gnu/libc.so.6; the dynamic linker, /lib/x86_64-linux-gnu/…
+    r = runner.analyze(rust["core"], [rust["store"]], backend="gdb")
+    assert frames(r)[:3] == ["__pthread_kill_implementation", "raise", "abort"], frames(r)
+    assert r.signature_frames[0] == "rustcrash::lookup_user" and "rustcrash::main" in frames(r)

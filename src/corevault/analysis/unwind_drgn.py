@@ -4,6 +4,8 @@ drgn's own debug-info finders are turned off, so it sees only the files handed t
 (the build-id store and the host's build-id keyed debug tree); ``Module.try_file`` refuses
 a file whose build-id differs from the module's. Every thread is unwound, inline frames
 included, with file:line where debug info exists and ELF symbols where it does not.
+Where drgn finds no function in the DWARF at a pc (a language it does not read, such as
+Rust), the inline chain is read from that DWARF by :mod:`corevault.analysis.inlines`.
 """
 
 from __future__ import annotations
@@ -11,6 +13,7 @@ from __future__ import annotations
 import dataclasses
 import os
 
+from corevault.analysis import inlines
 from corevault.analysis.binaries import Found
 from corevault.analysis.elfcore import Core
 from corevault.model import Frame, Thread
@@ -43,6 +46,7 @@ def unwind(
                 warnings.append(f"{module.name}: drgn could not use {path}: {e}")
         debug[module.name] = module.debug_file_status == drgn.ModuleFileStatus.HAVE
     crashed = _crashed_tid(prog)
+    scopes = _Scopes(prog, found)
     threads = []
     # Threads of one program share most of their frames (a thousand workers waiting in the
     # same place): what a pc resolves to is looked up once. Inline frames share a pc, so
@@ -69,12 +73,64 @@ def unwind(
             known = seen.get(chain)
             if known is None:
                 known = seen[chain] = _frame(core, f, 0, pc)
+                scopes.want(known, f)
             frames.append(dataclasses.replace(known, index=index))
         threads.append(
             Thread(tid=t.tid, crashed=t.tid == crashed, frames=tuple(frames), incomplete=incomplete)
         )
+    threads = scopes.expand(threads, max_frames)
     threads.sort(key=lambda t: (not t.crashed, t.tid))
     return threads, debug, warnings
+
+
+class _Scopes:
+    """Inline chains from DWARF for the frames drgn found no DWARF function for."""
+
+    def __init__(self, prog: object, found: dict[str, Found]) -> None:
+        self._prog = prog
+        self._found = found
+        #: pc -> (debug file, file address to ask about)
+        self._wanted: dict[int, tuple[str, int]] = {}
+
+    def want(self, frame: Frame, f: object) -> None:
+        """Note ``frame`` for :meth:`expand` if drgn could not read its function's DWARF."""
+        if f.function_name is not None or frame.file is None or frame.pc in self._wanted:  # type: ignore[attr-defined]
+            return  # drgn read this DWARF itself (or there is none)
+        try:
+            module = self._prog.module(frame.pc)  # type: ignore[attr-defined]
+        except LookupError:
+            return
+        where = self._found.get(module.build_id.hex()) if module.build_id else None
+        bias = module.debug_file_bias
+        if where is not None and where.debuginfo is not None and bias is not None:
+            # a caller's pc is a return address, which may lie just past a call at a function's end
+            self._wanted[frame.pc] = (where.debuginfo, frame.pc - bias - (0 if f.interrupted else 1))  # type: ignore[attr-defined]
+
+    def expand(self, threads: list[Thread], max_frames: int) -> list[Thread]:
+        """``threads`` with each wanted frame replaced by the chain of functions inlined at its pc."""
+        by_file: dict[str, list[int]] = {}
+        for path, address in self._wanted.values():
+            by_file.setdefault(path, []).append(address)
+        found = {path: inlines.chains(path, addresses) for path, addresses in by_file.items()}
+        chains = {pc: found[path].get(address) for pc, (path, address) in self._wanted.items()}
+        out = []
+        for t in threads:
+            frames: list[Frame] = []
+            for frame in t.frames:
+                chain = chains.get(frame.pc) if not frame.inline else None
+                if not chain:
+                    frames.append(dataclasses.replace(frame, index=len(frames)))
+                    continue
+                for k, scope in enumerate(chain):  # innermost first; drgn's column is the innermost's
+                    frames.append(
+                        dataclasses.replace(
+                            frame, index=len(frames), function=scope.name, file=scope.file or frame.file,
+                            line=scope.line, column=frame.column if k == 0 else None, inline=scope.inline,
+                        )
+                    )  # fmt: skip
+            incomplete = t.incomplete or len(frames) > max_frames
+            out.append(dataclasses.replace(t, frames=tuple(frames[:max_frames]), incomplete=incomplete))
+        return out
 
 
 def _crashed_tid(prog: object) -> int | None:

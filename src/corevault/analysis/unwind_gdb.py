@@ -7,6 +7,12 @@ private sysroot in which every path holds only the file whose build-id matches t
 way to reach anything else: ``-nx``, ``set auto-load off`` (a container's libthread_db is
 untrusted code; gdb would even load the host's for a container's process, so the thread
 library search path points nowhere), ``set debuginfod enabled off``.
+
+The core names each file by the path the kernel resolved (``/usr/lib/x86_64-linux-gnu/
+libc.so.6`` in a merged-/usr image) while gdb asks for the dynamic linker's name of it
+(``/lib/x86_64-linux-gnu/libc.so.6``): finding no library there, it unwound nothing past
+libc's first frame (a Rust panic's abort showed ``__pthread_kill_implementation`` and
+``??``). So the same files are also offered by base name (``solib-search-path``).
 """
 
 from __future__ import annotations
@@ -29,6 +35,8 @@ def gdb_command(
     """The gdb command line for ``core``, after laying out a sysroot and debug dir under ``root``."""
     sysroot = os.path.join(root, "sysroot")
     debugdir = os.path.join(root, "debug")
+    byname = os.path.join(root, "byname")
+    os.makedirs(byname, exist_ok=True)
     for path, bid in core.build_ids.items():
         where = found.get(bid)
         if where is None:
@@ -38,6 +46,9 @@ def gdb_command(
             os.makedirs(os.path.dirname(link), exist_ok=True)
             if not os.path.lexists(link):
                 os.symlink(where.executable, link)
+            alias = os.path.join(byname, os.path.basename(link))
+            if not os.path.lexists(alias):
+                os.symlink(where.executable, alias)
         if where.debuginfo and where.debuginfo != where.executable:
             link = os.path.join(debugdir, ".build-id", bid[:2], bid[2:] + ".debug")
             os.makedirs(os.path.dirname(link), exist_ok=True)
@@ -48,7 +59,8 @@ def gdb_command(
         "gdb", *(["-batch"] if batch else ["-q"]), "-nx",
         "-iex", "set auto-load off", "-iex", "set debuginfod enabled off",
         "-iex", f"set libthread-db-search-path {root}/no-thread-db",
-        "-iex", f"set sysroot {sysroot}", "-iex", f"set debug-file-directory {debugdir}",
+        "-iex", f"set sysroot {sysroot}", "-iex", f"set solib-search-path {byname}",
+        "-iex", f"set debug-file-directory {debugdir}",
         "-iex", "set print thread-events off", "-iex", "set pagination off",
         *([executable] if executable else []), "-c", core.path,
     ]  # fmt: skip
