@@ -135,6 +135,8 @@ def is_noise(name: str) -> bool:
     """Whether a normalised frame name says how the process died rather than why."""
     if name in SKIP:
         return True
+    if name.startswith("<") and ">::" in name:  # Rust v0's <core::option::Option<u32>>::unwrap
+        name = name[1:].replace(">::", "::", 1)
     bare = _bare(name)
     return bare in SKIP or bool(SKIP_PATTERN.match(bare))
 
