@@ -64,7 +64,8 @@ SKIP = frozenset(
 # Prefixes and patterns of the same kind (template arguments removed before matching).
 SKIP_PATTERN = re.compile(
     r"^(std::__throw_|__gnu_cxx::__throw_"
-    r"|core::panicking::|std::panicking::|panic_abort::|panic_unwind::|std::sys_common::backtrace::|std::rt::"
+    r"|core::panicking::|std::panicking::|std::panic::|panic_abort::|panic_unwind::|std::sys_common::backtrace::"
+    r"|std::rt::"
     r"|core::ops::function::|std::alloc::"
     r"|(core|alloc|std)::.*(_fail|_failed)$"
     r"|core::(option|result)::\w+::(unwrap|expect)\w*$"
@@ -135,8 +136,13 @@ def is_noise(name: str) -> bool:
     """Whether a normalised frame name says how the process died rather than why."""
     if name in SKIP:
         return True
-    if name.startswith("<") and ">::" in name:  # Rust v0's <core::option::Option<u32>>::unwrap
-        name = name[1:].replace(">::", "::", 1)
+    if name.startswith("<") and ">::" in name:
+        # Rust's qualified paths, seen in inline frames: <core::option::Option<u32>>::unwrap, and
+        # <&dyn Fn<()> as core::ops::function::FnOnce<()>>::call_once: the type's or the trait's
+        head, _, method = name[1:].rpartition(">::")
+        owner, _, trait = head.rpartition(" as ") if " as " in head else (head, "", "")
+        paths = [p for p in (owner, trait) if p and not p.startswith("<")]  # no deeper: names are untrusted
+        return any(is_noise(f"{path}::{method}") for path in paths)
     bare = _bare(name)
     return bare in SKIP or bool(SKIP_PATTERN.match(bare))
 
