@@ -108,6 +108,8 @@ class _Scopes:
 
     def expand(self, threads: list[Thread], max_frames: int) -> list[Thread]:
         """``threads`` with each wanted frame replaced by the chain of functions inlined at its pc."""
+        if not self._wanted:
+            return threads  # C and C++ only: drgn did it all
         by_file: dict[str, list[int]] = {}
         for path, address in self._wanted.values():
             by_file.setdefault(path, []).append(address)
