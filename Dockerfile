@@ -44,7 +44,7 @@ RUN printf '%s\n' 'path-exclude /usr/share/doc/*' 'path-include /usr/share/doc/*
       'path-exclude /usr/share/man/*' 'path-exclude /usr/share/locale/*' 'path-exclude /usr/share/info/*' \
       > /etc/dpkg/dpkg.cfg.d/corevault-slim \
  && apt-get update \
- && apt-get install -y --no-install-recommends python3 gdb elfutils zstd \
+ && apt-get install -y --no-install-recommends python3 gdb elfutils zstd bubblewrap \
  && rm -rf /var/lib/apt/lists/* /var/cache/apt/* /var/cache/debconf/*-old /var/log/apt /var/log/dpkg.log
 COPY --from=venv /opt/corevault /opt/corevault
 COPY --from=forward /corevault-forward /usr/lib/corevault/corevault-forward

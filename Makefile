@@ -6,7 +6,7 @@
 PYTHON ?= python3
 VENV   := .venv
 PY     := $(VENV)/bin/python
-APT_PACKAGES := runc busybox-static gdb elfutils zstd gcc g++ libc6-dev binutils libc6-dbg postgresql chromium curl \
+APT_PACKAGES := runc busybox-static gdb elfutils zstd bubblewrap gcc g++ libc6-dev binutils libc6-dbg postgresql chromium curl \
 	golang-go rustc debuginfod s3fs rclone fuse3 podman buildah mmdebstrap umoci skopeo containerd \
 	prometheus prometheus-alertmanager
 
@@ -48,6 +48,7 @@ bench: setup
 	$(PY) -m bench.socketmode
 	$(PY) -m bench.snapshot
 	$(PY) -m bench.fuse
+	$(PY) -m bench.tenants
 
 image: setup
 	$(PY) -m testbed.image

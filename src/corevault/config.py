@@ -95,7 +95,10 @@ class Settings:
         "agent_analyze",
         "agent_metrics",
         "agent_poll",
+        "analysis_memory",
         "analysis_timeout",
+        "analysis_uid",
+        "analysis_workers",
         "buildid_dir",
         "catalog_url",
         "compression_level",
@@ -178,8 +181,9 @@ class Settings:
         self.agent_poll = 2.0
         #: host:port for the agent's Prometheus metrics, or "" for none
         self.agent_metrics = "127.0.0.1:9464"
-        #: whether the agent analyses each crash before it leaves the spool
+        #: whether the agent analyses each crash (after it is in the catalog, apart from shipping)
         self.agent_analyze = True
+        #: seconds and bytes of memory (RLIMIT_DATA) one analysis may take before it is stopped
         self.analysis_timeout = 300.0
         #: upstream debuginfod servers asked for the debug files of system libraries (none by default)
         self.debuginfod_urls: tuple[str, ...] = ()
@@ -190,6 +194,11 @@ class Settings:
         self.debuginfo_dir = os.path.join(state_dir, "debuginfo")
         #: trees of separate debug files keyed by build-id (``<dir>/.build-id/xx/rest.debug``)
         self.debug_dirs: tuple[str, ...] = ("/usr/lib/debug",)
+        self.analysis_memory = 4 << 30
+        #: analyses at once; 0: as many as there are cores, and as fit in memory at the cap each
+        self.analysis_workers = 0
+        #: the uid and gid the sandboxed analysis worker runs as (used by nothing else)
+        self.analysis_uid = 64_900
         self.retention_max_age_days: float | None = None
         self.retention_max_size: int | None = None
         self.retention_namespace_max_size: int | None = None
@@ -418,13 +427,24 @@ def from_dict(doc: dict, where: str = "config") -> Settings:
     s.s3.credentials_file = s3.get("credentials_file") or None
 
     agent = _table(doc, "agent", where)
-    _known(agent, {"poll_interval", "metrics", "analyze", "analysis_timeout"}, f"{where} [agent]")
+    _known(
+        agent,
+        {"poll_interval", "metrics", "analyze", "analysis_timeout", "analysis_memory", "analysis_workers",
+         "analysis_uid"},
+        f"{where} [agent]",
+    )  # fmt: skip
     s.agent_poll = _number(agent, "poll_interval", where, s.agent_poll)
     s.agent_metrics = agent.get("metrics", s.agent_metrics)
     if not isinstance(s.agent_metrics, str):
         raise ConfigError(f'{where} [agent] metrics: a host:port such as 127.0.0.1:9464, or "" for none')
     s.agent_analyze = bool(agent.get("analyze", s.agent_analyze))
     s.analysis_timeout = _number(agent, "analysis_timeout", where, s.analysis_timeout)
+    if "analysis_memory" in agent:
+        s.analysis_memory = parse_size(agent["analysis_memory"], f"{where} [agent] analysis_memory")
+    s.analysis_workers = int(_number(agent, "analysis_workers", where, s.analysis_workers))
+    s.analysis_uid = int(_number(agent, "analysis_uid", where, s.analysis_uid))
+    if s.analysis_uid == 0:
+        raise ConfigError(f"{where} [agent] analysis_uid: analysis never runs as root; pick an unused uid")
 
     analysis = _table(doc, "analysis", where)
     keys = {"debuginfod_urls", "debuginfod_timeout", "debuginfod_max_size", "debug_dirs"}

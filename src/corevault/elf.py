@@ -2,8 +2,12 @@
 
 Used by the capture handler (which must not import an ELF library: it runs per crash) and
 by the core reader, which reads the same notes from the first page of each mapped object
-as the kernel dumped it. Every length read from the input is bounded, so a hostile file
-costs at most a few reads of a few KiB.
+as the kernel dumped it, and for the section names (whether a file carries DWARF), which
+the agent asks of every binary it ships. Every length read from the input is bounded, so a
+hostile file costs at most a few reads of a few KiB (section names: at most
+``MAX_SHNUM`` headers and ``MAX_STRTAB`` bytes of names, a few MiB). An ELF library walks
+whatever table the file claims: pyelftools spent minutes on a sparse file that claims 16
+million section headers.
 """
 
 from __future__ import annotations
@@ -16,6 +20,11 @@ PT_NOTE = 4
 NT_GNU_BUILD_ID = 3
 MAX_PHNUM = 512
 MAX_NOTES = 1 << 16
+#: more section headers than any linked program or debug file has (they have tens); a
+#: file that claims more is not read at all
+MAX_SHNUM = 1 << 16
+MAX_STRTAB = 1 << 20
+SHN_XINDEX = 0xFFFF
 
 #: read(offset, size) -> bytes (possibly short) or None when nothing is there
 Reader = Callable[[int, int], bytes | None]
@@ -74,3 +83,50 @@ def build_id(read: Reader, *, in_memory: bool = False) -> str | None:
             if ntype == NT_GNU_BUILD_ID and name == b"GNU\0" and desc:
                 return desc.hex()
     return None
+
+
+def section_names(read: Reader) -> frozenset[str] | None:
+    """The names of the sections of the ELF file ``read`` sees, or None if it is not a
+    readable ELF file or claims more than ``MAX_SHNUM`` sections."""
+    head = read(0, 64)
+    if not head or len(head) < 52 or head[:4] != b"\x7fELF" or head[4] not in (1, 2) or head[5] not in (1, 2):
+        return None
+    e = "<" if head[5] == 1 else ">"
+    if head[4] == 2:
+        if len(head) < 64:
+            return None
+        (shoff,) = struct.unpack_from(e + "Q", head, 40)
+        shentsize, shnum, shstrndx = struct.unpack_from(e + "HHH", head, 58)
+        sh_fmt = e + "II16xQQI"  # sh_name, sh_type, sh_offset, sh_size, sh_link
+    else:
+        (shoff,) = struct.unpack_from(e + "I", head, 32)
+        shentsize, shnum, shstrndx = struct.unpack_from(e + "HHH", head, 46)
+        sh_fmt = e + "II8xIII"
+    if shoff == 0 or shentsize < struct.calcsize(sh_fmt):
+        return None
+    if shnum == 0 or shstrndx == SHN_XINDEX:
+        # more than 0xff00 sections: the real count and index are in section 0
+        first = read(shoff, shentsize) or b""
+        if len(first) < shentsize:
+            return None
+        _, _, _, size0, link0 = struct.unpack_from(sh_fmt, first)
+        shnum = shnum or size0
+        shstrndx = link0 if shstrndx == SHN_XINDEX else shstrndx
+    if not 0 < shnum <= MAX_SHNUM or shstrndx >= shnum:
+        return None
+    table = read(shoff, shentsize * shnum) or b""
+    headers = [
+        struct.unpack_from(sh_fmt, table, i * shentsize)
+        for i in range(shnum)
+        if (i + 1) * shentsize <= len(table)
+    ]
+    if shstrndx >= len(headers):
+        return None
+    _, _, str_offset, str_size, _ = headers[shstrndx]
+    strtab = read(str_offset, min(str_size, MAX_STRTAB)) or b""
+    names = set()
+    for name, *_ in headers:
+        if name < len(strtab):
+            end = strtab.find(b"\0", name)
+            names.add(strtab[name : end if end >= 0 else None].decode("latin-1"))
+    return frozenset(names)

@@ -5,12 +5,15 @@ Layout, maildir-style, so a half-written entry never looks finished::
     <spool>/tmp/<id>/            being written by a capture handler
     <spool>/ready/<id>/          complete: core.zst (zstd, with frame checksum) + meta.json
                                  (+ owner: the tenants whose share the entry counts against)
+    <spool>/shipped/<id>/        in the vault and the catalog, kept until its analysis is recorded
     <spool>/journal.jsonl        one JSON line per dump that was dropped, cut, refused or skipped
 
 A handler builds its entry under ``tmp/``, fsyncs the files, then renames the directory
 into ``ready/`` and fsyncs ``ready/``. The agent only ever looks at ``ready/`` and removes an
-entry once the vault holds the same bytes; what is left in ``tmp/`` belongs to a handler
-that died and is cleaned up by the agent.
+entry from there once the vault and the catalog hold it: into ``shipped/`` when it still
+waits for its analysis (which runs apart from shipping), or away. What is left in ``tmp/``
+belongs to a handler that died and is cleaned up by the agent. An entry in ``shipped/``
+still counts against its tenants' shares.
 
 Tenants share the spool: an entry names its pod and namespace in a small ``owner`` file
 written before its core, and :func:`room` gives a new entry no more than what is left of
@@ -45,9 +48,13 @@ def ready_dir(spool: str) -> str:
     return os.path.join(spool, "ready")
 
 
+def shipped_dir(spool: str) -> str:
+    return os.path.join(spool, "shipped")
+
+
 def ensure(spool: str) -> None:
     """Create the spool's directories (root-only: cores hold whole process memories)."""
-    for d in (spool, tmp_dir(spool), ready_dir(spool)):
+    for d in (spool, tmp_dir(spool), ready_dir(spool), shipped_dir(spool)):
         os.makedirs(d, mode=0o700, exist_ok=True)
 
 
@@ -71,10 +78,11 @@ def _owners(entry_dir: str) -> list[str]:
 
 
 def usage_by_owner(spool: str) -> tuple[int, dict[str, int]]:
-    """Bytes held by the spool's entries, finished or in progress: in all, and per owner key."""
+    """Bytes held by the spool's entries, in progress, finished or waiting for analysis: in
+    all, and per owner key."""
     total = 0
     owned: dict[str, int] = {}
-    for parent in (tmp_dir(spool), ready_dir(spool)):
+    for parent in (tmp_dir(spool), ready_dir(spool), shipped_dir(spool)):
         try:
             entries = os.scandir(parent)
         except FileNotFoundError:
@@ -93,7 +101,7 @@ def usage_by_owner(spool: str) -> tuple[int, dict[str, int]]:
 
 
 def usage(spool: str) -> int:
-    """Bytes held by the spool's entries, finished or in progress."""
+    """Bytes held by the spool's entries, in progress, finished or waiting for analysis."""
     return usage_by_owner(spool)[0]
 
 
@@ -117,16 +125,16 @@ def room(
     return max(0, left), binding
 
 
-def entries(spool: str) -> list[str]:
-    """Ids of the finished entries, oldest first."""
+def entries(spool: str, where: str = "ready") -> list[str]:
+    """Ids of the finished entries (``where="shipped"``: those waiting for analysis), oldest first."""
     try:
-        return sorted(e for e in os.listdir(ready_dir(spool)) if not e.startswith("."))
+        return sorted(e for e in os.listdir(os.path.join(spool, where)) if not e.startswith("."))
     except FileNotFoundError:
         return []
 
 
-def read_meta(spool: str, entry_id: str) -> dict:
-    with open(os.path.join(ready_dir(spool), entry_id, META_NAME), "rb") as f:
+def read_meta(spool: str, entry_id: str, where: str = "ready") -> dict:
+    with open(os.path.join(spool, where, entry_id, META_NAME), "rb") as f:
         return json.loads(f.read())
 
 

@@ -1,10 +1,13 @@
 """The agent's loop: ship what the spool holds, retry what fails, never lose an entry.
 
 Every ``poll_interval`` seconds it removes abandoned partial entries, ships the journal,
-and ships each finished entry. A failed entry (store or catalog unreachable, disk full)
-stays in the spool and is retried with exponential backoff (1 s doubling to 5 min), per
-entry, so one bad entry never blocks the others. Retention runs every ten minutes when
-configured. SIGTERM and SIGINT stop it after the entry in hand.
+and ships each finished entry into the vault and the catalog; the analyses run apart, in
+:class:`corevault.agent.analyses.AnalysisPool`, so no analysis ever holds shipping up. A
+failed entry (store or catalog unreachable, disk full) stays in the spool and is retried
+with exponential backoff (1 s doubling to 5 min), per entry, so one bad entry never
+blocks the others. Retention runs every ten minutes when configured. SIGTERM and SIGINT
+stop it after the entry in hand (an analysis in flight is ended with the process and done
+again at the next start).
 """
 
 from __future__ import annotations
@@ -18,6 +21,7 @@ from collections.abc import Callable
 import sqlalchemy as sa
 
 from corevault import config, hostsetup, spool
+from corevault.agent.analyses import AnalysisPool, worker_count
 from corevault.agent.metrics import Metrics
 from corevault.vault import blobs, catalog, retention, ship
 
@@ -68,11 +72,23 @@ class Agent:
         self.heartbeat = time.monotonic()
         #: the socket the kernel or the forwarder connects to, once the agent installed the capture
         self.capture_socket: str | None = None
+        #: the analyses of shipped crashes (started with the first pass)
+        self.analyses: AnalysisPool | None = None
 
     def connect(self) -> ship.Vault:
-        if self.vault is None:
-            self.vault = ship.open_vault(self.settings)
-        return self.vault
+        vault = self.vault
+        if vault is None:
+            vault = self.vault = ship.open_vault(self.settings)
+        return vault
+
+    def _analyse(self, entry_id: str) -> str | None:
+        """One shipped entry's analysis, as the pool's threads run it (None: another agent's)."""
+        try:
+            state = ship.analyse_shipped(self.connect(), self.settings, entry_id)
+        except ship.Busy:
+            return None
+        self.metrics.analysed.labels(state).inc()
+        return state
 
     def check_installed(self) -> bool | None:
         """Whether core_pattern is still the one corevault installed (None: nothing is installed).
@@ -138,6 +154,10 @@ class Agent:
             self.metrics.upload_bytes.inc(done.bytes)
             self.metrics.upload_seconds.observe(done.seconds)
             log.info("shipped %s (%d bytes, analysis %s)", done.crash_id, done.bytes, done.analysis)
+        if s.agent_analyze:
+            if self.analyses is None:
+                self.analyses = AnalysisPool(s, self._analyse, worker_count(s))
+            self.metrics.analysis_queue.set(self.analyses.feed())
         if self._retention_on() and time.monotonic() - self.last_vacuum > VACUUM_EVERY:
             self.last_vacuum = time.monotonic()
             try:
@@ -172,9 +192,18 @@ class Agent:
                 self.unreachable = str(e)
                 waiting = len(spool.entries(self.settings.spool_dir))
             if once and (waiting == 0 or self.unreachable or not self._anything_due()):
+                if self.analyses is not None and not self.unreachable:
+                    self.analyses.wait_idle(self.stop)
+                self._close()
                 return waiting
             self.stop.wait(self.settings.agent_poll)
+        self._close()
         return 0
+
+    def _close(self) -> None:
+        if self.analyses is not None:
+            self.analyses.close()
+            self.analyses = None
 
     def _anything_due(self) -> bool:
         now = time.monotonic()

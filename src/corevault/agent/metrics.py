@@ -31,9 +31,18 @@ class Metrics:
             "1 while core_pattern is corevault's, 0 when something else replaced it after install",
             registry=r,
         )
+        self.analysis_queue = Gauge(
+            "corevault_analysis_queue", "Shipped crashes waiting for or in analysis", registry=r
+        )
+        self.analysed = Counter(
+            "corevault_crashes_analysed",
+            "Analyses finished, by outcome (done, failed)",
+            ["state"],
+            registry=r,
+        )
         self.upload_bytes = Counter("corevault_upload_bytes", "Core bytes uploaded to the vault", registry=r)
         self.upload_seconds = Histogram(
-            "corevault_ship_seconds", "Time to ship one entry, analysis included", registry=r,
+            "corevault_ship_seconds", "Time to ship one entry into the vault and the catalog", registry=r,
             buckets=(0.1, 0.25, 0.5, 1, 2.5, 5, 10, 30, 60, 120, 300),
         )  # fmt: skip
 

@@ -13,6 +13,7 @@ silently).
 from __future__ import annotations
 
 import os
+import struct
 from dataclasses import dataclass
 
 from corevault import elf
@@ -40,16 +41,22 @@ def file_build_id(path: str) -> str | None:
 
 
 def has_dwarf(path: str) -> bool:
-    """Whether an ELF file carries DWARF line information (.debug_info and .debug_line)."""
-    from elftools.common.exceptions import ELFError
-    from elftools.elf.elffile import ELFFile
+    """Whether an ELF file carries DWARF (a ``.debug_info`` section).
 
+    Read with :func:`corevault.elf.section_names`, which is bounded: the agent asks this of
+    every binary a tenant's crash mapped, in its own process.
+    """
     try:
-        with open(path, "rb") as f:
-            ef = ELFFile(f)
-            return ef.get_section_by_name(".debug_info") is not None
-    except (OSError, ELFError, ValueError):
+        fd = os.open(path, os.O_RDONLY | os.O_CLOEXEC)
+    except OSError:
         return False
+    try:
+        names = elf.section_names(lambda offset, size: os.pread(fd, size, offset))
+    except (OSError, ValueError, struct.error):
+        return False
+    finally:
+        os.close(fd)
+    return names is not None and ".debug_info" in names
 
 
 def locate(build_id: str, stores: list[str], debug_dirs: tuple[str, ...] = DEBUG_DIRS) -> Found:

@@ -1,10 +1,12 @@
-"""Running an analysis safely: a worker process with a timeout and a memory cap.
+"""Running an analysis safely: a sandboxed worker process with a timeout and a memory cap.
 
 A core and the binaries it names are untrusted input, and unwinders are large C
 programs. So the analysis never runs inside a long-lived process: each core gets a fresh
-worker (:mod:`corevault.analysis.worker`) in its own session, with ``RLIMIT_DATA`` capping
-its heap, killed with its whole process group (gdb included) when the timeout passes.
-A zstd-compressed spool core is first expanded into a sparse temporary file.
+worker (:mod:`corevault.analysis.worker`) in its own session and sandbox
+(:mod:`corevault.analysis.sandbox`: its own uid, no capabilities, no network, nothing of
+the host but its inputs), with ``RLIMIT_DATA`` capping its heap, killed with its whole
+process group (gdb included) when the timeout passes. A zstd-compressed spool core is
+first expanded into a sparse temporary file the worker's uid may read.
 
 The worker never goes to the network. With upstream debuginfod servers configured, the
 driver here reads the first report's modules that appear in a stack without a debug
@@ -16,13 +18,18 @@ from __future__ import annotations
 
 import json
 import os
+import re
 import resource
 import signal
+import stat
 import subprocess
 import sys
 import tempfile
+import time
+from collections.abc import Collection
+from typing import BinaryIO
 
-from corevault.analysis import binaries, upstream
+from corevault.analysis import binaries, sandbox, seccomp, upstream
 from corevault.capture.stream import CHUNK, SparseSink
 from corevault.errors import UserError
 from corevault.model import Report
@@ -30,6 +37,10 @@ from corevault.model import Report
 ZSTD_MAGIC = b"\x28\xb5\x2f\xfd"
 DEFAULT_TIMEOUT = 300.0
 DEFAULT_MEMORY = 4 << 30
+#: how a stopped analysis's error begins (the catalog's record of it says so)
+STOPPED = "analysis took longer than"
+CORE_IN_SANDBOX = sandbox.INPUTS + "/core"
+BUILD_ID = re.compile(r"[0-9a-f]{2,128}")
 
 
 class AnalysisError(UserError):
@@ -40,20 +51,126 @@ def decompress(src: str, dest: str) -> int:
     """Expand a zstd core into ``dest``, with holes for zero blocks; returns its size."""
     import zstandard
 
+    try:
+        with open(src, "rb") as f, zstandard.ZstdDecompressor().stream_reader(f) as reader:
+            return _sparse_copy(reader, dest)
+    except zstandard.ZstdError as e:
+        raise AnalysisError(f"{src} is not a readable zstd stream: {e}") from None
+
+
+def _sparse_copy(reader: BinaryIO, dest: str) -> int:
     fd = os.open(dest, os.O_WRONLY | os.O_CREAT | os.O_EXCL | os.O_CLOEXEC, 0o600)
     try:
         sink = SparseSink(fd)
         buf = bytearray(CHUNK)
         view = memoryview(buf)
-        with open(src, "rb") as f, zstandard.ZstdDecompressor().stream_reader(f) as reader:
-            while n := reader.readinto(buf):
-                sink.write(buf, view, n)
+        while n := reader.readinto(buf):
+            sink.write(buf, view, n)
         sink.finish()
         return sink.size
-    except zstandard.ZstdError as e:
-        raise AnalysisError(f"{src} is not a readable zstd stream: {e}") from None
     finally:
         os.close(fd)
+
+
+def _worker_copy(path: str, dest: str, uid: int) -> str:
+    """A path of ``path``, in plain form, that the sandboxed worker (``uid``) can read.
+
+    A zstd core is expanded into ``dest``; a plain file that others may not read is copied
+    there (sparse); a world-readable plain file is used as it is. The worker never needs
+    more than read access to a file of its own.
+    """
+    try:
+        with open(path, "rb") as f:
+            if f.read(4) == ZSTD_MAGIC:
+                decompress(path, dest)
+            elif os.fstat(f.fileno()).st_mode & stat.S_IROTH:
+                return path
+            else:
+                f.seek(0)
+                _sparse_copy(f, dest)
+    except OSError as e:
+        raise AnalysisError(f"cannot read {path}: {e.strerror}") from None
+    if os.geteuid() == 0:
+        os.chown(dest, uid, uid)
+    os.chmod(dest, 0o400)
+    return dest
+
+
+def _store_binds(
+    stores: list[str], build_ids: Collection[str], tmp: str, uid: int
+) -> tuple[list[str], list[sandbox.Bind]]:
+    """Where the worker sees each store, holding only the files of ``build_ids``.
+
+    Files are bound one by one: the store's directories are the agent's own (0700).
+    """
+    names: list[str] = []
+    binds: list[sandbox.Bind] = []
+    for i, store in enumerate(stores):
+        name = f"{sandbox.INPUTS}/store-{i}"
+        names.append(name)
+        for bid in sorted(b for b in build_ids if BUILD_ID.fullmatch(b)):
+            for kind in ("executable", "debuginfo"):
+                held = os.path.join(store, "buildid", bid, kind)
+                if os.path.isfile(held):
+                    readable = _worker_copy(held, os.path.join(tmp, f"{i}-{bid}-{kind}"), uid)
+                    binds.append(sandbox.Bind(readable, f"{name}/buildid/{bid}/{kind}"))
+    return names, binds
+
+
+def _run(
+    argv: list[str], binds: list[sandbox.Bind], uid: int, deadline: float, *, limit: float, memory: int
+) -> dict:
+    """Run the worker with ``argv`` in its sandbox until ``deadline`` (monotonic); its JSON
+    output, or :class:`AnalysisError` (which names ``limit``, the whole analysis's)."""
+    filter_fd = seccomp.filter_fd()
+    try:
+        cmd = sandbox.command(
+            [sys.executable, "-m", "corevault.analysis.worker", *argv], binds, uid, filter_fd
+        )
+        fds = () if filter_fd is None else (filter_fd,)
+        out, err, returncode = _supervise(cmd, fds, max(deadline - time.monotonic(), 0.001), memory)
+    except subprocess.TimeoutExpired:
+        raise AnalysisError(f"{STOPPED} {limit:g}s and was stopped") from None
+    except sandbox.SandboxError as e:
+        raise AnalysisError(str(e)) from None
+    finally:
+        if filter_fd is not None:
+            os.close(filter_fd)
+    if returncode != 0:
+        last = err.decode(errors="replace").strip().splitlines()[-1:] or ["no message"]
+        if "MemoryError" in last[0] or returncode in (-signal.SIGKILL, 128 + signal.SIGKILL):
+            raise AnalysisError(f"analysis ran out of its {memory >> 20} MiB memory cap")
+        raise AnalysisError(f"analysis failed: {last[0]}")
+    doc = json.loads(out)
+    if "error" in doc:
+        raise AnalysisError(doc["error"])
+    return doc
+
+
+def _supervise(cmd: list[str], fds: tuple[int, ...], timeout: float, memory: int) -> tuple[bytes, bytes, int]:
+    """Run ``cmd`` with the heap cap; its output and status, or TimeoutExpired once it is killed."""
+
+    def limit() -> None:
+        resource.setrlimit(resource.RLIMIT_DATA, (memory, memory))
+        resource.setrlimit(resource.RLIMIT_CORE, (0, 0))
+
+    proc = subprocess.Popen(
+        cmd,
+        stdin=subprocess.DEVNULL,
+        stdout=subprocess.PIPE,
+        stderr=subprocess.PIPE,
+        pass_fds=fds,
+        preexec_fn=limit,  # noqa: PLW1509 - only setrlimit, async-signal-safe enough
+        start_new_session=True,
+    )
+    try:
+        out, err = proc.communicate(timeout=timeout)
+    except subprocess.TimeoutExpired:
+        # bwrap's --die-with-parent and the worker's own PID namespace take gdb with it
+        os.killpg(proc.pid, signal.SIGKILL)
+        proc.communicate()
+        raise
+    return out, err, proc.returncode
 
 
 def analyze(
@@ -67,32 +184,45 @@ def analyze(
     system_debuginfo: bool = False,
     debug_dirs: tuple[str, ...] = binaries.DEBUG_DIRS,
     fetch: upstream.Upstream | None = None,
+    build_ids: Collection[str] | None = None,
+    uid: int = sandbox.DEFAULT_UID,
 ) -> Report:
-    """Analyse ``core`` (plain or zstd) in a worker; raises :class:`AnalysisError`.
+    """Analyse ``core`` (plain or zstd) in a sandboxed worker; raises :class:`AnalysisError`.
 
     ``debug_dirs`` are trees of separate debug files by build-id (the host's
     ``/usr/lib/debug``); ``fetch`` names upstream debuginfod servers to ask for the rest.
+    The worker sees only the stores' entries for ``build_ids`` (the objects the crashed
+    process mapped, as its capture recorded them) or, without them, for the build-ids the
+    core names; never every binary the stores hold. ``timeout`` bounds the whole.
     """
     if fetch is not None:
         stores = [*stores, fetch.cache]
+    deadline = time.monotonic() + timeout
     with tempfile.TemporaryDirectory(prefix="corevault-analysis-") as tmp:
-        try:
-            with open(core, "rb") as f:
-                compressed = f.read(4) == ZSTD_MAGIC
-        except OSError as e:
-            raise AnalysisError(f"cannot read {core}: {e.strerror}") from None
-        if compressed:
-            plain = os.path.join(tmp, "core")
-            decompress(core, plain)
-            core = plain
-        cmd = [sys.executable, "-m", "corevault.analysis.worker", core, "--backend", backend]
-        cmd += ["--max-frames", str(max_frames)] + (["--system-debuginfo"] if system_debuginfo else [])
-        cmd += ["--debug-dirs", os.pathsep.join(debug_dirs)]
-        for store in stores:
-            cmd += ["--store", store]
-        report = _run(cmd, timeout, memory)
+        plain = _worker_copy(core, os.path.join(tmp, "core"), uid)
+        inputs = [sandbox.Bind(plain, CORE_IN_SANDBOX)]
+        # trees of system debug files (world-readable, keyed by build-id), where /usr is not
+        inputs += [sandbox.Bind(d, d) for d in debug_dirs if os.path.isdir(d) and not d.startswith("/usr/")]
+        if build_ids is None:
+            # which binaries the core names is itself read from the core: in the sandbox too
+            listed = _run(
+                [CORE_IN_SANDBOX, "--list-build-ids"], inputs, uid, deadline, limit=timeout, memory=memory
+            )
+            build_ids = listed["build_ids"]
+        argv = [CORE_IN_SANDBOX, "--backend", backend, "--max-frames", str(max_frames)]
+        argv += ["--debug-dirs", os.pathsep.join(debug_dirs)]
+        argv += ["--system-debuginfo"] if system_debuginfo else []
+
+        def run(attempt: int) -> Report:
+            copies = os.path.join(tmp, str(attempt))
+            os.mkdir(copies)
+            store_names, binds = _store_binds(stores, build_ids, copies, uid)
+            args = [*argv, *(arg for name in store_names for arg in ("--store", name))]
+            return Report.from_dict(_run(args, inputs + binds, uid, deadline, limit=timeout, memory=memory))
+
+        report = run(0)
         if fetch is not None and upstream.fetch_missing(fetch, _wanting_debuginfo(report)):
-            report = _run(cmd, timeout, memory)
+            report = run(1)
     return report
 
 
@@ -106,34 +236,3 @@ def _wanting_debuginfo(report: Report) -> list[str]:
             if m is not None and m.build_id and not m.debuginfo and not m.path.startswith("["):
                 wanted[m.build_id] = None
     return list(wanted)
-
-
-def _run(cmd: list[str], timeout: float, memory: int) -> Report:
-    """One worker run of ``cmd``; its report."""
-
-    def limit() -> None:
-        resource.setrlimit(resource.RLIMIT_DATA, (memory, memory))
-        resource.setrlimit(resource.RLIMIT_CORE, (0, 0))
-
-    proc = subprocess.Popen(
-        cmd,
-        stdout=subprocess.PIPE,
-        stderr=subprocess.PIPE,
-        preexec_fn=limit,  # noqa: PLW1509 - only setrlimit, async-signal-safe enough
-        start_new_session=True,
-    )
-    try:
-        out, err = proc.communicate(timeout=timeout)
-    except subprocess.TimeoutExpired:
-        os.killpg(proc.pid, signal.SIGKILL)
-        proc.communicate()
-        raise AnalysisError(f"analysis took longer than {timeout:g}s and was stopped") from None
-    if proc.returncode != 0:
-        last = err.decode(errors="replace").strip().splitlines()[-1:] or ["no message"]
-        if "MemoryError" in last[0] or proc.returncode == -signal.SIGKILL:
-            raise AnalysisError(f"analysis ran out of its {memory >> 20} MiB memory cap")
-        raise AnalysisError(f"analysis failed: {last[0]}")
-    doc = json.loads(out)
-    if "error" in doc:
-        raise AnalysisError(doc["error"])
-    return Report.from_dict(doc)

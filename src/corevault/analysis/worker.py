@@ -1,9 +1,10 @@
 """The analysis of one core, as run inside the sandboxed worker process.
 
 ``python -m corevault.analysis.worker CORE --store DIR [--backend drgn|gdb]`` prints one
-JSON document: the report, or ``{"error": "..."}`` when the core is unreadable. It parses
-untrusted input, so :mod:`corevault.analysis.runner` starts it with a timeout and a memory
-cap and never imports it into a long-lived process.
+JSON document: the report, or ``{"error": "..."}`` when the core is unreadable
+(``--list-build-ids``: only the build-ids the core names). It parses untrusted input, so
+:mod:`corevault.analysis.runner` starts it sandboxed, with a timeout and a memory cap, and
+never imports it into a long-lived process.
 """
 
 from __future__ import annotations
@@ -181,17 +182,21 @@ def main(argv: list[str] | None = None) -> int:
     ap.add_argument("--max-frames", type=int, default=256)
     ap.add_argument("--system-debuginfo", action="store_true")
     ap.add_argument("--debug-dirs", default=os.pathsep.join(binaries.DEBUG_DIRS), help="colon-separated")
+    ap.add_argument("--list-build-ids", action="store_true", help="only the build-ids the core names")
     a = ap.parse_args(argv)
     debug_dirs = tuple(d for d in a.debug_dirs.split(os.pathsep) if d)
     try:
-        doc = analyze(
-            a.core,
-            a.store,
-            a.backend,
-            a.max_frames,
-            system_debuginfo=a.system_debuginfo,
-            debug_dirs=debug_dirs,
-        ).to_dict()
+        if a.list_build_ids:
+            doc = {"build_ids": sorted(set(elfcore.read(a.core).build_ids.values()))}
+        else:
+            doc = analyze(
+                a.core,
+                a.store,
+                a.backend,
+                a.max_frames,
+                system_debuginfo=a.system_debuginfo,
+                debug_dirs=debug_dirs,
+            ).to_dict()
     except elfcore.CoreError as e:
         doc = {"error": f"unreadable: {e}"}
     sys.stdout.write(json.dumps(doc))

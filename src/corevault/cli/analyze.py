@@ -25,9 +25,10 @@ def resolve(settings: config.Settings, what: str, tmp: str) -> tuple[str, list[s
     if os.path.exists(what):
         return what, stores
     if "/" not in what:
-        entry = os.path.join(spool.ready_dir(settings.spool_dir), what, spool.CORE_NAME)
-        if os.path.exists(entry):
-            return entry, stores
+        for parent in (spool.ready_dir(settings.spool_dir), spool.shipped_dir(settings.spool_dir)):
+            entry = os.path.join(parent, what, spool.CORE_NAME)
+            if os.path.exists(entry):
+                return entry, stores
         from corevault.vault import blobs
 
         vault = blobs.open_store(settings.vault_store, settings.s3)
@@ -63,8 +64,10 @@ def analyze(
             [*store, *stores],
             backend,
             timeout=timeout,
+            memory=settings.analysis_memory,
             system_debuginfo=system_debuginfo,
             debug_dirs=settings.debug_dirs,
             fetch=upstream.from_settings(settings),
+            uid=settings.analysis_uid,
         )
     print(json.dumps(report.to_dict(), indent=2) if as_json else render.text(report))

@@ -6,16 +6,22 @@ at any point (a SIGKILL included):
 1. upload ``core.zst`` and ``meta.json`` (the store checks size and ETag of what it holds);
 2. upload the crash's binaries that the vault does not hold yet (``buildid/<id>/executable``,
    stored once for every crash that needs them);
-3. insert the crash row (ignored if it is there);
-4. analyse the core, store ``report.json``, record signature and group (once); debug
-   files the analysis fetched from upstream debuginfod servers go to the vault too
-   (``buildid/<id>/debuginfo``), so corevault's own debuginfod serves them again;
-5. only then remove the entry from the spool.
+3. insert the crash row (ignored if it is there), analysis ``pending``;
+4. move the entry to the spool's ``shipped/`` (or remove it, when no analysis is due).
 
-Entries are locked with ``flock`` while shipped, so several agents (or a restarted one)
-can share a spool. The journal is shipped by renaming it first (handlers then start a
-new one), loading its lines into the catalog (each line once: its hash is the key), and
-deleting the renamed file.
+From then on the crash is in the catalog, whatever its analysis does: the analysis runs
+apart (:mod:`corevault.agent.analyses`), and :func:`analyse_shipped` stores
+``report.json``, records signature and group (once), puts the debug files the analysis
+fetched from upstream debuginfod servers into the vault too (``buildid/<id>/debuginfo``,
+so corevault's own debuginfod serves them again), and only then removes the entry.
+
+Nothing here parses a tenant's file without a bound: the binaries' section names are read
+with :func:`corevault.elf.section_names`, and the analysis runs in a sandboxed worker.
+
+Entries are locked with ``flock`` while shipped or analysed, so several agents (or a
+restarted one) can share a spool. The journal is shipped by renaming it first (handlers
+then start a new one), loading its lines into the catalog (each line once: its hash is the
+key), and deleting the renamed file.
 """
 
 from __future__ import annotations
@@ -27,7 +33,8 @@ import logging
 import os
 import shutil
 import time
-from collections.abc import Callable
+from collections.abc import Callable, Iterator
+from contextlib import contextmanager
 from dataclasses import dataclass
 
 from sqlalchemy.engine import Engine
@@ -66,15 +73,25 @@ class Shipped:
 def ship_entry(vault: Vault, settings: config.Settings, entry_id: str) -> Shipped:
     """Ship one finished spool entry; raises on any failure and leaves the entry in place."""
     entry = os.path.join(spool.ready_dir(settings.spool_dir), entry_id)
-    fd = os.open(entry, os.O_RDONLY | os.O_DIRECTORY | os.O_CLOEXEC)
+    with _locked(entry, entry_id):
+        return _ship_locked(vault, settings, entry_id, entry)
+
+
+@contextmanager
+def _locked(entry: str, entry_id: str) -> Iterator[None]:
+    """Hold ``entry``'s flock; :class:`Busy` if another agent holds it or it is gone."""
+    try:
+        fd = os.open(entry, os.O_RDONLY | os.O_DIRECTORY | os.O_CLOEXEC)
+    except FileNotFoundError:
+        raise Busy(entry_id) from None
     try:
         try:
             fcntl.flock(fd, fcntl.LOCK_EX | fcntl.LOCK_NB)
         except BlockingIOError:
             raise Busy(entry_id) from None
         if not os.path.exists(os.path.join(entry, spool.META_NAME)):
-            raise Busy(entry_id)  # shipped and removed by another agent a moment ago
-        return _ship_locked(vault, settings, entry_id, entry)
+            raise Busy(entry_id)  # done and removed by another agent a moment ago
+        yield
     finally:
         os.close(fd)
 
@@ -102,9 +119,13 @@ def _ship_locked(vault: Vault, settings: config.Settings, entry_id: str, entry: 
             .where(catalog.crashes.c.id == crash_id)
         ).scalar_one()
     if state == "pending":
-        state = _analyse(vault, settings, crash_id, core_path)
-    _ship_debuginfo(vault, settings, meta)
-    shutil.rmtree(entry)
+        shipped = os.path.join(spool.shipped_dir(settings.spool_dir), entry_id)
+        if os.path.exists(shipped):
+            shutil.rmtree(entry)  # moved once already; this is a copy left by a restore
+        else:
+            os.rename(entry, shipped)
+    else:
+        shutil.rmtree(entry)
     return Shipped(crash_id, new, stored.size, time.monotonic() - started, state)
 
 
@@ -139,7 +160,34 @@ def _ship_debuginfo(vault: Vault, settings: config.Settings, meta: dict) -> None
             vault.store.put_file(key, local)
 
 
-def _analyse(vault: Vault, settings: config.Settings, crash_id: str, core_path: str) -> str:
+def analyse_shipped(vault: Vault, settings: config.Settings, entry_id: str) -> str:
+    """Analyse a shipped entry, record the outcome, remove the entry; returns the analysis state.
+
+    Raises :class:`Busy` when another agent holds the entry, and leaves it in place on any
+    failure to reach the vault, so that it is tried again.
+    """
+    entry = os.path.join(spool.shipped_dir(settings.spool_dir), entry_id)
+    with _locked(entry, entry_id):
+        meta = spool.read_meta(settings.spool_dir, entry_id, "shipped")
+        crash_id = meta.get("id") or entry_id
+        with vault.engine.connect() as conn:
+            state = conn.execute(
+                catalog.crashes.select()
+                .with_only_columns(catalog.crashes.c.analysis)
+                .where(catalog.crashes.c.id == crash_id)
+            ).scalar_one_or_none()
+        if state == "pending":
+            # only the objects this process mapped, as its capture recorded them
+            build_ids = {m["build_id"] for m in meta.get("modules", []) if m.get("build_id")}
+            state = _analyse(vault, settings, crash_id, os.path.join(entry, spool.CORE_NAME), build_ids)
+            _ship_debuginfo(vault, settings, meta)
+        shutil.rmtree(entry)
+        return state or "forgotten"
+
+
+def _analyse(
+    vault: Vault, settings: config.Settings, crash_id: str, core_path: str, build_ids: set[str]
+) -> str:
     from corevault.analysis import runner, upstream
 
     try:
@@ -149,6 +197,9 @@ def _analyse(vault: Vault, settings: config.Settings, crash_id: str, core_path: 
             timeout=settings.analysis_timeout,
             debug_dirs=settings.debug_dirs,
             fetch=upstream.from_settings(settings),
+            memory=settings.analysis_memory,
+            build_ids=build_ids,
+            uid=settings.analysis_uid,
         )
     except runner.AnalysisError as e:
         log.warning("crash %s: analysis failed: %s", crash_id, e)

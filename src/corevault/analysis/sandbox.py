@@ -1,0 +1,119 @@
+"""The analysis worker's sandbox: a user of its own, no capabilities, and none of the host.
+
+The worker parses a tenant's core and binaries (ELF, DWARF, notes) with drgn, gdb and
+pyelftools, so it is treated as if that tenant could run code in it. It is started under
+bubblewrap (``bwrap``), which builds, before the worker's first instruction:
+
+- a mount namespace whose root is an empty tmpfs holding read-only binds of what runs
+  the worker (``/usr`` and its ``/bin``/``/lib`` links, ``/etc/ld.so.cache``, the Python
+  installation and the corevault package) and of the inputs the caller names, each at a
+  path of its own under ``/in``; a private ``/tmp`` (size-capped tmpfs), ``/proc`` of its
+  own PID namespace, a minimal ``/dev``. Nothing else of the host exists in there: not the
+  spool, not the catalog, not other tenants' binaries (the agent binds only the build-ids
+  the crash itself mapped), not ``/etc`` or ``/root``;
+- new network, IPC, UTS, PID and cgroup namespaces: no network, not even loopback;
+- then ``setpriv`` (util-linux) switches to a dedicated uid and gid, drops supplementary
+  groups, empties every capability set (the bounding set included) and sets
+  ``no_new_privs``, so nothing inside can regain privilege;
+- a seccomp filter (:mod:`corevault.analysis.seccomp`), loaded by bwrap, refuses the system
+  calls that reach past those namespaces (ptrace, mount, user namespaces, bpf…).
+
+Inputs must be readable by that uid: the runner hands over a copy of the core it owns
+(decompressed or sparse-copied) and the build-id store's files are world-readable
+(0644 in 0755 directories, as the handler writes them). Started by an unprivileged user,
+the same sandbox is built in a user namespace and the user's own uid is kept.
+"""
+
+from __future__ import annotations
+
+import os
+import shutil
+import sys
+from dataclasses import dataclass
+
+import corevault
+
+#: uid and gid the worker runs as when the agent is root: used by nothing else on the host
+DEFAULT_UID = 64_900
+TMP_SIZE = 64 << 20
+#: where the inputs are bound
+INPUTS = "/in"
+ENV = {"PATH": "/usr/bin:/bin", "HOME": "/tmp", "LANG": "C.UTF-8", "PYTHONDONTWRITEBYTECODE": "1"}
+
+
+class SandboxError(Exception):
+    """The sandbox cannot be built on this host; the message says what to install."""
+
+
+@dataclass(frozen=True, slots=True)
+class Bind:
+    """A host path the worker may read, and where it sees it."""
+
+    source: str
+    dest: str
+
+
+def _runtime_paths() -> list[str]:
+    """What running ``python -m corevault.analysis.worker`` needs besides /usr."""
+    package_root = os.path.dirname(os.path.dirname(os.path.abspath(corevault.__file__)))
+    paths = {sys.prefix, sys.base_prefix, package_root, os.path.dirname(os.path.abspath(sys.executable))}
+    paths = {p for p in paths if not (p + "/").startswith("/usr/")}
+    # a path inside another one is already there
+    return sorted(p for p in paths if not any(p.startswith(q + "/") for q in paths))
+
+
+def _parents(dest: str, made: set[str]) -> list[str]:
+    """Directories leading to ``dest``, readable by the worker (bwrap's own are 0700)."""
+    out = []
+    parent = os.path.dirname(dest)
+    chain = []
+    while parent not in made:
+        chain.append(parent)
+        parent = os.path.dirname(parent)
+    for d in reversed(chain):
+        out += ["--perms", "0755", "--dir", d]
+        made.add(d)
+    return out
+
+
+def command(
+    argv: list[str], binds: list[Bind], uid: int = DEFAULT_UID, seccomp_fd: int | None = None
+) -> list[str]:
+    """``argv`` wrapped so that it runs sandboxed, seeing only ``binds`` (read-only) of the host.
+
+    ``seccomp_fd`` (:func:`corevault.analysis.seccomp.filter_fd`; pass it to the child) is
+    loaded as the sandbox's system call filter.
+    """
+    bwrap = shutil.which("bwrap")
+    setpriv = shutil.which("setpriv")
+    if bwrap is None or setpriv is None:
+        raise SandboxError(
+            "the analysis sandbox needs bubblewrap and util-linux's setpriv: "
+            "install them (apt-get install bubblewrap util-linux)"
+        )
+    cmd = [bwrap, "--die-with-parent", "--unshare-net", "--unshare-pid", "--unshare-ipc", "--unshare-uts"]
+    cmd += ["--unshare-cgroup-try", "--hostname", "corevault-analysis", "--clearenv"]
+    if os.geteuid() != 0:
+        cmd += ["--unshare-user"]
+    for name, value in ENV.items():
+        cmd += ["--setenv", name, value]
+    cmd += ["--ro-bind", "/usr", "/usr"]
+    for top in ("/bin", "/sbin", "/lib", "/lib32", "/lib64", "/libx32"):
+        if os.path.islink(top):
+            cmd += ["--symlink", os.readlink(top), top]
+        elif os.path.isdir(top):
+            cmd += ["--ro-bind", top, top]
+    cmd += ["--perms", "0755", "--dir", "/etc", "--ro-bind-try", "/etc/ld.so.cache", "/etc/ld.so.cache"]
+    cmd += ["--proc", "/proc", "--dev", "/dev", "--size", str(TMP_SIZE)]
+    cmd += ["--perms", "1777", "--tmpfs", "/tmp"]
+    cmd += ["--perms", "0755", "--dir", INPUTS]
+    made = {"/", "/tmp", "/etc", INPUTS}
+    for b in [Bind(p, p) for p in _runtime_paths()] + binds:
+        cmd += [*_parents(b.dest, made), "--ro-bind", b.source, b.dest]
+    if seccomp_fd is not None:
+        cmd += ["--seccomp", str(seccomp_fd)]
+    cmd += ["--chdir", "/tmp", "--"]
+    if os.geteuid() == 0:
+        cmd += [setpriv, f"--reuid={uid}", f"--regid={uid}", "--clear-groups", "--inh-caps=-all"]
+        cmd += ["--ambient-caps=-all", "--bounding-set=-all", "--no-new-privs", "--"]
+    return cmd + argv

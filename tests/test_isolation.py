@@ -1,0 +1,218 @@
+"""One tenant's crash never holds up another's: analysis bounded, apart from shipping, fair, sandboxed.
+
+Tenant A (namespace tenant-a) runs a program whose ELF claims 16 million section headers in
+a sparse 1 GiB file (built here, a few KiB on disk): an ELF library that walks that table
+spends minutes in it, drgn and gdb more than the analysis limit. Tenant B (tenant-b) has an
+ordinary crash right after. B's crash must be in the catalog while A's analysis still runs,
+A's analysis must be stopped at its limit and recorded so, and B's crash explained.
+"""
+
+from __future__ import annotations
+
+import errno
+import json
+import os
+import shutil
+import socket
+import subprocess
+import sys
+import threading
+import time
+from collections.abc import Iterator
+
+import pytest
+
+from corevault import config, elf, spool
+from corevault.agent.analyses import FairQueue
+from corevault.agent.loop import Agent
+from corevault.analysis import binaries, runner, sandbox, seccomp
+from corevault.vault import catalog, ship
+from testbed import hostile
+from tests.conftest import Capture, installed_capture
+
+LIMIT = 8.0
+
+
+def build_id_of(path: str) -> str:
+    bid = binaries.file_build_id(path)
+    assert bid is not None
+    return bid
+
+
+def test_section_names_are_read_within_a_bound(programs: dict[str, str], tmp_path) -> None:
+    evil = hostile.section_bomb(programs["crasher"], str(tmp_path / "evil"))
+    assert os.stat(evil).st_size > 1 << 30 and os.stat(evil).st_blocks * 512 < 1 << 20  # sparse
+    read = lambda offset, size: os.pread(fd, size, offset)  # noqa: E731
+    fd = os.open(evil, os.O_RDONLY)
+    try:
+        assert elf.section_names(read) is None  # more sections than anything real: not read at all
+    finally:
+        os.close(fd)
+    assert not binaries.has_dwarf(evil)
+    assert binaries.has_dwarf(programs["crasher"])  # the ordinary program still says it has DWARF
+
+
+def test_fair_queue_takes_turns_by_namespace_then_pod() -> None:
+    q = FairQueue()
+    for i in range(5):
+        q.put("tenant-a", "loop", f"a{i}")
+    q.put("tenant-a", "other", "a-other")
+    q.put("tenant-b", "web", "b0")
+    first = q.take()
+    assert first == ("tenant-a", "a0")
+    # A has an analysis in flight: B goes next, then A's other pod before A's loop again
+    assert q.take() == ("tenant-b", "b0")
+    assert q.take() == ("tenant-a", "a-other")
+    assert q.take() == ("tenant-a", "a1")
+    q.put("tenant-b", "web", "b1")
+    q.done("tenant-b")
+    assert q.take() == ("tenant-b", "b1")  # a newcomer never waits behind A's whole queue
+
+
+def pod(namespace: str, name: str, pattern: str, **more: str) -> dict[str, str]:
+    """A pod's annotations as a CRI runtime passes them to runc."""
+    return {
+        "io.kubernetes.pod.namespace": namespace,
+        "io.kubernetes.pod.name": name,
+        "corevault.io/core-pattern": pattern,
+        **more,
+    }
+
+
+@pytest.fixture
+def two_tenants(rootfs: str, programs: dict[str, str]) -> Iterator[tuple[Capture, str, str]]:
+    """A's hostile crash, then B's ordinary one, both in the spool; their entry ids."""
+    with installed_capture() as cap:
+        evil = hostile.section_bomb(programs["crasher"], os.path.join(cap.volume, "evil"))
+        hostile_pod = pod("tenant-a", "a", "/data/dump-a/core-%p", **{"corevault.io/targets": "vault"})
+        a = cap.crash(rootfs, ["/data/dump-a/evil", "segv"], annotations=hostile_pod)
+        time.sleep(1.1)  # entry ids sort by the second: A's is shipped first, its analysis starts first
+        b = cap.crash(rootfs, ["/app/crasher", "segv"], annotations=pod("tenant-b", "b", "/data/dump-a/b-%p"))
+        ids = {m["pod"]["container_id"]: m["id"] for m in cap.entries()}
+        assert spool.entries(cap.spool) == [ids[a.id], ids[b.id]]
+        assert os.path.getsize(os.path.join(cap.store, "buildid", build_id_of(evil), "executable")) > 1 << 30
+        yield cap, ids[a.id], ids[b.id]
+
+
+def crash_rows(settings: config.Settings) -> dict[str, dict]:
+    with ship.open_vault(settings).engine.connect() as conn:
+        return {r["id"]: r for r in catalog.list_crashes(conn, limit=100)}
+
+
+@pytest.mark.crash
+def test_hostile_elf_delays_neither_shipping_nor_other_tenants(two_tenants: tuple[Capture, str, str]) -> None:
+    cap, a, b = two_tenants
+    assert [spool.read_meta(cap.spool, e)["pod"]["namespace"] for e in (a, b)] == ["tenant-a", "tenant-b"]
+    with open(cap.config, "a") as f:
+        f.write(
+            f'[agent]\npoll_interval = 0.2\nmetrics = ""\nanalysis_timeout = {LIMIT}\nanalysis_workers = 1\n'
+        )
+    settings = config.load(cap.config)
+    agent = Agent(settings)
+    runner_thread = threading.Thread(target=agent.run)
+    started = time.monotonic()
+    runner_thread.start()
+    try:
+        rows: dict[str, dict] = {}
+        while b not in rows and time.monotonic() - started < 60:
+            time.sleep(0.1)
+            rows = crash_rows(settings)
+        # B is in the catalog while A's analysis is still running, not after it
+        assert b in rows, "tenant B's crash did not reach the catalog within 60 s"
+        assert rows[a]["analysis"] == "pending", rows[a]
+        while rows[b]["analysis"] == "pending" or rows[a]["analysis"] == "pending":
+            assert time.monotonic() - started < 120, (rows[a], rows[b])
+            time.sleep(0.2)
+            rows = crash_rows(settings)
+    finally:
+        agent.stop.set()
+        runner_thread.join(timeout=60)
+    with ship.open_vault(settings).engine.connect() as conn:
+        stopped = catalog.get_crash(conn, a)
+    assert stopped is not None and stopped["analysis"] == "failed"
+    assert stopped["analysis_error"] == f"{runner.STOPPED} {LIMIT:g}s and was stopped"
+    assert rows[b]["analysis"] == "done" and rows[b]["title"] == "SIGSEGV in crash_here ← main"
+    assert spool.entries(cap.spool) == [] and spool.entries(cap.spool, "shipped") == []
+
+
+PROBE = r"""
+import ctypes, json, os, socket, sys
+out = {"uid": os.getuid(), "gid": os.getgid(), "groups": os.getgroups()}
+out["status"] = {k: v.strip() for k, v in (l.split(":", 1) for l in open("/proc/self/status"))
+                 if k in ("CapEff", "CapPrm", "CapBnd", "CapAmb", "NoNewPrivs", "Seccomp")}
+libc = ctypes.CDLL(None, use_errno=True)
+# in a user namespace of its own the worker would hold capabilities again: the filter refuses it
+out["unshare_user"] = ctypes.get_errno() if libc.unshare(0x10000000) else 0
+out["input"] = open("/in/core", "rb").read(4).hex()
+out["reads"] = {}
+for path in sys.argv[2:]:
+    try:
+        with open(path, "rb") as f:
+            out["reads"][path] = f.read(64).hex()
+    except OSError as e:
+        out["reads"][path] = e.strerror
+s = socket.socket()
+s.settimeout(2)
+try:
+    s.connect(("127.0.0.1", int(sys.argv[1])))
+    out["net"] = "connected"
+except OSError as e:
+    out["net"] = e.strerror
+print(json.dumps(out))
+"""
+
+
+@pytest.mark.skipif(os.geteuid() != 0, reason="switching to the worker's own uid needs root")
+def test_the_worker_sees_only_its_inputs_as_an_unprivileged_user(tmp_path) -> None:
+    secret = tmp_path / "host-secret"
+    secret.write_text("tenant B's database password")
+    secret.chmod(0o644)  # world-readable on the host: only the sandbox keeps it from the worker
+    core = tmp_path / "core"
+    core.write_bytes(b"\x7fELF" + b"\0" * 60)
+    core.chmod(0o644)
+    listener = socket.socket()
+    listener.bind(("127.0.0.1", 0))
+    listener.listen()
+    port = listener.getsockname()[1]
+    targets = [
+        str(secret),
+        "/etc/shadow",
+        "/etc/hostname",
+        f"/proc/{os.getpid()}/environ",
+        os.path.abspath(__file__),
+    ]
+    fd = seccomp.filter_fd()
+    assert fd is not None, "libseccomp is part of every Debian system"
+    cmd = sandbox.command(
+        [sys.executable, "-c", PROBE, str(port), *targets],
+        [sandbox.Bind(str(core), runner.CORE_IN_SANDBOX)],
+        64_900,
+        fd,
+    )
+    try:
+        out = subprocess.run(cmd, capture_output=True, text=True, timeout=60, check=True, pass_fds=(fd,))
+    finally:
+        listener.close()
+        os.close(fd)
+    seen = json.loads(out.stdout)
+    assert (seen["uid"], seen["gid"], seen["groups"]) == (64_900, 64_900, [])
+    assert seen["status"]["CapEff"] == seen["status"]["CapBnd"] == seen["status"]["CapAmb"] == "0" * 16
+    assert seen["status"]["NoNewPrivs"] == "1" and seen["status"]["Seccomp"] == "2"
+    assert seen["unshare_user"] == errno.EPERM
+    assert seen["input"] == "7f454c46"  # its input is there
+    for path in targets:
+        assert seen["reads"][path] == "No such file or directory", (path, seen["reads"][path])
+    assert seen["net"] in ("Connection refused", "Network is unreachable")  # not the host's 127.0.0.1
+
+
+def test_an_unprivileged_uid_is_required_of_the_settings(tmp_path) -> None:
+    cfg = tmp_path / "c.toml"
+    cfg.write_text("[agent]\nanalysis_uid = 0\n")
+    with pytest.raises(config.ConfigError, match="never runs as root"):
+        config.load(str(cfg))
+
+
+def test_missing_sandbox_tools_are_one_clear_error(monkeypatch: pytest.MonkeyPatch) -> None:
+    monkeypatch.setattr(shutil, "which", lambda name: None)
+    with pytest.raises(sandbox.SandboxError, match="apt-get install bubblewrap"):
+        sandbox.command(["true"], [])
