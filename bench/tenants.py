@@ -78,7 +78,7 @@ def node(work: str, name: str, entries: list[str], limit: float) -> config.Setti
     os.makedirs(d)
     with open(cfg, "w") as f:
         f.write(f'state_dir = "{d}/s"\n[agent]\npoll_interval = 0.1\nmetrics = ""\n'
-                f"analysis_timeout = {limit}\nanalysis_workers = 1\n")  # fmt: skip
+                f"analysis_timeout = {limit}\nanalysis_workers = 1\nanalysis_memory = \"8G\"\n")  # fmt: skip
     settings = config.load(cfg)
     spool.ensure(settings.spool_dir)
     for entry in entries:
@@ -135,7 +135,7 @@ def main() -> int:
         "--limit",
         type=float,
         default=5.0,
-        help="the analysis limit, seconds (A's analysis needs more than 7 s)",
+        help="the analysis limit, seconds (A's analysis needs 18 s)",
     )
     ap.add_argument("--runs", type=int, default=3)
     args = ap.parse_args()
