@@ -41,3 +41,17 @@ def section_bomb(src: str, dest: str, sections: int = SECTIONS) -> str:
         f.truncate(shoff + sections * 64)
     os.chmod(dest, 0o755)  # noqa: S103 - a program the container runs
     return dest
+
+
+def section_bomb_crash(crasher: str, library: str, volume: str, inside: str = "/data/dump-a") -> list[str]:
+    """A crash that maps three such files: the program and two preloaded libraries.
+
+    ``volume`` is the host directory the container sees at ``inside``. Returns the
+    container's command. Under a heap cap drgn gives up on each file once an allocation
+    fails (about 3 s each at 8 GiB, 0.8 s at 4 GiB), so three files keep an analysis busy
+    for longer than one.
+    """
+    section_bomb(crasher, os.path.join(volume, "evil"))
+    libs = [section_bomb(library, os.path.join(volume, f"evil{i}.so")) for i in (1, 2)]
+    preload = ":".join(os.path.join(inside, os.path.basename(lib)) for lib in libs)
+    return ["/bin/sh", "-c", f"LD_PRELOAD={preload} exec {inside}/evil segv"]
