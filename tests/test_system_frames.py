@@ -13,6 +13,7 @@ import hashlib
 import http.server
 import os
 import shutil
+import subprocess
 import threading
 from collections.abc import Iterator
 from contextlib import contextmanager
@@ -28,7 +29,7 @@ from corevault.model import Report
 from corevault.server.access import StaticTokens
 from corevault.server.app import create_app
 from corevault.vault import blobs
-from testbed import corpus, debuginfod, servers
+from testbed import corpus, debuginfod, runc, servers
 from tests.conftest import installed_capture
 from tests.test_vault import make_node
 
@@ -145,10 +146,23 @@ def test_an_upstream_file_over_the_size_limit_is_not_kept(
     assert not os.path.exists(upstream.debuginfo_path(up.cache, host_debug_file(LIBC)[0]))
 
 
+class _Recording(http.server.SimpleHTTPRequestHandler):
+    asked: list[str]
+
+    def do_GET(self) -> None:
+        self.asked.append(self.path)
+        super().do_GET()
+
+    def log_message(self, *args: object) -> None:
+        pass
+
+
 @contextmanager
-def http_directory(root: str) -> Iterator[str]:
-    handler = partial(http.server.SimpleHTTPRequestHandler, directory=root)
-    handler.log_message = lambda *a: None  # type: ignore[attr-defined]
+def http_directory(root: str, asked: list[str] | None = None) -> Iterator[str]:
+    """A plain HTTP server of ``root`` on 127.0.0.1; the paths asked for go into ``asked``."""
+    handler = partial(
+        type("Handler", (_Recording,), {"asked": [] if asked is None else asked}), directory=root
+    )
     srv = http.server.ThreadingHTTPServer(("127.0.0.1", 0), handler)
     thread = threading.Thread(target=srv.serve_forever, daemon=True)
     thread.start()
@@ -250,3 +264,47 @@ def test_the_gdb_backend_unwinds_a_rust_abort_in_a_merged_usr_image(rust: dict) 
     r = runner.analyze(rust["core"], [rust["store"]], backend="gdb")
     assert frames(r)[:3] == ["__pthread_kill_implementation", "raise", "abort"], frames(r)
     assert r.signature_frames[0] == "rustcrash::lookup_user" and "rustcrash::main" in frames(r)
+
+
+CHAIN = 24
+
+
+def build_chain(d: str) -> str:
+    """A program whose crash runs through CHAIN shared libraries: CHAIN modules, no debug info."""
+    for i in reversed(range(CHAIN)):
+        body = "*(volatile int *)0 = 1;" if i == CHAIN - 1 else f"void f{i + 1}(void); f{i + 1}();"
+        with open(os.path.join(d, f"l{i}.c"), "w") as f:
+            f.write(f'void f{i}(void) {{ {body} __asm__ volatile(""); }}\n')
+        nxt = [] if i == CHAIN - 1 else [f"-L{d}", f"-lchain{i + 1}"]
+        subprocess.run(
+            ["gcc", "-O0", "-g0", "-shared", "-fPIC", "-o", f"{d}/libchain{i}.so", f"{d}/l{i}.c", *nxt,
+             f"-Wl,-rpath,{d}"], check=True,
+        )  # fmt: skip
+    with open(os.path.join(d, "main.c"), "w") as f:
+        f.write("void f0(void);\nint main(void) { f0(); return 0; }\n")
+    exe = os.path.join(d, "chain")
+    subprocess.run(
+        ["gcc", "-O0", "-g0", "-o", exe, f"{d}/main.c", f"-L{d}", "-lchain0", f"-Wl,-rpath,{d}"], check=True
+    )
+    return exe
+
+
+def test_a_crash_through_many_modules_asks_upstream_for_a_few_once(tmp_path) -> None:
+    chain = tmp_path / "chain"
+    chain.mkdir()
+    root = runc.build_rootfs(str(tmp_path / "root"), {"chain": build_chain(str(chain))})
+    with installed_capture() as cap:
+        c = cap.crash(root, ["/app/chain"], annotations=SEED)
+        [meta] = [m for m in cap.entries() if m["pod"]["container_id"] == c.id]
+        core = os.path.join(spool.ready_dir(cap.spool), meta["id"], spool.CORE_NAME)
+        shutil.copy(core, tmp_path / "core.zst")
+        shutil.copytree(cap.store, tmp_path / "store")
+    (tmp_path / "nothing").mkdir()
+    asked: list[str] = []
+    with http_directory(str(tmp_path / "nothing"), asked) as url:
+        up = upstream.Upstream((url,), str(tmp_path / "cache"))
+        r = runner.analyze(str(tmp_path / "core.zst"), [str(tmp_path / "store")], debug_dirs=(), fetch=up)
+        assert [f"f{i}" for i in reversed(range(CHAIN))] == frames(r)[:CHAIN]  # from the libraries' .dynsym
+        assert len(asked) == upstream.MAX_PER_ANALYSIS < CHAIN  # not one request per module the pod mapped
+        runner.analyze(str(tmp_path / "core.zst"), [str(tmp_path / "store")], debug_dirs=(), fetch=up)
+        assert len(asked) == upstream.MAX_PER_ANALYSIS  # misses are remembered: the next crash asks nothing
