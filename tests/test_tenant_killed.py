@@ -23,41 +23,11 @@ import pytest
 from corevault import config, hostsetup, spool
 from testbed import runc, sysctl
 from tests.conftest import Capture
+from tests.tenants import of_namespace, pod, processes, wait_for
 
 pytestmark = pytest.mark.crash
 SIZE = "257"  # MiB; an unusual number, so that /proc finds this test's process only
 ARGS = ["/app/crasher", "alloc", SIZE]
-
-
-def pod(namespace: str, name: str) -> dict[str, str]:
-    return {
-        "corevault.io/core-pattern": "/data/dump-a/core-%p",
-        "io.kubernetes.pod.namespace": namespace,
-        "io.kubernetes.pod.name": name,
-    }
-
-
-def processes(needle: bytes) -> list[int]:
-    found = []
-    for entry in os.listdir("/proc"):
-        if entry.isdigit():
-            try:
-                with open(f"/proc/{entry}/cmdline", "rb") as f:
-                    if needle in f.read():
-                        found.append(int(entry))
-            except OSError:
-                continue
-    return found
-
-
-def wait_for(what: Callable[[], object], timeout: float = 60) -> object:
-    deadline = time.monotonic() + timeout
-    while time.monotonic() < deadline:
-        found = what()
-        if found:
-            return found
-        time.sleep(0.01)
-    raise AssertionError(f"timed out waiting for {what}")
 
 
 def kill_while_dumping(rootfs: str, volume: str, spool_dir: str, reader: Callable[[], int]) -> None:
@@ -82,8 +52,7 @@ def kill_while_dumping(rootfs: str, volume: str, spool_dir: str, reader: Callabl
 
 
 def check_journal(records: list[dict]) -> None:
-    a = [r for r in records if (r.get("pod") or {}).get("namespace") == "tenant-a"]
-    b = [r for r in records if (r.get("pod") or {}).get("namespace") == "tenant-b"]
+    a, b = of_namespace(records, "tenant-a"), of_namespace(records, "tenant-b")
     [cut] = [r for r in a if r["event"] == "truncated"]
     assert "the kernel stopped the dump" in cut["reason"] and "killed" in cut["reason"], cut
     assert cut["size"] < int(SIZE) << 20
@@ -145,6 +114,5 @@ def test_a_killed_dump_is_truncated_not_captured_socket(rootfs: str, tmp_path) -
         runc.Container(
             rootfs, ["/app/crasher", "segv"], volume=volume, annotations=pod("tenant-b", "b-0")
         ).run()
-        wait_for(lambda: any((r.get("pod") or {}).get("namespace") == "tenant-b"
-                             for r in spool.read_journal(settings.spool_dir)), 30)  # fmt: skip
+        wait_for(lambda: of_namespace(spool.read_journal(settings.spool_dir), "tenant-b"), 30)
         check_journal(spool.read_journal(settings.spool_dir))

@@ -25,20 +25,13 @@ from corevault.kube.events import message
 from testbed import runc
 from testbed.fakekube import FakeKube
 from tests.conftest import Capture
+from tests.tenants import pod
 
 pytestmark = pytest.mark.crash
 CLI = os.path.join(os.path.dirname(sys.executable), "corevault")
 EVIL_DIR, EVIL_NAME = "in[", "red][bold]\x1b]0;pwned\x07x"  # the path /app/in[/red][bold]…
 EVIL_EXE = f"/app/{EVIL_DIR}/{EVIL_NAME}"
 EVIL_SYMBOL = "crash[/red][bold]\x1b[2J"
-
-
-def pod(namespace: str, name: str) -> dict[str, str]:
-    return {
-        "corevault.io/core-pattern": "/data/dump-a/core-%p",
-        "io.kubernetes.pod.namespace": namespace,
-        "io.kubernetes.pod.name": name,
-    }
 
 
 @pytest.fixture

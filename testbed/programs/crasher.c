@@ -6,6 +6,7 @@
  *   crasher dumpable UID      the same, but PR_SET_DUMPABLE 1 like nginx (dump mode 1, as UID)
  *   crasher comm NAME         set comm to NAME, then SIGSEGV
  *   crasher alloc MIB         touch MIB MiB (every other page zero), then SIGSEGV
+ *   crasher noise KIB         fill KIB KiB with pseudo-random bytes (incompressible), then SIGSEGV
  *   crasher threads N         N threads wait, one more crashes in worker_crash()
  *   crasher stack             unbounded recursion in recurse(): stack overflow
  *   crasher fpe               integer division by zero in divide()
@@ -21,6 +22,7 @@
 #include <pthread.h>
 #include <search.h>
 #include <signal.h>
+#include <stdint.h>
 #include <stdio.h>
 #include <stdlib.h>
 #include <string.h>
@@ -107,6 +109,13 @@ int main(int argc, char **argv) {
         if (!strcmp(mode, "dumpable")) prctl(PR_SET_DUMPABLE, 1, 0, 0, 0);
     } else if (!strcmp(mode, "comm")) {
         prctl(PR_SET_NAME, argc > 2 ? argv[2] : "renamed", 0, 0, 0);
+    } else if (!strcmp(mode, "noise")) {
+        size_t size = (argc > 2 ? strtoul(argv[2], NULL, 10) : 1024) << 10;
+        uint64_t *mem = malloc(size + 8), x = 0x9E3779B97F4A7C15u;
+        for (size_t i = 0; i < size / 8; i++) {  /* xorshift64 */
+            x ^= x << 13; x ^= x >> 7; x ^= x << 17;
+            mem[i] = x;
+        }
     } else if (!strcmp(mode, "alloc")) {
         size_t mib = argc > 2 ? strtoul(argv[2], NULL, 10) : 16;
         size_t size = mib << 20;

@@ -22,6 +22,7 @@ import sqlalchemy as sa
 
 from corevault import config, hostsetup, spool
 from corevault.agent.analyses import AnalysisPool, worker_count
+from corevault.agent.kernellog import KernelLog
 from corevault.agent.metrics import Metrics
 from corevault.vault import blobs, catalog, retention, ship
 
@@ -74,6 +75,8 @@ class Agent:
         self.capture_socket: str | None = None
         #: the analyses of shipped crashes (started with the first pass)
         self.analyses: AnalysisPool | None = None
+        #: the dumps the kernel skipped, journaled from its log on every pass
+        self.kernel_log = KernelLog(settings, on_skip=self.metrics.kernel_skipped.inc)
 
     def connect(self) -> ship.Vault:
         vault = self.vault
@@ -117,6 +120,7 @@ class Agent:
         self.heartbeat = time.monotonic()
         self.check_installed()
         spool.ensure(s.spool_dir)
+        self.kernel_log.poll()
         ship.clean_abandoned(s)
         try:
             vault = self.connect()

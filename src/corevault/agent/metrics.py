@@ -22,6 +22,11 @@ class Metrics:
         self.dropped = Counter(
             "corevault_dumps_dropped", "Dumps dropped, cut or refused, by event", ["event"], registry=r
         )
+        self.kernel_skipped = Counter(
+            "corevault_kernel_skipped_dumps",
+            "Dumps the kernel skipped (over core_pipe_limit, or no handler), from its log",
+            registry=r,
+        )
         self.failures = Counter(
             "corevault_ship_failures", "Attempts to ship an entry that failed", registry=r
         )

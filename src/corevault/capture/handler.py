@@ -391,10 +391,17 @@ class _Job:
                     0o600,
                 )
                 level, threads = s.compression_level, s.compression_threads
-                self.vault = stream.ZstdSink(fd, level, threads, budget, over=what)
+                self.vault = stream.ZstdSink(fd, level, threads, budget, over=what, recheck=self._room)
                 self.sinks.append(self.vault)
             except (OSError, stream.SinkFailed) as e:
                 self.problems.append(f"vault: {_reason(e)}")
+
+    def _room(self) -> tuple[int, str]:
+        """The spool's room for this entry now (it counts what the entry holds already)."""
+        try:
+            return spool_budget(self.settings, self.tenants)
+        except stream.SinkFailed as e:
+            return 0, str(e)
 
     def _volume_failed(self, e: BaseException) -> None:
         self.volume["error"] = _reason(e)

@@ -19,12 +19,14 @@ from __future__ import annotations
 import errno
 import fcntl
 import os
+from collections.abc import Callable
 from contextlib import suppress
 
 CHUNK = 1 << 20
 BLOCK = 64 << 10
 JOB_SIZE = 1 << 20
 FLUSH_EVERY = 32 << 20
+RECHECK_EVERY = 16 << 20
 _ZERO_CHUNK = bytes(CHUNK)
 _ZERO_BLOCK = bytes(BLOCK)
 _F_SETPIPE_SZ = 1031
@@ -169,7 +171,9 @@ def _pwrite_all(fd: int, data: memoryview, offset: int) -> None:
 class ZstdSink:
     """A zstd-compressed copy with the SHA-256 of what went in, within a byte budget."""
 
-    __slots__ = ("budget", "compressor", "failed", "fd", "hasher", "name", "over", "size", "stored", "zstd")
+    __slots__ = (
+        "budget", "compressor", "failed", "fd", "hasher", "name", "over", "recheck", "size", "stored", "zstd",
+    )  # fmt: skip
 
     def __init__(
         self,
@@ -180,6 +184,7 @@ class ZstdSink:
         *,
         over: str = "spool is full (its quota was reached)",
         name: str = "vault",
+        recheck: Callable[[], tuple[int, str]] | None = None,
     ) -> None:
         import hashlib
 
@@ -189,6 +194,9 @@ class ZstdSink:
         self.budget = budget
         #: what the budget is (said when it is exceeded)
         self.over = over
+        #: the room left now (and what limits it), asked again every RECHECK_EVERY stored bytes:
+        #: dumps written at once (of one pod, or of all) then never overshoot it by more
+        self.recheck = recheck
         self.size = 0
         self.stored = 0
         self.failed: str | None = None
@@ -213,7 +221,11 @@ class ZstdSink:
     def _out(self, data: bytes) -> None:
         if not data:
             return
+        before = self.stored
         self.stored += len(data)
+        if self.recheck is not None and self.stored // RECHECK_EVERY != before // RECHECK_EVERY:
+            room, self.over = self.recheck()
+            self.budget = before + room  # the room counts what this sink wrote already
         if self.stored > self.budget:
             raise SinkFailed(f"{self.over}; stopped after {self.stored} compressed bytes")
         view = memoryview(data)

@@ -1,0 +1,148 @@
+"""Dumps the kernel skipped, read from its log and journaled like any other lost dump.
+
+Some crashes never reach corevault: with ``core_pipe_limit`` handlers already running the
+kernel skips the dump and only says so in its log (``coredump: 4242(worker): over
+core_pipe_limit, skipping core dump``); so does a pattern whose handler cannot be started.
+The agent follows ``/dev/kmsg`` and turns each such line into a ``dropped`` journal record
+(shipped, counted in ``corevault_dumps_dropped`` and ``corevault_kernel_skipped_dumps``),
+so a tenant whose crash was crowded out sees why.
+
+What the kernel tells is little: the PID as the crashed process's own namespace numbers
+it, and its comm; the process is gone by then, so the record names no pod. The kernel
+rate-limits these lines (``…: N callbacks suppressed`` follows a burst): those are
+journaled as one record with the count. The position read (the records' sequence
+number, with the boot's id) is kept in the state directory, so a restarted agent neither
+repeats nor misses what the ring buffer still holds; the first start begins at the end.
+"""
+
+from __future__ import annotations
+
+import errno
+import logging
+import os
+import re
+import time
+from collections.abc import Callable
+
+from corevault import config, spool
+
+log = logging.getLogger("corevault.agent")
+KMSG = "/dev/kmsg"
+STATE_NAME = "kmsg.seq"
+#: ``coredump: PID(COMM): MESSAGE``; the comm (15 bytes) is escaped by the kernel (%pE, up to four
+#: characters a byte), so the last ``): `` within 64 characters ends it
+LINE = re.compile(r"coredump: (\d+)\((.{0,64})\): (.*)")
+#: what the kernel says when a dump is lost (other coredump lines are warnings about settings)
+LOST = ("skipping core dump", "aborting core", "failed")
+SUPPRESSED = re.compile(r"(\w*coredump\w*): (\d+) callbacks suppressed")
+
+
+def parse(message: str) -> dict | None:
+    """The journal record for one kernel log message, or None when it is not about a lost dump."""
+    if m := LINE.search(message):
+        pid, comm, what = m.groups()
+        if not any(word in what.lower() for word in LOST):
+            return None
+        reason = f"the kernel did not dump {comm} (pid {pid} in its namespace): {what.strip()}"
+        return {"ns_pid": int(pid), "comm": comm, "reason": reason}
+    if m := SUPPRESSED.search(message):
+        n = int(m.group(2))
+        return {"count": n, "reason": f"the kernel did not report {n} more coredump messages (rate-limited)"}
+    return None
+
+
+def _boot_id() -> str:
+    try:
+        with open("/proc/sys/kernel/random/boot_id") as f:
+            return f.read().strip()
+    except OSError:
+        return "-"
+
+
+class KernelLog:
+    """Follows /dev/kmsg without blocking; :meth:`poll` journals what arrived since the last call."""
+
+    def __init__(
+        self, settings: config.Settings, path: str = KMSG, on_skip: Callable[[int], object] | None = None
+    ):
+        self.settings = settings
+        self.path = path
+        self.on_skip = on_skip
+        self.fd = -1
+        self.state = os.path.join(settings.state_dir, STATE_NAME)
+        self.last = self._saved()
+        self.boot = time.time() - time.clock_gettime(time.CLOCK_MONOTONIC)
+
+    def _saved(self) -> int | None:
+        """The last sequence number read in this boot; -1 after a reboot (read all), None the first time."""
+        try:
+            with open(self.state, "rb") as f:
+                boot, seq = f.read(128).split()
+            return int(seq) if boot.decode() == _boot_id() else -1
+        except (OSError, ValueError):
+            return None
+
+    def _open(self) -> bool:
+        if self.fd >= 0:
+            return True
+        try:
+            self.fd = os.open(self.path, os.O_RDONLY | os.O_NONBLOCK | os.O_CLOEXEC)
+        except OSError:
+            return False  # no /dev/kmsg (a container without it): nothing to follow
+        if self.last is None:
+            os.lseek(self.fd, 0, os.SEEK_END)  # the first start: only what happens from now on
+        return True
+
+    def poll(self) -> int:
+        """Journal the skipped dumps logged since the last call; returns how many records were written."""
+        if not self._open():
+            return 0
+        written = 0
+        newest = self.last
+        while True:
+            try:
+                raw = os.read(self.fd, 8192)
+            except BlockingIOError:
+                break
+            except OSError as e:
+                if e.errno == errno.EPIPE:  # records were overwritten before we read them
+                    continue
+                log.warning("cannot read the kernel log (%s): its skipped dumps are not journaled", e)
+                break
+            if not raw:
+                break
+            head, _, body = raw.decode(errors="replace").partition(";")
+            fields = head.split(",")
+            if len(fields) < 3 or not fields[1].isdigit():
+                continue
+            seq = int(fields[1])
+            if self.last is not None and seq <= self.last:
+                continue
+            newest = seq
+            record = parse(body.split("\n", 1)[0])
+            if record is None:
+                continue
+            stamp = self.boot + int(fields[2]) / 1e6 if fields[2].isdigit() else time.time()
+            spool.ensure(self.settings.spool_dir)
+            spool.journal(
+                self.settings.spool_dir,
+                {
+                    "event": "dropped", "transport": "kernel", "source": "kernel log",
+                    "node": self.settings.node_name, "time": stamp, **record,
+                },
+            )  # fmt: skip
+            written += 1
+            if self.on_skip is not None:
+                self.on_skip(record.get("count", 1))
+        if newest is not None and newest != self.last:
+            self.last = newest
+            tmp = self.state + ".tmp"
+            with open(tmp, "w") as f:
+                f.write(f"{_boot_id()} {newest}")
+            os.replace(tmp, self.state)
+        return written
+
+    def close(self) -> None:
+        if self.fd >= 0:
+            os.close(self.fd)
+            self.fd = -1

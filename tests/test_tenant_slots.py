@@ -1,0 +1,156 @@
+"""One pod's dumps never hold all of the kernel's pipe slots; the dumps the kernel skips are journaled.
+
+The kernel starts at most ``core_pipe_limit`` pipe handlers at once and skips every other
+dump. Tenant A's pod crashes six times; each dump corevault admits is held still (its
+handler is stopped, as a dump of 64 GiB of mostly zeros would hold it for minutes), and
+then tenant B's pod (another namespace) crashes. The limit is lowered to 4 for the test, so
+the point is made with a few small cores.
+"""
+
+from __future__ import annotations
+
+import os
+import signal
+import threading
+import uuid
+from contextlib import suppress
+
+import pytest
+
+from corevault import config, hostsetup, spool
+from corevault.agent.kernellog import KernelLog
+from corevault.hostsetup import SYSCTLS, write_sysctl
+from testbed import runc
+from tests.conftest import Capture
+from tests.tenants import of_namespace, pod, processes, wait_for
+from tests.test_socket_mode import socket_capture
+
+pytestmark = pytest.mark.crash
+
+
+class HeldDumps:
+    """Tenant A's crashes, each of whose admitted dumps is held still until :meth:`release`."""
+
+    def __init__(self, capture: Capture, rootfs: str) -> None:
+        self.capture = capture
+        self.rootfs = rootfs
+        self.pod_uid = runc.new_pod_uid()
+        self.held: list[int] = []
+        self.runs: list[threading.Thread] = []
+        self.seen: set[str] = set()
+
+    def crash(self) -> None:
+        """One more crash of A; returns once its dump is held, refused or skipped."""
+        c = runc.Container(
+            self.rootfs, ["/app/crasher", "alloc", "64"], volume=self.capture.volume,
+            annotations=pod("tenant-a", "a-0"), pod_uid=self.pod_uid,
+        )  # fmt: skip
+        run = threading.Thread(target=c.run)
+        run.start()
+        self.runs.append(run)
+        tmp = spool.tmp_dir(self.capture.spool)
+
+        def outcome() -> set[str] | bool:
+            streaming = set(os.listdir(tmp)) - self.seen if os.path.isdir(tmp) else set()
+            return streaming or not run.is_alive()
+
+        found = wait_for(outcome)
+        for entry in found if isinstance(found, set) else ():
+            self.seen.add(entry)
+            crashed = entry.split("-")[1].encode()  # spool ids carry the crashed process's host PID
+            for handler in processes(self.capture.handler.encode(), b"\0" + crashed + b"\0"):
+                try:
+                    os.kill(handler, signal.SIGSTOP)
+                    self.held.append(handler)
+                except ProcessLookupError:
+                    pass  # done already: its slot is free again
+
+    def release(self) -> None:
+        for handler in self.held:
+            with suppress(ProcessLookupError):
+                os.kill(handler, signal.SIGCONT)
+        for run in self.runs:
+            run.join(120)
+
+
+def test_a_pods_dumps_never_take_every_pipe_slot(capture: Capture, rootfs: str) -> None:
+    write_sysctl(SYSCTLS["core_pipe_limit"], "4")  # the capture fixture restores it
+    a = HeldDumps(capture, rootfs)
+    try:
+        for _ in range(6):
+            a.crash()
+        capture.crash(rootfs, ["/app/crasher", "segv"], annotations=pod("tenant-b", "b-0"))
+        b = of_namespace(capture.journal(), "tenant-b")
+    finally:
+        a.release()
+    assert [r["event"] for r in b] == ["captured"], b  # B's crash was not skipped by the kernel
+    refused = [r for r in of_namespace(capture.journal(), "tenant-a") if r["event"] == "dropped"]
+    assert len(refused) == 4 and all(
+        "dumps of this pod are being read already" in r["reason"] for r in refused
+    )
+    assert len([m for m in capture.entries() if m["pod"]["namespace"] == "tenant-a"]) == 2
+
+
+def test_a_dump_the_kernel_skips_is_journaled_as_dropped(capture: Capture, rootfs: str) -> None:
+    settings = config.load(capture.config)
+    skipped = []
+    follower = KernelLog(settings, on_skip=skipped.append)
+    follower.poll()  # from now on
+    write_sysctl(SYSCTLS["core_pipe_limit"], "1")
+    comm = "cv" + uuid.uuid4().hex[:10]
+    a = HeldDumps(capture, rootfs)
+    try:
+        a.crash()
+        assert a.held, "tenant A's dump was expected to hold the only pipe slot"
+        capture.crash(rootfs, ["/app/crasher", "comm", comm], annotations=pod("tenant-b", "b-0"))
+    finally:
+        a.release()
+
+    def journaled() -> list[dict]:
+        follower.poll()
+        return [r for r in spool.read_journal(capture.spool) if r.get("comm") == comm]
+
+    wait_for(journaled, 10)
+    mine = journaled()
+    assert len(mine) == 1 and mine[0]["event"] == "dropped" and mine[0]["transport"] == "kernel", mine
+    assert "over core_pipe_limit" in mine[0]["reason"] and skipped
+    assert not [r for r in of_namespace(capture.journal(), "tenant-b") if r["event"] == "captured"]
+    follower.close()
+
+
+FLOOD = (
+    "for i in 1 2 3 4 5 6 7 8 9 10 11 12; do "
+    "(while [ ! -e /data/dump-a/stop ]; do /app/crasher alloc 16; done) & done; wait"
+)
+
+
+@pytest.mark.skipif(
+    hostsetup.kernel_socket_mode() != "@@", reason="the coredump socket with requests needs 6.17+"
+)
+def test_a_pods_crash_loops_never_crowd_out_another_pods_crashes_in_socket_mode(rootfs: str) -> None:
+    """Twelve crash loops in tenant A's pod while tenant B's pod crashes five times: B keeps all five."""
+    with socket_capture() as s:
+        # A pod may have as many containers as it likes, each with a storm budget of its own.
+        s.settings.storm_max = 1 << 20
+        volume = os.path.join(s.dir, "a-vol")
+        os.mkdir(volume)
+        a = runc.Container(rootfs, ["/bin/sh", "-c", FLOOD], volume=volume,
+                           annotations={**pod("tenant-a", "a-0"), "corevault.io/targets": "vault"})  # fmt: skip
+        flood = threading.Thread(target=a.run, kwargs={"timeout": 300})
+        flood.start()
+        try:
+            tmp = spool.tmp_dir(s.settings.spool_dir)
+            wait_for(lambda: os.path.isdir(tmp) and os.listdir(tmp))  # A's dumps are being read
+            for i in range(5):
+                runc.Container(rootfs, ["/app/crasher", "segv"], volume=s.volume,
+                               annotations=pod("tenant-b", f"b-{i}")).run()  # fmt: skip
+        finally:
+            with open(os.path.join(volume, "stop"), "w"):
+                pass
+            flood.join(300)
+        s.settle()
+        journal = s.journal()
+    b = of_namespace(journal, "tenant-b")
+    assert [r["event"] for r in b] == ["captured"] * 5, b
+    a_events = [r["event"] for r in of_namespace(journal, "tenant-a")]
+    assert a_events.count("dropped") > 0 and a_events.count("captured") > 0  # A was refused beyond its share
