@@ -77,7 +77,7 @@ def attribute(
     if crashed is None or core.machine != "x86_64" or exe_path is None or not files.get(exe_path):
         return threads
     names = [f.function for f in crashed.frames]
-    cut = next((i for i, n in enumerate(names) if n in SWITCHES), None)
+    cut = next((i for i, n in enumerate(names) if n and n.removesuffix(".abi0") in SWITCHES), None)
     if cut is None or any(signature.in_app(f) for f in crashed.frames[:cut]):
         return threads
     state = next((t for t in core.threads if t.tid == crashed.tid), None)

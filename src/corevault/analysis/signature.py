@@ -71,7 +71,7 @@ SKIP_PATTERN = re.compile(
     r"|core::(option|result)::\w+::(unwrap|expect)\w*$"
     r"|runtime\.(raise\w*|dieFromSignal|sigfwd\w*|\w*sigtramp\w*|sighandler|crash|fatal\w*|throw|gopanic|sigpanic"
     r"|panic\w*|goPanic\w*|systemstack\w*|mcall|morestack\w*|abort|startpanic_m|dopanic_m|goexit\w*|main"
-    r"|mstart\w*|rt0_go|asmcgocall\w*)(\.func\d+)*$)"
+    r"|mstart\w*|rt0_go|asmcgocall\w*|sigreturn\w*)(\.func\d+)*(\.abi0)?$)"
 )
 # Go's runtime is linked into the program's own binary, but it is no more the program than libc is.
 GO_RUNTIME = re.compile(r"^runtime(/internal/\w+)?\.")

@@ -158,6 +158,9 @@ def _name_from_symtabs(
         # A caller's pc is a return address, which may lie just past a call at a function's end.
         offset = f.offset - 1 if f.index else f.offset
         name = next((n for t in tables[f.module] if (n := t.name_at(offset)) is not None), None)
+        if name is None and offset != f.offset:
+            # a signal frame's "return address" is the entry of the signal trampoline itself
+            name = next((n for t in tables[f.module] if (n := t.name_at(f.offset)) is not None), None)
         return f if name is None else dataclasses.replace(f, function=name)
 
     return [dataclasses.replace(t, frames=tuple(named(f) for f in t.frames)) for t in threads]
