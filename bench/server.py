@@ -10,6 +10,8 @@ client, in one run:
 - p50 latency of the group list page, a crash page, and their JSON forms, for a reader of
   every namespace and for a reader of one namespace (goal ≤ 100 ms), each also as a ratio
   to the p50 of ``/healthz`` (the server's fixed cost per request);
+- search (``?q=``) over crashes and groups, for both readers (goal ≤ 50 ms): a pod's name,
+  a word that every crash holds (newest first, a page of 50), two words, and groups;
 - debuginfod: throughput of ``curl`` fetching ``/buildid/<id>/executable``, a ``--binary-mib``
   MiB file, ÷ ``cat`` of the same stored file from the page cache, both into /dev/null.
 """
@@ -31,7 +33,7 @@ import httpx
 
 from bench.vault import insert_crashes
 from corevault import config
-from corevault.vault import blobs, catalog
+from corevault.vault import blobs, catalog, search
 from testbed import servers
 
 CLI = os.path.join(os.path.dirname(sys.executable), "corevault")
@@ -93,6 +95,7 @@ def fill(state: str, rows: int, binary_mib: int) -> tuple[str, str]:
 
         insert_crashes(conn, crashes())
         catalog.rebuild_group_counts(conn)
+        search.rebuild(conn)
         crash_id = conn.execute(
             catalog.crashes.select()
             .with_only_columns(catalog.crashes.c.id)
@@ -161,6 +164,20 @@ def throughput(url: str, token: str, plain_path: str, runs: int) -> tuple[float,
     return statistics.median(ours), statistics.median(base)
 
 
+#: searches: a pod (a few dozen crashes), a word in every crash, two words, groups by pod and by frame
+SEARCHES = [
+    ("crashes, a pod's name, every namespace", "/api/v1/crashes?q=team-7-pod-123", ADMIN),
+    ("crashes, a pod's name, one namespace", "/api/v1/crashes?q=team-7-pod-123", TEAM),
+    ("crashes, a word in every crash, every namespace", "/api/v1/crashes?q=handler_0", ADMIN),
+    ("crashes, a word in every crash, one namespace", "/api/v1/crashes?q=handler_0", TEAM),
+    ("crashes, two words (image and pod)", "/api/v1/crashes?q=svc-3%20pod-42", ADMIN),
+    ("groups, a pod's name, every namespace", "/api/v1/groups?state=all&q=team-7-pod-123", ADMIN),
+    ("groups, a pod's name, one namespace", "/api/v1/groups?state=all&q=team-7-pod-123", TEAM),
+    ("groups, a word in every crash, every namespace", "/api/v1/groups?state=all&q=handler_0", ADMIN),
+    ("group list page with a search", "/?state=all&q=team-7-pod-12", TEAM),
+]
+
+
 def main() -> int:
     ap = argparse.ArgumentParser(description=__doc__.splitlines()[0])
     ap.add_argument("--rows", type=int, default=1_000_000)
@@ -203,6 +220,11 @@ def main() -> int:
                     ms = p50(client, path, token, a.runs)
                     goal = "" if ms <= 100 else "  (goal <= 100 ms NOT met)"
                     print(f"  {label:<38} {ms:7.1f} ms  {ms / base:5.1f} x /healthz{goal}")
+                print("search (goal: p50 <= 50 ms)")
+                for label, path, token in SEARCHES:
+                    ms = p50(client, path, token, a.runs)
+                    goal = "" if ms <= 50 else "  (goal <= 50 ms NOT met)"
+                    print(f"  {label:<46} {ms:7.1f} ms  {ms / base:5.1f} x /healthz{goal}")
                 plain_path = os.path.join(state, "vault", blobs.buildid_key(build_id))
                 for who, token in (("every namespace", ADMIN), ("one namespace", TEAM)):
                     url = f"http://127.0.0.1:{port}/buildid/{build_id}/executable"

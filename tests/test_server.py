@@ -181,7 +181,7 @@ def test_a_reader_of_a_learns_nothing_of_b_on_any_endpoint(served: Served) -> No
         "registry.example/api",
     ]
     walk = _requests_for_b(served)
-    assert len({url.split("?")[0] for _, url in walk}) == 15, walk  # every API, debuginfod and page route
+    assert len({url.split("?")[0] for _, url in walk}) == 16, walk  # every API, debuginfod and page route
     b_group = served.get(f"/api/v1/crashes/{served.ids['b-abrt']}").json()["signature"]
     for method, url in walk:
         r = httpx.request(

@@ -266,3 +266,14 @@ def test_kubernetes_readers_need_update_pods_in_each_namespace(served: Served, t
     assert {("dev", "a", "update"), ("dev", "b", "update"), ("lead", "b", "update")} <= asked
     for sig in ("shared", "only-a"):
         served.post(f"/api/v1/groups/{sig}/state", "admin", {"state": "open"})
+
+
+def test_group_metrics_are_for_readers_and_made_of_their_namespaces(served: Served) -> None:
+    assert httpx.get(served.url + "/api/v1/metrics").status_code == 401
+    mine = served.get("/api/v1/metrics", "a").text
+    assert 'corevault_groups{namespace="a",state=' in mine and 'namespace="b"' not in mine
+    assert 'corevault_group_events_total{kind="new",namespace="a"} 2.0' in mine
+    assert "corevault_alert_deliveries" not in mine  # sinks are the cluster's business
+    everything = served.get("/api/v1/metrics").text
+    assert 'corevault_group_events_total{kind="new",namespace="b"}' in everything
+    assert served.get("/api/v1/metrics", "a", params={"namespace": "b"}).status_code == 403

@@ -95,6 +95,7 @@ class Settings:
         "agent_analyze",
         "agent_metrics",
         "agent_poll",
+        "alerts",
         "analysis_memory",
         "analysis_timeout",
         "analysis_uid",
@@ -172,6 +173,8 @@ class Settings:
         #: follow the kernel's core_uses_pid when expanding pod patterns (None: read the sysctl)
         self.core_uses_pid: bool | None = None
         self.rules: list[Rule] = []
+        #: the server's alert settings ([alerts]), read by corevault.alerts.sinks
+        self.alerts: dict = {}
         #: where the vault keeps blobs: file:///path (local disk, NAS) or s3://bucket/prefix
         self.vault_store = "file://" + os.path.join(state_dir, "vault")
         #: the catalog: SQLite by default, PostgreSQL (postgresql+psycopg://…) when nodes share one
@@ -339,7 +342,7 @@ def from_dict(doc: dict, where: str = "config") -> Settings:
     _known(
         doc,
         {"state_dir", "node_name", "capture", "spool", "paths", "rules", "vault", "agent", "retention"}
-        | {"analysis"},
+        | {"analysis", "alerts"},
         where,
     )
     s = Settings(_str(doc, "state_dir", where, DEFAULT_STATE_DIR))
@@ -473,6 +476,9 @@ def from_dict(doc: dict, where: str = "config") -> Settings:
         s.retention_namespace_max_size = parse_size(
             retention["namespace_max_size"], f"{where} [retention] namespace_max_size"
         )
+
+    #: the server's [alerts] table, checked by corevault.alerts.sinks when the server starts
+    s.alerts = _table(doc, "alerts", where)
 
     rules = doc.get("rules", [])
     if not isinstance(rules, list):

@@ -61,13 +61,27 @@ def serve(
         access = acc.KubeAccess(cluster.api_client(kubeconfig))
     import uvicorn
 
+    from corevault.alerts import sinks
     from corevault.server.app import create_app
 
-    app = create_app(config.load(ctx.obj["config"]), access)
+    settings = config.load(ctx.obj["config"])
+    alerting = sinks.parse(settings.alerts)
+    app = create_app(settings, access)
     scheme = "https" if tls_cert else "http"
     shown = f"[{host}]" if ":" in host else host
     print(f"corevault: serving {scheme}://{shown}:{port}/ (Ctrl-C stops)", file=sys.stderr, flush=True)
-    uvicorn.run(
-        app, host=host, port=port, log_level="warning", access_log=access_log,
-        ssl_certfile=tls_cert, ssl_keyfile=tls_key, server_header=False,
-    )  # fmt: skip
+    dispatcher = None
+    if alerting is not None:
+        from corevault.alerts.outbox import Dispatcher
+
+        dispatcher = Dispatcher(app.state.server.vault.engine, alerting).start()
+        names = ", ".join(s.name for s in alerting.sinks)
+        print(f"corevault: sending alerts to {names}", file=sys.stderr, flush=True)
+    try:
+        uvicorn.run(
+            app, host=host, port=port, log_level="warning", access_log=access_log,
+            ssl_certfile=tls_cert, ssl_keyfile=tls_key, server_header=False,
+        )  # fmt: skip
+    finally:
+        if dispatcher is not None:
+            dispatcher.stop()

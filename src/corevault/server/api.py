@@ -481,6 +481,23 @@ def snapshot_status(request: Request, reader: Reader, rid: str) -> dict:
     return doc
 
 
+@router.get(
+    "/metrics",
+    response_class=Response,
+    responses={200: {"content": {"text/plain": {}}, "description": "Prometheus text format"}},
+)
+def triage_metrics(request: Request, reader: Reader, namespace: str | None = None) -> Response:
+    """Crash groups per namespace and state, and group events, over the namespaces you may read (Prometheus)."""
+    from prometheus_client import CONTENT_TYPE_LATEST
+
+    from corevault.alerts import metrics
+
+    visible = _scope(reader, namespace)
+    with server(request).vault.engine.connect() as conn:
+        body = metrics.exposition(conn, visible, namespace)
+    return Response(body, media_type=CONTENT_TYPE_LATEST)
+
+
 @router.get("/namespaces", response_model=list[str])
 def list_namespaces(request: Request, reader: Reader) -> list[str]:
     """The namespaces with crashes that you may read."""

@@ -209,8 +209,18 @@ def _v4(conn: Connection) -> None:
     metadata.create_all(conn, tables=snapshots.TABLES)
 
 
+def _v5(conn: Connection) -> None:
+    """The alert outbox (deliveries of group events to sinks, the fan-out's cursor), search statistics."""
+    from corevault.vault import lifecycle, search
+
+    metadata.create_all(conn, tables=lifecycle.ALERT_TABLES)
+    search.create_stats(conn)
+    if conn.dialect.name == "sqlite":
+        search.refresh_stats(conn)
+
+
 #: Numbered schema migrations; a new one is appended, never edited.
-MIGRATIONS: list[Callable[[Connection], None]] = [_v1, _v2, _v3, _v4]
+MIGRATIONS: list[Callable[[Connection], None]] = [_v1, _v2, _v3, _v4, _v5]
 
 
 class CatalogError(UserError):

@@ -85,6 +85,44 @@ sa.Index("group_events_kind_namespace", group_events.c.kind, group_events.c.name
 
 TABLES = [group_states, group_history, group_events]
 
+alert_deliveries = sa.Table(
+    "alert_deliveries",
+    metadata,
+    sa.Column("id", sa.Integer, primary_key=True, autoincrement=True),
+    sa.Column("sink", sa.String(64), nullable=False),
+    sa.Column("signature", sa.String(32), nullable=False),
+    sa.Column("event_id", sa.Integer, nullable=False),
+    #: when the event was written: the next event of the group for this sink waits a window past it
+    sa.Column("event_time", sa.Float, nullable=False),
+    #: pending, sent, failed
+    sa.Column("status", sa.String(16), nullable=False),
+    sa.Column("created", sa.Float, nullable=False),
+    sa.Column("attempts", sa.Integer, nullable=False),
+    sa.Column("next_try", sa.Float, nullable=False),
+    sa.Column("lease_until", sa.Float),
+    sa.Column("sent_at", sa.Float),
+    sa.Column("last_error", sa.Text),
+    sa.UniqueConstraint("sink", "event_id", name="alert_deliveries_once"),
+)
+sa.Index(
+    "alert_deliveries_group",
+    alert_deliveries.c.sink,
+    alert_deliveries.c.signature,
+    alert_deliveries.c.event_time,
+)
+sa.Index("alert_deliveries_due", alert_deliveries.c.status, alert_deliveries.c.next_try)
+
+#: how far the fan-out got through group_events; and how many events each sink did not get
+alert_cursor = sa.Table(
+    "alert_cursor",
+    metadata,
+    sa.Column("name", sa.String(64), primary_key=True),
+    sa.Column("value", sa.BigInteger, nullable=False),
+)
+
+#: the alert outbox (corevault.alerts.outbox): schema v4
+ALERT_TABLES = [alert_deliveries, alert_cursor]
+
 CORVAULT = "corevault"
 
 

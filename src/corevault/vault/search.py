@@ -19,6 +19,8 @@ from __future__ import annotations
 
 import json
 import re
+import threading
+import time
 import zlib
 from collections.abc import Collection
 
@@ -117,15 +119,9 @@ def forget(conn: Connection, crash_id: str) -> None:
 def rebuild(conn: Connection) -> None:
     """Index every crash from scratch (the migration that adds search, bulk loads)."""
     if conn.dialect.name == "sqlite":
-        conn.exec_driver_sql("DELETE FROM crash_search")
-        conn.exec_driver_sql(
-            "INSERT INTO crash_search (rowid, crash_id, signature, namespace, doc) "
-            "SELECT (c.time << 24) + (c.rowid & 16777215), c.id, c.signature, coalesce(c.namespace, ''), "
-            "coalesce(c.title, '') || char(10) || coalesce(c.exe, '') || char(10) || coalesce(c.pod, '') "
-            "|| char(10) || coalesce(c.image, '') || char(10) "
-            "|| coalesce(json_extract(r.report, '$.signature_frames'), '') "
-            "FROM crashes c LEFT JOIN reports r ON r.crash_id = c.id"
-        )
+        _rebuild_sqlite(conn)
+        if conn.execute(sa.text("SELECT 1 FROM sqlite_master WHERE name = 'crash_search_stats'")).first():
+            refresh_stats(conn)
         return
     conn.exec_driver_sql("DELETE FROM crash_search_pg")
     conn.exec_driver_sql(
@@ -135,8 +131,90 @@ def rebuild(conn: Connection) -> None:
     )
 
 
+def _rebuild_sqlite(conn: Connection) -> None:
+    conn.exec_driver_sql("DELETE FROM crash_search")
+    conn.exec_driver_sql(
+        "INSERT INTO crash_search (rowid, crash_id, signature, namespace, doc) "
+        "SELECT (c.time << 24) + (c.rowid & 16777215), c.id, c.signature, coalesce(c.namespace, ''), "
+        "coalesce(c.title, '') || char(10) || coalesce(c.exe, '') || char(10) || coalesce(c.pod, '') "
+        "|| char(10) || coalesce(c.image, '') || char(10) "
+        "|| coalesce(json_extract(r.report, '$.signature_frames'), '') "
+        "FROM crashes c LEFT JOIN reports r ON r.crash_id = c.id"
+    )
+
+
+def _quoted(text: str) -> str:
+    return '"' + text.replace('"', '""') + '"'
+
+
 def _fts_query(words: list[str]) -> str:
-    return " AND ".join('"' + w.replace('"', '""') + '"' for w in words)
+    return " AND ".join(_quoted(w) for w in words)
+
+
+def create_stats(conn: Connection) -> None:
+    if conn.dialect.name == "sqlite":
+        conn.exec_driver_sql(
+            "CREATE TABLE IF NOT EXISTS crash_search_stats (term TEXT PRIMARY KEY, docs INTEGER NOT NULL)"
+        )
+
+
+_REFRESHED = "\x00refreshed"
+STATS_AGE = 600.0
+_refreshing = threading.Lock()
+
+
+def refresh_stats(conn: Connection) -> None:
+    """Count the crashes holding each trigram (SQLite): what picks a word's rarest trigrams."""
+    conn.exec_driver_sql(
+        "CREATE VIRTUAL TABLE IF NOT EXISTS temp.crash_search_vocab "
+        "USING fts5vocab(main, crash_search, 'row')"
+    )
+    conn.exec_driver_sql("DELETE FROM crash_search_stats")
+    conn.exec_driver_sql(
+        "INSERT INTO crash_search_stats (term, docs) SELECT term, doc FROM temp.crash_search_vocab"
+    )
+    conn.exec_driver_sql(
+        "INSERT INTO crash_search_stats (term, docs) VALUES (?, ?)", (_REFRESHED, int(time.time()))
+    )
+
+
+def _refresh_in_background(engine: sa.Engine) -> None:
+    if not _refreshing.acquire(blocking=False):
+        return  # one refresh at a time
+
+    def run() -> None:
+        try:
+            with engine.begin() as conn:
+                refresh_stats(conn)
+        finally:
+            _refreshing.release()
+
+    threading.Thread(target=run, name="corevault-search-stats", daemon=True).start()
+
+
+def _rare_trigrams(conn: Connection, words: list[str]) -> list[str] | None:
+    """Up to three of each word's rarest trigrams, by the stats; None when there are no fresh stats.
+
+    A long word shares trigrams with most crashes (``team-7-pod-123``: ``tea``, ``pod``…), and
+    FTS5 reads every listed trigram's whole posting list; matching the rarest few and checking
+    the word itself on the few rows they find is what keeps such a search fast.
+    """
+    wanted = {w.lower()[i : i + 3] for w in words for i in range(len(w) - 2)}
+    stats = sa.table("crash_search_stats", sa.column("term"), sa.column("docs"))
+    rows = conn.execute(
+        sa.select(stats.c.term, stats.c.docs).where(stats.c.term.in_([*wanted, _REFRESHED]))
+    ).all()
+    docs = dict(rows)
+    refreshed = docs.pop(_REFRESHED, 0)
+    if time.time() - refreshed > STATS_AGE:
+        _refresh_in_background(conn.engine)
+    if not refreshed:
+        return None
+    picked = []
+    for w in words:
+        grams = sorted({w.lower()[i : i + 3] for i in range(len(w) - 2)}, key=lambda g: docs.get(g, 0))
+        picked += grams[:3]
+    return picked
 
 
 def _like(word: str) -> str:
@@ -151,9 +229,9 @@ def matching(conn: Connection, q: str) -> tuple[sa.FromClause, sa.ColumnElement,
     """
     words = terms(q)
     if conn.dialect.name == "sqlite":
-        fts = sa.table(_SQLITE, sa.column("rowid"), sa.column("crash_id"), sa.column(_SQLITE))
-        match = sa.text(f"{_SQLITE} MATCH :fts").bindparams(fts=_fts_query(words))
-        sub = sa.select(fts.c.rowid.label("key"), fts.c.crash_id).where(match).subquery()
+        fts = sa.table(_SQLITE, sa.column("rowid"), sa.column("crash_id"), sa.column("doc"))
+        query = sa.select(fts.c.rowid.label("key"), fts.c.crash_id).where(_sqlite_match(conn, words, fts))
+        sub = query.subquery()
         return sub, sub.c.crash_id, sub.c.key
     doc = _PG_TABLE.c.doc
     sub = (
@@ -164,12 +242,22 @@ def matching(conn: Connection, q: str) -> tuple[sa.FromClause, sa.ColumnElement,
     return sub, sub.c.crash_id, sub.c.key
 
 
+def _sqlite_match(conn: Connection, words: list[str], fts: sa.TableClause) -> sa.ColumnElement:
+    """The MATCH (and, with rare trigrams, the check of each whole word) for SQLite."""
+    rare = _rare_trigrams(conn, words) if all(w.isascii() for w in words) else None
+    if rare is None:
+        return sa.text("crash_search MATCH :fts").bindparams(fts=_fts_query(words))
+    match = sa.text("crash_search MATCH :fts").bindparams(fts=" AND ".join(_quoted(g) for g in rare))
+    # ASCII words: lower() folds case the way the trigram tokenizer does
+    return sa.and_(match, *(sa.func.instr(sa.func.lower(fts.c.doc), w.lower()) > 0 for w in words))
+
+
 def signatures(conn: Connection, q: str, visible: Collection[str] | None, namespace: str | None) -> sa.Select:
     """The signatures of the groups with a crash matching ``q`` in the namespaces in scope."""
     scope = []
     if conn.dialect.name == "sqlite":
-        fts = sa.table(_SQLITE, sa.column("signature"), sa.column("namespace"))
-        match = sa.text(f"{_SQLITE} MATCH :fts").bindparams(fts=_fts_query(terms(q)))
+        fts = sa.table(_SQLITE, sa.column("signature"), sa.column("namespace"), sa.column("doc"))
+        match = _sqlite_match(conn, terms(q), fts)
         ns, query = fts.c.namespace, sa.select(fts.c.signature).where(match, fts.c.signature.is_not(None))
     else:
         from corevault.vault.catalog import crashes
