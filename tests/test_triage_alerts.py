@@ -150,6 +150,9 @@ def test_each_sink_hears_once_per_group_and_window_with_its_namespace_only(
         team = json.dumps(slack["team"])
         assert "&lt;!channel&gt;" in team and "<!channel>" not in team and "<https://evil" not in team
 
+        # the same group crashes in team, saying something of its own: new to team, nothing for shop
+        add(engine, signature="g-shop", frames=["Cart::total", "teamOnlySecret"], namespace="team",
+            image="reg/team-secret:1", when=now - 30)  # fmt: skip
         # a storm in the same window: a spike, but the window has had its alert
         for _ in range(4):
             add(engine, signature="g-shop", frames=["Cart::total", "main"], namespace="shop", image="reg/shop:2",

@@ -139,6 +139,13 @@ def _event(conn: Connection, delivery: sa.Row) -> tuple[dict, dict]:
     )
     row = conn.execute(sa.select(catalog.groups).where(catalog.groups.c.signature == ev["signature"])).first()
     group = dict(row._mapping) if row else {"title": None, "signal_name": None}
+    # the title of this namespace's newest crash of the group, not the group's: a title may hold
+    # what one crash said (its last words), and an alert carries its own namespace's data only
+    c = catalog.crashes.c
+    own = c.namespace == ev["namespace"] if ev["namespace"] else c.namespace.is_(None)
+    group["title"] = conn.execute(
+        sa.select(c.title).where(c.signature == ev["signature"], own).order_by(c.time.desc()).limit(1)
+    ).scalar()
     group["state"] = lifecycle.state_of(conn, ev["signature"])["state"]
     return ev, group
 

@@ -358,7 +358,6 @@ def record_analysis(conn: Connection, crash_id: str, report: dict) -> bool:
         ).one()
         when = crash.time
         signal_name = (report.get("signal") or {}).get("name")
-        known = conn.execute(sa.select(groups.c.count).where(groups.c.signature == signature)).first()
         ins = _insert(conn, groups).values(
             signature=signature,
             title=title,
@@ -378,7 +377,7 @@ def record_analysis(conn: Connection, crash_id: str, report: dict) -> bool:
                 },
             )
         )
-        lifecycle.on_crash(conn, signature, crash, created=known is None)
+        lifecycle.on_crash(conn, signature, crash)
         _count(conn, signature, crash, +1)
         row = {**crash._mapping, "title": title, "signature": signature}
         search.index(conn, row, search.frames_of(report))

@@ -12,7 +12,7 @@ A group without a row in ``group_states`` is ``open``. People move it:
   happened after it was resolved; one analysed late that happened before does not count).
 
 Every change, by a person or by corevault, is a row of ``group_history``. The catalog
-also writes ``group_events`` (``new``: a group's first crash; ``regressed``; ``spike``,
+also writes ``group_events`` (``new``: a group's first crash in a namespace; ``regressed``; ``spike``,
 written by the alert dispatcher), each with the namespace and image of the crash behind
 it: alerts and metrics are made from those rows, so an event is never lost between the
 transaction that counted the crash and a notifier that restarts.
@@ -255,20 +255,22 @@ def _image_known_before(conn: Connection, image: str, before: float) -> bool:
     return first is not None and first < before
 
 
-def on_crash(conn: Connection, signature: str, crash: sa.Row, *, created: bool) -> str | None:
+def on_crash(conn: Connection, signature: str, crash: sa.Row) -> str | None:
     """Called in the transaction that counts an analysed crash into its group, before it is counted.
 
-    ``crash`` has id, time, namespace and image. Writes the group's ``new`` or
+    ``crash`` has id, time, namespace and image. Writes the group's ``new`` event (its first
+    crash in this namespace: each namespace hears of a group it has not had before) or its
     ``regressed`` event and state changes; returns the event's kind, if any.
     """
     ns, image = crash.namespace or "", crash.image or None
-    event = None
-    if created:
-        event = "new"
-    else:
-        current = conn.execute(sa.select(group_states).where(group_states.c.signature == signature)).first()
-        if current is not None:
-            event = _follow_up(conn, signature, current, crash)
+    gn = group_ns.c
+    seen_here = conn.execute(
+        sa.select(sa.literal(1)).where(gn.signature == signature, gn.namespace == ns).limit(1)
+    ).first()
+    event = "new" if seen_here is None else None
+    current = conn.execute(sa.select(group_states).where(group_states.c.signature == signature)).first()
+    if current is not None:
+        event = _follow_up(conn, signature, current, crash) or event
     if event is not None:
         conn.execute(
             _insert(conn, group_events)
