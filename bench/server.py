@@ -164,7 +164,8 @@ def throughput(url: str, token: str, plain_path: str, runs: int) -> tuple[float,
     return statistics.median(ours), statistics.median(base)
 
 
-#: searches: a pod (a few dozen crashes), a word in every crash, two words, groups by pod and by frame
+#: searches: a pod (a few dozen crashes), a word in every crash, two words; groups by pod, by title, by a
+#: word in every pod name
 SEARCHES = [
     ("crashes, a pod's name, every namespace", "/api/v1/crashes?q=team-7-pod-123", ADMIN),
     ("crashes, a pod's name, one namespace", "/api/v1/crashes?q=team-7-pod-123", TEAM),
@@ -174,6 +175,7 @@ SEARCHES = [
     ("groups, a pod's name, every namespace", "/api/v1/groups?state=all&q=team-7-pod-123", ADMIN),
     ("groups, a pod's name, one namespace", "/api/v1/groups?state=all&q=team-7-pod-123", TEAM),
     ("groups, a word in every crash, every namespace", "/api/v1/groups?state=all&q=handler_0", ADMIN),
+    ("groups, a word in every pod, one namespace", "/api/v1/groups?state=all&q=pod-", TEAM),
     ("group list page with a search", "/?state=all&q=team-7-pod-12", TEAM),
 ]
 

@@ -167,3 +167,30 @@ def test_metrics_counts_per_namespace_and_state(engine: sa.Engine) -> None:
         events = set(lifecycle.event_counts(conn))
     assert states == {("shop", "open", 1), ("shop", "resolved", 1), ("team", "open", 1)}
     assert events == {("shop", "new", 2), ("team", "new", 1)}  # a group is new to each namespace once
+
+
+def test_group_search_reads_the_newest_matches_and_every_title(
+    engine: sa.Engine, monkeypatch: pytest.MonkeyPatch
+) -> None:
+    add(
+        engine,
+        signature="t-old",
+        frames=["Queue::drain"],
+        namespace="shop",
+        pod="drainer-1",
+        when=NOW - 3 * HOUR,
+    )
+    add(
+        engine,
+        signature="t-mid",
+        frames=["Queue::push"],
+        namespace="shop",
+        pod="drainer-2",
+        when=NOW - 2 * HOUR,
+    )
+    add(engine, signature="t-new", frames=["Queue::pop"], namespace="shop", pod="drainer-3", when=NOW - HOUR)
+    assert set(_groups(engine, search="drainer")) == {"t-old", "t-mid", "t-new"}
+    monkeypatch.setattr(search, "GROUP_SCAN", 1)
+    assert set(_groups(engine, search="drainer")) == {"t-new"}  # pods: the newest matching crash only
+    assert set(_groups(engine, search="queue")) == {"t-old", "t-mid", "t-new"}  # titles: all of them
+    assert _groups(engine, search="queue", visible={"team"}) == {}

@@ -252,24 +252,48 @@ def _sqlite_match(conn: Connection, words: list[str], fts: sa.TableClause) -> sa
     return sa.and_(match, *(sa.func.instr(sa.func.lower(fts.c.doc), w.lower()) > 0 for w in words))
 
 
-def signatures(conn: Connection, q: str, visible: Collection[str] | None, namespace: str | None) -> sa.Select:
-    """The signatures of the groups with a crash matching ``q`` in the namespaces in scope."""
-    scope = []
-    if conn.dialect.name == "sqlite":
-        fts = sa.table(_SQLITE, sa.column("signature"), sa.column("namespace"), sa.column("doc"))
-        match = _sqlite_match(conn, terms(q), fts)
-        ns, query = fts.c.namespace, sa.select(fts.c.signature).where(match, fts.c.signature.is_not(None))
-    else:
-        from corevault.vault.catalog import crashes
+#: how many of a search's newest matching crashes the group search reads at most
+GROUP_SCAN = 20_000
 
-        found, crash_id, _ = matching(conn, q)
-        ns = sa.func.coalesce(crashes.c.namespace, "")
-        query = sa.select(crashes.c.signature).select_from(found.join(crashes, crashes.c.id == crash_id))
+
+def signatures(conn: Connection, q: str, visible: Collection[str] | None, namespace: str | None) -> sa.Select:
+    """The signatures of the groups matching ``q`` in the namespaces in scope.
+
+    A group matches when its title holds every word (exact, over the few thousand groups) or
+    when one of its crashes matches among the ``GROUP_SCAN`` newest matching crashes in scope:
+    a word that a million crashes hold stays fast, at the price of leaving out groups whose
+    only matches are older than those (their title aside).
+    """
+    from corevault.vault.catalog import crashes, group_ns, groups
+
+    words = terms(q)
+    if conn.dialect.name == "sqlite":
+        fts = sa.table(
+            _SQLITE, sa.column("rowid"), sa.column("signature"), sa.column("namespace"), sa.column("doc")
+        )
+        ns, sig, key = fts.c.namespace, fts.c.signature, fts.c.rowid
+        query = sa.select(sig).where(_sqlite_match(conn, words, fts), sig.is_not(None))
+    else:
+        found, crash_id, key = matching(conn, q)
+        ns, sig = sa.func.coalesce(crashes.c.namespace, ""), crashes.c.signature
+        query = sa.select(sig).select_from(found.join(crashes, crashes.c.id == crash_id))
+    scope = []
     if visible is not None:
         scope.append(ns.in_(sorted(visible)))
     if namespace is not None:
         scope.append(ns == namespace)
-    return query.where(*scope).distinct()
+    newest = query.where(*scope).order_by(key.desc()).limit(GROUP_SCAN).subquery()
+    gn = group_ns.c
+    in_scope = [gn.signature == groups.c.signature]
+    if visible is not None:
+        in_scope.append(gn.namespace.in_(sorted(visible)))
+    if namespace is not None:
+        in_scope.append(gn.namespace == namespace)
+    titled = sa.select(groups.c.signature).where(
+        *(sa.func.lower(groups.c.title).contains(w.lower(), autoescape=True) for w in words),
+        sa.exists(sa.select(gn.signature).where(*in_scope)),
+    )
+    return sa.union(sa.select(newest.c.signature), titled)
 
 
 def frames_of(report: dict) -> list[str]:
