@@ -253,16 +253,17 @@ def _sqlite_match(conn: Connection, words: list[str], fts: sa.TableClause) -> sa
 
 
 #: how many of a search's newest matching crashes the group search reads at most
-GROUP_SCAN = 20_000
+GROUP_SCAN = 5_000
 
 
 def signatures(conn: Connection, q: str, visible: Collection[str] | None, namespace: str | None) -> sa.Select:
     """The signatures of the groups matching ``q`` in the namespaces in scope.
 
     A group matches when its title holds every word (exact, over the few thousand groups) or
-    when one of its crashes matches among the ``GROUP_SCAN`` newest matching crashes in scope:
-    a word that a million crashes hold stays fast, at the price of leaving out groups whose
-    only matches are older than those (their title aside).
+    when one of its crashes in scope is among the ``GROUP_SCAN`` newest crashes matching ``q``
+    (of all namespaces, so that the work is bounded whatever the scope): a word that a million
+    crashes hold stays fast, at the price of leaving out groups whose only matching crashes
+    are older than those (their title aside). Words held by fewer crashes are exact.
     """
     from corevault.vault.catalog import crashes, group_ns, groups
 
@@ -272,17 +273,21 @@ def signatures(conn: Connection, q: str, visible: Collection[str] | None, namesp
             _SQLITE, sa.column("rowid"), sa.column("signature"), sa.column("namespace"), sa.column("doc")
         )
         ns, sig, key = fts.c.namespace, fts.c.signature, fts.c.rowid
-        query = sa.select(sig).where(_sqlite_match(conn, words, fts), sig.is_not(None))
+        query = sa.select(sig.label("signature"), ns.label("namespace")).where(
+            _sqlite_match(conn, words, fts)
+        )
     else:
         found, crash_id, key = matching(conn, q)
         ns, sig = sa.func.coalesce(crashes.c.namespace, ""), crashes.c.signature
-        query = sa.select(sig).select_from(found.join(crashes, crashes.c.id == crash_id))
-    scope = []
+        query = sa.select(sig.label("signature"), ns.label("namespace")).select_from(
+            found.join(crashes, crashes.c.id == crash_id)
+        )
+    newest = query.order_by(key.desc()).limit(GROUP_SCAN).subquery()
+    scope = [newest.c.signature.is_not(None)]
     if visible is not None:
-        scope.append(ns.in_(sorted(visible)))
+        scope.append(newest.c.namespace.in_(sorted(visible)))
     if namespace is not None:
-        scope.append(ns == namespace)
-    newest = query.where(*scope).order_by(key.desc()).limit(GROUP_SCAN).subquery()
+        scope.append(newest.c.namespace == namespace)
     gn = group_ns.c
     in_scope = [gn.signature == groups.c.signature]
     if visible is not None:
@@ -293,7 +298,7 @@ def signatures(conn: Connection, q: str, visible: Collection[str] | None, namesp
         *(sa.func.lower(groups.c.title).contains(w.lower(), autoescape=True) for w in words),
         sa.exists(sa.select(gn.signature).where(*in_scope)),
     )
-    return sa.union(sa.select(newest.c.signature), titled)
+    return sa.union(sa.select(newest.c.signature).where(*scope), titled)
 
 
 def frames_of(report: dict) -> list[str]:
