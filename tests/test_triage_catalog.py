@@ -194,3 +194,8 @@ def test_group_search_reads_the_newest_matches_and_every_title(
     assert set(_groups(engine, search="drainer")) == {"t-new"}  # pods: the newest matching crash only
     assert set(_groups(engine, search="queue")) == {"t-old", "t-mid", "t-new"}  # titles: all of them
     assert _groups(engine, search="queue", visible={"team"}) == {}
+
+
+def test_search_text_with_nul_is_refused_before_the_database(engine: sa.Engine) -> None:
+    with engine.connect() as conn, pytest.raises(search.SearchError, match="NUL"):
+        catalog.list_crashes(conn, catalog.Filters(search="abc\x00def"))

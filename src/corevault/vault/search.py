@@ -34,7 +34,9 @@ MAX_QUERY = 256
 #: what separates words: ASCII whitespace only, the same in Python and in the API's JSON Schema
 _SPACE = r" \t\n\r\f\v"
 #: :func:`terms`' rules as a regular expression, for the API's schema
-PATTERN = rf"^[{_SPACE}]*[^{_SPACE}]{{3,}}([{_SPACE}]+[^{_SPACE}]{{3,}}){{0,{MAX_TERMS - 1}}}[{_SPACE}]*$"
+#: a word is anything else but NUL, which SQLite's FTS5 query parser cannot take
+_WORD = rf"[^{_SPACE}\x00]"
+PATTERN = rf"^[{_SPACE}]*{_WORD}{{3,}}([{_SPACE}]+{_WORD}{{3,}}){{0,{MAX_TERMS - 1}}}[{_SPACE}]*$"
 _SQLITE = "crash_search"
 _PG = "crash_search_pg"
 _PG_TABLE = sa.table(_PG, sa.column("crash_id"), sa.column("time"), sa.column("doc"))
@@ -53,6 +55,8 @@ def terms(q: str) -> list[str]:
         raise SearchError("search text: give at least one word of three characters or more")
     if len(words) > MAX_TERMS:
         raise SearchError(f"search text: at most {MAX_TERMS} words")
+    if "\x00" in q:
+        raise SearchError("search text: NUL characters cannot be searched for")
     short = [w for w in words if len(w) < 3]
     if short:
         raise SearchError(f"search word {short[0]!r}: words need three characters or more")
