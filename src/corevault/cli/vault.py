@@ -74,6 +74,8 @@ def agent(
     for h in logging.getLogger().handlers:  # a crashed process's names are data, never escapes
         h.setFormatter(printable.Formatter("%(asctime)s %(levelname)s %(message)s"))
     settings = config.load(ctx.obj["config"])
+    if node:  # in a pod the hostname is the pod's name: the crashes it captures are the node's
+        settings.node_name = node
     on_record = None
     if kubernetes:
         from corevault.kube import cluster
@@ -81,7 +83,7 @@ def agent(
         from corevault.kube.podwatch import PodWatch
 
         core = cluster.core_api()
-        name = node or settings.node_name
+        name = settings.node_name
         watch = PodWatch(core, name, settings.podindex_dir)
         watch.relist()  # the index is current before the first entry is shipped
         threading.Thread(target=watch.run, daemon=True, name="pod-watch").start()
