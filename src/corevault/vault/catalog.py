@@ -252,6 +252,9 @@ def connect(url: str) -> Engine:
             raise CatalogError(
                 f"catalog URL {url!r} is not usable ({e}); use sqlite:///PATH or postgresql+psycopg://USER@HOST/DB"
             ) from None
+    # add_crash and friends read an INSERT's rowcount (new, or there already?); SQLAlchemy 2.1
+    # leaves it at -1 on psycopg unless asked, and a PostgreSQL catalog then never learnt a namespace
+    engine = engine.execution_options(preserve_rowcount=True)
     try:
         migrate(engine)
     except sa.exc.OperationalError as e:
