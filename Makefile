@@ -10,9 +10,18 @@ APT_PACKAGES := runc busybox-static gdb elfutils zstd bubblewrap gcc g++ libc6-d
 	golang-go rustc debuginfod s3fs rclone fuse3 podman buildah mmdebstrap umoci skopeo containerd \
 	prometheus prometheus-alertmanager
 
-.PHONY: setup apt venv demo test lint bench image clean
+.PHONY: setup apt venv npm demo test lint bench image clean
 
-setup: apt venv
+setup: apt venv npm
+
+# Azurite, the Azure Blob Storage emulator the tests start (from the npm registry, telemetry off)
+AZURITE_VERSION := 3.35.0
+npm: build/npm/.azurite-$(AZURITE_VERSION)
+
+build/npm/.azurite-$(AZURITE_VERSION):
+	mkdir -p build/npm
+	npm install --prefix build/npm --no-audit --no-fund --silent azurite@$(AZURITE_VERSION)
+	@touch $@
 
 apt:
 	@missing=$$(for p in $(APT_PACKAGES); do dpkg-query -W -f='$${Status}\n' $$p 2>/dev/null | grep -q '^install ok installed' || echo $$p; done); \

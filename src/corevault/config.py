@@ -100,6 +100,7 @@ class Settings:
         "analysis_timeout",
         "analysis_uid",
         "analysis_workers",
+        "azure",
         "buildid_dir",
         "catalog_url",
         "compression_level",
@@ -110,6 +111,7 @@ class Settings:
         "debuginfod_max_size",
         "debuginfod_timeout",
         "debuginfod_urls",
+        "gcs",
         "namespace_dumps",
         "namespace_share",
         "node_name",
@@ -175,11 +177,14 @@ class Settings:
         self.rules: list[Rule] = []
         #: the server's alert settings ([alerts]), read by corevault.alerts.sinks
         self.alerts: dict = {}
-        #: where the vault keeps blobs: file:///path (local disk, NAS) or s3://bucket/prefix
+        #: where the vault keeps blobs: file:///path (local disk, NAS), s3://bucket/prefix,
+        #: gs://bucket/prefix, az://container/prefix or azure://account/container/prefix
         self.vault_store = "file://" + os.path.join(state_dir, "vault")
         #: the catalog: SQLite by default, PostgreSQL (postgresql+psycopg://…) when nodes share one
         self.catalog_url = "sqlite:///" + os.path.join(state_dir, "catalog.db")
         self.s3 = S3Settings()
+        self.azure = CloudSettings()
+        self.gcs = CloudSettings()
         #: seconds between the agent's looks at the spool
         self.agent_poll = 2.0
         #: host:port for the agent's Prometheus metrics, or "" for none
@@ -233,6 +238,25 @@ class S3Settings:
         self.checksums = "when_supported"
         #: an AWS-style credentials file; otherwise the usual AWS_* variables and profiles
         self.credentials_file: str | None = None
+
+
+class CloudSettings:
+    """How to reach Google Cloud Storage (``[vault.gcs]``) or Azure Blob Storage (``[vault.azure]``).
+
+    Credentials are not settings: each cloud's own chain finds them (docs/vault.md).
+    """
+
+    __slots__ = ("concurrency", "endpoint", "part_size", "project")
+
+    def __init__(self) -> None:
+        #: Azure: the account's URL (https://ACCOUNT.blob.core.windows.net); GCS: another API
+        #: endpoint than Google's (an emulator); None for the default
+        self.endpoint: str | None = None
+        #: GCS: the project, where the credentials do not say it
+        self.project: str | None = None
+        #: blocks (Azure) or resumable-upload chunks (GCS, a multiple of 256 KiB)
+        self.part_size = 8 << 20
+        self.concurrency = 2
 
 
 def load(path: str | None = None) -> Settings:
@@ -400,12 +424,25 @@ def from_dict(doc: dict, where: str = "config") -> Settings:
         setattr(s, key, float(value))
 
     vault = _table(doc, "vault", where)
-    _known(vault, {"store", "catalog", "s3"}, f"{where} [vault]")
+    _known(vault, {"store", "catalog", "s3", "azure", "gcs"}, f"{where} [vault]")
     s.vault_store = _str(vault, "store", where, s.vault_store)
-    if not s.vault_store.startswith(("file:///", "s3://")):
+    if not s.vault_store.startswith(("file:///", "s3://", "gs://", "az://", "azure://")):
         raise ConfigError(
-            f"{where} [vault] store: use file:///path or s3://bucket/prefix, not {s.vault_store!r}"
+            f"{where} [vault] store: use file:///path, s3://bucket/prefix, gs://bucket/prefix, "
+            f"az://container/prefix or azure://account/container/prefix, not {s.vault_store!r}"
         )
+    for name, cloud, endpoint in (("azure", s.azure, "account_url"), ("gcs", s.gcs, "endpoint")):
+        table = _table(vault, name, where)
+        what = f"{where} [vault.{name}]"
+        keys = {endpoint, "part_size", "concurrency"} | ({"project"} if name == "gcs" else set())
+        _known(table, keys, what)
+        cloud.endpoint = table.get(endpoint) or None
+        cloud.project = table.get("project") or None
+        if "part_size" in table:
+            cloud.part_size = parse_size(table["part_size"], f"{what} part_size")
+            if cloud.part_size < 1 << 20 or cloud.part_size % (256 << 10):
+                raise ConfigError(f"{what} part_size: at least 1M, in steps of 256K")
+        cloud.concurrency = max(1, int(_number(table, "concurrency", where, cloud.concurrency)))
     s.catalog_url = _str(vault, "catalog", where, s.catalog_url)
     s3 = _table(vault, "s3", where)
     s3_keys = {

@@ -31,7 +31,7 @@ def resolve(settings: config.Settings, what: str, tmp: str) -> tuple[str, list[s
                 return entry, stores
         from corevault.vault import blobs
 
-        vault = blobs.open_store(settings.vault_store, settings.s3)
+        vault = blobs.vault_store(settings)
         if isinstance(vault, blobs.FsStore):
             stores.append(vault.root)  # the vault's buildid/ tree is a debuginfod tree
         if vault.size(blobs.core_key(what)) is not None:

@@ -29,13 +29,13 @@ import io
 import os
 import shutil
 import zlib
-from collections.abc import Iterator
+from collections.abc import Callable, Iterator
 from contextlib import suppress
 from dataclasses import dataclass
 from typing import BinaryIO, Protocol
 from urllib.parse import urlparse
 
-from corevault.config import S3Settings
+from corevault.config import CloudSettings, S3Settings, Settings
 from corevault.errors import UserError
 
 MAX_PARTS = 9_500  # S3's limit is 10,000; a little room for rounding
@@ -78,9 +78,47 @@ class BlobStore(Protocol):
     def put_file(self, key: str, path: str) -> Stored: ...
     def put_bytes(self, key: str, data: bytes) -> Stored: ...
     def size(self, key: str) -> int | None: ...
-    def open(self, key: str) -> BinaryIO: ...
+    def open(self, key: str, start: int = 0, length: int | None = None) -> BinaryIO:
+        """The blob's bytes from ``start`` (``length`` of them, or to the end), streamed."""
+        ...
+
     def delete(self, key: str) -> None: ...
     def keys(self, prefix: str) -> Iterator[tuple[str, int]]: ...
+
+
+def part_size(size: int, minimum: int, max_parts: int) -> int:
+    """Parts of ``minimum`` bytes, or larger (whole MiB) where the store's part count would run out."""
+    needed = -(-size // max_parts)  # bytes per part, rounded up
+    return max(minimum, -(-needed // MIB) * MIB)
+
+
+class StreamBody(io.RawIOBase):
+    """A readable file over an iterator of byte chunks (a streamed download)."""
+
+    def __init__(self, chunks: Iterator[bytes], on_close: Callable[[], object] | None = None) -> None:
+        self.chunks = chunks
+        self.on_close = on_close
+        self.pending = b""
+
+    def readable(self) -> bool:
+        return True
+
+    def readinto(self, b: bytearray | memoryview) -> int:  # type: ignore[override]
+        while not self.pending:
+            chunk = next(self.chunks, None)
+            if chunk is None:
+                return 0
+            self.pending = chunk
+        n = min(len(b), len(self.pending))
+        b[:n] = self.pending[:n]
+        self.pending = self.pending[n:]
+        return n
+
+    def close(self) -> None:
+        if self.on_close is not None:
+            self.on_close()
+            self.on_close = None
+        super().close()
 
 
 class _HashingReader(io.RawIOBase):
@@ -204,11 +242,22 @@ class FsStore:
         except FileNotFoundError:
             return None
 
-    def open(self, key: str) -> BinaryIO:
+    def open(self, key: str, start: int = 0, length: int | None = None) -> BinaryIO:
         try:
-            return open(self._path(key), "rb")
+            f = open(self._path(key), "rb")  # noqa: SIM115 - handed to the caller
         except FileNotFoundError:
             raise StoreError(f"{key} is not in {self.url}") from None
+        f.seek(start)
+        if length is None:
+            return f
+
+        def chunks() -> Iterator[bytes]:
+            left = length
+            while left > 0 and (chunk := f.read(min(left, MIB))):
+                left -= len(chunk)
+                yield chunk
+
+        return StreamBody(chunks(), f.close)  # type: ignore[return-value]
 
     def delete(self, key: str) -> None:
         with suppress(OSError):
@@ -270,9 +319,7 @@ class S3Store:
         from boto3.s3.transfer import TransferConfig
         from botocore.exceptions import BotoCoreError, ClientError
 
-        # S3 takes at most 10,000 parts: a larger object gets larger parts.
-        needed = -(-size // MAX_PARTS)  # bytes per part, rounded up
-        part = max(self.part_size, -(-needed // MIB) * MIB)
+        part = part_size(size, self.part_size, MAX_PARTS)  # S3 takes at most 10,000 parts
         config = TransferConfig(
             multipart_threshold=part, multipart_chunksize=part, max_concurrency=self.concurrency
         )
@@ -316,11 +363,13 @@ class S3Store:
         except BotoCoreError as e:
             raise StoreError(f"cannot reach {self.url}: {e}") from None
 
-    def open(self, key: str) -> BinaryIO:
+    def open(self, key: str, start: int = 0, length: int | None = None) -> BinaryIO:
         from botocore.exceptions import BotoCoreError, ClientError
 
+        end = "" if length is None else str(start + length - 1)
+        ranged = {"Range": f"bytes={start}-{end}"} if start or length is not None else {}
         try:
-            return self.client.get_object(Bucket=self.bucket, Key=self._key(key))["Body"]
+            return self.client.get_object(Bucket=self.bucket, Key=self._key(key), **ranged)["Body"]
         except (BotoCoreError, ClientError) as e:
             raise StoreError(f"cannot read {key} from {self.url}: {e}") from None
 
@@ -340,14 +389,42 @@ class S3Store:
                 yield obj["Key"][cut:], obj["Size"]
 
 
-def open_store(url: str, s3: S3Settings | None = None) -> BlobStore:
-    """The store named by ``file:///path`` or ``s3://bucket/prefix``."""
+STORES = "file:///path, s3://bucket/prefix, gs://bucket/prefix, az://container/prefix or azure://account/container/prefix"
+
+
+def open_store(
+    url: str,
+    s3: S3Settings | None = None,
+    azure: CloudSettings | None = None,
+    gcs: CloudSettings | None = None,
+) -> BlobStore:
+    """The store named by ``url``; only the SDK of that kind of store is imported."""
     parsed = urlparse(url)
     if parsed.scheme == "file" and parsed.path:
         return FsStore(parsed.path)
     if parsed.scheme == "s3" and parsed.netloc:
         return S3Store(parsed.netloc, parsed.path, s3 or S3Settings())
-    raise StoreError(f"unknown store {url!r}; use file:///path or s3://bucket/prefix")
+    if parsed.scheme == "gs" and parsed.netloc:
+        from corevault.vault.gcs import GcsStore
+
+        return GcsStore(parsed.netloc, parsed.path, gcs or CloudSettings())
+    if parsed.scheme == "az" and parsed.netloc:
+        from corevault.vault.azure import AzureStore
+
+        settings = azure or CloudSettings()
+        return AzureStore(settings.endpoint, parsed.netloc, parsed.path, settings)
+    if parsed.scheme == "azure" and parsed.netloc and parsed.path.strip("/"):
+        from corevault.vault.azure import AzureStore
+
+        container, _, prefix = parsed.path.strip("/").partition("/")
+        account = f"https://{parsed.netloc}.blob.core.windows.net"
+        return AzureStore(account, container, prefix, azure or CloudSettings())
+    raise StoreError(f"unknown store {url!r}; use {STORES}")
+
+
+def vault_store(settings: Settings) -> BlobStore:
+    """The vault's store, as the settings name and configure it."""
+    return open_store(settings.vault_store, settings.s3, settings.azure, settings.gcs)
 
 
 def copy_to_file(store: BlobStore, key: str, dest: str) -> int:

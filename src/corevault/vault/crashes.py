@@ -71,7 +71,7 @@ class LocalVault:
     def __init__(self, settings: config.Settings) -> None:
         self.settings = settings
         self.engine = catalog.connect(settings.catalog_url)
-        self.store = blobs.open_store(settings.vault_store, settings.s3)
+        self.store = blobs.vault_store(settings)
 
     def list(self, filters: Filters, limit: int, before: tuple | None = None) -> list[dict]:
         with self.engine.connect() as conn:

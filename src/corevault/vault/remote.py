@@ -9,39 +9,14 @@ errors and exit codes as local ones.
 
 from __future__ import annotations
 
-import io
-from collections.abc import Iterator
 from typing import BinaryIO
 
 import httpx
 
 from corevault.errors import UserError
+from corevault.vault.blobs import StreamBody
 from corevault.vault.catalog import Filters
 from corevault.vault.crashes import NotFound, encode_cursor
-
-
-class _Body(io.RawIOBase):
-    """A streamed response body as a readable file."""
-
-    def __init__(self, response: httpx.Response) -> None:
-        self.response = response
-        self.chunks: Iterator[bytes] = response.iter_bytes(1 << 20)
-        self.pending = b""
-
-    def readable(self) -> bool:
-        return True
-
-    def readinto(self, b: bytearray | memoryview) -> int:  # type: ignore[override]
-        if not self.pending:
-            self.pending = next(self.chunks, b"")
-        n = min(len(b), len(self.pending))
-        b[:n] = self.pending[:n]
-        self.pending = self.pending[n:]
-        return n
-
-    def close(self) -> None:
-        self.response.close()
-        super().close()
 
 
 class RemoteVault:
@@ -111,7 +86,8 @@ class RemoteVault:
 
     def open_core(self, crash_id: str) -> BinaryIO:
         """The plain core, streamed from the server."""
-        return _Body(self._send("GET", f"/api/v1/crashes/{crash_id}/core", stream=True))  # type: ignore[return-value]
+        response = self._send("GET", f"/api/v1/crashes/{crash_id}/core", stream=True)
+        return StreamBody(response.iter_bytes(1 << 20), response.close)  # type: ignore[return-value]
 
     def binary(self, build_id: str, dest: str) -> bool:
         """Fetch a binary by build-id from the server's debuginfod endpoint."""

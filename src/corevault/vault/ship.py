@@ -58,7 +58,7 @@ class Vault:
 
 
 def open_vault(settings: config.Settings) -> Vault:
-    return Vault(blobs.open_store(settings.vault_store, settings.s3), catalog.connect(settings.catalog_url))
+    return Vault(blobs.vault_store(settings), catalog.connect(settings.catalog_url))
 
 
 @dataclass

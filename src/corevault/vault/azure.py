@@ -1,0 +1,154 @@
+"""Azure Blob Storage: ``az://CONTAINER/PREFIX`` (the account from ``[vault.azure] account_url``) or
+``azure://ACCOUNT/CONTAINER/PREFIX``, through Microsoft's ``azure-storage-blob``.
+
+A file is uploaded as a block blob, one block of ``part_size`` at a time per worker (memory:
+part_size x concurrency). Each block's id names its place and the MD5 of its bytes, and each
+is sent with that MD5, which the service checks before it keeps the block (a transactional
+checksum); the commit then names the blocks in order and the blob's size is compared with
+the file's. An upload that was cut short (the agent killed, the store away) leaves its
+blocks uncommitted on the blob for a week: the next attempt lists them and sends only the
+blocks whose id is not there, so a multi-GiB core resumes instead of starting again.
+Uncommitted blocks of an upload that is never retried are dropped by the service.
+
+Credentials, first found: ``AZURE_STORAGE_CONNECTION_STRING`` (an account key, or the
+Azurite emulator), else ``DefaultAzureCredential``, which covers Azure Workload Identity (the
+``AZURE_FEDERATED_TOKEN_FILE``, ``AZURE_CLIENT_ID`` and ``AZURE_TENANT_ID`` that its webhook
+injects into a pod whose ServiceAccount is annotated), managed identities and the CLI login.
+"""
+
+from __future__ import annotations
+
+import base64
+import hashlib
+import io
+import logging
+import os
+from collections.abc import Iterator
+from concurrent.futures import Future, ThreadPoolExecutor
+from typing import BinaryIO
+
+from corevault.config import CloudSettings
+from corevault.vault.blobs import Stored, StoreError, StreamBody, part_size
+
+MAX_BLOCKS = 49_000  # the service's limit is 50,000 blocks a blob
+
+
+def block_id(index: int, data: bytes | memoryview) -> str:
+    """A block's id: its place and its content (ids of one blob must all have the same length)."""
+    return base64.b64encode(f"{index:06d}-{hashlib.md5(data).hexdigest()}".encode()).decode()  # noqa: S324
+
+
+class AzureStore:
+    """Blobs in an Azure Storage container, under an optional prefix."""
+
+    def __init__(self, account_url: str | None, container: str, prefix: str, settings: CloudSettings) -> None:
+        from azure.storage.blob import BlobServiceClient
+
+        # A failed request is retried a few times, briefly: the agent's own loop retries an
+        # entry with backoff, and a stop request must not wait behind minutes of SDK retries.
+        options = {"retry_total": 3, "retry_backoff_max": 10, "connection_timeout": 20, "read_timeout": 120}
+        # The SDK logs every request's headers at INFO, which the agent's log would drown in.
+        logging.getLogger("azure.core.pipeline.policies.http_logging_policy").setLevel(logging.WARNING)
+        connection = os.environ.get("AZURE_STORAGE_CONNECTION_STRING")
+        if connection:
+            service = BlobServiceClient.from_connection_string(connection, **options)
+        elif account_url:
+            from azure.identity import DefaultAzureCredential
+
+            service = BlobServiceClient(account_url, credential=DefaultAzureCredential(), **options)
+        else:
+            raise StoreError(
+                "an az:// store needs [vault.azure] account_url (or AZURE_STORAGE_CONNECTION_STRING)"
+            )
+        self.container = service.get_container_client(container)
+        self.prefix = prefix.strip("/")
+        self.url = f"az://{container}/{self.prefix}".rstrip("/")
+        self.part_size = settings.part_size
+        self.concurrency = settings.concurrency
+        #: bytes sent in blocks by this store object (what a resumed upload saves shows here)
+        self.sent = 0
+
+    def _key(self, key: str) -> str:
+        return f"{self.prefix}/{key}" if self.prefix else key
+
+    def _error(self, what: str, key: str, e: Exception) -> StoreError:
+        return StoreError(f"cannot {what} {key} in {self.url}: {type(e).__name__}: {str(e).splitlines()[0]}")
+
+    def put_file(self, key: str, path: str) -> Stored:
+        with open(path, "rb") as f:
+            return self._upload(key, f, os.fstat(f.fileno()).st_size)
+
+    def put_bytes(self, key: str, data: bytes) -> Stored:
+        return self._upload(key, io.BytesIO(data), len(data))
+
+    def _upload(self, key: str, f: BinaryIO, size: int) -> Stored:
+        from azure.core.exceptions import AzureError, ResourceNotFoundError
+
+        blob = self.container.get_blob_client(self._key(key))
+        part = part_size(size, self.part_size, MAX_BLOCKS)
+        try:
+            try:
+                staged = {b.id: b.size for b in blob.get_block_list("uncommitted")[1]}
+            except ResourceNotFoundError:
+                staged = {}
+            ids: list[str] = []
+            with ThreadPoolExecutor(self.concurrency) as pool:
+                pending: list[Future] = []
+                while data := f.read(part):
+                    bid = block_id(len(ids), data)
+                    ids.append(bid)
+                    if staged.get(bid) == len(data):
+                        continue  # sent by an earlier attempt, and checked by the service then
+                    if len(pending) >= self.concurrency:  # at most `concurrency` blocks in memory
+                        pending.pop(0).result()
+                    pending.append(pool.submit(self._stage, blob, bid, data))
+                for p in pending:
+                    p.result()
+            blob.commit_block_list(ids)
+            stored = blob.get_blob_properties().size
+        except AzureError as e:
+            raise self._error("upload", key, e) from None
+        if stored != size:
+            raise StoreError(f"{self.url}/{key} holds {stored} bytes after uploading {size}")
+        return Stored(key, size)
+
+    def _stage(self, blob: object, bid: str, data: bytes) -> None:
+        # validate_content: the block goes with its MD5, which the service checks before keeping it.
+        blob.stage_block(bid, data, length=len(data), validate_content=True)  # type: ignore[attr-defined]
+        self.sent += len(data)
+
+    def size(self, key: str) -> int | None:
+        from azure.core.exceptions import AzureError, ResourceNotFoundError
+
+        try:
+            return self.container.get_blob_client(self._key(key)).get_blob_properties().size
+        except ResourceNotFoundError:
+            return None
+        except AzureError as e:
+            raise self._error("look at", key, e) from None
+
+    def open(self, key: str, start: int = 0, length: int | None = None) -> BinaryIO:
+        from azure.core.exceptions import AzureError
+
+        try:
+            download = self.container.get_blob_client(self._key(key)).download_blob(
+                offset=start or None, length=length, max_concurrency=1
+            )
+            return StreamBody(download.chunks())  # type: ignore[return-value]
+        except AzureError as e:
+            raise self._error("read", key, e) from None
+
+    def delete(self, key: str) -> None:
+        from azure.core.exceptions import AzureError, ResourceNotFoundError
+
+        try:
+            self.container.get_blob_client(self._key(key)).delete_blob()
+        except ResourceNotFoundError:
+            pass
+        except AzureError as e:
+            raise self._error("delete", key, e) from None
+
+    def keys(self, prefix: str) -> Iterator[tuple[str, int]]:
+        cut = len(self.prefix) + 1 if self.prefix else 0
+        for blob in self.container.list_blobs(name_starts_with=self._key(prefix)):
+            yield blob.name[cut:], blob.size
