@@ -52,6 +52,7 @@ def unwind(
     # same place): what a pc resolves to is looked up once. Inline frames share a pc, so
     # the key includes the frame's place in that pc's inline chain.
     seen: dict[tuple[int, int], Frame] = {}
+    at_index: dict[tuple[tuple[int, int], int], Frame] = {}
     for t in prog.threads():
         frames: list[Frame] = []
         incomplete = False
@@ -74,7 +75,10 @@ def unwind(
             if known is None:
                 known = seen[chain] = _frame(core, f, 0, pc)
                 scopes.want(known, f)
-            frames.append(dataclasses.replace(known, index=index))
+            placed = at_index.get((chain, index))
+            if placed is None:  # frozen frames: threads waiting in one place share the objects
+                placed = at_index[chain, index] = dataclasses.replace(known, index=index)
+            frames.append(placed)
         threads.append(
             Thread(tid=t.tid, crashed=t.tid == crashed, frames=tuple(frames), incomplete=incomplete)
         )

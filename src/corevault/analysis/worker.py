@@ -149,21 +149,34 @@ def _name_from_symtabs(
         if where is not None:
             files[path] = [p for p in dict.fromkeys((where.debuginfo, where.executable)) if p]
     tables: dict[str, list[symtab.Symbols]] = {}
+    # A thousand threads waiting in one place share their unnamed frames: each is named once
+    # (frames are frozen, so equal ones can be one object).
+    renamed: dict[Frame, Frame] = {}
 
     def named(f: Frame) -> Frame:
         if f.function is not None or f.module is None or f.offset is None:
             return f
+        known = renamed.get(f)
+        if known is not None:
+            return known
         if f.module not in tables:
-            tables[f.module] = [t for p in files.get(f.module, ()) if (t := symtab.read(p)) is not None]
+            # a debug file's table holds the binary's symbols too: the binary's is read only without one
+            readable = (t for p in files.get(f.module, ()) if (t := symtab.read(p)) is not None)
+            tables[f.module] = [table] if (table := next(readable, None)) is not None else []
         # A caller's pc is a return address, which may lie just past a call at a function's end.
         offset = f.offset - 1 if f.index else f.offset
         name = next((n for t in tables[f.module] if (n := t.name_at(offset)) is not None), None)
         if name is None and offset != f.offset:
             # a signal frame's "return address" is the entry of the signal trampoline itself
             name = next((n for t in tables[f.module] if (n := t.name_at(f.offset)) is not None), None)
-        return f if name is None else dataclasses.replace(f, function=name)
+        renamed[f] = f if name is None else dataclasses.replace(f, function=name)
+        return renamed[f]
 
-    return [dataclasses.replace(t, frames=tuple(named(f) for f in t.frames)) for t in threads]
+    out = []
+    for t in threads:
+        frames = tuple(named(f) for f in t.frames)
+        out.append(t if frames == t.frames else Thread(t.tid, t.crashed, frames, t.incomplete))
+    return out
 
 
 def _demangle(threads: list[Thread]) -> list[Thread]:
