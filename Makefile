@@ -56,6 +56,7 @@ bench: setup
 	$(PY) -m bench.server
 	$(PY) -m bench.socketmode
 	$(PY) -m bench.snapshot
+	$(PY) -m bench.stores
 	$(PY) -m bench.fuse
 	$(PY) -m bench.tenants
 
