@@ -203,7 +203,9 @@ class Pod:
             cmd += ["--entrypoint", json.dumps(self.container["command"])]
         cmd += [self.image, *self.container.get("args", [])]
         self.started = time.monotonic()
-        subprocess.run(cmd, capture_output=True, text=True, check=True)
+        # in the pod's own directory: podman's conmon drops an "oom" file into its working directory
+        # when the container's memory limit kills a process
+        subprocess.run(cmd, capture_output=True, text=True, check=True, cwd=self.workdir)
         return self
 
     def running(self) -> bool:
