@@ -214,6 +214,13 @@ def test_browser_resolves_and_reopens_from_the_group_page(served: Served) -> Non
             page.click("#reopen")
             page.wait_for_url("**/groups/only-a")
             assert page.locator("#state table.history tbody tr").first.inner_text().split("\t")[2].strip() == "open"
+            page.fill("#ignore-form input[name=crashes]", "3")
+            page.click("#ignore")
+            page.wait_for_url("**/groups/only-a")
+            assert "until it reaches" in page.inner_text("#state") and page.locator("#reopen").count() == 1
+            assert _state(served, "only-a") == "ignored"
+            page.click("#reopen")
+            page.wait_for_url("**/groups/only-a")
             page.goto(served.url + "/groups/shared")
             compare = page.inner_text("#compare")
             assert "cache-a-1" in compare and "cache-b-9" in compare
