@@ -257,7 +257,7 @@ def _sqlite_match(conn: Connection, words: list[str], fts: sa.TableClause) -> sa
 
 
 #: how many of a search's newest matching crashes the group search reads at most
-GROUP_SCAN = 5_000
+GROUP_SCAN = 2_000
 
 
 def signatures(conn: Connection, q: str, visible: Collection[str] | None, namespace: str | None) -> sa.Select:
