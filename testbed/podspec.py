@@ -204,9 +204,18 @@ class Pod:
         cmd += [self.image, *self.container.get("args", [])]
         self.started = time.monotonic()
         # in the pod's own directory: podman's conmon drops an "oom" file into its working directory
-        # when the container's memory limit kills a process
-        subprocess.run(cmd, capture_output=True, text=True, check=True, cwd=self.workdir)
+        # when the container's memory limit kills a process (see oom_killed)
+        os.makedirs(self.rundir, exist_ok=True)
+        subprocess.run(cmd, capture_output=True, text=True, check=True, cwd=self.rundir)
         return self
+
+    @property
+    def rundir(self) -> str:
+        return os.path.join(self.workdir, f"pod-{self.id}")
+
+    def oom_killed(self) -> bool:
+        """Whether the container's memory limit killed one of its processes (conmon's marker)."""
+        return os.path.exists(os.path.join(self.rundir, "oom"))
 
     def running(self) -> bool:
         out = subprocess.run(

@@ -297,6 +297,7 @@ def test_an_analysis_over_the_memory_limit_does_not_take_the_agent_down(
         c, volume = crash_in_a_pod(cluster, bombed, ["/app/bomb", "segv"], "bomb-pod")
         row = shipped(cluster, "bomb-pod")
         assert row["analysis"] == "failed", row  # the analysis could not be done within the limit ...
+        assert agent.oom_killed()  # ... the kernel killed a process in the agent's pod for memory ...
         assert agent.running() and agent.probe("livenessProbe")[0] == 200  # ... and the agent lives on
         c, volume = crash_in_a_pod(cluster, rootfs, ["/app/crasher", "segv"], "after-bomb")
         assert_captured(cluster, c, volume, "after-bomb")
