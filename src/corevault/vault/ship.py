@@ -4,16 +4,18 @@ One spool entry goes through these steps, each safe to repeat after a crash of t
 at any point (a SIGKILL included):
 
 1. upload ``core.zst`` and ``meta.json`` (the store checks size and ETag of what it holds);
-2. upload the crash's binaries that the vault does not hold yet (``buildid/<id>/executable``,
-   stored once for every crash that needs them);
+2. with analysis off, upload the crash's binaries that the vault does not hold yet
+   (``buildid/<id>/executable``, stored once for every crash that needs them);
 3. insert the crash row (ignored if it is there), analysis ``pending``;
 4. move the entry to the spool's ``shipped/`` (or remove it, when no analysis is due).
 
 From then on the crash is in the catalog, whatever its analysis does: the analysis runs
-apart (:mod:`corevault.agent.analyses`), and :func:`analyse_shipped` stores
-``report.json``, records signature and group (once), puts the debug files the analysis
-fetched from upstream debuginfod servers into the vault too (``buildid/<id>/debuginfo``,
-so corevault's own debuginfod serves them again), and only then removes the entry.
+apart (:mod:`corevault.agent.analyses`), and :func:`analyse_shipped` uploads the binaries
+(step 2, off the shipping path: a pod's large binaries never keep another pod's crash out
+of the catalog), stores ``report.json``, records signature and group (once), puts the
+debug files the analysis fetched from upstream debuginfod servers into the vault too
+(``buildid/<id>/debuginfo``, so corevault's own debuginfod serves them again), and only
+then removes the entry.
 
 Nothing here parses a tenant's file without a bound: the binaries' section names are read
 with :func:`corevault.elf.section_names`, and the analysis runs in a sandboxed worker.
@@ -108,7 +110,8 @@ def _ship_locked(vault: Vault, settings: config.Settings, entry_id: str, entry: 
             f"{entry_id}: the spool holds {stored.size} bytes of core, its metadata says {expected}"
         )
     vault.store.put_bytes(blobs.meta_key(crash_id), json.dumps(meta, indent=1, sort_keys=True).encode())
-    _ship_buildids(vault, settings, meta)
+    if not settings.agent_analyze:
+        _ship_buildids(vault, settings, meta)  # otherwise with the analysis: see analyse_shipped
 
     analysis = "pending" if settings.agent_analyze else "off"
     with vault.engine.begin() as conn:
@@ -170,6 +173,9 @@ def analyse_shipped(vault: Vault, settings: config.Settings, entry_id: str) -> s
     with _locked(entry, entry_id):
         meta = spool.read_meta(settings.spool_dir, entry_id, "shipped")
         crash_id = meta.get("id") or entry_id
+        # A pod's binaries (a program of GiBs, say) go up here, not on the shipping path,
+        # where they would keep every other pod's crash out of the catalog meanwhile.
+        _ship_buildids(vault, settings, meta)
         with vault.engine.connect() as conn:
             state = conn.execute(
                 catalog.crashes.select()
