@@ -95,6 +95,8 @@ class AnalysisPool:
         self.known: set[str] = set()
         self.in_flight = 0
         self.retry_at: dict[str, float] = {}
+        #: how often each entry's analysis raised (reset when it is done)
+        self.failures: Counter[str] = Counter()
         self.stopping = False
         self.threads = [
             threading.Thread(target=self._work, name=f"corevault-analysis-{i}", daemon=True)
@@ -106,7 +108,12 @@ class AnalysisPool:
     def feed(self) -> int:
         """Queue what ``shipped/`` holds that is not queued yet; returns how many wait in all."""
         now = time.monotonic()
-        for entry_id in spool.entries(self.settings.spool_dir, "shipped"):
+        present = spool.entries(self.settings.spool_dir, "shipped")
+        with self.cond:
+            for gone in self.retry_at.keys() - set(present):
+                del self.retry_at[gone]  # done by another agent meanwhile
+                self.failures.pop(gone, None)
+        for entry_id in present:
             with self.cond:
                 if entry_id in self.known or self.retry_at.get(entry_id, 0.0) > now:
                     continue
@@ -124,12 +131,14 @@ class AnalysisPool:
         with self.cond:
             return len(self.queue) + self.in_flight
 
-    def wait_idle(self, stop: threading.Event) -> None:
-        """Block until nothing is queued or in flight (entries waiting for a retry aside)."""
+    def wait_idle(self, stop: threading.Event, attempts: int = 3) -> None:
+        """Block until nothing is queued, in flight or due to be tried again, leaving aside
+        entries whose analysis already raised ``attempts`` times."""
         while not stop.is_set():
             self.feed()
             with self.cond:
-                if not self.queue and self.in_flight == 0:
+                retrying = [e for e in self.retry_at if self.failures[e] < attempts]
+                if not self.queue and self.in_flight == 0 and not retrying:
                     return
                 self.cond.wait(0.2)
 
@@ -159,10 +168,13 @@ class AnalysisPool:
                         self.retry_at[entry_id] = time.monotonic() + RETRY_AFTER
                 else:
                     log.info("analysed %s: %s", entry_id, state)
+                    with self.cond:
+                        self.failures.pop(entry_id, None)
             except Exception as e:  # the pool must outlive any one entry
                 log.warning("cannot analyse %s (retry in %.0fs): %s", entry_id, RETRY_AFTER, e)
                 with self.cond:
                     self.retry_at[entry_id] = time.monotonic() + RETRY_AFTER
+                    self.failures[entry_id] += 1
             finally:
                 with self.cond:
                     self.known.discard(entry_id)

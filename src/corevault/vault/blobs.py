@@ -28,6 +28,7 @@ import hashlib
 import io
 import os
 import shutil
+import threading
 import zlib
 from collections.abc import Callable, Iterator
 from contextlib import suppress
@@ -213,7 +214,7 @@ class FsStore:
     def _write(self, key: str, src: BinaryIO) -> Stored:
         dest = self._path(key)
         os.makedirs(os.path.dirname(dest), exist_ok=True)
-        tmp = f"{dest}.{os.getpid()}.tmp"
+        tmp = f"{dest}.{os.getpid()}.{threading.get_native_id()}.tmp"  # the agent's threads write too
         size = 0
         try:
             with open(tmp, "wb") as out:
