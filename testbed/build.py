@@ -22,6 +22,7 @@ PROGRAMS = {
     "crasher-static": ("crasher.c", ["gcc", "-g", "-O1", "-pthread", "-static"]),
     "crasher-nopie": ("crasher.c", ["gcc", "-g", "-O1", "-pthread", "-no-pie"]),
     "markup": ("markup.c", ["gcc", "-O1"]),
+    "mention": ("mention.c", ["gcc", "-O1"]),
     "hang": ("hang.c", ["gcc", "-g", "-O1", "-pthread"]),
 }
 

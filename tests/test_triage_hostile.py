@@ -1,0 +1,85 @@
+"""A crashed process's symbol names reach chat and the web as text, never as markup.
+
+A pod's program crashes in a function whose ELF symbol is a Slack mention, a link and an
+HTML tag. It goes through the real capture handler in a runc container, the agent's
+analysis and the catalog; then the alerts (Slack-compatible and webhook, to a local
+receiver) and the group page must carry the name as text: no ``<!channel>`` that pings a
+channel, no link Slack would render, no tag a browser would parse.
+"""
+
+from __future__ import annotations
+
+import json
+import os
+import shutil
+
+import httpx
+import pytest
+
+from corevault import config, spool
+from corevault.agent.loop import Agent
+from corevault.alerts import outbox, sinks
+from corevault.server.access import StaticTokens
+from corevault.server.app import create_app
+from corevault.vault import catalog
+from testbed import runc, servers
+from tests.conftest import Capture
+from tests.tenants import pod
+from tests.test_triage_alerts import Receiver
+
+pytestmark = pytest.mark.crash
+SYMBOL = "crash<!channel><https://evil.example/x|click><img/src=x>"
+ADMIN = "admin-token-0123456789"
+
+
+def test_a_symbol_name_is_text_in_slack_webhooks_and_the_group_page(
+    capture: Capture, programs: dict[str, str], tmp_path
+) -> None:
+    root = runc.build_rootfs(str(tmp_path / "root"), {"mention": programs["mention"]})
+    capture.crash(root, ["/app/mention"], annotations=pod("tenant-a", "chatty-0"))
+    assert len(capture.entries()) == 1, capture.journal()
+
+    receiver = Receiver(servers.free_port()).start()
+    cfg = tmp_path / "c.toml"
+    cfg.write_text(
+        f'state_dir = "{tmp_path}/node"\n[agent]\nmetrics = ""\n'
+        f'[alerts]\nurl = "https://corevault.example"\n'
+        f'[[alerts.sink]]\nname = "chat"\nkind = "slack"\nurl = "{receiver.url}/slack"\nnamespaces = ["tenant-a"]\n'
+        f'[[alerts.sink]]\nname = "hook"\nkind = "webhook"\nurl = "{receiver.url}/hook"\nnamespaces = ["*"]\n'
+        f'secret = "a-webhook-secret-0123456789"\n'
+    )
+    settings = config.load(str(cfg))
+    spool.ensure(settings.spool_dir)
+    for entry in spool.entries(capture.spool):
+        shutil.copytree(os.path.join(spool.ready_dir(capture.spool), entry),
+                        os.path.join(spool.ready_dir(settings.spool_dir), entry))  # fmt: skip
+    shutil.copytree(capture.store, settings.buildid_dir, dirs_exist_ok=True)
+    Agent(settings).run(once=True)
+    engine = catalog.connect(settings.catalog_url)
+    with engine.connect() as conn:
+        [crash] = catalog.list_crashes(conn)
+    assert SYMBOL in (crash["title"] or ""), crash  # the analysis named the frame by the symbol
+
+    alerting = sinks.parse(settings.alerts)
+    assert alerting is not None
+    try:
+        with httpx.Client(timeout=10) as client:
+            assert outbox.run_once(engine, alerting, client) == 2
+    finally:
+        receiver.stop()
+    [slack] = receiver.bodies("/slack")
+    text = json.dumps(slack)
+    assert "<!channel>" not in text and "<https://evil.example" not in text and "<img" not in text
+    assert "crash&lt;!channel&gt;&lt;https://evil.example/x|click&gt;" in text
+    [hook] = receiver.bodies("/hook")
+    assert hook["group"]["title"] == crash["title"]  # JSON carries the name as it is: a string
+
+    tokens = tmp_path / "tokens.toml"
+    tokens.write_text(f'[[token]]\nname = "root"\ntoken = "{ADMIN}"\nnamespaces = ["*"]\n')
+    tokens.chmod(0o600)
+    with servers.asgi(create_app(settings, StaticTokens(str(tokens)))) as url:
+        page = httpx.get(f"{url}/groups/{crash['signature']}", headers={"Authorization": f"Bearer {ADMIN}"})
+        listing = httpx.get(f"{url}/?q=channel", headers={"Authorization": f"Bearer {ADMIN}"})
+    for html in (page.text, listing.text):
+        assert "<img/src=x>" not in html and "<!channel>" not in html
+        assert "crash&lt;!channel&gt;&lt;https://evil.example/x|click&gt;&lt;img/src=x&gt;" in html
