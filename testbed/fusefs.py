@@ -75,9 +75,9 @@ def mounted(kind: str, server: Seaweed, bucket: str, options: list[str] | None =
     path = os.path.join(work, "mnt")
     os.mkdir(path)
     os.mkdir(os.path.join(work, "cache"))
-    cmd = _command(
-        kind, server, bucket, path, work, options=["-o", "allow_other"] if options is None else options
-    )
+    if options is None:  # readable by the pod's other users, as the seed's otherOpts ask
+        options = ["-o", "allow_other"] if kind == "s3fs" else ["--allow-other"]
+    cmd = _command(kind, server, bucket, path, work, options=options)
     with open(os.path.join(work, "out"), "wb") as out:
         proc = subprocess.Popen(cmd, stdout=out, stderr=subprocess.STDOUT, env=_environment())
     try:

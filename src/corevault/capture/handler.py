@@ -409,7 +409,10 @@ class _Job:
 
     def publish_volume(self) -> None:
         """Give the plain core its kernel-exact name, owned as the kernel would own it."""
-        if self.volume_file is None or self.volume_sink is None or self.volume_sink.failed:
+        if self.volume_file is None or self.volume_sink is None:
+            return
+        if self.volume_sink.failed:  # already among the problems; the metadata says it too
+            self.volume["error"] = self.volume_sink.failed
             return
         directory, _, name = (self.plan.volume_path or "").rpartition("/")
         # Dump mode 2 (a process that changed credentials): root-only, like the kernel.

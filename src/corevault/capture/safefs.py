@@ -26,9 +26,9 @@ is chosen by what the directory does when tried, never by its filesystem's name:
 2. a temporary name + ``link()`` (NFS and others without ``O_TMPFILE``);
 3. where ``link()`` is refused: the temporary name is fsynced and closed first (so an
    upload error is reported before any final name exists), the final name is then
-   reserved with ``O_CREAT | O_EXCL | O_NOFOLLOW`` (an empty file, which never replaces
-   a name and is recognisably incomplete) and the temporary file renamed over that
-   reservation. A rename does not follow a link at its target either.
+   reserved with ``mkdir`` (which never replaces a name nor follows a link; a taken
+   name moves on to the next suffix), and the temporary file renamed to it. A rename
+   does not follow a link at its target either.
 """
 
 from __future__ import annotations
@@ -200,15 +200,24 @@ class NewFile:
         return True
 
     def _reserve_and_rename(self, candidate: str) -> None:
-        """Claim ``candidate`` with an empty file of our own, then rename the core over it."""
+        """Claim ``candidate`` with an empty directory, then rename the core to it.
+
+        ``mkdir`` is atomic, fails on any existing name and follows no link; unlike an empty
+        file, nothing of it is uploaded after ``close()`` returned (rclone mount releases a
+        file asynchronously: an empty reservation's late upload raced the rename and the
+        core vanished). Renaming a file onto a directory fails (EISDIR), so the name is
+        freed just before the rename; only a name swapped in within that instant is replaced.
+        """
         assert self.tmp_name is not None
-        reserved = _step(f"creating {candidate}", os.open, candidate, _NEW_FLAGS, 0o600, dir_fd=self.dir_fd)
+        _step(f"reserving {candidate}", os.mkdir, candidate, 0o700, dir_fd=self.dir_fd)
         try:
-            os.close(reserved)  # a bucket mounted through FUSE uploads the empty reservation here
+            os.rmdir(candidate, dir_fd=self.dir_fd)
             os.rename(self.tmp_name, candidate, src_dir_fd=self.dir_fd, dst_dir_fd=self.dir_fd)
+        except IsADirectoryError:
+            raise FileExistsError(errno.EEXIST, f"{candidate} became a directory") from None
         except OSError as e:
             with suppress(OSError):
-                os.unlink(candidate, dir_fd=self.dir_fd)
+                os.rmdir(candidate, dir_fd=self.dir_fd)
             raise PublishFailed(
                 e.errno, f"renaming the file to {candidate} failed, nothing was published: {e.strerror}"
             ) from e
