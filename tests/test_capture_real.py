@@ -222,3 +222,16 @@ def test_full_spool_drops_the_vault_copy_but_not_the_volume_copy(capture: Captur
     assert len(capture.volume_files()) == 1
     assert capture.entries() == []
     assert any(r["event"] == "dropped" and "spool is full" in r["reason"] for r in capture.journal())
+
+
+def test_handler_memory_stays_flat_on_a_core_of_hundreds_of_mib(capture: Capture, rootfs: str) -> None:
+    """The core is streamed, never held: a 300 MiB process costs the handler no more than a small one."""
+    capture.crash(rootfs, ["/app/crasher", "alloc", "300"], annotations=SEED)
+    [name] = capture.volume_files()
+    [meta] = capture.entries()
+    assert meta["core"]["size"] > 300 << 20 and not meta["core"]["truncated"]
+    assert meta["handler_max_rss_kib"] < 32 << 10, f"handler peak RSS {meta['handler_max_rss_kib']} KiB"
+    # Both copies hold the whole core: the plain one (sparse) and the compressed one.
+    volume_core = os.path.join(capture.volume, name)
+    assert os.path.getsize(volume_core) == meta["core"]["size"]
+    assert sha256(volume_core) == meta["core"]["sha256"]

@@ -486,6 +486,9 @@ def _meta(job: _Job, cg: cgroup.CgroupInfo | None, started: float) -> dict:
         "time": crash.time,
         "captured_at": time.time(),
         "handler_seconds": round(time.monotonic() - started, 4),
+        # Peak RSS so far, the core streamed. A pipe handler is started from a kernel thread,
+        # so this is its own (nothing inherited at exec); in socket mode, the receiver's.
+        "handler_max_rss_kib": resource.getrusage(resource.RUSAGE_SELF).ru_maxrss,
         "signal": {"number": crash.signal, "name": signal_name(crash.signal)},
         "process": {
             "pid": crash.global_pid,
