@@ -7,7 +7,7 @@ PYTHON ?= python3
 VENV   := .venv
 PY     := $(VENV)/bin/python
 APT_PACKAGES := runc busybox-static gdb elfutils zstd bubblewrap gcc g++ libc6-dev binutils libc6-dbg postgresql chromium curl \
-	golang-go rustc debuginfod s3fs rclone fuse3 podman buildah mmdebstrap umoci skopeo containerd \
+	golang-go rustc debuginfod s3fs rclone fuse3 podman slirp4netns buildah mmdebstrap umoci skopeo containerd \
 	prometheus prometheus-alertmanager
 
 .PHONY: setup apt venv npm demo test lint bench image clean
