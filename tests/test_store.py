@@ -23,12 +23,16 @@ CLI = os.path.join(os.path.dirname(sys.executable), "corevault")
 
 
 def analyze(config: str, what: str) -> dict:
-    out = subprocess.run([CLI, "-c", config, "analyze", "--json", what], capture_output=True, text=True, check=False)
+    out = subprocess.run(
+        [CLI, "-c", config, "analyze", "--json", what], capture_output=True, text=True, check=False
+    )
     assert out.returncode == 0, out.stderr
     return json.loads(out.stdout)
 
 
-def test_non_pie_executables_are_kept_and_explained_after_the_image_is_gone(capture, programs, tmp_path) -> None:
+def test_non_pie_executables_are_kept_and_explained_after_the_image_is_gone(
+    capture, programs, tmp_path
+) -> None:
     root = runc.build_rootfs(
         str(tmp_path / "root"), {"static": programs["crasher-static"], "nopie": programs["crasher-nopie"]}
     )
