@@ -113,12 +113,13 @@ def fill(state: str, rows: int, binary_mib: int) -> tuple[str, str]:
             catalog.reports.insert().values(crash_id=crash_id, backend="drgn", report=json.dumps(report()))
         )
         build_id = "ab" * 20
+        sha = "cd" * 32
         conn.execute(
-            catalog.buildids.insert().values(build_id=build_id, size=binary_mib << 20, debuginfo=True)
+            catalog.objects.insert().values(key=build_id, sha256=sha, size=binary_mib << 20, debuginfo=True)
         )
         conn.execute(
-            catalog.crash_buildids.insert().values(
-                crash_id=crash_id, build_id=build_id, path="/usr/bin/service"
+            catalog.crash_objects.insert().values(
+                crash_id=crash_id, key=build_id, sha256=sha, path="/usr/bin/service"
             )
         )
         conn.exec_driver_sql("ANALYZE")
@@ -129,7 +130,7 @@ def fill(state: str, rows: int, binary_mib: int) -> tuple[str, str]:
         chunk = random.Random(1).randbytes(1 << 20)
         for _ in range(binary_mib):
             f.write(chunk)
-    store.put_file(blobs.buildid_key(build_id), path)
+    store.put_file(blobs.object_key(build_id, "cd" * 32), path)
     os.unlink(path)
     return crash_id, build_id
 
@@ -227,7 +228,7 @@ def main() -> int:
                     ms = p50(client, path, token, a.runs)
                     goal = "" if ms <= 50 else "  (goal <= 50 ms NOT met)"
                     print(f"  {label:<46} {ms:7.1f} ms  {ms / base:5.1f} x /healthz{goal}")
-                plain_path = os.path.join(state, "vault", blobs.buildid_key(build_id))
+                plain_path = os.path.join(state, "vault", blobs.object_key(build_id, "cd" * 32))
                 for who, token in (("every namespace", ADMIN), ("one namespace", TEAM)):
                     url = f"http://127.0.0.1:{port}/buildid/{build_id}/executable"
                     ours, plain = throughput(url, token, plain_path, 5)

@@ -58,6 +58,33 @@ def build(name: str) -> str:
     return out
 
 
+def build_variant(name: str, source: str, cmd: list[str]) -> str:
+    """A program built from ``source`` with ``cmd`` (a chosen build-id, none at all…), cached."""
+    src = os.path.join(HERE, source)
+    with open(src, "rb") as f:
+        out = _out(name, f.read() + repr(cmd).encode())
+    if not os.path.exists(out):
+        os.makedirs(os.path.dirname(out), exist_ok=True)
+        subprocess.run([*cmd, "-o", out + ".tmp", src], check=True)
+        os.replace(out + ".tmp", out)
+    return out
+
+
+def build_go(source: str) -> str:
+    """A Go program built the plain way (``go build``: Go's build id, no GNU one), cached."""
+    cache = os.path.join(WORK, "go")
+    env = {**os.environ, "GOCACHE": os.path.join(cache, "cache"), "GOPATH": os.path.join(cache, "path"),
+           "GO111MODULE": "off", "CGO_ENABLED": "0"}  # fmt: skip
+    src = os.path.join(HERE, source)
+    with open(src, "rb") as f:
+        out = _out(source.removesuffix(".go"), f.read() + b"go")
+    if not os.path.exists(out):
+        os.makedirs(os.path.dirname(out), exist_ok=True)
+        subprocess.run(["go", "build", "-o", out + ".tmp", src], check=True, env=env)
+        os.replace(out + ".tmp", out)
+    return out
+
+
 def build_all() -> dict[str, str]:
     return {name: build(name) for name in [*PROGRAMS, "crasher-stripped"]}
 

@@ -136,9 +136,9 @@ def main() -> int:
         console.print(f"[bold]{pod}[/bold]  $ gdb {meta['process']['exe']} {core}")
         for line in backtrace(exe, core, rootfs, frames=8 if meta["signal"]["name"] == "SIGABRT" else 4):
             console.print(f"    {line}")
-        held = [m for m in meta["modules"] if m["build_id"]]
+        held = [m for m in meta["modules"] if m.get("sha256")]
         console.print(
-            f"    binaries kept by build-id: {', '.join(os.path.basename(m['path']) for m in held)}",
+            f"    binaries kept by key and content: {', '.join(os.path.basename(m['path']) for m in held)}",
             style="dim",
         )
 
@@ -174,7 +174,7 @@ def main() -> int:
 
     console.rule("[bold]On this node")
     console.print(f"spool (waiting for the vault): {spool.ready_dir(settings.spool_dir)}")
-    console.print(f"binaries by build-id:          {settings.buildid_dir}/buildid/<id>/executable")
+    console.print(f"binaries by key and content:   {settings.buildid_dir}/buildid/<key>/<sha256>")
     console.print(f"the vault (blobs):             {settings.vault_store}")
     console.print(f"the catalog:                   {settings.catalog_url}")
     console.print(f"the pods' volume:              {nas}")

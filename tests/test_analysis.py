@@ -237,8 +237,9 @@ def test_a_file_with_the_wrong_build_id_is_never_used(corpus: dict, tmp_path) ->
     store = tmp_path / "store"
     shutil.copytree(corpus["capture"].store, store, symlinks=True)
     libc = next(m for m in crash.report.modules if m.path.endswith("libc.so.6"))
-    target = store / "buildid" / libc.build_id / "executable"
-    target.unlink()
+    shutil.rmtree(store / "buildid" / libc.build_id)
+    (store / "buildid" / libc.build_id).mkdir()
+    target = store / "buildid" / libc.build_id / "executable"  # a tree in debuginfod's layout
     shutil.copy(os.path.join(corpus["glibc"], "lib/x86_64-linux-gnu/libc.so.6"), target)  # another libc
     r = runner.analyze(crash.volume_core, [str(store)], backend="gdb")
     assert [m.path for m in r.missing_modules] == ["/lib/x86_64-linux-gnu/libc.so.6"]

@@ -2,14 +2,18 @@
 
 from __future__ import annotations
 
+import hashlib
 import os
+import shutil
 import subprocess
 import time
 from pathlib import Path
 
 import pytest
 
+from corevault import elf, nodestore, objectid
 from corevault.capture import buildid
+from testbed import build
 
 
 def readelf_build_id(path: str) -> str:
@@ -58,8 +62,9 @@ def test_mapped_objects_of_a_live_process_are_opened_and_stored(tmp_path) -> Non
     buildid.store_modules(str(tmp_path), modules)  # the process is gone: the fds still work
     for m in modules:
         assert m.stored == "new" and m.fd == -1
-        held = tmp_path / "buildid" / m.build_id / "executable"
-        assert held.read_bytes() == Path(m.path).read_bytes()
+        content = Path(m.path).read_bytes()
+        assert m.key == m.build_id and m.sha256 == hashlib.sha256(content).hexdigest()
+        assert (tmp_path / "buildid" / m.key / m.sha256).read_bytes() == content
     self_fd = os.open("/proc/self", os.O_RDONLY | os.O_DIRECTORY)
     again = buildid.open_modules(self_fd, Path("/proc/self/maps").read_text())
     os.close(self_fd)
@@ -82,3 +87,50 @@ def test_maps_parsing_takes_offset_zero_mappings_once() -> None:
         ("/lib/with space.so (deleted)", "7f0000001000-7f0000002000", 0x7F0000001000, 0x7F0000002000),
         ("/app/static", "400000-401000", 0x400000, 0x401000),  # map_files names have no leading zeros
     ]
+
+
+def test_go_build_id_is_read_as_go_itself_reads_it() -> None:
+    exe = build.build_go("nokey.go")
+    fd = os.open(exe, os.O_RDONLY)
+    try:
+        gnu, go = elf.build_ids(lambda offset, size: os.pread(fd, size, offset))
+    finally:
+        os.close(fd)
+    out = subprocess.run(["go", "tool", "buildid", exe], capture_output=True, text=True, check=True).stdout
+    assert gnu is None and go == out.strip()
+    assert objectid.key_for(gnu, go, None) == objectid.go_key(go) and objectid.KEY.match(objectid.go_key(go))
+
+
+def test_sparse_objects_are_hashed_whole_and_stored_with_their_holes(tmp_path) -> None:
+    src = tmp_path / "big.so"
+    shutil.copy("/lib/x86_64-linux-gnu/libc.so.6", src)
+    with open(src, "r+b") as f:
+        f.truncate(256 << 20)
+        f.seek(200 << 20)
+        f.write(b"data after a hole")
+    m = buildid.Module(str(src), 0x1000, 0x2000)
+    m.fd = os.open(src, os.O_RDONLY)
+    m.build_id = buildid.read_build_id(m.fd)
+    buildid.store_modules(str(tmp_path / "store"), [m], room=64 << 20)
+    assert m.stored == "new" and m.sha256 == hashlib.sha256(src.read_bytes()).hexdigest()
+    held = tmp_path / "store" / "buildid" / m.build_id / m.sha256
+    assert held.read_bytes() == src.read_bytes()
+    assert held.stat().st_blocks * 512 < 8 << 20  # the 256 MiB file's holes stay holes
+    m2 = buildid.Module(str(src), 0x1000, 0x2000)
+    m2.fd = os.open(src, os.O_RDONLY)
+    m2.build_id = m.build_id
+    buildid.store_modules(str(tmp_path / "store"), [m2], room=0)
+    assert m2.stored == "held"  # the same content: kept once, no room needed
+
+
+def test_an_object_that_does_not_fit_is_not_stored(tmp_path) -> None:
+    m = buildid.Module("/usr/bin/sleep", 0x1000, 0x2000)
+    m.fd = os.open("/usr/bin/sleep", os.O_RDONLY)
+    m.build_id = buildid.read_build_id(m.fd)
+    buildid.store_modules(str(tmp_path), [m], room=4096)
+    assert m.stored.startswith("not stored: no room") and m.fd == -1
+    assert list(nodestore.objects(str(tmp_path))) == []
+    st = os.statvfs(tmp_path)
+    free = st.f_bavail * st.f_frsize
+    assert nodestore.room(str(tmp_path), 1 << 40, 0, 1 << 40, keep_free=free + (1 << 30)) == 0
+    assert nodestore.room(str(tmp_path), 1 << 40, 5 << 20, 6 << 20, keep_free=0) <= 1 << 20

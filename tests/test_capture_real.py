@@ -70,8 +70,10 @@ def test_seed_annotation_puts_the_kernels_core_in_the_volume(capture: Capture, r
 
     by_path = {m["path"]: m for m in meta["modules"]}
     for path in ("/app/crasher", "/lib/x86_64-linux-gnu/libc.so.6"):
-        held = os.path.join(capture.store, "buildid", by_path[path]["build_id"], "executable")
-        assert sha256(held) == sha256(os.path.join(rootfs, path.lstrip("/")))
+        m = by_path[path]
+        held = os.path.join(capture.store, "buildid", m["key"], m["sha256"])
+        assert m["key"] == m["build_id"] and sha256(held) == m["sha256"]
+        assert m["sha256"] == sha256(os.path.join(rootfs, path.lstrip("/")))
     assert os.listdir(spool.tmp_dir(capture.spool)) == []
 
 

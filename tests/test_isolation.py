@@ -90,10 +90,11 @@ def two_tenants(rootfs: str, programs: dict[str, str]) -> Iterator[tuple[Capture
         b = cap.crash(rootfs, ["/app/crasher", "segv"], annotations=pod("tenant-b", "b", "/data/dump-a/b-%p"))
         ids = {m["pod"]["container_id"]: m["id"] for m in cap.entries()}
         assert spool.entries(cap.spool) == [ids[a.id], ids[b.id]]
+        [a_meta] = [m for m in cap.entries() if m["id"] == ids[a.id]]
         for name in ("evil", "evil1.so", "evil2.so"):
-            held = os.path.join(
-                cap.store, "buildid", build_id_of(os.path.join(cap.volume, name)), "executable"
-            )
+            [m] = [m for m in a_meta["modules"] if os.path.basename(m["path"]) == name]
+            assert m["key"] == build_id_of(os.path.join(cap.volume, name))
+            held = os.path.join(cap.store, "buildid", m["key"], m["sha256"])
             assert os.path.getsize(held) > 1 << 30
         yield cap, ids[a.id], ids[b.id]
 

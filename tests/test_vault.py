@@ -145,16 +145,16 @@ def test_agent_ships_analyses_groups_and_empties_the_spool(material: dict) -> No
     with node.vault().engine.connect() as conn:
         groups = {g["title"]: g["count"] for g in catalog.list_groups(conn)}
         report = catalog.get_crash(conn, rows[0]["id"])["report"]
-        held = conn.execute(sa.select(catalog.buildids.c.build_id)).scalars().all()
+        held = conn.execute(sa.select(catalog.objects.c.key, catalog.objects.c.sha256)).all()
     assert groups == {"SIGSEGV in crash_here ← main": 2, "SIGABRT in parse_config ← main": 1}
     assert report["signature"] == rows[0]["signature"]
     store = node.vault().store
-    assert len(held) == len(set(held)) and all(store.size(blobs.buildid_key(b)) for b in held)
-    # The vault's build-id tree is a debuginfod tree: the stored binary is the captured one.
+    assert len(held) == len(set(held)) and all(store.size(blobs.object_key(k, s)) for k, s in held)
+    # Binaries are kept by key and content: the stored binary is the captured one.
     meta = json.loads(store.open(blobs.meta_key(rows[0]["id"])).read())
     exe = next(m for m in meta["modules"] if m["path"] == "/app/crasher" or m["path"] == "/app/thrower")
-    with open(os.path.join(material["dir"], "store", "buildid", exe["build_id"], "executable"), "rb") as f:
-        assert sha(store.open(blobs.buildid_key(exe["build_id"])).read()) == sha(f.read())
+    with open(os.path.join(material["dir"], "store", "buildid", exe["key"], exe["sha256"]), "rb") as f:
+        assert sha(store.open(blobs.object_key(exe["key"], exe["sha256"])).read()) == sha(f.read())
 
 
 def test_agent_ships_to_s3_and_postgres(material: dict, s3: servers.Seaweed, pg: servers.Postgres) -> None:
@@ -340,8 +340,8 @@ def test_retention_by_age_size_and_namespace_keeps_needed_binaries(material: dic
     assert vault.store.size(blobs.core_key(rows[0]["id"])) is None
     meta = json.loads(vault.store.open(blobs.meta_key(newest)).read())
     for m in meta["modules"]:  # the kept crash's binaries are all still there
-        if m.get("build_id"):
-            assert vault.store.size(blobs.buildid_key(m["build_id"])) is not None
+        if m.get("sha256"):
+            assert vault.store.size(blobs.object_key(m["key"], m["sha256"])) is not None
     assert gone["buildids"]  # the other program's binary went with its crash
 
 

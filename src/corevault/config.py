@@ -22,6 +22,7 @@ Example::
     keep_free = "1G"                # and never leaves less free on its filesystem
     pod_share = 0.25                # one pod's entries take at most this part of it
     namespace_share = 0.5           # one namespace's at most this part
+    store_max_size = "2G"           # the binaries kept for analysis (also within max_size)
     compression_level = 3
     compression_threads = 1
 
@@ -129,6 +130,7 @@ class Settings:
         "spool_keep_free",
         "spool_max_size",
         "state_dir",
+        "store_max_size",
         "storm_max",
         "storm_window",
         "targets",
@@ -142,7 +144,7 @@ class Settings:
         self.state_dir = state_dir
         #: finished and in-progress spool entries, the journal of dropped dumps
         self.spool_dir = os.path.join(state_dir, "spool")
-        #: binaries by build-id in the debuginfod layout (``buildid/<id>/executable``)
+        #: the mapped binaries, by key and content (``buildid/<key>/<sha256>``, see nodestore)
         self.buildid_dir = os.path.join(state_dir, "store")
         #: the node-local pod index the agent keeps (see :mod:`corevault.podindex`)
         self.podindex_dir = os.path.join(state_dir, "pods")
@@ -168,6 +170,8 @@ class Settings:
         #: the part of the spool one pod's (one namespace's) entries may take
         self.pod_share = 0.25
         self.namespace_share = 0.5
+        #: disk the node's binary store may take; it also counts within spool_max_size
+        self.store_max_size = 2 << 30
         self.compression_level = 3
         self.compression_threads = 1
         #: name recorded as the crash's node (the host's own name by default)
@@ -404,13 +408,23 @@ def from_dict(doc: dict, where: str = "config") -> Settings:
     spool = _table(doc, "spool", where)
     _known(
         spool,
-        {"max_size", "keep_free", "compression_level", "compression_threads", "pod_share", "namespace_share"},
+        {
+            "max_size",
+            "keep_free",
+            "store_max_size",
+            "compression_level",
+            "compression_threads",
+            "pod_share",
+            "namespace_share",
+        },
         f"{where} [spool]",
     )
     if "max_size" in spool:
         s.spool_max_size = parse_size(spool["max_size"], f"{where} [spool] max_size")
     if "keep_free" in spool:
         s.spool_keep_free = parse_size(spool["keep_free"], f"{where} [spool] keep_free")
+    if "store_max_size" in spool:
+        s.store_max_size = parse_size(spool["store_max_size"], f"{where} [spool] store_max_size")
     s.compression_level = int(_number(spool, "compression_level", where, s.compression_level))
     if not 1 <= s.compression_level <= 19:
         raise ConfigError(f"{where} [spool] compression_level: use 1 to 19, got {s.compression_level}")

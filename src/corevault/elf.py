@@ -1,4 +1,4 @@
-"""Just enough ELF to find a GNU build-id, in a file or in a core's copy of memory.
+"""Just enough ELF to find a GNU build-id (or Go's), in a file or in a core's copy of memory.
 
 Used by the capture handler (which must not import an ELF library: it runs per crash) and
 by the core reader, which reads the same notes from the first page of each mapped object
@@ -18,6 +18,7 @@ from collections.abc import Callable, Iterator
 PT_LOAD = 1
 PT_NOTE = 4
 NT_GNU_BUILD_ID = 3
+NT_GO_BUILD_ID = 4  # name "Go": the linker's .note.go.buildid, where Go writes no GNU one
 MAX_PHNUM = 512
 MAX_NOTES = 1 << 16
 #: more section headers than any linked program or debug file has (they have tens); a
@@ -51,6 +52,12 @@ def build_id(read: Reader, *, in_memory: bool = False) -> str | None:
     With ``in_memory`` the reader is a process image based at the object's load address,
     so notes are found by virtual address rather than by file offset.
     """
+    ids = build_ids(read, in_memory=in_memory)
+    return ids[0] if ids else None
+
+
+def build_ids(read: Reader, *, in_memory: bool = False) -> tuple[str | None, str | None] | None:
+    """``(GNU build-id as hex, Go build id)`` of an ELF object, each None if absent; None if not ELF."""
     head = read(0, 64)
     if not head or len(head) < 52 or head[:4] != b"\x7fELF" or head[4] not in (1, 2) or head[5] not in (1, 2):
         return None
@@ -66,7 +73,7 @@ def build_id(read: Reader, *, in_memory: bool = False) -> str | None:
         phentsize, phnum = struct.unpack_from(e + "HH", head, 42)
         ph_fmt = e + "III4xI8xI"
     if not 0 < phnum <= MAX_PHNUM or phentsize < struct.calcsize(ph_fmt):
-        return None
+        return None, None
     table = read(phoff, phentsize * phnum) or b""
     headers = [
         struct.unpack_from(ph_fmt, table, i * phentsize)
@@ -75,14 +82,17 @@ def build_id(read: Reader, *, in_memory: bool = False) -> str | None:
     ]
     loads = [vaddr for p_type, offset, vaddr, _, _ in headers if p_type == PT_LOAD and offset == 0]
     base = (loads[0] & ~0xFFF) if loads else 0
+    gnu = go = None
     for p_type, offset, vaddr, filesz, align in headers:
         if p_type != PT_NOTE:
             continue
         notes = read(vaddr - base if in_memory else offset, min(filesz, MAX_NOTES)) or b""
         for name, ntype, desc in parse_notes(notes, e, 8 if align == 8 else 4):
-            if ntype == NT_GNU_BUILD_ID and name == b"GNU\0" and desc:
-                return desc.hex()
-    return None
+            if ntype == NT_GNU_BUILD_ID and name == b"GNU\0" and desc and gnu is None:
+                gnu = desc.hex()
+            elif ntype == NT_GO_BUILD_ID and name == b"Go\0\0" and desc and go is None:
+                go = desc.decode("ascii", errors="replace")
+    return gnu, go
 
 
 def section_names(read: Reader) -> frozenset[str] | None:

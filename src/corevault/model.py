@@ -50,6 +50,10 @@ class Module:
     file: str | None = None
     #: whether DWARF debug info was found for it (file:line and inline frames)
     debuginfo: bool = False
+    #: the key that found the file (a build-id, ``go-…`` or ``sha256-…``, see corevault.objectid)
+    key: str | None = None
+    #: SHA-256 of the file used: the content the crashed process really mapped
+    sha256: str | None = None
 
     @property
     def found(self) -> bool:

@@ -21,6 +21,7 @@ from collections.abc import Callable
 import sqlalchemy as sa
 
 from corevault import config, hostsetup, spool
+from corevault.agent import storeclean
 from corevault.agent.analyses import AnalysisPool, worker_count
 from corevault.agent.kernellog import KernelLog
 from corevault.agent.metrics import Metrics
@@ -30,6 +31,7 @@ log = logging.getLogger("corevault.agent")
 RETRYABLE = (blobs.StoreError, catalog.CatalogError, sa.exc.OperationalError, sa.exc.DBAPIError, OSError)
 MAX_BACKOFF = 300.0
 VACUUM_EVERY = 600.0
+EVICT_EVERY = 60.0  # seconds between evictions from the node's binary store
 
 
 def bound_heap() -> None:
@@ -67,6 +69,7 @@ class Agent:
         #: why the vault could not be reached on the last pass, or None
         self.unreachable: str | None = None
         self.last_vacuum = 0.0
+        self.last_evict = 0.0
         #: whether core_pattern was corevault's at the last look (None: not looked, or not installed)
         self.installed: bool | None = None
         #: when the loop last took a step (a pass, or an entry within one), for the liveness probe
@@ -170,6 +173,11 @@ class Agent:
                     log.info("retention removed %d crashes", len(gone["crashes"]))
             except RETRYABLE as e:
                 log.warning("retention failed: %s", e)
+        if time.monotonic() - self.last_evict > EVICT_EVERY:
+            self.last_evict = time.monotonic()
+            gone = storeclean.evict(s)
+            if gone:
+                log.info("removed %d binaries no spool entry needs from the node's store", len(gone))
         waiting = len(spool.entries(s.spool_dir))
         self.metrics.queue.set(waiting)
         return waiting

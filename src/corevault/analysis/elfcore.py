@@ -28,7 +28,7 @@ import os
 import struct
 from dataclasses import dataclass, field
 
-from corevault import elf
+from corevault import elf, objectid
 
 PT_LOAD = 1
 PT_NOTE = 4
@@ -92,6 +92,8 @@ class Core:
     auxv: dict[int, int] = field(default_factory=dict)
     #: build-id of each mapped ELF object (by path), read from the core's own memory
     build_ids: dict[str, str] = field(default_factory=dict)
+    #: the key each object claims (GNU build-id, or Go's as ``go-…``), see corevault.objectid
+    keys: dict[str, str] = field(default_factory=dict)
     warnings: list[str] = field(default_factory=list)
     _segments: list[tuple[int, int, int, int]] = field(default_factory=list, repr=False)
     _by_address: tuple | None = field(default=None, repr=False)
@@ -218,11 +220,15 @@ def _read(path: str) -> Core:
         raise CoreError("no thread status (NT_PRSTATUS) in the core")
     for m in core.objects():
         try:
-            bid = elf.build_id(lambda off, n, base=m.start: core.read_memory(base + off, n), in_memory=True)
+            ids = elf.build_ids(lambda off, n, base=m.start: core.read_memory(base + off, n), in_memory=True)
         except (struct.error, OSError):
-            bid = None
+            ids = None
+        bid, go = ids or (None, None)
         if bid:
             core.build_ids[m.path] = bid
+        key = objectid.key_for(bid, go, None)
+        if key:
+            core.keys[m.path] = key
     return core
 
 

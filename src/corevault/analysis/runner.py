@@ -18,7 +18,6 @@ from __future__ import annotations
 
 import json
 import os
-import re
 import resource
 import signal
 import stat
@@ -29,6 +28,7 @@ import time
 from collections.abc import Collection
 from typing import BinaryIO
 
+from corevault import nodestore, objectid
 from corevault.analysis import binaries, sandbox, seccomp, upstream
 from corevault.capture.stream import CHUNK, SparseSink
 from corevault.errors import UserError
@@ -40,7 +40,7 @@ DEFAULT_MEMORY = 4 << 30
 #: how a stopped analysis's error begins (the catalog's record of it says so)
 STOPPED = "analysis took longer than"
 CORE_IN_SANDBOX = sandbox.INPUTS + "/core"
-BUILD_ID = re.compile(r"[0-9a-f]{2,128}")
+RECORD_IN_SANDBOX = sandbox.INPUTS + "/record.json"
 
 
 class AnalysisError(UserError):
@@ -97,23 +97,26 @@ def _worker_copy(path: str, dest: str, uid: int) -> str:
 
 
 def _store_binds(
-    stores: list[str], build_ids: Collection[str], tmp: str, uid: int
+    stores: list[str], wanted: Collection[tuple[str, str | None]], tmp: str, uid: int
 ) -> tuple[list[str], list[sandbox.Bind]]:
-    """Where the worker sees each store, holding only the files of ``build_ids``.
+    """Where the worker sees each store, holding only the files ``wanted`` names.
 
-    Files are bound one by one: the store's directories are the agent's own (0700).
+    ``wanted`` holds ``(key, sha256)`` of a crash's recorded objects, or ``(key, None)``
+    for every content held under a key; a key's ``debuginfo`` comes along. Files are bound
+    one by one: the store's directories are the agent's own (0700).
     """
     names: list[str] = []
     binds: list[sandbox.Bind] = []
     for i, store in enumerate(stores):
         name = f"{sandbox.INPUTS}/store-{i}"
         names.append(name)
-        for bid in sorted(b for b in build_ids if BUILD_ID.fullmatch(b)):
-            for kind in ("executable", "debuginfo"):
-                held = os.path.join(store, "buildid", bid, kind)
-                if os.path.isfile(held):
-                    readable = _worker_copy(held, os.path.join(tmp, f"{i}-{bid}-{kind}"), uid)
-                    binds.append(sandbox.Bind(readable, f"{name}/buildid/{bid}/{kind}"))
+        for key, sha in sorted(w for w in wanted if objectid.KEY.match(w[0])):
+            held = [sha] if sha else [os.path.basename(p) for p in nodestore.candidates(store, key)]
+            for kind in dict.fromkeys([*held, "debuginfo"]):
+                path = os.path.join(store, "buildid", key, kind)
+                if os.path.isfile(path):
+                    readable = _worker_copy(path, os.path.join(tmp, f"{i}-{key}-{kind}"), uid)
+                    binds.append(sandbox.Bind(readable, f"{name}/buildid/{key}/{kind}"))
     return names, binds
 
 
@@ -184,16 +187,18 @@ def analyze(
     system_debuginfo: bool = False,
     debug_dirs: tuple[str, ...] = binaries.DEBUG_DIRS,
     fetch: upstream.Upstream | None = None,
-    build_ids: Collection[str] | None = None,
+    record: list[dict] | None = None,
     uid: int = sandbox.DEFAULT_UID,
 ) -> Report:
     """Analyse ``core`` (plain or zstd) in a sandboxed worker; raises :class:`AnalysisError`.
 
     ``debug_dirs`` are trees of separate debug files by build-id (the host's
     ``/usr/lib/debug``); ``fetch`` names upstream debuginfod servers to ask for the rest.
-    The worker sees only the stores' entries for ``build_ids`` (the objects the crashed
-    process mapped, as its capture recorded them) or, without them, for the build-ids the
-    core names; never every binary the stores hold. ``timeout`` bounds the whole.
+    ``record`` is the crash's list of mapped objects (``meta.json``'s ``modules``): with
+    it, each object is the very file the process mapped, found by its content hash, and the
+    worker sees only those files of the stores; without it (a bare core), the files held
+    under the keys the core claims. Never every binary the stores hold. ``timeout`` bounds
+    the whole.
     """
     if fetch is not None:
         stores = [*stores, fetch.cache]
@@ -203,20 +208,30 @@ def analyze(
         inputs = [sandbox.Bind(plain, CORE_IN_SANDBOX)]
         # trees of system debug files (world-readable, keyed by build-id), where /usr is not
         inputs += [sandbox.Bind(d, d) for d in debug_dirs if os.path.isdir(d) and not d.startswith("/usr/")]
-        if build_ids is None:
+        wanted: set[tuple[str, str | None]]
+        if record is None:
             # which binaries the core names is itself read from the core: in the sandbox too
             listed = _run(
-                [CORE_IN_SANDBOX, "--list-build-ids"], inputs, uid, deadline, limit=timeout, memory=memory
+                [CORE_IN_SANDBOX, "--list-keys"], inputs, uid, deadline, limit=timeout, memory=memory
             )
-            build_ids = listed["build_ids"]
+            wanted = {(k, None) for k in listed["keys"] if isinstance(k, str)}
+        else:
+            wanted = {
+                (m["key"], m["sha256"]) for m in record if objectid.is_object(m.get("key"), m.get("sha256"))
+            }
+            record_path = os.path.join(tmp, "record.json")
+            with open(record_path, "w") as f:
+                json.dump(record, f)
+            inputs.append(sandbox.Bind(_worker_copy(record_path, record_path + ".w", uid), RECORD_IN_SANDBOX))
         argv = [CORE_IN_SANDBOX, "--backend", backend, "--max-frames", str(max_frames)]
         argv += ["--debug-dirs", os.pathsep.join(debug_dirs)]
         argv += ["--system-debuginfo"] if system_debuginfo else []
+        argv += ["--record", RECORD_IN_SANDBOX] if record is not None else []
 
         def run(attempt: int) -> Report:
             copies = os.path.join(tmp, str(attempt))
             os.mkdir(copies)
-            store_names, binds = _store_binds(stores, build_ids, copies, uid)
+            store_names, binds = _store_binds(stores, wanted, copies, uid)
             args = [*argv, *(arg for name in store_names for arg in ("--store", name))]
             return Report.from_dict(_run(args, inputs + binds, uid, deadline, limit=timeout, memory=memory))
 

@@ -1,11 +1,12 @@
-"""The primary unwinder: drgn, in-process, over the core and the binaries found by build-id.
+"""The primary unwinder: drgn, in-process, over the core and the binaries found for it.
 
 drgn's own debug-info finders are turned off, so it sees only the files handed to it here
-(the build-id store and the host's build-id keyed debug tree); ``Module.try_file`` refuses
-a file whose build-id differs from the module's. Every thread is unwound, inline frames
-included, with file:line where debug info exists and ELF symbols where it does not.
-Where drgn finds no function in the DWARF at a pc (a language it does not read, such as
-Rust), the inline chain is read from that DWARF by :mod:`corevault.analysis.inlines`.
+(:mod:`.binaries`: the crash's own stored objects and the host's build-id keyed debug tree);
+``Module.try_file`` refuses a file whose build-id differs from the module's. Every thread
+is unwound, inline frames included, with file:line where debug info exists and ELF
+symbols where it does not. Where drgn finds no function in the DWARF at a pc (a language
+it does not read, such as Rust), the inline chain is read from that DWARF by
+:mod:`corevault.analysis.inlines`.
 """
 
 from __future__ import annotations
@@ -22,7 +23,7 @@ from corevault.model import Frame, Thread
 def unwind(
     core: Core, found: dict[str, Found], max_frames: int
 ) -> tuple[list[Thread], dict[str, bool], list[str]]:
-    """``(threads, debug info loaded per module path, warnings)``."""
+    """``(threads, debug info loaded per module path, warnings)``; ``found`` is by object path."""
     # No drgn plugins: they would be found through entry points (0.15 s per core) and run
     # third-party code inside the analysis of an untrusted core.
     os.environ["DRGN_DISABLE_PLUGINS"] = "*"
@@ -35,13 +36,15 @@ def unwind(
     warnings: list[str] = []
     debug: dict[str, bool] = {}
     for module, _ in prog.loaded_modules():
-        bid = module.build_id.hex() if module.build_id else None
-        where = found.get(bid) if bid else None
+        where = found.get(module.name)
         if where is None:
             continue
+        # drgn checks a file against the module's GNU build-id; an object without one (Go,
+        # or no notes at all) was matched by its key or the crash's record instead.
+        force = module.build_id is None
         for path in dict.fromkeys(p for p in (where.executable, where.debuginfo) if p):
             try:
-                module.try_file(path)
+                module.try_file(path, force=force)
             except Exception as e:  # drgn reports unusable files with several error types
                 warnings.append(f"{module.name}: drgn could not use {path}: {e}")
         debug[module.name] = module.debug_file_status == drgn.ModuleFileStatus.HAVE
@@ -104,7 +107,7 @@ class _Scopes:
             module = self._prog.module(frame.pc)  # type: ignore[attr-defined]
         except LookupError:
             return
-        where = self._found.get(module.build_id.hex()) if module.build_id else None
+        where = self._found.get(module.name)
         bias = module.debug_file_bias
         if where is not None and where.debuginfo is not None and bias is not None:
             # a caller's pc is a return address, which may lie just past a call at a function's end

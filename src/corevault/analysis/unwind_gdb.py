@@ -37,10 +37,8 @@ def gdb_command(
     debugdir = os.path.join(root, "debug")
     byname = os.path.join(root, "byname")
     os.makedirs(byname, exist_ok=True)
-    for path, bid in core.build_ids.items():
-        where = found.get(bid)
-        if where is None:
-            continue
+    for path, where in found.items():
+        bid = core.build_ids.get(path)
         if where.executable and path.startswith("/"):
             link = os.path.join(sysroot, path.removesuffix(" (deleted)").lstrip("/"))
             os.makedirs(os.path.dirname(link), exist_ok=True)
@@ -49,7 +47,7 @@ def gdb_command(
             alias = os.path.join(byname, os.path.basename(link))
             if not os.path.lexists(alias):
                 os.symlink(where.executable, alias)
-        if where.debuginfo and where.debuginfo != where.executable:
+        if bid and where.debuginfo and where.debuginfo != where.executable:
             link = os.path.join(debugdir, ".build-id", bid[:2], bid[2:] + ".debug")
             os.makedirs(os.path.dirname(link), exist_ok=True)
             if not os.path.lexists(link):

@@ -2,7 +2,7 @@
 
 ``python -m corevault.analysis.worker CORE --store DIR [--backend drgn|gdb]`` prints one
 JSON document: the report, or ``{"error": "..."}`` when the core is unreadable
-(``--list-build-ids``: only the build-ids the core names). It parses untrusted input, so
+(``--list-keys``: only the keys the core claims). It parses untrusted input, so
 :mod:`corevault.analysis.runner` starts it sandboxed, with a timeout and a memory cap, and
 never imports it into a long-lived process.
 """
@@ -15,6 +15,7 @@ import json
 import os
 import sys
 
+from corevault import objectid
 from corevault.analysis import (
     binaries,
     demangle,
@@ -41,8 +42,9 @@ def analyze(
     *,
     system_debuginfo: bool = False,
     debug_dirs: tuple[str, ...] = binaries.DEBUG_DIRS,
+    record: list[dict] | None = None,
 ) -> Report:
-    """The report for one core.
+    """The report for one core; ``record`` is the crash's list of mapped objects, if it has one.
 
     Without ``system_debuginfo``, the separate DWARF of system libraries (libc, libstdc++,
     the loader…) is not loaded: indexing libc's debug info is most of the cost of a report
@@ -55,13 +57,16 @@ def analyze(
     warnings = list(core.warnings)
     if core.truncated:
         warnings.append(f"the core is truncated: {core.size} of {core.expected_size} bytes")
-    found = {bid: binaries.locate(bid, stores, debug_dirs) for bid in set(core.build_ids.values())}
+    found, more = binaries.resolve(core, stores, record, debug_dirs)
+    warnings += more
     dwarf = found
     if not system_debuginfo:
-        system = {bid for path, bid in core.build_ids.items() if signature.is_system(path)}
-        dwarf = {bid: binaries.Found(f.executable, None) if bid in system else f for bid, f in found.items()}
+        dwarf = {
+            path: dataclasses.replace(f, debuginfo=None) if signature.is_system(path) else f
+            for path, f in found.items()
+        }
     exe_path = core.module_at(core.auxv[AT_ENTRY])[0] if AT_ENTRY in core.auxv else None
-    exe_found = found.get(core.build_ids.get(exe_path or "", ""))
+    exe_found = found.get(exe_path or "")
     executable = exe_found.executable if exe_found else None
 
     threads: list[Thread] = []
@@ -78,26 +83,28 @@ def analyze(
         threads, more = unwind_gdb.unwind(core, dwarf, executable, max_frames)
         warnings += more
     threads = _demangle(_name_from_symtabs(threads, core, found))
-    files = {path: found[bid].executable for path, bid in core.build_ids.items()}
+    files = {path: f.executable for path, f in found.items()}
     threads = goroutine.attribute(core, files, exe_path, threads, max_frames)
 
     modules = []
     for obj in core.objects():
-        bid = core.build_ids.get(obj.path)
-        if bid is None:
+        where = found.get(obj.path)
+        if where is None:
             continue
-        where = found[bid]
+        bid = core.build_ids.get(obj.path)
         start, end = core.extent(obj.path)
         modules.append(
             Module(
                 path=obj.path, start=start, end=end, build_id=bid, file=where.executable,
                 debuginfo=debug.get(obj.path, False) or where.debuginfo is not None,
+                key=where.key, sha256=where.sha256,
             )
         )  # fmt: skip
         if where.executable is None and not obj.path.startswith("[vdso"):
+            claim = core.keys.get(obj.path)
+            named = f"{objectid.kind(claim)} {claim}" if claim else "no build-id"
             warnings.append(
-                f"missing: {obj.path} (build-id {bid}) is not in the build-id store; "
-                "its frames show as module+offset"
+                f"missing: {obj.path} ({named}) is not in the binary store; its frames show as module+offset"
             )
     if core.is_snapshot:  # no thread crashed: each is shown alike
         threads = [dataclasses.replace(t, crashed=False) for t in threads]
@@ -144,10 +151,8 @@ def _name_from_symtabs(
     then the binary's own. A table is read only for a module that has an unnamed frame.
     """
     files = {}
-    for path, bid in core.build_ids.items():
-        where = found.get(bid)
-        if where is not None:
-            files[path] = [p for p in dict.fromkeys((where.debuginfo, where.executable)) if p]
+    for path, where in found.items():
+        files[path] = [p for p in dict.fromkeys((where.debuginfo, where.executable)) if p]
     tables: dict[str, list[symtab.Symbols]] = {}
     # A thousand threads waiting in one place share their unnamed frames: each is named once
     # (frames are frozen, so equal ones can be one object).
@@ -198,12 +203,18 @@ def main(argv: list[str] | None = None) -> int:
     ap.add_argument("--max-frames", type=int, default=256)
     ap.add_argument("--system-debuginfo", action="store_true")
     ap.add_argument("--debug-dirs", default=os.pathsep.join(binaries.DEBUG_DIRS), help="colon-separated")
-    ap.add_argument("--list-build-ids", action="store_true", help="only the build-ids the core names")
+    ap.add_argument("--list-keys", action="store_true", help="only the keys (build-ids) the core claims")
+    ap.add_argument("--record", help="JSON file: the crash's mapped objects (meta.json's modules)")
     a = ap.parse_args(argv)
     debug_dirs = tuple(d for d in a.debug_dirs.split(os.pathsep) if d)
+    record = None
+    if a.record:
+        with open(a.record, "rb") as f:
+            loaded = json.load(f)
+        record = [m for m in loaded if isinstance(m, dict)] if isinstance(loaded, list) else None
     try:
-        if a.list_build_ids:
-            doc = {"build_ids": sorted(set(elfcore.read(a.core).build_ids.values()))}
+        if a.list_keys:
+            doc = {"keys": sorted(set(elfcore.read(a.core).keys.values()))}
         else:
             doc = analyze(
                 a.core,
@@ -212,6 +223,7 @@ def main(argv: list[str] | None = None) -> int:
                 a.max_frames,
                 system_debuginfo=a.system_debuginfo,
                 debug_dirs=debug_dirs,
+                record=record,
             ).to_dict()
     except elfcore.CoreError as e:
         doc = {"error": f"unreadable: {e}"}

@@ -1,37 +1,54 @@
-"""The ELF objects a crashed process had mapped, by build-id, kept for later symbolization.
+"""The ELF objects a crashed process had mapped, kept by content for later symbolization.
 
 While the process still exists, every file-backed mapping that starts an ELF object is
 opened through ``/proc/%P/map_files/<range>``: that is the very file the process mapped,
-inside its container, even if it was deleted or replaced since. Its GNU build-id is read
-from the program headers' notes (a few hundred bytes, no ELF library needed here), and the
-open fd is kept so the copy into the node's build-id store can happen after the core has
-been streamed. The store uses the debuginfod layout, ``buildid/<id>/executable``, so gdb,
-drgn and eu-stack can point at it with ``DEBUGINFOD_URLS=file://<store>``.
+inside its container, even if it was deleted or replaced since. Its GNU build-id, or Go's
+build id, is read from the program headers' notes (a few hundred bytes, no ELF library
+needed here), and the open fd is kept so the copy into the node's store can happen after
+the core has been streamed.
+
+A build-id is only a claim (any pod can write any build-id into its own files), so the
+store is keyed by content: each object is hashed (SHA-256) through the fd, stored once as
+``buildid/<key>/<sha256>`` (:mod:`corevault.nodestore`), and the crash's record names both,
+so nothing another pod stored under the same key is ever taken for this crash's file.
+Files are copied with their holes (``SEEK_DATA``/``SEEK_HOLE``, and zero blocks skipped),
+and only when the store's quota, the spool's ``max_size`` and ``keep_free`` leave room.
 """
 
 from __future__ import annotations
 
+import errno
+import hashlib
 import os
 
-from corevault import elf
+from corevault import elf, nodestore, objectid
 from corevault.capture.safefs import NewFile
+from corevault.capture.stream import CHUNK, SparseSink
 
 MAX_STORED_SIZE = 2 << 30
+_ZERO_CHUNK = bytes(CHUNK)
 
 
 class Module:
     """One mapped ELF object of the crashed process."""
 
-    __slots__ = ("build_id", "end", "fd", "path", "start", "stored")
+    __slots__ = ("build_id", "end", "fd", "go_build_id", "path", "sha256", "size", "start", "stored")
 
     def __init__(self, path: str, start: int, end: int) -> None:
         self.path = path
         self.start = start
         self.end = end
         self.build_id: str | None = None
+        self.go_build_id: str | None = None
+        self.sha256: str | None = None
+        self.size: int | None = None
         self.fd = -1
         #: "new", "held" (already in the store), or why it was not stored
         self.stored: str | None = None
+
+    @property
+    def key(self) -> str | None:
+        return objectid.key_for(self.build_id, self.go_build_id, self.sha256)
 
     def as_dict(self) -> dict:
         return {
@@ -39,6 +56,10 @@ class Module:
             "start": self.start,
             "end": self.end,
             "build_id": self.build_id,
+            "go_build_id": self.go_build_id,
+            "key": self.key,
+            "sha256": self.sha256,
+            "size": self.size,
             "stored": self.stored,
         }
 
@@ -72,26 +93,34 @@ def open_modules(proc_fd: int, maps: str) -> list[Module]:
     modules = []
     for path, name, start, end in mapped_objects(maps):
         m = Module(path, start, end)
+        ids = None
         try:
             m.fd = os.open(f"map_files/{name}", os.O_RDONLY | os.O_CLOEXEC, dir_fd=proc_fd)
-            m.build_id = read_build_id(m.fd)
+            ids = elf.build_ids(lambda offset, size, fd=m.fd: os.pread(fd, size, offset))
         except OSError as e:
             m.stored = f"unreadable: {e.strerror}"
-        if m.build_id is None and m.fd >= 0:
-            os.close(m.fd)  # not ELF (locale archives, fonts…) or no build-id
+        if ids is None and m.fd >= 0:
+            os.close(m.fd)  # not ELF (locale archives, fonts…)
             m.fd = -1
             continue
+        if ids is not None:
+            m.build_id, m.go_build_id = ids
         modules.append(m)
     return modules
 
 
-def store_modules(buildid_dir: str, modules: list[Module]) -> None:
-    """Copy each module the store does not hold yet; set ``stored`` and close the fds."""
+def store_modules(store: str, modules: list[Module], room: int | None = None) -> None:
+    """Hash each module, copy the contents the store does not hold; set ``stored``, close the fds.
+
+    ``room`` is how many bytes of disk the store may still take (None: no limit).
+    """
     for m in modules:
         if m.fd < 0:
             continue
         try:
-            m.stored = _store(buildid_dir, m.build_id or "", m.fd)
+            m.stored, taken = _store(store, m, room)
+            if room is not None:
+                room -= taken
         except OSError as e:
             m.stored = f"not stored: {e.strerror or e}"
         finally:
@@ -99,29 +128,114 @@ def store_modules(buildid_dir: str, modules: list[Module]) -> None:
             m.fd = -1
 
 
-def _store(buildid_dir: str, build_id: str, src: int) -> str:
-    d = os.path.join(buildid_dir, "buildid", build_id)
-    if os.path.exists(os.path.join(d, "executable")):
-        return "held"
-    size = os.fstat(src).st_size
-    if size > MAX_STORED_SIZE:
-        return f"not stored: {size} bytes is more than {MAX_STORED_SIZE}"
-    os.makedirs(d, mode=0o755, exist_ok=True)
-    dir_fd = os.open(d, os.O_RDONLY | os.O_DIRECTORY | os.O_CLOEXEC)
-    try:
-        new = NewFile(dir_fd)
+def content_hash(fd: int, size: int) -> str:
+    """SHA-256 of the file's first ``size`` bytes, holes read as the zeros they are."""
+    return _pass(fd, size, None)
+
+
+def _segments(fd: int, size: int) -> list[tuple[int, int, bool]]:
+    """``(start, end, holds data)`` runs covering the file's first ``size`` bytes."""
+    runs = []
+    pos = 0
+    while pos < size:
         try:
-            copied = 0
-            while copied < size:
-                n = os.sendfile(new.fd, src, copied, size - copied)
-                if n == 0:
-                    break
-                copied += n
-            new.publish("executable", 0, 0, 0o644, max_suffix=0)
-        except FileExistsError:
-            return "held"  # another handler stored it meanwhile
+            data = min(os.lseek(fd, pos, os.SEEK_DATA), size)
+        except OSError as e:
+            if e.errno == errno.ENXIO:  # nothing but a hole from here on
+                data = size
+            elif e.errno == errno.EINVAL:  # no hole support: all data
+                runs.append((pos, size, True))
+                break
+            else:
+                raise
+        if data > pos:
+            runs.append((pos, data, False))
+        if data >= size:
+            break
+        hole = min(os.lseek(fd, data, os.SEEK_HOLE), size)
+        runs.append((data, hole, True))
+        pos = hole
+    return runs
+
+
+def _pass(src: int, size: int, sink: SparseSink | None) -> str:
+    """Hash the file (and write its data through ``sink``, holes left as holes)."""
+    h = hashlib.sha256()
+    zeros = memoryview(_ZERO_CHUNK)
+    buf = bytearray(CHUNK)
+    view = memoryview(buf)
+    for start, end, data in _segments(src, size):
+        pos = start
+        while pos < end:
+            want = min(CHUNK, end - pos)
+            if not data:
+                h.update(zeros[:want])
+                pos += want
+                continue
+            n = os.preadv(src, [view[:want]], pos)
+            if n == 0:
+                raise _Changed
+            h.update(view[:n])
+            if sink is not None:
+                sink.size = pos
+                sink.write(buf, view, n)
+            pos += n
+    if sink is not None:
+        sink.size = size
+        sink.finish()
+    return h.hexdigest()
+
+
+class _Changed(Exception):
+    """The file shrank while it was read."""
+
+
+def _store(store: str, m: Module, room: int | None) -> tuple[str, int]:
+    size = m.size = os.fstat(m.fd).st_size
+    if size > MAX_STORED_SIZE:
+        return f"not stored: {size} bytes is more than {MAX_STORED_SIZE}", 0
+    try:
+        m.sha256 = content_hash(m.fd, size)
+    except _Changed:
+        return "not stored: the file changed while it was read", 0
+    key = m.key or ""
+    path = nodestore.object_path(store, key, m.sha256)
+    if os.path.isfile(path):
+        os.utime(path)  # in use again: eviction's grace period starts anew
+        return "held", 0
+    need = sum(end - start for start, end, data in _segments(m.fd, size) if data)
+    if room is not None and need > room:
+        return (
+            f"not stored: no room for {need} bytes in the node's store "
+            "(raise [spool] store_max_size, max_size or keep_free's headroom)"
+        ), 0
+    for attempt in (1, 2):
+        os.makedirs(os.path.dirname(path), mode=0o755, exist_ok=True)
+        try:
+            dir_fd = os.open(os.path.dirname(path), os.O_RDONLY | os.O_DIRECTORY | os.O_CLOEXEC)
+        except FileNotFoundError:
+            if attempt == 2:
+                raise
+            continue  # eviction removed the empty key directory just now
+        try:
+            return _publish(dir_fd, m, size), need
         finally:
-            new.discard()
-        return "new"
+            os.close(dir_fd)
+    raise AssertionError("unreachable")
+
+
+def _publish(dir_fd: int, m: Module, size: int) -> str:
+    new = NewFile(dir_fd)
+    try:
+        try:
+            copied = _pass(m.fd, size, SparseSink(new.fd, "store"))
+        except _Changed:
+            copied = None
+        if copied != m.sha256:
+            return "not stored: the file changed while it was copied"
+        new.publish(m.sha256 or "", 0, 0, 0o644, max_suffix=0)
+    except FileExistsError:
+        return "held"  # another handler stored the same content meanwhile
     finally:
-        os.close(dir_fd)
+        new.discard()
+    return "new"

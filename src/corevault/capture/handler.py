@@ -27,7 +27,7 @@ import signal
 import sys
 import time
 
-from corevault import config, spool
+from corevault import config, nodestore, spool
 from corevault.capture import buildid, cgroup, corehead, lookup, policy, process, safefs, stream
 
 META_VERSION = 1
@@ -275,6 +275,15 @@ def spool_budget(settings: config.Settings, tenants: tuple[str | None, str | Non
     return budget, what
 
 
+def store_room(settings: config.Settings) -> int:
+    """Bytes the node's binary store may still take (its quota, the spool's max_size, keep_free)."""
+    try:
+        s, used = settings, spool.usage(settings.spool_dir)
+        return nodestore.room(s.buildid_dir, s.store_max_size, used, s.spool_max_size, s.spool_keep_free)
+    except OSError:
+        return 0
+
+
 def spool_full(settings: config.Settings, tenants: tuple[str | None, str | None]) -> str | None:
     """Why no spool entry can be made now, if it cannot (the vault target only)."""
     try:
@@ -328,7 +337,7 @@ def deliver(
             # SIGKILL meanwhile, or the OOM killer); the stream then simply ends early.
             job.truncated, job.expected = True, head.size
         job.publish_volume()
-        buildid.store_modules(settings.buildid_dir, job.modules)
+        buildid.store_modules(settings.buildid_dir, job.modules, store_room(settings))
         job.finish_entry(_meta(job, admitted.cg, started))
         return job.report()
     finally:

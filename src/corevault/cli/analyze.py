@@ -5,11 +5,15 @@ from __future__ import annotations
 import json
 import os
 import tempfile
+from typing import TYPE_CHECKING
 
 import typer
 
-from corevault import config, spool
+from corevault import config, nodestore, objectid, spool
 from corevault.analysis import render, runner, upstream
+
+if TYPE_CHECKING:
+    from corevault.vault.blobs import BlobStore
 
 
 def register(app: typer.Typer) -> None:
@@ -19,27 +23,55 @@ def register(app: typer.Typer) -> None:
     )(analyze)
 
 
-def resolve(settings: config.Settings, what: str, tmp: str) -> tuple[str, list[str]]:
-    """The core to analyse and the build-id stores to use: a file, a spool entry or a vault crash."""
+def resolve(settings: config.Settings, what: str, tmp: str) -> tuple[str, list[str], list[dict] | None]:
+    """The core to analyse, the stores to use and the crash's record of mapped objects.
+
+    A spool entry or a vault crash has a record (its ``meta.json``), which names the very
+    files its process mapped; a bare core file has none.
+    """
     stores = [settings.buildid_dir]
     if os.path.exists(what):
-        return what, stores
+        return what, stores, None
     if "/" not in what:
-        for parent in (spool.ready_dir(settings.spool_dir), spool.shipped_dir(settings.spool_dir)):
+        for parent, kind in (
+            (spool.ready_dir(settings.spool_dir), "ready"),
+            (spool.shipped_dir(settings.spool_dir), "shipped"),
+        ):
             entry = os.path.join(parent, what, spool.CORE_NAME)
             if os.path.exists(entry):
-                return entry, stores
+                return entry, stores, spool.read_meta(settings.spool_dir, what, kind).get("modules") or []
         from corevault.vault import blobs
 
         vault = blobs.vault_store(settings)
         if isinstance(vault, blobs.FsStore):
-            stores.append(vault.root)  # the vault's buildid/ tree is a debuginfod tree
+            stores.append(vault.root)  # binaries by key and content, and kept debug files
         if vault.size(blobs.core_key(what)) is not None:
             path = os.path.join(tmp, spool.CORE_NAME)
             blobs.copy_to_file(vault, blobs.core_key(what), path)
-            return path, stores
+            with vault.open(blobs.meta_key(what)) as f:
+                record = json.loads(f.read()).get("modules") or []
+            stores.append(_fetch_objects(vault, record, stores, os.path.join(tmp, "objects")))
+            return path, stores, record
     where = f"the spool ({settings.spool_dir}) or the vault ({settings.vault_store})"
     raise runner.AnalysisError(f"{what} is not a core file, nor a crash in {where}")
+
+
+def _fetch_objects(vault: BlobStore, record: list[dict], stores: list[str], dest: str) -> str:
+    """Copy the vault's copies of the record's objects that no local store holds into ``dest``."""
+    from corevault.vault import blobs
+
+    for m in record:
+        if not isinstance(m, dict) or not objectid.is_object(m.get("key"), m.get("sha256")):
+            continue
+        if any(nodestore.record_path(s, m) for s in stores):
+            continue
+        key = blobs.object_key(m["key"], m["sha256"])
+        if vault.size(key) is None:
+            continue
+        path = nodestore.object_path(dest, m["key"], m["sha256"])
+        os.makedirs(os.path.dirname(path), exist_ok=True)
+        blobs.copy_to_file(vault, key, path)
+    return dest
 
 
 def analyze(
@@ -58,7 +90,7 @@ def analyze(
         raise runner.AnalysisError(f"unknown backend {backend!r}; use drgn or gdb")
     settings = config.load(ctx.obj["config"])
     with tempfile.TemporaryDirectory(prefix="corevault-") as tmp:
-        core, stores = resolve(settings, what, tmp)
+        core, stores, record = resolve(settings, what, tmp)
         report = runner.analyze(
             core,
             [*store, *stores],
@@ -69,5 +101,6 @@ def analyze(
             debug_dirs=settings.debug_dirs,
             fetch=upstream.from_settings(settings),
             uid=settings.analysis_uid,
+            record=record,
         )
     print(json.dumps(report.to_dict(), indent=2) if as_json else render.text(report))

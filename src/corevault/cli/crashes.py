@@ -236,7 +236,7 @@ def gdb(
     crash_id: str = typer.Argument(..., metavar="ID"),
     batch: bool = typer.Option(False, "--batch", help="Run gdb in batch mode (add commands after --)."),
 ) -> None:
-    """Open a crash in gdb with its own binaries (by build-id), after its pod and image are gone."""
+    """Open a crash in gdb with its own binaries (the files it mapped), after its pod and image are gone."""
     from corevault.analysis import binaries, elfcore, unwind_gdb
 
     src = source(ctx)
@@ -246,23 +246,30 @@ def gdb(
         core = os.path.join(tmp, "core")
         write_core(src, crash_id, core)
         parsed = elfcore.read(core)
+        # Each object is the file this crash's process mapped (its record names key and
+        # content), never whatever else claims the same build-id.
+        record = {
+            m.get("start"): m for m in (crash.get("meta") or {}).get("modules") or [] if isinstance(m, dict)
+        }
         found = {}
-        for path, build_id in parsed.build_ids.items():
-            dest = os.path.join(tmp, f"bin-{build_id}")
-            if src.binary(build_id, dest):
-                host_debug = binaries.locate(build_id, []).debuginfo  # the host's debug packages, by build-id
-                found[build_id] = binaries.Found(
-                    dest, host_debug or (dest if binaries.has_dwarf(dest) else None)
-                )
+        for i, obj in enumerate(parsed.objects()):
+            module = record.get(obj.start)
+            if module is None or not module.get("key"):
+                continue
+            dest = os.path.join(tmp, f"bin-{i}")
+            if src.binary(crash_id, module, dest):
+                bid = parsed.build_ids.get(obj.path)
+                debuginfo = binaries.debug_file(bid, dest, [], binaries.DEBUG_DIRS)  # the host's packages
+                found[obj.path] = binaries.Found(dest, debuginfo, module["key"], module.get("sha256"))
             else:
                 print(
                     printable(
-                        f"warning: no binary for {path} (build-id {build_id}): gdb will show its frames without symbols"
+                        f"warning: no binary for {obj.path} ({module['key']}): gdb will show its frames without symbols"
                     ),
                     file=sys.stderr,
                 )
         exe_path = parsed.module_at(parsed.auxv.get(9, 0))[0]  # AT_ENTRY
-        exe = found.get(parsed.build_ids.get(exe_path or "", ""))
+        exe = found.get(exe_path or "")
         cmd = unwind_gdb.gdb_command(parsed, found, tmp, exe.executable if exe else None, batch=batch)
         if not batch:
             print(printable(f"corevault: {crash['title'] or crash['id']}"), file=sys.stderr)

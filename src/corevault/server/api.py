@@ -11,14 +11,13 @@ from __future__ import annotations
 
 import contextlib
 import json
-import re
 from collections.abc import Iterator
 from typing import Annotated, Any, Literal
 
 from fastapi import APIRouter, Depends, HTTPException, Query, Request, Response
 from pydantic import BaseModel, ConfigDict, Field, TypeAdapter
 
-from corevault import redact
+from corevault import objectid, redact
 from corevault.server.access import Principal
 from corevault.server.ranges import serve
 from corevault.vault import blobs, catalog, crashes, lifecycle, search, snapshots
@@ -37,7 +36,7 @@ _ERRORS: dict = {
 router = APIRouter(prefix="/api/v1", tags=["crashes"], responses=_ERRORS)
 debuginfod = APIRouter(tags=["debuginfod"], responses=_ERRORS)
 
-BUILD_ID = re.compile(r"^[0-9a-f]{8,80}$")
+CrashQuery = Annotated[str | None, Query(description="The crash whose own mapped file to serve")]
 
 
 def server(request: Request):  # -> corevault.server.app.Server
@@ -511,15 +510,20 @@ _BINARY: dict = {
 }
 
 
-def _binary(request: Request, reader: Principal, build_id: str, debuginfo: bool) -> Response:
-    if not BUILD_ID.match(build_id):
+def _binary(
+    request: Request, reader: Principal, build_id: str, debuginfo: bool, crash: str | None
+) -> Response:
+    # A build-id is a claim any pod can make: the file served is one that a crash the reader
+    # may read really mapped (that crash's own, with ?crash=ID), never another tenant's.
+    if not objectid.KEY.match(build_id):
         raise HTTPException(404, "not a build-id")
     srv = server(request)
     with srv.vault.engine.connect() as conn:
-        row = catalog.buildid_row(conn, build_id, reader.visible)
-    key, size = blobs.buildid_key(build_id), row["size"] if row else 0
+        row = catalog.object_for(conn, build_id, reader.visible, crash)
+    key, size = (blobs.object_key(row["key"], row["sha256"]), row["size"]) if row else ("", 0)
     if row is not None and debuginfo:
-        fetched = srv.vault.store.size(blobs.debuginfo_key(build_id))  # a separate debug file, if held
+        # a separate debug file fetched from an upstream debuginfod (checked by build-id there)
+        fetched = srv.vault.store.size(blobs.debuginfo_key(build_id))
         if fetched is not None:
             key, size = blobs.debuginfo_key(build_id), fetched
         elif not row["debuginfo"]:
@@ -538,14 +542,15 @@ def _binary(request: Request, reader: Principal, build_id: str, debuginfo: bool)
 
 @debuginfod.head("/buildid/{build_id}/executable", include_in_schema=False)
 @debuginfod.get("/buildid/{build_id}/executable", response_class=Response, responses=_BINARY)
-def executable(request: Request, reader: Reader, build_id: str) -> Response:
-    """The executable or shared library with this build-id, as the crashing process mapped it."""
-    return _binary(request, reader, build_id, debuginfo=False)
+def executable(request: Request, reader: Reader, build_id: str, crash: CrashQuery = None) -> Response:
+    """The executable or shared library with this build-id (or ``go-…``/``sha256-…`` key), as a
+    crashing process you may read mapped it: with ``crash``, that crash's own file."""
+    return _binary(request, reader, build_id, False, crash)
 
 
 @debuginfod.head("/buildid/{build_id}/debuginfo", include_in_schema=False)
 @debuginfod.get("/buildid/{build_id}/debuginfo", response_class=Response, responses=_BINARY)
-def debuginfo(request: Request, reader: Reader, build_id: str) -> Response:
+def debuginfo(request: Request, reader: Reader, build_id: str, crash: CrashQuery = None) -> Response:
     """The separate debug file fetched from an upstream debuginfod, or the executable itself when it
     carries DWARF (built with -g and not stripped)."""
-    return _binary(request, reader, build_id, debuginfo=True)
+    return _binary(request, reader, build_id, True, crash)

@@ -13,11 +13,11 @@ reports the composite that we compare) or MD5 (stores without flexible checksums
 multipart ETag). ``put_file`` returns only once the store holds an object of the right
 size and checksum.
 
-Key layout (the same in both back-ends; ``buildid/`` is the debuginfod layout, so a
-``file://`` vault can serve gdb and drgn directly)::
+Key layout (the same in both back-ends; binaries by key and content, as the node's store
+keeps them, see :mod:`corevault.objectid`)::
 
     crashes/<id>/core.zst    crashes/<id>/meta.json    crashes/<id>/report.json
-    buildid/<build-id>/executable
+    buildid/<key>/<sha256>             buildid/<build-id>/executable (kept before content hashes)
     buildid/<build-id>/debuginfo    (a separate debug file fetched from an upstream debuginfod)
 """
 
@@ -59,8 +59,9 @@ def report_key(crash_id: str) -> str:
     return f"crashes/{crash_id}/report.json"
 
 
-def buildid_key(build_id: str) -> str:
-    return f"buildid/{build_id}/executable"
+def object_key(key: str, sha256: str) -> str:
+    """Where a mapped object is kept; ``sha256`` "" names one stored before content hashes."""
+    return f"buildid/{key}/{sha256 or 'executable'}"
 
 
 def debuginfo_key(build_id: str) -> str:

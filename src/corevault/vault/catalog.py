@@ -31,6 +31,7 @@ from dataclasses import dataclass
 import sqlalchemy as sa
 from sqlalchemy.engine import Connection, Engine
 
+from corevault import objectid
 from corevault.errors import UserError
 
 metadata = sa.MetaData()
@@ -88,24 +89,47 @@ reports = sa.Table(
     sa.Column("report", sa.Text, nullable=False),
 )
 
-crash_buildids = sa.Table(
+#: schema v1-v2: one binary per build-id, whoever claimed it first (replaced in v3)
+_legacy = sa.MetaData()
+_crash_buildids = sa.Table(
     "crash_buildids",
-    metadata,
-    sa.Column("crash_id", sa.String(80), sa.ForeignKey("crashes.id", ondelete="CASCADE"), primary_key=True),
+    _legacy,
+    sa.Column("crash_id", sa.String(80), primary_key=True),
     sa.Column("build_id", sa.String(80), primary_key=True),
     sa.Column("path", sa.String(1024)),
 )
-sa.Index("crash_buildids_build_id", crash_buildids.c.build_id)
-
-buildids = sa.Table(
+_buildids = sa.Table(
     "buildids",
-    metadata,
+    _legacy,
     sa.Column("build_id", sa.String(80), primary_key=True),
     sa.Column("size", sa.BigInteger),
     sa.Column("stored_at", sa.Float),
-    #: whether the stored file carries DWARF, so it can be served as debuginfo (schema v2)
     sa.Column("debuginfo", sa.Boolean),
 )
+
+#: The mapped ELF objects the vault holds, by key and content (see corevault.objectid);
+#: ``sha256`` is "" for binaries kept before v3, stored by build-id alone.
+objects = sa.Table(
+    "objects",
+    metadata,
+    sa.Column("key", sa.String(80), primary_key=True),
+    sa.Column("sha256", sa.String(64), primary_key=True),
+    sa.Column("size", sa.BigInteger),
+    sa.Column("stored_at", sa.Float),
+    #: whether the stored file carries DWARF, so it can be served as debuginfo
+    sa.Column("debuginfo", sa.Boolean),
+)
+
+#: which object (key and content) each crash's process really mapped, at which path
+crash_objects = sa.Table(
+    "crash_objects",
+    metadata,
+    sa.Column("crash_id", sa.String(80), sa.ForeignKey("crashes.id", ondelete="CASCADE"), primary_key=True),
+    sa.Column("path", sa.String(1024), primary_key=True),
+    sa.Column("key", sa.String(80), nullable=False),
+    sa.Column("sha256", sa.String(64), nullable=False),
+)
+sa.Index("crash_objects_object", crash_objects.c.key, crash_objects.c.sha256)
 
 #: "" stands for "none" in these keys: a host's crash has no namespace, a process no image
 group_ns = sa.Table(
@@ -153,7 +177,8 @@ schema = sa.Table("corevault_schema", metadata, sa.Column("version", sa.Integer,
 
 
 def _v1(conn: Connection) -> None:
-    metadata.create_all(conn, tables=[crashes, groups, reports, crash_buildids, buildids, dropped])
+    metadata.create_all(conn, tables=[crashes, groups, reports, dropped])
+    _legacy.create_all(conn)
 
 
 def _v2(conn: Connection) -> None:
@@ -219,8 +244,27 @@ def _v5(conn: Connection) -> None:
         search.refresh_stats(conn)
 
 
+def _v6(conn: Connection) -> None:
+    """Objects by key and content hash; the build-id tables' rows carried over as legacy ("")."""
+    metadata.create_all(conn, tables=[objects, crash_objects])
+    b, cb = _buildids.c, _crash_buildids.c
+    conn.execute(
+        objects.insert().from_select(
+            ["key", "sha256", "size", "stored_at", "debuginfo"],
+            sa.select(b.build_id, sa.literal(""), b.size, b.stored_at, b.debuginfo),
+        )
+    )
+    conn.execute(
+        crash_objects.insert().from_select(
+            ["crash_id", "path", "key", "sha256"],
+            sa.select(cb.crash_id, sa.func.coalesce(cb.path, cb.build_id), cb.build_id, sa.literal("")),
+        )
+    )
+    _legacy.drop_all(conn)
+
+
 #: Numbered schema migrations; a new one is appended, never edited.
-MIGRATIONS: list[Callable[[Connection], None]] = [_v1, _v2, _v3, _v4, _v5]
+MIGRATIONS: list[Callable[[Connection], None]] = [_v1, _v2, _v3, _v4, _v5, _v6]
 
 
 class CatalogError(UserError):
@@ -329,10 +373,15 @@ def add_crash(conn: Connection, meta: dict, analysis: str) -> bool:
         search.index(conn, row)
     if inserted and row["namespace"]:
         conn.execute(_insert(conn, namespaces).values(name=row["namespace"]).on_conflict_do_nothing())
-    modules = [m for m in meta.get("modules", []) if m.get("build_id")]
-    if modules:
-        rows = [{"crash_id": meta["id"], "build_id": m["build_id"], "path": m["path"]} for m in modules]
-        conn.execute(_insert(conn, crash_buildids).values(rows).on_conflict_do_nothing())
+    rows = {
+        m["path"]: {"crash_id": meta["id"], "path": m["path"], "key": m["key"], "sha256": m["sha256"]}
+        for m in meta.get("modules", [])
+        if isinstance(m, dict)
+        and isinstance(m.get("path"), str)
+        and objectid.is_object(m.get("key"), m.get("sha256"))
+    }
+    if rows:
+        conn.execute(_insert(conn, crash_objects).values(list(rows.values())).on_conflict_do_nothing())
     return inserted
 
 
@@ -433,36 +482,50 @@ def record_analysis_failure(conn: Connection, crash_id: str, error: str) -> None
     )
 
 
-def add_buildid(conn: Connection, build_id: str, size: int, debuginfo: bool | None = None) -> None:
+def add_object(conn: Connection, key: str, sha256: str, size: int, debuginfo: bool | None = None) -> None:
     conn.execute(
-        _insert(conn, buildids)
-        .values(build_id=build_id, size=size, stored_at=time.time(), debuginfo=debuginfo)
+        _insert(conn, objects)
+        .values(key=key, sha256=sha256, size=size, stored_at=time.time(), debuginfo=debuginfo)
         .on_conflict_do_nothing()
     )
 
 
-def buildid_row(conn: Connection, build_id: str, visible: Collection[str] | None = None) -> dict | None:
-    """A stored binary's row, if some crash that ``visible`` namespaces may see (None: all) uses it."""
-    row = conn.execute(sa.select(buildids).where(buildids.c.build_id == build_id)).first()
-    if row is None:
-        return None
-    if visible is not None:
-        used = (
-            sa.select(sa.literal(1))
-            .select_from(crash_buildids.join(crashes, crashes.c.id == crash_buildids.c.crash_id))
-            .where(crash_buildids.c.build_id == build_id, crashes.c.namespace.in_(list(visible)))
-            .limit(1)
+def object_for(
+    conn: Connection, key: str, visible: Collection[str] | None = None, crash_id: str | None = None
+) -> dict | None:
+    """The object stored under ``key`` that a crash ``visible`` may see (None: all) really mapped.
+
+    Several contents may claim one key (one of them forged): the answer is always one that a
+    crash the reader may read mapped itself, that crash's own when ``crash_id`` is given,
+    else the one of the most recent such crash.
+    """
+    co, o, c = crash_objects.c, objects.c, crashes.c
+    query = (
+        sa.select(objects)
+        .select_from(
+            crash_objects.join(crashes, c.id == co.crash_id).join(
+                objects, sa.and_(o.key == co.key, o.sha256 == co.sha256)
+            )
         )
-        if conn.execute(used).first() is None:
-            return None
-    return dict(row._mapping)
+        .where(co.key == key)
+        .order_by(c.time.desc(), c.id.desc())
+        .limit(1)
+    )
+    if visible is not None:
+        query = query.where(c.namespace.in_(list(visible)))
+    if crash_id is not None:
+        query = query.where(co.crash_id == crash_id)
+    row = conn.execute(query).first()
+    return dict(row._mapping) if row is not None else None
 
 
-def known_buildids(conn: Connection, ids: Iterable[str]) -> set[str]:
-    ids = list(ids)
-    if not ids:
+def known_objects(conn: Connection, wanted: Iterable[tuple[str, str]]) -> set[tuple[str, str]]:
+    wanted = list(wanted)
+    if not wanted:
         return set()
-    return set(conn.execute(sa.select(buildids.c.build_id).where(buildids.c.build_id.in_(ids))).scalars())
+    o = objects.c
+    query = sa.select(o.key, o.sha256).where(o.key.in_({k for k, _ in wanted}))
+    return {(k, s) for k, s in conn.execute(query)} & set(wanted)
 
 
 def add_dropped(conn: Connection, records: list[dict]) -> int:
@@ -765,7 +828,7 @@ def forget(conn: Connection, crash_id: str) -> None:
 
     search.forget(conn, crash_id)
     conn.execute(reports.delete().where(reports.c.crash_id == crash_id))
-    conn.execute(crash_buildids.delete().where(crash_buildids.c.crash_id == crash_id))
+    conn.execute(crash_objects.delete().where(crash_objects.c.crash_id == crash_id))
     conn.execute(crashes.delete().where(crashes.c.id == crash_id))
 
 

@@ -12,7 +12,7 @@ from __future__ import annotations
 import os
 from typing import BinaryIO, Protocol
 
-from corevault import config
+from corevault import config, nodestore, objectid
 from corevault.errors import UserError
 from corevault.vault import blobs, catalog
 from corevault.vault.catalog import Filters
@@ -54,7 +54,7 @@ class CrashSource(Protocol):
     def group(self, signature: str) -> dict: ...
     def set_state(self, signature: str, change: dict, actor: str) -> dict: ...
     def open_core(self, crash_id: str) -> BinaryIO: ...
-    def binary(self, build_id: str, dest: str) -> bool: ...
+    def binary(self, crash_id: str, module: dict, dest: str) -> bool: ...
     def forget(self, crash_id: str) -> None: ...
 
 
@@ -119,15 +119,18 @@ class LocalVault:
         self.get(crash_id)
         return plain(self.store.open(blobs.core_key(crash_id)))
 
-    def binary(self, build_id: str, dest: str) -> bool:
-        """Copy the binary with this build-id to ``dest``; False when neither vault nor node holds it."""
-        local = os.path.join(self.settings.buildid_dir, "buildid", build_id, "executable")
-        if os.path.exists(local):
+    def binary(self, crash_id: str, module: dict, dest: str) -> bool:
+        """Copy the file a crash's ``module`` (from its record) names to ``dest``; False if not held."""
+        local = nodestore.record_path(self.settings.buildid_dir, module)
+        if local is not None:
             os.symlink(local, dest)
             return True
-        if self.store.size(blobs.buildid_key(build_id)) is None:
+        if not objectid.is_object(module.get("key"), module.get("sha256")):
             return False
-        blobs.copy_to_file(self.store, blobs.buildid_key(build_id), dest)
+        key = blobs.object_key(module["key"], module["sha256"])
+        if self.store.size(key) is None:
+            return False
+        blobs.copy_to_file(self.store, key, dest)
         return True
 
     def forget(self, crash_id: str) -> None:

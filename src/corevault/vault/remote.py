@@ -13,6 +13,7 @@ from typing import BinaryIO
 
 import httpx
 
+from corevault import objectid
 from corevault.errors import UserError
 from corevault.vault.blobs import StreamBody
 from corevault.vault.catalog import Filters
@@ -89,10 +90,13 @@ class RemoteVault:
         response = self._send("GET", f"/api/v1/crashes/{crash_id}/core", stream=True)
         return StreamBody(response.iter_bytes(1 << 20), response.close)  # type: ignore[return-value]
 
-    def binary(self, build_id: str, dest: str) -> bool:
-        """Fetch a binary by build-id from the server's debuginfod endpoint."""
+    def binary(self, crash_id: str, module: dict, dest: str) -> bool:
+        """Fetch the file a crash's ``module`` names from the server's debuginfod endpoint."""
+        key = module.get("key")
+        if not isinstance(key, str) or not objectid.KEY.match(key):
+            return False
         try:
-            response = self._send("GET", f"/buildid/{build_id}/executable", stream=True)
+            response = self._send("GET", f"/buildid/{key}/executable", stream=True, crash=crash_id)
         except NotFound:
             return False
         try:

@@ -56,23 +56,26 @@ def vacuum(vault: Vault, settings: config.Settings, now: float | None = None, dr
                 vault.store.delete(key)
             with vault.engine.begin() as conn:
                 catalog.forget(conn, crash_id)
-    orphans = _orphan_buildids(vault)
+    orphans = _orphan_objects(vault)
     if not dry_run:
-        for build_id in orphans:
+        o, co = catalog.objects.c, catalog.crash_objects.c
+        for key, sha in orphans:
             with vault.engine.begin() as conn:
                 still = conn.execute(
-                    sa.select(sa.func.count()).where(catalog.crash_buildids.c.build_id == build_id)
+                    sa.select(sa.func.count()).where(co.key == key, co.sha256 == sha)
                 ).scalar()
                 if still:
                     continue  # a crash shipped meanwhile needs it
-                conn.execute(catalog.buildids.delete().where(catalog.buildids.c.build_id == build_id))
-            vault.store.delete(blobs.buildid_key(build_id))
-            vault.store.delete(blobs.debuginfo_key(build_id))
-    return {"crashes": doomed, "buildids": orphans}
+                conn.execute(catalog.objects.delete().where(o.key == key, o.sha256 == sha))
+                others = conn.execute(sa.select(sa.func.count()).where(o.key == key)).scalar()
+            vault.store.delete(blobs.object_key(key, sha))
+            if not others:
+                vault.store.delete(blobs.debuginfo_key(key))  # an upstream debug file for it
+    return {"crashes": doomed, "buildids": [f"{key}/{sha or 'executable'}" for key, sha in orphans]}
 
 
-def _orphan_buildids(vault: Vault) -> list[str]:
-    b, cb = catalog.buildids.c, catalog.crash_buildids.c
-    query = sa.select(b.build_id).where(~sa.exists().where(cb.build_id == b.build_id))
+def _orphan_objects(vault: Vault) -> list[tuple[str, str]]:
+    o, co = catalog.objects.c, catalog.crash_objects.c
+    query = sa.select(o.key, o.sha256).where(~sa.exists().where(co.key == o.key, co.sha256 == o.sha256))
     with vault.engine.connect() as conn:
-        return list(conn.execute(query).scalars())
+        return [(k, s) for k, s in conn.execute(query)]

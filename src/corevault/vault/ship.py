@@ -5,7 +5,7 @@ at any point (a SIGKILL included):
 
 1. upload ``core.zst`` and ``meta.json`` (the store checks size and ETag of what it holds);
 2. with analysis off, upload the crash's binaries that the vault does not hold yet
-   (``buildid/<id>/executable``, stored once for every crash that needs them);
+   (``buildid/<key>/<sha256>``: by content, stored once for every crash that maps the same file);
 3. insert the crash row (ignored if it is there), analysis ``pending``;
 4. move the entry to the spool's ``shipped/`` (or remove it, when no analysis is due).
 
@@ -41,7 +41,7 @@ from dataclasses import dataclass
 
 from sqlalchemy.engine import Engine
 
-from corevault import config, spool
+from corevault import config, nodestore, objectid, spool
 from corevault.vault import blobs, catalog
 
 log = logging.getLogger("corevault.agent")
@@ -111,7 +111,7 @@ def _ship_locked(vault: Vault, settings: config.Settings, entry_id: str, entry: 
         )
     vault.store.put_bytes(blobs.meta_key(crash_id), json.dumps(meta, indent=1, sort_keys=True).encode())
     if not settings.agent_analyze:
-        _ship_buildids(vault, settings, meta)  # otherwise with the analysis: see analyse_shipped
+        _ship_objects(vault, settings, meta)  # otherwise with the analysis: see analyse_shipped
 
     analysis = "pending" if settings.agent_analyze else "off"
     with vault.engine.begin() as conn:
@@ -132,22 +132,27 @@ def _ship_locked(vault: Vault, settings: config.Settings, entry_id: str, entry: 
     return Shipped(crash_id, new, stored.size, time.monotonic() - started, state)
 
 
-def _ship_buildids(vault: Vault, settings: config.Settings, meta: dict) -> None:
-    wanted = {m["build_id"]: m for m in meta.get("modules", []) if m.get("build_id")}
+def _ship_objects(vault: Vault, settings: config.Settings, meta: dict) -> None:
+    """Upload the crash's mapped objects the vault lacks, by key and content hash."""
+    wanted = {
+        (m["key"], m["sha256"]): m
+        for m in meta.get("modules", [])
+        if isinstance(m, dict) and objectid.is_object(m.get("key"), m.get("sha256"))
+    }
     with vault.engine.connect() as conn:
-        known = catalog.known_buildids(conn, wanted)
-    for build_id in wanted.keys() - known:
-        local = os.path.join(settings.buildid_dir, "buildid", build_id, "executable")
-        if not os.path.exists(local):
-            continue  # the handler could not copy it (too large, unreadable): the report says so
-        key = blobs.buildid_key(build_id)
-        size = vault.store.size(key)
+        known = catalog.known_objects(conn, wanted)
+    for key, sha in wanted.keys() - known:
+        local = nodestore.record_path(settings.buildid_dir, wanted[key, sha])
+        if local is None:
+            continue  # the handler could not copy it (too large, no room): the record says so
+        blob = blobs.object_key(key, sha)
+        size = vault.store.size(blob)
         if size is None:
-            size = vault.store.put_file(key, local).size
+            size = vault.store.put_file(blob, local).size
         from corevault.analysis.binaries import has_dwarf
 
         with vault.engine.begin() as conn:
-            catalog.add_buildid(conn, build_id, size, debuginfo=has_dwarf(local))
+            catalog.add_object(conn, key, sha, size, debuginfo=has_dwarf(local))
 
 
 def _ship_debuginfo(vault: Vault, settings: config.Settings, meta: dict) -> None:
@@ -175,7 +180,7 @@ def analyse_shipped(vault: Vault, settings: config.Settings, entry_id: str) -> s
         crash_id = meta.get("id") or entry_id
         # A pod's binaries (a program of GiBs, say) go up here, not on the shipping path,
         # where they would keep every other pod's crash out of the catalog meanwhile.
-        _ship_buildids(vault, settings, meta)
+        _ship_objects(vault, settings, meta)
         with vault.engine.connect() as conn:
             state = conn.execute(
                 catalog.crashes.select()
@@ -184,15 +189,15 @@ def analyse_shipped(vault: Vault, settings: config.Settings, entry_id: str) -> s
             ).scalar_one_or_none()
         if state == "pending":
             # only the objects this process mapped, as its capture recorded them
-            build_ids = {m["build_id"] for m in meta.get("modules", []) if m.get("build_id")}
-            state = _analyse(vault, settings, crash_id, os.path.join(entry, spool.CORE_NAME), build_ids)
+            record = [m for m in meta.get("modules") or [] if isinstance(m, dict)]
+            state = _analyse(vault, settings, crash_id, os.path.join(entry, spool.CORE_NAME), record)
             _ship_debuginfo(vault, settings, meta)
         shutil.rmtree(entry)
         return state or "forgotten"
 
 
 def _analyse(
-    vault: Vault, settings: config.Settings, crash_id: str, core_path: str, build_ids: set[str]
+    vault: Vault, settings: config.Settings, crash_id: str, core_path: str, record: list[dict]
 ) -> str:
     from corevault.analysis import runner, upstream
 
@@ -204,7 +209,7 @@ def _analyse(
             debug_dirs=settings.debug_dirs,
             fetch=upstream.from_settings(settings),
             memory=settings.analysis_memory,
-            build_ids=build_ids,
+            record=record,
             uid=settings.analysis_uid,
         )
     except runner.AnalysisError as e:
