@@ -82,6 +82,27 @@ def test_non_pie_executables_are_kept_and_explained_after_the_image_is_gone(
         assert exe["file"] is not None
 
 
+def test_the_store_keeps_its_quota(capture: Capture, tmp_path) -> None:
+    """One pod maps three dense 3 MiB ELF files; the store may take 5 MiB: it never takes more."""
+    root = runc.build_rootfs(
+        str(tmp_path / "root"),
+        {"mapper": build.build_variant("mapper", "tenant.c", ["gcc", "-g", "-O1", "-DFORGED"])},
+    )
+    for i in range(3):
+        dense = os.path.join(root, "app", f"dense{i}.so")
+        shutil.copy(build.build("libcrashy.so"), dense)
+        with open(dense, "ab") as f:
+            f.write(os.urandom(3 << 20))
+    capture.configure('[spool]\nstore_max_size = "5M"\n')
+    files = [f"/app/dense{i}.so" for i in range(3)]
+    c = capture.crash(root, ["/app/mapper", "map", *files], annotations=_pod("tenant-a", "hog"))
+    [meta] = [m for m in capture.entries() if m["pod"]["container_id"] == c.id]
+    stored = {m["path"]: m["stored"] for m in meta["modules"] if m["path"] in files}
+    assert nodestore.usage(capture.store) <= 5 << 20
+    assert "new" in stored.values(), stored
+    assert any(s.startswith("not stored: no room") for s in stored.values()), stored
+
+
 @dataclass
 class Tenants:
     cap: Capture
@@ -246,29 +267,6 @@ def test_sparse_files_are_stored_with_their_holes(tenants: Tenants) -> None:
     assert big["sha256"] == tenants.hashes["big.so"]  # the hole hashes as the zeros it reads as
     held = nodestore.object_path(tenants.settings.buildid_dir, big["key"], big["sha256"])
     assert os.path.getsize(held) == SPARSE and os.stat(held).st_blocks * 512 < 4 << 20
-
-
-def test_the_store_keeps_its_quota(tmp_path) -> None:
-    """One pod maps three dense 3 MiB ELF files; the store may take 5 MiB: it never takes more."""
-    root = runc.build_rootfs(
-        str(tmp_path / "root"),
-        {"mapper": build.build_variant("mapper", "tenant.c", ["gcc", "-g", "-O1", "-DFORGED"])},
-    )
-    for i in range(3):
-        dense = os.path.join(root, "app", f"dense{i}.so")
-        shutil.copy(build.build("libcrashy.so"), dense)
-        with open(dense, "ab") as f:
-            f.write(os.urandom(3 << 20))
-    with installed_capture() as cap:
-        cap.configure('[spool]\nstore_max_size = "5M"\n')
-        files = [f"/app/dense{i}.so" for i in range(3)]
-        c = cap.crash(root, ["/app/mapper", "map", *files], annotations=_pod("tenant-a", "hog"))
-        [meta] = [m for m in cap.entries() if m["pod"]["container_id"] == c.id]
-        stored = {m["path"]: m["stored"] for m in meta["modules"] if m["path"] in files}
-        assert nodestore.usage(cap.store) <= 5 << 20
-        assert "new" in stored.values() and any(
-            s.startswith("not stored: no room") for s in stored.values()
-        ), stored
 
 
 def test_eviction_keeps_only_what_the_spool_still_needs(tenants: Tenants) -> None:
