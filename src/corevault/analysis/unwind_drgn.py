@@ -36,7 +36,7 @@ def unwind(
     warnings: list[str] = []
     debug: dict[str, bool] = {}
     for module, _ in prog.loaded_modules():
-        where = found.get(module.name)
+        where = _where(core, found, module)
         if where is None:
             continue
         # drgn checks a file against the module's GNU build-id; an object without one (Go,
@@ -49,7 +49,7 @@ def unwind(
                 warnings.append(f"{module.name}: drgn could not use {path}: {e}")
         debug[module.name] = module.debug_file_status == drgn.ModuleFileStatus.HAVE
     crashed = _crashed_tid(prog)
-    scopes = _Scopes(prog, found)
+    scopes = _Scopes(prog, core, found)
     threads = []
     # Threads of one program share most of their frames (a thousand workers waiting in the
     # same place): what a pc resolves to is looked up once. Inline frames share a pc, so
@@ -93,8 +93,9 @@ def unwind(
 class _Scopes:
     """Inline chains from DWARF for the frames drgn found no DWARF function for."""
 
-    def __init__(self, prog: object, found: dict[str, Found]) -> None:
+    def __init__(self, prog: object, core: Core, found: dict[str, Found]) -> None:
         self._prog = prog
+        self._core = core
         self._found = found
         #: pc -> (debug file, file address to ask about)
         self._wanted: dict[int, tuple[str, int]] = {}
@@ -107,7 +108,7 @@ class _Scopes:
             module = self._prog.module(frame.pc)  # type: ignore[attr-defined]
         except LookupError:
             return
-        where = self._found.get(module.name)
+        where = _where(self._core, self._found, module)
         bias = module.debug_file_bias
         if where is not None and where.debuginfo is not None and bias is not None:
             # a caller's pc is a return address, which may lie just past a call at a function's end
@@ -140,6 +141,18 @@ class _Scopes:
             incomplete = t.incomplete or len(frames) > max_frames
             out.append(dataclasses.replace(t, frames=tuple(frames[:max_frames]), incomplete=incomplete))
         return out
+
+
+def _where(core: Core, found: dict[str, Found], module: object) -> Found | None:
+    """The files found for a drgn module, by where it is mapped: drgn names shared libraries
+    as the loader's list does (``/lib/x86_64-linux-gnu/libc.so.6``), the core's file note as
+    the kernel does (``/usr/lib/…`` in a merged-/usr image)."""
+    try:
+        start = module.address_range[0]  # type: ignore[attr-defined]
+    except (TypeError, ValueError, LookupError):
+        return found.get(module.name)  # type: ignore[attr-defined]
+    path, _ = core.module_at(start)
+    return found.get(path or "") or found.get(module.name)  # type: ignore[attr-defined]
 
 
 def _crashed_tid(prog: object) -> int | None:
