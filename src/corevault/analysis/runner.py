@@ -236,8 +236,12 @@ def analyze(
             return Report.from_dict(_run(args, inputs + binds, uid, deadline, limit=timeout, memory=memory))
 
         report = run(0)
-        if fetch is not None and upstream.fetch_missing(fetch, _wanting_debuginfo(report)):
-            report = run(1)
+        if fetch is not None:
+            wanted = _wanting_debuginfo(report)[: upstream.MAX_PER_ANALYSIS]
+            upstream.fetch_missing(fetch, wanted)
+            # kept now, by this analysis or by another one running beside it since this one began
+            if any(os.path.exists(upstream.debuginfo_path(fetch.cache, b)) for b in wanted):
+                report = run(1)
     return report
 
 
