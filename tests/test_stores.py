@@ -21,7 +21,7 @@ import pytest
 
 from corevault.config import CloudSettings
 from corevault.vault import blobs
-from testbed import clouds
+from testbed import clouds, servers
 
 KINDS = ("azure", "gcs")
 PART = 4 << 20
@@ -45,6 +45,44 @@ def azurite() -> Iterator[clouds.Azurite]:
 def gcs() -> Iterator[clouds.FakeGcs]:
     with clouds.fake_gcs() as server:
         yield server
+
+
+@pytest.fixture(scope="module")
+def weed() -> Iterator[servers.Seaweed]:
+    keys = {"AWS_ACCESS_KEY_ID": servers.KEY, "AWS_SECRET_ACCESS_KEY": servers.SECRET}
+    old = {k: os.environ.get(k) for k in keys}
+    os.environ.update(keys)
+    try:
+        with servers.seaweed() as w:
+            yield w
+    finally:
+        for k, v in old.items():
+            if v is None:
+                os.environ.pop(k, None)
+            else:
+                os.environ[k] = v
+
+
+@pytest.mark.parametrize("kind", ["s3", "file"])
+def test_the_older_stores_read_ranges_too(kind: str, tmp_path, request: pytest.FixtureRequest) -> None:
+    from corevault.config import S3Settings
+
+    if kind == "s3":
+        weed = request.getfixturevalue("weed")
+        s3 = S3Settings()
+        s3.endpoint, s3.addressing, s3.part_size = weed.endpoint, "path", 5 << 20
+        store = blobs.open_store(f"s3://{weed.bucket}/ranges", s3)
+    else:
+        store = blobs.open_store(f"file://{tmp_path}/vault")
+    data = os.urandom(11 << 20)
+    path = tmp_path / "core.zst"
+    path.write_bytes(data)
+    store.put_file("k", str(path))
+    with store.open("k", (5 << 20) - 3, 10) as f:
+        assert f.read() == data[(5 << 20) - 3 : (5 << 20) + 7]
+    with store.open("k", len(data) - 5) as f:
+        assert f.read() == data[-5:]
+    assert [k for k, _ in store.keys("")] == ["k"]
 
 
 @pytest.fixture(params=KINDS)

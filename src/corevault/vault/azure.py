@@ -20,7 +20,6 @@ from __future__ import annotations
 
 import base64
 import hashlib
-import io
 import logging
 import os
 from collections.abc import Iterator
@@ -28,7 +27,7 @@ from concurrent.futures import Future, ThreadPoolExecutor
 from typing import BinaryIO
 
 from corevault.config import CloudSettings
-from corevault.vault.blobs import Stored, StoreError, StreamBody, part_size
+from corevault.vault.blobs import BucketStore, Stored, StoreError, StreamBody, part_size
 
 MAX_BLOCKS = 49_000  # the service's limit is 50,000 blocks a blob
 
@@ -38,7 +37,7 @@ def block_id(index: int, data: bytes | memoryview) -> str:
     return base64.b64encode(f"{index:06d}-{hashlib.md5(data).hexdigest()}".encode()).decode()  # noqa: S324
 
 
-class AzureStore:
+class AzureStore(BucketStore):
     """Blobs in an Azure Storage container, under an optional prefix."""
 
     def __init__(self, account_url: str | None, container: str, prefix: str, settings: CloudSettings) -> None:
@@ -68,18 +67,8 @@ class AzureStore:
         #: bytes sent in blocks by this store object (what a resumed upload saves shows here)
         self.sent = 0
 
-    def _key(self, key: str) -> str:
-        return f"{self.prefix}/{key}" if self.prefix else key
-
     def _error(self, what: str, key: str, e: Exception) -> StoreError:
         return StoreError(f"cannot {what} {key} in {self.url}: {type(e).__name__}: {str(e).splitlines()[0]}")
-
-    def put_file(self, key: str, path: str) -> Stored:
-        with open(path, "rb") as f:
-            return self._upload(key, f, os.fstat(f.fileno()).st_size)
-
-    def put_bytes(self, key: str, data: bytes) -> Stored:
-        return self._upload(key, io.BytesIO(data), len(data))
 
     def _upload(self, key: str, f: BinaryIO, size: int) -> Stored:
         from azure.core.exceptions import AzureError, ResourceNotFoundError
@@ -149,6 +138,5 @@ class AzureStore:
             raise self._error("delete", key, e) from None
 
     def keys(self, prefix: str) -> Iterator[tuple[str, int]]:
-        cut = len(self.prefix) + 1 if self.prefix else 0
         for blob in self.container.list_blobs(name_starts_with=self._key(prefix)):
-            yield blob.name[cut:], blob.size
+            yield self._unprefixed(blob.name), blob.size

@@ -277,7 +277,29 @@ class FsStore:
                 yield os.path.relpath(full, self.root), os.path.getsize(full)
 
 
-class S3Store:
+class BucketStore:
+    """What the object stores share: keys under a prefix, uploads from a file or from bytes."""
+
+    prefix = ""
+
+    def _key(self, key: str) -> str:
+        return f"{self.prefix}/{key}" if self.prefix else key
+
+    def _unprefixed(self, name: str) -> str:
+        return name[len(self.prefix) + 1 :] if self.prefix else name
+
+    def put_file(self, key: str, path: str) -> Stored:
+        with open(path, "rb") as f:
+            return self._upload(key, f, os.fstat(f.fileno()).st_size)
+
+    def put_bytes(self, key: str, data: bytes) -> Stored:
+        return self._upload(key, io.BytesIO(data), len(data))
+
+    def _upload(self, key: str, f: BinaryIO, size: int) -> Stored:
+        raise NotImplementedError
+
+
+class S3Store(BucketStore):
     """Blobs as objects in an S3-compatible bucket, under an optional prefix."""
 
     def __init__(self, bucket: str, prefix: str, settings: S3Settings) -> None:
@@ -306,16 +328,6 @@ class S3Store:
             ),
         )
         self.concurrency = settings.concurrency
-
-    def _key(self, key: str) -> str:
-        return f"{self.prefix}/{key}" if self.prefix else key
-
-    def put_file(self, key: str, path: str) -> Stored:
-        with open(path, "rb") as f:
-            return self._upload(key, f, os.fstat(f.fileno()).st_size)
-
-    def put_bytes(self, key: str, data: bytes) -> Stored:
-        return self._upload(key, io.BytesIO(data), len(data))
 
     def _upload(self, key: str, f: BinaryIO, size: int) -> Stored:
         from boto3.s3.transfer import TransferConfig
@@ -385,10 +397,9 @@ class S3Store:
 
     def keys(self, prefix: str) -> Iterator[tuple[str, int]]:
         paginator = self.client.get_paginator("list_objects_v2")
-        cut = len(self.prefix) + 1 if self.prefix else 0
         for page in paginator.paginate(Bucket=self.bucket, Prefix=self._key(prefix)):
             for obj in page.get("Contents", []):
-                yield obj["Key"][cut:], obj["Size"]
+                yield self._unprefixed(obj["Key"]), obj["Size"]
 
 
 STORES = "file:///path, s3://bucket/prefix, gs://bucket/prefix, az://container/prefix or azure://account/container/prefix"

@@ -30,13 +30,13 @@ from contextlib import suppress
 from typing import BinaryIO
 
 from corevault.config import CloudSettings
-from corevault.vault.blobs import Stored, StoreError, StreamBody
+from corevault.vault.blobs import BucketStore, Stored, StoreError, StreamBody
 
 SESSION_SUFFIX = ".gcs-upload"
 QUANTUM = 256 << 10  # resumable chunks are multiples of this
 
 
-class GcsStore:
+class GcsStore(BucketStore):
     """Objects in a Cloud Storage bucket, under an optional prefix."""
 
     def __init__(self, bucket: str, prefix: str, settings: CloudSettings) -> None:
@@ -68,9 +68,6 @@ class GcsStore:
         #: bytes sent by this store object (what a resumed upload saves shows here)
         self.sent = 0
 
-    def _key(self, key: str) -> str:
-        return f"{self.prefix}/{key}" if self.prefix else key
-
     def _error(self, what: str, key: str, e: Exception) -> StoreError:
         return StoreError(f"cannot {what} {key} in {self.url}: {type(e).__name__}: {str(e).splitlines()[0]}")
 
@@ -78,13 +75,10 @@ class GcsStore:
         with open(path, "rb") as f:
             size = os.fstat(f.fileno()).st_size
             if size < self.part_size:
-                return self._upload_small(key, f, size)
+                return self._upload(key, f, size)
             return self._upload_resumable(key, f, size, path + SESSION_SUFFIX)
 
-    def put_bytes(self, key: str, data: bytes) -> Stored:
-        return self._upload_small(key, io.BytesIO(data), len(data))
-
-    def _upload_small(self, key: str, f: BinaryIO, size: int) -> Stored:
+    def _upload(self, key: str, f: BinaryIO, size: int) -> Stored:
         from google.api_core.exceptions import GoogleAPIError
         from google.resumable_media import DataCorruption
 
@@ -219,9 +213,8 @@ class GcsStore:
             raise self._error("delete", key, e) from None
 
     def keys(self, prefix: str) -> Iterator[tuple[str, int]]:
-        cut = len(self.prefix) + 1 if self.prefix else 0
         for blob in self.client.list_blobs(self.bucket, prefix=self._key(prefix)):
-            yield blob.name[cut:], blob.size
+            yield self._unprefixed(blob.name), blob.size
 
 
 class _Crc32c:
