@@ -199,3 +199,20 @@ def test_group_search_reads_the_newest_matches_and_every_title(
 def test_search_text_with_nul_is_refused_before_the_database(engine: sa.Engine) -> None:
     with engine.connect() as conn, pytest.raises(search.SearchError, match="NUL"):
         catalog.list_crashes(conn, catalog.Filters(search="abc\x00def"))
+
+
+def test_history_names_another_namespaces_crash_only_to_its_readers(engine: sa.Engine) -> None:
+    add(engine, signature="g9", frames=["f"], namespace="shop", when=NOW - 5 * HOUR)
+    with engine.begin() as conn:
+        lifecycle.change(conn, "g9", lifecycle.Change("resolved"), "alice", NOW - 4 * HOUR)
+    secret = "registry.example/payroll:7"
+    other = add(engine, signature="g9", frames=["f"], namespace="payroll", image=secret, when=NOW - HOUR)
+    with engine.connect() as conn:
+        everyone = lifecycle.detail(conn, "g9")
+        shop = lifecycle.detail(conn, "g9", frozenset({"shop"}))
+        payroll = lifecycle.detail(conn, "g9", frozenset({"payroll"}))
+    assert everyone and shop and payroll
+    assert everyone["history"][0]["crash"] == other and everyone["history"][0]["image"] == secret
+    assert payroll["history"][0]["crash"] == other
+    assert shop["history"][0]["state"] == "regressed"
+    assert other not in str(shop["history"]) and secret not in str(shop["history"])

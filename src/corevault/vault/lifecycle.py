@@ -205,8 +205,8 @@ def detail(conn: Connection, signature: str, visible: Collection[str] | None = N
         return None
     group = found[0]
     group["status"] = state_of(conn, signature)
-    group["history"] = history(conn, signature)
     scope = frozenset(visible) if visible is not None else None
+    group["history"] = _seen_by(conn, history(conn, signature), scope)
     group["recent"] = catalog.list_crashes(conn, catalog.Filters(group=signature, visible=scope), 5)
     return group
 
@@ -216,6 +216,23 @@ def history(conn: Connection, signature: str, limit: int = 100) -> list[dict]:
     query = sa.select(h.time, h.actor, h.state, h.detail).where(h.signature == signature)
     rows = conn.execute(query.order_by(h.id.desc()).limit(limit))
     return [{"time": r.time, "actor": r.actor, "state": r.state, **json.loads(r.detail)} for r in rows]
+
+
+def _seen_by(conn: Connection, entries: list[dict], visible: frozenset[str] | None) -> list[dict]:
+    """History as ``visible`` namespaces may read it: another namespace's crash and image left out."""
+    from corevault.vault import catalog
+
+    named = {e["crash"] for e in entries if e.get("crash")}
+    if visible is None or not named:
+        return entries
+    c = catalog.crashes.c
+    query = sa.select(c.id).where(c.id.in_(sorted(named)), c.namespace.in_(sorted(visible)))
+    seen = set(conn.execute(query).scalars()) if visible else set()
+    hidden = ("crash", "image")
+    return [
+        e if e.get("crash") in seen or not e.get("crash") else {k: v for k, v in e.items() if k not in hidden}
+        for e in entries
+    ]
 
 
 def _write(conn: Connection, signature: str, state: str, actor: str, now: float, **fields: object) -> None:
