@@ -41,31 +41,28 @@ class Found:
     sha256: str | None = None
 
 
-def file_build_id(path: str) -> str | None:
+def _file_ids(path: str) -> tuple[str | None, str | None] | None:
+    """``(GNU build-id, Go build id)`` the file at ``path`` claims; None if it is unreadable or not ELF."""
     try:
         fd = os.open(path, os.O_RDONLY | os.O_CLOEXEC)
     except OSError:
         return None
     try:
-        return elf.build_id(lambda offset, size: os.pread(fd, size, offset))
+        return elf.build_ids(lambda offset, size: os.pread(fd, size, offset))
     except (OSError, ValueError):
         return None
     finally:
         os.close(fd)
+
+
+def file_build_id(path: str) -> str | None:
+    ids = _file_ids(path)
+    return ids[0] if ids else None
 
 
 def file_key(path: str) -> str | None:
     """The key a stored file claims by its own notes (GNU build-id, else Go's), if any."""
-    try:
-        fd = os.open(path, os.O_RDONLY | os.O_CLOEXEC)
-    except OSError:
-        return None
-    try:
-        ids = elf.build_ids(lambda offset, size: os.pread(fd, size, offset))
-    except (OSError, ValueError):
-        return None
-    finally:
-        os.close(fd)
+    ids = _file_ids(path)
     return objectid.key_for(*ids, None) if ids else None
 
 
