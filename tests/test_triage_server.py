@@ -284,3 +284,18 @@ def test_group_metrics_are_for_readers_and_made_of_their_namespaces(served: Serv
     everything = served.get("/api/v1/metrics").text
     assert 'corevault_group_events_total{kind="new",namespace="b"}' in everything
     assert served.get("/api/v1/metrics", "a", params={"namespace": "b"}).status_code == 403
+
+
+def test_a_refused_state_form_says_which_field_and_why(served: Served) -> None:
+    import re
+
+    with httpx.Client(base_url=served.url) as client:
+        client.post("/login", data={"token": TOKENS["admin"]})
+        page = client.get("/groups/only-a").text
+        [form_token] = set(re.findall(r'name="form_token" value="([0-9a-f]+)"', page))
+        form = {"state": "ignored", "crashes": "0", "form_token": form_token}
+        r = client.post("/groups/only-a/state", data=form)
+    assert r.status_code == 400, r.text
+    assert "cannot change the state as asked: crashes: Input should be greater than or equal to 1" in r.text
+    assert "tagged-union" not in r.text
+    assert _state(served, "only-a") == "open"

@@ -205,7 +205,12 @@ def group_state_form(
         if state == "ignored":
             fields |= {"until": _form_date(until), "crashes": int(crashes) if crashes.strip() else None}
         change = api.state_change.validate_python(fields)
-    except (ValueError, ValidationError) as e:
+    except ValidationError as e:
+        # its first line names only the model ("1 validation error for tagged-union[…]")
+        first = e.errors()[0]
+        field = f"{first['loc'][-1]}: " if len(first["loc"]) > 1 else ""
+        raise HTTPException(400, f"cannot change the state as asked: {field}{first['msg']}") from None
+    except ValueError as e:
         raise HTTPException(400, f"cannot change the state as asked: {str(e).splitlines()[0]}") from None
     api.change_state(request, reader, signature, change)
     return RedirectResponse(f"/groups/{quote(signature)}", status_code=303)
