@@ -216,3 +216,25 @@ def test_history_names_another_namespaces_crash_only_to_its_readers(engine: sa.E
     assert payroll["history"][0]["crash"] == other
     assert shop["history"][0]["state"] == "regressed"
     assert other not in str(shop["history"]) and secret not in str(shop["history"])
+
+
+def test_paths_longer_than_their_columns_keep_no_record_out(engine: sa.Engine) -> None:
+    # a process picks its executable's and mapped files' paths, up to 4 KiB; PostgreSQL refuses
+    # text over a column's length, which kept such a crash, and every record inserted with it, out
+    deep = "/app" + "/d" * 1500 + "/svc"
+    meta = {
+        "id": "c-deep", "time": NOW, "node": "node-1",
+        "pod": {"namespace": "shop", "name": "deep-0", "container": "app", "image": "registry.example/deep:1"},
+        "process": {"exe": deep, "comm": "svc", "ns_pid": 7}, "signal": {"number": 11, "name": "SIGSEGV"},
+        "modules": [{"path": deep, "key": "ab" * 20, "sha256": "cd" * 32},
+                    {"path": deep + "x", "key": "ef" * 20, "sha256": "01" * 32}],
+    }  # fmt: skip
+    with engine.begin() as conn:
+        assert catalog.add_crash(conn, meta, "pending")
+        other = {"event": "refused", "time": NOW, "reason": "storm", "pod": {"namespace": "b", "name": "b-0"}}
+        assert catalog.add_dropped(conn, [{**other, "exe": deep, "pod": {"namespace": "a"}}, other]) == 2
+    with engine.connect() as conn:
+        crash = catalog.get_crash(conn, "c-deep")
+        dropped = catalog.list_dropped(conn)
+    assert crash is not None and deep.startswith(crash["exe"]) and crash["meta"]["process"]["exe"] == deep
+    assert sorted((d.get("namespace") or "") for d in dropped) == ["a", "b"]

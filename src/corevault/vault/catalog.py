@@ -366,6 +366,7 @@ def add_crash(conn: Connection, meta: dict, analysis: str) -> bool:
         "analysis": analysis,
         "meta": json.dumps(meta, sort_keys=True),
     }
+    _fit(crashes, row, "exe", "comm", "image")
     inserted = conn.execute(_insert(conn, crashes).values(**row).on_conflict_do_nothing()).rowcount == 1
     if inserted:
         from corevault.vault import search
@@ -373,16 +374,35 @@ def add_crash(conn: Connection, meta: dict, analysis: str) -> bool:
         search.index(conn, row)
     if inserted and row["namespace"]:
         conn.execute(_insert(conn, namespaces).values(name=row["namespace"]).on_conflict_do_nothing())
-    rows = {
-        m["path"]: {"crash_id": meta["id"], "path": m["path"], "key": m["key"], "sha256": m["sha256"]}
+    objects_rows = (
+        _fit(
+            crash_objects,
+            {"crash_id": meta["id"], "path": m["path"], "key": m["key"], "sha256": m["sha256"]},
+            "path",
+        )
         for m in meta.get("modules", [])
         if isinstance(m, dict)
         and isinstance(m.get("path"), str)
         and objectid.is_object(m.get("key"), m.get("sha256"))
-    }
+    )
+    rows = {r["path"]: r for r in objects_rows}
     if rows:
         conn.execute(_insert(conn, crash_objects).values(list(rows.values())).on_conflict_do_nothing())
     return inserted
+
+
+def _fit(table: sa.Table, row: dict, *names: str) -> dict:
+    """Cut the named text values to their columns' lengths, which PostgreSQL enforces.
+
+    A process chooses its executable's and its files' paths (up to 4 KiB); over a column's
+    length its crash could never be recorded, nor the other records inserted with it. The
+    whole values stay in ``meta`` and ``record``.
+    """
+    for name in names:
+        value, length = row.get(name), table.c[name].type.length
+        if isinstance(value, str) and length is not None and len(value) > length:
+            row[name] = value[:length]
+    return row
 
 
 def record_analysis(conn: Connection, crash_id: str, report: dict) -> bool:
@@ -535,7 +555,7 @@ def add_dropped(conn: Connection, records: list[dict]) -> int:
         line = json.dumps(r, sort_keys=True)
         pod = r.get("pod") or {}
         rows.append(
-            {
+            _fit(dropped, {
                 "id": hashlib.sha256(line.encode()).hexdigest(),
                 "time": float(r.get("time") or 0),
                 "node": r.get("node"),
@@ -547,8 +567,8 @@ def add_dropped(conn: Connection, records: list[dict]) -> int:
                 "pod": pod.get("name"),
                 "container": pod.get("container"),
                 "record": line,
-            }
-        )
+            }, "exe")
+        )  # fmt: skip
     if not rows:
         return 0
     return conn.execute(_insert(conn, dropped).values(rows).on_conflict_do_nothing()).rowcount
