@@ -7,6 +7,9 @@ fed through a pipe as the kernel does (``cat core | …``), so both sides pay th
 
 - plain capture (volume target only) ÷ ``cat > file``                  goal ≤ 1.0
 - compressed capture (vault target only) ÷ ``zstd -LEVEL -TTHREADS``    goal ≤ 1.0
+- a mostly-zero core (a process that touched its memory once), both targets,
+  ÷ ``head -c SIZE /dev/zero | cat``                                 goal ≤ 1.5 (SHA-256 is
+  the floor: every byte is hashed, zero or not)
 - fixed cost of the whole handler on a 4 KiB core (both targets)      goal ≤ 30 ms
 - peak RSS of the handler with a 1 GiB and a 4 GiB core               goal ≤ 32 MiB, flat;
   the bench exits with status 1 when either is over, so a regression is loud
@@ -195,6 +198,23 @@ def bench_compressed(data: str, runs: int, level: int, threads: int) -> tuple[fl
     return median(cli), median(ours), stored
 
 
+def bench_zeros(mib: int, runs: int) -> tuple[float, float]:
+    """Medians of ``head -c | cat`` and of the handler (both targets) on ``mib`` MiB of zeros."""
+    feed = ["head", "-c", str(mib << 20), "/dev/zero"]
+    stage = Stage(["volume", "vault"], 3, 1)
+    cat, ours = [], []
+    try:
+        for _ in range(runs):
+            cat.append(timed(feed, ["cat"])[0])
+            ours.append(timed(feed, stage.args(), pass_fds=(stage.pidfd,))[0])
+            [entry] = spool.entries(stage.settings.spool_dir)
+            assert spool.read_meta(stage.settings.spool_dir, entry)["core"]["size"] == mib << 20
+            stage.clean()
+    finally:
+        stage.close()
+    return median(cat), median(ours)
+
+
 def bench_fixed(runs: int) -> tuple[float, float, float]:
     """Medians of: bare ``python -c pass``, the whole handler, and the handler's own work."""
     tiny = os.path.join(WORK, "tiny-core")
@@ -247,6 +267,7 @@ def main() -> int:
     ap.add_argument("--runs", type=int, default=3, help="runs per measurement (median)")
     ap.add_argument("--fixed-runs", type=int, default=30, help="runs for the fixed cost")
     ap.add_argument("--big-gib", type=int, default=4, help="the larger core of the RSS check, in GiB")
+    ap.add_argument("--zero-mib", type=int, default=2048, help="size of the all-zero core")
     ap.add_argument("--level", type=int, default=3)
     ap.add_argument("--threads", type=int, default=1)
     a = ap.parse_args()
@@ -266,6 +287,11 @@ def main() -> int:
     print(
         f"compressed capture   {comp:7.3f} s   zstd -{a.level} -T{a.threads}        {cli:7.3f} s   "
         f"ratio {comp / cli:5.2f}  (goal <= 1.0; compression ratio {size / stored:.1f})"
+    )
+    zcat, zours = bench_zeros(a.zero_mib, a.runs)
+    print(
+        f"zero core, {a.zero_mib} MiB {zours:7.3f} s   head -c | cat       {zcat:7.3f} s   "
+        f"ratio {zours / zcat:5.2f}  (goal <= 1.5; both targets)"
     )
     python, fixed, work = bench_fixed(a.fixed_runs)
     print(

@@ -88,3 +88,31 @@ def test_disk_full_is_a_sink_failure(tmp_path) -> None:
     sink = stream.SparseSink(os.open("/dev/full", os.O_WRONLY))
     stream.pump(pipe_with(os.urandom(100000), tmp_path), [sink], None)
     assert sink.failed == "writing the core failed after 0 bytes: No space left on device"
+
+
+@pytest.mark.parametrize("threads", [0, 1, 2])
+def test_mostly_zero_core_is_one_frame_with_the_same_bytes_and_hash(tmp_path, threads: int) -> None:
+    """Every thread setting stores one zstd frame that readers decompress to the exact core."""
+    data = bytes(5 * stream.CHUNK) + core_like(2 * stream.CHUNK + 5) + bytes(4 * stream.CHUNK + 3)
+    out = os.open(tmp_path / "core.zst", os.O_WRONLY | os.O_CREAT)
+    sink = stream.ZstdSink(out, level=3, threads=threads, budget=1 << 30)
+    assert stream.pump(pipe_with(data, tmp_path), [sink], None) == (len(data), False)
+    sink.finish()
+    os.close(out)
+    with open(tmp_path / "core.zst", "rb") as f:  # as the vault and the analysis read it: one frame
+        assert zstandard.ZstdDecompressor().stream_reader(f).read() == data
+    assert sink.sha256 == hashlib.sha256(data).hexdigest()
+
+
+def test_a_sink_over_budget_midway_still_hashes_and_stops_cleanly(tmp_path) -> None:
+    data = os.urandom(6 * stream.CHUNK)
+    sink = stream.ZstdSink(
+        os.open(tmp_path / "a.zst", os.O_WRONLY | os.O_CREAT), 3, 1, budget=2 * stream.CHUNK
+    )
+    plain = stream.SparseSink(os.open(tmp_path / "b", os.O_WRONLY | os.O_CREAT))
+    assert stream.pump(pipe_with(data, tmp_path), [sink, plain], None) == (len(data), False)
+    assert sink.failed and "stopped after" in sink.failed
+    # What it took is hashed in full up to where it failed, and the plain copy went on.
+    assert sink.sha256 == hashlib.sha256(data[: sink.size]).hexdigest()
+    plain.finish()
+    assert (tmp_path / "b").read_bytes() == data
