@@ -81,3 +81,14 @@ def test_pattern_specifiers_lists_every_one() -> None:
 
     out = run("pattern", "specifiers").stdout
     assert all(f"%{s}  " in out for s in "%" + SPECIFIERS)
+
+
+def test_an_error_quoting_a_crashed_process_s_names_prints_them_as_data(tmp_path) -> None:
+    """A path or symbol quoted in an error is escaped: no terminal sequence reaches the reader's screen."""
+    config = tmp_path / "c.toml"
+    config.write_text(f'state_dir = "{tmp_path}/state"\n')
+    hostile = "core-\x1b]0;owned\x07\x1b[2J\u202e"
+    out = run("--config", str(config), "analyze", f"{tmp_path}/{hostile}/x")
+    assert out.returncode != 0 and out.stderr.startswith("corevault: error: ")
+    assert "\x1b" not in out.stderr and "\u202e" not in out.stderr and "\x07" not in out.stderr
+    assert "\\x1b]0;owned\\x07\\x1b[2J\\u202e" in out.stderr

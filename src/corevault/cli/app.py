@@ -14,6 +14,7 @@ import typer
 from corevault import config, pattern
 from corevault.cli import analyze, crashes, groups, host, patterns, serve, snapshot, vault, webhook
 from corevault.errors import UserError
+from corevault.printable import printable
 
 EXIT_FAILED = 1
 EXIT_USAGE = 2
@@ -81,7 +82,8 @@ def main(argv: list[str] | None = None) -> int:
 
 
 def _error(message: str, code: int) -> int:
-    print(f"corevault: error: {message}", file=sys.stderr)
+    # An error can quote what a crashed process named (a path, a symbol, a debugger's output): data only.
+    print(f"corevault: error: {printable(message)}", file=sys.stderr)
     return code
 
 

@@ -17,6 +17,7 @@ import typer
 from corevault.cli import app as corevault_app
 from corevault.errors import UserError
 from corevault.pattern import PatternError
+from corevault.printable import printable
 
 STRATEGIC = "application/strategic-merge-patch+json"
 
@@ -253,10 +254,10 @@ def main(argv: list[str] | None = None) -> int:
     except SystemExit as e:
         return e.code if isinstance(e.code, int) else 1
     except UserError as e:
-        print(f"kubectl corevault: error: {e}", file=sys.stderr)
+        print(f"kubectl corevault: error: {printable(str(e))}", file=sys.stderr)
         return 1
     except PatternError as e:
-        print(f"kubectl corevault: error: {e}", file=sys.stderr)
+        print(f"kubectl corevault: error: {printable(str(e))}", file=sys.stderr)
         return 2
     return 0
 
