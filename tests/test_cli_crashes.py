@@ -108,7 +108,7 @@ def test_rm_forgets_a_crash(node: Node, material: dict) -> None:  # noqa: F811
     [
         ('catalog = "mysql://x/y"', "is not usable"),
         ('catalog = "notaurl"', "is not usable"),
-        ('store = "ftp://x"', "use file:///path or s3://bucket/prefix"),
+        ('store = "ftp://x"', "use file:///path, s3://bucket/prefix, gs://bucket/prefix, az://container/prefix"),
     ],
 )
 def test_bad_vault_settings_are_one_line(tmp_path, setting: str, words: str) -> None:

@@ -237,10 +237,11 @@ def analyze(
 
         report = run(0)
         if fetch is not None:
-            wanted = _wanting_debuginfo(report)[: upstream.MAX_PER_ANALYSIS]
-            upstream.fetch_missing(fetch, wanted)
+            # (not ``wanted``: the second run binds the same objects as the first, plus debug files)
+            lacking = _wanting_debuginfo(report)[: upstream.MAX_PER_ANALYSIS]
+            upstream.fetch_missing(fetch, lacking)
             # kept now, by this analysis or by another one running beside it since this one began
-            if any(os.path.exists(upstream.debuginfo_path(fetch.cache, b)) for b in wanted):
+            if any(os.path.exists(upstream.debuginfo_path(fetch.cache, b)) for b in lacking):
                 report = run(1)
     return report
 
