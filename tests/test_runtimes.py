@@ -9,7 +9,6 @@ binaries is deleted before any analysis, as an image is gone by the time someone
 
 from __future__ import annotations
 
-import importlib.util
 import os
 import re
 import shutil
@@ -29,11 +28,7 @@ pytestmark = pytest.mark.crash
 
 SEED = {"corevault.io/core-pattern": "/data/dump-a/core-%e-%p-%t"}
 GO = "GOTRACEBACK=crash /app/goservice"
-# A Go binary has no GNU build-id: capture keeps it only where objects get content keys.
-GO_KEPT = importlib.util.find_spec("corevault.objectid") is not None
-needs_go = pytest.mark.skipif(
-    not GO_KEPT, reason="Go binaries are kept only once objects are keyed by content"
-)
+# A Go binary has no GNU build-id: capture keeps it by Go's build id (see corevault.objectid).
 # name: shell command (never the container's PID 1, which ignores the SIGABRT it raises)
 GO_RUNS = {
     "go-nilmap": f"{GO} nilmap",
@@ -42,7 +37,7 @@ GO_RUNS = {
     "go-overflow": f"{GO} overflow",
 }
 RUNS = {
-    **(GO_RUNS if GO_KEPT else {}),
+    **GO_RUNS,
     "rust-index": "/app/rustcrash index",
     "rust-index-again": "/app/rustcrash index",
     "rust-unwrap": "/app/rustcrash unwrap",
@@ -88,10 +83,10 @@ def crashed_thread_is_the_one_the_kernel_named(crash: Crash) -> bool:
 @pytest.mark.parametrize(
     ("name", "signal", "function", "frames"),
     [
-        pytest.param("go-nilmap", "SIGABRT", "main.recordHit", ["main.handle"], marks=needs_go),
+        pytest.param("go-nilmap", "SIGABRT", "main.recordHit", ["main.handle"]),
         # drgn's unwinding through Go's injected sigpanic call loops back into sessionUser
-        pytest.param("go-nilptr", "SIGABRT", "main.sessionUser", [], marks=needs_go),
-        pytest.param("go-overflow", "SIGABRT", "main.walkTree", ["main.walkTree"], marks=needs_go),
+        pytest.param("go-nilptr", "SIGABRT", "main.sessionUser", []),
+        pytest.param("go-overflow", "SIGABRT", "main.walkTree", ["main.walkTree"]),
         ("rust-index", "SIGABRT", "rustcrash::parse_port", ["rustcrash::load_config", "rustcrash::main"]),
         ("rust-unwrap", "SIGABRT", "rustcrash::lookup_user", ["rustcrash::main"]),
         ("rust-v0-unwrap", "SIGABRT", "rustcrash::lookup_user", ["rustcrash::main"]),
@@ -112,7 +107,6 @@ def test_signal_thread_and_top_program_function(
     assert r.missing_modules == (), [m.path for m in r.missing_modules]
 
 
-@needs_go
 def test_a_go_crash_belongs_to_the_goroutine_that_panicked(crashes: dict[str, Crash]) -> None:
     for name in ("go-nilmap", "go-nilptr"):
         r = crashes[name].report
@@ -125,7 +119,6 @@ def test_a_go_crash_belongs_to_the_goroutine_that_panicked(crashes: dict[str, Cr
         assert not any(n.startswith("runtime.") for n in r.signature_frames)
 
 
-@needs_go
 def test_a_go_fatal_error_on_the_system_stack_is_the_goroutines(crashes: dict[str, Crash]) -> None:
     # "fatal error: stack overflow" is thrown on the thread's g0 stack: past runtime.morestack
     # the frames are the goroutine's, read from its saved state and its frame pointers
@@ -161,9 +154,7 @@ def test_rust_names_carry_no_build_hash(crashes: dict[str, Crash]) -> None:
 
 def test_runtime_frames_are_not_the_signature(crashes: dict[str, Crash]) -> None:
     noise = ("panic", "rust_", "__rust", "core::", "std::", "runtime.", "__cxa", "abort", "raise")
-    names = ["rust-index", "rust-unwrap", "cxx-thread", "static-assert"] + (
-        ["go-nilmap", "go-nilptr"] if GO_KEPT else []
-    )
+    names = ["rust-index", "rust-unwrap", "cxx-thread", "static-assert", "go-nilmap", "go-nilptr"]
     for name in names:
         top = crashes[name].report.signature_frames
         assert top and not any(f.startswith(noise) for f in top), (name, top)
@@ -173,13 +164,13 @@ def test_the_same_bug_in_two_pods_is_one_group_and_different_bugs_are_not(crashe
     def sig(name: str) -> str | None:
         return crashes[name].report.signature
 
-    for name in ["rust-index", "cxx-thread"] + (["go-nilmap"] if GO_KEPT else []):
+    for name in ["rust-index", "cxx-thread", "go-nilmap"]:
         again = crashes[f"{name}-again"]
         assert again.meta["pod"]["uid"] != crashes[name].meta["pod"]["uid"]
         assert sig(name) == sig(f"{name}-again")
     # a rebuild with the other Rust mangling scheme is the same bug
     assert sig("rust-unwrap") == sig("rust-v0-unwrap")
-    distinct = [*(["go-nilmap", "go-nilptr", "go-overflow"] if GO_KEPT else []), "rust-index", "rust-unwrap", "cxx-thread", "cxx-custom", "static-assert",
+    distinct = ["go-nilmap", "go-nilptr", "go-overflow", "rust-index", "rust-unwrap", "cxx-thread", "cxx-custom", "static-assert",
                 "python-ctypes", "python-abort"]  # fmt: skip
     signatures = [sig(n) for n in distinct]
     assert None not in signatures and len(set(signatures)) == len(distinct), dict(
@@ -190,11 +181,10 @@ def test_the_same_bug_in_two_pods_is_one_group_and_different_bugs_are_not(crashe
 @pytest.mark.parametrize(
     ("name", "words"),
     [
-        pytest.param("go-nilmap", "panic: assignment to entry in nil map", marks=needs_go),
+        pytest.param("go-nilmap", "panic: assignment to entry in nil map"),
         pytest.param(
             "go-nilptr",
             "panic: runtime error: invalid memory address or nil pointer dereference",
-            marks=needs_go,
         ),
         (
             "rust-index",
