@@ -81,16 +81,25 @@ with open(path, "rb") as f:
 )
 
 
+# The upload's own peak RSS: its process's VmHWM. (ru_maxrss of a child counts the memory of
+# the process that started it, which a child of this bench would inherit as its floor.)
+PEAK = """
+with open("/proc/self/status") as f:
+    print(next(line.split()[1] for line in f if line.startswith("VmHWM:")))
+"""
+
+
 def run(script: str, args: list[str], env: dict) -> tuple[float, int]:
     """Seconds and peak RSS (KiB) of one upload in a process of its own."""
-    code = script.format(part=PART, concurrency=CONCURRENCY)
+    code = script.format(part=PART, concurrency=CONCURRENCY) + PEAK
     started = time.perf_counter()
-    proc = subprocess.Popen([sys.executable, "-c", code, *args], env=env, stderr=subprocess.PIPE)
-    _, status, usage = os.wait4(proc.pid, 0)
+    out = subprocess.run(
+        [sys.executable, "-c", code, *args], env=env, capture_output=True, text=True, check=False
+    )
     took = time.perf_counter() - started
-    if os.waitstatus_to_exitcode(status) != 0:
-        raise SystemExit(f"upload failed: {proc.stderr.read().decode()[-800:] if proc.stderr else ''}")
-    return took, usage.ru_maxrss
+    if out.returncode != 0:
+        raise SystemExit(f"upload failed: {out.stderr[-800:]}")
+    return took, int(out.stdout.split()[-1])
 
 
 def main() -> int:
