@@ -45,3 +45,18 @@ def wait_for(what: Callable[[], object], timeout: float = 60) -> object:
 
 def of_namespace(records: list[dict], namespace: str) -> list[dict]:
     return [r for r in records if (r.get("pod") or {}).get("namespace") == namespace]
+
+
+def node_of(capture, cfg: str):  # -> config.Settings
+    """A node whose settings are ``cfg``, holding copies of ``capture``'s spool entries and stored binaries."""
+    import shutil
+
+    from corevault import config, spool
+
+    settings = config.load(cfg)
+    spool.ensure(settings.spool_dir)
+    for entry in spool.entries(capture.spool):
+        shutil.copytree(os.path.join(spool.ready_dir(capture.spool), entry),
+                        os.path.join(spool.ready_dir(settings.spool_dir), entry))  # fmt: skip
+    shutil.copytree(capture.store, settings.buildid_dir, dirs_exist_ok=True)
+    return settings

@@ -19,13 +19,13 @@ import sys
 
 import pytest
 
-from corevault import config, printable, spool
+from corevault import printable
 from corevault.agent.loop import Agent
 from corevault.kube.events import message
 from testbed import runc
 from testbed.fakekube import FakeKube
 from tests.conftest import Capture
-from tests.tenants import pod
+from tests.tenants import node_of, pod
 
 pytestmark = pytest.mark.crash
 CLI = os.path.join(os.path.dirname(sys.executable), "corevault")
@@ -53,12 +53,7 @@ def test_markup_and_escapes_from_a_crash_are_shown_as_text(
 
     cfg = tmp_path / "c.toml"
     cfg.write_text(f'state_dir = "{tmp_path}/node"\n[agent]\nmetrics = ""\n')
-    settings = config.load(str(cfg))
-    spool.ensure(settings.spool_dir)
-    for entry in spool.entries(capture.spool):
-        shutil.copytree(os.path.join(spool.ready_dir(capture.spool), entry),
-                        os.path.join(spool.ready_dir(settings.spool_dir), entry))  # fmt: skip
-    shutil.copytree(capture.store, settings.buildid_dir, dirs_exist_ok=True)
+    settings = node_of(capture, str(cfg))
     Agent(settings).run(once=True)
 
     env = {**os.environ, "COREVAULT_CONFIG": str(cfg)}

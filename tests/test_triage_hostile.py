@@ -10,13 +10,10 @@ channel, no link Slack would render, no tag a browser would parse.
 from __future__ import annotations
 
 import json
-import os
-import shutil
 
 import httpx
 import pytest
 
-from corevault import config, spool
 from corevault.agent.loop import Agent
 from corevault.alerts import outbox, sinks
 from corevault.server.access import StaticTokens
@@ -24,7 +21,7 @@ from corevault.server.app import create_app
 from corevault.vault import catalog
 from testbed import runc, servers
 from tests.conftest import Capture
-from tests.tenants import pod
+from tests.tenants import node_of, pod
 from tests.test_triage_alerts import Receiver
 
 pytestmark = pytest.mark.crash
@@ -48,12 +45,7 @@ def test_a_symbol_name_is_text_in_slack_webhooks_and_the_group_page(
         f'[[alerts.sink]]\nname = "hook"\nkind = "webhook"\nurl = "{receiver.url}/hook"\nnamespaces = ["*"]\n'
         f'secret = "a-webhook-secret-0123456789"\n'
     )
-    settings = config.load(str(cfg))
-    spool.ensure(settings.spool_dir)
-    for entry in spool.entries(capture.spool):
-        shutil.copytree(os.path.join(spool.ready_dir(capture.spool), entry),
-                        os.path.join(spool.ready_dir(settings.spool_dir), entry))  # fmt: skip
-    shutil.copytree(capture.store, settings.buildid_dir, dirs_exist_ok=True)
+    settings = node_of(capture, str(cfg))
     Agent(settings).run(once=True)
     engine = catalog.connect(settings.catalog_url)
     with engine.connect() as conn:

@@ -56,15 +56,23 @@ def build_id(read: Reader, *, in_memory: bool = False) -> str | None:
     return ids[0] if ids else None
 
 
-def build_ids(read: Reader, *, in_memory: bool = False) -> tuple[str | None, str | None] | None:
-    """``(GNU build-id as hex, Go build id)`` of an ELF object, each None if absent; None if not ELF."""
+def _header(read: Reader) -> tuple[bytes, str] | None:
+    """The ELF header and its byte order (``<`` or ``>``); None if ``read`` sees no ELF file."""
     head = read(0, 64)
     if not head or len(head) < 52 or head[:4] != b"\x7fELF" or head[4] not in (1, 2) or head[5] not in (1, 2):
         return None
-    e = "<" if head[5] == 1 else ">"
+    if head[4] == 2 and len(head) < 64:
+        return None
+    return head, "<" if head[5] == 1 else ">"
+
+
+def build_ids(read: Reader, *, in_memory: bool = False) -> tuple[str | None, str | None] | None:
+    """``(GNU build-id as hex, Go build id)`` of an ELF object, each None if absent; None if not ELF."""
+    ident = _header(read)
+    if ident is None:
+        return None
+    head, e = ident
     if head[4] == 2:
-        if len(head) < 64:
-            return None
         (phoff,) = struct.unpack_from(e + "Q", head, 32)
         phentsize, phnum = struct.unpack_from(e + "HH", head, 54)
         ph_fmt = e + "I4xQQ8xQ8xQ"  # p_type, p_offset, p_vaddr, p_filesz, p_align
@@ -98,13 +106,11 @@ def build_ids(read: Reader, *, in_memory: bool = False) -> tuple[str | None, str
 def section_names(read: Reader) -> frozenset[str] | None:
     """The names of the sections of the ELF file ``read`` sees, or None if it is not a
     readable ELF file or claims more than ``MAX_SHNUM`` sections."""
-    head = read(0, 64)
-    if not head or len(head) < 52 or head[:4] != b"\x7fELF" or head[4] not in (1, 2) or head[5] not in (1, 2):
+    ident = _header(read)
+    if ident is None:
         return None
-    e = "<" if head[5] == 1 else ">"
+    head, e = ident
     if head[4] == 2:
-        if len(head) < 64:
-            return None
         (shoff,) = struct.unpack_from(e + "Q", head, 40)
         shentsize, shnum, shstrndx = struct.unpack_from(e + "HHH", head, 58)
         sh_fmt = e + "II16xQQI"  # sh_name, sh_type, sh_offset, sh_size, sh_link
