@@ -104,6 +104,12 @@ def test_without_the_annotation_nothing_is_written(capture: Capture, rootfs: str
     assert record["event"] == "skipped" and "not opted in" in record["reason"]
 
 
+def test_an_empty_corevault_pattern_gives_way_to_the_acs_one(capture: Capture, rootfs: str) -> None:
+    both = {"corevault.io/core-pattern": "", "alibabacloud.com/core-pattern": "/data/dump-a/acs-%e"}
+    capture.crash(rootfs, ["/app/crasher", "segv"], annotations=both)
+    assert capture.volume_files() == ["acs-crasher"]
+
+
 def test_systemd_cgroup_driver_and_pod_index_name_the_pod(capture: Capture, rootfs: str) -> None:
     from corevault import podindex
 

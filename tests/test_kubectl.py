@@ -77,6 +77,23 @@ def test_seed_emptydir_scenario_builds_the_guides_ephemeral_container(kube) -> N
     assert "running" in status[0]["state"]
 
 
+@pytest.mark.parametrize(
+    ("ours", "directory"), [("", "/data/dump-a"), (" ", "/data/dump-a"), ("/cores/core-%p", "/cores")]
+)
+def test_debug_reads_the_pattern_by_the_handlers_rule(kube, ours: str, directory: str) -> None:
+    """A blank corevault.io/core-pattern is absent; a set one wins over alibabacloud.com's."""
+    fake, env = kube
+    both = {"corevault.io/core-pattern": ours, "alibabacloud.com/core-pattern": "/data/dump-a/core-%e"}
+    pod = seed_pod(annotations=both)
+    pod["spec"]["containers"][0]["volumeMounts"].append({"name": "cores", "mountPath": "/cores"})
+    fake.add("pods", pod)
+    out = kubectl(env, "debug", SEED_POD, "--no-attach")
+    assert out.returncode == 0, out.stderr
+    [patch] = [r for r in fake.requests if r.method == "PATCH"]
+    [container] = patch.body["spec"]["ephemeralContainers"]
+    assert container["volumeMounts"][0]["mountPath"] == directory + "/"
+
+
 def test_every_attempt_gets_a_new_container_name(kube) -> None:
     fake, env = kube
     fake.add("pods", seed_pod())

@@ -141,3 +141,23 @@ def test_pods_without_the_annotation_pass_untouched(webhook) -> None:
     pod["metadata"]["annotations"] = {"team": "shop"}
     response = admit(webhook, pod)
     assert response == {"uid": response["uid"], "allowed": True}
+
+
+def test_an_empty_corevault_pattern_beside_the_acs_one_uses_the_acs_one(webhook) -> None:
+    pod = seed_pod_without_a_volume()
+    pod["metadata"]["annotations"] = {
+        "corevault.io/core-pattern": "", "alibabacloud.com/core-pattern": "/data/dump-b/core-%e",
+    }  # fmt: skip
+    response = admit(webhook, pod)
+    assert response["allowed"] is True
+    [mount] = patched(pod, response)["spec"]["containers"][0]["volumeMounts"]
+    assert mount["mountPath"] == "/data/dump-b"
+
+
+def test_corevaults_pattern_wins_over_the_acs_one(webhook) -> None:
+    pod = seed_pod_without_a_volume()
+    pod["metadata"]["annotations"] = {
+        "corevault.io/core-pattern": "/cores/core-%p", "alibabacloud.com/core-pattern": "/data/dump-b/core-%e",
+    }  # fmt: skip
+    [mount] = patched(pod, admit(webhook, pod))["spec"]["containers"][0]["volumeMounts"]
+    assert mount["mountPath"] == "/cores"

@@ -39,6 +39,8 @@ from __future__ import annotations
 
 import os
 
+from corevault import podannotations
+
 DEFAULT_CONFIG = "/etc/corevault/config.toml"
 DEFAULT_STATE_DIR = "/var/lib/corevault"
 TARGETS = frozenset({"volume", "vault"})
@@ -560,25 +562,17 @@ def _rule(raw: object, where: str) -> Rule:
         pattern.check(pat)
     except pattern.PatternError as e:
         raise ConfigError(f"{where}: {e}") from None
-    annotations = {ANNOTATION_PATTERN: pat}
+    annotations = {podannotations.PATTERN: pat}
     if "targets" in raw:
-        annotations[ANNOTATION_TARGETS] = ",".join(
+        annotations[podannotations.TARGETS] = ",".join(
             sorted(parse_targets(_strlist(raw, "targets", where), f"{where} targets"))
         )
     if "max_core_size" in raw:
-        annotations[ANNOTATION_MAX_SIZE] = str(parse_size(raw["max_core_size"], f"{where} max_core_size"))
+        annotations[podannotations.MAX_SIZE] = str(parse_size(raw["max_core_size"], f"{where} max_core_size"))
     uid = raw.get("uid")
     if uid is not None and (not isinstance(uid, int) or isinstance(uid, bool)):
         raise ConfigError(f"{where}: 'uid' must be a number")
     return Rule(raw.get("exe"), raw.get("comm"), uid, annotations)
-
-
-# The pod annotations corevault reads. The Alibaba Cloud name is accepted so that the
-# manifests of ACS's core dump guide work unchanged.
-ANNOTATION_PATTERN = "corevault.io/core-pattern"
-ANNOTATION_PATTERN_ACS = "alibabacloud.com/core-pattern"
-ANNOTATION_TARGETS = "corevault.io/targets"
-ANNOTATION_MAX_SIZE = "corevault.io/max-core-size"
 
 
 def _known(table: dict, keys: set[str], where: str) -> None:

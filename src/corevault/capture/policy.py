@@ -1,11 +1,13 @@
 """What to do with one crash: opt-in, targets, size limits and the crash-storm limit.
 
 A process opts in when its pod (or a host rule) carries a core pattern in
-``corevault.io/core-pattern`` or ``alibabacloud.com/core-pattern``. Its targets are the
-pod's volume (the plain core at the expanded pattern, inside the container) and the node
-spool (for the vault); ``corevault.io/targets`` narrows them per pod, the node's settings
-for all pods. The core is cut at the smaller of the soft RLIMIT_CORE (``%c``, which the
-kernel ignores for pipes) and ``corevault.io/max-core-size``, and marked truncated.
+``corevault.io/core-pattern`` or ``alibabacloud.com/core-pattern``; which one counts is
+the rule of :func:`corevault.podannotations.core_pattern`, shared with the webhook and
+``kubectl corevault debug``. Its targets are the pod's volume (the plain core at the
+expanded pattern, inside the container) and the node spool (for the vault);
+``corevault.io/targets`` narrows them per pod, the node's settings for all pods. The core
+is cut at the smaller of the soft RLIMIT_CORE (``%c``, which the kernel ignores for pipes)
+and ``corevault.io/max-core-size``, and marked truncated.
 
 Tenants get fixed shares of what the node has for dumps (:func:`take_slot`): at most
 ``pod_dumps`` dumps of one pod and ``namespace_dumps`` of one namespace are read at once,
@@ -23,19 +25,10 @@ import fcntl
 import json
 import os
 
-from corevault import pattern
+from corevault import pattern, podannotations
 from corevault.capture.lookup import Owner
 from corevault.capture.process import Crash
-from corevault.config import (
-    ANNOTATION_MAX_SIZE,
-    ANNOTATION_PATTERN,
-    ANNOTATION_PATTERN_ACS,
-    ANNOTATION_TARGETS,
-    ConfigError,
-    Settings,
-    parse_size,
-    parse_targets,
-)
+from corevault.config import ConfigError, Settings, parse_size, parse_targets
 
 
 class Plan:
@@ -69,11 +62,11 @@ class Plan:
 def plan(crash: Crash, owner: Owner, settings: Settings, core_uses_pid: bool) -> Plan:
     p = Plan()
     ann = owner.annotations
-    key = ANNOTATION_PATTERN if ANNOTATION_PATTERN in ann else ANNOTATION_PATTERN_ACS
-    pat = ann.get(key)
-    if pat is None:
+    asked = podannotations.core_pattern(ann)
+    if asked is None:
         p.refused = "not opted in (no core-pattern annotation or host rule)"
         return p
+    key, pat = asked
     p.opted_in = True
     found = pattern.problems(pat)
     if found:
@@ -82,10 +75,10 @@ def plan(crash: Crash, owner: Owner, settings: Settings, core_uses_pid: bool) ->
     p.pattern = pat
 
     targets = settings.targets
-    if ANNOTATION_TARGETS in ann:
-        names = [t.strip() for t in ann[ANNOTATION_TARGETS].split(",") if t.strip()]
+    if podannotations.TARGETS in ann:
+        names = [t.strip() for t in ann[podannotations.TARGETS].split(",") if t.strip()]
         try:
-            targets = targets & parse_targets(names, ANNOTATION_TARGETS)
+            targets = targets & parse_targets(names, podannotations.TARGETS)
         except ConfigError as e:
             p.warnings.append(f"{e}; using the node's targets")
     if not targets:
@@ -97,14 +90,14 @@ def plan(crash: Crash, owner: Owner, settings: Settings, core_uses_pid: bool) ->
         return p
     if crash.rlimit_core is not None:
         p.limit, p.limit_source = crash.rlimit_core, "RLIMIT_CORE"
-    if ANNOTATION_MAX_SIZE in ann:
+    if podannotations.MAX_SIZE in ann:
         try:
-            cap = parse_size(ann[ANNOTATION_MAX_SIZE], ANNOTATION_MAX_SIZE)
+            cap = parse_size(ann[podannotations.MAX_SIZE], podannotations.MAX_SIZE)
         except ConfigError as e:
             p.warnings.append(f"{e}; no per-pod size cap applied")
         else:
             if p.limit is None or cap < p.limit:
-                p.limit, p.limit_source = cap, ANNOTATION_MAX_SIZE
+                p.limit, p.limit_source = cap, podannotations.MAX_SIZE
 
     if "volume" in targets:
         p.volume_path = pattern.expand(pat, crash.values, core_uses_pid=core_uses_pid)

@@ -18,8 +18,7 @@ import shlex
 import time
 from dataclasses import dataclass
 
-from corevault import pattern
-from corevault.config import ANNOTATION_PATTERN, ANNOTATION_PATTERN_ACS
+from corevault import pattern, podannotations
 from corevault.errors import UserError
 from corevault.kube import volumes
 from corevault.kube.volumes import mount_for
@@ -57,12 +56,13 @@ def find_target(pod: dict, container: str | None) -> Target:
     meta, spec = pod.get("metadata", {}), pod.get("spec", {})
     name, namespace = meta.get("name"), meta.get("namespace", "default")
     annotations = meta.get("annotations") or {}
-    pat = annotations.get(ANNOTATION_PATTERN) or annotations.get(ANNOTATION_PATTERN_ACS)
-    if not pat:
+    asked = podannotations.core_pattern(annotations)
+    if asked is None:
         raise KubeError(
-            f"pod {namespace}/{name} has no {ANNOTATION_PATTERN} or {ANNOTATION_PATTERN_ACS} annotation; "
-            "'kubectl corevault enable' adds one to its workload"
+            f"pod {namespace}/{name} has no {podannotations.PATTERN} or {podannotations.PATTERN_ACS} "
+            "annotation; 'kubectl corevault enable' adds one to its workload"
         )
+    _, pat = asked
     phase = (pod.get("status") or {}).get("phase")
     if phase in ("Succeeded", "Failed"):
         raise KubeError(f"pod {namespace}/{name} has terminated ({phase}); no container can be added to it")
@@ -145,7 +145,7 @@ def enable_patch(kind: str, template: dict, pat: str, volume: str) -> dict:
             patch_containers.append(
                 {"name": c["name"], "volumeMounts": [{"name": volumes.VOLUME_NAME, "mountPath": directory}]}
             )
-    patch: dict = {"spec": {"template": {"metadata": {"annotations": {ANNOTATION_PATTERN: pat}}}}}
+    patch: dict = {"spec": {"template": {"metadata": {"annotations": {podannotations.PATTERN: pat}}}}}
     if patch_containers:
         patch["spec"]["template"]["spec"] = {
             "containers": patch_containers,

@@ -1,6 +1,7 @@
 """The admission webhook: pods that ask for cores get a valid pattern and a volume to hold them.
 
-For a pod carrying ``corevault.io/core-pattern`` or ``alibabacloud.com/core-pattern``:
+For a pod carrying ``corevault.io/core-pattern`` or ``alibabacloud.com/core-pattern`` (the
+key that counts is :func:`corevault.podannotations.core_pattern`'s, as for the handler):
 
 - the pattern is validated and the pod denied with the validator's messages when it is
   not usable (a relative path, ``..``, a pipe, an unknown specifier…);
@@ -21,12 +22,10 @@ import json
 import ssl
 from http.server import BaseHTTPRequestHandler, ThreadingHTTPServer
 
-from corevault import pattern
-from corevault.config import ANNOTATION_PATTERN, ANNOTATION_PATTERN_ACS
+from corevault import pattern, podannotations
 from corevault.errors import UserError
 from corevault.kube import volumes
 
-ANNOTATION_VOLUME = "corevault.io/volume"
 MAX_BODY = 4 << 20
 
 
@@ -51,10 +50,10 @@ def review(doc: dict) -> dict:
 def mutate(pod: dict) -> list[dict]:
     """JSON Patch operations that give the pod's containers a volume at the cores' directory."""
     annotations = (pod.get("metadata") or {}).get("annotations") or {}
-    key = ANNOTATION_PATTERN if ANNOTATION_PATTERN in annotations else ANNOTATION_PATTERN_ACS
-    pat = annotations.get(key)
-    if pat is None:
+    asked = podannotations.core_pattern(annotations)
+    if asked is None:
         return []
+    _, pat = asked
     pattern.check(pat)
     directory = pattern.directory(pat)
     spec = pod.get("spec") or {}
@@ -65,7 +64,7 @@ def mutate(pod: dict) -> list[dict]:
     if not needy:
         return []
     if volumes.VOLUME_NAME not in have:
-        volume = volumes.volume_source(annotations.get(ANNOTATION_VOLUME, "emptydir"))
+        volume = volumes.volume_source(annotations.get(podannotations.VOLUME, "emptydir"))
         if spec.get("volumes"):
             ops.append({"op": "add", "path": "/spec/volumes/-", "value": volume})
         else:
