@@ -34,6 +34,8 @@ GO_RUNS = {
     "go-nilmap": f"{GO} nilmap",
     "go-nilmap-again": f"{GO} nilmap",
     "go-nilptr": f"{GO} nilptr",
+    "go-nilptr-admin": f"{GO} nilptr-admin",
+    "go-mapwrites": f"{GO} mapwrites",
     "go-overflow": f"{GO} overflow",
 }
 RUNS = {
@@ -84,8 +86,10 @@ def crashed_thread_is_the_one_the_kernel_named(crash: Crash) -> bool:
     ("name", "signal", "function", "frames"),
     [
         pytest.param("go-nilmap", "SIGABRT", "main.recordHit", ["main.handle"]),
-        # drgn's unwinding through Go's injected sigpanic call loops back into sessionUser
-        pytest.param("go-nilptr", "SIGABRT", "main.sessionUser", []),
+        # the faulting frame under Go's injected sigpanic call, and its callers
+        pytest.param("go-nilptr", "SIGABRT", "main.sessionUser", ["main.handle"]),
+        pytest.param("go-nilptr-admin", "SIGABRT", "main.sessionUser", ["main.auditAdmin", "main.handle"]),
+        pytest.param("go-mapwrites", "SIGABRT", "main.countVisit", ["main.handle.func1"]),
         pytest.param("go-overflow", "SIGABRT", "main.walkTree", ["main.walkTree"]),
         ("rust-index", "SIGABRT", "rustcrash::parse_port", ["rustcrash::load_config", "rustcrash::main"]),
         ("rust-unwrap", "SIGABRT", "rustcrash::lookup_user", ["rustcrash::main"]),
@@ -117,6 +121,19 @@ def test_a_go_crash_belongs_to_the_goroutine_that_panicked(crashes: dict[str, Cr
         # the runtime's death path is in the stack, and out of the signature
         assert "runtime.raise" in names and "runtime.fatalpanic" in names
         assert not any(n.startswith("runtime.") for n in r.signature_frames)
+
+
+def test_a_go_nil_pointer_unwinds_through_the_runtimes_signal_frames(crashes: dict[str, Crash]) -> None:
+    # Go's own restorer has no CFI and sigpanic is "called" from the faulting pc: each frame
+    # once, from the signal handler down to the goroutine's first frame, as Go's traceback has it
+    crashed = crashes["go-nilptr"].report.crashed_thread
+    assert crashed is not None
+    names = [f.function for f in crashed.frames if not f.inline]
+    assert names.count("runtime.sigtrampgo") == 1 and names.count("main.sessionUser") == 1, names
+    fault = names.index("main.sessionUser")
+    assert names[fault - 1] == "runtime.sigpanic"
+    assert names[fault + 1 :] == ["main.handle", "main.main.func2", "runtime.goexit"]
+    assert not crashed.incomplete
 
 
 def test_a_go_fatal_error_on_the_system_stack_is_the_goroutines(crashes: dict[str, Crash]) -> None:
@@ -154,7 +171,8 @@ def test_rust_names_carry_no_build_hash(crashes: dict[str, Crash]) -> None:
 
 def test_runtime_frames_are_not_the_signature(crashes: dict[str, Crash]) -> None:
     noise = ("panic", "rust_", "__rust", "core::", "std::", "runtime.", "__cxa", "abort", "raise")
-    names = ["rust-index", "rust-unwrap", "cxx-thread", "static-assert", "go-nilmap", "go-nilptr"]
+    names = ["rust-index", "rust-unwrap", "cxx-thread", "static-assert", "go-nilmap", "go-nilptr",
+             "go-mapwrites"]  # fmt: skip
     for name in names:
         top = crashes[name].report.signature_frames
         assert top and not any(f.startswith(noise) for f in top), (name, top)
@@ -170,7 +188,7 @@ def test_the_same_bug_in_two_pods_is_one_group_and_different_bugs_are_not(crashe
         assert sig(name) == sig(f"{name}-again")
     # a rebuild with the other Rust mangling scheme is the same bug
     assert sig("rust-unwrap") == sig("rust-v0-unwrap")
-    distinct = ["go-nilmap", "go-nilptr", "go-overflow", "rust-index", "rust-unwrap", "cxx-thread", "cxx-custom", "static-assert",
+    distinct = ["go-nilmap", "go-nilptr", "go-nilptr-admin", "go-mapwrites", "go-overflow", "rust-index", "rust-unwrap", "cxx-thread", "cxx-custom", "static-assert",
                 "python-ctypes", "python-abort"]  # fmt: skip
     signatures = [sig(n) for n in distinct]
     assert None not in signatures and len(set(signatures)) == len(distinct), dict(
@@ -186,6 +204,9 @@ def test_the_same_bug_in_two_pods_is_one_group_and_different_bugs_are_not(crashe
             "go-nilptr",
             "panic: runtime error: invalid memory address or nil pointer dereference",
         ),
+        # no panic: the runtime's own print ring (runtime.printBacklog) holds the text
+        ("go-mapwrites", "fatal error: concurrent map writes"),
+        ("go-overflow", "fatal error: stack overflow"),
         (
             "rust-index",
             "panicked at 'index out of bounds: the len is 2 but the index is 4', {src}/rustcrash.rs:8:5",

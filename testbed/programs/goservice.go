@@ -2,6 +2,10 @@
 //
 //	goservice nilmap   a handler writes to a nil map in recordHit()
 //	goservice nilptr   a handler dereferences a nil *Session in sessionUser()
+//	goservice nilptr-admin  another handler, auditAdmin(), makes the same nil *Session read: a
+//	                   different bug in the same function
+//	goservice mapwrites two goroutines write one map at once in countVisit(): the runtime's
+//	                   "fatal error: concurrent map writes", thrown without a panic
 //	goservice overflow a handler recurses without end in walkTree(): "fatal error: stack overflow",
 //	                   thrown by the runtime on the thread's system stack, not the goroutine's
 //
@@ -46,6 +50,18 @@ func walkTree(n *Node, depth int) int {
 }
 
 //go:noinline
+func auditAdmin(s *Session) string {
+	return "admin:" + sessionUser(s)
+}
+
+//go:noinline
+func countVisit(visits map[int]int, n int) {
+	for i := 0; ; i++ {
+		visits[i%64+n]++
+	}
+}
+
+//go:noinline
 func handle(mode string, done chan<- string) {
 	switch mode {
 	case "nilmap":
@@ -53,6 +69,13 @@ func handle(mode string, done chan<- string) {
 	case "nilptr":
 		var s *Session
 		done <- sessionUser(s)
+	case "nilptr-admin":
+		var s *Session
+		done <- auditAdmin(s)
+	case "mapwrites":
+		visits := map[int]int{}
+		go countVisit(visits, 0)
+		countVisit(visits, 1)
 	case "overflow":
 		debug.SetMaxStack(1 << 20)
 		done <- fmt.Sprint(walkTree(&Node{}, 0))
@@ -61,7 +84,7 @@ func handle(mode string, done chan<- string) {
 
 func main() {
 	if len(os.Args) < 2 {
-		fmt.Fprintln(os.Stderr, "usage: goservice nilmap|nilptr|overflow")
+		fmt.Fprintln(os.Stderr, "usage: goservice nilmap|nilptr|nilptr-admin|mapwrites|overflow")
 		os.Exit(2)
 	}
 	var wg sync.WaitGroup

@@ -183,6 +183,29 @@ def go_panic(mem: Memory, exe: Image | None, fs_base: int | None) -> str | None:
     return "panic: " + _GO_STRING_TYPES[name] + (clean(text) or "")
 
 
+_GO_BACKLOG = 512  # len(runtime.printBacklog), fixed in runtime/print.go
+_GO_FATAL = b"fatal error: "
+
+
+def go_fatal(mem: Memory, exe: Image | None) -> str | None:
+    """The ``fatal error:`` line the Go runtime printed last, from its print ring."""
+    if exe is None:
+        return None
+    syms = symbols(exe.file, {"runtime.printBacklog", "runtime.printBacklogIndex"})
+    if len(syms) != 2:
+        return None
+    ring = mem.read(exe.bias + syms["runtime.printBacklog"], _GO_BACKLOG)
+    index = mem.word(exe.bias + syms["runtime.printBacklogIndex"])
+    if ring is None or len(ring) != _GO_BACKLOG or index is None or not 0 <= index < _GO_BACKLOG:
+        return None
+    text = ring[index:] + ring[:index]  # oldest first
+    at = text.rfind(_GO_FATAL)
+    if at < 0:
+        return None
+    line = text[at:].split(b"\n", 1)[0]
+    return clean(line)
+
+
 def read(
     core: Core,
     files: dict[str, str | None],
@@ -205,14 +228,16 @@ def read(
     # Each reader runs only where its runtime's death path is in the crashed thread's stack:
     # reading symbol tables costs more than the rest of a small report.
     go = names & {"runtime.fatalpanic", "runtime.gopanic"}
+    thrown = names & {"runtime.fatalthrow", "runtime.throw", "runtime.fatal"}
     rust = rustpanic.PANIC_FMT in names
     aborted = bool(names & {"abort", "__GI_abort"})
-    if not (go or rust or aborted):
+    if not (go or thrown or rust or aborted):
         return None
     mem = Memory(core, images(core, files))
     exe = next((i for i in mem.images if i.path == exe_path), None)
     return (
         (go_panic(mem, exe, fs_base) if go else None)
+        or (go_fatal(mem, exe) if thrown else None)
         or (rustpanic.read(mem, exe, frames, sp) if rust else None)
         or (cxx_exception(mem, fs_base) if aborted else None)
         or (abort_message(mem, exe_path) if aborted else None)

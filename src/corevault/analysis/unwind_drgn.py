@@ -4,17 +4,18 @@ drgn's own debug-info finders are turned off, so it sees only the files handed t
 (:mod:`.binaries`: the crash's own stored objects and the host's build-id keyed debug tree);
 ``Module.try_file`` refuses a file whose build-id differs from the module's. Every thread
 is unwound, inline frames included, with file:line where debug info exists and ELF
-symbols where it does not. Where drgn finds no function in the DWARF at a pc (a language
-it does not read, such as Rust), the inline chain is read from that DWARF by
-:mod:`corevault.analysis.inlines`.
+symbols where it does not; Go's signal frames are crossed by :mod:`.gosignal`. Where
+drgn finds no function in the DWARF at a pc (a language it does not read, such as Rust),
+the inline chain is read from that DWARF by :mod:`corevault.analysis.inlines`.
 """
 
 from __future__ import annotations
 
 import dataclasses
+import itertools
 import os
 
-from corevault.analysis import inlines
+from corevault.analysis import gosignal, inlines
 from corevault.analysis.binaries import Found
 from corevault.analysis.elfcore import Core
 from corevault.model import Frame, Thread
@@ -60,7 +61,7 @@ def unwind(
         frames: list[Frame] = []
         incomplete = False
         try:
-            trace = t.stack_trace()
+            trace = list(itertools.islice(gosignal.frames(prog, t), max_frames + 1))
         except Exception as e:
             warnings.append(f"thread {t.tid}: cannot unwind: {e}")
             trace = []
