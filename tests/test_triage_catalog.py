@@ -208,9 +208,9 @@ def test_history_names_another_namespaces_crash_only_to_its_readers(engine: sa.E
     secret = "registry.example/payroll:7"
     other = add(engine, signature="g9", frames=["f"], namespace="payroll", image=secret, when=NOW - HOUR)
     with engine.connect() as conn:
-        everyone = lifecycle.detail(conn, "g9")
-        shop = lifecycle.detail(conn, "g9", frozenset({"shop"}))
-        payroll = lifecycle.detail(conn, "g9", frozenset({"payroll"}))
+        everyone = catalog.group_detail(conn, "g9")
+        shop = catalog.group_detail(conn, "g9", frozenset({"shop"}))
+        payroll = catalog.group_detail(conn, "g9", frozenset({"payroll"}))
     assert everyone and shop and payroll
     assert everyone["history"][0]["crash"] == other and everyone["history"][0]["image"] == secret
     assert payroll["history"][0]["crash"] == other

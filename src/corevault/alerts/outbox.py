@@ -32,7 +32,7 @@ from sqlalchemy.engine import Connection, Engine
 from corevault.alerts import payload
 from corevault.alerts.sinks import AlertSettings, Sink
 from corevault.vault import catalog, lifecycle
-from corevault.vault.catalog import _insert
+from corevault.vault.tables import insert
 
 log = logging.getLogger("corevault.alerts")
 
@@ -46,7 +46,7 @@ def _cursor(conn: Connection, name: str) -> int:
 
 
 def _set_cursor(conn: Connection, name: str, value: int) -> None:
-    ins = _insert(conn, cursor).values(name=name, value=value)
+    ins = insert(conn, cursor).values(name=name, value=value)
     conn.execute(ins.on_conflict_do_update(index_elements=[cursor.c.name], set_={"value": value}))
 
 
@@ -73,7 +73,7 @@ def fan_out(conn: Connection, cfg: AlertSettings, now: float | None = None) -> i
             if recent is not None:
                 _set_cursor(conn, f"suppressed:{sink.name}", _cursor(conn, f"suppressed:{sink.name}") + 1)
                 continue
-            ins = _insert(conn, deliveries).values(
+            ins = insert(conn, deliveries).values(
                 sink=sink.name, signature=ev.signature, event_id=ev.id, event_time=ev.time, status="pending",
                 created=now, attempts=0, next_try=now,
             )  # fmt: skip

@@ -379,7 +379,7 @@ _NO_GROUP = {404: {"model": Problem, "description": "No such group, or none of i
 def group_detail(request: Request, reader: Principal, signature: str) -> dict:
     """The group as ``reader`` sees it; a 404 when it may see none of its crashes."""
     with server(request).vault.engine.connect() as conn:
-        group = lifecycle.detail(conn, signature, reader.visible)
+        group = catalog.group_detail(conn, signature, reader.visible)
         if group is None:
             raise HTTPException(404, f"no crash group {signature!r}")
         crashed_in = lifecycle.group_namespaces(conn, signature)

@@ -97,10 +97,8 @@ class LocalVault:
 
     def group(self, signature: str) -> dict:
         """One group with its state, history and newest crashes (what the server's API returns)."""
-        from corevault.vault import lifecycle
-
         with self.engine.connect() as conn:
-            group = lifecycle.detail(conn, signature)
+            group = catalog.group_detail(conn, signature)
         if group is None:
             raise NotFound(f"no crash group {signature!r}; 'corevault groups --state all' lists them")
         return group

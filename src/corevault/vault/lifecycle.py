@@ -22,14 +22,13 @@ from __future__ import annotations
 
 import json
 import time
-from collections.abc import Collection
 from dataclasses import dataclass
 
 import sqlalchemy as sa
 from sqlalchemy.engine import Connection
 
 from corevault.errors import UserError
-from corevault.vault.catalog import _insert, group_ns, groups, metadata
+from corevault.vault.tables import group_ns, groups, insert, metadata
 
 STATES = ("open", "resolved", "ignored", "regressed")
 #: what the default list shows: the groups that need someone's attention
@@ -196,21 +195,6 @@ def state_of(conn: Connection, signature: str, now: float | None = None) -> dict
     return doc
 
 
-def detail(conn: Connection, signature: str, visible: Collection[str] | None = None) -> dict | None:
-    """A group as ``visible`` namespaces see it, with state, history and newest crashes; None if unseen."""
-    from corevault.vault import catalog
-
-    found = catalog.list_groups(conn, 1, visible=visible, signature=signature, days=30)
-    if not found:
-        return None
-    group = found[0]
-    group["status"] = state_of(conn, signature)
-    scope = frozenset(visible) if visible is not None else None
-    group["history"] = _seen_by(conn, history(conn, signature), scope)
-    group["recent"] = catalog.list_crashes(conn, catalog.Filters(group=signature, visible=scope), 5)
-    return group
-
-
 def history(conn: Connection, signature: str, limit: int = 100) -> list[dict]:
     h = group_history.c
     query = sa.select(h.time, h.actor, h.state, h.detail).where(h.signature == signature)
@@ -218,28 +202,11 @@ def history(conn: Connection, signature: str, limit: int = 100) -> list[dict]:
     return [{"time": r.time, "actor": r.actor, "state": r.state, **json.loads(r.detail)} for r in rows]
 
 
-def _seen_by(conn: Connection, entries: list[dict], visible: frozenset[str] | None) -> list[dict]:
-    """History as ``visible`` namespaces may read it: another namespace's crash and image left out."""
-    from corevault.vault import catalog
-
-    named = {e["crash"] for e in entries if e.get("crash")}
-    if visible is None or not named:
-        return entries
-    c = catalog.crashes.c
-    query = sa.select(c.id).where(c.id.in_(sorted(named)), c.namespace.in_(sorted(visible)))
-    seen = set(conn.execute(query).scalars()) if visible else set()
-    hidden = ("crash", "image")
-    return [
-        e if e.get("crash") in seen or not e.get("crash") else {k: v for k, v in e.items() if k not in hidden}
-        for e in entries
-    ]
-
-
 def _write(conn: Connection, signature: str, state: str, actor: str, now: float, **fields: object) -> None:
     values = {"state": state, "since": now, "actor": actor, "resolved_in": None, "ignore_until": None,
               "ignore_until_count": None}  # fmt: skip
     values.update({k: v for k, v in fields.items() if k in values})
-    ins = _insert(conn, group_states).values(signature=signature, **values)
+    ins = insert(conn, group_states).values(signature=signature, **values)
     conn.execute(ins.on_conflict_do_update(index_elements=[group_states.c.signature], set_=values))
     detail = {k: v for k, v in fields.items() if v is not None}
     conn.execute(
@@ -290,7 +257,7 @@ def on_crash(conn: Connection, signature: str, crash: sa.Row) -> str | None:
         event = _follow_up(conn, signature, current, crash) or event
     if event is not None:
         conn.execute(
-            _insert(conn, group_events)
+            insert(conn, group_events)
             .values(signature=signature, kind=event, time=time.time(), namespace=ns, image=image,
                     crash_id=crash.id, window=None, count=1)
             .on_conflict_do_nothing()
@@ -323,7 +290,7 @@ def record_spike(
     conn: Connection, signature: str, namespace: str, *, window: int, count: int, image: str | None
 ) -> bool:
     """Write a spike event once per group, namespace and window; False when it was there already."""
-    ins = _insert(conn, group_events).values(
+    ins = insert(conn, group_events).values(
         signature=signature, kind="spike", time=time.time(), namespace=namespace, image=image,
         window=window, count=count,
     )  # fmt: skip

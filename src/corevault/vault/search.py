@@ -28,6 +28,7 @@ import sqlalchemy as sa
 from sqlalchemy.engine import Connection
 
 from corevault.errors import UserError
+from corevault.vault.tables import crashes, group_ns, groups
 
 MAX_TERMS = 8
 MAX_QUERY = 256
@@ -269,8 +270,6 @@ def signatures(conn: Connection, q: str, visible: Collection[str] | None, namesp
     crashes hold stays fast, at the price of leaving out groups whose only matching crashes
     are older than those (their title aside). Words held by fewer crashes are exact.
     """
-    from corevault.vault.catalog import crashes, group_ns, groups
-
     words = terms(q)
     if conn.dialect.name == "sqlite":
         fts = sa.table(

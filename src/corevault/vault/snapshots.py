@@ -17,7 +17,7 @@ import time
 import sqlalchemy as sa
 from sqlalchemy.engine import Connection
 
-from corevault.vault.catalog import metadata
+from corevault.vault.tables import metadata
 
 #: seconds an agent has to claim a request before it reads as expired
 CLAIM_WITHIN = 60.0

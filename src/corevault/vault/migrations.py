@@ -1,0 +1,130 @@
+"""The catalog's schema versions: numbered migrations applied at connect time under a lock.
+
+The lock is ``pg_advisory_xact_lock`` on PostgreSQL and a file lock beside the database plus
+an immediate transaction on SQLite, so agents starting together migrate once. A new version
+is a function appended to ``MIGRATIONS``, never an edit of an old one. This module sits above
+every part whose tables it creates (``tables``, ``lifecycle``, ``search``, ``snapshots``).
+"""
+
+from __future__ import annotations
+
+from collections.abc import Callable
+
+import sqlalchemy as sa
+from sqlalchemy.engine import Connection, Engine
+
+from corevault.vault import lifecycle, search, snapshots
+from corevault.vault.recording import rebuild_group_counts
+from corevault.vault.tables import (
+    crash_objects,
+    crashes,
+    dropped,
+    group_days,
+    group_ns,
+    groups,
+    metadata,
+    namespaces,
+    objects,
+    reports,
+)
+
+#: schema v1-v2: one binary per build-id, whoever claimed it first (replaced in v3)
+_legacy = sa.MetaData()
+_crash_buildids = sa.Table(
+    "crash_buildids",
+    _legacy,
+    sa.Column("crash_id", sa.String(80), primary_key=True),
+    sa.Column("build_id", sa.String(80), primary_key=True),
+    sa.Column("path", sa.String(1024)),
+)
+_buildids = sa.Table(
+    "buildids",
+    _legacy,
+    sa.Column("build_id", sa.String(80), primary_key=True),
+    sa.Column("size", sa.BigInteger),
+    sa.Column("stored_at", sa.Float),
+    sa.Column("debuginfo", sa.Boolean),
+)
+
+
+schema = sa.Table("corevault_schema", metadata, sa.Column("version", sa.Integer, nullable=False))
+
+
+def _v1(conn: Connection) -> None:
+    metadata.create_all(conn, tables=[crashes, groups, reports, dropped])
+    _legacy.create_all(conn)
+
+
+def _v2(conn: Connection) -> None:
+    """Per-namespace and per-day group counts, the namespaces seen, and buildids.debuginfo."""
+    if "debuginfo" not in {c["name"] for c in sa.inspect(conn).get_columns("buildids")}:
+        conn.execute(sa.text("ALTER TABLE buildids ADD COLUMN debuginfo BOOLEAN"))
+    metadata.create_all(conn, tables=[group_ns, group_days, namespaces])
+    rebuild_group_counts(conn)
+
+
+def _v3(conn: Connection) -> None:
+    """Groups' lifecycle (states, history, events) and the crash search index."""
+    metadata.create_all(conn, tables=lifecycle.TABLES)
+    search.create(conn)
+    search.rebuild(conn)
+
+
+def _v4(conn: Connection) -> None:
+    """Snapshot requests, taken by the agent of the node that runs the pod."""
+    metadata.create_all(conn, tables=snapshots.TABLES)
+
+
+def _v5(conn: Connection) -> None:
+    """The alert outbox (deliveries of group events to sinks, the fan-out's cursor), search statistics."""
+    metadata.create_all(conn, tables=lifecycle.ALERT_TABLES)
+    search.create_stats(conn)
+    if conn.dialect.name == "sqlite":
+        search.refresh_stats(conn)
+
+
+def _v6(conn: Connection) -> None:
+    """Objects by key and content hash; the build-id tables' rows carried over as legacy ("")."""
+    metadata.create_all(conn, tables=[objects, crash_objects])
+    b, cb = _buildids.c, _crash_buildids.c
+    conn.execute(
+        objects.insert().from_select(
+            ["key", "sha256", "size", "stored_at", "debuginfo"],
+            sa.select(b.build_id, sa.literal(""), b.size, b.stored_at, b.debuginfo),
+        )
+    )
+    conn.execute(
+        crash_objects.insert().from_select(
+            ["crash_id", "path", "key", "sha256"],
+            sa.select(cb.crash_id, sa.func.coalesce(cb.path, cb.build_id), cb.build_id, sa.literal("")),
+        )
+    )
+    _legacy.drop_all(conn)
+
+
+#: Numbered schema migrations; a new one is appended, never edited.
+MIGRATIONS: list[Callable[[Connection], None]] = [_v1, _v2, _v3, _v4, _v5, _v6]
+
+
+def migrate(engine: Engine) -> int:
+    """Apply the migrations the catalog lacks; returns the schema version."""
+    if engine.dialect.name == "sqlite" and engine.url.database not in (None, "", ":memory:"):
+        import fcntl
+
+        with open(f"{engine.url.database}.migrate.lock", "w") as lock:
+            fcntl.flock(lock, fcntl.LOCK_EX)
+            return _migrate(engine)
+    return _migrate(engine)
+
+
+def _migrate(engine: Engine) -> int:
+    with engine.begin() as conn:
+        if engine.dialect.name == "postgresql":
+            conn.execute(sa.text("SELECT pg_advisory_xact_lock(7301952)"))
+        schema.create(conn, checkfirst=True)
+        current = conn.execute(sa.select(sa.func.max(schema.c.version))).scalar() or 0
+        for version, step in enumerate(MIGRATIONS, start=1):
+            if version > current:
+                step(conn)
+                conn.execute(schema.insert().values(version=version))
+        return len(MIGRATIONS)

@@ -1,0 +1,357 @@
+"""Reading the catalog: crashes by filters and pages, one crash, crash groups, objects, namespaces.
+
+Every read that a reader's scope limits takes the namespaces it may see (``visible``), and
+what it returns is made of those namespaces' crashes alone: counts, trends, first/last-seen
+times and a group's history included.
+"""
+
+from __future__ import annotations
+
+import json
+import time
+from collections.abc import Collection, Iterable
+from dataclasses import dataclass
+
+import sqlalchemy as sa
+from sqlalchemy.engine import Connection
+
+from corevault.vault import lifecycle
+from corevault.vault import search as fts
+from corevault.vault.tables import (
+    crash_objects,
+    crashes,
+    dropped,
+    group_days,
+    group_ns,
+    groups,
+    namespaces,
+    objects,
+    reports,
+)
+
+
+def object_for(
+    conn: Connection, key: str, visible: Collection[str] | None = None, crash_id: str | None = None
+) -> dict | None:
+    """The object stored under ``key`` that a crash ``visible`` may see (None: all) really mapped.
+
+    Several contents may claim one key (one of them forged): the answer is always one that a
+    crash the reader may read mapped itself, that crash's own when ``crash_id`` is given,
+    else the one of the most recent such crash.
+    """
+    co, o, c = crash_objects.c, objects.c, crashes.c
+    query = (
+        sa.select(objects)
+        .select_from(
+            crash_objects.join(crashes, c.id == co.crash_id).join(
+                objects, sa.and_(o.key == co.key, o.sha256 == co.sha256)
+            )
+        )
+        .where(co.key == key)
+        .order_by(c.time.desc(), c.id.desc())
+        .limit(1)
+    )
+    if visible is not None:
+        query = query.where(c.namespace.in_(list(visible)))
+    if crash_id is not None:
+        query = query.where(co.crash_id == crash_id)
+    row = conn.execute(query).first()
+    return dict(row._mapping) if row is not None else None
+
+
+def known_objects(conn: Connection, wanted: Iterable[tuple[str, str]]) -> set[tuple[str, str]]:
+    wanted = list(wanted)
+    if not wanted:
+        return set()
+    o = objects.c
+    query = sa.select(o.key, o.sha256).where(o.key.in_({k for k, _ in wanted}))
+    return {(k, s) for k, s in conn.execute(query)} & set(wanted)
+
+
+@dataclass(frozen=True, slots=True)
+class Filters:
+    namespace: str | None = None
+    pod: str | None = None
+    container: str | None = None
+    image: str | None = None
+    node: str | None = None
+    signal: str | None = None
+    exe: str | None = None
+    group: str | None = None
+    since: int | None = None
+    until: int | None = None
+    #: words that must all appear in the title, frames, executable, pod or image
+    search: str | None = None
+    #: the namespaces the reader may see; None: every crash, the hosts' own included
+    visible: frozenset[str] | None = None
+
+
+def _where(query: sa.Select, f: Filters) -> sa.Select:
+    c = crashes.c
+    for column, value in (
+        (c.namespace, f.namespace), (c.pod, f.pod), (c.container, f.container), (c.image, f.image),
+        (c.node, f.node), (c.exe, f.exe), (c.signature, f.group),
+    ):  # fmt: skip
+        if value is not None:
+            query = query.where(column == value)
+    if f.signal is not None:
+        if f.signal.isdigit():
+            query = query.where(c.signal == int(f.signal))
+        else:
+            query = query.where(c.signal_name == _signal_name(f.signal))
+    if f.visible is not None:
+        query = query.where(c.namespace.in_(sorted(f.visible)) if f.visible else sa.false())
+    if f.since is not None:
+        query = query.where(c.time >= f.since)
+    if f.until is not None:
+        query = query.where(c.time < f.until)
+    return query
+
+
+LIST_COLUMNS = (
+    "id", "time", "node", "namespace", "pod", "container", "image", "signal", "signal_name", "exe", "size",
+    "truncated", "signature", "title", "analysis",
+)  # fmt: skip
+
+
+def list_crashes(
+    conn: Connection, filters: Filters = Filters(), limit: int = 50, before: tuple | None = None
+) -> list[dict]:
+    """Crashes newest first; ``before`` is the (time, id) of the last row of the previous page.
+
+    With ``filters.search`` each row also has ``search_key`` and ``before`` is the
+    (search_key, id) of the previous page's last row: the search index's own order.
+    """
+    columns = [crashes.c[n] for n in LIST_COLUMNS]
+    if filters.search:
+        found, crash_id, key = fts.matching(conn, filters.search)
+        query = sa.select(*columns, key.label("search_key")).select_from(
+            found.join(crashes, crashes.c.id == crash_id)
+        )
+        query = _where(query, filters)
+        if before is not None:
+            k, i = before
+            tie = sa.false() if conn.dialect.name == "sqlite" else sa.and_(key == k, crash_id < i)
+            query = query.where(sa.or_(key < k, tie))
+        # SQLite's key is unique, and ordering by it alone lets FTS5 walk its rowids backwards
+        order = [key.desc()] if conn.dialect.name == "sqlite" else [key.desc(), crash_id.desc()]
+        query = query.order_by(*order).limit(limit)
+        return [dict(r._mapping) for r in conn.execute(query)]
+    query = _where(sa.select(*columns), filters)
+    if before is not None:
+        t, i = before
+        query = query.where(sa.or_(crashes.c.time < t, sa.and_(crashes.c.time == t, crashes.c.id < i)))
+    query = query.order_by(crashes.c.time.desc(), crashes.c.id.desc()).limit(limit)
+    return [dict(r._mapping) for r in conn.execute(query)]
+
+
+def get_crash(conn: Connection, crash_id: str) -> dict | None:
+    row = conn.execute(sa.select(crashes).where(crashes.c.id == crash_id)).first()
+    if row is None:
+        return None
+    doc = dict(row._mapping)
+    doc["meta"] = json.loads(doc["meta"])
+    report = conn.execute(sa.select(reports.c.report).where(reports.c.crash_id == crash_id)).scalar()
+    doc["report"] = json.loads(report) if report else None
+    return doc
+
+
+def _signal_name(value: str) -> str:
+    sig = value.upper()
+    return sig if sig.startswith("SIG") else "SIG" + sig
+
+
+def repository(image: str) -> str:
+    """An image reference without its tag or digest: ``registry/app:1.2`` → ``registry/app``."""
+    name = image.split("@", 1)[0]
+    head, sep, tag = name.rpartition(":")
+    return head if sep and "/" not in tag else name
+
+
+def list_groups(
+    conn: Connection,
+    limit: int = 100,
+    *,
+    visible: Collection[str] | None = None,
+    namespace: str | None = None,
+    image: str | None = None,
+    signal: str | None = None,
+    signature: str | None = None,
+    since: int | None = None,
+    before: tuple[int, str] | None = None,
+    days: int = 14,
+    now: float | None = None,
+    states: Collection[str] | None = None,
+    search: str | None = None,
+    new_in: str | None = None,
+) -> list[dict]:
+    """Crash groups, most recently seen first, counted over the ``visible`` namespaces only.
+
+    Each has its signature, title, signal, count, first and last seen, the namespaces and
+    images it was seen in, and ``daily``: its crashes on each of the last ``days`` days
+    (UTC), oldest first, counted over the namespaces but not per image (``group_days`` has
+    no image), so with ``image`` the daily counts are those of every image of the group.
+    ``before`` is the (last_seen, signature) of the previous page's last group.
+
+    Each also has its ``state`` (see :mod:`corevault.vault.lifecycle`; ``states`` keeps
+    only those), ``per_image`` (count, first and last seen per image), ``first_image``,
+    ``last_image`` and ``new_in``: the first image, when that image's repository had
+    crashed in another image before the group first did (the group came with a rollout).
+    ``search`` keeps groups with a crash matching it; ``new_in`` keeps groups new in it.
+    All of it is made of the ``visible`` namespaces only.
+    """
+    gn = group_ns.c
+    agg = sa.select(
+        gn.signature,
+        sa.func.sum(gn.count).label("count"),
+        sa.func.min(gn.first_seen).label("first_seen"),
+        sa.func.max(gn.last_seen).label("last_seen"),
+    ).group_by(gn.signature)
+    scope = []
+    if visible is not None:
+        scope.append(gn.namespace.in_(sorted(visible)))
+    if namespace is not None:
+        scope.append(gn.namespace == namespace)
+    if image is not None:
+        scope.append(gn.image == image)
+    if signature is not None:
+        scope.append(gn.signature == signature)
+    if search:
+        scope.append(gn.signature.in_(fts.signatures(conn, search, visible, namespace)))
+    if new_in is not None:
+        scope.append(gn.signature.in_(_new_in(conn, new_in, visible, namespace)))
+    sub = agg.where(*scope).subquery()
+    state = lifecycle.effective_state(now).label("state")
+    query = (
+        sa.select(sub, groups.c.title, groups.c.signal_name, state)
+        .join(groups, groups.c.signature == sub.c.signature)
+        .outerjoin(lifecycle.group_states, lifecycle.group_states.c.signature == sub.c.signature)
+    )
+    if signal is not None:
+        query = query.where(groups.c.signal_name == _signal_name(signal))
+    if since is not None:
+        query = query.where(sub.c.last_seen >= since)
+    if states is not None:
+        query = query.where(state.in_(list(states)))
+    if before is not None:
+        t, sig = before
+        query = query.where(sa.or_(sub.c.last_seen < t, sa.and_(sub.c.last_seen == t, sub.c.signature < sig)))
+    query = query.order_by(sub.c.last_seen.desc(), sub.c.signature.desc()).limit(limit)
+    found = [dict(r._mapping) for r in conn.execute(query)]
+    if not found:
+        return found
+    by_sig = {g["signature"]: g for g in found}
+    today = int((time.time() if now is None else now) // 86400)
+    for g in found:
+        g["count"] = int(g["count"])
+        g["namespaces"], g["per_image"], g["daily"] = set(), {}, [0] * days
+    where = [gn.signature.in_(list(by_sig)), *scope]
+    for sig, ns, img, n, first, last in conn.execute(
+        sa.select(gn.signature, gn.namespace, gn.image, gn.count, gn.first_seen, gn.last_seen).where(*where)
+    ):
+        by_sig[sig]["namespaces"].add(ns)
+        blank = {"image": img or None, "count": 0, "first_seen": first, "last_seen": last}
+        seen = by_sig[sig]["per_image"].setdefault(img, blank)
+        seen["count"] += n
+        seen["first_seen"], seen["last_seen"] = min(seen["first_seen"], first), max(seen["last_seen"], last)
+    gd = group_days.c
+    daily = sa.select(gd.signature, gd.day, sa.func.sum(gd.count)).where(
+        gd.signature.in_(list(by_sig)), gd.day > today - days
+    )
+    if visible is not None:
+        daily = daily.where(gd.namespace.in_(sorted(visible)))
+    if namespace is not None:
+        daily = daily.where(gd.namespace == namespace)
+    for sig, day, n in conn.execute(daily.group_by(gd.signature, gd.day)):
+        by_sig[sig]["daily"][day - today + days - 1] = int(n)
+    firsts = _image_first_seen(conn, visible, namespace)
+    for g in found:
+        g["namespaces"] = sorted(n for n in g["namespaces"] if n)
+        per_image = sorted(g["per_image"].values(), key=lambda i: (i["first_seen"], i["image"] or ""))
+        g["per_image"] = per_image
+        g["images"] = sorted(i["image"] for i in per_image if i["image"])
+        g["first_image"] = per_image[0]["image"] if per_image else None
+        g["last_image"] = max(per_image, key=lambda i: i["last_seen"])["image"] if per_image else None
+        g["new_in"] = _is_new_in(g["first_image"], g["first_seen"], firsts)
+    return found
+
+
+def _image_first_seen(
+    conn: Connection, visible: Collection[str] | None, namespace: str | None
+) -> dict[str, int]:
+    """When each image first crashed, over the namespaces in scope."""
+    gn = group_ns.c
+    query = sa.select(gn.image, sa.func.min(gn.first_seen)).where(gn.image != "").group_by(gn.image)
+    if visible is not None:
+        query = query.where(gn.namespace.in_(sorted(visible)))
+    if namespace is not None:
+        query = query.where(gn.namespace == namespace)
+    return {img: int(t) for img, t in conn.execute(query)}
+
+
+def _is_new_in(image: str | None, first_seen: int, firsts: dict[str, int]) -> str | None:
+    if not image:
+        return None
+    repo = repository(image)
+    earlier = any(t < first_seen and i != image and repository(i) == repo for i, t in firsts.items())
+    return image if earlier else None
+
+
+def _new_in(
+    conn: Connection, image: str, visible: Collection[str] | None, namespace: str | None
+) -> list[str]:
+    """The signatures of groups new in ``image`` over the namespaces in scope."""
+    gn = group_ns.c
+    scope = []
+    if visible is not None:
+        scope.append(gn.namespace.in_(sorted(visible)))
+    if namespace is not None:
+        scope.append(gn.namespace == namespace)
+    in_image = sa.select(gn.signature).where(gn.image == image, *scope).distinct()
+    candidates = list(conn.execute(in_image).scalars())
+    if not candidates:
+        return []
+    firsts = _image_first_seen(conn, visible, namespace)
+    query = sa.select(gn.signature, gn.image, gn.first_seen).where(gn.signature.in_(candidates), *scope)
+    first: dict[str, tuple[int, str]] = {}
+    for sig, img, t in conn.execute(query):
+        if sig not in first or (t, img) < first[sig]:
+            first[sig] = (t, img)
+    return [sig for sig, (t, img) in first.items() if img == image and _is_new_in(img, t, firsts)]
+
+
+def list_namespaces(conn: Connection) -> list[str]:
+    return list(conn.execute(sa.select(namespaces.c.name).order_by(namespaces.c.name)).scalars())
+
+
+def list_dropped(conn: Connection, limit: int = 100) -> list[dict]:
+    query = sa.select(dropped).order_by(dropped.c.time.desc()).limit(limit)
+    return [dict(r._mapping) for r in conn.execute(query)]
+
+
+def group_detail(conn: Connection, signature: str, visible: Collection[str] | None = None) -> dict | None:
+    """A group as ``visible`` namespaces see it, with state, history and newest crashes; None if unseen."""
+    found = list_groups(conn, 1, visible=visible, signature=signature, days=30)
+    if not found:
+        return None
+    group = found[0]
+    group["status"] = lifecycle.state_of(conn, signature)
+    scope = frozenset(visible) if visible is not None else None
+    group["history"] = _seen_by(conn, lifecycle.history(conn, signature), scope)
+    group["recent"] = list_crashes(conn, Filters(group=signature, visible=scope), 5)
+    return group
+
+
+def _seen_by(conn: Connection, entries: list[dict], visible: frozenset[str] | None) -> list[dict]:
+    """History as ``visible`` namespaces may read it: another namespace's crash and image left out."""
+    named = {e["crash"] for e in entries if e.get("crash")}
+    if visible is None or not named:
+        return entries
+    c = crashes.c
+    query = sa.select(c.id).where(c.id.in_(sorted(named)), c.namespace.in_(sorted(visible)))
+    seen = set(conn.execute(query).scalars()) if visible else set()
+    hidden = ("crash", "image")
+    return [
+        e if e.get("crash") in seen or not e.get("crash") else {k: v for k, v in e.items() if k not in hidden}
+        for e in entries
+    ]

@@ -1,0 +1,256 @@
+"""Recording in the catalog: crashes from their spool metadata, their analyses, objects and dropped dumps.
+
+Every write is idempotent, because an agent may be killed at any point and do its work again:
+
+- a crash row is inserted with ON CONFLICT DO NOTHING (its id is unique per capture);
+- a crash's analysis is recorded only while the row is still ``pending``, and the crash's
+  group is counted in the same transaction, so a group counts each crash exactly once;
+- dropped-dump records are keyed by a hash of the journal line.
+
+Forgetting an analysed crash takes it out of its group's per-namespace and per-day counts again.
+"""
+
+from __future__ import annotations
+
+import hashlib
+import json
+import time
+
+import sqlalchemy as sa
+from sqlalchemy.engine import Connection
+
+from corevault import objectid
+from corevault.vault import lifecycle, search
+from corevault.vault.tables import (
+    crash_objects,
+    crashes,
+    dropped,
+    fit,
+    group_days,
+    group_ns,
+    groups,
+    insert,
+    least_greatest,
+    namespaces,
+    objects,
+    reports,
+)
+
+
+def add_crash(conn: Connection, meta: dict, analysis: str) -> bool:
+    """Record a crash from its spool metadata; False when it was already there."""
+    pod = meta.get("pod") or {}
+    proc = meta.get("process") or {}
+    core = meta.get("core") or {}
+    row = {
+        "id": meta["id"],
+        "time": int(meta.get("time") or time.time()),
+        "captured_at": meta.get("captured_at"),
+        "node": meta.get("node"),
+        "namespace": pod.get("namespace"),
+        "pod": pod.get("name"),
+        "pod_uid": pod.get("uid"),
+        "container": pod.get("container"),
+        "container_id": pod.get("container_id"),
+        "image": pod.get("image"),
+        "signal": (meta.get("signal") or {}).get("number"),
+        "signal_name": (meta.get("signal") or {}).get("name"),
+        "exe": proc.get("exe"),
+        "comm": proc.get("comm"),
+        "pid": proc.get("ns_pid"),
+        "size": core.get("size"),
+        "stored_size": core.get("stored_size"),
+        "truncated": bool(core.get("truncated")),
+        "sha256": core.get("sha256"),
+        "analysis": analysis,
+        "meta": json.dumps(meta, sort_keys=True),
+    }
+    fit(crashes, row, "exe", "comm", "image")
+    inserted = conn.execute(insert(conn, crashes).values(**row).on_conflict_do_nothing()).rowcount == 1
+    if inserted:
+        search.index(conn, row)
+    if inserted and row["namespace"]:
+        conn.execute(insert(conn, namespaces).values(name=row["namespace"]).on_conflict_do_nothing())
+    objects_rows = (
+        fit(
+            crash_objects,
+            {"crash_id": meta["id"], "path": m["path"], "key": m["key"], "sha256": m["sha256"]},
+            "path",
+        )
+        for m in meta.get("modules", [])
+        if isinstance(m, dict)
+        and isinstance(m.get("path"), str)
+        and objectid.is_object(m.get("key"), m.get("sha256"))
+    )
+    rows = {r["path"]: r for r in objects_rows}
+    if rows:
+        conn.execute(insert(conn, crash_objects).values(list(rows.values())).on_conflict_do_nothing())
+    return inserted
+
+
+def record_analysis(conn: Connection, crash_id: str, report: dict) -> bool:
+    """Store a crash's report and count it in its group, once; False if already recorded."""
+    signature, title = report.get("signature"), report.get("title")
+    done = conn.execute(
+        crashes.update()
+        .where(crashes.c.id == crash_id, crashes.c.analysis == "pending")
+        .values(analysis="done", signature=signature, title=title, analysis_error=None)
+    ).rowcount
+    if done != 1:
+        return False
+    conn.execute(
+        insert(conn, reports)
+        .values(crash_id=crash_id, backend=report.get("backend"), report=json.dumps(report))
+        .on_conflict_do_nothing()
+    )
+    if signature:
+        crash = conn.execute(
+            sa.select(*(crashes.c[n] for n in ("id", "time", "namespace", "image", "exe", "pod"))).where(
+                crashes.c.id == crash_id
+            )
+        ).one()
+        when = crash.time
+        signal_name = (report.get("signal") or {}).get("name")
+        ins = insert(conn, groups).values(
+            signature=signature,
+            title=title,
+            signal_name=signal_name,
+            first_seen=when,
+            last_seen=when,
+            count=1,
+        )
+        least, greatest = least_greatest(conn)
+        conn.execute(
+            ins.on_conflict_do_update(
+                index_elements=[groups.c.signature],
+                set_={
+                    "count": groups.c.count + 1,
+                    "first_seen": least(groups.c.first_seen, ins.excluded.first_seen),
+                    "last_seen": greatest(groups.c.last_seen, ins.excluded.last_seen),
+                },
+            )
+        )
+        lifecycle.on_crash(conn, signature, crash)
+        _count(conn, signature, crash, +1)
+        row = {**crash._mapping, "title": title, "signature": signature}
+        search.index(conn, row, search.frames_of(report))
+    return True
+
+
+def _count(conn: Connection, signature: str, crash: sa.Row, n: int) -> None:
+    """Add ``n`` (1 or -1) crashes like ``crash`` (its namespace, image, time) to a group's counts."""
+    ns, image, when = crash.namespace or "", crash.image or "", crash.time
+    key_ns = (group_ns.c.signature == signature, group_ns.c.namespace == ns, group_ns.c.image == image)
+    day = when // 86400
+    key_day = (group_days.c.signature == signature, group_days.c.day == day, group_days.c.namespace == ns)
+    if n > 0:
+        least, greatest = least_greatest(conn)
+        ins = insert(conn, group_ns).values(
+            signature=signature, namespace=ns, image=image, count=n, first_seen=when, last_seen=when
+        )
+        conn.execute(
+            ins.on_conflict_do_update(
+                index_elements=[group_ns.c.signature, group_ns.c.namespace, group_ns.c.image],
+                set_={
+                    "count": group_ns.c.count + n,
+                    "first_seen": least(group_ns.c.first_seen, ins.excluded.first_seen),
+                    "last_seen": greatest(group_ns.c.last_seen, ins.excluded.last_seen),
+                },
+            )
+        )
+        ins = insert(conn, group_days).values(signature=signature, day=day, namespace=ns, count=n)
+        conn.execute(
+            ins.on_conflict_do_update(
+                index_elements=[group_days.c.signature, group_days.c.day, group_days.c.namespace],
+                set_={"count": group_days.c.count + n},
+            )
+        )
+        return
+    for table, key in ((group_ns, key_ns), (group_days, key_day)):
+        conn.execute(table.update().where(*key).values(count=table.c.count + n))
+        conn.execute(table.delete().where(*key, table.c.count <= 0))
+
+
+def record_analysis_failure(conn: Connection, crash_id: str, error: str) -> None:
+    conn.execute(
+        crashes.update()
+        .where(crashes.c.id == crash_id, crashes.c.analysis == "pending")
+        .values(analysis="failed", analysis_error=error[:2000])
+    )
+
+
+def add_object(conn: Connection, key: str, sha256: str, size: int, debuginfo: bool | None = None) -> None:
+    conn.execute(
+        insert(conn, objects)
+        .values(key=key, sha256=sha256, size=size, stored_at=time.time(), debuginfo=debuginfo)
+        .on_conflict_do_nothing()
+    )
+
+
+def add_dropped(conn: Connection, records: list[dict]) -> int:
+    """Record journal lines about dropped, cut or refused dumps; duplicates are ignored."""
+    rows = []
+    for r in records:
+        line = json.dumps(r, sort_keys=True)
+        pod = r.get("pod") or {}
+        rows.append(
+            fit(dropped, {
+                "id": hashlib.sha256(line.encode()).hexdigest(),
+                "time": float(r.get("time") or 0),
+                "node": r.get("node"),
+                "event": r.get("event", "?"),
+                "reason": r.get("reason"),
+                "pid": r.get("pid"),
+                "exe": r.get("exe"),
+                "namespace": pod.get("namespace"),
+                "pod": pod.get("name"),
+                "container": pod.get("container"),
+                "record": line,
+            }, "exe")
+        )  # fmt: skip
+    if not rows:
+        return 0
+    return conn.execute(insert(conn, dropped).values(rows).on_conflict_do_nothing()).rowcount
+
+
+def forget(conn: Connection, crash_id: str) -> None:
+    """Remove a crash's rows (its report and build-id references with it), and its group counts."""
+    c = crashes.c
+    row = conn.execute(
+        sa.select(c.signature, c.namespace, c.image, c.time, c.analysis).where(c.id == crash_id)
+    ).first()
+    if row is not None and row.analysis == "done" and row.signature:
+        _count(conn, row.signature, row, -1)
+    search.forget(conn, crash_id)
+    conn.execute(reports.delete().where(reports.c.crash_id == crash_id))
+    conn.execute(crash_objects.delete().where(crash_objects.c.crash_id == crash_id))
+    conn.execute(crashes.delete().where(crashes.c.id == crash_id))
+
+
+def rebuild_group_counts(conn: Connection) -> None:
+    """Count every analysed crash into the per-namespace and per-day group tables, from scratch."""
+    for table in (group_ns, group_days, namespaces):
+        conn.execute(table.delete())
+    c = crashes.c
+    counted = sa.and_(c.analysis == "done", c.signature.is_not(None))
+    ns, image = sa.func.coalesce(c.namespace, ""), sa.func.coalesce(c.image, "")
+    conn.execute(
+        group_ns.insert().from_select(
+            ["signature", "namespace", "image", "count", "first_seen", "last_seen"],
+            sa.select(c.signature, ns, image, sa.func.count(), sa.func.min(c.time), sa.func.max(c.time))
+            .where(counted)
+            .group_by(c.signature, ns, image),
+        )
+    )
+    day = sa.cast(c.time / 86400, sa.Integer)
+    conn.execute(
+        group_days.insert().from_select(
+            ["signature", "day", "namespace", "count"],
+            sa.select(c.signature, day, ns, sa.func.count()).where(counted).group_by(c.signature, day, ns),
+        )
+    )
+    conn.execute(
+        namespaces.insert().from_select(
+            ["name"], sa.select(c.namespace).where(c.namespace.is_not(None)).distinct()
+        )
+    )
