@@ -1,10 +1,11 @@
-"""The clouds' object stores as vaults: Azure Blob Storage (Azurite) and Google Cloud Storage
-(fake-gcs-server), both real emulators on 127.0.0.1.
+"""The vault's object stores, each against a real server on 127.0.0.1: S3 (SeaweedFS), Azure
+Blob Storage (Azurite) and Google Cloud Storage (fake-gcs-server).
 
 The store contract (streamed multipart uploads checked against what the service reports,
-byte-identical and ranged reads, idempotent re-uploads, deletion) runs without root; the
-agent's fault tests (killed mid-upload and resumed, the store down and back, two agents
-racing, retention) use the real crashes of tests/test_vault.py.
+byte-identical and ranged reads, idempotent re-uploads, deletion), uploads killed midway
+and resumed with the parts the store holds, and abandoned uploads cleared run without root;
+the agent's fault tests (killed mid-upload and resumed, the store down and back, two agents
+racing, retention) use the real crashes of tests/test_vault.py, on every store.
 """
 
 from __future__ import annotations
@@ -19,12 +20,14 @@ from collections.abc import Iterator
 
 import pytest
 
+from corevault import config
 from corevault.config import CloudSettings
 from corevault.vault import blobs
 from testbed import clouds, servers
 
-KINDS = ("azure", "gcs")
-PART = 4 << 20
+KINDS = ("s3", "azure", "gcs")
+PART = 5 << 20  # S3's smallest part; a multiple of GCS's 256 KiB
+Server = clouds.Emulator | servers.Seaweed
 
 
 @pytest.fixture(scope="module")
@@ -86,9 +89,12 @@ def test_the_older_stores_read_ranges_too(kind: str, tmp_path, request: pytest.F
 
 
 @pytest.fixture(params=KINDS)
-def cloud(request: pytest.FixtureRequest) -> tuple[str, clouds.Emulator]:
-    """A fresh container or bucket in the kind's emulator; (store URL, emulator)."""
+def cloud(request: pytest.FixtureRequest) -> tuple[str, Server]:
+    """A fresh container, bucket or (S3) prefix in the kind's server; (store URL, server)."""
     name = f"cv-{uuid.uuid4().hex[:12]}"
+    if request.param == "s3":
+        server = request.getfixturevalue("weed")
+        return f"s3://{server.bucket}/{name}", server
     if request.param == "azure":
         server = request.getfixturevalue("azurite")
         server.create_container(name)
@@ -98,21 +104,27 @@ def cloud(request: pytest.FixtureRequest) -> tuple[str, clouds.Emulator]:
     return f"gs://{name}/vault", server
 
 
-def open_cloud(url: str, server: clouds.Emulator) -> blobs.BlobStore:
-    settings = CloudSettings()
-    settings.part_size = PART
+def open_cloud(url: str, server: Server, concurrency: int = 2) -> blobs.BlobStore:
+    from corevault.config import S3Settings
+
+    settings, s3 = CloudSettings(), S3Settings()
+    settings.part_size = s3.part_size = PART
+    settings.concurrency = s3.concurrency = concurrency
     if isinstance(server, clouds.FakeGcs):
         settings.endpoint = server.endpoint
-    return blobs.open_store(url, azure=settings, gcs=settings)
+    if isinstance(server, servers.Seaweed):
+        s3.endpoint, s3.addressing = server.endpoint, "path"
+    return blobs.open_store(url, s3=s3, azure=settings, gcs=settings)
 
 
-def settings_lines(url: str, server: clouds.Emulator) -> str:
+def settings_lines(url: str, server: Server) -> str:
     """The [vault] settings of a node that uses this store."""
-    extra = (
-        f'[vault.gcs]\nendpoint = "{server.endpoint}"\npart_size = "4M"\n'
-        if isinstance(server, clouds.FakeGcs)
-        else '[vault.azure]\npart_size = "4M"\n'
-    )
+    if isinstance(server, servers.Seaweed):
+        extra = f'[vault.s3]\nendpoint = "{server.endpoint}"\naddressing = "path"\npart_size = "5M"\n'
+    elif isinstance(server, clouds.FakeGcs):
+        extra = f'[vault.gcs]\nendpoint = "{server.endpoint}"\npart_size = "5M"\n'
+    else:
+        extra = '[vault.azure]\npart_size = "5M"\n'
     return f'[vault]\nstore = "{url}"\n' + extra
 
 
@@ -150,30 +162,51 @@ def test_store_contract(cloud, tmp_path) -> None:
     assert [k for k, _ in store.keys("crashes/")] == ["crashes/x/meta.json"]
 
 
-KILL_AFTER_TWO_PARTS = """
+KILLED_MIDWAY = """
 import os, signal, sys
-from corevault.config import CloudSettings
+from corevault.config import CloudSettings, S3Settings
 from corevault.vault import blobs
-settings = CloudSettings()
-settings.part_size = {part}
-settings.endpoint = {endpoint!r}
-settings.concurrency = 1
-store = blobs.open_store({url!r}, azure=settings, gcs=settings)
+settings, s3 = CloudSettings(), S3Settings()
+settings.part_size = s3.part_size = {part}
+settings.concurrency = s3.concurrency = {concurrency}
+settings.endpoint = {gcs_endpoint!r}
+s3.endpoint, s3.addressing = {s3_endpoint!r}, "path"
+store = blobs.open_store({url!r}, s3=s3, azure=settings, gcs=settings)
+"""
+KILL_AFTER = """
 parts = [0]
-def counted(real):
+def counted(real, report):
     def send(*args, **kw):
+        if report:
+            print(len(args[3]), flush=True)  # a part's bytes, as they are handed to the service
         result = real(*args, **kw)
         parts[0] += 1
-        if parts[0] == {kill_at}:  # the agent dies with two parts in the store
+        if parts[0] == {kill_at}:  # the agent dies with this many parts in the store
             os.kill(os.getpid(), signal.SIGKILL)
         return result
     return send
-if hasattr(store, "_stage"):  # Azure: killed as a block is stored
-    store._stage = counted(store._stage)
+if hasattr(store, "uploads"):  # S3: killed as a part is stored, others perhaps in flight
+    store.uploads._send_part = counted(store.uploads._send_part, True)
+elif hasattr(store, "_stage"):  # Azure: killed as a block is stored
+    store._stage = counted(store._stage, False)
 else:  # GCS: killed between chunks (the emulator cannot say how much it holds)
-    store._keep = counted(store._keep)
+    store._keep = counted(store._keep, False)
 store.put_file("crashes/big/core.zst", {path!r})
 """
+
+
+def kill_midway(url: str, server: Server, path: str, kill_at: int, concurrency: int) -> list[int]:
+    """Upload ``path`` in a process killed after ``kill_at`` parts; the S3 parts' sizes it began to send."""
+    script = KILLED_MIDWAY.format(
+        part=PART,
+        concurrency=concurrency,
+        gcs_endpoint=server.endpoint if isinstance(server, clouds.FakeGcs) else None,
+        s3_endpoint=server.endpoint if isinstance(server, servers.Seaweed) else None,
+        url=url,
+    ) + KILL_AFTER.format(path=path, kill_at=kill_at)
+    killed = subprocess.run([sys.executable, "-c", script], capture_output=True, text=True, check=False)
+    assert killed.returncode == -signal.SIGKILL, killed.stderr
+    return [int(n) for n in killed.stdout.split()]
 
 
 def test_an_upload_killed_midway_resumes_with_the_parts_the_store_holds(cloud, tmp_path) -> None:
@@ -182,18 +215,127 @@ def test_an_upload_killed_midway_resumes_with_the_parts_the_store_holds(cloud, t
     path = str(tmp_path / "core.zst")
     with open(path, "wb") as f:
         f.write(data)
-    endpoint = server.endpoint if isinstance(server, clouds.FakeGcs) else None
-    kill_at = 2 if endpoint is None else 3  # GCS keeps its session once before the first chunk
-    script = KILL_AFTER_TWO_PARTS.format(part=PART, endpoint=endpoint, url=url, path=path, kill_at=kill_at)
-    killed = subprocess.run([sys.executable, "-c", script], capture_output=True, text=True, check=False)
-    assert killed.returncode == -signal.SIGKILL, killed.stderr
+    kill_at = 3 if isinstance(server, clouds.FakeGcs) else 2  # GCS keeps its session once before the first chunk
+    kill_midway(url, server, path, kill_at, concurrency=1)
     store = open_cloud(url, server)
     assert store.size("crashes/big/core.zst") is None  # nothing complete under the name
     store.put_file("crashes/big/core.zst", path)
     assert store.sent == len(data) - 2 * PART, "the two parts the store held were not sent again"
     with store.open("crashes/big/core.zst") as f:
         assert sha(f.read()) == sha(data)
-    assert not os.path.exists(path + ".gcs-upload")
+    assert not os.path.exists(path + ".gcs-upload") and not os.path.exists(path + ".s3-upload")
+
+
+def list_uploads(server: servers.Seaweed, prefix: str) -> list[dict]:
+    import boto3
+    from botocore.config import Config
+
+    client = boto3.client("s3", endpoint_url=server.endpoint, region_name="us-east-1",
+                          config=Config(s3={"addressing_style": "path"}))  # fmt: skip
+    return client.list_multipart_uploads(Bucket=server.bucket, Prefix=prefix).get("Uploads", [])
+
+
+def held_parts(server: servers.Seaweed, session_file: str) -> int:
+    """How many parts the store holds of the upload kept in ``session_file`` (0: none kept yet)."""
+    import json
+
+    import boto3
+    from botocore.config import Config
+
+    try:
+        with open(session_file) as f:
+            kept = json.load(f)
+    except (OSError, ValueError):
+        return 0
+    client = boto3.client("s3", endpoint_url=server.endpoint, region_name="us-east-1",
+                          config=Config(s3={"addressing_style": "path"}))  # fmt: skip
+    name = kept["store"].split("/", 3)[3] + "/" + kept["key"]
+    answer = client.list_parts(Bucket=server.bucket, Key=name, UploadId=kept["upload"])
+    return len(answer.get("Parts", []))
+
+
+def test_s3_resends_at_most_the_parts_in_flight_when_killed(weed, tmp_path) -> None:
+    """Killed with two parts stored and two in flight, an upload sends again only those in flight."""
+    concurrency = 2
+    url = f"s3://{weed.bucket}/resend-{uuid.uuid4().hex[:8]}"
+    data = os.urandom(9 * PART + 4321)  # ten parts, the last a short one
+    path = str(tmp_path / "core.zst")
+    with open(path, "wb") as f:
+        f.write(data)
+    first = kill_midway(url, weed, path, kill_at=2, concurrency=concurrency)
+    assert os.path.exists(path + ".s3-upload"), "the upload was not kept beside the file"
+    assert len(list_uploads(weed, url.split("/", 3)[3] + "/")) == 1
+    store = open_cloud(url, weed, concurrency)
+    assert store.size("crashes/big/core.zst") is None
+    store.put_file("crashes/big/core.zst", path)
+    resent = sum(first) + store.sent - len(data)
+    assert 0 <= resent <= PART * concurrency, (first, store.sent)
+    assert store.sent <= len(data) - 2 * PART  # at least the two stored parts were kept
+    with store.open("crashes/big/core.zst") as f:
+        assert sha(f.read()) == sha(data)
+    assert not os.path.exists(path + ".s3-upload")
+    assert list_uploads(weed, url.split("/", 3)[3] + "/") == []  # completed, nothing left behind
+
+
+def test_s3_upload_of_a_changed_file_is_not_taken_from_the_store(weed, tmp_path) -> None:
+    """A part is reused only when the local bytes at its place hash to the store's ETag."""
+    url = f"s3://{weed.bucket}/changed-{uuid.uuid4().hex[:8]}"
+    path = str(tmp_path / "core.zst")
+    with open(path, "wb") as f:
+        f.write(os.urandom(4 * PART))
+    kill_midway(url, weed, path, kill_at=2, concurrency=1)
+    data = bytearray(open(path, "rb").read())  # noqa: SIM115
+    data[PART + 7] ^= 0xFF  # the second stored part no longer matches the file
+    with open(path, "wb") as f:
+        f.write(data)
+    store = open_cloud(url, weed, 1)
+    store.put_file("crashes/big/core.zst", path)
+    assert store.sent == 3 * PART  # parts 2, 3 and 4; part 1 was the file's own
+    with store.open("crashes/big/core.zst") as f:
+        assert sha(f.read()) == sha(bytes(data))
+
+
+def test_abandoned_s3_uploads_are_aborted_and_only_this_vaults(weed, tmp_path) -> None:
+    import time
+
+    from corevault.vault import retention, ship
+
+    mine, other = (f"abandoned-{uuid.uuid4().hex[:8]}" for _ in range(2))
+    path = str(tmp_path / "core.zst")
+    with open(path, "wb") as f:
+        f.write(os.urandom(3 * PART))
+    kill_midway(f"s3://{weed.bucket}/{mine}", weed, path, kill_at=1, concurrency=1)
+    os.unlink(path + ".s3-upload")  # its spool entry is gone: nobody takes the upload up again
+    kill_midway(f"s3://{weed.bucket}/{other}", weed, path, kill_at=1, concurrency=1)
+    store = open_cloud(f"s3://{weed.bucket}/{mine}", weed)
+    assert store.abort_abandoned(3600) == []  # younger than an hour: maybe an agent's upload in progress
+    assert len(list_uploads(weed, mine + "/")) == 1
+    settings = config.Settings(str(tmp_path))
+    settings.vault_abandoned_days = 0.5 / 86400
+    time.sleep(1)
+    vault = ship.Vault(store, None)  # type: ignore[arg-type] - abandoned() asks the store only
+    assert retention.abandoned(vault, settings) == ["crashes/big/core.zst"]
+    assert list_uploads(weed, mine + "/") == []
+    assert len(list_uploads(weed, other + "/")) == 1, "another vault's upload in the same bucket was aborted"
+    # The other vault's kept upload still resumes; once aborted, its next attempt starts anew.
+    other_store = open_cloud(f"s3://{weed.bucket}/{other}", weed)
+    other_store.abort_abandoned(0)
+    other_store.put_file("crashes/big/core.zst", path)
+    assert other_store.sent == 3 * PART
+    with other_store.open("crashes/big/core.zst") as f, open(path, "rb") as local:
+        assert sha(f.read()) == sha(local.read())
+
+
+def test_the_file_store_clears_temporary_files_of_cut_writes(tmp_path) -> None:
+    store = blobs.open_store(f"file://{tmp_path}/vault")
+    store.put_bytes("crashes/a/meta.json", b"{}")
+    left = tmp_path / "vault" / "crashes" / "b" / "core.zst.4242.4243.tmp"  # an agent killed while writing
+    left.parent.mkdir(parents=True)
+    left.write_bytes(b"half")
+    assert store.abort_abandoned(3600) == []
+    os.utime(left, (0, 0))
+    assert store.abort_abandoned(3600) == ["crashes/b/core.zst"]
+    assert not left.exists() and store.size("crashes/a/meta.json") == 2
 
 
 def test_a_bad_store_url_or_setting_is_one_clear_error(tmp_path) -> None:
@@ -232,20 +374,33 @@ def test_agent_ships_exactly_once_resumes_after_a_kill_and_retention_empties(clo
     node = make_node(material, settings_lines(url, server), "analyze = false\n")
     entry = big_entry(node, 48)
     digest = spool_sha(node, entry)
+    session = os.path.join(spool.ready_dir(node.spool), entry, spool.CORE_NAME + ".s3-upload")
     agent = node.agent()
     deadline = time.monotonic() + 60
-    while not node.crashes() and time.monotonic() < deadline:
-        time.sleep(0.05)  # the small entries are in: the big one is on its way
-    time.sleep(0.2)
+    if isinstance(server, servers.Seaweed):  # killed once the store holds two of the core's parts
+        while held_parts(server, session) < 2 and time.monotonic() < deadline:
+            time.sleep(0.02)
+    else:
+        while not node.crashes() and time.monotonic() < deadline:
+            time.sleep(0.05)  # the small entries are in: the big one is on its way
+        time.sleep(0.2)
     agent.send_signal(signal.SIGKILL)
     agent.wait()
+    assert entry in spool.entries(node.spool), "the agent was not killed mid-upload"
+    held = held_parts(server, session) * PART if isinstance(server, servers.Seaweed) else 0
     # Killed in the middle of a chunk, fake-gcs-server appends the chunk sent again rather
     # than taking it from the offset given; the object's size and CRC32C then differ, it is
     # deleted and the next try uploads it anew. So a try or two more, each after its backoff.
+    sent = 0
     for _ in range(4):
-        if Agent(node.settings).run(once=True) == 0:
+        again = Agent(node.settings)
+        waiting = again.run(once=True)
+        sent += getattr(again.vault.store if again.vault else None, "sent", 0)
+        if waiting == 0:
             break
         time.sleep(2)
+    if isinstance(server, servers.Seaweed):
+        assert held >= 2 * PART and sent <= (48 << 20) - held, "parts the store held were sent again"
     assert spool.entries(node.spool) == []
     ids = [r["id"] for r in node.crashes()]
     assert sorted(ids) == sorted([*material["ids"], entry]) and len(ids) == len(set(ids))
@@ -263,9 +418,16 @@ def test_the_store_down_mid_upload_then_back(cloud, material) -> None:  # noqa: 
 
     url, server = cloud
     node = make_node(material, settings_lines(url, server), "analyze = false\n")
-    entry = big_entry(node, 96)
+    entry = big_entry(node, 96)  # seconds of uploading: the server goes away in the middle
     digest = spool_sha(node, entry)
-    through_an_outage(node, server.stop, server.start, after=1.0)
+    in_flight = []
+
+    def stop() -> None:
+        in_flight.append(entry in spool.entries(node.spool))
+        server.stop()
+
+    through_an_outage(node, stop, server.start, after=1.0)
+    assert in_flight == [True]
     assert spool.entries(node.spool) == []
     ids = [r["id"] for r in node.crashes()]
     assert sorted(ids) == sorted([*material["ids"], entry]) and len(ids) == len(set(ids))
@@ -287,3 +449,19 @@ def test_two_agents_race_on_one_spool(cloud, material) -> None:  # noqa: F811
     ids = [r["id"] for r in node.crashes()]
     assert sorted(ids) == sorted(material["ids"] + extra) and len(ids) == len(set(ids))
     assert {entry: stored_sha(node, entry) for entry in extra} == digests
+
+
+def test_an_azure_block_goes_with_the_md5_its_id_names(azurite) -> None:
+    """The block's MD5 is computed once, for its id and the service's check: a block whose bytes
+    are not that MD5 (corrupted on the way) is refused rather than kept."""
+    from azure.core.exceptions import HttpResponseError
+
+    name = f"cv-{uuid.uuid4().hex[:12]}"
+    azurite.create_container(name)
+    store = blobs.open_store(f"az://{name}/vault")
+    blob = store.container.get_blob_client("vault/x")  # type: ignore[attr-defined]
+    good = hashlib.md5(b"block").digest()  # noqa: S324
+    store._stage(blob, "b1", b"block", good)  # type: ignore[attr-defined]
+    with pytest.raises(HttpResponseError, match="Md5Mismatch|MD5"):
+        store._stage(blob, "b2", b"bl0ck", good)  # type: ignore[attr-defined]
+    assert [b.id for b in blob.get_block_list("uncommitted")[1]] == ["b1"]

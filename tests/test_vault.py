@@ -3,6 +3,8 @@
 Spool entries are real: three crashes (two of one bug) captured once per module by the
 installed handler, copied into each test's own node state. Every fault test ends with
 every accepted core in the vault byte-identical, exactly once, or recorded as dropped.
+The store's own faults (the agent killed mid-upload, the store down and back, two agents
+racing, retention) run against every kind of store in tests/test_stores.py.
 """
 
 from __future__ import annotations
@@ -211,27 +213,6 @@ def stored_sha(node: Node, entry: str) -> str:
     return h.hexdigest()
 
 
-def test_agent_killed_mid_upload_resumes_without_duplicates(
-    material: dict, s3: servers.Seaweed, pg: servers.Postgres
-) -> None:
-    node = make_node(material, s3_vault(s3, pg, "killed"), "analyze = false\n")
-    entry = big_entry(node, 160)
-    digest = spool_sha(node, entry)
-    agent = node.agent()
-    deadline = time.monotonic() + 60
-    while not node.crashes() and time.monotonic() < deadline:
-        time.sleep(0.05)  # the first small entries are in: the big one is on its way
-    time.sleep(0.3)
-    agent.send_signal(signal.SIGKILL)
-    agent.wait()
-    assert entry in spool.entries(node.spool)
-    again = node.agent("--once")
-    assert again.wait(timeout=240) == 0, again.stderr.read()
-    ids = [r["id"] for r in node.crashes()]
-    assert sorted(ids) == sorted([*material["ids"], entry]) and len(ids) == len(set(ids))
-    assert stored_sha(node, entry) == digest
-
-
 def through_an_outage(node: Node, stop: Callable[[], None], start: Callable[[], None], after: float) -> None:
     """Run an agent, take a server away ``after`` seconds in for a while, wait for the spool to empty."""
     agent = node.agent()
@@ -246,24 +227,6 @@ def through_an_outage(node: Node, stop: Callable[[], None], start: Callable[[], 
     finally:
         agent.send_signal(signal.SIGTERM)
         agent.wait(timeout=60)
-
-
-def test_s3_down_mid_upload_then_back(material: dict, s3: servers.Seaweed, pg: servers.Postgres) -> None:
-    node = make_node(material, s3_vault(s3, pg, "outage"), "analyze = false\n")
-    entry = big_entry(node, 240)  # seconds of uploading: the server goes away in the middle
-    digest = spool_sha(node, entry)
-    in_flight = []
-
-    def stop() -> None:
-        in_flight.append(entry in spool.entries(node.spool))
-        s3.stop()
-
-    through_an_outage(node, stop, s3.start, after=1.5)
-    assert in_flight == [True]
-    assert spool.entries(node.spool) == []
-    assert sorted(r["id"] for r in node.crashes()) == sorted([*material["ids"], entry])
-    assert_vault_holds_spool_copies(node, material)
-    assert stored_sha(node, entry) == digest
 
 
 def test_postgres_restart_under_load(material: dict, s3: servers.Seaweed, pg: servers.Postgres) -> None:

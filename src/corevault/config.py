@@ -137,6 +137,7 @@ class Settings:
         "storm_window",
         "targets",
         "timeout",
+        "vault_abandoned_days",
         "vault_store",
     )
 
@@ -186,6 +187,8 @@ class Settings:
         #: where the vault keeps blobs: file:///path (local disk, NAS), s3://bucket/prefix,
         #: gs://bucket/prefix, az://container/prefix or azure://account/container/prefix
         self.vault_store = "file://" + os.path.join(state_dir, "vault")
+        #: days after which an unfinished upload nobody took up again is aborted (S3's parts, temporary files)
+        self.vault_abandoned_days = 7.0
         #: the catalog: SQLite by default, PostgreSQL (postgresql+psycopg://…) when nodes share one
         self.catalog_url = "sqlite:///" + os.path.join(state_dir, "catalog.db")
         self.s3 = S3Settings()
@@ -440,7 +443,7 @@ def from_dict(doc: dict, where: str = "config") -> Settings:
         setattr(s, key, float(value))
 
     vault = _table(doc, "vault", where)
-    _known(vault, {"store", "catalog", "s3", "azure", "gcs"}, f"{where} [vault]")
+    _known(vault, {"store", "catalog", "s3", "azure", "gcs", "abandoned_upload_days"}, f"{where} [vault]")
     s.vault_store = _str(vault, "store", where, s.vault_store)
     if not s.vault_store.startswith(("file:///", "s3://", "gs://", "az://", "azure://")):
         raise ConfigError(
@@ -460,6 +463,7 @@ def from_dict(doc: dict, where: str = "config") -> Settings:
                 raise ConfigError(f"{what} part_size: at least 1M, in steps of 256K")
         cloud.concurrency = max(1, int(_number(table, "concurrency", where, cloud.concurrency)))
     s.catalog_url = _str(vault, "catalog", where, s.catalog_url)
+    s.vault_abandoned_days = _number(vault, "abandoned_upload_days", where, s.vault_abandoned_days)
     s3 = _table(vault, "s3", where)
     s3_keys = {
         "endpoint",

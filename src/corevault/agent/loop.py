@@ -173,6 +173,14 @@ class Agent:
                     log.info("retention removed %d crashes", len(gone["crashes"]))
             except RETRYABLE as e:
                 log.warning("retention failed: %s", e)
+        if not self._retention_on() and time.monotonic() - self.last_vacuum > VACUUM_EVERY:
+            self.last_vacuum = time.monotonic()  # no rules: the unfinished uploads are cleared all the same
+            try:
+                uploads = retention.abandoned(vault, s)
+                if uploads:
+                    log.info("aborted %d uploads nobody finished", len(uploads))
+            except RETRYABLE as e:
+                log.warning("clearing abandoned uploads failed: %s", e)
         if time.monotonic() - self.last_evict > EVICT_EVERY:
             self.last_evict = time.monotonic()
             gone = storeclean.evict(s)

@@ -3,9 +3,9 @@
 
 A file is uploaded as a block blob, one block of ``part_size`` at a time per worker (memory:
 part_size x concurrency). Each block's id names its place and the MD5 of its bytes, and each
-is sent with that MD5, which the service checks before it keeps the block (a transactional
-checksum); the commit then names the blocks in order and the blob's size is compared with
-the file's. An upload that was cut short (the agent killed, the store away) leaves its
+is sent with that MD5 (computed once, for both), which the service checks before it keeps the
+block (a transactional checksum); the commit then names the blocks in order and the blob's
+size is compared with the file's. An upload that was cut short (the agent killed, the store away) leaves its
 blocks uncommitted on the blob for a week: the next attempt lists them and sends only the
 blocks whose id is not there, so a multi-GiB core resumes instead of starting again.
 Uncommitted blocks of an upload that is never retried are dropped by the service.
@@ -32,9 +32,9 @@ from corevault.vault.blobs import BucketStore, Stored, StoreError, StreamBody, p
 MAX_BLOCKS = 49_000  # the service's limit is 50,000 blocks a blob
 
 
-def block_id(index: int, data: bytes | memoryview) -> str:
-    """A block's id: its place and its content (ids of one blob must all have the same length)."""
-    return base64.b64encode(f"{index:06d}-{hashlib.md5(data).hexdigest()}".encode()).decode()  # noqa: S324
+def block_id(index: int, md5: bytes) -> str:
+    """A block's id: its place and the MD5 of its bytes (ids of one blob must all have the same length)."""
+    return base64.b64encode(f"{index:06d}-{md5.hex()}".encode()).decode()
 
 
 class AzureStore(BucketStore):
@@ -84,13 +84,14 @@ class AzureStore(BucketStore):
             with ThreadPoolExecutor(self.concurrency) as pool:
                 pending: list[Future] = []
                 while data := f.read(part):
-                    bid = block_id(len(ids), data)
+                    md5 = hashlib.md5(data).digest()  # noqa: S324 - the service's check, not security
+                    bid = block_id(len(ids), md5)
                     ids.append(bid)
                     if staged.get(bid) == len(data):
                         continue  # sent by an earlier attempt, and checked by the service then
                     if len(pending) >= self.concurrency:  # at most `concurrency` blocks in memory
                         pending.pop(0).result()
-                    pending.append(pool.submit(self._stage, blob, bid, data))
+                    pending.append(pool.submit(self._stage, blob, bid, data, md5))
                 for p in pending:
                     p.result()
             blob.commit_block_list(ids)
@@ -101,9 +102,12 @@ class AzureStore(BucketStore):
             raise StoreError(f"{self.url}/{key} holds {stored} bytes after uploading {size}")
         return Stored(key, size)
 
-    def _stage(self, blob: object, bid: str, data: bytes) -> None:
-        # validate_content: the block goes with its MD5, which the service checks before keeping it.
-        blob.stage_block(bid, data, length=len(data), validate_content=True)  # type: ignore[attr-defined]
+    def _stage(self, blob: object, bid: str, data: bytes, md5: bytes) -> None:
+        # The block goes with its MD5 (Content-MD5), which the service checks before keeping it.
+        # It is the MD5 the block's id names: the SDK's validate_content would hash it again.
+        blob.stage_block(  # type: ignore[attr-defined]
+            bid, data, length=len(data), transactional_content_md5=md5
+        )
         self.sent += len(data)
 
     def size(self, key: str) -> int | None:

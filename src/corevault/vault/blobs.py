@@ -7,11 +7,13 @@ Two back-ends behind one small interface:
 - ``s3://bucket/prefix``: any S3-compatible store through boto3 (AWS S3, Alibaba OSS's
   S3 endpoint, MinIO, SeaweedFS), with multipart uploads of ``part_size`` parts.
 
-Uploads stream from a file through a reader that checksums each part as it goes: CRC32
-(``checksums = when_supported``: boto3 sends a CRC32 per part, the server checks it, and
-reports the composite that we compare) or MD5 (stores without flexible checksums: the
-multipart ETag). ``put_file`` returns only once the store holds an object of the right
-size and checksum.
+S3 uploads go part by part through :mod:`corevault.vault.s3upload`, which checksums each
+part as it reads it: CRC32 (``checksums = when_supported``: each part is sent with its
+CRC32, the server checks it and reports the composite that we compare) or MD5 (stores
+without flexible checksums: Content-MD5 per part and the multipart ETag), and which takes
+up an upload that an agent killed midway left behind. ``put_file`` returns only once the
+store holds an object of the right size and checksum. Uploads that nobody takes up again
+are cleared by ``abort_abandoned`` (S3 aborts them; a file store removes temporary files).
 
 Key layout (the same in both back-ends; binaries by key and content, as the node's store
 keeps them, see :mod:`corevault.objectid`)::
@@ -23,21 +25,21 @@ keeps them, see :mod:`corevault.objectid`)::
 
 from __future__ import annotations
 
-import base64
-import hashlib
 import io
 import os
 import shutil
 import threading
-import zlib
+import time
 from collections.abc import Callable, Iterator
 from contextlib import suppress
 from dataclasses import dataclass
+from datetime import UTC, datetime, timedelta
 from typing import BinaryIO, Protocol
 from urllib.parse import urlparse
 
 from corevault.config import CloudSettings, S3Settings, Settings
 from corevault.errors import UserError
+from corevault.vault import s3upload
 
 MAX_PARTS = 9_500  # S3's limit is 10,000; a little room for rounding
 MIB = 1 << 20
@@ -86,6 +88,9 @@ class BlobStore(Protocol):
 
     def delete(self, key: str) -> None: ...
     def keys(self, prefix: str) -> Iterator[tuple[str, int]]: ...
+    def abort_abandoned(self, older_than: float) -> list[str]:
+        """Clear the unfinished uploads begun more than ``older_than`` seconds ago; their keys."""
+        ...
 
 
 def part_size(size: int, minimum: int, max_parts: int) -> int:
@@ -121,76 +126,6 @@ class StreamBody(io.RawIOBase):
             self.on_close()
             self.on_close = None
         super().close()
-
-
-class _HashingReader(io.RawIOBase):
-    """Reads a file sequentially, checksumming each ``part_size`` part as it goes.
-
-    With ``crc32`` (when boto3 sends CRC32 checksums the server checks) the parts' CRC32s
-    give the composite checksum the store reports; with ``md5`` (stores that take no
-    flexible checksums, such as OSS) the parts' MD5s give the multipart ETag. CRC32 runs at
-    2.3 GB/s here against MD5's 0.5 GB/s, which matters on a 2-core node uploading a core.
-    """
-
-    def __init__(self, f: BinaryIO, part_size: int, algorithm: str) -> None:
-        self.f = f
-        self.part_size = part_size
-        self.algorithm = algorithm
-        self.parts: list[bytes] = []
-        self._state = self._new()
-        self._in_part = 0
-        self.total = 0
-
-    def _new(self) -> object:
-        return 0 if self.algorithm == "crc32" else hashlib.md5()  # noqa: S324 - S3's ETag, not security
-
-    def _update(self, data: memoryview) -> None:
-        if self.algorithm == "crc32":
-            self._state = zlib.crc32(data, self._state)  # type: ignore[arg-type]
-        else:
-            self._state.update(data)  # type: ignore[attr-defined]
-
-    def _digest(self) -> bytes:
-        if self.algorithm == "crc32":
-            return self._state.to_bytes(4, "big")  # type: ignore[attr-defined]
-        return self._state.digest()  # type: ignore[attr-defined]
-
-    def readable(self) -> bool:
-        return True
-
-    def readinto(self, b: bytearray | memoryview) -> int:  # type: ignore[override]
-        n = self.f.readinto(b)  # type: ignore[attr-defined]
-        if not n:
-            return 0
-        view = memoryview(b)[:n]
-        self.total += n
-        done = 0
-        while done < n:
-            take = min(n - done, self.part_size - self._in_part)
-            self._update(view[done : done + take])
-            self._in_part += take
-            done += take
-            if self._in_part == self.part_size:
-                self.parts.append(self._digest())
-                self._state = self._new()
-                self._in_part = 0
-        return n
-
-    def _all_parts(self) -> list[bytes]:
-        return self.parts + ([self._digest()] if self._in_part or not self.parts else [])
-
-    def expected(self) -> str:
-        """What the store reports for these bytes: ETag (md5) or ChecksumCRC32 (crc32)."""
-        parts = self._all_parts()
-        single = len(parts) == 1 and self.total < self.part_size
-        if self.algorithm == "crc32":
-            if single:
-                return base64.b64encode(parts[0]).decode()
-            combined = zlib.crc32(b"".join(parts)).to_bytes(4, "big")
-            return base64.b64encode(combined).decode() + f"-{len(parts)}"
-        if single:
-            return parts[0].hex()
-        return hashlib.md5(b"".join(parts)).hexdigest() + f"-{len(parts)}"  # noqa: S324
 
 
 class FsStore:
@@ -267,6 +202,19 @@ class FsStore:
         with suppress(OSError):
             os.rmdir(os.path.dirname(self._path(key)))
 
+    def abort_abandoned(self, older_than: float) -> list[str]:
+        """Remove the temporary files of writes begun more than ``older_than`` seconds ago."""
+        cutoff = time.time() - older_than
+        removed = []
+        for dirpath, _, files in os.walk(self.root):
+            for name in files:
+                full = os.path.join(dirpath, name)
+                with suppress(OSError):
+                    if name.endswith(".tmp") and os.lstat(full).st_mtime < cutoff:
+                        os.unlink(full)
+                        removed.append(os.path.relpath(full, self.root)[: -len(".tmp")].rsplit(".", 2)[0])
+        return removed
+
     def keys(self, prefix: str) -> Iterator[tuple[str, int]]:
         base = self._path(prefix.rstrip("/")) if prefix else self.root
         for dirpath, _, files in os.walk(base):
@@ -298,6 +246,14 @@ class BucketStore:
     def _upload(self, key: str, f: BinaryIO, size: int) -> Stored:
         raise NotImplementedError
 
+    def abort_abandoned(self, older_than: float) -> list[str]:
+        """Nothing to clear here: the service drops unfinished uploads itself.
+
+        GCS forgets a resumable session a week after it began; Azure drops a blob's
+        uncommitted blocks after seven days.
+        """
+        return []
+
 
 class S3Store(BucketStore):
     """Blobs as objects in an S3-compatible bucket, under an optional prefix."""
@@ -328,42 +284,59 @@ class S3Store(BucketStore):
             ),
         )
         self.concurrency = settings.concurrency
+        algorithm = "crc32" if settings.checksums == "when_supported" else "md5"
+        self.uploads = s3upload.MultipartUpload(self.client, bucket, self.url, self.concurrency, algorithm)
 
-    def _upload(self, key: str, f: BinaryIO, size: int) -> Stored:
-        from boto3.s3.transfer import TransferConfig
+    def put_file(self, key: str, path: str) -> Stored:
+        with open(path, "rb") as f:
+            return self._upload(key, f, os.fstat(f.fileno()).st_size, path + s3upload.SESSION_SUFFIX)
+
+    def _upload(self, key: str, f: BinaryIO, size: int, session_file: str | None = None) -> Stored:
         from botocore.exceptions import BotoCoreError, ClientError
 
         part = part_size(size, self.part_size, MAX_PARTS)  # S3 takes at most 10,000 parts
-        config = TransferConfig(
-            multipart_threshold=part, multipart_chunksize=part, max_concurrency=self.concurrency
-        )
-        # Parts are read from a sequential (checksumming) stream and held in memory until
-        # sent: at most part x concurrency at once (s3transfer would hold ten by default).
-        config.max_in_memory_upload_chunks = self.concurrency
-        reader = _HashingReader(f, part, "crc32" if self.checksums == "when_supported" else "md5")
-        stream = io.BufferedReader(reader, buffer_size=1 << 20)
         try:
-            self.client.upload_fileobj(stream, self.bucket, self._key(key), Config=config)
+            if size < part:
+                expected = self.uploads.put_small(self._key(key), f.read())
+            else:
+                expected = self.uploads.put(
+                    self._key(key), key, f, size, part=part, session_file=session_file
+                )
             head = self.client.head_object(Bucket=self.bucket, Key=self._key(key), ChecksumMode="ENABLED")
         except (BotoCoreError, ClientError) as e:
             raise StoreError(f"cannot upload {key} to {self.url}: {e}") from None
-        if head["ContentLength"] != reader.total:
-            raise StoreError(
-                f"{self.url}/{key} holds {head['ContentLength']} bytes after uploading {reader.total}"
-            )
-        if reader.algorithm == "crc32":
+        if head["ContentLength"] != size:
+            raise StoreError(f"{self.url}/{key} holds {head['ContentLength']} bytes after uploading {size}")
+        if self.uploads.algorithm == "crc32":
             stored = head.get("ChecksumCRC32")
         else:
             etag = head.get("ETag", "").strip('"')
             stored = (
                 etag if "-" in etag or len(etag) == 32 else None
             )  # not an MD5 ETag under SSE-KMS and the like
-        expected = reader.expected()
         if stored is not None and stored != expected:
             raise StoreError(
                 f"{self.url}/{key}: the store's checksum {stored} is not the uploaded bytes' {expected}"
             )
-        return Stored(key, reader.total)
+        return Stored(key, size)
+
+    @property
+    def sent(self) -> int:
+        """Bytes sent in parts by this store object (what a resumed upload saves shows here)."""
+        return self.uploads.sent
+
+    def abort_abandoned(self, older_than: float) -> list[str]:
+        """Abort this vault's multipart uploads begun more than ``older_than`` seconds ago."""
+        from botocore.exceptions import BotoCoreError, ClientError
+
+        cutoff = datetime.now(UTC) - timedelta(seconds=older_than)
+        try:
+            return [
+                self._unprefixed(k)
+                for k in s3upload.abort_abandoned(self.client, self.bucket, self._key(""), cutoff)
+            ]
+        except (BotoCoreError, ClientError) as e:
+            raise StoreError(f"cannot abort the abandoned uploads of {self.url}: {e}") from None
 
     def size(self, key: str) -> int | None:
         from botocore.exceptions import BotoCoreError, ClientError

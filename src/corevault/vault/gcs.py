@@ -23,16 +23,16 @@ from __future__ import annotations
 
 import base64
 import io
-import json
 import os
 from collections.abc import Iterator
-from contextlib import suppress
 from typing import BinaryIO
 
 from corevault.config import CloudSettings
+from corevault.vault import sessions
 from corevault.vault.blobs import BucketStore, Stored, StoreError, StreamBody
 
 SESSION_SUFFIX = ".gcs-upload"
+SESSION_LIFE = 7 * 86400  # the service forgets a resumable session a week after it began
 QUANTUM = 256 << 10  # resumable chunks are multiples of this
 
 
@@ -97,7 +97,8 @@ class GcsStore(BucketStore):
         from requests import RequestException
 
         try:
-            session, offset = self._session(key, size, session_file)
+            kept, offset = self._session(key, size, session_file)
+            session = kept["session"]
             result: dict | None = None
             crc = _Crc32c()
             # What the service already holds is hashed from the local file, not sent again.
@@ -114,7 +115,7 @@ class GcsStore(BucketStore):
                 self.sent += len(chunk)
                 result, held = _answer(response)
                 if result is None:
-                    self._keep(session_file, key, size, session, held)
+                    self._keep(session_file, kept, held)
                 if result is None and held != end:  # the service kept less than was sent: go back
                     f.seek(held)
                     crc = _rehash(f, held)
@@ -125,42 +126,36 @@ class GcsStore(BucketStore):
         except (GoogleAPIError, RequestException, OSError) as e:
             raise self._error("upload", key, e) from None
         except StoreError:
-            with suppress(FileNotFoundError):
-                os.unlink(session_file)  # the service refused the session: the next attempt starts anew
+            sessions.drop(session_file)  # the service refused the session: the next attempt starts anew
             raise
-        with suppress(FileNotFoundError):
-            os.unlink(session_file)
+        sessions.drop(session_file)
         try:
             return self._check(key, int(result.get("size", -1)), result.get("crc32c"), size, crc.b64())
         except StoreError:
             self.delete(key)  # never a wrong object under the name: the next attempt uploads anew
             raise
 
-    def _session(self, key: str, size: int, session_file: str) -> tuple[str, int]:
+    def _session(self, key: str, size: int, session_file: str) -> tuple[dict, int]:
         """A session for this upload (the kept one) and how many bytes the service confirmed it holds.
 
         The count is the one the service gave in its last answer, kept beside the file: the
         next chunk starts there, and the service's answer to it says where it really stands
         (the loop goes back when it holds less). No status query is made first: the emulators
         finish the object on one. A session the service no longer knows fails that request,
-        an object that is not the file's bytes is deleted, and the next attempt starts anew.
+        an object that is not the file's bytes is deleted, and the next attempt starts anew;
+        one older than the week a session lives is dropped without asking.
         """
-        try:
-            with open(session_file) as f:
-                kept = json.load(f)
-            if kept["store"] == self.url and kept["key"] == key and kept["size"] == size:
-                return kept["session"], int(kept["held"])
-        except (OSError, ValueError, KeyError, TypeError):
-            pass
+        kept = sessions.load(session_file, SESSION_LIFE, store=self.url, key=key, size=size)
+        if kept is not None and isinstance(kept.get("session"), str) and isinstance(kept.get("held"), int):
+            return kept, kept["held"]
         session = self.bucket.blob(self._key(key)).create_resumable_upload_session(size=size, checksum=None)
-        self._keep(session_file, key, size, session, 0)
-        return session, 0
+        kept = {"store": self.url, "key": key, "size": size, "session": session}
+        self._keep(session_file, kept, 0)
+        return kept, 0
 
-    def _keep(self, session_file: str, key: str, size: int, session: str, held: int) -> None:
-        tmp = f"{session_file}.tmp"
-        with open(tmp, "w") as f:
-            json.dump({"store": self.url, "key": key, "size": size, "session": session, "held": held}, f)
-        os.replace(tmp, session_file)
+    def _keep(self, session_file: str, kept: dict, held: int) -> None:
+        kept["held"] = held
+        sessions.keep(session_file, kept)
 
     def _check(self, key: str, stored: int, crc: str | None, size: int, expected: str) -> Stored:
         if stored != size:

@@ -3,7 +3,8 @@
 Rules, each optional, applied oldest first: crashes older than ``max_age_days``; then the
 oldest crashes until the vault's cores take at most ``max_size``; then, per namespace, the
 oldest of that namespace until it takes at most ``namespace_max_size``. A build-id object
-is deleted only when no crash left in the catalog refers to it.
+is deleted only when no crash left in the catalog refers to it. Uploads nobody finished are
+cleared once old enough (:func:`abandoned`), with or without rules.
 """
 
 from __future__ import annotations
@@ -56,6 +57,7 @@ def vacuum(vault: Vault, settings: config.Settings, now: float | None = None, dr
                 vault.store.delete(key)
             with vault.engine.begin() as conn:
                 catalog.forget(conn, crash_id)
+    uploads = [] if dry_run else abandoned(vault, settings)
     orphans = _orphan_objects(vault)
     if not dry_run:
         o, co = catalog.objects.c, catalog.crash_objects.c
@@ -71,7 +73,20 @@ def vacuum(vault: Vault, settings: config.Settings, now: float | None = None, dr
             vault.store.delete(blobs.object_key(key, sha))
             if not others:
                 vault.store.delete(blobs.debuginfo_key(key))  # an upstream debug file for it
-    return {"crashes": doomed, "buildids": [f"{key}/{sha or 'executable'}" for key, sha in orphans]}
+    return {
+        "crashes": doomed,
+        "buildids": [f"{key}/{sha or 'executable'}" for key, sha in orphans],
+        "uploads": uploads,
+    }
+
+
+def abandoned(vault: Vault, settings: config.Settings) -> list[str]:
+    """Clear the uploads begun ``[vault] abandoned_upload_days`` ago and never finished; their keys.
+
+    An agent takes up its own cut-short upload when it retries the entry; one whose entry
+    is gone (the node's disk lost, the spool cleared) would keep its parts forever.
+    """
+    return vault.store.abort_abandoned(settings.vault_abandoned_days * 86400)
 
 
 def _orphan_objects(vault: Vault) -> list[tuple[str, str]]:

@@ -1,0 +1,203 @@
+"""S3 multipart uploads that an agent killed midway takes up again.
+
+boto3's transfer manager starts every upload afresh and cannot take up one it did not start,
+so a file of at least one part goes up through the client's own multipart calls:
+
+- the upload's id, with the key, size and part size it is for, is kept beside the file
+  (``<file>.s3-upload``) as soon as the service gives it, before any part is sent;
+- the next attempt (after a SIGKILL, a node drain, the store away) lists the parts the
+  service holds and keeps each part whose size and ETag (the MD5 of its bytes) are those of
+  the local file at that place, re-read and hashed now: a part is never taken on the
+  service's word alone. Only the others are sent;
+- parts go up ``concurrency`` at a time and each is read only when a sender is free for it
+  (memory: part size x (concurrency + 1));
+- each part carries its checksum (CRC32, or Content-MD5 for stores that take no flexible
+  checksums, such as OSS), which the service checks before it keeps the part; the finished
+  object must then report the file's size and the composite of the parts' checksums.
+
+An upload the service no longer knows (completed, or aborted as abandoned) is started anew.
+One that is never taken up again (its spool entry gone) is aborted by :func:`abort_abandoned`
+once older than ``[vault] abandoned_upload_days``.
+
+While a file goes up, its descriptor holds an ``flock``: two uploads of one file (two agents
+shipping crashes that map the same binary) take turns rather than share one upload id.
+"""
+
+from __future__ import annotations
+
+import base64
+import fcntl
+import hashlib
+import threading
+import zlib
+from collections.abc import Iterator
+from concurrent.futures import Future, ThreadPoolExecutor
+from datetime import datetime
+from typing import Any, BinaryIO
+
+from corevault.vault import sessions
+
+SESSION_SUFFIX = ".s3-upload"
+
+
+class UploadGone(Exception):
+    """The service no longer knows the multipart upload (completed or aborted)."""
+
+
+def checksum(algorithm: str, data: bytes) -> bytes:
+    """One part's digest: CRC32 (big-endian, as S3 reports it) or MD5."""
+    if algorithm == "crc32":
+        return zlib.crc32(data).to_bytes(4, "big")
+    return hashlib.md5(data).digest()  # noqa: S324 - S3's ETag, not security
+
+
+def reported(algorithm: str, digests: list[bytes], multipart: bool) -> str:
+    """What the service reports for an object of these parts: ChecksumCRC32, or the ETag."""
+    if algorithm == "crc32":
+        if not multipart:
+            return base64.b64encode(digests[0]).decode()
+        combined = zlib.crc32(b"".join(digests)).to_bytes(4, "big")
+        return base64.b64encode(combined).decode() + f"-{len(digests)}"
+    if not multipart:
+        return digests[0].hex()
+    return hashlib.md5(b"".join(digests)).hexdigest() + f"-{len(digests)}"  # noqa: S324
+
+
+def _checksum_args(algorithm: str, digest: bytes) -> dict[str, str]:
+    # The part's own checksum goes with it: the service checks it, and boto3 computes none.
+    if algorithm == "crc32":
+        return {"ChecksumCRC32": base64.b64encode(digest).decode()}
+    return {"ContentMD5": base64.b64encode(digest).decode()}
+
+
+def _code(e: Exception) -> str:
+    return getattr(e, "response", {}).get("Error", {}).get("Code", "")
+
+
+class MultipartUpload:
+    """Uploads of one store: ``client`` into ``bucket``, parts checksummed with ``algorithm``."""
+
+    def __init__(self, client: Any, bucket: str, url: str, concurrency: int, algorithm: str) -> None:
+        self.client = client
+        self.bucket = bucket
+        self.url = url
+        self.concurrency = concurrency
+        self.algorithm = algorithm
+        #: bytes handed to the service in parts (what a resumed upload saves shows here)
+        self.sent = 0
+        self._count = threading.Lock()
+
+    def put(self, name: str, key: str, f: BinaryIO, size: int, *, part: int, session_file: str | None) -> str:
+        """Upload ``size`` bytes of ``f`` as object ``name``; returns what the service must report.
+
+        ``key`` is the store's key (what the kept session is checked against). With
+        ``session_file``, the upload is kept there and taken up again by the next call.
+        """
+        from botocore.exceptions import ClientError
+
+        if session_file is not None:
+            fcntl.flock(f.fileno(), fcntl.LOCK_EX)  # released when the caller closes f
+        kept = sessions.load(session_file, store=self.url, key=key, size=size) if session_file else None
+        held: dict[int, tuple[int, str]] = {}
+        if kept is not None:
+            try:
+                held = dict(self._held(name, kept["upload"]))
+                part = int(kept["part"])
+            except UploadGone:
+                kept = None
+        if kept is None:
+            extra = {"ChecksumAlgorithm": "CRC32"} if self.algorithm == "crc32" else {}
+            upload = self.client.create_multipart_upload(Bucket=self.bucket, Key=name, **extra)["UploadId"]
+            kept = {"store": self.url, "key": key, "size": size, "upload": upload, "part": part}
+            if session_file is not None:
+                try:
+                    sessions.keep(session_file, kept)
+                except OSError:
+                    session_file = None  # nowhere to keep it: this upload cannot be resumed, only redone
+        try:
+            parts = self._send(name, kept["upload"], f, part, held)
+            listed = [self._entry(number, etag, digest) for number, etag, digest in parts]
+            self.client.complete_multipart_upload(
+                Bucket=self.bucket, Key=name, UploadId=kept["upload"], MultipartUpload={"Parts": listed}
+            )
+        except ClientError as e:
+            if _code(e) == "NoSuchUpload" and session_file is not None:
+                sessions.drop(session_file)  # aborted meanwhile: the next attempt starts anew
+            raise
+        if session_file is not None:
+            sessions.drop(session_file)
+        return reported(self.algorithm, [digest for _, _, digest in parts], multipart=True)
+
+    def _held(self, name: str, upload: str) -> Iterator[tuple[int, tuple[int, str]]]:
+        """The parts the service holds of ``upload``: number -> (size, ETag)."""
+        from botocore.exceptions import ClientError
+
+        paginator = self.client.get_paginator("list_parts")
+        try:
+            for page in paginator.paginate(Bucket=self.bucket, Key=name, UploadId=upload):
+                for p in page.get("Parts", []):
+                    yield p["PartNumber"], (p["Size"], p["ETag"].strip('"'))
+        except ClientError as e:
+            if _code(e) in ("NoSuchUpload", "404", "NotFound"):
+                raise UploadGone(upload) from None
+            raise
+
+    def _send(
+        self, name: str, upload: str, f: BinaryIO, part: int, held: dict[int, tuple[int, str]]
+    ) -> list[tuple[int, str, bytes]]:
+        """Every part of the file, in order: (number, ETag, checksum); sends those not held."""
+        parts: list[tuple[int, str, bytes]] = []
+        with ThreadPoolExecutor(self.concurrency) as pool:
+            pending: list[Future] = []
+            number = 0
+            while data := f.read(part):
+                number += 1
+                digest = checksum(self.algorithm, data)
+                size, etag = held.get(number, (-1, ""))
+                if size == len(data) and etag == hashlib.md5(data).hexdigest():  # noqa: S324
+                    # held by the service, and the local bytes at its place are the same
+                    parts.append((number, etag, digest))
+                    continue
+                if len(pending) >= self.concurrency:  # at most `concurrency` parts in memory
+                    parts.append(pending.pop(0).result())
+                pending.append(pool.submit(self._send_part, name, upload, number, data, digest))
+            for p in pending:
+                parts.append(p.result())
+        parts.sort()
+        return parts
+
+    def _send_part(
+        self, name: str, upload: str, number: int, data: bytes, digest: bytes
+    ) -> tuple[int, str, bytes]:
+        with self._count:
+            self.sent += len(data)
+        answer = self.client.upload_part(
+            Bucket=self.bucket, Key=name, UploadId=upload, PartNumber=number, Body=data,
+            **_checksum_args(self.algorithm, digest),
+        )  # fmt: skip
+        return number, answer["ETag"].strip('"'), digest
+
+    def _entry(self, number: int, etag: str, digest: bytes) -> dict:
+        """A part as the completing request names it."""
+        entry: dict = {"PartNumber": number, "ETag": f'"{etag}"'}
+        if self.algorithm == "crc32":
+            entry["ChecksumCRC32"] = base64.b64encode(digest).decode()
+        return entry
+
+    def put_small(self, name: str, data: bytes) -> str:
+        """One request for an object smaller than a part; returns what the service must report."""
+        digest = checksum(self.algorithm, data)
+        checksums = _checksum_args(self.algorithm, digest)
+        self.client.put_object(Bucket=self.bucket, Key=name, Body=data, **checksums)
+        return reported(self.algorithm, [digest], multipart=False)
+
+
+def abort_abandoned(client: Any, bucket: str, prefix: str, older_than: datetime) -> list[str]:
+    """Abort the multipart uploads under ``prefix`` started before ``older_than``; their keys."""
+    aborted = []
+    for page in client.get_paginator("list_multipart_uploads").paginate(Bucket=bucket, Prefix=prefix):
+        for u in page.get("Uploads", []):
+            if u["Initiated"] < older_than:
+                client.abort_multipart_upload(Bucket=bucket, Key=u["Key"], UploadId=u["UploadId"])
+                aborted.append(u["Key"])
+    return aborted
