@@ -1,27 +1,37 @@
-"""Fixtures: a real capture installation on this host, real containers, the crash corpus.
+"""Fixtures: a real capture installation on this host, real containers, the crash corpus,
+and the checked-in spool entries shipped into vaults of their own.
 
 Tests marked ``crash`` set the host's core_pattern. They hold a host-wide lock while they
 do (so two test runs never interleave) and the previous core_pattern, core_pipe_limit and
 suid_dumpable are written back when they end, also when they fail.
+
+The others need neither root nor a crash: the catalog, server and command-line tests read
+``fixture_vault``, real crashes that ``tests/fixtures/spool`` keeps (see its README). One
+vault serves them all, so none may change it (checked after each test that uses it); a
+test that removes or changes something takes ``fixture_vault_copy``, a copy of its own.
 """
 
 from __future__ import annotations
 
+import hashlib
+import json
 import os
 import shutil
 import subprocess
-import tempfile
 import time
 from collections.abc import Iterator
-from contextlib import contextmanager
-from dataclasses import dataclass, field
+from dataclasses import dataclass
 
 import pytest
 
-from corevault import hostsetup, spool
+from corevault import spool
+from corevault.agent.loop import Agent
+from corevault.vault import catalog
 from testbed import build, runc, sysctl
+from testbed.capture import HANDLER, Capture, installed_capture  # noqa: F401 - tests import them from here
+from tests.nodes import Node, make_node
 
-HANDLER = hostsetup.default_handler()
+FIXTURE_SPOOL = os.path.join(os.path.dirname(__file__), "fixtures", "spool")
 
 
 def pytest_sessionstart(session: pytest.Session) -> None:
@@ -38,89 +48,6 @@ def programs() -> dict[str, str]:
 @pytest.fixture(scope="session")
 def rootfs(programs: dict[str, str], tmp_path_factory: pytest.TempPathFactory) -> str:
     return runc.build_rootfs(str(tmp_path_factory.mktemp("rootfs") / "root"), programs)
-
-
-@dataclass
-class Capture:
-    """corevault installed on this host with its own short-lived state directory."""
-
-    dir: str
-    config: str
-    handler: str
-    volume: str
-    settings_text: str = ""
-    containers: list = field(default_factory=list)
-
-    @property
-    def state_dir(self) -> str:
-        return os.path.join(self.dir, "state")
-
-    @property
-    def spool(self) -> str:
-        return os.path.join(self.state_dir, "spool")
-
-    @property
-    def store(self) -> str:
-        return os.path.join(self.state_dir, "store")
-
-    @property
-    def snapshot(self) -> str:
-        return os.path.join(self.state_dir, "capture.json")
-
-    @property
-    def podindex(self) -> str:
-        return os.path.join(self.state_dir, "pods")
-
-    def configure(self, text: str) -> None:
-        """Replace the settings file (state_dir is always this capture's own) and apply it.
-
-        Applying is installing again, as a user does: it rewrites the handler's snapshot.
-        """
-        with open(self.config, "w") as f:
-            f.write(f'state_dir = "{self.state_dir}"\n' + text)
-        if os.path.exists(os.path.join(self.state_dir, hostsetup.STATE_NAME)):
-            hostsetup.install(self.handler, config_path=self.config)
-
-    def journal(self, pid: int | None = None) -> list[dict]:
-        records = spool.read_journal(self.spool)
-        return [r for r in records if pid is None or r.get("pid") == pid]
-
-    def entries(self) -> list[dict]:
-        return [spool.read_meta(self.spool, e) for e in spool.entries(self.spool)]
-
-    def volume_files(self) -> list[str]:
-        return sorted(os.listdir(self.volume))
-
-    def crash(self, rootfs: str, args: list[str], **kwargs: object) -> runc.Container:
-        """Run a container that crashes; returns it once the handler is done with it."""
-        kwargs.setdefault("volume", self.volume)
-        c = runc.Container(rootfs, args, **kwargs)  # type: ignore[arg-type]
-        result = c.run()
-        assert result.returncode != 0, f"the container was expected to crash: {result.stdout} {result.stderr}"
-        self.containers.append(c)
-        return c
-
-
-@contextmanager
-def installed_capture() -> Iterator[Capture]:
-    """Install the handler (pipe mode, every specifier) with a fresh state dir; restore after."""
-    d = tempfile.mkdtemp(prefix="cv-", dir="/tmp")  # short: the whole pattern must fit 127 bytes
-    handler = os.path.join(d, "h")
-    os.symlink(HANDLER, handler)
-    volume = os.path.join(d, "vol")
-    os.mkdir(volume)
-    cap = Capture(dir=d, config=os.path.join(d, "c.toml"), handler=handler, volume=volume)
-    cap.configure("")
-    try:
-        with sysctl.core_settings() as saved:
-            hostsetup.install(handler, config_path=cap.config)
-            try:
-                yield cap
-            finally:
-                hostsetup.uninstall(os.path.join(cap.state_dir, hostsetup.STATE_NAME))
-                assert hostsetup.read_sysctls() == saved, "uninstall did not restore the host's sysctls"
-    finally:
-        shutil.rmtree(d, ignore_errors=True)
 
 
 @pytest.fixture
@@ -167,3 +94,96 @@ def run_handler(
         timeout=timeout,
         check=False,
     )
+
+
+@dataclass
+class FixtureVault:
+    """The checked-in crashes in a vault of their own, shipped, analysed and grouped by the agent.
+
+    ``ids`` names four crashes made of the fixture's two entries, with pods of two namespaces:
+    ``a`` (crasher's SIGFPE in pod a/web-a-1), ``b`` (the same crash in b/web-b-1: one group
+    with ``a``), ``b-lib`` (libuser's SIGSEGV in libcrashy.so, in b/parser-b-1) and ``host``
+    (the SIGFPE again, of no pod: for readers of every namespace only), newest last, all
+    within the last hour. ``build_ids`` maps each stored object's file name to its build-id.
+    """
+
+    node: Node
+    ids: dict[str, str]
+    build_ids: dict[str, str]
+
+
+def _pod(ns: str, name: str, container: str, image: str) -> dict:
+    return {"namespace": ns, "name": name, "uid": f"uid-{name}", "container": container, "image": image,
+            "container_id": hashlib.sha256(name.encode()).hexdigest()}  # fmt: skip
+
+
+# name: (the fixture entry's executable, its pod or None, seconds before the vault was made)
+FIXTURE_CRASHES = {
+    "a": ("/app/crasher", _pod("a", "web-a-1", "web", "registry.example/web:1"), 2400),
+    "b": ("/app/crasher", _pod("b", "web-b-1", "web", "registry.example/web:1"), 1800),
+    "b-lib": ("/app/libuser", _pod("b", "parser-b-1", "parser", "registry.example/parser:2"), 1200),
+    "host": ("/app/crasher", None, 600),
+}
+
+
+def ship_fixture() -> FixtureVault:
+    """A new node whose spool held the fixture's crashes as :data:`FIXTURE_CRASHES` labels them, after one agent pass."""
+    entries = sorted(os.listdir(spool.ready_dir(FIXTURE_SPOOL)))
+    by_exe = {spool.read_meta(FIXTURE_SPOOL, e)["process"]["exe"]: e for e in entries}
+    node = make_node({"dir": FIXTURE_SPOOL, "ids": []})
+    ready = spool.ready_dir(node.spool)
+    now = int(time.time())
+    ids, build_ids = {}, {}
+    for pid, (name, (exe, pod, ago)) in enumerate(FIXTURE_CRASHES.items(), start=1):
+        meta = spool.read_meta(FIXTURE_SPOOL, by_exe[exe])
+        new = spool.new_id(now - ago, pid)
+        shutil.copytree(os.path.join(spool.ready_dir(FIXTURE_SPOOL), by_exe[exe]), os.path.join(ready, new))
+        meta |= {"id": new, "pod": pod or {}, "time": now - ago, "captured_at": now - ago + 0.5}
+        with open(os.path.join(ready, new, spool.META_NAME), "w") as f:
+            json.dump(meta, f)
+        ids[name] = new
+        build_ids |= {os.path.basename(m["path"]): m["build_id"] for m in meta["modules"]}
+    assert Agent(node.settings).run(once=True) == 0
+    assert sorted(c["id"] for c in node.crashes()) == sorted(ids.values())
+    return FixtureVault(node, ids, build_ids)
+
+
+def _vault_state(v: FixtureVault) -> tuple:
+    """What a test must leave as it found it: the catalog's crashes and groups, and the vault's files."""
+    with v.node.vault().engine.connect() as conn:
+        crashes = sorted(
+            json.dumps(c, sort_keys=True, default=str) for c in catalog.list_crashes(conn, limit=1000)
+        )
+        groups = sorted(json.dumps(g, sort_keys=True, default=str) for g in catalog.list_groups(conn, 1000))
+    files = sorted(
+        (os.path.relpath(os.path.join(root, f), v.node.dir), os.path.getsize(os.path.join(root, f)))
+        for root, _, names in os.walk(v.node.settings.vault_store.removeprefix("file://"))
+        for f in names
+    )
+    return crashes, groups, files
+
+
+@pytest.fixture(scope="session")
+def fixture_vault() -> Iterator[FixtureVault]:
+    v = ship_fixture()
+    yield v
+    shutil.rmtree(v.node.dir, ignore_errors=True)
+
+
+@pytest.fixture(autouse=True)
+def _fixture_vault_is_left_alone(request: pytest.FixtureRequest) -> Iterator[None]:
+    if "fixture_vault" not in request.fixturenames:
+        yield
+        return
+    v = request.getfixturevalue("fixture_vault")
+    before = _vault_state(v)
+    yield
+    assert _vault_state(v) == before, "this test changed the shared fixture_vault: take fixture_vault_copy"
+
+
+@pytest.fixture
+def fixture_vault_copy(fixture_vault: FixtureVault) -> Iterator[FixtureVault]:
+    """A vault of this test's own, as ``fixture_vault`` is (copied, not shipped again)."""
+    node = fixture_vault.node.copy()
+    yield FixtureVault(node, dict(fixture_vault.ids), dict(fixture_vault.build_ids))
+    shutil.rmtree(node.dir, ignore_errors=True)

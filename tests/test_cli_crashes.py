@@ -1,4 +1,7 @@
-"""``corevault list | info | dump | groups | rm | gdb`` over a vault filled by the agent."""
+"""``corevault list | info | dump | groups | rm | gdb`` over a vault the agent filled.
+
+The crashes are the checked-in ones (``fixture_vault``): no root, nothing crashes here.
+"""
 
 from __future__ import annotations
 
@@ -10,35 +13,33 @@ import subprocess
 import pytest
 import zstandard
 
-from corevault.agent.loop import Agent
-from tests.test_vault import CLI, Node, make_node, material  # noqa: F401 - material is a fixture
-
-pytestmark = pytest.mark.crash
+from tests.conftest import FIXTURE_SPOOL, FixtureVault
+from tests.nodes import CLI
 
 
-@pytest.fixture(scope="module")
-def node(material: dict) -> Node:  # noqa: F811
-    n = make_node(material)
-    Agent(n.settings).run(once=True)
-    return n
-
-
-def cli(node: Node, *args: str) -> subprocess.CompletedProcess:
+def cli(vault: FixtureVault, *args: str) -> subprocess.CompletedProcess:
     return subprocess.run(
-        [CLI, "-c", node.config, *args], capture_output=True, text=True, check=False, timeout=120
+        [CLI, "-c", vault.node.config, *args], capture_output=True, text=True, check=False, timeout=120
     )
 
 
-def test_list_newest_first_with_filters(node: Node) -> None:
-    rows = [json.loads(line) for line in cli(node, "list", "--json").stdout.splitlines()]
-    assert len(rows) == 3 and [r["time"] for r in rows] == sorted((r["time"] for r in rows), reverse=True)
-    abrt = [json.loads(line) for line in cli(node, "list", "--json", "--signal", "ABRT").stdout.splitlines()]
-    assert [r["exe"] for r in abrt] == ["/app/thrower"]
-    assert len(cli(node, "list", "--json", "-n", "1").stdout.splitlines()) == 1
-    assert cli(node, "list", "--json", "--since", "1d").stdout.count("\n") == 3
-    assert cli(node, "list", "--json", "--until", "2001-01-01").stdout == ""
-    table = cli(node, "list").stdout
-    assert "SIGSEGV in crash_here ← main" in table and "ID" in table
+def rows(vault: FixtureVault, *args: str) -> list[dict]:
+    return [json.loads(line) for line in cli(vault, "list", "--json", *args).stdout.splitlines()]
+
+
+def test_list_newest_first_with_filters(fixture_vault: FixtureVault) -> None:
+    ids = fixture_vault.ids
+    assert [r["id"] for r in rows(fixture_vault)] == [ids["host"], ids["b-lib"], ids["b"], ids["a"]]
+    assert [r["exe"] for r in rows(fixture_vault, "--signal", "SEGV")] == ["/app/libuser"]
+    assert [r["id"] for r in rows(fixture_vault, "--signal", "SIGFPE")] == [ids["host"], ids["b"], ids["a"]]
+    assert rows(fixture_vault, "--signal", "ABRT") == []
+    assert [r["id"] for r in rows(fixture_vault, "-n", "1")] == [ids["host"]]
+    assert len(rows(fixture_vault, "--since", "1d")) == 4
+    assert [r["id"] for r in rows(fixture_vault, "--since", "25m")] == [ids["host"], ids["b-lib"]]
+    assert cli(fixture_vault, "list", "--json", "--until", "2001-01-01").stdout == ""
+    table = cli(fixture_vault, "list").stdout
+    assert "SIGFPE in divide ← main" in table and "SIGSEGV in crashy_parse ← crashy_entry" in table
+    assert "ID" in table
 
 
 @pytest.mark.parametrize(
@@ -52,55 +53,69 @@ def test_list_newest_first_with_filters(node: Node) -> None:
         (["list", "-n", "0"], 2, "-n"),
     ],
 )
-def test_must_fail(node: Node, args: list[str], code: int, words: str) -> None:
-    out = cli(node, *args)
+def test_must_fail(fixture_vault: FixtureVault, args: list[str], code: int, words: str) -> None:
+    out = cli(fixture_vault, *args)
     assert out.returncode == code, out.stderr
     assert words in out.stderr and "Traceback" not in out.stderr
 
 
-def test_info_shows_the_report(node: Node) -> None:
-    crash = json.loads(cli(node, "list", "--json", "--signal", "ABRT").stdout)
-    text = cli(node, "info", crash["id"]).stdout
-    assert "SIGABRT in parse_config ← main" in text and "thrower.cc" in text and "Modules:" in text
-    doc = json.loads(cli(node, "info", "--json", crash["id"]).stdout)
+def test_info_shows_the_report(fixture_vault: FixtureVault) -> None:
+    (crash,) = rows(fixture_vault, "--signal", "SEGV")
+    text = cli(fixture_vault, "info", crash["id"]).stdout
+    assert "SIGSEGV in crashy_parse ← crashy_entry" in text and "libcrashy.c:" in text and "Modules:" in text
+    assert "parser-b-1" in text and "registry.example/parser:2" in text
+    # the C library is not in the fixture: its frames are module+offset, and the report says why
+    assert "(libc.so.6+0x" in text and "libc.so.6 (build-id" in text and "is not in the binary store" in text
+    doc = json.loads(cli(fixture_vault, "info", "--json", crash["id"]).stdout)
     assert doc["report"]["signature"] == crash["signature"] and doc["meta"]["id"] == crash["id"]
 
 
-def test_dump_writes_the_plain_core(node: Node, material: dict, tmp_path) -> None:  # noqa: F811
-    crash_id = material["ids"][0]
+def test_dump_writes_the_plain_core(fixture_vault: FixtureVault, tmp_path) -> None:
+    crash_id = fixture_vault.ids["b-lib"]
+    (entry,) = (e for e in os.listdir(os.path.join(FIXTURE_SPOOL, "ready")) if "libuser" in _exe(e))
     out = tmp_path / "core"
-    result = cli(node, "dump", crash_id, "-o", str(out))
+    result = cli(fixture_vault, "dump", crash_id, "-o", str(out))
     assert result.returncode == 0, result.stderr
-    with open(os.path.join(material["dir"], "ready", crash_id, "core.zst"), "rb") as f:
+    with open(os.path.join(FIXTURE_SPOOL, "ready", entry, "core.zst"), "rb") as f:
         expected = zstandard.ZstdDecompressor().stream_reader(f).read()
-    assert out.read_bytes() == expected
-    assert cli(node, "dump", crash_id, "-o", str(out)).returncode == 1  # no silent overwrite
-    assert cli(node, "dump", crash_id, "-o", str(out), "--force").returncode == 0
+    assert out.read_bytes() == expected and expected[:4] == b"\x7fELF"
+    assert cli(fixture_vault, "dump", crash_id, "-o", str(out)).returncode == 1  # no silent overwrite
+    assert cli(fixture_vault, "dump", crash_id, "-o", str(out), "--force").returncode == 0
 
 
-def test_groups(node: Node) -> None:
-    groups = json.loads(cli(node, "groups", "--json").stdout)
-    assert sorted(g["count"] for g in groups) == [1, 2]
+def _exe(entry: str) -> str:
+    with open(os.path.join(FIXTURE_SPOOL, "ready", entry, "meta.json")) as f:
+        return json.load(f)["process"]["exe"]
 
 
-def test_gdb_batch_after_the_image_is_gone(node: Node) -> None:
+def test_groups(fixture_vault: FixtureVault) -> None:
+    groups = json.loads(cli(fixture_vault, "groups", "--json").stdout)
+    assert sorted((g["count"], g["title"]) for g in groups) == [
+        (1, "SIGSEGV in crashy_parse ← crashy_entry"),
+        (3, "SIGFPE in divide ← main"),
+    ]
+
+
+def test_gdb_batch_after_the_image_is_gone(fixture_vault_copy: FixtureVault) -> None:
     """Only the vault's copies of the binaries are left: the node's store and the image are gone."""
-    shutil.rmtree(node.settings.buildid_dir)
-    crash = json.loads(cli(node, "list", "--json", "--signal", "ABRT").stdout)
-    out = cli(node, "gdb", crash["id"], "--batch", "--", "-ex", "bt")
+    shutil.rmtree(fixture_vault_copy.node.settings.buildid_dir)
+    out = cli(fixture_vault_copy, "gdb", fixture_vault_copy.ids["b-lib"], "--batch", "--", "-ex", "bt")
     assert out.returncode == 0, out.stderr
-    frames = [line for line in out.stdout.splitlines() if line.startswith("#")]
-    assert any(" parse_config (" in f for f in frames) and any(" main (" in f for f in frames), frames
+    # gdb shows frame #0 where it stopped, then the whole backtrace
+    frames = {line.split()[0]: line for line in out.stdout.splitlines() if line.startswith("#")}
+    names = [frames[f"#{n}"].split(" in ")[1].split(" (")[0] for n in range(3)]
+    assert names == ["crashy_parse", "crashy_entry", "main"], out.stdout
     assert (
         "Using host libthread_db" not in out.stdout + out.stderr
     )  # no thread library is loaded, not even the host's
 
 
-def test_rm_forgets_a_crash(node: Node, material: dict) -> None:  # noqa: F811
-    victim = material["ids"][-1]
-    assert cli(node, "rm", victim).returncode == 0
-    assert cli(node, "info", victim).returncode == 4
-    assert victim not in cli(node, "list", "--json").stdout
+def test_rm_forgets_a_crash(fixture_vault_copy: FixtureVault) -> None:
+    victim = fixture_vault_copy.ids["b-lib"]
+    assert cli(fixture_vault_copy, "rm", victim).returncode == 0
+    assert cli(fixture_vault_copy, "info", victim).returncode == 4
+    assert victim not in cli(fixture_vault_copy, "list", "--json").stdout
+    assert [g["count"] for g in json.loads(cli(fixture_vault_copy, "groups", "--json").stdout)] == [3]
 
 
 @pytest.mark.parametrize(
@@ -108,7 +123,10 @@ def test_rm_forgets_a_crash(node: Node, material: dict) -> None:  # noqa: F811
     [
         ('catalog = "mysql://x/y"', "is not usable"),
         ('catalog = "notaurl"', "is not usable"),
-        ('store = "ftp://x"', "use file:///path, s3://bucket/prefix, gs://bucket/prefix, az://container/prefix"),
+        (
+            'store = "ftp://x"',
+            "use file:///path, s3://bucket/prefix, gs://bucket/prefix, az://container/prefix",
+        ),
     ],
 )
 def test_bad_vault_settings_are_one_line(tmp_path, setting: str, words: str) -> None:

@@ -1,9 +1,10 @@
 """``corevault serve``: the JSON API, debuginfod, metrics and namespace-scoped access.
 
-A real uvicorn on 127.0.0.1 serves a vault the agent filled from real crashes, relabelled
-into two namespaces (``a``: one SIGSEGV; ``b``: one SIGSEGV of the same bug and an uncaught
-C++ exception) and a host process. Tokens for ``a`` must learn nothing of ``b`` on any
-endpoint.
+A real uvicorn on 127.0.0.1 serves the checked-in crashes (``fixture_vault``): in namespace
+``a`` a SIGFPE; in ``b`` the same bug and a SIGSEGV in a shared library (``b-lib``, whose
+binaries nothing of ``a`` mapped); a host process's SIGFPE. Tokens for ``a`` must learn
+nothing of ``b`` on any endpoint. Nothing here needs root; the tests that remove crashes
+serve a copy of their own.
 """
 
 from __future__ import annotations
@@ -15,22 +16,19 @@ import shutil
 import subprocess
 import sys
 from collections.abc import Iterator
+from contextlib import contextmanager
 from dataclasses import dataclass
 
 import httpx
 import pytest
 import zstandard
 
-from corevault import spool
-from corevault.agent.loop import Agent
 from corevault.server.access import StaticTokens
 from corevault.server.app import create_app
 from corevault.vault import blobs
 from testbed import servers
-from tests.test_vault import Node, make_node, material  # noqa: F401 - material is a fixture
-
-pytestmark = pytest.mark.crash
-CLI = os.path.join(os.path.dirname(sys.executable), "corevault")
+from tests.conftest import FixtureVault
+from tests.nodes import CLI, Node
 
 TOKENS = {
     "admin": "admin-token-0123456789",
@@ -45,64 +43,36 @@ class Served:
     url: str
     node: Node
     app: object
-    ids: dict[str, str]  # a, b-segv, b-abrt, host -> crash id
-    build_ids: dict[str, str]  # crasher, thrower -> build-id
+    ids: dict[str, str]  # a, b, b-lib, host -> crash id
+    build_ids: dict[str, str]  # file name of a mapped object -> build-id
 
     def get(self, path: str, who: str | None = "admin", **kw: object) -> httpx.Response:
         headers = {"Authorization": f"Bearer {TOKENS[who]}"} if who else {}
         return httpx.get(self.url + path, headers={**headers, **kw.pop("headers", {})}, **kw)  # type: ignore[arg-type]
 
 
-def _relabel(ready: str, entry: str, pod: dict, new_id: str | None = None) -> str:
-    """Give a spool entry another pod (or none), optionally as a copy under a new id."""
-    if new_id:
-        shutil.copytree(os.path.join(ready, entry), os.path.join(ready, new_id))
-        entry = new_id
-    path = os.path.join(ready, entry, spool.META_NAME)
-    with open(path) as f:
-        meta = json.load(f)
-    meta["id"], meta["pod"] = entry, pod
-    with open(path, "w") as f:
-        json.dump(meta, f)
-    return entry
-
-
-def _pod(ns: str, name: str, container: str, image: str) -> dict:
-    return {"namespace": ns, "name": name, "uid": f"uid-{name}", "container": container, "image": image,
-            "container_id": hashlib.sha256(name.encode()).hexdigest()}  # fmt: skip
+@contextmanager
+def serve(vault: FixtureVault) -> Iterator[Served]:
+    """``vault`` behind a real uvicorn with the static tokens of :data:`TOKENS`."""
+    tokens = os.path.join(vault.node.dir, "tokens.toml")
+    with open(tokens, "w") as f:
+        f.write(
+            f'[[token]]\nname = "root"\ntoken = "{TOKENS["admin"]}"\nnamespaces = ["*"]\ndelete = true\n'
+            f'[[token]]\nname = "alice"\nsha256 = "{hashlib.sha256(TOKENS["a"].encode()).hexdigest()}"\nnamespaces = ["a"]\n'
+            f'[[token]]\nname = "bob"\ntoken = "{TOKENS["b"]}"\nnamespaces = ["b"]\n'
+            f'[[token]]\nname = "carol"\ntoken = "{TOKENS["a-admin"]}"\nnamespaces = ["a"]\ndelete = true\n'
+        )
+    os.chmod(tokens, 0o600)
+    app = create_app(vault.node.settings, StaticTokens(tokens))
+    with servers.asgi(app) as url:
+        yield Served(url, vault.node, app, vault.ids, vault.build_ids)
 
 
 @pytest.fixture(scope="module")
-def served(material: dict, tmp_path_factory: pytest.TempPathFactory) -> Iterator[Served]:  # noqa: F811
-    node = make_node(material)
-    ready = spool.ready_dir(node.spool)
-    by_exe: dict[str, list[str]] = {}
-    build_ids = {}
-    for entry in material["ids"]:
-        meta = spool.read_meta(node.spool, entry)
-        exe = meta["process"]["exe"]
-        by_exe.setdefault(exe, []).append(entry)
-        build_ids[os.path.basename(exe)] = next(m["build_id"] for m in meta["modules"] if m["path"] == exe)
-    segv_a, segv_b = by_exe["/app/crasher"]
-    (abrt_b,) = by_exe["/app/thrower"]
-    host = _relabel(ready, segv_a, {}, new_id=segv_a[:-8] + "0a0a0a0a")
-    _relabel(ready, segv_a, _pod("a", "web-a-1", "web", "registry.example/web:1"))
-    _relabel(ready, segv_b, _pod("b", "web-b-1", "web", "registry.example/web:1"))
-    _relabel(ready, abrt_b, _pod("b", "api-b-1", "api", "registry.example/api:2"))
-    Agent(node.settings).run(once=True)
-    tokens = tmp_path_factory.mktemp("tokens") / "tokens.toml"
-    tokens.write_text(
-        f'[[token]]\nname = "root"\ntoken = "{TOKENS["admin"]}"\nnamespaces = ["*"]\ndelete = true\n'
-        f'[[token]]\nname = "alice"\nsha256 = "{hashlib.sha256(TOKENS["a"].encode()).hexdigest()}"\nnamespaces = ["a"]\n'
-        f'[[token]]\nname = "bob"\ntoken = "{TOKENS["b"]}"\nnamespaces = ["b"]\n'
-        f'[[token]]\nname = "carol"\ntoken = "{TOKENS["a-admin"]}"\nnamespaces = ["a"]\ndelete = true\n'
-    )
-    tokens.chmod(0o600)
-    app = create_app(node.settings, StaticTokens(str(tokens)))
-    with servers.asgi(app) as url:
-        yield Served(
-            url, node, app, {"a": segv_a, "b-segv": segv_b, "b-abrt": abrt_b, "host": host}, build_ids
-        )
+def served(fixture_vault: FixtureVault) -> Iterator[Served]:
+    """The shared vault, served: the tests that use it only read."""
+    with serve(fixture_vault) as s:
+        yield s
 
 
 def test_crashes_are_listed_newest_first_and_paged(served: Served) -> None:
@@ -120,8 +90,8 @@ def test_crashes_are_listed_newest_first_and_paged(served: Served) -> None:
         if not cursor:
             break
     assert seen == [c["id"] for c in everything["items"]]
-    assert [c["id"] for c in served.get("/api/v1/crashes", params={"signal": "ABRT"}).json()["items"]] == [
-        served.ids["b-abrt"]
+    assert [c["id"] for c in served.get("/api/v1/crashes", params={"signal": "SEGV"}).json()["items"]] == [
+        served.ids["b-lib"]
     ]
     bad = served.get("/api/v1/crashes", params={"cursor": "not-a-cursor"})
     assert bad.status_code == 400 and "cursor" in bad.json()["detail"]
@@ -132,28 +102,28 @@ def test_groups_are_counted_over_the_readers_namespaces_only(served: Served) -> 
         return {g["signal_name"]: g for g in served.get("/api/v1/groups", who).json()["items"]}
 
     everyone = groups("admin")
-    assert everyone["SIGSEGV"]["count"] == 3 and everyone["SIGABRT"]["count"] == 1
-    assert everyone["SIGSEGV"]["namespaces"] == ["a", "b"] and everyone["SIGSEGV"]["images"] == [
+    assert everyone["SIGFPE"]["count"] == 3 and everyone["SIGSEGV"]["count"] == 1
+    assert everyone["SIGFPE"]["namespaces"] == ["a", "b"] and everyone["SIGFPE"]["images"] == [
         "registry.example/web:1"
     ]
-    assert sum(everyone["SIGSEGV"]["daily"]) == 3 and len(everyone["SIGSEGV"]["daily"]) == 14
+    assert sum(everyone["SIGFPE"]["daily"]) == 3 and len(everyone["SIGFPE"]["daily"]) == 14
     only_a = groups("a")
     assert (
-        list(only_a) == ["SIGSEGV"]
-        and only_a["SIGSEGV"]["count"] == 1
-        and only_a["SIGSEGV"]["namespaces"] == ["a"]
+        list(only_a) == ["SIGFPE"]
+        and only_a["SIGFPE"]["count"] == 1
+        and only_a["SIGFPE"]["namespaces"] == ["a"]
     )
-    assert sum(only_a["SIGSEGV"]["daily"]) == 1
+    assert sum(only_a["SIGFPE"]["daily"]) == 1
     only_b = groups("b")
-    assert only_b["SIGSEGV"]["count"] == 1 and only_b["SIGABRT"]["count"] == 1
-    assert only_b["SIGABRT"]["title"] == "SIGABRT in parse_config ← main"
+    assert only_b["SIGFPE"]["count"] == 1 and only_b["SIGSEGV"]["count"] == 1
+    assert only_b["SIGSEGV"]["title"] == "SIGSEGV in crashy_parse ← crashy_entry"
     assert served.get("/api/v1/namespaces", "a").json() == ["a"]
     assert served.get("/api/v1/namespaces", "admin").json() == ["a", "b"]
 
 
 def _requests_for_b(served: Served) -> list[tuple[str, str]]:
     """Every route of the app and method, filled in with namespace b's crash, group and binary, or filtered to b."""
-    b, thrower = served.ids["b-abrt"], served.build_ids["thrower"]
+    b, lib = served.ids["b-lib"], served.build_ids["libcrashy.so"]
     group = served.get(f"/api/v1/crashes/{b}").json()["signature"]
     out = []
     for top in served.app.routes:  # type: ignore[attr-defined]
@@ -164,7 +134,7 @@ def _requests_for_b(served: Served) -> list[tuple[str, str]]:
             if path in ("/healthz", "/metrics", "/login", "/logout", "/static", "/api/v1/openapi.json"):
                 continue  # nothing about any crash behind these
             for method in methods:
-                url = path.format(crash_id=b, build_id=thrower, signature=group, rid="no-such-request")
+                url = path.format(crash_id=b, build_id=lib, signature=group, rid="no-such-request")
                 if "{" in path or path == "/api/v1/namespaces":
                     out.append((method, url))
                 else:  # a list: asked for b by name, and unfiltered
@@ -174,15 +144,15 @@ def _requests_for_b(served: Served) -> list[tuple[str, str]]:
 
 def test_a_reader_of_a_learns_nothing_of_b_on_any_endpoint(served: Served) -> None:
     b_words = [
-        served.ids["b-segv"],
+        served.ids["b"],
         "web-b-1",
-        "api-b-1",
-        "parse_config",
-        "registry.example/api",
+        "parser-b-1",
+        "crashy_parse",
+        "registry.example/parser",
     ]
     walk = _requests_for_b(served)
     assert len({url.split("?")[0] for _, url in walk}) == 18, walk  # every API, debuginfod and page route
-    b_group = served.get(f"/api/v1/crashes/{served.ids['b-abrt']}").json()["signature"]
+    b_group = served.get(f"/api/v1/crashes/{served.ids['b-lib']}").json()["signature"]
     for method, url in walk:
         r = httpx.request(
             method, served.url + url, headers={"Authorization": f"Bearer {TOKENS['a']}"},
@@ -192,24 +162,24 @@ def test_a_reader_of_a_learns_nothing_of_b_on_any_endpoint(served: Served) -> No
             cookies={"corevault_token": TOKENS["a"]} if url.startswith("/groups/") and method == "POST" else None,
         )  # fmt: skip
         # a snapshot request is for b's pod (a reader of a may not exec there), or names none that exists
-        of_b = ("namespace=b", served.ids["b-abrt"], "/buildid/", b_group, "/snapshots")
+        of_b = ("namespace=b", served.ids["b-lib"], "/buildid/", b_group, "/snapshots")
         if any(word in url for word in of_b):
             assert r.status_code in (403, 404), (method, url, r.status_code)
         else:
             assert r.status_code == 200, (method, url, r.status_code)
-        body = r.text.replace(served.ids["b-abrt"], "ID")  # the id it asked for, echoed in "no crash 'ID'"
+        body = r.text.replace(served.ids["b-lib"], "ID")  # the id it asked for, echoed in "no crash 'ID'"
         for word in b_words:
             assert word not in body, (method, url, word)
-        if r.status_code == 404 and served.ids["b-abrt"] in url:  # just as if there were no such crash
+        if r.status_code == 404 and served.ids["b-lib"] in url:  # just as if there were no such crash
             ghost = httpx.request(
                 method,
-                served.url + url.replace(served.ids["b-abrt"], "ID"),
+                served.url + url.replace(served.ids["b-lib"], "ID"),
                 headers={"Authorization": f"Bearer {TOKENS['a']}"},
             )
             assert (ghost.status_code, ghost.text) == (r.status_code, body)
     # and the same objects are there for b
-    assert served.get(f"/api/v1/crashes/{served.ids['b-abrt']}", "b").status_code == 200
-    assert served.get(f"/buildid/{served.build_ids['thrower']}/executable", "b").status_code == 200
+    assert served.get(f"/api/v1/crashes/{served.ids['b-lib']}", "b").status_code == 200
+    assert served.get(f"/buildid/{served.build_ids['libcrashy.so']}/executable", "b").status_code == 200
     assert served.get(f"/buildid/{served.build_ids['crasher']}/executable", "a").status_code == 200
     # a host process's crash is for readers of every namespace only
     assert served.get(f"/api/v1/crashes/{served.ids['host']}", "a").status_code == 404
@@ -242,7 +212,7 @@ def _plain_core(served: Served, crash_id: str) -> bytes:
 
 
 def test_core_download_streams_the_plain_core_with_ranges(served: Served) -> None:
-    crash_id = served.ids["b-abrt"]
+    crash_id = served.ids["b-lib"]
     plain = _plain_core(served, crash_id)
     url = f"/api/v1/crashes/{crash_id}/core"
     whole = served.get(url)
@@ -266,22 +236,22 @@ def test_core_download_streams_the_plain_core_with_ranges(served: Served) -> Non
 
 
 def test_report_download(served: Served) -> None:
-    crash_id = served.ids["b-abrt"]
+    crash_id = served.ids["b-lib"]
     crash = served.get(f"/api/v1/crashes/{crash_id}").json()
     report = served.get(f"/api/v1/crashes/{crash_id}/report")
     assert report.json() == crash["report"] and "attachment" in report.headers["content-disposition"]
     text = served.get(f"/api/v1/crashes/{crash_id}/report", params={"format": "text"}).text
-    assert "Stack trace of thread" in text and "parse_config" in text
+    assert "Stack trace of thread" in text and "crashy_parse" in text
 
 
 def test_secret_looking_environment_is_not_stored(served: Served) -> None:
-    crash = served.get(f"/api/v1/crashes/{served.ids['b-abrt']}").json()
+    crash = served.get(f"/api/v1/crashes/{served.ids['b-lib']}").json()
     env = crash["meta"]["process"]["environ"]
     assert env["DB_PASSWORD"] == "REDACTED" and env["PATH"] == "/bin:/app"
     store = served.node.vault().store
-    with store.open(blobs.meta_key(served.ids["b-abrt"])) as f:
+    with store.open(blobs.meta_key(served.ids["b-lib"])) as f:
         assert b"hunter2" not in f.read()
-    assert "hunter2" not in served.get(f"/crashes/{served.ids['b-abrt']}").text
+    assert "hunter2" not in served.get(f"/crashes/{served.ids['b-lib']}").text
 
 
 def test_metrics_and_health(served: Served) -> None:
@@ -312,7 +282,7 @@ for frame in prog.crashed_thread().stack_trace():
 
 def test_gdb_eu_stack_and_drgn_fetch_binaries_through_debuginfod(served: Served, tmp_path) -> None:
     """With no binary on disk, real gdb, eu-stack and drgn symbolize the crash from the server alone."""
-    crash_id = served.ids["b-abrt"]
+    crash_id = served.ids["b-lib"]
     core = tmp_path / "core"
     core.write_bytes(_plain_core(served, crash_id))
     headers = tmp_path / "headers"
@@ -326,16 +296,16 @@ def test_gdb_eu_stack_and_drgn_fetch_binaries_through_debuginfod(served: Served,
         capture_output=True, text=True, env=env, timeout=300, check=False, cwd=tmp_path,
     )  # fmt: skip
     frames = [line for line in gdb.stdout.splitlines() if line.startswith("#")]
-    assert any(" parse_config (" in f for f in frames) and any(" main (" in f for f in frames), (
+    assert any(" crashy_parse (" in f for f in frames) and any(" main (" in f for f in frames), (
         gdb.stdout + gdb.stderr
     )
-    thrower = served.build_ids["thrower"]
-    assert (tmp_path / "cache" / thrower / "executable").exists()
+    lib = served.build_ids["libcrashy.so"]
+    assert (tmp_path / "cache" / lib / "executable").exists()
     shutil.rmtree(tmp_path / "cache")
     stack = subprocess.run(
         ["eu-stack", "--core", str(core)], capture_output=True, text=True, env=env, timeout=300, check=False
     )
-    assert "parse_config" in stack.stdout and " main" in stack.stdout, stack.stdout + stack.stderr
+    assert "crashy_parse" in stack.stdout and " main" in stack.stdout, stack.stdout + stack.stderr
     shutil.rmtree(tmp_path / "cache")
     drgn = subprocess.run(
         [sys.executable, "-c", DRGN_BT, str(core)],
@@ -345,25 +315,27 @@ def test_gdb_eu_stack_and_drgn_fetch_binaries_through_debuginfod(served: Served,
         timeout=300,
         check=False,
     )
-    assert "parse_config at " in drgn.stdout and "thrower.cc:" in drgn.stdout, drgn.stdout + drgn.stderr
+    assert "crashy_parse at " in drgn.stdout and "libcrashy.c:" in drgn.stdout, drgn.stdout + drgn.stderr
     # a reader of another namespace gets nothing from debuginfod either
     headers.write_text(f"Authorization: Bearer {TOKENS['a']}\n")
     shutil.rmtree(tmp_path / "cache")
     blind = subprocess.run(
         ["eu-stack", "--core", str(core)], capture_output=True, text=True, env=env, timeout=300, check=False
     )
-    assert "parse_config" not in blind.stdout
+    assert "crashy_parse" not in blind.stdout
 
 
 def test_debuginfo_is_served_only_for_binaries_with_dwarf(served: Served) -> None:
-    thrower = served.build_ids["thrower"]  # built with -g
-    r = served.get(f"/buildid/{thrower}/debuginfo")
+    lib = served.build_ids["libcrashy.so"]  # built with -g
+    r = served.get(f"/buildid/{lib}/debuginfo")
     assert r.status_code == 200 and r.content[:4] == b"\x7fELF"
-    assert r.content == served.get(f"/buildid/{thrower}/executable").content
-    crash = served.get(f"/api/v1/crashes/{served.ids['b-abrt']}").json()
+    assert r.content == served.get(f"/buildid/{lib}/executable").content
+    crash = served.get(f"/api/v1/crashes/{served.ids['b-lib']}").json()
+    loader = next(m["build_id"] for m in crash["meta"]["modules"] if "ld-linux" in m["path"])
+    assert served.get(f"/buildid/{loader}/executable").status_code == 200
+    assert served.get(f"/buildid/{loader}/debuginfo").status_code == 404  # the captured loader is stripped
     libc = next(m["build_id"] for m in crash["meta"]["modules"] if "libc.so" in m["path"])
-    assert served.get(f"/buildid/{libc}/executable").status_code == 200
-    assert served.get(f"/buildid/{libc}/debuginfo").status_code == 404  # the captured libc is stripped
+    assert served.get(f"/buildid/{libc}/executable").status_code == 404  # mapped, but not held
     assert served.get("/buildid/..%2f..%2fetc%2fpasswd/executable").status_code == 404
 
 
@@ -375,18 +347,18 @@ def _cli(served: Served, who: str, *args: str) -> subprocess.CompletedProcess:
 
 def test_cli_remote_mode(served: Served, tmp_path) -> None:
     rows = [json.loads(line) for line in _cli(served, "b", "list", "--json").stdout.splitlines()]
-    assert {r["id"] for r in rows} == {served.ids["b-segv"], served.ids["b-abrt"]}
-    info = _cli(served, "b", "info", served.ids["b-abrt"])
-    assert "SIGABRT in parse_config ← main" in info.stdout and "api-b-1" in info.stdout
-    missing = _cli(served, "a", "info", served.ids["b-abrt"])
+    assert {r["id"] for r in rows} == {served.ids["b"], served.ids["b-lib"]}
+    info = _cli(served, "b", "info", served.ids["b-lib"])
+    assert "SIGSEGV in crashy_parse ← crashy_entry" in info.stdout and "parser-b-1" in info.stdout
+    missing = _cli(served, "a", "info", served.ids["b-lib"])
     assert missing.returncode == 4 and "no crash" in missing.stderr
     out = tmp_path / "core"
-    assert _cli(served, "b", "dump", served.ids["b-abrt"], "-o", str(out)).returncode == 0
-    assert out.read_bytes() == _plain_core(served, served.ids["b-abrt"])
+    assert _cli(served, "b", "dump", served.ids["b-lib"], "-o", str(out)).returncode == 0
+    assert out.read_bytes() == _plain_core(served, served.ids["b-lib"])
     groups = json.loads(_cli(served, "a", "groups", "--json").stdout)
-    assert [(g["signal_name"], g["count"]) for g in groups] == [("SIGSEGV", 1)]
-    gdb = _cli(served, "b", "gdb", served.ids["b-abrt"], "--batch", "--", "-ex", "bt")
-    assert " parse_config (" in gdb.stdout, gdb.stdout + gdb.stderr
+    assert [(g["signal_name"], g["count"]) for g in groups] == [("SIGFPE", 1)]
+    gdb = _cli(served, "b", "gdb", served.ids["b-lib"], "--batch", "--", "-ex", "bt")
+    assert " crashy_parse (" in gdb.stdout, gdb.stdout + gdb.stderr
     denied = _cli(served, "a", "rm", served.ids["a"])
     assert denied.returncode == 1 and "may read but not remove" in denied.stderr
     unreachable = subprocess.run(
@@ -423,33 +395,33 @@ def test_browser_from_the_group_list_to_a_crash_and_its_core(served: Served, tmp
             page.click("form[action='/login'] button")
             page.wait_for_url(served.url + "/")
             assert page.locator("table.groups tbody tr").count() == 2
-            assert "SIGABRT in parse_config ← main" in page.inner_text("table.groups")
+            assert "SIGSEGV in crashy_parse ← crashy_entry" in page.inner_text("table.groups")
             page.screenshot(path=os.path.join(SCREENSHOTS, "groups.png"), full_page=True)
 
-            page.click("text=SIGABRT in parse_config ← main")
+            page.click("text=SIGSEGV in crashy_parse ← crashy_entry")
             page.wait_for_url("**/groups/*")
-            assert "registry.example/api:2" in page.inner_text("#per-image")
+            assert "registry.example/parser:2" in page.inner_text("#per-image")
             page.click("text=all crashes of this group")
             page.wait_for_url("**/crashes?group=*")
-            assert page.locator("table.crashes tbody tr").count() == 1 and "api-b-1" in page.inner_text(
+            assert page.locator("table.crashes tbody tr").count() == 1 and "parser-b-1" in page.inner_text(
                 "table.crashes"
             )
             page.screenshot(path=os.path.join(SCREENSHOTS, "group.png"), full_page=True)
 
             page.click("a.crash-link")
-            page.wait_for_url(f"**/crashes/{served.ids['b-abrt']}")
+            page.wait_for_url(f"**/crashes/{served.ids['b-lib']}")
             stack = page.inner_text("#crashed-stack")
-            assert "parse_config" in stack and "thrower.cc:" in stack and "main" in stack
-            assert "kubectl corevault debug api-b-1 -n b -c api" in page.inner_text(".actions")
-            assert f"corevault gdb {served.ids['b-abrt']}" in page.inner_text(".actions")
+            assert "crashy_parse" in stack and "libcrashy.c:" in stack and "main" in stack
+            assert "kubectl corevault debug parser-b-1 -n b -c parser" in page.inner_text(".actions")
+            assert f"corevault gdb {served.ids['b-lib']}" in page.inner_text(".actions")
             page.screenshot(path=os.path.join(SCREENSHOTS, "crash.png"), full_page=True)
 
             with page.expect_download() as download:
                 page.click("#download-core")
             saved = tmp_path / "core"
             download.value.save_as(saved)
-            assert saved.read_bytes() == _plain_core(served, served.ids["b-abrt"])
-            assert download.value.suggested_filename == f"core-{served.ids['b-abrt']}"
+            assert saved.read_bytes() == _plain_core(served, served.ids["b-lib"])
+            assert download.value.suggested_filename == f"core-{served.ids['b-lib']}"
 
             # another reader, in a fresh browser context: namespace a only
             other = browser.new_page(viewport={"width": 1366, "height": 768})
@@ -458,32 +430,33 @@ def test_browser_from_the_group_list_to_a_crash_and_its_core(served: Served, tmp
             other.click("form[action='/login'] button")
             other.wait_for_url(served.url + "/")
             assert (
-                "parse_config" not in other.content() and other.locator("table.groups tbody tr").count() == 1
+                "crashy_parse" not in other.content() and other.locator("table.groups tbody tr").count() == 1
             )
-            response = other.goto(f"{served.url}/crashes/{served.ids['b-abrt']}")
+            response = other.goto(f"{served.url}/crashes/{served.ids['b-lib']}")
             assert response is not None and response.status == 404 and "Not found" in other.inner_text("h1")
         finally:
             browser.close()
 
 
-def test_removing_a_crash_takes_it_out_of_the_counts(served: Served) -> None:
-    """Last in this module: it removes crashes from the shared vault."""
-    r = httpx.delete(
-        served.url + f"/api/v1/crashes/{served.ids['a']}", headers={"Authorization": f"Bearer {TOKENS['b']}"}
-    )
-    assert r.status_code == 404  # b cannot even tell that a's crash exists
-    r = httpx.delete(
-        served.url + f"/api/v1/crashes/{served.ids['a']}",
-        headers={"Authorization": f"Bearer {TOKENS['a-admin']}"},
-    )
-    assert r.status_code == 204
-    assert served.get(f"/api/v1/crashes/{served.ids['a']}").status_code == 404
-    assert served.get("/api/v1/groups", "a").json()["items"] == []
-    segv = next(g for g in served.get("/api/v1/groups").json()["items"] if g["signal_name"] == "SIGSEGV")
-    assert segv["count"] == 2 and segv["namespaces"] == ["b"]
-    assert _cli(served, "admin", "rm", served.ids["host"]).returncode == 0
-    segv = next(g for g in served.get("/api/v1/groups").json()["items"] if g["signal_name"] == "SIGSEGV")
-    assert segv["count"] == 1
+def test_removing_a_crash_takes_it_out_of_the_counts(fixture_vault_copy: FixtureVault) -> None:
+    with serve(fixture_vault_copy) as served:
+        r = httpx.delete(
+            served.url + f"/api/v1/crashes/{served.ids['a']}",
+            headers={"Authorization": f"Bearer {TOKENS['b']}"},
+        )
+        assert r.status_code == 404  # b cannot even tell that a's crash exists
+        r = httpx.delete(
+            served.url + f"/api/v1/crashes/{served.ids['a']}",
+            headers={"Authorization": f"Bearer {TOKENS['a-admin']}"},
+        )
+        assert r.status_code == 204
+        assert served.get(f"/api/v1/crashes/{served.ids['a']}").status_code == 404
+        assert served.get("/api/v1/groups", "a").json()["items"] == []
+        fpe = next(g for g in served.get("/api/v1/groups").json()["items"] if g["signal_name"] == "SIGFPE")
+        assert fpe["count"] == 2 and fpe["namespaces"] == ["b"]
+        assert _cli(served, "admin", "rm", served.ids["host"]).returncode == 0
+        fpe = next(g for g in served.get("/api/v1/groups").json()["items"] if g["signal_name"] == "SIGFPE")
+        assert fpe["count"] == 1
 
 
 def test_kubernetes_mode_asks_the_api_server_who_may_read_what(served: Served, tmp_path) -> None:
@@ -507,17 +480,17 @@ def test_kubernetes_mode_asks_the_api_server_who_may_read_what(served: Served, t
                 return httpx.get(url + path, headers={"Authorization": f"Bearer {token}"} if token else {})
 
             alice = {c["id"] for c in get("/api/v1/crashes", "alice-token").json()["items"]}
-            assert alice == {served.ids["b-segv"], served.ids["b-abrt"]}
+            assert alice == {served.ids["b"], served.ids["b-lib"]}
             assert get("/api/v1/crashes?namespace=a", "alice-token").status_code == 403
-            assert get(f"/api/v1/crashes/{served.ids['b-abrt']}/core", "alice-token").status_code == 200
+            assert get(f"/api/v1/crashes/{served.ids['b-lib']}/core", "alice-token").status_code == 200
             assert [g["count"] for g in get("/api/v1/groups", "alice-token").json()["items"]] == [1, 1]
             everything = {c["id"] for c in get("/api/v1/crashes", "ops-token").json()["items"]}
-            assert {served.ids["b-segv"], served.ids["b-abrt"]} <= everything  # cluster-wide: all of them
+            assert {served.ids["b"], served.ids["b-lib"]} <= everything  # cluster-wide: all of them
             nobody = get("/api/v1/crashes", "stolen-token")
             assert nobody.status_code == 401 and "does not accept this token" in nobody.json()["detail"]
             assert get("/api/v1/crashes", None).status_code == 401
             r = httpx.delete(
-                url + f"/api/v1/crashes/{served.ids['b-abrt']}",
+                url + f"/api/v1/crashes/{served.ids['b-lib']}",
                 headers={"Authorization": "Bearer alice-token"},
             )
             assert r.status_code == 403  # may get pods in b, not delete them

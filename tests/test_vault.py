@@ -15,12 +15,10 @@ import os
 import shutil
 import signal
 import subprocess
-import sys
 import tempfile
 import time
 import urllib.request
 from collections.abc import Callable, Iterator
-from dataclasses import dataclass
 
 import pytest
 import sqlalchemy as sa
@@ -30,9 +28,9 @@ from corevault.agent.loop import Agent
 from corevault.vault import blobs, catalog, retention, ship
 from testbed import servers
 from tests.conftest import installed_capture
+from tests.nodes import CLI, Node, make_node
 
 pytestmark = pytest.mark.crash
-CLI = os.path.join(os.path.dirname(sys.executable), "corevault")
 
 
 @pytest.fixture(scope="module")
@@ -69,49 +67,6 @@ def s3(tmp_path_factory: pytest.TempPathFactory) -> Iterator[servers.Seaweed]:
 def pg() -> Iterator[servers.Postgres]:
     with servers.postgres() as p:
         yield p
-
-
-@dataclass
-class Node:
-    dir: str
-    config: str
-    settings: config.Settings
-
-    @property
-    def spool(self) -> str:
-        return self.settings.spool_dir
-
-    def vault(self) -> ship.Vault:
-        return ship.open_vault(self.settings)
-
-    def crashes(self) -> list[dict]:
-        with self.vault().engine.connect() as conn:
-            return catalog.list_crashes(conn, limit=1000)
-
-    def agent(self, *args: str, **kw: object) -> subprocess.Popen:
-        return subprocess.Popen(
-            [CLI, "-c", self.config, "agent", *args], stderr=subprocess.PIPE, text=True, **kw
-        )  # type: ignore[call-overload]
-
-
-_counter = iter(range(1_000_000))
-
-
-def make_node(material: dict, vault: str = "", extra: str = "") -> Node:
-    d = tempfile.mkdtemp(prefix="cv-node-")
-    cfg = os.path.join(d, "c.toml")
-    with open(cfg, "w") as f:
-        f.write(f'state_dir = "{d}/state"\nnode_name = "node-{next(_counter)}"\n{vault}\n'
-                f'[agent]\npoll_interval = 0.2\nmetrics = ""\n{extra}')  # fmt: skip
-    settings = config.load(cfg)
-    spool.ensure(settings.spool_dir)
-    for entry in material["ids"]:
-        shutil.copytree(
-            os.path.join(material["dir"], "ready", entry),
-            os.path.join(spool.ready_dir(settings.spool_dir), entry),
-        )
-    shutil.copytree(os.path.join(material["dir"], "store"), settings.buildid_dir, dirs_exist_ok=True)
-    return Node(d, cfg, settings)
 
 
 def s3_vault(s3: servers.Seaweed, pg: servers.Postgres | None, prefix: str) -> str:
