@@ -55,7 +55,15 @@ CORPUS = {
     "cxx-thread": (["/app/workerthrow; exit 1"], True),
     "static-assert": (["/app/crasher-static assert; exit 1"], True),
     "go-nilmap": (["GOTRACEBACK=crash /app/goservice nilmap; exit 1"], True),
+    "go-nilptr": (["GOTRACEBACK=crash /app/goservice nilptr; exit 1"], True),
+    "go-mapwrites": (["GOTRACEBACK=crash /app/goservice mapwrites; exit 1"], True),
     "python-ctypes": (["/usr/bin/python3.11 -S /app/pyctypes.py; exit 1"], True),
+    "node-abort": (["/usr/bin/node /app/nodecrash.js abort; exit 1"], True),
+    "node-uncaught": (
+        ["/usr/bin/node --abort-on-uncaught-exception /app/nodecrash.js uncaught; exit 1"],
+        True,
+    ),
+    "node-segv": (["/usr/bin/node /app/nodecrash.js segv; exit 1"], True),
 }
 GDB_FRAME = re.compile(r"^#\d+\s+(?:0x[0-9a-f]+ in )?(\S+) \(")
 

@@ -11,6 +11,9 @@ adds the other runtimes a node sees:
 - ``lastwords``: C, fails an assert whose message is 64 KiB of markup and terminal escapes.
 - ``/usr/bin/python3.11``: Debian's own non-PIE interpreter binary (not built here), running
   ``pyctypes.py`` which reads address 0 through ctypes or calls ``os.abort()``.
+- ``/usr/bin/node``: the host's Node.js (a 100 MB non-PIE C++ binary, not built here), running
+  ``nodecrash.js``: ``process.abort()``, an uncaught exception under
+  ``--abort-on-uncaught-exception``, a SIGSEGV.
 
 Outputs are keyed by the source, the flags and the toolchain's version, so a toolchain
 upgrade rebuilds them. :func:`build_rootfs` lays all of them into one container root.
@@ -29,6 +32,7 @@ ROOT = os.path.dirname(os.path.dirname(os.path.abspath(__file__)))
 CACHE = os.path.join(ROOT, "build", "corpus")
 HERE = build.HERE
 PYTHON = "/usr/bin/python3.11"
+NODE = "/usr/bin/node"
 GO = "/usr/bin/go"
 RUSTC = "/usr/bin/rustc"  # Debian's, not a rustup toolchain that may come first on PATH
 RUST_FLAGS = ["-C", "panic=abort", "-g", "-C", "opt-level=1"]
@@ -98,9 +102,18 @@ def _python_stdlib(root: str) -> None:
     _copy(os.path.join(HERE, "pyctypes.py"), root, "/app/pyctypes.py")
 
 
+def _node(root: str) -> None:
+    """The host's node at its own path, its libraries and the script that crashes it."""
+    _copy(NODE, root)
+    for lib in runc.libraries(NODE):
+        _copy(lib, root)
+    _copy(os.path.join(HERE, "nodecrash.js"), root, "/app/nodecrash.js")
+
+
 def build_rootfs(path: str) -> str:
     """A container root with the whole corpus: the C programs and every runtime above."""
     programs = {**build.build_all(), **build_all()}
     runc.build_rootfs(path, programs)
     _python_stdlib(path)
+    _node(path)
     return path

@@ -28,6 +28,7 @@ pytestmark = pytest.mark.crash
 
 SEED = {"corevault.io/core-pattern": "/data/dump-a/core-%e-%p-%t"}
 GO = "GOTRACEBACK=crash /app/goservice"
+NODE = "/usr/bin/node --abort-on-uncaught-exception /app/nodecrash.js"
 # A Go binary has no GNU build-id: capture keeps it by Go's build id (see corevault.objectid).
 # name: shell command (never the container's PID 1, which ignores the SIGABRT it raises)
 GO_RUNS = {
@@ -51,6 +52,9 @@ RUNS = {
     "python-ctypes": "/usr/bin/python3.11 -S /app/pyctypes.py",
     "python-abort": "/usr/bin/python3.11 -S /app/pyctypes.py abort",
     "hostile": "/app/lastwords",
+    "node-abort": f"{NODE} abort",
+    "node-uncaught": f"{NODE} uncaught",
+    "node-segv": f"{NODE} segv",
 }
 
 
@@ -97,6 +101,10 @@ def crashed_thread_is_the_one_the_kernel_named(crash: Crash) -> bool:
         ("cxx-thread", "SIGABRT", "check_id", ["validate_order", "process_orders"]),
         ("cxx-custom", "SIGABRT", "reject_order", ["process_orders"]),
         ("static-assert", "SIGABRT", "check_config", ["main"]),
+        # Node's own C++ frames: what JavaScript was running is not reconstructed
+        ("node-abort", "SIGABRT", "node::Abort", ["v8::internal::FunctionCallbackArguments::Call"]),
+        ("node-uncaught", "SIGTRAP", "v8::base::OS::Abort", ["v8::internal::Isolate::CreateMessageOrAbort"]),
+        ("node-segv", "SIGSEGV", "uv_kill", ["node::Kill"]),
     ],
 )
 def test_signal_thread_and_top_program_function(
@@ -189,7 +197,7 @@ def test_the_same_bug_in_two_pods_is_one_group_and_different_bugs_are_not(crashe
     # a rebuild with the other Rust mangling scheme is the same bug
     assert sig("rust-unwrap") == sig("rust-v0-unwrap")
     distinct = ["go-nilmap", "go-nilptr", "go-nilptr-admin", "go-mapwrites", "go-overflow", "rust-index", "rust-unwrap", "cxx-thread", "cxx-custom", "static-assert",
-                "python-ctypes", "python-abort"]  # fmt: skip
+                "python-ctypes", "python-abort", "node-abort", "node-uncaught", "node-segv"]  # fmt: skip
     signatures = [sig(n) for n in distinct]
     assert None not in signatures and len(set(signatures)) == len(distinct), dict(
         zip(distinct, signatures, strict=True)
@@ -252,6 +260,34 @@ def test_the_interpreter_crash_is_in_the_interpreters_own_files(crashes: dict[st
     crashed = r.crashed_thread
     assert crashed is not None and crashed.frames[0].module is not None
     assert os.path.basename(crashed.frames[0].module).startswith("_ctypes")
+
+
+def test_node_is_named_as_gdb_names_it_and_kept_once(crashes: dict[str, Crash]) -> None:
+    # gdb on the same core: v8::base::OS::Abort() <- v8::internal::Isolate::CreateMessageOrAbort(...)
+    # <- ...ThrowInternal(...) <- v8::internal::Runtime_Throw(...) <- Builtins_CEntry_... <-
+    # Builtins_ThrowHandler <- Builtins_InterpreterEntryTrampoline, then unnamed JIT frames;
+    # V8 keeps frame pointers, which lead through them to node::Start and main
+    crashed = crashes["node-uncaught"].report.crashed_thread
+    assert crashed is not None
+    names = [f.function or "" for f in crashed.frames]
+    assert names[:4] == [
+        "v8::base::OS::Abort()",
+        "v8::internal::Isolate::CreateMessageOrAbort(v8::internal::Handle<v8::internal::Object>, "
+        "v8::internal::MessageLocation*)",
+        "v8::internal::Isolate::ThrowInternal(v8::internal::Object, v8::internal::MessageLocation*)",
+        "v8::internal::Runtime_Throw(int, unsigned long*, v8::internal::Isolate*)",
+    ], names[:4]
+    assert "Builtins_InterpreterEntryTrampoline" in names and "node::Start(int, char**)" in names
+    assert all(f.module == "/usr/bin/node" for f in crashed.frames[:4])
+    # a 100 MB binary is copied once, at its first crash; later crashes name the same content
+    stored = [
+        next(m for m in crashes[name].meta["modules"] if m["path"] == "/usr/bin/node")
+        for name in ("node-abort", "node-uncaught", "node-segv")
+    ]
+    assert [m["stored"] for m in stored] == ["new", "held", "held"]
+    assert len({m["sha256"] for m in stored}) == 1
+    for name in ("node-abort", "node-uncaught", "node-segv"):
+        assert crashes[name].report.last_words is None  # V8's message is not read from its heap
 
 
 def test_hostile_last_words_are_bounded_plain_text(crashes: dict[str, Crash]) -> None:

@@ -50,10 +50,11 @@ _TLS_IE = re.compile(rb"\x48\x8b\x05(.{4})\x64\x48\x03\x04\x25\x00\x00\x00\x00",
 
 def abort_message(mem: Memory, exe_path: str | None) -> str | None:
     """glibc's ``__abort_msg``: an assert, fortify or malloc check's message."""
-    for img in mem.images:
-        name = os.path.basename(img.path)
-        if not (name.startswith("libc.so") or img.path == exe_path):
-            continue
+    libc = [i for i in mem.images if os.path.basename(i.path).startswith("libc.so")]
+    # A dynamically linked program's is libc's own (a private symbol no program refers to);
+    # only a static executable holds one. Not scanning a large program's symbol table for
+    # it spares seconds (Node's 110,000 symbols: 7 s).
+    for img in libc or [i for i in mem.images if i.path == exe_path]:
         value = symbols(img.file, {"__abort_msg"}).get("__abort_msg")
         msg = mem.word(img.bias + value) if value else None
         if msg:
