@@ -52,8 +52,10 @@ def decompress(src: str, dest: str) -> int:
     import zstandard
 
     try:
-        with open(src, "rb") as f, zstandard.ZstdDecompressor().stream_reader(f) as reader:
-            return _sparse_copy(reader, dest)
+        with open(src, "rb") as f:
+            reader = zstandard.ZstdDecompressor().stream_reader(f, read_across_frames=True)
+            with reader:
+                return _sparse_copy(reader, dest)
     except zstandard.ZstdError as e:
         raise AnalysisError(f"{src} is not a readable zstd stream: {e}") from None
 

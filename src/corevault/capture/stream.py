@@ -7,7 +7,8 @@ The core is read once, in 1 MiB chunks, and each chunk goes to every live sink:
   arrive as zeros). On core-like data that is faster than ``cat`` and half the disk.
   Blocks are compared as ``bytearray`` slices against a zero block (a memcmp);
   ``memoryview`` comparisons would be two orders of magnitude slower.
-- :class:`ZstdSink` compresses with ``zstandard`` (frame checksum on), hashes the
+- :class:`ZstdSink` compresses with ``zstandard`` into the zstd seekable format (frames of
+  4 MiB, each with its checksum, and a seek table: :mod:`corevault.seekable`), hashes the
   uncompressed bytes with SHA-256 and stops at a byte budget (the spool's room).
 
 A sink that fails (ENOSPC, EDQUOT, over budget) is dropped with its reason and the others
@@ -21,6 +22,8 @@ import fcntl
 import os
 from collections.abc import Callable
 from contextlib import suppress
+
+from corevault import seekable
 
 CHUNK = 1 << 20
 BLOCK = 64 << 10
@@ -172,7 +175,8 @@ class ZstdSink:
     """A zstd-compressed copy with the SHA-256 of what went in, within a byte budget."""
 
     __slots__ = (
-        "budget", "compressor", "failed", "fd", "hasher", "name", "over", "recheck", "size", "stored", "zstd",
+        "budget", "compressor", "context", "failed", "fd", "frame_left", "frame_start", "frames", "hasher",
+        "name", "over", "recheck", "size", "stored", "zstd",
     )  # fmt: skip
 
     def __init__(
@@ -210,13 +214,31 @@ class ZstdSink:
             write_checksum=True,
             write_content_size=False,
         )
-        self.compressor = zstandard.ZstdCompressor(compression_params=params).compressobj()
+        self.context = zstandard.ZstdCompressor(compression_params=params)
+        self.compressor = self.context.compressobj()
+        #: (compressed, plain) size of each finished frame; plain bytes the current one still takes
+        self.frames: list[tuple[int, int]] = []
+        self.frame_left = seekable.FRAME_SIZE
+        self.frame_start = 0
 
     def write(self, buf: bytearray, view: memoryview, n: int) -> None:
         chunk = view[:n]
         self.hasher.update(chunk)
         self.size += n
-        self._out(self.compressor.compress(chunk))
+        while chunk:
+            take = min(len(chunk), self.frame_left)
+            self._out(self.compressor.compress(chunk[:take]))
+            self.frame_left -= take
+            chunk = chunk[take:]
+            if not self.frame_left:
+                self._end_frame()
+                self.compressor = self.context.compressobj()
+
+    def _end_frame(self) -> None:
+        self._out(self.compressor.flush(self.zstd.COMPRESSOBJ_FLUSH_FINISH))
+        self.frames.append((self.stored - self.frame_start, seekable.FRAME_SIZE - self.frame_left))
+        self.frame_start = self.stored
+        self.frame_left = seekable.FRAME_SIZE
 
     def _out(self, data: bytes) -> None:
         if not data:
@@ -233,7 +255,9 @@ class ZstdSink:
             view = view[os.write(self.fd, view) :]
 
     def finish(self) -> None:
-        self._out(self.compressor.flush(self.zstd.COMPRESSOBJ_FLUSH_FINISH))
+        if self.frame_left < seekable.FRAME_SIZE or not self.frames:  # the last frame (an empty core: one)
+            self._end_frame()
+        self._out(seekable.seek_table(self.frames))
 
     @property
     def sha256(self) -> str:

@@ -21,7 +21,7 @@ from corevault import objectid, redact
 from corevault.server.access import Principal
 from corevault.server.ranges import serve
 from corevault.vault import blobs, catalog, crashes, lifecycle, search, snapshots
-from corevault.vault.crashes import encode_cursor, plain
+from corevault.vault.crashes import encode_cursor, plain_range
 
 
 class Problem(BaseModel):
@@ -291,7 +291,7 @@ def download_core(request: Request, reader: Reader, crash_id: str) -> Response:
     srv = server(request)
     return serve(
         request,
-        lambda: plain(srv.vault.store.open(blobs.core_key(crash_id))),
+        lambda start, end: plain_range(srv.vault.store, crash, start, end),
         crash["size"] or 0,
         filename=f"core-{crash_id}",
         etag=crash["sha256"],
@@ -532,7 +532,7 @@ def _binary(
         raise HTTPException(404, f"no {'debuginfo' if debuginfo else 'executable'} for build-id {build_id}")
     return serve(
         request,
-        lambda: srv.vault.store.open(key),
+        lambda start, end: srv.vault.store.open(key, start),
         size,
         filename=build_id + (".debug" if debuginfo else ""),
         headers={"X-Debuginfod-Size": str(size)},

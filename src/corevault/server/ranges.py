@@ -1,8 +1,9 @@
 """Streaming a stored object over HTTP, whole or one byte range of it (RFC 9110, section 14).
 
-Cores are stored compressed and served plain, so a range is served by decompressing up to
-its start and discarding that part: resuming a download of a 4 GiB core at 3 GiB costs
-the server the 3 GiB of decompression, not the client the 3 GiB of transfer. One range per
+The caller opens the object at the range's start: a plain file seeks there, a core in the
+zstd seekable format decompresses only the frames that hold the range
+(:func:`corevault.vault.crashes.plain_range`), and an older single-frame core is
+decompressed from its start and the bytes before the range discarded. One range per
 request; a request for several gets the whole object (which RFC 9110 allows).
 """
 
@@ -45,21 +46,9 @@ def parse_range(header: str | None, size: int) -> tuple[int, int] | None:
     return start, min(end, size - 1)
 
 
-def skip(f: BinaryIO, n: int) -> None:
-    """Move ``n`` bytes forward in a stream that may not seek."""
-    if n and getattr(f, "seekable", lambda: False)():
-        f.seek(n, 1)
-        return
-    while n > 0:
-        got = f.read(min(n, CHUNK))
-        if not got:
-            return
-        n -= len(got)
-
-
 def serve(
     request: Request,
-    opener: Callable[[], BinaryIO],
+    opener: Callable[[int, int], BinaryIO],
     size: int,
     *,
     filename: str,
@@ -68,7 +57,8 @@ def serve(
     headers: dict[str, str] | None = None,
     counted: Callable[[int], None] | None = None,
 ) -> Response:
-    """The object ``opener`` opens, of ``size`` bytes, as a 200 or a 206 for a Range request."""
+    """The object of ``size`` bytes as a 200, or a 206 for a Range request; ``opener(start, end)``
+    opens it at ``start`` for the bytes up to ``end`` (inclusive)."""
     base = {
         "Accept-Ranges": "bytes",
         "Content-Disposition": f'attachment; filename="{filename}"',
@@ -94,8 +84,7 @@ def serve(
         return Response(status_code=status, headers=base, media_type=media_type)
 
     def body() -> Iterator[bytes]:
-        with opener() as f:
-            skip(f, start)
+        with opener(start, end) as f:
             left = length
             while left > 0:
                 chunk = f.read(min(CHUNK, left))

@@ -12,7 +12,7 @@ from __future__ import annotations
 import os
 from typing import BinaryIO, Protocol
 
-from corevault import config, nodestore, objectid
+from corevault import config, nodestore, objectid, seekable
 from corevault.errors import UserError
 from corevault.vault import blobs, catalog
 from corevault.vault.catalog import Filters
@@ -62,7 +62,31 @@ def plain(stored: BinaryIO) -> BinaryIO:
     """A reader of the plain core over a stored (zstd) one; closing it closes both."""
     import zstandard
 
-    return zstandard.ZstdDecompressor().stream_reader(stored, read_size=1 << 20, closefd=True)  # type: ignore[return-value]
+    return zstandard.ZstdDecompressor().stream_reader(  # type: ignore[return-value]
+        stored, read_size=1 << 20, read_across_frames=True, closefd=True
+    )
+
+
+def plain_range(store: blobs.BlobStore, crash: dict, start: int, end: int) -> BinaryIO:
+    """The plain core of ``crash`` (its catalog row) from byte ``start``, to read up to ``end``.
+
+    Of a seekable core only the frames that hold the range are fetched and decompressed; an
+    older one is decompressed from its start and the bytes before ``start`` discarded."""
+    key, size, stored_size = blobs.core_key(crash["id"]), crash["size"], crash["stored_size"]
+    if (start or (size is not None and end < size - 1)) and stored_size:
+
+        def read(offset: int, length: int) -> bytes:
+            with store.open(key, offset, length) as f:
+                return f.read()
+
+        table = seekable.read_table(read, stored_size, size)
+        if table is not None:
+            return seekable.open_range(lambda at, length: store.open(key, at, length), table, start, end)
+    reader = plain(store.open(key))
+    left = start
+    while left > 0 and (got := reader.read(min(left, 1 << 20))):
+        left -= len(got)
+    return reader
 
 
 class LocalVault:

@@ -1,0 +1,186 @@
+"""Cores in the zstd seekable format: any reader gets the plain core back, a range costs what it reads.
+
+The core is a real one: gdb's ``gcore`` of a small Python process holding 6 MiB of random
+bytes and 6 MiB of zeros (so that it spans several frames), compressed by the capture
+handler's own sink. pyzstd's ``SeekableZstdFile`` (another implementation of the format)
+and the ``zstd`` command read it back; the server serves ranges of it over HTTP, byte for
+byte those of the plain core, also from a core stored before (one frame, no table).
+"""
+
+from __future__ import annotations
+
+import json
+import os
+import subprocess
+import sys
+import time
+from collections.abc import Iterator
+from pathlib import Path
+from typing import BinaryIO
+
+import httpx
+import pytest
+import pyzstd
+import zstandard
+
+from corevault import config, seekable
+from corevault.capture import stream
+from corevault.server.access import Open
+from corevault.server.app import create_app
+from corevault.vault import blobs, catalog
+from corevault.vault.crashes import plain_range
+from testbed import gcore, servers
+
+FRAME = seekable.FRAME_SIZE
+
+
+@pytest.fixture(scope="module")
+def core(tmp_path_factory: pytest.TempPathFactory) -> Path:
+    """A real core of a process that holds random and zero pages."""
+    path = tmp_path_factory.mktemp("core") / "core"
+    holder = [sys.executable, "-I", "-S", "-c", "import os, sys; a = os.urandom(6 << 20); b = bytearray(6 << 20); "
+              "print('ready', flush=True); sys.stdin.read()"]  # fmt: skip
+    gcore.core_of(holder, str(path), b"ready\n")
+    assert path.stat().st_size > 3 * FRAME
+    return path
+
+
+def compress(plain: Path, dest: Path) -> stream.ZstdSink:
+    """``plain`` through the capture handler's sink, as a crash's core goes into the spool."""
+    fd = os.open(dest, os.O_WRONLY | os.O_CREAT | os.O_EXCL, 0o600)
+    try:
+        sink = stream.ZstdSink(fd, 3, 0, 1 << 40)
+        src = os.open(plain, os.O_RDONLY)
+        try:
+            stream.pump(src, [sink], None)
+        finally:
+            os.close(src)
+        sink.finish()
+    finally:
+        os.close(fd)
+    return sink
+
+
+def test_a_seekable_core_reads_back_whole_with_other_readers(core: Path, tmp_path: Path) -> None:
+    plain = core.read_bytes()
+    packed = tmp_path / "core.zst"
+    sink = compress(core, packed)
+    assert len(sink.frames) == -(-len(plain) // FRAME) and all(p == FRAME for _, p in sink.frames[:-1])
+    with pyzstd.SeekableZstdFile(packed, "r") as f:  # reads the seek table, refuses a bad one
+        assert f.read() == plain
+        f.seek(len(plain) - 1000)
+        assert f.read() == plain[-1000:]
+    unpacked = subprocess.run(["zstd", "-dc", str(packed)], capture_output=True, check=True).stdout
+    assert unpacked == plain
+    with open(packed, "rb") as f, stream_reader(f) as reader:
+        assert reader.read() == plain
+
+
+def stream_reader(f: BinaryIO) -> BinaryIO:
+    return zstandard.ZstdDecompressor().stream_reader(f, read_across_frames=True)  # type: ignore[return-value]
+
+
+def test_an_empty_core_is_one_empty_frame_and_its_table(tmp_path: Path) -> None:
+    empty = tmp_path / "empty"
+    empty.write_bytes(b"")
+    sink = compress(empty, tmp_path / "empty.zst")
+    assert sink.frames and sink.frames[0][1] == 0
+    with pyzstd.SeekableZstdFile(tmp_path / "empty.zst", "r") as f:
+        assert f.read() == b""
+
+
+class Counting:
+    """A blob store that counts the stored bytes handed out (what a range cost)."""
+
+    def __init__(self, store: blobs.BlobStore) -> None:
+        self.store = store
+        self.read = 0
+
+    def open(self, key: str, start: int = 0, length: int | None = None) -> BinaryIO:
+        size = self.store.size(key) or 0
+        self.read += (size - start) if length is None else min(length, size - start)
+        return self.store.open(key, start, length)
+
+
+def ranges(size: int) -> list[tuple[int, int]]:
+    """Ranges around frame boundaries, inside one frame, over three, the first and last bytes."""
+    return [
+        (0, 0), (0, 99), (FRAME - 1, FRAME), (FRAME, FRAME), (FRAME - 10, 3 * FRAME + 10),
+        (FRAME + 12345, FRAME + 67890), (size - 100, size - 1), (size - 1, size - 1), (0, size - 1),
+    ]  # fmt: skip
+
+
+def test_ranges_of_a_seekable_core_are_the_plain_cores_and_cost_what_they_read(
+    core: Path, tmp_path: Path
+) -> None:
+    plain = core.read_bytes()
+    store = blobs.FsStore(str(tmp_path / "vault"))
+    packed = tmp_path / "core.zst"
+    compress(core, packed)
+    store.put_file(blobs.core_key("seekable"), str(packed))
+    old = tmp_path / "old.zst"
+    old.write_bytes(zstandard.ZstdCompressor(level=3, write_checksum=True).compress(plain))
+    store.put_file(blobs.core_key("old"), str(old))
+    for crash_id, stored in (("seekable", packed), ("old", old)):
+        crash = {"id": crash_id, "size": len(plain), "stored_size": stored.stat().st_size}
+        for start, end in ranges(len(plain)):
+            counting = Counting(store)
+            with plain_range(counting, crash, start, end) as f:  # type: ignore[arg-type]
+                got = f.read(end - start + 1)
+            assert got == plain[start : end + 1], (crash_id, start, end)
+            if crash_id == "seekable" and end - start < FRAME:
+                # at most two frames and the table, never the core from its start
+                assert counting.read < 2 * max(c for c, _ in frames_of(packed)) + seekable.TAIL, (start, end)
+
+
+def frames_of(packed: Path) -> list[tuple[int, int]]:
+    data = packed.read_bytes()
+    table = seekable.parse(data[-seekable.TAIL :], len(data), None)
+    assert table is not None
+    return [(table.stored[i + 1] - table.stored[i], table.plain[i + 1] - table.plain[i])
+            for i in range(len(table.plain) - 1)]  # fmt: skip
+
+
+def test_a_table_that_does_not_add_up_is_not_used(core: Path, tmp_path: Path) -> None:
+    packed = tmp_path / "core.zst"
+    compress(core, packed)
+    data = packed.read_bytes()
+    size = core.stat().st_size
+    assert seekable.parse(data[-seekable.TAIL :], len(data), size) is not None
+    assert seekable.parse(data[-seekable.TAIL :], len(data), size + 1) is None  # another plain size
+    assert seekable.parse(data[-seekable.TAIL :], len(data) + 1, size) is None  # another stored size
+    # a single-frame core whose last bytes happen to read as a footer (its checksum chosen so)
+    forged = zstandard.ZstdCompressor().compress(b"x" * 1000)[:-9] + seekable.FOOTER.pack(
+        3, 0, seekable.SEEKABLE_MAGIC
+    )
+    assert seekable.parse(forged, len(forged), 1000) is None
+    huge = b"\0" * 100 + seekable.FOOTER.pack(seekable.MAX_FRAMES + 1, 0, seekable.SEEKABLE_MAGIC)
+    assert seekable.table_length(huge) is None
+
+
+@pytest.fixture
+def served(core: Path, tmp_path: Path) -> Iterator[tuple[str, bytes]]:
+    """A server over a vault holding the core as one crash."""
+    settings = config.from_dict({"state_dir": str(tmp_path / "state")})
+    packed = tmp_path / "core.zst"
+    sink = compress(core, packed)
+    blobs.vault_store(settings).put_file(blobs.core_key("c1"), str(packed))
+    engine = catalog.connect(settings.catalog_url)
+    meta = {"id": "c1", "time": int(time.time()), "process": {"exe": "/usr/bin/python3"},
+            "core": {"size": sink.size, "stored_size": packed.stat().st_size, "sha256": sink.sha256}}  # fmt: skip
+    with engine.begin() as conn:
+        catalog.add_crash(conn, json.loads(json.dumps(meta)), "off")
+    engine.dispose()
+    with servers.asgi(create_app(settings, Open())) as url:
+        yield url, core.read_bytes()
+
+
+def test_the_server_serves_ranges_of_a_seekable_core(served: tuple[str, bytes]) -> None:
+    url, plain = served
+    with httpx.Client(base_url=url, timeout=60) as client:
+        for start, end in ranges(len(plain)):
+            r = client.get("/api/v1/crashes/c1/core", headers={"Range": f"bytes={start}-{end}"})
+            assert r.status_code == 206 and r.content == plain[start : end + 1], (start, end)
+            assert r.headers["content-range"] == f"bytes {start}-{end}/{len(plain)}"
+        whole = client.get("/api/v1/crashes/c1/core")
+        assert whole.status_code == 200 and whole.content == plain
