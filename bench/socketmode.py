@@ -1,4 +1,4 @@
-"""Socket mode against pipe mode, with real crashes of this kernel, measured in one run.
+"""Socket mode, the forwarder and pipe mode, with real crashes of this kernel, measured in one run.
 
     python -m bench.socketmode [--size-mib 1024] [--runs 10] [--big-runs 3]
 
@@ -12,13 +12,20 @@ covers the whole capture, both targets written:
 - a rejected crash of that size in socket mode (the process did not opt in), for what a
   REJECT saves.
 
-Printed as socket ÷ pipe. In pipe mode the kernel starts ``corevault-capture`` per crash; in
-socket mode the listener runs in this process, as it runs in the agent.
+The modes take turns crash by crash (pipe, forwarder, socket, pipe, …).
+
+Three modes: ``pipe``, the kernel starts the Python handler (``corevault install``'s launcher)
+per crash; ``forward``, the kernel starts the static ``corevault-forward``, which hands the core's
+pipe, the pidfd and the arguments to the agent's receiver (the DaemonSet's pipe path, for
+kernels before 6.16); ``socket``, the kernel connects to the agent's coredump socket. The
+receiver and the listener run in this process, as they run in the agent. Printed as ratios to
+socket mode: the forwarder's goal is to cost no more than the socket (≤ 1.0).
 """
 
 from __future__ import annotations
 
 import argparse
+import contextlib
 import os
 import resource
 import shutil
@@ -26,11 +33,15 @@ import statistics
 import subprocess
 import sys
 import tempfile
+import threading
 import time
 
 from corevault import config, hostsetup, spool
 from corevault.agent.coredumps import CoredumpListener
+from corevault.agent.receiver import Receiver
 from testbed import build, sysctl
+
+MODES = ("pipe", "forward", "socket")
 
 
 def _unlimited() -> None:
@@ -44,18 +55,16 @@ def crash(args: list[str]) -> tuple[float, bool]:
     return time.perf_counter() - started, os.WCOREDUMP(status)
 
 
-def run(args: list[str], n: int, state: str) -> float:
-    times = []
-    for _ in range(n):
-        seconds, dumped = crash(args)
-        if not dumped:
-            raise SystemExit(f"{args[0]} was not dumped: see {state}/spool/journal.jsonl")
-        times.append(seconds)
-        for entry in spool.entries(os.path.join(state, "spool")):  # keep the spool from filling
-            shutil.rmtree(os.path.join(spool.ready_dir(os.path.join(state, "spool")), entry))
-        for name in os.listdir(os.path.join(os.path.dirname(state), "vol")):
-            os.unlink(os.path.join(os.path.dirname(state), "vol", name))
-    return statistics.median(times)
+def once(args: list[str], state: str) -> float:
+    """Crash ``args`` once; the seconds to reaped. Empties the spool and the volume after it."""
+    seconds, dumped = crash(args)
+    if not dumped:
+        raise SystemExit(f"{args[0]} was not dumped: see {state}/spool/journal.jsonl")
+    for entry in spool.entries(os.path.join(state, "spool")):  # keep the spool from filling
+        shutil.rmtree(os.path.join(spool.ready_dir(os.path.join(state, "spool")), entry))
+    for name in os.listdir(os.path.join(os.path.dirname(state), "vol")):
+        os.unlink(os.path.join(os.path.dirname(state), "vol", name))
+    return seconds
 
 
 def main() -> int:
@@ -79,37 +88,54 @@ def main() -> int:
         state = settings.state_dir
         handler = os.path.join(d, "h")
         os.symlink(hostsetup.default_handler(), handler)
+        forwarder = os.path.join(d, "f")
+        os.symlink(build.forwarder(), forwarder)
         other = os.path.join(d, "not-opted-in")
         shutil.copy(crasher, other)
         small, big = [crasher, "segv"], [crasher, "alloc", str(a.size_mib)]
-        results: dict[str, dict[str, float]] = {"pipe": {}, "socket": {}}
-        with sysctl.core_settings():
-            for mode in ("pipe", "socket"):
-                listener = None
-                if mode == "socket":
-                    listener = CoredumpListener(settings, hostsetup.socket_path(state)).listen().start()
-                hostsetup.install(handler if mode == "pipe" else None, config_path=cfg,
-                                  socket=listener.path if listener else None)  # fmt: skip
-                try:
-                    results[mode]["small"] = run(small, a.runs, state)
-                    results[mode]["big"] = run(big, a.big_runs, state)
-                    if mode == "socket":
-                        results[mode]["rejected"] = statistics.median(crash([other, "alloc", str(a.size_mib)])[0]
-                                                                      for _ in range(a.big_runs))  # fmt: skip
-                finally:
-                    hostsetup.uninstall(hostsetup.state_path(settings))
-                    if listener is not None:
-                        listener.close()
+        times: dict[str, dict[str, list[float]]] = {
+            m: {"small": [], "big": [], "rejected": []} for m in MODES
+        }
+        with sysctl.core_settings(), contextlib.ExitStack() as servers:
+            listener = CoredumpListener(settings, hostsetup.socket_path(state)).listen().start()
+            servers.callback(listener.close)
+            receiver = Receiver(settings, os.path.join(d, "a.sock"))
+            receiver.listen()
+            servers.callback(receiver.close)
+            threading.Thread(target=receiver.serve, daemon=True).start()
+            where = {
+                "pipe": {"handler": handler},
+                "forward": {"handler": forwarder, "forward_to": receiver.path},
+                "socket": {"handler": None, "socket": listener.path},
+            }
+            # The modes take turns crash by crash, so a burst of load on this shared machine
+            # falls on all three alike.
+            for size, args, n in (("small", small, a.runs), ("big", big, a.big_runs)):
+                for _ in range(n):
+                    for mode in MODES:
+                        hostsetup.install(config_path=cfg, **where[mode])  # type: ignore[arg-type]
+                        try:
+                            times[mode][size].append(once(args, state))
+                            if mode == "socket" and size == "big":
+                                times[mode]["rejected"].append(crash([other, "alloc", str(a.size_mib)])[0])
+                        finally:
+                            hostsetup.uninstall(hostsetup.state_path(settings))
+        results = {m: {k: statistics.median(v) for k, v in by.items() if v} for m, by in times.items()}
     finally:
         shutil.rmtree(d, ignore_errors=True)
-    p, s = results["pipe"], results["socket"]
+    p, f, s = results["pipe"], results["forward"], results["socket"]
     print(f"\ncrash to reaped, median; both targets (volume and spool) written; {os.uname().release}")
-    print(f"  per-crash fixed cost (crasher segv, {a.runs} runs): pipe {p['small'] * 1000:.0f} ms, "
-          f"socket {s['small'] * 1000:.0f} ms: socket ÷ pipe = {s['small'] / p['small']:.2f}")  # fmt: skip
-    print(f"  {a.size_mib} MiB process ({a.big_runs} runs): pipe {p['big']:.2f} s, socket {s['big']:.2f} s: "
-          f"socket ÷ pipe = {s['big'] / p['big']:.2f}")  # fmt: skip
+    print(f"  per-crash fixed cost (crasher segv, {a.runs} runs): socket {s['small'] * 1000:.0f} ms, "
+          f"forwarder {f['small'] * 1000:.0f} ms, pipe {p['small'] * 1000:.0f} ms")  # fmt: skip
+    print(f"    forwarder ÷ socket = {f['small'] / s['small']:.2f} (goal <= 1.0); "
+          f"pipe ÷ socket = {p['small'] / s['small']:.2f}; socket ÷ pipe = {s['small'] / p['small']:.2f}")  # fmt: skip
+    print(f"  {a.size_mib} MiB process ({a.big_runs} runs): socket {s['big']:.2f} s, forwarder {f['big']:.2f} s, "
+          f"pipe {p['big']:.2f} s")  # fmt: skip
+    print(f"    forwarder ÷ socket = {f['big'] / s['big']:.2f} (goal <= 1.0); "
+          f"pipe ÷ socket = {p['big'] / s['big']:.2f}; socket ÷ pipe = {s['big'] / p['big']:.2f}")  # fmt: skip
     print(f"  {a.size_mib} MiB process rejected by the socket (did not opt in): {s['rejected']:.2f} s, "
           f"{s['rejected'] / s['big']:.2f} of capturing it")  # fmt: skip
+    print(f"  load average while measuring: {os.getloadavg()[0]:.1f} on {os.cpu_count()} cores")
     return 0
 
 

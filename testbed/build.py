@@ -58,6 +58,23 @@ def build(name: str) -> str:
     return out
 
 
+#: the kernel's static pipe handler for nodes without Python, built as the Dockerfile builds it
+FORWARDER_SOURCE = os.path.join(os.path.dirname(HERE), "..", "src", "corevault", "capture", "forward.c")
+FORWARDER_CMD = ["gcc", "-O2", "-static", "-Wall", "-Werror"]
+
+
+def forwarder() -> str:
+    """``corevault-forward`` (capture/forward.c), linked statically, cached."""
+    src = os.path.normpath(FORWARDER_SOURCE)
+    with open(src, "rb") as f:
+        out = _out("corevault-forward", f.read() + repr(FORWARDER_CMD).encode())
+    if not os.path.exists(out):
+        os.makedirs(os.path.dirname(out), exist_ok=True)
+        subprocess.run([*FORWARDER_CMD, "-o", out + ".tmp", src], check=True)
+        os.replace(out + ".tmp", out)
+    return out
+
+
 def build_variant(name: str, source: str, cmd: list[str]) -> str:
     """A program built from ``source`` with ``cmd`` (a chosen build-id, none at all…), cached."""
     src = os.path.join(HERE, source)

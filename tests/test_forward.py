@@ -14,18 +14,14 @@ from elftools.elf.elffile import ELFFile
 
 from corevault import config, hostsetup, spool
 from corevault.agent.receiver import Receiver
-from testbed import sysctl
+from testbed import build, sysctl
 
 pytestmark = pytest.mark.crash
-SOURCE = os.path.join(
-    os.path.dirname(os.path.dirname(os.path.abspath(__file__))), "src/corevault/capture/forward.c"
-)
 
 
 @pytest.fixture(scope="module")
-def forwarder(tmp_path_factory: pytest.TempPathFactory) -> str:
-    out = str(tmp_path_factory.mktemp("fwd") / "corevault-forward")
-    subprocess.run(["gcc", "-O2", "-static", "-Wall", "-Werror", "-o", out, SOURCE], check=True)
+def forwarder() -> str:
+    out = build.forwarder()
     with open(out, "rb") as f:  # static: no program interpreter, nothing needed from the host
         assert not [s for s in ELFFile(f).iter_segments() if s["p_type"] == "PT_INTERP"]
     return out

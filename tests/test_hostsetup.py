@@ -4,6 +4,7 @@ from __future__ import annotations
 
 import os
 import shutil
+import subprocess
 import tempfile
 from dataclasses import dataclass
 
@@ -124,3 +125,46 @@ def test_missing_handler_is_refused(host) -> None:
     with pytest.raises(hostsetup.SetupError, match="not an executable"):
         hostsetup.install("/nonexistent/corevault-capture", config_path=host.config, paths=host.paths)
     assert hostsetup.read_sysctls(host.paths)["core_pattern"] == "core"
+
+
+def test_the_handler_launcher_starts_python_isolated_and_ignores_pythonpath(host, tmp_path) -> None:
+    """The launcher runs the real handler with -I -S: neither a ``sitecustomize`` on a PYTHONPATH
+    in its environment nor a shadow ``corevault`` package there is imported."""
+    launcher = hostsetup.default_handler()
+    assert os.path.basename(launcher) == hostsetup.LAUNCHER_NAME
+    assert hostsetup.is_ours(f"|{launcher} %P")
+    with open(launcher) as f:
+        assert f.readline().rstrip().endswith(" -IS")
+    shadow = tmp_path / "shadow" / "corevault" / "capture"
+    shadow.mkdir(parents=True)
+    marker = tmp_path / "imported-the-shadow"
+    for init in (
+        shadow.parent / "__init__.py",
+        shadow / "__init__.py",
+        shadow.parent.parent / "sitecustomize.py",
+    ):
+        init.write_text(f"open({str(marker)!r}, 'w').close()\n")
+    host.install()
+    snapshot = os.path.join(os.path.dirname(host.state), "capture.json")
+    done = subprocess.run(
+        [launcher, "-c", snapshot, "not", "enough", "arguments"],
+        env={"PYTHONPATH": str(tmp_path / "shadow"), "PATH": "/usr/bin:/bin"},
+        stdin=subprocess.DEVNULL, cwd=str(tmp_path / "shadow"), check=False,
+    )  # fmt: skip
+    assert done.returncode == 2  # the real handler: bad arguments, journaled
+    assert not marker.exists()
+    journal = os.path.join(os.path.dirname(host.state), "spool", "journal.jsonl")
+    with open(journal) as f:
+        assert "bad handler arguments" in f.read()
+    hostsetup.uninstall(host.state, host.paths)
+
+
+def test_the_handler_launcher_is_written_again_when_stale(tmp_path) -> None:
+    path = str(tmp_path / hostsetup.LAUNCHER_NAME)
+    assert hostsetup.isolated_launcher(path) == path
+    with open(path, "w") as f:
+        f.write("#!/bin/sh\nexit 0\n")
+    hostsetup.isolated_launcher(path)
+    with open(path) as f:
+        text = f.read()
+    assert "from corevault.capture.handler import main" in text and os.access(path, os.X_OK)

@@ -116,3 +116,20 @@ def test_a_sink_over_budget_midway_still_hashes_and_stops_cleanly(tmp_path) -> N
     assert sink.sha256 == hashlib.sha256(data[: sink.size]).hexdigest()
     plain.finish()
     assert (tmp_path / "b").read_bytes() == data
+
+
+def test_enlarging_a_pipe_never_shrinks_it() -> None:
+    """The forwarder's receiver gives a core's pipe socket mode's buffer where it may (not below
+    pipe-max-size without CAP_SYS_RESOURCE); the capture's own, smaller request keeps it."""
+    import fcntl
+
+    r, w = os.pipe()
+    try:
+        stream.enlarge_pipe(r, 4 << 20)
+        first = fcntl.fcntl(r, 1032)  # F_GETPIPE_SZ
+        assert first >= 1 << 20  # at least pipe-max-size's default, which anyone may ask for
+        stream.enlarge_pipe(r, 64 << 10)
+        assert fcntl.fcntl(r, 1032) == first
+    finally:
+        os.close(r)
+        os.close(w)

@@ -34,6 +34,8 @@ SYSCTLS = {
     "suid_dumpable": "/proc/sys/fs/suid_dumpable",
 }
 HANDLER_NAME = "corevault-capture"
+#: the handler's launcher that starts Python isolated and without site (:func:`isolated_launcher`)
+LAUNCHER_NAME = "corevault-capture-isolated"
 FORWARDER_NAME = "corevault-forward"
 STATE_NAME = "installed.json"
 SOCKET_NAME = "coredump.sock"
@@ -97,9 +99,59 @@ def _write_from_host_mount_namespace(path: str, value: str) -> None:
 
 
 def default_handler() -> str:
-    """The handler installed next to this interpreter (the venv's or the system's)."""
+    """The handler for the kernel to run: :func:`isolated_launcher` beside this interpreter.
+
+    Falls back to the ``corevault-capture`` script installed beside it (or on ``PATH``) where
+    the launcher cannot be written (an interpreter directory that is not ours to write).
+    """
     beside = os.path.join(os.path.dirname(sys.executable), HANDLER_NAME)
-    return beside if os.path.exists(beside) else shutil.which(HANDLER_NAME) or beside
+    try:
+        return isolated_launcher(os.path.join(os.path.dirname(sys.executable), LAUNCHER_NAME))
+    except OSError:
+        return beside if os.path.exists(beside) else shutil.which(HANDLER_NAME) or beside
+
+
+def isolated_launcher(path: str) -> str:
+    """Write (when missing or stale) the handler's launcher at ``path``; returns ``path``.
+
+    pip's ``corevault-capture`` script starts Python with ``site``: it reads every ``.pth``
+    file of the environment and imports what they name, on every crash, while the crashed
+    process waits. The launcher runs ``python -I -S`` instead, with the two directories the
+    handler imports from (corevault's and zstandard's) written into it now. ``-I`` also keeps
+    ``PYTHON*`` variables, the user's site directory and the script's directory out of a
+    root process. The kernel gives shebang lines 256 bytes; a longer interpreter path raises
+    OSError and the caller falls back to the ordinary script.
+    """
+    import corevault
+
+    here = [os.path.dirname(os.path.dirname(os.path.abspath(corevault.__file__)))]
+    with suppress(ImportError):
+        from importlib.util import find_spec
+
+        spec = find_spec("zstandard")
+        if spec is not None and spec.origin:
+            here.append(os.path.dirname(os.path.dirname(spec.origin)))
+    shebang = f"#!{sys.executable} -IS\n"
+    if len(shebang) > 256:
+        raise OSError(f"interpreter path too long for a shebang line: {sys.executable}")
+    text = (
+        shebang + "# corevault's pipe handler, written by corevault (hostsetup.isolated_launcher)\n"
+        f"import sys\nsys.path[:0] = {list(dict.fromkeys(here))!r}\n"
+        "from corevault.capture.handler import main\nsys.exit(main())\n"
+    )
+    with suppress(OSError), open(path) as f:
+        if f.read() == text and os.access(path, os.X_OK):
+            return path
+    tmp = f"{path}.{os.getpid()}.tmp"
+    try:
+        with open(tmp, "w") as f:
+            f.write(text)
+        os.chmod(tmp, 0o755)  # noqa: S103 - as pip writes its scripts; nothing secret in it
+        os.replace(tmp, path)
+    finally:
+        with suppress(FileNotFoundError):
+            os.unlink(tmp)
+    return path
 
 
 def pipe_pattern(handler: str, settings_file: str | None = None, forward_to: str | None = None) -> str:
@@ -132,6 +184,7 @@ def is_ours(pattern: str, state: dict | None = None) -> bool:
         return os.path.basename(pattern.lstrip("@")) == SOCKET_NAME
     return pattern.startswith("|") and os.path.basename(pattern[1:].split(" ", 1)[0]) in (
         HANDLER_NAME,
+        LAUNCHER_NAME,
         FORWARDER_NAME,
     )
 

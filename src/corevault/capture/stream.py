@@ -33,6 +33,7 @@ RECHECK_EVERY = 16 << 20
 _ZERO_CHUNK = bytes(CHUNK)
 _ZERO_BLOCK = bytes(BLOCK)
 _F_SETPIPE_SZ = 1031
+_F_GETPIPE_SZ = 1032
 
 
 class SinkFailed(Exception):
@@ -265,9 +266,18 @@ class ZstdSink:
 
 
 def enlarge_pipe(fd: int, size: int = CHUNK) -> None:
-    """Ask for a bigger pipe buffer so the kernel can hand over a whole chunk at a time."""
-    with suppress(OSError):  # not a pipe, or over pipe-max-size: smaller reads still work
-        fcntl.fcntl(fd, _F_SETPIPE_SZ, size)
+    """Give a pipe a buffer of at least ``size`` (or :data:`CHUNK`, when only root with
+    CAP_SYS_RESOURCE may have more than ``fs.pipe-max-size``), so the kernel hands over more
+    per wake-up. Never shrinks one: the agent's receiver asks for more for a forwarded core
+    before the shared capture code asks for its own size.
+    """
+    with suppress(OSError):  # not a pipe: smaller reads still work
+        if fcntl.fcntl(fd, _F_GETPIPE_SZ) >= size:
+            return
+        for want in dict.fromkeys((size, min(size, CHUNK))):
+            with suppress(PermissionError):  # over pipe-max-size without CAP_SYS_RESOURCE
+                fcntl.fcntl(fd, _F_SETPIPE_SZ, want)
+                return
 
 
 class _Prefixed:
