@@ -27,10 +27,12 @@ import signal
 import sys
 import time
 
-from corevault import config, nodestore, spool
+from corevault import config, crashrecord, nodestore, spool
 from corevault.capture import buildid, cgroup, corehead, lookup, policy, process, safefs, stream
 
-META_VERSION = 1
+TYPE_CHECKING = False  # typing.TYPE_CHECKING, without importing typing on the crash path
+if TYPE_CHECKING:
+    from corevault.crashrecord import CrashRecord
 
 
 class HandlerTimeout(Exception):
@@ -338,7 +340,7 @@ def deliver(
             job.truncated, job.expected = True, head.size
         job.publish_volume()
         buildid.store_modules(settings.buildid_dir, job.modules, store_room(settings))
-        job.finish_entry(_meta(job, admitted.cg, started))
+        job.finish_entry(admitted.cg, started)
         return job.report()
     finally:
         job.close()
@@ -434,16 +436,14 @@ class _Job:
             return
         self.volume.update(written=True, path=f"{directory}/{published}", uid=uid, gid=gid, mode="0600")
 
-    def finish_entry(self, meta: dict) -> None:
+    def finish_entry(self, cg: cgroup.CgroupInfo | None, started: float) -> None:
         vault = self.vault
         if vault is None or vault.failed or self.entry_tmp is None or self.entry_id is None:
             return
         try:
             vault.finish()
             self.vault = None
-            meta["core"].update(
-                sha256=vault.sha256, stored_size=vault.stored, compression="zstd", file=spool.CORE_NAME
-            )
+            meta = _record(self, self.entry_id, vault, cg, started)
             _finish_entry(self.settings.spool_dir, self.entry_id, self.entry_tmp, vault.fd, meta)
         except (OSError, stream.SinkFailed) as e:
             self.problems.append(f"vault: {_reason(e)}")
@@ -485,12 +485,14 @@ class _Job:
                 os.close(m.fd)
 
 
-def _meta(job: _Job, cg: cgroup.CgroupInfo | None, started: float) -> dict:
+def _record(
+    job: _Job, entry_id: str, vault: stream.ZstdSink, cg: cgroup.CgroupInfo | None, started: float
+) -> CrashRecord:
     """The spool entry's metadata: everything the vault and the analysis need to know."""
     crash = job.crash
     return {
-        "version": META_VERSION,
-        "id": job.entry_id,
+        "version": crashrecord.RECORD_VERSION,
+        "id": entry_id,
         "node": job.settings.node_name,
         "time": crash.time,
         "captured_at": time.time(),
@@ -525,16 +527,20 @@ def _meta(job: _Job, cg: cgroup.CgroupInfo | None, started: float) -> dict:
             "limit": job.plan.limit,
             "limit_source": job.plan.limit_source,
             **({"expected_size": job.expected, "cut_by": "kernel"} if job.expected is not None else {}),
+            "sha256": vault.sha256,
+            "stored_size": vault.stored,
+            "compression": "zstd",
+            "file": spool.CORE_NAME,
         },
         "volume": job.volume,
         "modules": [m.as_dict() for m in job.modules],
         "warnings": job.record.get("warnings", []),
         "problems": job.problems,
-        **({"snapshot": job.record["snapshot"]} if "snapshot" in job.record else {}),
+        "snapshot": job.record.get("snapshot"),
     }
 
 
-def _finish_entry(spool_dir: str, entry_id: str, entry_tmp: str, core_fd: int, meta: dict) -> None:
+def _finish_entry(spool_dir: str, entry_id: str, entry_tmp: str, core_fd: int, meta: CrashRecord) -> None:
     """fsync the core and its metadata, then move the entry into ready/ in one rename."""
     try:
         os.fsync(core_fd)

@@ -18,7 +18,7 @@ from datetime import UTC, datetime
 
 import typer
 
-from corevault import config
+from corevault import config, crashrecord
 from corevault.errors import UserError
 from corevault.printable import lines as printable_lines
 from corevault.printable import printable
@@ -150,17 +150,16 @@ def info(
     if as_json:
         print(json.dumps(crash, indent=2, default=str))
         return
-    meta = crash["meta"]
-    pod = meta.get("pod") or {}
-    proc = meta.get("process") or {}
+    meta = crashrecord.load(crash["meta"], crash["id"])
+    pod, proc = meta["pod"], meta["process"]
     lines = [
         f"          ID: {crash['id']}",
         f"        Time: {_when(crash['time'])} UTC    node {crash['node']}",
-        f"         Pod: {pod.get('namespace') or '-'}/{pod.get('name') or '-'} (uid {pod.get('uid') or '-'})",
-        f"   Container: {pod.get('container') or '-'} ({(pod.get('container_id') or '-')[:12]})  image {pod.get('image') or '-'}",
-        f"     Process: pid {proc.get('ns_pid')} (host {proc.get('pid')})  uid {proc.get('uid')}  {' '.join(proc.get('cmdline') or [])}",
+        f"         Pod: {pod['namespace'] or '-'}/{pod['name'] or '-'} (uid {pod['uid'] or '-'})",
+        f"   Container: {pod['container'] or '-'} ({(pod['container_id'] or '-')[:12]})  image {pod['image'] or '-'}",
+        f"     Process: pid {proc['ns_pid']} (host {proc['pid']})  uid {proc['uid']}  {' '.join(proc['cmdline'])}",
         f"        Core: {crash['size']} bytes, {crash['stored_size']} stored" + ("  TRUNCATED" if crash["truncated"] else ""),
-        f"      Volume: {(meta.get('volume') or {}).get('path') or '-'}",
+        f"      Volume: {meta['volume']['path'] or '-'}",
     ]  # fmt: skip
     print(printable_lines("\n".join(lines)))
     if crash["report"]:
@@ -248,19 +247,17 @@ def gdb(
         parsed = elfcore.read(core)
         # Each object is the file this crash's process mapped (its record names key and
         # content), never whatever else claims the same build-id.
-        record = {
-            m.get("start"): m for m in (crash.get("meta") or {}).get("modules") or [] if isinstance(m, dict)
-        }
+        record = {m["start"]: m for m in crashrecord.load(crash["meta"], crash["id"])["modules"]}
         found = {}
         for i, obj in enumerate(parsed.objects()):
             module = record.get(obj.start)
-            if module is None or not module.get("key"):
+            if module is None or not module["key"]:
                 continue
             dest = os.path.join(tmp, f"bin-{i}")
             if src.binary(crash_id, module, dest):
                 bid = parsed.build_ids.get(obj.path)
                 debuginfo = binaries.debug_file(bid, dest, [], binaries.DEBUG_DIRS)  # the host's packages
-                found[obj.path] = binaries.Found(dest, debuginfo, module["key"], module.get("sha256"))
+                found[obj.path] = binaries.Found(dest, debuginfo, module["key"], module["sha256"])
             else:
                 print(
                     printable(

@@ -17,7 +17,8 @@ from typing import Annotated, Any, Literal
 from fastapi import APIRouter, Depends, HTTPException, Query, Request, Response
 from pydantic import BaseModel, ConfigDict, Field, TypeAdapter
 
-from corevault import objectid, redact
+from corevault import crashrecord, objectid, redact
+from corevault.server import records
 from corevault.server.access import Principal
 from corevault.server.ranges import serve
 from corevault.vault import blobs, catalog, crashes, lifecycle, search, snapshots
@@ -84,7 +85,7 @@ class Crash(CrashSummary):
     sha256: str | None = None
     analysis_error: str | None = None
     #: everything the capture handler recorded (secret-looking values redacted)
-    meta: dict[str, Any]
+    meta: records.CrashRecord
     #: the analysis report (signal, threads and frames, modules, signature), once analysed
     report: dict[str, Any] | None = None
 
@@ -260,7 +261,7 @@ def visible_crash(request: Request, reader: Principal, crash_id: str) -> dict:
         crash = catalog.get_crash(conn, crash_id)
     if crash is None or not reader.sees(crash["namespace"]):
         raise HTTPException(404, f"no crash {crash_id!r}")
-    crash["meta"] = redact.meta(crash["meta"])
+    crash["meta"] = redact.meta(crashrecord.load(crash["meta"], crash_id))
     return crash
 
 
