@@ -484,3 +484,37 @@ def test_s3_without_flexible_checksums_sends_md5s_and_checks_the_etag(weed, tmp_
         assert sha(f.read()) == sha(data)
     etag = store.client.head_object(Bucket=weed.bucket, Key=store._key("k"))["ETag"]  # type: ignore[attr-defined]
     assert etag.strip('"').endswith("-3")
+
+
+@pytest.mark.parametrize("kind", ["s3", "gcs"])
+def test_a_kept_session_that_cannot_be_taken_up_starts_anew(kind, tmp_path, request) -> None:
+    """A session file that is garbage, names an upload the service does not know, or is older than
+    the service keeps sessions never fails the upload: it is dropped and the upload starts anew."""
+    import json
+    import time
+
+    if kind == "s3":
+        server = request.getfixturevalue("weed")
+        url, suffix = f"s3://{server.bucket}/kept-{uuid.uuid4().hex[:8]}", ".s3-upload"
+    else:
+        server = request.getfixturevalue("gcs")
+        name = f"cv-{uuid.uuid4().hex[:12]}"
+        server.create_bucket(name)
+        url, suffix = f"gs://{name}/vault", ".gcs-upload"
+    data = os.urandom(2 * PART)
+    path = tmp_path / "core.zst"
+    path.write_bytes(data)
+    session = tmp_path / ("core.zst" + suffix)
+    unknown = {"store": url, "key": "k", "size": len(data), "held": 0, "part": PART, "started": time.time()}
+    if kind == "s3":
+        unknown["upload"] = "no-such-upload"
+    else:  # a session URL of this service that was never started, and one older than a week
+        unknown["session"] = f"{server.endpoint}/upload/resumable/nothing"
+        unknown["started"] = time.time() - 8 * 86400
+    for kept in (b"\x00garbage", json.dumps(unknown).encode()):
+        session.write_bytes(kept)
+        store = open_cloud(url, server)
+        store.put_file("k", str(path))
+        assert store.sent == len(data) and not session.exists()
+        with store.open("k") as f:
+            assert sha(f.read()) == sha(data)

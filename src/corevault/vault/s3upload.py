@@ -98,11 +98,13 @@ class MultipartUpload:
         if session_file is not None:
             fcntl.flock(f.fileno(), fcntl.LOCK_EX)  # released when the caller closes f
         kept = sessions.load(session_file, store=self.url, key=key, size=size) if session_file else None
+        if kept is not None and not (isinstance(kept.get("upload"), str) and type(kept.get("part")) is int):
+            kept = None  # not a session this code wrote: start anew
         held: dict[int, tuple[int, str]] = {}
         if kept is not None:
             try:
                 held = dict(self._held(name, kept["upload"]))
-                part = int(kept["part"])
+                part = kept["part"]
             except UploadGone:
                 kept = None
         if kept is None:
