@@ -30,7 +30,8 @@ import time
 
 from corevault import config, hostsetup, spool
 from corevault.agent.loop import Agent
-from corevault.vault import catalog, ship
+from corevault.vault import catalog
+from corevault.vault.crashes import LocalVault
 from testbed import build, hostile, runc, sysctl
 
 GOAL = 10.0
@@ -99,7 +100,7 @@ def b_times(settings: config.Settings, b: str, a: str | None = None) -> tuple[fl
     """
     agent = Agent(settings)
     thread = threading.Thread(target=agent.run)
-    engine = ship.open_vault(settings).engine
+    engine = LocalVault(settings).engine
     started = time.monotonic()
     thread.start()
     in_catalog = None

@@ -132,7 +132,8 @@ def in_process(
     from botocore.config import Config
 
     from corevault import config
-    from corevault.vault import ship
+    from corevault.agent import ship
+    from corevault.vault.crashes import LocalVault
 
     os.environ["AWS_ACCESS_KEY_ID"], os.environ["AWS_SECRET_ACCESS_KEY"] = servers.KEY, servers.SECRET
     s3 = boto3.client(
@@ -142,7 +143,7 @@ def in_process(
         multipart_threshold=16 << 20, multipart_chunksize=16 << 20, max_concurrency=CONCURRENCY
     )
     settings = config.load(agent_config(w, pg_url, work, "warm"))
-    vault = ship.open_vault(settings)
+    vault = LocalVault(settings)
     ours, plain = [], []
     for run in range(runs):
         t = time.perf_counter()

@@ -15,7 +15,8 @@ import tempfile
 from dataclasses import dataclass
 
 from corevault import config, spool
-from corevault.vault import catalog, ship
+from corevault.vault import catalog
+from corevault.vault.crashes import LocalVault
 
 CLI = os.path.join(os.path.dirname(sys.executable), "corevault")
 
@@ -30,8 +31,8 @@ class Node:
     def spool(self) -> str:
         return self.settings.spool_dir
 
-    def vault(self) -> ship.Vault:
-        return ship.open_vault(self.settings)
+    def vault(self) -> LocalVault:
+        return LocalVault(self.settings)
 
     def crashes(self) -> list[dict]:
         with self.vault().engine.connect() as conn:

@@ -26,7 +26,8 @@ from corevault import config, elf, spool
 from corevault.agent.analyses import FairQueue
 from corevault.agent.loop import Agent
 from corevault.analysis import binaries, runner, sandbox, seccomp
-from corevault.vault import catalog, ship
+from corevault.vault import catalog
+from corevault.vault.crashes import LocalVault
 from testbed import hostile
 from tests.conftest import Capture, installed_capture
 
@@ -100,7 +101,7 @@ def two_tenants(rootfs: str, programs: dict[str, str]) -> Iterator[tuple[Capture
 
 
 def crash_rows(settings: config.Settings) -> dict[str, dict]:
-    with ship.open_vault(settings).engine.connect() as conn:
+    with LocalVault(settings).engine.connect() as conn:
         return {r["id"]: r for r in catalog.list_crashes(conn, limit=100)}
 
 
@@ -135,7 +136,7 @@ def test_hostile_elf_delays_neither_shipping_nor_other_tenants(two_tenants: tupl
     finally:
         agent.stop.set()
         runner_thread.join(timeout=60)
-    with ship.open_vault(settings).engine.connect() as conn:
+    with LocalVault(settings).engine.connect() as conn:
         stopped = catalog.get_crash(conn, a)
     assert stopped is not None and stopped["analysis"] == "failed"
     assert stopped["analysis_error"] == f"{runner.STOPPED} {LIMIT:g}s and was stopped"

@@ -18,7 +18,8 @@ from corevault import config, podindex
 from corevault.agent.loop import Agent
 from corevault.kube.events import EventPoster
 from corevault.kube.podwatch import PodWatch
-from corevault.vault import catalog, ship
+from corevault.vault import catalog
+from corevault.vault.crashes import LocalVault
 from testbed import runc
 from testbed.fakekube import FakeKube
 from tests.conftest import installed_capture
@@ -172,7 +173,7 @@ def test_seed_emptydir_pod_end_to_end(api, rootfs: str) -> None:
         [name] = cap.volume_files()
         assert name.startswith("core-!app!crasher-1-")
         Agent(settings, on_record=EventPoster(core, os.uname().nodename)).run(once=True)
-        with ship.open_vault(settings).engine.connect() as conn:
+        with LocalVault(settings).engine.connect() as conn:
             [row] = catalog.list_crashes(conn)
     assert (row["namespace"], row["pod"], row["container"], row["image"]) == (
         "shop", "coredump-emptydir-volume-test-7c9d8", "nginx", "registry.cn-hangzhou.aliyuncs.com/acs-sample/nginx:latest",

@@ -29,7 +29,8 @@ from corevault.agent import storeclean
 from corevault.agent.loop import Agent
 from corevault.server.access import StaticTokens
 from corevault.server.app import create_app
-from corevault.vault import catalog, ship
+from corevault.vault import catalog
+from corevault.vault.crashes import LocalVault
 from testbed import build, runc, servers
 from tests.conftest import Capture, installed_capture
 
@@ -118,7 +119,7 @@ class Tenants:
         return next(m for m in self.metas[crash]["modules"] if m["path"] == path)
 
     def report(self, crash: str) -> dict:
-        with ship.open_vault(self.settings).engine.connect() as conn:
+        with LocalVault(self.settings).engine.connect() as conn:
             return catalog.get_crash(conn, self.metas[crash]["id"])["report"]
 
 
@@ -233,7 +234,7 @@ def test_a_forged_build_id_never_explains_another_tenants_crash(tenants: Tenants
     # the positive control: A's own crash is explained with A's own file
     assert tenants.report("a-poison")["signature_frames"][0] == "pwned_by_tenant_a"
     # the vault keeps both contents under the claim, and identical files (the libc) once
-    with ship.open_vault(tenants.settings).engine.connect() as conn:
+    with LocalVault(tenants.settings).engine.connect() as conn:
         o, co = catalog.objects.c, catalog.crash_objects.c
         claimed = conn.execute(catalog.objects.select().where(o.key == POISONED)).all()
         libc = next(

@@ -25,7 +25,8 @@ import sqlalchemy as sa
 
 from corevault import config, spool
 from corevault.agent.loop import Agent
-from corevault.vault import blobs, catalog, retention, ship
+from corevault.vault import blobs, catalog, retention
+from corevault.vault.crashes import LocalVault
 from testbed import servers
 from tests.conftest import installed_capture
 from tests.nodes import CLI, Node, make_node
@@ -227,7 +228,7 @@ def test_full_spool_disk_is_recorded_as_dropped(rootfs: str, tmp_path) -> None:
             assert os.listdir(cap.volume) == ["c"]  # the pod's copy is not affected
             settings = config.load(cap.config)
             Agent(settings).run(once=True)
-            with ship.open_vault(settings).engine.connect() as conn:
+            with LocalVault(settings).engine.connect() as conn:
                 dropped = catalog.list_dropped(conn)
         finally:
             subprocess.run(["umount", "-l", mount], check=False)

@@ -21,11 +21,12 @@ from collections.abc import Callable
 import sqlalchemy as sa
 
 from corevault import config, hostsetup, spool
-from corevault.agent import storeclean
+from corevault.agent import ship, storeclean
 from corevault.agent.analyses import AnalysisPool, worker_count
 from corevault.agent.kernellog import KernelLog
 from corevault.agent.metrics import Metrics
-from corevault.vault import blobs, catalog, retention, ship
+from corevault.vault import blobs, catalog, retention
+from corevault.vault.crashes import LocalVault
 
 log = logging.getLogger("corevault.agent")
 RETRYABLE = (blobs.StoreError, catalog.CatalogError, sa.exc.OperationalError, sa.exc.DBAPIError, OSError)
@@ -64,7 +65,7 @@ class Agent:
         self.on_record = on_record
         self.metrics = metrics or Metrics()
         self.stop = threading.Event()
-        self.vault: ship.Vault | None = None
+        self.vault: LocalVault | None = None
         self.backoff: dict[str, tuple[float, float]] = {}
         #: why the vault could not be reached on the last pass, or None
         self.unreachable: str | None = None
@@ -81,10 +82,10 @@ class Agent:
         #: the dumps the kernel skipped, journaled from its log on every pass
         self.kernel_log = KernelLog(settings, on_skip=self.metrics.kernel_skipped.inc)
 
-    def connect(self) -> ship.Vault:
+    def connect(self) -> LocalVault:
         vault = self.vault
         if vault is None:
-            vault = self.vault = ship.open_vault(self.settings)
+            vault = self.vault = LocalVault(self.settings)
         return vault
 
     def _analyse(self, entry_id: str) -> str | None:
@@ -176,7 +177,7 @@ class Agent:
         if not self._retention_on() and time.monotonic() - self.last_vacuum > VACUUM_EVERY:
             self.last_vacuum = time.monotonic()  # no rules: the unfinished uploads are cleared all the same
             try:
-                uploads = retention.abandoned(vault, s)
+                uploads = retention.abandoned(vault.store, s)
                 if uploads:
                     log.info("aborted %d uploads nobody finished", len(uploads))
             except RETRYABLE as e:

@@ -15,7 +15,7 @@ import sqlalchemy as sa
 
 from corevault import config
 from corevault.vault import blobs, catalog
-from corevault.vault.ship import Vault
+from corevault.vault.crashes import LocalVault
 
 
 def select(conn: sa.Connection, settings: config.Settings, now: float) -> list[str]:
@@ -46,7 +46,9 @@ def select(conn: sa.Connection, settings: config.Settings, now: float) -> list[s
     return doomed
 
 
-def vacuum(vault: Vault, settings: config.Settings, now: float | None = None, dry_run: bool = False) -> dict:
+def vacuum(
+    vault: LocalVault, settings: config.Settings, now: float | None = None, dry_run: bool = False
+) -> dict:
     """Apply the retention rules; returns what was (or would be) removed."""
     now = now or time.time()
     with vault.engine.connect() as conn:
@@ -57,7 +59,7 @@ def vacuum(vault: Vault, settings: config.Settings, now: float | None = None, dr
                 vault.store.delete(key)
             with vault.engine.begin() as conn:
                 catalog.forget(conn, crash_id)
-    uploads = [] if dry_run else abandoned(vault, settings)
+    uploads = [] if dry_run else abandoned(vault.store, settings)
     orphans = _orphan_objects(vault)
     if not dry_run:
         o, co = catalog.objects.c, catalog.crash_objects.c
@@ -80,16 +82,16 @@ def vacuum(vault: Vault, settings: config.Settings, now: float | None = None, dr
     }
 
 
-def abandoned(vault: Vault, settings: config.Settings) -> list[str]:
+def abandoned(store: blobs.BlobStore, settings: config.Settings) -> list[str]:
     """Clear the uploads begun ``[vault] abandoned_upload_days`` ago and never finished; their keys.
 
     An agent takes up its own cut-short upload when it retries the entry; one whose entry
     is gone (the node's disk lost, the spool cleared) would keep its parts forever.
     """
-    return vault.store.abort_abandoned(settings.vault_abandoned_days * 86400)
+    return store.abort_abandoned(settings.vault_abandoned_days * 86400)
 
 
-def _orphan_objects(vault: Vault) -> list[tuple[str, str]]:
+def _orphan_objects(vault: LocalVault) -> list[tuple[str, str]]:
     o, co = catalog.objects.c, catalog.crash_objects.c
     query = sa.select(o.key, o.sha256).where(~sa.exists().where(co.key == o.key, co.sha256 == o.sha256))
     with vault.engine.connect() as conn:

@@ -39,10 +39,9 @@ from collections.abc import Callable, Iterator
 from contextlib import contextmanager
 from dataclasses import dataclass
 
-from sqlalchemy.engine import Engine
-
 from corevault import config, nodestore, objectid, spool
 from corevault.vault import blobs, catalog
+from corevault.vault.crashes import LocalVault
 
 log = logging.getLogger("corevault.agent")
 
@@ -54,16 +53,6 @@ class Busy(Exception):
 
 
 @dataclass
-class Vault:
-    store: blobs.BlobStore
-    engine: Engine
-
-
-def open_vault(settings: config.Settings) -> Vault:
-    return Vault(blobs.vault_store(settings), catalog.connect(settings.catalog_url))
-
-
-@dataclass
 class Shipped:
     crash_id: str
     new: bool
@@ -72,7 +61,7 @@ class Shipped:
     analysis: str
 
 
-def ship_entry(vault: Vault, settings: config.Settings, entry_id: str) -> Shipped:
+def ship_entry(vault: LocalVault, settings: config.Settings, entry_id: str) -> Shipped:
     """Ship one finished spool entry; raises on any failure and leaves the entry in place."""
     entry = os.path.join(spool.ready_dir(settings.spool_dir), entry_id)
     with _locked(entry, entry_id):
@@ -98,7 +87,7 @@ def _locked(entry: str, entry_id: str) -> Iterator[None]:
         os.close(fd)
 
 
-def _ship_locked(vault: Vault, settings: config.Settings, entry_id: str, entry: str) -> Shipped:
+def _ship_locked(vault: LocalVault, settings: config.Settings, entry_id: str, entry: str) -> Shipped:
     started = time.monotonic()
     meta = spool.read_meta(settings.spool_dir, entry_id)
     crash_id = meta.get("id") or entry_id
@@ -132,7 +121,7 @@ def _ship_locked(vault: Vault, settings: config.Settings, entry_id: str, entry: 
     return Shipped(crash_id, new, stored.size, time.monotonic() - started, state)
 
 
-def _ship_objects(vault: Vault, settings: config.Settings, meta: dict) -> None:
+def _ship_objects(vault: LocalVault, settings: config.Settings, meta: dict) -> None:
     """Upload the crash's mapped objects the vault lacks, by key and content hash."""
     wanted = {
         (m["key"], m["sha256"]): m
@@ -155,7 +144,7 @@ def _ship_objects(vault: Vault, settings: config.Settings, meta: dict) -> None:
             catalog.add_object(conn, key, sha, size, debuginfo=has_dwarf(local))
 
 
-def _ship_debuginfo(vault: Vault, settings: config.Settings, meta: dict) -> None:
+def _ship_debuginfo(vault: LocalVault, settings: config.Settings, meta: dict) -> None:
     """Keep in the vault the upstream debug files this node holds for the crash's modules."""
     if not settings.debuginfod_urls:
         return
@@ -168,7 +157,7 @@ def _ship_debuginfo(vault: Vault, settings: config.Settings, meta: dict) -> None
             vault.store.put_file(key, local)
 
 
-def analyse_shipped(vault: Vault, settings: config.Settings, entry_id: str) -> str:
+def analyse_shipped(vault: LocalVault, settings: config.Settings, entry_id: str) -> str:
     """Analyse a shipped entry, record the outcome, remove the entry; returns the analysis state.
 
     Raises :class:`Busy` when another agent holds the entry, and leaves it in place on any
@@ -197,7 +186,7 @@ def analyse_shipped(vault: Vault, settings: config.Settings, entry_id: str) -> s
 
 
 def _analyse(
-    vault: Vault, settings: config.Settings, crash_id: str, core_path: str, record: list[dict]
+    vault: LocalVault, settings: config.Settings, crash_id: str, core_path: str, record: list[dict]
 ) -> str:
     from corevault.analysis import runner, upstream
 
@@ -225,7 +214,7 @@ def _analyse(
 
 
 def ship_journal(
-    vault: Vault, settings: config.Settings, on_record: Callable[[dict], object] | None = None
+    vault: LocalVault, settings: config.Settings, on_record: Callable[[dict], object] | None = None
 ) -> dict[str, int]:
     """Move the journal's records of dropped, cut and refused dumps into the catalog.
 
