@@ -16,8 +16,9 @@ from dataclasses import dataclass
 import pytest
 
 from corevault import spool
-from corevault.analysis import runner
+from corevault.analysis import render, runner
 from corevault.model import Report
+from corevault.server import ui
 from testbed import build, runc
 from tests.conftest import installed_capture
 
@@ -159,10 +160,29 @@ def test_200_threads_are_all_unwound(corpus: dict) -> None:
     assert all(t.frames for t in r.threads)
 
 
-def test_stack_overflow_is_cut_at_the_frame_limit(corpus: dict) -> None:
-    crashed = corpus["crashes"]["stack"].report.crashed_thread
-    assert crashed is not None and crashed.incomplete and len(crashed.frames) == 256
-    assert {f.function for f in crashed.frames} == {"recurse"}
+def test_a_stack_overflow_shows_its_top_its_bottom_and_how_often_it_repeats(corpus: dict) -> None:
+    # drgn stops at 1,024 frames; the walk goes on to main, as gdb's does (30,000 frames
+    # and more), and the report keeps the top and the bottom around the repeated part
+    r = corpus["crashes"]["stack"].report
+    crashed = r.crashed_thread
+    assert crashed is not None and not crashed.incomplete
+    [run] = crashed.omitted
+    assert run.function == "recurse" and run.count > 10_000 and crashed.depth > run.count
+    top, bottom = crashed.frames[: crashed.omitted_at], crashed.frames[crashed.omitted_at :]
+    assert [f.function for f in top] == ["recurse"] * 3
+    names = [f.function for f in bottom]
+    assert names[:4] == ["recurse"] * 3 + ["main"] and "__libc_start_main" in names
+    assert [f.index for f in bottom] == list(range(crashed.depth - len(bottom), crashed.depth))
+    assert len(crashed.frames) <= 256 and r.signature_frames == ("recurse", "recurse", "recurse")
+    assert f"… recurse x {run.count:,}" in render.text(r)
+    doc = r.to_dict()
+    assert Report.from_dict(doc) == r
+    page = ui.templates.env.get_template("crash.html").render(
+        crash={"id": "x", "signal_name": "SIGSEGV", "signal": 11, "time": 0, "size": 1, "stored_size": 1},
+        report={**doc, "threads": []}, crashed=doc["threads"][0], others=[], commands=[], environ=[], meta={},
+        open_access=True,
+    )  # fmt: skip
+    assert f"recurse x {run.count:,}" in page and f"#{crashed.depth - 1}<" in page
 
 
 def test_deleted_executable_is_found_by_build_id(corpus: dict) -> None:

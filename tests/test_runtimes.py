@@ -152,7 +152,11 @@ def test_a_go_fatal_error_on_the_system_stack_is_the_goroutines(crashes: dict[st
     names = [f.function for f in crashed.frames]
     switch = names.index("runtime.morestack")
     assert "runtime.newstack" in names[:switch] and "runtime.throw" in names[:switch]
-    assert set(names[switch + 1 :]) == {"main.walkTree"} and crashed.incomplete
+    # the goroutine's whole stack, to its first frame: the recursion counted in between
+    [run] = crashed.omitted
+    assert run.function == "main.walkTree" and run.count > 1000 and crashed.omitted_at == switch + 4
+    assert set(names[switch + 1 : -3]) == {"main.walkTree"} and not crashed.incomplete
+    assert names[-3:] == ["main.handle", "main.main.func2", "runtime.goexit.abi0"]
     assert all(f.module == "/app/goservice" for f in crashed.frames[switch + 1 :])
 
 

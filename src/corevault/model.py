@@ -32,12 +32,30 @@ class Frame:
 
 
 @dataclass(frozen=True, slots=True)
+class Run:
+    """Frames of a deep stack that its report leaves out: ``count`` of them in a row, all of
+    ``function``, or None where they are unnamed or of several functions."""
+
+    function: str | None
+    count: int
+
+
+@dataclass(frozen=True, slots=True)
 class Thread:
     tid: int
     crashed: bool
     frames: tuple[Frame, ...] = ()
     #: the unwinder stopped early (frame limit, or a stack it could not follow)
     incomplete: bool = False
+    #: a stack too deep to show whole (a stack overflow): the frames left out between
+    #: ``frames[:omitted_at]`` and the rest, in runs; the frames keep their own index
+    omitted: tuple[Run, ...] = ()
+    omitted_at: int = 0
+
+    @property
+    def depth(self) -> int:
+        """Frames in the whole stack as unwound, the omitted ones included."""
+        return len(self.frames) + sum(r.count for r in self.omitted)
 
 
 @dataclass(frozen=True, slots=True)
@@ -113,6 +131,11 @@ class Report:
                 "crashed": t.crashed,
                 "incomplete": t.incomplete,
                 "frames": [_plain(f) for f in t.frames],
+                **(
+                    {"omitted": [_plain(r) for r in t.omitted], "omitted_at": t.omitted_at}
+                    if t.omitted
+                    else {}
+                ),
             }
             for t in self.threads
         ]
@@ -127,7 +150,14 @@ class Report:
         doc = dict(doc)
         doc["signal"] = Signal(**doc["signal"])
         doc["threads"] = tuple(
-            Thread(**{**t, "frames": tuple(Frame(**f) for f in t["frames"])}) for t in doc["threads"]
+            Thread(
+                **{
+                    **t,
+                    "frames": tuple(Frame(**f) for f in t["frames"]),
+                    "omitted": tuple(Run(**r) for r in t.get("omitted", ())),
+                }
+            )
+            for t in doc["threads"]
         )
         doc["modules"] = tuple(Module(**m) for m in doc["modules"])
         for key in ("warnings", "signature_frames"):

@@ -8,7 +8,7 @@ from __future__ import annotations
 import os
 
 from corevault import printable
-from corevault.model import Frame, Report
+from corevault.model import Frame, Report, Run, Thread
 
 MAX_OTHER_FRAMES = 8
 
@@ -19,6 +19,19 @@ def frame_line(f: Frame) -> str:
     module = f" ({os.path.basename(f.module)}+0x{f.offset:x})" if f.module and f.offset is not None else ""
     inline = " [inlined]" if f.inline else ""
     return f"#{f.index:<3} 0x{f.pc:016x} {name}{inline}" + (f" at {where}" if where else module)
+
+
+def run_line(r: Run) -> str:
+    """A run of frames a deep stack's report leaves out: ``… recurse x 30,585``."""
+    return f"… {r.function} x {r.count:,}" if r.function else f"… {r.count:,} frames of several functions"
+
+
+def stack_lines(t: Thread) -> list[str]:
+    """A thread's frames, the runs a deep stack leaves out shown where they were."""
+    if not t.omitted:
+        return [frame_line(f) for f in t.frames]
+    top = [frame_line(f) for f in t.frames[: t.omitted_at]]
+    return top + [run_line(r) for r in t.omitted] + [frame_line(f) for f in t.frames[t.omitted_at :]]
 
 
 def _indent(words: str) -> str:
@@ -53,8 +66,9 @@ def text(report: Report, all_threads: bool = True) -> str:
     ]
     crashed = report.crashed_thread
     if crashed is not None:
-        lines.append(f"Stack trace of thread {crashed.tid} (crashed):")
-        lines += ["  " + frame_line(f) for f in crashed.frames]
+        deep = f", {crashed.depth:,} frames deep" if crashed.omitted else ""
+        lines.append(f"Stack trace of thread {crashed.tid} (crashed{deep}):")
+        lines += ["  " + line for line in stack_lines(crashed)]
         if crashed.incomplete:
             lines.append("  … (more frames not shown)")
     if all_threads:

@@ -4,7 +4,7 @@ drgn's own debug-info finders are turned off, so it sees only the files handed t
 (:mod:`.binaries`: the crash's own stored objects and the host's build-id keyed debug tree);
 ``Module.try_file`` refuses a file whose build-id differs from the module's. Every thread
 is unwound, inline frames included, with file:line where debug info exists and ELF
-symbols where it does not; Go's signal frames are crossed by :mod:`.gosignal`. Where
+symbols where it does not; Go's signal frames are crossed by :mod:`.stackwalk`. Where
 drgn finds no function in the DWARF at a pc (a language it does not read, such as Rust),
 the inline chain is read from that DWARF by :mod:`corevault.analysis.inlines`.
 """
@@ -15,16 +15,22 @@ import dataclasses
 import itertools
 import os
 
-from corevault.analysis import gosignal, inlines
+from corevault.analysis import inlines, stackwalk
 from corevault.analysis.binaries import Found
 from corevault.analysis.elfcore import Core
 from corevault.model import Frame, Thread
 
 
 def unwind(
-    core: Core, found: dict[str, Found], max_frames: int
+    core: Core, found: dict[str, Found], max_frames: int, crashed_depth: int | None = None
 ) -> tuple[list[Thread], dict[str, bool], list[str]]:
-    """``(threads, debug info loaded per module path, warnings)``; ``found`` is by object path."""
+    """``(threads, debug info loaded per module path, warnings)``; ``found`` is by object path.
+
+    Each stack is unwound to at most ``max_frames`` frames, the crashed thread's to
+    ``crashed_depth`` (a stack overflow's whole depth; :func:`.deepstack.collapse` then
+    keeps what a report shows of it). Other threads keep the smaller bound, so a process
+    of many deep threads costs no more than one.
+    """
     # No drgn plugins: they would be found through entry points (0.15 s per core) and run
     # third-party code inside the analysis of an untrusted core.
     os.environ["DRGN_DISABLE_PLUGINS"] = "*"
@@ -60,33 +66,37 @@ def unwind(
     for t in prog.threads():
         frames: list[Frame] = []
         incomplete = False
+        limit = max(max_frames, crashed_depth or 0) if t.tid == crashed else max_frames
         try:
-            trace = list(itertools.islice(gosignal.frames(prog, t), max_frames + 1))
+            trace = list(itertools.islice(stackwalk.frames(prog, t), limit + 1))
         except Exception as e:
             warnings.append(f"thread {t.tid}: cannot unwind: {e}")
             trace = []
         chain = (0, 0)
+        inline = False
         for index, f in enumerate(trace):
-            if index >= max_frames:
+            if index >= limit:
                 incomplete = True
                 break
             try:
                 pc = f.pc
             except LookupError:  # the outermost frame's pc is often unknown
                 break
-            chain = (pc, chain[1] + 1 if chain[0] == pc else 0)
+            # the frames of one pc's inline chain follow an inline one; a recursion's do not
+            chain = (pc, chain[1] + 1 if inline and chain[0] == pc else 0)
+            inline = f.is_inline
             known = seen.get(chain)
             if known is None:
                 known = seen[chain] = _frame(core, f, 0, pc)
                 scopes.want(known, f)
             placed = at_index.get((chain, index))
             if placed is None:  # frozen frames: threads waiting in one place share the objects
-                placed = at_index[chain, index] = dataclasses.replace(known, index=index)
+                placed = at_index[chain, index] = _placed(known, index)
             frames.append(placed)
         threads.append(
             Thread(tid=t.tid, crashed=t.tid == crashed, frames=tuple(frames), incomplete=incomplete)
         )
-    threads = scopes.expand(threads, max_frames)
+    threads = scopes.expand(threads, max(max_frames, crashed_depth or 0))
     threads.sort(key=lambda t: (not t.crashed, t.tid))
     return threads, debug, warnings
 
@@ -142,6 +152,11 @@ class _Scopes:
             incomplete = t.incomplete or len(frames) > max_frames
             out.append(dataclasses.replace(t, frames=tuple(frames[:max_frames]), incomplete=incomplete))
         return out
+
+
+def _placed(f: Frame, index: int) -> Frame:
+    """``f`` at ``index`` (a stack overflow places tens of thousands: dataclasses.replace is slow)."""
+    return Frame(index, f.pc, f.function, f.file, f.line, f.column, f.inline, f.module, f.offset)
 
 
 def _where(core: Core, found: dict[str, Found], module: object) -> Found | None:

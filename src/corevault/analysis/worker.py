@@ -18,6 +18,7 @@ import sys
 from corevault import objectid
 from corevault.analysis import (
     binaries,
+    deepstack,
     demangle,
     elfcore,
     goroutine,
@@ -32,6 +33,9 @@ from corevault.model import Frame, Module, Report, Thread
 
 AT_ENTRY = 9
 BACKENDS = ("drgn", "gdb")
+#: frames of the crashed thread unwound by drgn: a stack overflow's whole depth (gdb showed
+#: 30,831 for an 8 MiB stack), of which the report keeps the top and the bottom
+MAX_DEPTH = 1 << 16
 
 
 def analyze(
@@ -74,7 +78,7 @@ def analyze(
     used = backend
     if backend == "drgn":
         try:
-            threads, debug, more = unwind_drgn.unwind(core, dwarf, max_frames)
+            threads, debug, more = unwind_drgn.unwind(core, dwarf, max_frames, MAX_DEPTH)
             warnings += more
         except Exception as e:
             warnings.append(f"drgn failed ({type(e).__name__}: {e}); used gdb instead")
@@ -84,7 +88,8 @@ def analyze(
         warnings += more
     threads = _demangle(_name_from_symtabs(threads, core, found))
     files = {path: f.executable for path, f in found.items()}
-    threads = goroutine.attribute(core, files, exe_path, threads, max_frames)
+    threads = goroutine.attribute(core, files, exe_path, threads, MAX_DEPTH)
+    threads = deepstack.collapse(threads, max_frames)
 
     modules = []
     for obj in core.objects():

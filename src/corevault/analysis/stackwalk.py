@@ -1,9 +1,20 @@
-"""Go's signal frames, which drgn's unwinder does not cross on its own (linux/amd64).
+"""A thread's frames from drgn, past the places where drgn's unwinder stops (linux/amd64).
 
-A Go program that faults dies through its runtime's signal path, and two frames on that
-path have no CFI that leads on. Go's own traceback (``runtime/traceback.go``) and delve
-treat both specially; so does this module, restarting drgn's unwinder from the right
-registers:
+drgn unwinds one stack trace of at most 1,024 frames, and it cannot cross two frames of
+Go's runtime. Each of these is continued the same way: a new drgn trace from a ``struct
+pt_regs`` made of the registers where the last one stopped (its first frame is then
+unwound as an interrupted one, at its exact pc).
+
+**Deep stacks.** A stack overflow is tens of thousands of frames (gdb showed 30,831 for
+the corpus's C recursion); drgn stops at 1,024 without saying so. When a trace ends at
+exactly that many frames, the walk goes on from the registers drgn recovered for its last
+frame, which is not shown twice. A return address's CFI is then looked up at the address
+itself rather than the call before it, which is the same row of the table unless the call
+was a function's last instruction.
+
+**Go's signal frames.** A Go program that faults dies through its runtime's signal path,
+and two frames on that path have no CFI that leads on. Go's own traceback
+(``runtime/traceback.go``) and delve treat both specially; so does this module:
 
 1. ``runtime.sigreturn`` (the restorer the kernel's signal frame returns into). glibc's
    ``__restore_rt`` carries CFI marking a signal frame; Go's has none, so drgn falls back to
@@ -20,10 +31,9 @@ registers:
    times, its caller never shown). Go's traceback does not back that pc up; here the frame
    after ``sigpanic`` is unwound again as an interrupted one, at its exact pc.
 
-A goroutine's stack ends at ``runtime.goexit``: what lies past it is not frames. Each
-restart is a new drgn trace from a ``struct pt_regs`` made of the registers; restarts are
-capped, and so is the whole trace (the caller's frame limit), so a forged signal frame that
-points back at itself costs no more than a deep stack.
+A goroutine's stack ends at ``runtime.goexit``: what lies past it is not frames. The
+caller bounds the whole walk (:func:`frames` is lazy), and Go's restarts are capped, so a
+forged signal frame that points back at itself costs no more than a deep stack.
 """
 
 from __future__ import annotations
@@ -47,19 +57,28 @@ MAX_RESTARTS = 8
 OUTERMOST = "runtime.goexit"
 
 
+DRGN_LIMIT = 1024  # frames in one drgn stack trace (libdrgn's stack_trace.c)
+
+
 def frames(prog: Any, thread: Any) -> Iterator[Any]:
-    """The drgn frames of ``thread``, across Go's signal frames; plain drgn for other programs."""
+    """The drgn frames of ``thread``, lazily, across drgn's frame limit and Go's signal frames."""
     import drgn
 
     trace = thread.stack_trace()
-    if prog.platform.arch != drgn.Architecture.X86_64 or not _is_go(prog):
+    if prog.platform.arch != drgn.Architecture.X86_64:
         yield from trace
         return
+    go = _is_go(prog)
     restarts = 0
+    skip = 0
     while True:
         regs = None
         for i, f in enumerate(trace):
+            if i < skip:
+                continue
             yield f
+            if not go:
+                continue
             name = _name(f)
             if name is not None and name.removesuffix(".abi0") == OUTERMOST:
                 return
@@ -70,10 +89,16 @@ def frames(prog: Any, thread: Any) -> Iterator[Any]:
             elif name == "runtime.sigpanic" and not f.is_inline and i + 1 < len(trace):
                 regs = _known(trace[i + 1])
             if regs is not None:
+                restarts += 1
+                skip = 0
                 break
+        else:
+            # drgn stopped at its limit, not at the stack's end: go on from the last frame
+            if len(trace) < DRGN_LIMIT:
+                return
+            regs, skip = _known(trace[len(trace) - 1]), 1
         if regs is None:
             return
-        restarts += 1
         try:
             trace = prog.stack_trace(_pt_regs(prog, regs))
         except (LookupError, ValueError, drgn.FaultError):
@@ -132,11 +157,16 @@ def _signal_context(prog: Any, f: Any) -> dict[str, int] | None:
     return dict(zip(MCONTEXT, struct.unpack(f"<{len(MCONTEXT)}Q", raw), strict=True))
 
 
+_types: dict[int, Any] = {}
+
+
 def _pt_regs(prog: Any, regs: dict[str, int]) -> Any:
     import drgn
 
-    word = prog.int_type("unsigned long", 8, False)
-    members = [drgn.TypeMember(word, name, 64 * i) for i, name in enumerate(PT_REGS)]
-    kind = prog.struct_type("pt_regs", 8 * len(PT_REGS), members)
+    kind = _types.get(id(prog))
+    if kind is None or kind.prog is not prog:  # made once per program (7 ms each)
+        word = prog.int_type("unsigned long", 8, False)
+        members = [drgn.TypeMember(word, name, 64 * i) for i, name in enumerate(PT_REGS)]
+        kind = _types[id(prog)] = prog.struct_type("pt_regs", 8 * len(PT_REGS), members)
     raw = struct.pack(f"<{len(PT_REGS)}Q", *(regs.get(name, 0) & (1 << 64) - 1 for name in PT_REGS))
     return drgn.Object.from_bytes_(prog, kind, raw)
