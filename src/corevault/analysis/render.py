@@ -1,6 +1,9 @@
 """A report for people, in the spirit of ``coredumpctl info``.
 
 Every line is made printable (:mod:`corevault.printable`): names come from the crashed process.
+A line break inside a value (a symbol name, a path, an argument) is escaped like any other
+control character, so no value can start a line of its own and pass for a frame, a module
+or a warning; only the last words a process left keep their lines, each indented.
 """
 
 from __future__ import annotations
@@ -34,10 +37,6 @@ def stack_lines(t: Thread) -> list[str]:
     return top + [run_line(r) for r in t.omitted] + [frame_line(f) for f in t.frames[t.omitted_at :]]
 
 
-def _indent(words: str) -> str:
-    return words.replace("\n", "\n              ")
-
-
 def text(report: Report, all_threads: bool = True) -> str:
     s = report.signal
     lines = [
@@ -53,7 +52,9 @@ def text(report: Report, all_threads: bool = True) -> str:
     if s.fault_address is not None:
         lines.append(f"       Fault: address 0x{s.fault_address:x}")
     if report.last_words:
-        lines.append(f"  Last words: {_indent(report.last_words)}")
+        first, *more = report.last_words.split("\n")
+        lines.append(f"  Last words: {first}")
+        lines += ["              " + line for line in more]
     lines += [
         f"  Executable: {report.exe or '?'}",
         f"Command line: {report.args or '?'}",
@@ -75,15 +76,18 @@ def text(report: Report, all_threads: bool = True) -> str:
         for t in report.threads:
             if t.crashed:
                 continue
-            lines.append(("\n" if lines[-1] else "") + f"Stack trace of thread {t.tid}:")
+            if lines[-1]:
+                lines.append("")
+            lines.append(f"Stack trace of thread {t.tid}:")
             lines += ["  " + frame_line(f) for f in t.frames[:MAX_OTHER_FRAMES]]
             if len(t.frames) > MAX_OTHER_FRAMES or t.incomplete:
                 lines.append("  …")
-    lines.append("\nModules:")
+    lines += ["", "Modules:"]
     for m in report.modules:
         state = "debug info" if m.debuginfo else ("symbols only" if m.found else "MISSING")
         lines.append(f"  0x{m.start:x} {m.path}  build-id {m.build_id}  [{state}]")
     for w in report.warnings:
         lines.append(f"warning: {w}")
-    # Symbol names, paths and arguments are the crashed process's: shown, never obeyed.
-    return printable.lines("\n".join(lines))
+    # Symbol names, paths and arguments are the crashed process's: shown, never obeyed,
+    # and each stays on its line.
+    return "\n".join(printable.printable(line) for line in lines)

@@ -23,6 +23,7 @@ from __future__ import annotations
 
 import fcntl
 import json
+import math
 import os
 
 from corevault import pattern, podannotations
@@ -150,6 +151,18 @@ def take_slot(state_dir: str, key: str, share: int) -> int | None:
     return None
 
 
+def _times(doc: object, name: str, now: float, window: float) -> list[float]:
+    """The crash times under ``name`` that are in the window; what a damaged file holds instead is dropped.
+
+    A damaged budget must never cost a crash its core (an exception here would) nor hold a
+    time that stays in every window (an infinity).
+    """
+    values = doc.get(name) if isinstance(doc, dict) else None
+    if not isinstance(values, list):
+        return []
+    return [t for t in values if isinstance(t, int | float) and math.isfinite(t) and now - t < window]
+
+
 def admit(state_dir: str, key: str, limit: int, window: float, now: float) -> tuple[bool, int]:
     """Count a crash against its storm budget; ``(kept, crashes in the window)``.
 
@@ -168,8 +181,7 @@ def admit(state_dir: str, key: str, limit: int, window: float, now: float) -> tu
             doc = json.loads(raw) if raw else {}
         except ValueError:
             doc = {}
-        recent = [t for t in doc.get("seen", []) if isinstance(t, int | float) and now - t < window]
-        kept = [t for t in doc.get("kept", []) if isinstance(t, int | float) and now - t < window]
+        recent, kept = _times(doc, "seen", now, window), _times(doc, "kept", now, window)
         admitted = len(kept) < limit
         if admitted:
             kept.append(now)
