@@ -210,6 +210,9 @@ def asgi(app: object) -> Iterator[str]:
 
     import uvicorn
 
+    from corevault.server import zerocopy
+
+    zerocopy.install()  # as corevault serve runs it
     server = uvicorn.Server(
         uvicorn.Config(app, host="127.0.0.1", port=0, log_level="warning", lifespan="off")  # type: ignore[arg-type]
     )

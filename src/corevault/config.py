@@ -231,10 +231,15 @@ class S3Settings:
         "credentials_file",
         "endpoint",
         "part_size",
+        "redirect_downloads",
         "region",
     )
 
     def __init__(self) -> None:
+        #: the server answers a download of a stored binary with a redirect to a presigned URL of
+        #: the object (valid one minute), so the bytes go from the store to the reader; false
+        #: when readers cannot reach ``endpoint`` (the server then streams them itself)
+        self.redirect_downloads = True
         #: e.g. https://s3.oss-cn-hangzhou.aliyuncs.com for Alibaba OSS; None for AWS
         self.endpoint: str | None = None
         self.region: str | None = None
@@ -473,6 +478,7 @@ def from_dict(doc: dict, where: str = "config") -> Settings:
         "concurrency",
         "checksums",
         "credentials_file",
+        "redirect_downloads",
     }
     _known(s3, s3_keys, f"{where} [vault.s3]")
     s.s3.endpoint = s3.get("endpoint") or None
@@ -485,6 +491,7 @@ def from_dict(doc: dict, where: str = "config") -> Settings:
             raise ConfigError(f"{where} [vault.s3] part_size: S3 needs at least 5M")
     s.s3.concurrency = max(1, int(_number(s3, "concurrency", where, s.s3.concurrency)))
     s.s3.credentials_file = s3.get("credentials_file") or None
+    s.s3.redirect_downloads = bool(s3.get("redirect_downloads", s.s3.redirect_downloads))
 
     agent = _table(doc, "agent", where)
     _known(

@@ -62,7 +62,10 @@ def serve(
     import uvicorn
 
     from corevault.alerts import sinks
+    from corevault.server import zerocopy
     from corevault.server.app import create_app
+
+    zerocopy.install()
 
     settings = config.load(ctx.obj["config"])
     alerting = sinks.parse(settings.alerts)

@@ -15,6 +15,7 @@ from collections.abc import Iterator
 from typing import Annotated, Any, Literal
 
 from fastapi import APIRouter, Depends, HTTPException, Query, Request, Response
+from fastapi.responses import RedirectResponse
 from pydantic import BaseModel, ConfigDict, Field, TypeAdapter
 
 from corevault import crashrecord, objectid, redact
@@ -531,13 +532,22 @@ def _binary(
             row = None
     if row is None:
         raise HTTPException(404, f"no {'debuginfo' if debuginfo else 'executable'} for build-id {build_id}")
+    store = srv.vault.store
+    # The reader may have the file: from an object store it fetches it itself, from a URL of
+    # one minute (curl -L, libdebuginfod's clients: gdb, eu-stack, drgn, and corevault's CLI follow).
+    presign = getattr(store, "presign", None)
+    if request.method == "GET" and presign is not None and (url := presign(key)) is not None:
+        srv.metrics.bytes.labels("debuginfod-redirected").inc(size)
+        return RedirectResponse(url, status_code=307, headers={"X-Debuginfod-Size": str(size)})
+    local = getattr(store, "local_path", None)
     return serve(
         request,
-        lambda start, end: srv.vault.store.open(key, start),
+        lambda start, end: store.open(key, start),
         size,
         filename=build_id + (".debug" if debuginfo else ""),
         headers={"X-Debuginfod-Size": str(size)},
         counted=srv.metrics.bytes.labels("debuginfod").inc,
+        local=local(key) if local is not None else None,
     )
 
 

@@ -51,7 +51,8 @@ class Metrics:
             registry=self.registry,
         )
         self.bytes = Counter(
-            "corevault_served_bytes", "Bytes of cores and binaries sent", ["what"], registry=self.registry
+            "corevault_served_bytes", "Bytes of cores and binaries sent (or redirected to the store)", ["what"],
+            registry=self.registry,
         )
 
 

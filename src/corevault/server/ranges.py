@@ -12,8 +12,12 @@ from __future__ import annotations
 from collections.abc import Callable, Iterator
 from typing import BinaryIO
 
+import anyio.to_thread
 from starlette.requests import Request
 from starlette.responses import Response, StreamingResponse
+from starlette.types import Receive, Scope, Send
+
+from corevault.server import zerocopy
 
 CHUNK = 4 << 20
 
@@ -56,9 +60,11 @@ def serve(
     media_type: str = "application/octet-stream",
     headers: dict[str, str] | None = None,
     counted: Callable[[int], None] | None = None,
+    local: str | None = None,
 ) -> Response:
     """The object of ``size`` bytes as a 200, or a 206 for a Range request; ``opener(start, end)``
-    opens it at ``start`` for the bytes up to ``end`` (inclusive)."""
+    opens it at ``start`` for the bytes up to ``end`` (inclusive). ``local``: the object is
+    this plain file, which the kernel sends where the server can (:mod:`.zerocopy`)."""
     base = {
         "Accept-Ranges": "bytes",
         "Content-Disposition": f'attachment; filename="{filename}"',
@@ -95,4 +101,38 @@ def serve(
                     counted(len(chunk))
                 yield chunk
 
-    return StreamingResponse(body(), status_code=status, headers=base, media_type=media_type)
+    streamed = StreamingResponse(body(), status_code=status, headers=base, media_type=media_type)
+    if local is None:
+        return streamed
+    return _Sendfile(local, start, length, streamed, counted)
+
+
+class _Sendfile(Response):
+    """``path``'s bytes ``start``.. (``length`` of them) sent by the kernel when the server offers
+    the zero-copy send; otherwise the ``streamed`` response."""
+
+    def __init__(
+        self,
+        path: str,
+        start: int,
+        length: int,
+        streamed: StreamingResponse,
+        counted: Callable[[int], None] | None,
+    ) -> None:
+        self.path, self.start, self.length = path, start, length
+        self.streamed, self.counted = streamed, counted
+        self.status_code, self.raw_headers = streamed.status_code, streamed.raw_headers
+        self.background = None
+
+    async def __call__(self, scope: Scope, receive: Receive, send: Send) -> None:
+        if zerocopy.EXTENSION not in scope.get("extensions", {}):
+            await self.streamed(scope, receive, send)
+            return
+        f = await anyio.to_thread.run_sync(open, self.path, "rb")
+        try:
+            await send({"type": "http.response.start", "status": self.status_code, "headers": self.raw_headers})
+            await send({"type": zerocopy.EXTENSION, "file": f, "offset": self.start, "count": self.length})
+        finally:
+            f.close()
+        if self.counted is not None:
+            self.counted(self.length)

@@ -41,6 +41,8 @@ from corevault.config import CloudSettings, S3Settings, Settings
 from corevault.errors import UserError
 from corevault.vault import s3upload
 
+#: how long a redirected download's URL is good for: the reader follows it at once
+PRESIGNED_SECONDS = 60
 MAX_PARTS = 9_500  # S3's limit is 10,000; a little room for rounding
 MIB = 1 << 20
 
@@ -173,6 +175,10 @@ class FsStore:
             raise StoreError(f"{dest} holds {os.path.getsize(dest)} bytes after writing {size}")
         return Stored(key, size)
 
+    def local_path(self, key: str) -> str:
+        """The file that holds the blob (which the server may have the kernel send)."""
+        return self._path(key)
+
     def size(self, key: str) -> int | None:
         try:
             return os.path.getsize(self._path(key))
@@ -286,6 +292,20 @@ class S3Store(BucketStore):
         self.concurrency = settings.concurrency
         algorithm = "crc32" if settings.checksums == "when_supported" else "md5"
         self.uploads = s3upload.MultipartUpload(self.client, bucket, self.url, self.concurrency, algorithm)
+        self.redirect_downloads = settings.redirect_downloads
+
+    def presign(self, key: str) -> str | None:
+        """A URL that reads the object without credentials for :data:`PRESIGNED_SECONDS`; None
+        when downloads are not to be redirected (the store's endpoint is not the readers')."""
+        if not self.redirect_downloads:
+            return None
+        from botocore.exceptions import BotoCoreError, ClientError
+
+        try:
+            where = {"Bucket": self.bucket, "Key": self._key(key)}
+            return self.client.generate_presigned_url("get_object", Params=where, ExpiresIn=PRESIGNED_SECONDS)
+        except (BotoCoreError, ClientError) as e:
+            raise StoreError(f"cannot sign a download of {key} from {self.url}: {e}") from None
 
     def put_file(self, key: str, path: str) -> Stored:
         with open(path, "rb") as f:

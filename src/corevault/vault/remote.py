@@ -24,7 +24,9 @@ class RemoteVault:
     def __init__(self, url: str, token: str | None, timeout: float = 60.0) -> None:
         headers = {"Authorization": f"Bearer {token}"} if token else {}
         self.url = url.rstrip("/")
-        self.http = httpx.Client(base_url=self.url, headers=headers, timeout=timeout)
+        # follow the server's redirects of binaries to its object store (httpx drops the token
+        # on the way to another origin; the URL is signed)
+        self.http = httpx.Client(base_url=self.url, headers=headers, timeout=timeout, follow_redirects=True)
 
     def _send(
         self, method: str, path: str, *, stream: bool = False, json: dict | None = None, **params: object

@@ -1,0 +1,141 @@
+"""Binaries downloaded at disk speed: sent by the kernel from a file store, fetched from S3 itself.
+
+A vault holds one crash of namespace ``a`` that mapped a 5 MiB binary. From a file store the
+debuginfod endpoint answers through ``sendfile(2)`` (counted here: the server runs in this
+process), whole or a range, byte for byte the stored file. From S3 (a real SeaweedFS) a
+reader who may see the crash is redirected to a presigned URL that curl -L and corevault's
+own client follow without the reader's token; a reader of another namespace gets the same
+404 as for a build-id nobody has; HEAD still answers with the size itself.
+"""
+
+from __future__ import annotations
+
+import hashlib
+import os
+import subprocess
+import time
+from collections.abc import Iterator
+from pathlib import Path
+
+import httpx
+import pytest
+
+from corevault import config
+from corevault.server.access import StaticTokens
+from corevault.server.app import create_app
+from corevault.vault import blobs, catalog
+from corevault.vault.remote import RemoteVault
+from testbed import servers
+
+BUILD_ID = "5e" * 20
+TOKENS = {"a": "a-reader-token-0123456789", "b": "b-reader-token-0123456789"}
+
+
+def vault(settings: config.Settings, tmp_path: Path) -> tuple[bytes, str]:
+    """One crash of namespace ``a`` and the binary it mapped; returns the binary and its sha256."""
+    binary = os.urandom(5 << 20)
+    sha = hashlib.sha256(binary).hexdigest()
+    local = tmp_path / "binary"
+    local.write_bytes(binary)
+    blobs.vault_store(settings).put_file(blobs.object_key(BUILD_ID, sha), str(local))
+    engine = catalog.connect(settings.catalog_url)
+    meta = {"id": "c1", "time": int(time.time()), "pod": {"namespace": "a", "name": "web-1"},
+            "modules": [{"path": "/app/web", "key": BUILD_ID, "sha256": sha}]}  # fmt: skip
+    with engine.begin() as conn:
+        catalog.add_crash(conn, meta, "off")
+        catalog.add_object(conn, BUILD_ID, sha, len(binary), debuginfo=False)
+    engine.dispose()
+    return binary, sha
+
+
+def tokens(tmp_path: Path) -> str:
+    path = tmp_path / "tokens.toml"
+    path.write_text("".join(f'[[token]]\nname = "{ns}"\ntoken = "{t}"\nnamespaces = ["{ns}"]\n'
+                            for ns, t in TOKENS.items()))  # fmt: skip
+    path.chmod(0o600)
+    return str(path)
+
+
+def get(url: str, who: str, **kw: object) -> httpx.Response:
+    headers = {"Authorization": f"Bearer {TOKENS[who]}", **kw.pop("headers", {})}  # type: ignore[dict-item]
+    return httpx.get(url, headers=headers, timeout=60, **kw)  # type: ignore[arg-type]
+
+
+@pytest.fixture
+def sendfile_calls(monkeypatch: pytest.MonkeyPatch) -> list[int]:
+    """The byte counts of every ``os.sendfile`` in this process (asyncio's zero-copy send uses it)."""
+    calls: list[int] = []
+    real = os.sendfile
+
+    def counted(out_fd: int, in_fd: int, offset: int | None, count: int) -> int:
+        n = real(out_fd, in_fd, offset, count)
+        calls.append(n)
+        return n
+
+    monkeypatch.setattr(os, "sendfile", counted)
+    return calls
+
+
+def test_a_binary_from_a_file_store_is_sent_by_the_kernel(tmp_path: Path, sendfile_calls: list[int]) -> None:
+    settings = config.from_dict({"state_dir": str(tmp_path / "state")})
+    binary, _ = vault(settings, tmp_path)
+    with servers.asgi(create_app(settings, StaticTokens(tokens(tmp_path)))) as url:
+        whole = get(f"{url}/buildid/{BUILD_ID}/executable", "a")
+        assert whole.status_code == 200 and whole.content == binary
+        assert sum(sendfile_calls) == len(binary)
+        sendfile_calls.clear()
+        part = get(f"{url}/buildid/{BUILD_ID}/executable", "a", headers={"Range": "bytes=1000000-3999999"})
+        assert part.status_code == 206 and part.content == binary[1_000_000:4_000_000]
+        assert sum(sendfile_calls) == 3_000_000
+        # and again on the same connection: the response ended where its length said
+        with httpx.Client(headers={"Authorization": f"Bearer {TOKENS['a']}"}) as client:
+            for _ in range(2):
+                assert client.get(f"{url}/buildid/{BUILD_ID}/executable").content == binary
+        assert get(f"{url}/buildid/{BUILD_ID}/executable", "b").status_code == 404
+
+
+@pytest.fixture
+def s3_vault(tmp_path: Path) -> Iterator[tuple[config.Settings, servers.Seaweed]]:
+    with servers.seaweed() as w:
+        os.environ["AWS_ACCESS_KEY_ID"], os.environ["AWS_SECRET_ACCESS_KEY"] = servers.KEY, servers.SECRET
+        try:
+            yield config.from_dict({
+                "state_dir": str(tmp_path / "state"),
+                "vault": {"store": f"s3://{w.bucket}/v", "s3": {"endpoint": w.endpoint, "addressing": "path"}},
+            }), w  # fmt: skip
+        finally:
+            del os.environ["AWS_ACCESS_KEY_ID"], os.environ["AWS_SECRET_ACCESS_KEY"]
+
+
+def test_a_binary_in_s3_is_fetched_from_s3_after_the_access_check(
+    s3_vault: tuple[config.Settings, servers.Seaweed], tmp_path: Path
+) -> None:
+    settings, w = s3_vault
+    binary, sha = vault(settings, tmp_path)
+    with servers.asgi(create_app(settings, StaticTokens(tokens(tmp_path)))) as url:
+        path = f"{url}/buildid/{BUILD_ID}/executable"
+        redirect = get(path, "a")
+        location = redirect.headers["location"]
+        assert redirect.status_code == 307 and location.startswith(w.endpoint + f"/{w.bucket}/v/buildid/")
+        assert "Expires=" in location or "X-Amz-Expires=60" in location
+        assert get(path, "b").status_code == 404  # no redirect, no URL, for another tenant
+        head = httpx.head(path, headers={"Authorization": f"Bearer {TOKENS['a']}"})
+        assert head.status_code == 200 and head.headers["x-debuginfod-size"] == str(len(binary))
+        curl = ["curl", "-sf", "-H", f"Authorization: Bearer {TOKENS['a']}", path]
+        assert subprocess.run([*curl[:1], "-L", *curl[1:]], capture_output=True, check=True).stdout == binary
+        assert subprocess.run(curl, capture_output=True, check=True).stdout == b""  # curl without -L
+        fetched = tmp_path / "fetched"
+        remote = RemoteVault(url, TOKENS["a"])
+        assert remote.binary("c1", {"key": BUILD_ID, "sha256": sha}, str(fetched))
+        assert fetched.read_bytes() == binary
+
+
+def test_redirects_can_be_turned_off_for_stores_readers_cannot_reach(
+    s3_vault: tuple[config.Settings, servers.Seaweed], tmp_path: Path
+) -> None:
+    settings, _ = s3_vault
+    settings.s3.redirect_downloads = False
+    binary, _ = vault(settings, tmp_path)
+    with servers.asgi(create_app(settings, StaticTokens(tokens(tmp_path)))) as url:
+        served = get(f"{url}/buildid/{BUILD_ID}/executable", "a")
+        assert served.status_code == 200 and served.content == binary
