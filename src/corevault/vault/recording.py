@@ -242,7 +242,7 @@ def rebuild_group_counts(conn: Connection) -> None:
             .group_by(c.signature, ns, image),
         )
     )
-    day = sa.cast(c.time / 86400, sa.Integer)
+    day = c.time // 86400  # floor: "/" on integers is numeric division in PostgreSQL, and a cast rounds
     conn.execute(
         group_days.insert().from_select(
             ["signature", "day", "namespace", "count"],
