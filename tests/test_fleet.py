@@ -23,8 +23,10 @@ import pytest
 import sqlalchemy as sa
 
 from corevault import config, spool
+from corevault.agent import ship
 from corevault.capture import stream
-from corevault.vault import catalog, ship
+from corevault.vault import catalog
+from corevault.vault.crashes import LocalVault
 from testbed import gcore, servers
 
 AGENTS, CRASHES, SIGNATURES = 50, 30, ["a1" * 8, "b2" * 8, "c3" * 8]
@@ -63,7 +65,7 @@ def meta_of(n: int, core: tuple[str, int]) -> dict:
 
 
 def agent(settings: config.Settings, start: object, out: object) -> None:
-    vault = ship.open_vault(settings)
+    vault = LocalVault(settings)
     entries = spool.entries(settings.spool_dir)
     start.wait()  # type: ignore[attr-defined]
     new = 0
