@@ -25,7 +25,7 @@ from contextlib import suppress
 
 from corevault import config, hostsetup
 from corevault.agent.receiver import accept_until, listen_root_only, take_over
-from corevault.capture import coresocket, handler
+from corevault.capture import admission, coresocket
 from corevault.errors import UserError
 
 log = logging.getLogger("corevault.agent")
@@ -80,7 +80,7 @@ class CoredumpListener:
             self._count(coresocket.serve(self.settings, conn, self.request_mode, self.dumps))
         except Exception as e:
             log.exception("serving a kernel coredump connection failed")
-            handler.journal(
+            admission.journal(
                 self.settings, {"event": "error", "reason": f"coredump socket: {type(e).__name__}: {e}"}
             )
             self._count("error")
@@ -95,7 +95,7 @@ class CoredumpListener:
                 f"{self.parallel * DECIDING} coredump connections are being served already; "
                 "refused before it was written"
             )
-            handler.journal(self.settings, {"event": "dropped", "reason": reason, "transport": "socket"})
+            admission.journal(self.settings, {"event": "dropped", "reason": reason, "transport": "socket"})
             self._count("overflow")
             coresocket.reject(conn, self.request_mode)
         except (OSError, coresocket.ProtocolError):

@@ -12,8 +12,8 @@ writes at once, and refusing means closing the connection.
 
 A connection is proven to be the kernel's: its peer pidfd (``SO_PEERPIDFD``) must belong
 to a task the kernel is dumping (``PIDFD_COREDUMPED``). Then the same code as the pipe
-handler decides and writes (:mod:`.handler`): one implementation of facts, policy, sinks
-and safety, two transports. The kernel passes no specifier values; they are read from the
+handler decides and writes (:mod:`.admission`, :mod:`.delivery`): one implementation of
+facts, policy, sinks and safety, two transports. The kernel passes no specifier values; they are read from the
 task and /proc, and the signal and crashing thread from the core's notes
 (:mod:`.corehead`) before any target is named.
 """
@@ -28,7 +28,7 @@ from contextlib import suppress
 from typing import Protocol
 
 from corevault import config
-from corevault.capture import corehead, handler, process
+from corevault.capture import admission, corehead, delivery, process
 
 SO_PEERPIDFD = 77
 SO_RCVBUFFORCE = 33
@@ -93,14 +93,14 @@ def serve(
     """Handle one kernel connection; returns what happened, for logs and tests.
 
     ``gate`` bounds the dumps read at once across tenants; it is asked only once the crash
-    is admitted (its pod's and namespace's own shares are taken in :func:`handler.admit`), so
+    is admitted (its pod's and namespace's own shares are taken in :func:`.admission.admit`), so
     the cheap decisions of a flood never crowd out another tenant's crash.
     """
     started, when = time.monotonic(), time.time()
     try:
         pidfd = conn.getsockopt(socket.SOL_SOCKET, SO_PEERPIDFD)
     except OSError as e:
-        handler.journal(
+        admission.journal(
             settings, {"event": "error", "reason": f"coredump socket: no peer pidfd ({e.strerror})"}
         )
         return "error"
@@ -124,21 +124,21 @@ def _serve(
     try:
         info = process.pidfd_info(pidfd)
     except process.ProcessGone as e:
-        handler.journal(settings, {**record, "event": "refused", "reason": str(e)})
+        admission.journal(settings, {**record, "event": "refused", "reason": str(e)})
         return "refused"
     if not info.dumping:  # a process that connected by itself, not the kernel dumping one
-        handler.journal(
+        admission.journal(
             settings,
             {**record, "pid": info.pid, "event": "refused", "reason": "not a kernel coredump connection"},
         )
         return "refused"
     offered = read_request(conn) if request_mode else 0
     crash = process.Crash(process.values_from_pidfd(pidfd, info, when))
-    record.update(handler.new_record(settings, crash), transport="socket")
+    record.update(admission.new_record(settings, crash), transport="socket")
     try:
         process.open_process(crash, pidfd)
     except process.ProcessGone as e:
-        handler.journal(settings, {**record, "event": "refused", "reason": str(e), "exe": crash.exe})
+        admission.journal(settings, {**record, "event": "refused", "reason": str(e), "exe": crash.exe})
         if request_mode:
             answer(conn, offered, accept=False)
         return "refused"
@@ -146,11 +146,11 @@ def _serve(
     gated = False
     try:
         process.read_facts(crash)
-        admitted = handler.admit(settings, crash, record, [])
+        admitted = admission.admit(settings, crash, record, [])
         if admitted is not None and admitted.plan.vault and admitted.plan.volume_path is None:
-            full = handler.spool_full(settings, admitted.tenants)
+            full = admission.spool_full(settings, admitted.tenants)
             if full:
-                handler.journal(settings, {**record, "event": "dropped", "reason": full})
+                admission.journal(settings, {**record, "event": "dropped", "reason": full})
                 admitted.release()
                 admitted = None
         if admitted is not None and gate is not None:
@@ -159,7 +159,7 @@ def _serve(
                 reason = (
                     "the node reads as many dumps as it may at once already; refused before it was written"
                 )
-                handler.journal(settings, {**record, "event": "dropped", "reason": reason})
+                admission.journal(settings, {**record, "event": "dropped", "reason": reason})
                 admitted.release()
                 admitted = None
         if request_mode:
@@ -173,9 +173,9 @@ def _serve(
         admitted.replan()
         conn.setsockopt(socket.SOL_SOCKET, socket.SO_RCVTIMEO, struct.pack("ll", int(settings.timeout), 0))
         try:
-            handler.deliver(admitted, conn.fileno(), started, head)
+            delivery.deliver(admitted, conn.fileno(), started, head)
         except OSError as e:  # the receive timeout, or the kernel gave up
-            handler.journal(
+            admission.journal(
                 settings, {**record, "event": "dropped", "reason": f"coredump socket: {e.strerror}"}
             )
             return "dropped"

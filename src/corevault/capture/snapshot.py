@@ -5,7 +5,7 @@ A hung or misbehaving process is often worth a core without waiting for it to cr
 honouring the process's ``coredump_filter``) with the process stopped under ptrace only
 while it does, and detaches so the process goes on. The core is written to a temporary
 file in the spool (the node's page cache), then handed to the crash path's own
-:func:`~corevault.capture.handler.admit` and :func:`~corevault.capture.handler.deliver`:
+:func:`~corevault.capture.admission.admit` and :func:`~corevault.capture.delivery.deliver`:
 the pod's annotation decides whether and where the plain core goes in its volume (with
 the same safety rules), a spool entry and the binaries by build-id are kept, and the
 agent ships and analyses it like any crash. The core's threads carry no signal, which is
@@ -36,7 +36,7 @@ from contextlib import contextmanager, suppress
 from dataclasses import dataclass
 
 from corevault import config, spool
-from corevault.capture import cgroup, handler, lookup, process
+from corevault.capture import admission, cgroup, delivery, lookup, process
 
 DEFAULT_TIMEOUT = 60.0
 DEFAULT_MAX_SIZE = 16 << 30
@@ -89,8 +89,8 @@ def take(
             _refuse(settings, record, str(e))
         try:
             process.read_facts(crash)
-            record.update(handler.new_record(settings, crash), transport="snapshot", snapshot=request)
-            admitted = handler.admit(settings, crash, record, [], limits=False)
+            record.update(admission.new_record(settings, crash), transport="snapshot", snapshot=request)
+            admitted = admission.admit(settings, crash, record, [], limits=False)
             if admitted is None:
                 raise SnapshotError(record.get("reason") or "refused by the pod's settings")
             with _one_at_a_time(settings, admitted.owner, crash, record):
@@ -122,7 +122,7 @@ def _dump_mode(pid: int) -> int:
 
 
 def _refuse(settings: config.Settings, record: dict, why: str) -> None:
-    handler.journal(settings, {**record, "event": "refused", "reason": why})
+    admission.journal(settings, {**record, "event": "refused", "reason": why})
     raise SnapshotError(why)
 
 
@@ -147,7 +147,7 @@ def _one_at_a_time(
 
 
 def _snapshot(
-    admitted: handler.Admitted, pidfd: int, request: dict, *, started: float, timeout: float, max_size: int
+    admitted: admission.Admitted, pidfd: int, request: dict, *, started: float, timeout: float, max_size: int
 ) -> Outcome:
     settings, crash, record = admitted.settings, admitted.crash, admitted.record
     spool.ensure(settings.spool_dir)
@@ -158,7 +158,7 @@ def _snapshot(
         fd = os.open(path, os.O_RDONLY | os.O_CLOEXEC)
         try:
             os.unlink(path)
-            result = handler.deliver(admitted, fd, started)
+            result = delivery.deliver(admitted, fd, started)
         finally:
             os.close(fd)
     finally:
@@ -175,7 +175,7 @@ def _snapshot(
     return Outcome(crash.global_pid, result.entry, result.volume, result.size, stopped, killed)
 
 
-def _gcore(admitted: handler.Admitted, path: str, *, timeout: float, max_size: int) -> float | None:
+def _gcore(admitted: admission.Admitted, path: str, *, timeout: float, max_size: int) -> float | None:
     """Write the core with gdb; returns how long the process was stopped, as gdb measured it."""
     settings, crash, record = admitted.settings, admitted.crash, admitted.record
     was_stopped = _state(crash.global_pid) in ("T", "t")

@@ -1,0 +1,324 @@
+"""Delivery: one admitted core streamed into its targets and published.
+
+The targets are the directory of the expanded pattern inside the container's root
+(:mod:`.safefs`) and a new spool entry; the mapped ELF objects are opened while the
+process still exists (:mod:`.buildid`). The core is streamed once into every target
+(:mod:`.stream`), then the plain core gets its kernel-exact name, the spool entry its
+record (:mod:`corevault.crashrecord`) and one rename into ``ready/``, and new binaries go
+into the build-id store. What failed or was cut is journaled; a half-written target is
+removed.
+"""
+
+from __future__ import annotations
+
+import json
+import os
+import resource
+import signal
+import time
+
+from corevault import config, crashrecord, nodestore, spool
+from corevault.capture import admission, buildid, cgroup, corehead, lookup, policy, process, safefs, stream
+from corevault.capture.admission import describe_error, journal
+
+TYPE_CHECKING = False  # typing.TYPE_CHECKING, without importing typing on the crash path
+if TYPE_CHECKING:
+    from corevault.crashrecord import CrashRecord
+
+
+class HandlerTimeout(Exception):
+    """The handler's timeout struck (SIGALRM): the dump is dropped and the process released."""
+
+
+def signal_name(number: int) -> str | None:
+    try:
+        return signal.Signals(number).name
+    except ValueError:
+        return None
+
+
+def store_room(settings: config.Settings) -> int:
+    """Bytes the node's binary store may still take (its quota, the spool's max_size, keep_free)."""
+    try:
+        s, used = settings, spool.usage(settings.spool_dir)
+        return nodestore.room(s.buildid_dir, s.store_max_size, used, s.spool_max_size, s.spool_keep_free)
+    except OSError:
+        return 0
+
+
+class Delivered:
+    """Where one core went: the spool entry, the path in the pod's volume, its size, what failed."""
+
+    __slots__ = ("entry", "problems", "size", "volume")
+
+    def __init__(self, entry: str | None, volume: str | None, size: int, problems: list[str]) -> None:
+        self.entry = entry
+        self.volume = volume
+        self.size = size
+        self.problems = problems
+
+
+def deliver(
+    admitted: admission.Admitted, core_fd: int, started: float, head: corehead.Head | None = None
+) -> Delivered | None:
+    """Stream the core (``head``'s bytes, then ``core_fd``) into the crash's targets and publish them.
+
+    Without ``head`` (the pipe), the core's headers are read here first: they say how long the
+    core should be (:mod:`.corehead`). Returns where the core went, or None when nothing could
+    be written (journaled with why).
+    """
+    settings, crash, record = admitted.settings, admitted.crash, admitted.record
+    job = _Job(settings, crash, admitted.owner, admitted.plan, record)
+    job.tenants = admitted.tenants
+    try:
+        job.open_targets()
+        if not job.sinks:
+            journal(settings, {**record, "event": "dropped", "reason": "; ".join(job.problems)})
+            return
+        # The mapped binaries are opened while the process still exists, copied later.
+        job.modules = buildid.open_modules(crash.proc_fd, crash.maps)
+        try:
+            head = head if head is not None else corehead.read_head(core_fd)
+            job.size, job.truncated = stream.pump(core_fd, job.sinks, admitted.plan.limit, head.data)
+        except HandlerTimeout:
+            reason = f"handler timeout after {settings.timeout:g}s; raise [capture] timeout for larger cores"
+            journal(settings, {**record, "event": "dropped", "reason": reason})
+            return
+        job.problems += [f"{s.name}: {s.failed}" for s in job.sinks if s.failed]
+        if head.size is not None and not job.truncated and job.size < head.size:
+            # The kernel stops writing when the dumping process gets a fatal signal (a
+            # SIGKILL meanwhile, or the OOM killer); the stream then simply ends early.
+            job.truncated, job.expected = True, head.size
+        job.publish_volume()
+        buildid.store_modules(settings.buildid_dir, job.modules, store_room(settings))
+        job.finish_entry(admitted.cg, started)
+        return job.report()
+    finally:
+        job.close()
+
+
+class _Job:
+    """The targets of one admitted crash, from opening them to cleaning up after a failure."""
+
+    def __init__(
+        self,
+        settings: config.Settings,
+        crash: process.Crash,
+        owner: lookup.Owner,
+        plan: policy.Plan,
+        record: dict,
+    ) -> None:
+        self.settings = settings
+        self.crash = crash
+        self.owner = owner
+        self.plan = plan
+        self.record = record
+        self.sinks: list = []
+        self.problems: list[str] = []
+        self.modules: list[buildid.Module] = []
+        self.volume: dict = {"pattern": plan.pattern, "path": plan.volume_path, "written": False}
+        self.volume_dir = -1
+        self.volume_file: safefs.NewFile | None = None
+        self.volume_sink: stream.SparseSink | None = None
+        self.vault: stream.ZstdSink | None = None
+        self.tenants: tuple[str | None, str | None] = policy.tenant_keys(owner)
+        self.entry_id: str | None = None
+        self.entry_tmp: str | None = None
+        self.size = 0
+        self.truncated = False
+        #: the size the core's program headers promised, when the kernel stopped short of it
+        self.expected: int | None = None
+
+    def open_targets(self) -> None:
+        if self.plan.volume_path is not None:
+            directory = self.plan.volume_path.rpartition("/")[0] or "/"
+            try:
+                self.volume_dir = safefs.open_dir(self.crash.root_fd, directory)
+                self.volume_file = safefs.NewFile(self.volume_dir)
+                self.volume_sink = stream.SparseSink(self.volume_file.fd)
+                self.sinks.append(self.volume_sink)
+            except (safefs.UnsafePath, OSError) as e:
+                self._volume_failed(e)
+        if self.plan.vault:
+            s = self.settings
+            try:
+                budget, what = admission.spool_budget(s, self.tenants)
+                self.entry_id = spool.new_id(time.time(), self.crash.global_pid)
+                self.entry_tmp = os.path.join(spool.tmp_dir(s.spool_dir), self.entry_id)
+                os.mkdir(self.entry_tmp, 0o700)
+                spool.write_owner(self.entry_tmp, [k for k in self.tenants if k])
+                fd = os.open(
+                    os.path.join(self.entry_tmp, spool.CORE_NAME),
+                    os.O_WRONLY | os.O_CREAT | os.O_EXCL | os.O_CLOEXEC,
+                    0o600,
+                )
+                level, threads = s.compression_level, s.compression_threads
+                self.vault = stream.ZstdSink(fd, level, threads, budget, over=what, recheck=self._room)
+                self.sinks.append(self.vault)
+            except (OSError, stream.SinkFailed) as e:
+                self.problems.append(f"vault: {describe_error(e)}")
+
+    def _room(self) -> tuple[int, str]:
+        """The spool's room for this entry now (it counts what the entry holds already)."""
+        try:
+            return admission.spool_budget(self.settings, self.tenants)
+        except stream.SinkFailed as e:
+            return 0, str(e)
+
+    def _volume_failed(self, e: BaseException) -> None:
+        self.volume["error"] = describe_error(e)
+        self.problems.append(f"volume: {self.volume['error']}")
+
+    def publish_volume(self) -> None:
+        """Give the plain core its kernel-exact name, owned as the kernel would own it."""
+        if self.volume_file is None or self.volume_sink is None:
+            return
+        if self.volume_sink.failed:  # already among the problems; the metadata says it too
+            self.volume["error"] = self.volume_sink.failed
+            return
+        directory, _, name = (self.plan.volume_path or "").rpartition("/")
+        # Dump mode 2 (a process that changed credentials): root-only, like the kernel.
+        uid, gid = (0, 0) if self.crash.dump_mode == 2 else (self.crash.fsuid, self.crash.fsgid)
+        try:
+            self.volume_sink.finish()
+            published = self.volume_file.publish(name, uid, gid)
+        except (OSError, safefs.UnsafePath) as e:
+            self._volume_failed(e)
+            return
+        self.volume.update(written=True, path=f"{directory}/{published}", uid=uid, gid=gid, mode="0600")
+
+    def finish_entry(self, cg: cgroup.CgroupInfo | None, started: float) -> None:
+        vault = self.vault
+        if vault is None or vault.failed or self.entry_tmp is None or self.entry_id is None:
+            return
+        try:
+            vault.finish()
+            self.vault = None
+            meta = _record(self, self.entry_id, vault, cg, started)
+            _finish_entry(self.settings.spool_dir, self.entry_id, self.entry_tmp, vault.fd, meta)
+        except (OSError, stream.SinkFailed) as e:
+            self.problems.append(f"vault: {describe_error(e)}")
+            return
+        self.entry_tmp = None
+
+    def report(self) -> Delivered | None:
+        """Journal the outcome: what was cut, what was dropped, and where the core went."""
+        event = {
+            **self.record,
+            "pattern": self.plan.pattern,
+            "size": self.size,
+            "volume": self.volume["path"] if self.volume["written"] else None,
+            "entry": self.entry_id if self.entry_tmp is None and self.plan.vault else None,
+        }
+        if self.truncated:
+            reason = _truncation(self.size, self.expected, self.plan)
+            journal(self.settings, {**event, "event": "truncated", "reason": reason})
+        for problem in self.problems:
+            journal(self.settings, {**event, "event": "dropped", "reason": problem})
+        if self.volume["written"] or event["entry"]:
+            journal(self.settings, {**event, "event": "captured"})
+            return Delivered(event["entry"], event["volume"], self.size, self.problems)
+        return None
+
+    def close(self) -> None:
+        if self.volume_file is not None:
+            self.volume_file.discard()
+        if self.volume_dir >= 0:
+            os.close(self.volume_dir)
+        if self.vault is not None:
+            os.close(self.vault.fd)
+        if self.entry_tmp is not None:
+            import shutil
+
+            shutil.rmtree(self.entry_tmp, ignore_errors=True)
+        for m in self.modules:
+            if m.fd >= 0:
+                os.close(m.fd)
+
+
+def _record(
+    job: _Job, entry_id: str, vault: stream.ZstdSink, cg: cgroup.CgroupInfo | None, started: float
+) -> CrashRecord:
+    """The spool entry's metadata: everything the vault and the analysis need to know."""
+    crash = job.crash
+    return {
+        "version": crashrecord.RECORD_VERSION,
+        "id": entry_id,
+        "node": job.settings.node_name,
+        "time": crash.time,
+        "captured_at": time.time(),
+        "handler_seconds": round(time.monotonic() - started, 4),
+        # Peak RSS so far, the core streamed. A pipe handler is started from a kernel thread,
+        # so this is its own (nothing inherited at exec); in socket mode, the receiver's.
+        "handler_max_rss_kib": resource.getrusage(resource.RUSAGE_SELF).ru_maxrss,
+        "signal": {"number": crash.signal, "name": signal_name(crash.signal)},
+        "process": {
+            "pid": crash.global_pid,
+            "ns_pid": crash.pid,
+            "tid": crash.global_tid,
+            "ns_tid": crash.tid,
+            "uid": crash.uid,
+            "gid": crash.gid,
+            "fsuid": crash.fsuid,
+            "fsgid": crash.fsgid,
+            "comm": crash.comm,
+            "exe": crash.exe,
+            "cmdline": crash.cmdline,
+            "environ": crash.environ,
+            "hostname": crash.hostname,
+            "dump_mode": crash.dump_mode,
+            "rlimit_core": crash.rlimit_core,
+            "cpu": crash.cpu,
+        },
+        "pod": job.owner.as_dict(),
+        "cgroup": cg.path if cg else None,
+        "core": {
+            "size": job.size,
+            "truncated": job.truncated,
+            "limit": job.plan.limit,
+            "limit_source": job.plan.limit_source,
+            **({"expected_size": job.expected, "cut_by": "kernel"} if job.expected is not None else {}),
+            "sha256": vault.sha256,
+            "stored_size": vault.stored,
+            "compression": "zstd",
+            "file": spool.CORE_NAME,
+        },
+        "volume": job.volume,
+        "modules": [m.as_dict() for m in job.modules],
+        "warnings": job.record.get("warnings", []),
+        "problems": job.problems,
+        "snapshot": job.record.get("snapshot"),
+    }
+
+
+def _finish_entry(spool_dir: str, entry_id: str, entry_tmp: str, core_fd: int, meta: CrashRecord) -> None:
+    """fsync the core and its metadata, then move the entry into ready/ in one rename."""
+    try:
+        os.fsync(core_fd)
+    finally:
+        os.close(core_fd)
+    meta_path = os.path.join(entry_tmp, spool.META_NAME)
+    fd = os.open(meta_path, os.O_WRONLY | os.O_CREAT | os.O_EXCL | os.O_CLOEXEC, 0o600)
+    try:
+        data = json.dumps(meta, indent=1, sort_keys=True).encode()
+        view = memoryview(data)
+        while view:
+            view = view[os.write(fd, view) :]
+        os.fsync(fd)
+    finally:
+        os.close(fd)
+    os.rename(entry_tmp, os.path.join(spool.ready_dir(spool_dir), entry_id))
+    ready = os.open(spool.ready_dir(spool_dir), os.O_RDONLY | os.O_DIRECTORY | os.O_CLOEXEC)
+    try:
+        os.fsync(ready)
+    finally:
+        os.close(ready)
+
+
+def _truncation(size: int, expected: int | None, plan: policy.Plan) -> str:
+    if expected is not None:
+        return (
+            f"the kernel stopped the dump after {size} of {expected} bytes "
+            "(the process was killed while it was being dumped)"
+        )
+    return f"cut at {plan.limit} bytes by {plan.limit_source}"
