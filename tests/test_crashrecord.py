@@ -16,9 +16,10 @@ import pytest
 import zstandard
 
 from corevault import config, crashrecord, spool
+from corevault.agent import ship
 from corevault.server.access import StaticTokens
 from corevault.server.app import create_app
-from corevault.vault import ship
+from corevault.vault.crashes import LocalVault
 from testbed import servers
 
 CLI = os.path.join(os.path.dirname(sys.executable), "corevault")
@@ -93,7 +94,7 @@ def shipped(tmp_path_factory: pytest.TempPathFactory) -> Iterator[tuple[config.S
     meta["core"]["stored_size"] = len(stored)
     with open(os.path.join(entry, spool.META_NAME), "w") as f:
         json.dump(meta, f)
-    assert ship.ship_entry(ship.open_vault(settings), settings, ENTRY).new
+    assert ship.ship_entry(LocalVault(settings), settings, ENTRY).new
     assert spool.entries(settings.spool_dir) == []
     tokens = d / "tokens.toml"
     tokens.write_text(f'[[token]]\nname = "root"\ntoken = "{TOKEN}"\nnamespaces = ["*"]\n')
