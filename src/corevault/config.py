@@ -115,6 +115,7 @@ class Settings:
         "debuginfod_timeout",
         "debuginfod_urls",
         "gcs",
+        "group_samples",
         "namespace_dumps",
         "namespace_share",
         "node_name",
@@ -206,6 +207,9 @@ class Settings:
         self.debuginfod_urls: tuple[str, ...] = ()
         #: seconds and bytes one upstream fetch may take at most
         self.debuginfod_timeout = 30.0
+        #: full analyses of one fingerprint, in one namespace, before its next crashes are only
+        #: matched to them (0: always analyse in full); see corevault.analysis.fingerprint
+        self.group_samples = 20
         self.debuginfod_max_size = 1 << 30
         #: debug files fetched from upstream, by build-id (``buildid/<id>/debuginfo``)
         self.debuginfo_dir = os.path.join(state_dir, "debuginfo")
@@ -514,8 +518,9 @@ def from_dict(doc: dict, where: str = "config") -> Settings:
         raise ConfigError(f"{where} [agent] analysis_uid: analysis never runs as root; pick an unused uid")
 
     analysis = _table(doc, "analysis", where)
-    keys = {"debuginfod_urls", "debuginfod_timeout", "debuginfod_max_size", "debug_dirs"}
+    keys = {"debuginfod_urls", "debuginfod_timeout", "debuginfod_max_size", "debug_dirs", "group_samples"}
     _known(analysis, keys, f"{where} [analysis]")
+    s.group_samples = int(_number(analysis, "group_samples", where, s.group_samples))
     if isinstance(analysis.get("debuginfod_urls"), str):  # elfutils' DEBUGINFOD_URLS form
         s.debuginfod_urls = tuple(analysis["debuginfod_urls"].split())
     elif "debuginfod_urls" in analysis:

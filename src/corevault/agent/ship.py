@@ -190,6 +190,8 @@ def _analyse(
 ) -> str:
     from corevault.analysis import runner, upstream
 
+    with vault.engine.connect() as conn:
+        known = catalog.matchable(conn, crash_id, settings.group_samples)
     try:
         report = runner.analyze(
             core_path,
@@ -200,17 +202,35 @@ def _analyse(
             memory=settings.analysis_memory,
             record=record,
             uid=settings.analysis_uid,
+            known=known,
         )
     except runner.AnalysisError as e:
         log.warning("crash %s: analysis failed: %s", crash_id, e)
         with vault.engine.begin() as conn:
             catalog.record_analysis_failure(conn, crash_id, str(e))
         return "failed"
-    doc = report.to_dict()
+    doc = _matched(vault, report.fingerprint, known) if isinstance(report, runner.Match) else report.to_dict()
     vault.store.put_bytes(blobs.report_key(crash_id), json.dumps(doc).encode())
     with vault.engine.begin() as conn:
         catalog.record_analysis(conn, crash_id, doc)
-    return "done"
+    return "matched" if doc.get("matched") else "done"
+
+
+def _matched(vault: Vault, fingerprint: str, known: dict[str, str]) -> dict:
+    """The report of a crash matched by ``fingerprint``: its sample's, saying so."""
+    sample = known[fingerprint]
+    with vault.engine.connect() as conn:
+        doc = (catalog.get_crash(conn, sample) or {}).get("report")
+    if not isinstance(doc, dict):
+        raise catalog.CatalogError(f"crash {sample}, the sample of a match, has no report")
+    doc["fingerprint"] = fingerprint
+    doc["matched"] = {"fingerprint": fingerprint, "sample": sample}
+    doc["warnings"] = [
+        *doc.get("warnings", []),
+        f"matched, not analysed: it crashed where crash {sample} did (the same program, signal and stack "
+        "top), whose stack this is; its group had enough analysed samples ([analysis] group_samples)",
+    ]
+    return doc
 
 
 def ship_journal(

@@ -102,8 +102,22 @@ def _v6(conn: Connection) -> None:
     _legacy.drop_all(conn)
 
 
+def _v7(conn: Connection) -> None:
+    """Crashes' fingerprints, and whether an analysis was a match (corevault.analysis.fingerprint)."""
+    have = {c["name"] for c in sa.inspect(conn).get_columns("crashes")}
+    for name, kind in (("fingerprint", "VARCHAR(32)"), ("matched", "BOOLEAN")):
+        if name not in have:
+            conn.execute(sa.text(f"ALTER TABLE crashes ADD COLUMN {name} {kind}"))
+    # (a new catalog has it already: v1 creates the table as it is now)
+    conn.execute(
+        sa.text(
+            "CREATE INDEX IF NOT EXISTS crashes_namespace_fingerprint ON crashes (namespace, fingerprint)"
+        )
+    )
+
+
 #: Numbered schema migrations; a new one is appended, never edited.
-MIGRATIONS: list[Callable[[Connection], None]] = [_v1, _v2, _v3, _v4, _v5, _v6]
+MIGRATIONS: list[Callable[[Connection], None]] = [_v1, _v2, _v3, _v4, _v5, _v6, _v7]
 
 
 def migrate(engine: Engine) -> int:

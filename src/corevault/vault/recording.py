@@ -91,10 +91,18 @@ def add_crash(conn: Connection, meta: dict, analysis: str) -> bool:
 def record_analysis(conn: Connection, crash_id: str, report: dict) -> bool:
     """Store a crash's report and count it in its group, once; False if already recorded."""
     signature, title = report.get("signature"), report.get("title")
+    fingerprint = report.get("fingerprint") if isinstance(report.get("fingerprint"), str) else None
     done = conn.execute(
         crashes.update()
         .where(crashes.c.id == crash_id, crashes.c.analysis == "pending")
-        .values(analysis="done", signature=signature, title=title, analysis_error=None)
+        .values(
+            analysis="done",
+            signature=signature,
+            title=title,
+            analysis_error=None,
+            fingerprint=fingerprint,
+            matched=bool(report.get("matched")),
+        )
     ).rowcount
     if done != 1:
         return False
@@ -135,6 +143,36 @@ def record_analysis(conn: Connection, crash_id: str, report: dict) -> bool:
         row = {**crash._mapping, "title": title, "signature": signature}
         search.index(conn, row, search.frames_of(report))
     return True
+
+
+def matchable(conn: Connection, crash_id: str, samples: int) -> dict[str, str]:
+    """Fingerprints a crash may be matched by, each with the crash whose report it would share.
+
+    Only among the crashes of the same namespace and executable as ``crash_id``: those of a
+    fingerprint that at least ``samples`` full analyses (not matches) gave one signature.
+    """
+    row = conn.execute(
+        sa.select(crashes.c.namespace, crashes.c.exe).where(crashes.c.id == crash_id)
+    ).one_or_none()
+    if row is None or samples <= 0:
+        return {}
+    c = crashes.c
+    same = [c.namespace.is_(None) if row.namespace is None else c.namespace == row.namespace]
+    same.append(c.exe.is_(None) if row.exe is None else c.exe == row.exe)
+    found = conn.execute(
+        sa.select(c.fingerprint, sa.func.max(c.id))
+        .where(
+            *same,
+            c.fingerprint.is_not(None),
+            c.analysis == "done",
+            sa.not_(sa.func.coalesce(c.matched, False)),
+        )
+        .where(c.signature.is_not(None))
+        .group_by(c.fingerprint)
+        .having(sa.func.count() >= samples)
+        .having(sa.func.min(c.signature) == sa.func.max(c.signature))
+    )
+    return {fingerprint: sample for fingerprint, sample in found}
 
 
 def _count(conn: Connection, signature: str, crash: sa.Row, n: int) -> None:

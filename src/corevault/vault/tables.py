@@ -46,10 +46,15 @@ crashes = sa.Table(
     sa.Column("analysis", sa.String(16), nullable=False),
     sa.Column("analysis_error", sa.Text),
     sa.Column("meta", sa.Text, nullable=False),
+    #: where it crashed, cheaply (corevault.analysis.fingerprint); set with its analysis
+    sa.Column("fingerprint", sa.String(32)),
+    #: whether the analysis was a match to its group's samples rather than a full one
+    sa.Column("matched", sa.Boolean),
 )
 for _col in ("namespace", "pod", "container", "image", "node", "signal", "exe", "signature"):
     sa.Index(f"crashes_{_col}_time", crashes.c[_col], crashes.c.time)
 sa.Index("crashes_time", crashes.c.time)
+sa.Index("crashes_namespace_fingerprint", crashes.c.namespace, crashes.c.fingerprint)
 
 groups = sa.Table(
     "crash_groups",
