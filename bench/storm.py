@@ -39,7 +39,7 @@ from corevault import config, hostsetup, spool
 from corevault.agent.coredumps import CoredumpListener
 from corevault.agent.kernellog import KernelLog
 from corevault.agent.loop import Agent
-from corevault.vault import catalog, ship
+from corevault.vault import catalog
 from testbed import build, runc, storm, sysctl
 
 GOAL_PER_SECOND = 20.0
@@ -101,7 +101,7 @@ def drain(settings: config.Settings, small: set[str]) -> dict[str, float]:
     """Run an agent until the spool is in the catalog and analysed; times and counts."""
     agent = Agent(settings)
     thread = threading.Thread(target=agent.run, kwargs={"once": True})
-    engine = ship.open_vault(settings).engine
+    engine = catalog.connect(settings.catalog_url)
     total = len(spool.entries(settings.spool_dir))
     started = time.monotonic()
     thread.start()

@@ -12,7 +12,7 @@ from __future__ import annotations
 import pytest
 
 from corevault.agent.loop import Agent
-from corevault.vault import catalog, ship
+from corevault.vault import catalog
 from tests.conftest import Capture
 from tests.tenants import node_of, pod
 
@@ -37,8 +37,8 @@ def test_a_crash_loop_is_matched_after_its_samples_and_other_crashes_are_not(
     settings = node_of(capture, str(cfg))
     Agent(settings).run(once=True)
 
-    vault = ship.open_vault(settings)
-    with vault.engine.connect() as conn:
+    engine = catalog.connect(settings.catalog_url)
+    with engine.connect() as conn:
         rows = {r["id"]: r for r in catalog.list_crashes(conn, limit=100)}
         c = catalog.crashes.c
         got = {i: m for i, m in conn.execute(catalog.crashes.select().with_only_columns(c.id, c.matched))}
@@ -47,7 +47,7 @@ def test_a_crash_loop_is_matched_after_its_samples_and_other_crashes_are_not(
     # one worker, oldest first: two full analyses, then the loop is recognised
     assert [bool(got[i]) for i in aborts] == [False, False, True, True]
     assert len({rows[i]["signature"] for i in aborts}) == 1 and rows[aborts[0]]["signature"]
-    with vault.engine.connect() as conn:
+    with engine.connect() as conn:
         report = catalog.get_crash(conn, aborts[3])["report"]
     assert report["matched"]["sample"] in aborts[:2]
     assert any("matched, not analysed" in w for w in report["warnings"])

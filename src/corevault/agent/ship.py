@@ -216,7 +216,7 @@ def _analyse(
     return "matched" if doc.get("matched") else "done"
 
 
-def _matched(vault: Vault, fingerprint: str, known: dict[str, str]) -> dict:
+def _matched(vault: LocalVault, fingerprint: str, known: dict[str, str]) -> dict:
     """The report of a crash matched by ``fingerprint``: its sample's, saying so."""
     sample = known[fingerprint]
     with vault.engine.connect() as conn:
