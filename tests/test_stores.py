@@ -23,7 +23,7 @@ import pytest
 from corevault import config
 from corevault.config import CloudSettings
 from corevault.vault import blobs
-from testbed import clouds, servers
+from testbed import clouds, relay, servers
 
 KINDS = ("s3", "azure", "gcs")
 PART = 5 << 20  # S3's smallest part; a multiple of GCS's 256 KiB
@@ -117,10 +117,11 @@ def open_cloud(url: str, server: Server, concurrency: int = 2) -> blobs.BlobStor
     return blobs.open_store(url, s3=s3, azure=settings, gcs=settings)
 
 
-def settings_lines(url: str, server: Server) -> str:
-    """The [vault] settings of a node that uses this store."""
+def settings_lines(url: str, server: Server, through: relay.Relay | None = None) -> str:
+    """The [vault] settings of a node that uses this store (S3: ``through`` a relay, if given)."""
     if isinstance(server, servers.Seaweed):
-        extra = f'[vault.s3]\nendpoint = "{server.endpoint}"\naddressing = "path"\npart_size = "5M"\n'
+        endpoint = through.endpoint if through else server.endpoint
+        extra = f'[vault.s3]\nendpoint = "{endpoint}"\naddressing = "path"\npart_size = "5M"\n'
     elif isinstance(server, clouds.FakeGcs):
         extra = f'[vault.gcs]\nendpoint = "{server.endpoint}"\npart_size = "5M"\n'
     else:
@@ -363,21 +364,29 @@ from tests.test_vault import (  # noqa: E402
 
 @pytest.mark.crash
 def test_agent_ships_exactly_once_resumes_after_a_kill_and_retention_empties(cloud, material) -> None:  # noqa: F811
+    url, server = cloud
+    if isinstance(server, servers.Seaweed):
+        with relay.relay(server.s3_port) as counted:  # what the agents send to S3, counted on the wire
+            killed_and_resumed(url, server, material, counted)
+    else:
+        killed_and_resumed(url, server, material, None)
+
+
+def killed_and_resumed(url: str, server: Server, material: dict, counted: relay.Relay | None) -> None:  # noqa: F811
     import time
 
     from corevault import spool
     from corevault.agent.loop import Agent
     from corevault.vault import retention
 
-    url, server = cloud
-    node = make_node(material, settings_lines(url, server), "analyze = false\n")
+    node = make_node(material, settings_lines(url, server, counted), "analyze = false\n")
     entry = big_entry(node, 48)
     digest = spool_sha(node, entry)
     session = os.path.join(spool.ready_dir(node.spool), entry, spool.CORE_NAME + ".s3-upload")
     agent = node.agent()
     deadline = time.monotonic() + 60
-    if isinstance(server, servers.Seaweed):  # killed once the store holds two of the core's parts
-        while held_parts(server, session) < 2 and time.monotonic() < deadline:
+    if isinstance(server, servers.Seaweed):  # killed once the store holds three of the core's parts
+        while held_parts(server, session) < 3 and time.monotonic() < deadline:
             time.sleep(0.02)
     else:
         while not node.crashes() and time.monotonic() < deadline:
@@ -398,8 +407,13 @@ def test_agent_ships_exactly_once_resumes_after_a_kill_and_retention_empties(clo
         if waiting == 0:
             break
         time.sleep(2)
-    if isinstance(server, servers.Seaweed):
-        assert held >= 2 * PART and sent <= (48 << 20) - held, "parts the store held were sent again"
+    if counted is not None:
+        assert held >= 3 * PART and sent <= (48 << 20) - held, "parts the store held were sent again"
+        # Everything both agents put on the wire, less every byte the vault holds, is what was
+        # sent twice (the parts the killed agent had in flight) plus the requests' headers.
+        stored = sum(size for _, size in node.vault().store.keys(""))
+        twice = counted.settle() - stored
+        assert 0 < twice <= 2 * PART + (256 << 10), f"{twice} bytes sent twice, more than the parts in flight"
     assert spool.entries(node.spool) == []
     ids = [r["id"] for r in node.crashes()]
     assert sorted(ids) == sorted([*material["ids"], entry]) and len(ids) == len(set(ids))

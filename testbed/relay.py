@@ -1,0 +1,87 @@
+"""A TCP relay on 127.0.0.1 that counts the bytes clients send through it to a server.
+
+Put between an agent and its store, it measures what the agent really sent (bodies and
+headers, retries included), also for an agent that is SIGKILLed midway: what a killed
+process had in flight is counted as far as it got onto the wire.
+"""
+
+from __future__ import annotations
+
+import socket
+import threading
+import time
+from collections.abc import Iterator
+from contextlib import contextmanager, suppress
+
+
+class Relay:
+    def __init__(self, target_port: int) -> None:
+        self.target_port = target_port
+        self.listener = socket.create_server(("127.0.0.1", 0))
+        self.port = self.listener.getsockname()[1]
+        #: bytes clients sent towards the server so far
+        self.sent = 0
+        self._lock = threading.Lock()
+        self._sockets: list[socket.socket] = []
+        self._threads: list[threading.Thread] = []
+
+    @property
+    def endpoint(self) -> str:
+        return f"http://127.0.0.1:{self.port}"
+
+    def serve(self) -> None:
+        while True:
+            try:
+                client, _ = self.listener.accept()
+            except OSError:
+                return  # closed
+            try:
+                server = socket.create_connection(("127.0.0.1", self.target_port))
+            except OSError:
+                client.close()  # the server is down: so is the relay, for this connection
+                continue
+            with self._lock:
+                self._sockets += [client, server]
+            for src, dst, counted in ((client, server, True), (server, client, False)):
+                t = threading.Thread(target=self._pump, args=(src, dst, counted), daemon=True)
+                t.start()
+                self._threads.append(t)
+
+    def _pump(self, src: socket.socket, dst: socket.socket, counted: bool) -> None:
+        try:
+            while data := src.recv(1 << 16):
+                if counted:
+                    with self._lock:
+                        self.sent += len(data)
+                dst.sendall(data)
+        except OSError:
+            pass
+        with suppress(OSError):
+            dst.shutdown(socket.SHUT_WR)
+
+    def settle(self, quiet: float = 0.5) -> int:
+        """The count once nothing has come through for ``quiet`` seconds (a killed client's last bytes)."""
+        last = -1
+        while last != self.sent:
+            last = self.sent
+            time.sleep(quiet)
+        return last
+
+    def close(self) -> None:
+        self.listener.close()
+        with self._lock:
+            for s in self._sockets:
+                with suppress(OSError):
+                    s.close()
+
+
+@contextmanager
+def relay(target_port: int) -> Iterator[Relay]:
+    r = Relay(target_port)
+    acceptor = threading.Thread(target=r.serve, daemon=True)
+    acceptor.start()
+    try:
+        yield r
+    finally:
+        r.close()
+        acceptor.join(5)
