@@ -132,15 +132,21 @@ def _store_binds(
 
 
 def _run(
-    argv: list[str], binds: list[sandbox.Bind], uid: int, deadline: float, *, limit: float, memory: int
+    argv: list[str],
+    binds: list[sandbox.Bind],
+    uid: int,
+    deadline: float,
+    *,
+    limit: float,
+    memory: int,
+    module: str = "corevault.analysis.worker",
 ) -> dict:
-    """Run the worker with ``argv`` in its sandbox until ``deadline`` (monotonic); its JSON
-    output, or :class:`AnalysisError` (which names ``limit``, the whole analysis's)."""
+    """Run the worker (or ``module``) with ``argv`` in its sandbox until ``deadline``
+    (monotonic); its JSON output, or :class:`AnalysisError` (which names ``limit``, the
+    whole analysis's)."""
     filter_fd = seccomp.filter_fd()
     try:
-        cmd = sandbox.command(
-            [sys.executable, "-m", "corevault.analysis.worker", *argv], binds, uid, filter_fd
-        )
+        cmd = sandbox.command([sys.executable, "-m", module, *argv], binds, uid, filter_fd)
         fds = () if filter_fd is None else (filter_fd,)
         out, err, returncode = _supervise(cmd, fds, max(deadline - time.monotonic(), 0.001), memory)
     except subprocess.TimeoutExpired:
@@ -245,15 +251,17 @@ def analyze(
         argv += ["--system-debuginfo"] if system_debuginfo else []
         argv += ["--record", RECORD_IN_SANDBOX] if record is not None else []
         if record is not None and known:
-            # First the match alone: no binaries copied or bound, nothing unwound. Its group
+            # First the match alone (corevault.analysis.match): no binaries copied or bound,
+            # nothing unwound, none of the worker's imports. Its group
             # having enough samples makes a crash loop of this program likely; a crash that
             # does not match pays one more (small) worker start.
             known_path = os.path.join(tmp, "known.json")
             with open(known_path, "w") as f:
                 json.dump(sorted(known), f)
             known_in = sandbox.Bind(_worker_copy(known_path, known_path + ".w", uid), KNOWN_IN_SANDBOX)
-            args = [*argv, "--known", KNOWN_IN_SANDBOX, "--match-only"]
-            doc = _run(args, [*inputs, known_in], uid, deadline, limit=timeout, memory=memory)
+            args = [CORE_IN_SANDBOX, RECORD_IN_SANDBOX, KNOWN_IN_SANDBOX]
+            doc = _run(args, [*inputs, known_in], uid, deadline, limit=timeout, memory=memory,
+                       module="corevault.analysis.match")  # fmt: skip
             if isinstance(doc.get("matched"), str):
                 return Match(doc["matched"])
 

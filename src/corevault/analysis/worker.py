@@ -3,10 +3,8 @@
 ``python -m corevault.analysis.worker CORE --store DIR [--backend drgn|gdb]`` prints one
 JSON document: the report, or ``{"error": "..."}`` when the core is unreadable
 (``--list-keys``: only the keys the core claims). With ``--record``, the report carries the
-crash's :mod:`fingerprint <corevault.analysis.fingerprint>`; with ``--known FILE`` too (a JSON
-list of fingerprints whose groups have enough samples), a crash whose fingerprint is listed
-gets ``{"matched": FINGERPRINT}`` instead of a report: nothing is unwound (``--match-only``:
-``{"unmatched": FINGERPRINT}`` otherwise, and no report either). It parses untrusted input, so
+crash's :mod:`fingerprint <corevault.analysis.fingerprint>`, by which later crashes are matched
+(:mod:`corevault.analysis.match`). It parses untrusted input, so
 :mod:`corevault.analysis.runner` starts it sandboxed, with a timeout and a memory cap, and
 never imports it into a long-lived process.
 """
@@ -206,14 +204,6 @@ def _demangle(threads: list[Thread]) -> list[Thread]:
     return [dataclasses.replace(t, frames=frames(t)) for t in threads]
 
 
-def _known(path: str | None) -> set[str]:
-    if not path:
-        return set()
-    with open(path, "rb") as f:
-        loaded = json.load(f)
-    return {k for k in loaded if isinstance(k, str)} if isinstance(loaded, list) else set()
-
-
 def main(argv: list[str] | None = None) -> int:
     ap = argparse.ArgumentParser(prog="corevault.analysis.worker")
     ap.add_argument("core")
@@ -224,8 +214,6 @@ def main(argv: list[str] | None = None) -> int:
     ap.add_argument("--debug-dirs", default=os.pathsep.join(binaries.DEBUG_DIRS), help="colon-separated")
     ap.add_argument("--list-keys", action="store_true", help="only the keys (build-ids) the core claims")
     ap.add_argument("--record", help="JSON file: the crash's mapped objects (meta.json's modules)")
-    ap.add_argument("--known", help="JSON file: fingerprints to match rather than analyse (needs --record)")
-    ap.add_argument("--match-only", action="store_true", help="with --known: say whether it matched, no more")
     a = ap.parse_args(argv)
     debug_dirs = tuple(d for d in a.debug_dirs.split(os.pathsep) if d)
     record = None
@@ -239,22 +227,17 @@ def main(argv: list[str] | None = None) -> int:
         else:
             core = elfcore.read(a.core)
             mark = fingerprint.of(core, record) if record is not None else None
-            if mark is not None and mark in _known(a.known):
-                doc = {"matched": mark}
-            elif a.match_only:
-                doc = {"unmatched": mark}
-            else:
-                report = analyze(
-                    a.core,
-                    a.store,
-                    a.backend,
-                    a.max_frames,
-                    system_debuginfo=a.system_debuginfo,
-                    debug_dirs=debug_dirs,
-                    record=record,
-                    core=core,
-                )
-                doc = dataclasses.replace(report, fingerprint=mark).to_dict()
+            report = analyze(
+                a.core,
+                a.store,
+                a.backend,
+                a.max_frames,
+                system_debuginfo=a.system_debuginfo,
+                debug_dirs=debug_dirs,
+                record=record,
+                core=core,
+            )
+            doc = dataclasses.replace(report, fingerprint=mark).to_dict()
     except elfcore.CoreError as e:
         doc = {"error": f"unreadable: {e}"}
     sys.stdout.write(json.dumps(doc))
