@@ -9,6 +9,8 @@ adds the other runtimes a node sees:
   v0 symbol mangling, two bugs (``index``, ``unwrap``).
 - ``workerthrow``: C++, an uncaught exception thrown in a worker thread among idle ones.
 - ``lastwords``: C, fails an assert whose message is 64 KiB of markup and terminal escapes.
+- ``deepstacks``: C, threads waiting 5,000 calls deep and a stack overflow through two
+  functions that call each other: a stack made to cost its reader.
 - ``/usr/bin/python3.11``: Debian's own non-PIE interpreter binary (not built here), running
   ``pyctypes.py`` which reads address 0 through ctypes or calls ``os.abort()``.
 - ``/usr/bin/node``: the host's Node.js (a 100 MB non-PIE C++ binary, not built here), running
@@ -43,6 +45,7 @@ PROGRAMS = {
     "rustcrash-v0": ("rustcrash.rs", RUSTC, [*RUST_FLAGS, "-C", "symbol-mangling-version=v0"]),
     "workerthrow": ("workerthrow.cc", "g++", ["-g", "-O1", "-pthread"]),
     "lastwords": ("lastwords.c", "gcc", ["-g", "-O1"]),
+    "deepstacks": ("deepstacks.c", "gcc", ["-g", "-O0", "-pthread"]),
 }
 
 

@@ -18,7 +18,7 @@ from dataclasses import dataclass
 import pytest
 
 from corevault import spool
-from corevault.analysis import lastwords, render, runner
+from corevault.analysis import deepstack, lastwords, render, runner, worker
 from corevault.model import Report
 from corevault.server import ui
 from testbed import corpus
@@ -52,6 +52,7 @@ RUNS = {
     "python-ctypes": "/usr/bin/python3.11 -S /app/pyctypes.py",
     "python-abort": "/usr/bin/python3.11 -S /app/pyctypes.py abort",
     "hostile": "/app/lastwords",
+    "deep-stacks": "/app/deepstacks",
     "node-abort": f"{NODE} abort",
     "node-uncaught": f"{NODE} uncaught",
     "node-segv": f"{NODE} segv",
@@ -292,6 +293,21 @@ def test_node_is_named_as_gdb_names_it_and_kept_once(crashes: dict[str, Crash]) 
     assert len({m["sha256"] for m in stored}) == 1
     for name in ("node-abort", "node-uncaught", "node-segv"):
         assert crashes[name].report.last_words is None  # V8's message is not read from its heap
+
+
+def test_a_stack_built_to_cost_its_reader_costs_a_bounded_report(crashes: dict[str, Crash]) -> None:
+    r = crashes["deep-stacks"].report
+    crashed = r.crashed_thread
+    assert crashed is not None and r.signature_frames == ("pong", "ping", "pong")
+    # the crashed thread is walked to the depth bound, no further, and its middle, where
+    # no function repeats in a row, is at most MAX_RUNS runs however long it is
+    assert crashed.incomplete and crashed.depth == worker.MAX_DEPTH
+    assert len(crashed.omitted) == deepstack.MAX_RUNS and crashed.omitted[-1].function is None
+    assert crashed.omitted[-1].count > worker.MAX_DEPTH // 2
+    # threads that did not crash are not walked past the report's frame limit
+    waiting = [t for t in r.threads if not t.crashed]
+    assert len(waiting) == 4
+    assert all(t.incomplete and len(t.frames) == 256 and not t.omitted for t in waiting)
 
 
 def test_hostile_last_words_are_bounded_plain_text(crashes: dict[str, Crash]) -> None:
