@@ -1,5 +1,6 @@
 # make demo   - set up, then crash real programs in containers and show where the cores went
 # make test   - set up, then lint, check the import layering and run the whole test suite
+# make quick  - the quick loop: the tests that need no root and crash nothing (pytest -m "not crash")
 # make bench  - capture, analysis and vault benchmarks (against baselines measured in the same run)
 # make image  - build the container image with podman, offline from any registry, and corevault.oci.tar
 
@@ -10,7 +11,7 @@ APT_PACKAGES := runc busybox-static gdb elfutils zstd bubblewrap gcc g++ libc6-d
 	golang-go rustc debuginfod s3fs rclone fuse3 podman slirp4netns buildah mmdebstrap umoci skopeo containerd \
 	prometheus prometheus-alertmanager
 
-.PHONY: setup apt venv npm demo test lint bench image clean
+.PHONY: setup apt venv npm demo test quick lint bench image clean
 
 setup: apt venv npm
 
@@ -45,6 +46,9 @@ lint: venv
 
 test: setup lint
 	$(PY) -m pytest -q
+
+quick: venv
+	$(PY) -m pytest -q -m "not crash"
 
 demo: setup
 	$(PY) -m testbed.demo

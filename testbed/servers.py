@@ -150,14 +150,17 @@ class Postgres:
 
     def _pg(self, *args: str, check: bool = True) -> subprocess.CompletedProcess:
         bindir = sorted(glob.glob("/usr/lib/postgresql/*/bin"))[-1]
+        # PostgreSQL refuses to run as root: root runs it as its own user, anyone else as themselves
+        user = ["runuser", "-u", "postgres", "--"] if os.geteuid() == 0 else []
         return subprocess.run(
-            ["runuser", "-u", "postgres", "--", os.path.join(bindir, args[0]), *args[1:]],
+            [*user, os.path.join(bindir, args[0]), *args[1:]],
             capture_output=True, text=True, check=check, timeout=120,
         )  # fmt: skip
 
     def init(self) -> None:
         os.makedirs(self.dir, exist_ok=True)
-        shutil.chown(self.dir, "postgres", "postgres")
+        if os.geteuid() == 0:
+            shutil.chown(self.dir, "postgres", "postgres")
         self._pg("initdb", "-D", f"{self.dir}/data", "-U", "postgres", "--auth=trust", "-E", "UTF8")
         self.start()
         self._pg("createuser", "-h", "127.0.0.1", "-p", str(self.port), "-U", "postgres", "corevault")

@@ -35,6 +35,10 @@ FIXTURE_SPOOL = os.path.join(os.path.dirname(__file__), "fixtures", "spool")
 
 
 def pytest_sessionstart(session: pytest.Session) -> None:
+    if os.geteuid() != 0:
+        # Another user can neither see whether the handler exists (it may sit in a root-only
+        # directory of a test session running now) nor change core_pattern: only root repairs.
+        return
     removed = sysctl.repair_dangling_pattern()
     if removed:
         print(f"\nwarning: core_pattern pointed at a missing handler ({removed}); reset it to 'core'")
@@ -48,6 +52,21 @@ def programs() -> dict[str, str]:
 @pytest.fixture(scope="session")
 def rootfs(programs: dict[str, str], tmp_path_factory: pytest.TempPathFactory) -> str:
     return runc.build_rootfs(str(tmp_path_factory.mktemp("rootfs") / "root"), programs)
+
+
+@pytest.fixture
+def screenshots(tmp_path) -> str:
+    """Where a browser test leaves its screenshots: ``$COREVAULT_SCREENSHOTS``, else the
+    checkout's ``build/screenshots`` when this user may write there, else the test's own
+    temporary directory (a read-only checkout, another user's)."""
+    chosen = os.environ.get("COREVAULT_SCREENSHOTS") or os.path.join(
+        os.path.dirname(os.path.dirname(os.path.abspath(__file__))), "build", "screenshots"
+    )
+    try:
+        os.makedirs(chosen, exist_ok=True)
+    except OSError:
+        return str(tmp_path)
+    return chosen if os.access(chosen, os.W_OK) else str(tmp_path)
 
 
 @pytest.fixture

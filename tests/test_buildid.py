@@ -44,6 +44,7 @@ def test_non_elf_and_broken_headers_have_no_build_id(tmp_path, content: bytes) -
         os.close(fd)
 
 
+@pytest.mark.crash  # root: /proc/PID/map_files and the store's owner, as the handler has them
 def test_mapped_objects_of_a_live_process_are_opened_and_stored(tmp_path) -> None:
     proc = subprocess.Popen(["sleep", "30"])
     try:
@@ -101,6 +102,7 @@ def test_go_build_id_is_read_as_go_itself_reads_it() -> None:
     assert objectid.key_for(gnu, go, None) == objectid.go_key(go) and objectid.KEY.match(objectid.go_key(go))
 
 
+@pytest.mark.crash  # root: the store's files are given to root, as the handler has them
 def test_sparse_objects_are_hashed_whole_and_stored_with_their_holes(tmp_path) -> None:
     src = tmp_path / "big.so"
     shutil.copy("/lib/x86_64-linux-gnu/libc.so.6", src)

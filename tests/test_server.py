@@ -375,16 +375,14 @@ CHROMIUM_ARGS = [
     "--no-sandbox", "--disable-gpu", "--disable-quic", "--no-first-run", "--disable-background-networking",
     "--disable-component-update", "--disable-sync",
 ]  # fmt: skip
-SCREENSHOTS = os.environ.get(
-    "COREVAULT_SCREENSHOTS", os.path.join(os.path.dirname(__file__), "..", "build", "screenshots")
-)
 
 
-def test_browser_from_the_group_list_to_a_crash_and_its_core(served: Served, tmp_path) -> None:
+def test_browser_from_the_group_list_to_a_crash_and_its_core(
+    served: Served, tmp_path, screenshots: str
+) -> None:
     """Headless Chromium logs in, clicks a group, then a crash, and downloads its core."""
     from playwright.sync_api import sync_playwright
 
-    os.makedirs(SCREENSHOTS, exist_ok=True)
     with sync_playwright() as p:
         browser = p.chromium.launch(executable_path="/usr/bin/chromium", args=CHROMIUM_ARGS)
         try:
@@ -396,7 +394,7 @@ def test_browser_from_the_group_list_to_a_crash_and_its_core(served: Served, tmp
             page.wait_for_url(served.url + "/")
             assert page.locator("table.groups tbody tr").count() == 2
             assert "SIGSEGV in crashy_parse ← crashy_entry" in page.inner_text("table.groups")
-            page.screenshot(path=os.path.join(SCREENSHOTS, "groups.png"), full_page=True)
+            page.screenshot(path=os.path.join(screenshots, "groups.png"), full_page=True)
 
             page.click("text=SIGSEGV in crashy_parse ← crashy_entry")
             page.wait_for_url("**/groups/*")
@@ -406,7 +404,7 @@ def test_browser_from_the_group_list_to_a_crash_and_its_core(served: Served, tmp
             assert page.locator("table.crashes tbody tr").count() == 1 and "parser-b-1" in page.inner_text(
                 "table.crashes"
             )
-            page.screenshot(path=os.path.join(SCREENSHOTS, "group.png"), full_page=True)
+            page.screenshot(path=os.path.join(screenshots, "group.png"), full_page=True)
 
             page.click("a.crash-link")
             page.wait_for_url(f"**/crashes/{served.ids['b-lib']}")
@@ -414,7 +412,7 @@ def test_browser_from_the_group_list_to_a_crash_and_its_core(served: Served, tmp
             assert "crashy_parse" in stack and "libcrashy.c:" in stack and "main" in stack
             assert "kubectl corevault debug parser-b-1 -n b -c parser" in page.inner_text(".actions")
             assert f"corevault gdb {served.ids['b-lib']}" in page.inner_text(".actions")
-            page.screenshot(path=os.path.join(SCREENSHOTS, "crash.png"), full_page=True)
+            page.screenshot(path=os.path.join(screenshots, "crash.png"), full_page=True)
 
             with page.expect_download() as download:
                 page.click("#download-core")

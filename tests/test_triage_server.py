@@ -187,7 +187,7 @@ def test_groups_commands_change_states_remotely_and_locally(served: Served) -> N
     assert served.cli(None, "groups", "reopen", "only-a").returncode == 0
 
 
-def test_browser_resolves_and_reopens_from_the_group_page(served: Served) -> None:
+def test_browser_resolves_and_reopens_from_the_group_page(served: Served, screenshots: str) -> None:
     from playwright.sync_api import sync_playwright
 
     with sync_playwright() as p:
@@ -226,8 +226,7 @@ def test_browser_resolves_and_reopens_from_the_group_page(served: Served) -> Non
             assert "cache-a-1" in compare and "cache-b-9" in compare
             assert page.locator("#compare tr.differs").count() >= 3  # time, pod, node, image
             assert page.locator("#compare tr.same").count() >= 2  # executable, signal, other threads
-            os.makedirs("build/screenshots", exist_ok=True)
-            page.screenshot(path="build/screenshots/group-page.png", full_page=True)
+            page.screenshot(path=os.path.join(screenshots, "group-page.png"), full_page=True)
 
             reader = browser.new_page()  # a reader of a without update: no buttons, and a forged post fails
             reader.goto(served.url + "/login")

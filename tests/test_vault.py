@@ -277,25 +277,6 @@ def test_agent_metrics(material: dict) -> None:
     assert "corevault_upload_bytes_total" in body
 
 
-def test_catalog_filters_and_pages(material: dict) -> None:
-    node = make_node(material)
-    Agent(node.settings).run(once=True)
-    with node.vault().engine.connect() as conn:
-        everything = catalog.list_crashes(conn)
-        assert [r["time"] for r in everything] == sorted((r["time"] for r in everything), reverse=True)
-        first = catalog.list_crashes(conn, limit=2)
-        rest = catalog.list_crashes(conn, limit=2, before=(first[-1]["time"], first[-1]["id"]))
-        assert [r["id"] for r in first + rest] == [r["id"] for r in everything]
-        assert {r["signal_name"] for r in catalog.list_crashes(conn, catalog.Filters(signal="abrt"))} == {
-            "SIGABRT"
-        }
-        assert len(catalog.list_crashes(conn, catalog.Filters(signal="11"))) == 2
-        assert len(catalog.list_crashes(conn, catalog.Filters(exe="/app/thrower"))) == 1
-        group = catalog.list_groups(conn)[0]["signature"]
-        assert all(r["signature"] == group for r in catalog.list_crashes(conn, catalog.Filters(group=group)))
-        assert catalog.list_crashes(conn, catalog.Filters(namespace="nope")) == []
-
-
 def test_unreachable_vault_is_one_clear_error(tmp_path) -> None:
     cfg = tmp_path / "c.toml"
     cfg.write_text(
