@@ -38,7 +38,7 @@ import httpx
 
 from bench.vault import insert_crashes
 from corevault import config
-from corevault.vault import blobs, catalog, search
+from corevault.vault import blobs, catalog, search, stores
 from testbed import servers
 
 CLI = os.path.join(os.path.dirname(sys.executable), "corevault")
@@ -129,7 +129,7 @@ def fill(state: str, rows: int, binary_mib: int) -> tuple[str, str]:
         )
         conn.exec_driver_sql("ANALYZE")
     print(f"{rows} crashes in {len(sigs)} groups loaded in {time.perf_counter() - t:.0f} s")
-    store = blobs.open_store(settings.vault_store)
+    store = stores.open_store(settings.vault_store)
     path = os.path.join(state, "binary")
     with open(path, "wb") as f:
         chunk = random.Random(1).randbytes(1 << 20)
@@ -234,7 +234,7 @@ def add_cores(state: str, mib: int) -> tuple[str, str]:
     os.close(fd)
     with open(plain, "rb") as f, open(old_path, "wb") as out:
         zstandard.ZstdCompressor(level=3, write_checksum=True).copy_stream(f, out)
-    store = blobs.open_store(settings.vault_store)
+    store = stores.open_store(settings.vault_store)
     engine = catalog.connect(settings.catalog_url)
     ids = ("core-seekable", "core-one-frame")
     for crash_id, path in zip(ids, (seekable_path, old_path), strict=True):

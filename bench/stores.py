@@ -38,10 +38,10 @@ OURS = (
     SETUP
     + """
 from corevault.config import CloudSettings, S3Settings
-from corevault.vault import blobs
+from corevault.vault import stores
 s3 = S3Settings(); s3.endpoint = endpoint; s3.addressing = "path"; s3.part_size = part
 cloud = CloudSettings(); cloud.part_size = part; cloud.endpoint = endpoint if kind == "gcs" else None
-blobs.open_store(url, s3, cloud, cloud).put_file("bench/ours", path)
+stores.open_store(url, s3, cloud, cloud).put_file("bench/ours", path)
 """
 )
 PLAIN = (

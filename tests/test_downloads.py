@@ -23,7 +23,7 @@ import pytest
 from corevault import config
 from corevault.server.access import StaticTokens
 from corevault.server.app import create_app
-from corevault.vault import blobs, catalog
+from corevault.vault import blobs, catalog, stores
 from corevault.vault.remote import RemoteVault
 from testbed import servers
 
@@ -37,7 +37,7 @@ def vault(settings: config.Settings, tmp_path: Path) -> tuple[bytes, str]:
     sha = hashlib.sha256(binary).hexdigest()
     local = tmp_path / "binary"
     local.write_bytes(binary)
-    blobs.vault_store(settings).put_file(blobs.object_key(BUILD_ID, sha), str(local))
+    stores.vault_store(settings).put_file(blobs.object_key(BUILD_ID, sha), str(local))
     engine = catalog.connect(settings.catalog_url)
     meta = {"id": "c1", "time": int(time.time()), "pod": {"namespace": "a", "name": "web-1"},
             "modules": [{"path": "/app/web", "key": BUILD_ID, "sha256": sha}]}  # fmt: skip

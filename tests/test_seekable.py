@@ -27,7 +27,7 @@ from corevault import config, seekable
 from corevault.capture import stream
 from corevault.server.access import Open
 from corevault.server.app import create_app
-from corevault.vault import blobs, catalog
+from corevault.vault import blobs, catalog, stores
 from corevault.vault.crashes import plain_range
 from testbed import gcore, servers
 
@@ -164,7 +164,7 @@ def served(core: Path, tmp_path: Path) -> Iterator[tuple[str, bytes]]:
     settings = config.from_dict({"state_dir": str(tmp_path / "state")})
     packed = tmp_path / "core.zst"
     sink = compress(core, packed)
-    blobs.vault_store(settings).put_file(blobs.core_key("c1"), str(packed))
+    stores.vault_store(settings).put_file(blobs.core_key("c1"), str(packed))
     engine = catalog.connect(settings.catalog_url)
     meta = {"id": "c1", "time": int(time.time()), "process": {"exe": "/usr/bin/python3"},
             "core": {"size": sink.size, "stored_size": packed.stat().st_size, "sha256": sink.sha256}}  # fmt: skip

@@ -22,7 +22,7 @@ import pytest
 
 from corevault import config
 from corevault.config import CloudSettings
-from corevault.vault import blobs
+from corevault.vault import blobs, stores
 from testbed import clouds, relay, servers
 
 KINDS = ("s3", "azure", "gcs")
@@ -74,9 +74,9 @@ def test_the_older_stores_read_ranges_too(kind: str, tmp_path, request: pytest.F
         weed = request.getfixturevalue("weed")
         s3 = S3Settings()
         s3.endpoint, s3.addressing, s3.part_size = weed.endpoint, "path", 5 << 20
-        store = blobs.open_store(f"s3://{weed.bucket}/ranges", s3)
+        store = stores.open_store(f"s3://{weed.bucket}/ranges", s3)
     else:
-        store = blobs.open_store(f"file://{tmp_path}/vault")
+        store = stores.open_store(f"file://{tmp_path}/vault")
     data = os.urandom(11 << 20)
     path = tmp_path / "core.zst"
     path.write_bytes(data)
@@ -114,7 +114,7 @@ def open_cloud(url: str, server: Server, concurrency: int = 2) -> blobs.BlobStor
         settings.endpoint = server.endpoint
     if isinstance(server, servers.Seaweed):
         s3.endpoint, s3.addressing = server.endpoint, "path"
-    return blobs.open_store(url, s3=s3, azure=settings, gcs=settings)
+    return stores.open_store(url, s3=s3, azure=settings, gcs=settings)
 
 
 def settings_lines(url: str, server: Server, through: relay.Relay | None = None) -> str:
@@ -166,13 +166,13 @@ def test_store_contract(cloud, tmp_path) -> None:
 KILLED_MIDWAY = """
 import os, signal, sys
 from corevault.config import CloudSettings, S3Settings
-from corevault.vault import blobs
+from corevault.vault import stores
 settings, s3 = CloudSettings(), S3Settings()
 settings.part_size = s3.part_size = {part}
 settings.concurrency = s3.concurrency = {concurrency}
 settings.endpoint = {gcs_endpoint!r}
 s3.endpoint, s3.addressing = {s3_endpoint!r}, "path"
-store = blobs.open_store({url!r}, s3=s3, azure=settings, gcs=settings)
+store = stores.open_store({url!r}, s3=s3, azure=settings, gcs=settings)
 """
 KILL_AFTER = """
 parts = [0]
@@ -327,7 +327,7 @@ def test_abandoned_s3_uploads_are_aborted_and_only_this_vaults(weed, tmp_path) -
 
 
 def test_the_file_store_clears_temporary_files_of_cut_writes(tmp_path) -> None:
-    store = blobs.open_store(f"file://{tmp_path}/vault")
+    store = stores.open_store(f"file://{tmp_path}/vault")
     store.put_bytes("crashes/a/meta.json", b"{}")
     left = tmp_path / "vault" / "crashes" / "b" / "core.zst.4242.4243.tmp"  # an agent killed while writing
     left.parent.mkdir(parents=True)
@@ -343,7 +343,7 @@ def test_a_bad_store_url_or_setting_is_one_clear_error(tmp_path) -> None:
 
     for url in ("gcs://b/p", "az://", "azure://account"):
         with pytest.raises(blobs.StoreError, match="unknown store"):
-            blobs.open_store(url)
+            stores.open_store(url)
     cfg = tmp_path / "c.toml"
     cfg.write_text('[vault]\nstore = "gs://b/p"\n[vault.gcs]\npart_size = "100K"\n')
     with pytest.raises(config.ConfigError, match=r"\[vault.gcs\] part_size: at least 1M"):
@@ -471,7 +471,7 @@ def test_an_azure_block_goes_with_the_md5_its_id_names(azurite) -> None:
 
     name = f"cv-{uuid.uuid4().hex[:12]}"
     azurite.create_container(name)
-    store = blobs.open_store(f"az://{name}/vault")
+    store = stores.open_store(f"az://{name}/vault")
     blob = store.container.get_blob_client("vault/x")  # type: ignore[attr-defined]
     good = hashlib.md5(b"block").digest()  # noqa: S324
     store._stage(blob, "b1", b"block", good)  # type: ignore[attr-defined]
@@ -487,7 +487,7 @@ def test_s3_without_flexible_checksums_sends_md5s_and_checks_the_etag(weed, tmp_
 
     s3 = S3Settings()
     s3.endpoint, s3.addressing, s3.part_size, s3.checksums = weed.endpoint, "path", PART, "when_required"
-    store = blobs.open_store(f"s3://{weed.bucket}/md5-{uuid.uuid4().hex[:8]}", s3)
+    store = stores.open_store(f"s3://{weed.bucket}/md5-{uuid.uuid4().hex[:8]}", s3)
     data = os.urandom(2 * PART + 99)
     path = tmp_path / "core.zst"
     path.write_bytes(data)

@@ -41,8 +41,9 @@ def resolve(settings: config.Settings, what: str, tmp: str) -> tuple[str, list[s
             if os.path.exists(entry):
                 return entry, stores, spool.read_meta(settings.spool_dir, what, kind).get("modules") or []
         from corevault.vault import blobs
+        from corevault.vault.stores import vault_store
 
-        vault = blobs.vault_store(settings)
+        vault = vault_store(settings)
         if isinstance(vault, blobs.FsStore):
             stores.append(vault.root)  # binaries by key and content, and kept debug files
         if vault.size(blobs.core_key(what)) is not None:

@@ -43,6 +43,9 @@ from corevault.errors import UserError
 
 ALL = "*"
 
+#: the cookie the login page sets: it carries a bearer token, for page reads only
+COOKIE = "corevault_token"
+
 
 class Denied(Exception):
     """The request carries no usable credentials (HTTP 401)."""

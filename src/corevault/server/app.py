@@ -28,11 +28,9 @@ from prometheus_client import CollectorRegistry, Counter, Histogram
 from starlette.exceptions import HTTPException as StarletteHTTPException
 
 from corevault import config
-from corevault.server.access import Access, Denied, Principal
+from corevault.server.access import COOKIE, Access, Denied, Principal
 from corevault.vault import catalog
 from corevault.vault.crashes import LocalVault
-
-COOKIE = "corevault_token"
 
 
 class Metrics:

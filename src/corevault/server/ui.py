@@ -34,8 +34,7 @@ from fastapi.templating import Jinja2Templates
 from pydantic import ValidationError
 
 from corevault.server import api
-from corevault.server.access import Denied
-from corevault.server.app import COOKIE
+from corevault.server.access import COOKIE, Denied
 
 HERE = Path(__file__).parent
 templates = Jinja2Templates(directory=HERE / "templates")

@@ -15,7 +15,11 @@ up an upload that an agent killed midway left behind. ``put_file`` returns only 
 store holds an object of the right size and checksum. Uploads that nobody takes up again
 are cleared by ``abort_abandoned`` (S3 aborts them; a file store removes temporary files).
 
-Key layout (the same in both back-ends; binaries by key and content, as the node's store
+The base here (:class:`BlobStore`, :class:`BucketStore`, :class:`StreamBody`, the keys) is
+shared by the other clouds' stores, :mod:`corevault.vault.gcs` and :mod:`corevault.vault.azure`;
+:mod:`corevault.vault.stores` chooses the store a URL names.
+
+Key layout (the same in every back-end; binaries by key and content, as the node's store
 keeps them, see :mod:`corevault.objectid`)::
 
     crashes/<id>/core.zst    crashes/<id>/meta.json    crashes/<id>/report.json
@@ -35,9 +39,8 @@ from contextlib import suppress
 from dataclasses import dataclass
 from datetime import UTC, datetime, timedelta
 from typing import BinaryIO, Protocol
-from urllib.parse import urlparse
 
-from corevault.config import CloudSettings, S3Settings, Settings
+from corevault.config import S3Settings
 from corevault.errors import UserError
 from corevault.vault import s3upload
 
@@ -393,44 +396,6 @@ class S3Store(BucketStore):
         for page in paginator.paginate(Bucket=self.bucket, Prefix=self._key(prefix)):
             for obj in page.get("Contents", []):
                 yield self._unprefixed(obj["Key"]), obj["Size"]
-
-
-STORES = "file:///path, s3://bucket/prefix, gs://bucket/prefix, az://container/prefix or azure://account/container/prefix"
-
-
-def open_store(
-    url: str,
-    s3: S3Settings | None = None,
-    azure: CloudSettings | None = None,
-    gcs: CloudSettings | None = None,
-) -> BlobStore:
-    """The store named by ``url``; only the SDK of that kind of store is imported."""
-    parsed = urlparse(url)
-    if parsed.scheme == "file" and parsed.path:
-        return FsStore(parsed.path)
-    if parsed.scheme == "s3" and parsed.netloc:
-        return S3Store(parsed.netloc, parsed.path, s3 or S3Settings())
-    if parsed.scheme == "gs" and parsed.netloc:
-        from corevault.vault.gcs import GcsStore
-
-        return GcsStore(parsed.netloc, parsed.path, gcs or CloudSettings())
-    if parsed.scheme == "az" and parsed.netloc:
-        from corevault.vault.azure import AzureStore
-
-        settings = azure or CloudSettings()
-        return AzureStore(settings.endpoint, parsed.netloc, parsed.path, settings)
-    if parsed.scheme == "azure" and parsed.netloc and parsed.path.strip("/"):
-        from corevault.vault.azure import AzureStore
-
-        container, _, prefix = parsed.path.strip("/").partition("/")
-        account = f"https://{parsed.netloc}.blob.core.windows.net"
-        return AzureStore(account, container, prefix, azure or CloudSettings())
-    raise StoreError(f"unknown store {url!r}; use {STORES}")
-
-
-def vault_store(settings: Settings) -> BlobStore:
-    """The vault's store, as the settings name and configure it."""
-    return open_store(settings.vault_store, settings.s3, settings.azure, settings.gcs)
 
 
 def copy_to_file(store: BlobStore, key: str, dest: str) -> int:

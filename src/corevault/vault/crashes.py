@@ -14,7 +14,7 @@ from typing import BinaryIO, Protocol
 
 from corevault import config, nodestore, objectid, seekable
 from corevault.errors import UserError
-from corevault.vault import blobs, catalog
+from corevault.vault import blobs, catalog, stores
 from corevault.vault.catalog import Filters
 
 
@@ -95,7 +95,7 @@ class LocalVault:
     def __init__(self, settings: config.Settings) -> None:
         self.settings = settings
         self.engine = catalog.connect(settings.catalog_url)
-        self.store = blobs.vault_store(settings)
+        self.store = stores.vault_store(settings)
 
     def list(self, filters: Filters, limit: int, before: tuple | None = None) -> list[dict]:
         with self.engine.connect() as conn:
