@@ -8,3 +8,7 @@ that raise them.
 
 class UserError(Exception):
     """A failure with a message for people: an unreachable store, an unreadable core, …"""
+
+
+class NotFound(UserError):
+    """No crash, report or binary with that id."""

@@ -9,6 +9,7 @@ from rich.console import Console
 from rich.table import Table
 
 from corevault import config, hostsetup
+from corevault.cli import exits
 
 
 def _settings(ctx: typer.Context) -> config.Settings:
@@ -88,4 +89,4 @@ def status(ctx: typer.Context, as_json: bool = typer.Option(False, "--json", hel
         for problem in st["problems"]:
             Console(stderr=True, soft_wrap=True).print(f"[red]problem:[/red] {problem}")
     if st["problems"]:
-        raise typer.Exit(1)
+        raise typer.Exit(exits.EXIT_FAILED)

@@ -15,9 +15,8 @@ import sys
 import typer
 
 from corevault.cli import app as corevault_app
+from corevault.cli import exits
 from corevault.errors import UserError
-from corevault.pattern import PatternError
-from corevault.printable import printable
 
 STRATEGIC = "application/strategic-merge-patch+json"
 
@@ -249,17 +248,7 @@ def info(ctx: typer.Context) -> None:
 
 
 def main(argv: list[str] | None = None) -> int:
-    try:
-        app(args=argv, prog_name="kubectl corevault")
-    except SystemExit as e:
-        return e.code if isinstance(e.code, int) else 1
-    except UserError as e:
-        print(f"kubectl corevault: error: {printable(str(e))}", file=sys.stderr)
-        return 1
-    except PatternError as e:
-        print(f"kubectl corevault: error: {printable(str(e))}", file=sys.stderr)
-        return 2
-    return 0
+    return exits.run(app, argv, "kubectl corevault")
 
 
 if __name__ == "__main__":

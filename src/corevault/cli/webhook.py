@@ -7,6 +7,8 @@ from contextlib import suppress
 
 import typer
 
+from corevault.errors import UserError
+
 
 def register(app: typer.Typer) -> None:
     app.command(epilog="Example: corevault webhook --cert /tls/tls.crt --key /tls/tls.key")(webhook)
@@ -56,8 +58,7 @@ def webhook(
     try:
         server = serve(host, port, cert, key)
     except (OSError, ValueError) as e:
-        print(f"corevault: error: cannot serve on {host}:{port} with {cert}: {e}", file=sys.stderr)
-        raise typer.Exit(1) from None
+        raise UserError(f"cannot serve on {host}:{port} with {cert}: {e}") from None
     print(f"admission webhook on https://{host}:{port}/", file=sys.stderr)
     if manage_tls:
 

@@ -13,13 +13,9 @@ import os
 from typing import BinaryIO, Protocol
 
 from corevault import config, nodestore, objectid, seekable
-from corevault.errors import UserError
+from corevault.errors import NotFound
 from corevault.vault import blobs, catalog, stores
 from corevault.vault.catalog import Filters
-
-
-class NotFound(UserError):
-    """No crash, report or binary with that id."""
 
 
 def encode_cursor(values: tuple) -> str:

@@ -14,10 +14,10 @@ from typing import BinaryIO
 import httpx
 
 from corevault import objectid
-from corevault.errors import UserError
+from corevault.errors import NotFound, UserError
 from corevault.vault.blobs import StreamBody
 from corevault.vault.catalog import Filters
-from corevault.vault.crashes import NotFound, encode_cursor
+from corevault.vault.crashes import encode_cursor
 
 
 class RemoteVault:
