@@ -58,6 +58,7 @@ bench: setup
 	$(PY) -m bench.analysis
 	$(PY) -m bench.vault
 	$(PY) -m bench.server
+	$(PY) -m bench.fleet
 	$(PY) -m bench.socketmode
 	$(PY) -m bench.snapshot
 	$(PY) -m bench.stores

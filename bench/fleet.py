@@ -1,0 +1,430 @@
+"""Fleet benchmark: many node agents shipping into one PostgreSQL and one S3, and the catalog at size.
+
+    python -m bench.fleet [--agents 50] [--per-agent 40] [--rows 1000000] [--groups 20000] [--runs 25]
+
+Measured in one run against a real SeaweedFS (``weed mini``) and a real PostgreSQL on 127.0.0.1:
+
+1. **Ingest**: ``--agents`` simulated node agents, each a process of its own with its own
+   spool, S3 client and database connection, ship ``--per-agent`` real spool entries each
+   (real cores of small processes taken with gdb's ``gcore``, compressed as the capture
+   handler compresses them, with varied metadata: 200 namespaces, their pods and images,
+   four signals) through :func:`corevault.agent.ship.ship_entry`, the agent's own shipping
+   step (core and metadata uploaded and verified, the crash row, its search text and its
+   namespace inserted). All start together; crashes/s is entries ÷ (last done - first
+   start). Then the catalog's part alone: the same processes insert the same records with
+   :func:`corevault.vault.catalog.add_crash` into a fresh database (goal ≥ 1,000 crashes/s).
+2. **Size**: ``--rows`` crashes in ``--groups`` groups over 200 namespaces and 90 days,
+   bulk-loaded by PostgreSQL itself (``INSERT … SELECT … FROM generate_series``: the rows
+   are made by the database, not sent one by one), then the catalog's own group counts and
+   search index rebuilt from them (:func:`catalog.rebuild_group_counts`, :func:`search.rebuild`)
+   and ``VACUUM ANALYZE``. Two ``corevault serve`` processes, each with its own port and
+   state directory, stand behind one address (a TCP proxy in this process that gives each
+   new connection the next server); two keep-alive clients of that address take turns, so
+   both servers answer. p50 of the group list, a namespace's crash list and the triage
+   search (goal ≤ 50 ms each), and each as a ratio to ``/healthz`` (the fixed cost of a
+   request here). A group ignored through one server and read back through the other shows
+   that they share nothing but the database.
+
+The machine has 2 cores shared with other work: every figure is the median of ``--runs``.
+"""
+
+from __future__ import annotations
+
+import argparse
+import asyncio
+import itertools
+import json
+import multiprocessing
+import os
+import random
+import shutil
+import statistics
+import subprocess
+import sys
+import tempfile
+import threading
+import time
+from collections.abc import Iterator
+from contextlib import contextmanager, suppress
+
+import httpx
+import sqlalchemy as sa
+
+from corevault import config, spool
+from corevault.agent import ship
+from corevault.capture import stream
+from corevault.vault import catalog, search
+from corevault.vault.crashes import LocalVault
+from testbed import gcore, servers
+
+CLI = os.path.join(os.path.dirname(sys.executable), "corevault")
+ADMIN, TEAM = "fleet-admin-token-0123456789", "fleet-team7-token-0123456789"
+NAMESPACES = 200
+SIGNALS = [(11, "SIGSEGV"), (6, "SIGABRT"), (8, "SIGFPE"), (7, "SIGBUS")]
+NOW = int(time.time())
+
+
+# --- real cores ---------------------------------------------------------------------------------
+
+
+def real_cores(work: str) -> list[tuple[str, int, str]]:
+    """Real cores of three small processes, compressed as the handler does: (path, size, sha256)."""
+    made = []
+    programs = [["sleep", "300"], ["cat"], ["busybox", "sh", "-c", "read x"]]
+    for i, argv in enumerate(programs):
+        plain = os.path.join(work, f"core{i}")
+        gcore.core_of(argv, plain)
+        packed = plain + ".zst"
+        fd = os.open(packed, os.O_WRONLY | os.O_CREAT | os.O_TRUNC, 0o600)
+        try:
+            sink = stream.ZstdSink(fd, 3, 0, 1 << 40)
+            src = os.open(plain, os.O_RDONLY)
+            try:
+                size, _ = stream.pump(src, [sink], None)
+            finally:
+                os.close(src)
+            sink.finish()
+        finally:
+            os.close(fd)
+        os.unlink(plain)
+        made.append((packed, size, sink.sha256))
+    return made
+
+
+def meta_of(agent: int, n: int, core: tuple[str, int, str], rng: random.Random) -> dict:
+    """A spool entry's metadata as the handler writes it, with the fleet's variety."""
+    ns = f"team-{rng.randrange(NAMESPACES)}"
+    number, name = rng.choice(SIGNALS)
+    entry_id = f"20261201T000000Z-{agent:03d}{n:05d}-fleet"
+    return {
+        "id": entry_id,
+        "time": NOW - rng.randrange(86400),
+        "node": f"node-{agent}",
+        "pod": {"namespace": ns, "name": f"{ns}-svc-{rng.randrange(40)}-{rng.randrange(1 << 20):05x}",
+                "uid": f"{agent:08x}-0000-0000-0000-{n:012x}", "container": "app",
+                "image": f"registry.example/{ns}/svc-{rng.randrange(7)}:1.{rng.randrange(30)}"},
+        "signal": {"number": number, "name": name},
+        "process": {"exe": f"/usr/bin/svc-{rng.randrange(40)}", "comm": "svc", "ns_pid": 1 + rng.randrange(300)},
+        "core": {"size": core[1], "stored_size": os.path.getsize(core[0]), "sha256": core[2],
+                 "compression": "zstd", "file": spool.CORE_NAME},
+        "modules": [],
+    }  # fmt: skip
+
+
+def fill_spool(spool_dir: str, agent: int, count: int, cores: list[tuple[str, int, str]]) -> list[dict]:
+    rng = random.Random(agent)
+    ready = spool.ready_dir(spool_dir)
+    metas = []
+    for n in range(count):
+        core = cores[n % len(cores)]
+        meta = meta_of(agent, n, core, rng)
+        entry = os.path.join(ready, meta["id"])
+        os.makedirs(entry)
+        os.link(core[0], os.path.join(entry, spool.CORE_NAME))
+        with open(os.path.join(entry, spool.META_NAME), "w") as f:
+            json.dump(meta, f)
+        metas.append(meta)
+    return metas
+
+
+# --- the agents ---------------------------------------------------------------------------------
+
+
+def agent_settings(work: str, agent: int, bucket: str, endpoint: str, pg_url: str) -> config.Settings:
+    return config.from_dict({
+        "state_dir": os.path.join(work, f"node-{agent}"),
+        "vault": {"store": f"s3://{bucket}/fleet", "catalog": pg_url,
+                  "s3": {"endpoint": endpoint, "addressing": "path"}},
+        "agent": {"analyze": False, "metrics": ""},
+    })  # fmt: skip
+
+
+def _ship_all(settings: config.Settings, start: object, out: object) -> None:
+    """One node agent: ship every ready entry of its spool, once everyone is ready."""
+    vault = LocalVault(settings)
+    entries = spool.entries(settings.spool_dir)
+    with vault.engine.connect():
+        pass  # the connection is open before the clock starts, as in a running agent
+    start.wait()  # type: ignore[attr-defined]
+    t0 = time.monotonic()
+    new = 0
+    for entry_id in entries:
+        new += ship.ship_entry(vault, settings, entry_id).new
+    out.put((t0, time.monotonic(), len(entries), new))  # type: ignore[attr-defined]
+
+
+def _insert_all(url: str, metas: list[dict], start: object, out: object) -> None:
+    """The catalog's part of shipping alone: one transaction per crash, as the agent does."""
+    engine = catalog.connect(url)
+    with engine.connect():
+        pass
+    start.wait()  # type: ignore[attr-defined]
+    t0 = time.monotonic()
+    new = 0
+    for meta in metas:
+        with engine.begin() as conn:
+            new += catalog.add_crash(conn, meta, "off")
+    out.put((t0, time.monotonic(), len(metas), new))  # type: ignore[attr-defined]
+
+
+def race(target: object, args: list[tuple]) -> tuple[float, int, int]:
+    """Run ``target(*a, start, out)`` in one process per ``a``; (seconds, entries, new rows)."""
+    ctx = multiprocessing.get_context("fork")
+    start, out = ctx.Event(), ctx.Queue()
+    procs = [ctx.Process(target=target, args=(*a, start, out)) for a in args]  # type: ignore[arg-type]
+    for p in procs:
+        p.start()
+    time.sleep(1 + len(procs) * 0.05)  # every process connected and waiting
+    start.set()
+    results = [out.get(timeout=1800) for _ in procs]
+    for p in procs:
+        p.join(60)
+        if p.exitcode != 0:
+            raise SystemExit(f"an agent process failed (exit code {p.exitcode})")
+    began = min(r[0] for r in results)
+    ended = max(r[1] for r in results)
+    return ended - began, sum(r[2] for r in results), sum(r[3] for r in results)
+
+
+def bench_ingest(w: servers.Seaweed, pg: servers.Postgres, agents: int, per_agent: int) -> None:
+    work = tempfile.mkdtemp(prefix="cv-bench-fleet-")
+    try:
+        cores = real_cores(work)
+        url = pg.database("fleet_ship")
+        catalog.connect(url).dispose()  # the schema, made once before the race
+        settings, metas = [], []
+        for a in range(agents):
+            s = agent_settings(work, a, w.bucket, w.endpoint, url)
+            spool.ensure(s.spool_dir)
+            metas.append(fill_spool(s.spool_dir, a, per_agent, cores))
+            settings.append(s)
+        os.environ["AWS_ACCESS_KEY_ID"], os.environ["AWS_SECRET_ACCESS_KEY"] = servers.KEY, servers.SECRET
+        sizes = ", ".join(f"{c[1] >> 10} KiB ({os.path.getsize(c[0]) >> 10} KiB stored)" for c in cores)
+        print(f"ingest: {agents} agent processes x {per_agent} spool entries, real gcore cores of {sizes}")
+        secs, n, new = race(_ship_all, [(s,) for s in settings])
+        rows = count_rows(url)
+        print(f"  shipping (S3 upload + verify, catalog rows): {n / secs:7.0f} crashes/s "
+              f"({n} in {secs:.1f} s; {new} new, {rows} rows)")  # fmt: skip
+        cat_url = pg.database("fleet_catalog")
+        catalog.connect(cat_url).dispose()
+        secs, n, new = race(_insert_all, [(cat_url, m) for m in metas])
+        rate = n / secs
+        goal = "" if rate >= 1000 else "  (goal >= 1,000 NOT met)"
+        print(f"  the catalog's part alone (add_crash):         {rate:7.0f} crashes/s "
+              f"({n} in {secs:.1f} s; {new} new){goal}")  # fmt: skip
+    finally:
+        shutil.rmtree(work, ignore_errors=True)
+
+
+def count_rows(url: str) -> int:
+    engine = catalog.connect(url)
+    try:
+        with engine.connect() as conn:
+            return conn.execute(sa.select(sa.func.count()).select_from(catalog.crashes)).scalar_one()
+    finally:
+        engine.dispose()
+
+
+# --- the catalog at size ------------------------------------------------------------------------
+
+#: the rows, made by PostgreSQL: group g (of a Zipf-like weight, a few groups hold most crashes)
+#: lives in namespace g % 200 with image g % 7 of it; crash i of it in 90 days
+LOAD_CRASHES = r"""
+INSERT INTO crashes (id, time, node, namespace, pod, container, image, signal, signal_name, exe,
+                     size, stored_size, truncated, signature, title, analysis, meta)
+SELECT 'c' || lpad(i::text, 10, '0'), :now - (hashint8(i) & 8388607) % 7776000,
+       'node-' || (i % 500), 'team-' || (g % 200), 'team-' || (g % 200) || '-pod-' || (hashint8(i * 7) & 1023),
+       'app', 'registry.example/team-' || (g % 200) || '/svc-' || (g % 7) || '\:1.' || (g % 3), 11, 'SIGSEGV',
+       '/usr/bin/svc-' || (g % 40), 67108864, 4194304, false, lpad(to_hex(g), 16, '0'),
+       'SIGSEGV in ns::Service::handler_' || g || ' <- main', 'done', '{}'
+FROM (SELECT i, (floor(power(:groups, (hashint8(i * 13) & 1048575) / 1048576.0::float8)) - 1)::int AS g
+      FROM generate_series(1, :rows) AS i) AS s
+"""
+
+LOAD_GROUPS = """
+INSERT INTO crash_groups (signature, title, signal_name, first_seen, last_seen, count)
+SELECT signature, min(title), 'SIGSEGV', min(time), max(time), count(*) FROM crashes GROUP BY signature
+"""
+
+
+#: the secondary indexes of the tables a bulk load fills: dropped before, made again after
+BULK_TABLES = ["crashes", "crash_search_pg"]
+
+
+def load(url: str, rows: int, groups: int) -> None:
+    """The rows, made by PostgreSQL, with the tables' indexes made once after (not row by row)."""
+    engine = catalog.connect(url)
+    t = time.perf_counter()
+    with engine.begin() as conn:
+        indexes = conn.execute(
+            sa.text("SELECT indexname, indexdef FROM pg_indexes WHERE tablename = ANY(:tables) "
+                    "AND indexname NOT LIKE '%pkey'"),
+            {"tables": BULK_TABLES},
+        ).all()  # fmt: skip
+        for name, _ in indexes:
+            conn.exec_driver_sql(f'DROP INDEX "{name}"')
+        conn.exec_driver_sql("SET LOCAL maintenance_work_mem = '256MB'")
+        conn.execute(sa.text(LOAD_CRASHES), {"now": NOW, "rows": rows, "groups": groups + 1})
+        loaded = time.perf_counter()
+        conn.execute(sa.text(LOAD_GROUPS))
+        catalog.rebuild_group_counts(conn)
+        search.rebuild(conn)
+        for _, definition in indexes:
+            conn.exec_driver_sql(definition)
+        counted = time.perf_counter()
+    with engine.connect() as conn:
+        conn.execution_options(isolation_level="AUTOCOMMIT").exec_driver_sql("VACUUM ANALYZE")
+        n = conn.execute(sa.text("SELECT count(*) FROM crash_groups")).scalar_one()
+    engine.dispose()
+    print(f"\nsize: {rows} crashes in {n} groups: rows made by generate_series in {loaded - t:.0f} s; group "
+          f"counts, search text and every index made in {counted - loaded:.0f} s; VACUUM ANALYZE "
+          f"{time.perf_counter() - counted:.0f} s")  # fmt: skip
+
+
+@contextmanager
+def proxy(backends: list[int]) -> Iterator[int]:
+    """One address in front of ``backends``: each new connection goes to the next one in turn."""
+    turn = itertools.cycle(backends)
+    loop = asyncio.new_event_loop()
+
+    async def pipe(r: asyncio.StreamReader, w: asyncio.StreamWriter) -> None:
+        try:
+            while data := await r.read(1 << 16):
+                w.write(data)
+                await w.drain()
+        except (OSError, asyncio.CancelledError):
+            pass
+        finally:
+            w.close()
+
+    async def handle(cr: asyncio.StreamReader, cw: asyncio.StreamWriter) -> None:
+        sr, sw = await asyncio.open_connection("127.0.0.1", next(turn))
+        with suppress(asyncio.CancelledError):  # the proxy is stopping
+            await asyncio.gather(pipe(cr, sw), pipe(sr, cw))
+
+    server = loop.run_until_complete(asyncio.start_server(handle, "127.0.0.1", 0))
+    port = server.sockets[0].getsockname()[1]
+    thread = threading.Thread(target=loop.run_forever, daemon=True)
+    thread.start()
+
+    async def shutdown() -> None:
+        server.close()
+        tasks = [t for t in asyncio.all_tasks() if t is not asyncio.current_task()]
+        for t in tasks:
+            t.cancel()
+        await asyncio.gather(*tasks, return_exceptions=True)
+
+    try:
+        yield port
+    finally:
+        asyncio.run_coroutine_threadsafe(shutdown(), loop).result(30)
+        loop.call_soon_threadsafe(loop.stop)
+        thread.join(10)
+        loop.close()
+
+
+def p50(clients: list[httpx.Client], path: str, token: str, runs: int) -> float:
+    """Median ms of ``path``, the requests taking turns over the clients' connections."""
+    headers = {"Authorization": f"Bearer {token}"}
+    for client in clients:  # the first request of a path on each server builds its caches
+        client.get(path, headers=headers).raise_for_status()
+    times = []
+    for i in range(runs):
+        t = time.perf_counter()
+        r = clients[i % len(clients)].get(path, headers=headers)
+        times.append(time.perf_counter() - t)
+        r.raise_for_status()
+    return statistics.median(times) * 1000
+
+
+CASES = [
+    ("group list, every namespace", "/api/v1/groups", ADMIN),
+    ("group list, one namespace", "/api/v1/groups", TEAM),
+    ("group list page, one namespace", "/", TEAM),
+    ("a namespace's crash list", "/api/v1/crashes?namespace=team-7", ADMIN),
+    ("a namespace's crash list, its reader", "/api/v1/crashes", TEAM),
+    ("search crashes: a pod's name", "/api/v1/crashes?q=team-7-pod-123", ADMIN),
+    ("search crashes: a word in every crash", "/api/v1/crashes?q=handler_", ADMIN),
+    ("search crashes: a pod's name, its reader", "/api/v1/crashes?q=team-7-pod-123", TEAM),
+    ("search groups: a function name", "/api/v1/groups?state=all&q=handler_42", ADMIN),
+    ("search groups: a pod's name, its reader", "/api/v1/groups?state=all&q=team-7-pod-12", TEAM),
+]
+
+
+def bench_size(pg: servers.Postgres, rows: int, groups: int, runs: int) -> None:
+    url = pg.database("fleet_size")
+    load(url, rows, groups)
+    state = tempfile.mkdtemp(prefix="cv-bench-fleet-serve-")
+    procs: list[subprocess.Popen] = []
+    try:
+        tokens = os.path.join(state, "tokens.toml")
+        with open(tokens, "w") as f:
+            f.write(f'[[token]]\nname = "admin"\ntoken = "{ADMIN}"\nnamespaces = ["*"]\nupdate = true\n'
+                    f'[[token]]\nname = "team-7"\ntoken = "{TEAM}"\nnamespaces = ["team-7"]\n')  # fmt: skip
+        os.chmod(tokens, 0o600)
+        ports = []
+        for n in range(2):  # each its own state directory: nothing shared but the database
+            cfg = os.path.join(state, f"server{n}.toml")
+            with open(cfg, "w") as f:
+                f.write(f'state_dir = "{state}/server{n}"\n[vault]\ncatalog = "{url}"\n')
+            ports.append(servers.free_port())
+            procs.append(subprocess.Popen(
+                [CLI, "-c", cfg, "serve", "--listen", f"127.0.0.1:{ports[-1]}", "--tokens", tokens],
+                stderr=open(os.path.join(state, f"server{n}.log"), "wb"),  # noqa: SIM115
+            ))  # fmt: skip
+        for port in ports:
+            servers.wait_port(port)
+        shared_database(ports, groups)
+        with proxy(ports) as port, httpx.Client(timeout=120) as one, httpx.Client(timeout=120) as two:
+            # one keep-alive connection each through the one address: the proxy gives them a server each
+            clients = [one, two]
+            for c in clients:
+                c.base_url = httpx.URL(f"http://127.0.0.1:{port}")
+            base = p50(clients, "/healthz", ADMIN, runs)
+            print(f"two servers behind 127.0.0.1:{port}; p50 of {runs} requests taking turns on both; "
+                  f"/healthz {base:.1f} ms (goal: p50 <= 50 ms)")  # fmt: skip
+            for label, path, token in CASES:
+                ms = p50(clients, path, token, runs)
+                goal = "" if ms <= 50 else "  (goal <= 50 ms NOT met)"
+                print(f"  {label:<42} {ms:7.1f} ms  {ms / base:5.1f} x /healthz{goal}")
+    except httpx.HTTPStatusError:
+        for n in range(len(procs)):
+            with open(os.path.join(state, f"server{n}.log")) as f:
+                print(f.read()[-3000:], file=sys.stderr)
+        raise
+    finally:
+        for p in procs:
+            p.terminate()
+        for p in procs:
+            p.wait(30)
+        shutil.rmtree(state, ignore_errors=True)
+
+
+def shared_database(ports: list[int], groups: int) -> None:
+    """Ignore a group through one server and read its state through the other."""
+    signature = f"{groups // 2:016x}"
+    headers = {"Authorization": f"Bearer {ADMIN}"}
+    one, other = (f"http://127.0.0.1:{p}/api/v1/groups/{signature}" for p in ports)
+    httpx.post(one + "/state", json={"state": "ignored"}, headers=headers, timeout=60).raise_for_status()
+    seen = httpx.get(other, headers=headers, timeout=60).raise_for_status().json()["state"]
+    if seen != "ignored":
+        raise SystemExit(f"the second server sees group {signature} {seen!r}, not 'ignored'")
+    print(f"  group {signature} ignored through the server on :{ports[0]}, read as {seen!r} through :{ports[1]}")
+
+
+def main() -> int:
+    ap = argparse.ArgumentParser(description=__doc__.splitlines()[0])
+    ap.add_argument("--agents", type=int, default=50)
+    ap.add_argument("--per-agent", type=int, default=40)
+    ap.add_argument("--rows", type=int, default=1_000_000, help="10000000 for the fleet's full size")
+    ap.add_argument("--groups", type=int, default=20_000)
+    ap.add_argument("--runs", type=int, default=25)
+    a = ap.parse_args()
+    with servers.seaweed() as w, servers.postgres() as pg:
+        bench_ingest(w, pg, a.agents, a.per_agent)
+        bench_size(pg, a.rows, a.groups, a.runs)
+    return 0
+
+
+if __name__ == "__main__":
+    sys.exit(main())
