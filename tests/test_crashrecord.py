@@ -111,6 +111,7 @@ def test_an_unversioned_spool_entry_ships_and_is_served(shipped: tuple[config.Se
     _, _, url = shipped
     [row] = api(url, "/api/v1/crashes").json()["items"]
     assert row["id"] == ENTRY and row["namespace"] == "shop" and row["signal_name"] == "SIGSEGV"
+    assert row["size"] == len(CORE) and row["exe"] == "/app/crasher"
     crash = api(url, f"/api/v1/crashes/{ENTRY}")
     assert crash.status_code == 200, crash.text
     meta = crash.json()["meta"]

@@ -19,7 +19,7 @@ import time
 import sqlalchemy as sa
 from sqlalchemy.engine import Connection
 
-from corevault import objectid
+from corevault import crashrecord, objectid
 from corevault.vault import lifecycle, search
 from corevault.vault.tables import (
     crash_objects,
@@ -38,30 +38,33 @@ from corevault.vault.tables import (
 
 
 def add_crash(conn: Connection, meta: dict, analysis: str) -> bool:
-    """Record a crash from its spool metadata; False when it was already there."""
-    pod = meta.get("pod") or {}
-    proc = meta.get("process") or {}
-    core = meta.get("core") or {}
+    """Record a crash from its spool metadata (any version of its record); False when it was already there.
+
+    The columns come from the record read in its current shape (:func:`crashrecord.load`); the
+    ``meta`` column keeps what the handler wrote.
+    """
+    record = crashrecord.load(meta)
+    pod, proc, core, sig = record["pod"], record["process"], record["core"], record["signal"]
     row = {
-        "id": meta["id"],
-        "time": int(meta.get("time") or time.time()),
-        "captured_at": meta.get("captured_at"),
-        "node": meta.get("node"),
-        "namespace": pod.get("namespace"),
-        "pod": pod.get("name"),
-        "pod_uid": pod.get("uid"),
-        "container": pod.get("container"),
-        "container_id": pod.get("container_id"),
-        "image": pod.get("image"),
-        "signal": (meta.get("signal") or {}).get("number"),
-        "signal_name": (meta.get("signal") or {}).get("name"),
-        "exe": proc.get("exe"),
-        "comm": proc.get("comm"),
-        "pid": proc.get("ns_pid"),
-        "size": core.get("size"),
-        "stored_size": core.get("stored_size"),
-        "truncated": bool(core.get("truncated")),
-        "sha256": core.get("sha256"),
+        "id": record["id"],
+        "time": record["time"] if record["time"] >= 0 else int(time.time()),
+        "captured_at": _known(record["captured_at"]),
+        "node": record["node"],
+        "namespace": pod["namespace"],
+        "pod": pod["name"],
+        "pod_uid": pod["uid"],
+        "container": pod["container"],
+        "container_id": pod["container_id"],
+        "image": pod["image"],
+        "signal": _known(sig["number"]),
+        "signal_name": sig["name"],
+        "exe": _known(proc["exe"]),
+        "comm": _known(proc["comm"]),
+        "pid": _known(proc["ns_pid"]),
+        "size": _known(core["size"]),
+        "stored_size": _known(core["stored_size"]),
+        "truncated": core["truncated"],
+        "sha256": _known(core["sha256"]),
         "analysis": analysis,
         "meta": json.dumps(meta, sort_keys=True),
     }
@@ -72,20 +75,21 @@ def add_crash(conn: Connection, meta: dict, analysis: str) -> bool:
     if inserted and row["namespace"]:
         conn.execute(insert(conn, namespaces).values(name=row["namespace"]).on_conflict_do_nothing())
     objects_rows = (
-        fit(
-            crash_objects,
-            {"crash_id": meta["id"], "path": m["path"], "key": m["key"], "sha256": m["sha256"]},
-            "path",
-        )
-        for m in meta.get("modules", [])
-        if isinstance(m, dict)
-        and isinstance(m.get("path"), str)
-        and objectid.is_object(m.get("key"), m.get("sha256"))
+        fit(crash_objects, {"crash_id": record["id"], **{k: m[k] for k in ("path", "key", "sha256")}}, "path")
+        for m in record["modules"]
+        if m["path"] and objectid.is_object(m["key"], m["sha256"])
     )
     rows = {r["path"]: r for r in objects_rows}
     if rows:
         conn.execute(insert(conn, crash_objects).values(list(rows.values())).on_conflict_do_nothing())
     return inserted
+
+
+def _known(value: int | float | str) -> int | float | str | None:
+    """A record's value, or None (NULL) where the record says unknown (-1, "", or 0.0 for a time)."""
+    if isinstance(value, str | float):
+        return value or None
+    return None if value == -1 else value
 
 
 def record_analysis(conn: Connection, crash_id: str, report: dict) -> bool:
