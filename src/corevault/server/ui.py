@@ -273,7 +273,7 @@ def crash_page(request: Request, crash_id: str) -> Response:
         if crash["container"]:
             debug += ["-c", crash["container"]]
         commands.insert(0, shlex.join(debug))
-    env = (crash["meta"].get("process") or {}).get("environ") or {}
+    env = crash["meta"]["process"]["environ"]  # a CrashRecord: every field is there
     return _render(
         request, "crash.html", crash=crash, report=report, crashed=crashed, others=others, commands=commands,
         environ=sorted(env.items()), meta=crash["meta"],
