@@ -26,7 +26,7 @@ import time
 from collections import Counter, OrderedDict, deque
 from collections.abc import Callable
 
-from corevault import config, spool
+from corevault import config, crashrecord, spool
 
 log = logging.getLogger("corevault.agent")
 
@@ -121,12 +121,11 @@ class AnalysisPool:
                 meta = spool.read_meta(self.settings.spool_dir, entry_id, "shipped")
             except (OSError, ValueError):
                 continue  # analysed and removed a moment ago, or another agent's
-            pod = meta.get("pod") or {}
+            pod = crashrecord.load(meta, entry_id)["pod"]
             with self.cond:
                 self.known.add(entry_id)
                 self.retry_at.pop(entry_id, None)
-                name = str(pod.get("name") or pod.get("uid") or "")
-                self.queue.put(str(pod.get("namespace") or ""), name, entry_id)
+                self.queue.put(pod["namespace"] or "", pod["name"] or pod["uid"] or "", entry_id)
                 self.cond.notify()
         with self.cond:
             return len(self.queue) + self.in_flight

@@ -38,10 +38,14 @@ import time
 from collections.abc import Callable, Iterator
 from contextlib import contextmanager
 from dataclasses import dataclass
+from typing import TYPE_CHECKING
 
-from corevault import config, nodestore, objectid, spool
+from corevault import config, crashrecord, nodestore, objectid, spool
 from corevault.vault import blobs, catalog
 from corevault.vault.crashes import LocalVault
+
+if TYPE_CHECKING:
+    from corevault.crashrecord import CrashRecord
 
 log = logging.getLogger("corevault.agent")
 
@@ -89,22 +93,23 @@ def _locked(entry: str, entry_id: str) -> Iterator[None]:
 
 def _ship_locked(vault: LocalVault, settings: config.Settings, entry_id: str, entry: str) -> Shipped:
     started = time.monotonic()
-    meta = spool.read_meta(settings.spool_dir, entry_id)
-    crash_id = meta.get("id") or entry_id
+    meta = spool.read_meta(settings.spool_dir, entry_id)  # kept as the handler wrote it
+    record = crashrecord.load(meta, entry_id)
+    crash_id = record["id"]
     core_path = os.path.join(entry, spool.CORE_NAME)
     stored = vault.store.put_file(blobs.core_key(crash_id), core_path)
-    expected = (meta.get("core") or {}).get("stored_size")
-    if expected is not None and stored.size != expected:
+    expected = record["core"]["stored_size"]
+    if expected >= 0 and stored.size != expected:
         raise blobs.StoreError(
             f"{entry_id}: the spool holds {stored.size} bytes of core, its metadata says {expected}"
         )
     vault.store.put_bytes(blobs.meta_key(crash_id), json.dumps(meta, indent=1, sort_keys=True).encode())
     if not settings.agent_analyze:
-        _ship_objects(vault, settings, meta)  # otherwise with the analysis: see analyse_shipped
+        _ship_objects(vault, settings, record)  # otherwise with the analysis: see analyse_shipped
 
     analysis = "pending" if settings.agent_analyze else "off"
     with vault.engine.begin() as conn:
-        new = catalog.add_crash(conn, meta, analysis)
+        new = catalog.add_crash(conn, {**meta, "id": crash_id}, analysis)
         state = conn.execute(
             catalog.crashes.select()
             .with_only_columns(catalog.crashes.c.analysis)
@@ -121,12 +126,10 @@ def _ship_locked(vault: LocalVault, settings: config.Settings, entry_id: str, en
     return Shipped(crash_id, new, stored.size, time.monotonic() - started, state)
 
 
-def _ship_objects(vault: LocalVault, settings: config.Settings, meta: dict) -> None:
+def _ship_objects(vault: LocalVault, settings: config.Settings, record: CrashRecord) -> None:
     """Upload the crash's mapped objects the vault lacks, by key and content hash."""
     wanted = {
-        (m["key"], m["sha256"]): m
-        for m in meta.get("modules", [])
-        if isinstance(m, dict) and objectid.is_object(m.get("key"), m.get("sha256"))
+        (m["key"], m["sha256"]): m for m in record["modules"] if objectid.is_object(m["key"], m["sha256"])
     }
     with vault.engine.connect() as conn:
         known = catalog.known_objects(conn, wanted)
@@ -144,13 +147,13 @@ def _ship_objects(vault: LocalVault, settings: config.Settings, meta: dict) -> N
             catalog.add_object(conn, key, sha, size, debuginfo=has_dwarf(local))
 
 
-def _ship_debuginfo(vault: LocalVault, settings: config.Settings, meta: dict) -> None:
+def _ship_debuginfo(vault: LocalVault, settings: config.Settings, record: CrashRecord) -> None:
     """Keep in the vault the upstream debug files this node holds for the crash's modules."""
     if not settings.debuginfod_urls:
         return
     from corevault.analysis import upstream
 
-    for build_id in {m["build_id"] for m in meta.get("modules", []) if m.get("build_id")}:
+    for build_id in {m["build_id"] for m in record["modules"] if m["build_id"]}:
         local = upstream.debuginfo_path(settings.debuginfo_dir, build_id)
         key = blobs.debuginfo_key(build_id)
         if os.path.exists(local) and vault.store.size(key) is None:
@@ -165,11 +168,11 @@ def analyse_shipped(vault: LocalVault, settings: config.Settings, entry_id: str)
     """
     entry = os.path.join(spool.shipped_dir(settings.spool_dir), entry_id)
     with _locked(entry, entry_id):
-        meta = spool.read_meta(settings.spool_dir, entry_id, "shipped")
-        crash_id = meta.get("id") or entry_id
+        record = crashrecord.load(spool.read_meta(settings.spool_dir, entry_id, "shipped"), entry_id)
+        crash_id = record["id"]
         # A pod's binaries (a program of GiBs, say) go up here, not on the shipping path,
         # where they would keep every other pod's crash out of the catalog meanwhile.
-        _ship_objects(vault, settings, meta)
+        _ship_objects(vault, settings, record)
         with vault.engine.connect() as conn:
             state = conn.execute(
                 catalog.crashes.select()
@@ -178,9 +181,9 @@ def analyse_shipped(vault: LocalVault, settings: config.Settings, entry_id: str)
             ).scalar_one_or_none()
         if state == "pending":
             # only the objects this process mapped, as its capture recorded them
-            record = [m for m in meta.get("modules") or [] if isinstance(m, dict)]
-            state = _analyse(vault, settings, crash_id, os.path.join(entry, spool.CORE_NAME), record)
-            _ship_debuginfo(vault, settings, meta)
+            modules = list(record["modules"])
+            state = _analyse(vault, settings, crash_id, os.path.join(entry, spool.CORE_NAME), modules)
+            _ship_debuginfo(vault, settings, record)
         shutil.rmtree(entry)
         return state or "forgotten"
 
