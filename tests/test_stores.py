@@ -531,3 +531,26 @@ def test_a_kept_session_that_cannot_be_taken_up_starts_anew(kind, tmp_path, requ
         assert store.sent == len(data) and not session.exists()
         with store.open("k") as f:
             assert sha(f.read()) == sha(data)
+
+
+def test_two_uploads_of_one_file_to_s3_take_turns(weed, tmp_path) -> None:
+    """Two agents shipping crashes that map the same large binary upload one file at once: each
+    holds the file's lock in turn, so they never share (and complete twice) one upload."""
+    import time
+    from concurrent.futures import ThreadPoolExecutor
+
+    prefix = f"turns-{uuid.uuid4().hex[:8]}"
+    data = os.urandom(8 * PART)
+    path = tmp_path / "binary"
+    path.write_bytes(data)
+    stores = [open_cloud(f"s3://{weed.bucket}/{prefix}", weed, concurrency=1) for _ in range(2)]
+    with ThreadPoolExecutor(2) as pool:
+        first = pool.submit(stores[0].put_file, "buildid/k/sha", str(path))
+        while not os.path.exists(f"{path}.s3-upload") and not first.done():
+            time.sleep(0.001)  # the first upload is under way and kept: the second comes now
+        second = pool.submit(stores[1].put_file, "buildid/k/sha", str(path))
+        done = [first.result(), second.result()]
+    assert [d.size for d in done] == [len(data), len(data)]
+    assert list_uploads(weed, prefix + "/") == [] and not os.path.exists(f"{path}.s3-upload")
+    with stores[0].open("buildid/k/sha") as f:
+        assert sha(f.read()) == sha(data)
