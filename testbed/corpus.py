@@ -11,6 +11,8 @@ adds the other runtimes a node sees:
 - ``lastwords``: C, fails an assert whose message is 64 KiB of markup and terminal escapes.
 - ``deepstacks``: C, threads waiting 5,000 calls deep and a stack overflow through two
   functions that call each other: a stack made to cost its reader.
+- ``forgedgo``: C that passes for Go (``runtime.goexit``, ``runtime.sigreturn``) and forges a
+  signal frame pointing back at itself.
 - ``/usr/bin/python3.11``: Debian's own non-PIE interpreter binary (not built here), running
   ``pyctypes.py`` which reads address 0 through ctypes or calls ``os.abort()``.
 - ``/usr/bin/node``: the host's Node.js (a 100 MB non-PIE C++ binary, not built here), running
@@ -46,6 +48,7 @@ PROGRAMS = {
     "workerthrow": ("workerthrow.cc", "g++", ["-g", "-O1", "-pthread"]),
     "lastwords": ("lastwords.c", "gcc", ["-g", "-O1"]),
     "deepstacks": ("deepstacks.c", "gcc", ["-g", "-O0", "-pthread"]),
+    "forgedgo": ("forgedgo.c", "gcc", ["-g", "-O1"]),
 }
 
 

@@ -18,7 +18,7 @@ from dataclasses import dataclass
 import pytest
 
 from corevault import spool
-from corevault.analysis import deepstack, lastwords, render, runner, worker
+from corevault.analysis import deepstack, lastwords, render, runner, stackwalk, worker
 from corevault.model import Report
 from corevault.server import ui
 from testbed import corpus
@@ -53,6 +53,7 @@ RUNS = {
     "python-abort": "/usr/bin/python3.11 -S /app/pyctypes.py abort",
     "hostile": "/app/lastwords",
     "deep-stacks": "/app/deepstacks",
+    "forged-go": "/app/forgedgo",
     "node-abort": f"{NODE} abort",
     "node-uncaught": f"{NODE} uncaught",
     "node-segv": f"{NODE} segv",
@@ -298,7 +299,8 @@ def test_node_is_named_as_gdb_names_it_and_kept_once(crashes: dict[str, Crash]) 
 def test_a_stack_built_to_cost_its_reader_costs_a_bounded_report(crashes: dict[str, Crash]) -> None:
     r = crashes["deep-stacks"].report
     crashed = r.crashed_thread
-    assert crashed is not None and r.signature_frames == ("pong", "ping", "pong")
+    # it overflows in either function, wherever the stack's end falls
+    assert crashed is not None and r.signature_frames in (("pong", "ping", "pong"), ("ping", "pong", "ping"))
     # the crashed thread is walked to the depth bound, no further, and its middle, where
     # no function repeats in a row, is at most MAX_RUNS runs however long it is
     assert crashed.incomplete and crashed.depth == worker.MAX_DEPTH
@@ -308,6 +310,17 @@ def test_a_stack_built_to_cost_its_reader_costs_a_bounded_report(crashes: dict[s
     waiting = [t for t in r.threads if not t.crashed]
     assert len(waiting) == 4
     assert all(t.incomplete and len(t.frames) == 256 and not t.omitted for t in waiting)
+
+
+def test_a_forged_go_signal_frame_that_points_at_itself_is_followed_a_bounded_number_of_times(
+    crashes: dict[str, Crash],
+) -> None:
+    crashed = crashes["forged-go"].report.crashed_thread
+    assert crashed is not None
+    names = [f.function for f in crashed.frames]
+    # each restart from the forged state finds the same fault and the same forged frame
+    assert names.count("fault_here") == stackwalk.MAX_RESTARTS + 1
+    assert crashed.depth == 2 * (stackwalk.MAX_RESTARTS + 1)
 
 
 def test_hostile_last_words_are_bounded_plain_text(crashes: dict[str, Crash]) -> None:

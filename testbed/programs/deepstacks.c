@@ -5,6 +5,7 @@
 #include <unistd.h>
 
 static int pong(int n);
+static int deep; /* threads waiting at the bottom of their stacks */
 
 __attribute__((noinline)) static int ping(int n) { return pong(n + 1) + 1; }
 
@@ -12,6 +13,7 @@ __attribute__((noinline)) static int pong(int n) { return ping(n + 1) + 1; }
 
 __attribute__((noinline)) static int wait_deep(int n) {
     if (n == 0) {
+        __atomic_add_fetch(&deep, 1, __ATOMIC_SEQ_CST);
         pause();
         return 0;
     }
@@ -28,6 +30,7 @@ int main(void) {
     pthread_t t;
     for (int i = 0; i < 4; i++)
         pthread_create(&t, NULL, waiter, NULL);
-    usleep(200000);
+    while (__atomic_load_n(&deep, __ATOMIC_SEQ_CST) < 4)
+        usleep(1000);
     return ping(0);
 }

@@ -60,15 +60,15 @@ OUTERMOST = "runtime.goexit"
 DRGN_LIMIT = 1024  # frames in one drgn stack trace (libdrgn's stack_trace.c)
 
 
-def frames(prog: Any, thread: Any) -> Iterator[Any]:
-    """The drgn frames of ``thread``, lazily, across drgn's frame limit and Go's signal frames."""
+def frames(prog: Any, thread: Any, go: bool) -> Iterator[Any]:
+    """The drgn frames of ``thread``, lazily, across drgn's frame limit and, for a Go
+    program (:func:`is_go`), Go's signal frames."""
     import drgn
 
     trace = thread.stack_trace()
     if prog.platform.arch != drgn.Architecture.X86_64:
         yield from trace
         return
-    go = _is_go(prog)
     restarts = 0
     skip = 0
     while True:
@@ -79,12 +79,15 @@ def frames(prog: Any, thread: Any) -> Iterator[Any]:
             yield f
             if not go:
                 continue
-            name = _name(f)
+            # the restorer first: its "return address" is its own first instruction, so the
+            # symbol before it (whatever the linker put there) names it at pc - 1
+            restorer = _is_restorer(prog, f)
+            name = None if restorer else _name(f)
             if name is not None and name.removesuffix(".abi0") == OUTERMOST:
                 return
             if restarts >= MAX_RESTARTS:
                 continue
-            if _is_restorer(prog, f):
+            if restorer:
                 regs = _signal_context(prog, f)
             elif name == "runtime.sigpanic" and not f.is_inline and i + 1 < len(trace):
                 regs = _known(trace[i + 1])
@@ -105,7 +108,8 @@ def frames(prog: Any, thread: Any) -> Iterator[Any]:
             return
 
 
-def _is_go(prog: Any) -> bool:
+def is_go(prog: Any) -> bool:
+    """Whether the program has Go's runtime (asked once per program: 0.1 ms a lookup)."""
     try:
         prog.symbol(OUTERMOST)
     except LookupError:

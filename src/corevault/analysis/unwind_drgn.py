@@ -56,6 +56,7 @@ def unwind(
                 warnings.append(f"{module.name}: drgn could not use {path}: {e}")
         debug[module.name] = module.debug_file_status == drgn.ModuleFileStatus.HAVE
     crashed = _crashed_tid(prog)
+    go = stackwalk.is_go(prog)
     scopes = _Scopes(prog, core, found)
     threads = []
     # Threads of one program share most of their frames (a thousand workers waiting in the
@@ -68,7 +69,7 @@ def unwind(
         incomplete = False
         limit = max(max_frames, crashed_depth or 0) if t.tid == crashed else max_frames
         try:
-            trace = list(itertools.islice(stackwalk.frames(prog, t), limit + 1))
+            trace = list(itertools.islice(stackwalk.frames(prog, t, go), limit + 1))
         except Exception as e:
             warnings.append(f"thread {t.tid}: cannot unwind: {e}")
             trace = []
