@@ -62,8 +62,9 @@ class Served:
         return subprocess.run(cmd, capture_output=True, text=True, env=env, timeout=120, check=False)
 
 
-@pytest.fixture(scope="module")
+@pytest.fixture
 def served(tmp_path_factory: pytest.TempPathFactory) -> Iterator[Served]:
+    """A vault and its server of each test's own: the tests change groups' states."""
     d = tmp_path_factory.mktemp("triage")
     (d / "c.toml").write_text(f'state_dir = "{d}/state"\n')
     settings = config.load(str(d / "c.toml"))
