@@ -554,3 +554,28 @@ def test_two_uploads_of_one_file_to_s3_take_turns(weed, tmp_path) -> None:
     assert list_uploads(weed, prefix + "/") == [] and not os.path.exists(f"{path}.s3-upload")
     with stores[0].open("buildid/k/sha") as f:
         assert sha(f.read()) == sha(data)
+
+
+def test_the_agent_aborts_abandoned_uploads_without_retention_rules(weed, tmp_path) -> None:
+    import time
+
+    from corevault.agent.loop import Agent
+
+    prefix = f"agent-{uuid.uuid4().hex[:8]}"
+    path = str(tmp_path / "core.zst")
+    with open(path, "wb") as f:
+        f.write(os.urandom(2 * PART))
+    kill_midway(f"s3://{weed.bucket}/{prefix}", weed, path, kill_at=1, concurrency=1)
+    assert len(list_uploads(weed, prefix + "/")) == 1
+    cfg = tmp_path / "c.toml"
+    cfg.write_text(
+        f'state_dir = "{tmp_path}/state"\n'
+        + settings_lines(f"s3://{weed.bucket}/{prefix}", weed).replace(
+            "[vault]\n", "[vault]\nabandoned_upload_days = 0.00001\n", 1
+        )
+        + '[agent]\nmetrics = ""\nanalyze = false\n'
+    )
+    settings = config.load(str(cfg))
+    time.sleep(1)  # older than 0.00001 days (0.86 s)
+    assert Agent(settings).run(once=True) == 0
+    assert list_uploads(weed, prefix + "/") == []
