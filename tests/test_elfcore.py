@@ -158,3 +158,10 @@ def test_worker_reports_unreadable_cores(tmp_path) -> None:
     )
     assert json.loads(out.stdout) == {"error": "unreadable: no thread status (NT_PRSTATUS) in the core"}
     assert os.path.exists(path)
+
+
+def test_real_core_names_its_executable_from_the_auxv(small_core: bytes, tmp_path) -> None:
+    core = read_bytes(small_core, tmp_path)
+    assert core is not None and core.executable is not None and core.executable.endswith("/sleep")
+    del core.auxv[elfcore.AT_ENTRY]
+    assert core.executable is None

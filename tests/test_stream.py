@@ -39,6 +39,19 @@ def test_sparse_copy_is_identical_and_has_holes(tmp_path) -> None:
     assert os.stat(tmp_path / "core").st_blocks * 512 < len(data) / 2
 
 
+def test_sparse_copy_expands_a_compressed_core_with_holes(tmp_path) -> None:
+    data = core_like(3 * stream.CHUNK + 777) + bytes(2 * stream.CHUNK)
+    packed = tmp_path / "core.zst"
+    packed.write_bytes(zstandard.ZstdCompressor().compress(data))
+    seen: list[int] = []
+    fd = os.open(tmp_path / "core", os.O_WRONLY | os.O_CREAT | os.O_EXCL)
+    with open(packed, "rb") as f, zstandard.ZstdDecompressor().stream_reader(f) as reader:
+        assert stream.sparse_copy(reader, fd, seen.append) == len(data)
+    os.close(fd)
+    assert (tmp_path / "core").read_bytes() == data and sum(seen) == len(data)
+    assert os.stat(tmp_path / "core").st_blocks * 512 < len(data) / 2
+
+
 def test_compressed_copy_round_trips_with_hash(tmp_path) -> None:
     data = core_like(3 * stream.CHUNK + 7)
     out = os.open(tmp_path / "core.zst", os.O_WRONLY | os.O_CREAT)

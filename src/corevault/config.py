@@ -330,10 +330,9 @@ def write_snapshot(path: str | None = None) -> tuple[Settings, str]:
     os.makedirs(settings.state_dir, mode=0o700, exist_ok=True)
     import json
 
-    tmp = f"{dest}.{os.getpid()}.tmp"
-    with open(tmp, "w") as f:
-        json.dump(snap, f, indent=1, default=str)
-    os.replace(tmp, dest)
+    from corevault import atomic
+
+    atomic.write(dest, json.dumps(snap, indent=1, default=str))
     return settings, dest
 
 

@@ -24,7 +24,7 @@ import sys
 import time
 from contextlib import suppress
 
-from corevault import config
+from corevault import atomic, config
 from corevault.errors import UserError
 from corevault.pattern import MAX_PATTERN_LEN, SPECIFIERS
 
@@ -142,15 +142,7 @@ def isolated_launcher(path: str) -> str:
     with suppress(OSError), open(path) as f:
         if f.read() == text and os.access(path, os.X_OK):
             return path
-    tmp = f"{path}.{os.getpid()}.tmp"
-    try:
-        with open(tmp, "w") as f:
-            f.write(text)
-        os.chmod(tmp, 0o755)  # noqa: S103 - as pip writes its scripts; nothing secret in it
-        os.replace(tmp, path)
-    finally:
-        with suppress(FileNotFoundError):
-            os.unlink(tmp)
+    atomic.write(path, text, 0o755)  # as pip writes its scripts; nothing secret in it
     return path
 
 
@@ -418,9 +410,4 @@ def load_state(state_file: str) -> dict | None:
 
 def _save_state(state_file: str, state: dict) -> None:
     os.makedirs(os.path.dirname(state_file) or ".", mode=0o700, exist_ok=True)
-    tmp = state_file + ".tmp"
-    with open(tmp, "w") as f:
-        json.dump(state, f, indent=1)
-        f.flush()
-        os.fsync(f.fileno())
-    os.replace(tmp, state_file)
+    atomic.write(state_file, json.dumps(state, indent=1))

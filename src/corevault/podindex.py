@@ -21,6 +21,8 @@ import json
 import os
 from contextlib import suppress
 
+from corevault import atomic
+
 FORMAT_VERSION = 1
 
 
@@ -57,10 +59,7 @@ def read_container(index_dir: str, container_id: str) -> dict | None:
 
 def _write_atomic(path: str, doc: dict) -> None:
     os.makedirs(os.path.dirname(path), mode=0o755, exist_ok=True)
-    tmp = f"{path}.{os.getpid()}.tmp"
-    with open(tmp, "w") as f:
-        json.dump(doc, f, sort_keys=True)
-    os.replace(tmp, path)
+    atomic.write(path, json.dumps(doc, sort_keys=True))
 
 
 def write_pod(index_dir: str, pod: dict) -> None:

@@ -24,7 +24,7 @@ import re
 import time
 from collections.abc import Callable
 
-from corevault import config, spool
+from corevault import atomic, config, spool
 
 log = logging.getLogger("corevault.agent")
 KMSG = "/dev/kmsg"
@@ -136,10 +136,7 @@ class KernelLog:
                 self.on_skip(record.get("count", 1))
         if newest is not None and newest != self.last:
             self.last = newest
-            tmp = self.state + ".tmp"
-            with open(tmp, "w") as f:
-                f.write(f"{_boot_id()} {newest}")
-            os.replace(tmp, self.state)
+            atomic.write(self.state, f"{_boot_id()} {newest}")
         return written
 
     def close(self) -> None:

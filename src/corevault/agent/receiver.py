@@ -19,7 +19,7 @@ import threading
 from collections.abc import Callable
 from contextlib import suppress
 
-from corevault import config, hostsetup
+from corevault import atomic, config, hostsetup
 from corevault.capture import coresocket, handler, stream
 from corevault.pattern import SPECIFIERS
 
@@ -131,9 +131,8 @@ def install_forwarder(settings: config.Settings, config_path: str | None, binary
     """
     target, socket_path = hostsetup.forwarder_paths(settings.state_dir)
     os.makedirs(os.path.dirname(target), exist_ok=True)
-    shutil.copy2(binary, target + ".tmp")
-    os.chmod(target + ".tmp", 0o700)  # the kernel runs it as root
-    os.replace(target + ".tmp", target)
+    with open(binary, "rb") as src, atomic.replacing(target, 0o700) as dst:  # the kernel runs it as root
+        shutil.copyfileobj(src, dst)
     receiver = Receiver(settings, socket_path)
     receiver.listen()
     threading.Thread(target=receiver.serve, daemon=True, name="capture-receiver").start()

@@ -35,6 +35,7 @@ PT_NOTE = 4
 NT_PRSTATUS = 1
 NT_PRPSINFO = 3
 NT_AUXV = 6
+AT_ENTRY = 9
 NT_SIGINFO = 0x53494749
 NT_FILE = 0x46494C45
 MAX_NOTE_BYTES = 256 << 20
@@ -114,6 +115,12 @@ class Core:
             if m.offset == 0 and m.path not in seen:
                 seen[m.path] = m
         return list(seen.values())
+
+    @property
+    def executable(self) -> str | None:
+        """The path of the program itself: the mapped file that holds the auxv's entry point."""
+        entry = self.auxv.get(AT_ENTRY)
+        return self.module_at(entry)[0] if entry is not None else None
 
     def extent(self, path: str) -> tuple[int, int]:
         """Lowest and highest address mapped from ``path``."""

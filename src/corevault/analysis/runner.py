@@ -31,7 +31,7 @@ from typing import BinaryIO
 
 from corevault import nodestore, objectid
 from corevault.analysis import binaries, sandbox, seccomp, upstream
-from corevault.capture.stream import CHUNK, SparseSink
+from corevault.capture.stream import sparse_copy
 from corevault.errors import UserError
 from corevault.model import Report
 
@@ -72,13 +72,7 @@ def decompress(src: str, dest: str) -> int:
 def _sparse_copy(reader: BinaryIO, dest: str) -> int:
     fd = os.open(dest, os.O_WRONLY | os.O_CREAT | os.O_EXCL | os.O_CLOEXEC, 0o600)
     try:
-        sink = SparseSink(fd)
-        buf = bytearray(CHUNK)
-        view = memoryview(buf)
-        while n := reader.readinto(buf):
-            sink.write(buf, view, n)
-        sink.finish()
-        return sink.size
+        return sparse_copy(reader, fd)
     finally:
         os.close(fd)
 

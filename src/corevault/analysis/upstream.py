@@ -24,14 +24,16 @@ import contextlib
 import logging
 import os
 import re
-import tempfile
 import time
 from dataclasses import dataclass
 from typing import TYPE_CHECKING
 
+from corevault import atomic
 from corevault.analysis.binaries import file_build_id
 
 if TYPE_CHECKING:
+    from typing import BinaryIO
+
     from corevault.config import Settings
 
 log = logging.getLogger("corevault.analysis")
@@ -92,43 +94,46 @@ def fetch(upstream: Upstream, build_id: str) -> str | None:
 def _download(upstream: Upstream, url: str, build_id: str, dest: str) -> bool:
     import httpx  # only when a server is asked: the runner that imports this module stays light
 
-    fd, tmp = tempfile.mkstemp(prefix=".fetch-", dir=os.path.dirname(dest))
-    deadline = time.monotonic() + upstream.timeout
     try:
-        with os.fdopen(fd, "wb") as f, httpx.stream("GET", url, timeout=upstream.timeout) as response:
-            if response.status_code != 200:
-                if response.status_code != 404:
-                    log.warning("debuginfod %s: HTTP %d", url, response.status_code)
-                return False
-            declared = response.headers.get("content-length", "")
-            if declared.isdigit() and int(declared) > upstream.max_size:
-                log.warning("debuginfod %s: %s bytes, over the limit of %d", url, declared, upstream.max_size)
-                return False
-            size = 0
-            for chunk in response.iter_bytes(1 << 20):
-                size += len(chunk)
-                if size > upstream.max_size:
-                    log.warning("debuginfod %s: more than the limit of %d bytes", url, upstream.max_size)
-                    return False
-                if time.monotonic() > deadline:
-                    log.warning("debuginfod %s: slower than %gs, given up", url, upstream.timeout)
-                    return False
-                f.write(chunk)
-            f.flush()
-            os.fsync(f.fileno())
-        found = file_build_id(tmp)
-        if found != build_id:
-            log.warning("debuginfod %s: the file's build-id is %s, not the one asked for", url, found)
-            return False
-        os.chmod(tmp, 0o644)
-        os.replace(tmp, dest)
-        return True
+        with atomic.replacing(dest, 0o644) as f:
+            if not _receive(upstream, url, build_id, f):
+                raise atomic.Abandon
+            return True
     except (httpx.HTTPError, OSError) as e:
         log.warning("debuginfod %s: %s", url, e)
+    return False
+
+
+def _receive(upstream: Upstream, url: str, build_id: str, f: BinaryIO) -> bool:
+    """Write the server's answer into ``f``; whether it is the file of ``build_id``, within the limits."""
+    import httpx
+
+    deadline = time.monotonic() + upstream.timeout
+    with httpx.stream("GET", url, timeout=upstream.timeout) as response:
+        if response.status_code != 200:
+            if response.status_code != 404:
+                log.warning("debuginfod %s: HTTP %d", url, response.status_code)
+            return False
+        declared = response.headers.get("content-length", "")
+        if declared.isdigit() and int(declared) > upstream.max_size:
+            log.warning("debuginfod %s: %s bytes, over the limit of %d", url, declared, upstream.max_size)
+            return False
+        size = 0
+        for chunk in response.iter_bytes(1 << 20):
+            size += len(chunk)
+            if size > upstream.max_size:
+                log.warning("debuginfod %s: more than the limit of %d bytes", url, upstream.max_size)
+                return False
+            if time.monotonic() > deadline:
+                log.warning("debuginfod %s: slower than %gs, given up", url, upstream.timeout)
+                return False
+            f.write(chunk)
+    f.flush()
+    found = file_build_id(f.name)
+    if found != build_id:
+        log.warning("debuginfod %s: the file's build-id is %s, not the one asked for", url, found)
         return False
-    finally:
-        with contextlib.suppress(FileNotFoundError):
-            os.unlink(tmp)
+    return True
 
 
 def fetch_missing(upstream: Upstream, build_ids: list[str]) -> list[str]:

@@ -34,7 +34,6 @@ from corevault.analysis import (
 )
 from corevault.model import Frame, Module, Report, Thread
 
-AT_ENTRY = 9
 BACKENDS = ("drgn", "gdb")
 #: frames of the crashed thread unwound by drgn: a stack overflow's whole depth (gdb showed
 #: 30,831 for an 8 MiB stack), of which the report keeps the top and the bottom
@@ -73,7 +72,7 @@ def analyze(
             path: dataclasses.replace(f, debuginfo=None) if signature.is_system(path) else f
             for path, f in found.items()
         }
-    exe_path = core.module_at(core.auxv[AT_ENTRY])[0] if AT_ENTRY in core.auxv else None
+    exe_path = core.executable
     exe_found = found.get(exe_path or "")
     executable = exe_found.executable if exe_found else None
 

@@ -17,7 +17,7 @@ import resource
 import signal
 import time
 
-from corevault import config, crashrecord, nodestore, spool
+from corevault import atomic, config, crashrecord, nodestore, spool
 from corevault.capture import admission, buildid, cgroup, corehead, lookup, policy, process, safefs, stream
 from corevault.capture.admission import describe_error, journal
 
@@ -308,11 +308,7 @@ def _finish_entry(spool_dir: str, entry_id: str, entry_tmp: str, core_fd: int, m
     finally:
         os.close(fd)
     os.rename(entry_tmp, os.path.join(spool.ready_dir(spool_dir), entry_id))
-    ready = os.open(spool.ready_dir(spool_dir), os.O_RDONLY | os.O_DIRECTORY | os.O_CLOEXEC)
-    try:
-        os.fsync(ready)
-    finally:
-        os.close(ready)
+    atomic.fsync_dir(spool.ready_dir(spool_dir))
 
 
 def _truncation(size: int, expected: int | None, plan: policy.Plan) -> str:

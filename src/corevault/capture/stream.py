@@ -6,7 +6,8 @@ The core is read once, in 1 MiB chunks, and each chunk goes to every live sink:
   (the kernel's own file-mode cores are sparse too; piped cores never are, zero pages
   arrive as zeros). On core-like data that is faster than ``cat`` and half the disk.
   Blocks are compared as ``bytearray`` slices against a zero block (a memcmp);
-  ``memoryview`` comparisons would be two orders of magnitude slower.
+  ``memoryview`` comparisons would be two orders of magnitude slower. :func:`sparse_copy`
+  writes any reader's plain core (a decompressing one, a file) the same way.
 - :class:`ZstdSink` compresses with ``zstandard`` into the zstd seekable format (frames of
   4 MiB, each with its checksum, and a seek table: :mod:`corevault.seekable`), hashes the
   uncompressed bytes with SHA-256 and stops at a byte budget (the spool's room).
@@ -24,6 +25,10 @@ from collections.abc import Callable
 from contextlib import suppress
 
 from corevault import seekable
+
+TYPE_CHECKING = False  # typing.TYPE_CHECKING would import typing, which the crash path never loads
+if TYPE_CHECKING:
+    from typing import BinaryIO
 
 CHUNK = 1 << 20
 BLOCK = 64 << 10
@@ -152,6 +157,22 @@ class SparseSink:
                 if e.errno not in (errno.ESPIPE, errno.EINVAL, errno.EOPNOTSUPP):
                     raise OSError(e.errno, f"setting the core's size failed: {e.strerror}") from e
         self._zeros_upto(self.size)
+
+
+def sparse_copy(reader: BinaryIO, fd: int, progress: Callable[[int], None] | None = None) -> int:
+    """Copy a plain core from ``reader`` into ``fd`` with holes for zero blocks; returns its size.
+
+    ``progress`` is told each chunk's length as it is written.
+    """
+    sink = SparseSink(fd)
+    buf = bytearray(CHUNK)
+    view = memoryview(buf)
+    while n := reader.readinto(buf):
+        sink.write(buf, view, n)
+        if progress is not None:
+            progress(n)
+    sink.finish()
+    return sink.size
 
 
 def _flush_behind(fd: int, upto: int) -> None:

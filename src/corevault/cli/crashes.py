@@ -203,23 +203,11 @@ def dump(
 
 def write_core(src, crash_id: str, path: str, progress=None) -> None:  # src: CrashSource
     """Write a crash's plain core to ``path`` as a sparse file, atomically."""
-    from corevault.capture.stream import CHUNK, SparseSink
+    from corevault import atomic
+    from corevault.capture.stream import sparse_copy
 
-    fd = os.open(path + ".part", os.O_WRONLY | os.O_CREAT | os.O_TRUNC, 0o600)
-    try:
-        with src.open_core(crash_id) as reader:
-            buf = bytearray(CHUNK)
-            view = memoryview(buf)
-            sink = SparseSink(fd)
-            while n := reader.readinto(buf):
-                sink.write(buf, view, n)
-                if progress is not None:
-                    progress(n)
-            sink.finish()
-        os.fsync(fd)
-    finally:
-        os.close(fd)
-    os.replace(path + ".part", path)
+    with atomic.replacing(path, 0o600) as f, src.open_core(crash_id) as reader:
+        sparse_copy(reader, f.fileno(), progress)
 
 
 def rm(ctx: typer.Context, crash_ids: list[str] = typer.Argument(..., metavar="ID...")) -> None:
@@ -265,8 +253,7 @@ def gdb(
                     ),
                     file=sys.stderr,
                 )
-        exe_path = parsed.module_at(parsed.auxv.get(9, 0))[0]  # AT_ENTRY
-        exe = found.get(exe_path or "")
+        exe = found.get(parsed.executable or "")
         cmd = unwind_gdb.gdb_command(parsed, found, tmp, exe.executable if exe else None, batch=batch)
         if not batch:
             print(printable(f"corevault: {crash['title'] or crash['id']}"), file=sys.stderr)

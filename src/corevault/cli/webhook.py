@@ -37,6 +37,7 @@ def webhook(
     import os
     import threading
 
+    from corevault import atomic
     from corevault.kube.webhook import serve
 
     def refresh() -> None:
@@ -47,11 +48,9 @@ def webhook(
         bundle = certs.ensure(
             cluster.core_api(), client.AdmissionregistrationV1Api(), namespace, secret, service, configuration
         )
-        for path, data in ((cert, bundle.cert), (key, bundle.key)):
+        for path, data, mode in ((cert, bundle.cert, 0o644), (key, bundle.key, 0o600)):
             os.makedirs(os.path.dirname(path) or ".", exist_ok=True)
-            with open(path + ".tmp", "wb") as f:
-                f.write(data)
-            os.replace(path + ".tmp", path)
+            atomic.write(path, data, mode)
 
     if manage_tls:
         refresh()

@@ -2,8 +2,8 @@
 
 Two back-ends behind one small interface:
 
-- ``file:///path``: a local disk or a NAS/NFS mount. Writes go to a temporary name, are
-  fsynced (NFS reports ENOSPC/EDQUOT at fsync or close), renamed and the directory fsynced.
+- ``file:///path``: a local disk or a NAS/NFS mount. Writes replace a file whole through
+  :mod:`corevault.atomic` (a temporary name, fsync and close checked, rename, directory fsync).
 - ``s3://bucket/prefix``: any S3-compatible store through boto3 (AWS S3, Alibaba OSS's
   S3 endpoint, MinIO, SeaweedFS), with multipart uploads of ``part_size`` parts.
 
@@ -32,7 +32,6 @@ from __future__ import annotations
 import io
 import os
 import shutil
-import threading
 import time
 from collections.abc import Callable, Iterator
 from contextlib import suppress
@@ -40,6 +39,7 @@ from dataclasses import dataclass
 from datetime import UTC, datetime, timedelta
 from typing import BinaryIO, Protocol
 
+from corevault import atomic
 from corevault.config import S3Settings
 from corevault.errors import UserError
 from corevault.vault import s3upload
@@ -155,25 +155,14 @@ class FsStore:
     def _write(self, key: str, src: BinaryIO) -> Stored:
         dest = self._path(key)
         os.makedirs(os.path.dirname(dest), exist_ok=True)
-        tmp = f"{dest}.{os.getpid()}.{threading.get_native_id()}.tmp"  # the agent's threads write too
         size = 0
         try:
-            with open(tmp, "wb") as out:
+            with atomic.replacing(dest) as out:
                 while chunk := src.read(1 << 20):
                     out.write(chunk)
                     size += len(chunk)
-                out.flush()
-                os.fsync(out.fileno())
-            os.replace(tmp, dest)
         except OSError as e:
-            with suppress(OSError):
-                os.unlink(tmp)
             raise StoreError(f"cannot write {dest}: {e.strerror}") from None
-        dir_fd = os.open(os.path.dirname(dest), os.O_RDONLY | os.O_DIRECTORY)
-        try:
-            os.fsync(dir_fd)
-        finally:
-            os.close(dir_fd)
         if os.path.getsize(dest) != size:
             raise StoreError(f"{dest} holds {os.path.getsize(dest)} bytes after writing {size}")
         return Stored(key, size)
@@ -219,17 +208,17 @@ class FsStore:
             for name in files:
                 full = os.path.join(dirpath, name)
                 with suppress(OSError):
-                    if name.endswith(".tmp") and os.lstat(full).st_mtime < cutoff:
+                    if atomic.target(name) and os.lstat(full).st_mtime < cutoff:
                         os.unlink(full)
-                        removed.append(os.path.relpath(full, self.root)[: -len(".tmp")].rsplit(".", 2)[0])
+                        removed.append(atomic.target(os.path.relpath(full, self.root)))
         return removed
 
     def keys(self, prefix: str) -> Iterator[tuple[str, int]]:
         base = self._path(prefix.rstrip("/")) if prefix else self.root
         for dirpath, _, files in os.walk(base):
             for name in files:
-                if name.endswith(".tmp"):
-                    continue
+                if atomic.target(name):
+                    continue  # a write under way, or one a kill left behind
                 full = os.path.join(dirpath, name)
                 yield os.path.relpath(full, self.root), os.path.getsize(full)
 

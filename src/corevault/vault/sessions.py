@@ -15,6 +15,8 @@ import os
 import time
 from contextlib import suppress
 
+from corevault import atomic
+
 
 def load(path: str, max_age: float | None = None, **expect: object) -> dict | None:
     """The session kept at ``path`` if it matches ``expect`` and is younger than ``max_age`` seconds."""
@@ -39,10 +41,7 @@ def load(path: str, max_age: float | None = None, **expect: object) -> dict | No
 def keep(path: str, session: dict) -> None:
     """Write ``session`` to ``path`` whole (a temporary name, then renamed), with its start time."""
     session.setdefault("started", time.time())
-    tmp = f"{path}.tmp"
-    with open(tmp, "w") as f:
-        json.dump(session, f)
-    os.replace(tmp, path)
+    atomic.write(path, json.dumps(session), 0o600)  # an upload id or session URL is a credential
 
 
 def drop(path: str) -> None:

@@ -1,0 +1,89 @@
+"""Replacing a file whole: a temporary name beside it, fsync, rename, fsync of the directory.
+
+Whoever reads the file, and the machine after a crash or a power cut, sees the old content
+or the new, never a half-written file under the final name. Measured traps this closes:
+
+- writing straight to the final name leaves a truncated file there on ENOSPC (tmpfs, ext4);
+- NFS reports ENOSPC and EDQUOT only at ``fsync()`` or ``close()``: both are checked before
+  the rename, so a failed write never replaces a good file;
+- a rename is durable only once its directory is fsynced.
+
+The temporary name carries the process and thread, so two writers of one path (the agent's
+threads, two agents on a NAS) never write into each other's temporary file; the last rename
+wins. On any error the temporary file is removed and ``path`` is left as it was.
+
+Not for writing into a directory that a container controls: ``capture.safefs`` does that
+with its own rules (openat2 inside the container's root, no-replace renames). This module
+imports nothing but the standard library's cheapest parts: the capture handler uses it.
+"""
+
+from __future__ import annotations
+
+import errno
+import os
+from _thread import get_native_id
+from contextlib import contextmanager, suppress
+
+TYPE_CHECKING = False  # typing.TYPE_CHECKING would import typing, which the crash path never loads
+if TYPE_CHECKING:
+    from collections.abc import Iterator
+    from typing import BinaryIO
+
+
+class Abandon(Exception):
+    """Raised inside :func:`replacing` to drop what was written and leave the file as it was."""
+
+
+@contextmanager
+def replacing(path: str, mode: int = 0o644) -> Iterator[BinaryIO]:
+    """A binary file that becomes ``path`` (with ``mode``) when the block ends without error.
+
+    Its ``name`` is the temporary path, for checks of what was written before it counts.
+    """
+    tmp = f"{path}.{os.getpid()}.{get_native_id()}.tmp"  # what ``target`` parses
+    flags = os.O_WRONLY | os.O_CREAT | os.O_TRUNC | os.O_CLOEXEC | os.O_NOFOLLOW
+    f = open(tmp, "wb", opener=lambda name, _: os.open(name, flags, mode))  # noqa: SIM115 - closed below
+    try:
+        with f:
+            os.fchmod(f.fileno(), mode)  # the mode asked for, whatever the umask
+            yield f
+            f.flush()
+            os.fsync(f.fileno())
+        os.replace(tmp, path)
+    except Abandon:
+        with suppress(OSError):
+            os.unlink(tmp)
+        return
+    except BaseException:
+        with suppress(OSError):
+            os.unlink(tmp)
+        raise
+    fsync_dir(os.path.dirname(path) or ".")
+
+
+def target(tmp: str) -> str | None:
+    """The path that a temporary file of :func:`replacing` was to become; None for other names."""
+    parts = tmp.rsplit(".", 3)
+    if len(parts) == 4 and parts[0] and parts[1].isdigit() and parts[2].isdigit() and parts[3] == "tmp":
+        return parts[0]
+    return None
+
+
+def write(path: str, data: bytes | str, mode: int = 0o644) -> None:
+    """Replace ``path`` whole with ``data`` (text is written as UTF-8)."""
+    with replacing(path, mode) as f:
+        f.write(data.encode() if isinstance(data, str) else data)
+
+
+def fsync_dir(path: str) -> None:
+    """Make the names created, renamed or removed in directory ``path`` durable."""
+    fd = os.open(path, os.O_RDONLY | os.O_DIRECTORY | os.O_CLOEXEC)
+    try:
+        os.fsync(fd)
+    except OSError as e:
+        # some filesystems (FUSE mounts of buckets among them) cannot sync a directory: the
+        # rename is as durable as they make it
+        if e.errno not in (errno.EINVAL, errno.EOPNOTSUPP, errno.ENOSYS):
+            raise
+    finally:
+        os.close(fd)
