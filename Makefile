@@ -60,6 +60,7 @@ bench: setup
 	$(PY) -m bench.server
 	$(PY) -m bench.fleet
 	$(PY) -m bench.socketmode
+	$(PY) -m bench.storm
 	$(PY) -m bench.snapshot
 	$(PY) -m bench.stores
 	$(PY) -m bench.fuse

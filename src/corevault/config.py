@@ -208,7 +208,7 @@ class Settings:
         #: seconds and bytes one upstream fetch may take at most
         self.debuginfod_timeout = 30.0
         #: full analyses of one fingerprint, in one namespace, before its next crashes are only
-        #: matched to them (0: always analyse in full); see corevault.analysis.fingerprint
+        #: matched to them (0: always analyse in full); see corevault.fingerprint
         self.group_samples = 20
         self.debuginfod_max_size = 1 << 30
         #: debug files fetched from upstream, by build-id (``buildid/<id>/debuginfo``)

@@ -12,7 +12,8 @@ Versions (``version``):
 - 2: every field below is present (``snapshot`` is null unless the core is a snapshot).
 - 1 and records without a version (the first handlers): fields added while version 1 was
   written may be missing (``handler_max_rss_kib``, ``process.environ``, the modules'
-  ``go_build_id``, ``snapshot``…).
+  ``go_build_id``, ``snapshot``…); ``fingerprint`` came with version 2 and reads as null
+  where it is missing.
 
 :func:`load` reads every version into the shape below, so readers index fields instead of
 guessing; it keeps fields it does not know (a newer handler's), and it never raises: a
@@ -156,6 +157,9 @@ class CrashRecord(TypedDict):
     core: Core
     volume: Volume
     modules: list[Module]
+    #: where it crashed, cheaply (corevault.fingerprint); null when it has none (and in records
+    #: written before it was taken)
+    fingerprint: str | None
     warnings: list[str]
     problems: list[str]
     snapshot: Snapshot | None

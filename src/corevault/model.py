@@ -111,10 +111,8 @@ class Report:
     #: why it died in the program's own runtime's words (an assert's message, an uncaught
     #: exception, a panic), read from the core; untrusted text, never markup
     last_words: str | None = None
-    #: where it crashed, cheaply (corevault.analysis.fingerprint), to match later crashes to this one
-    fingerprint: str | None = None
     #: set when this crash was matched to its group's analysed samples rather than analysed:
-    #: ``{"fingerprint", "sample" (the crash whose report this is), "samples"}``
+    #: ``{"fingerprint", "sample"}`` (the crash whose report this is)
     matched: dict | None = None
     version: int = REPORT_VERSION
 

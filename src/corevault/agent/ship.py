@@ -194,39 +194,39 @@ def _analyse(
     from corevault.analysis import runner, upstream
 
     with vault.engine.connect() as conn:
-        known = catalog.matchable(conn, crash_id, settings.group_samples)
-    try:
-        report = runner.analyze(
-            core_path,
-            [settings.buildid_dir],
-            timeout=settings.analysis_timeout,
-            debug_dirs=settings.debug_dirs,
-            fetch=upstream.from_settings(settings),
-            memory=settings.analysis_memory,
-            record=record,
-            uid=settings.analysis_uid,
-            known=known,
-        )
-    except runner.AnalysisError as e:
-        log.warning("crash %s: analysis failed: %s", crash_id, e)
-        with vault.engine.begin() as conn:
-            catalog.record_analysis_failure(conn, crash_id, str(e))
-        return "failed"
-    doc = _matched(vault, report.fingerprint, known) if isinstance(report, runner.Match) else report.to_dict()
+        match = catalog.match_sample(conn, crash_id, settings.group_samples)
+    if match is not None:
+        # the same crash again, its group analysed enough: matched, not analysed
+        doc = _matched(vault, *match)
+    else:
+        try:
+            doc = runner.analyze(
+                core_path,
+                [settings.buildid_dir],
+                timeout=settings.analysis_timeout,
+                debug_dirs=settings.debug_dirs,
+                fetch=upstream.from_settings(settings),
+                memory=settings.analysis_memory,
+                record=record,
+                uid=settings.analysis_uid,
+            ).to_dict()
+        except runner.AnalysisError as e:
+            log.warning("crash %s: analysis failed: %s", crash_id, e)
+            with vault.engine.begin() as conn:
+                catalog.record_analysis_failure(conn, crash_id, str(e))
+            return "failed"
     vault.store.put_bytes(blobs.report_key(crash_id), json.dumps(doc).encode())
     with vault.engine.begin() as conn:
         catalog.record_analysis(conn, crash_id, doc)
     return "matched" if doc.get("matched") else "done"
 
 
-def _matched(vault: LocalVault, fingerprint: str, known: dict[str, str]) -> dict:
-    """The report of a crash matched by ``fingerprint``: its sample's, saying so."""
-    sample = known[fingerprint]
+def _matched(vault: LocalVault, fingerprint: str, sample: str) -> dict:
+    """The report of a crash matched by ``fingerprint`` to crash ``sample``: the sample's, saying so."""
     with vault.engine.connect() as conn:
         doc = (catalog.get_crash(conn, sample) or {}).get("report")
     if not isinstance(doc, dict):
         raise catalog.CatalogError(f"crash {sample}, the sample of a match, has no report")
-    doc["fingerprint"] = fingerprint
     doc["matched"] = {"fingerprint": fingerprint, "sample": sample}
     doc["warnings"] = [
         *doc.get("warnings", []),

@@ -26,7 +26,6 @@ import sys
 import tempfile
 import time
 from collections.abc import Collection
-from dataclasses import dataclass
 from typing import BinaryIO
 
 from corevault import nodestore, objectid
@@ -42,14 +41,6 @@ DEFAULT_MEMORY = 4 << 30
 STOPPED = "analysis took longer than"
 CORE_IN_SANDBOX = sandbox.INPUTS + "/core"
 RECORD_IN_SANDBOX = sandbox.INPUTS + "/record.json"
-KNOWN_IN_SANDBOX = sandbox.INPUTS + "/known.json"
-
-
-@dataclass(frozen=True, slots=True)
-class Match:
-    """The crash's fingerprint was among the known ones: it was matched, not analysed."""
-
-    fingerprint: str
 
 
 class AnalysisError(UserError):
@@ -126,21 +117,15 @@ def _store_binds(
 
 
 def _run(
-    argv: list[str],
-    binds: list[sandbox.Bind],
-    uid: int,
-    deadline: float,
-    *,
-    limit: float,
-    memory: int,
-    module: str = "corevault.analysis.worker",
+    argv: list[str], binds: list[sandbox.Bind], uid: int, deadline: float, *, limit: float, memory: int
 ) -> dict:
-    """Run the worker (or ``module``) with ``argv`` in its sandbox until ``deadline``
-    (monotonic); its JSON output, or :class:`AnalysisError` (which names ``limit``, the
-    whole analysis's)."""
+    """Run the worker with ``argv`` in its sandbox until ``deadline`` (monotonic); its JSON
+    output, or :class:`AnalysisError` (which names ``limit``, the whole analysis's)."""
     filter_fd = seccomp.filter_fd()
     try:
-        cmd = sandbox.command([sys.executable, "-m", module, *argv], binds, uid, filter_fd)
+        cmd = sandbox.command(
+            [sys.executable, "-m", "corevault.analysis.worker", *argv], binds, uid, filter_fd
+        )
         fds = () if filter_fd is None else (filter_fd,)
         out, err, returncode = _supervise(cmd, fds, max(deadline - time.monotonic(), 0.001), memory)
     except subprocess.TimeoutExpired:
@@ -200,14 +185,8 @@ def analyze(
     fetch: upstream.Upstream | None = None,
     record: list[dict] | None = None,
     uid: int = sandbox.DEFAULT_UID,
-    known: Collection[str] = (),
-) -> Report | Match:
+) -> Report:
     """Analyse ``core`` (plain or zstd) in a sandboxed worker; raises :class:`AnalysisError`.
-
-    With ``record`` and ``known`` (fingerprints whose groups have enough analysed samples), a
-    crash whose fingerprint is known is not analysed: a first worker, given no binaries,
-    reads the notes and one stack read (:mod:`corevault.analysis.fingerprint`) and says
-    :class:`Match`; otherwise the analysis runs as ever.
 
     ``debug_dirs`` are trees of separate debug files by build-id (the host's
     ``/usr/lib/debug``); ``fetch`` names upstream debuginfod servers to ask for the rest.
@@ -244,20 +223,6 @@ def analyze(
         argv += ["--debug-dirs", os.pathsep.join(debug_dirs)]
         argv += ["--system-debuginfo"] if system_debuginfo else []
         argv += ["--record", RECORD_IN_SANDBOX] if record is not None else []
-        if record is not None and known:
-            # First the match alone (corevault.analysis.match): no binaries copied or bound,
-            # nothing unwound, none of the worker's imports. Its group
-            # having enough samples makes a crash loop of this program likely; a crash that
-            # does not match pays one more (small) worker start.
-            known_path = os.path.join(tmp, "known.json")
-            with open(known_path, "w") as f:
-                json.dump(sorted(known), f)
-            known_in = sandbox.Bind(_worker_copy(known_path, known_path + ".w", uid), KNOWN_IN_SANDBOX)
-            args = [CORE_IN_SANDBOX, RECORD_IN_SANDBOX, KNOWN_IN_SANDBOX]
-            doc = _run(args, [*inputs, known_in], uid, deadline, limit=timeout, memory=memory,
-                       module="corevault.analysis.match")  # fmt: skip
-            if isinstance(doc.get("matched"), str):
-                return Match(doc["matched"])
 
         def run(attempt: int) -> Report:
             copies = os.path.join(tmp, str(attempt))

@@ -2,9 +2,7 @@
 
 ``python -m corevault.analysis.worker CORE --store DIR [--backend drgn|gdb]`` prints one
 JSON document: the report, or ``{"error": "..."}`` when the core is unreadable
-(``--list-keys``: only the keys the core claims). With ``--record``, the report carries the
-crash's :mod:`fingerprint <corevault.analysis.fingerprint>`, by which later crashes are matched
-(:mod:`corevault.analysis.match`). It parses untrusted input, so
+(``--list-keys``: only the keys the core claims). It parses untrusted input, so
 :mod:`corevault.analysis.runner` starts it sandboxed, with a timeout and a memory cap, and
 never imports it into a long-lived process.
 """
@@ -23,7 +21,6 @@ from corevault.analysis import (
     deepstack,
     demangle,
     elfcore,
-    fingerprint,
     goroutine,
     lastwords,
     signals,
@@ -49,7 +46,6 @@ def analyze(
     system_debuginfo: bool = False,
     debug_dirs: tuple[str, ...] = binaries.DEBUG_DIRS,
     record: list[dict] | None = None,
-    core: elfcore.Core | None = None,
 ) -> Report:
     """The report for one core; ``record`` is the crash's list of mapped objects, if it has one.
 
@@ -60,7 +56,7 @@ def analyze(
     table of the same debug file instead (:mod:`corevault.analysis.symtab`), so
     ``__pthread_kill_implementation`` or ``start_thread`` keep their names, not their lines.
     """
-    core = core if core is not None else elfcore.read(core_path)
+    core = elfcore.read(core_path)
     warnings = list(core.warnings)
     if core.truncated:
         warnings.append(f"the core is truncated: {core.size} of {core.expected_size} bytes")
@@ -224,9 +220,7 @@ def main(argv: list[str] | None = None) -> int:
         if a.list_keys:
             doc = {"keys": sorted(set(elfcore.read(a.core).keys.values()))}
         else:
-            core = elfcore.read(a.core)
-            mark = fingerprint.of(core, record) if record is not None else None
-            report = analyze(
+            doc = analyze(
                 a.core,
                 a.store,
                 a.backend,
@@ -234,9 +228,7 @@ def main(argv: list[str] | None = None) -> int:
                 system_debuginfo=a.system_debuginfo,
                 debug_dirs=debug_dirs,
                 record=record,
-                core=core,
-            )
-            doc = dataclasses.replace(report, fingerprint=mark).to_dict()
+            ).to_dict()
     except elfcore.CoreError as e:
         doc = {"error": f"unreadable: {e}"}
     sys.stdout.write(json.dumps(doc))

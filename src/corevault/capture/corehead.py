@@ -12,6 +12,10 @@ The program headers also say how long the core is: the kernel writes every segme
 full (zero pages as zeros, into a pipe or a socket), so a stream that ends before the last
 segment does was cut short by the kernel, which stops dumping when the process is killed
 meanwhile. Both transports read the head for that reason.
+
+The same note holds the crashing thread's registers: its program counter and stack pointer,
+and where in the core the memory at the stack pointer will stream past, are what the
+crash's :mod:`fingerprint <corevault.fingerprint>` is made of.
 """
 
 from __future__ import annotations
@@ -20,16 +24,21 @@ import os
 import struct
 
 from corevault import elf
+from corevault.fingerprint import STACK_BYTES
 
 NT_PRSTATUS = 1
 PN_XNUM = 0xFFFF
 NT_SIGINFO = 0x53494749
+PT_LOAD = 1
+_PRSTATUS_REGS = 112  # 64-bit elf_prstatus: siginfo, cursig, sigpend, sighold, pids, four timevals
+#: e_machine: the indices of the program counter and the stack pointer in pr_reg
+_PC_SP = {62: (16, 19), 183: (32, 31)}  # EM_X86_64 (rip, rsp), EM_AARCH64 (pc, sp)
 #: the notes of a core with thousands of threads and mappings fit well within this
 MAX_HEAD = 64 << 20
 
 
 class Head:
-    __slots__ = ("data", "signal", "size", "tid")
+    __slots__ = ("code", "data", "pc", "signal", "size", "stack", "tid")
 
     def __init__(self, data: bytes, signal: int | None, tid: int | None, size: int | None = None) -> None:
         #: every byte read so far, to be written to the targets before the rest of the stream
@@ -38,6 +47,11 @@ class Head:
         self.tid = tid
         #: the size the program headers promise (the end of the last segment), or None
         self.size = size
+        #: the signal's si_code, and the crashing thread's program counter
+        self.code: int | None = None
+        self.pc: int | None = None
+        #: where in the core the memory at the crashing thread's stack pointer is, or None
+        self.stack: int | None = None
 
 
 def _read_until(fd: int, buf: bytearray, size: int) -> None:
@@ -63,21 +77,25 @@ def read_head(fd: int) -> Head:
         return Head(bytes(buf), None, None)
     _read_until(fd, buf, phoff + phentsize * phnum)
     notes = None
+    loads: list[tuple[int, int, int]] = []
     end = 0 if len(buf) >= phoff + phentsize * phnum else None
     for i in range(phnum):
         at = phoff + i * phentsize
         if at + 56 > len(buf):
             break
-        p_type, _, offset, _, _, filesz = struct.unpack_from(e + "IIQQQQ", buf, at)
+        p_type, _, offset, vaddr, _, filesz = struct.unpack_from(e + "IIQQQQ", buf, at)
         if end is not None:
             end = max(end, offset + filesz)
         if p_type == elf.PT_NOTE and notes is None:
             notes = (offset, filesz)
+        elif p_type == PT_LOAD:
+            loads.append((vaddr, offset, filesz))
     if notes is None or notes[0] + notes[1] > MAX_HEAD:
         return Head(bytes(buf), None, None, end)
     offset, size = notes
     _read_until(fd, buf, offset + size)
-    signal = tid = None
+    signal = tid = code = pc = sp = None
+    pc_sp = _PC_SP.get(struct.unpack_from(e + "H", buf, 18)[0])
     for name, ntype, desc in elf.parse_notes(bytes(buf[offset : offset + size]), e):
         if name != b"CORE\0":
             continue
@@ -86,6 +104,13 @@ def read_head(fd: int) -> Head:
             cursig = struct.unpack_from(e + "h", desc, 12)[0]
             tid = struct.unpack_from(e + "i", desc, 32)[0]
             signal = signal or cursig or None
-        elif ntype == NT_SIGINFO and len(desc) >= 4:
+            if pc_sp is not None and len(desc) >= _PRSTATUS_REGS + 8 * (max(pc_sp) + 1):
+                pc, sp = (struct.unpack_from(e + "Q", desc, _PRSTATUS_REGS + 8 * i)[0] for i in pc_sp)
+        elif ntype == NT_SIGINFO and len(desc) >= 12:
             signal = struct.unpack_from(e + "i", desc, 0)[0] or signal
-    return Head(bytes(buf), signal, tid, end)
+            code = struct.unpack_from(e + "i", desc, 8)[0]
+    head = Head(bytes(buf), signal, tid, end)
+    head.code, head.pc = code, pc
+    if sp is not None:
+        head.stack = next((o + sp - v for v, o, n in loads if v <= sp and sp + STACK_BYTES <= v + n), None)
+    return head

@@ -17,7 +17,7 @@ import resource
 import signal
 import time
 
-from corevault import atomic, config, crashrecord, nodestore, spool
+from corevault import atomic, config, crashrecord, fingerprint, nodestore, spool
 from corevault.capture import admission, buildid, cgroup, corehead, lookup, policy, process, safefs, stream
 from corevault.capture.admission import describe_error, journal
 
@@ -79,7 +79,10 @@ def deliver(
         job.modules = buildid.open_modules(crash.proc_fd, crash.maps)
         try:
             head = head if head is not None else corehead.read_head(core_fd)
-            job.size, job.truncated = stream.pump(core_fd, job.sinks, admitted.plan.limit, head.data)
+            # the memory at the stack pointer, as it streams past, for the crash's fingerprint
+            tap = stream.Window(head.stack, fingerprint.STACK_BYTES) if head.stack is not None else None
+            sinks = [*job.sinks, tap] if tap is not None else job.sinks
+            job.size, job.truncated = stream.pump(core_fd, sinks, admitted.plan.limit, head.data)
         except HandlerTimeout:
             reason = f"handler timeout after {settings.timeout:g}s; raise [capture] timeout for larger cores"
             journal(settings, {**record, "event": "dropped", "reason": reason})
@@ -91,6 +94,9 @@ def deliver(
             job.truncated, job.expected = True, head.size
         job.publish_volume()
         buildid.store_modules(settings.buildid_dir, job.modules, store_room(settings))
+        stack = bytes(tap.data) if tap is not None else b""
+        modules = [m.as_dict() for m in job.modules]
+        job.fingerprint = fingerprint.of(head.signal, head.code, head.pc, stack, modules)
         job.finish_entry(admitted.cg, started)
         return job.report()
     finally:
@@ -116,6 +122,8 @@ class _Job:
         self.sinks: list = []
         self.problems: list[str] = []
         self.modules: list[buildid.Module] = []
+        #: where it crashed, cheaply (corevault.fingerprint), once the modules are hashed
+        self.fingerprint: str | None = None
         self.volume: dict = {"pattern": plan.pattern, "path": plan.volume_path, "written": False}
         self.volume_dir = -1
         self.volume_file: safefs.NewFile | None = None
@@ -285,6 +293,7 @@ def _record(
         },
         "volume": job.volume,
         "modules": [m.as_dict() for m in job.modules],
+        "fingerprint": job.fingerprint,
         "warnings": job.record.get("warnings", []),
         "problems": job.problems,
         "snapshot": job.record.get("snapshot"),

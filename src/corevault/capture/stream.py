@@ -193,6 +193,27 @@ def _pwrite_all(fd: int, data: memoryview, offset: int) -> None:
         offset += written
 
 
+class Window:
+    """A sink that writes nowhere: it keeps the stream's bytes at ``[start, start + size)``
+    (the memory at the crashing thread's stack pointer, for the crash's fingerprint)."""
+
+    __slots__ = ("data", "end", "failed", "name", "pos", "start")
+
+    def __init__(self, start: int, size: int, name: str = "window") -> None:
+        self.start, self.end = start, start + size
+        self.pos = 0
+        self.data = bytearray()
+        self.failed: str | None = None
+        self.name = name
+
+    def write(self, buf: bytearray, view: memoryview, n: int) -> None:
+        lo = self.pos
+        self.pos += n
+        a, b = max(lo, self.start), min(self.pos, self.end)
+        if a < b:
+            self.data += view[a - lo : b - lo]
+
+
 class ZstdSink:
     """A zstd-compressed copy with the SHA-256 of what went in, within a byte budget."""
 

@@ -103,7 +103,7 @@ def _v6(conn: Connection) -> None:
 
 
 def _v7(conn: Connection) -> None:
-    """Crashes' fingerprints, and whether an analysis was a match (corevault.analysis.fingerprint)."""
+    """Crashes' fingerprints, and whether an analysis was a match (corevault.fingerprint)."""
     have = {c["name"] for c in sa.inspect(conn).get_columns("crashes")}
     for name, kind in (("fingerprint", "VARCHAR(32)"), ("matched", "BOOLEAN")):
         if name not in have:

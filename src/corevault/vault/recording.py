@@ -19,7 +19,7 @@ import time
 import sqlalchemy as sa
 from sqlalchemy.engine import Connection
 
-from corevault import crashrecord, objectid
+from corevault import crashrecord, fingerprint, objectid
 from corevault.vault import lifecycle, search
 from corevault.vault.tables import (
     crash_objects,
@@ -65,6 +65,7 @@ def add_crash(conn: Connection, meta: dict, analysis: str) -> bool:
         "stored_size": _known(core["stored_size"]),
         "truncated": core["truncated"],
         "sha256": _known(core["sha256"]),
+        "fingerprint": mark if fingerprint.FORMAT.match(mark := str(record.get("fingerprint"))) else None,
         "analysis": analysis,
         "meta": json.dumps(meta, sort_keys=True),
     }
@@ -95,7 +96,6 @@ def _known(value: int | float | str) -> int | float | str | None:
 def record_analysis(conn: Connection, crash_id: str, report: dict) -> bool:
     """Store a crash's report and count it in its group, once; False if already recorded."""
     signature, title = report.get("signature"), report.get("title")
-    fingerprint = report.get("fingerprint") if isinstance(report.get("fingerprint"), str) else None
     done = conn.execute(
         crashes.update()
         .where(crashes.c.id == crash_id, crashes.c.analysis == "pending")
@@ -104,7 +104,6 @@ def record_analysis(conn: Connection, crash_id: str, report: dict) -> bool:
             signature=signature,
             title=title,
             analysis_error=None,
-            fingerprint=fingerprint,
             matched=bool(report.get("matched")),
         )
     ).rowcount
@@ -149,34 +148,32 @@ def record_analysis(conn: Connection, crash_id: str, report: dict) -> bool:
     return True
 
 
-def matchable(conn: Connection, crash_id: str, samples: int) -> dict[str, str]:
-    """Fingerprints a crash may be matched by, each with the crash whose report it would share.
+def match_sample(conn: Connection, crash_id: str, samples: int) -> tuple[str, str] | None:
+    """``(fingerprint, sample crash id)`` when ``crash_id`` may be matched rather than analysed.
 
-    Only among the crashes of the same namespace and executable as ``crash_id``: those of a
-    fingerprint that at least ``samples`` full analyses (not matches) gave one signature.
+    It may when its fingerprint (corevault.fingerprint) is that of at least ``samples``
+    crashes of the same namespace and executable that were analysed in full (not matched)
+    and all got one signature; the sample is the newest of them.
     """
-    row = conn.execute(
-        sa.select(crashes.c.namespace, crashes.c.exe).where(crashes.c.id == crash_id)
-    ).one_or_none()
-    if row is None or samples <= 0:
-        return {}
     c = crashes.c
+    row = conn.execute(sa.select(c.namespace, c.exe, c.fingerprint).where(c.id == crash_id)).one_or_none()
+    if row is None or row.fingerprint is None or samples <= 0:
+        return None
     same = [c.namespace.is_(None) if row.namespace is None else c.namespace == row.namespace]
     same.append(c.exe.is_(None) if row.exe is None else c.exe == row.exe)
     found = conn.execute(
-        sa.select(c.fingerprint, sa.func.max(c.id))
-        .where(
+        sa.select(
+            sa.func.count(), sa.func.min(c.signature), sa.func.max(c.signature), sa.func.max(c.id)
+        ).where(
             *same,
-            c.fingerprint.is_not(None),
+            c.fingerprint == row.fingerprint,
             c.analysis == "done",
             sa.not_(sa.func.coalesce(c.matched, False)),
+            c.signature.is_not(None),
         )
-        .where(c.signature.is_not(None))
-        .group_by(c.fingerprint)
-        .having(sa.func.count() >= samples)
-        .having(sa.func.min(c.signature) == sa.func.max(c.signature))
-    )
-    return {fingerprint: sample for fingerprint, sample in found}
+    ).one()
+    count, low, high, sample = found
+    return (row.fingerprint, sample) if count >= samples and low == high else None
 
 
 def _count(conn: Connection, signature: str, crash: sa.Row, n: int) -> None:

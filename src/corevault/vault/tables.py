@@ -46,7 +46,7 @@ crashes = sa.Table(
     sa.Column("analysis", sa.String(16), nullable=False),
     sa.Column("analysis_error", sa.Text),
     sa.Column("meta", sa.Text, nullable=False),
-    #: where it crashed, cheaply (corevault.analysis.fingerprint); set with its analysis
+    #: where it crashed, cheaply (corevault.fingerprint), as the capture handler took it
     sa.Column("fingerprint", sa.String(32)),
     #: whether the analysis was a match to its group's samples rather than a full one
     sa.Column("matched", sa.Boolean),
