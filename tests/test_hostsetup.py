@@ -5,6 +5,7 @@ from __future__ import annotations
 import os
 import shutil
 import subprocess
+import sys
 import tempfile
 from dataclasses import dataclass
 
@@ -130,7 +131,10 @@ def test_missing_handler_is_refused(host) -> None:
 def test_the_handler_launcher_starts_python_isolated_and_ignores_pythonpath(host, tmp_path) -> None:
     """The launcher runs the real handler with -I -S: neither a ``sitecustomize`` on a PYTHONPATH
     in its environment nor a shadow ``corevault`` package there is imported."""
-    launcher = hostsetup.default_handler()
+    if os.access(os.path.dirname(sys.executable), os.W_OK):
+        launcher = hostsetup.default_handler()
+    else:  # another user's environment (the quick loop run as any user): written where this one may
+        launcher = hostsetup.isolated_launcher(str(tmp_path / hostsetup.LAUNCHER_NAME))
     assert os.path.basename(launcher) == hostsetup.LAUNCHER_NAME
     assert hostsetup.is_ours(f"|{launcher} %P")
     with open(launcher) as f:
