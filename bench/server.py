@@ -18,7 +18,9 @@ client, in one run:
   bare asyncio ``sendfile`` server of the same file (the most any HTTP server gets here:
   the copy from the loopback socket into curl is the bound);
 - a range of a compressed core: the last MiB of a ``--core-mib`` MiB core stored in the
-  seekable format ÷ the same range of the same core stored as one frame (as before).
+  seekable format ÷ the same range of the same core stored as one frame (as before); and the
+  whole core with ``curl`` ÷ ``zstd -dc`` of its stored file (a core is served plain, so
+  decompression is its floor, not ``cat``).
 """
 
 from __future__ import annotations
@@ -268,6 +270,21 @@ def range_cost(url: str, token: str, mib: int, runs: int) -> tuple[float, float]
     return times[0], times[1]
 
 
+def core_download(url: str, token: str, state: str, runs: int) -> tuple[float, float]:
+    """Median bytes/s of ``curl`` of the whole seekable core, and of ``zstd -dc`` of its stored file
+    (what any reader of a compressed core pays), both into /dev/null."""
+    stored = os.path.join(state, "vault", blobs.core_key("core-seekable"))
+    size = len(subprocess.run(["zstd", "-dc", stored], capture_output=True, check=True).stdout)
+    curl = ["curl", "-sf", "-H", f"Authorization: Bearer {token}", f"{url}/api/v1/crashes/core-seekable/core"]
+    rates: list[list[float]] = [[], []]
+    for _ in range(runs):
+        for i, cmd in enumerate((curl, ["zstd", "-dc", stored])):
+            t = time.perf_counter()
+            subprocess.run(cmd, stdout=subprocess.DEVNULL, check=True)
+            rates[i].append(size / (time.perf_counter() - t))
+    return statistics.median(rates[0]), statistics.median(rates[1])
+
+
 #: searches: a pod (a few dozen crashes), a word in every crash, two words; groups by pod, by title, by a
 #: word in every pod name
 SEARCHES = [
@@ -349,6 +366,11 @@ def main() -> int:
                     f"the last MiB of a {a.core_mib} MiB core: stored seekable {seekable_s * 1000:.0f} ms, stored as "
                     f"one frame {one_frame_s * 1000:.0f} ms: {one_frame_s / seekable_s:.1f}x faster "
                     f"(goal: a range costs what it reads)"
+                )
+                ours, unzstd = core_download(f"http://127.0.0.1:{port}", TEAM, state, 5)
+                print(
+                    f"the whole {a.core_mib} MiB core: curl {ours / 2**20:.0f} MiB/s, zstd -dc of the stored file "
+                    f"{unzstd / 2**20:.0f} MiB/s: {ours / unzstd:.2f} (served plain: decompressed as it is sent)"
                 )
         finally:
             server.terminate()
