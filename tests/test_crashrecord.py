@@ -138,3 +138,10 @@ def test_the_openapi_schema_shows_the_records_fields(shipped: tuple[config.Setti
     assert process["cmdline"] == {"items": {"type": "string"}, "title": "Cmdline", "type": "array"}
     assert "expected_size" in schemas["Core"]["properties"]
     assert "expected_size" not in schemas["Core"]["required"]
+
+
+def test_the_record_costs_the_handler_no_typing_import() -> None:
+    """The record's classes are plain dicts at run time: importing them brings in neither typing nor pydantic."""
+    probe = "import sys, corevault.crashrecord; print(sorted({'typing', 'pydantic'} & set(sys.modules)))"
+    out = subprocess.run([sys.executable, "-I", "-c", probe], capture_output=True, text=True, check=True)
+    assert out.stdout.strip() == "[]"
