@@ -131,3 +131,36 @@ def test_fifty_agents_shipping_the_same_crashes_make_each_row_once(
         catalog.rebuild_group_counts(conn)
         assert (rows("SELECT * FROM group_namespaces"), rows("SELECT * FROM group_days")) == kept
     engine.dispose()
+
+
+def test_a_state_form_from_one_server_is_taken_by_another_of_the_same_catalog(tmp_path: Path) -> None:
+    import re
+
+    import httpx
+
+    from corevault.server.access import StaticTokens
+    from corevault.server.app import create_app
+
+    settings = config.from_dict({"state_dir": str(tmp_path / "state")})
+    engine = catalog.connect(settings.catalog_url)
+    with engine.begin() as conn:
+        catalog.add_crash(conn, {"id": "c1", "time": int(time.time()), "pod": {"namespace": "a"}}, "pending")
+        catalog.record_analysis(conn, "c1", {"signature": SIGNATURES[0], "title": "SIGSEGV in f0"})
+    engine.dispose()
+    tokens = tmp_path / "tokens.toml"
+    tokens.write_text('[[token]]\nname = "a"\ntoken = "a-token-0123456789"\nnamespaces = ["a"]\nupdate = true\n')
+    tokens.chmod(0o600)
+    with (
+        servers.asgi(create_app(settings, StaticTokens(str(tokens)))) as one,
+        servers.asgi(create_app(settings, StaticTokens(str(tokens)))) as other,
+        httpx.Client() as browser,
+    ):
+        browser.post(f"{one}/login", data={"token": "a-token-0123456789"})
+        page = browser.get(f"{one}/groups/{SIGNATURES[0]}").text
+        [form_token] = set(re.findall(r'name="form_token" value="([0-9a-f]+)"', page))
+        cookies = {k: v for k, v in browser.cookies.items()}
+        posted = httpx.post(f"{other}/groups/{SIGNATURES[0]}/state", cookies=cookies,
+                            data={"state": "ignored", "form_token": form_token})  # fmt: skip
+        assert posted.status_code in (200, 303), posted.text
+        state = httpx.get(f"{other}/api/v1/groups/{SIGNATURES[0]}", headers={"Authorization": "Bearer a-token-0123456789"})
+        assert state.json()["state"] == "ignored"

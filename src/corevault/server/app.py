@@ -17,7 +17,6 @@ and the store's blocking calls belong.
 
 from __future__ import annotations
 
-import os
 import time
 from collections.abc import Callable
 from typing import Any
@@ -89,8 +88,10 @@ class Server:
         self.vault = LocalVault(settings)
         self.access = access
         self.metrics = Metrics()
-        #: signs the group page's state forms (see corevault.server.ui); new with every process
-        self.form_key = os.urandom(32)
+        #: signs the group page's state forms (see corevault.server.ui): one key for every server
+        #: of the catalog, so that a form one gave out is taken by the others behind one address
+        with self.vault.engine.begin() as conn:
+            self.form_key = catalog.shared_key(conn, "form")
 
     def namespaces(self) -> list[str]:
         with self.vault.engine.connect() as conn:

@@ -8,8 +8,9 @@ clipboard.
 
 A group's page shows its state with the buttons that change it, its history, its images,
 its trend and its newest crashes side by side. Its buttons post a form with the login
-cookie and a token derived from it under a key only this server process holds, so a page
-elsewhere cannot post one.
+cookie and a token derived from it under a key that only the catalog's servers hold (one key
+for all of them, kept in the catalog, so any server behind one address takes the form), so a
+page elsewhere cannot post one.
 
 Pages take the reader's token from a cookie the login page sets (HttpOnly, SameSite
 Strict); the cookie is honoured for reads and the group page's own state forms only, so a

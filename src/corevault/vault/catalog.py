@@ -43,6 +43,7 @@ from corevault.vault.recording import (
     rebuild_group_counts,
     record_analysis,
     record_analysis_failure,
+    shared_key,
 )
 from corevault.vault.tables import (
     crash_objects,
@@ -91,6 +92,7 @@ __all__ = [
     "record_analysis_failure",
     "reports",
     "repository",
+    "shared_key",
 ]
 
 

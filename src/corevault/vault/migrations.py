@@ -26,6 +26,7 @@ from corevault.vault.tables import (
     namespaces,
     objects,
     reports,
+    server_keys,
 )
 
 #: schema v1-v2: one binary per build-id, whoever claimed it first (replaced in v3)
@@ -116,8 +117,13 @@ def _v7(conn: Connection) -> None:
     )
 
 
+def _v8(conn: Connection) -> None:
+    """The keys every server of the catalog shares."""
+    metadata.create_all(conn, tables=[server_keys])
+
+
 #: Numbered schema migrations; a new one is appended, never edited.
-MIGRATIONS: list[Callable[[Connection], None]] = [_v1, _v2, _v3, _v4, _v5, _v6, _v7]
+MIGRATIONS: list[Callable[[Connection], None]] = [_v1, _v2, _v3, _v4, _v5, _v6, _v7, _v8]
 
 
 def migrate(engine: Engine) -> int:

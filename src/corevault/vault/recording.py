@@ -34,6 +34,7 @@ from corevault.vault.tables import (
     namespaces,
     objects,
     reports,
+    server_keys,
 )
 
 
@@ -293,3 +294,14 @@ def rebuild_group_counts(conn: Connection) -> None:
             ["name"], sa.select(c.namespace).where(c.namespace.is_not(None)).distinct()
         )
     )
+
+
+def shared_key(conn: Connection, name: str) -> bytes:
+    """The catalog's key ``name`` (32 random bytes), made by whichever server asks first."""
+    import secrets
+
+    conn.execute(
+        insert(conn, server_keys).values(name=name, value=secrets.token_hex(32)).on_conflict_do_nothing()
+    )
+    value = conn.execute(sa.select(server_keys.c.value).where(server_keys.c.name == name)).scalar_one()
+    return bytes.fromhex(value)

@@ -142,6 +142,15 @@ dropped = sa.Table(
 )
 sa.Index("dropped_time", dropped.c.time)
 
+#: secrets that every server of one catalog shares (the key that signs the group page's forms),
+#: so that any of them takes a form another one gave out
+server_keys = sa.Table(
+    "server_keys",
+    metadata,
+    sa.Column("name", sa.String(64), primary_key=True),
+    sa.Column("value", sa.String(128), nullable=False),
+)
+
 
 def insert(conn: Connection, table: sa.Table):  # -> the dialect's Insert
     if conn.dialect.name == "postgresql":
