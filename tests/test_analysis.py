@@ -179,8 +179,8 @@ def test_a_stack_overflow_shows_its_top_its_bottom_and_how_often_it_repeats(corp
     assert Report.from_dict(doc) == r
     page = ui.templates.env.get_template("crash.html").render(
         crash={"id": "x", "signal_name": "SIGSEGV", "signal": 11, "time": 0, "size": 1, "stored_size": 1},
-        report={**doc, "threads": []}, crashed=doc["threads"][0], others=[], commands=[], environ=[], meta={},
-        open_access=True,
+        report={**doc, "threads": []}, crashed=doc["threads"][0], others=[], commands=[], environ=[],
+        meta=corpus["crashes"]["stack"].meta, open_access=True,
     )  # fmt: skip
     assert f"recurse x {run.count:,}" in page and f"#{crashed.depth - 1}<" in page
 
