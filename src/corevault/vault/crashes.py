@@ -153,6 +153,10 @@ class LocalVault:
 
     def forget(self, crash_id: str) -> None:
         self.get(crash_id)
+        self.remove(crash_id)
+
+    def remove(self, crash_id: str) -> None:
+        """Remove a crash's blobs, then its rows: cut short, it is still listed and removed again."""
         for key in (blobs.core_key(crash_id), blobs.meta_key(crash_id), blobs.report_key(crash_id)):
             self.store.delete(key)
         with self.engine.begin() as conn:

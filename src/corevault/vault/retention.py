@@ -55,10 +55,7 @@ def vacuum(
         doomed = select(conn, settings, now)
     if not dry_run:
         for crash_id in doomed:
-            for key in (blobs.core_key(crash_id), blobs.meta_key(crash_id), blobs.report_key(crash_id)):
-                vault.store.delete(key)
-            with vault.engine.begin() as conn:
-                catalog.forget(conn, crash_id)
+            vault.remove(crash_id)
     uploads = [] if dry_run else abandoned(vault.store, settings)
     orphans = _orphan_objects(vault)
     if not dry_run:
