@@ -71,11 +71,13 @@ def add_crash(conn: Connection, meta: dict, analysis: str) -> bool:
         "meta": json.dumps(meta, sort_keys=True),
     }
     fit(crashes, row, "exe", "comm", "image")
-    inserted = conn.execute(insert(conn, crashes).values(**row).on_conflict_do_nothing()).rowcount == 1
+    # the values go as parameters of one statement, which SQLAlchemy compiles once per process:
+    # built with .values() per crash, building it cost the agent about a fifth of a crash's CPU
+    inserted = conn.execute(insert(conn, crashes).on_conflict_do_nothing(), row).rowcount == 1
     if inserted:
         search.index(conn, row)
     if inserted and row["namespace"]:
-        conn.execute(insert(conn, namespaces).values(name=row["namespace"]).on_conflict_do_nothing())
+        conn.execute(insert(conn, namespaces).on_conflict_do_nothing(), {"name": row["namespace"]})
     objects_rows = (
         fit(crash_objects, {"crash_id": record["id"], **{k: m[k] for k in ("path", "key", "sha256")}}, "path")
         for m in record["modules"]
