@@ -57,7 +57,7 @@ import sqlalchemy as sa
 from corevault import config, spool
 from corevault.agent import ship
 from corevault.capture import stream
-from corevault.vault import catalog, search
+from corevault.vault import catalog, search, tables
 from corevault.vault.crashes import LocalVault
 from testbed import gcore, servers
 
@@ -248,7 +248,7 @@ def count_rows(url: str) -> int:
     engine = catalog.connect(url)
     try:
         with engine.connect() as conn:
-            return conn.execute(sa.select(sa.func.count()).select_from(catalog.crashes)).scalar_one()
+            return conn.execute(sa.select(sa.func.count()).select_from(tables.crashes)).scalar_one()
     finally:
         engine.dispose()
 

@@ -40,7 +40,7 @@ import httpx
 
 from bench.vault import insert_crashes
 from corevault import config
-from corevault.vault import blobs, catalog, search, stores
+from corevault.vault import blobs, catalog, search, stores, tables
 from testbed import servers
 
 CLI = os.path.join(os.path.dirname(sys.executable), "corevault")
@@ -84,7 +84,7 @@ def fill(state: str, rows: int, binary_mib: int) -> tuple[str, str]:
     t = time.perf_counter()
     with engine.begin() as conn:
         conn.execute(
-            catalog.groups.insert(),
+            tables.groups.insert(),
             [{"signature": s, "title": f"SIGSEGV in ns::Service::handler_{i} ← main", "signal_name": "SIGSEGV",
               "first_seen": NOW - 90 * 86400, "last_seen": NOW, "count": 0} for i, s in enumerate(sigs)],
         )  # fmt: skip
@@ -104,9 +104,9 @@ def fill(state: str, rows: int, binary_mib: int) -> tuple[str, str]:
         catalog.rebuild_group_counts(conn)
         search.rebuild(conn)
         crash_id = conn.execute(
-            catalog.crashes.select()
-            .with_only_columns(catalog.crashes.c.id)
-            .where(catalog.crashes.c.namespace == "team-7")
+            tables.crashes.select()
+            .with_only_columns(tables.crashes.c.id)
+            .where(tables.crashes.c.namespace == "team-7")
             .limit(1)
         ).scalar_one()
         meta = {
@@ -114,18 +114,18 @@ def fill(state: str, rows: int, binary_mib: int) -> tuple[str, str]:
             "process": {"cmdline": ["/usr/bin/service", "--port", "8080"], "environ": {"PATH": "/bin"}},
         }
         conn.execute(
-            catalog.crashes.update().where(catalog.crashes.c.id == crash_id).values(meta=json.dumps(meta))
+            tables.crashes.update().where(tables.crashes.c.id == crash_id).values(meta=json.dumps(meta))
         )
         conn.execute(
-            catalog.reports.insert().values(crash_id=crash_id, backend="drgn", report=json.dumps(report()))
+            tables.reports.insert().values(crash_id=crash_id, backend="drgn", report=json.dumps(report()))
         )
         build_id = "ab" * 20
         sha = "cd" * 32
         conn.execute(
-            catalog.objects.insert().values(key=build_id, sha256=sha, size=binary_mib << 20, debuginfo=True)
+            tables.objects.insert().values(key=build_id, sha256=sha, size=binary_mib << 20, debuginfo=True)
         )
         conn.execute(
-            catalog.crash_objects.insert().values(
+            tables.crash_objects.insert().values(
                 crash_id=crash_id, key=build_id, sha256=sha, path="/usr/bin/service"
             )
         )

@@ -39,7 +39,7 @@ from corevault import config, hostsetup, spool
 from corevault.agent.coredumps import CoredumpListener
 from corevault.agent.kernellog import KernelLog
 from corevault.agent.loop import Agent
-from corevault.vault import catalog
+from corevault.vault import catalog, tables
 from testbed import build, runc, storm, sysctl
 
 GOAL_PER_SECOND = 20.0
@@ -109,8 +109,8 @@ def drain(settings: config.Settings, small: set[str]) -> dict[str, float]:
     done_small = done = 0
     while thread.is_alive() or done < total:
         with engine.connect() as conn:
-            c = catalog.crashes.c
-            rows = conn.execute(catalog.crashes.select().with_only_columns(c.id, c.analysis, c.matched)).all()
+            c = tables.crashes.c
+            rows = conn.execute(tables.crashes.select().with_only_columns(c.id, c.analysis, c.matched)).all()
         finished = [r for r in rows if r.analysis != "pending"]
         now = time.monotonic() - started
         if len(finished) > done:

@@ -29,7 +29,7 @@ from collections.abc import Iterable
 import sqlalchemy as sa
 
 from corevault import spool
-from corevault.vault import catalog
+from corevault.vault import catalog, tables
 from testbed import servers
 
 CLI = os.path.join(os.path.dirname(sys.executable), "corevault")
@@ -168,10 +168,10 @@ def insert_crashes(conn: sa.Connection, rows: Iterable[dict], batch: int = 20000
     for row in rows:
         pending.append(row)
         if len(pending) == batch:
-            conn.execute(catalog.crashes.insert(), pending)
+            conn.execute(tables.crashes.insert(), pending)
             pending = []
     if pending:
-        conn.execute(catalog.crashes.insert(), pending)
+        conn.execute(tables.crashes.insert(), pending)
 
 
 def fill(url: str, rows: int) -> sa.Engine:
@@ -224,7 +224,7 @@ def bench_catalog(name: str, url: str, rows: int) -> None:
     with engine.connect() as conn:
         page = catalog.list_crashes(conn, limit=50)
         deep = catalog.list_crashes(conn, limit=50, before=(page[-1]["time"], page[-1]["id"]))[-1]
-        group = conn.execute(sa.select(catalog.crashes.c.signature).limit(1)).scalar()
+        group = conn.execute(sa.select(tables.crashes.c.signature).limit(1)).scalar()
     queries = {
         "newest": lambda c: catalog.list_crashes(c, limit=50),
         "namespace": lambda c: catalog.list_crashes(c, F(namespace="team-7"), limit=50),

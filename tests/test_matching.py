@@ -12,7 +12,7 @@ from __future__ import annotations
 import pytest
 
 from corevault.agent.loop import Agent
-from corevault.vault import catalog
+from corevault.vault import catalog, tables
 from tests.conftest import Capture
 from tests.tenants import node_of, pod
 
@@ -40,8 +40,8 @@ def test_a_crash_loop_is_matched_after_its_samples_and_other_crashes_are_not(
     engine = catalog.connect(settings.catalog_url)
     with engine.connect() as conn:
         rows = {r["id"]: r for r in catalog.list_crashes(conn, limit=100)}
-        c = catalog.crashes.c
-        got = {i: m for i, m in conn.execute(catalog.crashes.select().with_only_columns(c.id, c.matched))}
+        c = tables.crashes.c
+        got = {i: m for i, m in conn.execute(tables.crashes.select().with_only_columns(c.id, c.matched))}
     assert all(rows[i]["analysis"] == "done" for _, _, i in ids), rows
     aborts = [i for ns, mode, i in ids if (ns, mode) == ("tenant-a", "abort")]
     # one worker, oldest first: two full analyses, then the loop is recognised

@@ -29,7 +29,7 @@ from corevault.agent import storeclean
 from corevault.agent.loop import Agent
 from corevault.server.access import StaticTokens
 from corevault.server.app import create_app
-from corevault.vault import catalog
+from corevault.vault import catalog, tables
 from corevault.vault.crashes import LocalVault
 from testbed import build, runc, servers
 from tests.conftest import Capture, installed_capture
@@ -235,13 +235,13 @@ def test_a_forged_build_id_never_explains_another_tenants_crash(tenants: Tenants
     assert tenants.report("a-poison")["signature_frames"][0] == "pwned_by_tenant_a"
     # the vault keeps both contents under the claim, and identical files (the libc) once
     with LocalVault(tenants.settings).engine.connect() as conn:
-        o, co = catalog.objects.c, catalog.crash_objects.c
-        claimed = conn.execute(catalog.objects.select().where(o.key == POISONED)).all()
+        o, co = tables.objects.c, tables.crash_objects.c
+        claimed = conn.execute(tables.objects.select().where(o.key == POISONED)).all()
         libc = next(
             m for m in victim and tenants.metas["b-poisoned"]["modules"] if m["path"].endswith("libc.so.6")
         )
-        libc_rows = conn.execute(catalog.objects.select().where(o.key == libc["key"])).all()
-        libc_users = conn.execute(catalog.crash_objects.select().where(co.key == libc["key"])).all()
+        libc_rows = conn.execute(tables.objects.select().where(o.key == libc["key"])).all()
+        libc_users = conn.execute(tables.crash_objects.select().where(co.key == libc["key"])).all()
     assert {r.sha256 for r in claimed} == {forged["sha256"], victim["sha256"]}
     assert len(libc_rows) == 1 and len(libc_users) >= 4  # every dynamic crash here maps that one libc
 

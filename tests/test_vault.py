@@ -25,7 +25,7 @@ import sqlalchemy as sa
 
 from corevault import config, spool
 from corevault.agent.loop import Agent
-from corevault.vault import blobs, catalog, retention
+from corevault.vault import blobs, catalog, retention, tables
 from corevault.vault.crashes import LocalVault
 from testbed import servers
 from tests.conftest import installed_capture
@@ -103,7 +103,7 @@ def test_agent_ships_analyses_groups_and_empties_the_spool(material: dict) -> No
     with node.vault().engine.connect() as conn:
         groups = {g["title"]: g["count"] for g in catalog.list_groups(conn)}
         report = catalog.get_crash(conn, rows[0]["id"])["report"]
-        held = conn.execute(sa.select(catalog.objects.c.key, catalog.objects.c.sha256)).all()
+        held = conn.execute(sa.select(tables.objects.c.key, tables.objects.c.sha256)).all()
     assert groups == {"SIGSEGV in crash_here ← main": 2, "SIGABRT in parse_config ← main": 1}
     assert report["signature"] == rows[0]["signature"]
     store = node.vault().store
@@ -249,7 +249,7 @@ def test_retention_by_age_size_and_namespace_keeps_needed_binaries(material: dic
     with vault.engine.connect() as conn:
         stored = {
             r.id: r.stored_size
-            for r in conn.execute(sa.select(catalog.crashes.c.id, catalog.crashes.c.stored_size))
+            for r in conn.execute(sa.select(tables.crashes.c.id, tables.crashes.c.stored_size))
         }
     newest = rows[-1]["id"]
     node.settings.retention_max_size = stored[newest]

@@ -110,11 +110,7 @@ def _ship_locked(vault: LocalVault, settings: config.Settings, entry_id: str, en
     analysis = "pending" if settings.agent_analyze else "off"
     with vault.engine.begin() as conn:
         new = catalog.add_crash(conn, {**meta, "id": crash_id}, analysis)
-        state = conn.execute(
-            catalog.crashes.select()
-            .with_only_columns(catalog.crashes.c.analysis)
-            .where(catalog.crashes.c.id == crash_id)
-        ).scalar_one()
+        state = catalog.analysis_state(conn, crash_id)
     if state == "pending":
         shipped = os.path.join(spool.shipped_dir(settings.spool_dir), entry_id)
         if os.path.exists(shipped):
@@ -174,11 +170,7 @@ def analyse_shipped(vault: LocalVault, settings: config.Settings, entry_id: str)
         # where they would keep every other pod's crash out of the catalog meanwhile.
         _ship_objects(vault, settings, record)
         with vault.engine.connect() as conn:
-            state = conn.execute(
-                catalog.crashes.select()
-                .with_only_columns(catalog.crashes.c.analysis)
-                .where(catalog.crashes.c.id == crash_id)
-            ).scalar_one_or_none()
+            state = catalog.analysis_state(conn, crash_id)
         if state == "pending":
             # only the objects this process mapped, as its capture recorded them
             modules = list(record["modules"])

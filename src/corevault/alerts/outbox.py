@@ -31,7 +31,7 @@ from sqlalchemy.engine import Connection, Engine
 
 from corevault.alerts import payload
 from corevault.alerts.sinks import AlertSettings, Sink
-from corevault.vault import catalog, lifecycle
+from corevault.vault import lifecycle, tables
 from corevault.vault.tables import insert
 
 log = logging.getLogger("corevault.alerts")
@@ -87,7 +87,7 @@ def find_spikes(conn: Connection, cfg: AlertSettings, now: float | None = None) 
     """Write a spike event per group with over ``spike_crashes`` in ``spike_minutes`` in one namespace."""
     now = time.time() if now is None else now
     span = cfg.spike_minutes * 60
-    c = catalog.crashes.c
+    c = tables.crashes.c
     ns = sa.func.coalesce(c.namespace, "")
     query = (
         sa.select(c.signature, ns.label("namespace"), sa.func.count().label("n"), sa.func.max(c.image))
@@ -129,7 +129,7 @@ def _event(conn: Connection, delivery: sa.Row) -> tuple[dict, dict]:
     """The delivery's event (with the group's count in its namespace) and the group."""
     e = lifecycle.group_events.c
     ev = dict(conn.execute(sa.select(lifecycle.group_events).where(e.id == delivery.event_id)).one()._mapping)
-    gn = catalog.group_ns.c
+    gn = tables.group_ns.c
     ev["count_in_namespace"] = int(
         conn.execute(
             sa.select(sa.func.coalesce(sa.func.sum(gn.count), 0)).where(
@@ -137,11 +137,11 @@ def _event(conn: Connection, delivery: sa.Row) -> tuple[dict, dict]:
             )
         ).scalar_one()
     )
-    row = conn.execute(sa.select(catalog.groups).where(catalog.groups.c.signature == ev["signature"])).first()
+    row = conn.execute(sa.select(tables.groups).where(tables.groups.c.signature == ev["signature"])).first()
     group = dict(row._mapping) if row else {"title": None, "signal_name": None}
     # the title of this namespace's newest crash of the group, not the group's: a title may hold
     # what one crash said (its last words), and an alert carries its own namespace's data only
-    c = catalog.crashes.c
+    c = tables.crashes.c
     own = c.namespace == ev["namespace"] if ev["namespace"] else c.namespace.is_(None)
     group["title"] = conn.execute(
         sa.select(c.title).where(c.signature == ev["signature"], own).order_by(c.time.desc()).limit(1)

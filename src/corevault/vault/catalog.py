@@ -11,7 +11,8 @@ those below it:
   crash, groups as a reader sees them), above those;
 - ``migrations`` (the schema's versions), above every part whose tables it creates;
 - this module at the top: ``connect`` opens a catalog and brings its schema up to date, and
-  the names callers use are re-exported here, so that a caller needs one import.
+  the functions callers use are re-exported here, so that a caller needs one import; code
+  that builds its own statements takes the tables from ``tables``.
 """
 
 from __future__ import annotations
@@ -24,6 +25,7 @@ from corevault.vault.migrations import MIGRATIONS, migrate
 from corevault.vault.queries import (
     LIST_COLUMNS,
     Filters,
+    analysis_state,
     get_crash,
     group_detail,
     known_objects,
@@ -45,18 +47,6 @@ from corevault.vault.recording import (
     record_analysis_failure,
     shared_key,
 )
-from corevault.vault.tables import (
-    crash_objects,
-    crashes,
-    dropped,
-    group_days,
-    group_ns,
-    groups,
-    metadata,
-    namespaces,
-    objects,
-    reports,
-)
 
 __all__ = [
     "LIST_COLUMNS",
@@ -66,31 +56,22 @@ __all__ = [
     "add_crash",
     "add_dropped",
     "add_object",
+    "analysis_state",
     "connect",
-    "crash_objects",
-    "crashes",
-    "dropped",
     "forget",
     "get_crash",
-    "group_days",
     "group_detail",
-    "group_ns",
-    "groups",
     "known_objects",
     "list_crashes",
     "list_dropped",
     "list_groups",
     "list_namespaces",
-    "metadata",
     "match_sample",
     "migrate",
-    "namespaces",
     "object_for",
-    "objects",
     "rebuild_group_counts",
     "record_analysis",
     "record_analysis_failure",
-    "reports",
     "repository",
     "shared_key",
 ]

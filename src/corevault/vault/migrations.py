@@ -13,21 +13,8 @@ from collections.abc import Callable
 import sqlalchemy as sa
 from sqlalchemy.engine import Connection, Engine
 
-from corevault.vault import lifecycle, search, snapshots
+from corevault.vault import lifecycle, search, snapshots, tables
 from corevault.vault.recording import rebuild_group_counts
-from corevault.vault.tables import (
-    crash_objects,
-    crashes,
-    dropped,
-    group_days,
-    group_ns,
-    groups,
-    metadata,
-    namespaces,
-    objects,
-    reports,
-    server_keys,
-)
 
 #: schema v1-v2: one binary per build-id, whoever claimed it first (replaced in v3)
 _legacy = sa.MetaData()
@@ -48,11 +35,11 @@ _buildids = sa.Table(
 )
 
 
-schema = sa.Table("corevault_schema", metadata, sa.Column("version", sa.Integer, nullable=False))
+schema = sa.Table("corevault_schema", tables.metadata, sa.Column("version", sa.Integer, nullable=False))
 
 
 def _v1(conn: Connection) -> None:
-    metadata.create_all(conn, tables=[crashes, groups, reports, dropped])
+    tables.metadata.create_all(conn, tables=[tables.crashes, tables.groups, tables.reports, tables.dropped])
     _legacy.create_all(conn)
 
 
@@ -60,25 +47,25 @@ def _v2(conn: Connection) -> None:
     """Per-namespace and per-day group counts, the namespaces seen, and buildids.debuginfo."""
     if "debuginfo" not in {c["name"] for c in sa.inspect(conn).get_columns("buildids")}:
         conn.execute(sa.text("ALTER TABLE buildids ADD COLUMN debuginfo BOOLEAN"))
-    metadata.create_all(conn, tables=[group_ns, group_days, namespaces])
+    tables.metadata.create_all(conn, tables=[tables.group_ns, tables.group_days, tables.namespaces])
     rebuild_group_counts(conn)
 
 
 def _v3(conn: Connection) -> None:
     """Groups' lifecycle (states, history, events) and the crash search index."""
-    metadata.create_all(conn, tables=lifecycle.TABLES)
+    tables.metadata.create_all(conn, tables=lifecycle.TABLES)
     search.create(conn)
     search.rebuild(conn)
 
 
 def _v4(conn: Connection) -> None:
     """Snapshot requests, taken by the agent of the node that runs the pod."""
-    metadata.create_all(conn, tables=snapshots.TABLES)
+    tables.metadata.create_all(conn, tables=snapshots.TABLES)
 
 
 def _v5(conn: Connection) -> None:
     """The alert outbox (deliveries of group events to sinks, the fan-out's cursor), search statistics."""
-    metadata.create_all(conn, tables=lifecycle.ALERT_TABLES)
+    tables.metadata.create_all(conn, tables=lifecycle.ALERT_TABLES)
     search.create_stats(conn)
     if conn.dialect.name == "sqlite":
         search.refresh_stats(conn)
@@ -86,16 +73,16 @@ def _v5(conn: Connection) -> None:
 
 def _v6(conn: Connection) -> None:
     """Objects by key and content hash; the build-id tables' rows carried over as legacy ("")."""
-    metadata.create_all(conn, tables=[objects, crash_objects])
+    tables.metadata.create_all(conn, tables=[tables.objects, tables.crash_objects])
     b, cb = _buildids.c, _crash_buildids.c
     conn.execute(
-        objects.insert().from_select(
+        tables.objects.insert().from_select(
             ["key", "sha256", "size", "stored_at", "debuginfo"],
             sa.select(b.build_id, sa.literal(""), b.size, b.stored_at, b.debuginfo),
         )
     )
     conn.execute(
-        crash_objects.insert().from_select(
+        tables.crash_objects.insert().from_select(
             ["crash_id", "path", "key", "sha256"],
             sa.select(cb.crash_id, sa.func.coalesce(cb.path, cb.build_id), cb.build_id, sa.literal("")),
         )
@@ -119,7 +106,7 @@ def _v7(conn: Connection) -> None:
 
 def _v8(conn: Connection) -> None:
     """The keys every server of the catalog shares."""
-    metadata.create_all(conn, tables=[server_keys])
+    tables.metadata.create_all(conn, tables=[tables.server_keys])
 
 
 #: Numbered schema migrations; a new one is appended, never edited.

@@ -145,6 +145,11 @@ def list_crashes(
     return [dict(r._mapping) for r in conn.execute(query)]
 
 
+def analysis_state(conn: Connection, crash_id: str) -> str | None:
+    """A crash's analysis: pending, done, failed or off; None when the catalog has no such crash."""
+    return conn.execute(sa.select(crashes.c.analysis).where(crashes.c.id == crash_id)).scalar_one_or_none()
+
+
 def get_crash(conn: Connection, crash_id: str) -> dict | None:
     row = conn.execute(sa.select(crashes).where(crashes.c.id == crash_id)).first()
     if row is None:

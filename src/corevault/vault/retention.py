@@ -14,13 +14,13 @@ import time
 import sqlalchemy as sa
 
 from corevault import config
-from corevault.vault import blobs, catalog
+from corevault.vault import blobs, tables
 from corevault.vault.crashes import LocalVault
 
 
 def select(conn: sa.Connection, settings: config.Settings, now: float) -> list[str]:
     """Ids of the crashes the rules remove."""
-    c = catalog.crashes.c
+    c = tables.crashes.c
     doomed: list[str] = []
     if settings.retention_max_age_days is not None:
         cutoff = now - settings.retention_max_age_days * 86400
@@ -59,7 +59,7 @@ def vacuum(
     uploads = [] if dry_run else abandoned(vault.store, settings)
     orphans = _orphan_objects(vault)
     if not dry_run:
-        o, co = catalog.objects.c, catalog.crash_objects.c
+        o, co = tables.objects.c, tables.crash_objects.c
         for key, sha in orphans:
             with vault.engine.begin() as conn:
                 still = conn.execute(
@@ -67,7 +67,7 @@ def vacuum(
                 ).scalar()
                 if still:
                     continue  # a crash shipped meanwhile needs it
-                conn.execute(catalog.objects.delete().where(o.key == key, o.sha256 == sha))
+                conn.execute(tables.objects.delete().where(o.key == key, o.sha256 == sha))
                 others = conn.execute(sa.select(sa.func.count()).where(o.key == key)).scalar()
             vault.store.delete(blobs.object_key(key, sha))
             if not others:
@@ -89,7 +89,7 @@ def abandoned(store: blobs.BlobStore, settings: config.Settings) -> list[str]:
 
 
 def _orphan_objects(vault: LocalVault) -> list[tuple[str, str]]:
-    o, co = catalog.objects.c, catalog.crash_objects.c
+    o, co = tables.objects.c, tables.crash_objects.c
     query = sa.select(o.key, o.sha256).where(~sa.exists().where(co.key == o.key, co.sha256 == o.sha256))
     with vault.engine.connect() as conn:
         return [(k, s) for k, s in conn.execute(query)]
