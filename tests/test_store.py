@@ -270,8 +270,18 @@ def test_sparse_files_are_stored_with_their_holes(tenants: Tenants) -> None:
     assert os.path.getsize(held) == SPARSE and os.stat(held).st_blocks * 512 < 4 << 20
 
 
-def test_eviction_keeps_only_what_the_spool_still_needs(tenants: Tenants) -> None:
+def test_eviction_keeps_only_what_the_spool_still_needs(tenants: Tenants, request: pytest.FixtureRequest) -> None:
     settings = tenants.settings
+    # The node's store is the module's: it is put back as it was (hard links keep its files'
+    # holes), whatever order the tests run in.
+    before = settings.buildid_dir + ".before"
+    shutil.copytree(settings.buildid_dir, before, symlinks=True, copy_function=os.link)
+
+    def put_back() -> None:
+        shutil.rmtree(settings.buildid_dir)
+        os.rename(before, settings.buildid_dir)
+
+    request.addfinalizer(put_back)
     assert spool.entries(settings.spool_dir) == []  # everything was shipped
     # a crash that has not been shipped yet: its binaries must stay
     waiting = tenants.metas["b-go"]
