@@ -402,7 +402,7 @@ def bench_size(pg: servers.Postgres, rows: int, groups: int, runs: int) -> None:
             ))  # fmt: skip
         for port in ports:
             servers.wait_port(port)
-        shared_database(ports, groups)
+        shared_database(ports)
         with proxy(ports) as port, httpx.Client(timeout=120) as one, httpx.Client(timeout=120) as two:
             # one keep-alive connection each through the one address: the proxy gives them a server each
             clients = [one, two]
@@ -428,10 +428,11 @@ def bench_size(pg: servers.Postgres, rows: int, groups: int, runs: int) -> None:
         shutil.rmtree(state, ignore_errors=True)
 
 
-def shared_database(ports: list[int], groups: int) -> None:
+def shared_database(ports: list[int]) -> None:
     """Ignore a group through one server and read its state through the other."""
-    signature = f"{groups // 2:016x}"
     headers = {"Authorization": f"Bearer {ADMIN}"}
+    listed = httpx.get(f"http://127.0.0.1:{ports[0]}/api/v1/groups", headers=headers, timeout=60)
+    signature = listed.raise_for_status().json()["items"][-1]["signature"]
     one, other = (f"http://127.0.0.1:{p}/api/v1/groups/{signature}" for p in ports)
     httpx.post(one + "/state", json={"state": "ignored"}, headers=headers, timeout=60).raise_for_status()
     seen = httpx.get(other, headers=headers, timeout=60).raise_for_status().json()["state"]
