@@ -232,6 +232,19 @@ def test_full_spool_drops_the_vault_copy_but_not_the_volume_copy(capture: Captur
     assert any(r["event"] == "dropped" and "spool is full" in r["reason"] for r in capture.journal())
 
 
+def test_handler_stops_reading_a_core_that_has_nowhere_left_to_go(capture: Capture, rootfs: str) -> None:
+    """A pod's core whose only copy failed is not read to its end: the handler lets go of it."""
+    capture.configure('[spool]\nmax_size = "1K"\n')
+    annotations = {**SEED, "corevault.io/targets": "vault"}
+    capture.crash(rootfs, ["/app/crasher", "noise", str(64 << 10)], annotations=annotations)
+    [dropped] = [r for r in capture.journal() if r["event"] == "dropped"]
+    assert "spool is full" in dropped["reason"]
+    # the vault copy fails within its first frame (4 MiB); the core holds 64 MiB of noise
+    assert dropped["size"] < 16 << 20, dropped
+    assert not [r for r in capture.journal() if r["event"] == "truncated"], "the kernel did not cut it"
+    assert capture.entries() == [] and capture.volume_files() == []
+
+
 def test_handler_memory_stays_flat_on_a_core_of_hundreds_of_mib(capture: Capture, rootfs: str) -> None:
     """The core is streamed, never held: a 300 MiB process costs the handler no more than a small one."""
     capture.crash(rootfs, ["/app/crasher", "alloc", "300"], annotations=SEED)

@@ -81,14 +81,15 @@ def deliver(
             head = head if head is not None else corehead.read_head(core_fd)
             # the memory at the stack pointer, as it streams past, for the crash's fingerprint
             tap = stream.Window(head.stack, fingerprint.STACK_BYTES) if head.stack is not None else None
-            sinks = [*job.sinks, tap] if tap is not None else job.sinks
-            job.size, job.truncated = stream.pump(core_fd, sinks, admitted.plan.limit, head.data)
+            taps = [tap] if tap is not None else []
+            job.size, job.truncated = stream.pump(core_fd, job.sinks, admitted.plan.limit, head.data, taps)
         except HandlerTimeout:
             reason = f"handler timeout after {settings.timeout:g}s; raise [capture] timeout for larger cores"
             journal(settings, {**record, "event": "dropped", "reason": reason})
             return
         job.problems += [f"{s.name}: {s.failed}" for s in job.sinks if s.failed]
-        if head.size is not None and not job.truncated and job.size < head.size:
+        written = any(not s.failed for s in job.sinks)  # else the handler stopped reading, not the kernel
+        if head.size is not None and not job.truncated and written and job.size < head.size:
             # The kernel stops writing when the dumping process gets a fatal signal (a
             # SIGKILL meanwhile, or the OOM killer); the stream then simply ends early.
             job.truncated, job.expected = True, head.size

@@ -344,16 +344,21 @@ class _Prefixed:
         return bytes(buf[: self.readinto(memoryview(buf))])
 
 
-def pump(src_fd: int, sinks: list, limit: int | None, head: bytes = b"") -> tuple[int, bool]:
+def pump(
+    src_fd: int, sinks: list, limit: int | None, head: bytes = b"", taps: list[Window] | None = None
+) -> tuple[int, bool]:
     """Copy ``head`` then ``src_fd`` into every sink until EOF or ``limit`` bytes; ``(bytes, truncated)``.
 
     A sink that raises is marked ``failed`` with the reason and left out from then on.
+    ``taps`` see the same bytes but keep no stream going: once every sink has failed the
+    reading stops, as the core has nowhere to go (a core is as large as its pod makes it).
     """
     src = _Prefixed(head, src_fd)
     buf = bytearray(CHUNK)
     view = memoryview(buf)
     total = 0
     live = list(sinks)
+    taps = taps or []
     while live:
         want = CHUNK if limit is None else min(CHUNK, limit - total)
         if want == 0:
@@ -373,6 +378,8 @@ def pump(src_fd: int, sinks: list, limit: int | None, head: bytes = b"") -> tupl
             except (OSError, SinkFailed) as e:
                 sink.failed = e.strerror if isinstance(e, OSError) and e.strerror else str(e)
                 live.remove(sink)
+        for tap in taps:
+            tap.write(buf, view, filled)
         if filled < want:
             return total, False
     return total, False
