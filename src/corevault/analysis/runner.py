@@ -28,7 +28,7 @@ import time
 from collections.abc import Collection
 from typing import BinaryIO
 
-from corevault import nodestore, objectid
+from corevault import bounded, nodestore, objectid
 from corevault.analysis import binaries, sandbox, seccomp, upstream
 from corevault.capture.stream import sparse_copy
 from corevault.errors import UserError
@@ -127,7 +127,11 @@ def _run(
             [sys.executable, "-m", "corevault.analysis.worker", *argv], binds, uid, filter_fd
         )
         fds = () if filter_fd is None else (filter_fd,)
-        out, err, returncode = _supervise(cmd, fds, max(deadline - time.monotonic(), 0.001), memory)
+        timeout = max(deadline - time.monotonic(), 0.001)
+        # bwrap's --die-with-parent and the worker's own PID namespace take gdb with it on a kill
+        out, err, returncode = bounded.run(
+            cmd, timeout=timeout, limits={resource.RLIMIT_DATA: memory}, pass_fds=fds
+        )
     except subprocess.TimeoutExpired:
         raise AnalysisError(f"{STOPPED} {limit:g}s and was stopped") from None
     except sandbox.SandboxError as e:
@@ -144,32 +148,6 @@ def _run(
     if "error" in doc:
         raise AnalysisError(doc["error"])
     return doc
-
-
-def _supervise(cmd: list[str], fds: tuple[int, ...], timeout: float, memory: int) -> tuple[bytes, bytes, int]:
-    """Run ``cmd`` with the heap cap; its output and status, or TimeoutExpired once it is killed."""
-
-    def limit() -> None:
-        resource.setrlimit(resource.RLIMIT_DATA, (memory, memory))
-        resource.setrlimit(resource.RLIMIT_CORE, (0, 0))
-
-    proc = subprocess.Popen(
-        cmd,
-        stdin=subprocess.DEVNULL,
-        stdout=subprocess.PIPE,
-        stderr=subprocess.PIPE,
-        pass_fds=fds,
-        preexec_fn=limit,  # noqa: PLW1509 - only setrlimit, async-signal-safe enough
-        start_new_session=True,
-    )
-    try:
-        out, err = proc.communicate(timeout=timeout)
-    except subprocess.TimeoutExpired:
-        # bwrap's --die-with-parent and the worker's own PID namespace take gdb with it
-        os.killpg(proc.pid, signal.SIGKILL)
-        proc.communicate()
-        raise
-    return out, err, proc.returncode
 
 
 def analyze(

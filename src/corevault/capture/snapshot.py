@@ -35,7 +35,7 @@ from collections.abc import Iterator
 from contextlib import contextmanager, suppress
 from dataclasses import dataclass
 
-from corevault import config, spool
+from corevault import bounded, config, spool
 from corevault.capture import admission, cgroup, delivery, lookup, process
 
 DEFAULT_TIMEOUT = 60.0
@@ -189,29 +189,16 @@ def _gcore(admitted: admission.Admitted, path: str, *, timeout: float, max_size:
         "-ex", "python print('corevault-stopped %.6f' % (time.monotonic() - gdb.cv_t0))",
     ]  # fmt: skip
 
-    def limits() -> None:
-        resource.setrlimit(resource.RLIMIT_FSIZE, (max_size, max_size))
-        resource.setrlimit(resource.RLIMIT_CORE, (0, 0))
-
-    proc = subprocess.Popen(
-        cmd,
-        stdin=subprocess.DEVNULL,
-        stdout=subprocess.PIPE,
-        stderr=subprocess.STDOUT,
-        preexec_fn=limits,  # noqa: PLW1509 - only setrlimit
-        start_new_session=True,
-        cwd="/",
-    )
     try:
-        out, _ = proc.communicate(timeout=timeout)
+        out, _, returncode = bounded.run(
+            cmd, timeout=timeout, limits={resource.RLIMIT_FSIZE: max_size}, stderr=subprocess.STDOUT, cwd="/"
+        )
     except subprocess.TimeoutExpired:
-        os.killpg(proc.pid, signal.SIGKILL)
-        proc.communicate()
         _resume(crash.global_pid, was_stopped)
         _refuse(settings, record, f"snapshot took longer than {timeout:g}s; the process was resumed")
     _resume(crash.global_pid, was_stopped)
     text = out.decode(errors="replace")
-    if proc.returncode == -signal.SIGXFSZ or (os.path.exists(path) and os.path.getsize(path) >= max_size):
+    if returncode == -signal.SIGXFSZ or (os.path.exists(path) and os.path.getsize(path) >= max_size):
         _refuse(settings, record, f"the process's core is larger than the snapshot cap of {max_size} bytes")
     stopped = None
     for line in text.splitlines():
