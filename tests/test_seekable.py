@@ -158,6 +158,28 @@ def test_a_table_that_does_not_add_up_is_not_used(core: Path, tmp_path: Path) ->
     assert seekable.table_length(huge) is None
 
 
+@pytest.mark.parametrize(
+    ("frames", "plain_size"),
+    [(0x8000000, None), (1 << 20, 1 << 30)],  # the format's limit; more frames than 1 GiB makes
+    ids=["format-limit", "more-than-the-core-makes"],
+)
+def test_a_damaged_footer_costs_the_tail_read_not_its_table(frames: int, plain_size: int | None) -> None:
+    """A footer that claims a huge table is not believed: nothing more than the tail is read."""
+    stored_size = 4 << 30
+    footer = seekable.FOOTER.pack(frames, 0, seekable.SEEKABLE_MAGIC)
+    asked: list[int] = []
+
+    def read(offset: int, length: int) -> bytes:
+        asked.append(length)
+        # the object's end; a larger read is answered short rather than with gigabytes
+        return b"\0" * (length - len(footer)) + footer if length <= seekable.TAIL else b""
+
+    assert seekable.read_table(read, stored_size, plain_size) is None
+    assert asked == [seekable.TAIL]
+    assert seekable.most_frames(plain_size) < frames
+    assert seekable.most_frames(1 << 30) == 256 and seekable.most_frames(0) == 1
+
+
 @pytest.fixture
 def served(core: Path, tmp_path: Path) -> Iterator[tuple[str, bytes]]:
     """A server over a vault holding the core as one crash."""

@@ -24,7 +24,9 @@ zstandard only, and writes through a sink with a byte budget; the format is a fe
 
 Cores stored before this (one frame, no table) are still served: :func:`read_table`
 returns None for them, and a range is decompressed from the start as before. A table is
-used only when its sizes add up to the stored object's and the core's plain size.
+used only when its sizes add up to the stored object's and the core's plain size, and only
+when it has no more frames than this writer makes of that core (:func:`most_frames`): a
+damaged footer that claims millions of frames costs a read of 9 bytes, not of its table.
 """
 
 from __future__ import annotations
@@ -41,8 +43,9 @@ SEEKABLE_MAGIC = 0x8F92EAB1
 FOOTER = struct.Struct("<IBI")  # number of frames, descriptor, magic
 ENTRY = struct.Struct("<II")  # compressed size, plain size
 HEADER = struct.Struct("<II")  # skippable frame: magic, content size
-#: what a table may hold: the format's own limit
-MAX_FRAMES = 0x8000000
+#: what a table may hold when the core's plain size is unknown: a 4 TiB core in 4 MiB
+#: frames, a table of 8 MiB (the format itself allows 0x8000000 frames, a table of 1.5 GiB)
+MAX_FRAMES = 1 << 20
 _CHECKSUMS = 0x80
 _RESERVED = 0x7C
 
@@ -74,13 +77,21 @@ class Table:
         return self.stored[first], self.stored[last + 1] - self.stored[first], start - self.plain[first]
 
 
-def table_length(footer: bytes) -> int | None:
+def most_frames(plain_size: int | None) -> int:
+    """How many frames a table of a core of ``plain_size`` plain bytes may have: as many as
+    :data:`FRAME_SIZE` frames it takes (the capture writes no other), at least one."""
+    if plain_size is None:
+        return MAX_FRAMES
+    return min(MAX_FRAMES, max(1, -(-plain_size // FRAME_SIZE)))
+
+
+def table_length(footer: bytes, plain_size: int | None = None) -> int | None:
     """How many bytes at the object's end the whole seek table takes, from its last 9; None if
-    the object does not end in a seek table."""
+    the object does not end in a seek table (of a core of ``plain_size`` bytes, when known)."""
     if len(footer) < FOOTER.size:
         return None
     frames, descriptor, magic = FOOTER.unpack(footer[-FOOTER.size :])
-    if magic != SEEKABLE_MAGIC or descriptor & _RESERVED or frames > MAX_FRAMES:
+    if magic != SEEKABLE_MAGIC or descriptor & _RESERVED or frames > most_frames(plain_size):
         return None
     entry = ENTRY.size + (4 if descriptor & _CHECKSUMS else 0)
     return HEADER.size + frames * entry + FOOTER.size
@@ -89,7 +100,7 @@ def table_length(footer: bytes) -> int | None:
 def parse(tail: bytes, stored_size: int, plain_size: int | None) -> Table | None:
     """The table at the end of a stored object of ``stored_size`` bytes (``tail``: at least its
     :func:`table_length` last bytes), or None when it is absent or does not add up."""
-    length = table_length(tail)
+    length = table_length(tail, plain_size)
     if length is None or length > len(tail) or length > stored_size:
         return None
     raw = tail[len(tail) - length :]
@@ -120,7 +131,7 @@ def read_table(
         return None
     want = min(TAIL, stored_size)
     tail = read(stored_size - want, want)
-    length = table_length(tail)
+    length = table_length(tail, plain_size)
     if length is None:
         return None
     if length > len(tail) and length <= stored_size:
