@@ -272,6 +272,26 @@ def bench_rss(data: str, copies: int) -> tuple[int, int]:
     return rss, said
 
 
+def report_fixed(runs: int) -> None:
+    """Print the handler's fixed cost against ``python -c pass``, both measured in this run."""
+    fixed = bench_fixed(runs)
+    (py_wall, py_cpu), (iso_wall, iso_cpu), (ours_wall, ours_cpu) = (
+        fixed["python"],
+        fixed["isolated"],
+        fixed["handler"],
+    )
+    print(
+        f"fixed cost, 4 KiB    {ours_wall * 1000:7.1f} ms  python -c pass      {py_wall * 1000:7.1f} ms  "
+        f"ratio {ours_wall / py_wall:5.2f}  (goal <= 1.5; medians of {runs}; "
+        f"{fixed['work'][0] * 1000:.1f} ms of it after start-up and imports)"
+    )
+    print(
+        f"  the same in CPU    {ours_cpu * 1000:7.1f} ms  python -c pass      {py_cpu * 1000:7.1f} ms  "
+        f"ratio {ours_cpu / py_cpu:5.2f}  (python -I -S -c pass, the floor of any Python handler: "
+        f"{iso_cpu * 1000:.1f} ms CPU, {iso_wall * 1000:.1f} ms wall, ratio {iso_cpu / py_cpu:.2f})"
+    )
+
+
 def main() -> int:
     ap = argparse.ArgumentParser(description=__doc__.splitlines()[0])
     ap.add_argument("--size-mib", type=int, default=1024, help="core size for the throughput runs")
@@ -281,8 +301,12 @@ def main() -> int:
     ap.add_argument("--zero-mib", type=int, default=2048, help="size of the all-zero core")
     ap.add_argument("--level", type=int, default=3)
     ap.add_argument("--threads", type=int, default=1)
+    ap.add_argument("--fixed-only", action="store_true", help="measure only the handler's fixed cost")
     a = ap.parse_args()
     os.makedirs(WORK, exist_ok=True)
+    if a.fixed_only:
+        report_fixed(a.fixed_runs)
+        return 0
     data = core_like(os.path.join(WORK, f"core-like-{a.size_mib}m"), a.size_mib)
     size = os.path.getsize(data)
     print(f"core-like input: {size >> 20} MiB, fed through a pipe; medians of {a.runs} runs\n")
@@ -304,22 +328,7 @@ def main() -> int:
         f"zero core, {a.zero_mib} MiB {zours:7.3f} s   head -c | cat       {zcat:7.3f} s   "
         f"ratio {zours / zcat:5.2f}  (goal <= 1.5; both targets)"
     )
-    fixed = bench_fixed(a.fixed_runs)
-    (py_wall, py_cpu), (iso_wall, iso_cpu), (ours_wall, ours_cpu) = (
-        fixed["python"],
-        fixed["isolated"],
-        fixed["handler"],
-    )
-    print(
-        f"fixed cost, 4 KiB    {ours_wall * 1000:7.1f} ms  python -c pass      {py_wall * 1000:7.1f} ms  "
-        f"ratio {ours_wall / py_wall:5.2f}  (goal <= 1.5; medians of {a.fixed_runs}; "
-        f"{fixed['work'][0] * 1000:.1f} ms of it after start-up and imports)"
-    )
-    print(
-        f"  the same in CPU    {ours_cpu * 1000:7.1f} ms  python -c pass      {py_cpu * 1000:7.1f} ms  "
-        f"ratio {ours_cpu / py_cpu:5.2f}  (python -I -S -c pass, the floor of any Python handler: "
-        f"{iso_cpu * 1000:.1f} ms CPU, {iso_wall * 1000:.1f} ms wall, ratio {iso_cpu / py_cpu:.2f})"
-    )
+    report_fixed(a.fixed_runs)
     rss1, said1 = bench_rss(data, 1)
     rss4, said4 = bench_rss(data, a.big_gib * 1024 // a.size_mib)
     over = max(rss1, rss4) > RSS_GOAL_MIB << 10
