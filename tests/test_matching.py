@@ -12,7 +12,8 @@ from __future__ import annotations
 import pytest
 
 from corevault.agent.loop import Agent
-from corevault.vault import catalog, tables
+from corevault.vault import blobs, catalog, tables
+from corevault.vault.crashes import LocalVault
 from tests.conftest import Capture
 from tests.tenants import node_of, pod
 
@@ -52,6 +53,10 @@ def test_a_crash_loop_is_matched_after_its_samples_and_other_crashes_are_not(
     assert report["matched"]["sample"] in aborts[:2]
     assert any("matched, not analysed" in w for w in report["warnings"])
     assert report["title"] == rows[aborts[0]]["title"]
+    # the matched crash's report is its sample's report.json, not a copy of its own
+    store = LocalVault(settings).store
+    assert store.size(blobs.report_key(aborts[3])) is None
+    assert store.size(blobs.report_key(report["matched"]["sample"]))
 
     [(_, _, assert_id)] = [x for x in ids if x[1] == "assert"]
     assert not got[assert_id], "a failed assert was taken for the abort it shares an instruction with"

@@ -12,7 +12,8 @@ at any point (a SIGKILL included):
 From then on the crash is in the catalog, whatever its analysis does: the analysis runs
 apart (:mod:`corevault.agent.analyses`), and :func:`analyse_shipped` uploads the binaries
 (step 2, off the shipping path: a pod's large binaries never keep another pod's crash out
-of the catalog), stores ``report.json``, records signature and group (once), puts the
+of the catalog), stores ``report.json`` (not for a crash matched to its group's sample: that
+one's report is the sample's, already stored), records signature and group (once), puts the
 debug files the analysis fetched from upstream debuginfod servers into the vault too
 (``buildid/<id>/debuginfo``, so corevault's own debuginfod serves them again), and only
 then removes the entry.
@@ -45,6 +46,8 @@ from corevault.vault import blobs, catalog
 from corevault.vault.crashes import LocalVault
 
 if TYPE_CHECKING:
+    from sqlalchemy.engine import Connection
+
     from corevault.crashrecord import CrashRecord
 
 log = logging.getLogger("corevault.agent")
@@ -185,38 +188,40 @@ def _analyse(
 ) -> str:
     from corevault.analysis import runner, upstream
 
-    with vault.engine.connect() as conn:
+    with vault.engine.begin() as conn:
         match = catalog.match_sample(conn, crash_id, settings.group_samples)
-    if match is not None:
-        # the same crash again, its group analysed enough: matched, not analysed
-        doc = _matched(vault, *match)
-    else:
-        try:
-            doc = runner.analyze(
-                core_path,
-                [settings.buildid_dir],
-                timeout=settings.analysis_timeout,
-                debug_dirs=settings.debug_dirs,
-                fetch=upstream.from_settings(settings),
-                memory=settings.analysis_memory,
-                record=record,
-                uid=settings.analysis_uid,
-            ).to_dict()
-        except runner.AnalysisError as e:
-            log.warning("crash %s: analysis failed: %s", crash_id, e)
-            with vault.engine.begin() as conn:
-                catalog.record_analysis_failure(conn, crash_id, str(e))
-            return "failed"
+        if match is not None:
+            # The same crash again, its group analysed enough: matched, not analysed, and
+            # recorded in the transaction that found the match. Its report is the sample's,
+            # whose report.json the vault holds already: the catalog row refers to it and no
+            # copy is written per crash (a blob write, two fsyncs, of every crash of a loop).
+            catalog.record_analysis(conn, crash_id, _matched(conn, *match))
+            return "matched"
+    try:
+        doc = runner.analyze(
+            core_path,
+            [settings.buildid_dir],
+            timeout=settings.analysis_timeout,
+            debug_dirs=settings.debug_dirs,
+            fetch=upstream.from_settings(settings),
+            memory=settings.analysis_memory,
+            record=record,
+            uid=settings.analysis_uid,
+        ).to_dict()
+    except runner.AnalysisError as e:
+        log.warning("crash %s: analysis failed: %s", crash_id, e)
+        with vault.engine.begin() as conn:
+            catalog.record_analysis_failure(conn, crash_id, str(e))
+        return "failed"
     vault.store.put_bytes(blobs.report_key(crash_id), json.dumps(doc).encode())
     with vault.engine.begin() as conn:
         catalog.record_analysis(conn, crash_id, doc)
-    return "matched" if doc.get("matched") else "done"
+    return "done"
 
 
-def _matched(vault: LocalVault, fingerprint: str, sample: str) -> dict:
+def _matched(conn: Connection, fingerprint: str, sample: str) -> dict:
     """The report of a crash matched by ``fingerprint`` to crash ``sample``: the sample's, saying so."""
-    with vault.engine.connect() as conn:
-        doc = (catalog.get_crash(conn, sample) or {}).get("report")
+    doc = catalog.report_of(conn, sample)
     if not isinstance(doc, dict):
         raise catalog.CatalogError(f"crash {sample}, the sample of a match, has no report")
     doc["matched"] = {"fingerprint": fingerprint, "sample": sample}

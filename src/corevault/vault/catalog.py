@@ -34,6 +34,7 @@ from corevault.vault.queries import (
     list_groups,
     list_namespaces,
     object_for,
+    report_of,
     repository,
 )
 from corevault.vault.recording import (
@@ -72,6 +73,7 @@ __all__ = [
     "rebuild_group_counts",
     "record_analysis",
     "record_analysis_failure",
+    "report_of",
     "repository",
     "shared_key",
 ]

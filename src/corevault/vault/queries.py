@@ -156,9 +156,14 @@ def get_crash(conn: Connection, crash_id: str) -> dict | None:
         return None
     doc = dict(row._mapping)
     doc["meta"] = json.loads(doc["meta"])
-    report = conn.execute(sa.select(reports.c.report).where(reports.c.crash_id == crash_id)).scalar()
-    doc["report"] = json.loads(report) if report else None
+    doc["report"] = report_of(conn, crash_id)
     return doc
+
+
+def report_of(conn: Connection, crash_id: str) -> dict | None:
+    """A crash's report, None before its analysis is recorded."""
+    report = conn.execute(sa.select(reports.c.report).where(reports.c.crash_id == crash_id)).scalar()
+    return json.loads(report) if report else None
 
 
 def _signal_name(value: str) -> str:
