@@ -11,7 +11,10 @@ own client follow without the reader's token; a reader of another namespace gets
 from __future__ import annotations
 
 import hashlib
+import logging
 import os
+import socket
+import struct
 import subprocess
 import time
 from collections.abc import Iterator
@@ -31,9 +34,9 @@ BUILD_ID = "5e" * 20
 TOKENS = {"a": "a-reader-token-0123456789", "b": "b-reader-token-0123456789"}
 
 
-def vault(settings: config.Settings, tmp_path: Path) -> tuple[bytes, str]:
+def vault(settings: config.Settings, tmp_path: Path, size: int = 5 << 20) -> tuple[bytes, str]:
     """One crash of namespace ``a`` and the binary it mapped; returns the binary and its sha256."""
-    binary = os.urandom(5 << 20)
+    binary = os.urandom(size)
     sha = hashlib.sha256(binary).hexdigest()
     local = tmp_path / "binary"
     local.write_bytes(binary)
@@ -92,6 +95,37 @@ def test_a_binary_from_a_file_store_is_sent_by_the_kernel(tmp_path: Path, sendfi
             for _ in range(2):
                 assert client.get(f"{url}/buildid/{BUILD_ID}/executable").content == binary
         assert get(f"{url}/buildid/{BUILD_ID}/executable", "b").status_code == 404
+
+
+def test_a_reader_that_goes_away_mid_download_is_no_server_error(tmp_path: Path) -> None:
+    """Clients cancel downloads (a debugger that has what it needs, curl | head): the kernel's
+    send then fails, and the server lets the response go as it does a streamed one."""
+    settings = config.from_dict({"state_dir": str(tmp_path / "state")})
+    binary, _ = vault(settings, tmp_path, 16 << 20)
+    errors: list[logging.LogRecord] = []
+    handler = logging.Handler(logging.ERROR)
+    handler.emit = errors.append  # type: ignore[method-assign]
+    with servers.asgi(create_app(settings, StaticTokens(tokens(tmp_path)))) as url:
+        logging.getLogger("uvicorn.error").addHandler(handler)  # uvicorn set its loggers up by now
+        try:
+            port = int(url.rsplit(":", 1)[1])
+            request = f"GET /buildid/{BUILD_ID}/executable HTTP/1.1\r\nHost: x\r\n"
+            request += f"Authorization: Bearer {TOKENS['a']}\r\n\r\n"
+            for _ in range(3):
+                with socket.socket() as s:
+                    # a small window (set before connecting): the kernel's send is cut midway
+                    s.setsockopt(socket.SOL_SOCKET, socket.SO_RCVBUF, 4096)
+                    s.connect(("127.0.0.1", port))
+                    s.sendall(request.encode())
+                    assert s.recv(12) == b"HTTP/1.1 200"
+                    s.setsockopt(socket.SOL_SOCKET, socket.SO_LINGER, struct.pack("ii", 1, 0))  # reset
+            assert get(f"{url}/buildid/{BUILD_ID}/executable", "a").content == binary
+            deadline = time.monotonic() + 1
+            while not errors and time.monotonic() < deadline:
+                time.sleep(0.05)
+        finally:
+            logging.getLogger("uvicorn.error").removeHandler(handler)
+    assert not errors, [e.getMessage() for e in errors]
 
 
 @pytest.fixture

@@ -64,10 +64,15 @@ def install() -> None:
             if self.scope["method"] != "HEAD" and count:
                 for piece in self.conn.send_with_data_passthrough(h11.Data(data=_Unseen(count))):  # type: ignore[arg-type]
                     if isinstance(piece, _Unseen):
-                        sent = await asyncio.get_running_loop().sendfile(
-                            self.transport, message["file"], offset, count
-                        )
-                        if sent < count:  # the file is shorter than its record: a short body
+                        try:
+                            sent = await asyncio.get_running_loop().sendfile(
+                                self.transport, message["file"], offset, count
+                            )
+                        except ConnectionError:
+                            # the client went away meanwhile: nothing more to send, as uvicorn's
+                            # own send has it (not an error of the application)
+                            sent = -1
+                        if sent < count:  # or the file is shorter than its record: a short body
                             self.transport.close()
                             self.disconnected = True
                             return
