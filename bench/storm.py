@@ -2,6 +2,7 @@
 
     python -m bench.storm [--pods 200] [--crashes 3] [--namespaces 4] [--big 4] [--big-mib 256]
                           [--parallel 6] [--storm-max 2] [--baseline 30] [--modes pipe,socket]
+                          [--group-samples N]
 
 For each mode, ``--pods`` runc pods (kubepods cgroups, one container each, namespaces in
 turn) crash-loop ``--crashes`` times at once, ``--parallel`` containers running at a time
@@ -45,7 +46,7 @@ from testbed import build, runc, storm, sysctl
 GOAL_PER_SECOND = 20.0
 
 
-def capture_storm(work: str, mode: str, plan: storm.Plan, rootfs: str, storm_max: int):
+def capture_storm(work: str, mode: str, plan: storm.Plan, rootfs: str, storm_max: int, samples: int | None):
     """Install ``mode``, run the storm, journal the kernel's skips; the node's settings, pods, seconds."""
     d = os.path.join(work, mode[0])
     os.makedirs(os.path.join(d, "vol"))
@@ -53,7 +54,8 @@ def capture_storm(work: str, mode: str, plan: storm.Plan, rootfs: str, storm_max
     with open(cfg, "w") as f:
         f.write(f'state_dir = "{d}/s"\n[capture]\nstorm_max = {storm_max}\nstorm_window = 3600\n'
                 f'timeout = 600\n[spool]\nmax_size = "64G"\n'
-                f'[agent]\npoll_interval = 0.1\nmetrics = ""\n')  # fmt: skip
+                f'[agent]\npoll_interval = 0.1\nmetrics = ""\n'
+                + (f"[analysis]\ngroup_samples = {samples}\n" if samples is not None else ""))  # fmt: skip
     settings = config.load(cfg)
     kernel = KernelLog(settings)
     kernel.poll()  # from now on
@@ -141,6 +143,9 @@ def main() -> int:
         "--baseline", type=int, default=30, help="small crashes analysed in full, for the baseline"
     )
     ap.add_argument("--modes", default="pipe,socket")
+    ap.add_argument(
+        "--group-samples", type=int, help="[analysis] group_samples of the drained node (default: the default)"
+    )
     a = ap.parse_args()
     plan = storm.Plan(a.pods, a.crashes, a.namespaces, a.big, a.big_mib, a.parallel)
     modes = a.modes.split(",")
@@ -154,7 +159,7 @@ def main() -> int:
     try:
         rootfs = runc.build_rootfs(os.path.join(work, "rootfs"), {"crasher": build.build("crasher")})
         for mode in modes:
-            settings, pods, seconds = capture_storm(work, mode, plan, rootfs, a.storm_max)
+            settings, pods, seconds = capture_storm(work, mode, plan, rootfs, a.storm_max, a.group_samples)
             acc = storm.account(settings.spool_dir, pods, plan)
             print(f"\n{mode} mode: {plan.pods} pods in {plan.namespaces} namespaces, {plan.crashes} crashes each "
                   f"({plan.big} pods of {plan.big_mib} MiB), {plan.parallel} containers at once: "
