@@ -579,3 +579,25 @@ def test_the_agent_aborts_abandoned_uploads_without_retention_rules(weed, tmp_pa
     time.sleep(1)  # older than 0.00001 days (0.86 s)
     assert Agent(settings).run(once=True) == 0
     assert list_uploads(weed, prefix + "/") == []
+
+
+def test_an_upload_kept_by_a_store_of_other_checksums_starts_anew(weed, tmp_path) -> None:
+    """A node whose [vault.s3] checksums changed while an upload was cut short does not take that
+    upload up: its parts were sent with the other checksum, which completing it would not name."""
+    from corevault.config import S3Settings
+
+    url = f"s3://{weed.bucket}/algo-{uuid.uuid4().hex[:8]}"
+    data = os.urandom(4 * PART)
+    path = str(tmp_path / "core.zst")
+    with open(path, "wb") as f:
+        f.write(data)
+    kill_midway(url, weed, path, kill_at=2, concurrency=1)  # CRC32 parts (the default)
+    s3 = S3Settings()
+    s3.endpoint, s3.addressing, s3.part_size, s3.checksums = weed.endpoint, "path", PART, "when_required"
+    store = stores.open_store(url, s3)
+    store.put_file("crashes/big/core.zst", path)
+    assert store.sent == len(data), "parts sent with CRC32 were taken into an upload of MD5s"
+    with store.open("crashes/big/core.zst") as f:
+        assert sha(f.read()) == sha(data)
+    etag = store.client.head_object(Bucket=weed.bucket, Key=store._key("crashes/big/core.zst"))["ETag"]  # type: ignore[attr-defined]
+    assert etag.strip('"').endswith("-4") and not os.path.exists(path + ".s3-upload")

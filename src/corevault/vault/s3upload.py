@@ -3,8 +3,10 @@
 boto3's transfer manager starts every upload afresh and cannot take up one it did not start,
 so a file of at least one part goes up through the client's own multipart calls:
 
-- the upload's id, with the key, size and part size it is for, is kept beside the file
-  (``<file>.s3-upload``) as soon as the service gives it, before any part is sent;
+- the upload's id, with the key, size, part size and checksum it is for, is kept beside the
+  file (``<file>.s3-upload``) as soon as the service gives it, before any part is sent (an
+  upload begun with another checksum, before ``[vault.s3] checksums`` changed, cannot be
+  completed with this one's: it is started anew);
 - the next attempt (after a SIGKILL, a node drain, the store away) lists the parts the
   service holds and keeps each part whose size and ETag (the MD5 of its bytes) are those of
   the local file at that place, re-read and hashed now: a part is never taken on the
@@ -97,7 +99,8 @@ class MultipartUpload:
 
         if session_file is not None:
             fcntl.flock(f.fileno(), fcntl.LOCK_EX)  # released when the caller closes f
-        kept = sessions.load(session_file, store=self.url, key=key, size=size) if session_file else None
+        expect = {"store": self.url, "key": key, "size": size, "algorithm": self.algorithm}
+        kept = sessions.load(session_file, **expect) if session_file else None
         if kept is not None and not (isinstance(kept.get("upload"), str) and type(kept.get("part")) is int):
             kept = None  # not a session this code wrote: start anew
         held: dict[int, tuple[int, str]] = {}
@@ -110,7 +113,7 @@ class MultipartUpload:
         if kept is None:
             extra = {"ChecksumAlgorithm": "CRC32"} if self.algorithm == "crc32" else {}
             upload = self.client.create_multipart_upload(Bucket=self.bucket, Key=name, **extra)["UploadId"]
-            kept = {"store": self.url, "key": key, "size": size, "upload": upload, "part": part}
+            kept = {**expect, "upload": upload, "part": part}
             if session_file is not None:
                 try:
                     sessions.keep(session_file, kept)
