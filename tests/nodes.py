@@ -7,6 +7,7 @@ fixture in ``tests/test_vault.py`` and the checked-in ``tests/fixtures/spool`` p
 
 from __future__ import annotations
 
+import atexit
 import os
 import shutil
 import subprocess
@@ -19,6 +20,13 @@ from corevault.vault import catalog
 from corevault.vault.crashes import LocalVault
 
 CLI = os.path.join(os.path.dirname(sys.executable), "corevault")
+
+
+def _node_dir() -> str:
+    """A directory for a node's state, removed when the test session ends (a node holds copies of cores)."""
+    d = tempfile.mkdtemp(prefix="cv-node-")
+    atexit.register(shutil.rmtree, d, ignore_errors=True)
+    return d
 
 
 @dataclass
@@ -45,7 +53,7 @@ class Node:
 
     def copy(self) -> Node:
         """Another node with this one's state as it is now (spool, store, a vault and catalog on disk)."""
-        d = tempfile.mkdtemp(prefix="cv-node-")
+        d = _node_dir()
         shutil.copytree(os.path.join(self.dir, "state"), os.path.join(d, "state"), symlinks=True)
         with open(self.config) as f:
             text = f.read().replace(f'state_dir = "{self.dir}/state"', f'state_dir = "{d}/state"', 1)
@@ -59,7 +67,7 @@ _counter = iter(range(1_000_000))
 
 
 def make_node(material: dict, vault: str = "", extra: str = "") -> Node:
-    d = tempfile.mkdtemp(prefix="cv-node-")
+    d = _node_dir()
     cfg = os.path.join(d, "c.toml")
     with open(cfg, "w") as f:
         f.write(f'state_dir = "{d}/state"\nnode_name = "node-{next(_counter)}"\n{vault}\n'
