@@ -1,6 +1,7 @@
 # make demo   - set up, then crash real programs in containers and show where the cores went
 # make test   - set up, then lint, check the import layering and run the whole test suite
-# make quick  - the quick loop: the tests that need no root and crash nothing (pytest -m "not crash")
+# make quick  - the quick loop: no root, nothing crashes, no server process, browser or kubectl
+#               (pytest -m "not crash and not servers")
 # make bench  - capture, analysis and vault benchmarks (against baselines measured in the same run)
 # make image  - build the container image with podman, offline from any registry, and corevault.oci.tar
 
@@ -48,7 +49,7 @@ test: setup lint
 	$(PY) -m pytest -q
 
 quick: venv
-	$(PY) -m pytest -q -m "not crash"
+	$(PY) -m pytest -q -m "not crash and not servers"
 
 demo: setup
 	$(PY) -m testbed.demo

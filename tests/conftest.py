@@ -5,6 +5,12 @@ Tests marked ``crash`` set the host's core_pattern. They hold a host-wide lock w
 do (so two test runs never interleave) and the previous core_pattern, core_pipe_limit and
 suid_dumpable are written back when they end, also when they fail.
 
+Tests marked ``servers`` start a server process, a browser or kubectl (see the marker in
+pyproject.toml). A fixture that starts one says so with :func:`starts_servers`, and every
+test that uses it, directly or through another fixture, gets the marker; a test that
+starts one itself carries the marker. The quick loop, ``-m "not crash and not servers"``,
+leaves both out.
+
 The others need neither root nor a crash: the catalog, server and command-line tests read
 ``fixture_vault``, real crashes that ``tests/fixtures/spool`` keeps (see its README). One
 vault serves them all, so none may change it (checked after each test that uses it); a
@@ -19,8 +25,9 @@ import os
 import shutil
 import subprocess
 import time
-from collections.abc import Iterator
+from collections.abc import Callable, Iterator
 from dataclasses import dataclass
+from typing import TypeVar
 
 import pytest
 
@@ -42,6 +49,29 @@ def pytest_sessionstart(session: pytest.Session) -> None:
     removed = sysctl.repair_dangling_pattern()
     if removed:
         print(f"\nwarning: core_pattern pointed at a missing handler ({removed}); reset it to 'core'")
+
+
+F = TypeVar("F", bound=Callable[..., object])
+
+
+def starts_servers(fixture: F) -> F:
+    """Put under ``@pytest.fixture``: this fixture starts a server process, a browser or kubectl."""
+    fixture.starts_servers = True  # type: ignore[attr-defined]
+    return fixture
+
+
+def pytest_collection_modifyitems(items: list[pytest.Item]) -> None:
+    # The marker follows the fixtures a test really gets (its closure, as overridden where it
+    # runs), so a fixture of the same name elsewhere that starts nothing marks nothing.
+    for item in items:
+        info = getattr(item, "_fixtureinfo", None)
+        if info is None:
+            continue
+        for name in item.fixturenames:
+            defs = info.name2fixturedefs.get(name)
+            if defs and getattr(defs[-1].func, "starts_servers", False):
+                item.add_marker(pytest.mark.servers)
+                break
 
 
 @pytest.fixture(scope="session")

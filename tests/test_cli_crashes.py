@@ -1,6 +1,7 @@
 """``corevault list | info | dump | groups | rm | gdb`` over a vault the agent filled.
 
-The crashes are the checked-in ones (``fixture_vault``): no root, nothing crashes here.
+The crashes are the checked-in ones (``fixture_vault``): no root, nothing crashes here. The
+commands run in this process (tests/clirun.py), but ``gdb``, which runs gdb.
 """
 
 from __future__ import annotations
@@ -14,11 +15,17 @@ import time
 import pytest
 import zstandard
 
+from tests.clirun import corevault
 from tests.conftest import FIXTURE_SPOOL, FixtureVault
 from tests.nodes import CLI
 
 
 def cli(vault: FixtureVault, *args: str) -> subprocess.CompletedProcess:
+    return corevault("-c", vault.node.config, *args)
+
+
+def cli_child(vault: FixtureVault, *args: str) -> subprocess.CompletedProcess:
+    """In a child: ``corevault gdb`` runs gdb, whose output goes to the file descriptors."""
     return subprocess.run(
         [CLI, "-c", vault.node.config, *args], capture_output=True, text=True, check=False, timeout=120
     )
@@ -103,7 +110,7 @@ def test_groups(fixture_vault: FixtureVault) -> None:
 def test_gdb_batch_after_the_image_is_gone(fixture_vault_copy: FixtureVault) -> None:
     """Only the vault's copies of the binaries are left: the node's store and the image are gone."""
     shutil.rmtree(fixture_vault_copy.node.settings.buildid_dir)
-    out = cli(fixture_vault_copy, "gdb", fixture_vault_copy.ids["b-lib"], "--batch", "--", "-ex", "bt")
+    out = cli_child(fixture_vault_copy, "gdb", fixture_vault_copy.ids["b-lib"], "--batch", "--", "-ex", "bt")
     assert out.returncode == 0, out.stderr
     # gdb shows frame #0 where it stopped, then the whole backtrace
     frames = {line.split()[0]: line for line in out.stdout.splitlines() if line.startswith("#")}
@@ -136,6 +143,6 @@ def test_rm_forgets_a_crash(fixture_vault_copy: FixtureVault) -> None:
 def test_bad_vault_settings_are_one_line(tmp_path, setting: str, words: str) -> None:
     cfg = tmp_path / "c.toml"
     cfg.write_text(f'state_dir = "{tmp_path}/s"\n[vault]\n{setting}\n')
-    out = subprocess.run([CLI, "-c", str(cfg), "list"], capture_output=True, text=True, check=False)
+    out = corevault("-c", str(cfg), "list")
     assert out.returncode in (1, 2) and words in out.stderr
     assert len(out.stderr.strip().splitlines()) == 1, out.stderr

@@ -35,6 +35,7 @@ def validate(docs: list[dict], tmp_path) -> subprocess.CompletedProcess:
     )
 
 
+@pytest.mark.servers
 def test_kustomize_renders_and_every_object_validates(tmp_path) -> None:
     docs = rendered()
     kinds = sorted(d["kind"] for d in docs)
@@ -63,6 +64,7 @@ def test_the_seeds_examples_validate(example: str, tmp_path) -> None:
     assert pod["metadata"]["annotations"]["alibabacloud.com/core-pattern"] == "/data/dump-a/core-%E-%p-%t"
 
 
+@pytest.mark.servers
 def test_least_privilege_for_the_agent_and_a_webhook_that_never_blocks_pods() -> None:
     docs = {(d["kind"], d["metadata"]["name"]): d for d in rendered()}
     rules = docs[("ClusterRole", "corevault-agent")]["rules"]
@@ -84,6 +86,7 @@ def test_least_privilege_for_the_agent_and_a_webhook_that_never_blocks_pods() ->
     assert "corevault.io/core-pattern" in expression and "alibabacloud.com/core-pattern" in expression
 
 
+@pytest.mark.servers
 def test_the_daemonset_runs_an_agent_command_line_the_cli_accepts_with_the_forwarder_the_image_ships() -> (
     None
 ):
@@ -107,6 +110,7 @@ def test_the_daemonset_runs_an_agent_command_line_the_cli_accepts_with_the_forwa
     assert len(("@@" + hostsetup.socket_path(host["hostPath"]["path"])).encode()) <= 127
 
 
+@pytest.mark.servers
 def test_the_server_checks_callers_with_the_cluster_and_nothing_more() -> None:
     docs = {(d["kind"], d["metadata"]["name"]): d for d in rendered()}
     assert docs[("ClusterRole", "corevault-server")]["rules"] == [

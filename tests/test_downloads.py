@@ -29,6 +29,7 @@ from corevault.server.app import create_app
 from corevault.vault import blobs, catalog, stores
 from corevault.vault.remote import RemoteVault
 from testbed import servers
+from tests.conftest import starts_servers
 
 BUILD_ID = "5e" * 20
 TOKENS = {"a": "a-reader-token-0123456789", "b": "b-reader-token-0123456789"}
@@ -129,6 +130,7 @@ def test_a_reader_that_goes_away_mid_download_is_no_server_error(tmp_path: Path)
 
 
 @pytest.fixture
+@starts_servers
 def s3_vault(tmp_path: Path) -> Iterator[tuple[config.Settings, servers.Seaweed]]:
     with servers.seaweed() as w:
         os.environ["AWS_ACCESS_KEY_ID"], os.environ["AWS_SECRET_ACCESS_KEY"] = servers.KEY, servers.SECRET

@@ -24,7 +24,7 @@ import yaml
 from botocore.config import Config
 
 from testbed import fusefs, servers
-from tests.conftest import Capture, gdb_backtrace, installed_capture
+from tests.conftest import Capture, gdb_backtrace, installed_capture, starts_servers
 
 pytestmark = pytest.mark.crash
 
@@ -49,6 +49,7 @@ def capture(installed: Capture) -> Capture:
 
 
 @pytest.fixture(scope="module")
+@starts_servers
 def weed() -> Iterator[servers.Seaweed]:
     with servers.seaweed() as w:
         yield w

@@ -37,6 +37,7 @@ from corevault.capture.buildid import read_build_id
 from corevault.vault import catalog
 from testbed import image, podspec, runc, servers, sysctl, tls
 from testbed.fakekube import FakeKube
+from tests.conftest import starts_servers
 from tests.test_podwatch import pod as pod_object
 from tests.test_webhook import admit, seed_pod_without_a_volume
 
@@ -124,6 +125,7 @@ def serve_tls(fake: FakeKube, cert: str, key: str) -> None:
 
 
 @pytest.fixture(scope="module")
+@starts_servers
 def cluster(tmp_path_factory: pytest.TempPathFactory) -> Iterator[Cluster]:
     tag = image.build()
     d = str(tmp_path_factory.mktemp("cluster"))

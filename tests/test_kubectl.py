@@ -57,6 +57,7 @@ def kubectl(env: dict, *args: str) -> subprocess.CompletedProcess:
     )
 
 
+@pytest.mark.servers
 def test_seed_emptydir_scenario_builds_the_guides_ephemeral_container(kube) -> None:
     fake, env = kube
     fake.add("pods", seed_pod())
@@ -77,6 +78,7 @@ def test_seed_emptydir_scenario_builds_the_guides_ephemeral_container(kube) -> N
     assert "running" in status[0]["state"]
 
 
+@pytest.mark.servers
 @pytest.mark.parametrize(
     ("ours", "directory"), [("", "/data/dump-a"), (" ", "/data/dump-a"), ("/cores/core-%p", "/cores")]
 )
@@ -94,6 +96,7 @@ def test_debug_reads_the_pattern_by_the_handlers_rule(kube, ours: str, directory
     assert container["volumeMounts"][0]["mountPath"] == directory + "/"
 
 
+@pytest.mark.servers
 def test_every_attempt_gets_a_new_container_name(kube) -> None:
     fake, env = kube
     fake.add("pods", seed_pod())
@@ -103,6 +106,7 @@ def test_every_attempt_gets_a_new_container_name(kube) -> None:
     assert len(names) == 2 and len(set(names)) == 2
 
 
+@pytest.mark.servers
 def test_gdb_on_the_newest_core(kube) -> None:
     fake, env = kube
     fake.add("pods", seed_pod())
@@ -112,6 +116,7 @@ def test_gdb_on_the_newest_core(kube) -> None:
     assert patch.body["spec"]["ephemeralContainers"][0]["image"] == "gdb-tools:1"
 
 
+@pytest.mark.servers
 @pytest.mark.parametrize(
     ("setup", "words"),
     [
@@ -147,6 +152,7 @@ def web_deployment() -> dict:
     }  # fmt: skip
 
 
+@pytest.mark.servers
 def test_enable_adds_annotation_volume_and_mounts_once(kube) -> None:
     fake, env = kube
     fake.add("deployments", web_deployment())
@@ -167,6 +173,7 @@ def test_enable_adds_annotation_volume_and_mounts_once(kube) -> None:
         assert c["volumeMounts"] == [{"name": "corevault-cores", "mountPath": "/data/dump-a"}]
 
 
+@pytest.mark.servers
 @pytest.mark.parametrize(
     ("volume", "source"),
     [
@@ -183,6 +190,7 @@ def test_enable_with_a_claim_or_nfs(kube, volume: str, source: dict) -> None:
     ]
 
 
+@pytest.mark.servers
 @pytest.mark.parametrize(
     ("args", "code", "words"),
     [
@@ -221,6 +229,7 @@ def seed_oss_volume() -> tuple[dict, dict]:
     return docs["PersistentVolume"], container["volumeMounts"][0]
 
 
+@pytest.mark.servers
 def test_enable_with_an_oss_bucket_makes_the_seeds_volume_and_claim(kube) -> None:
     fake, env = kube
     fake.add("deployments", web_deployment())
@@ -262,6 +271,7 @@ def test_enable_with_an_oss_bucket_makes_the_seeds_volume_and_claim(kube) -> Non
     assert posts == ["/api/v1/persistentvolumes", "/api/v1/namespaces/default/persistentvolumeclaims"]
 
 
+@pytest.mark.servers
 def test_enable_with_an_s3fs_bucket_dry_run_prints_volume_claim_and_patch(kube) -> None:
     fake, env = kube
     fake.add("deployments", web_deployment())
@@ -283,6 +293,7 @@ def test_enable_with_an_s3fs_bucket_dry_run_prints_volume_claim_and_patch(kube) 
     assert not [r for r in fake.requests if r.method in ("POST", "PATCH")]
 
 
+@pytest.mark.servers
 def test_list_and_info_use_the_contexts_namespace(kube, tmp_path) -> None:
     from corevault import config
     from corevault.vault import catalog
@@ -307,6 +318,7 @@ def test_list_and_info_use_the_contexts_namespace(kube, tmp_path) -> None:
     assert missing.returncode == 4 and "no crash 'no-such-crash'" in missing.stderr
 
 
+@pytest.mark.servers
 def test_a_hostile_directory_is_quoted_not_run(kube) -> None:
     fake, env = kube
     evil = "/data/x;touch${IFS}pwned"

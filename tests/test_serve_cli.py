@@ -8,12 +8,14 @@ import subprocess
 import sys
 
 import httpx
+import pytest
 
 from testbed import servers, tls
 
 CLI = os.path.join(os.path.dirname(sys.executable), "corevault")
 
 
+@pytest.mark.servers
 def test_serve_speaks_https_with_the_given_certificate(tmp_path) -> None:
     (tmp_path / "tls").mkdir()
     cert, key = tls.self_signed(str(tmp_path / "tls"))

@@ -377,6 +377,7 @@ CHROMIUM_ARGS = [
 ]  # fmt: skip
 
 
+@pytest.mark.servers
 def test_browser_from_the_group_list_to_a_crash_and_its_core(
     served: Served, tmp_path, screenshots: str
 ) -> None:

@@ -24,6 +24,7 @@ from corevault import config
 from corevault.config import CloudSettings
 from corevault.vault import blobs, stores
 from testbed import clouds, relay, servers
+from tests.conftest import starts_servers
 
 KINDS = ("s3", "azure", "gcs")
 PART = 5 << 20  # S3's smallest part; a multiple of GCS's 256 KiB
@@ -31,6 +32,7 @@ Server = clouds.Emulator | servers.Seaweed
 
 
 @pytest.fixture(scope="module")
+@starts_servers
 def azurite() -> Iterator[clouds.Azurite]:
     with clouds.azurite() as server:
         old = os.environ.get("AZURE_STORAGE_CONNECTION_STRING")
@@ -45,12 +47,14 @@ def azurite() -> Iterator[clouds.Azurite]:
 
 
 @pytest.fixture(scope="module")
+@starts_servers
 def gcs() -> Iterator[clouds.FakeGcs]:
     with clouds.fake_gcs() as server:
         yield server
 
 
 @pytest.fixture(scope="module")
+@starts_servers
 def weed() -> Iterator[servers.Seaweed]:
     keys = {"AWS_ACCESS_KEY_ID": servers.KEY, "AWS_SECRET_ACCESS_KEY": servers.SECRET}
     old = {k: os.environ.get(k) for k in keys}
@@ -66,7 +70,7 @@ def weed() -> Iterator[servers.Seaweed]:
                 os.environ[k] = v
 
 
-@pytest.mark.parametrize("kind", ["s3", "file"])
+@pytest.mark.parametrize("kind", [pytest.param("s3", marks=pytest.mark.servers), "file"])
 def test_the_older_stores_read_ranges_too(kind: str, tmp_path, request: pytest.FixtureRequest) -> None:
     from corevault.config import S3Settings
 
@@ -88,7 +92,7 @@ def test_the_older_stores_read_ranges_too(kind: str, tmp_path, request: pytest.F
     assert [k for k, _ in store.keys("")] == ["k"]
 
 
-@pytest.fixture(params=KINDS)
+@pytest.fixture(params=[pytest.param(k, marks=pytest.mark.servers) for k in KINDS])
 def cloud(request: pytest.FixtureRequest) -> tuple[str, Server]:
     """A fresh container, bucket or (S3) prefix in the kind's server; (store URL, server)."""
     name = f"cv-{uuid.uuid4().hex[:12]}"
@@ -499,6 +503,7 @@ def test_s3_without_flexible_checksums_sends_md5s_and_checks_the_etag(weed, tmp_
     assert etag.strip('"').endswith("-3")
 
 
+@pytest.mark.servers
 @pytest.mark.parametrize("kind", ["s3", "gcs"])
 def test_a_kept_session_that_cannot_be_taken_up_starts_anew(kind, tmp_path, request) -> None:
     """A session file that is garbage, names an upload the service does not know, or is older than

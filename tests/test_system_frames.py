@@ -30,7 +30,7 @@ from corevault.server.access import StaticTokens
 from corevault.server.app import create_app
 from corevault.vault import blobs
 from testbed import corpus, debuginfod, runc, servers
-from tests.conftest import installed_capture
+from tests.conftest import installed_capture, starts_servers
 from tests.test_vault import make_node
 
 pytestmark = pytest.mark.crash
@@ -112,6 +112,7 @@ def test_without_a_debug_file_libcs_internals_stay_unnamed(material: dict) -> No
 
 
 @pytest.fixture(scope="module")
+@starts_servers
 def distribution() -> Iterator[str]:
     """A real debuginfod serving libc6-dbg's debug files of libc and the loader."""
     libc, libc_debug = host_debug_file(LIBC)

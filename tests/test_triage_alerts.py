@@ -30,6 +30,7 @@ from corevault.server.access import StaticTokens
 from corevault.server.app import create_app
 from corevault.vault import catalog, lifecycle
 from testbed import servers
+from tests.conftest import starts_servers
 from tests.triage_data import add
 
 CLI = os.path.join(os.path.dirname(sys.executable), "corevault")
@@ -199,6 +200,7 @@ def _tokens(tmp_path) -> str:
     return str(tokens)
 
 
+@pytest.mark.servers
 def test_an_alert_survives_a_receiver_outage_and_a_server_restart_and_arrives_once(
     tmp_path, receiver: Receiver
 ) -> None:
@@ -282,6 +284,7 @@ class Monitoring:
 
 
 @pytest.fixture
+@starts_servers
 def monitoring(tmp_path, receiver: Receiver) -> Iterator[Callable[[str], Monitoring]]:
     started: list[subprocess.Popen] = []
 

@@ -10,6 +10,7 @@ import sqlalchemy as sa
 
 from corevault.vault import catalog, lifecycle, search
 from testbed import servers
+from tests.conftest import starts_servers
 from tests.triage_data import add
 
 NOW = int(time.time())
@@ -17,6 +18,7 @@ HOUR = 3600
 
 
 @pytest.fixture(scope="module")
+@starts_servers
 def pg() -> Iterator[servers.Postgres]:
     with servers.postgres() as p:
         yield p
@@ -25,7 +27,7 @@ def pg() -> Iterator[servers.Postgres]:
 _n = iter(range(1000))
 
 
-@pytest.fixture(params=["sqlite", "postgresql"])
+@pytest.fixture(params=["sqlite", pytest.param("postgresql", marks=pytest.mark.servers)])
 def engine(request: pytest.FixtureRequest, tmp_path) -> sa.Engine:
     if request.param == "sqlite":
         return catalog.connect(f"sqlite:///{tmp_path}/catalog.db")

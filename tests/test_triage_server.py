@@ -188,6 +188,7 @@ def test_groups_commands_change_states_remotely_and_locally(served: Served) -> N
     assert served.cli(None, "groups", "reopen", "only-a").returncode == 0
 
 
+@pytest.mark.servers
 def test_browser_resolves_and_reopens_from_the_group_page(served: Served, screenshots: str) -> None:
     from playwright.sync_api import sync_playwright
 

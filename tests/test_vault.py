@@ -28,7 +28,7 @@ from corevault.agent.loop import Agent
 from corevault.vault import blobs, catalog, retention, tables
 from corevault.vault.crashes import LocalVault
 from testbed import servers
-from tests.conftest import installed_capture
+from tests.conftest import installed_capture, starts_servers
 from tests.nodes import CLI, Node, make_node
 
 pytestmark = pytest.mark.crash
@@ -52,6 +52,7 @@ def material(rootfs: str) -> Iterator[dict]:
 
 
 @pytest.fixture(scope="module")
+@starts_servers
 def s3(tmp_path_factory: pytest.TempPathFactory) -> Iterator[servers.Seaweed]:
     old = {k: os.environ.get(k) for k in ("AWS_ACCESS_KEY_ID", "AWS_SECRET_ACCESS_KEY")}
     os.environ["AWS_ACCESS_KEY_ID"], os.environ["AWS_SECRET_ACCESS_KEY"] = servers.KEY, servers.SECRET
@@ -65,6 +66,7 @@ def s3(tmp_path_factory: pytest.TempPathFactory) -> Iterator[servers.Seaweed]:
 
 
 @pytest.fixture(scope="module")
+@starts_servers
 def pg() -> Iterator[servers.Postgres]:
     with servers.postgres() as p:
         yield p

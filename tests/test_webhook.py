@@ -16,12 +16,14 @@ import jsonpatch
 import pytest
 
 from testbed import servers, tls
+from tests.conftest import starts_servers
 from tests.test_kubectl import seed_pod
 
 CLI = os.path.join(os.path.dirname(sys.executable), "corevault")
 
 
 @pytest.fixture(scope="module")
+@starts_servers
 def webhook(tmp_path_factory: pytest.TempPathFactory) -> Iterator[tuple[str, ssl.SSLContext]]:
     cert, key = tls.self_signed(str(tmp_path_factory.mktemp("tls")))
     port = servers.free_port()

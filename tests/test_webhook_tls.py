@@ -85,6 +85,7 @@ def test_the_certificate_is_renewed_before_it_expires_under_the_same_ca(cluster)
     assert certs.Bundle.from_secret_data(secret["data"]) == later
 
 
+@pytest.mark.servers
 def test_the_managed_certificate_serves_admission_reviews(cluster, tmp_path) -> None:
     fake, _, _, kubeconfig = cluster
     port = servers.free_port()
