@@ -12,12 +12,13 @@ import pytest
 
 from corevault import hostsetup
 from testbed import sysctl
+from tests.clirun import corevault
 
 CLI = os.path.join(os.path.dirname(sys.executable), "corevault")
 
 
-def run(*args: str, env: dict | None = None) -> subprocess.CompletedProcess:
-    return subprocess.run([CLI, *args], capture_output=True, text=True, check=False, env=env, timeout=60)
+def run(*args: str) -> subprocess.CompletedProcess:
+    return corevault(*args)
 
 
 # (arguments, exit code, words the one-line error must contain)

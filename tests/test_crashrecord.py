@@ -21,6 +21,7 @@ from corevault.server.access import StaticTokens
 from corevault.server.app import create_app
 from corevault.vault.crashes import LocalVault
 from testbed import servers
+from tests.clirun import corevault
 
 CLI = os.path.join(os.path.dirname(sys.executable), "corevault")
 TOKEN = "record-admin-token"
@@ -121,7 +122,7 @@ def test_an_unversioned_spool_entry_ships_and_is_served(shipped: tuple[config.Se
 
 def test_corevault_info_shows_an_unversioned_crash(shipped: tuple[config.Settings, str, str]) -> None:
     _, cfg, _ = shipped
-    out = subprocess.run([CLI, "-c", cfg, "info", ENTRY], capture_output=True, text=True, check=False)
+    out = corevault("-c", cfg, "info", ENTRY)
     assert out.returncode == 0, out.stderr
     assert "shop/cart-1 (uid uid-cart-1)" in out.stdout and "/data/dump-a/core-1" in out.stdout
 

@@ -27,6 +27,7 @@ from corevault.server.access import StaticTokens
 from corevault.server.app import create_app
 from corevault.vault import blobs
 from testbed import servers
+from tests.clirun import corevault
 from tests.conftest import FixtureVault
 from tests.nodes import CLI, Node
 
@@ -340,6 +341,12 @@ def test_debuginfo_is_served_only_for_binaries_with_dwarf(served: Served) -> Non
 
 
 def _cli(served: Served, who: str, *args: str) -> subprocess.CompletedProcess:
+    env = {"COREVAULT_SERVER": served.url, "COREVAULT_TOKEN": TOKENS[who], "COREVAULT_CONFIG": None}
+    return corevault(*args, env=env)
+
+
+def _cli_child(served: Served, who: str, *args: str) -> subprocess.CompletedProcess:
+    """In a child: ``corevault gdb`` runs gdb, whose output goes to the file descriptors."""
     env = {**os.environ, "COREVAULT_SERVER": served.url, "COREVAULT_TOKEN": TOKENS[who]}
     env.pop("COREVAULT_CONFIG", None)
     return subprocess.run([CLI, *args], capture_output=True, text=True, env=env, timeout=300, check=False)
@@ -357,7 +364,7 @@ def test_cli_remote_mode(served: Served, tmp_path) -> None:
     assert out.read_bytes() == _plain_core(served, served.ids["b-lib"])
     groups = json.loads(_cli(served, "a", "groups", "--json").stdout)
     assert [(g["signal_name"], g["count"]) for g in groups] == [("SIGFPE", 1)]
-    gdb = _cli(served, "b", "gdb", served.ids["b-lib"], "--batch", "--", "-ex", "bt")
+    gdb = _cli_child(served, "b", "gdb", served.ids["b-lib"], "--batch", "--", "-ex", "bt")
     assert " crashy_parse (" in gdb.stdout, gdb.stdout + gdb.stderr
     denied = _cli(served, "a", "rm", served.ids["a"])
     assert denied.returncode == 1 and "may read but not remove" in denied.stderr

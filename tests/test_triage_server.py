@@ -23,6 +23,7 @@ from corevault.server.access import StaticTokens
 from corevault.server.app import create_app
 from corevault.vault import catalog
 from testbed import servers
+from tests.clirun import corevault
 from tests.triage_data import add
 
 CLI = os.path.join(os.path.dirname(sys.executable), "corevault")
@@ -53,13 +54,11 @@ class Served:
         return httpx.post(self.url + path, headers={"Authorization": f"Bearer {TOKENS[who]}"}, json=body)
 
     def cli(self, who: str | None, *args: str) -> subprocess.CompletedProcess:
-        env = {k: v for k, v in os.environ.items() if not k.startswith("COREVAULT_")}
+        env: dict[str, str | None] = {k: None for k in os.environ if k.startswith("COREVAULT_")}
         if who:
             env |= {"COREVAULT_SERVER": self.url, "COREVAULT_TOKEN": TOKENS[who]}
-            cmd = [CLI, *args]
-        else:
-            cmd = [CLI, "-c", os.path.join(self.dir, "c.toml"), *args]
-        return subprocess.run(cmd, capture_output=True, text=True, env=env, timeout=120, check=False)
+            return corevault(*args, env=env)
+        return corevault("-c", os.path.join(self.dir, "c.toml"), *args, env=env)
 
 
 @pytest.fixture
