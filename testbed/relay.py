@@ -2,7 +2,9 @@
 
 Put between an agent and its store, it measures what the agent really sent (bodies and
 headers, retries included), also for an agent that is SIGKILLed midway: what a killed
-process had in flight is counted as far as it got onto the wire.
+process had in flight is counted as far as it got onto the wire. With ``pace``, it passes on
+at most that many bytes a second towards the server, over all connections: an upload then
+lasts long enough for a test to stop its agent midway however busy the machine is.
 """
 
 from __future__ import annotations
@@ -15,8 +17,10 @@ from contextlib import contextmanager, suppress
 
 
 class Relay:
-    def __init__(self, target_port: int) -> None:
+    def __init__(self, target_port: int, pace: int | None = None) -> None:
         self.target_port = target_port
+        self.pace = pace
+        self._free_at = 0.0  # when the paced wire is free for the next chunk
         self.listener = socket.create_server(("127.0.0.1", 0))
         self.port = self.listener.getsockname()[1]
         #: bytes clients sent towards the server so far
@@ -51,8 +55,14 @@ class Relay:
         try:
             while data := src.recv(1 << 16):
                 if counted:
+                    wait = 0.0
                     with self._lock:
                         self.sent += len(data)
+                        if self.pace:
+                            self._free_at = max(self._free_at, time.monotonic()) + len(data) / self.pace
+                            wait = self._free_at - time.monotonic()
+                    if wait > 0:
+                        time.sleep(wait)
                 dst.sendall(data)
         except OSError:
             pass
@@ -76,8 +86,8 @@ class Relay:
 
 
 @contextmanager
-def relay(target_port: int) -> Iterator[Relay]:
-    r = Relay(target_port)
+def relay(target_port: int, pace: int | None = None) -> Iterator[Relay]:
+    r = Relay(target_port, pace)
     acceptor = threading.Thread(target=r.serve, daemon=True)
     acceptor.start()
     try:

@@ -10,6 +10,7 @@ racing, retention) use the real crashes of tests/test_vault.py, on every store.
 
 from __future__ import annotations
 
+import functools
 import hashlib
 import os
 import signal
@@ -17,6 +18,7 @@ import subprocess
 import sys
 import uuid
 from collections.abc import Iterator
+from typing import Any
 
 import pytest
 
@@ -28,6 +30,7 @@ from tests.conftest import starts_servers
 
 KINDS = ("s3", "azure", "gcs")
 PART = 5 << 20  # S3's smallest part; a multiple of GCS's 256 KiB
+RESUMED_PACE = 10 << 20  # bytes a second: the 48 MiB core of the killed agent's entry takes ~5 s
 Server = clouds.Emulator | servers.Seaweed
 
 
@@ -231,12 +234,62 @@ def test_an_upload_killed_midway_resumes_with_the_parts_the_store_holds(cloud, t
     assert not os.path.exists(path + ".gcs-upload") and not os.path.exists(path + ".s3-upload")
 
 
-def list_uploads(server: servers.Seaweed, prefix: str) -> list[dict]:
+KILLED_AFTER_COMPLETING = """
+real = store.client.complete_multipart_upload
+def complete(**kw):
+    real(**kw)  # carried out by the service: the agent dies before it drops its kept session
+    os.kill(os.getpid(), signal.SIGKILL)
+store.client.complete_multipart_upload = complete
+store.put_file("crashes/big/core.zst", {path!r})
+"""
+
+
+def test_an_s3_upload_completed_as_its_agent_died_is_not_sent_again(weed, tmp_path) -> None:
+    url = f"s3://{weed.bucket}/completed-{uuid.uuid4().hex[:8]}"
+    data = os.urandom(3 * PART)
+    path = str(tmp_path / "core.zst")
+    with open(path, "wb") as f:
+        f.write(data)
+    script = KILLED_MIDWAY.format(
+        part=PART, concurrency=1, gcs_endpoint=None, s3_endpoint=weed.endpoint, url=url
+    )
+    killed = subprocess.run([sys.executable, "-c", script + KILLED_AFTER_COMPLETING.format(path=path)],
+                            capture_output=True, text=True, check=False)  # fmt: skip
+    assert killed.returncode == -signal.SIGKILL, killed.stderr
+    assert os.path.exists(path + ".s3-upload")  # kept, naming an upload the service has completed
+    store = open_cloud(url, weed)
+    assert store.put_file("crashes/big/core.zst", path).size == len(data)
+    assert store.sent == 0, "the object the store held whole was sent again"
+    assert not os.path.exists(path + ".s3-upload")
+    with store.open("crashes/big/core.zst") as f:
+        assert sha(f.read()) == sha(data)
+    # A kept session whose upload was completed with other bytes of the same size: that object
+    # is not taken for this file's, the file is uploaded anew.
+    with open(path, "wb") as f:
+        f.write(os.urandom(len(data)))
+    subprocess.run([sys.executable, "-c", script + KILLED_AFTER_COMPLETING.format(path=path)], check=False)
+    assert os.path.exists(path + ".s3-upload")
+    with open(path, "wb") as f:
+        f.write(data)
+    store = open_cloud(url, weed)
+    store.put_file("crashes/big/core.zst", path)
+    assert store.sent == len(data)
+    with store.open("crashes/big/core.zst") as f:
+        assert sha(f.read()) == sha(data)
+
+
+@functools.cache
+def s3_client(endpoint: str) -> Any:
+    """One client per endpoint: making one costs more than the requests a poll makes with it."""
     import boto3
     from botocore.config import Config
 
-    client = boto3.client("s3", endpoint_url=server.endpoint, region_name="us-east-1",
-                          config=Config(s3={"addressing_style": "path"}))  # fmt: skip
+    return boto3.client("s3", endpoint_url=endpoint, region_name="us-east-1",
+                        config=Config(s3={"addressing_style": "path"}))  # fmt: skip
+
+
+def list_uploads(server: servers.Seaweed, prefix: str) -> list[dict]:
+    client = s3_client(server.endpoint)
     return client.list_multipart_uploads(Bucket=server.bucket, Prefix=prefix).get("Uploads", [])
 
 
@@ -244,16 +297,12 @@ def held_parts(server: servers.Seaweed, session_file: str) -> int:
     """How many parts the store holds of the upload kept in ``session_file`` (0: none kept yet)."""
     import json
 
-    import boto3
-    from botocore.config import Config
-
     try:
         with open(session_file) as f:
             kept = json.load(f)
     except (OSError, ValueError):
         return 0
-    client = boto3.client("s3", endpoint_url=server.endpoint, region_name="us-east-1",
-                          config=Config(s3={"addressing_style": "path"}))  # fmt: skip
+    client = s3_client(server.endpoint)
     name = kept["store"].split("/", 3)[3] + "/" + kept["key"]
     answer = client.list_parts(Bucket=server.bucket, Key=name, UploadId=kept["upload"])
     return len(answer.get("Parts", []))
@@ -370,7 +419,9 @@ from tests.test_vault import (  # noqa: E402
 def test_agent_ships_exactly_once_resumes_after_a_kill_and_retention_empties(cloud, material) -> None:  # noqa: F811
     url, server = cloud
     if isinstance(server, servers.Seaweed):
-        with relay.relay(server.s3_port) as counted:  # what the agents send to S3, counted on the wire
+        # what the agents send to S3, counted on the wire; paced, so that the upload is still
+        # under way when the test, polling the parts the store holds, stops the agent
+        with relay.relay(server.s3_port, pace=RESUMED_PACE) as counted:
             killed_and_resumed(url, server, material, counted)
     else:
         killed_and_resumed(url, server, material, None)

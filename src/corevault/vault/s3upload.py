@@ -17,7 +17,10 @@ so a file of at least one part goes up through the client's own multipart calls:
   checksums, such as OSS), which the service checks before it keeps the part; the finished
   object must then report the file's size and the composite of the parts' checksums.
 
-An upload the service no longer knows (completed, or aborted as abandoned) is started anew.
+An upload the service no longer knows (completed, or aborted as abandoned) is started anew,
+unless the object under its name already holds the file's bytes (its size, and the checksum
+its parts make, re-read and hashed now): an agent killed after the service carried out its
+completion, before it dropped the kept session, has nothing left to send.
 One that is never taken up again (its spool entry gone) is aborted by :func:`abort_abandoned`
 once older than ``[vault] abandoned_upload_days``.
 
@@ -109,6 +112,11 @@ class MultipartUpload:
                 held = dict(self._held(name, kept["upload"]))
                 part = kept["part"]
             except UploadGone:
+                expected = self._completed(name, f, size, kept["part"])
+                if expected is not None:
+                    if session_file is not None:
+                        sessions.drop(session_file)
+                    return expected
                 kept = None
         if kept is None:
             extra = {"ChecksumAlgorithm": "CRC32"} if self.algorithm == "crc32" else {}
@@ -132,6 +140,25 @@ class MultipartUpload:
         if session_file is not None:
             sessions.drop(session_file)
         return reported(self.algorithm, [digest for _, _, digest in parts], multipart=True)
+
+    def _completed(self, name: str, f: BinaryIO, size: int, part: int) -> str | None:
+        """What the service reports for ``f`` in parts of ``part`` bytes, if the object ``name``
+        already holds exactly that (the file's bytes, re-read and hashed now); else None."""
+        from botocore.exceptions import ClientError
+
+        start, digests = f.tell(), []
+        while data := f.read(part):
+            digests.append(checksum(self.algorithm, data))
+        f.seek(start)
+        expected = reported(self.algorithm, digests, multipart=True)
+        try:
+            head = self.client.head_object(Bucket=self.bucket, Key=name, ChecksumMode="ENABLED")
+        except ClientError as e:
+            if _code(e) in ("404", "NoSuchKey", "NotFound"):
+                return None
+            raise
+        stored = head.get("ChecksumCRC32") if self.algorithm == "crc32" else head.get("ETag", "").strip('"')
+        return expected if head["ContentLength"] == size and stored == expected else None
 
     def _held(self, name: str, upload: str) -> Iterator[tuple[int, tuple[int, str]]]:
         """The parts the service holds of ``upload``: number -> (size, ETag)."""
