@@ -79,6 +79,9 @@ class Cluster:
             f'[vault]\nstore = "s3://{self.seaweed.bucket}/image"\n'
             f'catalog = "{catalog_url or f"postgresql+psycopg://corevault@{podspec.HOST_FROM_POD}:{pg_port}/corevault"}"\n'
             f'[vault.s3]\nendpoint = "http://{podspec.HOST_FROM_POD}:{self.seaweed.s3_port}"\naddressing = "path"\n'
+            # the readers (curl, gdb) run on the host, which does not reach the store at the
+            # pods' address of it: the server streams binaries rather than redirect to it
+            "redirect_downloads = false\n"
             '[agent]\nmetrics = "0.0.0.0:9464"\npoll_interval = 0.3\n'
         )
         kustomization = {
