@@ -146,7 +146,8 @@ class FakeKube:
                 fake._handle(self, "PUT")
 
         self.server = ThreadingHTTPServer(("127.0.0.1", 0), Handler)
-        threading.Thread(target=self.server.serve_forever, daemon=True).start()
+        # stop() waits for the serving loop to look at its flag, every poll_interval (0.5 s by default)
+        threading.Thread(target=self.server.serve_forever, args=(0.05,), daemon=True).start()
         return self
 
     def stop(self) -> None:

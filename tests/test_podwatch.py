@@ -66,7 +66,7 @@ def wait_for(check, timeout: float = 15) -> None:
 def watching(api, tmp_path) -> Iterator[tuple[FakeKube, PodWatch]]:
     fake, core = api
     w = PodWatch(core, "node-a", str(tmp_path / "pods"), keep_deleted=3600)
-    t = threading.Thread(target=w.run, kwargs={"watch_seconds": 2}, daemon=True)
+    t = threading.Thread(target=w.run, kwargs={"watch_seconds": 1}, daemon=True)
     t.start()
     yield fake, w
     w.stop.set()
