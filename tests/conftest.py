@@ -8,7 +8,8 @@ suid_dumpable are written back when they end, also when they fail.
 Tests marked ``servers`` start a server process, a browser or kubectl (see the marker in
 pyproject.toml). A fixture that starts one says so with :func:`starts_servers`, and every
 test that uses it, directly or through another fixture, gets the marker; a test that
-starts one itself carries the marker. The quick loop, ``-m "not crash and not servers"``,
+starts one itself carries the marker. A test without it that calls one of testbed's server
+starters (:data:`SERVER_STARTERS`) fails. The quick loop, ``-m "not crash and not servers"``,
 leaves both out.
 
 The others need neither root nor a crash: the catalog, server and command-line tests read
@@ -34,7 +35,7 @@ import pytest
 from corevault import spool
 from corevault.agent.loop import Agent
 from corevault.vault import catalog
-from testbed import build, runc, sysctl
+from testbed import build, clouds, debuginfod, runc, servers, sysctl
 from testbed.capture import HANDLER, Capture, installed_capture  # noqa: F401 - tests import them from here
 from tests.nodes import Node, make_node
 
@@ -58,6 +59,26 @@ def starts_servers(fixture: F) -> F:
     """Put under ``@pytest.fixture``: this fixture starts a server process, a browser or kubectl."""
     fixture.starts_servers = True  # type: ignore[attr-defined]
     return fixture
+
+
+# What starts a server process in testbed; a test not marked ``servers`` that calls one fails.
+SERVER_STARTERS = ((servers, "seaweed"), (servers, "postgres"), (clouds, "azurite"), (clouds, "fake_gcs"),
+                   (debuginfod, "serve"))  # fmt: skip
+
+
+@pytest.fixture(autouse=True)
+def _servers_only_where_marked(request: pytest.FixtureRequest, monkeypatch: pytest.MonkeyPatch) -> None:
+    """Keeps the ``servers`` marker true: the quick loop must not start one unannounced."""
+    if request.node.get_closest_marker("servers") is not None:
+        return
+    for module, name in SERVER_STARTERS:
+
+        def refuse(*_: object, _what: str = f"{module.__name__}.{name}", **__: object) -> None:
+            raise AssertionError(
+                f"{_what} starts a server: mark the test servers, or its fixture @starts_servers"
+            )
+
+        monkeypatch.setattr(module, name, refuse)
 
 
 def pytest_collection_modifyitems(items: list[pytest.Item]) -> None:
