@@ -379,6 +379,25 @@ def test_abandoned_s3_uploads_are_aborted_and_only_this_vaults(weed, tmp_path) -
         assert sha(f.read()) == sha(local.read())
 
 
+def test_an_old_s3_upload_taken_up_again_is_not_aborted_as_abandoned(weed, tmp_path) -> None:
+    import time
+
+    prefix = f"takenup-{uuid.uuid4().hex[:8]}"
+    url = f"s3://{weed.bucket}/{prefix}"
+    path = str(tmp_path / "core.zst")
+    with open(path, "wb") as f:
+        f.write(os.urandom(3 * PART))
+    kill_midway(url, weed, path, kill_at=1, concurrency=1)
+    time.sleep(3)  # the upload begun 3 s ago ...
+    kill_midway(url, weed, path, kill_at=1, concurrency=1)  # ... is taken up again: a part sent now
+    assert len(list_uploads(weed, prefix + "/")) == 1
+    store = open_cloud(url, weed)
+    assert store.abort_abandoned(2) == []  # begun before the cut-off, but a part came since
+    time.sleep(3)
+    assert store.abort_abandoned(2) == ["crashes/big/core.zst"]  # nothing sent for as long
+    assert list_uploads(weed, prefix + "/") == []
+
+
 def test_the_file_store_clears_temporary_files_of_cut_writes(tmp_path) -> None:
     store = stores.open_store(f"file://{tmp_path}/vault")
     store.put_bytes("crashes/a/meta.json", b"{}")

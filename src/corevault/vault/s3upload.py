@@ -22,7 +22,8 @@ unless the object under its name already holds the file's bytes (its size, and t
 its parts make, re-read and hashed now): an agent killed after the service carried out its
 completion, before it dropped the kept session, has nothing left to send.
 One that is never taken up again (its spool entry gone) is aborted by :func:`abort_abandoned`
-once older than ``[vault] abandoned_upload_days``.
+once older than ``[vault] abandoned_upload_days`` with no part sent for as long: one an agent
+has taken up again and sends parts to, however old, is in progress.
 
 While a file goes up, its descriptor holds an ``flock``: two uploads of one file (two agents
 shipping crashes that map the same binary) take turns rather than share one upload id.
@@ -225,11 +226,20 @@ class MultipartUpload:
 
 
 def abort_abandoned(client: Any, bucket: str, prefix: str, older_than: datetime) -> list[str]:
-    """Abort the multipart uploads under ``prefix`` started before ``older_than``; their keys."""
+    """Abort the multipart uploads under ``prefix`` started before ``older_than`` and sent no part
+    since (an old upload an agent has taken up again is in progress, not abandoned); their keys."""
     aborted = []
     for page in client.get_paginator("list_multipart_uploads").paginate(Bucket=bucket, Prefix=prefix):
         for u in page.get("Uploads", []):
-            if u["Initiated"] < older_than:
+            if u["Initiated"] < older_than and not _sent_since(client, bucket, u, older_than):
                 client.abort_multipart_upload(Bucket=bucket, Key=u["Key"], UploadId=u["UploadId"])
                 aborted.append(u["Key"])
     return aborted
+
+
+def _sent_since(client: Any, bucket: str, upload: dict, since: datetime) -> bool:
+    """Whether a part of ``upload`` was stored after ``since``."""
+    pages = client.get_paginator("list_parts").paginate(
+        Bucket=bucket, Key=upload["Key"], UploadId=upload["UploadId"]
+    )
+    return any(p["LastModified"] >= since for page in pages for p in page.get("Parts", []))
