@@ -87,7 +87,9 @@ class Seaweed:
         wait_port(self.s3_port)
         self._wait_bucket()
 
-    def _wait_bucket(self, timeout: float = 30) -> None:
+    def _wait_bucket(self, timeout: float = 90) -> None:
+        # weed mini starts its master, volume and filer one after another: on a loaded 2-core
+        # machine the S3 gateway has been seen to answer only after 30 s
         import boto3
         from botocore.config import Config
 
