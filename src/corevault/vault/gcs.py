@@ -80,6 +80,7 @@ class GcsStore(BucketStore):
 
     def _upload(self, key: str, f: BinaryIO, size: int) -> Stored:
         from google.api_core.exceptions import GoogleAPIError
+        from google.auth.exceptions import GoogleAuthError  # credentials refused or unreachable
         from google.resumable_media import DataCorruption
 
         blob = self.bucket.blob(self._key(key))
@@ -87,13 +88,14 @@ class GcsStore(BucketStore):
         try:
             # The library sends the CRC32C and checks the one the service reports.
             blob.upload_from_file(io.BytesIO(data), size=size, checksum="crc32c")
-        except (GoogleAPIError, DataCorruption, OSError) as e:
+        except (GoogleAPIError, GoogleAuthError, DataCorruption, OSError) as e:
             raise self._error("upload", key, e) from None
         self.sent += size
         return self._check(key, blob.size, blob.crc32c, size, _crc32c(data))
 
     def _upload_resumable(self, key: str, f: BinaryIO, size: int, session_file: str) -> Stored:
         from google.api_core.exceptions import GoogleAPIError
+        from google.auth.exceptions import GoogleAuthError  # credentials refused or unreachable
         from requests import RequestException
 
         try:
@@ -123,7 +125,7 @@ class GcsStore(BucketStore):
                     continue
                 crc.update(chunk)
                 offset = end
-        except (GoogleAPIError, RequestException, OSError) as e:
+        except (GoogleAPIError, GoogleAuthError, RequestException, OSError) as e:
             raise self._error("upload", key, e) from None
         except StoreError:
             sessions.drop(session_file)  # the service refused the session: the next attempt starts anew
@@ -168,21 +170,23 @@ class GcsStore(BucketStore):
 
     def size(self, key: str) -> int | None:
         from google.api_core.exceptions import GoogleAPIError
+        from google.auth.exceptions import GoogleAuthError  # credentials refused or unreachable
 
         try:
             blob = self.bucket.get_blob(self._key(key))
-        except GoogleAPIError as e:
+        except (GoogleAPIError, GoogleAuthError) as e:
             raise self._error("look at", key, e) from None
         return None if blob is None else blob.size
 
     def open(self, key: str, start: int = 0, length: int | None = None) -> BinaryIO:
         from google.api_core.exceptions import GoogleAPIError
+        from google.auth.exceptions import GoogleAuthError  # credentials refused or unreachable
 
         end = None if length is None else start + length - 1
         try:
             reader = self.bucket.blob(self._key(key)).open("rb", chunk_size=4 << 20)
             reader.seek(start)
-        except GoogleAPIError as e:
+        except (GoogleAPIError, GoogleAuthError) as e:
             raise self._error("read", key, e) from None
 
         def chunks() -> Iterator[bytes]:
@@ -199,12 +203,13 @@ class GcsStore(BucketStore):
 
     def delete(self, key: str) -> None:
         from google.api_core.exceptions import GoogleAPIError, NotFound
+        from google.auth.exceptions import GoogleAuthError  # credentials refused or unreachable
 
         try:
             self.bucket.blob(self._key(key)).delete()
         except NotFound:
             pass
-        except GoogleAPIError as e:
+        except (GoogleAPIError, GoogleAuthError) as e:
             raise self._error("delete", key, e) from None
 
     def keys(self, prefix: str) -> Iterator[tuple[str, int]]:
