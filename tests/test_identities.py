@@ -100,6 +100,29 @@ def wait_expired(started: float) -> None:
     time.sleep(max(0.0, started + LIFETIME + 0.5 - time.monotonic()))
 
 
+def exchanges_rotated_file(
+    store: blobs.BlobStore, sts: tokens.TokenEndpoint, flow: str, token_file, tmp_path, *, refusal: str
+) -> None:
+    """The store works with the file's token, reads the file again once its credentials expired,
+    and fails with its own error (saying ``refusal``) when the service refuses the token."""
+    started = time.monotonic()
+    put(store, tmp_path, "crashes/a/core.zst")
+    assert set(sts.subjects(flow)) == {"eyJ.first-projected-token.sig"}
+
+    rewrite(token_file, "eyJ.rotated-projected-token.sig")
+    wait_expired(started)
+    put(store, tmp_path, "crashes/b/core.zst")  # the same store object: its credentials expired
+    assert sts.subjects(flow)[-1] == "eyJ.rotated-projected-token.sig"
+
+    # A token the service refuses is no credential: the upload fails with the store's error.
+    sts.refused.add("eyJ.revoked.sig")
+    rewrite(token_file, "eyJ.revoked.sig")
+    time.sleep(LIFETIME + 0.5)
+    with pytest.raises(blobs.StoreError, match=refusal):
+        put(store, tmp_path, "crashes/c/core.zst")
+    assert sts.subjects(flow)[-1] == "eyJ.revoked.sig"
+
+
 def test_s3_web_identity_token_file(seaweed, clean_env, monkeypatch, tmp_path) -> None:
     token_file = tmp_path / "token"
     token_file.write_text("eyJ.first-projected-token.sig")
@@ -111,24 +134,7 @@ def test_s3_web_identity_token_file(seaweed, clean_env, monkeypatch, tmp_path) -
         s3 = f'[vault.s3]\nendpoint = "{seaweed.endpoint}"\naddressing = "path"\n'
         store = agent_store(tmp_path, f"s3://{seaweed.bucket}/{uuid.uuid4().hex}", s3)
 
-        started = time.monotonic()
-        put(store, tmp_path, "crashes/a/core.zst")
-        assert sts.subjects("aws")[0] == "eyJ.first-projected-token.sig"
-        assert set(sts.subjects("aws")) == {"eyJ.first-projected-token.sig"}
-
-        rewrite(token_file, "eyJ.rotated-projected-token.sig")
-        wait_expired(started)
-        put(store, tmp_path, "crashes/b/core.zst")  # the same store object: its credentials expired
-        assert "eyJ.rotated-projected-token.sig" in sts.subjects("aws")
-        assert sts.subjects("aws")[-1] == "eyJ.rotated-projected-token.sig"
-
-        # A token the service refuses is no credential: the upload fails with the store's error.
-        sts.refused.add("eyJ.revoked.sig")
-        rewrite(token_file, "eyJ.revoked.sig")
-        time.sleep(LIFETIME + 0.5)
-        with pytest.raises(blobs.StoreError, match="InvalidIdentityToken"):
-            put(store, tmp_path, "crashes/c/core.zst")
-        assert sts.subjects("aws")[-1] == "eyJ.revoked.sig"
+        exchanges_rotated_file(store, sts, "aws", token_file, tmp_path, refusal="InvalidIdentityToken")
 
 
 def test_gcs_external_account_token_file(gcs, clean_env, monkeypatch, tmp_path) -> None:
@@ -151,22 +157,7 @@ def test_gcs_external_account_token_file(gcs, clean_env, monkeypatch, tmp_path) 
         table = f'[vault.gcs]\nendpoint = "{gcs.endpoint}"\nproject = "corevault"\n'
         store = agent_store(tmp_path, f"gs://{bucket}/vault", table)
 
-        started = time.monotonic()
-        put(store, tmp_path, "crashes/a/core.zst")
-        assert sts.subjects("gcp")[0] == "eyJ.first-projected-token.sig"
-        assert set(sts.subjects("gcp")) == {"eyJ.first-projected-token.sig"}
-
-        rewrite(token_file, "eyJ.rotated-projected-token.sig")
-        wait_expired(started)
-        put(store, tmp_path, "crashes/b/core.zst")
-        assert sts.subjects("gcp")[-1] == "eyJ.rotated-projected-token.sig"
-
-        sts.refused.add("eyJ.revoked.sig")
-        rewrite(token_file, "eyJ.revoked.sig")
-        time.sleep(LIFETIME + 0.5)
-        with pytest.raises(blobs.StoreError, match="invalid_grant"):
-            put(store, tmp_path, "crashes/c/core.zst")
-        assert sts.subjects("gcp")[-1] == "eyJ.revoked.sig"
+        exchanges_rotated_file(store, sts, "gcp", token_file, tmp_path, refusal="invalid_grant")
 
 
 def test_azure_workload_identity_token_file(azurite_oauth, clean_env, monkeypatch, tmp_path) -> None:
