@@ -36,7 +36,7 @@ import struct
 STACK_BYTES = 512
 #: how many of them, pointing into objects, make the fingerprint
 MAX_ADDRESSES = 16
-FORMAT = re.compile(r"^[0-9a-f]{32}$")
+FORMAT = re.compile(r"^[0-9a-f]{32}\Z")
 
 
 def of(signal: int | None, code: int | None, pc: int | None, stack: bytes, modules: list[dict]) -> str | None:

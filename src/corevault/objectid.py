@@ -23,9 +23,10 @@ import re
 
 GO_PREFIX = "go-"
 CONTENT_PREFIX = "sha256-"
-#: a key as stores and URLs accept it (never a path: no ``/``, no ``..``)
-KEY = re.compile(r"^(?:go-|sha256-)?[0-9a-f]{8,80}$")
-SHA256 = re.compile(r"^[0-9a-f]{64}$")
+#: a key as stores and URLs accept it (never a path: no ``/``, no ``..``); ``\Z``, not ``$``,
+#: which would let a trailing newline through
+KEY = re.compile(r"^(?:go-|sha256-)?[0-9a-f]{8,80}\Z")
+SHA256 = re.compile(r"^[0-9a-f]{64}\Z")
 
 
 def go_key(go_build_id: str) -> str:

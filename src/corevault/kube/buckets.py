@@ -37,7 +37,7 @@ DRIVERS = {
     "s3fs": Driver("ru.yandex.s3.csi", "csi-s3-secret", needs_endpoint=False),  # k8s-csi-s3
 }
 USAGE = "oss:BUCKET[:/PATH] or s3fs:BUCKET[:/PATH]"
-_BUCKET = re.compile(r"^[a-z0-9][a-z0-9.-]{1,61}[a-z0-9]$")
+_BUCKET = re.compile(r"^[a-z0-9][a-z0-9.-]{1,61}[a-z0-9]\Z")
 
 
 @dataclass(frozen=True, slots=True)
