@@ -95,6 +95,14 @@ def pytest_collection_modifyitems(items: list[pytest.Item]) -> None:
                 break
 
 
+@pytest.fixture(scope="module")
+@starts_servers
+def gcs() -> Iterator[clouds.FakeGcs]:
+    """fake-gcs-server on 127.0.0.1, one for the tests of a module."""
+    with clouds.fake_gcs() as server:
+        yield server
+
+
 @pytest.fixture(scope="session")
 def programs() -> dict[str, str]:
     return build.build_all()

@@ -48,13 +48,6 @@ def seaweed() -> Iterator[servers.Seaweed]:
 
 @pytest.fixture(scope="module")
 @starts_servers
-def gcs() -> Iterator[clouds.FakeGcs]:
-    with clouds.fake_gcs() as server:
-        yield server
-
-
-@pytest.fixture(scope="module")
-@starts_servers
 def azurite_oauth() -> Iterator[clouds.Azurite]:
     with clouds.azurite(oauth=True) as server:
         yield server

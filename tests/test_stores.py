@@ -51,13 +51,6 @@ def azurite() -> Iterator[clouds.Azurite]:
 
 @pytest.fixture(scope="module")
 @starts_servers
-def gcs() -> Iterator[clouds.FakeGcs]:
-    with clouds.fake_gcs() as server:
-        yield server
-
-
-@pytest.fixture(scope="module")
-@starts_servers
 def weed() -> Iterator[servers.Seaweed]:
     keys = {"AWS_ACCESS_KEY_ID": servers.KEY, "AWS_SECRET_ACCESS_KEY": servers.SECRET}
     old = {k: os.environ.get(k) for k in keys}
