@@ -569,8 +569,10 @@ def test_s3_without_flexible_checksums_sends_md5s_and_checks_the_etag(weed, tmp_
 @pytest.mark.servers
 @pytest.mark.parametrize("kind", ["s3", "gcs"])
 def test_a_kept_session_that_cannot_be_taken_up_starts_anew(kind, tmp_path, request) -> None:
-    """A session file that is garbage, names an upload the service does not know, or is older than
-    the service keeps sessions never fails the upload: it is dropped and the upload starts anew."""
+    """A session file that is garbage, names an upload the service does not know, is older than
+    the service keeps sessions, or does not validate (a part size or a held count no upload of
+    this file can have) never fails the upload nor waits to be cleared as abandoned: it is
+    dropped and the upload starts anew at once."""
     import json
     import time
 
@@ -592,7 +594,17 @@ def test_a_kept_session_that_cannot_be_taken_up_starts_anew(kind, tmp_path, requ
     else:  # a session URL of this service that was never started, and one older than a week
         unknown["session"] = f"{server.endpoint}/upload/resumable/nothing"
         unknown["started"] = time.time() - 8 * 86400
-    for kept in (b"\x00garbage", json.dumps(unknown).encode()):
+    # Sessions this code could have written that do not validate: an S3 part size of 0 or
+    # below (or too small for S3's 10,000 parts), a GCS count of held bytes outside the file.
+    started = {"store": url, "key": "k", "size": len(data), "started": time.time()}
+    if kind == "s3":
+        s3 = open_cloud(url, server).client  # type: ignore[attr-defined]
+        upload = s3.create_multipart_upload(Bucket=server.bucket, Key=f"{url.split('/', 3)[3]}/k")["UploadId"]
+        corrupt = [{**started, "algorithm": "crc32", "upload": upload, "part": p} for p in (0, -PART, 1)]
+    else:
+        live = open_cloud(url, server).bucket.blob("vault/k").create_resumable_upload_session(size=len(data))  # type: ignore[attr-defined]
+        corrupt = [{**started, "session": live, "held": h} for h in (-1, len(data), len(data) + PART)]
+    for kept in (b"\x00garbage", json.dumps(unknown).encode(), *(json.dumps(c).encode() for c in corrupt)):
         session.write_bytes(kept)
         store = open_cloud(url, server)
         store.put_file("k", str(path))
@@ -669,3 +681,47 @@ def test_an_upload_kept_by_a_store_of_other_checksums_starts_anew(weed, tmp_path
         assert sha(f.read()) == sha(data)
     etag = store.client.head_object(Bucket=weed.bucket, Key=store._key("crashes/big/core.zst"))["ETag"]  # type: ignore[attr-defined]
     assert etag.strip('"').endswith("-4") and not os.path.exists(path + ".s3-upload")
+
+
+def test_an_s3_object_that_fails_the_final_check_is_deleted_and_shipped_again(weed) -> None:
+    """The store ends up holding other bytes than the agent sent under a binary's name (another
+    writer, a store that mangled them): the check of what it holds fails, the object is deleted,
+    not left for the next pass to find in place and take as stored, and the next pass ships the
+    crash and uploads that binary again, byte for byte the node's."""
+    from corevault import nodestore, objectid, spool
+    from corevault.agent.loop import Agent
+    from tests.conftest import FIXTURE_SPOOL
+    from tests.nodes import make_node
+
+    url = f"s3://{weed.bucket}/wrong-{uuid.uuid4().hex[:8]}"
+    entry = sorted(os.listdir(spool.ready_dir(FIXTURE_SPOOL)))[0]
+    node = make_node({"dir": FIXTURE_SPOOL, "ids": [entry]}, settings_lines(url, weed), "analyze = false\n")
+    record = spool.read_meta(node.spool, entry)
+    binaries = [
+        blobs.object_key(m["key"], m["sha256"])
+        for m in record["modules"]
+        if objectid.is_object(m["key"], m["sha256"]) and nodestore.record_path(node.settings.buildid_dir, m)
+    ]
+    assert binaries, "the fixture entry maps no binary the node kept"
+
+    first = Agent(node.settings)
+    store = first.connect().store
+    uploads = store.uploads  # type: ignore[attr-defined]
+    real_small = uploads.put_small
+
+    def overwritten(name: str, data: bytes) -> str:
+        expected = real_small(name, data)
+        if "/buildid/" in name:  # another writer puts other bytes of the same size there
+            store.client.put_object(Bucket=weed.bucket, Key=name, Body=bytes([data[0] ^ 0xFF]) + data[1:])  # type: ignore[attr-defined]
+        return expected
+
+    uploads.put_small = overwritten
+    assert first.run(once=True) == 1, "the entry was shipped over a wrong object"
+    assert node.crashes() == []
+    assert [store.size(key) for key in binaries] == [None] * len(binaries), "a wrong object was left"
+
+    assert Agent(node.settings).run(once=True) == 0
+    assert [c["id"] for c in node.crashes()] == [record["id"]]
+    for key in binaries:
+        with store.open(key) as f:
+            assert sha(f.read()) == key.rsplit("/", 1)[1], key  # the node's file, by its content hash

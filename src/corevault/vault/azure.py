@@ -99,7 +99,7 @@ class AzureStore(BucketStore):
         except AzureError as e:
             raise self._error("upload", key, e) from None
         if stored != size:
-            raise StoreError(f"{self.url}/{key} holds {stored} bytes after uploading {size}")
+            raise self._wrong(key, f"held {stored} bytes after uploading {size}")
         return Stored(key, size)
 
     def _stage(self, blob: object, bid: str, data: bytes, md5: bytes) -> None:

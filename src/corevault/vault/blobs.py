@@ -12,8 +12,10 @@ part as it reads it: CRC32 (``checksums = when_supported``: each part is sent wi
 CRC32, the server checks it and reports the composite that we compare) or MD5 (stores
 without flexible checksums: Content-MD5 per part and the multipart ETag), and which takes
 up an upload that an agent killed midway left behind. ``put_file`` returns only once the
-store holds an object of the right size and checksum. Uploads that nobody takes up again
-are cleared by ``abort_abandoned`` (S3 aborts them; a file store removes temporary files).
+store holds an object of the right size and checksum; an object that fails that check is
+deleted (every bucket store does so, :meth:`BucketStore._wrong`) and the upload is retried.
+Uploads that nobody takes up again are cleared by ``abort_abandoned`` (S3 aborts them; a
+file store removes temporary files).
 
 The base here (:class:`BlobStore`, :class:`BucketStore`, :class:`StreamBody`, the keys) is
 shared by the other clouds' stores, :mod:`corevault.vault.gcs` and :mod:`corevault.vault.azure`;
@@ -244,6 +246,20 @@ class BucketStore:
     def _upload(self, key: str, f: BinaryIO, size: int) -> Stored:
         raise NotImplementedError
 
+    def delete(self, key: str) -> None:
+        raise NotImplementedError
+
+    def _wrong(self, key: str, why: str) -> StoreError:
+        """The error for an upload whose object is not the bytes sent (``why``: its size or
+        checksum), once that object is deleted: a wrong object never stays under a crash's or
+        a binary's name, where the next pass would find it in place and take it as stored;
+        the upload is tried again whole instead."""
+        try:
+            self.delete(key)
+        except StoreError as e:
+            why += f" (and deleting it failed: {e})"
+        return StoreError(f"{self.url}/{key} {why}; it is uploaded again on the next pass")
+
     def abort_abandoned(self, older_than: float) -> list[str]:
         """Nothing to clear here: the service drops unfinished uploads itself.
 
@@ -318,7 +334,7 @@ class S3Store(BucketStore):
         except (BotoCoreError, ClientError) as e:
             raise StoreError(f"cannot upload {key} to {self.url}: {e}") from None
         if head["ContentLength"] != size:
-            raise StoreError(f"{self.url}/{key} holds {head['ContentLength']} bytes after uploading {size}")
+            raise self._wrong(key, f"held {head['ContentLength']} bytes after uploading {size}")
         if self.uploads.algorithm == "crc32":
             stored = head.get("ChecksumCRC32")
         else:
@@ -327,9 +343,7 @@ class S3Store(BucketStore):
                 etag if "-" in etag or len(etag) == 32 else None
             )  # not an MD5 ETag under SSE-KMS and the like
         if stored is not None and stored != expected:
-            raise StoreError(
-                f"{self.url}/{key}: the store's checksum {stored} is not the uploaded bytes' {expected}"
-            )
+            raise self._wrong(key, f"had the checksum {stored}, not the uploaded bytes' {expected}")
         return Stored(key, size)
 
     @property

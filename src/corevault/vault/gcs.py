@@ -88,7 +88,9 @@ class GcsStore(BucketStore):
         try:
             # The library sends the CRC32C and checks the one the service reports.
             blob.upload_from_file(io.BytesIO(data), size=size, checksum="crc32c")
-        except (GoogleAPIError, GoogleAuthError, DataCorruption, OSError) as e:
+        except DataCorruption as e:  # the library leaves the object it found wrong in place
+            raise self._wrong(key, f"did not hold the bytes sent: {str(e).splitlines()[0]}") from None
+        except (GoogleAPIError, GoogleAuthError, OSError) as e:
             raise self._error("upload", key, e) from None
         self.sent += size
         return self._check(key, blob.size, blob.crc32c, size, _crc32c(data))
@@ -131,11 +133,7 @@ class GcsStore(BucketStore):
             sessions.drop(session_file)  # the service refused the session: the next attempt starts anew
             raise
         sessions.drop(session_file)
-        try:
-            return self._check(key, int(result.get("size", -1)), result.get("crc32c"), size, crc.b64())
-        except StoreError:
-            self.delete(key)  # never a wrong object under the name: the next attempt uploads anew
-            raise
+        return self._check(key, int(result.get("size", -1)), result.get("crc32c"), size, crc.b64())
 
     def _session(self, key: str, size: int, session_file: str) -> tuple[dict, int]:
         """A session for this upload (the kept one) and how many bytes the service confirmed it holds.
@@ -145,10 +143,11 @@ class GcsStore(BucketStore):
         (the loop goes back when it holds less). No status query is made first: the emulators
         finish the object on one. A session the service no longer knows fails that request,
         an object that is not the file's bytes is deleted, and the next attempt starts anew;
-        one older than the week a session lives is dropped without asking.
+        one older than the week a session lives, or whose held count is not within the file, is
+        dropped without asking.
         """
-        kept = sessions.load(session_file, SESSION_LIFE, store=self.url, key=key, size=size)
-        if kept is not None and isinstance(kept.get("session"), str) and isinstance(kept.get("held"), int):
+        kept = sessions.load(session_file, SESSION_LIFE, _valid, store=self.url, key=key, size=size)
+        if kept is not None:
             return kept, kept["held"]
         session = self.bucket.blob(self._key(key)).create_resumable_upload_session(size=size, checksum=None)
         kept = {"store": self.url, "key": key, "size": size, "session": session}
@@ -161,11 +160,9 @@ class GcsStore(BucketStore):
 
     def _check(self, key: str, stored: int, crc: str | None, size: int, expected: str) -> Stored:
         if stored != size:
-            raise StoreError(f"{self.url}/{key} holds {stored} bytes after uploading {size}")
+            raise self._wrong(key, f"held {stored} bytes after uploading {size}")
         if crc is not None and crc != expected:
-            raise StoreError(
-                f"{self.url}/{key}: the store's CRC32C {crc} is not the uploaded bytes' {expected}"
-            )
+            raise self._wrong(key, f"had the CRC32C {crc}, not the uploaded bytes' {expected}")
         return Stored(key, size)
 
     def size(self, key: str) -> int | None:
@@ -215,6 +212,13 @@ class GcsStore(BucketStore):
     def keys(self, prefix: str) -> Iterator[tuple[str, int]]:
         for blob in self.client.list_blobs(self.bucket, prefix=self._key(prefix)):
             yield self._unprefixed(blob.name), blob.size
+
+
+def _valid(kept: dict) -> bool:
+    """Whether a kept session can be one of its file: a session URL, and a count of bytes the
+    service holds within the file (a full file would have finished the upload)."""
+    held = kept.get("held")
+    return isinstance(kept.get("session"), str) and type(held) is int and 0 <= held < kept["size"]
 
 
 class _Crc32c:

@@ -6,7 +6,8 @@ so a file of at least one part goes up through the client's own multipart calls:
 - the upload's id, with the key, size, part size and checksum it is for, is kept beside the
   file (``<file>.s3-upload``) as soon as the service gives it, before any part is sent (an
   upload begun with another checksum, before ``[vault.s3] checksums`` changed, cannot be
-  completed with this one's: it is started anew);
+  completed with this one's: it is started anew, as is one whose part size no upload of the
+  file can have);
 - the next attempt (after a SIGKILL, a node drain, the store away) lists the parts the
   service holds and keeps each part whose size and ETag (the MD5 of its bytes) are those of
   the local file at that place, re-read and hashed now: a part is never taken on the
@@ -44,6 +45,8 @@ from typing import Any, BinaryIO
 from corevault.vault import sessions
 
 SESSION_SUFFIX = ".s3-upload"
+MAX_PARTS = 10_000  # S3's limits on one multipart upload
+MAX_PART = 5 << 30
 
 
 class UploadGone(Exception):
@@ -76,6 +79,19 @@ def _checksum_args(algorithm: str, digest: bytes) -> dict[str, str]:
     return {"ContentMD5": base64.b64encode(digest).decode()}
 
 
+def _valid(kept: dict) -> bool:
+    """Whether a kept session can be an upload of its file: an upload id, and a part size
+    that S3 takes (above 0, at most 5 GiB, the file in at most 10,000 parts)."""
+    part, size = kept.get("part"), kept["size"]
+    return (
+        isinstance(kept.get("upload"), str)
+        and bool(kept["upload"])
+        and type(part) is int
+        and 0 < part <= MAX_PART
+        and -(-size // part) <= MAX_PARTS
+    )
+
+
 def _code(e: Exception) -> str:
     return getattr(e, "response", {}).get("Error", {}).get("Code", "")
 
@@ -104,9 +120,7 @@ class MultipartUpload:
         if session_file is not None:
             fcntl.flock(f.fileno(), fcntl.LOCK_EX)  # released when the caller closes f
         expect = {"store": self.url, "key": key, "size": size, "algorithm": self.algorithm}
-        kept = sessions.load(session_file, **expect) if session_file else None
-        if kept is not None and not (isinstance(kept.get("upload"), str) and type(kept.get("part")) is int):
-            kept = None  # not a session this code wrote: start anew
+        kept = sessions.load(session_file, valid=_valid, **expect) if session_file else None
         held: dict[int, tuple[int, str]] = {}
         if kept is not None:
             try:
