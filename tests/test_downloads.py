@@ -129,6 +129,40 @@ def test_a_reader_that_goes_away_mid_download_is_no_server_error(tmp_path: Path)
     assert not errors, [e.getMessage() for e in errors]
 
 
+def served_bytes(url: str) -> float:
+    """The server's ``corevault_served_bytes`` of debuginfod downloads (0 before the first)."""
+    from prometheus_client.parser import text_string_to_metric_families
+
+    for family in text_string_to_metric_families(httpx.get(f"{url}/metrics").text):
+        for sample in family.samples:
+            if sample.name == "corevault_served_bytes_total" and sample.labels == {"what": "debuginfod"}:
+                return sample.value
+    return 0.0
+
+
+def test_a_reader_that_leaves_mid_download_is_counted_for_what_it_was_sent(tmp_path: Path) -> None:
+    """The byte counter says what went out, not what the response would have held: a reader that
+    resets the connection after the headers got at most the socket buffers' worth (4 MiB here)."""
+    settings = config.from_dict({"state_dir": str(tmp_path / "state")})
+    binary, _ = vault(settings, tmp_path, 32 << 20)
+    with servers.asgi(create_app(settings, StaticTokens(tokens(tmp_path)))) as url:
+        port = int(url.rsplit(":", 1)[1])
+        request = f"GET /buildid/{BUILD_ID}/executable HTTP/1.1\r\nHost: x\r\n"
+        request += f"Authorization: Bearer {TOKENS['a']}\r\n\r\n"
+        with socket.socket() as s:
+            s.setsockopt(socket.SOL_SOCKET, socket.SO_RCVBUF, 4096)
+            s.connect(("127.0.0.1", port))
+            s.sendall(request.encode())
+            assert s.recv(12) == b"HTTP/1.1 200"
+            s.setsockopt(socket.SOL_SOCKET, socket.SO_LINGER, struct.pack("ii", 1, 0))  # reset
+        deadline = time.monotonic() + 20
+        while (left := served_bytes(url)) == 0 and time.monotonic() < deadline:
+            time.sleep(0.05)
+        assert 0 < left < len(binary) // 4
+        assert get(f"{url}/buildid/{BUILD_ID}/executable", "a").content == binary
+        assert served_bytes(url) == left + len(binary)  # a whole download counts whole
+
+
 @pytest.fixture
 @starts_servers
 def s3_vault(tmp_path: Path) -> Iterator[tuple[config.Settings, servers.Seaweed]]:

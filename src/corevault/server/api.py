@@ -287,9 +287,10 @@ def get_crash(request: Request, reader: Reader, crash_id: str) -> dict:
         416: {"description": "The range starts past the end"},
     },
 )
-def download_core(request: Request, reader: Reader, crash_id: str) -> Response:
+def download_core(request: Request, crash_id: str) -> Response:
     """The plain core (decompressed as it is sent); supports a single HTTP Range."""
-    crash = visible_crash(request, reader, crash_id)
+    # the reader is found in this worker thread (not as a dependency, one more thread hop)
+    crash = visible_crash(request, principal(request), crash_id)
     srv = server(request)
     return serve(
         request,
@@ -512,11 +513,12 @@ _BINARY: dict = {
 }
 
 
-def _binary(
-    request: Request, reader: Principal, build_id: str, debuginfo: bool, crash: str | None
-) -> Response:
+def _binary(request: Request, build_id: str, debuginfo: bool, crash: str | None) -> Response:
     # A build-id is a claim any pod can make: the file served is one that a crash the reader
     # may read really mapped (that crash's own, with ?crash=ID), never another tenant's.
+    # Everything a download needs before its bytes (the reader, the lookup, opening the file)
+    # happens in this one worker thread: a debugger asks for dozens of files per core.
+    reader = principal(request)
     if not objectid.KEY.match(build_id):
         raise HTTPException(404, "not a build-id")
     srv = server(request)
@@ -553,15 +555,15 @@ def _binary(
 
 @debuginfod.head("/buildid/{build_id}/executable", include_in_schema=False)
 @debuginfod.get("/buildid/{build_id}/executable", response_class=Response, responses=_BINARY)
-def executable(request: Request, reader: Reader, build_id: str, crash: CrashQuery = None) -> Response:
+def executable(request: Request, build_id: str, crash: CrashQuery = None) -> Response:
     """The executable or shared library with this build-id (or ``go-…``/``sha256-…`` key), as a
     crashing process you may read mapped it: with ``crash``, that crash's own file."""
-    return _binary(request, reader, build_id, False, crash)
+    return _binary(request, build_id, False, crash)
 
 
 @debuginfod.head("/buildid/{build_id}/debuginfo", include_in_schema=False)
 @debuginfod.get("/buildid/{build_id}/debuginfo", response_class=Response, responses=_BINARY)
-def debuginfo(request: Request, reader: Reader, build_id: str, crash: CrashQuery = None) -> Response:
+def debuginfo(request: Request, build_id: str, crash: CrashQuery = None) -> Response:
     """The separate debug file fetched from an upstream debuginfod, or the executable itself when it
     carries DWARF (built with -g and not stripped)."""
-    return _binary(request, reader, build_id, True, crash)
+    return _binary(request, build_id, True, crash)

@@ -12,7 +12,6 @@ from __future__ import annotations
 from collections.abc import Callable, Iterator
 from typing import BinaryIO
 
-import anyio.to_thread
 from starlette.requests import Request
 from starlette.responses import Response, StreamingResponse
 from starlette.types import Receive, Scope, Send
@@ -97,42 +96,47 @@ def serve(
                 if not chunk:
                     return  # the object is shorter than its record: the client sees a short body
                 left -= len(chunk)
+                yield chunk
+                # counted once sent: a reader that leaves stops the stream, and what it never
+                # got is not counted as served
                 if counted is not None:
                     counted(len(chunk))
-                yield chunk
 
     streamed = StreamingResponse(body(), status_code=status, headers=base, media_type=media_type)
     if local is None:
         return streamed
-    return _Sendfile(local, start, length, streamed, counted)
+    # opened here, in the handler's worker thread, not by another hop from the event loop
+    return _Sendfile(open(local, "rb"), start, length, streamed, counted)
 
 
 class _Sendfile(Response):
-    """``path``'s bytes ``start``.. (``length`` of them) sent by the kernel when the server offers
-    the zero-copy send; otherwise the ``streamed`` response."""
+    """``file``'s bytes ``start``.. (``length`` of them) sent by the kernel when the server offers
+    the zero-copy send; otherwise the ``streamed`` response. Either way ``file`` is closed."""
 
     def __init__(
         self,
-        path: str,
+        file: BinaryIO,
         start: int,
         length: int,
         streamed: StreamingResponse,
         counted: Callable[[int], None] | None,
     ) -> None:
-        self.path, self.start, self.length = path, start, length
+        self.file, self.start, self.length = file, start, length
         self.streamed, self.counted = streamed, counted
         self.status_code, self.raw_headers = streamed.status_code, streamed.raw_headers
         self.background = None
 
     async def __call__(self, scope: Scope, receive: Receive, send: Send) -> None:
-        if zerocopy.EXTENSION not in scope.get("extensions", {}):
-            await self.streamed(scope, receive, send)
-            return
-        f = await anyio.to_thread.run_sync(open, self.path, "rb")
+        f = self.file
         try:
-            await send({"type": "http.response.start", "status": self.status_code, "headers": self.raw_headers})
+            if zerocopy.EXTENSION not in scope.get("extensions", {}):
+                await self.streamed(scope, receive, send)
+                return
+            await send(
+                {"type": "http.response.start", "status": self.status_code, "headers": self.raw_headers}
+            )
             await send({"type": zerocopy.EXTENSION, "file": f, "offset": self.start, "count": self.length})
+            if self.counted is not None:
+                self.counted(zerocopy.sent(f, self.start))
         finally:
             f.close()
-        if self.counted is not None:
-            self.counted(self.length)

@@ -17,9 +17,17 @@ path, so a uvicorn that changes the cycle it subclasses fails there first.
 from __future__ import annotations
 
 import asyncio
-from typing import Any
+import os
+from typing import Any, BinaryIO
 
 EXTENSION = "http.response.zerocopysend"
+
+
+def sent(file: BinaryIO, offset: int) -> int:
+    """How many bytes of ``file`` from ``offset`` a zero-copy send put on the wire: asyncio's
+    sendfile leaves the file's position after the last byte sent, also when the reader left
+    midway (and a send that never started leaves it where it was)."""
+    return max(0, os.lseek(file.fileno(), 0, os.SEEK_CUR) - offset)
 
 
 class _Unseen:

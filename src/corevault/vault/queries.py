@@ -7,6 +7,7 @@ times and a group's history included.
 
 from __future__ import annotations
 
+import functools
 import json
 import time
 from collections.abc import Collection, Iterable
@@ -39,6 +40,37 @@ def object_for(
     crash the reader may read mapped itself, that crash's own when ``crash_id`` is given,
     else the one of the most recent such crash.
     """
+    params = {"key": key, "visible": sorted(visible or ()), "crash_id": crash_id}
+    if crash_id is None:
+        # Nearly always one content holds a key, and a shared library's build-id is mapped by most
+        # crashes: the contents some visible crash mapped come from the indexes alone, and only
+        # when a key has several (one forged) are that key's crashes sorted by time.
+        rows = conn.execute(_mapped_contents(visible is not None), params).all()
+        if len(rows) <= 1:
+            return dict(rows[0]._mapping) if rows else None
+    row = conn.execute(_newest_mapped(visible is not None, crash_id is not None), params).first()
+    return dict(row._mapping) if row is not None else None
+
+
+@functools.cache
+def _mapped_contents(scoped: bool) -> sa.Select:
+    """The contents under ``:key`` that a crash (of ``:visible`` if ``scoped``) mapped; each found
+    by its first mapping crash in the index, not by all of them."""
+    co, o, c = crash_objects.c, objects.c, crashes.c
+    mapped = (
+        sa.select(co.crash_id)
+        .select_from(crash_objects.join(crashes, c.id == co.crash_id))
+        .where(co.key == o.key, co.sha256 == o.sha256)
+    )
+    if scoped:
+        mapped = mapped.where(c.namespace.in_(sa.bindparam("visible", expanding=True)))
+    return sa.select(objects).where(o.key == sa.bindparam("key"), mapped.exists())
+
+
+@functools.cache
+def _newest_mapped(scoped: bool, by_crash: bool) -> sa.Select:
+    """The content that the newest crash of ``:visible`` (or ``:crash_id``) mapped under ``:key``;
+    built once per shape, as every debuginfod request asks it."""
     co, o, c = crash_objects.c, objects.c, crashes.c
     query = (
         sa.select(objects)
@@ -47,16 +79,15 @@ def object_for(
                 objects, sa.and_(o.key == co.key, o.sha256 == co.sha256)
             )
         )
-        .where(co.key == key)
+        .where(co.key == sa.bindparam("key"))
         .order_by(c.time.desc(), c.id.desc())
         .limit(1)
     )
-    if visible is not None:
-        query = query.where(c.namespace.in_(list(visible)))
-    if crash_id is not None:
-        query = query.where(co.crash_id == crash_id)
-    row = conn.execute(query).first()
-    return dict(row._mapping) if row is not None else None
+    if scoped:
+        query = query.where(c.namespace.in_(sa.bindparam("visible", expanding=True)))
+    if by_crash:
+        query = query.where(co.crash_id == sa.bindparam("crash_id"))
+    return query
 
 
 def known_objects(conn: Connection, wanted: Iterable[tuple[str, str]]) -> set[tuple[str, str]]:
