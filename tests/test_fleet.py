@@ -4,7 +4,7 @@ Each agent is a process of its own with its own spool, engine and connection. 30
 (a real core of a small process, with metadata of 6 namespaces and 3 crash groups) are
 copied into the spools so that each crash sits in about 25 of them; all agents ship at once
 through the agent's own shipping step, then record the same analyses at once. Afterwards
-the catalog holds each crash once (its search text and its namespace once), each group's
+the catalog holds each crash once (its search values and its namespace once), each group's
 count is its number of crashes, and the per-namespace and per-day counts kept while
 recording are those the catalog rebuilds from the rows.
 """
@@ -25,7 +25,7 @@ import sqlalchemy as sa
 from corevault import config, spool
 from corevault.agent import ship
 from corevault.capture import stream
-from corevault.vault import catalog
+from corevault.vault import catalog, search
 from corevault.vault.crashes import LocalVault
 from testbed import gcore, servers
 from tests.conftest import starts_servers
@@ -124,14 +124,23 @@ def test_fifty_agents_shipping_the_same_crashes_make_each_row_once(
             return sorted(tuple(r) for r in conn.execute(sa.text(sql)))
 
         assert rows("SELECT id FROM crashes") == sorted((m["id"],) for m in metas)
-        assert rows("SELECT count(*) FROM crash_search_pg") == [(CRASHES,)]
+        pods = rows("SELECT value FROM search_values WHERE kind = 'pod'")
+        assert pods == sorted((f"web-{n}",) for n in range(CRASHES))
+        terms = (
+            "SELECT kind, value, signature, namespace FROM group_terms JOIN search_values ON id = value_id"
+        )
+        # a pod per crash; per group and namespace (6 pairs) its image, executable, title and frame
+        assert len(rows(terms)) == CRASHES + 6 * 4
         assert rows("SELECT name FROM namespaces") == [(f"ns-{i}",) for i in range(6)]
         assert rows("SELECT crash_id FROM reports") == sorted((m["id"],) for m in metas)
         assert rows("SELECT signature, count FROM crash_groups") == [(s, CRASHES // 3) for s in SIGNATURES]
         kept = rows("SELECT * FROM group_namespaces"), rows("SELECT * FROM group_days")
         assert sum(r[3] for r in kept[0]) == CRASHES and sum(r[3] for r in kept[1]) == CRASHES
+        kept_terms = rows(terms)
         catalog.rebuild_group_counts(conn)
+        search.rebuild(conn)
         assert (rows("SELECT * FROM group_namespaces"), rows("SELECT * FROM group_days")) == kept
+        assert rows(terms) == kept_terms
     engine.dispose()
 
 
@@ -150,7 +159,9 @@ def test_a_state_form_from_one_server_is_taken_by_another_of_the_same_catalog(tm
         catalog.record_analysis(conn, "c1", {"signature": SIGNATURES[0], "title": "SIGSEGV in f0"})
     engine.dispose()
     tokens = tmp_path / "tokens.toml"
-    tokens.write_text('[[token]]\nname = "a"\ntoken = "a-token-0123456789"\nnamespaces = ["a"]\nupdate = true\n')
+    tokens.write_text(
+        '[[token]]\nname = "a"\ntoken = "a-token-0123456789"\nnamespaces = ["a"]\nupdate = true\n'
+    )
     tokens.chmod(0o600)
     with (
         servers.asgi(create_app(settings, StaticTokens(str(tokens)))) as one,
@@ -164,5 +175,7 @@ def test_a_state_form_from_one_server_is_taken_by_another_of_the_same_catalog(tm
         posted = httpx.post(f"{other}/groups/{SIGNATURES[0]}/state", cookies=cookies,
                             data={"state": "ignored", "form_token": form_token})  # fmt: skip
         assert posted.status_code in (200, 303), posted.text
-        state = httpx.get(f"{other}/api/v1/groups/{SIGNATURES[0]}", headers={"Authorization": "Bearer a-token-0123456789"})
+        state = httpx.get(
+            f"{other}/api/v1/groups/{SIGNATURES[0]}", headers={"Authorization": "Bearer a-token-0123456789"}
+        )
         assert state.json()["state"] == "ignored"

@@ -119,7 +119,9 @@ def test_per_image_counts_and_new_in_an_image_per_reader(engine: sa.Engine) -> N
     assert "other/app:7" not in str(shop)  # nothing of team in what shop sees
 
 
-def test_search_finds_title_frames_exe_pod_and_image_newest_first(engine: sa.Engine) -> None:
+def test_search_finds_title_frames_exe_pod_and_image_newest_first(
+    engine: sa.Engine, monkeypatch: pytest.MonkeyPatch
+) -> None:
     a = add(engine, signature="s1", frames=["ns::Parser::readHeader", "main"], namespace="shop",
             pod="checkout-7f9c", image="registry.example/shop/checkout:4.2", when=NOW - 3 * HOUR)  # fmt: skip
     b = add(engine, signature="s2", frames=["compress_block", "main"], namespace="team", pod="zip-1",
@@ -131,10 +133,10 @@ def test_search_finds_title_frames_exe_pod_and_image_newest_first(engine: sa.Eng
         with engine.connect() as conn:
             return [r["id"] for r in catalog.list_crashes(conn, catalog.Filters(search=q, **kw), 50)]  # type: ignore[arg-type]
 
-    for stats in (False, True):  # SQLite: the whole words, then the rarest trigrams by fresh statistics
-        if stats and engine.dialect.name == "sqlite":
-            with engine.begin() as conn:
-                search.refresh_stats(conn)
+    # words of few values become equalities on the crashes' indexed columns (and the page starts
+    # from the rarest word's values); with FEW at 0 every word is a filter on the walk of time
+    for few in (search.FEW, 0):
+        monkeypatch.setattr(search, "FEW", few)
         assert found("readheader") == [c, a]  # frames, any case, newest first
         assert found("CHECKOUT-7f9") == [a]  # part of a pod name
         assert found("zipper") == [b]  # image
@@ -171,31 +173,23 @@ def test_metrics_counts_per_namespace_and_state(engine: sa.Engine) -> None:
     assert events == {("shop", "new", 2), ("team", "new", 1)}  # a group is new to each namespace once
 
 
-def test_group_search_reads_the_newest_matches_and_every_title(
-    engine: sa.Engine, monkeypatch: pytest.MonkeyPatch
-) -> None:
-    add(
-        engine,
-        signature="t-old",
-        frames=["Queue::drain"],
-        namespace="shop",
-        pod="drainer-1",
-        when=NOW - 3 * HOUR,
-    )
-    add(
-        engine,
-        signature="t-mid",
-        frames=["Queue::push"],
-        namespace="shop",
-        pod="drainer-2",
-        when=NOW - 2 * HOUR,
-    )
+def test_group_search_finds_old_groups_in_the_readers_namespaces(engine: sa.Engine) -> None:
+    add(engine, signature="t-old", frames=["Queue::drain"], namespace="shop", pod="drainer-1",
+        when=NOW - 80 * 24 * HOUR)  # fmt: skip
+    for i in range(30):  # newer crashes holding the same word, in other groups and another namespace
+        add(engine, signature=f"t-{i}", frames=["Queue::push"], namespace="team", pod=f"drainer-9{i}",
+            when=NOW - HOUR)  # fmt: skip
     add(engine, signature="t-new", frames=["Queue::pop"], namespace="shop", pod="drainer-3", when=NOW - HOUR)
-    assert set(_groups(engine, search="drainer")) == {"t-old", "t-mid", "t-new"}
-    monkeypatch.setattr(search, "GROUP_SCAN", 1)
-    assert set(_groups(engine, search="drainer")) == {"t-new"}  # pods: the newest matching crash only
-    assert set(_groups(engine, search="queue")) == {"t-old", "t-mid", "t-new"}  # titles: all of them
-    assert _groups(engine, search="queue", visible={"team"}) == {}
+    assert set(_groups(engine, search="drainer", visible={"shop"})) == {"t-old", "t-new"}
+    assert len(_groups(engine, search="drainer")) == 32  # every namespace: all of them
+    assert set(_groups(engine, search="drainer-1")) == {"t-old"}  # however old
+    assert set(_groups(engine, search="queue::drain drainer")) == {"t-old"}  # every word
+    assert set(_groups(engine, search="queue::drain drainer-3")) == set()
+    assert _groups(engine, search="drainer-90", visible={"shop"}) == {}  # a pod of team's
+    assert set(_groups(engine, search="queue::", namespace="shop")) == {"t-old", "t-new"}
+    with engine.connect() as conn:  # and its crash is found by that pod, however old
+        old = catalog.list_crashes(conn, catalog.Filters(search="drainer-1", visible=frozenset({"shop"})))
+    assert [r["pod"] for r in old] == ["drainer-1"]
 
 
 def test_search_text_with_nul_is_refused_before_the_database(engine: sa.Engine) -> None:

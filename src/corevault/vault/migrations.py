@@ -14,7 +14,7 @@ import sqlalchemy as sa
 from sqlalchemy.engine import Connection, Engine
 
 from corevault.vault import lifecycle, search, snapshots, tables
-from corevault.vault.recording import rebuild_group_counts
+from corevault.vault.recording import rebuild_group_counts, recount_groups
 
 #: schema v1-v2: one binary per build-id, whoever claimed it first (replaced in v3)
 _legacy = sa.MetaData()
@@ -51,11 +51,25 @@ def _v2(conn: Connection) -> None:
     rebuild_group_counts(conn)
 
 
+#: schema v3-v8: one search text per crash (replaced in v9 by the search dictionary); made empty,
+#: since v9 drops it
+_LEGACY_SEARCH = {
+    "sqlite": [
+        "CREATE VIRTUAL TABLE IF NOT EXISTS crash_search USING fts5("
+        "crash_id UNINDEXED, signature UNINDEXED, namespace UNINDEXED, doc, tokenize='trigram')",
+    ],
+    "postgresql": [
+        "CREATE TABLE IF NOT EXISTS crash_search_pg (crash_id VARCHAR(80) PRIMARY KEY "
+        "REFERENCES crashes(id) ON DELETE CASCADE, time BIGINT NOT NULL, doc TEXT NOT NULL)",
+    ],
+}
+
+
 def _v3(conn: Connection) -> None:
     """Groups' lifecycle (states, history, events) and the crash search index."""
     tables.metadata.create_all(conn, tables=lifecycle.TABLES)
-    search.create(conn)
-    search.rebuild(conn)
+    for statement in _LEGACY_SEARCH[conn.dialect.name]:
+        conn.exec_driver_sql(statement)
 
 
 def _v4(conn: Connection) -> None:
@@ -66,9 +80,6 @@ def _v4(conn: Connection) -> None:
 def _v5(conn: Connection) -> None:
     """The alert outbox (deliveries of group events to sinks, the fan-out's cursor), search statistics."""
     tables.metadata.create_all(conn, tables=lifecycle.ALERT_TABLES)
-    search.create_stats(conn)
-    if conn.dialect.name == "sqlite":
-        search.refresh_stats(conn)
 
 
 def _v6(conn: Connection) -> None:
@@ -109,8 +120,23 @@ def _v8(conn: Connection) -> None:
     tables.metadata.create_all(conn, tables=[tables.server_keys])
 
 
+def _v9(conn: Connection) -> None:
+    """The search dictionary in place of a search text per crash; group totals that forgetting kept
+    too high made again; the groups' newest-first index."""
+    for statement in ("DROP TABLE IF EXISTS crash_search", "DROP TABLE IF EXISTS crash_search_stats",
+                      "DROP TABLE IF EXISTS crash_search_pg"):  # fmt: skip
+        conn.exec_driver_sql(statement)
+    search.create(conn)
+    search.rebuild(conn)
+    recount_groups(conn)
+    conn.exec_driver_sql("DROP INDEX IF EXISTS crash_groups_last_seen")
+    conn.exec_driver_sql(
+        "CREATE INDEX IF NOT EXISTS crash_groups_newest ON crash_groups (last_seen, signature)"
+    )
+
+
 #: Numbered schema migrations; a new one is appended, never edited.
-MIGRATIONS: list[Callable[[Connection], None]] = [_v1, _v2, _v3, _v4, _v5, _v6, _v7, _v8]
+MIGRATIONS: list[Callable[[Connection], None]] = [_v1, _v2, _v3, _v4, _v5, _v6, _v7, _v8, _v9]
 
 
 def migrate(engine: Engine) -> int:

@@ -150,29 +150,32 @@ def list_crashes(
 ) -> list[dict]:
     """Crashes newest first; ``before`` is the (time, id) of the last row of the previous page.
 
-    With ``filters.search`` each row also has ``search_key`` and ``before`` is the
-    (search_key, id) of the previous page's last row: the search index's own order.
+    With ``filters.search`` each row also has ``search_key``, its time (what a page's cursor
+    is made of, as without a search).
     """
     columns = [crashes.c[n] for n in LIST_COLUMNS]
+    c = crashes.c
     if filters.search:
-        found, crash_id, key = fts.matching(conn, filters.search)
-        query = sa.select(*columns, key.label("search_key")).select_from(
-            found.join(crashes, crashes.c.id == crash_id)
-        )
-        query = _where(query, filters)
+        # the search's key is the crash's time, so a search pages like a plain list
+        columns.append(c.time.label("search_key"))
+        match = fts.crash_match(conn, filters.search)
+    else:
+        match = fts.CrashMatch([], None)
+
+    def page(*where: sa.ColumnElement) -> sa.Select:
+        query = _where(sa.select(*columns), filters).where(*match.where, *where)
         if before is not None:
-            k, i = before
-            tie = sa.false() if conn.dialect.name == "sqlite" else sa.and_(key == k, crash_id < i)
-            query = query.where(sa.or_(key < k, tie))
-        # SQLite's key is unique, and ordering by it alone lets FTS5 walk its rowids backwards
-        order = [key.desc()] if conn.dialect.name == "sqlite" else [key.desc(), crash_id.desc()]
-        query = query.order_by(*order).limit(limit)
-        return [dict(r._mapping) for r in conn.execute(query)]
-    query = _where(sa.select(*columns), filters)
-    if before is not None:
-        t, i = before
-        query = query.where(sa.or_(crashes.c.time < t, sa.and_(crashes.c.time == t, crashes.c.id < i)))
-    query = query.order_by(crashes.c.time.desc(), crashes.c.id.desc()).limit(limit)
+            t, i = before
+            query = query.where(sa.or_(c.time < t, sa.and_(c.time == t, c.id < i)))
+        return query.order_by(c.time.desc(), c.id.desc()).limit(limit)
+
+    if match.seeds is None:
+        query = page()
+    elif not match.seeds:
+        return []
+    else:  # each value's newest crashes by its (column, time) index, then the newest of those
+        found = sa.union(*(sa.select(page(seed).subquery()) for seed in match.seeds)).subquery()
+        query = sa.select(found).order_by(found.c.time.desc(), found.c.id.desc()).limit(limit)
     return [dict(r._mapping) for r in conn.execute(query)]
 
 
@@ -242,28 +245,35 @@ def list_groups(
     All of it is made of the ``visible`` namespaces only.
     """
     gn = group_ns.c
-    agg = sa.select(
-        gn.signature,
-        sa.func.sum(gn.count).label("count"),
-        sa.func.min(gn.first_seen).label("first_seen"),
-        sa.func.max(gn.last_seen).label("last_seen"),
-    ).group_by(gn.signature)
     # rows in scope (namespaces, images), and which groups (a search, new_in): the page's own
     # rows are read again below with the first only, the groups being those of the page
-    rows_scope, groups_scope = [], []
+    rows_scope, wanted = [], []
     if visible is not None:
         rows_scope.append(gn.namespace.in_(sorted(visible)))
     if namespace is not None:
         rows_scope.append(gn.namespace == namespace)
     if image is not None:
         rows_scope.append(gn.image == image)
-    if signature is not None:
-        groups_scope.append(gn.signature == signature)
     if search:
-        groups_scope.append(gn.signature.in_(fts.signatures(conn, search, visible, namespace)))
+        wanted.append(fts.signatures(conn, search, visible, namespace))
     if new_in is not None:
-        groups_scope.append(gn.signature.in_(_new_in(conn, new_in, visible, namespace)))
-    sub = agg.where(*rows_scope, *groups_scope).subquery()
+        wanted.append(_new_in(conn, new_in, visible, namespace))
+    if rows_scope:
+        sig = gn.signature
+        sub = sa.select(
+            gn.signature,
+            sa.func.sum(gn.count).label("count"),
+            sa.func.min(gn.first_seen).label("first_seen"),
+            sa.func.max(gn.last_seen).label("last_seen"),
+        ).where(*rows_scope)
+        sub = sub.group_by(gn.signature)
+    else:  # every namespace: the groups' own totals, walked newest first (crash_groups_newest)
+        sig = groups.c.signature
+        g = groups.c
+        sub = sa.select(sig, g.count, g.first_seen, g.last_seen).where(g.count > 0)
+    if signature is not None:
+        sub = sub.where(sig == signature)
+    sub = sub.where(*(sig.in_(w) for w in wanted)).subquery()
     state = lifecycle.effective_state(now).label("state")
     # The page is chosen before its groups' titles are joined: joined first, PostgreSQL looked
     # up every group's title (20,000 index probes at 20,000 groups) to keep 50.

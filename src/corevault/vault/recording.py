@@ -7,7 +7,7 @@ Every write is idempotent, because an agent may be killed at any point and do it
   group is counted in the same transaction, so a group counts each crash exactly once;
 - dropped-dump records are keyed by a hash of the journal line.
 
-Forgetting an analysed crash takes it out of its group's per-namespace and per-day counts again.
+Forgetting an analysed crash takes it out of its group's counts again: in all, per namespace and per day.
 """
 
 from __future__ import annotations
@@ -76,7 +76,7 @@ def add_crash(conn: Connection, meta: dict, analysis: str) -> bool:
     # (profiled over 500 crashes into PostgreSQL)
     inserted = conn.execute(insert(conn, crashes).on_conflict_do_nothing(), row).rowcount == 1
     if inserted:
-        search.index(conn, row)
+        search.add_crash(conn, row)
     if inserted and row["namespace"]:
         conn.execute(insert(conn, namespaces).on_conflict_do_nothing(), {"name": row["namespace"]})
     objects_rows = (
@@ -132,8 +132,7 @@ def record_analysis(conn: Connection, crash_id: str, report: dict) -> bool:
         })  # fmt: skip
         lifecycle.on_crash(conn, signature, crash)
         _count(conn, signature, crash, +1)
-        row = {**crash._mapping, "title": title, "signature": signature}
-        search.index(conn, row, search.frames_of(report))
+        search.add_analysed(conn, dict(crash._mapping), signature, title, search.frames_of(report))
     return True
 
 
@@ -257,14 +256,26 @@ def forget(conn: Connection, crash_id: str) -> None:
     ).first()
     if row is not None and row.analysis == "done" and row.signature:
         _count(conn, row.signature, row, -1)
-    search.forget(conn, crash_id)
+        _uncount_group(conn, row.signature)
     conn.execute(reports.delete().where(reports.c.crash_id == crash_id))
     conn.execute(crash_objects.delete().where(crash_objects.c.crash_id == crash_id))
     conn.execute(crashes.delete().where(crashes.c.id == crash_id))
 
 
+def _uncount_group(conn: Connection, signature: str) -> None:
+    """One crash fewer in a group: its count, and its first and last seen made again of what its
+    per-namespace rows have left (kept as they were when none is left)."""
+    gn, g = group_ns.c, groups.c
+    left = sa.select(sa.func.min(gn.first_seen), sa.func.max(gn.last_seen)).where(gn.signature == signature)
+    first, last = conn.execute(left).one()
+    values: dict = {"count": g.count - 1}
+    if first is not None:
+        values.update(first_seen=first, last_seen=last)
+    conn.execute(groups.update().where(g.signature == signature, g.count > 0).values(**values))
+
+
 def rebuild_group_counts(conn: Connection) -> None:
-    """Count every analysed crash into the per-namespace and per-day group tables, from scratch."""
+    """Count every analysed crash into the group tables (per namespace, per day, in all), from scratch."""
     for table in (group_ns, group_days, namespaces):
         conn.execute(table.delete())
     c = crashes.c
@@ -288,6 +299,24 @@ def rebuild_group_counts(conn: Connection) -> None:
     conn.execute(
         namespaces.insert().from_select(
             ["name"], sa.select(c.namespace).where(c.namespace.is_not(None)).distinct()
+        )
+    )
+    recount_groups(conn)
+
+
+def recount_groups(conn: Connection) -> None:
+    """Make each group's count, first and last seen again from its per-namespace rows."""
+    gn = group_ns.c
+    of_group = [gn.signature == groups.c.signature]
+    conn.execute(
+        groups.update().values(
+            count=sa.select(sa.func.coalesce(sa.func.sum(gn.count), 0)).where(*of_group).scalar_subquery(),
+            first_seen=sa.func.coalesce(
+                sa.select(sa.func.min(gn.first_seen)).where(*of_group).scalar_subquery(), groups.c.first_seen
+            ),
+            last_seen=sa.func.coalesce(
+                sa.select(sa.func.max(gn.last_seen)).where(*of_group).scalar_subquery(), groups.c.last_seen
+            ),
         )
     )
 

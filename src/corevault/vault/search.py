@@ -1,34 +1,47 @@
-"""Full-text search over crashes: title, the signature's frames, executable, pod and image.
+"""Search over crashes and groups: a dictionary of the distinct searchable values, and which group holds each.
 
-The database's own index does the work, never a scan in Python:
+A crash is searched by its pod, image and executable, and by its group's title and signature
+frames; a word matches when one of those holds it anywhere inside, in any case, and every
+word must match. Two tables do it, both written in the transaction that writes the crash:
 
-- SQLite: an FTS5 table with the ``trigram`` tokenizer, so a term matches anywhere inside a
-  word (``handler`` finds ``ns::Service::handler_7``, ``web-7`` finds pod ``web-7f9c``),
-  case-insensitively. Its rowid is the crash's time (seconds) shifted left by 24 bits plus
-  a hash of the id, so "newest first" is FTS5's own descending rowid walk and a page stops
-  after ``limit`` hits even when a term matches a million crashes.
-- PostgreSQL: a ``pg_trgm`` GIN index over the same text; ``ILIKE`` per term, the crash
-  time index orders.
+- ``search_values`` (kind, value): every distinct pod, image, executable, title and frame
+  the catalog has seen, with a trigram index over the value: ``pg_trgm`` GIN on PostgreSQL,
+  an FTS5 ``trigram`` table kept by triggers on SQLite.
+- ``group_terms`` (value, signature, namespace): which group has, in which namespace, a crash
+  with that value; written when a crash is analysed (its group is known then).
 
-Every term must match (AND); a term needs three characters or more (a trigram). The
-search text is written when a crash is added and again when it is analysed (its title and
-frames are known then), in the same transaction as the catalog rows.
+Why a dictionary and not one text per crash (what this was): at 10,000,000 crashes a word
+whose every trigram is common (``team-7-pod-123``: ``tea``, ``pod``…) made the trigram index
+walk posting lists of millions of crashes, and a group search had to read crashes. A fleet
+of 10,000,000 crashes has a few hundred thousand distinct values, and the same trigrams
+there list a few thousand. So a search first looks its words up in the dictionary, then:
+
+- a crash search turns a word with few values (a pod's name) into equalities on the crash's
+  own columns, each served by a ``(column, time)`` index, and takes the page from each
+  value's newest crashes; a word with many values (a word of every title) becomes a filter
+  on the walk of the time index, which its many matches end after a page;
+- a group search reads ``group_terms`` in the reader's namespaces alone: old groups are
+  found as well as new ones, and no crash is read. A group matches when each word is held
+  by one of its crashes in scope (not necessarily the same crash for every word).
+
+Values are cut to ``VALUE_MAX`` characters (an index entry has a size limit, and a process
+chooses its paths and its symbols' names): a longer executable path is found by its start.
+The dictionary keeps values of forgotten crashes; they lead to no crash (crash search) or
+to a group its reader sees crashes of anyway (group search).
 """
 
 from __future__ import annotations
 
 import json
 import re
-import threading
-import time
-import zlib
-from collections.abc import Collection
+from collections.abc import Collection, Iterable
+from dataclasses import dataclass
 
 import sqlalchemy as sa
 from sqlalchemy.engine import Connection
 
 from corevault.errors import UserError
-from corevault.vault.tables import crashes, group_ns, groups
+from corevault.vault.tables import crashes, insert, metadata
 
 MAX_TERMS = 8
 MAX_QUERY = 256
@@ -38,9 +51,37 @@ _SPACE = r" \t\n\r\f\v"
 #: a word is anything else but NUL, which SQLite's FTS5 query parser cannot take
 _WORD = rf"[^{_SPACE}\x00]"
 PATTERN = rf"^[{_SPACE}]*{_WORD}{{3,}}([{_SPACE}]+{_WORD}{{3,}}){{0,{MAX_TERMS - 1}}}[{_SPACE}]*$"
-_SQLITE = "crash_search"
-_PG = "crash_search_pg"
-_PG_TABLE = sa.table(_PG, sa.column("crash_id"), sa.column("time"), sa.column("doc"))
+
+#: a value's length in the dictionary: 400 characters of up to 4 bytes stay within PostgreSQL's
+#: limit of an index entry (2,704 bytes) beside the kind
+VALUE_MAX = 400
+#: what a word's values are looked up as: the crash columns, then the group's own texts
+CRASH_KINDS = ("pod", "image", "exe")
+GROUP_KINDS = ("title", "frame")
+#: a word with at most this many values (or groups) becomes literal conditions; past it, subqueries
+FEW = 200
+#: a word with at most this many values is where a crash search's page starts from
+SEEDS = 24
+
+search_values = sa.Table(
+    "search_values",
+    metadata,
+    sa.Column("id", sa.Integer, primary_key=True, autoincrement=True),
+    sa.Column("kind", sa.String(8), nullable=False),
+    sa.Column("value", sa.String(VALUE_MAX), nullable=False),
+    sa.UniqueConstraint("kind", "value", name="search_values_kind_value"),
+)
+
+group_terms = sa.Table(
+    "group_terms",
+    metadata,
+    sa.Column("value_id", sa.Integer, primary_key=True),
+    sa.Column("signature", sa.String(32), primary_key=True),
+    #: "" for a host process's crash, as in group_namespaces
+    sa.Column("namespace", sa.String(255), primary_key=True),
+)
+
+TABLES = [search_values, group_terms]
 
 
 class SearchError(UserError):
@@ -65,243 +106,190 @@ def terms(q: str) -> list[str]:
 
 
 def create(conn: Connection) -> None:
+    """The two tables and the dictionary's trigram index."""
+    metadata.create_all(conn, tables=TABLES)
     if conn.dialect.name == "sqlite":
         conn.exec_driver_sql(
-            "CREATE VIRTUAL TABLE IF NOT EXISTS crash_search USING fts5("
-            "crash_id UNINDEXED, signature UNINDEXED, namespace UNINDEXED, doc, tokenize='trigram')"
+            "CREATE VIRTUAL TABLE IF NOT EXISTS search_values_fts USING fts5("
+            "value, content='search_values', content_rowid='id', tokenize='trigram')"
+        )
+        conn.exec_driver_sql(
+            "CREATE TRIGGER IF NOT EXISTS search_values_added AFTER INSERT ON search_values BEGIN "
+            "INSERT INTO search_values_fts (rowid, value) VALUES (new.id, new.value); END"
+        )
+        conn.exec_driver_sql(
+            "CREATE TRIGGER IF NOT EXISTS search_values_removed AFTER DELETE ON search_values BEGIN "
+            "INSERT INTO search_values_fts (search_values_fts, rowid, value) "
+            "VALUES ('delete', old.id, old.value); END"
         )
     else:
         conn.exec_driver_sql("CREATE EXTENSION IF NOT EXISTS pg_trgm")
         conn.exec_driver_sql(
-            "CREATE TABLE IF NOT EXISTS crash_search_pg (crash_id VARCHAR(80) PRIMARY KEY "
-            "REFERENCES crashes(id) ON DELETE CASCADE, time BIGINT NOT NULL, doc TEXT NOT NULL)"
+            "CREATE INDEX IF NOT EXISTS search_values_trgm ON search_values USING gin (value gin_trgm_ops)"
         )
-        for index in ("crash_search_pg_doc ON crash_search_pg USING gin (doc gin_trgm_ops)",
-                      "crash_search_pg_time ON crash_search_pg (time DESC, crash_id DESC)"):  # fmt: skip
-            conn.exec_driver_sql("CREATE INDEX IF NOT EXISTS " + index)
 
 
-def _key(time: int, crash_id: str) -> int:
-    return (int(time) << 24) | (zlib.crc32(crash_id.encode()) & 0xFFFFFF)
+def _cut(value: object) -> str | None:
+    return value[:VALUE_MAX] if isinstance(value, str) and value else None
 
 
-def document(crash: dict, frames: list[str] | None = None) -> str:
-    """The searchable text of a crash row (and its signature's frames)."""
-    parts = [crash.get("title"), crash.get("exe"), crash.get("pod"), crash.get("image"), *(frames or [])]
-    return "\n".join(p for p in parts if p)
+def _pairs(crash: dict, title: str | None = None, frames: Iterable[str] = ()) -> set[tuple[str, str]]:
+    pairs = {(k, v) for k in CRASH_KINDS if (v := _cut(crash.get(k)))}
+    pairs |= {("frame", v) for f in frames if (v := _cut(f))}
+    if t := _cut(title):
+        pairs.add(("title", t))
+    return pairs
 
 
-def index(conn: Connection, crash: dict, frames: list[str] | None = None) -> None:
-    """Write (or rewrite) one crash's search text; ``crash`` has the catalog row's columns."""
-    doc = document(crash, frames)
-    if conn.dialect.name != "sqlite":
-        conn.exec_driver_sql(
-            "INSERT INTO crash_search_pg (crash_id, time, doc) VALUES (%(id)s, %(time)s, %(doc)s) "
-            "ON CONFLICT (crash_id) DO UPDATE SET doc = EXCLUDED.doc",
-            {"id": crash["id"], "time": crash["time"], "doc": doc},
-        )
+def _add_values(conn: Connection, pairs: set[tuple[str, str]]) -> None:
+    if pairs:
+        rows = [{"kind": k, "value": v} for k, v in sorted(pairs)]
+        conn.execute(insert(conn, search_values).on_conflict_do_nothing(), rows)
+
+
+def add_crash(conn: Connection, crash: dict) -> None:
+    """Put a new crash's pod, image and executable in the dictionary (``crash``: the catalog row)."""
+    _add_values(conn, _pairs(crash))
+
+
+def add_analysed(conn: Connection, crash: dict, signature: str, title: str | None, frames: list[str]) -> None:
+    """Note that ``signature`` has, in the crash's namespace, its pod, image, executable, title and frames."""
+    pairs = _pairs(crash, title, frames)
+    if not pairs:
         return
-    conn.exec_driver_sql("DELETE FROM crash_search WHERE crash_id = ?", (crash["id"],))
-    key = _key(crash["time"], crash["id"])
-    while True:  # two crashes of one second with the same 24-bit hash: take the next free key
-        try:
-            conn.exec_driver_sql(
-                "INSERT INTO crash_search (rowid, crash_id, signature, namespace, doc) "
-                "VALUES (?, ?, ?, ?, ?)",
-                (key, crash["id"], crash.get("signature"), crash.get("namespace") or "", doc),
-            )
-            return
-        except sa.exc.IntegrityError:
-            key += 1
-
-
-def forget(conn: Connection, crash_id: str) -> None:
-    if conn.dialect.name == "sqlite":
-        conn.exec_driver_sql("DELETE FROM crash_search WHERE crash_id = ?", (crash_id,))
-    # PostgreSQL: ON DELETE CASCADE
+    _add_values(conn, pairs)
+    v = search_values.c
+    ids = conn.execute(sa.select(v.id).where(sa.tuple_(v.kind, v.value).in_(sorted(pairs)))).scalars()
+    ns = crash.get("namespace") or ""
+    rows = [{"value_id": i, "signature": signature, "namespace": ns} for i in sorted(ids)]
+    conn.execute(insert(conn, group_terms).on_conflict_do_nothing(), rows)
 
 
 def rebuild(conn: Connection) -> None:
-    """Index every crash from scratch (the migration that adds search, bulk loads)."""
-    if conn.dialect.name == "sqlite":
-        _rebuild_sqlite(conn)
-        if conn.execute(sa.text("SELECT 1 FROM sqlite_master WHERE name = 'crash_search_stats'")).first():
-            refresh_stats(conn)
-        return
-    conn.exec_driver_sql("DELETE FROM crash_search_pg")
-    conn.exec_driver_sql(
-        "INSERT INTO crash_search_pg (crash_id, time, doc) SELECT c.id, c.time, "
-        "concat_ws(chr(10), c.title, c.exe, c.pod, c.image, (r.report::json -> 'signature_frames')::text) "
-        "FROM crashes c LEFT JOIN reports r ON r.crash_id = c.id"
+    """Make both tables from the catalog's crashes and reports (the migration, bulk loads)."""
+    conn.execute(group_terms.delete())
+    conn.execute(search_values.delete())
+    sqlite = conn.dialect.name == "sqlite"
+    counted = "analysis = 'done' AND signature IS NOT NULL"
+    # one report per group: a group's frames are what made its signature, the same in each
+    frames = (
+        "SELECT r.crash_id, j.value AS frame FROM reports r, json_each(r.report, '$.signature_frames') j"
+        if sqlite
+        else "SELECT r.crash_id, j AS frame FROM reports r, json_array_elements_text("
+        "CASE WHEN json_typeof(r.report::json -> 'signature_frames') = 'array' "
+        "THEN r.report::json -> 'signature_frames' ELSE '[]' END) j"
     )
-
-
-def _rebuild_sqlite(conn: Connection) -> None:
-    conn.exec_driver_sql("DELETE FROM crash_search")
-    conn.exec_driver_sql(
-        "INSERT INTO crash_search (rowid, crash_id, signature, namespace, doc) "
-        "SELECT (c.time << 24) + (c.rowid & 16777215), c.id, c.signature, coalesce(c.namespace, ''), "
-        "coalesce(c.title, '') || char(10) || coalesce(c.exe, '') || char(10) || coalesce(c.pod, '') "
-        "|| char(10) || coalesce(c.image, '') || char(10) "
-        "|| coalesce(json_extract(r.report, '$.signature_frames'), '') "
-        "FROM crashes c LEFT JOIN reports r ON r.crash_id = c.id"
-    )
-
-
-def _quoted(text: str) -> str:
-    return '"' + text.replace('"', '""') + '"'
-
-
-def _fts_query(words: list[str]) -> str:
-    return " AND ".join(_quoted(w) for w in words)
-
-
-def create_stats(conn: Connection) -> None:
-    if conn.dialect.name == "sqlite":
-        conn.exec_driver_sql(
-            "CREATE TABLE IF NOT EXISTS crash_search_stats (term TEXT PRIMARY KEY, docs INTEGER NOT NULL)"
+    one_report = f"SELECT signature, min(id) AS crash_id FROM crashes WHERE {counted} GROUP BY signature"  # noqa: S608
+    conn.exec_driver_sql(f"""
+        INSERT INTO search_values (kind, value)
+        SELECT DISTINCT kind, substr(value, 1, {VALUE_MAX}) FROM (
+            SELECT DISTINCT 'pod' AS kind, pod AS value FROM crashes
+            UNION SELECT DISTINCT 'image', image FROM crashes
+            UNION SELECT DISTINCT 'exe', exe FROM crashes
+            UNION SELECT DISTINCT 'title', title FROM crashes WHERE {counted}
+            UNION SELECT DISTINCT 'frame', f.frame FROM ({one_report}) o JOIN ({frames}) f
+                ON f.crash_id = o.crash_id
+        ) AS t WHERE value IS NOT NULL AND value != ''
+    """)  # noqa: S608 (no value of a crash in the text)
+    conn.exec_driver_sql(f"""
+        WITH d AS MATERIALIZED (
+            SELECT DISTINCT signature, coalesce(namespace, '') AS namespace, pod, image, exe, title
+            FROM crashes WHERE {counted}
         )
-
-
-_REFRESHED = "\x00refreshed"
-STATS_AGE = 600.0
-_refreshing = threading.Lock()
-
-
-def refresh_stats(conn: Connection) -> None:
-    """Count the crashes holding each trigram (SQLite): what picks a word's rarest trigrams."""
-    conn.exec_driver_sql(
-        "CREATE VIRTUAL TABLE IF NOT EXISTS temp.crash_search_vocab "
-        "USING fts5vocab(main, crash_search, 'row')"
-    )
-    conn.exec_driver_sql("DELETE FROM crash_search_stats")
-    conn.exec_driver_sql(
-        "INSERT INTO crash_search_stats (term, docs) SELECT term, doc FROM temp.crash_search_vocab"
-    )
-    conn.exec_driver_sql(
-        "INSERT INTO crash_search_stats (term, docs) VALUES (?, ?)", (_REFRESHED, int(time.time()))
-    )
-
-
-def _refresh_in_background(engine: sa.Engine) -> None:
-    if not _refreshing.acquire(blocking=False):
-        return  # one refresh at a time
-
-    def run() -> None:
-        try:
-            with engine.begin() as conn:
-                refresh_stats(conn)
-        finally:
-            _refreshing.release()
-
-    threading.Thread(target=run, name="corevault-search-stats", daemon=True).start()
-
-
-def _rare_trigrams(conn: Connection, words: list[str]) -> list[str] | None:
-    """Up to three of each word's rarest trigrams, by the stats; None when there are no fresh stats.
-
-    A long word shares trigrams with most crashes (``team-7-pod-123``: ``tea``, ``pod``…), and
-    FTS5 reads every listed trigram's whole posting list; matching the rarest few and checking
-    the word itself on the few rows they find is what keeps such a search fast.
-    """
-    wanted = {w.lower()[i : i + 3] for w in words for i in range(len(w) - 2)}
-    stats = sa.table("crash_search_stats", sa.column("term"), sa.column("docs"))
-    rows = conn.execute(
-        sa.select(stats.c.term, stats.c.docs).where(stats.c.term.in_([*wanted, _REFRESHED]))
-    ).all()
-    docs = dict(rows)
-    refreshed = docs.pop(_REFRESHED, 0)
-    if time.time() - refreshed > STATS_AGE:
-        _refresh_in_background(conn.engine)
-    if not refreshed:
-        return None
-    picked = []
-    for w in words:
-        grams = sorted({w.lower()[i : i + 3] for i in range(len(w) - 2)}, key=lambda g: docs.get(g, 0))
-        picked += grams[:3]
-    return picked
+        INSERT INTO group_terms (value_id, signature, namespace)
+        SELECT DISTINCT v.id, t.signature, t.namespace FROM (
+            SELECT 'pod' AS kind, pod AS value, signature, namespace FROM d
+            UNION ALL SELECT 'image', image, signature, namespace FROM d
+            UNION ALL SELECT 'exe', exe, signature, namespace FROM d
+            UNION ALL SELECT 'title', title, signature, namespace FROM d
+            UNION ALL SELECT DISTINCT 'frame', f.frame, o.signature, g.namespace
+                FROM ({one_report}) o JOIN ({frames}) f ON f.crash_id = o.crash_id
+                JOIN group_namespaces g ON g.signature = o.signature
+        ) AS t JOIN search_values v ON v.kind = t.kind AND v.value = substr(t.value, 1, {VALUE_MAX})
+    """)  # noqa: S608
 
 
 def _like(word: str) -> str:
     return "%" + re.sub(r"([\\%_])", r"\\\1", word) + "%"
 
 
-def matching(conn: Connection, q: str) -> tuple[sa.FromClause, sa.ColumnElement, sa.ColumnElement]:
-    """A selectable of the crashes matching ``q``: (its table, its crash_id column, its order key).
-
-    The order key is larger for newer crashes; for SQLite it is the FTS rowid, whose walk in
-    descending order is what keeps a page cheap.
-    """
-    words = terms(q)
+def _holding(conn: Connection, word: str) -> sa.ColumnElement:
+    """The condition on ``search_values`` of the values that hold ``word``, by the trigram index."""
+    v = search_values.c
     if conn.dialect.name == "sqlite":
-        fts = sa.table(_SQLITE, sa.column("rowid"), sa.column("crash_id"), sa.column("doc"))
-        query = sa.select(fts.c.rowid.label("key"), fts.c.crash_id).where(_sqlite_match(conn, words, fts))
-        sub = query.subquery()
-        return sub, sub.c.crash_id, sub.c.key
-    doc = _PG_TABLE.c.doc
-    sub = (
-        sa.select(_PG_TABLE.c.crash_id, _PG_TABLE.c.time.label("key"))
-        .where(*(doc.ilike(_like(w), escape="\\") for w in words))
-        .subquery()
-    )
-    return sub, sub.c.crash_id, sub.c.key
+        # unique: a search of several words has one of these per word in one statement
+        phrase = sa.bindparam("q", '"' + word.replace('"', '""') + '"', unique=True)
+        fts = sa.text("SELECT rowid FROM search_values_fts WHERE search_values_fts MATCH :q")
+        fts = fts.bindparams(phrase)
+        return v.id.in_(fts.columns(sa.column("rowid", sa.Integer)))
+    return v.value.ilike(_like(word), escape="\\")
 
 
-def _sqlite_match(conn: Connection, words: list[str], fts: sa.TableClause) -> sa.ColumnElement:
-    """The MATCH (and, with rare trigrams, the check of each whole word) for SQLite."""
-    rare = _rare_trigrams(conn, words) if all(w.isascii() for w in words) else None
-    if rare is None:
-        return sa.text("crash_search MATCH :fts").bindparams(fts=_fts_query(words))
-    match = sa.text("crash_search MATCH :fts").bindparams(fts=" AND ".join(_quoted(g) for g in rare))
-    # ASCII words: lower() folds case the way the trigram tokenizer does
-    return sa.and_(match, *(sa.func.instr(sa.func.lower(fts.c.doc), w.lower()) > 0 for w in words))
+def _group_ids(conn: Connection, word: str) -> sa.Select:
+    v = search_values.c
+    return sa.select(v.id).where(_holding(conn, word), v.kind.in_(GROUP_KINDS))
 
 
-#: how many of a search's newest matching crashes the group search reads at most
-GROUP_SCAN = 2_000
+@dataclass(frozen=True, slots=True)
+class CrashMatch:
+    """What a crash search asks of ``crashes``' own columns."""
+
+    #: one condition per word
+    where: list[sa.ColumnElement]
+    #: equalities on indexed columns whose crashes hold every match (the rarest word's values);
+    #: None when every word has many values (then the time index is walked)
+    seeds: list[sa.ColumnElement] | None
+
+
+def crash_match(conn: Connection, q: str) -> CrashMatch:
+    """How to find the crashes matching ``q`` (see the module's docstring)."""
+    where, seeds = [], None
+    c, v, gt = crashes.c, search_values.c, group_terms.c
+    for word in terms(q):
+        values = sa.select(v.id, v.kind, v.value).where(_holding(conn, word))
+        found = conn.execute(values.limit(FEW + 1)).all()
+        if len(found) > FEW:  # many values: a filter on the walk, the subqueries hashed once
+            values = sa.select(v.value).where(_holding(conn, word))
+            sigs = sa.select(gt.signature).where(gt.value_id.in_(_group_ids(conn, word)))
+            where.append(sa.or_(
+                *(sa.func.substr(c[k], 1, VALUE_MAX).in_(values.where(v.kind == k)) for k in CRASH_KINDS),
+                c.signature.in_(sigs),
+            ))  # fmt: skip
+            continue
+        # a value cut in the dictionary is the start of the crash's own
+        equal = [
+            c[kind].startswith(value, autoescape=True) if len(value) == VALUE_MAX else c[kind] == value
+            for _, kind, value in found
+            if kind in CRASH_KINDS
+        ]
+        ids = [i for i, kind, _ in found if kind in GROUP_KINDS]
+        groups = conn.execute(
+            sa.select(gt.signature).where(gt.value_id.in_(ids)).distinct().limit(FEW + 1)
+        ).scalars().all() if ids else []  # fmt: skip
+        if len(groups) > FEW:
+            where.append(sa.or_(*equal, c.signature.in_(sa.select(gt.signature).where(gt.value_id.in_(ids)))))
+            continue
+        equal += [c.signature == s for s in groups]
+        where.append(sa.or_(sa.false(), *equal))
+        if len(equal) <= SEEDS and (seeds is None or len(equal) < len(seeds)):
+            seeds = equal
+    return CrashMatch(where, seeds)
 
 
 def signatures(conn: Connection, q: str, visible: Collection[str] | None, namespace: str | None) -> sa.Select:
-    """The signatures of the groups matching ``q`` in the namespaces in scope.
-
-    A group matches when its title holds every word (exact, over the few thousand groups) or
-    when one of its crashes in scope is among the ``GROUP_SCAN`` newest crashes matching ``q``
-    (of all namespaces, so that the work is bounded whatever the scope): a word that a million
-    crashes hold stays fast, at the price of leaving out groups whose only matching crashes
-    are older than those (their title aside). Words held by fewer crashes are exact.
-    """
-    words = terms(q)
-    if conn.dialect.name == "sqlite":
-        fts = sa.table(
-            _SQLITE, sa.column("rowid"), sa.column("signature"), sa.column("namespace"), sa.column("doc")
-        )
-        ns, sig, key = fts.c.namespace, fts.c.signature, fts.c.rowid
-        query = sa.select(sig.label("signature"), ns.label("namespace")).where(
-            _sqlite_match(conn, words, fts)
-        )
-    else:
-        found, crash_id, key = matching(conn, q)
-        ns, sig = sa.func.coalesce(crashes.c.namespace, ""), crashes.c.signature
-        query = sa.select(sig.label("signature"), ns.label("namespace")).select_from(
-            found.join(crashes, crashes.c.id == crash_id)
-        )
-    newest = query.order_by(key.desc()).limit(GROUP_SCAN).subquery()
-    scope = [newest.c.signature.is_not(None)]
+    """The signatures of the groups whose crashes in the namespaces in scope hold every word of ``q``."""
+    gt = group_terms.c
+    scope = []
     if visible is not None:
-        scope.append(newest.c.namespace.in_(sorted(visible)))
+        scope.append(gt.namespace.in_(sorted(visible)))
     if namespace is not None:
-        scope.append(newest.c.namespace == namespace)
-    gn = group_ns.c
-    in_scope = [gn.signature == groups.c.signature]
-    if visible is not None:
-        in_scope.append(gn.namespace.in_(sorted(visible)))
-    if namespace is not None:
-        in_scope.append(gn.namespace == namespace)
-    titled = sa.select(groups.c.signature).where(
-        *(sa.func.lower(groups.c.title).contains(w.lower(), autoescape=True) for w in words),
-        sa.exists(sa.select(gn.signature).where(*in_scope)),
-    )
-    return sa.union(sa.select(newest.c.signature).where(*scope), titled)
+        scope.append(gt.namespace == namespace)
+    v = search_values.c
+    per_word = [
+        sa.select(gt.signature).where(gt.value_id.in_(sa.select(v.id).where(_holding(conn, w))), *scope)
+        for w in terms(q)
+    ]
+    return per_word[0].distinct() if len(per_word) == 1 else sa.intersect(*per_word)
 
 
 def frames_of(report: dict) -> list[str]:

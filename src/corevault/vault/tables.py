@@ -66,7 +66,8 @@ groups = sa.Table(
     sa.Column("last_seen", sa.BigInteger, nullable=False),
     sa.Column("count", sa.Integer, nullable=False),
 )
-sa.Index("crash_groups_last_seen", groups.c.last_seen)
+#: the group list over every namespace walks it, newest first, a page at a time
+sa.Index("crash_groups_newest", groups.c.last_seen, groups.c.signature)
 
 reports = sa.Table(
     "reports",

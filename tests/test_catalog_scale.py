@@ -1,0 +1,179 @@
+"""The catalog's shape for size, on SQLite and a real PostgreSQL: the search dictionary, the groups'
+own totals (what the group list over every namespace reads), and schema version 9, which
+brings both to a populated catalog of version 8."""
+
+from __future__ import annotations
+
+import json
+import time
+from collections.abc import Iterator
+
+import pytest
+import sqlalchemy as sa
+
+from corevault.vault import catalog, migrations, search, tables
+from testbed import servers
+from tests.conftest import starts_servers
+from tests.triage_data import add, report
+
+NOW = int(time.time())
+HOUR = 3600
+
+
+@pytest.fixture(scope="module")
+@starts_servers
+def pg() -> Iterator[servers.Postgres]:
+    with servers.postgres() as p:
+        yield p
+
+
+_n = iter(range(1000))
+
+
+@pytest.fixture(params=["sqlite", pytest.param("postgresql", marks=pytest.mark.servers)])
+def url(request: pytest.FixtureRequest, tmp_path) -> str:
+    if request.param == "sqlite":
+        return f"sqlite:///{tmp_path}/catalog.db"
+    return request.getfixturevalue("pg").database(f"scale{next(_n)}")
+
+
+def _totals(engine: sa.Engine) -> dict[str, tuple[int, int, int]]:
+    with engine.connect() as conn:
+        return {
+            g["signature"]: (g["count"], g["first_seen"], g["last_seen"]) for g in catalog.list_groups(conn)
+        }
+
+
+def test_forgetting_a_crash_takes_it_out_of_its_groups_total(url: str) -> None:
+    engine = catalog.connect(url)
+    old = add(engine, signature="g", frames=["f"], namespace="shop", when=NOW - 3 * HOUR)
+    add(engine, signature="g", frames=["f"], namespace="shop", when=NOW - 2 * HOUR)
+    new = add(engine, signature="g", frames=["f"], namespace="team", image="other:1", when=NOW - HOUR)
+    assert _totals(engine) == {"g": (3, NOW - 3 * HOUR, NOW - HOUR)}
+    with engine.begin() as conn:
+        catalog.forget(conn, new)
+    # the newest crash gone with its namespace's row: last seen is the newest left
+    assert _totals(engine) == {"g": (2, NOW - 3 * HOUR, NOW - 2 * HOUR)}
+    with engine.begin() as conn:
+        catalog.forget(conn, old)
+        total = conn.execute(sa.select(tables.groups.c.count)).scalar_one()
+    assert total == 1 and _totals(engine)["g"][0] == 1
+    with engine.connect() as conn:  # the reader of one namespace counts the same way
+        (shop,) = catalog.list_groups(conn, visible={"shop"})
+    assert shop["count"] == 1
+    with engine.begin() as conn:
+        for crash in catalog.list_crashes(conn):
+            catalog.forget(conn, crash["id"])
+        catalog.forget(conn, new)  # twice: nothing more to take
+        assert conn.execute(sa.select(tables.groups.c.count)).scalar_one() == 0
+    assert _totals(engine) == {}  # a group with no crash left is not listed
+
+
+def test_a_crash_search_pages_through_the_values_of_a_rare_word(
+    url: str, monkeypatch: pytest.MonkeyPatch
+) -> None:
+    """A pod's name (a word of few values) starts the page from each pod's newest crashes."""
+    engine = catalog.connect(url)
+    made = [
+        add(
+            engine,
+            signature=f"s{i % 3}",
+            frames=["run"],
+            namespace="shop",
+            pod=f"cart-{i % 4}",
+            when=NOW - 100 * i,
+        )
+        for i in range(12)
+    ]
+    unanalysed = {"id": "pending-1", "time": NOW - 50, "pod": {"namespace": "shop", "name": "cart-9"},
+                  "core": {"size": 1}}  # fmt: skip
+    with engine.begin() as conn:
+        catalog.add_crash(conn, unanalysed, "pending")
+
+    def pages(q: str, size: int) -> list[str]:
+        got, before = [], None
+        with engine.connect() as conn:
+            while page := catalog.list_crashes(conn, catalog.Filters(search=q), size, before):
+                got += [r["id"] for r in page]
+                before = (page[-1]["search_key"], page[-1]["id"])
+        return got
+
+    for few in (search.FEW, 0):  # the union of the pods' pages, then the walk of time
+        monkeypatch.setattr(search, "FEW", few)
+        assert pages("cart-9", 2) == ["pending-1"]  # not analysed: found by its pod
+        assert pages("CART- run", 5) == made  # every word, newest first
+        with engine.connect() as conn:
+            match = search.crash_match(conn, "art-1 art-3")
+        assert pages("art-1", 2) == [m for i, m in enumerate(made) if i % 4 == 1]
+        assert sorted(pages("rt-", 3)) == sorted([*made, "pending-1"])
+        assert pages("art-1 art-3", 2) == [] and (match.seeds is not None) == bool(few)
+
+
+def _v8(url: str) -> sa.Engine:
+    """A catalog at schema version 8, as a server of that version made it."""
+    engine = sa.create_engine(url)
+    real = migrations.MIGRATIONS
+    migrations.MIGRATIONS = real[:8]
+    try:
+        assert migrations.migrate(engine) == 8
+    finally:
+        migrations.MIGRATIONS = real
+    return engine
+
+
+def test_version_9_makes_the_search_dictionary_and_group_totals_of_an_older_catalog(url: str) -> None:
+    engine = _v8(url)
+    rows = [
+        ("a1", NOW - 90 * 86400, "shop", "checkout-7f9c", "registry.example/shop/checkout:4.2", "g1",
+         ["ns::Parser::readHeader", "main"]),
+        ("a2", NOW - HOUR, "shop", "checkout-8aa1", "registry.example/shop/checkout:4.3", "g1",
+         ["ns::Parser::readHeader", "main"]),
+        ("b1", NOW - 2 * HOUR, "team", "zip-1", "registry.example/team/zipper:1", "g2", ["compress_block"]),
+    ]  # fmt: skip
+    with engine.begin() as conn:
+        for crash_id, when, ns, pod, image, sig, frames in rows:
+            r = report(sig, frames)
+            conn.execute(tables.crashes.insert().values(
+                id=crash_id, time=when, namespace=ns, pod=pod, image=image, exe="/app/svc", signature=sig,
+                title=r["title"], analysis="done", meta="{}",
+            ))  # fmt: skip
+            conn.execute(
+                tables.reports.insert().values(crash_id=crash_id, backend="gdb", report=json.dumps(r))
+            )
+        conn.execute(
+            tables.crashes.insert().values(id="p1", time=NOW, pod="lonely-pod", analysis="off", meta="{}")
+        )
+        for sig, title in (("g1", "SIGSEGV in ns::Parser::readHeader"), ("g2", "SIGSEGV in compress_block")):
+            # totals that forgetting left too high, as version 8 did
+            conn.execute(tables.groups.insert().values(
+                signature=sig, title=title, signal_name="SIGSEGV", first_seen=0, last_seen=0, count=99
+            ))  # fmt: skip
+        conn.execute(tables.group_ns.insert().values(
+            signature="g1", namespace="shop", image="registry.example/shop/checkout:4.2", count=2,
+            first_seen=NOW - 90 * 86400, last_seen=NOW - HOUR,
+        ))  # fmt: skip
+        conn.execute(tables.group_ns.insert().values(
+            signature="g2", namespace="team", image="registry.example/team/zipper:1", count=1,
+            first_seen=NOW - 2 * HOUR, last_seen=NOW - 2 * HOUR,
+        ))  # fmt: skip
+        old_search = "crash_search" if conn.dialect.name == "sqlite" else "crash_search_pg"
+        assert old_search in sa.inspect(conn).get_table_names()
+    engine.dispose()
+
+    engine = catalog.connect(url)
+    with engine.connect() as conn:
+        version = conn.execute(sa.select(sa.func.max(migrations.schema.c.version))).scalar_one()
+        names = set(sa.inspect(conn).get_table_names())
+
+        def found(q: str, **kw: object) -> list[str]:
+            return [r["id"] for r in catalog.list_crashes(conn, catalog.Filters(search=q, **kw))]  # type: ignore[arg-type]
+
+        assert found("readheader") == ["a2", "a1"] and found("checkout-7f9") == ["a1"]
+        assert found("zipper") == ["b1"] and found("lonely") == ["p1"] and found("svc") == ["a2", "b1", "a1"]
+        listed = {g["signature"]: g["count"] for g in catalog.list_groups(conn)}
+        found_groups = {g["signature"] for g in catalog.list_groups(conn, search="checkout-7f9")}
+        scoped = catalog.list_groups(conn, search="compress", visible={"shop"})
+    assert version == len(migrations.MIGRATIONS) >= 9
+    assert not names & {"crash_search", "crash_search_pg", "crash_search_stats"}
+    assert listed == {"g1": 2, "g2": 1}  # the totals made again of the per-namespace counts
+    assert found_groups == {"g1"} and scoped == []
