@@ -206,3 +206,35 @@ def test_the_server_serves_ranges_of_a_seekable_core(served: tuple[str, bytes]) 
             assert r.headers["content-range"] == f"bytes {start}-{end}/{len(plain)}"
         whole = client.get("/api/v1/crashes/c1/core")
         assert whole.status_code == 200 and whole.content == plain
+
+
+def test_a_client_that_takes_zstd_gets_the_stored_frames_and_a_range_stays_plain(
+    served: tuple[str, bytes], tmp_path: Path
+) -> None:
+    """A core goes out as the vault keeps it (frames and seek table) to a client that accepts zstd,
+    which curl --compressed and corevault's own client decompress to the plain core; a range is
+    always of the plain core, and a client that does not take zstd gets the plain core."""
+    from corevault.vault.remote import RemoteVault
+
+    url, plain = served
+    stored = (tmp_path / "core.zst").read_bytes()
+    path = "/api/v1/crashes/c1/core"
+    with httpx.Client(base_url=url, timeout=60) as client:
+        with client.stream("GET", path, headers={"Accept-Encoding": "gzip, zstd"}) as r:
+            assert r.headers["content-encoding"] == "zstd" and r.headers["vary"] == "Accept-Encoding"
+            assert r.headers["content-length"] == str(len(stored))
+            assert b"".join(r.iter_raw()) == stored
+        for refused in ("identity", "gzip, zstd;q=0", "br"):
+            r = client.get(path, headers={"Accept-Encoding": refused})
+            assert "content-encoding" not in r.headers and r.content == plain, refused
+        start = 3 * FRAME - 10
+        r = client.get(path, headers={"Accept-Encoding": "zstd", "Range": f"bytes={start}-{start + 99}"})
+        assert (
+            r.status_code == 206
+            and "content-encoding" not in r.headers
+            and r.content == plain[start : start + 100]
+        )
+    curl = subprocess.run(["curl", "-sf", "--compressed", url + path], capture_output=True, check=True).stdout
+    assert curl == plain
+    with RemoteVault(url, None).open_core("c1") as f:
+        assert f.read() == plain

@@ -21,7 +21,7 @@ from pydantic import BaseModel, ConfigDict, Field, TypeAdapter
 from corevault import crashrecord, objectid, redact
 from corevault.server import records
 from corevault.server.access import Principal
-from corevault.server.ranges import serve
+from corevault.server.ranges import accepts, serve
 from corevault.vault import blobs, catalog, crashes, lifecycle, search, snapshots
 from corevault.vault.crashes import encode_cursor, plain_range
 
@@ -281,23 +281,48 @@ def get_crash(request: Request, reader: Reader, crash_id: str) -> dict:
     "/crashes/{crash_id}/core",
     response_class=Response,
     responses={
-        200: {"content": {"application/octet-stream": {}}, "description": "The plain core"},
+        200: {
+            "content": {"application/octet-stream": {}},
+            "description": "The plain core (zstd-encoded, Content-Encoding: zstd, to a client that accepts it)",
+        },
         206: {"content": {"application/octet-stream": {}}, "description": "One byte range of it"},
         404: {"model": Problem, "description": "No such crash"},
         416: {"description": "The range starts past the end"},
     },
 )
 def download_core(request: Request, crash_id: str) -> Response:
-    """The plain core (decompressed as it is sent); supports a single HTTP Range."""
+    """The plain core; as it is stored (``Content-Encoding: zstd``) to a client that accepts zstd
+    and asks for no range; supports a single HTTP Range, always of the plain core."""
     # the reader is found in this worker thread (not as a dependency, one more thread hop)
     crash = visible_crash(request, principal(request), crash_id)
     srv = server(request)
+    store, key = srv.vault.store, blobs.core_key(crash_id)
+    vary = {"Vary": "Accept-Encoding"}
+    if (
+        crash["stored_size"]
+        and "range" not in request.headers
+        and accepts(request.headers.get("accept-encoding"), "zstd")
+    ):
+        # The stored core is zstd frames (and a seek table, a skippable frame every decoder
+        # passes over): sent as it lies, by the kernel from a file store; the reader decompresses.
+        local = getattr(store, "local_path", None)
+        return serve(
+            request,
+            lambda start, end: store.open(key, start),
+            crash["stored_size"],
+            filename=f"core-{crash_id}",
+            etag=f"{crash['sha256']}.zst" if crash["sha256"] else None,
+            headers={**vary, "Content-Encoding": "zstd"},
+            counted=srv.metrics.bytes.labels("core").inc,
+            local=local(key) if local is not None else None,
+        )
     return serve(
         request,
-        lambda start, end: plain_range(srv.vault.store, crash, start, end),
+        lambda start, end: plain_range(store, crash, start, end),
         crash["size"] or 0,
         filename=f"core-{crash_id}",
         etag=crash["sha256"],
+        headers=vary,
         counted=srv.metrics.bytes.labels("core").inc,
     )
 

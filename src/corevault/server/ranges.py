@@ -49,6 +49,22 @@ def parse_range(header: str | None, size: int) -> tuple[int, int] | None:
     return start, min(end, size - 1)
 
 
+def accepts(header: str | None, coding: str) -> bool:
+    """Whether an ``Accept-Encoding`` header takes ``coding`` (named, with a weight above 0)."""
+    for item in (header or "").split(","):
+        name, _, params = item.partition(";")
+        if name.strip().lower() != coding:
+            continue
+        weight = params.strip().lower()
+        if not weight.startswith("q="):
+            return True
+        try:
+            return float(weight[2:]) > 0
+        except ValueError:
+            return False
+    return False
+
+
 def serve(
     request: Request,
     opener: Callable[[int, int], BinaryIO],

@@ -17,7 +17,7 @@ from corevault import objectid
 from corevault.errors import NotFound, UserError
 from corevault.vault.blobs import StreamBody
 from corevault.vault.catalog import Filters
-from corevault.vault.crashes import encode_cursor
+from corevault.vault.crashes import encode_cursor, plain
 
 
 class RemoteVault:
@@ -29,11 +29,17 @@ class RemoteVault:
         self.http = httpx.Client(base_url=self.url, headers=headers, timeout=timeout, follow_redirects=True)
 
     def _send(
-        self, method: str, path: str, *, stream: bool = False, json: dict | None = None, **params: object
+        self,
+        method: str,
+        path: str,
+        *,
+        stream: bool = False,
+        json: dict | None = None,
+        headers: dict[str, str] | None = None,
+        **params: object,
     ) -> httpx.Response:
-        request = self.http.build_request(
-            method, path, params={k: v for k, v in params.items() if v is not None}, json=json
-        )
+        query = {k: v for k, v in params.items() if v is not None}
+        request = self.http.build_request(method, path, params=query, json=json, headers=headers)
         try:
             response = self.http.send(request, stream=stream)
         except httpx.HTTPError as e:
@@ -88,9 +94,15 @@ class RemoteVault:
         return self._send("POST", f"/api/v1/groups/{signature}/state", json=body).json()
 
     def open_core(self, crash_id: str) -> BinaryIO:
-        """The plain core, streamed from the server."""
-        response = self._send("GET", f"/api/v1/crashes/{crash_id}/core", stream=True)
-        return StreamBody(response.iter_bytes(1 << 20), response.close)  # type: ignore[return-value]
+        """The plain core, streamed from the server: sent as the vault keeps it (zstd) and
+        decompressed here, a MiB at a time (a core of zero pages is tiny compressed)."""
+        response = self._send(
+            "GET", f"/api/v1/crashes/{crash_id}/core", stream=True, headers={"Accept-Encoding": "zstd"}
+        )
+        body = StreamBody(response.iter_raw(1 << 20), response.close)
+        if response.headers.get("content-encoding", "").strip().lower() == "zstd":
+            return plain(body)  # type: ignore[arg-type]
+        return body  # type: ignore[return-value]
 
     def binary(self, crash_id: str, module: dict, dest: str) -> bool:
         """Fetch the file a crash's ``module`` names from the server's debuginfod endpoint."""
