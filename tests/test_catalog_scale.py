@@ -1,6 +1,6 @@
 """The catalog's shape for size, on SQLite and a real PostgreSQL: the search dictionary, the groups'
 own totals (what the group list over every namespace reads), and schema version 9, which
-brings both to a populated catalog of version 8."""
+with version 10 brings both to a populated catalog of version 8."""
 
 from __future__ import annotations
 
@@ -121,7 +121,9 @@ def _v8(url: str) -> sa.Engine:
     return engine
 
 
-def test_version_9_makes_the_search_dictionary_and_group_totals_of_an_older_catalog(url: str) -> None:
+def test_versions_9_and_10_make_the_search_dictionary_and_group_totals_of_an_older_catalog(
+    url: str, monkeypatch: pytest.MonkeyPatch
+) -> None:
     engine = _v8(url)
     rows = [
         ("a1", NOW - 90 * 86400, "shop", "checkout-7f9c", "registry.example/shop/checkout:4.2", "g1",
@@ -169,11 +171,14 @@ def test_version_9_makes_the_search_dictionary_and_group_totals_of_an_older_cata
             return [r["id"] for r in catalog.list_crashes(conn, catalog.Filters(search=q, **kw))]  # type: ignore[arg-type]
 
         assert found("readheader") == ["a2", "a1"] and found("checkout-7f9") == ["a1"]
+        monkeypatch.setattr(search, "FEW", 0)  # every word checked on the crash and its group's frames
+        assert found("readheader") == ["a2", "a1"] and found("compress_bl") == ["b1"]
+        monkeypatch.setattr(search, "FEW", 200)
         assert found("zipper") == ["b1"] and found("lonely") == ["p1"] and found("svc") == ["a2", "b1", "a1"]
         listed = {g["signature"]: g["count"] for g in catalog.list_groups(conn)}
         found_groups = {g["signature"] for g in catalog.list_groups(conn, search="checkout-7f9")}
         scoped = catalog.list_groups(conn, search="compress", visible={"shop"})
-    assert version == len(migrations.MIGRATIONS) >= 9
+    assert version == len(migrations.MIGRATIONS) >= 10
     assert not names & {"crash_search", "crash_search_pg", "crash_search_stats"}
     assert listed == {"g1": 2, "g2": 1}  # the totals made again of the per-namespace counts
     assert found_groups == {"g1"} and scoped == []

@@ -127,7 +127,7 @@ def _v9(conn: Connection) -> None:
                       "DROP TABLE IF EXISTS crash_search_pg"):  # fmt: skip
         conn.exec_driver_sql(statement)
     search.create(conn)
-    search.rebuild(conn)
+    search.rebuild_terms(conn)
     recount_groups(conn)
     conn.exec_driver_sql("DROP INDEX IF EXISTS crash_groups_last_seen")
     conn.exec_driver_sql(
@@ -135,8 +135,15 @@ def _v9(conn: Connection) -> None:
     )
 
 
+def _v10(conn: Connection) -> None:
+    """Each group's frames, which a crash search checks a word of many values against."""
+    if "frames" not in {c["name"] for c in sa.inspect(conn).get_columns("crash_groups")}:
+        conn.exec_driver_sql("ALTER TABLE crash_groups ADD COLUMN frames TEXT")
+    search.rebuild_frames(conn)
+
+
 #: Numbered schema migrations; a new one is appended, never edited.
-MIGRATIONS: list[Callable[[Connection], None]] = [_v1, _v2, _v3, _v4, _v5, _v6, _v7, _v8, _v9]
+MIGRATIONS: list[Callable[[Connection], None]] = [_v1, _v2, _v3, _v4, _v5, _v6, _v7, _v8, _v9, _v10]
 
 
 def migrate(engine: Engine) -> int:

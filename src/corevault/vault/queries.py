@@ -160,10 +160,12 @@ def list_crashes(
         columns.append(c.time.label("search_key"))
         match = fts.crash_match(conn, filters.search)
     else:
-        match = fts.CrashMatch([], None)
+        match = fts.CrashMatch([], None, group_text=False)
 
     def page(*where: sa.ColumnElement) -> sa.Select:
         query = _where(sa.select(*columns), filters).where(*match.where, *where)
+        if match.group_text:  # a group's own search text (its frames), one row each
+            query = query.select_from(crashes.outerjoin(groups, groups.c.signature == c.signature))
         if before is not None:
             t, i = before
             query = query.where(sa.or_(c.time < t, sa.and_(c.time == t, c.id < i)))
@@ -287,7 +289,11 @@ def list_groups(
     if since is not None:
         query = query.where(sub.c.last_seen >= since)
     if states is not None:
-        query = query.where(state.in_(list(states)))
+        wanted_state = state.in_(list(states))
+        if "open" in states:  # a group without a state row is open: said so, the planner walks the
+            # groups newest first rather than sorting all of them (it cannot estimate the CASE)
+            wanted_state = sa.or_(lifecycle.group_states.c.signature.is_(None), wanted_state)
+        query = query.where(wanted_state)
     if before is not None:
         t, sig = before
         query = query.where(sa.or_(sub.c.last_seen < t, sa.and_(sub.c.last_seen == t, sub.c.signature < sig)))

@@ -128,7 +128,7 @@ def record_analysis(conn: Connection, crash_id: str, report: dict) -> bool:
         signal_name = (report.get("signal") or {}).get("name")
         _add_count(conn, groups, ("signature",), {
             "signature": signature, "title": title, "signal_name": signal_name,
-            "first_seen": when, "last_seen": when, "count": 1,
+            "first_seen": when, "last_seen": when, "count": 1, "frames": search.group_text(report),
         })  # fmt: skip
         lifecycle.on_crash(conn, signature, crash)
         _count(conn, signature, crash, +1)

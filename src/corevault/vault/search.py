@@ -41,7 +41,7 @@ import sqlalchemy as sa
 from sqlalchemy.engine import Connection
 
 from corevault.errors import UserError
-from corevault.vault.tables import crashes, insert, metadata
+from corevault.vault.tables import crashes, groups, insert, metadata
 
 MAX_TERMS = 8
 MAX_QUERY = 256
@@ -166,35 +166,63 @@ def add_analysed(conn: Connection, crash: dict, signature: str, title: str | Non
 
 
 def rebuild(conn: Connection) -> None:
-    """Make both tables from the catalog's crashes and reports (the migration, bulk loads)."""
+    """Make the dictionary, the groups' terms and their frames from the crashes and reports (bulk loads)."""
+    rebuild_terms(conn)
+    rebuild_frames(conn)
+
+
+_COUNTED = "analysis = 'done' AND signature IS NOT NULL"
+
+
+def _group_frames(conn: Connection) -> None:
+    """``temp_group_frames`` (signature, frame): a group's frames are what made its signature, so
+    one report per group tells them."""
+    each = (
+        "json_each(r.report, '$.signature_frames') j"
+        if conn.dialect.name == "sqlite"
+        else "json_array_elements_text(CASE WHEN json_typeof(r.report::json -> 'signature_frames') = 'array' "
+        "THEN r.report::json -> 'signature_frames' ELSE '[]' END) AS j(value)"
+    )
+    conn.exec_driver_sql("DROP TABLE IF EXISTS temp_group_frames")
+    conn.exec_driver_sql(f"""
+        CREATE TEMPORARY TABLE temp_group_frames AS
+        SELECT o.signature, substr(j.value, 1, {VALUE_MAX}) AS frame
+        FROM (SELECT signature, min(id) AS crash_id FROM crashes WHERE {_COUNTED} GROUP BY signature) o
+        JOIN reports r ON r.crash_id = o.crash_id, {each}
+    """)  # noqa: S608 (no value of a crash in any of these texts)
+
+
+def rebuild_frames(conn: Connection) -> None:
+    """Each group's ``frames``, from one of its reports."""
+    _group_frames(conn)
+    text = "group_concat(frame, char(10))" if conn.dialect.name == "sqlite" else "string_agg(frame, chr(10))"
+    conn.exec_driver_sql(f"""
+        UPDATE crash_groups SET frames = (
+            SELECT {text} FROM temp_group_frames f WHERE f.signature = crash_groups.signature
+        )
+    """)  # noqa: S608
+    conn.exec_driver_sql("DROP TABLE temp_group_frames")
+
+
+def rebuild_terms(conn: Connection) -> None:
+    """Make the dictionary and the groups' terms from the crashes and reports."""
     conn.execute(group_terms.delete())
     conn.execute(search_values.delete())
-    sqlite = conn.dialect.name == "sqlite"
-    counted = "analysis = 'done' AND signature IS NOT NULL"
-    # one report per group: a group's frames are what made its signature, the same in each
-    frames = (
-        "SELECT r.crash_id, j.value AS frame FROM reports r, json_each(r.report, '$.signature_frames') j"
-        if sqlite
-        else "SELECT r.crash_id, j AS frame FROM reports r, json_array_elements_text("
-        "CASE WHEN json_typeof(r.report::json -> 'signature_frames') = 'array' "
-        "THEN r.report::json -> 'signature_frames' ELSE '[]' END) j"
-    )
-    one_report = f"SELECT signature, min(id) AS crash_id FROM crashes WHERE {counted} GROUP BY signature"  # noqa: S608
+    _group_frames(conn)
     conn.exec_driver_sql(f"""
         INSERT INTO search_values (kind, value)
         SELECT DISTINCT kind, substr(value, 1, {VALUE_MAX}) FROM (
             SELECT DISTINCT 'pod' AS kind, pod AS value FROM crashes
             UNION SELECT DISTINCT 'image', image FROM crashes
             UNION SELECT DISTINCT 'exe', exe FROM crashes
-            UNION SELECT DISTINCT 'title', title FROM crashes WHERE {counted}
-            UNION SELECT DISTINCT 'frame', f.frame FROM ({one_report}) o JOIN ({frames}) f
-                ON f.crash_id = o.crash_id
+            UNION SELECT DISTINCT 'title', title FROM crashes WHERE {_COUNTED}
+            UNION SELECT DISTINCT 'frame', frame FROM temp_group_frames
         ) AS t WHERE value IS NOT NULL AND value != ''
-    """)  # noqa: S608 (no value of a crash in the text)
+    """)  # noqa: S608
     conn.exec_driver_sql(f"""
         WITH d AS MATERIALIZED (
             SELECT DISTINCT signature, coalesce(namespace, '') AS namespace, pod, image, exe, title
-            FROM crashes WHERE {counted}
+            FROM crashes WHERE {_COUNTED}
         )
         INSERT INTO group_terms (value_id, signature, namespace)
         SELECT DISTINCT v.id, t.signature, t.namespace FROM (
@@ -202,11 +230,11 @@ def rebuild(conn: Connection) -> None:
             UNION ALL SELECT 'image', image, signature, namespace FROM d
             UNION ALL SELECT 'exe', exe, signature, namespace FROM d
             UNION ALL SELECT 'title', title, signature, namespace FROM d
-            UNION ALL SELECT DISTINCT 'frame', f.frame, o.signature, g.namespace
-                FROM ({one_report}) o JOIN ({frames}) f ON f.crash_id = o.crash_id
-                JOIN group_namespaces g ON g.signature = o.signature
+            UNION ALL SELECT DISTINCT 'frame', f.frame, f.signature, g.namespace
+                FROM temp_group_frames f JOIN group_namespaces g ON g.signature = f.signature
         ) AS t JOIN search_values v ON v.kind = t.kind AND v.value = substr(t.value, 1, {VALUE_MAX})
     """)  # noqa: S608
+    conn.exec_driver_sql("DROP TABLE temp_group_frames")
 
 
 def _like(word: str) -> str:
@@ -232,29 +260,51 @@ def _group_ids(conn: Connection, word: str) -> sa.Select:
 
 @dataclass(frozen=True, slots=True)
 class CrashMatch:
-    """What a crash search asks of ``crashes``' own columns."""
+    """What a crash search asks of ``crashes``' own columns (and of its group's, with ``group_text``)."""
 
     #: one condition per word
     where: list[sa.ColumnElement]
     #: equalities on indexed columns whose crashes hold every match (the rarest word's values);
     #: None when every word has many values (then the time index is walked)
     seeds: list[sa.ColumnElement] | None
+    #: whether ``where`` reads ``crash_groups.frames``: the crash's group joined to it
+    group_text: bool
+
+
+def group_text(report: dict) -> str:
+    """A group's frames, one a line, as ``crash_groups.frames`` keeps them."""
+    return "\n".join(f[:VALUE_MAX] for f in frames_of(report))
+
+
+def _values_holding(conn: Connection, word: str) -> list[sa.Row]:
+    """Up to ``FEW`` + 1 of the dictionary's values holding ``word``: more means many."""
+    v = search_values.c
+    query = sa.select(v.id, v.kind, v.value).where(_holding(conn, word)).limit(FEW + 1)
+    if conn.dialect.name == "sqlite":
+        return conn.execute(query).all()
+    # Estimating a word of every title at a tenth of the dictionary, PostgreSQL read the whole
+    # dictionary for the first 201 (0.45 s at 1,000,000 crashes); the trigram index's bitmap
+    # is made in milliseconds and the LIMIT stops its reading early.
+    conn.exec_driver_sql("SET LOCAL enable_seqscan = off")
+    try:
+        return conn.execute(query).all()
+    finally:
+        conn.exec_driver_sql("SET LOCAL enable_seqscan = on")
 
 
 def crash_match(conn: Connection, q: str) -> CrashMatch:
     """How to find the crashes matching ``q`` (see the module's docstring)."""
-    where, seeds = [], None
-    c, v, gt = crashes.c, search_values.c, group_terms.c
+    where, seeds, group_text = [], None, False
+    c, gt = crashes.c, group_terms.c
     for word in terms(q):
-        values = sa.select(v.id, v.kind, v.value).where(_holding(conn, word))
-        found = conn.execute(values.limit(FEW + 1)).all()
-        if len(found) > FEW:  # many values: a filter on the walk, the subqueries hashed once
-            values = sa.select(v.value).where(_holding(conn, word))
-            sigs = sa.select(gt.signature).where(gt.value_id.in_(_group_ids(conn, word)))
+        found = _values_holding(conn, word)
+        if len(found) > FEW:  # many values: checked on each crash of the walk, which ends soon
+            like = _like(word)
             where.append(sa.or_(
-                *(sa.func.substr(c[k], 1, VALUE_MAX).in_(values.where(v.kind == k)) for k in CRASH_KINDS),
-                c.signature.in_(sigs),
+                *(c[k].ilike(like, escape="\\") for k in (*CRASH_KINDS, "title")),
+                groups.c.frames.ilike(like, escape="\\"),
             ))  # fmt: skip
+            group_text = True
             continue
         # a value cut in the dictionary is the start of the crash's own
         equal = [
@@ -263,17 +313,21 @@ def crash_match(conn: Connection, q: str) -> CrashMatch:
             if kind in CRASH_KINDS
         ]
         ids = [i for i, kind, _ in found if kind in GROUP_KINDS]
-        groups = conn.execute(
-            sa.select(gt.signature).where(gt.value_id.in_(ids)).distinct().limit(FEW + 1)
-        ).scalars().all() if ids else []  # fmt: skip
-        if len(groups) > FEW:
+        held_by = (
+            conn.execute(sa.select(gt.signature).where(gt.value_id.in_(ids)).distinct().limit(FEW + 1))
+            .scalars()
+            .all()
+            if ids
+            else []
+        )
+        if len(held_by) > FEW:  # a frame of many groups (``main``)
             where.append(sa.or_(*equal, c.signature.in_(sa.select(gt.signature).where(gt.value_id.in_(ids)))))
             continue
-        equal += [c.signature == s for s in groups]
+        equal += [c.signature == s for s in held_by]
         where.append(sa.or_(sa.false(), *equal))
         if len(equal) <= SEEDS and (seeds is None or len(equal) < len(seeds)):
             seeds = equal
-    return CrashMatch(where, seeds)
+    return CrashMatch(where, seeds, group_text)
 
 
 def signatures(conn: Connection, q: str, visible: Collection[str] | None, namespace: str | None) -> sa.Select:

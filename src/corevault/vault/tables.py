@@ -65,6 +65,8 @@ groups = sa.Table(
     sa.Column("first_seen", sa.BigInteger, nullable=False),
     sa.Column("last_seen", sa.BigInteger, nullable=False),
     sa.Column("count", sa.Integer, nullable=False),
+    #: its signature's frames, one a line: what a crash search checks a crash's group by
+    sa.Column("frames", sa.Text),
 )
 #: the group list over every namespace walks it, newest first, a page at a time
 sa.Index("crash_groups_newest", groups.c.last_seen, groups.c.signature)
