@@ -304,10 +304,21 @@ def load(url: str, rows: int, groups: int) -> None:
     with engine.connect() as conn:
         conn.execution_options(isolation_level="AUTOCOMMIT").exec_driver_sql("VACUUM ANALYZE")
         n = conn.execute(sa.text("SELECT count(*) FROM crash_groups")).scalar_one()
+        sizes = conn.execute(sa.text(SIZES), {"tables": SIZED}).all()
     engine.dispose()
     print(f"\nsize: {rows} crashes in {n} groups: rows made by generate_series in {loaded - t:.0f} s; group "
-          f"counts, search text and every index made in {counted - loaded:.0f} s; VACUUM ANALYZE "
+          f"counts, search dictionary and every index made in {counted - loaded:.0f} s; VACUUM ANALYZE "
           f"{time.perf_counter() - counted:.0f} s")  # fmt: skip
+    print("  " + "; ".join(f"{name} {rows:,} rows, {heap >> 20} MiB + indexes {index >> 20} MiB"
+                           for name, rows, heap, index in sizes))  # fmt: skip
+
+
+#: the tables whose size the load prints: rows (as ANALYZE counted them), the table, its indexes
+SIZED = ["crashes", "search_values", "group_terms", "crash_groups", "group_namespaces", "group_days"]
+SIZES = """
+SELECT relname, reltuples::bigint, pg_table_size(oid), pg_indexes_size(oid) FROM pg_class
+WHERE relname = ANY(:tables) AND relkind = 'r' ORDER BY array_position(:tables, relname::text)
+"""
 
 
 @contextmanager

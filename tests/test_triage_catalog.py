@@ -173,20 +173,26 @@ def test_metrics_counts_per_namespace_and_state(engine: sa.Engine) -> None:
     assert events == {("shop", "new", 2), ("team", "new", 1)}  # a group is new to each namespace once
 
 
-def test_group_search_finds_old_groups_in_the_readers_namespaces(engine: sa.Engine) -> None:
+def test_group_search_finds_old_groups_in_the_readers_namespaces(
+    engine: sa.Engine, monkeypatch: pytest.MonkeyPatch
+) -> None:
     add(engine, signature="t-old", frames=["Queue::drain"], namespace="shop", pod="drainer-1",
         when=NOW - 80 * 24 * HOUR)  # fmt: skip
     for i in range(30):  # newer crashes holding the same word, in other groups and another namespace
         add(engine, signature=f"t-{i}", frames=["Queue::push"], namespace="team", pod=f"drainer-9{i}",
             when=NOW - HOUR)  # fmt: skip
     add(engine, signature="t-new", frames=["Queue::pop"], namespace="shop", pod="drainer-3", when=NOW - HOUR)
-    assert set(_groups(engine, search="drainer", visible={"shop"})) == {"t-old", "t-new"}
-    assert len(_groups(engine, search="drainer")) == 32  # every namespace: all of them
-    assert set(_groups(engine, search="drainer-1")) == {"t-old"}  # however old
-    assert set(_groups(engine, search="queue::drain drainer")) == {"t-old"}  # every word
-    assert set(_groups(engine, search="queue::drain drainer-3")) == set()
-    assert _groups(engine, search="drainer-90", visible={"shop"}) == {}  # a pod of team's
-    assert set(_groups(engine, search="queue::", namespace="shop")) == {"t-old", "t-new"}
+    # words of few values: the groups holding them by key; with FEW at 0, every word is checked
+    # on each group of the list's walk
+    for few in (search.FEW, 0):
+        monkeypatch.setattr(search, "FEW", few)
+        assert set(_groups(engine, search="drainer", visible={"shop"})) == {"t-old", "t-new"}
+        assert len(_groups(engine, search="drainer")) == 32  # every namespace: all of them
+        assert set(_groups(engine, search="drainer-1")) == {"t-old"}  # however old
+        assert set(_groups(engine, search="queue::drain drainer")) == {"t-old"}  # every word
+        assert set(_groups(engine, search="queue::drain drainer-3")) == set()
+        assert _groups(engine, search="drainer-90", visible={"shop"}) == {}  # a pod of team's
+        assert set(_groups(engine, search="queue::", namespace="shop")) == {"t-old", "t-new"}
     with engine.connect() as conn:  # and its crash is found by that pod, however old
         old = catalog.list_crashes(conn, catalog.Filters(search="drainer-1", visible=frozenset({"shop"})))
     assert [r["pod"] for r in old] == ["drainer-1"]

@@ -142,8 +142,17 @@ def _v10(conn: Connection) -> None:
     search.rebuild_frames(conn)
 
 
+def _v11(conn: Connection) -> None:
+    """Groups' terms by group, for the group search's check of a word of many values."""
+    conn.exec_driver_sql(
+        "CREATE INDEX IF NOT EXISTS group_terms_group ON group_terms (signature, namespace, value_id)"
+    )
+
+
 #: Numbered schema migrations; a new one is appended, never edited.
-MIGRATIONS: list[Callable[[Connection], None]] = [_v1, _v2, _v3, _v4, _v5, _v6, _v7, _v8, _v9, _v10]
+MIGRATIONS: list[Callable[[Connection], None]] = [
+    _v1, _v2, _v3, _v4, _v5, _v6, _v7, _v8, _v9, _v10, _v11,
+]  # fmt: skip
 
 
 def migrate(engine: Engine) -> int:

@@ -256,8 +256,6 @@ def list_groups(
         rows_scope.append(gn.namespace == namespace)
     if image is not None:
         rows_scope.append(gn.image == image)
-    if search:
-        wanted.append(fts.signatures(conn, search, visible, namespace))
     if new_in is not None:
         wanted.append(_new_in(conn, new_in, visible, namespace))
     if rows_scope:
@@ -275,6 +273,8 @@ def list_groups(
         sub = sa.select(sig, g.count, g.first_seen, g.last_seen).where(g.count > 0)
     if signature is not None:
         sub = sub.where(sig == signature)
+    if search:
+        sub = sub.where(fts.group_condition(conn, sig, search, visible, namespace))
     sub = sub.where(*(sig.in_(w) for w in wanted)).subquery()
     state = lifecycle.effective_state(now).label("state")
     # The page is chosen before its groups' titles are joined: joined first, PostgreSQL looked

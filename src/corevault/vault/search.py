@@ -22,7 +22,9 @@ there list a few thousand. So a search first looks its words up in the dictionar
   on the walk of the time index, which its many matches end after a page;
 - a group search reads ``group_terms`` in the reader's namespaces alone: old groups are
   found as well as new ones, and no crash is read. A group matches when each word is held
-  by one of its crashes in scope (not necessarily the same crash for every word).
+  by one of its crashes in scope (not necessarily the same crash for every word). A word
+  of few values names its groups by ``group_terms``' key; one of many is checked on each
+  group of the list's walk, which many groups holding it end soon.
 
 Values are cut to ``VALUE_MAX`` characters (an index entry has a size limit, and a process
 chooses its paths and its symbols' names): a longer executable path is found by its start.
@@ -80,6 +82,8 @@ group_terms = sa.Table(
     #: "" for a host process's crash, as in group_namespaces
     sa.Column("namespace", sa.String(255), primary_key=True),
 )
+#: a group's terms, for the check of a word of many values on each group of a list
+sa.Index("group_terms_group", group_terms.c.signature, group_terms.c.namespace, group_terms.c.value_id)
 
 TABLES = [search_values, group_terms]
 
@@ -330,20 +334,36 @@ def crash_match(conn: Connection, q: str) -> CrashMatch:
     return CrashMatch(where, seeds, group_text)
 
 
-def signatures(conn: Connection, q: str, visible: Collection[str] | None, namespace: str | None) -> sa.Select:
-    """The signatures of the groups whose crashes in the namespaces in scope hold every word of ``q``."""
-    gt = group_terms.c
+def group_condition(
+    conn: Connection,
+    signature: sa.ColumnElement,
+    q: str,
+    visible: Collection[str] | None,
+    namespace: str | None,
+) -> sa.ColumnElement:
+    """Whether the group of ``signature`` has crashes holding every word of ``q`` in the namespaces in scope.
+
+    A word of few values: the groups that hold one of them, by ``group_terms``' key. A word of
+    many (``pod-`` in every pod): checked on each group the list walks (its terms by
+    ``group_terms_group``), which reaches a page soon, since many groups hold it.
+    """
+    gt, v = group_terms.c, search_values.c
     scope = []
     if visible is not None:
         scope.append(gt.namespace.in_(sorted(visible)))
     if namespace is not None:
         scope.append(gt.namespace == namespace)
-    v = search_values.c
-    per_word = [
-        sa.select(gt.signature).where(gt.value_id.in_(sa.select(v.id).where(_holding(conn, w))), *scope)
-        for w in terms(q)
-    ]
-    return per_word[0].distinct() if len(per_word) == 1 else sa.intersect(*per_word)
+    held = []
+    for word in terms(q):
+        found = _values_holding(conn, word)
+        if len(found) > FEW:
+            holding = v.value.ilike(_like(word), escape="\\")
+            of_group = sa.select(gt.value_id).join(search_values, v.id == gt.value_id)
+            held.append(sa.exists(of_group.where(gt.signature == signature, *scope, holding)))
+        else:
+            ids = [i for i, _, _ in found]
+            held.append(signature.in_(sa.select(gt.signature).where(gt.value_id.in_(ids), *scope)))
+    return sa.and_(*held)
 
 
 def frames_of(report: dict) -> list[str]:
