@@ -55,13 +55,15 @@ demo: setup
 	$(PY) -m testbed.demo
 
 bench: setup
+	@# the analysis worker reads the package read-only: give it the bytecode an installed package has
+	$(PY) -m compileall -q src
 	$(PY) -m bench.capture
 	$(PY) -m bench.analysis
 	$(PY) -m bench.vault
 	$(PY) -m bench.server
 	$(PY) -m bench.fleet
 	$(PY) -m bench.socketmode
-	$(PY) -m bench.storm
+	$(PY) -m bench.storm --pods 200 --crashes 3 --modes pipe,socket --baseline 30
 	$(PY) -m bench.snapshot
 	$(PY) -m bench.stores
 	$(PY) -m bench.fuse

@@ -2,7 +2,7 @@
 
     python -m bench.storm [--pods 200] [--crashes 3] [--namespaces 4] [--big 4] [--big-mib 256]
                           [--parallel 6] [--storm-max 2] [--baseline 30] [--modes pipe,socket]
-                          [--group-samples N]
+                          [--group-samples N] [--match-after N]
 
 For each mode, ``--pods`` runc pods (kubepods cgroups, one container each, namespaces in
 turn) crash-loop ``--crashes`` times at once, ``--parallel`` containers running at a time
@@ -16,8 +16,10 @@ small one. Then:
 - **the spool is drained**: an agent (shipping and analysing in parallel, as many analyses as
   cores and memory allow) takes the node's spool into the catalog. Printed: analysed small
   crashes per second (goal >= 20/s), how many were matched to their group's samples rather
-  than analysed (``[analysis] group_samples``, default 20), and the time until the last
-  report was in the catalog; beside them the baseline, measured in the same run: a copy of
+  than analysed (``[analysis] match_after``, default 3, and ``group_samples``, default 20),
+  and the time until the last report was in the catalog; beside them two baselines measured
+  in the same run: a copy of the whole spool drained under the rule before ``match_after``
+  (matched only once ``group_samples`` crashes were analysed in full), and a copy of
   ``--baseline`` of the small crashes drained with ``group_samples = 0`` (every crash
   analysed in full).
 
@@ -28,12 +30,12 @@ ms of CPU, so the storm itself takes minutes on a loaded machine; the bench says
 from __future__ import annotations
 
 import argparse
+import multiprocessing
 import os
 import shutil
 import subprocess
 import sys
 import tempfile
-import threading
 import time
 
 from corevault import config, hostsetup, spool
@@ -46,7 +48,7 @@ from testbed import build, runc, storm, sysctl
 GOAL_PER_SECOND = 20.0
 
 
-def capture_storm(work: str, mode: str, plan: storm.Plan, rootfs: str, storm_max: int, samples: int | None):
+def capture_storm(work: str, mode: str, plan: storm.Plan, rootfs: str, storm_max: int, analysis: str):
     """Install ``mode``, run the storm, journal the kernel's skips; the node's settings, pods, seconds."""
     d = os.path.join(work, mode[0])
     os.makedirs(os.path.join(d, "vol"))
@@ -55,7 +57,7 @@ def capture_storm(work: str, mode: str, plan: storm.Plan, rootfs: str, storm_max
         f.write(f'state_dir = "{d}/s"\n[capture]\nstorm_max = {storm_max}\nstorm_window = 3600\n'
                 f'timeout = 600\n[spool]\nmax_size = "64G"\n'
                 f'[agent]\npoll_interval = 0.1\nmetrics = ""\n'
-                + (f"[analysis]\ngroup_samples = {samples}\n" if samples is not None else ""))  # fmt: skip
+                f"[analysis]\n{analysis}")  # fmt: skip
     settings = config.load(cfg)
     kernel = KernelLog(settings)
     kernel.poll()  # from now on
@@ -81,15 +83,15 @@ def capture_storm(work: str, mode: str, plan: storm.Plan, rootfs: str, storm_max
     return settings, pods, seconds
 
 
-def baseline_node(work: str, settings: config.Settings, entries: list[str]) -> config.Settings:
-    """A node holding copies of ``entries`` and the store, analysing every crash in full."""
-    d = os.path.join(work, "base")
+def baseline_node(
+    work: str, name: str, settings: config.Settings, entries: list[str], analysis: str
+) -> config.Settings:
+    """A node holding copies of ``entries`` and the store, with ``analysis`` its [analysis] settings."""
+    d = os.path.join(work, name)
     os.makedirs(d)
     cfg = os.path.join(d, "c.toml")
     with open(cfg, "w") as f:
-        f.write(
-            f'state_dir = "{d}/s"\n[agent]\npoll_interval = 0.1\nmetrics = ""\n[analysis]\ngroup_samples = 0\n'
-        )
+        f.write(f'state_dir = "{d}/s"\n[agent]\npoll_interval = 0.1\nmetrics = ""\n[analysis]\n{analysis}')
     base = config.load(cfg)
     spool.ensure(base.spool_dir)
     for entry in entries:
@@ -100,16 +102,19 @@ def baseline_node(work: str, settings: config.Settings, entries: list[str]) -> c
 
 
 def drain(settings: config.Settings, small: set[str]) -> dict[str, float]:
-    """Run an agent until the spool is in the catalog and analysed; times and counts."""
-    agent = Agent(settings)
-    thread = threading.Thread(target=agent.run, kwargs={"once": True})
+    """Run an agent until the spool is in the catalog and analysed; times and counts.
+
+    The agent is a process of its own, as on a node: the catalog reads that time it here do
+    not take turns with it for the interpreter.
+    """
+    agent = multiprocessing.get_context("fork").Process(target=Agent(settings).run, kwargs={"once": True})
     engine = catalog.connect(settings.catalog_url)
     total = len(spool.entries(settings.spool_dir))
     started = time.monotonic()
-    thread.start()
+    agent.start()
     last_small = last = 0.0
     done_small = done = 0
-    while thread.is_alive() or done < total:
+    while agent.is_alive() or done < total:
         with engine.connect() as conn:
             c = tables.crashes.c
             rows = conn.execute(tables.crashes.select().with_only_columns(c.id, c.analysis, c.matched)).all()
@@ -120,10 +125,11 @@ def drain(settings: config.Settings, small: set[str]) -> dict[str, float]:
         n_small = sum(1 for r in finished if r.id in small)
         if n_small > done_small:
             done_small, last_small = n_small, now
-        if not thread.is_alive():
+        if not agent.is_alive():
             break
         time.sleep(0.1)
-    thread.join()
+    agent.join()
+    engine.dispose()
     matched = sum(1 for r in rows if r.matched and r.id in small)
     failed = sum(1 for r in rows if r.analysis == "failed")
     return {"total": total, "done": done, "last": last, "small": done_small, "last_small": last_small,
@@ -144,9 +150,20 @@ def main() -> int:
     )
     ap.add_argument("--modes", default="pipe,socket")
     ap.add_argument(
-        "--group-samples", type=int, help="[analysis] group_samples of the drained node (default: the default)"
+        "--group-samples",
+        type=int,
+        help="[analysis] group_samples of the drained node (default: the default)",
+    )
+    ap.add_argument(
+        "--match-after", type=int, help="[analysis] match_after of the drained node (default: the default)"
     )
     a = ap.parse_args()
+    defaults = config.Settings()
+    samples = defaults.group_samples if a.group_samples is None else a.group_samples
+    analysis = f"group_samples = {samples}\n"
+    analysis += f"match_after = {a.match_after}\n" if a.match_after is not None else ""
+    # the rule before match_after: matched only once group_samples crashes were analysed in full
+    before = f"group_samples = {samples}\nmatch_after = {max(samples, 1)}\n"
     plan = storm.Plan(a.pods, a.crashes, a.namespaces, a.big, a.big_mib, a.parallel)
     modes = a.modes.split(",")
     if "socket" in modes and hostsetup.kernel_socket_mode() != "@@":
@@ -159,7 +176,7 @@ def main() -> int:
     try:
         rootfs = runc.build_rootfs(os.path.join(work, "rootfs"), {"crasher": build.build("crasher")})
         for mode in modes:
-            settings, pods, seconds = capture_storm(work, mode, plan, rootfs, a.storm_max, a.group_samples)
+            settings, pods, seconds = capture_storm(work, mode, plan, rootfs, a.storm_max, analysis)
             acc = storm.account(settings.spool_dir, pods, plan)
             print(f"\n{mode} mode: {plan.pods} pods in {plan.namespaces} namespaces, {plan.crashes} crashes each "
                   f"({plan.big} pods of {plan.big_mib} MiB), {plan.parallel} containers at once: "
@@ -180,16 +197,23 @@ def main() -> int:
             big_pods = {p.container.id for p in pods if p.big and p.container is not None}
             small = {m.get("id") or e for e, m in metas.items() if m["pod"]["container_id"] not in big_pods}
             base_entries = [e for e in entries if (metas[e].get("id") or e) in small][: a.baseline]
-            base = baseline_node(os.path.join(work, mode[0]), settings, base_entries)
+            here = os.path.join(work, mode[0])
+            whole = baseline_node(here, "before", settings, entries, before)
+            full = baseline_node(here, "full", settings, base_entries, "group_samples = 0\n")
             got = drain(settings, small)
-            ref = drain(base, set(base_entries))
-            rate = got["small"] / got["last_small"] if got["last_small"] else 0.0
-            ref_rate = ref["small"] / ref["last_small"] if ref["last_small"] else 0.0
+            old = drain(whole, small)
+            ref = drain(full, set(base_entries))
+            rate, old_rate, ref_rate = (
+                r["small"] / r["last_small"] if r["last_small"] else 0.0 for r in (got, old, ref)
+            )
             print(f"  drained {got['done']} of {got['total']} entries; the last report in the catalog after "
-                  f"{got['last']:.1f} s ({got['failed']} analyses failed)")  # fmt: skip
+                  f"{got['last']:.1f} s ({got['failed']} analyses failed); before match_after: {old['last']:.1f} s, "
+                  f"ratio {got['last'] / old['last'] if old['last'] else float('nan'):.2f}")  # fmt: skip
             print(f"  small crashes: {got['small']} analysed in {got['last_small']:.1f} s = {rate:.1f}/s "
-                  f"(goal >= {GOAL_PER_SECOND:g}/s), {got['matched']} of them matched to their group's samples; "
-                  f"every one analysed in full ({ref['small']} of them): {ref_rate:.1f}/s; "
+                  f"(goal >= {GOAL_PER_SECOND:g}/s), {got['matched']} of them matched to their group's samples")  # fmt: skip
+            print(f"    baseline, the same spool matched only after {samples} samples: {old_rate:.1f}/s "
+                  f"({old['matched']} matched), ratio {rate / old_rate if old_rate else float('nan'):.2f}")  # fmt: skip
+            print(f"    baseline, every one analysed in full ({ref['small']} of them): {ref_rate:.1f}/s, "
                   f"ratio {rate / ref_rate if ref_rate else float('nan'):.2f}")  # fmt: skip
             shutil.rmtree(os.path.join(work, mode[0]), ignore_errors=True)
     finally:

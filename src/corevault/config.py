@@ -116,6 +116,7 @@ class Settings:
         "debuginfod_urls",
         "gcs",
         "group_samples",
+        "match_after",
         "namespace_dumps",
         "namespace_share",
         "node_name",
@@ -207,9 +208,13 @@ class Settings:
         self.debuginfod_urls: tuple[str, ...] = ()
         #: seconds and bytes one upstream fetch may take at most
         self.debuginfod_timeout = 30.0
-        #: full analyses of one fingerprint, in one namespace, before its next crashes are only
-        #: matched to them (0: always analyse in full); see corevault.fingerprint
+        #: full analyses of one fingerprint, in one namespace, that the agent collects; past
+        #: ``match_after`` of them, a crash with that fingerprint is analysed in full only when
+        #: no other analysis waits (0: always analyse in full); see corevault.fingerprint
         self.group_samples = 20
+        #: agreeing full analyses of one fingerprint after which its next crashes may be matched
+        #: to them rather than analysed (at most ``group_samples``)
+        self.match_after = 3
         self.debuginfod_max_size = 1 << 30
         #: debug files fetched from upstream, by build-id (``buildid/<id>/debuginfo``)
         self.debuginfo_dir = os.path.join(state_dir, "debuginfo")
@@ -518,8 +523,12 @@ def from_dict(doc: dict, where: str = "config") -> Settings:
 
     analysis = _table(doc, "analysis", where)
     keys = {"debuginfod_urls", "debuginfod_timeout", "debuginfod_max_size", "debug_dirs", "group_samples"}
-    _known(analysis, keys, f"{where} [analysis]")
+    _known(analysis, keys | {"match_after"}, f"{where} [analysis]")
     s.group_samples = int(_number(analysis, "group_samples", where, s.group_samples))
+    s.match_after = int(_number(analysis, "match_after", where, s.match_after))
+    if s.match_after < 1:
+        raise ConfigError(f"{where} [analysis] match_after: at least 1 analysed sample is needed to match; "
+                          "use group_samples = 0 to analyse every crash in full")  # fmt: skip
     if isinstance(analysis.get("debuginfod_urls"), str):  # elfutils' DEBUGINFOD_URLS form
         s.debuginfod_urls = tuple(analysis["debuginfod_urls"].split())
     elif "debuginfod_urls" in analysis:

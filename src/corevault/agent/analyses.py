@@ -13,6 +13,11 @@ catalog, and delays other analyses only as far as it occupies one of the workers
   among equals, and round-robin among that namespace's pods. A pod crash-looping a
   thousand times lengthens its own queue; every other pod's next crash waits at most for
   one entry of each other namespace.
+- **Matched in a storm, sampled at idle.** Each entry is told whether anything else waits
+  (in this queue, or in the spool still to be shipped): a crash that could be matched to its
+  group's samples is then analysed in full only when nothing waits, so a storm drains by
+  matching and the samples still grow to ``group_samples`` from the crashes that follow
+  (:func:`corevault.agent.ship.analyse_shipped`).
 - **Durable.** The queue is the ``shipped/`` directory: an agent that stops (or is killed)
   mid-analysis finds the entries there again on start and analyses them then.
 """
@@ -84,9 +89,12 @@ class FairQueue:
 class AnalysisPool:
     """Worker threads, each driving one sandboxed analysis at a time."""
 
-    def __init__(self, settings: config.Settings, analyse: Callable[[str], str | None], workers: int) -> None:
-        #: analyse(entry id) -> the analysis state recorded, or None when another agent holds
-        #: the entry; raises to have it tried again later
+    def __init__(
+        self, settings: config.Settings, analyse: Callable[[str, bool], str | None], workers: int
+    ) -> None:
+        #: analyse(entry id, idle) -> the analysis state recorded, or None when another agent
+        #: holds the entry; raises to have it tried again later. ``idle``: no other entry waits
+        #: for analysis or shipping
         self.analyse = analyse
         self.settings = settings
         self.queue = FairQueue()
@@ -115,20 +123,29 @@ class AnalysisPool:
                 self.failures.pop(gone, None)
         for entry_id in present:
             with self.cond:
-                if entry_id in self.known or self.retry_at.get(entry_id, 0.0) > now:
+                if self.retry_at.get(entry_id, 0.0) > now:
                     continue
-            try:
-                meta = spool.read_meta(self.settings.spool_dir, entry_id, "shipped")
-            except (OSError, ValueError):
-                continue  # analysed and removed a moment ago, or another agent's
-            pod = crashrecord.load(meta, entry_id)["pod"]
-            with self.cond:
-                self.known.add(entry_id)
-                self.retry_at.pop(entry_id, None)
-                self.queue.put(pod["namespace"] or "", pod["name"] or pod["uid"] or "", entry_id)
-                self.cond.notify()
+            self.add(entry_id)
         with self.cond:
             return len(self.queue) + self.in_flight
+
+    def add(self, entry_id: str) -> None:
+        """Queue one entry of ``shipped/`` (just shipped) unless it is queued or in flight already."""
+        with self.cond:
+            if entry_id in self.known:
+                return
+        try:
+            meta = spool.read_meta(self.settings.spool_dir, entry_id, "shipped")
+        except (OSError, ValueError):
+            return  # analysed and removed a moment ago, or another agent's
+        pod = crashrecord.load(meta, entry_id)["pod"]
+        with self.cond:
+            if entry_id in self.known:
+                return
+            self.known.add(entry_id)
+            self.retry_at.pop(entry_id, None)
+            self.queue.put(pod["namespace"] or "", pod["name"] or pod["uid"] or "", entry_id)
+            self.cond.notify()
 
     def wait_idle(self, stop: threading.Event, attempts: int = 3) -> None:
         """Block until nothing is queued, in flight or due to be tried again, leaving aside
@@ -160,8 +177,9 @@ class AnalysisPool:
                     return
                 namespace, entry_id = turn
                 self.in_flight += 1
+                idle = not self.queue
             try:
-                state = self.analyse(entry_id)
+                state = self.analyse(entry_id, idle and not spool.entries(self.settings.spool_dir))
                 if state is None:  # another agent holds it: look again later, quietly
                     with self.cond:
                         self.retry_at[entry_id] = time.monotonic() + RETRY_AFTER

@@ -2,7 +2,9 @@
 
 Every ``poll_interval`` seconds it removes abandoned partial entries, ships the journal,
 and ships each finished entry into the vault and the catalog; the analyses run apart, in
-:class:`corevault.agent.analyses.AnalysisPool`, so no analysis ever holds shipping up. A
+:class:`corevault.agent.analyses.AnalysisPool`, so no analysis ever holds shipping up, and
+each entry is handed to them as soon as it is shipped (in a storm the first crashes are
+analysed while the rest ships, and become the samples the later ones are matched to). A
 failed entry (store or catalog unreachable, disk full) stays in the spool and is retried
 with exponential backoff (1 s doubling to 5 min), per entry, so one bad entry never
 blocks the others. Retention runs every ten minutes when configured. SIGTERM and SIGINT
@@ -88,10 +90,10 @@ class Agent:
             vault = self.vault = LocalVault(self.settings)
         return vault
 
-    def _analyse(self, entry_id: str) -> str | None:
+    def _analyse(self, entry_id: str, idle: bool) -> str | None:
         """One shipped entry's analysis, as the pool's threads run it (None: another agent's)."""
         try:
-            state = ship.analyse_shipped(self.connect(), self.settings, entry_id)
+            state = ship.analyse_shipped(self.connect(), self.settings, entry_id, idle=idle)
         except ship.Busy:
             return None
         self.metrics.analysed.labels(state).inc()
@@ -139,6 +141,8 @@ class Agent:
             self.unreachable = str(e)
             return len(spool.entries(s.spool_dir))
         self.unreachable = None
+        if s.agent_analyze and self.analyses is None:
+            self.analyses = AnalysisPool(s, self._analyse, worker_count(s))
         now = time.monotonic()
         for entry in spool.entries(s.spool_dir):
             if self.stop.is_set():
@@ -162,9 +166,10 @@ class Agent:
             self.metrics.upload_bytes.inc(done.bytes)
             self.metrics.upload_seconds.observe(done.seconds)
             log.info("shipped %s (%d bytes, analysis %s)", done.crash_id, done.bytes, done.analysis)
-        if s.agent_analyze:
-            if self.analyses is None:
-                self.analyses = AnalysisPool(s, self._analyse, worker_count(s))
+            if self.analyses is not None and done.analysis == "pending":
+                # analysed while the rest ships: a storm's first samples are in before its last crash is
+                self.analyses.add(entry)
+        if self.analyses is not None:
             self.metrics.analysis_queue.set(self.analyses.feed())
         if self._retention_on() and time.monotonic() - self.last_vacuum > VACUUM_EVERY:
             self.last_vacuum = time.monotonic()

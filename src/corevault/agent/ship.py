@@ -49,6 +49,7 @@ if TYPE_CHECKING:
     from sqlalchemy.engine import Connection
 
     from corevault.crashrecord import CrashRecord
+    from corevault.vault.recording import Match
 
 log = logging.getLogger("corevault.agent")
 
@@ -159,9 +160,13 @@ def _ship_debuginfo(vault: LocalVault, settings: config.Settings, record: CrashR
             vault.store.put_file(key, local)
 
 
-def analyse_shipped(vault: LocalVault, settings: config.Settings, entry_id: str) -> str:
+def analyse_shipped(
+    vault: LocalVault, settings: config.Settings, entry_id: str, *, idle: bool = False
+) -> str:
     """Analyse a shipped entry, record the outcome, remove the entry; returns the analysis state.
 
+    ``idle``: no other entry waits for analysis, so a crash that could be matched is analysed
+    in full while its group has fewer than ``group_samples`` samples (see :func:`_analyse`).
     Raises :class:`Busy` when another agent holds the entry, and leaves it in place on any
     failure to reach the vault, so that it is tried again.
     """
@@ -177,25 +182,35 @@ def analyse_shipped(vault: LocalVault, settings: config.Settings, entry_id: str)
         if state == "pending":
             # only the objects this process mapped, as its capture recorded them
             modules = list(record["modules"])
-            state = _analyse(vault, settings, crash_id, os.path.join(entry, spool.CORE_NAME), modules)
+            core = os.path.join(entry, spool.CORE_NAME)
+            state = _analyse(vault, settings, crash_id, core, modules, idle=idle)
             _ship_debuginfo(vault, settings, record)
         shutil.rmtree(entry)
         return state or "forgotten"
 
 
 def _analyse(
-    vault: LocalVault, settings: config.Settings, crash_id: str, core_path: str, record: list[dict]
-) -> str:
+    vault: LocalVault, settings: config.Settings, crash_id: str, core_path: str, record: list[dict],
+    *, idle: bool,
+) -> str:  # fmt: skip
+    """Match the crash to its group's samples, or analyse it in full; returns the state recorded.
+
+    Decided when the entry is taken, not when it was shipped: in a storm a group reaches its
+    samples while its later crashes wait. ``match_after`` agreeing samples let a crash be
+    matched; more samples, up to ``group_samples``, come from crashes taken when nothing else
+    waits (``idle``), so a storm is drained by matching and a group's confidence still grows.
+    """
     from corevault.analysis import runner, upstream
 
     with vault.engine.begin() as conn:
-        match = catalog.match_sample(conn, crash_id, settings.group_samples)
-        if match is not None:
+        needed = min(settings.match_after, settings.group_samples)
+        match = catalog.match_sample(conn, crash_id, needed)
+        if match is not None and not (idle and match.samples < settings.group_samples):
             # The same crash again, its group analysed enough: matched, not analysed, and
             # recorded in the transaction that found the match. Its report is the sample's,
             # whose report.json the vault holds already: the catalog row refers to it and no
             # copy is written per crash (a blob write, two fsyncs, of every crash of a loop).
-            catalog.record_analysis(conn, crash_id, _matched(conn, *match))
+            catalog.record_analysis(conn, crash_id, _matched(conn, match))
             return "matched"
     try:
         doc = runner.analyze(
@@ -219,16 +234,18 @@ def _analyse(
     return "done"
 
 
-def _matched(conn: Connection, fingerprint: str, sample: str) -> dict:
-    """The report of a crash matched by ``fingerprint`` to crash ``sample``: the sample's, saying so."""
+def _matched(conn: Connection, match: Match) -> dict:
+    """The report of a crash matched to its group's newest sample: the sample's, saying so."""
+    sample = match.sample
     doc = catalog.report_of(conn, sample)
     if not isinstance(doc, dict):
         raise catalog.CatalogError(f"crash {sample}, the sample of a match, has no report")
-    doc["matched"] = {"fingerprint": fingerprint, "sample": sample}
+    doc["matched"] = {"fingerprint": match.fingerprint, "sample": sample, "samples": match.samples}
     doc["warnings"] = [
         *doc.get("warnings", []),
         f"matched, not analysed: it crashed where crash {sample} did (the same program, signal and stack "
-        "top), whose stack this is; its group had enough analysed samples ([analysis] group_samples)",
+        f"top), whose stack this is; {match.samples} crashes of its group were analysed in full and agree "
+        "([analysis] match_after)",
     ]
     return doc
 

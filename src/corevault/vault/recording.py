@@ -15,6 +15,7 @@ from __future__ import annotations
 import hashlib
 import json
 import time
+from typing import NamedTuple
 
 import sqlalchemy as sa
 from sqlalchemy.engine import Connection
@@ -136,8 +137,16 @@ def record_analysis(conn: Connection, crash_id: str, report: dict) -> bool:
     return True
 
 
-def match_sample(conn: Connection, crash_id: str, samples: int) -> tuple[str, str] | None:
-    """``(fingerprint, sample crash id)`` when ``crash_id`` may be matched rather than analysed.
+class Match(NamedTuple):
+    """What a crash may be matched to: its fingerprint, the newest sample, and how many agree."""
+
+    fingerprint: str
+    sample: str
+    samples: int
+
+
+def match_sample(conn: Connection, crash_id: str, samples: int) -> Match | None:
+    """The :class:`Match` when ``crash_id`` may be matched rather than analysed.
 
     It may when its fingerprint (corevault.fingerprint) is that of at least ``samples``
     crashes of the same namespace and executable that were analysed in full (not matched)
@@ -161,7 +170,7 @@ def match_sample(conn: Connection, crash_id: str, samples: int) -> tuple[str, st
         )
     ).one()
     count, low, high, sample = found
-    return (row.fingerprint, sample) if count >= samples and low == high else None
+    return Match(row.fingerprint, sample, count) if count >= samples and low == high else None
 
 
 def _count(conn: Connection, signature: str, crash: sa.Row, n: int) -> None:
