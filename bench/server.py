@@ -12,15 +12,19 @@ client, in one run:
   to the p50 of ``/healthz`` (the server's fixed cost per request);
 - search (``?q=``) over crashes and groups, for both readers (goal ≤ 50 ms): a pod's name,
   a word that every crash holds (newest first, a page of 50), two words, and groups;
-- debuginfod: throughput of ``curl`` fetching ``/buildid/<id>/executable``, a ``--binary-mib``
-  MiB file (sent by the kernel: :mod:`corevault.server.zerocopy`), ÷ ``cat`` of the same
-  stored file from the page cache, both into /dev/null (goal ≥ 0.9), and ÷ ``curl`` from a
-  bare asyncio ``sendfile`` server of the same file (the most any HTTP server gets here:
-  the copy from the loopback socket into curl is the bound);
+- downloads, each as a ratio beside its goal, with the baselines measured in the same run and
+  runs taking turns: debuginfod fetching ``/buildid/<id>/executable`` of a 100 KiB, a 4 MiB and
+  a ``--binary-mib`` MiB file (sent by the kernel: :mod:`corevault.server.zerocopy`), read by one
+  reader (1 MiB reads, in this process) from the socket, ÷ ``cat`` of the same stored file into
+  the same reader through a pipe (goal ≥ 0.9), and ÷ a bare asyncio ``sendfile`` server of the
+  same file read the same way (the most an HTTP server gets here); then with ``curl`` into
+  /dev/null, against the bare server and ``cat`` into /dev/null (what curl's own start-up and
+  copies cost);
 - a range of a compressed core: the last MiB of a ``--core-mib`` MiB core stored in the
   seekable format ÷ the same range of the same core stored as one frame (as before); and the
-  whole core with ``curl`` ÷ ``zstd -dc`` of its stored file (a core is served plain, so
-  decompression is its floor, not ``cat``).
+  whole core: as stored (``Content-Encoding: zstd``) into the reader ÷ ``cat`` of the stored
+  file into it, ``curl --compressed`` (which decompresses) and plain ``curl`` (the server
+  decompresses) ÷ ``zstd -dc`` of the stored file.
 """
 
 from __future__ import annotations
@@ -29,12 +33,16 @@ import argparse
 import json
 import os
 import random
+import re
 import shutil
+import socket
 import statistics
 import subprocess
 import sys
 import tempfile
 import time
+from collections.abc import Callable
+from typing import BinaryIO
 
 import httpx
 
@@ -70,8 +78,8 @@ def report(threads: int = 8, frames: int = 24) -> dict:
     }  # fmt: skip
 
 
-def fill(state: str, rows: int, binary_mib: int) -> tuple[str, str]:
-    """The catalog and vault; returns one crash id of namespace team-7 and the binary's build-id."""
+def fill(state: str, rows: int, binary_mib: int) -> str:
+    """The catalog and vault; returns the id of the crash of namespace team-7 that mapped the binaries."""
     settings = config.from_dict({"state_dir": state})
     engine = catalog.connect(settings.catalog_url)
     rng = random.Random(7)
@@ -119,27 +127,35 @@ def fill(state: str, rows: int, binary_mib: int) -> tuple[str, str]:
         conn.execute(
             tables.reports.insert().values(crash_id=crash_id, backend="drgn", report=json.dumps(report()))
         )
-        build_id = "ab" * 20
-        sha = "cd" * 32
-        conn.execute(
-            tables.objects.insert().values(key=build_id, sha256=sha, size=binary_mib << 20, debuginfo=True)
-        )
-        conn.execute(
-            tables.crash_objects.insert().values(
-                crash_id=crash_id, key=build_id, sha256=sha, path="/usr/bin/service"
+        for build_id, size in binaries(binary_mib).items():
+            sha = build_id[:2] * 32
+            conn.execute(tables.objects.insert().values(key=build_id, sha256=sha, size=size, debuginfo=True))
+            conn.execute(
+                tables.crash_objects.insert().values(
+                    crash_id=crash_id, key=build_id, sha256=sha, path=f"/usr/lib/{build_id[:2]}.so"
+                )
             )
-        )
         conn.exec_driver_sql("ANALYZE")
     print(f"{rows} crashes in {len(sigs)} groups loaded in {time.perf_counter() - t:.0f} s")
     store = stores.open_store(settings.vault_store)
     path = os.path.join(state, "binary")
-    with open(path, "wb") as f:
-        chunk = random.Random(1).randbytes(1 << 20)
-        for _ in range(binary_mib):
-            f.write(chunk)
-    store.put_file(blobs.object_key(build_id, "cd" * 32), path)
+    chunk = random.Random(1).randbytes(1 << 20)
+    for build_id, size in binaries(binary_mib).items():
+        with open(path, "wb") as f:
+            for at in range(0, size, len(chunk)):
+                f.write(chunk[: size - at])
+        store.put_file(blobs.object_key(build_id, build_id[:2] * 32), path)
     os.unlink(path)
-    return crash_id, build_id
+    return crash_id
+
+
+def binaries(binary_mib: int) -> dict[str, int]:
+    """The binaries the crash mapped, by build-id: 100 KiB, 4 MiB and ``binary_mib`` MiB."""
+    return {"ab" * 20: 100 << 10, "ac" * 20: 4 << 20, "ad" * 20: binary_mib << 20}
+
+
+def size_label(size: int) -> str:
+    return f"{size >> 20} MiB" if size >= 1 << 20 else f"{size >> 10} KiB"
 
 
 def p50(client: httpx.Client, path: str, token: str, runs: int) -> float:
@@ -154,13 +170,15 @@ def p50(client: httpx.Client, path: str, token: str, runs: int) -> float:
     return statistics.median(times) * 1000
 
 
-#: the fastest a server can send a file here: sendfile(2) from asyncio, no HTTP parsing at all
+#: the fastest a server can send a file here: sendfile(2) from asyncio, no HTTP parsing at all;
+#: ``GET /N`` answers the N-th file of its command line
 BARE_SENDFILE = """
 import asyncio, os, sys
-path = sys.argv[1]
+paths = sys.argv[2:]
 async def handle(reader, writer):
     try:
-        while await reader.readuntil(b"\\r\\n\\r\\n"):
+        while head := await reader.readuntil(b"\\r\\n\\r\\n"):
+            path = paths[int(head.split(b" ")[1][1:])]
             size = os.path.getsize(path)
             writer.write(b"HTTP/1.1 200 OK\\r\\nContent-Length: %d\\r\\n\\r\\n" % size)
             with open(path, "rb") as f:
@@ -168,48 +186,134 @@ async def handle(reader, writer):
     except (asyncio.IncompleteReadError, ConnectionError):
         writer.close()
 async def main():
-    server = await asyncio.start_server(handle, "127.0.0.1", int(sys.argv[2]))
+    server = await asyncio.start_server(handle, "127.0.0.1", int(sys.argv[1]))
     async with server:
         await server.serve_forever()
 asyncio.run(main())
 """
 
-
-def bare_sendfile(plain_path: str, runs: int) -> float:
-    """Median bytes/s of ``curl`` from :data:`BARE_SENDFILE` serving the same file."""
-    port = servers.free_port()
-    proc = subprocess.Popen([sys.executable, "-c", BARE_SENDFILE, plain_path, str(port)])
-    try:
-        servers.wait_port(port)
-        url = f"http://127.0.0.1:{port}/"
-        return statistics.median(
-            _rate(["curl", "-sf", url], plain_path) for _ in range(runs)
-        )
-    finally:
-        proc.terminate()
-        proc.wait(10)
+READ = 1 << 20
 
 
-def _rate(cmd: list[str], plain_path: str) -> float:
-    t = time.perf_counter()
-    subprocess.run(cmd, stdout=subprocess.DEVNULL, check=True)
-    return os.path.getsize(plain_path) / (time.perf_counter() - t)
+def read_all(f: BinaryIO | socket.socket, buf: bytearray, want: int | None = None) -> int:
+    """The reader every download and baseline goes into: 1 MiB reads until the end (or ``want``)."""
+    into = f.recv_into if isinstance(f, socket.socket) else f.readinto
+    got = 0
+    view = memoryview(buf)
+    while want is None or got < want:
+        n = into(view if want is None else view[: min(READ, want - got)])
+        if not n:
+            break
+        got += n
+    return got
 
 
-def throughput(url: str, token: str, plain_path: str, runs: int) -> tuple[float, float]:
-    """Median bytes/s of ``curl URL > /dev/null`` and of ``cat FILE > /dev/null`` of the same file."""
+def http_get(port: int, path: str, token: str | None, buf: bytearray, encoding: str = "identity") -> int:
+    """GET ``path`` on one new connection and read its body with :func:`read_all`; its length."""
+    with socket.create_connection(("127.0.0.1", port)) as s:
+        auth = f"Authorization: Bearer {token}\r\n" if token else ""
+        s.sendall(f"GET {path} HTTP/1.1\r\nHost: x\r\n{auth}Accept-Encoding: {encoding}\r\n\r\n".encode())
+        head = b""
+        while b"\r\n\r\n" not in head:
+            more = s.recv(4096)
+            if not more:
+                raise SystemExit(f"{path}: the server closed the connection before its headers")
+            head += more
+        head, _, body = head.partition(b"\r\n\r\n")
+        if not head.startswith(b"HTTP/1.1 200"):
+            raise SystemExit(f"{path}: {head.splitlines()[0].decode()}")
+        length = int(re.search(rb"(?i)\r\ncontent-length: *(\d+)", head).group(1))  # type: ignore[union-attr]
+        got = len(body) + read_all(s, buf, length - len(body))
+        if got != length:
+            raise SystemExit(f"{path}: {got} bytes of {length}")
+        return got
 
-    def timed(cmd: list[str]) -> float:
-        return _rate(cmd, plain_path)
 
-    curl = ["curl", "-sf", "-H", f"Authorization: Bearer {token}", url]
-    cat = ["cat", plain_path]
-    timed(cat)  # into the page cache
-    ours, base = [], []
+def cat_into(path: str, buf: bytearray) -> int:
+    """``cat path`` into the same reader, through a pipe."""
+    proc = subprocess.Popen(["cat", path], stdout=subprocess.PIPE, bufsize=0)
+    assert proc.stdout is not None
+    got = read_all(proc.stdout, buf)
+    proc.stdout.close()
+    proc.wait()
+    return got
+
+
+def medians(cases: dict[str, Callable[[], object]], runs: int) -> dict[str, float]:
+    """Median seconds of each case, the cases taking turns run by run (so load hits them alike)."""
+    for case in cases.values():  # warm: page cache, connections, the server's caches
+        case()
+    samples: dict[str, list[float]] = {name: [] for name in cases}
     for _ in range(runs):
-        ours.append(timed(curl))
-        base.append(timed(cat))
-    return statistics.median(ours), statistics.median(base)
+        for name, case in cases.items():
+            t = time.perf_counter()
+            case()
+            samples[name].append(time.perf_counter() - t)
+    return {name: statistics.median(times) for name, times in samples.items()}
+
+
+def run_quiet(cmd: list[str]) -> None:
+    subprocess.run(cmd, stdout=subprocess.DEVNULL, check=True)
+
+
+def against_goal(ratio: float, want: float = 0.9) -> str:
+    return f"{ratio:.2f} (goal >= {want}{'' if ratio >= want else ', NOT met'})"
+
+
+def rate(size: int, seconds: float) -> str:
+    return f"{size / seconds / 2**20:.0f} MiB/s" if size >= 1 << 20 else f"{seconds * 1000:.1f} ms"
+
+
+def one_binary(
+    port: int, token: str, url: str, bare: tuple[int, int], size: int, path: str, runs: int
+) -> None:
+    """One binary's download (``url``, the ``bare[1]``-th file of the bare server on port ``bare[0]``)."""
+    buf = bytearray(READ)
+    bare_url = f"http://127.0.0.1:{bare[0]}/{bare[1]}"
+    curl = ["curl", "-sf", "-o", "/dev/null"]
+    got = medians(
+        {
+            "ours": lambda: http_get(port, url, token, buf),
+            "cat": lambda: cat_into(path, buf),
+            "bare": lambda: http_get(bare[0], f"/{bare[1]}", None, buf),
+            "curl ours": lambda: run_quiet(
+                [*curl, "-H", f"Authorization: Bearer {token}", f"http://127.0.0.1:{port}{url}"]
+            ),
+            "curl bare": lambda: run_quiet([*curl, bare_url]),
+            "cat > /dev/null": lambda: run_quiet(["cat", path]),
+        },
+        runs if size < 64 << 20 else max(5, runs // 3),
+    )
+    print(
+        f"  {size_label(size):>7}, reader: ours {rate(size, got['ours'])}, cat | reader {rate(size, got['cat'])}: "
+        f"{against_goal(got['cat'] / got['ours'])}; bare sendfile server {rate(size, got['bare'])}: "
+        f"{got['bare'] / got['ours']:.2f}"
+    )
+    print(
+        f"  {size_label(size):>7}, curl:   ours {rate(size, got['curl ours'])}, bare sendfile server "
+        f"{rate(size, got['curl bare'])}: {got['curl bare'] / got['curl ours']:.2f}; "
+        f"cat > /dev/null {rate(size, got['cat > /dev/null'])}: {got['cat > /dev/null'] / got['curl ours']:.2f}"
+    )
+
+
+def debuginfod(port: int, token: str, state: str, binary_mib: int, runs: int) -> None:
+    """Each binary's download against ``cat`` and the bare sendfile server, into one reader and by curl."""
+    files = {
+        build_id: (size, os.path.join(state, "vault", blobs.object_key(build_id, build_id[:2] * 32)))
+        for build_id, size in binaries(binary_mib).items()
+    }
+    bare_port = servers.free_port()
+    bare = subprocess.Popen(
+        [sys.executable, "-c", BARE_SENDFILE, str(bare_port), *(p for _, p in files.values())]
+    )
+    try:
+        servers.wait_port(bare_port)
+        print("debuginfod downloads, one reader (1 MiB reads) / curl -o /dev/null; runs taking turns:")
+        for i, (build_id, (size, path)) in enumerate(files.items()):
+            one_binary(port, token, f"/buildid/{build_id}/executable", (bare_port, i), size, path, runs)
+    finally:
+        bare.terminate()
+        bare.wait(10)
 
 
 def add_cores(state: str, mib: int) -> tuple[str, str]:
@@ -270,19 +374,36 @@ def range_cost(url: str, token: str, mib: int, runs: int) -> tuple[float, float]
     return times[0], times[1]
 
 
-def core_download(url: str, token: str, state: str, runs: int) -> tuple[float, float]:
-    """Median bytes/s of ``curl`` of the whole seekable core, and of ``zstd -dc`` of its stored file
-    (what any reader of a compressed core pays), both into /dev/null."""
+def core_download(port: int, token: str, state: str, runs: int) -> None:
+    """The whole seekable core: as stored (zstd) into the reader ÷ ``cat`` of its stored file into
+    it; decompressed by ``curl --compressed`` and, plain, by the server ÷ ``zstd -dc`` of it."""
     stored = os.path.join(state, "vault", blobs.core_key("core-seekable"))
-    size = len(subprocess.run(["zstd", "-dc", stored], capture_output=True, check=True).stdout)
-    curl = ["curl", "-sf", "-H", f"Authorization: Bearer {token}", f"{url}/api/v1/crashes/core-seekable/core"]
-    rates: list[list[float]] = [[], []]
-    for _ in range(runs):
-        for i, cmd in enumerate((curl, ["zstd", "-dc", stored])):
-            t = time.perf_counter()
-            subprocess.run(cmd, stdout=subprocess.DEVNULL, check=True)
-            rates[i].append(size / (time.perf_counter() - t))
-    return statistics.median(rates[0]), statistics.median(rates[1])
+    url = f"http://127.0.0.1:{port}/api/v1/crashes/core-seekable/core"
+    auth = ["-H", f"Authorization: Bearer {token}"]
+    buf = bytearray(READ)
+    got = medians(
+        {
+            "stored": lambda: http_get(port, "/api/v1/crashes/core-seekable/core", token, buf, "zstd"),
+            "cat": lambda: cat_into(stored, buf),
+            "curl --compressed": lambda: run_quiet(
+                ["curl", "-sf", "--compressed", "-o", "/dev/null", *auth, url]
+            ),
+            "curl plain": lambda: run_quiet(["curl", "-sf", "-o", "/dev/null", *auth, url]),
+            "zstd -dc": lambda: run_quiet(["zstd", "-qdc", stored]),
+        },
+        runs,
+    )
+    size = os.path.getsize(stored)
+    print(
+        f"the whole core, {size >> 20} MiB stored: as stored (Content-Encoding: zstd) into the reader "
+        f"{rate(size, got['stored'])}, cat | reader {rate(size, got['cat'])}: {against_goal(got['cat'] / got['stored'])}"
+    )
+    print(
+        f"  decompressed: curl --compressed {got['curl --compressed'] * 1000:.0f} ms, curl of the plain core "
+        f"(decompressed by the server) {got['curl plain'] * 1000:.0f} ms, zstd -dc of the stored file "
+        f"{got['zstd -dc'] * 1000:.0f} ms: {got['zstd -dc'] / got['curl --compressed']:.2f} and "
+        f"{got['zstd -dc'] / got['curl plain']:.2f}"
+    )
 
 
 #: searches: a pod (a few dozen crashes), a word in every crash, two words; groups by pod, by title, by a
@@ -301,16 +422,41 @@ SEARCHES = [
 ]
 
 
+def pages(client: httpx.Client, crash_id: str, runs: int) -> None:
+    """p50 of the pages and searches, each also against /healthz."""
+    base = p50(client, "/healthz", ADMIN, runs)
+    print(f"\np50 of {runs} requests over HTTP; /healthz (the fixed cost per request) {base:.1f} ms")
+    cases = [
+        ("group list page, every namespace", "/", ADMIN),
+        ("group list page, one namespace", "/", TEAM),
+        ("group list JSON, every namespace", "/api/v1/groups", ADMIN),
+        ("crash list page, every namespace", "/crashes", ADMIN),
+        ("crash list page, one namespace", "/crashes", TEAM),
+        ("crash page (8 threads x 24 frames)", f"/crashes/{crash_id}", TEAM),
+        ("crash JSON", f"/api/v1/crashes/{crash_id}", TEAM),
+    ]
+    for label, path, token in cases:
+        ms = p50(client, path, token, runs)
+        goal = "" if ms <= 100 else "  (goal <= 100 ms NOT met)"
+        print(f"  {label:<38} {ms:7.1f} ms  {ms / base:5.1f} x /healthz{goal}")
+    print("search (goal: p50 <= 50 ms)")
+    for label, path, token in SEARCHES:
+        ms = p50(client, path, token, runs)
+        goal = "" if ms <= 50 else "  (goal <= 50 ms NOT met)"
+        print(f"  {label:<46} {ms:7.1f} ms  {ms / base:5.1f} x /healthz{goal}")
+
+
 def main() -> int:
     ap = argparse.ArgumentParser(description=__doc__.splitlines()[0])
     ap.add_argument("--rows", type=int, default=1_000_000)
     ap.add_argument("--binary-mib", type=int, default=256)
     ap.add_argument("--runs", type=int, default=25)
     ap.add_argument("--core-mib", type=int, default=256)
+    ap.add_argument("--downloads", action="store_true", help="measure the downloads only, not the pages")
     a = ap.parse_args()
     state = tempfile.mkdtemp(prefix="cv-bench-server-")
     try:
-        crash_id, build_id = fill(state, a.rows, a.binary_mib)
+        crash_id = fill(state, a.rows, a.binary_mib)
         add_cores(state, a.core_mib)
         cfg = os.path.join(state, "c.toml")
         with open(cfg, "w") as f:
@@ -328,50 +474,18 @@ def main() -> int:
         try:
             servers.wait_port(port)
             with httpx.Client(base_url=f"http://127.0.0.1:{port}", timeout=120) as client:
-                base = p50(client, "/healthz", ADMIN, a.runs)
-                print(
-                    f"\np50 of {a.runs} requests over HTTP; /healthz (the fixed cost per request) {base:.1f} ms"
-                )
-                cases = [
-                    ("group list page, every namespace", "/", ADMIN),
-                    ("group list page, one namespace", "/", TEAM),
-                    ("group list JSON, every namespace", "/api/v1/groups", ADMIN),
-                    ("crash list page, every namespace", "/crashes", ADMIN),
-                    ("crash list page, one namespace", "/crashes", TEAM),
-                    ("crash page (8 threads x 24 frames)", f"/crashes/{crash_id}", TEAM),
-                    ("crash JSON", f"/api/v1/crashes/{crash_id}", TEAM),
-                ]
-                for label, path, token in cases:
-                    ms = p50(client, path, token, a.runs)
-                    goal = "" if ms <= 100 else "  (goal <= 100 ms NOT met)"
-                    print(f"  {label:<38} {ms:7.1f} ms  {ms / base:5.1f} x /healthz{goal}")
-                print("search (goal: p50 <= 50 ms)")
-                for label, path, token in SEARCHES:
-                    ms = p50(client, path, token, a.runs)
-                    goal = "" if ms <= 50 else "  (goal <= 50 ms NOT met)"
-                    print(f"  {label:<46} {ms:7.1f} ms  {ms / base:5.1f} x /healthz{goal}")
-                plain_path = os.path.join(state, "vault", blobs.object_key(build_id, "cd" * 32))
+                if not a.downloads:
+                    pages(client, crash_id, a.runs)
                 for who, token in (("every namespace", ADMIN), ("one namespace", TEAM)):
-                    url = f"http://127.0.0.1:{port}/buildid/{build_id}/executable"
-                    ours, plain = throughput(url, token, plain_path, 5)
-                    bare = bare_sendfile(plain_path, 5)
-                    goal = "" if ours / plain >= 0.9 else " (goal >= 0.9 NOT met)"
-                    print(
-                        f"debuginfod, {a.binary_mib} MiB, reader of {who}: curl {ours / 2**20:.0f} MiB/s, "
-                        f"cat of the stored file {plain / 2**20:.0f} MiB/s: {ours / plain:.2f}{goal}; "
-                        f"a bare sendfile server {bare / 2**20:.0f} MiB/s: {ours / bare:.2f}"
-                    )
+                    print(f"a reader of {who}:")
+                    debuginfod(port, token, state, a.binary_mib, a.runs)
                 seekable_s, one_frame_s = range_cost(f"http://127.0.0.1:{port}", TEAM, a.core_mib, 5)
                 print(
                     f"the last MiB of a {a.core_mib} MiB core: stored seekable {seekable_s * 1000:.0f} ms, stored as "
                     f"one frame {one_frame_s * 1000:.0f} ms: {one_frame_s / seekable_s:.1f}x faster "
                     f"(goal: a range costs what it reads)"
                 )
-                ours, unzstd = core_download(f"http://127.0.0.1:{port}", TEAM, state, 5)
-                print(
-                    f"the whole {a.core_mib} MiB core: curl {ours / 2**20:.0f} MiB/s, zstd -dc of the stored file "
-                    f"{unzstd / 2**20:.0f} MiB/s: {ours / unzstd:.2f} (served plain: decompressed as it is sent)"
-                )
+                core_download(port, TEAM, state, 5)
         finally:
             server.terminate()
             server.wait(30)

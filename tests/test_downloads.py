@@ -209,3 +209,40 @@ def test_redirects_can_be_turned_off_for_stores_readers_cannot_reach(
     with servers.asgi(create_app(settings, StaticTokens(tokens(tmp_path)))) as url:
         served = get(f"{url}/buildid/{BUILD_ID}/executable", "a")
         assert served.status_code == 200 and served.content == binary
+
+
+def test_a_core_in_s3_is_fetched_from_s3_as_stored_by_a_client_that_takes_zstd(
+    s3_vault: tuple[config.Settings, servers.Seaweed], tmp_path: Path
+) -> None:
+    """The redirect asks the store to answer with ``Content-Encoding: zstd``: curl --compressed -L
+    and corevault's client decompress the stored core; a range or a client that does not take zstd
+    is answered by the server with the plain core."""
+    import zstandard
+
+    settings, w = s3_vault
+    plain = os.urandom(1 << 20) + bytes(3 << 20)
+    packed = tmp_path / "core.zst"
+    packed.write_bytes(zstandard.ZstdCompressor(write_checksum=True).compress(plain))
+    stores.vault_store(settings).put_file(blobs.core_key("c2"), str(packed))
+    engine = catalog.connect(settings.catalog_url)
+    meta = {"id": "c2", "time": int(time.time()), "pod": {"namespace": "a", "name": "web-1"},
+            "core": {"size": len(plain), "stored_size": packed.stat().st_size,
+                     "sha256": hashlib.sha256(plain).hexdigest()}}  # fmt: skip
+    with engine.begin() as conn:
+        catalog.add_crash(conn, meta, "off")
+    engine.dispose()
+    with servers.asgi(create_app(settings, StaticTokens(tokens(tmp_path)))) as url:
+        path = f"{url}/api/v1/crashes/c2/core"
+        redirect = get(path, "a", headers={"Accept-Encoding": "zstd"})
+        assert redirect.status_code == 307 and redirect.headers["location"].startswith(w.endpoint)
+        fetched = httpx.get(redirect.headers["location"], headers={"Accept-Encoding": "zstd"})
+        assert fetched.headers["content-encoding"] == "zstd" and fetched.content == plain
+        assert get(path, "b", headers={"Accept-Encoding": "zstd"}).status_code == 404
+        curl = ["curl", "-sfL", "--compressed", "-H", f"Authorization: Bearer {TOKENS['a']}", path]
+        assert subprocess.run(curl, capture_output=True, check=True).stdout == plain
+        with RemoteVault(url, TOKENS["a"]).open_core("c2") as f:
+            assert f.read() == plain
+        part = get(path, "a", headers={"Accept-Encoding": "zstd", "Range": "bytes=1048000-1048999"})
+        assert part.status_code == 206 and part.content == plain[1048000:1049000]
+        whole = get(path, "a", headers={"Accept-Encoding": "identity"})
+        assert whole.status_code == 200 and whole.content == plain

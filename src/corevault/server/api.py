@@ -304,7 +304,12 @@ def download_core(request: Request, crash_id: str) -> Response:
         and accepts(request.headers.get("accept-encoding"), "zstd")
     ):
         # The stored core is zstd frames (and a seek table, a skippable frame every decoder
-        # passes over): sent as it lies, by the kernel from a file store; the reader decompresses.
+        # passes over): sent as it lies, by the kernel from a file store, or fetched by the reader
+        # from an object store that answers with the encoding; the reader decompresses.
+        presign = getattr(store, "presign", None)
+        if request.method == "GET" and presign is not None and (url := presign(key, "zstd")) is not None:
+            srv.metrics.bytes.labels("core-redirected").inc(crash["stored_size"])
+            return RedirectResponse(url, status_code=307, headers=vary)
         local = getattr(store, "local_path", None)
         return serve(
             request,

@@ -302,15 +302,18 @@ class S3Store(BucketStore):
         self.uploads = s3upload.MultipartUpload(self.client, bucket, self.url, self.concurrency, algorithm)
         self.redirect_downloads = settings.redirect_downloads
 
-    def presign(self, key: str) -> str | None:
-        """A URL that reads the object without credentials for :data:`PRESIGNED_SECONDS`; None
-        when downloads are not to be redirected (the store's endpoint is not the readers')."""
+    def presign(self, key: str, encoding: str | None = None) -> str | None:
+        """A URL that reads the object without credentials for :data:`PRESIGNED_SECONDS`, answered
+        with ``Content-Encoding: encoding`` if given; None when downloads are not to be redirected
+        (the store's endpoint is not the readers')."""
         if not self.redirect_downloads:
             return None
         from botocore.exceptions import BotoCoreError, ClientError
 
         try:
             where = {"Bucket": self.bucket, "Key": self._key(key)}
+            if encoding is not None:
+                where["ResponseContentEncoding"] = encoding
             return self.client.generate_presigned_url("get_object", Params=where, ExpiresIn=PRESIGNED_SECONDS)
         except (BotoCoreError, ClientError) as e:
             raise StoreError(f"cannot sign a download of {key} from {self.url}: {e}") from None
