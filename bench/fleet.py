@@ -1,6 +1,7 @@
 """Fleet benchmark: many node agents shipping into one PostgreSQL and one S3, and the catalog at size.
 
-    python -m bench.fleet [--agents 50] [--per-agent 40] [--rows 1000000] [--groups 20000] [--runs 25]
+    python -m bench.fleet [--agents 50] [--per-agent 40] [--batch 64] [--ingest-runs 2] [--ingest-only]
+                          [--rows 1000000] [--groups 20000] [--runs 25]
 
 Measured in one run against a real SeaweedFS (``weed mini``) and a real PostgreSQL on 127.0.0.1:
 
@@ -8,14 +9,19 @@ Measured in one run against a real SeaweedFS (``weed mini``) and a real PostgreS
    spool, S3 client and database connection, ship ``--per-agent`` real spool entries each
    (real cores of small processes taken with gdb's ``gcore``, compressed as the capture
    handler compresses them, with varied metadata: 200 namespaces, their pods and images,
-   four signals) through :func:`corevault.agent.ship.ship_entry`, the agent's own shipping
-   step (core and metadata uploaded and verified, the crash row, its search text and its
-   namespace inserted). All start together; crashes/s is entries ÷ (last done - first
-   start). Then the catalog's part alone: the same processes insert the same records with
-   :func:`corevault.vault.catalog.add_crash` into a fresh database (goal ≥ 1,000 crashes/s).
-   Each line also gives the CPU time per crash of the agents' processes and of PostgreSQL's
-   (SeaweedFS's not counted): on a loaded machine the rate is what the others leave over,
-   the CPU per crash is what a crash costs.
+   four signals) through the agent's own shipping step (core and metadata uploaded and
+   verified, the crash row, its search text and its namespace inserted): in batches of
+   ``--batch`` (:func:`corevault.agent.ship.ship_batch`, as the agent's loop ships: small
+   cores ``[agent] ship_parallel`` at once, the rows in one transaction) and, as the
+   baseline, one entry at a time (:func:`corevault.agent.ship.ship_entry`). All start
+   together; crashes/s is entries ÷ (last done - first start). Then the catalog's part
+   alone: the same processes insert the same records into a fresh database, ``--batch`` per
+   transaction (:func:`corevault.vault.catalog.add_crashes`) and one per transaction
+   (:func:`corevault.vault.catalog.add_crash`, the baseline); goal ≥ 1,000 crashes/s.
+   ``--ingest-runs`` runs of each (fresh spools and databases), their medians printed beside
+   the goal and the baseline. Each line also gives the CPU time per crash of the agents'
+   processes and of PostgreSQL's (SeaweedFS's not counted): on a loaded machine the rate is
+   what the others leave over, the CPU per crash is what a crash costs.
 2. **Size**: ``--rows`` crashes in ``--groups`` groups over 200 namespaces and 90 days,
    bulk-loaded by PostgreSQL itself (``INSERT … SELECT … FROM generate_series``: the rows
    are made by the database, not sent one by one), then the catalog's own group counts and
@@ -143,8 +149,12 @@ def agent_settings(work: str, agent: int, bucket: str, endpoint: str, pg_url: st
     })  # fmt: skip
 
 
-def _ship_all(settings: config.Settings, start: object, out: object) -> None:
-    """One node agent: ship every ready entry of its spool, once everyone is ready."""
+def _ship_all(settings: config.Settings, batch: int, start: object, out: object) -> None:
+    """One node agent: ship every ready entry of its spool, once everyone is ready.
+
+    ``batch`` 1 ships one entry at a time (the baseline); more ships them as the agent's loop
+    does, ``batch`` at a time, their small cores ``[agent] ship_parallel`` at once.
+    """
     vault = LocalVault(settings)
     entries = spool.entries(settings.spool_dir)
     with vault.engine.connect():
@@ -152,22 +162,32 @@ def _ship_all(settings: config.Settings, start: object, out: object) -> None:
     start.wait()  # type: ignore[attr-defined]
     t0, cpu = time.monotonic(), time.process_time()
     new = 0
-    for entry_id in entries:
-        new += ship.ship_entry(vault, settings, entry_id).new
+    if batch == 1:
+        for entry_id in entries:
+            new += ship.ship_entry(vault, settings, entry_id).new
+    else:
+        for at in range(0, len(entries), batch):
+            done = ship.ship_batch(vault, settings, entries[at : at + batch], settings.agent_ship_parallel)
+            if done.failed:
+                raise SystemExit(f"shipping failed: {next(iter(done.failed.values()))}")
+            new += sum(s.new for s in done.shipped.values())
     out.put((t0, time.monotonic(), len(entries), new, time.process_time() - cpu))  # type: ignore[attr-defined]
 
 
-def _insert_all(url: str, metas: list[dict], start: object, out: object) -> None:
-    """The catalog's part of shipping alone: one transaction per crash, as the agent does."""
+def _insert_all(url: str, metas: list[dict], batch: int, start: object, out: object) -> None:
+    """The catalog's part of shipping alone: ``batch`` crashes per transaction (1: one at a time)."""
     engine = catalog.connect(url)
     with engine.connect():
         pass
     start.wait()  # type: ignore[attr-defined]
     t0, cpu = time.monotonic(), time.process_time()
     new = 0
-    for meta in metas:
+    for at in range(0, len(metas), batch):
         with engine.begin() as conn:
-            new += catalog.add_crash(conn, meta, "off")
+            if batch == 1:
+                new += catalog.add_crash(conn, metas[at], "off")
+            else:
+                new += len(catalog.add_crashes(conn, metas[at : at + batch], "off"))
     out.put((t0, time.monotonic(), len(metas), new, time.process_time() - cpu))  # type: ignore[attr-defined]
 
 
@@ -182,18 +202,35 @@ class Raced:
 
     def line(self, what: str) -> str:
         rate = self.entries / self.seconds
-        return (f"  {what:<46} {rate:7.0f} crashes/s ({self.entries} in {self.seconds:.1f} s, {self.new} new); "
-                f"CPU per crash: agents {self.agents_cpu / self.entries * 1000:.1f} ms, "
-                f"PostgreSQL {self.database_cpu / self.entries * 1000:.1f} ms")  # fmt: skip
+        return (f"  {what:<62} {rate:7.0f} crashes/s ({self.entries} in {self.seconds:.1f} s, {self.new} new); "
+                f"CPU per crash: agents {self.agents_cpu / self.entries * 1000:.2f} ms, "
+                f"PostgreSQL {self.database_cpu / self.entries * 1000:.2f} ms")  # fmt: skip
 
 
 def database_cpu(pg: servers.Postgres) -> float:
-    """CPU seconds of PostgreSQL's processes that have ended (its backends: one per connection)."""
+    """CPU seconds of PostgreSQL's processes so far: the postmaster's own, its ended children's
+    (reaped backends), and its live children's (backends, autovacuum, WAL writer…), so that a
+    window between two readings holds what PostgreSQL spent in it, a backend's start-up before
+    the window excepted."""
     with open(os.path.join(pg.dir, "data", "postmaster.pid")) as f:
         pid = f.readline().strip()
-    with open(f"/proc/{pid}/stat") as f:
-        fields = f.read().rpartition(")")[2].split()
-    return (int(fields[13]) + int(fields[14])) / os.sysconf("SC_CLK_TCK")  # cutime, cstime
+    total = 0
+    fields = _stat(pid)
+    if fields is not None:
+        total += sum(int(v) for v in fields[11:15])  # utime, stime, cutime, cstime
+    for child in os.listdir("/proc"):
+        if child.isdigit() and (fields := _stat(child)) is not None and fields[1] == pid:
+            total += int(fields[11]) + int(fields[12])
+    return total / os.sysconf("SC_CLK_TCK")
+
+
+def _stat(pid: str) -> list[str] | None:
+    """The fields of /proc/PID/stat after the command name (state, ppid, …), or None when gone."""
+    try:
+        with open(f"/proc/{pid}/stat") as f:
+            return f.read().rpartition(")")[2].split()
+    except OSError:
+        return None
 
 
 def race(pg: servers.Postgres, target: object, args: list[tuple]) -> Raced:
@@ -218,30 +255,64 @@ def race(pg: servers.Postgres, target: object, args: list[tuple]) -> Raced:
                  sum(r[4] for r in results), database_cpu(pg) - before)  # fmt: skip
 
 
-def bench_ingest(w: servers.Seaweed, pg: servers.Postgres, agents: int, per_agent: int) -> None:
+def bench_ingest(w: servers.Seaweed, pg: servers.Postgres, agents: int, per_agent: int, batch: int,
+                 runs: int) -> None:  # fmt: skip
+    """Shipping and the catalog's part alone, one entry at a time and in batches, ``runs`` times."""
     work = tempfile.mkdtemp(prefix="cv-bench-fleet-")
     try:
         cores = real_cores(work)
-        url = pg.database("fleet_ship")
-        catalog.connect(url).dispose()  # the schema, made once before the race
-        settings, metas = [], []
-        for a in range(agents):
-            s = agent_settings(work, a, w.bucket, w.endpoint, url)
-            spool.ensure(s.spool_dir)
-            metas.append(fill_spool(s.spool_dir, a, per_agent, cores))
-            settings.append(s)
         os.environ["AWS_ACCESS_KEY_ID"], os.environ["AWS_SECRET_ACCESS_KEY"] = servers.KEY, servers.SECRET
         sizes = ", ".join(f"{c[1] >> 10} KiB ({os.path.getsize(c[0]) >> 10} KiB stored)" for c in cores)
-        print(f"ingest: {agents} agent processes x {per_agent} spool entries, real gcore cores of {sizes}")
-        shipped = race(pg, _ship_all, [(s,) for s in settings])
-        print(shipped.line("shipping (S3 upload and check, catalog rows)") + f"; {count_rows(url)} rows")
-        cat_url = pg.database("fleet_catalog")
-        catalog.connect(cat_url).dispose()
-        alone = race(pg, _insert_all, [(cat_url, m) for m in metas])
-        goal = "" if alone.entries / alone.seconds >= 1000 else "  (goal >= 1,000 NOT met)"
-        print(alone.line("the catalog's part alone (add_crash)") + goal)
+        print(f"ingest: {agents} agent processes x {per_agent} spool entries, real gcore cores of {sizes}; "
+              f"batches of {batch} against one entry at a time (the baseline), {runs} runs each, medians")  # fmt: skip
+        cases = [
+            ("shipping (S3 upload and check, catalog rows)", "ship"),
+            ("the catalog's part alone", "insert"),
+        ]
+        measured: dict[tuple[str, int], list[Raced]] = {}
+        for run in range(runs):
+            for _, kind in cases:
+                for size in (1, batch):
+                    name = f"fleet_{kind}_{size}_{run}"
+                    url = pg.database(name)
+                    catalog.connect(url).dispose()  # the schema, made once before the race
+                    if kind == "ship":
+                        settings, metas = [], []
+                        for a in range(agents):
+                            s = agent_settings(os.path.join(work, name), a, w.bucket, w.endpoint, url)
+                            spool.ensure(s.spool_dir)
+                            metas.append(fill_spool(s.spool_dir, a, per_agent, cores))
+                            settings.append(s)
+                        raced = race(pg, _ship_all, [(s, size) for s in settings])
+                        if count_rows(url) != agents * per_agent:
+                            raise SystemExit(
+                                f"{count_rows(url)} rows after shipping {agents * per_agent} crashes"
+                            )
+                    else:
+                        raced = race(pg, _insert_all, [(url, m, size) for m in metas])
+                    measured.setdefault((kind, size), []).append(raced)
+                    print(
+                        f"  run {run + 1}: "
+                        + raced.line(f"{kind}, {'one at a time' if size == 1 else f'batches of {size}'}")
+                    )
+        print("medians:")
+        for label, kind in cases:
+            base, batched = (median_of(measured[kind, size]) for size in (1, batch))
+            rate, base_rate = batched.entries / batched.seconds, base.entries / base.seconds
+            goal = "met" if rate >= 1000 else "NOT met"
+            print(batched.line(f"{label}, batches of {batch}") + f"; {rate / base_rate:.1f} x the baseline; "
+                  f"goal >= 1,000 crashes/s ({goal})")  # fmt: skip
+            print(base.line(f"{label}, one at a time (baseline)"))
     finally:
         shutil.rmtree(work, ignore_errors=True)
+
+
+def median_of(raced: list[Raced]) -> Raced:
+    """The runs' median rate and median CPU per crash (the runs ship the same entries)."""
+    entries = raced[0].entries
+    rate = statistics.median(r.entries / r.seconds for r in raced)
+    return Raced(entries / rate, entries, min(r.new for r in raced),
+                 statistics.median(r.agents_cpu for r in raced), statistics.median(r.database_cpu for r in raced))  # fmt: skip
 
 
 def count_rows(url: str) -> int:
@@ -450,7 +521,9 @@ def shared_database(ports: list[int]) -> None:
     seen = httpx.get(other, headers=headers, timeout=60).raise_for_status().json()["state"]
     if seen != "ignored":
         raise SystemExit(f"the second server sees group {signature} {seen!r}, not 'ignored'")
-    print(f"  group {signature} ignored through the server on :{ports[0]}, read as {seen!r} through :{ports[1]}")
+    print(
+        f"  group {signature} ignored through the server on :{ports[0]}, read as {seen!r} through :{ports[1]}"
+    )
 
 
 def main() -> int:
@@ -460,10 +533,14 @@ def main() -> int:
     ap.add_argument("--rows", type=int, default=1_000_000, help="10000000 for the fleet's full size")
     ap.add_argument("--groups", type=int, default=20_000)
     ap.add_argument("--runs", type=int, default=25)
+    ap.add_argument("--batch", type=int, default=64, help="entries per batch (1: one at a time only)")
+    ap.add_argument("--ingest-runs", type=int, default=2)
+    ap.add_argument("--ingest-only", action="store_true", help="skip the catalog at size")
     a = ap.parse_args()
     with servers.seaweed() as w, servers.postgres() as pg:
-        bench_ingest(w, pg, a.agents, a.per_agent)
-        bench_size(pg, a.rows, a.groups, a.runs)
+        bench_ingest(w, pg, a.agents, a.per_agent, a.batch, a.ingest_runs)
+        if not a.ingest_only:
+            bench_size(pg, a.rows, a.groups, a.runs)
     return 0
 
 

@@ -98,6 +98,8 @@ class Settings:
         "agent_analyze",
         "agent_metrics",
         "agent_poll",
+        "agent_ship_batch",
+        "agent_ship_parallel",
         "alerts",
         "analysis_memory",
         "analysis_timeout",
@@ -202,6 +204,10 @@ class Settings:
         self.agent_metrics = "127.0.0.1:9464"
         #: whether the agent analyses each crash (after it is in the catalog, apart from shipping)
         self.agent_analyze = True
+        #: at most this many spool entries shipped together: their rows in one transaction
+        self.agent_ship_batch = 64
+        #: at most this many small entries' blobs uploaded at once
+        self.agent_ship_parallel = 4
         #: seconds and bytes of memory (RLIMIT_DATA) one analysis may take before it is stopped
         self.analysis_timeout = 300.0
         #: upstream debuginfod servers asked for the debug files of system libraries (none by default)
@@ -505,7 +511,7 @@ def from_dict(doc: dict, where: str = "config") -> Settings:
     _known(
         agent,
         {"poll_interval", "metrics", "analyze", "analysis_timeout", "analysis_memory", "analysis_workers",
-         "analysis_uid"},
+         "analysis_uid", "ship_batch", "ship_parallel"},
         f"{where} [agent]",
     )  # fmt: skip
     s.agent_poll = _number(agent, "poll_interval", where, s.agent_poll)
@@ -513,6 +519,8 @@ def from_dict(doc: dict, where: str = "config") -> Settings:
     if not isinstance(s.agent_metrics, str):
         raise ConfigError(f'{where} [agent] metrics: a host:port such as 127.0.0.1:9464, or "" for none')
     s.agent_analyze = bool(agent.get("analyze", s.agent_analyze))
+    s.agent_ship_batch = max(1, int(_number(agent, "ship_batch", where, s.agent_ship_batch)))
+    s.agent_ship_parallel = max(1, int(_number(agent, "ship_parallel", where, s.agent_ship_parallel)))
     s.analysis_timeout = _number(agent, "analysis_timeout", where, s.analysis_timeout)
     if "analysis_memory" in agent:
         s.analysis_memory = parse_size(agent["analysis_memory"], f"{where} [agent] analysis_memory")

@@ -1,15 +1,17 @@
 """The agent's loop: ship what the spool holds, retry what fails, never lose an entry.
 
 Every ``poll_interval`` seconds it removes abandoned partial entries, ships the journal,
-and ships each finished entry into the vault and the catalog; the analyses run apart, in
+and ships the finished entries into the vault and the catalog, in batches of up to
+``[agent] ship_batch`` (their small cores ``ship_parallel`` at a time, their rows in one
+transaction: what lets one PostgreSQL take a fleet's crash storm); the analyses run apart, in
 :class:`corevault.agent.analyses.AnalysisPool`, so no analysis ever holds shipping up, and
-each entry is handed to them as soon as it is shipped (in a storm the first crashes are
-analysed while the rest ships, and become the samples the later ones are matched to). A
+each entry is handed to them as soon as its batch is shipped (in a storm the first crashes
+are analysed while the rest ships, and become the samples the later ones are matched to). A
 failed entry (store or catalog unreachable, disk full) stays in the spool and is retried
 with exponential backoff (1 s doubling to 5 min), per entry, so one bad entry never
-blocks the others. Retention runs every ten minutes when configured. SIGTERM and SIGINT
-stop it after the entry in hand (an analysis in flight is ended with the process and done
-again at the next start).
+blocks the others, in its batch or after it. Retention runs every ten minutes when
+configured. SIGTERM and SIGINT stop it after the batch in hand (an analysis in flight is
+ended with the process and done again at the next start).
 """
 
 from __future__ import annotations
@@ -144,31 +146,26 @@ class Agent:
         if s.agent_analyze and self.analyses is None:
             self.analyses = AnalysisPool(s, self._analyse, worker_count(s))
         now = time.monotonic()
-        for entry in spool.entries(s.spool_dir):
+        due = [e for e in spool.entries(s.spool_dir) if now >= self.backoff.get(e, (0.0, 0.5))[0]]
+        for at in range(0, len(due), s.agent_ship_batch):
             if self.stop.is_set():
                 break
-            due, delay = self.backoff.get(entry, (0.0, 0.5))
-            if now < due:
-                continue
             self.heartbeat = time.monotonic()
-            try:
-                done = ship.ship_entry(vault, s, entry)
-            except ship.Busy:
-                continue
-            except RETRYABLE as e:
-                delay = min(delay * 2, MAX_BACKOFF)
+            batch = ship.ship_batch(vault, s, due[at : at + s.agent_ship_batch], s.agent_ship_parallel)
+            for entry, error in batch.failed.items():
+                delay = min(self.backoff.get(entry, (0.0, 0.5))[1] * 2, MAX_BACKOFF)
                 self.backoff[entry] = (time.monotonic() + delay, delay)
                 self.metrics.failures.inc()
-                log.warning("cannot ship %s (retry in %.0fs): %s", entry, delay, e)
-                continue
-            self.backoff.pop(entry, None)
-            self.metrics.shipped.inc()
-            self.metrics.upload_bytes.inc(done.bytes)
-            self.metrics.upload_seconds.observe(done.seconds)
-            log.info("shipped %s (%d bytes, analysis %s)", done.crash_id, done.bytes, done.analysis)
-            if self.analyses is not None and done.analysis == "pending":
-                # analysed while the rest ships: a storm's first samples are in before its last crash is
-                self.analyses.add(entry)
+                log.warning("cannot ship %s (retry in %.0fs): %s", entry, delay, error)
+            for entry, done in batch.shipped.items():
+                self.backoff.pop(entry, None)
+                self.metrics.shipped.inc()
+                self.metrics.upload_bytes.inc(done.bytes)
+                self.metrics.upload_seconds.observe(done.seconds)
+                log.info("shipped %s (%d bytes, analysis %s)", done.crash_id, done.bytes, done.analysis)
+                if self.analyses is not None and done.analysis == "pending":
+                    # analysed while the rest ships: a storm's first samples are in before its last crash is
+                    self.analyses.add(entry)
         if self.analyses is not None:
             self.metrics.analysis_queue.set(self.analyses.feed())
         if self._retention_on() and time.monotonic() - self.last_vacuum > VACUUM_EVERY:

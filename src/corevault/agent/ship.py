@@ -9,6 +9,15 @@ at any point (a SIGKILL included):
 3. insert the crash row (ignored if it is there), analysis ``pending``;
 4. move the entry to the spool's ``shipped/`` (or remove it, when no analysis is due).
 
+Entries ship in batches (:func:`ship_batch`): the small cores of a batch go up several at a
+time, and the rows of every entry whose blobs are up go in one transaction, with one
+multi-row statement per table (:func:`corevault.vault.catalog.add_crashes`), which is what
+the catalog's cost per crash is made of at a fleet's scale. A kill before the commit leaves
+no row and the batch is shipped again; after it, the rows are there and shipping again finds
+them (nothing twice). An entry whose upload fails is left out of the transaction; when the
+transaction fails, its entries are recorded one by one, so the one the database refuses
+stays in the spool, retried, and the others land.
+
 From then on the crash is in the catalog, whatever its analysis does: the analysis runs
 apart (:mod:`corevault.agent.analyses`), and :func:`analyse_shipped` uploads the binaries
 (step 2, off the shipping path: a pod's large binaries never keep another pod's crash out
@@ -37,9 +46,12 @@ import os
 import shutil
 import time
 from collections.abc import Callable, Iterator
-from contextlib import contextmanager
-from dataclasses import dataclass
+from concurrent.futures import ThreadPoolExecutor
+from contextlib import ExitStack, contextmanager
+from dataclasses import dataclass, field
 from typing import TYPE_CHECKING
+
+from sqlalchemy import exc as sa_exc
 
 from corevault import config, crashrecord, nodestore, objectid, spool
 from corevault.vault import blobs, catalog
@@ -60,6 +72,11 @@ class Busy(Exception):
     """Another agent is shipping this entry right now."""
 
 
+#: cores up to this size (stored) go up several at once; a larger one goes alone, its parts
+#: ``[vault.s3] concurrency`` at a time, so the agent never holds several large ones in memory
+SMALL_CORE = 4 << 20
+
+
 @dataclass
 class Shipped:
     crash_id: str
@@ -69,11 +86,76 @@ class Shipped:
     analysis: str
 
 
+@dataclass
+class Batch:
+    """What became of each entry of a batch."""
+
+    shipped: dict[str, Shipped] = field(default_factory=dict)
+    #: why an entry was not shipped (it stays in the spool, to be tried again)
+    failed: dict[str, Exception] = field(default_factory=dict)
+    #: entries another agent holds or has shipped a moment ago
+    busy: list[str] = field(default_factory=list)
+
+
+@dataclass
+class _Entry:
+    entry_id: str
+    path: str
+    meta: dict
+    record: CrashRecord
+    size: int = 0
+    #: how long its blobs took to go up
+    seconds: float = 0.0
+
+
 def ship_entry(vault: LocalVault, settings: config.Settings, entry_id: str) -> Shipped:
     """Ship one finished spool entry; raises on any failure and leaves the entry in place."""
-    entry = os.path.join(spool.ready_dir(settings.spool_dir), entry_id)
-    with _locked(entry, entry_id):
-        return _ship_locked(vault, settings, entry_id, entry)
+    batch = ship_batch(vault, settings, [entry_id])
+    if entry_id in batch.failed:
+        raise batch.failed[entry_id]
+    if entry_id in batch.busy:
+        raise Busy(entry_id)
+    return batch.shipped[entry_id]
+
+
+def ship_batch(
+    vault: LocalVault, settings: config.Settings, entry_ids: list[str], parallel: int = 1
+) -> Batch:
+    """Ship several finished entries: their blobs ``parallel`` at a time, their rows in one transaction.
+
+    An entry that fails (its upload, its rows, its move) is left in place and named in
+    :attr:`Batch.failed`; the others of the batch are shipped all the same. The catalog rows
+    of the batch go in one transaction, retried one entry at a time when it fails, so that
+    one entry's rows the database refuses never keep the others' out.
+    """
+    batch = Batch()
+    with ExitStack() as held:
+        entries = []
+        for entry_id in entry_ids:
+            path = os.path.join(spool.ready_dir(settings.spool_dir), entry_id)
+            try:
+                held.enter_context(_locked(path, entry_id))
+                meta = spool.read_meta(settings.spool_dir, entry_id)  # kept as the handler wrote it
+                entries.append(_Entry(entry_id, path, meta, crashrecord.load(meta, entry_id)))
+            except Busy:
+                batch.busy.append(entry_id)
+            except (OSError, ValueError) as e:
+                batch.failed[entry_id] = e
+        # the small entries together; each large one after them, on its own: a large core never
+        # keeps a small one's crash out of the catalog while it goes up
+        small = [e for e in entries if _stored_size(e) <= SMALL_CORE]
+        for group in [small, *([e] for e in entries if e not in small)]:
+            uploaded = _upload_all(vault, settings, group, parallel, batch.failed)
+            _record_all(vault, uploaded, "pending" if settings.agent_analyze else "off", batch)
+            for entry in uploaded:
+                done = batch.shipped.get(entry.entry_id)
+                try:
+                    if done is not None:
+                        _finish(settings, entry.entry_id, done.analysis)
+                except OSError as e:
+                    del batch.shipped[entry.entry_id]
+                    batch.failed[entry.entry_id] = e
+    return batch
 
 
 @contextmanager
@@ -95,35 +177,107 @@ def _locked(entry: str, entry_id: str) -> Iterator[None]:
         os.close(fd)
 
 
-def _ship_locked(vault: LocalVault, settings: config.Settings, entry_id: str, entry: str) -> Shipped:
+#: what the catalog may raise for a batch's rows (the database away, or refusing one entry's values)
+RETRYABLE_ROWS = (catalog.CatalogError, sa_exc.DBAPIError)
+
+
+def _upload_all(
+    vault: LocalVault, settings: config.Settings, entries: list[_Entry], parallel: int,
+    failed: dict[str, Exception],
+) -> list[_Entry]:  # fmt: skip
+    """Upload the entries' blobs, ``parallel`` at a time; those that went up, in id order."""
+    done = []
+
+    def one(entry: _Entry) -> None:
+        try:
+            _upload(vault, settings, entry)
+            done.append(entry)
+        except (blobs.StoreError, OSError, *RETRYABLE_ROWS) as e:
+            failed[entry.entry_id] = e
+
+    if parallel > 1 and len(entries) > 1:
+        with ThreadPoolExecutor(min(parallel, len(entries)), thread_name_prefix="corevault-ship") as pool:
+            list(pool.map(one, entries))
+    else:
+        for entry in entries:
+            one(entry)
+    return sorted(done, key=lambda e: e.entry_id)
+
+
+def _stored_size(entry: _Entry) -> int:
+    try:
+        return os.path.getsize(os.path.join(entry.path, spool.CORE_NAME))
+    except OSError:
+        return 0  # the upload says what is wrong
+
+
+def _upload(vault: LocalVault, settings: config.Settings, entry: _Entry) -> None:
+    """Steps 1 and 2 of one entry: its core and metadata, and (analysis off) its binaries."""
     started = time.monotonic()
-    meta = spool.read_meta(settings.spool_dir, entry_id)  # kept as the handler wrote it
-    record = crashrecord.load(meta, entry_id)
-    crash_id = record["id"]
-    core_path = os.path.join(entry, spool.CORE_NAME)
-    stored = vault.store.put_file(blobs.core_key(crash_id), core_path)
-    expected = record["core"]["stored_size"]
+    crash_id = entry.record["id"]
+    stored = vault.store.put_file(blobs.core_key(crash_id), os.path.join(entry.path, spool.CORE_NAME))
+    expected = entry.record["core"]["stored_size"]
     if expected >= 0 and stored.size != expected:
         raise blobs.StoreError(
-            f"{entry_id}: the spool holds {stored.size} bytes of core, its metadata says {expected}"
+            f"{entry.entry_id}: the spool holds {stored.size} bytes of core, its metadata says {expected}"
         )
-    vault.store.put_bytes(blobs.meta_key(crash_id), json.dumps(meta, indent=1, sort_keys=True).encode())
+    vault.store.put_bytes(blobs.meta_key(crash_id), json.dumps(entry.meta, indent=1, sort_keys=True).encode())
     if not settings.agent_analyze:
-        _ship_objects(vault, settings, record)  # otherwise with the analysis: see analyse_shipped
+        _ship_objects(vault, settings, entry.record)  # otherwise with the analysis: see analyse_shipped
+    entry.size, entry.seconds = stored.size, time.monotonic() - started
 
-    analysis = "pending" if settings.agent_analyze else "off"
+
+def _record_all(vault: LocalVault, entries: list[_Entry], analysis: str, batch: Batch) -> None:
+    """Step 3 for ``entries``: in one transaction, or one by one when that fails."""
+    if len(entries) > 1:
+        try:
+            _record(vault, entries, analysis, batch)
+            return
+        except Exception as e:  # told apart entry by entry next
+            log.info("recording %d crashes at once failed (%s): recording them one by one", len(entries), e)
+            for entry in entries:
+                batch.shipped.pop(entry.entry_id, None)
+    for entry in entries:
+        try:
+            _record(vault, [entry], analysis, batch)
+        except Exception as e:  # this entry's, and only this entry's
+            if not isinstance(e, RETRYABLE_ROWS):
+                log.exception("cannot record %s", entry.entry_id)
+            batch.failed[entry.entry_id] = e
+
+
+def _record(vault: LocalVault, entries: list[_Entry], analysis: str, batch: Batch) -> None:
+    """Step 3 for ``entries``, in one transaction: their rows, and each crash's analysis state."""
     with vault.engine.begin() as conn:
-        new = catalog.add_crash(conn, {**meta, "id": crash_id}, analysis)
-        state = catalog.analysis_state(conn, crash_id)
-    if state == "pending":
-        shipped = os.path.join(spool.shipped_dir(settings.spool_dir), entry_id)
-        if os.path.exists(shipped):
-            shutil.rmtree(entry)  # moved once already; this is a copy left by a restore
-        else:
-            os.rename(entry, shipped)
-    else:
-        shutil.rmtree(entry)
-    return Shipped(crash_id, new, stored.size, time.monotonic() - started, state)
+        new = catalog.add_crashes(conn, [{**e.meta, "id": e.record["id"]} for e in entries], analysis)
+        for e in entries:
+            crash_id = e.record["id"]
+            state = analysis if crash_id in new else catalog.analysis_state(conn, crash_id)
+            batch.shipped[e.entry_id] = Shipped(
+                crash_id, crash_id in new, e.size, e.seconds, state or "forgotten"
+            )
+
+
+def _finish(settings: config.Settings, entry_id: str, state: str) -> None:
+    """Step 4: the entry to ``shipped/`` for its analysis, or removed."""
+    entry = os.path.join(spool.ready_dir(settings.spool_dir), entry_id)
+    shipped = os.path.join(spool.shipped_dir(settings.spool_dir), entry_id)
+    if state == "pending" and not os.path.exists(shipped):
+        os.rename(entry, shipped)
+        return
+    _remove(entry)  # not pending, or moved once already (this is a copy left by a restore)
+
+
+#: what a removed entry is renamed to first (:func:`spool.entries` lists no hidden name)
+REMOVED = ".removed-"
+
+
+def _remove(entry: str) -> None:
+    """Remove an entry's directory, out of sight first: a kill in the middle of a removal must
+    not leave an entry that has lost its core but not its metadata (it would never ship)."""
+    gone = os.path.join(os.path.dirname(entry), REMOVED + os.path.basename(entry))
+    os.rename(entry, gone)
+    shutil.rmtree(gone)
 
 
 def _ship_objects(vault: LocalVault, settings: config.Settings, record: CrashRecord) -> None:
@@ -131,6 +285,8 @@ def _ship_objects(vault: LocalVault, settings: config.Settings, record: CrashRec
     wanted = {
         (m["key"], m["sha256"]): m for m in record["modules"] if objectid.is_object(m["key"], m["sha256"])
     }
+    if not wanted:
+        return  # no connection taken from the pool (each is checked with a round trip first)
     with vault.engine.connect() as conn:
         known = catalog.known_objects(conn, wanted)
     for key, sha in wanted.keys() - known:
@@ -185,7 +341,7 @@ def analyse_shipped(
             core = os.path.join(entry, spool.CORE_NAME)
             state = _analyse(vault, settings, crash_id, core, modules, idle=idle)
             _ship_debuginfo(vault, settings, record)
-        shutil.rmtree(entry)
+        _remove(entry)
         return state or "forgotten"
 
 
@@ -283,8 +439,13 @@ def ship_journal(
 
 
 def clean_abandoned(settings: config.Settings, now: float | None = None) -> list[str]:
-    """Remove spool entries a handler left half-written (it was killed or the node rebooted)."""
+    """Remove spool entries a handler left half-written (it was killed or the node rebooted),
+    and what is left of entries whose removal a kill cut short."""
     now = now or time.time()
+    for where in (spool.ready_dir(settings.spool_dir), spool.shipped_dir(settings.spool_dir)):
+        for name in os.listdir(where) if os.path.isdir(where) else []:
+            if name.startswith(REMOVED):  # done with, its removal cut short by a kill
+                shutil.rmtree(os.path.join(where, name), ignore_errors=True)
     removed = []
     tmp = spool.tmp_dir(settings.spool_dir)
     for name in os.listdir(tmp) if os.path.isdir(tmp) else []:

@@ -39,6 +39,7 @@ from corevault.vault.queries import (
 )
 from corevault.vault.recording import (
     add_crash,
+    add_crashes,
     add_dropped,
     add_object,
     forget,
@@ -55,6 +56,7 @@ __all__ = [
     "CatalogError",
     "Filters",
     "add_crash",
+    "add_crashes",
     "add_dropped",
     "add_object",
     "analysis_state",

@@ -156,6 +156,11 @@ def add_crash(conn: Connection, crash: dict) -> None:
     _add_values(conn, _pairs(crash))
 
 
+def add_crashes(conn: Connection, crashes: list[dict]) -> None:
+    """:func:`add_crash` for many crashes, in one statement (their distinct values in one order)."""
+    _add_values(conn, set().union(*(_pairs(c) for c in crashes)))
+
+
 def add_analysed(conn: Connection, crash: dict, signature: str, title: str | None, frames: list[str]) -> None:
     """Note that ``signature`` has, in the crash's namespace, its pod, image, executable, title and frames."""
     pairs = _pairs(crash, title, frames)
