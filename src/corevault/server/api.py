@@ -259,10 +259,15 @@ def list_crashes(
 def visible_crash(request: Request, reader: Principal, crash_id: str) -> dict:
     """The crash, if it exists and ``reader`` may see it; a 404 that says the same either way."""
     with server(request).vault.engine.connect() as conn:
-        crash = catalog.get_crash(conn, crash_id)
+        crash = seen(reader, crash_id, catalog.get_crash(conn, crash_id))
+    crash["meta"] = redact.meta(crashrecord.load(crash["meta"], crash_id))
+    return crash
+
+
+def seen(reader: Principal, crash_id: str, crash: dict | None) -> dict:
+    """``crash`` (a catalog row, or None) if ``reader`` may see it; else the same 404 as for none."""
     if crash is None or not reader.sees(crash["namespace"]):
         raise HTTPException(404, f"no crash {crash_id!r}")
-    crash["meta"] = redact.meta(crashrecord.load(crash["meta"], crash_id))
     return crash
 
 
@@ -293,9 +298,11 @@ def get_crash(request: Request, reader: Reader, crash_id: str) -> dict:
 def download_core(request: Request, crash_id: str) -> Response:
     """The plain core; as it is stored (``Content-Encoding: zstd``) to a client that accepts zstd
     and asks for no range; supports a single HTTP Range, always of the plain core."""
-    # the reader is found in this worker thread (not as a dependency, one more thread hop)
-    crash = visible_crash(request, principal(request), crash_id)
-    srv = server(request)
+    # the reader is found in this worker thread (not as a dependency, one more thread hop), and
+    # the crash is one row of five columns: a reader of ranges asks for each range anew
+    reader, srv = principal(request), server(request)
+    with srv.vault.engine.connect() as conn:
+        crash = seen(reader, crash_id, catalog.core_of(conn, crash_id))
     store, key = srv.vault.store, blobs.core_key(crash_id)
     vary = {"Vary": "Accept-Encoding"}
     if (

@@ -196,6 +196,18 @@ def get_crash(conn: Connection, crash_id: str) -> dict | None:
     return doc
 
 
+#: what a core download needs of its crash, by the primary key: no metadata or report to parse
+_CORE = sa.select(
+    crashes.c.id, crashes.c.namespace, crashes.c.size, crashes.c.stored_size, crashes.c.sha256
+).where(crashes.c.id == sa.bindparam("id"))
+
+
+def core_of(conn: Connection, crash_id: str) -> dict | None:
+    """A crash's namespace (whose readers may have its core), plain and stored sizes and hash."""
+    row = conn.execute(_CORE, {"id": crash_id}).first()
+    return dict(row._mapping) if row is not None else None
+
+
 def report_of(conn: Connection, crash_id: str) -> dict | None:
     """A crash's report, None before its analysis is recorded."""
     report = conn.execute(sa.select(reports.c.report).where(reports.c.crash_id == crash_id)).scalar()
