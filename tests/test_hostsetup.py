@@ -181,9 +181,9 @@ def test_the_pipe_handler_imports_no_typing_dataclasses_or_inspect(tmp_path) -> 
     launcher = hostsetup.isolated_launcher(str(tmp_path / hostsetup.LAUNCHER_NAME))
     with open(launcher) as f:
         text = f.read()
-    assert text.endswith("sys.exit(main())\n")
+    assert text.endswith("quick_exit(main())\n")
     probe = text.replace(
-        "sys.exit(main())\n", "print(sorted({'typing', 'dataclasses', 'inspect'} & set(sys.modules)))\n"
+        "quick_exit(main())\n", "print(sorted({'typing', 'dataclasses', 'inspect'} & set(sys.modules)))\n"
     )
     out = subprocess.run(
         [sys.executable, "-I", "-S", "-c", probe], capture_output=True, text=True, cwd="/", check=True

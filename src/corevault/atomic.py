@@ -22,11 +22,11 @@ from __future__ import annotations
 import errno
 import os
 from _thread import get_native_id
-from contextlib import contextmanager, suppress
 
 TYPE_CHECKING = False  # typing.TYPE_CHECKING would import typing, which the crash path never loads
 if TYPE_CHECKING:
     from collections.abc import Iterator
+    from contextlib import AbstractContextManager
     from typing import BinaryIO
 
 
@@ -34,12 +34,21 @@ class Abandon(Exception):
     """Raised inside :func:`replacing` to drop what was written and leave the file as it was."""
 
 
-@contextmanager
-def replacing(path: str, mode: int = 0o644) -> Iterator[BinaryIO]:
+def replacing(path: str, mode: int = 0o644) -> AbstractContextManager[BinaryIO]:
     """A binary file that becomes ``path`` (with ``mode``) when the block ends without error.
 
     Its ``name`` is the temporary path, for checks of what was written before it counts.
     """
+    # contextlib, imported here rather than at the top, costs the capture handler (which
+    # imports this module for fsync_dir) nothing: it pulls in collections and functools.
+    from contextlib import contextmanager
+
+    return contextmanager(_replacing)(path, mode)
+
+
+def _replacing(path: str, mode: int) -> Iterator[BinaryIO]:
+    from contextlib import suppress
+
     tmp = f"{path}.{os.getpid()}.{get_native_id()}.tmp"  # what ``target`` parses
     flags = os.O_WRONLY | os.O_CREAT | os.O_TRUNC | os.O_CLOEXEC | os.O_NOFOLLOW
     f = open(tmp, "wb", opener=lambda name, _: os.open(name, flags, mode))  # noqa: SIM115 - closed below

@@ -13,7 +13,13 @@ million section headers.
 from __future__ import annotations
 
 import struct
-from collections.abc import Callable, Iterator
+
+TYPE_CHECKING = False  # typing.TYPE_CHECKING would import typing, which the crash path never loads
+if TYPE_CHECKING:
+    from collections.abc import Callable, Iterator
+
+    #: read(offset, size) -> bytes (possibly short) or None when nothing is there
+    Reader = Callable[[int, int], bytes | None]
 
 PT_LOAD = 1
 PT_NOTE = 4
@@ -26,9 +32,6 @@ MAX_NOTES = 1 << 16
 MAX_SHNUM = 1 << 16
 MAX_STRTAB = 1 << 20
 SHN_XINDEX = 0xFFFF
-
-#: read(offset, size) -> bytes (possibly short) or None when nothing is there
-Reader = Callable[[int, int], bytes | None]
 
 
 def parse_notes(data: bytes, endian: str, align: int = 4) -> Iterator[tuple[bytes, int, bytes]]:

@@ -27,16 +27,31 @@ it can only land in a group its own crashes made.
 from __future__ import annotations
 
 import bisect
-import hashlib
-import json
-import re
 import struct
+
+from corevault import hashing, quickjson
+
+TYPE_CHECKING = False  # typing.TYPE_CHECKING would import typing, which the crash path never loads
+if TYPE_CHECKING:
+    import re
+
+    FORMAT: re.Pattern[str]
 
 #: bytes read from the stack pointer up: 64 words
 STACK_BYTES = 512
 #: how many of them, pointing into objects, make the fingerprint
 MAX_ADDRESSES = 16
-FORMAT = re.compile(r"^[0-9a-f]{32}\Z")
+
+
+def __getattr__(name: str) -> re.Pattern[str]:
+    """``FORMAT``, what a fingerprint looks like, compiled on first use: the capture handler
+    takes fingerprints but never checks one, and ``re`` would cost it ~7 ms of every crash."""
+    if name != "FORMAT":
+        raise AttributeError(f"module {__name__!r} has no attribute {name!r}")
+    import re
+
+    globals()[name] = compiled = re.compile(r"^[0-9a-f]{32}\Z")
+    return compiled
 
 
 def of(signal: int | None, code: int | None, pc: int | None, stack: bytes, modules: list[dict]) -> str | None:
@@ -71,4 +86,4 @@ def of(signal: int | None, code: int | None, pc: int | None, stack: bytes, modul
             places.append(place)
             if len(places) > MAX_ADDRESSES:
                 break
-    return hashlib.sha256(json.dumps([signal, code, places]).encode()).hexdigest()[:32]
+    return hashing.sha256_hex(quickjson.dumps([signal, code, places]).encode())[:32]

@@ -117,10 +117,12 @@ def isolated_launcher(path: str) -> str:
     pip's ``corevault-capture`` script starts Python with ``site``: it reads every ``.pth``
     file of the environment and imports what they name, on every crash, while the crashed
     process waits. The launcher runs ``python -I -S`` instead, with the two directories the
-    handler imports from (corevault's and zstandard's) written into it now. ``-I`` also keeps
-    ``PYTHON*`` variables, the user's site directory and the script's directory out of a
-    root process. The kernel gives shebang lines 256 bytes; a longer interpreter path raises
-    OSError and the caller falls back to the ordinary script.
+    handler imports from (corevault's and zstandard's) written into it now, after the
+    standard library's (so no standard module is looked for, or found, in them first). ``-I``
+    also keeps ``PYTHON*`` variables, the user's site directory and the script's directory
+    out of a root process. It ends with :func:`corevault.capture.handler.quick_exit`. The
+    kernel gives shebang lines 256 bytes; a longer interpreter path raises OSError and the
+    caller falls back to the ordinary script.
     """
     import corevault
 
@@ -136,8 +138,8 @@ def isolated_launcher(path: str) -> str:
         raise OSError(f"interpreter path too long for a shebang line: {sys.executable}")
     text = (
         shebang + "# corevault's pipe handler, written by corevault (hostsetup.isolated_launcher)\n"
-        f"import sys\nsys.path[:0] = {list(dict.fromkeys(here))!r}\n"
-        "from corevault.capture.handler import main\nsys.exit(main())\n"
+        f"import sys\nsys.path += {list(dict.fromkeys(here))!r}\n"
+        "from corevault.capture.handler import main, quick_exit\nquick_exit(main())\n"
     )
     with suppress(OSError), open(path) as f:
         if f.read() == text and os.access(path, os.X_OK):

@@ -21,10 +21,12 @@ from __future__ import annotations
 
 import os
 import time
-from collections.abc import Collection, Iterable
-from contextlib import suppress
 
 from corevault import objectid
+
+TYPE_CHECKING = False  # typing.TYPE_CHECKING would import typing, which the crash path never loads
+if TYPE_CHECKING:
+    from collections.abc import Collection, Iterable
 
 BUILDID = "buildid"
 LEGACY_NAME = "executable"  # the layout before content hashes: one file per build-id
@@ -105,6 +107,8 @@ def needed(metas: Iterable[dict]) -> set[tuple[str, str]]:
 
 def evict(store: str, keep: Collection[tuple[str, str]], grace: float, now: float | None = None) -> list[str]:
     """Remove stored files that no record in ``keep`` names and nobody touched within ``grace``."""
+    from contextlib import suppress  # not at import: the capture handler imports this module
+
     now = time.time() if now is None else now
     removed = []
     for path, st in list(objects(store)):

@@ -18,20 +18,36 @@ record, never through a global "whoever claimed this build-id first".
 
 from __future__ import annotations
 
-import hashlib
-import re
+TYPE_CHECKING = False  # typing.TYPE_CHECKING would import typing, which the crash path never loads
+if TYPE_CHECKING:
+    import re
+
+    KEY: re.Pattern[str]
+    SHA256: re.Pattern[str]
 
 GO_PREFIX = "go-"
 CONTENT_PREFIX = "sha256-"
-#: a key as stores and URLs accept it (never a path: no ``/``, no ``..``); ``\Z``, not ``$``,
-#: which would let a trailing newline through
-KEY = re.compile(r"^(?:go-|sha256-)?[0-9a-f]{8,80}\Z")
-SHA256 = re.compile(r"^[0-9a-f]{64}\Z")
+#: ``KEY``: a key as stores and URLs accept it (never a path: no ``/``, no ``..``); ``\Z``, not
+#: ``$``, which would let a trailing newline through. ``SHA256``: a content hash.
+_PATTERNS = {"KEY": r"^(?:go-|sha256-)?[0-9a-f]{8,80}\Z", "SHA256": r"^[0-9a-f]{64}\Z"}
+
+
+def __getattr__(name: str) -> re.Pattern[str]:
+    """``KEY`` and ``SHA256``, compiled on first use: the capture handler imports this module
+    but matches no key, and importing ``re`` would cost it ~7 ms of every crash."""
+    if name not in _PATTERNS:
+        raise AttributeError(f"module {__name__!r} has no attribute {name!r}")
+    import re
+
+    globals()[name] = compiled = re.compile(_PATTERNS[name])
+    return compiled
 
 
 def go_key(go_build_id: str) -> str:
     """The key of a Go binary that has no GNU build-id."""
-    return GO_PREFIX + hashlib.sha256(go_build_id.encode()).hexdigest()[:40]
+    from corevault import hashing
+
+    return GO_PREFIX + hashing.sha256_hex(go_build_id.encode())[:40]
 
 
 def key_for(build_id: str | None, go_build_id: str | None, sha256: str | None) -> str | None:
@@ -45,7 +61,9 @@ def key_for(build_id: str | None, go_build_id: str | None, sha256: str | None) -
 
 def is_object(key: object, sha256: object) -> bool:
     """Whether a crash record names a stored object validly (a key and a content hash)."""
-    return isinstance(key, str) and isinstance(sha256, str) and bool(KEY.match(key) and SHA256.match(sha256))
+    if not (isinstance(key, str) and isinstance(sha256, str)):
+        return False
+    return bool(__getattr__("KEY").match(key) and __getattr__("SHA256").match(sha256))
 
 
 def kind(key: str) -> str:

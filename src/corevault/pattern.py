@@ -21,7 +21,9 @@ with no ``..`` component, no pipe or socket, nothing the kernel would drop silen
 
 from __future__ import annotations
 
-from collections.abc import Mapping
+TYPE_CHECKING = False  # typing.TYPE_CHECKING would import typing, which the crash path never loads
+if TYPE_CHECKING:
+    from collections.abc import Mapping
 
 #: Longest core_pattern the kernel accepts (CORENAME_MAX_SIZE is 128 with the NUL).
 MAX_PATTERN_LEN = 127

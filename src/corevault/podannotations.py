@@ -16,7 +16,9 @@ The crash path imports this module: it holds constants and one function, nothing
 
 from __future__ import annotations
 
-from collections.abc import Mapping
+TYPE_CHECKING = False  # typing.TYPE_CHECKING would import typing, which the crash path never loads
+if TYPE_CHECKING:
+    from collections.abc import Mapping
 
 PATTERN = "corevault.io/core-pattern"
 PATTERN_ACS = "alibabacloud.com/core-pattern"

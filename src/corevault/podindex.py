@@ -17,11 +17,9 @@ id or pod uid from a crashing process's cgroup never walks out of the index.
 
 from __future__ import annotations
 
-import json
 import os
-from contextlib import suppress
 
-from corevault import atomic
+from corevault import atomic, quickjson
 
 FORMAT_VERSION = 1
 
@@ -37,7 +35,7 @@ def _safe_key(key: str) -> bool:
 def _read(path: str) -> dict | None:
     try:
         with open(path, "rb") as f:
-            doc = json.loads(f.read())
+            doc = quickjson.loads(f.read())
     except (OSError, ValueError):
         return None
     return doc if isinstance(doc, dict) else None
@@ -59,7 +57,7 @@ def read_container(index_dir: str, container_id: str) -> dict | None:
 
 def _write_atomic(path: str, doc: dict) -> None:
     os.makedirs(os.path.dirname(path), mode=0o755, exist_ok=True)
-    atomic.write(path, json.dumps(doc, sort_keys=True))
+    atomic.write(path, quickjson.dumps(doc, sort_keys=True))
 
 
 def write_pod(index_dir: str, pod: dict) -> None:
@@ -94,6 +92,7 @@ def write_pod(index_dir: str, pod: dict) -> None:
 
 def remove_pod(index_dir: str, uid: str) -> None:
     """Forget a pod and its containers (after its grace period)."""
+    from contextlib import suppress  # not at import: the capture handler reads the index
     pod = read_pod(index_dir, uid)
     if pod is None:
         return

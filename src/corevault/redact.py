@@ -23,7 +23,8 @@ SECRET_WORDS = (
 
 def secret_name(name: str) -> bool:
     upper = name.upper().replace("-", "_")
-    return upper == "KEY" or any(word in upper for word in SECRET_WORDS)
+    # map over a method, not a generator: the handler asks this of every environment variable
+    return upper == "KEY" or any(map(upper.__contains__, SECRET_WORDS))
 
 
 def _url(value: str) -> str:

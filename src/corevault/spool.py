@@ -24,9 +24,10 @@ the filesystem's free space above ``keep_free`` is smaller).
 
 from __future__ import annotations
 
-import json
 import os
 import time
+
+from corevault import quickjson
 
 CORE_NAME = "core.zst"
 META_NAME = "meta.json"
@@ -135,13 +136,13 @@ def entries(spool: str, where: str = "ready") -> list[str]:
 
 def read_meta(spool: str, entry_id: str, where: str = "ready") -> dict:
     with open(os.path.join(spool, where, entry_id, META_NAME), "rb") as f:
-        return json.loads(f.read())
+        return quickjson.loads(f.read())
 
 
 def journal(spool: str, record: dict) -> None:
     """Append one record to the journal; one write with O_APPEND, so lines never interleave."""
     record.setdefault("time", time.time())
-    line = (json.dumps(record, sort_keys=True) + "\n").encode()
+    line = (quickjson.dumps(record, sort_keys=True) + "\n").encode()
     fd = os.open(
         os.path.join(spool, JOURNAL_NAME), os.O_WRONLY | os.O_APPEND | os.O_CREAT | os.O_CLOEXEC, 0o600
     )
@@ -154,6 +155,6 @@ def journal(spool: str, record: dict) -> None:
 def read_journal(spool: str) -> list[dict]:
     try:
         with open(os.path.join(spool, JOURNAL_NAME), "rb") as f:
-            return [json.loads(line) for line in f if line.strip()]
+            return [quickjson.loads(line) for line in f if line.strip()]
     except FileNotFoundError:
         return []

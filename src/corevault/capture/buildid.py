@@ -18,15 +18,14 @@ and only when the store's quota, the spool's ``max_size`` and ``keep_free`` leav
 from __future__ import annotations
 
 import errno
-import hashlib
 import os
 
-from corevault import elf, nodestore, objectid
+from corevault import elf, hashing, nodestore, objectid
+from corevault.capture import hashcache
 from corevault.capture.safefs import NewFile
-from corevault.capture.stream import CHUNK, SparseSink
+from corevault.capture.stream import CHUNK, SparseSink, zero_chunk
 
 MAX_STORED_SIZE = 2 << 30
-_ZERO_CHUNK = bytes(CHUNK)
 
 
 class Module:
@@ -109,16 +108,20 @@ def open_modules(proc_fd: int, maps: str) -> list[Module]:
     return modules
 
 
-def store_modules(store: str, modules: list[Module], room: int | None = None) -> None:
+def store_modules(
+    store: str, modules: list[Module], room: int | None = None, hashes: str | None = None
+) -> None:
     """Hash each module, copy the contents the store does not hold; set ``stored``, close the fds.
 
-    ``room`` is how many bytes of disk the store may still take (None: no limit).
+    ``room`` is how many bytes of disk the store may still take (None: no limit); ``hashes``
+    the directory of the content hash cache (:mod:`.hashcache`; None: hash every file).
     """
+    mounts = hashcache.Mounts()
     for m in modules:
         if m.fd < 0:
             continue
         try:
-            m.stored, taken = _store(store, m, room)
+            m.stored, taken = _store(store, m, room, hashes, mounts)
             if room is not None:
                 room -= taken
         except OSError as e:
@@ -131,6 +134,20 @@ def store_modules(store: str, modules: list[Module], room: int | None = None) ->
 def content_hash(fd: int, size: int) -> str:
     """SHA-256 of the file's first ``size`` bytes, holes read as the zeros they are."""
     return _pass(fd, size, None)
+
+
+def cached_content_hash(fd: int, st: os.stat_result, hashes: str | None, mounts: hashcache.Mounts) -> str:
+    """:func:`content_hash` of the whole file, from the cache where this version of it is there."""
+    stamp = hashcache.version(fd, st, mounts) if hashes is not None else None
+    if stamp is None or hashes is None:
+        return content_hash(fd, st.st_size)
+    held = hashcache.lookup(hashes, st, stamp)
+    if held is not None:
+        return held
+    sha256 = content_hash(fd, st.st_size)
+    if hashcache.version(fd, os.fstat(fd), mounts) == stamp:  # not changed while it was read
+        hashcache.remember(hashes, st, stamp, sha256)
+    return sha256
 
 
 def _segments(fd: int, size: int) -> list[tuple[int, int, bool]]:
@@ -160,8 +177,8 @@ def _segments(fd: int, size: int) -> list[tuple[int, int, bool]]:
 
 def _pass(src: int, size: int, sink: SparseSink | None) -> str:
     """Hash the file (and write its data through ``sink``, holes left as holes)."""
-    h = hashlib.sha256()
-    zeros = memoryview(_ZERO_CHUNK)
+    h = hashing.sha256(size)
+    zeros = memoryview(zero_chunk())
     buf = bytearray(CHUNK)
     view = memoryview(buf)
     for start, end, data in _segments(src, size):
@@ -190,12 +207,15 @@ class _Changed(Exception):
     """The file shrank while it was read."""
 
 
-def _store(store: str, m: Module, room: int | None) -> tuple[str, int]:
-    size = m.size = os.fstat(m.fd).st_size
+def _store(
+    store: str, m: Module, room: int | None, hashes: str | None, mounts: hashcache.Mounts
+) -> tuple[str, int]:
+    st = os.fstat(m.fd)
+    size = m.size = st.st_size
     if size > MAX_STORED_SIZE:
         return f"not stored: {size} bytes is more than {MAX_STORED_SIZE}", 0
     try:
-        m.sha256 = content_hash(m.fd, size)
+        m.sha256 = cached_content_hash(m.fd, st, hashes, mounts)
     except _Changed:
         return "not stored: the file changed while it was read", 0
     key = m.key or ""

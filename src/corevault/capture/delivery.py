@@ -11,14 +11,23 @@ removed.
 
 from __future__ import annotations
 
-import json
 import os
 import resource
-import signal
 import time
 
-from corevault import atomic, config, crashrecord, fingerprint, nodestore, spool
-from corevault.capture import admission, buildid, cgroup, corehead, lookup, policy, process, safefs, stream
+from corevault import atomic, config, crashrecord, fingerprint, nodestore, quickjson, spool
+from corevault.capture import (
+    admission,
+    buildid,
+    cgroup,
+    corehead,
+    hashcache,
+    lookup,
+    policy,
+    process,
+    safefs,
+    stream,
+)
 from corevault.capture.admission import describe_error, journal
 
 TYPE_CHECKING = False  # typing.TYPE_CHECKING, without importing typing on the crash path
@@ -31,10 +40,19 @@ class HandlerTimeout(Exception):
 
 
 def signal_name(number: int) -> str | None:
-    try:
-        return signal.Signals(number).name
-    except ValueError:
-        return None
+    """``signal.Signals(number).name``, without importing ``signal``: it builds that enum at import,
+    and importing ``enum`` costs the handler ~5 ms of every crash. Of several names for one
+    number (SIGABRT and SIGIOT) the enum keeps the first in sorted order; so does this.
+    """
+    import _signal
+
+    names = sorted(
+        (value, name)
+        for name, value in vars(_signal).items()
+        if name.isupper() and name.startswith("SIG") and not name.startswith("SIG_")
+        if isinstance(value, int)
+    )
+    return next((name for value, name in names if value == number), None)
 
 
 def store_room(settings: config.Settings) -> int:
@@ -81,6 +99,8 @@ def deliver(
             head = head if head is not None else corehead.read_head(core_fd)
             # the memory at the stack pointer, as it streams past, for the crash's fingerprint
             tap = stream.Window(head.stack, fingerprint.STACK_BYTES) if head.stack is not None else None
+            if job.vault is not None:
+                job.vault.expected = head.size
             taps = [tap] if tap is not None else []
             job.size, job.truncated = stream.pump(core_fd, job.sinks, admitted.plan.limit, head.data, taps)
         except HandlerTimeout:
@@ -94,7 +114,8 @@ def deliver(
             # SIGKILL meanwhile, or the OOM killer); the stream then simply ends early.
             job.truncated, job.expected = True, head.size
         job.publish_volume()
-        buildid.store_modules(settings.buildid_dir, job.modules, store_room(settings))
+        hashes = hashcache.cache_dir(settings.state_dir)
+        buildid.store_modules(settings.buildid_dir, job.modules, store_room(settings), hashes)
         stack = bytes(tap.data) if tap is not None else b""
         modules = [m.as_dict() for m in job.modules]
         job.fingerprint = fingerprint.of(head.signal, head.code, head.pc, stack, modules)
@@ -310,7 +331,7 @@ def _finish_entry(spool_dir: str, entry_id: str, entry_tmp: str, core_fd: int, m
     meta_path = os.path.join(entry_tmp, spool.META_NAME)
     fd = os.open(meta_path, os.O_WRONLY | os.O_CREAT | os.O_EXCL | os.O_CLOEXEC, 0o600)
     try:
-        data = json.dumps(meta, indent=1, sort_keys=True).encode()
+        data = quickjson.dumps(meta, sort_keys=True).encode()
         view = memoryview(data)
         while view:
             view = view[os.write(fd, view) :]

@@ -16,10 +16,9 @@ not: every value is validated before use by :mod:`corevault.capture.policy`.
 
 from __future__ import annotations
 
-import json
 import os
 
-from corevault import podindex
+from corevault import podindex, quickjson
 from corevault.capture.cgroup import CgroupInfo
 from corevault.config import Settings
 
@@ -119,7 +118,7 @@ def oci_config_paths(runtime_dirs: tuple[str, ...], container_id: str) -> list[s
 def _bundle_from_state(state_path: str) -> str | None:
     try:
         with open(state_path, "rb") as f:
-            state = json.loads(f.read())
+            state = quickjson.loads(f.read())
         labels = state.get("config", {}).get("labels") or []
     except (OSError, ValueError, AttributeError):
         return None
@@ -135,7 +134,7 @@ def _from_oci(runtime_dirs: tuple[str, ...], cg: CgroupInfo) -> Owner | None:
     for path in oci_config_paths(runtime_dirs, cg.container_id):
         try:
             with open(path, "rb") as f:
-                spec = json.loads(f.read())
+                spec = quickjson.loads(f.read())
         except (OSError, ValueError):
             continue
         annotations = _strings(spec.get("annotations") if isinstance(spec, dict) else None)

@@ -22,14 +22,14 @@ when invalid, because guessing where to write would be worse.
 from __future__ import annotations
 
 import fcntl
-import json
-import math
 import os
 
-from corevault import pattern, podannotations
+from corevault import pattern, podannotations, quickjson
 from corevault.capture.lookup import Owner
 from corevault.capture.process import Crash
 from corevault.config import ConfigError, Settings, parse_size, parse_targets
+
+_INF = float("inf")
 
 
 class Plan:
@@ -160,7 +160,8 @@ def _times(doc: object, name: str, now: float, window: float) -> list[float]:
     values = doc.get(name) if isinstance(doc, dict) else None
     if not isinstance(values, list):
         return []
-    return [t for t in values if isinstance(t, int | float) and math.isfinite(t) and now - t < window]
+    # -inf < t < inf: finite, NaN left out; unlike math.isfinite also for ints too large for a float
+    return [t for t in values if isinstance(t, int | float) and -_INF < t < _INF and now - t < window]
 
 
 def admit(state_dir: str, key: str, limit: int, window: float, now: float) -> tuple[bool, int]:
@@ -178,7 +179,7 @@ def admit(state_dir: str, key: str, limit: int, window: float, now: float) -> tu
         while chunk := os.read(fd, 65536):
             raw += chunk
         try:
-            doc = json.loads(raw) if raw else {}
+            doc = quickjson.loads(raw) if raw else {}
         except ValueError:
             doc = {}
         recent, kept = _times(doc, "seen", now, window), _times(doc, "kept", now, window)
@@ -189,7 +190,7 @@ def admit(state_dir: str, key: str, limit: int, window: float, now: float) -> tu
         doc = {"kept": kept, "seen": recent}
         os.lseek(fd, 0, os.SEEK_SET)
         os.ftruncate(fd, 0)
-        os.write(fd, json.dumps(doc).encode())
+        os.write(fd, quickjson.dumps(doc).encode())
         return admitted, len(recent)
     finally:
         os.close(fd)

@@ -12,7 +12,6 @@ later read goes through the directory fd opened before the check.
 from __future__ import annotations
 
 import os
-from contextlib import suppress
 
 from corevault import redact
 from corevault.pattern import SPECIFIERS
@@ -143,8 +142,10 @@ def read_facts(crash: Crash) -> None:
     comm = _read(fd, "comm").rstrip("\n")
     if comm:
         crash.comm = comm
-    with suppress(OSError):
+    try:
         crash.exe = os.readlink("exe", dir_fd=fd)
+    except OSError:
+        pass
     crash.maps = _read(fd, "maps")
 
 
@@ -222,6 +223,8 @@ def values_from_pidfd(pidfd: int, info: PidfdInfo, when: float) -> dict[str, str
     the core's notes are read (:mod:`corevault.capture.corehead`); until then they stay
     empty. ``%h`` is read inside the task's UTS namespace.
     """
+    from contextlib import suppress  # not at import: the pipe handler imports this module
+
     base = f"/proc/{info.pid}"
     values = {
         "P": str(info.pid), "p": str(info.pid), "t": str(int(when)), "d": str(info.dump_mode),

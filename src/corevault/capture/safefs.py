@@ -36,7 +36,6 @@ from __future__ import annotations
 import errno
 import os
 import stat
-from contextlib import suppress
 
 _DIR_FLAGS = os.O_RDONLY | os.O_DIRECTORY | os.O_NOFOLLOW | os.O_CLOEXEC
 _NEW_FLAGS = os.O_WRONLY | os.O_CREAT | os.O_EXCL | os.O_NOFOLLOW | os.O_CLOEXEC
@@ -131,8 +130,10 @@ class NewFile:
                 self._close(name, None)
                 self._check_mine(name, mine)
                 published = self._link(name, max_suffix, mine)
-            with suppress(OSError):  # a FUSE directory may not take fsync; the data already did
+            try:  # a FUSE directory may not take fsync; the data already did
                 os.fsync(self.dir_fd)
+            except OSError:
+                pass
             return published
         finally:
             self.discard()
@@ -143,8 +144,10 @@ class NewFile:
             os.close(fd)
         except OSError as e:
             if published is not None:
-                with suppress(OSError):
+                try:
                     os.unlink(published, dir_fd=self.dir_fd)
+                except OSError:
+                    pass
             raise PublishFailed(
                 e.errno, f"close of the file for {name} failed, nothing was published: {e.strerror}"
             ) from e
@@ -216,8 +219,10 @@ class NewFile:
         except IsADirectoryError:
             raise FileExistsError(errno.EEXIST, f"{candidate} became a directory") from None
         except OSError as e:
-            with suppress(OSError):
+            try:
                 os.rmdir(candidate, dir_fd=self.dir_fd)
+            except OSError:
+                pass
             raise PublishFailed(
                 e.errno, f"renaming the file to {candidate} failed, nothing was published: {e.strerror}"
             ) from e
@@ -228,13 +233,17 @@ class NewFile:
         if self.fd >= 0:
             fd, self.fd = self.fd, -1
             # Dropped anyway: a FUSE bucket's failing upload at close must not hide the first error.
-            with suppress(OSError):
+            try:
                 os.close(fd)
+            except OSError:
+                pass
         if self.tmp_name is not None:
             # Best effort: on a bucket whose endpoint is gone this fails too, and what is
             # left is a hidden .corevault-*.tmp name, recognisably not a core.
-            with suppress(OSError):
+            try:
                 os.unlink(self.tmp_name, dir_fd=self.dir_fd)
+            except OSError:
+                pass
             self.tmp_name = None
 
 

@@ -21,13 +21,13 @@ from __future__ import annotations
 import errno
 import fcntl
 import os
-from collections.abc import Callable
-from contextlib import suppress
 
-from corevault import seekable
+from corevault import hashing, seekable
 
 TYPE_CHECKING = False  # typing.TYPE_CHECKING would import typing, which the crash path never loads
 if TYPE_CHECKING:
+    from collections.abc import Callable
+    from hashlib import _Hash
     from typing import BinaryIO
 
 CHUNK = 1 << 20
@@ -35,14 +35,21 @@ BLOCK = 64 << 10
 JOB_SIZE = 1 << 20
 FLUSH_EVERY = 32 << 20
 RECHECK_EVERY = 16 << 20
-_ZERO_CHUNK = bytes(CHUNK)
 _ZERO_BLOCK = bytes(BLOCK)
+_ZEROS: list[bytes] = []
 _F_SETPIPE_SZ = 1031
 _F_GETPIPE_SZ = 1032
 
 
 class SinkFailed(Exception):
     pass
+
+
+def zero_chunk() -> bytes:
+    """:data:`CHUNK` zero bytes, made at first use: made at import, they cost every crash ~1 ms of CPU."""
+    if not _ZEROS:
+        _ZEROS.append(bytes(CHUNK))
+    return _ZEROS[0]
 
 
 def _zstd():  # -> the zstandard C backend module
@@ -58,7 +65,10 @@ def _zstd():  # -> the zstandard C backend module
     if "zstandard" in sys.modules:
         return sys.modules["zstandard"]
     try:
-        from importlib.machinery import EXTENSION_SUFFIXES, ExtensionFileLoader, ModuleSpec, PathFinder
+        # importlib.machinery's own classes, from the frozen modules it re-exports: the package
+        # itself imports warnings and more, ~1 ms
+        from _frozen_importlib import ModuleSpec
+        from _frozen_importlib_external import EXTENSION_SUFFIXES, ExtensionFileLoader, PathFinder
 
         package = PathFinder.find_spec("zstandard")
         for directory in (package.submodule_search_locations or []) if package else []:
@@ -105,7 +115,7 @@ class SparseSink:
         self.size += n
         if self.dense:
             self._put(view[:n], pos)
-        elif n == CHUNK and buf == _ZERO_CHUNK:
+        elif n == CHUNK and buf == zero_chunk():
             return
         else:
             start = -1  # first block of the current run of data
@@ -139,7 +149,7 @@ class SparseSink:
     def _zeros_upto(self, offset: int) -> None:
         while self.end < offset:
             n = min(CHUNK, offset - self.end)
-            _pwrite_all(self.fd, memoryview(_ZERO_CHUNK)[:n], self.end)
+            _pwrite_all(self.fd, memoryview(zero_chunk())[:n], self.end)
             self.end += n
 
     def finish(self) -> None:
@@ -182,8 +192,10 @@ def _flush_behind(fd: int, upto: int) -> None:
     working set out, and starting writeback as we go makes the final fsync short.
     POSIX_FADV_DONTNEED starts writeback of dirty pages and drops the clean ones.
     """
-    with suppress(OSError):
+    try:
         os.posix_fadvise(fd, 0, upto, os.POSIX_FADV_DONTNEED)
+    except OSError:
+        pass
 
 
 def _pwrite_all(fd: int, data: memoryview, offset: int) -> None:
@@ -218,8 +230,8 @@ class ZstdSink:
     """A zstd-compressed copy with the SHA-256 of what went in, within a byte budget."""
 
     __slots__ = (
-        "budget", "compressor", "context", "failed", "fd", "frame_left", "frame_start", "frames", "hasher",
-        "name", "over", "recheck", "size", "stored", "zstd",
+        "budget", "compressor", "context", "expected", "failed", "fd", "frame_left", "frame_start", "frames",
+        "hasher", "level", "name", "over", "recheck", "size", "stored", "threads", "zstd",
     )  # fmt: skip
 
     def __init__(
@@ -233,9 +245,7 @@ class ZstdSink:
         name: str = "vault",
         recheck: Callable[[], tuple[int, str]] | None = None,
     ) -> None:
-        import hashlib
-
-        self.zstd = zstandard = _zstd()
+        self.zstd = _zstd()
         self.fd = fd
         self.name = name
         self.budget = budget
@@ -247,25 +257,46 @@ class ZstdSink:
         self.size = 0
         self.stored = 0
         self.failed: str | None = None
-        self.hasher = hashlib.sha256()
-        # Small jobs keep a worker thread's memory at ~17 MiB instead of ~55 MiB for level 3,
-        # at no cost in speed or ratio on cores (measured with bench/capture.py).
-        params = zstandard.ZstdCompressionParameters.from_level(
-            level,
-            threads=threads,
-            job_size=JOB_SIZE if threads else 0,
-            write_checksum=True,
-            write_content_size=False,
-        )
-        self.context = zstandard.ZstdCompressor(compression_params=params)
-        self.compressor = self.context.compressobj()
+        #: the core's size as its headers tell, when known before the first write; only the
+        #: speed depends on it (see :meth:`_start`)
+        self.expected: int | None = None
+        self.level, self.threads = level, threads
+        # made at the first write, when it may be known that the whole core is small
+        self.hasher: _Hash | None = None
+        self.context = self.compressor = None
         #: (compressed, plain) size of each finished frame; plain bytes the current one still takes
         self.frames: list[tuple[int, int]] = []
         self.frame_left = seekable.FRAME_SIZE
         self.frame_start = 0
 
+    def _start(self, whole: int | None) -> None:
+        """The hasher and the compressor; ``whole`` is the core's size where it is known.
+
+        A small core is hashed without loading OpenSSL (:mod:`corevault.hashing`) and compressed
+        by one thread with tables sized for it (zstd's source size hint; the frame is the same
+        format), which spares a crash ~1 ms of setting up level 3's full-size tables.
+        """
+        small = whole is not None and whole <= BLOCK
+        self.hasher = hashing.sha256(whole)
+        # Small jobs keep a worker thread's memory at ~17 MiB instead of ~55 MiB for level 3,
+        # at no cost in speed or ratio on cores (measured with bench/capture.py).
+        threads = 0 if small else self.threads
+        params = self.zstd.ZstdCompressionParameters.from_level(
+            self.level,
+            threads=threads,
+            job_size=JOB_SIZE if threads else 0,
+            source_size=whole if small else 0,
+            write_checksum=True,
+            write_content_size=False,
+        )
+        self.context = self.zstd.ZstdCompressor(compression_params=params)
+        self.compressor = self.context.compressobj()
+
     def write(self, buf: bytearray, view: memoryview, n: int) -> None:
         chunk = view[:n]
+        if self.hasher is None:
+            # a first write shorter than a block is the whole core: pump's first read is a block
+            self._start(self.expected if self.expected is not None else n if n < BLOCK else None)
         self.hasher.update(chunk)
         self.size += n
         while chunk:
@@ -298,13 +329,15 @@ class ZstdSink:
             view = view[os.write(self.fd, view) :]
 
     def finish(self) -> None:
+        if self.compressor is None:  # an empty core
+            self._start(0)
         if self.frame_left < seekable.FRAME_SIZE or not self.frames:  # the last frame (an empty core: one)
             self._end_frame()
         self._out(seekable.seek_table(self.frames))
 
     @property
     def sha256(self) -> str:
-        return self.hasher.hexdigest()
+        return self.hasher.hexdigest() if self.hasher is not None else hashing.sha256_hex(b"")
 
 
 def enlarge_pipe(fd: int, size: int = CHUNK) -> None:
@@ -313,13 +346,17 @@ def enlarge_pipe(fd: int, size: int = CHUNK) -> None:
     per wake-up. Never shrinks one: the agent's receiver asks for more for a forwarded core
     before the shared capture code asks for its own size.
     """
-    with suppress(OSError):  # not a pipe: smaller reads still work
+    try:  # not a pipe: smaller reads still work
         if fcntl.fcntl(fd, _F_GETPIPE_SZ) >= size:
             return
         for want in dict.fromkeys((size, min(size, CHUNK))):
-            with suppress(PermissionError):  # over pipe-max-size without CAP_SYS_RESOURCE
+            try:
                 fcntl.fcntl(fd, _F_SETPIPE_SZ, want)
                 return
+            except PermissionError:  # over pipe-max-size without CAP_SYS_RESOURCE
+                pass
+    except OSError:
+        pass
 
 
 class _Prefixed:
@@ -354,13 +391,16 @@ def pump(
     reading stops, as the core has nowhere to go (a core is as large as its pod makes it).
     """
     src = _Prefixed(head, src_fd)
-    buf = bytearray(CHUNK)
+    # The first read takes a block; a chunk's buffer comes once the core is larger: 1 MiB of
+    # zeroed buffer costs ~2 ms of CPU, which a small core would pay for nothing.
+    size = BLOCK
+    buf = bytearray(size)
     view = memoryview(buf)
     total = 0
     live = list(sinks)
     taps = taps or []
     while live:
-        want = CHUNK if limit is None else min(CHUNK, limit - total)
+        want = size if limit is None else min(size, limit - total)
         if want == 0:
             return total, bool(src.read(1))
         filled = 0
@@ -382,4 +422,8 @@ def pump(
             tap.write(buf, view, filled)
         if filled < want:
             return total, False
+        if size < CHUNK:
+            size = CHUNK
+            buf = bytearray(size)
+            view = memoryview(buf)
     return total, False

@@ -1,0 +1,107 @@
+"""Content hashes of mapped binaries, remembered per file where the kernel alone can change them.
+
+A crash's binaries are kept by content (:mod:`.buildid`): libc, ld.so and the executable are
+hashed on every crash, a few MiB of SHA-256 (with OpenSSL's library to load) that a
+crash-looping pod pays each time for the same files. This cache remembers a file's hash under
+what identifies one version of it: ``(st_dev, st_ino)`` names the entry, and the entry holds
+``st_size``, ``st_mtime_ns``, ``st_ctime_ns`` and the inode's generation
+(``FS_IOC_GETVERSION``, where the filesystem has one). A hit needs all of them equal.
+
+That is sound only where the file's owner cannot put a changed file back under the old
+values. ``mtime`` can be set by anyone who may write the file; ``ctime`` cannot: a local
+filesystem's kernel sets it on every change of data or metadata, ``utime`` included, and a
+reused inode number gets a new ctime and generation. So the cache is used only for files on
+the filesystems in :data:`LOCAL` (decided by the type of the superblock behind ``st_dev`` in
+``/proc/self/mountinfo``; a device not found there is not trusted). On FUSE, NFS, 9p, ceph,
+CIFS and every bucket volume the server, which may be the tenant's, reports whatever metadata
+it likes: their files are hashed on every crash, and nothing about them is written here.
+
+A file that changes while it is hashed (its ctime moves) is not remembered. The cache lives
+under the node's state directory (root's alone), one small file per binary written with
+:mod:`corevault.atomic`, and holds at most :data:`MAX_ENTRIES`: when full it is emptied,
+which costs the next crashes a hash each and nothing else.
+"""
+
+from __future__ import annotations
+
+import fcntl
+import os
+
+from corevault import atomic
+
+NAME = "hashes"
+MAX_ENTRIES = 1024
+#: filesystems whose kernel sets ctime itself on every change (mountinfo's type names)
+LOCAL = frozenset({"ext2", "ext3", "ext4", "xfs", "btrfs", "tmpfs", "overlay"})
+_FS_IOC_GETVERSION = 0x80087601  # _IOR('v', 1, long)
+
+
+def cache_dir(state_dir: str) -> str:
+    return os.path.join(state_dir, NAME)
+
+
+class Mounts:
+    """The type of the filesystem behind a device number, read once per crash from mountinfo."""
+
+    def __init__(self, mountinfo: str = "/proc/self/mountinfo") -> None:
+        self.path = mountinfo
+        self.types: dict[bytes, bytes] | None = None
+
+    def fs_type(self, dev: int) -> str | None:
+        if self.types is None:
+            self.types = {}
+            try:
+                with open(self.path, "rb") as f:
+                    lines = f.read().splitlines()
+            except OSError:
+                lines = []
+            # "36 35 98:0 /root /mnt rw,noatime master:1 - ext4 /dev/vda rw": paths are escaped,
+            # so neither holds " - "
+            for line in lines:
+                fields = line.split(b" ", 3)
+                _, sep, tail = line.partition(b" - ")
+                if len(fields) == 4 and sep:
+                    self.types.setdefault(fields[2], tail.split(b" ", 1)[0])
+        kind = self.types.get(f"{os.major(dev)}:{os.minor(dev)}".encode())
+        return kind.decode() if kind is not None else None
+
+
+def version(fd: int, st: os.stat_result, mounts: Mounts) -> str | None:
+    """What names this version of the file, or None when its filesystem is not one to trust."""
+    if mounts.fs_type(st.st_dev) not in LOCAL:
+        return None
+    generation = 0
+    try:
+        generation = int.from_bytes(fcntl.ioctl(fd, _FS_IOC_GETVERSION, bytes(8)), "little")
+    except OSError:
+        pass  # tmpfs and overlay have none; their ctime still tells
+    return f"{st.st_size} {st.st_mtime_ns} {st.st_ctime_ns} {generation}"
+
+
+def _entry(directory: str, st: os.stat_result) -> str:
+    return os.path.join(directory, f"{st.st_dev:x}-{st.st_ino:x}")
+
+
+def lookup(directory: str, st: os.stat_result, stamp: str) -> str | None:
+    """The remembered SHA-256 of the file version ``stamp`` (see :func:`version`), if any."""
+    try:
+        with open(_entry(directory, st), "rb") as f:
+            text = f.read(256).decode("ascii", "replace")
+    except OSError:
+        return None
+    held, _, sha256 = text.rstrip("\n").rpartition(" ")
+    if held == stamp and len(sha256) == 64 and not sha256.strip("0123456789abcdef"):
+        return sha256
+    return None
+
+
+def remember(directory: str, st: os.stat_result, stamp: str, sha256: str) -> None:
+    """Keep ``sha256`` for the file version ``stamp``; best effort (a cache)."""
+    try:
+        os.makedirs(directory, mode=0o700, exist_ok=True)
+        if len(os.listdir(directory)) >= MAX_ENTRIES:
+            for name in os.listdir(directory):
+                os.unlink(os.path.join(directory, name))
+        atomic.write(_entry(directory, st), f"{stamp} {sha256}\n", 0o600)
+    except OSError:
+        pass

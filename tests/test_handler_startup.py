@@ -1,0 +1,134 @@
+"""The pipe handler's start-up: what it imports, and the cheap stand-ins it uses for what it does not.
+
+Every module the handler imports is paid for on every crash, while the crashed process waits
+(bench/capture.py --fixed-only measures it). The stand-ins must give what the standard
+library's modules give: a test compares each with its original.
+"""
+
+from __future__ import annotations
+
+import fnmatch
+import hashlib
+import os
+import signal
+import subprocess
+import sys
+import time
+
+import pytest
+from hypothesis import given, settings
+from hypothesis import strategies as st
+
+from corevault import config, hashing, hostsetup, spool
+from corevault.capture import delivery
+from corevault.pattern import SPECIFIERS
+
+#: what the handler must not import on the common path, and what each costs it (CPU, this machine)
+HEAVY = {
+    "enum": "~5 ms", "re": "~7 ms", "json": "~10 ms", "contextlib": "~5 ms", "collections": "~3 ms",
+    "functools": "~4 ms", "signal": "~6 ms", "typing": "~10 ms", "importlib.machinery": "~1 ms",
+    "fnmatch": "re", "dataclasses": "~10 ms", "inspect": "~10 ms", "hashlib": "~3.5 ms (libcrypto)",
+}  # fmt: skip
+
+
+def test_signal_names_are_the_signal_module_s() -> None:
+    for number in range(-2, 80):
+        try:
+            expected: str | None = signal.Signals(number).name
+        except ValueError:
+            expected = None
+        assert delivery.signal_name(number) == expected, number
+
+
+GLOB_CHARS = st.sampled_from(list("ab/.*?[]!-^\\"))
+
+
+@settings(max_examples=500, deadline=None)
+@given(st.text("ab/.-\\[]", max_size=10), st.text(GLOB_CHARS, max_size=8))
+def test_rules_match_exactly_what_fnmatchcase_matches(name: str, pattern: str) -> None:
+    assert config.glob_match(name, pattern) == fnmatch.fnmatchcase(name, pattern)
+
+
+@pytest.mark.parametrize(
+    ("name", "pattern", "expected"),
+    [
+        ("/usr/bin/sleep", "*/sleep", True), ("/usr/bin/sleep", "/usr/*/sl?ep", True),
+        ("/usr/bin/sleepy", "*/sleep", False), ("sleep", "*/sleep", False), ("a*b", "a*b", True),
+        ("abcabd", "a*d", True), ("", "*", True), ("x", "", False), ("/usr/local/bin/my-server2", "/usr/local/bin/my-server*", True),
+    ],
+)  # fmt: skip
+def test_rules_glob(name: str, pattern: str, expected: bool) -> None:
+    assert config.glob_match(name, pattern) is expected
+
+
+@pytest.mark.parametrize("size", [0, 1, 4096, hashing.SMALL, hashing.SMALL + 1, 3 << 20])
+def test_both_sha256_implementations_give_hashlib_s_digest(size: int) -> None:
+    data = os.urandom(size)
+    h = hashing.sha256(size)
+    h.update(data)
+    assert h.hexdigest() == hashing.sha256_hex(data) == hashlib.sha256(data).hexdigest()
+    assert (type(h).__module__ == "_hashlib") is (size > hashing.SMALL)  # OpenSSL's only when large
+
+
+class Stage:
+    """A live stand-in for a crashed process, opted in by a host rule, and the launcher to capture it."""
+
+    def __init__(self, tmp_path) -> None:
+        self.out = tmp_path / "vol"
+        self.out.mkdir()
+        conf = tmp_path / "c.toml"
+        conf.write_text(
+            f'state_dir = "{tmp_path}/state"\n[capture]\ntargets = ["volume", "vault"]\n'
+            f'[[rules]]\nexe = "*/sleep"\npattern = "{self.out}/core-%p"\n'
+        )
+        self.settings, self.snapshot = config.write_snapshot(str(conf))
+        self.launcher = hostsetup.isolated_launcher(str(tmp_path / hostsetup.LAUNCHER_NAME))
+        self.seen = tmp_path / "modules"
+
+    def capture(self) -> list[str]:
+        """Capture one 4 KiB core of a live ``sleep``; the modules the handler had imported at its end."""
+        with open(self.launcher) as f:
+            text = f.read()
+        # the launcher's own text, with the handler's modules written down as it exits
+        probe = text.replace(
+            "quick_exit(main())\n",
+            f"code = main()\nopen({str(self.seen)!r}, 'w').write(' '.join(sys.modules))\nquick_exit(code)\n",
+        )
+        proc = subprocess.Popen(["sleep", "600"])
+        pidfd = os.pidfd_open(proc.pid)
+        try:
+            pid = str(proc.pid)
+            values = {
+                "P": pid, "p": pid, "i": pid, "I": pid, "s": "11", "t": str(int(time.time())), "d": "1",
+                "u": "0", "g": "0", "c": str((1 << 64) - 1), "C": "0", "h": "h", "e": "sleep", "f": "sleep",
+                "E": "!usr!bin!sleep", "F": str(pidfd),
+            }  # fmt: skip
+            done = subprocess.run(
+                [sys.executable, "-I", "-S", "-c", probe, "-c", self.snapshot, *(values[s] for s in SPECIFIERS)],
+                input=b"\x7fELF" + bytes(4092), pass_fds=(pidfd,), cwd="/", check=False,
+                env={"PATH": "/usr/bin:/bin"}, capture_output=True,
+            )  # fmt: skip
+            assert done.returncode == 0, done.stderr.decode()
+        finally:
+            os.close(pidfd)
+            proc.kill()
+            proc.wait()
+        assert (self.out / f"core-{proc.pid}").stat().st_size == 4096
+        return self.seen.read_text().split()
+
+
+@pytest.mark.crash  # reads another process's mapped files, as only the handler may
+def test_a_capture_through_the_launcher_imports_nothing_heavy(tmp_path) -> None:
+    stage = Stage(tmp_path)
+    first = stage.capture()
+    again = stage.capture()
+    [one, two] = [spool.read_meta(stage.settings.spool_dir, e) for e in spool.entries(stage.settings.spool_dir)]
+    assert one["signal"]["name"] == "SIGSEGV" and one["core"]["size"] == 4096
+    assert one["core"]["sha256"] == two["core"]["sha256"] == hashlib.sha256(b"\x7fELF" + bytes(4092)).hexdigest()
+    # the second crash of the same binaries takes their content hashes from the cache
+    assert [m["sha256"] for m in one["modules"]] == [m["sha256"] for m in two["modules"]]
+    assert {m["path"] for m in two["modules"]} >= {"/usr/bin/sleep"}
+    for modules in (first, again):
+        assert "corevault.capture.delivery" in modules
+    heavy = {name: HEAVY[name] for name in HEAVY if name in again}
+    assert not heavy, f"the handler imported {heavy}"

@@ -1,0 +1,127 @@
+"""The content hash cache of mapped binaries, attacked from real containers.
+
+A crash's binaries are identified by their content; the cache (:mod:`corevault.capture.hashcache`)
+spares a crash-looping pod's next crashes from hashing the same files again. A tenant
+controls its files: it may rewrite a binary in place and put its size and mtime back, and on
+a FUSE volume its server reports any metadata at all. Both must still be hashed anew.
+"""
+
+from __future__ import annotations
+
+import hashlib
+import os
+import shutil
+import uuid
+from collections.abc import Iterator
+
+import boto3
+import pytest
+from botocore.config import Config
+
+from corevault.capture import hashcache
+from testbed import fusefs, runc, servers
+from tests.conftest import Capture, starts_servers
+
+pytestmark = pytest.mark.crash
+
+SEED = {"alibabacloud.com/core-pattern": "/data/dump-a/core-%E-%p-%t"}
+
+
+def sha256(path: str) -> str:
+    with open(path, "rb") as f:
+        return hashlib.file_digest(f, "sha256").hexdigest()
+
+
+def module(meta: dict, path: str) -> dict:
+    [found] = [m for m in meta["modules"] if m["path"] == path]
+    return found
+
+
+def entry(capture: Capture, st: os.stat_result) -> str:
+    return os.path.join(hashcache.cache_dir(capture.state_dir), f"{st.st_dev:x}-{st.st_ino:x}")
+
+
+def crash_once(capture: Capture, rootfs: str, args: list[str], **kw: object) -> dict:
+    """One crash, and its spool entry (the spool is emptied first)."""
+    shutil.rmtree(capture.spool, ignore_errors=True)
+    capture.crash(rootfs, args, annotations=SEED, **kw)
+    [meta] = capture.entries()
+    return meta
+
+
+def rewrite_in_place(path: str) -> None:
+    """Change one byte of the program's ``.comment`` (never loaded), in place."""
+    with open(path, "r+b") as f:
+        data = f.read()
+        at = data.index(b"GCC: (")
+        f.seek(at)
+        f.write(b"gcc")
+
+
+def test_a_binary_rewritten_in_place_with_its_mtime_put_back_is_hashed_again(
+    capture: Capture, programs: dict[str, str], tmp_path
+) -> None:
+    rootfs = runc.build_rootfs(str(tmp_path / "root"), programs)
+    exe = os.path.join(rootfs, "app/crasher")
+    first = crash_once(capture, rootfs, ["/app/crasher", "segv"])
+    before = os.stat(exe)
+    assert module(first, "/app/crasher")["sha256"] == sha256(exe)
+    remembered = os.stat(entry(capture, before))  # this version of the file is in the cache
+
+    again = crash_once(capture, rootfs, ["/app/crasher", "segv"])
+    assert module(again, "/app/crasher")["sha256"] == sha256(exe)
+    assert os.stat(entry(capture, before)).st_mtime_ns == remembered.st_mtime_ns  # a hit: not written again
+
+    rewrite_in_place(exe)
+    os.utime(exe, ns=(before.st_atime_ns, before.st_mtime_ns))
+    after = os.stat(exe)
+    # everything a tenant can set is as it was; only the kernel's ctime moved
+    assert (after.st_dev, after.st_ino, after.st_size, after.st_mtime_ns) == (
+        before.st_dev, before.st_ino, before.st_size, before.st_mtime_ns,
+    )  # fmt: skip
+    assert after.st_ctime_ns != before.st_ctime_ns
+    third = crash_once(capture, rootfs, ["/app/crasher", "segv"])
+    changed = module(third, "/app/crasher")
+    assert changed["sha256"] == sha256(exe) != module(first, "/app/crasher")["sha256"]
+
+
+@pytest.fixture(scope="module")
+@starts_servers
+def weed() -> Iterator[servers.Seaweed]:
+    with servers.seaweed() as w:
+        yield w
+
+
+@pytest.fixture
+def bucket_volume(weed: servers.Seaweed) -> Iterator[fusefs.Mount]:
+    s3 = boto3.client(
+        "s3", endpoint_url=weed.endpoint, aws_access_key_id=servers.KEY, aws_secret_access_key=servers.SECRET,
+        region_name="us-east-1", config=Config(s3={"addressing_style": "path"}),
+    )  # fmt: skip
+    bucket = f"bins-{uuid.uuid4().hex[:12]}"
+    s3.create_bucket(Bucket=bucket)
+    with fusefs.mounted("s3fs", weed, bucket) as m:
+        yield m
+
+
+def test_a_binary_on_a_fuse_volume_is_never_served_from_the_cache(
+    capture: Capture, rootfs: str, programs: dict[str, str], bucket_volume: fusefs.Mount
+) -> None:
+    """The FUSE server (here s3fs over a bucket the tenant writes) reports whatever metadata it
+    likes: nothing about its files is remembered, and each crash hashes what it mapped."""
+    exe = os.path.join(bucket_volume.path, "crasher")
+    shutil.copyfile(programs["crasher"], exe)
+    os.chmod(exe, 0o755)
+    first = crash_once(capture, rootfs, ["/data/dump-a/crasher", "segv"], volume=bucket_volume.path)
+    assert module(first, "/data/dump-a/crasher")["sha256"] == sha256(programs["crasher"])
+    st = os.stat(exe)
+    assert hashcache.Mounts().fs_type(st.st_dev) == "fuse.s3fs"
+    assert not os.path.exists(entry(capture, st))
+    cached = os.listdir(hashcache.cache_dir(capture.state_dir))
+    assert cached and not [n for n in cached if n.startswith(f"{st.st_dev:x}-")]  # libc's is there, not this
+
+    rewrite_in_place(exe)
+    second = crash_once(capture, rootfs, ["/data/dump-a/crasher", "segv"], volume=bucket_volume.path)
+    changed = module(second, "/data/dump-a/crasher")["sha256"]
+    assert changed == sha256(exe) != module(first, "/data/dump-a/crasher")["sha256"]
+    assert not os.path.exists(entry(capture, os.stat(exe)))
