@@ -98,6 +98,19 @@ def test_a_binary_from_a_file_store_is_sent_by_the_kernel(tmp_path: Path, sendfi
         assert get(f"{url}/buildid/{BUILD_ID}/executable", "b").status_code == 404
 
 
+def leave_mid_download(url: str) -> None:
+    """Ask for the binary as reader ``a``, read the status line and reset the connection."""
+    request = f"GET /buildid/{BUILD_ID}/executable HTTP/1.1\r\nHost: x\r\n"
+    request += f"Authorization: Bearer {TOKENS['a']}\r\n\r\n"
+    with socket.socket() as s:
+        # a small window (set before connecting): the kernel's send is cut midway
+        s.setsockopt(socket.SOL_SOCKET, socket.SO_RCVBUF, 4096)
+        s.connect(("127.0.0.1", int(url.rsplit(":", 1)[1])))
+        s.sendall(request.encode())
+        assert s.recv(12) == b"HTTP/1.1 200"
+        s.setsockopt(socket.SOL_SOCKET, socket.SO_LINGER, struct.pack("ii", 1, 0))  # reset
+
+
 def test_a_reader_that_goes_away_mid_download_is_no_server_error(tmp_path: Path) -> None:
     """Clients cancel downloads (a debugger that has what it needs, curl | head): the kernel's
     send then fails, and the server lets the response go as it does a streamed one."""
@@ -109,17 +122,8 @@ def test_a_reader_that_goes_away_mid_download_is_no_server_error(tmp_path: Path)
     with servers.asgi(create_app(settings, StaticTokens(tokens(tmp_path)))) as url:
         logging.getLogger("uvicorn.error").addHandler(handler)  # uvicorn set its loggers up by now
         try:
-            port = int(url.rsplit(":", 1)[1])
-            request = f"GET /buildid/{BUILD_ID}/executable HTTP/1.1\r\nHost: x\r\n"
-            request += f"Authorization: Bearer {TOKENS['a']}\r\n\r\n"
             for _ in range(3):
-                with socket.socket() as s:
-                    # a small window (set before connecting): the kernel's send is cut midway
-                    s.setsockopt(socket.SOL_SOCKET, socket.SO_RCVBUF, 4096)
-                    s.connect(("127.0.0.1", port))
-                    s.sendall(request.encode())
-                    assert s.recv(12) == b"HTTP/1.1 200"
-                    s.setsockopt(socket.SOL_SOCKET, socket.SO_LINGER, struct.pack("ii", 1, 0))  # reset
+                leave_mid_download(url)
             assert get(f"{url}/buildid/{BUILD_ID}/executable", "a").content == binary
             deadline = time.monotonic() + 1
             while not errors and time.monotonic() < deadline:
@@ -146,15 +150,7 @@ def test_a_reader_that_leaves_mid_download_is_counted_for_what_it_was_sent(tmp_p
     settings = config.from_dict({"state_dir": str(tmp_path / "state")})
     binary, _ = vault(settings, tmp_path, 32 << 20)
     with servers.asgi(create_app(settings, StaticTokens(tokens(tmp_path)))) as url:
-        port = int(url.rsplit(":", 1)[1])
-        request = f"GET /buildid/{BUILD_ID}/executable HTTP/1.1\r\nHost: x\r\n"
-        request += f"Authorization: Bearer {TOKENS['a']}\r\n\r\n"
-        with socket.socket() as s:
-            s.setsockopt(socket.SOL_SOCKET, socket.SO_RCVBUF, 4096)
-            s.connect(("127.0.0.1", port))
-            s.sendall(request.encode())
-            assert s.recv(12) == b"HTTP/1.1 200"
-            s.setsockopt(socket.SOL_SOCKET, socket.SO_LINGER, struct.pack("ii", 1, 0))  # reset
+        leave_mid_download(url)
         deadline = time.monotonic() + 20
         while (left := served_bytes(url)) == 0 and time.monotonic() < deadline:
             time.sleep(0.05)

@@ -4,7 +4,9 @@ The caller opens the object at the range's start: a plain file seeks there, a co
 zstd seekable format decompresses only the frames that hold the range
 (:func:`corevault.vault.crashes.plain_range`), and an older single-frame core is
 decompressed from its start and the bytes before the range discarded. One range per
-request; a request for several gets the whole object (which RFC 9110 allows).
+request; a request for several gets the whole object (which RFC 9110 allows). A plain file
+is sent by the kernel where the server can (:mod:`.zerocopy`), and counted for what was sent.
+:func:`accepts` reads ``Accept-Encoding``, for objects that can go out as they are stored.
 """
 
 from __future__ import annotations
