@@ -1,6 +1,6 @@
 """Server benchmark: page latency at 1,000,000 crashes, and debuginfod throughput.
 
-    python -m bench.server [--rows 1000000] [--binary-mib 256] [--runs 25]
+    python -m bench.server [--rows 1000000] [--binary-mib 256] [--runs 25] [--core-mib 256] [--downloads]
 
 ``corevault serve`` runs as its own process on 127.0.0.1 over a SQLite catalog of
 ``--rows`` crashes (2,000 crash groups of very different sizes, each in one of 50
