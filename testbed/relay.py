@@ -78,6 +78,9 @@ class Relay:
         return last
 
     def close(self) -> None:
+        """Stop relaying: new connections are refused, open ones cut."""
+        with suppress(OSError):  # wakes the accepting thread; a close alone leaves it listening
+            self.listener.shutdown(socket.SHUT_RDWR)
         self.listener.close()
         with self._lock:
             for s in self._sockets:

@@ -16,6 +16,7 @@ import os
 import socket
 import struct
 import subprocess
+import sys
 import time
 from collections.abc import Iterator
 from pathlib import Path
@@ -28,7 +29,7 @@ from corevault.server.access import StaticTokens
 from corevault.server.app import create_app
 from corevault.vault import blobs, catalog, stores
 from corevault.vault.remote import RemoteVault
-from testbed import servers
+from testbed import relay, servers
 from tests.conftest import starts_servers
 
 BUILD_ID = "5e" * 20
@@ -242,3 +243,47 @@ def test_a_core_in_s3_is_fetched_from_s3_as_stored_by_a_client_that_takes_zstd(
         assert part.status_code == 206 and part.content == plain[1048000:1049000]
         whole = get(path, "a", headers={"Accept-Encoding": "identity"})
         assert whole.status_code == 200 and whole.content == plain
+
+
+def serve_cli(cfg: Path, port: int) -> subprocess.Popen:
+    cli = os.path.join(os.path.dirname(sys.executable), "corevault")
+    return subprocess.Popen([cli, "-c", str(cfg), "serve", "--no-auth", "--listen", f"127.0.0.1:{port}"],
+                            stderr=subprocess.PIPE, text=True)  # fmt: skip
+
+
+def s3_config(tmp_path: Path, w: servers.Seaweed, public: str) -> Path:
+    cfg = tmp_path / "c.toml"
+    cfg.write_text(f'state_dir = "{tmp_path}/state"\n[vault]\nstore = "s3://{w.bucket}/v"\n'
+                   f'[vault.s3]\nendpoint = "{w.endpoint}"\naddressing = "path"\npublic_endpoint = "{public}"\n')  # fmt: skip
+    return cfg
+
+
+def test_redirects_to_an_address_that_is_not_the_store_stop_the_server_with_what_to_set(
+    s3_vault: tuple[config.Settings, servers.Seaweed], tmp_path: Path
+) -> None:
+    """The server reaches the store, but the address its redirects name (where readers are sent)
+    has nothing listening, or another service: `corevault serve` does not start, and says in one
+    line what to set; through an address that is the store (a relay to it), it serves, and the
+    redirect names that address; once that address stops answering, /healthz says so."""
+    settings, w = s3_vault
+    binary, _ = vault(settings, tmp_path)
+    closed = servers.free_port()
+    with servers.asgi(create_app(settings, StaticTokens(tokens(tmp_path)))) as other:  # not a store
+        for public in (f"http://127.0.0.1:{closed}", other):
+            server = serve_cli(s3_config(tmp_path, w, public), servers.free_port())
+            _, err = server.communicate(timeout=120)
+            assert server.returncode != 0
+            [line] = err.strip().splitlines()
+            assert public in line and "public_endpoint" in line and "redirect_downloads = false" in line, line
+    with relay.relay(w.s3_port) as public:
+        settings.s3.public_endpoint = public.endpoint
+        app = create_app(settings, StaticTokens(tokens(tmp_path)))
+        app.state.server.redirects.every = 0  # no reuse of the last answer in this test
+        with servers.asgi(app) as url:
+            assert httpx.get(f"{url}/healthz").json() == {"status": "ok"}
+            redirect = get(f"{url}/buildid/{BUILD_ID}/executable", "a")
+            assert redirect.status_code == 307 and redirect.headers["location"].startswith(public.endpoint)
+            assert httpx.get(redirect.headers["location"]).content == binary
+            public.close()
+            health = httpx.get(f"{url}/healthz")
+            assert health.status_code == 503 and "public_endpoint" in health.json()["detail"]

@@ -273,6 +273,7 @@ class S3Settings:
         "credentials_file",
         "endpoint",
         "part_size",
+        "public_endpoint",
         "redirect_downloads",
         "region",
     )
@@ -284,6 +285,9 @@ class S3Settings:
         self.redirect_downloads = True
         #: e.g. https://s3.oss-cn-hangzhou.aliyuncs.com for Alibaba OSS; None for AWS
         self.endpoint: str | None = None
+        #: the store's address as readers reach it, where it is not ``endpoint`` (the server's,
+        #: inside the cluster): the redirects' presigned URLs name it; None: ``endpoint``
+        self.public_endpoint: str | None = None
         self.region: str | None = None
         #: "auto", "path" or "virtual" (OSS needs virtual-hosted addressing)
         self.addressing = "auto"
@@ -520,9 +524,11 @@ def from_dict(doc: dict, where: str = "config") -> Settings:
         "checksums",
         "credentials_file",
         "redirect_downloads",
+        "public_endpoint",
     }
     _known(s3, s3_keys, f"{where} [vault.s3]")
     s.s3.endpoint = s3.get("endpoint") or None
+    s.s3.public_endpoint = s3.get("public_endpoint") or None
     s.s3.region = s3.get("region") or None
     s.s3.addressing = _choice(s3, "addressing", where, ("auto", "path", "virtual"), s.s3.addressing)
     s.s3.checksums = _choice(s3, "checksums", where, ("when_supported", "when_required"), s.s3.checksums)

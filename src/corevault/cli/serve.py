@@ -70,6 +70,9 @@ def serve(
     settings = config.load(ctx.obj["config"])
     alerting = sinks.parse(settings.alerts)
     app = create_app(settings, access)
+    problem = app.state.server.redirects.problem()
+    if problem is not None:
+        raise UserError(problem)
     scheme = "https" if tls_cert else "http"
     shown = f"[{host}]" if ":" in host else host
     print(f"corevault: serving {scheme}://{shown}:{port}/ (Ctrl-C stops)", file=sys.stderr, flush=True)

@@ -7,7 +7,8 @@ One ASGI application (FastAPI) over the catalog and blob store the agents fill:
   handler kept, so ``DEBUGINFOD_URLS`` makes gdb, eu-stack and drgn fetch a crash's binaries;
 - ``/``, ``/groups/…``, ``/crashes/…``: server-rendered pages (see :mod:`corevault.server.ui`);
 - ``/metrics`` (Prometheus) and ``/healthz``, without credentials: neither tells anything about
-  a crash.
+  a crash. ``/healthz`` fails when the catalog is unreachable, or when downloads are redirected
+  to a store address that does not answer (see :mod:`corevault.server.redirects`).
 
 Every other request names its reader with a bearer token (or, for pages, the cookie the
 login page sets) and sees only the namespaces :mod:`corevault.server.access` allows.
@@ -27,6 +28,7 @@ from prometheus_client import CollectorRegistry, Counter, Histogram
 from starlette.exceptions import HTTPException as StarletteHTTPException
 
 from corevault import config
+from corevault.server import redirects
 from corevault.server.access import COOKIE, Access, Denied, Principal
 from corevault.vault import catalog
 from corevault.vault.crashes import LocalVault
@@ -92,6 +94,8 @@ class Server:
         #: of the catalog, so that a form one gave out is taken by the others behind one address
         with self.vault.engine.begin() as conn:
             self.form_key = catalog.shared_key(conn, "form")
+        #: whether the store answers the presigned URLs downloads are redirected to
+        self.redirects = redirects.Check(self.vault)
 
     def namespaces(self) -> list[str]:
         with self.vault.engine.connect() as conn:
@@ -147,6 +151,9 @@ def create_app(settings: config.Settings, access: Access) -> FastAPI:
             server.namespaces()
         except Exception as e:  # the catalog is the one thing the server cannot work without
             raise HTTPException(503, f"catalog unreachable: {e}") from None
+        problem = server.redirects.problem()  # readers would get no binary
+        if problem is not None:
+            raise HTTPException(503, problem)
         return {"status": "ok"}
 
     @app.get("/metrics", include_in_schema=False)

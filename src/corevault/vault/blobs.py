@@ -285,18 +285,21 @@ class S3Store(BucketStore):
         if settings.credentials_file:
             os.environ["AWS_SHARED_CREDENTIALS_FILE"] = settings.credentials_file
             session = boto3.session.Session()
-        self.client = session.client(
-            "s3",
-            endpoint_url=settings.endpoint,
-            region_name=settings.region or "us-east-1",
-            config=Config(
-                s3={"addressing_style": settings.addressing},
-                request_checksum_calculation=settings.checksums,
-                response_checksum_validation="when_required",
-                retries={"max_attempts": 3, "mode": "standard"},
-                max_pool_connections=max(10, settings.concurrency * 2),
-            ),
+        config = Config(
+            s3={"addressing_style": settings.addressing},
+            request_checksum_calculation=settings.checksums,
+            response_checksum_validation="when_required",
+            retries={"max_attempts": 3, "mode": "standard"},
+            max_pool_connections=max(10, settings.concurrency * 2),
         )
+        region = settings.region or "us-east-1"
+        self.client = session.client("s3", endpoint_url=settings.endpoint, region_name=region, config=config)
+        # Presigned URLs name the address readers reach the store at; signing sends nothing.
+        self.signer = self.client
+        if settings.public_endpoint and settings.public_endpoint != settings.endpoint:
+            self.signer = session.client(
+                "s3", endpoint_url=settings.public_endpoint, region_name=region, config=config
+            )
         self.concurrency = settings.concurrency
         algorithm = "crc32" if settings.checksums == "when_supported" else "md5"
         self.uploads = s3upload.MultipartUpload(self.client, bucket, self.url, self.concurrency, algorithm)
@@ -314,7 +317,7 @@ class S3Store(BucketStore):
             where = {"Bucket": self.bucket, "Key": self._key(key)}
             if encoding is not None:
                 where["ResponseContentEncoding"] = encoding
-            return self.client.generate_presigned_url("get_object", Params=where, ExpiresIn=PRESIGNED_SECONDS)
+            return self.signer.generate_presigned_url("get_object", Params=where, ExpiresIn=PRESIGNED_SECONDS)
         except (BotoCoreError, ClientError) as e:
             raise StoreError(f"cannot sign a download of {key} from {self.url}: {e}") from None
 
