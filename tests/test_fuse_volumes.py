@@ -298,3 +298,28 @@ def test_the_seed_oss_example_pod_gets_its_core_in_the_bucket(
         key = f"core-!app!crasher-1-{meta['time']}"
         assert_core_in_bucket(s3, capture, rootfs, bucket, key=key, tmp_path=tmp_path)
         assert os.listdir(volume.path) == [key]
+
+
+def test_a_temporary_file_swapped_during_the_rename_is_not_published(
+    capture: Capture, rootfs: str, weed: servers.Seaweed, s3
+) -> None:
+    """On a bucket without hard links the core's name is reserved (a directory), then the core's
+    temporary file renamed to it. The tenant learns both names from inotify and, the moment the
+    reservation appears, renames a file of its own over the temporary one: the handler's rename
+    then moves the tenant's file to the core's name. What the name holds after the rename is
+    checked to be the file written, so the tenant's file is taken away and the core is journaled
+    as not delivered, never reported as written where the tenant's bytes lie."""
+    bucket = new_bucket(s3)
+    with fusefs.mounted("s3fs", weed, bucket) as volume:
+        crash_in(
+            capture, rootfs, volume, ["/app/racer", "/data/dump-a", "core", "/app/crasher", "segv"],
+            annotations={"corevault.io/core-pattern": "/data/dump-a/core"},
+        )  # fmt: skip
+    found = objects(s3, bucket)
+    assert "planted" not in found, f"the tenant's swap did not happen in time: {found}"
+    if "core" in found:
+        assert b"tenant" not in s3.get_object(Bucket=bucket, Key="core")["Body"].read()
+    [meta] = capture.entries()  # the spool copy is taken all the same
+    assert not meta["volume"]["written"], meta["volume"]
+    reasons = [r["reason"] for r in capture.journal() if r["event"] == "dropped"]
+    assert any("replaced while it was renamed" in r for r in reasons), reasons

@@ -160,3 +160,27 @@ def test_without_links_a_swapped_temporary_file_is_not_published(root, no_links)
     finally:
         os.close(d)
     assert not (path / "data/dump/core").exists()
+
+
+def test_without_links_a_file_swapped_in_during_the_rename_is_not_published(root, no_links, monkeypatch) -> None:
+    """The temporary name is swapped after it was checked, while the name is reserved: what the
+    rename gave the name is checked again, taken away and not published (tests/test_fuse_volumes.py
+    wins this race from a real container on a real FUSE bucket)."""
+    path, fd = root
+    real_rmdir = os.rmdir
+    d = safefs.open_dir(fd, "/data/dump")
+    f = safefs.NewFile(d)
+    os.write(f.fd, b"core")
+
+    def swap_then_rmdir(name, **kw):
+        (path / "data/dump/planted").write_text("attacker")
+        os.rename(path / "data/dump/planted", path / "data/dump" / f.tmp_name)
+        real_rmdir(name, **kw)
+
+    monkeypatch.setattr(os, "rmdir", swap_then_rmdir)
+    try:
+        with pytest.raises(safefs.UnsafePath, match="replaced while it was renamed"):
+            f.publish("core", os.getuid(), os.getgid())
+    finally:
+        os.close(d)
+    assert os.listdir(path / "data/dump") == []

@@ -28,7 +28,9 @@ is chosen by what the directory does when tried, never by its filesystem's name:
    upload error is reported before any final name exists), the final name is then
    reserved with ``mkdir`` (which never replaces a name nor follows a link; a taken
    name moves on to the next suffix), and the temporary file renamed to it. A rename
-   does not follow a link at its target either.
+   does not follow a link at its target either, and what the name holds after it is
+   checked to be the file written (a temporary name swapped during the rename is not
+   published).
 """
 
 from __future__ import annotations
@@ -170,7 +172,7 @@ class NewFile:
                 if not renaming:
                     renaming = not self._try_link(candidate, mine)
                 if renaming:
-                    self._reserve_and_rename(candidate)
+                    self._reserve_and_rename(candidate, mine)
             except FileExistsError:
                 continue
             return candidate
@@ -202,7 +204,7 @@ class NewFile:
             raise UnsafePath(f"the temporary file for {candidate} was replaced while it was written")
         return True
 
-    def _reserve_and_rename(self, candidate: str) -> None:
+    def _reserve_and_rename(self, candidate: str, mine: os.stat_result) -> None:
         """Claim ``candidate`` with an empty directory, then rename the core to it.
 
         ``mkdir`` is atomic, fails on any existing name and follows no link; unlike an empty
@@ -210,6 +212,12 @@ class NewFile:
         file asynchronously: an empty reservation's late upload raced the rename and the
         core vanished). Renaming a file onto a directory fails (EISDIR), so the name is
         freed just before the rename; only a name swapped in within that instant is replaced.
+
+        The temporary name was checked before the reservation, but the container may swap it
+        between that check and the rename (each is a round trip to a FUSE daemon): what got
+        ``candidate`` is checked again, opened by the directory's fd without following a
+        link, and must be the file written (device and inode); anything else is taken away
+        from the name and the publish fails.
         """
         assert self.tmp_name is not None
         _step(f"reserving {candidate}", os.mkdir, candidate, 0o700, dir_fd=self.dir_fd)
@@ -226,7 +234,13 @@ class NewFile:
             raise PublishFailed(
                 e.errno, f"renaming the file to {candidate} failed, nothing was published: {e.strerror}"
             ) from e
-        self.tmp_name = None
+        self.tmp_name = None  # whatever it names now is not ours to remove
+        if not _is_mine(self.dir_fd, candidate, mine):
+            try:  # noqa: SIM105 - no contextlib on the crash path
+                os.unlink(candidate, dir_fd=self.dir_fd)
+            except OSError:
+                pass  # a directory swapped in stays: it names no core either
+            raise UnsafePath(f"the temporary file for {candidate} was replaced while it was renamed")
 
     def discard(self) -> None:
         """Drop the file: the anonymous one vanishes, a temporary name is removed."""
@@ -245,6 +259,30 @@ class NewFile:
             except OSError:
                 pass
             self.tmp_name = None
+
+
+def _is_mine(dir_fd: int, name: str, mine: os.stat_result) -> bool:
+    """Whether ``name`` in ``dir_fd`` is the regular file ``mine`` (a link there is not followed).
+
+    The same device and inode; or, on the same device, a file of ``mine``'s size, owner and
+    mode: rclone mount gives a file a new inode number when it is renamed. A tenant passes that
+    only with a file of the core's exact size, owner and mode, in its own directory, where it
+    may write as well once the core is published.
+    """
+    try:
+        fd = os.open(name, os.O_PATH | os.O_NOFOLLOW | os.O_CLOEXEC, dir_fd=dir_fd)
+    except OSError:
+        return False
+    try:
+        st = os.fstat(fd)
+    finally:
+        os.close(fd)
+    if not stat.S_ISREG(st.st_mode) or st.st_dev != mine.st_dev:
+        return False
+    if st.st_ino == mine.st_ino:
+        return True
+    same = ("st_size", "st_uid", "st_gid", "st_mode")
+    return all(getattr(st, a) == getattr(mine, a) for a in same)
 
 
 def _step(what: str, fn, *args, **kwargs):  # -> fn's result
