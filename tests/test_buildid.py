@@ -53,7 +53,8 @@ def test_mapped_objects_of_a_live_process_are_opened_and_stored(tmp_path) -> Non
             time.sleep(0.01)  # right after exec the dynamic loader is still mapping libraries
         with open(f"/proc/{proc.pid}/maps") as f:
             maps = f.read()
-        modules = buildid.open_modules(proc_fd, maps)
+        modules, skipped = buildid.open_modules(proc_fd, maps)
+        assert skipped is None
         os.close(proc_fd)
     finally:
         proc.kill()
@@ -67,7 +68,7 @@ def test_mapped_objects_of_a_live_process_are_opened_and_stored(tmp_path) -> Non
         assert m.key == m.build_id and m.sha256 == hashlib.sha256(content).hexdigest()
         assert (tmp_path / "buildid" / m.key / m.sha256).read_bytes() == content
     self_fd = os.open("/proc/self", os.O_RDONLY | os.O_DIRECTORY)
-    again = buildid.open_modules(self_fd, Path("/proc/self/maps").read_text())
+    again, _ = buildid.open_modules(self_fd, Path("/proc/self/maps").read_text())
     os.close(self_fd)
     buildid.store_modules(str(tmp_path), again)
     libc = next(m for m in again if m.path.endswith("libc.so.6"))

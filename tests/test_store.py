@@ -104,6 +104,38 @@ def test_the_store_keeps_its_quota(capture: Capture, tmp_path) -> None:
     assert any(s.startswith("not stored: no room") for s in stored.values()), stored
 
 
+def test_a_process_mapping_thousands_of_files_gets_a_bounded_share_of_the_handler(
+    capture: Capture, tmp_path
+) -> None:
+    """A pod maps 3,000 ELF files (the kernel lets a process have 65,530 mappings): the handler
+    looks at ``[capture] max_objects`` mapped files, those with code first, so the program's own
+    executable and libraries are still kept, and hashes and copies at most ``max_objects_size``
+    bytes of them; what it passed over is journaled, with why, and the core is captured."""
+    root = runc.build_rootfs(
+        str(tmp_path / "root"),
+        {"mapper": build.build_variant("mapper", "tenant.c", ["gcc", "-g", "-O1", "-DFORGED"])},
+    )
+    lib = build.build("libcrashy.so")
+    os.mkdir(os.path.join(root, "objs"))
+    for i in range(3000):
+        shutil.copy(lib, os.path.join(root, "objs", f"{i}.so"))
+    capture.configure('[capture]\nmax_objects = 200\nmax_objects_size = "4M"\n')
+    c = capture.crash(root, ["/bin/sh", "-c", "exec /app/mapper map /objs/*"], annotations=_pod("tenant-a", "maps"))
+    [meta] = [m for m in capture.entries() if m["pod"]["container_id"] == c.id]
+    modules = {m["path"]: m for m in meta["modules"]}
+    assert len(modules) <= 200
+    for program in ("/app/mapper", "/lib/x86_64-linux-gnu/libc.so.6"):
+        assert modules[program]["stored"] in ("new", "held"), modules[program]
+    kept = [m for m in modules.values() if m["stored"] in ("new", "held")]
+    assert sum(m["size"] for m in kept) <= 4 << 20
+    assert any(m["stored"].startswith("not stored: past [capture] max_objects_size") for m in modules.values())
+    [skipped] = [r for r in capture.journal() if r["event"] == "objects-skipped"]
+    assert "mapped files not looked at: [capture] max_objects is 200" in skipped["reason"], skipped
+    assert "not stored: [capture] max_objects_size is 4194304 bytes" in skipped["reason"], skipped
+    assert skipped["reason"] in meta["warnings"]
+    assert meta["core"]["size"] > 0 and meta["volume"]["written"]
+
+
 @dataclass
 class Tenants:
     cap: Capture

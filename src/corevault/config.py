@@ -16,6 +16,8 @@ Example::
     storm_window = 600
     pod_dumps = 2                   # dumps of one pod read at once; more are refused at once
     namespace_dumps = 4             # the same for one namespace
+    max_objects = 500               # mapped files of one crash looked at for binaries to keep
+    max_objects_size = "4G"         # and bytes of those binaries hashed; the rest are journaled
 
     [spool]
     max_size = "10G"                # the spool never grows past this
@@ -149,6 +151,8 @@ class Settings:
         "namespace_dumps",
         "namespace_share",
         "node_name",
+        "objects_max",
+        "objects_max_size",
         "pod_dumps",
         "pod_share",
         "podindex_dir",
@@ -199,6 +203,10 @@ class Settings:
         #: dumps of one pod (one namespace) read at once; the kernel's core_pipe_limit is shared
         self.pod_dumps = 2
         self.namespace_dumps = 4
+        #: mapped files of one crash the handler looks at (for ELF objects to hash and keep), and
+        #: the bytes of ELF objects it hashes: a process mapping 100,000 files costs no more
+        self.objects_max = 500
+        self.objects_max_size = 4 << 30
         self.spool_max_size = 10 << 30
         self.spool_keep_free = 1 << 30
         #: the part of the spool one pod's (one namespace's) entries may take
@@ -442,7 +450,8 @@ def from_dict(doc: dict, where: str = "config") -> Settings:
     cap = _table(doc, "capture", where)
     _known(
         cap,
-        {"targets", "timeout", "storm_max", "storm_window", "core_uses_pid", "pod_dumps", "namespace_dumps"},
+        {"targets", "timeout", "storm_max", "storm_window", "core_uses_pid", "pod_dumps", "namespace_dumps"}
+        | {"max_objects", "max_objects_size"},
         f"{where} [capture]",
     )
     if "targets" in cap:
@@ -455,6 +464,12 @@ def from_dict(doc: dict, where: str = "config") -> Settings:
         if value != int(value) or not 1 <= value <= 1024:
             raise ConfigError(f"{where} [capture] {key}: use a whole number from 1 to 1024, got {value}")
         setattr(s, key, int(value))
+    objects_max = _number(cap, "max_objects", where, s.objects_max)
+    if objects_max != int(objects_max) or objects_max < 1:
+        raise ConfigError(f"{where} [capture] max_objects: use a whole number from 1 up, got {objects_max}")
+    s.objects_max = int(objects_max)
+    if "max_objects_size" in cap:
+        s.objects_max_size = parse_size(cap["max_objects_size"], f"{where} [capture] max_objects_size")
     if "core_uses_pid" in cap:
         if not isinstance(cap["core_uses_pid"], bool):
             raise ConfigError(f"{where} [capture] core_uses_pid: expected true or false")

@@ -1,7 +1,7 @@
 /* Two tenants' programs that claim one build-id (chosen at link time with --build-id=0x…).
  *   tenant            victim_parse() dereferences NULL: tenant B's own program
  *   tenant (-DFORGED) pwned_by_tenant_a() does: tenant A's forgery of B's build-id
- *   tenant map FILE   map FILE (a shared object, say) from offset 0, then crash as above
+ *   tenant map FILE…  map each FILE (a shared object, say) from offset 0, then crash as above
  */
 #include <fcntl.h>
 #include <stdio.h>
@@ -27,6 +27,7 @@ int main(int argc, char **argv) {
             perror(argv[i]);
             return 2;
         }
+        close(fd); /* the mapping stays: thousands of files fit within the open-file limit */
     }
     CRASH(nowhere);
     return 0;

@@ -82,15 +82,42 @@ def mapped_objects(maps: str) -> list[tuple[str, str, int, int]]:
     return [(p, name, lo, ends[p]) for p, name, lo, _ in seen.values()]
 
 
+def executable_paths(maps: str) -> set[str]:
+    """The files the process mapped with execute permission somewhere."""
+    paths = set()
+    for line in maps.splitlines():
+        fields = line.split(None, 5)
+        if len(fields) == 6 and "x" in fields[1] and fields[5].startswith("/"):
+            paths.add(fields[5])
+    return paths
+
+
 def read_build_id(fd: int) -> str | None:
     """The GNU build-id of the ELF file open on ``fd``, or None."""
     return elf.build_id(lambda offset, size: os.pread(fd, size, offset))
 
 
-def open_modules(proc_fd: int, maps: str) -> list[Module]:
-    """Open and identify every mapped ELF object while the process is still there."""
-    modules = []
-    for path, name, start, end in mapped_objects(maps):
+def open_modules(
+    proc_fd: int, maps: str, max_files: int | None = None, max_bytes: int | None = None
+) -> tuple[list[Module], str | None]:
+    """Open and identify the mapped ELF objects while the process is still there.
+
+    A process decides how many files it maps, so at most ``max_files`` of them are looked at
+    (those with code first) and at most ``max_bytes`` of ELF objects are kept open to be
+    hashed and copied; an object past that is listed with its build-ids, not stored.
+    Returns the objects and, when some were passed over, why, in one line.
+    """
+    found: dict[int, Module] = {}
+    mapped = mapped_objects(maps)
+    order = list(range(len(mapped)))
+    if max_files is not None or max_bytes is not None:
+        # Files with code first (the executable, its libraries), then data files (jars, fonts,
+        # a tenant's thousands of mappings); within each, in the order of their addresses.
+        code = executable_paths(maps)
+        order = sorted(order, key=lambda i: mapped[i][0] not in code)[:max_files]
+    kept = passed_over = 0
+    for i in order:
+        path, name, start, end = mapped[i]
         m = Module(path, start, end)
         ids = None
         try:
@@ -104,8 +131,25 @@ def open_modules(proc_fd: int, maps: str) -> list[Module]:
             continue
         if ids is not None:
             m.build_id, m.go_build_id = ids
-        modules.append(m)
-    return modules
+        if m.fd >= 0 and max_bytes is not None:
+            m.size = os.fstat(m.fd).st_size
+            if kept + m.size > max_bytes:
+                os.close(m.fd)
+                m.fd = -1
+                m.stored = f"not stored: past [capture] max_objects_size ({max_bytes} bytes a crash)"
+                passed_over += 1
+            else:
+                kept += m.size
+        found[i] = m
+    modules = [found[i] for i in sorted(found)]  # in the order of their addresses
+    why = []
+    if max_files is not None and len(mapped) > max_files:
+        why.append(f"{len(mapped) - max_files} of {len(mapped)} mapped files not looked at: "
+                   f"[capture] max_objects is {max_files}")  # fmt: skip
+    if passed_over:
+        why.append(f"{passed_over} mapped ELF objects not stored: "
+                   f"[capture] max_objects_size is {max_bytes} bytes")  # fmt: skip
+    return modules, "; ".join(why) or None
 
 
 def store_modules(

@@ -94,7 +94,9 @@ def deliver(
             journal(settings, {**record, "event": "dropped", "reason": "; ".join(job.problems)})
             return
         # The mapped binaries are opened while the process still exists, copied later.
-        job.modules = buildid.open_modules(crash.proc_fd, crash.maps)
+        job.modules, job.objects_skipped = buildid.open_modules(
+            crash.proc_fd, crash.maps, settings.objects_max, settings.objects_max_size
+        )
         try:
             head = head if head is not None else corehead.read_head(core_fd)
             # the memory at the stack pointer, as it streams past, for the crash's fingerprint
@@ -144,6 +146,8 @@ class _Job:
         self.sinks: list = []
         self.problems: list[str] = []
         self.modules: list[buildid.Module] = []
+        #: why some mapped files were not looked at or not stored (the per-crash bounds), or None
+        self.objects_skipped: str | None = None
         #: where it crashed, cheaply (corevault.fingerprint), once the modules are hashed
         self.fingerprint: str | None = None
         self.volume: dict = {"pattern": plan.pattern, "path": plan.volume_path, "written": False}
@@ -243,6 +247,8 @@ class _Job:
         if self.truncated:
             reason = _truncation(self.size, self.expected, self.plan)
             journal(self.settings, {**event, "event": "truncated", "reason": reason})
+        if self.objects_skipped is not None:
+            journal(self.settings, {**event, "event": "objects-skipped", "reason": self.objects_skipped})
         for problem in self.problems:
             journal(self.settings, {**event, "event": "dropped", "reason": problem})
         if self.volume["written"] or event["entry"]:
@@ -316,7 +322,7 @@ def _record(
         "volume": job.volume,
         "modules": [m.as_dict() for m in job.modules],
         "fingerprint": job.fingerprint,
-        "warnings": job.record.get("warnings", []),
+        "warnings": [*job.record.get("warnings", []), *filter(None, [job.objects_skipped])],
         "problems": job.problems,
         "snapshot": job.record.get("snapshot"),
     }
