@@ -236,7 +236,7 @@ class NewFile:
             ) from e
         self.tmp_name = None  # whatever it names now is not ours to remove
         if not _is_mine(self.dir_fd, candidate, mine):
-            try:  # noqa: SIM105 - no contextlib on the crash path
+            try:
                 os.unlink(candidate, dir_fd=self.dir_fd)
             except OSError:
                 pass  # a directory swapped in stays: it names no core either
