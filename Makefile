@@ -59,6 +59,7 @@ bench: setup
 	$(PY) -m compileall -q src
 	$(PY) -m bench.capture
 	$(PY) -m bench.analysis
+	$(PY) -m bench.analysis_cost
 	$(PY) -m bench.vault
 	$(PY) -m bench.server
 	$(PY) -m bench.fleet
