@@ -250,6 +250,14 @@ def _like(word: str) -> str:
     return "%" + re.sub(r"([\\%_])", r"\\\1", word) + "%"
 
 
+def _contains(conn: Connection, column: sa.ColumnElement, word: str) -> sa.ColumnElement:
+    """``column`` holds ``word`` in any case. SQLite's LIKE ignores case already (ASCII, as its
+    lower() does): ILIKE there would be lower() of both sides on each row."""
+    if conn.dialect.name == "sqlite":
+        return column.like(_like(word), escape="\\")
+    return column.ilike(_like(word), escape="\\")
+
+
 def _holding(conn: Connection, word: str) -> sa.ColumnElement:
     """The condition on ``search_values`` of the values that hold ``word``, by the trigram index."""
     v = search_values.c
@@ -315,10 +323,9 @@ def crash_match(conn: Connection, q: str) -> CrashMatch:
     for word in terms(q):
         found = _values_holding(conn, word)
         if len(found) > FEW:  # many values: checked on each crash of the walk, which ends soon
-            like = _like(word)
             where.append(sa.or_(
-                *(c[k].ilike(like, escape="\\") for k in (*CRASH_KINDS, "title")),
-                groups.c.frames.ilike(like, escape="\\"),
+                *(_contains(conn, c[k], word) for k in (*CRASH_KINDS, "title")),
+                _contains(conn, groups.c.frames, word),
             ))  # fmt: skip
             group_text = True
             continue
@@ -371,7 +378,7 @@ def group_condition(
     for word in terms(q):
         found = _values_holding(conn, word)
         if len(found) > FEW:
-            holding = v.value.ilike(_like(word), escape="\\")
+            holding = _contains(conn, v.value, word)
             of_group = sa.select(gt.value_id).join(search_values, v.id == gt.value_id)
             held.append(sa.exists(of_group.where(gt.signature == signature, *scope, holding)))
         else:
