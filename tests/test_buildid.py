@@ -61,7 +61,14 @@ def test_mapped_objects_of_a_live_process_are_opened_and_stored(tmp_path) -> Non
         proc.wait()
     paths = {m.path for m in modules}
     assert "/usr/bin/sleep" in paths and "/usr/lib/x86_64-linux-gnu/libc.so.6" in paths
-    buildid.store_modules(str(tmp_path), modules)  # the process is gone: the fds still work
+    asked: list[int] = []
+
+    def room() -> int:  # measuring the store walks it: only asked once a file is to be copied
+        asked.append(1)
+        return 1 << 30
+
+    buildid.store_modules(str(tmp_path), modules, room)  # the process is gone: the fds still work
+    assert asked == [1]
     for m in modules:
         assert m.stored == "new" and m.fd == -1
         content = Path(m.path).read_bytes()
@@ -70,9 +77,12 @@ def test_mapped_objects_of_a_live_process_are_opened_and_stored(tmp_path) -> Non
     self_fd = os.open("/proc/self", os.O_RDONLY | os.O_DIRECTORY)
     again, _ = buildid.open_modules(self_fd, Path("/proc/self/maps").read_text())
     os.close(self_fd)
-    buildid.store_modules(str(tmp_path), again)
+    buildid.store_modules(str(tmp_path), [m for m in again if m.path in paths], room)
     libc = next(m for m in again if m.path.endswith("libc.so.6"))
-    assert libc.stored == "held"
+    assert libc.stored == "held" and asked == [1]  # all held: the room was not asked again
+    for m in again:
+        if m.fd >= 0:
+            os.close(m.fd)
 
 
 def test_maps_parsing_takes_offset_zero_mappings_once() -> None:

@@ -25,6 +25,10 @@ from corevault.capture import hashcache
 from corevault.capture.safefs import NewFile
 from corevault.capture.stream import CHUNK, SparseSink, zero_chunk
 
+TYPE_CHECKING = False  # typing.TYPE_CHECKING would import typing, which the crash path never loads
+if TYPE_CHECKING:
+    from collections.abc import Callable
+
 MAX_STORED_SIZE = 2 << 30
 
 
@@ -153,21 +157,34 @@ def open_modules(
 
 
 def store_modules(
-    store: str, modules: list[Module], room: int | None = None, hashes: str | None = None
+    store: str,
+    modules: list[Module],
+    room: int | Callable[[], int] | None = None,
+    hashes: str | None = None,
 ) -> None:
     """Hash each module, copy the contents the store does not hold; set ``stored``, close the fds.
 
-    ``room`` is how many bytes of disk the store may still take (None: no limit); ``hashes``
-    the directory of the content hash cache (:mod:`.hashcache`; None: hash every file).
+    ``room`` is how many bytes of disk the store may still take (None: no limit), or a function
+    that tells, asked only once a file is to be copied: measuring the store's use walks it, which
+    a crash whose binaries are all held never needs. ``hashes`` is the directory of the content
+    hash cache (:mod:`.hashcache`; None: hash every file).
     """
     mounts = hashcache.Mounts()
+    left = [room]
+
+    def room_now() -> int | None:
+        if callable(left[0]):
+            left[0] = left[0]()
+        return left[0]
+
     for m in modules:
         if m.fd < 0:
             continue
         try:
-            m.stored, taken = _store(store, m, room, hashes, mounts)
+            m.stored, taken = _store(store, m, room_now, hashes, mounts)
+            room = room_now() if taken else None
             if room is not None:
-                room -= taken
+                left[0] = room - taken
         except OSError as e:
             m.stored = f"not stored: {e.strerror or e}"
         finally:
@@ -252,7 +269,7 @@ class _Changed(Exception):
 
 
 def _store(
-    store: str, m: Module, room: int | None, hashes: str | None, mounts: hashcache.Mounts
+    store: str, m: Module, room_now: Callable[[], int | None], hashes: str | None, mounts: hashcache.Mounts
 ) -> tuple[str, int]:
     st = os.fstat(m.fd)
     size = m.size = st.st_size
@@ -268,6 +285,7 @@ def _store(
         os.utime(path)  # in use again: eviction's grace period starts anew
         return "held", 0
     need = sum(end - start for start, end, data in _segments(m.fd, size) if data)
+    room = room_now()
     if room is not None and need > room:
         return (
             f"not stored: no room for {need} bytes in the node's store "
