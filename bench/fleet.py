@@ -1,7 +1,7 @@
 """Fleet benchmark: many node agents shipping into one PostgreSQL and one S3, and the catalog at size.
 
-    python -m bench.fleet [--agents 50] [--per-agent 40] [--batch 64] [--ingest-runs 2] [--ingest-only]
-                          [--rows 1000000] [--groups 20000] [--runs 25]
+    python -m bench.fleet [--agents 50] [--per-agent 40] [--catalog-per-agent 200] [--batch 64]
+                          [--ingest-runs 2] [--ingest-only] [--rows 1000000] [--groups 20000] [--runs 25]
 
 Measured in one run against a real SeaweedFS (``weed mini``) and a real PostgreSQL on 127.0.0.1:
 
@@ -10,17 +10,18 @@ Measured in one run against a real SeaweedFS (``weed mini``) and a real PostgreS
    (real cores of small processes taken with gdb's ``gcore``, compressed as the capture
    handler compresses them, with varied metadata: 200 namespaces, their pods and images,
    four signals) through the agent's own shipping step (core and metadata uploaded and
-   verified, the crash row, its search text and its namespace inserted): in batches of
+   verified, the crash row, its search values and its namespace inserted): in batches of
    ``--batch`` (:func:`corevault.agent.ship.ship_batch`, as the agent's loop ships: small
    cores ``[agent] ship_parallel`` at once, the rows in one transaction) and, as the
    baseline, one entry at a time (:func:`corevault.agent.ship.ship_entry`). All start
    together; crashes/s is entries ÷ (last done - first start). Then the catalog's part
-   alone: the same processes insert the same records into a fresh database, ``--batch`` per
+   alone, sustained: the same processes insert ``--catalog-per-agent`` records each (of
+   the same kind) into a fresh database, ``--batch`` per
    transaction (:func:`corevault.vault.catalog.add_crashes`) and one per transaction
    (:func:`corevault.vault.catalog.add_crash`, the baseline); goal ≥ 1,000 crashes/s.
    ``--ingest-runs`` runs of each (fresh spools and databases), their medians printed beside
    the goal and the baseline. Each line also gives the CPU time per crash of the agents'
-   processes and of PostgreSQL's (SeaweedFS's not counted): on a loaded machine the rate is
+   processes, of PostgreSQL's and (shipping) of SeaweedFS's: on a loaded machine the rate is
    what the others leave over, the CPU per crash is what a crash costs.
 2. **Size**: ``--rows`` crashes in ``--groups`` groups over 200 namespaces and 90 days,
    bulk-loaded by PostgreSQL itself (``INSERT … SELECT … FROM generate_series``: the rows
@@ -121,19 +122,21 @@ def meta_of(agent: int, n: int, core: tuple[str, int, str], rng: random.Random) 
     }  # fmt: skip
 
 
-def fill_spool(spool_dir: str, agent: int, count: int, cores: list[tuple[str, int, str]]) -> list[dict]:
+def metas_of(agent: int, count: int, cores: list[tuple[str, int, str]]) -> list[dict]:
+    """Agent ``agent``'s ``count`` crashes, the ``n``-th of ``cores[n % len(cores)]``."""
     rng = random.Random(agent)
+    return [meta_of(agent, n, cores[n % len(cores)], rng) for n in range(count)]
+
+
+def fill_spool(spool_dir: str, agent: int, count: int, cores: list[tuple[str, int, str]]) -> list[dict]:
     ready = spool.ready_dir(spool_dir)
-    metas = []
-    for n in range(count):
-        core = cores[n % len(cores)]
-        meta = meta_of(agent, n, core, rng)
+    metas = metas_of(agent, count, cores)
+    for n, meta in enumerate(metas):
         entry = os.path.join(ready, meta["id"])
         os.makedirs(entry)
-        os.link(core[0], os.path.join(entry, spool.CORE_NAME))
+        os.link(cores[n % len(cores)][0], os.path.join(entry, spool.CORE_NAME))
         with open(os.path.join(entry, spool.META_NAME), "w") as f:
             json.dump(meta, f)
-        metas.append(meta)
     return metas
 
 
@@ -196,15 +199,17 @@ class Raced:
     seconds: float
     entries: int
     new: int
-    #: CPU seconds of the agents' processes, and of PostgreSQL's, from the start on
+    #: CPU seconds of the agents' processes, of PostgreSQL's and of SeaweedFS's, from the start on
     agents_cpu: float
     database_cpu: float
+    store_cpu: float = 0.0
 
     def line(self, what: str) -> str:
         rate = self.entries / self.seconds
         return (f"  {what:<62} {rate:7.0f} crashes/s ({self.entries} in {self.seconds:.1f} s, {self.new} new); "
                 f"CPU per crash: agents {self.agents_cpu / self.entries * 1000:.2f} ms, "
-                f"PostgreSQL {self.database_cpu / self.entries * 1000:.2f} ms")  # fmt: skip
+                f"PostgreSQL {self.database_cpu / self.entries * 1000:.2f} ms"
+                + (f", SeaweedFS {self.store_cpu / self.entries * 1000:.2f} ms" if self.store_cpu else ""))  # fmt: skip
 
 
 def database_cpu(pg: servers.Postgres) -> float:
@@ -233,7 +238,15 @@ def _stat(pid: str) -> list[str] | None:
         return None
 
 
-def race(pg: servers.Postgres, target: object, args: list[tuple]) -> Raced:
+def store_cpu(store: servers.Seaweed | None) -> float:
+    """CPU seconds of SeaweedFS's process so far (0 without one)."""
+    fields = _stat(str(store.proc.pid)) if store is not None and store.proc is not None else None
+    return (int(fields[11]) + int(fields[12])) / os.sysconf("SC_CLK_TCK") if fields else 0.0
+
+
+def race(
+    pg: servers.Postgres, target: object, args: list[tuple], store: servers.Seaweed | None = None
+) -> Raced:
     """Run ``target(*a, start, out)`` in one process per ``a``, all started at once."""
     ctx = multiprocessing.get_context("fork")
     start, out = ctx.Event(), ctx.Queue()
@@ -241,7 +254,7 @@ def race(pg: servers.Postgres, target: object, args: list[tuple]) -> Raced:
     for p in procs:
         p.start()
     time.sleep(1 + len(procs) * 0.05)  # every process connected and waiting
-    before = database_cpu(pg)
+    before, store_before = database_cpu(pg), store_cpu(store)
     start.set()
     results = [out.get(timeout=1800) for _ in procs]
     for p in procs:
@@ -252,19 +265,21 @@ def race(pg: servers.Postgres, target: object, args: list[tuple]) -> Raced:
     began = min(r[0] for r in results)
     ended = max(r[1] for r in results)
     return Raced(ended - began, sum(r[2] for r in results), sum(r[3] for r in results),
-                 sum(r[4] for r in results), database_cpu(pg) - before)  # fmt: skip
+                 sum(r[4] for r in results), database_cpu(pg) - before, store_cpu(store) - store_before)  # fmt: skip
 
 
 def bench_ingest(w: servers.Seaweed, pg: servers.Postgres, agents: int, per_agent: int, batch: int,
-                 runs: int) -> None:  # fmt: skip
+                 runs: int, catalog_per_agent: int) -> None:  # fmt: skip
     """Shipping and the catalog's part alone, one entry at a time and in batches, ``runs`` times."""
     work = tempfile.mkdtemp(prefix="cv-bench-fleet-")
     try:
         cores = real_cores(work)
         os.environ["AWS_ACCESS_KEY_ID"], os.environ["AWS_SECRET_ACCESS_KEY"] = servers.KEY, servers.SECRET
         sizes = ", ".join(f"{c[1] >> 10} KiB ({os.path.getsize(c[0]) >> 10} KiB stored)" for c in cores)
-        print(f"ingest: {agents} agent processes x {per_agent} spool entries, real gcore cores of {sizes}; "
-              f"batches of {batch} against one entry at a time (the baseline), {runs} runs each, medians")  # fmt: skip
+        print(f"ingest: {agents} agent processes x {per_agent} spool entries (the catalog's part alone: x "
+              f"{catalog_per_agent} records), real gcore cores of {sizes}; batches of {batch} against one "
+              f"entry at a time (the baseline), {runs} runs each, medians")  # fmt: skip
+        records = [metas_of(a, catalog_per_agent, cores) for a in range(agents)]
         cases = [
             ("shipping (S3 upload and check, catalog rows)", "ship"),
             ("the catalog's part alone", "insert"),
@@ -277,19 +292,19 @@ def bench_ingest(w: servers.Seaweed, pg: servers.Postgres, agents: int, per_agen
                     url = pg.database(name)
                     catalog.connect(url).dispose()  # the schema, made once before the race
                     if kind == "ship":
-                        settings, metas = [], []
+                        settings = []
                         for a in range(agents):
                             s = agent_settings(os.path.join(work, name), a, w.bucket, w.endpoint, url)
                             spool.ensure(s.spool_dir)
-                            metas.append(fill_spool(s.spool_dir, a, per_agent, cores))
+                            fill_spool(s.spool_dir, a, per_agent, cores)
                             settings.append(s)
-                        raced = race(pg, _ship_all, [(s, size) for s in settings])
+                        raced = race(pg, _ship_all, [(s, size) for s in settings], w)
                         if count_rows(url) != agents * per_agent:
                             raise SystemExit(
                                 f"{count_rows(url)} rows after shipping {agents * per_agent} crashes"
                             )
                     else:
-                        raced = race(pg, _insert_all, [(url, m, size) for m in metas])
+                        raced = race(pg, _insert_all, [(url, m, size) for m in records])
                     measured.setdefault((kind, size), []).append(raced)
                     print(
                         f"  run {run + 1}: "
@@ -312,7 +327,8 @@ def median_of(raced: list[Raced]) -> Raced:
     entries = raced[0].entries
     rate = statistics.median(r.entries / r.seconds for r in raced)
     return Raced(entries / rate, entries, min(r.new for r in raced),
-                 statistics.median(r.agents_cpu for r in raced), statistics.median(r.database_cpu for r in raced))  # fmt: skip
+                 *(statistics.median(getattr(r, cpu) for r in raced)
+                   for cpu in ("agents_cpu", "database_cpu", "store_cpu")))  # fmt: skip
 
 
 def count_rows(url: str) -> int:
@@ -535,10 +551,13 @@ def main() -> int:
     ap.add_argument("--runs", type=int, default=25)
     ap.add_argument("--batch", type=int, default=64, help="entries per batch (1: one at a time only)")
     ap.add_argument("--ingest-runs", type=int, default=2)
+    ap.add_argument(
+        "--catalog-per-agent", type=int, default=200, help="records per agent, the catalog's part"
+    )
     ap.add_argument("--ingest-only", action="store_true", help="skip the catalog at size")
     a = ap.parse_args()
     with servers.seaweed() as w, servers.postgres() as pg:
-        bench_ingest(w, pg, a.agents, a.per_agent, a.batch, a.ingest_runs)
+        bench_ingest(w, pg, a.agents, a.per_agent, a.batch, a.ingest_runs, a.catalog_per_agent)
         if not a.ingest_only:
             bench_size(pg, a.rows, a.groups, a.runs)
     return 0
