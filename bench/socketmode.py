@@ -48,23 +48,34 @@ def _unlimited() -> None:
     resource.setrlimit(resource.RLIMIT_CORE, (resource.RLIM_INFINITY, resource.RLIM_INFINITY))
 
 
-def crash(args: list[str]) -> tuple[float, bool]:
+def _cpu(usage: resource.struct_rusage) -> float:
+    return usage.ru_utime + usage.ru_stime
+
+
+def crash(args: list[str]) -> tuple[float, bool, float]:
+    """Crash ``args``: the seconds to reaped, whether it dumped, and the CPU seconds of the
+    crashing task (the kernel writing its core) and of this process (the receiver and the
+    listener capture in it, as in the agent) meanwhile."""
+    before = _cpu(resource.getrusage(resource.RUSAGE_SELF))
     started = time.perf_counter()
     child = subprocess.Popen(args, preexec_fn=_unlimited, stderr=subprocess.DEVNULL)  # noqa: PLW1509
-    _, status = os.waitpid(child.pid, 0)
-    return time.perf_counter() - started, os.WCOREDUMP(status)
+    _, status, usage = os.wait4(child.pid, 0)
+    seconds = time.perf_counter() - started
+    cpu = _cpu(usage) + _cpu(resource.getrusage(resource.RUSAGE_SELF)) - before
+    return seconds, os.WCOREDUMP(status), cpu
 
 
-def once(args: list[str], state: str) -> float:
-    """Crash ``args`` once; the seconds to reaped. Empties the spool and the volume after it."""
-    seconds, dumped = crash(args)
+def once(args: list[str], state: str) -> tuple[float, float]:
+    """Crash ``args`` once; the seconds to reaped and the CPU seconds (see :func:`crash`).
+    Empties the spool and the volume after it."""
+    seconds, dumped, cpu = crash(args)
     if not dumped:
         raise SystemExit(f"{args[0]} was not dumped: see {state}/spool/journal.jsonl")
     for entry in spool.entries(os.path.join(state, "spool")):  # keep the spool from filling
         shutil.rmtree(os.path.join(spool.ready_dir(os.path.join(state, "spool")), entry))
     for name in os.listdir(os.path.join(os.path.dirname(state), "vol")):
         os.unlink(os.path.join(os.path.dirname(state), "vol", name))
-    return seconds
+    return seconds, cpu
 
 
 def main() -> int:
@@ -94,7 +105,7 @@ def main() -> int:
         shutil.copy(crasher, other)
         small, big = [crasher, "segv"], [crasher, "alloc", str(a.size_mib)]
         times: dict[str, dict[str, list[float]]] = {
-            m: {"small": [], "big": [], "rejected": []} for m in MODES
+            m: {"small": [], "big": [], "rejected": [], "big_cpu": []} for m in MODES
         }
         with sysctl.core_settings(), contextlib.ExitStack() as servers:
             listener = CoredumpListener(settings, hostsetup.socket_path(state)).listen().start()
@@ -115,7 +126,10 @@ def main() -> int:
                     for mode in MODES:
                         hostsetup.install(config_path=cfg, **where[mode])  # type: ignore[arg-type]
                         try:
-                            times[mode][size].append(once(args, state))
+                            seconds, cpu = once(args, state)
+                            times[mode][size].append(seconds)
+                            if size == "big":
+                                times[mode]["big_cpu"].append(cpu)
                             if mode == "socket" and size == "big":
                                 times[mode]["rejected"].append(crash([other, "alloc", str(a.size_mib)])[0])
                         finally:
@@ -133,6 +147,9 @@ def main() -> int:
           f"pipe {p['big']:.2f} s")  # fmt: skip
     print(f"    forwarder ÷ socket = {f['big'] / s['big']:.2f} (goal <= 1.0); "
           f"pipe ÷ socket = {p['big'] / s['big']:.2f}; socket ÷ pipe = {s['big'] / p['big']:.2f}")  # fmt: skip
+    print(f"    CPU seconds of the crashing task and the agent (not the pipe handler's): "
+          f"socket {s['big_cpu']:.2f}, forwarder {f['big_cpu']:.2f}; "
+          f"forwarder ÷ socket = {f['big_cpu'] / s['big_cpu']:.2f}")  # fmt: skip
     print(f"  {a.size_mib} MiB process rejected by the socket (did not opt in): {s['rejected']:.2f} s, "
           f"{s['rejected'] / s['big']:.2f} of capturing it")  # fmt: skip
     print(f"  load average while measuring: {os.getloadavg()[0]:.1f} on {os.cpu_count()} cores")

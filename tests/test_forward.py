@@ -66,6 +66,28 @@ def test_a_forwarded_crash_is_captured_by_the_agent(node: dict, rootfs: str) -> 
     assert meta["pod"]["container_id"] == c.id and meta["signal"]["name"] == "SIGSEGV"
 
 
+def test_a_forwarded_core_of_tens_of_mib_arrives_whole_through_the_small_pipe(node: dict, rootfs: str) -> None:
+    """The forwarded core's pipe keeps the kernel's 64 KiB: the kernel and the agent take turns
+    at every 64 KiB, and every byte the program headers promise still arrives, in both copies."""
+    import hashlib
+
+    from testbed import runc
+
+    c = runc.Container(rootfs, ["/app/crasher", "alloc", "48"], volume=node["volume"],
+                       annotations={"alibabacloud.com/core-pattern": "/data/dump-a/core-%E-%p-%t"})  # fmt: skip
+    assert c.run().returncode != 0
+    [name] = os.listdir(node["volume"])
+    [entry] = spool.entries(node["settings"].spool_dir)
+    meta = spool.read_meta(node["settings"].spool_dir, entry)
+    assert meta["core"]["size"] > 48 << 20 and not meta["core"]["truncated"]
+    digest = hashlib.sha256()
+    with open(os.path.join(node["volume"], name), "rb") as f:
+        while chunk := f.read(1 << 20):
+            digest.update(chunk)
+    assert os.path.getsize(os.path.join(node["volume"], name)) == meta["core"]["size"]
+    assert digest.hexdigest() == meta["core"]["sha256"]  # the plain copy is the compressed copy's input
+
+
 def test_with_the_agent_away_the_crash_is_not_held(node: dict, rootfs: str) -> None:
     from testbed import runc
 

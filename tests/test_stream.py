@@ -132,8 +132,8 @@ def test_a_sink_over_budget_midway_still_hashes_and_stops_cleanly(tmp_path) -> N
 
 
 def test_enlarging_a_pipe_never_shrinks_it() -> None:
-    """The forwarder's receiver gives a core's pipe socket mode's buffer where it may (not below
-    pipe-max-size without CAP_SYS_RESOURCE); the capture's own, smaller request keeps it."""
+    """A pipe gets the size asked for where it may (not above pipe-max-size without
+    CAP_SYS_RESOURCE, then at least 1 MiB); a later, smaller request keeps it."""
     import fcntl
 
     r, w = os.pipe()

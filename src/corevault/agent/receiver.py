@@ -20,11 +20,19 @@ from collections.abc import Callable
 from contextlib import suppress
 
 from corevault import atomic, config, hostsetup
-from corevault.capture import coresocket, handler, stream
+from corevault.capture import handler
 from corevault.pattern import SPECIFIERS
 
 log = logging.getLogger("corevault.agent")
 MAX_MESSAGE = 65536
+#: The forwarded core's pipe keeps the kernel's default size. This thread shares the agent's
+#: CPU with the dumping task: with a small pipe the task writes a little, wakes this thread and
+#: waits, so the CPU it gives up goes to reading its core (as with the coredump socket, which
+#: wakes the reader at every packet). With 1 MiB or more the task writes far ahead, sleeps on a
+#: full pipe, and on a busy node this thread waits for a CPU alone. Measured on 2 loaded cores
+#: (bench.socketmode, a 256 MiB process): 1.40x socket mode's time with 1 MiB, no better with
+#: 4 or 16 MiB; 0.96x and 0.73x with 64 KiB, for the same CPU time (0.93x and 0.97x).
+FORWARDED_PIPE = 64 << 10
 
 
 def listen_root_only(path: str, backlog: int = 64) -> socket.socket:
@@ -107,11 +115,7 @@ class Receiver:
                 log.warning("forwarded crash with %d arguments, not %d; ignored", len(args), len(SPECIFIERS))
                 return
             args[-1] = str(fds[1]) if len(fds) > 1 else ""  # %F: the pidfd as it is numbered here
-            # As big a buffer as socket mode's: the kernel writes the core into this pipe, and
-            # with the 1 MiB a pipe handler asks for, the dumping task and this thread take
-            # turns at every MiB (measured: 1.5x socket mode's time for a 256 MiB core).
-            stream.enlarge_pipe(fds[0], coresocket.RCVBUF)
-            handler.capture(self.settings, args, fds[0], [])
+            handler.capture(self.settings, args, fds[0], [], pipe_size=FORWARDED_PIPE)
         except Exception:
             log.exception("capturing a forwarded crash failed")
         finally:

@@ -91,8 +91,15 @@ def main(argv: list[str] | None = None) -> int:
         _signal.setitimer(_signal.ITIMER_REAL, 0)
 
 
-def capture(settings: config.Settings, args: list[str], core_fd: int, warnings: list[str]) -> int:
-    """The pipe transport: the kernel's arguments, the core on ``core_fd``."""
+def capture(
+    settings: config.Settings,
+    args: list[str],
+    core_fd: int,
+    warnings: list[str],
+    pipe_size: int = stream.CHUNK,
+) -> int:
+    """The pipe transport: the kernel's arguments, the core on ``core_fd`` (a pipe given at
+    least ``pipe_size`` bytes of buffer)."""
     started = time.monotonic()
     try:
         crash = process.Crash(process.parse_args(args))
@@ -112,7 +119,7 @@ def capture(settings: config.Settings, args: list[str], core_fd: int, warnings: 
         admitted = admission.admit(settings, crash, record, warnings)
         if admitted is None:
             return 0
-        stream.enlarge_pipe(core_fd)
+        stream.enlarge_pipe(core_fd, pipe_size)
         delivery.deliver(admitted, core_fd, started)
         return 0
     finally:
