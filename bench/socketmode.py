@@ -1,6 +1,6 @@
 """Socket mode, the forwarder and pipe mode, with real crashes of this kernel, measured in one run.
 
-    python -m bench.socketmode [--size-mib 1024] [--runs 10] [--big-runs 3]
+    python -m bench.socketmode [--size-mib 1024] [--runs 10] [--big-runs 3] [--forward-pipe-kib 64]
 
 For each mode, a host process opted in by a host rule crashes and the time from its start
 to its end (``waitpid``) is taken. The kernel holds a crashed process until its core has
@@ -20,6 +20,12 @@ pipe, the pidfd and the arguments to the agent's receiver (the DaemonSet's pipe 
 kernels before 6.16); ``socket``, the kernel connects to the agent's coredump socket. The
 receiver and the listener run in this process, as they run in the agent. Printed as ratios to
 socket mode: the forwarder's goal is to cost no more than the socket (≤ 1.0).
+
+Beside the wall time of a big crash, the CPU seconds of the crashing task (the kernel writing
+the core) and of this process (the capture) for the forwarder and the socket: on a loaded
+machine the wall time also says how the scheduler shared the CPUs, the CPU time what the
+transport costs. ``--forward-pipe-kib`` sets the buffer the receiver gives a forwarded core's
+pipe (:data:`corevault.agent.receiver.FORWARDED_PIPE` by default), to compare sizes.
 """
 
 from __future__ import annotations
@@ -38,7 +44,7 @@ import time
 
 from corevault import config, hostsetup, spool
 from corevault.agent.coredumps import CoredumpListener
-from corevault.agent.receiver import Receiver
+from corevault.agent.receiver import FORWARDED_PIPE, Receiver
 from testbed import build, sysctl
 
 MODES = ("pipe", "forward", "socket")
@@ -83,6 +89,8 @@ def main() -> int:
     ap.add_argument("--size-mib", type=int, default=1024)
     ap.add_argument("--runs", type=int, default=10)
     ap.add_argument("--big-runs", type=int, default=3)
+    ap.add_argument("--forward-pipe-kib", type=int, default=FORWARDED_PIPE >> 10,
+                    help="the buffer the receiver gives a forwarded core's pipe (more than 1024 needs CAP_SYS_RESOURCE)")  # fmt: skip
     a = ap.parse_args()
     if hostsetup.kernel_socket_mode() != "@@":
         print(f"this kernel ({os.uname().release}) has no coredump socket with requests (6.17+)")
@@ -110,7 +118,7 @@ def main() -> int:
         with sysctl.core_settings(), contextlib.ExitStack() as servers:
             listener = CoredumpListener(settings, hostsetup.socket_path(state)).listen().start()
             servers.callback(listener.close)
-            receiver = Receiver(settings, os.path.join(d, "a.sock"))
+            receiver = Receiver(settings, os.path.join(d, "a.sock"), pipe_size=a.forward_pipe_kib << 10)
             receiver.listen()
             servers.callback(receiver.close)
             threading.Thread(target=receiver.serve, daemon=True).start()
@@ -138,7 +146,8 @@ def main() -> int:
     finally:
         shutil.rmtree(d, ignore_errors=True)
     p, f, s = results["pipe"], results["forward"], results["socket"]
-    print(f"\ncrash to reaped, median; both targets (volume and spool) written; {os.uname().release}")
+    print(f"\ncrash to reaped, median; both targets (volume and spool) written; {os.uname().release}; "
+          f"forwarded pipe {a.forward_pipe_kib} KiB")  # fmt: skip
     print(f"  per-crash fixed cost (crasher segv, {a.runs} runs): socket {s['small'] * 1000:.0f} ms, "
           f"forwarder {f['small'] * 1000:.0f} ms, pipe {p['small'] * 1000:.0f} ms")  # fmt: skip
     print(f"    forwarder ÷ socket = {f['small'] / s['small']:.2f} (goal <= 1.0); "

@@ -67,9 +67,13 @@ def accept_until(
 
 
 class Receiver:
-    def __init__(self, settings: config.Settings, path: str, parallel: int = 8) -> None:
+    def __init__(
+        self, settings: config.Settings, path: str, parallel: int = 8, pipe_size: int = FORWARDED_PIPE
+    ) -> None:
         self.settings = settings
         self.path = path
+        #: the buffer a forwarded core's pipe is given at least (bench.socketmode compares sizes)
+        self.pipe_size = pipe_size
         self.slots = threading.BoundedSemaphore(parallel)
         self.stop = threading.Event()
         self.sock: socket.socket | None = None
@@ -115,7 +119,7 @@ class Receiver:
                 log.warning("forwarded crash with %d arguments, not %d; ignored", len(args), len(SPECIFIERS))
                 return
             args[-1] = str(fds[1]) if len(fds) > 1 else ""  # %F: the pidfd as it is numbered here
-            handler.capture(self.settings, args, fds[0], [], pipe_size=FORWARDED_PIPE)
+            handler.capture(self.settings, args, fds[0], [], pipe_size=self.pipe_size)
         except Exception:
             log.exception("capturing a forwarded crash failed")
         finally:
