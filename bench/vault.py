@@ -6,7 +6,8 @@ Measured in one run against a real SeaweedFS and a real PostgreSQL on 127.0.0.1:
 
 - ``corevault agent --once`` shipping one spool entry of ``--size-mib`` MiB (analysis off)
   ÷ ``upload_fileobj`` of the same file with the same part size and concurrency, as
-  throughput (goal ≥ 0.9), and the agent's peak RSS (goal ≤ 128 MiB);
+  throughput (goal ≥ 0.9), and the agent's peak RSS (goal ≤ 128 MiB; the bench exits with
+  status 1 when it is over, so a regression is loud), beside the plain upload's;
 - p50 latency of the catalog queries people make (newest crashes, by namespace, pod,
   signal, group, a page further down) with ``--rows`` crashes in SQLite and in
   PostgreSQL (goal ≤ 50 ms).
@@ -34,6 +35,7 @@ from testbed import servers
 
 CLI = os.path.join(os.path.dirname(sys.executable), "corevault")
 CONCURRENCY = 2  # the agent's default
+RSS_GOAL_MIB = 128
 
 
 def timed(cmd: list[str], env: dict) -> tuple[float, int]:
@@ -69,7 +71,8 @@ def agent_config(w: servers.Seaweed, pg_url: str, work: str, name: str) -> str:
     return cfg
 
 
-def bench_ship(w: servers.Seaweed, pg_url: str, mib: int, runs: int) -> None:
+def bench_ship(w: servers.Seaweed, pg_url: str, mib: int, runs: int) -> bool:
+    """Print the figures; whether the agent's peak RSS kept within :data:`RSS_GOAL_MIB`."""
     env = {**os.environ, "AWS_ACCESS_KEY_ID": servers.KEY, "AWS_SECRET_ACCESS_KEY": servers.SECRET}
     work = tempfile.mkdtemp(prefix="cv-bench-ship-")
     try:
@@ -78,24 +81,12 @@ def bench_ship(w: servers.Seaweed, pg_url: str, mib: int, runs: int) -> None:
             for _ in range(mib):
                 f.write(os.urandom(1 << 20))
         part = 16 << 20
-        ours, plain, rss = [], [], 0
+        ours, plain, rss, plain_rss = [], [], 0, 0
         for run in range(runs):
-            plain.append(
-                timed(
-                    [
-                        sys.executable,
-                        "-c",
-                        PLAIN_UPLOAD,
-                        w.endpoint,
-                        w.bucket,
-                        f"plain/{run}",
-                        blob,
-                        str(part),
-                        str(CONCURRENCY),
-                    ],
-                    env,
-                )[0]
-            )
+            upload = [sys.executable, "-c", PLAIN_UPLOAD, w.endpoint, w.bucket, f"plain/{run}", blob]
+            seconds, r = timed([*upload, str(part), str(CONCURRENCY)], env)
+            plain.append(seconds)
+            plain_rss = max(plain_rss, r)
             cfg = agent_config(w, pg_url, work, f"s{run}")
             entry = os.path.join(work, f"s{run}", "spool", "ready", f"20260101T000000Z-{run}-bench")
             os.makedirs(entry)
@@ -115,12 +106,16 @@ def bench_ship(w: servers.Seaweed, pg_url: str, mib: int, runs: int) -> None:
             rss = max(rss, r)
         o, p = statistics.median(ours), statistics.median(plain)
         print(f"ship {mib} MiB: agent {o:.2f} s ({mib / o:.0f} MiB/s), plain upload_fileobj {p:.2f} s "
-              f"({mib / p:.0f} MiB/s): throughput ratio {p / o:.2f} (goal >= 0.9); agent peak RSS {rss / 1024:.0f} MiB (goal <= 128)")  # fmt: skip
+              f"({mib / p:.0f} MiB/s): throughput ratio {p / o:.2f} (goal >= 0.9)")  # fmt: skip
+        over = rss / 1024 > RSS_GOAL_MIB
+        print(f"  peak RSS: agent {rss / 1024:.0f} MiB (goal <= {RSS_GOAL_MIB} MiB{', OVER' if over else ''}), "
+              f"plain upload_fileobj {plain_rss / 1024:.0f} MiB")  # fmt: skip
         warm_ours, warm_plain = in_process(w, pg_url, work, blob, mib, runs)
         print(f"  inside running processes (no start-up on either side): ship_entry {warm_ours:.2f} s, "
               f"upload_fileobj {warm_plain:.2f} s: throughput ratio {warm_plain / warm_ours:.2f}")  # fmt: skip
     finally:
         shutil.rmtree(work, ignore_errors=True)
+    return not over
 
 
 def in_process(
@@ -248,13 +243,16 @@ def main() -> int:
     ap.add_argument("--runs", type=int, default=3)
     a = ap.parse_args()
     with servers.seaweed() as w, servers.postgres() as pg:
-        bench_ship(w, pg.database("ship"), a.size_mib, a.runs)
+        rss_kept = bench_ship(w, pg.database("ship"), a.size_mib, a.runs)
         d = tempfile.mkdtemp(prefix="cv-bench-cat-")
         try:
             bench_catalog("SQLite", f"sqlite:///{d}/catalog.db", a.rows)
         finally:
             shutil.rmtree(d, ignore_errors=True)
         bench_catalog("PostgreSQL", pg.database("catalog"), a.rows)
+    if not rss_kept:
+        print(f"\nFAILED: the agent's peak RSS shipping {a.size_mib} MiB is over {RSS_GOAL_MIB} MiB")
+        return 1
     return 0
 
 

@@ -179,7 +179,7 @@ parts = [0]
 def counted(real, report):
     def send(*args, **kw):
         if report:
-            print(len(args[3]), flush=True)  # a part's bytes, as they are handed to the service
+            print(args[3][2], flush=True)  # a part's length, (file, start, length), as it is handed to the service
         result = real(*args, **kw)
         parts[0] += 1
         if parts[0] == {kill_at}:  # the agent dies with this many parts in the store

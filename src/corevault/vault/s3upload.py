@@ -12,8 +12,10 @@ so a file of at least one part goes up through the client's own multipart calls:
   service holds and keeps each part whose size and ETag (the MD5 of its bytes) are those of
   the local file at that place, re-read and hashed now: a part is never taken on the
   service's word alone. Only the others are sent;
-- parts go up ``concurrency`` at a time and each is read only when a sender is free for it
-  (memory: part size x (concurrency + 1));
+- parts go up ``concurrency`` at a time, each only when a sender is free for it, and none is
+  held in memory: a part is read once in blocks for its checksum, then sent from the file (the
+  page cache) through its own descriptor. The agent's memory does not grow with the part size
+  (16 MiB parts held whole, with botocore's copy of each, were about 50 MiB of its 141 MiB peak);
 - each part carries its checksum (CRC32, or Content-MD5 for stores that take no flexible
   checksums, such as OSS), which the service checks before it keeps the part; the finished
   object must then report the file's size and the composite of the parts' checksums.
@@ -47,6 +49,8 @@ from corevault.vault import sessions
 SESSION_SUFFIX = ".s3-upload"
 MAX_PARTS = 10_000  # S3's limits on one multipart upload
 MAX_PART = 5 << 30
+#: what a part is read and hashed in
+BLOCK = 1 << 20
 
 
 class UploadGone(Exception):
@@ -162,8 +166,8 @@ class MultipartUpload:
         from botocore.exceptions import ClientError
 
         start, digests = f.tell(), []
-        while data := f.read(part):
-            digests.append(checksum(self.algorithm, data))
+        while (read := self._digest(f, part, md5=False))[0]:
+            digests.append(read[1])
         f.seek(start)
         expected = reported(self.algorithm, digests, multipart=True)
         try:
@@ -197,31 +201,65 @@ class MultipartUpload:
         with ThreadPoolExecutor(self.concurrency) as pool:
             pending: list[Future] = []
             number = 0
-            while data := f.read(part):
+            while True:
+                if len(pending) >= self.concurrency:  # a part is read only when a sender is free for it
+                    parts.append(pending.pop(0).result())
+                start = f.tell()
+                length, digest, md5 = self._digest(f, part, md5=number + 1 in held)
+                if not length:
+                    break
                 number += 1
-                digest = checksum(self.algorithm, data)
                 size, etag = held.get(number, (-1, ""))
-                if size == len(data) and etag == hashlib.md5(data).hexdigest():  # noqa: S324
+                if size == length and etag == md5:
                     # held by the service, and the local bytes at its place are the same
                     parts.append((number, etag, digest))
                     continue
-                if len(pending) >= self.concurrency:  # at most `concurrency` parts in memory
-                    parts.append(pending.pop(0).result())
-                pending.append(pool.submit(self._send_part, name, upload, number, data, digest))
+                span = (f, start, length)
+                pending.append(pool.submit(self._send_part, name, upload, number, span, digest))
             for p in pending:
                 parts.append(p.result())
         parts.sort()
         return parts
 
+    def _digest(self, f: BinaryIO, length: int, *, md5: bool) -> tuple[int, bytes, str]:
+        """Read up to ``length`` bytes of ``f`` in blocks: (bytes read, their checksum, their MD5
+        in hex when ``md5``, else "")."""
+        crc, hasher = 0, hashlib.md5() if md5 or self.algorithm != "crc32" else None  # noqa: S324
+        buf = bytearray(min(BLOCK, length))
+        view = memoryview(buf)
+        n = 0
+        while n < length and (got := f.readinto(view[: min(len(buf), length - n)])):  # type: ignore[attr-defined]
+            n += got
+            if self.algorithm == "crc32":
+                crc = zlib.crc32(view[:got], crc)
+            if hasher is not None:
+                hasher.update(view[:got])
+        if self.algorithm == "crc32":
+            digest = crc.to_bytes(4, "big")
+        else:
+            digest = hasher.digest() if hasher is not None else b""
+        return n, digest, hasher.hexdigest() if md5 and hasher is not None else ""
+
     def _send_part(
-        self, name: str, upload: str, number: int, data: bytes, digest: bytes
+        self, name: str, upload: str, number: int, span: tuple[BinaryIO, int, int], digest: bytes
     ) -> tuple[int, str, bytes]:
+        """Send part ``number``: the ``(file, start, length)`` of ``span``, with its checksum."""
+        from s3transfer.utils import ReadFileChunk
+
+        f, start, length = span
         with self._count:
-            self.sent += len(data)
-        answer = self.client.upload_part(
-            Bucket=self.bucket, Key=name, UploadId=upload, PartNumber=number, Body=data,
-            **_checksum_args(self.algorithm, digest),
-        )  # fmt: skip
+            self.sent += length
+        # The part's bytes come from the file again, through a descriptor of this sender's own
+        # (the same open file, not the path: nothing can swap it) and s3transfer's reader of a
+        # file's range, which botocore can rewind for a retry. Had they changed since they were
+        # hashed, the service refuses the part for its checksum.
+        with open(f"/proc/self/fd/{f.fileno()}", "rb") as own:
+            own.seek(start)
+            body = ReadFileChunk(own, length, start + length)
+            answer = self.client.upload_part(
+                Bucket=self.bucket, Key=name, UploadId=upload, PartNumber=number, Body=body,
+                **_checksum_args(self.algorithm, digest),
+            )  # fmt: skip
         return number, answer["ETag"].strip('"'), digest
 
     def _entry(self, number: int, etag: str, digest: bytes) -> dict:

@@ -1,0 +1,48 @@
+"""The agent's process imports the store SDK and the catalog driver its settings name, no other.
+
+Each SDK costs the agent's memory for as long as it runs (boto3 and botocore alone about
+25 MiB), and the agent's peak RSS has a goal (``python -m bench.vault``): what is not in use
+is imported only where it is used. Checked on a real ``corevault agent --once`` that ships
+real spool entries, with the interpreter's own record of every import (``-X importtime``).
+"""
+
+from __future__ import annotations
+
+import os
+import subprocess
+import sys
+
+from corevault import config, spool
+from tests.conftest import FIXTURE_SPOOL
+from tests.nodes import CLI, make_node
+
+#: top-level packages of the stores and the catalog driver not in use with a file store and SQLite,
+#: and of what runs only in the analysis' worker processes
+NOT_IN_USE = ("boto3", "botocore", "s3transfer", "google", "azure", "psycopg", "psycopg2", "drgn")
+
+
+def imported(stderr: str) -> set[str]:
+    """The modules ``-X importtime`` says were imported."""
+    names = set()
+    for line in stderr.splitlines():
+        if line.startswith("import time:") and "|" in line:
+            names.add(line.rsplit("|", 1)[1].strip())
+    return names
+
+
+def test_an_agent_with_a_file_store_and_sqlite_imports_no_cloud_sdk_nor_postgresql_driver() -> None:
+    entries = sorted(os.listdir(spool.ready_dir(FIXTURE_SPOOL)))
+    node = make_node({"dir": FIXTURE_SPOOL, "ids": entries})
+    settings = config.load(node.config)
+    assert settings.vault_store.startswith("file:///") and settings.catalog_url.startswith("sqlite:///")
+    out = subprocess.run(
+        [sys.executable, "-X", "importtime", CLI, "-c", node.config, "agent", "--once"],
+        capture_output=True, text=True, timeout=120, check=False,
+    )  # fmt: skip
+    assert out.returncode == 0, out.stderr[-2000:]
+    assert spool.entries(node.spool) == [], "the agent did not ship the entries"
+    assert {c["id"] for c in node.crashes()} == set(entries)
+    modules = imported(out.stderr)
+    assert "corevault.vault.blobs" in modules and "sqlite3" in modules  # the record is complete
+    heavy = sorted({m.split(".")[0] for m in modules} & set(NOT_IN_USE))
+    assert heavy == [], f"the agent imported what its settings do not use: {heavy}"
