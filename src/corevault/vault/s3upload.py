@@ -12,9 +12,9 @@ so a file of at least one part goes up through the client's own multipart calls:
   service holds and keeps each part whose size and ETag (the MD5 of its bytes) are those of
   the local file at that place, re-read and hashed now: a part is never taken on the
   service's word alone. Only the others are sent;
-- parts go up ``concurrency`` at a time, each only when a sender is free for it, and none is
-  held in memory: a part is read once in blocks for its checksum, then sent from the file (the
-  page cache) through its own descriptor. The agent's memory does not grow with the part size
+- parts go up ``concurrency`` at a time and none is held in memory: a part is read once in
+  blocks for its checksum (the next one while the senders are busy), then sent from the file
+  (the page cache) through its own descriptor. The agent's memory does not grow with the part size
   (16 MiB parts held whole, with botocore's copy of each, were about 50 MiB of its 141 MiB peak);
 - each part carries its checksum (CRC32, or Content-MD5 for stores that take no flexible
   checksums, such as OSS), which the service checks before it keeps the part; the finished
@@ -202,9 +202,7 @@ class MultipartUpload:
             pending: list[Future] = []
             number = 0
             while True:
-                if len(pending) >= self.concurrency:  # a part is read only when a sender is free for it
-                    parts.append(pending.pop(0).result())
-                start = f.tell()
+                start = f.tell()  # the next part is hashed while the senders are busy: it is not held
                 length, digest, md5 = self._digest(f, part, md5=number + 1 in held)
                 if not length:
                     break
@@ -214,6 +212,8 @@ class MultipartUpload:
                     # held by the service, and the local bytes at its place are the same
                     parts.append((number, etag, digest))
                     continue
+                if len(pending) >= self.concurrency:  # sent when a sender is free for it
+                    parts.append(pending.pop(0).result())
                 span = (f, start, length)
                 pending.append(pool.submit(self._send_part, name, upload, number, span, digest))
             for p in pending:
