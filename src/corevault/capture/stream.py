@@ -343,8 +343,8 @@ class ZstdSink:
 def enlarge_pipe(fd: int, size: int = CHUNK) -> None:
     """Give a pipe a buffer of at least ``size`` (or :data:`CHUNK`, when only root with
     CAP_SYS_RESOURCE may have more than ``fs.pipe-max-size``), so the kernel hands over more
-    per wake-up. Never shrinks one: the agent's receiver asks for more for a forwarded core
-    before the shared capture code asks for its own size.
+    per wake-up. Never shrinks one. The agent's receiver asks for no more than a pipe's
+    default for a forwarded core (:data:`corevault.agent.receiver.FORWARDED_PIPE` says why).
     """
     try:  # not a pipe: smaller reads still work
         if fcntl.fcntl(fd, _F_GETPIPE_SZ) >= size:
