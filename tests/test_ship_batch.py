@@ -213,3 +213,23 @@ def test_an_agent_killed_mid_batch_ships_it_again_without_duplicates(
     assert len(rows["objects"]) == 10
     assert pods(rows) == [f"web-{n}" for n in range(10)]
     assert rows["namespaces"] == [("ns-0",), ("ns-1",), ("ns-2",)]
+
+
+@pytest.mark.servers
+def test_without_the_temp_privilege_a_batch_is_recorded_one_entry_at_a_time(
+    postgres: servers.Postgres, core: tuple[str, int], tmp_path: Path
+) -> None:
+    url = postgres.database("notemp")
+    catalog.connect(url).dispose()
+    admin = sa.create_engine(url.replace("corevault@", "postgres@"))
+    with admin.begin() as conn:  # the staging table cannot be made: the batch's transaction fails
+        conn.exec_driver_sql("REVOKE TEMP ON DATABASE notemp FROM PUBLIC, corevault")
+    admin.dispose()
+    settings = node(tmp_path, url, core, 6)
+    vault = LocalVault(settings)
+    with pytest.raises(sa.exc.ProgrammingError, match="permission denied"), vault.engine.begin() as conn:
+        catalog.add_crashes(conn, [meta_of(n) for n in range(6)], "off")
+    batch = ship.ship_batch(vault, settings, spool.entries(settings.spool_dir), 4)
+    vault.engine.dispose()
+    assert sorted(batch.shipped) == [meta_of(n)["id"] for n in range(6)] and not batch.failed
+    assert [r[0] for r in tables(url)["crashes"]] == [meta_of(n)["id"] for n in range(6)]

@@ -115,14 +115,17 @@ def _copy_crashes(conn: Connection, ordered: list[dict]) -> set[str]:
     every call), 0.11-0.12 and 0.10 ms for psycopg's pipelined executemany and 0.14-0.15 and
     0.07-0.10 ms for arrays through ``unnest``; one at a time took 0.55 and 0.33 ms.
     """
-    raw = conn.connection.driver_connection
-    with raw.cursor() as cur:  # type: ignore[union-attr]
-        cur.execute(_STAGE_SQL)
-        with cur.copy(_COPY_SQL) as copy:
-            for row in ordered:
-                copy.write_row([row.get(c) for c in _COLUMNS])
-        cur.execute(_INSERT_SQL)
-        return {crash_id for (crash_id,) in cur.fetchall()}
+    dbapi, statement = conn.dialect.loaded_dbapi, _STAGE_SQL
+    try:
+        with conn.connection.driver_connection.cursor() as cur:  # type: ignore[union-attr]
+            cur.execute(statement)
+            with cur.copy(statement := _COPY_SQL) as copy:
+                for row in ordered:
+                    copy.write_row([row.get(c) for c in _COLUMNS])
+            cur.execute(statement := _INSERT_SQL)
+            return {crash_id for (crash_id,) in cur.fetchall()}
+    except dbapi.Error as e:  # the driver's own, raised as SQLAlchemy raises it for its statements
+        raise sa.exc.DBAPIError.instance(statement, None, e, dbapi.Error) from None
 
 
 def _crash_row(meta: dict, analysis: str) -> tuple[dict, list[dict]]:
