@@ -119,6 +119,21 @@ def test_per_image_counts_and_new_in_an_image_per_reader(engine: sa.Engine) -> N
     assert "other/app:7" not in str(shop)  # nothing of team in what shop sees
 
 
+def test_new_in_an_image_counts_the_images_of_its_repository_only(engine: sa.Engine) -> None:
+    """The repository's images are read by byte ranges: a digest, a tag, a registry's port, and a
+    repository whose name starts with another's."""
+    add(engine, signature="d", frames=["a"], namespace="shop", image="reg/app@sha256:aa", when=NOW - 9 * HOUR)
+    add(engine, signature="t", frames=["b"], namespace="shop", image="reg/app:2", when=NOW - 8 * HOUR)
+    add(engine, signature="p", frames=["c"], namespace="shop", image="reg/app2:1", when=NOW - 7 * HOUR)
+    add(engine, signature="h1", frames=["d"], namespace="shop", image="host:5000/app:1", when=NOW - 6 * HOUR)
+    add(engine, signature="h2", frames=["e"], namespace="shop", image="host:5000/app:2", when=NOW - 5 * HOUR)
+    add(engine, signature="o", frames=["f"], namespace="shop", image="host:1", when=NOW - 4 * HOUR)
+    new_in = {sig: g["new_in"] for sig, g in _groups(engine).items()}
+    assert new_in == {"d": None, "t": "reg/app:2", "p": None, "h1": None, "h2": "host:5000/app:2", "o": None}
+    assert list(_groups(engine, new_in="reg/app:2")) == ["t"]
+    assert list(_groups(engine, new_in="host:1")) == []
+
+
 def test_search_finds_title_frames_exe_pod_and_image_newest_first(
     engine: sa.Engine, monkeypatch: pytest.MonkeyPatch
 ) -> None:

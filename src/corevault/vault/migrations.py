@@ -149,9 +149,16 @@ def _v11(conn: Connection) -> None:
     )
 
 
+def _v12(conn: Connection) -> None:
+    """Groups' per-namespace rows by image, in byte order: the images of a repository are a range."""
+    collation = ' COLLATE "C"' if conn.dialect.name == "postgresql" else ""
+    columns = f"(image{collation}, first_seen)"
+    conn.exec_driver_sql(f"CREATE INDEX IF NOT EXISTS group_namespaces_image ON group_namespaces {columns}")
+
+
 #: Numbered schema migrations; a new one is appended, never edited.
 MIGRATIONS: list[Callable[[Connection], None]] = [
-    _v1, _v2, _v3, _v4, _v5, _v6, _v7, _v8, _v9, _v10, _v11,
+    _v1, _v2, _v3, _v4, _v5, _v6, _v7, _v8, _v9, _v10, _v11, _v12,
 ]  # fmt: skip
 
 

@@ -342,7 +342,6 @@ def list_groups(
         daily = daily.where(gd.namespace == namespace)
     for sig, day, n in conn.execute(daily.group_by(gd.signature, gd.day)):
         by_sig[sig]["daily"][day - today + days - 1] = int(n)
-    firsts = _image_first_seen(conn, visible, namespace)
     for g in found:
         g["namespaces"] = sorted(n for n in g["namespaces"] if n)
         per_image = sorted(g["per_image"].values(), key=lambda i: (i["first_seen"], i["image"] or ""))
@@ -350,23 +349,47 @@ def list_groups(
         g["images"] = sorted(i["image"] for i in per_image if i["image"])
         g["first_image"] = per_image[0]["image"] if per_image else None
         g["last_image"] = max(per_image, key=lambda i: i["last_seen"])["image"] if per_image else None
+    repos = {repository(g["first_image"]) for g in found if g["first_image"]}
+    firsts = _image_first_seen(conn, visible, namespace, repos)
+    for g in found:
         g["new_in"] = _is_new_in(g["first_image"], g["first_seen"], firsts)
     return found
 
 
-def _image_first_seen(
-    conn: Connection, visible: Collection[str] | None, namespace: str | None
-) -> dict[str, list[tuple[int, str]]]:
-    """Per image repository, the two of its images that crashed first (when, image), over the
-    namespaces in scope: enough to tell whether another image of it crashed before a time."""
+def _of_repositories(conn: Connection, repos: Collection[str]) -> sa.ColumnElement:
+    """The images of these repositories: ``repo``, ``repo:tag``, ``repo@digest``, as byte ranges
+    of ``group_namespaces_image`` (PostgreSQL's in collation "C", where ``:`` sorts before ``;``
+    whatever the database's collation), so that only those images are read, not all of them
+    (4,200 images, 20,000 rows: a third of the group list's time at 10,000,000 crashes)."""
     gn = group_ns.c
-    query = sa.select(gn.image, sa.func.min(gn.first_seen)).where(gn.image != "").group_by(gn.image)
+    image = gn.image.collate("C") if conn.dialect.name == "postgresql" else gn.image
+    ranges = []
+    for repo in sorted(repos):
+        ranges += [image == repo, sa.and_(image >= repo + ":", image < repo + ";")]
+        ranges += [sa.and_(image >= repo + "@", image < repo + "A")]
+    return sa.or_(sa.false(), *ranges)
+
+
+def _image_first_seen(
+    conn: Connection, visible: Collection[str] | None, namespace: str | None, repos: Collection[str]
+) -> dict[str, list[tuple[int, str]]]:
+    """Per image repository of ``repos``, the two of its images that crashed first (when, image),
+    over the namespaces in scope: enough to tell whether another image of it crashed before a time."""
+    gn = group_ns.c
+    if not repos:
+        return {}
+    query = sa.select(gn.image, sa.func.min(gn.first_seen)).where(
+        gn.image != "", _of_repositories(conn, repos)
+    )
+    query = query.group_by(gn.image)
     if visible is not None:
         query = query.where(gn.namespace.in_(sorted(visible)))
     if namespace is not None:
         query = query.where(gn.namespace == namespace)
     earliest: dict[str, list[tuple[int, str]]] = {}
     for img, t in conn.execute(query):
+        if repository(img) not in repos:  # a registry's port: host:5000/app is not host's
+            continue
         two = earliest.setdefault(repository(img), [])
         two.append((int(t), img))
         two.sort()
@@ -397,7 +420,7 @@ def _new_in(
     candidates = list(conn.execute(in_image).scalars())
     if not candidates:
         return []
-    firsts = _image_first_seen(conn, visible, namespace)
+    firsts = _image_first_seen(conn, visible, namespace, {repository(image)})
     query = sa.select(gn.signature, gn.image, gn.first_seen).where(gn.signature.in_(candidates), *scope)
     first: dict[str, tuple[int, str]] = {}
     for sig, img, t in conn.execute(query):

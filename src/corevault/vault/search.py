@@ -34,7 +34,6 @@ to a group its reader sees crashes of anyway (group search).
 
 from __future__ import annotations
 
-import json
 import re
 from collections.abc import Collection, Iterable
 from dataclasses import dataclass
@@ -390,7 +389,3 @@ def group_condition(
 def frames_of(report: dict) -> list[str]:
     frames = report.get("signature_frames") or []
     return [f for f in frames if isinstance(f, str)][:64]
-
-
-def report_frames(raw: str | None) -> list[str]:
-    return frames_of(json.loads(raw)) if raw else []
