@@ -37,6 +37,7 @@ import subprocess
 import sys
 import tempfile
 import time
+from multiprocessing.connection import Connection
 
 from corevault import config, hostsetup, spool
 from corevault.agent.coredumps import CoredumpListener
@@ -101,17 +102,29 @@ def baseline_node(
     return base
 
 
+def _agent(config_path: str, ready: Connection) -> None:
+    agent = Agent(config.load(config_path))
+    ready.send(True)
+    agent.run(once=True)
+
+
 def drain(settings: config.Settings, small: set[str]) -> dict[str, float]:
     """Run an agent until the spool is in the catalog and analysed; times and counts.
 
-    The agent is a process of its own, as on a node: the catalog reads that time it here do
-    not take turns with it for the interpreter.
+    The agent is a process of its own, as on a node (the catalog reads that time it here do
+    not take turns with it for the interpreter), started afresh rather than forked from this
+    one, whose threads (the socket listener's) may hold a lock at the fork; the clock starts
+    when it is ready.
     """
-    agent = multiprocessing.get_context("fork").Process(target=Agent(settings).run, kwargs={"once": True})
+    assert settings.source is not None
     engine = catalog.connect(settings.catalog_url)
     total = len(spool.entries(settings.spool_dir))
-    started = time.monotonic()
+    spawn = multiprocessing.get_context("spawn")
+    ready, tell = spawn.Pipe(duplex=False)
+    agent = spawn.Process(target=_agent, args=(settings.source, tell))
     agent.start()
+    ready.recv()
+    started = time.monotonic()
     last_small = last = 0.0
     done_small = done = 0
     while agent.is_alive() or done < total:
