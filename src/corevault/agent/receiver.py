@@ -29,9 +29,10 @@ MAX_MESSAGE = 65536
 #: CPU with the dumping task: with a small pipe the task writes a little, wakes this thread and
 #: waits, so the CPU it gives up goes to reading its core (as with the coredump socket, which
 #: wakes the reader at every packet). With 1 MiB or more the task writes far ahead, sleeps on a
-#: full pipe, and on a busy node this thread waits for a CPU alone. Measured on 2 loaded cores
-#: (bench.socketmode, a 256 MiB process): 1.40x socket mode's time with 1 MiB, no better with
-#: 4 or 16 MiB; 0.96x and 0.73x with 64 KiB, for the same CPU time (0.93x and 0.97x).
+#: full pipe, and on a busy node this thread waits for a CPU alone. Measured with bench.socketmode
+#: (a 256 MiB process, 2 cores): on a loaded machine 1.25-1.69x socket mode's time with 1 MiB (no
+#: better with 4 or 16 MiB), 0.73-1.06x with 64 KiB; on a quiet one about 1.0x with either; the
+#: CPU time 0.93-0.98x socket mode's with either (docs/capture.md).
 FORWARDED_PIPE = 64 << 10
 
 
