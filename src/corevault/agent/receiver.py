@@ -115,7 +115,7 @@ class Receiver:
                 if not more:
                     return
                 data += more
-            args = [a.decode(errors="surrogateescape") for a in data[4 : 4 + length].split(b"\0")[:-1]]
+            args = [a.decode(errors="replace") for a in data[4 : 4 + length].split(b"\0")[:-1]]
             if len(args) != len(SPECIFIERS):
                 log.warning("forwarded crash with %d arguments, not %d; ignored", len(args), len(SPECIFIERS))
                 return

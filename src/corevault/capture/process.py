@@ -82,7 +82,10 @@ def parse_args(argv: list[str]) -> dict[str, str]:
         raise ValueError(
             f"expected {len(SPECIFIERS)} arguments ({' '.join('%' + s for s in SPECIFIERS)}), got {len(argv)}"
         )
-    return dict(zip(SPECIFIERS, argv, strict=False))
+    # The kernel's arguments are bytes the process chose (%e, %E, %f): Python decoded them with
+    # surrogateescape, which no JSON reader, database or terminal takes as text. A byte that is
+    # not UTF-8 is shown as U+FFFD, as everything else read from /proc is.
+    return dict(zip(SPECIFIERS, (os.fsencode(a).decode(errors="replace") for a in argv), strict=False))
 
 
 def pidfd_pid(pidfd: int) -> int:
@@ -143,7 +146,7 @@ def read_facts(crash: Crash) -> None:
     if comm:
         crash.comm = comm
     try:
-        crash.exe = os.readlink("exe", dir_fd=fd)
+        crash.exe = os.readlink(b"exe", dir_fd=fd).decode(errors="replace")
     except OSError:
         pass
     crash.maps = _read(fd, "maps")
@@ -237,7 +240,7 @@ def values_from_pidfd(pidfd: int, info: PidfdInfo, when: float) -> dict[str, str
     with suppress(OSError), open(f"{base}/comm", "rb") as f:
         values["e"] = f.read().decode(errors="replace").rstrip("\n")
     with suppress(OSError):
-        exe = os.readlink(f"{base}/exe")
+        exe = os.readlink(f"{base}/exe".encode()).decode(errors="replace")
         values["E"] = exe.removesuffix(" (deleted)")
         values["f"] = values["E"].rpartition("/")[2]
     with suppress(OSError, ValueError, IndexError), open(f"{base}/stat", "rb") as f:
