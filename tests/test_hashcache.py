@@ -3,12 +3,14 @@
 A crash's binaries are identified by their content; the cache (:mod:`corevault.capture.hashcache`)
 spares a crash-looping pod's next crashes from hashing the same files again. A tenant
 controls its files: it may rewrite a binary in place and put its size and mtime back, and on
-a FUSE volume its server reports any metadata at all. Both must still be hashed anew.
+a FUSE volume its server reports any metadata at all; another of its processes may change a
+library through a writable mapping, which moves no time. All must still be hashed anew.
 """
 
 from __future__ import annotations
 
 import hashlib
+import mmap
 import os
 import shutil
 import uuid
@@ -83,6 +85,32 @@ def test_a_binary_rewritten_in_place_with_its_mtime_put_back_is_hashed_again(
     third = crash_once(capture, rootfs, ["/app/crasher", "segv"])
     changed = module(third, "/app/crasher")
     assert changed["sha256"] == sha256(exe) != module(first, "/app/crasher")["sha256"]
+
+
+def test_a_library_changed_through_a_writable_mapping_is_hashed_again(
+    capture: Capture, programs: dict[str, str], tmp_path
+) -> None:
+    """Writes through a shared mapping whose pages are already writable move no time at all (on
+    ext4 until writeback; on tmpfs ever): the pod's other process holding such a mapping may
+    change a library under the same size, mtime and ctime."""
+    rootfs = runc.build_rootfs(str(tmp_path / "root"), programs)
+    lib = os.path.join(rootfs, "app/libcrashy.so")  # mapped, not run: a run file takes no writer
+    with open(lib, "r+b") as f, mmap.mmap(f.fileno(), 0, mmap.MAP_SHARED) as writable:
+        at = writable.find(b"GCC: (")  # .comment: never loaded
+        for page in range(0, len(writable), mmap.PAGESIZE):
+            writable[page] = writable[page]  # every page made writable now, its times moved now
+        first = crash_once(capture, rootfs, ["/app/libuser"])
+        assert module(first, "/app/libcrashy.so")["sha256"] == sha256(lib)
+        before = os.stat(lib)
+
+        writable[at : at + 3] = b"gcc"
+        after = os.stat(lib)
+        assert (after.st_size, after.st_mtime_ns, after.st_ctime_ns) == (
+            before.st_size, before.st_mtime_ns, before.st_ctime_ns,
+        )  # fmt: skip
+        again = crash_once(capture, rootfs, ["/app/libuser"])
+    changed = module(again, "/app/libcrashy.so")
+    assert changed["sha256"] == sha256(lib) != module(first, "/app/libcrashy.so")["sha256"]
 
 
 @pytest.fixture(scope="module")

@@ -199,14 +199,14 @@ def content_hash(fd: int, size: int) -> str:
 
 def cached_content_hash(fd: int, st: os.stat_result, hashes: str | None, mounts: hashcache.Mounts) -> str:
     """:func:`content_hash` of the whole file, from the cache where this version of it is there."""
-    stamp = hashcache.version(fd, st, mounts) if hashes is not None else None
+    stamp = hashcache.version(fd, mounts) if hashes is not None else None
     if stamp is None or hashes is None:
         return content_hash(fd, st.st_size)
     held = hashcache.lookup(hashes, st, stamp)
     if held is not None:
         return held
     sha256 = content_hash(fd, st.st_size)
-    if hashcache.version(fd, os.fstat(fd), mounts) == stamp:  # not changed while it was read
+    if hashcache.version(fd, mounts) == stamp:  # not changed while it was read
         hashcache.remember(hashes, st, stamp, sha256)
     return sha256
 

@@ -16,6 +16,13 @@ the filesystems in :data:`LOCAL` (decided by the type of the superblock behind `
 CIFS and every bucket volume the server, which may be the tenant's, reports whatever metadata
 it likes: their files are hashed on every crash, and nothing about them is written here.
 
+One kind of write moves no time: a store through a shared mapping whose page is already
+writable (the kernel updates the times when a page is first made writable, and on ext4, xfs
+and btrfs not again until writeback has cleaned it; on tmpfs never, which is why tmpfs is
+not in :data:`LOCAL`). Such a mapping holds the file open for writing, so the cache is read
+and written only while nobody does (:func:`unwritten`); a writer that comes later makes its
+first page writable after that, which moves the ctime.
+
 A file that changes while it is hashed (its ctime moves) is not remembered. The cache lives
 under the node's state directory (root's alone), one small file per binary written with
 :mod:`corevault.atomic`, and holds at most :data:`MAX_ENTRIES`: when full it is emptied,
@@ -24,6 +31,7 @@ which costs the next crashes a hash each and nothing else.
 
 from __future__ import annotations
 
+import _signal  # the C module: ``signal`` imports enum, which the pipe handler does not load
 import fcntl
 import os
 
@@ -32,7 +40,7 @@ from corevault import atomic
 NAME = "hashes"
 MAX_ENTRIES = 1024
 #: filesystems whose kernel sets ctime itself on every change (mountinfo's type names)
-LOCAL = frozenset({"ext2", "ext3", "ext4", "xfs", "btrfs", "tmpfs", "overlay"})
+LOCAL = frozenset({"ext2", "ext3", "ext4", "xfs", "btrfs", "overlay"})
 _FS_IOC_GETVERSION = 0x80087601  # _IOR('v', 1, long)
 
 
@@ -66,15 +74,34 @@ class Mounts:
         return kind.decode() if kind is not None else None
 
 
-def version(fd: int, st: os.stat_result, mounts: Mounts) -> str | None:
-    """What names this version of the file, or None when its filesystem is not one to trust."""
+def unwritten(fd: int) -> bool:
+    """Whether nobody holds the file open for writing (a writable mapping included) right now.
+
+    A read lease is granted only then; it is let go at once. A writer opening the file in
+    between waits for that, and the kernel signals the lease's holder: SIGURG, which is ignored
+    unless asked for, rather than SIGIO, which would end the handler (or the agent)."""
+    try:
+        fcntl.fcntl(fd, fcntl.F_SETSIG, _signal.SIGURG)
+        fcntl.fcntl(fd, fcntl.F_SETLEASE, fcntl.F_RDLCK)
+    except OSError:
+        return False  # EAGAIN: a writer; or a filesystem without leases
+    fcntl.fcntl(fd, fcntl.F_SETLEASE, fcntl.F_UNLCK)
+    return True
+
+
+def version(fd: int, mounts: Mounts) -> str | None:
+    """What names this version of the file, or None when it is not one to trust: on a filesystem
+    not in :data:`LOCAL`, or open for writing."""
+    if not unwritten(fd):
+        return None
+    st = os.fstat(fd)  # after the lease: a writer since then has moved the ctime
     if mounts.fs_type(st.st_dev) not in LOCAL:
         return None
     generation = 0
     try:
         generation = int.from_bytes(fcntl.ioctl(fd, _FS_IOC_GETVERSION, bytes(8)), "little")
     except OSError:
-        pass  # tmpfs and overlay have none; their ctime still tells
+        pass  # overlay has none; its ctime still tells
     return f"{st.st_size} {st.st_mtime_ns} {st.st_ctime_ns} {generation}"
 
 
