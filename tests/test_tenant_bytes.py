@@ -2,8 +2,10 @@
 
 Tenant A's pod runs an executable whose path holds a byte that is not UTF-8 (Linux paths are
 bytes); the kernel hands it to the handler as ``%E``. Tenant B's pod (another namespace) crashes plainly beside it. Both go through the real
-capture handler and one pass of the agent, whose batch records both in one transaction: both
-crashes must be in the catalog, A's path shown with the byte replaced, and the spool empty.
+capture handler and one pass of the agent, whose batch records both in one transaction, and
+A's crash once more refused (RLIMIT_CORE 0), a line of the node's journal, which the agent
+ships before any entry: both crashes and the refusal must be in the catalog, A's path shown
+with the byte replaced, and the spool empty.
 """
 
 from __future__ import annotations
@@ -37,13 +39,17 @@ def test_a_path_that_is_not_utf8_ships_beside_another_tenants_crash(
     # names the executable by the file's own path
     os.symlink(os.path.basename(os.fsencode(ODD_EXE)), os.path.join(app, b"odd"))
     capture.crash(root, ["/app/odd", "segv"], annotations=pod("tenant-a", "a-0"))
+    # and once with RLIMIT_CORE 0, which the handler refuses: a line of the node's journal
+    capture.crash(root, ["/app/odd", "segv"], annotations=pod("tenant-a", "a-1"), rlimit_core=(0, 0))
     capture.crash(root, ["/app/crasher", "segv"], annotations=pod("tenant-b", "b-0"))
     assert len(capture.entries()) == 2, capture.journal()
+    shutil.copy(os.path.join(capture.spool, spool.JOURNAL_NAME), tmp_path / "journal")
 
     cfg = tmp_path / "c.toml"
     cfg.write_text(f'state_dir = "{tmp_path}/node"\n[agent]\nmetrics = ""\nanalyze = false\n')
     settings = node_of(capture, str(cfg))
-    Agent(settings).run(once=True)
+    shutil.copy(tmp_path / "journal", os.path.join(settings.spool_dir, spool.JOURNAL_NAME))
+    Agent(settings).run(once=True)  # the journal's line too: it ships before any entry, each pass
 
     assert spool.entries(settings.spool_dir) == []  # nothing left behind, retried for ever
     with LocalVault(settings).engine.connect() as conn:
@@ -51,3 +57,6 @@ def test_a_path_that_is_not_utf8_ships_beside_another_tenants_crash(
     assert rows.keys() == {"tenant-a", "tenant-b"}, rows
     assert rows["tenant-a"] == "/app/bin\ufffd-crasher"
     assert rows["tenant-b"] == "/app/crasher"
+    with LocalVault(settings).engine.connect() as conn:
+        refused = conn.execute(sa.select(tables.dropped.c.namespace, tables.dropped.c.exe)).all()
+    assert [tuple(r) for r in refused] == [("tenant-a", "/app/bin\ufffd-crasher")]
