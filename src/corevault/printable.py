@@ -37,6 +37,27 @@ def printable(text: str) -> str:
     return "".join(c if c.isprintable() else _escape(c) for c in text)
 
 
+def valid_text(value: object) -> object:
+    """``value`` (text, or lists and dicts of it) with each unpaired surrogate as U+FFFD.
+
+    A surrogate is how Python carries a byte that was not UTF-8 (``surrogateescape``) or a
+    ``\\udcff`` that a JSON document spelled out: no database, terminal or UTF-8 encoder takes
+    it as text. Entries written by older handlers may hold them.
+    """
+    if isinstance(value, str):
+        try:
+            value.encode()
+        except UnicodeEncodeError:
+            # UTF-16 joins the pairs a JSON escape may have left apart and replaces the rest one by one
+            return value.encode("utf-16-le", "surrogatepass").decode("utf-16-le", "replace")
+        return value
+    if isinstance(value, dict):
+        return {valid_text(k): valid_text(v) for k, v in value.items()}
+    if isinstance(value, list):
+        return [valid_text(v) for v in value]
+    return value
+
+
 def lines(text: str) -> str:
     """Each line of ``text`` made printable; the line breaks themselves are kept."""
     return "\n".join(printable(line) for line in text.split("\n"))

@@ -6,6 +6,9 @@ Layout, maildir-style, so a half-written entry never looks finished::
     <spool>/ready/<id>/          complete: core.zst (zstd, with frame checksum) + meta.json
                                  (+ owner: the tenants whose share the entry counts against)
     <spool>/shipped/<id>/        in the vault and the catalog, kept until its analysis is recorded
+    <spool>/quarantine/<id>/     set aside by the agent after failing again and again for a reason
+                                 other than the vault being away (+ reason: the last error)
+    <spool>/quarantine/journal.jsonl  journal lines the catalog refused, each with its reason
     <spool>/journal.jsonl        one JSON line per dump that was dropped, cut, refused or skipped
 
 A handler builds its entry under ``tmp/``, fsyncs the files, then renames the directory
@@ -13,7 +16,8 @@ into ``ready/`` and fsyncs ``ready/``. The agent only ever looks at ``ready/`` a
 entry from there once the vault and the catalog hold it: into ``shipped/`` when it still
 waits for its analysis (which runs apart from shipping), or away. What is left in ``tmp/``
 belongs to a handler that died and is cleaned up by the agent. An entry in ``shipped/``
-still counts against its tenants' shares.
+or ``quarantine/`` still counts against its tenants' shares: an entry set aside is kept,
+never lost, and moving it back into ``ready/`` ships it again.
 
 Tenants share the spool: an entry names its pod and namespace in a small ``owner`` file
 written before its core, and :func:`room` gives a new entry no more than what is left of
@@ -33,6 +37,7 @@ CORE_NAME = "core.zst"
 META_NAME = "meta.json"
 OWNER_NAME = "owner"
 JOURNAL_NAME = "journal.jsonl"
+REASON_NAME = "reason"
 
 
 def new_id(now: float, pid: int) -> str:
@@ -53,9 +58,13 @@ def shipped_dir(spool: str) -> str:
     return os.path.join(spool, "shipped")
 
 
+def quarantine_dir(spool: str) -> str:
+    return os.path.join(spool, "quarantine")
+
+
 def ensure(spool: str) -> None:
     """Create the spool's directories (root-only: cores hold whole process memories)."""
-    for d in (spool, tmp_dir(spool), ready_dir(spool), shipped_dir(spool)):
+    for d in (spool, tmp_dir(spool), ready_dir(spool), shipped_dir(spool), quarantine_dir(spool)):
         os.makedirs(d, mode=0o700, exist_ok=True)
 
 
@@ -83,7 +92,7 @@ def usage_by_owner(spool: str) -> tuple[int, dict[str, int]]:
     all, and per owner key."""
     total = 0
     owned: dict[str, int] = {}
-    for parent in (tmp_dir(spool), ready_dir(spool), shipped_dir(spool)):
+    for parent in (tmp_dir(spool), ready_dir(spool), shipped_dir(spool), quarantine_dir(spool)):
         try:
             entries = os.scandir(parent)
         except FileNotFoundError:
@@ -132,6 +141,19 @@ def entries(spool: str, where: str = "ready") -> list[str]:
         return sorted(e for e in os.listdir(os.path.join(spool, where)) if not e.startswith("."))
     except FileNotFoundError:
         return []
+
+
+def quarantined(spool: str) -> list[tuple[str, str]]:
+    """``(id, reason)`` of each entry the agent set aside, oldest first."""
+    out = []
+    for entry_id in entries(spool, "quarantine"):
+        try:
+            with open(os.path.join(quarantine_dir(spool), entry_id, REASON_NAME), "rb") as f:
+                reason = f.read(4096).decode(errors="replace").strip()
+        except (NotADirectoryError, FileNotFoundError):
+            continue  # the journal's refused lines, or an entry being moved in
+        out.append((entry_id, reason))
+    return out
 
 
 def read_meta(spool: str, entry_id: str, where: str = "ready") -> dict:

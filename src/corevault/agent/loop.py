@@ -7,11 +7,16 @@ transaction: what lets one PostgreSQL take a fleet's crash storm); the analyses 
 :class:`corevault.agent.analyses.AnalysisPool`, so no analysis ever holds shipping up, and
 each entry is handed to them as soon as its batch is shipped (in a storm the first crashes
 are analysed while the rest ships, and become the samples the later ones are matched to). A
-failed entry (store or catalog unreachable, disk full) stays in the spool and is retried
-with exponential backoff (1 s doubling to 5 min), per entry, so one bad entry never
-blocks the others, in its batch or after it. Retention runs every ten minutes when
-configured. SIGTERM and SIGINT stop it after the batch in hand (an analysis in flight is
-ended with the process and done again at the next start).
+failed entry stays in the spool and is retried with exponential backoff (1 s doubling to
+5 min), per entry, so one bad entry never blocks the others, in its batch or after it. A
+failure that is not the vault or the disk being away (:func:`corevault.agent.ship.transient`)
+is the entry's own: logged once with its reason, counted in ``corevault_ship_errors``, and
+after ``QUARANTINE_AFTER`` such attempts the entry is set aside in the spool's
+``quarantine/`` with that reason, kept but no longer tried; the journal's lines likewise
+(:func:`corevault.agent.ship.ship_journal`). Whatever else goes wrong in a pass is logged
+and the next pass comes all the same: nothing one crash holds ends the agent. Retention
+runs every ten minutes when configured. SIGTERM and SIGINT stop it after the batch in hand
+(an analysis in flight is ended with the process and done again at the next start).
 """
 
 from __future__ import annotations
@@ -37,6 +42,9 @@ RETRYABLE = (blobs.StoreError, catalog.CatalogError, sa.exc.OperationalError, sa
 MAX_BACKOFF = 300.0
 VACUUM_EVERY = 600.0
 EVICT_EVERY = 60.0  # seconds between evictions from the node's binary store
+#: failures of an entry's own (not the vault away) before it is set aside: with the backoff,
+#: about a minute, long enough for a hiccup of the catalog to pass
+QUARANTINE_AFTER = 6
 
 
 def bound_heap() -> None:
@@ -71,6 +79,8 @@ class Agent:
         self.stop = threading.Event()
         self.vault: LocalVault | None = None
         self.backoff: dict[str, tuple[float, float]] = {}
+        #: failures of each entry's own so far (see QUARANTINE_AFTER)
+        self.errors: dict[str, int] = {}
         #: why the vault could not be reached on the last pass, or None
         self.unreachable: str | None = None
         self.last_vacuum = 0.0
@@ -132,7 +142,11 @@ class Agent:
         ship.clean_abandoned(s)
         try:
             vault = self.connect()
-            for event, n in ship.ship_journal(vault, s, self.on_record).items():
+            refused: list[str] = []
+            shipped = ship.ship_journal(vault, s, self.on_record, refused)
+            self.metrics.errors.inc(len(refused))
+            self.metrics.quarantined.inc(len(refused))
+            for event, n in shipped.items():
                 if event == "captured":
                     self.metrics.captured.inc(n)
                 elif event in ship.DROPPED_EVENTS:
@@ -153,12 +167,10 @@ class Agent:
             self.heartbeat = time.monotonic()
             batch = ship.ship_batch(vault, s, due[at : at + s.agent_ship_batch], s.agent_ship_parallel)
             for entry, error in batch.failed.items():
-                delay = min(self.backoff.get(entry, (0.0, 0.5))[1] * 2, MAX_BACKOFF)
-                self.backoff[entry] = (time.monotonic() + delay, delay)
-                self.metrics.failures.inc()
-                log.warning("cannot ship %s (retry in %.0fs): %s", entry, delay, error)
+                self._failed(entry, error)
             for entry, done in batch.shipped.items():
                 self.backoff.pop(entry, None)
+                self.errors.pop(entry, None)
                 self.metrics.shipped.inc()
                 self.metrics.upload_bytes.inc(done.bytes)
                 self.metrics.upload_seconds.observe(done.seconds)
@@ -193,6 +205,28 @@ class Agent:
         self.metrics.queue.set(waiting)
         return waiting
 
+    def _failed(self, entry: str, error: Exception) -> None:
+        """Back off from an entry that failed; set it aside after QUARANTINE_AFTER failures of its own."""
+        delay = min(self.backoff.get(entry, (0.0, 0.5))[1] * 2, MAX_BACKOFF)
+        self.backoff[entry] = (time.monotonic() + delay, delay)
+        self.metrics.failures.inc()
+        if ship.transient(error):
+            log.warning("cannot ship %s (retry in %.0fs): %s", entry, delay, error)
+            return
+        why = ship.reason(error)
+        self.metrics.errors.inc()
+        n = self.errors[entry] = self.errors.get(entry, 0) + 1
+        if n == 1:  # once: the same error again and again says nothing new
+            log.warning("cannot ship %s (tried again %d times at most): %s", entry, QUARANTINE_AFTER - 1, why)
+        if n < QUARANTINE_AFTER:
+            return
+        self.backoff.pop(entry, None)
+        self.errors.pop(entry, None)
+        if ship.set_aside(self.settings, entry, why):
+            self.metrics.quarantined.inc()
+            where = spool.quarantine_dir(self.settings.spool_dir)
+            log.error("set %s aside in %s after %d failures: %s", entry, where, n, why)
+
     def _retention_on(self) -> bool:
         s = self.settings
         return any(
@@ -214,6 +248,13 @@ class Agent:
                 self.vault = None
                 self.unreachable = str(e)
                 waiting = len(spool.entries(self.settings.spool_dir))
+            except Exception as e:  # a bug, or something one crash holds: the next pass comes all the same
+                log.exception("a pass of the agent failed: %s", ship.reason(e))
+                self.metrics.errors.inc()
+                waiting = len(spool.entries(self.settings.spool_dir))
+                if once:
+                    self._close()
+                    return waiting
             if once and (waiting == 0 or self.unreachable or not self._anything_due()):
                 if self.analyses is not None and not self.unreachable:
                     self.analyses.wait_idle(self.stop)

@@ -30,6 +30,16 @@ class Metrics:
         self.failures = Counter(
             "corevault_ship_failures", "Attempts to ship an entry that failed", registry=r
         )
+        self.errors = Counter(
+            "corevault_ship_errors",
+            "Failures to ship an entry or a journal line that were not the vault or the disk being away",
+            registry=r,
+        )
+        self.quarantined = Counter(
+            "corevault_spool_quarantined",
+            "Entries and journal lines set aside in the spool's quarantine/ (kept, no longer tried)",
+            registry=r,
+        )
         self.queue = Gauge("corevault_spool_entries", "Finished entries waiting in the spool", registry=r)
         self.installed = Gauge(
             "corevault_capture_installed",

@@ -34,6 +34,13 @@ Entries are locked with ``flock`` while shipped or analysed, so several agents (
 restarted one) can share a spool. The journal is shipped by renaming it first (handlers
 then start a new one), loading its lines into the catalog (each line once: its hash is the
 key), and deleting the renamed file.
+
+What a tenant's crash or an older handler put in the spool is data: text that is not valid
+UTF-8 (an unpaired surrogate) reaches the catalog with U+FFFD in its place, the metadata blob
+keeps it as written (JSON escapes it). Any error while shipping one entry or one journal line
+is that entry's or line's alone: a :func:`transient` one (the vault away, a full disk) is
+retried for as long as it lasts; any other counts towards setting it aside
+(:func:`set_aside`, :func:`set_aside_line`) into the spool's ``quarantine/`` with its reason.
 """
 
 from __future__ import annotations
@@ -53,7 +60,7 @@ from typing import TYPE_CHECKING
 
 from sqlalchemy import exc as sa_exc
 
-from corevault import config, crashrecord, nodestore, objectid, spool
+from corevault import atomic, config, crashrecord, nodestore, objectid, printable, spool
 from corevault.vault import blobs, catalog
 from corevault.vault.crashes import LocalVault
 
@@ -97,12 +104,31 @@ class Batch:
     busy: list[str] = field(default_factory=list)
 
 
+#: errors that say nothing about the entry: the vault or the disk, away for a while
+TRANSIENT = (blobs.StoreError, catalog.CatalogError, sa_exc.OperationalError, sa_exc.InterfaceError, OSError)
+
+
+def transient(error: BaseException) -> bool:
+    """Whether ``error`` is worth retrying for as long as it lasts (else it counts towards the quarantine)."""
+    return isinstance(error, TRANSIENT)
+
+
+def reason(error: BaseException) -> str:
+    """``error`` in one printable line (a database's own message, without the statement and its values)."""
+    error = getattr(error, "orig", None) or error  # sqlalchemy's wrapper of the driver's error
+    text = " ".join(str(error).split()) or "no message"
+    return printable.printable(f"{type(error).__name__}: {text}")[:500]
+
+
 @dataclass
 class _Entry:
     entry_id: str
     path: str
+    #: as the handler wrote it (for the metadata blob)
     meta: dict
     record: CrashRecord
+    #: the same with valid text only (for the catalog)
+    clean: dict = field(default_factory=dict)
     size: int = 0
     #: how long its blobs took to go up
     seconds: float = 0.0
@@ -136,10 +162,13 @@ def ship_batch(
             try:
                 held.enter_context(_locked(path, entry_id))
                 meta = spool.read_meta(settings.spool_dir, entry_id)  # kept as the handler wrote it
-                entries.append(_Entry(entry_id, path, meta, crashrecord.load(meta, entry_id)))
+                clean = printable.valid_text(meta)
+                if not isinstance(clean, dict):
+                    raise ValueError(f"meta.json holds a {type(meta).__name__}, not an object")
+                entries.append(_Entry(entry_id, path, meta, crashrecord.load(clean, entry_id), clean))
             except Busy:
                 batch.busy.append(entry_id)
-            except (OSError, ValueError) as e:
+            except Exception as e:  # this entry's alone
                 batch.failed[entry_id] = e
         # the small entries together; each large one after them, on its own: a large core never
         # keeps a small one's crash out of the catalog while it goes up
@@ -152,7 +181,7 @@ def ship_batch(
                 try:
                     if done is not None:
                         _finish(settings, entry.entry_id, done.analysis)
-                except OSError as e:
+                except Exception as e:  # this entry's alone
                     del batch.shipped[entry.entry_id]
                     batch.failed[entry.entry_id] = e
     return batch
@@ -192,7 +221,7 @@ def _upload_all(
         try:
             _upload(vault, settings, entry)
             done.append(entry)
-        except (blobs.StoreError, OSError, *RETRYABLE_ROWS) as e:
+        except Exception as e:  # this entry's alone
             failed[entry.entry_id] = e
 
     if parallel > 1 and len(entries) > 1:
@@ -242,14 +271,14 @@ def _record_all(vault: LocalVault, entries: list[_Entry], analysis: str, batch: 
             _record(vault, [entry], analysis, batch)
         except Exception as e:  # this entry's, and only this entry's
             if not isinstance(e, RETRYABLE_ROWS):
-                log.exception("cannot record %s", entry.entry_id)
+                log.debug("cannot record %s", entry.entry_id, exc_info=True)
             batch.failed[entry.entry_id] = e
 
 
 def _record(vault: LocalVault, entries: list[_Entry], analysis: str, batch: Batch) -> None:
     """Step 3 for ``entries``, in one transaction: their rows, and each crash's analysis state."""
     with vault.engine.begin() as conn:
-        new = catalog.add_crashes(conn, [{**e.meta, "id": e.record["id"]} for e in entries], analysis)
+        new = catalog.add_crashes(conn, [{**e.clean, "id": e.record["id"]} for e in entries], analysis)
         for e in entries:
             crash_id = e.record["id"]
             state = analysis if crash_id in new else catalog.analysis_state(conn, crash_id)
@@ -266,6 +295,37 @@ def _finish(settings: config.Settings, entry_id: str, state: str) -> None:
         os.rename(entry, shipped)
         return
     _remove(entry)  # not pending, or moved once already (this is a copy left by a restore)
+
+
+def set_aside(settings: config.Settings, entry_id: str, why: str) -> bool:
+    """Move a ready entry into the spool's ``quarantine/``, ``why`` beside it; False when another
+    agent holds it or it is gone (it is that agent's now)."""
+    entry = os.path.join(spool.ready_dir(settings.spool_dir), entry_id)
+    try:
+        with _locked(entry, entry_id):
+            atomic.write(os.path.join(entry, spool.REASON_NAME), why + "\n", 0o600)
+            os.makedirs(spool.quarantine_dir(settings.spool_dir), mode=0o700, exist_ok=True)
+            os.rename(entry, os.path.join(spool.quarantine_dir(settings.spool_dir), entry_id))
+    except Busy:
+        return False
+    atomic.fsync_dir(spool.ready_dir(settings.spool_dir))
+    return True
+
+
+def set_aside_line(settings: config.Settings, record: dict, why: str) -> None:
+    """Keep a journal line the catalog refused in ``quarantine/journal.jsonl``, ``why`` with it."""
+    os.makedirs(spool.quarantine_dir(settings.spool_dir), mode=0o700, exist_ok=True)
+    line = json.dumps({"reason": why, "record": record}, sort_keys=True) + "\n"  # ASCII: kept as written
+    fd = os.open(
+        os.path.join(spool.quarantine_dir(settings.spool_dir), spool.JOURNAL_NAME),
+        os.O_WRONLY | os.O_APPEND | os.O_CREAT | os.O_CLOEXEC,
+        0o600,
+    )
+    try:
+        os.write(fd, line.encode())
+        os.fsync(fd)
+    finally:
+        os.close(fd)
 
 
 #: what a removed entry is renamed to first (:func:`spool.entries` lists no hidden name)
@@ -407,12 +467,18 @@ def _matched(conn: Connection, match: Match) -> dict:
 
 
 def ship_journal(
-    vault: LocalVault, settings: config.Settings, on_record: Callable[[dict], object] | None = None
+    vault: LocalVault,
+    settings: config.Settings,
+    on_record: Callable[[dict], object] | None = None,
+    refused: list[str] | None = None,
 ) -> dict[str, int]:
     """Move the journal's records of dropped, cut and refused dumps into the catalog.
 
     ``on_record`` sees every record (for Kubernetes Events). Returns how many records of
-    each event were shipped (for metrics).
+    each event were shipped (for metrics). A :func:`transient` error leaves the journal to
+    the next pass; when the catalog refuses a file's records otherwise, they go one at a
+    time, and each one it refuses on its own is set aside (:func:`set_aside_line`) and its
+    reason added to ``refused``: the others land.
     """
     current = os.path.join(settings.spool_dir, spool.JOURNAL_NAME)
     if os.path.exists(current) and os.path.getsize(current) > 0:
@@ -428,14 +494,36 @@ def ship_journal(
                     continue  # a line cut by a full disk: nothing to keep
                 counts[record.get("event", "?")] = counts.get(record.get("event", "?"), 0) + 1
                 if record.get("event") in DROPPED_EVENTS:
-                    records.append(record)
+                    records.append(record)  # as written: set aside so if the catalog refuses it
                 if on_record is not None:
                     on_record(record)
-        with vault.engine.begin() as conn:
-            for i in range(0, len(records), 500):
-                catalog.add_dropped(conn, records[i : i + 500])
+        try:
+            with vault.engine.begin() as conn:
+                for i in range(0, len(records), 500):
+                    catalog.add_dropped(conn, [printable.valid_text(r) for r in records[i : i + 500]])
+        except Exception as e:
+            if transient(e):
+                raise
+            _journal_one_by_one(vault, settings, records, refused)
         os.unlink(path)
     return counts
+
+
+def _journal_one_by_one(
+    vault: LocalVault, settings: config.Settings, records: list[dict], refused: list[str] | None
+) -> None:
+    for record in records:
+        try:
+            with vault.engine.begin() as conn:
+                catalog.add_dropped(conn, [printable.valid_text(record)])
+        except Exception as e:  # this line's alone
+            if transient(e):
+                raise
+            why = reason(e)
+            set_aside_line(settings, record, why)
+            log.warning("set a journal line aside in %s: %s", spool.quarantine_dir(settings.spool_dir), why)
+            if refused is not None:
+                refused.append(why)
 
 
 def clean_abandoned(settings: config.Settings, now: float | None = None) -> list[str]:

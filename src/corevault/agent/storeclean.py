@@ -4,7 +4,7 @@ The capture handler keeps every object a crashed process mapped (:mod:`corevault
 so that analysis and shipping can use it after the pod and its image are gone. Once a
 crash is shipped and analysed, the vault holds its objects and its spool entry is removed:
 a stored file is needed only while some spool entry (being written, waiting to be shipped,
-or shipped and waiting for its analysis) names it.
+or shipped and waiting for its analysis, or set aside in quarantine) names it.
 Everything else is removed, after a grace period that covers a handler which found a file
 already stored but has not finished its spool entry yet.
 """
@@ -24,7 +24,9 @@ def spool_records(spool_dir: str) -> list[dict]:
     """The metadata of every spool entry (being written, waiting, shipped and waiting for its
     analysis) that has some."""
     metas = []
-    for parent in (spool.tmp_dir(spool_dir), spool.ready_dir(spool_dir), spool.shipped_dir(spool_dir)):
+    parents = (spool.tmp_dir(spool_dir), spool.ready_dir(spool_dir), spool.shipped_dir(spool_dir),
+               spool.quarantine_dir(spool_dir))  # fmt: skip
+    for parent in parents:
         try:
             names = os.listdir(parent)
         except FileNotFoundError:

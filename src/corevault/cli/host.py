@@ -7,8 +7,9 @@ import json
 import typer
 from rich.console import Console
 from rich.table import Table
+from rich.text import Text
 
-from corevault import config, hostsetup
+from corevault import config, hostsetup, printable, spool
 from corevault.cli import exits
 
 
@@ -70,10 +71,12 @@ def uninstall(ctx: typer.Context) -> None:
 
 
 def status(ctx: typer.Context, as_json: bool = typer.Option(False, "--json", help="Print JSON.")) -> None:
-    """Say what is installed, what was saved, and whether crashes on this host are lost."""
+    """Say what is installed, what was saved, whether crashes on this host are lost, and which
+    spool entries the agent set aside (quarantine/, with why)."""
     settings = _settings(ctx)
     st = hostsetup.status(hostsetup.state_path(settings))
     st["spool"] = settings.spool_dir
+    st["quarantined"] = [{"id": i, "reason": why} for i, why in spool.quarantined(settings.spool_dir)]
     if as_json:
         print(json.dumps(st, indent=2))
     else:
@@ -85,6 +88,11 @@ def status(ctx: typer.Context, as_json: bool = typer.Option(False, "--json", hel
                 key, value + (f"   [dim](saved: {saved})[/dim]" if saved not in (None, value) else "")
             )
         table.add_row("spool", st["spool"])
+        if st["quarantined"]:
+            where = spool.quarantine_dir(settings.spool_dir)
+            table.add_row("quarantined", Text(f"{len(st['quarantined'])} entries set aside in {where}"))
+        for q in st["quarantined"]:  # the reason quotes a crash's values: data, never markup
+            table.add_row("", Text(f"{q['id']}: {printable.printable(q['reason'])}"))
         Console().print(table)
         for problem in st["problems"]:
             Console(stderr=True, soft_wrap=True).print(f"[red]problem:[/red] {problem}")
