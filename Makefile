@@ -43,6 +43,7 @@ $(VENV)/.installed: pyproject.toml
 
 lint: venv
 	$(VENV)/bin/ruff check src tests testbed bench
+	$(VENV)/bin/ruff format --check src tests testbed bench
 	$(VENV)/bin/lint-imports --no-cache
 
 test: setup lint

@@ -46,7 +46,9 @@ def containerd(tmp_path) -> Iterator[str]:
     )  # fmt: skip
     try:
         deadline = time.monotonic() + 30
-        while subprocess.run(["ctr", "--address", f"{d}/sock", "version"], capture_output=True, check=False).returncode:
+        while subprocess.run(
+            ["ctr", "--address", f"{d}/sock", "version"], capture_output=True, check=False
+        ).returncode:
             assert proc.poll() is None and time.monotonic() < deadline, "containerd did not start"
             time.sleep(0.1)
         yield d
@@ -90,7 +92,11 @@ def test_containerd_pod_found_through_containerds_task_bundle(
     assert len(cores) == 1 and cores[0].startswith("core-crasher-"), capture.journal()
     meta = the_only_core(capture)
     assert meta["pod"]["source"] == "oci" and meta["pod"]["container_id"] == cid
-    assert (meta["pod"]["namespace"], meta["pod"]["name"], meta["pod"]["container"]) == ("shop", "web-0", "app")
+    assert (meta["pod"]["namespace"], meta["pod"]["name"], meta["pod"]["container"]) == (
+        "shop",
+        "web-0",
+        "app",
+    )
 
 
 def test_podman_pod_found_through_libpods_userdata(capture: Capture, rootfs: str, tmp_path) -> None:
@@ -124,4 +130,8 @@ def test_podman_pod_found_through_libpods_userdata(capture: Capture, rootfs: str
     meta = the_only_core(capture)
     assert meta["pod"]["source"] == "oci" and meta["pod"]["container_id"] == cid
     assert meta["cgroup"].endswith(f"/pod{uid}/libpod-{cid}")
-    assert (meta["pod"]["namespace"], meta["pod"]["name"], meta["pod"]["container"]) == ("shop", "api-0", "api")
+    assert (meta["pod"]["namespace"], meta["pod"]["name"], meta["pod"]["container"]) == (
+        "shop",
+        "api-0",
+        "api",
+    )

@@ -24,12 +24,8 @@ def stack(*words: int) -> bytes:
 
 
 def test_the_same_crash_in_another_layout_has_the_same_fingerprint() -> None:
-    a = fingerprint.of(
-        11, 1, 0x1000 + 0x123, stack(0x1000 + 0x456, 0x5, 0x101000 + 0x789), modules(0x1000)
-    )
-    b = fingerprint.of(
-        11, 1, 0x7000 + 0x123, stack(0x7000 + 0x456, 0x6, 0x107000 + 0x789), modules(0x7000)
-    )
+    a = fingerprint.of(11, 1, 0x1000 + 0x123, stack(0x1000 + 0x456, 0x5, 0x101000 + 0x789), modules(0x1000))
+    b = fingerprint.of(11, 1, 0x7000 + 0x123, stack(0x7000 + 0x456, 0x6, 0x107000 + 0x789), modules(0x7000))
     assert a is not None and fingerprint.FORMAT.match(a) and a == b
 
 

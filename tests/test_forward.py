@@ -66,7 +66,9 @@ def test_a_forwarded_crash_is_captured_by_the_agent(node: dict, rootfs: str) -> 
     assert meta["pod"]["container_id"] == c.id and meta["signal"]["name"] == "SIGSEGV"
 
 
-def test_a_forwarded_core_of_tens_of_mib_arrives_whole_through_the_small_pipe(node: dict, rootfs: str) -> None:
+def test_a_forwarded_core_of_tens_of_mib_arrives_whole_through_the_small_pipe(
+    node: dict, rootfs: str
+) -> None:
     """The forwarded core's pipe keeps the kernel's 64 KiB: the kernel and the agent take turns
     at every 64 KiB, and every byte the program headers promise still arrives, in both copies."""
     import hashlib

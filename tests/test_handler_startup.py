@@ -122,9 +122,13 @@ def test_a_capture_through_the_launcher_imports_nothing_heavy(tmp_path) -> None:
     stage = Stage(tmp_path)
     first = stage.capture()
     again = stage.capture()
-    [one, two] = [spool.read_meta(stage.settings.spool_dir, e) for e in spool.entries(stage.settings.spool_dir)]
+    [one, two] = [
+        spool.read_meta(stage.settings.spool_dir, e) for e in spool.entries(stage.settings.spool_dir)
+    ]
     assert one["signal"]["name"] == "SIGSEGV" and one["core"]["size"] == 4096
-    assert one["core"]["sha256"] == two["core"]["sha256"] == hashlib.sha256(b"\x7fELF" + bytes(4092)).hexdigest()
+    assert (
+        one["core"]["sha256"] == two["core"]["sha256"] == hashlib.sha256(b"\x7fELF" + bytes(4092)).hexdigest()
+    )
     # the second crash of the same binaries takes their content hashes from the cache
     assert [m["sha256"] for m in one["modules"]] == [m["sha256"] for m in two["modules"]]
     assert {m["path"] for m in two["modules"]} >= {"/usr/bin/sleep"}

@@ -124,7 +124,9 @@ def serve_tls(fake: FakeKube, cert: str, key: str) -> None:
     context.load_cert_chain(cert, key)
     assert fake.server is not None
     # the handshake happens in the request's thread, so a slow client holds up no other
-    fake.server.socket = context.wrap_socket(fake.server.socket, server_side=True, do_handshake_on_connect=False)
+    fake.server.socket = context.wrap_socket(
+        fake.server.socket, server_side=True, do_handshake_on_connect=False
+    )
 
 
 @pytest.fixture(scope="module")
@@ -189,12 +191,17 @@ def install_arg_patch(cluster: Cluster, mode: str) -> dict:
     at = ds["spec"]["template"]["spec"]["containers"][0]["args"].index("--install") + 1
     return {
         "target": {"kind": "DaemonSet", "name": "corevault-agent"},
-        "patch": json.dumps([{"op": "replace", "path": f"/spec/template/spec/containers/0/args/{at}", "value": mode}]),
+        "patch": json.dumps(
+            [{"op": "replace", "path": f"/spec/template/spec/containers/0/args/{at}", "value": mode}]
+        ),
     }
 
 
 def assert_captured(cluster: Cluster, c: runc.Container, volume: str, name: str) -> dict:
-    cores = wait_for(lambda: [f for f in os.listdir(volume) if f.startswith("core-crasher-")], "the core in the pod's volume")
+    cores = wait_for(
+        lambda: [f for f in os.listdir(volume) if f.startswith("core-crasher-")],
+        "the core in the pod's volume",
+    )
     assert len(cores) == 1, cores  # type: ignore[arg-type]
     row = shipped(cluster, name)
     assert (row["namespace"], row["pod"], row["node"]) == (NAMESPACE, name, NODE)
@@ -270,7 +277,8 @@ def debuginfo_bomb(src: str, dest: str, expands_to: int = 1 << 30) -> str:
             f.write(z.compress(chunk))
         f.write(z.flush())
     subprocess.run(
-        ["objcopy", "--remove-section", ".debug_info", "--add-section", f".zdebug_info={blob}", src, dest], check=True
+        ["objcopy", "--remove-section", ".debug_info", "--add-section", f".zdebug_info={blob}", src, dest],
+        check=True,
     )
     os.unlink(blob)
     with open(dest, "rb") as f:  # a build-id of its own, or the vault serves the clean binary's copy
@@ -294,7 +302,9 @@ def test_an_analysis_over_the_memory_limit_does_not_take_the_agent_down(
     limit = podspec.quantity(ds["spec"]["template"]["spec"]["containers"][0]["resources"]["limits"]["memory"])
     bombed = str(tmp_path / "root")
     shutil.copytree(rootfs, bombed, symlinks=True)
-    debuginfo_bomb(os.path.join(rootfs, "app/crasher"), os.path.join(bombed, "app/bomb"), expands_to=2 * limit)
+    debuginfo_bomb(
+        os.path.join(rootfs, "app/crasher"), os.path.join(bombed, "app/bomb"), expands_to=2 * limit
+    )
     with sysctl.core_settings() as saved:
         agent = cluster.pod(docs, "DaemonSet", "corevault-agent")
         pods.append(agent.start())
@@ -365,5 +375,7 @@ def test_the_webhook_deployment_manages_its_tls_and_answers_admission_reviews(
     assert base64.b64decode(published["webhooks"][0]["clientConfig"]["caBundle"]).decode() == ca
     context = ssl.create_default_context(cadata=ca)
     context.check_hostname = False  # the certificate names the Service; the test dials 127.0.0.1
-    response = admit((f"https://127.0.0.1:{webhook.ports['https']}/mutate", context), seed_pod_without_a_volume())
+    response = admit(
+        (f"https://127.0.0.1:{webhook.ports['https']}/mutate", context), seed_pod_without_a_volume()
+    )
     assert response["allowed"] is True and "patch" in response

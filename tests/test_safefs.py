@@ -162,7 +162,9 @@ def test_without_links_a_swapped_temporary_file_is_not_published(root, no_links)
     assert not (path / "data/dump/core").exists()
 
 
-def test_without_links_a_file_swapped_in_during_the_rename_is_not_published(root, no_links, monkeypatch) -> None:
+def test_without_links_a_file_swapped_in_during_the_rename_is_not_published(
+    root, no_links, monkeypatch
+) -> None:
     """The temporary name is swapped after it was checked, while the name is reserved: what the
     rename gave the name is checked again, taken away and not published (tests/test_fuse_volumes.py
     wins this race from a real container on a real FUSE bucket)."""

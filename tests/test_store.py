@@ -120,7 +120,9 @@ def test_a_process_mapping_thousands_of_files_gets_a_bounded_share_of_the_handle
     for i in range(3000):
         shutil.copy(lib, os.path.join(root, "objs", f"{i}.so"))
     capture.configure('[capture]\nmax_objects = 200\nmax_objects_size = "4M"\n')
-    c = capture.crash(root, ["/bin/sh", "-c", "exec /app/mapper map /objs/*"], annotations=_pod("tenant-a", "maps"))
+    c = capture.crash(
+        root, ["/bin/sh", "-c", "exec /app/mapper map /objs/*"], annotations=_pod("tenant-a", "maps")
+    )
     [meta] = [m for m in capture.entries() if m["pod"]["container_id"] == c.id]
     modules = {m["path"]: m for m in meta["modules"]}
     assert len(modules) <= 200
@@ -128,7 +130,9 @@ def test_a_process_mapping_thousands_of_files_gets_a_bounded_share_of_the_handle
         assert modules[program]["stored"] in ("new", "held"), modules[program]
     kept = [m for m in modules.values() if m["stored"] in ("new", "held")]
     assert sum(m["size"] for m in kept) <= 4 << 20
-    assert any(m["stored"].startswith("not stored: past [capture] max_objects_size") for m in modules.values())
+    assert any(
+        m["stored"].startswith("not stored: past [capture] max_objects_size") for m in modules.values()
+    )
     [skipped] = [r for r in capture.journal() if r["event"] == "objects-skipped"]
     assert "mapped files not looked at: [capture] max_objects is 200" in skipped["reason"], skipped
     assert "not stored: [capture] max_objects_size is 4194304 bytes" in skipped["reason"], skipped
@@ -302,7 +306,9 @@ def test_sparse_files_are_stored_with_their_holes(tenants: Tenants) -> None:
     assert os.path.getsize(held) == SPARSE and os.stat(held).st_blocks * 512 < 4 << 20
 
 
-def test_eviction_keeps_only_what_the_spool_still_needs(tenants: Tenants, request: pytest.FixtureRequest) -> None:
+def test_eviction_keeps_only_what_the_spool_still_needs(
+    tenants: Tenants, request: pytest.FixtureRequest
+) -> None:
     settings = tenants.settings
     # The node's store is the module's: it is put back as it was (hard links keep its files'
     # holes), whatever order the tests run in.

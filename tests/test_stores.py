@@ -216,7 +216,9 @@ def test_an_upload_killed_midway_resumes_with_the_parts_the_store_holds(cloud, t
     path = str(tmp_path / "core.zst")
     with open(path, "wb") as f:
         f.write(data)
-    kill_at = 3 if isinstance(server, clouds.FakeGcs) else 2  # GCS keeps its session once before the first chunk
+    kill_at = (
+        3 if isinstance(server, clouds.FakeGcs) else 2
+    )  # GCS keeps its session once before the first chunk
     kill_midway(url, server, path, kill_at, concurrency=1)
     store = open_cloud(url, server)
     assert store.size("crashes/big/core.zst") is None  # nothing complete under the name

@@ -103,12 +103,18 @@ def test_state_changes_need_update_in_every_namespace_the_group_crashed_in(serve
     assert r.status_code == 403
     assert served.post("/api/v1/groups/only-b/state", "a-ops", resolve).status_code == 404  # b's: unseen
     assert _state(served, "shared") == "open"
-    r = served.post("/api/v1/groups/only-a/state", "a-ops", {"state": "resolved", "resolved_in": "registry.example/parser:2"})
+    r = served.post(
+        "/api/v1/groups/only-a/state",
+        "a-ops",
+        {"state": "resolved", "resolved_in": "registry.example/parser:2"},
+    )
     assert r.status_code == 200 and r.json()["status"] == {**r.json()["status"], "state": "resolved", "actor": "olga",
                                                            "resolved_in": "registry.example/parser:2"}  # fmt: skip
     r = served.post("/api/v1/groups/shared/state", "ab-ops", resolve)
     assert r.status_code == 200 and r.json()["status"]["state"] == "resolved"
-    assert [(h["actor"], h["state"], h["comment"]) for h in r.json()["history"]] == [("sam", "resolved", "fixed by #evict-fix")]
+    assert [(h["actor"], h["state"], h["comment"]) for h in r.json()["history"]] == [
+        ("sam", "resolved", "fixed by #evict-fix")
+    ]
     # the default list shows what needs attention; state=all shows everything
     assert [g["signature"] for g in served.get("/api/v1/groups").json()["items"]] == ["only-b"]
     every = {g["signature"]: g["state"] for g in served.get("/api/v1/groups?state=all").json()["items"]}
@@ -134,8 +140,14 @@ def test_a_new_crash_regresses_a_resolved_group(served: Served) -> None:
     group = served.get("/api/v1/groups/only-b").json()
     assert group["status"]["state"] == "regressed" and group["history"][0]["actor"] == "corevault"
     assert "only-b" in [g["signature"] for g in served.get("/api/v1/groups").json()["items"]]
-    assert [i["image"] for i in group["per_image"]] == ["registry.example/b-only:1", "registry.example/b-only:2"]
-    assert group["first_image"] == "registry.example/b-only:1" and group["last_image"] == "registry.example/b-only:2"
+    assert [i["image"] for i in group["per_image"]] == [
+        "registry.example/b-only:1",
+        "registry.example/b-only:2",
+    ]
+    assert (
+        group["first_image"] == "registry.example/b-only:1"
+        and group["last_image"] == "registry.example/b-only:2"
+    )
 
 
 def test_search_through_the_api_and_the_cli(served: Served) -> None:
@@ -154,7 +166,11 @@ def test_search_through_the_api_and_the_cli(served: Served) -> None:
     groups = served.get("/api/v1/groups", params={"q": "parser-a", "state": "all"}).json()["items"]
     assert [g["signature"] for g in groups] == ["only-a"]
     out = served.cli("a", "list", "--search", "readHeader", "--json")
-    assert out.returncode == 0 and served.ids["only-a"] in out.stdout and served.ids["shared-a"] not in out.stdout
+    assert (
+        out.returncode == 0
+        and served.ids["only-a"] in out.stdout
+        and served.ids["shared-a"] not in out.stdout
+    )
     local = served.cli(None, "list", "--search", "cache-b", "--json")
     assert local.returncode == 0 and served.ids["shared-b"] in local.stdout, local.stderr
     bad = served.cli(None, "list", "--search", "x")
@@ -164,7 +180,9 @@ def test_search_through_the_api_and_the_cli(served: Served) -> None:
 def test_groups_commands_change_states_remotely_and_locally(served: Served) -> None:
     denied = served.cli("a", "groups", "resolve", "only-a")
     assert denied.returncode == 1 and "update on pods" in denied.stderr
-    ok = served.cli("a-ops", "groups", "resolve", "only-a", "--in", "registry.example/parser:9", "-m", "bumped")
+    ok = served.cli(
+        "a-ops", "groups", "resolve", "only-a", "--in", "registry.example/parser:9", "-m", "bumped"
+    )
     assert ok.returncode == 0 and ok.stdout.strip() == "only-a: resolved", ok.stderr
     assert served.get("/api/v1/groups/only-a").json()["status"]["resolved_in"] == "registry.example/parser:9"
     assert served.cli("a-ops", "groups", "ignore", "only-a", "--crashes", "5").returncode == 0
@@ -181,7 +199,10 @@ def test_groups_commands_change_states_remotely_and_locally(served: Served) -> N
     assert hist[0]["state"] == "open" and hist[0]["comment"] == "from the node" and hist[0]["actor"]
     until = served.cli(None, "groups", "ignore", "only-a", "--until", "2d")
     assert until.returncode == 0
-    assert abs(served.get("/api/v1/groups/only-a").json()["status"]["ignore_until"] - (time.time() + 2 * 86400)) < 600
+    assert (
+        abs(served.get("/api/v1/groups/only-a").json()["status"]["ignore_until"] - (time.time() + 2 * 86400))
+        < 600
+    )
     missing = served.cli(None, "groups", "resolve", "no-such-group")
     assert missing.returncode == 4 and "no crash group" in missing.stderr
     assert served.cli(None, "groups", "reopen", "only-a").returncode == 0
@@ -214,7 +235,10 @@ def test_browser_resolves_and_reopens_from_the_group_page(served: Served, screen
             assert "resolved" in state and "sam" in state and "bounds check added" in state
             page.click("#reopen")
             page.wait_for_url("**/groups/only-a")
-            assert page.locator("#state table.history tbody tr").first.inner_text().split("\t")[2].strip() == "open"
+            assert (
+                page.locator("#state table.history tbody tr").first.inner_text().split("\t")[2].strip()
+                == "open"
+            )
             page.fill("#ignore-form input[name=crashes]", "3")
             page.click("#ignore")
             page.wait_for_url("**/groups/only-a")
@@ -235,11 +259,17 @@ def test_browser_resolves_and_reopens_from_the_group_page(served: Served, screen
             reader.click("form[action='/login'] button")
             reader.wait_for_url(served.url + "/")
             reader.goto(served.url + "/groups/only-a")
-            assert reader.locator("#resolve").count() == 0 and "needs update on pods" in reader.inner_text("#state")
+            assert reader.locator("#resolve").count() == 0 and "needs update on pods" in reader.inner_text(
+                "#state"
+            )
             cookies = {c["name"]: c["value"] for c in reader.context.cookies()}
         finally:
             browser.close()
-    forged = httpx.post(served.url + "/groups/only-a/state", cookies=cookies, data={"state": "resolved", "form_token": "0" * 64})
+    forged = httpx.post(
+        served.url + "/groups/only-a/state",
+        cookies=cookies,
+        data={"state": "resolved", "form_token": "0" * 64},
+    )
     assert forged.status_code == 403 and "stale" in forged.text
     assert _state(served, "only-a") == "open"
 
@@ -264,7 +294,9 @@ def test_kubernetes_readers_need_update_pods_in_each_namespace(served: Served, t
             assert post("dev-token", "shared").status_code == 403  # crashed in b too
             assert post("dev-token", "only-a").status_code == 200
             assert post("lead-token", "shared").status_code == 200
-            detail = httpx.get(f"{url}/api/v1/groups/shared", headers={"Authorization": "Bearer lead-token"}).json()
+            detail = httpx.get(
+                f"{url}/api/v1/groups/shared", headers={"Authorization": "Bearer lead-token"}
+            ).json()
             assert detail["history"][0]["actor"] == "lead" and detail["may_change"] is True
     finally:
         fake.stop()

@@ -316,7 +316,11 @@ def test_agent_once_gives_up_on_an_unreachable_catalog_and_keeps_the_entries(mat
 def test_a_postgresql_catalog_knows_a_new_crash_from_one_already_there(pg: servers.Postgres) -> None:
     """INSERT's rowcount tells the two apart; without it a reader's namespaces stayed empty."""
     engine = catalog.connect(pg.database("rowcount"))
-    meta = {"id": "20261201T000000Z-1-rowcount", "time": 1796129797, "pod": {"namespace": "shop", "name": "p"}}
+    meta = {
+        "id": "20261201T000000Z-1-rowcount",
+        "time": 1796129797,
+        "pod": {"namespace": "shop", "name": "p"},
+    }
     with engine.begin() as conn:
         assert catalog.add_crash(conn, meta, "pending") is True
         assert catalog.add_crash(conn, meta, "pending") is False

@@ -93,6 +93,7 @@ def write_pod(index_dir: str, pod: dict) -> None:
 def remove_pod(index_dir: str, uid: str) -> None:
     """Forget a pod and its containers (after its grace period)."""
     from contextlib import suppress  # not at import: the capture handler reads the index
+
     pod = read_pod(index_dir, uid)
     if pod is None:
         return

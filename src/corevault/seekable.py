@@ -131,9 +131,7 @@ def parse(tail: bytes, stored_size: int, plain_size: int | None) -> Table | None
 TAIL = 64 << 10
 
 
-def read_table(
-    read: Callable[[int, int], bytes], stored_size: int, plain_size: int | None
-) -> Table | None:
+def read_table(read: Callable[[int, int], bytes], stored_size: int, plain_size: int | None) -> Table | None:
     """The seek table of a stored object, read with ``read(start, length)``; None if it has none."""
     if stored_size < FOOTER.size:
         return None
@@ -147,9 +145,7 @@ def read_table(
     return parse(tail, stored_size, plain_size)
 
 
-def open_range(
-    open_stored: Callable[[int, int], BinaryIO], table: Table, start: int, end: int
-) -> BinaryIO:
+def open_range(open_stored: Callable[[int, int], BinaryIO], table: Table, start: int, end: int) -> BinaryIO:
     """A reader of plain bytes from ``start`` (to ``end`` or a little past it: read what you
     need), decompressing only the frames that hold them; ``open_stored(offset, length)``
     opens that part of the stored object."""

@@ -50,7 +50,9 @@ class Metrics:
             registry=self.registry,
         )
         self.bytes = Counter(
-            "corevault_served_bytes", "Bytes of cores and binaries sent (or redirected to the store)", ["what"],
+            "corevault_served_bytes",
+            "Bytes of cores and binaries sent (or redirected to the store)",
+            ["what"],
             registry=self.registry,
         )
 
