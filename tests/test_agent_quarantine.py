@@ -1,11 +1,13 @@
 """One entry, or one journal line, the catalog will not take never stops the agent.
 
-The catalog refuses one tenant's rows through a real constraint (an SQLite trigger that
-aborts the insert); an entry of an older handler holds a surrogate in its executable's path
-(``meta.json`` written by hand, as handlers before the fix wrote it), and so does a line of
-the node's journal. The agent's passes must ship everything else, the other tenant's crash
-from a real runc container among it, retry the refused entry with backoff, then set it aside
-in the spool's ``quarantine/`` with its reason, where ``corevault status`` shows it.
+The catalog refuses one tenant's rows through a real constraint (a trigger that aborts the
+insert); an entry of an older handler holds a surrogate in its executable's path (``meta.json``
+written by hand, as handlers before the fix wrote it), and so does a line of the node's
+journal; other journal lines are not records the catalog can take (not a JSON object, a pod
+that is not one). The agent's passes must ship everything else, on SQLite and PostgreSQL, the
+other tenant's crash from a real runc container among it, retry the refused entry with
+backoff, then set it aside in the spool's ``quarantine/`` with its reason, where
+``corevault status`` shows it.
 """
 
 from __future__ import annotations
@@ -13,6 +15,8 @@ from __future__ import annotations
 import json
 import os
 import shutil
+from collections.abc import Iterator
+from pathlib import Path
 
 import pytest
 import sqlalchemy as sa
@@ -22,35 +26,64 @@ from corevault.agent import loop
 from corevault.agent.loop import Agent
 from corevault.vault import blobs, tables
 from corevault.vault.crashes import LocalVault
-from testbed import runc
+from testbed import runc, servers
 from tests.clirun import corevault
-from tests.conftest import FIXTURE_SPOOL, Capture
+from tests.conftest import FIXTURE_SPOOL, Capture, starts_servers
 from tests.tenants import node_of, pod
 
-#: the constraint: the catalog refuses every crash row of namespace "refused", and one journal line
-REFUSE = [
-    "CREATE TRIGGER refuse_crash BEFORE INSERT ON crashes WHEN NEW.namespace = 'refused' "
-    "BEGIN SELECT RAISE(ABORT, 'rows of namespace refused are refused'); END",
-    "CREATE TRIGGER refuse_line BEFORE INSERT ON dropped WHEN NEW.reason = 'refuse me' "
-    "BEGIN SELECT RAISE(ABORT, 'this journal line is refused'); END",
-]
+#: the constraint, per dialect: the catalog refuses every crash row of namespace "refused", and one journal line
+REFUSE = {
+    "sqlite": [
+        "CREATE TRIGGER refuse_crash BEFORE INSERT ON crashes WHEN NEW.namespace = 'refused' "
+        "BEGIN SELECT RAISE(ABORT, 'rows of namespace refused are refused'); END",
+        "CREATE TRIGGER refuse_line BEFORE INSERT ON dropped WHEN NEW.reason = 'refuse me' "
+        "BEGIN SELECT RAISE(ABORT, 'this journal line is refused'); END",
+    ],
+    "postgresql": [
+        "CREATE FUNCTION refuse_crash() RETURNS trigger LANGUAGE plpgsql AS $$ BEGIN "
+        "IF NEW.namespace = 'refused' THEN RAISE EXCEPTION 'rows of namespace refused are refused' "
+        "USING ERRCODE = 'check_violation'; END IF; RETURN NEW; END $$",
+        "CREATE FUNCTION refuse_line() RETURNS trigger LANGUAGE plpgsql AS $$ BEGIN "
+        "IF NEW.reason = 'refuse me' THEN RAISE EXCEPTION 'this journal line is refused' "
+        "USING ERRCODE = 'check_violation'; END IF; RETURN NEW; END $$",
+        "CREATE TRIGGER refuse_crash BEFORE INSERT ON crashes FOR EACH ROW EXECUTE FUNCTION refuse_crash()",
+        "CREATE TRIGGER refuse_line BEFORE INSERT ON dropped FOR EACH ROW EXECUTE FUNCTION refuse_line()",
+    ],
+}
 ODD = "/app/bin\udcff-crasher"  # the byte 0xff, as Python and older handlers carried it
 
 
-def _config(tmp_path):  # -> pathlib.Path
+@pytest.fixture(scope="module")
+@starts_servers
+def postgres() -> Iterator[servers.Postgres]:
+    with servers.postgres() as pg:
+        yield pg
+
+
+@pytest.fixture(params=["sqlite", pytest.param("postgresql", marks=pytest.mark.servers)])
+def catalog_url(request: pytest.FixtureRequest, tmp_path: Path) -> str:
+    if request.param == "sqlite":
+        return f"sqlite:///{tmp_path}/catalog.db"
+    return request.getfixturevalue("postgres").database(f"quarantine_{abs(hash(request.node.name)) % 10**9}")
+
+
+def _config(tmp_path: Path, catalog_url: str | None = None) -> Path:
     cfg = tmp_path / "c.toml"
-    cfg.write_text(f'state_dir = "{tmp_path}/node"\n[agent]\nmetrics = ""\nanalyze = false\n')
+    vault = f'[vault]\ncatalog = "{catalog_url}"\n' if catalog_url else ""
+    cfg.write_text(f'state_dir = "{tmp_path}/node"\n[agent]\nmetrics = ""\nanalyze = false\n{vault}')
     return cfg
 
 
 def _refuse(settings: config.Settings) -> None:
-    with LocalVault(settings).engine.begin() as conn:
-        for statement in REFUSE:
+    vault = LocalVault(settings)
+    with vault.engine.begin() as conn:
+        for statement in REFUSE[conn.dialect.name]:
             conn.exec_driver_sql(statement)
+    vault.engine.dispose()
 
 
-def _settings(tmp_path) -> config.Settings:
-    settings = config.load(str(_config(tmp_path)))
+def _settings(tmp_path: Path, catalog_url: str) -> config.Settings:
+    settings = config.load(str(_config(tmp_path, catalog_url)))
     spool.ensure(settings.spool_dir)
     _refuse(settings)
     return settings
@@ -85,9 +118,11 @@ def _crashes(settings: config.Settings) -> dict[str, str]:
         return dict(conn.execute(sa.select(tables.crashes.c.id, tables.crashes.c.exe)).all())
 
 
-def test_a_refused_entry_is_retried_then_set_aside_and_the_rest_ships(tmp_path, monkeypatch) -> None:
+def test_a_refused_entry_is_retried_then_set_aside_and_the_rest_ships(
+    tmp_path: Path, catalog_url: str, monkeypatch: pytest.MonkeyPatch
+) -> None:
     monkeypatch.setattr(loop, "MAX_BACKOFF", 0.0)  # every retry due at once: no waiting in a test
-    settings = _settings(tmp_path)
+    settings = _settings(tmp_path, catalog_url)
     first, second = spool.entries(FIXTURE_SPOOL)
     _old_entry(settings, first, "20200101T000000Z-1-00000001", pod__namespace="refused")
     _old_entry(settings, first, "20200101T000000Z-2-00000002", process__exe=ODD)
@@ -97,7 +132,10 @@ def test_a_refused_entry_is_retried_then_set_aside_and_the_rest_ships(tmp_path, 
         {"event": "refused", "reason": "rlimit", "exe": ODD, "pod": {"namespace": "shop"}},
         {"event": "dropped", "reason": "refuse me"},
         {"event": "dropped", "reason": "no room"},
+        {"event": "dropped", "reason": "a pod that is not an object", "pod": "web-0"},
     )
+    with open(os.path.join(settings.spool_dir, spool.JOURNAL_NAME), "a") as f:
+        f.write('["not", "a", "record"]\n')
     agent = Agent(settings)
 
     _passes(agent, loop.QUARANTINE_AFTER - 1)
@@ -116,18 +154,28 @@ def test_a_refused_entry_is_retried_then_set_aside_and_the_rest_ships(tmp_path, 
     assert spool.entries(settings.spool_dir) == ["20200101T000000Z-1-00000001"]
     assert agent.metrics.failures._value.get() == loop.QUARANTINE_AFTER - 1
     aside = (tmp_path / "node" / "spool" / "quarantine" / spool.JOURNAL_NAME).read_text().splitlines()
-    assert [json.loads(line)["record"]["reason"] for line in aside] == ["refuse me"]
-    assert "this journal line is refused" in json.loads(aside[0])["reason"]
+    assert [json.loads(line)["record"] for line in aside] == [
+        ["not", "a", "record"],
+        {"event": "dropped", "reason": "refuse me", "time": 1.0, "node": "n"},
+        {
+            "event": "dropped",
+            "reason": "a pod that is not an object",
+            "pod": "web-0",
+            "time": 1.0,
+            "node": "n",
+        },
+    ]
+    assert "this journal line is refused" in json.loads(aside[1])["reason"]
 
     _passes(agent, 1)
     assert spool.entries(settings.spool_dir) == []
     [(entry, why)] = spool.quarantined(settings.spool_dir)
     assert entry == "20200101T000000Z-1-00000001"
-    assert why.startswith("IntegrityError: ") and "rows of namespace refused are refused" in why, why
+    assert "rows of namespace refused are refused" in why and "\n" not in why, why
     held = os.listdir(os.path.join(spool.quarantine_dir(settings.spool_dir), "20200101T000000Z-1-00000001"))
     assert {spool.CORE_NAME, spool.META_NAME, spool.REASON_NAME} <= set(held)  # kept whole
-    assert agent.metrics.quarantined._value.get() == 2  # the entry and the journal line
-    assert agent.metrics.errors._value.get() == loop.QUARANTINE_AFTER + 1
+    assert agent.metrics.quarantined._value.get() == 4  # the entry and three journal lines
+    assert agent.metrics.errors._value.get() == loop.QUARANTINE_AFTER + 3
     _passes(agent, 2)  # set aside: no longer tried
     assert agent.metrics.failures._value.get() == loop.QUARANTINE_AFTER
 

@@ -312,7 +312,7 @@ def set_aside(settings: config.Settings, entry_id: str, why: str) -> bool:
     return True
 
 
-def set_aside_line(settings: config.Settings, record: dict, why: str) -> None:
+def set_aside_line(settings: config.Settings, record: object, why: str) -> None:
     """Keep a journal line the catalog refused in ``quarantine/journal.jsonl``, ``why`` with it."""
     os.makedirs(spool.quarantine_dir(settings.spool_dir), mode=0o700, exist_ok=True)
     line = json.dumps({"reason": why, "record": record}, sort_keys=True) + "\n"  # ASCII: kept as written
@@ -492,11 +492,19 @@ def ship_journal(
                     record = json.loads(line)
                 except ValueError:
                     continue  # a line cut by a full disk: nothing to keep
-                counts[record.get("event", "?")] = counts.get(record.get("event", "?"), 0) + 1
-                if record.get("event") in DROPPED_EVENTS:
+                if not isinstance(record, dict):
+                    _refused_line(settings, record, "a journal line that is not a JSON object", refused)
+                    continue
+                event = record.get("event", "?")
+                event = event if isinstance(event, str) else "?"
+                counts[event] = counts.get(event, 0) + 1
+                if event in DROPPED_EVENTS:
                     records.append(record)  # as written: set aside so if the catalog refuses it
                 if on_record is not None:
-                    on_record(record)
+                    try:
+                        on_record(record)
+                    except Exception as e:  # an Event is a courtesy: it never holds the journal up
+                        log.warning("cannot pass on a journal record: %s", reason(e))
         try:
             with vault.engine.begin() as conn:
                 for i in range(0, len(records), 500):
@@ -519,11 +527,14 @@ def _journal_one_by_one(
         except Exception as e:  # this line's alone
             if transient(e):
                 raise
-            why = reason(e)
-            set_aside_line(settings, record, why)
-            log.warning("set a journal line aside in %s: %s", spool.quarantine_dir(settings.spool_dir), why)
-            if refused is not None:
-                refused.append(why)
+            _refused_line(settings, record, reason(e), refused)
+
+
+def _refused_line(settings: config.Settings, record: object, why: str, refused: list[str] | None) -> None:
+    set_aside_line(settings, record, why)
+    log.warning("set a journal line aside in %s: %s", spool.quarantine_dir(settings.spool_dir), why)
+    if refused is not None:
+        refused.append(why)
 
 
 def clean_abandoned(settings: config.Settings, now: float | None = None) -> list[str]:
