@@ -183,6 +183,35 @@ def test_a_refused_entry_is_retried_then_set_aside_and_the_rest_ships(
     assert json.loads(out.stdout)["quarantined"] == [{"id": "20200101T000000Z-1-00000001", "reason": why}]
 
 
+@pytest.mark.servers
+def test_a_catalog_refusing_every_entry_sets_none_aside(
+    tmp_path: Path, postgres: servers.Postgres, monkeypatch: pytest.MonkeyPatch
+) -> None:
+    """A catalog of another schema (a column renamed, as a half-done upgrade leaves it) refuses
+    every row for a reason that is not the rows': the entries wait, none is set aside, and they
+    ship once the catalog is right again."""
+    monkeypatch.setattr(loop, "MAX_BACKOFF", 0.0)
+    settings = config.load(str(_config(tmp_path, postgres.database("quarantine_schema"))))
+    spool.ensure(settings.spool_dir)
+    first, second = spool.entries(FIXTURE_SPOOL)
+    _old_entry(settings, first, "20200101T000000Z-1-00000001")
+    _old_entry(settings, second, "20200101T000000Z-2-00000002")
+    vault = LocalVault(settings)
+    with vault.engine.begin() as conn:
+        conn.exec_driver_sql("ALTER TABLE crashes RENAME COLUMN exe TO exe_renamed")
+    agent = Agent(settings)
+    _passes(agent, loop.QUARANTINE_AFTER + 2)
+    assert spool.quarantined(settings.spool_dir) == []
+    assert len(spool.entries(settings.spool_dir)) == 2
+    assert agent.metrics.quarantined._value.get() == 0
+    with vault.engine.begin() as conn:
+        conn.exec_driver_sql("ALTER TABLE crashes RENAME COLUMN exe_renamed TO exe")
+    vault.engine.dispose()
+    _passes(agent, 1)
+    assert spool.entries(settings.spool_dir) == []
+    assert set(_crashes(settings)) == {"20200101T000000Z-1-00000001", "20200101T000000Z-2-00000002"}
+
+
 @pytest.mark.crash
 def test_a_refused_tenants_entry_never_keeps_another_tenants_crash_out(
     capture: Capture, programs: dict[str, str], tmp_path, monkeypatch

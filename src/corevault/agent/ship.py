@@ -108,9 +108,20 @@ class Batch:
 TRANSIENT = (blobs.StoreError, catalog.CatalogError, sa_exc.OperationalError, sa_exc.InterfaceError, OSError)
 
 
+#: SQLSTATE classes that say the catalog itself is wrong or away, whatever row is written: an
+#: agent and a catalog of different schemas (42: undefined table or column, privileges), a
+#: connection or transaction lost (08, 40), no resources (53, 54), the server in a state (55, 57, 58,
+#: XX). Counted towards the quarantine, they would set every entry of the node aside within a
+#: minute of an upgrade gone wrong; the entry's own refusals are data (22) and constraints (23, P0).
+SYSTEMIC_SQLSTATE = frozenset({"08", "40", "42", "53", "54", "55", "57", "58", "XX"})
+
+
 def transient(error: BaseException) -> bool:
     """Whether ``error`` is worth retrying for as long as it lasts (else it counts towards the quarantine)."""
-    return isinstance(error, TRANSIENT)
+    if isinstance(error, TRANSIENT):
+        return True
+    sqlstate = getattr(getattr(error, "orig", None), "sqlstate", None)  # PostgreSQL's, through sqlalchemy
+    return isinstance(sqlstate, str) and sqlstate[:2] in SYSTEMIC_SQLSTATE
 
 
 def reason(error: BaseException) -> str:
