@@ -69,6 +69,16 @@ def test_forgetting_a_crash_takes_it_out_of_its_groups_total(url: str) -> None:
     assert _totals(engine) == {}  # a group with no crash left is not listed
 
 
+def _pages(engine: sa.Engine, filters: catalog.Filters, size: int) -> list[str]:
+    """The ids of every page of a crash search, a page after another."""
+    got, before = [], None
+    with engine.connect() as conn:
+        while page := catalog.list_crashes(conn, filters, size, before):
+            got += [r["id"] for r in page]
+            before = (page[-1]["search_key"], page[-1]["id"])
+    return got
+
+
 def test_a_crash_search_pages_through_the_values_of_a_rare_word(
     url: str, monkeypatch: pytest.MonkeyPatch
 ) -> None:
@@ -91,15 +101,11 @@ def test_a_crash_search_pages_through_the_values_of_a_rare_word(
         catalog.add_crash(conn, unanalysed, "pending")
 
     def pages(q: str, size: int) -> list[str]:
-        got, before = [], None
-        with engine.connect() as conn:
-            while page := catalog.list_crashes(conn, catalog.Filters(search=q), size, before):
-                got += [r["id"] for r in page]
-                before = (page[-1]["search_key"], page[-1]["id"])
-        return got
+        return _pages(engine, catalog.Filters(search=q), size)
 
     for few in (search.FEW, 0):  # the union of the pods' pages, then the walk of time
         monkeypatch.setattr(search, "FEW", few)
+        monkeypatch.setattr(search, "WIDE", few)  # nor a start of several words
         assert pages("cart-9", 2) == ["pending-1"]  # not analysed: found by its pod
         assert pages("CART- run", 5) == made  # every word, newest first
         with engine.connect() as conn:
@@ -182,3 +188,47 @@ def test_versions_9_and_10_make_the_search_dictionary_and_group_totals_of_an_old
     assert not names & {"crash_search", "crash_search_pg", "crash_search_stats"}
     assert listed == {"g1": 2, "g2": 1}  # the totals made again of the per-namespace counts
     assert found_groups == {"g1"} and scoped == []
+
+
+def test_a_search_of_two_common_words_finds_what_a_reading_of_every_crash_finds(
+    url: str, monkeypatch: pytest.MonkeyPatch
+) -> None:
+    """Neither word is rare enough to start from (many images hold one, many pods the other):
+    the search starts from the crashes of the word that has fewer, and finds, page by page and
+    in each reader's namespaces, what reading every crash finds."""
+    monkeypatch.setattr(search, "FEW", 6)  # the catalog's sizes, scaled down with the catalog
+    monkeypatch.setattr(search, "SEEDS", 3)
+    engine = catalog.connect(url)
+    rows = [
+        {"id": f"c{i:04d}", "time": NOW - 7 * i % 900, "node": "n", "namespace": f"team-{i % 3}",
+         "pod": f"team-{i % 3}-pod-{i * 7 % 40}", "container": "app", "image": f"registry.example/svc-{i % 5}:{i % 4}",
+         "signal": 11, "signal_name": "SIGSEGV", "exe": "/usr/bin/service", "size": 1, "stored_size": 1,
+         "truncated": False, "signature": f"{i % 9:016x}", "title": f"SIGSEGV in handler_{i % 9}",
+         "analysis": "done" if i % 10 else "pending", "meta": "{}"}
+        for i in range(400)
+    ]  # fmt: skip
+    for row in rows[::10]:  # not analysed yet: no group, found by its own columns
+        row["signature"] = row["title"] = None
+    with engine.begin() as conn:
+        conn.execute(tables.crashes.insert(), rows)
+        conn.execute(tables.groups.insert(), [
+            {"signature": f"{g:016x}", "title": f"SIGSEGV in handler_{g}", "first_seen": 0, "last_seen": NOW,
+             "count": 1} for g in range(9)
+        ])  # fmt: skip
+        search.rebuild(conn)
+
+    def reference(words: list[str], visible: frozenset[str] | None) -> list[str]:
+        held = [
+            r for r in rows
+            if all(any(w.lower() in (r[k] or "").lower() for k in ("pod", "image", "exe", "title")) for w in words)
+            and (visible is None or r["namespace"] in visible)
+        ]  # fmt: skip
+        return [r["id"] for r in sorted(held, key=lambda r: (r["time"], r["id"]), reverse=True)]
+
+    for q in ("svc-3 pod-1", "POD-2 svc-", "svc-1 pod-3 team-2", "svc-4 nothing-holds-this"):
+        with engine.connect() as conn:
+            assert search.crash_match(conn, q).seeds is not None or url.startswith("postgresql")
+        for visible in (None, frozenset({"team-1"}), frozenset()):
+            got = _pages(engine, catalog.Filters(search=q, visible=visible), 7)
+            assert got == reference(q.split(), visible), (q, visible)
+    assert reference(["svc-3", "pod-1"], None)  # the words do meet
