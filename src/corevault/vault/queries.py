@@ -158,7 +158,9 @@ def list_crashes(
     if filters.search:
         # the search's key is the crash's time, so a search pages like a plain list
         columns.append(c.time.label("search_key"))
-        match = fts.crash_match(conn, filters.search)
+        scope = _where(sa.select(sa.literal(1)), filters)
+        scoped = filters != Filters(search=filters.search)
+        match = fts.crash_match(conn, filters.search, limit, scope if scoped else None)
     else:
         match = fts.CrashMatch([], None, group_text=False)
 

@@ -19,7 +19,9 @@ there list a few thousand. So a search first looks its words up in the dictionar
 - a crash search turns a word with few values (a pod's name) into equalities on the crash's
   own columns, each served by a ``(column, time)`` index, and takes the page from each
   value's newest crashes; a word with many values (a word of every title) becomes a filter
-  on the walk of the time index, which its many matches end after a page;
+  on the walk of the time index, which its many matches end after a page; on SQLite, words
+  each too common to start from but rare together (an image's and a pod's) start from the
+  crashes of the one that has fewest when counting them shows that is shorter than the walk;
 - a group search reads ``group_terms`` in the reader's namespaces alone: old groups are
   found as well as new ones, and no crash is read. A group matches when each word is held
   by one of its crashes in scope (not necessarily the same crash for every word). A word
@@ -65,8 +67,10 @@ FEW = 200
 SEEDS = 64
 #: a search of several words none of which is a start: one with at most ``WIDE`` values and
 #: ``SPAN`` crashes is, by reading all its crashes (see :func:`_widest_start`)
-WIDE = 2000
+WIDE = 1000
 SPAN = 5000
+#: what a crash read by such a start costs in crashes of the walk (measured: its ``IN``'s seeks, the sort)
+START_COST = 2
 
 search_values = sa.Table(
     "search_values",
@@ -312,6 +316,11 @@ def _values_holding(conn: Connection, word: str, most: int = FEW) -> list[sa.Row
         conn.exec_driver_sql("SET LOCAL enable_seqscan = on")
 
 
+def _values_of(conn: Connection, ids: list[int]) -> list[sa.Row]:
+    v = search_values.c
+    return conn.execute(sa.select(v.id, v.kind, v.value).where(v.id.in_(ids))).all() if ids else []
+
+
 def _walked(column: sa.ColumnElement) -> sa.ColumnElement:
     """``column`` as no index serves it: a condition checked on each crash of a walk. Left
     indexable, SQLite read every crash of 150 images to sort them (1.2 s at 1,000,000) rather
@@ -319,16 +328,24 @@ def _walked(column: sa.ColumnElement) -> sa.ColumnElement:
     return sa.func.coalesce(column, "")
 
 
-def crash_match(conn: Connection, q: str) -> CrashMatch:
-    """How to find the crashes matching ``q`` (see the module's docstring)."""
+def crash_match(conn: Connection, q: str, page: int = 50, scope: sa.Select | None = None) -> CrashMatch:
+    """How to find the crashes matching ``q`` (see the module's docstring); ``page``: how many
+    are read, ``scope``: the crashes the reader's filters leave (None: every crash)."""
     where, seeds, group_text = [], None, False
     c, gt = crashes.c, group_terms.c
     words = terms(q)
-    # a search of several words may start from one of many values: their values, read once
+    # a search of several words may start from a word of up to WIDE values (_widest_start)
     wide = len(words) > 1 and conn.dialect.name == "sqlite"
-    values = {word: _values_holding(conn, word, WIDE if wide else FEW) for word in words}
-    for word, found in values.items():
+    held: list[tuple[list[int], list[sa.Row], list[str] | None]] = []
+    for word in words:
+        if wide:
+            held_ids = sa.select(search_values.c.id).where(_holding(conn, word)).limit(WIDE + 1)
+            ids = list(conn.execute(held_ids).scalars())
+            found = _values_of(conn, ids[: FEW + 1])
+        else:
+            ids, found = [], _values_holding(conn, word)
         if len(found) > FEW:  # many values: checked on each crash of the walk, which ends soon
+            held.append((ids, found, None))
             where.append(sa.or_(
                 *(_contains(conn, c[k], word) for k in (*CRASH_KINDS, "title")),
                 _contains(conn, groups.c.frames, word),
@@ -341,6 +358,7 @@ def crash_match(conn: Connection, q: str) -> CrashMatch:
         checked = [_walked(c[kind]).in_([v for k, v in whole if k == kind]) for kind in CRASH_KINDS]
         checked += [_walked(c[kind]).startswith(value, autoescape=True) for kind, value in cut]
         held_by = _held_by(conn, found)
+        held.append((ids, found, held_by))
         if len(held_by) > FEW:  # a frame of many groups (``main``)
             ids = [i for i, kind, _ in found if kind in GROUP_KINDS]
             of_groups = sa.select(gt.signature).where(gt.value_id.in_(ids))
@@ -351,7 +369,7 @@ def crash_match(conn: Connection, q: str) -> CrashMatch:
         if len(equal) <= SEEDS and (seeds is None or len(equal) < len(seeds)):
             seeds = equal
     if seeds is None and wide:
-        seeds = _widest_start(conn, values)
+        seeds = _widest_start(conn, held, page, scope)
     return CrashMatch(where, seeds, group_text)
 
 
@@ -372,35 +390,64 @@ def _held_by(conn: Connection, found: list[sa.Row]) -> list[str]:
     return list(conn.execute(query).scalars())
 
 
-def _widest_start(conn: Connection, values: dict[str, list[sa.Row]]) -> list[sa.ColumnElement] | None:
-    """Where a search of several words, none of which has few values, starts: the word whose
-    crashes are fewest if they are at most ``SPAN``, as one ``IN`` per column; None: walk the time index.
+def _widest_start(
+    conn: Connection,
+    held: list[tuple[list[int], list[sa.Row], list[str] | None]],
+    page: int,
+    scope: sa.Select | None,
+) -> list[sa.ColumnElement] | None:
+    """Where a search of several words, none of which has few values, starts: the word of
+    fewest crashes, as one ``IN`` per column, when reading them all is shorter than the walk
+    of the time index; None: the walk. ``held``: each word's value ids (up to ``WIDE`` + 1),
+    up to ``FEW`` + 1 of its values and the groups they name (None: not looked up yet).
 
     Each word alone is common (``svc-3``: 150 images, ``pod-42``: 550 pods) but both together
-    are rare, so the walk newest first read some 16,000 crashes of 100,000 to find a page.
-    Reading and sorting the 2,000 crashes of the 550 pods is a few milliseconds. Counting
-    (at most ``SPAN`` entries of a ``(column, time)`` index per column) tells which way is
-    short; a word of a crash's column and in every crash (``handler_0``) keeps the walk.
+    are rare, so the walk newest first read some 16,000 crashes of 100,000 to find a page of
+    50; reading and sorting the 2,000 crashes of the 550 pods takes a few milliseconds. Each
+    word's crashes are counted (at most ``SPAN`` entries of a ``(column, time)`` index per
+    column); taking the words as independent, the walk reads ``page`` ÷ the share of crashes
+    that hold them all, and at most the crashes in ``scope`` (one namespace's, by its index). A
+    word of many values or of many groups (``handler_0``) counts as held by every crash.
     """
     c = crashes.c
-    best: tuple[int, list[sa.ColumnElement]] | None = None
-    for found in values.values():
-        held_by = _held_by(conn, found)
-        if len(found) > WIDE or len(held_by) > FEW:
+    candidates = []
+    for ids, few, named in held:
+        if len(ids) > WIDE:
+            continue
+        found = _values_of(conn, ids) if len(few) < len(ids) else few
+        held_by = _held_by(conn, found) if named is None else named
+        if len(held_by) > FEW:
             continue
         whole, cut = _crash_values(found)
         by_kind = {kind: [v for k, v in whole if k == kind] for kind in CRASH_KINDS}
-        starts = [c[kind].in_(values) for kind, values in by_kind.items() if values]
+        starts = [c[kind].in_(own) for kind, own in by_kind.items() if own]
         starts += [c[kind].startswith(value, autoescape=True) for kind, value in cut]
         if held_by:
             starts.append(c.signature.in_(held_by))
         if not starts:
             return []  # no crash holds this word
-        each = [sa.select(sa.literal(1)).where(start).limit(SPAN + 1) for start in starts]
+        candidates.append(starts)
+    if not candidates:
+        return None
+    # rowids only grow: the newest is about how many crashes there are
+    total = conn.execute(sa.text("SELECT max(rowid) FROM crashes")).scalar() or 0
+    # a start of n crashes, n at most every word's count, is shorter than the walk only if
+    # START_COST * n ** (k + 1) < page * total ** k for k words counted: no count needs to go further
+    k = len(candidates)
+    most = min(SPAN, int((page * total**k / START_COST) ** (1 / (k + 1))))
+    if scope is not None:  # nor than the walk of every crash in scope
+        within = sa.select(sa.func.count()).select_from(scope.limit(most * START_COST + 1).subquery())
+        most = min(most, (conn.execute(within).scalar() or 0) // START_COST)
+    best: tuple[int, list[sa.ColumnElement]] | None = None
+    walk = float(page)
+    for starts in candidates:
+        each = [sa.select(sa.literal(1)).where(start).limit(most + 1) for start in starts]
         count = conn.execute(sa.select(sa.func.count()).select_from(sa.union_all(*each).subquery())).scalar()
-        if count <= SPAN and (best is None or count < best[0]):
+        count = count or 0
+        walk *= total / max(count, 1)
+        if count <= most and (best is None or count < best[0]):
             best = (count, starts)
-    return best[1] if best else None
+    return best[1] if best and START_COST * best[0] < walk else None
 
 
 def group_condition(
