@@ -339,7 +339,7 @@ def crash_match(conn: Connection, q: str, page: int = 50, scope: sa.Select | Non
     held: list[tuple[list[int], list[sa.Row], list[str] | None]] = []
     for word in words:
         if wide:
-            held_ids = sa.select(search_values.c.id).where(_holding(conn, word)).limit(WIDE + 1)
+            held_ids = sa.select(search_values.c.id).where(_holding(conn, word)).limit(max(WIDE, FEW) + 1)
             ids = list(conn.execute(held_ids).scalars())
             found = _values_of(conn, ids[: FEW + 1])
         else:
