@@ -316,11 +316,6 @@ def _values_holding(conn: Connection, word: str, most: int = FEW) -> list[sa.Row
         conn.exec_driver_sql("SET LOCAL enable_seqscan = on")
 
 
-def _values_of(conn: Connection, ids: list[int]) -> list[sa.Row]:
-    v = search_values.c
-    return conn.execute(sa.select(v.id, v.kind, v.value).where(v.id.in_(ids))).all() if ids else []
-
-
 def _walked(column: sa.ColumnElement) -> sa.ColumnElement:
     """``column`` as no index serves it: a condition checked on each crash of a walk. Left
     indexable, SQLite read every crash of 150 images to sort them (1.2 s at 1,000,000) rather
@@ -334,33 +329,38 @@ def crash_match(conn: Connection, q: str, page: int = 50, scope: sa.Select | Non
     where, seeds, group_text = [], None, False
     c, gt = crashes.c, group_terms.c
     words = terms(q)
-    # a search of several words may start from a word of up to WIDE values (_widest_start)
+    # several words may start from one of up to WIDE values (_widest_start): their count is read
+    # with the first values, in one lookup of the trigram index (a word of every pod takes 5 ms)
     wide = len(words) > 1 and conn.dialect.name == "sqlite"
-    held: list[tuple[list[int], list[sa.Row], list[str] | None]] = []
+    held: list[tuple[str, int, list[sa.Row], list[str] | None]] = []
     for word in words:
         if wide:
-            held_ids = sa.select(search_values.c.id).where(_holding(conn, word)).limit(max(WIDE, FEW) + 1)
-            ids = list(conn.execute(held_ids).scalars())
-            found = _values_of(conn, ids[: FEW + 1])
+            first = sa.select(search_values.c.id).where(_holding(conn, word)).limit(max(WIDE, FEW) + 1)
+            ids = list(conn.execute(first).scalars())
+            found = _values_of(conn, ids) if len(ids) <= FEW else []
+            values = len(ids)
         else:
-            ids, found = [], _values_holding(conn, word)
-        if len(found) > FEW:  # many values: checked on each crash of the walk, which ends soon
-            held.append((ids, found, None))
+            found = _values_holding(conn, word)
+            values = len(found)
+        if values > FEW:  # many values: checked on each crash of the walk, which ends soon
+            held.append((word, values, found, None))
             where.append(sa.or_(
                 *(_contains(conn, c[k], word) for k in (*CRASH_KINDS, "title")),
                 _contains(conn, groups.c.frames, word),
             ))  # fmt: skip
             group_text = True
             continue
-        whole, cut = _crash_values(found)
+        # a value cut in the dictionary is the start of the crash's own
+        cut = [(kind, value) for _, kind, value in found if kind in CRASH_KINDS and len(value) == VALUE_MAX]
+        whole = [(kind, value) for _, kind, value in found if kind in CRASH_KINDS and len(value) < VALUE_MAX]
         equal = [c[kind] == value for kind, value in whole]
         equal += [c[kind].startswith(value, autoescape=True) for kind, value in cut]
         checked = [_walked(c[kind]).in_([v for k, v in whole if k == kind]) for kind in CRASH_KINDS]
         checked += [_walked(c[kind]).startswith(value, autoescape=True) for kind, value in cut]
-        held_by = _held_by(conn, found)
-        held.append((ids, found, held_by))
+        ids = [i for i, kind, _ in found if kind in GROUP_KINDS]
+        held_by = _held_by(conn, ids) if ids else []
+        held.append((word, values, found, held_by))
         if len(held_by) > FEW:  # a frame of many groups (``main``)
-            ids = [i for i, kind, _ in found if kind in GROUP_KINDS]
             of_groups = sa.select(gt.signature).where(gt.value_id.in_(ids))
             where.append(sa.or_(*checked, _walked(c.signature).in_(of_groups)))
             continue
@@ -368,38 +368,40 @@ def crash_match(conn: Connection, q: str, page: int = 50, scope: sa.Select | Non
         where.append(sa.or_(*checked, _walked(c.signature).in_(held_by)))
         if len(equal) <= SEEDS and (seeds is None or len(equal) < len(seeds)):
             seeds = equal
-    if seeds is None and wide:
+    if seeds is None and len(words) > 1 and conn.dialect.name == "sqlite":
         seeds = _widest_start(conn, held, page, scope)
     return CrashMatch(where, seeds, group_text)
 
 
-def _crash_values(found: list[sa.Row]) -> tuple[list[tuple[str, str]], list[tuple[str, str]]]:
-    """The (kind, value) of ``found`` that are a crash's own columns: whole, and cut in the
-    dictionary (the start of the crash's own)."""
-    own = [(kind, value) for _, kind, value in found if kind in CRASH_KINDS]
-    return [p for p in own if len(p[1]) < VALUE_MAX], [p for p in own if len(p[1]) == VALUE_MAX]
-
-
-def _held_by(conn: Connection, found: list[sa.Row]) -> list[str]:
-    """Up to ``FEW`` + 1 of the groups holding one of the group texts among ``found``."""
-    ids = [i for i, kind, _ in found if kind in GROUP_KINDS]
-    if not ids:
-        return []
+def _held_by(conn: Connection, ids: list[int] | sa.Select) -> list[str]:
+    """Up to ``FEW`` + 1 of the groups holding one of the values ``ids``."""
     gt = group_terms.c
     query = sa.select(gt.signature).where(gt.value_id.in_(ids)).distinct().limit(FEW + 1)
     return list(conn.execute(query).scalars())
 
 
+def _longest(conn: Connection, word: str) -> dict[str, int]:
+    """The kinds of the values holding ``word``, each with its longest value's length."""
+    v = search_values.c
+    query = sa.select(v.kind, sa.func.max(sa.func.length(v.value))).where(_holding(conn, word))
+    return {kind: longest for kind, longest in conn.execute(query.group_by(v.kind))}
+
+
+def _values_of(conn: Connection, ids: list[int]) -> list[sa.Row]:
+    v = search_values.c
+    return conn.execute(sa.select(v.id, v.kind, v.value).where(v.id.in_(ids))).all() if ids else []
+
+
 def _widest_start(
     conn: Connection,
-    held: list[tuple[list[int], list[sa.Row], list[str] | None]],
+    held: list[tuple[str, int, list[sa.Row], list[str] | None]],
     page: int,
     scope: sa.Select | None,
 ) -> list[sa.ColumnElement] | None:
     """Where a search of several words, none of which has few values, starts: the word of
     fewest crashes, as one ``IN`` per column, when reading them all is shorter than the walk
-    of the time index; None: the walk. ``held``: each word's value ids (up to ``WIDE`` + 1),
-    up to ``FEW`` + 1 of its values and the groups they name (None: not looked up yet).
+    of the time index; None: the walk. ``held``: each word, how many values hold it (up to
+    ``WIDE`` + 1), all of them if at most ``FEW`` and the groups they name (None: not looked up).
 
     Each word alone is common (``svc-3``: 150 images, ``pod-42``: 550 pods) but both together
     are rare, so the walk newest first read some 16,000 crashes of 100,000 to find a page of
@@ -407,21 +409,31 @@ def _widest_start(
     word's crashes are counted (at most ``SPAN`` entries of a ``(column, time)`` index per
     column); taking the words as independent, the walk reads ``page`` ÷ the share of crashes
     that hold them all, and at most the crashes in ``scope`` (one namespace's, by its index). A
-    word of many values or of many groups (``handler_0``) counts as held by every crash.
+    word of many values or of many groups (``handler_0``) counts as held by every crash. The
+    values are subqueries of the dictionary, not lists: binding hundreds of values to each
+    statement took longer than the statement.
     """
-    c = crashes.c
+    c, v = crashes.c, search_values.c
     candidates = []
-    for ids, few, named in held:
-        if len(ids) > WIDE:
+    for word, values, found, named in held:
+        if values > WIDE:
             continue
-        found = _values_of(conn, ids) if len(few) < len(ids) else few
-        held_by = _held_by(conn, found) if named is None else named
+        longest = {kind: len(value) for _, kind, value in sorted(found, key=lambda r: len(r[2]))}
+        if values > len(found):
+            longest = _longest(conn, word)
+        if any(longest[kind] >= VALUE_MAX for kind in CRASH_KINDS if kind in longest):
+            continue  # a value cut in the dictionary: rare, left to the walk
+        held_by = named
+        if held_by is None:
+            of_groups = sa.select(v.id).where(_holding(conn, word), v.kind.in_(GROUP_KINDS))
+            held_by = _held_by(conn, of_groups) if longest.keys() & {*GROUP_KINDS} else []
         if len(held_by) > FEW:
             continue
-        whole, cut = _crash_values(found)
-        by_kind = {kind: [v for k, v in whole if k == kind] for kind in CRASH_KINDS}
-        starts = [c[kind].in_(own) for kind, own in by_kind.items() if own]
-        starts += [c[kind].startswith(value, autoescape=True) for kind, value in cut]
+        starts = [
+            c[kind].in_(sa.select(v.value).where(_holding(conn, word), v.kind == kind))
+            for kind in CRASH_KINDS
+            if kind in longest
+        ]
         if held_by:
             starts.append(c.signature.in_(held_by))
         if not starts:
