@@ -63,6 +63,7 @@ bench: setup
 	$(PY) -m bench.analysis_cost
 	$(PY) -m bench.vault
 	$(PY) -m bench.server
+	$(PY) -m bench.search
 	$(PY) -m bench.fleet
 	$(PY) -m bench.socketmode
 	$(PY) -m bench.storm --pods 200 --crashes 3 --modes pipe,socket --baseline 30
