@@ -300,10 +300,10 @@ def group_text(report: dict) -> str:
     return "\n".join(f[:VALUE_MAX] for f in frames_of(report))
 
 
-def _values_holding(conn: Connection, word: str, most: int = FEW) -> list[sa.Row]:
-    """Up to ``most`` + 1 of the dictionary's values holding ``word``: more means many."""
+def _values_holding(conn: Connection, word: str) -> list[sa.Row]:
+    """Up to ``FEW`` + 1 of the dictionary's values holding ``word``: more means many."""
     v = search_values.c
-    query = sa.select(v.id, v.kind, v.value).where(_holding(conn, word)).limit(most + 1)
+    query = sa.select(v.id, v.kind, v.value).where(_holding(conn, word)).limit(FEW + 1)
     if conn.dialect.name == "sqlite":
         return conn.execute(query).all()
     # Estimating a word of every title at a tenth of the dictionary, PostgreSQL read the whole
@@ -330,7 +330,8 @@ def crash_match(conn: Connection, q: str, page: int = 50, scope: sa.Select | Non
     c, gt = crashes.c, group_terms.c
     words = terms(q)
     # several words may start from one of up to WIDE values (_widest_start): their count is read
-    # with the first values, in one lookup of the trigram index (a word of every pod takes 5 ms)
+    # with the first values, in one lookup of the trigram index (a word of every pod: 4.5 ms at
+    # 100,000 crashes, so not twice)
     wide = len(words) > 1 and conn.dialect.name == "sqlite"
     held: list[tuple[str, int, list[sa.Row], list[str] | None]] = []
     for word in words:
@@ -368,7 +369,7 @@ def crash_match(conn: Connection, q: str, page: int = 50, scope: sa.Select | Non
         where.append(sa.or_(*checked, _walked(c.signature).in_(held_by)))
         if len(equal) <= SEEDS and (seeds is None or len(equal) < len(seeds)):
             seeds = equal
-    if seeds is None and len(words) > 1 and conn.dialect.name == "sqlite":
+    if seeds is None and wide:
         seeds = _widest_start(conn, held, page, scope)
     return CrashMatch(where, seeds, group_text)
 
@@ -388,6 +389,7 @@ def _longest(conn: Connection, word: str) -> dict[str, int]:
 
 
 def _values_of(conn: Connection, ids: list[int]) -> list[sa.Row]:
+    """The dictionary's (id, kind, value) of ``ids``, by its key."""
     v = search_values.c
     return conn.execute(sa.select(v.id, v.kind, v.value).where(v.id.in_(ids))).all() if ids else []
 
