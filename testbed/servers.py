@@ -30,14 +30,43 @@ def free_port() -> int:
         return s.getsockname()[1]
 
 
-def wait_port(port: int, timeout: float = 30) -> None:
+def wait_port(port: int, timeout: float = 30, proc: subprocess.Popen | None = None) -> None:
+    """Wait until something listens on ``port``; with ``proc``, fail at once when it has exited."""
     deadline = time.monotonic() + timeout
     while time.monotonic() < deadline:
         with socket.socket() as s:
             if s.connect_ex(("127.0.0.1", port)) == 0:
                 return
+        if proc is not None and proc.poll() is not None:
+            raise RuntimeError(f"{proc.args[0]} exited with {proc.returncode} before listening on {port}")
         time.sleep(0.05)
     raise RuntimeError(f"nothing listens on 127.0.0.1:{port} after {timeout}s")
+
+
+def _bindable(port: int) -> bool:
+    with socket.socket() as s:
+        try:
+            s.bind(("127.0.0.1", port))
+        except OSError:
+            return False
+    return True
+
+
+def seaweed_base() -> int:
+    """A first port for ``weed mini``: it and the next four free, and their gRPC ports (+10000).
+
+    All of them stay below the kernel's ephemeral range, where any client connection of the
+    machine may hold a port for a while: a port taken there made weed mini fail to start its S3
+    gateway now and then.
+    """
+    with open("/proc/sys/net/ipv4/ip_local_port_range") as f:
+        ephemeral = int(f.read().split()[0])
+    top = max(ephemeral, 20000) - 10010
+    for _ in range(100):
+        base = 10000 + free_port() % max(top - 10000, 1)
+        if all(_bindable(p) for i in range(5) for p in (base + i, base + 10000 + i)):
+            return base
+    raise RuntimeError("no free range of ports for weed mini below the ephemeral range")
 
 
 @dataclass
@@ -84,7 +113,8 @@ class Seaweed:
             env=env,
             start_new_session=True,
         )  # fmt: skip
-        wait_port(self.s3_port)
+        # weed mini starts its master, volume and filer before the gateway: under load, > 30 s
+        wait_port(self.s3_port, timeout=90, proc=self.proc)
         self._wait_bucket()
 
     def _wait_bucket(self, timeout: float = 90) -> None:
@@ -130,9 +160,7 @@ class Seaweed:
 @contextmanager
 def seaweed() -> Iterator[Seaweed]:
     d = tempfile.mkdtemp(prefix="cv-weed-")
-    # weed mini derives its gRPC ports as HTTP port + 10000: keep room above.
-    base = 20000 + free_port() % 20000
-    server = Seaweed(d, base)
+    server = Seaweed(d, seaweed_base())
     try:
         server.start()
         yield server
