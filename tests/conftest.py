@@ -97,6 +97,14 @@ def pytest_collection_modifyitems(items: list[pytest.Item]) -> None:
 
 @pytest.fixture(scope="module")
 @starts_servers
+def postgres() -> Iterator[servers.Postgres]:
+    """PostgreSQL on 127.0.0.1, one for the tests of a module (each test takes a database of its own)."""
+    with servers.postgres() as pg:
+        yield pg
+
+
+@pytest.fixture(scope="module")
+@starts_servers
 def gcs() -> Iterator[clouds.FakeGcs]:
     """fake-gcs-server on 127.0.0.1, one for the tests of a module."""
     with clouds.fake_gcs() as server:

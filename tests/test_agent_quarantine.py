@@ -15,7 +15,6 @@ from __future__ import annotations
 import json
 import os
 import shutil
-from collections.abc import Iterator
 from pathlib import Path
 
 import pytest
@@ -28,7 +27,7 @@ from corevault.vault import blobs, tables
 from corevault.vault.crashes import LocalVault
 from testbed import runc, servers
 from tests.clirun import corevault
-from tests.conftest import FIXTURE_SPOOL, Capture, starts_servers
+from tests.conftest import FIXTURE_SPOOL, Capture
 from tests.tenants import node_of, pod
 
 #: the constraint, per dialect: the catalog refuses every crash row of namespace "refused", and one journal line
@@ -51,13 +50,6 @@ REFUSE = {
     ],
 }
 ODD = "/app/bin\udcff-crasher"  # the byte 0xff, as Python and older handlers carried it
-
-
-@pytest.fixture(scope="module")
-@starts_servers
-def postgres() -> Iterator[servers.Postgres]:
-    with servers.postgres() as pg:
-        yield pg
 
 
 @pytest.fixture(params=["sqlite", pytest.param("postgresql", marks=pytest.mark.servers)])

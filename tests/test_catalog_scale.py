@@ -6,25 +6,15 @@ from __future__ import annotations
 
 import json
 import time
-from collections.abc import Iterator
 
 import pytest
 import sqlalchemy as sa
 
 from corevault.vault import catalog, migrations, search, tables
-from testbed import servers
-from tests.conftest import starts_servers
 from tests.triage_data import add, report
 
 NOW = int(time.time())
 HOUR = 3600
-
-
-@pytest.fixture(scope="module")
-@starts_servers
-def pg() -> Iterator[servers.Postgres]:
-    with servers.postgres() as p:
-        yield p
 
 
 _n = iter(range(1000))
@@ -34,7 +24,7 @@ _n = iter(range(1000))
 def url(request: pytest.FixtureRequest, tmp_path) -> str:
     if request.param == "sqlite":
         return f"sqlite:///{tmp_path}/catalog.db"
-    return request.getfixturevalue("pg").database(f"scale{next(_n)}")
+    return request.getfixturevalue("postgres").database(f"scale{next(_n)}")
 
 
 def _totals(engine: sa.Engine) -> dict[str, tuple[int, int, int]]:

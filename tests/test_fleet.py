@@ -17,7 +17,6 @@ import multiprocessing
 import os
 import random
 import time
-from collections.abc import Iterator
 from pathlib import Path
 
 import pytest
@@ -29,17 +28,9 @@ from corevault.capture import stream
 from corevault.vault import catalog, search
 from corevault.vault.crashes import LocalVault
 from testbed import gcore, servers
-from tests.conftest import starts_servers
 
 AGENTS, CRASHES, SIGNATURES = 50, 30, ["a1" * 8, "b2" * 8, "c3" * 8]
 DAY = 20_000 * 86400
-
-
-@pytest.fixture(scope="module")
-@starts_servers
-def postgres() -> Iterator[servers.Postgres]:
-    with servers.postgres() as pg:
-        yield pg
 
 
 @pytest.fixture(scope="module")

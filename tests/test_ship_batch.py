@@ -13,7 +13,7 @@ import json
 import multiprocessing
 import os
 import signal
-from collections.abc import Callable, Iterator
+from collections.abc import Callable
 from pathlib import Path
 
 import pytest
@@ -26,17 +26,9 @@ from corevault.vault import catalog
 from corevault.vault.crashes import LocalVault
 from testbed import servers
 from tests import test_fleet
-from tests.conftest import starts_servers
 
 DAY = 20_000 * 86400
 core = test_fleet.core  # the fixture: a real core of a small process, compressed as the handler does
-
-
-@pytest.fixture(scope="module")
-@starts_servers
-def postgres() -> Iterator[servers.Postgres]:
-    with servers.postgres() as pg:
-        yield pg
 
 
 @pytest.fixture(params=["sqlite", pytest.param("postgresql", marks=pytest.mark.servers)])

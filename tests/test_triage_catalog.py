@@ -3,25 +3,15 @@
 from __future__ import annotations
 
 import time
-from collections.abc import Iterator
 
 import pytest
 import sqlalchemy as sa
 
 from corevault.vault import catalog, lifecycle, search
-from testbed import servers
-from tests.conftest import starts_servers
 from tests.triage_data import add
 
 NOW = int(time.time())
 HOUR = 3600
-
-
-@pytest.fixture(scope="module")
-@starts_servers
-def pg() -> Iterator[servers.Postgres]:
-    with servers.postgres() as p:
-        yield p
 
 
 _n = iter(range(1000))
@@ -31,7 +21,7 @@ _n = iter(range(1000))
 def engine(request: pytest.FixtureRequest, tmp_path) -> sa.Engine:
     if request.param == "sqlite":
         return catalog.connect(f"sqlite:///{tmp_path}/catalog.db")
-    pg = request.getfixturevalue("pg")
+    pg = request.getfixturevalue("postgres")
     return catalog.connect(pg.database(f"triage{next(_n)}"))
 
 

@@ -65,13 +65,6 @@ def s3(tmp_path_factory: pytest.TempPathFactory) -> Iterator[servers.Seaweed]:
             os.environ[k] = v
 
 
-@pytest.fixture(scope="module")
-@starts_servers
-def pg() -> Iterator[servers.Postgres]:
-    with servers.postgres() as p:
-        yield p
-
-
 def s3_vault(s3: servers.Seaweed, pg: servers.Postgres | None, prefix: str) -> str:
     """Settings for a vault of its own: a prefix in the bucket, a database of the server."""
     catalog_line = f'catalog = "{pg.database(prefix)}"\n' if pg else ""
@@ -117,8 +110,10 @@ def test_agent_ships_analyses_groups_and_empties_the_spool(material: dict) -> No
         assert sha(store.open(blobs.object_key(exe["key"], exe["sha256"])).read()) == sha(f.read())
 
 
-def test_agent_ships_to_s3_and_postgres(material: dict, s3: servers.Seaweed, pg: servers.Postgres) -> None:
-    node = make_node(material, s3_vault(s3, pg, "plain"))
+def test_agent_ships_to_s3_and_postgres(
+    material: dict, s3: servers.Seaweed, postgres: servers.Postgres
+) -> None:
+    node = make_node(material, s3_vault(s3, postgres, "plain"))
     assert Agent(node.settings).run(once=True) == 0
     assert sorted(r["id"] for r in node.crashes()) == material["ids"]
     assert_vault_holds_spool_copies(node, material)
@@ -187,18 +182,18 @@ def through_an_outage(node: Node, stop: Callable[[], None], start: Callable[[], 
         agent.wait(timeout=60)
 
 
-def test_postgres_restart_under_load(material: dict, s3: servers.Seaweed, pg: servers.Postgres) -> None:
-    node = make_node(material, s3_vault(s3, pg, "pgrestart"), "analyze = false\n")
+def test_postgres_restart_under_load(material: dict, s3: servers.Seaweed, postgres: servers.Postgres) -> None:
+    node = make_node(material, s3_vault(s3, postgres, "pgrestart"), "analyze = false\n")
     extra = [big_entry(node, 8) for _ in range(12)]
-    through_an_outage(node, lambda: pg.stop("fast"), pg.start, after=0.5)
+    through_an_outage(node, lambda: postgres.stop("fast"), postgres.start, after=0.5)
     ids = [r["id"] for r in node.crashes()]
     assert sorted(ids) == sorted(material["ids"] + extra) and len(ids) == len(set(ids))
 
 
 def test_two_agents_race_on_one_spool_and_one_catalog(
-    material: dict, s3: servers.Seaweed, pg: servers.Postgres
+    material: dict, s3: servers.Seaweed, postgres: servers.Postgres
 ) -> None:
-    node = make_node(material, s3_vault(s3, pg, "race"))
+    node = make_node(material, s3_vault(s3, postgres, "race"))
     extra = [big_entry(node, 2) for _ in range(10)]
     agents = [node.agent("--once") for _ in range(2)]
     for a in agents:
@@ -313,9 +308,9 @@ def test_agent_once_gives_up_on_an_unreachable_catalog_and_keeps_the_entries(mat
     assert spool.entries(node.spool) == material["ids"]
 
 
-def test_a_postgresql_catalog_knows_a_new_crash_from_one_already_there(pg: servers.Postgres) -> None:
+def test_a_postgresql_catalog_knows_a_new_crash_from_one_already_there(postgres: servers.Postgres) -> None:
     """INSERT's rowcount tells the two apart; without it a reader's namespaces stayed empty."""
-    engine = catalog.connect(pg.database("rowcount"))
+    engine = catalog.connect(postgres.database("rowcount"))
     meta = {
         "id": "20261201T000000Z-1-rowcount",
         "time": 1796129797,
