@@ -431,7 +431,7 @@ def _analyse(
 
     with vault.engine.begin() as conn:
         needed = min(settings.match_after, settings.group_samples)
-        match = catalog.match_sample(conn, crash_id, needed)
+        match = catalog.match_sample(conn, crash_id, needed, settings.group_samples)
         if match is not None and not (idle and match.samples < settings.group_samples):
             # The same crash again, its group analysed enough: matched, not analysed, and
             # recorded in the transaction that found the match. Its report is the sample's,

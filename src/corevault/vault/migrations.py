@@ -156,9 +156,16 @@ def _v12(conn: Connection) -> None:
     conn.exec_driver_sql(f"CREATE INDEX IF NOT EXISTS group_namespaces_image ON group_namespaces {columns}")
 
 
+def _v13(conn: Connection) -> None:
+    """A fingerprint's full analyses by signature, in place of all its crashes by namespace."""
+    columns = ", ".join(tables.FULL_ANALYSES)
+    conn.exec_driver_sql(f"CREATE INDEX IF NOT EXISTS crashes_full_analyses ON crashes ({columns})")
+    conn.exec_driver_sql("DROP INDEX IF EXISTS crashes_namespace_fingerprint")
+
+
 #: Numbered schema migrations; a new one is appended, never edited.
 MIGRATIONS: list[Callable[[Connection], None]] = [
-    _v1, _v2, _v3, _v4, _v5, _v6, _v7, _v8, _v9, _v10, _v11, _v12,
+    _v1, _v2, _v3, _v4, _v5, _v6, _v7, _v8, _v9, _v10, _v11, _v12, _v13,
 ]  # fmt: skip
 
 

@@ -54,7 +54,10 @@ crashes = sa.Table(
 for _col in ("namespace", "pod", "container", "image", "node", "signal", "exe", "signature"):
     sa.Index(f"crashes_{_col}_time", crashes.c[_col], crashes.c.time)
 sa.Index("crashes_time", crashes.c.time)
-sa.Index("crashes_namespace_fingerprint", crashes.c.namespace, crashes.c.fingerprint)
+#: a fingerprint's full analyses by signature, newest last: what matching a crash reads
+#: (recording.match_sample), never the matched crashes of its loop
+FULL_ANALYSES = ("namespace", "fingerprint", "analysis", "matched", "signature", "id")
+sa.Index("crashes_full_analyses", *(crashes.c[name] for name in FULL_ANALYSES))
 
 groups = sa.Table(
     "crash_groups",
