@@ -25,7 +25,7 @@ import sqlalchemy as sa
 
 from corevault import config, spool
 from corevault.agent.loop import Agent
-from corevault.vault import blobs, catalog, retention, tables
+from corevault.vault import blobs, catalog, retention, search, tables
 from corevault.vault.crashes import LocalVault
 from testbed import servers
 from tests.conftest import installed_capture, starts_servers
@@ -259,6 +259,13 @@ def test_retention_by_age_size_and_namespace_keeps_needed_binaries(material: dic
         if m.get("sha256"):
             assert vault.store.size(blobs.object_key(m["key"], m["sha256"])) is not None
     assert gone["buildids"]  # the other program's binary went with its crash
+    v = search.search_values.c
+    with vault.engine.connect() as conn:  # the search keeps nothing that only the forgotten crashes held
+        held = set(conn.execute(sa.select(v.kind, v.value)))
+        search.rebuild_terms(conn)
+        assert held == set(conn.execute(sa.select(v.kind, v.value)))
+        conn.rollback()
+    assert ("exe", rows[0]["exe"]) not in held or rows[0]["exe"] == rows[-1]["exe"]
 
 
 def test_agent_metrics(material: dict) -> None:

@@ -344,17 +344,23 @@ def add_dropped(conn: Connection, records: list[dict]) -> int:
 
 
 def forget(conn: Connection, crash_id: str) -> None:
-    """Remove a crash's rows (its report and build-id references with it), and its group counts."""
+    """Remove a crash's rows (its report and build-id references with it), its group counts, and
+    what it alone held of the search's tables."""
     c = crashes.c
     row = conn.execute(
-        sa.select(c.signature, c.namespace, c.image, c.time, c.analysis).where(c.id == crash_id)
+        sa.select(c.signature, c.namespace, c.image, c.time, c.analysis, c.pod, c.exe, c.title).where(
+            c.id == crash_id
+        )
     ).first()
-    if row is not None and row.analysis == "done" and row.signature:
-        _count(conn, row.signature, row, -1)
-        _uncount_group(conn, row.signature)
+    counted = row.signature if row is not None and row.analysis == "done" and row.signature else None
+    if counted:
+        _count(conn, counted, row, -1)
+        _uncount_group(conn, counted)
     conn.execute(reports.delete().where(reports.c.crash_id == crash_id))
     conn.execute(crash_objects.delete().where(crash_objects.c.crash_id == crash_id))
     conn.execute(crashes.delete().where(crashes.c.id == crash_id))
+    if row is not None:
+        search.forget(conn, dict(row._mapping), counted)
 
 
 def _uncount_group(conn: Connection, signature: str) -> None:

@@ -30,8 +30,13 @@ there list a few thousand. So a search first looks its words up in the dictionar
 
 Values are cut to ``VALUE_MAX`` characters (an index entry has a size limit, and a process
 chooses its paths and its symbols' names): a longer executable path is found by its start.
-The dictionary keeps values of forgotten crashes; they lead to no crash (crash search) or
-to a group its reader sees crashes of anyway (group search).
+Forgetting a crash (:func:`forget`, in the transaction that removes it) takes out what it alone
+held: its group's terms in its namespace once the group has no crash left there (so a search
+never leads to a gone group), the term of its pod, image or executable once no other crash of
+its group there has that value, and every value of the dictionary that neither a term nor a
+crash holds any more. Each check is a seek of an index or a read of at most ``PROBE`` crashes;
+a term they cannot decide on is kept until its group leaves the namespace, and a crash's value
+cut to ``VALUE_MAX`` stays in the dictionary (no index finds the crashes that start with it).
 """
 
 from __future__ import annotations
@@ -44,7 +49,7 @@ import sqlalchemy as sa
 from sqlalchemy.engine import Connection
 
 from corevault.errors import UserError
-from corevault.vault.tables import crashes, groups, insert, metadata
+from corevault.vault.tables import crashes, group_ns, groups, insert, metadata
 
 MAX_TERMS = 8
 MAX_QUERY = 256
@@ -71,6 +76,8 @@ WIDE = 1000
 SPAN = 5000
 #: what a crash read by such a start costs in crashes of the walk (measured: its ``IN``'s seeks, the sort)
 START_COST = 2
+#: how many crashes of one value, and of one group, forgetting reads to decide on a term
+PROBE = 64
 
 search_values = sa.Table(
     "search_values",
@@ -179,6 +186,69 @@ def add_analysed(conn: Connection, crash: dict, signature: str, title: str | Non
     ns = crash.get("namespace") or ""
     rows = [{"value_id": i, "signature": signature, "namespace": ns} for i in sorted(ids)]
     conn.execute(insert(conn, group_terms).on_conflict_do_nothing(), rows)
+
+
+def forget(conn: Connection, crash: dict, signature: str | None) -> None:
+    """Take out of the groups' terms and the dictionary what ``crash`` alone held; it is removed
+    already (``crash``: its catalog row; ``signature``: the group it was counted in, if any)."""
+    v, gt = search_values.c, group_terms.c
+    pairs = _pairs(crash, crash.get("title"))
+    values = conn.execute(
+        sa.select(v.id, v.kind, v.value).where(sa.tuple_(v.kind, v.value).in_(sorted(pairs)))
+    )
+    candidates = {row.id: row for row in values} if pairs else {}
+    if signature:
+        ns = crash.get("namespace") or ""
+        left = sa.select(group_ns.c.signature).where(
+            group_ns.c.signature == signature, group_ns.c.namespace == ns
+        )
+        if conn.execute(left.limit(1)).first() is None:  # the group has no crash left in the namespace
+            taken = conn.execute(
+                group_terms.delete()
+                .where(gt.signature == signature, gt.namespace == ns)
+                .returning(gt.value_id)
+            ).scalars()
+            ids = set(taken) - candidates.keys()
+            if ids:
+                candidates.update(
+                    {r.id: r for r in conn.execute(sa.select(v.id, v.kind, v.value).where(v.id.in_(ids)))}
+                )
+        else:
+            for row in candidates.values():
+                if row.kind in CRASH_KINDS and not _still_held(conn, row.kind, row.value, signature, ns):
+                    conn.execute(
+                        group_terms.delete().where(
+                            gt.value_id == row.id, gt.signature == signature, gt.namespace == ns
+                        )
+                    )
+    c = crashes.c
+    for row in sorted(candidates.values()):
+        if conn.execute(sa.select(gt.value_id).where(gt.value_id == row.id).limit(1)).first() is not None:
+            continue
+        if row.kind in CRASH_KINDS:
+            if len(row.value) >= VALUE_MAX:
+                continue  # the start of crashes' values: kept (see the module's docstring)
+            if conn.execute(sa.select(c.id).where(c[row.kind] == row.value).limit(1)).first() is not None:
+                continue
+        conn.execute(search_values.delete().where(v.id == row.id))
+
+
+def _still_held(conn: Connection, kind: str, value: str, signature: str, ns: str) -> bool:
+    """Whether a crash of the group in namespace ``ns`` (a crash-kind term) has ``value``, or
+    that cannot be told from the newest ``PROBE`` crashes of the value nor of the group."""
+    if len(value) >= VALUE_MAX:
+        return True
+    c = crashes.c
+    of_value = sa.select(c.signature, c.namespace).where(c[kind] == value)
+    rows = conn.execute(of_value.order_by(c.time.desc()).limit(PROBE)).all()
+    if any(r.signature == signature and (r.namespace or "") == ns for r in rows):
+        return True
+    if len(rows) < PROBE:
+        return False
+    in_ns = c.namespace == ns if ns else sa.or_(c.namespace.is_(None), c.namespace == "")
+    of_group = sa.select(c[kind]).where(c.signature == signature, in_ns)
+    found = conn.execute(of_group.order_by(c.time.desc()).limit(PROBE)).scalars().all()
+    return value in found or len(found) >= PROBE
 
 
 def rebuild(conn: Connection) -> None:
