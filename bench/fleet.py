@@ -13,7 +13,10 @@ Measured in one run against a real SeaweedFS (``weed mini``) and a real PostgreS
    verified, the crash row, its search values and its namespace inserted): in batches of
    ``--batch`` (:func:`corevault.agent.ship.ship_batch`, as the agent's loop ships: small
    cores ``[agent] ship_parallel`` at once, the rows in one transaction) and, as the
-   baseline, one entry at a time (:func:`corevault.agent.ship.ship_entry`). All start
+   baseline, one entry at a time (:func:`corevault.agent.ship.ship_entry`); and, as the
+   baseline of the S3 requests, in batches with every upload checked by a HEAD of its object
+   (four requests per crash, as before a single PutObject was checked from its own answer;
+   now two). All start
    together; crashes/s is entries ÷ (last done - first start). Then the catalog's part
    alone, sustained: the same processes insert ``--catalog-per-agent`` records each (of
    the same kind) into a fresh database, ``--batch`` per
@@ -152,13 +155,19 @@ def agent_settings(work: str, agent: int, bucket: str, endpoint: str, pg_url: st
     })  # fmt: skip
 
 
-def _ship_all(settings: config.Settings, batch: int, start: object, out: object) -> None:
+def _ship_all(settings: config.Settings, batch: int, head: bool, start: object, out: object) -> None:
     """One node agent: ship every ready entry of its spool, once everyone is ready.
 
     ``batch`` 1 ships one entry at a time (the baseline); more ships them as the agent's loop
-    does, ``batch`` at a time, their small cores ``[agent] ship_parallel`` at once.
+    does, ``batch`` at a time, their small cores ``[agent] ship_parallel`` at once. ``head``: every
+    upload is checked with a HEAD of its object, as before the service's answer to a single
+    PutObject was taken as the check (the store's own path for an answer that proves nothing).
     """
     vault = LocalVault(settings)
+    if head:
+        uploads = vault.store.uploads  # type: ignore[attr-defined]
+        put_small = uploads.put_small
+        uploads.put_small = lambda name, data: (put_small(name, data)[0], None)
     entries = spool.entries(settings.spool_dir)
     with vault.engine.connect():
         pass  # the connection is open before the clock starts, as in a running agent
@@ -286,19 +295,19 @@ def bench_ingest(w: servers.Seaweed, pg: servers.Postgres, agents: int, per_agen
         ]
         measured: dict[tuple[str, int], list[Raced]] = {}
         for run in range(runs):
-            for _, kind in cases:
-                for size in (1, batch):
-                    name = f"fleet_{kind}_{size}_{run}"
+            for kind in ("ship", "ship-head", "insert"):
+                for size in (1, batch) if kind != "ship-head" else (batch,):
+                    name = f"fleet_{kind.replace('-', '_')}_{size}_{run}"
                     url = pg.database(name)
                     catalog.connect(url).dispose()  # the schema, made once before the race
-                    if kind == "ship":
+                    if kind.startswith("ship"):
                         settings = []
                         for a in range(agents):
                             s = agent_settings(os.path.join(work, name), a, w.bucket, w.endpoint, url)
                             spool.ensure(s.spool_dir)
                             fill_spool(s.spool_dir, a, per_agent, cores)
                             settings.append(s)
-                        raced = race(pg, _ship_all, [(s, size) for s in settings], w)
+                        raced = race(pg, _ship_all, [(s, size, kind == "ship-head") for s in settings], w)
                         if count_rows(url) != agents * per_agent:
                             raise SystemExit(
                                 f"{count_rows(url)} rows after shipping {agents * per_agent} crashes"
@@ -318,6 +327,10 @@ def bench_ingest(w: servers.Seaweed, pg: servers.Postgres, agents: int, per_agen
             print(batched.line(f"{label}, batches of {batch}") + f"; {rate / base_rate:.1f} x the baseline; "
                   f"goal >= 1,000 crashes/s ({goal})")  # fmt: skip
             print(base.line(f"{label}, one at a time (baseline)"))
+            if kind == "ship":
+                headed = median_of(measured["ship-head", batch])
+                print(headed.line(f"shipping, batches of {batch}, a HEAD after each upload (before)")
+                      + f"; shipping as it is: {rate / (headed.entries / headed.seconds):.2f} x this; goal > 1")  # fmt: skip
     finally:
         shutil.rmtree(work, ignore_errors=True)
 

@@ -686,10 +686,11 @@ def test_an_upload_kept_by_a_store_of_other_checksums_starts_anew(weed, tmp_path
 
 
 def test_an_s3_object_that_fails_the_final_check_is_deleted_and_shipped_again(weed) -> None:
-    """The store ends up holding other bytes than the agent sent under a binary's name (another
-    writer, a store that mangled them): the check of what it holds fails, the object is deleted,
-    not left for the next pass to find in place and take as stored, and the next pass ships the
-    crash and uploads that binary again, byte for byte the node's."""
+    """The store ends up holding other bytes than the agent sent under a binary's name (a path to
+    it that changed the body and lost its checksum, a store that mangled them): the check of what
+    it holds (here the MD5 ETag of the store's answer, which no checksum echo vouches for) fails,
+    the object is deleted, not left for the next pass to find in place and take as stored, and the
+    next pass ships the crash and uploads that binary again, byte for byte the node's."""
     from corevault import nodestore, objectid, spool
     from corevault.agent.loop import Agent
     from tests.conftest import FIXTURE_SPOOL
@@ -708,17 +709,21 @@ def test_an_s3_object_that_fails_the_final_check_is_deleted_and_shipped_again(we
 
     first = Agent(node.settings)
     store = first.connect().store
-    uploads = store.uploads  # type: ignore[attr-defined]
-    real_small = uploads.put_small
+    changed = []
 
-    def overwritten(name: str, data: bytes) -> str:
-        expected = real_small(name, data)
-        if "/buildid/" in name:  # another writer puts other bytes of the same size there
-            store.client.put_object(Bucket=weed.bucket, Key=name, Body=bytes([data[0] ^ 0xFF]) + data[1:])  # type: ignore[attr-defined]
-        return expected
+    def mangled(request: Any, **_: Any) -> None:
+        """Before signing: the body of a binary's upload with its first byte changed, and no checksum."""
+        if "/buildid/" not in request.url:
+            return
+        body = request.data if isinstance(request.data, bytes) else request.data.read()
+        request.data = bytes([body[0] ^ 0xFF]) + body[1:]
+        for header in ("x-amz-checksum-crc32", "x-amz-sdk-checksum-algorithm", "Content-MD5"):
+            del request.headers[header]
+        changed.append(request.url)
 
-    uploads.put_small = overwritten
+    store.client.meta.events.register("before-sign.s3.PutObject", mangled)  # type: ignore[attr-defined]
     assert first.run(once=True) == 1, "the entry was shipped over a wrong object"
+    assert changed, "no upload of a binary was changed on its way"
     assert node.crashes() == []
     assert [store.size(key) for key in binaries] == [None] * len(binaries), "a wrong object was left"
 

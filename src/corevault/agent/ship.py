@@ -3,7 +3,7 @@
 One spool entry goes through these steps, each safe to repeat after a crash of the agent
 at any point (a SIGKILL included):
 
-1. upload ``core.zst`` and ``meta.json`` (the store checks size and ETag of what it holds);
+1. upload ``core.zst`` and ``meta.json`` (checked against what the store reports it holds);
 2. with analysis off, upload the crash's binaries that the vault does not hold yet
    (``buildid/<key>/<sha256>``: by content, stored once for every crash that maps the same file);
 3. insert the crash row (ignored if it is there), analysis ``pending``;

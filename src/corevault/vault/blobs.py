@@ -12,8 +12,12 @@ part as it reads it: CRC32 (``checksums = when_supported``: each part is sent wi
 CRC32, the server checks it and reports the composite that we compare) or MD5 (stores
 without flexible checksums: Content-MD5 per part and the multipart ETag), and which takes
 up an upload that an agent killed midway left behind. ``put_file`` returns only once the
-store holds an object of the right size and checksum; an object that fails that check is
-deleted (every bucket store does so, :meth:`BucketStore._wrong`) and the upload is retried.
+store has shown that it holds the bytes sent: an object below the part size goes in one
+request whose answer is the check (the CRC32 the service echoes once it has checked the body,
+or the ETag where that is the body's MD5), looked at with a HEAD only when that answer proves
+nothing; an object in parts is looked at (its size and composite checksum). An object that
+fails the check is deleted (every bucket store does so, :meth:`BucketStore._wrong`) and the
+upload is retried.
 Uploads that nobody takes up again are cleared by ``abort_abandoned`` (S3 aborts them; a
 file store removes temporary files).
 
@@ -326,31 +330,38 @@ class S3Store(BucketStore):
             return self._upload(key, f, os.fstat(f.fileno()).st_size, path + s3upload.SESSION_SUFFIX)
 
     def _upload(self, key: str, f: BinaryIO, size: int, session_file: str | None = None) -> Stored:
+        """Upload and verify: a single request is checked from the service's own answer where that
+        answer proves the bytes (:func:`s3upload.shown`), an object in parts, or one whose answer
+        proves nothing, by a HEAD of the object (its size and checksum)."""
         from botocore.exceptions import BotoCoreError, ClientError
 
         part = part_size(size, self.part_size, MAX_PARTS)  # S3 takes at most 10,000 parts
+        algorithm = self.uploads.algorithm
         try:
             if size < part:
-                expected = self.uploads.put_small(self._key(key), f.read())
+                data = f.read()
+                expected, answered = self.uploads.put_small(self._key(key), data)
+                if answered is None:  # the answer proves nothing: the object is looked at
+                    head = self._head(key, size)
+                    answered = s3upload.shown(head, algorithm, expected, data)
             else:
                 expected = self.uploads.put(
                     self._key(key), key, f, size, part=part, session_file=session_file
                 )
-            head = self.client.head_object(Bucket=self.bucket, Key=self._key(key), ChecksumMode="ENABLED")
+                # No answer of the multipart calls gives the object's size: it is looked at.
+                answered = s3upload.in_parts(self._head(key, size), algorithm), expected
         except (BotoCoreError, ClientError) as e:
             raise StoreError(f"cannot upload {key} to {self.url}: {e}") from None
+        if answered is not None and answered[0] is not None and answered[0] != answered[1]:
+            raise self._wrong(key, f"had the checksum {answered[0]}, not the uploaded bytes' {answered[1]}")
+        return Stored(key, size)
+
+    def _head(self, key: str, size: int) -> dict:
+        """The object's HEAD, once its size is known to be ``size`` (else it is deleted)."""
+        head = self.client.head_object(Bucket=self.bucket, Key=self._key(key), ChecksumMode="ENABLED")
         if head["ContentLength"] != size:
             raise self._wrong(key, f"held {head['ContentLength']} bytes after uploading {size}")
-        if self.uploads.algorithm == "crc32":
-            stored = head.get("ChecksumCRC32")
-        else:
-            etag = head.get("ETag", "").strip('"')
-            stored = (
-                etag if "-" in etag or len(etag) == 32 else None
-            )  # not an MD5 ETag under SSE-KMS and the like
-        if stored is not None and stored != expected:
-            raise self._wrong(key, f"had the checksum {stored}, not the uploaded bytes' {expected}")
-        return Stored(key, size)
+        return head
 
     @property
     def sent(self) -> int:

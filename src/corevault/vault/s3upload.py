@@ -176,8 +176,9 @@ class MultipartUpload:
             if _code(e) in ("404", "NoSuchKey", "NotFound"):
                 return None
             raise
-        stored = head.get("ChecksumCRC32") if self.algorithm == "crc32" else head.get("ETag", "").strip('"')
-        return expected if head["ContentLength"] == size and stored == expected else None
+        return (
+            expected if head["ContentLength"] == size and in_parts(head, self.algorithm) == expected else None
+        )
 
     def _held(self, name: str, upload: str) -> Iterator[tuple[int, tuple[int, str]]]:
         """The parts the service holds of ``upload``: number -> (size, ETag)."""
@@ -269,12 +270,58 @@ class MultipartUpload:
             entry["ChecksumCRC32"] = base64.b64encode(digest).decode()
         return entry
 
-    def put_small(self, name: str, data: bytes) -> str:
-        """One request for an object smaller than a part; returns what the service must report."""
+    def put_small(self, name: str, data: bytes) -> tuple[str, tuple[str, str] | None]:
+        """One request for an object smaller than a part: what the service must report for it,
+        and what the service's answer shows of the bytes it holds, as :func:`shown` gives it
+        (None: the answer proves nothing, the object is to be looked at)."""
         digest = checksum(self.algorithm, data)
         checksums = _checksum_args(self.algorithm, digest)
-        self.client.put_object(Bucket=self.bucket, Key=name, Body=data, **checksums)
-        return reported(self.algorithm, [digest], multipart=False)
+        answer = self.client.put_object(Bucket=self.bucket, Key=name, Body=data, **checksums)
+        expected = reported(self.algorithm, [digest], multipart=False)
+        return expected, shown(answer, self.algorithm, expected, data)
+
+
+def md5_etag(answer: dict) -> str | None:
+    """The ETag of a PutObject's or HeadObject's answer when it is the MD5 of the object's
+    bytes (lowercase hex), else None.
+
+    S3 makes it the MD5 of a single request's body unless the object is encrypted with KMS or a
+    customer's key (then it says so in the answer) or was put in parts (then it ends in
+    ``-N``); OSS makes it the MD5 too, in uppercase. Anything else is opaque: not compared.
+    """
+    etag = answer.get("ETag", "").strip('"').lower()
+    if answer.get("ServerSideEncryption", "AES256") != "AES256" or answer.get("SSECustomerAlgorithm"):
+        return None
+    return etag if len(etag) == 32 and all(c in "0123456789abcdef" for c in etag) else None
+
+
+def in_parts(head: dict, algorithm: str) -> str | None:
+    """What a HeadObject of an object put in parts reports of its bytes: its composite CRC32, or
+    its multipart ETag (lowercase: OSS's is uppercase), or its MD5 ETag; None when it reports none."""
+    if algorithm == "crc32":
+        return head.get("ChecksumCRC32")
+    etag = head.get("ETag", "").strip('"').lower()
+    if "-" in etag and head.get("ServerSideEncryption", "AES256") == "AES256":
+        return etag
+    return md5_etag(head)
+
+
+def shown(answer: dict, algorithm: str, expected: str, data: bytes) -> tuple[str, str] | None:
+    """What the answer to a single PutObject (or a HeadObject of its object) shows of the bytes
+    the service holds, and what it must be for them to be ``data``: (reported, required), or None
+    when it shows nothing of them.
+
+    The CRC32 first: a service echoes the ``x-amz-checksum-crc32`` it was sent only once it has
+    checked the body against it (S3 refuses a body that does not match with BadDigest, and so does
+    SeaweedFS, tried with a wrong checksum); then the ETag where it is the MD5 of the body, which
+    the service computes itself from what it received.
+    """
+    if algorithm == "crc32" and answer.get("ChecksumCRC32"):
+        return answer["ChecksumCRC32"], expected
+    etag = md5_etag(answer)
+    if etag is None:
+        return None
+    return etag, expected if algorithm != "crc32" else hashlib.md5(data).hexdigest()  # noqa: S324
 
 
 def abort_abandoned(client: Any, bucket: str, prefix: str, older_than: datetime) -> list[str]:

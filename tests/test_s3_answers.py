@@ -1,0 +1,149 @@
+"""An S3 upload checked from the service's own answers, against a real SeaweedFS on 127.0.0.1.
+
+A single PutObject is one request: its answer echoes the CRC32 it was sent (once the service
+has checked the body against it) or carries the MD5 of the body as the ETag, and that is the
+check; an answer that proves nothing, and every object put in parts, is looked at with a HEAD.
+The attacks change the body on its way (after it was hashed, before it was signed) or the
+service's answer, and each would leave a wrong object in place without the check.
+"""
+
+from __future__ import annotations
+
+import base64
+import hashlib
+import os
+import uuid
+import zlib
+from collections.abc import Callable
+from typing import Any
+
+import pytest
+
+from corevault.config import S3Settings
+from corevault.vault import blobs, s3upload, stores
+from tests.test_stores import PART, weed  # noqa: F401 - the module's SeaweedFS
+
+pytestmark = pytest.mark.servers
+CHECKSUMS = ["when_supported", "when_required"]  # CRC32 per request, or Content-MD5 (OSS)
+
+
+def open_s3(server: Any, checksums: str) -> blobs.S3Store:
+    s3 = S3Settings()
+    s3.endpoint, s3.addressing, s3.part_size, s3.checksums = server.endpoint, "path", PART, checksums
+    store = stores.open_store(f"s3://{server.bucket}/answers-{uuid.uuid4().hex[:8]}", s3)
+    assert isinstance(store, blobs.S3Store)
+    return store
+
+
+def requests_of(store: blobs.S3Store) -> list[str]:
+    """The names of the operations the store's client sends from now on, in order."""
+    sent: list[str] = []
+    store.client.meta.events.register(
+        "before-send.s3", lambda event_name, **_: sent.append(event_name.split(".")[-1])
+    )
+    return sent
+
+
+def on_answer(store: blobs.S3Store, operation: str, change: Callable[[Any], None]) -> None:
+    """Have ``change`` edit the headers of the service's answers to ``operation`` before they are read."""
+    store.client.meta.events.register(
+        f"before-parse.s3.{operation}", lambda response_dict, **_: change(response_dict["headers"])
+    )
+
+
+def _held(store: blobs.S3Store, key: str) -> bytes | None:
+    if store.size(key) is None:
+        return None
+    with store.open(key) as f:
+        return f.read()
+
+
+@pytest.mark.parametrize("checksums", CHECKSUMS)
+def test_a_small_upload_is_one_request_and_one_in_parts_is_looked_at(weed, checksums, tmp_path) -> None:  # noqa: F811
+    store = open_s3(weed, checksums)
+    sent = requests_of(store)
+    data = os.urandom(80_000)
+    assert store.put_bytes("crashes/x/core.zst", data).size == len(data)
+    assert sent == ["PutObject"]
+    assert _held(store, "crashes/x/core.zst") == data
+
+    sent.clear()
+    path = tmp_path / "core.zst"
+    path.write_bytes(os.urandom(2 * PART + 5))
+    store.put_file("crashes/y/core.zst", str(path))
+    # no answer of the multipart calls gives the object's size: one HEAD after the completion
+    assert sent == ["CreateMultipartUpload", "UploadPart", "UploadPart", "UploadPart",
+                    "CompleteMultipartUpload", "HeadObject"]  # fmt: skip
+
+
+@pytest.mark.parametrize("checksums", CHECKSUMS)
+def test_seaweedfs_refuses_a_body_that_its_checksum_does_not_match(weed, checksums) -> None:  # noqa: F811
+    """The body changed after it was hashed (a bit flipped on the way): the service checks it
+    against the CRC32 or Content-MD5 sent with it and refuses it (BadDigest); nothing is kept."""
+    store = open_s3(weed, checksums)
+
+    def flipped(request: Any, **_: Any) -> None:
+        body = request.data if isinstance(request.data, bytes) else request.data.read()
+        request.data = bytes([body[0] ^ 1]) + body[1:]  # signed as it is now, so only the checksum differs
+
+    store.client.meta.events.register("before-sign.s3.PutObject", flipped)
+    with pytest.raises(blobs.StoreError, match="BadDigest"):
+        store.put_bytes("k", os.urandom(4096))
+    assert store.size("k") is None
+
+
+@pytest.mark.parametrize("checksums", CHECKSUMS)
+def test_an_answer_showing_other_bytes_deletes_the_object(weed, checksums) -> None:  # noqa: F811
+    """The answer echoes another CRC32, or (with MD5s) names another MD5 as the ETag: the object
+    is not the bytes sent, and is deleted rather than left under the name."""
+    store = open_s3(weed, checksums)
+    other = os.urandom(100)
+    if checksums == "when_supported":
+        wrong = {"x-amz-checksum-crc32": base64.b64encode(zlib.crc32(other).to_bytes(4, "big")).decode()}
+    else:
+        wrong = {"ETag": f'"{hashlib.md5(other).hexdigest()}"'}  # noqa: S324
+
+    def replaced(headers: Any) -> None:
+        for name, value in wrong.items():
+            headers.pop(name, None)
+            headers[name] = value
+
+    on_answer(store, "PutObject", replaced)
+    with pytest.raises(blobs.StoreError, match="not the uploaded bytes'"):
+        store.put_bytes("k", os.urandom(4096))
+    assert store.size("k") is None
+
+
+@pytest.mark.parametrize("checksums", CHECKSUMS)
+def test_an_answer_that_proves_nothing_is_followed_by_a_head(weed, checksums) -> None:  # noqa: F811
+    """A store that echoes no checksum and whose ETag is not an MD5 (S3 with SSE-KMS says so in
+    its answer): the object is looked at, its size and checksum compared."""
+    store = open_s3(weed, checksums)
+
+    def kms(headers: Any) -> None:
+        headers.pop("x-amz-checksum-crc32", None)
+        headers["x-amz-server-side-encryption"] = "aws:kms"
+
+    on_answer(store, "PutObject", kms)
+    sent = requests_of(store)
+    data = os.urandom(4096)
+    assert store.put_bytes("k", data).size == len(data)
+    assert sent == ["PutObject", "HeadObject"]
+
+    sent.clear()
+    on_answer(store, "HeadObject", lambda headers: headers.__setitem__("Content-Length", "4095"))
+    with pytest.raises(blobs.StoreError, match="held 4095 bytes after uploading 4096"):
+        store.put_bytes("k", data)
+    assert sent[:2] == ["PutObject", "HeadObject"] and store.size("k") is None
+
+
+def test_which_etags_are_taken_for_the_md5_of_the_bytes() -> None:
+    md5 = hashlib.md5(b"core").hexdigest()  # noqa: S324
+    assert s3upload.md5_etag({"ETag": f'"{md5}"'}) == md5
+    assert s3upload.md5_etag({"ETag": f'"{md5.upper()}"'}) == md5  # OSS answers in uppercase
+    assert s3upload.md5_etag({"ETag": f'"{md5}"', "ServerSideEncryption": "AES256"}) == md5  # SSE-S3
+    assert s3upload.md5_etag({"ETag": f'"{md5}"', "ServerSideEncryption": "aws:kms"}) is None
+    assert s3upload.md5_etag({"ETag": f'"{md5}"', "SSECustomerAlgorithm": "AES256"}) is None
+    assert s3upload.md5_etag({"ETag": f'"{md5}-2"'}) is None
+    assert s3upload.md5_etag({"ETag": '"opaque"'}) is None
+    assert s3upload.md5_etag({}) is None
