@@ -21,7 +21,7 @@ import pytest
 from botocore.config import Config
 
 from corevault.capture import hashcache
-from testbed import fusefs, runc, servers
+from testbed import build, fusefs, runc, servers
 from tests.conftest import Capture, starts_servers
 
 pytestmark = pytest.mark.crash
@@ -153,3 +153,45 @@ def test_a_binary_on_a_fuse_volume_is_never_served_from_the_cache(
     changed = module(second, "/data/dump-a/crasher")["sha256"]
     assert changed == sha256(exe) != module(first, "/data/dump-a/crasher")["sha256"]
     assert not os.path.exists(entry(capture, os.stat(exe)))
+
+
+def test_a_pod_that_maps_many_files_pushes_out_entries_nobody_used_not_the_whole_cache(
+    capture: Capture, programs: dict[str, str], tmp_path
+) -> None:
+    """Pod B's crashes map 600 distinct files each, more than the cache holds in two: room is
+    made by the entries used longest ago, and pod A's crash loop, which used its entries in
+    between, keeps them (emptying the cache when full sent A back to hashing)."""
+    capture.configure("[capture]\nmax_objects = 1000\n")
+    a = runc.build_rootfs(str(tmp_path / "a"), programs)
+    mapmany = build.build_variant("mapmany", "mapmany.c", ["gcc", "-O1", "-Wall", "-Werror"])
+    b = runc.build_rootfs(str(tmp_path / "b"), {"mapmany": mapmany})
+
+    def copies(name: str, n: int) -> str:
+        """``n`` copies of one ELF file: one content, each file an inode and a cache entry of its own."""
+        os.makedirs(os.path.join(b, "app", name))
+        for i in range(n):
+            shutil.copyfile(mapmany, os.path.join(b, "app", name, str(i)))
+        return f"/app/{name}"
+
+    cache = hashcache.cache_dir(capture.state_dir)
+    exe = os.path.join(a, "app/crasher")
+    for _ in range(2):  # (the second is a hit: a first read's atime is the kernel's, relatime's)
+        crash_once(capture, a, ["/app/crasher", "segv"])
+    mine = set(os.listdir(cache))
+    written = os.stat(entry(capture, os.stat(exe))).st_mtime_ns
+    crash_once(capture, b, ["/app/mapmany", copies("many", 600)])
+    flood = set(os.listdir(cache)) - mine
+    assert len(flood) > 600 and len(mine | flood) < hashcache.MAX_ENTRIES
+    crash_once(capture, a, ["/app/crasher", "segv"])  # A's loop goes on: its entries are used
+
+    crash_once(capture, b, ["/app/mapmany", copies("more", 600)])
+    left = set(os.listdir(cache))
+    assert hashcache.MAX_ENTRIES - hashcache.EVICT <= len(left) <= hashcache.MAX_ENTRIES
+    assert mine <= left, "the entries of a pod that used them meanwhile were pushed out"
+    assert (
+        os.stat(entry(capture, os.stat(exe))).st_mtime_ns == written
+    )  # kept, never emptied and written again
+    assert flood - left and flood & left, "room is made of the entries used longest ago, a few at a time"
+    again = crash_once(capture, a, ["/app/crasher", "segv"])
+    assert module(again, "/app/crasher")["sha256"] == sha256(exe)
+    assert os.stat(entry(capture, os.stat(exe))).st_mtime_ns == written  # a hit

@@ -25,8 +25,11 @@ first page writable after that, which moves the ctime.
 
 A file that changes while it is hashed (its ctime moves) is not remembered. The cache lives
 under the node's state directory (root's alone), one small file per binary written with
-:mod:`corevault.atomic`, and holds at most :data:`MAX_ENTRIES`: when full it is emptied,
-which costs the next crashes a hash each and nothing else.
+:mod:`corevault.atomic`, and holds at most :data:`MAX_ENTRIES`. When full, the :data:`EVICT`
+entries used longest ago go: a hit marks its entry used (its atime; the mtime stays when it was
+written), so a pod that maps many distinct files pushes out what no crash has used since, a few
+at a time, and never the entries of the pods that crash meanwhile (emptying the whole cache, as
+this did, sent every pod back to hashing). A miss costs the next crash a hash and nothing else.
 """
 
 from __future__ import annotations
@@ -34,11 +37,14 @@ from __future__ import annotations
 import _signal  # the C module: ``signal`` imports enum, which the pipe handler does not load
 import fcntl
 import os
+from time import time_ns
 
 from corevault import atomic
 
 NAME = "hashes"
 MAX_ENTRIES = 1024
+#: entries removed at once when the cache is full: one read of the directory's times per this many new ones
+EVICT = 64
 #: filesystems whose kernel sets ctime itself on every change (mountinfo's type names)
 LOCAL = frozenset({"ext2", "ext3", "ext4", "xfs", "btrfs", "overlay"})
 _FS_IOC_GETVERSION = 0x80087601  # _IOR('v', 1, long)
@@ -114,12 +120,16 @@ def lookup(directory: str, st: os.stat_result, stamp: str) -> str | None:
     try:
         with open(_entry(directory, st), "rb") as f:
             text = f.read(256).decode("ascii", "replace")
+            held, _, sha256 = text.rstrip("\n").rpartition(" ")
+            if held != stamp or len(sha256) != 64 or sha256.strip("0123456789abcdef"):
+                return None
+            try:  # used now: eviction takes the entries used longest ago
+                os.utime(f.fileno(), ns=(time_ns(), os.fstat(f.fileno()).st_mtime_ns))
+            except OSError:
+                pass
     except OSError:
         return None
-    held, _, sha256 = text.rstrip("\n").rpartition(" ")
-    if held == stamp and len(sha256) == 64 and not sha256.strip("0123456789abcdef"):
-        return sha256
-    return None
+    return sha256
 
 
 def remember(directory: str, st: os.stat_result, stamp: str, sha256: str) -> None:
@@ -127,8 +137,24 @@ def remember(directory: str, st: os.stat_result, stamp: str, sha256: str) -> Non
     try:
         os.makedirs(directory, mode=0o700, exist_ok=True)
         if len(os.listdir(directory)) >= MAX_ENTRIES:
-            for name in os.listdir(directory):
-                os.unlink(os.path.join(directory, name))
+            _evict(directory)
         atomic.write(_entry(directory, st), f"{stamp} {sha256}\n", 0o600)
     except OSError:
         pass
+
+
+def _evict(directory: str) -> None:
+    """Remove the entries used longest ago (by atime), down to :data:`EVICT` below the limit."""
+    used = []
+    with os.scandir(directory) as entries:
+        for e in entries:
+            try:
+                used.append((e.stat(follow_symlinks=False).st_atime_ns, e.name))
+            except OSError:
+                pass  # removed meanwhile
+    used.sort()
+    for _, name in used[: len(used) - MAX_ENTRIES + EVICT]:
+        try:
+            os.unlink(os.path.join(directory, name))
+        except OSError:
+            pass
