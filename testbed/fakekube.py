@@ -8,6 +8,9 @@ It behaves like the real one where corevault depends on it:
 - ephemeral container status: ``waiting`` when added, ``running`` a moment later;
 - strategic merge for pod templates: annotations merged, volumes and containers by name,
   volume mounts by mount path;
+- PersistentVolumes and claims: created (refused with 422 Invalid where the real server's
+  validation refuses their names, labels or label selector), read, and listed by a label selector
+  of equalities;
 - ``403 Forbidden`` Status objects for the requests a test forbids; 404 for what is missing;
 - listing pods across namespaces with a ``spec.nodeName`` field selector, and watching them
   from a resourceVersion (events streamed as JSON lines; a version older than the server
@@ -31,6 +34,7 @@ import os
 import re
 import threading
 import time
+import urllib.parse
 from dataclasses import dataclass, field
 from http.server import BaseHTTPRequestHandler, ThreadingHTTPServer
 
@@ -255,8 +259,21 @@ class FakeKube:
                 name = obj["metadata"]["name"]  # type: ignore[index]
                 if (m["res"], ns, name) in self.objects:
                     send(409, _status(409, "AlreadyExists", f'{m["res"]} "{name}" already exists'))
+                elif invalid := _invalid_metadata(obj):  # type: ignore[arg-type]
+                    send(422, _status(422, "Invalid", f'{obj["kind"]} "{name}" is invalid: {invalid}'))  # type: ignore[index]
                 else:
                     send(201, self.add(m["res"], obj))  # type: ignore[arg-type]
+            elif method == "GET" and m["name"] is None:
+                query = urllib.parse.parse_qs(urllib.parse.urlsplit(h.path).query)
+                wanted = dict(
+                    t.split("=", 1) for t in ",".join(query.get("labelSelector", [])).split(",") if t
+                )
+                items = [
+                    o for (res, o_ns, _), o in sorted(self.objects.items())
+                    if res == m["res"] and (m["ns"] is None or o_ns == ns)
+                    and wanted.items() <= (o["metadata"].get("labels") or {}).items()
+                ]  # fmt: skip
+                send(200, {"kind": "List", "apiVersion": "v1", "metadata": {}, "items": items})
             elif method == "GET" and (m["res"], ns, m["name"]) in self.objects:
                 send(200, self.objects[(m["res"], ns, m["name"])])
             else:
@@ -388,6 +405,45 @@ class FakeKube:
             if "waiting" in st.get("state", {}) and st.get("_gets", 0) >= self.running_after:
                 st["state"] = {"running": {"startedAt": "2026-11-28T00:00:00Z"}}
             st["_gets"] = st.get("_gets", 0) + 1
+
+
+#: what the API server's validation takes as a label's value, and as a name (a DNS subdomain)
+_LABEL_VALUE = re.compile(r"(([A-Za-z0-9][-A-Za-z0-9_.]*)?[A-Za-z0-9])?\Z")
+_SUBDOMAIN = re.compile(r"[a-z0-9]([-a-z0-9]*[a-z0-9])?(\.[a-z0-9]([-a-z0-9]*[a-z0-9])?)*\Z")
+
+
+_NAME_RULE = "a lowercase RFC 1123 subdomain must consist of lower case alphanumeric characters, '-' or '.'"
+_VALUE_RULE = (
+    "a valid label must be an empty string or consist of alphanumeric characters, '-', '_' or '.', "
+    "and must start and end with an alphanumeric character"
+)
+
+
+def _invalid_metadata(obj: dict) -> str | None:
+    """What the real API server refuses in an object's name, labels and label selector, as it says it."""
+    meta = obj.get("metadata") or {}
+    name = meta.get("name", "")
+    if len(name) > 253 or not _SUBDOMAIN.match(name):
+        return f'metadata.name: Invalid value: "{name}": {_NAME_RULE}'
+    selector = ((obj.get("spec") or {}).get("selector") or {}).get("matchLabels") or {}
+    for where, labels in (
+        ("metadata.labels", meta.get("labels") or {}),
+        ("spec.selector.matchLabels", selector),
+    ):
+        for key, value in labels.items():
+            prefix, _, short = key.rpartition("/")
+            if (
+                len(short) > 63
+                or not short
+                or not _LABEL_VALUE.match(short)
+                or (prefix and not _SUBDOMAIN.match(prefix))
+            ):
+                return f'{where}: Invalid value: "{key}": name part must be a valid label name'
+            if len(value) > 63:
+                return f'{where}: Invalid value: "{value}": must be no more than 63 characters'
+            if not _LABEL_VALUE.match(value):
+                return f'{where}: Invalid value: "{value}": {_VALUE_RULE}'
+    return None
 
 
 def _status(code: int, reason: str, message: str) -> dict:

@@ -272,6 +272,34 @@ def test_enable_with_an_oss_bucket_makes_the_seeds_volume_and_claim(kube) -> Non
 
 
 @pytest.mark.servers
+def test_enable_with_long_bucket_and_namespace_names_makes_a_volume_its_claim_selects(kube) -> None:
+    """A bucket's name and a namespace's each reach 63 characters, the volume's name 150; its
+    label, which the API server takes up to 63 (the fake validates names and labels as it
+    does), still names it alone: two such buckets' claims each select their own volume."""
+    fake, env = kube
+    ns = "team-" + "n" * 58
+    fake.add("deployments", {**web_deployment(), "metadata": {"name": "web", "namespace": ns}})
+    base = "crash-cores-" + "b" * 49
+    for bucket in (base + "-1", base + "-2"):
+        out = kubectl(
+            env, "enable", "web", "-n", ns, "--pattern", "/cores/core-%p", "--volume", f"s3fs:{bucket}:/prod"
+        )
+        assert out.returncode == 0, out.stderr
+    pvs = {o["metadata"]["name"]: o for (res, _, _), o in fake.objects.items() if res == "persistentvolumes"}
+    claims = [o for (res, _, _), o in fake.objects.items() if res == "persistentvolumeclaims"]
+    assert len(pvs) == len(claims) == 2 and all(len(name) > 63 for name in pvs)
+    for claim in claims:
+        [(key, value)] = claim["spec"]["selector"]["matchLabels"].items()
+        assert len(value) <= 63
+        got = subprocess.run(
+            ["kubectl", "get", "--raw", f"/api/v1/persistentvolumes?labelSelector={key}={value}"],
+            capture_output=True, text=True, env=env, timeout=60, check=True,
+        )  # fmt: skip
+        [pv] = json.loads(got.stdout)["items"]
+        assert pv["spec"]["claimRef"] == {"namespace": ns, "name": claim["metadata"]["name"]}
+
+
+@pytest.mark.servers
 def test_enable_with_an_s3fs_bucket_dry_run_prints_volume_claim_and_patch(kube) -> None:
     fake, env = kube
     fake.add("deployments", web_deployment())

@@ -23,6 +23,7 @@ from corevault.errors import UserError
 # the mount readable by the pod's other users.
 OSS_OPTIONS = "-o max_stat_cache_size=0 -o allow_other"
 SIZE = "50Gi"  # nominal: a bucket has no capacity, the API wants one
+LABEL_MAX = 63  # a label value's length, as the API server validates it
 
 
 @dataclass(frozen=True, slots=True)
@@ -103,7 +104,7 @@ def objects(volume: BucketVolume, namespace: str, *, endpoint: str | None, secre
             "nodeStageSecretRef": secret_ref,
             "volumeAttributes": {"capacity": SIZE, "mounter": "s3fs", "options": "-o allow_other"},
         }
-    label = {"corevault.io/pv-name": pv_name}
+    label = {"corevault.io/pv-name": label_value(pv_name)}
     common = {"storageClassName": "", "accessModes": ["ReadWriteMany"]}
     pv = {
         "apiVersion": "v1", "kind": "PersistentVolume", "metadata": {"name": pv_name, "labels": label},
@@ -118,6 +119,15 @@ def objects(volume: BucketVolume, namespace: str, *, endpoint: str | None, secre
         "spec": {**common, "resources": {"requests": {"storage": SIZE}}, "selector": {"matchLabels": label}},
     }  # fmt: skip
     return [pv, pvc]
+
+
+def label_value(name: str) -> str:
+    """``name`` as a label's value, which the API server takes up to :data:`LABEL_MAX` characters:
+    a longer one (a bucket's and a namespace's names reach 150) is cut, and a digest of the
+    whole name ends it, so that each volume's claim still selects its own volume alone."""
+    if len(name) <= LABEL_MAX:
+        return name
+    return f"{name[: LABEL_MAX - 9]}-{hashlib.sha256(name.encode()).hexdigest()[:8]}"
 
 
 _EXAMPLE = "oss-cn-hangzhou-internal.aliyuncs.com"
