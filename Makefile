@@ -39,6 +39,9 @@ $(VENV)/.installed: pyproject.toml
 	$(PYTHON) -m venv --clear $(VENV)
 	$(PY) -m pip install -q --upgrade pip
 	$(PY) -m pip install -q -e '.[dev]'
+	@# the sandboxed analysis worker reads the package read-only and writes no bytecode: compile it
+	@# here as a wheel's install does, or every worker compiles corevault's modules again
+	$(PY) -m compileall -q src
 	@touch $@
 
 lint: venv

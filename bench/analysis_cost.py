@@ -5,10 +5,14 @@
 The checked-in SIGFPE crash (tests/fixtures/spool) is analysed as the agent analyses it
 (:func:`corevault.analysis.runner.analyze`: a sandboxed worker with the crash's record),
 and beside it, each in the same sandbox, the steps a worker goes through: the sandbox alone
-(bubblewrap, setpriv and the seccomp filter running ``/bin/true``), the interpreter
-(``python -c pass``), and the worker's imports. What is left of the full analysis is reading
-the core and its binaries, unwinding and rendering. Medians of ``--runs`` interleaved runs,
-wall time on a shared machine, so the load average is printed with them.
+(bubblewrap, setpriv and the seccomp filter running ``/bin/true``), the interpreter as the
+worker starts it (``python -I -S -B -c pass``), and the imports a small C crash's analysis
+makes (the worker and drgn). What is left of the full analysis is reading the core and its
+binaries, unwinding and rendering. The baseline beside them, in the same sandbox and run, is
+how the worker started before: ``python -c`` with ``site``, and the modules it imported
+before it deferred them to the crashes that use them (pyelftools, subprocess, tempfile).
+Medians of ``--runs`` interleaved runs, wall time on a shared machine, so the load average
+is printed with them.
 
 A storm is drained by matching (docs/vault.md); only each group's first ``match_after``
 crashes are analysed in full, so this cost bounds how soon matching starts, not the drain.
@@ -28,6 +32,11 @@ from corevault import bounded, spool
 from corevault.analysis import runner, sandbox, seccomp
 
 FIXTURE = os.path.join(os.path.dirname(__file__), "..", "tests", "fixtures", "spool")
+SANDBOX = "sandbox alone (bwrap, setpriv, seccomp: /bin/true)"
+INTERPRETER = "+ the interpreter (python -I -S -B -c pass)"
+IMPORTS = "+ the analysis's imports (corevault.analysis.worker, drgn)"
+FULL = "the full analysis, as the agent runs it"
+BEFORE = "baseline"
 
 
 def in_sandbox(argv: list[str]) -> None:
@@ -54,14 +63,14 @@ def main() -> int:
     record = spool.read_meta(FIXTURE, entry)["modules"]
     core = os.path.join(ready, entry, spool.CORE_NAME)
     store = os.path.join(FIXTURE, "store")
-    py = sys.executable
+    worker_imports = "import corevault.analysis.worker, drgn"
+    before = f"{worker_imports}, elftools.elf.elffile, subprocess, tempfile"
     steps: dict[str, Callable[[], object]] = {
-        "sandbox alone (bwrap, setpriv, seccomp: /bin/true)": lambda: in_sandbox(["/bin/true"]),
-        "+ the interpreter (python -c pass)": lambda: in_sandbox([py, "-c", "pass"]),
-        "+ the worker's imports (drgn, pyelftools, corevault.analysis)": lambda: in_sandbox(
-            [py, "-c", "import corevault.analysis.worker"]
-        ),
-        "the full analysis, as the agent runs it": lambda: runner.analyze(core, [store], record=record),
+        SANDBOX: lambda: in_sandbox(["/bin/true"]),
+        INTERPRETER: lambda: in_sandbox(sandbox.python("pass")),
+        IMPORTS: lambda: in_sandbox(sandbox.python(worker_imports)),
+        FULL: lambda: runner.analyze(core, [store], record=record),
+        BEFORE: lambda: in_sandbox([sys.executable, "-c", before]),
     }
     times: dict[str, list[float]] = {name: [] for name in steps}
     for _ in range(a.runs):
@@ -70,12 +79,17 @@ def main() -> int:
             step()
             times[name].append(time.monotonic() - started)
     medians = {name: statistics.median(t) * 1000 for name, t in times.items()}
-    full = medians["the full analysis, as the agent runs it"]
+    full = medians[FULL]
     print(f"a small crash's full analysis, medians of {a.runs} runs (load average {os.getloadavg()[0]:.1f}):")
-    for name, ms in medians.items():
-        print(f"  {name:<64} {ms:6.0f} ms  {ms / full:5.0%}")
-    imports = medians["+ the worker's imports (drgn, pyelftools, corevault.analysis)"]
-    print(f"  {'left: reading the core and binaries, unwinding, rendering':<64} {full - imports:6.0f} ms")
+    for name in (SANDBOX, INTERPRETER, IMPORTS, FULL):
+        print(f"  {name:<66} {medians[name]:6.0f} ms  {medians[name] / full:5.0%}")
+    print(
+        f"  {'left: reading the core and binaries, unwinding, rendering':<66} {full - medians[IMPORTS]:6.0f} ms"
+    )
+    print(
+        f"  {'baseline: the start-up before (site, deferred modules imported)':<66} {medians[BEFORE]:6.0f} ms"
+        f"  start-up now / before {medians[IMPORTS] / medians[BEFORE]:.2f}"
+    )
     return 0
 
 

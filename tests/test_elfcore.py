@@ -78,13 +78,18 @@ def test_bit_flips_in_headers_and_notes(small_core: bytes, tmp_path, flips: list
     read_bytes(bytes(data), tmp_path)
 
 
-def elf_core(notes: bytes, phnum: int = 1, note_size: int | None = None) -> bytes:
-    """A minimal x86_64 ET_CORE: an ELF header, one PT_NOTE program header, the notes."""
+def elf_core(notes: bytes, phnum: int = 1, note_size: int | None = None, sh_info: int | None = None) -> bytes:
+    """A minimal x86_64 ET_CORE: an ELF header, one PT_NOTE program header, the notes, and
+    with ``sh_info`` one section header (where a core of over 65,534 segments counts them)."""
+    shdr = b"" if sh_info is None else struct.pack("<IIQQQQIIQQ", 0, 0, 0, 0, 0, 0, 0, sh_info, 0, 0)
+    notes_at = 64 + 56 + len(shdr)
     ehdr = struct.pack(
-        "<4sBBBBB7xHHIQQQIHHHHHH", b"\x7fELF", 2, 1, 1, 0, 0, 4, 62, 1, 0, 64, 0, 0, 64, 56, phnum, 0, 0, 0
-    )
-    phdr = struct.pack("<IIQQQQQQ", 4, 0, 64 + 56, 0, 0, len(notes) if note_size is None else note_size, 0, 4)
-    return ehdr + phdr + notes
+        "<4sBBBBB7xHHIQQQIHHHHHH", b"\x7fELF", 2, 1, 1, 0, 0, 4, 62, 1, 0, 64, 64 + 56 if shdr else 0,
+        0, 64, 56, phnum, 64, 1 if shdr else 0, 0,
+    )  # fmt: skip
+    size = len(notes) if note_size is None else note_size
+    phdr = struct.pack("<IIQQQQQQ", 4, 0, notes_at, 0, 0, size, 0, 4)
+    return ehdr + phdr + shdr + notes
 
 
 def note(name: bytes, ntype: int, desc: bytes, namesz: int | None = None, descsz: int | None = None) -> bytes:
@@ -119,6 +124,32 @@ def test_broken_cores_have_a_reason(tmp_path, data: bytes, reason: str) -> None:
     path.write_bytes(data)
     with pytest.raises(elfcore.CoreError, match=reason):
         elfcore.read(str(path))
+
+
+def test_more_segments_than_e_phnum_holds_are_counted_in_section_zero(tmp_path) -> None:
+    core = read_bytes(elf_core(note(b"CORE\0", 1, PRSTATUS), phnum=0xFFFF, sh_info=1), tmp_path)
+    assert core is not None and len(core.threads) == 1
+    with pytest.raises(elfcore.CoreError, match="no section header to count them"):
+        elfcore.read(str(write(tmp_path, elf_core(note(b"CORE\0", 1, PRSTATUS), phnum=0xFFFF))))
+
+
+def test_headers_read_as_pyelftools_reads_them(small_core: bytes, tmp_path) -> None:
+    """The reader's own ELF header parsing agrees with pyelftools on a real core."""
+    from elftools.elf.elffile import ELFFile
+
+    core = read_bytes(small_core, tmp_path)
+    with open(tmp_path / "fuzzed.core", "rb") as f:
+        ef = ELFFile(f)
+        loads = [(s["p_vaddr"], s["p_memsz"], s["p_offset"], s["p_filesz"]) for s in ef.iter_segments()]
+        loads = [seg for seg, s in zip(loads, ef.iter_segments(), strict=True) if s["p_type"] == "PT_LOAD"]
+        assert core is not None and ef.header.e_machine == "EM_X86_64" and core.machine == "x86_64"
+        assert core._segments == loads and len(loads) > 5
+
+
+def write(tmp_path, data: bytes):
+    path = tmp_path / "core"
+    path.write_bytes(data)
+    return path
 
 
 def test_nt_file_with_a_lying_count_is_ignored_with_a_warning(tmp_path) -> None:

@@ -87,6 +87,44 @@ def test_a_binary_rewritten_in_place_with_its_mtime_put_back_is_hashed_again(
     assert changed["sha256"] == sha256(exe) != module(first, "/app/crasher")["sha256"]
 
 
+def test_a_cache_entry_cut_short_or_lost_means_a_new_hash_never_a_wrong_one(
+    capture: Capture, programs: dict[str, str], tmp_path
+) -> None:
+    """Entries are renamed into place without fsync: a power cut may leave one empty, cut short
+    (its digest too) or lost. Each is a miss, the file is hashed again and the entry written whole."""
+    rootfs = runc.build_rootfs(str(tmp_path / "root"), programs)
+    exe = os.path.join(rootfs, "app/crasher")
+    crash_once(capture, rootfs, ["/app/crasher", "segv"])
+    st = os.stat(exe)
+    path = entry(capture, st)
+    with open(path) as f:
+        whole = f.read()
+    name, stamp, digest = (
+        whole.rstrip("\n").split(" ", 1)[0],
+        *whole.rstrip("\n").split(" ", 1)[1].rsplit(" ", 1),
+    )
+    assert name == os.path.basename(path) and digest == sha256(exe)
+    cache = hashcache.cache_dir(capture.state_dir)
+    wrong = "0" * 64
+    for left in (
+        "", whole[: len(name) + 5], whole[:-40], whole[:-1],  # cut short
+        whole[:-1] + "0",  # cut after the last digit, a stale byte after it
+        f"{name} {stamp} {wrong}\n"[:-1], whole[:-3] + "\n",  # a digest that is not this entry's
+        f"{name[:-1]}0 {stamp} {wrong}\n",  # another file's entry left in this one's blocks
+    ):  # fmt: skip
+        with open(path, "w") as f:
+            f.write(left)
+        assert hashcache.lookup(cache, st, stamp) is None, left
+    again = crash_once(capture, rootfs, ["/app/crasher", "segv"])
+    assert module(again, "/app/crasher")["sha256"] == sha256(exe)
+    with open(path) as f:
+        assert f.read() == whole  # written whole again
+    os.unlink(path)  # lost
+    third = crash_once(capture, rootfs, ["/app/crasher", "segv"])
+    assert module(third, "/app/crasher")["sha256"] == sha256(exe)
+    assert hashcache.lookup(cache, st, stamp) == sha256(exe)
+
+
 def test_a_library_changed_through_a_writable_mapping_is_hashed_again(
     capture: Capture, programs: dict[str, str], tmp_path
 ) -> None:

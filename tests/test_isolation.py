@@ -225,3 +225,25 @@ def test_missing_sandbox_tools_are_one_clear_error(monkeypatch: pytest.MonkeyPat
     monkeypatch.setattr(shutil, "which", lambda name: None)
     with pytest.raises(sandbox.SandboxError, match="apt-get install bubblewrap"):
         sandbox.command(["true"], [])
+
+
+@pytest.mark.skipif(os.geteuid() != 0, reason="switching to the worker's own uid needs root")
+def test_the_worker_interpreter_starts_isolated_without_site_or_bytecode_writes() -> None:
+    """No ``.pth`` file, environment variable or current directory shapes what the worker
+    imports, and it writes no bytecode; corevault still comes from the parent's installation."""
+    import corevault
+
+    code = (
+        "import json, corevault; print(json.dumps([sys.flags.isolated, sys.flags.no_site,"
+        " sys.flags.dont_write_bytecode, 'site' in sys.modules, corevault.__file__]))"
+    )
+    fd = seccomp.filter_fd()
+    try:
+        cmd = sandbox.command(sandbox.python(code), [], 64_900, fd)
+        out = subprocess.run(
+            cmd, capture_output=True, text=True, timeout=60, check=True, pass_fds=(fd,) if fd else ()
+        )
+    finally:
+        if fd is not None:
+            os.close(fd)
+    assert json.loads(out.stdout) == [1, 1, 1, False, corevault.__file__]

@@ -222,12 +222,68 @@ def test_a_damaged_storm_file_is_read_as_no_crashes(tmp_path, garbage: bytes) ->
 
 
 def test_the_storm_file_stays_bounded_under_a_flood(tmp_path) -> None:
+    """A budget in the first format (JSON) is taken over: its 50,000 times are cut to the newest
+    10,000, and the file stays that size however many crashes follow."""
     os.makedirs(tmp_path / "storm")
     (tmp_path / "storm" / "c-x").write_text(
         json.dumps({"kept": [], "seen": [float(i) for i in range(50_000)]})
     )
     assert policy.admit(str(tmp_path), "c-x", 5, 1e9, 1e6) == (True, 10_000)
-    assert len(json.loads((tmp_path / "storm" / "c-x").read_text())["seen"]) == 10_000
+    for i in range(1, 20_001):
+        kept, seen = policy.admit(str(tmp_path), "c-x", 5, 1e9, 1e6 + i)
+    assert (kept, seen) == (False, 10_000)
+    bound = 32 + 8 * (policy.STORM_SEEN + 5)
+    assert os.path.getsize(tmp_path / "storm" / "c-x") <= bound
+
+
+def test_the_storm_budget_in_the_first_format_is_carried_over(tmp_path) -> None:
+    os.makedirs(tmp_path / "storm")
+    (tmp_path / "storm" / "c-x").write_text(
+        json.dumps({"kept": [990.0, 995.0], "seen": [990.0, 995.0, 999.0]})
+    )
+    assert policy.admit(str(tmp_path), "c-x", 2, 600, 1000.0) == (False, 4)
+    assert policy.admit(str(tmp_path), "c-x", 2, 600, 1591.0) == (True, 4)  # 990 left the window
+
+
+def test_a_crash_reads_and_writes_a_few_places_of_its_budget_whatever_the_limit(tmp_path) -> None:
+    """A limit of a million (what the benchmarks set) makes no million-slot file: the kept ring is
+    written one slot at a time, as far as it is used."""
+    for i in range(50):
+        assert policy.admit(str(tmp_path), "c-x", 1_000_000, 600, 1000.0 + i) == (True, i + 1)
+    assert os.path.getsize(tmp_path / "storm" / "c-x") == 32 + 8 * (policy.STORM_SEEN + 50)
+
+
+def test_a_changed_limit_keeps_the_newest_kept_crashes(tmp_path) -> None:
+    state = str(tmp_path)
+    assert [policy.admit(state, "c-x", 4, 600, 1000.0 + i)[0] for i in range(5)] == [True] * 4 + [False]
+    # down to 2: the two newest kept crashes (1002, 1003) fill it
+    assert policy.admit(state, "c-x", 2, 600, 1010.0) == (False, 6)
+    assert policy.admit(state, "c-x", 2, 600, 1602.5) == (True, 4)  # 1002 left, 1003 is still in
+    assert policy.admit(state, "c-x", 2, 600, 1602.6) == (False, 5)
+    # up to 3: room for one more at once
+    assert policy.admit(state, "c-x", 3, 600, 1602.7) == (True, 6)
+
+
+@pytest.mark.parametrize("cut", [0, 7, 31, 40, 80_040])
+def test_a_damaged_or_cut_binary_storm_file_never_costs_a_core(tmp_path, cut: int) -> None:
+    state = str(tmp_path)
+    for i in range(3):
+        policy.admit(state, "c-x", 3, 600, 1000.0 + i)
+    path = tmp_path / "storm" / "c-x"
+    data = bytearray(path.read_bytes())
+    with open(path, "r+b") as f:
+        f.truncate(cut)
+    # what was cut off reads as long gone: a lost header is a fresh budget, lost times free slots
+    kept, seen = policy.admit(state, "c-x", 3, 600, 1100.0)
+    assert (kept, seen) == (True, 1) if cut < 32 else seen <= 4 and (kept or cut > 80_032)
+    # counts that point past the rings, and times that are not numbers, read as no crashes
+    data[8:32] = b"\xff" * 24
+    path.write_bytes(bytes(data))
+    assert policy.admit(state, "c-x", 1, 600, 1200.0) == (True, 1)
+    nan = bytearray(path.read_bytes())
+    nan[32 : 32 + 8 * 10] = b"\xff\xf8" * 40  # NaN and infinite times where the seen ring is
+    path.write_bytes(bytes(nan))
+    assert policy.admit(state, "c-x", 1, 600, 1300.0)[1] <= 2
 
 
 def test_parallel_handlers_of_one_container_share_one_budget(tmp_path) -> None:

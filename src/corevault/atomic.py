@@ -30,6 +30,13 @@ if TYPE_CHECKING:
     from typing import BinaryIO
 
 
+_FLAGS = os.O_WRONLY | os.O_CREAT | os.O_TRUNC | os.O_CLOEXEC | os.O_NOFOLLOW
+
+
+def _tmp_name(path: str) -> str:
+    return f"{path}.{os.getpid()}.{get_native_id()}.tmp"  # what ``target`` parses
+
+
 class Abandon(Exception):
     """Raised inside :func:`replacing` to drop what was written and leave the file as it was."""
 
@@ -49,9 +56,8 @@ def replacing(path: str, mode: int = 0o644) -> AbstractContextManager[BinaryIO]:
 def _replacing(path: str, mode: int) -> Iterator[BinaryIO]:
     from contextlib import suppress
 
-    tmp = f"{path}.{os.getpid()}.{get_native_id()}.tmp"  # what ``target`` parses
-    flags = os.O_WRONLY | os.O_CREAT | os.O_TRUNC | os.O_CLOEXEC | os.O_NOFOLLOW
-    f = open(tmp, "wb", opener=lambda name, _: os.open(name, flags, mode))  # noqa: SIM115 - closed below
+    tmp = _tmp_name(path)
+    f = open(tmp, "wb", opener=lambda name, _: os.open(name, _FLAGS, mode))  # noqa: SIM115 - closed below
     try:
         with f:
             os.fchmod(f.fileno(), mode)  # the mode asked for, whatever the umask
@@ -78,10 +84,36 @@ def target(tmp: str) -> str | None:
     return None
 
 
-def write(path: str, data: bytes | str, mode: int = 0o644) -> None:
-    """Replace ``path`` whole with ``data`` (text is written as UTF-8)."""
-    with replacing(path, mode) as f:
-        f.write(data.encode() if isinstance(data, str) else data)
+def write(path: str, data: bytes | str, mode: int = 0o644, *, durable: bool = True) -> None:
+    """Replace ``path`` whole with ``data`` (text is written as UTF-8).
+
+    ``durable=False`` leaves out both fsyncs, for a cache whose entries may be lost or cut
+    short in a power cut as long as a reader can tell (a missing or half entry is a miss): a
+    reader still never sees a half-written file while the machine runs, since the name only
+    ever points at a whole one.
+    """
+    raw = data.encode() if isinstance(data, str) else data
+    tmp = _tmp_name(path)
+    fd = os.open(tmp, _FLAGS, mode)
+    try:
+        try:
+            os.fchmod(fd, mode)  # the mode asked for, whatever the umask
+            view = memoryview(raw)
+            while view:
+                view = view[os.write(fd, view) :]
+            if durable:
+                os.fsync(fd)
+        finally:
+            os.close(fd)  # NFS reports ENOSPC and EDQUOT here too: checked before the rename
+        os.replace(tmp, path)
+    except BaseException:
+        try:  # noqa: SIM105 - contextlib is not imported on the crash path
+            os.unlink(tmp)
+        except OSError:
+            pass
+        raise
+    if durable:
+        fsync_dir(os.path.dirname(path) or ".")
 
 
 def fsync_dir(path: str) -> None:

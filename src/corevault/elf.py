@@ -59,7 +59,7 @@ def build_id(read: Reader, *, in_memory: bool = False) -> str | None:
     return ids[0] if ids else None
 
 
-def _header(read: Reader) -> tuple[bytes, str] | None:
+def header(read: Reader) -> tuple[bytes, str] | None:
     """The ELF header and its byte order (``<`` or ``>``); None if ``read`` sees no ELF file."""
     head = read(0, 64)
     if not head or len(head) < 52 or head[:4] != b"\x7fELF" or head[4] not in (1, 2) or head[5] not in (1, 2):
@@ -71,7 +71,7 @@ def _header(read: Reader) -> tuple[bytes, str] | None:
 
 def build_ids(read: Reader, *, in_memory: bool = False) -> tuple[str | None, str | None] | None:
     """``(GNU build-id as hex, Go build id)`` of an ELF object, each None if absent; None if not ELF."""
-    ident = _header(read)
+    ident = header(read)
     if ident is None:
         return None
     head, e = ident
@@ -109,7 +109,7 @@ def build_ids(read: Reader, *, in_memory: bool = False) -> tuple[str | None, str
 def section_names(read: Reader) -> frozenset[str] | None:
     """The names of the sections of the ELF file ``read`` sees, or None if it is not a
     readable ELF file or claims more than ``MAX_SHNUM`` sections."""
-    ident = _header(read)
+    ident = header(read)
     if ident is None:
         return None
     head, e = ident

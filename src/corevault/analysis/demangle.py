@@ -17,7 +17,6 @@ than :data:`MAX_NAME` is left as it is.
 from __future__ import annotations
 
 import re
-import subprocess
 from collections.abc import Iterable
 
 MAX_NAME = 4096
@@ -58,6 +57,8 @@ def demangle_all(names: Iterable[str]) -> dict[str, str]:
     if not mangled:
         return {}
     bare = [_LLVM_SUFFIX.sub("", n) for n in mangled]
+    import subprocess  # here: a report without linker names never starts a process
+
     try:
         out = subprocess.run(
             ["c++filt"], input="\n".join(bare) + "\n", capture_output=True, text=True, timeout=30, check=False
@@ -74,6 +75,8 @@ def demangle_type(name: str) -> str | None:
     """A mangled C++ type name (``St16invalid_argument``, a ``std::type_info``'s) demangled."""
     if not _TYPE_NAME.match(name):
         return None
+    import subprocess
+
     try:
         out = subprocess.run(
             ["c++filt", "-t"], input=name + "\n", capture_output=True, text=True, timeout=30, check=False

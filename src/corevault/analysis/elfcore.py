@@ -15,10 +15,11 @@ The build-id of each mapped ELF object is read from the core itself: the kernel 
 first page of every ELF mapping (coredump_filter bit 4), which holds its program headers
 and, nearly always, its build-id note.
 
-pyelftools parses the ELF and program headers; the notes are parsed here with ``struct``
-and hard bounds, because a core is untrusted input: a truncated, bit-flipped or
-hand-made file gives a :class:`CoreError` with a reason, never an exception from deep
-inside a parser and never an allocation the size of a lying length field.
+The ELF header, the program headers and the notes are parsed here with ``struct`` and hard
+bounds (importing pyelftools cost the sandboxed worker more than reading a small core
+does), because a core is untrusted input: a truncated, bit-flipped or hand-made file
+gives a :class:`CoreError` with a reason, never an exception from deep inside a parser
+and never an allocation the size of a lying length field.
 """
 
 from __future__ import annotations
@@ -26,12 +27,16 @@ from __future__ import annotations
 import bisect
 import os
 import struct
+from collections.abc import Callable
 from dataclasses import dataclass, field
 
 from corevault import elf, objectid
 
+ET_CORE = 4
 PT_LOAD = 1
 PT_NOTE = 4
+#: e_phnum of a core with more segments than 16 bits count: the count is section 0's sh_info
+PN_XNUM = 0xFFFF
 NT_PRSTATUS = 1
 NT_PRPSINFO = 3
 NT_AUXV = 6
@@ -47,7 +52,10 @@ X86_64_REGS = (
     "fs_base gs_base ds es fs gs"
 ).split()
 AARCH64_REGS = [f"x{i}" for i in range(31)] + ["sp", "pc", "pstate"]
-_MACHINES = {"EM_X86_64": ("x86_64", X86_64_REGS, "rip"), "EM_AARCH64": ("aarch64", AARCH64_REGS, "pc")}
+_MACHINES = {
+    62: ("x86_64", X86_64_REGS, "rip"),
+    183: ("aarch64", AARCH64_REGS, "pc"),
+}  # EM_X86_64, EM_AARCH64
 _PRSTATUS_REG_OFFSET = 112  # 64-bit: siginfo, cursig, sigpend, sighold, pids, four timevals
 
 
@@ -172,46 +180,56 @@ def read(path: str) -> Core:
 
 
 def _read(path: str) -> Core:
-    from elftools.elf.elffile import ELFFile
-
     size = os.path.getsize(path)
     with open(path, "rb") as f:
         if f.read(4) != b"\x7fELF":
             raise CoreError("not an ELF file")
-        f.seek(0)
-        ef = ELFFile(f)
-        if ef.header.e_type != "ET_CORE":
-            raise CoreError(f"an ELF file of type {ef.header.e_type}, not a core")
-        if ef.num_segments() > MAX_SEGMENTS:
-            raise CoreError(f"{ef.num_segments()} segments is more than a core can have")
-        machine, reg_names, _ = _MACHINES.get(ef.header.e_machine, (str(ef.header.e_machine), [], ""))
-        e = endian = "<" if ef.little_endian else ">"
-        h = ef.header
+
+        def read_at(offset: int, n: int) -> bytes:
+            f.seek(offset)
+            return f.read(n)
+
+        ident = elf.header(read_at)
+        if ident is None:
+            raise CoreError("the ELF header is cut short or names no known class and byte order")
+        head, e = ident
+        endian = e
+        is64 = head[4] == 2
+        # ELF header fields after e_ident, as both classes lay them out
+        e_type, e_machine = struct.unpack_from(e + "HH", head, 16)
+        if is64:
+            phoff, shoff = struct.unpack_from(e + "QQ", head, 32)
+            phentsize, phnum, shentsize, shnum = struct.unpack_from(e + "HHHH", head, 54)
+        else:
+            phoff, shoff = struct.unpack_from(e + "II", head, 28)
+            phentsize, phnum, shentsize, shnum = struct.unpack_from(e + "HHHH", head, 42)
+        if e_type != ET_CORE:
+            raise CoreError(f"an ELF file of type {e_type}, not a core")
+        count = _segment_count(read_at, e, is64, phnum=phnum, shoff=shoff, shentsize=shentsize)
+        if count > MAX_SEGMENTS:
+            raise CoreError(f"{count} segments is more than a core can have")
+        machine, reg_names, _ = _MACHINES.get(e_machine, (f"EM_{e_machine}", [], ""))
         # The program header table is read with struct: pyelftools' per-segment parsing
         # costs 0.14 s for the 2000 segments of a 1000-thread core.
-        fmt, fields = (
-            (e + "IIQQQQQQ", (0, 2, 3, 5, 6)) if ef.elfclass == 64 else (e + "IIIIIIII", (0, 1, 2, 4, 5))
-        )
-        count = ef.num_segments()
-        if h.e_phentsize < struct.calcsize(fmt):
-            raise CoreError(f"program headers of {h.e_phentsize} bytes are too small")
-        f.seek(h.e_phoff)
-        table = f.read(count * h.e_phentsize)
-        if len(table) < count * h.e_phentsize:
+        fmt, fields = (e + "IIQQQQQQ", (0, 2, 3, 5, 6)) if is64 else (e + "IIIIIIII", (0, 1, 2, 4, 5))
+        if phentsize < struct.calcsize(fmt):
+            raise CoreError(f"program headers of {phentsize} bytes are too small")
+        table = read_at(phoff, count * phentsize)
+        if len(table) < count * phentsize:
             raise CoreError("the program header table is cut short")
         segments = []  # (type, offset, vaddr, filesz, memsz)
         for i in range(count):
-            values = struct.unpack_from(fmt, table, i * h.e_phentsize)
+            values = struct.unpack_from(fmt, table, i * phentsize)
             segments.append(tuple(values[k] for k in fields))
         expected = max(
             [offset + filesz for _, offset, _, filesz, _ in segments]
-            + [h.e_phoff + count * h.e_phentsize, h.e_shoff + h.e_shnum * h.e_shentsize]
+            + [phoff + count * phentsize, shoff + shnum * shentsize]
         )
         core = Core(path, machine, size, expected)
         core._segments = [
             (vaddr, memsz, offset, filesz) for t, offset, vaddr, filesz, memsz in segments if t == PT_LOAD
         ]
-        word = "Q" if ef.elfclass == 64 else "I"
+        word = "Q" if is64 else "I"
         for p_type, offset, _, filesz, _ in segments:
             if p_type != PT_NOTE:
                 continue
@@ -237,6 +255,20 @@ def _read(path: str) -> Core:
         if key:
             core.keys[m.path] = key
     return core
+
+
+def _segment_count(
+    read_at: Callable[[int, int], bytes], e: str, is64: bool, *, phnum: int, shoff: int, shentsize: int
+) -> int:
+    """e_phnum, or where a core has more than 65,534 segments, section 0's sh_info."""
+    if phnum != PN_XNUM:
+        return phnum
+    # sh_info follows sh_name, sh_type, sh_flags, sh_addr, sh_offset, sh_size and sh_link
+    fmt = e + ("44xI" if is64 else "28xI")
+    first = read_at(shoff, shentsize) if shoff and shentsize >= struct.calcsize(fmt) else b""
+    if len(first) < struct.calcsize(fmt):
+        raise CoreError("the core has more than 65,534 segments but no section header to count them")
+    return struct.unpack_from(fmt, first)[0]
 
 
 def _note(core: Core, name: bytes, ntype: int, desc: bytes, e: str, word: str, reg_names: list[str]) -> None:  # noqa: PLR0917

@@ -14,7 +14,6 @@ an answer it cannot read means "no chain" (the frame keeps what drgn gave it).
 
 from __future__ import annotations
 
-import subprocess
 from dataclasses import dataclass
 
 TIMEOUT = 30.0
@@ -33,6 +32,8 @@ class Scope:
 
 def chains(path: str, addresses: list[int]) -> dict[int, list[Scope]]:
     """For each file address of ``path``: its functions, innermost first ([] when unknown)."""
+    import subprocess  # here: most reports have no frame to ask addr2line about
+
     cmd = ["addr2line", "--addresses", "--inlines", "--functions", "-e", path, *(hex(a) for a in addresses)]
     try:
         out = subprocess.run(

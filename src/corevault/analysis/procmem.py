@@ -4,6 +4,10 @@ The kernel dumps the pages a process wrote (stacks, heap, data) and only the fir
 file-backed read-only mapping; the rest (code, rodata) is read from the identity-checked
 file that was mapped there. Every read is bounded, and every pointer a caller follows comes
 from untrusted memory: reads outside what the core and the files hold answer None.
+
+pyelftools is imported by the functions that parse a file, not by this module: most
+crashes (no runtime's death path, no Go stack switch) never read memory this way, and
+importing it cost the sandboxed worker more than reading a small core.
 """
 
 from __future__ import annotations
@@ -11,11 +15,6 @@ from __future__ import annotations
 import re
 import struct
 from dataclasses import dataclass
-
-from elftools.common.exceptions import ELFError
-from elftools.elf.elffile import ELFFile
-from elftools.elf.hash import ELFHashSection, GNUHashSection
-from elftools.elf.sections import SymbolTableSection
 
 from corevault.analysis.elfcore import Core
 
@@ -42,6 +41,9 @@ def clean(raw: bytes) -> str | None:
 
 def images(core: Core, files: dict[str, str | None]) -> list[Image]:
     """The mapped objects whose files were found (``files``: path in the core -> checked file)."""
+    from elftools.common.exceptions import ELFError
+    from elftools.elf.elffile import ELFFile
+
     out = []
     for path, file in files.items():
         if file is None:
@@ -63,6 +65,11 @@ def symbols(file: str, wanted: set[str]) -> dict[str, int]:
     thousands: scanning them in Python costs tens of milliseconds per report); the rest,
     and files without one (static and Go executables), by a bounded scan of ``.symtab``.
     """
+    from elftools.common.exceptions import ELFError
+    from elftools.elf.elffile import ELFFile
+    from elftools.elf.hash import ELFHashSection, GNUHashSection
+    from elftools.elf.sections import SymbolTableSection
+
     out: dict[str, int] = {}
     try:
         with open(file, "rb") as f:
@@ -92,6 +99,9 @@ def symbols(file: str, wanted: set[str]) -> dict[str, int]:
 
 def file_bytes(file: str, value: int, size: int) -> bytes | None:
     """``size`` bytes at virtual address ``value`` of an ELF file, from its loadable segments."""
+    from elftools.common.exceptions import ELFError
+    from elftools.elf.elffile import ELFFile
+
     try:
         with open(file, "rb") as f:
             elf = ELFFile(f)

@@ -22,7 +22,6 @@ import resource
 import signal
 import stat
 import subprocess
-import sys
 import tempfile
 import time
 from collections.abc import Collection
@@ -123,9 +122,7 @@ def _run(
     output, or :class:`AnalysisError` (which names ``limit``, the whole analysis's)."""
     filter_fd = seccomp.filter_fd()
     try:
-        cmd = sandbox.command(
-            [sys.executable, "-m", "corevault.analysis.worker", *argv], binds, uid, filter_fd
-        )
+        cmd = sandbox.command(sandbox.python_main("corevault.analysis.worker", argv), binds, uid, filter_fd)
         fds = () if filter_fd is None else (filter_fd,)
         timeout = max(deadline - time.monotonic(), 0.001)
         # bwrap's --die-with-parent and the worker's own PID namespace take gdb with it on a kill

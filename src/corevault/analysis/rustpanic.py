@@ -22,13 +22,13 @@ from __future__ import annotations
 
 import re
 import struct
-
-from elftools.common.exceptions import DWARFError, ELFError
-from elftools.dwarf.die import DIE
-from elftools.elf.elffile import ELFFile
+from typing import TYPE_CHECKING
 
 from corevault.analysis import demangle, symtab
 from corevault.analysis.procmem import Image, Memory, clean
+
+if TYPE_CHECKING:
+    from elftools.dwarf.die import DIE
 
 PANIC_FMT = "core::panicking::panic_fmt"
 MAX_PIECES = 16
@@ -83,6 +83,10 @@ def _find_struct(start: DIE | None, name: bytes, budget: int = 5000) -> DIE | No
 
 def _panic_info_layout(file: str, vaddr: int) -> dict[str, int] | None:
     """Offsets of the fields read here, from the DWARF of the ``panic_fmt`` holding ``vaddr``."""
+    # imported here: only a Rust panic's analysis pays for pyelftools
+    from elftools.common.exceptions import DWARFError, ELFError
+    from elftools.elf.elffile import ELFFile
+
     try:
         with open(file, "rb") as f:
             elf = ELFFile(f)

@@ -18,6 +18,13 @@ bubblewrap (``bwrap``), which builds, before the worker's first instruction:
 - a seccomp filter (:mod:`corevault.analysis.seccomp`), loaded by bwrap, refuses the system
   calls that reach past those namespaces (ptrace, mount, user namespaces, bpf…).
 
+The worker's interpreter starts isolated (``-I -S -B``): no ``site`` (no ``.pth`` file of
+the installation runs, no user site), no environment variable read, no current directory on
+its path, no bytecode written; its module path is the stdlib's plus the trusted parent's
+own package directories, fixed by the parent (:func:`python`). The bytecode it reads is the
+installation's, compiled when corevault was installed (root-owned, read-only in here):
+without it every worker would compile corevault's modules again.
+
 Inputs must be readable by that uid: the runner hands over a copy of the core it owns
 (decompressed or sparse-copied) and the build-id store's files are world-readable
 (0644 in 0755 directories, as the handler writes them). Started by an unprivileged user,
@@ -29,6 +36,8 @@ from __future__ import annotations
 import os
 import shutil
 import sys
+import sysconfig
+from collections.abc import Sequence
 from dataclasses import dataclass
 
 import corevault
@@ -60,6 +69,40 @@ def _runtime_paths() -> list[str]:
     paths = {p for p in paths if not (p + "/").startswith("/usr/")}
     # a path inside another one is already there
     return sorted(p for p in paths if not any(p.startswith(q + "/") for q in paths))
+
+
+def _module_path() -> list[str]:
+    """The parent's module path the worker needs besides the stdlib: its package directories
+    (site-packages, the editable source tree), as far as the sandbox binds them."""
+    stdlib = {sysconfig.get_path("stdlib"), sysconfig.get_path("platstdlib")}
+    stdlib |= {os.path.join(p, "lib-dynload") for p in stdlib if p}
+    roots = [*_runtime_paths(), "/usr"]
+    return [
+        p
+        for p in dict.fromkeys(sys.path)
+        if p and os.path.isabs(p) and p not in stdlib and not p.endswith(".zip")
+        and any(p == r or p.startswith(r + "/") for r in roots) and os.path.isdir(p)
+    ]  # fmt: skip
+
+
+def python(code: str, args: Sequence[str] = ()) -> list[str]:
+    """``python -c code args`` as the sandbox runs it: isolated, without ``site``, writing no
+    bytecode, with the parent's package directories on its module path."""
+    return [
+        sys.executable,
+        "-I",
+        "-S",
+        "-B",
+        "-c",
+        f"import sys; sys.path += {_module_path()!r}; {code}",
+        *args,
+    ]
+
+
+def python_main(module: str, args: Sequence[str]) -> list[str]:
+    """``python -m module args`` as the sandbox runs it (:func:`python`): ``module``'s
+    ``main()`` is called and its return value is the exit status."""
+    return python(f"from {module} import main; sys.exit(main())", args)
 
 
 def _parents(dest: str, made: set[str]) -> list[str]:

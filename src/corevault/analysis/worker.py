@@ -27,7 +27,6 @@ from corevault.analysis import (
     signature,
     symtab,
     unwind_drgn,
-    unwind_gdb,
 )
 from corevault.model import Frame, Module, Report, Thread
 
@@ -83,6 +82,8 @@ def analyze(
             warnings.append(f"drgn failed ({type(e).__name__}: {e}); used gdb instead")
             used = "gdb"
     if used == "gdb":
+        from corevault.analysis import unwind_gdb  # its imports (tempfile, subprocess) only for gdb
+
         threads, more = unwind_gdb.unwind(core, dwarf, executable, max_frames)
         warnings += more
     threads = _demangle(_name_from_symtabs(threads, core, found))
@@ -200,6 +201,7 @@ def _demangle(threads: list[Thread]) -> list[Thread]:
 
 
 def main(argv: list[str] | None = None) -> int:
+    os.environ.pop("DEBUGINFOD_URLS", None)  # gdb and drgn fetch nothing: the runner does
     ap = argparse.ArgumentParser(prog="corevault.analysis.worker")
     ap.add_argument("core")
     ap.add_argument("--store", action="append", default=[])
@@ -237,5 +239,4 @@ def main(argv: list[str] | None = None) -> int:
 
 
 if __name__ == "__main__":
-    os.environ.pop("DEBUGINFOD_URLS", None)
     sys.exit(main())

@@ -161,15 +161,17 @@ def store_modules(
     modules: list[Module],
     room: int | Callable[[], int] | None = None,
     hashes: str | None = None,
+    proc_fd: int | None = None,
 ) -> None:
     """Hash each module, copy the contents the store does not hold; set ``stored``, close the fds.
 
     ``room`` is how many bytes of disk the store may still take (None: no limit), or a function
     that tells, asked only once a file is to be copied: measuring the store's use walks it, which
     a crash whose binaries are all held never needs. ``hashes`` is the directory of the content
-    hash cache (:mod:`.hashcache`; None: hash every file).
+    hash cache (:mod:`.hashcache`; None: hash every file), trusted for the filesystems that the
+    mountinfo of ``proc_fd`` (the crashed process's ``/proc/PID``; None: this process's) lists.
     """
-    mounts = hashcache.Mounts()
+    mounts = hashcache.Mounts(proc_fd)
     left = [room]
 
     def room_now() -> int | None:

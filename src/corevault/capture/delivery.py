@@ -117,7 +117,9 @@ def deliver(
             job.truncated, job.expected = True, head.size
         job.publish_volume()
         hashes = hashcache.cache_dir(settings.state_dir)
-        buildid.store_modules(settings.buildid_dir, job.modules, lambda: store_room(settings), hashes)
+        buildid.store_modules(
+            settings.buildid_dir, job.modules, lambda: store_room(settings), hashes, crash.proc_fd
+        )
         stack = bytes(tap.data) if tap is not None else b""
         modules = [m.as_dict() for m in job.modules]
         job.fingerprint = fingerprint.of(head.signal, head.code, head.pc, stack, modules)

@@ -25,11 +25,12 @@ first page writable after that, which moves the ctime.
 
 A file that changes while it is hashed (its ctime moves) is not remembered. The cache lives
 under the node's state directory (root's alone), one small file per binary written with
-:mod:`corevault.atomic`, and holds at most :data:`MAX_ENTRIES`. When full, the :data:`EVICT`
-entries used longest ago go: a hit marks its entry used (its atime; the mtime stays when it was
-written), so a pod that maps many distinct files pushes out what no crash has used since, a few
-at a time, and never the entries of the pods that crash meanwhile (emptying the whole cache, as
-this did, sent every pod back to hashing). A miss costs the next crash a hash and nothing else.
+:mod:`corevault.atomic` (renamed into place, not fsynced: it is a cache), and holds at most
+:data:`MAX_ENTRIES`. When full, the :data:`EVICT` entries used longest ago go: a hit marks its
+entry used (its atime; the mtime stays when it was written), so a pod that maps many distinct
+files pushes out what no crash has used since, a few at a time, and never the entries of the
+pods that crash meanwhile (emptying the whole cache, as this did, sent every pod back to
+hashing). A miss costs the next crash a hash and nothing else.
 """
 
 from __future__ import annotations
@@ -54,19 +55,45 @@ def cache_dir(state_dir: str) -> str:
     return os.path.join(state_dir, NAME)
 
 
-class Mounts:
-    """The type of the filesystem behind a device number, read once per crash from mountinfo."""
+#: at most this much of a mountinfo is read (a process in its own mount namespace decides how
+#: many mounts it has); a device listed past it is not trusted
+MOUNTINFO_MAX = 4 << 20
 
-    def __init__(self, mountinfo: str = "/proc/self/mountinfo") -> None:
-        self.path = mountinfo
+
+class Mounts:
+    """The type of the filesystem behind a device number, read once per crash from mountinfo.
+
+    ``proc_fd`` is the crashed process's ``/proc/PID``: its own mountinfo lists the mounts of
+    what it mapped, whatever namespace the reader runs in (the agent's container, in socket
+    mode, sees none of a pod's). The kernel writes every line of it; a mount point the tenant
+    named is escaped there (spaces as ``\\040``), so it cannot pose as another field.
+    Without ``proc_fd``, the reader's own mountinfo.
+    """
+
+    def __init__(self, proc_fd: int | None = None) -> None:
+        self.proc_fd = proc_fd
         self.types: dict[bytes, bytes] | None = None
+
+    def _read(self) -> bytes:
+        path, dir_fd = (
+            ("mountinfo", self.proc_fd) if self.proc_fd is not None else ("/proc/self/mountinfo", None)
+        )
+        fd = os.open(path, os.O_RDONLY | os.O_CLOEXEC, dir_fd=dir_fd)
+        try:
+            chunks, size = [], 0
+            while size <= MOUNTINFO_MAX and (chunk := os.read(fd, 1 << 16)):
+                chunks.append(chunk)
+                size += len(chunk)
+        finally:
+            os.close(fd)
+        data = b"".join(chunks)
+        return data if size <= MOUNTINFO_MAX else data[: data.rfind(b"\n", 0, MOUNTINFO_MAX) + 1]
 
     def fs_type(self, dev: int) -> str | None:
         if self.types is None:
             self.types = {}
             try:
-                with open(self.path, "rb") as f:
-                    lines = f.read().splitlines()
+                lines = self._read().splitlines()
             except OSError:
                 lines = []
             # "36 35 98:0 /root /mnt rw,noatime master:1 - ext4 /dev/vda rw": paths are escaped,
@@ -111,17 +138,26 @@ def version(fd: int, mounts: Mounts) -> str | None:
     return f"{st.st_size} {st.st_mtime_ns} {st.st_ctime_ns} {generation}"
 
 
-def _entry(directory: str, st: os.stat_result) -> str:
-    return os.path.join(directory, f"{st.st_dev:x}-{st.st_ino:x}")
+def _name(st: os.stat_result) -> str:
+    return f"{st.st_dev:x}-{st.st_ino:x}"
 
 
 def lookup(directory: str, st: os.stat_result, stamp: str) -> str | None:
-    """The remembered SHA-256 of the file version ``stamp`` (see :func:`version`), if any."""
+    """The remembered SHA-256 of the file version ``stamp`` (see :func:`version`), if any.
+
+    An entry counts only whole: its own name, the stamp, 64 hex digits and the newline that
+    ends it. Entries are written without fsync (:func:`remember`), so a power cut may leave
+    one empty, cut short or lost: each of those is a miss and the file is hashed again.
+    """
     try:
-        with open(_entry(directory, st), "rb") as f:
+        with open(os.path.join(directory, _name(st)), "rb") as f:
             text = f.read(256).decode("ascii", "replace")
-            held, _, sha256 = text.rstrip("\n").rpartition(" ")
-            if held != stamp or len(sha256) != 64 or sha256.strip("0123456789abcdef"):
+            head, sep, rest = text.partition(" ")
+            held, _, sha256 = rest.rpartition(" ")
+            sha256, newline, after = sha256.partition("\n")
+            if (head, sep, held, newline, after) != (_name(st), " ", stamp, "\n", ""):
+                return None
+            if len(sha256) != 64 or sha256.strip("0123456789abcdef"):
                 return None
             try:  # used now: eviction takes the entries used longest ago
                 os.utime(f.fileno(), ns=(time_ns(), os.fstat(f.fileno()).st_mtime_ns))
@@ -133,12 +169,21 @@ def lookup(directory: str, st: os.stat_result, stamp: str) -> str | None:
 
 
 def remember(directory: str, st: os.stat_result, stamp: str, sha256: str) -> None:
-    """Keep ``sha256`` for the file version ``stamp``; best effort (a cache)."""
+    """Keep ``sha256`` for the file version ``stamp``; best effort (a cache).
+
+    Renamed into place but not fsynced (two fsyncs a new binary, on the crash path): a
+    reader never sees a half-written entry, and one cut by a power cut is a miss (:func:`lookup`).
+    """
     try:
-        os.makedirs(directory, mode=0o700, exist_ok=True)
-        if len(os.listdir(directory)) >= MAX_ENTRIES:
+        try:
+            count = len(os.listdir(directory))
+        except FileNotFoundError:
+            os.makedirs(directory, mode=0o700, exist_ok=True)
+            count = 0
+        if count >= MAX_ENTRIES:
             _evict(directory)
-        atomic.write(_entry(directory, st), f"{stamp} {sha256}\n", 0o600)
+        text = f"{_name(st)} {stamp} {sha256}\n"
+        atomic.write(os.path.join(directory, _name(st)), text, 0o600, durable=False)
     except OSError:
         pass
 

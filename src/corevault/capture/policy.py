@@ -23,6 +23,7 @@ from __future__ import annotations
 
 import fcntl
 import os
+import struct
 
 from corevault import pattern, podannotations, quickjson
 from corevault.capture.lookup import Owner
@@ -137,11 +138,8 @@ def take_slot(state_dir: str, key: str, share: int) -> int | None:
     exclude each other within one process too (the socket listener's threads).
     """
     d = os.path.join(state_dir, "dumps")
-    os.makedirs(d, mode=0o700, exist_ok=True)
     for i in range(share):
-        fd = os.open(
-            os.path.join(d, f"{key}.{i}"), os.O_RDWR | os.O_CREAT | os.O_CLOEXEC | os.O_NOFOLLOW, 0o600
-        )
+        fd = _open_state(d, f"{key}.{i}")
         try:
             fcntl.flock(fd, fcntl.LOCK_EX | fcntl.LOCK_NB)
         except BlockingIOError:
@@ -151,8 +149,21 @@ def take_slot(state_dir: str, key: str, share: int) -> int | None:
     return None
 
 
+def _open_state(directory: str, name: str) -> int:
+    """Open (or create) a root-only state file, never through a symlink; the directory is made
+    the first time only (trying the open first spares every crash a mkdir that fails)."""
+    path = os.path.join(directory, name)
+    flags = os.O_RDWR | os.O_CREAT | os.O_CLOEXEC | os.O_NOFOLLOW
+    try:
+        return os.open(path, flags, 0o600)
+    except FileNotFoundError:
+        os.makedirs(directory, mode=0o700, exist_ok=True)
+        return os.open(path, flags, 0o600)
+
+
 def _times(doc: object, name: str, now: float, window: float) -> list[float]:
-    """The crash times under ``name`` that are in the window; what a damaged file holds instead is dropped.
+    """The crash times under ``name`` of a budget file in its first format (JSON) that are in the
+    window; what a damaged file holds instead is dropped.
 
     A damaged budget must never cost a crash its core (an exception here would) nor hold a
     time that stays in every window (an infinity).
@@ -164,33 +175,117 @@ def _times(doc: object, name: str, now: float, window: float) -> list[float]:
     return [t for t in values if isinstance(t, int | float) and -_INF < t < _INF and now - t < window]
 
 
-def admit(state_dir: str, key: str, limit: int, window: float, now: float) -> tuple[bool, int]:
-    """Count a crash against its storm budget; ``(kept, crashes in the window)``.
+# The storm budget of one key is a file of two rings of crash times (float64, little-endian) behind
+# a header, so that a crash reads and writes a few fixed places of it, never the whole file:
+#
+#   header  magic, limit (the kept ring's size), kept count, next kept slot, seen count, first seen slot
+#   seen    STORM_SEEN slots: every crash of the key, oldest first from "first seen slot"
+#   kept    ``limit`` slots: the crashes that got a core, the oldest at "next kept slot" once full
+#
+# A crash is kept while fewer than ``limit`` kept crashes are in the window: when the kept ring
+# is full, exactly when its oldest time has left the window. Seen times leave the ring from its
+# oldest end as they leave the window (each time is read there once: O(1) a crash, amortized);
+# the count that remains is the number of crashes in the window the journal reports.
+STORM_SEEN = 10_000
+_STORM_HEAD = struct.Struct("<8sQIIII")
+_STORM_MAGIC = b"cvstorm1"
+_SEEN_AT = _STORM_HEAD.size
+_KEPT_AT = _SEEN_AT + 8 * STORM_SEEN
+#: how much of a budget file in the first format (JSON) is read: 10,000 times take ~200 KiB
+_OLD_FORMAT_MAX = 4 << 20
 
-    The budget is a file of recent crash times per key, updated under ``flock`` because
-    crashes of one container arrive in parallel handlers.
-    """
-    d = os.path.join(state_dir, "storm")
-    os.makedirs(d, mode=0o700, exist_ok=True)
-    fd = os.open(os.path.join(d, key), os.O_RDWR | os.O_CREAT | os.O_CLOEXEC | os.O_NOFOLLOW, 0o600)
-    try:
-        fcntl.flock(fd, fcntl.LOCK_EX)
-        raw = b""
-        while chunk := os.read(fd, 65536):
-            raw += chunk
+
+def _read_times(fd: int, at: int, n: int) -> list[float]:
+    """``n`` times from offset ``at``; where the file ends early (never written), zeros: long gone."""
+    raw = os.pread(fd, 8 * n, at) if n > 0 else b""
+    return list(struct.unpack(f"<{n}d", raw.ljust(8 * n, b"\0")))
+
+
+def _ring(fd: int, at: int, size: int, first: int, n: int) -> list[float]:
+    """The ``n`` times of a ring of ``size`` slots at offset ``at``, oldest (slot ``first``) first."""
+    head = min(n, size - first)
+    return _read_times(fd, at + 8 * first, head) + _read_times(fd, at, n - head)
+
+
+def _in_window(t: float, now: float, window: float) -> bool:
+    return -_INF < t < _INF and now - t < window  # a damaged (NaN, infinite) time is long gone
+
+
+def _rebuild(fd: int, limit: int, now: float, window: float) -> tuple[int, int, int, int]:
+    """Write the budget anew for ``limit`` from what the file holds (a budget made for another
+    limit, the first format's JSON, or damage: nothing); returns its header's counts."""
+    head = os.pread(fd, _STORM_HEAD.size, 0)
+    seen: list[float] = []
+    kept: list[float] = []
+    if head.startswith(_STORM_MAGIC) and len(head) == _STORM_HEAD.size:
+        _, old_limit, kept_n, kept_next, seen_n, seen_first = _STORM_HEAD.unpack(head)
+        if seen_n <= STORM_SEEN and seen_first < STORM_SEEN:
+            seen = _ring(fd, _SEEN_AT, STORM_SEEN, seen_first, seen_n)
+        if old_limit > 0 and kept_n <= old_limit and kept_next < old_limit:
+            take = min(kept_n, limit)  # the newest ``limit`` of them are all that can count now
+            kept = _ring(fd, _KEPT_AT, old_limit, (kept_next - take) % old_limit, take)
+    else:
+        raw = os.pread(fd, _OLD_FORMAT_MAX, 0)
         try:
             doc = quickjson.loads(raw) if raw else {}
         except ValueError:
             doc = {}
-        recent, kept = _times(doc, "seen", now, window), _times(doc, "kept", now, window)
-        admitted = len(kept) < limit
+        seen, kept = _times(doc, "seen", now, window), _times(doc, "kept", now, window)
+    seen = [t for t in seen if _in_window(t, now, window)][-STORM_SEEN:]
+    kept = [t for t in kept if _in_window(t, now, window)][-limit:] if limit > 0 else []
+    os.ftruncate(fd, 0)
+    if seen:
+        os.pwrite(fd, struct.pack(f"<{len(seen)}d", *seen), _SEEN_AT)
+    if kept:
+        os.pwrite(fd, struct.pack(f"<{len(kept)}d", *kept), _KEPT_AT)
+    return len(kept), len(kept) % max(limit, 1), len(seen), 0
+
+
+def admit(state_dir: str, key: str, limit: int, window: float, now: float) -> tuple[bool, int]:
+    """Count a crash against its storm budget; ``(kept, crashes in the window)``.
+
+    The budget is a file per key (see the layout above), updated under ``flock`` because
+    crashes of one container arrive in parallel handlers. What one crash reads and writes does
+    not grow with the limit nor with the crashes counted.
+    """
+    fd = _open_state(os.path.join(state_dir, "storm"), key)
+    try:
+        fcntl.flock(fd, fcntl.LOCK_EX)
+        head = os.pread(fd, _STORM_HEAD.size, 0)
+        fields = _STORM_HEAD.unpack(head) if len(head) == _STORM_HEAD.size else None
+        if (
+            fields is None
+            or fields[0] != _STORM_MAGIC
+            or fields[1] != max(limit, 1)
+            or not (fields[2] <= fields[1] and fields[3] < fields[1])
+            or not (fields[4] <= STORM_SEEN and fields[5] < STORM_SEEN)
+        ):
+            kept_n, kept_next, seen_n, seen_first = _rebuild(fd, limit, now, window)
+        else:
+            _, _, kept_n, kept_next, seen_n, seen_first = fields
+        slots = max(limit, 1)
+        # the crashes that left the window leave the seen ring, oldest first
+        newest = (seen_first + seen_n - 1) % STORM_SEEN
+        if seen_n and not _in_window(_read_times(fd, _SEEN_AT + 8 * newest, 1)[0], now, window):
+            seen_n = 0  # the newest is gone: all are (a crash after a quiet spell reads one time)
+        while seen_n:
+            batch = _ring(fd, _SEEN_AT, STORM_SEEN, seen_first, min(seen_n, 512))
+            gone = next((i for i, t in enumerate(batch) if _in_window(t, now, window)), len(batch))
+            seen_first, seen_n = (seen_first + gone) % STORM_SEEN, seen_n - gone
+            if gone < len(batch):
+                break
+        if seen_n == STORM_SEEN:  # full: the oldest makes room
+            seen_first, seen_n = (seen_first + 1) % STORM_SEEN, seen_n - 1
+        os.pwrite(fd, struct.pack("<d", now), _SEEN_AT + 8 * ((seen_first + seen_n) % STORM_SEEN))
+        seen_n += 1
+        # fewer than ``limit`` kept crashes in the window: the ring is not full, or its oldest left
+        admitted = limit > 0 and (
+            kept_n < limit or not _in_window(_read_times(fd, _KEPT_AT + 8 * kept_next, 1)[0], now, window)
+        )
         if admitted:
-            kept.append(now)
-        recent = [*recent[-9999:], now]
-        doc = {"kept": kept, "seen": recent}
-        os.lseek(fd, 0, os.SEEK_SET)
-        os.ftruncate(fd, 0)
-        os.write(fd, quickjson.dumps(doc).encode())
-        return admitted, len(recent)
+            os.pwrite(fd, struct.pack("<d", now), _KEPT_AT + 8 * kept_next)
+            kept_n, kept_next = min(kept_n + 1, limit), (kept_next + 1) % limit
+        os.pwrite(fd, _STORM_HEAD.pack(_STORM_MAGIC, slots, kept_n, kept_next, seen_n, seen_first), 0)
+        return admitted, seen_n
     finally:
         os.close(fd)
