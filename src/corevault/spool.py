@@ -63,9 +63,18 @@ def quarantine_dir(spool: str) -> str:
 
 
 def ensure(spool: str) -> None:
-    """Create the spool's directories (root-only: cores hold whole process memories)."""
+    """Create the spool's directories (root-only: cores hold whole process memories).
+
+    One ``mkdir`` each, an existing one left as it is: every crash's handler calls this, and
+    ``os.makedirs`` stats and checks around each ``mkdir``.
+    """
     for d in (spool, tmp_dir(spool), ready_dir(spool), shipped_dir(spool), quarantine_dir(spool)):
-        os.makedirs(d, mode=0o700, exist_ok=True)
+        try:
+            os.mkdir(d, 0o700)
+        except FileExistsError:
+            pass
+        except FileNotFoundError:  # the state directory itself is new
+            os.makedirs(d, mode=0o700, exist_ok=True)
 
 
 def write_owner(entry_dir: str, keys: list[str]) -> None:

@@ -18,7 +18,7 @@ from __future__ import annotations
 
 import os
 
-from corevault import podindex, quickjson
+from corevault import quickjson
 from corevault.capture.cgroup import CgroupInfo
 from corevault.config import Settings
 
@@ -79,6 +79,10 @@ def _strings(raw: object) -> dict[str, str]:
 
 
 def _from_index(index_dir: str, cg: CgroupInfo) -> Owner | None:
+    # only a crash in a container looks here: a host's crashes (the pipe handler's own case
+    # where no agent forwards) spare the import, ~0.15 ms
+    from corevault import podindex
+
     container = podindex.read_container(index_dir, cg.container_id) if cg.container_id else None
     pod_uid = (container or {}).get("pod_uid") or cg.pod_uid
     pod = podindex.read_pod(index_dir, pod_uid) if isinstance(pod_uid, str) else None

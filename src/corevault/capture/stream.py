@@ -68,17 +68,21 @@ def _zstd():  # -> the zstandard C backend module
         # importlib.machinery's own classes, from the frozen modules it re-exports: the package
         # itself imports warnings and more, ~1 ms
         from _frozen_importlib import ModuleSpec
-        from _frozen_importlib_external import EXTENSION_SUFFIXES, ExtensionFileLoader, PathFinder
+        from _frozen_importlib_external import EXTENSION_SUFFIXES, ExtensionFileLoader
 
-        package = PathFinder.find_spec("zstandard")
-        for directory in (package.submodule_search_locations or []) if package else []:
-            for suffix in EXTENSION_SUFFIXES:
-                path = os.path.join(directory, "backend_c" + suffix)
-                if os.path.exists(path):
-                    loader = ExtensionFileLoader("zstandard.backend_c", path)
-                    module = loader.create_module(ModuleSpec("zstandard.backend_c", loader, origin=path))
-                    loader.exec_module(module)
-                    return module
+        # The package's directory, as the import system would find it (the first entry of
+        # sys.path that has it), looked up with a stat per entry: the import system's own
+        # search lists each directory first, ~0.25 ms for site-packages alone.
+        directory = next(
+            (d for d in (os.path.join(e, "zstandard") for e in sys.path if e) if os.path.isdir(d)), None
+        )
+        for suffix in EXTENSION_SUFFIXES if directory else []:
+            path = os.path.join(directory, "backend_c" + suffix)
+            if os.path.exists(path):
+                loader = ExtensionFileLoader("zstandard.backend_c", path)
+                module = loader.create_module(ModuleSpec("zstandard.backend_c", loader, origin=path))
+                loader.exec_module(module)
+                return module
     except (ImportError, OSError):
         pass
     import zstandard
