@@ -13,12 +13,14 @@ import errno
 import json
 import os
 import shutil
+import signal
 import socket
 import subprocess
 import sys
 import threading
 import time
 from collections.abc import Iterator
+from pathlib import Path
 
 import pytest
 
@@ -247,3 +249,132 @@ def test_the_worker_interpreter_starts_isolated_without_site_or_bytecode_writes(
         if fd is not None:
             os.close(fd)
     assert json.loads(out.stdout) == [1, 1, 1, False, corevault.__file__]
+
+
+#: tenant B's analysis, held running: its core open, a secret in its /tmp and in its memory
+VICTIM = r"""
+import os, time
+core = open("/in/core", "rb")
+with open("/tmp/b-secret", "w") as f:
+    f.write("tenant B's state")
+secret = "tenant B's state " * 1000
+time.sleep(20)
+"""
+
+#: tenant A's analysis taken over by its core: everything it can find of B's
+PROBE_OTHER = r"""
+import json, os
+host_core, host_pid = sys.argv[1], int(sys.argv[2])
+seen = {"processes": {}, "reads": {}, "tmp": sorted(os.listdir("/tmp")), "in": sorted(os.listdir("/in"))}
+for pid in (p for p in os.listdir("/proc") if p.isdigit() and int(p) != os.getpid()):
+    try:
+        seen["processes"][pid] = open(f"/proc/{pid}/cmdline", "rb").read().replace(b"\0", b" ").decode()
+    except OSError as e:
+        seen["processes"][pid] = e.strerror
+    for what in ("root/in/core", "root/tmp/b-secret", "fd/3", "mem"):
+        try:
+            with open(f"/proc/{pid}/{what}", "rb") as f:
+                seen["reads"][f"{pid}/{what}"] = f.read(4).hex()
+        except OSError as e:
+            seen["reads"][f"{pid}/{what}"] = e.strerror
+for path in (host_core, os.path.dirname(host_core)):
+    try:
+        seen["reads"][path] = open(path, "rb").read(4).hex() if path == host_core else os.listdir(path)
+    except OSError as e:
+        seen["reads"][path] = e.strerror
+try:
+    os.kill(host_pid, 0)
+    seen["kill"] = "delivered"
+except OSError as e:
+    seen["kill"] = e.strerror
+print(json.dumps({"error": json.dumps(seen)}))
+"""
+
+
+def _victims() -> list[tuple[int, list[bytes]]]:
+    """Host pids and argv of B's held analysis: its bwrap and its interpreter."""
+    out = []
+    for pid in (p for p in os.listdir("/proc") if p.isdigit()):
+        try:
+            argv = Path(f"/proc/{pid}/cmdline").read_bytes().split(b"\0")
+        except OSError:
+            continue
+        if any(b"tenant B's state" in a for a in argv):
+            out.append((int(pid), argv))
+    return out
+
+
+def _victim_on_host() -> tuple[int, str]:
+    """The host pid of B's held analysis (its interpreter, once running) and the host path
+    of the core copy bound into its sandbox."""
+    running = [pid for pid, argv in _victims() if os.path.basename(argv[0]) != b"bwrap"]
+    sandboxes = [argv for _, argv in _victims() if os.path.basename(argv[0]) == b"bwrap"]
+    if not running or not sandboxes:
+        raise LookupError
+    argv = sandboxes[0]
+    return running[0], argv[argv.index(runner.CORE_IN_SANDBOX.encode()) - 1].decode()
+
+
+@pytest.mark.skipif(os.geteuid() != 0, reason="switching to the worker's own uid needs root")
+def test_an_analysis_taken_over_sees_nothing_of_another_running_beside_it(
+    monkeypatch: pytest.MonkeyPatch,
+) -> None:
+    """Two tenants' real crashes analysed at once, A's worker doing what a core that took it
+    over could: B's processes, its core (inside the sandbox and at its host path), its /tmp
+    and its memory are out of A's reach, and so is a signal to B's worker."""
+    from tests.conftest import FIXTURE_SPOOL
+
+    by_exe = {
+        spool.read_meta(FIXTURE_SPOOL, e)["process"]["exe"]: e
+        for e in os.listdir(spool.ready_dir(FIXTURE_SPOOL))
+    }
+    store = os.path.join(FIXTURE_SPOOL, "store")
+
+    def core_of(exe: str) -> tuple[str, list[dict]]:
+        entry = by_exe[exe]
+        return os.path.join(spool.ready_dir(FIXTURE_SPOOL), entry, spool.CORE_NAME), spool.read_meta(
+            FIXTURE_SPOOL, entry
+        )["modules"]
+
+    programs: list[list[str]] = []
+    real = sandbox.python_main
+    monkeypatch.setattr(
+        sandbox, "python_main", lambda module, argv: programs.pop(0) if programs else real(module, argv)
+    )
+    errors: dict[str, str] = {}
+
+    def analyse(name: str, exe: str) -> None:
+        core, record = core_of(exe)
+        try:
+            runner.analyze(core, [store], record=record, timeout=60)
+        except runner.AnalysisError as e:
+            errors[name] = str(e)
+
+    programs.append(sandbox.python(VICTIM))
+    b = threading.Thread(target=analyse, args=("b", "/app/crasher"))
+    b.start()
+    try:
+        deadline = time.monotonic() + 30
+        while True:
+            try:
+                host_pid, host_core = _victim_on_host()
+                break
+            except LookupError:
+                assert time.monotonic() < deadline, "tenant B's analysis did not start"
+                time.sleep(0.05)
+        programs.append(sandbox.python(PROBE_OTHER, [host_core, str(host_pid)]))
+        analyse("a", "/app/libuser")
+    finally:
+        for pid, _ in _victims():  # end B's wait
+            os.kill(pid, signal.SIGKILL)
+        b.join(timeout=60)
+    seen = json.loads(errors["a"])
+    assert seen["in"] == ["core", "record.json", "store-0"] and seen["tmp"] == []
+    # A's own interpreter (and bwrap's init) only: nothing of B's
+    assert not any("tenant B" in cmdline for cmdline in seen["processes"].values()), seen["processes"]
+    assert len(seen["processes"]) <= 3, seen["processes"]
+    assert not any(v.startswith("7f454c46") for v in seen["reads"].values() if isinstance(v, str)), seen[
+        "reads"
+    ]
+    assert seen["reads"][host_core] == "No such file or directory"
+    assert seen["kill"] == "No such process"
