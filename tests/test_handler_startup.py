@@ -9,6 +9,7 @@ from __future__ import annotations
 
 import fnmatch
 import hashlib
+import marshal
 import os
 import signal
 import subprocess
@@ -19,7 +20,7 @@ import pytest
 from hypothesis import given, settings
 from hypothesis import strategies as st
 
-from corevault import config, hashing, hostsetup, spool
+from corevault import bytecode, config, hashing, hostsetup, spool
 from corevault.capture import delivery
 from corevault.pattern import SPECIFIERS
 
@@ -136,3 +137,60 @@ def test_a_capture_through_the_launcher_imports_nothing_heavy(tmp_path) -> None:
         assert "corevault.capture.delivery" in modules
     heavy = {name: HEAVY[name] for name in HEAVY if name in again}
     assert not heavy, f"the handler imported {heavy}"
+
+
+def _loaders(launcher: str) -> dict[str, str]:
+    """How a fresh ``python -I -S`` running ``launcher`` imported each of corevault's modules."""
+    with open(launcher) as f:
+        text = f.read()
+    probe = text.replace(
+        "from corevault.capture.handler import main, quick_exit\nquick_exit(main())\n",
+        "import corevault.capture.handler\n"
+        "print(' '.join(f'{n}={type(m.__spec__.loader).__name__}' for n, m in sys.modules.items()"
+        " if n.startswith('corevault')))\n",
+    )
+    out = subprocess.run(
+        [sys.executable, "-I", "-S", "-c", probe], capture_output=True, text=True, cwd="/", check=True
+    )
+    return dict(pair.split("=") for pair in out.stdout.split())
+
+
+def _rewrite(path: str, change) -> None:
+    """Write the launcher's compiled modules again with ``change`` applied to what they hold."""
+    held = bytecode._read(path)
+    assert held is not None
+    change(held)
+    with open(path, "wb") as f:
+        f.write(bytecode._FORMAT + bytecode.MAGIC_NUMBER + marshal.dumps(held))
+
+
+def test_the_launcher_runs_the_crash_path_from_its_compiled_modules(tmp_path) -> None:
+    launcher = hostsetup.isolated_launcher(str(tmp_path / hostsetup.LAUNCHER_NAME))
+    loaders = _loaders(launcher)
+    assert loaders["corevault.capture.delivery"] == loaders["corevault.spool"] == "_Loader"
+    ordinary = {n for n, kind in loaders.items() if kind != "_Loader"}
+    assert ordinary == {"corevault", "corevault.bytecode"}  # imported before the finder is in place
+
+
+def test_a_changed_source_or_a_damaged_file_is_imported_the_ordinary_way(tmp_path) -> None:
+    launcher = hostsetup.isolated_launcher(str(tmp_path / hostsetup.LAUNCHER_NAME))
+    modules = launcher + hostsetup.BYTECODE_SUFFIX
+
+    def grown(held: dict) -> None:  # as if corevault.spool's source were edited since
+        source, package, mtime_ns, size, code = held["corevault.spool"]
+        held["corevault.spool"] = (source, package, mtime_ns, size + 1, code)
+
+    _rewrite(modules, grown)
+    assert not bytecode.is_current(modules)
+    loaders = _loaders(launcher)
+    assert loaders["corevault.spool"] == "SourceFileLoader" and loaders["corevault.config"] == "_Loader"
+    hostsetup.isolated_launcher(launcher)  # an install, or the agent's start, compiles it again
+    assert bytecode.is_current(modules) and _loaders(launcher)["corevault.spool"] == "_Loader"
+
+    with open(modules, "r+b") as f:
+        f.truncate(os.path.getsize(modules) // 2)
+    assert set(_loaders(launcher).values()) == {"SourceFileLoader"}
+    with open(modules, "r+b") as f:
+        f.seek(len(bytecode._FORMAT))
+        f.write(b"\0\0")  # another Python's bytecode
+    assert set(_loaders(launcher).values()) == {"SourceFileLoader"}

@@ -24,7 +24,7 @@ import sys
 import time
 from contextlib import suppress
 
-from corevault import atomic, config
+from corevault import atomic, bytecode, config
 from corevault.errors import UserError
 from corevault.pattern import MAX_PATTERN_LEN, SPECIFIERS
 
@@ -36,6 +36,8 @@ SYSCTLS = {
 HANDLER_NAME = "corevault-capture"
 #: the handler's launcher that starts Python isolated and without site (:func:`isolated_launcher`)
 LAUNCHER_NAME = "corevault-capture-isolated"
+#: beside the launcher: the compiled code of the modules it runs (:mod:`corevault.bytecode`)
+BYTECODE_SUFFIX = ".modules"
 FORWARDER_NAME = "corevault-forward"
 STATE_NAME = "installed.json"
 SOCKET_NAME = "coredump.sock"
@@ -136,19 +138,42 @@ def isolated_launcher(path: str) -> str:
     shebang = f"#!{sys.executable} -IS\n"
     if len(shebang) > 256:
         raise OSError(f"interpreter path too long for a shebang line: {sys.executable}")
+    modules = path + BYTECODE_SUFFIX
+    path_line = f"import sys\nsys.path += {list(dict.fromkeys(here))!r}\n"
     text = (
         shebang + "# corevault's pipe handler, written by corevault (hostsetup.isolated_launcher)\n"
         # no cyclic garbage collection: a short-lived process makes no cycles worth collecting,
         # and the collector's passes over every object made by the imports cost each crash CPU
         "import gc\ngc.disable()\n"
-        f"import sys\nsys.path += {list(dict.fromkeys(here))!r}\n"
+        + path_line
+        # the crash path's modules from one file (corevault.bytecode), each while its source is unchanged
+        + f"from corevault import bytecode\nbytecode.install({modules!r})\n"
         "from corevault.capture.handler import main, quick_exit\nquick_exit(main())\n"
     )
     with suppress(OSError), open(path) as f:
-        if f.read() == text and os.access(path, os.X_OK):
+        if f.read() == text and os.access(path, os.X_OK) and bytecode.is_current(modules):
             return path
     atomic.write(path, text, 0o755)  # as pip writes its scripts; nothing secret in it
+    with suppress(OSError, subprocess.SubprocessError, ValueError):  # without it, ordinary imports
+        bytecode.write(modules, _crash_path_modules(path_line))
     return path
+
+
+def _crash_path_modules(path_line: str) -> dict[str, str]:
+    """corevault's modules that the handler imports before its first crash, by name: their sources.
+
+    Asked of a fresh ``python -I -S`` with the launcher's path, as the kernel will start it:
+    this process has imported much more than the handler does.
+    """
+    probe = (
+        path_line + "import corevault.capture.handler\n"
+        "print('\\n'.join(f'{n} {m.__file__}' for n, m in sys.modules.items()"
+        " if n.startswith('corevault.') and n != 'corevault.bytecode'))\n"
+    )
+    out = subprocess.run(
+        [sys.executable, "-I", "-S", "-c", probe], capture_output=True, text=True, cwd="/", check=True
+    )
+    return dict(line.split(" ", 1) for line in out.stdout.splitlines())
 
 
 def pipe_pattern(handler: str, settings_file: str | None = None, forward_to: str | None = None) -> str:

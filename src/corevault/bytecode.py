@@ -1,0 +1,123 @@
+"""The pipe handler's modules, compiled into one file the launcher loads them from.
+
+Importing a module costs the import system about 0.1 ms however small the module is: it
+looks the name up in each directory's listing, stats the source, opens, reads and checks
+the ``.pyc`` and builds the module, in Python code of its own. The crash path has ~30 of
+corevault's modules, so that is paid on every crash while the crashed process waits
+(``python -m bench.capture --fixed-only``). The launcher (:func:`corevault.hostsetup.isolated_launcher`)
+therefore reads the code of all of them from one file written next to it (:func:`write`),
+with one finder (:func:`install`) ahead of the import system's own.
+
+Nothing in it is a second copy to keep in step by hand: the file holds what ``compile`` made
+of each source when the launcher was written, with the source's size and mtime, and a module
+is taken from it only while its source still has both (one ``stat``, as a ``.pyc`` is
+checked); a changed source, a module the file does not hold, another Python's bytecode or a
+damaged file are imported the ordinary way. The file is written where the launcher is, by
+whoever installs corevault (root), as pip writes ``__pycache__``.
+"""
+
+from __future__ import annotations
+
+import marshal
+import os
+from _frozen_importlib import ModuleSpec
+from _frozen_importlib_external import MAGIC_NUMBER
+
+TYPE_CHECKING = False  # typing.TYPE_CHECKING would import typing, which the crash path never loads
+if TYPE_CHECKING:
+    from types import ModuleType
+
+#: what the file starts with: this format, then the interpreter's own bytecode magic
+_FORMAT = b"cvbytecode1\n"
+
+
+def write(path: str, modules: dict[str, str]) -> None:
+    """Compile ``modules`` (name: source file; a package's is its ``__init__.py``) into ``path``."""
+    from corevault import atomic
+
+    held = {}
+    for name, source in modules.items():
+        st = os.stat(source)
+        with open(source, "rb") as f:
+            code = compile(f.read(), source, "exec", dont_inherit=True)
+        package = os.path.basename(source) == "__init__.py"
+        held[name] = (source, package, st.st_mtime_ns, st.st_size, marshal.dumps(code))
+    atomic.write(path, _FORMAT + MAGIC_NUMBER + marshal.dumps(held), 0o644)
+
+
+def is_current(path: str) -> bool:
+    """Whether the file at ``path`` was written by this Python and every source it holds is unchanged."""
+    held = _read(path)
+    return held is not None and all(_unchanged(entry) for entry in held.values())
+
+
+def _read(path: str) -> dict | None:
+    try:
+        with open(path, "rb") as f:
+            data = f.read()
+        if not data.startswith(_FORMAT + MAGIC_NUMBER):
+            return None
+        # the trust of a .pyc: root wrote it beside the launcher, from corevault's own sources
+        held = marshal.loads(data[len(_FORMAT) + len(MAGIC_NUMBER) :])  # noqa: S302
+    except (OSError, ValueError, EOFError, TypeError):
+        return None
+    return held if isinstance(held, dict) else None
+
+
+def _unchanged(entry: tuple) -> bool:
+    source, _, mtime_ns, size, _ = entry
+    try:
+        st = os.stat(source)
+    except OSError:
+        return False
+    return st.st_mtime_ns == mtime_ns and st.st_size == size
+
+
+class _Loader:
+    """Runs a module's code from the file (``exec_module``), as the import system runs a ``.pyc``."""
+
+    __slots__ = ("code",)
+
+    def __init__(self, code: bytes) -> None:
+        self.code = code
+
+    def create_module(self, spec: ModuleSpec) -> None:
+        return None  # the import system's default module
+
+    def exec_module(self, module: ModuleType) -> None:
+        exec(marshal.loads(self.code), module.__dict__)  # noqa: S102, S302 - what importing a .pyc does
+
+
+class _Finder:
+    """Finds the modules the file holds whose source is unchanged; nothing else."""
+
+    __slots__ = ("held",)
+
+    def __init__(self, held: dict) -> None:
+        self.held = held
+
+    def find_spec(self, name: str, path: object = None, target: object = None) -> ModuleSpec | None:
+        entry = self.held.get(name)
+        if entry is None or not _unchanged(entry):
+            return None
+        source, package, _, _, code = entry
+        spec = ModuleSpec(name, _Loader(code), origin=source, is_package=package)
+        spec.has_location = True  # __file__ is the source, as for an ordinary import
+        if package:
+            spec.submodule_search_locations = [os.path.dirname(source)]
+        return spec
+
+    def invalidate_caches(self) -> None:
+        pass
+
+
+def install(path: str) -> bool:
+    """Put a finder for the modules held at ``path`` ahead of the import system's own path
+    finder; False (and nothing changed) when the file is missing, damaged or another Python's."""
+    import sys
+
+    held = _read(path)
+    if not held:
+        return False
+    sys.meta_path.insert(0, _Finder(held))
+    return True
