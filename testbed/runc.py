@@ -114,6 +114,8 @@ class Container:
     hostname: str = "pod-0"
     rlimit_core: tuple[int, int] | None = ((1 << 64) - 1, (1 << 64) - 1)
     uid: int = 0
+    #: more OCI mounts, made in the container's own mount namespace only
+    mounts: list[dict] = field(default_factory=list)
     bundle: str = ""
 
     @property
@@ -152,6 +154,7 @@ class Container:
                     "options": ["rbind", "rw"],
                 }
             )
+        spec["mounts"] += self.mounts
         spec["linux"]["cgroupsPath"] = self.cgroups_path
         spec["annotations"] = dict(self.annotations)
         return spec

@@ -13,6 +13,7 @@ import hashlib
 import mmap
 import os
 import shutil
+import subprocess
 import uuid
 from collections.abc import Iterator
 
@@ -149,6 +150,37 @@ def test_a_library_changed_through_a_writable_mapping_is_hashed_again(
         again = crash_once(capture, rootfs, ["/app/libuser"])
     changed = module(again, "/app/libcrashy.so")
     assert changed["sha256"] == sha256(lib) != module(first, "/app/libcrashy.so")["sha256"]
+
+
+def test_binaries_on_a_filesystem_that_only_the_container_mounts_are_cached(
+    capture: Capture, programs: dict[str, str], tmp_path
+) -> None:
+    """Which filesystems the cache trusts is read from the crashed process's own mountinfo. Here
+    the program is on an ext4 that the container mounts in its mount namespace alone, as every
+    pod's mounts are to an agent in a container of its own (socket mode): the handler's mountinfo
+    does not list it, the crashed process's does."""
+    app = tmp_path / "app"
+    app.mkdir()
+    shutil.copy(programs["crasher"], app / "crasher")
+    image = tmp_path / "app.ext4"
+    subprocess.run(["mkfs.ext4", "-q", "-d", str(app), str(image), "8M"], check=True)
+    loop = subprocess.run(
+        ["losetup", "--find", "--show", "--read-only", str(image)], capture_output=True, text=True, check=True
+    ).stdout.strip()
+    try:
+        dev = os.stat(loop).st_rdev
+        with open("/proc/self/mountinfo") as f:
+            assert f" {os.major(dev)}:{os.minor(dev)} " not in f.read()  # not mounted out here
+        rootfs = runc.build_rootfs(str(tmp_path / "root"), programs)
+        mount = {"destination": "/opt", "type": "ext4", "source": loop, "options": ["ro"]}
+        meta = crash_once(capture, rootfs, ["/opt/crasher", "segv"], mounts=[mount])
+        assert module(meta, "/opt/crasher")["sha256"] == sha256(programs["crasher"])
+        cached = os.listdir(hashcache.cache_dir(capture.state_dir))
+        assert [n for n in cached if n.startswith(f"{dev:x}-")]  # remembered, as ext4 on the host's disk is
+        again = crash_once(capture, rootfs, ["/opt/crasher", "segv"], mounts=[mount])
+        assert module(again, "/opt/crasher")["sha256"] == sha256(programs["crasher"])
+    finally:
+        subprocess.run(["losetup", "--detach", loop], check=False)
 
 
 @pytest.fixture(scope="module")
