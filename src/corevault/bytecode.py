@@ -25,7 +25,7 @@ from _frozen_importlib_external import MAGIC_NUMBER
 
 TYPE_CHECKING = False  # typing.TYPE_CHECKING would import typing, which the crash path never loads
 if TYPE_CHECKING:
-    from types import ModuleType
+    from types import CodeType, ModuleType
 
 #: what the file starts with: this format, then the interpreter's own bytecode magic
 _FORMAT = b"cvbytecode1\n"
@@ -41,7 +41,7 @@ def write(path: str, modules: dict[str, str]) -> None:
         with open(source, "rb") as f:
             code = compile(f.read(), source, "exec", dont_inherit=True)
         package = os.path.basename(source) == "__init__.py"
-        held[name] = (source, package, st.st_mtime_ns, st.st_size, marshal.dumps(code))
+        held[name] = (source, package, st.st_mtime_ns, st.st_size, code)
     atomic.write(path, _FORMAT + MAGIC_NUMBER + marshal.dumps(held), 0o644)
 
 
@@ -52,13 +52,17 @@ def is_current(path: str) -> bool:
 
 
 def _read(path: str) -> dict | None:
+    head = _FORMAT + MAGIC_NUMBER
     try:
-        with open(path, "rb") as f:
-            data = f.read()
-        if not data.startswith(_FORMAT + MAGIC_NUMBER):
+        fd = os.open(path, os.O_RDONLY | os.O_CLOEXEC)  # not open(): its buffering costs more than the read
+        try:
+            data = os.read(fd, os.fstat(fd).st_size + 1)
+        finally:
+            os.close(fd)
+        if not data.startswith(head):
             return None
         # the trust of a .pyc: root wrote it beside the launcher, from corevault's own sources
-        held = marshal.loads(data[len(_FORMAT) + len(MAGIC_NUMBER) :])  # noqa: S302
+        held = marshal.loads(memoryview(data)[len(head) :])  # noqa: S302
     except (OSError, ValueError, EOFError, TypeError):
         return None
     return held if isinstance(held, dict) else None
@@ -78,14 +82,14 @@ class _Loader:
 
     __slots__ = ("code",)
 
-    def __init__(self, code: bytes) -> None:
+    def __init__(self, code: CodeType) -> None:
         self.code = code
 
     def create_module(self, spec: ModuleSpec) -> None:
         return None  # the import system's default module
 
     def exec_module(self, module: ModuleType) -> None:
-        exec(marshal.loads(self.code), module.__dict__)  # noqa: S102, S302 - what importing a .pyc does
+        exec(self.code, module.__dict__)  # noqa: S102 - what importing a .pyc does
 
 
 class _Finder:
