@@ -179,7 +179,9 @@ def test_a_binary_in_s3_is_fetched_from_s3_after_the_access_check(
 ) -> None:
     settings, w = s3_vault
     binary, sha = vault(settings, tmp_path)
-    with servers.asgi(create_app(settings, StaticTokens(tokens(tmp_path)))) as url:
+    app = create_app(settings, StaticTokens(tokens(tmp_path)))
+    assert not app.state.server.local  # what the store answers is asked in a worker thread
+    with servers.asgi(app) as url:
         path = f"{url}/buildid/{BUILD_ID}/executable"
         redirect = get(path, "a")
         location = redirect.headers["location"]
@@ -287,3 +289,155 @@ def test_redirects_to_an_address_that_is_not_the_store_stop_the_server_with_what
             public.close()
             health = httpx.get(f"{url}/healthz")
             assert health.status_code == 503 and "public_endpoint" in health.json()["detail"]
+
+
+def with_core(settings: config.Settings, tmp_path: Path) -> bytes:
+    """A crash ``c2`` of namespace ``a`` with a core (one zstd frame); returns the plain core."""
+    import zstandard
+
+    plain = os.urandom(300_000) + bytes(700_000)
+    stored = zstandard.ZstdCompressor(write_checksum=True).compress(plain)
+    (tmp_path / "core.zst").write_bytes(stored)
+    stores.vault_store(settings).put_file(blobs.core_key("c2"), str(tmp_path / "core.zst"))
+    meta = {"id": "c2", "time": int(time.time()), "pod": {"namespace": "a", "name": "web-2"},
+            "core": {"size": len(plain), "stored_size": len(stored), "sha256": hashlib.sha256(plain).hexdigest()}}  # fmt: skip
+    engine = catalog.connect(settings.catalog_url)
+    with engine.begin() as conn:
+        catalog.add_crash(conn, meta, "off")
+    engine.dispose()
+    return plain
+
+
+#: (method, path, reader, extra headers): every answer of the download routes, and their neighbours
+ASKED = [
+    ("GET", f"/buildid/{BUILD_ID}/executable", "a", {}),
+    ("GET", f"/buildid/{BUILD_ID}/executable?crash=c1", "a", {}),
+    ("GET", f"/buildid/{BUILD_ID}/executable?crash=c2", "a", {}),  # c2 mapped nothing
+    ("GET", f"/buildid/{BUILD_ID}/executable", "b", {}),  # another namespace's: as if none
+    ("GET", f"/buildid/{BUILD_ID}/executable", None, {}),
+    ("GET", "/buildid/not-a-key/executable", None, {}),
+    ("GET", f"/buildid/{BUILD_ID}/executable", "a", {"Authorization": "Bearer not-a-token-of-ours"}),
+    ("GET", f"/buildid/{'7f' * 20}/executable", "a", {}),
+    ("GET", "/buildid/..%2Fetc/executable", "a", {}),  # no build-id: a path FastAPI answers
+    ("GET", f"/buildid/{BUILD_ID}/debuginfo", "a", {}),  # no DWARF in it
+    ("HEAD", f"/buildid/{BUILD_ID}/executable", "a", {}),
+    ("GET", f"/buildid/{BUILD_ID}/executable", "a", {"Range": "bytes=1000-1999"}),
+    ("GET", f"/buildid/{BUILD_ID}/executable", "a", {"Range": "bytes=-10"}),
+    ("GET", f"/buildid/{BUILD_ID}/executable", "a", {"Range": f"bytes={6 << 20}-"}),
+    ("POST", f"/buildid/{BUILD_ID}/executable", "a", {}),  # not a download: FastAPI's 405
+    ("GET", f"/buildid/{BUILD_ID}/executable/", "a", {}),
+    ("GET", "/api/v1/crashes/c2/core", "a", {}),
+    ("GET", "/api/v1/crashes/c2/core", "a", {"Accept-Encoding": "zstd"}),
+    ("GET", "/api/v1/crashes/c2/core", "a", {"Range": "bytes=299990-300009"}),
+    ("HEAD", "/api/v1/crashes/c2/core", "a", {}),
+    ("GET", "/api/v1/crashes/c2/core", "b", {}),
+    ("GET", "/api/v1/crashes/nothing/core", "a", {}),
+    ("GET", "/api/v1/crashes/c2/core", None, {}),
+]
+
+
+def answers(url: str) -> list[tuple[int, dict[str, str], bytes]]:
+    """Each of :data:`ASKED` as ``url`` answers it: status, headers (but the date) and body."""
+    got = []
+    with httpx.Client(base_url=url, timeout=60) as client:
+        for method, path, who, headers in ASKED:
+            auth = {"Authorization": f"Bearer {TOKENS[who]}"} if who else {}
+            r = client.request(method, path, headers={"Accept-Encoding": "identity", **auth, **headers})
+            said = {k: v.replace(url, "URL") for k, v in r.headers.items() if k != "date"}
+            got.append((r.status_code, said, r.content))
+    return got
+
+
+def requests_counted(url: str) -> dict[tuple[str, ...], float]:
+    from prometheus_client.parser import text_string_to_metric_families
+
+    return {
+        tuple(sorted(s.labels.items())): s.value  # type: ignore[misc]
+        for family in text_string_to_metric_families(httpx.get(f"{url}/metrics").text)
+        for s in family.samples
+        if s.name == "corevault_http_requests_total"
+    }
+
+
+def test_downloads_past_fastapi_answer_and_count_as_their_routes(
+    tmp_path: Path, monkeypatch: pytest.MonkeyPatch
+) -> None:
+    """The download routes are answered by a short path past FastAPI's routing: every answer
+    (refusals, 404s, ranges, HEAD, zstd or plain) is the one the routes themselves give, byte
+    for byte and header for header, and the metrics count each under the same route."""
+    from corevault.server.downloads import ShortPath
+
+    settings = config.from_dict({"state_dir": str(tmp_path / "state")})
+    binary, _ = vault(settings, tmp_path)
+    plain = with_core(settings, tmp_path)
+    short = create_app(settings, StaticTokens(tokens(tmp_path)))
+    routed = create_app(settings, StaticTokens(tokens(tmp_path)))
+    routed.user_middleware = [m for m in routed.user_middleware if m.cls is not ShortPath]
+    taken: list[str] = []
+    respond = ShortPath._respond
+
+    async def spied(self: ShortPath, scope: dict, receive: object, send: object) -> None:
+        taken.append(scope["path"])
+        await respond(self, scope, receive, send)  # type: ignore[arg-type]
+
+    monkeypatch.setattr(ShortPath, "_respond", spied)
+    with servers.asgi(short) as short_url, servers.asgi(routed) as routed_url:
+        got = answers(short_url)
+        # all but the path of several parts, the POST and the trailing slash
+        assert len(taken) == len(ASKED) - 3
+        assert got == answers(routed_url)
+        assert len(taken) == len(ASKED) - 3  # the routed app never took the short path
+        assert requests_counted(short_url) == requests_counted(routed_url)
+    status = {
+        (method, path, who, tuple(h.items())): r[0]
+        for (method, path, who, h), r in zip(ASKED, got, strict=True)
+    }
+    assert list(status.values()) == [
+        200, 200, 404, 404, 401, 401, 401, 404, 404, 404, 200, 206, 206, 416, 405, 307,
+        200, 200, 206, 200, 404, 404, 401,
+    ]  # fmt: skip
+    assert got[0][2] == binary and got[11][2] == binary[1000:2000] and got[12][2] == binary[-10:]
+    assert got[10][1]["x-debuginfod-size"] == str(len(binary)) and got[10][2] == b""
+    assert got[16][2] == plain and got[18][2] == plain[299_990:300_010]
+    assert got[17][1]["content-encoding"] == "zstd" and got[19][2] == b""
+    assert got[3][2] == got[7][2].replace(b"7f" * 20, BUILD_ID.encode())  # another namespace's: as none
+    assert got[20][2] == got[21][2].replace(b"nothing", b"c2")
+
+
+class _FarTokens(StaticTokens):
+    """Static tokens standing for a check that may wait on another host (a TokenReview)."""
+
+    local = False
+
+
+@pytest.mark.parametrize("access", [StaticTokens, _FarTokens])
+def test_downloads_wait_in_a_worker_thread_only_on_what_may_wait_on_another_host(
+    tmp_path: Path, monkeypatch: pytest.MonkeyPatch, access: type[StaticTokens]
+) -> None:
+    """Token file, SQLite and a directory: the lookup runs on the event loop (no thread hop);
+    a reader check that may wait on another host sends it to a worker thread, as FastAPI would."""
+    import asyncio
+
+    settings = config.from_dict({"state_dir": str(tmp_path / "state")})
+    binary, _ = vault(settings, tmp_path)
+    app = create_app(settings, access(tokens(tmp_path)))
+    assert app.state.server.local is access.local
+    on_loop: list[bool] = []
+    lookup = catalog.object_for
+
+    def spied(*args: object, **kw: object) -> object:
+        try:
+            on_loop.append(asyncio.get_running_loop() is not None)
+        except RuntimeError:
+            on_loop.append(False)
+        return lookup(*args, **kw)  # type: ignore[arg-type]
+
+    monkeypatch.setattr(catalog, "object_for", spied)
+    with servers.asgi(app) as url:
+        assert get(f"{url}/buildid/{BUILD_ID}/executable", "a").content == binary
+        assert get(f"{url}/buildid/{BUILD_ID}/executable", "b").status_code == 404
+        assert (
+            get(f"{url}/buildid/{BUILD_ID}/executable", "a", headers={"Range": "bytes=5-9"}).content
+            == binary[5:10]
+        )
+    assert on_loop == [access.local] * 3

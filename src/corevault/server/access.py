@@ -125,6 +125,8 @@ class Access(abc.ABC):
 
     #: whether requests without a token are let in (the loopback demo only)
     open = False
+    #: whether :meth:`principal` answers from this host alone, never waiting on another
+    local = False
 
     @abc.abstractmethod
     def principal(self, token: str | None, namespaces: Callable[[], Iterable[str]]) -> Principal:
@@ -133,6 +135,7 @@ class Access(abc.ABC):
 
 class Open(Access):
     open = True
+    local = True
 
     def principal(self, token: str | None, namespaces: Callable[[], Iterable[str]]) -> Principal:
         return Principal.fixed("anyone", None, None, None, None)
@@ -164,6 +167,8 @@ class _Token:
 
 
 class StaticTokens(Access):
+    local = True  # a stat of the token file per request, read again when it changed
+
     def __init__(self, path: str) -> None:
         self.path = path
         self._lock = threading.Lock()

@@ -4,7 +4,9 @@ One ASGI application (FastAPI) over the catalog and blob store the agents fill:
 
 - ``/api/v1/…``: crashes, groups, core and report downloads (see :mod:`corevault.server.api`);
 - ``/buildid/<id>/executable|debuginfo``: a debuginfod server for the binaries the capture
-  handler kept, so ``DEBUGINFOD_URLS`` makes gdb, eu-stack and drgn fetch a crash's binaries;
+  handler kept, so ``DEBUGINFOD_URLS`` makes gdb, eu-stack and drgn fetch a crash's binaries
+  (these and the core downloads reach their handlers by a short path past FastAPI's routing:
+  :mod:`corevault.server.downloads`);
 - ``/``, ``/groups/…``, ``/crashes/…``: server-rendered pages (see :mod:`corevault.server.ui`);
 - ``/metrics`` (Prometheus) and ``/healthz``, without credentials: neither tells anything about
   a crash. ``/healthz`` fails when the catalog is unreachable, or when downloads are redirected
@@ -98,6 +100,14 @@ class Server:
             self.form_key = catalog.shared_key(conn, "form")
         #: whether the store answers the presigned URLs downloads are redirected to
         self.redirects = redirects.Check(self.vault)
+        #: whether the readers, the catalog and the store are all on this host (a token file or
+        #: none, SQLite, a directory): then downloads are answered on the event loop
+        #: (see corevault.server.downloads)
+        self.local = (
+            access.local
+            and self.vault.engine.dialect.name == "sqlite"
+            and hasattr(self.vault.store, "local_path")
+        )
 
     def namespaces(self) -> list[str]:
         with self.vault.engine.connect() as conn:
@@ -115,7 +125,7 @@ class Server:
 
 
 def create_app(settings: config.Settings, access: Access) -> FastAPI:
-    from corevault.server import api, ui
+    from corevault.server import api, downloads, ui
 
     server = Server(settings, access)
     app = FastAPI(
@@ -168,5 +178,6 @@ def create_app(settings: config.Settings, access: Access) -> FastAPI:
     app.include_router(api.router)
     app.include_router(api.debuginfod)
     ui.mount(app)
+    app.add_middleware(downloads.ShortPath, local=server.local)  # inside _Measure: counted alike
     app.add_middleware(_Measure, metrics=server.metrics)
     return app
