@@ -264,13 +264,31 @@ def rate(size: int, seconds: float) -> str:
     return f"{size / seconds / 2**20:.0f} MiB/s" if size >= 1 << 20 else f"{seconds * 1000:.1f} ms"
 
 
+def server_load(pid: int) -> tuple[float, int]:
+    """CPU seconds and context switches of process ``pid`` so far, summed over its threads: what a
+    request costs the server whatever else runs on the host, unlike its wall time."""
+    cpu, switches = 0, 0
+    for task in os.listdir(f"/proc/{pid}/task"):
+        try:
+            with open(f"/proc/{pid}/task/{task}/schedstat") as f:
+                cpu += int(f.read().split()[0])
+            with open(f"/proc/{pid}/task/{task}/status") as f:
+                switches += sum(int(line.split()[1]) for line in f if "ctxt_switches:" in line)
+        except OSError:  # a thread that ended meanwhile
+            pass
+    return cpu / 1e9, switches
+
+
 def one_binary(
-    port: int, token: str, url: str, bare: tuple[int, int], size: int, path: str, runs: int
+    server: tuple[int, int], token: str, url: str, bare: tuple[int, int], size: int, path: str, runs: int
 ) -> None:
-    """One binary's download (``url``, the ``bare[1]``-th file of the bare server on port ``bare[0]``)."""
+    """One binary's download (``url`` of the server on port ``server[0]``, process ``server[1]``;
+    the ``bare[1]``-th file of the bare server on port ``bare[0]``)."""
+    port, pid = server
     buf = bytearray(READ)
     bare_url = f"http://127.0.0.1:{bare[0]}/{bare[1]}"
     curl = ["curl", "-sf", "-o", "/dev/null"]
+    fetches = runs if size < 64 << 20 else max(5, runs // 3)
     got = medians(
         {
             "ours": lambda: http_get(port, url, token, buf),
@@ -282,12 +300,19 @@ def one_binary(
             "curl bare": lambda: run_quiet([*curl, bare_url]),
             "cat > /dev/null": lambda: run_quiet(["cat", path]),
         },
-        runs if size < 64 << 20 else max(5, runs // 3),
+        fetches,
     )
+    # what the server spent on each download, in a loop of its own (curl hits the server too)
+    before = server_load(pid)
+    for _ in range(fetches):
+        http_get(port, url, token, buf)
+    after = server_load(pid)
+    cpu, switches = ((b - a) / fetches for a, b in zip(before, after, strict=True))
     print(
         f"  {size_label(size):>7}, reader: ours {rate(size, got['ours'])}, cat | reader {rate(size, got['cat'])}: "
         f"{against_goal(got['cat'] / got['ours'])}; bare sendfile server {rate(size, got['bare'])}: "
-        f"{got['bare'] / got['ours']:.2f}"
+        f"{got['bare'] / got['ours']:.2f}; the server spent {cpu * 1000:.2f} ms of CPU and "
+        f"{switches:.1f} context switches per download"
     )
     print(
         f"  {size_label(size):>7}, curl:   ours {rate(size, got['curl ours'])}, bare sendfile server "
@@ -296,7 +321,7 @@ def one_binary(
     )
 
 
-def debuginfod(port: int, token: str, state: str, binary_mib: int, runs: int) -> None:
+def debuginfod(server: tuple[int, int], token: str, state: str, binary_mib: int, runs: int) -> None:
     """Each binary's download against ``cat`` and the bare sendfile server, into one reader and by curl."""
     files = {
         build_id: (size, os.path.join(state, "vault", blobs.object_key(build_id, build_id[:2] * 32)))
@@ -310,7 +335,7 @@ def debuginfod(port: int, token: str, state: str, binary_mib: int, runs: int) ->
         servers.wait_port(bare_port)
         print("debuginfod downloads, one reader (1 MiB reads) / curl -o /dev/null; runs taking turns:")
         for i, (build_id, (size, path)) in enumerate(files.items()):
-            one_binary(port, token, f"/buildid/{build_id}/executable", (bare_port, i), size, path, runs)
+            one_binary(server, token, f"/buildid/{build_id}/executable", (bare_port, i), size, path, runs)
     finally:
         bare.terminate()
         bare.wait(10)
@@ -478,7 +503,7 @@ def main() -> int:
                     pages(client, crash_id, a.runs)
                 for who, token in (("every namespace", ADMIN), ("one namespace", TEAM)):
                     print(f"a reader of {who}:")
-                    debuginfod(port, token, state, a.binary_mib, a.runs)
+                    debuginfod((port, server.pid), token, state, a.binary_mib, a.runs)
                 seekable_s, one_frame_s = range_cost(f"http://127.0.0.1:{port}", TEAM, a.core_mib, 5)
                 print(
                     f"the last MiB of a {a.core_mib} MiB core: stored seekable {seekable_s * 1000:.0f} ms, stored as "
