@@ -194,3 +194,37 @@ def test_a_changed_source_or_a_damaged_file_is_imported_the_ordinary_way(tmp_pat
         f.seek(len(bytecode._FORMAT))
         f.write(b"\0\0")  # another Python's bytecode
     assert set(_loaders(launcher).values()) == {"SourceFileLoader"}
+
+
+@pytest.mark.crash  # reads another process's mapped files, as only the handler may
+def test_a_capture_walks_the_spool_once_also_when_it_stores_new_binaries(tmp_path, monkeypatch) -> None:
+    """The spool's room for the core and the binary store's room (which counts the spool too)
+    come from one walk of the spool; the first crash of new binaries used to walk it twice."""
+    from corevault.capture import handler
+
+    stage = Stage(tmp_path)
+    walks: list[str] = []
+    walk = spool.usage_by_owner
+    monkeypatch.setattr(spool, "usage_by_owner", lambda d: walks.append(d) or walk(d))
+    proc = subprocess.Popen(["sleep", "600"])
+    pidfd = os.pidfd_open(proc.pid)
+    read_end, write_end = os.pipe()
+    try:
+        os.write(write_end, b"\x7fELF" + bytes(4092))
+        os.close(write_end)
+        pid = str(proc.pid)
+        values = {
+            "P": pid, "p": pid, "i": pid, "I": pid, "s": "11", "t": str(int(time.time())), "d": "1",
+            "u": "0", "g": "0", "c": str((1 << 64) - 1), "C": "0", "h": "h", "e": "sleep", "f": "sleep",
+            "E": "!usr!bin!sleep", "F": str(pidfd),
+        }  # fmt: skip
+        assert handler.capture(stage.settings, [values[s] for s in SPECIFIERS], read_end, []) == 0
+    finally:
+        os.close(read_end)
+        os.close(pidfd)
+        proc.kill()
+        proc.wait()
+    [entry] = spool.entries(stage.settings.spool_dir)
+    meta = spool.read_meta(stage.settings.spool_dir, entry)
+    assert {m["stored"] for m in meta["modules"]} == {"new"}  # the store's room was asked
+    assert walks == [stage.settings.spool_dir]

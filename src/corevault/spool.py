@@ -125,16 +125,21 @@ def usage(spool: str) -> int:
 
 
 def room(
-    spool: str, max_size: int, keep_free: int, shares: dict[str, float] | None = None
+    spool: str,
+    max_size: int,
+    keep_free: int,
+    shares: dict[str, float] | None = None,
+    usage: tuple[int, dict[str, int]] | None = None,
 ) -> tuple[int, str | None]:
     """How many more bytes a new entry may take, and the owner key whose share binds.
 
     ``shares`` maps owner keys to their part of the spool; the key is None when the spool's
-    own limits (``max_size``, ``keep_free``) bind.
+    own limits (``max_size``, ``keep_free``) bind. ``usage`` is :func:`usage_by_owner`'s answer
+    when the caller has it already (the spool is walked for it).
     """
     st = os.statvfs(spool)
     free = st.f_bavail * st.f_frsize
-    total, owned = usage_by_owner(spool)
+    total, owned = usage if usage is not None else usage_by_owner(spool)
     left, binding = min(max_size - total, free - keep_free), None
     capacity = min(max_size, total + free - keep_free)
     for key, part in (shares or {}).items():

@@ -154,13 +154,20 @@ def _take_slots(
     return held
 
 
-def spool_budget(settings: config.Settings, tenants: tuple[str | None, str | None]) -> tuple[int, str]:
-    """Bytes a new spool entry of ``tenants`` may take, and what limits it; SinkFailed when none."""
+def spool_budget(
+    settings: config.Settings,
+    tenants: tuple[str | None, str | None],
+    usage: tuple[int, dict[str, int]] | None = None,
+) -> tuple[int, str]:
+    """Bytes a new spool entry of ``tenants`` may take, and what limits it; SinkFailed when none.
+
+    ``usage``: the spool's use as :func:`corevault.spool.usage_by_owner` gave it just now, if known.
+    """
     spool.ensure(settings.spool_dir)
     pod, namespace = tenants
     shares = {k: part for k, part in ((pod, settings.pod_share), (namespace, settings.namespace_share)) if k}
     budget, binding = spool.room(
-        settings.spool_dir, settings.spool_max_size, settings.spool_keep_free, shares
+        settings.spool_dir, settings.spool_max_size, settings.spool_keep_free, shares, usage
     )
     if binding is None:
         what = "spool is full (its max_size or keep_free is reached)"

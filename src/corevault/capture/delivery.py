@@ -55,10 +55,13 @@ def signal_name(number: int) -> str | None:
     return next((name for value, name in names if value == number), None)
 
 
-def store_room(settings: config.Settings) -> int:
-    """Bytes the node's binary store may still take (its quota, the spool's max_size, keep_free)."""
+def store_room(settings: config.Settings, spool_used: int | None = None) -> int:
+    """Bytes the node's binary store may still take (its quota, the spool's max_size, keep_free).
+
+    ``spool_used``: the spool's bytes where the caller knows them, so the spool is not walked again.
+    """
     try:
-        s, used = settings, spool.usage(settings.spool_dir)
+        s, used = settings, spool.usage(settings.spool_dir) if spool_used is None else spool_used
         return nodestore.room(s.buildid_dir, s.store_max_size, used, s.spool_max_size, s.spool_keep_free)
     except OSError:
         return 0
@@ -118,7 +121,11 @@ def deliver(
         job.publish_volume()
         hashes = hashcache.cache_dir(settings.state_dir)
         buildid.store_modules(
-            settings.buildid_dir, job.modules, lambda: store_room(settings), hashes, crash.proc_fd
+            settings.buildid_dir,
+            job.modules,
+            lambda: store_room(settings, job.spool_used()),
+            hashes,
+            crash.proc_fd,
         )
         stack = bytes(tap.data) if tap is not None else b""
         modules = [m.as_dict() for m in job.modules]
@@ -160,6 +167,8 @@ class _Job:
         self.tenants: tuple[str | None, str | None] = policy.tenant_keys(owner)
         self.entry_id: str | None = None
         self.entry_tmp: str | None = None
+        #: the spool's use by owner when this entry was opened (None: no entry)
+        self.spool_usage: tuple[int, dict[str, int]] | None = None
         self.size = 0
         self.truncated = False
         #: the size the core's program headers promised, when the kernel stopped short of it
@@ -178,7 +187,9 @@ class _Job:
         if self.plan.vault:
             s = self.settings
             try:
-                budget, what = admission.spool_budget(s, self.tenants)
+                # walked once: the binaries' room (store_room) counts from the same figure
+                self.spool_usage = spool.usage_by_owner(s.spool_dir)
+                budget, what = admission.spool_budget(s, self.tenants, self.spool_usage)
                 self.entry_id = spool.new_id(time.time(), self.crash.global_pid)
                 self.entry_tmp = os.path.join(spool.tmp_dir(s.spool_dir), self.entry_id)
                 os.mkdir(self.entry_tmp, 0o700)
@@ -193,6 +204,13 @@ class _Job:
                 self.sinks.append(self.vault)
             except (OSError, stream.SinkFailed) as e:
                 self.problems.append(f"vault: {describe_error(e)}")
+
+    def spool_used(self) -> int | None:
+        """The spool's bytes now, as far as this crash knows without walking it again: what it held
+        when this entry was opened, and what the entry has written since (None: not known)."""
+        if self.spool_usage is None:
+            return None
+        return self.spool_usage[0] + (self.vault.stored if self.vault is not None else 0)
 
     def _room(self) -> tuple[int, str]:
         """The spool's room for this entry now (it counts what the entry holds already)."""
