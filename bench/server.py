@@ -19,7 +19,10 @@ client, in one run:
   the same reader through a pipe (goal ≥ 0.9), and ÷ a bare asyncio ``sendfile`` server of the
   same file read the same way (the most an HTTP server gets here); then with ``curl`` into
   /dev/null, against the bare server and ``cat`` into /dev/null (what curl's own start-up and
-  copies cost);
+  copies cost). Each download is a new connection, each ``cat`` a new process; the reader gets at
+  most 64 KiB per read from the pipe (its capacity) and up to 1 MiB from the socket, so the
+  baseline asks no more of a download than of ``cat``. Beside each size, the server's CPU and
+  context switches per download (``/proc/PID/task/*``), which the host's load does not stretch;
 - a range of a compressed core: the last MiB of a ``--core-mib`` MiB core stored in the
   seekable format ÷ the same range of the same core stored as one frame (as before); and the
   whole core: as stored (``Content-Encoding: zstd``) into the reader ÷ ``cat`` of the stored
