@@ -72,6 +72,7 @@ bench: setup
 	$(PY) -m bench.storm --pods 200 --crashes 3 --modes pipe,socket --baseline 30
 	$(PY) -m bench.snapshot
 	$(PY) -m bench.stores
+	$(PY) -m bench.s3requests
 	$(PY) -m bench.fuse
 	$(PY) -m bench.tenants
 

@@ -1,10 +1,14 @@
-"""An S3 upload checked from the service's own answers, against a real SeaweedFS on 127.0.0.1.
+"""Uploads checked from the service's own answers, against real servers on 127.0.0.1.
 
-A single PutObject is one request: its answer echoes the CRC32 it was sent (once the service
+S3 (SeaweedFS):
+a single PutObject is one request: its answer echoes the CRC32 it was sent (once the service
 has checked the body against it) or carries the MD5 of the body as the ETag, and that is the
 check; an answer that proves nothing, and every object put in parts, is looked at with a HEAD.
 The attacks change the body on its way (after it was hashed, before it was signed) or the
 service's answer, and each would leave a wrong object in place without the check.
+
+GCS (fake-gcs-server): the answers to an upload are the object's resource (size and CRC32C),
+so no request follows the upload.
 """
 
 from __future__ import annotations
@@ -21,7 +25,7 @@ import pytest
 
 from corevault.config import S3Settings
 from corevault.vault import blobs, s3upload, stores
-from tests.test_stores import PART, weed  # noqa: F401 - the module's SeaweedFS
+from tests.test_stores import PART, open_cloud, weed  # noqa: F401 - the module's SeaweedFS
 
 pytestmark = pytest.mark.servers
 CHECKSUMS = ["when_supported", "when_required"]  # CRC32 per request, or Content-MD5 (OSS)
@@ -147,3 +151,25 @@ def test_which_etags_are_taken_for_the_md5_of_the_bytes() -> None:
     assert s3upload.md5_etag({"ETag": f'"{md5}-2"'}) is None
     assert s3upload.md5_etag({"ETag": '"opaque"'}) is None
     assert s3upload.md5_etag({}) is None
+
+
+def test_a_gcs_upload_is_checked_from_its_answers_alone(gcs, tmp_path) -> None:
+    """One request for a small object, the session's and one per chunk for a large one: the
+    size and CRC32C compared are those of the service's answers, and nothing is asked after."""
+    name = f"cv-{uuid.uuid4().hex[:12]}"
+    gcs.create_bucket(name)
+    store = open_cloud(f"gs://{name}/vault", gcs)
+    sent: list[str] = []
+    for session in (store.client._http, store.http):  # type: ignore[attr-defined]
+        session.hooks["response"].append(lambda r, *_, **__: sent.append(r.request.method))
+    store.put_bytes("first", b"x")  # the library reads the bucket's resource once, before its first upload
+    sent.clear()
+    data = os.urandom(4096)
+    assert store.put_bytes("small", data).size == len(data)
+    assert sent == ["POST"]
+    sent.clear()
+    path = tmp_path / "core.zst"
+    path.write_bytes(os.urandom(2 * PART + 5))
+    store.put_file("big", str(path))
+    assert sent == ["POST", "PUT", "PUT", "PUT"]
+    assert _held(store, "small") == data  # type: ignore[arg-type]
