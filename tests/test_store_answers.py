@@ -8,7 +8,8 @@ The attacks change the body on its way (after it was hashed, before it was signe
 service's answer, and each would leave a wrong object in place without the check.
 
 GCS (fake-gcs-server): the answers to an upload are the object's resource (size and CRC32C),
-so no request follows the upload.
+so no request follows the upload. Azure (Azurite): a blob smaller than a block is one Put Blob,
+sent with its MD5 and answered with the MD5 the service computed.
 """
 
 from __future__ import annotations
@@ -25,7 +26,7 @@ import pytest
 
 from corevault.config import S3Settings
 from corevault.vault import blobs, s3upload, stores
-from tests.test_stores import PART, open_cloud, weed  # noqa: F401 - the module's SeaweedFS
+from tests.test_stores import PART, azurite, open_cloud, weed  # noqa: F401 - the module's servers
 
 pytestmark = pytest.mark.servers
 CHECKSUMS = ["when_supported", "when_required"]  # CRC32 per request, or Content-MD5 (OSS)
@@ -173,3 +174,74 @@ def test_a_gcs_upload_is_checked_from_its_answers_alone(gcs, tmp_path) -> None:
     store.put_file("big", str(path))
     assert sent == ["POST", "PUT", "PUT", "PUT"]
     assert _held(store, "small") == data  # type: ignore[arg-type]
+
+
+def on_the_wire(
+    monkeypatch: pytest.MonkeyPatch, change: Callable[[Any, Any], None] | None = None
+) -> list[str]:
+    """The methods of the HTTP requests the process sends from now on (Azure's SDK sends through
+    requests); ``change(request, response)`` may edit each request before it goes and its answer."""
+    import requests
+
+    sent: list[str] = []
+    send = requests.Session.send
+
+    def counted(session: Any, request: Any, **kwargs: Any) -> Any:
+        sent.append(request.method)
+        if change is not None:
+            change(request, None)
+        response = send(session, request, **kwargs)
+        if change is not None:
+            change(request, response)
+        return response
+
+    monkeypatch.setattr(requests.Session, "send", counted)
+    return sent
+
+
+def open_azure(server: Any) -> blobs.BucketStore:
+    name = f"cv-{uuid.uuid4().hex[:12]}"
+    server.create_container(name)
+    return open_cloud(f"az://{name}/vault", server)  # type: ignore[return-value]
+
+
+def test_a_small_azure_blob_is_one_request_checked_from_its_answer(azurite, monkeypatch, tmp_path) -> None:  # noqa: F811
+    store = open_azure(azurite)
+    sent = on_the_wire(monkeypatch)
+    data = os.urandom(80_000)
+    assert store.put_bytes("crashes/x/core.zst", data).size == len(data)
+    assert sent == ["PUT"]
+    assert _held(store, "crashes/x/core.zst") == data  # type: ignore[arg-type]
+
+    sent.clear()
+    path = tmp_path / "core.zst"
+    path.write_bytes(os.urandom(2 * PART + 5))
+    store.put_file("crashes/y/core.zst", str(path))
+    # the uncommitted blocks listed, three blocks, the commit, and the blob's size read
+    assert sent == ["GET", "PUT", "PUT", "PUT", "PUT", "HEAD"]
+
+
+def test_azure_refuses_a_changed_blob_and_deletes_one_answered_with_another_md5(azurite, monkeypatch) -> None:  # noqa: F811
+    store = open_azure(azurite)
+
+    def flipped(request: Any, response: Any) -> None:
+        if response is None and request.method == "PUT":
+            request.body = bytes([request.body[0] ^ 1]) + request.body[1:]
+
+    on_the_wire(monkeypatch, flipped)
+    with pytest.raises(blobs.StoreError, match="Md5Mismatch|MD5"):
+        store.put_bytes("k", os.urandom(4096))
+    monkeypatch.undo()
+    assert store.size("k") is None
+
+    other = base64.b64encode(hashlib.md5(b"other").digest()).decode()  # noqa: S324
+
+    def another(request: Any, response: Any) -> None:
+        if response is not None and request.method == "PUT":
+            response.headers["Content-MD5"] = other
+
+    on_the_wire(monkeypatch, another)
+    with pytest.raises(blobs.StoreError, match=f"had the MD5 {other}"):
+        store.put_bytes("k", os.urandom(4096))
+    monkeypatch.undo()
+    assert store.size("k") is None
