@@ -375,7 +375,14 @@ def test_abandoned_s3_uploads_are_aborted_and_only_this_vaults(weed, tmp_path) -
 
 
 def test_an_old_s3_upload_taken_up_again_is_not_aborted_as_abandoned(weed, tmp_path) -> None:
+    """The store's times are whole seconds (a part stored at 12.9 s reads 12.0), and under load
+    each step here (a process that imports boto3, a new client) may take seconds: the cut-offs
+    are placed between the times this test saw, a second off each, never as ages from now."""
     import time
+
+    def until(when: float) -> None:
+        while (left := when - time.time()) > 0:
+            time.sleep(left)
 
     prefix = f"takenup-{uuid.uuid4().hex[:8]}"
     url = f"s3://{weed.bucket}/{prefix}"
@@ -383,13 +390,17 @@ def test_an_old_s3_upload_taken_up_again_is_not_aborted_as_abandoned(weed, tmp_p
     with open(path, "wb") as f:
         f.write(os.urandom(3 * PART))
     kill_midway(url, weed, path, kill_at=1, concurrency=1)
-    time.sleep(3)  # the upload begun 3 s ago ...
-    kill_midway(url, weed, path, kill_at=1, concurrency=1)  # ... is taken up again: a part sent now
+    begun = time.time()  # the upload was begun before this ...
+    until(begun + 4)
+    taken_up = time.time()
+    kill_midway(url, weed, path, kill_at=1, concurrency=1)  # ... and taken up again: a part sent after this
+    sent = time.time()  # and before this
     assert len(list_uploads(weed, prefix + "/")) == 1
     store = open_cloud(url, weed)
-    assert store.abort_abandoned(2) == []  # begun before the cut-off, but a part came since
-    time.sleep(3)
-    assert store.abort_abandoned(2) == ["crashes/big/core.zst"]  # nothing sent for as long
+    # begun before the cut-off, but a part came since (the part's time reads at most a second early)
+    assert store.abort_abandoned(time.time() - (taken_up - 2)) == []
+    until(sent + 1.5)
+    assert store.abort_abandoned(time.time() - (sent + 1)) == ["crashes/big/core.zst"]  # nothing sent since
     assert list_uploads(weed, prefix + "/") == []
 
 

@@ -14,7 +14,6 @@ import subprocess
 import sys
 import tempfile
 import threading
-import time
 from collections.abc import Callable, Iterator
 from contextlib import contextmanager
 
@@ -31,7 +30,15 @@ ARGS = ["/app/crasher", "alloc", SIZE]
 
 
 def kill_while_dumping(rootfs: str, volume: str, spool_dir: str, reader: Callable[[], int]) -> None:
-    """Crash tenant A and SIGKILL it in the middle of its dump, with the core's reader held still."""
+    """Crash tenant A and SIGKILL it in the middle of its dump, with the core's reader held still;
+    return once the reader, let go, has journaled what it got of A's core.
+
+    Each step waits for what the next needs, not for a time (under load a step takes any time):
+    the reader streaming, then held still while the kernel is still dumping (``CoreDumping`` in
+    the process's status) and unable to finish; the kernel's dump stopped once the process is gone
+    (nothing is written after a SIGKILL: the kernel checks for it before each write, and wakes a
+    write that waits); the reader done with A before B crashes (so B's record is never the only one).
+    """
     a = runc.Container(rootfs, ARGS, volume=volume, annotations=pod("tenant-a", "a-0"))
     run = threading.Thread(target=a.run)
     run.start()
@@ -41,14 +48,39 @@ def kill_while_dumping(rootfs: str, volume: str, spool_dir: str, reader: Callabl
         held = reader()
         os.kill(held, signal.SIGSTOP)
         try:
-            time.sleep(0.3)  # the kernel fills the pipe or socket and waits
+            wait_for(lambda: _stopped(held))  # held still: none of its threads reads any more
             [crashed] = processes(b"\0".join(a.encode() for a in ARGS) + b"\0")
+            # still dumping, and cannot finish: the kernel wrote less than the core (its writes count in
+            # the process's wchar) and the reader, which would make room for the rest, is held
+            assert _status(crashed).get("CoreDumping") == "1" and _written(crashed) < int(SIZE) << 20, (
+                "the dump ended before its reader was held"
+            )
             os.kill(crashed, signal.SIGKILL)
-            time.sleep(0.2)
+            wait_for(lambda: _status(crashed).get("State", "Z")[0] in "ZX")  # the dump stopped
         finally:
             os.kill(held, signal.SIGCONT)
     finally:
         run.join(120)
+    wait_for(lambda: of_namespace(spool.read_journal(spool_dir), "tenant-a"))
+
+
+def _stopped(pid: int) -> bool:
+    tasks = os.listdir(f"/proc/{pid}/task")
+    return all(_status(int(t)).get("State", "").startswith("T") for t in tasks)
+
+
+def _written(pid: int) -> int:
+    with open(f"/proc/{pid}/io") as f:
+        return int(dict(line.split(": ") for line in f)["wchar"])
+
+
+def _status(pid: int) -> dict[str, str]:
+    """``/proc/PID/status`` as its fields; empty once the process is gone."""
+    try:
+        with open(f"/proc/{pid}/status") as f:
+            return dict(line.rstrip("\n").split(":\t", 1) for line in f if ":\t" in line)
+    except OSError:
+        return {}
 
 
 def check_journal(records: list[dict]) -> None:
@@ -114,5 +146,5 @@ def test_a_killed_dump_is_truncated_not_captured_socket(rootfs: str, tmp_path) -
         runc.Container(
             rootfs, ["/app/crasher", "segv"], volume=volume, annotations=pod("tenant-b", "b-0")
         ).run()
-        wait_for(lambda: of_namespace(spool.read_journal(settings.spool_dir), "tenant-b"), 30)
+        wait_for(lambda: of_namespace(spool.read_journal(settings.spool_dir), "tenant-b"))
         check_journal(spool.read_journal(settings.spool_dir))
