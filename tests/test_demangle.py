@@ -53,3 +53,4 @@ def test_type_names_of_exceptions() -> None:
     assert demangle.demangle_type("St16invalid_argument") == "std::invalid_argument"
     assert demangle.demangle_type("N3app11ConfigErrorE") == "app::ConfigError"
     assert demangle.demangle_type("-v --help") is None
+    assert demangle.demangle_type("St16invalid_argument\n") is None  # one name, nothing after it

@@ -25,7 +25,7 @@ _RUST_HASH = re.compile(r"::h[0-9a-f]{16}$")
 _RUST_DISAMBIGUATOR = re.compile(r"\[[0-9a-f]+\]")
 _RUST_V0 = re.compile(r"^_R[A-Za-z0-9_]")
 _MANGLED = re.compile(r"^(_Z|_R)")
-_TYPE_NAME = re.compile(r"^[A-Za-z0-9_$.]{1,1024}$")
+_TYPE_NAME = re.compile(r"^[A-Za-z0-9_$.]{1,1024}\Z")  # \Z: "$" lets a trailing newline through
 
 
 def is_mangled(name: str) -> bool:
