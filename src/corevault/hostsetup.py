@@ -160,15 +160,20 @@ def isolated_launcher(path: str) -> str:
 
 
 def _crash_path_modules(path_line: str) -> dict[str, str]:
-    """corevault's modules that the handler imports before its first crash, by name: their sources.
+    """The modules compiled from source that the handler imports before its first crash, by name:
+    their sources. corevault's, and the few of the standard library's that are not frozen into
+    the interpreter (``struct``, ``bisect``): the import system's search costs those as much as
+    ours. Not what the launcher imports before the finder is in place.
 
     Asked of a fresh ``python -I -S`` with the launcher's path, as the kernel will start it:
     this process has imported much more than the handler does.
     """
     probe = (
-        path_line + "import corevault.capture.handler\n"
-        "print('\\n'.join(f'{n} {m.__file__}' for n, m in sys.modules.items()"
-        " if n.startswith('corevault.') and n != 'corevault.bytecode'))\n"
+        path_line + "from corevault import bytecode\n"  # what the launcher imports before the finder
+        "before = set(sys.modules)\nimport corevault.capture.handler\n"
+        "for n, m in list(sys.modules.items()):\n"
+        "    if n not in before and type(m.__spec__.loader).__name__ == 'SourceFileLoader':\n"
+        "        print(n, m.__spec__.origin)\n"
     )
     out = subprocess.run(
         [sys.executable, "-I", "-S", "-c", probe], capture_output=True, text=True, cwd="/", check=True
