@@ -1,4 +1,10 @@
-"""S3 multipart uploads that an agent killed midway takes up again.
+"""S3 multipart uploads that an agent killed midway takes up again, and single uploads checked
+from their own answer.
+
+An object smaller than a part goes in one PutObject with its CRC32 (or Content-MD5), which the
+service checks before it keeps the object; the answer then shows what it holds (:func:`shown`:
+the CRC32 it echoes, or the ETag where that is the MD5 of the body), and only an answer that
+shows neither has the caller look at the object.
 
 boto3's transfer manager starts every upload afresh and cannot take up one it did not start,
 so a file of at least one part goes up through the client's own multipart calls:
