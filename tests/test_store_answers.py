@@ -98,6 +98,26 @@ def test_seaweedfs_refuses_a_body_that_its_checksum_does_not_match(weed, checksu
 
 
 @pytest.mark.parametrize("checksums", CHECKSUMS)
+def test_a_checksum_changed_after_signing_is_refused_for_its_signature(weed, checksums) -> None:  # noqa: F811
+    """botocore signs the checksum header it sends (``x-amz-checksum-crc32``, ``Content-MD5``):
+    one changed on the way fails the signature (SignatureDoesNotMatch) before any checksum is
+    compared, so the attacks above change the body before it is signed."""
+    store = open_s3(weed, checksums)
+    header = "x-amz-checksum-crc32" if checksums == "when_supported" else "Content-MD5"
+    wrong = base64.b64encode(b"\0\0\0\1" if checksums == "when_supported" else b"\1" * 16).decode()
+
+    def replaced(request: Any, **_: Any) -> None:
+        assert header in request.headers
+        del request.headers[header]
+        request.headers[header] = wrong
+
+    store.client.meta.events.register("before-send.s3.PutObject", replaced)
+    with pytest.raises(blobs.StoreError, match="SignatureDoesNotMatch"):
+        store.put_bytes("k", os.urandom(4096))
+    assert store.size("k") is None
+
+
+@pytest.mark.parametrize("checksums", CHECKSUMS)
 def test_an_answer_showing_other_bytes_deletes_the_object(weed, checksums) -> None:  # noqa: F811
     """The answer echoes another CRC32, or (with MD5s) names another MD5 as the ETag: the object
     is not the bytes sent, and is deleted rather than left under the name."""
