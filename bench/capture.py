@@ -93,7 +93,9 @@ class Stage:
     """A live stand-in for the crashed process, and a handler configuration opting it in."""
 
     def __init__(self, targets: list[str], level: int, threads: int) -> None:
-        self.dir = os.path.join(WORK, "stage")
+        # one per run: two runs at once (on a shared machine) would otherwise clean up, and keep
+        # state in, each other's stage; the core-like inputs beside it are shared, made once
+        self.dir = os.path.join(WORK, f"stage-{os.getpid()}")
         shutil.rmtree(self.dir, ignore_errors=True)
         self.out = os.path.join(self.dir, "vol")
         os.makedirs(self.out)
@@ -224,7 +226,7 @@ def bench_fixed(runs: int) -> dict[str, tuple[float, float]]:
     CPU time is given beside wall time because it holds still on a loaded machine: the
     handler waits on fsync and on other processes, ``python -c pass`` does not.
     """
-    tiny = os.path.join(WORK, "tiny-core")
+    tiny = os.path.join(WORK, f"tiny-core-{os.getpid()}")
     with open(tiny, "wb") as f:
         f.write(b"\x7fELF" + os.urandom(4092))
     stage = Stage(["volume", "vault"], 3, 1)
@@ -242,6 +244,7 @@ def bench_fixed(runs: int) -> dict[str, tuple[float, float]]:
             stage.clean()
     finally:
         stage.close()
+        os.unlink(tiny)
     return {k: (median([w for w, _ in v]), median([c for _, c in v])) for k, v in seen.items()}
 
 
