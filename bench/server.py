@@ -211,25 +211,65 @@ def read_all(f: BinaryIO | socket.socket, buf: bytearray, want: int | None = Non
     return got
 
 
+def exchange(
+    s: socket.socket, path: str, token: str | None, buf: bytearray, encoding: str = "identity"
+) -> int | None:
+    """GET ``path`` on connection ``s`` and read its body with :func:`read_all`; its length, or None
+    when the server had closed the connection before answering."""
+    auth = f"Authorization: Bearer {token}\r\n" if token else ""
+    try:
+        s.sendall(f"GET {path} HTTP/1.1\r\nHost: x\r\n{auth}Accept-Encoding: {encoding}\r\n\r\n".encode())
+        head = s.recv(4096)
+    except ConnectionError:
+        return None
+    if not head:
+        return None
+    while b"\r\n\r\n" not in head:
+        more = s.recv(4096)
+        if not more:
+            raise SystemExit(f"{path}: the server closed the connection amid its headers")
+        head += more
+    head, _, body = head.partition(b"\r\n\r\n")
+    if not head.startswith(b"HTTP/1.1 200"):
+        raise SystemExit(f"{path}: {head.splitlines()[0].decode()}")
+    length = int(re.search(rb"(?i)\r\ncontent-length: *(\d+)", head).group(1))  # type: ignore[union-attr]
+    got = len(body) + read_all(s, buf, length - len(body))
+    if got != length:
+        raise SystemExit(f"{path}: {got} bytes of {length}")
+    return got
+
+
 def http_get(port: int, path: str, token: str | None, buf: bytearray, encoding: str = "identity") -> int:
     """GET ``path`` on one new connection and read its body with :func:`read_all`; its length."""
     with socket.create_connection(("127.0.0.1", port)) as s:
-        auth = f"Authorization: Bearer {token}\r\n" if token else ""
-        s.sendall(f"GET {path} HTTP/1.1\r\nHost: x\r\n{auth}Accept-Encoding: {encoding}\r\n\r\n".encode())
-        head = b""
-        while b"\r\n\r\n" not in head:
-            more = s.recv(4096)
-            if not more:
-                raise SystemExit(f"{path}: the server closed the connection before its headers")
-            head += more
-        head, _, body = head.partition(b"\r\n\r\n")
-        if not head.startswith(b"HTTP/1.1 200"):
-            raise SystemExit(f"{path}: {head.splitlines()[0].decode()}")
-        length = int(re.search(rb"(?i)\r\ncontent-length: *(\d+)", head).group(1))  # type: ignore[union-attr]
-        got = len(body) + read_all(s, buf, length - len(body))
-        if got != length:
-            raise SystemExit(f"{path}: {got} bytes of {length}")
-        return got
+        got = exchange(s, path, token, buf, encoding)
+    if got is None:
+        raise SystemExit(f"{path}: the server closed the connection before its headers")
+    return got
+
+
+class KeptAlive:
+    """One connection for every GET, as an HTTP client that keeps its connections does (opened
+    anew when the server closed it between two, after its keep-alive time)."""
+
+    def __init__(self, port: int) -> None:
+        self.port = port
+        self.sock: socket.socket | None = None
+
+    def get(self, path: str, token: str | None, buf: bytearray) -> int:
+        for _ in range(2):
+            if self.sock is None:
+                self.sock = socket.create_connection(("127.0.0.1", self.port))
+            got = exchange(self.sock, path, token, buf)
+            if got is not None:
+                return got
+            self.close()
+        raise SystemExit(f"{path}: the server closed a new connection before its headers")
+
+    def close(self) -> None:
+        if self.sock is not None:
+            self.sock.close()
+            self.sock = None
 
 
 def cat_into(path: str, buf: bytearray) -> int:
@@ -292,19 +332,24 @@ def one_binary(
     bare_url = f"http://127.0.0.1:{bare[0]}/{bare[1]}"
     curl = ["curl", "-sf", "-o", "/dev/null"]
     fetches = runs if size < 64 << 20 else max(5, runs // 3)
-    got = medians(
-        {
-            "ours": lambda: http_get(port, url, token, buf),
-            "cat": lambda: cat_into(path, buf),
-            "bare": lambda: http_get(bare[0], f"/{bare[1]}", None, buf),
-            "curl ours": lambda: run_quiet(
-                [*curl, "-H", f"Authorization: Bearer {token}", f"http://127.0.0.1:{port}{url}"]
-            ),
-            "curl bare": lambda: run_quiet([*curl, bare_url]),
-            "cat > /dev/null": lambda: run_quiet(["cat", path]),
-        },
-        fetches,
-    )
+    kept = KeptAlive(port)
+    try:
+        got = medians(
+            {
+                "ours": lambda: http_get(port, url, token, buf),
+                "ours, kept alive": lambda: kept.get(url, token, buf),
+                "cat": lambda: cat_into(path, buf),
+                "bare": lambda: http_get(bare[0], f"/{bare[1]}", None, buf),
+                "curl ours": lambda: run_quiet(
+                    [*curl, "-H", f"Authorization: Bearer {token}", f"http://127.0.0.1:{port}{url}"]
+                ),
+                "curl bare": lambda: run_quiet([*curl, bare_url]),
+                "cat > /dev/null": lambda: run_quiet(["cat", path]),
+            },
+            fetches,
+        )
+    finally:
+        kept.close()
     # what the server spent on each download, in a loop of its own (curl hits the server too)
     before = server_load(pid)
     for _ in range(fetches):
@@ -316,6 +361,10 @@ def one_binary(
         f"{against_goal(got['cat'] / got['ours'])}; bare sendfile server {rate(size, got['bare'])}: "
         f"{got['bare'] / got['ours']:.2f}; the server spent {cpu * 1000:.2f} ms of CPU and "
         f"{switches:.1f} context switches per download"
+    )
+    print(
+        f"  {size_label(size):>7}, reader, one kept-alive connection: ours {rate(size, got['ours, kept alive'])}: "
+        f"{got['cat'] / got['ours, kept alive']:.2f} of cat | reader"
     )
     print(
         f"  {size_label(size):>7}, curl:   ours {rate(size, got['curl ours'])}, bare sendfile server "
