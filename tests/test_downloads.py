@@ -445,3 +445,20 @@ def test_downloads_wait_in_a_worker_thread_only_on_what_may_wait_on_another_host
             == binary[5:10]
         )
     assert on_loop == [access.local] * 3
+
+
+def test_a_token_taken_out_of_the_file_downloads_nothing_more(tmp_path: Path) -> None:
+    """Readers are not cached, on the event loop either: the next download after the token file
+    changed (here: ``a`` taken out) asks the file again."""
+    settings = config.from_dict({"state_dir": str(tmp_path / "state")})
+    binary, _ = vault(settings, tmp_path)
+    path = Path(tokens(tmp_path))
+    app = create_app(settings, StaticTokens(str(path)))
+    assert app.state.server.local
+    with servers.asgi(app) as url:
+        assert get(f"{url}/buildid/{BUILD_ID}/executable", "a").content == binary
+        before = path.stat().st_mtime_ns
+        path.write_text(path.read_text().split("[[token]]\n")[2].join(["[[token]]\n", ""]))
+        os.utime(path, ns=(before + 10**9, before + 10**9))  # a later change, whatever the clock's grain
+        assert get(f"{url}/buildid/{BUILD_ID}/executable", "a").status_code == 401
+        assert get(f"{url}/buildid/{BUILD_ID}/executable", "b").status_code == 404  # b still reads, not a's
