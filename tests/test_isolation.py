@@ -28,7 +28,7 @@ import pytest
 from corevault import config, elf, spool
 from corevault.agent.analyses import FairQueue
 from corevault.agent.loop import Agent
-from corevault.analysis import binaries, runner, sandbox, seccomp
+from corevault.analysis import binaries, runner, sandbox, seccomp, template
 from corevault.vault import catalog
 from corevault.vault.crashes import LocalVault
 from testbed import hostile
@@ -217,6 +217,59 @@ def test_the_worker_sees_only_its_inputs_as_an_unprivileged_user(tmp_path) -> No
     assert seen["net"] in ("Connection refused", "Network is unreachable")  # not the host's 127.0.0.1
 
 
+@pytest.mark.skipif(os.geteuid() != 0, reason="switching to the worker's own uid needs root")
+def test_a_template_child_sees_only_its_inputs_and_holds_nothing(tmp_path) -> None:
+    """A child of the pre-imported template: the worker's uid on the host (root of a user
+    namespace that maps nothing else), no capability in any set, no_new_privs, the seccomp
+    filter, its own PID namespace and network, its input and nothing of the host."""
+    secret = tmp_path / "host-secret"
+    secret.write_text("tenant B's database password")
+    secret.chmod(0o644)
+    core = tmp_path / "core"
+    core.write_bytes(b"\x7fELF" + b"\0" * 60)
+    core.chmod(0o644)
+    listener = socket.socket()
+    listener.bind(("127.0.0.1", 0))
+    listener.listen()
+    port = listener.getsockname()[1]
+    targets = [
+        str(secret),
+        "/etc/shadow",
+        "/etc/hostname",
+        f"/proc/{os.getpid()}/environ",
+        os.path.abspath(__file__),
+    ]
+    forked = template.shared(64_900)
+    assert forked is not None, "the analysis template does not start on this machine"
+    code = (
+        PROBE
+        + "\nimport json\nprint(json.dumps({'uid_map': open('/proc/self/uid_map').read().split(), 'pids': os.listdir('/proc')}))"
+    )
+    try:
+        out, err, status = forked.run(
+            code,
+            [str(port), *targets],
+            [sandbox.Bind(str(core), runner.CORE_IN_SANDBOX)],
+            memory=1 << 30,
+            timeout=60,
+        )
+    finally:
+        listener.close()
+    assert status == 0, err
+    first, second = out.decode().splitlines()
+    seen, more = json.loads(first), json.loads(second)
+    assert more["uid_map"] == ["0", "64900", "1"] and [p for p in more["pids"] if p.isdigit()] == ["1"]
+    assert (seen["uid"], seen["gid"], seen["groups"]) == (0, 0, [])
+    caps = ("CapEff", "CapPrm", "CapBnd", "CapAmb")
+    assert {seen["status"][k] for k in caps} == {"0" * 16}
+    assert seen["status"]["NoNewPrivs"] == "1" and seen["status"]["Seccomp"] == "2"
+    assert seen["unshare_user"] == errno.EPERM
+    assert seen["input"] == "7f454c46"
+    for path in targets:
+        assert seen["reads"][path] == "No such file or directory", (path, seen["reads"][path])
+    assert seen["net"] in ("Connection refused", "Network is unreachable")
+
+
 def test_an_unprivileged_uid_is_required_of_the_settings(tmp_path) -> None:
     cfg = tmp_path / "c.toml"
     cfg.write_text("[agent]\nanalysis_uid = 0\n")
@@ -262,7 +315,8 @@ secret = "tenant B's state " * 1000
 time.sleep(20)
 """
 
-#: tenant A's analysis taken over by its core: everything it can find of B's
+#: tenant A's analysis taken over by its core: everything it can find of B's, and what it
+#: could leave behind for the analyses that share its parent (the template's children)
 PROBE_OTHER = r"""
 import json, os
 host_core, host_pid = sys.argv[1], int(sys.argv[2])
@@ -288,95 +342,166 @@ try:
     seen["kill"] = "delivered"
 except OSError as e:
     seen["kill"] = e.strerror
+seen["planted"] = {}
+for path in ("/etc/ld.so.preload", "/dev/planted", "/planted", "/usr/planted", "/in/planted", "/proc/planted"):
+    try:
+        with open(path, "w") as f:
+            f.write("/tmp/evil.so")
+        seen["planted"][path] = "written"
+    except OSError as e:
+        seen["planted"][path] = e.strerror
 print(json.dumps({"error": json.dumps(seen)}))
 """
 
 
-def _victims() -> list[tuple[int, list[bytes]]]:
-    """Host pids and argv of B's held analysis: its bwrap and its interpreter."""
-    out = []
+def _victim_on_host(host_core: str) -> int:
+    """The host pid of B's held analysis, whose core's copy is ``host_core``."""
     for pid in (p for p in os.listdir("/proc") if p.isdigit()):
         try:
-            argv = Path(f"/proc/{pid}/cmdline").read_bytes().split(b"\0")
+            if os.stat(f"/proc/{pid}").st_uid != 64_900:
+                continue
+            held = {os.readlink(f"/proc/{pid}/fd/{fd}") for fd in os.listdir(f"/proc/{pid}/fd")}
+            with open(f"/proc/{pid}/mountinfo") as f:
+                mounts = f.read()
         except OSError:
             continue
-        if any(b"tenant B's state" in a for a in argv):
-            out.append((int(pid), argv))
-    return out
-
-
-def _victim_on_host() -> tuple[int, str]:
-    """The host pid of B's held analysis (its interpreter, once running) and the host path
-    of the core copy bound into its sandbox."""
-    running = [pid for pid, argv in _victims() if os.path.basename(argv[0]) != b"bwrap"]
-    sandboxes = [argv for _, argv in _victims() if os.path.basename(argv[0]) == b"bwrap"]
-    if not running or not sandboxes:
-        raise LookupError
-    argv = sandboxes[0]
-    return running[0], argv[argv.index(runner.CORE_IN_SANDBOX.encode()) - 1].decode()
+        # a template's child holds the host's file; a worker of its own, its bind at /in/core
+        bound = runner.CORE_IN_SANDBOX in held and os.path.basename(os.path.dirname(host_core)) in mounts
+        if host_core in held or bound:
+            return int(pid)
+    raise LookupError
 
 
 @pytest.mark.skipif(os.geteuid() != 0, reason="switching to the worker's own uid needs root")
+@pytest.mark.parametrize("forked", [True, False], ids=["template", "worker-of-its-own"])
 def test_an_analysis_taken_over_sees_nothing_of_another_running_beside_it(
-    monkeypatch: pytest.MonkeyPatch,
+    monkeypatch: pytest.MonkeyPatch, forked: bool
 ) -> None:
     """Two tenants' real crashes analysed at once, A's worker doing what a core that took it
     over could: B's processes, its core (inside the sandbox and at its host path), its /tmp
-    and its memory are out of A's reach, and so is a signal to B's worker."""
+    and its memory are out of A's reach, and so is a signal to B's worker; nothing A writes
+    outside its own /tmp outlives it. Both ways an analysis runs: a child of the pre-imported
+    template, and a bubblewrap worker of its own."""
     from tests.conftest import FIXTURE_SPOOL
 
+    if not forked:
+        monkeypatch.setattr(template, "shared", lambda uid: None)
+    elif template.shared(64_900) is None:
+        pytest.fail("the analysis template does not start on this machine")
     by_exe = {
         spool.read_meta(FIXTURE_SPOOL, e)["process"]["exe"]: e
         for e in os.listdir(spool.ready_dir(FIXTURE_SPOOL))
     }
     store = os.path.join(FIXTURE_SPOOL, "store")
+    programs: list[tuple[str, list[str]]] = []
+    monkeypatch.setattr(runner, "_worker", lambda argv: programs.pop(0))
+    copies: list[str] = []
+    copy = runner._worker_copy
 
-    def core_of(exe: str) -> tuple[str, list[dict]]:
-        entry = by_exe[exe]
-        return os.path.join(spool.ready_dir(FIXTURE_SPOOL), entry, spool.CORE_NAME), spool.read_meta(
-            FIXTURE_SPOOL, entry
-        )["modules"]
+    def noted(path: str, dest: str, uid: int) -> str:
+        copies.append(copy(path, dest, uid))
+        return copies[-1]
 
-    programs: list[list[str]] = []
-    real = sandbox.python_main
-    monkeypatch.setattr(
-        sandbox, "python_main", lambda module, argv: programs.pop(0) if programs else real(module, argv)
-    )
+    monkeypatch.setattr(runner, "_worker_copy", noted)
     errors: dict[str, str] = {}
 
     def analyse(name: str, exe: str) -> None:
-        core, record = core_of(exe)
+        entry = by_exe[exe]
+        core = os.path.join(spool.ready_dir(FIXTURE_SPOOL), entry, spool.CORE_NAME)
         try:
-            runner.analyze(core, [store], record=record, timeout=60)
+            runner.analyze(core, [store], record=spool.read_meta(FIXTURE_SPOOL, entry)["modules"], timeout=30)
         except runner.AnalysisError as e:
             errors[name] = str(e)
 
-    programs.append(sandbox.python(VICTIM))
+    programs.append((VICTIM, []))
     b = threading.Thread(target=analyse, args=("b", "/app/crasher"))
     b.start()
     try:
         deadline = time.monotonic() + 30
         while True:
             try:
-                host_pid, host_core = _victim_on_host()
+                host_core = copies[0]  # the core's: the first copy an analysis makes
+                host_pid = _victim_on_host(host_core)
                 break
-            except LookupError:
+            except (LookupError, IndexError):
                 assert time.monotonic() < deadline, "tenant B's analysis did not start"
                 time.sleep(0.05)
-        programs.append(sandbox.python(PROBE_OTHER, [host_core, str(host_pid)]))
+        programs.append((PROBE_OTHER, [host_core, str(host_pid)]))
         analyse("a", "/app/libuser")
     finally:
-        for pid, _ in _victims():  # end B's wait (its bwrap ends with its interpreter)
-            with contextlib.suppress(ProcessLookupError):
-                os.kill(pid, signal.SIGKILL)
+        with contextlib.suppress(ProcessLookupError, UnboundLocalError):
+            os.kill(host_pid, signal.SIGKILL)  # end B's wait
         b.join(timeout=60)
     seen = json.loads(errors["a"])
     assert seen["in"] == ["core", "record.json", "store-0"] and seen["tmp"] == []
-    # A's own interpreter (and bwrap's init) only: nothing of B's
+    # only A's own processes (and in a worker of its own, bwrap's init): nothing of B's
     assert not any("tenant B" in cmdline for cmdline in seen["processes"].values()), seen["processes"]
-    assert len(seen["processes"]) <= 3, seen["processes"]
+    assert len(seen["processes"]) <= 1, seen["processes"]
     assert not any(v.startswith("7f454c46") for v in seen["reads"].values() if isinstance(v, str)), seen[
         "reads"
     ]
     assert seen["reads"][host_core] == "No such file or directory"
     assert seen["kill"] == "No such process"
+    assert "written" not in seen["planted"].values(), seen["planted"]
+
+
+@pytest.mark.skipif(os.geteuid() != 0, reason="switching to the worker's own uid needs root")
+def test_a_template_child_is_stopped_at_its_time_and_memory_caps() -> None:
+    """Killed with everything it started once its time is up (it spawned a sleeper that
+    would outlive it), held to its memory cap; the template goes on forking."""
+    forked = template.shared(64_900)
+    assert forked is not None, "the analysis template does not start on this machine"
+    spawn = "import subprocess, time; subprocess.Popen(['sleep', '600']); time.sleep(600)"
+    started = time.monotonic()
+    with pytest.raises(subprocess.TimeoutExpired):
+        forked.run(spawn, [], [], memory=1 << 30, timeout=1)
+    assert time.monotonic() - started < 30
+    deadline = time.monotonic() + 10
+    while any(cmdline == b"sleep\0600\0" for cmdline in _cmdlines_of(64_900)):
+        assert time.monotonic() < deadline, "the analysis's sleeper outlived it"
+        time.sleep(0.1)
+    _, err, status = forked.run("b = bytearray(1 << 31)", [], [], memory=256 << 20, timeout=30)
+    assert status == 1 and b"MemoryError" in err
+    out, _, status = forked.run("print('still forking')", [], [], memory=1 << 30, timeout=30)
+    assert (out, status) == (b"still forking\n", 0)
+
+
+def _cmdlines_of(uid: int) -> list[bytes]:
+    out = []
+    for pid in (p for p in os.listdir("/proc") if p.isdigit()):
+        with contextlib.suppress(OSError):
+            if os.stat(f"/proc/{pid}").st_uid == uid:
+                out.append(Path(f"/proc/{pid}/cmdline").read_bytes())
+    return out
+
+
+@pytest.mark.skipif(os.geteuid() != 0, reason="switching to the worker's own uid needs root")
+def test_an_input_the_template_cannot_place_goes_to_a_worker_of_its_own(
+    tmp_path, monkeypatch: pytest.MonkeyPatch
+) -> None:
+    """A debug directory outside /usr is bound at its own path, which a template's child
+    cannot make: that analysis runs in a bubblewrap worker of its own, with the same report."""
+    from tests.conftest import FIXTURE_SPOOL
+
+    [entry] = [
+        e
+        for e in os.listdir(spool.ready_dir(FIXTURE_SPOOL))
+        if spool.read_meta(FIXTURE_SPOOL, e)["process"]["exe"] == "/app/crasher"
+    ]
+    core = os.path.join(spool.ready_dir(FIXTURE_SPOOL), entry, spool.CORE_NAME)
+    record = spool.read_meta(FIXTURE_SPOOL, entry)["modules"]
+    store = os.path.join(FIXTURE_SPOOL, "store")
+    alone: list[str] = []
+    run_alone = runner._run_alone
+    monkeypatch.setattr(
+        runner, "_run_alone", lambda code, args, *a, **k: alone.append(code) or run_alone(code, args, *a, **k)
+    )
+    forked = runner.analyze(core, [store], record=record)
+    assert alone == []
+    debug = tmp_path / "debug"
+    debug.mkdir()
+    debug.chmod(0o755)
+    tmp_path.chmod(0o755)
+    own = runner.analyze(core, [store], record=record, debug_dirs=("/usr/lib/debug", str(debug)))
+    assert len(alone) == 1
+    assert (own.title, own.signature, own.threads) == (forked.title, forked.signature, forked.threads)

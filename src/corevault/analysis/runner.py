@@ -1,11 +1,14 @@
 """Running an analysis safely: a sandboxed worker process with a timeout and a memory cap.
 
 A core and the binaries it names are untrusted input, and unwinders are large C
-programs. So the analysis never runs inside a long-lived process: each core gets a fresh
-worker (:mod:`corevault.analysis.worker`) in its own session and sandbox
-(:mod:`corevault.analysis.sandbox`: its own uid, no capabilities, no network, nothing of
-the host but its inputs), with ``RLIMIT_DATA`` capping its heap, killed with its whole
-process group (gdb included) when the timeout passes. A zstd-compressed spool core is
+programs. So the analysis never runs inside a long-lived process: each core gets a process
+of its own in a sandbox of its own (:mod:`corevault.analysis.sandbox`: its own uid, no
+capabilities, no network, nothing of the host but its inputs), with ``RLIMIT_DATA``
+capping its heap, killed with everything it started (gdb included) when the timeout
+passes. That process is a child of the pre-imported template
+(:mod:`corevault.analysis.template`), which spares each analysis the interpreter's start
+and the worker's imports, or, where the template cannot run, a fresh worker
+(:mod:`corevault.analysis.worker`) under bubblewrap. A zstd-compressed spool core is
 first expanded into a sparse temporary file the worker's uid may read.
 
 The worker never goes to the network. With upstream debuginfod servers configured, the
@@ -28,7 +31,7 @@ from collections.abc import Collection
 from typing import BinaryIO
 
 from corevault import bounded, nodestore, objectid
-from corevault.analysis import binaries, sandbox, seccomp, upstream
+from corevault.analysis import binaries, sandbox, seccomp, template, upstream
 from corevault.capture.stream import sparse_copy
 from corevault.errors import UserError
 from corevault.model import Report
@@ -115,20 +118,24 @@ def _store_binds(
     return names, binds
 
 
-def _run(
-    argv: list[str], binds: list[sandbox.Bind], uid: int, deadline: float, *, limit: float, memory: int
-) -> dict:
-    """Run the worker with ``argv`` in its sandbox until ``deadline`` (monotonic); its JSON
-    output, or :class:`AnalysisError` (which names ``limit``, the whole analysis's)."""
+def _run_alone(
+    code: str,
+    args: list[str],
+    binds: list[sandbox.Bind],
+    uid: int,
+    deadline: float,
+    *,
+    limit: float,
+    memory: int,
+) -> tuple[bytes, bytes, int]:
+    """``code`` in a bubblewrap worker of its own: its output, errors and exit status."""
     filter_fd = seccomp.filter_fd()
     try:
-        cmd = sandbox.command(sandbox.python_main("corevault.analysis.worker", argv), binds, uid, filter_fd)
+        cmd = sandbox.command(sandbox.python(code, args), binds, uid, filter_fd)
         fds = () if filter_fd is None else (filter_fd,)
         timeout = max(deadline - time.monotonic(), 0.001)
         # bwrap's --die-with-parent and the worker's own PID namespace take gdb with it on a kill
-        out, err, returncode = bounded.run(
-            cmd, timeout=timeout, limits={resource.RLIMIT_DATA: memory}, pass_fds=fds
-        )
+        return bounded.run(cmd, timeout=timeout, limits={resource.RLIMIT_DATA: memory}, pass_fds=fds)
     except subprocess.TimeoutExpired:
         raise AnalysisError(f"{STOPPED} {limit:g}s and was stopped") from None
     except sandbox.SandboxError as e:
@@ -136,6 +143,35 @@ def _run(
     finally:
         if filter_fd is not None:
             os.close(filter_fd)
+
+
+def _worker(argv: list[str]) -> tuple[str, list[str]]:
+    """What the sandboxed process runs: the worker's ``main()`` with ``argv``, as code and arguments."""
+    return sandbox.main_code("corevault.analysis.worker"), argv
+
+
+def _run(
+    argv: list[str], binds: list[sandbox.Bind], uid: int, deadline: float, *, limit: float, memory: int
+) -> dict:
+    """Run the worker with ``argv`` in its sandbox until ``deadline`` (monotonic); its JSON
+    output, or :class:`AnalysisError` (which names ``limit``, the whole analysis's).
+
+    A child of the pre-imported template (:mod:`corevault.analysis.template`) where it runs,
+    a bubblewrap worker of its own otherwise."""
+    code, args = _worker(argv)
+    timeout = max(deadline - time.monotonic(), 0.001)
+    forked = template.shared(uid)
+    result = None
+    if forked is not None:
+        try:
+            result = forked.run(code, args, binds, memory=memory, timeout=timeout)
+        except template.TemplateError:
+            result = None  # not this one: a worker of its own runs it
+        except subprocess.TimeoutExpired:
+            raise AnalysisError(f"{STOPPED} {limit:g}s and was stopped") from None
+    if result is None:
+        result = _run_alone(code, args, binds, uid, deadline, limit=limit, memory=memory)
+    out, err, returncode = result
     if returncode != 0:
         last = err.decode(errors="replace").strip().splitlines()[-1:] or ["no message"]
         if "MemoryError" in last[0] or returncode in (-signal.SIGKILL, 128 + signal.SIGKILL):

@@ -99,10 +99,14 @@ def python(code: str, args: Sequence[str] = ()) -> list[str]:
     ]
 
 
+def main_code(module: str) -> str:
+    """The code that runs ``python -m module``: its ``main()``, whose value is the exit status."""
+    return f"from {module} import main; sys.exit(main())"
+
+
 def python_main(module: str, args: Sequence[str]) -> list[str]:
-    """``python -m module args`` as the sandbox runs it (:func:`python`): ``module``'s
-    ``main()`` is called and its return value is the exit status."""
-    return python(f"from {module} import main; sys.exit(main())", args)
+    """``python -m module args`` as the sandbox runs it (:func:`python`)."""
+    return python(main_code(module), args)
 
 
 def _parents(dest: str, made: set[str]) -> list[str]:
@@ -119,14 +123,7 @@ def _parents(dest: str, made: set[str]) -> list[str]:
     return out
 
 
-def command(
-    argv: list[str], binds: list[Bind], uid: int = DEFAULT_UID, seccomp_fd: int | None = None
-) -> list[str]:
-    """``argv`` wrapped so that it runs sandboxed, seeing only ``binds`` (read-only) of the host.
-
-    ``seccomp_fd`` (:func:`corevault.analysis.seccomp.filter_fd`; pass it to the child) is
-    loaded as the sandbox's system call filter.
-    """
+def _tools() -> tuple[str, str]:
     bwrap = shutil.which("bwrap")
     setpriv = shutil.which("setpriv")
     if bwrap is None or setpriv is None:
@@ -134,9 +131,14 @@ def command(
             "the analysis sandbox needs bubblewrap and util-linux's setpriv: "
             "install them (apt-get install bubblewrap util-linux)"
         )
+    return bwrap, setpriv
+
+
+def _bwrap(bwrap: str, binds: list[Bind], *, user_ns: bool, host_proc: bool = False) -> list[str]:
+    """bubblewrap building the sandbox's namespaces and its root, which holds ``binds``."""
     cmd = [bwrap, "--die-with-parent", "--unshare-net", "--unshare-pid", "--unshare-ipc", "--unshare-uts"]
     cmd += ["--unshare-cgroup-try", "--hostname", "corevault-analysis", "--clearenv"]
-    if os.geteuid() != 0:
+    if user_ns:
         cmd += ["--unshare-user"]
     for name, value in ENV.items():
         cmd += ["--setenv", name, value]
@@ -147,14 +149,42 @@ def command(
         elif os.path.isdir(top):
             cmd += ["--ro-bind", top, top]
     cmd += ["--perms", "0755", "--dir", "/etc", "--ro-bind-try", "/etc/ld.so.cache", "/etc/ld.so.cache"]
-    cmd += ["--proc", "/proc", "--dev", "/dev", "--size", str(TMP_SIZE)]
+    cmd += ["--bind", "/proc", "/proc"] if host_proc else ["--proc", "/proc"]
+    cmd += ["--dev", "/dev", "--size", str(TMP_SIZE)]
     cmd += ["--perms", "1777", "--tmpfs", "/tmp"]
     cmd += ["--perms", "0755", "--dir", INPUTS]
     made = {"/", "/tmp", "/etc", INPUTS}
     for b in [Bind(p, p) for p in _runtime_paths()] + binds:
         cmd += [*_parents(b.dest, made), "--ro-bind", b.source, b.dest]
+    return cmd
+
+
+def command(
+    argv: list[str], binds: list[Bind], uid: int = DEFAULT_UID, seccomp_fd: int | None = None
+) -> list[str]:
+    """``argv`` wrapped so that it runs sandboxed, seeing only ``binds`` (read-only) of the host.
+
+    ``seccomp_fd`` (:func:`corevault.analysis.seccomp.filter_fd`; pass it to the child) is
+    loaded as the sandbox's system call filter.
+    """
+    bwrap, setpriv = _tools()
+    cmd = _bwrap(bwrap, binds, user_ns=os.geteuid() != 0)
     if seccomp_fd is not None:
         cmd += ["--seccomp", str(seccomp_fd)]
+    cmd += ["--chdir", "/tmp", "--"]
+    if os.geteuid() == 0:
+        cmd += [setpriv, f"--reuid={uid}", f"--regid={uid}", "--clear-groups", "--inh-caps=-all"]
+        cmd += ["--ambient-caps=-all", "--bounding-set=-all", "--no-new-privs", "--"]
+    return cmd + argv
+
+
+def template_command(argv: list[str], uid: int = DEFAULT_UID) -> list[str]:
+    """``argv`` as the analysis template (:mod:`corevault.analysis.template`) runs: the
+    sandbox of :func:`command` without inputs and without the seccomp filter (the template
+    makes a user namespace, its children their own namespaces, then each loads the filter),
+    with the host's ``/proc`` in place of one of its own (see that module)."""
+    bwrap, setpriv = _tools()
+    cmd = _bwrap(bwrap, [], user_ns=os.geteuid() != 0, host_proc=True)
     cmd += ["--chdir", "/tmp", "--"]
     if os.geteuid() == 0:
         cmd += [setpriv, f"--reuid={uid}", f"--regid={uid}", "--clear-groups", "--inh-caps=-all"]

@@ -13,12 +13,14 @@ empty capability sets still hold) and says so once in the log.
 
 from __future__ import annotations
 
+import contextlib
 import ctypes
 import ctypes.util
 import errno
 import functools
 import logging
 import os
+from collections.abc import Iterator
 
 log = logging.getLogger("corevault.analysis")
 
@@ -57,14 +59,13 @@ def _library() -> ctypes.CDLL | None:
     ]  # fmt: skip
     lib.seccomp_export_bpf.argtypes = [ctypes.c_void_p, ctypes.c_int]
     lib.seccomp_release.argtypes = [ctypes.c_void_p]
+    lib.seccomp_load.argtypes = [ctypes.c_void_p]
     return lib
 
 
-def filter_fd() -> int | None:
-    """An fd (at offset 0, inheritable) holding the BPF filter, or None without libseccomp."""
-    lib = _library()
-    if lib is None:
-        return None
+@contextlib.contextmanager
+def _context(lib: ctypes.CDLL) -> Iterator[int]:
+    """A libseccomp filter context holding the rules, released on exit."""
     ctx = lib.seccomp_init(SCMP_ACT_ALLOW)
     if not ctx:
         raise OSError("seccomp_init failed")
@@ -81,6 +82,17 @@ def filter_fd() -> int | None:
             rc = lib.seccomp_rule_add_array(ctx, SCMP_ACT_ERRNO | error, nr, 1 if args else 0, args)
             if rc < 0:
                 raise OSError(-rc, f"seccomp_rule_add({name}) failed")
+        yield ctx
+    finally:
+        lib.seccomp_release(ctx)
+
+
+def filter_fd() -> int | None:
+    """An fd (at offset 0, inheritable) holding the BPF filter, or None without libseccomp."""
+    lib = _library()
+    if lib is None:
+        return None
+    with _context(lib) as ctx:
         fd = os.memfd_create("corevault-seccomp", 0)
         rc = lib.seccomp_export_bpf(ctx, fd)
         if rc < 0:
@@ -88,5 +100,15 @@ def filter_fd() -> int | None:
             raise OSError(-rc, "seccomp_export_bpf failed")
         os.lseek(fd, 0, os.SEEK_SET)
         return fd
-    finally:
-        lib.seccomp_release(ctx)
+
+
+def load() -> None:
+    """Load the filter into the calling process (single-threaded; ``no_new_privs`` is set
+    with it); raises OSError without libseccomp or when the kernel refuses it."""
+    lib = _library()
+    if lib is None:
+        raise OSError("libseccomp is not installed")
+    with _context(lib) as ctx:
+        rc = lib.seccomp_load(ctx)
+        if rc < 0:
+            raise OSError(-rc, "seccomp_load failed")
