@@ -165,8 +165,11 @@ def _run(
     if forked is not None:
         try:
             result = forked.run(code, args, binds, memory=memory, timeout=timeout)
-        except template.TemplateError:
+        except template.NotForTemplate:
             result = None  # not this one: a worker of its own runs it
+        except template.TemplateError as e:
+            if forked.alive():  # a template that ended is started again for the next analysis;
+                template.refuse(uid, str(e))  # one that fails while running is not tried again
         except subprocess.TimeoutExpired:
             raise AnalysisError(f"{STOPPED} {limit:g}s and was stopped") from None
     if result is None:

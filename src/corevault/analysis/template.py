@@ -83,6 +83,10 @@ class TemplateError(Exception):
     """The template cannot serve: the runner starts a worker of its own instead."""
 
 
+class NotForTemplate(TemplateError):
+    """This analysis cannot run in a template's child (an input it cannot place); others can."""
+
+
 def _libc() -> ctypes.CDLL:
     return ctypes.CDLL(None, use_errno=True)
 
@@ -316,7 +320,7 @@ class Template:
         deadline = time.monotonic() + timeout
         outside = [b.dest for b in inputs if not b.dest.startswith(sandbox.INPUTS + "/") or ".." in b.dest]
         if outside:
-            raise TemplateError(f"an input outside {sandbox.INPUTS}: {outside[0]}")
+            raise NotForTemplate(f"an input outside {sandbox.INPUTS}: {outside[0]}")
         opened: list[int] = []
         mine: list[socket.socket] = []
         pipes: list[int] = []
@@ -426,6 +430,20 @@ _start_lock = threading.Lock()
 #: the thread templates are started from, alive as long as this process: bubblewrap's
 #: --die-with-parent follows the thread that started it, and an analysis thread may end
 _starter = concurrent.futures.ThreadPoolExecutor(max_workers=1, thread_name_prefix="analysis-template")
+
+
+def refuse(uid: int, why: str) -> None:
+    """Stop using the template for ``uid`` in this process: it failed where it should not."""
+    import logging
+
+    with _start_lock:
+        t = _templates.pop(uid, None)
+        _refused[uid] = why
+    if t is not None:
+        t.close()
+    logging.getLogger("corevault.analysis").warning(
+        "analysis template stopped (%s): each analysis starts a worker of its own", why
+    )
 
 
 def shared(uid: int) -> Template | None:
