@@ -46,13 +46,14 @@ def signal_name(number: int) -> str | None:
     """
     import _signal
 
-    names = sorted(
-        (value, name)
+    # the names of ``number`` alone, not every signal's sorted (~0.1 ms of every crash)
+    names = [
+        name
         for name, value in vars(_signal).items()
+        if value == number and isinstance(value, int)
         if name.isupper() and name.startswith("SIG") and not name.startswith("SIG_")
-        if isinstance(value, int)
-    )
-    return next((name for value, name in names if value == number), None)
+    ]
+    return min(names, default=None)
 
 
 def store_room(settings: config.Settings, spool_used: int | None = None) -> int:
