@@ -16,12 +16,14 @@ client, in one run:
   runs taking turns: debuginfod fetching ``/buildid/<id>/executable`` of a 100 KiB, a 4 MiB and
   a ``--binary-mib`` MiB file (sent by the kernel: :mod:`corevault.server.zerocopy`), read by one
   reader (1 MiB reads, in this process) from the socket, ÷ ``cat`` of the same stored file into
-  the same reader through a pipe (goal ≥ 0.9), and ÷ a bare asyncio ``sendfile`` server of the
-  same file read the same way (the most an HTTP server gets here); then with ``curl`` into
+  the same reader through a pipe (goal ≥ 0.9), ÷ a bare asyncio ``sendfile`` server of the
+  same file read the same way (the most an HTTP server gets here), and ÷ uvicorn alone (as
+  ``corevault serve`` runs it, the same zero-copy send, no application: what is uvicorn's and what
+  is corevault's); over one kept-alive connection too; then with ``curl`` into
   /dev/null, against the bare server and ``cat`` into /dev/null (what curl's own start-up and
   copies cost). Each download is a new connection, each ``cat`` a new process; the reader gets at
   most 64 KiB per read from the pipe (its capacity) and up to 1 MiB from the socket, so the
-  baseline asks no more of a download than of ``cat``. Beside each size, the server's CPU and
+  baseline asks no more of a download than of ``cat``. Beside each size, each server's CPU and
   context switches per download (``/proc/PID/task/*``), which the host's load does not stretch;
 - a range of a compressed core: the last MiB of a ``--core-mib`` MiB core stored in the
   seekable format ÷ the same range of the same core stored as one frame (as before); and the
@@ -195,6 +197,24 @@ async def main():
 asyncio.run(main())
 """
 
+#: uvicorn alone, as ``corevault serve`` runs it (h11, the zero-copy send, no access log) but with no
+#: application behind it: ``GET /N`` answers the N-th file of its command line, by ``sendfile``
+UVICORN_ALONE = """
+import os, sys
+import uvicorn
+from corevault.server import zerocopy
+paths = sys.argv[2:]
+async def app(scope, receive, send):
+    path = paths[int(scope["path"][1:])]
+    with open(path, "rb") as f:
+        size = os.fstat(f.fileno()).st_size
+        await send({"type": "http.response.start", "status": 200, "headers": [(b"content-length", b"%d" % size)]})
+        await send({"type": zerocopy.EXTENSION, "file": f, "offset": 0, "count": size})
+zerocopy.install()
+uvicorn.run(app, host="127.0.0.1", port=int(sys.argv[1]), log_level="warning", access_log=False,
+            server_header=False, lifespan="off")
+"""
+
 READ = 1 << 20
 
 
@@ -323,13 +343,20 @@ def server_load(pid: int) -> tuple[float, int]:
 
 
 def one_binary(
-    server: tuple[int, int], token: str, url: str, bare: tuple[int, int], size: int, path: str, runs: int
+    server: tuple[int, int],
+    token: str,
+    url: str,
+    baselines: dict[str, tuple[int, int]],
+    index: int,
+    size: int,
+    path: str,
+    runs: int,
 ) -> None:
-    """One binary's download (``url`` of the server on port ``server[0]``, process ``server[1]``;
-    the ``bare[1]``-th file of the bare server on port ``bare[0]``)."""
+    """One binary's download: ``url`` of the server (port, process) and the ``index``-th file of
+    the ``baselines`` (``bare`` and ``uvicorn alone``, each port and process)."""
     port, pid = server
     buf = bytearray(READ)
-    bare_url = f"http://127.0.0.1:{bare[0]}/{bare[1]}"
+    bare_url = f"http://127.0.0.1:{baselines['bare'][0]}/{index}"
     curl = ["curl", "-sf", "-o", "/dev/null"]
     fetches = runs if size < 64 << 20 else max(5, runs // 3)
     kept = KeptAlive(port)
@@ -339,7 +366,8 @@ def one_binary(
                 "ours": lambda: http_get(port, url, token, buf),
                 "ours, kept alive": lambda: kept.get(url, token, buf),
                 "cat": lambda: cat_into(path, buf),
-                "bare": lambda: http_get(bare[0], f"/{bare[1]}", None, buf),
+                "bare": lambda: http_get(baselines["bare"][0], f"/{index}", None, buf),
+                "uvicorn alone": lambda: http_get(baselines["uvicorn alone"][0], f"/{index}", None, buf),
                 "curl ours": lambda: run_quiet(
                     [*curl, "-H", f"Authorization: Bearer {token}", f"http://127.0.0.1:{port}{url}"]
                 ),
@@ -350,17 +378,26 @@ def one_binary(
         )
     finally:
         kept.close()
-    # what the server spent on each download, in a loop of its own (curl hits the server too)
-    before = server_load(pid)
-    for _ in range(fetches):
-        http_get(port, url, token, buf)
-    after = server_load(pid)
-    cpu, switches = ((b - a) / fetches for a, b in zip(before, after, strict=True))
+    # what each server spent on a download, in a loop of its own (curl hits the servers too)
+    spent = {}
+    for name, (at, process, where) in {
+        "ours": (port, pid, url),
+        **{name: (at, process, f"/{index}") for name, (at, process) in baselines.items()},
+    }.items():
+        before = server_load(process)
+        for _ in range(fetches):
+            http_get(at, where, token if name == "ours" else None, buf)
+        after = server_load(process)
+        spent[name] = tuple((b - a) / fetches for a, b in zip(before, after, strict=True))
     print(
         f"  {size_label(size):>7}, reader: ours {rate(size, got['ours'])}, cat | reader {rate(size, got['cat'])}: "
         f"{against_goal(got['cat'] / got['ours'])}; bare sendfile server {rate(size, got['bare'])}: "
-        f"{got['bare'] / got['ours']:.2f}; the server spent {cpu * 1000:.2f} ms of CPU and "
-        f"{switches:.1f} context switches per download"
+        f"{got['bare'] / got['ours']:.2f}; uvicorn alone {rate(size, got['uvicorn alone'])}: "
+        f"{got['uvicorn alone'] / got['ours']:.2f}"
+    )
+    print(
+        f"  {size_label(size):>7}, server CPU and context switches per download: "
+        + ", ".join(f"{name} {cpu * 1000:.2f} ms, {n:.1f}" for name, (cpu, n) in spent.items())
     )
     print(
         f"  {size_label(size):>7}, reader, one kept-alive connection: ours {rate(size, got['ours, kept alive'])}: "
@@ -374,23 +411,30 @@ def one_binary(
 
 
 def debuginfod(server: tuple[int, int], token: str, state: str, binary_mib: int, runs: int) -> None:
-    """Each binary's download against ``cat`` and the bare sendfile server, into one reader and by curl."""
+    """Each binary's download against ``cat``, the bare sendfile server and uvicorn alone, into one
+    reader and by curl."""
     files = {
         build_id: (size, os.path.join(state, "vault", blobs.object_key(build_id, build_id[:2] * 32)))
         for build_id, size in binaries(binary_mib).items()
     }
-    bare_port = servers.free_port()
-    bare = subprocess.Popen(
-        [sys.executable, "-c", BARE_SENDFILE, str(bare_port), *(p for _, p in files.values())]
-    )
+    started: dict[str, tuple[int, subprocess.Popen]] = {}
     try:
-        servers.wait_port(bare_port)
+        for name, script in (("bare", BARE_SENDFILE), ("uvicorn alone", UVICORN_ALONE)):
+            at = servers.free_port()
+            started[name] = (
+                at,
+                subprocess.Popen([sys.executable, "-c", script, str(at), *(p for _, p in files.values())]),
+            )
+        for at, _ in started.values():
+            servers.wait_port(at)
+        baselines = {name: (at, proc.pid) for name, (at, proc) in started.items()}
         print("debuginfod downloads, one reader (1 MiB reads) / curl -o /dev/null; runs taking turns:")
         for i, (build_id, (size, path)) in enumerate(files.items()):
-            one_binary(server, token, f"/buildid/{build_id}/executable", (bare_port, i), size, path, runs)
+            one_binary(server, token, f"/buildid/{build_id}/executable", baselines, i, size, path, runs)
     finally:
-        bare.terminate()
-        bare.wait(10)
+        for _, proc in started.values():
+            proc.terminate()
+            proc.wait(10)
 
 
 def add_cores(state: str, mib: int) -> tuple[str, str]:
