@@ -298,8 +298,9 @@ def get_crash(request: Request, reader: Reader, crash_id: str) -> dict:
 def download_core(request: Request, crash_id: str) -> Response:
     """The plain core; as it is stored (``Content-Encoding: zstd``) to a client that accepts zstd
     and asks for no range; supports a single HTTP Range, always of the plain core."""
-    # the reader is found in this worker thread (not as a dependency, one more thread hop), and
-    # the crash is one row of five columns: a reader of ranges asks for each range anew
+    # the reader is found here (not as a dependency, one more thread hop: see
+    # corevault.server.downloads for where this runs), and the crash is one row of five
+    # columns: a reader of ranges asks for each range anew
     reader, srv = principal(request), server(request)
     with srv.vault.engine.connect() as conn:
         crash = seen(reader, crash_id, catalog.core_of(conn, crash_id))
@@ -554,7 +555,8 @@ def _binary(request: Request, build_id: str, debuginfo: bool, crash: str | None)
     # A build-id is a claim any pod can make: the file served is one that a crash the reader
     # may read really mapped (that crash's own, with ?crash=ID), never another tenant's.
     # Everything a download needs before its bytes (the reader, the lookup, opening the file)
-    # happens in this one worker thread: a debugger asks for dozens of files per core.
+    # happens in this one call, in one worker thread or on the event loop when all of it is
+    # local (corevault.server.downloads): a debugger asks for dozens of files per core.
     reader = principal(request)
     if not objectid.KEY.match(build_id):
         raise HTTPException(404, "not a build-id")

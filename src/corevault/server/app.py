@@ -15,7 +15,8 @@ One ASGI application (FastAPI) over the catalog and blob store the agents fill:
 Every other request names its reader with a bearer token (or, for pages, the cookie the
 login page sets) and sees only the namespaces :mod:`corevault.server.access` allows.
 Handlers are plain functions: FastAPI runs them in its thread pool, where the catalog's
-and the store's blocking calls belong.
+and the store's blocking calls belong. The downloads' handlers run on the event loop when
+every call they make is local (:mod:`corevault.server.downloads`).
 """
 
 from __future__ import annotations

@@ -123,7 +123,7 @@ def serve(
     streamed = StreamingResponse(body(), status_code=status, headers=base, media_type=media_type)
     if local is None:
         return streamed
-    # opened here, in the handler's worker thread, not by another hop from the event loop
+    # opened here, where the handler runs, not by another hop from the event loop
     return _Sendfile(open(local, "rb"), start, length, streamed, counted)
 
 
