@@ -505,3 +505,31 @@ def test_an_input_the_template_cannot_place_goes_to_a_worker_of_its_own(
     own = runner.analyze(core, [store], record=record, debug_dirs=("/usr/lib/debug", str(debug)))
     assert len(alone) == 1
     assert (own.title, own.signature, own.threads) == (forked.title, forked.signature, forked.threads)
+
+
+@pytest.mark.skipif(os.geteuid() != 0, reason="switching to the worker's own uid needs root")
+def test_a_template_is_replaced_after_its_forks_without_ending_a_running_analysis(
+    monkeypatch: pytest.MonkeyPatch,
+) -> None:
+    """Its children share its memory layout and hash seed: after MAX_FORKS a new template
+    serves, and the old one ends once the analysis still running in it is done."""
+    monkeypatch.setattr(template, "MAX_FORKS", 2)
+    first = template.shared(64_900)
+    assert first is not None, "the analysis template does not start on this machine"
+    first.forks = 1
+    results: list[tuple[bytes, bytes, int]] = []
+    slow = threading.Thread(
+        target=lambda: results.append(
+            first.run("import time; time.sleep(2); print('done')", [], [], memory=1 << 30, timeout=30)
+        )
+    )
+    slow.start()
+    deadline = time.monotonic() + 10
+    while first.forks < 2:
+        assert time.monotonic() < deadline
+        time.sleep(0.01)
+    second = template.shared(64_900)
+    assert second is not None and second is not first and first.alive()
+    slow.join(timeout=30)
+    assert results == [(b"done\n", b"", 0)] and not first.alive()
+    assert second.run("print(2)", [], [], memory=1 << 30, timeout=30)[::2] == (b"2\n", 0)

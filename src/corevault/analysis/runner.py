@@ -168,8 +168,10 @@ def _run(
         except template.NotForTemplate:
             result = None  # not this one: a worker of its own runs it
         except template.TemplateError as e:
-            if forked.alive():  # a template that ended is started again for the next analysis;
-                template.refuse(uid, str(e))  # one that fails while running is not tried again
+            # a template that ended or was retired is started again for the next analysis;
+            # one that fails while it runs is not tried again
+            if forked.alive() and not forked.retired:
+                template.refuse(uid, str(e))
         except subprocess.TimeoutExpired:
             raise AnalysisError(f"{STOPPED} {limit:g}s and was stopped") from None
     if result is None:

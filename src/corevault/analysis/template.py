@@ -29,6 +29,10 @@ How a child gets as strict as a bubblewrap worker, and stricter where they share
 - The keeper sends the agent a pidfd of the analysis process before it reads anything, and
   its exit status after: the agent kills it (and its whole PID namespace, gdb included) when
   the time is up.
+- Children share what a fork copies: the template's memory layout (address space
+  randomisation) and Python's hash seed, which fresh workers would each draw anew. So a
+  template serves at most :data:`MAX_FORKS` analyses; then a new one starts and the old one
+  ends with the last analysis running in it.
 
 The template needs ``/proc`` of the host to write its user namespace's maps and for its
 children to mount a ``/proc`` of their own (the kernel mounts one in a user namespace only
@@ -77,6 +81,9 @@ MAX_REQUEST = 1 << 20
 FDS_PER_MESSAGE = 250  # the kernel's SCM_MAX_FD is 253
 #: a child's exit status when it could not make its sandbox (before it ran anything)
 SETUP_FAILED = 125
+#: children of one template: its children share its memory layout (ASLR) and its hash seed,
+#: so what one learns of them holds for at most this many others; then a new template starts
+MAX_FORKS = 100
 
 
 class TemplateError(Exception):
@@ -276,7 +283,11 @@ class Template:
     def __init__(self, uid: int) -> None:
         self.uid = uid
         self.owner = os.getpid()
+        self.forks = 0
         self._lock = threading.Lock()
+        self._uses = threading.Lock()
+        self._running = 0
+        self._retired = False
         self._control, theirs = socket.socketpair(socket.AF_UNIX, socket.SOCK_SEQPACKET)
         code = f"from corevault.analysis.template import serve; sys.exit(serve({theirs.fileno()}))"
         cmd = sandbox.template_command(sandbox.python(code), uid)
@@ -305,10 +316,23 @@ class Template:
     def alive(self) -> bool:
         return self._proc.poll() is None
 
+    @property
+    def retired(self) -> bool:
+        return self._retired
+
+    def retire(self) -> None:
+        """Fork no more; end once the analyses running in it are done."""
+        with self._uses:
+            self._retired = True
+            done = self._running == 0
+        if done:
+            self.close()
+
     def close(self) -> None:
         self._control.close()
         if self._proc.poll() is None:
-            os.killpg(self._proc.pid, signal.SIGKILL)
+            with contextlib.suppress(ProcessLookupError):
+                os.killpg(self._proc.pid, signal.SIGKILL)
         self._proc.wait()
 
     def run(
@@ -317,10 +341,27 @@ class Template:
         """``code`` run as ``python -c code args`` in a child with ``inputs``; its output,
         errors and exit status. Raises ``subprocess.TimeoutExpired`` once ``timeout`` passed
         (the child killed) and :class:`TemplateError` where the template could not start it."""
-        deadline = time.monotonic() + timeout
         outside = [b.dest for b in inputs if not b.dest.startswith(sandbox.INPUTS + "/") or ".." in b.dest]
         if outside:
             raise NotForTemplate(f"an input outside {sandbox.INPUTS}: {outside[0]}")
+        with self._uses:
+            if self._retired:
+                raise TemplateError("the analysis template was retired")
+            self._running += 1
+            self.forks += 1
+        try:
+            return self._run(code, args, inputs, memory=memory, timeout=timeout)
+        finally:
+            with self._uses:
+                self._running -= 1
+                done = self._retired and self._running == 0
+            if done:
+                self.close()
+
+    def _run(
+        self, code: str, args: list[str], inputs: list[sandbox.Bind], *, memory: int, timeout: float
+    ) -> tuple[bytes, bytes, int]:
+        deadline = time.monotonic() + timeout
         opened: list[int] = []
         mine: list[socket.socket] = []
         pipes: list[int] = []
@@ -455,10 +496,10 @@ def shared(uid: int) -> Template | None:
         if uid in _refused:
             return None
         t = _templates.get(uid)
-        if t is not None and t.alive():
+        if t is not None and t.alive() and t.forks < MAX_FORKS:
             return t
         if t is not None:
-            t.close()
+            t.retire()
         try:
             _templates[uid] = _starter.submit(Template, uid).result()
         except (TemplateError, sandbox.SandboxError, OSError) as e:
