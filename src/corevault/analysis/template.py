@@ -506,8 +506,10 @@ def shared(uid: int) -> Template | None:
             import logging
 
             _refused[uid] = str(e)
-            logging.getLogger("corevault.analysis").warning(
-                "analysis template not available (%s): each analysis starts a worker of its own", e
+            # expected of an unprivileged user's analysis (the CLI's); on a node, worth a look
+            level = logging.WARNING if os.geteuid() == 0 else logging.INFO
+            logging.getLogger("corevault.analysis").log(
+                level, "analysis template not available (%s): each analysis starts a worker of its own", e
             )
             return None
         return _templates[uid]
