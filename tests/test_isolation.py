@@ -533,3 +533,33 @@ def test_a_template_is_replaced_after_its_forks_without_ending_a_running_analysi
     slow.join(timeout=30)
     assert results == [(b"done\n", b"", 0)] and not first.alive()
     assert second.run("print(2)", [], [], memory=1 << 30, timeout=30)[::2] == (b"2\n", 0)
+
+
+@pytest.mark.skipif(os.geteuid() != 0, reason="switching to the worker's own uid needs root")
+def test_analyses_at_once_in_one_template_each_get_their_own_crash_and_report() -> None:
+    """Eight analyses of two tenants' crashes at once through one template: each report is
+    of the crash it was given, none mixed with another's."""
+    from concurrent.futures import ThreadPoolExecutor
+
+    from tests.conftest import FIXTURE_SPOOL
+
+    assert template.shared(64_900) is not None, "the analysis template does not start on this machine"
+    store = os.path.join(FIXTURE_SPOOL, "store")
+    crashes = []
+    for entry in sorted(os.listdir(spool.ready_dir(FIXTURE_SPOOL))):
+        meta = spool.read_meta(FIXTURE_SPOOL, entry)
+        crashes.append(
+            (os.path.join(spool.ready_dir(FIXTURE_SPOOL), entry, spool.CORE_NAME), meta["modules"])
+        )
+    alone = [runner.analyze(core, [store], record=record) for core, record in crashes]
+    assert alone[0].signature != alone[1].signature
+    with ThreadPoolExecutor(8) as pool:
+        reports = list(
+            pool.map(lambda i: runner.analyze(crashes[i % 2][0], [store], record=crashes[i % 2][1]), range(8))
+        )
+    for i, report in enumerate(reports):
+        assert (report.signature, report.exe, report.threads) == (
+            alone[i % 2].signature,
+            alone[i % 2].exe,
+            alone[i % 2].threads,
+        )
