@@ -25,7 +25,7 @@ import httpx
 import pytest
 
 from corevault import config
-from corevault.server.access import StaticTokens
+from corevault.server.access import Denied, StaticTokens
 from corevault.server.app import create_app
 from corevault.vault import blobs, catalog, stores
 from corevault.vault.remote import RemoteVault
@@ -462,3 +462,19 @@ def test_a_token_taken_out_of_the_file_downloads_nothing_more(tmp_path: Path) ->
         os.utime(path, ns=(before + 10**9, before + 10**9))  # a later change, whatever the clock's grain
         assert get(f"{url}/buildid/{BUILD_ID}/executable", "a").status_code == 401
         assert get(f"{url}/buildid/{BUILD_ID}/executable", "b").status_code == 404  # b still reads, not a's
+
+
+def test_a_token_file_changed_within_one_timestamp_tick_is_read_again(tmp_path: Path) -> None:
+    """File times have a coarse grain, so a second write can keep the first's mtime: a token taken
+    out that way (simulated by putting the mtime back, the size unchanged) is refused at the next
+    request."""
+    path = Path(tokens(tmp_path))
+    held = StaticTokens(str(path))
+    first = path.stat()
+    assert held.principal(TOKENS["a"], lambda: ["a"]).name == "a"
+    path.write_text(path.read_text().replace(TOKENS["a"], TOKENS["a"].replace("a-", "x-", 1)))
+    os.utime(path, ns=(first.st_atime_ns, first.st_mtime_ns))  # the same tick as the first write
+    assert path.stat().st_size == first.st_size
+    with pytest.raises(Denied):
+        held.principal(TOKENS["a"], lambda: ["a"])
+    assert held.principal(TOKENS["b"], lambda: ["b"]).name == "b"

@@ -46,6 +46,8 @@ ALL = "*"
 #: the cookie the login page sets: it carries a bearer token, for page reads only
 COOKIE = "corevault_token"
 
+RACY_NS = 2_000_000_000  # a token file changed this recently is read again at the next request
+
 
 class Denied(Exception):
     """The request carries no usable credentials (HTTP 401)."""
@@ -172,7 +174,7 @@ class StaticTokens(Access):
     def __init__(self, path: str) -> None:
         self.path = path
         self._lock = threading.Lock()
-        self._mtime: int | None = None
+        self._stamp: tuple[int, ...] | None = None
         self._tokens: list[_Token] = []
         self._load()
 
@@ -183,7 +185,8 @@ class StaticTokens(Access):
             raise AccessError(
                 f"token file {self.path}: {e.strerror}; create it (see docs/server.md)"
             ) from None
-        if st.st_mtime_ns == self._mtime:
+        stamp = (st.st_dev, st.st_ino, st.st_size, st.st_mtime_ns, st.st_ctime_ns)
+        if stamp == self._stamp:
             return
         if st.st_mode & 0o077:
             raise AccessError(f"token file {self.path} is readable by others; chmod 600 {self.path}")
@@ -220,7 +223,11 @@ class StaticTokens(Access):
                     bool(t.get("exec", False)),
                 )
             )
-        self._tokens, self._mtime = tokens, st.st_mtime_ns
+        # A file changed within the last RACY_NS may change again within the same timestamp tick
+        # (the kernel's clock for file times is coarse): it is read again at the next request
+        # until it is older, so a revocation written right after another change still counts.
+        racy = time.time_ns() - max(st.st_mtime_ns, st.st_ctime_ns) < RACY_NS
+        self._tokens, self._stamp = tokens, None if racy else stamp
 
     def principal(self, token: str | None, namespaces: Callable[[], Iterable[str]]) -> Principal:
         if not token:
