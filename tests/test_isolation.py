@@ -563,3 +563,77 @@ def test_analyses_at_once_in_one_template_each_get_their_own_crash_and_report() 
             alone[i % 2].exe,
             alone[i % 2].threads,
         )
+
+
+#: an analysis taken over by its core, trying to write its inputs: each is the host's file
+#: (a template's child holds it open), which an owner could make writable and reopen
+WRITER = r"""
+import json, os
+seen = {}
+for top, _, names in os.walk("/in"):
+    for path in (os.path.join(top, n) for n in names):
+        try:  # through /proc/1/fd/N in a template's child, the bind otherwise
+            os.chmod(path, 0o666)
+            seen[path] = "chmod"
+        except OSError as e:
+            seen[path] = e.strerror
+        try:
+            fd = os.open(path, os.O_WRONLY | os.O_APPEND)
+            os.write(fd, b"tenant A was here" * 4096)
+            os.close(fd)
+            seen[path] += ", written"
+        except OSError as e:
+            seen[path] += ", " + e.strerror
+print(json.dumps({"error": json.dumps(seen)}))
+"""
+
+
+@pytest.mark.skipif(os.geteuid() != 0, reason="switching to the worker's own uid needs root")
+@pytest.mark.parametrize("forked", [True, False], ids=["template", "worker-of-its-own"])
+def test_an_analysis_taken_over_can_write_none_of_its_inputs(
+    monkeypatch: pytest.MonkeyPatch, forked: bool
+) -> None:
+    """A real crash's analysis doing what a core that took it over could with the files it
+    was given (the core's expanded copy, the record's, the store's binaries): neither make
+    them writable nor write them, which would write the node's disk past the sandbox's
+    capped /tmp. Both ways an analysis runs."""
+    from tests.conftest import FIXTURE_SPOOL
+
+    if not forked:
+        monkeypatch.setattr(template, "shared", lambda uid: None)
+    elif template.shared(64_900) is None:
+        pytest.fail("the analysis template does not start on this machine")
+    [entry] = [
+        e
+        for e in os.listdir(spool.ready_dir(FIXTURE_SPOOL))
+        if spool.read_meta(FIXTURE_SPOOL, e)["process"]["exe"] == "/app/crasher"
+    ]
+    core = os.path.join(spool.ready_dir(FIXTURE_SPOOL), entry, spool.CORE_NAME)
+    record = spool.read_meta(FIXTURE_SPOOL, entry)["modules"]
+    monkeypatch.setattr(runner, "_worker", lambda argv: (WRITER, []))
+    copies: list[tuple[str, int]] = []
+    copy = runner._worker_copy
+
+    def noted(path: str, dest: str, uid: int) -> str:
+        made = copy(path, dest, uid)
+        copies.append((made, os.stat(made).st_size))
+        return made
+
+    monkeypatch.setattr(runner, "_worker_copy", noted)
+    sizes: dict[str, int] = {}
+    real_run = runner._run
+
+    def run(*args, **kwargs) -> dict:
+        try:
+            return real_run(*args, **kwargs)
+        finally:  # the copies go with the analysis's directory: their sizes are read now
+            sizes.update({p: os.stat(p).st_size for p, _ in copies})
+
+    monkeypatch.setattr(runner, "_run", run)
+    with pytest.raises(runner.AnalysisError) as caught:
+        runner.analyze(core, [os.path.join(FIXTURE_SPOOL, "store")], record=record, timeout=60)
+    seen = json.loads(str(caught.value))
+    assert {runner.CORE_IN_SANDBOX, runner.RECORD_IN_SANDBOX} <= set(seen), seen
+    for path, outcome in seen.items():
+        assert "chmod" not in outcome and "written" not in outcome, (path, outcome)
+    assert sizes == {p: size for p, size in copies}  # not a byte more on the host

@@ -74,8 +74,10 @@ def _worker_copy(path: str, dest: str, uid: int) -> str:
     """A path of ``path``, in plain form, that the sandboxed worker (``uid``) can read.
 
     A zstd core is expanded into ``dest``; a plain file that others may not read is copied
-    there (sparse); a world-readable plain file is used as it is. The worker never needs
-    more than read access to a file of its own.
+    there (sparse); a world-readable plain file is used as it is. The worker reads a copy
+    by its group and does not own it: an owner could make it writable again and reopen it
+    through ``/proc/1/fd`` (a template's child holds the host's file, not a read-only bind)
+    and write the host's disk past its capped ``/tmp``.
     """
     try:
         with open(path, "rb") as f:
@@ -89,8 +91,10 @@ def _worker_copy(path: str, dest: str, uid: int) -> str:
     except OSError as e:
         raise AnalysisError(f"cannot read {path}: {e.strerror}") from None
     if os.geteuid() == 0:
-        os.chown(dest, uid, uid)
-    os.chmod(dest, 0o400)
+        os.chown(dest, 0, uid)
+        os.chmod(dest, 0o440)
+    else:  # the worker is this user (a user namespace of its own): owner it stays
+        os.chmod(dest, 0o400)
     return dest
 
 

@@ -25,8 +25,8 @@ own package directories, fixed by the parent (:func:`python`). The bytecode it r
 installation's, compiled when corevault was installed (root-owned, read-only in here):
 without it every worker would compile corevault's modules again.
 
-Inputs must be readable by that uid: the runner hands over a copy of the core it owns
-(decompressed or sparse-copied) and the build-id store's files are world-readable
+Inputs must be readable by that uid: the runner hands over a copy of the core that root
+owns and the uid's group may read (0440: an owner could make it writable again) and the build-id store's files are world-readable
 (0644 in 0755 directories, as the handler writes them). Started by an unprivileged user,
 the same sandbox is built in a user namespace and the user's own uid is kept.
 """
