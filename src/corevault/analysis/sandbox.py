@@ -26,8 +26,9 @@ installation's, compiled when corevault was installed (root-owned, read-only in 
 without it every worker would compile corevault's modules again.
 
 Inputs must be readable by that uid: the runner hands over a copy of the core that root
-owns and the uid's group may read (0440: an owner could make it writable again) and the build-id store's files are world-readable
-(0644 in 0755 directories, as the handler writes them). Started by an unprivileged user,
+owns and the uid's group may read (0440: an owner could make it writable again) and the
+build-id store's files are world-readable (0644 in 0755 directories, as the handler writes
+them). Started by an unprivileged user,
 the same sandbox is built in a user namespace and the user's own uid is kept.
 """
 
