@@ -225,7 +225,8 @@ def _rebuild(fd: int, limit: int, now: float, window: float) -> tuple[int, int, 
             take = min(kept_n, limit)  # the newest ``limit`` of them are all that can count now
             kept = _ring(fd, _KEPT_AT, old_limit, (kept_next - take) % old_limit, take)
     else:
-        raw = os.pread(fd, _OLD_FORMAT_MAX, 0)
+        size = os.fstat(fd).st_size  # a new key's file is empty: no buffer for the old format's most
+        raw = os.pread(fd, min(size, _OLD_FORMAT_MAX), 0) if size else b""
         try:
             doc = quickjson.loads(raw) if raw else {}
         except ValueError:
