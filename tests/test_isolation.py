@@ -637,3 +637,49 @@ def test_an_analysis_taken_over_can_write_none_of_its_inputs(
     for path, outcome in seen.items():
         assert "chmod" not in outcome and "written" not in outcome, (path, outcome)
     assert sizes == {p: size for p, size in copies}  # not a byte more on the host
+
+
+@pytest.mark.skipif(os.geteuid() != 0, reason="switching to the worker's own uid needs root")
+def test_an_analysis_taken_over_cannot_stop_the_template_for_other_tenants(
+    monkeypatch: pytest.MonkeyPatch,
+) -> None:
+    """Tenant A's analysis, taken over by its core, ends as a child that could not make its
+    sandbox does (status 125, nothing on stdout): that fails A's analysis alone. Tenant B's
+    next analysis still runs in the template, and A's is not run a second time elsewhere."""
+    from tests.conftest import FIXTURE_SPOOL
+
+    monkeypatch.setattr(template, "_refused", {})
+    monkeypatch.setattr(template, "_templates", {})
+    if template.shared(64_900) is None:
+        pytest.fail("the analysis template does not start on this machine")
+    by_exe = {
+        spool.read_meta(FIXTURE_SPOOL, e)["process"]["exe"]: e
+        for e in os.listdir(spool.ready_dir(FIXTURE_SPOOL))
+    }
+    store = os.path.join(FIXTURE_SPOOL, "store")
+    alone: list[str] = []
+    run_alone = runner._run_alone
+    monkeypatch.setattr(
+        runner, "_run_alone", lambda code, args, *a, **k: alone.append(code) or run_alone(code, args, *a, **k)
+    )
+    worker = runner._worker
+    forged = "import os, sys\nsys.stderr.write('TemplateError: forged\\n')\nsys.stderr.flush()\nos._exit(125)"
+    monkeypatch.setattr(runner, "_worker", lambda argv: (forged, []))
+
+    def analyse(exe: str):
+        entry = by_exe[exe]
+        core = os.path.join(spool.ready_dir(FIXTURE_SPOOL), entry, spool.CORE_NAME)
+        record = spool.read_meta(FIXTURE_SPOOL, entry)["modules"]
+        return runner.analyze(core, [store], record=record, timeout=60)
+
+    with pytest.raises(runner.AnalysisError, match="forged"):
+        analyse("/app/libuser")
+    assert template._refused == {} and alone == []
+    monkeypatch.setattr(runner, "_worker", worker)
+    report = analyse("/app/crasher")
+    assert report.threads and alone == []  # B's, in a child of the template
+    forked = template.shared(64_900)
+    assert forked is not None
+    # a sandbox that does fail (a request it cannot take) is still told from an analysis's status
+    with pytest.raises(template.TemplateError, match="could not make its sandbox"):
+        forked.run("print('never')", [], [], memory="no number", timeout=30)  # type: ignore[arg-type]

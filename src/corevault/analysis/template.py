@@ -28,7 +28,10 @@ How a child gets as strict as a bubblewrap worker, and stricter where they share
   checks all of that in ``/proc/self/status`` before it reads anything.
 - The keeper sends the agent a pidfd of the analysis process before it reads anything, and
   its exit status after: the agent kills it (and its whole PID namespace, gdb included) when
-  the time is up.
+  the time is up. With the status goes whether the analysis said, over a pipe to the keeper,
+  that its sandbox was complete: only a child that did not is a sandbox that failed (the
+  runner then stops using the template); an analysis that a core took over can end with any
+  status, and it ran after saying so.
 - Children share what a fork copies: the template's memory layout (address space
   randomisation) and Python's hash seed, which fresh workers would each draw anew. So a
   template serves at most :data:`MAX_FORKS` analyses; then a new one starts and the old one
@@ -171,28 +174,35 @@ def _keeper(libc: ctypes.CDLL, ctl_fd: int, data_fd: int, last_cap: int) -> None
     ctl = socket.socket(fileno=ctl_fd)
     namespaces = CLONE_NEWNS | CLONE_NEWPID | CLONE_NEWNET | CLONE_NEWIPC | CLONE_NEWUTS | CLONE_NEWCGROUP
     _check(libc.unshare(namespaces), "unshare")
+    ready_r, ready_w = os.pipe2(os.O_CLOEXEC)
     pid = os.fork()
     if pid == 0:
         try:
             ctl.close()
-            _analysis(libc, socket.socket(fileno=data_fd), last_cap)
+            os.close(ready_r)
+            _analysis(libc, socket.socket(fileno=data_fd), last_cap, ready_w)
         except BaseException:  # whatever it is, the agent reads it
             traceback.print_exc()
         finally:
             os._exit(1)
     os.close(data_fd)
+    os.close(ready_w)
     pidfd = os.pidfd_open(pid)
     _send(ctl, b"P", [pidfd])
     os.close(pidfd)
     _, status = os.waitpid(pid, 0)
-    _send(ctl, b"S" + struct.pack("i", os.waitstatus_to_exitcode(status)))
+    ready = os.read(ready_r, 1) == b"1"  # its end is closed: it ended
+    _send(ctl, b"S" + struct.pack("i?", os.waitstatus_to_exitcode(status), ready))
     os._exit(0)
 
 
-def _analysis(libc: ctypes.CDLL, data: socket.socket, last_cap: int) -> None:
-    """PID 1 of its namespace: build the rest of the sandbox, then receive the crash and run."""
+def _analysis(libc: ctypes.CDLL, data: socket.socket, last_cap: int, ready: int) -> None:
+    """PID 1 of its namespace: build the rest of the sandbox, then receive the crash and run;
+    tells the keeper on ``ready`` that its sandbox is complete before it runs anything."""
     try:
         code, args = _sandbox(libc, data, last_cap)
+        os.write(ready, b"1")
+        os.close(ready)
     except BaseException:  # said on stderr; the agent starts a worker of its own instead
         traceback.print_exc()
         with contextlib.suppress(Exception):
@@ -437,8 +447,11 @@ class Template:
             message, _ = _receive(ctl, 16, 0)
         except OSError:
             message = b""
-        status = struct.unpack("i", message[1:5])[0] if message[:1] == b"S" and len(message) >= 5 else -9
-        if status == SETUP_FAILED and not out:
+        # its status, and whether it said its sandbox was complete (a keeper that said nothing: killed)
+        status, ready = (
+            struct.unpack("i?", message[1:]) if message[:1] == b"S" and len(message) == 6 else (-9, True)
+        )
+        if status == SETUP_FAILED and not ready:
             last = err.decode(errors="replace").strip().splitlines()[-1:] or ["no message"]
             raise TemplateError(f"a template's child could not make its sandbox: {last[0]}")
         return out, err, status
