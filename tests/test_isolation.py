@@ -13,6 +13,7 @@ import contextlib
 import errno
 import json
 import os
+import resource
 import shutil
 import signal
 import socket
@@ -683,3 +684,141 @@ def test_an_analysis_taken_over_cannot_stop_the_template_for_other_tenants(
     # a sandbox that does fail (a request it cannot take) is still told from an analysis's status
     with pytest.raises(template.TemplateError, match="could not make its sandbox"):
         forked.run("print('never')", [], [], memory="no number", timeout=30)  # type: ignore[arg-type]
+
+
+#: tenant A's analysis taken over by its core: it forks until the worker's uid may start no
+#: more processes (its limit here: the template's, lowered by the test), then says so in its name
+HOARDER = r"""
+import ctypes, os, time
+while True:
+    try:
+        pid = os.fork()
+    except OSError:
+        break
+    if pid == 0:
+        time.sleep(120)
+        os._exit(0)
+ctypes.CDLL(None).prctl(15, b"cv-hoarded", 0, 0, 0)
+time.sleep(120)
+"""
+
+
+def _descendants(pid: int) -> dict[int, str]:
+    """The processes below ``pid``, by pid: their names."""
+    parents: dict[int, tuple[int, str]] = {}
+    for p in (p for p in os.listdir("/proc") if p.isdigit()):
+        with contextlib.suppress(OSError):
+            stat = Path(f"/proc/{p}/stat").read_text()
+            name, rest = stat[stat.index("(") + 1 : stat.rindex(")")], stat[stat.rindex(")") + 2 :].split()
+            parents[int(p)] = (int(rest[1]), name)
+    found: dict[int, str] = {}
+    more = [pid]
+    while more:
+        at = more.pop()
+        for child, (parent, name) in parents.items():
+            if parent == at and child not in found:
+                found[child] = name
+                more.append(child)
+    return found
+
+
+def _until(what: str, check) -> None:
+    deadline = time.monotonic() + 30
+    while not check():
+        assert time.monotonic() < deadline, what
+        time.sleep(0.05)
+
+
+@pytest.mark.skipif(os.geteuid() != 0, reason="switching to the worker's own uid needs root")
+def test_an_analysis_that_takes_every_process_ends_no_other_analysis(
+    tmp_path, monkeypatch: pytest.MonkeyPatch
+) -> None:
+    """Tenant A's analysis, taken over by its core, forks until the worker's uid may start no
+    more processes, while tenant C's analysis runs in the same template. Tenant B's crash then
+    comes: the template cannot fork for it, and says so (B's analysis runs in a worker of its
+    own) instead of ending, with every analysis running in it (C's). The template then serves
+    the next analysis."""
+    from tests.conftest import FIXTURE_SPOOL
+
+    # A uid of this test's own (its count of processes is this test's alone), whose template
+    # may run 11 processes: itself, C's keeper and analysis, and eight more. Only the soft
+    # limit is lowered, and only while the template starts (root is held to no such limit).
+    uid = 64_901
+    soft, hard = resource.getrlimit(resource.RLIMIT_NPROC)
+    resource.setrlimit(resource.RLIMIT_NPROC, (11, hard))
+    try:
+        forked = template.Template(uid)
+    finally:
+        resource.setrlimit(resource.RLIMIT_NPROC, (soft, hard))
+    monkeypatch.setattr(template, "_templates", {uid: forked})
+    monkeypatch.setattr(template, "_refused", {})
+    by_exe = {
+        spool.read_meta(FIXTURE_SPOOL, e)["process"]["exe"]: e
+        for e in os.listdir(spool.ready_dir(FIXTURE_SPOOL))
+    }
+    store = os.path.join(FIXTURE_SPOOL, "store")
+    worker = runner._worker
+    monkeypatch.setattr(
+        runner,
+        "_worker",
+        lambda argv: (HOARDER, []) if threading.current_thread().name == "a" else worker(argv),
+    )
+    alone: list[str] = []
+    run_alone = runner._run_alone
+    monkeypatch.setattr(
+        runner, "_run_alone", lambda code, args, *a, **k: alone.append(code) or run_alone(code, args, *a, **k)
+    )
+    results: dict[str, object] = {}
+
+    def analyse(name: str, exe: str) -> None:
+        entry = by_exe[exe]
+        core = os.path.join(spool.ready_dir(FIXTURE_SPOOL), entry, spool.CORE_NAME)
+        try:
+            results[name] = runner.analyze(
+                core, [store], record=spool.read_meta(FIXTURE_SPOOL, entry)["modules"], timeout=60, uid=uid
+            )
+        except runner.AnalysisError as e:
+            results[name] = e
+
+    # C's analysis runs until the test writes to its input (a pipe)
+    go = str(tmp_path / "go")
+    os.mkfifo(go, 0o644)
+    tmp_path.chmod(0o755)
+    writer = os.open(go, os.O_RDWR)
+
+    def victim() -> None:
+        code = "print('C read', open('/in/go').read(1))"
+        results["c"] = forked.run(code, [], [sandbox.Bind(go, "/in/go")], memory=1 << 30, timeout=60)
+
+    c = threading.Thread(target=victim)
+    a = threading.Thread(target=analyse, args=("a", "/app/libuser"), name="a")
+    try:
+        c.start()
+        _until("C's analysis did not start", lambda: len(_descendants(forked._proc.pid)) >= 4)
+        a.start()
+        _until(
+            "A did not take every process", lambda: "cv-hoarded" in _descendants(forked._proc.pid).values()
+        )
+        analyse("b", "/app/crasher")
+        assert not isinstance(results["b"], Exception) and results["b"].threads, results["b"]
+        assert alone == [worker([])[0]]  # B's: the template could not fork, and said so
+        assert forked.alive()
+    finally:
+        for pid, name in _descendants(forked._proc.pid).items():
+            if name == "cv-hoarded":
+                with contextlib.suppress(ProcessLookupError):
+                    os.kill(pid, signal.SIGKILL)  # A's analysis, its PID namespace with it
+        os.write(writer, b"!")
+        a.join(timeout=60)
+        c.join(timeout=60)
+        os.close(writer)
+    try:
+        assert results["c"] == (b"C read !\n", b"", 0)  # C's analysis went on to its end
+        assert isinstance(results["a"], runner.AnalysisError)
+        _until(
+            "A's processes outlived it", lambda: "cv-hoarded" not in _descendants(forked._proc.pid).values()
+        )
+        out, _, status = forked.run("print('still forking')", [], [], memory=1 << 30, timeout=30)
+        assert (out, status) == (b"still forking\n", 0)
+    finally:
+        forked.close()

@@ -50,6 +50,7 @@ import array
 import concurrent.futures
 import contextlib
 import ctypes
+import errno
 import json
 import os
 import resource
@@ -95,6 +96,24 @@ class TemplateError(Exception):
 
 class NotForTemplate(TemplateError):
     """This analysis cannot run in a template's child (an input it cannot place); others can."""
+
+
+class Busy(NotForTemplate):
+    """The template could not fork for this analysis now (the uid's processes or the memory
+    ran out, perhaps taken by an analysis running): a worker of its own runs it; the template
+    serves the next one."""
+
+
+#: why a fork fails for a while rather than for good
+_TRANSIENT = (errno.EAGAIN, errno.ENOMEM)
+
+
+def _busy(ctl_fd: int, e: OSError) -> None:
+    """Tell the agent that this request's fork failed for a while, on ``ctl_fd``; ``e`` again if for good."""
+    if e.errno not in _TRANSIENT:
+        raise e
+    with contextlib.suppress(OSError):
+        os.write(ctl_fd, b"B" + str(e).encode()[:200])
 
 
 def _libc() -> ctypes.CDLL:
@@ -155,7 +174,12 @@ def serve(control_fd: int) -> int:
             for fd in fds:
                 os.close(fd)
             continue
-        if os.fork() == 0:
+        try:
+            pid = os.fork()
+        except OSError as e:  # out of processes: this request goes elsewhere, not every running one
+            pid = -1
+            _busy(fds[0], e)
+        if pid == 0:
             try:
                 control.close()
                 _keeper(libc, fds[0], fds[1], last_cap)
@@ -173,9 +197,13 @@ def _keeper(libc: ctypes.CDLL, ctl_fd: int, data_fd: int, last_cap: int) -> None
     os.closerange(min(ctl_fd, data_fd) + 1, max(ctl_fd, data_fd))
     ctl = socket.socket(fileno=ctl_fd)
     namespaces = CLONE_NEWNS | CLONE_NEWPID | CLONE_NEWNET | CLONE_NEWIPC | CLONE_NEWUTS | CLONE_NEWCGROUP
-    _check(libc.unshare(namespaces), "unshare")
-    ready_r, ready_w = os.pipe2(os.O_CLOEXEC)
-    pid = os.fork()
+    try:
+        _check(libc.unshare(namespaces), "unshare")
+        ready_r, ready_w = os.pipe2(os.O_CLOEXEC)
+        pid = os.fork()
+    except OSError as e:
+        _busy(ctl_fd, e)
+        os._exit(1)
     if pid == 0:
         try:
             ctl.close()
@@ -393,6 +421,10 @@ class Template:
                 message, got = _receive(ctl, 16, 1)
             except OSError as e:
                 raise TemplateError(f"the analysis template did not fork: {e}") from None
+            if message[:1] == b"B":
+                raise Busy(
+                    f"the analysis template could not fork now: {message[1:].decode(errors='replace')}"
+                )
             if message != b"P" or len(got) != 1:
                 for fd in got:
                     os.close(fd)
