@@ -822,3 +822,54 @@ def test_an_analysis_that_takes_every_process_ends_no_other_analysis(
         assert (out, status) == (b"still forking\n", 0)
     finally:
         forked.close()
+
+
+#: an analysis taken over by its core: it closes its output and runs on, as if it had ended
+LINGERER = r"""
+import ctypes, os, time
+ctypes.CDLL(None).prctl(15, b"cv-lingerer", 0, 0, 0)
+os.close(1)
+os.close(2)
+time.sleep(600)
+"""
+
+
+def _named(name: str) -> list[int]:
+    found = []
+    for p in (p for p in os.listdir("/proc") if p.isdigit()):
+        with contextlib.suppress(OSError):
+            if Path(f"/proc/{p}/comm").read_text().strip() == name:
+                found.append(int(p))
+    return found
+
+
+@pytest.mark.skipif(os.geteuid() != 0, reason="switching to the worker's own uid needs root")
+@pytest.mark.parametrize("forked", [True, False], ids=["template", "worker-of-its-own"])
+def test_an_analysis_that_closes_its_output_and_runs_on_is_stopped_at_its_time(
+    monkeypatch: pytest.MonkeyPatch, forked: bool
+) -> None:
+    """A real crash's analysis, taken over, closes its output as if it had ended and runs on:
+    it is stopped at its time like any other, and recorded so, not left running (with its
+    memory and CPU, for every crash that does the same) after the agent has moved on."""
+    from tests.conftest import FIXTURE_SPOOL
+
+    if not forked:
+        monkeypatch.setattr(template, "shared", lambda uid: None)
+    elif template.shared(64_900) is None:
+        pytest.fail("the analysis template does not start on this machine")
+    [entry] = [
+        e
+        for e in os.listdir(spool.ready_dir(FIXTURE_SPOOL))
+        if spool.read_meta(FIXTURE_SPOOL, e)["process"]["exe"] == "/app/crasher"
+    ]
+    core = os.path.join(spool.ready_dir(FIXTURE_SPOOL), entry, spool.CORE_NAME)
+    record = spool.read_meta(FIXTURE_SPOOL, entry)["modules"]
+    monkeypatch.setattr(runner, "_worker", lambda argv: (LINGERER, []))
+    try:
+        with pytest.raises(runner.AnalysisError, match=runner.STOPPED):
+            runner.analyze(core, [os.path.join(FIXTURE_SPOOL, "store")], record=record, timeout=3)
+        _until("the analysis ran on past its time", lambda: _named("cv-lingerer") == [])
+    finally:
+        for pid in _named("cv-lingerer"):
+            with contextlib.suppress(ProcessLookupError):
+                os.kill(pid, signal.SIGKILL)

@@ -474,9 +474,14 @@ class Template:
         finally:
             os.close(out_r)
             os.close(err_r)
-        ctl.settimeout(max(deadline - time.monotonic(), 0.001) + START_TIMEOUT)
+        # its end, by its time as its output was: one that closed both and ran on is killed too
+        ctl.settimeout(max(deadline - time.monotonic(), 0.001))
         try:
             message, _ = _receive(ctl, 16, 0)
+        except TimeoutError:
+            with contextlib.suppress(ProcessLookupError):
+                signal.pidfd_send_signal(pidfd, signal.SIGKILL)
+            raise subprocess.TimeoutExpired("analysis", 0) from None
         except OSError:
             message = b""
         # its status, and whether it said its sandbox was complete (a keeper that said nothing: killed)
