@@ -4,10 +4,14 @@ from __future__ import annotations
 
 import hashlib
 import os
+import select
+import subprocess
 
 import pytest
+import pyzstd
 import zstandard
 
+from corevault import seekable
 from corevault.capture import stream
 
 
@@ -118,7 +122,9 @@ def test_mostly_zero_core_is_one_frame_with_the_same_bytes_and_hash(tmp_path, th
 
 
 def test_a_sink_over_budget_midway_still_hashes_and_stops_cleanly(tmp_path) -> None:
-    data = os.urandom(6 * stream.CHUNK)
+    # The budget is crossed on the compressing thread; the reader is at most offload.POOL
+    # chunks ahead of it, so it hears of it well before the core's end.
+    data = os.urandom(16 * stream.CHUNK)
     sink = stream.ZstdSink(
         os.open(tmp_path / "a.zst", os.O_WRONLY | os.O_CREAT), 3, 1, budget=2 * stream.CHUNK
     )
@@ -143,6 +149,79 @@ def test_enlarging_a_pipe_never_shrinks_it() -> None:
         assert first >= 1 << 20  # at least pipe-max-size's default, which anyone may ask for
         stream.enlarge_pipe(r, 64 << 10)
         assert fcntl.fcntl(r, 1032) == first
+    finally:
+        os.close(r)
+        os.close(w)
+
+
+FRAME = seekable.FRAME_SIZE
+
+
+def frames_of_zeros_and_data() -> bytes:
+    """Whole zero frames, a frame of data then zeros, one of zeros then data, one of zeros
+    cut by a data chunk midway, and a short all-zero last frame (chunks straddle frames: the
+    pump's first read is a block)."""
+    return (
+        bytes(2 * FRAME)
+        + core_like(FRAME // 2) + bytes(FRAME // 2)
+        + bytes(FRAME - 4096) + os.urandom(4096)
+        + bytes(FRAME // 2 + 1) + os.urandom(stream.CHUNK) + bytes(FRAME // 2 - stream.CHUNK - 1)
+        + bytes(3 * FRAME)
+        + bytes(stream.CHUNK + 17)
+    )  # fmt: skip
+
+
+@pytest.mark.parametrize("threads", [0, 1, 2])
+def test_zero_frames_and_data_frames_round_trip_with_the_plain_cores_hash(tmp_path, threads: int) -> None:
+    data = frames_of_zeros_and_data()
+    out = os.open(tmp_path / "core.zst", os.O_WRONLY | os.O_CREAT)
+    sink = stream.ZstdSink(out, level=3, threads=threads, budget=1 << 30)
+    assert stream.pump(pipe_with(data, tmp_path), [sink], None) == (len(data), False)
+    sink.finish()
+    os.close(out)
+    packed = tmp_path / "core.zst"
+    with pyzstd.SeekableZstdFile(packed, "r") as f:  # an independent reader of the format
+        assert f.read() == data
+    assert subprocess.run(["zstd", "-dc", str(packed)], capture_output=True, check=True).stdout == data
+    assert (
+        subprocess.run(["zstd", "-t", "-q", str(packed)], check=False).returncode == 0
+    )  # every frame's checksum
+    assert sink.sha256 == hashlib.sha256(data).hexdigest()
+    assert [p for _, p in sink.frames] == [FRAME] * 8 + [stream.CHUNK + 17]
+    # every all-zero frame is the same few bytes, whatever thread wrote it
+    table = seekable.read_table(lambda s, n: packed.read_bytes()[s : s + n], sink.stored, len(data))
+    assert table is not None
+    raw = packed.read_bytes()
+    zero_frames = {raw[table.stored[i] : table.stored[i + 1]] for i in (0, 1, 5, 6, 7)}
+    assert len(zero_frames) == 1 and len(next(iter(zero_frames))) < 1024
+
+
+def test_a_core_of_zeros_only_is_stored_in_a_few_bytes_per_frame(tmp_path) -> None:
+    data = bytes(16 * FRAME)
+    out = os.open(tmp_path / "core.zst", os.O_WRONLY | os.O_CREAT)
+    sink = stream.ZstdSink(out, level=3, threads=1, budget=1 << 30)
+    stream.pump(pipe_with(data, tmp_path), [sink], None)
+    sink.finish()
+    os.close(out)
+    assert sink.stored < 16 * 1024
+    assert sink.sha256 == hashlib.sha256(data).hexdigest()
+    with pyzstd.SeekableZstdFile(tmp_path / "core.zst", "r") as f:
+        assert f.read() == data
+
+
+def test_letting_go_of_the_pipe_tells_the_writer_there_is_no_reader() -> None:
+    """What the kernel waits for (core_pipe_limit > 0): no reader left on the pipe. The fd
+    number stays taken, by /dev/null."""
+    r, w = os.pipe()
+    try:
+        os.write(w, b"core")
+        poll = select.poll()
+        poll.register(w, 0)
+        assert poll.poll(0) == []
+        stream.let_go(r)
+        assert poll.poll(1000) == [(w, select.POLLERR)]
+        assert os.read(r, 10) == b""  # /dev/null
+        assert os.readlink(f"/proc/self/fd/{r}") == "/dev/null"
     finally:
         os.close(r)
         os.close(w)

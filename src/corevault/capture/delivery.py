@@ -120,6 +120,9 @@ def deliver(
             # SIGKILL meanwhile, or the OOM killer); the stream then simply ends early.
             job.truncated, job.expected = True, head.size
         job.publish_volume()
+        # Everything after this works from what was read and the fds opened before: the kernel may
+        # let the process go (the compressed copy and its hash finish on their threads meanwhile)
+        stream.let_go(core_fd)
         hashes = hashcache.cache_dir(settings.state_dir)
         buildid.store_modules(
             settings.buildid_dir,
@@ -283,7 +286,7 @@ class _Job:
         if self.volume_dir >= 0:
             os.close(self.volume_dir)
         if self.vault is not None:
-            os.close(self.vault.fd)
+            self.vault.close()
         if self.entry_tmp is not None:
             import shutil
 
