@@ -14,6 +14,7 @@ import json
 import os
 import shutil
 import subprocess
+import time
 import uuid
 from collections.abc import Iterator
 from contextlib import contextmanager, suppress
@@ -99,6 +100,36 @@ def build_rootfs(path: str, programs: dict[str, str], glibc: str | None = None) 
     return path
 
 
+def dump_helpers() -> list[int]:
+    """The pids of the kernel's usermode helpers running now (core_pattern's pipe handlers among
+    them): user processes whose parent is kthreadd."""
+    pids = []
+    for name in os.listdir("/proc"):
+        if name.isdigit():
+            try:
+                with open(f"/proc/{name}/stat", "rb") as f:
+                    ppid = int(f.read().rpartition(b")")[2].split()[1])
+                with open(f"/proc/{name}/cmdline", "rb") as f:
+                    if ppid == 2 and f.read():  # kernel threads have no command line
+                        pids.append(int(name))
+            except (OSError, ValueError, IndexError):  # gone meanwhile
+                pass
+    return pids
+
+
+def wait_for_dump_helpers(timeout: float = 120.0) -> None:
+    """Wait until the kernel's usermode helpers have exited.
+
+    The capture handler lets the kernel release a crashed process once it has read the core and
+    published the plain copy, and finishes its spool entry after that: a container's exit does
+    not say the entry is there yet.
+    """
+    deadline = time.monotonic() + timeout
+    while dump_helpers():
+        assert time.monotonic() < deadline, f"a core handler still runs after {timeout:g} s"
+        time.sleep(0.01)
+
+
 @dataclass
 class Container:
     """One container run: ``run()`` creates the bundle, runs the process, deletes the container."""
@@ -172,9 +203,10 @@ class Container:
         shutil.rmtree(self.bundle, ignore_errors=True)
 
     def run(self, timeout: float = 60) -> subprocess.CompletedProcess:
+        """Run the container to its end; returns once the kernel's core handlers are done too."""
         try:
             self._write_bundle()
-            return subprocess.run(
+            result = subprocess.run(
                 ["runc", "run", "--bundle", self.bundle, self.id],
                 stdin=subprocess.DEVNULL,
                 capture_output=True,
@@ -182,6 +214,8 @@ class Container:
                 timeout=timeout,
                 check=False,
             )
+            wait_for_dump_helpers()
+            return result
         finally:
             self._delete()
 
