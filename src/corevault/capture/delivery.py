@@ -121,8 +121,10 @@ def deliver(
             job.truncated, job.expected = True, head.size
         job.publish_volume()
         # Everything after this works from what was read and the fds opened before: the kernel may
-        # let the process go (the compressed copy and its hash finish on their threads meanwhile)
+        # let the process go (the compressed copy and its hash finish on their threads meanwhile).
+        # Its dump slot is free then, and so are the tenants' slots that mirror it.
         stream.let_go(core_fd)
+        admitted.release()
         hashes = hashcache.cache_dir(settings.state_dir)
         buildid.store_modules(
             settings.buildid_dir,
