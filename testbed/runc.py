@@ -100,32 +100,41 @@ def build_rootfs(path: str, programs: dict[str, str], glibc: str | None = None) 
     return path
 
 
-def dump_helpers() -> list[int]:
-    """The pids of the kernel's usermode helpers running now (core_pattern's pipe handlers among
-    them): user processes whose parent is kthreadd."""
+def dump_helpers(since: float = 0.0) -> list[int]:
+    """The pids of the kernel's usermode helpers (core_pattern's pipe handlers among them: user
+    processes whose parent is kthreadd) running now and started at ``since`` (seconds since boot,
+    :func:`uptime`) or later."""
+    tick = os.sysconf("SC_CLK_TCK")
     pids = []
     for name in os.listdir("/proc"):
         if name.isdigit():
             try:
                 with open(f"/proc/{name}/stat", "rb") as f:
-                    ppid = int(f.read().rpartition(b")")[2].split()[1])
+                    fields = f.read().rpartition(b")")[2].split()
                 with open(f"/proc/{name}/cmdline", "rb") as f:
-                    if ppid == 2 and f.read():  # kernel threads have no command line
+                    # kernel threads have no command line; starttime is in clock ticks since boot
+                    if int(fields[1]) == 2 and f.read() and int(fields[19]) / tick >= since:
                         pids.append(int(name))
             except (OSError, ValueError, IndexError):  # gone meanwhile
                 pass
     return pids
 
 
-def wait_for_dump_helpers(timeout: float = 120.0) -> None:
-    """Wait until the kernel's usermode helpers have exited.
+def uptime() -> float:
+    with open("/proc/uptime") as f:
+        return float(f.read().split()[0])
+
+
+def wait_for_dump_helpers(since: float, timeout: float = 120.0) -> None:
+    """Wait until the kernel's usermode helpers started since ``since`` (:func:`uptime`) have exited.
 
     The capture handler lets the kernel release a crashed process once it has read the core and
     published the plain copy, and finishes its spool entry after that: a container's exit does
-    not say the entry is there yet.
+    not say the entry is there yet. Helpers started before are left to whoever started them
+    (a test may hold one stopped).
     """
     deadline = time.monotonic() + timeout
-    while dump_helpers():
+    while dump_helpers(since):
         assert time.monotonic() < deadline, f"a core handler still runs after {timeout:g} s"
         time.sleep(0.01)
 
@@ -206,6 +215,7 @@ class Container:
         """Run the container to its end; returns once the kernel's core handlers are done too."""
         try:
             self._write_bundle()
+            since = uptime() - 0.02  # a tick of slack: starttime is counted in 10 ms ticks
             result = subprocess.run(
                 ["runc", "run", "--bundle", self.bundle, self.id],
                 stdin=subprocess.DEVNULL,
@@ -214,7 +224,7 @@ class Container:
                 timeout=timeout,
                 check=False,
             )
-            wait_for_dump_helpers()
+            wait_for_dump_helpers(since)
             return result
         finally:
             self._delete()

@@ -149,8 +149,11 @@ def test_the_agent_installs_captures_and_restores_the_host(forwarder: str, rootf
                                annotations={"corevault.io/core-pattern": "/data/dump-a/core-%e"})  # fmt: skip
             assert c.run().returncode != 0
             assert os.listdir(os.path.join(d, "vol")) == ["core-crasher"]
-            deadline = time.monotonic() + 60  # the agent ships what it captured
-            while spool.entries(os.path.join(d, "s", "spool")) and time.monotonic() < deadline:
+            # the agent finishes the entry (after the crashed process is let go), then ships it
+            deadline, sp = time.monotonic() + 60, os.path.join(d, "s", "spool")
+            while time.monotonic() < deadline and (
+                spool.entries(sp) or not [r for r in spool.read_journal(sp) if r["event"] == "captured"]
+            ):
                 time.sleep(0.2)
         finally:
             agent.send_signal(signal.SIGTERM)

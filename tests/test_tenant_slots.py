@@ -2,8 +2,9 @@
 
 The kernel starts at most ``core_pipe_limit`` pipe handlers at once and skips every other
 dump. Tenant A's pod crashes six times; each dump corevault admits is held still (its
-handler is stopped, as a dump of 64 GiB of mostly zeros would hold it for minutes), and
-then tenant B's pod (another namespace) crashes. The limit is lowered to 4 for the test, so
+handler is stopped while it still reads the core, as a dump of 64 GiB of mostly zeros would
+hold it for minutes; a handler lets go of the pipe once the core is read), and then tenant B's
+pod (another namespace) crashes. The limit is lowered to 4 for the test, so
 the point is made with a few small cores.
 """
 
@@ -42,7 +43,9 @@ class HeldDumps:
     def crash(self) -> None:
         """One more crash of A; returns once its dump is held, refused or skipped."""
         c = runc.Container(
-            self.rootfs, ["/app/crasher", "alloc", "64"], volume=self.capture.volume,
+            # 256 MiB, half of it data to compress: read for a few hundred ms, long enough to be
+            # stopped while still reading (the entry appears before the first byte is read)
+            self.rootfs, ["/app/crasher", "alloc", "256"], volume=self.capture.volume,
             annotations=pod("tenant-a", "a-0"), pod_uid=self.pod_uid,
         )  # fmt: skip
         run = threading.Thread(target=c.run)
@@ -62,8 +65,10 @@ class HeldDumps:
                 try:
                     os.kill(handler, signal.SIGSTOP)
                     self.held.append(handler)
-                except ProcessLookupError:
-                    pass  # done already: its slot is free again
+                    fd0 = os.readlink(f"/proc/{handler}/fd/0")
+                except (ProcessLookupError, FileNotFoundError):
+                    continue  # done already: its slot is free again
+                assert fd0.startswith("pipe:"), "the dump was read to its end before it could be held"
 
     def release(self) -> None:
         for handler in self.held:
