@@ -566,6 +566,19 @@ def test_analyses_at_once_in_one_template_each_get_their_own_crash_and_report() 
         )
 
 
+def _fixture_crash(exe: str) -> tuple[str, list[dict]]:
+    """The fixture spool's crash of ``exe`` (a real crash in a container): its core and record."""
+    from tests.conftest import FIXTURE_SPOOL
+
+    [entry] = [
+        e
+        for e in os.listdir(spool.ready_dir(FIXTURE_SPOOL))
+        if spool.read_meta(FIXTURE_SPOOL, e)["process"]["exe"] == exe
+    ]
+    core = os.path.join(spool.ready_dir(FIXTURE_SPOOL), entry, spool.CORE_NAME)
+    return core, spool.read_meta(FIXTURE_SPOOL, entry)["modules"]
+
+
 #: an analysis taken over by its core, trying to write its inputs: each is the host's file
 #: (a template's child holds it open), which an owner could make writable and reopen
 WRITER = r"""
@@ -604,13 +617,7 @@ def test_an_analysis_taken_over_can_write_none_of_its_inputs(
         monkeypatch.setattr(template, "shared", lambda uid: None)
     elif template.shared(64_900) is None:
         pytest.fail("the analysis template does not start on this machine")
-    [entry] = [
-        e
-        for e in os.listdir(spool.ready_dir(FIXTURE_SPOOL))
-        if spool.read_meta(FIXTURE_SPOOL, e)["process"]["exe"] == "/app/crasher"
-    ]
-    core = os.path.join(spool.ready_dir(FIXTURE_SPOOL), entry, spool.CORE_NAME)
-    record = spool.read_meta(FIXTURE_SPOOL, entry)["modules"]
+    core, record = _fixture_crash("/app/crasher")
     monkeypatch.setattr(runner, "_worker", lambda argv: (WRITER, []))
     copies: list[tuple[str, int]] = []
     copy = runner._worker_copy
@@ -843,33 +850,47 @@ def _named(name: str) -> list[int]:
     return found
 
 
+#: an analysis taken over by its core: it writes without end on its output
+FLOODER = r"""
+import ctypes, os
+ctypes.CDLL(None).prctl(15, b"cv-writer", 0, 0, 0)
+while True:
+    os.write(1, bytes(1 << 20))
+"""
+
+
 @pytest.mark.skipif(os.geteuid() != 0, reason="switching to the worker's own uid needs root")
 @pytest.mark.parametrize("forked", [True, False], ids=["template", "worker-of-its-own"])
-def test_an_analysis_that_closes_its_output_and_runs_on_is_stopped_at_its_time(
-    monkeypatch: pytest.MonkeyPatch, forked: bool
+@pytest.mark.parametrize(
+    ("program", "name", "error", "timeout"),
+    [
+        (LINGERER, "cv-lingerer", runner.STOPPED, 3),
+        (FLOODER, "cv-writer", "analysis wrote more than 8 MiB and was stopped", 60),
+    ],
+    ids=["closes-its-output-and-runs-on", "writes-without-end"],
+)
+def test_an_analysis_taken_over_is_stopped_at_its_bounds(  # noqa: PLR0917
+    monkeypatch: pytest.MonkeyPatch, forked: bool, program: str, name: str, error: str, timeout: float
 ) -> None:
-    """A real crash's analysis, taken over, closes its output as if it had ended and runs on:
-    it is stopped at its time like any other, and recorded so, not left running (with its
+    """A real crash's analysis, taken over, closes its output as if it had ended and runs on, or
+    writes without end on its output (which the agent, every tenant's, holds in memory): it is
+    stopped at its time or once past its bound, recorded so, and not left running (with its
     memory and CPU, for every crash that does the same) after the agent has moved on."""
+    from corevault import bounded
     from tests.conftest import FIXTURE_SPOOL
 
     if not forked:
         monkeypatch.setattr(template, "shared", lambda uid: None)
     elif template.shared(64_900) is None:
         pytest.fail("the analysis template does not start on this machine")
-    [entry] = [
-        e
-        for e in os.listdir(spool.ready_dir(FIXTURE_SPOOL))
-        if spool.read_meta(FIXTURE_SPOOL, e)["process"]["exe"] == "/app/crasher"
-    ]
-    core = os.path.join(spool.ready_dir(FIXTURE_SPOOL), entry, spool.CORE_NAME)
-    record = spool.read_meta(FIXTURE_SPOOL, entry)["modules"]
-    monkeypatch.setattr(runner, "_worker", lambda argv: (LINGERER, []))
+    core, record = _fixture_crash("/app/crasher")
+    monkeypatch.setattr(runner, "_worker", lambda argv: (program, []))
+    monkeypatch.setattr(bounded, "MAX_OUTPUT", 8 << 20)
     try:
-        with pytest.raises(runner.AnalysisError, match=runner.STOPPED):
-            runner.analyze(core, [os.path.join(FIXTURE_SPOOL, "store")], record=record, timeout=3)
-        _until("the analysis ran on past its time", lambda: _named("cv-lingerer") == [])
+        with pytest.raises(runner.AnalysisError, match=error):
+            runner.analyze(core, [os.path.join(FIXTURE_SPOOL, "store")], record=record, timeout=timeout)
+        _until("the analysis ran on past its bounds", lambda: _named(name) == [])
     finally:
-        for pid in _named("cv-lingerer"):
+        for pid in _named(name):
             with contextlib.suppress(ProcessLookupError):
                 os.kill(pid, signal.SIGKILL)

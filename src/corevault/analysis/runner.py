@@ -142,6 +142,8 @@ def _run_alone(
         return bounded.run(cmd, timeout=timeout, limits={resource.RLIMIT_DATA: memory}, pass_fds=fds)
     except subprocess.TimeoutExpired:
         raise AnalysisError(f"{STOPPED} {limit:g}s and was stopped") from None
+    except bounded.TooMuchOutput as e:
+        raise AnalysisError(f"analysis {e} and was stopped") from None
     except sandbox.SandboxError as e:
         raise AnalysisError(str(e)) from None
     finally:
@@ -178,6 +180,8 @@ def _run(
                 template.refuse(uid, str(e))
         except subprocess.TimeoutExpired:
             raise AnalysisError(f"{STOPPED} {limit:g}s and was stopped") from None
+        except bounded.TooMuchOutput as e:
+            raise AnalysisError(f"analysis {e} and was stopped") from None
     if result is None:
         result = _run_alone(code, args, binds, uid, deadline, limit=limit, memory=memory)
     out, err, returncode = result

@@ -63,6 +63,7 @@ import threading
 import time
 import traceback
 
+from corevault import bounded
 from corevault.analysis import sandbox, seccomp
 
 CLONE_NEWNS = 0x00020000
@@ -467,8 +468,8 @@ class Template:
             os.close(out_w)
             os.close(err_w)
         try:
-            out, err = _read_both(out_r, err_r, deadline)
-        except subprocess.TimeoutExpired:
+            out, err = bounded.read_both(out_r, err_r, deadline)
+        except (subprocess.TimeoutExpired, bounded.TooMuchOutput):
             signal.pidfd_send_signal(pidfd, signal.SIGKILL)
             raise
         finally:
@@ -492,27 +493,6 @@ class Template:
             last = err.decode(errors="replace").strip().splitlines()[-1:] or ["no message"]
             raise TemplateError(f"a template's child could not make its sandbox: {last[0]}")
         return out, err, status
-
-
-def _read_both(out_fd: int, err_fd: int, deadline: float) -> tuple[bytes, bytes]:
-    """Everything written to both pipes until both close; TimeoutExpired at ``deadline``."""
-    import selectors
-
-    chunks: dict[int, list[bytes]] = {out_fd: [], err_fd: []}
-    with selectors.DefaultSelector() as sel:
-        for fd in chunks:
-            sel.register(fd, selectors.EVENT_READ)
-        while sel.get_map():
-            left = deadline - time.monotonic()
-            if left <= 0:
-                raise subprocess.TimeoutExpired("analysis", 0)
-            for key, _ in sel.select(left):
-                block = os.read(key.fd, 1 << 16)
-                if block:
-                    chunks[key.fd].append(block)
-                else:
-                    sel.unregister(key.fd)
-    return b"".join(chunks[out_fd]), b"".join(chunks[err_fd])
 
 
 _templates: dict[int, Template] = {}

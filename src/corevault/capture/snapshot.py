@@ -196,6 +196,9 @@ def _gcore(admitted: admission.Admitted, path: str, *, timeout: float, max_size:
     except subprocess.TimeoutExpired:
         _resume(crash.global_pid, was_stopped)
         _refuse(settings, record, f"snapshot took longer than {timeout:g}s; the process was resumed")
+    except bounded.TooMuchOutput as e:
+        _resume(crash.global_pid, was_stopped)
+        _refuse(settings, record, f"gdb {e} while it took the snapshot; the process was resumed")
     _resume(crash.global_pid, was_stopped)
     text = out.decode(errors="replace")
     if returncode == -signal.SIGXFSZ or (os.path.exists(path) and os.path.getsize(path) >= max_size):
