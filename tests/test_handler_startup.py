@@ -178,8 +178,8 @@ def test_a_changed_source_or_a_damaged_file_is_imported_the_ordinary_way(tmp_pat
     modules = launcher + hostsetup.BYTECODE_SUFFIX
 
     def grown(held: dict) -> None:  # as if corevault.spool's source were edited since
-        source, package, mtime_ns, size, code = held["corevault.spool"]
-        held["corevault.spool"] = (source, package, mtime_ns, size + 1, code)
+        source, package, (dev, ino, size, mtime_ns, ctime_ns), code = held["corevault.spool"]
+        held["corevault.spool"] = (source, package, (dev, ino, size + 1, mtime_ns, ctime_ns), code)
 
     _rewrite(modules, grown)
     assert not bytecode.is_current(modules)
@@ -195,6 +195,46 @@ def test_a_changed_source_or_a_damaged_file_is_imported_the_ordinary_way(tmp_pat
         f.seek(len(bytecode._FORMAT))
         f.write(b"\0\0")  # another Python's bytecode
     assert set(_loaders(launcher).values()) == {"SourceFileLoader"}
+
+
+def _imported_value(tmp_path, modules: str) -> str:
+    """What a fresh interpreter with the compiled modules at ``modules`` imports as ``cvmod.VALUE``."""
+    probe = (
+        f"import sys\nsys.path.insert(0, {str(tmp_path)!r})\nfrom corevault import bytecode\n"
+        f"bytecode.install({modules!r})\nimport cvmod\nprint(cvmod.VALUE)\n"
+    )
+    env_path = os.path.dirname(os.path.dirname(bytecode.__file__))
+    out = subprocess.run(
+        [sys.executable, "-I", "-S", "-c", f"import sys; sys.path.append({env_path!r})\n" + probe],
+        capture_output=True,
+        text=True,
+        check=True,
+    )
+    return out.stdout.strip()
+
+
+def test_a_source_replaced_with_its_size_and_mtime_kept_is_imported_from_its_source(tmp_path) -> None:
+    """An upgrade that puts a source of the same size back with its mtime kept (``cp -p``,
+    ``rsync -a``, ``tar x``, an image layer): the new source is what runs, not the code compiled
+    from the old one; and a file of this format whose entries are not what it holds is not used."""
+    source = tmp_path / "cvmod.py"
+    source.write_text("VALUE = 'old'\n")
+    modules = str(tmp_path / "modules")
+    bytecode.write(modules, {"cvmod": str(source)})
+    assert _imported_value(tmp_path, modules) == "old"  # taken from the compiled modules
+    st = source.stat()
+    replacement = tmp_path / "cvmod.py.new"
+    replacement.write_text("VALUE = 'new'\n")
+    os.utime(replacement, ns=(st.st_atime_ns, st.st_mtime_ns))
+    os.rename(replacement, source)
+    assert (source.stat().st_size, source.stat().st_mtime_ns) == (st.st_size, st.st_mtime_ns)
+    assert not bytecode.is_current(modules)
+    assert _imported_value(tmp_path, modules) == "new"
+
+    with open(modules, "wb") as f:  # the right header, entries of another shape
+        f.write(bytecode._FORMAT + bytecode.MAGIC_NUMBER + marshal.dumps({"cvmod": (str(source), False)}))
+    assert not bytecode.install(modules)
+    assert _imported_value(tmp_path, modules) == "new"
 
 
 @pytest.mark.crash  # reads another process's mapped files, as only the handler may

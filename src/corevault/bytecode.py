@@ -9,10 +9,13 @@ therefore reads the code of all of them from one file written next to it (:func:
 with one finder (:func:`install`) ahead of the import system's own.
 
 Nothing in it is a second copy to keep in step by hand: the file holds what ``compile`` made
-of each source when the launcher was written, with the source's size and mtime, and a module
-is taken from it only while its source still has both (one ``stat``, as a ``.pyc`` is
-checked); a changed source, a module the file does not hold, another Python's bytecode or a
-damaged file are imported the ordinary way. The file is written where the launcher is, by
+of each source when the launcher was written, with the source's device, inode, size, mtime and
+ctime, and a module is taken from it only while its source still has all of them (one
+``stat``, as a ``.pyc`` is checked). Size and mtime alone, a ``.pyc``'s check, miss a source
+replaced by one of the same size whose mtime was kept (``cp -p``, ``rsync -a``, ``tar x``, an
+image layer's files): a new file has a new inode, a file written in place a new ctime, and
+nobody can set a ctime. A changed source, a module the file does not hold, another Python's
+bytecode or a damaged file are imported the ordinary way. The file is written where the launcher is, by
 whoever installs corevault (root), as pip writes ``__pycache__``.
 """
 
@@ -28,7 +31,7 @@ if TYPE_CHECKING:
     from types import CodeType, ModuleType
 
 #: what the file starts with: this format, then the interpreter's own bytecode magic
-_FORMAT = b"cvbytecode1\n"
+_FORMAT = b"cvbytecode2\n"
 
 
 def write(path: str, modules: dict[str, str]) -> None:
@@ -37,11 +40,11 @@ def write(path: str, modules: dict[str, str]) -> None:
 
     held = {}
     for name, source in modules.items():
-        st = os.stat(source)
         with open(source, "rb") as f:
+            st = os.fstat(f.fileno())  # what was compiled: a source replaced meanwhile is another
             code = compile(f.read(), source, "exec", dont_inherit=True)
         package = os.path.basename(source) == "__init__.py"
-        held[name] = (source, package, st.st_mtime_ns, st.st_size, code)
+        held[name] = (source, package, _stamp(st), code)
     atomic.write(path, _FORMAT + MAGIC_NUMBER + marshal.dumps(held), 0o644)
 
 
@@ -65,16 +68,32 @@ def _read(path: str) -> dict | None:
         held = marshal.loads(memoryview(data)[len(head) :])  # noqa: S302
     except (OSError, ValueError, EOFError, TypeError):
         return None
-    return held if isinstance(held, dict) else None
+    # a file of this format and Python that holds anything else is damaged: none of it is used
+    return held if isinstance(held, dict) and all(map(_well_formed, held.values())) else None
+
+
+def _well_formed(entry: object) -> bool:
+    return (
+        type(entry) is tuple
+        and len(entry) == 4
+        and type(entry[0]) is str
+        and type(entry[2]) is tuple
+        and type(entry[3]) is _CODE
+    )
+
+
+_CODE = type(_well_formed.__code__)  # types.CodeType, without importing types
+
+
+def _stamp(st: os.stat_result) -> tuple[int, ...]:
+    return (st.st_dev, st.st_ino, st.st_size, st.st_mtime_ns, st.st_ctime_ns)
 
 
 def _unchanged(entry: tuple) -> bool:
-    source, _, mtime_ns, size, _ = entry
     try:
-        st = os.stat(source)
+        return _stamp(os.stat(entry[0])) == entry[2]
     except OSError:
         return False
-    return st.st_mtime_ns == mtime_ns and st.st_size == size
 
 
 class _Loader:
@@ -104,7 +123,7 @@ class _Finder:
         entry = self.held.get(name)
         if entry is None or not _unchanged(entry):
             return None
-        source, package, _, _, code = entry
+        source, package, _, code = entry
         spec = ModuleSpec(name, _Loader(code), origin=source, is_package=package)
         spec.has_location = True  # __file__ is the source, as for an ordinary import
         if package:
