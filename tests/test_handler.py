@@ -107,8 +107,9 @@ def test_a_crash_of_the_handler_itself_does_not_call_the_handler_again(capture: 
     host_rule(capture, '[[rules]]\nexe = "*python*"\npattern = "/tmp/never/core-%p"\n')
     read_end, write_end = os.pipe()
     os.write(write_end, b"\x7fELF" + bytes(1000))
+    # with the core limit the kernel gives its pipe helpers (test_handler_crash.py checks that it does)
     handler = subprocess.Popen(
-        [capture.handler, "-c", capture.snapshot, *kernel_args(pid, pidfd_fd=pidfd)],
+        ["prlimit", "--core=1:1", capture.handler, "-c", capture.snapshot, *kernel_args(pid, pidfd_fd=pidfd)],
         stdin=read_end, pass_fds=(pidfd,), cwd="/",
     )  # fmt: skip
     os.close(read_end)

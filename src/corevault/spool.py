@@ -78,7 +78,14 @@ def ensure(spool: str) -> None:
 
 
 def write_owner(entry_dir: str, keys: list[str]) -> None:
-    """Name the tenants an entry counts against (one key per line)."""
+    """Name the tenants an entry counts against (one key per line).
+
+    An entry of no tenant (a host's crash) gets no file, which reads as none: making a file
+    is the dearest step of a small crash on a filesystem without a journal, where ext4 checks
+    every recently deleted inode it passes over for a free one.
+    """
+    if not keys:
+        return
     fd = os.open(
         os.path.join(entry_dir, OWNER_NAME), os.O_WRONLY | os.O_CREAT | os.O_EXCL | os.O_CLOEXEC, 0o600
     )

@@ -2,9 +2,12 @@
 
 It runs as root in the host's initial namespaces with the core on fd 0 and nothing else
 but the pidfd open, so it first points fds 1 and 2 at /dev/null (a file opened later must
-not become "stdout"), never dumps core itself and arms a timeout so a crashing process is
-never held forever. Then, in this order, because /proc/%P is only guaranteed while the
-core has not been read to the end:
+not become "stdout") and arms a timeout so a crashing process is never held forever. A
+crash of its own is not dumped: the kernel starts pipe helpers with RLIMIT_CORE 1, the
+value it takes for "a helper crashed, do not call it again" (``umh_coredump_setup`` and
+``do_coredump`` in fs/coredump.c; ``tests/test_handler_crash.py`` crashes such a helper).
+Then, in this order, because /proc/%P is only guaranteed while the core has not been read
+to the end:
 
 1. open /proc/%P, prove with the pidfd it is the crashed task, read its facts (:mod:`.process`);
 2. admit it or not (:mod:`.admission`): its container and pod, its pod's opt-in, its
@@ -27,7 +30,6 @@ from __future__ import annotations
 # signal.py wraps this module only to turn numbers into enums; importing enum costs every crash ~5 ms
 import _signal
 import os
-import resource
 import sys
 import time
 
@@ -65,9 +67,6 @@ def quick_exit(code: int) -> None:
 def main(argv: list[str] | None = None) -> int:
     _quiet_stdio()
     os.umask(0o077)
-    # A crash in here must not recurse: the kernel starts pipe helpers with RLIMIT_CORE 1, the
-    # one value it honours for pipes ("aborting core"); 0 would be ignored and call us again.
-    resource.setrlimit(resource.RLIMIT_CORE, (1, 1))
     args = sys.argv[1:] if argv is None else argv
     path = None
     if len(args) >= 2 and args[0] in ("-c", "--config"):
