@@ -306,10 +306,12 @@ def test_the_worker_interpreter_starts_isolated_without_site_or_bytecode_writes(
     assert json.loads(out.stdout) == [1, 1, 1, False, corevault.__file__]
 
 
-#: tenant B's analysis, held running: its core open, a secret in its /tmp and in its memory
+#: tenant B's analysis, held running: its core open, a secret in its /tmp and in its memory,
+#: a terminal open (as a debugger it starts may)
 VICTIM = r"""
 import os, time
 core = open("/in/core", "rb")
+terminal = os.open("/dev/ptmx", os.O_RDWR | os.O_NOCTTY)
 with open("/tmp/b-secret", "w") as f:
     f.write("tenant B's state")
 secret = "tenant B's state " * 1000
@@ -322,6 +324,7 @@ PROBE_OTHER = r"""
 import json, os
 host_core, host_pid = sys.argv[1], int(sys.argv[2])
 seen = {"processes": {}, "reads": {}, "tmp": sorted(os.listdir("/tmp")), "in": sorted(os.listdir("/in"))}
+seen["pts"] = sorted(os.listdir("/dev/pts"))
 for pid in (p for p in os.listdir("/proc") if p.isdigit() and int(p) != os.getpid()):
     try:
         seen["processes"][pid] = open(f"/proc/{pid}/cmdline", "rb").read().replace(b"\0", b" ").decode()
@@ -435,6 +438,7 @@ def test_an_analysis_taken_over_sees_nothing_of_another_running_beside_it(
         b.join(timeout=60)
     seen = json.loads(errors["a"])
     assert seen["in"] == ["core", "record.json", "store-0"] and seen["tmp"] == []
+    assert seen["pts"] == ["ptmx"]  # not B's terminal
     # only A's own processes (and in a worker of its own, bwrap's init): nothing of B's
     assert not any("tenant B" in cmdline for cmdline in seen["processes"].values()), seen["processes"]
     assert len(seen["processes"]) <= 1, seen["processes"]

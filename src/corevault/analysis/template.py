@@ -19,7 +19,7 @@ How a child gets as strict as a bubblewrap worker, and stricter where they share
   namespaces and forks the analysis process, PID 1 of its own PID namespace: it sees no
   other process, can signal none, reaches no abstract socket of another analysis.
 - That process mounts a ``/proc`` of its own namespace over the template's (read-only), a
-  private ``/tmp`` (size-capped) and an empty ``/in``; receives from the agent, over a
+  private ``/tmp`` (size-capped), an empty ``/in`` and a ``/dev/pts`` of its own; receives from the agent, over a
   socket of its own, the request and the crash's files as open file descriptors, each
   reachable at its path under ``/in`` through ``/proc/1/fd`` (a symlink); makes ``/in``
   read-only; caps ``RLIMIT_DATA`` and ``RLIMIT_CORE``; empties every capability set (the
@@ -261,6 +261,9 @@ def _sandbox(libc: ctypes.CDLL, data: socket.socket, last_cap: int) -> tuple[str
     size = f"size={sandbox.TMP_SIZE},mode=1777".encode()
     _check(libc.mount(b"tmpfs", b"/tmp", b"tmpfs", MS_NOSUID | MS_NODEV, size), "mount /tmp")
     _check(libc.mount(b"tmpfs", sandbox.INPUTS.encode(), b"tmpfs", flags, b"size=1m,mode=0755"), "mount /in")
+    # terminals of its own: bubblewrap's /dev/pts is one instance for every child of the template
+    pts = b"newinstance,ptmxmode=0666,mode=0620"
+    _check(libc.mount(b"devpts", b"/dev/pts", b"devpts", MS_NOSUID | MS_NOEXEC, pts), "mount /dev/pts")
 
     header, fds = _receive(data, MAX_REQUEST, FDS_PER_MESSAGE)
     request = json.loads(header)
