@@ -19,8 +19,8 @@ How a child gets as strict as a bubblewrap worker, and stricter where they share
   namespaces and forks the analysis process, PID 1 of its own PID namespace: it sees no
   other process, can signal none, reaches no abstract socket of another analysis.
 - That process mounts a ``/proc`` of its own namespace over the template's (read-only), a
-  private ``/tmp`` (size-capped), an empty ``/in`` and a ``/dev/pts`` of its own; receives from the agent, over a
-  socket of its own, the request and the crash's files as open file descriptors, each
+  private ``/tmp`` (size-capped), an empty ``/in`` and a ``/dev/pts`` of its own; receives
+  from the agent, over a socket of its own, the request and the crash's files as open file descriptors, each
   reachable at its path under ``/in`` through ``/proc/1/fd`` (a symlink); makes ``/in``
   read-only; caps ``RLIMIT_DATA`` and ``RLIMIT_CORE``; empties every capability set (the
   bounding set included), locks the secure bits so that it cannot regain any, sets
