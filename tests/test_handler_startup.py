@@ -31,6 +31,7 @@ HEAVY = {
     "functools": "~4 ms", "signal": "~6 ms", "typing": "~10 ms", "importlib.machinery": "~1 ms",
     "fnmatch": "re", "dataclasses": "~10 ms", "inspect": "~10 ms", "hashlib": "~3.5 ms (libcrypto)",
     "resource": "~0.2 ms (an extension; the kernel sets RLIMIT_CORE, /proc gives the peak RSS)",
+    "_queue": "~0.2 ms (an extension, for the threads of a core larger than a block)",
 }  # fmt: skip
 
 

@@ -23,13 +23,14 @@ import fcntl
 import os
 
 from corevault import hashing, seekable
-from corevault.capture import offload
 
 TYPE_CHECKING = False  # typing.TYPE_CHECKING would import typing, which the crash path never loads
 if TYPE_CHECKING:
     from collections.abc import Callable
     from hashlib import _Hash
     from typing import BinaryIO
+
+    from corevault.capture import offload
 
 CHUNK = 1 << 20
 BLOCK = 64 << 10
@@ -317,6 +318,9 @@ class ZstdSink:
         )
         self.context = self.zstd.ZstdCompressor(compression_params=params)
         if not small and self.threads:
+            # imported here: a small core starts no threads, and _queue is an extension to load
+            from corevault.capture import offload
+
             self.offload = offload.Offload([self._hash, self._compress], CHUNK, zero_chunk())
 
     def write(self, buf: bytearray, view: memoryview, n: int, zero: bool | None = None) -> None:
