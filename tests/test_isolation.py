@@ -898,3 +898,51 @@ def test_an_analysis_taken_over_is_stopped_at_its_bounds(  # noqa: PLR0917
         for pid in _named(name):
             with contextlib.suppress(ProcessLookupError):
                 os.kill(pid, signal.SIGKILL)
+
+
+@pytest.mark.skipif(os.geteuid() != 0, reason="switching to the worker's own uid needs root")
+def test_an_analysis_taken_over_cannot_signal_its_process_group(
+    tmp_path, monkeypatch: pytest.MonkeyPatch
+) -> None:
+    """Tenant A's analysis, taken over by its core, sends SIGKILL to its process group
+    (``kill(0, …)``, which the kernel delivers across PID namespaces to processes of the same
+    uid) while tenant C's analysis runs in the same template: C's goes on to its end, and the
+    template serves the next one."""
+    monkeypatch.setattr(template, "_templates", {})
+    monkeypatch.setattr(template, "_refused", {})
+    forked = template.shared(64_900)
+    if forked is None:
+        pytest.fail("the analysis template does not start on this machine")
+    from tests.conftest import FIXTURE_SPOOL
+
+    go = str(tmp_path / "go")
+    os.mkfifo(go, 0o644)
+    tmp_path.chmod(0o755)
+    writer = os.open(go, os.O_RDWR)
+    results: dict[str, object] = {}
+
+    def victim() -> None:
+        code = "print('C read', open('/in/go').read(1))"
+        results["c"] = forked.run(code, [], [sandbox.Bind(go, "/in/go")], memory=1 << 30, timeout=60)
+
+    c = threading.Thread(target=victim)
+    try:
+        c.start()
+        _until("C's analysis did not start", lambda: len(_descendants(forked._proc.pid)) >= 4)
+        core, record = _fixture_crash("/app/libuser")
+        killer = 'import os, signal\nos.kill(0, signal.SIGKILL)\nprint(\'{"error": "sent"}\')'
+        monkeypatch.setattr(runner, "_worker", lambda argv: (killer, []))
+        with pytest.raises(runner.AnalysisError, match="sent"):
+            runner.analyze(core, [os.path.join(FIXTURE_SPOOL, "store")], record=record, timeout=60)
+        os.write(writer, b"!")
+        c.join(timeout=60)
+        assert results["c"] == (b"C read !\n", b"", 0)  # C's analysis went on to its end
+        assert forked.alive()
+        out, _, status = forked.run("print('still forking')", [], [], memory=1 << 30, timeout=30)
+        assert (out, status) == (b"still forking\n", 0)
+    finally:
+        with contextlib.suppress(OSError):
+            os.write(writer, b"!")
+        c.join(timeout=60)
+        os.close(writer)
+        forked.close()

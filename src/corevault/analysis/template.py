@@ -18,6 +18,8 @@ How a child gets as strict as a bubblewrap worker, and stricter where they share
 - Per analysis the child (the "keeper") makes new mount, PID, network, IPC, UTS and cgroup
   namespaces and forks the analysis process, PID 1 of its own PID namespace: it sees no
   other process, can signal none, reaches no abstract socket of another analysis.
+- That process starts a session (and process group) of its own: ``kill(0, …)`` reaches a
+  process group across PID namespaces, and the template's holds every analysis.
 - That process mounts a ``/proc`` of its own namespace over the template's (read-only), a
   private ``/tmp`` (size-capped), an empty ``/in`` and a ``/dev/pts`` of its own; receives
   from the agent, over a socket of its own, the request and the crash's files as open file descriptors, each
@@ -255,6 +257,10 @@ def _analysis(libc: ctypes.CDLL, data: socket.socket, last_cap: int, ready: int)
 def _sandbox(libc: ctypes.CDLL, data: socket.socket, last_cap: int) -> tuple[str, list[str]]:
     """The analysis's own mounts, its request and files, then every restriction; what to run."""
     _check(libc.prctl(PR_SET_PDEATHSIG, signal.SIGKILL, 0, 0, 0), "prctl(PR_SET_PDEATHSIG)")
+    # a session and process group of its own: kill(0, …) reaches its process group whatever
+    # PID namespace the members are in, and the template's holds the template, every keeper
+    # and every other analysis (of the same uid: the kernel lets the signal through)
+    os.setsid()
     _check(libc.mount(None, b"/", None, MS_REC | MS_PRIVATE, None), "mount --make-rprivate /")
     flags = MS_NOSUID | MS_NODEV | MS_NOEXEC
     _check(libc.mount(b"proc", b"/proc", b"proc", flags | MS_RDONLY, None), "mount /proc")
@@ -312,6 +318,8 @@ def _drop(libc: ctypes.CDLL, last_cap: int) -> None:
     wanted = {"CapInh": zero, "CapPrm": zero, "CapEff": zero, "CapBnd": zero, "CapAmb": zero}
     wanted |= {"NoNewPrivs": "1", "Seccomp": "2"}
     wrong = {k: status.get(k) for k, v in wanted.items() if status.get(k) != v}
+    if os.getpgrp() != os.getpid():
+        wrong["process group"] = str(os.getpgrp())
     if wrong:
         raise TemplateError(f"the analysis's sandbox is not complete: {wrong}")
 
