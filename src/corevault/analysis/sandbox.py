@@ -63,7 +63,7 @@ class Bind:
     dest: str
 
 
-def _runtime_paths() -> list[str]:
+def runtime_paths() -> list[str]:
     """What running ``python -m corevault.analysis.worker`` needs besides /usr."""
     package_root = os.path.dirname(os.path.dirname(os.path.abspath(corevault.__file__)))
     paths = {sys.prefix, sys.base_prefix, package_root, os.path.dirname(os.path.abspath(sys.executable))}
@@ -77,7 +77,7 @@ def _module_path() -> list[str]:
     (site-packages, the editable source tree), as far as the sandbox binds them."""
     stdlib = {sysconfig.get_path("stdlib"), sysconfig.get_path("platstdlib")}
     stdlib |= {os.path.join(p, "lib-dynload") for p in stdlib if p}
-    roots = [*_runtime_paths(), "/usr"]
+    roots = [*runtime_paths(), "/usr"]
     return [
         p
         for p in dict.fromkeys(sys.path)
@@ -155,7 +155,7 @@ def _bwrap(bwrap: str, binds: list[Bind], *, user_ns: bool, host_proc: bool = Fa
     cmd += ["--perms", "1777", "--tmpfs", "/tmp"]
     cmd += ["--perms", "0755", "--dir", INPUTS]
     made = {"/", "/tmp", "/etc", INPUTS}
-    for b in [Bind(p, p) for p in _runtime_paths()] + binds:
+    for b in [Bind(p, p) for p in runtime_paths()] + binds:
         cmd += [*_parents(b.dest, made), "--ro-bind", b.source, b.dest]
     return cmd
 

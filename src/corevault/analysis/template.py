@@ -76,7 +76,7 @@ CLONE_NEWUSER = 0x10000000
 CLONE_NEWPID = 0x20000000
 CLONE_NEWNET = 0x40000000
 MS_RDONLY, MS_NOSUID, MS_NODEV, MS_NOEXEC = 1, 2, 4, 8
-MS_REMOUNT, MS_REC, MS_PRIVATE = 32, 1 << 14, 1 << 18
+MS_REMOUNT, MS_BIND, MS_REC, MS_PRIVATE = 32, 1 << 12, 1 << 14, 1 << 18
 PR_SET_PDEATHSIG, PR_CAPBSET_DROP, PR_SET_SECUREBITS, PR_SET_NO_NEW_PRIVS = 1, 24, 28, 38
 PR_CAP_AMBIENT, PR_CAP_AMBIENT_CLEAR_ALL = 47, 4
 #: NOROOT, NO_SETUID_FIXUP, NO_CAP_AMBIENT_RAISE and KEEP_CAPS off, each locked
@@ -123,6 +123,9 @@ def _libc() -> ctypes.CDLL:
     return ctypes.CDLL(None, use_errno=True)
 
 
+_UNDER_TMP: tuple[str, ...] = ()  # see serve()
+
+
 def _check(rc: int, what: str) -> None:
     if rc != 0:
         err = ctypes.get_errno()
@@ -146,8 +149,13 @@ def _receive(sock: socket.socket, size: int, max_fds: int) -> tuple[bytes, list[
 # -- inside the sandbox: the template, its keepers and their analyses -------------------------
 
 
-def serve(control_fd: int) -> int:
-    """The template's loop: one keeper forked per request on ``control_fd``, until it closes."""
+def serve(control_fd: int, under_tmp: tuple[str, ...] = ()) -> int:
+    """The template's loop: one keeper forked per request on ``control_fd``, until it closes.
+
+    ``under_tmp``: the runtime's directories below /tmp (an environment made there), as the
+    parent found them; each analysis binds them again over its own /tmp."""
+    global _UNDER_TMP  # noqa: PLW0603 - set once, before any fork
+    _UNDER_TMP = under_tmp
     control = socket.socket(fileno=control_fd)
     try:
         import drgn  # noqa: F401
@@ -265,7 +273,16 @@ def _sandbox(libc: ctypes.CDLL, data: socket.socket, last_cap: int) -> tuple[str
     flags = MS_NOSUID | MS_NODEV | MS_NOEXEC
     _check(libc.mount(b"proc", b"/proc", b"proc", flags | MS_RDONLY, None), "mount /proc")
     size = f"size={sandbox.TMP_SIZE},mode=1777".encode()
+    # what runs from under /tmp (an environment made there) is bound again over the new /tmp
+    held = {p: os.open(p, os.O_PATH | os.O_DIRECTORY) for p in _UNDER_TMP}
     _check(libc.mount(b"tmpfs", b"/tmp", b"tmpfs", MS_NOSUID | MS_NODEV, size), "mount /tmp")
+    for path, fd in held.items():
+        os.makedirs(path, mode=0o755)
+        where = f"/proc/self/fd/{fd}".encode()
+        _check(libc.mount(where, path.encode(), None, MS_BIND | MS_REC, None), f"bind {path}")
+        os.close(fd)
+        if not os.statvfs(path).f_flag & os.ST_RDONLY:  # a bind keeps its source's read-only flag
+            raise TemplateError(f"{path} was bound writable")
     _check(libc.mount(b"tmpfs", sandbox.INPUTS.encode(), b"tmpfs", flags, b"size=1m,mode=0755"), "mount /in")
     # terminals of its own: bubblewrap's /dev/pts is one instance for every child of the template
     pts = b"newinstance,ptmxmode=0666,mode=0620"
@@ -339,7 +356,9 @@ class Template:
         self._running = 0
         self._retired = False
         self._control, theirs = socket.socketpair(socket.AF_UNIX, socket.SOCK_SEQPACKET)
-        code = f"from corevault.analysis.template import serve; sys.exit(serve({theirs.fileno()}))"
+        under_tmp = tuple(p for p in sandbox.runtime_paths() if p.startswith("/tmp/"))
+        serve = f"serve({theirs.fileno()}, {under_tmp!r})"
+        code = f"from corevault.analysis.template import serve; sys.exit({serve})"
         cmd = sandbox.template_command(sandbox.python(code), uid)
         self._proc = subprocess.Popen(
             cmd,
