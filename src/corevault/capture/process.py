@@ -3,7 +3,8 @@
 The kernel starts the pipe handler with every core(5) specifier as an argument (in the
 order of :data:`corevault.pattern.SPECIFIERS`), the core on fd 0 and, with ``%F``, a pidfd
 of the crashed task on some fd. ``/proc/%P`` stays readable until the handler has read
-the core's EOF (with ``core_pipe_limit > 0``, until it exits), but a PID can be reused, so
+the core's EOF (with ``core_pipe_limit > 0``, until it lets go of the pipe:
+:func:`corevault.capture.stream.let_go`), but a PID can be reused, so
 the handler opens ``/proc/%P`` first and then checks with the pidfd that the task is alive
 and still has that PID (CVE-2025-4598, CVE-2019-15790 came from skipping that check). Every
 later read goes through the directory fd opened before the check.
