@@ -162,6 +162,8 @@ def store_modules(
     room: int | Callable[[], int] | None = None,
     hashes: str | None = None,
     proc_fd: int | None = None,
+    *,
+    mounts: hashcache.Mounts | None = None,
 ) -> None:
     """Hash each module, copy the contents the store does not hold; set ``stored``, close the fds.
 
@@ -169,9 +171,10 @@ def store_modules(
     that tells, asked only once a file is to be copied: measuring the store's use walks it, which
     a crash whose binaries are all held never needs. ``hashes`` is the directory of the content
     hash cache (:mod:`.hashcache`; None: hash every file), trusted for the filesystems that the
-    mountinfo of ``proc_fd`` (the crashed process's ``/proc/PID``; None: this process's) lists.
+    mountinfo of ``proc_fd`` (the crashed process's ``/proc/PID``; None: this process's) lists,
+    or ``mounts`` where that was read already.
     """
-    mounts = hashcache.Mounts(proc_fd)
+    mounts = mounts if mounts is not None else hashcache.Mounts(proc_fd)
     left = [room]
 
     def room_now() -> int | None:

@@ -121,7 +121,11 @@ def deliver(
         job.publish_volume()
         # Everything after this works from what was read and the fds opened before: the kernel may
         # let the process go (the compressed copy and its hash finish on their threads meanwhile).
-        # Its dump slot is free then, and so are the tenants' slots that mirror it.
+        # Its dump slot is free then, and so are the tenants' slots that mirror it. The process's
+        # mountinfo, which says where the hash cache may be trusted, goes with it: read it first.
+        mounts = hashcache.Mounts(crash.proc_fd)
+        if job.modules:
+            mounts.load()
         stream.let_go(core_fd)
         admitted.release()
         hashes = hashcache.cache_dir(settings.state_dir)
@@ -130,7 +134,7 @@ def deliver(
             job.modules,
             lambda: store_room(settings, job.spool_used()),
             hashes,
-            crash.proc_fd,
+            mounts=mounts,
         )
         stack = bytes(tap.data) if tap is not None else b""
         modules = [m.as_dict() for m in job.modules]

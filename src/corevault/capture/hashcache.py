@@ -89,7 +89,8 @@ class Mounts:
         data = b"".join(chunks)
         return data if size <= MOUNTINFO_MAX else data[: data.rfind(b"\n", 0, MOUNTINFO_MAX) + 1]
 
-    def fs_type(self, dev: int) -> str | None:
+    def load(self) -> Mounts:
+        """Read the mountinfo now, if not read yet (the process's is gone with the process)."""
         if self.types is None:
             self.types = {}
             try:
@@ -103,7 +104,11 @@ class Mounts:
                 _, sep, tail = line.partition(b" - ")
                 if len(fields) == 4 and sep:
                     self.types.setdefault(fields[2], tail.split(b" ", 1)[0])
-        kind = self.types.get(f"{os.major(dev)}:{os.minor(dev)}".encode())
+        return self
+
+    def fs_type(self, dev: int) -> str | None:
+        types = self.load().types or {}
+        kind = types.get(f"{os.major(dev)}:{os.minor(dev)}".encode())
         return kind.decode() if kind is not None else None
 
 
