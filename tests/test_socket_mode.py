@@ -161,7 +161,13 @@ def test_a_crash_storm_costs_at_most_the_configured_cores(
     assert len(os.listdir(socketed.volume)) == 3
     assert socketed.listener.outcomes == {"captured": 3, "rejected": 197}
     storms = [r for r in socketed.journal() if r["event"] == "dropped"]
-    assert len(storms) == 197 and all("crash storm" in r["reason"] for r in storms)
+    # a crash arriving while two earlier ones of the pod still finish (hash, binaries) is refused
+    # for the pod's share of dump slots before the storm limit is asked; the three cores kept
+    # (above) say the storm limit is what ended the loop's cores
+    assert len(storms) == 197 and all(
+        "crash storm" in r["reason"] or "dumps of this pod are being captured already" in r["reason"]
+        for r in storms
+    )
     [meta] = socketed.entries()[:1]
     assert meta["pod"]["container_id"] == c.id and meta["volume"]["path"].startswith(
         "/data/dump-a/core-!app!crasher-"

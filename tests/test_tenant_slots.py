@@ -11,6 +11,7 @@ the point is made with a few small cores.
 from __future__ import annotations
 
 import os
+import shutil
 import signal
 import threading
 import uuid
@@ -21,7 +22,7 @@ import pytest
 from corevault import config, hostsetup, spool
 from corevault.agent.kernellog import KernelLog
 from corevault.hostsetup import SYSCTLS, write_sysctl
-from testbed import runc
+from testbed import build, runc
 from tests.conftest import Capture
 from tests.tenants import of_namespace, pod, processes, wait_for
 from tests.test_socket_mode import socket_capture
@@ -91,7 +92,7 @@ def test_a_pods_dumps_never_take_every_pipe_slot(capture: Capture, rootfs: str) 
     assert [r["event"] for r in b] == ["captured"], b  # B's crash was not skipped by the kernel
     refused = [r for r in of_namespace(capture.journal(), "tenant-a") if r["event"] == "dropped"]
     assert len(refused) == 4 and all(
-        "dumps of this pod are being read already" in r["reason"] for r in refused
+        "dumps of this pod are being captured already" in r["reason"] for r in refused
     )
     assert len([m for m in capture.entries() if m["pod"]["namespace"] == "tenant-a"]) == 2
 
@@ -159,3 +160,57 @@ def test_a_pods_crash_loops_never_crowd_out_another_pods_crashes_in_socket_mode(
     assert [r["event"] for r in b] == ["captured"] * 5, b
     a_events = [r["event"] for r in of_namespace(journal, "tenant-a")]
     assert a_events.count("dropped") > 0 and a_events.count("captured") > 0  # A was refused beyond its share
+
+
+def test_a_pods_dumps_hold_its_slots_until_their_handlers_end(
+    capture: Capture, rootfs: str, tmp_path
+) -> None:
+    """The kernel lets a crashed process go once its core is read; the handler then hashes and
+    stores the binaries it mapped (up to [capture] max_objects_size of them, uncached on a
+    pod's own volume). The pod's slots stay held until that work ends, so one pod's crash loop
+    never has more of its handlers at work than its share, whatever the kernel's slots allow.
+    Here the pod's share is one: its first handler is stopped after letting go of the pipe, and
+    its next crash is refused while another pod's is captured."""
+    capture.configure("[capture]\npod_dumps = 1\nnamespace_dumps = 4\n")
+    mapmany = build.build_variant("mapmany", "mapmany.c", ["gcc", "-O1", "-Wall", "-Werror"])
+    heavy = runc.build_rootfs(str(tmp_path / "heavy"), {"mapmany": mapmany})
+    os.makedirs(os.path.join(heavy, "app", "big"))
+    for i in range(2):  # ELF files of 384 MiB (zeros past the program): their hashing takes a while
+        big = os.path.join(heavy, "app", "big", str(i))
+        shutil.copyfile(mapmany, big)
+        with open(big, "r+b") as f:
+            f.truncate(384 << 20)
+    pod_uid = runc.new_pod_uid()
+    first = runc.Container(
+        heavy, ["/app/mapmany", "/app/big"], volume=capture.volume,
+        annotations=pod("tenant-a", "a-0"), pod_uid=pod_uid,
+    )  # fmt: skip
+    run = threading.Thread(target=first.run)
+    run.start()
+    held: list[int] = []
+
+    def let_go_and_stopped() -> bool:
+        """The first handler stopped once it no longer reads the pipe (the process is let go)."""
+        for handler in processes(capture.handler.encode()):
+            with suppress(ProcessLookupError, FileNotFoundError):
+                if not os.readlink(f"/proc/{handler}/fd/0").startswith("pipe:"):
+                    os.kill(handler, signal.SIGSTOP)
+                    held.append(handler)
+                    return True
+        return not run.is_alive()
+
+    try:
+        wait_for(let_go_and_stopped, timeout=120)
+        assert held, "the first handler ended before it could be stopped after letting go"
+        capture.crash(rootfs, ["/app/crasher", "segv"], annotations=pod("tenant-a", "a-0"), pod_uid=pod_uid)
+        capture.crash(rootfs, ["/app/crasher", "segv"], annotations=pod("tenant-b", "b-0"))
+    finally:
+        for handler in held:
+            with suppress(ProcessLookupError):
+                os.kill(handler, signal.SIGCONT)
+        run.join(180)
+    a = [r["event"] for r in of_namespace(capture.journal(), "tenant-a")]
+    assert sorted(a) == ["captured", "dropped"], a  # the second crash found the pod's one slot held
+    [dropped] = [r for r in of_namespace(capture.journal(), "tenant-a") if r["event"] == "dropped"]
+    assert "dumps of this pod" in dropped["reason"]
+    assert [r["event"] for r in of_namespace(capture.journal(), "tenant-b")] == ["captured"]

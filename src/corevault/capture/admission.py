@@ -144,8 +144,8 @@ def _take_slots(
             for h in held:
                 os.close(h)
             reason = (
-                f"{share} dumps of this {whose} are being read already (its share, [capture] {whose}_dumps); "
-                "refused before the core was read"
+                f"{share} dumps of this {whose} are being captured already "
+                f"(its share, [capture] {whose}_dumps); refused before the core was read"
             )
             record["reason"] = reason
             journal(settings, {**record, "event": "dropped"})

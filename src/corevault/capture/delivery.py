@@ -120,14 +120,15 @@ def deliver(
             job.truncated, job.expected = True, head.size
         job.publish_volume()
         # Everything after this works from what was read and the fds opened before: the kernel may
-        # let the process go (the compressed copy and its hash finish on their threads meanwhile).
-        # Its dump slot is free then, and so are the tenants' slots that mirror it. The process's
-        # mountinfo, which says where the hash cache may be trusted, goes with it: read it first.
+        # let the process go (the compressed copy and its hash finish on their threads meanwhile)
+        # and its dump slot is free then. The tenants' slots stay held until the handler ends: the
+        # work left (hashing and storing up to max_objects_size of binaries) is the pod's, and its
+        # share bounds how many of its crashes do it at once. The process's mountinfo, which says
+        # where the hash cache may be trusted, goes with the process: read it first.
         mounts = hashcache.Mounts(crash.proc_fd)
         if job.modules:
             mounts.load()
         stream.let_go(core_fd)
-        admitted.release()
         hashes = hashcache.cache_dir(settings.state_dir)
         buildid.store_modules(
             settings.buildid_dir,
