@@ -25,7 +25,7 @@ import httpx
 import pytest
 
 from corevault import config
-from corevault.server.access import Denied, StaticTokens
+from corevault.server.access import AccessError, Denied, StaticTokens
 from corevault.server.app import create_app
 from corevault.vault import blobs, catalog, stores
 from corevault.vault.remote import RemoteVault
@@ -478,3 +478,38 @@ def test_a_token_file_changed_within_one_timestamp_tick_is_read_again(tmp_path: 
     with pytest.raises(Denied):
         held.principal(TOKENS["a"], lambda: ["a"])
     assert held.principal(TOKENS["b"], lambda: ["b"]).name == "b"
+
+
+def test_a_token_file_caught_mid_write_lets_nobody_in_and_says_why(tmp_path: Path) -> None:
+    """A token file rewritten in place is seen empty, cut mid-entry or cut inside a character:
+    every request is refused with a 503 that says to retry (not a 500, not an open door) until
+    the file is whole again, and then the new file's tokens alone count."""
+    settings = config.from_dict({"state_dir": str(tmp_path / "state")})
+    binary, _ = vault(settings, tmp_path)
+    path = Path(tokens(tmp_path))
+    whole = path.read_bytes()
+    app = create_app(settings, StaticTokens(str(path)))
+    url_of = f"/buildid/{BUILD_ID}/executable"
+    with servers.asgi(app) as url:
+        assert get(url + url_of, "a").content == binary
+        revoked = whole.replace(b'name = "a"', b'name = "\xc3\xa5"').replace(TOKENS["a"].encode(), b"x" * 25)
+        for partial in (b"", whole[: whole.index(b"namespaces", 30)], revoked[: revoked.index(b"\xa5")]):
+            path.write_bytes(partial)
+            for who in ("a", "b"):
+                answer = get(url + url_of, who)
+                assert answer.status_code == 503, (partial, answer.text)
+                assert "retry later" in answer.json()["detail"] and str(path) not in answer.text
+        path.write_bytes(revoked)
+        assert get(url + url_of, "a").status_code == 401
+        assert get(url + url_of, "b").status_code == 404  # b reads, not a's
+
+
+def test_a_permission_written_as_a_string_is_refused_not_granted(tmp_path: Path) -> None:
+    """``delete = "false"`` is truthy in Python: such a file is refused with the key named."""
+    path = tmp_path / "tokens.toml"
+    path.write_text(f'[[token]]\nname = "a"\ntoken = "{TOKENS["a"]}"\nnamespaces = ["a"]\ndelete = "false"\n')
+    path.chmod(0o600)
+    with pytest.raises(AccessError, match="delete = .false. is not true or false"):
+        StaticTokens(str(path))
+    path.write_text(path.read_text().replace('"false"', "false"))
+    assert StaticTokens(str(path)).principal(TOKENS["a"], lambda: ["a"]).scope("delete") == frozenset()

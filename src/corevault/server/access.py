@@ -46,7 +46,10 @@ ALL = "*"
 #: the cookie the login page sets: it carries a bearer token, for page reads only
 COOKIE = "corevault_token"
 
-RACY_NS = 2_000_000_000  # a token file changed this recently is read again at the next request
+RACY_NS = 2_000_000_000
+MAX_FILE = (
+    4 << 20
+)  # bytes of a token file read at most  # a token file changed this recently is read again at the next request
 
 
 class Denied(Exception):
@@ -168,6 +171,14 @@ class _Token:
     exec: bool
 
 
+def _flag(entry: dict, key: str, where: str) -> bool:
+    """A token's permission: true or false only (``bool("false")`` would grant it)."""
+    value = entry.get(key, False)
+    if not isinstance(value, bool):
+        raise AccessError(f"{where}: {key} = {value!r} is not true or false; write {key} = false")
+    return value
+
+
 class StaticTokens(Access):
     local = True  # a stat of the token file per request, read again when it changed
 
@@ -179,22 +190,32 @@ class StaticTokens(Access):
         self._load()
 
     def _load(self) -> None:
+        # One open, then fstat: the stamp, the mode and the text are all of the same file, even
+        # when it is replaced between two requests.
         try:
-            st = os.stat(self.path)
+            fd = os.open(self.path, os.O_RDONLY | os.O_CLOEXEC | os.O_NOCTTY)
         except OSError as e:
             raise AccessError(
                 f"token file {self.path}: {e.strerror}; create it (see docs/server.md)"
             ) from None
-        stamp = (st.st_dev, st.st_ino, st.st_size, st.st_mtime_ns, st.st_ctime_ns)
-        if stamp == self._stamp:
-            return
-        if st.st_mode & 0o077:
-            raise AccessError(f"token file {self.path} is readable by others; chmod 600 {self.path}")
-        with open(self.path, "rb") as f:
-            try:
-                doc = tomllib.load(f)
-            except tomllib.TOMLDecodeError as e:
-                raise AccessError(f"token file {self.path} is not valid TOML: {e}") from None
+        with open(fd, "rb") as f:
+            st = os.fstat(fd)
+            stamp = (st.st_dev, st.st_ino, st.st_size, st.st_mtime_ns, st.st_ctime_ns)
+            if stamp == self._stamp:
+                return
+            if st.st_mode & 0o077:
+                raise AccessError(f"token file {self.path} is readable by others; chmod 600 {self.path}")
+            text = f.read(MAX_FILE + 1)
+        try:
+            if len(text) > MAX_FILE:
+                raise ValueError(f"larger than {MAX_FILE} bytes")
+            doc = tomllib.loads(text.decode())
+        except (ValueError, UnicodeDecodeError) as e:  # TOMLDecodeError is a ValueError
+            raise AccessError(f"token file {self.path} is not valid TOML: {e}") from None
+        if not doc.get("token"):
+            # An empty file is what a file being written in place looks like between its
+            # truncation and its first write: said, not taken as "nobody".
+            raise AccessError(f"token file {self.path} has no [[token]]; add one (see docs/server.md)")
         tokens = []
         for n, t in enumerate(doc.get("token", []), start=1):
             where = f"token file {self.path}, token {n}"
@@ -218,9 +239,9 @@ class StaticTokens(Access):
                     t["name"],
                     digest,
                     ns,
-                    bool(t.get("delete", False)),
-                    bool(t.get("update", False)),
-                    bool(t.get("exec", False)),
+                    _flag(t, "delete", where),
+                    _flag(t, "update", where),
+                    _flag(t, "exec", where),
                 )
             )
         # A file changed within the last RACY_NS may change again within the same timestamp tick

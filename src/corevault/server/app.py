@@ -21,6 +21,7 @@ every call they make is local (:mod:`corevault.server.downloads`).
 
 from __future__ import annotations
 
+import logging
 import time
 from collections.abc import Callable
 from typing import Any
@@ -32,7 +33,7 @@ from starlette.exceptions import HTTPException as StarletteHTTPException
 
 from corevault import config
 from corevault.server import redirects
-from corevault.server.access import COOKIE, Access, Denied, Principal
+from corevault.server.access import COOKIE, Access, AccessError, Denied, Principal
 from corevault.vault import catalog
 from corevault.vault.crashes import LocalVault
 
@@ -150,6 +151,19 @@ def create_app(settings: config.Settings, access: Access) -> FastAPI:
             {"detail": f"not authenticated: {exc}"},
             status_code=401,
             headers={"WWW-Authenticate": 'Bearer realm="corevault"'},
+        )
+
+    @app.exception_handler(AccessError)
+    def _unusable_access(request: Request, exc: AccessError) -> Any:
+        # The token file changed into something unusable (half written, damaged): nobody is let
+        # in until it is fixed; the reader is told to retry, the log says what is wrong.
+        from fastapi.responses import JSONResponse
+
+        logging.getLogger("corevault.server").error("refusing every request: %s", exc)
+        return JSONResponse(
+            {"detail": "the server's access configuration cannot be used now; retry later"},
+            status_code=503,
+            headers={"Retry-After": "5"},
         )
 
     @app.exception_handler(StarletteHTTPException)
