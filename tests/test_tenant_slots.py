@@ -14,6 +14,7 @@ import os
 import shutil
 import signal
 import threading
+import time
 import uuid
 from contextlib import suppress
 
@@ -214,3 +215,57 @@ def test_a_pods_dumps_hold_its_slots_until_their_handlers_end(
     [dropped] = [r for r in of_namespace(capture.journal(), "tenant-a") if r["event"] == "dropped"]
     assert "dumps of this pod" in dropped["reason"]
     assert [r["event"] for r in of_namespace(capture.journal(), "tenant-b")] == ["captured"]
+
+
+def test_a_handler_timed_out_after_letting_go_says_so_and_leaves_no_entry(
+    capture: Capture, rootfs: str, tmp_path
+) -> None:
+    """A pod makes its handler's work after the pipe slow (binaries of its own to hash, uncached):
+    the handler's timer still runs, and when it strikes there the dump is dropped with the
+    timeout as its reason (not a handler failure), no spool entry is left half made, and the
+    pod's slot is free for its next crash. The handler is stopped after letting go of the pipe
+    until its timeout has passed."""
+    capture.configure("[capture]\ntimeout = 3\npod_dumps = 1\n")
+    mapmany = build.build_variant("mapmany", "mapmany.c", ["gcc", "-O1", "-Wall", "-Werror"])
+    heavy = runc.build_rootfs(str(tmp_path / "heavy"), {"mapmany": mapmany})
+    os.makedirs(os.path.join(heavy, "app", "big"))
+    big = os.path.join(heavy, "app", "big", "0")
+    shutil.copyfile(mapmany, big)
+    with open(big, "r+b") as f:
+        f.truncate(384 << 20)
+    pod_uid = runc.new_pod_uid()
+    first = runc.Container(
+        heavy, ["/app/mapmany", "/app/big"], volume=capture.volume,
+        annotations=pod("tenant-a", "a-0"), pod_uid=pod_uid,
+    )  # fmt: skip
+    run = threading.Thread(target=first.run)
+    run.start()
+    held: list[int] = []
+
+    def let_go_and_stopped() -> bool:
+        for handler in processes(capture.handler.encode()):
+            with suppress(ProcessLookupError, FileNotFoundError):
+                if not os.readlink(f"/proc/{handler}/fd/0").startswith("pipe:"):
+                    os.kill(handler, signal.SIGSTOP)
+                    held.append(handler)
+                    return True
+        return not run.is_alive()
+
+    try:
+        wait_for(let_go_and_stopped, timeout=120)
+        assert held, "the handler ended before it could be stopped after letting go"
+        time.sleep(3.2)  # the handler's timer (3 s from its start) expires while it is stopped
+    finally:
+        for handler in held:
+            with suppress(ProcessLookupError):
+                os.kill(handler, signal.SIGCONT)
+        run.join(180)
+    wait_for(lambda: not any(os.path.exists(f"/proc/{h}") for h in held), timeout=60)
+    journal = of_namespace(capture.journal(), "tenant-a")
+    assert [r["event"] for r in journal] == ["dropped"], journal
+    assert "handler timeout after 3s, after the core was read" in journal[0]["reason"], journal[0]
+    assert not [r for r in capture.journal() if r["event"] == "error"], capture.journal()
+    assert capture.entries() == [] and os.listdir(spool.tmp_dir(capture.spool)) == []
+    # the pod's one slot was given back: its next crash is captured
+    capture.crash(rootfs, ["/app/crasher", "segv"], annotations=pod("tenant-a", "a-0"), pod_uid=pod_uid)
+    assert [r["event"] for r in of_namespace(capture.journal(), "tenant-a")] == ["dropped", "captured"]

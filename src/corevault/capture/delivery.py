@@ -142,6 +142,18 @@ def deliver(
         job.fingerprint = fingerprint.of(head.signal, head.code, head.pc, stack, modules)
         job.finish_entry(admitted.cg, started)
         return job.report()
+    except HandlerTimeout:
+        # Struck after the core was read (the pipe handler's timer runs to its end): the work left
+        # is dropped as a timeout, said as one, with the plain core where it was published already.
+        reason = (
+            f"handler timeout after {settings.timeout:g}s, after the core was read, while its copy "
+            "and binaries were stored; raise [capture] timeout for larger cores or binaries"
+        )
+        volume = job.volume["path"] if job.volume["written"] else None
+        journal(
+            settings, {**record, "event": "dropped", "reason": reason, "size": job.size, "volume": volume}
+        )
+        return None
     finally:
         job.close()
 
