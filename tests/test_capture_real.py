@@ -5,7 +5,10 @@ from __future__ import annotations
 import hashlib
 import os
 import re
+import signal
 import stat
+import threading
+from contextlib import suppress
 from pathlib import Path
 
 import pytest
@@ -15,6 +18,7 @@ from corevault import spool
 from corevault.hostsetup import SYSCTLS, write_sysctl
 from testbed import runc
 from tests.conftest import Capture, gdb_backtrace
+from tests.tenants import processes, wait_for
 
 pytestmark = pytest.mark.crash
 
@@ -256,3 +260,51 @@ def test_handler_memory_stays_flat_on_a_core_of_hundreds_of_mib(capture: Capture
     volume_core = os.path.join(capture.volume, name)
     assert os.path.getsize(volume_core) == meta["core"]["size"]
     assert sha256(volume_core) == meta["core"]["sha256"]
+
+
+def test_a_process_killed_mid_dump_leaves_an_entry_marked_cut_whose_hash_is_its_bytes(
+    capture: Capture, rootfs: str
+) -> None:
+    """The pod's process is SIGKILLed while its core streams (the handler held still mid-read,
+    the kernel blocked on the full pipe): the kernel stops writing, the handler lets the process
+    go and finishes on its threads. The entry is whole as a file (every frame closed, its seek
+    table last) and says what it is: cut by the kernel, at its size, with the size the headers
+    promised, and the SHA-256 of exactly the bytes it holds."""
+    c = runc.Container(rootfs, ["/app/crasher", "alloc", "256"], volume=capture.volume, annotations=SEED)
+    run = threading.Thread(target=c.run)
+    run.start()
+    tmp = spool.tmp_dir(capture.spool)
+    held: list[int] = []
+    try:
+
+        def reading() -> bool:
+            if os.path.isdir(tmp) and os.listdir(tmp):
+                for handler in processes(capture.handler.encode()):
+                    with suppress(ProcessLookupError, FileNotFoundError):
+                        if os.readlink(f"/proc/{handler}/fd/0").startswith("pipe:"):
+                            os.kill(handler, signal.SIGSTOP)
+                            held.append(handler)
+                            return True
+            return not run.is_alive()
+
+        wait_for(reading, timeout=120)
+        assert held, "the handler ended before it could be held mid-read"
+        [entry] = os.listdir(tmp)
+        crasher = int(entry.split("-")[1])  # the entry's id names the crashed process
+        os.kill(crasher, signal.SIGKILL)  # pending at once: the kernel's next write stops the dump
+    finally:
+        for handler in held:
+            with suppress(ProcessLookupError):
+                os.kill(handler, signal.SIGCONT)
+        run.join(120)
+    wait_for(lambda: not any(os.path.exists(f"/proc/{h}") for h in held), timeout=60)
+    [meta] = capture.entries()
+    core = meta["core"]
+    assert core["truncated"] and core["cut_by"] == "kernel" and core["expected_size"] > core["size"], core
+    assert 0 < core["size"] < 256 << 20
+    with open(os.path.join(spool.ready_dir(capture.spool), meta["id"], spool.CORE_NAME), "rb") as f:
+        plain = zstandard.ZstdDecompressor().stream_reader(f, read_across_frames=True).read()
+    assert len(plain) == core["size"] and hashlib.sha256(plain).hexdigest() == core["sha256"]
+    [cut] = [r for r in capture.journal() if r["event"] == "truncated"]
+    assert "the kernel stopped the dump" in cut["reason"]
+    assert os.listdir(tmp) == []
