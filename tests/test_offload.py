@@ -5,6 +5,9 @@ from __future__ import annotations
 import _thread
 import os
 import time
+from typing import Any
+
+import pytest
 
 from corevault.capture import offload
 
@@ -88,3 +91,35 @@ def test_closing_with_abort_skips_the_work_left() -> None:
     while work.running:
         time.sleep(0.001)
     assert len(step.seen) <= 1  # at most the chunk it was in when the abort came
+
+
+def test_a_timeout_that_strikes_once_a_thread_said_it_ended_leaves_nothing_to_wait_for() -> None:
+    """The handler's timer may strike just after close took a thread's word that it ended and
+    before it was counted; the close that follows (with abort, as the handler's cleanup does)
+    returns instead of waiting for a word that will never come, and the handler with it."""
+
+    class Timeout(Exception):
+        pass
+
+    class StruckAfterGet:
+        def __init__(self, inner: Any) -> None:
+            self.inner, self.struck = inner, False
+            self.put = inner.put
+
+        def get(self) -> object:
+            item = self.inner.get()
+            if not self.struck:
+                self.struck = True
+                raise Timeout  # as a signal handler raises, between the get and what follows
+            return item
+
+    work = offload.Offload([Recording(), Recording()], CHUNK, ZEROS)
+    work.put(memoryview(ZEROS), True)
+    work.done = StruckAfterGet(work.done)
+    with pytest.raises(Timeout):
+        work.close()
+    closed = _thread.allocate_lock()
+    closed.acquire()
+    _thread.start_new_thread(lambda: (work.close(abort=True), closed.release()), ())
+    assert closed.acquire(timeout=10), "the second close waits for a thread that ended already"
+    assert work.running == 0

@@ -50,6 +50,8 @@ class Offload:
         self.queues = [_queue.SimpleQueue() for _ in steps]
         self.done: _queue.SimpleQueue = _queue.SimpleQueue()
         self.running = len(steps)
+        self.ended = [False] * len(steps)
+        self.ending = False  # the end is queued
         self.aborted = False
         for i in range(len(steps)):
             _thread.start_new_thread(self._run, (i,))
@@ -69,13 +71,20 @@ class Offload:
         self.queues[0].put((memoryview(buf)[:n], False, buf))
 
     def close(self, abort: bool = False) -> None:
-        """Wait until every step has seen every chunk (``abort``: skip the work left); idempotent."""
+        """Wait until every step has seen every chunk (``abort``: skip the work left); idempotent.
+
+        Each thread marks itself ended before it says so: the handler's timeout may strike just
+        after a ``done`` was taken and before it was counted, and the close that follows (with
+        ``abort``) must not wait for a thread that ended already, for ever and with the pod's slots.
+        """
         if self.running:
             self.aborted = self.aborted or abort
-            self.queues[0].put(_END)
-            while self.running:
+            if not self.ending:
+                self.ending = True
+                self.queues[0].put(_END)
+            while not all(self.ended):
                 self.done.get()
-                self.running -= 1
+            self.running = 0
 
     def _run(self, i: int) -> None:
         step, inbox = self.steps[i], self.queues[i]
@@ -94,4 +103,5 @@ class Offload:
         finally:
             if after is not None:
                 after.put(_END)
+            self.ended[i] = True
             self.done.put(i)
