@@ -3,8 +3,11 @@
 from __future__ import annotations
 
 import os
+import signal
+import threading
 import time
-from collections.abc import Callable
+from collections.abc import Callable, Iterator
+from contextlib import contextmanager, suppress
 
 SEED = "/data/dump-a/core-%p"
 
@@ -41,6 +44,39 @@ def wait_for(what: Callable[[], object], timeout: float = 60) -> object:
             return found
         time.sleep(0.01)
     raise AssertionError(f"timed out waiting for {what}")
+
+
+@contextmanager
+def held_handler(
+    handler: str, run: Callable[[], object], *, reading: bool, ready: Callable[[], bool] = lambda: True
+) -> Iterator[list[int]]:
+    """``run`` (a container's run) on a thread of its own, and its crash's handler, the launcher
+    ``handler``, stopped (SIGSTOP) while it still reads the pipe (``reading``) or once it has let go
+    of it, as soon as ``ready()``. Yields the stopped handlers: none when it ended first. On leaving
+    they go on (SIGCONT), the run is joined and, unless the body failed, their end awaited."""
+    thread = threading.Thread(target=run)
+    thread.start()
+    held: list[int] = []
+
+    def stopped() -> bool:
+        if ready():
+            for pid in processes(handler.encode()):
+                with suppress(ProcessLookupError, FileNotFoundError):
+                    if os.readlink(f"/proc/{pid}/fd/0").startswith("pipe:") == reading:
+                        os.kill(pid, signal.SIGSTOP)
+                        held.append(pid)
+                        return True
+        return not thread.is_alive()
+
+    try:
+        wait_for(stopped, timeout=120)
+        yield held
+    finally:
+        for pid in held:
+            with suppress(ProcessLookupError):
+                os.kill(pid, signal.SIGCONT)
+        thread.join(180)
+    wait_for(lambda: not any(os.path.exists(f"/proc/{pid}") for pid in held), timeout=60)
 
 
 def of_namespace(records: list[dict], namespace: str) -> list[dict]:

@@ -7,8 +7,6 @@ import os
 import re
 import signal
 import stat
-import threading
-from contextlib import suppress
 from pathlib import Path
 
 import pytest
@@ -18,7 +16,7 @@ from corevault import spool
 from corevault.hostsetup import SYSCTLS, write_sysctl
 from testbed import runc
 from tests.conftest import Capture, gdb_backtrace
-from tests.tenants import processes, wait_for
+from tests.tenants import held_handler
 
 pytestmark = pytest.mark.crash
 
@@ -271,33 +269,14 @@ def test_a_process_killed_mid_dump_leaves_an_entry_marked_cut_whose_hash_is_its_
     table last) and says what it is: cut by the kernel, at its size, with the size the headers
     promised, and the SHA-256 of exactly the bytes it holds."""
     c = runc.Container(rootfs, ["/app/crasher", "alloc", "256"], volume=capture.volume, annotations=SEED)
-    run = threading.Thread(target=c.run)
-    run.start()
     tmp = spool.tmp_dir(capture.spool)
-    held: list[int] = []
-    try:
-
-        def reading() -> bool:
-            if os.path.isdir(tmp) and os.listdir(tmp):
-                for handler in processes(capture.handler.encode()):
-                    with suppress(ProcessLookupError, FileNotFoundError):
-                        if os.readlink(f"/proc/{handler}/fd/0").startswith("pipe:"):
-                            os.kill(handler, signal.SIGSTOP)
-                            held.append(handler)
-                            return True
-            return not run.is_alive()
-
-        wait_for(reading, timeout=120)
+    with held_handler(
+        capture.handler, c.run, reading=True, ready=lambda: os.path.isdir(tmp) and bool(os.listdir(tmp))
+    ) as held:
         assert held, "the handler ended before it could be held mid-read"
         [entry] = os.listdir(tmp)
         crasher = int(entry.split("-")[1])  # the entry's id names the crashed process
         os.kill(crasher, signal.SIGKILL)  # pending at once: the kernel's next write stops the dump
-    finally:
-        for handler in held:
-            with suppress(ProcessLookupError):
-                os.kill(handler, signal.SIGCONT)
-        run.join(120)
-    wait_for(lambda: not any(os.path.exists(f"/proc/{h}") for h in held), timeout=60)
     [meta] = capture.entries()
     core = meta["core"]
     assert core["truncated"] and core["cut_by"] == "kernel" and core["expected_size"] > core["size"], core

@@ -86,6 +86,17 @@ def test_both_sha256_implementations_give_hashlib_s_digest(size: int) -> None:
     assert (type(h).__module__ == "_hashlib") is (size > hashing.SMALL)  # OpenSSL's only when large
 
 
+def sleep_crash(pid: int, pidfd: int) -> list[str]:
+    """The handler's arguments, in core_pattern's order, for a crash of ``sleep`` at ``pid``."""
+    p = str(pid)
+    values = {
+        "P": p, "p": p, "i": p, "I": p, "s": "11", "t": str(int(time.time())), "d": "1",
+        "u": "0", "g": "0", "c": str((1 << 64) - 1), "C": "0", "h": "h", "e": "sleep", "f": "sleep",
+        "E": "!usr!bin!sleep", "F": str(pidfd),
+    }  # fmt: skip
+    return [values[s] for s in SPECIFIERS]
+
+
 class Stage:
     """A live stand-in for a crashed process, opted in by a host rule, and the launcher to capture it."""
 
@@ -113,14 +124,8 @@ class Stage:
         proc = subprocess.Popen(["sleep", "600"])
         pidfd = os.pidfd_open(proc.pid)
         try:
-            pid = str(proc.pid)
-            values = {
-                "P": pid, "p": pid, "i": pid, "I": pid, "s": "11", "t": str(int(time.time())), "d": "1",
-                "u": "0", "g": "0", "c": str((1 << 64) - 1), "C": "0", "h": "h", "e": "sleep", "f": "sleep",
-                "E": "!usr!bin!sleep", "F": str(pidfd),
-            }  # fmt: skip
             done = subprocess.run(
-                [sys.executable, "-I", "-S", "-c", probe, "-c", self.snapshot, *(values[s] for s in SPECIFIERS)],
+                [sys.executable, "-I", "-S", "-c", probe, "-c", self.snapshot, *sleep_crash(proc.pid, pidfd)],
                 input=b"\x7fELF" + bytes(4092), pass_fds=(pidfd,), cwd="/", check=False,
                 env={"PATH": "/usr/bin:/bin"}, capture_output=True,
             )  # fmt: skip
@@ -270,13 +275,7 @@ def test_a_capture_walks_the_spool_once_also_when_it_stores_new_binaries(tmp_pat
     try:
         os.write(write_end, b"\x7fELF" + bytes(4092))
         os.close(write_end)
-        pid = str(proc.pid)
-        values = {
-            "P": pid, "p": pid, "i": pid, "I": pid, "s": "11", "t": str(int(time.time())), "d": "1",
-            "u": "0", "g": "0", "c": str((1 << 64) - 1), "C": "0", "h": "h", "e": "sleep", "f": "sleep",
-            "E": "!usr!bin!sleep", "F": str(pidfd),
-        }  # fmt: skip
-        assert handler.capture(stage.settings, [values[s] for s in SPECIFIERS], read_end, []) == 0
+        assert handler.capture(stage.settings, sleep_crash(proc.pid, pidfd), read_end, []) == 0
     finally:
         os.close(read_end)
         os.close(pidfd)

@@ -175,18 +175,20 @@ print(json.dumps(out))
 """
 
 
-@pytest.mark.skipif(os.geteuid() != 0, reason="switching to the worker's own uid needs root")
-def test_the_worker_sees_only_its_inputs_as_an_unprivileged_user(tmp_path) -> None:
+Probed = tuple[str, int, list[str]]
+
+
+@pytest.fixture
+def host_to_probe(tmp_path: Path) -> Iterator[Probed]:
+    """What a worker must not reach, made on the host: a world-readable secret (only the sandbox
+    keeps it from the worker) among other files, and a listener on the host's 127.0.0.1. Gives
+    the worker's one input (a core), the listener's port and the paths to try."""
     secret = tmp_path / "host-secret"
     secret.write_text("tenant B's database password")
-    secret.chmod(0o644)  # world-readable on the host: only the sandbox keeps it from the worker
+    secret.chmod(0o644)
     core = tmp_path / "core"
     core.write_bytes(b"\x7fELF" + b"\0" * 60)
     core.chmod(0o644)
-    listener = socket.socket()
-    listener.bind(("127.0.0.1", 0))
-    listener.listen()
-    port = listener.getsockname()[1]
     targets = [
         str(secret),
         "/etc/shadow",
@@ -194,18 +196,26 @@ def test_the_worker_sees_only_its_inputs_as_an_unprivileged_user(tmp_path) -> No
         f"/proc/{os.getpid()}/environ",
         os.path.abspath(__file__),
     ]
+    with socket.socket() as listener:
+        listener.bind(("127.0.0.1", 0))
+        listener.listen()
+        yield str(core), listener.getsockname()[1], targets
+
+
+@pytest.mark.skipif(os.geteuid() != 0, reason="switching to the worker's own uid needs root")
+def test_the_worker_sees_only_its_inputs_as_an_unprivileged_user(host_to_probe: Probed) -> None:
+    core, port, targets = host_to_probe
     fd = seccomp.filter_fd()
     assert fd is not None, "libseccomp is part of every Debian system"
     cmd = sandbox.command(
         [sys.executable, "-c", PROBE, str(port), *targets],
-        [sandbox.Bind(str(core), runner.CORE_IN_SANDBOX)],
+        [sandbox.Bind(core, runner.CORE_IN_SANDBOX)],
         64_900,
         fd,
     )
     try:
         out = subprocess.run(cmd, capture_output=True, text=True, timeout=60, check=True, pass_fds=(fd,))
     finally:
-        listener.close()
         os.close(fd)
     seen = json.loads(out.stdout)
     assert (seen["uid"], seen["gid"], seen["groups"]) == (64_900, 64_900, [])
@@ -219,43 +229,20 @@ def test_the_worker_sees_only_its_inputs_as_an_unprivileged_user(tmp_path) -> No
 
 
 @pytest.mark.skipif(os.geteuid() != 0, reason="switching to the worker's own uid needs root")
-def test_a_template_child_sees_only_its_inputs_and_holds_nothing(tmp_path) -> None:
+def test_a_template_child_sees_only_its_inputs_and_holds_nothing(host_to_probe: Probed) -> None:
     """A child of the pre-imported template: the worker's uid on the host (root of a user
     namespace that maps nothing else), no capability in any set, no_new_privs, the seccomp
     filter, its own PID namespace and network, its input and nothing of the host."""
-    secret = tmp_path / "host-secret"
-    secret.write_text("tenant B's database password")
-    secret.chmod(0o644)
-    core = tmp_path / "core"
-    core.write_bytes(b"\x7fELF" + b"\0" * 60)
-    core.chmod(0o644)
-    listener = socket.socket()
-    listener.bind(("127.0.0.1", 0))
-    listener.listen()
-    port = listener.getsockname()[1]
-    targets = [
-        str(secret),
-        "/etc/shadow",
-        "/etc/hostname",
-        f"/proc/{os.getpid()}/environ",
-        os.path.abspath(__file__),
-    ]
+    core, port, targets = host_to_probe
     forked = template.shared(64_900)
     assert forked is not None, "the analysis template does not start on this machine"
     code = (
         PROBE
         + "\nimport json\nprint(json.dumps({'uid_map': open('/proc/self/uid_map').read().split(), 'pids': os.listdir('/proc')}))"
     )
-    try:
-        out, err, status = forked.run(
-            code,
-            [str(port), *targets],
-            [sandbox.Bind(str(core), runner.CORE_IN_SANDBOX)],
-            memory=1 << 30,
-            timeout=60,
-        )
-    finally:
-        listener.close()
+    out, err, status = forked.run(
+        code, [str(port), *targets], [sandbox.Bind(core, runner.CORE_IN_SANDBOX)], memory=1 << 30, timeout=60
+    )
     assert status == 0, err
     first, second = out.decode().splitlines()
     seen, more = json.loads(first), json.loads(second)

@@ -25,7 +25,7 @@ from corevault.agent.kernellog import KernelLog
 from corevault.hostsetup import SYSCTLS, write_sysctl
 from testbed import build, runc
 from tests.conftest import Capture
-from tests.tenants import of_namespace, pod, processes, wait_for
+from tests.tenants import held_handler, of_namespace, pod, processes, wait_for
 from tests.test_socket_mode import socket_capture
 
 pytestmark = pytest.mark.crash
@@ -163,6 +163,20 @@ def test_a_pods_crash_loops_never_crowd_out_another_pods_crashes_in_socket_mode(
     assert a_events.count("dropped") > 0 and a_events.count("captured") > 0  # A was refused beyond its share
 
 
+def heavy_pod(tmp_path, files: int) -> str:
+    """A root whose ``/app/mapmany /app/big`` maps ``files`` ELF files of 384 MiB each (zeros past
+    the program), uncached: hashing them keeps the handler at work after it let go of the pipe."""
+    mapmany = build.build_variant("mapmany", "mapmany.c", ["gcc", "-O1", "-Wall", "-Werror"])
+    heavy = runc.build_rootfs(str(tmp_path / "heavy"), {"mapmany": mapmany})
+    os.makedirs(os.path.join(heavy, "app", "big"))
+    for i in range(files):
+        big = os.path.join(heavy, "app", "big", str(i))
+        shutil.copyfile(mapmany, big)
+        with open(big, "r+b") as f:
+            f.truncate(384 << 20)
+    return heavy
+
+
 def test_a_pods_dumps_hold_its_slots_until_their_handlers_end(
     capture: Capture, rootfs: str, tmp_path
 ) -> None:
@@ -173,43 +187,15 @@ def test_a_pods_dumps_hold_its_slots_until_their_handlers_end(
     Here the pod's share is one: its first handler is stopped after letting go of the pipe, and
     its next crash is refused while another pod's is captured."""
     capture.configure("[capture]\npod_dumps = 1\nnamespace_dumps = 4\n")
-    mapmany = build.build_variant("mapmany", "mapmany.c", ["gcc", "-O1", "-Wall", "-Werror"])
-    heavy = runc.build_rootfs(str(tmp_path / "heavy"), {"mapmany": mapmany})
-    os.makedirs(os.path.join(heavy, "app", "big"))
-    for i in range(2):  # ELF files of 384 MiB (zeros past the program): their hashing takes a while
-        big = os.path.join(heavy, "app", "big", str(i))
-        shutil.copyfile(mapmany, big)
-        with open(big, "r+b") as f:
-            f.truncate(384 << 20)
     pod_uid = runc.new_pod_uid()
     first = runc.Container(
-        heavy, ["/app/mapmany", "/app/big"], volume=capture.volume,
+        heavy_pod(tmp_path, 2), ["/app/mapmany", "/app/big"], volume=capture.volume,
         annotations=pod("tenant-a", "a-0"), pod_uid=pod_uid,
     )  # fmt: skip
-    run = threading.Thread(target=first.run)
-    run.start()
-    held: list[int] = []
-
-    def let_go_and_stopped() -> bool:
-        """The first handler stopped once it no longer reads the pipe (the process is let go)."""
-        for handler in processes(capture.handler.encode()):
-            with suppress(ProcessLookupError, FileNotFoundError):
-                if not os.readlink(f"/proc/{handler}/fd/0").startswith("pipe:"):
-                    os.kill(handler, signal.SIGSTOP)
-                    held.append(handler)
-                    return True
-        return not run.is_alive()
-
-    try:
-        wait_for(let_go_and_stopped, timeout=120)
+    with held_handler(capture.handler, first.run, reading=False) as held:
         assert held, "the first handler ended before it could be stopped after letting go"
         capture.crash(rootfs, ["/app/crasher", "segv"], annotations=pod("tenant-a", "a-0"), pod_uid=pod_uid)
         capture.crash(rootfs, ["/app/crasher", "segv"], annotations=pod("tenant-b", "b-0"))
-    finally:
-        for handler in held:
-            with suppress(ProcessLookupError):
-                os.kill(handler, signal.SIGCONT)
-        run.join(180)
     a = [r["event"] for r in of_namespace(capture.journal(), "tenant-a")]
     assert sorted(a) == ["captured", "dropped"], a  # the second crash found the pod's one slot held
     [dropped] = [r for r in of_namespace(capture.journal(), "tenant-a") if r["event"] == "dropped"]
@@ -226,41 +212,14 @@ def test_a_handler_timed_out_after_letting_go_says_so_and_leaves_no_entry(
     pod's slot is free for its next crash. The handler is stopped after letting go of the pipe
     until its timeout has passed."""
     capture.configure("[capture]\ntimeout = 3\npod_dumps = 1\n")
-    mapmany = build.build_variant("mapmany", "mapmany.c", ["gcc", "-O1", "-Wall", "-Werror"])
-    heavy = runc.build_rootfs(str(tmp_path / "heavy"), {"mapmany": mapmany})
-    os.makedirs(os.path.join(heavy, "app", "big"))
-    big = os.path.join(heavy, "app", "big", "0")
-    shutil.copyfile(mapmany, big)
-    with open(big, "r+b") as f:
-        f.truncate(384 << 20)
     pod_uid = runc.new_pod_uid()
     first = runc.Container(
-        heavy, ["/app/mapmany", "/app/big"], volume=capture.volume,
+        heavy_pod(tmp_path, 1), ["/app/mapmany", "/app/big"], volume=capture.volume,
         annotations=pod("tenant-a", "a-0"), pod_uid=pod_uid,
     )  # fmt: skip
-    run = threading.Thread(target=first.run)
-    run.start()
-    held: list[int] = []
-
-    def let_go_and_stopped() -> bool:
-        for handler in processes(capture.handler.encode()):
-            with suppress(ProcessLookupError, FileNotFoundError):
-                if not os.readlink(f"/proc/{handler}/fd/0").startswith("pipe:"):
-                    os.kill(handler, signal.SIGSTOP)
-                    held.append(handler)
-                    return True
-        return not run.is_alive()
-
-    try:
-        wait_for(let_go_and_stopped, timeout=120)
+    with held_handler(capture.handler, first.run, reading=False) as held:
         assert held, "the handler ended before it could be stopped after letting go"
         time.sleep(3.2)  # the handler's timer (3 s from its start) expires while it is stopped
-    finally:
-        for handler in held:
-            with suppress(ProcessLookupError):
-                os.kill(handler, signal.SIGCONT)
-        run.join(180)
-    wait_for(lambda: not any(os.path.exists(f"/proc/{h}") for h in held), timeout=60)
     journal = of_namespace(capture.journal(), "tenant-a")
     assert [r["event"] for r in journal] == ["dropped"], journal
     assert "handler timeout after 3s, after the core was read" in journal[0]["reason"], journal[0]

@@ -179,6 +179,11 @@ def _flag(entry: dict, key: str, where: str) -> bool:
     return value
 
 
+def _stamp(st: os.stat_result) -> tuple[int, ...]:
+    """What changes whenever a file's content may have: its identity, size and times."""
+    return (st.st_dev, st.st_ino, st.st_size, st.st_mtime_ns, st.st_ctime_ns)
+
+
 class StaticTokens(Access):
     local = True  # a stat of the token file per request, read again when it changed
 
@@ -190,9 +195,11 @@ class StaticTokens(Access):
         self._load()
 
     def _load(self) -> None:
-        # One open, then fstat: the stamp, the mode and the text are all of the same file, even
-        # when it is replaced between two requests.
+        # A stat per request; only a changed file is opened, and then its stamp, mode and text
+        # are all taken from that one open (fstat), even when it is replaced meanwhile.
         try:
+            if _stamp(os.stat(self.path)) == self._stamp:
+                return
             fd = os.open(self.path, os.O_RDONLY | os.O_CLOEXEC | os.O_NOCTTY)
         except OSError as e:
             raise AccessError(
@@ -200,9 +207,7 @@ class StaticTokens(Access):
             ) from None
         with open(fd, "rb") as f:
             st = os.fstat(fd)
-            stamp = (st.st_dev, st.st_ino, st.st_size, st.st_mtime_ns, st.st_ctime_ns)
-            if stamp == self._stamp:
-                return
+            stamp = _stamp(st)
             if st.st_mode & 0o077:
                 raise AccessError(f"token file {self.path} is readable by others; chmod 600 {self.path}")
             text = f.read(MAX_FILE + 1)
