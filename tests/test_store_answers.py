@@ -26,6 +26,7 @@ import pytest
 
 from corevault.config import S3Settings
 from corevault.vault import blobs, s3upload, stores
+from tests.tenants import wait_for
 from tests.test_stores import PART, azurite, open_cloud, weed  # noqa: F401 - the module's servers
 
 pytestmark = pytest.mark.servers
@@ -181,9 +182,22 @@ def test_a_gcs_upload_is_checked_from_its_answers_alone(gcs, tmp_path) -> None:
     gcs.create_bucket(name)
     store = open_cloud(f"gs://{name}/vault", gcs)
     sent: list[str] = []
+    bucket_reads: list[str] = []
+
+    def answered(r: Any, *_: Any, **__: Any) -> None:
+        sent.append(r.request.method)
+        if r.request.method == "GET":
+            bucket_reads.append(r.request.path_url.split("?")[0])
+
     for session in (store.client._http, store.http):  # type: ignore[attr-defined]
-        session.hooks["response"].append(lambda r, *_, **__: sent.append(r.request.method))
-    store.put_bytes("first", b"x")  # the library reads the bucket's resource once, before its first upload
+        session.hooks["response"].append(answered)
+    # The library reads the bucket's resource once per client, on a thread of its own started by
+    # the first request that names the bucket (its metadata for tracing spans): that read may be
+    # answered before, during or after the upload. It is awaited here, so what follows is counted
+    # alone.
+    store.put_bytes("first", b"x")
+    wait_for(lambda: "GET" in sent, timeout=30)
+    assert sorted(sent) == ["GET", "POST"] and bucket_reads == [f"/storage/v1/b/{name}"], (sent, bucket_reads)
     sent.clear()
     data = os.urandom(4096)
     assert store.put_bytes("small", data).size == len(data)
