@@ -74,7 +74,7 @@ def cpu_meter() -> Iterator[Callable[[], float] | None]:
 def alone(analysis: Callable[[], object]) -> object:
     """``analysis`` run as without the template: in a bubblewrap worker of its own."""
     shared = template.shared
-    template.shared = lambda uid: None
+    template.shared = lambda uid, processes=0: None
     try:
         return analysis()
     finally:

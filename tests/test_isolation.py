@@ -13,7 +13,6 @@ import contextlib
 import errno
 import json
 import os
-import resource
 import shutil
 import signal
 import socket
@@ -29,7 +28,7 @@ import pytest
 from corevault import config, elf, spool
 from corevault.agent.analyses import FairQueue
 from corevault.agent.loop import Agent
-from corevault.analysis import binaries, runner, sandbox, seccomp, template
+from corevault.analysis import binaries, runner, sandbox, seccomp, slots, template
 from corevault.vault import catalog
 from corevault.vault.crashes import LocalVault
 from testbed import hostile
@@ -349,7 +348,7 @@ def _victim_on_host(host_core: str) -> int:
     """The host pid of B's held analysis, whose core's copy is ``host_core``."""
     for pid in (p for p in os.listdir("/proc") if p.isdigit()):
         try:
-            if os.stat(f"/proc/{pid}").st_uid != 64_900:
+            if not 64_900 <= os.stat(f"/proc/{pid}").st_uid < 64_900 + slots.DEFAULT_COUNT:
                 continue
             held = {os.readlink(f"/proc/{pid}/fd/{fd}") for fd in os.listdir(f"/proc/{pid}/fd")}
             with open(f"/proc/{pid}/mountinfo") as f:
@@ -376,7 +375,7 @@ def test_an_analysis_taken_over_sees_nothing_of_another_running_beside_it(
     from tests.conftest import FIXTURE_SPOOL
 
     if not forked:
-        monkeypatch.setattr(template, "shared", lambda uid: None)
+        monkeypatch.setattr(template, "shared", lambda uid, processes=0: None)
     elif template.shared(64_900) is None:
         pytest.fail("the analysis template does not start on this machine")
     by_exe = {
@@ -607,7 +606,7 @@ def test_an_analysis_taken_over_can_write_none_of_its_inputs(
     from tests.conftest import FIXTURE_SPOOL
 
     if not forked:
-        monkeypatch.setattr(template, "shared", lambda uid: None)
+        monkeypatch.setattr(template, "shared", lambda uid, processes=0: None)
     elif template.shared(64_900) is None:
         pytest.fail("the analysis template does not start on this machine")
     core, record = _fixture_crash("/app/crasher")
@@ -741,15 +740,12 @@ def test_an_analysis_that_takes_every_process_ends_no_other_analysis(
     from tests.conftest import FIXTURE_SPOOL
 
     # A uid of this test's own (its count of processes is this test's alone), whose template
-    # may run 11 processes: itself, C's keeper and analysis, and eight more. Only the soft
-    # limit is lowered, and only while the template starts (root is held to no such limit).
-    uid = 64_901
-    soft, hard = resource.getrlimit(resource.RLIMIT_NPROC)
-    resource.setrlimit(resource.RLIMIT_NPROC, (11, hard))
-    try:
-        forked = template.Template(uid)
-    finally:
-        resource.setrlimit(resource.RLIMIT_NPROC, (soft, hard))
+    # may run 11 processes: itself, C's keeper and analysis, and eight more. Every analysis
+    # here runs as that uid, as all did before each got a uid of its own (tests/test_analysis_slots.py):
+    # what is tested is the template's answer when it cannot fork.
+    uid = 64_990
+    forked = template.Template(uid, processes=11)
+    monkeypatch.setattr(slots, "held", lambda base, count, deadline: contextlib.nullcontext(uid))
     monkeypatch.setattr(template, "_templates", {uid: forked})
     monkeypatch.setattr(template, "_refused", {})
     by_exe = {
@@ -873,7 +869,7 @@ def test_an_analysis_taken_over_is_stopped_at_its_bounds(  # noqa: PLR0917
     from tests.conftest import FIXTURE_SPOOL
 
     if not forked:
-        monkeypatch.setattr(template, "shared", lambda uid: None)
+        monkeypatch.setattr(template, "shared", lambda uid, processes=0: None)
     elif template.shared(64_900) is None:
         pytest.fail("the analysis template does not start on this machine")
     core, record = _fixture_crash("/app/crasher")

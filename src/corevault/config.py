@@ -131,8 +131,10 @@ class Settings:
         "agent_ship_parallel",
         "alerts",
         "analysis_memory",
+        "analysis_processes",
         "analysis_timeout",
         "analysis_uid",
+        "analysis_uids",
         "analysis_workers",
         "azure",
         "buildid_dir",
@@ -267,6 +269,10 @@ class Settings:
         self.analysis_workers = 0
         #: the uid and gid the sandboxed analysis worker runs as (used by nothing else)
         self.analysis_uid = 64_900
+        #: uids from ``analysis_uid`` on, one per analysis running at once (none shares its processes)
+        self.analysis_uids = 32
+        #: processes (and threads) one analysis may run, its template's included: ``RLIMIT_NPROC``
+        self.analysis_processes = 256
         self.retention_max_age_days: float | None = None
         self.retention_max_size: int | None = None
         self.retention_namespace_max_size: int | None = None
@@ -560,7 +566,7 @@ def from_dict(doc: dict, where: str = "config") -> Settings:
     _known(
         agent,
         {"poll_interval", "metrics", "analyze", "analysis_timeout", "analysis_memory", "analysis_workers",
-         "analysis_uid", "ship_batch", "ship_parallel"},
+         "analysis_uid", "analysis_uids", "analysis_processes", "ship_batch", "ship_parallel"},
         f"{where} [agent]",
     )  # fmt: skip
     s.agent_poll = _number(agent, "poll_interval", where, s.agent_poll)
@@ -577,6 +583,16 @@ def from_dict(doc: dict, where: str = "config") -> Settings:
     s.analysis_uid = int(_number(agent, "analysis_uid", where, s.analysis_uid))
     if s.analysis_uid == 0:
         raise ConfigError(f"{where} [agent] analysis_uid: analysis never runs as root; pick an unused uid")
+    s.analysis_uids = int(_number(agent, "analysis_uids", where, s.analysis_uids))
+    if s.analysis_uids < 1:
+        raise ConfigError(
+            f"{where} [agent] analysis_uids: at least 1 (uids from analysis_uid on, unused on the host)"
+        )
+    s.analysis_processes = int(_number(agent, "analysis_processes", where, s.analysis_processes))
+    if s.analysis_processes < 16:
+        raise ConfigError(
+            f"{where} [agent] analysis_processes: at least 16 (an analysis runs gdb and its threads)"
+        )
 
     analysis = _table(doc, "analysis", where)
     keys = {"debuginfod_urls", "debuginfod_timeout", "debuginfod_max_size", "debug_dirs", "group_samples"}

@@ -449,6 +449,8 @@ def _analyse(
             memory=settings.analysis_memory,
             record=record,
             uid=settings.analysis_uid,
+            uids=settings.analysis_uids,
+            processes=settings.analysis_processes,
         ).to_dict()
     except runner.AnalysisError as e:
         log.warning("crash %s: analysis failed: %s", crash_id, e)

@@ -19,6 +19,7 @@ worker once more: only the first crash that needs a build-id pays for that.
 
 from __future__ import annotations
 
+import contextlib
 import json
 import os
 import resource
@@ -27,11 +28,11 @@ import stat
 import subprocess
 import tempfile
 import time
-from collections.abc import Collection
+from collections.abc import Collection, Iterator
 from typing import BinaryIO
 
 from corevault import bounded, nodestore, objectid
-from corevault.analysis import binaries, sandbox, seccomp, template, upstream
+from corevault.analysis import binaries, sandbox, seccomp, slots, template, upstream
 from corevault.capture.stream import sparse_copy
 from corevault.errors import UserError
 from corevault.model import Report
@@ -131,18 +132,25 @@ def _run_alone(
     *,
     limit: float,
     memory: int,
+    processes: int,
 ) -> tuple[bytes, bytes, int]:
     """``code`` in a bubblewrap worker of its own: its output, errors and exit status."""
     filter_fd = seccomp.filter_fd()
+    limits = {resource.RLIMIT_DATA: memory}
+    if os.geteuid() == 0:  # set before setpriv drops to the slot's uid (root is held to none)
+        limits[resource.RLIMIT_NPROC] = processes
     try:
         cmd = sandbox.command(sandbox.python(code, args), binds, uid, filter_fd)
         fds = () if filter_fd is None else (filter_fd,)
         timeout = max(deadline - time.monotonic(), 0.001)
-        # bwrap's --die-with-parent and the worker's own PID namespace take gdb with it on a kill
-        return bounded.run(cmd, timeout=timeout, limits={resource.RLIMIT_DATA: memory}, pass_fds=fds)
+        # bwrap's --die-with-parent and the worker's own PID namespace take gdb with it on a
+        # kill; bwrap ended by it, not with it: the slot's processes are checked before reuse
+        return bounded.run(cmd, timeout=timeout, limits=limits, pass_fds=fds)
     except subprocess.TimeoutExpired:
+        slots.suspect(uid, template.pid_namespace(uid))
         raise AnalysisError(f"{STOPPED} {limit:g}s and was stopped") from None
     except bounded.TooMuchOutput as e:
+        slots.suspect(uid, template.pid_namespace(uid))
         raise AnalysisError(f"analysis {e} and was stopped") from None
     except sandbox.SandboxError as e:
         raise AnalysisError(str(e)) from None
@@ -157,7 +165,14 @@ def _worker(argv: list[str]) -> tuple[str, list[str]]:
 
 
 def _run(
-    argv: list[str], binds: list[sandbox.Bind], uid: int, deadline: float, *, limit: float, memory: int
+    argv: list[str],
+    binds: list[sandbox.Bind],
+    uid: int,
+    deadline: float,
+    *,
+    limit: float,
+    memory: int,
+    processes: int,
 ) -> dict:
     """Run the worker with ``argv`` in its sandbox until ``deadline`` (monotonic); its JSON
     output, or :class:`AnalysisError` (which names ``limit``, the whole analysis's).
@@ -166,7 +181,7 @@ def _run(
     a bubblewrap worker of its own otherwise."""
     code, args = _worker(argv)
     timeout = max(deadline - time.monotonic(), 0.001)
-    forked = template.shared(uid)
+    forked = template.shared(uid, processes)
     result = None
     if forked is not None:
         try:
@@ -183,7 +198,7 @@ def _run(
         except bounded.TooMuchOutput as e:
             raise AnalysisError(f"analysis {e} and was stopped") from None
     if result is None:
-        result = _run_alone(code, args, binds, uid, deadline, limit=limit, memory=memory)
+        result = _run_alone(code, args, binds, uid, deadline, limit=limit, memory=memory, processes=processes)
     out, err, returncode = result
     if returncode != 0:
         last = err.decode(errors="replace").strip().splitlines()[-1:] or ["no message"]
@@ -209,6 +224,8 @@ def analyze(
     fetch: upstream.Upstream | None = None,
     record: list[dict] | None = None,
     uid: int = sandbox.DEFAULT_UID,
+    uids: int = slots.DEFAULT_COUNT,
+    processes: int = slots.DEFAULT_PROCESSES,
 ) -> Report:
     """Analyse ``core`` (plain or zstd) in a sandboxed worker; raises :class:`AnalysisError`.
 
@@ -219,12 +236,18 @@ def analyze(
     worker sees only those files of the stores; without it (a bare core), the files held
     under the keys the core claims. Never every binary the stores hold. ``timeout`` bounds
     the whole.
+
+    The analysis runs as one of ``uids`` uids from ``uid`` on, its own while it runs, with
+    at most ``processes`` processes (:mod:`corevault.analysis.slots`).
     """
     if fetch is not None:
         stores = [*stores, fetch.cache]
     deadline = time.monotonic() + timeout
-    with tempfile.TemporaryDirectory(prefix="corevault-analysis-") as tmp:
-        plain = _worker_copy(core, os.path.join(tmp, "core"), uid)
+    with (
+        _slot(uid, uids, deadline, timeout) as slot,
+        tempfile.TemporaryDirectory(prefix="corevault-analysis-") as tmp,
+    ):
+        plain = _worker_copy(core, os.path.join(tmp, "core"), slot)
         inputs = [sandbox.Bind(plain, CORE_IN_SANDBOX)]
         # trees of system debug files (world-readable, keyed by build-id), where /usr is not
         inputs += [sandbox.Bind(d, d) for d in debug_dirs if os.path.isdir(d) and not d.startswith("/usr/")]
@@ -232,7 +255,13 @@ def analyze(
         if record is None:
             # which binaries the core names is itself read from the core: in the sandbox too
             listed = _run(
-                [CORE_IN_SANDBOX, "--list-keys"], inputs, uid, deadline, limit=timeout, memory=memory
+                [CORE_IN_SANDBOX, "--list-keys"],
+                inputs,
+                slot,
+                deadline,
+                limit=timeout,
+                memory=memory,
+                processes=processes,
             )
             wanted = {(k, None) for k in listed["keys"] if isinstance(k, str)}
         else:
@@ -242,7 +271,9 @@ def analyze(
             record_path = os.path.join(tmp, "record.json")
             with open(record_path, "w") as f:
                 json.dump(record, f)
-            inputs.append(sandbox.Bind(_worker_copy(record_path, record_path + ".w", uid), RECORD_IN_SANDBOX))
+            inputs.append(
+                sandbox.Bind(_worker_copy(record_path, record_path + ".w", slot), RECORD_IN_SANDBOX)
+            )
         argv = [CORE_IN_SANDBOX, "--backend", backend, "--max-frames", str(max_frames)]
         argv += ["--debug-dirs", os.pathsep.join(debug_dirs)]
         argv += ["--system-debuginfo"] if system_debuginfo else []
@@ -251,9 +282,12 @@ def analyze(
         def run(attempt: int) -> Report:
             copies = os.path.join(tmp, str(attempt))
             os.mkdir(copies)
-            store_names, binds = _store_binds(stores, wanted, copies, uid)
+            store_names, binds = _store_binds(stores, wanted, copies, slot)
             args = [*argv, *(arg for name in store_names for arg in ("--store", name))]
-            return Report.from_dict(_run(args, inputs + binds, uid, deadline, limit=timeout, memory=memory))
+            doc = _run(
+                args, inputs + binds, slot, deadline, limit=timeout, memory=memory, processes=processes
+            )
+            return Report.from_dict(doc)
 
         report = run(0)
         if fetch is not None:
@@ -264,6 +298,18 @@ def analyze(
             if any(os.path.exists(upstream.debuginfo_path(fetch.cache, b)) for b in lacking):
                 report = run(1)
     return report
+
+
+@contextlib.contextmanager
+def _slot(base: int, count: int, deadline: float, limit: float) -> Iterator[int]:
+    """The uid of :mod:`corevault.analysis.slots` that the analysis holds until its end."""
+    try:
+        with slots.held(base, count, deadline) as uid:
+            yield uid
+    except slots.NoSlot as e:
+        raise AnalysisError(
+            f"{STOPPED} {limit:g}s waiting for an analysis uid ({e}): raise [agent] analysis_uids"
+        ) from None
 
 
 def _wanting_debuginfo(report: Report) -> list[str]:

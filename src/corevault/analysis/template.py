@@ -66,7 +66,7 @@ import time
 import traceback
 
 from corevault import bounded
-from corevault.analysis import sandbox, seccomp
+from corevault.analysis import sandbox, seccomp, slots
 
 CLONE_NEWNS = 0x00020000
 CLONE_NEWCGROUP = 0x02000000
@@ -84,6 +84,8 @@ SECURE_BITS = 0b1110_1111
 LINUX_CAPABILITY_VERSION_3 = 0x20080522
 #: how long a child may take to make its sandbox and say so
 START_TIMEOUT = 30.0
+#: how long a killed analysis's keeper may take to say its PID namespace is gone
+END_TIMEOUT = 10.0
 MAX_REQUEST = 1 << 20
 FDS_PER_MESSAGE = 250  # the kernel's SCM_MAX_FD is 253
 #: a child's exit status when it could not make its sandbox (before it ran anything)
@@ -176,7 +178,8 @@ def serve(control_fd: int, under_tmp: tuple[str, ...] = ()) -> int:
         _send(control, b"E" + f"{type(e).__name__}: {e}".encode()[:1000])
         return 1
     signal.signal(signal.SIGCHLD, signal.SIG_IGN)  # keepers are reaped by the kernel
-    _send(control, b"R")
+    # with its PID namespace, which it and its keepers share and no analysis does
+    _send(control, b"R" + os.readlink("/proc/self/ns/pid").encode())
     while True:
         data, fds = _receive(control, 16, 2)
         if not data:
@@ -345,10 +348,15 @@ def _drop(libc: ctypes.CDLL, last_cap: int) -> None:
 
 
 class Template:
-    """A running template for one uid; :meth:`run` is safe from several threads at once."""
+    """A running template for one uid; :meth:`run` is safe from several threads at once.
 
-    def __init__(self, uid: int) -> None:
+    ``processes``: its ``RLIMIT_NPROC``, set before it drops to ``uid`` (the kernel counts
+    it per uid: it bounds the template, its keepers and its analyses together)."""
+
+    def __init__(self, uid: int, processes: int = slots.DEFAULT_PROCESSES) -> None:
         self.uid = uid
+        #: its PID namespace (``pid:[inode]``), where it and its keepers run and no analysis does
+        self.pid_ns: str | None = None
         self.owner = os.getpid()
         self.forks = 0
         self._lock = threading.Lock()
@@ -360,6 +368,9 @@ class Template:
         serve = f"serve({theirs.fileno()}, {under_tmp!r})"
         code = f"from corevault.analysis.template import serve; sys.exit({serve})"
         cmd = sandbox.template_command(sandbox.python(code), uid)
+        limits = [(resource.RLIMIT_CORE, 0)]
+        if os.geteuid() == 0:  # set before setpriv drops to the uid (root is held to none)
+            limits.append((resource.RLIMIT_NPROC, processes))
         self._proc = subprocess.Popen(
             cmd,
             stdin=subprocess.DEVNULL,
@@ -367,19 +378,20 @@ class Template:
             stderr=subprocess.DEVNULL,
             pass_fds=(theirs.fileno(),),
             start_new_session=True,
-            preexec_fn=lambda: resource.setrlimit(resource.RLIMIT_CORE, (0, 0)),  # noqa: PLW1509
+            preexec_fn=lambda: [resource.setrlimit(k, (v, v)) for k, v in limits],  # noqa: PLW1509
         )
         theirs.close()
         self._control.settimeout(START_TIMEOUT)
         try:
-            ready, _ = _receive(self._control, 16, 0)
+            ready, _ = _receive(self._control, 1024, 0)
         except OSError as e:
             self.close()
             raise TemplateError(f"the analysis template did not start: {e}") from None
-        if ready != b"R":
+        if ready[:1] != b"R":
             self.close()
             why = ready[1:].decode(errors="replace") if ready[:1] == b"E" else "it ended"
             raise TemplateError(f"the analysis template did not start: {why}")
+        self.pid_ns = ready[1:].decode(errors="replace")
         self._control.settimeout(None)
 
     def alive(self) -> bool:
@@ -500,7 +512,7 @@ class Template:
         try:
             out, err = bounded.read_both(out_r, err_r, deadline)
         except (subprocess.TimeoutExpired, bounded.TooMuchOutput):
-            signal.pidfd_send_signal(pidfd, signal.SIGKILL)
+            self._kill(ctl, pidfd)
             raise
         finally:
             os.close(out_r)
@@ -510,11 +522,12 @@ class Template:
         try:
             message, _ = _receive(ctl, 16, 0)
         except TimeoutError:
-            with contextlib.suppress(ProcessLookupError):
-                signal.pidfd_send_signal(pidfd, signal.SIGKILL)
+            self._kill(ctl, pidfd)
             raise subprocess.TimeoutExpired("analysis", 0) from None
         except OSError:
             message = b""
+        if message[:1] != b"S":
+            slots.suspect(self.uid, self.pid_ns)  # its keeper is gone without a word: its end is not proven
         # its status, and whether it said its sandbox was complete (a keeper that said nothing: killed)
         status, ready = (
             struct.unpack("i?", message[1:]) if message[:1] == b"S" and len(message) == 6 else (-9, True)
@@ -523,6 +536,26 @@ class Template:
             last = err.decode(errors="replace").strip().splitlines()[-1:] or ["no message"]
             raise TemplateError(f"a template's child could not make its sandbox: {last[0]}")
         return out, err, status
+
+    def _kill(self, ctl: socket.socket, pidfd: int) -> None:
+        """Kill the analysis (its PID namespace with it) and wait for its keeper to say it is
+        gone, so that its uid's processes are free again; where the keeper does not say so,
+        the analysis's uid is left to :func:`slots.suspect`."""
+        with contextlib.suppress(ProcessLookupError):
+            signal.pidfd_send_signal(pidfd, signal.SIGKILL)
+        ctl.settimeout(END_TIMEOUT)
+        try:
+            message, _ = _receive(ctl, 16, 0)
+        except OSError:
+            message = b""
+        if message[:1] != b"S":
+            slots.suspect(self.uid, self.pid_ns)
+
+
+def pid_namespace(uid: int) -> str | None:
+    """The PID namespace of this process's running template for ``uid``, if there is one."""
+    t = _templates.get(uid)
+    return t.pid_ns if t is not None and t.alive() else None
 
 
 _templates: dict[int, Template] = {}
@@ -547,9 +580,9 @@ def refuse(uid: int, why: str) -> None:
     )
 
 
-def shared(uid: int) -> Template | None:
-    """This process's template for ``uid``, started on first use (again if it died); None
-    where it cannot start here (the reason is logged once)."""
+def shared(uid: int, processes: int = slots.DEFAULT_PROCESSES) -> Template | None:
+    """This process's template for ``uid`` (its processes bounded by ``processes``), started
+    on first use (again if it died); None where it cannot start here (the reason is logged once)."""
     with _start_lock:
         if any(t.owner != os.getpid() for t in _templates.values()):
             _templates.clear()  # a forked copy of this process: those are its parent's
@@ -561,7 +594,7 @@ def shared(uid: int) -> Template | None:
         if t is not None:
             t.retire()
         try:
-            _templates[uid] = _starter.submit(Template, uid).result()
+            _templates[uid] = _starter.submit(Template, uid, processes).result()
         except (TemplateError, sandbox.SandboxError, OSError) as e:
             import logging
 

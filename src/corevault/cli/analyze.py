@@ -102,6 +102,8 @@ def analyze(
             debug_dirs=settings.debug_dirs,
             fetch=upstream.from_settings(settings),
             uid=settings.analysis_uid,
+            uids=settings.analysis_uids,
+            processes=settings.analysis_processes,
             record=record,
         )
     print(json.dumps(report.to_dict(), indent=2) if as_json else render.text(report))
