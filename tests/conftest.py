@@ -21,6 +21,7 @@ test that removes or changes something takes ``fixture_vault_copy``, a copy of i
 from __future__ import annotations
 
 import hashlib
+import itertools
 import json
 import os
 import shutil
@@ -31,6 +32,7 @@ from dataclasses import dataclass
 from typing import TypeVar
 
 import pytest
+import sqlalchemy
 
 from corevault import spool
 from corevault.agent.loop import Agent
@@ -101,6 +103,33 @@ def postgres() -> Iterator[servers.Postgres]:
     """PostgreSQL on 127.0.0.1, one for the tests of a module (each test takes a database of its own)."""
     with servers.postgres() as pg:
         yield pg
+
+
+_catalogs = itertools.count(1)
+
+
+@pytest.fixture(params=["sqlite", pytest.param("postgresql", marks=pytest.mark.servers)])
+def new_catalog(request: pytest.FixtureRequest, tmp_path) -> Callable[[str], str]:
+    """Makes a new empty catalog by name, of each kind in turn (SQLite, then a database of the
+    module's PostgreSQL); returns its URL."""
+    if request.param == "sqlite":
+        return lambda name: f"sqlite:///{tmp_path}/{name}.db"
+    pg: servers.Postgres = request.getfixturevalue("postgres")
+    return lambda name: pg.database(f"{name}_{next(_catalogs)}")
+
+
+@pytest.fixture
+def catalog_url(new_catalog: Callable[[str], str]) -> str:
+    """The URL of a new empty catalog, SQLite and then PostgreSQL."""
+    return new_catalog("catalog")
+
+
+@pytest.fixture
+def engine(catalog_url: str) -> Iterator[sqlalchemy.Engine]:
+    """A new catalog, SQLite and then PostgreSQL, connected (its schema made)."""
+    connected = catalog.connect(catalog_url)
+    yield connected
+    connected.dispose()
 
 
 @pytest.fixture(scope="module")

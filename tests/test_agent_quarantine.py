@@ -52,13 +52,6 @@ REFUSE = {
 ODD = "/app/bin\udcff-crasher"  # the byte 0xff, as Python and older handlers carried it
 
 
-@pytest.fixture(params=["sqlite", pytest.param("postgresql", marks=pytest.mark.servers)])
-def catalog_url(request: pytest.FixtureRequest, tmp_path: Path) -> str:
-    if request.param == "sqlite":
-        return f"sqlite:///{tmp_path}/catalog.db"
-    return request.getfixturevalue("postgres").database(f"quarantine_{abs(hash(request.node.name)) % 10**9}")
-
-
 def _config(tmp_path: Path, catalog_url: str | None = None) -> Path:
     cfg = tmp_path / "c.toml"
     vault = f'[vault]\ncatalog = "{catalog_url}"\n' if catalog_url else ""

@@ -17,16 +17,6 @@ NOW = int(time.time())
 HOUR = 3600
 
 
-_n = iter(range(1000))
-
-
-@pytest.fixture(params=["sqlite", pytest.param("postgresql", marks=pytest.mark.servers)])
-def url(request: pytest.FixtureRequest, tmp_path) -> str:
-    if request.param == "sqlite":
-        return f"sqlite:///{tmp_path}/catalog.db"
-    return request.getfixturevalue("postgres").database(f"scale{next(_n)}")
-
-
 def _totals(engine: sa.Engine) -> dict[str, tuple[int, int, int]]:
     with engine.connect() as conn:
         return {
@@ -34,8 +24,8 @@ def _totals(engine: sa.Engine) -> dict[str, tuple[int, int, int]]:
         }
 
 
-def test_forgetting_a_crash_takes_it_out_of_its_groups_total(url: str) -> None:
-    engine = catalog.connect(url)
+def test_forgetting_a_crash_takes_it_out_of_its_groups_total(catalog_url: str) -> None:
+    engine = catalog.connect(catalog_url)
     old = add(engine, signature="g", frames=["f"], namespace="shop", when=NOW - 3 * HOUR)
     add(engine, signature="g", frames=["f"], namespace="shop", when=NOW - 2 * HOUR)
     new = add(engine, signature="g", frames=["f"], namespace="team", image="other:1", when=NOW - HOUR)
@@ -70,10 +60,10 @@ def _pages(engine: sa.Engine, filters: catalog.Filters, size: int) -> list[str]:
 
 
 def test_a_crash_search_pages_through_the_values_of_a_rare_word(
-    url: str, monkeypatch: pytest.MonkeyPatch
+    catalog_url: str, monkeypatch: pytest.MonkeyPatch
 ) -> None:
     """A pod's name (a word of few values) starts the page from each pod's newest crashes."""
-    engine = catalog.connect(url)
+    engine = catalog.connect(catalog_url)
     made = [
         add(
             engine,
@@ -105,9 +95,9 @@ def test_a_crash_search_pages_through_the_values_of_a_rare_word(
         assert pages("art-1 art-3", 2) == [] and (match.seeds is not None) == bool(few)
 
 
-def _v8(url: str) -> sa.Engine:
+def _v8(catalog_url: str) -> sa.Engine:
     """A catalog at schema version 8, as a server of that version made it."""
-    engine = sa.create_engine(url)
+    engine = sa.create_engine(catalog_url)
     real = migrations.MIGRATIONS
     migrations.MIGRATIONS = real[:8]
     try:
@@ -118,9 +108,9 @@ def _v8(url: str) -> sa.Engine:
 
 
 def test_versions_9_and_10_make_the_search_dictionary_and_group_totals_of_an_older_catalog(
-    url: str, monkeypatch: pytest.MonkeyPatch
+    catalog_url: str, monkeypatch: pytest.MonkeyPatch
 ) -> None:
-    engine = _v8(url)
+    engine = _v8(catalog_url)
     rows = [
         ("a1", NOW - 90 * 86400, "shop", "checkout-7f9c", "registry.example/shop/checkout:4.2", "g1",
          ["ns::Parser::readHeader", "main"]),
@@ -158,7 +148,7 @@ def test_versions_9_and_10_make_the_search_dictionary_and_group_totals_of_an_old
         assert old_search in sa.inspect(conn).get_table_names()
     engine.dispose()
 
-    engine = catalog.connect(url)
+    engine = catalog.connect(catalog_url)
     with engine.connect() as conn:
         version = conn.execute(sa.select(sa.func.max(migrations.schema.c.version))).scalar_one()
         names = set(sa.inspect(conn).get_table_names())
@@ -181,14 +171,14 @@ def test_versions_9_and_10_make_the_search_dictionary_and_group_totals_of_an_old
 
 
 def test_a_search_of_two_common_words_finds_what_a_reading_of_every_crash_finds(
-    url: str, monkeypatch: pytest.MonkeyPatch
+    catalog_url: str, monkeypatch: pytest.MonkeyPatch
 ) -> None:
     """Neither word is rare enough to start from (many images hold one, many pods the other):
     the search starts from the crashes of the word that has fewer, and finds, page by page and
     in each reader's namespaces, what reading every crash finds."""
     monkeypatch.setattr(search, "FEW", 6)  # the catalog's sizes, scaled down with the catalog
     monkeypatch.setattr(search, "SEEDS", 3)
-    engine = catalog.connect(url)
+    engine = catalog.connect(catalog_url)
     rows = [
         {"id": f"c{i:04d}", "time": NOW - 7 * i % 900, "node": "n", "namespace": f"team-{i % 3}",
          "pod": f"team-{i % 3}-pod-{i * 7 % 40}", "container": "app", "image": f"registry.example/svc-{i % 5}:{i % 4}",
@@ -217,7 +207,7 @@ def test_a_search_of_two_common_words_finds_what_a_reading_of_every_crash_finds(
 
     for q in ("svc-3 pod-1", "POD-2 svc-", "svc-1 pod-3 team-2", "svc-4 nothing-holds-this"):
         with engine.connect() as conn:
-            assert search.crash_match(conn, q).seeds is not None or url.startswith("postgresql")
+            assert search.crash_match(conn, q).seeds is not None or catalog_url.startswith("postgresql")
         for visible in (None, frozenset({"team-1"}), frozenset()):
             got = _pages(engine, catalog.Filters(search=q, visible=visible), 7)
             assert got == reference(q.split(), visible), (q, visible)

@@ -18,19 +18,6 @@ from tests.triage_data import report
 
 FP = "0123456789abcdef" * 2
 _ids = itertools.count(1)
-_dbs = itertools.count(1)
-
-
-@pytest.fixture(params=["sqlite", pytest.param("postgresql", marks=pytest.mark.servers)])
-def url(request: pytest.FixtureRequest, tmp_path) -> str:
-    if request.param == "sqlite":
-        return f"sqlite:///{tmp_path}/catalog.db"
-    return request.getfixturevalue("postgres").database(f"match{next(_dbs)}")
-
-
-@pytest.fixture
-def engine(url: str) -> sa.Engine:
-    return catalog.connect(url)
 
 
 def _meta(namespace: str, exe: str, fingerprint: str) -> dict:
@@ -146,8 +133,10 @@ def test_matching_reads_as_much_at_a_loops_thousandth_crash_as_at_its_first(
     assert long <= short + 50, (short, long)
 
 
-def test_version_13_indexes_an_older_catalogs_full_analyses_in_place_of_its_fingerprints(url: str) -> None:
-    old = sa.create_engine(url)
+def test_version_13_indexes_an_older_catalogs_full_analyses_in_place_of_its_fingerprints(
+    catalog_url: str,
+) -> None:
+    old = sa.create_engine(catalog_url)
     real = migrations.MIGRATIONS
     migrations.MIGRATIONS = real[:12]
     try:
@@ -161,7 +150,7 @@ def test_version_13_indexes_an_older_catalogs_full_analyses_in_place_of_its_fing
     crash = _crash(old)
     old.dispose()
 
-    engine = catalog.connect(url)
+    engine = catalog.connect(catalog_url)
     with engine.connect() as conn:
         indexes = {i["name"]: i["column_names"] for i in sa.inspect(conn).get_indexes("crashes")}
         assert catalog.match_sample(conn, crash, 3) == (FP, samples[-1], 3)

@@ -5,7 +5,6 @@ the crashes left holds, and a search no longer leads to a group gone from the re
 
 from __future__ import annotations
 
-import itertools
 import time
 
 import pytest
@@ -15,14 +14,6 @@ from corevault.vault import catalog, search
 from tests.triage_data import add
 
 NOW = int(time.time())
-_dbs = itertools.count(1)
-
-
-@pytest.fixture(params=["sqlite", pytest.param("postgresql", marks=pytest.mark.servers)])
-def engine(request: pytest.FixtureRequest, tmp_path) -> sa.Engine:
-    if request.param == "sqlite":
-        return catalog.connect(f"sqlite:///{tmp_path}/catalog.db")
-    return catalog.connect(request.getfixturevalue("postgres").database(f"forget{next(_dbs)}"))
 
 
 def _tables(conn: sa.Connection) -> tuple[set, set]:

@@ -31,21 +31,6 @@ DAY = 20_000 * 86400
 core = test_fleet.core  # the fixture: a real core of a small process, compressed as the handler does
 
 
-@pytest.fixture(params=["sqlite", pytest.param("postgresql", marks=pytest.mark.servers)])
-def new_catalog(request: pytest.FixtureRequest, tmp_path: Path) -> Callable[[str], str]:
-    """Makes a new empty catalog of the kind in test by name; returns its URL."""
-    if request.param == "sqlite":
-        return lambda name: f"sqlite:///{tmp_path}/{name}.db"
-    pg: servers.Postgres = request.getfixturevalue("postgres")
-    test = abs(hash(request.node.name)) % 10**9
-    return lambda name: pg.database(f"{name}_{test}")
-
-
-@pytest.fixture
-def catalog_url(new_catalog: Callable[[str], str]) -> str:
-    return new_catalog("batch")
-
-
 def meta_of(n: int, spooled: tuple[str, int] | None = None) -> dict:
     meta = {
         "id": f"20261201T000000Z-{n:05d}-batch", "time": DAY + n * 3600, "node": "node-1",

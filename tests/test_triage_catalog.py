@@ -14,17 +14,6 @@ NOW = int(time.time())
 HOUR = 3600
 
 
-_n = iter(range(1000))
-
-
-@pytest.fixture(params=["sqlite", pytest.param("postgresql", marks=pytest.mark.servers)])
-def engine(request: pytest.FixtureRequest, tmp_path) -> sa.Engine:
-    if request.param == "sqlite":
-        return catalog.connect(f"sqlite:///{tmp_path}/catalog.db")
-    pg = request.getfixturevalue("postgres")
-    return catalog.connect(pg.database(f"triage{next(_n)}"))
-
-
 def _groups(engine: sa.Engine, **kw: object) -> dict[str, dict]:
     with engine.connect() as conn:
         return {g["signature"]: g for g in catalog.list_groups(conn, 100, **kw)}  # type: ignore[arg-type]
