@@ -17,7 +17,8 @@ from collections.abc import Iterator
 
 import pytest
 
-from corevault import spool
+from corevault import config, spool
+from corevault.agent.analyses import worker_count
 from corevault.analysis import runner, slots, template
 from corevault.model import Report
 
@@ -88,14 +89,17 @@ def fixture_crash(exe: str) -> tuple[str, list[dict]]:
 
 
 @pytest.mark.skipif(os.geteuid() != 0, reason="a uid per analysis is the agent's, which runs as root")
+@pytest.mark.parametrize("forked", [True, False], ids=["template", "worker-of-its-own"])
 def test_a_fork_bomb_fills_its_own_uid_and_another_tenants_analysis_ends_in_full(
-    monkeypatch: pytest.MonkeyPatch,
+    monkeypatch: pytest.MonkeyPatch, forked: bool
 ) -> None:
     """Tenants A and B's real crashes analysed at once. A's analysis, taken over, forks
     without end: it reaches its bound (all its uid's processes, its template's included)
     and no more, while B's analysis runs in another uid and ends with its full report. A is
-    stopped at its time limit, its slot given back only with none of its processes left,
-    and A's template then serves the next analysis."""
+    stopped at its time limit; no uid is taken again while a process of its last analysis is
+    left; the next analysis runs, in a template's child: in A's uid and the very template A's
+    analysis ran in. Both ways an analysis runs: a child of the pre-imported template, and a
+    bubblewrap worker of its own."""
     from tests.conftest import FIXTURE_SPOOL
 
     store = os.path.join(FIXTURE_SPOOL, "store")
@@ -103,6 +107,8 @@ def test_a_fork_bomb_fills_its_own_uid_and_another_tenants_analysis_ends_in_full
     b_core, b_record = fixture_crash("/app/crasher")
     monkeypatch.setattr(template, "_templates", {})
     monkeypatch.setattr(template, "_refused", {})
+    if not forked:
+        monkeypatch.setattr(template, "shared", lambda uid, processes=0: None)
     worker = runner._worker
     monkeypatch.setattr(
         runner, "_worker", lambda argv: (BOMB, []) if threading.current_thread().name == "a" else worker(argv)
@@ -112,6 +118,17 @@ def test_a_fork_bomb_fills_its_own_uid_and_another_tenants_analysis_ends_in_full
     monkeypatch.setattr(
         runner, "_run_alone", lambda code, args, *a, **k: alone.append(code) or run_alone(code, args, *a, **k)
     )
+    #: each uid as it was taken, with the processes of it then left outside its template
+    taken: list[tuple[int, list[int]]] = []
+    held = slots.held
+
+    @contextlib.contextmanager
+    def noted(base: int, count: int, deadline: float) -> Iterator[int]:
+        with held(base, count, deadline) as uid:
+            taken.append((uid, slots.stragglers(uid, template.pid_namespace(uid))))
+            yield uid
+
+    monkeypatch.setattr(slots, "held", noted)
 
     def analyse(core: str, record: list[dict], timeout: float) -> object:
         try:
@@ -136,7 +153,7 @@ def test_a_fork_bomb_fills_its_own_uid_and_another_tenants_analysis_ends_in_full
         with pids_net(NET):
             expected = analyse(b_core, b_record, 60)  # B's report, analysed alone
             assert isinstance(expected, Report) and expected.threads, expected
-            a_template = template._templates[BASE]  # the one A's analysis will run in
+            a_template = template._templates.get(BASE)  # the one A's analysis will run in
             sampler.start()
             a.start()
             deadline = time.monotonic() + 30
@@ -146,10 +163,8 @@ def test_a_fork_bomb_fills_its_own_uid_and_another_tenants_analysis_ends_in_full
             results["b"] = analyse(b_core, b_record, 60)
             a_running = a.is_alive()
             a.join(timeout=60)
-            after = slots.stragglers(BASE, template.pid_namespace(BASE))
             sampling.set()
             sampler.join()
-            # the next analysis takes A's uid again, in the template A's analysis ran in
             results["next"] = analyse(b_core, b_record, 60)
     finally:
         sampling.set()
@@ -167,11 +182,16 @@ def test_a_fork_bomb_fills_its_own_uid_and_another_tenants_analysis_ends_in_full
     # A's processes reached the bound, all of its uid's together, and went no further
     assert PROCESSES - 2 <= peak[0] <= PROCESSES, peak[0]
     assert isinstance(results["a"], runner.AnalysisError) and runner.STOPPED in str(results["a"])
-    assert after == [], f"A's processes outlived its analysis: {after}"
+    assert [uid for uid, _ in taken[:3]] == [BASE, BASE, BASE + 1]  # B's alone, A's, B's beside it
+    assert all(left == [] for _, left in taken), f"a uid was taken again with processes left: {taken}"
     nxt = results["next"]
     assert isinstance(nxt, Report) and nxt.signature == expected.signature, nxt
-    assert template._templates[BASE] is a_template and a_template.forks == 3
-    assert alone == [], "an analysis went to a worker of its own: a template could not fork"
+    if forked:
+        # A's uid again (the lowest free), in the template the bomb ran in
+        assert taken[3][0] == BASE and template._templates[BASE] is a_template and a_template.forks == 3
+        assert alone == [], "an analysis went to a worker of its own: a template could not fork"
+    else:
+        assert len(alone) == 4
 
 
 @pytest.mark.skipif(os.geteuid() != 0, reason="a uid per analysis is the agent's, which runs as root")
@@ -185,3 +205,13 @@ def test_analyses_at_once_hold_uids_of_their_own_and_wait_when_all_are_taken() -
             pass
     with slots.held(BASE, 2, time.monotonic() + 5) as again:
         assert again == BASE
+
+
+def test_no_more_analyses_run_at_once_than_there_are_uids(tmp_path) -> None:
+    cfg = tmp_path / "c.toml"
+    cfg.write_text("[agent]\nanalysis_workers = 8\nanalysis_uids = 3\nanalysis_processes = 64\n")
+    settings = config.load(str(cfg))
+    assert (settings.analysis_uids, settings.analysis_processes) == (3, 64)
+    assert worker_count(settings) == 3
+    cfg.write_text("[agent]\nanalysis_workers = 0\nanalysis_uids = 1\n")
+    assert worker_count(config.load(str(cfg))) == 1

@@ -57,6 +57,8 @@ def test_full_file(tmp_path) -> None:
         ('[[rules]]\npattern = "/a/b"\n', "needs at least one of"),
         ('[[rules]]\nexe = "x"\npattern = "a/b"\n', "not an absolute path"),
         ("[capture\n", "is not valid TOML"),
+        ("[agent]\nanalysis_uids = 0\n", "analysis_uids: at least 1"),
+        ("[agent]\nanalysis_processes = 4\n", "analysis_processes: at least 16"),
     ],
 )
 def test_mistakes_get_one_clear_message(tmp_path, text: str, message: str) -> None:

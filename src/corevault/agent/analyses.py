@@ -40,15 +40,16 @@ RETRY_AFTER = 5.0
 
 
 def worker_count(settings: config.Settings) -> int:
-    """How many analyses may run at once: by cores, and by memory at the cap each."""
+    """How many analyses may run at once: by cores, and by memory at the cap each; never more
+    than there are analysis uids (each analysis holds one of its own, docs/analysis.md)."""
     if settings.analysis_workers > 0:
-        return settings.analysis_workers
+        return min(settings.analysis_workers, settings.analysis_uids)
     try:
         available = os.sysconf("SC_AVPHYS_PAGES") * os.sysconf("SC_PAGE_SIZE")
     except (ValueError, OSError):
         available = settings.analysis_memory
     by_memory = available // max(settings.analysis_memory, 1)
-    return max(1, min(len(os.sched_getaffinity(0)), by_memory))
+    return max(1, min(len(os.sched_getaffinity(0)), by_memory, settings.analysis_uids))
 
 
 class FairQueue:
