@@ -215,3 +215,23 @@ def test_no_more_analyses_run_at_once_than_there_are_uids(tmp_path) -> None:
     assert worker_count(settings) == 3
     cfg.write_text("[agent]\nanalysis_workers = 0\nanalysis_uids = 1\n")
     assert worker_count(config.load(str(cfg))) == 1
+
+
+@pytest.mark.skipif(os.geteuid() != 0, reason="a uid per analysis is the agent's, which runs as root")
+def test_a_killed_analysis_uid_is_not_taken_again_while_a_process_of_it_is_left() -> None:
+    """An analysis killed without a word that its PID namespace is gone (a bubblewrap worker
+    killed at its limit, a keeper that never answered) leaves its uid suspect: the uid is
+    given back only once none of its processes are left."""
+    import subprocess
+
+    with slots.held(BASE, 1, time.monotonic() + 5) as uid:
+        left = subprocess.Popen(["sleep", "60"], user=uid, group=uid, extra_groups=[])
+        slots.suspect(uid, None)
+    try:
+        with pytest.raises(slots.NoSlot), slots.held(BASE, 1, time.monotonic() + 0.5):
+            pass
+    finally:
+        left.kill()
+        left.wait()
+    with slots.held(BASE, 1, time.monotonic() + 10) as again:
+        assert again == BASE and slots.stragglers(BASE) == []
