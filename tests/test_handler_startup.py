@@ -192,13 +192,35 @@ def test_the_launcher_runs_the_crash_path_from_its_compiled_modules(tmp_path) ->
     assert ordinary == {"corevault", "corevault.bytecode"}  # imported before the finder is in place
 
 
+def test_a_module_from_the_compiled_modules_has_the_attributes_of_an_ordinary_import(tmp_path) -> None:
+    launcher = hostsetup.isolated_launcher(str(tmp_path / hostsetup.LAUNCHER_NAME))
+    with open(launcher) as f:
+        text = f.read()
+    names = ("corevault.spool", "corevault.capture")  # a module and a package
+    show = "[(m.__file__, m.__cached__, getattr(m, '__path__', None), m.__package__) for m in mods]"
+    probe = text.replace(
+        "from corevault.capture.handler import main, quick_exit\nquick_exit(main())\n",
+        f"import importlib\nmods = [importlib.import_module(n) for n in {names!r}]\n"
+        f"print(type(mods[0].__loader__).__name__, {show})\n",
+    )
+    ordinary = probe.replace("bytecode.install(", "(")  # the same, without the compiled modules
+    seen = [
+        subprocess.run(
+            [sys.executable, "-I", "-S", "-c", p], capture_output=True, text=True, cwd="/", check=True
+        ).stdout.split(" ", 1)
+        for p in (probe, ordinary)
+    ]
+    assert [loader for loader, _ in seen] == ["_Loader", "SourceFileLoader"]
+    assert seen[0][1] == seen[1][1]
+
+
 def test_a_changed_source_or_a_damaged_file_is_imported_the_ordinary_way(tmp_path) -> None:
     launcher = hostsetup.isolated_launcher(str(tmp_path / hostsetup.LAUNCHER_NAME))
     modules = launcher + hostsetup.BYTECODE_SUFFIX
 
     def grown(held: dict) -> None:  # as if corevault.spool's source were edited since
-        source, package, (dev, ino, size, mtime_ns, ctime_ns), code = held["corevault.spool"]
-        held["corevault.spool"] = (source, package, (dev, ino, size + 1, mtime_ns, ctime_ns), code)
+        source, package, (dev, ino, size, mtime_ns, ctime_ns), code, cached = held["corevault.spool"]
+        held["corevault.spool"] = (source, package, (dev, ino, size + 1, mtime_ns, ctime_ns), code, cached)
 
     _rewrite(modules, grown)
     assert not bytecode.is_current(modules)
