@@ -7,7 +7,7 @@ describes it (:mod:`corevault.server.records` builds that schema from these clas
 add a field: declare it here, write it in the handler, and say in :func:`load` what a
 record written before it holds instead.
 
-Versions (``version``):
+Versions (``version``; the capture handler writes :data:`corevault.capture.delivery.RECORD_VERSION`):
 
 - 2: every field below is present (``snapshot`` is null unless the core is a snapshot).
 - 1 and records without a version (the first handlers): fields added while version 1 was
@@ -32,8 +32,6 @@ if TYPE_CHECKING:
     from typing import Any, NotRequired, TypedDict
 else:
     TypedDict = dict
-
-RECORD_VERSION = 2
 
 
 class Signal(TypedDict):
