@@ -14,6 +14,7 @@ from __future__ import annotations
 import os
 import shlex
 import shutil
+import signal
 import subprocess
 import tempfile
 import time
@@ -78,6 +79,33 @@ def mounted(kind: str, server: Seaweed, bucket: str, options: list[str] | None =
     if options is None:  # readable by the pod's other users, as the seed's otherOpts ask
         options = ["-o", "allow_other"] if kind == "s3fs" else ["--allow-other"]
     cmd = _command(kind, server, bucket, path, work, options=options)
+    with _served(cmd, kind, work, bucket) as mount:
+        yield mount
+
+
+@contextmanager
+def local(source: str) -> Iterator[Mount]:
+    """The local directory ``source`` served through FUSE (``rclone mount``, no cache) at a new directory.
+
+    A FUSE server the test can make stop answering (SIGSTOP its ``pid``), as a pod that serves
+    a filesystem itself may: every request to it then waits. On the way out the server goes on
+    (SIGCONT) before the mount is removed, also on failure.
+    """
+    work = tempfile.mkdtemp(prefix="cv-local-")
+    os.mkdir(os.path.join(work, "mnt"))
+    cmd = [
+        "rclone", "mount", source, f"{work}/mnt", "--config", "/dev/null", "--vfs-cache-mode", "off",
+        "--allow-other", "--file-perms", "0755", "--log-file", f"{work}/log", "-v",
+    ]  # fmt: skip
+    with _served(cmd, "rclone-local", work, "") as mount:
+        yield mount
+
+
+@contextmanager
+def _served(cmd: list[str], kind: str, work: str, bucket: str) -> Iterator[Mount]:
+    """Run the FUSE daemon ``cmd`` until it has mounted ``work``/mnt; then unmount (lazily when
+    still busy), stop it and remove ``work``, also when the test fails."""
+    path = os.path.join(work, "mnt")
     with open(os.path.join(work, "out"), "wb") as out:
         proc = subprocess.Popen(cmd, stdout=out, stderr=subprocess.STDOUT, env=_environment())
     try:
@@ -88,6 +116,8 @@ def mounted(kind: str, server: Seaweed, bucket: str, options: list[str] | None =
             time.sleep(0.05)
         yield Mount(kind, path, bucket, os.path.join(work, "cache"), os.path.join(work, "log"), proc.pid)
     finally:
+        with suppress(ProcessLookupError):
+            os.kill(proc.pid, signal.SIGCONT)  # a server a test stopped answers its unmount
         unmount(path)
         with suppress(ProcessLookupError):
             proc.terminate()
@@ -96,6 +126,8 @@ def mounted(kind: str, server: Seaweed, bucket: str, options: list[str] | None =
         except subprocess.TimeoutExpired:
             proc.kill()
             proc.wait()
+        if os.path.ismount(path):
+            subprocess.run(["fusermount3", "-u", "-z", path], capture_output=True, check=False)
         shutil.rmtree(work, ignore_errors=True)
 
 

@@ -52,14 +52,11 @@ class Socketed:
 
     def settle(self) -> None:
         """Wait until the listener has finished every connection it accepted."""
-        for _ in range(self.listener.parallel * DECIDING):
-            self.listener.slots.acquire()
-        for _ in range(self.listener.parallel * DECIDING):
-            self.listener.slots.release()
+        assert self.listener.wait_idle(120), "a coredump connection is still being served"
 
 
 @contextmanager
-def socket_capture(requests: bool = True) -> Iterator[Socketed]:
+def socket_capture(requests: bool = True, parallel: int = 8) -> Iterator[Socketed]:
     """corevault in socket mode (``@@``, or plain ``@`` without ``requests``) with its own state; restored after."""
     d = tempfile.mkdtemp(prefix="cv-", dir="/tmp")
     volume = os.path.join(d, "vol")
@@ -74,7 +71,7 @@ def socket_capture(requests: bool = True) -> Iterator[Socketed]:
     try:
         with sysctl.core_settings() as saved:
             path = hostsetup.socket_path(settings.state_dir)
-            listener = CoredumpListener(settings, path, request_mode=requests).listen().start()
+            listener = CoredumpListener(settings, path, requests, parallel).listen().start()
             hostsetup.install(None, config_path=cfg, socket=listener.path, requests=requests)
             try:
                 yield Socketed(d, cfg, settings, listener, volume)

@@ -16,7 +16,7 @@ import sys
 import pytest
 
 from corevault import hostsetup
-from corevault.agent.coredumps import DECIDING, CoredumpListener
+from corevault.agent.coredumps import CoredumpListener
 from tests.test_socket_mode import _unlimited, host_crash, socket_capture
 
 pytestmark = [
@@ -38,13 +38,6 @@ if how == "segv":
     ctypes.string_at(0)
 os.abort()
 """
-
-
-def settle(listener: CoredumpListener) -> None:
-    for _ in range(listener.parallel * DECIDING):
-        listener.slots.acquire()
-    for _ in range(listener.parallel * DECIDING):
-        listener.slots.release()
 
 
 @pytest.mark.parametrize(
@@ -81,7 +74,7 @@ def test_the_listeners_own_crash_ends_it_and_a_new_listener_captures_the_next_cr
         listener = CoredumpListener(s.settings, s.listener.path, request_mode=mode == "@@").listen().start()
         try:
             pid, dumped, _ = host_crash([programs["crasher"], "segv"])
-            settle(listener)
+            assert listener.wait_idle(120)
         finally:
             listener.close()
         assert dumped

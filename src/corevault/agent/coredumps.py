@@ -10,6 +10,15 @@ at once (before the kernel writes anything) and journaled as dropped: under a fl
 node stays responsive and loses the flood's cores rather than memory, disk or other pods'
 cores. The socket is root-only; the kernel connects with its own credentials.
 
+Both bounds are node-wide, and a connection gives its slots back as soon as the crashed process
+is let go (its core read): the work left (reading, hashing and storing the binaries it mapped)
+reads the pod's own files, which the pod may serve itself and never answer, and is bounded by
+the pod's and namespace's dump slots alone. Each connection has a deadline, ``[capture]
+timeout`` from its start, as the pipe handler has: when it strikes the dump is called off
+(:mod:`corevault.capture.calloff`), journaled as dropped under its pod, its spool entry removed,
+the connection shut and the node-wide slots given back; a thread blocked for good in a read
+keeps only its pod's slots, so a pod never has more such threads than its share.
+
 While the listener is down, a ``@@`` core_pattern makes the kernel dump nothing (the
 connection fails and the process simply dies); docs/capture.md, "Socket mode", says how
 the window is kept short.
@@ -31,7 +40,7 @@ from contextlib import suppress
 
 from corevault import config, hostsetup
 from corevault.agent.receiver import accept_until, listen_root_only, take_over
-from corevault.capture import admission, coresocket
+from corevault.capture import admission, calloff, coresocket
 from corevault.errors import UserError
 
 log = logging.getLogger("corevault.agent")
@@ -79,6 +88,9 @@ class CoredumpListener:
         #: outcomes by kind ("captured", "rejected", ...), for logs and tests
         self.outcomes: dict[str, int] = {}
         self._lock = threading.Lock()
+        #: connections whose thread has not ended (one blocked for good included)
+        self._serving = 0
+        self._idle = threading.Condition(self._lock)
 
     def listen(self) -> CoredumpListener:
         never_dump_into_self()
@@ -94,7 +106,19 @@ class CoredumpListener:
         assert self.sock is not None
         accept_until(self.sock, self.stop, self._dispatch)
 
+    def wait_idle(self, timeout: float | None = None) -> bool:
+        """Wait until every connection accepted so far was served to its end; False on timeout."""
+        with self._idle:
+            return self._idle.wait_for(lambda: self._serving == 0, timeout)
+
+    def _ended(self) -> None:
+        with self._idle:
+            self._serving -= 1
+            self._idle.notify_all()
+
     def _dispatch(self, conn: socket.socket) -> None:
+        with self._lock:
+            self._serving += 1
         if self.slots.acquire(blocking=False):
             threading.Thread(target=self._handle, args=(conn,), daemon=True, name="coredump").start()
         else:
@@ -105,8 +129,15 @@ class CoredumpListener:
             self.outcomes[outcome] = self.outcomes.get(outcome, 0) + 1
 
     def _handle(self, conn: socket.socket) -> None:
+        call = calloff.Call(self.settings)
+        call.on_give_back(self.slots.release)
+        deadline = threading.Timer(self.settings.timeout, self._call_off, (call, conn))
+        deadline.daemon = True
+        deadline.start()
         try:
-            self._count(coresocket.serve(self.settings, conn, self.request_mode, self.dumps))
+            outcome = coresocket.serve(self.settings, conn, self.request_mode, self.dumps, call)
+            if outcome != "called off":  # counted when it was
+                self._count(outcome)
         except Exception as e:
             log.exception("serving a kernel coredump connection failed")
             admission.journal(
@@ -114,8 +145,25 @@ class CoredumpListener:
             )
             self._count("error")
         finally:
+            deadline.cancel()
+            deadline.join()  # a call-off under way shuts the connection: not once it is closed
             conn.close()
-            self.slots.release()
+            call.give_back()
+            self._ended()
+
+    def _call_off(self, call: calloff.Call, conn: socket.socket) -> None:
+        """The dump's deadline: call it off, let the process go, give the node-wide slots back.
+
+        The thread serving it may be blocked for good (a read of the pod's file that never
+        returns): it keeps only its pod's and namespace's slots, and publishes nothing if it
+        ever comes back.
+        """
+        if call.call_off(self.settings.timeout):
+            log.warning("a coredump was called off after [capture] timeout (%gs)", self.settings.timeout)
+            self._count("called off")
+        with suppress(OSError):  # wakes a read of the core; the kernel lets the process go
+            conn.shutdown(socket.SHUT_RDWR)
+        call.give_back()
 
     def _overflow(self, conn: socket.socket) -> None:
         try:
@@ -131,6 +179,7 @@ class CoredumpListener:
             self._count("error")
         finally:
             conn.close()
+            self._ended()
 
     def close(self) -> None:
         """Stop accepting; when this returns, nothing listens on the path any more."""

@@ -111,24 +111,69 @@ def open_modules(
     hashed and copied; an object past that is listed with its build-ids, not stored.
     Returns the objects and, when some were passed over, why, in one line.
     """
-    found: dict[int, Module] = {}
+    held, why = hold_modules(proc_fd, maps, max_files)
+    return identify_modules(held, max_bytes, why)
+
+
+def hold_modules(
+    proc_fd: int, maps: str, max_files: int | None = None, *, path_only: bool = False
+) -> tuple[list[Module], str | None]:
+    """The mapped objects, each open on its ``fd``, in the order they are to be looked at.
+
+    With ``path_only`` each is held by an ``O_PATH`` fd: the kernel follows the map_files
+    link to the very file and asks its filesystem nothing (no open, no read), so a file on a
+    FUSE filesystem whose server stopped answering, or a hard NFS mount whose server is gone,
+    cannot hold the caller up here; :func:`identify_modules` opens it for reading later.
+    """
     mapped = mapped_objects(maps)
-    order = list(range(len(mapped)))
-    if max_files is not None or max_bytes is not None:
-        # Files with code first (the executable, its libraries), then data files (jars, fonts,
-        # a tenant's thousands of mappings); within each, in the order of their addresses.
-        code = executable_paths(maps)
-        order = sorted(order, key=lambda i: mapped[i][0] not in code)[:max_files]
-    kept = passed_over = 0
+    # Files with code first (the executable, its libraries), then data files (jars, fonts, a
+    # tenant's thousands of mappings); within each, in the order of their addresses.
+    code = executable_paths(maps)
+    order = sorted(range(len(mapped)), key=lambda i: mapped[i][0] not in code)[:max_files]
+    flags = (os.O_PATH if path_only else os.O_RDONLY) | os.O_CLOEXEC
+    held = []
     for i in order:
         path, name, start, end = mapped[i]
         m = Module(path, start, end)
-        ids = None
         try:
-            m.fd = os.open(f"map_files/{name}", os.O_RDONLY | os.O_CLOEXEC, dir_fd=proc_fd)
-            ids = elf.build_ids(lambda offset, size, fd=m.fd: os.pread(fd, size, offset))
+            m.fd = os.open(f"map_files/{name}", flags, dir_fd=proc_fd)
         except OSError as e:
             m.stored = f"unreadable: {e.strerror}"
+        held.append(m)
+    why = None
+    if max_files is not None and len(mapped) > max_files:
+        why = (
+            f"{len(mapped) - max_files} of {len(mapped)} mapped files not looked at: "
+            f"[capture] max_objects is {max_files}"
+        )
+    return held, why
+
+
+def identify_modules(
+    held: list[Module], max_bytes: int | None = None, why: str | None = None, *, reopen: bool = False
+) -> tuple[list[Module], str | None]:
+    """Read the build-ids of the objects :func:`hold_modules` held; keep the ELF ones, in address order.
+
+    With ``reopen`` (they were held ``path_only``) each is opened for reading here first (through
+    ``/proc/self/fd``: the same file, even if it was deleted or replaced since). At most
+    ``max_bytes`` of objects stay open to be stored. Returns them and why some were passed
+    over (``why``, the holding's reason, first), in one line.
+    """
+    kept = passed_over = 0
+    found = []
+    for m in held:
+        ids = None
+        if m.fd >= 0:
+            try:
+                if reopen:
+                    path_fd, m.fd = m.fd, -1
+                    try:
+                        m.fd = os.open(f"/proc/self/fd/{path_fd}", os.O_RDONLY | os.O_CLOEXEC)
+                    finally:
+                        os.close(path_fd)
+                ids = elf.build_ids(lambda offset, size, fd=m.fd: os.pread(fd, size, offset))
+            except OSError as e:
+                m.stored = f"unreadable: {e.strerror}"
         if ids is None and m.fd >= 0:
             os.close(m.fd)  # not ELF (locale archives, fonts…)
             m.fd = -1
@@ -144,16 +189,13 @@ def open_modules(
                 passed_over += 1
             else:
                 kept += m.size
-        found[i] = m
-    modules = [found[i] for i in sorted(found)]  # in the order of their addresses
-    why = []
-    if max_files is not None and len(mapped) > max_files:
-        why.append(f"{len(mapped) - max_files} of {len(mapped)} mapped files not looked at: "
-                   f"[capture] max_objects is {max_files}")  # fmt: skip
+        found.append(m)
+    found.sort(key=lambda m: m.start)  # in the order of their addresses
+    reasons = [why] if why else []
     if passed_over:
-        why.append(f"{passed_over} mapped ELF objects not stored: "
-                   f"[capture] max_objects_size is {max_bytes} bytes")  # fmt: skip
-    return modules, "; ".join(why) or None
+        reasons.append(f"{passed_over} mapped ELF objects not stored: "
+                       f"[capture] max_objects_size is {max_bytes} bytes")  # fmt: skip
+    return found, "; ".join(reasons) or None
 
 
 def store_modules(

@@ -28,7 +28,7 @@ from contextlib import suppress
 from typing import Protocol
 
 from corevault import config
-from corevault.capture import admission, corehead, delivery, process
+from corevault.capture import admission, calloff, corehead, delivery, process
 
 SO_PEERPIDFD = 77
 SO_RCVBUFFORCE = 33
@@ -88,13 +88,20 @@ class Gate(Protocol):
 
 
 def serve(
-    settings: config.Settings, conn: socket.socket, request_mode: bool, gate: Gate | None = None
+    settings: config.Settings,
+    conn: socket.socket,
+    request_mode: bool,
+    gate: Gate | None = None,
+    call: calloff.Call | None = None,
 ) -> str:
     """Handle one kernel connection; returns what happened, for logs and tests.
 
     ``gate`` bounds the dumps read at once across tenants; it is asked only once the crash
     is admitted (its pod's and namespace's own shares are taken in :func:`.admission.admit`), so
-    the cheap decisions of a flood never crowd out another tenant's crash.
+    the cheap decisions of a flood never crowd out another tenant's crash. With ``call`` the
+    dump may be called off from another thread (its deadline, :mod:`.calloff`), and the gate is
+    given back through it as soon as the process is let go; the pod's and namespace's slots
+    stay held until this returns, so one pod never has more dumps at work than its share.
     """
     started, when = time.monotonic(), time.time()
     try:
@@ -105,7 +112,7 @@ def serve(
         )
         return "error"
     try:
-        return _serve(settings, conn, request_mode, pidfd, (started, when), gate=gate)
+        return _serve(settings, conn, request_mode, pidfd, (started, when), gate=gate, call=call)
     finally:
         os.close(pidfd)
 
@@ -118,6 +125,7 @@ def _serve(
     clock: tuple[float, float],
     *,
     gate: Gate | None,
+    call: calloff.Call | None,
 ) -> str:
     started, when = clock
     record: dict = {"node": settings.node_name, "crash_time": int(when), "transport": "socket"}
@@ -155,7 +163,10 @@ def _serve(
                 admitted = None
         if admitted is not None and gate is not None:
             gated = gate.acquire(False)
-            if not gated:
+            if gated and call is not None:
+                call.on_give_back(gate.release)
+                gated = False  # given back through the call, at the let-go at the latest
+            elif not gated:
                 reason = (
                     "the node reads as many dumps as it may at once already; refused before it was written"
                 )
@@ -166,25 +177,38 @@ def _serve(
             answer(conn, offered, accept=admitted is not None)
         if admitted is None:
             return "rejected"
+        if call is not None:
+            call.record, call.stage = record, "read"
         with suppress(OSError):  # a bigger receive buffer: the kernel hands over more per wake-up
             conn.setsockopt(socket.SOL_SOCKET, SO_RCVBUFFORCE, RCVBUF)
-        head = corehead.read_head(conn.fileno())
+        try:
+            head = corehead.read_head(conn.fileno())
+        except Exception:
+            if call is not None and call.reason is not None:
+                return "called off"  # the deadline shut the connection, and journaled it
+            raise
         _learn(crash, head)
         admitted.replan()
         conn.setsockopt(socket.SOL_SOCKET, socket.SO_RCVTIMEO, struct.pack("ll", int(settings.timeout), 0))
         try:
-            delivery.deliver(admitted, conn.fileno(), started, head)
+            delivery.deliver(admitted, conn.fileno(), started, head, call)
         except OSError as e:  # the receive timeout, or the kernel gave up
+            if call is not None and call.reason is not None:
+                return "called off"  # the deadline shut the connection, and journaled it
             admission.journal(
                 settings, {**record, "event": "dropped", "reason": f"coredump socket: {e.strerror}"}
             )
             return "dropped"
+        if call is not None and call.reason is not None:
+            return "called off"
         return "captured"
     finally:
         if admitted is not None:
             admitted.release()
         if gated and gate is not None:
             gate.release()
+        if call is not None:
+            call.give_back()
         crash.close()
 
 

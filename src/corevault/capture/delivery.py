@@ -18,6 +18,7 @@ from corevault import atomic, config, fingerprint, nodestore, quickjson, spool
 from corevault.capture import (
     admission,
     buildid,
+    calloff,
     cgroup,
     corehead,
     hashcache,
@@ -85,26 +86,42 @@ class Delivered:
 
 
 def deliver(
-    admitted: admission.Admitted, core_fd: int, started: float, head: corehead.Head | None = None
+    admitted: admission.Admitted,
+    core_fd: int,
+    started: float,
+    head: corehead.Head | None = None,
+    call: calloff.Call | None = None,
 ) -> Delivered | None:
     """Stream the core (``head``'s bytes, then ``core_fd``) into the crash's targets and publish them.
 
     Without ``head`` (the pipe), the core's headers are read here first: they say how long the
     core should be (:mod:`.corehead`). Returns where the core went, or None when nothing could
-    be written (journaled with why).
+    be written (journaled with why). With ``call`` (socket mode, :mod:`.calloff`), the dump may
+    be called off from another thread: it then returns None at its next step and publishes
+    nothing; the pod's files are read only after the process is let go (``call.give_back()``
+    then gives the node-wide slots back), so a file that never answers holds nothing node-wide.
     """
     settings, crash, record = admitted.settings, admitted.crash, admitted.record
     job = _Job(settings, crash, admitted.owner, admitted.plan, record)
     job.tenants = admitted.tenants
+    job.call = call
     try:
         job.open_targets()
+        if call is not None:
+            call.opened_entry(job.entry_tmp)
         if not job.sinks:
             journal(settings, {**record, "event": "dropped", "reason": "; ".join(job.problems)})
             return
-        # The mapped binaries are opened while the process still exists, copied later.
-        job.modules, job.objects_skipped = buildid.open_modules(
-            crash.proc_fd, crash.maps, settings.objects_max, settings.objects_max_size
+        # The mapped binaries are opened while the process still exists, copied later. In
+        # socket mode they are only held here (O_PATH: nothing asked of their filesystem) and
+        # read once the process is let go.
+        job.modules, job.objects_skipped = buildid.hold_modules(
+            crash.proc_fd, crash.maps, settings.objects_max, path_only=call is not None
         )
+        if call is None:
+            job.modules, job.objects_skipped = buildid.identify_modules(
+                job.modules, settings.objects_max_size, job.objects_skipped
+            )
         try:
             head = head if head is not None else corehead.read_head(core_fd)
             # the memory at the stack pointer, as it streams past, for the crash's fingerprint
@@ -117,6 +134,8 @@ def deliver(
             reason = f"handler timeout after {settings.timeout:g}s; raise [capture] timeout for larger cores"
             journal(settings, {**record, "event": "dropped", "reason": reason})
             return
+        if call is not None:
+            call.check()
         job.problems += [f"{s.name}: {s.failed}" for s in job.sinks if s.failed]
         written = any(not s.failed for s in job.sinks)  # else the handler stopped reading, not the kernel
         if head.size is not None and not job.truncated and written and job.size < head.size:
@@ -124,6 +143,8 @@ def deliver(
             # SIGKILL meanwhile, or the OOM killer); the stream then simply ends early.
             job.truncated, job.expected = True, head.size
         job.publish_volume()
+        if call is not None and job.volume["written"]:
+            call.volume = job.volume["path"]
         # Everything after this works from what was read and the fds opened before: the kernel may
         # let the process go (the compressed copy and its hash finish on their threads meanwhile)
         # and its dump slot is free then. The tenants' slots stay held until the handler ends: the
@@ -134,6 +155,14 @@ def deliver(
         if job.modules:
             mounts.load()
         stream.let_go(core_fd)
+        if call is not None:
+            call.stage = "let go"
+            call.give_back()
+            call.check()
+            job.modules, job.objects_skipped = buildid.identify_modules(
+                job.modules, settings.objects_max_size, job.objects_skipped, reopen=True
+            )
+            call.check()
         hashes = hashcache.cache_dir(settings.state_dir)
         buildid.store_modules(
             settings.buildid_dir,
@@ -147,6 +176,8 @@ def deliver(
         job.fingerprint = fingerprint.of(head.signal, head.code, head.pc, stack, modules)
         job.finish_entry(admitted.cg, started)
         return job.report()
+    except calloff.CalledOff:
+        return None  # journaled by whoever called it off
     except HandlerTimeout:
         # Struck after the core was read (the pipe handler's timer runs to its end): the work left
         # is dropped as a timeout, said as one, with the plain core where it was published already.
@@ -180,6 +211,7 @@ class _Job:
         self.plan = plan
         self.record = record
         self.sinks: list = []
+        self.call: calloff.Call | None = None
         self.problems: list[str] = []
         self.modules: list[buildid.Module] = []
         #: why some mapped files were not looked at or not stored (the per-crash bounds), or None
@@ -276,7 +308,22 @@ class _Job:
             vault.finish()
             self.vault = None
             meta = _record(self, self.entry_id, vault, cg, started)
-            _finish_entry(self.settings.spool_dir, self.entry_id, self.entry_tmp, vault.fd, meta)
+            spool_dir, entry_id, entry_tmp = self.settings.spool_dir, self.entry_id, self.entry_tmp
+            if self.call is not None:  # never renamed into ready/ once called off
+                ran: list[bool] = []
+
+                def finish() -> None:
+                    ran.append(True)
+                    _finish_entry(spool_dir, entry_id, entry_tmp, vault.fd, meta)  # closes the fd
+
+                try:
+                    self.call.publish(finish)
+                except calloff.CalledOff:
+                    if not ran:
+                        os.close(vault.fd)
+                    raise
+            else:
+                _finish_entry(spool_dir, entry_id, entry_tmp, vault.fd, meta)
         except (OSError, stream.SinkFailed) as e:
             self.problems.append(f"vault: {describe_error(e)}")
             return
@@ -284,6 +331,8 @@ class _Job:
 
     def report(self) -> Delivered | None:
         """Journal the outcome: what was cut, what was dropped, and where the core went."""
+        if self.call is not None:
+            self.call.finish()
         event = {
             **self.record,
             "pattern": self.plan.pattern,

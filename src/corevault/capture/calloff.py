@@ -1,0 +1,110 @@
+"""A dump that another thread may call off: socket mode's deadline.
+
+The pipe handler's timer interrupts the handler itself (SIGALRM, :mod:`.handler`). The agent
+serves each coredump connection on a thread and cannot interrupt one, and a thread blocked in
+a read of a tenant's file cannot be interrupted at all: a FUSE server that stopped answering,
+or a hard NFS mount whose server is gone, waits until the answer comes or a fatal signal,
+which would end the agent. So the dump is called off from outside instead
+(:meth:`Call.call_off`): journaled as dropped under its pod with the reason, its spool entry
+removed, its node-wide slots given back; the thread, if its read ever returns, finds the call
+at its next step and publishes nothing. Until then it holds its pod's and namespace's dump
+slots, so one pod never has more such threads than its share.
+
+One lock orders publishing against calling off, and it is never held across a tenant's I/O:
+calling off never waits for a tenant.
+"""
+
+from __future__ import annotations
+
+import _thread
+import shutil
+
+from corevault import config
+from corevault.capture.admission import journal
+
+TYPE_CHECKING = False  # typing.TYPE_CHECKING would import typing
+if TYPE_CHECKING:
+    from collections.abc import Callable
+
+
+class CalledOff(Exception):
+    """The dump was called off meanwhile (journaled by whoever called it off)."""
+
+
+class Call:
+    """One dump's state as its deadline sees it."""
+
+    def __init__(self, settings: config.Settings) -> None:
+        self.settings = settings
+        self.lock = _thread.allocate_lock()
+        #: the crash's journal record once it was admitted (its pod and container)
+        self.record: dict | None = None
+        #: what the dump is doing, for the reason: "decided", "read", "let go"
+        self.stage = "decided"
+        #: the spool entry being written (removed when the dump is called off)
+        self.entry_tmp: str | None = None
+        #: the plain core's path in the pod's volume, once published there
+        self.volume: str | None = None
+        #: why it was called off, or None
+        self.reason: str | None = None
+        self.finished = False
+        self._give_back: list[Callable[[], None]] = []
+
+    def on_give_back(self, release: Callable[[], None]) -> None:
+        """Run ``release`` once, when the node-wide slots are given back (:meth:`give_back`)."""
+        with self.lock:
+            self._give_back.append(release)
+
+    def give_back(self) -> None:
+        """Give the node-wide slots back: once the process is let go, called off, or served."""
+        with self.lock:
+            releases, self._give_back = self._give_back, []
+        for release in releases:
+            release()
+
+    def check(self) -> None:
+        if self.reason is not None:
+            raise CalledOff(self.reason)
+
+    def opened_entry(self, entry_tmp: str | None) -> None:
+        with self.lock:
+            self.entry_tmp = entry_tmp
+        self.check()
+
+    def publish(self, publish: Callable[[], None]) -> None:
+        """Run ``publish`` (the spool entry's rename into ready/) unless the dump was called off."""
+        with self.lock:
+            self.check()
+            publish()
+            self.finished = True
+
+    def finish(self) -> None:
+        """The dump is done: calling it off now changes nothing; raises if it was called off."""
+        with self.lock:
+            self.check()
+            self.finished = True
+
+    def call_off(self, seconds: float) -> bool:
+        """The deadline struck: journal the dump dropped and remove its spool entry, unless done."""
+        with self.lock:
+            if self.finished or self.reason is not None:
+                return False
+            where = {
+                "decided": "before its core was read",
+                "read": "while its core was read",
+                "let go": "after the process was let go, while its binaries and copy were stored",
+            }[self.stage]
+            self.reason = (
+                f"coredump socket: the dump outlasted [capture] timeout ({seconds:g}s) {where}; "
+                "nothing of it is kept in the spool. A file of the pod that does not answer (its "
+                "executable or a library on a FUSE or network filesystem whose server stopped) "
+                "holds it: repair that mount; for larger cores or binaries raise [capture] timeout"
+            )
+            tmp, self.entry_tmp = self.entry_tmp, None
+            if tmp is not None:
+                shutil.rmtree(tmp, ignore_errors=True)
+            record = {**(self.record or {"transport": "socket"}), "event": "dropped", "reason": self.reason}
+            if self.volume is not None:
+                record["volume"] = self.volume
+        journal(self.settings, record)
+        return True

@@ -1,0 +1,116 @@
+"""Socket mode's bounds per dump, attacked from real containers on this 6.18 kernel.
+
+A pod controls its files, and may serve them itself: its executable lives on a FUSE
+filesystem whose server stops answering once the process runs (here ``rclone mount`` of a
+local directory, stopped with SIGSTOP). A read of such a file waits until the server answers,
+and no signal but a fatal one ends the wait. The listener must then hold nothing node-wide
+for it (the node reads ``parallel`` dumps at once, and this pod's share alone could take them
+all), its threads must stay within the pod's share, and the dump's deadline must drop the
+dump under its pod, with nothing left in the spool.
+"""
+
+from __future__ import annotations
+
+import os
+import shutil
+import signal
+import threading
+from contextlib import ExitStack
+
+import pytest
+
+from corevault import hostsetup, spool
+from testbed import fusefs, runc
+from tests.tenants import of_namespace, pod, processes, wait_for
+from tests.test_socket_mode import socket_capture
+
+pytestmark = [
+    pytest.mark.crash,
+    pytest.mark.skipif(
+        hostsetup.kernel_socket_mode() != "@@", reason="the coredump socket with requests needs Linux 6.17+"
+    ),
+]
+
+
+def serving_threads() -> int:
+    return sum(1 for t in threading.enumerate() if t.name == "coredump")
+
+
+def test_a_pods_binary_that_never_answers_holds_nothing_node_wide_and_is_called_off(
+    rootfs: str, programs: dict[str, str], tmp_path
+) -> None:
+    source = tmp_path / "served"
+    source.mkdir()
+    shutil.copy(programs["hang"], source / "hang")
+    with socket_capture(parallel=2) as s, fusefs.local(str(source)) as served, ExitStack() as pods:
+        s.settings.timeout = 8  # the deadline per dump; pod_dumps stays 2, the node's parallel
+        a_volume = os.path.join(s.dir, "a-vol")
+        os.mkdir(a_volume)
+        a_uid = runc.new_pod_uid()
+
+        def a_container(args: list[str], **kw: object) -> runc.Container:
+            return runc.Container(rootfs, args, volume=a_volume, annotations=pod("tenant-a", "a-0"),
+                                  pod_uid=a_uid, **kw)  # fmt: skip
+
+        fuse = [{"destination": "/served", "type": "bind", "source": served.path, "options": ["rbind", "rw"]}]
+        for _ in range(s.listener.parallel + 1):
+            pods.enter_context(
+                a_container(["/bin/sh", "-c", "/served/hang deadlock; true"], mounts=fuse).running()
+            )
+        crashing = processes(b"/served/hang\x00deadlock")
+        assert len(crashing) == s.listener.parallel + 1
+        os.kill(served.pid, signal.SIGSTOP)  # the pod's server answers no more
+        for pid in crashing:
+            os.kill(pid, signal.SIGSEGV)
+
+        # Two dumps admitted (the pod's share), the third refused on it; the two are read, and
+        # their processes let go although the executable they mapped does not answer.
+        def refused_on_share() -> list[dict]:
+            return [
+                r for r in of_namespace(s.journal(), "tenant-a") if "dumps of this pod" in r.get("reason", "")
+            ]
+
+        wait_for(refused_on_share, 30)
+        wait_for(lambda: not processes(b"/served/hang\x00deadlock"), 30)
+        assert serving_threads() == 2  # blocked on the pod's file, each holding a slot of the pod
+
+        # Another pod's crash on the node meanwhile: read and stored whole.
+        b = runc.Container(
+            rootfs, ["/app/crasher", "alloc", "8"], volume=s.volume, annotations=pod("tenant-b", "b-0")
+        )
+        b.run()
+        wait_for(lambda: of_namespace(s.journal(), "tenant-b"), 30)
+        [b_entry] = s.entries()
+        assert b_entry["pod"]["namespace"] == "tenant-b" and not b_entry["core"]["truncated"]
+        assert b_entry["core"]["size"] == os.path.getsize(os.path.join(s.volume, os.listdir(s.volume)[0]))
+        assert [r["event"] for r in of_namespace(s.journal(), "tenant-b")] == ["captured"]
+
+        # The pod's share bounds the agent's threads: its next crash is refused, no thread added.
+        a_container(["/app/crasher", "segv"]).run()
+        assert len(refused_on_share()) == 2 and serving_threads() == 2
+
+        # The deadline strikes: dropped under the pod, saying what to do; nothing in the spool.
+        def called_off() -> list[dict]:
+            return [
+                r for r in of_namespace(s.journal(), "tenant-a") if "[capture] timeout" in r.get("reason", "")
+            ]
+
+        dropped = wait_for(called_off, 60)
+        wait_for(lambda: len(called_off()) == 2, 30)
+        for r in called_off():
+            assert r["event"] == "dropped" and r["pod"]["name"] == "a-0"
+            assert "after the process was let go" in r["reason"] and "repair that mount" in r["reason"]
+        assert dropped and [e["pod"]["namespace"] for e in s.entries()] == ["tenant-b"]
+        assert os.listdir(spool.tmp_dir(s.settings.spool_dir)) == []
+        assert s.listener.outcomes.get("called off") == 2
+
+        # The server answers again: the blocked threads come back, publish nothing, and give the
+        # pod's slots back, so its next crash is captured.
+        os.kill(served.pid, signal.SIGCONT)
+        assert s.listener.wait_idle(60)
+        assert serving_threads() == 0
+        assert [e["pod"]["namespace"] for e in s.entries()] == ["tenant-b"]
+        assert not [r for r in of_namespace(s.journal(), "tenant-a") if r["event"] == "captured"]
+        a_container(["/app/crasher", "segv"]).run()
+        wait_for(lambda: [r for r in of_namespace(s.journal(), "tenant-a") if r["event"] == "captured"], 30)
+        assert sorted(e["pod"]["namespace"] for e in s.entries()) == ["tenant-a", "tenant-b"]
