@@ -36,6 +36,11 @@ def serving_threads() -> int:
     return sum(1 for t in threading.enumerate() if t.name == "coredump")
 
 
+def serving_settles_at(n: int) -> bool:
+    """The listener's connection threads come down to ``n`` (others end a moment after their record)."""
+    return bool(wait_for(lambda: serving_threads() == n, 30))
+
+
 def test_a_pods_binary_that_never_answers_holds_nothing_node_wide_and_is_called_off(
     rootfs: str, programs: dict[str, str], tmp_path
 ) -> None:
@@ -72,7 +77,7 @@ def test_a_pods_binary_that_never_answers_holds_nothing_node_wide_and_is_called_
 
         wait_for(refused_on_share, 30)
         wait_for(lambda: not processes(b"/served/hang\x00deadlock"), 30)
-        assert serving_threads() == 2  # blocked on the pod's file, each holding a slot of the pod
+        assert serving_settles_at(2)  # blocked on the pod's file, each holding a slot of the pod
 
         # Another pod's crash on the node meanwhile: read and stored whole.
         b = runc.Container(
@@ -87,7 +92,7 @@ def test_a_pods_binary_that_never_answers_holds_nothing_node_wide_and_is_called_
 
         # The pod's share bounds the agent's threads: its next crash is refused, no thread added.
         a_container(["/app/crasher", "segv"]).run()
-        assert len(refused_on_share()) == 2 and serving_threads() == 2
+        assert len(refused_on_share()) == 2 and serving_settles_at(2)
 
         # The deadline strikes: dropped under the pod, saying what to do; nothing in the spool.
         def called_off() -> list[dict]:
@@ -108,7 +113,7 @@ def test_a_pods_binary_that_never_answers_holds_nothing_node_wide_and_is_called_
         # pod's slots back, so its next crash is captured.
         os.kill(served.pid, signal.SIGCONT)
         assert s.listener.wait_idle(60)
-        assert serving_threads() == 0
+        assert serving_settles_at(0)
         assert [e["pod"]["namespace"] for e in s.entries()] == ["tenant-b"]
         assert not [r for r in of_namespace(s.journal(), "tenant-a") if r["event"] == "captured"]
         a_container(["/app/crasher", "segv"]).run()
@@ -135,7 +140,7 @@ def test_a_dump_whose_volume_stops_answering_is_called_off_at_its_deadline(
             [dropped] = wait_for(lambda: of_namespace(s.journal(), "tenant-a"), 60)
             wait_for(lambda: not os.path.exists(f"/proc/{pid}"), 30)  # let go, its dump cut off
         assert dropped["event"] == "dropped" and "while its core was read" in dropped["reason"]
-        assert serving_threads() == 1  # still waiting on the volume, holding the pod's slots only
+        assert serving_settles_at(1)  # still waiting on the volume, holding the pod's slots only
         # The node's one core reader is free again: another pod's crash is captured whole.
         b = runc.Container(
             rootfs, ["/app/crasher", "segv"], volume=s.volume, annotations=pod("tenant-b", "b-0")
