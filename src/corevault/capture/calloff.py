@@ -17,7 +17,6 @@ calling off never waits for a tenant.
 from __future__ import annotations
 
 import _thread
-import shutil
 
 from corevault import config
 from corevault.capture.admission import journal
@@ -102,6 +101,10 @@ class Call:
             )
             tmp, self.entry_tmp = self.entry_tmp, None
             if tmp is not None:
+                # imported here: shutil brings re, enum, fnmatch, bz2 and lzma with it, and the pipe
+                # handler imports this module (delivery does) on every crash, where it is never used
+                import shutil
+
                 shutil.rmtree(tmp, ignore_errors=True)
             record = {**(self.record or {"transport": "socket"}), "event": "dropped", "reason": self.reason}
             if self.volume is not None:
