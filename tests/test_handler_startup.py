@@ -11,6 +11,7 @@ import fnmatch
 import hashlib
 import marshal
 import os
+import shutil
 import signal
 import subprocess
 import sys
@@ -309,3 +310,33 @@ def test_a_capture_walks_the_spool_once_also_when_it_stores_new_binaries(tmp_pat
     meta = spool.read_meta(stage.settings.spool_dir, entry)
     assert "new" in {m["stored"] for m in meta["modules"]}  # the store's room was asked
     assert walks == [stage.settings.spool_dir]
+
+
+def test_the_spool_s_directories_are_made_only_when_a_step_finds_one_missing(tmp_path, monkeypatch) -> None:
+    root = str(tmp_path / "spool")
+    assert spool.made(root, lambda: os.mkdir(os.path.join(spool.tmp_dir(root), "e1"))) is None
+    assert all(
+        os.path.isdir(d) for d in (spool.ready_dir(root), spool.shipped_dir(root), spool.quarantine_dir(root))
+    )
+
+    def never(_: str) -> None:
+        raise AssertionError("the directories were made again")
+
+    monkeypatch.setattr(spool, "ensure", never)
+    assert spool.made(root, lambda: 42) == 42
+    monkeypatch.undo()
+    os.rmdir(os.path.join(spool.tmp_dir(root), "e1"))
+    os.rmdir(spool.tmp_dir(root))  # removed under a running node: the next step makes it again
+    spool.made(root, lambda: os.mkdir(os.path.join(spool.tmp_dir(root), "e2")))
+    assert os.listdir(spool.tmp_dir(root)) == ["e2"]
+
+
+@pytest.mark.crash  # reads another process's mapped files, as only the handler may
+def test_a_capture_into_a_spool_whose_directories_were_removed_makes_them_again(tmp_path) -> None:
+    stage = Stage(tmp_path)
+    stage.capture()
+    shutil.rmtree(stage.settings.spool_dir)
+    stage.capture()
+    [entry] = spool.entries(stage.settings.spool_dir)
+    assert spool.read_meta(stage.settings.spool_dir, entry)["core"]["size"] == 4096
+    assert [r["event"] for r in spool.read_journal(stage.settings.spool_dir)] == ["captured"]

@@ -33,6 +33,13 @@ import time
 
 from corevault import quickjson
 
+TYPE_CHECKING = False  # typing.TYPE_CHECKING would import typing, which the crash path never loads
+if TYPE_CHECKING:
+    from collections.abc import Callable
+    from typing import TypeVar
+
+    T = TypeVar("T")
+
 CORE_NAME = "core.zst"
 META_NAME = "meta.json"
 OWNER_NAME = "owner"
@@ -75,6 +82,17 @@ def ensure(spool: str) -> None:
             pass
         except FileNotFoundError:  # the state directory itself is new
             os.makedirs(d, mode=0o700, exist_ok=True)
+
+
+def made(spool: str, step: Callable[[], T]) -> T:
+    """``step()``; where it finds a spool directory missing (a new spool), the directories are
+    made (:func:`ensure`) and it runs again. Every crash's handler writes through here: making
+    them before each step cost it ten ``mkdir`` calls that found them there."""
+    try:
+        return step()
+    except FileNotFoundError:
+        ensure(spool)
+        return step()
 
 
 def write_owner(entry_dir: str, keys: list[str]) -> None:

@@ -19,8 +19,7 @@ from corevault.capture import cgroup, lookup, policy, process, stream
 
 def journal(settings: config.Settings, record: dict) -> None:
     try:
-        spool.ensure(settings.spool_dir)
-        spool.journal(settings.spool_dir, record)
+        spool.made(settings.spool_dir, lambda: spool.journal(settings.spool_dir, record))
     except OSError:
         pass  # nowhere left to say it; the crash must still be released
 
@@ -163,11 +162,11 @@ def spool_budget(
 
     ``usage``: the spool's use as :func:`corevault.spool.usage_by_owner` gave it just now, if known.
     """
-    spool.ensure(settings.spool_dir)
     pod, namespace = tenants
     shares = {k: part for k, part in ((pod, settings.pod_share), (namespace, settings.namespace_share)) if k}
-    budget, binding = spool.room(
-        settings.spool_dir, settings.spool_max_size, settings.spool_keep_free, shares, usage
+    s = settings
+    budget, binding = spool.made(
+        s.spool_dir, lambda: spool.room(s.spool_dir, s.spool_max_size, s.spool_keep_free, shares, usage)
     )
     if binding is None:
         what = "spool is full (its max_size or keep_free is reached)"

@@ -251,7 +251,8 @@ class _Job:
                 budget, what = admission.spool_budget(s, self.tenants, self.spool_usage)
                 self.entry_id = spool.new_id(time.time(), self.crash.global_pid)
                 self.entry_tmp = os.path.join(spool.tmp_dir(s.spool_dir), self.entry_id)
-                os.mkdir(self.entry_tmp, 0o700)
+                entry_tmp = self.entry_tmp
+                spool.made(s.spool_dir, lambda: os.mkdir(entry_tmp, 0o700))
                 spool.write_owner(self.entry_tmp, [k for k in self.tenants if k])
                 fd = os.open(
                     os.path.join(self.entry_tmp, spool.CORE_NAME),

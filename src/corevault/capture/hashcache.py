@@ -155,21 +155,27 @@ def lookup(directory: str, st: os.stat_result, stamp: str) -> str | None:
     one empty, cut short or lost: each of those is a miss and the file is hashed again.
     """
     try:
-        with open(os.path.join(directory, _name(st)), "rb") as f:
-            text = f.read(256).decode("ascii", "replace")
-            head, sep, rest = text.partition(" ")
-            held, _, sha256 = rest.rpartition(" ")
-            sha256, newline, after = sha256.partition("\n")
-            if (head, sep, held, newline, after) != (_name(st), " ", stamp, "\n", ""):
-                return None
-            if len(sha256) != 64 or sha256.strip("0123456789abcdef"):
-                return None
-            try:  # used now: eviction takes the entries used longest ago
-                os.utime(f.fileno(), ns=(time_ns(), os.fstat(f.fileno()).st_mtime_ns))
-            except OSError:
-                pass
+        # not open(): its buffered file costs more than this read, for every binary of every crash
+        fd = os.open(os.path.join(directory, _name(st)), os.O_RDONLY | os.O_CLOEXEC)
     except OSError:
         return None
+    try:
+        text = os.read(fd, 256).decode("ascii", "replace")
+        head, sep, rest = text.partition(" ")
+        held, _, sha256 = rest.rpartition(" ")
+        sha256, newline, after = sha256.partition("\n")
+        if (head, sep, held, newline, after) != (_name(st), " ", stamp, "\n", ""):
+            return None
+        if len(sha256) != 64 or sha256.strip("0123456789abcdef"):
+            return None
+        try:  # used now: eviction takes the entries used longest ago
+            os.utime(fd, ns=(time_ns(), os.fstat(fd).st_mtime_ns))
+        except OSError:
+            pass
+    except OSError:
+        return None
+    finally:
+        os.close(fd)
     return sha256
 
 
