@@ -183,11 +183,9 @@ def template_command(argv: list[str], uid: int = DEFAULT_UID) -> list[str]:
     """``argv`` as the analysis template (:mod:`corevault.analysis.template`) runs: the
     sandbox of :func:`command` without inputs and without the seccomp filter (the template
     makes a user namespace, its children their own namespaces, then each loads the filter),
-    with the host's ``/proc`` in place of one of its own (see that module)."""
-    bwrap, setpriv = _tools()
+    with the host's ``/proc`` in place of one of its own (see that module). Started by root,
+    it is root until it makes its user namespace, where it becomes ``uid``
+    (:mod:`corevault.analysis.userns`: made by root, its processes are counted there alone)."""
+    bwrap, _ = _tools()
     cmd = _bwrap(bwrap, [], user_ns=os.geteuid() != 0, host_proc=True)
-    cmd += ["--chdir", "/tmp", "--"]
-    if os.geteuid() == 0:
-        cmd += [setpriv, f"--reuid={uid}", f"--regid={uid}", "--clear-groups", "--inh-caps=-all"]
-        cmd += ["--ambient-caps=-all", "--bounding-set=-all", "--no-new-privs", "--"]
-    return cmd + argv
+    return [*cmd, "--chdir", "/tmp", "--", *argv]

@@ -12,8 +12,10 @@ never saw another crash, and a template never handles tenant data.
 How a child gets as strict as a bubblewrap worker, and stricter where they share a parent:
 
 - At start the template makes a user namespace of its own in which its uid is root (its
-  uid on the host stays the worker's). bubblewrap's mounts become locked in there: no
-  child can unmount, remount or move them, and the root, ``/dev`` and ``/usr`` stay owned
+  uid on the host is the analysis uid); it makes it while still root on the host, so the
+  kernel counts its processes in there alone (:mod:`corevault.analysis.userns`).
+  bubblewrap's mounts become locked in there: no child can unmount, remount or move
+  them, and the root, ``/dev`` and ``/usr`` stay owned
   by the host's root, which that namespace does not map, so nothing in it writes them.
 - Per analysis the child (the "keeper") makes new mount, PID, network, IPC, UTS and cgroup
   namespaces and forks the analysis process, PID 1 of its own PID namespace: it sees no
@@ -66,13 +68,12 @@ import time
 import traceback
 
 from corevault import bounded
-from corevault.analysis import sandbox, seccomp, slots
+from corevault.analysis import sandbox, seccomp, slots, userns
 
 CLONE_NEWNS = 0x00020000
 CLONE_NEWCGROUP = 0x02000000
 CLONE_NEWUTS = 0x04000000
 CLONE_NEWIPC = 0x08000000
-CLONE_NEWUSER = 0x10000000
 CLONE_NEWPID = 0x20000000
 CLONE_NEWNET = 0x40000000
 MS_RDONLY, MS_NOSUID, MS_NODEV, MS_NOEXEC = 1, 2, 4, 8
@@ -151,8 +152,11 @@ def _receive(sock: socket.socket, size: int, max_fds: int) -> tuple[bytes, list[
 # -- inside the sandbox: the template, its keepers and their analyses -------------------------
 
 
-def serve(control_fd: int, under_tmp: tuple[str, ...] = ()) -> int:
+def serve(control_fd: int, under_tmp: tuple[str, ...] = (), uid: int = sandbox.DEFAULT_UID) -> int:
     """The template's loop: one keeper forked per request on ``control_fd``, until it closes.
+
+    Started as root (the agent's), it runs as ``uid`` in a user namespace of its own made
+    by root (:mod:`corevault.analysis.userns`).
 
     ``under_tmp``: the runtime's directories below /tmp (an environment made there), as the
     parent found them; each analysis binds them again over its own /tmp."""
@@ -169,11 +173,7 @@ def serve(control_fd: int, under_tmp: tuple[str, ...] = ()) -> int:
             raise TemplateError("libseccomp is not installed")
         with open("/proc/sys/kernel/cap_last_cap") as f:
             last_cap = int(f.read())
-        uid, gid = os.getuid(), os.getgid()
-        _check(libc.unshare(CLONE_NEWUSER), "unshare(CLONE_NEWUSER)")
-        for name, text in (("setgroups", "deny"), ("uid_map", f"0 {uid} 1"), ("gid_map", f"0 {gid} 1")):
-            with open(f"/proc/self/{name}", "w") as f:
-                f.write(text)
+        userns.enter(uid)
     except Exception as e:  # said to the agent, which falls back
         _send(control, b"E" + f"{type(e).__name__}: {e}".encode()[:1000])
         return 1
@@ -365,7 +365,7 @@ class Template:
         self._retired = False
         self._control, theirs = socket.socketpair(socket.AF_UNIX, socket.SOCK_SEQPACKET)
         under_tmp = tuple(p for p in sandbox.runtime_paths() if p.startswith("/tmp/"))
-        serve = f"serve({theirs.fileno()}, {under_tmp!r})"
+        serve = f"serve({theirs.fileno()}, {under_tmp!r}, {uid})"
         code = f"from corevault.analysis.template import serve; sys.exit({serve})"
         cmd = sandbox.template_command(sandbox.python(code), uid)
         limits = [(resource.RLIMIT_CORE, 0)]

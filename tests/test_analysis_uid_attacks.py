@@ -1,0 +1,81 @@
+"""A pod that runs its own processes as an analysis uid cannot stop the analyses of that uid.
+
+Any pod may run as any uid (``runAsUser``, an image's ``USER``, or root in the container
+calling ``setuid``), the analysis uids (``[agent] analysis_uid`` on) included. The kernel
+counts ``RLIMIT_NPROC`` per user namespace and uid: were an analysis's processes counted
+with the host's processes of its uid, a pod holding ``analysis_processes`` processes as that
+uid would leave none to the analysis (measured without the defence: the template could not
+even drop to the uid, and the worker of its own that replaced it failed the same way). The
+analysis's processes are counted in a user namespace of their own, owned by root.
+"""
+
+from __future__ import annotations
+
+import os
+
+import pytest
+
+from corevault.analysis import runner, slots, template
+from corevault.model import Report
+from testbed import runc
+from tests.test_analysis_slots import fixture_crash
+
+#: a uid range of this module's own: its counts are this module's alone
+BASE = 64_970
+#: the bound per analysis, lowered so that the pod's processes stay few
+PROCESSES = 24
+
+pytestmark = pytest.mark.skipif(
+    os.geteuid() != 0, reason="a uid per analysis is the agent's, which runs as root"
+)
+
+
+def pod_as(uid: int, rootfs: str, processes: int) -> runc.Container:
+    """A pod whose container runs as ``uid`` and holds ``processes`` processes of it, sleeping."""
+    script = f"i=0; while [ $i -lt {processes} ]; do sleep 120 & i=$((i+1)); done; echo ready; wait"
+    return runc.Container(rootfs, ["/bin/sh", "-c", script], uid=uid, rlimit_core=None)
+
+
+def test_a_pod_running_as_an_analysis_uid_does_not_take_that_analysis_s_processes(
+    rootfs: str, monkeypatch: pytest.MonkeyPatch
+) -> None:
+    """A pod holds more processes as the analysis's uid than an analysis may have; a tenant's
+    real crash analysed in that uid still ends with its full report, in a template's child."""
+    from tests.conftest import FIXTURE_SPOOL
+
+    store = os.path.join(FIXTURE_SPOOL, "store")
+    core, record = fixture_crash("/app/crasher")
+    monkeypatch.setattr(template, "_templates", {})
+    monkeypatch.setattr(template, "_refused", {})
+    alone: list[str] = []
+    run_alone = runner._run_alone
+    monkeypatch.setattr(
+        runner, "_run_alone", lambda code, args, *a, **k: alone.append(code) or run_alone(code, args, *a, **k)
+    )
+
+    def analyse(uid: int) -> Report | runner.AnalysisError:
+        try:
+            return runner.analyze(
+                core, [store], record=record, timeout=60, uid=uid, uids=1, processes=PROCESSES
+            )
+        except runner.AnalysisError as e:
+            return e
+
+    try:
+        expected = analyse(BASE + 1)  # in a uid no pod runs as
+        assert isinstance(expected, Report) and expected.threads, expected
+        with pod_as(BASE, rootfs, PROCESSES + 8).running():
+            held = slots.stragglers(BASE)
+            assert len(held) > PROCESSES, f"the pod holds {len(held)} processes of uid {BASE}"
+            got = analyse(BASE)
+    finally:
+        for t in template._templates.values():
+            t.close()
+    assert isinstance(got, Report), got
+    assert (got.signature, got.title, got.threads, got.modules) == (
+        expected.signature,
+        expected.title,
+        expected.threads,
+        expected.modules,
+    )
+    assert alone == [], f"the template did not serve: {template._refused}"
