@@ -36,7 +36,7 @@ import sqlalchemy
 
 from corevault import spool
 from corevault.agent.loop import Agent
-from corevault.vault import catalog
+from corevault.vault import catalog, migrations
 from testbed import build, clouds, debuginfod, runc, servers, sysctl
 from testbed.capture import HANDLER, Capture, installed_capture  # noqa: F401 - tests import them from here
 from tests.nodes import Node, make_node
@@ -130,6 +130,18 @@ def engine(catalog_url: str) -> Iterator[sqlalchemy.Engine]:
     connected = catalog.connect(catalog_url)
     yield connected
     connected.dispose()
+
+
+def catalog_at(url: str, version: int) -> sqlalchemy.Engine:
+    """The catalog at ``url`` made at schema ``version``, as a server of that version made it."""
+    engine = sqlalchemy.create_engine(url)
+    real = migrations.MIGRATIONS
+    migrations.MIGRATIONS = real[:version]
+    try:
+        assert migrations.migrate(engine) == version
+    finally:
+        migrations.MIGRATIONS = real
+    return engine
 
 
 @pytest.fixture(scope="module")

@@ -11,6 +11,7 @@ import pytest
 import sqlalchemy as sa
 
 from corevault.vault import catalog, migrations, search, tables
+from tests.conftest import catalog_at
 from tests.triage_data import add, report
 
 NOW = int(time.time())
@@ -95,22 +96,10 @@ def test_a_crash_search_pages_through_the_values_of_a_rare_word(
         assert pages("art-1 art-3", 2) == [] and (match.seeds is not None) == bool(few)
 
 
-def _v8(catalog_url: str) -> sa.Engine:
-    """A catalog at schema version 8, as a server of that version made it."""
-    engine = sa.create_engine(catalog_url)
-    real = migrations.MIGRATIONS
-    migrations.MIGRATIONS = real[:8]
-    try:
-        assert migrations.migrate(engine) == 8
-    finally:
-        migrations.MIGRATIONS = real
-    return engine
-
-
 def test_versions_9_and_10_make_the_search_dictionary_and_group_totals_of_an_older_catalog(
     catalog_url: str, monkeypatch: pytest.MonkeyPatch
 ) -> None:
-    engine = _v8(catalog_url)
+    engine = catalog_at(catalog_url, 8)
     rows = [
         ("a1", NOW - 90 * 86400, "shop", "checkout-7f9c", "registry.example/shop/checkout:4.2", "g1",
          ["ns::Parser::readHeader", "main"]),

@@ -13,7 +13,8 @@ from collections.abc import Callable
 import pytest
 import sqlalchemy as sa
 
-from corevault.vault import catalog, migrations, tables
+from corevault.vault import catalog, tables
+from tests.conftest import catalog_at
 from tests.triage_data import report
 
 FP = "0123456789abcdef" * 2
@@ -136,13 +137,7 @@ def test_matching_reads_as_much_at_a_loops_thousandth_crash_as_at_its_first(
 def test_version_13_indexes_an_older_catalogs_full_analyses_in_place_of_its_fingerprints(
     catalog_url: str,
 ) -> None:
-    old = sa.create_engine(catalog_url)
-    real = migrations.MIGRATIONS
-    migrations.MIGRATIONS = real[:12]
-    try:
-        assert migrations.migrate(old) == 12
-    finally:
-        migrations.MIGRATIONS = real
+    old = catalog_at(catalog_url, 12)
     with old.begin() as conn:  # version 1 made today's table: take it back to what 12 had
         conn.exec_driver_sql("DROP INDEX crashes_full_analyses")
         assert "crashes_namespace_fingerprint" in {i["name"] for i in sa.inspect(conn).get_indexes("crashes")}
