@@ -24,6 +24,13 @@ def test_rate_limited_reports_are_counted() -> None:
     assert record is not None and record["count"] == 12
 
 
+def test_rate_limited_warnings_about_settings_are_not_lost_dumps() -> None:
+    # printed by writing core_pattern and suid_dumpable in the wrong order, as seen on this kind of host
+    assert parse("validate_coredump_safety: 10 callbacks suppressed") is None
+    record = parse("coredump_pipe: 3 callbacks suppressed")  # 6.16+: the skip's own function
+    assert record is not None and record["count"] == 3
+
+
 def test_warnings_about_settings_are_not_lost_dumps() -> None:
     assert (
         parse("coredump: 5823(python): Unsafe core_pattern used with fs.suid_dumpable=2: set it first")

@@ -35,6 +35,9 @@ LINE = re.compile(r"coredump: (\d+)\((.{0,64})\): (.*)")
 #: what the kernel says when a dump is lost (other coredump lines are warnings about settings)
 LOST = ("skipping core dump", "aborting core", "failed")
 SUPPRESSED = re.compile(r"(\w*coredump\w*): (\d+) callbacks suppressed")
+#: functions whose rate-limited lines warn about settings and lose no dump (the unsafe
+#: core_pattern and suid_dumpable warning that writing those settings prints)
+WARNINGS_ONLY = frozenset({"validate_coredump_safety"})
 
 
 def parse(message: str) -> dict | None:
@@ -45,7 +48,7 @@ def parse(message: str) -> dict | None:
             return None
         reason = f"the kernel did not dump {comm} (pid {pid} in its namespace): {what.strip()}"
         return {"ns_pid": int(pid), "comm": comm, "reason": reason}
-    if m := SUPPRESSED.search(message):
+    if (m := SUPPRESSED.search(message)) and m.group(1) not in WARNINGS_ONLY:
         n = int(m.group(2))
         return {"count": n, "reason": f"the kernel did not report {n} more coredump messages (rate-limited)"}
     return None
