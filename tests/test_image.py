@@ -22,10 +22,9 @@ import shutil
 import ssl
 import subprocess
 import tempfile
-import time
 import urllib.request
 import zlib
-from collections.abc import Callable, Iterator
+from collections.abc import Iterator
 from dataclasses import dataclass
 
 import pytest
@@ -40,22 +39,13 @@ from testbed.fakekube import FakeKube
 from tests.conftest import starts_servers
 from tests.test_podwatch import pod as pod_object
 from tests.test_webhook import admit, seed_pod_without_a_volume
+from tests.waiting import wait_for
 
 ROOT = os.path.dirname(os.path.dirname(os.path.abspath(__file__)))
 NODE = "node-image"
 NAMESPACE = "shop"
 READER_TOKEN = "reader-token-of-alice"
 pytestmark = pytest.mark.crash  # the agent sets the host's core_pattern (under the host-wide lock)
-
-
-def wait_for(check: Callable[[], object], what: str, timeout: float = 60) -> object:
-    deadline = time.monotonic() + timeout
-    while True:
-        value = check()
-        if value:
-            return value
-        assert time.monotonic() < deadline, f"timed out waiting for {what}"
-        time.sleep(0.2)
 
 
 # -- the cluster around the pods -------------------------------------------------------------
@@ -165,7 +155,7 @@ def crash_in_a_pod(cluster: Cluster, rootfs: str, args: list[str], name: str) ->
     cluster.fake.add("pods", {**pod_object(name, NODE, container_id=c.id, uid=c.pod_uid,
                                            annotations={"corevault.io/core-pattern": "/data/dump-a/core-%e-%p"})})  # fmt: skip
     index = f"/var/lib/corevault/pods/pods/{c.pod_uid}.json"  # the agent's pod index, from its watch
-    wait_for(lambda: os.path.exists(index), "the agent's pod index to hold the pod")
+    wait_for(lambda: os.path.exists(index), "the agent's pod index to hold the pod", every=0.2)
     result = c.run()
     assert result.returncode != 0, result.stderr
     return c, volume
@@ -178,7 +168,7 @@ def shipped(cluster: Cluster, name: str) -> dict:
         rows = [r for r in cluster.crashes() if r["pod"] == name]
         return rows[0] if rows and rows[0]["analysis"] not in ("pending", None) else None
 
-    return wait_for(find, f"the crash of pod {name} in the catalog", timeout=90)  # type: ignore[return-value]
+    return wait_for(find, f"the crash of pod {name} in the catalog", timeout=90, every=0.2)  # type: ignore[return-value]
 
 
 def events_for(cluster: Cluster, name: str) -> list[dict]:
@@ -201,12 +191,13 @@ def assert_captured(cluster: Cluster, c: runc.Container, volume: str, name: str)
     cores = wait_for(
         lambda: [f for f in os.listdir(volume) if f.startswith("core-crasher-")],
         "the core in the pod's volume",
+        every=0.2,
     )
     assert len(cores) == 1, cores  # type: ignore[arg-type]
     row = shipped(cluster, name)
     assert (row["namespace"], row["pod"], row["node"]) == (NAMESPACE, name, NODE)
     assert row["analysis"] == "done" and "crash_here" in (row["title"] or ""), row
-    wait_for(lambda: events_for(cluster, name), f"a CoreDumped Event for {name}")
+    wait_for(lambda: events_for(cluster, name), f"a CoreDumped Event for {name}", every=0.2)
     [event] = events_for(cluster, name)
     assert event["reason"] == "CoreDumped" and event["involvedObject"]["namespace"] == NAMESPACE
     assert os.listdir("/var/lib/corevault/spool/ready") == []  # shipped, so gone from the spool

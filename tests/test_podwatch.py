@@ -23,6 +23,7 @@ from corevault.vault.crashes import LocalVault
 from testbed import runc
 from testbed.fakekube import FakeKube
 from tests.conftest import installed_capture
+from tests.waiting import wait_for
 
 
 @pytest.fixture
@@ -55,13 +56,6 @@ def pod(
     return doc
 
 
-def wait_for(check, timeout: float = 15) -> None:
-    deadline = time.monotonic() + timeout
-    while not check():
-        assert time.monotonic() < deadline, "timed out"
-        time.sleep(0.05)
-
-
 @pytest.fixture
 def watching(api, tmp_path) -> Iterator[tuple[FakeKube, PodWatch]]:
     fake, core = api
@@ -88,12 +82,16 @@ def test_additions_changes_and_deletions_arrive_through_the_watch(watching) -> N
     fake, w = watching
     p = fake.add("pods", pod("web-1", "node-a"))
     uid = p["metadata"]["uid"]
-    wait_for(lambda: podindex.read_pod(w.index_dir, uid) is not None)
+    wait_for(lambda: podindex.read_pod(w.index_dir, uid) is not None, timeout=15, every=0.05)
     p["status"]["containerStatuses"] = [{"name": "app", "containerID": "containerd://" + "c" * 64}]
     fake.update("pods", p)
-    wait_for(lambda: podindex.read_container(w.index_dir, "c" * 64) is not None)
+    wait_for(lambda: podindex.read_container(w.index_dir, "c" * 64) is not None, timeout=15, every=0.05)
     fake.delete("pods", "shop", "web-1")
-    wait_for(lambda: (podindex.read_pod(w.index_dir, uid) or {}).get("deleted_at") is not None)
+    wait_for(
+        lambda: (podindex.read_pod(w.index_dir, uid) or {}).get("deleted_at") is not None,
+        timeout=15,
+        every=0.05,
+    )
     assert podindex.read_container(w.index_dir, "c" * 64) is not None  # late crashes still resolve
     assert w.sweep(now=time.time() + 7200) == [uid]
     assert podindex.read_pod(w.index_dir, uid) is None
@@ -101,12 +99,14 @@ def test_additions_changes_and_deletions_arrive_through_the_watch(watching) -> N
 
 def test_410_gone_makes_the_watch_list_again(watching) -> None:
     fake, w = watching
-    wait_for(lambda: w.lists >= 1)
+    wait_for(lambda: w.lists >= 1, timeout=15, every=0.05)
     before = w.lists
     late = fake.add("pods", pod("web-2", "node-a"), missed=True)  # while the watch was away…
     fake.compact()  # …and the server compacted its history: the next watch gets 410 Gone
-    wait_for(lambda: podindex.read_pod(w.index_dir, late["metadata"]["uid"]) is not None)
-    wait_for(lambda: w.lists > before)
+    wait_for(
+        lambda: podindex.read_pod(w.index_dir, late["metadata"]["uid"]) is not None, timeout=15, every=0.05
+    )
+    wait_for(lambda: w.lists > before, timeout=15, every=0.05)
 
 
 def record(event: str = "captured", name: str = "web-0", **extra: object) -> dict:

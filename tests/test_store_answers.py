@@ -26,8 +26,8 @@ import pytest
 
 from corevault.config import S3Settings
 from corevault.vault import blobs, s3upload, stores
-from tests.tenants import wait_for
 from tests.test_stores import PART, azurite, open_cloud, weed  # noqa: F401 - the module's servers
+from tests.waiting import wait_for
 
 pytestmark = pytest.mark.servers
 CHECKSUMS = ["when_supported", "when_required"]  # CRC32 per request, or Content-MD5 (OSS)

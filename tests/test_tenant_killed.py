@@ -22,7 +22,8 @@ import pytest
 from corevault import config, hostsetup, spool
 from testbed import runc, sysctl
 from tests.conftest import Capture
-from tests.tenants import of_namespace, pod, processes, wait_for
+from tests.tenants import of_namespace, pod, processes
+from tests.waiting import wait_for
 
 pytestmark = pytest.mark.crash
 SIZE = "257"  # MiB; an unusual number, so that /proc finds this test's process only

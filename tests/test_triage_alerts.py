@@ -32,6 +32,7 @@ from corevault.vault import catalog, lifecycle
 from testbed import servers
 from tests.conftest import starts_servers
 from tests.triage_data import add
+from tests.waiting import wait_for
 
 CLI = os.path.join(os.path.dirname(sys.executable), "corevault")
 ROOT = os.path.join(os.path.dirname(__file__), "..")
@@ -85,16 +86,6 @@ def receiver() -> Iterator[Receiver]:
     r = Receiver(servers.free_port())
     yield r
     r.stop()
-
-
-def _wait(what: str, check: Callable[[], object], timeout: float = 60) -> object:
-    deadline = time.monotonic() + timeout
-    while time.monotonic() < deadline:
-        value = check()
-        if value:
-            return value
-        time.sleep(0.2)
-    raise AssertionError(f"timed out waiting for {what}")
 
 
 def _alerts_toml(receiver: Receiver, window: float = 3600, extra: str = "") -> str:
@@ -227,16 +218,17 @@ def test_an_alert_survives_a_receiver_outage_and_a_server_restart_and_arrives_on
                     tuple(r) for r in conn.execute(sa.select(d.sink, d.attempts, d.status).order_by(d.sink))
                 ]
 
-        _wait(
-            "retries while the receiver is down",
+        wait_for(
             lambda: all(a >= 2 for _, a, _ in attempts()) and len(attempts()) == 2,
+            "retries while the receiver is down",
+            every=0.2,
         )
         assert {s for _, _, s in attempts()} == {"pending"}
         server.send_signal(signal.SIGKILL)  # no goodbye: the outbox is all that remains
         server.wait(30)
         receiver.start()
         server = _serve(cfg, tokens, port)
-        _wait("both deliveries", lambda: {s for _, _, s in attempts()} == {"sent"})
+        wait_for(lambda: {s for _, _, s in attempts()} == {"sent"}, "both deliveries", every=0.2)
         add(
             engine,
             signature="g1",
@@ -344,7 +336,7 @@ def test_prometheus_scrapes_corevault_and_alertmanager_delivers(
             )
             return r.status_code == 200 and bool(r.json()["data"]["result"])
 
-        _wait("Prometheus to scrape corevault", scraped)
+        wait_for(scraped, "Prometheus to scrape corevault", every=0.2)
         time.sleep(2)  # a few samples of the old state: the new group must be an increase
         add(engine, signature="fresh", frames=["New::bug", "main"], namespace="shop", when=int(time.time()))
         with engine.begin() as conn:
@@ -355,8 +347,10 @@ def test_prometheus_scrapes_corevault_and_alertmanager_delivers(
             return lambda: [a for b in receiver.bodies("/alertmanager") for a in b["alerts"]
                             if a["labels"]["alertname"] == name and a["status"] == "firing"]  # fmt: skip
 
-        new = _wait("the new-group alert", alerted("CorevaultNewCrashGroup"), timeout=90)
-        regressed = _wait("the regression alert", alerted("CorevaultRegressedCrashGroups"), timeout=90)
+        new = wait_for(alerted("CorevaultNewCrashGroup"), "the new-group alert", timeout=90, every=0.2)
+        regressed = wait_for(
+            alerted("CorevaultRegressedCrashGroups"), "the regression alert", timeout=90, every=0.2
+        )
     assert new[0]["labels"]["namespace"] == "shop" and new[0]["labels"]["severity"] == "warning"  # type: ignore[index]
     assert regressed[0]["labels"]["namespace"] == "shop"  # type: ignore[index]
     assert "New crash group in namespace shop" in new[0]["annotations"]["summary"]  # type: ignore[index]
