@@ -5,9 +5,10 @@ from __future__ import annotations
 import os
 import signal
 import threading
-import time
-from collections.abc import Callable, Iterator
+from collections.abc import Callable, Collection, Iterator
 from contextlib import contextmanager, suppress
+
+from tests.waiting import wait_for
 
 SEED = "/data/dump-a/core-%p"
 
@@ -36,36 +37,41 @@ def processes(*needles: bytes) -> list[int]:
     return found
 
 
-def wait_for(what: Callable[[], object], timeout: float = 60) -> object:
-    deadline = time.monotonic() + timeout
-    while time.monotonic() < deadline:
-        found = what()
-        if found:
-            return found
-        time.sleep(0.01)
-    raise AssertionError(f"timed out waiting for {what}")
-
-
 @contextmanager
 def held_handler(
-    handler: str, run: Callable[[], object], *, reading: bool, ready: Callable[[], bool] = lambda: True
+    handler: str,
+    run: Callable[[], object],
+    *,
+    reading: bool,
+    ready: Callable[[], bool] = lambda: True,
+    besides: Collection[int] = (),
 ) -> Iterator[list[int]]:
     """``run`` (a container's run) on a thread of its own, and its crash's handler, the launcher
     ``handler``, stopped (SIGSTOP) while it still reads the pipe (``reading``) or once it has let go
     of it, as soon as ``ready()``. Yields the stopped handlers: none when it ended first. On leaving
-    they go on (SIGCONT), the run is joined and, unless the body failed, their end awaited."""
+    they go on (SIGCONT), the run is joined and, unless the body failed, their end awaited.
+    ``besides``: handlers held already (by an enclosing use), which are not this run's."""
     thread = threading.Thread(target=run)
     thread.start()
     held: list[int] = []
 
+    def wanted(pid: int) -> bool:
+        try:
+            return os.readlink(f"/proc/{pid}/fd/0").startswith("pipe:") == reading
+        except (ProcessLookupError, FileNotFoundError):
+            return False  # ended meanwhile
+
     def stopped() -> bool:
         if ready():
-            for pid in processes(handler.encode()):
-                with suppress(ProcessLookupError, FileNotFoundError):
-                    if os.readlink(f"/proc/{pid}/fd/0").startswith("pipe:") == reading:
+            for pid in set(processes(handler.encode())) - set(besides):
+                if wanted(pid):
+                    with suppress(ProcessLookupError):
                         os.kill(pid, signal.SIGSTOP)
-                        held.append(pid)
-                        return True
+                        # looked at again once stopped: it may have let go of the pipe in between
+                        if wanted(pid):
+                            held.append(pid)
+                            return True
+                        os.kill(pid, signal.SIGCONT)
         return not thread.is_alive()
 
     try:
