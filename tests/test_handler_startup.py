@@ -200,7 +200,11 @@ def test_a_module_from_the_compiled_modules_has_the_attributes_of_an_ordinary_im
     with open(launcher) as f:
         text = f.read()
     names = ("corevault.spool", "corevault.capture")  # a module and a package
-    show = "[(m.__file__, m.__cached__, getattr(m, '__path__', None), m.__package__) for m in mods]"
+    show = (
+        "[(m.__name__, m.__file__, m.__cached__, getattr(m, '__path__', None), m.__package__, "
+        "m.__spec__.name, m.__loader__ is m.__spec__.loader, sorted(k for k in vars(m) if k.startswith('__')))"
+        " for m in mods]"
+    )
     probe = text.replace(
         "from corevault.capture.handler import main, quick_exit\nquick_exit(main())\n",
         f"import importlib\nmods = [importlib.import_module(n) for n in {names!r}]\n"

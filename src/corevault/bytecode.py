@@ -88,6 +88,7 @@ def _well_formed(entry: object) -> bool:
 
 
 _CODE = type(_well_formed.__code__)  # types.CodeType, without importing types
+_MODULE = type(os)  # types.ModuleType
 
 
 def _stamp(st: os.stat_result) -> tuple[int, ...]:
@@ -109,8 +110,21 @@ class _Loader:
     def __init__(self, code: "CodeType") -> None:
         self.code = code
 
-    def create_module(self, spec: ModuleSpec) -> None:
-        return None  # the import system's default module
+    def create_module(self, spec: ModuleSpec) -> "ModuleType":
+        """The module with the attributes the import system gives it (``_init_module_attrs``).
+
+        It sets only what it does not find on the module, asking with ``getattr`` first: on a new
+        module ``__file__``, ``__cached__`` and ``__path__`` are each an ``AttributeError`` whose
+        message is formatted (the module's ``__spec__`` asked whether it is still initializing).
+        Set here, only a plain module's ``__path__`` is left to fail.
+        """
+        module = _MODULE(spec.name)
+        attrs = module.__dict__
+        attrs["__spec__"], attrs["__loader__"], attrs["__package__"] = spec, self, spec.parent
+        attrs["__file__"], attrs["__cached__"] = spec.origin, spec.cached
+        if spec.submodule_search_locations is not None:
+            attrs["__path__"] = spec.submodule_search_locations
+        return module
 
     def exec_module(self, module: "ModuleType") -> None:
         exec(self.code, module.__dict__)  # noqa: S102 - what importing a .pyc does
