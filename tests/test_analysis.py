@@ -239,12 +239,18 @@ def test_gdb_backend_agrees_on_frames_and_signature(corpus: dict) -> None:
         assert g.signature == crash.report.signature, (g.signature_frames, crash.report.signature_frames)
 
 
-def test_missing_modules_are_named(corpus: dict, tmp_path) -> None:
+def without_libc(corpus: dict, tmp_path) -> tuple:  # -> (the segv crash, its store, libc's module)
+    """The segv crash, and a copy of the capture's store that lacks the libc it mapped."""
     crash = corpus["crashes"]["segv"]
     store = tmp_path / "store"
     shutil.copytree(corpus["capture"].store, store, symlinks=True)
     libc = next(m for m in crash.report.modules if m.path.endswith("libc.so.6"))
     shutil.rmtree(store / "buildid" / libc.build_id)
+    return crash, store, libc
+
+
+def test_missing_modules_are_named(corpus: dict, tmp_path) -> None:
+    crash, store, _ = without_libc(corpus, tmp_path)
     r = runner.analyze(crash.volume_core, [str(store)])
     missing = [m.path for m in r.missing_modules]
     assert missing == ["/lib/x86_64-linux-gnu/libc.so.6"]
@@ -253,11 +259,7 @@ def test_missing_modules_are_named(corpus: dict, tmp_path) -> None:
 
 
 def test_a_file_with_the_wrong_build_id_is_never_used(corpus: dict, tmp_path) -> None:
-    crash = corpus["crashes"]["segv"]
-    store = tmp_path / "store"
-    shutil.copytree(corpus["capture"].store, store, symlinks=True)
-    libc = next(m for m in crash.report.modules if m.path.endswith("libc.so.6"))
-    shutil.rmtree(store / "buildid" / libc.build_id)
+    crash, store, libc = without_libc(corpus, tmp_path)
     (store / "buildid" / libc.build_id).mkdir()
     target = store / "buildid" / libc.build_id / "executable"  # a tree in debuginfod's layout
     shutil.copy(os.path.join(corpus["glibc"], "lib/x86_64-linux-gnu/libc.so.6"), target)  # another libc

@@ -372,17 +372,11 @@ def test_an_analysis_taken_over_sees_nothing_of_another_running_beside_it(
     and its memory are out of A's reach, and so is a signal to B's worker; nothing A writes
     outside its own /tmp outlives it. Both ways an analysis runs: a child of the pre-imported
     template, and a bubblewrap worker of its own."""
-    from tests.conftest import FIXTURE_SPOOL
 
     if not forked:
         monkeypatch.setattr(template, "shared", lambda uid, processes=0: None)
     elif template.shared(64_900) is None:
         pytest.fail("the analysis template does not start on this machine")
-    by_exe = {
-        spool.read_meta(FIXTURE_SPOOL, e)["process"]["exe"]: e
-        for e in os.listdir(spool.ready_dir(FIXTURE_SPOOL))
-    }
-    store = os.path.join(FIXTURE_SPOOL, "store")
     programs: list[tuple[str, list[str]]] = []
     monkeypatch.setattr(runner, "_worker", lambda argv: programs.pop(0))
     copies: list[str] = []
@@ -396,10 +390,9 @@ def test_an_analysis_taken_over_sees_nothing_of_another_running_beside_it(
     errors: dict[str, str] = {}
 
     def analyse(name: str, exe: str) -> None:
-        entry = by_exe[exe]
-        core = os.path.join(spool.ready_dir(FIXTURE_SPOOL), entry, spool.CORE_NAME)
+        core, record, store = _fixture_crash(exe)
         try:
-            runner.analyze(core, [store], record=spool.read_meta(FIXTURE_SPOOL, entry)["modules"], timeout=30)
+            runner.analyze(core, [store], record=record, timeout=30)
         except runner.AnalysisError as e:
             errors[name] = str(e)
 
@@ -474,16 +467,8 @@ def test_an_input_the_template_cannot_place_goes_to_a_worker_of_its_own(
 ) -> None:
     """A debug directory outside /usr is bound at its own path, which a template's child
     cannot make: that analysis runs in a bubblewrap worker of its own, with the same report."""
-    from tests.conftest import FIXTURE_SPOOL
 
-    [entry] = [
-        e
-        for e in os.listdir(spool.ready_dir(FIXTURE_SPOOL))
-        if spool.read_meta(FIXTURE_SPOOL, e)["process"]["exe"] == "/app/crasher"
-    ]
-    core = os.path.join(spool.ready_dir(FIXTURE_SPOOL), entry, spool.CORE_NAME)
-    record = spool.read_meta(FIXTURE_SPOOL, entry)["modules"]
-    store = os.path.join(FIXTURE_SPOOL, "store")
+    core, record, store = _fixture_crash("/app/crasher")
     alone: list[str] = []
     run_alone = runner._run_alone
     monkeypatch.setattr(
@@ -558,8 +543,9 @@ def test_analyses_at_once_in_one_template_each_get_their_own_crash_and_report() 
         )
 
 
-def _fixture_crash(exe: str) -> tuple[str, list[dict]]:
-    """The fixture spool's crash of ``exe`` (a real crash in a container): its core and record."""
+def _fixture_crash(exe: str) -> tuple[str, list[dict], str]:
+    """The fixture spool's crash of ``exe`` (a real crash in a container): its core, the record
+    of its modules, and the store of its binaries."""
     from tests.conftest import FIXTURE_SPOOL
 
     [entry] = [
@@ -568,7 +554,7 @@ def _fixture_crash(exe: str) -> tuple[str, list[dict]]:
         if spool.read_meta(FIXTURE_SPOOL, e)["process"]["exe"] == exe
     ]
     core = os.path.join(spool.ready_dir(FIXTURE_SPOOL), entry, spool.CORE_NAME)
-    return core, spool.read_meta(FIXTURE_SPOOL, entry)["modules"]
+    return core, spool.read_meta(FIXTURE_SPOOL, entry)["modules"], os.path.join(FIXTURE_SPOOL, "store")
 
 
 #: an analysis taken over by its core, trying to write its inputs: each is the host's file
@@ -603,13 +589,12 @@ def test_an_analysis_taken_over_can_write_none_of_its_inputs(
     was given (the core's expanded copy, the record's, the store's binaries): neither make
     them writable nor write them, which would write the node's disk past the sandbox's
     capped /tmp. Both ways an analysis runs."""
-    from tests.conftest import FIXTURE_SPOOL
 
     if not forked:
         monkeypatch.setattr(template, "shared", lambda uid, processes=0: None)
     elif template.shared(64_900) is None:
         pytest.fail("the analysis template does not start on this machine")
-    core, record = _fixture_crash("/app/crasher")
+    core, record, store = _fixture_crash("/app/crasher")
     monkeypatch.setattr(runner, "_worker", lambda argv: (WRITER, []))
     copies: list[tuple[str, int]] = []
     copy = runner._worker_copy
@@ -631,7 +616,7 @@ def test_an_analysis_taken_over_can_write_none_of_its_inputs(
 
     monkeypatch.setattr(runner, "_run", run)
     with pytest.raises(runner.AnalysisError) as caught:
-        runner.analyze(core, [os.path.join(FIXTURE_SPOOL, "store")], record=record, timeout=60)
+        runner.analyze(core, [store], record=record, timeout=60)
     seen = json.loads(str(caught.value))
     assert {runner.CORE_IN_SANDBOX, runner.RECORD_IN_SANDBOX} <= set(seen), seen
     for path, outcome in seen.items():
@@ -646,17 +631,11 @@ def test_an_analysis_taken_over_cannot_stop_the_template_for_other_tenants(
     """Tenant A's analysis, taken over by its core, ends as a child that could not make its
     sandbox does (status 125, nothing on stdout): that fails A's analysis alone. Tenant B's
     next analysis still runs in the template, and A's is not run a second time elsewhere."""
-    from tests.conftest import FIXTURE_SPOOL
 
     monkeypatch.setattr(template, "_refused", {})
     monkeypatch.setattr(template, "_templates", {})
     if template.shared(64_900) is None:
         pytest.fail("the analysis template does not start on this machine")
-    by_exe = {
-        spool.read_meta(FIXTURE_SPOOL, e)["process"]["exe"]: e
-        for e in os.listdir(spool.ready_dir(FIXTURE_SPOOL))
-    }
-    store = os.path.join(FIXTURE_SPOOL, "store")
     alone: list[str] = []
     run_alone = runner._run_alone
     monkeypatch.setattr(
@@ -667,9 +646,7 @@ def test_an_analysis_taken_over_cannot_stop_the_template_for_other_tenants(
     monkeypatch.setattr(runner, "_worker", lambda argv: (forged, []))
 
     def analyse(exe: str):
-        entry = by_exe[exe]
-        core = os.path.join(spool.ready_dir(FIXTURE_SPOOL), entry, spool.CORE_NAME)
-        record = spool.read_meta(FIXTURE_SPOOL, entry)["modules"]
+        core, record, store = _fixture_crash(exe)
         return runner.analyze(core, [store], record=record, timeout=60)
 
     with pytest.raises(runner.AnalysisError, match="forged"):
@@ -737,7 +714,6 @@ def test_an_analysis_that_takes_every_process_ends_no_other_analysis(
     comes: the template cannot fork for it, and says so (B's analysis runs in a worker of its
     own) instead of ending, with every analysis running in it (C's). The template then serves
     the next analysis."""
-    from tests.conftest import FIXTURE_SPOOL
 
     # A uid of this test's own (its count of processes is this test's alone), whose template
     # may run 11 processes: itself, C's keeper and analysis, and eight more. Every analysis
@@ -748,11 +724,6 @@ def test_an_analysis_that_takes_every_process_ends_no_other_analysis(
     monkeypatch.setattr(slots, "held", lambda base, count, deadline: contextlib.nullcontext(uid))
     monkeypatch.setattr(template, "_templates", {uid: forked})
     monkeypatch.setattr(template, "_refused", {})
-    by_exe = {
-        spool.read_meta(FIXTURE_SPOOL, e)["process"]["exe"]: e
-        for e in os.listdir(spool.ready_dir(FIXTURE_SPOOL))
-    }
-    store = os.path.join(FIXTURE_SPOOL, "store")
     worker = runner._worker
     monkeypatch.setattr(
         runner,
@@ -767,12 +738,9 @@ def test_an_analysis_that_takes_every_process_ends_no_other_analysis(
     results: dict[str, object] = {}
 
     def analyse(name: str, exe: str) -> None:
-        entry = by_exe[exe]
-        core = os.path.join(spool.ready_dir(FIXTURE_SPOOL), entry, spool.CORE_NAME)
+        core, record, store = _fixture_crash(exe)
         try:
-            results[name] = runner.analyze(
-                core, [store], record=spool.read_meta(FIXTURE_SPOOL, entry)["modules"], timeout=60, uid=uid
-            )
+            results[name] = runner.analyze(core, [store], record=record, timeout=60, uid=uid)
         except runner.AnalysisError as e:
             results[name] = e
 
@@ -866,18 +834,17 @@ def test_an_analysis_taken_over_is_stopped_at_its_bounds(  # noqa: PLR0917
     stopped at its time or once past its bound, recorded so, and not left running (with its
     memory and CPU, for every crash that does the same) after the agent has moved on."""
     from corevault import bounded
-    from tests.conftest import FIXTURE_SPOOL
 
     if not forked:
         monkeypatch.setattr(template, "shared", lambda uid, processes=0: None)
     elif template.shared(64_900) is None:
         pytest.fail("the analysis template does not start on this machine")
-    core, record = _fixture_crash("/app/crasher")
+    core, record, store = _fixture_crash("/app/crasher")
     monkeypatch.setattr(runner, "_worker", lambda argv: (program, []))
     monkeypatch.setattr(bounded, "MAX_OUTPUT", 8 << 20)
     try:
         with pytest.raises(runner.AnalysisError, match=error):
-            runner.analyze(core, [os.path.join(FIXTURE_SPOOL, "store")], record=record, timeout=timeout)
+            runner.analyze(core, [store], record=record, timeout=timeout)
         _until("the analysis ran on past its bounds", lambda: _named(name) == [])
     finally:
         for pid in _named(name):
@@ -898,7 +865,6 @@ def test_an_analysis_taken_over_cannot_signal_its_process_group(
     forked = template.shared(64_900)
     if forked is None:
         pytest.fail("the analysis template does not start on this machine")
-    from tests.conftest import FIXTURE_SPOOL
 
     go = str(tmp_path / "go")
     os.mkfifo(go, 0o644)
@@ -914,11 +880,11 @@ def test_an_analysis_taken_over_cannot_signal_its_process_group(
     try:
         c.start()
         _until("C's analysis did not start", lambda: len(_descendants(forked._proc.pid)) >= 4)
-        core, record = _fixture_crash("/app/libuser")
+        core, record, store = _fixture_crash("/app/libuser")
         killer = 'import os, signal\nos.kill(0, signal.SIGKILL)\nprint(\'{"error": "sent"}\')'
         monkeypatch.setattr(runner, "_worker", lambda argv: (killer, []))
         with pytest.raises(runner.AnalysisError, match="sent"):
-            runner.analyze(core, [os.path.join(FIXTURE_SPOOL, "store")], record=record, timeout=60)
+            runner.analyze(core, [store], record=record, timeout=60)
         os.write(writer, b"!")
         c.join(timeout=60)
         assert results["c"] == (b"C read !\n", b"", 0)  # C's analysis went on to its end
