@@ -186,9 +186,10 @@ def test_a_pods_crash_loops_never_crowd_out_another_pods_crashes_in_socket_mode(
     assert a_events.count("dropped") > 0 and a_events.count("captured") > 0  # A was refused beyond its share
 
 
-def heavy_pod(tmp_path, files: int) -> str:
-    """A root whose ``/app/mapmany /app/big`` maps ``files`` ELF files of 384 MiB each (zeros past
-    the program), uncached: hashing them keeps the handler at work after it let go of the pipe."""
+def heavy_crash(capture: Capture, tmp_path, files: int) -> runc.Container:
+    """A crash of tenant A's pod (a new one) whose ``/app/mapmany /app/big`` maps ``files`` ELF
+    files of 384 MiB each (zeros past the program), uncached: hashing them keeps the handler at
+    work after it let go of the pipe."""
     mapmany = build.build_variant("mapmany", "mapmany.c", ["gcc", "-O1", "-Wall", "-Werror"])
     heavy = runc.build_rootfs(str(tmp_path / "heavy"), {"mapmany": mapmany})
     os.makedirs(os.path.join(heavy, "app", "big"))
@@ -197,7 +198,8 @@ def heavy_pod(tmp_path, files: int) -> str:
         shutil.copyfile(mapmany, big)
         with open(big, "r+b") as f:
             f.truncate(384 << 20)
-    return heavy
+    return runc.Container(heavy, ["/app/mapmany", "/app/big"], volume=capture.volume,
+                          annotations=pod("tenant-a", "a-0"))  # fmt: skip
 
 
 def test_a_pods_dumps_hold_its_slots_until_their_handlers_end(
@@ -210,14 +212,12 @@ def test_a_pods_dumps_hold_its_slots_until_their_handlers_end(
     Here the pod's share is one: its first handler is stopped after letting go of the pipe, and
     its next crash is refused while another pod's is captured."""
     capture.configure("[capture]\npod_dumps = 1\nnamespace_dumps = 4\n")
-    pod_uid = runc.new_pod_uid()
-    first = runc.Container(
-        heavy_pod(tmp_path, 2), ["/app/mapmany", "/app/big"], volume=capture.volume,
-        annotations=pod("tenant-a", "a-0"), pod_uid=pod_uid,
-    )  # fmt: skip
+    first = heavy_crash(capture, tmp_path, 2)
     with held_handler(capture.handler, first.run, reading=False) as held:
         assert held, "the first handler ended before it could be stopped after letting go"
-        capture.crash(rootfs, ["/app/crasher", "segv"], annotations=pod("tenant-a", "a-0"), pod_uid=pod_uid)
+        capture.crash(
+            rootfs, ["/app/crasher", "segv"], annotations=pod("tenant-a", "a-0"), pod_uid=first.pod_uid
+        )
         capture.crash(rootfs, ["/app/crasher", "segv"], annotations=pod("tenant-b", "b-0"))
     a = [r["event"] for r in of_namespace(capture.journal(), "tenant-a")]
     assert sorted(a) == ["captured", "dropped"], a  # the second crash found the pod's one slot held
@@ -235,11 +235,7 @@ def test_a_handler_timed_out_after_letting_go_says_so_and_leaves_no_entry(
     pod's slot is free for its next crash. The handler is stopped after letting go of the pipe
     until its timeout has passed."""
     capture.configure("[capture]\ntimeout = 3\npod_dumps = 1\n")
-    pod_uid = runc.new_pod_uid()
-    first = runc.Container(
-        heavy_pod(tmp_path, 1), ["/app/mapmany", "/app/big"], volume=capture.volume,
-        annotations=pod("tenant-a", "a-0"), pod_uid=pod_uid,
-    )  # fmt: skip
+    first = heavy_crash(capture, tmp_path, 1)
     with held_handler(capture.handler, first.run, reading=False) as held:
         assert held, "the handler ended before it could be stopped after letting go"
         time.sleep(3.2)  # the handler's timer (3 s from its start) expires while it is stopped
@@ -249,5 +245,5 @@ def test_a_handler_timed_out_after_letting_go_says_so_and_leaves_no_entry(
     assert not [r for r in capture.journal() if r["event"] == "error"], capture.journal()
     assert capture.entries() == [] and os.listdir(spool.tmp_dir(capture.spool)) == []
     # the pod's one slot was given back: its next crash is captured
-    capture.crash(rootfs, ["/app/crasher", "segv"], annotations=pod("tenant-a", "a-0"), pod_uid=pod_uid)
+    capture.crash(rootfs, ["/app/crasher", "segv"], annotations=pod("tenant-a", "a-0"), pod_uid=first.pod_uid)
     assert [r["event"] for r in of_namespace(capture.journal(), "tenant-a")] == ["dropped", "captured"]
