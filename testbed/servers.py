@@ -237,8 +237,10 @@ def postgres() -> Iterator[Postgres]:
 
 
 @contextmanager
-def asgi(app: object) -> Iterator[str]:
-    """A real uvicorn serving ``app`` on 127.0.0.1 in a thread of this process; yields its URL."""
+def asgi(app: object, http: str = "auto", loop: str = "auto") -> Iterator[str]:
+    """A real uvicorn serving ``app`` on 127.0.0.1 in a thread of this process; yields its URL.
+    ``http`` and ``loop`` as uvicorn takes them: by default what ``corevault serve`` runs
+    (httptools and uvloop), ``"h11"`` and ``"asyncio"`` for its fallbacks."""
     import threading
 
     import uvicorn
@@ -247,7 +249,9 @@ def asgi(app: object) -> Iterator[str]:
 
     zerocopy.install()  # as corevault serve runs it
     server = uvicorn.Server(
-        uvicorn.Config(app, host="127.0.0.1", port=0, log_level="warning", lifespan="off")  # type: ignore[arg-type]
+        uvicorn.Config(
+            app, host="127.0.0.1", port=0, log_level="warning", lifespan="off", http=http, loop=loop
+        )  # type: ignore[arg-type]
     )
     thread = threading.Thread(target=server.run, name="uvicorn", daemon=True)
     thread.start()

@@ -81,10 +81,20 @@ def sendfile_calls(monkeypatch: pytest.MonkeyPatch) -> list[int]:
     return calls
 
 
-def test_a_binary_from_a_file_store_is_sent_by_the_kernel(tmp_path: Path, sendfile_calls: list[int]) -> None:
+#: uvicorn's protocol and loop: what ``corevault serve`` runs, and uvicorn's fallbacks without them
+STACKS = [
+    pytest.param(("httptools", "uvloop"), id="httptools-uvloop"),
+    pytest.param(("h11", "asyncio"), id="h11"),
+]
+
+
+@pytest.mark.parametrize("stack", STACKS)
+def test_a_binary_from_a_file_store_is_sent_by_the_kernel(
+    tmp_path: Path, sendfile_calls: list[int], stack: tuple[str, str]
+) -> None:
     settings = config.from_dict({"state_dir": str(tmp_path / "state")})
     binary, _ = vault(settings, tmp_path)
-    with servers.asgi(create_app(settings, StaticTokens(tokens(tmp_path)))) as url:
+    with servers.asgi(create_app(settings, StaticTokens(tokens(tmp_path))), *stack) as url:
         whole = get(f"{url}/buildid/{BUILD_ID}/executable", "a")
         assert whole.status_code == 200 and whole.content == binary
         assert sum(sendfile_calls) == len(binary)
@@ -100,7 +110,8 @@ def test_a_binary_from_a_file_store_is_sent_by_the_kernel(tmp_path: Path, sendfi
 
 
 def leave_mid_download(url: str) -> None:
-    """Ask for the binary as reader ``a``, read the status line and reset the connection."""
+    """Ask for the binary as reader ``a``, read its headers and the first bytes of its body (so
+    the server's send has begun) and reset the connection."""
     request = f"GET /buildid/{BUILD_ID}/executable HTTP/1.1\r\nHost: x\r\n"
     request += f"Authorization: Bearer {TOKENS['a']}\r\n\r\n"
     with socket.socket() as s:
@@ -108,7 +119,10 @@ def leave_mid_download(url: str) -> None:
         s.setsockopt(socket.SOL_SOCKET, socket.SO_RCVBUF, 4096)
         s.connect(("127.0.0.1", int(url.rsplit(":", 1)[1])))
         s.sendall(request.encode())
-        assert s.recv(12) == b"HTTP/1.1 200"
+        got = s.recv(4096)
+        assert got.startswith(b"HTTP/1.1 200")
+        while len(got.partition(b"\r\n\r\n")[2]) == 0:
+            got += s.recv(4096)
         s.setsockopt(socket.SOL_SOCKET, socket.SO_LINGER, struct.pack("ii", 1, 0))  # reset
 
 
@@ -118,9 +132,10 @@ class _FarTokens(StaticTokens):
     local = False
 
 
+@pytest.mark.parametrize("stack", STACKS)
 @pytest.mark.parametrize("access", [StaticTokens, _FarTokens])
 def test_a_reader_that_goes_away_mid_download_is_no_server_error(
-    tmp_path: Path, access: type[StaticTokens]
+    tmp_path: Path, access: type[StaticTokens], stack: tuple[str, str]
 ) -> None:
     """Clients cancel downloads (a debugger that has what it needs, curl | head): the kernel's
     send then fails, and the server lets the response go as it does a streamed one; whether the
@@ -130,7 +145,7 @@ def test_a_reader_that_goes_away_mid_download_is_no_server_error(
     errors: list[logging.LogRecord] = []
     handler = logging.Handler(logging.ERROR)
     handler.emit = errors.append  # type: ignore[method-assign]
-    with servers.asgi(create_app(settings, access(tokens(tmp_path)))) as url:
+    with servers.asgi(create_app(settings, access(tokens(tmp_path))), *stack) as url:
         logging.getLogger("uvicorn.error").addHandler(handler)  # uvicorn set its loggers up by now
         try:
             for _ in range(3):
@@ -155,12 +170,49 @@ def served_bytes(url: str) -> float:
     return 0.0
 
 
-def test_a_reader_that_leaves_mid_download_is_counted_for_what_it_was_sent(tmp_path: Path) -> None:
+@pytest.mark.parametrize("stack", STACKS)
+def test_a_slow_reader_gets_every_byte_and_the_connection_stays_usable(
+    tmp_path: Path, sendfile_calls: list[int], stack: tuple[str, str]
+) -> None:
+    """A reader slower than the kernel's send: the socket's buffers fill, the server waits for
+    room (on uvloop, on its own duplicate of the socket) and goes on where it stopped; the next
+    request on the same connection is answered after the last byte."""
+    settings = config.from_dict({"state_dir": str(tmp_path / "state")})
+    binary, _ = vault(settings, tmp_path, 8 << 20)  # more than the socket's buffers hold
+    request = f"GET /buildid/{BUILD_ID}/executable HTTP/1.1\r\nHost: x\r\n"
+    request += f"Authorization: Bearer {TOKENS['a']}\r\n\r\n"
+    with (
+        servers.asgi(create_app(settings, StaticTokens(tokens(tmp_path))), *stack) as url,
+        socket.socket() as s,
+    ):
+        s.setsockopt(socket.SOL_SOCKET, socket.SO_RCVBUF, 64 << 10)  # before connecting: its window
+        s.connect(("127.0.0.1", int(url.rsplit(":", 1)[1])))
+        for _ in range(2):
+            s.sendall(request.encode())
+            got = b""
+            while b"\r\n\r\n" not in got:
+                got += s.recv(4096)
+            head, _, body = got.partition(b"\r\n\r\n")
+            assert head.startswith(b"HTTP/1.1 200") and f"{len(binary)}".encode() in head
+            time.sleep(0.3)  # reading nothing meanwhile: the server's send finds the buffers full
+            while len(body) < len(binary):
+                chunk = s.recv(64 << 10)
+                assert chunk, "the server closed the connection mid-body"
+                body += chunk
+            assert body == binary
+    # the kernel sent it all, in many sends: the server waited for room between them
+    assert sum(sendfile_calls) == 2 * len(binary) and len(sendfile_calls) > 2
+
+
+@pytest.mark.parametrize("stack", STACKS)
+def test_a_reader_that_leaves_mid_download_is_counted_for_what_it_was_sent(
+    tmp_path: Path, stack: tuple[str, str]
+) -> None:
     """The byte counter says what went out, not what the response would have held: a reader that
     resets the connection after the headers got at most the socket buffers' worth (4 MiB here)."""
     settings = config.from_dict({"state_dir": str(tmp_path / "state")})
     binary, _ = vault(settings, tmp_path, 32 << 20)
-    with servers.asgi(create_app(settings, StaticTokens(tokens(tmp_path)))) as url:
+    with servers.asgi(create_app(settings, StaticTokens(tokens(tmp_path))), *stack) as url:
         leave_mid_download(url)
         deadline = time.monotonic() + 20
         while (left := served_bytes(url)) == 0 and time.monotonic() < deadline:
