@@ -12,19 +12,21 @@ client, in one run:
   to the p50 of ``/healthz`` (the server's fixed cost per request);
 - search (``?q=``) over crashes and groups, for both readers (goal ≤ 50 ms): a pod's name,
   a word that every crash holds (newest first, a page of 50), two words, and groups;
-- downloads, each as a ratio beside its goal, with the baselines measured in the same run and
-  runs taking turns: debuginfod fetching ``/buildid/<id>/executable`` of a 100 KiB, a 4 MiB and
+- downloads, each as a ratio beside its goal, with the baselines measured in the same run, the
+  cases taking turns in a new random order each round: debuginfod fetching ``/buildid/<id>/executable`` of a 100 KiB, a 4 MiB and
   a ``--binary-mib`` MiB file (sent by the kernel: :mod:`corevault.server.zerocopy`), read by one
   reader (1 MiB reads, in this process) from the socket, ÷ ``cat`` of the same stored file into
-  the same reader through a pipe (goal ≥ 0.9), ÷ a bare asyncio ``sendfile`` server of the
-  same file read the same way (the most an HTTP server gets here), and ÷ uvicorn alone (as
-  ``corevault serve`` runs it, the same zero-copy send, no application: what is uvicorn's and what
-  is corevault's); over one kept-alive connection too; then with ``curl`` into
-  /dev/null, against the bare server and ``cat`` into /dev/null (what curl's own start-up and
-  copies cost). Each download is a new connection, each ``cat`` a new process; the reader gets at
-  most 64 KiB per read from the pipe (its capacity) and up to 1 MiB from the socket, so the
-  baseline asks no more of a download than of ``cat``. Beside each size, each server's CPU and
-  context switches per download (``/proc/PID/task/*``), which the host's load does not stretch;
+  the same reader through a pipe of 1 MiB (goal ≥ 0.9; the pipe holds what the reader asks for
+  at once, as the socket's buffer does; the default pipe of 64 KiB is printed beside it), ÷ a
+  bare asyncio ``sendfile`` server of the same file read the same way, and ÷ uvicorn alone (as
+  ``corevault serve`` runs it: httptools, uvloop, the same zero-copy send, no application: what
+  is uvicorn's and what is corevault's); over one kept-alive connection too; then with ``curl``
+  into /dev/null, against the bare server and ``cat`` into /dev/null (what curl's own start-up
+  and copies cost). Each download is a new connection, each ``cat`` a new process. A ratio is the
+  median of the rounds' own ratios (the baseline's time over the download's in the same round,
+  so that the host's load, which moves from second to second on two shared cores, hits both
+  alike), printed with its quartiles. Beside each size, each server's CPU and context switches
+  per download (``/proc/PID/task/*``), which the host's load does not stretch;
 - a range of a compressed core: the last MiB of a ``--core-mib`` MiB core stored in the
   seekable format ÷ the same range of the same core stored as one frame (as before); and the
   whole core: as stored (``Content-Encoding: zstd``) into the reader ÷ ``cat`` of the stored
@@ -35,6 +37,7 @@ client, in one run:
 from __future__ import annotations
 
 import argparse
+import fcntl
 import json
 import os
 import random
@@ -197,8 +200,8 @@ async def main():
 asyncio.run(main())
 """
 
-#: uvicorn alone, as ``corevault serve`` runs it (h11, the zero-copy send, no access log) but with no
-#: application behind it: ``GET /N`` answers the N-th file of its command line, by ``sendfile``
+#: uvicorn alone, as ``corevault serve`` runs it (httptools and uvloop where installed, the zero-copy
+#: send, no access log) but with no application behind it: ``GET /N`` answers the N-th file of its command line, by ``sendfile``
 UVICORN_ALONE = """
 import os, sys
 import uvicorn
@@ -292,35 +295,56 @@ class KeptAlive:
             self.sock = None
 
 
-def cat_into(path: str, buf: bytearray) -> int:
-    """``cat path`` into the same reader, through a pipe."""
+def cat_into(path: str, buf: bytearray, pipe: int = READ) -> int:
+    """``cat path`` into the same reader, through a pipe of ``pipe`` bytes (by default what the
+    reader asks for at once; the kernel's default is 64 KiB)."""
     proc = subprocess.Popen(["cat", path], stdout=subprocess.PIPE, bufsize=0)
     assert proc.stdout is not None
+    if pipe != 64 << 10:
+        fcntl.fcntl(proc.stdout.fileno(), fcntl.F_SETPIPE_SZ, pipe)
     got = read_all(proc.stdout, buf)
     proc.stdout.close()
     proc.wait()
     return got
 
 
-def medians(cases: dict[str, Callable[[], object]], runs: int) -> dict[str, float]:
-    """Median seconds of each case, the cases taking turns run by run (so load hits them alike)."""
-    for case in cases.values():  # warm: page cache, connections, the server's caches
-        case()
-    samples: dict[str, list[float]] = {name: [] for name in cases}
-    for _ in range(runs):
-        for name, case in cases.items():
-            t = time.perf_counter()
+class Rounds:
+    """Seconds of each case over ``runs`` rounds; in each round every case runs once, in a new
+    random order (a fixed order would give one case the same neighbour every time)."""
+
+    def __init__(self, cases: dict[str, Callable[[], object]], runs: int) -> None:
+        for case in cases.values():  # warm: page cache, connections, the server's caches
             case()
-            samples[name].append(time.perf_counter() - t)
-    return {name: statistics.median(times) for name, times in samples.items()}
+        order = random.Random(runs)
+        self.samples: dict[str, list[float]] = {name: [] for name in cases}
+        for _ in range(runs):
+            for name in order.sample(list(cases), len(cases)):
+                t = time.perf_counter()
+                cases[name]()
+                self.samples[name].append(time.perf_counter() - t)
+
+    def median(self, name: str) -> float:
+        return statistics.median(self.samples[name])
+
+    def ratio(self, base: str, case: str) -> tuple[float, float, float]:
+        """``base``'s time over ``case``'s, round by round: the median and the quartiles."""
+        q1, q2, q3 = statistics.quantiles(
+            [b / c for b, c in zip(self.samples[base], self.samples[case], strict=True)], n=4
+        )
+        return q2, q1, q3
 
 
 def run_quiet(cmd: list[str]) -> None:
     subprocess.run(cmd, stdout=subprocess.DEVNULL, check=True)
 
 
-def against_goal(ratio: float, want: float = 0.9) -> str:
-    return f"{ratio:.2f} (goal >= {want}{'' if ratio >= want else ', NOT met'})"
+def against_goal(ratio: tuple[float, float, float], want: float = 0.9) -> str:
+    """A ratio (its median and quartiles) beside its goal, judged by the median."""
+    return f"{spread(ratio)} (goal >= {want}{'' if ratio[0] >= want else ', NOT met'})"
+
+
+def spread(ratio: tuple[float, float, float]) -> str:
+    return f"{ratio[0]:.2f} [{ratio[1]:.2f}-{ratio[2]:.2f}]"
 
 
 def rate(size: int, seconds: float) -> str:
@@ -358,14 +382,15 @@ def one_binary(
     buf = bytearray(READ)
     bare_url = f"http://127.0.0.1:{baselines['bare'][0]}/{index}"
     curl = ["curl", "-sf", "-o", "/dev/null"]
-    fetches = runs if size < 64 << 20 else max(5, runs // 3)
+    fetches = runs if size < 64 << 20 else max(15, runs // 2)
     kept = KeptAlive(port)
     try:
-        got = medians(
+        got = Rounds(
             {
                 "ours": lambda: http_get(port, url, token, buf),
                 "ours, kept alive": lambda: kept.get(url, token, buf),
                 "cat": lambda: cat_into(path, buf),
+                "cat, 64 KiB pipe": lambda: cat_into(path, buf, 64 << 10),
                 "bare": lambda: http_get(baselines["bare"][0], f"/{index}", None, buf),
                 "uvicorn alone": lambda: http_get(baselines["uvicorn alone"][0], f"/{index}", None, buf),
                 "curl ours": lambda: run_quiet(
@@ -389,24 +414,26 @@ def one_binary(
             http_get(at, where, token if name == "ours" else None, buf)
         after = server_load(process)
         spent[name] = tuple((b - a) / fetches for a, b in zip(before, after, strict=True))
+    m = got.median
     print(
-        f"  {size_label(size):>7}, reader: ours {rate(size, got['ours'])}, cat | reader {rate(size, got['cat'])}: "
-        f"{against_goal(got['cat'] / got['ours'])}; bare sendfile server {rate(size, got['bare'])}: "
-        f"{got['bare'] / got['ours']:.2f}; uvicorn alone {rate(size, got['uvicorn alone'])}: "
-        f"{got['uvicorn alone'] / got['ours']:.2f}"
+        f"  {size_label(size):>7}, reader: ours {rate(size, m('ours'))}, cat | reader {rate(size, m('cat'))}: "
+        f"{against_goal(got.ratio('cat', 'ours'))}; with a 64 KiB pipe {rate(size, m('cat, 64 KiB pipe'))}: "
+        f"{spread(got.ratio('cat, 64 KiB pipe', 'ours'))}; bare sendfile server {rate(size, m('bare'))}: "
+        f"{spread(got.ratio('bare', 'ours'))}; uvicorn alone {rate(size, m('uvicorn alone'))}: "
+        f"{spread(got.ratio('uvicorn alone', 'ours'))}"
     )
     print(
         f"  {size_label(size):>7}, server CPU and context switches per download: "
         + ", ".join(f"{name} {cpu * 1000:.2f} ms, {n:.1f}" for name, (cpu, n) in spent.items())
     )
     print(
-        f"  {size_label(size):>7}, reader, one kept-alive connection: ours {rate(size, got['ours, kept alive'])}: "
-        f"{got['cat'] / got['ours, kept alive']:.2f} of cat | reader"
+        f"  {size_label(size):>7}, reader, one kept-alive connection: ours {rate(size, m('ours, kept alive'))}: "
+        f"{against_goal(got.ratio('cat', 'ours, kept alive'))} of cat | reader"
     )
     print(
-        f"  {size_label(size):>7}, curl:   ours {rate(size, got['curl ours'])}, bare sendfile server "
-        f"{rate(size, got['curl bare'])}: {got['curl bare'] / got['curl ours']:.2f}; "
-        f"cat > /dev/null {rate(size, got['cat > /dev/null'])}: {got['cat > /dev/null'] / got['curl ours']:.2f}"
+        f"  {size_label(size):>7}, curl:   ours {rate(size, m('curl ours'))}, bare sendfile server "
+        f"{rate(size, m('curl bare'))}: {spread(got.ratio('curl bare', 'curl ours'))}; "
+        f"cat > /dev/null {rate(size, m('cat > /dev/null'))}: {spread(got.ratio('cat > /dev/null', 'curl ours'))}"
     )
 
 
@@ -428,7 +455,10 @@ def debuginfod(server: tuple[int, int], token: str, state: str, binary_mib: int,
         for at, _ in started.values():
             servers.wait_port(at)
         baselines = {name: (at, proc.pid) for name, (at, proc) in started.items()}
-        print("debuginfod downloads, one reader (1 MiB reads) / curl -o /dev/null; runs taking turns:")
+        print(
+            "debuginfod downloads, one reader (1 MiB reads) / curl -o /dev/null; rounds in random order; "
+            "ratios: median [quartiles] of the rounds' own:"
+        )
         for i, (build_id, (size, path)) in enumerate(files.items()):
             one_binary(server, token, f"/buildid/{build_id}/executable", baselines, i, size, path, runs)
     finally:
@@ -502,7 +532,7 @@ def core_download(port: int, token: str, state: str, runs: int) -> None:
     url = f"http://127.0.0.1:{port}/api/v1/crashes/core-seekable/core"
     auth = ["-H", f"Authorization: Bearer {token}"]
     buf = bytearray(READ)
-    got = medians(
+    got = Rounds(
         {
             "stored": lambda: http_get(port, "/api/v1/crashes/core-seekable/core", token, buf, "zstd"),
             "cat": lambda: cat_into(stored, buf),
@@ -515,15 +545,16 @@ def core_download(port: int, token: str, state: str, runs: int) -> None:
         runs,
     )
     size = os.path.getsize(stored)
+    m = got.median
     print(
         f"the whole core, {size >> 20} MiB stored: as stored (Content-Encoding: zstd) into the reader "
-        f"{rate(size, got['stored'])}, cat | reader {rate(size, got['cat'])}: {against_goal(got['cat'] / got['stored'])}"
+        f"{rate(size, m('stored'))}, cat | reader {rate(size, m('cat'))}: {against_goal(got.ratio('cat', 'stored'))}"
     )
     print(
-        f"  decompressed: curl --compressed {got['curl --compressed'] * 1000:.0f} ms, curl of the plain core "
-        f"(decompressed by the server) {got['curl plain'] * 1000:.0f} ms, zstd -dc of the stored file "
-        f"{got['zstd -dc'] * 1000:.0f} ms: {got['zstd -dc'] / got['curl --compressed']:.2f} and "
-        f"{got['zstd -dc'] / got['curl plain']:.2f}"
+        f"  decompressed: curl --compressed {m('curl --compressed') * 1000:.0f} ms, curl of the plain core "
+        f"(decompressed by the server) {m('curl plain') * 1000:.0f} ms, zstd -dc of the stored file "
+        f"{m('zstd -dc') * 1000:.0f} ms: {spread(got.ratio('zstd -dc', 'curl --compressed'))} and "
+        f"{spread(got.ratio('zstd -dc', 'curl plain'))}"
     )
 
 
@@ -606,7 +637,7 @@ def main() -> int:
                     f"one frame {one_frame_s * 1000:.0f} ms: {one_frame_s / seekable_s:.1f}x faster "
                     f"(goal: a range costs what it reads)"
                 )
-                core_download(port, TEAM, state, 5)
+                core_download(port, TEAM, state, 9)
         finally:
             server.terminate()
             server.wait(30)
