@@ -6,8 +6,9 @@ Measured in one run against a real SeaweedFS and a real PostgreSQL on 127.0.0.1:
 
 - ``corevault agent --once`` shipping one spool entry of ``--size-mib`` MiB (analysis off)
   ÷ ``upload_fileobj`` of the same file with the same part size and concurrency, as
-  throughput (goal ≥ 0.9), and the agent's peak RSS (goal ≤ 128 MiB; the bench exits with
-  status 1 when it is over, so a regression is loud), beside the plain upload's;
+  throughput (goal ≥ 0.95, as a process and inside running ones), and the agent's peak RSS
+  (goal ≤ 128 MiB; the bench exits with status 1 when it is over, so a regression is loud),
+  beside the plain upload's;
 - p50 latency of the catalog queries people make (newest crashes, by namespace, pod,
   signal, group, a page further down) with ``--rows`` crashes in SQLite and in
   PostgreSQL (goal ≤ 50 ms).
@@ -106,13 +107,13 @@ def bench_ship(w: servers.Seaweed, pg_url: str, mib: int, runs: int) -> bool:
             rss = max(rss, r)
         o, p = statistics.median(ours), statistics.median(plain)
         print(f"ship {mib} MiB: agent {o:.2f} s ({mib / o:.0f} MiB/s), plain upload_fileobj {p:.2f} s "
-              f"({mib / p:.0f} MiB/s): throughput ratio {p / o:.2f} (goal >= 0.9)")  # fmt: skip
+              f"({mib / p:.0f} MiB/s): throughput ratio {p / o:.2f} (goal >= 0.95)")  # fmt: skip
         over = rss / 1024 > RSS_GOAL_MIB
         print(f"  peak RSS: agent {rss / 1024:.0f} MiB (goal <= {RSS_GOAL_MIB} MiB{', OVER' if over else ''}), "
               f"plain upload_fileobj {plain_rss / 1024:.0f} MiB")  # fmt: skip
         warm_ours, warm_plain = in_process(w, pg_url, work, blob, mib, runs)
         print(f"  inside running processes (no start-up on either side): ship_entry {warm_ours:.2f} s, "
-              f"upload_fileobj {warm_plain:.2f} s: throughput ratio {warm_plain / warm_ours:.2f}")  # fmt: skip
+              f"upload_fileobj {warm_plain:.2f} s: throughput ratio {warm_plain / warm_ours:.2f} (goal >= 0.95)")  # fmt: skip
     finally:
         shutil.rmtree(work, ignore_errors=True)
     return not over
