@@ -55,11 +55,12 @@ def bound_heap() -> None:
     1 GiB entry (140 MiB with this). A fixed threshold keeps every part in its own mapping.
     """
     import ctypes
-    import ctypes.util
 
     m_mmap_threshold = -3
     try:
-        libc = ctypes.CDLL(ctypes.util.find_library("c") or "libc.so.6")
+        # the process's own symbols, libc's among them (ctypes.util.find_library would start
+        # ldconfig to find it)
+        libc = ctypes.CDLL(None)
         libc.mallopt(m_mmap_threshold, 256 << 10)
     except (OSError, AttributeError):
         pass  # not glibc: nothing to tune
