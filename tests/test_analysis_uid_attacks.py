@@ -11,7 +11,10 @@ analysis's processes are counted in a user namespace of their own, owned by root
 
 from __future__ import annotations
 
+import contextlib
 import os
+import subprocess
+import time
 
 import pytest
 
@@ -34,6 +37,16 @@ def pod_as(uid: int, rootfs: str, processes: int) -> runc.Container:
     """A pod whose container runs as ``uid`` and holds ``processes`` processes of it, sleeping."""
     script = f"i=0; while [ $i -lt {processes} ]; do sleep 120 & i=$((i+1)); done; echo ready; wait"
     return runc.Container(rootfs, ["/bin/sh", "-c", script], uid=uid, rlimit_core=None)
+
+
+def running_as(uid: int) -> list[int]:
+    """Every process on the host whose real uid is ``uid``."""
+    found = []
+    for name in filter(str.isdigit, os.listdir("/proc")):
+        with contextlib.suppress(OSError, StopIteration), open(f"/proc/{name}/status") as f:
+            if int(next(line for line in f if line.startswith("Uid:")).split()[1]) == uid:
+                found.append(int(name))
+    return found
 
 
 def test_a_pod_running_as_an_analysis_uid_does_not_take_that_analysis_s_processes(
@@ -65,7 +78,7 @@ def test_a_pod_running_as_an_analysis_uid_does_not_take_that_analysis_s_processe
         expected = analyse(BASE + 1)  # in a uid no pod runs as
         assert isinstance(expected, Report) and expected.threads, expected
         with pod_as(BASE, rootfs, PROCESSES + 8).running():
-            held = slots.stragglers(BASE)
+            held = running_as(BASE)
             assert len(held) > PROCESSES, f"the pod holds {len(held)} processes of uid {BASE}"
             got = analyse(BASE)
     finally:
@@ -79,3 +92,22 @@ def test_a_pod_running_as_an_analysis_uid_does_not_take_that_analysis_s_processe
         expected.modules,
     )
     assert alone == [], f"the template did not serve: {template._refused}"
+
+
+def test_a_pod_running_as_an_analysis_uid_does_not_hold_a_killed_analysis_s_uid(rootfs: str) -> None:
+    """A killed analysis's uid waits until none of its processes are left; a pod's process of
+    that uid is none of them, and the uid comes back while the pod runs on."""
+    pod = pod_as(BASE, rootfs, 1)
+    with pod.running():
+        assert pod.pid() in running_as(BASE)  # the pod runs as the analysis uid
+        with slots.held(BASE, 1, time.monotonic() + 5) as uid:
+            left = subprocess.Popen(["sleep", "60"], user=uid, group=uid, extra_groups=[])
+            slots.suspect(uid, None)  # killed, with a process of its own left
+        try:
+            with pytest.raises(slots.NoSlot), slots.held(BASE, 1, time.monotonic() + 0.5):
+                pass
+        finally:
+            left.kill()
+            left.wait()
+        with slots.held(BASE, 1, time.monotonic() + 5) as again:
+            assert again == BASE

@@ -16,7 +16,8 @@ left: its PID namespace is gone. The kernel reaps a PID namespace's PID 1 only a
 other process in it, so an analysis that ended (the template's keeper reaped it, or
 bubblewrap its own PID 1) proves it; one that was killed (its time was up, it wrote too
 much, its keeper never said it ended) is :func:`suspect`, and its slot is given back only
-once ``/proc`` shows none of its uid's processes outside its template.
+once ``/proc`` shows none of its uid's processes in the agent's cgroups outside its
+template (a pod's processes of that uid are elsewhere).
 Slots are held across processes too (the agent and a ``corevault analyze`` run by root
 on the same node): each is a ``flock`` on a file under :data:`LOCK_DIR`.
 """
@@ -136,17 +137,28 @@ def _give_back(uid: int, lock: int) -> None:
     threading.Thread(target=watch, name=f"analysis-slot-{uid}", daemon=True).start()
 
 
+def _cgroups(pid: str) -> bytes:
+    with open(f"/proc/{pid}/cgroup", "rb") as f:
+        return f.read()
+
+
 def stragglers(uid: int, spared_ns: str | None = None) -> list[int]:
-    """Processes whose real uid is ``uid``, but for those in the PID namespace ``spared_ns``
-    (a template's own, where it and its keepers live)."""
+    """This process's analysis processes whose real uid is ``uid``, but for those in the PID
+    namespace ``spared_ns`` (a template's own, where it and its keepers live).
+
+    Its analyses are those in its own cgroups, where they start and whence they cannot move
+    (no capability, no cgroupfs in their sandbox). A process of the uid elsewhere is not
+    one: any pod may run as an analysis uid, and counting its processes would keep a
+    killed analysis's uid from coming back for as long as the pod runs."""
     found = []
+    own = _cgroups("self")
     for name in os.listdir("/proc"):
         if not name.isdigit():
             continue
         try:
             with open(f"/proc/{name}/status", "rb") as f:
                 uids = next(line for line in f if line.startswith(b"Uid:")).split()
-            if int(uids[1]) != uid:
+            if int(uids[1]) != uid or _cgroups(name) != own:
                 continue
             if spared_ns is not None and os.readlink(f"/proc/{name}/ns/pid") == spared_ns:
                 continue
