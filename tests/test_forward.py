@@ -3,7 +3,9 @@
 from __future__ import annotations
 
 import os
+import signal
 import subprocess
+import sys
 import tempfile
 import threading
 import time
@@ -207,3 +209,76 @@ def test_only_root_can_hand_the_agent_a_crash(caplog: pytest.LogCaptureFixture) 
     finally:
         receiver.close()
         shutil.rmtree(d)
+
+
+RECEIVE_THEN_CRASH = """
+import os, sys, threading
+from corevault import config
+from corevault.agent.receiver import Receiver
+receiver = Receiver(config.load(sys.argv[1]), sys.argv[2])
+receiver.listen()
+threading.Thread(target=receiver.serve, daemon=True).start()
+print("listening", flush=True)
+sys.stdin.readline()
+os.abort()
+"""
+
+
+def test_the_receivers_own_crash_ends_it_and_a_new_receiver_captures_the_next_crash(
+    forwarder: str, rootfs: str
+) -> None:
+    """core_pattern runs the forwarder, which hands the core to the receiver's socket; a crash
+    of the receiver's own process would be handed to itself, with no thread left to read it
+    (measured without the defence: the process waited in the kernel, its pipe full, the
+    forwarder waiting on it, until SIGKILL). The receiver runs in a child here, as in the agent."""
+    from testbed import runc
+    from tests.test_socket_mode import _unlimited
+
+    d = tempfile.mkdtemp(prefix="cv-", dir="/tmp")
+    os.mkdir(os.path.join(d, "vol"))
+    cfg = os.path.join(d, "c.toml")
+    with open(cfg, "w") as f:
+        f.write(f'state_dir = "{d}/s"\n')
+    link = os.path.join(d, "corevault-forward")
+    os.symlink(forwarder, link)
+    path = os.path.join(d, "a.sock")
+    with sysctl.core_settings():
+        hostsetup.install(link, config_path=cfg, forward_to=path)
+        try:
+            child = subprocess.Popen(
+                [sys.executable, "-c", RECEIVE_THEN_CRASH, cfg, path],
+                stdin=subprocess.PIPE, stdout=subprocess.PIPE, stderr=subprocess.PIPE, text=True,
+                preexec_fn=_unlimited,  # noqa: PLW1509 (a core limit that would let the kernel dump it)
+            )  # fmt: skip
+            try:
+                assert child.stdout is not None and child.stdin is not None
+                assert child.stdout.readline() == "listening\n"
+                child.stdin.write("crash\n")
+                child.stdin.flush()
+                try:
+                    status = child.wait(30)
+                except subprocess.TimeoutExpired:
+                    pytest.fail(
+                        "the receiver's crash left it waiting on its own socket (it ends only by SIGKILL)"
+                    )
+            finally:
+                if child.poll() is None:
+                    child.kill()
+                _, err = child.communicate(timeout=30)
+            assert status == -signal.SIGABRT
+            assert "Fatal Python error" in err  # its stacks, in its log
+            # As the restarted agent: a new receiver on the same path captures the next crash.
+            settings = config.load(cfg)
+            receiver = Receiver(settings, path)
+            receiver.listen()
+            threading.Thread(target=receiver.serve, daemon=True).start()
+            try:
+                c = runc.Container(rootfs, ["/app/crasher", "segv"], volume=os.path.join(d, "vol"),
+                                   annotations={"alibabacloud.com/core-pattern": "/data/dump-a/core-%E-%p-%t"})  # fmt: skip
+                assert c.run().returncode != 0
+            finally:
+                receiver.close()
+            [entry] = spool.entries(settings.spool_dir)
+            assert spool.read_meta(settings.spool_dir, entry)["pod"]["container_id"] == c.id
+        finally:
+            hostsetup.uninstall(os.path.join(d, "s", hostsetup.STATE_NAME))

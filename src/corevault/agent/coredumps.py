@@ -30,8 +30,6 @@ nothing would ever answer, and the process would wait on itself for ever.
 
 from __future__ import annotations
 
-import ctypes
-import faulthandler
 import logging
 import os
 import socket
@@ -39,35 +37,13 @@ import threading
 from contextlib import suppress
 
 from corevault import config, hostsetup
-from corevault.agent.receiver import accept_until, listen_root_only, take_over
+from corevault.agent.receiver import accept_until, listen_root_only, never_dump_into_self, take_over
 from corevault.capture import admission, calloff, coresocket
 from corevault.errors import UserError
 
 log = logging.getLogger("corevault.agent")
 #: connections decided at once, per core read at once
 DECIDING = 8
-PR_SET_DUMPABLE = 4
-
-
-def never_dump_into_self() -> None:
-    """Make a crash of this process dump nothing, and print its Python stacks instead.
-
-    The kernel dumps a crashing process through core_pattern, which here points at this very
-    process's socket. By then every other thread of the process is gone (the kernel stops them
-    before it dumps), so nobody accepts: measured on Linux 6.18, the dying process then waits
-    in the kernel for ever (for our ``coredump_ack`` with ``@@``, for room in the socket with
-    ``@``) and only SIGKILL ends it, so a DaemonSet's restart never comes. A process that is not
-    dumpable is skipped before the kernel connects anywhere (``suid_dumpable`` does not
-    apply to ``PR_SET_DUMPABLE`` 0), and ends at once. Programs it starts are dumpable again
-    (the kernel resets the flag at exec). What the core would have said of the agent, a Python
-    program, its stacks say better: faulthandler writes them to stderr, the pod's log.
-    """
-    libc = ctypes.CDLL(None, use_errno=True)
-    if libc.prctl(PR_SET_DUMPABLE, 0, 0, 0, 0) != 0:
-        err = ctypes.get_errno()
-        raise OSError(err, f"cannot make the coredump listener non-dumpable: {os.strerror(err)}")
-    if not faulthandler.is_enabled():
-        faulthandler.enable(all_threads=True)
 
 
 class CoredumpListener:

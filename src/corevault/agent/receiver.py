@@ -6,10 +6,15 @@ pidfd and the kernel's arguments here. The capture itself is the pipe handler's 
 (:func:`corevault.capture.handler.capture`): one implementation, two ways in. Crashes are
 handled in parallel, at most ``parallel`` at once; the forwarder is answered when the core
 has been read, so the kernel keeps /proc/%P for exactly as long as it is needed.
+
+The receiving process never dumps its own core (:func:`never_dump_into_self`): it would be
+handed to itself, with no thread left to read it.
 """
 
 from __future__ import annotations
 
+import ctypes
+import faulthandler
 import logging
 import os
 import shutil
@@ -34,6 +39,32 @@ MAX_MESSAGE = 65536
 #: better with 4 or 16 MiB), 0.73-1.06x with 64 KiB; on a quiet one about 1.0x with either; the
 #: CPU time 0.93-0.98x socket mode's with either (docs/capture.md).
 FORWARDED_PIPE = 64 << 10
+
+
+PR_SET_DUMPABLE = 4
+
+
+def never_dump_into_self() -> None:
+    """Make a crash of this process dump nothing, and print its Python stacks instead.
+
+    The kernel dumps a crashing process through core_pattern, which here leads to this very
+    process's socket: the coredump socket's, or this receiver's, to which the forwarder hands
+    the core. By then every other thread of the process is gone (the kernel stops them before
+    it dumps), so nobody accepts: measured on Linux 6.18, the dying process then waits in the
+    kernel for ever (for our ``coredump_ack`` with ``@@``, for room in the socket with ``@``,
+    for room in the forwarded pipe, which no thread reads, while the forwarder waits for our
+    answer) and only SIGKILL ends it, so a DaemonSet's restart never comes. A process that is not
+    dumpable is skipped before the kernel connects anywhere (``suid_dumpable`` does not
+    apply to ``PR_SET_DUMPABLE`` 0), and ends at once. Programs it starts are dumpable again
+    (the kernel resets the flag at exec). What the core would have said of the agent, a Python
+    program, its stacks say better: faulthandler writes them to stderr, the pod's log.
+    """
+    libc = ctypes.CDLL(None, use_errno=True)
+    if libc.prctl(PR_SET_DUMPABLE, 0, 0, 0, 0) != 0:
+        err = ctypes.get_errno()
+        raise OSError(err, f"cannot make the crash listener non-dumpable: {os.strerror(err)}")
+    if not faulthandler.is_enabled():
+        faulthandler.enable(all_threads=True)
 
 
 def listen_root_only(path: str, backlog: int = 64) -> socket.socket:
@@ -80,6 +111,7 @@ class Receiver:
         self.sock: socket.socket | None = None
 
     def listen(self) -> None:
+        never_dump_into_self()
         self.sock = listen_root_only(self.path)
 
     def serve(self) -> None:
