@@ -14,6 +14,7 @@ from __future__ import annotations
 import contextlib
 import os
 import subprocess
+import threading
 import time
 
 import pytest
@@ -111,3 +112,72 @@ def test_a_pod_running_as_an_analysis_uid_does_not_hold_a_killed_analysis_s_uid(
             left.wait()
         with slots.held(BASE, 1, time.monotonic() + 5) as again:
             assert again == BASE
+
+
+class HostPidContainer(runc.Container):
+    """A pod with the host's PID namespace (``hostPID: true``)."""
+
+    def spec(self) -> dict:
+        spec = super().spec()
+        spec["linux"]["namespaces"] = [n for n in spec["linux"]["namespaces"] if n["type"] != "pid"]
+        return spec
+
+
+#: what the pod tries on each process it is given: read its environment, reach its files
+#: (the crash's copy, among them) through its root and its open files, enter its user namespace
+PRY = r"""
+for p in "$@"; do
+  cat /proc/$p/environ >/dev/null 2>&1 && echo "$p environ"
+  ls /proc/$p/root/ >/dev/null 2>&1 && echo "$p root"
+  readlink /proc/$p/fd/0 >/dev/null 2>&1 && echo "$p fd"
+  readlink /proc/$p/ns/user >/dev/null 2>&1 && echo "$p userns"
+done
+"""
+
+
+def test_a_pod_running_as_an_analysis_uid_with_the_hosts_pids_cannot_pry_into_the_analysis(
+    rootfs: str, monkeypatch: pytest.MonkeyPatch
+) -> None:
+    """A ``hostPID`` pod running as the analysis uid sees the analysis's processes; it reads
+    nothing of them and cannot enter their user namespace (made by root, not by that uid),
+    while it can all of that on a host process of the uid that is not an analysis's."""
+    from tests.conftest import FIXTURE_SPOOL
+
+    uid = BASE + 2
+    store = os.path.join(FIXTURE_SPOOL, "store")
+    core, record = fixture_crash("/app/crasher")
+    monkeypatch.setattr(template, "_templates", {})
+    monkeypatch.setattr(template, "_refused", {})
+    monkeypatch.setattr(runner, "_worker", lambda argv: ("import time; time.sleep(60)", []))
+    ended: list[object] = []
+
+    def analyse() -> None:
+        try:
+            runner.analyze(core, [store], record=record, timeout=8, uid=uid, uids=1, processes=PROCESSES)
+        except runner.AnalysisError as e:
+            ended.append(e)
+
+    a = threading.Thread(target=analyse)
+    other = subprocess.Popen(
+        ["sleep", "60"], user=uid, group=uid, extra_groups=[]
+    )  # the uid's, not an analysis's
+    try:
+        a.start()
+        deadline = time.monotonic() + 5
+        while len(running_as(uid)) < 4:  # the template, a keeper, the analysis, and the other
+            assert time.monotonic() < deadline, running_as(uid)
+            time.sleep(0.05)
+        analysis = [p for p in running_as(uid) if p != other.pid]
+        pod = HostPidContainer(
+            rootfs, ["/bin/sh", "-c", PRY, "pry", *map(str, [other.pid, *analysis])], uid=uid
+        )
+        out = pod.run().stdout.split("\n")
+    finally:
+        other.kill()
+        other.wait()
+        a.join(timeout=30)
+        for t in template._templates.values():
+            t.close()
+    assert [f"{other.pid} {what}" for what in ("environ", "root", "fd", "userns")] == out[:4]
+    assert out[4:] == [""], f"the pod reached into an analysis: {out[4:]}"
+    assert ended and runner.STOPPED in str(ended[0])
