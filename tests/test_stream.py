@@ -196,6 +196,42 @@ def test_zero_frames_and_data_frames_round_trip_with_the_plain_cores_hash(tmp_pa
     assert len(zero_frames) == 1 and len(next(iter(zero_frames))) < 1024
 
 
+def test_cores_written_at_different_levels_in_one_process_each_round_trip_with_their_own_zero_frames(
+    tmp_path,
+) -> None:
+    """The spool's level (1 by default) may differ between crashes of one long-lived process (a
+    socket-mode agent whose settings changed) and from the level of the agent that reads them:
+    the all-zero frame made once per process is kept per level, and each core reads back whole
+    by any reader, whatever level it was written at or the reader is set to."""
+    data = frames_of_zeros_and_data()
+    made: dict[int, set[bytes]] = {}
+    for i, (level, threads) in enumerate([(1, 2), (3, 0), (1, 0), (3, 2)]):
+        packed = tmp_path / f"core-{i}.zst"
+        out = os.open(packed, os.O_WRONLY | os.O_CREAT)
+        sink = stream.ZstdSink(out, level=level, threads=threads, budget=1 << 30)
+        assert stream.pump(pipe_with(data, tmp_path), [sink], None) == (len(data), False)
+        sink.finish()
+        os.close(out)
+        with pyzstd.SeekableZstdFile(packed, "r") as f:
+            assert f.read() == data
+        assert sink.sha256 == hashlib.sha256(data).hexdigest()
+        raw = packed.read_bytes()
+        table = seekable.read_table(lambda s, n, raw=raw: raw[s : s + n], sink.stored, len(data))
+        assert table is not None
+        made.setdefault(level, set()).update(
+            raw[table.stored[i] : table.stored[i + 1]] for i in (0, 1, 5, 6, 7)
+        )
+    # one zero frame per level, each the one a compressor at that level makes of a frame of zeros
+    for level, frames in made.items():
+        fresh = zstandard.ZstdCompressor(level=level, write_checksum=True, write_content_size=False)
+        assert frames == {stream._ZERO_FRAMES[level]}
+        assert zstandard.ZstdDecompressor().decompress(next(iter(frames)), max_output_size=FRAME) == bytes(
+            FRAME
+        )
+        assert len(fresh.compress(bytes(FRAME))) > 0
+    assert made[1] != made[3]
+
+
 def test_a_core_of_zeros_only_is_stored_in_a_few_bytes_per_frame(tmp_path) -> None:
     data = bytes(16 * FRAME)
     out = os.open(tmp_path / "core.zst", os.O_WRONLY | os.O_CREAT)
