@@ -422,6 +422,10 @@ def one_binary(
         f"{spread(got.ratio('bare', 'ours'))}; uvicorn alone {rate(size, m('uvicorn alone'))}: "
         f"{spread(got.ratio('uvicorn alone', 'ours'))}"
     )
+    # the most any HTTP server gets here: the bare one against the same goal
+    print(
+        f"  {size_label(size):>7}, reader: the bare sendfile server ÷ cat | reader {spread(got.ratio('cat', 'bare'))}"
+    )
     print(
         f"  {size_label(size):>7}, server CPU and context switches per download: "
         + ", ".join(f"{name} {cpu * 1000:.2f} ms, {n:.1f}" for name, (cpu, n) in spent.items())
