@@ -237,10 +237,13 @@ def postgres() -> Iterator[Postgres]:
 
 
 @contextmanager
-def asgi(app: object, http: str = "auto", loop: str = "auto") -> Iterator[str]:
+def asgi(
+    app: object, http: str = "auto", loop: str = "auto", tls: tuple[str, str] | None = None
+) -> Iterator[str]:
     """A real uvicorn serving ``app`` on 127.0.0.1 in a thread of this process; yields its URL.
     ``http`` and ``loop`` as uvicorn takes them: by default what ``corevault serve`` runs
-    (httptools and uvloop), ``"h11"`` and ``"asyncio"`` for its fallbacks."""
+    (httptools and uvloop), ``"h11"`` and ``"asyncio"`` for its fallbacks; ``tls``: a certificate
+    and its key to serve HTTPS with."""
     import threading
 
     import uvicorn
@@ -250,8 +253,16 @@ def asgi(app: object, http: str = "auto", loop: str = "auto") -> Iterator[str]:
     zerocopy.install()  # as corevault serve runs it
     server = uvicorn.Server(
         uvicorn.Config(
-            app, host="127.0.0.1", port=0, log_level="warning", lifespan="off", http=http, loop=loop
-        )  # type: ignore[arg-type]
+            app,
+            host="127.0.0.1",
+            port=0,
+            log_level="warning",
+            lifespan="off",
+            http=http,
+            loop=loop,  # type: ignore[arg-type]
+            ssl_certfile=tls and tls[0],
+            ssl_keyfile=tls and tls[1],
+        )
     )
     thread = threading.Thread(target=server.run, name="uvicorn", daemon=True)
     thread.start()
@@ -262,7 +273,7 @@ def asgi(app: object, http: str = "auto", loop: str = "auto") -> Iterator[str]:
         time.sleep(0.02)
     port = server.servers[0].sockets[0].getsockname()[1]
     try:
-        yield f"http://127.0.0.1:{port}"
+        yield f"{'https' if tls else 'http'}://127.0.0.1:{port}"
     finally:
         server.should_exit = True
         thread.join(10)

@@ -109,6 +109,32 @@ def test_a_binary_from_a_file_store_is_sent_by_the_kernel(
         assert get(f"{url}/buildid/{BUILD_ID}/executable", "b").status_code == 404
 
 
+@pytest.mark.parametrize("stack", STACKS)
+def test_a_binary_over_https_is_encrypted_not_sent_by_the_kernel(
+    tmp_path: Path, sendfile_calls: list[int], stack: tuple[str, str]
+) -> None:
+    """The kernel's send would put the file on the wire in the clear, past TLS: over HTTPS the
+    zero-copy send is not offered and the file goes through TLS, whole and as a range."""
+    import ssl
+
+    from testbed import tls
+
+    settings = config.from_dict({"state_dir": str(tmp_path / "state")})
+    binary, _ = vault(settings, tmp_path)
+    (tmp_path / "tls").mkdir()
+    cert, key = tls.self_signed(str(tmp_path / "tls"))
+    trust = ssl.create_default_context(cafile=cert)
+    app = create_app(settings, StaticTokens(tokens(tmp_path)))
+    with servers.asgi(app, *stack, tls=(cert, key)) as url:
+        assert url.startswith("https://")
+        assert get(f"{url}/buildid/{BUILD_ID}/executable", "a", verify=trust).content == binary
+        part = get(
+            f"{url}/buildid/{BUILD_ID}/executable", "a", verify=trust, headers={"Range": "bytes=10-4000009"}
+        )
+        assert part.status_code == 206 and part.content == binary[10:4_000_010]
+    assert sendfile_calls == []
+
+
 def leave_mid_download(url: str) -> None:
     """Ask for the binary as reader ``a``, read its headers and the first bytes of its body (so
     the server's send has begun) and reset the connection."""
