@@ -50,11 +50,14 @@ def running_as(uid: int) -> list[int]:
     return found
 
 
+@pytest.mark.parametrize("forked", [True, False], ids=["template", "worker-of-its-own"])
 def test_a_pod_running_as_an_analysis_uid_does_not_take_that_analysis_s_processes(
-    rootfs: str, monkeypatch: pytest.MonkeyPatch
+    rootfs: str, monkeypatch: pytest.MonkeyPatch, tmp_path, forked: bool
 ) -> None:
     """A pod holds more processes as the analysis's uid than an analysis may have; a tenant's
-    real crash analysed in that uid still ends with its full report, in a template's child."""
+    real crash analysed in that uid still ends with its full report, in a template's child,
+    and in a worker of its own beside a running template (a tree of debug files outside
+    /usr, which a template's child cannot place)."""
     from tests.conftest import FIXTURE_SPOOL
 
     store = os.path.join(FIXTURE_SPOOL, "store")
@@ -67,10 +70,19 @@ def test_a_pod_running_as_an_analysis_uid_does_not_take_that_analysis_s_processe
         runner, "_run_alone", lambda code, args, *a, **k: alone.append(code) or run_alone(code, args, *a, **k)
     )
 
+    debug = () if forked else (str(tmp_path),)
+
     def analyse(uid: int) -> Report | runner.AnalysisError:
         try:
             return runner.analyze(
-                core, [store], record=record, timeout=60, uid=uid, uids=1, processes=PROCESSES
+                core,
+                [store],
+                record=record,
+                timeout=60,
+                uid=uid,
+                uids=1,
+                processes=PROCESSES,
+                debug_dirs=debug,
             )
         except runner.AnalysisError as e:
             return e
@@ -92,7 +104,10 @@ def test_a_pod_running_as_an_analysis_uid_does_not_take_that_analysis_s_processe
         expected.threads,
         expected.modules,
     )
-    assert alone == [], f"the template did not serve: {template._refused}"
+    if forked:
+        assert alone == [], f"the template did not serve: {template._refused}"
+    else:
+        assert len(alone) == 2, alone  # each analysis in a worker of its own
 
 
 def test_a_pod_running_as_an_analysis_uid_does_not_hold_a_killed_analysis_s_uid(rootfs: str) -> None:

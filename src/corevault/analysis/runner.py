@@ -133,14 +133,23 @@ def _run_alone(
     limit: float,
     memory: int,
     processes: int,
+    beside_template: bool = False,
 ) -> tuple[bytes, bytes, int]:
-    """``code`` in a bubblewrap worker of its own: its output, errors and exit status."""
-    filter_fd = seccomp.filter_fd()
+    """``code`` in a bubblewrap worker of its own: its output, errors and exit status.
+
+    ``beside_template``: a template runs for ``uid``, so user namespaces and libseccomp work
+    here; the worker then drops as the template does (:func:`template.drop_to`), its
+    processes counted in a user namespace of its own rather than with the host's of ``uid``.
+    Where none runs, ``setpriv`` drops it to ``uid`` on the host."""
+    drops_itself = beside_template and os.geteuid() == 0
+    filter_fd = None if drops_itself else seccomp.filter_fd()
+    if drops_itself:
+        code = f"from corevault.analysis.template import drop_to; drop_to({uid}); {code}"
     limits = {resource.RLIMIT_DATA: memory}
-    if os.geteuid() == 0:  # set before setpriv drops to the slot's uid (root is held to none)
+    if os.geteuid() == 0:  # set before it drops to the slot's uid (root is held to none)
         limits[resource.RLIMIT_NPROC] = processes
     try:
-        cmd = sandbox.command(sandbox.python(code, args), binds, uid, filter_fd)
+        cmd = sandbox.command(sandbox.python(code, args), binds, uid, filter_fd, drops_itself=drops_itself)
         fds = () if filter_fd is None else (filter_fd,)
         timeout = max(deadline - time.monotonic(), 0.001)
         # bwrap's --die-with-parent and the worker's own PID namespace take gdb with it on a
@@ -198,7 +207,18 @@ def _run(
         except bounded.TooMuchOutput as e:
             raise AnalysisError(f"analysis {e} and was stopped") from None
     if result is None:
-        result = _run_alone(code, args, binds, uid, deadline, limit=limit, memory=memory, processes=processes)
+        beside = forked is not None and forked.alive()
+        result = _run_alone(
+            code,
+            args,
+            binds,
+            uid,
+            deadline,
+            limit=limit,
+            memory=memory,
+            processes=processes,
+            beside_template=beside,
+        )
     out, err, returncode = result
     if returncode != 0:
         last = err.decode(errors="replace").strip().splitlines()[-1:] or ["no message"]

@@ -14,7 +14,9 @@ bubblewrap (``bwrap``), which builds, before the worker's first instruction:
 - new network, IPC, UTS, PID and cgroup namespaces: no network, not even loopback;
 - then ``setpriv`` (util-linux) switches to a dedicated uid and gid, drops supplementary
   groups, empties every capability set (the bounding set included) and sets
-  ``no_new_privs``, so nothing inside can regain privilege;
+  ``no_new_privs``, so nothing inside can regain privilege (where a template runs, the
+  worker does that itself, in a user namespace made by root, and loads its filter:
+  :func:`corevault.analysis.template.drop_to`);
 - a seccomp filter (:mod:`corevault.analysis.seccomp`), loaded by bwrap, refuses the system
   calls that reach past those namespaces (ptrace, mount, user namespaces, bpf…).
 
@@ -161,19 +163,25 @@ def _bwrap(bwrap: str, binds: list[Bind], *, user_ns: bool, host_proc: bool = Fa
 
 
 def command(
-    argv: list[str], binds: list[Bind], uid: int = DEFAULT_UID, seccomp_fd: int | None = None
+    argv: list[str],
+    binds: list[Bind],
+    uid: int = DEFAULT_UID,
+    seccomp_fd: int | None = None,
+    *,
+    drops_itself: bool = False,
 ) -> list[str]:
     """``argv`` wrapped so that it runs sandboxed, seeing only ``binds`` (read-only) of the host.
 
     ``seccomp_fd`` (:func:`corevault.analysis.seccomp.filter_fd`; pass it to the child) is
-    loaded as the sandbox's system call filter.
+    loaded as the sandbox's system call filter. ``drops_itself``: ``argv``, started as root,
+    drops to ``uid`` and loads its filter itself (:func:`corevault.analysis.template.drop_to`).
     """
     bwrap, setpriv = _tools()
     cmd = _bwrap(bwrap, binds, user_ns=os.geteuid() != 0)
     if seccomp_fd is not None:
         cmd += ["--seccomp", str(seccomp_fd)]
     cmd += ["--chdir", "/tmp", "--"]
-    if os.geteuid() == 0:
+    if os.geteuid() == 0 and not drops_itself:
         cmd += [setpriv, f"--reuid={uid}", f"--regid={uid}", "--clear-groups", "--inh-caps=-all"]
         cmd += ["--ambient-caps=-all", "--bounding-set=-all", "--no-new-privs", "--"]
     return cmd + argv

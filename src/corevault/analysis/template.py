@@ -344,6 +344,18 @@ def _drop(libc: ctypes.CDLL, last_cap: int) -> None:
         raise TemplateError(f"the analysis's sandbox is not complete: {wrong}")
 
 
+def drop_to(uid: int) -> None:
+    """A worker of its own, started as root by bubblewrap where a template runs: as ``uid`` in
+    a user namespace made by root, as a template is (:mod:`corevault.analysis.userns`: its
+    processes counted there alone), then as strict as a template's child (:func:`_drop`)."""
+    with open("/proc/sys/kernel/cap_last_cap") as f:
+        last_cap = int(f.read())
+    userns.enter(uid)
+    with contextlib.suppress(PermissionError):  # already leading its own process group
+        os.setsid()
+    _drop(_libc(), last_cap)
+
+
 # -- in the agent: starting the template and running analyses in it ---------------------------
 
 
