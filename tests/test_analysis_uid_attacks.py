@@ -187,6 +187,7 @@ def test_a_pod_running_as_an_analysis_uid_with_the_hosts_pids_cannot_pry_into_th
             rootfs, ["/bin/sh", "-c", PRY, "pry", *map(str, [other.pid, *analysis])], uid=uid
         )
         out = pod.run().stdout.split("\n")
+        assert set(analysis) <= set(running_as(uid)), "the analysis ended before the pod tried it"
     finally:
         other.kill()
         other.wait()
