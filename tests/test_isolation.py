@@ -624,6 +624,63 @@ def test_an_analysis_taken_over_can_write_none_of_its_inputs(
     assert sizes == {p: size for p, size in copies}  # not a byte more on the host
 
 
+#: an analysis that waits, under a name the test finds it by, to be killed from outside
+VICTIM = "cv-oom-victim"
+
+
+def _kill_when_seen(name: str, stop: threading.Event) -> None:
+    """SIGKILL, from the host, the process called ``name`` once it shows (as the kernel's
+    out-of-memory killer would: from outside the analysis's PID namespace)."""
+    while not stop.is_set():
+        for pid in (p for p in os.listdir("/proc") if p.isdigit()):
+            with contextlib.suppress(OSError):
+                if Path(f"/proc/{pid}/comm").read_text().strip() == name:
+                    os.kill(int(pid), signal.SIGKILL)
+                    return
+        stop.wait(0.05)
+
+
+@pytest.mark.skipif(os.geteuid() != 0, reason="switching to the worker's own uid needs root")
+@pytest.mark.parametrize("forked", [True, False], ids=["template", "worker-of-its-own"])
+@pytest.mark.parametrize(
+    ("code", "said"),
+    [
+        (
+            # PR_SET_NAME (15): /proc is read-only in a template's child
+            f"import ctypes, time\nctypes.CDLL(None).prctl(15, {VICTIM.encode()!r}, 0, 0, 0)\ntime.sleep(60)\n",
+            "was killed (SIGKILL)",
+        ),
+        ("raise MemoryError\n", "ran out of its 512 MiB memory cap"),
+        ("pass\n", "gave no report"),
+    ],
+    ids=["killed", "out-of-memory", "silent"],
+)
+def test_an_analysis_killed_or_silent_says_so_and_not_that_it_ran_out_of_memory(
+    monkeypatch: pytest.MonkeyPatch, forked: bool, code: str, said: str
+) -> None:
+    """An analysis ended by SIGKILL from outside (the node's out-of-memory killer, or another
+    process: its own memory cap makes allocations fail, it kills nothing) says so; one that ran
+    out of its cap says that; one that ends saying nothing says that. Both ways an analysis runs."""
+
+    if not forked:
+        monkeypatch.setattr(template, "shared", lambda uid, processes=0: None)
+    elif template.shared(64_900) is None:
+        pytest.fail("the analysis template does not start on this machine")
+    core, record, store = _fixture_crash("/app/crasher")
+    monkeypatch.setattr(runner, "_worker", lambda argv: (code, []))
+    stop = threading.Event()
+    killer = threading.Thread(target=_kill_when_seen, args=(VICTIM, stop), daemon=True)
+    killer.start()
+    try:
+        with pytest.raises(runner.AnalysisError) as caught:
+            runner.analyze(core, [store], record=record, timeout=60, memory=512 << 20)
+    finally:
+        stop.set()
+        killer.join()
+    assert said in str(caught.value)
+    assert ("memory cap" in str(caught.value)) == ("MemoryError" in code)
+
+
 @pytest.mark.skipif(os.geteuid() != 0, reason="switching to the worker's own uid needs root")
 def test_an_analysis_taken_over_cannot_stop_the_template_for_other_tenants(
     monkeypatch: pytest.MonkeyPatch,

@@ -222,10 +222,22 @@ def _run(
     out, err, returncode = result
     if returncode != 0:
         last = err.decode(errors="replace").strip().splitlines()[-1:] or ["no message"]
-        if "MemoryError" in last[0] or returncode in (-signal.SIGKILL, 128 + signal.SIGKILL):
+        if "MemoryError" in last[0]:
             raise AnalysisError(f"analysis ran out of its {memory >> 20} MiB memory cap")
+        if returncode in (-signal.SIGKILL, 128 + signal.SIGKILL):
+            # RLIMIT_DATA makes an allocation fail (MemoryError), it kills nothing: a SIGKILL came
+            # from the kernel's out-of-memory killer or from another process
+            raise AnalysisError(
+                "analysis was killed (SIGKILL) before it ended: the node's out-of-memory killer "
+                "or another process; look for it in the kernel's log (dmesg)"
+            )
         raise AnalysisError(f"analysis failed: {last[0]}")
-    doc = json.loads(out)
+    try:
+        doc = json.loads(out)
+    except ValueError:  # nothing, or not a report: what a worker taken over by its core may say
+        raise AnalysisError(f"analysis gave no report ({len(out)} bytes on its output, status 0)") from None
+    if not isinstance(doc, dict):
+        raise AnalysisError("analysis gave no report (its output is not a JSON object)")
     if "error" in doc:
         raise AnalysisError(doc["error"])
     return doc
