@@ -26,7 +26,8 @@ client, in one run:
   median of the rounds' own ratios (the baseline's time over the download's in the same round,
   so that the host's load, which moves from second to second on two shared cores, hits both
   alike), printed with its quartiles. Beside each size, each server's CPU and context switches
-  per download (``/proc/PID/task/*``), which the host's load does not stretch;
+  per download (``/proc/PID/task/*``), which the host's load does not stretch; and for the largest
+  file, ``sendfile`` alone into the same reader over loopback TCP and over a Unix socket (no HTTP);
 - a range of a compressed core: the last MiB of a ``--core-mib`` MiB core stored in the
   seekable format ÷ the same range of the same core stored as one frame (as before); and the
   whole core: as stored (``Content-Encoding: zstd``) into the reader ÷ ``cat`` of the stored
@@ -441,6 +442,60 @@ def one_binary(
     )
 
 
+def sent_by(kind: str, path: str, buf: bytearray) -> int:
+    """``path`` sent whole by ``sendfile`` from a forked process into the reader, over loopback TCP
+    (``kind`` "tcp") or a Unix socket ("unix"): the kernel's part of a download, with no HTTP."""
+    size = os.path.getsize(path)
+    if kind == "tcp":
+        listener = socket.create_server(("127.0.0.1", 0))
+        ours: socket.socket | None = None
+    else:
+        ours, theirs = socket.socketpair()
+    pid = os.fork()
+    if pid == 0:  # the sender
+        code = 1
+        try:
+            out = listener.accept()[0] if kind == "tcp" else theirs
+            with open(path, "rb") as f:
+                at = 0
+                while at < size:
+                    at += os.sendfile(out.fileno(), f.fileno(), at, size - at)
+            out.close()
+            code = 0
+        finally:
+            os._exit(code)
+    if kind == "tcp":
+        ours = socket.create_connection(listener.getsockname())
+        listener.close()
+    else:
+        theirs.close()
+    assert ours is not None
+    with ours:
+        got = read_all(ours, buf)
+    os.waitpid(pid, 0)
+    return got
+
+
+def transports(path: str, runs: int) -> None:
+    """Why a download of a large file stays below ``cat`` here: the same ``sendfile`` into the same
+    reader over loopback TCP and over a Unix socket, against ``cat`` through the pipe."""
+    buf = bytearray(READ)
+    got = Rounds(
+        {
+            "cat": lambda: cat_into(path, buf),
+            "tcp": lambda: sent_by("tcp", path, buf),
+            "unix": lambda: sent_by("unix", path, buf),
+        },
+        runs,
+    )
+    size = os.path.getsize(path)
+    print(
+        f"  {size_label(size):>7}, no HTTP: sendfile into the reader over loopback TCP {rate(size, got.median('tcp'))}: "
+        f"{spread(got.ratio('cat', 'tcp'))} of cat | reader; over a Unix socket {rate(size, got.median('unix'))}: "
+        f"{spread(got.ratio('cat', 'unix'))}"
+    )
+
+
 def debuginfod(server: tuple[int, int], token: str, state: str, binary_mib: int, runs: int) -> None:
     """Each binary's download against ``cat``, the bare sendfile server and uvicorn alone, into one
     reader and by curl."""
@@ -465,6 +520,8 @@ def debuginfod(server: tuple[int, int], token: str, state: str, binary_mib: int,
         )
         for i, (build_id, (size, path)) in enumerate(files.items()):
             one_binary(server, token, f"/buildid/{build_id}/executable", baselines, i, size, path, runs)
+        size, path = max(files.values())
+        transports(path, max(15, runs // 2))
     finally:
         for _, proc in started.values():
             proc.terminate()
