@@ -10,9 +10,10 @@ and answers the message with :func:`send_file`:
 
 - on asyncio's own loop, ``loop.sendfile``, which is ``sendfile(2)``;
 - on uvloop (what uvicorn takes when it is installed), which has no ``loop.sendfile``,
-  ``os.sendfile`` on the connection's socket, waiting for room in the socket's buffer on a
-  duplicate of its descriptor: libuv watches the original for the transport, and one
-  descriptor may be watched only once.
+  ``os.sendfile`` on a duplicate of the connection's descriptor, waiting for room in the
+  socket's buffer on that duplicate: libuv watches the original for the transport (and one
+  descriptor may be watched only once), and the duplicate names this connection's socket even
+  if the transport closes its own descriptor meanwhile.
 
 The protocol frames the body as for any other: h11 is told of the bytes without seeing them
 (``send_with_data_passthrough``), httptools' cycle counts them against the Content-Length.
@@ -54,6 +55,8 @@ async def _send_by_descriptor(
     """``os.sendfile`` on the transport's own (non-blocking) socket, for loops without
     ``loop.sendfile`` (uvloop); the file's position is left after the last byte sent."""
     sock = transport.get_extra_info("socket")
+    if sock is None or transport.is_closing():  # as asyncio's loop.sendfile answers then
+        raise ConnectionError("the connection was closed")
     watched = os.dup(sock.fileno())  # see the module's docstring
     reading = transport.is_reading()
     transport.pause_reading()
@@ -62,8 +65,12 @@ async def _send_by_descriptor(
         while transport.get_write_buffer_size():  # the headers, when the socket was full
             await _writable(loop, watched)
         while total < count:
+            # on the duplicate: it names this connection's socket even if the transport closed
+            # its own descriptor meanwhile (whose number another connection may then hold)
+            if transport.is_closing():
+                raise ConnectionError("the connection was closed")
             try:
-                n = os.sendfile(sock.fileno(), file.fileno(), offset + total, count - total)
+                n = os.sendfile(watched, file.fileno(), offset + total, count - total)
             except BlockingIOError:
                 await _writable(loop, watched)
                 continue
