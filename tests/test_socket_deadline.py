@@ -131,10 +131,11 @@ def test_a_dump_whose_volume_stops_answering_is_called_off_at_its_deadline(
     source.mkdir()
     with socket_capture(parallel=1) as s, fusefs.local(str(source)) as served:
         s.settings.timeout = 3
-        a = runc.Container(rootfs, ["/bin/sh", "-c", "/app/hang deadlock; true"], volume=served.path,
+        # (a process that touches nothing on the volume: one blocked on it would never get the signal)
+        a = runc.Container(rootfs, ["/bin/sh", "-c", "sleep 86399 & echo ready; wait"], volume=served.path,
                            annotations=pod("tenant-a", "a-0"))  # fmt: skip
         with a.running():
-            [pid] = processes(b"/app/hang\x00deadlock")
+            [pid] = wait_for(lambda: processes(b"sleep\x0086399"), 30)
             os.kill(served.pid, signal.SIGSTOP)
             os.kill(pid, signal.SIGSEGV)
             [dropped] = wait_for(lambda: of_namespace(s.journal(), "tenant-a"), 60)
