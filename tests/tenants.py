@@ -45,12 +45,16 @@ def held_handler(
     reading: bool,
     ready: Callable[[], bool] = lambda: True,
     besides: Collection[int] = (),
+    crashed: Callable[[], int | None] | None = None,
 ) -> Iterator[list[int]]:
     """``run`` (a container's run) on a thread of its own, and its crash's handler, the launcher
     ``handler``, stopped (SIGSTOP) while it still reads the pipe (``reading``) or once it has let go
     of it, as soon as ``ready()``. Yields the stopped handlers: none when it ended first. On leaving
     they go on (SIGCONT), the run is joined and, unless the body failed, their end awaited.
-    ``besides``: handlers held already (by an enclosing use), which are not this run's."""
+    ``besides``: handlers held already (by an enclosing use), which are not this run's.
+    ``crashed``: the crashed process's host PID once it is known (None until then); only the
+    handler the kernel gave that PID (``%P``) is held, not one of another crash on the host (the
+    pattern is the host's: any process that crashes meanwhile has its handler too)."""
     thread = threading.Thread(target=run)
     thread.start()
     held: list[int] = []
@@ -61,9 +65,18 @@ def held_handler(
         except (ProcessLookupError, FileNotFoundError):
             return False  # ended meanwhile
 
+    known: list[int] = []  # the crashed PID, asked for until given
+
     def stopped() -> bool:
+        needles = [handler.encode()]
+        if crashed is not None:
+            if not known and (host_pid := crashed()) is not None:
+                known.append(host_pid)
+            if not known:
+                return not thread.is_alive()
+            needles.append(b"\0%d\0" % known[0])
         if ready():
-            for pid in set(processes(handler.encode())) - set(besides):
+            for pid in set(processes(*needles)) - set(besides):
                 if wanted(pid):
                     with suppress(ProcessLookupError):
                         os.kill(pid, signal.SIGSTOP)

@@ -12,6 +12,7 @@ from __future__ import annotations
 
 import os
 import shutil
+import subprocess
 import threading
 import time
 import uuid
@@ -54,11 +55,14 @@ class HeldDumps:
         before = set(os.listdir(tmp)) if os.path.isdir(tmp) else set()
         captured = len(self.capture.entries())
 
-        def admitted() -> bool:  # its spool entry is made: the handler is past the dump slots
-            return os.path.isdir(tmp) and bool(set(os.listdir(tmp)) - before)
+        def admitted() -> int | None:
+            """The crashed process's host PID, once its spool entry is made (its handler is past
+            the dump slots): spool ids carry it."""
+            new = set(os.listdir(tmp)) - before if os.path.isdir(tmp) else set()
+            return int(min(new).split("-")[1]) if new else None
 
         held = self.holds.enter_context(
-            held_handler(self.capture.handler, c.run, reading=True, ready=admitted, besides=self.held)
+            held_handler(self.capture.handler, c.run, reading=True, crashed=admitted, besides=self.held)
         )
         assert held or len(self.capture.entries()) == captured, (
             "the dump was read to its end before it could be held"
@@ -86,6 +90,14 @@ def test_a_pods_dumps_never_take_every_pipe_slot(capture: Capture, rootfs: str) 
         "dumps of this pod are being captured already" in r["reason"] for r in refused
     )
     assert len([m for m in capture.entries() if m["pod"]["namespace"] == "tenant-a"]) == 2
+
+
+def running_pid(container: runc.Container) -> int | None:
+    """The host PID of the container's process while it runs (crashed and dumping included)."""
+    try:
+        return container.pid()
+    except (subprocess.CalledProcessError, ValueError, KeyError):
+        return None
 
 
 SKIP_WINDOW = 5  # s: the kernel names at most ten skipped dumps in this long (per line of its code)
@@ -131,7 +143,7 @@ def test_a_dump_the_kernel_skips_is_journaled_as_dropped(capture: Capture, rootf
     comm = "cv" + uuid.uuid4().hex[:10]
     a = runc.Container(rootfs, ["/app/crasher", "alloc", "256"], volume=capture.volume,
                        annotations=pod("tenant-a", "a-0"))  # fmt: skip
-    with held_handler(capture.handler, a.run, reading=True) as held:
+    with held_handler(capture.handler, a.run, reading=True, crashed=lambda: running_pid(a)) as held:
         assert held, "tenant A's dump was expected to hold the only pipe slot"
         skip_lines_named_again()
         capture.crash(rootfs, ["/app/crasher", "comm", comm], annotations=pod("tenant-b", "b-0"))
