@@ -8,6 +8,7 @@ import threading
 from collections.abc import Callable, Collection, Iterator
 from contextlib import contextmanager, suppress
 
+from testbed import runc
 from tests.waiting import wait_for
 
 SEED = "/data/dump-a/core-%p"
@@ -35,6 +36,9 @@ def processes(*needles: bytes) -> list[int]:
             if all(n in cmdline for n in needles):
                 found.append(int(entry))
     return found
+
+
+RUN_SLACK = 0.05  # s: more than the slack of a container run's start (0.02) and a 10 ms tick
 
 
 @contextmanager
@@ -89,6 +93,11 @@ def held_handler(
 
     try:
         wait_for(stopped, timeout=120)
+        # A container run waits for the kernel's helpers started since it began, with a tick of
+        # slack (testbed.runc.Container.run): one begun within that tick of a held handler's start
+        # would take the handler for its own and wait for it, while the handler waits for the
+        # body to end. The body starts once the held handlers are older than that slack.
+        wait_for(lambda: not set(held) & set(runc.dump_helpers(runc.uptime() - RUN_SLACK)), timeout=5)
         yield held
     finally:
         for pid in held:
