@@ -99,8 +99,9 @@ def test_per_image_counts_and_new_in_an_image_per_reader(engine: sa.Engine) -> N
 
 
 def test_new_in_an_image_counts_the_images_of_its_repository_only(engine: sa.Engine) -> None:
-    """The repository's images are read by byte ranges: a digest, a tag, a registry's port, and a
-    repository whose name starts with another's."""
+    """The repository's images are read by byte ranges: its bare name, a digest, a tag, a registry's
+    port, and a repository whose name starts with another's."""
+    add(engine, signature="b", frames=["z"], namespace="shop", image="reg/app", when=NOW - 10 * HOUR)
     add(engine, signature="d", frames=["a"], namespace="shop", image="reg/app@sha256:aa", when=NOW - 9 * HOUR)
     add(engine, signature="t", frames=["b"], namespace="shop", image="reg/app:2", when=NOW - 8 * HOUR)
     add(engine, signature="p", frames=["c"], namespace="shop", image="reg/app2:1", when=NOW - 7 * HOUR)
@@ -108,8 +109,17 @@ def test_new_in_an_image_counts_the_images_of_its_repository_only(engine: sa.Eng
     add(engine, signature="h2", frames=["e"], namespace="shop", image="host:5000/app:2", when=NOW - 5 * HOUR)
     add(engine, signature="o", frames=["f"], namespace="shop", image="host:1", when=NOW - 4 * HOUR)
     new_in = {sig: g["new_in"] for sig, g in _groups(engine).items()}
-    assert new_in == {"d": None, "t": "reg/app:2", "p": None, "h1": None, "h2": "host:5000/app:2", "o": None}
+    assert new_in == {
+        "b": None,
+        "d": "reg/app@sha256:aa",
+        "t": "reg/app:2",
+        "p": None,
+        "h1": None,
+        "h2": "host:5000/app:2",
+        "o": None,
+    }
     assert list(_groups(engine, new_in="reg/app:2")) == ["t"]
+    assert list(_groups(engine, new_in="reg/app@sha256:aa")) == ["d"]
     assert list(_groups(engine, new_in="host:1")) == []
 
 
