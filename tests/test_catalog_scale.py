@@ -201,3 +201,44 @@ def test_a_search_of_two_common_words_finds_what_a_reading_of_every_crash_finds(
             got = _pages(engine, catalog.Filters(search=q, visible=visible), 7)
             assert got == reference(q.split(), visible), (q, visible)
     assert reference(["svc-3", "pod-1"], None)  # the words do meet
+    # the walk newest first, which checks a word of many values on the columns its values are of
+    # (``pod-1``'s are pods alone, ``handler_`` is in titles): the same pages
+    monkeypatch.setattr(search, "_widest_start", lambda *_: None)
+    for q in ("svc-3 pod-1", "pod-1 HANDLER_", "svc- handler_"):
+        with engine.connect() as conn:
+            assert search.crash_match(conn, q).seeds is None
+        for visible in (None, frozenset({"team-1"})):
+            got = _pages(engine, catalog.Filters(search=q, visible=visible), 7)
+            assert got == reference(q.split(), visible), (q, visible)
+    assert reference(["pod-1", "handler_"], None) and reference(["svc-", "handler_"], None)
+
+
+def test_the_walk_of_a_crash_search_reads_its_index_not_the_crashes_rows(
+    catalog_url: str, monkeypatch: pytest.MonkeyPatch
+) -> None:
+    """Version 14 brings, on SQLite, the index whose own columns the words of a search walked newest
+    first are checked on: a crash's row is read once it matches (the plan names the index, with no
+    sort). PostgreSQL goes through the version unchanged."""
+    catalog_at(catalog_url, 13).dispose()
+    engine = catalog.connect(catalog_url)
+    with engine.begin() as conn:
+        assert conn.execute(sa.select(sa.func.max(migrations.schema.c.version))).scalar() >= 14
+        conn.execute(tables.crashes.insert(), [
+            {"id": f"c{i:03d}", "time": NOW - i, "namespace": "team", "pod": f"pod-{i}", "image": f"svc-{i % 250}",
+             "exe": "/bin/x", "analysis": "pending", "meta": "{}"} for i in range(300)
+        ])  # fmt: skip
+        search.rebuild(conn)
+        monkeypatch.setattr(search, "_widest_start", lambda *_: None)  # each word of many values: walked
+        got = catalog.list_crashes(conn, catalog.Filters(search="pod- svc-"))
+        assert [r["id"] for r in got] == [f"c{i:03d}" for i in range(50)]
+        if engine.dialect.name != "sqlite":
+            return
+        match = search.crash_match(conn, "pod- svc-")
+        assert match.seeds is None and not match.group_text  # pods and images: no group read
+        query = sa.select(tables.crashes.c.id, tables.crashes.c.meta).where(*match.where)
+        query = query.order_by(tables.crashes.c.time.desc(), tables.crashes.c.id.desc()).limit(50)
+        sql = str(query.compile(conn, compile_kwargs={"literal_binds": True}))
+        plan = [row[-1] for row in conn.exec_driver_sql("EXPLAIN QUERY PLAN " + sql)]
+    engine.dispose()
+    assert f"SCAN crashes USING INDEX {search.WALK_INDEX}" in plan, plan
+    assert not any("TEMP B-TREE" in step for step in plan), plan

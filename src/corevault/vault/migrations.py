@@ -163,9 +163,14 @@ def _v13(conn: Connection) -> None:
     conn.exec_driver_sql("DROP INDEX IF EXISTS crashes_namespace_fingerprint")
 
 
+def _v14(conn: Connection) -> None:
+    """On SQLite, the walk of time with the columns a crash search checks (``crashes_time_search``)."""
+    search.create_walk_index(conn)
+
+
 #: Numbered schema migrations; a new one is appended, never edited.
 MIGRATIONS: list[Callable[[Connection], None]] = [
-    _v1, _v2, _v3, _v4, _v5, _v6, _v7, _v8, _v9, _v10, _v11, _v12, _v13,
+    _v1, _v2, _v3, _v4, _v5, _v6, _v7, _v8, _v9, _v10, _v11, _v12, _v13, _v14,
 ]  # fmt: skip
 
 
