@@ -98,6 +98,23 @@ def test_per_image_counts_and_new_in_an_image_per_reader(engine: sa.Engine) -> N
     assert "other/app:7" not in str(shop)  # nothing of team in what shop sees
 
 
+def test_a_group_list_seeks_its_repositories_images_by_the_index(tmp_path) -> None:
+    """On SQLite the page's repositories are ranges joined to ``group_namespaces_image``: an OR of
+    them read every image of the catalog, checking the OR on each."""
+    engine = catalog.connect(f"sqlite:///{tmp_path}/c.db")
+    for i in range(40):
+        add(engine, signature=f"g{i}", frames=["f"], namespace="shop", image=f"reg/app{i}:1", when=NOW - i)
+    seen: list[tuple[str, object]] = []
+    sa.event.listen(engine, "before_cursor_execute", lambda *a: seen.append((a[2], a[3])))
+    assert len(_groups(engine)) == 40
+    (sql, params), *_ = [(s, p) for s, p in seen if "min(group_namespaces.first_seen)" in s]
+    with engine.connect() as conn:
+        plan = [row[-1] for row in conn.exec_driver_sql("EXPLAIN QUERY PLAN " + sql, params)]
+    assert any("SEARCH group_namespaces USING COVERING INDEX group_namespaces_image" in s for s in plan), plan
+    assert not any(s.startswith("SCAN group_namespaces") for s in plan), plan
+    engine.dispose()
+
+
 def test_new_in_an_image_counts_the_images_of_its_repository_only(engine: sa.Engine) -> None:
     """The repository's images are read by byte ranges: its bare name, a digest, a tag, a registry's
     port, and a repository whose name starts with another's."""
