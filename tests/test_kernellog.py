@@ -2,7 +2,15 @@
 
 from __future__ import annotations
 
-from corevault.agent.kernellog import parse
+import os
+import time
+
+import pytest
+
+from corevault import config, spool
+from corevault.agent.kernellog import KMSG, KernelLog, from_kernel, parse
+from tests.conftest import Capture
+from tests.tenants import pod
 
 
 def test_a_skip_over_core_pipe_limit_is_a_lost_dump() -> None:
@@ -37,3 +45,66 @@ def test_warnings_about_settings_are_not_lost_dumps() -> None:
         is None
     )
     assert parse("m[24173]: segfault at 0 ip 0000559136037129 sp 00007ffdf6045940 error 6") is None
+
+
+def test_a_line_only_counts_from_its_start_and_from_the_kernel_at_warning_level() -> None:
+    quoted = "m[9]: segfault at 0 ip 0 sp 0 error 6 in coredump: 1(nginx): over core_pipe_limit, skipping core dump[1+2]"
+    assert parse(quoted) is None
+    assert parse("x[9]: segfault at 0 in coredump_pipe: 999 callbacks suppressed[1+2]") is None
+    assert from_kernel("4") and from_kernel("3") and not from_kernel("6")  # a segfault line is info
+    assert not from_kernel(str(1 << 3 | 4))  # written to /dev/kmsg by a process (LOG_USER)
+
+
+# A tenant's executables named as the kernel's own lines: the segfault line the kernel prints for
+# a crash (at the info level) ends with the executable's file name, unescaped.
+FORGED = (
+    "coredump: 1(nginx): over core_pipe_limit, skipping core dump",
+    "coredump_pipe: 999 callbacks suppressed",
+)
+
+
+def _kernel_messages(fd: int) -> list[str]:
+    """The messages /dev/kmsg holds past ``fd``'s position, moving it to the end."""
+    out = []
+    while True:
+        try:
+            raw = os.read(fd, 8192)
+        except BlockingIOError:
+            return out
+        except BrokenPipeError:
+            continue  # overwritten before it was read
+        out.append(raw.decode(errors="replace").partition(";")[2].split("\n", 1)[0])
+
+
+@pytest.mark.crash
+def test_lines_that_quote_a_tenants_file_name_invent_no_lost_dumps(capture: Capture, rootfs: str) -> None:
+    """A pod runs executables whose file names are a skip line and a rate-limit line: the kernel
+    prints both names inside its segfault lines, and neither is journaled as a dropped dump."""
+    settings = config.load(capture.config)
+    skipped: list[int] = []
+    follower = KernelLog(settings, on_skip=skipped.append)
+    follower.poll()  # from now on
+    seen = os.open(KMSG, os.O_RDONLY | os.O_NONBLOCK)
+    os.lseek(seen, 0, os.SEEK_END)
+    script = "; ".join(
+        f'cp /app/crasher "/data/dump-a/{name}" && "/data/dump-a/{name}" segv' for name in FORGED
+    )
+    printed: list[str] = []
+    try:
+        # The kernel prints at most ten segfault lines in five seconds (any crash on the host counts):
+        # crash again once a window is over until both lines were printed.
+        for _ in range(3):
+            capture.crash(rootfs, ["/bin/sh", "-c", script + "; exit 1"], annotations=pod("tenant-a", "a-0"))
+            printed += [m for m in _kernel_messages(seen) if "segfault" in m and any(f in m for f in FORGED)]
+            if all(any(f in m for m in printed) for f in FORGED):
+                break
+            time.sleep(6)
+    finally:
+        os.close(seen)
+    assert all(any(f in m for m in printed) for f in FORGED), (
+        f"the kernel printed no segfault line naming {FORGED}"
+    )
+    follower.poll()
+    follower.close()
+    invented = [r for r in spool.read_journal(capture.spool) if r.get("transport") == "kernel"]
+    assert not invented and not skipped, invented

@@ -13,6 +13,14 @@ rate-limits these lines (``…: N callbacks suppressed`` follows a burst): those
 journaled as one record with the count. The position read (the records' sequence
 number, with the boot's id) is kept in the state directory, so a restarted agent neither
 repeats nor misses what the ring buffer still holds; the first start begins at the end.
+
+A tenant names things the kernel prints in other lines: its comm starts the segfault line
+(``COMM[PID]: segfault at … in FILE[…]``, at the info level) and its executable's file name,
+unescaped and up to 255 bytes, ends it. A file named ``coredump: 1(nginx): over
+core_pipe_limit, skipping core dump`` would put a whole skip line inside that one. So a
+message counts only when the kernel itself logged it (facility 0) at the warning level or
+above, as every coredump and rate-limit line is, and only when it starts with what the
+kernel's own line starts with.
 """
 
 from __future__ import annotations
@@ -32,6 +40,8 @@ STATE_NAME = "kmsg.seq"
 #: ``coredump: PID(COMM): MESSAGE``; the comm (15 bytes) is escaped by the kernel (%pE, up to four
 #: characters a byte), so the last ``): `` within 64 characters ends it
 LINE = re.compile(r"coredump: (\d+)\((.{0,64})\): (.*)")
+#: the most severe level a line of another subsystem quoting a tenant's names has (KERN_INFO is 6)
+WARNING = 4
 #: what the kernel says when a dump is lost (other coredump lines are warnings about settings)
 LOST = ("skipping core dump", "aborting core", "failed")
 SUPPRESSED = re.compile(r"(\w*coredump\w*): (\d+) callbacks suppressed")
@@ -41,17 +51,26 @@ WARNINGS_ONLY = frozenset({"validate_coredump_safety"})
 
 
 def parse(message: str) -> dict | None:
-    """The journal record for one kernel log message, or None when it is not about a lost dump."""
-    if m := LINE.search(message):
+    """The journal record for one kernel log message, or None when it is not about a lost dump.
+
+    Both patterns must match from the message's start: a tenant's names fill the rest of lines.
+    """
+    if m := LINE.match(message):
         pid, comm, what = m.groups()
         if not any(word in what.lower() for word in LOST):
             return None
         reason = f"the kernel did not dump {comm} (pid {pid} in its namespace): {what.strip()}"
         return {"ns_pid": int(pid), "comm": comm, "reason": reason}
-    if (m := SUPPRESSED.search(message)) and m.group(1) not in WARNINGS_ONLY:
+    if (m := SUPPRESSED.fullmatch(message)) and m.group(1) not in WARNINGS_ONLY:
         n = int(m.group(2))
         return {"count": n, "reason": f"the kernel did not report {n} more coredump messages (rate-limited)"}
     return None
+
+
+def from_kernel(prefix: str) -> bool:
+    """Whether a /dev/kmsg record's prefix (facility << 3 | level) says the kernel logged it at
+    the warning level or above; what a process writes to /dev/kmsg has a facility of its own."""
+    return prefix.isdigit() and int(prefix) >> 3 == 0 and int(prefix) & 7 <= WARNING
 
 
 def _boot_id() -> str:
@@ -122,7 +141,7 @@ class KernelLog:
             if self.last is not None and seq <= self.last:
                 continue
             newest = seq
-            record = parse(body.split("\n", 1)[0])
+            record = parse(body.split("\n", 1)[0]) if from_kernel(fields[0]) else None
             if record is None:
                 continue
             stamp = self.boot + int(fields[2]) / 1e6 if fields[2].isdigit() else time.time()
