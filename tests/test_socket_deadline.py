@@ -156,3 +156,47 @@ def test_a_dump_whose_volume_stops_answering_is_called_off_at_its_deadline(
         assert os.listdir(spool.tmp_dir(s.settings.spool_dir)) == []
         assert [r["event"] for r in of_namespace(s.journal(), "tenant-a")] == ["dropped"]
         assert s.listener.outcomes == {"called off": 1, "captured": 1}
+
+
+def _held_in_spool(spool_dir: str) -> int:
+    """Bytes on disk of the spool's files this process still holds open after they were removed."""
+    held = 0
+    for fd in os.listdir("/proc/self/fd"):
+        try:
+            target = os.readlink(f"/proc/self/fd/{fd}")
+            if target.startswith(spool_dir + "/") and target.endswith(" (deleted)"):
+                held += os.fstat(int(fd)).st_blocks * 512
+        except OSError:
+            continue  # closed meanwhile
+    return held
+
+
+def test_a_called_off_dump_blocked_for_good_keeps_no_room_of_the_spool(
+    rootfs: str, programs: dict[str, str], tmp_path
+) -> None:
+    """A pod's core of 48 MiB that does not compress, its executable on a FUSE mount that stops
+    answering: the dump is read and its process let go, then its thread blocks on the executable
+    until the deadline calls it off. Its copy of the core, removed from the spool, must not keep its
+    blocks on the spool's filesystem (unseen by the spool's accounting) while the thread waits."""
+    source = tmp_path / "served"
+    source.mkdir()
+    shutil.copy(programs["hang"], source / "hang")
+    with socket_capture(parallel=1) as s, fusefs.local(str(source)) as served:
+        s.settings.timeout = 4
+        fuse = [{"destination": "/served", "type": "bind", "source": served.path, "options": ["rbind", "rw"]}]
+        a = runc.Container(rootfs, ["/bin/sh", "-c", "/served/hang noise 48; true"], volume=s.volume,
+                           annotations=pod("tenant-a", "a-0"), mounts=fuse)  # fmt: skip
+        try:
+            with a.running():
+                [pid] = processes(b"/served/hang\x00noise")
+                os.kill(served.pid, signal.SIGSTOP)  # the pod's server answers no more
+                os.kill(pid, signal.SIGSEGV)
+                [dropped] = wait_for(lambda: of_namespace(s.journal(), "tenant-a"), 60)
+            assert dropped["event"] == "dropped" and "after the process was let go" in dropped["reason"]
+            assert serving_settles_at(1)  # its thread still waits on the executable
+            assert os.listdir(spool.tmp_dir(s.settings.spool_dir)) == []
+            assert _held_in_spool(s.settings.spool_dir) < 1 << 20
+        finally:
+            os.kill(served.pid, signal.SIGCONT)
+        assert s.listener.wait_idle(60)
+        assert s.entries() == []

@@ -4,8 +4,10 @@
  *   hang spin       a thread spins; on exit it prints the longest pause it saw (in µs),
  *                   which is how long the process was stopped from its own point of view
  *   hang alloc N    N MiB touched, and a spinner as above
+ *   hang noise N    N MiB of pseudo-random bytes (a core that does not compress)
  */
 #include <pthread.h>
+#include <stdint.h>
 #include <stdio.h>
 #include <stdlib.h>
 #include <string.h>
@@ -48,6 +50,8 @@ __attribute__((noinline)) void spin_forever(void) {
 
 static void *spinner(void *p) { spin_forever(); return p; }
 
+static uint64_t *volatile noise;
+
 int main(int argc, char **argv) {
     const char *mode = argc > 1 ? argv[1] : "deadlock";
     const char *release = argc > 3 ? argv[3] : "/data/dump-a/release";
@@ -63,6 +67,14 @@ int main(int argc, char **argv) {
         size_t size = (size_t)(argc > 2 ? strtoul(argv[2], NULL, 10) : 100) << 20;
         unsigned char *mem = malloc(size);
         for (size_t off = 0; off < size; off += 4096) mem[off] = (unsigned char)(off >> 12) | 1;
+    } else if (!strcmp(mode, "noise")) {
+        size_t size = (size_t)(argc > 2 ? strtoul(argv[2], NULL, 10) : 16) << 20;
+        uint64_t *mem = malloc(size), x = 88172645463325252ULL;
+        noise = mem;  /* kept: the bytes must be in the core */
+        for (size_t i = 0; i < size / 8; i++) {  /* xorshift64 */
+            x ^= x << 13, x ^= x >> 7, x ^= x << 17;
+            mem[i] = x;
+        }
     }
     printf("ready\n");
     fflush(stdout);

@@ -17,6 +17,7 @@ calling off never waits for a tenant.
 from __future__ import annotations
 
 import _thread
+import os
 
 from corevault import config
 from corevault.capture.admission import journal
@@ -24,6 +25,34 @@ from corevault.capture.admission import journal
 TYPE_CHECKING = False  # typing.TYPE_CHECKING would import typing
 if TYPE_CHECKING:
     from collections.abc import Callable
+
+
+def _empty(entry_tmp: str) -> None:
+    """Cut the entry's files to nothing before they are removed.
+
+    The thread still writing the entry holds them open (its copy of the core), and a thread
+    blocked for good never closes them: removed, they would keep their blocks, as many as the
+    pod's share let it write, on the spool's filesystem for as long as it waits, where the spool's
+    accounting (a walk of its directories) no longer sees them: a few pods' cores of a namespace,
+    called off one after the other, would take the room of every other tenant's next crash.
+    """
+    try:
+        names = os.listdir(entry_tmp)
+    except OSError:
+        return
+    for name in names:
+        try:
+            fd = os.open(
+                os.path.join(entry_tmp, name), os.O_WRONLY | os.O_NOFOLLOW | os.O_NONBLOCK | os.O_CLOEXEC
+            )
+        except OSError:
+            continue  # a directory, or gone meanwhile
+        try:
+            os.ftruncate(fd, 0)
+        except OSError:
+            pass
+        finally:
+            os.close(fd)
 
 
 class CalledOff(Exception):
@@ -105,6 +134,7 @@ class Call:
                 # handler imports this module (delivery does) on every crash, where it is never used
                 import shutil
 
+                _empty(tmp)
                 shutil.rmtree(tmp, ignore_errors=True)
             record = {**(self.record or {"transport": "socket"}), "event": "dropped", "reason": self.reason}
             if self.volume is not None:
