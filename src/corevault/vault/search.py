@@ -443,7 +443,12 @@ def crash_match(conn: Connection, q: str, page: int = 50, scope: sa.Select | Non
         whole = [(kind, value) for _, kind, value in found if kind in CRASH_KINDS and len(value) < VALUE_MAX]
         equal = [c[kind] == value for kind, value in whole]
         equal += [c[kind].startswith(value, autoescape=True) for kind, value in cut]
-        checked = [_walked(c[kind]).in_([v for k, v in whole if k == kind]) for kind in CRASH_KINDS]
+        # a column none of the word's values is of is not checked: an empty IN is still a lookup per crash
+        checked = [
+            _walked(c[kind]).in_(of_kind)
+            for kind in CRASH_KINDS
+            if (of_kind := [v for k, v in whole if k == kind])
+        ]
         checked += [_walked(c[kind]).startswith(value, autoescape=True) for kind, value in cut]
         ids = [i for i, kind, _ in found if kind in GROUP_KINDS]
         held_by = _held_by(conn, ids) if ids else []
@@ -453,7 +458,8 @@ def crash_match(conn: Connection, q: str, page: int = 50, scope: sa.Select | Non
             where.append(sa.or_(*checked, _walked(c.signature).in_(of_groups)))
             continue
         equal += [c.signature == s for s in held_by]
-        where.append(sa.or_(*checked, _walked(c.signature).in_(held_by)))
+        by_group = [_walked(c.signature).in_(held_by)] if held_by else []
+        where.append(sa.or_(sa.false(), *checked, *by_group))
         if len(equal) <= SEEDS and (seeds is None or len(equal) < len(seeds)):
             seeds = equal
     if seeds is None and wide:
