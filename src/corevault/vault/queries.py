@@ -326,7 +326,7 @@ def list_groups(
     for g in found:
         g["count"] = int(g["count"])
         g["namespaces"], g["per_image"], g["daily"] = set(), {}, [0] * days
-    where = [gn.signature.in_(list(by_sig)), *rows_scope]
+    where = [fts.among(conn, gn.signature, list(by_sig)), *rows_scope]
     for sig, ns, img, n, first, last in conn.execute(
         sa.select(gn.signature, gn.namespace, gn.image, gn.count, gn.first_seen, gn.last_seen).where(*where)
     ):
@@ -337,7 +337,7 @@ def list_groups(
         seen["first_seen"], seen["last_seen"] = min(seen["first_seen"], first), max(seen["last_seen"], last)
     gd = group_days.c
     daily = sa.select(gd.signature, gd.day, sa.func.sum(gd.count)).where(
-        gd.signature.in_(list(by_sig)), gd.day > today - days
+        fts.among(conn, gd.signature, list(by_sig)), gd.day > today - days
     )
     if visible is not None:
         daily = daily.where(gd.namespace.in_(sorted(visible)))
