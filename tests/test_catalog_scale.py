@@ -216,29 +216,34 @@ def test_a_search_of_two_common_words_finds_what_a_reading_of_every_crash_finds(
 def test_the_walk_of_a_crash_search_reads_its_index_not_the_crashes_rows(
     catalog_url: str, monkeypatch: pytest.MonkeyPatch
 ) -> None:
-    """Version 14 brings, on SQLite, the index whose own columns the words of a search walked newest
-    first are checked on: a crash's row is read once it matches (the plan names the index, with no
-    sort). PostgreSQL goes through the version unchanged."""
+    """Versions 14 and 16 bring, on SQLite, the indexes whose own columns the words of a search walked
+    newest first are checked on, over every namespace and in one: a crash's row is read once it
+    matches (the plan names the index, with no sort). PostgreSQL goes through the versions unchanged."""
     catalog_at(catalog_url, 13).dispose()
     engine = catalog.connect(catalog_url)
+    c = tables.crashes.c
     with engine.begin() as conn:
-        assert conn.execute(sa.select(sa.func.max(migrations.schema.c.version))).scalar() >= 14
+        assert conn.execute(sa.select(sa.func.max(migrations.schema.c.version))).scalar() >= 16
         conn.execute(tables.crashes.insert(), [
-            {"id": f"c{i:03d}", "time": NOW - i, "namespace": "team", "pod": f"pod-{i}", "image": f"svc-{i % 250}",
-             "exe": "/bin/x", "analysis": "pending", "meta": "{}"} for i in range(300)
+            {"id": f"c{i:03d}", "time": NOW - i, "namespace": f"team-{i % 2}", "pod": f"pod-{i}",
+             "image": f"svc-{i % 250}", "exe": "/bin/x", "analysis": "pending", "meta": "{}"} for i in range(600)
         ])  # fmt: skip
         search.rebuild(conn)
         monkeypatch.setattr(search, "_widest_start", lambda *_: None)  # each word of many values: walked
-        got = catalog.list_crashes(conn, catalog.Filters(search="pod- svc-"))
-        assert [r["id"] for r in got] == [f"c{i:03d}" for i in range(50)]
+        for visible, first in ((None, range(50)), (frozenset({"team-1"}), range(1, 100, 2))):
+            got = catalog.list_crashes(conn, catalog.Filters(search="pod- svc-", visible=visible))
+            assert [r["id"] for r in got] == [f"c{i:03d}" for i in first]
         if engine.dialect.name != "sqlite":
             return
         match = search.crash_match(conn, "pod- svc-")
         assert match.seeds is None and not match.group_text  # pods and images: no group read
-        query = sa.select(tables.crashes.c.id, tables.crashes.c.meta).where(*match.where)
-        query = query.order_by(tables.crashes.c.time.desc(), tables.crashes.c.id.desc()).limit(50)
-        sql = str(query.compile(conn, compile_kwargs={"literal_binds": True}))
-        plan = [row[-1] for row in conn.exec_driver_sql("EXPLAIN QUERY PLAN " + sql)]
+        plans = []
+        for scope in ([], [c.namespace.in_(["team-1"])]):
+            query = sa.select(c.id, c.meta).where(*match.where, *scope).order_by(c.time.desc(), c.id.desc())
+            sql = str(query.limit(50).compile(conn, compile_kwargs={"literal_binds": True}))
+            plans.append([row[-1] for row in conn.exec_driver_sql("EXPLAIN QUERY PLAN " + sql)])
     engine.dispose()
-    assert f"SCAN crashes USING INDEX {search.WALK_INDEX}" in plan, plan
-    assert not any("TEMP B-TREE" in step for step in plan), plan
+    every, one = plans
+    assert f"SCAN crashes USING INDEX {search.WALK_INDEX}" in every, every
+    assert f"SEARCH crashes USING INDEX {search.NAMESPACE_WALK_INDEX} (namespace=?)" in one, one
+    assert not any("TEMP B-TREE" in step for step in every + one), plans

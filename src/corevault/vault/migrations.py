@@ -177,9 +177,15 @@ def _v15(conn: Connection) -> None:
     )
 
 
+def _v16(conn: Connection) -> None:
+    """On SQLite, a namespace's walk of time with the columns a crash search checks, in place of the
+    narrow walks of time (``crashes_namespace_search``)."""
+    search.create_namespace_walk_index(conn)
+
+
 #: Numbered schema migrations; a new one is appended, never edited.
 MIGRATIONS: list[Callable[[Connection], None]] = [
-    _v1, _v2, _v3, _v4, _v5, _v6, _v7, _v8, _v9, _v10, _v11, _v12, _v13, _v14, _v15,
+    _v1, _v2, _v3, _v4, _v5, _v6, _v7, _v8, _v9, _v10, _v11, _v12, _v13, _v14, _v15, _v16,
 ]  # fmt: skip
 
 

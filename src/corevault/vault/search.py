@@ -150,12 +150,16 @@ def create(conn: Connection) -> None:
         )
 
 
-#: the crash search's walk newest first, on SQLite: the columns its words are checked on come
-#: from the index, so a crash is read only once it matches. Walking ``crashes_time`` read each
-#: crash's row for the check: 16,000 rows for a page of two words rare together (``svc-3 pod-42``),
-#: 88.6 ms at 1,000,000 crashes against 21.0 ms (docs/vault.md)
+#: the crash search's walks newest first, on SQLite, of every crash and of a namespace's: the columns
+#: its words are checked on come from the index, so a crash's row is read only once it matches.
+#: Walking ``crashes_time`` read each crash's row for the check: 16,000 rows for a page of two words
+#: rare together (``svc-3 pod-42``), 88.6 ms at 1,000,000 crashes against 21.0 ms (docs/vault.md)
 WALK_INDEX = "crashes_time_search"
 WALK_COLUMNS = ("time", "id", "namespace", "pod", "image", "exe", "signature")
+#: the walk of a reader of one namespace: ``(namespace, time)`` read all 25,080 crashes' rows of
+#: one for the same two words (145 ms), these entries 29 ms
+NAMESPACE_WALK_INDEX = "crashes_namespace_search"
+NAMESPACE_WALK_COLUMNS = ("namespace", "time", "id", "pod", "image", "exe", "signature")
 
 
 def create_walk_index(conn: Connection) -> None:
@@ -164,6 +168,16 @@ def create_walk_index(conn: Connection) -> None:
     if conn.dialect.name == "sqlite":
         columns = ", ".join(WALK_COLUMNS)
         conn.exec_driver_sql(f"CREATE INDEX IF NOT EXISTS {WALK_INDEX} ON crashes ({columns})")
+
+
+def create_namespace_walk_index(conn: Connection) -> None:
+    """``NAMESPACE_WALK_INDEX``, on SQLite, in place of ``(namespace, time)``, and ``(time)`` dropped
+    there too: each wide index serves every use of the narrow one it starts as."""
+    if conn.dialect.name == "sqlite":
+        columns = ", ".join(NAMESPACE_WALK_COLUMNS)
+        conn.exec_driver_sql(f"CREATE INDEX IF NOT EXISTS {NAMESPACE_WALK_INDEX} ON crashes ({columns})")
+        conn.exec_driver_sql("DROP INDEX IF EXISTS crashes_namespace_time")
+        conn.exec_driver_sql("DROP INDEX IF EXISTS crashes_time")
 
 
 def _cut(value: object) -> str | None:
