@@ -12,7 +12,7 @@ import sqlalchemy as sa
 
 from corevault.vault import catalog, migrations, search, tables
 from tests.conftest import catalog_at
-from tests.triage_data import add, report
+from tests.triage_data import add, many_rows, report
 
 NOW = int(time.time())
 HOUR = 3600
@@ -168,16 +168,7 @@ def test_a_search_of_two_common_words_finds_what_a_reading_of_every_crash_finds(
     monkeypatch.setattr(search, "FEW", 6)  # the catalog's sizes, scaled down with the catalog
     monkeypatch.setattr(search, "SEEDS", 3)
     engine = catalog.connect(catalog_url)
-    rows = [
-        {"id": f"c{i:04d}", "time": NOW - 7 * i % 900, "node": "n", "namespace": f"team-{i % 3}",
-         "pod": f"team-{i % 3}-pod-{i * 7 % 40}", "container": "app", "image": f"registry.example/svc-{i % 5}:{i % 4}",
-         "signal": 11, "signal_name": "SIGSEGV", "exe": "/usr/bin/service", "size": 1, "stored_size": 1,
-         "truncated": False, "signature": f"{i % 9:016x}", "title": f"SIGSEGV in handler_{i % 9}",
-         "analysis": "done" if i % 10 else "pending", "meta": "{}"}
-        for i in range(400)
-    ]  # fmt: skip
-    for row in rows[::10]:  # not analysed yet: no group, found by its own columns
-        row["signature"] = row["title"] = None
+    rows = many_rows(NOW, 3)  # every tenth not analysed: no group, found by its own columns
     with engine.begin() as conn:
         conn.execute(tables.crashes.insert(), rows)
         conn.execute(tables.groups.insert(), [

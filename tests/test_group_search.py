@@ -10,23 +10,9 @@ import sqlalchemy as sa
 
 from corevault.vault import catalog, search, tables
 from tests.conftest import catalog_at
-from tests.triage_data import add
+from tests.triage_data import add, many_rows
 
 NOW = int(time.time())
-
-
-def _rows() -> list[dict]:
-    rows = [
-        {"id": f"c{i:04d}", "time": NOW - 7 * i % 900, "node": "n", "namespace": f"team-{i % 4}",
-         "pod": f"team-{i % 4}-pod-{i * 7 % 40}", "container": "app", "image": f"registry.example/svc-{i % 5}:{i % 4}",
-         "signal": 11, "signal_name": "SIGSEGV", "exe": "/usr/bin/service", "size": 1, "stored_size": 1,
-         "truncated": False, "signature": f"{i % 9:016x}", "title": f"SIGSEGV in handler_{i % 9}",
-         "analysis": "done" if i % 10 else "pending", "meta": "{}"}
-        for i in range(400)
-    ]  # fmt: skip
-    for row in rows[::10]:  # not analysed yet: in no group
-        row["signature"] = row["title"] = None
-    return rows
 
 
 def _counted(rows: list[dict], visible: frozenset[str] | None) -> list[dict]:
@@ -62,7 +48,7 @@ def test_a_group_search_finds_page_by_page_what_a_reading_of_every_crash_finds(
     """Each word's groups are named by literals (few values, few groups), by a subquery of its
     values (few values held by many groups: ``usr/bin``) or checked on each group of the walk
     (many values): the same groups, in the same order, page after page."""
-    rows = _rows()
+    rows = many_rows(NOW, 4)  # each group in every namespace, its pods in one
     engine = catalog.connect(catalog_url)
     with engine.begin() as conn:
         conn.execute(tables.crashes.insert(), rows)

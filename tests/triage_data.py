@@ -55,3 +55,20 @@ def add(
         catalog.add_crash(conn, meta, "pending")
         catalog.record_analysis(conn, crash_id, report(signature, frames, signal))
     return crash_id
+
+
+def many_rows(now: int, namespaces: int, count: int = 400) -> list[dict]:
+    """``count`` crash rows of 9 groups over ``namespaces`` namespaces, 40 pods each, 5 images and
+    one executable, for a search's words of few and many values; every tenth not analysed yet
+    (in no group)."""
+    rows = [
+        {"id": f"c{i:04d}", "time": now - 7 * i % 900, "node": "n", "namespace": f"team-{i % namespaces}",
+         "pod": f"team-{i % namespaces}-pod-{i * 7 % 40}", "container": "app",
+         "image": f"registry.example/svc-{i % 5}:{i % 4}", "signal": 11, "signal_name": "SIGSEGV",
+         "exe": "/usr/bin/service", "size": 1, "stored_size": 1, "truncated": False, "signature": f"{i % 9:016x}",
+         "title": f"SIGSEGV in handler_{i % 9}", "analysis": "done" if i % 10 else "pending", "meta": "{}"}
+        for i in range(count)
+    ]  # fmt: skip
+    for row in rows[::10]:
+        row["signature"] = row["title"] = None
+    return rows
