@@ -1,7 +1,8 @@
 """Fleet benchmark: many node agents shipping into one PostgreSQL and one S3, and the catalog at size.
 
     python -m bench.fleet [--agents 50] [--per-agent 40] [--catalog-per-agent 200] [--batch 64]
-                          [--ingest-runs 2] [--ingest-only] [--rows 1000000] [--groups 20000] [--runs 25]
+                          [--ingest-runs 2] [--ingest-only | --size-only] [--rows 1000000] [--groups 20000]
+                          [--runs 25] [--baseline SRC]
 
 Measured in one run against a real SeaweedFS (``weed mini``) and a real PostgreSQL on 127.0.0.1:
 
@@ -36,7 +37,10 @@ Measured in one run against a real SeaweedFS (``weed mini``) and a real PostgreS
    both servers answer. p50 of the group list, a namespace's crash list and the triage
    search (goal ≤ 50 ms each), and each as a ratio to ``/healthz`` (the fixed cost of a
    request here). A group ignored through one server and read back through the other shows
-   that they share nothing but the database.
+   that they share nothing but the database. With ``--baseline SRC`` (another tree's ``src/``,
+   e.g. ``git archive COMMIT src | tar -x -C DIR``) two more servers run that tree's code on the
+   same catalog (this tree's schema) behind an address of their own, and each request is
+   measured on both in turn: each line gives the baseline's p50 and this tree's as a ratio of it.
 
 The machine has 2 cores shared with other work: every figure is the median of ``--runs``.
 """
@@ -58,7 +62,7 @@ import tempfile
 import threading
 import time
 from collections.abc import Iterator
-from contextlib import contextmanager, suppress
+from contextlib import ExitStack, contextmanager, suppress
 from dataclasses import dataclass
 
 import httpx
@@ -491,42 +495,61 @@ CASES = [
 ]
 
 
-def bench_size(pg: servers.Postgres, rows: int, groups: int, runs: int) -> None:
+#: how the servers of ``--baseline`` run: the ``corevault`` package of another tree's ``src/``
+BASELINE = (
+    "import sys; sys.path.insert(0, sys.argv.pop(1)); from corevault.cli.app import main; sys.exit(main())"
+)
+
+
+def bench_size(pg: servers.Postgres, rows: int, groups: int, runs: int, baseline: str | None = None) -> None:
     url = pg.database("fleet_size")
     load(url, rows, groups)
     state = tempfile.mkdtemp(prefix="cv-bench-fleet-serve-")
     procs: list[subprocess.Popen] = []
+    trees = {"this tree": [CLI]}
+    if baseline:  # the same catalog (this tree's schema) served by another tree's code
+        trees["baseline"] = [sys.executable, "-c", BASELINE, os.path.abspath(baseline)]
     try:
         tokens = os.path.join(state, "tokens.toml")
         with open(tokens, "w") as f:
             f.write(f'[[token]]\nname = "admin"\ntoken = "{ADMIN}"\nnamespaces = ["*"]\nupdate = true\n'
                     f'[[token]]\nname = "team-7"\ntoken = "{TEAM}"\nnamespaces = ["team-7"]\n')  # fmt: skip
         os.chmod(tokens, 0o600)
-        ports = []
-        for n in range(2):  # each its own state directory: nothing shared but the database
-            cfg = os.path.join(state, f"server{n}.toml")
-            with open(cfg, "w") as f:
-                f.write(f'state_dir = "{state}/server{n}"\n[vault]\ncatalog = "{url}"\n')
-            ports.append(servers.free_port())
-            procs.append(subprocess.Popen(
-                [CLI, "-c", cfg, "serve", "--listen", f"127.0.0.1:{ports[-1]}", "--tokens", tokens],
-                stderr=open(os.path.join(state, f"server{n}.log"), "wb"),  # noqa: SIM115
-            ))  # fmt: skip
-        for port in ports:
+        ports: dict[str, list[int]] = {}
+        for tree, command in trees.items():
+            ports[tree] = []
+            for _ in range(2):  # each its own state directory: nothing shared but the database
+                n = len(procs)
+                cfg = os.path.join(state, f"server{n}.toml")
+                with open(cfg, "w") as f:
+                    f.write(f'state_dir = "{state}/server{n}"\n[vault]\ncatalog = "{url}"\n')
+                ports[tree].append(servers.free_port())
+                procs.append(subprocess.Popen(
+                    [*command, "-c", cfg, "serve", "--listen", f"127.0.0.1:{ports[tree][-1]}", "--tokens", tokens],
+                    stderr=open(os.path.join(state, f"server{n}.log"), "wb"),  # noqa: SIM115
+                ))  # fmt: skip
+        for port in itertools.chain(*ports.values()):
             servers.wait_port(port)
-        shared_database(ports)
-        with proxy(ports) as port, httpx.Client(timeout=120) as one, httpx.Client(timeout=120) as two:
-            # one keep-alive connection each through the one address: the proxy gives them a server each
-            clients = [one, two]
-            for c in clients:
-                c.base_url = httpx.URL(f"http://127.0.0.1:{port}")
-            base = p50(clients, "/healthz", ADMIN, runs)
-            print(f"two servers behind 127.0.0.1:{port}; p50 of {runs} requests taking turns on both; "
-                  f"/healthz {base:.1f} ms (goal: p50 <= 50 ms)")  # fmt: skip
+        shared_database(ports["this tree"])
+        with ExitStack() as stack:
+            # per tree, one keep-alive connection each through the one address: the proxy gives them a server each
+            clients = {}
+            for tree in trees:
+                port = stack.enter_context(proxy(ports[tree]))
+                clients[tree] = [
+                    stack.enter_context(httpx.Client(timeout=120, base_url=f"http://127.0.0.1:{port}"))
+                    for _ in range(2)
+                ]
+            also = ", two of the baseline behind another" if baseline else ""
+            print(f"two servers behind one address{also}; p50 of {runs} requests taking turns on both "
+                  "(goal: p50 <= 50 ms)")  # fmt: skip
+            base = {tree: p50(clients[tree], "/healthz", ADMIN, runs) for tree in trees}
+            print(f"  {'/healthz':<42} {base['this tree']:7.1f} ms" + _against(base, base))
             for label, path, token in CASES:
-                ms = p50(clients, path, token, runs)
-                goal = "" if ms <= 50 else "  (goal <= 50 ms NOT met)"
-                print(f"  {label:<42} {ms:7.1f} ms  {ms / base:5.1f} x /healthz{goal}")
+                ms = {tree: p50(clients[tree], path, token, runs) for tree in trees}
+                goal = "" if ms["this tree"] <= 50 else "  (goal <= 50 ms NOT met)"
+                print(f"  {label:<42} {ms['this tree']:7.1f} ms  {ms['this tree'] / base['this tree']:5.1f} x /healthz"
+                      f"{goal}{_against(ms, base)}")  # fmt: skip
     except httpx.HTTPStatusError:
         for n in range(len(procs)):
             with open(os.path.join(state, f"server{n}.log")) as f:
@@ -538,6 +561,13 @@ def bench_size(pg: servers.Postgres, rows: int, groups: int, runs: int) -> None:
         for p in procs:
             p.wait(30)
         shutil.rmtree(state, ignore_errors=True)
+
+
+def _against(ms: dict[str, float], base: dict[str, float]) -> str:
+    """The baseline's figure and this tree's as a ratio of it, when there is a baseline."""
+    if "baseline" not in ms:
+        return ""
+    return f"  | baseline {ms['baseline']:7.1f} ms, this tree {ms['this tree'] / ms['baseline']:4.2f} x the baseline"
 
 
 def shared_database(ports: list[int]) -> None:
@@ -568,11 +598,16 @@ def main() -> int:
         "--catalog-per-agent", type=int, default=200, help="records per agent, the catalog's part"
     )
     ap.add_argument("--ingest-only", action="store_true", help="skip the catalog at size")
+    ap.add_argument("--size-only", action="store_true", help="skip the ingest")
+    ap.add_argument(
+        "--baseline", metavar="SRC", help="another tree's src/: its servers answer the same requests"
+    )
     a = ap.parse_args()
     with servers.seaweed() as w, servers.postgres() as pg:
-        bench_ingest(w, pg, a.agents, a.per_agent, a.batch, a.ingest_runs, a.catalog_per_agent)
+        if not a.size_only:
+            bench_ingest(w, pg, a.agents, a.per_agent, a.batch, a.ingest_runs, a.catalog_per_agent)
         if not a.ingest_only:
-            bench_size(pg, a.rows, a.groups, a.runs)
+            bench_size(pg, a.rows, a.groups, a.runs, a.baseline)
     return 0
 
 
