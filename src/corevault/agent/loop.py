@@ -34,6 +34,7 @@ from corevault.agent import ship, storeclean
 from corevault.agent.analyses import AnalysisPool, worker_count
 from corevault.agent.kernellog import KernelLog
 from corevault.agent.metrics import Metrics
+from corevault.agent.procevents import ProcEvents
 from corevault.vault import blobs, catalog, retention
 from corevault.vault.crashes import LocalVault
 
@@ -96,6 +97,11 @@ class Agent:
         self.analyses: AnalysisPool | None = None
         #: the dumps the kernel skipped, journaled from its log on every pass
         self.kernel_log = KernelLog(settings, on_skip=self.metrics.kernel_skipped.inc)
+        #: every core-signal death, so a skip the kernel's rate-limited log leaves out is journaled
+        #: too: listened to by a long-running loop while core_pattern is the one it installed (the
+        #: node's crashes are then its own to account for)
+        self.proc_events: ProcEvents | None = None
+        self.listen = False
 
     def connect(self) -> LocalVault:
         vault = self.vault
@@ -140,6 +146,7 @@ class Agent:
         self.check_installed()
         spool.ensure(s.spool_dir)
         self.kernel_log.poll()
+        self._follow_deaths()
         ship.clean_abandoned(s)
         try:
             vault = self.connect()
@@ -238,6 +245,7 @@ class Agent:
     def run(self, once: bool = False) -> int:
         """Loop until stopped; with ``once``, until the spool is empty or nothing more can be done."""
         bound_heap()
+        self.listen = not once
         for sig in (signal.SIGTERM, signal.SIGINT):
             if threading.current_thread() is threading.main_thread():
                 signal.signal(sig, lambda *_: self.stop.set())
@@ -265,7 +273,23 @@ class Agent:
         self._close()
         return 0
 
+    def _follow_deaths(self) -> None:
+        """Reconcile the deaths seen since the last pass, after the kernel's log was read (a death
+        it names is not journaled again); listen only while corevault's capture is installed."""
+        if self.listen and self.installed and self.proc_events is None:
+            events = ProcEvents(self.settings, on_drop=self.metrics.kernel_skipped.inc)
+            self.listen = events.start()  # where the connector cannot be had, said once
+            self.proc_events = events if self.listen else None
+        elif not self.installed and self.proc_events is not None:
+            self.proc_events.close()
+            self.proc_events = None
+        if self.proc_events is not None:
+            self.proc_events.reconcile()
+
     def _close(self) -> None:
+        if self.proc_events is not None:
+            self.proc_events.close()
+            self.proc_events = None
         if self.analyses is not None:
             self.analyses.close()
             self.analyses = None

@@ -24,7 +24,7 @@ class Metrics:
         )
         self.kernel_skipped = Counter(
             "corevault_kernel_skipped_dumps",
-            "Dumps the kernel skipped (over core_pipe_limit, or no handler), from its log",
+            "Dumps the kernel skipped (over core_pipe_limit, or no handler), from its log and process events",
             registry=r,
         )
         self.failures = Counter(

@@ -1,0 +1,153 @@
+"""Every core-signal death is journaled once, even when the kernel's log has stopped naming skips.
+
+The kernel names at most ten skipped dumps in five seconds. With the only pipe slot held by
+tenant A's dump, twelve host processes crash (ten named in the log, two not), then tenant B's
+pod crashes (not named either): the kernel's process events connector accounts for the three
+the log left out, B's under its pod, and nothing is journaled twice.
+"""
+
+from __future__ import annotations
+
+import faulthandler
+import os
+import resource
+import signal
+import subprocess
+import time
+
+import pytest
+
+from corevault import config, spool
+from corevault.agent.kernellog import KernelLog
+from corevault.agent.procevents import ProcEvents
+from corevault.hostsetup import SYSCTLS, write_sysctl
+from testbed import runc
+from tests.conftest import Capture
+from tests.tenants import held_handler, of_namespace, pod
+from tests.test_tenant_slots import running_pid, skip_lines_named_again
+from tests.waiting import wait_for
+
+pytestmark = pytest.mark.crash
+
+GRACE = 2.0
+
+
+def records_of(capture: Capture, host_pid: int) -> list[dict]:
+    """The records of a host process: the kernel's log names it by its PID (the host's own)."""
+    return [
+        r for r in spool.read_journal(capture.spool)
+        if r.get("pid") == host_pid or (r.get("source") == "kernel log" and r.get("ns_pid") == host_pid)
+    ]  # fmt: skip
+
+
+def settle(follower: KernelLog, events: ProcEvents) -> None:
+    """One pass as the agent makes it (the kernel's log first), then one past every grace period."""
+    follower.poll()
+    events.reconcile()
+    later = time.monotonic() + 10 * GRACE
+    events.reconcile(later)
+    events.reconcile(later + 10 * GRACE)
+
+
+def test_skips_the_kernel_log_leaves_out_are_journaled_once(capture: Capture, rootfs: str, programs) -> None:
+    settings = config.load(capture.config)
+    follower = KernelLog(settings)
+    follower.poll()  # from now on
+    events = ProcEvents(settings, grace=GRACE)
+    assert events.start(), "the kernel's process events connector could not be had"
+    try:
+        write_sysctl(SYSCTLS["core_pipe_limit"], "1")  # the capture fixture restores it
+        a = runc.Container(rootfs, ["/app/crasher", "alloc", "256"], volume=capture.volume,
+                           annotations=pod("tenant-a", "a-0"))  # fmt: skip
+        hosts: list[int] = []
+        with held_handler(capture.handler, a.run, reading=True, crashed=lambda: running_pid(a)) as held:
+            assert held, "tenant A's dump was expected to hold the only pipe slot"
+            a_pid = running_pid(a)
+            skip_lines_named_again()  # the twelve open a window of the kernel's log of their own
+            for _ in range(12):
+                host = subprocess.Popen([programs["crasher"], "segv"])
+                host.wait()
+                hosts.append(host.pid)
+            # B's process holds 64 MiB: its exit takes long enough for its pod to be read
+            capture.crash(rootfs, ["/app/crasher", "alloc", "64"], annotations=pod("tenant-b", "b-0"))
+
+        def all_journaled() -> bool:
+            follower.poll()
+            events.reconcile()
+            return all(records_of(capture, p) for p in hosts) and bool(
+                of_namespace(capture.journal(), "tenant-b")
+            )
+
+        wait_for(all_journaled, "a record of each of the thirteen crashes", timeout=30)
+        wait_for(lambda: of_namespace(capture.journal(), "tenant-a"), "tenant A's record", timeout=30)
+        settle(follower, events)
+    finally:
+        events.close()
+        follower.close()
+
+    by_log = 0
+    for p in hosts:
+        mine = records_of(capture, p)
+        assert len(mine) == 1, mine
+        by_log += mine[0]["source"] == "kernel log"
+    assert by_log <= 10  # the kernel's log named no more than ten: the rest came from the connector
+    (b,) = of_namespace(capture.journal(), "tenant-b")
+    assert b["event"] == "dropped" and b["source"] == "process events", b
+    assert b["pod"]["name"] == "b-0" and "core_pipe_limit" in b["reason"], b
+    # tenant A's dump was captured by its handler: no record of the connector besides
+    a_records = of_namespace(capture.journal(), "tenant-a")
+    assert [r["event"] for r in a_records] == ["captured"], a_records
+    assert not [r for r in capture.journal(a_pid) if r.get("source") == "process events"]
+
+
+def _crash_host_processes(n: int) -> list[int]:
+    pids = []
+    for _ in range(n):
+        pid = os.fork()
+        if pid == 0:  # pragma: no cover - the child only dies
+            resource.setrlimit(resource.RLIMIT_CORE, (1, 1))  # the kernel pipes no core: nothing is held
+            faulthandler.disable()  # pytest's: the death is meant
+            signal.signal(signal.SIGSEGV, signal.SIG_DFL)
+            os.kill(os.getpid(), signal.SIGSEGV)
+            os._exit(1)
+        pids.append(pid)
+    for pid in pids:
+        os.waitpid(pid, 0)
+    return pids
+
+
+def test_more_deaths_than_the_table_holds_are_counted(capture: Capture) -> None:
+    settings = config.load(capture.config)
+    events = ProcEvents(settings, grace=GRACE, max_pending=3)
+    assert events.start()
+    try:
+        pids = _crash_host_processes(5)
+        wait_for(lambda: events.given_up + len(events.pending) >= 5, "the five deaths", timeout=10)
+        later = time.monotonic() + 10 * GRACE
+        events.reconcile(later)
+        events.reconcile(later + 10 * GRACE)
+    finally:
+        events.close()
+    mine = [r for r in spool.read_journal(capture.spool) if r.get("source") == "process events"]
+    counted = [r for r in mine if "count" in r]
+    assert len(counted) == 1 and counted[0]["count"] == 2 and counted[0]["event"] == "dropped", mine
+    # the three kept: the kernel piped no core (RLIMIT_CORE 1), so no handler journaled them;
+    # each is journaled once, as the host's processes that asked for no cores are
+    for pid in pids[2:]:
+        (record,) = [r for r in mine if r.get("pid") == pid]
+        assert record["event"] == "skipped" and record["pod"]["source"] == "none", record
+
+
+def test_an_overrun_of_the_socket_is_journaled(capture: Capture) -> None:
+    settings = config.load(capture.config)
+    events = ProcEvents(settings, grace=GRACE, rcvbuf=1)  # the kernel's smallest buffer: a few events
+    assert events.start()
+    try:
+        with events.lock:  # the listener stops at its first event, the buffer fills
+            _crash_host_processes(40)
+        wait_for(lambda: events.overruns, "an overrun", timeout=10)
+        events.reconcile()
+    finally:
+        events.close()
+    lost = [r for r in spool.read_journal(capture.spool) if "overran" in r.get("reason", "")]
+    assert len(lost) == 1 and lost[0]["event"] == "dropped" and lost[0]["count"] >= 1, lost
