@@ -15,7 +15,8 @@ import os
 import shutil
 import signal
 import threading
-from contextlib import ExitStack
+from collections.abc import Iterator
+from contextlib import ExitStack, contextmanager
 
 import pytest
 
@@ -158,6 +159,20 @@ def test_a_dump_whose_volume_stops_answering_is_called_off_at_its_deadline(
         assert s.listener.outcomes == {"called off": 1, "captured": 1}
 
 
+@contextmanager
+def crashed_on_stopped_server(rootfs: str, volume: str, served: fusefs.Mount, *args: str) -> Iterator[None]:
+    """Tenant A's pod runs ``args`` (``hang``) with ``served`` at /served; once it is ready the FUSE
+    server stops answering and the process gets SIGSEGV. The block runs while the pod does."""
+    fuse = [{"destination": "/served", "type": "bind", "source": served.path, "options": ["rbind", "rw"]}]
+    a = runc.Container(rootfs, ["/bin/sh", "-c", " ".join(args) + "; true"], volume=volume,
+                       annotations=pod("tenant-a", "a-0"), mounts=fuse)  # fmt: skip
+    with a.running():
+        [pid] = processes("\x00".join(args[:2]).encode())
+        os.kill(served.pid, signal.SIGSTOP)  # the pod's server answers no more
+        os.kill(pid, signal.SIGSEGV)
+        yield
+
+
 def _held_in_spool(spool_dir: str) -> int:
     """Bytes on disk of the spool's files this process still holds open after they were removed."""
     held = 0
@@ -183,14 +198,8 @@ def test_a_called_off_dump_blocked_for_good_keeps_no_room_of_the_spool(
     shutil.copy(programs["hang"], source / "hang")
     with socket_capture(parallel=1) as s, fusefs.local(str(source)) as served:
         s.settings.timeout = 4
-        fuse = [{"destination": "/served", "type": "bind", "source": served.path, "options": ["rbind", "rw"]}]
-        a = runc.Container(rootfs, ["/bin/sh", "-c", "/served/hang noise 48; true"], volume=s.volume,
-                           annotations=pod("tenant-a", "a-0"), mounts=fuse)  # fmt: skip
         try:
-            with a.running():
-                [pid] = processes(b"/served/hang\x00noise")
-                os.kill(served.pid, signal.SIGSTOP)  # the pod's server answers no more
-                os.kill(pid, signal.SIGSEGV)
+            with crashed_on_stopped_server(rootfs, s.volume, served, "/served/hang", "noise", "48"):
                 [dropped] = wait_for(lambda: of_namespace(s.journal(), "tenant-a"), 60)
             assert dropped["event"] == "dropped" and "after the process was let go" in dropped["reason"]
             assert serving_settles_at(1)  # its thread still waits on the executable
@@ -200,3 +209,41 @@ def test_a_called_off_dump_blocked_for_good_keeps_no_room_of_the_spool(
             os.kill(served.pid, signal.SIGCONT)
         assert s.listener.wait_idle(60)
         assert s.entries() == []
+
+
+def test_a_core_that_stops_coming_gives_the_node_wide_slots_back_before_its_deadline(
+    rootfs: str, tmp_path
+) -> None:
+    """A pod maps a file it serves itself over FUSE, asks file mappings into its core
+    (coredump_filter) and stops its server: the kernel, dumping, waits on the file's first page for
+    as long as the server sleeps. The node reads one core at once; once the core stops coming the
+    dump gives that slot back, before its deadline, and another pod's crash is captured whole."""
+    source = tmp_path / "served"
+    source.mkdir()
+    (source / "data").write_bytes(os.urandom(64 << 20))
+    with socket_capture(parallel=1) as s, fusefs.local(str(source)) as served:
+        s.settings.timeout = 15  # past coresocket.STALL (5 s)
+        try:
+            with crashed_on_stopped_server(rootfs, s.volume, served, "/app/hang", "mapped", "/served/data"):
+                wait_for(lambda: s.listener.dumps._value == 0, 30)  # type: ignore[attr-defined]
+                wait_for(lambda: s.listener.dumps._value == 1, 60)  # type: ignore[attr-defined]
+                assert not of_namespace(s.journal(), "tenant-a"), "given back only when called off"
+                assert serving_threads() == 1  # A's dump is still read
+                b = runc.Container(
+                    rootfs, ["/app/crasher", "segv"], volume=s.volume, annotations=pod("tenant-b", "b-0")
+                )
+                b.run()
+                wait_for(lambda: of_namespace(s.journal(), "tenant-b"), 30)
+                assert [(r["event"], r.get("reason")) for r in of_namespace(s.journal(), "tenant-b")] == [
+                    ("captured", None)
+                ]
+                [entry] = s.entries()
+                assert entry["pod"]["namespace"] == "tenant-b" and not entry["core"]["truncated"]
+                # A's deadline still calls it off, while its core is read
+                [dropped] = wait_for(lambda: of_namespace(s.journal(), "tenant-a"), 60)
+                assert dropped["event"] == "dropped" and "while its core was read" in dropped["reason"]
+                os.kill(served.pid, signal.SIGCONT)  # the kernel ends its dump, and the process
+        finally:
+            os.kill(served.pid, signal.SIGCONT)
+        assert s.listener.wait_idle(60)
+        assert [e["pod"]["namespace"] for e in s.entries()] == ["tenant-b"]

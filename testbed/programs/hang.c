@@ -5,12 +5,16 @@
  *                   which is how long the process was stopped from its own point of view
  *   hang alloc N    N MiB touched, and a spinner as above
  *   hang noise N    N MiB of pseudo-random bytes (a core that does not compress)
+ *   hang mapped F   F mapped (64 MiB, never touched) and file mappings asked into the core
+ *                   (coredump_filter): the kernel reads F's pages from its filesystem as it dumps
  */
+#include <fcntl.h>
 #include <pthread.h>
 #include <stdint.h>
 #include <stdio.h>
 #include <stdlib.h>
 #include <string.h>
+#include <sys/mman.h>
 #include <time.h>
 #include <unistd.h>
 
@@ -67,6 +71,13 @@ int main(int argc, char **argv) {
         size_t size = (size_t)(argc > 2 ? strtoul(argv[2], NULL, 10) : 100) << 20;
         unsigned char *mem = malloc(size);
         for (size_t off = 0; off < size; off += 4096) mem[off] = (unsigned char)(off >> 12) | 1;
+    } else if (!strcmp(mode, "mapped")) {
+        int fd = open(argc > 2 ? argv[2] : "", O_RDONLY), filter = open("/proc/self/coredump_filter", O_WRONLY);
+        if (fd < 0 || mmap(NULL, 64 << 20, PROT_READ, MAP_PRIVATE, fd, 0) == MAP_FAILED || filter < 0 ||
+            write(filter, "0x3f", 4) != 4) {
+            perror("hang mapped");
+            return 2;
+        }
     } else if (!strcmp(mode, "noise")) {
         size_t size = (size_t)(argc > 2 ? strtoul(argv[2], NULL, 10) : 16) << 20;
         uint64_t *mem = malloc(size), x = 88172645463325252ULL;

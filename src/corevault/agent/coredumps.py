@@ -11,7 +11,8 @@ node stays responsive and loses the flood's cores rather than memory, disk or ot
 cores. The socket is root-only; the kernel connects with its own credentials.
 
 Both bounds are node-wide, and a connection gives its slots back as soon as the crashed process
-is let go (its core read): the work left (reading, hashing and storing the binaries it mapped)
+is let go (its core read), or once its core stopped coming for ``coresocket.STALL`` seconds (the
+kernel waits on a page of a file the pod serves itself): the work left (reading, hashing and storing the binaries it mapped)
 reads the pod's own files, which the pod may serve itself and never answer, and is bounded by
 the pod's and namespace's dump slots alone. Each connection has a deadline, ``[capture]
 timeout`` from its start, as the pipe handler has: when it strikes the dump is called off

@@ -26,6 +26,10 @@ import struct
 from corevault import elf
 from corevault.fingerprint import STACK_BYTES
 
+TYPE_CHECKING = False  # typing.TYPE_CHECKING would import typing, which the crash path never loads
+if TYPE_CHECKING:
+    from collections.abc import Callable
+
 NT_PRSTATUS = 1
 PN_XNUM = 0xFFFF
 NT_SIGINFO = 0x53494749
@@ -54,18 +58,27 @@ class Head:
         self.stack: int | None = None
 
 
-def _read_until(fd: int, buf: bytearray, size: int) -> None:
+def _read_until(fd: int, buf: bytearray, size: int, stalled: Callable[[], object] | None = None) -> None:
     while len(buf) < size:
-        chunk = os.read(fd, min(size - len(buf), 1 << 20))
+        try:
+            chunk = os.read(fd, min(size - len(buf), 1 << 20))
+        except BlockingIOError:  # a socket's receive timeout: see read_head
+            if stalled is None:
+                raise
+            stalled()
+            continue
         if not chunk:
             return
         buf += chunk
 
 
-def read_head(fd: int) -> Head:
-    """Read the core from ``fd`` through its notes; values it cannot find are None."""
+def read_head(fd: int, stalled: Callable[[], object] | None = None) -> Head:
+    """Read the core from ``fd`` through its notes; values it cannot find are None.
+
+    With ``stalled``, a read that times out (a socket's ``SO_RCVTIMEO``) calls it and reads on.
+    """
     buf = bytearray()
-    _read_until(fd, buf, 64)
+    _read_until(fd, buf, 64, stalled)
     if len(buf) < 64 or buf[:4] != b"\x7fELF" or buf[4] != 2 or buf[5] not in (1, 2):
         return Head(bytes(buf), None, None)  # not a 64-bit ELF core: stream it as it is
     e = "<" if buf[5] == 1 else ">"
@@ -75,7 +88,7 @@ def read_head(fd: int) -> Head:
     # end): a core's program headers are as many as its mappings, often more than elf.MAX_PHNUM.
     if not 0 < phnum < PN_XNUM or phentsize < 56 or phoff + phentsize * phnum > MAX_HEAD:
         return Head(bytes(buf), None, None)
-    _read_until(fd, buf, phoff + phentsize * phnum)
+    _read_until(fd, buf, phoff + phentsize * phnum, stalled)
     notes = None
     loads: list[tuple[int, int, int]] = []
     end = 0 if len(buf) >= phoff + phentsize * phnum else None
@@ -93,7 +106,7 @@ def read_head(fd: int) -> Head:
     if notes is None or notes[0] + notes[1] > MAX_HEAD:
         return Head(bytes(buf), None, None, end)
     offset, size = notes
-    _read_until(fd, buf, offset + size)
+    _read_until(fd, buf, offset + size, stalled)
     signal = tid = code = pc = sp = None
     pc_sp = _PC_SP.get(struct.unpack_from(e + "H", buf, 18)[0])
     for name, ntype, desc in elf.parse_notes(bytes(buf[offset : offset + size]), e):

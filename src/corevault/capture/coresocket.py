@@ -24,6 +24,7 @@ import os
 import socket
 import struct
 import time
+from collections.abc import Callable
 from contextlib import suppress
 from typing import Protocol
 
@@ -36,40 +37,55 @@ RCVBUF = 4 << 20
 COREDUMP_KERNEL, COREDUMP_USERSPACE, COREDUMP_REJECT, COREDUMP_WAIT = 1, 2, 4, 8
 COREDUMP_MARK_REQACK = 0
 MAX_REQUEST = 4096
+#: seconds without a byte of the core after which a dump no longer holds the node-wide slots: the
+#: kernel writes a core as fast as it reads the process's memory, and stops only where a page is
+#: on a filesystem that does not answer (a pod may ask its file mappings into its core, with
+#: ``/proc/self/coredump_filter``, and serve the file itself, then stop answering)
+STALL = 5
+
+
+#: called when a read of the connection waited STALL seconds for nothing
+Stalled = Callable[[], object] | None
 
 
 class ProtocolError(Exception):
     pass
 
 
-def _recv_exactly(conn: socket.socket, n: int) -> bytes:
+def _recv_exactly(conn: socket.socket, n: int, stalled: Stalled = None) -> bytes:
     data = b""
     while len(data) < n:
-        chunk = conn.recv(n - len(data))
+        try:
+            chunk = conn.recv(n - len(data))
+        except BlockingIOError:  # the receive timeout (STALL)
+            if stalled is None:
+                raise
+            stalled()
+            continue
         if not chunk:
             raise ProtocolError(f"the kernel closed the connection after {len(data)} of {n} bytes")
         data += chunk
     return data
 
 
-def read_request(conn: socket.socket) -> int:
+def read_request(conn: socket.socket, stalled: Stalled = None) -> int:
     """The kernel's ``coredump_req``; returns the features it offers (its mask)."""
-    head = _recv_exactly(conn, 16)
+    head = _recv_exactly(conn, 16, stalled)
     size, _size_ack, mask = struct.unpack("=IIQ", head)
     if not 16 <= size <= MAX_REQUEST:
         raise ProtocolError(f"coredump_req of {size} bytes")
     if size > 16:
-        _recv_exactly(conn, size - 16)  # fields of newer kernels that we do not use
+        _recv_exactly(conn, size - 16, stalled)  # fields of newer kernels that we do not use
     return mask
 
 
-def answer(conn: socket.socket, offered: int, accept: bool) -> None:
+def answer(conn: socket.socket, offered: int, accept: bool, stalled: Stalled = None) -> None:
     """Send ``coredump_ack`` and check the kernel's mark."""
     mask = COREDUMP_REJECT
     if accept:
         mask = COREDUMP_KERNEL | (COREDUMP_WAIT & offered)
     conn.sendall(struct.pack("=IIQ", 16, 0, mask))
-    mark = struct.unpack("=I", _recv_exactly(conn, 4))[0]
+    mark = struct.unpack("=I", _recv_exactly(conn, 4, stalled))[0]
     if mark != COREDUMP_MARK_REQACK:
         raise ProtocolError(f"the kernel refused our coredump_ack (mark {mark})")
 
@@ -100,7 +116,8 @@ def serve(
     is admitted (its pod's and namespace's own shares are taken in :func:`.admission.admit`), so
     the cheap decisions of a flood never crowd out another tenant's crash. With ``call`` the
     dump may be called off from another thread (its deadline, :mod:`.calloff`), and the gate is
-    given back through it as soon as the process is let go; the pod's and namespace's slots
+    given back through it as soon as the process is let go, or once the core stopped coming for
+    ``STALL`` seconds; the pod's and namespace's slots
     stay held until this returns, so one pod never has more dumps at work than its share.
     """
     started, when = time.monotonic(), time.time()
@@ -140,7 +157,12 @@ def _serve(
             {**record, "pid": info.pid, "event": "refused", "reason": "not a kernel coredump connection"},
         )
         return "refused"
-    offered = read_request(conn) if request_mode else 0
+    # With a deadline (``call``) a read waits STALL at most: the dump then gives the node-wide
+    # slots back and reads on until its deadline; without one, the timeout set below ends it.
+    stalled = call.give_back if call is not None else None
+    if call is not None:
+        conn.setsockopt(socket.SOL_SOCKET, socket.SO_RCVTIMEO, struct.pack("ll", STALL, 0))
+    offered = read_request(conn, stalled) if request_mode else 0
     crash = process.Crash(process.values_from_pidfd(pidfd, info, when))
     record.update(admission.new_record(settings, crash), transport="socket")
     try:
@@ -148,7 +170,7 @@ def _serve(
     except process.ProcessGone as e:
         admission.journal(settings, {**record, "event": "refused", "reason": str(e), "exe": crash.exe})
         if request_mode:
-            answer(conn, offered, accept=False)
+            answer(conn, offered, accept=False, stalled=stalled)
         return "refused"
     admitted = None
     gated = False
@@ -174,7 +196,7 @@ def _serve(
                 admitted.release()
                 admitted = None
         if request_mode:
-            answer(conn, offered, accept=admitted is not None)
+            answer(conn, offered, accept=admitted is not None, stalled=stalled)
         if admitted is None:
             return "rejected"
         if call is not None:
@@ -182,14 +204,16 @@ def _serve(
         with suppress(OSError):  # a bigger receive buffer: the kernel hands over more per wake-up
             conn.setsockopt(socket.SOL_SOCKET, SO_RCVBUFFORCE, RCVBUF)
         try:
-            head = corehead.read_head(conn.fileno())
+            head = corehead.read_head(conn.fileno(), stalled)
         except Exception:
             if call is not None and call.reason is not None:
                 return "called off"  # the deadline shut the connection, and journaled it
             raise
         _learn(crash, head)
         admitted.replan()
-        conn.setsockopt(socket.SOL_SOCKET, socket.SO_RCVTIMEO, struct.pack("ll", int(settings.timeout), 0))
+        if call is None:
+            timeout = struct.pack("ll", int(settings.timeout), 0)
+            conn.setsockopt(socket.SOL_SOCKET, socket.SO_RCVTIMEO, timeout)
         try:
             delivery.deliver(admitted, conn.fileno(), started, head, call)
         except OSError as e:  # the receive timeout, or the kernel gave up

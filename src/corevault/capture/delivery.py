@@ -129,7 +129,12 @@ def deliver(
             if job.vault is not None:
                 job.vault.expected = head.size
             taps = [tap] if tap is not None else []
-            job.size, job.truncated = stream.pump(core_fd, job.sinks, admitted.plan.limit, head.data, taps)
+            # socket mode: a core that stops coming (its pages on a filesystem that does not
+            # answer) gives the node-wide slots back and is read on until its deadline
+            stalled = call.give_back if call is not None else None
+            job.size, job.truncated = stream.pump(
+                core_fd, job.sinks, admitted.plan.limit, head.data, taps, stalled=stalled
+            )
         except HandlerTimeout:
             reason = f"handler timeout after {settings.timeout:g}s; raise [capture] timeout for larger cores"
             journal(settings, {**record, "event": "dropped", "reason": reason})

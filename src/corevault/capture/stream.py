@@ -506,13 +506,21 @@ class _Prefixed:
 
 
 def pump(
-    src_fd: int, sinks: list, limit: int | None, head: bytes = b"", taps: list[Window] | None = None
+    src_fd: int,
+    sinks: list,
+    limit: int | None,
+    head: bytes = b"",
+    taps: list[Window] | None = None,
+    *,
+    stalled: Callable[[], object] | None = None,
 ) -> tuple[int, bool]:
     """Copy ``head`` then ``src_fd`` into every sink until EOF or ``limit`` bytes; ``(bytes, truncated)``.
 
     A sink that raises is marked ``failed`` with the reason and left out from then on.
     ``taps`` see the same bytes but keep no stream going: once every sink has failed the
     reading stops, as the core has nowhere to go (a core is as large as its pod makes it).
+    With ``stalled``, a read that times out (a socket's ``SO_RCVTIMEO``) calls it and reads on;
+    without, it raises.
     """
     src = _Prefixed(head, src_fd)
     # The first read takes a block; a chunk's buffer comes once the core is larger: 1 MiB of
@@ -531,7 +539,13 @@ def pump(
             return total, bool(src.read(1))
         filled = 0
         while filled < want:
-            got = src.readinto(view[filled:want])
+            try:
+                got = src.readinto(view[filled:want])
+            except BlockingIOError:
+                if stalled is None:
+                    raise
+                stalled()
+                continue
             if not got:
                 break
             filled += got
