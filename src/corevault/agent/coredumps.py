@@ -11,14 +11,15 @@ node stays responsive and loses the flood's cores rather than memory, disk or ot
 cores. The socket is root-only; the kernel connects with its own credentials.
 
 Both bounds are node-wide, and a connection gives its slots back as soon as the crashed process
-is let go (its core read), or once its core stopped coming for ``coresocket.STALL`` seconds (the
-kernel waits on a page of a file the pod serves itself): the work left (reading, hashing and storing the binaries it mapped)
-reads the pod's own files, which the pod may serve itself and never answer, and is bounded by
-the pod's and namespace's dump slots alone. Each connection has a deadline, ``[capture]
-timeout`` from its start, as the pipe handler has: when it strikes the dump is called off
-(:mod:`corevault.capture.calloff`), journaled as dropped under its pod, its spool entry removed,
-the connection shut and the node-wide slots given back; a thread blocked for good in a read
-keeps only its pod's slots, so a pod never has more such threads than its share.
+is let go (its core read), or once its core stopped coming for ``coresocket.STALL`` seconds
+(the kernel waits on a page of a file the pod serves itself): the work left (reading, hashing
+and storing the binaries it mapped) reads the pod's own files, which the pod may serve itself
+and never answer, and is bounded by the pod's and namespace's dump slots alone. Each connection
+has a deadline, ``[capture] timeout`` from its start, as the pipe handler has: when it strikes
+the dump is called off (:mod:`corevault.capture.calloff`), journaled as dropped under its pod,
+its spool entry removed, the connection shut and the node-wide slots given back; a thread
+blocked for good in a read keeps only its pod's slots, so a pod never has more such threads
+than its share.
 
 While the listener is down, a ``@@`` core_pattern makes the kernel dump nothing (the
 connection fails and the process simply dies); docs/capture.md, "Socket mode", says how
