@@ -19,6 +19,7 @@ import pytest
 
 from corevault import config, spool
 from corevault.agent.kernellog import KernelLog
+from corevault.agent.loop import Agent
 from corevault.agent.procevents import ProcEvents
 from corevault.hostsetup import SYSCTLS, write_sysctl
 from testbed import runc
@@ -151,3 +152,32 @@ def test_an_overrun_of_the_socket_is_journaled(capture: Capture) -> None:
         events.close()
     lost = [r for r in spool.read_journal(capture.spool) if "overran" in r.get("reason", "")]
     assert len(lost) == 1 and lost[0]["event"] == "dropped" and lost[0]["count"] >= 1, lost
+
+
+def test_the_agent_listens_while_its_capture_is_installed_and_says_why(capture: Capture, programs) -> None:
+    """A host process a rule opts in crashes with RLIMIT_CORE 1 (the kernel pipes nothing): the
+    agent's listener journals it as dropped, saying so. The kernel's log is not read here, as when
+    its window is used up; the agent stops listening once core_pattern is no longer its own."""
+    comm = "cvrl" + os.urandom(4).hex()
+    capture.configure(f'[[rules]]\ncomm = "{comm}"\npattern = "{capture.volume}/core-%p"\n')
+    agent = Agent(config.load(capture.config))
+    agent.listen = True  # as a long-running loop
+    agent.check_installed()
+    agent._follow_deaths()
+    assert agent.proc_events is not None, "the agent did not listen"
+    try:
+        crashed = subprocess.Popen(["prlimit", "--core=1", programs["crasher"], "comm", comm])
+        # reaped once seen (a zombie's /proc still tells): a race with the parent is not this test's
+        wait_for(lambda: crashed.pid in agent.proc_events.pending, "the death", timeout=10)
+        crashed.wait()
+        later = time.monotonic() + 10 * GRACE
+        agent.proc_events.reconcile(later)
+        agent.proc_events.reconcile(later + 10 * GRACE)
+        agent.installed = False  # core_pattern is someone else's now
+        agent._follow_deaths()
+        assert agent.proc_events is None
+    finally:
+        agent._close()
+    (record,) = capture.journal(crashed.pid)
+    assert record["event"] == "dropped" and record["pod"]["source"] == "rules", record
+    assert "RLIMIT_CORE is 1" in record["reason"], record
