@@ -117,9 +117,10 @@ def _read(path: str, limit: int = PROC_READ) -> str:
 
 
 def _start_time(pid: int) -> str:
-    """The process's start time in ticks since boot ("" when gone); after the comm's last ')'."""
+    """The process's start time in ticks since boot; "" once it has exited (a zombie too: a parent
+    that never reaps it must not keep its death waiting). Fields follow the comm's last ')'."""
     fields = _read(f"/proc/{pid}/stat").rpartition(")")[2].split()
-    return fields[19] if len(fields) > 19 else ""
+    return fields[19] if len(fields) > 19 and fields[0] not in ("Z", "X") else ""
 
 
 def observe(settings: config.Settings, pid: int, when: float) -> Death:
@@ -249,7 +250,10 @@ class ProcEvents:
         self.given_up = 0  # deaths pushed out of the full table, not yet journaled
         self.overruns = 0  # socket overruns, not yet journaled
         self.seen_pids: collections.OrderedDict[int, float] = collections.OrderedDict()
-        self.seen_kernel: collections.deque[tuple[int, str, float]] = collections.deque(maxlen=MAX_SEEN)
+        #: the kernel log's records by the namespace PID they name: [comm, time] each, taken out
+        #: when one accounts for a death; ``kernel_order`` ages them out oldest first
+        self.seen_kernel: dict[int, list[list]] = {}
+        self.kernel_order: collections.deque[tuple[int, list]] = collections.deque()
         self.journal_fd = -1
         self.partial = b""
         self.stop = threading.Event()
@@ -350,23 +354,31 @@ class ProcEvents:
             while len(self.seen_pids) > MAX_SEEN:
                 self.seen_pids.popitem(last=False)
         elif record.get("source") == "kernel log" and isinstance(record.get("ns_pid"), int):
-            self.seen_kernel.append((record["ns_pid"], str(record.get("comm", "")), when))
+            entry = [str(record.get("comm", "")), when]
+            self.seen_kernel.setdefault(record["ns_pid"], []).append(entry)
+            self.kernel_order.append((record["ns_pid"], entry))
+            if len(self.kernel_order) > MAX_SEEN:
+                self._forget_kernel()
+
+    def _forget_kernel(self) -> None:
+        """Age out the oldest kernel log record (gone already when it accounted for a death)."""
+        ns_pid, entry = self.kernel_order.popleft()
+        entries = self.seen_kernel.get(ns_pid, [])
+        if entry in entries:
+            entries.remove(entry)
+        if not entries:
+            self.seen_kernel.pop(ns_pid, None)
 
     def _accounted(self, d: Death) -> bool:
         # a record of a PID before its crash belongs to another process that had the PID
         if (t := self.seen_pids.get(d.pid)) is not None and t >= d.when - 1:
             return True
-        # a process gone before its status was read is matched by its comm, or as the host's own
-        comm = kernel_comm(d.comm) if d.comm else None
-        for i, (ns_pid, seen_comm, t) in enumerate(self.seen_kernel):
-            if t < d.when - 1:
-                continue
-            if (
-                (d.ns_pid is None or ns_pid == d.ns_pid)
-                and (comm is None or seen_comm == comm)
-                and (d.ns_pid is not None or comm is not None or ns_pid == d.pid)
-            ):
-                del self.seen_kernel[i]  # one kernel line accounts for one death
+        # a process gone before its status was read can only be the host's own (namespace PID = PID)
+        comm = kernel_comm(d.comm) if d.ns_pid is not None else None
+        entries = self.seen_kernel.get(d.pid if d.ns_pid is None else d.ns_pid, [])
+        for i, (seen_comm, t) in enumerate(entries):
+            if t >= d.when - 1 and (comm is None or seen_comm == comm):
+                del entries[i]  # one kernel line accounts for one death
                 return True
         return False
 
@@ -383,7 +395,7 @@ class ProcEvents:
         for d in deaths:
             if self._accounted(d):
                 done.append(d)
-            elif _start_time(d.pid) == d.start and d.start:
+            elif d.start and _start_time(d.pid) == d.start:
                 d.gone_at = None  # still there: the kernel is writing its core
             elif d.gone_at is None:
                 d.gone_at = now
@@ -410,8 +422,8 @@ class ProcEvents:
                 if self.pending.get(d.pid) is d:
                     del self.pending[d.pid]
         now_wall = time.time()
-        while self.seen_kernel and self.seen_kernel[0][2] < now_wall - SEEN_FOR:
-            self.seen_kernel.popleft()
+        while self.kernel_order and self.kernel_order[0][1][1] < now_wall - SEEN_FOR:
+            self._forget_kernel()
         return written
 
     def _journal_death(self, d: Death) -> None:
