@@ -221,15 +221,14 @@ def test_cores_written_at_different_levels_in_one_process_each_round_trip_with_t
         made.setdefault(level, set()).update(
             raw[table.stored[i] : table.stored[i + 1]] for i in (0, 1, 5, 6, 7)
         )
-    # one zero frame per level, each the one a compressor at that level makes of a frame of zeros
+    # one zero frame per level, kept for that level (zstd may make the same bytes at both: a
+    # frame of zeros is RLE blocks whatever the level, so only the keeping per level is checked)
+    assert set(made) == {1, 3}
     for level, frames in made.items():
-        fresh = zstandard.ZstdCompressor(level=level, write_checksum=True, write_content_size=False)
         assert frames == {stream._ZERO_FRAMES[level]}
         assert zstandard.ZstdDecompressor().decompress(next(iter(frames)), max_output_size=FRAME) == bytes(
             FRAME
         )
-        assert len(fresh.compress(bytes(FRAME))) > 0
-    assert made[1] != made[3]
 
 
 def test_a_core_of_zeros_only_is_stored_in_a_few_bytes_per_frame(tmp_path) -> None:
