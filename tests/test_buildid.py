@@ -6,6 +6,7 @@ import hashlib
 import os
 import shutil
 import subprocess
+import sys
 import time
 from pathlib import Path
 
@@ -83,6 +84,79 @@ def test_mapped_objects_of_a_live_process_are_opened_and_stored(tmp_path) -> Non
     for m in again:
         if m.fd >= 0:
             os.close(m.fd)
+
+
+#: a process mapping, from offset 0, a device (a node of /dev/zero's numbers) and a regular file
+MAPS_A_DEVICE = """
+import mmap, os, sys, time
+maps = []
+for path in sys.argv[1:]:
+    fd = os.open(path, os.O_RDONLY)
+    maps.append(mmap.mmap(fd, 4096, mmap.MAP_PRIVATE, mmap.PROT_READ))
+    os.close(fd)
+print("mapped", flush=True)
+time.sleep(60)
+"""
+
+
+def _opens_of(path: str):
+    """An inotify descriptor counting the opens of ``path``, and a function reading the count."""
+    import ctypes
+    import struct
+
+    libc = ctypes.CDLL(None, use_errno=True)
+    fd = libc.inotify_init1(os.O_NONBLOCK | os.O_CLOEXEC)
+    assert fd >= 0 and libc.inotify_add_watch(fd, path.encode(), 0x20) >= 0  # IN_OPEN
+
+    def count() -> int:
+        n = 0
+        try:
+            data = os.read(fd, 65536)
+        except BlockingIOError:
+            return 0
+        while data:
+            n += 1
+            data = data[16 + struct.unpack_from("iIII", data)[3] :]
+        return n
+
+    return fd, count
+
+
+@pytest.mark.skipif(os.geteuid() != 0, reason="making a device node and reading map_files need root")
+@pytest.mark.parametrize("path_only", [False, True], ids=["pipe", "socket"])
+def test_a_mapped_device_is_never_opened(tmp_path, path_only: bool) -> None:
+    """A process may map a device at offset 0 (a pod's GPU, or any node its container has):
+    its own open may act (a watchdog starts, a tape rewinds), so the capture opens only regular
+    files for reading, both as the pipe handler holds them and as socket mode opens them after
+    the let-go; the device is left out of the modules."""
+    device = tmp_path / "zero"
+    os.mknod(device, 0o600 | 0o020000, os.makedev(1, 5))
+    regular = tmp_path / "data"
+    regular.write_bytes(b"not an ELF file" * 1000)
+    proc = subprocess.Popen(
+        [sys.executable, "-c", MAPS_A_DEVICE, str(device), str(regular)], stdout=subprocess.PIPE
+    )
+    watch, opens = _opens_of(str(device))
+    try:
+        assert proc.stdout is not None and proc.stdout.readline() == b"mapped\n"
+        opens()  # the process's own open, before the watch's time
+        proc_fd = os.open(f"/proc/{proc.pid}", os.O_RDONLY | os.O_DIRECTORY)
+        maps = Path(f"/proc/{proc.pid}/maps").read_text()
+        assert str(device) in maps and str(regular) in maps
+        held, _ = buildid.hold_modules(proc_fd, maps, path_only=path_only)
+        os.close(proc_fd)
+        assert str(device) not in {m.path for m in held} or path_only
+        found, _ = buildid.identify_modules(held, reopen=path_only)
+        assert opens() == 0, "the device's open was called"
+        assert str(device) not in {m.path for m in found}
+        assert all(m.fd == -1 for m in held if m.path == str(device))
+        for m in found:
+            if m.fd >= 0:
+                os.close(m.fd)
+    finally:
+        os.close(watch)
+        proc.kill()
+        proc.wait()
 
 
 def test_maps_parsing_takes_offset_zero_mappings_once() -> None:

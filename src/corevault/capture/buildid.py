@@ -19,6 +19,7 @@ from __future__ import annotations
 
 import errno
 import os
+import stat
 
 from corevault import elf, hashing, nodestore, objectid
 from corevault.capture import hashcache
@@ -130,16 +131,20 @@ def hold_modules(
     # tenant's thousands of mappings); within each, in the order of their addresses.
     code = executable_paths(maps)
     order = sorted(range(len(mapped)), key=lambda i: mapped[i][0] not in code)[:max_files]
-    flags = (os.O_PATH if path_only else os.O_RDONLY) | os.O_CLOEXEC
     held = []
     for i in order:
         path, name, start, end = mapped[i]
         m = Module(path, start, end)
         try:
-            m.fd = os.open(f"map_files/{name}", flags, dir_fd=proc_fd)
+            # O_PATH: opening the file for reading is left to regular files, and to later with
+            # path_only (a device's own open may act: a watchdog starts, a tape rewinds)
+            m.fd = os.open(f"map_files/{name}", os.O_PATH | os.O_CLOEXEC, dir_fd=proc_fd)
+            if not path_only:
+                _open_regular(m)
         except OSError as e:
             m.stored = f"unreadable: {e.strerror}"
-        held.append(m)
+        if m.fd >= 0 or m.stored != NOT_REGULAR:
+            held.append(m)
     why = None
     if max_files is not None and len(mapped) > max_files:
         why = (
@@ -147,6 +152,24 @@ def hold_modules(
             f"[capture] max_objects is {max_files}"
         )
     return held, why
+
+
+#: a mapped file that is no regular file (a device): never opened for reading
+NOT_REGULAR = "not a regular file: not opened"
+
+
+def _open_regular(m: Module) -> None:
+    """Open ``m``'s ``O_PATH`` fd for reading, through ``/proc/self/fd`` (the same file, even
+    if it was deleted or replaced since), if it is a regular file; a device's own open is never
+    called (its fd is closed and ``m.stored`` says why)."""
+    path_fd, m.fd = m.fd, -1
+    try:
+        if stat.S_ISREG(os.fstat(path_fd).st_mode):
+            m.fd = os.open(f"/proc/self/fd/{path_fd}", os.O_RDONLY | os.O_CLOEXEC)
+        else:
+            m.stored = NOT_REGULAR
+    finally:
+        os.close(path_fd)
 
 
 def identify_modules(
@@ -166,14 +189,13 @@ def identify_modules(
         if m.fd >= 0:
             try:
                 if reopen:
-                    path_fd, m.fd = m.fd, -1
-                    try:
-                        m.fd = os.open(f"/proc/self/fd/{path_fd}", os.O_RDONLY | os.O_CLOEXEC)
-                    finally:
-                        os.close(path_fd)
-                ids = elf.build_ids(lambda offset, size, fd=m.fd: os.pread(fd, size, offset))
+                    _open_regular(m)
+                if m.fd >= 0:
+                    ids = elf.build_ids(lambda offset, size, fd=m.fd: os.pread(fd, size, offset))
             except OSError as e:
                 m.stored = f"unreadable: {e.strerror}"
+        if m.stored == NOT_REGULAR:
+            continue  # a device or other special file mapped: no object
         if ids is None and m.fd >= 0:
             os.close(m.fd)  # not ELF (locale archives, fonts…)
             m.fd = -1
