@@ -77,8 +77,10 @@ WIDE = 1000
 SPAN = 5000
 #: what a crash read by such a start costs in crashes of the walk (its ``IN``'s seeks, its row, the
 #: sort; the walk reads ``crashes_time_search`` alone): measured at 1,000,000 crashes, 10.0 µs and 78
-#: VM steps a crash started from against 2.1 µs and 14 a crash walked
-START_COST = 5
+#: VM steps a crash started from against 2.1 µs and 14 a crash walked (4.8 times); at 100,000
+#: (``bench.search``, ``svc-3 pod-42``) 31.4 ms for 2,280 crashes started from against 25.1 ms for
+#: some 16,000 walked (about 8 times)
+START_COST = 8
 #: how many crashes of one value, and of one group, forgetting reads to decide on a term
 PROBE = 64
 
