@@ -232,7 +232,7 @@ def test_the_receivers_own_crash_ends_it_and_a_new_receiver_captures_the_next_cr
     (measured without the defence: the process waited in the kernel, its pipe full, the
     forwarder waiting on it, until SIGKILL). The receiver runs in a child here, as in the agent."""
     from testbed import runc
-    from tests.test_socket_mode import _unlimited
+    from tests.test_socket_mode import crash_own_listener
 
     d = tempfile.mkdtemp(prefix="cv-", dir="/tmp")
     os.mkdir(os.path.join(d, "vol"))
@@ -245,26 +245,9 @@ def test_the_receivers_own_crash_ends_it_and_a_new_receiver_captures_the_next_cr
     with sysctl.core_settings():
         hostsetup.install(link, config_path=cfg, forward_to=path)
         try:
-            child = subprocess.Popen(
-                [sys.executable, "-c", RECEIVE_THEN_CRASH, cfg, path],
-                stdin=subprocess.PIPE, stdout=subprocess.PIPE, stderr=subprocess.PIPE, text=True,
-                preexec_fn=_unlimited,  # noqa: PLW1509 (a core limit that would let the kernel dump it)
-            )  # fmt: skip
-            try:
-                assert child.stdout is not None and child.stdin is not None
-                assert child.stdout.readline() == "listening\n"
-                child.stdin.write("crash\n")
-                child.stdin.flush()
-                try:
-                    status = child.wait(30)
-                except subprocess.TimeoutExpired:
-                    pytest.fail(
-                        "the receiver's crash left it waiting on its own socket (it ends only by SIGKILL)"
-                    )
-            finally:
-                if child.poll() is None:
-                    child.kill()
-                _, err = child.communicate(timeout=30)
+            status, err = crash_own_listener(
+                [sys.executable, "-c", RECEIVE_THEN_CRASH, cfg, path], "receiver"
+            )
             assert status == -signal.SIGABRT
             assert "Fatal Python error" in err  # its stacks, in its log
             # As the restarted agent: a new receiver on the same path captures the next crash.

@@ -97,6 +97,30 @@ def start(args: list[str]) -> subprocess.Popen:
     return subprocess.Popen(args, preexec_fn=_unlimited, stderr=subprocess.DEVNULL)  # noqa: PLW1509
 
 
+def crash_own_listener(argv: list[str], what: str) -> tuple[int, str]:
+    """Run ``argv``, a listener of the agent's that prints "listening" and then crashes when
+    told "crash" while core_pattern points at it; its exit status and its stderr. Fails the
+    test when the crash leaves it waiting on its own socket (it would end only by SIGKILL)."""
+    child = subprocess.Popen(
+        argv, stdin=subprocess.PIPE, stdout=subprocess.PIPE, stderr=subprocess.PIPE, text=True,
+        preexec_fn=_unlimited,  # noqa: PLW1509 (a core limit that would let the kernel dump it)
+    )  # fmt: skip
+    try:
+        assert child.stdout is not None and child.stdin is not None
+        assert child.stdout.readline() == "listening\n"
+        child.stdin.write("crash\n")
+        child.stdin.flush()
+        try:
+            status = child.wait(30)
+        except subprocess.TimeoutExpired:
+            pytest.fail(f"the {what}'s crash left it waiting on its own socket (it ends only by SIGKILL)")
+    finally:
+        if child.poll() is None:
+            child.kill()
+        _, err = child.communicate(timeout=30)
+    return status, err
+
+
 def host_crash(args: list[str]) -> tuple[int, bool, float]:
     """Run a host process that crashes; (pid, whether the kernel dumped a core, seconds to its end)."""
     started = time.monotonic()

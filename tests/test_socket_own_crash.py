@@ -10,14 +10,13 @@ crashes on the host were lost meanwhile. The listener runs in a child here, as i
 from __future__ import annotations
 
 import signal
-import subprocess
 import sys
 
 import pytest
 
 from corevault import hostsetup
 from corevault.agent.coredumps import CoredumpListener
-from tests.test_socket_mode import _unlimited, host_crash, socket_capture
+from tests.test_socket_mode import crash_own_listener, host_crash, socket_capture
 
 pytestmark = [
     pytest.mark.crash,
@@ -48,26 +47,9 @@ def test_the_listeners_own_crash_ends_it_and_a_new_listener_captures_the_next_cr
 ) -> None:
     with socket_capture(requests=mode == "@@") as s:
         assert hostsetup.read_sysctls()["core_pattern"] == mode + s.listener.path
-        child = subprocess.Popen(
-            [sys.executable, "-c", LISTEN_THEN_CRASH, s.config, s.listener.path, mode, how],
-            stdin=subprocess.PIPE, stdout=subprocess.PIPE, stderr=subprocess.PIPE, text=True,
-            preexec_fn=_unlimited,  # noqa: PLW1509 (a core limit that would let the kernel dump it)
-        )  # fmt: skip
-        try:
-            assert child.stdout is not None and child.stdin is not None
-            assert child.stdout.readline() == "listening\n"
-            child.stdin.write("crash\n")
-            child.stdin.flush()
-            try:
-                status = child.wait(30)
-            except subprocess.TimeoutExpired:
-                pytest.fail(
-                    "the listener's crash left it waiting on its own socket (it ends only by SIGKILL)"
-                )
-        finally:
-            if child.poll() is None:
-                child.kill()
-            _, err = child.communicate(timeout=30)
+        status, err = crash_own_listener(
+            [sys.executable, "-c", LISTEN_THEN_CRASH, s.config, s.listener.path, mode, how], "listener"
+        )
         assert status == -signum
         assert "Fatal Python error" in err  # what it ran when it crashed: its stacks, in its log
         # As the restarted agent: a new listener on the same path captures the next crash.
