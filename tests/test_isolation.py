@@ -625,7 +625,7 @@ def test_an_analysis_taken_over_can_write_none_of_its_inputs(
 
 
 #: an analysis that waits, under a name the test finds it by, to be killed from outside
-VICTIM = "cv-oom-victim"
+OOM_VICTIM = "cv-oom-victim"
 
 
 def _kill_when_seen(name: str, stop: threading.Event) -> None:
@@ -647,7 +647,7 @@ def _kill_when_seen(name: str, stop: threading.Event) -> None:
     [
         (
             # PR_SET_NAME (15): /proc is read-only in a template's child
-            f"import ctypes, time\nctypes.CDLL(None).prctl(15, {VICTIM.encode()!r}, 0, 0, 0)\ntime.sleep(60)\n",
+            f"import ctypes, time\nctypes.CDLL(None).prctl(15, {OOM_VICTIM.encode()!r}, 0, 0, 0)\ntime.sleep(60)\n",
             "was killed (SIGKILL)",
         ),
         ("raise MemoryError\n", "ran out of its 512 MiB memory cap"),
@@ -669,7 +669,7 @@ def test_an_analysis_killed_or_silent_says_so_and_not_that_it_ran_out_of_memory(
     core, record, store = _fixture_crash("/app/crasher")
     monkeypatch.setattr(runner, "_worker", lambda argv: (code, []))
     stop = threading.Event()
-    killer = threading.Thread(target=_kill_when_seen, args=(VICTIM, stop), daemon=True)
+    killer = threading.Thread(target=_kill_when_seen, args=(OOM_VICTIM, stop), daemon=True)
     killer.start()
     try:
         with pytest.raises(runner.AnalysisError) as caught:
