@@ -13,6 +13,7 @@ import os
 import resource
 import signal
 import subprocess
+import sys
 import time
 
 import pytest
@@ -22,7 +23,7 @@ from corevault.agent.kernellog import KernelLog
 from corevault.agent.loop import Agent
 from corevault.agent.procevents import ProcEvents
 from corevault.hostsetup import SYSCTLS, write_sysctl
-from testbed import runc
+from testbed import runc, sysctl
 from tests.conftest import Capture
 from tests.tenants import held_handler, of_namespace, pod
 from tests.test_tenant_slots import running_pid, skip_lines_named_again
@@ -188,3 +189,33 @@ def test_the_agent_listens_while_its_capture_is_installed_and_says_why(capture: 
     (record,) = capture.journal(crashed.pid)
     assert record["event"] == "dropped" and record["pod"]["source"] == "rules", record
     assert "RLIMIT_CORE is 1" in record["reason"], record
+
+
+#: in a network namespace of its own, as the DaemonSet's agent is: the connector's socket, and
+#: the event of a crash (RLIMIT_CORE 0: the event comes before any dump, and nothing is dumped)
+LISTEN_FROM_A_POD_NETWORK = """
+import os, resource, subprocess, sys
+from corevault.agent import procevents
+assert os.stat("/proc/self/ns/net").st_ino != procevents.INIT_NET_INO
+sock = procevents.open_connector()
+sock.settimeout(10)
+crash = "import os, signal; os.kill(os.getpid(), signal.SIGSEGV)"
+child = subprocess.Popen(
+    [sys.executable, "-c", crash], preexec_fn=lambda: resource.setrlimit(resource.RLIMIT_CORE, (0, 0))
+)
+child.wait()
+while (procevents.parse(sock.recv(8192)) or (0,))[0] != child.pid:
+    pass
+print("seen")
+"""
+
+
+def test_an_agent_in_a_network_namespace_of_its_own_listens_from_the_hosts() -> None:
+    """The DaemonSet's agent has no hostNetwork: it makes the connector's socket in the host's
+    network namespace (kthreadd's; PID 1's namespace files may be closed even to root)."""
+    with sysctl.core_settings():  # the crash goes where the host's pattern says: none is changed
+        done = subprocess.run(
+            ["unshare", "--net", sys.executable, "-c", LISTEN_FROM_A_POD_NETWORK],
+            capture_output=True, text=True, timeout=60, check=False,
+        )  # fmt: skip
+    assert done.stdout.strip() == "seen", done.stderr

@@ -64,16 +64,19 @@ def write_sysctl(path: str, value: str) -> None:
         f.write(value + "\n")
 
 
+#: The host's initial namespaces, for an agent in a privileged hostPID pod to join: those of
+#: kthreadd, PID 2 of the host, which are always the initial ones (PID 1 is an init that may
+#: have moved, and whose namespace files may be closed even to root).
+HOST_NAMESPACES = "/proc/2/ns"
+
 # The kernel takes a coredump socket pattern only from a task in its initial mount namespace
-# (where it resolves the socket's path): written from a container it is EINVAL. An agent in a
-# privileged hostPID pod writes it from a short-lived child that joined the mount namespace of
-# kthreadd, PID 2 of the host, which is always the initial one (PID 1 is an init that may have
-# moved, and whose namespace files may be closed even to root); a child, because a process with
-# threads cannot change its mount namespace.
+# (where it resolves the socket's path): written from a container it is EINVAL. The agent
+# writes it from a short-lived child that joined the host's mount namespace; a child, because
+# a process with threads cannot change its mount namespace.
 _HOST_MOUNT_NS_WRITE = """
 import ctypes, os, sys
 try:
-    fd = os.open("/proc/2/ns/mnt", os.O_RDONLY)
+    fd = os.open(sys.argv[2], os.O_RDONLY)
     if ctypes.CDLL(None, use_errno=True).setns(fd, 0x00020000) != 0:  # CLONE_NEWNS
         raise OSError(ctypes.get_errno(), "setns")
     with open(sys.argv[1], "w") as f:
@@ -92,7 +95,7 @@ def _in_host_mount_namespace() -> bool:
 
 def _write_from_host_mount_namespace(path: str, value: str) -> None:
     done = subprocess.run(
-        [sys.executable, "-I", "-c", _HOST_MOUNT_NS_WRITE, path],
+        [sys.executable, "-I", "-c", _HOST_MOUNT_NS_WRITE, path, f"{HOST_NAMESPACES}/mnt"],
         input=value + "\n", capture_output=True, text=True, check=False,
     )  # fmt: skip
     if done.returncode != 0:

@@ -29,8 +29,8 @@ its tenant's, read bounded and kept as plain data.
 The connector reaches sockets in the initial network namespace only, from a process in the
 initial user and PID namespaces with CAP_NET_ADMIN: the DaemonSet's agent (privileged,
 ``hostPID``, not ``hostNetwork``) makes its socket on a thread that enters the host's network
-namespace (``/proc/1/ns/net``). Where that fails, one warning says so and the agent goes on
-with the kernel log alone.
+namespace (kthreadd's: :data:`corevault.hostsetup.HOST_NAMESPACES`). Where that fails, one
+warning says so and the agent goes on with the kernel log alone.
 """
 
 from __future__ import annotations
@@ -50,7 +50,7 @@ import time
 from collections.abc import Callable
 from dataclasses import dataclass
 
-from corevault import config, podannotations, quickjson, spool
+from corevault import config, hostsetup, podannotations, quickjson, spool
 from corevault.capture import cgroup, lookup
 
 log = logging.getLogger("corevault.agent")
@@ -211,7 +211,7 @@ def open_connector(rcvbuf: int = RCVBUF) -> socket.socket:
     def make() -> None:
         try:
             libc = ctypes.CDLL(None, use_errno=True)
-            fd = os.open("/proc/1/ns/net", os.O_RDONLY | os.O_CLOEXEC)
+            fd = os.open(f"{hostsetup.HOST_NAMESPACES}/net", os.O_RDONLY | os.O_CLOEXEC)
             try:
                 if libc.setns(fd, CLONE_NEWNET) != 0:
                     raise OSError(ctypes.get_errno(), "cannot enter the host's network namespace")
