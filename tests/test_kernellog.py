@@ -7,7 +7,8 @@ import time
 
 import pytest
 
-from corevault import config, spool
+from corevault import atomic, config, spool
+from corevault.agent import kernellog
 from corevault.agent.kernellog import KMSG, KernelLog, from_kernel, parse
 from tests.conftest import Capture
 from tests.tenants import pod
@@ -53,6 +54,72 @@ def test_a_line_only_counts_from_its_start_and_from_the_kernel_at_warning_level(
     assert parse("x[9]: segfault at 0 in coredump_pipe: 999 callbacks suppressed[1+2]") is None
     assert from_kernel("4") and from_kernel("3") and not from_kernel("6")  # a segfault line is info
     assert not from_kernel(str(1 << 3 | 4))  # written to /dev/kmsg by a process (LOG_USER)
+
+
+class FakeKmsg:
+    """A FIFO standing in for /dev/kmsg: one record per write, read one at a time between polls."""
+
+    def __init__(self, tmp_path) -> None:
+        self.path = str(tmp_path / "kmsg")
+        os.mkfifo(self.path)
+        self.settings = config.Settings(str(tmp_path / "state"))
+        os.makedirs(self.settings.state_dir)
+        atomic.write(os.path.join(self.settings.state_dir, kernellog.STATE_NAME), f"{kernellog._boot_id()} 0")
+        self.counted: list[int] = []
+        self.follower = KernelLog(self.settings, self.path, on_skip=self.counted.append)
+        assert self.follower._open()
+        self.fd = os.open(self.path, os.O_WRONLY)
+        self.seq = 0
+
+    def says(self, message: str, seconds_ago: float = 0.0) -> None:
+        """The kernel logs ``message`` (at the warning level), stamped ``seconds_ago``."""
+        self.seq += 1
+        usec = int((time.clock_gettime(time.CLOCK_MONOTONIC) - seconds_ago) * 1e6)
+        os.write(self.fd, f"4,{self.seq},{usec},-;{message}\n".encode())
+        self.follower.poll()
+
+    def journal(self) -> list[dict]:
+        return spool.read_journal(self.settings.spool_dir)
+
+    def close(self) -> None:
+        os.close(self.fd)
+        self.follower.close()
+
+
+def test_a_suppressed_count_is_not_counted_again_while_each_death_is_journaled(tmp_path) -> None:
+    """Process events journal every death one by one: a suppressed count of a window they
+    followed wholly would count those dumps twice; one from before they listened still counts."""
+    kmsg = FakeKmsg(tmp_path)
+    try:
+        kmsg.says("coredump_pipe: 7 callbacks suppressed")  # nothing follows the deaths yet
+        kmsg.follower.deaths_followed_since = time.time() - 1
+        kmsg.says("coredump_pipe: 5 callbacks suppressed", seconds_ago=0)  # its window began before
+        kmsg.follower.deaths_followed_since = time.time() - 10
+        kmsg.says("coredump_pipe: 3 callbacks suppressed")  # a window wholly followed
+        kmsg.says("coredump: 42(worker): over core_pipe_limit, skipping core dump")  # named: still one
+    finally:
+        kmsg.close()
+    assert kmsg.counted == [7, 5, 1], kmsg.counted
+    assert [r.get("count") for r in kmsg.journal()] == [7, 5, None], kmsg.journal()
+
+
+def test_messages_the_ring_buffer_overwrote_are_said(tmp_path, caplog, monkeypatch) -> None:
+    kmsg = FakeKmsg(tmp_path)
+    try:
+        kmsg.says("coredump: 1(a): over core_pipe_limit, skipping core dump")
+        kmsg.seq += 40  # what the reader gets after EPIPE: the oldest record still held
+        real_read = os.read
+
+        def overwritten_once(fd: int, n: int) -> bytes:
+            monkeypatch.setattr(os, "read", real_read)
+            raise BrokenPipeError(32, "Broken pipe")
+
+        monkeypatch.setattr(os, "read", overwritten_once)
+        kmsg.says("coredump: 2(b): over core_pipe_limit, skipping core dump")
+    finally:
+        kmsg.close()
+    assert "overwrote 40 messages" in caplog.text, caplog.text
+    assert [r["ns_pid"] for r in kmsg.journal()] == [1, 2]
 
 
 # A tenant's executables named as the kernel's own lines: the segfault line the kernel prints for

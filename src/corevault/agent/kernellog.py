@@ -10,7 +10,9 @@ so a tenant whose crash was crowded out sees why.
 What the kernel tells is little: the PID as the crashed process's own namespace numbers
 it, and its comm; the process is gone by then, so the record names no pod. The kernel
 rate-limits these lines (``…: N callbacks suppressed`` follows a burst): those are
-journaled as one record with the count. The position read (the records' sequence
+journaled as one record with the count, unless the agent's process events
+(:mod:`corevault.agent.procevents`) were listening all through the burst: they journal each
+of those dumps under its pod, and the count would count them twice. The position read (the records' sequence
 number, with the boot's id) is kept in the state directory, so a restarted agent neither
 repeats nor misses what the ring buffer still holds; the first start begins at the end.
 
@@ -45,6 +47,9 @@ WARNING = 4
 #: what the kernel says when a dump is lost (other coredump lines are warnings about settings)
 LOST = ("skipping core dump", "aborting core", "failed")
 SUPPRESSED = re.compile(r"(\w*coredump\w*): (\d+) callbacks suppressed")
+#: seconds the kernel's rate limit counts suppressed lines over before it reports them (its
+#: DEFAULT_RATELIMIT_INTERVAL): a count is stamped with the line that ends the window
+RATELIMIT_INTERVAL = 5
 #: functions whose rate-limited lines warn about settings and lose no dump (the unsafe
 #: core_pattern and suid_dumpable warning that writing those settings prints)
 WARNINGS_ONLY = frozenset({"validate_coredump_safety"})
@@ -94,6 +99,9 @@ class KernelLog:
         self.state = os.path.join(settings.state_dir, STATE_NAME)
         self.last = self._saved()
         self.boot = time.time() - time.clock_gettime(time.CLOCK_MONOTONIC)
+        #: since when (wall clock) every core-signal death is journaled one by one by the process
+        #: events, or None: a suppressed count of a window wholly after it is not journaled again
+        self.deaths_followed_since: float | None = None
 
     def _saved(self) -> int | None:
         """The last sequence number read in this boot; -1 after a reboot (read all), None the first time."""
@@ -121,6 +129,7 @@ class KernelLog:
             return 0
         written = 0
         newest = self.last
+        overwritten = False
         while True:
             try:
                 raw = os.read(self.fd, 8192)
@@ -128,6 +137,7 @@ class KernelLog:
                 break
             except OSError as e:
                 if e.errno == errno.EPIPE:  # records were overwritten before we read them
+                    overwritten = True
                     continue
                 log.warning("cannot read the kernel log (%s): its skipped dumps are not journaled", e)
                 break
@@ -140,11 +150,17 @@ class KernelLog:
             seq = int(fields[1])
             if self.last is not None and seq <= self.last:
                 continue
+            if overwritten:
+                overwritten = False
+                self._lost(seq - (newest if newest is not None else seq - 1) - 1)
             newest = seq
             record = parse(body.split("\n", 1)[0]) if from_kernel(fields[0]) else None
             if record is None:
                 continue
             stamp = self.boot + int(fields[2]) / 1e6 if fields[2].isdigit() else time.time()
+            if "count" in record and self._followed(stamp - RATELIMIT_INTERVAL):
+                log.debug("%d coredump lines left out: each dump is journaled by itself", record["count"])
+                continue
             spool.ensure(self.settings.spool_dir)
             spool.journal(
                 self.settings.spool_dir,
@@ -160,6 +176,18 @@ class KernelLog:
             self.last = newest
             atomic.write(self.state, f"{_boot_id()} {newest}")
         return written
+
+    def _lost(self, n: int) -> None:
+        """Say that the ring buffer overwrote ``n`` messages unread (which ones, nobody can tell)."""
+        if n > 0 and not self._followed(time.time()):
+            log.warning(
+                "the kernel's log overwrote %d messages before the agent read them: dumps it skipped"
+                " among them are not journaled (poll more often, or let the agent follow process events)",
+                n,
+            )
+
+    def _followed(self, since: float) -> bool:
+        return self.deaths_followed_since is not None and since >= self.deaths_followed_since
 
     def close(self) -> None:
         if self.fd >= 0:

@@ -280,16 +280,20 @@ class Agent:
             events = ProcEvents(self.settings, on_drop=self.metrics.kernel_skipped.inc)
             self.listen = events.start()  # where the connector cannot be had, said once
             self.proc_events = events if self.listen else None
+            self.kernel_log.deaths_followed_since = time.time() if self.listen else None
         elif not self.installed and self.proc_events is not None:
-            self.proc_events.close()
-            self.proc_events = None
+            self._stop_following()
         if self.proc_events is not None:
             self.proc_events.reconcile()
 
-    def _close(self) -> None:
+    def _stop_following(self) -> None:
         if self.proc_events is not None:
             self.proc_events.close()
             self.proc_events = None
+        self.kernel_log.deaths_followed_since = None
+
+    def _close(self) -> None:
+        self._stop_following()
         if self.analyses is not None:
             self.analyses.close()
             self.analyses = None
