@@ -222,16 +222,25 @@ def test_a_killed_analysis_uid_is_not_taken_again_while_a_process_of_it_is_left(
     """An analysis killed without a word that its PID namespace is gone (a bubblewrap worker
     killed at its limit, a keeper that never answered) leaves its uid suspect: the uid is
     given back only once none of its processes are left."""
+    with killed_with_a_process_left(BASE):
+        pass
+    with slots.held(BASE, 1, time.monotonic() + 10) as again:
+        assert again == BASE and slots.stragglers(BASE) == []
+
+
+@contextlib.contextmanager
+def killed_with_a_process_left(base: int) -> Iterator[None]:
+    """The only uid from ``base`` held by an analysis killed with a process of its uid left;
+    while the block runs the uid is not taken again; the process is killed when it ends."""
     import subprocess
 
-    with slots.held(BASE, 1, time.monotonic() + 5) as uid:
+    with slots.held(base, 1, time.monotonic() + 5) as uid:
         left = subprocess.Popen(["sleep", "60"], user=uid, group=uid, extra_groups=[])
         slots.suspect(uid, None)
     try:
-        with pytest.raises(slots.NoSlot), slots.held(BASE, 1, time.monotonic() + 0.5):
+        with pytest.raises(slots.NoSlot), slots.held(base, 1, time.monotonic() + 0.5):
             pass
+        yield
     finally:
         left.kill()
         left.wait()
-    with slots.held(BASE, 1, time.monotonic() + 10) as again:
-        assert again == BASE and slots.stragglers(BASE) == []

@@ -22,7 +22,7 @@ import pytest
 from corevault.analysis import runner, slots, template
 from corevault.model import Report
 from testbed import runc
-from tests.test_analysis_slots import fixture_crash
+from tests.test_analysis_slots import fixture_crash, killed_with_a_process_left
 
 #: a uid range of this module's own: its counts are this module's alone
 BASE = 64_970
@@ -116,15 +116,8 @@ def test_a_pod_running_as_an_analysis_uid_does_not_hold_a_killed_analysis_s_uid(
     pod = pod_as(BASE, rootfs, 1)
     with pod.running():
         assert pod.pid() in running_as(BASE)  # the pod runs as the analysis uid
-        with slots.held(BASE, 1, time.monotonic() + 5) as uid:
-            left = subprocess.Popen(["sleep", "60"], user=uid, group=uid, extra_groups=[])
-            slots.suspect(uid, None)  # killed, with a process of its own left
-        try:
-            with pytest.raises(slots.NoSlot), slots.held(BASE, 1, time.monotonic() + 0.5):
-                pass
-        finally:
-            left.kill()
-            left.wait()
+        with killed_with_a_process_left(BASE):
+            pass
         with slots.held(BASE, 1, time.monotonic() + 5) as again:
             assert again == BASE
 
