@@ -20,8 +20,10 @@ once under its pod: ``dropped`` when the pod opted in, ``skipped`` (what the han
 for such crashes) when it did not, so a host's crashes that never asked for cores read as
 they always did rather than as losses.
 
-Bounds: the table of deaths waiting holds at most :data:`MAX_PENDING`; beyond, the oldest is
-given up and counted, and the count journaled. A socket overrun (ENOBUFS: the kernel had
+Bounds: the table of deaths waiting holds at most :data:`MAX_PENDING`; beyond, the oldest death
+of the tenant (namespace) holding the most places is given up, so a tenant's crash loop pushes
+out its own deaths and never another's; each tenant's count of given-up deaths is journaled
+under its last such pod. A socket overrun (ENOBUFS: the kernel had
 more events than the socket's buffer) is counted and journaled too, since deaths were lost
 unseen. What the netlink socket carries is the kernel's; what /proc holds of a process is
 its tenant's, read bounded and kept as plain data.
@@ -35,6 +37,7 @@ warning says so and the agent goes on with the kernel log alone.
 
 from __future__ import annotations
 
+import bisect
 import collections
 import contextlib
 import ctypes
@@ -247,7 +250,10 @@ class ProcEvents:
         self.on_drop = on_drop
         self.lock = threading.Lock()
         self.pending: collections.OrderedDict[int, Death] = collections.OrderedDict()
-        self.given_up = 0  # deaths pushed out of the full table, not yet journaled
+        #: the waiting deaths' PIDs by tenant, oldest first: a full table gives up the largest's
+        self.tenants: dict[str, collections.OrderedDict[int, None]] = {}
+        #: deaths pushed out of the full table, not yet journaled: by tenant, with its last such pod
+        self.given_up: dict[str, tuple[int, dict | None]] = {}
         self.overruns = 0  # socket overruns, not yet journaled
         self.seen_pids: collections.OrderedDict[int, float] = collections.OrderedDict()
         #: the kernel log's records by the namespace PID they name: [comm, time] each, taken out
@@ -304,11 +310,26 @@ class ProcEvents:
                 log.exception("cannot look at a crashed process %d: %s", tgid, e)
                 death = Death(pid=tgid, when=self.boot + stamp / 1e9, start="")
             with self.lock:
-                self.pending[tgid] = death
-                self.pending.move_to_end(tgid)
-                while len(self.pending) > self.max_pending:
-                    self.pending.popitem(last=False)
-                    self.given_up += 1
+                self._add(death)
+
+    def _add(self, death: Death) -> None:
+        """Keep a death waiting; past the table's size give up the oldest of the largest tenant's."""
+        self._remove(death.pid)
+        self.pending[death.pid] = death
+        self.tenants.setdefault(tenant(death), collections.OrderedDict())[death.pid] = None
+        while len(self.pending) > self.max_pending:
+            largest = max(self.tenants, key=lambda t: len(self.tenants[t]))
+            lost = self.pending[next(iter(self.tenants[largest]))]
+            self._remove(lost.pid)
+            n, _ = self.given_up.get(largest, (0, None))
+            self.given_up[largest] = (n + 1, lost.pod)
+
+    def _remove(self, pid: int) -> None:
+        if (d := self.pending.pop(pid, None)) is not None:
+            pids = self.tenants[tenant(d)]
+            del pids[pid]
+            if not pids:
+                del self.tenants[tenant(d)]
 
     def _tail_journal(self) -> None:
         """Note the records appended to the journal since the last call.
@@ -369,18 +390,39 @@ class ProcEvents:
         if not entries:
             self.seen_kernel.pop(ns_pid, None)
 
-    def _accounted(self, d: Death) -> bool:
+    def _journaled(self, d: Death) -> bool:
         # a record of a PID before its crash belongs to another process that had the PID
-        if (t := self.seen_pids.get(d.pid)) is not None and t >= d.when - 1:
-            return True
-        # a process gone before its status was read can only be the host's own (namespace PID = PID)
-        comm = kernel_comm(d.comm) if d.ns_pid is not None else None
-        entries = self.seen_kernel.get(d.pid if d.ns_pid is None else d.ns_pid, [])
-        for i, (seen_comm, t) in enumerate(entries):
-            if t >= d.when - 1 and (comm is None or seen_comm == comm):
-                del entries[i]  # one kernel line accounts for one death
-                return True
-        return False
+        return (t := self.seen_pids.get(d.pid)) is not None and t >= d.when - 1
+
+    def _logged(self, waiting: list[Death], due: list[Death]) -> set[int]:
+        """The due deaths the kernel's log accounts for (their ids).
+
+        A line names a PID in its process's namespace and a comm, both a tenant's to choose: pod
+        A's own PID 1, renamed as pod B's process is, makes a line that fits B's death as well
+        as A's. So a line is weighed only once a death it fits is due (every death it may be
+        about has been read from the socket by then), and goes to the waiting death that fits
+        it nearest in time: the kernel logs it as it skips the dump, just after that death's
+        event. One line accounts for one death.
+        """
+        keys = {_key(d)[0] for d in due}
+        fits: dict[tuple[int, str | None], list[Death]] = {}
+        for d in sorted(waiting, key=lambda d: d.when):
+            if _key(d)[0] in keys:
+                fits.setdefault(_key(d), []).append(d)
+        due_ids = {id(d) for d in due}
+        logged: set[int] = set()
+        for ns_pid in keys:
+            entries = self.seen_kernel.get(ns_pid, [])
+            for entry in sorted(entries, key=lambda e: e[1]):
+                comm, t = entry
+                near = [n for k in ((ns_pid, comm), (ns_pid, None)) if (n := _nearest(fits.get(k, []), t))]
+                if not near:
+                    continue
+                group, i = min(near, key=lambda n: abs(n[0][n[1]].when - t))
+                if id(group[i]) in due_ids:  # else the line waits for the death it is nearest to
+                    logged.add(id(group.pop(i)))
+                    entries.remove(entry)
+        return logged
 
     def reconcile(self, now: float | None = None) -> int:
         """Journal the deaths nothing accounted for in time; returns how many records were written."""
@@ -388,19 +430,26 @@ class ProcEvents:
         self._tail_journal()
         with self.lock:
             deaths = list(self.pending.values())
-            given_up, self.given_up = self.given_up, 0
+            given_up, self.given_up = self.given_up, {}
             overruns, self.overruns = self.overruns, 0
         done: list[Death] = []
         due: list[Death] = []
+        waiting: list[Death] = []
         for d in deaths:
-            if self._accounted(d):
+            if self._journaled(d):
                 done.append(d)
-            elif d.start and _start_time(d.pid) == d.start:
+                continue
+            waiting.append(d)
+            if d.start and _start_time(d.pid) == d.start:
                 d.gone_at = None  # still there: the kernel is writing its core
             elif d.gone_at is None:
                 d.gone_at = now
             elif now - d.gone_at >= self.grace:
                 due.append(d)
+        if due:
+            logged = self._logged(waiting, due)
+            done += [d for d in due if id(d) in logged]
+            due = [d for d in due if id(d) not in logged]
         if due:
             running = handlers_running({d.pid for d in due})
             for d in due:
@@ -411,8 +460,9 @@ class ProcEvents:
         for d in due:
             self._journal_death(d)
             written += 1
-        if given_up:
-            self._journal_lost(given_up, "more core-signal deaths at once than the agent keeps track of")
+        for n, pod in given_up.values():
+            what = "more core-signal deaths waiting than the agent keeps track of, this tenant's the most"
+            self._journal_lost(n, what, pod)
             written += 1
         if overruns:
             self._journal_lost(overruns, "the kernel's process events overran the agent's socket")
@@ -420,7 +470,7 @@ class ProcEvents:
         with self.lock:
             for d in done + due:
                 if self.pending.get(d.pid) is d:
-                    del self.pending[d.pid]
+                    self._remove(d.pid)
         now_wall = time.time()
         while self.kernel_order and self.kernel_order[0][1][1] < now_wall - SEEN_FOR:
             self._forget_kernel()
@@ -443,16 +493,16 @@ class ProcEvents:
         spool.journal(self.settings.spool_dir, record)
         self.seen_pids[d.pid] = d.when
 
-    def _journal_lost(self, n: int, what: str) -> None:
+    def _journal_lost(self, n: int, what: str, pod: dict | None = None) -> None:
+        record = {
+            "event": "dropped", "transport": "kernel", "source": "process events", "count": n,
+            "node": self.settings.node_name,
+            "reason": f"{what} ({n} times): crashes went unrecorded; look for a crash loop on this node",
+        }  # fmt: skip
+        if pod is not None:
+            record["pod"] = pod
         spool.ensure(self.settings.spool_dir)
-        spool.journal(
-            self.settings.spool_dir,
-            {
-                "event": "dropped", "transport": "kernel", "source": "process events", "count": n,
-                "node": self.settings.node_name,
-                "reason": f"{what} ({n} times): crashes went unrecorded; look for a crash loop on this node",
-            },
-        )  # fmt: skip
+        spool.journal(self.settings.spool_dir, record)
         if self.on_drop is not None:
             self.on_drop(n)
 
@@ -467,6 +517,31 @@ class ProcEvents:
         if self.journal_fd >= 0:
             os.close(self.journal_fd)
             self.journal_fd = -1
+
+
+def _key(d: Death) -> tuple[int, str | None]:
+    """The PID and comm the kernel's log names a death by; a process gone before its status was
+    read can only be the host's own (namespace PID = PID), with any comm."""
+    return (d.pid, None) if d.ns_pid is None else (d.ns_pid, kernel_comm(d.comm))
+
+
+def _nearest(deaths: list[Death], t: float) -> tuple[list[Death], int] | None:
+    """Of deaths sorted by time, the one nearest to a line at ``t`` it may be about (at most a
+    second after it: the two clocks' slack), as (list, index)."""
+    whens = [d.when for d in deaths]
+    end = bisect.bisect_right(whens, t + 1)
+    if end == 0:
+        return None
+    i = min(bisect.bisect_left(whens, t, hi=end), end - 1)
+    if i > 0 and abs(whens[i - 1] - t) <= abs(whens[i] - t):
+        i -= 1
+    return deaths, i
+
+
+def tenant(d: Death) -> str:
+    """Whose place in the table a death takes: its pod's namespace; the host's, and a process
+    gone before its pod could be read, share one."""
+    return str((d.pod or {}).get("namespace") or "")
 
 
 def why(d: Death) -> str:

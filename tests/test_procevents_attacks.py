@@ -1,0 +1,110 @@
+"""A tenant's crashes may not hide another tenant's skipped dump from the process events' records.
+
+Tenant B's pod crashes once, its dump skipped (RLIMIT_CORE 1: the kernel pipes nothing). Tenant A
+then attacks from pods of its own: a crash loop that fills the table of waiting deaths, or a
+crash of its own as B's process is known to the kernel's log (PID 1 in its namespace, the
+same comm) while the log left B's line out. Either way B's skip is journaled under B's pod.
+"""
+
+from __future__ import annotations
+
+import time
+
+import pytest
+
+from corevault import config
+from corevault.agent.kernellog import KernelLog
+from corevault.agent.procevents import ProcEvents, tenant
+from testbed import runc
+from tests.conftest import Capture
+from tests.tenants import of_namespace, pod
+from tests.test_tenant_slots import skip_lines_named_again
+from tests.waiting import wait_for
+
+pytestmark = pytest.mark.crash
+
+GRACE = 2.0
+#: tenant B's process: its dump skipped, its 64 MiB make its exit slow enough for its pod to be read
+SKIPPED = ["/app/crasher", "alloc", "64"]
+
+
+def skipped_crash(rootfs: str, args: list[str], namespace: str, name: str) -> None:
+    """A pod whose processes' dumps the kernel skips (RLIMIT_CORE 1) runs ``args`` to its end."""
+    runc.Container(rootfs, args, annotations=pod(namespace, name), rlimit_core=(1, 1)).run()
+
+
+def waiting(events: ProcEvents, namespace: str) -> int:
+    with events.lock:
+        return sum(tenant(d) == namespace for d in events.pending.values())
+
+
+def settle(events: ProcEvents, follower: KernelLog | None = None) -> None:
+    """Passes as the agent makes them (the kernel's log first), then past every grace period."""
+    if follower is not None:
+        follower.poll()
+    events.reconcile()
+    later = time.monotonic() + 10 * GRACE
+    events.reconcile(later)
+    events.reconcile(later + 10 * GRACE)
+
+
+def test_a_crash_loop_gives_up_its_own_waiting_deaths_not_another_tenants(
+    capture: Capture, rootfs: str
+) -> None:
+    settings = config.load(capture.config)
+    events = ProcEvents(settings, grace=GRACE, max_pending=4)
+    assert events.start()
+    try:
+        skipped_crash(rootfs, SKIPPED, "tenant-b", "b-0")
+        wait_for(lambda: waiting(events, "tenant-b"), "tenant B's death", timeout=10)
+        loop = "for i in 1 2 3 4 5 6 7 8 9 10 11 12; do /app/crasher alloc 16; done; echo done"
+        skipped_crash(rootfs, ["/bin/sh", "-c", loop], "tenant-a", "a-0")
+        wait_for(lambda: sum(n for n, _ in events.given_up.values()) >= 8, "A's deaths given up", timeout=10)
+        settle(events)
+    finally:
+        events.close()
+    (b,) = of_namespace(capture.journal(), "tenant-b")
+    assert b["event"] == "dropped" and b["source"] == "process events" and "count" not in b, b
+    assert b["pod"]["name"] == "b-0" and "RLIMIT_CORE is 1" in b["reason"], b
+    # what was given up is A's, and said so under A's pod (A's deaths the host's in part, if a
+    # process was gone before its pod was read: those count with the host's)
+    counted = [r for r in capture.journal() if "count" in r and r.get("source") == "process events"]
+    assert sum(r["count"] for r in counted) >= 8, counted
+    assert all((r.get("pod") or {}).get("namespace") in ("tenant-a", None) for r in counted), counted
+    assert any((r.get("pod") or {}).get("namespace") == "tenant-a" for r in counted), counted
+
+
+def test_a_pods_line_in_the_kernel_log_does_not_account_for_anothers_skip(
+    capture: Capture, rootfs: str
+) -> None:
+    """B's process and A's are both PID 1 of their pods and named crasher: the kernel's line of
+    A's skip fits B's death too. The log leaves B's line out (read from after it here, as the
+    kernel's rate limit leaves it out once a burst used its window): A's line accounts for A's
+    death, the nearest, and B's is journaled under B's pod."""
+    settings = config.load(capture.config)
+    events = ProcEvents(settings, grace=GRACE)
+    assert events.start()
+    follower = KernelLog(settings)
+    try:
+        skipped_crash(rootfs, SKIPPED, "tenant-b", "b-0")
+        wait_for(lambda: waiting(events, "tenant-b"), "tenant B's death", timeout=10)
+        follower.poll()  # from now on: B's line is left out
+        skip_lines_named_again()
+        skipped_crash(rootfs, SKIPPED, "tenant-a", "a-0")
+        wait_for(lambda: waiting(events, "tenant-a"), "tenant A's death", timeout=10)
+        wait_for(
+            lambda: follower.poll() or lines_of_pid_1(capture), "the kernel's line of A's skip", timeout=10
+        )
+        settle(events, follower)
+    finally:
+        events.close()
+        follower.close()
+    assert len(lines_of_pid_1(capture)) == 1, capture.journal()
+    (b,) = of_namespace(capture.journal(), "tenant-b")
+    assert b["event"] == "dropped" and b["source"] == "process events" and b["ns_pid"] == 1, b
+    assert b["pod"]["name"] == "b-0" and "RLIMIT_CORE is 1" in b["reason"], b
+    assert not of_namespace(capture.journal(), "tenant-a"), capture.journal()
+
+
+def lines_of_pid_1(capture: Capture) -> list[dict]:
+    return [r for r in capture.journal() if r.get("source") == "kernel log" and r.get("ns_pid") == 1]
