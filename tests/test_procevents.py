@@ -130,7 +130,11 @@ def test_more_deaths_than_the_table_holds_are_counted(capture: Capture) -> None:
     assert events.start()
     try:
         pids = _crash_host_processes(5)
-        wait_for(lambda: pids[-1] in events.pending or sum(n for n, _ in events.given_up.values()) >= 5, "the five deaths", timeout=10)
+        wait_for(
+            lambda: pids[-1] in events.pending or sum(n for n, _ in events.given_up.values()) >= 5,
+            "the five deaths",
+            timeout=10,
+        )
         _reap(pids)
         later = time.monotonic() + 10 * GRACE
         events.reconcile(later)
