@@ -496,15 +496,19 @@ def test_downloads_past_fastapi_answer_and_count_as_their_routes(
 def test_downloads_wait_in_a_worker_thread_only_on_what_may_wait_on_another_host(
     tmp_path: Path, monkeypatch: pytest.MonkeyPatch, access: type[StaticTokens]
 ) -> None:
-    """Token file, SQLite and a directory: the lookup runs on the event loop (no thread hop);
-    a reader check that may wait on another host sends it to a worker thread, as FastAPI would."""
+    """Token file, SQLite and a directory: the lookup runs on the event loop (no thread hop), on
+    its own prepared connection; a reader check that may wait on another host sends it to a
+    worker thread, as FastAPI would, with a connection of the pool."""
     import asyncio
+
+    from corevault.vault.prepared import Prepared
 
     settings = config.from_dict({"state_dir": str(tmp_path / "state")})
     binary, _ = vault(settings, tmp_path)
     app = create_app(settings, access(tokens(tmp_path)))
     assert app.state.server.local is access.local
     on_loop: list[bool] = []
+    prepared: list[bool] = []
     lookup = catalog.object_for
 
     def spied(*args: object, **kw: object) -> object:
@@ -512,6 +516,7 @@ def test_downloads_wait_in_a_worker_thread_only_on_what_may_wait_on_another_host
             on_loop.append(asyncio.get_running_loop() is not None)
         except RuntimeError:
             on_loop.append(False)
+        prepared.append(isinstance(args[0], Prepared))
         return lookup(*args, **kw)  # type: ignore[arg-type]
 
     monkeypatch.setattr(catalog, "object_for", spied)
@@ -522,7 +527,7 @@ def test_downloads_wait_in_a_worker_thread_only_on_what_may_wait_on_another_host
             get(f"{url}/buildid/{BUILD_ID}/executable", "a", headers={"Range": "bytes=5-9"}).content
             == binary[5:10]
         )
-    assert on_loop == [access.local] * 3
+    assert on_loop == prepared == [access.local] * 3
 
 
 def test_a_token_taken_out_of_the_file_downloads_nothing_more(tmp_path: Path) -> None:

@@ -51,6 +51,21 @@ def principal(request: Request) -> Principal:
 
 Reader = Annotated[Principal, Depends(principal)]
 
+#: in a request's scope when its handler runs on the event loop (corevault.server.downloads)
+ON_LOOP = "corevault.on_loop"
+
+
+@contextlib.contextmanager
+def reading(request: Request) -> Iterator[Any]:
+    """The catalog for one download's lookup: the event loop's own prepared connection when the
+    request is answered there, else a connection of the pool (in a worker thread, each its own)."""
+    lookups = server(request).lookups
+    if lookups is not None and request.scope.get(ON_LOOP):
+        yield lookups
+        return
+    with server(request).vault.engine.connect() as conn:
+        yield conn
+
 
 class CrashSummary(BaseModel):
     id: str
@@ -302,7 +317,7 @@ def download_core(request: Request, crash_id: str) -> Response:
     # corevault.server.downloads for where this runs), and the crash is one row of five
     # columns: a reader of ranges asks for each range anew
     reader, srv = principal(request), server(request)
-    with srv.vault.engine.connect() as conn:
+    with reading(request) as conn:
         crash = seen(reader, crash_id, catalog.core_of(conn, crash_id))
     store, key = srv.vault.store, blobs.core_key(crash_id)
     vary = {"Vary": "Accept-Encoding"}
@@ -561,7 +576,7 @@ def _binary(request: Request, build_id: str, debuginfo: bool, crash: str | None)
     if not objectid.KEY.match(build_id):
         raise HTTPException(404, "not a build-id")
     srv = server(request)
-    with srv.vault.engine.connect() as conn:
+    with reading(request) as conn:
         row = catalog.object_for(conn, build_id, reader.visible, crash)
     key, size = (blobs.object_key(row["key"], row["sha256"]), row["size"]) if row else ("", 0)
     if row is not None and debuginfo:

@@ -36,6 +36,7 @@ from corevault.server import redirects
 from corevault.server.access import COOKIE, Access, AccessError, Denied, Principal
 from corevault.vault import catalog
 from corevault.vault.crashes import LocalVault
+from corevault.vault.prepared import Prepared
 
 
 class Metrics:
@@ -110,6 +111,9 @@ class Server:
             and self.vault.engine.dialect.name == "sqlite"
             and hasattr(self.vault.store, "local_path")
         )
+        #: the downloads' lookups on the event loop: one connection of their own, each statement
+        #: compiled once (see corevault.vault.prepared)
+        self.lookups = Prepared(self.vault.engine) if self.local else None
 
     def namespaces(self) -> list[str]:
         with self.vault.engine.connect() as conn:

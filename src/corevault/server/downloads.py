@@ -96,6 +96,7 @@ class ShortPath:
         handler, param = scope[_DOWNLOAD]
         request = Request(scope, receive)
         if self.local:
+            scope[api.ON_LOOP] = True
             response = handler(request, param)
         else:
             response = await run_in_threadpool(handler, request, param)

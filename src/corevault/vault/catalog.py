@@ -6,7 +6,8 @@ those below it:
 
 - ``tables``: the tables and the per-dialect SQL (the bottom);
 - ``lifecycle`` (groups' states and events), ``search`` (the crash search index) and
-  ``snapshots`` (snapshot requests): their own tables, beside each other;
+  ``snapshots`` (snapshot requests): their own tables, beside each other; ``prepared``
+  (a query's statement run on a connection of its own, for the downloads' lookups);
 - ``recording`` (crashes, analyses, objects, dropped dumps) and ``queries`` (lists, one
   crash, groups as a reader sees them), above those;
 - ``migrations`` (the schema's versions), above every part whose tables it creates;

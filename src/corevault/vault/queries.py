@@ -19,6 +19,7 @@ from sqlalchemy.engine import Connection
 
 from corevault.vault import lifecycle
 from corevault.vault import search as fts
+from corevault.vault.prepared import Prepared
 from corevault.vault.tables import (
     crash_objects,
     crashes,
@@ -32,8 +33,15 @@ from corevault.vault.tables import (
 )
 
 
+def _rows(conn: Connection | Prepared, query: sa.Select, params: dict) -> list[dict]:
+    """``query``'s rows as dicts, on a connection or (the downloads' lookups) a :class:`Prepared`."""
+    if isinstance(conn, Prepared):
+        return conn.rows(query, params)
+    return [dict(row._mapping) for row in conn.execute(query, params)]
+
+
 def object_for(
-    conn: Connection, key: str, visible: Collection[str] | None = None, crash_id: str | None = None
+    conn: Connection | Prepared, key: str, visible: Collection[str] | None = None, crash_id: str | None = None
 ) -> dict | None:
     """The object stored under ``key`` that a crash ``visible`` may see (None: all) really mapped.
 
@@ -46,11 +54,11 @@ def object_for(
         # Nearly always one content holds a key, and a shared library's build-id is mapped by most
         # crashes: the contents some visible crash mapped come from the indexes alone, and only
         # when a key has several (one forged) are that key's crashes sorted by time.
-        rows = conn.execute(_mapped_contents(visible is not None), params).all()
+        rows = _rows(conn, _mapped_contents(visible is not None), params)
         if len(rows) <= 1:
-            return dict(rows[0]._mapping) if rows else None
-    row = conn.execute(_newest_mapped(visible is not None, crash_id is not None), params).first()
-    return dict(row._mapping) if row is not None else None
+            return rows[0] if rows else None
+    rows = _rows(conn, _newest_mapped(visible is not None, crash_id is not None), params)
+    return rows[0] if rows else None
 
 
 @functools.cache
@@ -205,10 +213,10 @@ _CORE = sa.select(
 ).where(crashes.c.id == sa.bindparam("id"))
 
 
-def core_of(conn: Connection, crash_id: str) -> dict | None:
+def core_of(conn: Connection | Prepared, crash_id: str) -> dict | None:
     """A crash's namespace (whose readers may have its core), plain and stored sizes and hash."""
-    row = conn.execute(_CORE, {"id": crash_id}).first()
-    return dict(row._mapping) if row is not None else None
+    rows = _rows(conn, _CORE, {"id": crash_id})
+    return rows[0] if rows else None
 
 
 def report_of(conn: Connection, crash_id: str) -> dict | None:
