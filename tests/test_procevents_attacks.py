@@ -8,13 +8,16 @@ same comm) while the log left B's line out. Either way B's skip is journaled und
 
 from __future__ import annotations
 
+import os
+import subprocess
+import threading
 import time
 
 import pytest
 
 from corevault import config
 from corevault.agent.kernellog import KernelLog
-from corevault.agent.procevents import ProcEvents, tenant
+from corevault.agent.procevents import ProcEvents, open_connector, tenant
 from testbed import runc
 from tests.conftest import Capture
 from tests.tenants import of_namespace, pod
@@ -108,3 +111,78 @@ def test_a_pods_line_in_the_kernel_log_does_not_account_for_anothers_skip(
 
 def lines_of_pid_1(capture: Capture) -> list[dict]:
     return [r for r in capture.journal() if r.get("source") == "kernel log" and r.get("ns_pid") == 1]
+
+
+def take_pid(pid: int, cgroups: list[str]) -> subprocess.Popen:
+    """A process with ``pid`` (just freed), moved into ``cgroups``: the host's next PID is set to
+    it (ns_last_pid), tried again when another process on the host took it first."""
+    move = " && ".join(f"echo $$ > {d}/cgroup.procs" for d in cgroups)
+    for _ in range(50):
+        with open("/proc/sys/kernel/ns_last_pid", "w") as f:
+            f.write(str(pid - 1))
+        child = subprocess.Popen(
+            ["sh", "-c", f"{move} && echo moved && exec sleep 60"], stdout=subprocess.PIPE
+        )
+        if child.pid == pid:
+            assert child.stdout is not None and child.stdout.readline() == b"moved\n", (
+                "not in the pod's cgroups"
+            )
+            return child
+        child.kill()
+        child.wait()
+    raise AssertionError(f"PID {pid} could not be had")
+
+
+def cgroups_of(pid: int) -> list[str]:
+    """The directories of the process's cgroups, in each hierarchy (v1 and v2)."""
+    dirs = []
+    with open(f"/proc/{pid}/cgroup") as f:
+        for line in f.read().splitlines():
+            _, controllers, path = line.split(":", 2)
+            hierarchy = controllers.split(",")[0].removeprefix("name=") or "unified"
+            if not os.path.isdir(f"/sys/fs/cgroup/{hierarchy}"):
+                hierarchy = ""  # cgroup v2 alone
+            dirs.append(os.path.normpath(f"/sys/fs/cgroup/{hierarchy}/{path}"))
+    return dirs
+
+
+def test_a_death_read_once_its_pid_is_another_pods_process_is_not_that_pods(
+    capture: Capture, rootfs: str
+) -> None:
+    """Tenant A's process dies, its dump skipped, while the agent's listener is behind (as a flood
+    of events leaves it); by the time the event is read, A's PID is a process of tenant B's pod
+    (the node's PIDs wrap at pid_max). The death is journaled as the process's whose pod could
+    not be read, not under B's pod."""
+    settings = config.load(capture.config)
+    events = ProcEvents(settings, grace=GRACE)
+    events.sock = open_connector()  # events queue from now on; the listener starts later
+    events.sock.settimeout(0.5)
+    b = runc.Container(
+        rootfs, ["/bin/sh", "-c", "echo ready; exec sleep 60"], annotations=pod("tenant-b", "b-0")
+    )
+    taker = None
+    try:
+        with b.running():
+            b_cgroups = cgroups_of(b.pid())
+            a = runc.Container(rootfs, ["/bin/sh", "-c", "echo ready; sleep 0.2; exec /app/crasher"],
+                               annotations=pod("tenant-a", "a-0"), rlimit_core=(1, 1))  # fmt: skip
+            with a.running() as crashing:
+                a_pid = a.pid()
+                crashing.wait(timeout=30)
+            wait_for(lambda: not os.path.exists(f"/proc/{a_pid}"), "A's process to be reaped", timeout=10)
+            taker = take_pid(a_pid, b_cgroups)
+            events.thread = threading.Thread(target=events._listen, daemon=True)
+            events.thread.start()
+            wait_for(lambda: a_pid in events.pending, "A's death", timeout=10)
+            taker.kill()
+            taker.wait()
+            settle(events)
+    finally:
+        if taker is not None and taker.poll() is None:
+            taker.kill()
+            taker.wait()
+        events.close()
+    assert not of_namespace(capture.journal(), "tenant-b"), capture.journal()
+    (a_record,) = [r for r in capture.journal(a_pid) if r.get("source") == "process events"]
+    assert a_record["event"] == "dropped" and not a_record["pod"], a_record
+    assert "gone before its pod could be read" in a_record["reason"], a_record

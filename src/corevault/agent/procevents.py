@@ -85,6 +85,8 @@ SEEN_FOR = 120.0
 RCVBUF = 4 << 20
 #: bytes read of one /proc file of a crashed process (its tenant's data)
 PROC_READ = 16384
+#: clock ticks a second, the unit of a process's start time
+TICKS = os.sysconf("SC_CLK_TCK")
 
 
 @dataclass(slots=True)
@@ -126,16 +128,21 @@ def _start_time(pid: int) -> str:
     return fields[19] if len(fields) > 19 and fields[0] not in ("Z", "X") else ""
 
 
-def observe(settings: config.Settings, pid: int, when: float) -> Death:
+def observe(settings: config.Settings, pid: int, when: float, since_boot: float | None = None) -> Death:
     """Read what /proc holds of a process the kernel is about to dump, and find its pod, while the
     process and its container are still there (best effort).
 
     A process whose dump the kernel skips is gone within microseconds: what names its pod (the
     cgroup) is read first, then what matches it to the kernel's log (status: comm, namespace PID).
+    A process that started after the event (``since_boot``, CLOCK_MONOTONIC seconds) is another
+    that took the PID while the event waited in the socket: nothing of it is the death's.
     """
     cgroup_text = _read(f"/proc/{pid}/cgroup")
     status = _read(f"/proc/{pid}/status")
-    d = Death(pid=pid, when=when, start=_start_time(pid), known=bool(cgroup_text))
+    start = _start_time(pid)
+    if start and since_boot is not None and started_after(start, since_boot):
+        return Death(pid=pid, when=when, start="")
+    d = Death(pid=pid, when=when, start=start, known=bool(cgroup_text))
     for line in status.splitlines():
         key, _, rest = line.partition(":")
         fields = rest.split()
@@ -158,6 +165,13 @@ def observe(settings: config.Settings, pid: int, when: float) -> Death:
         if line.startswith("Max core file size") and line[26:].split():
             d.rlimit_core = line[26:].split()[0]
     return d
+
+
+def started_after(start: str, since_boot: float) -> bool:
+    """Whether a process's start time (/proc/PID/stat: clock ticks since boot, suspends counted)
+    is past a tick after ``since_boot`` (CLOCK_MONOTONIC seconds, suspends not counted)."""
+    suspended = time.clock_gettime(time.CLOCK_BOOTTIME) - time.clock_gettime(time.CLOCK_MONOTONIC)
+    return int(start) > (since_boot + suspended) * TICKS + 1
 
 
 def kernel_comm(comm: str) -> str:
@@ -305,7 +319,7 @@ class ProcEvents:
                 continue
             tgid, stamp = event
             try:
-                death = observe(self.settings, tgid, self.boot + stamp / 1e9)
+                death = observe(self.settings, tgid, self.boot + stamp / 1e9, stamp / 1e9)
             except Exception as e:  # a bug, or one process's odd /proc: the next deaths still count
                 log.exception("cannot look at a crashed process %d: %s", tgid, e)
                 death = Death(pid=tgid, when=self.boot + stamp / 1e9, start="")
