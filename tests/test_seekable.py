@@ -28,7 +28,7 @@ from corevault.capture import stream
 from corevault.server.access import Open
 from corevault.server.app import create_app
 from corevault.vault import blobs, catalog, stores
-from corevault.vault.crashes import plain_range
+from corevault.vault.crashes import plain_frames, plain_range
 from testbed import gcore, servers
 
 FRAME = seekable.FRAME_SIZE
@@ -178,6 +178,60 @@ def test_a_damaged_footer_costs_the_tail_read_not_its_table(frames: int, plain_s
     assert asked == [seekable.TAIL]
     assert seekable.most_frames(plain_size) < frames
     assert seekable.most_frames(1 << 30) == 256 and seekable.most_frames(0) == 1
+
+
+def test_frames_of_a_seekable_core_decompressed_apart_are_the_plain_cores_bytes(
+    core: Path, tmp_path: Path
+) -> None:
+    """The jobs a download runs ahead, one per frame, each into a buffer of its own (reused from
+    job to job, as the server reuses them) or a store that has no local file: the plain core's
+    bytes, range by range, from the frames that hold the range and no more; an older core (one
+    frame, no table) has none, and is decompressed from its start instead."""
+    plain = core.read_bytes()
+    fs = blobs.FsStore(str(tmp_path / "vault"))
+    packed = tmp_path / "core.zst"
+    compress(core, packed)
+    fs.put_file(blobs.core_key("seekable"), str(packed))
+    crash = {"id": "seekable", "size": len(plain), "stored_size": packed.stat().st_size}
+    biggest = max(c for c, _ in frames_of(packed))
+    buf = bytearray(b"\xff" * FRAME)  # what an earlier frame left in a reused buffer
+    for start, end in ranges(len(plain)):
+        for store in (fs, Counting(fs)):  # Counting has no local file: one ranged read per frame
+            jobs = plain_frames(store, crash, start, end)  # type: ignore[arg-type]
+            assert jobs is not None and len(jobs) == (end // FRAME) - (start // FRAME) + 1
+            got = b"".join(bytes(job(buf)) for job in jobs)
+            assert got == plain[start : end + 1], (start, end)
+            if isinstance(store, Counting) and end - start < FRAME:
+                assert store.read < 2 * biggest + seekable.TAIL, (start, end)
+    old = tmp_path / "old.zst"
+    old.write_bytes(zstandard.ZstdCompressor(level=3, write_checksum=True).compress(plain))
+    fs.put_file(blobs.core_key("old"), str(old))
+    assert (
+        plain_frames(fs, {"id": "old", "size": len(plain), "stored_size": old.stat().st_size}, 0, 99) is None
+    )
+
+
+def test_a_frame_that_does_not_hold_what_its_table_says_fails_its_job(core: Path, tmp_path: Path) -> None:
+    """A damaged frame, or one whose table entry names more plain bytes than it holds: the job
+    that decompresses it raises (the download ends short), and never writes past its frame."""
+    plain = core.read_bytes()
+    packed = tmp_path / "core.zst"
+    compress(core, packed)
+    data = bytearray(packed.read_bytes())
+    fs = blobs.FsStore(str(tmp_path / "vault"))
+    crash = {"id": "bad", "size": len(plain), "stored_size": len(data)}
+    first = frames_of(packed)[0][0]
+    data[first // 2] ^= 0xFF  # a flipped byte in the first frame: its checksum fails
+    fs.put_bytes(blobs.core_key("bad"), bytes(data))
+    jobs = plain_frames(fs, crash, 0, len(plain) - 1)
+    assert jobs is not None
+    with pytest.raises(ValueError):
+        jobs[0](bytearray(FRAME))
+    assert bytes(jobs[1](bytearray(FRAME))) == plain[FRAME : 2 * FRAME]  # the others are whole
+    out = bytearray(FRAME + 10)
+    with pytest.raises(ValueError, match="holds more"):  # a table that says a frame is shorter
+        seekable.unpack_into(packed.read_bytes()[:first], memoryview(out)[: FRAME - 1])
+    assert out[FRAME - 1 :] == bytes(11)
 
 
 @pytest.fixture

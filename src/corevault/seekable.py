@@ -76,6 +76,10 @@ class Table:
     def size(self) -> int:
         return self.plain[-1]
 
+    def frame_of(self, at: int) -> int:
+        """The index of the frame that holds plain byte ``at`` (within the core)."""
+        return min(bisect.bisect_right(self.plain, at) - 1, len(self.plain) - 2)
+
     def span(self, start: int, end: int) -> tuple[int, int, int]:
         """For plain bytes ``start``..``end`` (inclusive): the stored offset and length of the
         frames that hold them, and how many plain bytes of the first frame come before ``start``."""
@@ -161,3 +165,22 @@ def open_range(open_stored: Callable[[int, int], BinaryIO], table: Table, start:
             break
         skip -= len(got)
     return reader  # type: ignore[return-value]
+
+
+def unpack_into(frame: bytes, out: memoryview, decompressor: object = None) -> None:
+    """One frame of a seekable core decompressed into ``out``, which its table says it fills:
+    ValueError when it holds fewer bytes or more (never written past ``out``). ``decompressor``:
+    a ``zstandard.ZstdDecompressor`` to reuse (one per thread), whose buffers are then made once."""
+    import zstandard
+
+    try:
+        unpacker = decompressor if decompressor is not None else zstandard.ZstdDecompressor()
+        reader = unpacker.stream_reader(frame, read_across_frames=False)  # type: ignore[attr-defined]
+        got = 0
+        while got < len(out) and (n := reader.readinto(out[got:])):
+            got += n
+        more = reader.read(1)
+    except zstandard.ZstdError as e:
+        raise ValueError(f"a frame of {len(out)} bytes does not decompress: {e}") from None
+    if got != len(out) or more:
+        raise ValueError(f"a frame of the seek table's {len(out)} bytes holds {'more' if more else got}")

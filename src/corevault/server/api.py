@@ -23,7 +23,7 @@ from corevault.server import records
 from corevault.server.access import Principal
 from corevault.server.ranges import accepts, serve
 from corevault.vault import blobs, catalog, crashes, lifecycle, search, snapshots
-from corevault.vault.crashes import encode_cursor, plain_range
+from corevault.vault.crashes import encode_cursor, plain_frames, plain_range
 
 
 class Problem(BaseModel):
@@ -352,6 +352,7 @@ def download_core(request: Request, crash_id: str) -> Response:
         etag=crash["sha256"],
         headers=vary,
         counted=srv.metrics.bytes.labels("core").inc,
+        frames=lambda start, end: plain_frames(store, crash, start, end),
     )
 
 

@@ -1,9 +1,10 @@
 """Streaming a stored object over HTTP, whole or one byte range of it (RFC 9110, section 14).
 
 The caller opens the object at the range's start: a plain file seeks there, a core in the
-zstd seekable format decompresses only the frames that hold the range
-(:func:`corevault.vault.crashes.plain_range`), and an older single-frame core is
-decompressed from its start and the bytes before the range discarded. One range per
+zstd seekable format decompresses only the frames that hold the range, each in a worker thread
+ahead of the send (:func:`corevault.vault.crashes.plain_frames`, :mod:`.ahead`), and an older
+single-frame core is decompressed from its start and the bytes before the range discarded
+(:func:`corevault.vault.crashes.plain_range`). One range per
 request; a request for several gets the whole object (which RFC 9110 allows). A plain file
 is sent by the kernel where the server can (:mod:`.zerocopy`), and counted for what was sent.
 :func:`accepts` reads ``Accept-Encoding``, for objects that can go out as they are stored.
@@ -11,14 +12,14 @@ is sent by the kernel where the server can (:mod:`.zerocopy`), and counted for w
 
 from __future__ import annotations
 
-from collections.abc import Callable, Iterator
+from collections.abc import AsyncGenerator, AsyncIterator, Callable, Iterator
 from typing import BinaryIO
 
 from starlette.requests import Request
 from starlette.responses import Response, StreamingResponse
 from starlette.types import Receive, Scope, Send
 
-from corevault.server import zerocopy
+from corevault.server import ahead, zerocopy
 
 CHUNK = 4 << 20
 
@@ -78,10 +79,13 @@ def serve(
     headers: dict[str, str] | None = None,
     counted: Callable[[int], None] | None = None,
     local: str | None = None,
+    frames: Callable[[int, int], list[ahead.Job] | None] | None = None,
 ) -> Response:
     """The object of ``size`` bytes as a 200, or a 206 for a Range request; ``opener(start, end)``
     opens it at ``start`` for the bytes up to ``end`` (inclusive). ``local``: the object is
-    this plain file, which the kernel sends where the server can (:mod:`.zerocopy`)."""
+    this plain file, which the kernel sends where the server can (:mod:`.zerocopy`).
+    ``frames(start, end)``: the same bytes as jobs, one per frame, that run ahead of the sending
+    (:mod:`.ahead`); where it gives None, the object is read from ``opener``."""
     base = {
         "Accept-Ranges": "bytes",
         "Content-Disposition": f'attachment; filename="{filename}"',
@@ -106,6 +110,12 @@ def serve(
     if request.method == "HEAD":
         return Response(status_code=status, headers=base, media_type=media_type)
 
+    jobs = frames(start, end) if frames is not None else None
+    if jobs is not None:
+        return StreamingResponse(
+            _counted(ahead.results(jobs), counted), status_code=status, headers=base, media_type=media_type
+        )
+
     def body() -> Iterator[bytes]:
         with opener(start, end) as f:
             left = length
@@ -125,6 +135,20 @@ def serve(
         return streamed
     # opened here, where the handler runs, not by another hop from the event loop
     return _Sendfile(open(local, "rb"), start, length, streamed, counted)
+
+
+async def _counted(
+    chunks: AsyncGenerator[memoryview, None], counted: Callable[[int], None] | None
+) -> AsyncIterator[memoryview]:
+    """``chunks``, each counted once sent (as the streamed body counts them); closing this closes
+    ``chunks`` at once, so that a reader that leaves stops the work behind them."""
+    try:
+        async for chunk in chunks:
+            yield chunk
+            if counted is not None:
+                counted(len(chunk))
+    finally:
+        await chunks.aclose()
 
 
 class _Sendfile(Response):

@@ -9,7 +9,10 @@ them (:func:`corevault.vault.retention.vacuum`).
 
 from __future__ import annotations
 
+import functools
 import os
+import threading
+from collections.abc import Callable
 from typing import BinaryIO, Protocol
 
 from corevault import config, nodestore, objectid, seekable
@@ -83,6 +86,85 @@ def plain_range(store: blobs.BlobStore, crash: dict, start: int, end: int) -> Bi
     while left > 0 and (got := reader.read(min(left, 1 << 20))):
         left -= len(got)
     return reader
+
+
+@functools.cache
+def _per_thread() -> threading.local:
+    """Each thread's decompressor and buffer of stored bytes, made once per thread: made anew for
+    every frame (or download), their memory cost more page faults than decompressing took."""
+    return threading.local()
+
+
+class _Frames:
+    """What the frame jobs of one download share: the stored core (a file of a local store is
+    opened once and read with ``pread``, any other store with one ranged read per frame)."""
+
+    def __init__(self, store: blobs.BlobStore, key: str) -> None:
+        self.store, self.key = store, key
+        local = getattr(store, "local_path", None)
+        # closed when the last job lets go of it (a download cut short drops the jobs it never ran)
+        self.file = open(local(key), "rb", buffering=0) if local is not None else None  # noqa: SIM115
+
+    def read(self, offset: int, length: int, into: bytearray | None = None) -> memoryview | bytes:
+        """``length`` stored bytes from ``offset``: into ``into`` (grown as needed) from a file."""
+        if self.file is not None:
+            if into is None:
+                into = bytearray(length)
+            elif len(into) < length:
+                into.extend(bytes(length - len(into)))
+            view = memoryview(into)[:length]
+            got = os.preadv(self.file.fileno(), [view], offset)
+        else:
+            parts, got = [], 0
+            with self.store.open(self.key, offset, length) as f:
+                while got < length and (part := f.read(length - got)):
+                    parts.append(part)
+                    got += len(part)
+            view = memoryview(b"".join(parts))
+        if got != length:
+            raise ValueError(f"{self.key} holds {offset + got} bytes, its seek table more")
+        return view
+
+    def unpack(self, offset: int, length: int, out: memoryview) -> None:
+        """The frame of ``length`` stored bytes at ``offset``, decompressed into ``out``."""
+        import zstandard
+
+        mine = _per_thread()
+        if not hasattr(mine, "unpacker"):
+            mine.unpacker, mine.packed = zstandard.ZstdDecompressor(), bytearray()
+        seekable.unpack_into(self.read(offset, length, mine.packed), out, mine.unpacker)
+
+
+def plain_frames(
+    store: blobs.BlobStore, crash: dict, start: int, end: int
+) -> list[Callable[[bytearray], memoryview]] | None:
+    """The plain core of ``crash`` from byte ``start`` to ``end`` (inclusive) as one job per frame
+    of its seek table, in order: each reads its frame from the store, decompresses it into the
+    buffer it is given (or a new one, when that is smaller than the frame) and returns its part of
+    the range, a view of that buffer. The jobs are independent, so that frames may be decompressed
+    in parallel; None when the core is not in the seekable format (then :func:`plain_range`
+    decompresses it from the start). A frame that does not hold what its table says fails its
+    job (ValueError)."""
+    key, size, stored_size = blobs.core_key(crash["id"]), crash["size"], crash["stored_size"]
+    if not stored_size or size is None or not 0 <= start <= end < size:
+        return None
+    frames = _Frames(store, key)
+    table = seekable.read_table(lambda at, length: bytes(frames.read(at, length)), stored_size, size)
+    if table is None:
+        return None
+
+    def job(i: int) -> Callable[[bytearray], memoryview]:
+        def run(buf: bytearray) -> memoryview:
+            plain_size = table.plain[i + 1] - table.plain[i]
+            if len(buf) < plain_size:
+                buf = bytearray(plain_size)
+            out = memoryview(buf)
+            frames.unpack(table.stored[i], table.stored[i + 1] - table.stored[i], out[:plain_size])
+            return out[max(start - table.plain[i], 0) : min(end + 1 - table.plain[i], plain_size)]
+
+        return run
+
+    return [job(i) for i in range(table.frame_of(start), table.frame_of(end) + 1)]
 
 
 class LocalVault:
