@@ -8,7 +8,9 @@
  * the directory's lock for a round trip to the FUSE daemon, so every step of the handler there
  * waits behind one of the tenant's, and the swap is queued before the handler's rename, which
  * comes only after its reservation is removed again (a race the tenant wins without luck).
- * It exits with PROGRAM's status once PROGRAM is gone (the handler has finished then).
+ * It exits with PROGRAM's status once PROGRAM is gone and it swapped, or 20 s after PROGRAM is
+ * gone without a reservation: the handler lets the crashed process go once its core is read, and
+ * publishes the core after that.
  */
 #include <poll.h>
 #include <signal.h>
@@ -17,6 +19,7 @@
 #include <string.h>
 #include <sys/inotify.h>
 #include <sys/wait.h>
+#include <time.h>
 #include <unistd.h>
 
 int main(int argc, char **argv) {
@@ -47,6 +50,7 @@ int main(int argc, char **argv) {
     }
     char tmp[256] = "";
     int reserved = 0, swapped = 0, status = 0;
+    time_t gone = 0; /* when PROGRAM was reaped */
     alarm(60);
     for (;;) {
         char buf[4096] __attribute__((aligned(__alignof__(struct inotify_event))));
@@ -70,7 +74,8 @@ int main(int argc, char **argv) {
             struct pollfd p = {in, POLLIN, 0};
             poll(&p, 1, 20);
         }
-        if (waitpid(child, &status, WNOHANG) == child) break;
+        if (!gone && waitpid(child, &status, WNOHANG) == child) gone = time(NULL);
+        if (gone && (swapped || time(NULL) - gone > 20)) break;
     }
     fprintf(stderr, "racer: %s\n", swapped ? "swapped" : "saw no reservation");
     return WIFSIGNALED(status) ? 128 + WTERMSIG(status) : WEXITSTATUS(status);

@@ -29,7 +29,7 @@ from contextlib import suppress
 from typing import Protocol
 
 from corevault import config
-from corevault.capture import admission, calloff, corehead, delivery, process
+from corevault.capture import admission, calloff, corehead, delivery, process, stream
 
 SO_PEERPIDFD = 77
 SO_RCVBUFFORCE = 33
@@ -37,11 +37,10 @@ RCVBUF = 4 << 20
 COREDUMP_KERNEL, COREDUMP_USERSPACE, COREDUMP_REJECT, COREDUMP_WAIT = 1, 2, 4, 8
 COREDUMP_MARK_REQACK = 0
 MAX_REQUEST = 4096
-#: seconds without a byte of the core after which a dump no longer holds the node-wide slots: the
-#: kernel writes a core as fast as it reads the process's memory, and stops only where a page is
-#: on a filesystem that does not answer (a pod may ask its file mappings into its core, with
-#: ``/proc/self/coredump_filter``, and serve the file itself, then stop answering)
-STALL = 5
+#: seconds without a byte of the core after which a dump no longer holds the node-wide slots (a
+#: pod may ask its file mappings into its core, with ``/proc/self/coredump_filter``, and serve the
+#: file itself, then stop answering); the same rule gives a pod's volume up (:mod:`.volumecopy`)
+STALL = stream.STALL
 
 
 #: called when a read of the connection waited STALL seconds for nothing

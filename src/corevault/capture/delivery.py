@@ -1,9 +1,10 @@
 """Delivery: one admitted core streamed into its targets and published.
 
 The targets are the directory of the expanded pattern inside the container's root
-(:mod:`.safefs`) and a new spool entry; the mapped ELF objects are opened while the
-process still exists (:mod:`.buildid`). The core is streamed once into every target
-(:mod:`.stream`), then the plain core gets its kernel-exact name, the spool entry its
+(:mod:`.safefs`, written on a thread of its own: :mod:`.volumecopy`) and a new spool entry;
+the mapped ELF objects are opened while the process still exists (:mod:`.buildid`). The core
+is streamed once into every target (:mod:`.stream`); once it is read the process is let go
+while the plain core gets its kernel-exact name, and the spool entry its
 record (:mod:`corevault.crashrecord`) and one rename into ``ready/``, and new binaries go
 into the build-id store. What failed or was cut is journaled; a half-written target is
 removed.
@@ -25,8 +26,9 @@ from corevault.capture import (
     lookup,
     policy,
     process,
-    safefs,
     stream,
+    stuckwriters,
+    volumecopy,
 )
 from corevault.capture.admission import describe_error, journal
 
@@ -147,9 +149,9 @@ def deliver(
             # The kernel stops writing when the dumping process gets a fatal signal (a
             # SIGKILL meanwhile, or the OOM killer); the stream then simply ends early.
             job.truncated, job.expected = True, head.size
-        job.publish_volume()
-        if call is not None and job.volume["written"]:
-            call.volume = job.volume["path"]
+        # The volume's copy is finished and published on its own thread while the process is let go
+        # and the binaries are stored: a volume that does not answer holds nothing node-wide.
+        job.ask_publish()
         # Everything after this works from what was read and the fds opened before: the kernel may
         # let the process go (the compressed copy and its hash finish on their threads meanwhile)
         # and its dump slot is free then. The tenants' slots stay held until the handler ends: the
@@ -176,6 +178,12 @@ def deliver(
             hashes,
             mounts=mounts,
         )
+        # waited for until shortly before the deadline, so the spool entry is finished in time
+        job.publish_volume(started + settings.timeout - min(stream.STALL, settings.timeout / 2))
+        if call is not None:
+            call.check()
+            if job.volume["written"]:
+                call.volume = job.volume["path"]
         stack = bytes(tap.data) if tap is not None else b""
         modules = [m.as_dict() for m in job.modules]
         job.fingerprint = fingerprint.of(head.signal, head.code, head.pc, stack, modules)
@@ -224,9 +232,8 @@ class _Job:
         #: where it crashed, cheaply (corevault.fingerprint), once the modules are hashed
         self.fingerprint: str | None = None
         self.volume: dict = {"pattern": plan.pattern, "path": plan.volume_path, "written": False}
-        self.volume_dir = -1
-        self.volume_file: safefs.NewFile | None = None
-        self.volume_sink: stream.SparseSink | None = None
+        self.volume_copy: volumecopy.VolumeCopy | None = None
+        self.volume_owner = (0, 0)
         self.vault: stream.ZstdSink | None = None
         self.tenants: tuple[str | None, str | None] = policy.tenant_keys(owner)
         self.entry_id: str | None = None
@@ -241,13 +248,14 @@ class _Job:
     def open_targets(self) -> None:
         if self.plan.volume_path is not None:
             directory = self.plan.volume_path.rpartition("/")[0] or "/"
-            try:
-                self.volume_dir = safefs.open_dir(self.crash.root_fd, directory)
-                self.volume_file = safefs.NewFile(self.volume_dir)
-                self.volume_sink = stream.SparseSink(self.volume_file.fd)
-                self.sinks.append(self.volume_sink)
-            except (safefs.UnsafePath, OSError) as e:
-                self._volume_failed(e)
+            stuck = stuckwriters.blocked(self.settings, self.tenants)
+            if stuck is not None:
+                self._volume_failed(volumecopy.VolumeFailed(stuck))
+            else:
+                s = self.settings
+                copy = volumecopy.VolumeCopy(s, self.tenants, self.crash.root_fd, directory, stream.STALL)
+                self.volume_copy = copy
+                self.sinks.append(copy)
         if self.plan.vault:
             s = self.settings
             try:
@@ -288,22 +296,38 @@ class _Job:
         self.volume["error"] = describe_error(e)
         self.problems.append(f"volume: {self.volume['error']}")
 
-    def publish_volume(self) -> None:
-        """Give the plain core its kernel-exact name, owned as the kernel would own it."""
-        if self.volume_file is None or self.volume_sink is None:
+    def ask_publish(self) -> None:
+        """Ask the volume's writer to give the plain core its kernel-exact name, owned as the
+        kernel would own it (:meth:`publish_volume` waits for it)."""
+        copy = self.volume_copy
+        if copy is None or copy.failed:
             return
-        if self.volume_sink.failed:  # already among the problems; the metadata says it too
-            self.volume["error"] = self.volume_sink.failed
-            return
-        directory, _, name = (self.plan.volume_path or "").rpartition("/")
+        name = (self.plan.volume_path or "").rpartition("/")[2]
         # Dump mode 2 (a process that changed credentials): root-only, like the kernel.
         uid, gid = (0, 0) if self.crash.dump_mode == 2 else (self.crash.fsuid, self.crash.fsgid)
+        self.volume_owner = (uid, gid)
         try:
-            self.volume_sink.finish()
-            published = self.volume_file.publish(name, uid, gid)
-        except (OSError, safefs.UnsafePath) as e:
+            copy.publish(name, uid, gid)
+        except volumecopy.VolumeFailed as e:
+            copy.failed = str(e)
+            self._volume_failed(e)
+
+    def publish_volume(self, until: float) -> None:
+        """Wait for the plain core's publish until ``until`` (monotonic) at most; say what failed."""
+        copy = self.volume_copy
+        if copy is None:
+            return
+        if copy.failed:  # among the problems already; the metadata says it too
+            self.volume["error"] = copy.failed
+            return
+        try:
+            published = copy.result(until)
+        except volumecopy.VolumeFailed as e:
+            copy.failed = str(e)
             self._volume_failed(e)
             return
+        directory = (self.plan.volume_path or "").rpartition("/")[0]
+        uid, gid = self.volume_owner
         self.volume.update(written=True, path=f"{directory}/{published}", uid=uid, gid=gid, mode="0600")
 
     def finish_entry(self, cg: cgroup.CgroupInfo | None, started: float) -> None:
@@ -359,10 +383,8 @@ class _Job:
         return None
 
     def close(self) -> None:
-        if self.volume_file is not None:
-            self.volume_file.discard()
-        if self.volume_dir >= 0:
-            os.close(self.volume_dir)
+        if self.volume_copy is not None:
+            self.volume_copy.close()
         if self.vault is not None:
             self.vault.close()
         if self.entry_tmp is not None:

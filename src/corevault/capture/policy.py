@@ -130,14 +130,15 @@ def tenant_keys(owner: Owner) -> tuple[str | None, str | None]:
     return pod, (_key("n-", owner.namespace) if owner.namespace else None)
 
 
-def take_slot(state_dir: str, key: str, share: int) -> int | None:
+def take_slot(state_dir: str, key: str, share: int, kind: str = "dumps") -> int | None:
     """Hold one of ``key``'s ``share`` dump slots: the locked fd, or None when all are taken.
 
     A slot is an ``flock`` on one of ``share`` files: the kernel releases it when the holder
     closes it or dies (a killed handler never leaks a slot), and locks on separate opens
-    exclude each other within one process too (the socket listener's threads).
+    exclude each other within one process too (the socket listener's threads). ``kind`` names
+    the set of slots (a directory of the state dir): dumps being read, writers stuck on a volume.
     """
-    d = os.path.join(state_dir, "dumps")
+    d = os.path.join(state_dir, kind)
     for i in range(share):
         fd = _open_state(d, f"{key}.{i}")
         try:
@@ -147,6 +148,30 @@ def take_slot(state_dir: str, key: str, share: int) -> int | None:
             continue
         return fd
     return None
+
+
+def held_slots(state_dir: str, key: str, share: int, kind: str, *, upto: int | None = None) -> int:
+    """How many of ``key``'s ``share`` slots of ``kind`` are held (counting stops at ``upto``).
+
+    Asked without taking one for long: a slot file that was never made is free, and a free one is
+    locked shared for an instant only (a holder's exclusive lock refuses it).
+    """
+    d = os.path.join(state_dir, kind)
+    held = 0
+    for i in range(share):
+        try:
+            fd = os.open(os.path.join(d, f"{key}.{i}"), os.O_RDONLY | os.O_CLOEXEC | os.O_NOFOLLOW)
+        except OSError:
+            continue
+        try:
+            fcntl.flock(fd, fcntl.LOCK_SH | fcntl.LOCK_NB)
+        except BlockingIOError:
+            held += 1
+            if upto is not None and held >= upto:
+                break
+        finally:
+            os.close(fd)
+    return held
 
 
 def _open_state(directory: str, name: str) -> int:

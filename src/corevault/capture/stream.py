@@ -33,6 +33,11 @@ if TYPE_CHECKING:
     from corevault.capture import offload
 
 CHUNK = 1 << 20
+#: seconds without progress after which a dump stops waiting for what does not answer and no
+#: longer holds what the node shares: the kernel's stream of the core (:mod:`.coresocket`: the
+#: kernel writes a core as fast as it reads the process's memory, and stops only where a page is
+#: on a filesystem that does not answer) and the pod's volume (:mod:`.volumecopy`)
+STALL = 5
 BLOCK = 64 << 10
 JOB_SIZE = 1 << 20
 FLUSH_EVERY = 32 << 20

@@ -1,0 +1,229 @@
+"""The plain core written into the pod's volume on a thread of its own, given up when it stalls.
+
+A pod's volume may be a FUSE filesystem whose server stops answering: the pod's own server, or
+a bucket mount that hangs. A ``write(2)`` whose request the server has taken then waits until
+it answers or the connection is aborted, and no signal ends the wait. Written from the thread
+that reads the core, such a volume would hold what the whole node shares until the dump's
+deadline: in pipe mode the kernel's pipe (one of ``core_pipe_limit``'s slots, and the crashed
+process with it), in socket and forwarder modes one of the node's core readers.
+
+So every step on the volume (the walk to its directory, the file's creation, the writes, the
+publish and the clean-up) runs on a writer thread. The reading thread hands it the core's
+chunks in bounded memory (:data:`POOL` data chunks in flight; a zero chunk travels as its
+length) and waits for a free buffer only as the stall rule allows: when the writer finished
+nothing for ``stall`` seconds (``coresocket.STALL``), the copy is given up with the step it
+hung in, counted as a stuck writer (:mod:`.stuckwriters`), and the reading goes on into the
+spool. The publish (``fsync``, ``close``, the rename: where s3fs and ``rclone`` upload, for
+seconds per hundred MiB) is asked once the core is read and waited for after the process is let
+go, when it holds only the pod's own slots: until ``until`` (before the dump's deadline, so
+the spool entry is finished in time), then it is given up too.
+
+Built on ``_thread`` and ``_queue`` (C, already loaded), as :mod:`.offload` is: ``threading``
+would import more on every crash's path. A thread given up is never waited for: it ends when
+its write returns, cleans up what it can (its temporary file, its directory fd) and gives its
+stuck slots back.
+"""
+
+from __future__ import annotations
+
+import _queue
+import _thread
+import os
+import time
+
+from corevault import config
+from corevault.capture import safefs, stream, stuckwriters
+from corevault.capture.admission import describe_error
+
+#: data chunks in flight at most
+POOL = 4
+_END = None
+
+
+class VolumeFailed(stream.SinkFailed):
+    """The copy into the volume failed or was given up (the message says why, in one line)."""
+
+
+class VolumeCopy:
+    """A sink (:func:`corevault.capture.stream.pump`) that writes the plain core into ``directory``
+    of the container's root ``root_fd`` on a thread of its own."""
+
+    def __init__(
+        self,
+        settings: config.Settings,
+        tenants: tuple[str | None, str | None],
+        root_fd: int,
+        directory: str,
+        stall: float,
+    ) -> None:
+        self.settings = settings
+        self.tenants = tenants
+        self.stall = stall
+        self.name = "volume"
+        #: why the pump left this sink out (set by the pump), or None
+        self.failed: str | None = None
+        #: why the copy was given up, or None
+        self.given_up: str | None = None
+        #: the step the writer is in, for the reason when it hangs there
+        self.step = "opening its directory"
+        #: steps the writer finished: what the stall rule watches
+        self.done = 0
+        self.error: BaseException | None = None
+        self.inbox: _queue.SimpleQueue = _queue.SimpleQueue()
+        self.free: _queue.SimpleQueue = _queue.SimpleQueue()
+        self.results: _queue.SimpleQueue = _queue.SimpleQueue()
+        self.ends: _queue.SimpleQueue = _queue.SimpleQueue()
+        self.made = 0
+        self.lock = _thread.allocate_lock()
+        self.ended = False
+        self.stuck: list[int] = []  # the stuck slots, once given up; closed when the thread ends
+        self.publishing = False
+        # the thread's own: the caller closes its root fd when the dump ends, given up or not
+        _thread.start_new_thread(self._run, (os.dup(root_fd), directory))
+
+    # -- the reading thread's side
+
+    def write(self, buf: bytearray, view: memoryview, n: int, zero: bool | None = None) -> None:
+        """Hand ``view[:n]`` to the writer; raises when the copy failed or stalled."""
+        self._raise()
+        if zero or (zero is None and n == stream.CHUNK and buf == stream.zero_chunk()):
+            self.inbox.put((n, None))
+            return
+        if self.made < POOL and self.free.empty():
+            self.made += 1
+            chunk = bytearray(stream.CHUNK)
+        else:
+            chunk = self._wait(self.free)
+        chunk[:n] = view[:n]
+        self.inbox.put((n, chunk))
+
+    def publish(self, name: str, uid: int, gid: int) -> None:
+        """Ask the writer to finish the file and publish it as ``name``; :meth:`result` says how."""
+        self._raise()
+        self.publishing = True
+        self.inbox.put(("publish", name, uid, gid))
+
+    def result(self, until: float) -> str:
+        """The published name; VolumeFailed when the copy failed, stalled, or outlasted ``until``
+        (a monotonic time) while publishing."""
+        if not self.publishing:
+            self._raise()
+            raise VolumeFailed("nothing was published")
+        outcome = self._wait(self.results, until)
+        if isinstance(outcome, BaseException):
+            raise VolumeFailed(describe_error(outcome)) from outcome
+        return outcome
+
+    def close(self) -> None:
+        """End the writer: it removes what it did not publish. Waits as the stall rule allows."""
+        self.inbox.put(_END)
+        if self.given_up is None and not self.ended:
+            try:
+                self._wait(self.ends, check=False)
+            except VolumeFailed:
+                pass  # given up: it cleans up if it ever comes back
+
+    def _raise(self) -> None:
+        if self.given_up is not None:
+            raise VolumeFailed(self.given_up)
+        if self.error is not None:
+            raise VolumeFailed(describe_error(self.error))
+
+    def _wait(
+        self, queue: _queue.SimpleQueue, until: float | None = None, *, check: bool = True
+    ):  # -> an item
+        """The next item of ``queue``; gives the copy up when the writer finished no step for
+        ``stall`` seconds (or, once it publishes, at ``until``). ``check``: raise at once when the
+        copy failed already."""
+        seen = self.done
+        while True:
+            if check:
+                self._raise()
+            try:
+                return queue.get(timeout=self.stall)
+            except _queue.Empty:
+                pass
+            if self.done != seen:
+                seen = self.done
+            elif not (self.step == "publishing" and until is not None and time.monotonic() < until):
+                self._give_up()
+
+    def _give_up(self) -> None:
+        if self.step == "publishing":
+            hung = "publishing it (fsync, close or rename) past the dump's deadline"
+        else:
+            hung = f"{self.step}, no progress for {self.stall:g}s"
+        self.given_up = (
+            f"the volume stopped answering while {hung}; the copy into it was given up and the core "
+            "is kept in the spool: its filesystem (a FUSE or network mount) does not answer writes, "
+            "repair that mount"
+        )
+        with self.lock:
+            if not self.ended:
+                self.stuck = stuckwriters.register(self.settings, self.tenants)
+        raise VolumeFailed(self.given_up)
+
+    # -- the writer thread
+
+    def _run(self, root_fd: int, directory: str) -> None:
+        dir_fd = -1
+        new: safefs.NewFile | None = None
+        sink: stream.SparseSink | None = None
+        try:
+            try:
+                dir_fd = safefs.open_dir(root_fd, directory)
+                self.step = "creating the file"
+                new = safefs.NewFile(dir_fd)
+                sink = stream.SparseSink(new.fd)
+                self.step = "writing the core"
+            except (safefs.UnsafePath, OSError) as e:
+                self.error = e
+            finally:
+                os.close(root_fd)
+            self.done += 1
+            while (item := self.inbox.get()) is not _END:
+                if item[0] == "publish":
+                    self.results.put(self._publish(new, sink, *item[1:]))
+                    new = None
+                    continue
+                n, chunk = item
+                if self.error is None and self.given_up is None:
+                    try:
+                        if chunk is None:
+                            sink.write(stream.zero_chunk(), memoryview(stream.zero_chunk()), n, True)
+                        else:
+                            sink.write(chunk, memoryview(chunk), n, False)
+                    except OSError as e:
+                        self.error = e
+                self.done += 1
+                if chunk is not None:
+                    self.free.put(chunk)
+        finally:
+            self.step = "removing what it did not publish"
+            if new is not None:
+                new.discard()
+            if dir_fd >= 0:
+                os.close(dir_fd)
+            with self.lock:
+                self.ended = True
+                stuck, self.stuck = self.stuck, []
+            for fd in stuck:
+                os.close(fd)
+            self.ends.put(True)
+
+    def _publish(
+        self, new: safefs.NewFile | None, sink: stream.SparseSink | None, name: str, uid: int, gid: int
+    ):
+        """Finish and publish the file: its published name, or what failed."""
+        if self.given_up is not None:  # its writes were skipped since: never published
+            return VolumeFailed(self.given_up)
+        if self.error is not None or new is None or sink is None:
+            return self.error or VolumeFailed("the file was not created")
+        self.step = "publishing"
+        try:
+            sink.finish()
+            return new.publish(name, uid, gid)
+        except (OSError, safefs.UnsafePath) as e:
+            return e
+        finally:
+            self.done += 1
