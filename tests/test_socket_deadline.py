@@ -122,43 +122,6 @@ def test_a_pods_binary_that_never_answers_holds_nothing_node_wide_and_is_called_
         assert sorted(e["pod"]["namespace"] for e in s.entries()) == ["tenant-a", "tenant-b"]
 
 
-def test_a_dump_whose_volume_stops_answering_is_called_off_at_its_deadline(
-    rootfs: str, programs: dict[str, str], tmp_path
-) -> None:
-    """The plain core goes into the pod's volume as it is read, so a volume whose FUSE server stops
-    answering holds the dump while its process is held: the deadline calls it off there, shuts the
-    connection (the kernel lets the process go), gives the node-wide slots back and keeps nothing."""
-    source = tmp_path / "volume"
-    source.mkdir()
-    with socket_capture(parallel=1) as s, fusefs.local(str(source)) as served:
-        s.settings.timeout = 3
-        # (a process that touches nothing on the volume: one blocked on it would never get the signal)
-        a = runc.Container(rootfs, ["/bin/sh", "-c", "sleep 86399 & echo ready; wait"], volume=served.path,
-                           annotations=pod("tenant-a", "a-0"))  # fmt: skip
-        with a.running():
-            [pid] = wait_for(lambda: processes(b"sleep\x0086399"), 30)
-            os.kill(served.pid, signal.SIGSTOP)
-            os.kill(pid, signal.SIGSEGV)
-            [dropped] = wait_for(lambda: of_namespace(s.journal(), "tenant-a"), 60)
-            wait_for(lambda: not os.path.exists(f"/proc/{pid}"), 30)  # let go, its dump cut off
-        assert dropped["event"] == "dropped" and "while its core was read" in dropped["reason"]
-        assert serving_settles_at(1)  # still waiting on the volume, holding the pod's slots only
-        # The node's one core reader is free again: another pod's crash is captured whole.
-        b = runc.Container(
-            rootfs, ["/app/crasher", "segv"], volume=s.volume, annotations=pod("tenant-b", "b-0")
-        )
-        b.run()
-        wait_for(lambda: of_namespace(s.journal(), "tenant-b"), 30)
-        [entry] = s.entries()
-        assert entry["pod"]["namespace"] == "tenant-b" and not entry["core"]["truncated"]
-        os.kill(served.pid, signal.SIGCONT)
-        assert s.listener.wait_idle(60)
-        assert [e["pod"]["namespace"] for e in s.entries()] == ["tenant-b"]
-        assert os.listdir(spool.tmp_dir(s.settings.spool_dir)) == []
-        assert [r["event"] for r in of_namespace(s.journal(), "tenant-a")] == ["dropped"]
-        assert s.listener.outcomes == {"called off": 1, "captured": 1}
-
-
 @contextmanager
 def crashed_on_stopped_server(rootfs: str, volume: str, served: fusefs.Mount, *args: str) -> Iterator[None]:
     """Tenant A's pod runs ``args`` (``hang``) with ``served`` at /served; once it is ready the FUSE

@@ -149,9 +149,11 @@ def deliver(
             # The kernel stops writing when the dumping process gets a fatal signal (a
             # SIGKILL meanwhile, or the OOM killer); the stream then simply ends early.
             job.truncated, job.expected = True, head.size
-        # The volume's copy is finished and published on its own thread while the process is let go
-        # and the binaries are stored: a volume that does not answer holds nothing node-wide.
+        # The volume's copy is finished and published on its own thread; the process waits for it
+        # only as long as the stall rule allows: a volume that does not answer holds nothing
+        # node-wide, and a slow upload goes on after the let-go, with the binaries' storing.
         job.ask_publish()
+        job.publish_volume(None)
         # Everything after this works from what was read and the fds opened before: the kernel may
         # let the process go (the compressed copy and its hash finish on their threads meanwhile)
         # and its dump slot is free then. The tenants' slots stay held until the handler ends: the
@@ -312,16 +314,19 @@ class _Job:
             copy.failed = str(e)
             self._volume_failed(e)
 
-    def publish_volume(self, until: float) -> None:
-        """Wait for the plain core's publish until ``until`` (monotonic) at most; say what failed."""
+    def publish_volume(self, until: float | None) -> None:
+        """Wait for the plain core's publish until ``until`` (monotonic) at most, or (None) as long as
+        its writer makes progress and the publish no longer than the stall rule; say what failed."""
         copy = self.volume_copy
-        if copy is None:
+        if copy is None or self.volume["written"] or "error" in self.volume:
             return
         if copy.failed:  # among the problems already; the metadata says it too
             self.volume["error"] = copy.failed
             return
         try:
             published = copy.result(until)
+            if published is None:
+                return  # still publishing: asked again after the let-go
         except volumecopy.VolumeFailed as e:
             copy.failed = str(e)
             self._volume_failed(e)

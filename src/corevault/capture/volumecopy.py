@@ -14,9 +14,11 @@ length) and waits for a free buffer only as the stall rule allows: when the writ
 nothing for ``stall`` seconds (``coresocket.STALL``), the copy is given up with the step it
 hung in, counted as a stuck writer (:mod:`.stuckwriters`), and the reading goes on into the
 spool. The publish (``fsync``, ``close``, the rename: where s3fs and ``rclone`` upload, for
-seconds per hundred MiB) is asked once the core is read and waited for after the process is let
-go, when it holds only the pod's own slots: until ``until`` (before the dump's deadline, so
-the spool entry is finished in time), then it is given up too.
+seconds per hundred MiB) is waited for before the process is let go, as the kernel's own file
+cores are complete before the process is reaped, but under the same rule: a publish still under
+way after ``stall`` seconds is waited for after the let-go, when it holds only the pod's own
+slots, until ``until`` (before the dump's deadline, so the spool entry is finished in time); then
+it is given up too.
 
 Built on ``_thread`` and ``_queue`` (C, already loaded), as :mod:`.offload` is: ``threading``
 would import more on every crash's path. A thread given up is never waited for: it ends when
@@ -38,6 +40,7 @@ from corevault.capture.admission import describe_error
 #: data chunks in flight at most
 POOL = 4
 _END = None
+_SLOW = object()  # the publish is under way still
 
 
 class VolumeFailed(stream.SinkFailed):
@@ -103,13 +106,17 @@ class VolumeCopy:
         self.publishing = True
         self.inbox.put(("publish", name, uid, gid))
 
-    def result(self, until: float) -> str:
+    def result(self, until: float | None) -> str | None:
         """The published name; VolumeFailed when the copy failed, stalled, or outlasted ``until``
-        (a monotonic time) while publishing."""
+        (a monotonic time) while publishing. Without ``until``, None when the publish itself is
+        still under way after ``stall`` seconds (ask again, with ``until``)."""
         if not self.publishing:
             self._raise()
             raise VolumeFailed("nothing was published")
-        outcome = self._wait(self.results, until)
+        outcome = self._wait(self.results, until, slow=until is None)
+        if outcome is _SLOW:
+            return None
+        self.publishing = False
         if isinstance(outcome, BaseException):
             raise VolumeFailed(describe_error(outcome)) from outcome
         return outcome
@@ -130,21 +137,24 @@ class VolumeCopy:
             raise VolumeFailed(describe_error(self.error))
 
     def _wait(
-        self, queue: _queue.SimpleQueue, until: float | None = None, *, check: bool = True
-    ):  # -> an item
+        self, queue: _queue.SimpleQueue, until: float | None = None, *, check: bool = True, slow: bool = False
+    ):  # -> an item, or _SLOW
         """The next item of ``queue``; gives the copy up when the writer finished no step for
-        ``stall`` seconds (or, once it publishes, at ``until``). ``check``: raise at once when the
-        copy failed already."""
+        ``stall`` seconds (once it publishes: at ``until``; with ``slow``, :data:`_SLOW` is
+        returned instead). ``check``: raise at once when the copy failed already."""
         seen = self.done
         while True:
             if check:
                 self._raise()
+            wait = self.stall if until is None else min(self.stall, max(until - time.monotonic(), 0.001))
             try:
-                return queue.get(timeout=self.stall)
+                return queue.get(timeout=wait)
             except _queue.Empty:
                 pass
             if self.done != seen:
                 seen = self.done
+            elif self.step == "publishing" and slow:
+                return _SLOW
             elif not (self.step == "publishing" and until is not None and time.monotonic() < until):
                 self._give_up()
 
