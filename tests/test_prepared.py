@@ -12,7 +12,7 @@ import pytest
 import sqlalchemy as sa
 
 from corevault.vault import catalog, tables
-from corevault.vault.prepared import Prepared
+from corevault.vault.prepared import Prepared, Unprepared
 
 KEY, FORGED, LONE = "ab" * 20, "cd" * 20, "ef" * 20
 
@@ -95,5 +95,34 @@ def test_lookups_see_a_writers_commits_at_once(engine: sa.Engine) -> None:
         with engine.connect() as conn:
             busy, log, moved = conn.exec_driver_sql("PRAGMA wal_checkpoint(TRUNCATE)").one()
         assert busy == 0 and log == moved == 0
+    finally:
+        prepared.close()
+
+
+class _Lowered(sa.TypeDecorator):
+    """A parameter converted on its way to the database: lowercased."""
+
+    impl = sa.String
+    cache_ok = True
+
+    def process_bind_param(self, value: str | None, dialect: object) -> str | None:
+        return value.lower() if value is not None else None
+
+
+def test_a_statement_whose_values_are_converted_is_refused_not_run(engine: sa.Engine) -> None:
+    """A parameter converted on its way to the database (here lowercased) would reach it
+    unconverted by the prepared path: such a statement is refused, even when the first call's
+    value would come through unchanged, and never answers wrongly."""
+    o = tables.objects.c
+    query = sa.select(o.key, o.sha256).where(
+        o.key == sa.bindparam("k", type_=_Lowered()), o.size.in_(sa.bindparam("sizes", expanding=True))
+    )
+    with engine.connect() as conn:
+        assert [r.key for r in conn.execute(query, {"k": KEY.upper(), "sizes": [100]})] == [KEY]
+    prepared = Prepared(engine)
+    try:
+        for k in (KEY, KEY.upper()):
+            with pytest.raises(Unprepared, match="parameters k are converted"):
+                prepared.rows(query, {"k": k, "sizes": [100, 200, 300]})
     finally:
         prepared.close()

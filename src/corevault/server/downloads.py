@@ -38,17 +38,23 @@ from corevault.server import api
 
 Handler = Callable[[Request, str], Response]
 
+
+def _crash(request: Request) -> str | None:
+    """``?crash=ID``; a debugger asks without a query, which then is not parsed at all."""
+    return request.query_params.get("crash") if request.scope["query_string"] else None
+
+
 #: (path pattern, the FastAPI route's template, the handler given its one path parameter)
 ROUTES: tuple[tuple[re.Pattern[str], str, Handler], ...] = (
     (
         re.compile(r"/buildid/([^/]+)/executable"),
         "/buildid/{build_id}/executable",
-        lambda request, key: api.executable(request, key, request.query_params.get("crash")),
+        lambda request, key: api.executable(request, key, _crash(request)),
     ),
     (
         re.compile(r"/buildid/([^/]+)/debuginfo"),
         "/buildid/{build_id}/debuginfo",
-        lambda request, key: api.debuginfo(request, key, request.query_params.get("crash")),
+        lambda request, key: api.debuginfo(request, key, _crash(request)),
     ),
     (re.compile(r"/api/v1/crashes/([^/]+)/core"), "/api/v1/crashes/{crash_id}/core", api.download_core),
 )
