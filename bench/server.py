@@ -442,9 +442,11 @@ def one_binary(
     )
 
 
-def sent_by(kind: str, path: str, buf: bytearray) -> int:
+def sent_by(kind: str, path: str, buf: bytearray, sndbuf: int = 0, rcvbuf: int = 0) -> int:
     """``path`` sent whole by ``sendfile`` from a forked process into the reader, over loopback TCP
-    (``kind`` "tcp") or a Unix socket ("unix"): the kernel's part of a download, with no HTTP."""
+    (``kind`` "tcp") or a Unix socket ("unix"): the kernel's part of a download, with no HTTP.
+    ``sndbuf``, ``rcvbuf``: the sender's and the reader's socket buffer, if not as the kernel
+    sizes them; the reader reads ``len(buf)`` at once."""
     size = os.path.getsize(path)
     if kind == "tcp":
         listener = socket.create_server(("127.0.0.1", 0))
@@ -456,6 +458,8 @@ def sent_by(kind: str, path: str, buf: bytearray) -> int:
         code = 1
         try:
             out = listener.accept()[0] if kind == "tcp" else theirs
+            if sndbuf:
+                out.setsockopt(socket.SOL_SOCKET, socket.SO_SNDBUF, sndbuf)
             with open(path, "rb") as f:
                 at = 0
                 while at < size:
@@ -465,7 +469,10 @@ def sent_by(kind: str, path: str, buf: bytearray) -> int:
         finally:
             os._exit(code)
     if kind == "tcp":
-        ours = socket.create_connection(listener.getsockname())
+        ours = socket.socket()
+        if rcvbuf:
+            ours.setsockopt(socket.SOL_SOCKET, socket.SO_RCVBUF, rcvbuf)
+        ours.connect(listener.getsockname())
         listener.close()
     else:
         theirs.close()
@@ -478,13 +485,18 @@ def sent_by(kind: str, path: str, buf: bytearray) -> int:
 
 def transports(path: str, runs: int) -> None:
     """Why a download of a large file stays below ``cat`` here: the same ``sendfile`` into the same
-    reader over loopback TCP and over a Unix socket, against ``cat`` through the pipe."""
-    buf = bytearray(READ)
+    reader over loopback TCP and over a Unix socket, against ``cat`` through the pipe; and over
+    TCP with what a server or a reader could change: a 4 MiB send buffer (the most
+    ``net.core.wmem_max`` allows here), a 4 MiB receive buffer, reads of 4 MiB."""
+    buf, big = bytearray(READ), bytearray(4 * READ)
     got = Rounds(
         {
             "cat": lambda: cat_into(path, buf),
             "tcp": lambda: sent_by("tcp", path, buf),
             "unix": lambda: sent_by("unix", path, buf),
+            "tcp, SO_SNDBUF 4 MiB": lambda: sent_by("tcp", path, buf, sndbuf=4 * READ),
+            "tcp, SO_RCVBUF 4 MiB": lambda: sent_by("tcp", path, buf, rcvbuf=4 * READ),
+            "tcp, 4 MiB reads": lambda: sent_by("tcp", path, big),
         },
         runs,
     )
@@ -493,6 +505,13 @@ def transports(path: str, runs: int) -> None:
         f"  {size_label(size):>7}, no HTTP: sendfile into the reader over loopback TCP {rate(size, got.median('tcp'))}: "
         f"{spread(got.ratio('cat', 'tcp'))} of cat | reader; over a Unix socket {rate(size, got.median('unix'))}: "
         f"{spread(got.ratio('cat', 'unix'))}"
+    )
+    print(
+        f"  {size_label(size):>7}, no HTTP, loopback TCP ÷ cat | reader: "
+        + "; ".join(
+            f"{name[5:]} {rate(size, got.median(name))}: {spread(got.ratio('cat', name))}"
+            for name in ("tcp, SO_SNDBUF 4 MiB", "tcp, SO_RCVBUF 4 MiB", "tcp, 4 MiB reads")
+        )
     )
 
 
