@@ -1,6 +1,6 @@
 """Server benchmark: page latency at 1,000,000 crashes, and debuginfod throughput.
 
-    python -m bench.server [--rows 1000000] [--binary-mib 256] [--runs 25] [--core-mib 256] [--downloads | --pages]
+    python -m bench.server [--rows 1000000] [--binary-mib 256] [--runs 25] [--core-mib 256] [--downloads | --pages | --cores]
 
 ``corevault serve`` runs as its own process on 127.0.0.1 over a SQLite catalog of
 ``--rows`` crashes (2,000 crash groups of very different sizes, each in one of 50
@@ -30,9 +30,11 @@ client, in one run:
   file, ``sendfile`` alone into the same reader over loopback TCP and over a Unix socket (no HTTP);
 - a range of a compressed core: the last MiB of a ``--core-mib`` MiB core stored in the
   seekable format ÷ the same range of the same core stored as one frame (as before); and the
-  whole core: as stored (``Content-Encoding: zstd``) into the reader ÷ ``cat`` of the stored
-  file into it, ``curl --compressed`` (which decompresses) and plain ``curl`` (the server
-  decompresses) ÷ ``zstd -dc`` of the stored file.
+  whole core, in rounds as above (at least 15), into the same reader: as stored
+  (``Content-Encoding: zstd``) ÷ ``cat`` of the stored file and ÷ the bare sendfile server of
+  it; the plain core (the server decompresses) ÷ ``zstd -dc`` of the stored file through the same
+  pipe; and ``curl --compressed`` (which decompresses) and plain ``curl`` into /dev/null ÷
+  ``zstd -dc`` into /dev/null. ``--cores`` measures these alone.
 """
 
 from __future__ import annotations
@@ -299,7 +301,12 @@ class KeptAlive:
 def cat_into(path: str, buf: bytearray, pipe: int = READ) -> int:
     """``cat path`` into the same reader, through a pipe of ``pipe`` bytes (by default what the
     reader asks for at once; the kernel's default is 64 KiB)."""
-    proc = subprocess.Popen(["cat", path], stdout=subprocess.PIPE, bufsize=0)
+    return piped_into(["cat", path], buf, pipe)
+
+
+def piped_into(cmd: list[str], buf: bytearray, pipe: int = READ) -> int:
+    """What ``cmd`` writes, into the reader through a pipe of ``pipe`` bytes (as :func:`cat_into`)."""
+    proc = subprocess.Popen(cmd, stdout=subprocess.PIPE, bufsize=0)
     assert proc.stdout is not None
     if pipe != 64 << 10:
         fcntl.fcntl(proc.stdout.fileno(), fcntl.F_SETPIPE_SZ, pipe)
@@ -605,36 +612,67 @@ def range_cost(url: str, token: str, mib: int, runs: int) -> tuple[float, float]
     return times[0], times[1]
 
 
-def core_download(port: int, token: str, state: str, runs: int) -> None:
-    """The whole seekable core: as stored (zstd) into the reader ÷ ``cat`` of its stored file into
-    it; decompressed by ``curl --compressed`` and, plain, by the server ÷ ``zstd -dc`` of it."""
+def core_download(server: tuple[int, int], token: str, state: str, runs: int) -> None:
+    """The whole seekable core, every case into the same reader as the binaries: as stored (zstd)
+    ÷ ``cat`` of its stored file, and ÷ the bare sendfile server of that file (what loopback TCP
+    lets any server reach); the plain core, which the server decompresses, ÷ ``zstd -dc`` of the
+    stored file into the reader through the same 1 MiB pipe as ``cat``; and, as before, decompressed
+    by ``curl --compressed`` and plain by ``curl`` (into /dev/null) ÷ ``zstd -dc`` into /dev/null."""
+    port, pid = server
     stored = os.path.join(state, "vault", blobs.core_key("core-seekable"))
-    url = f"http://127.0.0.1:{port}/api/v1/crashes/core-seekable/core"
+    path = "/api/v1/crashes/core-seekable/core"
+    url = f"http://127.0.0.1:{port}{path}"
     auth = ["-H", f"Authorization: Bearer {token}"]
     buf = bytearray(READ)
-    got = Rounds(
-        {
-            "stored": lambda: http_get(port, "/api/v1/crashes/core-seekable/core", token, buf, "zstd"),
-            "cat": lambda: cat_into(stored, buf),
-            "curl --compressed": lambda: run_quiet(
-                ["curl", "-sf", "--compressed", "-o", "/dev/null", *auth, url]
-            ),
-            "curl plain": lambda: run_quiet(["curl", "-sf", "-o", "/dev/null", *auth, url]),
-            "zstd -dc": lambda: run_quiet(["zstd", "-qdc", stored]),
-        },
-        runs,
-    )
+    bare_port = servers.free_port()
+    bare = subprocess.Popen([sys.executable, "-c", BARE_SENDFILE, str(bare_port), stored])
+    try:
+        servers.wait_port(bare_port)
+        got = Rounds(
+            {
+                "stored": lambda: http_get(port, path, token, buf, "zstd"),
+                "cat": lambda: cat_into(stored, buf),
+                "bare": lambda: http_get(bare_port, "/0", None, buf),
+                "plain": lambda: http_get(port, path, token, buf),
+                "zstd -dc | reader": lambda: piped_into(["zstd", "-qdc", stored], buf),
+                "curl --compressed": lambda: run_quiet(
+                    ["curl", "-sf", "--compressed", "-o", "/dev/null", *auth, url]
+                ),
+                "curl plain": lambda: run_quiet(["curl", "-sf", "-o", "/dev/null", *auth, url]),
+                "zstd -dc": lambda: run_quiet(["zstd", "-qdc", stored]),
+            },
+            runs,
+        )
+    finally:
+        bare.terminate()
+        bare.wait(10)
+    # what the server spent on each, in a loop of its own
+    spent = {}
+    for name, encoding in (("stored", "zstd"), ("plain", "identity")):
+        before = server_load(pid)
+        for _ in range(runs):
+            http_get(port, path, token, buf, encoding)
+        after = server_load(pid)
+        spent[name] = tuple((b - a) / runs for a, b in zip(before, after, strict=True))
     size = os.path.getsize(stored)
     m = got.median
     print(
-        f"the whole core, {size >> 20} MiB stored: as stored (Content-Encoding: zstd) into the reader "
-        f"{rate(size, m('stored'))}, cat | reader {rate(size, m('cat'))}: {against_goal(got.ratio('cat', 'stored'))}"
+        f"the whole core, {size >> 20} MiB stored, {runs} rounds in random order: as stored "
+        f"(Content-Encoding: zstd) into the reader {rate(size, m('stored'))}, cat | reader "
+        f"{rate(size, m('cat'))}: {against_goal(got.ratio('cat', 'stored'))}; the bare sendfile server "
+        f"{rate(size, m('bare'))}: {spread(got.ratio('bare', 'stored'))}, itself "
+        f"{spread(got.ratio('cat', 'bare'))} of cat | reader"
     )
     print(
-        f"  decompressed: curl --compressed {m('curl --compressed') * 1000:.0f} ms, curl of the plain core "
-        f"(decompressed by the server) {m('curl plain') * 1000:.0f} ms, zstd -dc of the stored file "
-        f"{m('zstd -dc') * 1000:.0f} ms: {spread(got.ratio('zstd -dc', 'curl --compressed'))} and "
-        f"{spread(got.ratio('zstd -dc', 'curl plain'))}"
+        f"  plain (decompressed by the server) into the reader {m('plain') * 1000:.0f} ms, zstd -dc | reader "
+        f"{m('zstd -dc | reader') * 1000:.0f} ms: {against_goal(got.ratio('zstd -dc | reader', 'plain'))}; "
+        f"server CPU per download: as stored {spent['stored'][0] * 1000:.1f} ms, plain "
+        f"{spent['plain'][0] * 1000:.1f} ms"
+    )
+    print(
+        f"  curl into /dev/null: --compressed {m('curl --compressed') * 1000:.0f} ms, of the plain core "
+        f"{m('curl plain') * 1000:.0f} ms; zstd -dc of the stored file {m('zstd -dc') * 1000:.0f} ms: "
+        f"{spread(got.ratio('zstd -dc', 'curl --compressed'))} and {spread(got.ratio('zstd -dc', 'curl plain'))}"
     )
 
 
@@ -688,6 +726,9 @@ def main() -> int:
     ap.add_argument(
         "--pages", action="store_true", help="measure the pages and searches only, not the downloads"
     )
+    ap.add_argument(
+        "--cores", action="store_true", help="measure the core downloads only (a range and the whole core)"
+    )
     a = ap.parse_args()
     state = tempfile.mkdtemp(prefix="cv-bench-server-")
     try:
@@ -709,11 +750,13 @@ def main() -> int:
         try:
             servers.wait_port(port)
             with httpx.Client(base_url=f"http://127.0.0.1:{port}", timeout=120) as client:
-                if not a.downloads:
+                if not a.downloads and not a.cores:
                     pages(client, crash_id, a.runs)
                 if a.pages:
                     return 0
-                for who, token in (("every namespace", ADMIN), ("one namespace", TEAM)):
+                for who, token in (
+                    (("every namespace", ADMIN), ("one namespace", TEAM)) if not a.cores else ()
+                ):
                     print(f"a reader of {who}:")
                     debuginfod((port, server.pid), token, state, a.binary_mib, a.runs)
                 seekable_s, one_frame_s = range_cost(f"http://127.0.0.1:{port}", TEAM, a.core_mib, 5)
@@ -722,7 +765,7 @@ def main() -> int:
                     f"one frame {one_frame_s * 1000:.0f} ms: {one_frame_s / seekable_s:.1f}x faster "
                     f"(goal: a range costs what it reads)"
                 )
-                core_download(port, TEAM, state, 9)
+                core_download((port, server.pid), TEAM, state, max(15, a.runs // 2))
         finally:
             server.terminate()
             server.wait(30)
