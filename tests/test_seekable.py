@@ -292,3 +292,37 @@ def test_a_client_that_takes_zstd_gets_the_stored_frames_and_a_range_stays_plain
     assert curl == plain
     with RemoteVault(url, None).open_core("c1") as f:
         assert f.read() == plain
+
+
+@pytest.mark.servers
+def test_a_seekable_core_in_s3_is_served_plain_frame_by_frame(core: Path, tmp_path: Path) -> None:
+    """From an object store (a real SeaweedFS) each frame is one ranged read: the plain core,
+    whole and by range, byte for byte."""
+    with servers.seaweed() as w:
+        os.environ["AWS_ACCESS_KEY_ID"], os.environ["AWS_SECRET_ACCESS_KEY"] = servers.KEY, servers.SECRET
+        try:
+            settings = config.from_dict({
+                "state_dir": str(tmp_path / "state"),
+                "vault": {"store": f"s3://{w.bucket}/v", "s3": {"endpoint": w.endpoint, "addressing": "path"}},
+            })  # fmt: skip
+            packed = tmp_path / "core.zst"
+            sink = compress(core, packed)
+            stores.vault_store(settings).put_file(blobs.core_key("c1"), str(packed))
+            engine = catalog.connect(settings.catalog_url)
+            meta = {"id": "c1", "time": int(time.time()),
+                    "core": {"size": sink.size, "stored_size": packed.stat().st_size, "sha256": sink.sha256}}  # fmt: skip
+            with engine.begin() as conn:
+                catalog.add_crash(conn, meta, "off")
+            engine.dispose()
+            plain = core.read_bytes()
+            with (
+                servers.asgi(create_app(settings, Open())) as url,
+                httpx.Client(base_url=url, timeout=60) as client,
+            ):
+                whole = client.get("/api/v1/crashes/c1/core", headers={"Accept-Encoding": "identity"})
+                assert whole.status_code == 200 and whole.content == plain
+                start, end = FRAME - 10, 3 * FRAME + 10
+                r = client.get("/api/v1/crashes/c1/core", headers={"Range": f"bytes={start}-{end}"})
+                assert r.status_code == 206 and r.content == plain[start : end + 1]
+        finally:
+            del os.environ["AWS_ACCESS_KEY_ID"], os.environ["AWS_SECRET_ACCESS_KEY"]
