@@ -18,10 +18,10 @@ import time
 
 import pytest
 
-from corevault import config, spool
+from corevault import config, hostsetup, spool
 from corevault.agent.kernellog import KernelLog
 from corevault.agent.loop import Agent
-from corevault.agent.procevents import ProcEvents
+from corevault.agent.procevents import ProcEvents, tenant
 from corevault.hostsetup import SYSCTLS, write_sysctl
 from testbed import runc, sysctl
 from tests.conftest import Capture
@@ -223,3 +223,26 @@ def test_an_agent_in_a_network_namespace_of_its_own_listens_from_the_hosts() -> 
             capture_output=True, text=True, timeout=60, check=False,
         )  # fmt: skip
     assert done.stdout.strip() == "seen", done.stderr
+
+
+@pytest.mark.skipif(hostsetup.kernel_socket_mode() is None, reason="the coredump socket needs Linux 6.16+")
+def test_a_skip_in_socket_mode_is_said_to_be_the_sockets(capture: Capture, rootfs: str, tmp_path) -> None:
+    """core_pattern names a coredump socket nobody listens on (the capture's own is put back after):
+    the kernel skips the pod's dump, and the record says the socket did not take it, not that a pipe
+    limit was reached (no pipe limit counts socket dumps)."""
+    settings = config.load(capture.config)
+    events = ProcEvents(settings, grace=GRACE)
+    assert events.start()
+    try:
+        with sysctl.core_settings():  # the pattern is read as a death is journaled: the socket's yet
+            write_sysctl(SYSCTLS["core_pattern"], f"@{tmp_path}/nobody.sock")
+            c = runc.Container(rootfs, ["/app/crasher", "alloc", "64"], annotations=pod("tenant-b", "b-0"))
+            c.run()
+            wait_for(lambda: any(tenant(d) == "tenant-b" for d in list(events.pending.values())), "the death")
+            events.reconcile()
+            events.reconcile(time.monotonic() + 10 * GRACE)
+    finally:
+        events.close()
+    (b,) = of_namespace(capture.journal(), "tenant-b")
+    assert b["event"] == "dropped" and b["source"] == "process events", b
+    assert "coredump socket did not take it" in b["reason"] and "core_pipe_limit" not in b["reason"], b

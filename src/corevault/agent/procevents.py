@@ -471,15 +471,24 @@ class ProcEvents:
                     d.gone_at = now
             due = [d for d in due if d.pid not in running]
         written = 0
+        socket_mode = due and _read("/proc/sys/kernel/core_pattern", 256).startswith("@")
         for d in due:
-            self._journal_death(d)
+            self._journal_death(d, bool(socket_mode))
             written += 1
         for n, pod in given_up.values():
-            what = "more core-signal deaths waiting than the agent keeps track of, this tenant's the most"
-            self._journal_lost(n, what, pod)
+            self._journal_lost(
+                n,
+                f"{n} core-signal deaths of this tenant went unrecorded: more waited at once than the agent "
+                f"keeps track of ({self.max_pending}), this tenant's the most; look for a crash loop in it",
+                pod,
+            )
             written += 1
         if overruns:
-            self._journal_lost(overruns, "the kernel's process events overran the agent's socket")
+            self._journal_lost(
+                overruns,
+                f"the kernel's process events overran the agent's socket {overruns} times: at least as many "
+                "crashes, of pods unknown, went unrecorded; look for a crash loop on this node",
+            )
             written += 1
         with self.lock:
             for d in done + due:
@@ -490,7 +499,7 @@ class ProcEvents:
             self._forget_kernel()
         return written
 
-    def _journal_death(self, d: Death) -> None:
+    def _journal_death(self, d: Death, socket_mode: bool = False) -> None:
         record = {
             "transport": "kernel", "source": "process events", "node": self.settings.node_name,
             "time": d.when, "pid": d.pid, "comm": d.comm, "exe": d.exe, "pod": d.pod,
@@ -500,18 +509,18 @@ class ProcEvents:
         if d.known and not d.opted_in:
             record.update(event="skipped", reason="not opted in (no core-pattern annotation or host rule)")
         else:
-            record.update(event="dropped", reason=why(d))
+            record.update(event="dropped", reason=why(d, socket_mode))
             if self.on_drop is not None:
                 self.on_drop(1)
         spool.ensure(self.settings.spool_dir)
         spool.journal(self.settings.spool_dir, record)
         self.seen_pids[d.pid] = d.when
 
-    def _journal_lost(self, n: int, what: str, pod: dict | None = None) -> None:
+    def _journal_lost(self, n: int, reason: str, pod: dict | None = None) -> None:
         record = {
             "event": "dropped", "transport": "kernel", "source": "process events", "count": n,
             "node": self.settings.node_name,
-            "reason": f"{what} ({n} times): crashes went unrecorded; look for a crash loop on this node",
+            "reason": reason,
         }  # fmt: skip
         if pod is not None:
             record["pod"] = pod
@@ -558,13 +567,23 @@ def tenant(d: Death) -> str:
     return str((d.pod or {}).get("namespace") or "")
 
 
-def why(d: Death) -> str:
+#: why the kernel skips a dump in socket mode (core_pattern ``@…``), where no pipe limit counts
+SOCKET_SKIP = (
+    "most likely the agent's coredump socket did not take it (its queue full in a crash storm, or the "
+    "agent not listening); see the kernel's log and the agent's"
+)
+
+
+def why(d: Death, socket_mode: bool = False) -> str:
     """The reason journaled for a death the kernel handed no core for."""
     if not d.known:
-        return (
-            "the kernel handed no core to corevault, and the process was gone before its pod could be "
-            "read: most likely over kernel.core_pipe_limit; raise it or stop the crash loop holding the slots"
+        likely = (
+            SOCKET_SKIP
+            if socket_mode
+            else "most likely over kernel.core_pipe_limit; raise it or stop the crash loop holding the slots"
         )
+        gone = "the kernel handed no core to corevault, and the process was gone before its pod could be read"
+        return f"{gone}: {likely}"
     if d.rlimit_core == "1":
         return (
             "the kernel handed no core to corevault: RLIMIT_CORE is 1 in the process, which tells the "
@@ -574,6 +593,10 @@ def why(d: Death) -> str:
         return (
             "the kernel handed no core to corevault: the process was not dumpable (prctl PR_SET_DUMPABLE 0, "
             "or it changed credentials while fs.suid_dumpable is 0)"
+        )
+    if socket_mode:
+        return (
+            f"the kernel handed no core to corevault and its rate-limited log did not say why: {SOCKET_SKIP}"
         )
     return (
         "the kernel handed no core to corevault and its rate-limited log did not say why: most likely "
