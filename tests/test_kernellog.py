@@ -3,15 +3,21 @@
 from __future__ import annotations
 
 import os
+import socket
+import subprocess
 import time
 
 import pytest
 
-from corevault import atomic, config, spool
+from corevault import atomic, config, hostsetup, spool
 from corevault.agent import kernellog
 from corevault.agent.kernellog import KMSG, KernelLog, from_kernel, parse
+from corevault.hostsetup import SYSCTLS, write_sysctl
+from testbed import sysctl
 from tests.conftest import Capture
 from tests.tenants import pod
+from tests.test_tenant_slots import skip_lines_named_again
+from tests.waiting import wait_for
 
 
 def test_a_skip_over_core_pipe_limit_is_a_lost_dump() -> None:
@@ -175,3 +181,41 @@ def test_lines_that_quote_a_tenants_file_name_invent_no_lost_dumps(capture: Capt
     follower.close()
     invented = [r for r in spool.read_journal(capture.spool) if r.get("transport") == "kernel"]
     assert not invented and not skipped, invented
+
+
+@pytest.mark.crash
+@pytest.mark.skipif(hostsetup.kernel_socket_mode() is None, reason="the coredump socket needs Linux 6.16+")
+def test_a_dump_the_coredump_socket_had_no_room_for_is_a_lost_dump(
+    capture: Capture, programs, tmp_path
+) -> None:
+    """In socket mode a crash loop can fill the listening socket's queue: the kernel then skips the
+    next dumps, saying "Coredump socket PATH receive queue full". Here the socket takes one
+    connection (listen(0)) and accepts none; of three crashes two are skipped, each journaled."""
+    settings = config.load(capture.config)
+    follower = KernelLog(settings)
+    follower.poll()  # from now on
+    path = str(tmp_path / "full.sock")
+    crashed: list[subprocess.Popen] = []
+    with sysctl.core_settings(), socket.socket(socket.AF_UNIX, socket.SOCK_STREAM) as listener:
+        listener.bind(path)
+        listener.listen(0)
+        skip_lines_named_again()
+        write_sysctl(SYSCTLS["core_pattern"], "@" + path)  # the capture's own is put back after
+        try:
+            crashed += [subprocess.Popen([programs["crasher"], "segv"]) for _ in range(3)]
+
+            def skipped() -> list[dict]:
+                follower.poll()
+                return [r for r in capture.journal() if "receive queue full" in r.get("reason", "")]
+
+            wait_for(lambda: len(skipped()) >= 2, "the two skipped dumps", timeout=15)
+        finally:
+            listener.close()  # the one connected dump ends
+            for p in crashed:
+                p.wait(timeout=30)
+    follower.close()
+    lost = skipped()
+    assert len(lost) == 2 and {r["ns_pid"] for r in lost} < {p.pid for p in crashed}, lost
+    assert all(
+        r["event"] == "dropped" and r["comm"] == os.path.basename(programs["crasher"])[:15] for r in lost
+    ), lost

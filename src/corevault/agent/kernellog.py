@@ -45,7 +45,8 @@ LINE = re.compile(r"coredump: (\d+)\((.{0,64})\): (.*)")
 #: the most severe level a line of another subsystem quoting a tenant's names has (KERN_INFO is 6)
 WARNING = 4
 #: what the kernel says when a dump is lost (other coredump lines are warnings about settings)
-LOST = ("skipping core dump", "aborting core", "failed")
+#: ("receive queue full": in socket mode, the listening socket's queue had no room for the dump)
+LOST = ("skipping core dump", "aborting core", "failed", "receive queue full")
 SUPPRESSED = re.compile(r"(\w*coredump\w*): (\d+) callbacks suppressed")
 #: seconds the kernel's rate limit counts suppressed lines over before it reports them (its
 #: DEFAULT_RATELIMIT_INTERVAL): a count is stamped with the line that ends the window
