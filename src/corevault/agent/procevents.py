@@ -420,7 +420,7 @@ class ProcEvents:
         """
         keys = {_key(d)[0] for d in due}
         fits: dict[tuple[int, str | None], list[Death]] = {}
-        for d in sorted(waiting, key=lambda d: d.when):
+        for d in sorted(waiting, key=_when):
             if _key(d)[0] in keys:
                 fits.setdefault(_key(d), []).append(d)
         due_ids = {id(d) for d in due}
@@ -551,14 +551,17 @@ def _key(d: Death) -> tuple[int, str | None]:
 def _nearest(deaths: list[Death], t: float) -> tuple[list[Death], int] | None:
     """Of deaths sorted by time, the one nearest to a line at ``t`` it may be about (at most a
     second after it: the two clocks' slack), as (list, index)."""
-    whens = [d.when for d in deaths]
-    end = bisect.bisect_right(whens, t + 1)
+    end = bisect.bisect_right(deaths, t + 1, key=_when)
     if end == 0:
         return None
-    i = min(bisect.bisect_left(whens, t, hi=end), end - 1)
-    if i > 0 and abs(whens[i - 1] - t) <= abs(whens[i] - t):
+    i = min(bisect.bisect_left(deaths, t, hi=end, key=_when), end - 1)
+    if i > 0 and abs(deaths[i - 1].when - t) <= abs(deaths[i].when - t):
         i -= 1
     return deaths, i
+
+
+def _when(d: Death) -> float:
+    return d.when
 
 
 def tenant(d: Death) -> str:
