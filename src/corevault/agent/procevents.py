@@ -85,6 +85,9 @@ SEEN_FOR = 120.0
 RCVBUF = 4 << 20
 #: bytes read of one /proc file of a crashed process (its tenant's data)
 PROC_READ = 16384
+#: seconds a crashed process's pod is known by its cgroup, exe, comm and uid; pods so known, at most
+OWNER_FOR = 2.0
+MAX_OWNERS = 1024
 #: clock ticks a second, the unit of a process's start time
 TICKS = os.sysconf("SC_CLK_TCK")
 
@@ -128,7 +131,45 @@ def _start_time(pid: int) -> str:
     return fields[19] if len(fields) > 19 and fields[0] not in ("Z", "X") else ""
 
 
-def observe(settings: config.Settings, pid: int, when: float, since_boot: float | None = None) -> Death:
+def find_owner(
+    settings: config.Settings, cgroup_text: str, exe: str, comm: str, uid: int
+) -> tuple[dict, bool]:
+    """A process's pod (as journaled) and whether it opted in."""
+    owner = lookup.find_owner(settings, cgroup.parse(cgroup_text), exe, comm, uid)
+    return owner.as_dict(), podannotations.core_pattern(owner.annotations) is not None
+
+
+class Owners:
+    """The pods of the latest crashed processes, by what names them (their cgroup, exe, comm and
+    uid), for :data:`OWNER_FOR` seconds: finding a pod is most of what a death costs the listener
+    (a container's cgroup names it alone, a new container has a cgroup of its own), and a pod's
+    crash loop would otherwise cost the agent as much CPU as the pod spends crashing."""
+
+    def __init__(self, settings: config.Settings) -> None:
+        self.settings = settings
+        self.known: collections.OrderedDict[tuple[str, str, str, int], tuple[float, dict, bool]] = (
+            collections.OrderedDict()
+        )
+
+    def __call__(self, cgroup_text: str, exe: str, comm: str, uid: int) -> tuple[dict, bool]:
+        key, now = (cgroup_text, exe, comm, uid), time.monotonic()
+        hit = self.known.get(key)
+        if hit is None or now - hit[0] >= OWNER_FOR:
+            hit = (now, *find_owner(self.settings, *key))
+            self.known[key] = hit
+            self.known.move_to_end(key)
+            while len(self.known) > MAX_OWNERS:
+                self.known.popitem(last=False)
+        return dict(hit[1]), hit[2]
+
+
+def observe(
+    settings: config.Settings,
+    pid: int,
+    when: float,
+    since_boot: float | None = None,
+    owners: Callable[[str, str, str, int], tuple[dict, bool]] | None = None,
+) -> Death:
     """Read what /proc holds of a process the kernel is about to dump, and find its pod, while the
     process and its container are still there (best effort).
 
@@ -155,9 +196,10 @@ def observe(settings: config.Settings, pid: int, when: float, since_boot: float 
     with contextlib.suppress(OSError):
         d.exe = os.readlink(f"/proc/{pid}/exe")[:4096]
     # the pod at once: a runtime's state of the container goes with it
-    owner = lookup.find_owner(settings, cgroup.parse(cgroup_text), d.exe, d.comm, d.uid)
-    d.pod = owner.as_dict()
-    d.opted_in = podannotations.core_pattern(owner.annotations) is not None
+    if owners is None:
+        d.pod, d.opted_in = find_owner(settings, cgroup_text, d.exe, d.comm, d.uid)
+    else:
+        d.pod, d.opted_in = owners(cgroup_text, d.exe, d.comm, d.uid)
     with contextlib.suppress(OSError):
         # /proc/PID belongs to root while the process is not dumpable (task_dump_owner)
         d.not_dumpable = d.uid > 0 and os.stat(f"/proc/{pid}").st_uid == 0
@@ -262,6 +304,7 @@ class ProcEvents:
         self.max_pending = max_pending
         self.rcvbuf = rcvbuf
         self.on_drop = on_drop
+        self.owners = Owners(settings)
         self.lock = threading.Lock()
         self.pending: collections.OrderedDict[int, Death] = collections.OrderedDict()
         #: the waiting deaths' PIDs by tenant, oldest first: a full table gives up the largest's
@@ -319,7 +362,7 @@ class ProcEvents:
                 continue
             tgid, stamp = event
             try:
-                death = observe(self.settings, tgid, self.boot + stamp / 1e9, stamp / 1e9)
+                death = observe(self.settings, tgid, self.boot + stamp / 1e9, stamp / 1e9, self.owners)
             except Exception as e:  # a bug, or one process's odd /proc: the next deaths still count
                 log.exception("cannot look at a crashed process %d: %s", tgid, e)
                 death = Death(pid=tgid, when=self.boot + stamp / 1e9, start="")
