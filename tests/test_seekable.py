@@ -294,6 +294,27 @@ def test_a_client_that_takes_zstd_gets_the_stored_frames_and_a_range_stays_plain
         assert f.read() == plain
 
 
+def test_the_stored_core_is_sent_by_the_kernel_from_a_file_store(
+    served: tuple[str, bytes], tmp_path: Path, monkeypatch: pytest.MonkeyPatch
+) -> None:
+    """As stored (zstd), from a file store, the core goes out as a binary does: ``sendfile(2)``
+    from the stored file, every byte of it, none copied through Python."""
+    calls: list[int] = []
+    real = os.sendfile
+
+    def counted(out_fd: int, in_fd: int, offset: int | None, count: int) -> int:
+        n = real(out_fd, in_fd, offset, count)
+        calls.append(n)
+        return n
+
+    monkeypatch.setattr(os, "sendfile", counted)
+    url, _ = served
+    stored = (tmp_path / "core.zst").read_bytes()
+    with httpx.stream("GET", url + "/api/v1/crashes/c1/core", headers={"Accept-Encoding": "zstd"}) as r:
+        assert r.headers["content-encoding"] == "zstd" and b"".join(r.iter_raw()) == stored
+    assert sum(calls) == len(stored)
+
+
 @pytest.mark.servers
 def test_a_seekable_core_in_s3_is_served_plain_frame_by_frame(core: Path, tmp_path: Path) -> None:
     """From an object store (a real SeaweedFS) each frame is one ranged read: the plain core,
