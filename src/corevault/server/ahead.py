@@ -11,8 +11,9 @@ cores or more the frames themselves are decompressed two at once.
 
 Bounds:
 
-- memory: per download at most :data:`DEPTH` frames decompressed or decompressing, and the one
-  being sent (a frame is 4 MiB of plain bytes), whatever the core's size;
+- memory: per download at most :data:`DEPTH` frames in work, the one being sent and :data:`DEPTH`
+  buffers sent or still being written (a frame is 4 MiB of plain bytes), whatever the core's
+  size; between downloads :data:`SPARE` buffers are kept;
 - CPU: one pool of as many threads as the host has CPUs serves every download; its queue is
   first come, first served, and a download never queues more than :data:`DEPTH` frames, so one
   reader's download cannot hold back another's by more than that;
@@ -41,8 +42,8 @@ def _executor() -> concurrent.futures.ThreadPoolExecutor:
     )
 
 
-#: buffers kept between downloads (each a frame, 4 MiB)
-SPARE = 8
+#: buffers kept between downloads (each a frame, 4 MiB): their pages are faulted in once
+SPARE = 4
 _SPARE: list[bytearray] = []
 
 #: a job: fills the buffer it is given (or a larger one of its own) and returns the view of it
@@ -102,7 +103,7 @@ async def results(jobs: Iterable[Job], depth: int = DEPTH) -> AsyncGenerator[mem
     finally:
         for future in running:
             future.cancel()
-        # kept for the next download, up to a few (their pages are then faulted in once)
+        # kept for the next download, up to a few
         for buf in lent:
             if len(_SPARE) < SPARE and _unshared(buf):
                 _SPARE.append(buf)
