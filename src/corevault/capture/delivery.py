@@ -389,7 +389,10 @@ class _Job:
 
     def close(self) -> None:
         if self.volume_copy is not None:
-            self.volume_copy.close()
+            try:
+                self.volume_copy.close()
+            except HandlerTimeout:
+                pass  # struck while the writer removed its file: what is left below is closed still
         if self.vault is not None:
             self.vault.close()
         if self.entry_tmp is not None:

@@ -9,9 +9,10 @@ process with it), in socket and forwarder modes one of the node's core readers.
 
 So every step on the volume (the walk to its directory, the file's creation, the writes, the
 publish and the clean-up) runs on a writer thread. The reading thread hands it the core's
-chunks in bounded memory (:data:`POOL` data chunks in flight; a zero chunk travels as its
-length) and waits for a free buffer only as the stall rule allows: when the writer finished
-nothing for ``stall`` seconds (``coresocket.STALL``), the copy is given up with the step it
+chunks in bounded memory (:data:`POOL` data chunks in flight, copied: the reader's buffer is
+its own again at once; a zero chunk travels as its length) and waits for a free buffer only
+as the stall rule allows: when the writer finished nothing for ``stall`` seconds
+(``stream.STALL``), the copy is given up with the step it
 hung in, counted as a stuck writer (:mod:`.stuckwriters`), and the reading goes on into the
 spool. The publish (``fsync``, ``close``, the rename: where s3fs and ``rclone`` upload, for
 seconds per hundred MiB) is waited for before the process is let go, as the kernel's own file
@@ -37,8 +38,9 @@ from corevault import config
 from corevault.capture import safefs, stream, stuckwriters
 from corevault.capture.admission import describe_error
 
-#: data chunks in flight at most
-POOL = 4
+#: data chunks in flight at most: each one is memory of the handler's (a 1 MiB chunk's buffer),
+#: and one in flight lets reading and writing overlap
+POOL = 2
 _END = None
 _SLOW = object()  # the publish is under way still
 
@@ -94,9 +96,12 @@ class VolumeCopy:
             return
         if self.made < POOL and self.free.empty():
             self.made += 1
-            chunk = bytearray(stream.CHUNK)
+            # a small core's one read gets a buffer of its size: 1 MiB zeroed costs ~2 ms of CPU
+            chunk = bytearray(n if n < stream.BLOCK else stream.CHUNK)
         else:
             chunk = self._wait(self.free)
+            if len(chunk) < n:
+                chunk = bytearray(stream.CHUNK)
         chunk[:n] = view[:n]
         self.inbox.put((n, chunk))
 
