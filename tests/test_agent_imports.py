@@ -18,7 +18,7 @@ from tests.nodes import CLI, make_node
 
 #: top-level packages of the stores and the catalog driver not in use with a file store and SQLite,
 #: and of what runs only in the analysis' worker processes
-NOT_IN_USE = ("boto3", "botocore", "s3transfer", "google", "azure", "psycopg", "psycopg2", "drgn")
+NOT_IN_USE = ("boto3", "botocore", "s3transfer", "obstore", "google", "azure", "psycopg", "psycopg2", "drgn")
 
 
 def imported(stderr: str) -> set[str]:

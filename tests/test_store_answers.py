@@ -18,14 +18,15 @@ import base64
 import hashlib
 import os
 import uuid
-import zlib
-from collections.abc import Callable
+from collections.abc import Callable, Iterator
 from typing import Any
+from urllib.parse import parse_qs
 
 import pytest
 
 from corevault.config import S3Settings
 from corevault.vault import blobs, s3upload, stores
+from testbed import tamper
 from tests.test_stores import PART, azurite, open_cloud, weed  # noqa: F401 - the module's servers
 from tests.waiting import wait_for
 
@@ -33,28 +34,43 @@ pytestmark = pytest.mark.servers
 CHECKSUMS = ["when_supported", "when_required"]  # CRC32 per request, or Content-MD5 (OSS)
 
 
-def open_s3(server: Any, checksums: str) -> blobs.S3Store:
+@pytest.fixture
+def wire(weed) -> Iterator[tamper.Tamper]:  # noqa: F811
+    """A proxy between the store's clients and SeaweedFS: what they send, as it is on the wire."""
+    with tamper.tamper(weed.s3_port) as t:
+        yield t
+
+
+def open_s3(server: Any, checksums: str, endpoint: str | None = None) -> blobs.S3Store:
     s3 = S3Settings()
-    s3.endpoint, s3.addressing, s3.part_size, s3.checksums = server.endpoint, "path", PART, checksums
+    s3.endpoint, s3.addressing, s3.part_size, s3.checksums = (
+        endpoint or server.endpoint,
+        "path",
+        PART,
+        checksums,
+    )
     store = stores.open_store(f"s3://{server.bucket}/answers-{uuid.uuid4().hex[:8]}", s3)
     assert isinstance(store, blobs.S3Store)
     return store
 
 
-def requests_of(store: blobs.S3Store) -> list[str]:
-    """The names of the operations the store's client sends from now on, in order."""
-    sent: list[str] = []
-    store.client.meta.events.register(
-        "before-send.s3", lambda event_name, **_: sent.append(event_name.split(".")[-1])
-    )
-    return sent
+def operation(request: tamper.Request) -> str:
+    """The S3 operation of a request seen on the wire."""
+    query = parse_qs(request.path.partition("?")[2], keep_blank_values=True)
+    if request.method == "PUT":
+        return "UploadPart" if "partNumber" in query else "PutObject"
+    if request.method == "POST":
+        return "CreateMultipartUpload" if "uploads" in query else "CompleteMultipartUpload"
+    return {"HEAD": "HeadObject", "GET": "GetObject", "DELETE": "DeleteObject"}[request.method]
 
 
-def on_answer(store: blobs.S3Store, operation: str, change: Callable[[Any], None]) -> None:
-    """Have ``change`` edit the headers of the service's answers to ``operation`` before they are read."""
-    store.client.meta.events.register(
-        f"before-parse.s3.{operation}", lambda response_dict, **_: change(response_dict["headers"])
-    )
+def operations(wire: tamper.Tamper) -> list[str]:
+    return [operation(r) for r in wire.requests]
+
+
+def on(op: str, change: Callable[..., None]) -> Callable[..., None]:
+    """``change`` applied to the requests (or answers) of ``op`` alone."""
+    return lambda request, *rest: change(request, *rest) if operation(request) == op else None
 
 
 def _held(store: blobs.S3Store, key: str) -> bytes | None:
@@ -64,103 +80,142 @@ def _held(store: blobs.S3Store, key: str) -> bytes | None:
         return f.read()
 
 
+def _header(headers: dict[str, str], name: str, value: str) -> None:
+    for old in [k for k in headers if k.lower() == name.lower()]:
+        del headers[old]
+    headers[name] = value
+
+
+# What a single PutObject carries: with flexible checksums it goes through obstore with the body's
+# SHA-256; without (OSS), through boto3 with its Content-MD5.
+CHECKSUM_HEADER = {"when_supported": "x-amz-checksum-sha256", "when_required": "Content-MD5"}
+
+
 @pytest.mark.parametrize("checksums", CHECKSUMS)
-def test_a_small_upload_is_one_request_and_one_in_parts_is_looked_at(weed, checksums, tmp_path) -> None:  # noqa: F811
-    store = open_s3(weed, checksums)
-    sent = requests_of(store)
+def test_a_small_upload_is_one_request_and_one_in_parts_is_looked_at(weed, wire, checksums, tmp_path) -> None:  # noqa: F811
+    store = open_s3(weed, checksums, wire.endpoint)
     data = os.urandom(80_000)
     assert store.put_bytes("crashes/x/core.zst", data).size == len(data)
-    assert sent == ["PutObject"]
+    assert operations(wire) == ["PutObject"]
+    sent = {k.lower(): v for k, v in wire.requests[0].headers.items()}
+    digest = hashlib.sha256(data) if checksums == "when_supported" else hashlib.md5(data)  # noqa: S324
+    assert sent[CHECKSUM_HEADER[checksums].lower()] == base64.b64encode(digest.digest()).decode()
     assert _held(store, "crashes/x/core.zst") == data
 
-    sent.clear()
+    wire.requests.clear()
     path = tmp_path / "core.zst"
     path.write_bytes(os.urandom(2 * PART + 5))
     store.put_file("crashes/y/core.zst", str(path))
     # no answer of the multipart calls gives the object's size: one HEAD after the completion
-    assert sent == ["CreateMultipartUpload", "UploadPart", "UploadPart", "UploadPart",
-                    "CompleteMultipartUpload", "HeadObject"]  # fmt: skip
+    assert operations(wire) == ["CreateMultipartUpload", "UploadPart", "UploadPart", "UploadPart",
+                                "CompleteMultipartUpload", "HeadObject"]  # fmt: skip
 
 
 @pytest.mark.parametrize("checksums", CHECKSUMS)
-def test_seaweedfs_refuses_a_body_that_its_checksum_does_not_match(weed, checksums) -> None:  # noqa: F811
-    """The body changed after it was hashed (a bit flipped on the way): the service checks it
-    against the CRC32 or Content-MD5 sent with it and refuses it (BadDigest); nothing is kept."""
-    store = open_s3(weed, checksums)
+def test_seaweedfs_refuses_a_body_that_its_checksum_does_not_match(weed, wire, checksums) -> None:  # noqa: F811
+    """The body changed after it was hashed and signed (a bit flipped on the way): the service
+    checks it against the SHA-256 or Content-MD5 sent with it and refuses it (BadDigest; SeaweedFS
+    does not compare the body with the signed x-amz-content-sha256); nothing is kept."""
+    store = open_s3(weed, checksums, wire.endpoint)
 
-    def flipped(request: Any, **_: Any) -> None:
-        body = request.data if isinstance(request.data, bytes) else request.data.read()
-        request.data = bytes([body[0] ^ 1]) + body[1:]  # signed as it is now, so only the checksum differs
+    def flipped(request: tamper.Request) -> None:
+        request.body = bytes([request.body[0] ^ 1]) + request.body[1:]
 
-    store.client.meta.events.register("before-sign.s3.PutObject", flipped)
+    wire.change_request = on("PutObject", flipped)
     with pytest.raises(blobs.StoreError, match="BadDigest"):
         store.put_bytes("k", os.urandom(4096))
+    wire.change_request = None
     assert store.size("k") is None
 
 
 @pytest.mark.parametrize("checksums", CHECKSUMS)
-def test_a_checksum_changed_after_signing_is_refused_for_its_signature(weed, checksums) -> None:  # noqa: F811
-    """botocore signs the checksum header it sends (``x-amz-checksum-crc32``, ``Content-MD5``):
-    one changed on the way fails the signature (SignatureDoesNotMatch) before any checksum is
-    compared, so the attacks above change the body before it is signed."""
-    store = open_s3(weed, checksums)
-    header = "x-amz-checksum-crc32" if checksums == "when_supported" else "Content-MD5"
-    wrong = base64.b64encode(b"\0\0\0\1" if checksums == "when_supported" else b"\1" * 16).decode()
+def test_a_checksum_changed_after_signing_is_refused_for_its_signature(weed, wire, checksums) -> None:  # noqa: F811
+    """Both clients sign the checksum header they send (``x-amz-checksum-sha256``,
+    ``Content-MD5``): one changed on the way fails the signature (SignatureDoesNotMatch) before
+    any checksum is compared, so the attacks above change the body, which is not signed here."""
+    store = open_s3(weed, checksums, wire.endpoint)
+    header = CHECKSUM_HEADER[checksums]
+    wrong = base64.b64encode(b"\1" * (32 if checksums == "when_supported" else 16)).decode()
 
-    def replaced(request: Any, **_: Any) -> None:
-        assert header in request.headers
-        del request.headers[header]
-        request.headers[header] = wrong
+    def replaced(request: tamper.Request) -> None:
+        assert header.lower() in {k.lower() for k in request.headers}
+        _header(request.headers, header, wrong)
 
-    store.client.meta.events.register("before-send.s3.PutObject", replaced)
+    wire.change_request = on("PutObject", replaced)
     with pytest.raises(blobs.StoreError, match="SignatureDoesNotMatch"):
         store.put_bytes("k", os.urandom(4096))
+    wire.change_request = None
     assert store.size("k") is None
 
 
 @pytest.mark.parametrize("checksums", CHECKSUMS)
-def test_an_answer_showing_other_bytes_deletes_the_object(weed, checksums) -> None:  # noqa: F811
-    """The answer echoes another CRC32, or (with MD5s) names another MD5 as the ETag: the object
-    is not the bytes sent, and is deleted rather than left under the name."""
-    store = open_s3(weed, checksums)
+def test_an_answer_showing_other_bytes_deletes_the_object(weed, wire, checksums) -> None:  # noqa: F811
+    """The answer names another MD5 as the ETag: boto3's answer says the object is not
+    encrypted with a key of its own, so that proves other bytes and the object is deleted; obstore's
+    says nothing of encryption, so the object is looked at first, and a HEAD that shows another
+    SHA-256 deletes it. Either way a wrong object does not stay under the name."""
+    store = open_s3(weed, checksums, wire.endpoint)
     other = os.urandom(100)
-    if checksums == "when_supported":
-        wrong = {"x-amz-checksum-crc32": base64.b64encode(zlib.crc32(other).to_bytes(4, "big")).decode()}
-    else:
-        wrong = {"ETag": f'"{hashlib.md5(other).hexdigest()}"'}  # noqa: S324
+    etag = f'"{hashlib.md5(other).hexdigest()}"'  # noqa: S324
+    sha256 = base64.b64encode(hashlib.sha256(other).digest()).decode()
 
-    def replaced(headers: Any) -> None:
-        for name, value in wrong.items():
-            headers.pop(name, None)
-            headers[name] = value
+    def lying(request: tamper.Request, headers: dict[str, str]) -> None:
+        if operation(request) == "PutObject":
+            _header(headers, "ETag", etag)
+        elif operation(request) == "HeadObject" and "x-amz-checksum-sha256" in {k.lower() for k in headers}:
+            _header(headers, "x-amz-checksum-sha256", sha256)
 
-    on_answer(store, "PutObject", replaced)
+    wire.change_answer = lying
     with pytest.raises(blobs.StoreError, match="not the uploaded bytes'"):
         store.put_bytes("k", os.urandom(4096))
-    assert store.size("k") is None
+    wire.change_answer = None
+    assert operations(wire)[-1] == "DeleteObject" and store.size("k") is None
+    if checksums == "when_supported":
+        assert operations(wire)[:3] == ["PutObject", "HeadObject", "DeleteObject"]
+
+
+def test_an_other_etag_from_obstore_is_looked_at_and_the_head_decides(weed, wire) -> None:  # noqa: F811
+    """obstore's answer carries no encryption header: an ETag that is not the body's MD5 may be
+    S3's opaque one under SSE-KMS. The HEAD that follows reports the object's SHA-256; where that
+    is the bytes sent, the object stays."""
+    store = open_s3(weed, "when_supported", wire.endpoint)
+    wire.change_answer = on("PutObject", lambda _, headers: _header(headers, "ETag", '"opaque"'))
+    data = os.urandom(4096)
+    assert store.put_bytes("k", data).size == len(data)
+    assert operations(wire) == ["PutObject", "HeadObject"]
+    wire.change_answer = None
+    assert _held(store, "k") == data
 
 
 @pytest.mark.parametrize("checksums", CHECKSUMS)
-def test_an_answer_that_proves_nothing_is_followed_by_a_head(weed, checksums) -> None:  # noqa: F811
+def test_an_answer_that_proves_nothing_is_followed_by_a_head(weed, wire, checksums) -> None:  # noqa: F811
     """A store that echoes no checksum and whose ETag is not an MD5 (S3 with SSE-KMS says so in
     its answer): the object is looked at, its size and checksum compared."""
-    store = open_s3(weed, checksums)
+    store = open_s3(weed, checksums, wire.endpoint)
 
-    def kms(headers: Any) -> None:
-        headers.pop("x-amz-checksum-crc32", None)
-        headers["x-amz-server-side-encryption"] = "aws:kms"
+    def kms(request: tamper.Request, headers: dict[str, str]) -> None:
+        if operation(request) == "PutObject":
+            headers.pop("x-amz-checksum-crc32", None)
+            _header(headers, "ETag", '"opaque"')
+            headers["x-amz-server-side-encryption"] = "aws:kms"
 
-    on_answer(store, "PutObject", kms)
-    sent = requests_of(store)
+    wire.change_answer = kms
     data = os.urandom(4096)
     assert store.put_bytes("k", data).size == len(data)
-    assert sent == ["PutObject", "HeadObject"]
+    assert operations(wire) == ["PutObject", "HeadObject"]
 
-    sent.clear()
-    on_answer(store, "HeadObject", lambda headers: headers.__setitem__("Content-Length", "4095"))
+    wire.requests.clear()
+
+    def shorter(request: tamper.Request, headers: dict[str, str]) -> None:
+        kms(request, headers)
+        if operation(request) == "HeadObject":
+            _header(headers, "Content-Length", "4095")
+
+    wire.change_answer = shorter
     with pytest.raises(blobs.StoreError, match="held 4095 bytes after uploading 4096"):
         store.put_bytes("k", data)
-    assert sent[:2] == ["PutObject", "HeadObject"] and store.size("k") is None
+    wire.change_answer = None
+    assert operations(wire)[:2] == ["PutObject", "HeadObject"] and store.size("k") is None
 
 
 def test_which_etags_are_taken_for_the_md5_of_the_bytes() -> None:

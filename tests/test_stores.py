@@ -25,7 +25,7 @@ import pytest
 from corevault import config
 from corevault.config import CloudSettings
 from corevault.vault import blobs, stores
-from testbed import clouds, relay, servers
+from testbed import clouds, relay, servers, tamper
 from tests.conftest import starts_servers
 
 KINDS = ("s3", "azure", "gcs")
@@ -117,7 +117,7 @@ def open_cloud(url: str, server: Server, concurrency: int = 2) -> blobs.BlobStor
     return stores.open_store(url, s3=s3, azure=settings, gcs=settings)
 
 
-def settings_lines(url: str, server: Server, through: relay.Relay | None = None) -> str:
+def settings_lines(url: str, server: Server, through: relay.Relay | tamper.Tamper | None = None) -> str:
     """The [vault] settings of a node that uses this store (S3: ``through`` a relay, if given)."""
     if isinstance(server, servers.Seaweed):
         endpoint = through.endpoint if through else server.endpoint
@@ -697,11 +697,14 @@ def test_an_upload_kept_by_a_store_of_other_checksums_starts_anew(weed, tmp_path
 
 
 def test_an_s3_object_that_fails_the_final_check_is_deleted_and_shipped_again(weed) -> None:
-    """The store ends up holding other bytes than the agent sent under a binary's name (a path to
-    it that changed the body and lost its checksum, a store that mangled them): the check of what
-    it holds (here the MD5 ETag of the store's answer, which no checksum echo vouches for) fails,
-    the object is deleted, not left for the next pass to find in place and take as stored, and the
-    next pass ships the crash and uploads that binary again, byte for byte the node's."""
+    """The store ends up holding other bytes than the agent sent under a binary's name (a store
+    that mangled them after it checked what it received): the check of what it holds (here the
+    MD5 ETag of the store's answer, which no checksum echo vouches for, then the HEAD of the
+    object) fails, the object is deleted, not left for the next pass to find in place and take as
+    stored, and the next pass ships the crash and uploads that binary again, byte for byte the node's."""
+    import boto3
+    from botocore.config import Config
+
     from corevault import nodestore, objectid, spool
     from corevault.agent.loop import Agent
     from tests.conftest import FIXTURE_SPOOL
@@ -709,37 +712,50 @@ def test_an_s3_object_that_fails_the_final_check_is_deleted_and_shipped_again(we
 
     url = f"s3://{weed.bucket}/wrong-{uuid.uuid4().hex[:8]}"
     entry = sorted(os.listdir(spool.ready_dir(FIXTURE_SPOOL)))[0]
-    node = make_node({"dir": FIXTURE_SPOOL, "ids": [entry]}, settings_lines(url, weed), "analyze = false\n")
-    record = spool.read_meta(node.spool, entry)
-    binaries = [
-        blobs.object_key(m["key"], m["sha256"])
-        for m in record["modules"]
-        if objectid.is_object(m["key"], m["sha256"]) and nodestore.record_path(node.settings.buildid_dir, m)
-    ]
-    assert binaries, "the fixture entry maps no binary the node kept"
-
-    first = Agent(node.settings)
-    store = first.connect().store
+    direct = boto3.client(
+        "s3",
+        endpoint_url=weed.endpoint,
+        region_name="us-east-1",
+        config=Config(s3={"addressing_style": "path"}),
+    )
     changed = []
 
-    def mangled(request: Any, **_: Any) -> None:
-        """Before signing: the body of a binary's upload with its first byte changed, and no checksum."""
-        if "/buildid/" not in request.url:
+    def mangling(request: tamper.Request, headers: dict[str, str]) -> None:
+        """After the store kept a binary's upload, the object's first byte changed in the store,
+        and the answer names the MD5 of what it now holds."""
+        path = request.path.partition("?")[0]
+        if request.method != "PUT" or "/buildid/" not in path or "partNumber" in request.path:
             return
-        body = request.data if isinstance(request.data, bytes) else request.data.read()
-        request.data = bytes([body[0] ^ 0xFF]) + body[1:]
-        for header in ("x-amz-checksum-crc32", "x-amz-sdk-checksum-algorithm", "Content-MD5"):
-            del request.headers[header]
-        changed.append(request.url)
+        body = bytes([request.body[0] ^ 0xFF]) + request.body[1:]
+        direct.put_object(Bucket=weed.bucket, Key=path.split("/", 2)[2], Body=body)
+        headers.pop("ETag", None)
+        headers["ETag"] = f'"{hashlib.md5(body).hexdigest()}"'  # noqa: S324
+        changed.append(path)
 
-    store.client.meta.events.register("before-sign.s3.PutObject", mangled)  # type: ignore[attr-defined]
-    assert first.run(once=True) == 1, "the entry was shipped over a wrong object"
-    assert changed, "no upload of a binary was changed on its way"
-    assert node.crashes() == []
-    assert [store.size(key) for key in binaries] == [None] * len(binaries), "a wrong object was left"
+    with tamper.tamper(weed.s3_port) as wire:
+        wire.change_answer = mangling
+        node = make_node(
+            {"dir": FIXTURE_SPOOL, "ids": [entry]}, settings_lines(url, weed, wire), "analyze = false\n"
+        )
+        record = spool.read_meta(node.spool, entry)
+        binaries = [
+            blobs.object_key(m["key"], m["sha256"])
+            for m in record["modules"]
+            if objectid.is_object(m["key"], m["sha256"])
+            and nodestore.record_path(node.settings.buildid_dir, m)
+        ]
+        assert binaries, "the fixture entry maps no binary the node kept"
 
-    assert Agent(node.settings).run(once=True) == 0
-    assert [c["id"] for c in node.crashes()] == [record["id"]]
-    for key in binaries:
-        with store.open(key) as f:
-            assert sha(f.read()) == key.rsplit("/", 1)[1], key  # the node's file, by its content hash
+        first = Agent(node.settings)
+        store = first.connect().store
+        assert first.run(once=True) == 1, "the entry was shipped over a wrong object"
+        assert changed, "no upload of a binary was changed in the store"
+        assert node.crashes() == []
+        assert [store.size(key) for key in binaries] == [None] * len(binaries), "a wrong object was left"
+        wire.change_answer = None
+
+        assert Agent(node.settings).run(once=True) == 0
+        assert [c["id"] for c in node.crashes()] == [record["id"]]
+        for key in binaries:
+            with store.open(key) as f:
+                assert sha(f.read()) == key.rsplit("/", 1)[1], key  # the node's file, by its content hash

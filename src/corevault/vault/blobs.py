@@ -43,12 +43,13 @@ from collections.abc import Callable, Iterator
 from contextlib import suppress
 from dataclasses import dataclass
 from datetime import UTC, datetime, timedelta
+from functools import partial
 from typing import BinaryIO, Protocol
 
 from corevault import atomic
 from corevault.config import S3Settings
 from corevault.errors import UserError
-from corevault.vault import s3upload
+from corevault.vault import s3put, s3upload
 
 #: how long a redirected download's URL is good for: the reader follows it at once
 PRESIGNED_SECONDS = 60
@@ -278,6 +279,7 @@ class S3Store(BucketStore):
 
     def __init__(self, bucket: str, prefix: str, settings: S3Settings) -> None:
         import boto3
+        import botocore.session
         from botocore.config import Config
 
         self.bucket = bucket
@@ -285,10 +287,12 @@ class S3Store(BucketStore):
         self.url = f"s3://{bucket}/{self.prefix}".rstrip("/")
         self.part_size = settings.part_size
         self.checksums = settings.checksums
-        session = boto3.session.Session()
         if settings.credentials_file:
             os.environ["AWS_SHARED_CREDENTIALS_FILE"] = settings.credentials_file
-            session = boto3.session.Session()
+        # one botocore session resolves the credentials and the CA bundle of boto3's clients and
+        # of obstore's (:mod:`corevault.vault.s3put`)
+        core = botocore.session.Session()
+        session = boto3.session.Session(botocore_session=core)
         config = Config(
             s3={"addressing_style": settings.addressing},
             request_checksum_calculation=settings.checksums,
@@ -306,7 +310,12 @@ class S3Store(BucketStore):
             )
         self.concurrency = settings.concurrency
         algorithm = "crc32" if settings.checksums == "when_supported" else "md5"
-        self.uploads = s3upload.MultipartUpload(self.client, bucket, self.url, self.concurrency, algorithm)
+        # a single request through obstore where it can send a checksum the store checks (it
+        # sends no Content-MD5, which stores without flexible checksums need)
+        small = partial(s3put.open_store, self.client, bucket, core) if algorithm == "crc32" else None
+        self.uploads = s3upload.MultipartUpload(
+            self.client, bucket, self.url, self.concurrency, algorithm, small=small
+        )
         self.redirect_downloads = settings.redirect_downloads
 
     def presign(self, key: str, encoding: str | None = None) -> str | None:
@@ -350,7 +359,7 @@ class S3Store(BucketStore):
                 )
                 # No answer of the multipart calls gives the object's size: it is looked at.
                 answered = s3upload.in_parts(self._head(key, size), algorithm), expected
-        except (BotoCoreError, ClientError) as e:
+        except (BotoCoreError, ClientError, s3put.PutFailed) as e:
             raise StoreError(f"cannot upload {key} to {self.url}: {e}") from None
         if answered is not None and answered[0] is not None and answered[0] != answered[1]:
             raise self._wrong(key, f"had the checksum {answered[0]}, not the uploaded bytes' {answered[1]}")
