@@ -14,10 +14,11 @@ Measured in one run against a real SeaweedFS (``weed mini``) and a real PostgreS
    verified, the crash row, its search values and its namespace inserted): in batches of
    ``--batch`` (:func:`corevault.agent.ship.ship_batch`, as the agent's loop ships: small
    cores ``[agent] ship_parallel`` at once, the rows in one transaction) and, as the
-   baseline, one entry at a time (:func:`corevault.agent.ship.ship_entry`); and, as the
-   baseline of the S3 requests, in batches with every upload checked by a HEAD of its object
-   (four requests per crash, as before a single PutObject was checked from its own answer;
-   now two). All start
+   baseline, one entry at a time (:func:`corevault.agent.ship.ship_entry`); as the baseline of
+   the S3 client, in batches with the single PutObjects through boto3 (as before obstore took
+   them, :mod:`corevault.vault.s3put`); and, as the baseline of the S3 requests, in batches with
+   every upload checked by a HEAD of its object (four requests per crash, as before a single
+   PutObject was checked from its own answer; now two). All start
    together; crashes/s is entries ÷ (last done - first start). Then the catalog's part
    alone, sustained: the same processes insert ``--catalog-per-agent`` records each (of
    the same kind) into a fresh database, ``--batch`` per
@@ -159,17 +160,20 @@ def agent_settings(work: str, agent: int, bucket: str, endpoint: str, pg_url: st
     })  # fmt: skip
 
 
-def _ship_all(settings: config.Settings, batch: int, head: bool, start: object, out: object) -> None:
+def _ship_all(settings: config.Settings, batch: int, how: str, start: object, out: object) -> None:
     """One node agent: ship every ready entry of its spool, once everyone is ready.
 
     ``batch`` 1 ships one entry at a time (the baseline); more ships them as the agent's loop
-    does, ``batch`` at a time, their small cores ``[agent] ship_parallel`` at once. ``head``: every
-    upload is checked with a HEAD of its object, as before the service's answer to a single
-    PutObject was taken as the check (the store's own path for an answer that proves nothing).
+    does, ``batch`` at a time, their small cores ``[agent] ship_parallel`` at once. ``how``:
+    "head", every upload is checked with a HEAD of its object, as before the service's answer to
+    a single PutObject was taken as the check (the store's own path for an answer that proves
+    nothing); "boto3", the single requests go through boto3's client, as before obstore took them.
     """
     vault = LocalVault(settings)
-    if head:
-        uploads = vault.store.uploads  # type: ignore[attr-defined]
+    uploads = vault.store.uploads  # type: ignore[attr-defined]
+    if how in ("head", "boto3"):
+        uploads.open_small = None
+    if how == "head":
         put_small = uploads.put_small
         uploads.put_small = lambda name, data: (put_small(name, data)[0], None)
     entries = spool.entries(settings.spool_dir)
@@ -299,8 +303,8 @@ def bench_ingest(w: servers.Seaweed, pg: servers.Postgres, agents: int, per_agen
         ]
         measured: dict[tuple[str, int], list[Raced]] = {}
         for run in range(runs):
-            for kind in ("ship", "ship-head", "insert"):
-                for size in (1, batch) if kind != "ship-head" else (batch,):
+            for kind in ("ship", "ship-boto3", "ship-head", "insert"):
+                for size in (1, batch) if kind in ("ship", "insert") else (batch,):
                     name = f"fleet_{kind.replace('-', '_')}_{size}_{run}"
                     url = pg.database(name)
                     catalog.connect(url).dispose()  # the schema, made once before the race
@@ -311,7 +315,8 @@ def bench_ingest(w: servers.Seaweed, pg: servers.Postgres, agents: int, per_agen
                             spool.ensure(s.spool_dir)
                             fill_spool(s.spool_dir, a, per_agent, cores)
                             settings.append(s)
-                        raced = race(pg, _ship_all, [(s, size, kind == "ship-head") for s in settings], w)
+                        how = kind.partition("-")[2]
+                        raced = race(pg, _ship_all, [(s, size, how) for s in settings], w)
                         if count_rows(url) != agents * per_agent:
                             raise SystemExit(
                                 f"{count_rows(url)} rows after shipping {agents * per_agent} crashes"
@@ -332,6 +337,10 @@ def bench_ingest(w: servers.Seaweed, pg: servers.Postgres, agents: int, per_agen
                   f"goal >= 1,000 crashes/s ({goal})")  # fmt: skip
             print(base.line(f"{label}, one at a time (baseline)"))
             if kind == "ship":
+                boto = median_of(measured["ship-boto3", batch])
+                print(boto.line(f"shipping, batches of {batch}, single requests through boto3 (before)")
+                      + f"; shipping as it is: {rate / (boto.entries / boto.seconds):.2f} x this, agents' CPU "
+                      f"per crash {batched.agents_cpu / boto.agents_cpu:.2f} x; goal: CPU below 1 x")  # fmt: skip
                 headed = median_of(measured["ship-head", batch])
                 print(headed.line(f"shipping, batches of {batch}, a HEAD after each upload (before)")
                       + f"; shipping as it is: {rate / (headed.entries / headed.seconds):.2f} x this; goal > 1")  # fmt: skip

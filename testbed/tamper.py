@@ -11,6 +11,7 @@ signed). One request per connection to the server; bodies are read whole (tests 
 from __future__ import annotations
 
 import http.client
+import ssl
 import threading
 from collections.abc import Callable, Iterator
 from contextlib import contextmanager
@@ -41,10 +42,11 @@ class Tamper:
     change_request: RequestChange | None = None
     change_answer: AnswerChange | None = None
     port: int = 0
+    tls: bool = False
 
     @property
     def endpoint(self) -> str:
-        return f"http://127.0.0.1:{self.port}"
+        return f"{'https' if self.tls else 'http'}://127.0.0.1:{self.port}"
 
     def forward(self, handler: BaseHTTPRequestHandler) -> None:
         length = int(handler.headers.get("Content-Length") or 0)
@@ -104,11 +106,16 @@ def _handler(tamper: Tamper) -> type[BaseHTTPRequestHandler]:
 
 
 @contextmanager
-def tamper(target_port: int) -> Iterator[Tamper]:
-    """A proxy to the server on ``target_port``, stopped on the way out."""
-    t = Tamper(target_port)
+def tamper(target_port: int, tls: tuple[str, str] | None = None) -> Iterator[Tamper]:
+    """A proxy to the server on ``target_port``, stopped on the way out; with ``tls`` (the
+    certificate and key files), clients reach it over HTTPS."""
+    t = Tamper(target_port, tls=tls is not None)
     server = ThreadingHTTPServer(("127.0.0.1", 0), _handler(t))
     server.daemon_threads = True
+    if tls is not None:
+        context = ssl.SSLContext(ssl.PROTOCOL_TLS_SERVER)
+        context.load_cert_chain(*tls)
+        server.socket = context.wrap_socket(server.socket, server_side=True)
     t.port = server.server_address[1]
     thread = threading.Thread(target=server.serve_forever, daemon=True)
     thread.start()

@@ -25,8 +25,8 @@ from urllib.parse import parse_qs
 import pytest
 
 from corevault.config import S3Settings
-from corevault.vault import blobs, s3upload, stores
-from testbed import tamper
+from corevault.vault import blobs, s3put, s3upload, stores
+from testbed import tamper, tls
 from tests.test_stores import PART, azurite, open_cloud, weed  # noqa: F401 - the module's servers
 from tests.waiting import wait_for
 
@@ -216,6 +216,51 @@ def test_an_answer_that_proves_nothing_is_followed_by_a_head(weed, wire, checksu
         store.put_bytes("k", data)
     wire.change_answer = None
     assert operations(wire)[:2] == ["PutObject", "HeadObject"] and store.size("k") is None
+
+
+def test_a_store_over_https_is_reached_only_with_its_certificate_trusted(weed, tmp_path, monkeypatch) -> None:  # noqa: F811
+    """TLS is verified by both clients: without the store's certificate in botocore's CA bundle
+    (``AWS_CA_BUNDLE``) the upload fails and nothing reaches the store; with it, the single
+    request (obstore) and the HEAD (boto3) go through."""
+    cert, key = tls.self_signed(str(tmp_path))
+    data = os.urandom(4096)
+    with tamper.tamper(weed.s3_port, tls=(cert, key)) as wire:
+        monkeypatch.delenv("AWS_CA_BUNDLE", raising=False)
+        with pytest.raises(blobs.StoreError, match="(?i)certificate"):
+            open_s3(weed, "when_supported", wire.endpoint).put_bytes("k", data)
+        assert wire.requests == []
+
+        monkeypatch.setenv("AWS_CA_BUNDLE", cert)
+        store = open_s3(weed, "when_supported", wire.endpoint)
+        assert store.put_bytes("k", data).size == len(data)
+        assert store.size("k") == len(data)
+        assert operations(wire) == ["PutObject", "HeadObject"]
+
+
+@pytest.mark.parametrize(
+    ("endpoint", "addressing", "region", "expected"),
+    [
+        ("http://127.0.0.1:9000", "path", None, ("http://127.0.0.1:9000", False)),
+        ("http://127.0.0.1:9000", "auto", None, ("http://127.0.0.1:9000", False)),  # an IP: path
+        ("https://s3.oss-cn-hangzhou.aliyuncs.com", "virtual", "oss-cn-hangzhou",
+         ("https://corevault.s3.oss-cn-hangzhou.aliyuncs.com", True)),
+        ("https://minio.example:9000/base", "path", None, ("https://minio.example:9000/base", False)),
+        (None, "auto", "eu-west-1", ("https://corevault.s3.eu-west-1.amazonaws.com", True)),
+        (None, "path", "eu-west-1", ("https://s3.eu-west-1.amazonaws.com", False)),
+    ],
+)  # fmt: skip
+def test_obstore_reaches_the_bucket_where_botocore_does(
+    endpoint, addressing, region, expected, monkeypatch
+) -> None:
+    """The single requests' URL is the one botocore makes for the settings (its endpoint rules
+    choose the addressing ``auto`` means), read from a request it makes and is stopped from sending."""
+    monkeypatch.setenv("AWS_ACCESS_KEY_ID", "id")
+    monkeypatch.setenv("AWS_SECRET_ACCESS_KEY", "secret")
+    s3 = S3Settings()
+    s3.endpoint, s3.addressing, s3.region = endpoint, addressing, region
+    store = stores.open_store("s3://corevault/prefix", s3)
+    assert isinstance(store, blobs.S3Store)
+    assert s3put.bucket_endpoint(store.client, "corevault") == expected
 
 
 def test_which_etags_are_taken_for_the_md5_of_the_bytes() -> None:

@@ -8,8 +8,8 @@ about 2 ms of CPU for 80 KiB, obstore's (the Rust ``object_store`` crate) about 
 client, and both take what they need from that one client, resolved once by botocore:
 
 - *where*: the URL botocore makes for an object of the bucket (its endpoint, the region's, the
-  addressing style ``auto`` chooses, path or virtual-hosted), read from a URL it signs, which
-  sends nothing; the region it signs for;
+  addressing style ``auto`` chooses, path or virtual-hosted), read from a request it makes and
+  is stopped from sending; the region it signs for;
 - *who*: the credentials of the store's botocore session (``credentials_file``, the AWS_*
   variables, the whole chain, refreshed by botocore), handed over through obstore's provider for
   a boto3 session and asked for again every second;
@@ -29,6 +29,8 @@ HEAD, which reports its SHA-256. Stores without flexible checksums (``checksums 
 from __future__ import annotations
 
 import os
+import re
+import uuid
 from datetime import timedelta
 from typing import Any
 from urllib.parse import urlparse
@@ -42,7 +44,6 @@ RETRIES = 2
 #: botocore's own timeouts (60 s to connect, 60 s per read); obstore's default 30 s for a
 #: whole request would cut an 8 MiB object short on a slow link
 TIMEOUTS = {"connect_timeout": "60s", "read_timeout": "60s", "timeout": "15min"}
-PROBE_KEY = "k"
 
 
 class Unavailable(Exception):
@@ -53,16 +54,35 @@ class PutFailed(Exception):
     """The request failed; the message is obstore's, on one line."""
 
 
+class _Resolved(Exception):
+    """Raised where botocore would send the probe request: it is not sent."""
+
+
 def bucket_endpoint(client: Any, bucket: str) -> tuple[str, bool]:
     """The URL of ``bucket``'s objects as botocore makes it, and whether it is virtual-hosted.
 
-    Read from a URL botocore signs for an object (nothing is sent), so the endpoint, the region's
-    address and the addressing style are botocore's own choice, ``auto`` included.
+    Read from a request for an object that botocore makes and is stopped from sending, so the
+    endpoint, the region's address and the addressing style are botocore's own choice for the
+    requests it sends, ``auto`` included (a presigned URL may name another: the global endpoint
+    of AWS, whatever the region). Other requests of the client go on meanwhile, untouched.
     """
-    url = urlparse(
-        client.generate_presigned_url("put_object", Params={"Bucket": bucket, "Key": PROBE_KEY}, ExpiresIn=1)
-    )
-    base, tail = f"{url.scheme}://{url.netloc}", url.path.removesuffix("/" + PROBE_KEY)
+    probe = f"corevault-endpoint-probe-{uuid.uuid4().hex}"
+    seen: list[str] = []
+
+    def stop(request: Any, **_: Any) -> None:
+        if urlparse(request.url).path.endswith("/" + probe):
+            seen.append(request.url)
+            raise _Resolved
+
+    client.meta.events.register("before-send.s3.PutObject", stop)
+    try:
+        client.put_object(Bucket=bucket, Key=probe, Body=b"")
+    except _Resolved:
+        pass
+    finally:
+        client.meta.events.unregister("before-send.s3.PutObject", stop)
+    url = urlparse(seen[0])
+    base, tail = f"{url.scheme}://{url.netloc}", url.path.removesuffix("/" + probe)
     if tail.endswith("/" + bucket):
         return base + tail.removesuffix("/" + bucket), False
     return base + tail, True
@@ -113,5 +133,11 @@ def put(store: Any, name: str, data: bytes) -> dict:
 
 
 def error_text(e: Exception) -> str:
-    """obstore's error as one line (it spans several: the request, the status, the XML body)."""
-    return " ".join(str(e).split())[:600]
+    """obstore's error as one line: what failed, and the innermost cause of its debug dump
+    (``InvalidCertificate(UnknownIssuer)``, ``Connection refused``), which its message leaves out."""
+    head, _, dump = " ".join(str(e).split()).partition(" Debug source: ")
+    causes = re.findall(r'message: "([^"]+)"|error: (\w+)\( (\w+)', dump)
+    if not causes:
+        return head
+    message, kind, detail = causes[-1]
+    return f"{head} ({message or f'{kind}({detail})'})"

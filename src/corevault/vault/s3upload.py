@@ -129,7 +129,7 @@ class MultipartUpload:
         self._count = threading.Lock()
         #: makes the obstore store of the single requests (:mod:`corevault.vault.s3put`) when the
         #: first is sent; None: they go through ``client``
-        self._open_small = small
+        self.open_small = small
         self._small: Any = None
         self._opening = threading.Lock()
 
@@ -309,11 +309,11 @@ class MultipartUpload:
     def _small_store(self) -> Any:
         """obstore's store for the single requests, made at the first (None: they go through boto3)."""
         with self._opening:
-            if self._small is None and self._open_small is not None:
+            if self._small is None and self.open_small is not None:
                 try:
-                    self._small = self._open_small()
+                    self._small = self.open_small()
                 except s3put.Unavailable:
-                    self._open_small = None
+                    self.open_small = None
             return self._small
 
 
