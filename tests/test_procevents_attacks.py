@@ -8,6 +8,7 @@ same comm) while the log left B's line out. Either way B's skip is journaled und
 
 from __future__ import annotations
 
+import contextlib
 import os
 import subprocess
 import threading
@@ -31,9 +32,9 @@ GRACE = 2.0
 SKIPPED = ["/app/crasher", "alloc", "64"]
 
 
-def skipped_crash(rootfs: str, args: list[str], namespace: str, name: str) -> None:
+def skipped_crash(rootfs: str, args: list[str], namespace: str, name: str, volume: str | None = None) -> None:
     """A pod whose processes' dumps the kernel skips (RLIMIT_CORE 1) runs ``args`` to its end."""
-    runc.Container(rootfs, args, annotations=pod(namespace, name), rlimit_core=(1, 1)).run()
+    runc.Container(rootfs, args, volume=volume, annotations=pod(namespace, name), rlimit_core=(1, 1)).run()
 
 
 def waiting(events: ProcEvents, namespace: str) -> int:
@@ -80,37 +81,45 @@ def test_a_crash_loop_gives_up_its_own_waiting_deaths_not_another_tenants(
 def test_a_pods_line_in_the_kernel_log_does_not_account_for_anothers_skip(
     capture: Capture, rootfs: str
 ) -> None:
-    """B's process and A's are both PID 1 of their pods and named crasher: the kernel's line of
+    """B's process and A's are both PID 1 of their pods and have one name: the kernel's line of
     A's skip fits B's death too. The log leaves B's line out (read from after it here, as the
     kernel's rate limit leaves it out once a burst used its window): A's line accounts for A's
-    death, the nearest, and B's is journaled under B's pod."""
+    death, the nearest, and B's is journaled under B's pod. (A crashes again should anyone's
+    crashes on the host have used the log's window up meanwhile: each of its deaths with no line
+    is journaled under A, as it should be.)"""
+    name = "cv" + os.urandom(6).hex()  # the comm both take: the kernel's 15 bytes of it
+    comm = name[:15]
+    run = ["/bin/sh", "-c", f"cp /app/crasher /data/dump-a/{name} && exec /data/dump-a/{name} alloc 64"]
     settings = config.load(capture.config)
     events = ProcEvents(settings, grace=GRACE)
     assert events.start()
     follower = KernelLog(settings)
+
+    def lines() -> list[dict]:
+        follower.poll()
+        return [r for r in capture.journal() if r.get("source") == "kernel log" and r.get("comm") == comm]
+
+    tries = 0
     try:
-        skipped_crash(rootfs, SKIPPED, "tenant-b", "b-0")
+        skipped_crash(rootfs, run, "tenant-b", "b-0", capture.volume)
         wait_for(lambda: waiting(events, "tenant-b"), "tenant B's death", timeout=10)
         follower.poll()  # from now on: B's line is left out
-        skip_lines_named_again()
-        skipped_crash(rootfs, SKIPPED, "tenant-a", "a-0")
-        wait_for(lambda: waiting(events, "tenant-a"), "tenant A's death", timeout=10)
-        wait_for(
-            lambda: follower.poll() or lines_of_pid_1(capture), "the kernel's line of A's skip", timeout=10
-        )
+        while not lines() and tries < 3:
+            skip_lines_named_again()
+            skipped_crash(rootfs, run, "tenant-a", "a-0", capture.volume)
+            tries += 1
+            wait_for(lambda: waiting(events, "tenant-a"), "tenant A's death", timeout=10)
+            with contextlib.suppress(AssertionError):
+                wait_for(lines, "the kernel's line of A's skip", timeout=5)
         settle(events, follower)
     finally:
         events.close()
         follower.close()
-    assert len(lines_of_pid_1(capture)) == 1, capture.journal()
+    assert len(lines()) == 1 and lines()[0]["ns_pid"] == 1, capture.journal()
     (b,) = of_namespace(capture.journal(), "tenant-b")
     assert b["event"] == "dropped" and b["source"] == "process events" and b["ns_pid"] == 1, b
     assert b["pod"]["name"] == "b-0" and "RLIMIT_CORE is 1" in b["reason"], b
-    assert not of_namespace(capture.journal(), "tenant-a"), capture.journal()
-
-
-def lines_of_pid_1(capture: Capture) -> list[dict]:
-    return [r for r in capture.journal() if r.get("source") == "kernel log" and r.get("ns_pid") == 1]
+    assert len(of_namespace(capture.journal(), "tenant-a")) == tries - 1, capture.journal()
 
 
 def take_pid(pid: int, cgroups: list[str]) -> subprocess.Popen:
