@@ -46,6 +46,15 @@ def _executor() -> concurrent.futures.ThreadPoolExecutor:
 SPARE = 4
 _SPARE: list[bytearray] = []
 
+
+def _spare() -> bytearray:
+    """A buffer kept from an earlier download, or a new one (which its job sizes)."""
+    try:
+        return _SPARE.pop()
+    except IndexError:  # none (checked in one step: servers of other threads share the list)
+        return bytearray()
+
+
 #: a job: fills the buffer it is given (or a larger one of its own) and returns the view of it
 #: to send
 Job = Callable[[bytearray], memoryview]
@@ -80,8 +89,7 @@ async def results(jobs: Iterable[Job], depth: int = DEPTH) -> AsyncGenerator[mem
     def fill() -> None:
         while len(running) < depth and (job := next(waiting, None)) is not None:
             free = next((i for i, buf in enumerate(lent) if _unshared(buf)), None)
-            buf = lent.pop(free) if free is not None else _SPARE.pop() if _SPARE else bytearray()
-            running.append(pool.submit(job, buf))
+            running.append(pool.submit(job, lent.pop(free) if free is not None else _spare()))
         del lent[: max(0, len(lent) - depth)]  # the oldest still viewed are left to the collector
 
     try:
