@@ -131,7 +131,7 @@ def test_more_deaths_than_the_table_holds_are_counted(capture: Capture) -> None:
     try:
         pids = _crash_host_processes(5)
         wait_for(
-            lambda: pids[-1] in events.pending or sum(n for n, _ in events.given_up.values()) >= 5,
+            lambda: events.waiting(pids[-1]) or sum(n for n, _ in events.given_up.values()) >= 5,
             "the five deaths",
             timeout=10,
         )
@@ -180,7 +180,7 @@ def test_the_agent_listens_while_its_capture_is_installed_and_says_why(capture: 
     try:
         crashed = subprocess.Popen(["prlimit", "--core=1", programs["crasher"], "comm", comm])
         # reaped once seen (a zombie's /proc still tells): a race with the parent is not this test's
-        wait_for(lambda: crashed.pid in agent.proc_events.pending, "the death", timeout=10)
+        wait_for(lambda: agent.proc_events.waiting(crashed.pid), "the death", timeout=10)
         crashed.wait()
         later = time.monotonic() + 10 * GRACE
         agent.proc_events.reconcile(later)

@@ -18,7 +18,7 @@ import pytest
 
 from corevault import config
 from corevault.agent.kernellog import KernelLog
-from corevault.agent.procevents import ProcEvents, open_connector, tenant
+from corevault.agent.procevents import CRASH_TIME_SLACK, ProcEvents, open_connector, tenant
 from testbed import runc
 from tests.conftest import Capture
 from tests.tenants import of_namespace, pod
@@ -122,16 +122,14 @@ def test_a_pods_line_in_the_kernel_log_does_not_account_for_anothers_skip(
     assert len(of_namespace(capture.journal(), "tenant-a")) == tries - 1, capture.journal()
 
 
-def take_pid(pid: int, cgroups: list[str]) -> subprocess.Popen:
-    """A process with ``pid`` (just freed), moved into ``cgroups``: the host's next PID is set to
-    it (ns_last_pid), tried again when another process on the host took it first."""
+def take_pid(pid: int, cgroups: list[str], then: str = "sleep 60") -> subprocess.Popen:
+    """A process with ``pid`` (just freed), moved into ``cgroups``, then running ``then``: the
+    host's next PID is set to it (ns_last_pid), tried again when another process took it first."""
     move = " && ".join(f"echo $$ > {d}/cgroup.procs" for d in cgroups)
     for _ in range(50):
         with open("/proc/sys/kernel/ns_last_pid", "w") as f:
             f.write(str(pid - 1))
-        child = subprocess.Popen(
-            ["sh", "-c", f"{move} && echo moved && exec sleep 60"], stdout=subprocess.PIPE
-        )
+        child = subprocess.Popen(["sh", "-c", f"{move} && echo moved && exec {then}"], stdout=subprocess.PIPE)
         if child.pid == pid:
             assert child.stdout is not None and child.stdout.readline() == b"moved\n", (
                 "not in the pod's cgroups"
@@ -182,7 +180,7 @@ def test_a_death_read_once_its_pid_is_another_pods_process_is_not_that_pods(
             taker = take_pid(a_pid, b_cgroups)
             events.thread = threading.Thread(target=events._listen, daemon=True)
             events.thread.start()
-            wait_for(lambda: a_pid in events.pending, "A's death", timeout=10)
+            wait_for(lambda: events.waiting(a_pid), "A's death", timeout=10)
             taker.kill()
             taker.wait()
             settle(events)
@@ -195,3 +193,37 @@ def test_a_death_read_once_its_pid_is_another_pods_process_is_not_that_pods(
     (a_record,) = [r for r in capture.journal(a_pid) if r.get("source") == "process events"]
     assert a_record["event"] == "dropped" and not a_record["pod"], a_record
     assert "gone before its pod could be read" in a_record["reason"], a_record
+
+
+def test_a_crash_under_the_pid_of_anothers_skipped_death_does_not_account_for_it(
+    capture: Capture, rootfs: str, programs: dict[str, str]
+) -> None:
+    """Tenant B's dump is skipped; seconds later (within the grace) a process of tenant A's pod (by
+    its cgroups) gets B's PID (the node's PIDs wrap at pid_max) and crashes, captured: the record of
+    A's crash names that PID, and B's death is still journaled under B's pod."""
+    settings = config.load(capture.config)
+    events = ProcEvents(settings, grace=GRACE)
+    assert events.start()
+    a = runc.Container(
+        rootfs, ["/bin/sh", "-c", "echo ready; exec sleep 60"], annotations=pod("tenant-a", "a-0")
+    )
+    try:
+        with a.running():
+            skipped_crash(rootfs, SKIPPED, "tenant-b", "b-0")
+            wait_for(lambda: waiting(events, "tenant-b"), "tenant B's death", timeout=10)
+            with events.lock:
+                (b_death,) = [d for d in events.pending.values() if tenant(d) == "tenant-b"]
+            wait_for(
+                lambda: not os.path.exists(f"/proc/{b_death.pid}"), "B's process to be reaped", timeout=10
+            )
+            time.sleep(max(0.0, b_death.when + 2 * CRASH_TIME_SLACK - time.time()))  # seconds after B's
+            crashing = take_pid(b_death.pid, cgroups_of(a.pid()), then=f"{programs['crasher']} segv")
+            crashing.wait(timeout=30)
+            wait_for(lambda: capture.journal(b_death.pid), "the record of A's crash", timeout=30)
+            settle(events)
+    finally:
+        events.close()
+    records = capture.journal(b_death.pid)  # A's crash's, by its handler, and B's death's
+    assert [r["pod"]["namespace"] for r in records if r.get("source") != "process events"] == ["tenant-a"]
+    (b,) = of_namespace(capture.journal(), "tenant-b")
+    assert b["event"] == "dropped" and b["source"] == "process events" and b["pid"] == b_death.pid, b

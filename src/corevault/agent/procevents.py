@@ -42,6 +42,7 @@ import collections
 import contextlib
 import ctypes
 import errno
+import itertools
 import logging
 import os
 import platform
@@ -79,6 +80,9 @@ GRACE = 15.0
 MAX_PENDING = 4096
 #: records seen in the journal, at most (kept a while: a record may come before its event is read)
 MAX_SEEN = 16384
+#: records of one PID kept; seconds between a record's crash_time (whole seconds) and the death's
+PER_PID = 4
+CRASH_TIME_SLACK = 2.0
 #: how long a journal record can account for a death that comes after it
 SEEN_FOR = 120.0
 #: the socket's receive buffer: about 5,000 events (each takes ~700 bytes of buffer)
@@ -109,6 +113,7 @@ class Death:
     pod: dict | None = None
     opted_in: bool = False
     gone_at: float | None = None
+    key: int = -1  # its place in the table
 
 
 def _read(path: str, limit: int = PROC_READ) -> str:
@@ -306,13 +311,16 @@ class ProcEvents:
         self.on_drop = on_drop
         self.owners = Owners(settings)
         self.lock = threading.Lock()
+        #: the deaths waiting, oldest first, by a key of their own (not the PID: see :meth:`_add`)
         self.pending: collections.OrderedDict[int, Death] = collections.OrderedDict()
+        self.keys = itertools.count()
         #: the waiting deaths' PIDs by tenant, oldest first: a full table gives up the largest's
         self.tenants: dict[str, collections.OrderedDict[int, None]] = {}
         #: deaths pushed out of the full table, not yet journaled: by tenant, with its last such pod
         self.given_up: dict[str, tuple[int, dict | None]] = {}
         self.overruns = 0  # socket overruns, not yet journaled
-        self.seen_pids: collections.OrderedDict[int, float] = collections.OrderedDict()
+        #: the journal's records by the PID they name: (time, whether it is the crash's own time) each
+        self.seen_pids: collections.OrderedDict[int, list[tuple[float, bool]]] = collections.OrderedDict()
         #: the kernel log's records by the namespace PID they name: [comm, time] each, taken out
         #: when one accounts for a death; ``kernel_order`` ages them out oldest first
         self.seen_kernel: dict[int, list[list]] = {}
@@ -370,23 +378,32 @@ class ProcEvents:
                 self._add(death)
 
     def _add(self, death: Death) -> None:
-        """Keep a death waiting; past the table's size give up the oldest of the largest tenant's."""
-        self._remove(death.pid)
-        self.pending[death.pid] = death
-        self.tenants.setdefault(tenant(death), collections.OrderedDict())[death.pid] = None
+        """Keep a death waiting; past the table's size give up the oldest of the largest tenant's.
+
+        Each death has a place of its own, its PID's earlier one's included: a PID is taken again
+        within seconds where they wrap, and a pod's crash under the PID of another pod's waiting
+        death must not take that death's place."""
+        death.key = next(self.keys)
+        self.pending[death.key] = death
+        self.tenants.setdefault(tenant(death), collections.OrderedDict())[death.key] = None
         while len(self.pending) > self.max_pending:
             largest = max(self.tenants, key=lambda t: len(self.tenants[t]))
             lost = self.pending[next(iter(self.tenants[largest]))]
-            self._remove(lost.pid)
+            self._remove(lost.key)
             n, _ = self.given_up.get(largest, (0, None))
             self.given_up[largest] = (n + 1, lost.pod)
 
-    def _remove(self, pid: int) -> None:
-        if (d := self.pending.pop(pid, None)) is not None:
-            pids = self.tenants[tenant(d)]
-            del pids[pid]
-            if not pids:
+    def _remove(self, key: int) -> None:
+        if (d := self.pending.pop(key, None)) is not None:
+            keys = self.tenants[tenant(d)]
+            del keys[key]
+            if not keys:
                 del self.tenants[tenant(d)]
+
+    def waiting(self, pid: int) -> bool:
+        """Whether a death of ``pid`` waits to be accounted for."""
+        with self.lock:
+            return any(d.pid == pid for d in self.pending.values())
 
     def _tail_journal(self) -> None:
         """Note the records appended to the journal since the last call.
@@ -427,16 +444,22 @@ class ProcEvents:
             return
         when = record.get("time") if isinstance(record.get("time"), (int, float)) else time.time()
         if isinstance(record.get("pid"), int):
-            self.seen_pids[record["pid"]] = when
-            self.seen_pids.move_to_end(record["pid"])
-            while len(self.seen_pids) > MAX_SEEN:
-                self.seen_pids.popitem(last=False)
+            crash_time = record.get("crash_time")
+            exact = isinstance(crash_time, (int, float)) and not isinstance(crash_time, bool)
+            self._seen(record["pid"], crash_time if exact else when, exact)
         elif record.get("source") == "kernel log" and isinstance(record.get("ns_pid"), int):
             entry = [str(record.get("comm", "")), when]
             self.seen_kernel.setdefault(record["ns_pid"], []).append(entry)
             self.kernel_order.append((record["ns_pid"], entry))
             if len(self.kernel_order) > MAX_SEEN:
                 self._forget_kernel()
+
+    def _seen(self, pid: int, when: float, exact: bool) -> None:
+        times = self.seen_pids.setdefault(pid, [])
+        times[:] = [*times[-(PER_PID - 1) :], (when, exact)]
+        self.seen_pids.move_to_end(pid)
+        while len(self.seen_pids) > MAX_SEEN:
+            self.seen_pids.popitem(last=False)
 
     def _forget_kernel(self) -> None:
         """Age out the oldest kernel log record (gone already when it accounted for a death)."""
@@ -449,7 +472,13 @@ class ProcEvents:
 
     def _journaled(self, d: Death) -> bool:
         # a record of a PID before its crash belongs to another process that had the PID
-        return (t := self.seen_pids.get(d.pid)) is not None and t >= d.when - 1
+        # a record naming the crash's own time seconds away from this death's is of another process
+        # that had the PID since (the node's PIDs wrap at pid_max): a pod crashing under the PID of
+        # another pod's skipped death would otherwise account for it
+        return any(
+            abs(t - d.when) <= CRASH_TIME_SLACK if exact else t >= d.when - 1
+            for t, exact in self.seen_pids.get(d.pid, ())
+        )
 
     def _logged(self, waiting: list[Death], due: list[Death]) -> set[int]:
         """The due deaths the kernel's log accounts for (their ids).
@@ -535,8 +564,8 @@ class ProcEvents:
             written += 1
         with self.lock:
             for d in done + due:
-                if self.pending.get(d.pid) is d:
-                    self._remove(d.pid)
+                if self.pending.get(d.key) is d:
+                    self._remove(d.key)
         now_wall = time.time()
         while self.kernel_order and self.kernel_order[0][1][1] < now_wall - SEEN_FOR:
             self._forget_kernel()
@@ -557,7 +586,7 @@ class ProcEvents:
                 self.on_drop(1)
         spool.ensure(self.settings.spool_dir)
         spool.journal(self.settings.spool_dir, record)
-        self.seen_pids[d.pid] = d.when
+        self._seen(d.pid, d.when, True)
 
     def _journal_lost(self, n: int, reason: str, pod: dict | None = None) -> None:
         record = {
