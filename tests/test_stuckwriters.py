@@ -7,12 +7,13 @@ them; closing the fds is what a writer's end (or its handler process's) does.
 from __future__ import annotations
 
 import os
+import threading
 from collections.abc import Iterator
 
 import pytest
 
 from corevault import config
-from corevault.capture import stuckwriters
+from corevault.capture import stuckwriters, volumecopy
 
 
 @pytest.fixture
@@ -76,3 +77,21 @@ def test_the_node_is_bounded(settings: config.Settings, held: list[int]) -> None
     assert stuckwriters.blocked(settings, (None, None)) == reason
     os.close(held.pop())  # the last one's node slot (registered last) is free again
     assert stuckwriters.blocked(settings, ("p-new", "n-new")) is None
+
+
+def test_the_writer_channel_keeps_order_and_times_out() -> None:
+    """The volume writer's queue (built on a lock, not the ``_queue`` extension): items in order,
+    a reader woken by a writer on another thread, and Empty once the timeout passes."""
+    channel = volumecopy.Channel()
+    with pytest.raises(volumecopy.Empty):
+        channel.get(timeout=0.01)
+    for item in (1, 2, 3):
+        channel.put(item)
+    assert [channel.get(timeout=1), channel.get(timeout=1)] == [1, 2]
+    assert channel.get(timeout=1) == 3 and channel.empty()
+    with pytest.raises(volumecopy.Empty):  # the releases left over wake no one for nothing
+        channel.get(timeout=0.01)
+    later = threading.Timer(0.05, channel.put, ("late",))
+    later.start()
+    assert channel.get() == "late"
+    later.join()

@@ -21,15 +21,16 @@ way after ``stall`` seconds is waited for after the let-go, when it holds only t
 slots, until ``until`` (before the dump's deadline, so the spool entry is finished in time); then
 it is given up too.
 
-Built on ``_thread`` and ``_queue`` (C, already loaded), as :mod:`.offload` is: ``threading``
-would import more on every crash's path. A thread given up is never waited for: it ends when
-its write returns, cleans up what it can (its temporary file, its directory fd) and gives its
-stuck slots back.
+Built on ``_thread`` and ``_collections`` (C, built into the interpreter): ``threading`` would
+import more on every crash's path, and ``_queue`` is an extension module whose load (~0.4 ms)
+every crash with a volume would pay, where :mod:`.offload` loads it for large cores only. A
+thread given up is never waited for: it ends when its write returns, cleans up what it can (its
+temporary file, its directory fd) and gives its stuck slots back.
 """
 
 from __future__ import annotations
 
-import _queue
+import _collections
 import _thread
 import os
 import time
@@ -43,6 +44,38 @@ from corevault.capture.admission import describe_error
 POOL = 2
 _END = None
 _SLOW = object()  # the publish is under way still
+
+
+class Empty(Exception):
+    """Nothing came within the timeout (:meth:`Channel.get`)."""
+
+
+class Channel:
+    """A queue with one reader: items in order, waited for with a timeout."""
+
+    def __init__(self) -> None:
+        self.items = _collections.deque()
+        #: released when an item may be waiting (locked: the reader waits on it)
+        self.signal = _thread.allocate_lock()
+        self.signal.acquire()
+
+    def put(self, item: object) -> None:
+        self.items.append(item)
+        if self.signal.locked():
+            try:
+                self.signal.release()
+            except RuntimeError:  # another writer released it first
+                pass
+
+    def empty(self) -> bool:
+        return not self.items
+
+    def get(self, timeout: float = -1):  # -> the oldest item
+        while not self.items:
+            # a release left over from an item already taken only makes the loop look again
+            if not self.signal.acquire(timeout=timeout):
+                raise Empty
+        return self.items.popleft()
 
 
 class VolumeFailed(stream.SinkFailed):
@@ -74,10 +107,10 @@ class VolumeCopy:
         #: steps the writer finished: what the stall rule watches
         self.done = 0
         self.error: BaseException | None = None
-        self.inbox: _queue.SimpleQueue = _queue.SimpleQueue()
-        self.free: _queue.SimpleQueue = _queue.SimpleQueue()
-        self.results: _queue.SimpleQueue = _queue.SimpleQueue()
-        self.ends: _queue.SimpleQueue = _queue.SimpleQueue()
+        self.inbox = Channel()
+        self.free = Channel()
+        self.results = Channel()
+        self.ends = Channel()
         self.made = 0
         self.lock = _thread.allocate_lock()
         self.ended = False
@@ -142,7 +175,7 @@ class VolumeCopy:
             raise VolumeFailed(describe_error(self.error))
 
     def _wait(
-        self, queue: _queue.SimpleQueue, until: float | None = None, *, check: bool = True, slow: bool = False
+        self, queue: Channel, until: float | None = None, *, check: bool = True, slow: bool = False
     ):  # -> an item, or _SLOW
         """The next item of ``queue``; gives the copy up when the writer finished no step for
         ``stall`` seconds (once it publishes: at ``until``; with ``slow``, :data:`_SLOW` is
@@ -154,7 +187,7 @@ class VolumeCopy:
             wait = self.stall if until is None else min(self.stall, max(until - time.monotonic(), 0.001))
             try:
                 return queue.get(timeout=wait)
-            except _queue.Empty:
+            except Empty:
                 pass
             if self.done != seen:
                 seen = self.done
