@@ -156,6 +156,10 @@ class Container:
     uid: int = 0
     #: more OCI mounts, made in the container's own mount namespace only
     mounts: list[dict] = field(default_factory=list)
+    #: capabilities beyond Docker's default set (CAP_SYS_ADMIN for a FUSE server of its own)
+    extra_caps: list[str] = field(default_factory=list)
+    #: character devices the container may open, as ``(path, major, minor)`` (/dev/fuse)
+    devices: list[tuple[str, int, int]] = field(default_factory=list)
     bundle: str = ""
 
     @property
@@ -175,7 +179,7 @@ class Container:
         proc["user"] = {"uid": self.uid, "gid": self.uid}
         proc["env"] = ["PATH=/bin:/app", "HOME=/"]
         for kind in ("bounding", "effective", "permitted"):
-            proc["capabilities"][kind] = CAPS
+            proc["capabilities"][kind] = CAPS + self.extra_caps
         proc["capabilities"].pop("inheritable", None)
         proc["capabilities"].pop("ambient", None)
         rlimits = [r for r in proc.get("rlimits", []) if r["type"] != "RLIMIT_CORE"]
@@ -195,6 +199,13 @@ class Container:
                 }
             )
         spec["mounts"] += self.mounts
+        for path, major, minor in self.devices:
+            spec["linux"].setdefault("devices", []).append(
+                {"path": path, "type": "c", "major": major, "minor": minor, "fileMode": 0o666}
+            )
+            spec["linux"]["resources"]["devices"].append(
+                {"allow": True, "type": "c", "major": major, "minor": minor, "access": "rwm"}
+            )
         spec["linux"]["cgroupsPath"] = self.cgroups_path
         spec["annotations"] = dict(self.annotations)
         return spec

@@ -117,7 +117,13 @@ def open_modules(
 
 
 def hold_modules(
-    proc_fd: int, maps: str, max_files: int | None = None, *, path_only: bool = False
+    proc_fd: int,
+    maps: str,
+    max_files: int | None = None,
+    *,
+    path_only: bool = False,
+    mounts: hashcache.Mounts | None = None,
+    host: hashcache.Mounts | None = None,
 ) -> tuple[list[Module], str | None]:
     """The mapped objects, each open on its ``fd``, in the order they are to be looked at.
 
@@ -125,7 +131,13 @@ def hold_modules(
     link to the very file and asks its filesystem nothing (no open, no read), so a file on a
     FUSE filesystem whose server stopped answering, or a hard NFS mount whose server is gone,
     cannot hold the caller up here; :func:`identify_modules` opens it for reading later.
+
+    A file on a FUSE filesystem of the pod's own (:func:`own_fuse`; ``mounts`` is the crashed
+    process's mountinfo, ``host`` the host's) is never asked anything, in either mode: its fd
+    is closed at once and the module is listed as not read, with why.
     """
+    mounts = mounts if mounts is not None else hashcache.Mounts(proc_fd)
+    host = host if host is not None else hashcache.Mounts(path=HOST_MOUNTINFO)
     mapped = mapped_objects(maps)
     # Files with code first (the executable, its libraries), then data files (jars, fonts, a
     # tenant's thousands of mappings); within each, in the order of their addresses.
@@ -139,7 +151,10 @@ def hold_modules(
             # O_PATH: opening the file for reading is left to regular files, and to later with
             # path_only (a device's own open may act: a watchdog starts, a tape rewinds)
             m.fd = os.open(f"map_files/{name}", os.O_PATH | os.O_CLOEXEC, dir_fd=proc_fd)
-            if not path_only:
+            if (why_not := own_fuse(m.fd, mounts, host)) is not None:
+                os.close(m.fd)
+                m.fd, m.stored = -1, why_not
+            elif not path_only:
                 _open_regular(m)
         except OSError as e:
             m.stored = f"unreadable: {e.strerror}"
@@ -156,6 +171,51 @@ def hold_modules(
 
 #: a mapped file that is no regular file (a device): never opened for reading
 NOT_REGULAR = "not a regular file: not opened"
+
+#: mountinfo's type of a FUSE mount, before the ".<subtype>" its server may name
+FUSE_TYPES = (b"fuse", b"fuseblk")
+
+#: the host's mount namespace: init's (the pipe handler runs in it; the agent runs with hostPID)
+HOST_MOUNTINFO = "/proc/1/mountinfo"
+
+
+def mount_id(fd: int) -> int | None:
+    """The id of the mount ``fd`` is open on, from ``/proc/self/fdinfo`` (the kernel's own
+    record of the open file: no filesystem is asked anything, not even ``getattr``)."""
+    info = os.open(f"/proc/self/fdinfo/{fd}", os.O_RDONLY | os.O_CLOEXEC)
+    try:
+        text = os.read(info, 4096)
+    finally:
+        os.close(info)
+    for line in text.splitlines():
+        key, _, value = line.partition(b":")
+        if key == b"mnt_id":
+            return int(value)
+    return None
+
+
+def own_fuse(fd: int, mounts: hashcache.Mounts, host: hashcache.Mounts) -> str | None:
+    """Why the file held on the ``O_PATH`` ``fd`` is not to be opened or read, or None.
+
+    A FUSE filesystem's server answers every ``getattr``, ``open`` and ``read`` of it, so one
+    the pod runs itself can stop answering while its process dumps, and a request already sent
+    waits uninterruptibly. Even ``fstat`` and ``fstatfs`` ask the server (statfs does for root):
+    the filesystem's type is taken from the mount the fd is on, which the kernel names in
+    fdinfo and in the crashed process's mountinfo. A FUSE mount the host's mount namespace
+    also lists (a CSI driver's bucket mount) is the node's, served by the node's own daemon,
+    and read as any other file; one only the pod sees is its own. A mount the process's
+    mountinfo does not list (cut at ``MOUNTINFO_MAX`` by a tenant's many mounts) is not trusted.
+    """
+    found = mounts.mount(mid) if (mid := mount_id(fd)) is not None else None
+    if found is None:
+        return "not read: its mount is not in the process's mountinfo"
+    dev, kind = found
+    if kind.partition(b".")[0] not in FUSE_TYPES or host.has_device(dev):
+        return None
+    return (
+        f"not read: on the pod's own FUSE filesystem ({kind.decode(errors='replace')} {dev.decode()}), "
+        "whose server may not answer during the dump"
+    )
 
 
 def _open_regular(m: Module) -> None:

@@ -117,8 +117,11 @@ def deliver(
         # The mapped binaries are opened while the process still exists, copied later. In
         # socket mode they are only held here (O_PATH: nothing asked of their filesystem) and
         # read once the process is let go.
+        # The process's mountinfo says which files lie on the pod's own FUSE mounts (never
+        # opened) and where the hash cache may be trusted; it goes with the process.
+        mounts = hashcache.Mounts(crash.proc_fd)
         job.modules, job.objects_skipped = buildid.hold_modules(
-            crash.proc_fd, crash.maps, settings.objects_max, path_only=call is not None
+            crash.proc_fd, crash.maps, settings.objects_max, path_only=call is not None, mounts=mounts
         )
         if call is None:
             job.modules, job.objects_skipped = buildid.identify_modules(
@@ -158,11 +161,7 @@ def deliver(
         # let the process go (the compressed copy and its hash finish on their threads meanwhile)
         # and its dump slot is free then. The tenants' slots stay held until the handler ends: the
         # work left (hashing and storing up to max_objects_size of binaries) is the pod's, and its
-        # share bounds how many of its crashes do it at once. The process's mountinfo, which says
-        # where the hash cache may be trusted, goes with the process: read it first.
-        mounts = hashcache.Mounts(crash.proc_fd)
-        if job.modules:
-            mounts.load()
+        # share bounds how many of its crashes do it at once.
         stream.let_go(core_fd)
         if call is not None:
             call.stage = "let go"

@@ -67,17 +67,18 @@ class Mounts:
     what it mapped, whatever namespace the reader runs in (the agent's container, in socket
     mode, sees none of a pod's). The kernel writes every line of it; a mount point the tenant
     named is escaped there (spaces as ``\\040``), so it cannot pose as another field.
-    Without ``proc_fd``, the reader's own mountinfo.
+    Without ``proc_fd``, the mountinfo at ``path`` (the reader's own by default).
     """
 
-    def __init__(self, proc_fd: int | None = None) -> None:
+    def __init__(self, proc_fd: int | None = None, path: str = "/proc/self/mountinfo") -> None:
         self.proc_fd = proc_fd
+        self.path = path
         self.types: dict[bytes, bytes] | None = None
+        #: mount id → (``major:minor``, filesystem type)
+        self.mounts: dict[bytes, tuple[bytes, bytes]] = {}
 
     def _read(self) -> bytes:
-        path, dir_fd = (
-            ("mountinfo", self.proc_fd) if self.proc_fd is not None else ("/proc/self/mountinfo", None)
-        )
+        path, dir_fd = ("mountinfo", self.proc_fd) if self.proc_fd is not None else (self.path, None)
         fd = os.open(path, os.O_RDONLY | os.O_CLOEXEC, dir_fd=dir_fd)
         try:
             chunks, size = [], 0
@@ -103,8 +104,19 @@ class Mounts:
                 fields = line.split(b" ", 3)
                 _, sep, tail = line.partition(b" - ")
                 if len(fields) == 4 and sep:
-                    self.types.setdefault(fields[2], tail.split(b" ", 1)[0])
+                    kind = tail.split(b" ", 1)[0]
+                    self.types.setdefault(fields[2], kind)
+                    self.mounts[fields[0]] = (fields[2], kind)
         return self
+
+    def mount(self, mount_id: int) -> tuple[bytes, bytes] | None:
+        """``(major:minor, type)`` of the mount with that id (ids are the kernel's, the same in
+        every namespace), or None when it is not listed."""
+        return self.load().mounts.get(str(mount_id).encode())
+
+    def has_device(self, dev: bytes) -> bool:
+        """Whether a mount of the device ``major:minor`` is listed."""
+        return dev in (self.load().types or {})
 
     def fs_type(self, dev: int) -> str | None:
         types = self.load().types or {}
