@@ -5,9 +5,6 @@ from __future__ import annotations
 import json
 
 import typer
-from rich.console import Console
-from rich.table import Table
-from rich.text import Text
 
 from corevault import config, hostsetup, printable, spool
 from corevault.cli import exits
@@ -80,6 +77,11 @@ def status(ctx: typer.Context, as_json: bool = typer.Option(False, "--json", hel
     if as_json:
         print(json.dumps(st, indent=2))
     else:
+        # imported here, as the other commands do: the agent's start has no use for rich
+        from rich.console import Console
+        from rich.table import Table
+        from rich.text import Text
+
         table = Table(show_header=False, box=None)
         table.add_row("installed", f"yes ({st['mode']} mode)" if st["installed"] else "no")
         for key, value in st["current"].items():

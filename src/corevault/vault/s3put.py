@@ -4,18 +4,18 @@ Most shipped crashes are two small objects (``core.zst`` and ``meta.json``), eac
 and what the agent spends on a crash is mostly the client's fixed cost per request: boto3's is
 about 2 ms of CPU for 80 KiB, obstore's (the Rust ``object_store`` crate) about a fifth of it
 (``python -m bench.s3requests``). So this one request goes through obstore; everything else
-(multipart uploads, HEADs, reads, deletes, listings, presigned URLs) stays on the store's boto3
+(multipart uploads, HEADs, reads, deletes, listings, presigned URLs) stays on the store's botocore
 client, and both take what they need from that one client, resolved once by botocore:
 
 - *where*: the URL botocore makes for an object of the bucket (its endpoint, the region's, the
   addressing style ``auto`` chooses, path or virtual-hosted), read from a request it makes and
   is stopped from sending; the region it signs for;
 - *who*: the credentials of the store's botocore session (``credentials_file``, the AWS_*
-  variables, the whole chain, refreshed by botocore), handed over through obstore's provider for
-  a boto3 session and asked for again every second;
+  variables, the whole chain, refreshed by botocore), handed over to obstore as its provider for
+  a boto3 session would, and asked for again every second;
 - *TLS*: certificates are checked as botocore checks them, against its CA bundle where one is
   configured (``AWS_CA_BUNDLE``, ``ca_bundle``); obstore adds that bundle to its roots;
-- *retries*: three attempts with backoff, as the boto3 client's ``standard`` mode.
+- *retries*: three attempts with backoff, as the botocore client's ``standard`` mode.
 
 obstore can send a SHA-256 of the body (``x-amz-checksum-sha256``; it offers no CRC32 and no
 Content-MD5): the service checks the body against it before it keeps anything (SeaweedFS answers
@@ -23,7 +23,7 @@ BadDigest, as S3 does). Its answer gives the ETag alone (no echoed checksum, no 
 header), so the check is the ETag where it is the MD5 of the bytes sent; any other ETag proves
 nothing by itself (S3 under SSE-KMS makes it opaque) and the caller looks at the object with a
 HEAD, which reports its SHA-256. Stores without flexible checksums (``checksums =
-"when_required"``, OSS) need the Content-MD5, which obstore cannot send: they stay on boto3.
+"when_required"``, OSS) need the Content-MD5, which obstore cannot send: they stay on botocore.
 """
 
 from __future__ import annotations
@@ -31,7 +31,8 @@ from __future__ import annotations
 import os
 import re
 import uuid
-from datetime import timedelta
+from datetime import UTC, datetime, timedelta
+from functools import partial
 from typing import Any
 from urllib.parse import urlparse
 
@@ -39,7 +40,7 @@ from urllib.parse import urlparse
 #: over its own (refreshed by botocore when they near their expiry, whatever their lifetime):
 #: a call a second costs nothing, and credentials never outlive botocore's view of them by more
 CREDENTIALS_TTL = timedelta(seconds=1)
-#: the boto3 client's ``standard`` retries: three attempts
+#: the botocore client's ``standard`` retries: three attempts
 RETRIES = 2
 #: botocore's own timeouts (60 s to connect, 60 s per read); obstore's default 30 s for a
 #: whole request would cut an 8 MiB object short on a slow link
@@ -47,7 +48,7 @@ TIMEOUTS = {"connect_timeout": "60s", "read_timeout": "60s", "timeout": "15min"}
 
 
 class Unavailable(Exception):
-    """obstore cannot take this store's requests (no credentials): boto3 keeps them."""
+    """obstore cannot take this store's requests (no credentials): botocore keeps them."""
 
 
 class PutFailed(Exception):
@@ -91,12 +92,12 @@ def bucket_endpoint(client: Any, bucket: str) -> tuple[str, bool]:
 def open_store(client: Any, bucket: str, session: Any) -> Any:
     """An obstore ``S3Store`` that reaches ``bucket`` where ``client`` does, with the credentials
     of ``session`` (the botocore session that made ``client``); :class:`Unavailable` when the
-    session finds none (boto3 then fails the request with its own word for it)."""
-    from obstore.auth.boto3 import Boto3CredentialProvider
+    session finds none (botocore then fails the request with its own word for it)."""
     from obstore.exceptions import BaseError
     from obstore.store import S3Store
 
-    if session.get_credentials() is None:
+    credentials = session.get_credentials()
+    if credentials is None:
         raise Unavailable(f"no credentials for s3://{bucket}")
     endpoint, virtual = bucket_endpoint(client, bucket)
     options: dict[str, Any] = dict(TIMEOUTS)
@@ -112,12 +113,24 @@ def open_store(client: Any, bucket: str, session: Any) -> Any:
             virtual_hosted_style_request=virtual,
             region=client.meta.region_name,
             checksum_algorithm="sha256",
-            credential_provider=Boto3CredentialProvider(session, ttl=CREDENTIALS_TTL),
+            credential_provider=partial(handed_over, credentials),
             client_options=options,
             retry_config={"max_retries": RETRIES},
         )
     except (OSError, BaseError) as e:
         raise PutFailed(f"cannot reach {endpoint} with obstore: {error_text(e)}") from None
+
+
+def handed_over(credentials: Any) -> dict:
+    """botocore's credentials as obstore takes them, for :data:`CREDENTIALS_TTL`: what obstore's
+    own provider for a boto3 session does, without importing boto3 (the store has none)."""
+    frozen = credentials.get_frozen_credentials()  # refreshed by botocore when near their expiry
+    return {
+        "access_key_id": frozen.access_key,
+        "secret_access_key": frozen.secret_key,
+        "token": frozen.token,
+        "expires_at": datetime.now(UTC) + CREDENTIALS_TTL,
+    }
 
 
 def put(store: Any, name: str, data: bytes) -> dict:

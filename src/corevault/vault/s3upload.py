@@ -83,7 +83,7 @@ def reported(algorithm: str, digests: list[bytes], multipart: bool) -> str:
 
 
 def _checksum_args(algorithm: str, digest: bytes) -> dict[str, str]:
-    # The part's own checksum goes with it: the service checks it, and boto3 computes none.
+    # The part's own checksum goes with it: the service checks it, and botocore computes none.
     if algorithm == "crc32":
         return {"ChecksumCRC32": base64.b64encode(digest).decode()}
     return {"ContentMD5": base64.b64encode(digest).decode()}
@@ -307,7 +307,7 @@ class MultipartUpload:
         return expected, shown(answer, self.algorithm, expected, data)
 
     def _small_store(self) -> Any:
-        """obstore's store for the single requests, made at the first (None: they go through boto3)."""
+        """obstore's store for the single requests, made at the first (None: they go through the botocore client)."""
         with self._opening:
             if self._small is None and self.open_small is not None:
                 try:
