@@ -307,7 +307,8 @@ class MultipartUpload:
         return expected, shown(answer, self.algorithm, expected, data)
 
     def _small_store(self) -> Any:
-        """obstore's store for the single requests, made at the first (None: they go through the botocore client)."""
+        """obstore's store for the single requests, made at the first (None: they go through
+        the botocore client)."""
         with self._opening:
             if self._small is None and self.open_small is not None:
                 try:
