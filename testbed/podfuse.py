@@ -4,13 +4,14 @@ The pod (:mod:`testbed.runc`) gets what a Kubernetes pod needs to run a FUSE ser
 the ``/dev/fuse`` device and ``CAP_SYS_ADMIN`` in its namespaces (privileged pods, or a device
 plugin plus that capability). Its server is Debian's ``fuse-overlayfs`` (over a lower directory
 on the pod's tmpfs), copied into the rootfs with its libraries. The pod copies busybox onto the
-FUSE mount, runs ``sleep`` from there (so the executable the crashed process mapped lies on the
-pod's own FUSE filesystem), and on the test's word stops its server (SIGSTOP) and has that
+FUSE mount and runs ``sleep`` from there (so the executable the crashed process mapped lies on the
+pod's own FUSE filesystem), or runs ``hang mapped`` on a file of the mount (the kernel itself then
+reads from the server as it dumps), and on the test's word stops its server (SIGSTOP) and has that
 process dump core (SIGABRT). No mount of it is visible in the host's mount namespace.
 
-:func:`abort_connections` ends the FUSE connections of a pod's own mounts through
-``/sys/fs/fuse/connections/<dev>/abort``: every request waiting on the stopped server fails,
-so whatever is stuck on it ends. Tests call it in a ``finally``.
+:func:`abort_connections` ends the FUSE connections of a pod's own mounts through their
+``abort`` file (:func:`corevault.agent.stuckdumps.abort`): every request waiting on the stopped
+server fails, so whatever is stuck on it ends. Tests call it in a ``finally``.
 """
 
 from __future__ import annotations
@@ -18,7 +19,8 @@ from __future__ import annotations
 import os
 from contextlib import suppress
 
-from testbed import runc
+from corevault.agent import stuckdumps
+from testbed import build, runc
 
 FUSE_OVERLAYFS = "/usr/bin/fuse-overlayfs"
 FUSE_DEVICE = ("/dev/fuse", 10, 229)
@@ -26,11 +28,23 @@ MOUNT = "/tmp/m"
 #: the pod touches this file in its volume when it may go on: stop its server, then dump
 GO = "go"
 
-SCRIPT = f"""
-mkdir -p /tmp/lo {MOUNT} && busybox cp /bin/busybox /tmp/lo/busybox || exit 1
+#: the pod's process run from its own FUSE mount: busybox (the executable lies on the mount)
+FROM_FUSE = f"{MOUNT}/busybox sleep 1000"
+#: a process that maps a file of the mount, never touched, and asks file mappings into its
+#: core: the kernel reads that file's pages from the stopped server as it dumps
+MAPPING = f"/app/hang mapped {MOUNT}/data"
+
+
+def script(victim: str) -> str:
+    """The pod's shell: its FUSE server, ``victim`` run, and on the word its server stopped and
+    the victim dumped."""
+    return f"""
+mkdir -p /tmp/lo {MOUNT} || exit 1
+busybox cp /bin/busybox /tmp/lo/busybox && busybox dd if=/dev/zero of=/tmp/lo/data bs=1M count=1 2>/dev/null
 /app/fuse-overlayfs -f -o lowerdir=/tmp/lo {MOUNT} & server=$!
 while [ ! -x {MOUNT}/busybox ]; do sleep 0.05; done
-{MOUNT}/busybox sleep 1000 & victim=$!
+{victim} > /tmp/victim.out & victim=$!
+case "{victim}" in /app/hang*) while ! busybox grep -q ready /tmp/victim.out; do sleep 0.05; done;; esac
 echo ready $server $victim
 while [ ! -e {runc.VOLUME_PATH}/{GO} ]; do sleep 0.05; done
 kill -STOP $server
@@ -41,15 +55,15 @@ sleep 1000
 
 def rootfs(path: str) -> str:
     """A busybox root with the FUSE server at /app/fuse-overlayfs."""
-    return runc.build_rootfs(path, {"fuse-overlayfs": FUSE_OVERLAYFS})
+    return runc.build_rootfs(path, {"fuse-overlayfs": FUSE_OVERLAYFS, "hang": build.build("hang")})
 
 
-def container(root: str, volume: str, annotations: dict[str, str]) -> runc.Container:
+def container(root: str, volume: str, annotations: dict[str, str], victim: str = FROM_FUSE) -> runc.Container:
     """The pod: its own tmpfs at /tmp, /dev/fuse and CAP_SYS_ADMIN; run it with ``running()``."""
     tmpfs = {"destination": "/tmp", "type": "tmpfs", "source": "tmpfs", "options": ["nosuid", "mode=1777"]}
     return runc.Container(
         root,
-        ["/bin/sh", "-c", SCRIPT],
+        ["/bin/sh", "-c", script(victim)],
         volume=volume,
         annotations=annotations,
         mounts=[tmpfs],
@@ -64,21 +78,14 @@ def go(volume: str) -> None:
         pass
 
 
-def connections(pid: int) -> list[str]:
-    """The ``/sys/fs/fuse/connections`` entries of the FUSE mounts in the mount namespace of ``pid``."""
-    found = []
-    with suppress(OSError), open(f"/proc/{pid}/mountinfo") as f:
-        for line in f:
-            fields = line.split(" ")
-            kind = line.partition(" - ")[2].split(" ", 1)[0]
-            if kind.partition(".")[0] in ("fuse", "fuseblk"):
-                major, minor = (int(x) for x in fields[2].split(":"))
-                found.append(os.path.join("/sys/fs/fuse/connections", str(major << 20 | minor)))
-    return found
+def connections(pid: int) -> list[bytes]:
+    """The devices (``major:minor``) of the FUSE mounts in the mount namespace of ``pid``."""
+    with open(f"/proc/{pid}/mountinfo", "rb") as f:
+        return list(stuckdumps.fuse_mounts(f.read()))
 
 
-def abort_connections(paths: list[str]) -> None:
-    """Abort those FUSE connections (gone ones are skipped)."""
-    for path in paths:
-        with suppress(FileNotFoundError), open(os.path.join(path, "abort"), "w") as f:
-            f.write("1")
+def abort_connections(devs: list[bytes]) -> None:
+    """Abort those FUSE connections (one gone already is no failure)."""
+    for dev in devs:
+        with suppress(OSError):
+            stuckdumps.abort(dev)

@@ -28,12 +28,13 @@ def test_missing_explicit_file_is_an_error(tmp_path) -> None:
 def test_full_file(tmp_path) -> None:
     path = tmp_path / "c.toml"
     path.write_text(
-        'state_dir = "/srv/cv"\n[capture]\ntargets = ["vault"]\ntimeout = 30\nstorm_max = 3\n'
+        'state_dir = "/srv/cv"\n[capture]\ntargets = ["vault"]\ntimeout = 30\nstorm_max = 3\nabort_stuck_fuse = false\n'
         '[spool]\nmax_size = "2G"\nkeep_free = "512M"\ncompression_level = 5\n'
         '[[rules]]\nexe = "/usr/bin/app*"\npattern = "/var/crash/core-%e-%p"\nmax_core_size = "1G"\n'
     )
     s = config.load(str(path))
     assert s.spool_dir == "/srv/cv/spool" and s.targets == {"vault"} and s.timeout == 30
+    assert s.abort_stuck_fuse is False and config.Settings().abort_stuck_fuse is True
     assert s.spool_max_size == 2 << 30 and s.spool_keep_free == 512 << 20 and s.compression_level == 5
     [rule] = s.rules
     assert rule.matches("/usr/bin/app-server", "app-server", 0)
@@ -50,6 +51,7 @@ def test_full_file(tmp_path) -> None:
         ("state_dir = 3\n", "'state_dir' must be a non-empty string"),
         ('[capture]\ntargets = ["disk"]\n', "unknown target 'disk'"),
         ("[capture]\ntimeout = -1\n", "'timeout' must be a non-negative number"),
+        ('[capture]\nabort_stuck_fuse = "yes"\n', "abort_stuck_fuse: expected true or false"),
         ('[spool]\nmax_size = "lots"\n', "is not a size"),
         ("[spool]\ncompression_level = 40\n", "use 1 to 19"),
         ("[spool]\nmaxsize = 1\n", "unknown key 'maxsize'"),

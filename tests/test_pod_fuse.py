@@ -12,12 +12,19 @@ from __future__ import annotations
 
 import os
 import shutil
+import signal
 import subprocess
+import time
+from contextlib import suppress
 from pathlib import Path
 
 import pytest
 
-from corevault.capture import buildid
+from corevault import config
+from corevault.agent import stuckdumps
+from corevault.agent.loop import Agent
+from corevault.capture import buildid, cgroup
+from corevault.hostsetup import SYSCTLS, write_sysctl
 from testbed import fusefs, podfuse, runc
 from testbed.capture import Capture
 from tests.waiting import wait_for
@@ -25,6 +32,9 @@ from tests.waiting import wait_for
 pytestmark = pytest.mark.crash
 
 PATTERN = {"corevault.io/core-pattern": "/data/dump-a/core-%p"}
+WAIT_FOR_GO = f"while [ ! -e {runc.VOLUME_PATH}/{podfuse.GO} ]; do sleep 0.05; done"
+#: the dumps' deadline, [capture] timeout, in the agent's tests
+DEADLINE = 3
 
 
 @pytest.fixture(scope="module")
@@ -88,6 +98,103 @@ def test_a_fuse_mount_the_host_sees_is_read_as_any_other(tmp_path) -> None:
             sleeper.kill()
             sleeper.wait()
     finally:
+        fusefs.unmount(str(mnt))
+        server.kill()
+        server.wait()
+
+
+def stuck_in_dump(uid: str) -> list[int]:
+    """The processes of the pod ``uid`` that the kernel dumps with a task in state D."""
+    found = []
+    for name in os.listdir("/proc"):
+        if name.isdigit() and stuckdumps.dumping(int(name)):
+            with suppress(OSError), open(f"/proc/{name}/cgroup") as f:
+                info = cgroup.parse(f.read())
+                if info is not None and info.pod_uid == uid:
+                    found.append(int(name))
+    return found
+
+
+def agent_of(capture: Capture, text: str) -> Agent:
+    """The agent, its journal records shipped kept in ``agent.shipped``."""
+    capture.configure(text)
+    write_sysctl(SYSCTLS["core_pipe_limit"], "1")  # restored with the host's other settings
+    shipped: list[dict] = []
+    agent = Agent(config.load(capture.config), on_record=shipped.append)
+    agent.shipped = shipped  # type: ignore[attr-defined]
+    return agent
+
+
+def aborts(capture: Capture, agent: Agent) -> list[dict]:
+    """The journal's abort records, shipped by the agent's passes or still in the spool."""
+    records = agent.shipped + capture.journal()  # type: ignore[attr-defined]
+    return [r for r in records if r.get("source") == "stuck dumps"]
+
+
+def test_the_agent_aborts_a_pods_own_fuse_connection_its_dump_is_stuck_on(
+    capture: Capture, fuse_rootfs: str, rootfs: str
+) -> None:
+    """Pod A's dump waits in the kernel on A's stopped FUSE server and holds the node's only pipe
+    slot; past the deadline the agent's pass aborts A's connection, the slot comes back, and
+    pod B's crash is captured whole."""
+    agent = agent_of(capture, f"[capture]\ntimeout = {DEADLINE}\n")
+    a = podfuse.container(fuse_rootfs, capture.volume, PATTERN, victim=podfuse.MAPPING)
+    with a.running():
+        conns = podfuse.connections(a.pid())
+        try:
+            podfuse.go(capture.volume)
+            [victim] = wait_for(lambda: stuck_in_dump(a.pod_uid), "A's dump to wait on its server")
+            agent.pass_once()
+            assert aborts(capture, agent) == [], "aborted before the deadline"
+            # without the defence A's dump stays, and holds the slot, for as long as its server sleeps
+            wait_for(
+                lambda: agent.pass_once() is not None and aborts(capture, agent), "the abort", timeout=30
+            )
+            wait_for(lambda: not stuck_in_dump(a.pod_uid), "A's dump to end")
+            b = capture.crash(rootfs, ["/app/crasher", "segv"], annotations=PATTERN)
+        finally:
+            podfuse.abort_connections(conns)
+    [record] = aborts(capture, agent)
+    assert record["event"] == "dropped" and record["pid"] == victim and record["pod"]["uid"] == a.pod_uid
+    assert f"own FUSE server of {podfuse.MOUNT} stopped answering during its dump" in record["reason"]
+    assert agent.metrics.registry.get_sample_value("corevault_stuck_fuse_aborted_total") == 1
+    [meta] = [m for m in capture.entries() if m["pod"]["uid"] == b.pod_uid]
+    assert meta["core"]["truncated"] is False and meta["core"]["size"] > 0
+    assert [r["event"] for r in capture.journal() if (r.get("pod") or {}).get("uid") == b.pod_uid] == [
+        "captured"
+    ]
+
+
+def test_a_fuse_mount_the_host_sees_is_never_aborted(capture: Capture, fuse_rootfs: str, tmp_path) -> None:
+    """A pod's dump stuck on a FUSE mount of the host's (bind-mounted into the pod, as a CSI
+    driver's is) is past its deadline and still not aborted: the host sees that mount."""
+    agent = agent_of(capture, f"[capture]\ntimeout = {DEADLINE}\n")
+    lower, mnt = tmp_path / "lower", tmp_path / "mnt"
+    lower.mkdir()
+    mnt.mkdir()
+    (lower / "data").write_bytes(bytes(1 << 20))
+    server = subprocess.Popen([podfuse.FUSE_OVERLAYFS, "-f", "-o", f"lowerdir={lower}", str(mnt)])
+    try:
+        wait_for(lambda: os.path.ismount(mnt), "the host's FUSE mount")
+        bind = {"destination": "/m", "type": "bind", "source": str(mnt), "options": ["rbind", "ro"]}
+        # hang is not the pod's PID 1, which a signal from the host does not reach; it says
+        # "ready" once it mapped the file, and dumps on the word
+        script = f"/app/hang mapped /m/data & v=$!; {WAIT_FOR_GO}; kill -ABRT $v; sleep 1000"
+        pod = runc.Container(
+            fuse_rootfs, ["/bin/sh", "-c", script], annotations=PATTERN, volume=capture.volume, mounts=[bind]
+        )
+        with pod.running():
+            os.kill(server.pid, signal.SIGSTOP)
+            podfuse.go(capture.volume)
+            [victim] = wait_for(lambda: stuck_in_dump(pod.pod_uid), "the dump to wait on the host's server")
+            deadline = time.monotonic() + DEADLINE + 2
+            while time.monotonic() < deadline:
+                agent.pass_once()
+                time.sleep(0.5)
+            assert aborts(capture, agent) == [] and stuck_in_dump(pod.pod_uid) == [victim]
+            os.kill(server.pid, signal.SIGCONT)
+    finally:
+        server.send_signal(signal.SIGCONT)  # its end aborts its connection: a dump still on it ends
         fusefs.unmount(str(mnt))
         server.kill()
         server.wait()

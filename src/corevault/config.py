@@ -18,6 +18,7 @@ Example::
     namespace_dumps = 4             # the same for one namespace
     max_objects = 500               # mapped files of one crash looked at for binaries to keep
     max_objects_size = "4G"         # and bytes of those binaries hashed; the rest are journaled
+    abort_stuck_fuse = true         # the agent aborts a pod's own FUSE connection a dump is stuck on
 
     [spool]
     max_size = "10G"                # the spool never grows past this
@@ -124,6 +125,7 @@ class Settings:
     """Everything a node's corevault needs to know; built by :func:`load`."""
 
     __slots__ = (
+        "abort_stuck_fuse",
         "agent_analyze",
         "agent_metrics",
         "agent_poll",
@@ -223,6 +225,9 @@ class Settings:
         self.node_name = os.uname().nodename
         #: follow the kernel's core_uses_pid when expanding pod patterns (None: read the sysctl)
         self.core_uses_pid: bool | None = None
+        #: the agent aborts the FUSE connection of a pod's own mount that a pipe dump of the pod's
+        #: is stuck on past ``timeout`` (:mod:`corevault.agent.stuckdumps`)
+        self.abort_stuck_fuse = True
         self.rules: list[Rule] = []
         #: the server's alert settings ([alerts]), read by corevault.alerts.sinks
         self.alerts: dict = {}
@@ -458,7 +463,7 @@ def from_dict(doc: dict, where: str = "config") -> Settings:
     _known(
         cap,
         {"targets", "timeout", "storm_max", "storm_window", "core_uses_pid", "pod_dumps", "namespace_dumps"}
-        | {"max_objects", "max_objects_size"},
+        | {"max_objects", "max_objects_size", "abort_stuck_fuse"},
         f"{where} [capture]",
     )
     if "targets" in cap:
@@ -481,6 +486,10 @@ def from_dict(doc: dict, where: str = "config") -> Settings:
         if not isinstance(cap["core_uses_pid"], bool):
             raise ConfigError(f"{where} [capture] core_uses_pid: expected true or false")
         s.core_uses_pid = cap["core_uses_pid"]
+    if "abort_stuck_fuse" in cap:
+        if not isinstance(cap["abort_stuck_fuse"], bool):
+            raise ConfigError(f"{where} [capture] abort_stuck_fuse: expected true or false")
+        s.abort_stuck_fuse = cap["abort_stuck_fuse"]
 
     spool = _table(doc, "spool", where)
     _known(

@@ -35,6 +35,7 @@ from corevault.agent.analyses import AnalysisPool, worker_count
 from corevault.agent.kernellog import KernelLog
 from corevault.agent.metrics import Metrics
 from corevault.agent.procevents import ProcEvents
+from corevault.agent.stuckdumps import StuckDumps
 from corevault.vault import blobs, catalog, retention
 from corevault.vault.crashes import LocalVault
 
@@ -101,6 +102,8 @@ class Agent:
         #: too: listened to by a long-running loop while core_pattern is the one it installed (the
         #: node's crashes are then its own to account for)
         self.proc_events: ProcEvents | None = None
+        #: pipe dumps the kernel is stuck in on a pod's own FUSE server, ended past their deadline
+        self.stuck_dumps = StuckDumps(settings, on_abort=self._fuse_aborted)
         self.listen = False
 
     def connect(self) -> LocalVault:
@@ -147,6 +150,8 @@ class Agent:
         spool.ensure(s.spool_dir)
         self.kernel_log.poll()
         self._follow_deaths()
+        if self.installed:
+            self._end_stuck_dumps()
         ship.clean_abandoned(s)
         try:
             vault = self.connect()
@@ -212,6 +217,17 @@ class Agent:
         waiting = len(spool.entries(s.spool_dir))
         self.metrics.queue.set(waiting)
         return waiting
+
+    def _end_stuck_dumps(self) -> None:
+        """Abort a pod's own FUSE connection a pipe dump of its is stuck on past the deadline."""
+        if hostsetup.read_sysctls()["core_pattern"].startswith("|"):
+            try:
+                self.stuck_dumps.check()
+            except OSError as e:
+                log.warning("could not look for stuck dumps: %s", e)
+
+    def _fuse_aborted(self) -> None:
+        self.metrics.fuse_aborted.inc()
 
     def _failed(self, entry: str, error: Exception) -> None:
         """Back off from an entry that failed; set it aside after QUARANTINE_AFTER failures of its own."""

@@ -40,6 +40,11 @@ class Metrics:
             "Entries and journal lines set aside in the spool's quarantine/ (kept, no longer tried)",
             registry=r,
         )
+        self.fuse_aborted = Counter(
+            "corevault_stuck_fuse_aborted",
+            "FUSE connections of a pod's own mount aborted because a pipe dump of the pod was stuck on them",
+            registry=r,
+        )
         self.queue = Gauge("corevault_spool_entries", "Finished entries waiting in the spool", registry=r)
         self.installed = Gauge(
             "corevault_capture_installed",

@@ -1,0 +1,265 @@
+"""Pipe dumps the kernel is stuck in on a pod's own FUSE server: ended past their deadline.
+
+In pipe mode the kernel counts every dump against ``core_pipe_limit`` until it has written the
+whole core. A pod that serves a file over FUSE from its own server, maps it, stops the server and
+crashes makes the kernel wait in the dump for that file's pages (state D, even after SIGKILL: a
+request already sent waits uninterruptibly), and so holds a slot of the node for as long as it
+keeps its server stopped; with a few such crashes every other pod's dump is skipped. Nothing the
+handler does frees the slot; only the FUSE connection's abort does (every request waiting on it
+fails, the kernel dumps the page as missing and goes on).
+
+Each agent pass (:meth:`StuckDumps.check`) looks for processes the kernel dumps (``CoreDumping: 1``
+in ``/proc/PID/status``) with a task in state D. One seen so for longer than the dump's deadline
+(``[capture] timeout``, counted from the first pass that saw it dumping) has its FUSE mounts found:
+the devices of its file mappings (``/proc/PID/maps``, no file is touched) whose mount in its own
+mountinfo is a FUSE one. Only a connection whose mount belongs to the crashed pod alone is aborted
+(``/sys/fs/fuse/connections/<dev>/abort``): absent from the host's mount namespace (a mount the host
+sees is the node's, a CSI driver's bucket), and absent from every mount namespace of a process of
+another pod or of the host. Each abort is journaled under the pod as ``dropped`` and counted; a
+stuck mount that may not be aborted is logged once. ``[capture] abort_stuck_fuse = false`` turns
+this off. Socket mode needs none of it: the kernel's pipe limit does not count socket dumps.
+"""
+
+from __future__ import annotations
+
+import logging
+import os
+import subprocess
+import time
+from collections.abc import Callable
+
+from corevault import config, spool
+from corevault.agent import procevents
+from corevault.capture import buildid, cgroup
+
+log = logging.getLogger("corevault.agent")
+
+CONNECTIONS = "/sys/fs/fuse/connections"
+#: bytes of a process's maps / mountinfo / status read at most (the tenant decides their length)
+READ_MAX = 4 << 20
+
+
+def _read(path: str, limit: int = READ_MAX) -> bytes:
+    fd = os.open(path, os.O_RDONLY | os.O_CLOEXEC)
+    try:
+        chunks, size = [], 0
+        while size < limit and (chunk := os.read(fd, min(1 << 16, limit - size))):
+            chunks.append(chunk)
+            size += len(chunk)
+        return b"".join(chunks)
+    finally:
+        os.close(fd)
+
+
+def dumping(pid: int) -> bool:
+    """Whether the kernel dumps ``pid`` now with one of its tasks in state D."""
+    try:
+        status = _read(f"/proc/{pid}/status", 1 << 16)
+    except OSError:
+        return False
+    if b"\nCoreDumping:\t1" not in status:
+        return False
+    try:
+        tasks = os.listdir(f"/proc/{pid}/task")
+    except OSError:
+        return False
+    for tid in tasks:
+        try:
+            stat = _read(f"/proc/{pid}/task/{tid}/stat", 4096)
+        except OSError:
+            continue
+        if stat.rpartition(b")")[2].split(None, 1)[0] == b"D":
+            return True
+    return False
+
+
+def mapped_devices(pid: int) -> set[bytes]:
+    """``major:minor`` (decimal, as mountinfo has them) of the files ``pid`` mapped, from its maps."""
+    devs = set()
+    for line in _read(f"/proc/{pid}/maps").splitlines():
+        fields = line.split(None, 5)
+        if len(fields) == 6 and fields[4] != b"0":
+            major, _, minor = fields[3].partition(b":")
+            devs.add(b"%d:%d" % (int(major, 16), int(minor, 16)))
+    return devs
+
+
+def fuse_mounts(mountinfo: bytes) -> dict[bytes, bytes]:
+    """``major:minor`` → mount point of the FUSE mounts a mountinfo lists."""
+    found = {}
+    for line in mountinfo.splitlines():
+        fields = line.split(b" ", 5)
+        kind = line.partition(b" - ")[2].split(b" ", 1)[0]
+        if len(fields) > 4 and kind.partition(b".")[0] in buildid.FUSE_TYPES:
+            found.setdefault(fields[2], fields[4])
+    return found
+
+
+def devices(mountinfo: bytes) -> set[bytes]:
+    """The ``major:minor`` of every mount a mountinfo lists."""
+    return {f[2] for line in mountinfo.splitlines() if len(f := line.split(b" ", 3)) == 4}
+
+
+def _pod_uid(pid: int) -> str | None:
+    info = cgroup.parse(_read(f"/proc/{pid}/cgroup", 1 << 16).decode(errors="replace"))
+    return info.pod_uid if info is not None else None
+
+
+def seen_elsewhere(dev: bytes, pid: int) -> str | None:
+    """Who else sees the mount of ``dev``: the host, or a process of another pod (or of no pod)
+    in a mount namespace other than ``pid``'s; None when only ``pid``'s pod does."""
+    if dev in devices(_read("/proc/1/mountinfo")):
+        return "the host's mount namespace lists it"
+    own_pod = _pod_uid(pid)
+    if own_pod is None:
+        return "the crashed process is in no pod"
+    own_ns = os.stat(f"/proc/{pid}/ns/mnt").st_ino
+    looked: set[int] = {own_ns}
+    for name in os.listdir("/proc"):
+        if not name.isdigit():
+            continue
+        try:
+            ns = os.stat(f"/proc/{name}/ns/mnt").st_ino
+            if ns in looked:
+                continue
+            if dev in devices(_read(f"/proc/{name}/mountinfo")) and _pod_uid(int(name)) != own_pod:
+                return f"process {name}, of another pod or of the host, sees it"
+            looked.add(ns)
+        except OSError:
+            continue  # gone meanwhile
+    return None
+
+
+def connection(dev: bytes) -> str:
+    """The name of the connection behind ``major:minor`` under the FUSE control filesystem (the
+    kernel's ``dev_t``)."""
+    major, _, minor = dev.partition(b":")
+    return str(int(major) << 20 | int(minor))
+
+
+#: aborts a connection through a fusectl mount of its own, in a mount namespace of its own that
+#: ends with it: nothing is left mounted on the node
+ABORT_PRIVATELY = 'mount -t fusectl fusectl "$1" && echo 1 > "$1/$2/abort"'
+
+
+def abort(dev: bytes) -> None:
+    """Abort the FUSE connection behind ``major:minor``: every request waiting on it fails.
+
+    Where the node has the control filesystem mounted (systemd mounts it), its ``abort`` file is
+    written; elsewhere (this agent's container, a node without systemd) a child mounts it in a
+    mount namespace of its own. Raises OSError when neither could."""
+    name = connection(dev)
+    try:
+        with open(os.path.join(CONNECTIONS, name, "abort"), "w") as f:
+            f.write("1")
+        return
+    except FileNotFoundError:
+        pass
+    done = subprocess.run(
+        [
+            "unshare",
+            "--mount",
+            "--propagation",
+            "private",
+            "sh",
+            "-c",
+            ABORT_PRIVATELY,
+            "sh",
+            CONNECTIONS,
+            name,
+        ],
+        capture_output=True,
+        text=True,
+        timeout=30,
+        check=False,
+    )
+    if done.returncode != 0:
+        raise OSError(f"could not abort FUSE connection {name}: {done.stderr.strip() or done.returncode}")
+
+
+class StuckDumps:
+    """The agent's watch over pipe dumps stuck on a pod's own FUSE server."""
+
+    def __init__(self, settings: config.Settings, on_abort: Callable[[], object] | None = None) -> None:
+        self.settings = settings
+        self.on_abort = on_abort
+        #: pid → (its /proc start time, when a pass first saw it dumping and stuck)
+        self.first_seen: dict[int, tuple[bytes, float]] = {}
+        #: (pid, dev) already aborted, or logged as not to be aborted
+        self.done: set[tuple[int, bytes]] = set()
+        self.owners = procevents.Owners(settings)
+
+    def check(self, now: float | None = None) -> int:
+        """One look; returns how many connections were aborted."""
+        if not self.settings.abort_stuck_fuse:
+            return 0
+        now = time.monotonic() if now is None else now
+        stuck = {}
+        for name in os.listdir("/proc"):
+            if name.isdigit() and dumping(int(name)):
+                try:
+                    start = _read(f"/proc/{name}/stat", 4096).rpartition(b")")[2].split()[19]
+                except (OSError, IndexError):
+                    continue
+                pid = int(name)
+                seen = self.first_seen.get(pid)
+                if seen is None or seen[0] != start:  # a new process under a reused PID
+                    seen = self.first_seen[pid] = (start, now)
+                stuck[pid] = seen
+        self.first_seen = {pid: seen for pid, seen in self.first_seen.items() if pid in stuck}
+        self.done = {(pid, dev) for pid, dev in self.done if pid in stuck}
+        aborted = 0
+        for pid, (_, since) in stuck.items():
+            if now - since >= self.settings.timeout:
+                try:
+                    aborted += self._end(pid)
+                except OSError as e:
+                    log.warning("could not look at the stuck dump of process %d: %s", pid, e)
+        return aborted
+
+    def _end(self, pid: int) -> int:
+        mounts = fuse_mounts(_read(f"/proc/{pid}/mountinfo"))
+        aborted = 0
+        for dev in sorted(mapped_devices(pid) & mounts.keys()):
+            if (pid, dev) in self.done:
+                continue
+            self.done.add((pid, dev))
+            point = mounts[dev].decode(errors="backslashreplace")
+            elsewhere = seen_elsewhere(dev, pid)
+            if elsewhere is not None:
+                log.warning(
+                    "the dump of process %d is stuck on the FUSE mount %s (%s), which is not its pod's "
+                    "alone (%s): not aborted",
+                    pid, point, dev.decode(), elsewhere,
+                )  # fmt: skip
+                continue
+            abort(dev)
+            aborted += 1
+            self._journal(pid, point)
+        return aborted
+
+    def _journal(self, pid: int, point: str) -> None:
+        try:
+            cgroup_text = _read(f"/proc/{pid}/cgroup", 1 << 16).decode(errors="replace")
+            status = _read(f"/proc/{pid}/status", 1 << 16).decode(errors="replace")
+            comm = status.partition("Name:\t")[2].partition("\n")[0]
+            uid = int(status.partition("Uid:\t")[2].split()[0])
+            exe = os.readlink(f"/proc/{pid}/exe")
+        except (OSError, ValueError, IndexError):
+            cgroup_text, comm, uid, exe = "", "", -1, ""
+        pod, _ = self.owners(cgroup_text, exe, comm, uid)
+        reason = (
+            f"the pod's own FUSE server of {point} stopped answering during its dump: the kernel waited "
+            f"past [capture] timeout ({self.settings.timeout:g}s) holding a core_pipe_limit slot of the "
+            "node, and the FUSE connection was aborted (its mount fails from now on)"
+        )
+        record = {
+            "event": "dropped", "transport": "kernel", "source": "stuck dumps",
+            "node": self.settings.node_name, "time": int(time.time()), "pid": pid, "comm": comm, "exe": exe,
+            "pod": pod, "reason": reason,
+        }  # fmt: skip
+        spool.ensure(self.settings.spool_dir)
+        spool.journal(self.settings.spool_dir, record)
+        log.warning("process %d: %s", pid, reason)
+        if self.on_abort is not None:
+            self.on_abort()
