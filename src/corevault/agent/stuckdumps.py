@@ -8,15 +8,16 @@ keeps its server stopped; with a few such crashes every other pod's dump is skip
 handler does frees the slot; only the FUSE connection's abort does (every request waiting on it
 fails, the kernel dumps the page as missing and goes on).
 
-Each agent pass (:meth:`StuckDumps.check`) looks for processes the kernel dumps (``CoreDumping: 1``
-in ``/proc/PID/status``) with a task in state D. One seen so for longer than the dump's deadline
-(``[capture] timeout``, counted from the first pass that saw it dumping) has its FUSE mounts found:
-the devices of its file mappings (``/proc/PID/maps``, no file is touched) whose mount in its own
-mountinfo is a FUSE one. Only a connection whose mount belongs to the crashed pod alone is aborted
-(``/sys/fs/fuse/connections/<dev>/abort``): absent from the host's mount namespace (a mount the host
-sees is the node's, a CSI driver's bucket), and absent from every mount namespace of a process of
-another pod or of the host. Each abort is journaled under the pod as ``dropped`` and counted; a
-stuck mount that may not be aborted is logged once. ``[capture] abort_stuck_fuse = false`` turns
+Each agent pass (:meth:`StuckDumps.check`, at most every :data:`EVERY` seconds) looks for
+processes the kernel dumps (``CoreDumping: 1`` in ``/proc/PID/status``) with a task in state D.
+One seen so for longer than the dump's deadline (``[capture] timeout``, counted from the first
+pass that saw it dumping) has its FUSE mounts found: the devices of its file mappings
+(``/proc/PID/maps``, no file is touched) whose mount in its own mountinfo is a FUSE one. Only a
+connection whose mount belongs to the crashed pod alone is aborted (its ``abort`` file under
+``/sys/fs/fuse/connections/<dev>/``): absent from the host's mount namespace (a mount the host
+sees is the node's, a CSI driver's bucket), and absent from every mount namespace of a process
+of another pod or of the host. Each abort is journaled under the pod as ``dropped`` and counted;
+a stuck mount that may not be aborted is logged once. ``[capture] abort_stuck_fuse = false`` turns
 this off. Socket mode needs none of it: the kernel's pipe limit does not count socket dumps.
 """
 
@@ -37,6 +38,9 @@ log = logging.getLogger("corevault.agent")
 CONNECTIONS = "/sys/fs/fuse/connections"
 #: bytes of a process's maps / mountinfo / status read at most (the tenant decides their length)
 READ_MAX = 4 << 20
+#: seconds between two looks at most: a look reads every process's status (about 19 µs a process
+#: here), and a deadline of minutes needs no finer watch (a shorter deadline is looked at twice)
+EVERY = 10.0
 
 
 def _read(path: str, limit: int = READ_MAX) -> bytes:
@@ -188,12 +192,16 @@ class StuckDumps:
         #: (pid, dev) already aborted, or logged as not to be aborted
         self.done: set[tuple[int, bytes]] = set()
         self.owners = procevents.Owners(settings)
+        self.last = -float("inf")
 
     def check(self, now: float | None = None) -> int:
         """One look; returns how many connections were aborted."""
         if not self.settings.abort_stuck_fuse:
             return 0
         now = time.monotonic() if now is None else now
+        if now - self.last < min(EVERY, self.settings.timeout / 2):
+            return 0
+        self.last = now
         stuck = {}
         for name in os.listdir("/proc"):
             if name.isdigit() and dumping(int(name)):
