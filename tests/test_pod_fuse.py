@@ -16,17 +16,19 @@ import signal
 import subprocess
 import time
 from contextlib import suppress
+from dataclasses import dataclass
 from pathlib import Path
 
 import pytest
 
-from corevault import config
+from corevault import config, spool
 from corevault.agent import stuckdumps
 from corevault.agent.loop import Agent
 from corevault.capture import buildid, cgroup
 from corevault.hostsetup import SYSCTLS, write_sysctl
 from testbed import fusefs, podfuse, runc
 from testbed.capture import Capture
+from tests import test_volume_stall
 from tests.waiting import wait_for
 
 pytestmark = pytest.mark.crash
@@ -125,10 +127,25 @@ def agent_of(capture: Capture, text: str) -> Agent:
     return agent
 
 
-def aborts(capture: Capture, agent: Agent) -> list[dict]:
+def aborts(node: Capture | PipeNode, agent: Agent) -> list[dict]:
     """The journal's abort records, shipped by the agent's passes or still in the spool."""
-    records = agent.shipped + capture.journal()  # type: ignore[attr-defined]
+    records = agent.shipped + node.journal()  # type: ignore[attr-defined]
     return [r for r in records if r.get("source") == "stuck dumps"]
+
+
+@dataclass
+class PipeNode:
+    """A node whose core_pattern is a pipe: the handler's, or the forwarder's to the agent."""
+
+    config: str
+    volume: str
+    spool: str
+
+    def journal(self) -> list[dict]:
+        return spool.read_journal(self.spool)
+
+    def entries(self) -> list[dict]:
+        return [spool.read_meta(self.spool, e) for e in spool.entries(self.spool)]
 
 
 def test_the_agent_aborts_a_pods_own_fuse_connection_its_dump_is_stuck_on(
@@ -138,31 +155,49 @@ def test_the_agent_aborts_a_pods_own_fuse_connection_its_dump_is_stuck_on(
     slot; past the deadline the agent's pass aborts A's connection, the slot comes back, and
     pod B's crash is captured whole."""
     agent = agent_of(capture, f"[capture]\ntimeout = {DEADLINE}\n")
-    a = podfuse.container(fuse_rootfs, capture.volume, PATTERN, victim=podfuse.MAPPING)
+    aborts_stuck_dump(PipeNode(capture.config, capture.volume, capture.spool), agent, fuse_rootfs, rootfs)
+
+
+def test_the_agent_aborts_it_under_the_forwarder_too(
+    monkeypatch: pytest.MonkeyPatch, fuse_rootfs: str, rootfs: str
+) -> None:
+    """The same with the forwarder as the pipe handler, passing the core to the agent's receiver."""
+    monkeypatch.setattr(test_volume_stall, "TIMEOUT", DEADLINE)
+    with test_volume_stall.forwarder_node() as node:  # core_pipe_limit 1
+        cfg = os.path.join(os.path.dirname(node.state), "c.toml")
+        shipped: list[dict] = []
+        agent = Agent(config.load(cfg), on_record=shipped.append)
+        agent.shipped = shipped  # type: ignore[attr-defined]
+        aborts_stuck_dump(PipeNode(cfg, node.volume, node.spool), agent, fuse_rootfs, rootfs)
+
+
+def aborts_stuck_dump(node: PipeNode, agent: Agent, fuse_rootfs: str, rootfs: str) -> None:
+    a = podfuse.container(fuse_rootfs, node.volume, PATTERN, victim=podfuse.MAPPING)
     with a.running():
         conns = podfuse.connections(a.pid())
         try:
-            podfuse.go(capture.volume)
+            since = runc.uptime()
+            podfuse.go(node.volume)
             [victim] = wait_for(lambda: stuck_in_dump(a.pod_uid), "A's dump to wait on its server")
             agent.pass_once()
-            assert aborts(capture, agent) == [], "aborted before the deadline"
+            assert aborts(node, agent) == [], "aborted before the deadline"
             # without the defence A's dump stays, and holds the slot, for as long as its server sleeps
-            wait_for(
-                lambda: agent.pass_once() is not None and aborts(capture, agent), "the abort", timeout=30
-            )
+            wait_for(lambda: agent.pass_once() is not None and aborts(node, agent), "the abort", timeout=30)
             wait_for(lambda: not stuck_in_dump(a.pod_uid), "A's dump to end")
-            b = capture.crash(rootfs, ["/app/crasher", "segv"], annotations=PATTERN)
+            # the kernel gives the slot back once A's pipe helper is done with what it was handed
+            runc.wait_for_dump_helpers(since, timeout=60)
+            b = runc.Container(rootfs, ["/app/crasher", "segv"], volume=node.volume, annotations=PATTERN)
+            assert b.run().returncode != 0
         finally:
             podfuse.abort_connections(conns)
-    [record] = aborts(capture, agent)
+    [record] = aborts(node, agent)
     assert record["event"] == "dropped" and record["pid"] == victim and record["pod"]["uid"] == a.pod_uid
     assert f"own FUSE server of {podfuse.MOUNT} stopped answering during its dump" in record["reason"]
     assert agent.metrics.registry.get_sample_value("corevault_stuck_fuse_aborted_total") == 1
-    [meta] = [m for m in capture.entries() if m["pod"]["uid"] == b.pod_uid]
+    [meta] = wait_for(lambda: [m for m in node.entries() if m["pod"]["uid"] == b.pod_uid], "B's entry")
     assert meta["core"]["truncated"] is False and meta["core"]["size"] > 0
-    assert [r["event"] for r in capture.journal() if (r.get("pod") or {}).get("uid") == b.pod_uid] == [
-        "captured"
-    ]
+    b_events = [r["event"] for r in node.journal() if (r.get("pod") or {}).get("uid") == b.pod_uid]
+    assert b_events == ["captured"]
 
 
 def test_a_fuse_mount_the_host_sees_is_never_aborted(capture: Capture, fuse_rootfs: str, tmp_path) -> None:
