@@ -35,10 +35,11 @@ FROM_FUSE = f"{MOUNT}/busybox sleep 1000"
 MAPPING = f"/app/hang mapped {MOUNT}/data"
 
 
-def script(victim: str) -> str:
-    """The pod's shell: its FUSE server, ``victim`` run, and on the word its server stopped and
-    the victim dumped."""
+def script(victim: str, prelude: str = "") -> str:
+    """The pod's shell: ``prelude``, its FUSE server, ``victim`` run, and on the word its server
+    stopped and the victim dumped."""
     return f"""
+{prelude}
 mkdir -p /tmp/lo {MOUNT} || exit 1
 busybox cp /bin/busybox /tmp/lo/busybox && busybox dd if=/dev/zero of=/tmp/lo/data bs=1M count=1 2>/dev/null
 /app/fuse-overlayfs -f -o lowerdir=/tmp/lo {MOUNT} & server=$!
@@ -58,12 +59,24 @@ def rootfs(path: str) -> str:
     return runc.build_rootfs(path, {"fuse-overlayfs": FUSE_OVERLAYFS, "hang": build.build("hang")})
 
 
-def container(root: str, volume: str, annotations: dict[str, str], victim: str = FROM_FUSE) -> runc.Container:
-    """The pod: its own tmpfs at /tmp, /dev/fuse and CAP_SYS_ADMIN; run it with ``running()``."""
+def pad_mountinfo(mounts: int = 1500) -> str:
+    """A prelude that lists ``mounts`` tmpfs mounts under a path of about 3,000 bytes before the
+    FUSE server's: the pod's mountinfo grows past 4 MiB with its FUSE mount at the end."""
+    deep = "/".join(["p" * 250] * 12)
+    return f"""mkdir -p /tmp/pad/{deep} && cd /tmp/pad/{deep} && mkdir $(busybox seq {mounts}) || exit 1
+for i in $(busybox seq {mounts}); do mount -t tmpfs -o size=4k pad $i || exit 1; done
+cd /"""
+
+
+def container(
+    root: str, volume: str, annotations: dict[str, str], victim: str = FROM_FUSE, prelude: str = ""
+) -> runc.Container:
+    """The pod: its own tmpfs at /tmp, /dev/fuse and CAP_SYS_ADMIN, ``prelude`` run first; run it
+    with ``running()``."""
     tmpfs = {"destination": "/tmp", "type": "tmpfs", "source": "tmpfs", "options": ["nosuid", "mode=1777"]}
     return runc.Container(
         root,
-        ["/bin/sh", "-c", script(victim)],
+        ["/bin/sh", "-c", script(victim, prelude)],
         volume=volume,
         annotations=annotations,
         mounts=[tmpfs],
@@ -81,7 +94,7 @@ def go(volume: str) -> None:
 def connections(pid: int) -> list[bytes]:
     """The devices (``major:minor``) of the FUSE mounts in the mount namespace of ``pid``."""
     with open(f"/proc/{pid}/mountinfo", "rb") as f:
-        return list(stuckdumps.fuse_mounts(f.read()))
+        return list(stuckdumps.fuse_mounts(f))
 
 
 def abort_connections(devs: list[bytes]) -> None:

@@ -171,10 +171,26 @@ def test_the_agent_aborts_it_under_the_forwarder_too(
         aborts_stuck_dump(PipeNode(cfg, node.volume, node.spool), agent, fuse_rootfs, rootfs)
 
 
-def aborts_stuck_dump(node: PipeNode, agent: Agent, fuse_rootfs: str, rootfs: str) -> None:
-    a = podfuse.container(fuse_rootfs, node.volume, PATTERN, victim=podfuse.MAPPING)
+def test_a_mountinfo_grown_past_any_bound_hides_no_fuse_mount_from_the_agent(
+    capture: Capture, fuse_rootfs: str, rootfs: str
+) -> None:
+    """Pod A lists 1,500 mounts under long paths before its FUSE server's: its mountinfo is past
+    4 MiB, its FUSE mount at the end. Read up to a bound, the agent did not find that mount, never
+    aborted it, and A's dump kept the node's only slot for as long as A's server slept."""
+    agent = agent_of(capture, f"[capture]\ntimeout = {DEADLINE}\n")
+    node = PipeNode(capture.config, capture.volume, capture.spool)
+    aborts_stuck_dump(node, agent, fuse_rootfs, rootfs, prelude=podfuse.pad_mountinfo())
+
+
+def aborts_stuck_dump(node: PipeNode, agent: Agent, fuse_rootfs: str, rootfs: str, prelude: str = "") -> None:
+    a = podfuse.container(fuse_rootfs, node.volume, PATTERN, victim=podfuse.MAPPING, prelude=prelude)
     with a.running():
         conns = podfuse.connections(a.pid())
+        if prelude:
+            with open(f"/proc/{a.pid()}/mountinfo", "rb") as f:
+                head = f.read(4 << 20)
+                assert f.read(), "the pod's mountinfo is within 4 MiB"
+            assert not stuckdumps.fuse_mounts(head.splitlines()), "the FUSE mount is within the first 4 MiB"
         try:
             since = runc.uptime()
             podfuse.go(node.volume)

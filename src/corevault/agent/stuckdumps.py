@@ -16,7 +16,10 @@ pass that saw it dumping) has its FUSE mounts found: the devices of its file map
 connection whose mount belongs to the crashed pod alone is aborted (its ``abort`` file under
 ``/sys/fs/fuse/connections/<dev>/``): absent from the host's mount namespace (a mount the host
 sees is the node's, a CSI driver's bucket), and absent from every mount namespace of a process
-of another pod or of the host. Each abort is journaled under the pod as ``dropped`` and counted;
+of another pod or of the host. The maps and mountinfo these decisions rest on are read whole, line by
+line (a tenant decides their length: a FUSE mount or mapping it put past a cut would have kept its
+dump, and the node's slot, out of reach; a sharer's mount past a cut would have been aborted), once
+per stuck process. Each abort is journaled under the pod as ``dropped`` and counted;
 a stuck mount that may not be aborted is logged once. ``[capture] abort_stuck_fuse = false`` turns
 this off. Socket mode needs none of it: the kernel's pipe limit does not count socket dumps.
 """
@@ -27,7 +30,7 @@ import logging
 import os
 import subprocess
 import time
-from collections.abc import Callable
+from collections.abc import Callable, Iterable, Iterator
 
 from corevault import config, spool
 from corevault.agent import procevents
@@ -36,8 +39,10 @@ from corevault.capture import buildid, cgroup
 log = logging.getLogger("corevault.agent")
 
 CONNECTIONS = "/sys/fs/fuse/connections"
-#: bytes of a process's maps / mountinfo / status read at most (the tenant decides their length)
+#: bytes of a process's status / cgroup / stat read at most (the tenant decides their length)
 READ_MAX = 4 << 20
+#: bytes of one maps / mountinfo line kept at most (a path is at most PATH_MAX, escaped 4 times)
+LINE_MAX = 1 << 16
 #: seconds between two looks at most: a look reads every process's status (about 19 µs a process
 #: here), and a deadline of minutes needs no finer watch (a shorter deadline is looked at twice)
 EVERY = 10.0
@@ -51,6 +56,22 @@ def _read(path: str, limit: int = READ_MAX) -> bytes:
             chunks.append(chunk)
             size += len(chunk)
         return b"".join(chunks)
+    finally:
+        os.close(fd)
+
+
+def _lines(path: str) -> Iterator[bytes]:
+    """Every line of ``path``, read whole in chunks: only one line (cut at :data:`LINE_MAX`) is
+    held at a time, however long the file."""
+    fd = os.open(path, os.O_RDONLY | os.O_CLOEXEC)
+    try:
+        rest = b""
+        while chunk := os.read(fd, 1 << 16):
+            lines = (rest + chunk).split(b"\n")
+            rest = lines.pop()[:LINE_MAX]
+            yield from lines
+        if rest:
+            yield rest
     finally:
         os.close(fd)
 
@@ -80,7 +101,7 @@ def dumping(pid: int) -> bool:
 def mapped_devices(pid: int) -> set[bytes]:
     """``major:minor`` (decimal, as mountinfo has them) of the files ``pid`` mapped, from its maps."""
     devs = set()
-    for line in _read(f"/proc/{pid}/maps").splitlines():
+    for line in _lines(f"/proc/{pid}/maps"):
         fields = line.split(None, 5)
         if len(fields) == 6 and fields[4] != b"0":
             major, _, minor = fields[3].partition(b":")
@@ -88,10 +109,10 @@ def mapped_devices(pid: int) -> set[bytes]:
     return devs
 
 
-def fuse_mounts(mountinfo: bytes) -> dict[bytes, bytes]:
-    """``major:minor`` → mount point of the FUSE mounts a mountinfo lists."""
+def fuse_mounts(mountinfo: Iterable[bytes]) -> dict[bytes, bytes]:
+    """``major:minor`` → mount point of the FUSE mounts a mountinfo's lines list."""
     found = {}
-    for line in mountinfo.splitlines():
+    for line in mountinfo:
         fields = line.split(b" ", 5)
         kind = line.partition(b" - ")[2].split(b" ", 1)[0]
         if len(fields) > 4 and kind.partition(b".")[0] in buildid.FUSE_TYPES:
@@ -99,9 +120,9 @@ def fuse_mounts(mountinfo: bytes) -> dict[bytes, bytes]:
     return found
 
 
-def devices(mountinfo: bytes) -> set[bytes]:
-    """The ``major:minor`` of every mount a mountinfo lists."""
-    return {f[2] for line in mountinfo.splitlines() if len(f := line.split(b" ", 3)) == 4}
+def lists(mountinfo: Iterable[bytes], dev: bytes) -> bool:
+    """Whether a mountinfo's lines list a mount of ``major:minor`` ``dev``."""
+    return any(len(f := line.split(b" ", 3)) == 4 and f[2] == dev for line in mountinfo)
 
 
 def _pod_uid(pid: int) -> str | None:
@@ -112,7 +133,7 @@ def _pod_uid(pid: int) -> str | None:
 def seen_elsewhere(dev: bytes, pid: int) -> str | None:
     """Who else sees the mount of ``dev``: the host, or a process of another pod (or of no pod)
     in a mount namespace other than ``pid``'s; None when only ``pid``'s pod does."""
-    if dev in devices(_read("/proc/1/mountinfo")):
+    if lists(_lines("/proc/1/mountinfo"), dev):
         return "the host's mount namespace lists it"
     own_pod = _pod_uid(pid)
     if own_pod is None:
@@ -126,7 +147,7 @@ def seen_elsewhere(dev: bytes, pid: int) -> str | None:
             ns = os.stat(f"/proc/{name}/ns/mnt").st_ino
             if ns in looked:
                 continue
-            if dev in devices(_read(f"/proc/{name}/mountinfo")) and _pod_uid(int(name)) != own_pod:
+            if lists(_lines(f"/proc/{name}/mountinfo"), dev) and _pod_uid(int(name)) != own_pod:
                 return f"process {name}, of another pod or of the host, sees it"
             looked.add(ns)
         except OSError:
@@ -191,6 +212,8 @@ class StuckDumps:
         self.first_seen: dict[int, tuple[bytes, float]] = {}
         #: (pid, dev) already aborted, or logged as not to be aborted
         self.done: set[tuple[int, bytes]] = set()
+        #: the stuck processes (pid, start time) whose mappings were all looked at: not read again
+        self.ended: set[tuple[int, bytes]] = set()
         self.owners = procevents.Owners(settings)
         self.last = -float("inf")
 
@@ -216,17 +239,19 @@ class StuckDumps:
                 stuck[pid] = seen
         self.first_seen = {pid: seen for pid, seen in self.first_seen.items() if pid in stuck}
         self.done = {(pid, dev) for pid, dev in self.done if pid in stuck}
+        self.ended = {(pid, start) for pid, start in self.ended if stuck.get(pid, (None,))[0] == start}
         aborted = 0
-        for pid, (_, since) in stuck.items():
-            if now - since >= self.settings.timeout:
+        for pid, (start, since) in stuck.items():
+            if now - since >= self.settings.timeout and (pid, start) not in self.ended:
                 try:
                     aborted += self._end(pid)
+                    self.ended.add((pid, start))
                 except OSError as e:
                     log.warning("could not look at the stuck dump of process %d: %s", pid, e)
         return aborted
 
     def _end(self, pid: int) -> int:
-        mounts = fuse_mounts(_read(f"/proc/{pid}/mountinfo"))
+        mounts = fuse_mounts(_lines(f"/proc/{pid}/mountinfo"))
         aborted = 0
         for dev in sorted(mapped_devices(pid) & mounts.keys()):
             if (pid, dev) in self.done:
