@@ -15,6 +15,7 @@ import shutil
 import signal
 import subprocess
 import time
+from collections.abc import Callable
 from contextlib import suppress
 from dataclasses import dataclass
 from pathlib import Path
@@ -182,7 +183,53 @@ def test_a_mountinfo_grown_past_any_bound_hides_no_fuse_mount_from_the_agent(
     aborts_stuck_dump(node, agent, fuse_rootfs, rootfs, prelude=podfuse.pad_mountinfo())
 
 
-def aborts_stuck_dump(node: PipeNode, agent: Agent, fuse_rootfs: str, rootfs: str, prelude: str = "") -> None:
+def test_the_pods_own_mount_namespaces_cost_the_agent_no_read(
+    capture: Capture, fuse_rootfs: str, rootfs: str, monkeypatch: pytest.MonkeyPatch
+) -> None:
+    """Pod A makes 20 mount namespaces of its own, each a copy of its mountinfo past 4 MiB, then
+    stops its FUSE server and dumps. Asking each whether it sees A's FUSE mount read 20 times what
+    A chose (over 80 MiB) per stuck dump; the agent now asks no process of A's, and still aborts."""
+    agent = agent_of(capture, f"[capture]\ntimeout = {DEADLINE}\n")
+    node = PipeNode(capture.config, capture.volume, capture.spool)
+    read: list[str] = []
+    lines = stuckdumps._lines
+    monkeypatch.setattr(stuckdumps, "_lines", lambda path: read.append(path) or lines(path))
+    namespaces = "for i in $(busybox seq 20); do busybox unshare -m busybox sleep 1000 & done"
+
+    def only_the_crashed_process_read(a: runc.Container, victim: int) -> None:
+        ours = {pid for pid in map(int, filter(str.isdigit, os.listdir("/proc"))) if pod_of(pid) == a.pod_uid}
+        namespaces = set()
+        for pid in ours:
+            with suppress(OSError):
+                namespaces.add(os.stat(f"/proc/{pid}/ns/mnt").st_ino)
+        assert len(namespaces) > 20, "A made no namespaces of its own"
+        asked = {int(path.split("/")[2]) for path in read if path.split("/")[2].isdigit()}
+        assert asked & ours <= {victim}, f"processes of A asked: {sorted(asked & ours)}"
+
+    aborts_stuck_dump(
+        node, agent, fuse_rootfs, rootfs, prelude=f"{podfuse.pad_mountinfo()}\n{namespaces}",
+        inside=only_the_crashed_process_read,
+    )  # fmt: skip
+
+
+def pod_of(pid: int) -> str | None:
+    try:
+        with open(f"/proc/{pid}/cgroup") as f:
+            info = cgroup.parse(f.read())
+    except OSError:
+        return None
+    return info.pod_uid if info is not None else None
+
+
+def aborts_stuck_dump(
+    node: PipeNode,
+    agent: Agent,
+    fuse_rootfs: str,
+    rootfs: str,
+    *,
+    prelude: str = "",
+    inside: Callable[[runc.Container, int], None] | None = None,
+) -> None:
     a = podfuse.container(fuse_rootfs, node.volume, PATTERN, victim=podfuse.MAPPING, prelude=prelude)
     with a.running():
         conns = podfuse.connections(a.pid())
@@ -200,6 +247,8 @@ def aborts_stuck_dump(node: PipeNode, agent: Agent, fuse_rootfs: str, rootfs: st
             # without the defence A's dump stays, and holds the slot, for as long as its server sleeps
             wait_for(lambda: agent.pass_once() is not None and aborts(node, agent), "the abort", timeout=30)
             wait_for(lambda: not stuck_in_dump(a.pod_uid), "A's dump to end")
+            if inside is not None:
+                inside(a, victim)
             # the kernel gives the slot back once A's pipe helper is done with what it was handed
             runc.wait_for_dump_helpers(since, timeout=60)
             b = runc.Container(rootfs, ["/app/crasher", "segv"], volume=node.volume, annotations=PATTERN)

@@ -145,9 +145,12 @@ def seen_elsewhere(dev: bytes, pid: int) -> str | None:
             continue
         try:
             ns = os.stat(f"/proc/{name}/ns/mnt").st_ino
-            if ns in looked:
+            # the pod's own processes are not asked: their namespaces are the pod's to make, as
+            # many and as long as it likes, and read whole for each stuck dump they would cost
+            # the agent what the pod decides
+            if ns in looked or _pod_uid(int(name)) == own_pod:
                 continue
-            if lists(_lines(f"/proc/{name}/mountinfo"), dev) and _pod_uid(int(name)) != own_pod:
+            if lists(_lines(f"/proc/{name}/mountinfo"), dev):
                 return f"process {name}, of another pod or of the host, sees it"
             looked.add(ns)
         except OSError:
