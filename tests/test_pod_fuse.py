@@ -73,6 +73,34 @@ def test_the_handler_never_asks_the_pods_own_fuse_server(capture: Capture, fuse_
     assert exe["sha256"] is None and "pod's own FUSE filesystem" in exe["stored"], exe
 
 
+#: the pod's process run from an overlayfs the pod mounts over its own FUSE mount: the overlay
+#: is no FUSE mount, its files' pages come from the FUSE server
+OVERLAID = (
+    f"busybox sh -c 'mkdir -p /tmp/e /tmp/o && mount -t overlay ov -o lowerdir={podfuse.MOUNT}:/tmp/e /tmp/o "
+    "&& exec /tmp/o/busybox sleep 1000'"
+)
+
+
+def test_an_overlay_over_the_pods_own_fuse_mount_is_not_read(capture: Capture, fuse_rootfs: str) -> None:
+    """The pod runs busybox from an overlayfs over its own FUSE mount, stops its server and dumps:
+    the overlay's files come from the stopped server. Taken for any other mount, the handler read
+    the executable and waited on the server, and no record came."""
+    capture.configure("[capture]\ntimeout = 60\n")
+    pod = podfuse.container(fuse_rootfs, capture.volume, PATTERN, victim=OVERLAID)
+    with pod.running():
+        conns = podfuse.connections(pod.pid())
+        try:
+            podfuse.go(capture.volume)
+            wait_for(lambda: dumped(capture, pod), "the pod's crash to be recorded", timeout=30)
+        finally:
+            podfuse.abort_connections(conns)
+    [record] = dumped(capture, pod)
+    assert record["event"] == "captured", record
+    [meta] = [m for m in capture.entries() if m["pod"]["uid"] == pod.pod_uid]
+    exe = {m["path"]: m for m in meta["modules"]}["/tmp/o/busybox"]
+    assert exe["sha256"] is None and "pod's own stacked filesystem" in exe["stored"], exe
+
+
 def test_a_fuse_mount_the_host_sees_is_read_as_any_other(tmp_path) -> None:
     """A FUSE mount in the host's mount namespace is the node's (a CSI driver's bucket mount),
     served by the node's daemon: the binaries a process mapped from it are read and identified."""

@@ -175,6 +175,9 @@ NOT_REGULAR = "not a regular file: not opened"
 #: mountinfo's type of a FUSE mount, before the ".<subtype>" its server may name
 FUSE_TYPES = (b"fuse", b"fuseblk")
 
+#: mountinfo's types of filesystems whose files' pages come from the filesystems below them
+STACKED_TYPES = (b"overlay", b"aufs", b"shiftfs")
+
 #: the host's mount namespace: init's (the pipe handler runs in it; the agent runs with hostPID)
 HOST_MOUNTINFO = "/proc/1/mountinfo"
 
@@ -205,15 +208,22 @@ def own_fuse(fd: int, mounts: hashcache.Mounts, host: hashcache.Mounts) -> str |
     also lists (a CSI driver's bucket mount) is the node's, served by the node's own daemon,
     and read as any other file; one only the pod sees is its own. A mount the process's
     mountinfo does not list (cut at ``MOUNTINFO_MAX`` by a tenant's many mounts) is not trusted.
+
+    A stacked filesystem of the pod's own (an overlayfs it mounted, which needs no more than a
+    FUSE mount does) is not trusted either: its layers may be the pod's FUSE mounts, and its
+    files' pages then come from that server, while fdinfo, mountinfo and even maps name the
+    overlay alone. A pod's root overlay is the node's: the host lists it.
     """
     found = mounts.mount(mid) if (mid := mount_id(fd)) is not None else None
     if found is None:
         return "not read: its mount is not in the process's mountinfo"
     dev, kind = found
-    if kind.partition(b".")[0] not in FUSE_TYPES or host.has_device(dev):
+    base = kind.partition(b".")[0]
+    if host.has_device(dev) or base not in FUSE_TYPES + STACKED_TYPES:
         return None
+    what = "FUSE filesystem" if base in FUSE_TYPES else "stacked filesystem, whose layers may be FUSE mounts"
     return (
-        f"not read: on the pod's own FUSE filesystem ({kind.decode(errors='replace')} {dev.decode()}), "
+        f"not read: on the pod's own {what} ({kind.decode(errors='replace')} {dev.decode()}), "
         "whose server may not answer during the dump"
     )
 
