@@ -45,7 +45,7 @@ busybox cp /bin/busybox /tmp/lo/busybox && busybox dd if=/dev/zero of=/tmp/lo/da
 /app/fuse-overlayfs -f -o lowerdir=/tmp/lo {MOUNT} & server=$!
 while [ ! -x {MOUNT}/busybox ]; do sleep 0.05; done
 {victim} > /tmp/victim.out & victim=$!
-case "{victim}" in /app/hang*) while ! busybox grep -q ready /tmp/victim.out; do sleep 0.05; done;; esac
+case "{victim}" in */app/hang*) while ! busybox grep -q ready /tmp/victim.out; do sleep 0.05; done;; esac
 echo ready $server $victim
 while [ ! -e {runc.VOLUME_PATH}/{GO} ]; do sleep 0.05; done
 kill -STOP $server

@@ -240,6 +240,22 @@ def test_the_pods_own_mount_namespaces_cost_the_agent_no_read(
     )  # fmt: skip
 
 
+def test_the_agent_aborts_the_fuse_connection_under_the_pods_own_overlay(
+    capture: Capture, fuse_rootfs: str, rootfs: str
+) -> None:
+    """Pod A maps a file of an overlayfs it mounted over its own FUSE mount (maps names the
+    overlay's device alone), stops its server and dumps: the kernel waits on the FUSE server.
+    Looking only at the FUSE mounts its maps named, the agent never aborted it, and A's dump
+    kept the node's only slot."""
+    agent = agent_of(capture, f"[capture]\ntimeout = {DEADLINE}\n")
+    node = PipeNode(capture.config, capture.volume, capture.spool)
+    overlaid = (
+        f"busybox sh -c 'mkdir -p /tmp/e /tmp/o && mount -t overlay ov -o lowerdir={podfuse.MOUNT}:/tmp/e /tmp/o "
+        "&& exec /app/hang mapped /tmp/o/data'"
+    )
+    aborts_stuck_dump(node, agent, fuse_rootfs, rootfs, victim=overlaid)
+
+
 def pod_of(pid: int) -> str | None:
     try:
         with open(f"/proc/{pid}/cgroup") as f:
@@ -257,8 +273,9 @@ def aborts_stuck_dump(
     *,
     prelude: str = "",
     inside: Callable[[runc.Container, int], None] | None = None,
+    victim: str = podfuse.MAPPING,
 ) -> None:
-    a = podfuse.container(fuse_rootfs, node.volume, PATTERN, victim=podfuse.MAPPING, prelude=prelude)
+    a = podfuse.container(fuse_rootfs, node.volume, PATTERN, victim=victim, prelude=prelude)
     with a.running():
         conns = podfuse.connections(a.pid())
         if prelude:

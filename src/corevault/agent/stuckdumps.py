@@ -12,16 +12,18 @@ Each agent pass (:meth:`StuckDumps.check`, at most every :data:`EVERY` seconds) 
 processes the kernel dumps (``CoreDumping: 1`` in ``/proc/PID/status``) with a task in state D.
 One seen so for longer than the dump's deadline (``[capture] timeout``, counted from the first
 pass that saw it dumping) has its FUSE mounts found: the devices of its file mappings
-(``/proc/PID/maps``, no file is touched) whose mount in its own mountinfo is a FUSE one. Only a
-connection whose mount belongs to the crashed pod alone is aborted (its ``abort`` file under
-``/sys/fs/fuse/connections/<dev>/``): absent from the host's mount namespace (a mount the host
-sees is the node's, a CSI driver's bucket), and absent from every mount namespace of a process
-of another pod or of the host. The maps and mountinfo these decisions rest on are read whole, line by
-line (a tenant decides their length: a FUSE mount or mapping it put past a cut would have kept its
-dump, and the node's slot, out of reach; a sharer's mount past a cut would have been aborted), once
-per stuck process. Each abort is journaled under the pod as ``dropped`` and counted;
-a stuck mount that may not be aborted is logged once. ``[capture] abort_stuck_fuse = false`` turns
-this off. Socket mode needs none of it: the kernel's pipe limit does not count socket dumps.
+(``/proc/PID/maps``, no file is touched) whose mount in its own mountinfo is a FUSE one, or
+every FUSE mount of its mountinfo when it mapped a file of a stacked filesystem of its own
+(:func:`stuck_on`). Only a connection whose mount belongs to the crashed pod alone is aborted
+(its ``abort`` file under ``/sys/fs/fuse/connections/<dev>/``): absent from the host's mount
+namespace (a mount the host sees is the node's, a CSI driver's bucket), and absent from every
+mount namespace of a process of another pod or of the host. The maps and mountinfo these
+decisions rest on are read whole, line by line (a tenant decides their length: a FUSE mount or
+mapping it put past a cut would have kept its dump, and the node's slot, out of reach; a sharer's
+mount past a cut would have been aborted), once per stuck process. Each abort is journaled under
+the pod as ``dropped`` and counted; a stuck mount that may not be aborted is logged once.
+``[capture] abort_stuck_fuse = false`` turns this off. Socket mode needs none of it: the kernel's
+pipe limit does not count socket dumps.
 """
 
 from __future__ import annotations
@@ -109,15 +111,31 @@ def mapped_devices(pid: int) -> set[bytes]:
     return devs
 
 
-def fuse_mounts(mountinfo: Iterable[bytes]) -> dict[bytes, bytes]:
-    """``major:minor`` → mount point of the FUSE mounts a mountinfo's lines list."""
+def fuse_mounts(
+    mountinfo: Iterable[bytes], types: tuple[bytes, ...] = buildid.FUSE_TYPES
+) -> dict[bytes, bytes]:
+    """``major:minor`` → mount point of the mounts of ``types`` (FUSE's) a mountinfo's lines list."""
     found = {}
     for line in mountinfo:
         fields = line.split(b" ", 5)
         kind = line.partition(b" - ")[2].split(b" ", 1)[0]
-        if len(fields) > 4 and kind.partition(b".")[0] in buildid.FUSE_TYPES:
+        if len(fields) > 4 and kind.partition(b".")[0] in types:
             found.setdefault(fields[2], fields[4])
     return found
+
+
+def stuck_on(pid: int) -> tuple[dict[bytes, bytes], set[bytes]]:
+    """The FUSE mounts (``major:minor`` → mount point) in ``pid``'s mountinfo, and those of them
+    its dump may wait on: the ones it mapped files of, or all of them when it mapped a file of a
+    stacked filesystem (overlayfs) the host does not list, whose pages come from layers that maps
+    does not name (an overlay the pod mounted over its own FUSE mount names itself alone)."""
+    both = fuse_mounts(_lines(f"/proc/{pid}/mountinfo"), buildid.FUSE_TYPES + buildid.STACKED_TYPES)
+    fuse = fuse_mounts(_lines(f"/proc/{pid}/mountinfo"))
+    mapped = mapped_devices(pid)
+    stacked = {dev for dev in mapped & both.keys() if dev not in fuse}
+    if any(not lists(_lines("/proc/1/mountinfo"), dev) for dev in stacked):
+        return fuse, set(fuse)
+    return fuse, mapped & fuse.keys()
 
 
 def lists(mountinfo: Iterable[bytes], dev: bytes) -> bool:
@@ -254,9 +272,9 @@ class StuckDumps:
         return aborted
 
     def _end(self, pid: int) -> int:
-        mounts = fuse_mounts(_lines(f"/proc/{pid}/mountinfo"))
+        mounts, waited_on = stuck_on(pid)
         aborted = 0
-        for dev in sorted(mapped_devices(pid) & mounts.keys()):
+        for dev in sorted(waited_on):
             if (pid, dev) in self.done:
                 continue
             self.done.add((pid, dev))
