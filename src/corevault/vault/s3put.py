@@ -13,8 +13,10 @@ client, and both take what they need from that one client, resolved once by boto
 - *who*: the credentials of the store's botocore session (``credentials_file``, the AWS_*
   variables, the whole chain, refreshed by botocore), handed over to obstore as its provider for
   a boto3 session would, and asked for again every second;
-- *TLS*: certificates are checked as botocore checks them, against its CA bundle where one is
-  configured (``AWS_CA_BUNDLE``, ``ca_bundle``); obstore adds that bundle to its roots;
+- *TLS*: certificates are checked against the CA bundle botocore checks them with (the one
+  configured, ``AWS_CA_BUNDLE`` or ``ca_bundle``, else botocore's default, certifi's), which
+  obstore adds to the system's roots; a system without roots of its own (the slim image) is
+  no failure;
 - *retries*: three attempts with backoff, as the botocore client's ``standard`` mode.
 
 obstore can send a SHA-256 of the body (``x-amz-checksum-sha256``; it offers no CRC32 and no
@@ -93,6 +95,7 @@ def open_store(client: Any, bucket: str, session: Any) -> Any:
     """An obstore ``S3Store`` that reaches ``bucket`` where ``client`` does, with the credentials
     of ``session`` (the botocore session that made ``client``); :class:`Unavailable` when the
     session finds none (botocore then fails the request with its own word for it)."""
+    from botocore.httpsession import get_cert_path
     from obstore.exceptions import BaseError
     from obstore.store import S3Store
 
@@ -104,9 +107,12 @@ def open_store(client: Any, bucket: str, session: Any) -> Any:
     if endpoint.startswith("http://"):
         options["allow_http"] = True
     try:
-        if bundle := session.get_config_variable("ca_bundle"):
-            with open(os.path.expanduser(bundle)) as f:
-                options["root_certificate"] = f.read()
+        # the bundle botocore verifies with (the configured one, else its default: certifi's),
+        # always: where the system has no certificates of its own (a slim image without
+        # ca-certificates), obstore's client cannot be built without one
+        bundle = session.get_config_variable("ca_bundle") or get_cert_path(True)
+        with open(os.path.expanduser(bundle)) as f:
+            options["root_certificate"] = f.read()
         return S3Store(
             bucket,
             endpoint=endpoint,
