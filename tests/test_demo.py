@@ -12,14 +12,19 @@ import tempfile
 import httpx
 import pytest
 
-from corevault import hostsetup
-from testbed import servers
+from testbed import servers, sysctl
 
 pytestmark = pytest.mark.crash
 
 
+def settled() -> dict[str, str]:
+    """The host's core settings while no test of another process holds them changed."""
+    with sysctl.core_settings() as now:
+        return now
+
+
 def test_demo_runs_and_restores_the_host() -> None:
-    before = hostsetup.read_sysctls()
+    before = settled()
     d = tempfile.mkdtemp(prefix="cv-", dir="/tmp")
     config = os.path.join(d, "c.toml")
     with open(config, "w") as f:
@@ -59,7 +64,7 @@ def test_demo_runs_and_restores_the_host() -> None:
         code = demo.wait(60)
         shutil.rmtree(d, ignore_errors=True)
     assert code == 0
-    assert hostsetup.read_sysctls() == before
+    assert settled() == before
     for words in (
         "core-!app!crasher-1-",
         "SIGABRT in parse_config",
