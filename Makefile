@@ -75,6 +75,8 @@ bench: setup
 	$(PY) -m bench.s3requests
 	$(PY) -m bench.fuse
 	$(PY) -m bench.tenants
+	$(PY) -m bench.spool_shares
+	$(PY) -m bench.procevents
 
 image: setup
 	$(PY) -m testbed.image
