@@ -314,3 +314,18 @@ def fixture_vault_copy(fixture_vault: FixtureVault) -> Iterator[FixtureVault]:
     node = fixture_vault.node.copy()
     yield FixtureVault(node, dict(fixture_vault.ids), dict(fixture_vault.build_ids))
     shutil.rmtree(node.dir, ignore_errors=True)
+
+
+@pytest.fixture
+def sendfile_calls(monkeypatch: pytest.MonkeyPatch) -> list[int]:
+    """The byte counts of every ``os.sendfile`` in this process (asyncio's zero-copy send uses it)."""
+    calls: list[int] = []
+    real = os.sendfile
+
+    def counted(out_fd: int, in_fd: int, offset: int | None, count: int) -> int:
+        n = real(out_fd, in_fd, offset, count)
+        calls.append(n)
+        return n
+
+    monkeypatch.setattr(os, "sendfile", counted)
+    return calls

@@ -14,7 +14,7 @@ import sys
 
 from corevault import config, spool
 from tests.conftest import FIXTURE_SPOOL
-from tests.nodes import CLI, make_node
+from tests.nodes import CLI, Node, make_node
 from tests.test_stores import weed  # noqa: F401 - the module's server
 
 #: top-level packages of the stores and the catalog driver not in use with a file store and SQLite,
@@ -42,11 +42,8 @@ def imported(stderr: str) -> set[str]:
     return names
 
 
-def test_an_agent_with_a_file_store_and_sqlite_imports_no_cloud_sdk_nor_postgresql_driver() -> None:
-    entries = sorted(os.listdir(spool.ready_dir(FIXTURE_SPOOL)))
-    node = make_node({"dir": FIXTURE_SPOOL, "ids": entries})
-    settings = config.load(node.config)
-    assert settings.vault_store.startswith("file:///") and settings.catalog_url.startswith("sqlite:///")
+def shipped_once(node: Node, entries: list[str]) -> set[str]:
+    """The modules ``agent --once`` imported while it shipped every entry of ``node``'s spool."""
     out = subprocess.run(
         [sys.executable, "-X", "importtime", CLI, "-c", node.config, "agent", "--once"],
         capture_output=True, text=True, timeout=120, check=False,
@@ -54,7 +51,15 @@ def test_an_agent_with_a_file_store_and_sqlite_imports_no_cloud_sdk_nor_postgres
     assert out.returncode == 0, out.stderr[-2000:]
     assert spool.entries(node.spool) == [], "the agent did not ship the entries"
     assert {c["id"] for c in node.crashes()} == set(entries)
-    modules = imported(out.stderr)
+    return imported(out.stderr)
+
+
+def test_an_agent_with_a_file_store_and_sqlite_imports_no_cloud_sdk_nor_postgresql_driver() -> None:
+    entries = sorted(os.listdir(spool.ready_dir(FIXTURE_SPOOL)))
+    node = make_node({"dir": FIXTURE_SPOOL, "ids": entries})
+    settings = config.load(node.config)
+    assert settings.vault_store.startswith("file:///") and settings.catalog_url.startswith("sqlite:///")
+    modules = shipped_once(node, entries)
     assert "corevault.vault.blobs" in modules and "sqlite3" in modules  # the record is complete
     heavy = sorted({m.split(".")[0] for m in modules} & set(NOT_IN_USE))
     assert heavy == [], f"the agent imported what its settings do not use: {heavy}"
@@ -66,13 +71,7 @@ def test_an_agent_with_an_s3_store_imports_botocore_and_obstore_but_not_boto3(we
     entries = sorted(os.listdir(spool.ready_dir(FIXTURE_SPOOL)))
     vault = f'[vault]\nstore = "s3://{weed.bucket}/imports"\n[vault.s3]\nendpoint = "{weed.endpoint}"\naddressing = "path"\n'
     node = make_node({"dir": FIXTURE_SPOOL, "ids": entries}, vault=vault, extra="analyze = false\n")
-    out = subprocess.run(
-        [sys.executable, "-X", "importtime", CLI, "-c", node.config, "agent", "--once"],
-        capture_output=True, text=True, timeout=120, check=False,
-    )  # fmt: skip
-    assert out.returncode == 0, out.stderr[-2000:]
-    assert spool.entries(node.spool) == [], "the agent did not ship the entries"
-    assert {c["id"] for c in node.crashes()} == set(entries)
-    packages = {m.split(".")[0] for m in imported(out.stderr)}
+    modules = shipped_once(node, entries)
+    packages = {m.split(".")[0] for m in modules}
     assert {"botocore", "obstore"} <= packages  # the record is complete, the uploads went through obstore
     assert not packages & {"boto3", "s3transfer"}, "the agent imported boto3's layer"

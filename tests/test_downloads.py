@@ -66,21 +66,6 @@ def get(url: str, who: str, **kw: object) -> httpx.Response:
     return httpx.get(url, headers=headers, timeout=60, **kw)  # type: ignore[arg-type]
 
 
-@pytest.fixture
-def sendfile_calls(monkeypatch: pytest.MonkeyPatch) -> list[int]:
-    """The byte counts of every ``os.sendfile`` in this process (asyncio's zero-copy send uses it)."""
-    calls: list[int] = []
-    real = os.sendfile
-
-    def counted(out_fd: int, in_fd: int, offset: int | None, count: int) -> int:
-        n = real(out_fd, in_fd, offset, count)
-        calls.append(n)
-        return n
-
-    monkeypatch.setattr(os, "sendfile", counted)
-    return calls
-
-
 #: uvicorn's protocol and loop: what ``corevault serve`` runs, and uvicorn's fallbacks without them
 STACKS = [
     pytest.param(("httptools", "uvloop"), id="httptools-uvloop"),

@@ -53,21 +53,28 @@ def dumped(capture: Capture, pod: runc.Container) -> list[dict]:
     return [r for r in records(capture, pod) if r.get("event") != "skipped"]
 
 
-def test_the_handler_never_asks_the_pods_own_fuse_server(capture: Capture, fuse_rootfs: str) -> None:
+def captured_with_its_server_stopped(capture: Capture, fuse_rootfs: str, **kw: str) -> dict:
+    """The pod's process (``victim``) dumps once its FUSE server is stopped; the crash's metadata,
+    once its handler recorded it as captured (without the defence it waits on the stopped server,
+    uninterruptibly, and no record comes)."""
     capture.configure("[capture]\ntimeout = 60\n")
-    pod = podfuse.container(fuse_rootfs, capture.volume, PATTERN)
+    pod = podfuse.container(fuse_rootfs, capture.volume, PATTERN, **kw)
     with pod.running():
         conns = podfuse.connections(pod.pid())
         assert len(conns) == 1, "the pod's FUSE server did not mount"
         try:
             podfuse.go(capture.volume)
-            # without the defence the handler waits on the stopped server, uninterruptibly
             wait_for(lambda: dumped(capture, pod), "the pod's crash to be recorded", timeout=30)
         finally:
             podfuse.abort_connections(conns)
     [record] = dumped(capture, pod)
     assert record["event"] == "captured", record
     [meta] = [m for m in capture.entries() if m["pod"]["uid"] == pod.pod_uid]
+    return meta
+
+
+def test_the_handler_never_asks_the_pods_own_fuse_server(capture: Capture, fuse_rootfs: str) -> None:
+    meta = captured_with_its_server_stopped(capture, fuse_rootfs)
     assert meta["core"]["truncated"] is False and meta["core"]["size"] > 0
     exe = {m["path"]: m for m in meta["modules"]}[f"{podfuse.MOUNT}/busybox"]
     assert exe["sha256"] is None and "pod's own FUSE filesystem" in exe["stored"], exe
@@ -85,18 +92,7 @@ def test_an_overlay_over_the_pods_own_fuse_mount_is_not_read(capture: Capture, f
     """The pod runs busybox from an overlayfs over its own FUSE mount, stops its server and dumps:
     the overlay's files come from the stopped server. Taken for any other mount, the handler read
     the executable and waited on the server, and no record came."""
-    capture.configure("[capture]\ntimeout = 60\n")
-    pod = podfuse.container(fuse_rootfs, capture.volume, PATTERN, victim=OVERLAID)
-    with pod.running():
-        conns = podfuse.connections(pod.pid())
-        try:
-            podfuse.go(capture.volume)
-            wait_for(lambda: dumped(capture, pod), "the pod's crash to be recorded", timeout=30)
-        finally:
-            podfuse.abort_connections(conns)
-    [record] = dumped(capture, pod)
-    assert record["event"] == "captured", record
-    [meta] = [m for m in capture.entries() if m["pod"]["uid"] == pod.pod_uid]
+    meta = captured_with_its_server_stopped(capture, fuse_rootfs, victim=OVERLAID)
     exe = {m["path"]: m for m in meta["modules"]}["/tmp/o/busybox"]
     assert exe["sha256"] is None and "pod's own stacked filesystem" in exe["stored"], exe
 

@@ -219,7 +219,8 @@ def own_fuse(fd: int, mounts: hashcache.Mounts, host: hashcache.Mounts) -> str |
         return "not read: its mount is not in the process's mountinfo"
     dev, kind = found
     base = kind.partition(b".")[0]
-    if host.has_device(dev) or base not in FUSE_TYPES + STACKED_TYPES:
+    # the host's mountinfo is read only for the types that may be the pod's own
+    if base not in FUSE_TYPES + STACKED_TYPES or host.has_device(dev):
         return None
     what = "FUSE filesystem" if base in FUSE_TYPES else "stacked filesystem, whose layers may be FUSE mounts"
     return (
