@@ -21,6 +21,7 @@
 static pthread_mutex_t first = PTHREAD_MUTEX_INITIALIZER, second = PTHREAD_MUTEX_INITIALIZER;
 static pthread_barrier_t both_locked;
 static volatile long longest_pause_us;
+static volatile int spinning; /* set once the spinner runs: "ready" waits for it */
 
 __attribute__((noinline)) void take_first_then_second(void) {
     pthread_mutex_lock(&first);
@@ -45,6 +46,7 @@ static long now_us(void) {
 
 __attribute__((noinline)) void spin_forever(void) {
     long last = now_us();
+    spinning = 1;
     for (;;) {
         long t = now_us();
         if (t - last > longest_pause_us) longest_pause_us = t - last;
@@ -87,6 +89,8 @@ int main(int argc, char **argv) {
             mem[i] = x;
         }
     }
+    if (!strcmp(mode, "spin") || !strcmp(mode, "alloc"))
+        while (!spinning) usleep(1000);  /* a snapshot taken before the thread ran would not show it */
     printf("ready\n");
     fflush(stdout);
     while (access(release, F_OK) != 0) usleep(20000);
