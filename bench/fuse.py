@@ -4,10 +4,14 @@
 
 A mostly-zero core of ``--size-mib`` MiB (one 4 KiB page of data per MiB, like the thread
 stacks of a crashed server) is written and published into the mounted bucket by the
-handler's own code (:class:`~corevault.capture.stream.SparseSink`, then
-:meth:`~corevault.capture.safefs.NewFile.publish`), in a child process measured with
-``wait4``. Against a SeaweedFS bucket on 127.0.0.1, in one run, medians of ``--runs``:
+handler's own code (:class:`~corevault.capture.volumecopy.VolumeCopy`: the writer thread the
+handler copies a pod's volume on), in a child process measured with ``wait4``. Against a
+SeaweedFS bucket on 127.0.0.1, in one run, medians of ``--runs``:
 
+- the writer thread's cost: the same core written into a local directory through it ÷
+  written there directly from the reading thread (:class:`~corevault.capture.stream.SparseSink`,
+  then :meth:`~corevault.capture.safefs.NewFile.publish`; no goal: the price of giving up a
+  volume that stops answering, paid beside the spool's compression on another core);
 - the writer's peak RSS (goal ≤ 64 MiB, flat in the core's size: the core is streamed);
 - publish time, and until the object is in the bucket, ÷ the same publish to a local
   directory (the baseline; no goal: this is the price of the network filesystem);
@@ -34,31 +38,61 @@ from botocore.config import Config
 
 from testbed import fusefs, servers
 
-WRITER = """
-import os, sys
+#: the handler's volume copy: a writer thread fed by the reading thread (what a crash runs)
+THREADED = """
+import os, sys, time
+from corevault import config
+from corevault.capture import stream, volumecopy
+directory, mib, state = sys.argv[1], int(sys.argv[2]), sys.argv[3]
+buf = bytearray(stream.CHUNK)
+buf[:4096] = os.urandom(4096)
+view = memoryview(buf)
+root = os.open("/", os.O_RDONLY | os.O_DIRECTORY)
+started = time.perf_counter()
+copy = volumecopy.VolumeCopy(config.from_dict({"state_dir": state}), (None, None), root, directory, 600)
+for _ in range(mib):
+    copy.write(buf, view, len(buf))
+copy.publish("core", 0, 0)
+copy.result(time.monotonic() + 600)
+copy.close()
+print(time.perf_counter() - started)
+"""
+
+#: the baseline: the same core written and published from the reading thread itself
+DIRECT = """
+import os, sys, time
 from corevault.capture import safefs, stream
 directory, mib = sys.argv[1], int(sys.argv[2])
 buf = bytearray(stream.CHUNK)
 buf[:4096] = os.urandom(4096)
 view = memoryview(buf)
 d = os.open(directory, os.O_RDONLY | os.O_DIRECTORY)
+started = time.perf_counter()
 f = safefs.NewFile(d)
 sink = stream.SparseSink(f.fd)
 for _ in range(mib):
     sink.write(buf, view, len(buf))
 sink.finish()
-print(f.publish("core", 0, 0))
+f.publish("core", 0, 0)
+print(time.perf_counter() - started)
 """
 
 
-def write(directory: str, mib: int) -> tuple[float, int]:
-    """Publish a core into ``directory`` in a child; (seconds, peak RSS in KiB)."""
-    started = time.perf_counter()
-    proc = subprocess.Popen([sys.executable, "-c", WRITER, directory, str(mib)], stdout=subprocess.DEVNULL)
-    _, status, usage = os.wait4(proc.pid, 0)
-    if os.waitstatus_to_exitcode(status) != 0:
-        raise SystemExit(f"publishing into {directory} failed")
-    return time.perf_counter() - started, usage.ru_maxrss
+def write(directory: str, mib: int, writer: str = THREADED) -> tuple[float, int]:
+    """Publish a core into ``directory`` in a child; (seconds from the first write until the
+    core is published, as the child timed it: its start-up is not the writer's; peak RSS in KiB)."""
+    state = tempfile.mkdtemp(prefix="cv-bench-fuse-state-")
+    try:
+        cmd = [sys.executable, "-c", writer, directory, str(mib), state]
+        proc = subprocess.Popen(cmd, stdout=subprocess.PIPE, text=True)
+        assert proc.stdout is not None
+        said = proc.stdout.read()
+        _, status, usage = os.wait4(proc.pid, 0)
+        if os.waitstatus_to_exitcode(status) != 0:
+            raise SystemExit(f"publishing into {directory} failed")
+        return float(said), usage.ru_maxrss
+    finally:
+        shutil.rmtree(state, ignore_errors=True)
 
 
 def cache_usage(mount: fusefs.Mount) -> int:
@@ -120,16 +154,19 @@ def main(argv: list[str] | None = None) -> None:
     print(f"{mib} MiB mostly-zero core, medians of {args.runs}")
     local = tempfile.mkdtemp(prefix="cv-bench-fuse-")
     try:
-        base = []
+        base, direct = [], []
         for _ in range(args.runs):
-            os.makedirs(os.path.join(local, "d"))
-            base.append(write(os.path.join(local, "d"), mib))
-            shutil.rmtree(os.path.join(local, "d"))
+            for writer, into in ((THREADED, base), (DIRECT, direct)):  # alternated: the machine drifts
+                os.makedirs(os.path.join(local, "d"))
+                into.append(write(os.path.join(local, "d"), mib, writer))
+                shutil.rmtree(os.path.join(local, "d"))
     finally:
         shutil.rmtree(local, ignore_errors=True)
     base_s = statistics.median(t for t, _ in base)
+    direct_s = statistics.median(t for t, _ in direct)
     print(
-        f"local directory: {base_s:.2f} s, writer peak RSS {statistics.median(r for _, r in base) / 1024:.1f} MiB"
+        f"local directory: {base_s:.2f} s, writer peak RSS {statistics.median(r for _, r in base) / 1024:.1f} MiB; "
+        f"the writer thread ÷ writing from the reading thread {base_s / direct_s:.2f} ({direct_s:.2f} s; the stall defence's price)"
     )
     with servers.seaweed() as w:
         s3 = boto3.client(
