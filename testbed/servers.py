@@ -113,32 +113,11 @@ class Seaweed:
             env=env,
             start_new_session=True,
         )  # fmt: skip
-        # weed mini starts its master, volume and filer before the gateway: under load, > 30 s
+        # weed mini starts its master, volume and filer before the gateway: under load, > 30 s.
+        # Its port opening says little (the gateway has refused requests for a while after):
+        # ready is when an object goes in and comes back out.
         wait_port(self.s3_port, timeout=90, proc=self.proc)
-        self._wait_bucket()
-
-    def _wait_bucket(self, timeout: float = 90) -> None:
-        # weed mini starts its master, volume and filer one after another: on a loaded 2-core
-        # machine the S3 gateway has been seen to answer only after 30 s
-        import boto3
-        from botocore.config import Config
-
-        s3 = boto3.client(
-            "s3", endpoint_url=self.endpoint, aws_access_key_id=KEY, aws_secret_access_key=SECRET,
-            region_name="us-east-1",
-            config=Config(s3={"addressing_style": "path"}, retries={"max_attempts": 1}),
-        )  # fmt: skip
-        deadline = time.monotonic() + timeout
-        while True:
-            try:
-                s3.create_bucket(Bucket=self.bucket)
-                return
-            except (s3.exceptions.BucketAlreadyOwnedByYou, s3.exceptions.BucketAlreadyExists):
-                return  # a restart over the same data
-            except Exception:
-                if time.monotonic() > deadline:
-                    raise
-                time.sleep(0.2)
+        wait_s3(self.endpoint, self.bucket, timeout=90, proc=self.proc)
 
     def stop(self) -> None:
         if self.proc is None:
@@ -155,6 +134,42 @@ class Seaweed:
             for sock in glob.glob(f"/tmp/seaweedfs-*-{port}.sock"):
                 with suppress(OSError):
                     os.unlink(sock)
+
+
+def wait_s3(endpoint: str, bucket: str, timeout: float = 90, proc: subprocess.Popen | None = None) -> None:
+    """Wait until the S3 server at ``endpoint`` really answers: ``bucket`` made (or there
+    already), and a small object written to it, read back whole and deleted, each with the
+    tests' own credentials. A gateway that takes connections but drops them, refuses requests
+    for now (its filer or volumes not up) or answers with another's data is not ready. With
+    ``proc``, fail at once when it has exited."""
+    import boto3
+    from botocore.config import Config
+
+    s3 = boto3.client(
+        "s3", endpoint_url=endpoint, aws_access_key_id=KEY, aws_secret_access_key=SECRET,
+        region_name="us-east-1",
+        config=Config(s3={"addressing_style": "path"}, retries={"max_attempts": 1}, connect_timeout=5,
+                      read_timeout=10),
+    )  # fmt: skip
+    probe, body = f"ready-{os.getpid()}-{time.monotonic_ns()}", os.urandom(64)
+    deadline = time.monotonic() + timeout
+    while True:
+        try:
+            # there already: a restart over the same data
+            with suppress(s3.exceptions.BucketAlreadyOwnedByYou, s3.exceptions.BucketAlreadyExists):
+                s3.create_bucket(Bucket=bucket)
+            s3.put_object(Bucket=bucket, Key=probe, Body=body)
+            if s3.get_object(Bucket=bucket, Key=probe)["Body"].read() == body:
+                s3.delete_object(Bucket=bucket, Key=probe)
+                return
+            error: Exception = RuntimeError("the object read back is not the one written")
+        except Exception as e:  # refused, dropped, not there yet: asked again until the deadline
+            error = e
+        if proc is not None and proc.poll() is not None:
+            raise RuntimeError(f"{proc.args[0]} exited with {proc.returncode} before answering S3 requests")
+        if time.monotonic() > deadline:
+            raise RuntimeError(f"no S3 answer from {endpoint} after {timeout}s: {error}")
+        time.sleep(0.1)
 
 
 @contextmanager
@@ -257,7 +272,7 @@ def asgi(
             host="127.0.0.1",
             port=0,
             log_level="warning",
-            lifespan="off",
+            lifespan="auto",  # as corevault serve runs it: the app closes what it opened on the way out
             http=http,
             loop=loop,  # type: ignore[arg-type]
             ssl_certfile=tls and tls[0],

@@ -6,6 +6,8 @@ It sits where a flipped bit or a lying store would, whatever the client library 
 obstore alike): the client is given its address as the store's endpoint, and it forwards each
 request unchanged otherwise (the Host header too, so the signature still names what the client
 signed). One request per connection to the server; bodies are read whole (tests send small ones).
+It can also stand for a server that is not ready yet: ``refuse`` answers a request with an
+error of its own, or drops its connection without an answer, instead of passing it on.
 """
 
 from __future__ import annotations
@@ -31,6 +33,9 @@ class Request:
 RequestChange = Callable[[Request], None]
 #: changes an answer's headers in place, given the request it answers
 AnswerChange = Callable[[Request, dict[str, str]], None]
+#: an HTTP status to answer a request with instead of passing it on, 0 to drop its connection
+#: without an answer, or None to pass it on
+Refusal = Callable[[Request], int | None]
 
 HOP = {"connection", "keep-alive", "transfer-encoding", "content-length"}
 
@@ -41,6 +46,7 @@ class Tamper:
     requests: list[Request] = field(default_factory=list)
     change_request: RequestChange | None = None
     change_answer: AnswerChange | None = None
+    refuse: Refusal | None = None
     port: int = 0
     tls: bool = False
 
@@ -56,6 +62,10 @@ class Tamper:
         if handler.headers.get("Transfer-Encoding"):
             raise ValueError("chunked requests are not passed on")
         self.requests.append(request)
+        refusal = self.refuse(request) if self.refuse is not None else None
+        if refusal is not None:
+            self._refuse(handler, refusal)
+            return
         if self.change_request is not None:
             self.change_request(request)
         upstream = http.client.HTTPConnection("127.0.0.1", self.target_port, timeout=60)
@@ -85,6 +95,18 @@ class Tamper:
         handler.end_headers()
         if request.method != "HEAD":
             handler.wfile.write(body)
+
+    @staticmethod
+    def _refuse(handler: BaseHTTPRequestHandler, status: int) -> None:
+        handler.close_connection = True
+        if status == 0:
+            return  # closed without an answer, as a server not listening yet behind its port
+        body = b"<Error><Code>ServiceUnavailable</Code><Message>not ready</Message></Error>"
+        handler.send_response(status)
+        handler.send_header("Content-Type", "application/xml")
+        handler.send_header("Content-Length", str(len(body)))
+        handler.end_headers()
+        handler.wfile.write(body)
 
 
 def _handler(tamper: Tamper) -> type[BaseHTTPRequestHandler]:

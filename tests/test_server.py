@@ -539,3 +539,33 @@ def test_serve_refuses_to_open_everything_beyond_loopback(tmp_path) -> None:
     loose.chmod(0o644)
     out = subprocess.run([CLI, "serve", "--tokens", str(loose)], capture_output=True, text=True, check=False)
     assert out.returncode == 1 and "readable by others" in out.stderr
+
+
+def _catalog_fds(catalog_path: str) -> set[tuple[str, str]]:
+    """This process's descriptors of the catalog's files (the database, its WAL and shared memory)."""
+    found = set()
+    for fd in os.listdir("/proc/self/fd"):
+        try:
+            target = os.readlink(f"/proc/self/fd/{fd}")
+        except OSError:
+            continue  # the directory's own descriptor, closed as it was listed
+        if target.startswith(catalog_path):
+            found.add((fd, target))
+    return found
+
+
+def test_a_stopped_server_leaves_no_descriptor_of_the_catalog_open(fixture_vault_copy: FixtureVault) -> None:
+    """The lookups' own connection (downloads on the event loop) and the catalog's pool are
+    closed when the server shuts down: a server started and stopped in one process leaks neither."""
+    url = fixture_vault_copy.node.settings.catalog_url
+    assert url.startswith("sqlite:///")
+    path = os.path.realpath(url.removeprefix("sqlite:///"))
+    before = _catalog_fds(path)
+    with serve(fixture_vault_copy) as served:
+        assert served.app.state.server.lookups is not None  # downloads are looked up on their own connection
+        build_id = next(iter(served.build_ids.values()))
+        assert served.get(f"/buildid/{build_id}/executable").status_code == 200
+        assert served.get("/api/v1/crashes").json()["items"]
+        serving = _catalog_fds(path) - before
+        assert serving  # open while serving: what is checked below can be seen
+    assert _catalog_fds(path) - before == set()

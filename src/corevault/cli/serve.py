@@ -76,11 +76,11 @@ def serve(
     scheme = "https" if tls_cert else "http"
     shown = f"[{host}]" if ":" in host else host
     print(f"corevault: serving {scheme}://{shown}:{port}/ (Ctrl-C stops)", file=sys.stderr, flush=True)
-    dispatcher = None
     if alerting is not None:
         from corevault.alerts.outbox import Dispatcher
 
-        dispatcher = Dispatcher(app.state.server.vault.engine, alerting).start()
+        # the server stops it as it shuts down, before it closes the catalog the alerts read
+        app.state.server.dispatcher = Dispatcher(app.state.server.vault.engine, alerting).start()
         names = ", ".join(s.name for s in alerting.sinks)
         print(f"corevault: sending alerts to {names}", file=sys.stderr, flush=True)
     try:
@@ -89,5 +89,4 @@ def serve(
             ssl_certfile=tls_cert, ssl_keyfile=tls_key, server_header=False,
         )  # fmt: skip
     finally:
-        if dispatcher is not None:
-            dispatcher.stop()
+        app.state.server.close()  # also when uvicorn failed before its shutdown closed it

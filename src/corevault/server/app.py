@@ -23,7 +23,8 @@ from __future__ import annotations
 
 import logging
 import time
-from collections.abc import Callable
+from collections.abc import AsyncIterator, Callable
+from contextlib import asynccontextmanager
 from typing import Any
 
 from fastapi import FastAPI, HTTPException, Request
@@ -114,6 +115,19 @@ class Server:
         #: the downloads' lookups on the event loop: one connection of their own, each statement
         #: compiled once (see corevault.vault.prepared)
         self.lookups = Prepared(self.vault.engine) if self.local else None
+        #: the alert dispatcher ``corevault serve`` runs beside it (on the catalog's engine), if any
+        self.dispatcher: Any = None
+
+    def close(self) -> None:
+        """Let go of what the server opened: the alert thread first (it uses the catalog), the
+        lookups' connection, the catalog's pool and the store's clients. Called when the
+        application shuts down; closing again closes only what was opened since."""
+        if self.dispatcher is not None:
+            self.dispatcher.stop()
+            self.dispatcher = None
+        if self.lookups is not None:
+            self.lookups.close()
+        self.vault.close()
 
     def namespaces(self) -> list[str]:
         with self.vault.engine.connect() as conn:
@@ -134,7 +148,16 @@ def create_app(settings: config.Settings, access: Access) -> FastAPI:
     from corevault.server import api, downloads, ui
 
     server = Server(settings, access)
+
+    @asynccontextmanager
+    async def lifespan(_app: FastAPI) -> AsyncIterator[None]:
+        try:
+            yield
+        finally:
+            server.close()  # a server stopped in-process leaves no descriptor of the catalog open
+
     app = FastAPI(
+        lifespan=lifespan,
         title="corevault",
         version="1",
         summary="Core dumps of crashed pods and processes: lists, groups, reports, downloads, debuginfod.",

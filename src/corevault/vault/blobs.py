@@ -321,6 +321,12 @@ class S3Store(BucketStore):
         )
         self.redirect_downloads = settings.redirect_downloads
 
+    def close(self) -> None:
+        """Close the clients' connection pools (a long-running server that stops lets go of them)."""
+        self.client.close()
+        if self.signer is not self.client:
+            self.signer.close()
+
     def presign(self, key: str, encoding: str | None = None) -> str | None:
         """A URL that reads the object without credentials for :data:`PRESIGNED_SECONDS`, answered
         with ``Content-Encoding: encoding`` if given; None when downloads are not to be redirected

@@ -175,6 +175,14 @@ class LocalVault:
         self.engine = catalog.connect(settings.catalog_url)
         self.store = stores.vault_store(settings)
 
+    def close(self) -> None:
+        """Close the catalog's pooled connections and the store's clients (the engine opens
+        new ones if it is used again)."""
+        self.engine.dispose()
+        close = getattr(self.store, "close", None)
+        if close is not None:
+            close()
+
     def list(self, filters: Filters, limit: int, before: tuple | None = None) -> list[dict]:
         with self.engine.connect() as conn:
             return catalog.list_crashes(conn, filters, limit, before)
