@@ -293,6 +293,7 @@ class S3Settings:
         "credentials_file",
         "endpoint",
         "part_size",
+        "proxy",
         "public_endpoint",
         "redirect_downloads",
         "region",
@@ -318,6 +319,9 @@ class S3Settings:
         self.checksums = "when_supported"
         #: an AWS-style credentials file; otherwise the usual AWS_* variables and profiles
         self.credentials_file: str | None = None
+        #: the HTTP proxy of the store's requests (http://[user:password@]host:port), or "none"
+        #: for none; None: HTTPS_PROXY / HTTP_PROXY / NO_PROXY decide (corevault.vault.s3proxy)
+        self.proxy: str | None = None
 
 
 class CloudSettings:
@@ -556,6 +560,7 @@ def from_dict(doc: dict, where: str = "config") -> Settings:
         "credentials_file",
         "redirect_downloads",
         "public_endpoint",
+        "proxy",
     }
     _known(s3, s3_keys, f"{where} [vault.s3]")
     s.s3.endpoint = s3.get("endpoint") or None
@@ -570,6 +575,14 @@ def from_dict(doc: dict, where: str = "config") -> Settings:
     s.s3.concurrency = max(1, int(_number(s3, "concurrency", where, s.s3.concurrency)))
     s.s3.credentials_file = s3.get("credentials_file") or None
     s.s3.redirect_downloads = bool(s3.get("redirect_downloads", s.s3.redirect_downloads))
+    if "proxy" in s3:
+        s.s3.proxy = s3["proxy"]
+        if not isinstance(s.s3.proxy, str) or (
+            s.s3.proxy != "none" and not s.s3.proxy.startswith(("http://", "https://"))
+        ):
+            raise ConfigError(
+                f'{where} [vault.s3] proxy: use a URL such as http://host:port, or "none" for no proxy'
+            )
 
     agent = _table(doc, "agent", where)
     _known(

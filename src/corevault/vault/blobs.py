@@ -50,7 +50,7 @@ from typing import BinaryIO, Protocol
 from corevault import atomic
 from corevault.config import S3Settings
 from corevault.errors import UserError
-from corevault.vault import s3put, s3upload
+from corevault.vault import s3proxy, s3put, s3upload
 
 #: how long a redirected download's URL is good for: the reader follows it at once
 PRESIGNED_SECONDS = 60
@@ -294,14 +294,19 @@ class S3Store(BucketStore):
         # over them (its resources, its transfer methods) is used nowhere, and importing it and
         # making a client through it cost the agent's start 60-160 ms of CPU.
         session = botocore.session.Session()
+        region = settings.region or "us-east-1"
+        self.endpoint = settings.endpoint or s3proxy.aws_endpoint(region)
+        # one proxy (or none) for both clients, decided here: each would read the environment
+        # by rules of its own (:mod:`corevault.vault.s3proxy`)
+        self.proxy = s3proxy.for_endpoint(settings.proxy, self.endpoint)
         config = Config(
             s3={"addressing_style": settings.addressing},
             request_checksum_calculation=settings.checksums,
             response_checksum_validation="when_required",
             retries={"max_attempts": 3, "mode": "standard"},
             max_pool_connections=max(10, settings.concurrency * 2),
+            proxies=s3proxy.botocore_proxies(self.proxy),
         )
-        region = settings.region or "us-east-1"
         self.client = session.create_client(
             "s3", endpoint_url=settings.endpoint, region_name=region, config=config
         )
@@ -315,7 +320,11 @@ class S3Store(BucketStore):
         algorithm = "crc32" if settings.checksums == "when_supported" else "md5"
         # a single request through obstore where it can send a checksum the store checks (it
         # sends no Content-MD5, which stores without flexible checksums need)
-        small = partial(s3put.open_store, self.client, bucket, session) if algorithm == "crc32" else None
+        small = (
+            partial(s3put.open_store, self.client, bucket, session, self.proxy)
+            if algorithm == "crc32"
+            else None
+        )
         self.uploads = s3upload.MultipartUpload(
             self.client, bucket, self.url, self.concurrency, algorithm, small=small
         )
@@ -369,10 +378,14 @@ class S3Store(BucketStore):
                 # No answer of the multipart calls gives the object's size: it is looked at.
                 answered = s3upload.in_parts(self._head(key, size), algorithm), expected
         except (BotoCoreError, ClientError, s3put.PutFailed) as e:
-            raise StoreError(f"cannot upload {key} to {self.url}: {e}") from None
+            raise self._failed(f"cannot upload {key} to {self.url}", e) from None
         if answered is not None and answered[0] is not None and answered[0] != answered[1]:
             raise self._wrong(key, f"had the checksum {answered[0]}, not the uploaded bytes' {answered[1]}")
         return Stored(key, size)
+
+    def _failed(self, what: str, error: Exception) -> StoreError:
+        """``what`` failed: why, in one line, with what to do where the proxy is the cause."""
+        return StoreError(f"{what}: {s3proxy.explain(error, self.proxy, self.endpoint) or error}")
 
     def _head(self, key: str, size: int) -> dict:
         """The object's HEAD, once its size is known to be ``size`` (else it is deleted)."""
@@ -397,7 +410,7 @@ class S3Store(BucketStore):
                 for k in s3upload.abort_abandoned(self.client, self.bucket, self._key(""), cutoff)
             ]
         except (BotoCoreError, ClientError) as e:
-            raise StoreError(f"cannot abort the abandoned uploads of {self.url}: {e}") from None
+            raise self._failed(f"cannot abort the abandoned uploads of {self.url}", e) from None
 
     def size(self, key: str) -> int | None:
         from botocore.exceptions import BotoCoreError, ClientError
@@ -407,9 +420,9 @@ class S3Store(BucketStore):
         except ClientError as e:
             if e.response.get("Error", {}).get("Code") in ("404", "NoSuchKey", "NotFound"):
                 return None
-            raise StoreError(f"cannot look at {key} in {self.url}: {e}") from None
+            raise self._failed(f"cannot look at {key} in {self.url}", e) from None
         except BotoCoreError as e:
-            raise StoreError(f"cannot reach {self.url}: {e}") from None
+            raise self._failed(f"cannot reach {self.url}", e) from None
 
     def open(self, key: str, start: int = 0, length: int | None = None) -> BinaryIO:
         from botocore.exceptions import BotoCoreError, ClientError
@@ -419,7 +432,7 @@ class S3Store(BucketStore):
         try:
             return self.client.get_object(Bucket=self.bucket, Key=self._key(key), **ranged)["Body"]
         except (BotoCoreError, ClientError) as e:
-            raise StoreError(f"cannot read {key} from {self.url}: {e}") from None
+            raise self._failed(f"cannot read {key} from {self.url}", e) from None
 
     def delete(self, key: str) -> None:
         from botocore.exceptions import BotoCoreError, ClientError
@@ -427,7 +440,7 @@ class S3Store(BucketStore):
         try:
             self.client.delete_object(Bucket=self.bucket, Key=self._key(key))
         except (BotoCoreError, ClientError) as e:
-            raise StoreError(f"cannot delete {key} from {self.url}: {e}") from None
+            raise self._failed(f"cannot delete {key} from {self.url}", e) from None
 
     def keys(self, prefix: str) -> Iterator[tuple[str, int]]:
         paginator = self.client.get_paginator("list_objects_v2")

@@ -17,7 +17,11 @@ client, and both take what they need from that one client, resolved once by boto
   configured, ``AWS_CA_BUNDLE`` or ``ca_bundle``, else botocore's default, certifi's), which
   obstore adds to the system's roots; a system without roots of its own (the slim image) is
   no failure;
-- *retries*: three attempts with backoff, as the botocore client's ``standard`` mode.
+- *retries and timeouts*: the botocore client's: as many attempts (its ``max_attempts`` of 3
+  retries makes 4; three here made the two clients give up on a failing store after different
+  counts), its connect and read timeouts;
+- *proxy*: the one the store decided for both clients (:mod:`corevault.vault.s3proxy`), never
+  obstore's own reading of the environment.
 
 obstore can send a SHA-256 of the body (``x-amz-checksum-sha256``; it offers no CRC32 and no
 Content-MD5): the service checks the body against it before it keeps anything (SeaweedFS answers
@@ -38,15 +42,15 @@ from functools import partial
 from typing import Any
 from urllib.parse import urlparse
 
+from corevault.vault import s3proxy
+
 #: how long obstore keeps credentials before it asks the botocore session again, which hands
 #: over its own (refreshed by botocore when they near their expiry, whatever their lifetime):
 #: a call a second costs nothing, and credentials never outlive botocore's view of them by more
 CREDENTIALS_TTL = timedelta(seconds=1)
-#: the botocore client's ``standard`` retries: three attempts
-RETRIES = 2
-#: botocore's own timeouts (60 s to connect, 60 s per read); obstore's default 30 s for a
-#: whole request would cut an 8 MiB object short on a slow link
-TIMEOUTS = {"connect_timeout": "60s", "read_timeout": "60s", "timeout": "15min"}
+#: a whole request's limit: botocore has none, only its connect and read timeouts (given to
+#: obstore too); obstore's default 30 s would cut an 8 MiB object short on a slow link
+REQUEST_TIMEOUT = "15min"
 
 
 class Unavailable(Exception):
@@ -91,10 +95,11 @@ def bucket_endpoint(client: Any, bucket: str) -> tuple[str, bool]:
     return base + tail, True
 
 
-def open_store(client: Any, bucket: str, session: Any) -> Any:
-    """An obstore ``S3Store`` that reaches ``bucket`` where ``client`` does, with the credentials
-    of ``session`` (the botocore session that made ``client``); :class:`Unavailable` when the
-    session finds none (botocore then fails the request with its own word for it)."""
+def open_store(client: Any, bucket: str, session: Any, proxy: str | None = None) -> Any:
+    """An obstore ``S3Store`` that reaches ``bucket`` where ``client`` does, through ``proxy`` (or
+    none), with the credentials of ``session`` (the botocore session that made ``client``), its
+    retries and timeouts; :class:`Unavailable` when the session finds no credentials (botocore
+    then fails the request with its own word for it)."""
     from botocore.httpsession import get_cert_path
     from obstore.exceptions import BaseError
     from obstore.store import S3Store
@@ -103,7 +108,10 @@ def open_store(client: Any, bucket: str, session: Any) -> Any:
     if credentials is None:
         raise Unavailable(f"no credentials for s3://{bucket}")
     endpoint, virtual = bucket_endpoint(client, bucket)
-    options: dict[str, Any] = dict(TIMEOUTS)
+    options: dict[str, Any] = {
+        **client_options(client.meta.config),
+        **s3proxy.obstore_options(proxy, endpoint),
+    }
     if endpoint.startswith("http://"):
         options["allow_http"] = True
     try:
@@ -121,10 +129,25 @@ def open_store(client: Any, bucket: str, session: Any) -> Any:
             checksum_algorithm="sha256",
             credential_provider=partial(handed_over, credentials),
             client_options=options,
-            retry_config={"max_retries": RETRIES},
+            retry_config={"max_retries": retries(client.meta.config)},
         )
     except (OSError, BaseError) as e:
         raise PutFailed(f"cannot reach {endpoint} with obstore: {error_text(e)}") from None
+
+
+def client_options(config: Any) -> dict[str, str]:
+    """botocore's connect and read timeouts (seconds; 60 each unless configured) as obstore's."""
+    return {
+        "connect_timeout": f"{round(float(config.connect_timeout) * 1000)}ms",
+        "read_timeout": f"{round(float(config.read_timeout) * 1000)}ms",
+        "timeout": REQUEST_TIMEOUT,
+    }
+
+
+def retries(config: Any) -> int:
+    """The retries of the botocore client's ``config`` after a first attempt: its attempts less one
+    (botocore's ``standard`` mode makes 3 when no ``max_attempts`` is configured)."""
+    return (config.retries or {}).get("total_max_attempts", 3) - 1
 
 
 def handed_over(credentials: Any) -> dict:

@@ -1,0 +1,145 @@
+"""The HTTP proxy an S3 store's requests go through: decided once, handed to both clients.
+
+Many clusters reach their object store only through an egress proxy, named in the agent's
+environment (``HTTPS_PROXY``, ``HTTP_PROXY``, ``NO_PROXY``). The store's two clients, botocore
+and obstore (:mod:`corevault.vault.s3put`), each read those variables by rules of their own,
+and left alone they disagree (tried against tinyproxy in front of SeaweedFS, the store's
+endpoint ``http://127.0.0.1:PORT``; tests/test_s3proxy.py):
+
+==============================  ======================  ======================
+the environment                 botocore (urllib's)     obstore (reqwest's)
+==============================  ======================  ======================
+``NO_PROXY=*``                  direct                  through the proxy
+``NO_PROXY=127.0.0.1:PORT``     direct                  through the proxy
+``NO_PROXY=.0.0.1``             direct                  through the proxy
+``NO_PROXY=127.0.0.0/8``        through the proxy       direct
+``ALL_PROXY`` alone             direct                  through the proxy
+``HTTP_PROXY`` and              ``http_proxy``'s        ``HTTP_PROXY``'s
+``http_proxy`` both set
+==============================  ======================  ======================
+
+So half of a shipping run could go around a proxy that the other half goes through. Here the
+store decides once, and gives both clients the answer explicitly (botocore's ``proxies``;
+obstore's ``proxy_url``), so that neither reads the variables itself:
+
+- ``[vault.s3] proxy`` when set: its URL, or ``"none"`` for no proxy whatever the environment
+  says (the store's proxy beside its endpoint, leaving the agent's other clients, such as the
+  upstream debuginfod fetches, to the environment);
+- else the environment, read by the standard library's rules, which botocore and most Python
+  tools share (lower-case names before upper-case ones; the variable of the endpoint's scheme;
+  ``NO_PROXY`` names hosts, ``host:port``, domain suffixes, or ``*``), and address ranges
+  (``10.0.0.0/8``) as well, which Kubernetes nodes' ``NO_PROXY`` lists commonly hold and which
+  urllib does not know. ``NO_PROXY`` is matched against the endpoint's host, as botocore
+  matches it (a bucket's virtual-hosted address is a subdomain of it).
+
+A request the proxy refuses (an answer that is not the store's, 403 or 407) or cannot carry (the
+proxy away, its tunnel refused) is a one-line error that names the proxy (without its
+credentials) and says what to do.
+"""
+
+from __future__ import annotations
+
+import ipaddress
+import urllib.request
+from typing import Any
+from urllib.parse import urlparse
+
+#: the ``[vault.s3] proxy`` value for no proxy, whatever the environment says
+NONE = "none"
+#: headers of an S3 service's answers, never of a proxy's own (a HEAD's answer has no body, so
+#: botocore makes its error code the HTTP status: these tell the store's 403 from the proxy's)
+STORE_ANSWERED = frozenset({"x-amz-request-id", "x-oss-request-id"})
+
+
+def for_endpoint(setting: str | None, endpoint: str) -> str | None:
+    """The proxy URL of the requests to ``endpoint``, or None for direct ones."""
+    if setting is not None:
+        return None if setting == NONE else setting
+    proxies = urllib.request.getproxies_environment()
+    url = urlparse(endpoint)
+    proxy = proxies.get(url.scheme)
+    if not proxy or bypassed(url.netloc, proxies.get("no", "")):
+        return None
+    # urllib takes "host:port" for http://host:port, as botocore does
+    return proxy if "://" in proxy else "http://" + proxy
+
+
+def aws_endpoint(region: str) -> str:
+    """The endpoint botocore makes the requests of a region's S3 to, when none is configured."""
+    return "https://s3.amazonaws.com" if region == "us-east-1" else f"https://s3.{region}.amazonaws.com"
+
+
+def bypassed(netloc: str, no_proxy: str) -> bool:
+    """Whether ``NO_PROXY`` names the host (``netloc``: ``host[:port]``): urllib's rules, and
+    address ranges."""
+    if not no_proxy:
+        return False
+    if urllib.request.proxy_bypass_environment(netloc, {"no": no_proxy}):
+        return True
+    host = urlparse("//" + netloc).hostname or ""
+    try:
+        address = ipaddress.ip_address(host)
+    except ValueError:
+        return False
+    for entry in no_proxy.split(","):
+        try:
+            if address in ipaddress.ip_network(entry.strip(), strict=False):
+                return True
+        except ValueError:
+            continue  # a host name: urllib's part
+    return False
+
+
+def botocore_proxies(proxy: str | None) -> dict[str, str]:
+    """botocore's ``proxies``: an empty one is no proxy, where None would have it read the
+    environment again by its own rules."""
+    return {"http": proxy, "https": proxy} if proxy else {}
+
+
+def obstore_options(proxy: str | None, bucket_url: str) -> dict[str, str]:
+    """obstore's client options for ``proxy``. Without one, obstore would read the environment by
+    reqwest's rules; a proxy of its own turns that off, and it has no option for none: so the
+    bucket's host is excluded from a proxy that is then never used (reqwest ignores a ``*``
+    among the exclusions)."""
+    if proxy:
+        return {"proxy_url": proxy}
+    host = urlparse(bucket_url).hostname or ""
+    return {"proxy_url": bucket_url, "proxy_excludes": host}
+
+
+def shown(proxy: str) -> str:
+    """The proxy's URL without the credentials it may carry."""
+    url = urlparse(proxy)
+    return f"{url.scheme}://{url.hostname}" + (f":{url.port}" if url.port else "")
+
+
+def explain(error: Exception, proxy: str | None, endpoint: str) -> str | None:
+    """What went wrong and what to do, in one line, when ``error`` came from ``proxy`` rather than
+    from the store; None when no proxy is in the way or the store itself answered."""
+    if proxy is None:
+        return None
+    from botocore.exceptions import ClientError, ProxyConnectionError
+
+    host = urlparse(endpoint).hostname
+    where = f"the proxy {shown(proxy)}"
+    advice = f"allow {host} on it, or name {host} in NO_PROXY to reach the store directly"
+    if isinstance(error, ClientError):
+        response: dict[str, Any] = error.response
+        status = response.get("ResponseMetadata", {}).get("HTTPStatusCode")
+        if status == 407:
+            return f"{where} asks for credentials (HTTP 407): give them in its URL (http://user:password@host:port)"
+        code = response.get("Error", {}).get("Code") or ""
+        headers = response.get("ResponseMetadata", {}).get("HTTPHeaders", {})
+        if (code and not code.isdigit()) or STORE_ANSWERED & set(headers):
+            return None  # the store's own answer, through the proxy
+        return f"{where} refused the request to {host} (HTTP {status}): {advice}"
+    if isinstance(error, ProxyConnectionError):
+        cause = " ".join(str(error.kwargs.get("error", error)).split())
+        return f"cannot go through {where} to {host} ({cause}): check that it runs, and {advice}"
+    text = str(error)
+    if "<Code>" in text:
+        return None  # the store's own answer, through the proxy (obstore's error quotes it)
+    if "with status" in text:
+        return f"{where} refused the request to {host} ({text}): {advice}"
+    # obstore sees most refusals as the proxy closing the connection, or as a failed tunnel
+    return f"cannot go through {where} to {host} ({text}): check that it runs, and {advice}"
