@@ -47,6 +47,8 @@ class Tamper:
     change_request: RequestChange | None = None
     change_answer: AnswerChange | None = None
     refuse: Refusal | None = None
+    #: the client's address of each connection opened to it (a request or more each)
+    connections: list[tuple[str, int]] = field(default_factory=list)
     port: int = 0
     tls: bool = False
 
@@ -112,6 +114,10 @@ class Tamper:
 def _handler(tamper: Tamper) -> type[BaseHTTPRequestHandler]:
     class Handler(BaseHTTPRequestHandler):
         protocol_version = "HTTP/1.1"
+
+        def setup(self) -> None:
+            tamper.connections.append(self.client_address)  # one handler per connection
+            super().setup()
 
         def handle_one_request(self) -> None:
             self.raw_requestline = self.rfile.readline(65537)

@@ -20,7 +20,7 @@ from corevault import config, spool
 from corevault.agent.loop import Agent
 from corevault.config import S3Settings
 from corevault.vault import blobs, s3proxy, s3put, stores
-from testbed import egress, servers, tamper
+from testbed import egress, servers, tamper, tls
 from tests.conftest import FIXTURE_SPOOL
 from tests.nodes import Node, make_node
 from tests.test_store_answers import operation
@@ -282,3 +282,25 @@ def test_obstore_has_botocores_timeouts() -> None:
 )
 def test_no_proxy_forms(netloc: str, no_proxy: str, bypassed: bool) -> None:
     assert s3proxy.bypassed(netloc, no_proxy) is bypassed
+
+
+def test_an_https_store_is_reached_through_the_proxys_tunnels_alone(
+    weed,  # noqa: F811
+    proxy,
+    monkeypatch,
+    tmp_path,
+) -> None:
+    """An https:// endpoint: each client opens CONNECT tunnels through the proxy (TLS inside, the
+    store's certificate checked against AWS_CA_BUNDLE), and every connection the store took is one
+    of those tunnels."""
+    cert, key = tls.self_signed(str(tmp_path))
+    monkeypatch.setenv("AWS_CA_BUNDLE", cert)
+    with tamper.tamper(weed.s3_port, tls=(cert, key)) as side:
+        monkeypatch.setenv("HTTPS_PROXY", proxy.url)
+        monkeypatch.setenv("HTTP_PROXY", "http://127.0.0.1:9")  # for http:// endpoints only: unused
+        ship(shipping_node(weed, side.endpoint, big=True))
+        clients = by_client(side)
+        assert clients["obstore"] == {"PutObject"} and "UploadPart" in clients["botocore"]
+        tunnels = proxy.requests()
+        assert set(tunnels) == {("CONNECT", f"127.0.0.1:{side.port}")}
+        assert len(tunnels) == len(side.connections)
