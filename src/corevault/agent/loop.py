@@ -36,6 +36,7 @@ from corevault.agent.kernellog import KernelLog
 from corevault.agent.metrics import Metrics
 from corevault.agent.procevents import ProcEvents
 from corevault.agent.stuckdumps import StuckDumps
+from corevault.capture import stateprune
 from corevault.vault import blobs, catalog, retention
 from corevault.vault.crashes import LocalVault
 
@@ -44,6 +45,7 @@ RETRYABLE = (blobs.StoreError, catalog.CatalogError, sa.exc.OperationalError, sa
 MAX_BACKOFF = 300.0
 VACUUM_EVERY = 600.0
 EVICT_EVERY = 60.0  # seconds between evictions from the node's binary store
+PRUNE_EVERY = 600.0  # seconds between prunings of gone tenants' slot and storm files (capture.stateprune)
 #: failures of an entry's own (not the vault away) before it is set aside: with the backoff,
 #: about a minute, long enough for a hiccup of the catalog to pass
 QUARANTINE_AFTER = 6
@@ -88,6 +90,7 @@ class Agent:
         self.unreachable: str | None = None
         self.last_vacuum = 0.0
         self.last_evict = 0.0
+        self.last_prune = -PRUNE_EVERY  # on the first pass
         #: whether core_pattern was corevault's at the last look (None: not looked, or not installed)
         self.installed: bool | None = None
         #: when the loop last took a step (a pass, or an entry within one), for the liveness probe
@@ -214,9 +217,22 @@ class Agent:
             gone = storeclean.evict(s)
             if gone:
                 log.info("removed %d binaries no spool entry needs from the node's store", len(gone))
+        if time.monotonic() - self.last_prune > PRUNE_EVERY:
+            self.last_prune = time.monotonic()
+            self._prune_state()
         waiting = len(spool.entries(s.spool_dir))
         self.metrics.queue.set(waiting)
         return waiting
+
+    def _prune_state(self) -> None:
+        """Remove the dump slot and storm files of tenants gone for a while (never one held)."""
+        try:
+            pruned = stateprune.prune(self.settings.state_dir, self.settings.storm_window)
+        except OSError as e:
+            log.warning("could not prune the state directory %s: %s", self.settings.state_dir, e)
+            return
+        if pruned.removed:
+            log.info("removed %d idle dump slot and %d storm files", pruned.slots, pruned.budgets)
 
     def _end_stuck_dumps(self) -> None:
         """Abort a pod's own FUSE connection a pipe dump of its is stuck on past the deadline."""

@@ -14,6 +14,11 @@ Tenants get fixed shares of what the node has for dumps (:func:`take_slot`): at 
 and a dump beyond that is refused before a byte of its core is read, so its handler exits
 at once and gives the kernel's ``core_pipe_limit`` slot back to other tenants' crashes.
 
+The slot and budget files of tenants that are gone are removed by the agent
+(:mod:`corevault.capture.stateprune`), each under its own lock: a slot file is taken only once its
+lock is held *and* it is still linked (``st_nlink``), so a file removed between a handler's open
+and its lock is opened again by name rather than held as a second copy of the same slot.
+
 A bad annotation never costs the crash its core: an unusable targets or size value is
 reported as a warning and the node's defaults apply. Only the pattern itself is refused
 when invalid, because guessing where to write would be worse.
@@ -24,6 +29,7 @@ from __future__ import annotations
 import fcntl
 import os
 import struct
+from time import monotonic, sleep
 
 from corevault import pattern, podannotations, quickjson
 from corevault.capture.lookup import Owner
@@ -31,6 +37,14 @@ from corevault.capture.process import Crash
 from corevault.config import ConfigError, Settings, parse_size, parse_targets
 
 _INF = float("inf")
+#: the state directory's sets of slot files (see :func:`take_slot`) and of storm budgets (:func:`admit`)
+DUMPS, STORM = "dumps", "storm"
+#: taken exclusively by the pruner for each file it removes, shared by a dump about to be refused
+#: because every slot of its share looked held: one of them may have been the pruner's for an instant
+PRUNE_LOCK = "prune.lock"
+#: how long a dump about to be refused waits for the pruner to finish with one file (it holds it
+#: for microseconds; a pruner that is stopped or frozen meanwhile must not hold crashes up)
+PRUNE_WAIT = 0.05
 
 
 class Plan:
@@ -130,7 +144,7 @@ def tenant_keys(owner: Owner) -> tuple[str | None, str | None]:
     return pod, (_key("n-", owner.namespace) if owner.namespace else None)
 
 
-def take_slot(state_dir: str, key: str, share: int, kind: str = "dumps") -> int | None:
+def take_slot(state_dir: str, key: str, share: int, kind: str = DUMPS) -> int | None:
     """Hold one of ``key``'s ``share`` dump slots: the locked fd, or None when all are taken.
 
     A slot is an ``flock`` on one of ``share`` files: the kernel releases it when the holder
@@ -139,15 +153,56 @@ def take_slot(state_dir: str, key: str, share: int, kind: str = "dumps") -> int 
     the set of slots (a directory of the state dir): dumps being read, writers stuck on a volume.
     """
     d = os.path.join(state_dir, kind)
-    for i in range(share):
-        fd = _open_state(d, f"{key}.{i}")
+    fd = _take_free(d, key, share)
+    if fd is None and share > 0:
+        settled = _pruner_settled(state_dir)  # one of them may have been the pruner's for an instant
         try:
-            fcntl.flock(fd, fcntl.LOCK_EX | fcntl.LOCK_NB)
-        except BlockingIOError:
+            fd = _take_free(d, key, share)
+        finally:
+            _let_go(settled)
+    return fd
+
+
+def _take_free(directory: str, key: str, share: int) -> int | None:
+    for i in range(share):
+        name = f"{key}.{i}"
+        while True:
+            fd = open_state(directory, name)
+            try:
+                fcntl.flock(fd, fcntl.LOCK_EX | fcntl.LOCK_NB)
+            except BlockingIOError:
+                os.close(fd)
+                break
+            if os.fstat(fd).st_nlink:
+                return fd
+            # pruned between the open and the lock: holding this unlinked file would let the next
+            # dump take the same slot in a new file of that name; open the name again (a new file
+            # is young, which the pruner leaves alone, so this ends)
             os.close(fd)
-            continue
-        return fd
     return None
+
+
+def _pruner_settled(state_dir: str) -> int | None:
+    """Wait (at most :data:`PRUNE_WAIT`) until the pruner is between two files and keep it there:
+    the fd to close to let it go on, or None."""
+    try:
+        fd = open_state(state_dir, PRUNE_LOCK)
+    except OSError:
+        return None  # no lock to take (a read-only state dir): nothing prunes there either
+    deadline = monotonic() + PRUNE_WAIT
+    while True:
+        try:
+            fcntl.flock(fd, fcntl.LOCK_SH | fcntl.LOCK_NB)
+            return fd
+        except BlockingIOError:
+            if monotonic() > deadline:
+                return fd  # a pruner stopped mid-file: the refusal stands
+            sleep(0.001)
+
+
+def _let_go(fd: int | None) -> None:
+    if fd is not None:
+        os.close(fd)
 
 
 def held_slots(state_dir: str, key: str, share: int, kind: str, *, upto: int | None = None) -> int:
@@ -156,32 +211,61 @@ def held_slots(state_dir: str, key: str, share: int, kind: str, *, upto: int | N
     Asked without taking one for long: a slot file that was never made is free, and a free one is
     locked shared for an instant only (a holder's exclusive lock refuses it). Without the kind's
     directory (no slot of it was ever taken on this node, the usual case) that is one lookup.
+    A count that reaches ``upto`` is made again once the pruner is between two files (it holds
+    each one's lock for an instant).
     """
-    try:
-        d = os.open(os.path.join(state_dir, kind), os.O_PATH | os.O_DIRECTORY | os.O_CLOEXEC | os.O_NOFOLLOW)
-    except OSError:
-        return 0
-    held = 0
-    try:
-        for i in range(share):
-            try:
-                fd = os.open(f"{key}.{i}", os.O_RDONLY | os.O_CLOEXEC | os.O_NOFOLLOW, dir_fd=d)
-            except OSError:
-                continue
-            try:
-                fcntl.flock(fd, fcntl.LOCK_SH | fcntl.LOCK_NB)
-            except BlockingIOError:
-                held += 1
-                if upto is not None and held >= upto:
-                    break
-            finally:
-                os.close(fd)
-    finally:
-        os.close(d)
+    held = _count_held(state_dir, key, share, kind, upto)
+    if held and held >= (upto if upto is not None else share):
+        settled = _pruner_settled(state_dir)
+        try:
+            held = _count_held(state_dir, key, share, kind, upto)
+        finally:
+            _let_go(settled)
     return held
 
 
-def _open_state(directory: str, name: str) -> int:
+def _count_held(state_dir: str, key: str, share: int, kind: str, upto: int | None) -> int:
+    while True:
+        try:
+            d = os.open(
+                os.path.join(state_dir, kind), os.O_PATH | os.O_DIRECTORY | os.O_CLOEXEC | os.O_NOFOLLOW
+            )
+        except OSError:
+            return 0
+        held = 0
+        try:
+            for i in range(share):
+                if _probe_held(d, f"{key}.{i}"):
+                    held += 1
+                    if upto is not None and held >= upto:
+                        break
+            if os.fstat(d).st_nlink:
+                return held
+            # the pruner removed this directory (empty then) as it was read: a slot taken since is
+            # in a new one of that name
+        finally:
+            os.close(d)
+
+
+def _probe_held(d: int, name: str) -> bool:
+    while True:
+        try:
+            fd = os.open(name, os.O_RDONLY | os.O_CLOEXEC | os.O_NOFOLLOW, dir_fd=d)
+        except OSError:
+            return False
+        try:
+            fcntl.flock(fd, fcntl.LOCK_SH | fcntl.LOCK_NB)
+        except BlockingIOError:
+            return True
+        else:
+            if os.fstat(fd).st_nlink:
+                return False
+            # pruned as it was opened: the name may be a new file, held: look at that one
+        finally:
+            os.close(fd)
+
+
+def open_state(directory: str, name: str) -> int:
     """Open (or create) a root-only state file, never through a symlink; the directory is made
     the first time only (trying the open first spares every crash a mkdir that fails)."""
     path = os.path.join(directory, name)
@@ -189,8 +273,15 @@ def _open_state(directory: str, name: str) -> int:
     try:
         return os.open(path, flags, 0o600)
     except FileNotFoundError:
+        pass
+    for _ in range(2):
         os.makedirs(directory, mode=0o700, exist_ok=True)
-        return os.open(path, flags, 0o600)
+        try:
+            return os.open(path, flags, 0o600)
+        except FileNotFoundError:
+            continue  # the pruner removed the directory, empty, between the two
+    os.makedirs(directory, mode=0o700, exist_ok=True)
+    return os.open(path, flags, 0o600)
 
 
 def _times(doc: object, name: str, now: float, window: float) -> list[float]:
@@ -281,9 +372,13 @@ def admit(state_dir: str, key: str, limit: int, window: float, now: float) -> tu
     crashes of one container arrive in parallel handlers. What one crash reads and writes does
     not grow with the limit nor with the crashes counted.
     """
-    fd = _open_state(os.path.join(state_dir, "storm"), key)
-    try:
+    while True:
+        fd = open_state(os.path.join(state_dir, STORM), key)
         fcntl.flock(fd, fcntl.LOCK_EX)
+        if os.fstat(fd).st_nlink:
+            break
+        os.close(fd)  # pruned (idle past the window) while this waited for its lock: the name's file counts
+    try:
         head = os.pread(fd, _STORM_HEAD.size, 0)
         fields = _STORM_HEAD.unpack(head) if len(head) == _STORM_HEAD.size else None
         if (
