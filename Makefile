@@ -10,7 +10,7 @@ VENV   := .venv
 PY     := $(VENV)/bin/python
 APT_PACKAGES := runc busybox-static gdb elfutils zstd bubblewrap gcc g++ libc6-dev binutils libc6-dbg postgresql chromium curl \
 	golang-go rustc debuginfod s3fs rclone fuse3 podman slirp4netns buildah mmdebstrap umoci skopeo containerd \
-	prometheus prometheus-alertmanager tinyproxy-bin
+	prometheus prometheus-alertmanager tinyproxy-bin erofs-utils
 
 .PHONY: setup apt venv npm demo test quick lint bench image clean
 

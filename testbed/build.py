@@ -25,6 +25,7 @@ PROGRAMS = {
     "mention": ("mention.c", ["gcc", "-O1"]),
     "hang": ("hang.c", ["gcc", "-g", "-O1", "-pthread"]),
     "racer": ("racer.c", ["gcc", "-O1", "-Wall", "-Werror"]),
+    "fsmount": ("fsmount.c", ["gcc", "-O1", "-Wall", "-Werror", "-static"]),
 }
 
 

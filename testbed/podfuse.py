@@ -9,6 +9,13 @@ pod's own FUSE filesystem), or runs ``hang mapped`` on a file of the mount (the 
 reads from the server as it dumps), and on the test's word stops its server (SIGSTOP) and has that
 process dump core (SIGABRT). No mount of it is visible in the host's mount namespace.
 
+A filesystem the kernel reads from a file can be served by the pod's FUSE server under a name of
+its own: :func:`on_erofs` mounts an erofs image (:data:`IMAGE`, made by :func:`rootfs` with
+``mkfs.erofs``: busybox, padded with bytes no exec reads, and a data file) that lies on the FUSE
+mount, with the kernel's file-backed erofs (no loop device needed, only ``CAP_SYS_ADMIN``), and
+runs its command from there. Its pages come from the FUSE server, while maps, fdinfo and
+mountinfo name an erofs mount alone.
+
 :func:`abort_connections` ends the FUSE connections of a pod's own mounts through their
 ``abort`` file (:func:`corevault.agent.stuckdumps.abort`): every request waiting on the stopped
 server fails, so whatever is stuck on it ends. Tests call it in a ``finally``.
@@ -17,6 +24,8 @@ server fails, so whatever is stuck on it ends. Tests call it in a ``finally``.
 from __future__ import annotations
 
 import os
+import shutil
+import subprocess
 from contextlib import suppress
 
 from corevault.agent import stuckdumps
@@ -54,9 +63,39 @@ sleep 1000
 """
 
 
+#: the erofs image in the rootfs's /app, copied onto the FUSE mount's lower directory by
+#: :data:`WITH_IMAGE` and mounted by :func:`on_erofs`
+IMAGE = "img.erofs"
+#: where :func:`on_erofs` mounts the image in the pod
+EROFS = "/tmp/e"
+#: a prelude that puts the image on the FUSE mount (its lower directory, before the server starts)
+WITH_IMAGE = f"mkdir -p /tmp/lo && busybox cp /app/{IMAGE} /tmp/lo/{IMAGE} || exit 1"
+
+
+def on_erofs(command: str) -> str:
+    """A victim that mounts the image on the FUSE mount as erofs and runs ``command`` (whose
+    files are under :data:`EROFS`) from there."""
+    return f"busybox sh -c 'mkdir -p {EROFS} && /app/fsmount erofs {MOUNT}/{IMAGE} {EROFS} && exec {command}'"
+
+
 def rootfs(path: str) -> str:
-    """A busybox root with the FUSE server at /app/fuse-overlayfs."""
-    return runc.build_rootfs(path, {"fuse-overlayfs": FUSE_OVERLAYFS, "hang": build.build("hang")})
+    """A busybox root with the FUSE server at /app/fuse-overlayfs, ``hang``, ``fsmount`` and the
+    erofs image."""
+    root = runc.build_rootfs(
+        path,
+        {"fuse-overlayfs": FUSE_OVERLAYFS, "hang": build.build("hang"), "fsmount": build.build("fsmount")},
+    )
+    tree = f"{path}.erofs"
+    os.makedirs(tree, exist_ok=True)
+    # busybox with 4 MiB after it that exec never reads: a hash of the whole file asks the server
+    shutil.copy2(runc.BUSYBOX, f"{tree}/busybox")
+    with open(f"{tree}/busybox", "ab") as f:
+        f.write(os.urandom(4 << 20))
+    with open(f"{tree}/data", "wb") as f:
+        f.write(os.urandom(1 << 20))
+    subprocess.run(["mkfs.erofs", f"{root}/app/{IMAGE}", tree], check=True, capture_output=True)
+    shutil.rmtree(tree)
+    return root
 
 
 def pad_mountinfo(mounts: int = 1500) -> str:

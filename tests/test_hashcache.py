@@ -111,7 +111,7 @@ def test_a_cache_entry_cut_short_or_lost_means_a_new_hash_never_a_wrong_one(
         "", whole[: len(name) + 5], whole[:-40], whole[:-1],  # cut short
         whole[:-1] + "0",  # cut after the last digit, a stale byte after it
         f"{name} {stamp} {wrong}\n"[:-1], whole[:-3] + "\n",  # a digest that is not this entry's
-        f"{name[:-1]}0 {stamp} {wrong}\n",  # another file's entry left in this one's blocks
+        f"{name[:-1]}{'1' if name.endswith('0') else '0'} {stamp} {wrong}\n",  # another file's entry left in its blocks
     ):  # fmt: skip
         with open(path, "w") as f:
             f.write(left)
@@ -152,17 +152,19 @@ def test_a_library_changed_through_a_writable_mapping_is_hashed_again(
     assert changed["sha256"] == sha256(lib) != module(first, "/app/libcrashy.so")["sha256"]
 
 
-def test_binaries_on_a_filesystem_that_only_the_container_mounts_are_cached(
+def test_binaries_on_a_disk_the_container_mounts_are_read_once_the_host_lists_it(
     capture: Capture, programs: dict[str, str], tmp_path
 ) -> None:
-    """Which filesystems the cache trusts is read from the crashed process's own mountinfo. Here
-    the program is on an ext4 that the container mounts in its mount namespace alone, as every
-    pod's mounts are to an agent in a container of its own (socket mode): the handler's mountinfo
-    does not list it, the crashed process's does."""
+    """A disk that the runtime mounts in the container's namespace alone is the pod's own: its
+    backing (here a loop device's file) may be the pod's to stop, so its binaries are not read.
+    Once the host mounts it too (as the kubelet mounts a volume, then binds it into the pod), they
+    are read, and remembered: which filesystems the cache trusts is read from the crashed
+    process's own mountinfo, where the container's mount of that disk is its own."""
     app = tmp_path / "app"
     app.mkdir()
     shutil.copy(programs["crasher"], app / "crasher")
-    image = tmp_path / "app.ext4"
+    image, seen = tmp_path / "app.ext4", tmp_path / "host"
+    seen.mkdir()
     subprocess.run(["mkfs.ext4", "-q", "-d", str(app), str(image), "8M"], check=True)
     loop = subprocess.run(
         ["losetup", "--find", "--show", "--read-only", str(image)], capture_output=True, text=True, check=True
@@ -173,6 +175,9 @@ def test_binaries_on_a_filesystem_that_only_the_container_mounts_are_cached(
             assert f" {os.major(dev)}:{os.minor(dev)} " not in f.read()  # not mounted out here
         rootfs = runc.build_rootfs(str(tmp_path / "root"), programs)
         mount = {"destination": "/opt", "type": "ext4", "source": loop, "options": ["ro"]}
+        alone = module(crash_once(capture, rootfs, ["/opt/crasher", "segv"], mounts=[mount]), "/opt/crasher")
+        assert alone["sha256"] is None and "pod's own filesystem (ext4" in alone["stored"], alone
+        subprocess.run(["mount", "-o", "ro", loop, str(seen)], check=True)
         meta = crash_once(capture, rootfs, ["/opt/crasher", "segv"], mounts=[mount])
         assert module(meta, "/opt/crasher")["sha256"] == sha256(programs["crasher"])
         cached = os.listdir(hashcache.cache_dir(capture.state_dir))
@@ -180,6 +185,7 @@ def test_binaries_on_a_filesystem_that_only_the_container_mounts_are_cached(
         again = crash_once(capture, rootfs, ["/opt/crasher", "segv"], mounts=[mount])
         assert module(again, "/opt/crasher")["sha256"] == sha256(programs["crasher"])
     finally:
+        subprocess.run(["umount", str(seen)], check=False, capture_output=True)
         subprocess.run(["losetup", "--detach", loop], check=False)
 
 

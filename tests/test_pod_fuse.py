@@ -97,6 +97,17 @@ def test_an_overlay_over_the_pods_own_fuse_mount_is_not_read(capture: Capture, f
     assert exe["sha256"] is None and "pod's own stacked filesystem" in exe["stored"], exe
 
 
+def test_an_erofs_image_on_the_pods_own_fuse_mount_is_not_read(capture: Capture, fuse_rootfs: str) -> None:
+    """The pod mounts an erofs image that lies on its own FUSE mount (the kernel reads the image
+    file, so the FUSE server serves every page), runs busybox from it, stops its server and dumps.
+    Taken for a filesystem the kernel serves alone (neither FUSE nor stacked), the handler hashed
+    the executable, waited on the server, and no record came."""
+    victim = podfuse.on_erofs(f"{podfuse.EROFS}/busybox sleep 1000")
+    meta = captured_with_its_server_stopped(capture, fuse_rootfs, victim=victim, prelude=podfuse.WITH_IMAGE)
+    exe = {m["path"]: m for m in meta["modules"]}[f"{podfuse.EROFS}/busybox"]
+    assert exe["sha256"] is None and "pod's own filesystem (erofs" in exe["stored"], exe
+
+
 def test_a_fuse_mount_the_host_sees_is_read_as_any_other(tmp_path) -> None:
     """A FUSE mount in the host's mount namespace is the node's (a CSI driver's bucket mount),
     served by the node's daemon: the binaries a process mapped from it are read and identified."""
@@ -204,7 +215,7 @@ def test_a_mountinfo_grown_past_any_bound_hides_no_fuse_mount_from_the_agent(
     aborted it, and A's dump kept the node's only slot for as long as A's server slept."""
     agent = agent_of(capture, f"[capture]\ntimeout = {DEADLINE}\n")
     node = PipeNode(capture.config, capture.volume, capture.spool)
-    aborts_stuck_dump(node, agent, fuse_rootfs, rootfs, prelude=podfuse.pad_mountinfo())
+    aborts_stuck_dump(node, agent, fuse_rootfs, rootfs, prelude=podfuse.pad_mountinfo(), padded=True)
 
 
 def test_the_pods_own_mount_namespaces_cost_the_agent_no_read(
@@ -231,7 +242,7 @@ def test_the_pods_own_mount_namespaces_cost_the_agent_no_read(
         assert asked & ours <= {victim}, f"processes of A asked: {sorted(asked & ours)}"
 
     aborts_stuck_dump(
-        node, agent, fuse_rootfs, rootfs, prelude=f"{podfuse.pad_mountinfo()}\n{namespaces}",
+        node, agent, fuse_rootfs, rootfs, prelude=f"{podfuse.pad_mountinfo()}\n{namespaces}", padded=True,
         inside=only_the_crashed_process_read,
     )  # fmt: skip
 
@@ -252,6 +263,19 @@ def test_the_agent_aborts_the_fuse_connection_under_the_pods_own_overlay(
     aborts_stuck_dump(node, agent, fuse_rootfs, rootfs, victim=overlaid)
 
 
+def test_the_agent_aborts_the_fuse_connection_under_the_pods_own_erofs(
+    capture: Capture, fuse_rootfs: str, rootfs: str
+) -> None:
+    """Pod A maps a file of an erofs image that lies on its own FUSE mount (maps names the erofs
+    device alone), stops its server and dumps: the kernel waits on the FUSE server for the image's
+    pages. Looking only at FUSE and stacked mounts, the agent never aborted it, and A's dump kept
+    the node's only slot."""
+    agent = agent_of(capture, f"[capture]\ntimeout = {DEADLINE}\n")
+    node = PipeNode(capture.config, capture.volume, capture.spool)
+    victim = podfuse.on_erofs(f"/app/hang mapped {podfuse.EROFS}/data")
+    aborts_stuck_dump(node, agent, fuse_rootfs, rootfs, prelude=podfuse.WITH_IMAGE, victim=victim)
+
+
 def pod_of(pid: int) -> str | None:
     try:
         with open(f"/proc/{pid}/cgroup") as f:
@@ -268,13 +292,14 @@ def aborts_stuck_dump(
     rootfs: str,
     *,
     prelude: str = "",
+    padded: bool = False,
     inside: Callable[[runc.Container, int], None] | None = None,
     victim: str = podfuse.MAPPING,
 ) -> None:
     a = podfuse.container(fuse_rootfs, node.volume, PATTERN, victim=victim, prelude=prelude)
     with a.running():
         conns = podfuse.connections(a.pid())
-        if prelude:
+        if padded:
             with open(f"/proc/{a.pid()}/mountinfo", "rb") as f:
                 head = f.read(4 << 20)
                 assert f.read(), "the pod's mountinfo is within 4 MiB"

@@ -13,9 +13,10 @@ processes the kernel dumps (``CoreDumping: 1`` in ``/proc/PID/status``) with a t
 One seen so for longer than the dump's deadline (``[capture] timeout``, counted from the first
 pass that saw it dumping) has its FUSE mounts found: the devices of its file mappings
 (``/proc/PID/maps``, no file is touched) whose mount in its own mountinfo is a FUSE one, or
-every FUSE mount of its mountinfo when it mapped a file of a stacked filesystem of its own
-(:func:`stuck_on`). Only a connection whose mount belongs to the crashed pod alone is aborted
-(its ``abort`` file under ``/sys/fs/fuse/connections/<dev>/``): absent from the host's mount
+every FUSE mount of its mountinfo when it mapped a file of a filesystem of its own that may
+read from them: an overlay over them, an erofs image file on them (:func:`stuck_on`). Only a
+connection whose mount belongs to the crashed pod alone is aborted (its ``abort`` file under
+``/sys/fs/fuse/connections/<dev>/``): absent from the host's mount
 namespace (a mount the host sees is the node's, a CSI driver's bucket), and absent from every
 mount namespace of a process of another pod or of the host. The maps and mountinfo these
 decisions rest on are read whole, line by line (a tenant decides their length: a FUSE mount or
@@ -127,15 +128,33 @@ def fuse_mounts(
 def stuck_on(pid: int) -> tuple[dict[bytes, bytes], set[bytes]]:
     """The FUSE mounts (``major:minor`` → mount point) in ``pid``'s mountinfo, and those of them
     its dump may wait on: the ones it mapped files of, or all of them when it mapped a file of a
-    stacked filesystem (overlayfs) the host does not list, whose pages come from layers that maps
-    does not name (an overlay the pod mounted over its own FUSE mount names itself alone)."""
-    both = fuse_mounts(_lines(f"/proc/{pid}/mountinfo"), buildid.FUSE_TYPES + buildid.STACKED_TYPES)
+    filesystem the host does not list that may read from them (:func:`beneath_fuse`): its
+    pages come from mounts that maps does not name (an overlay the pod mounted over its own
+    FUSE mount, an erofs image file on it, name themselves alone)."""
     fuse = fuse_mounts(_lines(f"/proc/{pid}/mountinfo"))
     mapped = mapped_devices(pid)
-    stacked = {dev for dev in mapped & both.keys() if dev not in fuse}
-    if any(not lists(_lines("/proc/1/mountinfo"), dev) for dev in stacked):
+    others = {
+        dev for dev, kind in mount_types(_lines(f"/proc/{pid}/mountinfo")).items() if beneath_fuse(kind)
+    }
+    if mapped & others - fuse.keys() - mount_types(_lines("/proc/1/mountinfo")).keys():
         return fuse, set(fuse)
     return fuse, mapped & fuse.keys()
+
+
+def beneath_fuse(kind: bytes) -> bool:
+    """Whether a filesystem of mountinfo's type ``kind`` may read its files' pages from a FUSE
+    mount (neither FUSE itself nor in memory alone: :func:`corevault.capture.buildid.own_fuse`)."""
+    return kind.partition(b".")[0] not in buildid.FUSE_TYPES + buildid.MEMORY_TYPES
+
+
+def mount_types(mountinfo: Iterable[bytes]) -> dict[bytes, bytes]:
+    """``major:minor`` → filesystem type of every mount a mountinfo's lines list."""
+    found = {}
+    for line in mountinfo:
+        fields = line.split(b" ", 3)
+        if len(fields) == 4:
+            found.setdefault(fields[2], line.partition(b" - ")[2].split(b" ", 1)[0])
+    return found
 
 
 def lists(mountinfo: Iterable[bytes], dev: bytes) -> bool:

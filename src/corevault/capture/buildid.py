@@ -135,12 +135,12 @@ def hold_modules(
     FUSE filesystem whose server stopped answering, or a hard NFS mount whose server is gone,
     cannot hold the caller up here; :func:`identify_modules` opens it for reading later.
 
-    A file on a FUSE filesystem of the pod's own (:func:`own_fuse`; ``mounts`` is the crashed
-    process's mountinfo, ``host`` the host's) is never asked anything, in either mode: its fd
-    is closed at once and the module is listed as not read, with why.
+    A file on a filesystem of the pod's own that may wait on the pod's server (:func:`own_fuse`;
+    ``mounts`` is the crashed process's mountinfo, ``host`` the host's) is never asked anything,
+    in either mode: its fd is closed at once and the module is listed as not read, with why.
     """
     mounts = mounts if mounts is not None else hashcache.Mounts(proc_fd)
-    host = host if host is not None else hashcache.Mounts(path=HOST_MOUNTINFO)
+    host = host if host is not None else host_mounts(proc_fd, mounts)
     mapped = mapped_objects(maps)
     # Files with code first (the executable, its libraries), then data files (jars, fonts, a
     # tenant's thousands of mappings); within each, in the order of their addresses.
@@ -181,8 +181,23 @@ FUSE_TYPES = (b"fuse", b"fuseblk")
 #: mountinfo's types of filesystems whose files' pages come from the filesystems below them
 STACKED_TYPES = (b"overlay", b"aufs", b"shiftfs")
 
+#: mountinfo's types of filesystems whose files live in memory alone: no server, file or device
+#: behind them that a pod could stop
+MEMORY_TYPES = (b"tmpfs", b"ramfs", b"hugetlbfs")
+
 #: the host's mount namespace: init's (the pipe handler runs in it; the agent runs with hostPID)
 HOST_MOUNTINFO = "/proc/1/mountinfo"
+
+
+def host_mounts(proc_fd: int, mounts: hashcache.Mounts) -> hashcache.Mounts:
+    """The host's mountinfo: ``mounts`` itself when the crashed process is in the host's mount
+    namespace (a process of the node, not of a pod), so it is not read twice."""
+    try:
+        if os.stat("ns/mnt", dir_fd=proc_fd).st_ino == os.stat("/proc/1/ns/mnt").st_ino:
+            return mounts
+    except OSError:
+        pass  # init's namespace files may be closed even to root: read its mountinfo
+    return hashcache.Mounts(path=HOST_MOUNTINFO)
 
 
 def mount_id(fd: int) -> int | None:
@@ -209,44 +224,54 @@ def own_fuse(
     the pod runs itself can stop answering while its process dumps, and a request already sent
     waits uninterruptibly. Even ``fstat`` and ``fstatfs`` ask the server (statfs does for root):
     the filesystem's type is taken from the mount the fd is on, which the kernel names in
-    fdinfo and in the crashed process's mountinfo. A FUSE mount the host's mount namespace
-    also lists (a CSI driver's bucket mount) is the node's, served by the node's own daemon,
-    and read as any other file; one only the pod sees is its own. A mount the process's
-    mountinfo does not list (cut at ``MOUNTINFO_MAX`` by a tenant's many mounts) is not trusted.
+    fdinfo and in the crashed process's mountinfo. A mount the host's mount namespace also lists
+    (a CSI driver's bucket mount, the pod's root overlay, its volumes) is the node's, served by
+    the node, and read as any other file. A mount the process's mountinfo does not list (cut at
+    ``MOUNTINFO_MAX`` by a tenant's many mounts) is not trusted.
 
-    A stacked filesystem of the pod's own (an overlayfs it mounted, which needs no more than a
-    FUSE mount does) is not trusted either: its layers may be the pod's FUSE mounts, and its
-    files' pages then come from that server, while fdinfo, mountinfo and even maps name the
-    overlay alone. A pod's root overlay is the node's: the host lists it.
+    Any other filesystem the pod mounted itself is not trusted either, unless it lives in memory
+    alone (:data:`MEMORY_TYPES`): its pages may come from the pod's own server under a name of
+    their own. An overlayfs (or aufs, shiftfs) over the pod's FUSE mount reads its layers; an
+    erofs image file on that mount is read by the kernel from the FUSE server (a pod with
+    ``CAP_SYS_ADMIN`` mounts one without a loop device); a pod's own NFS or SMB server stops
+    answering as its FUSE server does. fdinfo, mountinfo and maps name that filesystem alone.
 
     ``dev`` is the device maps gives the mapping (``major:minor``, as mountinfo writes it):
     the kernel's device of the file's superblock, the same one mountinfo names its mounts by,
     and one superblock has one type. When the process's mountinfo lists that device as neither
-    FUSE nor stacked, the file is read without looking up its mount (fdinfo: three system
-    calls per mapped file, on every crash); anything else is looked up as above.
+    FUSE nor stacked (whose mappings may name a superblock other than the file held's), and it
+    is in memory or the host lists it, the file is read without looking up its mount (fdinfo:
+    three system calls per mapped file, on every crash); anything else is looked up as above.
     """
-    if dev is not None and (kind := mounts.kind(dev)) is not None and not _maybe_own(kind):
+    kind = mounts.kind(dev) if dev is not None else None
+    if (
+        kind is not None
+        and not _stacking(kind)
+        and (kind.partition(b".")[0] in MEMORY_TYPES or host.has_device(dev))
+    ):
         return None
     found = mounts.mount(mid) if (mid := mount_id(fd)) is not None else None
     if found is None:
         return "not read: its mount is not in the process's mountinfo"
     dev, kind = found
-    # the host's mountinfo is read only for the types that may be the pod's own
-    if not _maybe_own(kind) or host.has_device(dev):
+    base = kind.partition(b".")[0]
+    if base in MEMORY_TYPES or host.has_device(dev):
         return None
-    what = (
-        "FUSE filesystem"
-        if kind.partition(b".")[0] in FUSE_TYPES
-        else "stacked filesystem, whose layers may be FUSE mounts"
-    )
+    if base in FUSE_TYPES:
+        what, why = "FUSE filesystem", "whose server"
+    elif base in STACKED_TYPES:
+        what, why = "stacked filesystem", "whose layers may be FUSE mounts, whose server"
+    else:
+        what, why = "filesystem", "whose image file, device or server may be the pod's, which"
     return (
         f"not read: on the pod's own {what} ({kind.decode(errors='replace')} {dev.decode()}), "
-        "whose server may not answer during the dump"
+        f"{why} may not answer during the dump"
     )
 
 
-def _maybe_own(kind: bytes) -> bool:
-    """Whether a filesystem of mountinfo's type ``kind`` may be served by the pod itself."""
+def _stacking(kind: bytes) -> bool:
+    """Whether a mapping on a filesystem of mountinfo's type ``kind`` may name a superblock other
+    than the file's that map_files holds (FUSE passthrough's backing file, an overlay's layer)."""
     return kind.partition(b".")[0] in FUSE_TYPES + STACKED_TYPES
 
 
