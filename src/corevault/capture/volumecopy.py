@@ -21,6 +21,14 @@ way after ``stall`` seconds is waited for after the let-go, when it holds only t
 slots, until ``until`` (before the dump's deadline, so the spool entry is finished in time); then
 it is given up too.
 
+A core read whole in its first read (shorter than a block: ``stream.pump``'s first read is
+one) is handed over with the publish, in one wake-up, and the writer thread is started only
+then: started with the dump, it took the GIL back and forth with the reading thread at every
+system call of the reading thread's own (the spool entry, the compressor, the binaries), ~45
+futex calls and a dozen context switches for a 4 KiB core. Its steps and the stall rule
+are the same; only when they run differs. The writer ends after the publish, the last thing
+asked of it, so closing the copy wakes no one.
+
 Built on ``_thread`` and ``_collections`` (C, built into the interpreter): ``threading`` would
 import more on every crash's path, and ``_queue`` is an extension module whose load (~0.4 ms)
 every crash with a volume would pay, where :mod:`.offload` loads it for large cores only. A
@@ -59,8 +67,9 @@ class Channel:
         self.signal = _thread.allocate_lock()
         self.signal.acquire()
 
-    def put(self, item: object) -> None:
-        self.items.append(item)
+    def put(self, *items: object) -> None:
+        """Append ``items`` in order; the reader is woken once."""
+        self.items.extend(items)
         if self.signal.locked():
             try:
                 self.signal.release()
@@ -116,8 +125,16 @@ class VolumeCopy:
         self.ended = False
         self.stuck: list[int] = []  # the stuck slots, once given up; closed when the thread ends
         self.publishing = False
-        # the thread's own: the caller closes its root fd when the dump ends, given up or not
-        _thread.start_new_thread(self._run, (os.dup(root_fd), directory))
+        #: the thread's own root fd and directory until it is started (:meth:`_start`); the
+        #: caller closes its root fd when the dump ends, given up or not
+        self.pending: tuple[int, str] | None = (os.dup(root_fd), directory)
+        #: what a core read whole in one read gave, handed over with the publish
+        self.held: list[tuple] = []
+
+    def _start(self) -> None:
+        if self.pending is not None:
+            args, self.pending = self.pending, None
+            _thread.start_new_thread(self._run, args)
 
     # -- the reading thread's side
 
@@ -125,24 +142,33 @@ class VolumeCopy:
         """Hand ``view[:n]`` to the writer; raises when the copy failed or stalled."""
         self._raise()
         if zero or (zero is None and n == stream.CHUNK and buf == stream.zero_chunk()):
-            self.inbox.put((n, None))
-            return
-        if self.made < POOL and self.free.empty():
+            item: tuple = (n, None)
+        elif self.made < POOL and self.free.empty():
             self.made += 1
             # a small core's one read gets a buffer of its size: 1 MiB zeroed costs ~2 ms of CPU
             chunk = bytearray(n if n < stream.BLOCK else stream.CHUNK)
+            chunk[:n] = view[:n]
+            item = (n, chunk)
         else:
             chunk = self._wait(self.free)
             if len(chunk) < n:
                 chunk = bytearray(stream.CHUNK)
-        chunk[:n] = view[:n]
-        self.inbox.put((n, chunk))
+            chunk[:n] = view[:n]
+            item = (n, chunk)
+        if self.pending is not None and not self.held and n < stream.BLOCK:
+            self.held.append(item)  # the whole core: it goes with the publish
+            return
+        self._start()
+        self.inbox.put(*self.held, item)
+        self.held.clear()
 
     def publish(self, name: str, uid: int, gid: int) -> None:
         """Ask the writer to finish the file and publish it as ``name``; :meth:`result` says how."""
         self._raise()
         self.publishing = True
-        self.inbox.put(("publish", name, uid, gid))
+        self._start()
+        self.inbox.put(*self.held, ("publish", name, uid, gid))
+        self.held.clear()
 
     def result(self, until: float | None) -> str | None:
         """The published name; VolumeFailed when the copy failed, stalled, or outlasted ``until``
@@ -161,6 +187,10 @@ class VolumeCopy:
 
     def close(self) -> None:
         """End the writer: it removes what it did not publish. Waits as the stall rule allows."""
+        if self.pending is not None:  # never started: nothing was made in the volume
+            os.close(self.pending[0])
+            self.pending, self.ended = None, True
+            return
         self.inbox.put(_END)
         if self.given_up is None and not self.ended:
             try:
@@ -217,6 +247,7 @@ class VolumeCopy:
         dir_fd = -1
         new: safefs.NewFile | None = None
         sink: stream.SparseSink | None = None
+        published: object = _END  # what the publish gave, handed over once the thread is done
         try:
             try:
                 dir_fd = safefs.open_dir(root_fd, directory)
@@ -230,10 +261,10 @@ class VolumeCopy:
                 os.close(root_fd)
             self.done += 1
             while (item := self.inbox.get()) is not _END:
-                if item[0] == "publish":
-                    self.results.put(self._publish(new, sink, *item[1:]))
+                if item[0] == "publish":  # the last thing asked: nothing is written after it
+                    published = self._publish(new, sink, *item[1:])
                     new = None
-                    continue
+                    break
                 n, chunk = item
                 if self.error is None and self.given_up is None:
                     try:
@@ -257,6 +288,8 @@ class VolumeCopy:
                 stuck, self.stuck = self.stuck, []
             for fd in stuck:
                 os.close(fd)
+            if published is not _END:
+                self.results.put(published)
             self.ends.put(True)
 
     def _publish(
