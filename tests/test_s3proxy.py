@@ -304,3 +304,26 @@ def test_an_https_store_is_reached_through_the_proxys_tunnels_alone(
         tunnels = proxy.requests()
         assert set(tunnels) == {("CONNECT", f"127.0.0.1:{side.port}")}
         assert len(tunnels) == len(side.connections)
+
+
+@pytest.mark.parametrize(
+    ("region", "host"),
+    [("us-east-1", "s3.amazonaws.com"), ("eu-west-1", "s3.eu-west-1.amazonaws.com"),
+     ("cn-north-1", "s3.cn-north-1.amazonaws.com.cn")],
+)  # fmt: skip
+def test_no_proxy_is_matched_against_the_endpoint_botocore_resolves(
+    monkeypatch: pytest.MonkeyPatch, region: str, host: str
+) -> None:
+    """No endpoint configured (AWS): the host NO_PROXY must name is the one botocore makes the
+    region's requests to; nothing is sent to know it."""
+    monkeypatch.setenv("HTTPS_PROXY", "http://egress.invalid:3128")
+    s3 = S3Settings()
+    s3.region = region
+    through = stores.open_store("s3://bucket/p", s3)
+    assert isinstance(through, blobs.S3Store)
+    assert through.proxy == "http://egress.invalid:3128"
+    assert through.client.meta.config.proxies == {"http": through.proxy, "https": through.proxy}
+    monkeypatch.setenv("NO_PROXY", host)
+    direct = stores.open_store("s3://bucket/p", s3)
+    assert isinstance(direct, blobs.S3Store)
+    assert (direct.proxy, direct.client.meta.config.proxies, direct.endpoint) == (None, {}, f"https://{host}")

@@ -45,7 +45,7 @@ from contextlib import suppress
 from dataclasses import dataclass
 from datetime import UTC, datetime, timedelta
 from functools import partial
-from typing import BinaryIO, Protocol
+from typing import Any, BinaryIO, Protocol
 
 from corevault import atomic
 from corevault.config import S3Settings
@@ -295,21 +295,29 @@ class S3Store(BucketStore):
         # making a client through it cost the agent's start 60-160 ms of CPU.
         session = botocore.session.Session()
         region = settings.region or "us-east-1"
-        self.endpoint = settings.endpoint or s3proxy.aws_endpoint(region)
-        # one proxy (or none) for both clients, decided here: each would read the environment
-        # by rules of its own (:mod:`corevault.vault.s3proxy`)
-        self.proxy = s3proxy.for_endpoint(settings.proxy, self.endpoint)
         config = Config(
             s3={"addressing_style": settings.addressing},
             request_checksum_calculation=settings.checksums,
             response_checksum_validation="when_required",
             retries={"max_attempts": 3, "mode": "standard"},
             max_pool_connections=max(10, settings.concurrency * 2),
-            proxies=s3proxy.botocore_proxies(self.proxy),
         )
-        self.client = session.create_client(
-            "s3", endpoint_url=settings.endpoint, region_name=region, config=config
-        )
+
+        def client(proxy: str | None) -> Any:
+            proxies = Config(proxies=s3proxy.botocore_proxies(proxy))
+            return session.create_client(
+                "s3", endpoint_url=settings.endpoint, region_name=region, config=config.merge(proxies)
+            )
+
+        # One proxy (or none) for both clients, decided here: each would read the environment by
+        # rules of its own (:mod:`corevault.vault.s3proxy`). It is decided for the endpoint that
+        # botocore resolves, known once the client is made: the guess is right but for regions of
+        # other domains (China's, amazonaws.com.cn), where the client is made again if need be.
+        self.proxy = s3proxy.for_endpoint(settings.proxy, settings.endpoint or s3proxy.aws_endpoint(region))
+        self.client = client(self.proxy)
+        self.endpoint: str = self.client.meta.endpoint_url
+        if (proxy := s3proxy.for_endpoint(settings.proxy, self.endpoint)) != self.proxy:
+            self.proxy, self.client = proxy, client(proxy)
         # Presigned URLs name the address readers reach the store at; signing sends nothing.
         self.signer = self.client
         if settings.public_endpoint and settings.public_endpoint != settings.endpoint:
