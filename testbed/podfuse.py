@@ -44,9 +44,9 @@ FROM_FUSE = f"{MOUNT}/busybox sleep 1000"
 MAPPING = f"/app/hang mapped {MOUNT}/data"
 
 
-def script(victim: str, prelude: str = "") -> str:
-    """The pod's shell: ``prelude``, its FUSE server, ``victim`` run, and on the word its server
-    stopped and the victim dumped."""
+def script(victim: str, prelude: str = "", on_go: str = "") -> str:
+    """The pod's shell: ``prelude``, its FUSE server, ``victim`` run, and on the word ``on_go``
+    run, its server stopped and the victim dumped."""
     return f"""
 {prelude}
 mkdir -p /tmp/lo {MOUNT} || exit 1
@@ -57,6 +57,7 @@ while [ ! -x {MOUNT}/busybox ]; do sleep 0.05; done
 case "{victim}" in */app/hang*) while ! busybox grep -q ready /tmp/victim.out; do sleep 0.05; done;; esac
 echo ready $server $victim
 while [ ! -e {runc.VOLUME_PATH}/{GO} ]; do sleep 0.05; done
+{on_go}
 kill -STOP $server
 kill -ABRT $victim
 sleep 1000
@@ -108,14 +109,20 @@ cd /"""
 
 
 def container(
-    root: str, volume: str, annotations: dict[str, str], victim: str = FROM_FUSE, prelude: str = ""
+    root: str,
+    volume: str,
+    annotations: dict[str, str],
+    *,
+    victim: str = FROM_FUSE,
+    prelude: str = "",
+    on_go: str = "",
 ) -> runc.Container:
-    """The pod: its own tmpfs at /tmp, /dev/fuse and CAP_SYS_ADMIN, ``prelude`` run first; run it
-    with ``running()``."""
+    """The pod: its own tmpfs at /tmp, /dev/fuse and CAP_SYS_ADMIN, ``prelude`` run first and
+    ``on_go`` on the word (:func:`script`); run it with ``running()``."""
     tmpfs = {"destination": "/tmp", "type": "tmpfs", "source": "tmpfs", "options": ["nosuid", "mode=1777"]}
     return runc.Container(
         root,
-        ["/bin/sh", "-c", script(victim, prelude)],
+        ["/bin/sh", "-c", script(victim, prelude, on_go)],
         volume=volume,
         annotations=annotations,
         mounts=[tmpfs],

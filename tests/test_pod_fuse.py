@@ -276,6 +276,18 @@ def test_the_agent_aborts_the_fuse_connection_under_the_pods_own_erofs(
     aborts_stuck_dump(node, agent, fuse_rootfs, rootfs, prelude=podfuse.WITH_IMAGE, victim=victim)
 
 
+def test_the_agent_aborts_the_fuse_connection_of_a_mount_the_pod_detached(
+    capture: Capture, fuse_rootfs: str, rootfs: str
+) -> None:
+    """Pod A maps a file of its own FUSE mount, unmounts it lazily (the mapping keeps it alive,
+    no mountinfo lists it any more), stops its server and dumps. Looking for the FUSE mounts of
+    A's mountinfo, the agent found none, and A's dump kept the node's only slot."""
+    agent = agent_of(capture, f"[capture]\ntimeout = {DEADLINE}\n")
+    node = PipeNode(capture.config, capture.volume, capture.spool)
+    detach = f"umount -l {podfuse.MOUNT} || exit 1"
+    aborts_stuck_dump(node, agent, fuse_rootfs, rootfs, on_go=detach, point=stuckdumps.DETACHED)
+
+
 def pod_of(pid: int) -> str | None:
     try:
         with open(f"/proc/{pid}/cgroup") as f:
@@ -295,8 +307,10 @@ def aborts_stuck_dump(
     padded: bool = False,
     inside: Callable[[runc.Container, int], None] | None = None,
     victim: str = podfuse.MAPPING,
+    on_go: str = "",
+    point: str = podfuse.MOUNT,
 ) -> None:
-    a = podfuse.container(fuse_rootfs, node.volume, PATTERN, victim=victim, prelude=prelude)
+    a = podfuse.container(fuse_rootfs, node.volume, PATTERN, victim=victim, prelude=prelude, on_go=on_go)
     with a.running():
         conns = podfuse.connections(a.pid())
         if padded:
@@ -323,7 +337,7 @@ def aborts_stuck_dump(
             podfuse.abort_connections(conns)
     [record] = aborts(node, agent)
     assert record["event"] == "dropped" and record["pid"] == victim and record["pod"]["uid"] == a.pod_uid
-    assert f"own FUSE server of {podfuse.MOUNT} stopped answering during its dump" in record["reason"]
+    assert f"own FUSE server of {point} stopped answering during its dump" in record["reason"]
     assert agent.metrics.registry.get_sample_value("corevault_stuck_fuse_aborted_total") == 1
     [meta] = wait_for(lambda: [m for m in node.entries() if m["pod"]["uid"] == b.pod_uid], "B's entry")
     assert meta["core"]["truncated"] is False and meta["core"]["size"] > 0

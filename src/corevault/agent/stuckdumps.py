@@ -49,6 +49,8 @@ LINE_MAX = 1 << 16
 #: seconds between two looks at most: a look reads every process's status (about 19 µs a process
 #: here), and a deadline of minutes needs no finer watch (a shorter deadline is looked at twice)
 EVERY = 10.0
+#: the mount point journaled for a FUSE mount the pod detached (no mountinfo names one)
+DETACHED = "a FUSE mount no namespace lists (unmounted lazily, or in a thread's namespace of its own)"
 
 
 def _read(path: str, limit: int = READ_MAX) -> bytes:
@@ -125,20 +127,24 @@ def fuse_mounts(
     return found
 
 
-def stuck_on(pid: int) -> tuple[dict[bytes, bytes], set[bytes]]:
-    """The FUSE mounts (``major:minor`` → mount point) in ``pid``'s mountinfo, and those of them
-    its dump may wait on: the ones it mapped files of, or all of them when it mapped a file of a
-    filesystem the host does not list that may read from them (:func:`beneath_fuse`): its
-    pages come from mounts that maps does not name (an overlay the pod mounted over its own
-    FUSE mount, an erofs image file on it, name themselves alone)."""
+def stuck_on(pid: int) -> tuple[dict[bytes, bytes], set[bytes], set[bytes]]:
+    """The FUSE mounts (``major:minor`` → mount point) in ``pid``'s mountinfo, those of them its
+    dump may wait on, and the devices of its mappings its mountinfo does not list.
+
+    It may wait on the mounts it mapped files of, or on all of them when it mapped a file of a
+    filesystem the host does not list that may read from them (:func:`beneath_fuse`): its pages
+    come from mounts that maps does not name (an overlay the pod mounted over its own FUSE mount,
+    an erofs image file on it, name themselves alone). A mapped device no mount of its mountinfo
+    has may be a FUSE mount it unmounted (lazily: the mapping keeps it alive) after mapping the
+    file, or one of a thread of its own mount namespace (:func:`detached`)."""
     fuse = fuse_mounts(_lines(f"/proc/{pid}/mountinfo"))
     mapped = mapped_devices(pid)
-    others = {
-        dev for dev, kind in mount_types(_lines(f"/proc/{pid}/mountinfo")).items() if beneath_fuse(kind)
-    }
-    if mapped & others - fuse.keys() - mount_types(_lines("/proc/1/mountinfo")).keys():
-        return fuse, set(fuse)
-    return fuse, mapped & fuse.keys()
+    kinds = mount_types(_lines(f"/proc/{pid}/mountinfo"))
+    unlisted = mapped - kinds.keys()
+    beneath = {dev for dev in mapped & kinds.keys() if beneath_fuse(kinds[dev])}
+    if beneath and beneath - mount_types(_lines("/proc/1/mountinfo")).keys():
+        return fuse, set(fuse), unlisted
+    return fuse, mapped & fuse.keys(), unlisted
 
 
 def beneath_fuse(kind: bytes) -> bool:
@@ -203,8 +209,29 @@ def connection(dev: bytes) -> str:
 
 
 #: aborts a connection through a fusectl mount of its own, in a mount namespace of its own that
-#: ends with it: nothing is left mounted on the node
-ABORT_PRIVATELY = 'mount -t fusectl fusectl "$1" && echo 1 > "$1/$2/abort"'
+#: ends with it: nothing is left mounted on the node; exits 3 when there is no such connection
+ABORT_PRIVATELY = 'mount -t fusectl fusectl "$1" && { [ -d "$1/$2" ] || exit 3; } && echo 1 > "$1/$2/abort"'
+#: exits 0 when the connection is there (through a fusectl mount of its own, as above)
+LOOK_PRIVATELY = 'mount -t fusectl fusectl "$1" && [ -d "$1/$2" ]'
+
+
+def _privately(script: str, name: str) -> subprocess.CompletedProcess:
+    return subprocess.run(
+        ["unshare", "--mount", "--propagation", "private", "sh", "-c", script, "sh", CONNECTIONS, name],
+        capture_output=True,
+        text=True,
+        timeout=30,
+        check=False,
+    )
+
+
+def is_connection(dev: bytes) -> bool:
+    """Whether a FUSE connection has the device ``major:minor`` (one that no mountinfo lists may
+    still be mounted, detached: :func:`stuck_on`)."""
+    name = connection(dev)
+    if os.path.isdir(os.path.join(CONNECTIONS, name)):
+        return True
+    return not os.path.ismount(CONNECTIONS) and _privately(LOOK_PRIVATELY, name).returncode == 0
 
 
 def abort(dev: bytes) -> None:
@@ -220,24 +247,7 @@ def abort(dev: bytes) -> None:
         return
     except FileNotFoundError:
         pass
-    done = subprocess.run(
-        [
-            "unshare",
-            "--mount",
-            "--propagation",
-            "private",
-            "sh",
-            "-c",
-            ABORT_PRIVATELY,
-            "sh",
-            CONNECTIONS,
-            name,
-        ],
-        capture_output=True,
-        text=True,
-        timeout=30,
-        check=False,
-    )
+    done = _privately(ABORT_PRIVATELY, name)
     if done.returncode != 0:
         raise OSError(f"could not abort FUSE connection {name}: {done.stderr.strip() or done.returncode}")
 
@@ -291,13 +301,15 @@ class StuckDumps:
         return aborted
 
     def _end(self, pid: int) -> int:
-        mounts, waited_on = stuck_on(pid)
+        mounts, waited_on, unlisted = stuck_on(pid)
+        # a mapped FUSE mount that no mountinfo of the pod lists (detached) is waited on as well
+        detached = {dev for dev in unlisted if is_connection(dev)}
         aborted = 0
-        for dev in sorted(waited_on):
+        for dev in sorted(waited_on | detached):
             if (pid, dev) in self.done:
                 continue
             self.done.add((pid, dev))
-            point = mounts[dev].decode(errors="backslashreplace")
+            point = mounts[dev].decode(errors="backslashreplace") if dev in mounts else DETACHED
             elsewhere = seen_elsewhere(dev, pid)
             if elsewhere is not None:
                 log.warning(
