@@ -203,33 +203,52 @@ def upload_errors(store: blobs.S3Store, tmp_path) -> list[str]:
     return errors
 
 
-def test_a_proxy_that_refuses_the_store_is_one_line_that_says_what_to_do(weed, tmp_path) -> None:  # noqa: F811
-    with egress.egress(refuse=True) as refusing:
-        store = open_s3(weed, weed.endpoint, refusing.url)
+@pytest.mark.parametrize("scheme", ["http", "https"])
+def test_a_proxy_that_refuses_the_store_is_one_line_that_says_what_to_do(
+    weed,  # noqa: F811
+    tmp_path,
+    monkeypatch,
+    scheme: str,
+) -> None:
+    """Forwarded (http://) or tunnelled (https://, the proxy refuses the CONNECT) alike."""
+    cert, key = tls.self_signed(str(tmp_path))
+    monkeypatch.setenv("AWS_CA_BUNDLE", cert)
+    with egress.egress(refuse=True) as refusing, tamper.tamper(weed.s3_port, tls=(cert, key)) as side:
+        store = open_s3(weed, side.endpoint if scheme == "https" else weed.endpoint, refusing.url)
         errors = upload_errors(store, tmp_path)
-        assert len(refusing.requests()) >= 3
+        assert len(refusing.requests()) >= 3 and side.connections == []
     for error in errors:
         assert "\n" not in error
         assert f"the proxy {refusing.url}" in error
         assert "allow 127.0.0.1 on it, or name 127.0.0.1 in NO_PROXY" in error
 
 
-def test_a_proxy_that_wants_credentials_takes_them_from_its_url(weed, tmp_path) -> None:  # noqa: F811
-    with egress.egress(credentials=("corevault", "proxy-secret")) as guarded:
-        errors = upload_errors(open_s3(weed, weed.endpoint, guarded.url), tmp_path)
+@pytest.mark.parametrize("scheme", ["http", "https"])
+def test_a_proxy_that_wants_credentials_takes_them_from_its_url(
+    weed,  # noqa: F811
+    tmp_path,
+    monkeypatch,
+    scheme: str,
+) -> None:
+    cert, key = tls.self_signed(str(tmp_path))
+    monkeypatch.setenv("AWS_CA_BUNDLE", cert)
+    with (
+        egress.egress(credentials=("corevault", "proxy-secret")) as guarded,
+        tamper.tamper(weed.s3_port, tls=(cert, key)) as side,
+    ):
+        endpoint = side.endpoint if scheme == "https" else weed.endpoint
+        errors = upload_errors(open_s3(weed, endpoint, guarded.url), tmp_path)
         assert any("asks for credentials (HTTP 407)" in e for e in errors)
         for error in errors:
             assert "\n" not in error and f"the proxy {guarded.url}" in error
-        store = open_s3(weed, weed.endpoint, guarded.url_with_credentials)
+        store = open_s3(weed, endpoint, guarded.url_with_credentials)
         assert store.put_bytes("crashes/y/meta.json", b"{}").size == 2  # obstore
         big = tmp_path / "big"
         big.write_bytes(os.urandom(PART + 1))
         assert store.put_file("crashes/y/core.zst", str(big)).size == PART + 1  # botocore
         with egress.egress(refuse=True) as refusing:  # the password never shows in an error
             url = refusing.url.replace("//", "//corevault:proxy-secret@")
-            assert all(
-                "proxy-secret" not in e for e in upload_errors(open_s3(weed, weed.endpoint, url), tmp_path)
-            )
+            assert all("proxy-secret" not in e for e in upload_errors(open_s3(weed, endpoint, url), tmp_path))
 
 
 def test_a_proxy_that_is_away_is_named(weed, tmp_path) -> None:  # noqa: F811

@@ -40,6 +40,7 @@ credentials) and says what to do.
 from __future__ import annotations
 
 import ipaddress
+import re
 import urllib.request
 from typing import Any
 from urllib.parse import urlparse
@@ -123,23 +124,36 @@ def explain(error: Exception, proxy: str | None, endpoint: str) -> str | None:
     host = urlparse(endpoint).hostname
     where = f"the proxy {shown(proxy)}"
     advice = f"allow {host} on it, or name {host} in NO_PROXY to reach the store directly"
-    if isinstance(error, ClientError):
+    credentials = (
+        f"{where} asks for credentials (HTTP 407): give them in its URL (http://user:password@host:port)"
+    )
+    if isinstance(error, ClientError):  # a forwarded request's answer
         response: dict[str, Any] = error.response
         status = response.get("ResponseMetadata", {}).get("HTTPStatusCode")
         if status == 407:
-            return f"{where} asks for credentials (HTTP 407): give them in its URL (http://user:password@host:port)"
+            return credentials
         code = response.get("Error", {}).get("Code") or ""
         headers = response.get("ResponseMetadata", {}).get("HTTPHeaders", {})
         if (code and not code.isdigit()) or STORE_ANSWERED & set(headers):
             return None  # the store's own answer, through the proxy
         return f"{where} refused the request to {host} (HTTP {status}): {advice}"
+    text = " ".join(str(error).split())
     if isinstance(error, ProxyConnectionError):
         cause = " ".join(str(error.kwargs.get("error", error)).split())
+        tunnel = re.search(r"Tunnel connection failed: (\d+)([^'\")]*)", cause)
+        if tunnel and tunnel[1] == "407":
+            return credentials
+        if tunnel:
+            return f"{where} refused the tunnel to {host} (HTTP {tunnel[1]}{tunnel[2]}): {advice}"
         return f"cannot go through {where} to {host} ({cause}): check that it runs, and {advice}"
-    text = str(error)
     if "<Code>" in text:
         return None  # the store's own answer, through the proxy (obstore's error quotes it)
+    if "TunnelUnsuccessful" in text:  # obstore gives no status of a refused CONNECT
+        unsaid = "if it asks for credentials, give them in its URL"
+        return f"{where} refused the tunnel to {host}: {advice} ({unsaid})"
+    # obstore's error without its request's line: what failed, as far as it tells
+    cause = text.rpartition(" - ")[2]
     if "with status" in text:
-        return f"{where} refused the request to {host} ({text}): {advice}"
-    # obstore sees most refusals as the proxy closing the connection, or as a failed tunnel
-    return f"cannot go through {where} to {host} ({text}): check that it runs, and {advice}"
+        return f"{where} refused the request to {host} ({cause}): {advice}"
+    # obstore sees a forwarded request refused as the proxy closing the connection
+    return f"cannot go through {where} to {host} ({cause}): check that it runs, and {advice}"

@@ -176,10 +176,11 @@ def put(store: Any, name: str, data: bytes) -> dict:
 
 def error_text(e: Exception) -> str:
     """obstore's error as one line: what failed, and the innermost cause of its debug dump
-    (``InvalidCertificate(UnknownIssuer)``, ``Connection refused``), which its message leaves out."""
+    (``InvalidCertificate(UnknownIssuer)``, ``Connection refused``, a proxy's refused tunnel
+    ``TunnelUnsuccessful``), which its message leaves out."""
     head, _, dump = " ".join(str(e).split()).partition(" Debug source: ")
-    causes = re.findall(r'message: "([^"]+)"|error: (\w+)\( (\w+)', dump)
+    causes = re.findall(r'message: "([^"]+)"|error: (\w+)\( (\w+)|legacy::Error\( \w+, (\w+)', dump)
     if not causes:
         return head
-    message, kind, detail = causes[-1]
-    return f"{head} ({message or f'{kind}({detail})'})"
+    message, kind, detail, connect = causes[-1]
+    return f"{head} ({message or connect or f'{kind}({detail})'})"
