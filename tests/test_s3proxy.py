@@ -268,12 +268,17 @@ def test_a_failing_store_gets_as_many_attempts_from_both_clients(proxy, monkeypa
     store = stores.open_store("s3://bucket/p", s3)
     assert isinstance(store, blobs.S3Store)
     attempts = store.client.meta.config.retries["total_max_attempts"]
-    with pytest.raises(blobs.StoreError):
+    with pytest.raises(blobs.StoreError) as put:
         store.put_bytes("crashes/z/meta.json", b"{}")  # obstore
     obstore_attempts = len(proxy.requests())
-    with pytest.raises(blobs.StoreError):
+    with pytest.raises(blobs.StoreError) as head:
         store.size("crashes/z/meta.json")  # botocore
     assert obstore_attempts == len(proxy.requests()) - obstore_attempts == attempts == 4
+    # botocore reads the proxy's answer, 500; obstore sees the proxy close the connection first
+    assert f"the proxy {proxy.url} could not reach 127.0.0.1 (HTTP 500): check that the store runs" in str(
+        head.value
+    )
+    assert f"cannot go through the proxy {proxy.url} to 127.0.0.1" in str(put.value)
 
 
 def test_obstore_has_botocores_timeouts() -> None:

@@ -136,7 +136,7 @@ def explain(error: Exception, proxy: str | None, endpoint: str) -> str | None:
         headers = response.get("ResponseMetadata", {}).get("HTTPHeaders", {})
         if (code and not code.isdigit()) or STORE_ANSWERED & set(headers):
             return None  # the store's own answer, through the proxy
-        return f"{where} refused the request to {host} (HTTP {status}): {advice}"
+        return _answered(where, host, f"HTTP {status}", status or 0, advice)
     text = " ".join(str(error).split())
     if isinstance(error, ProxyConnectionError):
         cause = " ".join(str(error.kwargs.get("error", error)).split())
@@ -153,7 +153,16 @@ def explain(error: Exception, proxy: str | None, endpoint: str) -> str | None:
         return f"{where} refused the tunnel to {host}: {advice} ({unsaid})"
     # obstore's error without its request's line: what failed, as far as it tells
     cause = text.rpartition(" - ")[2]
-    if "with status" in text:
-        return f"{where} refused the request to {host} ({cause}): {advice}"
+    if status := re.search(r"with status (\d{3})", text):
+        return _answered(where, host, cause, int(status[1]), advice)
     # obstore sees a forwarded request refused as the proxy closing the connection
     return f"cannot go through {where} to {host} ({cause}): check that it runs, and {advice}"
+
+
+def _answered(where: str, host: str | None, answer: str, status: int, advice: str) -> str:
+    """A proxy's own answer: a refusal (4xx), or the store out of its reach (5xx: its gateway
+    errors, which the clients retried first)."""
+    if status >= 500:
+        todo = "check that the store runs and that the proxy reaches it"
+        return f"{where} could not reach {host} ({answer}): {todo}"
+    return f"{where} refused the request to {host} ({answer}): {advice}"
