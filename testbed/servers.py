@@ -43,6 +43,22 @@ def wait_port(port: int, timeout: float = 30, proc: subprocess.Popen | None = No
     raise RuntimeError(f"nothing listens on 127.0.0.1:{port} after {timeout}s")
 
 
+def connections_to(port: int) -> set[int]:
+    """The sockets of this process connected to 127.0.0.1:``port`` (their inodes)."""
+    mine = set()
+    for fd in os.listdir("/proc/self/fd"):
+        try:
+            target = os.readlink(f"/proc/self/fd/{fd}")
+        except OSError:
+            continue  # the listing's own descriptor, closed by now
+        if target.startswith("socket:["):
+            mine.add(int(target[len("socket:[") : -1]))
+    with open("/proc/self/net/tcp") as f:
+        rows = [line.split() for line in f.readlines()[1:]]
+    # remote address 127.0.0.1:port, state 01 (established)
+    return {int(r[9]) for r in rows if r[2] == f"0100007F:{port:04X}" and r[3] == "01" and int(r[9]) in mine}
+
+
 def _bindable(port: int) -> bool:
     with socket.socket() as s:
         try:

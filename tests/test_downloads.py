@@ -320,6 +320,20 @@ def test_a_core_in_s3_is_fetched_from_s3_as_stored_by_a_client_that_takes_zstd(
         assert whole.status_code == 200 and whole.content == plain
 
 
+def test_a_stopped_server_leaves_no_connection_to_the_store_open(
+    s3_vault: tuple[config.Settings, servers.Seaweed], tmp_path: Path
+) -> None:
+    """The store's clients are closed with the server: their pooled connections go with it."""
+    settings, w = s3_vault
+    settings.s3.redirect_downloads = False  # the server reads the binary from the store itself
+    binary, _ = vault(settings, tmp_path)
+    before = servers.connections_to(w.s3_port)  # the test's own client's, left open by the helper
+    with servers.asgi(create_app(settings, StaticTokens(tokens(tmp_path)))) as url:
+        assert get(f"{url}/buildid/{BUILD_ID}/executable", "a").content == binary
+        assert servers.connections_to(w.s3_port) - before  # kept in the client's pool for the next request
+    assert servers.connections_to(w.s3_port) - before == set()
+
+
 def serve_cli(cfg: Path, port: int) -> subprocess.Popen:
     cli = os.path.join(os.path.dirname(sys.executable), "corevault")
     return subprocess.Popen([cli, "-c", str(cfg), "serve", "--no-auth", "--listen", f"127.0.0.1:{port}"],

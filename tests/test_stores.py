@@ -11,6 +11,7 @@ racing, retention) use the real crashes of tests/test_vault.py, on every store.
 from __future__ import annotations
 
 import functools
+import gc
 import hashlib
 import os
 import signal
@@ -115,6 +116,26 @@ def open_cloud(url: str, server: Server, concurrency: int = 2) -> blobs.BlobStor
     if isinstance(server, servers.Seaweed):
         s3.endpoint, s3.addressing = server.endpoint, "path"
     return stores.open_store(url, s3=s3, azure=settings, gcs=settings)
+
+
+def read_whole(store: blobs.BlobStore, key: str) -> bytes:
+    with store.open(key) as f:
+        return f.read()
+
+
+def test_a_closed_store_leaves_no_connection_to_its_server(cloud: tuple[str, Server]) -> None:
+    """What a stopping server closes (corevault.vault.crashes.LocalVault.close): the store's clients."""
+    url, server = cloud
+    port = server.s3_port if isinstance(server, servers.Seaweed) else server.port
+    before = servers.connections_to(port)  # the fixture's own clients'
+    store = open_cloud(url, server)
+    store.put_bytes("k", b"kept in the pool")
+    assert read_whole(store, "k") == b"kept in the pool"  # the answer dropped, as a server drops it
+    assert store.size("k") == len(b"kept in the pool")
+    assert servers.connections_to(port) - before  # kept for the next request
+    store.close()
+    gc.collect()  # answers the clients' libraries dropped may hold a socket in a reference cycle
+    assert servers.connections_to(port) - before == set()
 
 
 def settings_lines(url: str, server: Server, through: relay.Relay | tamper.Tamper | None = None) -> str:

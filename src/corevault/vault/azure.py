@@ -64,6 +64,7 @@ class AzureStore(BucketStore):
             raise StoreError(
                 "an az:// store needs [vault.azure] account_url (or AZURE_STORAGE_CONNECTION_STRING)"
             )
+        self.service = service  # owns the connections its container client uses
         self.container = service.get_container_client(container)
         self.prefix = prefix.strip("/")
         self.url = f"az://{container}/{self.prefix}".rstrip("/")
@@ -71,6 +72,9 @@ class AzureStore(BucketStore):
         self.concurrency = settings.concurrency
         #: bytes sent in blocks by this store object (what a resumed upload saves shows here)
         self.sent = 0
+
+    def close(self) -> None:
+        self.service.close()
 
     def _error(self, what: str, key: str, e: Exception) -> StoreError:
         return StoreError(f"cannot {what} {key} in {self.url}: {type(e).__name__}: {str(e).splitlines()[0]}")

@@ -105,6 +105,10 @@ class BlobStore(Protocol):
         """Clear the unfinished uploads begun more than ``older_than`` seconds ago; their keys."""
         ...
 
+    def close(self) -> None:
+        """Let go of the client's connections (the store is not used after)."""
+        ...
+
 
 def part_size(size: int, minimum: int, max_parts: int) -> int:
     """Parts of ``minimum`` bytes, or larger (whole MiB) where the store's part count would run out."""
@@ -147,6 +151,9 @@ class FsStore:
     def __init__(self, root: str) -> None:
         self.root = root
         self.url = "file://" + root
+
+    def close(self) -> None:
+        pass  # each call opens and closes its own files
 
     def _path(self, key: str) -> str:
         if key.startswith("/") or ".." in key.split("/"):
@@ -340,6 +347,7 @@ class S3Store(BucketStore):
 
     def close(self) -> None:
         """Close the clients' connection pools (a long-running server that stops lets go of them)."""
+        self.uploads.close()
         self.client.close()
         if self.signer is not self.client:
             self.signer.close()

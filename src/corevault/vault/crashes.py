@@ -179,9 +179,7 @@ class LocalVault:
         """Close the catalog's pooled connections and the store's clients (the engine opens
         new ones if it is used again)."""
         self.engine.dispose()
-        close = getattr(self.store, "close", None)
-        if close is not None:
-            close()
+        self.store.close()
 
     def list(self, filters: Filters, limit: int, before: tuple | None = None) -> list[dict]:
         with self.engine.connect() as conn:

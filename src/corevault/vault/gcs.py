@@ -68,6 +68,10 @@ class GcsStore(BucketStore):
         #: bytes sent by this store object (what a resumed upload saves shows here)
         self.sent = 0
 
+    def close(self) -> None:
+        self.http.close()
+        self.client.close()
+
     def _error(self, what: str, key: str, e: Exception) -> StoreError:
         return StoreError(f"cannot {what} {key} in {self.url}: {type(e).__name__}: {str(e).splitlines()[0]}")
 

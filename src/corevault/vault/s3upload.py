@@ -317,6 +317,12 @@ class MultipartUpload:
                     self.open_small = None
             return self._small
 
+    def close(self) -> None:
+        """Let go of obstore's store: its client has no close, its connections go with it. Single
+        requests go through the botocore client after this (closed too when the store is)."""
+        with self._opening:
+            self._small, self.open_small = None, None
+
 
 def md5_etag(answer: dict) -> str | None:
     """The ETag of a PutObject's or HeadObject's answer when it is the MD5 of the object's
