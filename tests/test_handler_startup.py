@@ -7,6 +7,7 @@ library's modules give: a test compares each with its original.
 
 from __future__ import annotations
 
+import bisect
 import fnmatch
 import hashlib
 import marshal
@@ -22,7 +23,7 @@ import pytest
 from hypothesis import given, settings
 from hypothesis import strategies as st
 
-from corevault import bytecode, config, hashing, hostsetup, spool
+from corevault import bytecode, config, fingerprint, hashing, hostsetup, spool
 from corevault.capture import delivery
 from corevault.pattern import SPECIFIERS
 
@@ -35,6 +36,8 @@ HEAVY = {
     "_queue": "~0.2 ms (an extension, for the threads of a core larger than a block)",
     "corevault.crashrecord": "0.9 M instructions (eight record classes; the handler writes plain dicts)",
     "shutil": "22 M instructions, ~45 % of the handler's (re, enum, fnmatch, bz2, lzma, zlib with it)",
+    "bisect": "~0.16 ms (its Python part, then _bisect) for the fingerprint's 65 lookups",
+    "_bisect": "an extension: bisect's C part",
 }  # fmt: skip
 
 
@@ -57,6 +60,24 @@ def test_the_peak_rss_is_the_one_getrusage_gives() -> None:
     # kernel's per-CPU RSS counters, which the two read a moment apart
     assert peak is not None and 64 << 10 <= peak <= resource.getrusage(resource.RUSAGE_SELF).ru_maxrss + 1024
     del held
+
+
+@settings(max_examples=300, deadline=None)
+@given(
+    st.lists(
+        st.tuples(st.integers(0, 1 << 20), st.integers(1, 1 << 12), st.sampled_from("abc")), max_size=12
+    ),
+    st.lists(st.integers(0, (1 << 20) + (1 << 13)), max_size=70),
+)
+def test_the_fingerprint_finds_each_address_s_object_as_bisect_does(spans, addresses) -> None:
+    objects = sorted((start, start + length, key) for start, length, key in spans)
+    starts = [start for start, _, _ in objects]
+    expected = {}
+    for address in addresses:
+        i = bisect.bisect_right(starts, address) - 1
+        if i >= 0 and address < objects[i][1]:
+            expected[address] = f"{objects[i][2]}+{address - objects[i][0]:x}"
+    assert fingerprint._places(addresses, objects) == expected
 
 
 GLOB_CHARS = st.sampled_from(list("ab/.*?[]!-^\\"))
@@ -193,6 +214,26 @@ def test_the_launcher_runs_the_crash_path_from_its_compiled_modules(tmp_path) ->
     assert loaders["corevault.capture.delivery"] == loaders["corevault.spool"] == "_Loader"
     ordinary = {n for n, kind in loaders.items() if kind != "_Loader"}
     assert ordinary == {"corevault", "corevault.bytecode"}  # imported before the finder is in place
+
+
+def test_the_crash_path_s_extension_modules_are_found_where_the_import_system_finds_them(tmp_path) -> None:
+    """Held by path and stamp, so that loading them costs no search of ``sys.path``; a changed
+    file is found the ordinary way."""
+    from importlib.machinery import ExtensionFileLoader, PathFinder
+
+    launcher = hostsetup.isolated_launcher(str(tmp_path / hostsetup.LAUNCHER_NAME))
+    held = bytecode._read(launcher + hostsetup.BYTECODE_SUFFIX)
+    assert held is not None
+    extensions = {name for name, entry in held.items() if entry[3] is None}
+    assert {"_json", "fcntl", "_struct"} <= extensions and ({"_sha256", "_sha2"} & extensions)
+    finder = bytecode._Finder(held)
+    for name in extensions:
+        spec = finder.find_spec(name)
+        assert spec is not None and isinstance(spec.loader, ExtensionFileLoader), name
+        assert spec.origin == PathFinder.find_spec(name).origin and spec.has_location
+    source, package, (dev, ino, size, mtime_ns, ctime_ns), code, cached = held["_json"]
+    held["_json"] = (source, package, (dev, ino, size, mtime_ns, ctime_ns + 1), code, cached)
+    assert finder.find_spec("_json") is None  # replaced since: the import system's own search
 
 
 def test_a_module_from_the_compiled_modules_has_the_attributes_of_an_ordinary_import(tmp_path) -> None:

@@ -26,7 +26,6 @@ it can only land in a group its own crashes made.
 
 from __future__ import annotations
 
-import bisect
 import struct
 
 from corevault import hashing, quickjson
@@ -54,6 +53,20 @@ def __getattr__(name: str) -> re.Pattern[str]:
     return compiled
 
 
+def _places(addresses: list[int], objects: list[tuple[int, int, str]]) -> dict[int, str]:
+    """Each of ``addresses`` that lies in one of ``objects`` (sorted by start), as ``key/sha256+offset``
+    of the last object that starts at or below it. One walk of both in order, without ``bisect``:
+    that module (Python code, then its C part) is an import of its own on every crash's path."""
+    found: dict[int, str] = {}
+    i = -1
+    for address in sorted(set(addresses)):
+        while i + 1 < len(objects) and objects[i + 1][0] <= address:
+            i += 1
+        if i >= 0 and address < objects[i][1]:
+            found[address] = f"{objects[i][2]}+{address - objects[i][0]:x}"
+    return found
+
+
 def of(signal: int | None, code: int | None, pc: int | None, stack: bytes, modules: list[dict]) -> str | None:
     """The fingerprint (32 hex digits), or None when the crash has none.
 
@@ -68,20 +81,14 @@ def of(signal: int | None, code: int | None, pc: int | None, stack: bytes, modul
         if isinstance(m.get("start"), int) and isinstance(m.get("end"), int)
         if m.get("key") and m.get("sha256")
     )
-    starts = [start for start, _, _ in objects]
-
-    def where(address: int) -> str | None:
-        i = bisect.bisect_right(starts, address) - 1
-        if i >= 0 and address < objects[i][1]:
-            return f"{objects[i][2]}+{address - objects[i][0]:x}"
-        return None
-
-    at = where(pc)
+    words = [word for (word,) in struct.iter_unpack("<Q", stack[:STACK_BYTES])]
+    where = _places([pc, *words], objects)
+    at = where.get(pc)
     if at is None:
         return None
     places = [at]
-    for (word,) in struct.iter_unpack("<Q", stack[:STACK_BYTES]):
-        place = where(word)
+    for word in words:
+        place = where.get(word)
         if place is not None:
             places.append(place)
             if len(places) > MAX_ADDRESSES:

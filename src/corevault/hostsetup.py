@@ -165,8 +165,9 @@ def isolated_launcher(path: str) -> str:
 def _crash_path_modules(path_line: str) -> dict[str, str]:
     """The modules compiled from source that the handler imports before its first crash, by name:
     their sources. corevault's, and the few of the standard library's that are not frozen into
-    the interpreter (``struct``, ``bisect``): the import system's search costs those as much as
-    ours. Not what the launcher imports before the finder is in place.
+    the interpreter (``struct``): the import system's search costs those as much as ours; and
+    the extension modules among them, and the SHA-256 a small core is hashed with (imported at
+    the crash), by their shared objects. Not what the launcher imports before the finder is in place.
 
     Asked of a fresh ``python -I -S`` with the launcher's path, as the kernel will start it:
     this process has imported much more than the handler does.
@@ -174,8 +175,10 @@ def _crash_path_modules(path_line: str) -> dict[str, str]:
     probe = (
         path_line + "from corevault import bytecode\n"  # what the launcher imports before the finder
         "before = set(sys.modules)\nimport corevault.capture.handler\n"
+        "from corevault import hashing\nhashing.sha256(0)\n"
+        "LOADERS = ('SourceFileLoader', 'ExtensionFileLoader')\n"
         "for n, m in list(sys.modules.items()):\n"
-        "    if n not in before and type(m.__spec__.loader).__name__ == 'SourceFileLoader':\n"
+        "    if n not in before and type(m.__spec__.loader).__name__ in LOADERS:\n"
         "        print(n, m.__spec__.origin)\n"
     )
     out = subprocess.run(

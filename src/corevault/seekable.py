@@ -31,7 +31,6 @@ damaged footer that claims millions of frames costs a read of 9 bytes, not of it
 
 from __future__ import annotations
 
-import bisect
 import struct
 
 TYPE_CHECKING = False  # typing.TYPE_CHECKING would import typing, which the crash path never loads
@@ -78,11 +77,15 @@ class Table:
 
     def frame_of(self, at: int) -> int:
         """The index of the frame that holds plain byte ``at`` (within the core)."""
+        import bisect  # here: the capture handler writes tables and never reads one
+
         return min(bisect.bisect_right(self.plain, at) - 1, len(self.plain) - 2)
 
     def span(self, start: int, end: int) -> tuple[int, int, int]:
         """For plain bytes ``start``..``end`` (inclusive): the stored offset and length of the
         frames that hold them, and how many plain bytes of the first frame come before ``start``."""
+        import bisect
+
         first = bisect.bisect_right(self.plain, start) - 1
         last = bisect.bisect_right(self.plain, end) - 1
         last = min(last, len(self.plain) - 2)
