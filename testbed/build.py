@@ -26,6 +26,7 @@ PROGRAMS = {
     "hang": ("hang.c", ["gcc", "-g", "-O1", "-pthread"]),
     "racer": ("racer.c", ["gcc", "-O1", "-Wall", "-Werror"]),
     "fsmount": ("fsmount.c", ["gcc", "-O1", "-Wall", "-Werror", "-static"]),
+    "mapswap": ("mapswap.c", ["gcc", "-O1", "-Wall", "-Werror", "-static"]),
 }
 
 

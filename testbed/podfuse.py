@@ -54,7 +54,9 @@ busybox cp /bin/busybox /tmp/lo/busybox && busybox dd if=/dev/zero of=/tmp/lo/da
 /app/fuse-overlayfs -f -o lowerdir=/tmp/lo {MOUNT} & server=$!
 while [ ! -x {MOUNT}/busybox ]; do sleep 0.05; done
 {victim} > /tmp/victim.out & victim=$!
-case "{victim}" in */app/hang*) while ! busybox grep -q ready /tmp/victim.out; do sleep 0.05; done;; esac
+case "{victim}" in
+  */app/hang*|*/app/mapswap*) while ! busybox grep -q ready /tmp/victim.out; do sleep 0.05; done;;
+esac
 echo ready $server $victim
 while [ ! -e {runc.VOLUME_PATH}/{GO} ]; do sleep 0.05; done
 {on_go}
@@ -84,7 +86,12 @@ def rootfs(path: str) -> str:
     erofs image."""
     root = runc.build_rootfs(
         path,
-        {"fuse-overlayfs": FUSE_OVERLAYFS, "hang": build.build("hang"), "fsmount": build.build("fsmount")},
+        {
+            "fuse-overlayfs": FUSE_OVERLAYFS,
+            "hang": build.build("hang"),
+            "fsmount": build.build("fsmount"),
+            "mapswap": build.build("mapswap"),
+        },
     )
     tree = f"{path}.erofs"
     os.makedirs(tree, exist_ok=True)

@@ -108,6 +108,29 @@ def test_an_erofs_image_on_the_pods_own_fuse_mount_is_not_read(capture: Capture,
     assert exe["sha256"] is None and "pod's own filesystem (erofs" in exe["stored"], exe
 
 
+#: 300 small files of the pod's tmpfs, mapped below the swapped file (the handler meets them first),
+#: and busybox copied onto that tmpfs
+SWAP_PRELUDE = (
+    "mkdir -p /tmp/many && for i in $(busybox seq 300); do echo $i > /tmp/many/$i; done "
+    "&& busybox cp /bin/busybox /tmp/x || exit 1"
+)
+
+
+def test_a_mapping_swapped_for_a_file_of_the_pods_fuse_mount_is_not_read(
+    capture: Capture, fuse_rootfs: str
+) -> None:
+    """Maps says /tmp/x, on the pod's tmpfs, when the handler reads it; a process sharing the
+    crashed process's memory (not a thread: it runs on while the kernel dumps) then maps the pod's
+    FUSE busybox at the same addresses (``mapswap``, once the handler opens the first of 300 files
+    mapped below it),
+    so map_files holds a file of the stopped server under that range. Judged by the device maps
+    gave, the handler opened it, waited on the server, and no record came."""
+    victim = f"/app/mapswap /tmp/many /tmp/x {podfuse.MOUNT}/busybox"
+    meta = captured_with_its_server_stopped(capture, fuse_rootfs, victim=victim, prelude=SWAP_PRELUDE)
+    swapped = {m["path"]: m for m in meta["modules"]}["/tmp/x"]
+    assert swapped["sha256"] is None and "pod's own FUSE filesystem" in swapped["stored"], swapped
+
+
 def test_a_fuse_mount_the_host_sees_is_read_as_any_other(tmp_path) -> None:
     """A FUSE mount in the host's mount namespace is the node's (a CSI driver's bucket mount),
     served by the node's daemon: the binaries a process mapped from it are read and identified."""

@@ -68,10 +68,9 @@ class Module:
         }
 
 
-def mapped_objects(maps: str) -> list[tuple[str, str, int, int, bytes]]:
-    """``(path, map_files name, start, end, device)`` of each file mapped from offset 0, first
-    first; the device is mountinfo's ``major:minor`` of the file's filesystem (maps gives it in hex)."""
-    seen: dict[str, tuple[str, str, int, int, bytes]] = {}
+def mapped_objects(maps: str) -> list[tuple[str, str, int, int]]:
+    """``(path, map_files name, start, end)`` of each file mapped from offset 0, first first."""
+    seen: dict[str, tuple[str, str, int, int]] = {}
     ends: dict[str, int] = {}
     for line in maps.splitlines():
         fields = line.split(None, 5)
@@ -84,10 +83,8 @@ def mapped_objects(maps: str) -> list[tuple[str, str, int, int, bytes]]:
             # maps pads addresses to 8 digits (00400000), map_files names have no leading
             # zeros (400000): a non-PIE executable is only found under the unpadded name.
             name = f"{int(lo, 16):x}-{int(hi, 16):x}"
-            major, _, minor = fields[3].partition(":")
-            dev = f"{int(major, 16)}:{int(minor, 16)}".encode()
-            seen[path] = (path, name, int(lo, 16), int(hi, 16), dev)
-    return [(p, name, lo, ends[p], dev) for p, name, lo, _, dev in seen.values()]
+            seen[path] = (path, name, int(lo, 16), int(hi, 16))
+    return [(p, name, lo, ends[p]) for p, name, lo, _ in seen.values()]
 
 
 def executable_paths(maps: str) -> set[str]:
@@ -148,13 +145,13 @@ def hold_modules(
     order = sorted(range(len(mapped)), key=lambda i: mapped[i][0] not in code)[:max_files]
     held = []
     for i in order:
-        path, name, start, end, dev = mapped[i]
+        path, name, start, end = mapped[i]
         m = Module(path, start, end)
         try:
             # O_PATH: opening the file for reading is left to regular files, and to later with
             # path_only (a device's own open may act: a watchdog starts, a tape rewinds)
             m.fd = os.open(f"map_files/{name}", os.O_PATH | os.O_CLOEXEC, dir_fd=proc_fd)
-            if (why_not := own_fuse(m.fd, mounts, host, dev)) is not None:
+            if (why_not := own_fuse(m.fd, mounts, host)) is not None:
                 os.close(m.fd)
                 m.fd, m.stored = -1, why_not
             elif not path_only:
@@ -215,9 +212,7 @@ def mount_id(fd: int) -> int | None:
     return None
 
 
-def own_fuse(
-    fd: int, mounts: hashcache.Mounts, host: hashcache.Mounts, dev: bytes | None = None
-) -> str | None:
+def own_fuse(fd: int, mounts: hashcache.Mounts, host: hashcache.Mounts) -> str | None:
     """Why the file held on the ``O_PATH`` ``fd`` is not to be opened or read, or None.
 
     A FUSE filesystem's server answers every ``getattr``, ``open`` and ``read`` of it, so one
@@ -236,20 +231,12 @@ def own_fuse(
     ``CAP_SYS_ADMIN`` mounts one without a loop device); a pod's own NFS or SMB server stops
     answering as its FUSE server does. fdinfo, mountinfo and maps name that filesystem alone.
 
-    ``dev`` is the device maps gives the mapping (``major:minor``, as mountinfo writes it):
-    the kernel's device of the file's superblock, the same one mountinfo names its mounts by,
-    and one superblock has one type. When the process's mountinfo lists that device as neither
-    FUSE nor stacked (whose mappings may name a superblock other than the file held's), and it
-    is in memory or the host lists it, the file is read without looking up its mount (fdinfo:
-    three system calls per mapped file, on every crash); anything else is looked up as above.
+    The mount is always the one the held fd is on, never the device maps gave the mapping: a
+    process sharing the crashed process's memory (``CLONE_VM`` without ``CLONE_THREAD``) runs on
+    while the kernel dumps, and may map another file at the same addresses between the read of
+    maps and the open of map_files. A mapping that maps said was on the pod's tmpfs so held the
+    handler in the open of a file of the pod's stopped FUSE server.
     """
-    kind = mounts.kind(dev) if dev is not None else None
-    if (
-        kind is not None
-        and not _stacking(kind)
-        and (kind.partition(b".")[0] in MEMORY_TYPES or host.has_device(dev))
-    ):
-        return None
     found = mounts.mount(mid) if (mid := mount_id(fd)) is not None else None
     if found is None:
         return "not read: its mount is not in the process's mountinfo"
@@ -267,12 +254,6 @@ def own_fuse(
         f"not read: on the pod's own {what} ({kind.decode(errors='replace')} {dev.decode()}), "
         f"{why} may not answer during the dump"
     )
-
-
-def _stacking(kind: bytes) -> bool:
-    """Whether a mapping on a filesystem of mountinfo's type ``kind`` may name a superblock other
-    than the file's that map_files holds (FUSE passthrough's backing file, an overlay's layer)."""
-    return kind.partition(b".")[0] in FUSE_TYPES + STACKED_TYPES
 
 
 def _open_regular(m: Module) -> None:

@@ -114,10 +114,6 @@ class Mounts:
         every namespace), or None when it is not listed."""
         return self.load().mounts.get(str(mount_id).encode())
 
-    def kind(self, dev: bytes) -> bytes | None:
-        """The type of the filesystem on the device ``major:minor``, or None when no mount of it is listed."""
-        return (self.load().types or {}).get(dev)
-
     def has_device(self, dev: bytes) -> bool:
         """Whether a mount of the device ``major:minor`` is listed."""
         return dev in (self.load().types or {})
