@@ -503,6 +503,9 @@ def test_kubernetes_mode_asks_the_api_server_who_may_read_what(served: Served, t
                 headers={"Authorization": "Bearer alice-token"},
             )
             assert r.status_code == 403  # may get pods in b, not delete them
+            # the fake answers HTTP/1.0 and closes each connection; an API server keeps them in this pool
+            assert api.rest_client.pool_manager.pools
+        assert not api.rest_client.pool_manager.pools  # closed with the server
     finally:
         fake.stop()
     reviews = [r.body for r in fake.requests if r.path.endswith("subjectaccessreviews")]

@@ -137,6 +137,9 @@ class Access(abc.ABC):
     def principal(self, token: str | None, namespaces: Callable[[], Iterable[str]]) -> Principal:
         """``namespaces`` lists the namespaces that have crashes, for readers scoped per namespace."""
 
+    def close(self) -> None:  # noqa: B027 - most checks hold nothing open: nothing to do
+        """Let go of what checking readers holds open (the server's shutdown calls it)."""
+
 
 class Open(Access):
     open = True
@@ -289,6 +292,12 @@ class KubeAccess(Access):
         self.resource = resource
         self._cache: dict[tuple, tuple[float, object]] = {}
         self._lock = threading.Lock()
+
+    def close(self) -> None:
+        """Close the connections to the API server (the client's own close leaves its pool open)."""
+        api = self.auth.api_client
+        api.close()
+        api.rest_client.pool_manager.clear()
 
     def _cached(self, key: tuple, compute: Callable[[], object]) -> object:
         now = time.monotonic()

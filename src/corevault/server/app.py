@@ -120,14 +120,16 @@ class Server:
 
     def close(self) -> None:
         """Let go of what the server opened: the alert thread first (it uses the catalog), the
-        lookups' connection, the catalog's pool and the store's clients. Called when the
-        application shuts down; closing again closes only what was opened since."""
+        lookups' connection, the catalog's pool, the store's clients and the access check's
+        connections. Called when the application shuts down; closing again closes only what was
+        opened since."""
         if self.dispatcher is not None:
             self.dispatcher.stop()
             self.dispatcher = None
         if self.lookups is not None:
             self.lookups.close()
         self.vault.close()
+        self.access.close()
 
     def namespaces(self) -> list[str]:
         with self.vault.engine.connect() as conn:
