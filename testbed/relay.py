@@ -4,12 +4,15 @@ Put between an agent and its store, it measures what the agent really sent (bodi
 headers, retries included), also for an agent that is SIGKILLed midway: what a killed
 process had in flight is counted as far as it got onto the wire. With ``pace``, it passes on
 at most that many bytes a second towards the server, over all connections: an upload then
-lasts long enough for a test to stop its agent midway however busy the machine is.
+lasts long enough for a test to stop its agent midway however busy the machine is. With
+``tls`` (a certificate and key), clients reach it over TLS: an HTTP proxy behind it becomes an
+``https://`` one (for small exchanges: each TLS connection is read and written by two threads).
 """
 
 from __future__ import annotations
 
 import socket
+import ssl
 import threading
 import time
 from collections.abc import Iterator
@@ -17,9 +20,14 @@ from contextlib import contextmanager, suppress
 
 
 class Relay:
-    def __init__(self, target_port: int, pace: int | None = None) -> None:
+    def __init__(self, target_port: int, pace: int | None = None, tls: tuple[str, str] | None = None) -> None:
         self.target_port = target_port
         self.pace = pace
+        #: with a certificate and key, clients reach the relay over TLS (the server behind it without)
+        self.tls: ssl.SSLContext | None = None
+        if tls is not None:
+            self.tls = ssl.SSLContext(ssl.PROTOCOL_TLS_SERVER)
+            self.tls.load_cert_chain(*tls)
         self._free_at = 0.0  # when the paced wire is free for the next chunk
         self.listener = socket.create_server(("127.0.0.1", 0))
         self.port = self.listener.getsockname()[1]
@@ -31,7 +39,7 @@ class Relay:
 
     @property
     def endpoint(self) -> str:
-        return f"http://127.0.0.1:{self.port}"
+        return f"{'https' if self.tls else 'http'}://127.0.0.1:{self.port}"
 
     def serve(self) -> None:
         while True:
@@ -39,17 +47,25 @@ class Relay:
                 client, _ = self.listener.accept()
             except OSError:
                 return  # closed
-            try:
-                server = socket.create_connection(("127.0.0.1", self.target_port))
-            except OSError:
-                client.close()  # the server is down: so is the relay, for this connection
-                continue
-            with self._lock:
-                self._sockets += [client, server]
-            for src, dst, counted in ((client, server, True), (server, client, False)):
-                t = threading.Thread(target=self._pump, args=(src, dst, counted), daemon=True)
-                t.start()
-                self._threads.append(t)
+            if self.tls is None:
+                self._connect(client)
+            else:  # the handshake on a thread of its own: a slow client holds up no other
+                threading.Thread(target=self._connect, args=(client,), daemon=True).start()
+
+    def _connect(self, client: socket.socket) -> None:
+        try:
+            if self.tls is not None:
+                client = self.tls.wrap_socket(client, server_side=True)
+            server = socket.create_connection(("127.0.0.1", self.target_port))
+        except OSError:
+            client.close()  # the server is down: so is the relay, for this connection
+            return
+        with self._lock:
+            self._sockets += [client, server]
+        for src, dst, counted in ((client, server, True), (server, client, False)):
+            t = threading.Thread(target=self._pump, args=(src, dst, counted), daemon=True)
+            t.start()
+            self._threads.append(t)
 
     def _pump(self, src: socket.socket, dst: socket.socket, counted: bool) -> None:
         try:
@@ -89,8 +105,8 @@ class Relay:
 
 
 @contextmanager
-def relay(target_port: int, pace: int | None = None) -> Iterator[Relay]:
-    r = Relay(target_port, pace)
+def relay(target_port: int, pace: int | None = None, tls: tuple[str, str] | None = None) -> Iterator[Relay]:
+    r = Relay(target_port, pace, tls)
     acceptor = threading.Thread(target=r.serve, daemon=True)
     acceptor.start()
     try:

@@ -20,7 +20,7 @@ from corevault import config, spool
 from corevault.agent.loop import Agent
 from corevault.config import S3Settings
 from corevault.vault import blobs, s3proxy, s3put, stores
-from testbed import egress, servers, tamper, tls
+from testbed import egress, relay, servers, tamper, tls
 from tests.conftest import FIXTURE_SPOOL
 from tests.nodes import Node, make_node
 from tests.test_store_answers import operation
@@ -351,3 +351,19 @@ def test_no_proxy_is_matched_against_the_endpoint_botocore_resolves(
     direct = stores.open_store("s3://bucket/p", s3)
     assert isinstance(direct, blobs.S3Store)
     assert (direct.proxy, direct.client.meta.config.proxies, direct.endpoint) == (None, {}, f"https://{host}")
+
+
+def test_an_https_proxy_is_trusted_only_with_its_certificate(weed, proxy, monkeypatch, tmp_path) -> None:  # noqa: F811
+    """The proxy over TLS (tinyproxy behind a TLS relay): both clients check its certificate
+    against the store's CA bundle. botocore, told nothing, spoke TLS to any proxy unchecked."""
+    cert, key = tls.self_signed(str(tmp_path))
+    with relay.relay(proxy.port, tls=(cert, key)) as over_tls:
+        errors = upload_errors(open_s3(weed, weed.endpoint, over_tls.endpoint), tmp_path)
+        assert proxy.requests() == []  # nothing passed through a proxy not trusted
+        for error in errors:
+            assert "\n" not in error and f"the proxy {over_tls.endpoint}" in error
+        monkeypatch.setenv("AWS_CA_BUNDLE", cert)
+        store = open_s3(weed, weed.endpoint, over_tls.endpoint)
+        assert store.put_bytes("crashes/t/meta.json", b"{}").size == 2  # obstore
+        assert store.size("crashes/t/meta.json") == 2  # botocore
+        assert [method for method, _ in proxy.requests()] == ["PUT", "HEAD"]

@@ -311,7 +311,7 @@ class S3Store(BucketStore):
         )
 
         def client(proxy: str | None) -> Any:
-            proxies = Config(proxies=s3proxy.botocore_proxies(proxy))
+            proxies = Config(**s3proxy.botocore_config(proxy, s3put.ca_bundle(session)))
             return session.create_client(
                 "s3", endpoint_url=settings.endpoint, region_name=region, config=config.merge(proxies)
             )

@@ -91,10 +91,16 @@ def bypassed(netloc: str, no_proxy: str) -> bool:
     return False
 
 
-def botocore_proxies(proxy: str | None) -> dict[str, str]:
-    """botocore's ``proxies``: an empty one is no proxy, where None would have it read the
-    environment again by its own rules."""
-    return {"http": proxy, "https": proxy} if proxy else {}
+def botocore_config(proxy: str | None, ca_bundle: str) -> dict[str, Any]:
+    """botocore's ``proxies`` (an empty one is no proxy, where None would have it read the
+    environment again by its own rules), and for an ``https://`` proxy the CA bundle its
+    certificate is checked against: the store's, as obstore checks it. Without one, botocore
+    (1.44) speaks TLS to the proxy without checking its certificate at all, credentials
+    included."""
+    if not proxy:
+        return {"proxies": {}}
+    settings = {"proxy_ca_bundle": ca_bundle} if proxy.startswith("https://") else {}
+    return {"proxies": {"http": proxy, "https": proxy}, "proxies_config": settings}
 
 
 def obstore_options(proxy: str | None, bucket_url: str) -> dict[str, str]:

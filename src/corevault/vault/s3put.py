@@ -100,7 +100,6 @@ def open_store(client: Any, bucket: str, session: Any, proxy: str | None = None)
     none), with the credentials of ``session`` (the botocore session that made ``client``), its
     retries and timeouts; :class:`Unavailable` when the session finds no credentials (botocore
     then fails the request with its own word for it)."""
-    from botocore.httpsession import get_cert_path
     from obstore.exceptions import BaseError
     from obstore.store import S3Store
 
@@ -115,11 +114,10 @@ def open_store(client: Any, bucket: str, session: Any, proxy: str | None = None)
     if endpoint.startswith("http://"):
         options["allow_http"] = True
     try:
-        # the bundle botocore verifies with (the configured one, else its default: certifi's),
         # always: where the system has no certificates of its own (a slim image without
-        # ca-certificates), obstore's client cannot be built without one
-        bundle = session.get_config_variable("ca_bundle") or get_cert_path(True)
-        with open(os.path.expanduser(bundle)) as f:
+        # ca-certificates), obstore's client cannot be built without one. They verify an
+        # https:// proxy's certificate too, as botocore's client is told to (S3Store)
+        with open(ca_bundle(session)) as f:
             options["root_certificate"] = f.read()
         return S3Store(
             bucket,
@@ -133,6 +131,14 @@ def open_store(client: Any, bucket: str, session: Any, proxy: str | None = None)
         )
     except (OSError, BaseError) as e:
         raise PutFailed(f"cannot reach {endpoint} with obstore: {error_text(e)}") from None
+
+
+def ca_bundle(session: Any) -> str:
+    """The CA bundle botocore verifies the store's certificates with: the configured one
+    (``AWS_CA_BUNDLE``, ``ca_bundle``), else its default (certifi's)."""
+    from botocore.httpsession import get_cert_path
+
+    return os.path.expanduser(session.get_config_variable("ca_bundle") or get_cert_path(True))
 
 
 def client_options(config: Any) -> dict[str, str]:
