@@ -182,7 +182,7 @@ def test_one_snapshot_at_a_time_per_container(live, node: Node) -> None:
     c, proc = live("deadlock")
     lock_dir = os.path.join(node.state, "snapshots")
     os.makedirs(lock_dir, exist_ok=True)
-    with open(os.path.join(lock_dir, c.id), "w") as held:
+    with open(os.path.join(lock_dir, c.id + ".0"), "w") as held:
         fcntl.flock(held, fcntl.LOCK_EX)  # a snapshot of this container in progress
         out = node.cli("snapshot", "--pod", "shop/stuck-0")
     assert out.returncode == 1 and "already being taken" in out.stderr

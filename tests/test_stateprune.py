@@ -21,7 +21,7 @@ import pytest
 
 from corevault import config
 from corevault.agent import loop
-from corevault.capture import policy, stateprune, stuckwriters
+from corevault.capture import policy, snapshot, stateprune, stuckwriters
 from tests.conftest import Capture
 from tests.tenants import of_namespace, pod
 from tests.test_tenant_slots import HeldDumps
@@ -45,6 +45,9 @@ def test_gone_pods_files_are_removed_and_the_held_and_recent_ones_kept(tmp_path:
         stuck = policy.take_slot(state, f"p-gone-{i}", 1, stuckwriters.KIND)
         assert stuck is not None
         os.close(stuck)
+    for i in range(5):  # snapshots of containers gone since
+        os.close(policy.take_slot(state, f"c-gone-{i}", 1, snapshot.KIND) or -1)
+    taking = policy.take_slot(state, "c-live", 1, snapshot.KIND)  # a snapshot being taken
     held = policy.take_slot(state, "p-live", 2)  # a dump under way, however old its file
     stuck_held = policy.take_slot(state, "p-live", 1, stuckwriters.KIND)  # a writer stuck for hours
     assert held is not None and stuck_held is not None
@@ -53,12 +56,13 @@ def test_gone_pods_files_are_removed_and_the_held_and_recent_ones_kept(tmp_path:
     pruned = stateprune.prune(state, storm_window=600, now=LATER)
 
     assert names(tmp_path, "dumps") == ["p-live.0"] and names(tmp_path, "stuck") == ["p-live.0"]
-    assert names(tmp_path, "storm") == []
-    assert (pruned.slots, pruned.budgets, pruned.busy) == (101, 50, 2)
+    assert names(tmp_path, "storm") == [] and names(tmp_path, "snapshots") == ["c-live.0"]
+    assert (pruned.slots, pruned.budgets, pruned.busy) == (106, 50, 3)
     assert policy.take_slot(state, "p-live", 1) is None  # still the live dump's slot
     os.close(held)
     os.close(stuck_held)
-    assert stateprune.prune(state, storm_window=600, now=LATER).slots == 2
+    os.close(taking or -1)
+    assert stateprune.prune(state, storm_window=600, now=LATER).slots == 3
     # every set empty: its directory goes too, so a crash's look for stuck writers is one lookup again
     assert not (tmp_path / "dumps").exists() and not (tmp_path / "stuck").exists()
     assert policy.held_slots(state, "p-live", 1, stuckwriters.KIND) == 0

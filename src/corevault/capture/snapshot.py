@@ -25,7 +25,6 @@ here: 0.05-0.1 s against 0.2-0.3 s to attach to a three-thread process).
 
 from __future__ import annotations
 
-import fcntl
 import os
 import resource
 import signal
@@ -34,10 +33,13 @@ import time
 from collections.abc import Iterator
 from contextlib import contextmanager, suppress
 from dataclasses import dataclass
+from typing import NoReturn
 
 from corevault import bounded, config, spool
-from corevault.capture import admission, cgroup, delivery, lookup, process
+from corevault.capture import admission, cgroup, delivery, lookup, policy, process
 
+#: the state directory's set of per-container snapshot locks
+KIND = "snapshots"
 DEFAULT_TIMEOUT = 60.0
 DEFAULT_MAX_SIZE = 16 << 30
 #: gdb's program while it attaches: a host file, so that nothing of the pod's is parsed
@@ -121,7 +123,7 @@ def _dump_mode(pid: int) -> int:
     return 1 if ids and all(len(set(row)) == 1 for row in ids) else 2
 
 
-def _refuse(settings: config.Settings, record: dict, why: str) -> None:
+def _refuse(settings: config.Settings, record: dict, why: str) -> NoReturn:
     admission.journal(settings, {**record, "event": "refused", "reason": why})
     raise SnapshotError(why)
 
@@ -130,17 +132,18 @@ def _refuse(settings: config.Settings, record: dict, why: str) -> None:
 def _one_at_a_time(
     settings: config.Settings, owner: lookup.Owner, crash: process.Crash, record: dict
 ) -> Iterator[None]:
-    """A per-container lock: a second snapshot of the same container is refused, not queued."""
-    d = os.path.join(settings.state_dir, "snapshots")
-    os.makedirs(d, mode=0o700, exist_ok=True)
+    """A per-container lock: a second snapshot of the same container is refused, not queued.
+
+    The lock is a slot of :func:`corevault.capture.policy.take_slot` (a share of one, in the
+    state's ``snapshots/``), so the agent prunes the files of containers gone for a while as it
+    prunes dump slots, and never one held."""
     key = owner.container_id or f"pid-{crash.global_pid}"
-    path = os.path.join(d, "".join(c if c.isalnum() or c in "-_." else "_" for c in key)[:120])
-    fd = os.open(path, os.O_RDWR | os.O_CREAT | os.O_CLOEXEC, 0o600)
+    fd = policy.take_slot(
+        settings.state_dir, "".join(c if c.isalnum() or c in "-_." else "_" for c in key)[:120], 1, KIND
+    )
+    if fd is None:
+        _refuse(settings, record, "a snapshot of this container is already being taken")
     try:
-        try:
-            fcntl.flock(fd, fcntl.LOCK_EX | fcntl.LOCK_NB)
-        except BlockingIOError:
-            _refuse(settings, record, "a snapshot of this container is already being taken")
         yield
     finally:
         os.close(fd)

@@ -1,8 +1,9 @@
 """Removing the state files of tenants that are gone, without ever freeing a slot that is held.
 
 The capture keeps small files per tenant under the node's state directory: one file per dump
-slot of each pod and namespace (``dumps/<key>.<i>``, ``stuck/<key>.<i>``: :func:`.policy.take_slot`)
-and one storm budget per container (``storm/<key>``: :func:`.policy.admit`). Pod names and
+slot of each pod and namespace (``dumps/<key>.<i>``, ``stuck/<key>.<i>``: :func:`.policy.take_slot`),
+one snapshot lock per container snapshotted (``snapshots/<key>.0``, a slot too) and one storm
+budget per container (``storm/<key>``: :func:`.policy.admit`). Pod names and
 container ids churn, so on a node that runs for months these would grow without bound. The
 agent calls :func:`prune` from its loop every ``PRUNE_EVERY`` seconds
 (:mod:`corevault.agent.loop`); it removes:
@@ -25,7 +26,7 @@ trying it sees it taken; a dump that would be refused because every slot of its 
 taken asks again once the pruner is between two files (it holds :data:`.policy.PRUNE_LOCK`
 exclusively around each file, the handler shares it), so the pruner never costs a dump its slot.
 
-Its cost is bounded: one ``lstat`` per file of the three sets, then the lock, check and unlink
+Its cost is bounded: one ``lstat`` per file of the four sets, then the lock, check and unlink
 of at most ``limit`` files a pass (:data:`PRUNE_MAX`); what is left goes at the next pass. The
 content-hash cache (``hashes/``) needs none of this: it holds at most
 :data:`corevault.capture.hashcache.MAX_ENTRIES` files and evicts the ones used longest ago.
@@ -39,14 +40,14 @@ import stat
 import time
 from dataclasses import dataclass
 
-from corevault.capture import policy, stuckwriters
+from corevault.capture import policy, snapshot, stuckwriters
 
 #: a file made or written within this many seconds is left alone (an active tenant's)
 IDLE = 3600.0
 #: files removed a pass at most
 PRUNE_MAX = 1000
 #: the sets of slot files (directories of the state dir)
-SLOT_KINDS = (policy.DUMPS, stuckwriters.KIND)
+SLOT_KINDS = (policy.DUMPS, stuckwriters.KIND, snapshot.KIND)
 
 
 @dataclass
