@@ -236,6 +236,35 @@ def test_the_crash_path_s_extension_modules_are_found_where_the_import_system_fi
     assert finder.find_spec("_json") is None  # replaced since: the import system's own search
 
 
+def test_only_corevault_s_bootstrap_is_looked_for_in_its_directory_first(tmp_path) -> None:
+    """While corevault's directory leads ``sys.path``, the two modules that read the compiled modules
+    are all that is found in a directory (the rest is built in or frozen); afterwards the standard
+    library's directories come first again, and the crash path never has ``lib-dynload`` listed."""
+    launcher = hostsetup.isolated_launcher(str(tmp_path / hostsetup.LAUNCHER_NAME))
+    with open(launcher) as f:
+        text = f.read()
+    bootstrap = "from corevault import bytecode\n"
+    assert text.count(bootstrap) == 1
+    probe = text.replace(
+        bootstrap, f"before = set(sys.modules)\n{bootstrap}new = set(sys.modules) - before\n"
+    )
+    probe = probe.replace(
+        "from corevault.capture.handler import main, quick_exit\nquick_exit(main())\n",
+        "import corevault.capture.handler\nfrom corevault import hashing\nhashing.sha256(0)\n"
+        "print([(n, type(sys.modules[n].__spec__.loader).__name__) for n in sorted(new)])\n"
+        "print(sys.path)\nprint(sorted(k for k, v in sys.path_importer_cache.items() if v is not None))\n",
+    )
+    out = subprocess.run(
+        [sys.executable, "-I", "-S", "-c", probe], capture_output=True, text=True, cwd="/", check=True
+    )
+    new, path, listed = (eval(line) for line in out.stdout.splitlines())  # noqa: S307 - our own repr
+    found = {n for n, loader in new if loader not in ("BuiltinImporter", "FrozenImporter", "type")}
+    assert found == {"corevault", "corevault.bytecode"}
+    here = os.path.dirname(os.path.dirname(bytecode.__file__))
+    assert path.index(here) > max(i for i, p in enumerate(path) if p.startswith(sys.base_prefix))
+    assert not [d for d in listed if d.endswith("lib-dynload")]
+
+
 def test_a_module_from_the_compiled_modules_has_the_attributes_of_an_ordinary_import(tmp_path) -> None:
     launcher = hostsetup.isolated_launcher(str(tmp_path / hostsetup.LAUNCHER_NAME))
     with open(launcher) as f:
