@@ -572,3 +572,5 @@ def test_a_stopped_server_leaves_no_descriptor_of_the_catalog_open(fixture_vault
         serving = _catalog_fds(path) - before
         assert serving  # open while serving: what is checked below can be seen
     assert _catalog_fds(path) - before == set()
+    served.app.state.server.close()  # again, as corevault serve's last step does: harmless
+    assert _catalog_fds(path) - before == set()
