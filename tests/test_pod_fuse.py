@@ -311,6 +311,18 @@ def test_the_agent_aborts_the_fuse_connection_of_a_mount_the_pod_detached(
     aborts_stuck_dump(node, agent, fuse_rootfs, rootfs, on_go=detach, point=stuckdumps.DETACHED)
 
 
+def test_an_aborted_dump_that_ends_at_once_is_journaled_under_its_pod(
+    capture: Capture, fuse_rootfs: str, rootfs: str
+) -> None:
+    """Pod A's dump waits on one page of a file of its stopped FUSE server (``mapswap`` with
+    nothing swapped); once the agent aborts the connection, the dump and the process end at once.
+    Read after the abort, A's process was gone, and the abort was journaled under no pod."""
+    agent = agent_of(capture, f"[capture]\ntimeout = {DEADLINE}\n")
+    node = PipeNode(capture.config, capture.volume, capture.spool)
+    victim = f"/app/mapswap /tmp/many {podfuse.MOUNT}/data -"
+    aborts_stuck_dump(node, agent, fuse_rootfs, rootfs, prelude=SWAP_PRELUDE, victim=victim)
+
+
 def pod_of(pid: int) -> str | None:
     try:
         with open(f"/proc/{pid}/cgroup") as f:

@@ -5,6 +5,10 @@
  * the crashed thread group) waits until a file of MANY is opened (a handler opening the mapped files
  * it found in maps, so after it read maps), then maps OTHER's first page at FILE's addresses
  * (MAP_FIXED): /proc/PID/map_files then holds OTHER under the range maps gave for FILE.
+ *
+ * With OTHER "-" nothing is swapped: file mappings are asked into the core (coredump_filter), so
+ * the kernel's dump reads FILE's one page (on a FUSE server that stopped, it waits there) and ends
+ * as soon as that read fails.
  */
 #define _GNU_SOURCE
 #include <dirent.h>
@@ -12,6 +16,7 @@
 #include <sched.h>
 #include <signal.h>
 #include <stdio.h>
+#include <string.h>
 #include <sys/inotify.h>
 #include <sys/mman.h>
 #include <unistd.h>
@@ -34,8 +39,13 @@ int main(int argc, char **argv) {
         return 2;
     }
     int fd = open(argv[2], O_RDONLY);
-    other_fd = open(argv[3], O_RDONLY);
-    if (fd < 0 || other_fd < 0) { perror("open"); return 2; }
+    other_fd = strcmp(argv[3], "-") == 0 ? -1 : open(argv[3], O_RDONLY);
+    if (fd < 0 || (other_fd < 0 && strcmp(argv[3], "-") != 0)) { perror("open"); return 2; }
+    FILE *filter = other_fd < 0 ? fopen("/proc/self/coredump_filter", "w") : NULL;
+    if (other_fd < 0 && (!filter || fputs("0x3f", filter) < 0 || fclose(filter) != 0)) {
+        perror("coredump_filter");
+        return 2;
+    }
     target = mmap(NULL, 4096, PROT_READ, MAP_PRIVATE, fd, 0);
     if (target == MAP_FAILED) { perror("mmap"); return 2; }
     DIR *d = opendir(argv[1]);
@@ -51,7 +61,10 @@ int main(int argc, char **argv) {
     closedir(d);
     watch_fd = inotify_init1(0);
     if (watch_fd < 0 || inotify_add_watch(watch_fd, argv[1], IN_OPEN) < 0) { perror("inotify"); return 2; }
-    if (clone(swapper, stack + sizeof stack, CLONE_VM | SIGCHLD, NULL) < 0) { perror("clone"); return 2; }
+    if (other_fd >= 0 && clone(swapper, stack + sizeof stack, CLONE_VM | SIGCHLD, NULL) < 0) {
+        perror("clone");
+        return 2;
+    }
     printf("ready\n");
     fflush(stdout);
     for (;;) pause();

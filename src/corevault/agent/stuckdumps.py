@@ -305,6 +305,7 @@ class StuckDumps:
         # a mapped FUSE mount that no mountinfo of the pod lists (detached) is waited on as well
         detached = {dev for dev in unlisted if is_connection(dev)}
         aborted = 0
+        whose: tuple[str, str, dict] | None = None
         for dev in sorted(waited_on | detached):
             if (pid, dev) in self.done:
                 continue
@@ -318,12 +319,15 @@ class StuckDumps:
                     pid, point, dev.decode(), elsewhere,
                 )  # fmt: skip
                 continue
+            # whose dump it is, read before the abort: the dump and the process may end at once after it
+            whose = whose or self._whose(pid)
             abort(dev)
             aborted += 1
-            self._journal(pid, point)
+            self._journal(pid, point, *whose)
         return aborted
 
-    def _journal(self, pid: int, point: str) -> None:
+    def _whose(self, pid: int) -> tuple[str, str, dict]:
+        """``(comm, exe, pod)`` of the dumping process ``pid``."""
         try:
             cgroup_text = _read(f"/proc/{pid}/cgroup", 1 << 16).decode(errors="replace")
             status = _read(f"/proc/{pid}/status", 1 << 16).decode(errors="replace")
@@ -333,6 +337,9 @@ class StuckDumps:
         except (OSError, ValueError, IndexError):
             cgroup_text, comm, uid, exe = "", "", -1, ""
         pod, _ = self.owners(cgroup_text, exe, comm, uid)
+        return comm, exe, pod
+
+    def _journal(self, pid: int, point: str, comm: str, exe: str, pod: dict) -> None:
         reason = (
             f"the pod's own FUSE server of {point} stopped answering during its dump: the kernel waited "
             f"past [capture] timeout ({self.settings.timeout:g}s) holding a core_pipe_limit slot of the "
