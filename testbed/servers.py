@@ -188,16 +188,46 @@ def wait_s3(endpoint: str, bucket: str, timeout: float = 90, proc: subprocess.Po
         time.sleep(0.1)
 
 
+#: times ``weed mini`` is started on fresh ports when it exits before it answers
+SEAWEED_STARTS = 3
+
+
+def _log_tail(path: str, size: int = 2000) -> str:
+    with suppress(OSError), open(path, "rb") as f:
+        f.seek(max(os.fstat(f.fileno()).st_size - size, 0))
+        return f.read().decode(errors="replace").strip()
+    return ""
+
+
 @contextmanager
 def seaweed() -> Iterator[Seaweed]:
-    d = tempfile.mkdtemp(prefix="cv-weed-")
-    server = Seaweed(d, seaweed_base())
-    try:
-        server.start()
-        yield server
-    finally:
-        server.stop()
-        shutil.rmtree(d, ignore_errors=True)
+    """A started ``weed mini``. One that exits before it answers (seen now and then: a port of
+    its range taken between the check and its bind, by another process of the machine) is
+    started again on other ports, with a fresh directory; the last failure says what its log said."""
+    for attempt in range(SEAWEED_STARTS):
+        d = tempfile.mkdtemp(prefix="cv-weed-")
+        server = Seaweed(d, seaweed_base())
+        try:
+            server.start()
+        except RuntimeError as e:
+            exited = server.proc is not None and server.proc.poll() is not None
+            log = _log_tail(os.path.join(d, "out.log"))
+            server.stop()
+            shutil.rmtree(d, ignore_errors=True)
+            if exited and attempt + 1 < SEAWEED_STARTS:
+                print(f"weed mini exited before it answered, started again: {log[-300:]}", file=sys.stderr)
+                continue
+            raise RuntimeError(f"{e}; its log ends: {log}") from e
+        except BaseException:
+            server.stop()
+            shutil.rmtree(d, ignore_errors=True)
+            raise
+        try:
+            yield server
+        finally:
+            server.stop()
+            shutil.rmtree(d, ignore_errors=True)
+        return
 
 
 @dataclass
