@@ -136,7 +136,7 @@ def stuck_on(pid: int) -> tuple[dict[bytes, bytes], set[bytes], set[bytes]]:
     come from mounts that maps does not name (an overlay the pod mounted over its own FUSE mount,
     an erofs image file on it, name themselves alone). A mapped device no mount of its mountinfo
     has may be a FUSE mount it unmounted (lazily: the mapping keeps it alive) after mapping the
-    file, or one of a thread of its own mount namespace (:func:`detached`)."""
+    file, or one of a thread of its own mount namespace."""
     fuse = fuse_mounts(_lines(f"/proc/{pid}/mountinfo"))
     mapped = mapped_devices(pid)
     kinds = mount_types(_lines(f"/proc/{pid}/mountinfo"))
@@ -211,11 +211,11 @@ def connection(dev: bytes) -> str:
 #: aborts a connection through a fusectl mount of its own, in a mount namespace of its own that
 #: ends with it: nothing is left mounted on the node; exits 3 when there is no such connection
 ABORT_PRIVATELY = 'mount -t fusectl fusectl "$1" && { [ -d "$1/$2" ] || exit 3; } && echo 1 > "$1/$2/abort"'
-#: exits 0 when the connection is there (through a fusectl mount of its own, as above)
-LOOK_PRIVATELY = 'mount -t fusectl fusectl "$1" && [ -d "$1/$2" ]'
+#: lists the connections (through a fusectl mount of its own, as above)
+LIST_PRIVATELY = 'mount -t fusectl fusectl "$1" && ls "$1"'
 
 
-def _privately(script: str, name: str) -> subprocess.CompletedProcess:
+def _privately(script: str, name: str = "") -> subprocess.CompletedProcess:
     return subprocess.run(
         ["unshare", "--mount", "--propagation", "private", "sh", "-c", script, "sh", CONNECTIONS, name],
         capture_output=True,
@@ -225,13 +225,13 @@ def _privately(script: str, name: str) -> subprocess.CompletedProcess:
     )
 
 
-def is_connection(dev: bytes) -> bool:
-    """Whether a FUSE connection has the device ``major:minor`` (one that no mountinfo lists may
-    still be mounted, detached: :func:`stuck_on`)."""
-    name = connection(dev)
-    if os.path.isdir(os.path.join(CONNECTIONS, name)):
-        return True
-    return not os.path.ismount(CONNECTIONS) and _privately(LOOK_PRIVATELY, name).returncode == 0
+def live_connections() -> set[str]:
+    """The names of the node's FUSE connections (:func:`connection`), listed once: a pod decides how
+    many devices its mappings name that no mountinfo lists (:func:`stuck_on`)."""
+    if os.path.ismount(CONNECTIONS):
+        return set(os.listdir(CONNECTIONS))
+    listed = _privately(LIST_PRIVATELY)
+    return set(listed.stdout.split()) if listed.returncode == 0 else set()
 
 
 def abort(dev: bytes) -> None:
@@ -303,7 +303,8 @@ class StuckDumps:
     def _end(self, pid: int) -> int:
         mounts, waited_on, unlisted = stuck_on(pid)
         # a mapped FUSE mount that no mountinfo of the pod lists (detached) is waited on as well
-        detached = {dev for dev in unlisted if is_connection(dev)}
+        live = live_connections() if unlisted else set()
+        detached = {dev for dev in unlisted if connection(dev) in live}
         aborted = 0
         whose: tuple[str, str, dict] | None = None
         for dev in sorted(waited_on | detached):
