@@ -18,7 +18,11 @@ that, so the time to its exit and its CPU are printed beside, against the same b
 for the zero core, against SHA-256 of the same bytes (``openssl dgst -sha256``): SHA-256 has
 no shortcut for zeros, so that is the floor of the handler's exit there.
 - fixed cost of the whole handler on a 4 KiB core (both targets)
-  ÷ ``python -c pass``                                               goal ≤ 1.5
+  ÷ ``python -c pass``                                               goal ≤ 1.5;
+  with ``--fixed-against LAUNCHER``, also another tree's launcher (written by that tree's
+  ``hostsetup.isolated_launcher``) crash by crash in turn with this one, on the same settings
+  snapshot: a change worth a few hundred microseconds shows there, where separate runs of the
+  bench on a shared machine vary by more
 - peak RSS of the handler with a 1 GiB and a 4 GiB core               goal ≤ 32 MiB, flat;
   the bench exits with status 1 when either is over, so a regression is loud
 
@@ -271,9 +275,11 @@ def bench_zeros(mib: int, runs: int) -> Figures:
     return _medians(seen)
 
 
-def bench_fixed(runs: int) -> dict[str, tuple[float, float]]:
+def bench_fixed(runs: int, against: str | None = None) -> dict[str, tuple[float, float]]:
     """Medians of (wall, CPU) seconds: ``python -c pass``, ``python -I -S -c pass``, the whole
-    handler; and ``work``: the handler's own seconds after start-up and imports (wall only).
+    handler; and ``work``: the handler's own seconds after start-up and imports (wall only);
+    with ``against``, ``other``: that launcher's, each run right after this one's (and before it
+    in every other run).
 
     CPU time is given beside wall time because it holds still on a loaded machine: the
     handler waits on fsync and on other processes, ``python -c pass`` does not.
@@ -283,17 +289,24 @@ def bench_fixed(runs: int) -> dict[str, tuple[float, float]]:
         f.write(b"\x7fELF" + os.urandom(4092))
     stage = Stage(["volume", "vault"], 3, 1)
     seen: dict[str, list[tuple[float, float]]] = {"python": [], "isolated": [], "handler": [], "work": []}
+    if against:
+        seen["other"] = []
     try:
-        for _ in range(runs):
+        for i in range(runs):
             for name, cmd in (("python", [sys.executable, "-c", "pass"]),
                               ("isolated", [sys.executable, "-I", "-S", "-c", "pass"])):  # fmt: skip
                 wall, _, cpu = timed(["cat", tiny], cmd)
                 seen[name].append((wall, cpu))
-            wall, _, cpu = timed(["cat", tiny], stage.args(), pass_fds=(stage.pidfd,))
-            seen["handler"].append((wall, cpu))
-            [entry] = spool.entries(stage.settings.spool_dir)
-            seen["work"].append((spool.read_meta(stage.settings.spool_dir, entry)["handler_seconds"], 0.0))
-            stage.clean()
+            args = stage.args()
+            launchers = [("handler", args[0])] + ([("other", against)] if against else [])
+            for name, launcher in launchers if i % 2 == 0 else launchers[::-1]:
+                wall, _, cpu = timed(["cat", tiny], [launcher, *args[1:]], pass_fds=(stage.pidfd,))
+                seen[name].append((wall, cpu))
+                [entry] = spool.entries(stage.settings.spool_dir)
+                if name == "handler":
+                    meta = spool.read_meta(stage.settings.spool_dir, entry)
+                    seen["work"].append((meta["handler_seconds"], 0.0))
+                stage.clean()
     finally:
         stage.close()
         os.unlink(tiny)
@@ -327,9 +340,10 @@ def bench_rss(data: str, copies: int) -> tuple[int, int]:
     return rss, said
 
 
-def report_fixed(runs: int) -> None:
-    """Print the handler's fixed cost against ``python -c pass``, both measured in this run."""
-    fixed = bench_fixed(runs)
+def report_fixed(runs: int, against: str | None = None) -> None:
+    """Print the handler's fixed cost against ``python -c pass``, both measured in this run (and
+    against the launcher ``against``, taking turns crash by crash)."""
+    fixed = bench_fixed(runs, against)
     (py_wall, py_cpu), (iso_wall, iso_cpu), (ours_wall, ours_cpu) = (
         fixed["python"],
         fixed["isolated"],
@@ -345,6 +359,12 @@ def report_fixed(runs: int) -> None:
         f"ratio {ours_cpu / py_cpu:5.2f}  (python -I -S -c pass, the floor of any Python handler: "
         f"{iso_cpu * 1000:.1f} ms CPU, {iso_wall * 1000:.1f} ms wall, ratio {iso_cpu / py_cpu:.2f})"
     )
+    if against:
+        other_wall, other_cpu = fixed["other"]
+        print(
+            f"  against {against}: CPU {other_cpu * 1000:.2f} ms, this tree's {ours_cpu * 1000:.2f} ms "
+            f"(ratio {ours_cpu / other_cpu:.3f}; wall {other_wall * 1000:.1f} and {ours_wall * 1000:.1f} ms)"
+        )
 
 
 def main() -> int:
@@ -360,10 +380,13 @@ def main() -> int:
     ap.add_argument("--against", type=int, default=3, help="the zstd level of the goal's baseline")
     ap.add_argument("--threads", type=int, default=1)
     ap.add_argument("--fixed-only", action="store_true", help="measure only the handler's fixed cost")
+    ap.add_argument(
+        "--fixed-against", metavar="LAUNCHER", help="another tree's launcher, timed crash by crash in turn"
+    )
     a = ap.parse_args()
     os.makedirs(WORK, exist_ok=True)
     if a.fixed_only:
-        report_fixed(a.fixed_runs)
+        report_fixed(a.fixed_runs, a.fixed_against)
         return 0
     data = core_like(os.path.join(WORK, f"core-like-{a.size_mib}m"), a.size_mib)
     size = os.path.getsize(data)
@@ -402,7 +425,7 @@ def main() -> int:
         f"ratios {wall / cat_wall:5.2f}, {cpu / cat_cpu:5.2f}; against SHA-256 of the same bytes "
         f"(openssl dgst -sha256: {sha_wall:.3f} s, {sha_cpu:.2f} s CPU) {wall / sha_wall:5.2f}, {cpu / sha_cpu:5.2f}"
     )
-    report_fixed(a.fixed_runs)
+    report_fixed(a.fixed_runs, a.fixed_against)
     rss1, said1 = bench_rss(data, 1)
     rss4, said4 = bench_rss(data, a.big_gib * 1024 // a.size_mib)
     over = max(rss1, rss4) > RSS_GOAL_MIB << 10
