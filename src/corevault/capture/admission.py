@@ -38,9 +38,12 @@ def new_record(settings: config.Settings, crash: process.Crash) -> dict:
 def _core_uses_pid(settings: config.Settings) -> bool:
     if settings.core_uses_pid is not None:
         return settings.core_uses_pid
-    try:
-        with open("/proc/sys/kernel/core_uses_pid", "rb") as f:
-            return f.read().strip() not in (b"", b"0")
+    try:  # not open(): its buffered file object costs each crash five system calls more
+        fd = os.open("/proc/sys/kernel/core_uses_pid", os.O_RDONLY | os.O_CLOEXEC)
+        try:
+            return os.read(fd, 64).strip() not in (b"", b"0")
+        finally:
+            os.close(fd)
     except OSError:
         return False
 
