@@ -167,12 +167,11 @@ def test_a_fuse_mount_the_host_sees_is_read_as_any_other(tmp_path) -> None:
 def stuck_in_dump(uid: str) -> list[int]:
     """The processes of the pod ``uid`` that the kernel dumps with a task in state D."""
     found = []
-    for name in os.listdir("/proc"):
-        if name.isdigit() and stuckdumps.dumping(int(name)):
-            with suppress(OSError), open(f"/proc/{name}/cgroup") as f:
-                info = cgroup.parse(f.read())
-                if info is not None and info.pod_uid == uid:
-                    found.append(int(name))
+    for name in filter(str.isdigit, os.listdir("/proc")):
+        with suppress(OSError), stuckdumps.Proc(int(name)) as proc:
+            info = cgroup.parse(proc.read("cgroup").decode())
+            if stuckdumps.dumping(proc) and info is not None and info.pod_uid == uid:
+                found.append(int(name))
     return found
 
 
@@ -249,9 +248,11 @@ def test_the_pods_own_mount_namespaces_cost_the_agent_no_read(
     A chose (over 80 MiB) per stuck dump; the agent now asks no process of A's, and still aborts."""
     agent = agent_of(capture, f"[capture]\ntimeout = {DEADLINE}\n")
     node = PipeNode(capture.config, capture.volume, capture.spool)
-    read: list[str] = []
-    lines = stuckdumps._lines
-    monkeypatch.setattr(stuckdumps, "_lines", lambda path: read.append(path) or lines(path))
+    read: list[int] = []  # the processes whose maps or mountinfo were read
+    lines = stuckdumps.Proc.lines
+    monkeypatch.setattr(
+        stuckdumps.Proc, "lines", lambda proc, name: read.append(proc.pid) or lines(proc, name)
+    )
     namespaces = "for i in $(busybox seq 20); do busybox unshare -m busybox sleep 1000 & done"
 
     def only_the_crashed_process_read(a: runc.Container, victim: int) -> None:
@@ -261,7 +262,7 @@ def test_the_pods_own_mount_namespaces_cost_the_agent_no_read(
             with suppress(OSError):
                 namespaces.add(os.stat(f"/proc/{pid}/ns/mnt").st_ino)
         assert len(namespaces) > 20, "A made no namespaces of its own"
-        asked = {int(path.split("/")[2]) for path in read if path.split("/")[2].isdigit()}
+        asked = set(read)
         assert asked & ours <= {victim}, f"processes of A asked: {sorted(asked & ours)}"
 
     aborts_stuck_dump(

@@ -23,6 +23,10 @@ decisions rest on are read whole, line by line (a tenant decides their length: a
 mapping it put past a cut would have kept its dump, and the node's slot, out of reach; a sharer's
 mount past a cut would have been aborted), once per stuck process. Each abort is journaled under
 the pod as ``dropped`` and counted; a stuck mount that may not be aborted is logged once.
+Every read of a process goes through a directory fd of its ``/proc/PID`` (:class:`Proc`),
+opened once per look and checked against the start time the first look saw: a PID reused in
+between (another pod's process) is never read as the stuck one, and the stuck one, ended or
+replaced, is dropped from the watch.
 ``[capture] abort_stuck_fuse = false`` turns this off. Socket mode needs none of it: the kernel's
 pipe limit does not count socket dumps.
 """
@@ -53,8 +57,8 @@ EVERY = 10.0
 DETACHED = "a FUSE mount no namespace lists (unmounted lazily, or in a thread's namespace of its own)"
 
 
-def _read(path: str, limit: int = READ_MAX) -> bytes:
-    fd = os.open(path, os.O_RDONLY | os.O_CLOEXEC)
+def _read(path: str, limit: int = READ_MAX, dir_fd: int | None = None) -> bytes:
+    fd = os.open(path, os.O_RDONLY | os.O_CLOEXEC, dir_fd=dir_fd)
     try:
         chunks, size = [], 0
         while size < limit and (chunk := os.read(fd, min(1 << 16, limit - size))):
@@ -65,10 +69,10 @@ def _read(path: str, limit: int = READ_MAX) -> bytes:
         os.close(fd)
 
 
-def _lines(path: str) -> Iterator[bytes]:
+def _lines(path: str, dir_fd: int | None = None) -> Iterator[bytes]:
     """Every line of ``path``, read whole in chunks: only one line (cut at :data:`LINE_MAX`) is
     held at a time, however long the file."""
-    fd = os.open(path, os.O_RDONLY | os.O_CLOEXEC)
+    fd = os.open(path, os.O_RDONLY | os.O_CLOEXEC, dir_fd=dir_fd)
     try:
         rest = b""
         while chunk := os.read(fd, 1 << 16):
@@ -81,21 +85,76 @@ def _lines(path: str) -> Iterator[bytes]:
         os.close(fd)
 
 
-def dumping(pid: int) -> bool:
-    """Whether the kernel dumps ``pid`` now with one of its tasks in state D."""
+class Gone(OSError):
+    """The process is gone, or its PID is another process's now."""
+
+
+class Proc:
+    """A process pinned by a directory fd of its ``/proc/PID``: every read goes through that fd,
+    so a process that ended fails them (the fd keeps naming it, not the PID) and a PID reused
+    meanwhile is never read as the process first seen. ``start`` is its start time (field 22 of
+    its stat), which tells a reused PID from the process first seen across passes."""
+
+    def __init__(self, pid: int) -> None:
+        self.pid = pid
+        self.fd = os.open(f"/proc/{pid}", os.O_RDONLY | os.O_DIRECTORY | os.O_CLOEXEC)
+        try:
+            self.start = self.read("stat", 4096).rpartition(b")")[2].split()[19]
+        except (OSError, IndexError) as e:
+            os.close(self.fd)
+            raise Gone(f"process {pid} is gone") from e
+
+    def __enter__(self) -> Proc:
+        return self
+
+    def __exit__(self, *exc: object) -> None:
+        os.close(self.fd)
+
+    def read(self, name: str, limit: int = READ_MAX) -> bytes:
+        return _read(name, limit, self.fd)
+
+    def lines(self, name: str) -> Iterator[bytes]:
+        return _lines(name, self.fd)
+
+    def listdir(self, name: str) -> list[str]:
+        fd = os.open(name, os.O_RDONLY | os.O_DIRECTORY | os.O_CLOEXEC, dir_fd=self.fd)
+        try:
+            return os.listdir(fd)
+        finally:
+            os.close(fd)
+
+    def mnt_ns(self) -> int:
+        return os.stat("ns/mnt", dir_fd=self.fd).st_ino
+
+    def exe(self) -> str:
+        return os.readlink("exe", dir_fd=self.fd)
+
+
+def pinned(pid: int, start: bytes) -> Proc:
+    """``pid`` pinned (:class:`Proc`), when it is still the process that started at ``start``;
+    raises :class:`Gone` otherwise."""
+    proc = Proc(pid)
+    if proc.start != start:
+        os.close(proc.fd)
+        raise Gone(f"process {pid} is gone, its PID is another process's now")
+    return proc
+
+
+def dumping(proc: Proc) -> bool:
+    """Whether the kernel dumps ``proc`` now with one of its tasks in state D."""
     try:
-        status = _read(f"/proc/{pid}/status", 1 << 16)
+        status = proc.read("status", 1 << 16)
     except OSError:
         return False
     if b"\nCoreDumping:\t1" not in status:
         return False
     try:
-        tasks = os.listdir(f"/proc/{pid}/task")
+        tasks = proc.listdir("task")
     except OSError:
         return False
     for tid in tasks:
         try:
-            stat = _read(f"/proc/{pid}/task/{tid}/stat", 4096)
+            stat = proc.read(f"task/{tid}/stat", 4096)
         except OSError:
             continue
         if stat.rpartition(b")")[2].split(None, 1)[0] == b"D":
@@ -103,10 +162,10 @@ def dumping(pid: int) -> bool:
     return False
 
 
-def mapped_devices(pid: int) -> set[bytes]:
-    """``major:minor`` (decimal, as mountinfo has them) of the files ``pid`` mapped, from its maps."""
+def mapped_devices(proc: Proc) -> set[bytes]:
+    """``major:minor`` (decimal, as mountinfo has them) of the files ``proc`` mapped, from its maps."""
     devs = set()
-    for line in _lines(f"/proc/{pid}/maps"):
+    for line in proc.lines("maps"):
         fields = line.split(None, 5)
         if len(fields) == 6 and fields[4] != b"0":
             major, _, minor = fields[3].partition(b":")
@@ -127,8 +186,8 @@ def fuse_mounts(
     return found
 
 
-def stuck_on(pid: int) -> tuple[dict[bytes, bytes], set[bytes], set[bytes]]:
-    """The FUSE mounts (``major:minor`` → mount point) in ``pid``'s mountinfo, those of them its
+def stuck_on(proc: Proc) -> tuple[dict[bytes, bytes], set[bytes], set[bytes]]:
+    """The FUSE mounts (``major:minor`` → mount point) in ``proc``'s mountinfo, those of them its
     dump may wait on, and the devices of its mappings its mountinfo does not list.
 
     It may wait on the mounts it mapped files of, or on all of them when it mapped a file of a
@@ -137,9 +196,9 @@ def stuck_on(pid: int) -> tuple[dict[bytes, bytes], set[bytes], set[bytes]]:
     an erofs image file on it, name themselves alone). A mapped device no mount of its mountinfo
     has may be a FUSE mount it unmounted (lazily: the mapping keeps it alive) after mapping the
     file, or one of a thread of its own mount namespace."""
-    fuse = fuse_mounts(_lines(f"/proc/{pid}/mountinfo"))
-    mapped = mapped_devices(pid)
-    kinds = mount_types(_lines(f"/proc/{pid}/mountinfo"))
+    fuse = fuse_mounts(proc.lines("mountinfo"))
+    mapped = mapped_devices(proc)
+    kinds = mount_types(proc.lines("mountinfo"))
     unlisted = mapped - kinds.keys()
     beneath = {dev for dev in mapped & kinds.keys() if beneath_fuse(kinds[dev])}
     if beneath and beneath - mount_types(_lines("/proc/1/mountinfo")).keys():
@@ -168,34 +227,35 @@ def lists(mountinfo: Iterable[bytes], dev: bytes) -> bool:
     return any(len(f := line.split(b" ", 3)) == 4 and f[2] == dev for line in mountinfo)
 
 
-def _pod_uid(pid: int) -> str | None:
-    info = cgroup.parse(_read(f"/proc/{pid}/cgroup", 1 << 16).decode(errors="replace"))
+def _pod_uid(proc: Proc) -> str | None:
+    info = cgroup.parse(proc.read("cgroup", 1 << 16).decode(errors="replace"))
     return info.pod_uid if info is not None else None
 
 
-def seen_elsewhere(dev: bytes, pid: int) -> str | None:
+def seen_elsewhere(dev: bytes, proc: Proc) -> str | None:
     """Who else sees the mount of ``dev``: the host, or a process of another pod (or of no pod)
-    in a mount namespace other than ``pid``'s; None when only ``pid``'s pod does."""
+    in a mount namespace other than ``proc``'s; None when only ``proc``'s pod does."""
     if lists(_lines("/proc/1/mountinfo"), dev):
         return "the host's mount namespace lists it"
-    own_pod = _pod_uid(pid)
+    own_pod = _pod_uid(proc)
     if own_pod is None:
         return "the crashed process is in no pod"
-    own_ns = os.stat(f"/proc/{pid}/ns/mnt").st_ino
-    looked: set[int] = {own_ns}
+    looked: set[int] = {proc.mnt_ns()}
     for name in os.listdir("/proc"):
         if not name.isdigit():
             continue
         try:
-            ns = os.stat(f"/proc/{name}/ns/mnt").st_ino
-            # the pod's own processes are not asked: their namespaces are the pod's to make, as
-            # many and as long as it likes, and read whole for each stuck dump they would cost
-            # the agent what the pod decides
-            if ns in looked or _pod_uid(int(name)) == own_pod:
-                continue
-            if lists(_lines(f"/proc/{name}/mountinfo"), dev):
-                return f"process {name}, of another pod or of the host, sees it"
-            looked.add(ns)
+            # each one pinned too: its namespace, pod and mountinfo are one process's
+            with Proc(int(name)) as other:
+                ns = other.mnt_ns()
+                # the pod's own processes are not asked: their namespaces are the pod's to make,
+                # as many and as long as it likes, and read whole for each stuck dump they would
+                # cost the agent what the pod decides
+                if ns in looked or _pod_uid(other) == own_pod:
+                    continue
+                if lists(other.lines("mountinfo"), dev):
+                    return f"process {name}, of another pod or of the host, sees it"
+                looked.add(ns)
         except OSError:
             continue  # gone meanwhile
     return None
@@ -277,16 +337,20 @@ class StuckDumps:
         self.last = now
         stuck = {}
         for name in os.listdir("/proc"):
-            if name.isdigit() and dumping(int(name)):
-                try:
-                    start = _read(f"/proc/{name}/stat", 4096).rpartition(b")")[2].split()[19]
-                except (OSError, IndexError):
-                    continue
-                pid = int(name)
-                seen = self.first_seen.get(pid)
-                if seen is None or seen[0] != start:  # a new process under a reused PID
-                    seen = self.first_seen[pid] = (start, now)
-                stuck[pid] = seen
+            if not name.isdigit():
+                continue
+            pid = int(name)
+            try:
+                with Proc(pid) as proc:
+                    if not dumping(proc):
+                        continue
+                    start = proc.start
+            except OSError:
+                continue  # gone meanwhile
+            seen = self.first_seen.get(pid)
+            if seen is None or seen[0] != start:  # a new process under a reused PID
+                seen = self.first_seen[pid] = (start, now)
+            stuck[pid] = seen
         self.first_seen = {pid: seen for pid, seen in self.first_seen.items() if pid in stuck}
         self.done = {(pid, dev) for pid, dev in self.done if pid in stuck}
         self.ended = {(pid, start) for pid, start in self.ended if stuck.get(pid, (None,))[0] == start}
@@ -294,14 +358,20 @@ class StuckDumps:
         for pid, (start, since) in stuck.items():
             if now - since >= self.settings.timeout and (pid, start) not in self.ended:
                 try:
-                    aborted += self._end(pid)
+                    # pinned once, and only if it is still the process first seen: everything is
+                    # read through that fd, so a PID reused since is never taken for it
+                    with pinned(pid, start) as proc:
+                        aborted += self._end(proc)
                     self.ended.add((pid, start))
+                except Gone:
+                    self.first_seen.pop(pid, None)  # dropped from the watch
                 except OSError as e:
                     log.warning("could not look at the stuck dump of process %d: %s", pid, e)
         return aborted
 
-    def _end(self, pid: int) -> int:
-        mounts, waited_on, unlisted = stuck_on(pid)
+    def _end(self, proc: Proc) -> int:
+        pid = proc.pid
+        mounts, waited_on, unlisted = stuck_on(proc)
         # a mapped FUSE mount that no mountinfo of the pod lists (detached) is waited on as well
         live = live_connections() if unlisted else set()
         detached = {dev for dev in unlisted if connection(dev) in live}
@@ -312,7 +382,7 @@ class StuckDumps:
                 continue
             self.done.add((pid, dev))
             point = mounts[dev].decode(errors="backslashreplace") if dev in mounts else DETACHED
-            elsewhere = seen_elsewhere(dev, pid)
+            elsewhere = seen_elsewhere(dev, proc)
             if elsewhere is not None:
                 log.warning(
                     "the dump of process %d is stuck on the FUSE mount %s (%s), which is not its pod's "
@@ -321,20 +391,20 @@ class StuckDumps:
                 )  # fmt: skip
                 continue
             # whose dump it is, read before the abort: the dump and the process may end at once after it
-            whose = whose or self._whose(pid)
+            whose = whose or self._whose(proc)
             abort(dev)
             aborted += 1
             self._journal(pid, point, *whose)
         return aborted
 
-    def _whose(self, pid: int) -> tuple[str, str, dict]:
-        """``(comm, exe, pod)`` of the dumping process ``pid``."""
+    def _whose(self, proc: Proc) -> tuple[str, str, dict]:
+        """``(comm, exe, pod)`` of the dumping process ``proc``."""
         try:
-            cgroup_text = _read(f"/proc/{pid}/cgroup", 1 << 16).decode(errors="replace")
-            status = _read(f"/proc/{pid}/status", 1 << 16).decode(errors="replace")
+            cgroup_text = proc.read("cgroup", 1 << 16).decode(errors="replace")
+            status = proc.read("status", 1 << 16).decode(errors="replace")
             comm = status.partition("Name:\t")[2].partition("\n")[0]
             uid = int(status.partition("Uid:\t")[2].split()[0])
-            exe = os.readlink(f"/proc/{pid}/exe")
+            exe = proc.exe()
         except (OSError, ValueError, IndexError):
             cgroup_text, comm, uid, exe = "", "", -1, ""
         pod, _ = self.owners(cgroup_text, exe, comm, uid)
