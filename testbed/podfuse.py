@@ -44,15 +44,15 @@ FROM_FUSE = f"{MOUNT}/busybox sleep 1000"
 MAPPING = f"/app/hang mapped {MOUNT}/data"
 
 
-def script(victim: str, prelude: str = "", on_go: str = "") -> str:
-    """The pod's shell: ``prelude``, its FUSE server, ``victim`` run, and on the word ``on_go``
-    run, its server stopped and the victim dumped."""
+def script(victim: str, prelude: str = "", on_go: str = "", mount: str = MOUNT) -> str:
+    """The pod's shell: ``prelude``, its FUSE server on ``mount``, ``victim`` run, and on the
+    word ``on_go`` run, its server stopped and the victim dumped."""
     return f"""
 {prelude}
-mkdir -p /tmp/lo {MOUNT} || exit 1
+mkdir -p /tmp/lo {mount} || exit 1
 busybox cp /bin/busybox /tmp/lo/busybox && busybox dd if=/dev/zero of=/tmp/lo/data bs=1M count=1 2>/dev/null
-/app/fuse-overlayfs -f -o lowerdir=/tmp/lo {MOUNT} & server=$!
-while [ ! -x {MOUNT}/busybox ]; do sleep 0.05; done
+/app/fuse-overlayfs -f -o lowerdir=/tmp/lo {mount} & server=$!
+while [ ! -x {mount}/busybox ]; do sleep 0.05; done
 {victim} > /tmp/victim.out & victim=$!
 case "{victim}" in
   */app/hang*|*/app/mapswap*) while ! busybox grep -q ready /tmp/victim.out; do sleep 0.05; done;;
@@ -123,13 +123,15 @@ def container(
     victim: str = FROM_FUSE,
     prelude: str = "",
     on_go: str = "",
+    mount: str = MOUNT,
 ) -> runc.Container:
     """The pod: its own tmpfs at /tmp, /dev/fuse and CAP_SYS_ADMIN, ``prelude`` run first and
-    ``on_go`` on the word (:func:`script`); run it with ``running()``."""
+    ``on_go`` on the word, its FUSE server on ``mount`` (:func:`script`); run it with
+    ``running()``."""
     tmpfs = {"destination": "/tmp", "type": "tmpfs", "source": "tmpfs", "options": ["nosuid", "mode=1777"]}
     return runc.Container(
         root,
-        ["/bin/sh", "-c", script(victim, prelude, on_go)],
+        ["/bin/sh", "-c", script(victim, prelude, on_go, mount)],
         volume=volume,
         annotations=annotations,
         mounts=[tmpfs],

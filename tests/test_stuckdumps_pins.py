@@ -12,6 +12,7 @@ from __future__ import annotations
 
 import os
 import subprocess
+import time
 
 import pytest
 
@@ -26,7 +27,9 @@ def sleeper() -> subprocess.Popen:
 
 
 def reuse(pid: int) -> subprocess.Popen:
-    """A new process under ``pid`` (whose process has been reaped)."""
+    """A new process under ``pid`` (whose process has been reaped), started at least a clock
+    tick (10 ms) after it: start times are counted in ticks."""
+    time.sleep(0.03)
     for _ in range(50):
         with open(LAST_PID, "w") as f:
             f.write(str(pid - 1))

@@ -36,6 +36,7 @@ from corevault.agent.kernellog import KernelLog
 from corevault.agent.metrics import Metrics
 from corevault.agent.procevents import ProcEvents
 from corevault.agent.stuckdumps import StuckDumps
+from corevault.agent.stuckvolumes import StuckVolumes
 from corevault.capture import stateprune
 from corevault.vault import blobs, catalog, retention
 from corevault.vault.crashes import LocalVault
@@ -107,6 +108,8 @@ class Agent:
         self.proc_events: ProcEvents | None = None
         #: pipe dumps the kernel is stuck in on a pod's own FUSE server, ended past their deadline
         self.stuck_dumps = StuckDumps(settings, on_abort=self._fuse_aborted)
+        #: writers stuck on a pod's own FUSE volume, its mount aborted past their deadline
+        self.stuck_volumes = StuckVolumes(settings, on_abort=self._fuse_aborted)
         self.listen = False
 
     def connect(self) -> LocalVault:
@@ -235,12 +238,17 @@ class Agent:
             log.info("removed %d idle dump slot and %d storm files", pruned.slots, pruned.budgets)
 
     def _end_stuck_dumps(self) -> None:
-        """Abort a pod's own FUSE connection a pipe dump of its is stuck on past the deadline."""
+        """Abort a pod's own FUSE connection a pipe dump of its, or a writer into its volume in
+        any mode, is stuck on past the deadline."""
         if hostsetup.read_sysctls()["core_pattern"].startswith("|"):
             try:
                 self.stuck_dumps.check()
             except OSError as e:
                 log.warning("could not look for stuck dumps: %s", e)
+        try:
+            self.stuck_volumes.check()
+        except OSError as e:
+            log.warning("could not look for writers stuck on volumes: %s", e)
 
     def _fuse_aborted(self) -> None:
         self.metrics.fuse_aborted.inc()

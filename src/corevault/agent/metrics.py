@@ -42,7 +42,8 @@ class Metrics:
         )
         self.fuse_aborted = Counter(
             "corevault_stuck_fuse_aborted",
-            "FUSE connections of a pod's own mount aborted because a pipe dump of the pod was stuck on them",
+            "FUSE connections of a pod's own mount aborted because a pipe dump of the pod, or a writer "
+            "of its core into its volume, was stuck on them past the deadline",
             registry=r,
         )
         self.queue = Gauge("corevault_spool_entries", "Finished entries waiting in the spool", registry=r)

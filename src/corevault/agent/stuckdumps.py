@@ -42,14 +42,14 @@ from collections.abc import Callable, Iterable, Iterator
 from corevault import config, spool
 from corevault.agent import procevents
 from corevault.capture import buildid, cgroup
+from corevault.capture.mountinfo import fuse_mounts
+from corevault.capture.mountinfo import lines as _lines
 
 log = logging.getLogger("corevault.agent")
 
 CONNECTIONS = "/sys/fs/fuse/connections"
 #: bytes of a process's status / cgroup / stat read at most (the tenant decides their length)
 READ_MAX = 4 << 20
-#: bytes of one maps / mountinfo line kept at most (a path is at most PATH_MAX, escaped 4 times)
-LINE_MAX = 1 << 16
 #: seconds between two looks at most: a look reads every process's status (about 19 µs a process
 #: here), and a deadline of minutes needs no finer watch (a shorter deadline is looked at twice)
 EVERY = 10.0
@@ -65,22 +65,6 @@ def _read(path: str, limit: int = READ_MAX, dir_fd: int | None = None) -> bytes:
             chunks.append(chunk)
             size += len(chunk)
         return b"".join(chunks)
-    finally:
-        os.close(fd)
-
-
-def _lines(path: str, dir_fd: int | None = None) -> Iterator[bytes]:
-    """Every line of ``path``, read whole in chunks: only one line (cut at :data:`LINE_MAX`) is
-    held at a time, however long the file."""
-    fd = os.open(path, os.O_RDONLY | os.O_CLOEXEC, dir_fd=dir_fd)
-    try:
-        rest = b""
-        while chunk := os.read(fd, 1 << 16):
-            lines = (rest + chunk).split(b"\n")
-            rest = lines.pop()[:LINE_MAX]
-            yield from lines
-        if rest:
-            yield rest
     finally:
         os.close(fd)
 
@@ -173,19 +157,6 @@ def mapped_devices(proc: Proc) -> set[bytes]:
     return devs
 
 
-def fuse_mounts(
-    mountinfo: Iterable[bytes], types: tuple[bytes, ...] = buildid.FUSE_TYPES
-) -> dict[bytes, bytes]:
-    """``major:minor`` → mount point of the mounts of ``types`` (FUSE's) a mountinfo's lines list."""
-    found = {}
-    for line in mountinfo:
-        fields = line.split(b" ", 5)
-        kind = line.partition(b" - ")[2].split(b" ", 1)[0]
-        if len(fields) > 4 and kind.partition(b".")[0] in types:
-            found.setdefault(fields[2], fields[4])
-    return found
-
-
 def stuck_on(proc: Proc) -> tuple[dict[bytes, bytes], set[bytes], set[bytes]]:
     """The FUSE mounts (``major:minor`` → mount point) in ``proc``'s mountinfo, those of them its
     dump may wait on, and the devices of its mappings its mountinfo does not list.
@@ -232,15 +203,15 @@ def _pod_uid(proc: Proc) -> str | None:
     return info.pod_uid if info is not None else None
 
 
-def seen_elsewhere(dev: bytes, proc: Proc) -> str | None:
-    """Who else sees the mount of ``dev``: the host, or a process of another pod (or of no pod)
-    in a mount namespace other than ``proc``'s; None when only ``proc``'s pod does."""
+def seen_elsewhere(dev: bytes, own_pod: str | None, own_ns: int | None = None) -> str | None:
+    """Who else sees the mount of ``dev``: the host, or a process of another pod than ``own_pod``
+    (or of no pod) in a mount namespace other than ``own_ns`` (the crashed process's, when it is
+    still there); None when only ``own_pod`` does: the rule for every abort of the agent's."""
     if lists(_lines("/proc/1/mountinfo"), dev):
         return "the host's mount namespace lists it"
-    own_pod = _pod_uid(proc)
     if own_pod is None:
         return "the crashed process is in no pod"
-    looked: set[int] = {proc.mnt_ns()}
+    looked: set[int] = {own_ns} if own_ns is not None else set()
     for name in os.listdir("/proc"):
         if not name.isdigit():
             continue
@@ -382,7 +353,7 @@ class StuckDumps:
                 continue
             self.done.add((pid, dev))
             point = mounts[dev].decode(errors="backslashreplace") if dev in mounts else DETACHED
-            elsewhere = seen_elsewhere(dev, proc)
+            elsewhere = seen_elsewhere(dev, _pod_uid(proc), proc.mnt_ns())
             if elsewhere is not None:
                 log.warning(
                     "the dump of process %d is stuck on the FUSE mount %s (%s), which is not its pod's "
@@ -416,13 +387,19 @@ class StuckDumps:
             f"past [capture] timeout ({self.settings.timeout:g}s) holding a core_pipe_limit slot of the "
             "node, and the FUSE connection was aborted (its mount fails from now on)"
         )
-        record = {
-            "event": "dropped", "transport": "kernel", "source": "stuck dumps",
-            "node": self.settings.node_name, "time": int(time.time()), "pid": pid, "comm": comm, "exe": exe,
-            "pod": pod, "reason": reason,
-        }  # fmt: skip
-        spool.ensure(self.settings.spool_dir)
-        spool.journal(self.settings.spool_dir, record)
-        log.warning("process %d: %s", pid, reason)
+        whose = {"pid": pid, "comm": comm, "exe": exe, "pod": pod}
+        journal_abort(self.settings, "stuck dumps", whose, reason)
         if self.on_abort is not None:
             self.on_abort()
+
+
+def journal_abort(settings: config.Settings, source: str, whose: dict, reason: str) -> None:
+    """Journal an abort of the agent's as ``dropped`` under ``whose`` pod (``pid``, ``comm``,
+    ``exe``, ``pod``), and log it."""
+    record = {
+        "event": "dropped", "transport": "kernel", "source": source, "node": settings.node_name,
+        "time": int(time.time()), **whose, "reason": reason,
+    }  # fmt: skip
+    spool.ensure(settings.spool_dir)
+    spool.journal(settings.spool_dir, record)
+    log.warning("process %s: %s", whose.get("pid"), reason)

@@ -254,7 +254,17 @@ class _Job:
                 self._volume_failed(volumecopy.VolumeFailed(stuck))
             else:
                 s = self.settings
-                copy = volumecopy.VolumeCopy(s, self.tenants, self.crash.root_fd, directory, stream.STALL)
+                c = self.crash
+                whose = {"pid": c.global_pid, "comm": c.comm, "exe": c.exe, "pod": self.owner.as_dict()}
+                copy = volumecopy.VolumeCopy(
+                    s,
+                    self.tenants,
+                    self.crash.root_fd,
+                    directory,
+                    stream.STALL,
+                    proc_fd=self.crash.proc_fd,
+                    whose=whose,
+                )
                 self.volume_copy = copy
                 self.sinks.append(copy)
         if self.plan.vault:

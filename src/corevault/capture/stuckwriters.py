@@ -14,13 +14,23 @@ its volume already, a namespace with ``namespace_dumps`` of them, or a node with
 :data:`NODE_MAX` of them, gets no new writer: the copy into the volume is skipped at once and
 said, and the core goes into the spool as always. A pod's writers are at most its dumps under
 way when its first one got stuck (``pod_dumps``): every later dump skips the volume.
+
+A writer given up also says what it waits on (:func:`note_mounts`): the FUSE mounts of its
+walk to the volume's directory, or the directory's own once it is open, taken from the fd's
+``mnt_id`` and the crashed process's mountinfo (no filesystem is asked), with whose dump it is.
+The record is a root-only file under the state dir's :data:`MOUNTS`, locked for as long as the
+writer waits. The agent (:mod:`corevault.agent.stuckvolumes`) aborts such a mount past the
+dump's deadline when it is the pod's alone; the writer's request then fails, its thread ends
+and its slots come back.
 """
 
 from __future__ import annotations
 
+import fcntl
+import os
 import time
 
-from corevault import config
+from corevault import config, quickjson
 from corevault.capture import policy
 
 KIND = "stuck"
@@ -28,6 +38,8 @@ KIND = "stuck"
 #: handler process that cannot exit: tens of MiB of memory each)
 NODE_MAX = 8
 _NODE = "node"
+#: the state dir's directory of the records of what stuck writers wait on (:func:`note_mounts`)
+MOUNTS = "stuck-mounts"
 
 
 def _bounds(settings: config.Settings, tenants: tuple[str | None, str | None]) -> list[tuple[str, int, str]]:
@@ -71,3 +83,33 @@ def register(settings: config.Settings, tenants: tuple[str | None, str | None]) 
                 break
             time.sleep(0.002)
     return held
+
+
+def note_mounts(settings: config.Settings, mounts: dict[bytes, bytes], whose: dict) -> int | None:
+    """Record the FUSE mounts (``major:minor`` → mount point) a writer given up waits on, and
+    ``whose`` dump it is (``pid``, ``comm``, ``exe``, ``pod``): the record's fd, locked, to be
+    closed with the writer's slots when it ends; None when there is nothing to record.
+
+    It is written under a hidden name and renamed once locked, so a record the agent lists is
+    locked for as long as its writer waits (an unlocked one is a writer's that ended)."""
+    if not mounts:
+        return None
+    d = os.path.join(settings.state_dir, MOUNTS)
+    name = os.urandom(8).hex()
+    fd = policy.open_state(d, f".{name}")
+    try:
+        fcntl.flock(fd, fcntl.LOCK_EX)
+        doc = {
+            "mounts": [
+                [dev.decode(), point.decode(errors="backslashreplace")] for dev, point in mounts.items()
+            ],
+            # CLOCK_MONOTONIC is the node's: the agent's passes count from it too
+            "given_up": time.monotonic(),
+            **whose,
+        }
+        os.write(fd, quickjson.dumps(doc).encode())
+        os.rename(os.path.join(d, f".{name}"), os.path.join(d, name))
+    except OSError:
+        os.close(fd)
+        return None
+    return fd

@@ -44,7 +44,7 @@ import os
 import time
 
 from corevault import config
-from corevault.capture import safefs, stream, stuckwriters
+from corevault.capture import buildid, mountinfo, safefs, stream, stuckwriters
 from corevault.capture.admission import describe_error
 
 #: data chunks in flight at most: each one is memory of the handler's (a 1 MiB chunk's buffer),
@@ -102,8 +102,18 @@ class VolumeCopy:
         root_fd: int,
         directory: str,
         stall: float,
+        *,
+        proc_fd: int | None = None,
+        whose: dict | None = None,
     ) -> None:
         self.settings = settings
+        #: the crashed process's /proc/PID (its mountinfo names what a writer given up waits on)
+        #: and whose dump it is, for the record the agent acts on (:func:`stuckwriters.note_mounts`)
+        self.proc_fd = proc_fd
+        self.whose = whose
+        self.directory = directory
+        #: the volume directory's fd once the writer opened it (-1 before)
+        self.dir_fd = -1
         self.tenants = tenants
         self.stall = stall
         self.name = "volume"
@@ -239,7 +249,24 @@ class VolumeCopy:
         with self.lock:
             if not self.ended:
                 self.stuck = stuckwriters.register(self.settings, self.tenants)
+                noted = self._note_mounts()
+                if noted is not None:
+                    self.stuck.append(noted)
         raise VolumeFailed(self.given_up)
+
+    def _note_mounts(self) -> int | None:
+        """Record the FUSE mounts the writer waits on (:func:`stuckwriters.note_mounts`): the
+        directory's, from its fd's ``mnt_id``, once open; else those on the walk to it. Both
+        are read from the crashed process's mountinfo (its namespace's), never from a mount."""
+        if self.proc_fd is None or self.whose is None or not (self.whose.get("pod") or {}).get("uid"):
+            return None  # a dump in no pod: no mount of it is ever aborted
+        try:
+            mount_id = buildid.mount_id(self.dir_fd) if self.dir_fd >= 0 else None
+            info = mountinfo.lines("mountinfo", self.proc_fd)
+            mounts = mountinfo.fuse_on_the_way(info, self.directory, mount_id)
+        except OSError:
+            return None  # the process is gone: its namespace's mounts cannot be told
+        return stuckwriters.note_mounts(self.settings, mounts, self.whose)
 
     # -- the writer thread
 
@@ -250,7 +277,7 @@ class VolumeCopy:
         published: object = _END  # what the publish gave, handed over once the thread is done
         try:
             try:
-                dir_fd = safefs.open_dir(root_fd, directory)
+                dir_fd = self.dir_fd = safefs.open_dir(root_fd, directory)
                 self.step = "creating the file"
                 new = safefs.NewFile(dir_fd)
                 sink = stream.SparseSink(new.fd)
@@ -281,9 +308,10 @@ class VolumeCopy:
             self.step = "removing what it did not publish"
             if new is not None:
                 new.discard()
-            if dir_fd >= 0:
-                os.close(dir_fd)
             with self.lock:
+                if dir_fd >= 0:
+                    self.dir_fd = -1
+                    os.close(dir_fd)
                 self.ended = True
                 stuck, self.stuck = self.stuck, []
             for fd in stuck:

@@ -1,0 +1,83 @@
+"""A process's mountinfo read whole in bounded memory, and the FUSE mounts it lists.
+
+A tenant decides how long its mountinfo is (as many mounts under as long paths as it likes):
+a reader that stops at a bound lets it put a mount past the cut, out of sight. So it is read
+whole, in chunks, one line at a time (:func:`lines`: a line is cut at :data:`LINE_MAX`, the
+longest a kernel-escaped path can be). The kernel writes every line; a mount point the tenant
+named is escaped (``\\040`` for a space, ``\\134`` for a backslash), so it cannot pose as
+another field. Nothing here asks a mounted filesystem anything.
+"""
+
+from __future__ import annotations
+
+import os
+from collections.abc import Iterable, Iterator
+
+from corevault.capture import buildid
+
+#: bytes of one maps / mountinfo line kept at most (a path is at most PATH_MAX, escaped 4 times)
+LINE_MAX = 1 << 16
+
+
+def lines(path: str, dir_fd: int | None = None) -> Iterator[bytes]:
+    """Every line of ``path``, read whole in chunks: only one line (cut at :data:`LINE_MAX`) is
+    held at a time, however long the file."""
+    fd = os.open(path, os.O_RDONLY | os.O_CLOEXEC, dir_fd=dir_fd)
+    try:
+        rest = b""
+        while chunk := os.read(fd, 1 << 16):
+            found = (rest + chunk).split(b"\n")
+            rest = found.pop()[:LINE_MAX]
+            yield from found
+        if rest:
+            yield rest
+    finally:
+        os.close(fd)
+
+
+def fuse_mounts(
+    mountinfo: Iterable[bytes], types: tuple[bytes, ...] = buildid.FUSE_TYPES
+) -> dict[bytes, bytes]:
+    """``major:minor`` → mount point of the mounts of ``types`` (FUSE's) a mountinfo's lines list."""
+    found = {}
+    for line in mountinfo:
+        fields = line.split(b" ", 5)
+        kind = line.partition(b" - ")[2].split(b" ", 1)[0]
+        if len(fields) > 4 and kind.partition(b".")[0] in types:
+            found.setdefault(fields[2], fields[4])
+    return found
+
+
+def fuse_on_the_way(mountinfo: Iterable[bytes], directory: str, mount_id: int | None) -> dict[bytes, bytes]:
+    """The FUSE mounts (``major:minor`` → mount point) a walk to ``directory`` (absolute, in the
+    process's root) and the writes in it may wait on: the one of mount ``mount_id`` (the
+    directory's, once it is open), or else every FUSE mount at ``directory`` or above it."""
+    found = {}
+    want = directory.rstrip("/").encode()
+    for line in mountinfo:
+        fields = line.split(b" ", 5)
+        kind = line.partition(b" - ")[2].split(b" ", 1)[0]
+        if len(fields) < 5 or kind.partition(b".")[0] not in buildid.FUSE_TYPES:
+            continue
+        if mount_id is not None:
+            if fields[0] == b"%d" % mount_id:
+                return {fields[2]: fields[4]}
+            continue
+        point = unescape(fields[4]).rstrip(b"/")
+        if want == point or want.startswith(point + b"/"):
+            found[fields[2]] = fields[4]
+    return found
+
+
+def unescape(field: bytes) -> bytes:
+    """A mountinfo path as it is: the kernel writes a space, tab, newline and backslash as
+    ``\\ooo`` (octal). Without ``re``: this module lies on the crash path."""
+    head, *rest = field.split(b"\\")
+    out = [head]
+    for part in rest:
+        digits = part[:3]
+        if len(digits) == 3 and all(0x30 <= c <= 0x37 for c in digits):
+            out.append(bytes([int(digits, 8) & 0xFF]) + part[3:])
+        else:
+            out.append(b"\\" + part)
+    return b"".join(out)
