@@ -25,7 +25,7 @@ from contextlib import contextmanager
 
 import pytest
 
-from corevault import config, spool
+from corevault import config, hostsetup, spool
 from corevault.agent import stuckdumps
 from corevault.agent.loop import Agent
 from corevault.capture import policy, stream, stuckwriters
@@ -81,14 +81,19 @@ def given_up(spool_dir: str, uid: str) -> list[dict]:
     return [m for m in of_pod(spool_dir, uid) if "stopped answering" in m["volume"].get("error", "")]
 
 
+@pytest.mark.parametrize("transport", ["forwarder", "socket"])
 def test_the_agent_aborts_a_pods_own_fuse_volume_its_stuck_writer_waits_on(
-    monkeypatch: pytest.MonkeyPatch, fuse_rootfs: str, rootfs: str, tmp_path
+    transport: str, monkeypatch: pytest.MonkeyPatch, fuse_rootfs: str, rootfs: str, tmp_path
 ) -> None:
-    """Under the forwarder, the agent's receiver copies A's core into A's volume: its writer is
-    a thread of the agent's, which nothing but an answer or an abort ends."""
+    """The agent's receiver (under the forwarder) or its coredump socket's listener copies A's
+    core into A's volume: its writer is a thread of the agent's, which nothing but an answer or
+    an abort ends."""
+    if transport == "socket" and hostsetup.kernel_socket_mode() != "@@":
+        pytest.skip("the coredump socket with requests needs Linux 6.17+")
     monkeypatch.setattr(test_volume_stall, "TIMEOUT", DEADLINE)
-    with test_volume_stall.forwarder_node() as node, others_stuck(node.state):
+    with test_volume_stall.NODES[transport]() as node, others_stuck(node.state):
         agent = agent_in(node)
+        agent.settings.timeout = DEADLINE  # (the socket node's is set on its listener's settings)
         a_volume = tmp_path / "a"
         a_volume.mkdir()
         annotations = pod("tenant-a", "a-0", f"{OWN}/core-%p")
