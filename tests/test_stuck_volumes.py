@@ -2,8 +2,8 @@
 
 Tenant A (:mod:`testbed.podfuse`: /dev/fuse and CAP_SYS_ADMIN in its namespaces) mounts its own
 FUSE filesystem over the directory its core pattern names in its volume, stops its server
-(SIGSTOP) and crashes. Under the forwarder, the agent's receiver copies A's core: its writer, a
-thread of the agent's, waits on the server (the ``opendir`` of the mount's root) and is given up
+(SIGSTOP) and crashes. Under the forwarder and the coredump socket, the agent copies A's core: its
+writer, a thread of the agent's, waits on the server (the ``opendir`` of the mount's root) and is given up
 after the stall rule, but stays, holding stuck-writer slots of A's pod, namespace and node, for
 as long as the server sleeps. (A pipe handler's writer of it ended here with the handler's
 process: the stopped server never read the request, and a wait for an unread request ends on a
