@@ -18,12 +18,21 @@ import pytest
 
 from corevault import config
 from corevault.agent import stuckdumps
+from tests.waiting import wait_for
 
 LAST_PID = "/proc/sys/kernel/ns_last_pid"
 
 
 def sleeper() -> subprocess.Popen:
-    return subprocess.Popen(["sleep", "1000"])
+    """A process that runs ``sleep`` (exec'd already)."""
+    p = subprocess.Popen(["sleep", "1000"])
+    wait_for(lambda: _cmdline(p.pid).startswith(b"sleep\0"), "sleep's exec", 10)
+    return p
+
+
+def _cmdline(pid: int) -> bytes:
+    with open(f"/proc/{pid}/cmdline", "rb") as f:
+        return f.read()
 
 
 def reuse(pid: int) -> subprocess.Popen:
@@ -56,6 +65,7 @@ def test_a_pinned_process_reads_nothing_of_the_process_that_reused_its_pid(swapp
     first = sleeper()
     swapped.append(first)
     with stuckdumps.Proc(first.pid) as proc:
+        start = proc.start
         assert proc.read("cmdline").startswith(b"sleep\0")
         first.kill()
         first.wait()
@@ -67,7 +77,7 @@ def test_a_pinned_process_reads_nothing_of_the_process_that_reused_its_pid(swapp
         with pytest.raises(OSError):
             list(proc.lines("mountinfo"))
     with pytest.raises(stuckdumps.Gone):
-        stuckdumps.pinned(first.pid, proc.start)  # its start time tells the second one apart
+        stuckdumps.pinned(first.pid, start)  # its start time tells the second one apart
 
 
 @pytest.mark.skipif(os.geteuid() != 0, reason="setting ns_last_pid needs root")

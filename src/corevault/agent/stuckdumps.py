@@ -82,11 +82,17 @@ class Proc:
     def __init__(self, pid: int) -> None:
         self.pid = pid
         self.fd = os.open(f"/proc/{pid}", os.O_RDONLY | os.O_DIRECTORY | os.O_CLOEXEC)
-        try:
-            self.start = self.read("stat", 4096).rpartition(b")")[2].split()[19]
-        except (OSError, IndexError) as e:
-            os.close(self.fd)
-            raise Gone(f"process {pid} is gone") from e
+        self._start: bytes | None = None
+
+    @property
+    def start(self) -> bytes:
+        """Its start time, read once (when asked: most processes a look pins are not dumping)."""
+        if self._start is None:
+            try:
+                self._start = self.read("stat", 4096).rpartition(b")")[2].split()[19]
+            except (OSError, IndexError) as e:
+                raise Gone(f"process {self.pid} is gone") from e
+        return self._start
 
     def __enter__(self) -> Proc:
         return self
@@ -118,9 +124,12 @@ def pinned(pid: int, start: bytes) -> Proc:
     """``pid`` pinned (:class:`Proc`), when it is still the process that started at ``start``;
     raises :class:`Gone` otherwise."""
     proc = Proc(pid)
-    if proc.start != start:
+    try:
+        if proc.start != start:
+            raise Gone(f"process {pid} is gone, its PID is another process's now")
+    except Gone:
         os.close(proc.fd)
-        raise Gone(f"process {pid} is gone, its PID is another process's now")
+        raise
     return proc
 
 
