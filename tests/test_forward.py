@@ -2,6 +2,7 @@
 
 from __future__ import annotations
 
+import contextlib
 import os
 import signal
 import subprocess
@@ -152,11 +153,12 @@ def test_the_agent_installs_captures_and_restores_the_host(forwarder: str, rootf
             assert c.run().returncode != 0
             assert os.listdir(os.path.join(d, "vol")) == ["core-crasher"]
             # the agent finishes the entry (after the crashed process is let go), then ships it
+            # and its journal line (the spool's journal is emptied as it is shipped)
             deadline, sp = time.monotonic() + 60, os.path.join(d, "s", "spool")
-            while time.monotonic() < deadline and (
-                spool.entries(sp) or not [r for r in spool.read_journal(sp) if r["event"] == "captured"]
-            ):
+            while time.monotonic() < deadline and (spool.entries(sp) or not _crashes_in(d)):
                 time.sleep(0.2)
+            assert _crashes_in(d) == 1, "the agent never shipped the crash"
+
         finally:
             agent.send_signal(signal.SIGTERM)
             agent.wait(timeout=60)
@@ -165,6 +167,17 @@ def test_the_agent_installs_captures_and_restores_the_host(forwarder: str, rootf
     assert os.path.exists(os.path.join(d, "s", "catalog.db"))
     assert spool.entries(os.path.join(d, "s", "spool")) == []
     assert not os.path.exists(os.path.join(d, "s", "agent.sock"))
+
+
+def _crashes_in(d: str) -> int:
+    """Crashes in the catalog of the agent whose state is ``d/s`` (0 before it made one)."""
+    import sqlite3
+
+    try:
+        with contextlib.closing(sqlite3.connect(f"file:{d}/s/catalog.db?mode=ro", uri=True)) as db:
+            return db.execute("SELECT count(*) FROM crashes").fetchone()[0]
+    except sqlite3.Error:
+        return 0
 
 
 def test_only_root_can_hand_the_agent_a_crash(caplog: pytest.LogCaptureFixture) -> None:
