@@ -11,9 +11,12 @@ another field. Nothing here asks a mounted filesystem anything.
 from __future__ import annotations
 
 import os
-from collections.abc import Iterable, Iterator
 
 from corevault.capture import buildid
+
+TYPE_CHECKING = False  # typing.TYPE_CHECKING would import typing, which the crash path never loads
+if TYPE_CHECKING:
+    from collections.abc import Iterable, Iterator
 
 #: bytes of one maps / mountinfo line kept at most (a path is at most PATH_MAX, escaped 4 times)
 LINE_MAX = 1 << 16
