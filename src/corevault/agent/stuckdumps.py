@@ -44,6 +44,8 @@ from corevault.agent import procevents
 from corevault.capture import buildid, cgroup
 from corevault.capture.mountinfo import fuse_mounts
 from corevault.capture.mountinfo import lines as _lines
+from corevault.capture.mountinfo import parse as parse_mount
+from corevault.capture.process import read_upto
 
 log = logging.getLogger("corevault.agent")
 
@@ -55,18 +57,6 @@ READ_MAX = 4 << 20
 EVERY = 10.0
 #: the mount point journaled for a FUSE mount the pod detached (no mountinfo names one)
 DETACHED = "a FUSE mount no namespace lists (unmounted lazily, or in a thread's namespace of its own)"
-
-
-def _read(path: str, limit: int = READ_MAX, dir_fd: int | None = None) -> bytes:
-    fd = os.open(path, os.O_RDONLY | os.O_CLOEXEC, dir_fd=dir_fd)
-    try:
-        chunks, size = [], 0
-        while size < limit and (chunk := os.read(fd, min(1 << 16, limit - size))):
-            chunks.append(chunk)
-            size += len(chunk)
-        return b"".join(chunks)
-    finally:
-        os.close(fd)
 
 
 class Gone(OSError):
@@ -101,7 +91,7 @@ class Proc:
         os.close(self.fd)
 
     def read(self, name: str, limit: int = READ_MAX) -> bytes:
-        return _read(name, limit, self.fd)
+        return read_upto(name, limit, self.fd)
 
     def lines(self, name: str) -> Iterator[bytes]:
         return _lines(name, self.fd)
@@ -196,15 +186,14 @@ def mount_types(mountinfo: Iterable[bytes]) -> dict[bytes, bytes]:
     """``major:minor`` → filesystem type of every mount a mountinfo's lines list."""
     found = {}
     for line in mountinfo:
-        fields = line.split(b" ", 3)
-        if len(fields) == 4:
-            found.setdefault(fields[2], line.partition(b" - ")[2].split(b" ", 1)[0])
+        if (mount := parse_mount(line)) is not None:
+            found.setdefault(mount[1], mount[3])
     return found
 
 
 def lists(mountinfo: Iterable[bytes], dev: bytes) -> bool:
     """Whether a mountinfo's lines list a mount of ``major:minor`` ``dev``."""
-    return any(len(f := line.split(b" ", 3)) == 4 and f[2] == dev for line in mountinfo)
+    return any((mount := parse_mount(line)) is not None and mount[1] == dev for line in mountinfo)
 
 
 def _pod_uid(proc: Proc) -> str | None:

@@ -41,6 +41,7 @@ import os
 from time import time_ns
 
 from corevault import atomic
+from corevault.capture.process import read_upto
 
 NAME = "hashes"
 MAX_ENTRIES = 1024
@@ -79,16 +80,8 @@ class Mounts:
 
     def _read(self) -> bytes:
         path, dir_fd = ("mountinfo", self.proc_fd) if self.proc_fd is not None else (self.path, None)
-        fd = os.open(path, os.O_RDONLY | os.O_CLOEXEC, dir_fd=dir_fd)
-        try:
-            chunks, size = [], 0
-            while size <= MOUNTINFO_MAX and (chunk := os.read(fd, 1 << 16)):
-                chunks.append(chunk)
-                size += len(chunk)
-        finally:
-            os.close(fd)
-        data = b"".join(chunks)
-        return data if size <= MOUNTINFO_MAX else data[: data.rfind(b"\n", 0, MOUNTINFO_MAX) + 1]
+        data = read_upto(path, MOUNTINFO_MAX + 1, dir_fd)  # one byte more says it was cut
+        return data if len(data) <= MOUNTINFO_MAX else data[: data.rfind(b"\n", 0, MOUNTINFO_MAX) + 1]
 
     def load(self) -> Mounts:
         """Read the mountinfo now, if not read yet (the process's is gone with the process)."""

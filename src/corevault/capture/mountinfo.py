@@ -38,16 +38,24 @@ def lines(path: str, dir_fd: int | None = None) -> Iterator[bytes]:
         os.close(fd)
 
 
+def parse(line: bytes) -> tuple[bytes, bytes, bytes, bytes] | None:
+    """``(mount id, major:minor, mount point, filesystem type)`` of a mountinfo line, or None for
+    a line cut short ("36 35 98:0 /root /mnt rw,noatime master:1 - ext4 /dev/vda rw": the paths
+    are escaped, so neither holds " - ")."""
+    fields = line.split(b" ", 5)
+    if len(fields) < 5:
+        return None
+    return fields[0], fields[2], fields[4], line.partition(b" - ")[2].split(b" ", 1)[0]
+
+
 def fuse_mounts(
     mountinfo: Iterable[bytes], types: tuple[bytes, ...] = buildid.FUSE_TYPES
 ) -> dict[bytes, bytes]:
     """``major:minor`` → mount point of the mounts of ``types`` (FUSE's) a mountinfo's lines list."""
     found = {}
     for line in mountinfo:
-        fields = line.split(b" ", 5)
-        kind = line.partition(b" - ")[2].split(b" ", 1)[0]
-        if len(fields) > 4 and kind.partition(b".")[0] in types:
-            found.setdefault(fields[2], fields[4])
+        if (mount := parse(line)) is not None and mount[3].partition(b".")[0] in types:
+            found.setdefault(mount[1], mount[2])
     return found
 
 
@@ -58,17 +66,17 @@ def fuse_on_the_way(mountinfo: Iterable[bytes], directory: str, mount_id: int | 
     found = {}
     want = directory.rstrip("/").encode()
     for line in mountinfo:
-        fields = line.split(b" ", 5)
-        kind = line.partition(b" - ")[2].split(b" ", 1)[0]
-        if len(fields) < 5 or kind.partition(b".")[0] not in buildid.FUSE_TYPES:
+        mount = parse(line)
+        if mount is None or mount[3].partition(b".")[0] not in buildid.FUSE_TYPES:
             continue
+        ident, dev, at, _ = mount
         if mount_id is not None:
-            if fields[0] == b"%d" % mount_id:
-                return {fields[2]: fields[4]}
+            if ident == b"%d" % mount_id:
+                return {dev: at}
             continue
-        point = unescape(fields[4]).rstrip(b"/")
+        point = unescape(at).rstrip(b"/")
         if want == point or want.startswith(point + b"/"):
-            found[fields[2]] = fields[4]
+            found[dev] = at
     return found
 
 

@@ -153,25 +153,24 @@ def read_facts(crash: Crash) -> None:
     crash.maps = _read(fd, "maps")
 
 
-def _read(dir_fd: int, name: str, limit: int = 1 << 22) -> str:
+def read_upto(path: str, limit: int, dir_fd: int | None = None) -> bytes:
+    """At most ``limit`` bytes of ``path`` (a /proc file: the process decides how long it is)."""
+    fd = os.open(path, os.O_RDONLY | os.O_CLOEXEC, dir_fd=dir_fd)
     try:
-        fd = os.open(name, os.O_RDONLY | os.O_CLOEXEC, dir_fd=dir_fd)
-    except OSError:
-        return ""
-    try:
-        chunks = []
-        size = 0
-        while size < limit:
-            chunk = os.read(fd, 65536)
-            if not chunk:
-                break
+        chunks, size = [], 0
+        while size < limit and (chunk := os.read(fd, min(1 << 16, limit - size))):
             chunks.append(chunk)
             size += len(chunk)
-        return b"".join(chunks).decode(errors="replace")
-    except OSError:
-        return ""
+        return b"".join(chunks)
     finally:
         os.close(fd)
+
+
+def _read(dir_fd: int, name: str, limit: int = 1 << 22) -> str:
+    try:
+        return read_upto(name, limit, dir_fd).decode(errors="replace")
+    except OSError:
+        return ""
 
 
 # struct pidfd_info (include/uapi/linux/pidfd.h), up to coredump_mask: PIDFD_INFO_SIZE_VER1.
