@@ -23,6 +23,7 @@ PROGRAMS = {
     "crasher-nopie": ("crasher.c", ["gcc", "-g", "-O1", "-pthread", "-no-pie"]),
     "markup": ("markup.c", ["gcc", "-O1"]),
     "mention": ("mention.c", ["gcc", "-O1"]),
+    "longname": ("longname.c", ["gcc", "-O1"]),
     "hang": ("hang.c", ["gcc", "-g", "-O1", "-pthread"]),
     "racer": ("racer.c", ["gcc", "-O1", "-Wall", "-Werror"]),
     "fsmount": ("fsmount.c", ["gcc", "-O1", "-Wall", "-Werror", "-static"]),

@@ -34,6 +34,9 @@ BACKENDS = ("drgn", "gdb")
 #: frames of the crashed thread unwound by drgn: a stack overflow's whole depth (gdb showed
 #: 30,831 for an 8 MiB stack), of which the report keeps the top and the bottom
 MAX_DEPTH = 1 << 16
+#: characters of a function's or a source file's name kept in a report (the bound the ELF symbol
+#: tables and the demangler read names within)
+MAX_NAME = symtab.MAX_NAME
 
 
 def analyze(
@@ -89,7 +92,7 @@ def analyze(
     threads = _demangle(_name_from_symtabs(threads, core, found))
     files = {path: f.executable for path, f in found.items()}
     threads = goroutine.attribute(core, files, exe_path, threads, MAX_DEPTH)
-    threads = deepstack.collapse(threads, max_frames)
+    threads = deepstack.collapse(_bounded(threads), max_frames)
 
     modules = []
     for obj in core.objects():
@@ -196,6 +199,29 @@ def _demangle(threads: list[Thread]) -> list[Thread]:
     def frames(t: Thread) -> tuple[Frame, ...]:
         named = [(f, demangle.readable(f.function, table)) for f in t.frames]
         return tuple(f if name == f.function else dataclasses.replace(f, function=name) for f, name in named)
+
+    return [dataclasses.replace(t, frames=frames(t)) for t in threads]
+
+
+def _cut(name: str | None) -> str | None:
+    return name if name is None or len(name) <= MAX_NAME else name[:MAX_NAME] + "…"
+
+
+def _bounded(threads: list[Thread]) -> list[Thread]:
+    """Every frame's function and file name cut to :data:`MAX_NAME` characters.
+
+    A binary names its functions and source files as it likes (an assembler name of 1 MiB
+    links, and drgn and gdb name a frame by it), and each name goes into the report, the
+    crash's title, its group, alerts and every reader's page and terminal: one crash made a
+    3 MiB report and a 1 MiB title before this bound.
+    """
+    if all(
+        len(f.function or "") <= MAX_NAME and len(f.file or "") <= MAX_NAME for t in threads for f in t.frames
+    ):
+        return threads
+
+    def frames(t: Thread) -> tuple[Frame, ...]:
+        return tuple(dataclasses.replace(f, function=_cut(f.function), file=_cut(f.file)) for f in t.frames)
 
     return [dataclasses.replace(t, frames=frames(t)) for t in threads]
 
