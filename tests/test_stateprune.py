@@ -91,6 +91,60 @@ def test_a_pass_removes_at_most_its_limit_and_the_next_takes_the_rest(tmp_path: 
     assert names(tmp_path, "dumps") == []
 
 
+def test_a_pass_looks_at_no_more_than_its_scan_and_the_next_goes_on_where_it_stopped(tmp_path: Path) -> None:
+    """Millions of files (a churn of pods, a pod making keys) would cost a pass that looks at every
+    one unbounded time. A pass looks at ``scan`` entries; the next reads on from there, so the
+    held (or young) files the first ones happen to be are not looked at again and again while
+    the idle ones behind them wait forever."""
+    state = str(tmp_path)
+    for i in range(60):
+        os.close(policy.take_slot(state, f"p-{i}", 1) or -1)
+    first = os.listdir(tmp_path / "dumps")[:20]  # the directory's own order: what a pass reads first
+    held = [policy.take_slot(state, name.removesuffix(".0"), 1) for name in first]  # dumps under way
+    assert all(fd is not None for fd in held)
+    pruner = stateprune.Pruner(state, 600, scan=20)
+    try:
+        one = pruner.prune(LATER)
+        assert (one.looked, one.busy, one.slots, one.more) == (20, 20, 0, True)
+        assert len(names(tmp_path, "dumps")) == 60
+        # a pass from the start would find the same twenty held files, and nothing else, every time
+        assert stateprune.prune(state, 600, now=LATER, scan=20).slots == 0
+        two, three = pruner.prune(LATER), pruner.prune(LATER)
+        assert (two.looked, two.slots, three.looked, three.slots) == (20, 20, 20, 20)
+        assert sorted(names(tmp_path, "dumps")) == sorted(first)
+        end = pruner.prune(LATER)  # the set read to its end: its files held, its directory kept
+        assert (end.looked, end.more) == (0, False) and sorted(names(tmp_path, "dumps")) == sorted(first)
+        for fd in held:
+            os.close(fd or -1)
+        again = pruner.prune(LATER)  # a new round, from the start
+        assert (again.looked, again.slots) == (20, 20) and names(tmp_path, "dumps") == []
+        pruner.prune(LATER)
+        assert not (tmp_path / "dumps").exists()  # a round that left nothing takes the directory
+    finally:
+        pruner.close()
+
+
+def test_a_pass_shares_its_scan_between_the_sets_and_gives_what_one_leaves_to_the_others(
+    tmp_path: Path,
+) -> None:
+    state = str(tmp_path)
+    for i in range(100):
+        os.close(policy.take_slot(state, f"p-{i}", 1) or -1)
+        policy.admit(state, f"c-{i}", 5, 600, time.time())
+    os.close(policy.take_slot(state, "p-0", 1, stuckwriters.KIND) or -1)
+    pruner = stateprune.Pruner(state, 600, scan=40)
+    try:
+        one = pruner.prune(LATER)
+        # the stuck set's one file and the snapshots' none leave their shares to the two big sets
+        assert one.looked == 40 and one.slots + one.budgets == 40
+        assert one.budgets >= 10 and one.slots >= 10 + 1
+        while pruner.prune(LATER).more:
+            pass
+        assert names(tmp_path, "dumps") == names(tmp_path, "storm") == names(tmp_path, "stuck") == []
+    finally:
+        pruner.close()
+
+
 def test_a_slot_pruned_between_a_dumps_open_and_its_lock_is_not_held_twice(
     tmp_path: Path, monkeypatch: pytest.MonkeyPatch
 ) -> None:
@@ -241,6 +295,20 @@ def test_the_agent_prunes_on_its_first_pass_and_then_every_prune_every(
     agent.last_prune -= loop.PRUNE_EVERY
     agent.pass_once()
     assert names(tmp_path / "state", "dumps") == []
+    # a churn left more than a pruning looks at: the next comes after PRUNE_AGAIN, until all is read
+    for i in range(20):
+        os.close(policy.take_slot(state, f"p-churn-{i}", 1) or -1)
+    time.sleep(0.01)
+    agent.pruner.scan = 8
+    agent.last_prune -= loop.PRUNE_EVERY
+    left = []
+    for _ in range(4):
+        agent.pass_once()
+        left.append(len(names(tmp_path / "state", "dumps")))
+        agent.pass_once()  # within PRUNE_AGAIN: nothing
+        assert len(names(tmp_path / "state", "dumps")) == left[-1]
+        agent.last_prune -= loop.PRUNE_AGAIN
+    assert left == [12, 4, 0, 0] and agent.prune_every == loop.PRUNE_EVERY
 
 
 @pytest.mark.crash

@@ -47,6 +47,7 @@ MAX_BACKOFF = 300.0
 VACUUM_EVERY = 600.0
 EVICT_EVERY = 60.0  # seconds between evictions from the node's binary store
 PRUNE_EVERY = 600.0  # seconds between prunings of gone tenants' slot and storm files (capture.stateprune)
+PRUNE_AGAIN = 10.0  # seconds to the next pruning while the last left a set part-read (its cost is bounded)
 #: failures of an entry's own (not the vault away) before it is set aside: with the backoff,
 #: about a minute, long enough for a hiccup of the catalog to pass
 QUARANTINE_AFTER = 6
@@ -92,6 +93,9 @@ class Agent:
         self.last_vacuum = 0.0
         self.last_evict = 0.0
         self.last_prune = -PRUNE_EVERY  # on the first pass
+        #: prunes the state directory a bounded part at a time, each pruning going on where the last stopped
+        self.pruner = stateprune.Pruner(settings.state_dir, settings.storm_window)
+        self.prune_every = PRUNE_EVERY
         #: whether core_pattern was corevault's at the last look (None: not looked, or not installed)
         self.installed: bool | None = None
         #: when the loop last took a step (a pass, or an entry within one), for the liveness probe
@@ -220,7 +224,7 @@ class Agent:
             gone = storeclean.evict(s)
             if gone:
                 log.info("removed %d binaries no spool entry needs from the node's store", len(gone))
-        if time.monotonic() - self.last_prune > PRUNE_EVERY:
+        if time.monotonic() - self.last_prune > self.prune_every:
             self.last_prune = time.monotonic()
             self._prune_state()
         waiting = len(spool.entries(s.spool_dir))
@@ -230,10 +234,12 @@ class Agent:
     def _prune_state(self) -> None:
         """Remove the dump slot and storm files of tenants gone for a while (never one held)."""
         try:
-            pruned = stateprune.prune(self.settings.state_dir, self.settings.storm_window)
+            pruned = self.pruner.prune()
         except OSError as e:
             log.warning("could not prune the state directory %s: %s", self.settings.state_dir, e)
+            self.pruner.close()  # the next pruning starts over
             return
+        self.prune_every = PRUNE_AGAIN if pruned.more else PRUNE_EVERY
         if pruned.removed:
             log.info("removed %d idle dump slot and %d storm files", pruned.slots, pruned.budgets)
 
@@ -334,6 +340,7 @@ class Agent:
 
     def _close(self) -> None:
         self._stop_following()
+        self.pruner.close()
         if self.analyses is not None:
             self.analyses.close()
             self.analyses = None
