@@ -29,6 +29,7 @@ from corevault import config, elf, spool
 from corevault.agent.analyses import FairQueue
 from corevault.agent.loop import Agent
 from corevault.analysis import binaries, runner, sandbox, seccomp, slots, template
+from corevault.model import MAX_REPORT_BYTES
 from corevault.vault import catalog
 from corevault.vault.crashes import LocalVault
 from testbed import hostile
@@ -879,7 +880,7 @@ while True:
     ("program", "name", "error", "timeout"),
     [
         (LINGERER, "cv-lingerer", runner.STOPPED, 3),
-        (FLOODER, "cv-writer", "analysis wrote more than 8 MiB and was stopped", 60),
+        (FLOODER, "cv-writer", f"analysis wrote more than {MAX_REPORT_BYTES >> 20} MiB and was stopped", 60),
     ],
     ids=["closes-its-output-and-runs-on", "writes-without-end"],
 )
@@ -888,17 +889,15 @@ def test_an_analysis_taken_over_is_stopped_at_its_bounds(  # noqa: PLR0917
 ) -> None:
     """A real crash's analysis, taken over, closes its output as if it had ended and runs on, or
     writes without end on its output (which the agent, every tenant's, holds in memory): it is
-    stopped at its time or once past its bound, recorded so, and not left running (with its
-    memory and CPU, for every crash that does the same) after the agent has moved on."""
-    from corevault import bounded
-
+    stopped at its time or once past its bound (the most a report may weigh), recorded so, and
+    not left running (with its memory and CPU, for every crash that does the same) after the
+    agent has moved on."""
     if not forked:
         monkeypatch.setattr(template, "shared", lambda uid, processes=0: None)
     elif template.shared(64_900) is None:
         pytest.fail("the analysis template does not start on this machine")
     core, record, store = _fixture_crash("/app/crasher")
     monkeypatch.setattr(runner, "_worker", lambda argv: (program, []))
-    monkeypatch.setattr(bounded, "MAX_OUTPUT", 8 << 20)
     try:
         with pytest.raises(runner.AnalysisError, match=error):
             runner.analyze(core, [store], record=record, timeout=timeout)

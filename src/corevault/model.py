@@ -9,6 +9,12 @@ from __future__ import annotations
 from dataclasses import dataclass, field, fields
 
 REPORT_VERSION = 1
+#: the most a report's JSON may weigh. A crashed process decides how many threads, frames and
+#: names its report holds, and every report passes whole through the agent's memory (read,
+#: parsed, written to the store and the catalog), which every tenant's crashes share: the
+#: analysis keeps its report within half of this (:mod:`corevault.analysis.worker`) and the
+#: agent reads no more of an analysis's output than this
+MAX_REPORT_BYTES = 16 << 20
 
 
 def _plain(value: object) -> dict:

@@ -20,6 +20,7 @@ worker once more: only the first crash that needs a build-id pays for that.
 from __future__ import annotations
 
 import contextlib
+import dataclasses
 import json
 import os
 import resource
@@ -32,10 +33,10 @@ from collections.abc import Collection, Iterator
 from typing import BinaryIO
 
 from corevault import bounded, nodestore, objectid
-from corevault.analysis import binaries, sandbox, seccomp, slots, template, upstream
+from corevault.analysis import binaries, sandbox, seccomp, signature, slots, template, upstream
 from corevault.capture.stream import sparse_copy
 from corevault.errors import UserError
-from corevault.model import Report
+from corevault.model import MAX_REPORT_BYTES, Report
 
 ZSTD_MAGIC = b"\x28\xb5\x2f\xfd"
 DEFAULT_TIMEOUT = 300.0
@@ -154,7 +155,7 @@ def _run_alone(
         timeout = max(deadline - time.monotonic(), 0.001)
         # bwrap's --die-with-parent and the worker's own PID namespace take gdb with it on a
         # kill; bwrap ended by it, not with it: the slot's processes are checked before reuse
-        return bounded.run(cmd, timeout=timeout, limits=limits, pass_fds=fds)
+        return bounded.run(cmd, timeout=timeout, limits=limits, pass_fds=fds, max_output=MAX_REPORT_BYTES)
     except subprocess.TimeoutExpired:
         slots.suspect(uid, template.pid_namespace(uid))
         raise AnalysisError(f"{STOPPED} {limit:g}s and was stopped") from None
@@ -194,7 +195,9 @@ def _run(
     result = None
     if forked is not None:
         try:
-            result = forked.run(code, args, binds, memory=memory, timeout=timeout)
+            result = forked.run(
+                code, args, binds, memory=memory, timeout=timeout, max_output=MAX_REPORT_BYTES
+            )
         except template.NotForTemplate:
             result = None  # not this one: a worker of its own runs it
         except template.TemplateError as e:
@@ -241,6 +244,29 @@ def _run(
     if "error" in doc:
         raise AnalysisError(doc["error"])
     return doc
+
+
+def taken(doc: dict) -> Report:
+    """The worker's report as the agent takes it: of the report's types throughout, and grouped
+    by the signature the agent computes from its frames, not by the one it states.
+
+    A worker taken over by its core writes what it likes: a report of another shape (which
+    failed on some later read, and the crash was analysed again at each retry), or the
+    signature of another tenant's group under frames of its own."""
+    from pydantic import TypeAdapter, ValidationError
+
+    try:
+        report = _REPORT.setdefault("adapter", TypeAdapter(Report)).validate_python(doc)
+    except ValidationError as e:
+        where = ".".join(map(str, e.errors()[0]["loc"]))
+        raise AnalysisError(f"analysis gave no report (its output is not a report: {where})") from None
+    sig, frames, title = signature.compute(report)
+    return dataclasses.replace(report, signature=sig, signature_frames=frames, title=title)
+
+
+#: the validator of reports, made once (on the first report: the command line's other uses
+#: of this module never need it)
+_REPORT: dict = {}
 
 
 def analyze(
@@ -319,7 +345,7 @@ def analyze(
             doc = _run(
                 args, inputs + binds, slot, deadline, limit=timeout, memory=memory, processes=processes
             )
-            return Report.from_dict(doc)
+            return taken(doc)
 
         report = run(0)
         if fetch is not None:

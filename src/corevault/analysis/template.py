@@ -429,11 +429,19 @@ class Template:
         self._proc.wait()
 
     def run(
-        self, code: str, args: list[str], inputs: list[sandbox.Bind], *, memory: int, timeout: float
+        self,
+        code: str,
+        args: list[str],
+        inputs: list[sandbox.Bind],
+        *,
+        memory: int,
+        timeout: float,
+        max_output: int | None = None,
     ) -> tuple[bytes, bytes, int]:
         """``code`` run as ``python -c code args`` in a child with ``inputs``; its output,
         errors and exit status. Raises ``subprocess.TimeoutExpired`` once ``timeout`` passed
-        (the child killed) and :class:`TemplateError` where the template could not start it."""
+        and :class:`bounded.TooMuchOutput` past ``max_output`` bytes (the child killed either
+        way), :class:`TemplateError` where the template could not start it."""
         outside = [b.dest for b in inputs if not b.dest.startswith(sandbox.INPUTS + "/") or ".." in b.dest]
         if outside:
             raise NotForTemplate(f"an input outside {sandbox.INPUTS}: {outside[0]}")
@@ -443,7 +451,7 @@ class Template:
             self._running += 1
             self.forks += 1
         try:
-            return self._run(code, args, inputs, memory=memory, timeout=timeout)
+            return self._run(code, args, inputs, memory=memory, timeout=timeout, max_output=max_output)
         finally:
             with self._uses:
                 self._running -= 1
@@ -452,7 +460,14 @@ class Template:
                 self.close()
 
     def _run(
-        self, code: str, args: list[str], inputs: list[sandbox.Bind], *, memory: int, timeout: float
+        self,
+        code: str,
+        args: list[str],
+        inputs: list[sandbox.Bind],
+        *,
+        memory: int,
+        timeout: float,
+        max_output: int | None,
     ) -> tuple[bytes, bytes, int]:
         deadline = time.monotonic() + timeout
         opened: list[int] = []
@@ -486,7 +501,7 @@ class Template:
                 raise TemplateError("the analysis template did not fork")
             pidfd = got[0]
             try:
-                return self._serve(ctl, data, pidfd, code, args, inputs, opened, memory, deadline)
+                return self._serve(ctl, data, pidfd, code, args, inputs, opened, memory, deadline, max_output)
             finally:
                 os.close(pidfd)
         finally:
@@ -507,6 +522,7 @@ class Template:
         opened: list[int],
         memory: int,
         deadline: float,
+        max_output: int | None,
     ) -> tuple[bytes, bytes, int]:
         out_r, out_w = os.pipe()
         err_r, err_w = os.pipe()
@@ -522,7 +538,7 @@ class Template:
             os.close(out_w)
             os.close(err_w)
         try:
-            out, err = bounded.read_both(out_r, err_r, deadline)
+            out, err = bounded.read_both(out_r, err_r, deadline, max_output)
         except (subprocess.TimeoutExpired, bounded.TooMuchOutput):
             self._kill(ctl, pidfd)
             raise

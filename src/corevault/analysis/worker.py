@@ -28,7 +28,7 @@ from corevault.analysis import (
     symtab,
     unwind_drgn,
 )
-from corevault.model import Frame, Module, Report, Thread
+from corevault.model import MAX_REPORT_BYTES, Frame, Module, Report, Thread
 
 BACKENDS = ("drgn", "gdb")
 #: frames of the crashed thread unwound by drgn: a stack overflow's whole depth (gdb showed
@@ -37,6 +37,11 @@ MAX_DEPTH = 1 << 16
 #: characters of a function's or a source file's name kept in a report (the bound the ELF symbol
 #: tables and the demangler read names within)
 MAX_NAME = symtab.MAX_NAME
+#: what the frames of a report may weigh in all (as JSON): the rest of the report (modules,
+#: registers, warnings, last words) has the other half of :data:`MAX_REPORT_BYTES`
+FRAMES_BUDGET = MAX_REPORT_BYTES // 2
+#: the frames each thread that did not crash keeps, tried in turn until the report fits
+_KEEP = (64, 16, 8, signature.DEPTH, 1)
 
 
 def analyze(
@@ -93,6 +98,8 @@ def analyze(
     files = {path: f.executable for path, f in found.items()}
     threads = goroutine.attribute(core, files, exe_path, threads, MAX_DEPTH)
     threads = deepstack.collapse(_bounded(threads), max_frames)
+    threads, more = _within_budget(threads, FRAMES_BUDGET)
+    warnings += more
 
     modules = []
     for obj in core.objects():
@@ -224,6 +231,54 @@ def _bounded(threads: list[Thread]) -> list[Thread]:
         return tuple(dataclasses.replace(f, function=_cut(f.function), file=_cut(f.file)) for f in t.frames)
 
     return [dataclasses.replace(t, frames=frames(t)) for t in threads]
+
+
+def _within_budget(threads: list[Thread], budget: int) -> tuple[list[Thread], list[str]]:
+    """``threads`` whose frames weigh at most ``budget`` bytes of JSON, and the warning that says
+    what was left out.
+
+    A process decides how many threads it has and how deep and how long-named their stacks
+    are: 64 threads waiting 240 calls deep in a function of a 4,000-character name made a
+    64 MiB report. The crashed thread keeps its frames; every other thread keeps its top 64
+    frames, else 16, 8, 3 (what a snapshot's signature reads) or 1, the most that fit; past
+    that, the last threads are left out.
+    """
+    sizes: dict[str, int] = {}
+
+    def size(text: str | None) -> int:
+        return 0 if not text else sizes.get(text) or sizes.setdefault(text, len(json.dumps(text)))
+
+    frames = [[160 + size(f.function) + size(f.file) + size(f.module) for f in t.frames] for t in threads]
+    runs = [sum(40 + size(r.function) for r in t.omitted) for t in threads]
+
+    def cost(i: int, keep: int) -> int:
+        """Thread ``i``'s weight with its top ``keep`` frames (and its runs if none is cut)."""
+        return sum(frames[i][:keep]) + (runs[i] if len(frames[i]) <= keep else 0)
+
+    whole = max(map(len, frames), default=0)
+    if sum(cost(i, whole) for i in range(len(threads))) <= budget:
+        return threads, []
+    crashed = next((i for i, t in enumerate(threads) if t.crashed), None)
+    fixed = cost(crashed, whole) if crashed is not None else 0
+    others = [i for i in range(len(threads)) if i != crashed]
+    keep = next((k for k in _KEEP if fixed + sum(cost(i, k) for i in others) <= budget), 1)
+    left, spent, out = 0, fixed, []
+    for i, t in enumerate(threads):
+        if i == crashed or len(t.frames) <= keep:
+            kept = t
+        else:
+            kept = dataclasses.replace(t, frames=t.frames[:keep], incomplete=True, omitted=(), omitted_at=0)
+        if i != crashed:
+            spent += cost(i, keep)
+            if spent > budget:
+                left += 1
+                continue
+        out.append(kept)
+    said = (
+        f"the report's bound ({budget >> 20} MiB of frames): "
+        f"the threads that did not crash keep their top {keep} frames"
+    )
+    return out, [said + (f", and {left} threads are left out" if left else "")]
 
 
 def main(argv: list[str] | None = None) -> int:

@@ -1,0 +1,89 @@
+"""A crashed process's report is bounded, whatever its binary names and however many stacks it has.
+
+Tenant A's pod crashes in a function whose ELF symbol is 1 MiB long (an assembler name: any
+bytes a linker takes), or with 64 threads deep in a long-named function. Tenant B's pod
+(another namespace) crashes plainly. Both go through the real capture handler, the agent's
+sandboxed analysis and the catalog.
+"""
+
+from __future__ import annotations
+
+import json
+
+import pytest
+
+from corevault.agent.loop import Agent
+from corevault.analysis.worker import MAX_NAME
+from corevault.model import MAX_REPORT_BYTES
+from corevault.vault import catalog
+from testbed import runc
+from tests.conftest import Capture
+from tests.tenants import node_of, pod
+
+pytestmark = pytest.mark.crash
+
+
+def test_a_megabyte_symbol_name_is_cut_in_the_report_title_and_group(
+    capture: Capture, programs: dict[str, str], tmp_path
+) -> None:
+    root = runc.build_rootfs(
+        str(tmp_path / "root"), {"longname": programs["longname"], "crasher": programs["crasher"]}
+    )
+    capture.crash(root, ["/app/longname"], annotations=pod("tenant-a", "long-0"))
+    capture.crash(root, ["/app/crasher", "segv"], annotations=pod("tenant-b", "plain-0"))
+    assert len(capture.entries()) == 2, capture.journal()
+    cfg = tmp_path / "c.toml"
+    cfg.write_text(f'state_dir = "{tmp_path}/node"\n[agent]\nmetrics = ""\n')
+    settings = node_of(capture, str(cfg))
+    Agent(settings).run(once=True)
+    engine = catalog.connect(settings.catalog_url)
+    with engine.connect() as conn:
+        crashes = {c["namespace"]: c for c in catalog.list_crashes(conn)}
+        long = catalog.get_crash(conn, crashes["tenant-a"]["id"])
+    assert long["analysis"] == "done", long["analysis_error"]
+    cut = "crash_" + "A" * (MAX_NAME - len("crash_")) + "…"
+    [top] = [f for t in long["report"]["threads"] if t["crashed"] for f in t["frames"][:1]]
+    assert top["function"] == cut  # the program's own frame, named, its name cut
+    assert long["title"] == f"SIGSEGV in {cut} ← main"
+    # the whole report is a few names long, not megabytes (3 MiB before the bound)
+    assert len(json.dumps(long["report"])) < 8 * MAX_NAME + 32_768
+    plain = crashes["tenant-b"]
+    assert plain["analysis"] == "done" and "crash_here" in (plain["title"] or ""), plain
+
+
+def test_a_report_of_every_frame_of_every_thread_is_kept_within_its_bound(
+    capture: Capture, programs: dict[str, str], tmp_path
+) -> None:
+    """64 threads wait 240 calls deep in a function of a 4,000-character name: every frame of
+    every thread made a 64 MiB report, which the agent (every tenant's) read, parsed and wrote
+    whole. The crashed thread keeps its frames, the others their top frames, and tenant B's
+    crash after it is explained."""
+    root = runc.build_rootfs(
+        str(tmp_path / "root"), {"widestacks": programs["widestacks"], "crasher": programs["crasher"]}
+    )
+    capture.crash(root, ["/app/widestacks"], annotations=pod("tenant-a", "wide-0"))
+    capture.crash(root, ["/app/crasher", "segv"], annotations=pod("tenant-b", "plain-0"))
+    assert len(capture.entries()) == 2, capture.journal()
+    cfg = tmp_path / "c.toml"
+    cfg.write_text(f'state_dir = "{tmp_path}/node"\n[agent]\nmetrics = ""\n')
+    settings = node_of(capture, str(cfg))
+    Agent(settings).run(once=True)
+    engine = catalog.connect(settings.catalog_url)
+    with engine.connect() as conn:
+        crashes = {c["namespace"]: c for c in catalog.list_crashes(conn)}
+        wide = catalog.get_crash(conn, crashes["tenant-a"]["id"])
+    assert wide["analysis"] == "done", wide["analysis_error"]
+    report = wide["report"]
+    assert len(json.dumps(report)) <= MAX_REPORT_BYTES
+    threads = report["threads"]
+    assert len(threads) == 65  # every thread is still there
+    [crashed] = [t for t in threads if t["crashed"]]
+    assert crashed["frames"][0]["function"] == "crash_wide" and wide["title"].startswith(
+        "SIGSEGV in crash_wide"
+    )
+    waiting = [t for t in threads if not t["crashed"]]
+    assert all(t["incomplete"] and 1 <= len(t["frames"]) < 240 for t in waiting)
+    assert all(f["function"].startswith("wait_BBBB") for t in waiting for f in t["frames"][1:])
+    assert any("the report's bound" in w for w in report["warnings"]), report["warnings"]
+    plain = crashes["tenant-b"]
+    assert plain["analysis"] == "done" and "crash_here" in (plain["title"] or ""), plain
