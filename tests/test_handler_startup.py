@@ -216,6 +216,20 @@ def test_the_launcher_runs_the_crash_path_from_its_compiled_modules(tmp_path) ->
     assert ordinary == {"corevault", "corevault.bytecode"}  # imported before the finder is in place
 
 
+def test_the_compiled_modules_hold_no_docstrings(tmp_path) -> None:
+    """Compiled as ``python -OO`` does: the crash path's docstrings are a fifth of the file, read
+    and unmarshalled on every crash, and nothing on it reads them."""
+    launcher = hostsetup.isolated_launcher(str(tmp_path / hostsetup.LAUNCHER_NAME))
+    held = bytecode._read(launcher + hostsetup.BYTECODE_SUFFIX)
+    assert held is not None
+    module = held["corevault.capture.delivery"][3]
+    assert delivery.__doc__ and delivery._finish_entry.__doc__  # the source has them
+    consts = [c for c in module.co_consts if isinstance(c, str)]
+    assert delivery.__doc__ not in consts
+    finish = next(c for c in module.co_consts if getattr(c, "co_name", None) == "_finish_entry")
+    assert delivery._finish_entry.__doc__ not in finish.co_consts
+
+
 def test_the_crash_path_s_extension_modules_are_found_where_the_import_system_finds_them(tmp_path) -> None:
     """Held by path and stamp, so that loading them costs no search of ``sys.path``; a changed
     file is found the ordinary way."""

@@ -45,7 +45,7 @@ if TYPE_CHECKING:
     from types import CodeType, ModuleType
 
 #: what the file starts with: this format, then the interpreter's own bytecode magic
-_FORMAT = b"cvbytecode4\n"
+_FORMAT = b"cvbytecode5\n"
 
 
 def write(path: str, modules: dict[str, str]) -> None:
@@ -60,7 +60,10 @@ def write(path: str, modules: dict[str, str]) -> None:
             continue
         with open(source, "rb") as f:
             st = os.fstat(f.fileno())  # what was compiled: a source replaced meanwhile is another
-            code = compile(f.read(), source, "exec", dont_inherit=True)
+            # optimize=2, as ``python -OO`` compiles: without docstrings, a fifth of the file (the
+            # crash path's modules hold their design in them), read and unmarshalled every crash;
+            # their asserts, which only narrow types for the checker, go too
+            code = compile(f.read(), source, "exec", dont_inherit=True, optimize=2)
         package = os.path.basename(source) == "__init__.py"
         held[name] = (source, package, _stamp(st), code, cache_from_source(source))
     atomic.write(path, _FORMAT + MAGIC_NUMBER + marshal.dumps(held), 0o644)
