@@ -41,8 +41,8 @@ from collections.abc import Callable, Iterable, Iterator
 
 from corevault import config, spool
 from corevault.agent import procevents
-from corevault.capture import buildid, cgroup
-from corevault.capture.mountinfo import fuse_mounts
+from corevault.capture import cgroup
+from corevault.capture.mountinfo import FUSE_TYPES, MEMORY_TYPES, fuse_mounts
 from corevault.capture.mountinfo import lines as _lines
 from corevault.capture.mountinfo import parse as parse_mount
 from corevault.capture.process import read_upto
@@ -179,7 +179,7 @@ def stuck_on(proc: Proc) -> tuple[dict[bytes, bytes], set[bytes], set[bytes]]:
 def beneath_fuse(kind: bytes) -> bool:
     """Whether a filesystem of mountinfo's type ``kind`` may read its files' pages from a FUSE
     mount (neither FUSE itself nor in memory alone: :func:`corevault.capture.buildid.own_fuse`)."""
-    return kind.partition(b".")[0] not in buildid.FUSE_TYPES + buildid.MEMORY_TYPES
+    return kind.partition(b".")[0] not in FUSE_TYPES + MEMORY_TYPES
 
 
 def mount_types(mountinfo: Iterable[bytes]) -> dict[bytes, bytes]:

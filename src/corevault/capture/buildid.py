@@ -22,7 +22,7 @@ import os
 import stat
 
 from corevault import elf, hashing, nodestore, objectid
-from corevault.capture import hashcache
+from corevault.capture import hashcache, mountinfo
 from corevault.capture.safefs import NewFile
 from corevault.capture.stream import CHUNK, SparseSink, zero_chunk
 
@@ -172,16 +172,6 @@ def hold_modules(
 #: a mapped file that is no regular file (a device): never opened for reading
 NOT_REGULAR = "not a regular file: not opened"
 
-#: mountinfo's type of a FUSE mount, before the ".<subtype>" its server may name
-FUSE_TYPES = (b"fuse", b"fuseblk")
-
-#: mountinfo's types of filesystems whose files' pages come from the filesystems below them
-STACKED_TYPES = (b"overlay", b"aufs", b"shiftfs")
-
-#: mountinfo's types of filesystems whose files live in memory alone: no server, file or device
-#: behind them that a pod could stop
-MEMORY_TYPES = (b"tmpfs", b"ramfs", b"hugetlbfs")
-
 #: the host's mount namespace: init's (the pipe handler runs in it; the agent runs with hostPID)
 HOST_MOUNTINFO = "/proc/1/mountinfo"
 
@@ -225,7 +215,7 @@ def own_fuse(fd: int, mounts: hashcache.Mounts, host: hashcache.Mounts) -> str |
     ``MOUNTINFO_MAX`` by a tenant's many mounts) is not trusted.
 
     Any other filesystem the pod mounted itself is not trusted either, unless it lives in memory
-    alone (:data:`MEMORY_TYPES`): its pages may come from the pod's own server under a name of
+    alone (:data:`.mountinfo.MEMORY_TYPES`): its pages may come from the pod's own server under a name of
     their own. An overlayfs (or aufs, shiftfs) over the pod's FUSE mount reads its layers; an
     erofs image file on that mount is read by the kernel from the FUSE server (a pod with
     ``CAP_SYS_ADMIN`` mounts one without a loop device); a pod's own NFS or SMB server stops
@@ -242,11 +232,11 @@ def own_fuse(fd: int, mounts: hashcache.Mounts, host: hashcache.Mounts) -> str |
         return "not read: its mount is not in the process's mountinfo"
     dev, kind = found
     base = kind.partition(b".")[0]
-    if base in MEMORY_TYPES or host.has_device(dev):
+    if base in mountinfo.MEMORY_TYPES or host.has_device(dev):
         return None
-    if base in FUSE_TYPES:
+    if base in mountinfo.FUSE_TYPES:
         what, why = "FUSE filesystem", "whose server"
-    elif base in STACKED_TYPES:
+    elif base in mountinfo.STACKED_TYPES:
         what, why = "stacked filesystem", "whose layers may be FUSE mounts, whose server"
     else:
         what, why = "filesystem", "whose image file, device or server may be the pod's, which"

@@ -41,6 +41,7 @@ import os
 from time import time_ns
 
 from corevault import atomic
+from corevault.capture import mountinfo
 from corevault.capture.process import read_upto
 
 NAME = "hashes"
@@ -66,8 +67,7 @@ class Mounts:
 
     ``proc_fd`` is the crashed process's ``/proc/PID``: its own mountinfo lists the mounts of
     what it mapped, whatever namespace the reader runs in (the agent's container, in socket
-    mode, sees none of a pod's). The kernel writes every line of it; a mount point the tenant
-    named is escaped there (spaces as ``\\040``), so it cannot pose as another field.
+    mode, sees none of a pod's), each line read by :func:`.mountinfo.parse`.
     Without ``proc_fd``, the mountinfo at ``path`` (the reader's own by default).
     """
 
@@ -91,15 +91,11 @@ class Mounts:
                 lines = self._read().splitlines()
             except OSError:
                 lines = []
-            # "36 35 98:0 /root /mnt rw,noatime master:1 - ext4 /dev/vda rw": paths are escaped,
-            # so neither holds " - "
             for line in lines:
-                fields = line.split(b" ", 3)
-                _, sep, tail = line.partition(b" - ")
-                if len(fields) == 4 and sep:
-                    kind = tail.split(b" ", 1)[0]
-                    self.types.setdefault(fields[2], kind)
-                    self.mounts[fields[0]] = (fields[2], kind)
+                if (mount := mountinfo.parse(line)) is not None:
+                    ident, dev, _, kind = mount
+                    self.types.setdefault(dev, kind)
+                    self.mounts[ident] = (dev, kind)
         return self
 
     def mount(self, mount_id: int) -> tuple[bytes, bytes] | None:

@@ -6,13 +6,16 @@ whole, in chunks, one line at a time (:func:`lines`: a line is cut at :data:`LIN
 longest a kernel-escaped path can be). The kernel writes every line; a mount point the tenant
 named is escaped (``\\040`` for a space, ``\\134`` for a backslash), so it cannot pose as
 another field. Nothing here asks a mounted filesystem anything.
+
+:func:`parse` is the one reading of a line, for the FUSE lookups here, the content-hash cache's
+filesystem types (:class:`.hashcache.Mounts`) and the agent's stuck-dump watch; the filesystem
+types the capture tells apart are named here too. This module imports nothing of corevault's,
+so every module of the crash path may import it.
 """
 
 from __future__ import annotations
 
 import os
-
-from corevault.capture import buildid
 
 TYPE_CHECKING = False  # typing.TYPE_CHECKING would import typing, which the crash path never loads
 if TYPE_CHECKING:
@@ -20,6 +23,16 @@ if TYPE_CHECKING:
 
 #: bytes of one maps / mountinfo line kept at most (a path is at most PATH_MAX, escaped 4 times)
 LINE_MAX = 1 << 16
+
+#: mountinfo's type of a FUSE mount, before the ".<subtype>" its server may name
+FUSE_TYPES = (b"fuse", b"fuseblk")
+
+#: mountinfo's types of filesystems whose files' pages come from the filesystems below them
+STACKED_TYPES = (b"overlay", b"aufs", b"shiftfs")
+
+#: mountinfo's types of filesystems whose files live in memory alone: no server, file or device
+#: behind them that a pod could stop
+MEMORY_TYPES = (b"tmpfs", b"ramfs", b"hugetlbfs")
 
 
 def lines(path: str, dir_fd: int | None = None) -> Iterator[bytes]:
@@ -43,14 +56,13 @@ def parse(line: bytes) -> tuple[bytes, bytes, bytes, bytes] | None:
     a line cut short ("36 35 98:0 /root /mnt rw,noatime master:1 - ext4 /dev/vda rw": the paths
     are escaped, so neither holds " - ")."""
     fields = line.split(b" ", 5)
-    if len(fields) < 5:
+    _, sep, tail = line.partition(b" - ")
+    if len(fields) < 5 or not sep:
         return None
-    return fields[0], fields[2], fields[4], line.partition(b" - ")[2].split(b" ", 1)[0]
+    return fields[0], fields[2], fields[4], tail.split(b" ", 1)[0]
 
 
-def fuse_mounts(
-    mountinfo: Iterable[bytes], types: tuple[bytes, ...] = buildid.FUSE_TYPES
-) -> dict[bytes, bytes]:
+def fuse_mounts(mountinfo: Iterable[bytes], types: tuple[bytes, ...] = FUSE_TYPES) -> dict[bytes, bytes]:
     """``major:minor`` → mount point of the mounts of ``types`` (FUSE's) a mountinfo's lines list."""
     found = {}
     for line in mountinfo:
@@ -67,7 +79,7 @@ def fuse_on_the_way(mountinfo: Iterable[bytes], directory: str, mount_id: int | 
     want = directory.rstrip("/").encode()
     for line in mountinfo:
         mount = parse(line)
-        if mount is None or mount[3].partition(b".")[0] not in buildid.FUSE_TYPES:
+        if mount is None or mount[3].partition(b".")[0] not in FUSE_TYPES:
             continue
         ident, dev, at, _ = mount
         if mount_id is not None:
