@@ -4,7 +4,9 @@ Tenant A (namespace tenant-a) runs a program that, like two libraries it preload
 file claiming 16 million section headers in a sparse 1 GiB file (built here, a few KiB on
 disk each): an ELF library that walks that table spends minutes in it, drgn seconds each. Tenant B (tenant-b) has an
 ordinary crash right after. B's crash must be in the catalog while A's analysis still runs,
-A's analysis must be stopped at its limit and recorded so, and B's crash explained.
+A's analysis must be stopped at its limit and recorded so, and B's crash explained. (The
+vault's directory store keeps A's files' holes as holes: written out, the three GiBs took the
+agent 57 s before A's analysis could start.)
 """
 
 from __future__ import annotations

@@ -438,6 +438,30 @@ def test_the_file_store_clears_temporary_files_of_cut_writes(tmp_path) -> None:
     assert not left.exists() and store.size("crashes/a/meta.json") == 2
 
 
+def test_the_file_store_keeps_a_files_holes_and_its_zeros_as_holes_and_its_bytes_as_they_are(
+    tmp_path,
+) -> None:
+    """A pod's binary may be a 1 GiB hole (testbed/hostile.py): written out, it cost the vault's
+    disk a GiB and the agent ~19 s an object, for nothing but zeros."""
+    src = tmp_path / "binary"
+    with open(src, "wb") as f:  # data, a hole, written zeros, data, a hole of 56 MiB, data
+        f.write(os.urandom(100_000))
+        f.seek(5 << 20)
+        f.write(bytes(3 << 20) + b"x" * 5000)
+        f.seek(64 << 20)
+        f.write(b"tail")
+    store = stores.open_store(f"file://{tmp_path}/vault")
+    assert store.put_file("objects/k/s", str(src)).size == (64 << 20) + 4
+    held = tmp_path / "vault" / "objects" / "k" / "s"
+    assert held.stat().st_blocks * 512 < 1 << 20  # neither the hole nor the 3 MiB of zeros written
+    with open(src, "rb") as a, open(held, "rb") as b:
+        assert hashlib.file_digest(a, "sha256").digest() == hashlib.file_digest(b, "sha256").digest()
+    store.put_bytes("crashes/c/core", b"abc" + bytes(3 << 20) + b"d")
+    assert (tmp_path / "vault" / "crashes" / "c" / "core").read_bytes() == b"abc" + bytes(3 << 20) + b"d"
+    store.put_bytes("crashes/c/empty", b"")
+    assert store.size("crashes/c/empty") == 0
+
+
 def test_a_bad_store_url_or_setting_is_one_clear_error(tmp_path) -> None:
     from corevault import config
 
