@@ -10,15 +10,18 @@ from __future__ import annotations
 
 import json
 
+import httpx
 import pytest
 
 from corevault.agent.loop import Agent
+from corevault.alerts import outbox, sinks
 from corevault.analysis.worker import MAX_NAME
 from corevault.model import MAX_REPORT_BYTES
 from corevault.vault import catalog
-from testbed import runc
+from testbed import runc, servers
 from tests.conftest import Capture
 from tests.tenants import node_of, pod
+from tests.test_triage_alerts import Receiver
 
 pytestmark = pytest.mark.crash
 
@@ -33,7 +36,12 @@ def test_a_megabyte_symbol_name_is_cut_in_the_report_title_and_group(
     capture.crash(root, ["/app/crasher", "segv"], annotations=pod("tenant-b", "plain-0"))
     assert len(capture.entries()) == 2, capture.journal()
     cfg = tmp_path / "c.toml"
-    cfg.write_text(f'state_dir = "{tmp_path}/node"\n[agent]\nmetrics = ""\n')
+    receiver = Receiver(servers.free_port()).start()
+    cfg.write_text(
+        f'state_dir = "{tmp_path}/node"\n[agent]\nmetrics = ""\n'
+        f'[alerts]\nurl = "https://corevault.example"\n'
+        f'[[alerts.sink]]\nname = "chat"\nkind = "slack"\nurl = "{receiver.url}/slack"\nnamespaces = ["tenant-a"]\n'
+    )
     settings = node_of(capture, str(cfg))
     Agent(settings).run(once=True)
     engine = catalog.connect(settings.catalog_url)
@@ -41,6 +49,19 @@ def test_a_megabyte_symbol_name_is_cut_in_the_report_title_and_group(
         crashes = {c["namespace"]: c for c in catalog.list_crashes(conn)}
         long = catalog.get_crash(conn, crashes["tenant-a"]["id"])
     assert long["analysis"] == "done", long["analysis_error"]
+    alerting = sinks.parse(settings.alerts)
+    assert alerting is not None
+    try:
+        with httpx.Client(timeout=10) as client:
+            assert outbox.run_once(engine, alerting, client) == 1
+    finally:
+        receiver.stop()
+    # Slack refuses a message whose text object holds more than 3,000 characters (2,000 in a
+    # field): the group's alert would never be delivered
+    [slack] = receiver.bodies("/slack")
+    [head, facts] = slack["blocks"]
+    assert "SIGSEGV in crash_AAAA" in head["text"]["text"] and len(head["text"]["text"]) <= 3000
+    assert all(len(f["text"]) <= 2000 for f in facts["fields"])
     cut = "crash_" + "A" * (MAX_NAME - len("crash_")) + "…"
     [top] = [f for t in long["report"]["threads"] if t["crashed"] for f in t["frames"][:1]]
     assert top["function"] == cut  # the program's own frame, named, its name cut

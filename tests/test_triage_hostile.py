@@ -4,7 +4,7 @@ A pod's program crashes in a function whose ELF symbol is a Slack mention, a lin
 HTML tag. It goes through the real capture handler in a runc container, the agent's
 analysis and the catalog; then the alerts (Slack-compatible and webhook, to a local
 receiver) and the group page must carry the name as text: no ``<!channel>`` that pings a
-channel, no link Slack would render, no tag a browser would parse.
+channel, no link Slack would render or fetch, no tag a browser would parse.
 """
 
 from __future__ import annotations
@@ -63,6 +63,13 @@ def test_a_symbol_name_is_text_in_slack_webhooks_and_the_group_page(
     text = json.dumps(slack)
     assert "<!channel>" not in text and "<https://evil.example" not in text and "<img" not in text
     assert "crash&lt;!channel&gt;&lt;https://evil.example/x|click&gt;" in text
+    # Slack links a URL and parses mentions in text that is not verbatim, and fetches the links
+    # of a message it unfurls: the name's URL would be a link, and a request to its host
+    texts = [
+        t for b in slack["blocks"] for t in [*([b["text"]] if "text" in b else []), *b.get("fields", [])]
+    ]
+    assert texts and all(t["type"] == "mrkdwn" and t["verbatim"] is True for t in texts), slack
+    assert slack["unfurl_links"] is False and slack["unfurl_media"] is False
     [hook] = receiver.bodies("/hook")
     assert hook["group"]["title"] == crash["title"]  # JSON carries the name as it is: a string
 

@@ -15,7 +15,12 @@ retried delivery keeps it, so a receiver can drop a repeat), ``X-Corevault-Times
 sink's secret (:func:`verify` is how a receiver checks it).
 
 Titles, images and namespaces come from crashed processes: in Slack's mrkdwn ``&``, ``<``
-and ``>`` are escaped, so a symbol name cannot become a link or a ``<!channel>`` mention.
+and ``>`` are escaped, so a symbol name cannot become a link or a ``<!channel>`` mention;
+every text object is ``verbatim``, so Slack neither turns a URL in a name into a link nor
+parses an ``@channel`` in it; links are not unfurled (Slack would fetch a URL a crashed
+process named); and each value is cut to :data:`SHOWN` characters, so a long function name
+cannot take a text object past Slack's limits (3,000 characters, 2,000 in a field), which
+refuses the whole message.
 """
 
 from __future__ import annotations
@@ -26,6 +31,9 @@ import json
 from urllib.parse import quote
 
 WORDS = {"new": "New crash group", "regressed": "Regressed crash group", "spike": "Crash spike"}
+#: characters of a title, namespace or image shown in a Slack message (each ``&`` is five once
+#: escaped: 300 of them stay within a field's 2,000 characters and a section's 3,000)
+SHOWN = 300
 
 
 def body(delivery_id: int, event: dict, group: dict, base_url: str) -> dict:
@@ -72,7 +80,13 @@ def webhook(doc: dict, secret: bytes, now: int) -> tuple[bytes, dict[str, str]]:
 
 
 def _mrkdwn(text: object) -> str:
-    return str(text).replace("&", "&amp;").replace("<", "&lt;").replace(">", "&gt;")
+    text = str(text)
+    text = text if len(text) <= SHOWN else text[:SHOWN] + "…"
+    return text.replace("&", "&amp;").replace("<", "&lt;").replace(">", "&gt;")
+
+
+def _text(text: str) -> dict:
+    return {"type": "mrkdwn", "text": text, "verbatim": True}
 
 
 def slack(doc: dict) -> tuple[bytes, dict[str, str]]:
@@ -90,8 +104,10 @@ def slack(doc: dict) -> tuple[bytes, dict[str, str]]:
     message = {
         "text": f"{WORDS[doc['event']]}: {title} in {_mrkdwn(doc['namespace'] or 'host processes')}",
         "blocks": [
-            {"type": "section", "text": {"type": "mrkdwn", "text": head}},
-            {"type": "section", "fields": [{"type": "mrkdwn", "text": f} for f in facts]},
+            {"type": "section", "text": _text(head)},
+            {"type": "section", "fields": [_text(f) for f in facts]},
         ],
+        "unfurl_links": False,
+        "unfurl_media": False,
     }
     return json.dumps(message).encode(), {"Content-Type": "application/json"}
