@@ -68,13 +68,30 @@ def pod(namespace: str, name: str, opted_in: bool = True) -> dict[str, str]:
     return annotations
 
 
+#: a process name (its comm, which a pattern's ``%e`` expands to) that, printed as it is, sets
+#: the terminal's title and clears its screen
+HOSTILE = "h\x1b]2;pwn\x07\x1b[2J"
+
+
+@pytest.fixture(scope="module")
+def hostile_rootfs(programs: dict[str, str], tmp_path_factory: pytest.TempPathFactory) -> str:
+    """A root whose ``hang`` is named :data:`HOSTILE`."""
+    return runc.build_rootfs(str(tmp_path_factory.mktemp("hostile") / "root"), {HOSTILE: programs["hang"]})
+
+
 @pytest.fixture
 def live(rootfs: str, node: Node) -> Iterator:
-    """Start ``/app/hang MODE`` in a pod; yields (container, process)."""
+    """Start ``/app/hang MODE`` in a pod (``root``: another rootfs, and the program's name in it);
+    yields (container, process)."""
     started = []
 
-    def start(mode: str, *args: str, annotations: dict[str, str] | None = None):
-        c = runc.Container(rootfs, ["/app/hang", mode, *args], volume=node.volume,
+    def start(
+        mode: str,
+        *args: str,
+        annotations: dict[str, str] | None = None,
+        root: tuple[str, str] = (rootfs, "hang"),
+    ):
+        c = runc.Container(root[0], [f"/app/{root[1]}", mode, *args], volume=node.volume,
                            annotations=annotations or pod("shop", "stuck-0"))  # fmt: skip
         cm = c.running()
         proc = cm.__enter__()
@@ -153,6 +170,17 @@ def test_the_same_deadlock_twice_is_one_group_and_a_busy_loop_another(live, node
     assert pause_us > 0
 
 
+def test_a_process_name_with_terminal_escapes_is_printed_as_text(
+    live, node: Node, hostile_rootfs: str
+) -> None:
+    """The core's path in the pod holds the process's name (``%e``): printed as data."""
+    live("deadlock", root=(hostile_rootfs, HOSTILE))
+    out = node.cli("snapshot", "--pod", "shop/stuck-0")
+    assert out.returncode == 0, out.stderr
+    assert "\x1b" not in out.stdout and "\x07" not in out.stdout, out.stdout
+    assert "core in the pod: /data/dump-a/core-h\\x1b]2;pwn\\x07\\x1b[2J-1-" in out.stdout, out.stdout
+
+
 def test_kill_ends_the_process_after_its_core_is_kept(live, node: Node) -> None:
     _, proc = live("deadlock")
     outcome = snapshot(node, "--pod", "shop/stuck-0", "--kill")
@@ -207,9 +235,10 @@ def test_a_snapshot_over_its_time_or_size_resumes_the_process(live, node: Node) 
 
 
 def test_kubectl_snapshot_asks_the_pods_node_through_the_server_for_readers_who_may_exec(
-    live, node: Node, tmp_path
+    live, node: Node, tmp_path, hostile_rootfs: str
 ) -> None:
-    """kubectl → corevault server (SubjectAccessReview of create pods/exec) → the agent of the pod's node."""
+    """kubectl → corevault server (SubjectAccessReview of create pods/exec) → the agent of the pod's node.
+    The process's name drives a terminal: kubectl prints the core's path in the pod, which holds it, as data."""
     import httpx
 
     from corevault import config
@@ -233,7 +262,7 @@ def test_kubectl_snapshot_asks_the_pods_node_through_the_server_for_readers_who_
         fake.grants = {("dev", "get", "pods", "shop"), ("alice", "create", "pods/exec", "shop/stuck-0")}
         fake.add("pods", {"apiVersion": "v1", "kind": "Pod", "metadata": {"name": "stuck-0", "namespace": "shop"},
                           "spec": {"containers": [{"name": "app", "image": "hang"}]}, "status": {"phase": "Running"}})  # fmt: skip
-        _, proc = live("deadlock")
+        _, proc = live("deadlock", root=(hostile_rootfs, HOSTILE))
         app = create_app(settings, KubeAccess(cluster.api_client(fake.kubeconfig(str(tmp_path / "admin")))))
         with servers.asgi(app) as url:
 
@@ -253,7 +282,8 @@ def test_kubectl_snapshot_asks_the_pods_node_through_the_server_for_readers_who_
             out = kubectl("alice-token", "stuck-0", "--reason", "requests hang")
             assert out.returncode == 0, out.stderr
             assert f"taken on node {settings.node_name}" in out.stdout
-            assert "core in the pod: /data/dump-a/core-hang-1-" in out.stdout
+            assert "\x1b" not in out.stdout and "\x07" not in out.stdout, out.stdout
+            assert "core in the pod: /data/dump-a/core-h\\x1b]2;pwn\\x07\\x1b[2J-1-" in out.stdout, out.stdout
             crash_id = out.stdout.split("crash ")[1].split(":")[0]
             assert proc.poll() is None, "the process goes on"
 

@@ -17,6 +17,7 @@ import typer
 from corevault.cli import app as corevault_app
 from corevault.cli import exits
 from corevault.errors import UserError
+from corevault.printable import printable
 
 STRATEGIC = "application/strategic-merge-patch+json"
 
@@ -221,7 +222,9 @@ def snapshot(
         raise UserError(f"snapshot of {ns}/{pod} {status['state']}: {status['error']}")
     print(f"snapshot of {ns}/{pod} taken on node {status['node']}" + (", then killed" if kill else ""))
     if status["volume"]:
-        print(f"  core in the pod: {status['volume']}  (kubectl corevault debug {pod} -n {ns} to reach it)")
+        # the path holds what the pattern expanded in it: the process's name (%e), its executable (%E)
+        where = printable(status["volume"])
+        print(f"  core in the pod: {where}  (kubectl corevault debug {pod} -n {ns} to reach it)")
     print(f"  crash {status['crash_id']}: kubectl corevault info {status['crash_id']} once it is analysed")
 
 

@@ -14,6 +14,7 @@ import typer
 from corevault import config
 from corevault.capture import snapshot as snap
 from corevault.errors import UserError
+from corevault.printable import printable
 
 
 class SnapshotFailed(UserError):
@@ -78,7 +79,8 @@ def _print(out: snap.Outcome, as_json: bool) -> None:
         f"process {out.pid}: {out.size} bytes, {stopped}" + (", then killed" if out.killed else ", resumed")
     )
     if out.volume:
-        print(f"  core in the pod: {out.volume}")
+        # the path holds what the pattern expanded in it: the process's name (%e), its executable (%E)
+        print(f"  core in the pod: {printable(out.volume)}")
     if out.entry:
         print(
             f"  spool entry: {out.entry} (report: corevault analyze {out.entry}; in the vault once shipped)"
