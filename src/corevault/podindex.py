@@ -32,7 +32,8 @@ def _safe_key(key: str) -> bool:
     )
 
 
-def _read(path: str) -> dict | None:
+def read_file(path: str) -> dict | None:
+    """The entry in the file at ``path``, or None when it is none (unreadable, not JSON, not an object)."""
     try:
         with open(path, "rb") as f:
             doc = quickjson.loads(f.read())
@@ -45,14 +46,14 @@ def read_pod(index_dir: str, uid: str) -> dict | None:
     """The pod with this uid, or None when the index does not know it."""
     if not _safe_key(uid):
         return None
-    return _read(os.path.join(index_dir, "pods", uid + ".json"))
+    return read_file(os.path.join(index_dir, "pods", uid + ".json"))
 
 
 def read_container(index_dir: str, container_id: str) -> dict | None:
     """The container with this runtime id, or None when the index does not know it."""
     if not _safe_key(container_id):
         return None
-    return _read(os.path.join(index_dir, "containers", container_id + ".json"))
+    return read_file(os.path.join(index_dir, "containers", container_id + ".json"))
 
 
 def _write_atomic(path: str, doc: dict) -> None:

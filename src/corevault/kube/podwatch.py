@@ -17,6 +17,7 @@ import time
 from collections.abc import Iterator
 
 from corevault import podindex
+from corevault.kube import podsweep
 
 log = logging.getLogger("corevault.agent")
 HTTP_GONE = 410
@@ -91,16 +92,16 @@ class PodWatch:
         return (pod.get("metadata") or {}).get("resourceVersion")
 
     def sweep(self, now: float | None = None) -> list[str]:
-        """Forget pods deleted more than ``keep_deleted`` seconds ago."""
-        now = now or time.time()
-        gone = []
-        pods_dir = os.path.join(self.index_dir, "pods")
-        for name in os.listdir(pods_dir) if os.path.isdir(pods_dir) else []:
-            pod = podindex.read_pod(self.index_dir, name.removesuffix(".json"))
-            if pod and pod.get("deleted_at") and now - pod["deleted_at"] > self.keep_deleted:
-                podindex.remove_pod(self.index_dir, pod["uid"])
-                gone.append(pod["uid"])
-        return gone
+        """Forget the pods deleted, and the containers replaced, more than ``keep_deleted``
+        seconds ago, once none of their processes lives (:mod:`corevault.kube.podsweep`); returns
+        the pods forgotten."""
+        swept = podsweep.sweep(self.index_dir, self.keep_deleted, now)
+        if swept.pods or swept.containers or swept.other:
+            log.info(
+                "pod index: forgot %d pods and %d containers gone for %gs, and %d files that were no entry",
+                len(swept.pods), swept.containers, self.keep_deleted, swept.other,
+            )  # fmt: skip
+        return swept.pods
 
     def run(self, watch_seconds: int = 60) -> None:
         """List, then watch, until stopped; list again on 410 Gone or a broken stream."""
