@@ -311,6 +311,23 @@ def test_the_agent_prunes_on_its_first_pass_and_then_every_prune_every(
     assert left == [12, 4, 0, 0] and agent.prune_every == loop.PRUNE_EVERY
 
 
+def test_the_agent_prunes_while_the_vault_is_unreachable(
+    tmp_path: Path, monkeypatch: pytest.MonkeyPatch
+) -> None:
+    """Pods churn whether or not the vault answers: a node cut off from it for days still prunes."""
+    settings = config.Settings(str(tmp_path / "state"))
+    settings.catalog_url = "postgresql+psycopg://corevault@127.0.0.1:1/none"  # nothing listens there
+    settings.agent_analyze = False
+    for i in range(3):
+        os.close(policy.take_slot(settings.state_dir, f"p-{i}", 1) or -1)
+    monkeypatch.setattr(stateprune, "IDLE", 0.0)
+    time.sleep(0.01)
+    agent = loop.Agent(settings)
+    agent.pass_once()
+    assert agent.unreachable is not None
+    assert not (tmp_path / "state" / "dumps").exists()
+
+
 @pytest.mark.crash
 def test_pruning_beside_real_pods_takes_the_gone_pods_files_and_never_a_held_slot(
     capture: Capture, rootfs: str

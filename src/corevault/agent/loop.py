@@ -162,6 +162,9 @@ class Agent:
         self._follow_deaths()
         if self.installed:
             self._end_stuck_dumps()
+        if time.monotonic() - self.last_prune > self.prune_every:  # the vault reachable or not
+            self.last_prune = time.monotonic()
+            self._prune_state()
         ship.clean_abandoned(s)
         try:
             vault = self.connect()
@@ -224,9 +227,6 @@ class Agent:
             gone = storeclean.evict(s)
             if gone:
                 log.info("removed %d binaries no spool entry needs from the node's store", len(gone))
-        if time.monotonic() - self.last_prune > self.prune_every:
-            self.last_prune = time.monotonic()
-            self._prune_state()
         waiting = len(spool.entries(s.spool_dir))
         self.metrics.queue.set(waiting)
         return waiting
