@@ -8,6 +8,7 @@ from __future__ import annotations
 
 import json
 import os
+import shlex
 import subprocess
 import sys
 from collections.abc import Iterator
@@ -111,9 +112,35 @@ def test_gdb_on_the_newest_core(kube) -> None:
     fake, env = kube
     fake.add("pods", seed_pod())
     out = kubectl(env, "debug", SEED_POD, "--no-attach", "--gdb", "--image", "gdb-tools:1")
-    assert "exec gdb -q -c" in out.stdout and "ls -t" in out.stdout
+    inner = shlex.split(out.stdout)[-1]  # what sh runs in the debug container
+    assert "exec gdb -q -nx -iex 'set auto-load off' -c" in inner and "ls -t" in inner
     patch = next(r for r in fake.requests if r.method == "PATCH")
     assert patch.body["spec"]["ephemeralContainers"][0]["image"] == "gdb-tools:1"
+
+
+def test_gdb_in_the_cores_directory_runs_no_gdbinit_the_pod_left_there(tmp_path) -> None:
+    """The pod writes the directory gdb starts in: a ``.gdbinit`` there is code. gdb refuses it
+    under its default ``auto-load safe-path``, not under one the debug image's own ``~/.gdbinit``
+    widened; corevault's command reads neither. The command is run as kubectl would run it in the
+    debug container, with the real gdb, on the pod's directory (a core and the planted file)."""
+    from corevault.kube import debug
+
+    volume, home = tmp_path / "dump-a", tmp_path / "home"
+    volume.mkdir()
+    home.mkdir()
+    (home / ".gdbinit").write_text("set auto-load safe-path /\n")
+    marker = tmp_path / "ran"
+    (volume / ".gdbinit").write_text(f"shell touch {marker}\n")
+    (volume / "core-crasher-1").write_bytes(b"\x7fELF not really a core")
+    target = debug.Target("default", SEED_POD, "app", "/data/dump-a/core-%e-%p", str(volume), "cores")
+    inner = debug.shell_command(target, "corevault-debug-1", gdb=True)[-1]
+    plain = inner.replace("-nx -iex 'set auto-load off' ", "")  # the command as it was
+    assert plain != inner
+    for command, runs in ((plain, True), (inner, False)):
+        marker.unlink(missing_ok=True)
+        subprocess.run(["sh", "-c", command], env={**os.environ, "HOME": str(home)},
+                       stdin=subprocess.DEVNULL, capture_output=True, timeout=60, check=False)  # fmt: skip
+        assert marker.exists() is runs, command
 
 
 @pytest.mark.servers

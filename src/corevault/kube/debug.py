@@ -123,11 +123,17 @@ def shell_command(target: Target, name: str, gdb: bool) -> list[str]:
     """The kubectl command that lands in the cores' directory (or gdb on the newest core).
 
     The directory comes from a pod annotation: it is quoted, never interpreted by the shell.
+    gdb starts in that directory, which the pod writes: with ``-nx`` and auto-loading off, as
+    corevault's own gdb runs, it reads no ``.gdbinit`` (neither the directory's nor the debug
+    image's, which may widen gdb's ``auto-load safe-path``) and loads no script a binary names.
     """
     where = shlex.quote(target.directory)
     inner = f"cd {where} && exec sh"
     if gdb:
-        inner = f'cd {where} && core=$(ls -t | head -n 1) && exec gdb -q -c "$core"'
+        inner = (
+            f"cd {where} && core=$(ls -t | head -n 1) && "
+            "exec gdb -q -nx -iex 'set auto-load off' -c \"$core\""
+        )
     return ["kubectl", "exec", "-it", "-n", target.namespace, target.pod, "-c", name, "--", "sh", "-c", inner]
 
 
