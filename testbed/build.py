@@ -29,6 +29,7 @@ PROGRAMS = {
     "racer": ("racer.c", ["gcc", "-O1", "-Wall", "-Werror"]),
     "fsmount": ("fsmount.c", ["gcc", "-O1", "-Wall", "-Werror", "-static"]),
     "mapswap": ("mapswap.c", ["gcc", "-O1", "-Wall", "-Werror", "-static"]),
+    "fusehang": ("fusehang.c", ["gcc", "-O1", "-Wall", "-Werror", "-static"]),
 }
 
 

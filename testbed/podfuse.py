@@ -19,6 +19,11 @@ mountinfo name an erofs mount alone.
 :func:`abort_connections` ends the FUSE connections of a pod's own mounts through their
 ``abort`` file (:func:`corevault.agent.stuckdumps.abort`): every request waiting on the stopped
 server fails, so whatever is stuck on it ends. Tests call it in a ``finally``.
+
+:func:`hanging` is a pod whose server is not stopped but hangs: ``fusehang`` (a small server on
+raw ``/dev/fuse``) reads the requests of one kind (``write``, ``fsync``, ``opendir``...) and never
+answers them, answering every other. A request the server read is waited for whatever signal
+comes, so a pipe handler's writer stays stuck on it after the handler's process exited.
 """
 
 from __future__ import annotations
@@ -132,6 +137,53 @@ def container(
     return runc.Container(
         root,
         ["/bin/sh", "-c", script(victim, prelude, on_go, mount)],
+        volume=volume,
+        annotations=annotations,
+        mounts=[tmpfs],
+        extra_caps=["CAP_SYS_ADMIN"],
+        devices=[FUSE_DEVICE],
+    )
+
+
+#: what :data:`HANGING_SCRIPT`'s server prints once it took a request of its opcode
+HUNG = "hanging"
+
+#: the pod of :func:`hanging`: its server ``fusehang`` on the mount, a victim that touches no
+#: file of it, and on the word: the victim dumped, then ``after`` once the server took a request
+#: it never answers
+HANGING_SCRIPT = """
+mkdir -p {mount} || exit 1
+/app/fusehang {mount} {opcode} > /tmp/server.out & server=$!
+while ! busybox grep -q mounted /tmp/server.out; do sleep 0.05; done
+busybox sleep 1000 & victim=$!
+echo ready $server $victim
+while [ ! -e {volume}/{go} ]; do sleep 0.05; done
+kill -ABRT $victim
+while ! busybox grep -q {hung} /tmp/server.out; do sleep 0.05; done
+{after}
+sleep 1000
+"""
+
+
+def hanging_rootfs(path: str) -> str:
+    """A busybox root with ``fusehang`` (testbed/programs/fusehang.c) at /app/fusehang."""
+    return runc.build_rootfs(path, {"fusehang": build.build("fusehang")})
+
+
+def hanging(
+    root: str, volume: str, annotations: dict[str, str], mount: str, opcode: str, *, after: str = ""
+) -> runc.Container:
+    """A pod whose own FUSE server on ``mount`` reads every request of ``opcode`` and never
+    answers it (a server that hangs, not one stopped: a pipe handler's writer of the pod's core
+    then waits uninterruptibly, and the handler's process cannot end); on the word (:func:`go`)
+    it dumps a process and runs ``after`` once the server took such a request."""
+    tmpfs = {"destination": "/tmp", "type": "tmpfs", "source": "tmpfs", "options": ["nosuid", "mode=1777"]}
+    text = HANGING_SCRIPT.format(
+        mount=mount, opcode=opcode, volume=runc.VOLUME_PATH, go=GO, hung=HUNG, after=after
+    )
+    return runc.Container(
+        root,
+        ["/bin/sh", "-c", text],
         volume=volume,
         annotations=annotations,
         mounts=[tmpfs],

@@ -13,7 +13,7 @@ from collections.abc import Iterator
 import pytest
 
 from corevault import config
-from corevault.capture import stuckwriters, volumecopy
+from corevault.capture import stateprune, stuckwriters, volumecopy
 
 
 @pytest.fixture
@@ -95,3 +95,66 @@ def test_the_writer_channel_keeps_order_and_times_out() -> None:
     later.start()
     assert channel.get() == "late"
     later.join()
+
+
+def _records(settings: config.Settings) -> list[str]:
+    return sorted(os.listdir(os.path.join(settings.state_dir, stuckwriters.MOUNTS)))
+
+
+def test_a_give_up_sweeps_the_records_of_writers_that_ended(
+    settings: config.Settings, held: list[int]
+) -> None:
+    """Without an agent, nothing else would remove them: the pipe handler alone on a bare host."""
+    whose = {"pid": 1, "pod": {"uid": "u-a"}}
+    fds = [stuckwriters.note_mounts(settings, {b"0:99": b"/data/own"}, whose) for _ in range(3)]
+    assert None not in fds
+    d = os.path.join(settings.state_dir, stuckwriters.MOUNTS)
+    # a record being written (hidden, not yet locked) is left alone; one of a writer that died
+    # before its rename, long ago, is not
+    young, old = os.path.join(d, ".young"), os.path.join(d, ".old")
+    for path in (young, old):
+        open(path, "w").close()
+    os.utime(old, (1, 1))
+    os.close(fds[0])  # its writer ended (answered, or its connection aborted)
+    os.close(fds[1])
+    held.append(fds[2])
+    held.append(stuckwriters.note_mounts(settings, {b"0:98": None}, whose))
+    left = _records(settings)
+    assert ".young" in left and ".old" not in left
+    visible = [n for n in left if not n.startswith(".")]
+    assert len(visible) == 2, left  # the writer still stuck, and the new one
+    with open(
+        os.path.join(d, max(visible, key=lambda n: os.stat(os.path.join(d, n)).st_mtime_ns)), "rb"
+    ) as f:
+        assert b'"mounts":[["0:98",null]]' in f.read().replace(b" ", b"")
+
+
+def test_a_sweep_is_bounded_and_the_state_pruning_sweeps_too(
+    settings: config.Settings, held: list[int]
+) -> None:
+    whose = {"pid": 1, "pod": {"uid": "u-a"}}
+    for _ in range(stuckwriters.SWEEP_MAX + 5):
+        fd = stuckwriters.note_mounts(settings, {b"0:99": b"/data/own"}, whose)
+        assert fd is not None
+        os.close(fd)
+    d = os.path.join(settings.state_dir, stuckwriters.MOUNTS)
+    assert len(_records(settings)) <= 2  # each give-up swept the ones before it
+    names = [f"{i:016x}" for i in range(stuckwriters.SWEEP_MAX + 5)]
+    for name in names:  # records of writers that ended while no give-up came to sweep them
+        open(os.path.join(d, name), "w").close()
+    before = len(_records(settings))
+    assert stuckwriters.sweep(d) == stuckwriters.SWEEP_MAX
+    assert len(_records(settings)) == before - stuckwriters.SWEEP_MAX
+    pruned = stateprune.prune(settings.state_dir, 60.0)
+    assert pruned.records == before - stuckwriters.SWEEP_MAX
+    assert _records(settings) == []
+
+
+def test_the_device_a_writer_holds_is_read_without_asking_its_filesystem(tmp_path) -> None:
+    for flags in (os.O_RDONLY, os.O_PATH):
+        fd = os.open(tmp_path, flags | os.O_DIRECTORY)
+        try:
+            st = os.fstat(fd)
+            assert stuckwriters.held_device(fd) == b"%d:%d" % (os.major(st.st_dev), os.minor(st.st_dev))
+        finally:
+            os.close(fd)

@@ -241,7 +241,10 @@ class Agent:
             return
         self.prune_every = PRUNE_AGAIN if pruned.more else PRUNE_EVERY
         if pruned.removed:
-            log.info("removed %d idle dump slot and %d storm files", pruned.slots, pruned.budgets)
+            log.info(
+                "removed %d idle dump slot and %d storm files, %d ended stuck writers' records",
+                pruned.slots, pruned.budgets, pruned.records,
+            )  # fmt: skip
 
     def _end_stuck_dumps(self) -> None:
         """Abort a pod's own FUSE connection a pipe dump of its, or a writer into its volume in

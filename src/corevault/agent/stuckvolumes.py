@@ -12,7 +12,9 @@ waits. Each agent pass (:meth:`StuckVolumes.check`) reads those records; one sti
 ``[capture] timeout`` since the give-up has its mounts aborted under the rule of the stuck-dump
 watch (:func:`corevault.agent.stuckdumps.seen_elsewhere`): only a mount of that pod's alone,
 absent from the host's mount namespace and from the namespaces of every process of another pod
-or of the host, is aborted (:func:`corevault.agent.stuckdumps.abort`). The writer's request then
+or of the host, is aborted (:func:`corevault.agent.stuckdumps.abort`); a mount the record names
+by the device its writer holds alone (no mountinfo of the crashed process named it) is one only
+if the FUSE control filesystem lists that connection. The writer's request then
 fails, its thread ends and its slots come back. Each abort is journaled under the pod as
 ``dropped`` and counted with the stuck dumps' (``corevault_stuck_fuse_aborted_total``); a mount
 that may not be aborted is logged once. An unlocked record is a writer's that ended: removed.
@@ -21,7 +23,6 @@ that may not be aborted is logged once. An unlocked record is a writer's that en
 
 from __future__ import annotations
 
-import fcntl
 import logging
 import os
 import time
@@ -33,6 +34,11 @@ from corevault.capture import stuckwriters
 
 log = logging.getLogger("corevault.agent")
 
+#: the mount point said for a connection a record names by the device its writer holds alone
+UNNAMED = (
+    "(a FUSE connection its writer held that no mountinfo of the crashed process named: the process "
+    "was let go first, or the pod unmounted it lazily)"
+)
 #: bytes of a record read at most (the handler writes a few hundred; a mount point is escaped)
 RECORD_MAX = 1 << 20
 
@@ -73,8 +79,17 @@ class StuckVolumes:
         pod = record["pod"] if isinstance(record.get("pod"), dict) else {}
         whose = {"pid": record.get("pid"), "comm": record.get("comm"), "exe": record.get("exe"), "pod": pod}
         aborted = 0
-        for dev, point in record.get("mounts") or []:
+        live: set[str] | None = None
+        for dev, listed_at in record.get("mounts") or []:
+            point = listed_at if listed_at is not None else UNNAMED
             try:
+                if listed_at is None:
+                    # named by the device the writer holds (no mountinfo listed it): a FUSE
+                    # connection only if the control filesystem has it (else another kind of
+                    # mount, or one whose connection ended already: nothing to abort)
+                    live = stuckdumps.live_connections() if live is None else live
+                    if stuckdumps.connection(str(dev).encode()) not in live:
+                        continue
                 elsewhere = stuckdumps.seen_elsewhere(str(dev).encode(), pod.get("uid") or None)
                 if elsewhere is not None:
                     log.warning(
@@ -102,22 +117,16 @@ class StuckVolumes:
 
 def _still_waiting(directory: str, name: str) -> dict | None:
     """The record ``name`` when its writer still waits (it holds the record's lock); a record
-    whose writer ended is removed, and a damaged one is logged and left alone (None)."""
-    path = os.path.join(directory, name)
-    try:
-        fd = os.open(path, os.O_RDONLY | os.O_CLOEXEC | os.O_NOFOLLOW)
-    except OSError:
+    whose writer ended is removed (:func:`stuckwriters.held`), and a damaged one is logged and
+    left alone (None)."""
+    fd = stuckwriters.held(directory, name)
+    if fd is None:
         return None
     try:
-        try:
-            fcntl.flock(fd, fcntl.LOCK_SH | fcntl.LOCK_NB)
-        except BlockingIOError:
-            record = quickjson.loads(os.read(fd, RECORD_MAX))
-            return record if isinstance(record, dict) else None
-        os.unlink(path)  # its writer ended: nothing waits on its mounts any more
-        return None
+        record = quickjson.loads(os.read(fd, RECORD_MAX))
+        return record if isinstance(record, dict) else None
     except (OSError, ValueError) as e:
-        log.warning("could not read the stuck writer record %s: %s", path, e)
+        log.warning("could not read the stuck writer record %s: %s", os.path.join(directory, name), e)
         return None
     finally:
         os.close(fd)

@@ -71,25 +71,31 @@ def fuse_mounts(mountinfo: Iterable[bytes], types: tuple[bytes, ...] = FUSE_TYPE
     return found
 
 
-def fuse_on_the_way(mountinfo: Iterable[bytes], directory: str, mount_id: int | None) -> dict[bytes, bytes]:
+def fuse_on_the_way(
+    mountinfo: Iterable[bytes], directory: str, mount_id: int | None
+) -> dict[bytes, bytes] | None:
     """The FUSE mounts (``major:minor`` → mount point) a walk to ``directory`` (absolute, in the
-    process's root) and the writes in it may wait on: the one of mount ``mount_id`` (the
-    directory's, once it is open), or else every FUSE mount at ``directory`` or above it."""
+    process's root) and the writes in it may wait on: the one of mount ``mount_id`` (where the
+    walk is, or the directory's once it is open; none when that mount is not a FUSE one, and
+    None when no line lists it), or else every FUSE mount at ``directory`` or above it."""
     found = {}
     want = directory.rstrip("/").encode()
     for line in mountinfo:
         mount = parse(line)
-        if mount is None or mount[3].partition(b".")[0] not in FUSE_TYPES:
+        if mount is None:
             continue
-        ident, dev, at, _ = mount
+        ident, dev, at, kind = mount
+        fuse = kind.partition(b".")[0] in FUSE_TYPES
         if mount_id is not None:
             if ident == b"%d" % mount_id:
-                return {dev: at}
+                return {dev: at} if fuse else {}
+            continue
+        if not fuse:
             continue
         point = unescape(at).rstrip(b"/")
         if want == point or want.startswith(point + b"/"):
             found[dev] = at
-    return found
+    return None if mount_id is not None else found
 
 
 def unescape(field: bytes) -> bytes:

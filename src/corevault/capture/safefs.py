@@ -6,7 +6,7 @@ closed here by construction rather than by checking first:
 
 - symlinks, final or on the way, absolute ones that would resolve against the host's
   root: the path is walked one component at a time from the container's root fd with
-  ``O_NOFOLLOW | O_DIRECTORY``, so a symlink anywhere fails the walk;
+  ``O_NOFOLLOW | O_DIRECTORY`` (``O_PATH`` on the way), so a symlink anywhere fails the walk;
 - ``..`` (and ``.``) components: refused before any walk;
 - FIFOs and devices: ``O_DIRECTORY`` fails on them without opening them, and the core is
   never opened by name at all;
@@ -39,7 +39,14 @@ import errno
 import os
 import stat
 
+TYPE_CHECKING = False  # typing.TYPE_CHECKING would import typing, which the crash path never loads
+if TYPE_CHECKING:
+    from collections.abc import Callable
+
 _DIR_FLAGS = os.O_RDONLY | os.O_DIRECTORY | os.O_NOFOLLOW | os.O_CLOEXEC
+#: a place on the walk: a symlink or anything else but a directory fails it (ENOTDIR), and the
+#: directory is not opened (neither read nor asked to ``opendir``)
+_PATH_FLAGS = os.O_PATH | os.O_DIRECTORY | os.O_NOFOLLOW | os.O_CLOEXEC
 _NEW_FLAGS = os.O_WRONLY | os.O_CREAT | os.O_EXCL | os.O_NOFOLLOW | os.O_CLOEXEC
 MAX_SUFFIX = 99
 
@@ -48,23 +55,36 @@ class UnsafePath(Exception):
     """The target cannot be reached without following a link or leaving the root."""
 
 
-def open_dir(root_fd: int, path: str) -> int:
-    """Open directory ``path`` (absolute, relative to ``root_fd``) without following links."""
+def open_dir(root_fd: int, path: str, at: Callable[[int], object] | None = None) -> int:
+    """Open directory ``path`` (absolute, relative to ``root_fd``) without following links.
+
+    The walk holds ``O_PATH`` fds, which ask a filesystem nothing (no ``opendir`` of a directory
+    on the way, nor of a mount's root as the walk enters it); only the directory reached is
+    opened for reading, from the last of them. ``at`` is told every fd the walk holds, the
+    directory's last, each before the one it replaces is closed: while the walk waits on a
+    filesystem that stopped answering, the fd ``at`` was told last lies on it or just above it
+    (:mod:`.volumecopy` names the FUSE connection a writer given up waits on by it)."""
     parts = [p for p in path.split("/") if p]
     if any(p in (".", "..") for p in parts):
         raise UnsafePath(f"{path!r} has a '.' or '..' component")
-    fd = os.open(".", _DIR_FLAGS, dir_fd=root_fd)
+    fd = os.open(".", _PATH_FLAGS, dir_fd=root_fd)
+    if at is not None:
+        at(fd)
     walked = ""
     try:
-        for part in parts:
-            walked += "/" + part
+        for part in [*parts, "."]:
+            walked += "/" + part if part != "." else ""
             try:
-                nfd = os.open(part, _DIR_FLAGS, dir_fd=fd)
+                nfd = os.open(part, _PATH_FLAGS if part != "." else _DIR_FLAGS, dir_fd=fd)
             except OSError as e:
-                raise UnsafePath(_why(fd, part, walked, e)) from None
+                raise UnsafePath(_why(fd, part, walked or "/", e)) from None
+            if at is not None:
+                at(nfd)
             os.close(fd)
             fd = nfd
     except BaseException:
+        if at is not None:
+            at(-1)
         os.close(fd)
         raise
     return fd

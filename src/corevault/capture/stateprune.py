@@ -13,7 +13,10 @@ agent calls :func:`prune` from its loop every ``PRUNE_EVERY`` seconds
 - a storm budget untouched for longer than its window and :data:`IDLE` (every crash writes it:
   all the times it holds have left the window, so it counts as no crashes, as a new file would);
 - a set's directory left empty, so that a kind of slot no dump holds costs a crash one failed
-  lookup again (:func:`.policy.held_slots`).
+  lookup again (:func:`.policy.held_slots`);
+- a record of what a stuck writer waited on whose writer ended (nobody holds its lock:
+  :func:`.stuckwriters.sweep`, which every give-up runs too, so that a node without an agent
+  keeps them few), within what is left of the pass's ``limit`` and ``scan``.
 
 Removing a file someone may open is where a slot could be lost. A handler opens a slot file by
 name and then locks it; if the file were unlinked in between, it would lock the unlinked file
@@ -66,6 +69,8 @@ class Pruned:
 
     slots: int = 0
     budgets: int = 0
+    #: records of stuck writers that ended (:func:`.stuckwriters.sweep`)
+    records: int = 0
     busy: int = 0
     #: entries looked at
     looked: int = 0
@@ -74,7 +79,7 @@ class Pruned:
 
     @property
     def removed(self) -> int:
-        return self.slots + self.budgets
+        return self.slots + self.budgets + self.records
 
 
 @dataclass
@@ -115,6 +120,9 @@ class Pruner:
             for kind, before in sets:  # then what the sets read to their end left, to the others
                 if kind in self._rounds:
                     self._prune_set(kind, before, lock, self.scan - done.looked, done)
+            room = min(self.limit - done.removed, self.scan - done.looked)
+            if room > 0:
+                done.records += stuckwriters.sweep(os.path.join(self.state_dir, stuckwriters.MOUNTS), room)
         finally:
             os.close(lock)
         done.more = bool(self._rounds)

@@ -112,8 +112,9 @@ class VolumeCopy:
         self.proc_fd = proc_fd
         self.whose = whose
         self.directory = directory
-        #: the volume directory's fd once the writer opened it (-1 before)
-        self.dir_fd = -1
+        #: the deepest fd the writer holds on the way to the volume's directory (the walk's, then
+        #: the directory's own; -1 before and after): the place it waits on when it stops answering
+        self.at_fd = -1
         self.tenants = tenants
         self.stall = stall
         self.name = "volume"
@@ -255,20 +256,39 @@ class VolumeCopy:
         raise VolumeFailed(self.given_up)
 
     def _note_mounts(self) -> int | None:
-        """Record the FUSE mounts the writer waits on (:func:`stuckwriters.note_mounts`): the
-        directory's, from its fd's ``mnt_id``, once open; else those on the walk to it. Both
-        are read from the crashed process's mountinfo (its namespace's), never from a mount."""
+        """Record the FUSE mounts the writer waits on (:func:`stuckwriters.note_mounts`), with
+        ``self.lock`` held (the writer's fds stay open meanwhile).
+
+        The mount of the fd the writer holds deepest on its way (:attr:`at_fd`: the walk's, on
+        the mount it waits to look into or to open, then the directory's), found by its
+        ``mnt_id`` in the crashed process's mountinfo, when it is a FUSE one (before the walk
+        holds any: every FUSE mount at the directory or above it). No mount is asked anything.
+        Where that mountinfo cannot tell (the process is gone: the writer was given up after the
+        let-go; or it lists no such mount: the pod unmounted it lazily while the writer walked),
+        the held fd's own device names the connection (:func:`stuckwriters.held_device`), with no
+        mount point."""
         if self.proc_fd is None or self.whose is None or not (self.whose.get("pod") or {}).get("uid"):
             return None  # a dump in no pod: no mount of it is ever aborted
+        held = self.at_fd
         try:
-            mount_id = buildid.mount_id(self.dir_fd) if self.dir_fd >= 0 else None
+            mount_id = buildid.mount_id(held) if held >= 0 else None
             info = mountinfo.lines("mountinfo", self.proc_fd)
-            mounts = mountinfo.fuse_on_the_way(info, self.directory, mount_id)
+            mounts: dict[bytes, bytes | None] | None = mountinfo.fuse_on_the_way(
+                info, self.directory, mount_id
+            )
         except OSError:
-            return None  # the process is gone: its namespace's mounts cannot be told
-        return stuckwriters.note_mounts(self.settings, mounts, self.whose)
+            mounts = None  # the process is gone: its namespace's mounts cannot be told
+        if mounts is None and held >= 0:
+            device = stuckwriters.held_device(held)
+            mounts = {device: None} if device is not None else None
+        return stuckwriters.note_mounts(self.settings, mounts or {}, self.whose)
 
     # -- the writer thread
+
+    def _at(self, fd: int) -> None:
+        """Where the walk is (:func:`safefs.open_dir`); it closes the fd it held only after this."""
+        with self.lock:
+            self.at_fd = fd
 
     def _run(self, root_fd: int, directory: str) -> None:
         dir_fd = -1
@@ -277,7 +297,7 @@ class VolumeCopy:
         published: object = _END  # what the publish gave, handed over once the thread is done
         try:
             try:
-                dir_fd = self.dir_fd = safefs.open_dir(root_fd, directory)
+                dir_fd = safefs.open_dir(root_fd, directory, self._at)
                 self.step = "creating the file"
                 new = safefs.NewFile(dir_fd)
                 sink = stream.SparseSink(new.fd)
@@ -310,7 +330,7 @@ class VolumeCopy:
                 new.discard()
             with self.lock:
                 if dir_fd >= 0:
-                    self.dir_fd = -1
+                    self.at_fd = -1
                     os.close(dir_fd)
                 self.ended = True
                 stuck, self.stuck = self.stuck, []
