@@ -4,6 +4,7 @@ The cache trusts a file's times only on the filesystems it names (:class:`.hashc
 the FUSE lookups find the mounts a dump or a writer may wait on (:mod:`.mountinfo`): a line the
 one reads differently from the other would make a mount trusted by one and unseen by the other.
 The tenant names its mount points (and a FUSE server its subtype); the kernel escapes them.
+The last tests: which FUSE mounts a writer on its way to a volume's directory may wait on.
 """
 
 from __future__ import annotations
@@ -68,3 +69,29 @@ def test_mountinfo_needs_nothing_of_corevault_and_every_order_of_import_works() 
         "corevault.capture",
         "corevault.capture.mountinfo",
     ]
+
+
+#: a pod's mountinfo: its own FUSE mount over the directory its core pattern names
+ON_THE_WAY = [
+    b"20 1 0:30 / / rw,relatime - overlay overlay rw",
+    b"21 20 0:31 / /data/dump-a rw,relatime - tmpfs tmpfs rw",
+    b"22 21 0:40 / /data/dump-a/own rw,relatime - fuse.fusehang fusehang rw,user_id=0,group_id=0",
+    b"23 20 0:41 / /data/other rw,relatime - fuse.sshfs sshfs rw",
+]
+
+
+def test_the_mount_the_writer_holds_is_named_when_it_is_a_fuse_one() -> None:
+    assert mountinfo.fuse_on_the_way(ON_THE_WAY, "/data/dump-a/own/x", 22) == {b"0:40": b"/data/dump-a/own"}
+    assert mountinfo.fuse_on_the_way(ON_THE_WAY, "/data/dump-a", 21) == {}  # listed, and no FUSE one
+
+
+def test_a_mount_no_line_lists_is_told_apart_from_one_that_is_not_fuse() -> None:
+    """Unmounted lazily while the writer held it: its device is what names it then."""
+    assert mountinfo.fuse_on_the_way(ON_THE_WAY, "/data/dump-a/own", 99) is None
+
+
+def test_before_the_walk_holds_anything_every_fuse_mount_at_or_above_the_directory() -> None:
+    assert mountinfo.fuse_on_the_way(ON_THE_WAY, "/data/dump-a/own/sub", None) == {
+        b"0:40": b"/data/dump-a/own"
+    }
+    assert mountinfo.fuse_on_the_way(ON_THE_WAY, "/data/dump-a", None) == {}

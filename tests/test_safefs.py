@@ -177,3 +177,34 @@ def test_without_links_a_file_swapped_in_during_the_rename_is_not_published(
     finally:
         os.close(d)
     assert os.listdir(path / "data/dump") == []
+
+
+def test_the_walk_says_where_it_is_and_opens_only_the_directory_it_reaches(root) -> None:
+    """Every fd the walk holds is told before the one it replaces is closed; those on the way are
+    ``O_PATH`` (a filesystem is asked no ``opendir`` for them), the directory reached is readable."""
+    path, fd = root
+    told: list[tuple[int, str, bool]] = []
+
+    def at(held: int) -> None:
+        if held < 0:
+            told.append((held, "", False))
+            return
+        with open(f"/proc/self/fdinfo/{held}") as f:
+            flags = int(f.read().split("flags:")[1].split()[0], 8)
+        told.append((held, os.readlink(f"/proc/self/fd/{held}"), bool(flags & os.O_PATH)))
+
+    d = safefs.open_dir(fd, "/data/dump", at)
+    try:
+        assert [(where, o_path) for _, where, o_path in told] == [
+            (str(path), True), (str(path / "data"), True), (str(path / "data/dump"), True),
+            (str(path / "data/dump"), False),
+        ]  # fmt: skip
+        assert told[-1][0] == d
+        assert os.listdir(d) == []
+    finally:
+        os.close(d)
+    told.clear()
+    (path / "data" / "link").symlink_to(path / "data" / "dump")
+    with pytest.raises(safefs.UnsafePath, match="symbolic link"):
+        safefs.open_dir(fd, "/data/link", at)
+    assert told[-1] == (-1, "", False)  # nothing held is left told
