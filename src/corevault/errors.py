@@ -12,3 +12,7 @@ class UserError(Exception):
 
 class NotFound(UserError):
     """No crash, report or binary with that id."""
+
+
+class BadInput(UserError):
+    """Input the command cannot take as written (a filter, a flag's value, a search text): exit 2."""

@@ -10,6 +10,7 @@ from __future__ import annotations
 import json
 import os
 import shutil
+import signal
 import subprocess
 import sys
 import tempfile
@@ -197,7 +198,12 @@ def dump(
         BarColumn(), DownloadColumn(), TransferSpeedColumn(), transient=True, disable=not sys.stderr.isatty()
     ) as bar:
         task = bar.add_task("dump", total=size)
-        write_core(src, crash_id, output, lambda n: bar.advance(task, n))
+        try:
+            write_core(src, crash_id, output, lambda n: bar.advance(task, n))
+        except OSError as e:  # nothing was written: write_core leaves the path as it was
+            raise UserError(
+                f"cannot write the core to {output}: {e.strerror or e}; choose another -o"
+            ) from None
     print(f"wrote {size} bytes to {output}", file=sys.stderr)
 
 
@@ -257,7 +263,14 @@ def gdb(
         cmd = unwind_gdb.gdb_command(parsed, found, tmp, exe.executable if exe else None, batch=batch)
         if not batch:
             print(printable(f"corevault: {crash['title'] or crash['id']}"), file=sys.stderr)
-        code = subprocess.run([*cmd, *ctx.args], check=False).returncode
+        # Ctrl-C in gdb is gdb's (it stops a long backtrace and gives the prompt back): the terminal
+        # sends it to this process too, which must neither die of it nor kill gdb. A handler that
+        # does nothing, not SIG_IGN, which gdb would inherit.
+        before = signal.signal(signal.SIGINT, lambda signum, frame: None)
+        try:
+            code = subprocess.run([*cmd, *ctx.args], check=False).returncode
+        finally:
+            signal.signal(signal.SIGINT, before)
     finally:
         shutil.rmtree(tmp, ignore_errors=True)
     raise typer.Exit(code)

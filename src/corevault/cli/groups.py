@@ -9,6 +9,7 @@ from __future__ import annotations
 
 import getpass
 import json
+import sys
 import time
 
 import typer
@@ -47,6 +48,9 @@ def _list(
             _when(g["last_seen"]), title,
         ))  # fmt: skip
     _console().print(table)
+    if not rows:
+        shown = "" if state else " (open and regressed ones; --state all shows every group)"
+        print(f"no crash groups match{shown}", file=sys.stderr)
 
 
 @app.callback()

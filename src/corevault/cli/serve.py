@@ -7,7 +7,7 @@ import sys
 import typer
 
 from corevault import config
-from corevault.errors import UserError
+from corevault.errors import BadInput, UserError
 
 
 def register(app: typer.Typer) -> None:
@@ -21,7 +21,7 @@ def register(app: typer.Typer) -> None:
 def parse_listen(listen: str) -> tuple[str, int]:
     host, sep, port = listen.rpartition(":")
     if not sep or not port.isdigit() or not 0 < int(port) < 65536:
-        raise UserError(f"--listen {listen!r}: use HOST:PORT, e.g. 127.0.0.1:8080")
+        raise BadInput(f"--listen {listen!r}: use HOST:PORT, e.g. 127.0.0.1:8080")
     return host.strip("[]") or "127.0.0.1", int(port)
 
 
@@ -45,11 +45,11 @@ def serve(
 
     host, port = parse_listen(listen)
     if sum((no_auth, tokens is not None, kubernetes)) != 1:
-        raise UserError(
-            "say how readers are checked: --tokens FILE, --kubernetes, or --no-auth (127.0.0.1 only)"
+        raise BadInput(
+            "say how readers are checked, with one of: --tokens FILE, --kubernetes, or --no-auth (127.0.0.1 only)"
         )
     if (tls_cert is None) != (tls_key is None):
-        raise UserError("--tls-cert and --tls-key go together")
+        raise BadInput("--tls-cert and --tls-key go together")
     if no_auth:
         acc.check_open(host)
         access: acc.Access = acc.Open()

@@ -19,6 +19,7 @@ from fastapi.responses import RedirectResponse
 from pydantic import BaseModel, ConfigDict, Field, TypeAdapter
 
 from corevault import crashrecord, objectid, redact
+from corevault.errors import BadInput
 from corevault.server import records
 from corevault.server.access import Principal
 from corevault.server.ranges import accepts, serve
@@ -236,7 +237,7 @@ _STATE = "(open|resolved|ignored|regressed)"
 def _bad_search() -> Iterator[None]:
     try:
         yield
-    except (search.SearchError, lifecycle.StateError) as e:
+    except BadInput as e:  # a search text, a state, a signal the catalog cannot look for
         raise HTTPException(400, str(e)) from None
 
 

@@ -27,7 +27,7 @@ from dataclasses import dataclass
 import sqlalchemy as sa
 from sqlalchemy.engine import Connection
 
-from corevault.errors import UserError
+from corevault.errors import BadInput
 from corevault.vault.tables import group_ns, groups, insert, metadata
 
 STATES = ("open", "resolved", "ignored", "regressed")
@@ -125,7 +125,7 @@ ALERT_TABLES = [alert_deliveries, alert_cursor]
 CORVAULT = "corevault"
 
 
-class StateError(UserError):
+class StateError(BadInput):
     """A state change that cannot be made as asked; the message says how to ask."""
 
 

@@ -12,11 +12,13 @@ import json
 import time
 from collections.abc import Collection, Iterable
 from dataclasses import dataclass
+from signal import Signals
 
 import sqlalchemy as sa
 from sqlalchemy.dialects.postgresql import ARRAY
 from sqlalchemy.engine import Connection
 
+from corevault.errors import BadInput
 from corevault.vault import lifecycle
 from corevault.vault import search as fts
 from corevault.vault.prepared import Prepared
@@ -135,8 +137,8 @@ def _where(query: sa.Select, f: Filters) -> sa.Select:
         if value is not None:
             query = query.where(column == value)
     if f.signal is not None:
-        if f.signal.isdigit():
-            query = query.where(c.signal == int(f.signal))
+        if f.signal.strip().isdigit():
+            query = query.where(c.signal == _signal_number(f.signal))
         else:
             query = query.where(c.signal_name == _signal_name(f.signal))
     if f.visible is not None:
@@ -225,9 +227,29 @@ def report_of(conn: Connection, crash_id: str) -> dict | None:
     return json.loads(report) if report else None
 
 
+_SIGNAL_NAMES = frozenset(s.name for s in Signals)
+_SIGNAL_HOW = "use a name such as SEGV or SIGABRT, or a number from 1 to 64"
+
+
 def _signal_name(value: str) -> str:
-    sig = value.upper()
-    return sig if sig.startswith("SIG") else "SIG" + sig
+    """``segv``, ``SIGSEGV``, ``11`` → ``SIGSEGV``; a name no signal has is a mistake, not an empty answer."""
+    if value.strip().isdigit():
+        try:
+            return Signals(_signal_number(value)).name
+        except ValueError:  # a real-time signal: no crash group is named after one
+            raise BadInput(f"signal {value!r}: groups are kept by the standard signals, 1 to 31") from None
+    sig = value.strip().upper()
+    sig = sig if sig.startswith("SIG") else "SIG" + sig
+    if sig not in _SIGNAL_NAMES:
+        raise BadInput(f"signal {value!r} is not a signal: {_SIGNAL_HOW}")
+    return sig
+
+
+def _signal_number(value: str) -> int:
+    number = int(value)
+    if not 1 <= number <= 64:
+        raise BadInput(f"signal {value!r} is not a signal: {_SIGNAL_HOW}")
+    return number
 
 
 def repository(image: str) -> str:

@@ -14,7 +14,7 @@ from typing import BinaryIO
 import httpx
 
 from corevault import objectid
-from corevault.errors import NotFound, UserError
+from corevault.errors import BadInput, NotFound, UserError
 from corevault.vault.blobs import StreamBody
 from corevault.vault.catalog import Filters
 from corevault.vault.crashes import encode_cursor, plain
@@ -22,6 +22,10 @@ from corevault.vault.crashes import encode_cursor, plain
 
 class RemoteVault:
     def __init__(self, url: str, token: str | None, timeout: float = 60.0) -> None:
+        if not url.startswith(("http://", "https://")):
+            raise BadInput(
+                f"server {url!r}: give its URL with http:// or https://, e.g. http://127.0.0.1:8080"
+            )
         headers = {"Authorization": f"Bearer {token}"} if token else {}
         self.url = url.rstrip("/")
         # follow the server's redirects of binaries to its object store (httpx drops the token
@@ -58,6 +62,8 @@ class RemoteVault:
             raise NotFound(f"{detail} (on {self.url})")
         if response.status_code == 401:
             raise UserError(f"{self.url} did not accept the token ({detail}); set COREVAULT_TOKEN")
+        if response.status_code in (400, 422):  # a filter or value the server cannot take, as a local one is
+            raise BadInput(f"{detail} (on {self.url})")
         raise UserError(f"{self.url}: {response.status_code} {detail}")
 
     def _pages(self, path: str, limit: int, cursor: str | None = None, **params: object) -> list[dict]:

@@ -49,7 +49,7 @@ import sqlalchemy as sa
 from sqlalchemy.dialects.postgresql import ARRAY
 from sqlalchemy.engine import Connection
 
-from corevault.errors import UserError
+from corevault.errors import BadInput
 from corevault.vault.tables import crashes, group_ns, groups, insert, metadata
 
 MAX_TERMS = 8
@@ -107,7 +107,7 @@ sa.Index("group_terms_group", group_terms.c.signature, group_terms.c.namespace, 
 TABLES = [search_values, group_terms]
 
 
-class SearchError(UserError):
+class SearchError(BadInput):
     """A search text this catalog cannot look for; the message says how to write it."""
 
 

@@ -1,0 +1,218 @@
+"""The mistakes of a tired person at 3 a.m.: each is one line that says what to do, a non-zero exit, nothing lost.
+
+A typo'd flag, a signal that does not exist, a state that is not one, a server given without
+its scheme, an output path in a directory that does not exist, an empty vault, Ctrl-C in the
+middle of a download and Ctrl-C inside ``corevault gdb``; against the fixture's real crashes,
+the real server (uvicorn, in this process) and real gdb under a real terminal (a pty).
+"""
+
+from __future__ import annotations
+
+import os
+import pty
+import select
+import signal
+import socket
+import subprocess
+import threading
+import time
+from collections.abc import Iterator
+from contextlib import contextmanager
+
+import httpx
+import pytest
+
+from corevault.cli import kubectl
+from tests.clirun import corevault
+from tests.conftest import FixtureVault
+from tests.nodes import CLI
+from tests.test_server import TOKENS, serve
+
+
+def one_line(out: subprocess.CompletedProcess[str]) -> str:
+    assert "Traceback" not in out.stderr and "╭" not in out.stderr, out.stderr
+    assert len(out.stderr.strip().splitlines()) == 1, out.stderr
+    return out.stderr
+
+
+# (arguments after "-c CONFIG", exit code, words of the one line); "{a}" is crash a's id
+MISTAKES = [
+    (
+        ["list", "--namspace", "a"],
+        2,
+        ["No such option: --namspace", "--namespace", "see 'corevault list -h'"],
+    ),
+    (["list", "--signal", "SEGFAULT"], 2, ["signal 'SEGFAULT' is not a signal", "SEGV"]),
+    (["list", "--signal", "99"], 2, ["signal '99' is not a signal", "1 to 64"]),
+    (["list", "--since", "yesterday"], 2, ["use 30m, 2h, 7d", "see 'corevault list -h'"]),
+    (["groups", "--state", "opne"], 2, ["state 'opne'", "open, resolved"]),
+    (["groups", "resolve"], 2, ["Missing argument 'SIGNATURE'", "see 'corevault groups resolve -h'"]),
+    (["dump", "{a}", "-o", "/nonexistent/dir/core"], 1, ["cannot write the core to /nonexistent/dir/core"]),
+    (["info", "{a}x"], 4, ["no crash '", "'corevault list' shows the ids"]),
+]
+
+
+@pytest.mark.parametrize(("args", "code", "words"), MISTAKES, ids=[" ".join(a) for a, _, _ in MISTAKES])
+def test_a_mistake_is_one_line_that_says_what_to_do(
+    fixture_vault: FixtureVault, args: list[str], code: int, words: list[str]
+) -> None:
+    out = corevault("-c", fixture_vault.node.config, *(a.format(a=fixture_vault.ids["a"]) for a in args))
+    assert out.returncode == code, out.stderr
+    err = one_line(out)
+    assert all(w in err for w in words), err
+
+
+def test_the_plugin_s_typo_is_one_line_too(capsys) -> None:
+    assert kubectl.main(["lst"]) == 2
+    err = capsys.readouterr().err
+    assert err.startswith("kubectl corevault: error: No such command 'lst'") and len(err.splitlines()) == 1, (
+        err
+    )
+
+
+def test_an_empty_vault_says_that_nothing_matches(tmp_path) -> None:
+    cfg = tmp_path / "c.toml"
+    cfg.write_text(f'state_dir = "{tmp_path}/state"\n')
+    crashes = corevault("-c", str(cfg), "list")
+    assert crashes.returncode == 0 and crashes.stderr == "no crashes match\n", crashes.stderr
+    groups = corevault("-c", str(cfg), "groups")
+    assert (
+        groups.returncode == 0 and "no crash groups match" in groups.stderr and "--state all" in groups.stderr
+    )
+
+
+@pytest.mark.servers
+def test_a_server_answers_a_bad_filter_as_the_local_vault_does(fixture_vault: FixtureVault) -> None:
+    with serve(fixture_vault) as s:
+        env = {"COREVAULT_TOKEN": TOKENS["admin"], "COREVAULT_SERVER": s.url}
+        out = corevault("list", "--signal", "SEGFAULT", env=env)
+        assert out.returncode == 2 and "signal 'SEGFAULT' is not a signal" in one_line(out)
+        headers = {"Authorization": f"Bearer {TOKENS['admin']}"}
+        for path in ("/api/v1/crashes", "/api/v1/groups"):
+            r = httpx.get(s.url + path, params={"signal": "SEGFAULT"}, headers=headers)
+            assert r.status_code == 400 and "is not a signal" in r.json()["detail"], r.text
+        ok = httpx.get(s.url + "/api/v1/groups", params={"signal": "8"}, headers=headers).json()["items"]
+        assert ok and all(g["signal_name"] == "SIGFPE" for g in ok)  # a number names the same signal
+        no_scheme = corevault("list", env={**env, "COREVAULT_SERVER": s.url.removeprefix("http://")})
+        assert no_scheme.returncode == 2 and "http:// or https://" in one_line(no_scheme)
+
+
+@contextmanager
+def stalling_relay(upstream: str, after: bytes, budget: int) -> Iterator[tuple[str, threading.Event]]:
+    """A TCP relay to ``upstream`` (http://HOST:PORT) that, once a request holds ``after``, passes
+    ``budget`` bytes of its answer and then nothing more: a download whose network stalls midway.
+    Yields the relay's URL and an event set when it stalls."""
+    host, port = upstream.removeprefix("http://").rsplit(":", 1)
+    listener = socket.create_server(("127.0.0.1", 0))
+    stalled, done = threading.Event(), threading.Event()
+    sockets: list[socket.socket] = [listener]
+
+    def pump(src: socket.socket, dst: socket.socket, state: dict, request: bool) -> None:
+        while not done.is_set():
+            try:
+                data = src.recv(65536)
+            except OSError:
+                return
+            if not data:
+                return
+            if request:
+                state["watched"] = state["watched"] or after in data
+            elif state["watched"]:
+                data = data[: max(0, budget - state["sent"])]
+                state["sent"] += len(data)
+                if state["sent"] >= budget:
+                    dst.sendall(data)
+                    stalled.set()
+                    done.wait()
+                    return
+            dst.sendall(data)
+
+    def accept() -> None:
+        while not done.is_set():
+            try:
+                client, _ = listener.accept()
+            except OSError:
+                return
+            server = socket.create_connection((host, int(port)))
+            sockets.extend((client, server))
+            state = {"watched": False, "sent": 0}
+            for args in ((client, server, state, True), (server, client, state, False)):
+                threading.Thread(target=pump, args=args, daemon=True).start()
+
+    threading.Thread(target=accept, daemon=True).start()
+    try:
+        yield f"http://127.0.0.1:{listener.getsockname()[1]}", stalled
+    finally:
+        done.set()
+        for s in sockets:
+            s.close()
+
+
+@pytest.mark.servers
+def test_ctrl_c_in_the_middle_of_a_download_keeps_the_file_that_was_there(
+    fixture_vault: FixtureVault, tmp_path
+) -> None:
+    crash = fixture_vault.ids["a"]
+    out = tmp_path / "core"
+    out.write_bytes(b"yesterday's core, still wanted")
+    with (
+        serve(fixture_vault) as s,
+        stalling_relay(s.url, f"/crashes/{crash}/core".encode(), 2048) as (url, stalled),
+    ):
+        child = subprocess.Popen(
+            [CLI, "--server", url, "dump", crash, "-o", str(out), "--force"],
+            env={**os.environ, "COREVAULT_TOKEN": TOKENS["admin"]}, stderr=subprocess.PIPE, text=True,
+        )  # fmt: skip
+        try:
+            assert stalled.wait(60), "the download never started"
+            deadline = time.monotonic() + 30
+            while not [p for p in tmp_path.iterdir() if p.name.endswith(".tmp")]:
+                assert time.monotonic() < deadline and child.poll() is None, "no download under way"
+                time.sleep(0.05)
+            child.send_signal(signal.SIGINT)
+            _, err = child.communicate(timeout=30)
+        finally:
+            child.kill()
+            child.wait()
+    assert child.returncode == 130, err
+    assert "interrupted" in one_line(subprocess.CompletedProcess([], 130, "", err))
+    assert out.read_bytes() == b"yesterday's core, still wanted"
+    assert sorted(p.name for p in tmp_path.iterdir()) == ["core"]  # no half-written file left beside it
+
+
+def read_until(fd: int, want: bytes, seen: bytearray, timeout: float = 60) -> None:
+    deadline = time.monotonic() + timeout
+    while want not in seen:
+        left = deadline - time.monotonic()
+        assert left > 0, f"no {want!r} in {bytes(seen[-2000:])!r}"
+        if select.select([fd], [], [], left)[0]:
+            try:
+                chunk = os.read(fd, 65536)
+            except OSError:  # EIO: the terminal's other side has gone
+                chunk = b""
+            assert chunk, f"ended before {want!r}: {bytes(seen[-2000:])!r}"
+            seen += chunk
+
+
+def test_ctrl_c_in_gdb_is_gdb_s(fixture_vault: FixtureVault) -> None:
+    """^C at gdb's prompt (or in a long backtrace) gives gdb's prompt back; it must not end the session."""
+    pid, fd = pty.fork()
+    if pid == 0:  # the child: corevault gdb on a terminal of its own, as a person runs it
+        os.environ["TERM"] = "dumb"
+        os.execv(CLI, [CLI, "-c", fixture_vault.node.config, "gdb", fixture_vault.ids["a"]])
+    seen = bytearray()
+    try:
+        read_until(fd, b"(gdb) ", seen)
+        os.write(fd, b"\x03")  # the terminal sends SIGINT to its foreground group: corevault and gdb
+        time.sleep(0.5)  # what killed gdb did so within 0.25 s of the signal
+        os.write(fd, b"print 6*7\n")
+        read_until(fd, b"= 42", seen)
+        os.write(fd, b"quit\n")
+        _, status = os.waitpid(pid, 0)
+        pid = 0
+        assert os.waitstatus_to_exitcode(status) == 0, bytes(seen[-2000:])
+    finally:
+        if pid:
+            os.kill(pid, signal.SIGKILL)
+            os.waitpid(pid, 0)
+        os.close(fd)
