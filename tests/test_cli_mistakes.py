@@ -198,8 +198,11 @@ def test_ctrl_c_in_gdb_is_gdb_s(fixture_vault: FixtureVault) -> None:
     """^C at gdb's prompt (or in a long backtrace) gives gdb's prompt back; it must not end the session."""
     pid, fd = pty.fork()
     if pid == 0:  # the child: corevault gdb on a terminal of its own, as a person runs it
-        os.environ["TERM"] = "dumb"
-        os.execv(CLI, [CLI, "-c", fixture_vault.node.config, "gdb", fixture_vault.ids["a"]])
+        try:
+            env = {**os.environ, "TERM": "dumb"}
+            os.execve(CLI, [CLI, "-c", fixture_vault.node.config, "gdb", fixture_vault.ids["a"]], env)  # noqa: S606 - no shell wanted
+        finally:
+            os._exit(127)  # never back into pytest's code in the forked child
     seen = bytearray()
     try:
         read_until(fd, b"(gdb) ", seen)
