@@ -1,15 +1,16 @@
 """A crashed process's names are data: never console markup, never terminal escapes.
 
 Tenant A's pod runs an executable whose path holds Rich markup and an escape sequence and
-crashes in a function whose ELF symbol does the same; tenant B's pod (another namespace)
-crashes plainly. Both go through the real capture handler, the agent and the catalog; then
-every reader's view (``corevault list``, ``groups``, ``info``, ``kubectl corevault list``,
-the agent's log lines and the Kubernetes Event text) must show A's strings as text and
-still show B's crash.
+crashes in a function whose ELF symbol does the same, with a right-to-left override and a
+zero-width space; tenant B's pod (another namespace) crashes plainly. Both go through the
+real capture handler, the agent and the catalog; then every reader's view (``corevault
+list``, ``groups``, ``info``, ``kubectl corevault list``, the web UI's pages, the agent's log
+lines and the Kubernetes Event text) must show A's strings as text and still show B's crash.
 """
 
 from __future__ import annotations
 
+import html
 import json
 import logging
 import os
@@ -17,12 +18,15 @@ import shutil
 import subprocess
 import sys
 
+import httpx
 import pytest
 
 from corevault import printable
 from corevault.agent.loop import Agent
 from corevault.kube.events import message
-from testbed import runc
+from corevault.server.access import StaticTokens
+from corevault.server.app import create_app
+from testbed import runc, servers
 from testbed.fakekube import FakeKube
 from tests.conftest import Capture
 from tests.tenants import node_of, pod
@@ -31,7 +35,10 @@ pytestmark = pytest.mark.crash
 CLI = os.path.join(os.path.dirname(sys.executable), "corevault")
 EVIL_DIR, EVIL_NAME = "in[", "red][bold]\x1b]0;pwned\x07x"  # the path /app/in[/red][bold]…
 EVIL_EXE = f"/app/{EVIL_DIR}/{EVIL_NAME}"
-EVIL_SYMBOL = "crash[/red][bold]\x1b[2J"
+EVIL_SYMBOL = "crash[/red][bold]\x1b[2J\u202e\u200b"  # a right-to-left override, a zero-width space
+#: what no page, line or message may hold as it is
+RAW = ("\x1b", "\x07", "\u202e", "\u200b")
+ADMIN = "admin-token-0123456789"
 
 
 @pytest.fixture
@@ -88,6 +95,20 @@ def test_markup_and_escapes_from_a_crash_are_shown_as_text(
     [record] = [r for r in capture.journal() if r.get("event") == "captured" and r["exe"] == EVIL_EXE]
     text = message(record)
     assert "\x1b" not in text and "\x07" not in text and shown_exe in text
+
+    tokens = tmp_path / "tokens.toml"
+    tokens.write_text(f'[[token]]\nname = "root"\ntoken = "{ADMIN}"\nnamespaces = ["*"]\n')
+    tokens.chmod(0o600)
+    crash = rows["tenant-a"]
+    with servers.asgi(create_app(settings, StaticTokens(str(tokens)))) as url:
+        pages = [
+            httpx.get(f"{url}{path}", headers={"Authorization": f"Bearer {ADMIN}"})
+            for path in ("/", "/crashes", f"/crashes/{crash['id']}", f"/groups/{crash['signature']}")
+        ]
+    for page in pages:  # a browser shows what a terminal would: the escapes, as text
+        assert page.status_code == 200 and not any(c in page.text for c in RAW), page.url
+        assert html.escape(shown_symbol) in page.text, page.url
+    assert html.escape(shown_exe) in pages[2].text  # the crash's own page names its executable
 
     formatter = printable.Formatter("%(message)s")
     line = formatter.format(

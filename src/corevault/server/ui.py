@@ -12,6 +12,11 @@ cookie and a token derived from it under a key that only the catalog's servers h
 for all of them, kept in the catalog, so any server behind one address takes the form), so a
 page elsewhere cannot post one.
 
+Every value a page shows goes through :func:`corevault.printable.lines` before Jinja escapes
+it: names come from crashed processes, and a right-to-left override or a zero-width mark in
+one turns the rest of its line around or hides in it, on a page as in a terminal. They are
+shown as their escapes (``\\u202e``), as the command line shows them.
+
 Pages take the reader's token from a cookie the login page sets (HttpOnly, SameSite
 Strict); the cookie is honoured for reads and the group page's own state forms only, so a
 page on another site cannot make a browser remove a crash or change a group.
@@ -32,8 +37,10 @@ from fastapi import APIRouter, FastAPI, Form, HTTPException, Query, Request
 from fastapi.responses import HTMLResponse, RedirectResponse, Response
 from fastapi.staticfiles import StaticFiles
 from fastapi.templating import Jinja2Templates
+from markupsafe import Markup
 from pydantic import ValidationError
 
+from corevault import printable
 from corevault.server import api
 from corevault.server.access import COOKIE, Denied
 
@@ -89,6 +96,17 @@ templates.env.filters.update(
     when=_when, ago=_ago, size=_size, hex=lambda v: f"0x{v:x}" if v is not None else ""
 )
 templates.env.globals.update(quote=quote, basename=lambda p: (p or "").rsplit("/", 1)[-1])
+
+
+def _shown(value: object) -> object:
+    """What ``{{ value }}`` prints: text with its line breaks kept and every other character that
+    is not printable as its escape; the templates' own markup (macros) as it is."""
+    if isinstance(value, str) and not isinstance(value, Markup):
+        return printable.lines(value)
+    return value
+
+
+templates.env.finalize = _shown
 
 
 def _render(request: Request, name: str, **context: object) -> Response:
