@@ -23,13 +23,16 @@ import pytest
 
 from corevault import printable
 from corevault.agent.loop import Agent
+from corevault.alerts import outbox, sinks
 from corevault.kube.events import message
 from corevault.server.access import StaticTokens
 from corevault.server.app import create_app
+from corevault.vault import catalog
 from testbed import runc, servers
 from testbed.fakekube import FakeKube
 from tests.conftest import Capture
 from tests.tenants import node_of, pod
+from tests.test_triage_alerts import Receiver
 
 pytestmark = pytest.mark.crash
 CLI = os.path.join(os.path.dirname(sys.executable), "corevault")
@@ -59,9 +62,28 @@ def test_markup_and_escapes_from_a_crash_are_shown_as_text(
     assert len(capture.entries()) == 2, capture.journal()
 
     cfg = tmp_path / "c.toml"
-    cfg.write_text(f'state_dir = "{tmp_path}/node"\n[agent]\nmetrics = ""\n')
+    receiver = Receiver(servers.free_port()).start()
+    cfg.write_text(
+        f'state_dir = "{tmp_path}/node"\n[agent]\nmetrics = ""\n'
+        f'[alerts]\nurl = "https://corevault.example"\n'
+        f'[[alerts.sink]]\nname = "chat"\nkind = "slack"\nurl = "{receiver.url}/slack"\nnamespaces = ["tenant-a"]\n'
+    )
     settings = node_of(capture, str(cfg))
     Agent(settings).run(once=True)
+    alerting = sinks.parse(settings.alerts)
+    assert alerting is not None
+    try:
+        with httpx.Client(timeout=10) as client:
+            assert outbox.run_once(catalog.connect(settings.catalog_url), alerting, client) == 1
+    finally:
+        receiver.stop()
+    [slack] = receiver.bodies("/slack")
+    said = [
+        slack["text"],
+        *(t["text"] for b in slack["blocks"] for t in [b.get("text") or {}, *b.get("fields", [])] if t),
+    ]
+    assert not any(c in text for text in said for c in RAW), said
+    assert printable.printable(EVIL_SYMBOL) in slack["text"], said
 
     env = {**os.environ, "COREVAULT_CONFIG": str(cfg)}
     listed = subprocess.run([CLI, "list", "--json"], capture_output=True, text=True, env=env, check=True)

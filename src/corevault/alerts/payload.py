@@ -20,7 +20,8 @@ every text object is ``verbatim``, so Slack neither turns a URL in a name into a
 parses an ``@channel`` in it; links are not unfurled (Slack would fetch a URL a crashed
 process named); and each value is cut to :data:`SHOWN` characters, so a long function name
 cannot take a text object past Slack's limits (3,000 characters, 2,000 in a field), which
-refuses the whole message.
+refuses the whole message. Characters that are not printable (right-to-left overrides,
+zero-width marks, control characters) are shown as their escapes, as everywhere else.
 """
 
 from __future__ import annotations
@@ -29,6 +30,8 @@ import hashlib
 import hmac
 import json
 from urllib.parse import quote
+
+from corevault.printable import printable
 
 WORDS = {"new": "New crash group", "regressed": "Regressed crash group", "spike": "Crash spike"}
 #: characters of a title, namespace or image shown in a Slack message (each ``&`` is five once
@@ -80,7 +83,7 @@ def webhook(doc: dict, secret: bytes, now: int) -> tuple[bytes, dict[str, str]]:
 
 
 def _mrkdwn(text: object) -> str:
-    text = str(text)
+    text = printable(str(text))  # a right-to-left override or a control character: its escape
     text = text if len(text) <= SHOWN else text[:SHOWN] + "…"
     return text.replace("&", "&amp;").replace("<", "&lt;").replace(">", "&gt;")
 
