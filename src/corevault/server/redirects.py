@@ -24,7 +24,7 @@ from urllib.parse import urlsplit
 import httpx
 import sqlalchemy as sa
 
-from corevault.vault import blobs, tables
+from corevault.vault import blobs, s3proxy, tables
 from corevault.vault.crashes import LocalVault
 
 EVERY = 60.0  # seconds /healthz reuses the last answer for
@@ -50,8 +50,14 @@ def problem(vault: LocalVault) -> str | None:
         return None  # downloads are not redirected
     parts = urlsplit(url)
     where = f"{parts.scheme}://{parts.netloc}"
+    # the proxy the store's own requests would take to that address, not the one httpx would
+    # read from the variables by rules of its own (corevault.vault.s3proxy); the environment's
+    # CA certificates (SSL_CERT_FILE, SSL_CERT_DIR) still count
+    proxy = s3proxy.for_endpoint(getattr(store, "proxy_setting", None), url)
+    verify = httpx.create_ssl_context(trust_env=True)
     try:
-        response = httpx.get(url, headers={"Range": "bytes=0-0"}, timeout=TIMEOUT)
+        with httpx.Client(proxy=proxy, trust_env=False, verify=verify, timeout=TIMEOUT) as client:
+            response = client.get(url, headers={"Range": "bytes=0-0"})
     except httpx.HTTPError as e:
         why = f"{type(e).__name__}: {e}"
     else:

@@ -29,6 +29,7 @@ from concurrent.futures import Future, ThreadPoolExecutor
 from typing import BinaryIO
 
 from corevault.config import CloudSettings
+from corevault.vault import s3proxy
 from corevault.vault.blobs import BucketStore, Stored, StoreError, StreamBody, part_size
 
 MAX_BLOCKS = 49_000  # the service's limit is 50,000 blocks a blob
@@ -39,6 +40,13 @@ SINGLE_PUT = 64 << 20
 def block_id(index: int, md5: bytes) -> str:
     """A block's id: its place and the MD5 of its bytes (ids of one blob must all have the same length)."""
     return base64.b64encode(f"{index:06d}-{md5.hex()}".encode()).decode()
+
+
+def _proxy_options(endpoint: str) -> dict:
+    """The client's proxy, decided as every store decides it (:mod:`corevault.vault.s3proxy`):
+    requests, the SDK's transport, would honour ALL_PROXY, which the other stores do not."""
+    proxies, verify = s3proxy.requests_options(s3proxy.for_endpoint(None, endpoint))
+    return {"use_env_settings": False, "proxies": proxies, "connection_verify": verify}
 
 
 class AzureStore(BucketStore):
@@ -55,11 +63,14 @@ class AzureStore(BucketStore):
         logging.getLogger("azure.core.pipeline.policies.http_logging_policy").setLevel(logging.WARNING)
         connection = os.environ.get("AZURE_STORAGE_CONNECTION_STRING")
         if connection:
-            service = BlobServiceClient.from_connection_string(connection, **options)
+            where = BlobServiceClient.from_connection_string(connection).url  # parsed only, no request
+            service = BlobServiceClient.from_connection_string(connection, **options, **_proxy_options(where))
         elif account_url:
             from azure.identity import DefaultAzureCredential
 
-            service = BlobServiceClient(account_url, credential=DefaultAzureCredential(), **options)
+            service = BlobServiceClient(
+                account_url, credential=DefaultAzureCredential(), **options, **_proxy_options(account_url)
+            )
         else:
             raise StoreError(
                 "an az:// store needs [vault.azure] account_url (or AZURE_STORAGE_CONNECTION_STRING)"

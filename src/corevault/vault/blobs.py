@@ -340,6 +340,8 @@ class S3Store(BucketStore):
         # rules of its own (:mod:`corevault.vault.s3proxy`). It is decided for the endpoint that
         # botocore resolves, known once the client is made: the guess is right but for regions of
         # other domains (China's, amazonaws.com.cn), where the client is made again if need be.
+        #: ``[vault.s3] proxy``: the decision for other addresses of the store (its public endpoint)
+        self.proxy_setting = settings.proxy
         self.proxy = s3proxy.for_endpoint(settings.proxy, settings.endpoint or s3proxy.aws_endpoint(region))
         self.client = client(self.proxy)
         self.endpoint: str = self.client.meta.endpoint_url

@@ -28,9 +28,11 @@ from collections.abc import Iterator
 from typing import BinaryIO
 
 from corevault.config import CloudSettings
-from corevault.vault import sessions
+from corevault.vault import s3proxy, sessions
 from corevault.vault.blobs import BucketStore, Stored, StoreError, StreamBody
 
+#: the service's address when ``[vault.gcs] endpoint`` names none
+ENDPOINT = "https://storage.googleapis.com"
 SESSION_SUFFIX = ".gcs-upload"
 SESSION_LIFE = 7 * 86400  # the service forgets a resumable session a week after it began
 QUANTUM = 256 << 10  # resumable chunks are multiples of this
@@ -55,12 +57,18 @@ class GcsStore(BucketStore):
                 credentials, project = google.auth.default()
             except DefaultCredentialsError as e:
                 raise StoreError(f"no Google credentials for gs://{bucket}: {e}") from None
+        # One session for the library's requests and the resumable ones made here, with the proxy
+        # decided as every store decides it (requests would honour ALL_PROXY, which the others do not)
+        self.http = AuthorizedSession(credentials)
+        self.http.trust_env = False
+        proxy = s3proxy.for_endpoint(None, settings.endpoint or ENDPOINT)
+        self.http.proxies, self.http.verify = s3proxy.requests_options(proxy)
         self.client = storage.Client(
             project=settings.project or project or "corevault",
             credentials=credentials,
             client_options=options,
+            _http=self.http,
         )
-        self.http = AuthorizedSession(credentials)
         self.bucket = self.client.bucket(bucket)
         self.prefix = prefix.strip("/")
         self.url = f"gs://{bucket}/{self.prefix}".rstrip("/")

@@ -35,11 +35,20 @@ obstore's ``proxy_url``), so that neither reads the variables itself:
 A request the proxy refuses (an answer that is not the store's, 403 or 407) or cannot carry (the
 proxy away, its tunnel refused) is a one-line error that names the proxy (without its
 credentials) and says what to do.
+
+The other stores take the same decision for their endpoints (the environment's, as they have no
+``proxy`` setting), and so does the server's check of the store's address downloads are
+redirected to (:mod:`corevault.server.redirects`, with ``[vault.s3] proxy``): left to
+themselves, requests (GCS, Azure) and httpx (the check) honour ``ALL_PROXY``, which urllib and
+botocore do not, and httpx takes ``NO_PROXY=127.0.0.0/8`` for a host name, not a range. They are
+given the decided proxy, or none, and told not to read the variables (:func:`requests_options`;
+httpx's ``trust_env=False``).
 """
 
 from __future__ import annotations
 
 import ipaddress
+import os
 import re
 import urllib.request
 from typing import Any
@@ -63,6 +72,15 @@ def for_endpoint(setting: str | None, endpoint: str) -> str | None:
         return None
     # urllib takes "host:port" for http://host:port, as botocore does
     return proxy if "://" in proxy else "http://" + proxy
+
+
+def requests_options(proxy: str | None) -> tuple[dict[str, str], str | bool]:
+    """The ``proxies`` and ``verify`` of a requests session that must not read the environment
+    (``trust_env = False``): the decided proxy, and the CA bundle that requests would have taken
+    from ``REQUESTS_CA_BUNDLE`` or ``CURL_CA_BUNDLE`` (which turning the environment off turns
+    off too), else its own."""
+    proxies = {"http": proxy, "https": proxy} if proxy else {}
+    return proxies, os.environ.get("REQUESTS_CA_BUNDLE") or os.environ.get("CURL_CA_BUNDLE") or True
 
 
 def aws_endpoint(region: str) -> str:
