@@ -9,6 +9,7 @@ from __future__ import annotations
 
 import json
 import os
+import re
 import shlex
 import sys
 
@@ -44,7 +45,11 @@ def _client(context: str | None):  # -> (CoreV1Api, AppsV1Api, namespace)
     return client.CoreV1Api(), client.AppsV1Api(), namespace
 
 
-def _call(fn, verb: str, resource: str, namespace: str, *args: object, **kw: object) -> dict:
+def _call(
+    fn, verb: str, resource: str, namespace: str, *args: object, name: str | None = None, **kw: object
+) -> dict:
+    """``fn(*args)``'s answer; ``name``: the object a get names, for a 404 that says which is missing."""
+    from kubernetes import client
     from kubernetes.client.exceptions import ApiException
     from urllib3.exceptions import HTTPError
 
@@ -53,9 +58,16 @@ def _call(fn, verb: str, resource: str, namespace: str, *args: object, **kw: obj
     try:
         response = fn(*args, _preload_content=False, **kw)
     except ApiException as e:
-        raise explain(e.status, e.reason or "", verb, resource, namespace) from None
+        raise explain(e.status, e.reason or "", verb, resource, namespace, name=name) from None
     except HTTPError as e:
-        raise UserError(f"cannot reach the API server: {e}") from None
+        # urllib3 nests the cause in a retry error's repr; the errno's words are what a person needs
+        text = str(getattr(e, "reason", None) or e)
+        cause = re.search(r"\[Errno -?\d+\] [^\"')]+", text)
+        host = client.Configuration.get_default_copy().host
+        raise UserError(
+            f"cannot reach the API server at {host}: {cause.group(0) if cause else text}; "
+            "check the kubeconfig's server and that the cluster is up"
+        ) from None
     return json.loads(response.data or b"{}")
 
 
@@ -78,7 +90,7 @@ def debug(
 
     core, _, current = _client(context)
     ns = namespace or current
-    found = _call(core.read_namespaced_pod, "get", "pods", ns, pod, ns)
+    found = _call(core.read_namespaced_pod, "get", "pods", ns, pod, ns, name=pod)
     target = dbg.find_target(found, container)
     chosen = next(c for c in found["spec"]["containers"] if c["name"] == target.container)
     spec = dbg.ephemeral_container(target, image or chosen.get("image", "busybox"), command)
@@ -92,7 +104,7 @@ def debug(
         file=sys.stderr,
     )
     dbg.wait_running(
-        lambda: _call(core.read_namespaced_pod, "get", "pods", ns, pod, ns), spec["name"], timeout
+        lambda: _call(core.read_namespaced_pod, "get", "pods", ns, pod, ns, name=pod), spec["name"], timeout
     )
     cmd = dbg.shell_command(target, spec["name"], gdb)
     if not attach:
@@ -142,7 +154,7 @@ def enable(
     read = getattr(apps, f"read_namespaced_{kind}")
     patch_fn = getattr(apps, f"patch_namespaced_{kind}")
     resource = dbg.KINDS[kind]
-    current_obj = _call(read, "get", resource, ns, name, ns)
+    current_obj = _call(read, "get", resource, ns, name, ns, name=name)
     patch = dbg.enable_patch(kind, current_obj["spec"]["template"], pattern_, volume)
     if dry_run:
         if claim:
@@ -208,7 +220,9 @@ def snapshot(
         raise UserError("set COREVAULT_SERVER (or --server) to the corevault server's URL")
     core, _, current = _client(context)
     ns = namespace or current
-    _call(core.read_namespaced_pod, "get", "pods", ns, pod, ns)  # a clear error for a pod that is not there
+    _call(
+        core.read_namespaced_pod, "get", "pods", ns, pod, ns, name=pod
+    )  # a clear error for a pod that is not there
     token = os.environ.get("COREVAULT_TOKEN") or _kube_token()
     remote = RemoteVault(server, token)
     status = remote.request_snapshot(ns, pod, container, kill=kill, reason=reason)
@@ -241,13 +255,15 @@ def _kube_token() -> str | None:
 def list_(ctx: typer.Context, namespace: str = typer.Option(None, "-n", "--namespace")) -> None:
     """corevault list, for the namespace of the current context (other options pass through)."""
     ns = namespace or _client(None)[2]
-    raise typer.Exit(corevault_app.main(["list", "--namespace", ns, *ctx.args]))
+    raise typer.Exit(
+        exits.run(corevault_app.app, ["list", "--namespace", ns, *ctx.args], "kubectl corevault")
+    )
 
 
 @app.command(context_settings={"allow_extra_args": True, "ignore_unknown_options": True})
 def info(ctx: typer.Context) -> None:
     """corevault info ID."""
-    raise typer.Exit(corevault_app.main(["info", *ctx.args]))
+    raise typer.Exit(exits.run(corevault_app.app, ["info", *ctx.args], "kubectl corevault"))
 
 
 def main(argv: list[str] | None = None) -> int:

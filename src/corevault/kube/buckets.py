@@ -17,7 +17,7 @@ import hashlib
 import re
 from dataclasses import dataclass
 
-from corevault.errors import UserError
+from corevault.errors import BadInput
 
 # What the seed's example passes: no stat cache (cores appear at once to every reader) and
 # the mount readable by the pod's other users.
@@ -64,14 +64,14 @@ class BucketVolume:
 
 
 def parse(spec: str) -> BucketVolume | None:
-    """The bucket volume ``spec`` names; None when it names no FUSE driver; UserError when malformed."""
+    """The bucket volume ``spec`` names; None when it names no FUSE driver; BadInput when malformed."""
     kind, sep, rest = spec.partition(":")
     if kind not in DRIVERS:
         return None
     bucket, _, path = rest.partition(":")
     path = path or "/"
     if not sep or not _BUCKET.match(bucket) or not path.startswith("/") or "/../" in f"{path}/":
-        raise UserError(
+        raise BadInput(
             f"volume {spec!r}: use {USAGE} (a bucket name of 3-63 lowercase letters, digits, '.', '-')"
         )
     return BucketVolume(kind, bucket, path)
@@ -81,9 +81,7 @@ def objects(volume: BucketVolume, namespace: str, *, endpoint: str | None, secre
     """The PersistentVolume and PersistentVolumeClaim that mount ``volume``, as in the seed."""
     driver = volume.driver
     if driver.needs_endpoint and not endpoint:
-        raise UserError(
-            f"{volume.kind} volumes need the bucket's endpoint: pass --endpoint (e.g. {_EXAMPLE})"
-        )
+        raise BadInput(f"{volume.kind} volumes need the bucket's endpoint: pass --endpoint (e.g. {_EXAMPLE})")
     pv_name = f"{volume.claim_name}-{namespace}"
     secret_ref = {"name": secret or driver.secret, "namespace": namespace}
     if volume.kind == "oss":

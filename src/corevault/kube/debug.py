@@ -30,7 +30,14 @@ class KubeError(UserError):
     """The API server said no, or the pod cannot be debugged this way; the message says why."""
 
 
-def explain(status: int, reason: str, verb: str, resource: str, namespace: str) -> KubeError:
+def explain(
+    status: int, reason: str, verb: str, resource: str, namespace: str, *, name: str | None = None
+) -> KubeError:
+    if status == 404 and verb == "get" and name is not None:  # a mistyped name, the wrong namespace
+        return KubeError(
+            f"no {resource.removesuffix('s')} {name!r} in namespace {namespace}; "
+            f"'kubectl get {resource} -n {namespace}' lists them (-n picks another namespace)"
+        )
     if status == 403:
         return KubeError(
             f"forbidden: you may not {verb} {resource} in namespace {namespace}; "

@@ -4,7 +4,7 @@ from __future__ import annotations
 
 import posixpath
 
-from corevault.errors import UserError
+from corevault.errors import BadInput
 from corevault.kube import buckets
 
 VOLUME_NAME = "corevault-cores"
@@ -43,4 +43,4 @@ def volume_source(spec: str) -> dict:
         server, _, path = rest.partition(":")
         if server and path.startswith("/"):
             return {"name": VOLUME_NAME, "nfs": {"server": server, "path": path}}
-    raise UserError(f"volume {spec!r}: use {USAGE}")
+    raise BadInput(f"volume {spec!r}: use {USAGE}")
