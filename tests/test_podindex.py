@@ -41,10 +41,3 @@ def test_unreadable_entries_are_unknown(tmp_path) -> None:
     (tmp_path / "pods").mkdir()
     (tmp_path / "pods" / "x.json").write_text("{not json")
     assert podindex.read_pod(str(tmp_path), "x") is None
-
-
-def test_remove_pod_forgets_its_containers(tmp_path) -> None:
-    podindex.write_pod(str(tmp_path), POD)
-    podindex.remove_pod(str(tmp_path), POD["uid"])
-    assert podindex.read_pod(str(tmp_path), POD["uid"]) is None
-    assert podindex.read_container(str(tmp_path), "a" * 64) is None

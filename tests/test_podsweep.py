@@ -95,6 +95,17 @@ def test_an_entry_written_again_while_the_sweep_decides_is_kept(tmp_path: Path) 
     assert podindex.read_pod(index, "u-a")["deleted_at"] is None
 
 
+def test_a_container_id_that_is_no_file_name_removes_nothing_outside_the_containers(tmp_path: Path) -> None:
+    """The ids a pod's record holds come from the API server's status: one that walks out of
+    the index (``../pods/<uid>``) is never written as a file, and never unlinked as one."""
+    index = str(tmp_path)
+    restarted(index, "u-other", "b" * 64)
+    restarted(index, "u-gone", "a" * 64, deleted_at=time.time())
+    restarted(index, "u-gone", "a" * 64, "../pods/u-other", deleted_at=time.time())
+    assert podsweep.sweep(index, KEEP, LATER, live=nothing_lives).pods == ["u-gone"]
+    assert files(tmp_path, "pods") == ["u-other.json"] and podindex.read_pod(index, "u-other") is not None
+
+
 @pytest.mark.crash
 def test_a_pod_deleted_long_ago_whose_process_lives_is_kept_and_its_crash_attributed(
     capture: Capture, rootfs: str

@@ -49,11 +49,17 @@ def read_pod(index_dir: str, uid: str) -> dict | None:
     return read_file(os.path.join(index_dir, "pods", uid + ".json"))
 
 
+def container_file(index_dir: str, container_id: object) -> str | None:
+    """The path of the container's file, or None when ``container_id`` cannot be a file name."""
+    if not isinstance(container_id, str) or not _safe_key(container_id):
+        return None
+    return os.path.join(index_dir, "containers", container_id + ".json")
+
+
 def read_container(index_dir: str, container_id: str) -> dict | None:
     """The container with this runtime id, or None when the index does not know it."""
-    if not _safe_key(container_id):
-        return None
-    return read_file(os.path.join(index_dir, "containers", container_id + ".json"))
+    path = container_file(index_dir, container_id)
+    return None if path is None else read_file(path)
 
 
 def _write_atomic(path: str, doc: dict) -> None:
@@ -83,25 +89,10 @@ def write_pod(index_dir: str, pod: dict) -> None:
     }
     for name, c in doc["containers"].items():
         cid = c.get("id")
-        if cid and _safe_key(cid):
+        path = container_file(index_dir, cid)
+        if path is not None:
             _write_atomic(
-                os.path.join(index_dir, "containers", cid + ".json"),
+                path,
                 {"version": FORMAT_VERSION, "id": cid, "pod_uid": uid, "name": name, "image": c.get("image")},
             )
     _write_atomic(os.path.join(index_dir, "pods", uid + ".json"), doc)
-
-
-def remove_pod(index_dir: str, uid: str) -> None:
-    """Forget a pod and its containers (after its grace period)."""
-    from contextlib import suppress  # not at import: the capture handler reads the index
-
-    pod = read_pod(index_dir, uid)
-    if pod is None:
-        return
-    for c in pod.get("containers", {}).values():
-        cid = c.get("id")
-        if cid and _safe_key(cid):
-            with suppress(FileNotFoundError):
-                os.unlink(os.path.join(index_dir, "containers", cid + ".json"))
-    with suppress(FileNotFoundError):
-        os.unlink(os.path.join(index_dir, "pods", uid + ".json"))

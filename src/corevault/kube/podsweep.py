@@ -4,8 +4,8 @@ The index (:mod:`corevault.podindex`) has a file per pod of the node and one per
 On a node whose pods churn (jobs, crash loops, rollouts) it would grow without end:
 
 - a container that restarts gets a new id; the pod's record names the new one, and the old
-  one's file was never removed (``remove_pod`` removes only the ids its record names), one file
-  per restart of every crash-looping pod;
+  one's file was never removed (forgetting a pod removed only the ids its record named), one
+  file per restart of every crash-looping pod;
 - a pod marked deleted stays ``keep_deleted`` seconds, so that a crash the kernel reports late
   still finds its pod; a file that is no entry (a write cut short, one that does not parse)
   stayed for good.
@@ -110,7 +110,9 @@ def sweep(
             and not lives(f"pod{uid.replace('-', '_')}")
         ):
             for cid in named.pop(uid):  # its containers first: no pod's file is left without them
-                done.containers += _unlink(os.path.join(index_dir, "containers", cid + ".json"))
+                # an id the record holds is a file name only where podindex would have written it
+                if (container := podindex.container_file(index_dir, cid)) is not None:
+                    done.containers += _unlink(container)
             if _unlink_if_same(path, st):
                 done.pods.append(uid)
     for path, st, doc in _entries(os.path.join(index_dir, "containers")):
