@@ -56,13 +56,14 @@ def test_a_churning_node_s_index_keeps_only_what_is_current_or_lately_gone(tmp_p
     (tmp_path / "pods" / "torn.json").write_text("{not json")  # no entry
     (tmp_path / "pods" / "u-other.json").write_text('{"uid": "u-else"}')  # an entry under another name
     (tmp_path / "containers" / "x.json.41.42.tmp").write_text("{}")  # a write cut short
-    assert len(files(tmp_path, "containers")) == 5 + 30 + 1 + 1
+    (tmp_path / "containers" / ("e" * 64 + ".json")).write_text(f'{{"id": "{"e" * 64}", "pod_uid": []}}')
+    assert len(files(tmp_path, "containers")) == 5 + 30 + 1 + 2
 
     assert podsweep.sweep(index, KEEP, live=nothing_lives).pods == []  # nothing is old yet
     swept = podsweep.sweep(index, KEEP, LATER, live=nothing_lives)
 
     assert sorted(swept.pods) == sorted(f"u-job-{i}" for i in range(30))
-    assert (swept.containers, swept.other, swept.live) == (30 + 4, 3, 0)
+    assert (swept.containers, swept.other, swept.live) == (30 + 4 + 1, 3, 0)
     assert files(tmp_path, "pods") == ["u-late.json", "u-loop.json"]
     assert files(tmp_path, "containers") == sorted([looping[-1] + ".json", "b" * 64 + ".json"])
     assert podindex.read_container(index, looping[-1])["pod_uid"] == "u-loop"

@@ -120,7 +120,8 @@ def sweep(
         if doc is None or not isinstance(cid, str) or os.path.basename(path) != f"{cid}.json":
             done.other += st.st_mtime < before and _unlink_if_same(path, st)
             continue
-        if cid in named.get(doc.get("pod_uid"), ()) or st.st_mtime >= before:
+        pod_uid = doc.get("pod_uid")
+        if (isinstance(pod_uid, str) and cid in named.get(pod_uid, ())) or st.st_mtime >= before:
             continue  # its pod's current container, or replaced only lately
         if not os.path.exists(path):
             continue  # removed with its pod above
