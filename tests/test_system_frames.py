@@ -9,12 +9,14 @@ kept once, put in the vault and served again by corevault's own debuginfod.
 
 from __future__ import annotations
 
+import contextlib
 import hashlib
 import http.server
 import os
 import shutil
 import subprocess
 import threading
+import time
 from collections.abc import Iterator
 from contextlib import contextmanager
 from functools import partial
@@ -290,7 +292,10 @@ def build_chain(d: str) -> str:
     return exe
 
 
-def test_a_crash_through_many_modules_asks_upstream_for_a_few_once(tmp_path) -> None:
+@pytest.fixture(scope="module")
+def chain_crash(tmp_path_factory: pytest.TempPathFactory) -> tuple[str, str]:
+    """A real crash through CHAIN libraries in a pod: its core and the store of its binaries."""
+    tmp_path = tmp_path_factory.mktemp("chain")
     chain = tmp_path / "chain"
     chain.mkdir()
     root = runc.build_rootfs(str(tmp_path / "root"), {"chain": build_chain(str(chain))})
@@ -300,12 +305,60 @@ def test_a_crash_through_many_modules_asks_upstream_for_a_few_once(tmp_path) -> 
         core = os.path.join(spool.ready_dir(cap.spool), meta["id"], spool.CORE_NAME)
         shutil.copy(core, tmp_path / "core.zst")
         shutil.copytree(cap.store, tmp_path / "store")
+    return str(tmp_path / "core.zst"), str(tmp_path / "store")
+
+
+def test_a_crash_through_many_modules_asks_upstream_for_a_few_once(
+    chain_crash: tuple[str, str], tmp_path
+) -> None:
+    core, store = chain_crash
     (tmp_path / "nothing").mkdir()
     asked: list[str] = []
     with http_directory(str(tmp_path / "nothing"), asked) as url:
         up = upstream.Upstream((url,), str(tmp_path / "cache"))
-        r = runner.analyze(str(tmp_path / "core.zst"), [str(tmp_path / "store")], debug_dirs=(), fetch=up)
+        r = runner.analyze(core, [store], debug_dirs=(), fetch=up)
         assert [f"f{i}" for i in reversed(range(CHAIN))] == frames(r)[:CHAIN]  # from the libraries' .dynsym
         assert len(asked) == upstream.MAX_PER_ANALYSIS < CHAIN  # not one request per module the pod mapped
-        runner.analyze(str(tmp_path / "core.zst"), [str(tmp_path / "store")], debug_dirs=(), fetch=up)
+        runner.analyze(core, [store], debug_dirs=(), fetch=up)
         assert len(asked) == upstream.MAX_PER_ANALYSIS  # misses are remembered: the next crash asks nothing
+
+
+class _Dribbling(http.server.BaseHTTPRequestHandler):
+    """An upstream that answers every request with a byte now and then, for half a minute."""
+
+    asked: list[str]
+
+    def do_GET(self) -> None:
+        self.asked.append(self.path)
+        self.send_response(200)
+        self.send_header("Content-Length", str(1 << 20))
+        self.end_headers()
+        with contextlib.suppress(OSError):
+            for _ in range(300):
+                self.wfile.write(b"\0")
+                self.wfile.flush()
+                time.sleep(0.1)
+
+    def log_message(self, *args: object) -> None:
+        pass
+
+
+def test_upstream_downloads_end_with_the_analysis_s_time(chain_crash: tuple[str, str], tmp_path) -> None:
+    """The pod's objects claim the build-ids asked for (here: sixteen modules with frames), and
+    each download could take the upstream's own time limit (30 s) after the analysis's: a slow
+    answer is given up at the analysis's time, no other is asked for, and the report stands."""
+    core, store = chain_crash
+    asked: list[str] = []
+    srv = http.server.ThreadingHTTPServer(("127.0.0.1", 0), type("Handler", (_Dribbling,), {"asked": asked}))
+    srv.daemon_threads = True
+    threading.Thread(target=srv.serve_forever, daemon=True).start()
+    try:
+        up = upstream.Upstream((f"http://127.0.0.1:{srv.server_address[1]}",), str(tmp_path / "cache"))
+        r = runner.analyze(core, [store], debug_dirs=(), fetch=up, timeout=8)
+    finally:
+        srv.shutdown()
+        srv.server_close()
+    assert [f"f{i}" for i in reversed(range(CHAIN))] == frames(r)[:CHAIN]
+    assert len(asked) == 1, asked  # the first, cut at the analysis's time; not sixteen of 30 s each
+    [first] = asked
+    assert not os.path.exists(os.path.join(up.cache, "buildid", first.split("/")[2], upstream.MISSING))

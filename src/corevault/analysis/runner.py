@@ -351,10 +351,16 @@ def analyze(
         if fetch is not None:
             # (not ``wanted``: the second run binds the same objects as the first, plus debug files)
             lacking = _wanting_debuginfo(report)[: upstream.MAX_PER_ANALYSIS]
-            upstream.fetch_missing(fetch, lacking)
+            upstream.fetch_missing(fetch, lacking, deadline)
             # kept now, by this analysis or by another one running beside it since this one began
-            if any(os.path.exists(upstream.debuginfo_path(fetch.cache, b)) for b in lacking):
-                report = run(1)
+            if time.monotonic() < deadline and any(
+                os.path.exists(upstream.debuginfo_path(fetch.cache, b)) for b in lacking
+            ):
+                try:
+                    report = run(1)
+                except AnalysisError as e:  # the first report stands: the second only names more frames
+                    more = f"not analysed again with the debug files fetched: {e}"
+                    report = dataclasses.replace(report, warnings=(*report.warnings, more))
     return report
 
 

@@ -15,7 +15,10 @@ modules the first run found no debug file for.
   ``max_size`` bytes, and is kept only when its own build-id is the one asked for (a
   server or a proxy can be wrong: an error page, another version of the library).
 - Bounded: one analysis asks for at most :data:`MAX_PER_ANALYSIS` build-ids, so a process
-  that maps thousands of made-up objects cannot keep the agent busy for other tenants.
+  that maps thousands of made-up objects cannot keep the agent busy for other tenants; and
+  within the analysis's own time: a pod chooses the build-ids its objects claim (the real
+  ones of large debug files, say), and each download could take ``timeout`` seconds past it,
+  sixteen times.
 """
 
 from __future__ import annotations
@@ -69,8 +72,9 @@ def debuginfo_path(cache: str, build_id: str) -> str:
     return os.path.join(cache, "buildid", build_id, "debuginfo")
 
 
-def fetch(upstream: Upstream, build_id: str) -> str | None:
-    """The verified debug file for ``build_id``, fetched if it is not kept yet; None if no server has it."""
+def fetch(upstream: Upstream, build_id: str, deadline: float | None = None) -> str | None:
+    """The verified debug file for ``build_id``, fetched if it is not kept yet; None if no server
+    has it, or none answered by ``deadline`` (monotonic), which is not remembered as a miss."""
     if not BUILD_ID.fullmatch(build_id):
         return None
     dest = debuginfo_path(upstream.cache, build_id)
@@ -82,21 +86,29 @@ def fetch(upstream: Upstream, build_id: str) -> str | None:
             return None
     os.makedirs(os.path.dirname(dest), mode=0o755, exist_ok=True)
     for url in upstream.urls:
-        if _download(upstream, f"{url.rstrip('/')}/buildid/{build_id}/debuginfo", build_id, dest):
+        if _past(deadline):
+            return None
+        if _download(upstream, f"{url.rstrip('/')}/buildid/{build_id}/debuginfo", build_id, dest, deadline):
             with contextlib.suppress(FileNotFoundError):
                 os.unlink(missing)
             return dest
+    if _past(deadline):
+        return None  # cut short: the next analysis asks again
     with open(missing, "w"):
         pass  # its mtime says when every server was last asked
     return None
 
 
-def _download(upstream: Upstream, url: str, build_id: str, dest: str) -> bool:
+def _past(deadline: float | None) -> bool:
+    return deadline is not None and time.monotonic() >= deadline
+
+
+def _download(upstream: Upstream, url: str, build_id: str, dest: str, deadline: float | None) -> bool:
     import httpx  # only when a server is asked: the runner that imports this module stays light
 
     try:
         with atomic.replacing(dest, 0o644) as f:
-            if not _receive(upstream, url, build_id, f):
+            if not _receive(upstream, url, build_id, f, deadline):
                 raise atomic.Abandon
             return True
     except (httpx.HTTPError, OSError) as e:
@@ -104,12 +116,15 @@ def _download(upstream: Upstream, url: str, build_id: str, dest: str) -> bool:
     return False
 
 
-def _receive(upstream: Upstream, url: str, build_id: str, f: BinaryIO) -> bool:
-    """Write the server's answer into ``f``; whether it is the file of ``build_id``, within the limits."""
+def _receive(upstream: Upstream, url: str, build_id: str, f: BinaryIO, until: float | None) -> bool:
+    """Write the server's answer into ``f``; whether it is the file of ``build_id``, within the
+    limits: ``timeout`` seconds, and the analysis's deadline ``until`` (monotonic), if any."""
     import httpx
 
     deadline = time.monotonic() + upstream.timeout
-    with httpx.stream("GET", url, timeout=upstream.timeout) as response:
+    if until is not None:
+        deadline = min(deadline, until)
+    with httpx.stream("GET", url, timeout=max(deadline - time.monotonic(), 0.001)) as response:
         if response.status_code != 200:
             if response.status_code != 404:
                 log.warning("debuginfod %s: HTTP %d", url, response.status_code)
@@ -119,13 +134,18 @@ def _receive(upstream: Upstream, url: str, build_id: str, f: BinaryIO) -> bool:
             log.warning("debuginfod %s: %s bytes, over the limit of %d", url, declared, upstream.max_size)
             return False
         size = 0
-        for chunk in response.iter_bytes(1 << 20):
+        # as they arrive: chunks of a set size would wait for a slow server's bytes past the deadline
+        for chunk in response.iter_bytes():
             size += len(chunk)
             if size > upstream.max_size:
                 log.warning("debuginfod %s: more than the limit of %d bytes", url, upstream.max_size)
                 return False
             if time.monotonic() > deadline:
-                log.warning("debuginfod %s: slower than %gs, given up", url, upstream.timeout)
+                log.warning(
+                    "debuginfod %s: not done within %gs or the analysis's time, given up",
+                    url,
+                    upstream.timeout,
+                )
                 return False
             f.write(chunk)
     f.flush()
@@ -136,12 +156,15 @@ def _receive(upstream: Upstream, url: str, build_id: str, f: BinaryIO) -> bool:
     return True
 
 
-def fetch_missing(upstream: Upstream, build_ids: list[str]) -> list[str]:
-    """Fetch what is not kept yet of the first :data:`MAX_PER_ANALYSIS` ``build_ids``; the ones kept now."""
+def fetch_missing(upstream: Upstream, build_ids: list[str], deadline: float | None = None) -> list[str]:
+    """Fetch what is not kept yet of the first :data:`MAX_PER_ANALYSIS` ``build_ids``, until
+    ``deadline`` (monotonic: the analysis's); the ones kept now."""
     new = []
     for build_id in build_ids[:MAX_PER_ANALYSIS]:
         if os.path.exists(debuginfo_path(upstream.cache, build_id)):
             continue
-        if fetch(upstream, build_id) is not None:
+        if _past(deadline):
+            break
+        if fetch(upstream, build_id, deadline) is not None:
             new.append(build_id)
     return new
