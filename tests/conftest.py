@@ -26,6 +26,7 @@ import json
 import os
 import shutil
 import subprocess
+import tempfile
 import time
 from collections.abc import Callable, Iterator
 from dataclasses import dataclass
@@ -155,6 +156,17 @@ def gcs() -> Iterator[clouds.FakeGcs]:
 @pytest.fixture(scope="session")
 def programs() -> dict[str, str]:
     return build.build_all()
+
+
+@pytest.fixture
+def short_dir() -> Iterator[str]:
+    """A directory of a short path under /tmp (a core_pattern holds 127 bytes, a socket's path
+    107: the test's own tmp_path is too long for either), removed after the test, failed or not."""
+    d = tempfile.mkdtemp(prefix="cv-", dir="/tmp")
+    try:
+        yield d
+    finally:
+        shutil.rmtree(d, ignore_errors=True)
 
 
 @pytest.fixture(scope="session")

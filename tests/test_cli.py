@@ -6,7 +6,6 @@ import json
 import os
 import subprocess
 import sys
-import tempfile
 
 import pytest
 
@@ -56,8 +55,8 @@ def test_pattern_check_and_expand() -> None:
 
 
 @pytest.mark.crash
-def test_install_status_uninstall_on_this_host() -> None:
-    d = tempfile.mkdtemp(prefix="cv-", dir="/tmp")
+def test_install_status_uninstall_on_this_host(short_dir: str) -> None:
+    d = short_dir
     config = os.path.join(d, "c.toml")
     with open(config, "w") as f:
         f.write(f'state_dir = "{d}/state"\n')

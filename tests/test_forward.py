@@ -31,8 +31,8 @@ def forwarder() -> str:
 
 
 @pytest.fixture
-def node(forwarder: str) -> Iterator[dict]:
-    d = tempfile.mkdtemp(prefix="cv-", dir="/tmp")
+def node(forwarder: str, short_dir: str) -> Iterator[dict]:
+    d = short_dir
     os.mkdir(os.path.join(d, "vol"))
     cfg = os.path.join(d, "c.toml")
     with open(cfg, "w") as f:
@@ -104,7 +104,9 @@ def test_with_the_agent_away_the_crash_is_not_held(node: dict, rootfs: str) -> N
 
 
 @pytest.mark.parametrize("mode", ["pipe", "socket"])
-def test_the_agent_installs_captures_and_restores_the_host(forwarder: str, rootfs: str, mode: str) -> None:
+def test_the_agent_installs_captures_and_restores_the_host(
+    forwarder: str, rootfs: str, mode: str, short_dir: str
+) -> None:
     """``corevault agent --install MODE``: what the DaemonSet runs, for one crash, then SIGTERM.
 
     In pipe mode the kernel runs the static forwarder, which hands the crash to the agent; in
@@ -119,7 +121,7 @@ def test_the_agent_installs_captures_and_restores_the_host(forwarder: str, rootf
         pytest.skip("the coredump socket with requests needs Linux 6.17+")
     install = ["--install", "pipe", "--forwarder", forwarder] if mode == "pipe" else ["--install", "socket"]
 
-    d = tempfile.mkdtemp(prefix="cv-", dir="/tmp")
+    d = short_dir
     os.mkdir(os.path.join(d, "vol"))
     cfg = os.path.join(d, "c.toml")
     with open(cfg, "w") as f:
@@ -238,7 +240,7 @@ os.abort()
 
 
 def test_the_receivers_own_crash_ends_it_and_a_new_receiver_captures_the_next_crash(
-    forwarder: str, rootfs: str
+    forwarder: str, rootfs: str, short_dir: str
 ) -> None:
     """core_pattern runs the forwarder, which hands the core to the receiver's socket; a crash
     of the receiver's own process would be handed to itself, with no thread left to read it
@@ -247,7 +249,7 @@ def test_the_receivers_own_crash_ends_it_and_a_new_receiver_captures_the_next_cr
     from testbed import runc
     from tests.test_socket_mode import crash_own_listener
 
-    d = tempfile.mkdtemp(prefix="cv-", dir="/tmp")
+    d = short_dir
     os.mkdir(os.path.join(d, "vol"))
     cfg = os.path.join(d, "c.toml")
     with open(cfg, "w") as f:
