@@ -124,3 +124,44 @@ def node_of(capture, cfg: str):  # -> config.Settings
                         os.path.join(spool.ready_dir(settings.spool_dir), entry))  # fmt: skip
     shutil.copytree(capture.store, settings.buildid_dir, dirs_exist_ok=True)
     return settings
+
+
+def slack_sink(url: str) -> str:
+    """Config sections for alerts to a Slack webhook at ``url``/slack, of tenant A's groups."""
+    return (
+        f'[alerts]\nurl = "https://corevault.example"\n'
+        f'[[alerts.sink]]\nname = "chat"\nkind = "slack"\nurl = "{url}/slack"\nnamespaces = ["tenant-a"]\n'
+    )
+
+
+def analysed(capture, tmp_path, sections: str = ""):  # -> config.Settings
+    """``capture``'s crashes after one pass of the agent of a node (config ``tmp_path``/c.toml,
+    holding ``sections`` besides its state dir); the node's settings."""
+    from corevault.agent.loop import Agent
+
+    cfg = tmp_path / "c.toml"
+    cfg.write_text(f'state_dir = "{tmp_path}/node"\n[agent]\nmetrics = ""\n' + sections)
+    settings = node_of(capture, str(cfg))
+    Agent(settings).run(once=True)
+    return settings
+
+
+def crashes_of(settings) -> dict[str, dict]:
+    """The catalog's crash of each namespace, in full (its report too)."""
+    from corevault.vault import catalog
+
+    with catalog.connect(settings.catalog_url).connect() as conn:
+        return {c["namespace"]: catalog.get_crash(conn, c["id"]) for c in catalog.list_crashes(conn)}
+
+
+def alerts_sent(settings) -> int:
+    """Deliver the alerts the agent queued (one round of the outbox); how many went out."""
+    import httpx
+
+    from corevault.alerts import outbox, sinks
+    from corevault.vault import catalog
+
+    alerting = sinks.parse(settings.alerts)
+    assert alerting is not None
+    with httpx.Client(timeout=10) as client:
+        return outbox.run_once(catalog.connect(settings.catalog_url), alerting, client)

@@ -22,16 +22,13 @@ import httpx
 import pytest
 
 from corevault import printable
-from corevault.agent.loop import Agent
-from corevault.alerts import outbox, sinks
 from corevault.kube.events import message
 from corevault.server.access import StaticTokens
 from corevault.server.app import create_app
-from corevault.vault import catalog
 from testbed import runc, servers
 from testbed.fakekube import FakeKube
 from tests.conftest import Capture
-from tests.tenants import node_of, pod
+from tests.tenants import alerts_sent, analysed, pod, slack_sink
 from tests.test_triage_alerts import Receiver
 
 pytestmark = pytest.mark.crash
@@ -61,22 +58,10 @@ def test_markup_and_escapes_from_a_crash_are_shown_as_text(
     capture.crash(hostile_rootfs, ["/app/crasher", "segv"], annotations=pod("tenant-b", "b-0"))
     assert len(capture.entries()) == 2, capture.journal()
 
+    with Receiver(servers.free_port()) as receiver:
+        settings = analysed(capture, tmp_path, slack_sink(receiver.url))
+        assert alerts_sent(settings) == 1
     cfg = tmp_path / "c.toml"
-    receiver = Receiver(servers.free_port()).start()
-    cfg.write_text(
-        f'state_dir = "{tmp_path}/node"\n[agent]\nmetrics = ""\n'
-        f'[alerts]\nurl = "https://corevault.example"\n'
-        f'[[alerts.sink]]\nname = "chat"\nkind = "slack"\nurl = "{receiver.url}/slack"\nnamespaces = ["tenant-a"]\n'
-    )
-    settings = node_of(capture, str(cfg))
-    Agent(settings).run(once=True)
-    alerting = sinks.parse(settings.alerts)
-    assert alerting is not None
-    try:
-        with httpx.Client(timeout=10) as client:
-            assert outbox.run_once(catalog.connect(settings.catalog_url), alerting, client) == 1
-    finally:
-        receiver.stop()
     [slack] = receiver.bodies("/slack")
     said = [
         slack["text"],

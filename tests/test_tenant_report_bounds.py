@@ -10,17 +10,13 @@ from __future__ import annotations
 
 import json
 
-import httpx
 import pytest
 
-from corevault.agent.loop import Agent
-from corevault.alerts import outbox, sinks
 from corevault.analysis.worker import MAX_NAME
 from corevault.model import MAX_REPORT_BYTES
-from corevault.vault import catalog
 from testbed import runc, servers
 from tests.conftest import Capture
-from tests.tenants import node_of, pod
+from tests.tenants import alerts_sent, analysed, crashes_of, pod, slack_sink
 from tests.test_triage_alerts import Receiver
 
 pytestmark = pytest.mark.crash
@@ -35,27 +31,12 @@ def test_a_megabyte_symbol_name_is_cut_in_the_report_title_and_group(
     capture.crash(root, ["/app/longname"], annotations=pod("tenant-a", "long-0"))
     capture.crash(root, ["/app/crasher", "segv"], annotations=pod("tenant-b", "plain-0"))
     assert len(capture.entries()) == 2, capture.journal()
-    cfg = tmp_path / "c.toml"
-    receiver = Receiver(servers.free_port()).start()
-    cfg.write_text(
-        f'state_dir = "{tmp_path}/node"\n[agent]\nmetrics = ""\n'
-        f'[alerts]\nurl = "https://corevault.example"\n'
-        f'[[alerts.sink]]\nname = "chat"\nkind = "slack"\nurl = "{receiver.url}/slack"\nnamespaces = ["tenant-a"]\n'
-    )
-    settings = node_of(capture, str(cfg))
-    Agent(settings).run(once=True)
-    engine = catalog.connect(settings.catalog_url)
-    with engine.connect() as conn:
-        crashes = {c["namespace"]: c for c in catalog.list_crashes(conn)}
-        long = catalog.get_crash(conn, crashes["tenant-a"]["id"])
-    assert long["analysis"] == "done", long["analysis_error"]
-    alerting = sinks.parse(settings.alerts)
-    assert alerting is not None
-    try:
-        with httpx.Client(timeout=10) as client:
-            assert outbox.run_once(engine, alerting, client) == 1
-    finally:
-        receiver.stop()
+    with Receiver(servers.free_port()) as receiver:
+        settings = analysed(capture, tmp_path, slack_sink(receiver.url))
+        crashes = crashes_of(settings)
+        long = crashes["tenant-a"]
+        assert long["analysis"] == "done", long["analysis_error"]
+        assert alerts_sent(settings) == 1
     # Slack refuses a message whose text object holds more than 3,000 characters (2,000 in a
     # field): the group's alert would never be delivered
     [slack] = receiver.bodies("/slack")
@@ -85,14 +66,8 @@ def test_a_report_of_every_frame_of_every_thread_is_kept_within_its_bound(
     capture.crash(root, ["/app/widestacks"], annotations=pod("tenant-a", "wide-0"))
     capture.crash(root, ["/app/crasher", "segv"], annotations=pod("tenant-b", "plain-0"))
     assert len(capture.entries()) == 2, capture.journal()
-    cfg = tmp_path / "c.toml"
-    cfg.write_text(f'state_dir = "{tmp_path}/node"\n[agent]\nmetrics = ""\n')
-    settings = node_of(capture, str(cfg))
-    Agent(settings).run(once=True)
-    engine = catalog.connect(settings.catalog_url)
-    with engine.connect() as conn:
-        crashes = {c["namespace"]: c for c in catalog.list_crashes(conn)}
-        wide = catalog.get_crash(conn, crashes["tenant-a"]["id"])
+    crashes = crashes_of(analysed(capture, tmp_path))
+    wide = crashes["tenant-a"]
     assert wide["analysis"] == "done", wide["analysis_error"]
     report = wide["report"]
     assert len(json.dumps(report)) <= MAX_REPORT_BYTES

@@ -80,6 +80,12 @@ class Receiver:
     def bodies(self, path: str) -> list[dict]:
         return [json.loads(raw) for p, _, raw in self.got if p == path]
 
+    def __enter__(self) -> Receiver:
+        return self.start()
+
+    def __exit__(self, *exc: object) -> None:
+        self.stop()
+
 
 @pytest.fixture
 def receiver() -> Iterator[Receiver]:

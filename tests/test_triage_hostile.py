@@ -14,14 +14,11 @@ import json
 import httpx
 import pytest
 
-from corevault.agent.loop import Agent
-from corevault.alerts import outbox, sinks
 from corevault.server.access import StaticTokens
 from corevault.server.app import create_app
-from corevault.vault import catalog
 from testbed import runc, servers
 from tests.conftest import Capture
-from tests.tenants import node_of, pod
+from tests.tenants import alerts_sent, analysed, crashes_of, pod, slack_sink
 from tests.test_triage_alerts import Receiver
 
 pytestmark = pytest.mark.crash
@@ -36,29 +33,15 @@ def test_a_symbol_name_is_text_in_slack_webhooks_and_the_group_page(
     capture.crash(root, ["/app/mention"], annotations=pod("tenant-a", "chatty-0"))
     assert len(capture.entries()) == 1, capture.journal()
 
-    receiver = Receiver(servers.free_port()).start()
-    cfg = tmp_path / "c.toml"
-    cfg.write_text(
-        f'state_dir = "{tmp_path}/node"\n[agent]\nmetrics = ""\n'
-        f'[alerts]\nurl = "https://corevault.example"\n'
-        f'[[alerts.sink]]\nname = "chat"\nkind = "slack"\nurl = "{receiver.url}/slack"\nnamespaces = ["tenant-a"]\n'
-        f'[[alerts.sink]]\nname = "hook"\nkind = "webhook"\nurl = "{receiver.url}/hook"\nnamespaces = ["*"]\n'
-        f'secret = "a-webhook-secret-0123456789"\n'
-    )
-    settings = node_of(capture, str(cfg))
-    Agent(settings).run(once=True)
-    engine = catalog.connect(settings.catalog_url)
-    with engine.connect() as conn:
-        [crash] = catalog.list_crashes(conn)
-    assert SYMBOL in (crash["title"] or ""), crash  # the analysis named the frame by the symbol
-
-    alerting = sinks.parse(settings.alerts)
-    assert alerting is not None
-    try:
-        with httpx.Client(timeout=10) as client:
-            assert outbox.run_once(engine, alerting, client) == 2
-    finally:
-        receiver.stop()
+    with Receiver(servers.free_port()) as receiver:
+        hook = (
+            f'[[alerts.sink]]\nname = "hook"\nkind = "webhook"\nurl = "{receiver.url}/hook"\nnamespaces = ["*"]\n'
+            f'secret = "a-webhook-secret-0123456789"\n'
+        )
+        settings = analysed(capture, tmp_path, slack_sink(receiver.url) + hook)
+        [crash] = crashes_of(settings).values()
+        assert SYMBOL in (crash["title"] or ""), crash  # the analysis named the frame by the symbol
+        assert alerts_sent(settings) == 2
     [slack] = receiver.bodies("/slack")
     text = json.dumps(slack)
     assert "<!channel>" not in text and "<https://evil.example" not in text and "<img" not in text

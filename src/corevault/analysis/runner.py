@@ -21,6 +21,7 @@ from __future__ import annotations
 
 import contextlib
 import dataclasses
+import functools
 import json
 import os
 import resource
@@ -253,10 +254,10 @@ def taken(doc: dict) -> Report:
     A worker taken over by its core writes what it likes: a report of another shape (which
     failed on some later read, and the crash was analysed again at each retry), or the
     signature of another tenant's group under frames of its own."""
-    from pydantic import TypeAdapter, ValidationError
+    from pydantic import ValidationError
 
     try:
-        report = _REPORT.setdefault("adapter", TypeAdapter(Report)).validate_python(doc)
+        report = _report_adapter().validate_python(doc)
     except ValidationError as e:
         where = ".".join(map(str, e.errors()[0]["loc"]))
         raise AnalysisError(f"analysis gave no report (its output is not a report: {where})") from None
@@ -264,9 +265,13 @@ def taken(doc: dict) -> Report:
     return dataclasses.replace(report, signature=sig, signature_frames=frames, title=title)
 
 
-#: the validator of reports, made once (on the first report: the command line's other uses
-#: of this module never need it)
-_REPORT: dict = {}
+@functools.cache
+def _report_adapter():  # -> pydantic.TypeAdapter[Report]
+    """The validator of reports, made once (on the first report: the command line's other uses
+    of this module never need it)."""
+    from pydantic import TypeAdapter
+
+    return TypeAdapter(Report)
 
 
 def analyze(

@@ -157,7 +157,7 @@ class FsStore:
     same zeros: the holes of a sparse file put here are not even read (``SEEK_DATA``), and a
     chunk of zeros read is not written. A binary may be mostly holes (a pod's may be a 1 GiB
     table of nothing, as testbed/hostile.py's are); writing those out cost the disk their size
-    and the agent 19 s each here (tests/test_isolation.py's hostile ELF test).
+    and the agent the time to write it (tests/test_isolation.py's hostile ELF test).
     """
 
     def __init__(self, root: str) -> None:
