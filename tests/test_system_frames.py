@@ -323,6 +323,34 @@ def test_a_crash_through_many_modules_asks_upstream_for_a_few_once(
         assert len(asked) == upstream.MAX_PER_ANALYSIS  # misses are remembered: the next crash asks nothing
 
 
+def test_the_debug_files_kept_stay_within_their_bound(chain_crash: tuple[str, str], tmp_path) -> None:
+    """Each of the pod's sixteen libraries claims a build-id the upstream has a file for (here: the
+    libraries themselves, which carry their own build-ids): after the analysis the node keeps
+    the newest of them within the bound, not all, so a pod whose crashes claim ever other
+    build-ids cannot fill the node's disk."""
+    core, store = chain_crash
+    served = tmp_path / "server"
+    sizes = []
+    for top, _, names in os.walk(store):
+        for name in names:
+            bid = binaries.file_build_id(os.path.join(top, name))
+            if bid and not (served / "buildid" / bid).exists():
+                (served / "buildid" / bid).mkdir(parents=True)
+                shutil.copy(os.path.join(top, name), served / "buildid" / bid / "debuginfo")
+                sizes.append(os.path.getsize(os.path.join(top, name)))
+    asked: list[str] = []
+    with http_directory(str(served), asked) as url:
+        bound = 3 * max(z for z in sizes if z < 64 << 10)  # three of the libraries (libc's is MiBs)
+        up = upstream.Upstream((url,), str(tmp_path / "cache"), cache_max=bound)
+        r = runner.analyze(core, [store], debug_dirs=(), fetch=up)
+    assert [f"f{i}" for i in reversed(range(CHAIN))] == frames(r)[:CHAIN]
+    fetched = [f for f in asked if f.endswith("/debuginfo")]
+    assert len(fetched) == upstream.MAX_PER_ANALYSIS  # each one found and verified
+    kept = [p for b in os.listdir(tmp_path / "cache" / "buildid") if (p := upstream.debuginfo_path(up.cache, b))
+            and os.path.exists(p)]  # fmt: skip
+    assert kept and sum(map(os.path.getsize, kept)) <= bound < upstream.MAX_PER_ANALYSIS * min(sizes)
+
+
 class _Dribbling(http.server.BaseHTTPRequestHandler):
     """An upstream that answers every request with a byte now and then, for half a minute."""
 

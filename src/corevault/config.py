@@ -32,6 +32,7 @@ Example::
     [analysis]
     debuginfod_urls = "https://debuginfod.debian.net"  # like DEBUGINFOD_URLS: debug files by build-id
     debug_dirs = ["/usr/lib/debug"]  # separate debug files under .build-id/ on this host
+    debuginfod_cache_max = "4G"     # the debug files fetched and kept on the node, oldest removed past it
 
     [[rules]]                       # hosts without Kubernetes: who opts in
     exe = "/usr/local/bin/my-server*"
@@ -146,6 +147,7 @@ class Settings:
         "core_uses_pid",
         "debug_dirs",
         "debuginfo_dir",
+        "debuginfod_cache_max",
         "debuginfod_max_size",
         "debuginfod_timeout",
         "debuginfod_urls",
@@ -265,6 +267,9 @@ class Settings:
         #: to them rather than analysed (at most ``group_samples``)
         self.match_after = 3
         self.debuginfod_max_size = 1 << 30
+        #: bytes the fetched debug files may hold on the node: past it, the oldest fetched are
+        #: removed (a pod chooses which build-ids its objects claim, so what is fetched)
+        self.debuginfod_cache_max = 4 << 30
         #: debug files fetched from upstream, by build-id (``buildid/<id>/debuginfo``)
         self.debuginfo_dir = os.path.join(state_dir, "debuginfo")
         #: trees of separate debug files keyed by build-id (``<dir>/.build-id/xx/rest.debug``)
@@ -622,7 +627,8 @@ def from_dict(doc: dict, where: str = "config") -> Settings:
         )
 
     analysis = _table(doc, "analysis", where)
-    keys = {"debuginfod_urls", "debuginfod_timeout", "debuginfod_max_size", "debug_dirs", "group_samples"}
+    keys = {"debuginfod_urls", "debuginfod_timeout", "debuginfod_max_size", "debuginfod_cache_max",
+            "debug_dirs", "group_samples"}  # fmt: skip
     _known(analysis, keys | {"match_after"}, f"{where} [analysis]")
     s.group_samples = int(_number(analysis, "group_samples", where, s.group_samples))
     s.match_after = int(_number(analysis, "match_after", where, s.match_after))
@@ -640,6 +646,9 @@ def from_dict(doc: dict, where: str = "config") -> Settings:
     if "debuginfod_max_size" in analysis:
         what = f"{where} [analysis] debuginfod_max_size"
         s.debuginfod_max_size = parse_size(analysis["debuginfod_max_size"], what)
+    if "debuginfod_cache_max" in analysis:
+        what = f"{where} [analysis] debuginfod_cache_max"
+        s.debuginfod_cache_max = parse_size(analysis["debuginfod_cache_max"], what)
     if "debug_dirs" in analysis:
         s.debug_dirs = tuple(_strlist(analysis, "debug_dirs", where))
 

@@ -366,6 +366,7 @@ def analyze(
                 except AnalysisError as e:  # the first report stands: the second only names more frames
                     more = f"not analysed again with the debug files fetched: {e}"
                     report = dataclasses.replace(report, warnings=(*report.warnings, more))
+            upstream.make_room(fetch)
     return report
 
 

@@ -18,7 +18,9 @@ modules the first run found no debug file for.
   that maps thousands of made-up objects cannot keep the agent busy for other tenants; and
   within the analysis's own time: a pod chooses the build-ids its objects claim (the real
   ones of large debug files, say), and each download could take ``timeout`` seconds past it,
-  sixteen times.
+  sixteen times. What is kept is bounded too (``cache_max``): past it, the files fetched
+  longest ago are removed (:func:`make_room`, after each analysis), so a pod whose crashes
+  claim ever other build-ids cannot fill the node's disk, where the spool is.
 """
 
 from __future__ import annotations
@@ -54,6 +56,8 @@ class Upstream:
     cache: str
     timeout: float = 30.0
     max_size: int = 1 << 30
+    #: bytes the kept files may hold in all
+    cache_max: int = 4 << 30
 
 
 def from_settings(settings: Settings) -> Upstream | None:
@@ -65,6 +69,7 @@ def from_settings(settings: Settings) -> Upstream | None:
         settings.debuginfo_dir,
         settings.debuginfod_timeout,
         settings.debuginfod_max_size,
+        settings.debuginfod_cache_max,
     )
 
 
@@ -168,3 +173,33 @@ def fetch_missing(upstream: Upstream, build_ids: list[str], deadline: float | No
         if fetch(upstream, build_id, deadline) is not None:
             new.append(build_id)
     return new
+
+
+def make_room(upstream: Upstream) -> list[str]:
+    """Remove the debug files fetched longest ago (by their files' times) until the kept ones hold
+    at most ``cache_max`` bytes; returns the build-ids removed. An analysis using one holds it
+    open already; the next one that wants it fetches it again."""
+    root = os.path.join(upstream.cache, "buildid")
+    try:
+        names = os.listdir(root)
+    except FileNotFoundError:
+        return []
+    kept = []
+    for name in names:
+        with contextlib.suppress(OSError):
+            st = os.stat(debuginfo_path(upstream.cache, name))
+            kept.append((st.st_mtime, name, st.st_size))
+    total = sum(size for _, _, size in kept)
+    removed = []
+    for _, name, size in sorted(kept):
+        if total <= upstream.cache_max:
+            break
+        with contextlib.suppress(FileNotFoundError):
+            os.unlink(debuginfo_path(upstream.cache, name))
+        total -= size
+        removed.append(name)
+    if removed:
+        log.info(
+            "debug file cache over %d bytes: removed %d, the oldest fetched", upstream.cache_max, len(removed)
+        )
+    return removed
