@@ -312,7 +312,7 @@ def test_cli_analyze_by_crash_id_and_json(corpus: dict) -> None:
     )
     assert json.loads(js.stdout)["signature"] == crash.report.signature
     bad = subprocess.run([cli, "analyze", "no-such-crash"], capture_output=True, text=True, check=False)
-    assert bad.returncode == 1 and "is not a core file, nor a crash in the spool" in bad.stderr
+    assert bad.returncode == 4 and "is not a core file, nor a crash in the spool" in bad.stderr
 
 
 def test_system_debuginfo_on_request_names_libc_internals(corpus: dict) -> None:

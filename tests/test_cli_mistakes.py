@@ -49,6 +49,9 @@ MISTAKES = [
     (["groups", "resolve"], 2, ["Missing argument 'SIGNATURE'", "see 'corevault groups resolve -h'"]),
     (["dump", "{a}", "-o", "/nonexistent/dir/core"], 1, ["cannot write the core to /nonexistent/dir/core"]),
     (["info", "{a}x"], 4, ["no crash '", "'corevault list' shows the ids"]),
+    (["analyze", "{a}x"], 4, ["x is not a core file, nor a crash in the spool"]),
+    (["analyze", "/etc/os-release"], 1, ["/etc/os-release: unreadable: not an ELF file"]),
+    (["analyze", "{a}", "--backend", "lldb"], 2, ["unknown backend 'lldb'; use drgn or gdb"]),
 ]
 
 

@@ -11,6 +11,7 @@ import typer
 
 from corevault import config, nodestore, objectid, spool
 from corevault.analysis import render, runner, upstream
+from corevault.errors import BadInput, NotFound
 
 if TYPE_CHECKING:
     from corevault.vault.blobs import BlobStore
@@ -54,7 +55,8 @@ def resolve(settings: config.Settings, what: str, tmp: str) -> tuple[str, list[s
             stores.append(_fetch_objects(vault, record, stores, os.path.join(tmp, "objects")))
             return path, stores, record
     where = f"the spool ({settings.spool_dir}) or the vault ({settings.vault_store})"
-    raise runner.AnalysisError(f"{what} is not a core file, nor a crash in {where}")
+    error = runner.AnalysisError if "/" in what else NotFound  # a path, or a crash id (exit 4 as for info)
+    raise error(f"{what} is not a core file, nor a crash in {where}")
 
 
 def _fetch_objects(vault: BlobStore, record: list[dict], stores: list[str], dest: str) -> str:
@@ -88,22 +90,25 @@ def analyze(
 ) -> None:
     """Symbolized backtraces of every thread, the signal, and the crash's signature."""
     if backend not in ("drgn", "gdb"):
-        raise runner.AnalysisError(f"unknown backend {backend!r}; use drgn or gdb")
+        raise BadInput(f"unknown backend {backend!r}; use drgn or gdb")
     settings = config.load(ctx.obj["config"])
     with tempfile.TemporaryDirectory(prefix="corevault-") as tmp:
         core, stores, record = resolve(settings, what, tmp)
-        report = runner.analyze(
-            core,
-            [*store, *stores],
-            backend,
-            timeout=timeout,
-            memory=settings.analysis_memory,
-            system_debuginfo=system_debuginfo,
-            debug_dirs=settings.debug_dirs,
-            fetch=upstream.from_settings(settings),
-            uid=settings.analysis_uid,
-            uids=settings.analysis_uids,
-            processes=settings.analysis_processes,
-            record=record,
-        )
+        try:
+            report = runner.analyze(
+                core,
+                [*store, *stores],
+                backend,
+                timeout=timeout,
+                memory=settings.analysis_memory,
+                system_debuginfo=system_debuginfo,
+                debug_dirs=settings.debug_dirs,
+                fetch=upstream.from_settings(settings),
+                uid=settings.analysis_uid,
+                uids=settings.analysis_uids,
+                processes=settings.analysis_processes,
+                record=record,
+            )
+        except runner.AnalysisError as e:  # say which of the user's files or crashes it was
+            raise runner.AnalysisError(f"{what}: {e}") from None
     print(json.dumps(report.to_dict(), indent=2) if as_json else render.text(report))
