@@ -24,6 +24,7 @@ PROGRAMS = {
     "markup": ("markup.c", ["gcc", "-O1"]),
     "mention": ("mention.c", ["gcc", "-O1"]),
     "longname": ("longname.c", ["gcc", "-O1"]),
+    "badname": ("badname.c", ["gcc", "-O1"]),
     "widestacks": ("widestacks.c", ["gcc", "-O1", "-pthread"]),
     "hang": ("hang.c", ["gcc", "-g", "-O1", "-pthread"]),
     "racer": ("racer.c", ["gcc", "-O1", "-Wall", "-Werror"]),

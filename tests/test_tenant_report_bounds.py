@@ -1,7 +1,7 @@
 """A crashed process's report is bounded, whatever its binary names and however many stacks it has.
 
 Tenant A's pod crashes in a function whose ELF symbol is 1 MiB long (an assembler name: any
-bytes a linker takes), or with 64 threads deep in a long-named function. Tenant B's pod
+bytes a linker takes) or not UTF-8, or with 64 threads deep in a long-named function. Tenant B's pod
 (another namespace) crashes plainly. Both go through the real capture handler, the agent's
 sandboxed analysis and the catalog.
 """
@@ -9,9 +9,12 @@ sandboxed analysis and the catalog.
 from __future__ import annotations
 
 import json
+import os
 
 import pytest
 
+from corevault import spool
+from corevault.analysis import runner
 from corevault.analysis.worker import MAX_NAME
 from corevault.model import MAX_REPORT_BYTES
 from testbed import runc, servers
@@ -83,3 +86,24 @@ def test_a_report_of_every_frame_of_every_thread_is_kept_within_its_bound(
     assert any("the report's bound" in w for w in report["warnings"]), report["warnings"]
     plain = crashes["tenant-b"]
     assert plain["analysis"] == "done" and "crash_here" in (plain["title"] or ""), plain
+
+
+def test_a_symbol_name_that_is_not_utf8_is_shown_with_replacements_by_either_backend(
+    capture: Capture, programs: dict[str, str], tmp_path
+) -> None:
+    """drgn and gdb's Python decode a name strictly: the name ended the unwind, and with it the
+    whole analysis of the crash (gdb's output too was decoded strictly)."""
+    root = runc.build_rootfs(
+        str(tmp_path / "root"), {"badname": programs["badname"], "crasher": programs["crasher"]}
+    )
+    capture.crash(root, ["/app/badname"], annotations=pod("tenant-a", "bad-0"))
+    capture.crash(root, ["/app/crasher", "segv"], annotations=pod("tenant-b", "plain-0"))
+    assert len(capture.entries()) == 2, capture.journal()
+    [meta] = [m for m in capture.entries() if m["process"]["exe"] == "/app/badname"]
+    crashes = crashes_of(analysed(capture, tmp_path))
+    title = "SIGSEGV in crash_\ufffd\ufffd_bad ← main"
+    assert crashes["tenant-a"]["title"] == title, crashes["tenant-a"]
+    assert "crash_here" in (crashes["tenant-b"]["title"] or "")
+    core = os.path.join(spool.ready_dir(capture.spool), meta["id"], spool.CORE_NAME)
+    by_gdb = runner.analyze(core, [capture.store], backend="gdb", record=meta["modules"])
+    assert by_gdb.backend == "gdb" and by_gdb.title == title

@@ -12,6 +12,19 @@ import gdb  # type: ignore[import-not-found]
 
 out = os.environ["COREVAULT_GDB_OUT"]
 max_frames = int(os.environ.get("COREVAULT_MAX_FRAMES", "256"))
+
+
+def text(obj, attribute):
+    """``obj``'s ``attribute`` (called if a method), or None where it is a name that is not UTF-8
+    (gdb's Python decodes strictly); the symbol table reader names that frame then, with what
+    is not UTF-8 replaced."""
+    try:
+        value = getattr(obj, attribute)
+        return value() if callable(value) else value
+    except UnicodeDecodeError:
+        return None
+
+
 selected = gdb.selected_thread()
 result = {"crashed": selected.ptid[1] if selected else None, "threads": []}
 for thread in gdb.selected_inferior().threads():
@@ -23,8 +36,8 @@ for thread in gdb.selected_inferior().threads():
         frames.append(
             {
                 "pc": frame.pc(),
-                "function": frame.name(),
-                "file": sal.symtab.filename if sal.symtab else None,
+                "function": text(frame, "name"),
+                "file": text(sal.symtab, "filename") if sal.symtab else None,
                 "line": sal.line or None,
                 "inline": frame.type() == gdb.INLINE_FRAME,
             }

@@ -180,15 +180,21 @@ def _crashed_tid(prog: object) -> int | None:
 
 
 def _frame(core: Core, f: object, index: int, pc: int) -> Frame:
-    name = f.function_name or f.name  # type: ignore[attr-defined]
+    # drgn decodes names as strict UTF-8, and a binary's names are whatever bytes it holds: one
+    # that is not UTF-8 is left to the symbol table reader, which replaces what is not
+    # (corevault.analysis.symtab); it ended the whole unwind before
+    try:
+        name = f.function_name or f.name  # type: ignore[attr-defined]
+    except UnicodeDecodeError:
+        name = None
     if name is None or name.startswith("0x"):  # drgn names an unknown function by its address
         try:
             name = f.symbol().name  # type: ignore[attr-defined]
-        except LookupError:
+        except (LookupError, UnicodeDecodeError):
             name = None
     try:
         file, line, column = f.source()  # type: ignore[attr-defined]
-    except LookupError:
+    except (LookupError, UnicodeDecodeError):
         file = line = column = None
     module, offset = core.module_at(pc)
     return Frame(

@@ -72,7 +72,9 @@ def unwind(
         cmd = [*gdb_command(core, found, root, executable), "-x", SCRIPT]
         env = {**os.environ, "COREVAULT_GDB_OUT": out, "COREVAULT_MAX_FRAMES": str(max_frames)}
         env.pop("DEBUGINFOD_URLS", None)
-        proc = subprocess.run(cmd, capture_output=True, text=True, env=env, timeout=timeout, check=False)
+        proc = subprocess.run(  # what gdb says holds the binary's names: bytes, not always UTF-8
+            cmd, capture_output=True, text=True, errors="replace", env=env, timeout=timeout, check=False
+        )
         if not os.path.exists(out):
             raise RuntimeError(f"gdb produced no frames: {proc.stderr.strip()[-300:]}")
         with open(out) as f:
