@@ -100,6 +100,22 @@ def test_a_server_answers_a_bad_filter_as_the_local_vault_does(fixture_vault: Fi
         assert no_scheme.returncode == 2 and "http:// or https://" in one_line(no_scheme)
 
 
+@pytest.mark.servers
+def test_serve_on_a_port_in_use_says_so_before_it_says_serving(tmp_path) -> None:
+    cfg = tmp_path / "c.toml"
+    cfg.write_text(f'state_dir = "{tmp_path}/state"\n')
+    with socket.create_server(("127.0.0.1", 0)) as taken:
+        port = taken.getsockname()[1]
+        out = subprocess.run(
+            [CLI, "-c", str(cfg), "serve", "--no-auth", "--listen", f"127.0.0.1:{port}"],
+            capture_output=True, text=True, check=False, timeout=60,
+        )  # fmt: skip
+    assert out.returncode == 1, out.stderr
+    assert f"cannot listen on 127.0.0.1:{port}: Address already in use; pick another --listen" in one_line(
+        out
+    )
+
+
 @contextmanager
 def stalling_relay(upstream: str, after: bytes, budget: int) -> Iterator[tuple[str, threading.Event]]:
     """A TCP relay to ``upstream`` (http://HOST:PORT) that, once a request holds ``after``, passes

@@ -2,6 +2,8 @@
 
 from __future__ import annotations
 
+import os
+import socket
 import sys
 
 import typer
@@ -23,6 +25,18 @@ def parse_listen(listen: str) -> tuple[str, int]:
     if not sep or not port.isdigit() or not 0 < int(port) < 65536:
         raise BadInput(f"--listen {listen!r}: use HOST:PORT, e.g. 127.0.0.1:8080")
     return host.strip("[]") or "127.0.0.1", int(port)
+
+
+def _check_listen(host: str, port: int) -> None:
+    """Fail in one line, before saying "serving", where uvicorn would log a bind error and exit 3."""
+    family = socket.AF_INET6 if ":" in host else socket.AF_INET
+    try:
+        with socket.create_server((host, port), family=family):  # SO_REUSEADDR, as uvicorn binds
+            pass
+    except OSError as e:
+        raise UserError(
+            f"cannot listen on {host}:{port}: {os.strerror(e.errno) if e.errno else e}; pick another --listen"
+        ) from None
 
 
 def serve(
@@ -59,6 +73,7 @@ def serve(
         from corevault.kube import cluster
 
         access = acc.KubeAccess(cluster.api_client(kubeconfig))
+    _check_listen(host, port)
     import uvicorn
 
     from corevault.alerts import sinks

@@ -119,5 +119,6 @@ def connect(url: str) -> Engine:
     try:
         migrate(engine)
     except sa.exc.OperationalError as e:
-        raise CatalogError(f"cannot open the catalog at {engine.url!r}: {e.orig}") from None
+        why = " ".join(str(e.orig).split())  # libpq's message spans lines, indented with tabs
+        raise CatalogError(f"cannot open the catalog at {engine.url!r}: {why}") from None
     return engine
