@@ -462,6 +462,32 @@ def test_the_file_store_keeps_a_files_holes_and_its_zeros_as_holes_and_its_bytes
     assert store.size("crashes/c/empty") == 0
 
 
+def test_the_file_store_keeps_every_byte_where_a_files_blocks_are_larger_than_its_holes(
+    tmp_path, monkeypatch: pytest.MonkeyPatch
+) -> None:
+    """Python buffers a file by its ``st_blksize`` (NFS's is its wsize, up to 1 MiB): a read-ahead
+    past a 4 KiB hole, then the look for the next extent (which moves the fd's offset), and the
+    bytes after the read-ahead came from another place of the file."""
+    import io
+
+    from corevault.vault import blobs
+
+    def big_blocks(path: str, mode: str = "r", buffering: int = -1) -> io.IOBase:
+        return open(path, mode, buffering=1 << 16 if buffering == -1 else buffering)
+
+    src = tmp_path / "binary"
+    with open(src, "wb") as f:  # 4 KiB of data, a 4 KiB hole, 256 KiB of data, a hole, data
+        f.write(os.urandom(4096))
+        f.seek(8192)
+        f.write(os.urandom(256 << 10))
+        f.seek(1 << 20)
+        f.write(os.urandom(4096))
+    monkeypatch.setattr(blobs, "open", big_blocks, raising=False)
+    store = stores.open_store(f"file://{tmp_path}/vault")
+    store.put_file("objects/k/s", str(src))
+    assert (tmp_path / "vault" / "objects" / "k" / "s").read_bytes() == src.read_bytes()
+
+
 def test_a_bad_store_url_or_setting_is_one_clear_error(tmp_path) -> None:
     from corevault import config
 

@@ -173,7 +173,11 @@ class FsStore:
         return os.path.join(self.root, key)
 
     def put_file(self, key: str, path: str) -> Stored:
-        with open(path, "rb") as src:
+        # unbuffered: finding the next extent moves the fd's offset (SEEK_DATA), under a buffered
+        # reader that would serve a seek from its read-ahead and then read on from that offset
+        # (the bytes of another place, wherever a file's blocks, st_blksize, are larger than its
+        # holes: NFS's are its wsize)
+        with open(path, "rb", buffering=0) as src:
             size = os.fstat(src.fileno()).st_size
             return self._write(key, src, size, _data_extents(src.fileno(), size))
 
