@@ -8,6 +8,7 @@ the real server (uvicorn, in this process) and real gdb under a real terminal (a
 
 from __future__ import annotations
 
+import json
 import os
 import pty
 import select
@@ -46,6 +47,8 @@ MISTAKES = [
     (["list", "--signal", "99"], 2, ["signal '99' is not a signal", "1 to 64"]),
     (["list", "--since", "yesterday"], 2, ["use 30m, 2h, 7d", "see 'corevault list -h'"]),
     (["groups", "--state", "opne"], 2, ["state 'opne'", "open, resolved"]),
+    (["groups", "ignore", "{sig}", "--until", "2001-01-01"], 2, ["--until '2001-01-01' is already past"]),
+    (["groups", "ignore", "{sig}", "--until", "0d"], 2, ["--until '0d' is already past"]),
     (["groups", "resolve"], 2, ["Missing argument 'SIGNATURE'", "see 'corevault groups resolve -h'"]),
     (["dump", "{a}", "-o", "/nonexistent/dir/core"], 1, ["cannot write the core to /nonexistent/dir/core"]),
     (["info", "{a}x"], 4, ["no crash '", "'corevault list' shows the ids"]),
@@ -59,7 +62,11 @@ MISTAKES = [
 def test_a_mistake_is_one_line_that_says_what_to_do(
     fixture_vault: FixtureVault, args: list[str], code: int, words: list[str]
 ) -> None:
-    out = corevault("-c", fixture_vault.node.config, *(a.format(a=fixture_vault.ids["a"]) for a in args))
+    sig = json.loads(
+        corevault("-c", fixture_vault.node.config, "info", "--json", fixture_vault.ids["a"]).stdout
+    )
+    values = {"a": fixture_vault.ids["a"], "sig": sig["signature"]}
+    out = corevault("-c", fixture_vault.node.config, *(a.format(**values) for a in args))
     assert out.returncode == code, out.stderr
     err = one_line(out)
     assert all(w in err for w in words), err
