@@ -351,6 +351,37 @@ def test_the_debug_files_kept_stay_within_their_bound(chain_crash: tuple[str, st
     assert kept and sum(map(os.path.getsize, kept)) <= bound < upstream.MAX_PER_ANALYSIS * min(sizes)
 
 
+def test_the_build_ids_asked_for_in_vain_are_forgotten_once_no_fetch_heeds_them(tmp_path) -> None:
+    """A pod's objects claim made-up build-ids, sixteen more a crash: each left a directory with
+    its miss remembered, for good. Once the miss is older than RETRY_AFTER (no fetch heeds it),
+    its directory goes; so does one left empty (its file removed) and untouched that long."""
+    up = upstream.Upstream(("http://127.0.0.1:9",), str(tmp_path / "cache"), cache_max=1 << 20)
+    long_ago = time.time() - upstream.RETRY_AFTER - 60
+    made = {}
+    for name, miss, kept, idle in (
+        ("a1" * 20, True, False, True),  # asked in vain long ago
+        ("b2" * 20, True, False, False),  # asked in vain lately: still heeded
+        ("c3" * 20, False, False, True),  # its file removed long ago
+        ("d4" * 20, False, False, False),  # being fetched into now
+        ("e5" * 20, False, True, True),  # its file kept
+    ):
+        d = os.path.dirname(upstream.debuginfo_path(up.cache, name))
+        os.makedirs(d)
+        if kept:
+            with open(upstream.debuginfo_path(up.cache, name), "wb") as f:
+                f.write(b"x" * 100)
+        if miss:
+            open(os.path.join(d, upstream.MISSING), "w").close()
+            if idle:
+                os.utime(os.path.join(d, upstream.MISSING), (long_ago, long_ago))
+        if idle:
+            os.utime(d, (long_ago, long_ago))
+        made[name] = d
+    assert upstream.make_room(up) == []
+    assert sorted(os.listdir(tmp_path / "cache" / "buildid")) == ["b2" * 20, "d4" * 20, "e5" * 20]
+    assert os.listdir(made["b2" * 20]) == [upstream.MISSING]
+
+
 class _Dribbling(http.server.BaseHTTPRequestHandler):
     """An upstream that answers every request with a byte now and then, for half a minute."""
 

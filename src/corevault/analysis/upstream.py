@@ -99,8 +99,8 @@ def fetch(upstream: Upstream, build_id: str, deadline: float | None = None) -> s
             return dest
     if _past(deadline):
         return None  # cut short: the next analysis asks again
-    with open(missing, "w"):
-        pass  # its mtime says when every server was last asked
+    with contextlib.suppress(FileNotFoundError), open(missing, "w"):
+        pass  # its mtime says when every server was last asked (its directory, if not forgotten meanwhile)
     return None
 
 
@@ -178,17 +178,25 @@ def fetch_missing(upstream: Upstream, build_ids: list[str], deadline: float | No
 def make_room(upstream: Upstream) -> list[str]:
     """Remove the debug files fetched longest ago (by their files' times) until the kept ones hold
     at most ``cache_max`` bytes; returns the build-ids removed. An analysis using one holds it
-    open already; the next one that wants it fetches it again."""
+    open already; the next one that wants it fetches it again.
+
+    A build-id's directory that holds no file goes too once nobody asked for it for
+    :data:`RETRY_AFTER` (:func:`_forget`): a pod claims what build-ids it likes, sixteen more a
+    crash, and each left a directory (and a miss remembered) for good."""
     root = os.path.join(upstream.cache, "buildid")
     try:
         names = os.listdir(root)
     except FileNotFoundError:
         return []
     kept = []
+    now = time.time()
     for name in names:
-        with contextlib.suppress(OSError):
+        try:
             st = os.stat(debuginfo_path(upstream.cache, name))
-            kept.append((st.st_mtime, name, st.st_size))
+        except OSError:
+            _forget(os.path.join(root, name), now)
+            continue
+        kept.append((st.st_mtime, name, st.st_size))
     total = sum(size for _, _, size in kept)
     removed = []
     for _, name, size in sorted(kept):
@@ -203,3 +211,22 @@ def make_room(upstream: Upstream) -> list[str]:
             "debug file cache over %d bytes: removed %d, the oldest fetched", upstream.cache_max, len(removed)
         )
     return removed
+
+
+def _forget(directory: str, now: float) -> None:
+    """Remove a build-id's directory that holds no debug file once it is idle: its miss older
+    than :data:`RETRY_AFTER` (no fetch heeds it any more), or, with no miss in it (its file
+    removed, a download cut short), the directory itself untouched that long. A fetch that
+    makes it again meanwhile finds it gone and asks again at the next crash."""
+    missing = os.path.join(directory, MISSING)
+    try:
+        try:
+            if now - os.stat(missing).st_mtime < RETRY_AFTER:
+                return
+            os.unlink(missing)
+        except FileNotFoundError:
+            if now - os.stat(directory).st_mtime < RETRY_AFTER:
+                return
+        os.rmdir(directory)  # not while a download writes in it (ENOTEMPTY)
+    except OSError:
+        pass
