@@ -126,3 +126,24 @@ def test_a_statement_whose_values_are_converted_is_refused_not_run(engine: sa.En
                 prepared.rows(query, {"k": k, "sizes": [100, 200, 300]})
     finally:
         prepared.close()
+
+
+def test_a_reader_of_several_namespaces_gets_the_content_the_most_of_them_mapped(catalog_url: str) -> None:
+    """By build-id alone (a debugger through DEBUGINFOD_URLS): a and c mapped the genuine file, b
+    forged its build-id and crashed last; the genuine one is the answer, on SQLite and PostgreSQL.
+    Among as many namespaces each, the newest crash's; a reader of b alone still gets b's own."""
+    engine = catalog.connect(catalog_url)
+    now = int(time.time())
+    with engine.begin() as conn:
+        catalog.add_object(conn, FORGED, "2" * 64, 200)
+        catalog.add_object(conn, FORGED, "3" * 64, 300)
+        _crash(conn, "a1", "a", now - 30, {FORGED: "2" * 64})
+        _crash(conn, "c1", "c", now - 20, {FORGED: "2" * 64})
+        _crash(conn, "b1", "b", now - 10, {FORGED: "3" * 64})
+        _crash(conn, "b2", "b", now - 5, {FORGED: "3" * 64})
+    with engine.connect() as conn:
+        for visible in (None, frozenset("abc")):
+            assert catalog.object_for(conn, FORGED, visible)["sha256"] == "2" * 64  # type: ignore[index]
+        assert catalog.object_for(conn, FORGED, frozenset("ab"))["sha256"] == "3" * 64  # type: ignore[index]
+        assert catalog.object_for(conn, FORGED, frozenset("b"))["sha256"] == "3" * 64  # type: ignore[index]
+    engine.dispose()

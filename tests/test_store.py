@@ -40,7 +40,11 @@ SEED = {"corevault.io/core-pattern": "/data/dump-a/core-%e-%p-%t"}
 CLI = os.path.join(os.path.dirname(sys.executable), "corevault")
 POISONED = "ab" * 20  # A's forgery is stored first, then B crashes
 READ = "cd" * 20  # B's file is stored first, then A's forgery crashes
-TOKENS = {"a": "tenant-a-token-0123456789", "b": "tenant-b-token-0123456789"}
+TOKENS = {
+    "a": "tenant-a-token-0123456789",
+    "b": "tenant-b-token-0123456789",
+    "all": "every-ns-token-0123456789",
+}
 SPARSE = 300 << 20
 
 
@@ -196,6 +200,7 @@ def tenants(tmp_path_factory: pytest.TempPathFactory) -> Iterator[Tenants]:
         ("a-poison", root_a, "tenant-a", ["/app/forged-poisoned"]),
         ("b-poisoned", root_b, "tenant-b", ["/app/victim-poisoned"]),
         ("b-read", root_b, "tenant-b", ["/app/victim-read"]),
+        ("c-read", root_b, "tenant-c", ["/app/victim-read"]),  # B's file, in another tenant's pod
         ("a-read", root_a, "tenant-a", ["/app/forged-read"]),
         ("b-go", root_b, "tenant-b", ["/bin/sh", "-c", "/app/gonokey; exit 1"]),  # PID 1 cannot abort
         ("b-noid", root_b, "tenant-b", ["/app/noid"]),
@@ -221,6 +226,7 @@ def tenants(tmp_path_factory: pytest.TempPathFactory) -> Iterator[Tenants]:
         tokens.write_text(
             f'[[token]]\nname = "a"\ntoken = "{TOKENS["a"]}"\nnamespaces = ["tenant-a"]\n'
             f'[[token]]\nname = "b"\ntoken = "{TOKENS["b"]}"\nnamespaces = ["tenant-b"]\n'
+            f'[[token]]\nname = "all"\ntoken = "{TOKENS["all"]}"\nnamespaces = ["*"]\n'
         )
         tokens.chmod(0o600)
         with servers.asgi(create_app(settings, StaticTokens(str(tokens)))) as t.url:
@@ -292,6 +298,10 @@ def test_debuginfod_serves_a_reader_only_files_their_own_crashes_mapped(tenants:
         assert hashlib.sha256(mine.content).hexdigest() == tenants.hashes[forged]
         theirs = tenants.get(f"/buildid/{key}/executable", "b")
         assert hashlib.sha256(theirs.content).hexdigest() == tenants.hashes[victim]
+    # A reader of every namespace, asking by build-id alone (gdb through DEBUGINFOD_URLS), gets the
+    # content the crashes of two namespaces mapped, not A's forgery, although A crashed last
+    every = tenants.get(f"/buildid/{READ}/executable", "all")
+    assert hashlib.sha256(every.content).hexdigest() == tenants.hashes["victim-read"]
     b_crash = tenants.metas["b-read"]["id"]
     assert tenants.get(f"/buildid/{READ}/executable", "a", crash=b_crash).status_code == 404
     own = tenants.get(f"/buildid/{READ}/executable", "b", crash=b_crash)

@@ -48,18 +48,23 @@ def object_for(
     """The object stored under ``key`` that a crash ``visible`` may see (None: all) really mapped.
 
     Several contents may claim one key (one of them forged): the answer is always one that a
-    crash the reader may read mapped itself, that crash's own when ``crash_id`` is given,
-    else the one of the most recent such crash.
+    crash the reader may read mapped itself, that crash's own when ``crash_id`` is given, else
+    the one that the crashes of the most namespaces mapped, and of those the most recent
+    crash's. A pod forges a build-id (libc's, say) in one crash of its own; the genuine file
+    is mapped by every tenant's crashes: the newest crash alone made the forgery what a
+    debugger of every namespace got for that build-id.
     """
     params = {"key": key, "visible": sorted(visible or ()), "crash_id": crash_id}
     if crash_id is None:
         # Nearly always one content holds a key, and a shared library's build-id is mapped by most
         # crashes: the contents some visible crash mapped come from the indexes alone, and only
-        # when a key has several (one forged) are that key's crashes sorted by time.
+        # when a key has several (one forged) are that key's crashes counted by namespace.
         rows = _rows(conn, _mapped_contents(visible is not None), params)
         if len(rows) <= 1:
             return rows[0] if rows else None
-    rows = _rows(conn, _newest_mapped(visible is not None, crash_id is not None), params)
+        rows = _rows(conn, _most_mapped(visible is not None), params)
+        return rows[0] if rows else None
+    rows = _rows(conn, _newest_mapped(visible is not None, True), params)
     return rows[0] if rows else None
 
 
@@ -76,6 +81,30 @@ def _mapped_contents(scoped: bool) -> sa.Select:
     if scoped:
         mapped = mapped.where(c.namespace.in_(sa.bindparam("visible", expanding=True)))
     return sa.select(objects).where(o.key == sa.bindparam("key"), mapped.exists())
+
+
+@functools.cache
+def _most_mapped(scoped: bool) -> sa.Select:
+    """Of the contents under ``:key`` that crashes (of ``:visible`` if ``scoped``) mapped, the one
+    the crashes of the most namespaces mapped (host processes count as one), the newest crash's
+    among equals."""
+    co, o, c = crash_objects.c, objects.c, crashes.c
+    spread = sa.func.count(sa.distinct(sa.func.coalesce(c.namespace, "")))
+    query = (
+        sa.select(objects)
+        .select_from(
+            crash_objects.join(crashes, c.id == co.crash_id).join(
+                objects, sa.and_(o.key == co.key, o.sha256 == co.sha256)
+            )
+        )
+        .where(co.key == sa.bindparam("key"))
+        .group_by(o.key, o.sha256)
+        .order_by(spread.desc(), sa.func.max(c.time).desc(), o.sha256)
+        .limit(1)
+    )
+    if scoped:
+        query = query.where(c.namespace.in_(sa.bindparam("visible", expanding=True)))
+    return query
 
 
 @functools.cache
