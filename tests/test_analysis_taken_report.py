@@ -82,3 +82,15 @@ def test_a_report_of_another_shape_fails_its_analysis_once(
     monkeypatch.setattr(runner, "_worker", lambda argv: (_writes(doc), []))
     with pytest.raises(runner.AnalysisError, match=f"its output is not a report: {where}"):
         runner.analyze(core, [store], record=record, timeout=30)
+
+
+def test_a_lone_surrogate_in_a_report_is_taken_as_a_replacement_character() -> None:
+    """A worker's JSON may spell ``\\udcff``: Python reads it as a lone surrogate, which the
+    signature's hash, the catalog and every page refuse to encode (the analysis ended in a
+    UnicodeEncodeError, at every retry)."""
+    frame = {"index": 0, "pc": 4096, "function": "own\udcffbug", "file": "a\ud800.c"}
+    doc = json.loads(json.dumps({**FORGED, "threads": [{"tid": 1, "crashed": True, "frames": [frame]}]}))
+    report = runner.taken(doc)
+    [taken] = report.threads[0].frames
+    assert (taken.function, taken.file) == ("own\ufffdbug", "a\ufffd.c")
+    assert report.title == "SIGSEGV in own\ufffdbug" and json.dumps(report.to_dict()).encode()

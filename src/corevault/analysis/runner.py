@@ -33,7 +33,7 @@ import time
 from collections.abc import Collection, Iterator
 from typing import BinaryIO
 
-from corevault import bounded, nodestore, objectid
+from corevault import bounded, nodestore, objectid, printable
 from corevault.analysis import binaries, sandbox, seccomp, signature, slots, template, upstream
 from corevault.capture.stream import sparse_copy
 from corevault.errors import UserError
@@ -253,11 +253,12 @@ def taken(doc: dict) -> Report:
 
     A worker taken over by its core writes what it likes: a report of another shape (which
     failed on some later read, and the crash was analysed again at each retry), or the
-    signature of another tenant's group under frames of its own."""
+    signature of another tenant's group under frames of its own, or a name with a lone surrogate
+    (a JSON ``\\udcff``), which no encoder, database or page takes: it becomes U+FFFD."""
     from pydantic import ValidationError
 
     try:
-        report = _report_adapter().validate_python(doc)
+        report = _report_adapter().validate_python(printable.valid_text(doc))
     except ValidationError as e:
         where = ".".join(map(str, e.errors()[0]["loc"]))
         raise AnalysisError(f"analysis gave no report (its output is not a report: {where})") from None
