@@ -113,3 +113,36 @@ def test_every_option_of_every_command_is_in_docs_cli_md() -> None:
     # long forms of options the SYNOPSIS gives short (-n, -o, -m), --attach of --no-attach, typer's own
     shown_short = {"--limit", "--output", "--comment", "--attach", "--help", "--show-completion"}
     assert [m for m in missing if m.rsplit(" ", 1)[1] not in shown_short] == []
+
+
+def test_docs_server_md_lists_every_route_of_the_api_and_its_query_parameters(tmp_path) -> None:
+    from corevault.server.access import Open
+    from corevault.server.app import create_app
+
+    cfg = tmp_path / "c.toml"
+    cfg.write_text(f'state_dir = "{tmp_path}/state"\n')
+    app = create_app(config.load(str(cfg)), Open())
+    try:
+        spec = app.openapi()
+    finally:
+        app.state.server.close()
+    text = (ROOT / "docs" / "server.md").read_text()
+    table = text[text.index("## The API") : text.index("## Downloads")]
+    documented = {
+        (method, path): set(re.findall(r"[?&]([a-z_]+)=", query))
+        for row in re.findall(r"^\| (`.*?`) \| ", table, re.M)  # a row's requests, one or several
+        for method, path, query in re.findall(r"`([A-Z]+) (/[^`?]*)(\?[^`]*)?`", row)
+    }
+    names = {"crash_id": "ID", "signature": "SIG", "rid": "ID", "build_id": "KEY"}
+    missing = []
+    for path, operations in spec["paths"].items():
+        shown = re.sub(r"\{(\w+)\}", lambda m: names.get(m.group(1), m.group(1)), path)
+        for method, operation in operations.items():
+            query = {p["name"] for p in operation.get("parameters", []) if p["in"] == "query"}
+            if (method.upper(), shown) not in documented:
+                missing.append(f"{method.upper()} {shown}")
+            elif query - documented[(method.upper(), shown)]:
+                missing.append(
+                    f"{method.upper()} {shown}: {sorted(query - documented[(method.upper(), shown)])}"
+                )
+    assert missing == [], "docs/server.md, The API, does not show these"
