@@ -24,6 +24,7 @@ import httpx
 import pytest
 
 from corevault.cli import kubectl
+from testbed import servers
 from tests.clirun import corevault
 from tests.conftest import FixtureVault
 from tests.nodes import CLI
@@ -70,6 +71,41 @@ def test_a_mistake_is_one_line_that_says_what_to_do(
     assert out.returncode == code, out.stderr
     err = one_line(out)
     assert all(w in err for w in words), err
+
+
+NO_CREDENTIALS = {
+    "AWS_ACCESS_KEY_ID": None, "AWS_SECRET_ACCESS_KEY": None, "AWS_SESSION_TOKEN": None, "AWS_PROFILE": None,
+    "AWS_SHARED_CREDENTIALS_FILE": "/nonexistent", "AWS_CONFIG_FILE": "/nonexistent",
+    "AWS_EC2_METADATA_DISABLED": "true",
+}  # fmt: skip
+SOME_CREDENTIALS = {"AWS_ACCESS_KEY_ID": "corevault-test", "AWS_SECRET_ACCESS_KEY": "corevault-test-secret"}
+
+
+@pytest.mark.parametrize(
+    ("env", "words"),
+    [
+        (
+            NO_CREDENTIALS,
+            "Unable to locate credentials: set [vault.s3] credentials_file, or AWS_ACCESS_KEY_ID",
+        ),
+        (SOME_CREDENTIALS, "check [vault.s3] endpoint and that the store is up"),
+    ],
+    ids=["no credentials", "nothing listens"],
+)
+def test_a_store_that_cannot_be_read_names_the_setting_to_check(
+    fixture_vault_copy: FixtureVault, env: dict[str, str | None], words: str, tmp_path
+) -> None:
+    with open(fixture_vault_copy.node.config, "a") as f:  # the catalog's crashes, their blobs in a bucket
+        f.write(
+            f'[vault]\nstore = "s3://cores/p"\n[vault.s3]\nendpoint = "http://127.0.0.1:{servers.free_port()}"\n'
+        )
+    no_proxy = {"HTTPS_PROXY": None, "HTTP_PROXY": None, "https_proxy": None, "http_proxy": None}
+    out = corevault(
+        "-c", fixture_vault_copy.node.config, "dump", fixture_vault_copy.ids["a"], "-o", str(tmp_path / "core"),
+        env={**env, **no_proxy},
+    )  # fmt: skip
+    assert out.returncode == 1 and words in one_line(out)
+    assert list(tmp_path.iterdir()) == []
 
 
 def test_the_plugin_s_typo_is_one_line_too(capsys) -> None:

@@ -426,8 +426,19 @@ class S3Store(BucketStore):
         return Stored(key, size)
 
     def _failed(self, what: str, error: Exception) -> StoreError:
-        """``what`` failed: why, in one line, with what to do where the proxy is the cause."""
-        return StoreError(f"{what}: {s3proxy.explain(error, self.proxy, self.endpoint) or error}")
+        """``what`` failed: why, in one line, with what to do where the proxy, the credentials or the
+        endpoint is the cause."""
+        from botocore.exceptions import EndpointConnectionError, NoCredentialsError
+
+        why = s3proxy.explain(error, self.proxy, self.endpoint)
+        if why is None and isinstance(error, NoCredentialsError):
+            why = (
+                f"{error}: set [vault.s3] credentials_file, or AWS_ACCESS_KEY_ID and AWS_SECRET_ACCESS_KEY, "
+                "or AWS_PROFILE"
+            )
+        elif why is None and isinstance(error, EndpointConnectionError):
+            why = f"{error}: check [vault.s3] endpoint and that the store is up"
+        return StoreError(f"{what}: {why or error}")
 
     def _head(self, key: str, size: int) -> dict:
         """The object's HEAD, once its size is known to be ``size`` (else it is deleted)."""
