@@ -64,7 +64,7 @@ def object_for(
             return rows[0] if rows else None
         rows = _rows(conn, _most_mapped(visible is not None), params)
         return rows[0] if rows else None
-    rows = _rows(conn, _newest_mapped(visible is not None, True), params)
+    rows = _rows(conn, _crash_mapped(visible is not None), params)
     return rows[0] if rows else None
 
 
@@ -83,51 +83,43 @@ def _mapped_contents(scoped: bool) -> sa.Select:
     return sa.select(objects).where(o.key == sa.bindparam("key"), mapped.exists())
 
 
+def _mapped(scoped: bool) -> sa.Select:
+    """The contents under ``:key``, a row per crash (of ``:visible`` if ``scoped``) that mapped one."""
+    co, o, c = crash_objects.c, objects.c, crashes.c
+    query = (
+        sa.select(objects)
+        .select_from(
+            crash_objects.join(crashes, c.id == co.crash_id).join(
+                objects, sa.and_(o.key == co.key, o.sha256 == co.sha256)
+            )
+        )
+        .where(co.key == sa.bindparam("key"))
+    )
+    if scoped:
+        query = query.where(c.namespace.in_(sa.bindparam("visible", expanding=True)))
+    return query
+
+
 @functools.cache
 def _most_mapped(scoped: bool) -> sa.Select:
     """Of the contents under ``:key`` that crashes (of ``:visible`` if ``scoped``) mapped, the one
     the crashes of the most namespaces mapped (host processes count as one), the newest crash's
     among equals."""
-    co, o, c = crash_objects.c, objects.c, crashes.c
+    o, c = objects.c, crashes.c
     spread = sa.func.count(sa.distinct(sa.func.coalesce(c.namespace, "")))
-    query = (
-        sa.select(objects)
-        .select_from(
-            crash_objects.join(crashes, c.id == co.crash_id).join(
-                objects, sa.and_(o.key == co.key, o.sha256 == co.sha256)
-            )
-        )
-        .where(co.key == sa.bindparam("key"))
+    return (
+        _mapped(scoped)
         .group_by(o.key, o.sha256)
         .order_by(spread.desc(), sa.func.max(c.time).desc(), o.sha256)
         .limit(1)
     )
-    if scoped:
-        query = query.where(c.namespace.in_(sa.bindparam("visible", expanding=True)))
-    return query
 
 
 @functools.cache
-def _newest_mapped(scoped: bool, by_crash: bool) -> sa.Select:
-    """The content that the newest crash of ``:visible`` (or ``:crash_id``) mapped under ``:key``;
-    built once per shape, as every debuginfod request asks it."""
-    co, o, c = crash_objects.c, objects.c, crashes.c
-    query = (
-        sa.select(objects)
-        .select_from(
-            crash_objects.join(crashes, c.id == co.crash_id).join(
-                objects, sa.and_(o.key == co.key, o.sha256 == co.sha256)
-            )
-        )
-        .where(co.key == sa.bindparam("key"))
-        .order_by(c.time.desc(), c.id.desc())
-        .limit(1)
-    )
-    if scoped:
-        query = query.where(c.namespace.in_(sa.bindparam("visible", expanding=True)))
-    if by_crash:
-        query = query.where(co.crash_id == sa.bindparam("crash_id"))
-    return query
+def _crash_mapped(scoped: bool) -> sa.Select:
+    """The content that the crash ``:crash_id`` (if of ``:visible`` when ``scoped``) mapped under
+    ``:key``; built once per shape, as every debuginfod request asks it."""
+    return _mapped(scoped).where(crash_objects.c.crash_id == sa.bindparam("crash_id")).limit(1)
 
 
 def known_objects(conn: Connection, wanted: Iterable[tuple[str, str]]) -> set[tuple[str, str]]:
