@@ -83,7 +83,9 @@ def analyze(
     as_json: bool = typer.Option(False, "--json", help="Print the report as JSON."),
     backend: str = typer.Option("drgn", help="Unwinder: drgn (default) or gdb."),
     store: list[str] = typer.Option([], help="More build-id stores to look in (debuginfod layout)."),
-    timeout: float = typer.Option(runner.DEFAULT_TIMEOUT, help="Seconds before the analysis is stopped."),
+    timeout: float = typer.Option(
+        runner.DEFAULT_TIMEOUT, min=0.001, help="Seconds before the analysis is stopped."
+    ),
     system_debuginfo: bool = typer.Option(
         False, "--system-debuginfo", help="Also load libc's and other system libraries' DWARF (slower)."
     ),

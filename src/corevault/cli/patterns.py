@@ -27,10 +27,10 @@ def check(value: str = typer.Argument(..., metavar="PATTERN")) -> None:
 )
 def expand(
     value: str = typer.Argument(..., metavar="PATTERN"),
-    pid: int = typer.Option(1, help="%p and %i"),
+    pid: int = typer.Option(1, min=1, help="%p and %i"),
     exe: str = typer.Option("/usr/bin/app", help="%E, %f and (cut to 15 bytes) %e"),
-    signal: int = typer.Option(11, help="%s"),
-    uid: int = typer.Option(0, help="%u"),
+    signal: int = typer.Option(11, min=1, max=64, help="%s"),
+    uid: int = typer.Option(0, min=0, help="%u"),
     hostname: str = typer.Option("pod-0", help="%h"),
 ) -> None:
     """Print the file name the kernel would give PATTERN for a crash with these values."""

@@ -37,7 +37,9 @@ def snapshot(
     kill: bool = typer.Option(False, "--kill", help="Kill the process after the core is written."),
     reason: str = typer.Option("", "--reason", help="Why, for the report."),
     requested_by: str | None = typer.Option(None, "--requested-by", help="Who asked \\[default: this user]."),
-    timeout: float = typer.Option(snap.DEFAULT_TIMEOUT, help="Seconds after which the process is resumed."),
+    timeout: float = typer.Option(
+        snap.DEFAULT_TIMEOUT, min=0.001, help="Seconds after which the process is resumed."
+    ),
     max_size: str = typer.Option("16G", "--max-size", help="Refuse processes whose core would be larger."),
     as_json: bool = typer.Option(False, "--json", help="Print the outcome as JSON lines."),
 ) -> None:
