@@ -56,7 +56,11 @@ MISTAKES = [
     (["analyze", "{a}x"], 4, ["x is not a core file, nor a crash in the spool"]),
     (["analyze", "/etc/os-release"], 1, ["/etc/os-release: unreadable: not an ELF file"]),
     (["analyze", "{a}", "--backend", "lldb"], 2, ["unknown backend 'lldb'; use drgn or gdb"]),
-    (["analyze", "{a}", "--timeout", "-1"], 2, ["Invalid value for '--timeout'", "see 'corevault analyze -h'"]),
+    (
+        ["analyze", "{a}", "--timeout", "-1"],
+        2,
+        ["Invalid value for '--timeout'", "see 'corevault analyze -h'"],
+    ),
     (["pattern", "expand", "/d/core-%p", "--pid", "-5"], 2, ["Invalid value for '--pid'"]),
 ]
 
