@@ -12,6 +12,7 @@ from __future__ import annotations
 import hashlib
 import json
 import os
+import re
 import shutil
 import subprocess
 import sys
@@ -265,6 +266,22 @@ def test_metrics_and_health(served: Served) -> None:
     assert 'corevault_http_requests_total{method="GET",route="/api/v1/crashes",status="200"}' in text
     assert "corevault_served_bytes_total" in text
     assert served.ids["a"] not in text  # routes are counted by template, never by crash id
+
+
+def test_metrics_count_methods_a_client_makes_up_as_one(fixture_vault: FixtureVault, tmp_path) -> None:
+    """A client chooses the method of a request, and uvicorn without httptools (h11) takes any
+    token: each made-up one was a time series of the open /metrics, kept for ever."""
+    tokens = tmp_path / "tokens.toml"
+    tokens.write_text(f'[[token]]\nname = "root"\ntoken = "{TOKENS["admin"]}"\nnamespaces = ["*"]\n')
+    tokens.chmod(0o600)
+    app = create_app(fixture_vault.node.settings, StaticTokens(str(tokens)))
+    with servers.asgi(app, http="h11") as url, httpx.Client() as client:
+        for i in range(40):
+            client.request(f"MADEUP{i}", url + "/api/v1/crashes")
+        client.get(url + "/healthz")
+        text = client.get(url + "/metrics").text
+    methods = set(re.findall(r'corevault_http_requests_total\{method="([^"]*)"', text))
+    assert methods == {"GET", "other"}, methods
 
 
 DRGN_BT = """
