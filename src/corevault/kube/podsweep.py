@@ -90,9 +90,8 @@ def sweep(
 
     named: dict[str, set[str]] = {}  # pod uid → the container ids its record names
     for path, st, doc in _entries(os.path.join(index_dir, "pods")):
-        uid = doc.get("uid") if doc is not None else None
-        if doc is None or not isinstance(uid, str) or os.path.basename(path) != f"{uid}.json":
-            done.other += st.st_mtime < before and _unlink_if_same(path, st)
+        uid = _own_key(path, st, doc, "uid", before=before, done=done)
+        if doc is None or uid is None:
             continue
         containers = doc.get("containers")
         ids = (
@@ -116,9 +115,8 @@ def sweep(
             if _unlink_if_same(path, st):
                 done.pods.append(uid)
     for path, st, doc in _entries(os.path.join(index_dir, "containers")):
-        cid = doc.get("id") if doc is not None else None
-        if doc is None or not isinstance(cid, str) or os.path.basename(path) != f"{cid}.json":
-            done.other += st.st_mtime < before and _unlink_if_same(path, st)
+        cid = _own_key(path, st, doc, "id", before=before, done=done)
+        if doc is None or cid is None:
             continue
         pod_uid = doc.get("pod_uid")
         if (isinstance(pod_uid, str) and cid in named.get(pod_uid, ())) or st.st_mtime >= before:
@@ -128,6 +126,18 @@ def sweep(
         if not lives(cid) and _unlink_if_same(path, st):
             done.containers += 1
     return done
+
+
+def _own_key(
+    path: str, st: os.stat_result, doc: dict | None, field: str, *, before: float, done: Swept
+) -> str | None:
+    """The entry's key (its ``field``) where the file is that entry, named after it; else None,
+    and the file, no entry, removed once untouched since ``before`` (counted in ``done.other``)."""
+    key = doc.get(field) if doc is not None else None
+    if isinstance(key, str) and os.path.basename(path) == f"{key}.json":
+        return key
+    done.other += st.st_mtime < before and _unlink_if_same(path, st)
+    return None
 
 
 def _entries(directory: str) -> list[tuple[str, os.stat_result, dict | None]]:
