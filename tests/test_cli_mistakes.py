@@ -147,6 +147,13 @@ def test_a_server_answers_a_bad_filter_as_the_local_vault_does(fixture_vault: Fi
         assert ok and all(g["signal_name"] == "SIGFPE" for g in ok)  # a number names the same signal
         no_scheme = corevault("list", env={**env, "COREVAULT_SERVER": s.url.removeprefix("http://")})
         assert no_scheme.returncode == 2 and "http:// or https://" in one_line(no_scheme)
+        no_token = corevault("list", env={**env, "COREVAULT_TOKEN": None})
+        assert (
+            no_token.returncode == 1
+            and "needs a token: set COREVAULT_TOKEN or pass --token-file" in one_line(no_token)
+        )
+        wrong = corevault("list", env={**env, "COREVAULT_TOKEN": "yesterdays-token-0123"})
+        assert wrong.returncode == 1 and "did not accept the token" in one_line(wrong)
 
 
 @pytest.mark.servers

@@ -61,7 +61,12 @@ class RemoteVault:
         if response.status_code == 404:
             raise NotFound(f"{detail} (on {self.url})")
         if response.status_code == 401:
-            raise UserError(f"{self.url} did not accept the token ({detail}); set COREVAULT_TOKEN")
+            if not self.http.headers.get("Authorization"):
+                raise UserError(f"{self.url} needs a token: set COREVAULT_TOKEN or pass --token-file FILE")
+            raise UserError(
+                f"{self.url} did not accept the token ({detail}); "
+                "set COREVAULT_TOKEN or --token-file to one it knows"
+            )
         if response.status_code in (400, 422):  # a filter or value the server cannot take, as a local one is
             raise BadInput(f"{detail} (on {self.url})")
         raise UserError(f"{self.url}: {response.status_code} {detail}")
