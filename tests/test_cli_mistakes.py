@@ -47,6 +47,7 @@ MISTAKES = [
     (["list", "--signal", "SEGFAULT"], 2, ["signal 'SEGFAULT' is not a signal", "SEGV"]),
     (["list", "--signal", "99"], 2, ["signal '99' is not a signal", "1 to 64"]),
     (["list", "--since", "yesterday"], 2, ["use 30m, 2h, 7d", "see 'corevault list -h'"]),
+    (["list", "--since", "1h", "--until", "2h"], 2, ["--since 1h is not before --until 2h"]),
     (["groups", "--state", "opne"], 2, ["state 'opne'", "open, resolved"]),
     (["groups", "ignore", "{sig}", "--until", "2001-01-01"], 2, ["--until '2001-01-01' is already past"]),
     (["groups", "ignore", "{sig}", "--until", "0d"], 2, ["--until '0d' is already past"]),
@@ -112,6 +113,14 @@ def test_a_store_that_cannot_be_read_names_the_setting_to_check(
     )  # fmt: skip
     assert out.returncode == 1 and words in one_line(out)
     assert list(tmp_path.iterdir()) == []
+
+
+def test_rm_with_a_mistyped_id_among_several_removes_none(fixture_vault_copy: FixtureVault) -> None:
+    ids = fixture_vault_copy.ids
+    out = corevault("-c", fixture_vault_copy.node.config, "rm", ids["a"], ids["b"] + "x", ids["host"])
+    assert out.returncode == 4 and f"no crash '{ids['b']}x'" in one_line(out)
+    left = corevault("-c", fixture_vault_copy.node.config, "list", "--json").stdout
+    assert all(i in left for i in ids.values())
 
 
 def test_the_plugin_s_typo_is_one_line_too(capsys) -> None:

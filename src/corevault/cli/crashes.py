@@ -20,7 +20,7 @@ from datetime import UTC, datetime
 import typer
 
 from corevault import config, crashrecord
-from corevault.errors import UserError
+from corevault.errors import BadInput, UserError
 from corevault.printable import lines as printable_lines
 from corevault.printable import printable
 from corevault.vault.catalog import Filters
@@ -117,9 +117,12 @@ def list_(
     as_json: bool = typer.Option(False, "--json", help="Print JSON lines."),
 ) -> None:
     """List crashes, newest first."""
+    after, before = parse_time(since, "--since"), parse_time(until, "--until")
+    if after is not None and before is not None and after >= before:
+        raise BadInput(f"--since {since} is not before --until {until}: no crash can match both")
     filters = Filters(
         namespace=namespace, pod=pod, container=container, image=image, node=node, signal=signal, exe=exe,
-        group=group, since=parse_time(since, "--since"), until=parse_time(until, "--until"), search=search,
+        group=group, since=after, until=before, search=search,
     )  # fmt: skip
     rows = source(ctx).list(filters, limit)
     if as_json:
@@ -219,6 +222,8 @@ def write_core(src, crash_id: str, path: str, progress=None) -> None:  # src: Cr
 def rm(ctx: typer.Context, crash_ids: list[str] = typer.Argument(..., metavar="ID...")) -> None:
     """Remove crashes from the vault (their core, metadata, report and catalog rows)."""
     src = source(ctx)
+    for crash_id in crash_ids:  # a mistyped id among several removes none of them
+        src.get(crash_id)
     for crash_id in crash_ids:
         src.forget(crash_id)
         print(f"removed {crash_id}")
