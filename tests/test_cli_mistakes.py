@@ -123,6 +123,28 @@ def test_rm_with_a_mistyped_id_among_several_removes_none(fixture_vault_copy: Fi
     assert all(i in left for i in ids.values())
 
 
+def test_a_damaged_core_in_the_vault_is_reported_not_handed_out(
+    fixture_vault_copy: FixtureVault, tmp_path
+) -> None:
+    """A zstd stream cut short decompresses to a short core without an error: dump must not call it done."""
+    crash = fixture_vault_copy.ids["a"]
+    stored = os.path.join(
+        fixture_vault_copy.node.settings.vault_store.removeprefix("file://"), "crashes", crash
+    )
+    with open(os.path.join(stored, "core.zst"), "r+b") as f:
+        f.truncate(1000)  # the store lost the object's end
+    kept = tmp_path / "core"
+    kept.write_bytes(b"the core dumped yesterday")
+    for out in (
+        corevault("-c", fixture_vault_copy.node.config, "dump", crash, "-o", str(kept), "--force"),
+        corevault("-c", fixture_vault_copy.node.config, "dump", crash, "-o", "-"),
+    ):
+        assert out.returncode == 1 and f"the vault's copy of the core of {crash} is damaged" in one_line(out)
+    assert kept.read_bytes() == b"the core dumped yesterday" and sorted(
+        p.name for p in tmp_path.iterdir()
+    ) == ["core"]
+
+
 def test_the_plugin_s_typo_is_one_line_too(capsys) -> None:
     assert kubectl.main(["lst"]) == 2
     err = capsys.readouterr().err

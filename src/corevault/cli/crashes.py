@@ -192,8 +192,13 @@ def dump(
     if output != "-" and os.path.exists(output) and not force:
         raise UserError(f"{output} exists; use --force to replace it")
     if output == "-":
+        written = 0
         with src.open_core(crash_id) as reader:
-            shutil.copyfileobj(reader, sys.stdout.buffer, 1 << 20)
+            while chunk := reader.read(1 << 20):
+                sys.stdout.buffer.write(chunk)
+                written += len(chunk)
+        sys.stdout.buffer.flush()
+        _check_whole(crash_id, written, size, "what went to standard output is incomplete")
         return
     from rich.progress import BarColumn, DownloadColumn, Progress, TransferSpeedColumn
 
@@ -202,7 +207,7 @@ def dump(
     ) as bar:
         task = bar.add_task("dump", total=size)
         try:
-            write_core(src, crash_id, output, lambda n: bar.advance(task, n))
+            write_core(src, crash_id, output, size, lambda n: bar.advance(task, n))
         except OSError as e:  # nothing was written: write_core leaves the path as it was
             raise UserError(
                 f"cannot write the core to {output}: {e.strerror or e}; choose another -o"
@@ -210,13 +215,27 @@ def dump(
     print(f"wrote {size} bytes to {output}", file=sys.stderr)
 
 
-def write_core(src, crash_id: str, path: str, progress=None) -> None:  # src: CrashSource
-    """Write a crash's plain core to ``path`` as a sparse file, atomically."""
+def write_core(src, crash_id: str, path: str, size: int | None, progress=None, outcome: str = "") -> None:
+    """Write a crash's plain core to ``path`` as a sparse file, atomically (``src``: a CrashSource);
+    a core that does not come out at the ``size`` its catalog row records leaves ``path`` as it was,
+    and the error says ``outcome``."""
     from corevault import atomic
     from corevault.capture.stream import sparse_copy
 
     with atomic.replacing(path, 0o600) as f, src.open_core(crash_id) as reader:
-        sparse_copy(reader, f.fileno(), progress)
+        _check_whole(
+            crash_id, sparse_copy(reader, f.fileno(), progress), size, outcome or f"{path} was left as it was"
+        )
+
+
+def _check_whole(crash_id: str, written: int, size: int | None, outcome: str) -> None:
+    # A zstd stream cut short reads as a short core, without an error: the vault's copy was
+    # damaged (a store that lost its end, a disk error). Say so rather than hand out part of it.
+    if size is not None and written != size:
+        raise UserError(
+            f"the vault's copy of the core of {crash_id} is damaged: it gives {written} bytes of the "
+            f"{size} recorded; {outcome}"
+        )
 
 
 def rm(ctx: typer.Context, crash_ids: list[str] = typer.Argument(..., metavar="ID...")) -> None:
@@ -242,7 +261,7 @@ def gdb(
     tmp = tempfile.mkdtemp(prefix="corevault-gdb-")
     try:
         core = os.path.join(tmp, "core")
-        write_core(src, crash_id, core)
+        write_core(src, crash_id, core, crash["size"], outcome="gdb was not started")
         parsed = elfcore.read(core)
         # Each object is the file this crash's process mapped (its record names key and
         # content), never whatever else claims the same build-id.
