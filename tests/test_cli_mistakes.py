@@ -204,10 +204,13 @@ def test_serve_on_a_port_in_use_says_so_before_it_says_serving(tmp_path) -> None
 
 
 @contextmanager
-def stalling_relay(upstream: str, after: bytes, budget: int) -> Iterator[tuple[str, threading.Event]]:
+def stalling_relay(
+    upstream: str, after: bytes, budget: int, cut: bool = False
+) -> Iterator[tuple[str, threading.Event]]:
     """A TCP relay to ``upstream`` (http://HOST:PORT) that, once a request holds ``after``, passes
-    ``budget`` bytes of its answer and then nothing more: a download whose network stalls midway.
-    Yields the relay's URL and an event set when it stalls."""
+    ``budget`` bytes of its answer and then nothing more: a download whose network stalls midway
+    (or, with ``cut``, whose connection is closed there). Yields the relay's URL and an event set
+    when it stalls."""
     host, port = upstream.removeprefix("http://").rsplit(":", 1)
     listener = socket.create_server(("127.0.0.1", 0))
     stalled, done = threading.Event(), threading.Event()
@@ -229,7 +232,11 @@ def stalling_relay(upstream: str, after: bytes, budget: int) -> Iterator[tuple[s
                 if state["sent"] >= budget:
                     dst.sendall(data)
                     stalled.set()
-                    done.wait()
+                    if cut:  # shutdown, not close alone: the other pump's recv holds the sockets open
+                        for end in (dst, src):
+                            end.shutdown(socket.SHUT_RDWR)
+                    else:
+                        done.wait()
                     return
             dst.sendall(data)
 
@@ -284,6 +291,31 @@ def test_ctrl_c_in_the_middle_of_a_download_keeps_the_file_that_was_there(
     assert "interrupted" in one_line(subprocess.CompletedProcess([], 130, "", err))
     assert out.read_bytes() == b"yesterday's core, still wanted"
     assert sorted(p.name for p in tmp_path.iterdir()) == ["core"]  # no half-written file left beside it
+
+
+@pytest.mark.servers
+def test_a_download_whose_connection_breaks_off_is_one_line(fixture_vault: FixtureVault, tmp_path) -> None:
+    crash = fixture_vault.ids["a"]
+    with (
+        serve(fixture_vault) as s,
+        stalling_relay(s.url, f"/crashes/{crash}/core".encode(), 2048, cut=True) as (
+            url,
+            _,
+        ),
+    ):
+        out = corevault(
+            "--server",
+            url,
+            "dump",
+            crash,
+            "-o",
+            str(tmp_path / "core"),
+            env={"COREVAULT_TOKEN": TOKENS["admin"]},
+        )
+    assert out.returncode == 1 and f"the download of the core of {crash} from {url} broke off" in one_line(
+        out
+    )
+    assert list(tmp_path.iterdir()) == []
 
 
 def read_until(fd: int, want: bytes, seen: bytearray, timeout: float = 60) -> None:

@@ -9,6 +9,7 @@ errors and exit codes as local ones.
 
 from __future__ import annotations
 
+from collections.abc import Iterator
 from typing import BinaryIO
 
 import httpx
@@ -71,6 +72,15 @@ class RemoteVault:
             raise BadInput(f"{detail} (on {self.url})")
         raise UserError(f"{self.url}: {response.status_code} {detail}")
 
+    def _body(self, chunks: Iterator[bytes], what: str) -> Iterator[bytes]:
+        """``chunks`` of a streamed answer; a connection that breaks off midway is one line, no traceback."""
+        try:
+            yield from chunks
+        except httpx.HTTPError as e:
+            raise UserError(
+                f"the download of {what} from {self.url} broke off ({e}); run the command again"
+            ) from None
+
     def _pages(self, path: str, limit: int, cursor: str | None = None, **params: object) -> list[dict]:
         """Up to ``limit`` items of a paginated list, following its cursors."""
         rows: list[dict] = []
@@ -110,7 +120,7 @@ class RemoteVault:
         response = self._send(
             "GET", f"/api/v1/crashes/{crash_id}/core", stream=True, headers={"Accept-Encoding": "zstd"}
         )
-        body = StreamBody(response.iter_raw(1 << 20), response.close)
+        body = StreamBody(self._body(response.iter_raw(1 << 20), f"the core of {crash_id}"), response.close)
         if response.headers.get("content-encoding", "").strip().lower() == "zstd":
             return plain(body)  # type: ignore[arg-type]
         return body  # type: ignore[return-value]
@@ -126,7 +136,7 @@ class RemoteVault:
             return False
         try:
             with open(dest, "wb") as f:
-                for chunk in response.iter_bytes(1 << 20):
+                for chunk in self._body(response.iter_bytes(1 << 20), f"the binary {key}"):
                     f.write(chunk)
         finally:
             response.close()
