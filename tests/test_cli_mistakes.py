@@ -8,6 +8,8 @@ the real server (uvicorn, in this process) and real gdb under a real terminal (a
 
 from __future__ import annotations
 
+import functools
+import http.server
 import json
 import os
 import pty
@@ -200,6 +202,34 @@ def test_serve_on_a_port_in_use_says_so_before_it_says_serving(tmp_path) -> None
     assert out.returncode == 1, out.stderr
     assert f"cannot listen on 127.0.0.1:{port}: Address already in use; pick another --listen" in one_line(
         out
+    )
+
+
+def test_a_server_that_is_not_corevault_is_one_line(tmp_path) -> None:
+    """--server pointed at another web service (a wrong port): its pages are not taken for answers."""
+    (tmp_path / "api" / "v1").mkdir(parents=True)
+    (tmp_path / "api" / "v1" / "crashes").write_text("<html>a wiki</html>")
+
+    class Quiet(http.server.SimpleHTTPRequestHandler):
+        def log_message(self, *args: object) -> None:  # its log would go where the command's errors go
+            pass
+
+    handler = functools.partial(Quiet, directory=str(tmp_path))
+    other = http.server.ThreadingHTTPServer(("127.0.0.1", 0), handler)
+    threading.Thread(target=other.serve_forever, daemon=True).start()
+    url = f"http://127.0.0.1:{other.server_address[1]}"
+    try:
+        listed = corevault("--server", url, "list", env={"COREVAULT_TOKEN": None})
+        info = corevault(
+            "--server", url, "info", "20261128T060502Z-4502-7bf6460b", env={"COREVAULT_TOKEN": None}
+        )
+    finally:
+        other.shutdown()
+        other.server_close()
+    assert listed.returncode == 1 and "did not answer with JSON: is" in one_line(listed)
+    assert (
+        info.returncode == 4
+        and "HTTP 404, not an answer of a corevault server; check --server" in one_line(info)
     )
 
 

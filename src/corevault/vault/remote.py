@@ -55,8 +55,8 @@ class RemoteVault:
             response.read()
         try:
             detail = response.json().get("detail", response.text)
-        except ValueError:
-            detail = response.text.strip()[:200]
+        except (ValueError, AttributeError):  # another HTTP service at that address, or a proxy's page
+            detail = f"HTTP {response.status_code}, not an answer of a corevault server; check --server"
         if isinstance(detail, list):  # FastAPI's validation errors: name each bad field
             detail = "; ".join(f"{'.'.join(map(str, d.get('loc', [])[1:]))}: {d.get('msg')}" for d in detail)
         if response.status_code == 404:
@@ -72,6 +72,16 @@ class RemoteVault:
             raise BadInput(f"{detail} (on {self.url})")
         raise UserError(f"{self.url}: {response.status_code} {detail}")
 
+    def _json(self, method: str, path: str, **kw: object) -> dict:
+        """The JSON answer of a request; one line when what answers is not a corevault server."""
+        response = self._send(method, path, **kw)  # type: ignore[arg-type]
+        try:
+            return response.json()
+        except ValueError:
+            raise UserError(
+                f"{self.url}{path} did not answer with JSON: is {self.url} a corevault server? check --server"
+            ) from None
+
     def _body(self, chunks: Iterator[bytes], what: str) -> Iterator[bytes]:
         """``chunks`` of a streamed answer; a connection that breaks off midway is one line, no traceback."""
         try:
@@ -85,7 +95,7 @@ class RemoteVault:
         """Up to ``limit`` items of a paginated list, following its cursors."""
         rows: list[dict] = []
         while len(rows) < limit:
-            page = self._send("GET", path, **params, limit=min(1000, limit - len(rows)), cursor=cursor).json()
+            page = self._json("GET", path, **params, limit=min(1000, limit - len(rows)), cursor=cursor)
             rows += page["items"]
             cursor = page.get("next")
             if not cursor:
@@ -99,7 +109,7 @@ class RemoteVault:
         return self._pages("/api/v1/crashes", limit, encode_cursor(before) if before else None, **params)
 
     def get(self, crash_id: str) -> dict:
-        return self._send("GET", f"/api/v1/crashes/{crash_id}").json()
+        return self._json("GET", f"/api/v1/crashes/{crash_id}")
 
     def groups(
         self, limit: int, *, state: str | None = None, search: str | None = None, new_in: str | None = None
@@ -107,12 +117,12 @@ class RemoteVault:
         return self._pages("/api/v1/groups", limit, state=state, q=search, new_in=new_in)
 
     def group(self, signature: str) -> dict:
-        return self._send("GET", f"/api/v1/groups/{signature}").json()
+        return self._json("GET", f"/api/v1/groups/{signature}")
 
     def set_state(self, signature: str, change: dict, actor: str) -> dict:
         """The server records its own name for the token as the actor, not ``actor``."""
         body = {k: v for k, v in change.items() if v is not None}
-        return self._send("POST", f"/api/v1/groups/{signature}/state", json=body).json()
+        return self._json("POST", f"/api/v1/groups/{signature}/state", json=body)
 
     def open_core(self, crash_id: str) -> BinaryIO:
         """The plain core, streamed from the server: sent as the vault keeps it (zstd) and
@@ -146,10 +156,10 @@ class RemoteVault:
         self, namespace: str, pod: str, container: str | None, *, kill: bool, reason: str
     ) -> dict:
         body = {"namespace": namespace, "pod": pod, "container": container, "kill": kill, "reason": reason}
-        return self._send("POST", "/api/v1/snapshots", json=body).json()
+        return self._json("POST", "/api/v1/snapshots", json=body)
 
     def snapshot_status(self, request_id: str) -> dict:
-        return self._send("GET", f"/api/v1/snapshots/{request_id}").json()
+        return self._json("GET", f"/api/v1/snapshots/{request_id}")
 
     def forget(self, crash_id: str) -> None:
         self._send("DELETE", f"/api/v1/crashes/{crash_id}")
