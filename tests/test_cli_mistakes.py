@@ -65,6 +65,8 @@ MISTAKES = [
         ["Invalid value for '--timeout'", "see 'corevault analyze -h'"],
     ),
     (["pattern", "expand", "/d/core-%p", "--pid", "-5"], 2, ["Invalid value for '--pid'"]),
+    (["snapshot", "--pod", "checkout"], 2, ["--pod 'checkout': expected NAMESPACE/NAME"]),
+    (["snapshot"], 2, ["name a process: a PID or --pod NS/NAME"]),
 ]
 
 

@@ -13,7 +13,7 @@ import typer
 
 from corevault import config
 from corevault.capture import snapshot as snap
-from corevault.errors import UserError
+from corevault.errors import BadInput, UserError
 from corevault.printable import printable
 
 
@@ -49,18 +49,15 @@ def snapshot(
     --kill). The pod's core-pattern annotation decides where the plain core goes.
     """
     if (pid is None) == (pod is None):
-        raise SnapshotFailed("name a process: a PID or --pod NS/NAME")
+        raise BadInput("name a process: a PID or --pod NS/NAME")
+    namespace, _, name = (pod or "").partition("/")
+    if pod is not None and (not namespace or not name):
+        raise BadInput(f"--pod {pod!r}: expected NAMESPACE/NAME")
     if os.geteuid() != 0:
         raise PermissionError(errno.EPERM, "not root", "snapshot")
     settings = config.load(ctx.obj["config"])
     try:
-        if pid is not None:
-            pids = [pid]
-        else:
-            namespace, _, name = (pod or "").partition("/")
-            if not namespace or not name:
-                raise SnapshotFailed(f"--pod {pod!r}: expected NAMESPACE/NAME")
-            pids = snap.pod_processes(settings, namespace, name, container, every)
+        pids = [pid] if pid is not None else snap.pod_processes(settings, namespace, name, container, every)
         who = requested_by or f"{getpass.getuser()}@{socket.gethostname()}"
         size = config.parse_size(max_size, "--max-size")
         for p in pids:
