@@ -26,6 +26,8 @@ import httpx
 import pytest
 
 from corevault.cli import kubectl
+from corevault.server.access import Open
+from corevault.server.app import create_app
 from testbed import servers
 from tests.clirun import corevault
 from tests.conftest import FixtureVault
@@ -51,8 +53,12 @@ MISTAKES = [
     (["list", "--since", "yesterday"], 2, ["use 30m, 2h, 7d", "see 'corevault list -h'"]),
     (["list", "--since", "1h", "--until", "2h"], 2, ["--since 1h is not before --until 2h"]),
     (["groups", "--state", "opne"], 2, ["state 'opne'", "open, resolved"]),
-    (["groups", "ignore", "{sig}", "--until", "2001-01-01"], 2, ["--until '2001-01-01' is already past"]),
-    (["groups", "ignore", "{sig}", "--until", "0d"], 2, ["--until '0d' is already past"]),
+    (
+        ["groups", "ignore", "{sig}", "--until", "2001-01-01"],
+        2,
+        ["until 2001-01-01 00:00:00 UTC is already past"],
+    ),
+    (["groups", "ignore", "{sig}", "--until", "0d"], 2, ["is already past; ignore until a later time"]),
     (["groups", "resolve"], 2, ["Missing argument 'SIGNATURE'", "see 'corevault groups resolve -h'"]),
     (["dump", "{a}", "-o", "/nonexistent/dir/core"], 1, ["cannot write the core to /nonexistent/dir/core"]),
     (["info", "{a}x"], 4, ["no crash '", "'corevault list' shows the ids"]),
@@ -232,6 +238,21 @@ def test_a_server_that_is_not_corevault_is_one_line(tmp_path) -> None:
     assert (
         info.returncode == 4
         and "HTTP 404, not an answer of a corevault server; check --server" in one_line(info)
+    )
+
+
+@pytest.mark.servers
+def test_the_api_refuses_an_ignore_that_would_end_at_once(fixture_vault: FixtureVault) -> None:
+    sig = json.loads(
+        corevault("-c", fixture_vault.node.config, "info", "--json", fixture_vault.ids["a"]).stdout
+    )
+    app = create_app(fixture_vault.node.settings, Open())
+    with servers.asgi(app) as url:
+        r = httpx.post(
+            f"{url}/api/v1/groups/{sig['signature']}/state", json={"state": "ignored", "until": 1000}
+        )
+    assert r.status_code == 400 and "until 1970-01-01 00:16:40 UTC is already past" in r.json()["detail"], (
+        r.text
     )
 
 

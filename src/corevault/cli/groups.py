@@ -15,7 +15,6 @@ import time
 import typer
 
 from corevault.cli.crashes import _console, _row, _when, parse_time, source
-from corevault.errors import BadInput
 from corevault.printable import printable
 
 app = typer.Typer(
@@ -163,10 +162,6 @@ def ignore(
             when = 2 * int(time.time()) - (parse_time(ahead, "--until") or 0)
         else:
             when = parse_time(until, "--until")
-        if when is not None and when <= time.time():  # taken as asked, the group would be open at once
-            raise BadInput(
-                f"--until {until!r} is already past; give a later time (2026-12-24) or a duration (7d)"
-            )
     _change(ctx, signature, {"state": "ignored", "until": when, "crashes": crashes, "comment": comment})
 
 

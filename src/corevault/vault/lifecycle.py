@@ -220,6 +220,9 @@ def change(conn: Connection, signature: str, want: Change, actor: str, now: floa
     """Move a group to the state a person asked for and record it; returns the new state."""
     want.check()
     now = time.time() if now is None else now
+    if want.until is not None and want.until <= now:  # taken as asked, the ignore would end at once
+        when = time.strftime("%Y-%m-%d %H:%M:%S UTC", time.gmtime(want.until))
+        raise StateError(f"until {when} is already past; ignore until a later time")
     count = conn.execute(sa.select(groups.c.count).where(groups.c.signature == signature)).scalar()
     if count is None:
         raise StateError(f"no crash group {signature!r}")
