@@ -7,12 +7,20 @@ to its end (``waitpid``) is taken. The kernel holds a crashed process until its 
 been taken (``core_pipe_limit`` for pipes, ``COREDUMP_WAIT`` for the socket), so that time
 covers the whole capture, both targets written:
 
-- per-crash fixed cost: a small process (``crasher segv``), median of ``--runs``;
-- a ``--size-mib`` MiB process (``crasher alloc``), median of ``--big-runs``;
+- per-crash fixed cost: a small process (``crasher segv``), ``--runs`` rounds;
+- a ``--size-mib`` MiB process (``crasher alloc``), ``--big-runs`` rounds (0 skips them);
 - a rejected crash of that size in socket mode (the process did not opt in), for what a
   REJECT saves.
 
-The modes take turns crash by crash (pipe, forwarder, socket, pipe, …).
+The modes take turns crash by crash, and each round starts with the next mode (pipe,
+forwarder, socket; forwarder, socket, pipe; …), so none always follows another. On a shared
+machine one crash's time varies by more than the modes differ, so each figure is printed as
+its median with its quartiles, and the forwarder is compared with the socket round by round:
+the median of the rounds' forwarder ÷ socket ratios, with their quartiles, is the figure the
+goal is held against (a burst of load falls on both crashes of a round alike). The CPU
+seconds of the crashing task and of this process (the receiver's and the listener's capture)
+are printed beside the wall time: what the transport costs, whatever the scheduler did; the
+forwarder's own few system calls and the pipe handler are not in them.
 
 Three modes: ``pipe``, the kernel starts the Python handler (``corevault install``'s launcher)
 per crash; ``forward``, the kernel starts the static ``corevault-forward``, which hands the core's
@@ -87,7 +95,7 @@ def once(args: list[str], state: str) -> tuple[float, float]:
 def main() -> int:
     ap = argparse.ArgumentParser(description=__doc__.splitlines()[0])
     ap.add_argument("--size-mib", type=int, default=1024)
-    ap.add_argument("--runs", type=int, default=10)
+    ap.add_argument("--runs", type=int, default=30)
     ap.add_argument("--big-runs", type=int, default=3)
     ap.add_argument("--forward-pipe-kib", type=int, default=FORWARDED_PIPE >> 10,
                     help="the buffer the receiver gives a forwarded core's pipe (more than 1024 needs CAP_SYS_RESOURCE)")  # fmt: skip
@@ -95,6 +103,8 @@ def main() -> int:
     if hostsetup.kernel_socket_mode() != "@@":
         print(f"this kernel ({os.uname().release}) has no coredump socket with requests (6.17+)")
         return 1
+    if a.runs < 2 or a.big_runs == 1:
+        ap.error("quartiles need --runs >= 2 and --big-runs 0 or >= 2")
     crasher = build.build_all()["crasher"]
     d = tempfile.mkdtemp(prefix="cv-", dir="/tmp")
     try:
@@ -113,7 +123,7 @@ def main() -> int:
         shutil.copy(crasher, other)
         small, big = [crasher, "segv"], [crasher, "alloc", str(a.size_mib)]
         times: dict[str, dict[str, list[float]]] = {
-            m: {"small": [], "big": [], "rejected": [], "big_cpu": []} for m in MODES
+            m: {"small": [], "big": [], "rejected": [], "small_cpu": [], "big_cpu": []} for m in MODES
         }
         with sysctl.core_settings(), contextlib.ExitStack() as servers:
             listener = CoredumpListener(settings, hostsetup.socket_path(state)).listen().start()
@@ -128,41 +138,58 @@ def main() -> int:
                 "socket": {"handler": None, "socket": listener.path},
             }
             # The modes take turns crash by crash, so a burst of load on this shared machine
-            # falls on all three alike.
+            # falls on all three alike, and each round starts with the next one.
             for size, args, n in (("small", small, a.runs), ("big", big, a.big_runs)):
-                for _ in range(n):
-                    for mode in MODES:
+                for round_ in range(n):
+                    for mode in MODES[round_ % 3 :] + MODES[: round_ % 3]:
                         hostsetup.install(config_path=cfg, **where[mode])  # type: ignore[arg-type]
                         try:
                             seconds, cpu = once(args, state)
                             times[mode][size].append(seconds)
-                            if size == "big":
-                                times[mode]["big_cpu"].append(cpu)
+                            times[mode][f"{size}_cpu"].append(cpu)
                             if mode == "socket" and size == "big":
                                 times[mode]["rejected"].append(crash([other, "alloc", str(a.size_mib)])[0])
                         finally:
                             hostsetup.uninstall(hostsetup.state_path(settings))
-        results = {m: {k: statistics.median(v) for k, v in by.items() if v} for m, by in times.items()}
     finally:
         shutil.rmtree(d, ignore_errors=True)
-    p, f, s = results["pipe"], results["forward"], results["socket"]
-    print(f"\ncrash to reaped, median; both targets (volume and spool) written; {os.uname().release}; "
-          f"forwarded pipe {a.forward_pipe_kib} KiB")  # fmt: skip
-    print(f"  per-crash fixed cost (crasher segv, {a.runs} runs): socket {s['small'] * 1000:.0f} ms, "
-          f"forwarder {f['small'] * 1000:.0f} ms, pipe {p['small'] * 1000:.0f} ms")  # fmt: skip
-    print(f"    forwarder ÷ socket = {f['small'] / s['small']:.2f} (goal <= 1.0); "
-          f"pipe ÷ socket = {p['small'] / s['small']:.2f}; socket ÷ pipe = {s['small'] / p['small']:.2f}")  # fmt: skip
-    print(f"  {a.size_mib} MiB process ({a.big_runs} runs): socket {s['big']:.2f} s, forwarder {f['big']:.2f} s, "
-          f"pipe {p['big']:.2f} s")  # fmt: skip
-    print(f"    forwarder ÷ socket = {f['big'] / s['big']:.2f} (goal <= 1.0); "
-          f"pipe ÷ socket = {p['big'] / s['big']:.2f}; socket ÷ pipe = {s['big'] / p['big']:.2f}")  # fmt: skip
-    print(f"    CPU seconds of the crashing task and the agent (not the pipe handler's): "
-          f"socket {s['big_cpu']:.2f}, forwarder {f['big_cpu']:.2f}; "
-          f"forwarder ÷ socket = {f['big_cpu'] / s['big_cpu']:.2f}")  # fmt: skip
-    print(f"  {a.size_mib} MiB process rejected by the socket (did not opt in): {s['rejected']:.2f} s, "
-          f"{s['rejected'] / s['big']:.2f} of capturing it")  # fmt: skip
-    print(f"  load average while measuring: {os.getloadavg()[0]:.1f} on {os.cpu_count()} cores")
+    report(times, a)
     return 0
+
+
+def spread(values: list[float], scale: float = 1.0, fmt: str = ".0f") -> str:
+    """``median [first quartile to third quartile]`` of ``values`` times ``scale``."""
+    q1, q2, q3 = (q * scale for q in statistics.quantiles(values, n=4, method="inclusive"))
+    return f"{q2:{fmt}} [{q1:{fmt}} to {q3:{fmt}}]"
+
+
+def paired(times: dict[str, dict[str, list[float]]], key: str) -> list[float]:
+    """Forwarder ÷ socket, round by round."""
+    return [f / s for f, s in zip(times["forward"][key], times["socket"][key], strict=True)]
+
+
+def report(times: dict[str, dict[str, list[float]]], a: argparse.Namespace) -> None:
+    p, f, s = ({k: statistics.median(v) for k, v in times[m].items() if v} for m in MODES)
+    print(f"\ncrash to reaped, median [quartiles]; both targets (volume and spool) written; "
+          f"{os.uname().release}; forwarded pipe {a.forward_pipe_kib} KiB")  # fmt: skip
+    print(f"  per-crash fixed cost (crasher segv, {a.runs} rounds), ms: socket {spread(times['socket']['small'], 1000)}, "
+          f"forwarder {spread(times['forward']['small'], 1000)}, pipe {spread(times['pipe']['small'], 1000)}")  # fmt: skip
+    print(f"    forwarder ÷ socket, round by round = {spread(paired(times, 'small'), fmt='.2f')} (goal <= 1.0); "
+          f"of the medians {f['small'] / s['small']:.2f}; pipe ÷ socket = {p['small'] / s['small']:.2f}")  # fmt: skip
+    print(f"    CPU ms of the crashing task and the agent: socket {spread(times['socket']['small_cpu'], 1000, '.1f')}, "
+          f"forwarder {spread(times['forward']['small_cpu'], 1000, '.1f')}; "
+          f"forwarder ÷ socket = {f['small_cpu'] / s['small_cpu']:.2f}")  # fmt: skip
+    if a.big_runs:
+        print(f"  {a.size_mib} MiB process ({a.big_runs} rounds), s: socket {spread(times['socket']['big'], fmt='.2f')}, "
+              f"forwarder {spread(times['forward']['big'], fmt='.2f')}, pipe {spread(times['pipe']['big'], fmt='.2f')}")  # fmt: skip
+        print(f"    forwarder ÷ socket, round by round = {spread(paired(times, 'big'), fmt='.2f')} (goal <= 1.0); "
+              f"pipe ÷ socket = {p['big'] / s['big']:.2f}; socket ÷ pipe = {s['big'] / p['big']:.2f}")  # fmt: skip
+        print(f"    CPU seconds of the crashing task and the agent (not the pipe handler's): "
+              f"socket {s['big_cpu']:.2f}, forwarder {f['big_cpu']:.2f}; "
+              f"forwarder ÷ socket = {f['big_cpu'] / s['big_cpu']:.2f}")  # fmt: skip
+        print(f"  {a.size_mib} MiB process rejected by the socket (did not opt in): {s['rejected']:.2f} s, "
+              f"{s['rejected'] / s['big']:.2f} of capturing it")  # fmt: skip
+    print(f"  load average while measuring: {os.getloadavg()[0]:.1f} on {os.cpu_count()} cores")
 
 
 if __name__ == "__main__":
