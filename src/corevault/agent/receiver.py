@@ -4,8 +4,9 @@ On nodes without a Python for the kernel's pipe handler, the kernel runs the sta
 ``corevault-forward`` (capture/forward.c), which passes the core's pipe, the crashed task's
 pidfd and the kernel's arguments here. The capture itself is the pipe handler's own code
 (:func:`corevault.capture.handler.capture`): one implementation, two ways in. Crashes are
-handled in parallel, at most ``parallel`` at once; the forwarder is answered when the core
-has been read, so the kernel keeps /proc/%P for exactly as long as it is needed.
+handled in parallel, at most ``parallel`` at once. The forwarder exits once it has sent the
+message: the core's pipe received here is the only reader left, so the kernel keeps /proc/%P
+until the capture lets the process go (:func:`corevault.capture.stream.let_go`) and no longer.
 
 The receiving process never dumps its own core (:func:`never_dump_into_self`): it would be
 handed to itself, with no thread left to read it.
@@ -22,7 +23,6 @@ import socket
 import struct
 import threading
 from collections.abc import Callable
-from contextlib import suppress
 
 from corevault import atomic, config, hostsetup
 from corevault.capture import handler
@@ -52,12 +52,12 @@ def never_dump_into_self() -> None:
     the core. By then every other thread of the process is gone (the kernel stops them before
     it dumps), so nobody accepts: measured on Linux 6.18, the dying process then waits in the
     kernel for ever (for our ``coredump_ack`` with ``@@``, for room in the socket with ``@``,
-    for room in the forwarded pipe, which no thread reads, while the forwarder waits for our
-    answer) and only SIGKILL ends it, so a DaemonSet's restart never comes. A process that is not
-    dumpable is skipped before the kernel connects anywhere (``suid_dumpable`` does not
-    apply to ``PR_SET_DUMPABLE`` 0), and ends at once. Programs it starts are dumpable again
-    (the kernel resets the flag at exec). What the core would have said of the agent, a Python
-    program, its stacks say better: faulthandler writes them to stderr, the pod's log.
+    for room in the forwarded pipe, which no thread reads) and only SIGKILL ends it, so a
+    DaemonSet's restart never comes. A process that is not dumpable is skipped before the
+    kernel connects anywhere (``suid_dumpable`` does not apply to ``PR_SET_DUMPABLE`` 0), and
+    ends at once. Programs it starts are dumpable again (the kernel resets the flag at exec).
+    What the core would have said of the agent, a Python program, its stacks say better:
+    faulthandler writes them to stderr, the pod's log.
     """
     libc = ctypes.CDLL(None, use_errno=True)
     if libc.prctl(PR_SET_DUMPABLE, 0, 0, 0, 0) != 0:
@@ -158,8 +158,6 @@ class Receiver:
         finally:
             for fd in fds:
                 os.close(fd)
-            with suppress(OSError):  # the forwarder may be gone already
-                conn.sendall(b"\1")
             conn.close()
             self.slots.release()
 

@@ -3,15 +3,20 @@
  * The kernel starts pipe handlers in the host's initial mount namespace, where the node may
  * have no Python at all (Container-Optimized OS, Bottlerocket, Talos). This program is linked
  * statically, needs nothing from the host, and does one thing: it hands the crash to the node
- * agent over a Unix socket (systemd-coredump's two-stage design), then waits until the agent
- * is done, so /proc/%P stays valid for the agent just as it would for a local handler.
+ * agent over a Unix socket (systemd-coredump's two-stage design), and exits.
  *
  *   corevault-forward SOCKET %P %p %i %I %s %t %d %u %g %c %C %h %e %f %E %F
  *
  * Message: a 4-byte length and the NUL-separated arguments, with fd 0 (the core) and the
- * pidfd (the %F fd, when there is one) attached as SCM_RIGHTS. The agent answers one byte when
- * it is finished. If the agent cannot be reached the crash is lost, and the program says so
- * on the kernel log; RLIMIT_CORE stays 1 so that a crash in here is never dumped.
+ * pidfd (the %F fd, when there is one) attached as SCM_RIGHTS. The passed fd is the same open
+ * pipe as fd 0: the kernel holds the crashed process (and /proc/%P with it, core_pipe_limit > 0)
+ * until every copy of the pipe's read end is closed, so once the message is sent, whether in
+ * flight or received, the agent's copy alone keeps the process, and the agent lets it go as soon
+ * as it has read the core, as the coredump socket does. Waiting here for the agent instead (as
+ * this program did) held the process, and the kernel's core_pipe_limit slot, until the agent had
+ * also stored the binaries and the spool entry, and cost one more wake-up of this process. If the
+ * agent cannot be reached the crash is lost, and the program says so on the kernel log;
+ * RLIMIT_CORE stays 1 so that a crash in here is never dumped.
  */
 #define _GNU_SOURCE
 #include <errno.h>
@@ -81,7 +86,5 @@ int main(int argc, char **argv) {
         kmsg("cannot hand the crash to the corevault agent");
         return 1;
     }
-    char done;
-    (void)!read(sock, &done, 1); /* the agent has read the core, or went away */
-    return 0;
+    return 0; /* the agent holds the core's pipe now (see above) */
 }
