@@ -62,6 +62,7 @@ def test_a_forwarded_crash_is_captured_by_the_agent(node: dict, rootfs: str) -> 
     c = runc.Container(rootfs, ["/app/crasher", "segv"], volume=node["volume"],
                        annotations={"alibabacloud.com/core-pattern": "/data/dump-a/core-%E-%p-%t"})  # fmt: skip
     assert c.run().returncode != 0
+    assert node["receiver"].wait_idle(60)  # the entry is finished after the process is let go
     [name] = os.listdir(node["volume"])
     [entry] = spool.entries(node["settings"].spool_dir)
     meta = spool.read_meta(node["settings"].spool_dir, entry)
@@ -81,6 +82,7 @@ def test_a_forwarded_core_of_tens_of_mib_arrives_whole_through_the_small_pipe(
     c = runc.Container(rootfs, ["/app/crasher", "alloc", "48"], volume=node["volume"],
                        annotations={"alibabacloud.com/core-pattern": "/data/dump-a/core-%E-%p-%t"})  # fmt: skip
     assert c.run().returncode != 0
+    assert node["receiver"].wait_idle(60)
     [name] = os.listdir(node["volume"])
     [entry] = spool.entries(node["settings"].spool_dir)
     meta = spool.read_meta(node["settings"].spool_dir, entry)
@@ -91,6 +93,41 @@ def test_a_forwarded_core_of_tens_of_mib_arrives_whole_through_the_small_pipe(
             digest.update(chunk)
     assert os.path.getsize(os.path.join(node["volume"], name)) == meta["core"]["size"]
     assert digest.hexdigest() == meta["core"]["sha256"]  # the plain copy is the compressed copy's input
+
+
+def test_the_crashed_process_is_let_go_once_its_core_is_read_not_when_the_capture_ends(
+    node: dict, rootfs: str, monkeypatch: pytest.MonkeyPatch
+) -> None:
+    """The forwarder hands the core's pipe over and exits: the agent's copy is then the pipe's
+    only reader, and the capture lets the process go once it has read the core, as in socket
+    mode, while it goes on storing the binaries and the spool entry. Here that later work is
+    held until the crashed container has been reaped (when the forwarder waited for the agent's
+    answer, the process was held until the capture ended: this run timed out)."""
+    from corevault.capture import buildid
+    from testbed import runc
+
+    stored = buildid.store_modules
+    go_on, holding = threading.Event(), threading.Event()
+
+    def held(*args: object, **kwargs: object) -> object:
+        holding.set()
+        go_on.wait(60)
+        return stored(*args, **kwargs)
+
+    monkeypatch.setattr(buildid, "store_modules", held)
+    c = runc.Container(rootfs, ["/app/crasher", "segv"], volume=node["volume"],
+                       annotations={"alibabacloud.com/core-pattern": "/data/dump-a/core-%E-%p-%t"})  # fmt: skip
+    try:
+        assert c.run(timeout=30).returncode != 0  # reaped while the capture is held
+        assert holding.is_set() and not node["receiver"].wait_idle(0)
+        assert spool.entries(node["settings"].spool_dir) == []  # not finished yet
+    finally:
+        go_on.set()
+    assert node["receiver"].wait_idle(60)
+    [entry] = spool.entries(node["settings"].spool_dir)
+    meta = spool.read_meta(node["settings"].spool_dir, entry)
+    assert meta["pod"]["container_id"] == c.id and not meta["core"]["truncated"]
+    assert meta["modules"] and os.listdir(node["settings"].buildid_dir)  # stored after the let-go
 
 
 def test_with_the_agent_away_the_crash_is_not_held(node: dict, rootfs: str) -> None:
@@ -210,7 +247,8 @@ def test_only_root_can_hand_the_agent_a_crash(caplog: pytest.LogCaptureFixture) 
             s = socket.socket(socket.AF_UNIX, socket.SOCK_STREAM)
             s.connect(receiver.path)
             socket.send_fds(s, [struct.pack("=I", len(args)) + args], [r])
-            s.recv(1)
+            with contextlib.suppress(ConnectionResetError):  # closed with the message unread
+                s.recv(1)
             os._exit(0)
         except BaseException:
             os._exit(1)
@@ -218,7 +256,7 @@ def test_only_root_can_hand_the_agent_a_crash(caplog: pytest.LogCaptureFixture) 
     os.write(w, b"not a core")
     os.close(w)
     try:
-        assert os.waitpid(pid, 0)[1] == 0  # it connected, and was answered
+        assert os.waitpid(pid, 0)[1] == 0  # it connected, and was sent away
         assert "uid 65534: not root" in caplog.text
         assert [f for _, _, files in os.walk(settings.state_dir) for f in files] == []
     finally:
@@ -274,6 +312,7 @@ def test_the_receivers_own_crash_ends_it_and_a_new_receiver_captures_the_next_cr
                 c = runc.Container(rootfs, ["/app/crasher", "segv"], volume=os.path.join(d, "vol"),
                                    annotations={"alibabacloud.com/core-pattern": "/data/dump-a/core-%E-%p-%t"})  # fmt: skip
                 assert c.run().returncode != 0
+                assert receiver.wait_idle(60)
             finally:
                 receiver.close()
             [entry] = spool.entries(settings.spool_dir)

@@ -39,7 +39,7 @@ import threading
 from contextlib import suppress
 
 from corevault import config, hostsetup
-from corevault.agent.receiver import accept_until, listen_root_only, never_dump_into_self, take_over
+from corevault.agent.receiver import InFlight, accept_until, listen_root_only, never_dump_into_self, take_over
 from corevault.capture import admission, calloff, coresocket
 from corevault.errors import UserError
 
@@ -67,8 +67,7 @@ class CoredumpListener:
         self.outcomes: dict[str, int] = {}
         self._lock = threading.Lock()
         #: connections whose thread has not ended (one blocked for good included)
-        self._serving = 0
-        self._idle = threading.Condition(self._lock)
+        self.in_flight = InFlight()
 
     def listen(self) -> CoredumpListener:
         never_dump_into_self()
@@ -86,17 +85,13 @@ class CoredumpListener:
 
     def wait_idle(self, timeout: float | None = None) -> bool:
         """Wait until every connection accepted so far was served to its end; False on timeout."""
-        with self._idle:
-            return self._idle.wait_for(lambda: self._serving == 0, timeout)
+        return self.in_flight.wait_idle(timeout)
 
     def _ended(self) -> None:
-        with self._idle:
-            self._serving -= 1
-            self._idle.notify_all()
+        self.in_flight.ended()
 
     def _dispatch(self, conn: socket.socket) -> None:
-        with self._lock:
-            self._serving += 1
+        self.in_flight.started()
         if self.slots.acquire(blocking=False):
             threading.Thread(target=self._handle, args=(conn,), daemon=True, name="coredump").start()
         else:

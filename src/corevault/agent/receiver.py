@@ -98,6 +98,33 @@ def accept_until(
         dispatch(conn)
 
 
+class InFlight:
+    """The connections accepted whose thread has not ended, and a wait until there are none.
+
+    The kernel lets a crashed process go once its core is read; its capture goes on after
+    (the binaries, the spool entry), so whoever looks at the spool right after a crash (tests,
+    benches) waits here first.
+    """
+
+    def __init__(self) -> None:
+        self._count = 0
+        self._idle = threading.Condition()
+
+    def started(self) -> None:
+        with self._idle:
+            self._count += 1
+
+    def ended(self) -> None:
+        with self._idle:
+            self._count -= 1
+            self._idle.notify_all()
+
+    def wait_idle(self, timeout: float | None = None) -> bool:
+        """Wait until every connection started so far has ended; False on timeout."""
+        with self._idle:
+            return self._idle.wait_for(lambda: self._count == 0, timeout)
+
+
 class Receiver:
     def __init__(
         self, settings: config.Settings, path: str, parallel: int = 8, pipe_size: int = FORWARDED_PIPE
@@ -109,6 +136,7 @@ class Receiver:
         self.slots = threading.BoundedSemaphore(parallel)
         self.stop = threading.Event()
         self.sock: socket.socket | None = None
+        self.in_flight = InFlight()
 
     def listen(self) -> None:
         never_dump_into_self()
@@ -119,7 +147,12 @@ class Receiver:
         assert self.sock is not None
         accept_until(self.sock, self.stop, self._dispatch)
 
+    def wait_idle(self, timeout: float | None = None) -> bool:
+        """Wait until every crash handed over so far is captured to its end; False on timeout."""
+        return self.in_flight.wait_idle(timeout)
+
     def _dispatch(self, conn: socket.socket) -> None:
+        self.in_flight.started()
         self.slots.acquire()
         threading.Thread(target=self._handle, args=(conn,), daemon=True).start()
 
@@ -160,6 +193,7 @@ class Receiver:
                 os.close(fd)
             conn.close()
             self.slots.release()
+            self.in_flight.ended()
 
 
 def install_forwarder(settings: config.Settings, config_path: str | None, binary: str) -> Receiver:
