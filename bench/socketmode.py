@@ -81,10 +81,16 @@ def crash(args: list[str]) -> tuple[float, bool, float]:
 
 def once(args: list[str], state: str) -> tuple[float, float]:
     """Crash ``args`` once; the seconds to reaped and the CPU seconds (see :func:`crash`).
-    Empties the spool and the volume after it."""
+    Then waits for its spool entry, which every mode finishes after the process is let go, so
+    that no capture's end overlaps the next crash, and empties the spool and the volume."""
     seconds, dumped, cpu = crash(args)
     if not dumped:
         raise SystemExit(f"{args[0]} was not dumped: see {state}/spool/journal.jsonl")
+    deadline = time.monotonic() + 60
+    while not spool.entries(os.path.join(state, "spool")):
+        if time.monotonic() > deadline:
+            raise SystemExit(f"{args[0]} was dumped but never spooled: see {state}/spool/journal.jsonl")
+        time.sleep(0.005)
     for entry in spool.entries(os.path.join(state, "spool")):  # keep the spool from filling
         shutil.rmtree(os.path.join(spool.ready_dir(os.path.join(state, "spool")), entry))
     for name in os.listdir(os.path.join(os.path.dirname(state), "vol")):
