@@ -135,6 +135,10 @@ def test_rm_forgets_a_crash(fixture_vault_copy: FixtureVault) -> None:
         ('catalog = "mysql://x/y"', "is not usable"),
         ('catalog = "notaurl"', "is not usable"),
         (
+            'catalog = "sqlite:///var/lib/corevault/c.db"',
+            "write sqlite:////var/lib/corevault/c.db (four slashes)",
+        ),
+        (
             'store = "ftp://x"',
             "use file:///path, s3://bucket/prefix, gs://bucket/prefix, az://container/prefix",
         ),

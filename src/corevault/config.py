@@ -558,6 +558,14 @@ def from_dict(doc: dict, where: str = "config") -> Settings:
                 raise ConfigError(f"{what} part_size: at least 1M, in steps of 256K")
         cloud.concurrency = max(1, int(_number(table, "concurrency", where, cloud.concurrency)))
     s.catalog_url = _str(vault, "catalog", where, s.catalog_url)
+    sqlite_path = s.catalog_url.removeprefix("sqlite:///") if s.catalog_url.startswith("sqlite:///") else None
+    if sqlite_path and sqlite_path != ":memory:" and not sqlite_path.startswith("/"):
+        # three slashes and a relative path: each command would open a catalog of its own working
+        # directory, and the agent's crashes would not be where the command line reads
+        raise ConfigError(
+            f"{where} [vault] catalog {s.catalog_url!r} is relative to where a command runs; "
+            f"for /{sqlite_path} write sqlite:////{sqlite_path} (four slashes)"
+        )
     s.vault_abandoned_days = _number(vault, "abandoned_upload_days", where, s.vault_abandoned_days)
     s3 = _table(vault, "s3", where)
     s3_keys = {
