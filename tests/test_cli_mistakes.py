@@ -197,6 +197,17 @@ def test_a_server_answers_a_bad_filter_as_the_local_vault_does(fixture_vault: Fi
         assert wrong.returncode == 1 and "did not accept the token" in one_line(wrong)
 
 
+def test_serve_outside_a_cluster_without_a_kubeconfig_says_what_to_set(tmp_path) -> None:
+    cfg = tmp_path / "c.toml"
+    cfg.write_text(f'state_dir = "{tmp_path}/state"\n')
+    env = {k: v for k, v in os.environ.items() if not k.startswith("KUBERNETES_")}
+    out = subprocess.run(
+        [CLI, "-c", str(cfg), "serve", "--kubernetes", "--listen", f"127.0.0.1:{servers.free_port()}"],
+        capture_output=True, text=True, check=False, timeout=60, env={**env, "KUBECONFIG": str(tmp_path / "none")},
+    )  # fmt: skip
+    assert out.returncode == 1 and "no usable kubeconfig" in one_line(out) and "set KUBECONFIG" in out.stderr
+
+
 @pytest.mark.servers
 def test_serve_on_a_port_in_use_says_so_before_it_says_serving(tmp_path) -> None:
     cfg = tmp_path / "c.toml"

@@ -18,7 +18,10 @@ def api_client(kubeconfig: str | None = None):  # -> kubernetes.client.ApiClient
     try:
         config.load_kube_config(config_file=kubeconfig)
     except (ConfigException, OSError) as e:
-        raise UserError(f"no in-cluster service account and no usable kubeconfig ({e})") from None
+        raise UserError(
+            f"no in-cluster service account and no usable kubeconfig ({e}); "
+            "run it in a pod with a ServiceAccount, or set KUBECONFIG (--kubeconfig for serve)"
+        ) from None
     return client.ApiClient()
 
 
