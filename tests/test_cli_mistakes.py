@@ -25,13 +25,14 @@ from contextlib import contextmanager
 import httpx
 import pytest
 
+from corevault import spool
 from corevault.cli import kubectl
 from corevault.server.access import Open
 from corevault.server.app import create_app
 from testbed import servers
 from tests.clirun import corevault
-from tests.conftest import FixtureVault
-from tests.nodes import CLI
+from tests.conftest import FIXTURE_SPOOL, FixtureVault
+from tests.nodes import CLI, make_node
 from tests.test_server import TOKENS, serve
 
 
@@ -153,6 +154,14 @@ def test_a_damaged_core_in_the_vault_is_reported_not_handed_out(
     assert kept.read_bytes() == b"the core dumped yesterday" and sorted(
         p.name for p in tmp_path.iterdir()
     ) == ["core"]
+
+
+def test_info_on_a_crash_not_shipped_yet_says_where_it_is() -> None:
+    entry = sorted(os.listdir(spool.ready_dir(FIXTURE_SPOOL)))[0]
+    node = make_node({"dir": FIXTURE_SPOOL, "ids": [entry]})  # captured here; no agent has run
+    out = corevault("-c", node.config, "info", entry)
+    assert out.returncode == 4
+    assert f"is in this node's spool, not shipped yet: 'corevault analyze {entry}' reads it" in one_line(out)
 
 
 def test_the_plugin_s_typo_is_one_line_too(capsys) -> None:

@@ -20,7 +20,7 @@ from datetime import UTC, datetime
 import typer
 
 from corevault import config, crashrecord
-from corevault.errors import BadInput, UserError
+from corevault.errors import BadInput, NotFound, UserError
 from corevault.printable import lines as printable_lines
 from corevault.printable import printable
 from corevault.vault.catalog import Filters
@@ -150,7 +150,10 @@ def info(
     as_json: bool = typer.Option(False, "--json"),
 ) -> None:
     """Everything known about one crash: where it happened, and its analysis."""
-    crash = source(ctx).get(crash_id)
+    try:
+        crash = source(ctx).get(crash_id)
+    except NotFound as e:
+        raise NotFound(_in_the_spool(ctx, crash_id) or str(e)) from None
     if as_json:
         print(json.dumps(crash, indent=2, default=str))
         return
@@ -176,6 +179,20 @@ def info(
             f"    Analysis: {crash['analysis']}"
             + (f" ({crash['analysis_error']})" if crash["analysis_error"] else "")
         ))  # fmt: skip
+
+
+def _in_the_spool(ctx: typer.Context, crash_id: str) -> str | None:
+    """Where a crash this node captured but has not shipped is: its spool (the catalog has it later)."""
+    if ctx.obj.get("server") or not crash_id or "/" in crash_id or crash_id in (".", ".."):
+        return None
+    from corevault import spool
+
+    spool_dir = config.load(ctx.obj["config"]).spool_dir
+    if os.path.isdir(os.path.join(spool.ready_dir(spool_dir), crash_id)):
+        return f"crash {crash_id} is in this node's spool, not shipped yet: 'corevault analyze {crash_id}' reads it"
+    if os.path.isdir(os.path.join(spool.quarantine_dir(spool_dir), crash_id)):
+        return f"crash {crash_id} was set aside in the spool's quarantine: 'corevault status' says why"
+    return None
 
 
 def dump(
