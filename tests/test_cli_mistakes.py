@@ -1,9 +1,12 @@
 """The mistakes of a tired person at 3 a.m.: each is one line that says what to do, a non-zero exit, nothing lost.
 
-A typo'd flag, a signal that does not exist, a state that is not one, a server given without
-its scheme, an output path in a directory that does not exist, an empty vault, Ctrl-C in the
-middle of a download and Ctrl-C inside ``corevault gdb``; against the fixture's real crashes,
-the real server (uvicorn, in this process) and real gdb under a real terminal (a pty).
+A typo'd flag, a signal or state that is not one, a time already past, a server given without
+its scheme or pointing at another web service, no token or a stale one, an output path in a
+directory that does not exist, an empty vault, a crash not shipped yet, a store without
+credentials or not answering, a port in use, a missing kubeconfig, a damaged stored core, a
+download whose connection breaks off, Ctrl-C in the middle of a download and Ctrl-C inside
+``corevault gdb``; against the fixture's real crashes, the real server (uvicorn, in this
+process) and real gdb under a real terminal (a pty).
 """
 
 from __future__ import annotations
