@@ -53,25 +53,6 @@ PRUNE_AGAIN = 10.0  # seconds to the next pruning while the last left a set part
 QUARANTINE_AFTER = 6
 
 
-def bound_heap() -> None:
-    """Keep upload buffers from pinning memory after they are freed.
-
-    glibc raises its mmap threshold after each freed large block, so multi-MiB parts end up
-    on per-thread heaps that are not given back: the agent's RSS grew to 156 MiB shipping a
-    1 GiB entry (140 MiB with this). A fixed threshold keeps every part in its own mapping.
-    """
-    import ctypes
-
-    m_mmap_threshold = -3
-    try:
-        # the process's own symbols, libc's among them (ctypes.util.find_library would start
-        # ldconfig to find it)
-        libc = ctypes.CDLL(None)
-        libc.mallopt(m_mmap_threshold, 256 << 10)
-    except (OSError, AttributeError):
-        pass  # not glibc: nothing to tune
-
-
 class Agent:
     def __init__(
         self,
@@ -293,7 +274,6 @@ class Agent:
 
     def run(self, once: bool = False) -> int:
         """Loop until stopped; with ``once``, until the spool is empty or nothing more can be done."""
-        bound_heap()
         self.listen = not once
         for sig in (signal.SIGTERM, signal.SIGINT):
             if threading.current_thread() is threading.main_thread():
