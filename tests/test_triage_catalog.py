@@ -224,8 +224,9 @@ def test_search_text_with_nul_is_refused_before_the_database(engine: sa.Engine) 
         catalog.list_crashes(conn, catalog.Filters(search="abc\x00def"))
 
 
-def test_history_names_another_namespaces_crash_only_to_its_readers(engine: sa.Engine) -> None:
+def test_another_namespaces_crash_regresses_its_own_state_and_history_only(engine: sa.Engine) -> None:
     add(engine, signature="g9", frames=["f"], namespace="shop", when=NOW - 5 * HOUR)
+    add(engine, signature="g9", frames=["f"], namespace="payroll", when=NOW - 5 * HOUR)
     with engine.begin() as conn:
         lifecycle.change(conn, "g9", lifecycle.Change("resolved"), "alice", NOW - 4 * HOUR)
     secret = "registry.example/payroll:7"
@@ -235,10 +236,16 @@ def test_history_names_another_namespaces_crash_only_to_its_readers(engine: sa.E
         shop = catalog.group_detail(conn, "g9", frozenset({"shop"}))
         payroll = catalog.group_detail(conn, "g9", frozenset({"payroll"}))
     assert everyone and shop and payroll
+    assert everyone["status"]["state"] == "regressed"  # the most urgent of its namespaces
+    assert {s["namespace"]: s["state"] for s in everyone["status"]["namespaces"]} == {
+        "payroll": "regressed", "shop": "resolved"
+    }  # fmt: skip
     assert everyone["history"][0]["crash"] == other and everyone["history"][0]["image"] == secret
-    assert payroll["history"][0]["crash"] == other
-    assert shop["history"][0]["state"] == "regressed"
-    assert other not in str(shop["history"]) and secret not in str(shop["history"])
+    assert payroll["status"]["state"] == "regressed" and payroll["history"][0]["crash"] == other
+    assert payroll["history"][0]["namespaces"] == ["payroll"]
+    assert shop["status"]["state"] == "resolved" and shop["status"]["actor"] == "alice"
+    assert [(h["state"], h["namespaces"]) for h in shop["history"]] == [("resolved", ["shop"])]
+    assert other not in str(shop) and secret not in str(shop["history"])
 
 
 def test_paths_longer_than_their_columns_keep_no_record_out(engine: sa.Engine) -> None:

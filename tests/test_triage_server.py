@@ -1,8 +1,8 @@
 """Crash groups' lifecycle, search and per-image views through the API, the web UI (Chromium) and the CLI.
 
 The vault is filled through the catalog's own functions (:mod:`tests.triage_data`):
-group ``shared`` crashed in namespaces a and b, ``only-a`` in a, ``only-b`` in b. A
-reader needs ``update`` in every namespace a group crashed in to change its state.
+group ``shared`` crashed in namespaces a and b, ``only-a`` in a, ``only-b`` in b. A group
+has a state per namespace: a reader changes it in the namespaces they may read and update.
 """
 
 from __future__ import annotations
@@ -95,14 +95,19 @@ def _state(served: Served, signature: str) -> str:
     return served.get(f"/api/v1/groups/{signature}").json()["status"]["state"]
 
 
-def test_state_changes_need_update_in_every_namespace_the_group_crashed_in(served: Served) -> None:
+def test_state_changes_apply_in_the_namespaces_the_reader_may_update(served: Served) -> None:
     resolve = {"state": "resolved", "comment": "fixed by #evict-fix"}
     r = served.post("/api/v1/groups/shared/state", "a", resolve)
-    assert r.status_code == 403 and "update on pods in every namespace" in r.json()["detail"]
-    r = served.post("/api/v1/groups/shared/state", "a-ops", resolve)  # may update a, but it crashed in b too
-    assert r.status_code == 403
+    assert r.status_code == 403 and "update on pods in a namespace" in r.json()["detail"]
     assert served.post("/api/v1/groups/only-b/state", "a-ops", resolve).status_code == 404  # b's: unseen
-    assert _state(served, "shared") == "open"
+    r = served.post("/api/v1/groups/shared/state", "a-ops", resolve)  # may update a: resolved in a only
+    assert r.status_code == 200 and r.json()["status"]["state"] == "resolved"
+    assert r.json()["changes_in"] == ["a"]
+    assert [s["namespace"] for s in r.json()["status"]["namespaces"]] == ["a"]
+    assert _state(served, "shared") == "open"  # b's is open still: the most urgent of a and b
+    each = served.get("/api/v1/groups/shared").json()["status"]["namespaces"]
+    assert [(s["namespace"], s["state"]) for s in each] == [("a", "resolved"), ("b", "open")]
+    assert served.post("/api/v1/groups/shared/state", "admin", {"state": "open"}).status_code == 200
     r = served.post(
         "/api/v1/groups/only-a/state",
         "a-ops",
@@ -112,9 +117,8 @@ def test_state_changes_need_update_in_every_namespace_the_group_crashed_in(serve
                                                            "resolved_in": "registry.example/parser:2"}  # fmt: skip
     r = served.post("/api/v1/groups/shared/state", "ab-ops", resolve)
     assert r.status_code == 200 and r.json()["status"]["state"] == "resolved"
-    assert [(h["actor"], h["state"], h["comment"]) for h in r.json()["history"]] == [
-        ("sam", "resolved", "fixed by #evict-fix")
-    ]
+    latest = r.json()["history"][0]
+    assert (latest["actor"], latest["state"], latest["comment"]) == ("sam", "resolved", "fixed by #evict-fix")
     # the default list shows what needs attention; state=all shows everything
     assert [g["signature"] for g in served.get("/api/v1/groups").json()["items"]] == ["only-b"]
     every = {g["signature"]: g["state"] for g in served.get("/api/v1/groups?state=all").json()["items"]}
@@ -126,7 +130,11 @@ def test_state_changes_need_update_in_every_namespace_the_group_crashed_in(serve
     assert bad.status_code == 422 and bad.json()["detail"][0]["loc"][-1] == "crashes"
     assert served.post("/api/v1/groups/shared/state", "ab-ops", {"state": "regressed"}).status_code == 422
     r = served.post("/api/v1/groups/shared/state", "admin", {"state": "open"})
-    assert [h["state"] for h in r.json()["history"]] == ["open", "ignored", "resolved"]
+    assert [h["state"] for h in r.json()["history"]] == ["open", "ignored", "resolved", "open", "resolved"]
+    assert r.json()["history"][-1]["namespaces"] == ["a"] and r.json()["history"][0]["namespaces"] == [
+        "a",
+        "b",
+    ]
     assert served.get("/api/v1/groups/only-b", "a").status_code == 404
     assert "secretFunctionOfB" not in served.get("/api/v1/groups?state=all", "a").text
 
@@ -191,7 +199,13 @@ def test_groups_commands_change_states_remotely_and_locally(served: Served) -> N
     status = served.get("/api/v1/groups/only-a").json()["status"]
     assert status["state"] == "ignored" and status["ignore_until_count"] == 6
     shown = served.cli("a-ops", "groups", "show", "only-a")
-    assert "State: ignored" in shown.stdout and "olga → resolved" in shown.stdout
+    assert "State: ignored" in shown.stdout and "olga → resolved in a (" in shown.stdout
+    ops = served.cli("ab-ops", "groups", "resolve", "shared", "-m", "a and b")
+    assert ops.returncode == 0, ops.stderr
+    assert served.cli("a-ops", "groups", "reopen", "shared").returncode == 0  # in a only
+    shared = served.cli("ab-ops", "groups", "show", "shared").stdout
+    assert "State: open" in shared and "in: a: open" in shared and "in: b: resolved" in shared, shared
+    assert "sam → resolved in a, b (comment a and b)" in shared, shared
     listed = served.cli("a-ops", "groups", "--state", "ignored", "--json")
     assert '"only-a"' in listed.stdout
     assert "only-a" not in served.cli("a-ops", "groups").stdout  # not needing attention
@@ -276,7 +290,7 @@ def test_browser_resolves_and_reopens_from_the_group_page(served: Served, screen
     assert _state(served, "only-a") == "open"
 
 
-def test_kubernetes_readers_need_update_pods_in_each_namespace(served: Served, tmp_path) -> None:
+def test_kubernetes_readers_change_the_state_where_they_may_update_pods(served: Served, tmp_path) -> None:
     from corevault.kube import cluster
     from corevault.server.access import KubeAccess
     from testbed.fakekube import FakeKube
@@ -293,13 +307,16 @@ def test_kubernetes_readers_need_update_pods_in_each_namespace(served: Served, t
                 return httpx.post(f"{url}/api/v1/groups/{sig}/state", headers={"Authorization": f"Bearer {token}"},
                                   json={"state": "ignored", "comment": "kube"})  # fmt: skip
 
-            assert post("dev-token", "shared").status_code == 403  # crashed in b too
+            dev = post("dev-token", "shared")  # it crashed in b too: ignored in a only
+            assert dev.status_code == 200 and dev.json()["changes_in"] == ["a"]
+            assert [s["state"] for s in dev.json()["status"]["namespaces"]] == ["ignored", "open"]
             assert post("dev-token", "only-a").status_code == 200
             assert post("lead-token", "shared").status_code == 200
             detail = httpx.get(
                 f"{url}/api/v1/groups/shared", headers={"Authorization": "Bearer lead-token"}
             ).json()
             assert detail["history"][0]["actor"] == "lead" and detail["may_change"] is True
+            assert detail["changes_in"] == ["a", "b"] and detail["status"]["state"] == "ignored"
     finally:
         fake.stop()
     asked = {(r.body["spec"]["user"], r.body["spec"]["resourceAttributes"].get("namespace"), r.body["spec"]["resourceAttributes"]["verb"])

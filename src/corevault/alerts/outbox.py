@@ -146,7 +146,7 @@ def _event(conn: Connection, delivery: sa.Row) -> tuple[dict, dict]:
     group["title"] = conn.execute(
         sa.select(c.title).where(c.signature == ev["signature"], own).order_by(c.time.desc()).limit(1)
     ).scalar()
-    group["state"] = lifecycle.state_of(conn, ev["signature"])["state"]
+    group["state"] = lifecycle.state_of(conn, ev["signature"], [ev["namespace"]])["state"]
     return ev, group
 
 

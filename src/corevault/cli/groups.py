@@ -99,6 +99,10 @@ def _show(group: dict, as_json: bool) -> None:
     lines = [f"   Signature: {group['signature']}", f"       Title: {group['title'] or '-'}",
              f"       State: {st['state']}" + (f" (resolved in {st['resolved_in']})" if st.get("resolved_in") else ""),
              f"     Crashes: {group['count']}, first {_when(group['first_seen'])}, last {_when(group['last_seen'])} UTC"]  # fmt: skip
+    if (
+        len(st.get("namespaces") or ()) > 1
+    ):  # the state is kept per namespace; the one above is the most urgent
+        lines += [f"          in: {ns['namespace'] or 'host'}: {ns['state']}" for ns in st["namespaces"]]
     if group.get("new_in"):
         lines.append(f"      New in: {group['new_in']}")
     for i in group["per_image"]:
@@ -109,8 +113,10 @@ def _show(group: dict, as_json: bool) -> None:
         extra = "; ".join(
             f"{k} {h[k]}" for k in ("resolved_in", "until", "crashes", "comment", "crash") if h.get(k)
         )
+        where = ", ".join(ns or "host" for ns in h.get("namespaces") or ())
         lines.append(
             f"     History: {_when(int(h['time']))} {h['actor']} → {h['state']}"
+            + (f" in {where}" if where else "")
             + (f" ({extra})" if extra else "")
         )
     print("\n".join(printable(line) for line in lines))

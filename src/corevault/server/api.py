@@ -174,22 +174,39 @@ class HistoryEntry(BaseModel):
     comment: str | None = None
     #: the crash that regressed or reopened it
     crash: str | None = None
+    #: the namespaces whose state it changed ("" for host processes), of those you may read
+    namespaces: list[str] = []
 
 
-class GroupState(BaseModel):
+class NamespaceState(BaseModel):
     state: str
     since: float | None = None
     actor: str | None = None
     resolved_in: str | None = None
     ignore_until: int | None = None
+    #: ignored until the group's count in this namespace reaches this
     ignore_until_count: int | None = None
+
+
+class NamespaceStateOf(NamespaceState):
+    #: "" for host processes
+    namespace: str
+
+
+class GroupState(NamespaceState):
+    """The most urgent state of the namespaces you may read (regressed, open, ignored, resolved),
+    and each one's own: a group's state is kept per namespace."""
+
+    namespaces: list[NamespaceStateOf] = []
 
 
 class GroupDetail(Group):
     status: GroupState
     history: list[HistoryEntry]
-    #: whether you may change its state (update pods in every namespace it crashed in)
+    #: whether you may change its state (update pods in a namespace it crashed in that you may read)
     may_change: bool
+    #: the namespaces a state change of yours changes: those it crashed in that you may read and update
+    changes_in: list[str] = []
     #: its newest crashes, newest first
     recent: list[CrashSummary]
 
@@ -441,8 +458,18 @@ def group_detail(request: Request, reader: Principal, signature: str) -> dict:
         if group is None:
             raise HTTPException(404, f"no crash group {signature!r}")
         crashed_in = lifecycle.group_namespaces(conn, signature)
-    group["may_change"] = all(reader.allowed("update", ns or None) for ns in crashed_in)
+    group["changes_in"] = changes_in(reader, crashed_in)
+    group["may_change"] = bool(group["changes_in"])
     return group
+
+
+def changes_in(reader: Principal, crashed_in: list[str]) -> list[str]:
+    """The namespaces of a group whose state ``reader`` changes: those it crashed in that the
+    reader may both read and update (a group's state is kept per namespace)."""
+    visible = reader.visible
+    return [
+        ns for ns in crashed_in if (visible is None or ns in visible) and reader.allowed("update", ns or None)
+    ]
 
 
 @router.get("/groups/{signature}", response_model=GroupDetail, responses=_NO_GROUP)
@@ -458,12 +485,12 @@ def change_state(
     if not group["may_change"]:
         raise HTTPException(
             403,
-            "you may not change this group's state: that needs update on pods in every namespace "
-            "it crashed in (or a token with update = true for all of them)",
+            "you may not change this group's state: that needs update on pods in a namespace "
+            "it crashed in (or a token with update = true for it)",
         )
     want = lifecycle.Change(**change.model_dump())
     with server(request).vault.engine.begin() as conn, _bad_search():
-        lifecycle.change(conn, signature, want, reader.name)
+        lifecycle.change(conn, signature, want, reader.name, namespaces=group["changes_in"])
     return group_detail(request, reader, signature)
 
 

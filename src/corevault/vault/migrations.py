@@ -183,9 +183,45 @@ def _v16(conn: Connection) -> None:
     search.create_namespace_walk_index(conn)
 
 
+def _v17(conn: Connection) -> None:
+    """A group's state per namespace: each group's state (v3-v16: one per group) copied to every
+    namespace it crashed in, an ignore of N more crashes becoming N more in each; and its history
+    likewise, each change a row per namespace. A group with no crash left keeps no state."""
+    if "namespace" in {c["name"] for c in sa.inspect(conn).get_columns("group_states")}:
+        return  # a new catalog: v3 made the tables as they are now
+    gn = tables.group_ns.c
+    old = [dict(r._mapping) for r in conn.execute(sa.text("SELECT * FROM group_states"))]
+    totals = dict(conn.execute(sa.select(tables.groups.c.signature, tables.groups.c.count)).all())
+    per_ns = sa.select(gn.signature, gn.namespace, sa.func.sum(gn.count)).group_by(gn.signature, gn.namespace)
+    counts: dict[str, list[tuple[str, int]]] = {}
+    for sig, ns, n in conn.execute(per_ns):
+        counts.setdefault(sig, []).append((ns, int(n)))
+    rows = []
+    for row in old:
+        for ns, n in counts.get(row["signature"], ()):
+            until = row["ignore_until_count"]
+            if until is not None:  # the crashes still to come were counted over the whole group
+                until = n + max(until - int(totals.get(row["signature"]) or 0), 1)
+            rows.append({**row, "namespace": ns, "ignore_until_count": until})
+    conn.exec_driver_sql("DROP TABLE group_states")
+    lifecycle.group_states.create(conn)
+    if rows:
+        conn.execute(lifecycle.group_states.insert(), rows)
+    conn.exec_driver_sql("ALTER TABLE group_history ADD COLUMN namespace VARCHAR(255)")
+    h = lifecycle.group_history.c
+    pairs = sa.select(gn.signature, gn.namespace).distinct().subquery()
+    each = sa.select(h.signature, h.time, h.actor, h.state, h.detail, pairs.c.namespace)
+    each = each.join_from(lifecycle.group_history, pairs, pairs.c.signature == h.signature)
+    names = ["signature", "time", "actor", "state", "detail", "namespace"]
+    conn.execute(
+        lifecycle.group_history.insert().from_select(names, each.where(h.namespace.is_(None)).order_by(h.id))
+    )
+    conn.execute(lifecycle.group_history.delete().where(h.namespace.is_(None)))
+
+
 #: Numbered schema migrations; a new one is appended, never edited.
 MIGRATIONS: list[Callable[[Connection], None]] = [
-    _v1, _v2, _v3, _v4, _v5, _v6, _v7, _v8, _v9, _v10, _v11, _v12, _v13, _v14, _v15, _v16,
+    _v1, _v2, _v3, _v4, _v5, _v6, _v7, _v8, _v9, _v10, _v11, _v12, _v13, _v14, _v15, _v16, _v17,
 ]  # fmt: skip
 
 

@@ -320,8 +320,9 @@ def list_groups(
         rows_scope.append(gn.namespace.in_(sorted(visible)))
     if namespace is not None:
         rows_scope.append(gn.namespace == namespace)
+    image_scope = gn.image == image
     if image is not None:
-        rows_scope.append(gn.image == image)
+        rows_scope.append(image_scope)
     if new_in is not None:
         wanted.append(_new_in(conn, new_in, visible, namespace))
     if rows_scope:
@@ -342,12 +343,13 @@ def list_groups(
     if search:
         sub = sub.where(fts.group_condition(conn, sig, search, visible, namespace))
     sub = sub.where(*(sig.in_(w) for w in wanted)).subquery()
-    state = lifecycle.effective_state(now).label("state")
+    # the most urgent state of the group's namespaces in scope (lifecycle.seen_state), read per
+    # group as the page is walked
+    ns_scope = [c for c in rows_scope if c is not image_scope]
+    rank = lifecycle.seen_state(sub.c.signature, ns_scope, now).label("rank")
     # The page is chosen before its groups' titles are joined: joined first, PostgreSQL looked
     # up every group's title (20,000 index probes at 20,000 groups) to keep 50.
-    query = sa.select(sub, state).outerjoin(
-        lifecycle.group_states, lifecycle.group_states.c.signature == sub.c.signature
-    )
+    query = sa.select(sub, rank)
     if signal is not None:
         query = query.join(groups, groups.c.signature == sub.c.signature).where(
             groups.c.signal_name == _signal_name(signal)
@@ -355,17 +357,15 @@ def list_groups(
     if since is not None:
         query = query.where(sub.c.last_seen >= since)
     if states is not None:
-        wanted_state = state.in_(list(states))
-        if "open" in states:  # a group without a state row is open: said so, the planner walks the
-            # groups newest first rather than sorting all of them (it cannot estimate the CASE)
-            wanted_state = sa.or_(lifecycle.group_states.c.signature.is_(None), wanted_state)
-        query = query.where(wanted_state)
+        query = query.where(rank.in_(lifecycle.ranks(states)))
     if before is not None:
         t, sig = before
         query = query.where(sa.or_(sub.c.last_seen < t, sa.and_(sub.c.last_seen == t, sub.c.signature < sig)))
     page = query.order_by(sub.c.last_seen.desc(), sub.c.signature.desc()).limit(limit).subquery()
     titled = (
-        sa.select(page, groups.c.title, groups.c.signal_name)
+        sa.select(
+            page, lifecycle.state_name(page.c.rank).label("state"), groups.c.title, groups.c.signal_name
+        )
         .join(groups, groups.c.signature == page.c.signature)
         .order_by(page.c.last_seen.desc(), page.c.signature.desc())
     )
@@ -375,6 +375,7 @@ def list_groups(
     by_sig = {g["signature"]: g for g in found}
     today = int((time.time() if now is None else now) // 86400)
     for g in found:
+        del g["rank"]
         g["count"] = int(g["count"])
         g["namespaces"], g["per_image"], g["daily"] = set(), {}, [0] * days
     where = [fts.among(conn, gn.signature, list(by_sig)), *rows_scope]
@@ -513,9 +514,9 @@ def group_detail(conn: Connection, signature: str, visible: Collection[str] | No
     if not found:
         return None
     group = found[0]
-    group["status"] = lifecycle.state_of(conn, signature)
+    group["status"] = lifecycle.state_of(conn, signature, visible)
     scope = frozenset(visible) if visible is not None else None
-    group["history"] = _seen_by(conn, lifecycle.history(conn, signature), scope)
+    group["history"] = _seen_by(conn, lifecycle.history(conn, signature, scope), scope)
     group["recent"] = list_crashes(conn, Filters(group=signature, visible=scope), 5)
     return group
 
