@@ -25,6 +25,7 @@ import pytest
 from corevault import config, spool
 from corevault.agent import stuckdumps
 from corevault.agent.loop import Agent
+from corevault.agent.receiver import Receiver
 from corevault.capture import buildid, cgroup
 from corevault.hostsetup import SYSCTLS, write_sysctl
 from testbed import fusefs, podfuse, runc
@@ -198,6 +199,9 @@ class PipeNode:
     config: str
     volume: str
     spool: str
+    #: waits until the agent's receiver has finished what it was handed (the forwarder exits
+    #: once it has handed a crash over, so its end says nothing of the capture's)
+    receiver: Receiver | None = None
 
     def journal(self) -> list[dict]:
         return spool.read_journal(self.spool)
@@ -226,7 +230,7 @@ def test_the_agent_aborts_it_under_the_forwarder_too(
         shipped: list[dict] = []
         agent = Agent(config.load(cfg), on_record=shipped.append)
         agent.shipped = shipped  # type: ignore[attr-defined]
-        aborts_stuck_dump(PipeNode(cfg, node.volume, node.spool), agent, fuse_rootfs, rootfs)
+        aborts_stuck_dump(PipeNode(cfg, node.volume, node.spool, node.receiver), agent, fuse_rootfs, rootfs)
 
 
 def test_a_mountinfo_grown_past_any_bound_hides_no_fuse_mount_from_the_agent(
@@ -367,6 +371,10 @@ def aborts_stuck_dump(
                 inside(a, victim)
             # the kernel gives the slot back once A's pipe helper is done with what it was handed
             runc.wait_for_dump_helpers(since, timeout=60)
+            if (
+                node.receiver is not None
+            ):  # else B's dump, before A's was let go, is skipped (core_pipe_limit 1)
+                assert node.receiver.wait_idle(60)
             b = runc.Container(rootfs, ["/app/crasher", "segv"], volume=node.volume, annotations=PATTERN)
             assert b.run().returncode != 0
         finally:

@@ -55,6 +55,8 @@ class Node:
     spool: str
     state: str
     volume: str  # tenant B's volume, on local disk
+    #: the forwarder's receiver, which captures on after the kernel has let the process go
+    receiver: Receiver | None = None
 
     def journal(self, namespace: str) -> list[dict]:
         return of_namespace(spool.read_journal(self.spool), namespace)
@@ -98,7 +100,7 @@ def forwarder_node() -> Iterator[Node]:
                 hostsetup.install(link, config_path=cfg, forward_to=receiver.path)
                 write_sysctl(SYSCTLS["core_pipe_limit"], "1")
                 try:
-                    yield Node(settings.spool_dir, settings.state_dir, os.path.join(d, "vol"))
+                    yield Node(settings.spool_dir, settings.state_dir, os.path.join(d, "vol"), receiver)
                 finally:
                     hostsetup.uninstall(hostsetup.state_path(settings))
                     assert hostsetup.read_sysctls() == saved
