@@ -12,6 +12,7 @@ from __future__ import annotations
 import contextlib
 import hashlib
 import http.server
+import json
 import os
 import shutil
 import subprocess
@@ -130,7 +131,9 @@ def test_upstream_debuginfod_names_them_once_fetched_and_kept(
     r = runner.analyze(material["abort"], [material["store"]], debug_dirs=(), fetch=up)
     assert frames(r)[:4] == ["__pthread_kill_implementation", "raise", "abort", "main"]
     libc, debug = host_debug_file(LIBC)
-    kept = upstream.debuginfo_path(up.cache, libc)
+    used = next(m for m in r.modules if m.path == LIBC)
+    assert used.sha256  # a bare core's: the stored file's own, checked against the core's memory
+    kept = upstream.debuginfo_path(up.cache, libc, used.sha256)
     assert _sha(kept) == _sha(debug)
     crasher = next(m.build_id for m in r.modules if m.path == "/app/crasher")
     assert not os.path.exists(os.path.join(up.cache, "buildid", crasher))  # has its own DWARF: not asked for
@@ -140,13 +143,26 @@ def test_upstream_debuginfod_names_them_once_fetched_and_kept(
     assert frames(again)[0].startswith("__strlen_")  # type: ignore[union-attr]
 
 
+def test_a_debug_file_kept_by_build_id_alone_is_never_used_and_is_removed(material: dict, tmp_path) -> None:
+    """Kept before content hashes, nobody knows which content it was fetched for: another
+    tenant's, maybe, under a build-id this crash's object claims. It is not read, and goes."""
+    libc, debug = host_debug_file(LIBC)
+    legacy = tmp_path / "cache" / "buildid" / libc / upstream.LEGACY_NAME
+    legacy.parent.mkdir(parents=True)
+    shutil.copy(debug, legacy)
+    offline = upstream.Upstream(("http://127.0.0.1:9",), str(tmp_path / "cache"), timeout=2)
+    r = runner.analyze(material["abort"], [material["store"]], debug_dirs=(), fetch=offline)
+    assert frames(r)[0] is None and not next(m for m in r.modules if m.path == LIBC).debuginfo
+    assert not legacy.exists()
+
+
 def test_an_upstream_file_over_the_size_limit_is_not_kept(
     material: dict, distribution: str, tmp_path
 ) -> None:
     up = upstream.Upstream((distribution,), str(tmp_path / "cache"), max_size=1 << 20)  # libc's is 4 MiB
     r = runner.analyze(material["abort"], [material["store"]], debug_dirs=(), fetch=up)
     assert frames(r)[0] is None
-    assert not os.path.exists(upstream.debuginfo_path(up.cache, host_debug_file(LIBC)[0]))
+    assert kept(up, host_debug_file(LIBC)[0]) == []
 
 
 class _Recording(http.server.SimpleHTTPRequestHandler):
@@ -188,8 +204,7 @@ def test_a_file_from_upstream_with_another_build_id_is_never_used(material: dict
         assert httpx.get(f"{url}/buildid/{libc}/debuginfo").status_code == 200
         r = runner.analyze(material["abort"], [material["store"]], debug_dirs=(), fetch=up)
     assert frames(r)[0] is None  # the loader's symbols would have named libc's frames wrongly
-    assert not os.path.exists(upstream.debuginfo_path(up.cache, libc))
-    assert os.listdir(os.path.dirname(upstream.debuginfo_path(up.cache, libc))) == [upstream.MISSING]
+    assert os.listdir(os.path.join(up.cache, "buildid", libc)) == [upstream.MISSING]
 
 
 def test_fetched_debug_files_go_to_the_vault_and_are_served_again(
@@ -200,7 +215,9 @@ def test_fetched_debug_files_go_to_the_vault_and_are_served_again(
         Agent(node.settings).run(once=True)
         vault = node.vault()
         libc, debug = host_debug_file(LIBC)
-        assert vault.store.size(blobs.debuginfo_key(libc)) == os.path.getsize(debug)
+        meta = vault.store.open(blobs.meta_key(material["ids"][0])).read().decode()
+        [sha] = [m["sha256"] for m in json.loads(meta)["modules"] if m["path"] == LIBC]
+        assert vault.store.size(blobs.debuginfo_key(libc, sha)) == os.path.getsize(debug)
         reports = [vault.store.open(blobs.report_key(entry)).read().decode() for entry in material["ids"]]
         named = ("__strlen_", "__pthread_kill_implementation", "start_thread")  # one in each crash
         assert all(any(n in r for n in named) for r in reports)
@@ -214,6 +231,12 @@ def test_fetched_debug_files_go_to_the_vault_and_are_served_again(
             assert httpx.get(f"{url}/buildid/{libc}/debuginfo").status_code == 401
     finally:
         shutil.rmtree(node.dir, ignore_errors=True)
+
+
+def kept(up: upstream.Upstream, build_id: str) -> list[str]:
+    """The debug files the node keeps for ``build_id`` (one per content fetched for)."""
+    d = os.path.join(up.cache, "buildid", build_id)
+    return sorted(n for n in os.listdir(d) if n.endswith(upstream.SUFFIX)) if os.path.isdir(d) else []
 
 
 def _sha(path: str) -> str:
@@ -346,9 +369,8 @@ def test_the_debug_files_kept_stay_within_their_bound(chain_crash: tuple[str, st
     assert [f"f{i}" for i in reversed(range(CHAIN))] == frames(r)[:CHAIN]
     fetched = [f for f in asked if f.endswith("/debuginfo")]
     assert len(fetched) == upstream.MAX_PER_ANALYSIS  # each one found and verified
-    kept = [p for b in os.listdir(tmp_path / "cache" / "buildid") if (p := upstream.debuginfo_path(up.cache, b))
-            and os.path.exists(p)]  # fmt: skip
-    assert kept and sum(map(os.path.getsize, kept)) <= bound < upstream.MAX_PER_ANALYSIS * min(sizes)
+    held = [str(p) for p in (tmp_path / "cache" / "buildid").glob("*/*" + upstream.SUFFIX)]
+    assert held and sum(map(os.path.getsize, held)) <= bound < upstream.MAX_PER_ANALYSIS * min(sizes)
 
 
 def test_the_build_ids_asked_for_in_vain_are_forgotten_once_no_fetch_heeds_them(tmp_path) -> None:
@@ -365,10 +387,10 @@ def test_the_build_ids_asked_for_in_vain_are_forgotten_once_no_fetch_heeds_them(
         ("d4" * 20, False, False, False),  # being fetched into now
         ("e5" * 20, False, True, True),  # its file kept
     ):
-        d = os.path.dirname(upstream.debuginfo_path(up.cache, name))
+        d = os.path.join(up.cache, "buildid", name)
         os.makedirs(d)
         if kept:
-            with open(upstream.debuginfo_path(up.cache, name), "wb") as f:
+            with open(upstream.debuginfo_path(up.cache, name, "0" * 64), "wb") as f:
                 f.write(b"x" * 100)
         if miss:
             open(os.path.join(d, upstream.MISSING), "w").close()
@@ -377,8 +399,14 @@ def test_the_build_ids_asked_for_in_vain_are_forgotten_once_no_fetch_heeds_them(
         if idle:
             os.utime(d, (long_ago, long_ago))
         made[name] = d
-    assert upstream.make_room(up) == []
+    legacy = os.path.join(
+        made["e5" * 20], upstream.LEGACY_NAME
+    )  # kept by build-id alone, before content hashes
+    with open(legacy, "wb") as f:
+        f.write(b"y" * 100)
+    assert upstream.make_room(up) == ["e5" * 20 + "/" + upstream.LEGACY_NAME]
     assert sorted(os.listdir(tmp_path / "cache" / "buildid")) == ["b2" * 20, "d4" * 20, "e5" * 20]
+    assert os.listdir(made["e5" * 20]) == ["0" * 64 + upstream.SUFFIX]
     assert os.listdir(made["b2" * 20]) == [upstream.MISSING]
 
 

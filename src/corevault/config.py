@@ -270,7 +270,8 @@ class Settings:
         #: bytes the fetched debug files may hold on the node: past it, the oldest fetched are
         #: removed (a pod chooses which build-ids its objects claim, so what is fetched)
         self.debuginfod_cache_max = 4 << 30
-        #: debug files fetched from upstream, by build-id (``buildid/<id>/debuginfo``)
+        #: debug files fetched from upstream, by build-id and the content hash of the object they
+        #: were fetched for (``buildid/<id>/<sha256>.debuginfo``)
         self.debuginfo_dir = os.path.join(state_dir, "debuginfo")
         #: trees of separate debug files keyed by build-id (``<dir>/.build-id/xx/rest.debug``)
         self.debug_dirs: tuple[str, ...] = ("/usr/lib/debug",)

@@ -24,8 +24,9 @@ apart (:mod:`corevault.agent.analyses`), and :func:`analyse_shipped` uploads the
 of the catalog), stores ``report.json`` (not for a crash matched to its group's sample: that
 one's report is the sample's, already stored), records signature and group (once), puts the
 debug files the analysis fetched from upstream debuginfod servers into the vault too
-(``buildid/<id>/debuginfo``, so corevault's own debuginfod serves them again), and only
-then removes the entry.
+(``buildid/<id>/<sha256>.debuginfo``, by the content of the object each was fetched for, so
+corevault's own debuginfod serves them again to readers of crashes that mapped that content),
+and only then removes the entry.
 
 Nothing here parses a tenant's file without a bound: the binaries' section names are read
 with :func:`corevault.elf.section_names`, and the analysis runs in a sandboxed worker.
@@ -380,11 +381,17 @@ def _ship_debuginfo(vault: LocalVault, settings: config.Settings, record: CrashR
         return
     from corevault.analysis import upstream
 
-    for build_id in {m["build_id"] for m in record["modules"] if m["build_id"]}:
-        local = upstream.debuginfo_path(settings.debuginfo_dir, build_id)
-        key = blobs.debuginfo_key(build_id)
+    # by build-id and the content hash of the object mapped: the server gives it only to readers
+    # of a crash that mapped that content (a pod's build-id is a claim, not a proof)
+    for m in record["modules"]:
+        build_id, sha = m["build_id"], m["sha256"]
+        if not build_id or m["key"] != build_id or not objectid.is_object(build_id, sha):
+            continue
+        local = upstream.debuginfo_path(settings.debuginfo_dir, build_id, sha)
+        key = blobs.debuginfo_key(build_id, sha)
         if os.path.exists(local) and vault.store.size(key) is None:
             vault.store.put_file(key, local)
+            vault.store.delete(blobs.legacy_debuginfo_key(build_id))  # kept by build-id alone: never served
 
 
 def analyse_shipped(

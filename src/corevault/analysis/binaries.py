@@ -14,8 +14,11 @@ used and the report says why (analyse the crash by its id instead).
 
 Debug info is looked for in the file itself (built with ``-g``), in the host's standard
 separate-debug tree (``/usr/lib/debug/.build-id/xx/rest.debug``, the host's own
-packages) and in stores' ``buildid/<id>/debuginfo``; every candidate's build-id is read
-and compared before it is used (gdb would use a wrong libc silently).
+packages) and in stores: ``buildid/<id>/<sha256>.debuginfo``, fetched from an upstream
+server for the object of that content (:mod:`corevault.analysis.upstream`) and used only
+for that content, else ``buildid/<id>/debuginfo`` of a tree a user points at. Every
+candidate's build-id is read and compared before it is used (gdb would use a wrong libc
+silently).
 """
 
 from __future__ import annotations
@@ -37,7 +40,7 @@ class Found:
     debuginfo: str | None
     #: the key that found the executable (build-id, ``go-…`` or ``sha256-…``)
     key: str | None = None
-    #: SHA-256 of the executable, where the crash's record vouches for it
+    #: SHA-256 of the executable: the record's, or for a bare core the stored file's name
     sha256: str | None = None
 
 
@@ -86,14 +89,23 @@ def has_dwarf(path: str) -> bool:
 
 
 def debug_file(
-    build_id: str | None, executable: str | None, stores: list[str], debug_dirs: tuple[str, ...]
+    build_id: str | None,
+    executable: str | None,
+    stores: list[str],
+    debug_dirs: tuple[str, ...],
+    sha256: str | None = None,
 ) -> str | None:
-    """Separate debug info for ``build_id`` (stores, then the host's tree), else the file's own DWARF."""
+    """Separate debug info for ``build_id`` (stores, then the host's tree), else the file's own DWARF.
+
+    ``sha256``: the content of the object mapped; a debug file fetched for that content is
+    used, never one fetched for another content claiming the same build-id."""
     if build_id and objectid.KEY.match(build_id):
+        names = [sha256 + ".debuginfo"] if sha256 and objectid.is_object(build_id, sha256) else []
         for base in [os.path.join(s, nodestore.BUILDID) for s in stores]:
-            candidate = os.path.join(base, build_id, "debuginfo")
-            if file_build_id(candidate) == build_id:
-                return candidate
+            for name in [*names, "debuginfo"]:
+                candidate = os.path.join(base, build_id, name)
+                if file_build_id(candidate) == build_id:
+                    return candidate
         for base in debug_dirs:
             candidate = os.path.join(base, ".build-id", build_id[:2], build_id[2:] + ".debug")
             if file_build_id(candidate) == build_id:
@@ -141,9 +153,14 @@ def resolve(
             first = core.read_memory(obj.start, PAGE)
             executable = _single(claim, stores, first, warnings, obj.path)
             key = claim if executable else None
+            # the capture names a stored file by its content hash
+            name = os.path.basename(executable) if executable else ""
+            sha = name if objectid.SHA256.match(name) else None
         if executable is None and key is None and claim is None:
             continue  # not an ELF object with an identity (data files, the vdso without notes…)
-        debuginfo = debug_file(bid, executable, stores, debug_dirs)
+        if not isinstance(sha, str) or not objectid.SHA256.match(sha):
+            sha = None
+        debuginfo = debug_file(bid, executable, stores, debug_dirs, sha)
         if executable is None:
             key = sha = None
         found[obj.path] = Found(executable, debuginfo, key, sha)

@@ -13,8 +13,9 @@ first expanded into a sparse temporary file the worker's uid may read.
 
 The worker never goes to the network. With upstream debuginfod servers configured, the
 driver here reads the first report's modules that appear in a stack without a debug
-file, fetches what the servers have (:mod:`corevault.analysis.upstream`) and runs the
-worker once more: only the first crash that needs a build-id pays for that.
+file, fetches what the servers have for each one's build-id, kept for its content
+(:mod:`corevault.analysis.upstream`), and runs the worker once more: only the first crash
+that maps a content pays for that.
 """
 
 from __future__ import annotations
@@ -102,22 +103,41 @@ def _worker_copy(path: str, dest: str, uid: int) -> str:
 
 
 def _store_binds(
-    stores: list[str], wanted: Collection[tuple[str, str | None]], tmp: str, uid: int
+    stores: list[str],
+    wanted: Collection[tuple[str, str | None]],
+    tmp: str,
+    uid: int,
+    fetched: str | None = None,
 ) -> tuple[list[str], list[sandbox.Bind]]:
     """Where the worker sees each store, holding only the files ``wanted`` names.
 
     ``wanted`` holds ``(key, sha256)`` of a crash's recorded objects, or ``(key, None)``
-    for every content held under a key; a key's ``debuginfo`` comes along. Files are bound
-    one by one: the store's directories are the agent's own (0700).
+    for every content held under a key; the debug files fetched for those contents
+    (``<sha256>.debuginfo``) come along, and a key's ``debuginfo`` of a user's tree, though
+    not of ``fetched``, the upstream cache, where that name is a file kept by build-id alone
+    (before content hashes), whose content nobody knows. Files are bound one by one: the
+    store's directories are the agent's own (0700).
     """
     names: list[str] = []
     binds: list[sandbox.Bind] = []
+    keys = sorted(
+        w for w in wanted if objectid.KEY.match(w[0]) and (w[1] is None or objectid.SHA256.match(w[1]))
+    )
+    # of a bare core: every content held under the key in any store, whose debug file may be in another
+    contents = {
+        key: list(dict.fromkeys(os.path.basename(p) for s in stores for p in nodestore.candidates(s, key)))
+        for key, sha in keys
+        if sha is None
+    }
     for i, store in enumerate(stores):
         name = f"{sandbox.INPUTS}/store-{i}"
         names.append(name)
-        for key, sha in sorted(w for w in wanted if objectid.KEY.match(w[0])):
-            held = [sha] if sha else [os.path.basename(p) for p in nodestore.candidates(store, key)]
-            for kind in dict.fromkeys([*held, "debuginfo"]):
+        for key, sha in keys:
+            held = [sha] if sha else contents[key]
+            debug = [h + upstream.SUFFIX for h in held if objectid.SHA256.match(h)]
+            if store != fetched:
+                debug.append(upstream.LEGACY_NAME)
+            for kind in dict.fromkeys([*held, *debug]):
                 path = os.path.join(store, "buildid", key, kind)
                 if os.path.isfile(path):
                     readable = _worker_copy(path, os.path.join(tmp, f"{i}-{key}-{kind}"), uid)
@@ -346,7 +366,7 @@ def analyze(
         def run(attempt: int) -> Report:
             copies = os.path.join(tmp, str(attempt))
             os.mkdir(copies)
-            store_names, binds = _store_binds(stores, wanted, copies, slot)
+            store_names, binds = _store_binds(stores, wanted, copies, slot, fetch.cache if fetch else None)
             args = [*argv, *(arg for name in store_names for arg in ("--store", name))]
             doc = _run(
                 args, inputs + binds, slot, deadline, limit=timeout, memory=memory, processes=processes
@@ -360,7 +380,7 @@ def analyze(
             upstream.fetch_missing(fetch, lacking, deadline)
             # kept now, by this analysis or by another one running beside it since this one began
             if time.monotonic() < deadline and any(
-                os.path.exists(upstream.debuginfo_path(fetch.cache, b)) for b in lacking
+                os.path.exists(upstream.debuginfo_path(fetch.cache, b, sha)) for b, sha in lacking
             ):
                 try:
                     report = run(1)
@@ -383,13 +403,17 @@ def _slot(base: int, count: int, deadline: float, limit: float) -> Iterator[int]
         ) from None
 
 
-def _wanting_debuginfo(report: Report) -> list[str]:
-    """Build-ids of the modules that appear in a stack and had no debug file, crashing thread first."""
+def _wanting_debuginfo(report: Report) -> list[tuple[str, str]]:
+    """``(build-id, sha256)`` of the modules that appear in a stack and had no debug file,
+    crashing thread first: a debug file is fetched for a content, and one whose file was not
+    found (so whose content is not known) gets none."""
     modules = {m.path: m for m in report.modules}
-    wanted: dict[str, None] = {}
+    wanted: dict[tuple[str, str], None] = {}
     for thread in report.threads:
         for frame in thread.frames:
             m = modules.get(frame.module or "")
-            if m is not None and m.build_id and not m.debuginfo and not m.path.startswith("["):
-                wanted[m.build_id] = None
+            if m is None or m.debuginfo or m.path.startswith("["):
+                continue
+            if m.build_id and m.sha256 and objectid.is_object(m.build_id, m.sha256):
+                wanted[m.build_id, m.sha256] = None
     return list(wanted)

@@ -7,10 +7,18 @@ worker has no business on the network, so the analysis driver
 (:mod:`corevault.analysis.runner`) asks here, between two runs of the worker, for the
 modules the first run found no debug file for.
 
-- Once per build-id: a fetched file is kept as ``<cache>/buildid/<id>/debuginfo``, the
-  layout :func:`corevault.analysis.binaries.locate` reads; a miss on every server is
-  remembered for :data:`RETRY_AFTER` seconds, so a storm of crashes of a program nobody
-  has debug info for costs one round of requests, not one per crash.
+- Once per build-id and content: a fetched file is kept as
+  ``<cache>/buildid/<id>/<sha256>.debuginfo``, where ``<sha256>`` is the content hash of the
+  object the crash really mapped (its record's), and is given only to analyses of crashes
+  that mapped that very content (:func:`corevault.analysis.binaries.debug_file`). A
+  build-id is a claim: a pod that forges another tenant's in its own binary gets a fetch of
+  its own, answered as the upstream answers anyone asking by that build-id (its own access
+  control), never the file kept for the other tenant's content. Files kept by build-id
+  alone (``<cache>/buildid/<id>/debuginfo``, before content hashes) are never read and are
+  removed (:func:`make_room`). A miss on every server is remembered per build-id for
+  :data:`RETRY_AFTER` seconds (the servers are asked by build-id alone, so the answer is
+  the same for any content), so a storm of crashes of a program nobody has debug info for
+  costs one round of requests, not one per crash.
 - Checked: a download goes to a temporary name, may take at most ``timeout`` seconds and
   ``max_size`` bytes, and is kept only when its own build-id is the one asked for (a
   server or a proxy can be wrong: an error page, another version of the library).
@@ -33,7 +41,7 @@ import time
 from dataclasses import dataclass
 from typing import TYPE_CHECKING
 
-from corevault import atomic
+from corevault import atomic, objectid
 from corevault.analysis.binaries import file_build_id
 
 if TYPE_CHECKING:
@@ -47,6 +55,10 @@ BUILD_ID = re.compile(r"[0-9a-f]{2,128}")
 MAX_PER_ANALYSIS = 16
 RETRY_AFTER = 24 * 3600.0
 MISSING = "missing"
+#: a kept file's name ends so: ``<sha256 of the object it was fetched for>.debuginfo``
+SUFFIX = ".debuginfo"
+#: what files kept by build-id alone were named (before content hashes): never read, removed
+LEGACY_NAME = "debuginfo"
 
 
 @dataclass(frozen=True, slots=True)
@@ -73,16 +85,18 @@ def from_settings(settings: Settings) -> Upstream | None:
     )
 
 
-def debuginfo_path(cache: str, build_id: str) -> str:
-    return os.path.join(cache, "buildid", build_id, "debuginfo")
+def debuginfo_path(cache: str, build_id: str, sha256: str) -> str:
+    """Where the debug file fetched for the object of content ``sha256`` claiming ``build_id`` is kept."""
+    return os.path.join(cache, "buildid", build_id, sha256 + SUFFIX)
 
 
-def fetch(upstream: Upstream, build_id: str, deadline: float | None = None) -> str | None:
-    """The verified debug file for ``build_id``, fetched if it is not kept yet; None if no server
-    has it, or none answered by ``deadline`` (monotonic), which is not remembered as a miss."""
-    if not BUILD_ID.fullmatch(build_id):
+def fetch(upstream: Upstream, build_id: str, sha256: str, deadline: float | None = None) -> str | None:
+    """The verified debug file for ``build_id``, for the object of content ``sha256``, fetched if
+    it is not kept yet for that content; None if no server has it, or none answered by
+    ``deadline`` (monotonic), which is not remembered as a miss."""
+    if not (BUILD_ID.fullmatch(build_id) and objectid.is_object(build_id, sha256)):
         return None
-    dest = debuginfo_path(upstream.cache, build_id)
+    dest = debuginfo_path(upstream.cache, build_id, sha256)
     if os.path.exists(dest):
         return dest
     missing = os.path.join(os.path.dirname(dest), MISSING)
@@ -161,24 +175,31 @@ def _receive(upstream: Upstream, url: str, build_id: str, f: BinaryIO, until: fl
     return True
 
 
-def fetch_missing(upstream: Upstream, build_ids: list[str], deadline: float | None = None) -> list[str]:
-    """Fetch what is not kept yet of the first :data:`MAX_PER_ANALYSIS` ``build_ids``, until
-    ``deadline`` (monotonic: the analysis's); the ones kept now."""
+def fetch_missing(
+    upstream: Upstream, wanted: list[tuple[str, str]], deadline: float | None = None
+) -> list[tuple[str, str]]:
+    """Fetch what is not kept yet of the first :data:`MAX_PER_ANALYSIS` ``wanted`` ``(build-id,
+    sha256 of the object mapped)``, until ``deadline`` (monotonic: the analysis's); the ones
+    kept now."""
     new = []
-    for build_id in build_ids[:MAX_PER_ANALYSIS]:
-        if os.path.exists(debuginfo_path(upstream.cache, build_id)):
+    for build_id, sha256 in wanted[:MAX_PER_ANALYSIS]:
+        if not objectid.is_object(build_id, sha256):
+            continue
+        if os.path.exists(debuginfo_path(upstream.cache, build_id, sha256)):
             continue
         if _past(deadline):
             break
-        if fetch(upstream, build_id, deadline) is not None:
-            new.append(build_id)
+        if fetch(upstream, build_id, sha256, deadline) is not None:
+            new.append((build_id, sha256))
     return new
 
 
 def make_room(upstream: Upstream) -> list[str]:
     """Remove the debug files fetched longest ago (by their files' times) until the kept ones hold
-    at most ``cache_max`` bytes; returns the build-ids removed. An analysis using one holds it
-    open already; the next one that wants it fetches it again.
+    at most ``cache_max`` bytes; returns the files removed (``<build-id>/<name>``). An analysis
+    using one holds it open already; the next one that wants it fetches it again. Files kept by
+    build-id alone (:data:`LEGACY_NAME`, before content hashes) go at once: nothing reads them,
+    and no one knows which content they were fetched for.
 
     A build-id's directory that holds no file goes too once nobody asked for it for
     :data:`RETRY_AFTER` (:func:`_forget`): a pod claims what build-ids it likes, sixteen more a
@@ -189,28 +210,48 @@ def make_room(upstream: Upstream) -> list[str]:
     except FileNotFoundError:
         return []
     kept = []
+    legacy = []
     now = time.time()
     for name in names:
+        directory = os.path.join(root, name)
         try:
-            st = os.stat(debuginfo_path(upstream.cache, name))
+            files = os.listdir(directory)
         except OSError:
-            _forget(os.path.join(root, name), now)
             continue
-        kept.append((st.st_mtime, name, st.st_size))
+        found = False
+        for file in files:
+            path = os.path.join(directory, file)
+            if file == LEGACY_NAME:
+                with contextlib.suppress(OSError):
+                    os.unlink(path)
+                    legacy.append(f"{name}/{file}")
+                continue
+            if not file.endswith(SUFFIX):
+                continue
+            try:
+                st = os.stat(path)
+            except OSError:
+                continue
+            found = True
+            kept.append((st.st_mtime, f"{name}/{file}", st.st_size))
+        if not found:
+            _forget(directory, now)
+    if legacy:
+        log.info("removed %d debug files kept by build-id alone (their content unknown)", len(legacy))
     total = sum(size for _, _, size in kept)
     removed = []
     for _, name, size in sorted(kept):
         if total <= upstream.cache_max:
             break
         with contextlib.suppress(FileNotFoundError):
-            os.unlink(debuginfo_path(upstream.cache, name))
+            os.unlink(os.path.join(root, name))
         total -= size
         removed.append(name)
     if removed:
         log.info(
             "debug file cache over %d bytes: removed %d, the oldest fetched", upstream.cache_max, len(removed)
         )
-    return removed
+    return legacy + removed
 
 
 def _forget(directory: str, now: float) -> None:

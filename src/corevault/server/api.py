@@ -609,10 +609,14 @@ def _binary(request: Request, build_id: str, debuginfo: bool, crash: str | None)
         row = catalog.object_for(conn, build_id, reader.visible, crash)
     key, size = (blobs.object_key(row["key"], row["sha256"]), row["size"]) if row else ("", 0)
     if row is not None and debuginfo:
-        # a separate debug file fetched from an upstream debuginfod (checked by build-id there)
-        fetched = srv.vault.store.size(blobs.debuginfo_key(build_id))
+        # a separate debug file fetched from an upstream debuginfod (checked by build-id there) for
+        # the very content a crash the reader may read mapped, never one fetched for another
+        # content claiming the build-id (another tenant's, whose private symbols it may hold)
+        fetched = (
+            srv.vault.store.size(blobs.debuginfo_key(build_id, row["sha256"])) if row["sha256"] else None
+        )
         if fetched is not None:
-            key, size = blobs.debuginfo_key(build_id), fetched
+            key, size = blobs.debuginfo_key(build_id, row["sha256"]), fetched
         elif not row["debuginfo"]:
             row = None
     if row is None:
@@ -647,6 +651,7 @@ def executable(request: Request, build_id: str, crash: CrashQuery = None) -> Res
 @debuginfod.head("/buildid/{build_id}/debuginfo", include_in_schema=False)
 @debuginfod.get("/buildid/{build_id}/debuginfo", response_class=Response, responses=_BINARY)
 def debuginfo(request: Request, build_id: str, crash: CrashQuery = None) -> Response:
-    """The separate debug file fetched from an upstream debuginfod, or the executable itself when it
-    carries DWARF (built with -g and not stripped)."""
+    """The separate debug file fetched from an upstream debuginfod for the content a crashing process
+    you may read mapped (with ``crash``, that crash's own), or the executable itself when it carries
+    DWARF (built with -g and not stripped)."""
     return _binary(request, build_id, True, crash)

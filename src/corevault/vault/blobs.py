@@ -31,7 +31,9 @@ keeps them, see :mod:`corevault.objectid`)::
 
     crashes/<id>/core.zst    crashes/<id>/meta.json    crashes/<id>/report.json
     buildid/<key>/<sha256>             buildid/<build-id>/executable (kept before content hashes)
-    buildid/<build-id>/debuginfo    (a separate debug file fetched from an upstream debuginfod)
+    buildid/<build-id>/<sha256>.debuginfo   (a separate debug file fetched from an upstream
+                                             debuginfod for the object of that content)
+    buildid/<build-id>/debuginfo   (one kept by build-id alone before content hashes: never served)
 """
 
 from __future__ import annotations
@@ -80,8 +82,16 @@ def object_key(key: str, sha256: str) -> str:
     return f"buildid/{key}/{sha256 or 'executable'}"
 
 
-def debuginfo_key(build_id: str) -> str:
-    return f"buildid/{build_id}/debuginfo"
+def debuginfo_key(key: str, sha256: str) -> str:
+    """Where the upstream debug file fetched for the object ``key``/``sha256`` is kept: given
+    only to readers of a crash that mapped that very content."""
+    return f"buildid/{key}/{sha256}.debuginfo"
+
+
+def legacy_debuginfo_key(key: str) -> str:
+    """Where an upstream debug file was kept by build-id alone (before content hashes): never
+    served, deleted when a file for a content under it is kept or the key's objects go."""
+    return f"buildid/{key}/debuginfo"
 
 
 @dataclass(frozen=True, slots=True)

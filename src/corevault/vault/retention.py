@@ -70,8 +70,10 @@ def vacuum(
                 conn.execute(tables.objects.delete().where(o.key == key, o.sha256 == sha))
                 others = conn.execute(sa.select(sa.func.count()).where(o.key == key)).scalar()
             vault.store.delete(blobs.object_key(key, sha))
+            if sha:
+                vault.store.delete(blobs.debuginfo_key(key, sha))  # an upstream debug file for it
             if not others:
-                vault.store.delete(blobs.debuginfo_key(key))  # an upstream debug file for it
+                vault.store.delete(blobs.legacy_debuginfo_key(key))  # one kept by build-id alone
     return {
         "crashes": doomed,
         "buildids": [f"{key}/{sha or 'executable'}" for key, sha in orphans],
