@@ -62,6 +62,7 @@ class Tenants:
     settings: config.Settings
     metas: dict[str, dict]  # crash name -> its spool record
     debug: str  # B's debug file, as the upstream serves it
+    legacy_kept: bool  # whether a copy kept by build-id alone outlived the keeping of B's file
     url: str = ""
 
     def get(self, path: str, who: str, **params: str) -> httpx.Response:
@@ -98,14 +99,19 @@ def tenants(tmp_path_factory: pytest.TempPathFactory) -> Iterator[Tenants]:
                 f'[analysis]\ndebuginfod_urls = "{url}"\ndebug_dirs = []\n'
             )
             settings = config.load(cap.config)
+            # a vault from before content hashes holds B's debug file by build-id alone
+            legacy = blobs.legacy_debuginfo_key(CLAIMED)
+            LocalVault(settings).store.put_file(legacy, victim)
             crash("b", "b")
             assert Agent(settings).run(once=True) == 0
+            legacy_kept = LocalVault(settings).store.size(legacy) is not None
         # the upstream no longer gives B's file to anyone asking by its build-id
         crash("a", "a")
         assert Agent(settings).run(once=True) == 0
         for root in roots.values():
             shutil.rmtree(root)
-        t = Tenants(settings, metas, victim)
+        LocalVault(settings).store.put_file(legacy, victim)  # one that nothing replaced yet
+        t = Tenants(settings, metas, victim, legacy_kept)
         tokens = base / "tokens.toml"
         tokens.write_text(
             f'[[token]]\nname = "a"\ntoken = "{TOKENS["a"]}"\nnamespaces = ["tenant-a"]\n'
@@ -133,6 +139,7 @@ def test_the_victims_own_crash_is_named_from_its_upstream_debug_file(tenants: Te
     assert _sha(kept) == _sha(tenants.debug)
     served = tenants.get(f"/buildid/{CLAIMED}/debuginfo", "b")
     assert served.status_code == 200 and hashlib.sha256(served.content).hexdigest() == _sha(tenants.debug)
+    assert not tenants.legacy_kept  # the copy kept by build-id alone went once B's content had its own
 
 
 def test_a_forged_build_id_gets_none_of_the_debug_file_kept_for_another_content(tenants: Tenants) -> None:
@@ -149,7 +156,9 @@ def test_a_forged_build_id_gets_none_of_the_debug_file_kept_for_another_content(
     vault = LocalVault(tenants.settings)
     assert vault.store.size(blobs.debuginfo_key(CLAIMED, a["sha256"])) is None
     assert vault.store.size(blobs.debuginfo_key(CLAIMED, b["sha256"])) == os.path.getsize(tenants.debug)
-    # A's reader, by build-id alone and with A's own crash, gets nothing of B's (A's binary has no DWARF)
+    # A's reader, by build-id alone and with A's own crash, gets nothing of B's (A's binary has no
+    # DWARF), nor the copy a vault from before content hashes holds by build-id alone
+    assert vault.store.size(blobs.legacy_debuginfo_key(CLAIMED)) is not None
     assert tenants.get(f"/buildid/{CLAIMED}/debuginfo", "a").status_code == 404
     assert (
         tenants.get(f"/buildid/{CLAIMED}/debuginfo", "a", crash=tenants.metas["a"]["id"]).status_code == 404
