@@ -237,6 +237,10 @@ def test_retention_by_age_size_and_namespace_keeps_needed_binaries(material: dic
     Agent(node.settings).run(once=True)
     vault = node.vault()
     rows = sorted(node.crashes(), key=lambda r: (r["time"], r["id"]))
+    with vault.engine.connect() as conn:  # an upstream debug file fetched for each binary
+        held = list(conn.execute(sa.select(tables.objects.c.key, tables.objects.c.sha256)))
+    for key, sha in held:
+        vault.store.put_file(blobs.debuginfo_key(key, sha), node.config)
     node.settings.retention_max_size = sum(r["size"] for r in rows) * 10  # nothing by size
     node.settings.retention_max_age_days = 1
     assert retention.vacuum(vault, node.settings, now=rows[-1]["time"] + 3600)["crashes"] == []
@@ -258,7 +262,10 @@ def test_retention_by_age_size_and_namespace_keeps_needed_binaries(material: dic
     for m in meta["modules"]:  # the kept crash's binaries are all still there
         if m.get("sha256"):
             assert vault.store.size(blobs.object_key(m["key"], m["sha256"])) is not None
-    assert gone["buildids"]  # the other program's binary went with its crash
+            assert vault.store.size(blobs.debuginfo_key(m["key"], m["sha256"])) is not None
+    assert gone["buildids"]  # the other program's binary went with its crash, and its debug file
+    for key, sha in (b.split("/") for b in gone["buildids"]):
+        assert vault.store.size(blobs.debuginfo_key(key, sha)) is None
     v = search.search_values.c
     with vault.engine.connect() as conn:  # the search keeps nothing that only the forgotten crashes held
         held = set(conn.execute(sa.select(v.kind, v.value)))
