@@ -87,7 +87,7 @@ def test_a_pipe_handlers_writer_stuck_on_a_hanging_fuse_volume_is_recorded_and_a
             [conn] = wait_for(lambda: podfuse.connections(a.pid()), "A's FUSE mount")
             try:
                 podfuse.go(str(a_volume))  # A dumps; its server hangs on the copy's request
-                [meta] = wait_for(lambda: given_up(node.spool, a.pod_uid), "A's copy given up", 30)
+                [meta] = wait_for(lambda: given_up(node.spool, a.pod_uid), "A's copy given up", 120)
                 assert step in meta["volume"]["error"], meta["volume"]
                 assert meta["core"]["truncated"] is False and meta["core"]["size"] > 0
                 if after:
@@ -100,8 +100,8 @@ def test_a_pipe_handlers_writer_stuck_on_a_hanging_fuse_volume_is_recorded_and_a
 
                 agent.pass_once()
                 assert aborts(node.spool, agent) == [], "aborted before the deadline"
-                wait_for(lambda: agent.pass_once() is not None and aborts(node.spool, agent), "the abort", 30)
-                wait_for(lambda: stuck_writers(node.state) == [], "A's stuck slots back", 30)
+                wait_for(lambda: agent.pass_once() is not None and aborts(node.spool, agent), "the abort", 120)
+                wait_for(lambda: stuck_writers(node.state) == [], "A's stuck slots back", 120)
             finally:
                 podfuse.abort_connections([conn])
         [journaled] = aborts(node.spool, agent)

@@ -270,7 +270,10 @@ def list_crashes(
     container: str | None = None,
     image: str | None = None,
     node: str | None = None,
-    signal: Annotated[str | None, Query(description="SEGV, SIGSEGV or 11.")] = None,
+    signal: Annotated[
+        str | None,
+        Query(description="SEGV, SIGSEGV or 11.", json_schema_extra={"pattern": catalog.SIGNAL_PATTERN}),
+    ] = None,
     exe: str | None = None,
     group: Annotated[str | None, Query(description="A crash group's signature.")] = None,
     since: Epoch = None,
@@ -419,7 +422,10 @@ def list_groups(
     reader: Reader,
     namespace: str | None = None,
     image: str | None = None,
-    signal: str | None = None,
+    signal: Annotated[
+        str | None,
+        Query(description="SEGV, SIGSEGV or 11.", json_schema_extra={"pattern": catalog.SIGNAL_PATTERN}),
+    ] = None,
     since: Annotated[
         int | None, Query(ge=0, le=1 << 40, description="Last seen at or after (epoch).")
     ] = None,

@@ -25,6 +25,7 @@ from corevault.errors import UserError
 from corevault.vault.migrations import MIGRATIONS, migrate
 from corevault.vault.queries import (
     LIST_COLUMNS,
+    SIGNAL_PATTERN,
     Filters,
     analysis_state,
     core_of,
@@ -53,6 +54,7 @@ from corevault.vault.recording import (
 )
 
 __all__ = [
+    "SIGNAL_PATTERN",
     "LIST_COLUMNS",
     "MIGRATIONS",
     "CatalogError",

@@ -250,6 +250,13 @@ def report_of(conn: Connection, crash_id: str) -> dict | None:
 
 _SIGNAL_NAMES = frozenset(s.name for s in Signals)
 _SIGNAL_HOW = "use a name such as SEGV or SIGABRT, or a number from 1 to 64"
+#: what :func:`_signal_name` takes, as a regular expression: the HTTP API's schema states it, so that a
+#: client knows from the schema which values are signals; the server's own check answers any other with
+#: the 400 that says what to use (a schema's pattern check would answer a 422 quoting the expression)
+SIGNAL_PATTERN = (
+    r"^(?:0*(?:" + "|".join(str(n) for n in sorted({int(s) for s in Signals}, reverse=True)) + r")"
+    r"|(?i:(?:SIG)?(?:" + "|".join(sorted((s.name[3:] for s in Signals), key=len, reverse=True)) + r")))$"
+)
 
 
 def _signal_name(value: str) -> str:
