@@ -100,7 +100,9 @@ def test_a_pipe_handlers_writer_stuck_on_a_hanging_fuse_volume_is_recorded_and_a
 
                 agent.pass_once()
                 assert aborts(node.spool, agent) == [], "aborted before the deadline"
-                wait_for(lambda: agent.pass_once() is not None and aborts(node.spool, agent), "the abort", 120)
+                wait_for(
+                    lambda: agent.pass_once() is not None and aborts(node.spool, agent), "the abort", 120
+                )
                 wait_for(lambda: stuck_writers(node.state) == [], "A's stuck slots back", 120)
             finally:
                 podfuse.abort_connections([conn])
