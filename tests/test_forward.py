@@ -16,6 +16,7 @@ import pytest
 from elftools.elf.elffile import ELFFile
 
 from corevault import config, hostsetup, spool
+from corevault.agent.procevents import ProcEvents
 from corevault.agent.receiver import Receiver
 from testbed import build, sysctl
 
@@ -117,12 +118,23 @@ def test_the_crashed_process_is_let_go_once_its_core_is_read_not_when_the_captur
     monkeypatch.setattr(buildid, "store_modules", held)
     c = runc.Container(rootfs, ["/app/crasher", "segv"], volume=node["volume"],
                        annotations={"alibabacloud.com/core-pattern": "/data/dump-a/core-%E-%p-%t"})  # fmt: skip
+    # the agent's watch of core-signal deaths: no handler process is left for this crash once the
+    # forwarder has exited, and the watch must not take it for a dump nobody captured
+    events = ProcEvents(node["settings"], grace=2.0)
+    assert events.start(), "the kernel's process events connector could not be had"
     try:
         assert c.run(timeout=30).returncode != 0  # reaped while the capture is held
         assert holding.is_set() and not node["receiver"].wait_idle(0)
         assert spool.entries(node["settings"].spool_dir) == []  # not finished yet
+        later = time.monotonic() + 20
+        events.reconcile()
+        events.reconcile(later)
+        events.reconcile(later + 20)  # past the grace period twice over, the capture still held
+        dropped = [r for r in spool.read_journal(node["settings"].spool_dir) if r.get("event") == "dropped"]
+        assert dropped == [], dropped
     finally:
         go_on.set()
+        events.close()
     assert node["receiver"].wait_idle(60)
     [entry] = spool.entries(node["settings"].spool_dir)
     meta = spool.read_meta(node["settings"].spool_dir, entry)

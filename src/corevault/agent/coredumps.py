@@ -35,11 +35,19 @@ from __future__ import annotations
 import logging
 import os
 import socket
+import struct
 import threading
 from contextlib import suppress
 
 from corevault import config, hostsetup
-from corevault.agent.receiver import InFlight, accept_until, listen_root_only, never_dump_into_self, take_over
+from corevault.agent.receiver import (
+    InFlight,
+    accept_until,
+    capturing,
+    listen_root_only,
+    never_dump_into_self,
+    take_over,
+)
 from corevault.capture import admission, calloff, coresocket
 from corevault.errors import UserError
 
@@ -108,7 +116,8 @@ class CoredumpListener:
         deadline.daemon = True
         deadline.start()
         try:
-            outcome = coresocket.serve(self.settings, conn, self.request_mode, self.dumps, call)
+            with capturing(_peer_pid(conn)):
+                outcome = coresocket.serve(self.settings, conn, self.request_mode, self.dumps, call)
             if outcome != "called off":  # counted when it was
                 self._count(outcome)
         except Exception as e:
@@ -195,3 +204,13 @@ def step_aside(listener: CoredumpListener, config_path: str | None, handler: str
     except UserError as e:
         log.warning("cannot hand over to the pipe handler (crashes are lost until the agent is back): %s", e)
     listener.close()
+
+
+def _peer_pid(conn: socket.socket) -> int | None:
+    """The crashing process's PID: the kernel connects on its behalf (coresocket checks that by
+    its pidfd), so the connection's peer is that process."""
+    try:
+        pid = struct.unpack("3i", conn.getsockopt(socket.SOL_SOCKET, socket.SO_PEERCRED, 12))[0]
+    except OSError:
+        return None
+    return pid if pid > 0 else None

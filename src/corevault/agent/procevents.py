@@ -55,6 +55,7 @@ from collections.abc import Callable
 from dataclasses import dataclass
 
 from corevault import config, hostsetup, podannotations, quickjson, spool
+from corevault.agent import receiver
 from corevault.capture import cgroup, lookup
 
 log = logging.getLogger("corevault.agent")
@@ -537,7 +538,8 @@ class ProcEvents:
             done += [d for d in due if id(d) in logged]
             due = [d for d in due if id(d) not in logged]
         if due:
-            running = handlers_running({d.pid for d in due})
+            pids = {d.pid for d in due}
+            running = handlers_running(pids) | receiver.captured_now(pids)
             for d in due:
                 if d.pid in running:
                     d.gone_at = now

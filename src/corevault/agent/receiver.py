@@ -22,7 +22,8 @@ import shutil
 import socket
 import struct
 import threading
-from collections.abc import Callable
+from collections.abc import Callable, Iterator
+from contextlib import contextmanager
 
 from corevault import atomic, config, hostsetup
 from corevault.capture import handler
@@ -96,6 +97,44 @@ def accept_until(
             break
         conn.settimeout(None)
         dispatch(conn)
+
+
+#: the crashed processes (global PIDs) whose capture goes on in this process: how many each
+_capturing: dict[int, int] = {}
+_capturing_lock = threading.Lock()
+
+
+@contextmanager
+def capturing(pid: int | None) -> Iterator[None]:
+    """Count ``pid``'s crash as being captured here until the block ends.
+
+    The kernel lets a crashed process go once its core is read, and a forwarded crash's
+    ``corevault-forward`` has exited by then, so nothing in ``/proc`` says its capture goes on (the
+    binaries, the spool entry): the process-events watch asks :func:`captured_now` before it takes
+    a death nobody journaled for a dump nobody captured.
+    """
+    if pid is None:
+        yield
+        return
+    with _capturing_lock:
+        _capturing[pid] = _capturing.get(pid, 0) + 1
+    try:
+        yield
+    finally:
+        with _capturing_lock:
+            left = _capturing.pop(pid) - 1
+            if left:
+                _capturing[pid] = left
+
+
+def captured_now(pids: set[int]) -> set[int]:
+    """Which of ``pids`` this process is capturing the crash of now."""
+    with _capturing_lock:
+        return pids & _capturing.keys()
+
+
+#: where the crashed process's PID in the initial namespace (%P) stands among the arguments
+_GLOBAL_PID = SPECIFIERS.index("P")
 
 
 class InFlight:
@@ -185,7 +224,9 @@ class Receiver:
                 log.warning("forwarded crash with %d arguments, not %d; ignored", len(args), len(SPECIFIERS))
                 return
             args[-1] = str(fds[1]) if len(fds) > 1 else ""  # %F: the pidfd as it is numbered here
-            handler.capture(self.settings, args, fds[0], [], pipe_size=self.pipe_size)
+            crashed = args[_GLOBAL_PID]
+            with capturing(int(crashed) if crashed.isdigit() else None):
+                handler.capture(self.settings, args, fds[0], [], pipe_size=self.pipe_size)
         except Exception:
             log.exception("capturing a forwarded crash failed")
         finally:
