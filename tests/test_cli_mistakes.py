@@ -20,6 +20,7 @@ import select
 import signal
 import socket
 import subprocess
+import sys
 import threading
 import time
 from collections.abc import Iterator
@@ -433,3 +434,41 @@ def test_ctrl_c_in_gdb_is_gdb_s(fixture_vault: FixtureVault) -> None:
             os.kill(pid, signal.SIGKILL)
             os.waitpid(pid, 0)
         os.close(fd)
+
+
+class _FailingStore:
+    """A vault whose core breaks off with a read error after its first MiB (a store's disk failing)."""
+
+    class _Reader:
+        def __init__(self) -> None:
+            self.given = 0
+
+        def readinto(self, buf) -> int:
+            if self.given:
+                raise OSError(5, "Input/output error")
+            self.given = len(buf)
+            buf[:] = b"\x7fELF".ljust(len(buf), b"\1")
+            return len(buf)
+
+    @contextmanager
+    def open_core(self, crash_id: str) -> Iterator[_Reader]:
+        yield self._Reader()
+
+
+def test_a_core_the_vault_fails_to_give_is_its_error_not_the_output_files(tmp_path) -> None:
+    from corevault.cli import crashes
+    from corevault.errors import UserError
+
+    out = tmp_path / "core"
+    out.write_bytes(b"kept")
+    with pytest.raises(UserError) as e:
+        crashes.write_core(_FailingStore(), "c1", str(out), 8 << 20)
+    assert "cannot read the core of c1 from the vault: Input/output error" in str(e.value)
+    assert "choose another -o" not in str(e.value) and out.read_bytes() == b"kept"
+
+
+@pytest.mark.parametrize(("command", "option"), [("debug", "--timeout"), ("snapshot", "--wait")])
+def test_the_plugin_refuses_a_zero_wait(command: str, option: str) -> None:
+    plugin = os.path.join(os.path.dirname(sys.executable), "kubectl-corevault")
+    out = subprocess.run([plugin, command, "web-0", option, "0"], capture_output=True, text=True, check=False)
+    assert out.returncode == 2 and f"Invalid value for '{option}'" in out.stderr, out.stderr

@@ -240,9 +240,25 @@ def write_core(src, crash_id: str, path: str, size: int | None, progress=None, o
     from corevault.capture.stream import sparse_copy
 
     with atomic.replacing(path, 0o600) as f, src.open_core(crash_id) as reader:
-        _check_whole(
-            crash_id, sparse_copy(reader, f.fileno(), progress), size, outcome or f"{path} was left as it was"
-        )
+        copied = sparse_copy(_VaultReads(reader, crash_id, path), f.fileno(), progress)
+        _check_whole(crash_id, copied, size, outcome or f"{path} was left as it was")
+
+
+class _VaultReads:
+    """The core's reader, whose failures are the vault's (a store's disk, a broken connection), not
+    the output file's: the callers take an ``OSError`` for a write to ``-o`` that failed."""
+
+    def __init__(self, reader, crash_id: str, path: str) -> None:
+        self.reader, self.crash_id, self.path = reader, crash_id, path
+
+    def readinto(self, buf) -> int:
+        try:
+            return self.reader.readinto(buf)
+        except OSError as e:
+            raise UserError(
+                f"cannot read the core of {self.crash_id} from the vault: {e.strerror or e}; "
+                f"{self.path} was left as it was; run the command again"
+            ) from None
 
 
 def _check_whole(crash_id: str, written: int, size: int | None, outcome: str) -> None:

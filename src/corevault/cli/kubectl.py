@@ -82,7 +82,7 @@ def debug(
     command: list[str] = typer.Option(None, "--command", help="Command of the debug container."),
     gdb: bool = typer.Option(False, "--gdb", help="Start gdb on the newest core instead of a shell."),
     attach: bool = typer.Option(True, "--attach/--no-attach", help="Attach once it runs, or print how to."),
-    timeout: float = typer.Option(120, min=0, help="Seconds to wait for the debug container to run."),
+    timeout: float = typer.Option(120, min=0.001, help="Seconds to wait for the debug container to run."),
     context: str = typer.Option(None, help="kubeconfig context [default: the current one]."),
 ) -> None:
     """Add an ephemeral container that mounts the pod's core volume, then open a shell there."""
@@ -205,7 +205,7 @@ def snapshot(
     server: str = typer.Option(
         None, "--server", envvar="COREVAULT_SERVER", help="The corevault server's URL."
     ),
-    wait: float = typer.Option(120, min=0, help="Seconds to wait for the node to answer."),
+    wait: float = typer.Option(120, min=0.001, help="Seconds to wait for the node to answer."),
     context: str = typer.Option(None, help="kubeconfig context [default: the current one]."),
 ) -> None:
     """A core of a pod's running process, taken on its node and kept like a crash; the process goes on.
