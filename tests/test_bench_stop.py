@@ -6,9 +6,10 @@ import os
 import signal
 import subprocess
 import sys
-import time
 
 import pytest
+
+from tests.waiting import exited, wait_for
 
 SCRIPT = """
 import sys
@@ -34,20 +35,7 @@ def _started_then_terminated(preamble: str) -> int:
     return server
 
 
-def _gone(pid: int, timeout: float = 10) -> bool:
-    deadline = time.monotonic() + timeout
-    while time.monotonic() < deadline:
-        try:
-            with open(f"/proc/{pid}/stat") as f:
-                if f.read().rpartition(")")[2].split()[0] == "Z":
-                    return True
-        except FileNotFoundError:
-            return True
-        time.sleep(0.05)
-    return False
-
-
 @pytest.mark.servers
 def test_a_bench_stopped_by_sigterm_stops_its_servers() -> None:
     server = _started_then_terminated("import bench")
-    assert _gone(server), "SeaweedFS outlived the bench that started it"
+    wait_for(lambda: exited(server), "SeaweedFS to end with the bench that started it", timeout=10)

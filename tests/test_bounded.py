@@ -6,11 +6,11 @@ import os
 import resource
 import signal
 import subprocess
-import time
 
 import pytest
 
 from corevault import bounded
+from tests.waiting import exited, wait_for
 
 
 def test_limits_hold_and_the_helper_dumps_no_core(tmp_path) -> None:
@@ -33,18 +33,5 @@ def test_a_timeout_kills_the_helper_and_everything_it_started(tmp_path) -> None:
             stderr=subprocess.STDOUT,
         )
     child = int(pid_file.read_text())
-    assert _dead(child), "the helper's own child outlived the timeout"
-
-
-def _dead(pid: int) -> bool:
-    """Gone or a zombie within a few seconds: a killed process needs a moment to exit, and
-    reaping by whoever inherits it may lag."""
-    for _ in range(100):
-        try:
-            with open(f"/proc/{pid}/stat") as f:
-                if f.read().rpartition(")")[2].split()[0] == "Z":
-                    return True
-        except FileNotFoundError:
-            return True
-        time.sleep(0.05)
-    return False
+    # a killed process needs a moment to exit, and reaping by whoever inherits it may lag
+    wait_for(lambda: exited(child), "the helper's own child to end after the timeout", timeout=5)

@@ -16,3 +16,12 @@ def wait_for(check: Callable[[], object], what: str = "", timeout: float = 60, e
             return found
         assert time.monotonic() < deadline, f"timed out waiting for {what or check}"
         time.sleep(every)
+
+
+def exited(pid: int) -> bool:
+    """Whether process ``pid`` has ended: gone, or a zombie its parent has not reaped yet."""
+    try:
+        with open(f"/proc/{pid}/stat") as f:
+            return f.read().rpartition(")")[2].split()[0] == "Z"
+    except FileNotFoundError:
+        return True

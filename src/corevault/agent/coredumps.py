@@ -35,7 +35,6 @@ from __future__ import annotations
 import logging
 import os
 import socket
-import struct
 import threading
 from contextlib import suppress
 
@@ -46,6 +45,7 @@ from corevault.agent.receiver import (
     capturing,
     listen_root_only,
     never_dump_into_self,
+    peer_credentials,
     take_over,
 )
 from corevault.capture import admission, calloff, coresocket
@@ -210,7 +210,7 @@ def _peer_pid(conn: socket.socket) -> int | None:
     """The crashing process's PID: the kernel connects on its behalf (coresocket checks that by
     its pidfd), so the connection's peer is that process."""
     try:
-        pid = struct.unpack("3i", conn.getsockopt(socket.SOL_SOCKET, socket.SO_PEERCRED, 12))[0]
+        pid = peer_credentials(conn)[0]
     except OSError:
         return None
     return pid if pid > 0 else None

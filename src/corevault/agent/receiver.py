@@ -99,6 +99,11 @@ def accept_until(
         dispatch(conn)
 
 
+def peer_credentials(conn: socket.socket) -> tuple[int, int, int]:
+    """The PID, UID and GID of the process at the other end of a Unix socket (``SO_PEERCRED``)."""
+    return struct.unpack("3i", conn.getsockopt(socket.SOL_SOCKET, socket.SO_PEERCRED, 12))
+
+
 #: the crashed processes (global PIDs) whose capture goes on in this process: how many each
 _capturing: dict[int, int] = {}
 _capturing_lock = threading.Lock()
@@ -206,7 +211,7 @@ class Receiver:
         fds: list[int] = []
         try:
             conn.settimeout(10)
-            pid, uid, _ = struct.unpack("3i", conn.getsockopt(socket.SOL_SOCKET, socket.SO_PEERCRED, 12))
+            pid, uid, _ = peer_credentials(conn)
             if uid != 0:  # only the kernel's handler, which runs as root, hands over crashes
                 log.warning("refused a crash handed over by pid %d, uid %d: not root", pid, uid)
                 return
